@@ -1,0 +1,95 @@
+"""Choose, per call, between the Triton kernels and the pure-PyTorch reference (DESIGN.md §Dispatch).
+
+- CUDA tensors run the Triton kernels.
+- CPU tensors run the reference path, unless the kernel path is forced with
+  ``FLASHTILE_BACKEND=triton`` or ``backend="triton"``; then the kernels run under Triton's
+  interpreter. The interpreter is selected by ``TRITON_INTERPRET=1`` when ``@triton.jit`` decorates
+  a kernel, so kernel modules are imported lazily, here, after the variable is set.
+- ``FLASHTILE_BACKEND=reference`` (or ``backend="reference"``) forces the reference path anywhere.
+
+Nothing is compiled at import: kernels compile on their first call (and ``python -m flashtile
+warmup`` precompiles them).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .checks import check_option
+
+__all__ = ["Path", "Decision", "choose_path", "load_kernels", "UPSTREAM_BACKENDS", "normalize_backend"]
+
+
+class Path(enum.Enum):
+    TRITON = "triton"
+    TRITON_INTERPRETER = "triton-interpreter"
+    REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: Path
+    reason: str
+
+
+# Upstream `backend=` strings: "auto", "fa2" and "fa3" mean our best kernel. Vendor libraries that a
+# Triton package cannot call raise NotImplementedError with the reason.
+_OUR_BACKENDS = ("auto", "fa2", "fa3", "triton", "reference")
+_VENDOR_BACKENDS = ("cudnn", "trtllm-gen", "cutlass", "cute-dsl", "xqa")
+UPSTREAM_BACKENDS = _OUR_BACKENDS + _VENDOR_BACKENDS
+
+
+def normalize_backend(backend: str) -> str:
+    """Map an upstream backend string to "auto", "triton" or "reference"."""
+    check_option("backend", backend, UPSTREAM_BACKENDS)
+    if backend in _VENDOR_BACKENDS:
+        raise NotImplementedError(
+            f"backend={backend!r} is a vendor library that flashtile does not wrap; "
+            "use 'auto' (flashtile's Triton kernels, equivalent to 'fa2'/'fa3')"
+        )
+    if backend in ("fa2", "fa3"):
+        return "auto"
+    return backend
+
+
+def _env_backend() -> str:
+    value = os.environ.get("FLASHTILE_BACKEND", "auto").strip().lower() or "auto"
+    return check_option("FLASHTILE_BACKEND", value, ("auto", "triton", "reference"))
+
+
+def choose_path(device: torch.device, backend: str = "auto") -> Decision:
+    """The path one call takes on ``device``; ``backend`` is already normalized."""
+    if backend == "auto":
+        backend = _env_backend()
+    if backend == "reference":
+        return Decision(Path.REFERENCE, "reference path requested")
+    if device.type == "cuda":
+        return Decision(Path.TRITON, "CUDA tensors run the Triton kernels")
+    if backend == "triton":
+        if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise NotImplementedError(
+                "the Triton kernel path for CPU tensors runs under Triton's interpreter, which must be chosen "
+                "before kernels are compiled: set TRITON_INTERPRET=1 before importing flashtile, or pass CUDA tensors"
+            )
+        return Decision(Path.TRITON_INTERPRETER, "kernel path forced on CPU tensors: Triton interpreter")
+    return Decision(Path.REFERENCE, f"{device.type} tensors use the pure-PyTorch reference")
+
+
+def load_kernels(name: str, path: Path) -> ModuleType:
+    """Import ``flashtile.kernels.<name>`` for ``path`` (setting up the interpreter when needed)."""
+    if path is Path.TRITON_INTERPRETER:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return importlib.import_module(f"flashtile.kernels.{name}")
+
+
+def describe_paths() -> dict:
+    """Which path each API takes on this machine's default device (for `python -m flashtile info`)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    decision = choose_path(device)
+    return {"device": str(device), "path": decision.path.value, "reason": decision.reason}

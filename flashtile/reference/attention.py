@@ -1,0 +1,105 @@
+"""Pure-PyTorch attention for one request: the CPU path and the readable spec of every kernel.
+
+Inputs are in NHD layout (the API layer turns HND into NHD views). Math runs in float32 on upcast
+inputs; query rows are processed in chunks so a 32k-token prompt never builds a 32k x 32k matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .positional import alibi_slopes, rope_rotate_half_split
+
+__all__ = ["single_attention"]
+
+LOG2E = 1.0 / math.log(2.0)
+
+# Bound on the elements of one chunk's score matrix (chunk_rows x heads x kv_len), ~256 MB in fp32.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def single_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    custom_mask: Optional[torch.Tensor],
+    sm_scale: float,
+    logits_soft_cap: float,
+    window_left: int,
+    pos_encoding_mode: str,
+    rope_scale: float,
+    rope_theta: float,
+    v_scale: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Attention of one request.
+
+    Args:
+        q: ``[qo_len, num_qo_heads, head_dim_qk]``.
+        k: ``[kv_len, num_kv_heads, head_dim_qk]``; any float dtype (fp8 is upcast; its scale is
+            already folded into ``sm_scale``).
+        v: ``[kv_len, num_kv_heads, head_dim_vo]``.
+        causal: bottom-right aligned causal mask (query ``i`` sits at ``kv_len - qo_len + i``).
+        custom_mask: bool ``[qo_len, kv_len]`` (True = attend) or None; replaces ``causal``.
+        sm_scale: scale of ``q.k``. logits_soft_cap: ``cap * tanh(s / cap)`` when > 0.
+        window_left: a query at position ``p`` sees keys ``>= p - window_left``; -1 disables.
+        pos_encoding_mode: "NONE", "ROPE_LLAMA" (rotate q and k in place of the cache) or "ALIBI".
+        v_scale: multiplies the output (fp8 V calibration).
+
+    Returns:
+        ``(out [qo_len, num_qo_heads, head_dim_vo] float32, lse [qo_len, num_qo_heads] float32)``,
+        lse in base 2; rows that see no key give out 0 and lse -inf.
+    """
+    qo_len, num_qo_heads, _ = q.shape
+    kv_len, num_kv_heads, head_dim_vo = v.shape
+    group = num_qo_heads // num_kv_heads
+    device = q.device
+    delta = kv_len - qo_len  # absolute position of query row i is delta + i
+
+    kf = k.to(compute_dtype)
+    vf = v.to(compute_dtype)
+    if pos_encoding_mode == "ROPE_LLAMA":
+        kf = rope_rotate_half_split(kf, torch.arange(kv_len, device=device), rope_scale, rope_theta).to(compute_dtype)
+    # [kv_heads, kv_len, D] -> repeat for each query head of the group (GQA: head h reads h // group).
+    kf = kf.transpose(0, 1).repeat_interleave(group, dim=0)
+    vf = vf.transpose(0, 1).repeat_interleave(group, dim=0)
+    slopes = alibi_slopes(num_qo_heads, device=device).to(compute_dtype) if pos_encoding_mode == "ALIBI" else None
+    key_pos = torch.arange(kv_len, device=device)
+
+    out = torch.empty(qo_len, num_qo_heads, head_dim_vo, dtype=torch.float32, device=device)
+    lse = torch.empty(qo_len, num_qo_heads, dtype=torch.float32, device=device)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, num_qo_heads * kv_len))
+    for r0 in range(0, qo_len, rows_per_chunk):
+        r1 = min(qo_len, r0 + rows_per_chunk)
+        qpos = torch.arange(r0, r1, device=device) + delta
+        qf = q[r0:r1].to(compute_dtype)
+        if pos_encoding_mode == "ROPE_LLAMA":
+            qf = rope_rotate_half_split(qf, qpos, rope_scale, rope_theta).to(compute_dtype)
+        s = torch.einsum("qhd,hkd->hqk", qf, kf) * sm_scale  # [H, rows, kv_len]
+        if slopes is not None:
+            s = s + slopes[:, None, None] * (key_pos[None, None, :] - qpos[None, :, None]).to(compute_dtype)
+        if logits_soft_cap > 0:
+            s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
+        visible = torch.ones(r1 - r0, kv_len, dtype=torch.bool, device=device)
+        if custom_mask is not None:
+            visible &= custom_mask[r0:r1].to(device=device, dtype=torch.bool)
+        elif causal:
+            visible &= key_pos[None, :] <= qpos[:, None]
+        if window_left >= 0:
+            visible &= key_pos[None, :] >= qpos[:, None] - window_left
+        s = s.masked_fill(~visible[None], float("-inf"))
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        p = torch.exp(s - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.einsum("hqk,hkd->qhd", p, vf) / denom.clamp_min(torch.finfo(compute_dtype).tiny).transpose(0, 1)
+        empty = (denom == 0).squeeze(-1).transpose(0, 1)  # [rows, H]
+        o = o.masked_fill(empty[..., None], 0.0)
+        out[r0:r1] = (o * v_scale).float()
+        lse[r0:r1] = ((row_max + denom.log()).squeeze(-1).transpose(0, 1) * LOG2E).float()
+    return out, lse
