@@ -71,8 +71,10 @@ def single_attention(
     slopes = alibi_slopes(num_qo_heads, device=device).to(compute_dtype) if pos_encoding_mode == "ALIBI" else None
     key_pos = torch.arange(kv_len, device=device)
 
-    out = torch.empty(qo_len, num_qo_heads, head_dim_vo, dtype=torch.float32, device=device)
-    lse = torch.empty(qo_len, num_qo_heads, dtype=torch.float32, device=device)
+    out = torch.zeros(qo_len, num_qo_heads, head_dim_vo, dtype=torch.float32, device=device)
+    lse = torch.full((qo_len, num_qo_heads), float("-inf"), dtype=torch.float32, device=device)
+    if kv_len == 0:  # nothing to see: every row is empty
+        return out, lse
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, num_qo_heads * kv_len))
     for r0 in range(0, qo_len, rows_per_chunk):
         r1 = min(qo_len, r0 + rows_per_chunk)

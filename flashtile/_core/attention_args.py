@@ -1,0 +1,192 @@
+"""Validation and normalization of attention arguments shared by the single-request APIs.
+
+The API functions (decode.py, prefill.py) stay free of checks and math: they call
+:func:`normalize_single_attention`, which raises a typed error naming the argument for every bad
+input, and returns NHD views plus the resolved scalars that the op and kernels take.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_same_device, check_tensor, describe
+from .dispatch import normalize_backend
+
+KV_LAYOUTS = ("NHD", "HND")
+POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
+MAX_HEAD_DIM = 256
+
+
+@dataclass
+class SingleAttentionArgs:
+    q: torch.Tensor  # [qo_len, num_qo_heads, head_dim_qk]
+    k: torch.Tensor  # [kv_len, num_kv_heads, head_dim_qk] (NHD view)
+    v: torch.Tensor  # [kv_len, num_kv_heads, head_dim_vo] (NHD view)
+    packed_mask: Optional[torch.Tensor]  # uint8 bits of [qo_len, kv_len], LSB first
+    causal: bool
+    sm_scale: float  # includes q_scale * k_scale
+    logits_soft_cap: float  # 0 disables
+    window_left: int
+    pos_encoding_mode: str
+    rope_scale: float
+    rope_theta: float
+    v_scale: float
+    out_dtype: torch.dtype
+    backend: str
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    """Every multiple of 8 up to 256 works; 64, 128 and 256 are the tuned sizes."""
+    if head_dim % 8 != 0 or not (8 <= head_dim <= MAX_HEAD_DIM):
+        raise NotImplementedError(
+            f"{name}: unsupported head_dim {head_dim}: flashtile supports multiples of 8 from 8 to {MAX_HEAD_DIM}"
+        )
+
+
+def _scalar(name: str, value, default: float) -> float:
+    """A float parameter that upstream also accepts as a 1-element tensor (read once, on the host)."""
+    if value is None:
+        return default
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a float or a 1-element tensor, got {describe(value)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {describe(value)}")
+    return float(value)
+
+
+def _positive(name: str, value: float) -> float:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+    return value
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # Kernels need unit stride on the head dim only; any other strides (slices of a fused QKV
+    # projection, HND views) are passed through without a copy.
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def normalize_single_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_layout: str,
+    pos_encoding_mode: str,
+    causal: bool,
+    custom_mask: Optional[torch.Tensor],
+    packed_custom_mask: Optional[torch.Tensor],
+    q_scale,
+    k_scale,
+    v_scale,
+    window_left: int,
+    logits_soft_cap: Optional[float],
+    sm_scale: Optional[float],
+    rope_scale: Optional[float],
+    rope_theta: Optional[float],
+    out_dtype: Optional[torch.dtype],
+    backend: str,
+) -> SingleAttentionArgs:
+    """Check and normalize; ``q`` is ``[qo_len, num_qo_heads, head_dim_qk]`` here (decode adds the axis)."""
+    check_option("kv_layout", kv_layout, KV_LAYOUTS)
+    check_option("pos_encoding_mode", pos_encoding_mode, POS_ENCODING_MODES)
+    backend = normalize_backend(backend)
+    check_tensor("q", q, ndim=3)
+    check_tensor("k", k, ndim=3)
+    check_tensor("v", v, ndim=3)
+    if q.dtype in FP8_DTYPES:
+        raise NotImplementedError("q: fp8 queries are not supported yet; pass fp16/bf16 q (fp8 K/V are supported)")
+    check_tensor("q", q, dtypes=HALF_DTYPES)
+    check_tensor("k", k, dtypes=HALF_DTYPES + FP8_DTYPES)
+    check_tensor("v", v, dtypes=(k.dtype,))
+    if k.dtype not in FP8_DTYPES and k.dtype != q.dtype:
+        raise TypeError(f"k: expected dtype {q.dtype} (the dtype of q) or an fp8 dtype, got {k.dtype}")
+    check_same_device(q=q, k=k, v=v)
+
+    if kv_layout == "HND":  # [heads, tokens, dim] -> NHD view, no copy
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+    qo_len, num_qo_heads, head_dim_qk = q.shape
+    kv_len, num_kv_heads, _ = k.shape
+    if v.shape[0] != kv_len or v.shape[1] != num_kv_heads:
+        raise ValueError(
+            f"v: expected {kv_len} tokens and {num_kv_heads} heads like k (layout {kv_layout}), "
+            f"got {v.shape[0]} tokens and {v.shape[1]} heads"
+        )
+    if k.shape[2] != head_dim_qk:
+        raise ValueError(f"k: expected head_dim {head_dim_qk} (the head_dim of q), got {k.shape[2]}")
+    head_dim_vo = v.shape[2]
+    if num_kv_heads == 0 or num_qo_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_qo_heads ({num_qo_heads}, from q) must be a positive multiple of num_kv_heads "
+            f"({num_kv_heads}, from k)"
+        )
+    check_head_dim("q", head_dim_qk)
+    check_head_dim("v", head_dim_vo)
+
+    mask = None
+    if packed_custom_mask is not None:
+        check_tensor("packed_custom_mask", packed_custom_mask, ndim=1, dtypes=(torch.uint8,))
+        want = (qo_len * kv_len + 7) // 8
+        if packed_custom_mask.numel() < want:
+            raise ValueError(
+                f"packed_custom_mask: expected at least {want} bytes for a [{qo_len}, {kv_len}] mask, "
+                f"got {packed_custom_mask.numel()}"
+            )
+        check_same_device(q=q, packed_custom_mask=packed_custom_mask)
+        mask = packed_custom_mask.contiguous()
+    elif custom_mask is not None:
+        check_tensor("custom_mask", custom_mask, shape=(qo_len, kv_len))
+        check_same_device(q=q, custom_mask=custom_mask)
+        from ..quantization import packbits
+
+        mask = packbits(custom_mask.reshape(-1).to(torch.bool), bitorder="little")
+
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"window_left: expected an int >= -1 (-1 disables the window), got {window_left!r}")
+    cap = _scalar("logits_soft_cap", logits_soft_cap, 0.0)
+    if cap < 0 or not math.isfinite(cap):
+        raise ValueError(f"logits_soft_cap: expected None, 0 or a positive number, got {logits_soft_cap!r}")
+    scale = _positive("sm_scale", _scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim_qk)))
+    scale *= _scalar("q_scale", q_scale, 1.0) * _scalar("k_scale", k_scale, 1.0)
+
+    if out_dtype is None:
+        out_dtype = q.dtype
+    elif out_dtype not in HALF_DTYPES + (torch.float32,):
+        raise TypeError(f"o_dtype: expected float16, bfloat16 or float32, got {out_dtype}")
+
+    return SingleAttentionArgs(
+        q=_unit_last_stride(q),
+        k=_unit_last_stride(k),
+        v=_unit_last_stride(v),
+        packed_mask=mask,
+        causal=bool(causal),
+        sm_scale=scale,
+        logits_soft_cap=cap,
+        window_left=window_left,
+        pos_encoding_mode=pos_encoding_mode,
+        rope_scale=_positive("rope_scale", _scalar("rope_scale", rope_scale, 1.0)),
+        rope_theta=_positive("rope_theta", _scalar("rope_theta", rope_theta, 1e4)),
+        v_scale=_scalar("v_scale", v_scale, 1.0),
+        out_dtype=out_dtype,
+        backend=backend,
+    )
+
+
+def check_out_buffer(name: str, buf: Optional[torch.Tensor], shape, dtype, device) -> None:
+    """A caller-provided ``out=``/``lse=`` buffer must match exactly (upstream's message form)."""
+    if buf is None:
+        return
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {describe(buf)}")
+    if tuple(buf.shape) != tuple(shape):
+        raise ValueError(f"Invalid shape of {name}: expected {tuple(shape)}, got {tuple(buf.shape)}")
+    if buf.dtype != dtype:
+        raise ValueError(f"Invalid dtype of {name}: expected {dtype}, got {buf.dtype}")
+    if buf.device != device:
+        raise ValueError(f"Invalid device of {name}: expected {device}, got {buf.device}")

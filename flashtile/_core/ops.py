@@ -1,0 +1,118 @@
+"""torch.library registrations: flashtile's ops as custom ops with fake implementations.
+
+Ops are destination-passing: the public function allocates ``out``/``lse`` and the op writes them
+(``mutates_args``), so torch.compile(fullgraph=True) traces through the public API, the fake
+implementation is empty, and CUDA-graph capture sees no allocation inside the op.
+Each op dispatches per call (dispatch.py) to the Triton kernels or the reference path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dispatch import Path, choose_path, load_kernels
+
+__all__ = ["single_decode", "single_prefill"]
+
+_slopes_cache: dict = {}
+
+
+def _alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
+    key = (num_heads, str(device))
+    if key not in _slopes_cache:
+        from ..reference.positional import alibi_slopes
+
+        _slopes_cache[key] = alibi_slopes(num_heads, device=device)
+    return _slopes_cache[key]
+
+
+def _unpack_mask(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Bits (LSB first) of a packed ``[rows, cols]`` mask back to bool."""
+    bits = (packed[:, None].to(torch.int32) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
+    return bits.reshape(-1)[: rows * cols].reshape(rows, cols).bool()
+
+
+def _run_single_attention(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
+                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, kind) -> None:
+    qo_len, num_qo_heads, _ = q.shape
+    kv_len = k.shape[0]
+    if qo_len == 0:
+        return
+    decision = choose_path(q.device, backend)
+    if decision.path is Path.REFERENCE:
+        from ..reference.attention import single_attention
+
+        mask = _unpack_mask(packed_mask, qo_len, kv_len) if packed_mask is not None else None
+        o, s = single_attention(
+            q, k, v, causal=causal, custom_mask=mask, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+            window_left=window_left, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
+            rope_theta=rope_theta, v_scale=v_scale,
+        )
+        out.copy_(o)
+        lse.copy_(s)
+        return
+    kernels = load_kernels("attention", decision.path)
+    slopes = _alibi_slopes(num_qo_heads, q.device) if pos_encoding_mode == "ALIBI" else None
+    kernels.attention_forward(
+        q, k, v, out, lse, packed_mask=packed_mask, causal=causal, sm_scale=sm_scale,
+        logits_soft_cap=logits_soft_cap, window_left=window_left, pos_encoding_mode=pos_encoding_mode,
+        rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale, alibi_slopes=slopes, kind=kind,
+    )
+
+
+@torch.library.custom_op("flashtile::single_decode", mutates_args=("out", "lse"))
+def single_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sm_scale: float,
+    logits_soft_cap: float,
+    window_left: int,
+    pos_encoding_mode: str,
+    rope_scale: float,
+    rope_theta: float,
+    v_scale: float,
+    backend: str,
+) -> None:
+    """Decode attention of one request: q ``[1, Hq, D]``, k/v NHD views; writes out ``[1, Hq, Dv]``, lse ``[1, Hq]``."""
+    _run_single_attention(q, k, v, None, out, lse, False, sm_scale, logits_soft_cap, window_left,
+                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "decode")
+
+
+@single_decode.register_fake
+def _single_decode_fake(q, k, v, out, lse, sm_scale, logits_soft_cap, window_left, pos_encoding_mode,
+                        rope_scale, rope_theta, v_scale, backend) -> None:
+    return None
+
+
+@torch.library.custom_op("flashtile::single_prefill", mutates_args=("out", "lse"))
+def single_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packed_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    logits_soft_cap: float,
+    window_left: int,
+    pos_encoding_mode: str,
+    rope_scale: float,
+    rope_theta: float,
+    v_scale: float,
+    backend: str,
+) -> None:
+    """Prefill/append attention of one request: q ``[Lq, Hq, D]``, k/v NHD views ``[Lk, Hk, D]``."""
+    _run_single_attention(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
+                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "prefill")
+
+
+@single_prefill.register_fake
+def _single_prefill_fake(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
+                         pos_encoding_mode, rope_scale, rope_theta, v_scale, backend) -> None:
+    return None

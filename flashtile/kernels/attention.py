@@ -1,0 +1,417 @@
+"""Tiled attention for one request (FlashAttention-2 style), used by decode and prefill, + its launcher.
+
+One program owns ``BLOCK_M`` rows of one KV head and one KV split. Rows are *GQA-packed*: row ``r``
+is query token ``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, so the query heads that
+share a KV head share every K/V tile load (decode reads each K/V byte once; GQA prefill reads K/V
+once per KV head instead of once per query head).
+
+The KV range of a program is cut into three loops: tiles that need masking on the left (sliding
+window), tiles every row sees in full (no mask arithmetic at all), and masked tiles on the right
+(causal diagonal, the ragged end of the sequence). Tiles nobody sees are never visited (causal and
+window tile skipping). With ``num_splits > 1`` (split-KV / flash-decoding) each program covers a
+``kv_chunk``-token slice and writes a float32 partial state that :mod:`.merge` combines.
+
+Pointer shapes (strides are passed, so NHD and HND views and strided q work without copies):
+  Q    [qo_len, num_qo_heads, HEAD_DIM_QK]
+  K    [kv_len, num_kv_heads, HEAD_DIM_QK]  (fp16/bf16, or fp8 upcast in the kernel)
+  V    [kv_len, num_kv_heads, HEAD_DIM_VO]
+  O    [qo_len, num_qo_heads, HEAD_DIM_VO] (final), or float32 [num_splits, qo_len, num_qo_heads, D] (partial)
+  LSE  [qo_len, num_qo_heads] float32 (final), or [num_splits, qo_len, num_qo_heads] (partial)
+  MASK packed custom mask, uint8, bit ``t * kv_len + j`` (LSB first) = query t may see key j
+  SLOPES float32 [num_qo_heads] ALiBi slopes
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..scheduler.split_kv import plan_kv_splits
+from .merge import merge_attention_states
+from .softmax import finalize_state, softmax_update
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2 (portable to the interpreter); saturates cleanly to +-1 for large |x|.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _rope_rotate(x, partner, positions, offs_d, HEAD_DIM: tl.constexpr, rope_log2_theta, rope_inv_scale):
+    """Half-split RoPE of a tile ``x [R, D]``; ``partner[:, d] = x[:, (d + HEAD_DIM/2) % HEAD_DIM]``.
+
+    Angle of dim ``d`` at position ``p``: ``p * theta**(-2 (d mod HEAD_DIM/2) / HEAD_DIM) / rope_scale``,
+    in float32.
+    """
+    half: tl.constexpr = HEAD_DIM // 2
+    pair = (offs_d % half).to(tl.float32)
+    inv_freq = tl.exp2(-(2.0 * pair / HEAD_DIM) * rope_log2_theta) * rope_inv_scale
+    angle = positions.to(tl.float32)[:, None] * inv_freq[None, :]
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+    return x.to(tl.float32) * tl.cos(angle) + sign[None, :] * partner.to(tl.float32) * tl.sin(angle)
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q,
+    k_base, v_base, stride_kt, stride_vt,
+    mask_ptr, slopes, positions, tokens, row_ok,
+    start, end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dvo = tl.arange(0, D_VO)
+    dqk_ok = offs_dqk < HEAD_DIM_QK
+    dvo_ok = offs_dvo < HEAD_DIM_VO
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n  # [BLOCK_N] key positions
+        col_ok = cols < kv_len
+        if MASKED:
+            k_mask = col_ok[:, None] & dqk_ok[None, :]
+            v_mask = col_ok[:, None] & dvo_ok[None, :]
+        else:
+            k_mask = dqk_ok[None, :]
+            v_mask = dvo_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_dqk[None, :], mask=k_mask, other=0.0)  # [N, D_QK]
+        if USE_ROPE:
+            partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
+            k_partner = tl.load(k_base + cols[:, None] * stride_kt + partner_d[None, :], mask=k_mask, other=0.0)
+            k = _rope_rotate(k, k_partner, cols, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)))  # [M, N] float32
+
+        if USE_SOFTCAP or USE_ALIBI:
+            s = qk * sm_scale
+            if USE_ALIBI:
+                s += slopes[:, None] * (cols[None, :] - positions[:, None]).to(tl.float32)
+            if USE_SOFTCAP:
+                s = soft_cap * _tanh(s / soft_cap)
+            s = s * 1.4426950408889634
+        else:
+            s = qk * qk_scale_log2
+
+        if MASKED:
+            visible = col_ok[None, :] & row_ok[:, None]
+            if HAS_CUSTOM_MASK:
+                bit = tokens[:, None].to(tl.int64) * kv_len + cols[None, :]
+                byte = tl.load(mask_ptr + (bit >> 3), mask=visible, other=0).to(tl.int32)
+                visible = visible & (((byte >> (bit & 7).to(tl.int32)) & 1) != 0)
+            elif CAUSAL:
+                # Bottom-right aligned; rows with a negative position (qo_len > kv_len) see nothing.
+                visible = visible & (cols[None, :] <= positions[:, None])
+            if HAS_WINDOW:
+                visible = visible & (cols[None, :] >= positions[:, None] - window_left)
+            s = tl.where(visible, s, float("-inf"))
+
+        m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_dvo[None, :], mask=v_mask, other=0.0)  # [N, D_VO]
+        acc += tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE, MASK, SLOPES,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt, stride_lh,
+    qo_len, kv_len, kv_chunk, num_m_blocks,
+    sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, v_scale,
+    GROUP: tl.constexpr,  # query heads per KV head; constexpr so row -> (token, head) is shifts/muls
+    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr,
+    D_QK: tl.constexpr, D_VO: tl.constexpr,  # head dims padded to powers of two (>= 16) for tl.dot
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
+    pid_m = num_m_blocks - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [M] GQA-packed row ids
+    num_rows = qo_len * GROUP
+    row_ok = rows < num_rows
+    tokens = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    delta = kv_len - qo_len
+    positions = tokens + delta  # absolute position of each row's query
+
+    # Rows this program owns span tokens [t_first, t_last].
+    t_first = (pid_m * BLOCK_M) // GROUP
+    t_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, num_rows - 1) // GROUP
+    # KV range any row can see, intersected with this split's chunk.
+    lo = split * kv_chunk
+    hi = tl.minimum(kv_len, lo + kv_chunk)
+    if CAUSAL:
+        hi = tl.minimum(hi, t_last + delta + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, t_first + delta - window_left)
+    start = (lo // BLOCK_N) * BLOCK_N
+    # Range every row sees in full: no mask needed there.
+    full_lo = 0
+    full_hi = kv_len
+    if CAUSAL:
+        full_hi = tl.maximum(tl.minimum(full_hi, t_first + delta + 1), 0)
+    if HAS_WINDOW:
+        full_lo = tl.maximum(t_last + delta - window_left, 0)
+    full_start = tl.maximum(start, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
+    full_end = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi)
+    if HAS_CUSTOM_MASK:
+        full_start = start
+        full_end = start
+    if full_end <= full_start:
+        full_start = start
+        full_end = start
+
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dvo = tl.arange(0, D_VO)
+    q_ptrs = Q + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_dqk[None, :]
+    q_mask = row_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    if USE_ROPE:
+        partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
+        q_partner = tl.load(Q + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + partner_d[None, :],
+                            mask=q_mask, other=0.0)
+        q = _rope_rotate(q, q_partner, positions, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
+        q = q.to(Q.dtype.element_ty)
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0)
+
+    k_base = K + kv_head.to(tl.int64) * stride_kh
+    v_base = V + kv_head.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
+
+    # Left masked tiles (window edge), tiles seen in full, right masked tiles (diagonal, ragged end).
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
+        start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+        HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
+        USE_ROPE, True, BLOCK_N)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
+        full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+        HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
+        USE_ROPE, False, BLOCK_N)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
+        full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+        HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
+        USE_ROPE, True, BLOCK_N)
+
+    o, lse = finalize_state(m_i, l_i, acc)
+    o_ptrs = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_dvo[None, :]
+    o_mask = row_ok[:, None] & (offs_dvo[None, :] < HEAD_DIM_VO)
+    lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
+    if WRITE_PARTIAL:
+        tl.store(o_ptrs, o, mask=o_mask)
+    else:
+        tl.store(o_ptrs, (o * v_scale).to(O.dtype.element_ty), mask=o_mask)
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations, declared as data. A config is chosen from a table keyed on the shape
+# class (decode vs prefill, padded head dim); FLASHTILE_AUTOTUNE=1 autotunes over the pruned list
+# instead (slower first call). Under the interpreter one small config keeps CPU tests fast.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (kind, padded head_dim) -> config; measured on H100 (see docs/benchmarks.md).
+_CONFIG_TABLE = {
+    ("decode", 16): LaunchConfig(16, 128, 4, 3),
+    ("decode", 32): LaunchConfig(16, 128, 4, 3),
+    ("decode", 64): LaunchConfig(16, 128, 4, 3),
+    ("decode", 128): LaunchConfig(16, 64, 4, 3),
+    ("decode", 256): LaunchConfig(16, 64, 4, 2),
+    ("prefill", 16): LaunchConfig(128, 64, 4, 3),
+    ("prefill", 32): LaunchConfig(128, 64, 4, 3),
+    ("prefill", 64): LaunchConfig(128, 64, 4, 3),
+    ("prefill", 128): LaunchConfig(128, 64, 8, 3),
+    ("prefill", 256): LaunchConfig(64, 64, 8, 2),
+}
+_INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
+
+# Autotuning candidates: every combination, pruned by shared-memory and register footprint.
+AUTOTUNE_CANDIDATES = [
+    LaunchConfig(bm, bn, w, s)
+    for bm in (16, 64, 128)
+    for bn in (32, 64, 128)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+]
+
+# KV splits are multiples of this many tokens so every BLOCK_N in the tables divides a chunk.
+KV_CHUNK_ALIGN = 256
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _prune(candidates, kind: str, d_pad: int, num_rows: int):
+    out = []
+    for c in candidates:
+        if kind == "decode" and c.block_m > max(16, triton.next_power_of_2(num_rows)):
+            continue
+        # K and V tiles per stage (2 bytes each) must fit the ~227 KB of shared memory.
+        if (c.block_n * d_pad * 2 * 2) * c.num_stages + c.block_m * d_pad * 2 > 200 * 1024:
+            continue
+        if c.block_m * d_pad > 128 * 256 or c.block_m * c.block_n > 128 * 128:
+            continue
+        out.append(c)
+    return out
+
+
+def choose_config(kind: str, d_pad: int) -> LaunchConfig:
+    if INTERPRET:
+        return _INTERPRETER_CONFIG
+    return _CONFIG_TABLE[(kind, d_pad)]
+
+
+_autotune_cache: dict = {}
+
+
+def _autotuned_config(key, candidates, launch) -> LaunchConfig:
+    """Time every candidate once for this shape class (FLASHTILE_AUTOTUNE=1) and remember the best."""
+    if key not in _autotune_cache:
+        best, best_ms = None, float("inf")
+        for c in candidates:
+            try:
+                ms = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
+            except Exception:  # a config that fails to compile (out of resources) is skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = c, ms
+        _autotune_cache[key] = best
+    return _autotune_cache[key]
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    packed_mask: Optional[torch.Tensor],
+    causal: bool,
+    sm_scale: float,
+    logits_soft_cap: float,
+    window_left: int,
+    pos_encoding_mode: str,
+    rope_scale: float,
+    rope_theta: float,
+    v_scale: float,
+    alibi_slopes: Optional[torch.Tensor],
+    kind: str,
+    num_splits: Optional[int] = None,
+) -> None:
+    """Launch attention of one request, writing ``out`` and ``lse`` in place.
+
+    Args:
+        q: ``[qo_len, num_qo_heads, head_dim_qk]``, fp16/bf16, last dim contiguous (any other strides).
+        k: ``[kv_len, num_kv_heads, head_dim_qk]`` view (an HND tensor is passed transposed), last dim
+            contiguous; fp16/bf16 or fp8 (its scale already folded into ``sm_scale``).
+        v: ``[kv_len, num_kv_heads, head_dim_vo]`` view, like ``k``.
+        out: ``[qo_len, num_qo_heads, head_dim_vo]`` in the output dtype, last dim contiguous.
+        lse: float32 ``[qo_len, num_qo_heads]``, base 2.
+        packed_mask: uint8 bits of a ``[qo_len, kv_len]`` mask, row-major, LSB first; or None.
+        kind: "decode" or "prefill": picks the launch-config table.
+        num_splits: force the number of KV splits (None: the scheduler decides).
+    """
+    qo_len, num_qo_heads, head_dim_qk = q.shape
+    kv_len, num_kv_heads, head_dim_vo = v.shape
+    group = num_qo_heads // num_kv_heads
+    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    num_rows = qo_len * group
+    device = q.device
+    use_rope = pos_encoding_mode == "ROPE_LLAMA"
+    use_alibi = pos_encoding_mode == "ALIBI"
+    dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
+
+    def launch(cfg: LaunchConfig, splits: int, chunk: int, o_buf, lse_buf, partial: bool):
+        num_m_blocks = triton.cdiv(num_rows, cfg.block_m)
+        if partial:
+            o_strides = (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2))
+            l_strides = (lse_buf.stride(0), lse_buf.stride(1), lse_buf.stride(2))
+        else:
+            o_strides = (0, o_buf.stride(0), o_buf.stride(1))
+            l_strides = (0, lse_buf.stride(0), lse_buf.stride(1))
+        grid = (num_m_blocks, num_kv_heads, splits)
+        _attention_fwd_kernel[grid](
+            q, k, v, o_buf, lse_buf,
+            packed_mask if packed_mask is not None else dummy,
+            alibi_slopes if alibi_slopes is not None else dummy,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            *o_strides, *l_strides,
+            qo_len, kv_len, chunk, num_m_blocks,
+            sm_scale, sm_scale * LOG2E, float(logits_soft_cap), int(window_left),
+            math.log2(rope_theta), 1.0 / rope_scale, float(v_scale),
+            GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
+            CAUSAL=bool(causal) and packed_mask is None, HAS_WINDOW=window_left >= 0,
+            HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=logits_soft_cap > 0,
+            USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    cfg = choose_config(kind, max(d_qk, d_vo))
+    if os.environ.get("FLASHTILE_AUTOTUNE") == "1" and not INTERPRET:
+        candidates = _prune(AUTOTUNE_CANDIDATES, kind, max(d_qk, d_vo), num_rows)
+        key = (kind, d_qk, d_vo, group, causal, q.dtype, k.dtype, qo_len > 1)
+        cfg = _autotuned_config(key, candidates, lambda c: launch(c, 1, kv_len, out, lse, False)) or cfg
+
+    num_m_blocks = triton.cdiv(num_rows, cfg.block_m)
+    align = KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
+    if num_splits is None:
+        splits, chunk = plan_kv_splits(kv_len, num_m_blocks * num_kv_heads, _num_sms(device), align)
+    else:
+        chunk = max(align, triton.cdiv(triton.cdiv(max(kv_len, 1), num_splits), align) * align)
+        splits = max(1, triton.cdiv(kv_len, chunk))
+    if splits == 1:
+        launch(cfg, 1, max(kv_len, 1), out, lse, False)
+        return
+    partial_o = torch.empty((splits, qo_len, num_qo_heads, head_dim_vo), dtype=torch.float32, device=device)
+    partial_lse = torch.empty((splits, qo_len, num_qo_heads), dtype=torch.float32, device=device)
+    launch(cfg, splits, chunk, partial_o, partial_lse, True)
+    merge_attention_states(partial_o, partial_lse, out, lse, v_scale=v_scale)
+
+
+_sm_count: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a small "GPU" so tests exercise split-KV
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_count[index]

@@ -1,0 +1,67 @@
+"""Online softmax and attention-state merging: the one place this math lives.
+
+Everything is base 2. A row's running state is ``(m, l, acc)``:
+- ``m``   running max of the base-2 logits seen so far (``-inf`` before any visible key),
+- ``l``   sum of ``2**(s - m)`` over the keys seen,
+- ``acc`` sum of ``2**(s - m) * v`` (unnormalized output), float32.
+A finished state is ``(o, lse)`` with ``o = acc / l`` and ``lse = m + log2(l)``; a row that saw no
+key has ``o = 0`` and ``lse = -inf``. Attention kernels (decode, prefill, split-KV partials) update
+with :func:`softmax_update`; split-KV reductions and cascade merges fold finished states in with
+:func:`merge_update`; both rescale through :func:`_rescale`, so ``-inf`` is handled in one place.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rescale(m_old, m_new):
+    """Factor that moves a sum taken relative to ``m_old`` onto ``m_new``, plus a safe pivot.
+
+    When every logit so far is ``-inf`` (nothing visible yet) the pivot is 0 so that
+    ``exp2(-inf - pivot)`` is 0 instead of NaN.
+    """
+    pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_old - pivot)
+    return alpha, pivot
+
+
+@triton.jit
+def softmax_update(m_i, l_i, acc, s):
+    """Fold one tile of base-2 logits ``s`` [BLOCK_M, BLOCK_N] (masked entries ``-inf``) into the state.
+
+    Returns ``(m_new, l_new, acc_rescaled, p)``: the caller adds ``dot(p, v_tile)`` to
+    ``acc_rescaled``. ``p`` is float32 ``2**(s - m_new)``.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha, pivot = _rescale(m_i, m_new)
+    p = tl.exp2(s - pivot[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return m_new, l_new, acc, p
+
+
+@triton.jit
+def merge_update(m_i, l_i, acc, o_other, lse_other):
+    """Fold a finished state ``(o_other [.., D], lse_other [..])`` into a running state.
+
+    A finished state weighs ``2**lse_other`` with mean ``o_other``; with ``lse_other = -inf`` it
+    contributes nothing.
+    """
+    m_new = tl.maximum(m_i, lse_other)
+    alpha, pivot = _rescale(m_i, m_new)
+    w = tl.exp2(lse_other - pivot)
+    l_new = l_i * alpha + w
+    acc = acc * alpha[:, None] + o_other * w[:, None]
+    return m_new, l_new, acc
+
+
+@triton.jit
+def finalize_state(m_i, l_i, acc):
+    """``(o, lse)`` of a running state; rows with ``l == 0`` give ``o = 0`` and ``lse = -inf``."""
+    empty = l_i == 0.0
+    safe_l = tl.where(empty, 1.0, l_i)
+    o = acc / safe_l[:, None]
+    o = tl.where(empty[:, None], 0.0, o)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(safe_l))
+    return o, lse

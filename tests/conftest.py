@@ -1,0 +1,50 @@
+"""Test harness (DESIGN.md §Testing).
+
+Every attention test runs on the paths of the machine it is on:
+- ``reference``: the pure-PyTorch path (FLASHTILE_BACKEND=reference);
+- ``kernel``: the Triton kernels, on the GPU when there is one, else under Triton's interpreter on
+  CPU (TRITON_INTERPRET=1 is set here, before any kernel module is imported; tests keep shapes tiny).
+FLASHTILE_DEBUG=1 poisons every new output with NaN, so unwritten elements fail.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["FLASHTILE_DEBUG"] = "1"
+
+DEVICE = torch.device("cuda") if HAS_CUDA else torch.device("cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["reference", "kernel"])
+def path(request, monkeypatch):
+    """Which implementation runs: sets FLASHTILE_BACKEND for the test."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference" if request.param == "reference" else "triton")
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
