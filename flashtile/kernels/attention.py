@@ -47,6 +47,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _mma(a, b, UPCAST: tl.constexpr):
+    """``tl.dot(a, b)`` in float32 accumulation. UPCAST (interpreter only): Triton 3.9's interpreter
+    computes bf16 ``tl.dot`` wrongly, so it multiplies float32 copies instead."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _rope_rotate(x, partner, positions, offs_d, HEAD_DIM: tl.constexpr, rope_log2_theta, rope_inv_scale):
     """Half-split RoPE of a tile ``x [R, D]``; ``partner[:, d] = x[:, (d + HEAD_DIM/2) % HEAD_DIM]``.
 
@@ -70,7 +79,7 @@ def _attend_tiles(
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,7 +101,7 @@ def _attend_tiles(
             partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
             k_partner = tl.load(k_base + cols[:, None] * stride_kt + partner_d[None, :], mask=k_mask, other=0.0)
             k = _rope_rotate(k, k_partner, cols, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)))  # [M, N] float32
+        qk = _mma(q, tl.trans(k.to(q.dtype)), UPCAST_DOT)  # [M, N] float32
 
         if USE_SOFTCAP or USE_ALIBI:
             s = qk * sm_scale
@@ -119,7 +128,7 @@ def _attend_tiles(
 
         m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_dvo[None, :], mask=v_mask, other=0.0)  # [N, D_VO]
-        acc += tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc += _mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
 
 
@@ -139,7 +148,7 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     pid_m = num_m_blocks - 1 - tl.program_id(0)
@@ -207,17 +216,17 @@ def _attention_fwd_kernel(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
         start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
         HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, True, BLOCK_N)
+        USE_ROPE, True, BLOCK_N, UPCAST_DOT)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
         full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
         HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, False, BLOCK_N)
+        USE_ROPE, False, BLOCK_N, UPCAST_DOT)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
         full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
         HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, True, BLOCK_N)
+        USE_ROPE, True, BLOCK_N, UPCAST_DOT)
 
     o, lse = finalize_state(m_i, l_i, acc)
     o_ptrs = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_dvo[None, :]
@@ -380,7 +389,7 @@ def attention_forward(
             CAUSAL=bool(causal) and packed_mask is None, HAS_WINDOW=window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=logits_soft_cap > 0,
             USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     cfg = choose_config(kind, max(d_qk, d_vo))
