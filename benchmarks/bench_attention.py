@@ -1,0 +1,212 @@
+"""Single-request attention: suites ``single_decode`` (GB/s) and ``single_prefill`` (TFLOP/s).
+
+Cases follow ANCHORS.md. Inputs are NHD (q ``[num_qo_heads, head_dim]`` for decode,
+``[qo_len, num_qo_heads, head_dim]`` for prefill; k/v ``[kv_len, num_kv_heads, head_dim]``), random
+normal. Every provider returns its output in that layout (a view) so the harness can compare them.
+Baselines that want ``[1, H, L, D]`` get contiguous copies made outside the timed region.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .harness import Case, Provider, Suite, Unavailable, device, register
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------
+
+
+def _case(kind: str, qo_len: int, kv_len: int, hq: int, hkv: int, d: int, dtype: str, causal: bool) -> Case:
+    es = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    q_and_o = 2 * qo_len * hq * d
+    kv = 2 * kv_len * hkv * d
+    if causal:  # bottom-right aligned: query i sees kv_len - qo_len + i + 1 keys
+        pairs = qo_len * kv_len - qo_len * (qo_len - 1) // 2
+    else:
+        pairs = qo_len * kv_len
+    if kind == "decode":
+        name = f"kv{kv_len} h{hq}/{hkv} d{d} {dtype}"
+    else:
+        name = f"{'causal' if causal else 'full'} {qo_len} h{hq}/{hkv} d{d} {dtype}"
+    params = dict(kind=kind, qo_len=qo_len, kv_len=kv_len, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d,
+                  dtype=dtype, causal=causal, kv_layout="NHD")
+    return Case(name, params, flops=4.0 * hq * d * pairs, bytes=float(es * (q_and_o + kv)))
+
+
+def decode_cases(smoke: bool):
+    if smoke:
+        return [_case("decode", 1, 64, 4, 2, 64, "bfloat16", False), _case("decode", 1, 64, 2, 2, 64, "float16", False)]
+    cases = [_case("decode", 1, n, 32, 8, 128, "bfloat16", False) for n in (1024, 4096, 32768, 131072)]
+    cases += [_case("decode", 1, 32768, 32, 8, d, "bfloat16", False) for d in (64, 256)]
+    return cases + [_case("decode", 1, 32768, 32, 8, 128, "float16", False)]
+
+
+def prefill_cases(smoke: bool):
+    def c(n, hq, hkv, d=128, dtype="bfloat16", causal=True):
+        return _case("prefill", n, n, hq, hkv, d, dtype, causal)
+
+    if smoke:
+        return [c(64, 4, 2, 64), c(64, 2, 2, 64, causal=False), c(64, 2, 2, 64, "float16")]
+    return [
+        c(4096, 32, 32), c(16384, 32, 32), c(8192, 32, 8), c(16384, 32, 32, causal=False),
+        c(8192, 32, 32, d=64), c(8192, 32, 32, d=256), c(8192, 32, 32, dtype="float16"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and layouts
+# ---------------------------------------------------------------------------------------------
+
+
+def _inputs(case: Case):
+    """q, k, v in the flashtile/FlashInfer NHD layout (decode q has no token dimension)."""
+    p = case.params
+    kw = dict(dtype=getattr(torch, p["dtype"]), device=device())
+    q = torch.randn(p["qo_len"], p["num_qo_heads"], p["head_dim"], **kw)
+    if p["kind"] == "decode":
+        q = q[0]
+    k = torch.randn(p["kv_len"], p["num_kv_heads"], p["head_dim"], **kw)
+    v = torch.randn(p["kv_len"], p["num_kv_heads"], p["head_dim"], **kw)
+    return q, k, v
+
+
+def _bhld(x: torch.Tensor) -> torch.Tensor:
+    """NHD ``[L, H, D]`` (or decode q ``[H, D]``) -> contiguous ``[1, H, L, D]``."""
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    return x.transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def _from_bhld(case: Case):
+    """Returns a view from ``[1, H, L, D]`` back to the case's output layout."""
+    if case.params["kind"] == "decode":
+        return lambda o: o[0, :, 0, :]
+    return lambda o: o[0].transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------
+
+
+def _flashtile(case: Case):
+    import flashtile
+
+    p = case.params
+    name = f"single_{p['kind']}_with_kv_cache"
+    op = getattr(flashtile, name, None)
+    if op is None:
+        raise Unavailable(f"flashtile.{name} does not exist yet")
+    q, k, v = _inputs(case)
+    if p["kind"] == "decode":
+        return lambda: op(q, k, v, kv_layout="NHD")
+    return lambda: op(q, k, v, causal=p["causal"], kv_layout="NHD")
+
+
+def _flashinfer(backend: str):
+    def make(case: Case):
+        try:
+            import flashinfer
+        except Exception as e:
+            raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
+        if device().type != "cuda":
+            raise Unavailable("FlashInfer needs CUDA")
+        p = case.params
+        q, k, v = _inputs(case)
+        if p["kind"] == "decode":
+            if backend == "fa3":
+                raise Unavailable("fa3 is a prefill backend")
+            return lambda: flashinfer.single_decode_with_kv_cache(q, k, v, kv_layout="NHD")
+        causal = p["causal"]
+        return lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, kv_layout="NHD", backend=backend)
+
+    return make
+
+
+def _sdpa(backend_name: str):
+    def make(case: Case):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+        if backend_name == "CUDNN_ATTENTION" and device().type != "cuda":
+            raise Unavailable("cuDNN attention needs CUDA")
+        p = case.params
+        q, k, v = (_bhld(x) for x in _inputs(case))
+        gqa = p["num_qo_heads"] != p["num_kv_heads"]
+        causal = p["causal"]  # qo_len == kv_len in these cases, so top-left == bottom-right
+        out = _from_bhld(case)
+
+        def call(k_, v_, enable_gqa):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k_, v_, is_causal=causal, enable_gqa=enable_gqa)
+
+        note = None
+        try:
+            call(k, v, gqa)
+        except RuntimeError as e:
+            if not gqa:
+                raise Unavailable(f"{backend_name}: {' '.join(str(e).split())[:200]}")
+            group = p["num_qo_heads"] // p["num_kv_heads"]
+            k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
+            gqa, note = False, "GQA via repeat_interleave of K/V (enable_gqa unsupported by this backend)"
+            try:
+                call(k, v, False)
+            except RuntimeError as e2:
+                raise Unavailable(f"{backend_name}: {' '.join(str(e2).split())[:200]}")
+        return (lambda: out(call(k, v, gqa))), note
+
+    return make
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for knob in ("recompile_limit", "cache_size_limit"):  # one compile per case shape
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _flex(case: Case):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    p = case.params
+    q, k, v = (_bhld(x) for x in _inputs(case))
+    note = None
+    if device().type == "cuda":
+        flex = _compiled_flex()
+    else:  # compiling flex for CPU takes ~30 s; eager still checks the call
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        flex, note = flex_attention, "eager (uncompiled) on CPU"
+    mask = None
+    if p["causal"]:
+        mask = create_block_mask(_causal, None, None, p["qo_len"], p["kv_len"], device=device())
+    gqa = p["num_qo_heads"] != p["num_kv_heads"]
+    out = _from_bhld(case)
+    return (lambda: out(flex(q, k, v, block_mask=mask, enable_gqa=gqa))), note
+
+
+PROVIDERS = [
+    Provider("flashtile", _flashtile),
+    Provider("flashinfer", _flashinfer("fa2")),
+    Provider("flashinfer_fa3", _flashinfer("fa3")),
+    Provider("torch_sdpa_flash", _sdpa("FLASH_ATTENTION")),
+    Provider("torch_sdpa_cudnn", _sdpa("CUDNN_ATTENTION")),
+    Provider("flex_attention", _flex),
+]
+
+register(Suite("single_decode", decode_cases, PROVIDERS, metric="gbps",
+               description="one request, one query token, NHD KV; bytes = K + V + q + o"))
+register(Suite("single_prefill", prefill_cases, PROVIDERS, metric="tflops",
+               description="one request, qo_len = kv_len; causal flops = 4·h·d·(sq·skv − sq(sq−1)/2)"))

@@ -1,0 +1,101 @@
+"""The benchmark harness runs end to end on CPU (--smoke) and writes well-formed outputs."""
+
+import importlib.util
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.bench_attention import decode_cases, prefill_cases  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# On a GPU, leave out flex_attention: compiling it for every smoke shape takes minutes.
+PROVIDERS = ["flashtile", "torch_sdpa_flash", "torch_sdpa_cudnn"] + ([] if HAS_CUDA else ["flex_attention"])
+RECORD_KEYS = {"suite", "case", "params", "provider", "status", "gpu", "torch", "triton", "timestamp"}
+TIMED_KEYS = {"median_us", "p20_us", "p80_us", "tflops", "gbps", "first_call_s", "timing"}
+
+
+def test_flops_and_bytes_from_lengths():
+    case = prefill_cases(smoke=True)[0]  # causal, 64 tokens, 4 query / 2 kv heads, d64, bf16
+    assert case.flops == 4 * 4 * 64 * (64 * 64 - 64 * 63 // 2)
+    assert case.bytes == 2 * (2 * 64 * 4 * 64 + 2 * 64 * 2 * 64)
+    case = decode_cases(smoke=True)[0]  # kv 64, 4 / 2 heads, d64, bf16: K + V + q + o
+    assert case.bytes == 2 * (2 * 64 * 2 * 64 + 2 * 4 * 64)
+    assert case.flops == 4 * 4 * 64 * 64
+
+
+def test_smoke_suites(tmp_path):
+    markdown = harness.run_suites(["single_decode", "single_prefill"], tmp_path, smoke=True, providers=PROVIDERS)
+    for suite, cases in (("single_decode", decode_cases(True)), ("single_prefill", prefill_cases(True))):
+        records = [json.loads(line) for line in (tmp_path / f"{suite}.jsonl").read_text().splitlines()]
+        assert len(records) == len(cases) * len(PROVIDERS)
+        for r in records:
+            assert RECORD_KEYS <= r.keys() and r["suite"] == suite
+            if r["status"] == "ok":
+                assert TIMED_KEYS <= r.keys()
+                assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"]
+                assert r["gbps"] > 0 and r["tflops"] > 0
+            else:
+                assert r["reason"]
+        by = {(r["case"], r["provider"]): r for r in records}
+        for case in cases:
+            assert by[case.name, "flashtile"]["status"] == "ok", by[case.name, "flashtile"]
+            if not HAS_CUDA:
+                assert by[case.name, "torch_sdpa_cudnn"]["status"] == "unavailable"
+            assert by[case.name, "torch_sdpa_flash"]["status"] == "ok"
+            for name in PROVIDERS[1:]:
+                r = by[case.name, name]
+                assert r["status"] != "error", r
+                if r["status"] == "ok":  # same inputs, same answer
+                    assert r["diff_ref"] == "flashtile" and r["max_abs_diff"] < 5e-2, r
+
+        table = (tmp_path / f"{suite}.md").read_text()
+        assert table in markdown
+        rows = [line for line in table.splitlines() if line.startswith("| ")]
+        header = [c.strip() for c in rows[0].strip("|").split("|")]
+        assert header == ["case", *PROVIDERS, "flashtile / best baseline"]
+        assert len(rows) == 1 + len(cases)
+        for row in rows[1:]:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert len(cells) == len(header)
+            assert re.fullmatch(r"\d+\.\d\d× \(\w+\)", cells[-1]), row
+
+        png = tmp_path / f"{suite}.png"
+        if importlib.util.find_spec("matplotlib"):
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "results.md").read_text() == markdown
+
+
+def test_cli_filter_and_providers(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suite", "single_decode", "--smoke",
+           "--out", str(tmp_path), "--filter", "d64 float16", "--providers", "flashtile,flashinfer"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "single_decode.jsonl").read_text().splitlines()]
+    assert [(r["provider"], r["status"]) for r in records][0] == ("flashtile", "ok")
+    assert {r["case"] for r in records} == {c.name for c in decode_cases(True) if "d64 float16" in c.name}
+    assert [r["provider"] for r in records] == ["flashtile", "flashinfer"]
+
+
+def test_unavailable_and_errors_are_recorded(tmp_path):
+    def unavailable(case):
+        raise harness.Unavailable("not on this machine")
+
+    def broken(case):
+        return lambda: 1 / 0
+
+    suite = harness.Suite("fake", lambda smoke: [harness.Case("c", {}, flops=1.0, bytes=1.0)],
+                          [harness.Provider("flashtile", lambda case: (lambda: torch.ones(3))),
+                           harness.Provider("gone", unavailable), harness.Provider("broken", broken)])
+    records = harness.run_suite(suite, smoke=True, log=lambda s: None)
+    assert [r["status"] for r in records] == ["ok", "unavailable", "error"]
+    assert records[1]["reason"] == "not on this machine" and "ZeroDivisionError" in records[2]["reason"]
+    table = harness.write_outputs(suite, records, tmp_path)
+    assert "| c | " in table and "| — |" in table  # no baseline ran: no speedup
+    assert "gone (unavailable): not on this machine" in table
