@@ -6,14 +6,21 @@ compile on first use (or ahead of time with ``python -m flashtile warmup``).
 
 __version__ = "0.1.0"
 
-from . import decode, prefill  # noqa: E402
+from . import decode, prefill, quantization, utils  # noqa: E402
 from .decode import single_decode_with_kv_cache  # noqa: E402
 from .prefill import single_prefill_with_kv_cache, single_prefill_with_kv_cache_return_lse  # noqa: E402
+from .quantization import packbits, segment_packbits  # noqa: E402
+from .utils import next_positive_power_of_2  # noqa: E402
 
 __all__ = [
     "__version__",
     "decode",
     "prefill",
+    "quantization",
+    "utils",
+    "packbits",
+    "segment_packbits",
+    "next_positive_power_of_2",
     "single_decode_with_kv_cache",
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",

@@ -77,13 +77,11 @@ def attention_oracle(
             s = s + slopes[h] * (kpos[None, :] - qpos[:, None])
         if logits_soft_cap and logits_soft_cap > 0:
             s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
-        for i in range(Lq):
-            idx = allowed[i].nonzero().flatten()
-            if idx.numel() == 0:
-                continue
-            row = s[i, idx]
-            mx = row.max()
-            w = torch.exp(row - mx)
-            out[i, h] = (w[:, None] * vh[idx]).sum(0) / w.sum()
-            lse[i, h] = (mx + torch.log(w.sum())) / math.log(2.0)
+        s = s.masked_fill(~allowed, float("-inf"))
+        seen = allowed.any(dim=1)  # rows with at least one visible key
+        mx = torch.where(seen, s.max(dim=1).values, torch.zeros(Lq, dtype=torch.float64))
+        w = torch.exp(s - mx[:, None])  # exactly 0 where masked
+        denom = w.sum(dim=1)
+        out[seen, h] = (w @ vh)[seen] / denom[seen, None]
+        lse[seen, h] = (mx[seen] + torch.log(denom[seen])) / math.log(2.0)
     return out, lse

@@ -23,9 +23,9 @@ def test_splits_cover_every_token_once(kv_len, base, sms, align):
         assert a1 == b0
     if kv_len > 0:
         assert all(b > a for a, b in covered)
-    # Imbalance: all splits but the last are equal (by construction above); the grid stays within
-    # 1.5x of what fills the GPU, plus one split per base program.
-    assert splits * base <= 1.5 * PROGRAMS_PER_SM * sms + base
+    # Imbalance: all splits but the last are equal (by construction above). Grid size: wanted =
+    # cdiv(target, base) overshoots by < base programs, and rounding the chunk down by < 1.5x (+1 split).
+    assert splits * base <= 1.5 * PROGRAMS_PER_SM * sms + 2 * base
 
 
 @given(kv_len=st.integers(1, 1 << 18), sms=st.integers(16, 160))

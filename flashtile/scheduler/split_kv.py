@@ -41,6 +41,6 @@ def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) ->
         wanted = _cdiv(target, max(1, base_programs))
     wanted = max(1, min(wanted, tiles // MIN_CHUNK_TILES if tiles >= MIN_CHUNK_TILES else 1))
     # Round the chunk down so the grid reaches the target; with >= MIN_CHUNK_TILES tiles per split
-    # this overshoots by less than 1.5x.
+    # this overshoots ``wanted`` by at most a factor 1.5 (rounded up).
     chunk = max(1, tiles // wanted) * align
     return _cdiv(kv_len, chunk), chunk
