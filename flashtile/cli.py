@@ -1,0 +1,743 @@
+"""Command line: ``python -m flashtile <command>`` (also installed as the ``flashtile`` script).
+
+Commands:
+  info         versions, device, which path each API takes here, Triton cache, environment knobs
+  demo         Llama-3-8B attention: causal prefill then decode steps, checked against the
+               float32 reference and timed (exit code 1 when a check fails)
+  bench        the benchmark harness (``benchmarks/``, present in a source checkout only)
+  warmup       compile the Triton kernel variants that model shapes need, before the first request
+  clear-cache  delete Triton's on-disk kernel cache (prints what it would delete; ``--yes`` deletes)
+
+Only argparse and the standard library are used. Kernels compile on first use, so ``info`` and a
+CPU ``demo`` compile nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["main", "ModelShape", "SHAPE_PRESETS", "check_close", "triton_cache_dir", "warmup_variants"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Attention heads of one model layer."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+    def __str__(self) -> str:
+        return f"{self.num_qo_heads}/{self.num_kv_heads}/{self.head_dim}"
+
+
+# Query heads / KV heads / head_dim of the attention layers of a few common models.
+SHAPE_PRESETS: Dict[str, ModelShape] = {
+    "llama3-8b": ModelShape(32, 8, 128),
+    "llama3-70b": ModelShape(64, 8, 128),
+    "mistral-7b": ModelShape(32, 8, 128),
+    "qwen2-7b": ModelShape(28, 4, 128),
+    "gemma2-9b": ModelShape(16, 8, 256),
+}
+DEMO_MODEL = ("Llama-3-8B", SHAPE_PRESETS["llama3-8b"])
+DEMO_PROMPT_LEN = {"cuda": 4096, "cpu": 256}  # default prompt length per device type
+DEMO_TOLERANCE = (2e-2, 2e-2)  # (atol, rtol) of a bf16/fp16 output against the float32 reference
+
+DTYPE_NAMES: Dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+ENV_KNOBS = {
+    "FLASHTILE_BACKEND": "auto (default) | triton (kernels; Triton interpreter for CPU tensors) | reference",
+    "FLASHTILE_DEBUG": "1: fill new outputs with NaN before a kernel writes them",
+    "FLASHTILE_AUTOTUNE": "1: autotune launch configs on the first call of a shape class (slower first call)",
+    "TRITON_INTERPRET": "1: run Triton kernels in Triton's interpreter (CPU); must be set before kernels load",
+    "TRITON_CACHE_DIR": "Triton's on-disk kernel cache (default: $TRITON_HOME/.triton/cache, TRITON_HOME=~)",
+}
+
+
+def _parse_list(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    key = name.strip().lower()
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
+
+
+def _parse_shape(text: str) -> Tuple[str, ModelShape]:
+    """A preset name (``llama3-8b``) or ``QO_HEADS/KV_HEADS/HEAD_DIM`` (``32/8/128``)."""
+    key = text.strip().lower()
+    if key in SHAPE_PRESETS:
+        return key, SHAPE_PRESETS[key]
+    parts = key.split("/")
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        shape = ModelShape(*(int(p) for p in parts))
+        if shape.num_kv_heads < 1 or shape.num_qo_heads % shape.num_kv_heads != 0:
+            raise ValueError(f"shape {text!r}: query heads must be a positive multiple of KV heads")
+        return key, shape
+    raise ValueError(
+        f"unknown shape {text!r}; expected a preset ({', '.join(SHAPE_PRESETS)}) or QO_HEADS/KV_HEADS/HEAD_DIM"
+    )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {name}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor})"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _path_of(device: torch.device, backend: str = "auto") -> Tuple[str, str]:
+    """(path, reason) that an attention call on ``device`` takes; errors are reported, not raised."""
+    from ._core.dispatch import choose_path
+
+    try:
+        decision = choose_path(device, backend)
+    except (ValueError, NotImplementedError) as e:
+        return "error", str(e)
+    return decision.path.value, decision.reason
+
+
+def _format_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def triton_cache_dir() -> pathlib.Path:
+    """Where Triton keeps compiled kernels: ``TRITON_CACHE_DIR``, else ``$TRITON_HOME/.triton/cache``."""
+    explicit = os.environ.get("TRITON_CACHE_DIR")
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+    return pathlib.Path(home) / ".triton" / "cache"
+
+
+def _dir_usage(path: pathlib.Path) -> Tuple[int, int]:
+    """(number of files, total bytes) under ``path``."""
+    files = size = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                size += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+            files += 1
+    return files, size
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+
+
+def _info() -> dict:
+    import flashtile
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as e:  # report, do not fail: info is what one runs when something is broken
+        triton_version = f"not importable ({type(e).__name__}: {e})"
+    devices = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append(dict(
+                device=f"cuda:{index}", name=props.name, sm_count=props.multi_processor_count,
+                compute_capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+            ))
+    else:
+        devices.append(dict(device="cpu", name=platform.processor() or platform.machine(),
+                            threads=torch.get_num_threads()))
+    attention_apis = ["single_decode_with_kv_cache", "single_prefill_with_kv_cache",
+                      "single_prefill_with_kv_cache_return_lse"]
+    paths = []
+    tensor_devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    for dev in tensor_devices:
+        path, reason = _path_of(torch.device(dev))
+        paths += [dict(api=api, tensors=dev, path=path, reason=reason) for api in attention_apis]
+        paths += [dict(api=api, tensors=dev, path="pytorch", reason="vectorized PyTorch on the input's device")
+                  for api in ("packbits", "segment_packbits")]
+    cache = triton_cache_dir()
+    files, size = _dir_usage(cache) if cache.is_dir() else (0, 0)
+    return dict(
+        flashtile=flashtile.__version__,
+        flashtile_location=str(pathlib.Path(flashtile.__file__).resolve().parent),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        triton=triton_version,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cuda_available=torch.cuda.is_available(),
+        devices=devices,
+        paths=paths,
+        triton_cache=dict(dir=str(cache), exists=cache.is_dir(), files=files, bytes=size),
+        env={name: os.environ.get(name) for name in ENV_KNOBS},
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"flashtile {info['flashtile']}  ({info['flashtile_location']})")
+    print(f"torch     {info['torch']}" + (f" (CUDA {info['torch_cuda']})" if info["torch_cuda"] else " (no CUDA build)"))
+    print(f"triton    {info['triton']}")
+    print(f"python    {info['python']}  ({info['platform']})")
+    print()
+    print("device")
+    for d in info["devices"]:
+        if d["device"] == "cpu":
+            print(f"  cpu       {d['name']}, {d['threads']} threads (no CUDA device)")
+        else:
+            print(f"  {d['device']:<9} {d['name']}, {d['sm_count']} SMs, compute capability "
+                  f"{d['compute_capability']}, {d['memory_gib']} GiB")
+    print()
+    print("paths (FLASHTILE_BACKEND and backend= change them)")
+    width = max(len(p["api"]) for p in info["paths"])
+    for p in info["paths"]:
+        print(f"  {p['api']:<{width}}  {p['tensors']} tensors -> {p['path']}: {p['reason']}")
+    print()
+    c = info["triton_cache"]
+    state = f"{c['files']} files, {_format_bytes(c['bytes'])}" if c["exists"] else "does not exist yet"
+    print(f"triton cache  {c['dir']}  ({state})")
+    print()
+    print("environment")
+    for name, help_text in ENV_KNOBS.items():
+        value = info["env"][name]
+        shown = "(unset)" if value is None else repr(value)
+        print(f"  {name:<19} {shown:<10} {help_text}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, atol: float = DEMO_TOLERANCE[0],
+                rtol: float = DEMO_TOLERANCE[1]) -> Tuple[float, bool]:
+    """(max abs error, passed): passed when every ``|out - ref| <= atol + rtol * |ref|`` (NaN fails)."""
+    out = out.float()
+    ref = ref.float().to(out.device)
+    err = (out - ref).abs()
+    max_err = float(err.max()) if err.numel() else 0.0
+    if math.isnan(max_err) or bool(err.isnan().any()):
+        return float("nan"), False
+    return max_err, bool(torch.isclose(out, ref, atol=atol, rtol=rtol).all())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _first_call(fn: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, torch.Tensor]:
+    """Host seconds of one call, synchronized on both sides (on a GPU: compile or cache load + run)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - t0, result
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median seconds of one call: CUDA events around each call on a GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for start, end in zip(starts, ends):
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e-3
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _graph_seconds(fn: Callable[[], object], device: torch.device, calls: int = 20, reps: int = 5) -> Optional[float]:
+    """Seconds of one call as a CUDA-graph replay of ``calls`` back-to-back calls (GPU time without
+    Python launch overhead), or None when the call cannot be captured."""
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        torch.cuda.synchronize(device)
+    except Exception:
+        torch.cuda.synchronize(device)
+        return None
+    return _median_seconds(graph.replay, device, reps) / calls
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import flashtile
+    from .reference import single_attention
+
+    try:
+        device = _resolve_device(args.device)
+        dtype = _parse_dtype(args.dtype)
+    except ValueError as e:
+        print(f"flashtile demo: error: {e}", file=sys.stderr)
+        return 2
+    model, shape = DEMO_MODEL
+    hq, hkv, d = shape.num_qo_heads, shape.num_kv_heads, shape.head_dim
+    on_gpu = device.type == "cuda"
+    prompt_len = DEMO_PROMPT_LEN[device.type] if args.prompt_len is None else args.prompt_len
+    steps = args.decode_steps
+    reps = (20 if on_gpu else 5) if args.reps is None else args.reps
+    if prompt_len < 1 or steps < 0 or reps < 1:
+        print("flashtile demo: error: --prompt-len and --reps must be >= 1, --decode-steps >= 0", file=sys.stderr)
+        return 2
+    atol, rtol = DEMO_TOLERANCE
+    sm_scale = 1.0 / math.sqrt(d)
+    es = torch.empty((), dtype=dtype).element_size()
+    path, reason = _path_of(device)
+
+    print(f"flashtile {flashtile.__version__} demo: {model} attention ({hq} query heads, {hkv} KV heads, "
+          f"head_dim {d}), {SHORT_DTYPE[dtype]}")
+    print(f"device  {_device_name(device)}")
+    print(f"path    {path}: {reason}")
+    timing = "CUDA events, median" if on_gpu else "time.perf_counter, median"
+    print(f"timing  {timing} of {reps} calls after a first call"
+          + (" (which includes the Triton compile, or loading it from the on-disk cache)" if path == "triton" else ""))
+    print(f"check   max |out - ref| against the float32 reference (flashtile.reference) on the same inputs, "
+          f"atol {atol:g}, rtol {rtol:g}")
+    if path == "reference":
+        print(f"note    the reference path runs that same reference, so the check only sees the rounding to "
+              f"{SHORT_DTYPE[dtype]};\n        FLASHTILE_BACKEND=triton checks the Triton kernels "
+              "(in Triton's interpreter on CPU: use a small --prompt-len)")
+    print()
+
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    def reference(q, k, v, causal):
+        out, _ = single_attention(q, k, v, causal=causal, custom_mask=None, sm_scale=sm_scale, logits_soft_cap=0.0,
+                                  window_left=-1, pos_encoding_mode="NONE", rope_scale=1.0, rope_theta=1e4)
+        return out
+
+    failures = 0
+    first_label = "first call (compile)" if path == "triton" else "first call"
+
+    # KV cache with room for the decode steps; the prompt fills the first prompt_len tokens.
+    capacity = prompt_len + steps
+    k_cache = torch.empty(capacity, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.empty(capacity, hkv, d, dtype=dtype, device=device)
+    k_cache[:prompt_len] = randn(prompt_len, hkv, d)
+    v_cache[:prompt_len] = randn(prompt_len, hkv, d)
+
+    # Prefill: causal attention of the prompt over itself.
+    q = randn(prompt_len, hq, d)
+    k, v = k_cache[:prompt_len], v_cache[:prompt_len]
+
+    def prefill():
+        return flashtile.single_prefill_with_kv_cache(q, k, v, causal=True)
+
+    first_s, out = _first_call(prefill, device)
+    seconds = _median_seconds(prefill, device, reps)
+    flops = 4.0 * hq * d * (prompt_len * (prompt_len + 1) // 2)  # causal: query i sees i + 1 keys
+    max_err, ok = check_close(out, reference(q, k, v, causal=True))
+    failures += not ok
+    print(f"prefill  causal, {prompt_len} tokens")
+    print(f"  {first_label:<22} {_format_time(first_s)}")
+    print(f"  {'time':<22} {_format_time(seconds)}  ({flops / seconds / 1e12:.3g} TFLOP/s)")
+    print(f"  {'check':<22} max abs err {max_err:.2e}  {'PASS' if ok else 'FAIL'}")
+    print()
+
+    # Decode: each step appends one token to K/V and attends one new query over the whole cache.
+    if steps:
+        print(f"decode   {steps} steps, one token appended to K/V per step")
+        rows = []
+        for step in range(steps):
+            kv_len = prompt_len + step + 1
+            k_cache[kv_len - 1] = randn(hkv, d)
+            v_cache[kv_len - 1] = randn(hkv, d)
+            q_tok = randn(hq, d)
+            k, v = k_cache[:kv_len], v_cache[:kv_len]
+
+            def decode():
+                return flashtile.single_decode_with_kv_cache(q_tok, k, v)
+
+            first_s, out = _first_call(decode, device)  # also absorbs a compile for a new specialization
+            if step == 0:
+                print(f"  {first_label:<22} {_format_time(first_s)}")
+            seconds = _median_seconds(decode, device, reps)
+            graph_s = _graph_seconds(decode, device) if on_gpu else None
+            nbytes = es * (2 * kv_len * hkv * d + 2 * hq * d)  # read K, V, q; write o
+            max_err, ok = check_close(out, reference(q_tok[None], k, v, causal=False)[0])
+            failures += not ok
+            rows.append((step + 1, kv_len, seconds, graph_s, nbytes, max_err, ok))
+        graph_col = on_gpu and any(r[3] is not None for r in rows)
+        header = f"  {'step':>4}  {'kv_len':>7}  {'time':>10}"
+        header += f"  {'graph replay':>12}" if graph_col else ""
+        print(header + f"  {'GB/s':>8}  {'max abs err':>11}  check")
+        for step, kv_len, seconds, graph_s, nbytes, max_err, ok in rows:
+            best = graph_s if graph_s is not None else seconds
+            line = f"  {step:>4}  {kv_len:>7}  {_format_time(seconds):>10}"
+            if graph_col:
+                line += f"  {_format_time(graph_s) if graph_s is not None else '-':>12}"
+            line += f"  {nbytes / best / 1e9:>8.1f}  {max_err:>11.2e}  {'PASS' if ok else 'FAIL'}"
+            print(line)
+        if graph_col:
+            print("  (time: one eager call incl. Python overhead; graph replay: kernel time, used for GB/s)")
+        print()
+
+    checks = 1 + steps
+    if failures:
+        print(f"FAIL: {failures} of {checks} results outside atol {atol:g} / rtol {rtol:g} of the reference")
+        return 1
+    print(f"PASS: {checks} of {checks} results match the reference")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+
+def _benchmarks_root() -> Optional[pathlib.Path]:
+    """The source checkout that holds ``benchmarks/harness.py`` beside the flashtile package, if any."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    return root if (root / "benchmarks" / "harness.py").is_file() else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = _benchmarks_root()
+    if root is None:
+        here = pathlib.Path(__file__).resolve().parent.parent
+        print(f"flashtile bench: error: no benchmarks/ directory next to the flashtile package (in {here}). "
+              "The benchmarks ship with the source tree, not the wheel: clone the repository and run "
+              "`pip install -e .` there, or `python benchmarks/run.py` from the checkout.", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.harness import run_suites
+
+    suites = [s for arg in (args.suites or ["all"]) for s in _parse_list(arg)]
+    try:
+        markdown = run_suites(suites, args.out, smoke=args.smoke, filter=args.filter,
+                              providers=args.providers, cuda_graph=args.cuda_graph)
+    except ValueError as e:
+        print(f"flashtile bench: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(markdown)
+    print(f"results written to {pathlib.Path(args.out).resolve()} (<suite>.jsonl, <suite>.md, results.md, PNG plots)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# warmup
+# ---------------------------------------------------------------------------------------------
+
+# Lengths of the warm-up calls. The calls use the model's real head counts: besides its constexprs
+# (head_dim, group size, dtype, causal, split or not), Triton specializes integer arguments (strides,
+# which depend on head counts, and lengths) on divisibility by 16. None of the lengths is a multiple
+# of 16, like most real lengths; an aligned length (e.g. a 4096-token prompt) compiles one more
+# variant on first use, which then sits in the on-disk cache like the others.
+_WARMUP_SHORT = 200  # one KV split
+_WARMUP_PREFILL_SPLIT = 1000  # split-KV prefill on a large GPU (the scheduler fills idle SMs)
+_WARMUP_DECODE_SPLIT = 1999  # split-KV decode (flash-decoding) and the merge kernel
+
+
+@dataclass
+class WarmupVariant:
+    label: str
+    shape: ModelShape
+    dtype: torch.dtype
+    kind: str  # "prefill" or "decode"
+    causal: bool
+    qo_len: int
+    kv_len: int
+    models: Tuple[str, ...]
+
+
+def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]], dtypes: Sequence[str]) -> List[WarmupVariant]:
+    """The kernel variants to compile for ``shapes`` (preset names or ``Hq/Hkv/D``) and ``dtypes``.
+
+    Per (shape, dtype): causal and non-causal prefill, causal prefill with split-KV, decode, and
+    decode with split-KV (which also runs the merge kernel). ``head_dims`` replaces the shapes' own
+    head dims (each is combined with every shape's head counts). Identical shapes are compiled once.
+    """
+    parsed = [_parse_shape(s) for s in shapes]
+    if not parsed:
+        raise ValueError("no shapes given")
+    types = [_parse_dtype(t) for t in dtypes]
+    if not types:
+        raise ValueError("no dtypes given")
+    keys: Dict[Tuple[ModelShape, torch.dtype], List[str]] = {}
+    for name, shape in parsed:
+        for d in (head_dims or [shape.head_dim]):
+            if d % 8 != 0 or not 8 <= d <= 256:
+                raise ValueError(f"head_dim {d}: flashtile supports multiples of 8 from 8 to 256")
+            for dtype in types:
+                models = keys.setdefault((ModelShape(shape.num_qo_heads, shape.num_kv_heads, d), dtype), [])
+                if name not in models:
+                    models.append(name)
+    variants = []
+    for (shape, dtype), models in keys.items():
+        for kind, causal, qo_len, kv_len, what in (
+            ("prefill", True, _WARMUP_SHORT, _WARMUP_SHORT, "prefill causal"),
+            ("prefill", False, _WARMUP_SHORT, _WARMUP_SHORT, "prefill"),
+            ("prefill", True, _WARMUP_PREFILL_SPLIT, _WARMUP_PREFILL_SPLIT, "prefill causal, split-KV"),
+            ("decode", False, 1, _WARMUP_SHORT, "decode"),
+            ("decode", False, 1, _WARMUP_DECODE_SPLIT, "decode, split-KV + merge"),
+        ):
+            label = f"{shape} {SHORT_DTYPE[dtype]} {what}"
+            variants.append(WarmupVariant(label, shape, dtype, kind, causal, qo_len, kv_len, tuple(models)))
+    return variants
+
+
+def _planned_splits(v: WarmupVariant, device: torch.device) -> Optional[int]:
+    """KV splits the launcher will choose for a variant (best effort: None when unknown)."""
+    try:
+        from .kernels import attention as kernels
+        from .scheduler.split_kv import plan_kv_splits
+
+        cfg = kernels.choose_config(v.kind, max(16, 1 << (v.shape.head_dim - 1).bit_length()))
+        base_programs = -(-v.qo_len * v.shape.group // cfg.block_m) * v.shape.num_kv_heads
+        return plan_kv_splits(v.kv_len, base_programs, kernels._num_sms(device), kernels.KV_CHUNK_ALIGN)[0]
+    except Exception:
+        return None
+
+
+def _run_variant(v: WarmupVariant, device: torch.device) -> None:
+    import flashtile
+
+    hq, hkv, d = v.shape.num_qo_heads, v.shape.num_kv_heads, v.shape.head_dim
+    kw = dict(dtype=v.dtype, device=device)
+    k = torch.randn(v.kv_len, hkv, d, **kw)
+    val = torch.randn(v.kv_len, hkv, d, **kw)
+    if v.kind == "decode":
+        flashtile.single_decode_with_kv_cache(torch.randn(hq, d, **kw), k, val)
+    else:
+        flashtile.single_prefill_with_kv_cache(torch.randn(v.qo_len, hq, d, **kw), k, val, causal=v.causal)
+    _sync(device)
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = round(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done:>{len(str(total))}}/{total}"
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    try:
+        head_dims = [int(x) for x in _parse_list(args.head_dims)] if args.head_dims else None
+        variants = warmup_variants(_parse_list(args.shapes), head_dims, _parse_list(args.dtypes))
+    except ValueError as e:
+        print(f"flashtile warmup: error: {e}", file=sys.stderr)
+        return 2
+    if args.list:
+        for v in variants:
+            print(f"{v.label:<40} {v.kind} qo_len {v.qo_len} kv_len {v.kv_len}  ({', '.join(v.models)})")
+        return 0
+    if not torch.cuda.is_available():
+        print("No CUDA device: nothing to compile. The CPU path is pure PyTorch (no Triton kernels to build).")
+        return 0
+    try:
+        device = _resolve_device(args.device)
+    except ValueError as e:
+        print(f"flashtile warmup: error: {e}", file=sys.stderr)
+        return 2
+    if device.type != "cuda":
+        print("--device cpu: nothing to compile. The CPU path is pure PyTorch (no Triton kernels to build).")
+        return 0
+    print(f"compiling {len(variants)} kernel variants on {_device_name(device)} into {triton_cache_dir()}")
+    failed = _compile_variants(variants, device)
+    return 1 if failed else 0
+
+
+def _compile_variants(variants: Sequence[WarmupVariant], device: torch.device) -> int:
+    """Run each variant once, printing a progress bar line per variant; returns the number that failed."""
+    tty = sys.stdout.isatty()
+    failed = 0
+    total_s = 0.0
+    for i, v in enumerate(variants, 1):
+        splits = _planned_splits(v, device)
+        label = v.label + (f" ({splits} KV splits)" if splits and splits > 1 else "")
+        if tty:
+            print(f"{_bar(i - 1, len(variants))}  {label} ...", end="\r", flush=True)
+        t0 = time.perf_counter()
+        try:
+            _run_variant(v, device)
+            status = f"{time.perf_counter() - t0:6.2f} s"
+        except Exception as e:  # report and go on: one bad variant must not hide the others
+            failed += 1
+            status = f"FAILED: {type(e).__name__}: {e}"
+        total_s += time.perf_counter() - t0
+        print(f"{_bar(i, len(variants))}  {label:<48} {status}" + (" " * 8 if tty else ""), flush=True)
+    print(f"done in {total_s:.1f} s; {len(variants) - failed} of {len(variants)} variants ready "
+          f"(cached on disk in {triton_cache_dir()})")
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------
+# clear-cache
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_clear_cache(args: argparse.Namespace) -> int:
+    cache = triton_cache_dir()
+    if not cache.exists():
+        print(f"Triton cache {cache} does not exist: nothing to delete.")
+        return 0
+    resolved = cache.resolve()
+    if not cache.is_dir() or resolved == pathlib.Path(resolved.anchor) or resolved == pathlib.Path.home().resolve():
+        print(f"flashtile clear-cache: error: refusing to delete {cache} (not a cache directory)", file=sys.stderr)
+        return 2
+    files, size = _dir_usage(cache)
+    if not args.yes:
+        print(f"would delete {cache} ({files} files, {_format_bytes(size)}); run again with --yes to delete it")
+        return 0
+    print(f"deleting {cache} ({files} files, {_format_bytes(size)})")
+    shutil.rmtree(cache)
+    print("deleted; kernels recompile on their next use (or run `python -m flashtile warmup`)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashtile", description="flashtile: FlashInfer's core API in Python (PyTorch + Triton).",
+        epilog="Run `python -m flashtile <command> --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    p = sub.add_parser("info", help="versions, device, dispatch paths, Triton cache, environment")
+    p.add_argument("--json", action="store_true", help="print the information as JSON")
+    p.set_defaults(func=cmd_info)
+
+    model, shape = DEMO_MODEL
+    p = sub.add_parser("demo", help=f"{model} attention: prefill + decode, checked and timed",
+                       description=f"Causal prefill then decode steps with {model}'s attention shape "
+                                   f"({shape.num_qo_heads} query heads, {shape.num_kv_heads} KV heads, "
+                                   f"head_dim {shape.head_dim}), each result checked against the float32 "
+                                   "reference. Exit code 1 when a check fails.")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help=f"prompt tokens (default {DEMO_PROMPT_LEN['cuda']} on a GPU, {DEMO_PROMPT_LEN['cpu']} on CPU)")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps after the prefill (default 8)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default) or fp16")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default 20 on GPU, 5 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run benchmark suites (source checkout only)",
+                       description="Run benchmark suites with benchmarks/harness.py and print the markdown tables.")
+    p.add_argument("suites", nargs="*", help="suite names (e.g. single_decode single_prefill); default: all")
+    p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and few repetitions (seconds on CPU)")
+    p.add_argument("--filter", default=None, help="only cases whose name contains this substring")
+    p.add_argument("--providers", default=None, help="comma-separated providers (default: all)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="time CUDA-graph replays (auto: for kernels under 100 us)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("warmup", help="compile the kernels that model shapes need, with a progress bar",
+                       description="Call the public APIs once per kernel variant (head_dim, group size, dtype; "
+                                   "causal and non-causal prefill; decode and prefill with and without split-KV) "
+                                   "on small CUDA tensors with the model's head counts, so that Triton compiles "
+                                   "them into its on-disk cache. "
+                                   f"Shape presets: {', '.join(f'{k} ({v})' for k, v in SHAPE_PRESETS.items())}.")
+    p.add_argument("--shapes", default="llama3-8b",
+                   help="comma-separated presets or QO_HEADS/KV_HEADS/HEAD_DIM (default: llama3-8b)")
+    p.add_argument("--head-dims", default=None,
+                   help="comma-separated head dims to compile instead of the shapes' own (e.g. 64,128)")
+    p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16 (default: bf16,fp16)")
+    p.add_argument("--device", default="auto", help="auto (default), cuda or cuda:N")
+    p.add_argument("--list", action="store_true", help="list the variants and exit (compiles nothing)")
+    p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("clear-cache", help="delete Triton's kernel cache (dry run unless --yes)")
+    p.add_argument("--yes", action="store_true", help="actually delete (default: print what would be deleted)")
+    p.set_defaults(func=cmd_clear_cache)
+    return parser
+
+
+def _select_interpreter() -> None:
+    """Without CUDA, ``FLASHTILE_BACKEND=triton`` runs the kernels in Triton's interpreter, which must
+    be chosen before Triton is imported (torch imports it on the first custom-op call)."""
+    backend = os.environ.get("FLASHTILE_BACKEND", "").strip().lower()
+    if backend == "triton" and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _select_interpreter()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
