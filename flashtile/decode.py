@@ -72,7 +72,7 @@ def single_decode_with_kv_cache(
     num_qo_heads = q.shape[0]
     out = new_output((1, num_qo_heads, args.v.shape[2]), args.out_dtype, q.device)
     lse = new_output((1, num_qo_heads), torch.float32, q.device)
-    ops.single_decode(
+    ops.call_single_decode(
         args.q, args.k, args.v, out, lse, args.sm_scale, args.logits_soft_cap, args.window_left,
         args.pos_encoding_mode, args.rope_scale, args.rope_theta, args.v_scale, args.backend,
     )

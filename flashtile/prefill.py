@@ -81,7 +81,7 @@ def single_prefill_with_kv_cache(
     qo_len, num_qo_heads, _ = args.q.shape
     out = new_output((qo_len, num_qo_heads, args.v.shape[2]), args.out_dtype, q.device)
     lse = new_output((qo_len, num_qo_heads), torch.float32, q.device)
-    ops.single_prefill(
+    ops.call_single_prefill(
         args.q, args.k, args.v, args.packed_mask, out, lse, args.causal, args.sm_scale, args.logits_soft_cap,
         args.window_left, args.pos_encoding_mode, args.rope_scale, args.rope_theta, args.v_scale, args.backend,
     )

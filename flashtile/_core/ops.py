@@ -14,7 +14,7 @@ import torch
 
 from .dispatch import Path, choose_path, load_kernels
 
-__all__ = ["single_decode", "single_prefill"]
+__all__ = ["single_decode", "single_prefill", "call_single_decode", "call_single_prefill"]
 
 _slopes_cache: dict = {}
 
@@ -62,6 +62,18 @@ def _run_single_attention(q, k, v, packed_mask, out, lse, causal, sm_scale, logi
     )
 
 
+def _single_decode_impl(q, k, v, out, lse, sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
+                        rope_theta, v_scale, backend) -> None:
+    _run_single_attention(q, k, v, None, out, lse, False, sm_scale, logits_soft_cap, window_left,
+                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "decode")
+
+
+def _single_prefill_impl(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
+                         pos_encoding_mode, rope_scale, rope_theta, v_scale, backend) -> None:
+    _run_single_attention(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
+                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "prefill")
+
+
 @torch.library.custom_op("flashtile::single_decode", mutates_args=("out", "lse"))
 def single_decode(
     q: torch.Tensor,
@@ -79,8 +91,8 @@ def single_decode(
     backend: str,
 ) -> None:
     """Decode attention of one request: q ``[1, Hq, D]``, k/v NHD views; writes out ``[1, Hq, Dv]``, lse ``[1, Hq]``."""
-    _run_single_attention(q, k, v, None, out, lse, False, sm_scale, logits_soft_cap, window_left,
-                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "decode")
+    _single_decode_impl(q, k, v, out, lse, sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
+                        rope_theta, v_scale, backend)
 
 
 @single_decode.register_fake
@@ -108,11 +120,23 @@ def single_prefill(
     backend: str,
 ) -> None:
     """Prefill/append attention of one request: q ``[Lq, Hq, D]``, k/v NHD views ``[Lk, Hk, D]``."""
-    _run_single_attention(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
-                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "prefill")
+    _single_prefill_impl(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
+                         pos_encoding_mode, rope_scale, rope_theta, v_scale, backend)
 
 
 @single_prefill.register_fake
 def _single_prefill_fake(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend) -> None:
     return None
+
+
+# Eager calls skip the custom-op dispatcher (tens of microseconds of host time per call); under
+# torch.compile the registered op is what gets traced. Both run the same implementation.
+
+
+def call_single_decode(*args) -> None:
+    (single_decode if torch.compiler.is_compiling() else _single_decode_impl)(*args)
+
+
+def call_single_prefill(*args) -> None:
+    (single_prefill if torch.compiler.is_compiling() else _single_prefill_impl)(*args)

@@ -90,13 +90,16 @@ def _attend_tiles(
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n  # [BLOCK_N] key positions
         col_ok = cols < kv_len
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_dqk[None, :]
         if MASKED:
             k_mask = col_ok[:, None] & dqk_ok[None, :]
-            v_mask = col_ok[:, None] & dvo_ok[None, :]
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [N, D_QK]
+        elif HEAD_DIM_QK == D_QK:  # interior tile, unpadded head dim: unpredicated loads
+            k_mask = dqk_ok[None, :]
+            k = tl.load(k_ptrs)
         else:
             k_mask = dqk_ok[None, :]
-            v_mask = dvo_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_dqk[None, :], mask=k_mask, other=0.0)  # [N, D_QK]
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         if USE_ROPE:
             partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
             k_partner = tl.load(k_base + cols[:, None] * stride_kt + partner_d[None, :], mask=k_mask, other=0.0)
@@ -127,7 +130,13 @@ def _attend_tiles(
             s = tl.where(visible, s, float("-inf"))
 
         m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_dvo[None, :], mask=v_mask, other=0.0)  # [N, D_VO]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_dvo[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
+        elif HEAD_DIM_VO == D_VO:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
         acc += _mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
 
@@ -254,7 +263,7 @@ class LaunchConfig:
     num_stages: int
 
 
-# (kind, padded head_dim) -> config; measured on H100 (see docs/benchmarks.md).
+# (kind, padded head_dim) -> config; measured on H100 with benchmarks/tune_attention.py.
 _CONFIG_TABLE = {
     ("decode", 16): LaunchConfig(16, 128, 4, 3),
     ("decode", 32): LaunchConfig(16, 128, 4, 3),
@@ -264,9 +273,24 @@ _CONFIG_TABLE = {
     ("prefill", 16): LaunchConfig(128, 64, 4, 3),
     ("prefill", 32): LaunchConfig(128, 64, 4, 3),
     ("prefill", 64): LaunchConfig(128, 64, 4, 3),
-    ("prefill", 128): LaunchConfig(128, 64, 8, 3),
-    ("prefill", 256): LaunchConfig(64, 64, 8, 2),
+    ("prefill", 128): LaunchConfig(128, 128, 8, 3),
+    ("prefill", 256): LaunchConfig(64, 32, 4, 2),
 }
+
+
+def load_config_overrides(path: str) -> None:
+    """Replace table entries from a JSON file ``{"decode,128": [block_m, block_n, warps, stages], ...}``
+    (what ``benchmarks/tune_attention.py --write-configs`` produces). Set FLASHTILE_CONFIGS=path."""
+    import json
+
+    with open(path) as f:
+        for key, (bm, bn, w, st) in json.load(f).items():
+            kind, d = key.split(",")
+            _CONFIG_TABLE[(kind, int(d))] = LaunchConfig(int(bm), int(bn), int(w), int(st))
+
+
+if os.environ.get("FLASHTILE_CONFIGS"):
+    load_config_overrides(os.environ["FLASHTILE_CONFIGS"])
 _INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
 
 # Autotuning candidates: every combination, pruned by shared-memory and register footprint.

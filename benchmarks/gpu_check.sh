@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device-machine session: GPU tests, then (optionally) the tuning sweep, the benchmark suites
+# and first-call times. Writes logs and tables under $OUT (or ./gpu_out).
+# Usage: bash benchmarks/gpu_check.sh [tests] [tune] [bench] [compile]
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+for step in "$@"; do
+  case "$step" in
+    tests-decode) python3 -m pytest -q -p no:warnings -x tests/test_single_decode.py tests/test_attention_ops.py 2>&1 | tail -5 ;;
+    tests) python3 -m pytest -q -p no:warnings -x tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tune) python3 benchmarks/tune_attention.py --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|HOST" ;;
+    tune-decode) python3 benchmarks/tune_attention.py --only decode --out "$OUT/tune.json" --write-configs "$OUT/configs.json" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|HOST"
+           export FLASHTILE_CONFIGS=$OUT/configs.json ;;
+    bench) python3 benchmarks/run.py --suite single_decode --providers flashtile,torch_sdpa_flash,torch_sdpa_cudnn,flashinfer --out /tmp/bench 2>&1 | tail -30
+           python3 benchmarks/run.py --suite single_prefill --out /tmp/bench 2>&1 | tail -40
+           cp /tmp/bench/single_decode.md /tmp/bench/single_prefill.md "$OUT/"; tar czf "$OUT/bench.tgz" -C /tmp bench ;;
+    compile) python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile.md" ;;
+  esac
+done
