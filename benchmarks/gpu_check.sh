@@ -17,6 +17,10 @@ for step in "$@"; do
     bench) python3 benchmarks/run.py --suite single_decode --providers flashtile,torch_sdpa_flash,torch_sdpa_cudnn,flashinfer --out /tmp/bench 2>&1 | tail -30
            python3 benchmarks/run.py --suite single_prefill --out /tmp/bench 2>&1 | tail -40
            cp /tmp/bench/single_decode.md /tmp/bench/single_prefill.md "$OUT/"; tar czf "$OUT/bench.tgz" -C /tmp bench ;;
+    bench-decode) python3 benchmarks/run.py --suite single_decode --providers flashtile,torch_sdpa_flash,torch_sdpa_cudnn,flashinfer --out /tmp/bench 2>&1 | tail -14
+           cp /tmp/bench/single_decode.md "$OUT/" ;;
+    sanitize) FLASHTILE_BACKEND=triton timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
+                tests/test_single_decode.py tests/test_single_prefill.py -k "not 32768 and not 1024x1024 and not 8191 and not 4096 and not 513" 2>&1 | tail -6 | tee "$OUT/sanitize.log" ;;
     compile) python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile.md" ;;
   esac
 done

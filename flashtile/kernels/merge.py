@@ -13,39 +13,46 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import finalize_state, merge_update
+from .softmax import finalize_state, softmax_update
 
 
 @triton.jit
 def _merge_states_kernel(
     V_PARTS, LSE_PARTS, O, LSE,
-    num_states, num_heads,
+    num_states,
     stride_vs, stride_vt, stride_vh,
     stride_ls, stride_lt, stride_lh,
     stride_ot, stride_oh,
     stride_lse_t, stride_lse_h,
     v_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    """One program per (token, head). Merging states is online softmax over the states: state ``s``
+    is a "key" with logit ``lse_s`` and value ``o_s``; BLOCK_S states are folded per step, so the loads
+    of a whole block are in flight at once."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D_PAD)
-    head_ok = heads < num_heads
-    mask = head_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    d_ok = offs_d < HEAD_DIM
+    v_row = V_PARTS + token * stride_vt + head * stride_vh
+    l_row = LSE_PARTS + token * stride_lt + head * stride_lh
 
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, D_PAD], dtype=tl.float32)
-    v_row = V_PARTS + token.to(tl.int64) * stride_vt + heads[:, None] * stride_vh + offs_d[None, :]
-    l_row = LSE_PARTS + token.to(tl.int64) * stride_lt + heads * stride_lh
-    for s in range(0, num_states):
-        lse_s = tl.load(l_row + s * stride_ls, mask=head_ok, other=float("-inf"))
-        o_s = tl.load(v_row + s * stride_vs, mask=mask, other=0.0).to(tl.float32)
-        m_i, l_i, acc = merge_update(m_i, l_i, acc, o_s, lse_s)
+    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([1, D_PAD], dtype=tl.float32)
+    for s0 in range(0, num_states, BLOCK_S):
+        states = s0 + offs_s
+        s_ok = states < num_states
+        lse_s = tl.load(l_row + states * stride_ls, mask=s_ok, other=float("-inf"))  # [S]
+        o_s = tl.load(v_row + states[:, None] * stride_vs + offs_d[None, :],
+                      mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [S, D]
+        m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_s[None, :])
+        acc += tl.sum(tl.reshape(p, [BLOCK_S, 1]) * o_s, axis=0)[None, :]
     o, lse = finalize_state(m_i, l_i, acc)
-    tl.store(O + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             (o * v_scale).to(O.dtype.element_ty), mask=mask)
-    tl.store(LSE + token * stride_lse_t + heads * stride_lse_h, lse, mask=head_ok)
+    tl.store(O + token * stride_ot + head * stride_oh + offs_d[None, :], (o * v_scale).to(O.dtype.element_ty),
+             mask=d_ok[None, :])
+    tl.store(LSE + token * stride_lse_t + head * stride_lse_h + tl.zeros([1], dtype=tl.int32), lse)
 
 
 def merge_attention_states(
@@ -54,14 +61,13 @@ def merge_attention_states(
     """Merge ``num_states`` states per (token, head) into ``out``/``lse`` (shapes in the module doc)."""
     num_states, num_tokens, num_heads, head_dim = v_parts.shape
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    block_h = max(1, min(triton.next_power_of_2(num_heads), 8192 // d_pad, 16))
-    grid = (num_tokens, triton.cdiv(num_heads, block_h))
-    _merge_states_kernel[grid](
+    block_s = max(2, min(triton.next_power_of_2(num_states), 8192 // d_pad, 64))
+    _merge_states_kernel[(num_tokens, num_heads)](
         v_parts, lse_parts, out, lse,
-        num_states, num_heads,
+        num_states,
         v_parts.stride(0), v_parts.stride(1), v_parts.stride(2),
         lse_parts.stride(0), lse_parts.stride(1), lse_parts.stride(2),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         float(v_scale),
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_H=block_h, num_warps=4,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_S=block_s, num_warps=4,
     )

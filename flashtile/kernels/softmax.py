@@ -5,9 +5,10 @@ Everything is base 2. A row's running state is ``(m, l, acc)``:
 - ``l``   sum of ``2**(s - m)`` over the keys seen,
 - ``acc`` sum of ``2**(s - m) * v`` (unnormalized output), float32.
 A finished state is ``(o, lse)`` with ``o = acc / l`` and ``lse = m + log2(l)``; a row that saw no
-key has ``o = 0`` and ``lse = -inf``. Attention kernels (decode, prefill, split-KV partials) update
-with :func:`softmax_update`; split-KV reductions and cascade merges fold finished states in with
-:func:`merge_update`; both rescale through :func:`_rescale`, so ``-inf`` is handled in one place.
+key has ``o = 0`` and ``lse = -inf``. Attention kernels (decode, prefill, split-KV partials) fold
+tiles of logits in with :func:`softmax_update`. Merging finished states (split-KV reduction,
+cascade) is the same update: a state is a "key" whose logit is its ``lse`` and whose value is its
+``o`` (see merge.py). ``-inf`` is handled once, in :func:`_rescale`.
 """
 
 import triton
@@ -39,21 +40,6 @@ def softmax_update(m_i, l_i, acc, s):
     l_new = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     return m_new, l_new, acc, p
-
-
-@triton.jit
-def merge_update(m_i, l_i, acc, o_other, lse_other):
-    """Fold a finished state ``(o_other [.., D], lse_other [..])`` into a running state.
-
-    A finished state weighs ``2**lse_other`` with mean ``o_other``; with ``lse_other = -inf`` it
-    contributes nothing.
-    """
-    m_new = tl.maximum(m_i, lse_other)
-    alpha, pivot = _rescale(m_i, m_new)
-    w = tl.exp2(lse_other - pivot)
-    l_new = l_i * alpha + w
-    acc = acc * alpha[:, None] + o_other * w[:, None]
-    return m_new, l_new, acc
 
 
 @triton.jit
