@@ -7,8 +7,10 @@ from __future__ import annotations
 
 __all__ = ["plan_kv_splits", "PROGRAMS_PER_SM", "MIN_CHUNK_TILES"]
 
-# Aim for this many programs per SM: enough to hide memory latency with several resident programs.
-PROGRAMS_PER_SM = 4
+# Aim for this many programs per SM. Measured on H100 (benchmarks/sweep_splits.py, 32/8 heads,
+# d128): 2 beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more,
+# shorter splits cost partial-state traffic and pipeline start-up more than they gain in balance.
+PROGRAMS_PER_SM = 2
 # A split covers at least this many aligned tiles, so the partial-state traffic stays small.
 MIN_CHUNK_TILES = 2
 
