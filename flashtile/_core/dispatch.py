@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -85,6 +86,11 @@ def load_kernels(name: str, path: Path) -> ModuleType:
     """Import ``flashtile.kernels.<name>`` for ``path`` (setting up the interpreter when needed)."""
     if path is Path.TRITON_INTERPRETER:
         os.environ["TRITON_INTERPRET"] = "1"
+        # Triton may already be imported (torch imports it lazily); newer versions cache the setting
+        # in `triton.knobs`, which @triton.jit reads when our kernel module is imported below.
+        knobs = getattr(sys.modules.get("triton"), "knobs", None)
+        if knobs is not None and hasattr(knobs, "runtime"):
+            knobs.runtime.interpret = True
     return importlib.import_module(f"flashtile.kernels.{name}")
 
 
