@@ -6,6 +6,17 @@ compile on first use (or ahead of time with ``python -m flashtile warmup``).
 
 __version__ = "0.1.0"
 
+import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
+
+# FLASHTILE_BACKEND=triton on a machine without CUDA means "run the kernels in Triton's interpreter",
+# which has to be selected before triton is imported (cheap check; nothing is compiled here).
+if _os.environ.get("FLASHTILE_BACKEND", "").lower() == "triton" and "triton" not in _sys.modules:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        _os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from . import decode, prefill, quantization, utils  # noqa: E402
 from .decode import single_decode_with_kv_cache  # noqa: E402
 from .prefill import single_prefill_with_kv_cache, single_prefill_with_kv_cache_return_lse  # noqa: E402

@@ -86,12 +86,24 @@ def load_kernels(name: str, path: Path) -> ModuleType:
     """Import ``flashtile.kernels.<name>`` for ``path`` (setting up the interpreter when needed)."""
     if path is Path.TRITON_INTERPRETER:
         os.environ["TRITON_INTERPRET"] = "1"
-        # Triton may already be imported (torch imports it lazily); newer versions cache the setting
-        # in `triton.knobs`, which @triton.jit reads when our kernel module is imported below.
-        knobs = getattr(sys.modules.get("triton"), "knobs", None)
-        if knobs is not None and hasattr(knobs, "runtime"):
-            knobs.runtime.interpret = True
+        if not _triton_is_interpreted():
+            raise NotImplementedError(
+                "the Triton kernels can run on CPU tensors only under Triton's interpreter, which must be chosen "
+                "before triton is imported: set TRITON_INTERPRET=1 (or FLASHTILE_BACKEND=triton) before importing "
+                "triton or flashtile"
+            )
     return importlib.import_module(f"flashtile.kernels.{name}")
+
+
+def _triton_is_interpreted() -> bool:
+    """True if triton is not imported yet, or was imported in interpreter mode (its own ``tl``
+    library functions are then interpreted too)."""
+    if "triton" not in sys.modules:
+        return True
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.cdiv, InterpretedFunction)
 
 
 def describe_paths() -> dict:

@@ -1,0 +1,54 @@
+"""Path selection: FLASHTILE_BACKEND and the Triton interpreter on machines without CUDA."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flashtile._core.dispatch import Path, choose_path, normalize_backend
+
+SNIPPET = """
+{pre}
+import torch, flashtile
+q = torch.randn(3, 2, 64, dtype=torch.float16); k = torch.randn(5, 2, 64, dtype=torch.float16)
+print(tuple(flashtile.single_prefill_with_kv_cache(q, k, k).shape))
+"""
+
+
+def _run(pre):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FLASHTILE_BACKEND"] = "triton"
+    return subprocess.run([sys.executable, "-c", SNIPPET.format(pre=pre)], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter selection is for machines without CUDA")
+def test_backend_triton_selects_interpreter_at_import():
+    res = _run("")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "(3, 2, 64)" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter selection is for machines without CUDA")
+def test_triton_imported_first_gives_clear_error():
+    res = _run("import triton")
+    assert res.returncode != 0
+    assert "NotImplementedError" in res.stderr and "TRITON_INTERPRET=1" in res.stderr
+
+
+def test_choose_path(monkeypatch):
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    assert choose_path(torch.device("cpu")).path is Path.REFERENCE
+    monkeypatch.setenv("FLASHTILE_BACKEND", "auto")
+    assert choose_path(torch.device("cpu")).path is Path.REFERENCE
+    assert choose_path(torch.device("cpu"), "triton").path in (Path.TRITON_INTERPRETER,)
+    monkeypatch.setenv("FLASHTILE_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="FLASHTILE_BACKEND"):
+        choose_path(torch.device("cpu"))
+
+
+def test_normalize_backend():
+    assert normalize_backend("fa2") == "auto" and normalize_backend("fa3") == "auto"
+    with pytest.raises(NotImplementedError, match="trtllm-gen"):
+        normalize_backend("trtllm-gen")
