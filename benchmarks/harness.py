@@ -138,7 +138,7 @@ def first_call_seconds(fn: Callable[[], Any]) -> float:
     return _first_call(fn)[0]
 
 
-def _cuda_graph(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
+def cuda_graph_replay(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
     """Capture ``calls`` back-to-back calls of ``fn`` in one CUDA graph; returns its replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -191,7 +191,7 @@ def measure(fn: Callable[[], Any], *, cuda_graph: str = "auto", smoke: bool = Fa
         return result
     calls = max(1, min(32, math.ceil(GRAPH_TARGET_US / max(result["median_us"], 1e-3))))
     try:
-        replay = _cuda_graph(fn, calls)
+        replay = cuda_graph_replay(fn, calls)
     except Exception as e:  # e.g. the op synchronizes or allocates on the host path
         torch.cuda.synchronize()
         result["note"] = f"CUDA-graph capture failed, timed eagerly: {type(e).__name__}: {_short(e)}"

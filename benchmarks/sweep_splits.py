@@ -7,6 +7,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flashtile  # noqa: E402
+from benchmarks.harness import cuda_graph_replay  # noqa: E402
 from flashtile.kernels import attention as attn  # noqa: E402
 from flashtile.scheduler import split_kv  # noqa: E402
 
@@ -21,11 +22,8 @@ for kv_len in (4096, 32768, 131072):
                 attn.KV_CHUNK_ALIGN, split_kv.PROGRAMS_PER_SM, split_kv.MIN_CHUNK_TILES = align, pps, min_tiles
                 fn = lambda: flashtile.single_decode_with_kv_cache(q, k, v)  # noqa: E731
                 fn()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    for _ in range(20):
-                        fn()
-                ms = triton.testing.do_bench(g.replay, warmup=20, rep=100, return_mode="median") / 20
+                replay = cuda_graph_replay(fn, 20)
+                ms = triton.testing.do_bench(replay, warmup=20, rep=100, return_mode="median") / 20
                 splits, chunk = split_kv.plan_kv_splits(kv_len, 8, 132, align)
                 print(f"kv{kv_len} align{align} pps{pps} min{min_tiles}: splits {splits} chunk {chunk}: "
                       f"{ms * 1e3:.1f} us {nbytes / ms / 1e6:.0f} GB/s", flush=True)

@@ -21,6 +21,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flashtile  # noqa: E402
+from benchmarks.harness import cuda_graph_replay  # noqa: E402
 from flashtile.kernels import attention as attn  # noqa: E402
 
 LC = attn.LaunchConfig
@@ -63,19 +64,6 @@ CASES = [
 ]
 
 
-def _graph_fn(fn, calls=20):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph.replay, calls
-
-
 def host_overhead_us(fn, calls=300):
     """Host time per call when the GPU work is negligible (the launch-bound regime)."""
     import time
@@ -109,7 +97,8 @@ def main():
                 fn()
                 torch.cuda.synchronize()
                 if kind == "decode":
-                    replay, calls = _graph_fn(fn)
+                    calls = 20
+                    replay = cuda_graph_replay(fn, calls)
                     ms = triton.testing.do_bench(replay, warmup=25, rep=100, return_mode="median") / calls
                 else:
                     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
