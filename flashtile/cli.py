@@ -336,6 +336,7 @@ def _graph_seconds(fn: Callable[[], object], device: torch.device, calls: int = 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import flashtile
+    from ._core.params import AttentionParams
     from .reference import single_attention
 
     try:
@@ -379,8 +380,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return torch.randn(*size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
     def reference(q, k, v, causal):
-        out, _ = single_attention(q, k, v, causal=causal, custom_mask=None, sm_scale=sm_scale, logits_soft_cap=0.0,
-                                  window_left=-1, pos_encoding_mode="NONE", rope_scale=1.0, rope_theta=1e4)
+        out, _ = single_attention(q, k, v, AttentionParams(sm_scale=sm_scale, causal=causal))
         return out
 
     failures = 0

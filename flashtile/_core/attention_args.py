@@ -176,17 +176,3 @@ def normalize_single_attention(
         out_dtype=out_dtype,
         backend=backend,
     )
-
-
-def check_out_buffer(name: str, buf: Optional[torch.Tensor], shape, dtype, device) -> None:
-    """A caller-provided ``out=``/``lse=`` buffer must match exactly (upstream's message form)."""
-    if buf is None:
-        return
-    if not isinstance(buf, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {describe(buf)}")
-    if tuple(buf.shape) != tuple(shape):
-        raise ValueError(f"Invalid shape of {name}: expected {tuple(shape)}, got {tuple(buf.shape)}")
-    if buf.dtype != dtype:
-        raise ValueError(f"Invalid dtype of {name}: expected {dtype}, got {buf.dtype}")
-    if buf.device != device:
-        raise ValueError(f"Invalid device of {name}: expected {device}, got {buf.device}")

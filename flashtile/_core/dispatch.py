@@ -104,10 +104,3 @@ def _triton_is_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(standard.cdiv, InterpretedFunction)
-
-
-def describe_paths() -> dict:
-    """Which path each API takes on this machine's default device (for `python -m flashtile info`)."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    decision = choose_path(device)
-    return {"device": str(device), "path": decision.path.value, "reason": decision.reason}

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .dispatch import Path, choose_path, load_kernels
+from .params import AttentionParams
 
 __all__ = ["single_decode", "single_prefill", "call_single_decode", "call_single_prefill"]
 
@@ -34,44 +35,36 @@ def _unpack_mask(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return bits.reshape(-1)[: rows * cols].reshape(rows, cols).bool()
 
 
-def _run_single_attention(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
-                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, kind) -> None:
+def _run_single_attention(q, k, v, packed_mask, out, lse, params: AttentionParams, backend: str, kind: str) -> None:
     qo_len, num_qo_heads, _ = q.shape
-    kv_len = k.shape[0]
     if qo_len == 0:
         return
     decision = choose_path(q.device, backend)
     if decision.path is Path.REFERENCE:
         from ..reference.attention import single_attention
 
-        mask = _unpack_mask(packed_mask, qo_len, kv_len) if packed_mask is not None else None
-        o, s = single_attention(
-            q, k, v, causal=causal, custom_mask=mask, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
-            window_left=window_left, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
-            rope_theta=rope_theta, v_scale=v_scale,
-        )
+        mask = _unpack_mask(packed_mask, qo_len, k.shape[0]) if packed_mask is not None else None
+        o, s = single_attention(q, k, v, params, custom_mask=mask)
         out.copy_(o)
         lse.copy_(s)
         return
     kernels = load_kernels("attention", decision.path)
-    slopes = _alibi_slopes(num_qo_heads, q.device) if pos_encoding_mode == "ALIBI" else None
-    kernels.attention_forward(
-        q, k, v, out, lse, packed_mask=packed_mask, causal=causal, sm_scale=sm_scale,
-        logits_soft_cap=logits_soft_cap, window_left=window_left, pos_encoding_mode=pos_encoding_mode,
-        rope_scale=rope_scale, rope_theta=rope_theta, v_scale=v_scale, alibi_slopes=slopes, kind=kind,
-    )
+    slopes = _alibi_slopes(num_qo_heads, q.device) if params.pos_encoding_mode == "ALIBI" else None
+    kernels.attention_forward(q, k, v, out, lse, params, packed_mask=packed_mask, alibi_slopes=slopes, kind=kind)
 
 
 def _single_decode_impl(q, k, v, out, lse, sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
                         rope_theta, v_scale, backend) -> None:
-    _run_single_attention(q, k, v, None, out, lse, False, sm_scale, logits_soft_cap, window_left,
-                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "decode")
+    params = AttentionParams(sm_scale, False, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
+                             rope_theta, v_scale)
+    _run_single_attention(q, k, v, None, out, lse, params, backend, "decode")
 
 
 def _single_prefill_impl(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend) -> None:
-    _run_single_attention(q, k, v, packed_mask, out, lse, causal, sm_scale, logits_soft_cap, window_left,
-                          pos_encoding_mode, rope_scale, rope_theta, v_scale, backend, "prefill")
+    params = AttentionParams(sm_scale, causal, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
+                             rope_theta, v_scale)
+    _run_single_attention(q, k, v, packed_mask, out, lse, params, backend, "prefill")
 
 
 @torch.library.custom_op("flashtile::single_decode", mutates_args=("out", "lse"))

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.params import AttentionParams
 from ..scheduler.split_kv import plan_kv_splits
 from .merge import merge_attention_states
 from .softmax import finalize_state, softmax_update
@@ -355,16 +356,9 @@ def attention_forward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    params: AttentionParams,
     *,
     packed_mask: Optional[torch.Tensor],
-    causal: bool,
-    sm_scale: float,
-    logits_soft_cap: float,
-    window_left: int,
-    pos_encoding_mode: str,
-    rope_scale: float,
-    rope_theta: float,
-    v_scale: float,
     alibi_slopes: Optional[torch.Tensor],
     kind: str,
     num_splits: Optional[int] = None,
@@ -378,6 +372,7 @@ def attention_forward(
         v: ``[kv_len, num_kv_heads, head_dim_vo]`` view, like ``k``.
         out: ``[qo_len, num_qo_heads, head_dim_vo]`` in the output dtype, last dim contiguous.
         lse: float32 ``[qo_len, num_qo_heads]``, base 2.
+        params: the resolved attention parameters (sm_scale with k_scale folded in, mask, RoPE, ...).
         packed_mask: uint8 bits of a ``[qo_len, kv_len]`` mask, row-major, LSB first; or None.
         kind: "decode" or "prefill": picks the launch-config table.
         num_splits: force the number of KV splits (None: the scheduler decides).
@@ -388,8 +383,10 @@ def attention_forward(
     d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
     num_rows = qo_len * group
     device = q.device
-    use_rope = pos_encoding_mode == "ROPE_LLAMA"
-    use_alibi = pos_encoding_mode == "ALIBI"
+    use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
+    use_alibi = params.pos_encoding_mode == "ALIBI"
+    causal, window_left, logits_soft_cap = params.causal, params.window_left, params.logits_soft_cap
+    sm_scale, v_scale = params.sm_scale, params.v_scale
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
 
     def launch(cfg: LaunchConfig, splits: int, chunk: int, o_buf, lse_buf, partial: bool):
@@ -409,7 +406,7 @@ def attention_forward(
             *o_strides, *l_strides,
             qo_len, kv_len, chunk, num_m_blocks,
             sm_scale, sm_scale * LOG2E, float(logits_soft_cap), int(window_left),
-            math.log2(rope_theta), 1.0 / rope_scale, float(v_scale),
+            math.log2(params.rope_theta), 1.0 / params.rope_scale, float(v_scale),
             GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
             CAUSAL=bool(causal) and packed_mask is None, HAS_WINDOW=window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=logits_soft_cap > 0,

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .._core.params import AttentionParams
 from .positional import alibi_slopes, rope_rotate_half_split
 
 __all__ = ["single_attention"]
@@ -25,16 +26,8 @@ def single_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    *,
-    causal: bool,
-    custom_mask: Optional[torch.Tensor],
-    sm_scale: float,
-    logits_soft_cap: float,
-    window_left: int,
-    pos_encoding_mode: str,
-    rope_scale: float,
-    rope_theta: float,
-    v_scale: float = 1.0,
+    params: AttentionParams,
+    custom_mask: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float32,
 ):
     """Attention of one request.
@@ -45,11 +38,9 @@ def single_attention(
             already folded into ``sm_scale``).
         v: ``[kv_len, num_kv_heads, head_dim_vo]``.
         causal: bottom-right aligned causal mask (query ``i`` sits at ``kv_len - qo_len + i``).
+        params: sm_scale, causal (bottom-right aligned), soft cap, window, pos_encoding_mode ("ROPE_LLAMA"
+            rotates q and k, the cache holding un-rotated keys), RoPE parameters, v_scale.
         custom_mask: bool ``[qo_len, kv_len]`` (True = attend) or None; replaces ``causal``.
-        sm_scale: scale of ``q.k``. logits_soft_cap: ``cap * tanh(s / cap)`` when > 0.
-        window_left: a query at position ``p`` sees keys ``>= p - window_left``; -1 disables.
-        pos_encoding_mode: "NONE", "ROPE_LLAMA" (rotate q and k in place of the cache) or "ALIBI".
-        v_scale: multiplies the output (fp8 V calibration).
 
     Returns:
         ``(out [qo_len, num_qo_heads, head_dim_vo] float32, lse [qo_len, num_qo_heads] float32)``,
@@ -63,12 +54,13 @@ def single_attention(
 
     kf = k.to(compute_dtype)
     vf = v.to(compute_dtype)
-    if pos_encoding_mode == "ROPE_LLAMA":
-        kf = rope_rotate_half_split(kf, torch.arange(kv_len, device=device), rope_scale, rope_theta).to(compute_dtype)
+    if params.pos_encoding_mode == "ROPE_LLAMA":
+        key_positions = torch.arange(kv_len, device=device)
+        kf = rope_rotate_half_split(kf, key_positions, params.rope_scale, params.rope_theta).to(compute_dtype)
     # [kv_heads, kv_len, D] -> repeat for each query head of the group (GQA: head h reads h // group).
     kf = kf.transpose(0, 1).repeat_interleave(group, dim=0)
     vf = vf.transpose(0, 1).repeat_interleave(group, dim=0)
-    slopes = alibi_slopes(num_qo_heads, device=device).to(compute_dtype) if pos_encoding_mode == "ALIBI" else None
+    slopes = alibi_slopes(num_qo_heads, device=device).to(compute_dtype) if params.pos_encoding_mode == "ALIBI" else None
     key_pos = torch.arange(kv_len, device=device)
 
     out = torch.zeros(qo_len, num_qo_heads, head_dim_vo, dtype=torch.float32, device=device)
@@ -80,20 +72,20 @@ def single_attention(
         r1 = min(qo_len, r0 + rows_per_chunk)
         qpos = torch.arange(r0, r1, device=device) + delta
         qf = q[r0:r1].to(compute_dtype)
-        if pos_encoding_mode == "ROPE_LLAMA":
-            qf = rope_rotate_half_split(qf, qpos, rope_scale, rope_theta).to(compute_dtype)
-        s = torch.einsum("qhd,hkd->hqk", qf, kf) * sm_scale  # [H, rows, kv_len]
+        if params.pos_encoding_mode == "ROPE_LLAMA":
+            qf = rope_rotate_half_split(qf, qpos, params.rope_scale, params.rope_theta).to(compute_dtype)
+        s = torch.einsum("qhd,hkd->hqk", qf, kf) * params.sm_scale  # [H, rows, kv_len]
         if slopes is not None:
             s = s + slopes[:, None, None] * (key_pos[None, None, :] - qpos[None, :, None]).to(compute_dtype)
-        if logits_soft_cap > 0:
-            s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
+        if params.logits_soft_cap > 0:
+            s = params.logits_soft_cap * torch.tanh(s / params.logits_soft_cap)
         visible = torch.ones(r1 - r0, kv_len, dtype=torch.bool, device=device)
         if custom_mask is not None:
             visible &= custom_mask[r0:r1].to(device=device, dtype=torch.bool)
-        elif causal:
+        elif params.causal:
             visible &= key_pos[None, :] <= qpos[:, None]
-        if window_left >= 0:
-            visible &= key_pos[None, :] >= qpos[:, None] - window_left
+        if params.window_left >= 0:
+            visible &= key_pos[None, :] >= qpos[:, None] - params.window_left
         s = s.masked_fill(~visible[None], float("-inf"))
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
@@ -102,6 +94,6 @@ def single_attention(
         o = torch.einsum("hqk,hkd->qhd", p, vf) / denom.clamp_min(torch.finfo(compute_dtype).tiny).transpose(0, 1)
         empty = (denom == 0).squeeze(-1).transpose(0, 1)  # [rows, H]
         o = o.masked_fill(empty[..., None], 0.0)
-        out[r0:r1] = (o * v_scale).float()
+        out[r0:r1] = (o * params.v_scale).float()
         lse[r0:r1] = ((row_max + denom.log()).squeeze(-1).transpose(0, 1) * LOG2E).float()
     return out, lse
