@@ -1,0 +1,157 @@
+"""The paged KV cache in the forms upstream accepts (api_spec.md §1.2), as two NHD page views.
+
+Every API that takes a ``paged_kv_cache`` calls :func:`unpack_paged_kv_cache`: it accepts a 5-D tensor
+``[pages, 2, page_size, heads, dim]`` (NHD) / ``[pages, 2, heads, page_size, dim]`` (HND), a
+``(k_cache, v_cache)`` tuple of 4-D tensors, and the page-size-1 forms (a 4-D single tensor, 3-D
+tuple members), and returns K and V as ``[pages, page_size, heads, dim]`` views (HND is transposed,
+never copied), so kernels and references see one layout and read the strides.
+
+It also holds the page-table checks (CSR ``indptr``/``indices``/``last_page_len``) shared by the
+page ops and the wrappers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .checks import check_option, describe
+
+__all__ = ["PagedKV", "unpack_paged_kv_cache", "as_index_tensor", "check_page_table", "KV_LAYOUTS"]
+
+KV_LAYOUTS = ("NHD", "HND")
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    k: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_dim_qk] view, last dim unit-stride
+    v: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_dim_vo] view, last dim unit-stride
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+
+def _to_nhd(x: torch.Tensor, kv_layout: str, name: str) -> torch.Tensor:
+    """A 4-D page tensor (or 3-D, page size 1) in ``kv_layout`` as an NHD view."""
+    if x.dim() == 3:  # [pages, heads, dim]: page size 1, the page axis sits where the layout puts it
+        x = x.unsqueeze(1) if kv_layout == "NHD" else x.unsqueeze(2)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D [pages, page_size, heads, dim] (or 3-D) tensor, got {describe(x)}")
+    if kv_layout == "HND":
+        x = x.transpose(1, 2)
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name}: the head_dim axis must have stride 1, got strides {tuple(x.stride())}")
+    return x
+
+
+def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD", name: str = "paged_kv_cache") -> PagedKV:
+    """Split a paged cache into K and V page views ``[pages, page_size, heads, dim]`` (no copies).
+
+    Raises:
+        InvalidOptionError: ``kv_layout`` is not "NHD" or "HND".
+        TypeError: the cache is neither a tensor nor a (k, v) tuple, or K and V dtypes differ.
+        ValueError: wrong rank, or K and V disagree on pages, page size, heads or device.
+    """
+    check_option("kv_layout", kv_layout, KV_LAYOUTS)
+    if isinstance(paged_kv_cache, torch.Tensor):
+        x = paged_kv_cache
+        if x.dim() == 4:  # [pages, 2, heads, dim]: page size 1
+            x = x.unsqueeze(2)
+        if x.dim() != 5 or x.shape[1] != 2:
+            raise ValueError(
+                f"{name}: expected a 5-D tensor [pages, 2, page_size, heads, dim] ({kv_layout} layout; "
+                f"[pages, 2, heads, dim] for page size 1), got {describe(paged_kv_cache)}"
+            )
+        k, v = x[:, 0], x[:, 1]
+    elif isinstance(paged_kv_cache, (tuple, list)) and len(paged_kv_cache) == 2:
+        k, v = paged_kv_cache
+        for part, t in (("k_cache", k), ("v_cache", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: the {part} entry must be a torch.Tensor, got {describe(t)}")
+    else:
+        raise TypeError(
+            f"{name}: expected a tensor [pages, 2, page_size, heads, dim] or a (k_cache, v_cache) tuple, "
+            f"got {describe(paged_kv_cache)}"
+        )
+    k = _to_nhd(k, kv_layout, f"{name} (k)")
+    v = _to_nhd(v, kv_layout, f"{name} (v)")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"{name}: K and V must have the same [pages, page_size, heads] ({kv_layout} as NHD), "
+            f"got {list(k.shape[:3])} and {list(v.shape[:3])}"
+        )
+    if k.dtype != v.dtype:
+        raise TypeError(f"{name}: K and V must have one dtype, got {k.dtype} and {v.dtype}")
+    if k.device != v.device:
+        raise ValueError(f"{name}: K and V must be on one device, got {k.device} and {v.device}")
+    return PagedKV(k, v)
+
+
+def as_index_tensor(name: str, x, *, length: Optional[int] = None) -> torch.Tensor:
+    """A 1-D integer index array (int32 or int64, any device) as given; checks rank, dtype, length."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a 1-D int32 torch.Tensor, got {describe(x)}")
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected dtype int32 (or int64), got {str(x.dtype).replace('torch.', '')}")
+    if x.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor, got shape {list(x.shape)}")
+    if length is not None and x.numel() != length:
+        raise ValueError(f"{name}: expected {length} entries, got {x.numel()}")
+    return x
+
+
+def check_page_table(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    last_page_len: torch.Tensor,
+    page_size: int,
+    num_pages: Optional[int] = None,
+) -> None:
+    """Validate a CSR page table held on the host (callers skip this for device tensors).
+
+    ``indptr`` is non-decreasing with ``indptr[-1] <= len(indices)``; every used index is in
+    ``[0, num_pages)`` when ``num_pages`` is known; ``last_page_len[i]`` is in ``1..page_size`` for a
+    request with pages and 0 for one without.
+    """
+    ip = indptr.to(torch.int64)
+    if ip.numel() < 1:
+        raise ValueError("indptr: expected batch_size + 1 >= 1 entries, got 0")
+    if (ip[1:] < ip[:-1]).any():
+        raise ValueError(f"indptr: must be non-decreasing, got {ip.tolist()[:16]}")
+    if ip[0] < 0 or ip[-1] > indices.numel():
+        raise ValueError(
+            f"indptr: entries must lie in [0, len(indices)={indices.numel()}], got first {int(ip[0])}, last {int(ip[-1])}"
+        )
+    if num_pages is not None and ip[-1] > ip[0]:
+        used = indices[int(ip[0]): int(ip[-1])]
+        lo, hi = int(used.min()), int(used.max())
+        if lo < 0 or hi >= num_pages:
+            raise ValueError(f"indices: page ids must lie in [0, {num_pages}) (pages of the cache), got [{lo}, {hi}]")
+    pages = ip[1:] - ip[:-1]
+    lp = last_page_len.to(torch.int64)
+    bad = ((pages > 0) & ((lp < 1) | (lp > page_size))) | ((pages == 0) & (lp != 0))
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"last_page_len: request {i} has {int(pages[i])} pages and last_page_len {int(lp[i])}; expected "
+            f"1..{page_size} (page_size) for a request with pages and 0 for one without"
+        )
