@@ -19,7 +19,14 @@ import torch
 
 from .checks import check_option, describe
 
-__all__ = ["PagedKV", "unpack_paged_kv_cache", "as_index_tensor", "check_page_table", "KV_LAYOUTS"]
+__all__ = [
+    "PagedKV",
+    "unpack_paged_kv_cache",
+    "as_index_tensor",
+    "check_page_table",
+    "check_append_rows",
+    "KV_LAYOUTS",
+]
 
 KV_LAYOUTS = ("NHD", "HND")
 
@@ -154,4 +161,37 @@ def check_page_table(
         raise ValueError(
             f"last_page_len: request {i} has {int(pages[i])} pages and last_page_len {int(lp[i])}; expected "
             f"1..{page_size} (page_size) for a request with pages and 0 for one without"
+        )
+
+
+def check_append_rows(batch_indices: torch.Tensor, positions: torch.Tensor, indptr: torch.Tensor, page_size: int) -> None:
+    """Validate appended rows against a CSR page table held on the host (callers skip device tensors).
+
+    Row ``r`` is written to page ``indices[indptr[b] + positions[r] // page_size]`` of request
+    ``b = batch_indices[r]``: ``b`` must be in ``[0, batch_size)`` (or -1, a padding row that is not
+    written) and ``positions[r] // page_size`` must fall inside the request's pages.
+    """
+    batch_size = indptr.numel() - 1
+    b = batch_indices.to(torch.int64)
+    bad = (b < -1) | (b >= batch_size)
+    if bad.any():
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"batch_indices: entries must lie in [0, {batch_size}) (batch size from kv_indptr) or be -1 (padding), "
+            f"got {int(b[r])} at row {r}"
+        )
+    rows = (b >= 0).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    b, p = b[rows], positions.to(torch.int64)[rows]
+    ip = indptr.to(torch.int64)
+    pages = ip[b + 1] - ip[b]
+    bad = (p < 0) | (torch.div(p, page_size, rounding_mode="floor") >= pages)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        r, req = int(rows[i]), int(b[i])
+        raise ValueError(
+            f"positions: row {r} of request {req} has position {int(p[i])}, outside the request's "
+            f"{int(pages[i])} page(s) of {page_size} tokens (kv_indptr/kv_indices must describe the cache "
+            "after the append)"
         )
