@@ -85,3 +85,190 @@ def attention_oracle(
         out[seen, h] = (w @ vh)[seen] / denom[seen, None]
         lse[seen, h] = (mx[seen] + torch.log(denom[seen])) / math.log(2.0)
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache (api_spec.md §1.2, §8): explicit loops over rows and heads
+# ---------------------------------------------------------------------------------------------
+
+
+def paged_cache_f64(cache, kv_layout):
+    """The caller's cache as float64 copies ``(k, v)``, each ``[pages, page_size, heads, dim]``.
+
+    Forms: 5-D ``[pages, 2, ps, H, D]`` (NHD) / ``[pages, 2, H, ps, D]`` (HND); 4-D ``[pages, 2, H, D]``
+    (page size 1); tuple of 4-D ``[pages, ps, H, D]`` / ``[pages, H, ps, D]``; tuple of 3-D (page size 1).
+    """
+    if isinstance(cache, torch.Tensor):
+        parts = [cache[:, 0], cache[:, 1]]
+    else:
+        parts = list(cache)
+    out = []
+    for x in parts:
+        x = x.detach().cpu().to(torch.float64)
+        if x.dim() == 3:  # [pages, H, D]
+            x = x[:, None]
+        elif kv_layout == "HND":  # [pages, H, ps, D] -> [pages, ps, H, D]
+            x = x.permute(0, 2, 1, 3)
+        out.append(x.clone())
+    return tuple(out)
+
+
+def append_paged_kv_oracle(append_key, append_value, batch_indices, positions, cache, kv_indices, kv_indptr,
+                           kv_layout):
+    """Expected ``(k, v)`` float64 ``[pages, page_size, heads, dim]`` after the append: row ``r`` of
+    request ``b`` goes to page ``kv_indices[kv_indptr[b] + p // page_size]``, slot ``p % page_size``;
+    rows with batch index -1 are padding and are not written."""
+    k, v = paged_cache_f64(cache, kv_layout)
+    page_size = k.shape[1]
+    key, value = append_key.detach().cpu().double(), append_value.detach().cpu().double()
+    bi, pos = batch_indices.tolist(), positions.tolist()
+    indices, indptr = kv_indices.tolist(), kv_indptr.tolist()
+    for r in range(len(bi)):
+        b, p = bi[r], pos[r]
+        if b == -1:
+            continue
+        page = indices[indptr[b] + p // page_size]
+        slot = p % page_size
+        for h in range(k.shape[2]):
+            k[page, slot, h, :] = key[r, h, :]
+            v[page, slot, h, :] = value[r, h, :]
+    return k, v
+
+
+def append_paged_mla_oracle(append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache, kv_indices,
+                            kv_indptr):
+    """Expected float64 ``(ckv_cache, kpe_cache)`` ``[pages, page_size, dim]`` after an MLA append."""
+    ckv, kpe = ckv_cache.detach().cpu().double().clone(), kpe_cache.detach().cpu().double().clone()
+    page_size = ckv.shape[1]
+    for r, (b, p) in enumerate(zip(batch_indices.tolist(), positions.tolist())):
+        page = kv_indices.tolist()[kv_indptr.tolist()[b] + p // page_size]
+        ckv[page, p % page_size] = append_ckv[r].double().cpu()
+        kpe[page, p % page_size] = append_kpe[r].double().cpu()
+    return ckv, kpe
+
+
+def batch_indices_positions_oracle(append_indptr, seq_lens, nnz):
+    """``(batch_indices, positions)`` as lists: row r of request b gets b and
+    ``seq_lens[b] - (append_indptr[b+1] - r)``; rows no request owns get -1 and 0."""
+    indptr, lens = append_indptr.tolist(), seq_lens.tolist()
+    batch_indices, positions = [-1] * nnz, [0] * nnz
+    for b in range(len(lens)):
+        for r in range(indptr[b], indptr[b + 1]):
+            if r < nnz:
+                batch_indices[r] = b
+                positions[r] = lens[b] - (indptr[b + 1] - r)
+    return batch_indices, positions
+
+
+def read_paged_kv_oracle(k_pages, v_pages, kv_indices, kv_indptr, kv_last_page_len):
+    """Per request, its tokens ``(k [len, H, D], v [len, H, D])`` read token by token from float64
+    ``[pages, page_size, H, D]`` page tensors."""
+    page_size = k_pages.shape[1]
+    indices, indptr, last = kv_indices.tolist(), kv_indptr.tolist(), kv_last_page_len.tolist()
+    out = []
+    for b in range(len(last)):
+        num_pages = indptr[b + 1] - indptr[b]
+        length = max(num_pages - 1, 0) * page_size + last[b]
+        ks, vs = [], []
+        for t in range(length):
+            page = indices[indptr[b] + t // page_size]
+            ks.append(k_pages[page, t % page_size])
+            vs.append(v_pages[page, t % page_size])
+        shape = (0,) + tuple(k_pages.shape[2:])
+        out.append((torch.stack(ks) if ks else torch.zeros(shape, dtype=torch.float64),
+                    torch.stack(vs) if vs else torch.zeros((0,) + tuple(v_pages.shape[2:]), dtype=torch.float64)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Small ops (api_spec.md §10-§12): norms, gated activations, RoPE. Float64, written from the spec.
+# ---------------------------------------------------------------------------------------------
+
+
+def rmsnorm_f64(x, weight, eps=1e-6, weight_offset=0.0):
+    """x [..., N]; out = x / sqrt(mean(x^2) + eps) * (weight + weight_offset)."""
+    x = x.double().cpu()
+    w = weight.double().cpu() + weight_offset
+    ms = (x * x).sum(dim=-1, keepdim=True) / x.shape[-1]
+    return x / torch.sqrt(ms + eps) * w
+
+
+def fused_add_rmsnorm_f64(x, residual, weight, eps=1e-6, weight_offset=0.0):
+    """Returns (new input, new residual): s = x + residual; (rmsnorm(s), s)."""
+    s = x.double().cpu() + residual.double().cpu()
+    return rmsnorm_f64(s, weight, eps, weight_offset), s
+
+
+def layernorm_f64(x, gamma, beta, eps=1e-6):
+    x = x.double().cpu()
+    n = x.shape[-1]
+    mean = x.sum(dim=-1, keepdim=True) / n
+    var = ((x - mean) ** 2).sum(dim=-1, keepdim=True) / n
+    return (x - mean) / torch.sqrt(var + eps) * gamma.double().cpu() + beta.double().cpu()
+
+
+def act_and_mul_f64(x, name):
+    """x [..., 2d] -> act(x[..., :d]) * x[..., d:]."""
+    x = x.double().cpu()
+    d = x.shape[-1] // 2
+    a, b = x[..., :d], x[..., d:]
+    if name == "silu":
+        g = a / (1.0 + torch.exp(-a))
+    elif name == "gelu":
+        g = 0.5 * a * (1.0 + torch.erf(a / math.sqrt(2.0)))
+    elif name == "gelu_tanh":
+        g = 0.5 * a * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a**3)))
+    else:
+        raise ValueError(name)
+    return g * b
+
+
+def rope_frequencies_f64(rotary_dim, rope_scale=1.0, rope_theta=1e4, llama31=None):
+    """Per-pair frequencies. llama31 = (low_freq_factor, high_freq_factor, old_context_len) applies
+    Meta's piecewise rule by wavelength: short waves keep f, long waves get f / scale, blend between."""
+    freqs = []
+    for m in range(rotary_dim // 2):
+        f = rope_theta ** (-2.0 * m / rotary_dim)
+        if llama31 is None:
+            freqs.append(f / rope_scale)
+            continue
+        low, high, old = llama31
+        wavelen = 2.0 * math.pi / f
+        if wavelen < old / high:
+            freqs.append(f)
+        elif wavelen > old / low:
+            freqs.append(f / rope_scale)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            freqs.append((1.0 - smooth) * f / rope_scale + smooth * f)
+    return freqs
+
+
+def rope_general_f64(x, positions, rotary_dim=None, interleave=False, freqs=None, cos_sin_cache=None):
+    """x [nnz, H, D]; rotate the first rotary_dim dims of every head; pairs (m, m + R/2) or (2m, 2m+1).
+    Angle of pair m at position p: p * freqs[m], or cos/sin read from cos_sin_cache[p] (cos | sin)."""
+    x = x.double().cpu()
+    positions = positions.cpu().long()
+    r = rotary_dim or x.shape[-1]
+    half = r // 2
+    out = x.clone()
+    for m in range(half):
+        i, j = (2 * m, 2 * m + 1) if interleave else (m, m + half)
+        if cos_sin_cache is not None:
+            c = cos_sin_cache.double().cpu()[positions, m][:, None]
+            s = cos_sin_cache.double().cpu()[positions, half + m][:, None]
+        else:
+            ang = positions.double() * freqs[m]
+            c, s = torch.cos(ang)[:, None], torch.sin(ang)[:, None]
+        out[..., i] = x[..., i] * c - x[..., j] * s
+        out[..., j] = x[..., j] * c + x[..., i] * s
+    return out
+
+
+def ragged_positions(indptr, offsets):
+    """Token t of segment i (rows indptr[i]:indptr[i+1]) sits at offsets[i] + t - indptr[i]."""
+    pos = []
+    for i in range(len(indptr) - 1):
+        for t in range(int(indptr[i]), int(indptr[i + 1])):
+            pos.append(int(offsets[i]) + t - int(indptr[i]))
+    return torch.tensor(pos, dtype=torch.int64)

@@ -1,0 +1,213 @@
+"""torch.library registrations of the small memory-bound ops: norms, gated activations, RoPE.
+
+Same pattern as ops.py: destination-passing custom ops (the public function allocates the output,
+the op writes it; in-place ops list the tensors they modify in ``mutates_args``), empty fake
+implementations, and a per-call choice (dispatch.py) between the Triton kernels and the reference.
+Eager calls skip the custom-op dispatcher (``call``); under torch.compile the op is traced.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dispatch import Path, choose_path, load_kernels
+
+__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "call"]
+
+
+def _kernels(name: str, device: torch.device):
+    """The kernel module for this call, or None for the reference path."""
+    path = choose_path(device).path
+    return None if path is Path.REFERENCE else load_kernels(name, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations (shared by the eager fast path and the registered ops)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rmsnorm_impl(input, weight, out, eps, weight_offset) -> None:
+    kernels = _kernels("norm", input.device)
+    if kernels is None:
+        from ..reference import norm as reference
+
+        reference.rmsnorm(input, weight, out, eps, weight_offset)
+    else:
+        kernels.rmsnorm(input, weight, out, eps, weight_offset)
+
+
+def _fused_add_rmsnorm_impl(input, residual, weight, eps, weight_offset) -> None:
+    kernels = _kernels("norm", input.device)
+    if kernels is None:
+        from ..reference import norm as reference
+
+        reference.fused_add_rmsnorm(input, residual, weight, eps, weight_offset)
+    else:
+        kernels.fused_add_rmsnorm(input, residual, weight, eps, weight_offset)
+
+
+def _layernorm_impl(input, gamma, beta, out, eps) -> None:
+    kernels = _kernels("norm", input.device)
+    if kernels is None:
+        from ..reference import norm as reference
+
+        reference.layernorm(input, gamma, beta, out, eps)
+    else:
+        kernels.layernorm(input, gamma, beta, out, eps)
+
+
+def _act_and_mul_impl(input, out, activation) -> None:
+    kernels = _kernels("activation", input.device)
+    if kernels is None:
+        from ..reference import activation as reference
+
+        reference.act_and_mul(input, out, activation)
+    else:
+        kernels.act_and_mul(input, out, activation)
+
+
+def _rope_impl(q, k, q_out, k_out, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale,
+               rope_theta, smooth_a, smooth_b) -> None:
+    kernels = _kernels("rope", q.device)
+    if kernels is None:
+        from ..reference.positional import apply_rope_reference, rope_positions
+
+        positions = rope_positions(q.shape[0], pos_ids, indptr, offsets, device=q.device)
+        for x, out in ((q, q_out), (k, k_out)):
+            apply_rope_reference(x, out, positions, rotary_dim, interleave, rope_scale=rope_scale,
+                                 rope_theta=rope_theta, smooth_a=smooth_a, smooth_b=smooth_b,
+                                 cos_sin_cache=cos_sin_cache)
+    else:
+        kernels.apply_rope(q, k, q_out, k_out, rotary_dim=rotary_dim, interleave=interleave, pos_ids=pos_ids,
+                           indptr=indptr, offsets=offsets, cos_sin_cache=cos_sin_cache, rope_scale=rope_scale,
+                           rope_theta=rope_theta, smooth_a=smooth_a, smooth_b=smooth_b)
+
+
+def _rope_inplace_impl(q, k, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale,
+                       rope_theta, smooth_a, smooth_b) -> None:
+    _rope_impl(q, k, q, k, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale, rope_theta,
+               smooth_a, smooth_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashtile::rmsnorm", mutates_args=("out",))
+def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float) -> None:
+    """``out = input * rsqrt(mean(input^2) + eps) * (weight + weight_offset)`` over the last dim;
+    input/out ``[rows, N]`` or ``[T, H, N]``, weight ``[N]``."""
+    _rmsnorm_impl(input, weight, out, eps, weight_offset)
+
+
+@rmsnorm.register_fake
+def _(input, weight, out, eps, weight_offset) -> None:
+    return None
+
+
+@torch.library.custom_op("flashtile::fused_add_rmsnorm", mutates_args=("input", "residual"))
+def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                      weight_offset: float) -> None:
+    """In place: ``residual = input + residual``; ``input = rmsnorm(that sum) * (weight + weight_offset)``."""
+    _fused_add_rmsnorm_impl(input, residual, weight, eps, weight_offset)
+
+
+@fused_add_rmsnorm.register_fake
+def _(input, residual, weight, eps, weight_offset) -> None:
+    return None
+
+
+@torch.library.custom_op("flashtile::layernorm", mutates_args=("out",))
+def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, eps: float) -> None:
+    """``out = (input - mean) * rsqrt(var + eps) * gamma + beta`` over the last dim."""
+    _layernorm_impl(input, gamma, beta, out, eps)
+
+
+@layernorm.register_fake
+def _(input, gamma, beta, out, eps) -> None:
+    return None
+
+
+@torch.library.custom_op("flashtile::act_and_mul", mutates_args=("out",))
+def act_and_mul(input: torch.Tensor, out: torch.Tensor, activation: str) -> None:
+    """``out [rows, d] = act(input[:, :d]) * input[:, d:]``; activation "silu", "gelu" or "gelu_tanh"."""
+    _act_and_mul_impl(input, out, activation)
+
+
+@act_and_mul.register_fake
+def _(input, out, activation) -> None:
+    return None
+
+
+@torch.library.custom_op("flashtile::rope", mutates_args=("q_out", "k_out"))
+def rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    pos_ids: Optional[torch.Tensor],
+    indptr: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    cos_sin_cache: Optional[torch.Tensor],
+    rotary_dim: int,
+    interleave: bool,
+    rope_scale: float,
+    rope_theta: float,
+    smooth_a: float,
+    smooth_b: float,
+) -> None:
+    """RoPE of q ``[nnz, Hq, D]`` and k ``[nnz, Hk, D]`` into new tensors q_out/k_out (see kernels/rope.py)."""
+    _rope_impl(q, k, q_out, k_out, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale,
+               rope_theta, smooth_a, smooth_b)
+
+
+@rope.register_fake
+def _(q, k, q_out, k_out, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale, rope_theta,
+      smooth_a, smooth_b) -> None:
+    return None
+
+
+@torch.library.custom_op("flashtile::rope_inplace", mutates_args=("q", "k"))
+def rope_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos_ids: Optional[torch.Tensor],
+    indptr: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor],
+    cos_sin_cache: Optional[torch.Tensor],
+    rotary_dim: int,
+    interleave: bool,
+    rope_scale: float,
+    rope_theta: float,
+    smooth_a: float,
+    smooth_b: float,
+) -> None:
+    """RoPE of q and k in place; dims past rotary_dim are untouched."""
+    _rope_inplace_impl(q, k, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale,
+                       rope_theta, smooth_a, smooth_b)
+
+
+@rope_inplace.register_fake
+def _(q, k, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale, rope_theta, smooth_a,
+      smooth_b) -> None:
+    return None
+
+
+# Eager calls run the implementation directly (no dispatcher: microseconds of host time matter at
+# decode batch sizes); under torch.compile the registered op is what gets traced.
+_IMPLS = {
+    rmsnorm: _rmsnorm_impl,
+    fused_add_rmsnorm: _fused_add_rmsnorm_impl,
+    layernorm: _layernorm_impl,
+    act_and_mul: _act_and_mul_impl,
+    rope: _rope_impl,
+    rope_inplace: _rope_inplace_impl,
+}
+
+
+def call(op, *args) -> None:
+    """Run ``op`` (one of this module's ops): its implementation when eager, the op when compiling."""
+    (op if torch.compiler.is_compiling() else _IMPLS[op])(*args)
