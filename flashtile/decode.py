@@ -1,10 +1,15 @@
 """Decode attention (``flashinfer.decode``): one query token per request against its KV cache.
 
-This issue provides :func:`single_decode_with_kv_cache`; the batch wrappers over paged KV come next.
+:func:`single_decode_with_kv_cache` serves one request with contiguous K/V;
+:class:`BatchDecodeWithPagedKVCacheWrapper` serves a batch over a paged cache with plan/run, and
+:class:`CUDAGraphBatchDecodeWithPagedKVCacheWrapper` is its CUDA-graph form.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -12,8 +17,24 @@ import torch
 from ._core import ops
 from ._core.attention_args import normalize_single_attention
 from ._core.buffers import new_output
+from ._core.checks import FP8_DTYPES, describe
+from ._core.dispatch import Path, choose_path, load_kernels
+from ._core.paged_kv import as_index_tensor, check_page_table, unpack_paged_kv_cache
+from ._core.wrapper import (
+    PlanRunWrapper,
+    check_common_options,
+    check_heads,
+    check_positive_int,
+    resolve_dtype,
+    resolve_scalar,
+)
+from .scheduler.split_kv import batch_item_capacity, plan_batch_kv_splits
 
-__all__ = ["single_decode_with_kv_cache"]
+__all__ = [
+    "single_decode_with_kv_cache",
+    "BatchDecodeWithPagedKVCacheWrapper",
+    "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
+]
 
 
 def single_decode_with_kv_cache(
@@ -79,3 +100,418 @@ def single_decode_with_kv_cache(
     if return_lse:
         return out[0], lse[0]
     return out[0]
+
+
+@dataclass
+class _DecodePlan:
+    """What plan() decided; run() reads it and checks its inputs against it."""
+
+    batch_size: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    o_dtype: torch.dtype
+    pos_encoding_mode: str
+    window_left: int
+    logits_soft_cap: float
+    sm_scale: float
+    rope_scale: float
+    rope_theta: float
+    page_indptr: torch.Tensor  # int32 [B + 1], device
+    page_indices: torch.Tensor  # int32, device
+    kv_lens: torch.Tensor  # int32 [B], device
+    req_item_indptr: torch.Tensor  # int32 [B + 1], device
+    item_request: torch.Tensor  # int32 [num_programs], device
+    item_kv_start: torch.Tensor
+    item_kv_end: torch.Tensor
+    num_programs: int
+    max_states: int
+    merge: bool
+    max_page_id: Optional[int]  # known when the page table came from the host
+
+
+class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
+    """Batch decode over a paged KV cache: ``plan()`` once per step, ``run()`` once per layer.
+
+    Each request has one query token (at position ``kv_len - 1``) and attends its whole cache (no
+    causal mask; sliding window, soft cap, ALiBi and RoPE as in :func:`single_decode_with_kv_cache`).
+    The scheduler cuts long requests into KV chunks so the grid fills the GPU for any mix of lengths;
+    chunks are merged in base 2 (flashtile/scheduler/split_kv.py).
+
+    Args:
+        float_workspace_buffer: a device tensor (any dtype) for split-KV partial states; 128 MiB is
+            plenty. Its device is the wrapper's device. May be shared with other wrappers.
+        kv_layout: "NHD" or "HND", the layout of the paged cache given to run().
+        use_cuda_graph: fixed-size mode for CUDA-graph capture: the page table lives in the three
+            buffers below, the batch size is fixed (``len(paged_kv_last_page_len_buffer)``), and run()
+            launches a grid that does not depend on the lengths, so a captured run() replays correctly
+            after any re-plan of the same batch size.
+        use_tensor_cores: accepted; flashtile always runs the tensor-core kernel (the query heads of
+            one KV head form the rows of a ``tl.dot``), which is also the fastest for MHA here.
+        paged_kv_indptr_buffer: int32 ``[B + 1]`` (graph mode), paged_kv_indices_buffer: int32
+            ``[max_pages]`` (graph mode; may be larger than needed), paged_kv_last_page_len_buffer:
+            int32 ``[B]`` (graph mode).
+        backend: "auto", "fa2" or "fa3" (all flashtile's kernels), "triton" or "reference"; vendor
+            backends raise NotImplementedError.
+        jit_args: upstream C++ variants; raises NotImplementedError.
+    """
+
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        use_tensor_cores: bool = False,
+        paged_kv_indptr_buffer: Optional[torch.Tensor] = None,
+        paged_kv_indices_buffer: Optional[torch.Tensor] = None,
+        paged_kv_last_page_len_buffer: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        jit_args=None,
+    ) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args)
+        self._use_tensor_cores = bool(use_tensor_cores)
+        self._graph_capacity: Optional[int] = None
+        if self._use_cuda_graph:
+            for name, buf in (("paged_kv_indptr_buffer", paged_kv_indptr_buffer),
+                              ("paged_kv_indices_buffer", paged_kv_indices_buffer),
+                              ("paged_kv_last_page_len_buffer", paged_kv_last_page_len_buffer)):
+                if not isinstance(buf, torch.Tensor):
+                    raise ValueError(f"{name} should be a torch.Tensor in cudagraph mode, got {describe(buf)}")
+                as_index_tensor(name, buf)
+                if buf.dtype != torch.int32 or buf.device != self.device:
+                    raise ValueError(f"{name}: expected an int32 tensor on {self.device} in cudagraph mode, "
+                                     f"got {describe(buf)}")
+            self._fixed_batch_size = paged_kv_last_page_len_buffer.numel()
+            if paged_kv_indptr_buffer.numel() != self._fixed_batch_size + 1:
+                raise ValueError(
+                    f"paged_kv_indptr_buffer: expected batch_size + 1 = {self._fixed_batch_size + 1} entries "
+                    f"(batch size from paged_kv_last_page_len_buffer), got {paged_kv_indptr_buffer.numel()}"
+                )
+        self._paged_kv_indptr_buf = paged_kv_indptr_buffer
+        self._paged_kv_indices_buf = paged_kv_indices_buffer
+        self._paged_kv_last_page_len_buf = paged_kv_last_page_len_buffer
+
+    @property
+    def use_tensor_cores(self) -> bool:
+        return self._use_tensor_cores
+
+    # Attributes serving engines read (kept under upstream's names).
+    @property
+    def _window_left(self) -> int:
+        return self._plan.window_left if self._plan is not None else -1
+
+    @property
+    def _logits_soft_cap(self) -> float:
+        return self._plan.logits_soft_cap if self._plan is not None else 0.0
+
+    @property
+    def _sm_scale(self) -> Optional[float]:
+        return self._plan.sm_scale if self._plan is not None else None
+
+    def plan(
+        self,
+        indptr: torch.Tensor,
+        indices: torch.Tensor,
+        last_page_len: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        pos_encoding_mode: str = "NONE",
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        data_type: Optional[Union[str, torch.dtype]] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        non_blocking: bool = True,
+        block_tables: Optional[torch.Tensor] = None,
+        seq_lens: Optional[torch.Tensor] = None,
+        *,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
+        fixed_split_size: Optional[int] = None,
+        disable_split_kv: bool = False,
+        q_len_per_req: int = 1,
+        **unsupported,
+    ) -> None:
+        """Plan a decode step: validate the page table, choose the KV split, copy the work list.
+
+        Args:
+            indptr: int32 ``[B + 1]`` (CPU or device), request ``i`` owns pages
+                ``indices[indptr[i]:indptr[i + 1]]``; ``indptr[0]`` may be > 0.
+            indices: int32 physical page ids into the cache given to run().
+            last_page_len: int32 ``[B]``, valid tokens of each request's last page: ``1..page_size``,
+                or 0 for a request without pages (it yields a zero output and lse -inf).
+            num_qo_heads, num_kv_heads: heads of q and of the cache (a multiple relation: GQA).
+            head_dim: a multiple of 8 up to 256.
+            page_size: tokens per page (any value >= 1).
+            pos_encoding_mode: "NONE", "ROPE_LLAMA" (q and k rotated in the kernel) or "ALIBI".
+            window_left: the query sees the last ``window_left + 1`` keys; -1 disables.
+            logits_soft_cap: ``cap * tanh(s / cap)`` when > 0.
+            q_data_type: dtype of q in run() (default float16, as upstream: bf16 callers pass it).
+            kv_data_type: dtype of the cache (default: q's); fp8 e4m3fn/e5m2 allowed.
+            data_type: deprecated; fills ``kv_data_type`` when that is None.
+            sm_scale: default ``1 / sqrt(head_dim)``. rope_scale, rope_theta: defaults 1 and 1e4.
+            non_blocking: copy host index arrays to the device asynchronously.
+            block_tables, seq_lens: used by upstream's trtllm-gen backend only; ignored.
+            o_data_type: output dtype (default q's). fixed_split_size: deterministic split size in
+                pages (a request's result bits do not depend on the rest of the batch).
+                disable_split_kv: one program per request and KV head (also batch-invariant).
+            q_len_per_req: 1 (multi-token decode is the prefill wrappers' job).
+        """
+        if unsupported:
+            raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+        if q_len_per_req != 1:
+            raise NotImplementedError("q_len_per_req > 1: use BatchPrefillWithPagedKVCacheWrapper for "
+                                      "multi-token (speculative) decode")
+        check_heads(num_qo_heads, num_kv_heads)
+        head_dim = self._check_head_dim(head_dim)
+        check_positive_int("page_size", page_size)
+        cap = check_common_options(pos_encoding_mode, window_left, logits_soft_cap)
+        q_dtype = resolve_dtype("q_data_type", q_data_type, torch.float16)
+        kv_dtype = resolve_dtype("kv_data_type", kv_data_type, resolve_dtype("data_type", data_type, q_dtype))
+        o_dtype = resolve_dtype("o_data_type", o_data_type, q_dtype)
+        self._check_q_kv_dtypes(q_dtype, kv_dtype)
+        if fixed_split_size is not None and fixed_split_size != -1:
+            check_positive_int("fixed_split_size", fixed_split_size)
+        else:
+            fixed_split_size = None
+
+        indptr = as_index_tensor("indptr", indptr)
+        last_page_len = as_index_tensor("last_page_len", last_page_len)
+        indices = as_index_tensor("indices", indices)
+        batch = last_page_len.numel()
+        if indptr.numel() != batch + 1:
+            raise ValueError(f"indptr: expected batch_size + 1 = {batch + 1} entries (batch size from "
+                             f"last_page_len), got {indptr.numel()}")
+        if self._use_cuda_graph and batch != self._fixed_batch_size:
+            raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
+                             f"mismatches the batch size set during initialization {self._fixed_batch_size}")
+        indptr_h = indptr.to("cpu", torch.int64)
+        last_h = last_page_len.to("cpu", torch.int64)
+        host_table = indices.device.type == "cpu" or os.environ.get("FLASHTILE_DEBUG") == "1"
+        indices_h = indices.to("cpu") if host_table else None
+        if host_table:
+            check_page_table(indptr_h, indices_h, last_h, page_size)
+        elif (indptr_h[1:] < indptr_h[:-1]).any():
+            raise ValueError("indptr: must be non-decreasing")
+        num_pages = indptr_h[1:] - indptr_h[:-1]
+        kv_lens = torch.clamp(num_pages - 1, min=0) * page_size + last_h
+        first, last = int(indptr_h[0]), int(indptr_h[-1])
+        max_page_id = None
+        if host_table and last > first:
+            max_page_id = int(indices_h[first:last].max())
+
+        decision = choose_path(self.device, self._backend)
+        if decision.path is Path.REFERENCE:
+            align, sms = 16, 4
+        else:
+            kernels = load_kernels("attention", decision.path)
+            align, sms = kernels.batch_chunk_align(), kernels.num_sms(self.device)
+        programs_per_item = num_kv_heads
+        fixed_chunk = fixed_split_size * page_size if fixed_split_size is not None else None
+        splits = plan_batch_kv_splits(kv_lens, programs_per_item, sms, align, fixed_chunk=fixed_chunk,
+                                      disable_split=bool(disable_split_kv))
+        num_items = splits.num_items
+        if self._use_cuda_graph:
+            capacity = batch_item_capacity(batch, programs_per_item, sms)
+            if self._graph_capacity is None:
+                self._graph_capacity = capacity
+            capacity = self._graph_capacity
+            if num_items > capacity:
+                raise ValueError(
+                    f"fixed_split_size={fixed_split_size} cuts this batch into {num_items} pieces, more than the "
+                    f"{capacity} that CUDA-graph mode sized its grid for; use a larger fixed_split_size"
+                )
+            num_programs, merge, max_states = capacity, True, 64
+        else:
+            num_programs = num_items
+            counts = splits.request_item_indptr[1:] - splits.request_item_indptr[:-1]
+            max_states = int(counts.max()) if batch else 1
+            merge = max_states > 1
+
+        # One host->device copy of the work list into the int workspace the wrapper owns.
+        meta_len = 2 * batch + 1 + 3 * num_programs
+        meta_h = torch.zeros(meta_len, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        sections = ((splits.request_item_indptr, batch + 1), (kv_lens, batch), (splits.item_request, num_programs),
+                    (splits.item_kv_start, num_programs), (splits.item_kv_end, num_programs))
+        meta = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * meta_len, torch.int32)
+        views, o = [], 0
+        for values, slots in sections:  # item arrays get num_programs slots (graph capacity), tail unused
+            meta_h[o: o + values.numel()] = values
+            views.append(meta[o: o + slots])
+            o += slots
+        meta.copy_(meta_h, non_blocking=non_blocking)
+
+        if self._use_cuda_graph:
+            if last - first > self._paged_kv_indices_buf.numel():
+                raise ValueError(
+                    f"The size of indices should be less than or equal to the allocated buffer: need {last - first} "
+                    f"page ids, paged_kv_indices_buffer has {self._paged_kv_indices_buf.numel()}"
+                )
+            self._paged_kv_indptr_buf.copy_(indptr_h - first, non_blocking=non_blocking)
+            self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
+            self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
+            page_indptr, page_indices = self._paged_kv_indptr_buf, self._paged_kv_indices_buf
+        else:
+            page_indptr = indptr.to(self.device, torch.int32, non_blocking=non_blocking)
+            page_indices = indices.to(self.device, torch.int32, non_blocking=non_blocking)
+
+        self._plan = _DecodePlan(
+            batch_size=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            page_size=page_size, q_dtype=q_dtype, kv_dtype=kv_dtype, o_dtype=o_dtype,
+            pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=cap,
+            sm_scale=resolve_scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim), positive=True),
+            rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
+            rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
+            page_indptr=page_indptr, page_indices=page_indices, kv_lens=views[1], req_item_indptr=views[0],
+            item_request=views[2], item_kv_start=views[3], item_kv_end=views[4], num_programs=num_programs,
+            max_states=max_states, merge=merge, max_page_id=max_page_id,
+        )
+
+    begin_forward = plan
+
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache,
+        *args,
+        q_scale: Optional[float] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+        enable_pdl: Optional[bool] = None,
+        window_left: Optional[int] = None,
+        sinks: Optional[torch.Tensor] = None,
+        q_len_per_req: int = 1,
+    ):
+        """Decode attention of the planned batch.
+
+        Args:
+            q: ``[B, num_qo_heads, head_dim]`` in the planned q dtype; any strides with a unit last stride.
+            paged_kv_cache: ``[pages, 2, page_size, heads, dim]`` (NHD; HND swaps page_size and heads),
+                or a ``(k_cache, v_cache)`` tuple of ``[pages, page_size, heads, dim]`` tensors (views
+                with their own strides are fine), in the planned kv dtype.
+            q_scale, k_scale: calibration scales multiplied into sm_scale; v_scale multiplies the output.
+            out: optional ``[B, num_qo_heads, head_dim]`` output (o_data_type), written and returned.
+            lse: optional float32 ``[B, num_qo_heads]``. return_lse: also return the base-2 lse.
+            enable_pdl: accepted and ignored (a CUDA launch attribute). window_left: must equal the plan's.
+            sinks, q_len_per_req > 1, extra ``*args``: not supported (NotImplementedError).
+
+        Returns:
+            ``out`` or ``(out, lse)``; a request with no KV gives zeros and lse -inf.
+        """
+        plan = self._require_plan()
+        if args:
+            raise NotImplementedError("run(): extra positional arguments feed upstream's JIT variants, which "
+                                      "flashtile does not support")
+        if sinks is not None:
+            raise NotImplementedError("sinks: attention sinks are not supported by flashtile's decode yet")
+        if q_len_per_req != 1:
+            raise NotImplementedError("q_len_per_req > 1: use BatchPrefillWithPagedKVCacheWrapper")
+        if window_left is not None and window_left != plan.window_left:
+            raise ValueError(f"window_left: run() got {window_left}, plan() was given {plan.window_left}; "
+                             "re-plan to change it")
+        cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        self._check_run_inputs(plan, q, cache)
+        sm_scale = plan.sm_scale * resolve_scalar("q_scale", q_scale, 1.0) * resolve_scalar("k_scale", k_scale, 1.0)
+        v_scale_f = resolve_scalar("v_scale", v_scale, 1.0)
+        shape = (plan.batch_size, plan.num_qo_heads, cache.v.shape[3])
+        self._check_out("out", out, shape, plan.o_dtype, q.device)
+        self._check_out("lse", lse, shape[:2], torch.float32, q.device)
+        if out is None:
+            out = new_output(shape, plan.o_dtype, q.device)
+        if lse is None:
+            lse = new_output(shape[:2], torch.float32, q.device)
+        part_rows = plan.num_programs if plan.merge else 0
+        per_row = plan.num_qo_heads * (shape[2] + 1)
+        part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer", 4 * part_rows * per_row,
+                                    torch.float32)
+        part_o = part[: part_rows * plan.num_qo_heads * shape[2]].view(part_rows, plan.num_qo_heads, shape[2])
+        part_lse = part[part_rows * plan.num_qo_heads * shape[2]:].view(part_rows, plan.num_qo_heads)
+        ops.call_batch_decode(
+            q, cache.k, cache.v, plan.page_indptr, plan.page_indices, plan.kv_lens, plan.req_item_indptr,
+            plan.item_request, plan.item_kv_start, plan.item_kv_end, part_o, part_lse, out, lse, plan.num_programs,
+            plan.max_states, plan.merge, sm_scale, plan.logits_soft_cap, plan.window_left, plan.pos_encoding_mode,
+            plan.rope_scale, plan.rope_theta, v_scale_f, self._backend,
+        )
+        return (out, lse) if return_lse else out
+
+    def _check_run_inputs(self, plan: _DecodePlan, q: torch.Tensor, cache) -> None:
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q: expected a torch.Tensor, got {describe(q)}")
+        if q.dtype != plan.q_dtype:
+            raise ValueError(f"The dtype of q {q.dtype} does not match the q_data_type {plan.q_dtype} specified "
+                             "in plan function.")
+        if cache.dtype != plan.kv_dtype:
+            raise ValueError(f"The dtype of paged_kv_cache {cache.dtype} does not match the kv_data_type "
+                             f"{plan.kv_dtype} specified in plan function.")
+        want = (plan.batch_size, plan.num_qo_heads, plan.head_dim)
+        if tuple(q.shape) != want:
+            raise ValueError(f"q: expected shape [batch_size, num_qo_heads, head_dim] = {list(want)} as planned, "
+                             f"got {list(q.shape)}")
+        if q.shape[-1] > 1 and q.stride(-1) != 1:
+            raise ValueError(f"q: the last dimension must have stride 1, got strides {tuple(q.stride())}")
+        if cache.num_kv_heads != plan.num_kv_heads or cache.k.shape[3] != plan.head_dim:
+            raise ValueError(f"paged_kv_cache: expected {plan.num_kv_heads} KV heads of head_dim {plan.head_dim} as "
+                             f"planned, got {cache.num_kv_heads} heads of {cache.k.shape[3]} ({self._kv_layout})")
+        if cache.v.shape[3] != plan.head_dim:
+            raise ValueError(f"paged_kv_cache: V head_dim {cache.v.shape[3]} differs from the planned {plan.head_dim}")
+        if cache.page_size != plan.page_size:
+            raise ValueError(f"paged_kv_cache: page_size {cache.page_size} (from the cache shape) differs from the "
+                             f"planned page_size {plan.page_size}")
+        if q.device != self.device or cache.device != self.device:
+            raise ValueError(f"q and paged_kv_cache must be on the wrapper's device {self.device} (the workspace's), "
+                             f"got {q.device} and {cache.device}")
+        if plan.max_page_id is not None and plan.max_page_id >= cache.num_pages:
+            raise ValueError(f"indices: the plan uses page {plan.max_page_id}, the cache has {cache.num_pages} pages")
+
+    def forward(self, q: torch.Tensor, paged_kv_cache, pos_encoding_mode: Optional[str] = None,
+                q_scale: Optional[float] = None, k_scale: Optional[float] = None, v_scale: Optional[float] = None,
+                window_left: Optional[int] = None, logits_soft_cap: Optional[float] = None,
+                sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
+                rope_theta: Optional[float] = None, return_lse: bool = False):
+        """Deprecated upstream form of :meth:`run`; attention parameters given here override the plan's."""
+        plan = self._require_plan()
+        if pos_encoding_mode is not None or logits_soft_cap is not None or window_left is not None:
+            cap = check_common_options(pos_encoding_mode or plan.pos_encoding_mode,
+                                       plan.window_left if window_left is None else window_left,
+                                       plan.logits_soft_cap if logits_soft_cap is None else logits_soft_cap)
+            plan.pos_encoding_mode = pos_encoding_mode or plan.pos_encoding_mode
+            plan.window_left = plan.window_left if window_left is None else window_left
+            plan.logits_soft_cap = cap
+        if sm_scale is not None:
+            plan.sm_scale = resolve_scalar("sm_scale", sm_scale, plan.sm_scale, positive=True)
+        if rope_scale is not None:
+            plan.rope_scale = resolve_scalar("rope_scale", rope_scale, plan.rope_scale, positive=True)
+        if rope_theta is not None:
+            plan.rope_theta = resolve_scalar("rope_theta", rope_theta, plan.rope_theta, positive=True)
+        return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse)
+
+    def forward_return_lse(self, q: torch.Tensor, paged_kv_cache, **kwargs):
+        """Deprecated upstream form of ``run(..., return_lse=True)``."""
+        return self.forward(q, paged_kv_cache, return_lse=True, **kwargs)
+
+
+class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWrapper):
+    """:class:`BatchDecodeWithPagedKVCacheWrapper` in CUDA-graph mode (fixed batch size = ``len(last_page_len_buffer)``).
+
+    Args:
+        workspace_buffer: the float workspace (device tensor, any dtype).
+        indptr_buffer: int32 ``[B + 1]``; indices_buffer: int32 ``[max_pages]``; last_page_len_buffer:
+            int32 ``[B]``: plan() copies the page table into them, a captured run() reads them.
+        kv_layout: "NHD" or "HND". use_tensor_cores: accepted (always tensor cores).
+    """
+
+    def __init__(self, workspace_buffer: torch.Tensor, indptr_buffer: torch.Tensor, indices_buffer: torch.Tensor,
+                 last_page_len_buffer: torch.Tensor, kv_layout: str = "NHD", use_tensor_cores: bool = False) -> None:
+        super().__init__(workspace_buffer, kv_layout, use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
+                         paged_kv_indptr_buffer=indptr_buffer, paged_kv_indices_buffer=indices_buffer,
+                         paged_kv_last_page_len_buffer=last_page_len_buffer)

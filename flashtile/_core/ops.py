@@ -15,7 +15,7 @@ import torch
 from .dispatch import Path, choose_path, load_kernels
 from .params import AttentionParams
 
-__all__ = ["single_decode", "single_prefill", "call_single_decode", "call_single_prefill"]
+__all__ = ["single_decode", "single_prefill", "batch_decode", "call_single_decode", "call_single_prefill", "call_batch_decode"]
 
 _slopes_cache: dict = {}
 
@@ -133,3 +133,72 @@ def call_single_decode(*args) -> None:
 
 def call_single_prefill(*args) -> None:
     (single_prefill if torch.compiler.is_compiling() else _single_prefill_impl)(*args)
+
+
+def _batch_decode_impl(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, req_item_indptr, item_request,
+                       item_kv_start, item_kv_end, part_o, part_lse, out, lse, num_programs, max_states, merge,
+                       sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale, rope_theta, v_scale,
+                       backend) -> None:
+    params = AttentionParams(sm_scale, False, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
+                             rope_theta, v_scale)
+    if q.shape[0] == 0:
+        return
+    decision = choose_path(q.device, backend)
+    if decision.path is Path.REFERENCE:
+        from ..reference.attention import batch_paged_decode
+
+        o, s = batch_paged_decode(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, params)
+        out.copy_(o)
+        lse.copy_(s)
+        return
+    kernels = load_kernels("attention", decision.path)
+    slopes = _alibi_slopes(q.shape[1], q.device) if pos_encoding_mode == "ALIBI" else None
+    kernels.batch_decode_forward(
+        q, k_pages, v_pages, page_indptr, page_indices, kv_lens, req_item_indptr, item_request, item_kv_start,
+        item_kv_end, part_o, part_lse, out, lse, params, alibi_slopes=slopes, num_programs=num_programs,
+        max_states=max_states, merge=merge)
+
+
+@torch.library.custom_op("flashtile::batch_decode", mutates_args=("out", "lse", "part_o", "part_lse"))
+def batch_decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_indptr: torch.Tensor,
+    page_indices: torch.Tensor,
+    kv_lens: torch.Tensor,
+    req_item_indptr: torch.Tensor,
+    item_request: torch.Tensor,
+    item_kv_start: torch.Tensor,
+    item_kv_end: torch.Tensor,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_programs: int,
+    max_states: int,
+    merge: bool,
+    sm_scale: float,
+    logits_soft_cap: float,
+    window_left: int,
+    pos_encoding_mode: str,
+    rope_scale: float,
+    rope_theta: float,
+    v_scale: float,
+    backend: str,
+) -> None:
+    """Batch decode over a paged cache with a planned work list (see kernels.attention.batch_decode_forward):
+    q ``[B, Hq, D]``, K/V NHD page views; writes out ``[B, Hq, Dv]``, lse ``[B, Hq]`` (part_o/part_lse scratch)."""
+    _batch_decode_impl(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, req_item_indptr, item_request,
+                       item_kv_start, item_kv_end, part_o, part_lse, out, lse, num_programs, max_states, merge,
+                       sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale, rope_theta, v_scale,
+                       backend)
+
+
+@batch_decode.register_fake
+def _batch_decode_fake(*args) -> None:
+    return None
+
+
+def call_batch_decode(*args) -> None:
+    (batch_decode if torch.compiler.is_compiling() else _batch_decode_impl)(*args)

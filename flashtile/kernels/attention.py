@@ -75,14 +75,19 @@ def _rope_rotate(x, partner, positions, offs_d, HEAD_DIM: tl.constexpr, rope_log
 def _attend_tiles(
     acc, m_i, l_i, q,
     k_base, v_base, stride_kt, stride_vt,
+    page_table, page_size, stride_kp, stride_vp,
     mask_ptr, slopes, positions, tokens, row_ok,
     start, end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED)."""
+    """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
+
+    PAGED: key ``j`` of the request is slot ``j % page_size`` of page ``page_table[j // page_size]``
+    (``page_table`` points at the request's first page id); otherwise keys are rows ``stride_kt`` apart.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
     offs_dvo = tl.arange(0, D_VO)
@@ -91,7 +96,18 @@ def _attend_tiles(
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n  # [BLOCK_N] key positions
         col_ok = cols < kv_len
-        k_ptrs = k_base + cols[:, None] * stride_kt + offs_dqk[None, :]
+        if PAGED:
+            if MASKED:
+                page = tl.load(page_table + cols // page_size, mask=col_ok, other=0).to(tl.int64)
+            else:
+                page = tl.load(page_table + cols // page_size).to(tl.int64)
+            slot = cols % page_size
+            k_rows = page * stride_kp + slot * stride_kt
+            v_rows = page * stride_vp + slot * stride_vt
+        else:
+            k_rows = cols * stride_kt
+            v_rows = cols * stride_vt
+        k_ptrs = k_base + k_rows[:, None] + offs_dqk[None, :]
         if MASKED:
             k_mask = col_ok[:, None] & dqk_ok[None, :]
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [N, D_QK]
@@ -103,7 +119,7 @@ def _attend_tiles(
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         if USE_ROPE:
             partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
-            k_partner = tl.load(k_base + cols[:, None] * stride_kt + partner_d[None, :], mask=k_mask, other=0.0)
+            k_partner = tl.load(k_base + k_rows[:, None] + partner_d[None, :], mask=k_mask, other=0.0)
             k = _rope_rotate(k, k_partner, cols, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
         qk = _mma(q, tl.trans(k.to(q.dtype)), UPCAST_DOT)  # [M, N] float32
 
@@ -131,7 +147,7 @@ def _attend_tiles(
             s = tl.where(visible, s, float("-inf"))
 
         m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
-        v_ptrs = v_base + cols[:, None] * stride_vt + offs_dvo[None, :]
+        v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
         if MASKED:
             v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
         elif HEAD_DIM_VO == D_VO:
@@ -140,6 +156,100 @@ def _attend_tiles(
             v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
         acc += _mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _tile_ranges(
+    lo, hi, t_first, t_last, delta, kv_len, window_left,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Cut a program's KV range ``[lo, hi)`` (``lo`` a multiple of BLOCK_N) for query tokens
+    ``t_first..t_last`` (absolute positions ``t + delta``) into ``[start, full_start)`` (masked: window
+    edge), ``[full_start, full_end)`` (seen by every row: no mask) and ``[full_end, hi)`` (masked:
+    causal diagonal, ragged end). Tiles no row can see are dropped."""
+    if CAUSAL:
+        hi = tl.minimum(hi, t_last + delta + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, t_first + delta - window_left)
+    start = (lo // BLOCK_N) * BLOCK_N
+    full_lo = 0
+    full_hi = kv_len
+    if CAUSAL:
+        full_hi = tl.maximum(tl.minimum(full_hi, t_first + delta + 1), 0)
+    if HAS_WINDOW:
+        full_lo = tl.maximum(t_last + delta - window_left, 0)
+    full_start = tl.maximum(start, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
+    full_end = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi)
+    if HAS_CUSTOM_MASK:
+        full_start = start
+        full_end = start
+    if full_end <= full_start:
+        full_start = start
+        full_end = start
+    return start, full_start, full_end, hi
+
+
+@triton.jit
+def _load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
+            HEAD_DIM_QK: tl.constexpr, D_QK: tl.constexpr, USE_ROPE: tl.constexpr):
+    """The ``[BLOCK_M, D_QK]`` query tile of GQA-packed rows (rotated in float32 with RoPE)."""
+    offs_dqk = tl.arange(0, D_QK)
+    q_row = Q + tokens[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+    q_mask = row_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK)
+    q = tl.load(q_row + offs_dqk[None, :], mask=q_mask, other=0.0)
+    if USE_ROPE:
+        partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
+        q_partner = tl.load(q_row + partner_d[None, :], mask=q_mask, other=0.0)
+        q = _rope_rotate(q, q_partner, positions, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
+        q = q.to(Q.dtype.element_ty)
+    return q
+
+
+@triton.jit
+def _attend_range(
+    q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
+    mask_ptr, slopes, positions, tokens, row_ok,
+    start, full_start, full_end, hi, kv_len,
+    sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`_tile_ranges`."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
+    # Left masked tiles (window edge), tiles seen in full, right masked tiles (diagonal, ragged end).
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
+        mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
+        mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, False, BLOCK_N, UPCAST_DOT)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
+        mask_ptr, slopes, positions, tokens, row_ok, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT)
+    return finalize_state(m_i, l_i, acc)
+
+
+@triton.jit
+def _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO: tl.constexpr, D_VO: tl.constexpr,
+                 PARTIAL: tl.constexpr):
+    """Store a finished state: float32 as is (a split-KV partial), or times ``v_scale`` in O's dtype."""
+    offs_dvo = tl.arange(0, D_VO)
+    o_mask = row_ok[:, None] & (offs_dvo[None, :] < HEAD_DIM_VO)
+    if PARTIAL:
+        tl.store(o_row + offs_dvo[None, :], o, mask=o_mask)
+    else:
+        tl.store(o_row + offs_dvo[None, :], (o * v_scale).to(o_row.dtype.element_ty), mask=o_mask)
+    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
@@ -173,80 +283,99 @@ def _attention_fwd_kernel(
     delta = kv_len - qo_len
     positions = tokens + delta  # absolute position of each row's query
 
-    # Rows this program owns span tokens [t_first, t_last].
+    # Rows this program owns span tokens [t_first, t_last]; its KV range is this split's chunk.
     t_first = (pid_m * BLOCK_M) // GROUP
     t_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, num_rows - 1) // GROUP
-    # KV range any row can see, intersected with this split's chunk.
     lo = split * kv_chunk
-    hi = tl.minimum(kv_len, lo + kv_chunk)
-    if CAUSAL:
-        hi = tl.minimum(hi, t_last + delta + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, t_first + delta - window_left)
-    start = (lo // BLOCK_N) * BLOCK_N
-    # Range every row sees in full: no mask needed there.
-    full_lo = 0
-    full_hi = kv_len
-    if CAUSAL:
-        full_hi = tl.maximum(tl.minimum(full_hi, t_first + delta + 1), 0)
-    if HAS_WINDOW:
-        full_lo = tl.maximum(t_last + delta - window_left, 0)
-    full_start = tl.maximum(start, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
-    full_end = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi)
-    if HAS_CUSTOM_MASK:
-        full_start = start
-        full_end = start
-    if full_end <= full_start:
-        full_start = start
-        full_end = start
+    start, full_start, full_end, hi = _tile_ranges(
+        lo, tl.minimum(kv_len, lo + kv_chunk), t_first, t_last, delta, kv_len, window_left,
+        CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
 
-    offs_dqk = tl.arange(0, D_QK)
-    offs_dvo = tl.arange(0, D_VO)
-    q_ptrs = Q + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_dqk[None, :]
-    q_mask = row_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    if USE_ROPE:
-        partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
-        q_partner = tl.load(Q + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + partner_d[None, :],
-                            mask=q_mask, other=0.0)
-        q = _rope_rotate(q, q_partner, positions, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
-        q = q.to(Q.dtype.element_ty)
+    q = _load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
+                HEAD_DIM_QK, D_QK, USE_ROPE)
     slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ALIBI:
         slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0)
 
     k_base = K + kv_head.to(tl.int64) * stride_kh
     v_base = V + kv_head.to(tl.int64) * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
-
-    # Left masked tiles (window edge), tiles seen in full, right masked tiles (diagonal, ragged end).
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
-        start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
-        HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, True, BLOCK_N, UPCAST_DOT)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
-        full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
-        HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, False, BLOCK_N, UPCAST_DOT)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, MASK, slopes, positions, tokens, row_ok,
-        full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
-        HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, True, BLOCK_N, UPCAST_DOT)
-
-    o, lse = finalize_state(m_i, l_i, acc)
-    o_ptrs = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_dvo[None, :]
-    o_mask = row_ok[:, None] & (offs_dvo[None, :] < HEAD_DIM_VO)
+    o, lse = _attend_range(
+        q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
+        start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
+        rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT)
+    o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
-    if WRITE_PARTIAL:
-        tl.store(o_ptrs, o, mask=o_mask)
+    _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
+
+
+@triton.jit
+def _batch_decode_kernel(
+    Q, K, V, O, LSE, PART_O, PART_LSE, SLOPES,
+    PAGE_INDICES, PAGE_INDPTR, KV_LENS, REQ_ITEM_INDPTR, ITEM_REQUEST, ITEM_KV_START, ITEM_KV_END,
+    stride_qb, stride_qh,
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_ob, stride_oh, stride_lb, stride_lh,
+    stride_pw, stride_ph, stride_plw, stride_plh,
+    batch_size, page_size,
+    sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, v_scale,
+    GROUP: tl.constexpr, HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Batch decode over a paged cache: program ``(item, kv_head)`` attends the GQA group of one KV
+    head (rows = its query heads) over one work item's KV range (scheduler/split_kv.py).
+
+    A request with one item writes its final output; a split request writes float32 partial states at
+    its items' slots, which the merge kernel folds. Programs beyond the planned item count (the fixed
+    grid of CUDA-graph mode) store nothing. The plan lives in device memory, so a captured launch
+    serves any later plan of the same batch size.
+      Q [B, Hq, D], K/V pages [pages, page_size, Hkv, D] (strides), O [B, Hq, Dv], LSE [B, Hq] f32,
+      PART_O [items, Hq, Dv] f32, PART_LSE [items, Hq] f32; index arrays int32.
+    """
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_items = tl.load(REQ_ITEM_INDPTR + batch_size)
+    live = item < num_items
+    item = tl.minimum(item, num_items - 1)
+    req = tl.load(ITEM_REQUEST + item)
+    lo = tl.load(ITEM_KV_START + item)
+    hi = tl.load(ITEM_KV_END + item)
+    hi = tl.where(live, hi, lo)
+    kv_len = tl.load(KV_LENS + req)
+    single = tl.load(REQ_ITEM_INDPTR + req + 1) - tl.load(REQ_ITEM_INDPTR + req) == 1
+    page_table = PAGE_INDICES + tl.load(PAGE_INDPTR + req)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = (rows < GROUP) & (rows * 0 + tl.program_id(0) < num_items)  # vector form: the interpreter
+    # rejects a block mask combined with a scalar bool
+    heads = kv_head * GROUP + rows
+    tokens = tl.zeros([BLOCK_M], dtype=tl.int32) + req
+    positions = tl.zeros([BLOCK_M], dtype=tl.int32) + (kv_len - 1)  # the query is the newest token
+    start, full_start, full_end, hi = _tile_ranges(
+        lo, hi, 0, 0, kv_len - 1, kv_len, window_left, False, HAS_WINDOW, False, BLOCK_N)
+
+    q = _load_q(Q, tokens, heads, row_ok, stride_qb, stride_qh, positions, rope_log2_theta, rope_inv_scale,
+                HEAD_DIM_QK, D_QK, USE_ROPE)
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0)
+    k_base = K + kv_head.to(tl.int64) * stride_kh
+    v_base = V + kv_head.to(tl.int64) * stride_vh
+    o, lse = _attend_range(
+        q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp, K, slopes,
+        positions, tokens, row_ok, start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False, HAS_WINDOW,
+        False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT)
+    if single:
+        o_row = O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
+        _store_state(o_row, LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale,
+                     HEAD_DIM_VO, D_VO, False)
     else:
-        tl.store(o_ptrs, (o * v_scale).to(O.dtype.element_ty), mask=o_mask)
-    tl.store(lse_ptrs, lse, mask=row_ok)
+        o_row = PART_O + item.to(tl.int64) * stride_pw + heads[:, None] * stride_ph
+        _store_state(o_row, PART_LSE + item * stride_plw + heads * stride_plh, o, lse, row_ok, v_scale,
+                     HEAD_DIM_VO, D_VO, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,3 +575,85 @@ def _num_sms(device: torch.device) -> int:
     if index not in _sm_count:
         _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _sm_count[index]
+
+
+# Decode rows are the query heads of one KV head: at least 16 for tl.dot, the whole group in one block.
+def decode_block_m(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))
+
+
+def batch_decode_forward(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_indptr: torch.Tensor,
+    page_indices: torch.Tensor,
+    kv_lens: torch.Tensor,
+    req_item_indptr: torch.Tensor,
+    item_request: torch.Tensor,
+    item_kv_start: torch.Tensor,
+    item_kv_end: torch.Tensor,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    params: AttentionParams,
+    *,
+    alibi_slopes: Optional[torch.Tensor],
+    num_programs: int,
+    max_states: int,
+    merge: bool,
+) -> None:
+    """Launch batch decode over a paged cache (+ the merge of split requests), in place.
+
+    Args:
+        q: ``[B, num_qo_heads, head_dim_qk]`` fp16/bf16, unit last stride.
+        k_pages, v_pages: ``[num_pages, page_size, num_kv_heads, head_dim]`` views (NHD; strides
+            passed), fp16/bf16 or fp8 (scale folded into ``params.sm_scale`` / ``params.v_scale``).
+        page_indptr: int32 ``[B + 1]``, page_indices: int32 page ids; request ``r`` owns
+            ``page_indices[page_indptr[r]:page_indptr[r + 1]]``.
+        kv_lens: int32 ``[B]``. req_item_indptr: int32 ``[B + 1]`` (entry ``B`` = planned item count);
+            item_request / item_kv_start / item_kv_end: int32 ``[>= num_programs]`` (the work items).
+        part_o: float32 ``[>= num_programs, num_qo_heads, head_dim_vo]``, part_lse float32 ``[.., num_qo_heads]``.
+        out: ``[B, num_qo_heads, head_dim_vo]``; lse: float32 ``[B, num_qo_heads]`` (base 2).
+        num_programs: grid size along items (the planned count, or CUDA-graph mode's fixed capacity).
+        max_states: a bound on the items of one request (merge fold width).
+        merge: launch the merge (some request is split, or CUDA-graph mode where that is unknown).
+    """
+    batch, num_qo_heads, head_dim_qk = q.shape
+    num_kv_heads, head_dim_vo = v_pages.shape[2], v_pages.shape[3]
+    group = num_qo_heads // num_kv_heads
+    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    cfg = choose_config("decode", max(d_qk, d_vo))
+    block_m = decode_block_m(group)
+    num_warps = cfg.num_warps if block_m <= 16 else max(cfg.num_warps, 8)
+    _batch_decode_kernel[(num_programs, num_kv_heads)](
+        q, k_pages, v_pages, out, lse, part_o, part_lse, alibi_slopes if alibi_slopes is not None else lse,
+        page_indices, page_indptr, kv_lens, req_item_indptr, item_request, item_kv_start, item_kv_end,
+        q.stride(0), q.stride(1),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        part_o.stride(0), part_o.stride(1), part_lse.stride(0), part_lse.stride(1),
+        batch, k_pages.shape[1],
+        params.sm_scale, params.sm_scale * LOG2E, float(params.logits_soft_cap), int(params.window_left),
+        math.log2(params.rope_theta), 1.0 / params.rope_scale, float(params.v_scale),
+        GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
+        HAS_WINDOW=params.window_left >= 0, USE_SOFTCAP=params.logits_soft_cap > 0,
+        USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=num_warps, num_stages=cfg.num_stages,
+    )
+    if merge:
+        merge_attention_states(part_o, part_lse, out, lse, v_scale=params.v_scale, state_indptr=req_item_indptr,
+                               max_states=max_states)
+
+
+def batch_chunk_align() -> int:
+    """Granularity of planned KV chunks: a multiple of every decode BLOCK_N (tiles never straddle
+    two items). Under the interpreter it is the small test tile, so tiny tests exercise splitting."""
+    return _INTERPRETER_CONFIG.block_n if INTERPRET else KV_CHUNK_ALIGN
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors the scheduler plans for (4 under the interpreter)."""
+    return _num_sms(device)

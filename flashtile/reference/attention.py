@@ -14,7 +14,7 @@ import torch
 from .._core.params import AttentionParams
 from .positional import alibi_slopes, rope_rotate_half_split
 
-__all__ = ["single_attention"]
+__all__ = ["single_attention", "gather_pages", "batch_paged_decode"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -96,4 +96,45 @@ def single_attention(
         o = o.masked_fill(empty[..., None], 0.0)
         out[r0:r1] = (o * params.v_scale).float()
         lse[r0:r1] = ((row_max + denom.log()).squeeze(-1).transpose(0, 1) * LOG2E).float()
+    return out, lse
+
+
+def gather_pages(pages: torch.Tensor, page_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of a request whose pages are ``page_ids``, from an NHD page view
+    ``[num_pages, page_size, heads, dim]``: ``[length, heads, dim]``."""
+    return pages[page_ids.to(device=pages.device, dtype=torch.long)].flatten(0, 1)[:length]
+
+
+def batch_paged_decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_indptr: torch.Tensor,
+    page_indices: torch.Tensor,
+    kv_lens: torch.Tensor,
+    params: AttentionParams,
+):
+    """Decode for a batch over a paged cache, request by request.
+
+    Args:
+        q: ``[B, num_qo_heads, head_dim_qk]``, one query per request at position ``kv_len - 1``.
+        k_pages, v_pages: ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD page views).
+        page_indptr: ``[B + 1]``, page_indices: page ids; request ``r`` owns
+            ``page_indices[page_indptr[r]:page_indptr[r + 1]]``.
+        kv_lens: ``[B]`` tokens per request.
+        params: as :func:`single_attention` (not causal: a decode query sees its whole cache).
+
+    Returns:
+        ``(out [B, num_qo_heads, head_dim_vo], lse [B, num_qo_heads])``, float32, lse base 2.
+    """
+    batch, num_qo_heads, _ = q.shape
+    out = torch.empty(batch, num_qo_heads, v_pages.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_qo_heads, dtype=torch.float32, device=q.device)
+    indptr = page_indptr.tolist()
+    lens = kv_lens.tolist()
+    for r in range(batch):
+        ids = page_indices[indptr[r]: indptr[r + 1]]
+        k = gather_pages(k_pages, ids, lens[r])
+        v = gather_pages(v_pages, ids, lens[r])
+        out[r: r + 1], lse[r: r + 1] = single_attention(q[r: r + 1], k, v, params)
     return out, lse

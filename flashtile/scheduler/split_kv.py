@@ -1,11 +1,25 @@
-"""Split-KV planning for one request: how many KV chunks so the grid fills the GPU.
+"""Split-KV planning: how many KV chunks per request so the grid fills the GPU.
 
-Pure host-side arithmetic (no torch, no Triton), property-tested in tests/test_scheduler.py.
+Host-side arithmetic (CPU tensors for the batch planner, no Triton), property-tested in
+tests/test_scheduler.py. :func:`plan_kv_splits` serves one request (single decode/prefill);
+:func:`plan_batch_kv_splits` serves a batch (the batch decode wrapper).
 """
 
 from __future__ import annotations
 
-__all__ = ["plan_kv_splits", "PROGRAMS_PER_SM", "MIN_CHUNK_TILES"]
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "plan_kv_splits",
+    "plan_batch_kv_splits",
+    "batch_item_capacity",
+    "BatchKVSplits",
+    "PROGRAMS_PER_SM",
+    "MIN_CHUNK_TILES",
+]
 
 # Aim for this many programs per SM. Measured on H100 (benchmarks/sweep_splits.py, 32/8 heads,
 # d128): 2 beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more,
@@ -46,3 +60,80 @@ def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) ->
     # this overshoots ``wanted`` by at most a factor 1.5 (rounded up).
     chunk = max(1, tiles // wanted) * align
     return _cdiv(kv_len, chunk), chunk
+
+
+@dataclass(frozen=True)
+class BatchKVSplits:
+    """Work items of a batch: item ``w`` is request ``item_request[w]``'s KV range
+    ``[item_kv_start[w], item_kv_end[w])``; the items of request ``r`` are
+    ``request_item_indptr[r]:request_item_indptr[r + 1]``, in KV order (at least one per request,
+    empty for a request of length 0). All int64 CPU tensors."""
+
+    chunk: int
+    request_item_indptr: torch.Tensor  # [B + 1]
+    item_request: torch.Tensor  # [num_items]
+    item_kv_start: torch.Tensor  # [num_items]
+    item_kv_end: torch.Tensor  # [num_items]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_request.numel())
+
+
+def batch_item_capacity(batch_size: int, programs_per_item: int, num_sms: int) -> int:
+    """Most items :func:`plan_batch_kv_splits` creates for ``batch_size`` requests (without a fixed
+    split size): ``sum(cdiv(len, chunk)) <= total / chunk + batch <= target_items + batch``. CUDA-graph
+    mode sizes its grid and partial-state buffers with this."""
+    return _target_items(programs_per_item, num_sms) + batch_size
+
+
+def _target_items(programs_per_item: int, num_sms: int) -> int:
+    return max(1, (PROGRAMS_PER_SM * num_sms) // max(1, programs_per_item))
+
+
+def plan_batch_kv_splits(
+    kv_lens: torch.Tensor,
+    programs_per_item: int,
+    num_sms: int,
+    align: int,
+    *,
+    fixed_chunk: Optional[int] = None,
+    disable_split: bool = False,
+) -> BatchKVSplits:
+    """Cut every request's KV into chunks of one common size so the grid fills the GPU.
+
+    The chunk is the total KV length over the number of items that fill ``PROGRAMS_PER_SM`` programs
+    per SM (each item launches ``programs_per_item`` programs, e.g. one per KV head), rounded up to
+    ``align`` and at least ``MIN_CHUNK_TILES * align``. A large uniform batch therefore is not split,
+    one long request is cut into about ``target`` pieces, and in a skewed batch only the long
+    requests are cut, into pieces no longer than the work every SM gets anyway: no program runs much
+    longer than the average, which bounds the tail.
+
+    Args:
+        kv_lens: int CPU tensor ``[B]`` of KV lengths (>= 0).
+        programs_per_item: programs one item launches (KV heads x row blocks).
+        num_sms: streaming multiprocessors of the device.
+        align: chunk granularity in tokens (a multiple of every BLOCK_N of the kernel).
+        fixed_chunk: deterministic mode: this chunk (tokens, rounded up to ``align``) whatever the
+            batch, so a request's split points, and so its output bits, do not depend on the other
+            requests of the batch.
+        disable_split: one item per request (also batch-invariant).
+    """
+    lens = kv_lens.to(torch.int64)
+    batch = lens.numel()
+    longest = int(lens.max()) if batch else 0
+    if disable_split:
+        chunk = max(align, _cdiv(max(longest, 1), align) * align)
+    elif fixed_chunk is not None:
+        chunk = max(align, _cdiv(int(fixed_chunk), align) * align)
+    else:
+        total = int(lens.sum()) if batch else 0
+        per_item = _cdiv(max(total, 1), _target_items(programs_per_item, num_sms))
+        chunk = max(MIN_CHUNK_TILES * align, _cdiv(per_item, align) * align)
+    counts = torch.clamp((lens + chunk - 1) // chunk, min=1)
+    indptr = torch.zeros(batch + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=indptr[1:])
+    item_request = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64), counts)
+    item_kv_start = (torch.arange(item_request.numel(), dtype=torch.int64) - indptr[item_request]) * chunk
+    item_kv_end = torch.minimum(item_kv_start + chunk, lens[item_request])
+    return BatchKVSplits(chunk, indptr, item_request, item_kv_start, item_kv_end)
