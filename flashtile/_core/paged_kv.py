@@ -81,8 +81,8 @@ def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD", name: str = "p
     check_option("kv_layout", kv_layout, KV_LAYOUTS)
     if isinstance(paged_kv_cache, torch.Tensor):
         x = paged_kv_cache
-        if x.dim() == 4:  # [pages, 2, heads, dim]: page size 1
-            x = x.unsqueeze(2)
+        if x.dim() == 4:  # [pages, 2, heads, dim]: page size 1, the page axis sits where the layout puts it
+            x = x.unsqueeze(2) if kv_layout == "NHD" else x.unsqueeze(3)
         if x.dim() != 5 or x.shape[1] != 2:
             raise ValueError(
                 f"{name}: expected a 5-D tensor [pages, 2, page_size, heads, dim] ({kv_layout} layout; "
