@@ -1,0 +1,237 @@
+"""Sampling, written the clear way (sort-based filters, inverse-CDF draws): the CPU path and the spec.
+
+Every function here takes already-validated arguments (the API layer checks them) and returns new
+tensors. Per-request parameters arrive as 1-D tensors ``[batch_out]`` (the API layer broadcasts
+scalars); ``rows`` (int64 ``[batch_out]``) maps each output row to its row of ``probs``/``logits``.
+
+Filter sets (the definition the Triton kernels implement without sorting; ties are always kept
+together, because every rule compares a token's probability with the others' by value):
+
+- top-k: keep token t iff ``count{p > p_t} < k``, i.e. ``p_t >=`` the k-th largest probability.
+  ``k <= 0`` or ``k >= vocab`` keeps every token.
+- top-p: keep t iff ``mass{p > p_t} < top_p * total`` (``total`` = the row's sum, so inputs need not
+  be normalized), or t is a most probable token. Sorted descending with an exclusive cumulative sum
+  ``c``, this keeps the sorted prefix with ``c < top_p * total`` plus every token tied with its last
+  element. ``top_p >= 1`` keeps every token of positive probability.
+- min-p: keep t iff ``p_t >= min_p * max(p)``.
+- top-k then top-p ("top_k_first"): the top-p rule applied to the top-k renormalized distribution.
+- joint: both rules on the original distribution.
+
+Invalid entries: NaN and negative probabilities count as probability 0. A row without any positive
+probability has no valid token: samplers return token 0 for it and report it as not valid.
+
+Randomness: the draws of output row ``i`` are uniforms ``u(seed_i, offset_i + j)`` from a counter
+based generator (:func:`uniforms`); a draw picks the first token whose running sum over the filter
+set exceeds ``u * mass(filter set)`` (inverse CDF, in float64). The kernels use Triton's Philox with
+the same (seed, offset) inputs, so the two paths are each reproducible but give different samples.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "uniforms",
+    "softmax",
+    "top_k_keep",
+    "top_p_keep",
+    "min_p_keep",
+    "sample_from_mask",
+    "sampling_from_probs",
+    "sampling_from_logits",
+    "filtered_sampling",
+    "top_p_renorm_probs",
+    "top_k_renorm_probs",
+    "top_k_mask_logits",
+    "chain_speculative_sampling",
+]
+
+_M64 = (1 << 64) - 1
+DRAW_STRIDE = 64  # counters per output row when one (seed, offset) serves the batch
+
+
+def _to_signed(v: int) -> int:
+    v &= _M64
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+_C1, _C2, _C3 = (_to_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix(x: torch.Tensor) -> torch.Tensor:
+    x = x + _C1
+    x = (x ^ _srl(x, 30)) * _C2
+    x = (x ^ _srl(x, 27)) * _C3
+    return x ^ _srl(x, 31)
+
+
+def uniforms(seed: torch.Tensor, offset: torch.Tensor, rows: int, n: int, row_stride: int = DRAW_STRIDE) -> torch.Tensor:
+    """Uniforms in [0, 1), float64 ``[rows, n]``: row i, draw j = u(seed_i, offset_i + j).
+
+    ``seed``/``offset``: int64 tensors of length ``rows`` (per-row values), or of length 1: one
+    (seed, offset) for the batch, with ``offset_i = offset + i * row_stride``.
+    """
+    seed = seed.to("cpu", torch.int64)
+    offset = offset.to("cpu", torch.int64)
+    if offset.numel() == 1:
+        offset = offset + torch.arange(rows, dtype=torch.int64) * row_stride
+    seed = seed.expand(rows)
+    counter = offset[:, None] + torch.arange(n, dtype=torch.int64)[None, :]
+    bits = _splitmix(_splitmix(seed)[:, None] ^ counter)
+    return _srl(bits, 11).double() * (1.0 / (1 << 53))
+
+
+def softmax(logits: torch.Tensor, temperature: Optional[torch.Tensor]) -> torch.Tensor:
+    """float32 ``softmax(logits / temperature)`` per row; a row that is all -inf (or NaN) gives zeros."""
+    x = logits.double()
+    if temperature is not None:
+        x = x / temperature.double()[:, None]
+    x = torch.where(torch.isnan(x), float("-inf"), x)
+    mx = x.max(dim=-1, keepdim=True).values
+    alive = torch.isfinite(mx)
+    e = torch.exp(x - torch.where(alive, mx, 0.0))
+    out = torch.where(alive, e / e.sum(dim=-1, keepdim=True), 0.0)
+    return out.float()
+
+
+def _clean(probs: torch.Tensor) -> torch.Tensor:
+    """float64 probabilities with NaN and negative entries set to 0."""
+    p = probs.double()
+    return torch.where(p > 0, p, 0.0)
+
+
+def top_k_keep(p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the top-k set per row (ties at the k-th value kept). p: float64 ``[B, V]``."""
+    vocab = p.shape[-1]
+    k = top_k.to(torch.int64)
+    k = torch.where((k <= 0) | (k > vocab), vocab, k)
+    desc = torch.sort(p, dim=-1, descending=True).values
+    kth = desc.gather(-1, (k - 1)[:, None])
+    return p >= kth
+
+
+def top_p_keep(p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the nucleus per row: mass{p > p_t} < top_p * total (most probable tokens always)."""
+    desc = torch.sort(p, dim=-1, descending=True).values
+    excl = torch.cumsum(desc, dim=-1) - desc  # mass strictly before each sorted position
+    total = p.sum(dim=-1, keepdim=True)
+    inside = excl < top_p.double()[:, None] * total
+    inside[:, 0] = True
+    # The smallest kept value; every token tied with it (or above it) is kept.
+    last = inside.sum(dim=-1, keepdim=True) - 1
+    pivot = desc.gather(-1, last)
+    return p >= pivot
+
+
+def min_p_keep(p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    mx = p.max(dim=-1, keepdim=True).values
+    return p >= min_p.double()[:, None] * mx
+
+
+def sample_from_mask(p: torch.Tensor, keep: torch.Tensor, u: torch.Tensor):
+    """Inverse-CDF draw from ``p`` restricted to ``keep``. p float64 ``[B, V]`` (>= 0), u ``[B]``.
+
+    Returns (ids int64 ``[B]``, valid bool ``[B]``); rows without positive mass give id 0, invalid.
+    """
+    w = torch.where(keep, p, 0.0)
+    cdf = torch.cumsum(w, dim=-1)
+    mass = cdf[:, -1:]
+    valid = mass[:, 0] > 0
+    hit = (cdf > u[:, None] * mass) & (w > 0)
+    ids = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), 0)
+    # u * mass can round above the last running sum: take the last token of positive weight then.
+    last = torch.where(w > 0, torch.arange(p.shape[-1]), -1).max(dim=-1).values
+    ids = torch.where(hit.any(dim=-1), ids, last.clamp(min=0))
+    return torch.where(valid, ids, 0), valid
+
+
+def sampling_from_probs(probs, rows, seed, offset):
+    p = _clean(probs)[rows]
+    u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
+    return sample_from_mask(p, torch.ones_like(p, dtype=torch.bool), u)
+
+
+def sampling_from_logits(logits, rows, seed, offset):
+    return sampling_from_probs(softmax(logits, None), rows, seed, offset)
+
+
+def filtered_sampling(probs, rows, seed, offset, *, top_k=None, top_p=None, min_p=None, order="joint"):
+    """Draw from the filter set (module doc) of each row; returns (ids, valid)."""
+    p = _clean(probs)[rows]
+    keep = p > 0
+    if top_k is not None:
+        keep &= top_k_keep(p, top_k)
+    if top_p is not None:
+        base = torch.where(keep, p, 0.0) if order == "top_k_first" else p
+        keep &= top_p_keep(base, top_p)
+    if min_p is not None:
+        keep &= min_p_keep(p, min_p)
+    u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
+    return sample_from_mask(p, keep, u)
+
+
+def _renorm(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    w = torch.where(keep, p, 0.0)
+    mass = w.sum(dim=-1, keepdim=True)
+    return torch.where(mass > 0, w / torch.where(mass > 0, mass, 1.0), 0.0).float()
+
+
+def top_p_renorm_probs(probs, top_p):
+    p = _clean(probs)
+    return _renorm(p, top_p_keep(p, top_p) & (p > 0))
+
+
+def top_k_renorm_probs(probs, top_k):
+    p = _clean(probs)
+    return _renorm(p, top_k_keep(p, top_k))
+
+
+def top_k_mask_logits(logits, top_k):
+    """Logits outside the top-k set (and NaN) become -inf; ``k`` counts entries above -inf."""
+    x = logits.double()
+    x = torch.where(torch.isnan(x), float("-inf"), x)
+    vocab = x.shape[-1]
+    k = top_k.to(torch.int64)
+    k = torch.where((k <= 0) | (k > vocab), vocab, k)
+    kth = torch.sort(x, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+    return torch.where(x >= kth, x, float("-inf")).to(logits.dtype)
+
+
+def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, seed, offset):
+    """Standard speculative sampling. Returns (output_ids int32 [B, n+1], accepted int32 [B], emitted int32 [B]).
+
+    Draw j < n of row b judges draft token j: accepted iff ``u_j * p_draft < p_target`` (probability
+    ``min(1, p_target / p_draft)``; a token of target probability 0 is never accepted). Draw n picks
+    the final token: from ``normalize(max(p_target - p_draft, 0))`` at the first rejection (from the
+    target itself when that residual has no mass), or from ``target_probs[:, n]`` when all n are
+    accepted.
+    """
+    batch, n, _ = draft_probs.shape
+    q = _clean(draft_probs)
+    t = _clean(target_probs)
+    ids = draft_token_ids.to(torch.int64)
+    u = uniforms(seed, offset, batch, n + 1, row_stride=n + 1)
+    pd = q.gather(-1, ids[..., None])[..., 0]  # [B, n]
+    pt = t[:, :n].gather(-1, ids[..., None])[..., 0]
+    accept = u[:, :n] * pd < pt
+    accepted = accept.sum(dim=-1)
+    emitted = torch.cumprod(accept.long(), dim=-1).sum(dim=-1)
+    out = torch.full((batch, n + 1), -1, dtype=torch.int64)
+    for b in range(batch):
+        e = int(emitted[b])
+        out[b, :e] = ids[b, :e]
+        if e < n:
+            resid = torch.clamp(t[b, e] - q[b, e], min=0.0)
+            dist = resid if resid.sum() > 0 else t[b, e]
+        else:
+            dist = t[b, n]
+        tok, _ = sample_from_mask(dist[None], torch.ones_like(dist[None], dtype=torch.bool), u[b, n:])
+        out[b, e] = tok[0]
+    return out.to(torch.int32), accepted.to(torch.int32), emitted.to(torch.int32)
