@@ -18,7 +18,11 @@ if _os.environ.get("FLASHTILE_BACKEND", "").lower() == "triton" and "triton" not
         _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import decode, prefill, quantization, utils  # noqa: E402
-from .decode import single_decode_with_kv_cache  # noqa: E402
+from .decode import (  # noqa: E402
+    BatchDecodeWithPagedKVCacheWrapper,
+    CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
+    single_decode_with_kv_cache,
+)
 from .prefill import single_prefill_with_kv_cache, single_prefill_with_kv_cache_return_lse  # noqa: E402
 from .quantization import packbits, segment_packbits  # noqa: E402
 from .utils import next_positive_power_of_2  # noqa: E402
@@ -33,6 +37,8 @@ __all__ = [
     "segment_packbits",
     "next_positive_power_of_2",
     "single_decode_with_kv_cache",
+    "BatchDecodeWithPagedKVCacheWrapper",
+    "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",
 ]

@@ -444,6 +444,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         )
         return (out, lse) if return_lse else out
 
+    def run_return_lse(self, q: torch.Tensor, paged_kv_cache, *args, **kwargs):
+        """``run(..., return_lse=True)`` (upstream alias)."""
+        return self.run(q, paged_kv_cache, *args, return_lse=True, **kwargs)
+
     def _check_run_inputs(self, plan: _DecodePlan, q: torch.Tensor, cache) -> None:
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {describe(q)}")
