@@ -79,6 +79,8 @@ def attention_oracle(
             s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
         s = s.masked_fill(~allowed, float("-inf"))
         seen = allowed.any(dim=1)  # rows with at least one visible key
+        if Lk == 0:
+            continue  # nothing visible: output 0, lse -inf
         mx = torch.where(seen, s.max(dim=1).values, torch.zeros(Lq, dtype=torch.float64))
         w = torch.exp(s - mx[:, None])  # exactly 0 where masked
         denom = w.sum(dim=1)
