@@ -93,6 +93,7 @@ class Suite:
     providers: List[Provider]
     metric: str = "gbps"
     description: str = ""
+    ceiling: Optional[float] = None  # drawn as a line on the plot (e.g. the measured copy bandwidth)
 
 
 SUITES: Dict[str, Suite] = {}
@@ -364,6 +365,8 @@ def plot(suite: Suite, records: List[Dict[str, Any]], path: pathlib.Path) -> Opt
     for i, name in enumerate(names):
         xs = [c + (i - (len(names) - 1) / 2) * width for c in range(len(cases))]
         ax.bar(xs, [value.get((case, name), 0.0) for case in cases], width, label=name)
+    if suite.ceiling:
+        ax.axhline(suite.ceiling, linestyle="--", color="black", linewidth=1, label=f"ceiling {suite.ceiling:g}")
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(_METRIC[suite.metric])

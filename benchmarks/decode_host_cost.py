@@ -1,0 +1,78 @@
+"""Host cost of batch decode: plan() wall time for a batch of 256, and run()'s eager cost per call
+(no CUDA graph) on a shape whose GPU time is negligible, next to torch SDPA's eager call.
+
+Usage: python benchmarks/decode_host_cost.py  (prints a markdown table; CUDA only).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import flashtile  # noqa: E402
+
+
+def _table(batch, n, page_size, device):
+    pages = -(-n // page_size)
+    indptr = torch.arange(batch + 1, dtype=torch.int32) * pages
+    indices = torch.randperm(batch * pages, dtype=torch.int32)
+    last = torch.full((batch,), n - (pages - 1) * page_size, dtype=torch.int32)
+    cache = torch.randn(batch * pages, 2, page_size, 8, 128, dtype=torch.bfloat16, device=device)
+    return indptr, indices, last, cache
+
+
+def _per_call_us(fn, calls=300):
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=device)
+    rows = []
+    indptr, indices, last, cache = _table(256, 2048, 16, device)
+    w = flashtile.BatchDecodeWithPagedKVCacheWrapper(ws)
+
+    def plan():
+        w.plan(indptr, indices, last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+
+    plan()
+    times = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        plan()
+        times.append((time.perf_counter() - t0) * 1e6)
+    rows.append(("plan(), batch 256 x 2048, page 16, host index arrays", statistics.median(times)))
+
+    for batch in (1, 64):
+        indptr, indices, last, cache = _table(batch, 16, 16, device)
+        w.plan(indptr, indices, last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+        q = torch.randn(batch, 32, 128, dtype=torch.bfloat16, device=device)
+        out = torch.empty_like(q)
+        rows.append((f"run() eager per call, batch {batch} x 16 tokens", _per_call_us(lambda: w.run(q, cache, out=out))))
+        qs = q[:, :, None]
+        ks = torch.randn(batch, 8, 16, 128, dtype=torch.bfloat16, device=device)
+        rows.append((f"torch SDPA eager per call, batch {batch} x 16 tokens (enable_gqa)",
+                     _per_call_us(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True))))
+    print("| what | µs (host wall, median) |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
