@@ -460,3 +460,22 @@ def test_torch_compile_fullgraph_append(device):
     want = step(key, value, cache2)
     assert torch.equal(cache, cache2)
     torch.testing.assert_close(got, want)
+
+
+def test_bench_page_smoke(tmp_path):
+    """The page_append benchmark suite runs on CPU (--smoke) and every provider writes the same cache."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from benchmarks import harness
+    from benchmarks.bench_page import append_cases
+
+    records = harness.run_suite(harness.SUITES["page_append"], smoke=True, log=lambda s: None)
+    by = {(r["case"], r["provider"]): r for r in records}
+    for case in append_cases(True):
+        assert case.bytes == 2 * 2 * case.params["nnz"] * case.params["num_kv_heads"] * case.params["head_dim"] * 2
+        assert by[case.name, "flashtile"]["status"] == "ok"
+        for name in ("torch_index_slots", "torch_index_table"):
+            r = by[case.name, name]
+            assert r["status"] == "ok" and r["diff_ref"] == "flashtile" and r["max_abs_diff"] == 0, r
