@@ -13,7 +13,7 @@ import torch
 
 from ._core import ops_small as ops
 from ._core.buffers import new_output
-from ._core.checks import check_same_device, check_tensor, describe
+from ._core.checks import check_tensor, describe
 
 __all__ = ["rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm", "layernorm"]
 
@@ -39,8 +39,7 @@ def _check_rows(name: str, x, ndims=(2, 3)) -> None:
 
 def _check_vector(name: str, x, input: torch.Tensor) -> None:
     """A per-column parameter (weight, gamma, beta): float ``[hidden_size]`` on input's device."""
-    check_tensor(name, x, shape=(input.shape[-1],), dtypes=FLOAT_DTYPES)
-    check_same_device(input=input, **{name: x})
+    check_tensor(name, x, shape=(input.shape[-1],), dtypes=FLOAT_DTYPES, device=input.device)
 
 
 def _check_like(name: str, x, input: torch.Tensor) -> None:

@@ -129,24 +129,30 @@ def test_layernorm(path, device, dtype, shape):
 
 def test_two_pass_path(path, device, monkeypatch):
     """Rows longer than MAX_ONE_PASS loop over chunks (two passes); shrink the limit to test it small."""
+    kernels = None
     if path == "kernel":
         from flashtile._core.dispatch import choose_path, load_kernels
 
         kernels = load_kernels("norm", choose_path(device).path)
         monkeypatch.setattr(kernels, "MAX_ONE_PASS", 64)
         monkeypatch.setattr(kernels, "LOOP_BLOCK", 32)
+        kernels.norm_config.cache_clear()  # configs are memoized per shape
         assert kernels.norm_config(3, 111, 4)[2] is False
-    x = torch.randn(3, 111, dtype=torch.bfloat16, device=device)
-    r = torch.randn(3, 111, dtype=torch.bfloat16, device=device)
-    w = _weight(111, torch.bfloat16, device)
-    g, b = torch.randn(111, device=device), torch.randn(111, device=device)
-    _close(norm.rmsnorm(x, w), rmsnorm_f64(x, w), torch.bfloat16)
-    _close(norm.layernorm(x, g, b), layernorm_f64(x, g, b), torch.bfloat16)
-    ref_x, ref_r = fused_add_rmsnorm_f64(x, r, w)
-    norm.fused_add_rmsnorm(x, r, w)
-    _close(r, ref_r, torch.bfloat16)
-    # The second pass reads the rounded residual (documented): compare against the oracle on it.
-    _close(x, rmsnorm_f64(r, w) if path == "kernel" else ref_x, torch.bfloat16)
+    try:
+        x = torch.randn(3, 111, dtype=torch.bfloat16, device=device)
+        r = torch.randn(3, 111, dtype=torch.bfloat16, device=device)
+        w = _weight(111, torch.bfloat16, device)
+        g, b = torch.randn(111, device=device), torch.randn(111, device=device)
+        _close(norm.rmsnorm(x, w), rmsnorm_f64(x, w), torch.bfloat16)
+        _close(norm.layernorm(x, g, b), layernorm_f64(x, g, b), torch.bfloat16)
+        ref_x, ref_r = fused_add_rmsnorm_f64(x, r, w)
+        norm.fused_add_rmsnorm(x, r, w)
+        _close(r, ref_r, torch.bfloat16)
+        # The second pass reads the rounded residual (documented): compare against the oracle on it.
+        _close(x, rmsnorm_f64(r, w) if path == "kernel" else ref_x, torch.bfloat16)
+    finally:
+        if kernels is not None:
+            kernels.norm_config.cache_clear()
 
 
 def test_empty_batch(path, device):
@@ -294,3 +300,22 @@ def test_cuda_graph_replay():
     ref_x, ref_r = fused_add_rmsnorm_f64(x0, r0, w)
     _close(x, ref_x, torch.bfloat16)
     _close(r, ref_r, torch.bfloat16)
+
+
+def test_small_ops_benchmark_smoke(tmp_path):
+    """benchmarks/bench_small_ops.py runs end to end (--smoke) and flashtile agrees with torch."""
+    import json
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from benchmarks import harness
+
+    suites = ["norm", "qk_norm", "activation", "rope", "small_ops_launch"]
+    harness.run_suites(suites, tmp_path, smoke=True, providers=["flashtile", "torch_eager"])
+    for suite in suites:
+        records = [json.loads(line) for line in (tmp_path / f"{suite}.jsonl").read_text().splitlines()]
+        assert records and all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
+        for r in records:
+            if r.get("max_abs_diff") is not None:
+                assert r["max_abs_diff"] < 5e-2, r

@@ -8,6 +8,7 @@ Eager calls skip the custom-op dispatcher (``call``); under torch.compile the op
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -17,10 +18,21 @@ from .dispatch import Path, choose_path, load_kernels
 __all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "call"]
 
 
+_MISSING = object()
+_kernel_modules: dict = {}
+
+
 def _kernels(name: str, device: torch.device):
-    """The kernel module for this call, or None for the reference path."""
-    path = choose_path(device).path
-    return None if path is Path.REFERENCE else load_kernels(name, path)
+    """The kernel module for this call, or None for the reference path. The decision is remembered
+    per (module, device type, FLASHTILE_BACKEND): these ops are launch-bound at small sizes, and
+    choose_path costs several microseconds of host time."""
+    key = (name, device.type, os.environ.get("FLASHTILE_BACKEND"))
+    module = _kernel_modules.get(key, _MISSING)
+    if module is _MISSING:
+        path = choose_path(device).path
+        module = None if path is Path.REFERENCE else load_kernels(name, path)
+        _kernel_modules[key] = module
+    return module
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ column blocks; short rows share a program (``BLOCK_M`` rows).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,7 @@ def _act_and_mul_kernel(
     tl.store(Y + rows[:, None] * stride_y_row + cols[None, :] * stride_y_col, y.to(Y.dtype.element_ty), mask=ok)
 
 
+@functools.lru_cache(maxsize=1024)
 def act_config(n_rows: int, d: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_D, num_warps)``: up to MAX_BLOCK_D columns per program; short rows are
     grouped so a program writes about TILE outputs; 8..16 outputs per thread."""

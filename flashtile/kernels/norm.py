@@ -18,6 +18,8 @@ a q slice of a fused QKV projection): row ``r`` starts at ``(r // inner) * strid
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -157,6 +159,7 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count[index]
 
 
+@functools.lru_cache(maxsize=1024)
 def norm_config(n_rows: int, n_cols: int, num_sms: int) -> tuple[int, int, bool, int]:
     """``(BLOCK_M, BLOCK_N, ONE_PASS, num_warps)`` for ``n_rows`` rows of ``n_cols`` elements.
 
