@@ -18,8 +18,8 @@ import triton.language as tl
 
 MAX_BLOCK_D = 2048  # columns per program
 TILE = 2048  # outputs per program when short rows share a program
-SQRT_2_OVER_PI = 0.7978845608028654
-INV_SQRT_2 = 0.7071067811865476
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels may read only constexpr globals
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
