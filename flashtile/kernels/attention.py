@@ -369,13 +369,12 @@ def _batch_decode_kernel(
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False, HAS_WINDOW,
         False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT)
     if single:
-        o_row = O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-        _store_state(o_row, LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale,
-                     HEAD_DIM_VO, D_VO, False)
+        _store_state(O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh,
+                     LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, False)
     else:
-        o_row = PART_O + item.to(tl.int64) * stride_pw + heads[:, None] * stride_ph
-        _store_state(o_row, PART_LSE + item * stride_plw + heads * stride_plh, o, lse, row_ok, v_scale,
-                     HEAD_DIM_VO, D_VO, True)
+        _store_state(PART_O + item.to(tl.int64) * stride_pw + heads[:, None] * stride_ph,
+                     PART_LSE + item * stride_plw + heads * stride_plh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO,
+                     True)
 
 
 # ----------------------------------------------------------------------------------------------
