@@ -23,8 +23,8 @@ for step in "$@"; do
                 tests/test_single_decode.py tests/test_single_prefill.py -k "not 32768 and not 1024x1024 and not 8191 and not 4096 and not 513" 2>&1 | tail -6 | tee "$OUT/sanitize.log" ;;
     compile) python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile.md" ;;
     tests-batch) python3 -m pytest -q -p no:warnings tests/test_batch_decode.py tests/test_scheduler.py tests/test_attention_ops.py tests/test_single_decode.py 2>&1 | tee "$OUT/tests_batch.log" | tail -15 ;;
-    bench-batch) python3 benchmarks/run.py --suite batch_decode --out /tmp/bench 2>&1 | tail -30
-           python3 benchmarks/run.py --suite batch_decode_sweep --out /tmp/bench 2>&1 | tail -22
+    bench-batch) python3 benchmarks/run.py --suite batch_decode --cuda-graph on --out /tmp/bench 2>&1 | tail -30
+           python3 benchmarks/run.py --suite batch_decode_sweep --cuda-graph on --out /tmp/bench 2>&1 | tail -22
            python3 benchmarks/decode_host_cost.py 2>&1 | tee /tmp/bench/host_cost.md
            cat /tmp/bench/batch_decode.md /tmp/bench/batch_decode_sweep.md /tmp/bench/host_cost.md > "$OUT/batch_decode.md"
            cp /tmp/bench/batch_decode_sweep.png "$OUT/" 2>/dev/null ;;
