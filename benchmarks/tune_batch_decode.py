@@ -51,15 +51,15 @@ def main():
     configs = [attn.LaunchConfig(16, bn, wp, st) for bn in (32, 64, 128) for wp in (4, 8) for st in (2, 3, 4)]
     if quick:
         configs = configs[:4]
-    base = attn._CONFIG_TABLE[("decode", 128)]
+    base = attn._CONFIG_TABLE[("batch_decode", 128)]
     for name, lens in cases.items():
         q, cache, table = make(lens)
         kv_bytes = 2 * sum(lens) * 8 * 128 * 2
         results = []
         for pps in (1, 2, 4, 8):
-            split_kv.PROGRAMS_PER_SM = pps
+            split_kv.BATCH_PROGRAMS_PER_SM = pps
             for cfg in configs:
-                attn._CONFIG_TABLE[("decode", 128)] = cfg
+                attn._CONFIG_TABLE[("batch_decode", 128)] = cfg
                 try:
                     us = time_us(w, q, cache, table)
                 except Exception as e:  # out of resources
@@ -72,8 +72,8 @@ def main():
         us, pps, cfg = results[0]
         print(f"BEST {name}: pps={pps} {cfg} {us:.1f} us {kv_bytes / us / 1e3:.0f} GB/s", flush=True)
         del q, cache
-    split_kv.PROGRAMS_PER_SM = 2
-    attn._CONFIG_TABLE[("decode", 128)] = base
+    split_kv.BATCH_PROGRAMS_PER_SM = 4
+    attn._CONFIG_TABLE[("batch_decode", 128)] = base
 
     # Host path of run(): where the eager microseconds go.
     q, cache, table = make([16])

@@ -131,6 +131,8 @@ class _DecodePlan:
     max_states: int
     merge: bool
     max_page_id: Optional[int]  # known when the page table came from the host
+    part_o: torch.Tensor  # float32 [rows, num_qo_heads, head_dim] view of the float workspace
+    part_lse: torch.Tensor  # float32 [rows, num_qo_heads]
 
 
 class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
@@ -362,6 +364,13 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             page_indptr = indptr.to(self.device, torch.int32, non_blocking=non_blocking)
             page_indices = indices.to(self.device, torch.int32, non_blocking=non_blocking)
 
+        # Split-KV partial states live in the float workspace (float32 [rows, heads, head_dim] + lse).
+        part_rows = num_programs if merge else 0
+        part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer",
+                                    4 * part_rows * num_qo_heads * (head_dim + 1), torch.float32)
+        part_o = part[: part_rows * num_qo_heads * head_dim].view(part_rows, num_qo_heads, head_dim)
+        part_lse = part[part_rows * num_qo_heads * head_dim:].view(part_rows, num_qo_heads)
+
         self._plan = _DecodePlan(
             batch_size=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             page_size=page_size, q_dtype=q_dtype, kv_dtype=kv_dtype, o_dtype=o_dtype,
@@ -371,7 +380,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
             page_indptr=page_indptr, page_indices=page_indices, kv_lens=views[1], req_item_indptr=views[0],
             item_request=views[2], item_kv_start=views[3], item_kv_end=views[4], num_programs=num_programs,
-            max_states=max_states, merge=merge, max_page_id=max_page_id,
+            max_states=max_states, merge=merge, max_page_id=max_page_id, part_o=part_o, part_lse=part_lse,
         )
 
     begin_forward = plan
@@ -430,15 +439,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             out = new_output(shape, plan.o_dtype, q.device)
         if lse is None:
             lse = new_output(shape[:2], torch.float32, q.device)
-        part_rows = plan.num_programs if plan.merge else 0
-        per_row = plan.num_qo_heads * (shape[2] + 1)
-        part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer", 4 * part_rows * per_row,
-                                    torch.float32)
-        part_o = part[: part_rows * plan.num_qo_heads * shape[2]].view(part_rows, plan.num_qo_heads, shape[2])
-        part_lse = part[part_rows * plan.num_qo_heads * shape[2]:].view(part_rows, plan.num_qo_heads)
         ops.call_batch_decode(
             q, cache.k, cache.v, plan.page_indptr, plan.page_indices, plan.kv_lens, plan.req_item_indptr,
-            plan.item_request, plan.item_kv_start, plan.item_kv_end, part_o, part_lse, out, lse, plan.num_programs,
+            plan.item_request, plan.item_kv_start, plan.item_kv_end, plan.part_o, plan.part_lse, out, lse,
+            plan.num_programs,
             plan.max_states, plan.merge, sm_scale, plan.logits_soft_cap, plan.window_left, plan.pos_encoding_mode,
             plan.rope_scale, plan.rope_theta, v_scale_f, self._backend,
         )

@@ -332,9 +332,8 @@ def test_workspace_too_small_raises(device):
     lens = [200, 3] if not HAS_CUDA else [60000, 3]
     cache, indptr, indices, last = make_paged_batch(lens, 16, 2, 32, torch.float16, device)
     w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(64, dtype=torch.uint8, device=device), backend="triton")
-    w.plan(indptr, indices, last, 4, 2, 32, 16)
     with pytest.raises(ValueError, match="workspace"):
-        w.run(torch.randn(2, 4, 32, dtype=torch.float16, device=device), cache)
+        w.plan(indptr, indices, last, 4, 2, 32, 16)
 
 
 def test_graph_mode_buffer_errors(device):

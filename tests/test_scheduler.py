@@ -43,6 +43,7 @@ def test_enough_programs_for_a_long_request(kv_len, sms):
 import torch  # noqa: E402
 
 from flashtile.scheduler.split_kv import (  # noqa: E402
+    BATCH_PROGRAMS_PER_SM,
     MIN_CHUNK_TILES,
     batch_item_capacity,
     plan_batch_kv_splits,
@@ -81,7 +82,7 @@ def test_batch_items_cover_every_token_once(lens, heads, sms, align, mode, fixed
         assert plan.num_items <= batch_item_capacity(len(lens), heads, sms)
         # Imbalance: no item is longer than the per-item share of the total work (rounded to the
         # alignment), or than the minimum chunk when the total is small.
-        target = max(1, (2 * sms) // heads)
+        target = max(1, (BATCH_PROGRAMS_PER_SM * sms) // heads)
         share = -(-max(sum(lens), 1) // target)
         assert plan.chunk <= max(MIN_CHUNK_TILES * align, share + align)
     if mode == "disable":

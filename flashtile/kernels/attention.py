@@ -399,6 +399,13 @@ _CONFIG_TABLE = {
     ("decode", 64): LaunchConfig(16, 64, 8, 2),
     ("decode", 128): LaunchConfig(16, 64, 4, 2),
     ("decode", 256): LaunchConfig(16, 64, 8, 2),
+    # Paged batch decode (benchmarks/tune_batch_decode.py, H100, d128, page 16): BLOCK_N 32 won at
+    # 1 x 32k, 16 x 4k and 64 x 4k (stages 2-4 within noise; 3 chosen); 128 won only at 256 x 2k.
+    ("batch_decode", 16): LaunchConfig(16, 32, 4, 3),
+    ("batch_decode", 32): LaunchConfig(16, 32, 4, 3),
+    ("batch_decode", 64): LaunchConfig(16, 32, 4, 3),
+    ("batch_decode", 128): LaunchConfig(16, 32, 4, 3),
+    ("batch_decode", 256): LaunchConfig(16, 32, 4, 2),
     ("prefill", 16): LaunchConfig(128, 64, 4, 3),
     ("prefill", 32): LaunchConfig(128, 64, 4, 3),
     ("prefill", 64): LaunchConfig(128, 64, 4, 3),
@@ -623,7 +630,7 @@ def batch_decode_forward(
     num_kv_heads, head_dim_vo = v_pages.shape[2], v_pages.shape[3]
     group = num_qo_heads // num_kv_heads
     d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
-    cfg = choose_config("decode", max(d_qk, d_vo))
+    cfg = choose_config("batch_decode", max(d_qk, d_vo))
     block_m = decode_block_m(group)
     num_warps = cfg.num_warps if block_m <= 16 else max(cfg.num_warps, 8)
     _batch_decode_kernel[(num_programs, num_kv_heads)](

@@ -18,6 +18,7 @@ __all__ = [
     "batch_item_capacity",
     "BatchKVSplits",
     "PROGRAMS_PER_SM",
+    "BATCH_PROGRAMS_PER_SM",
     "MIN_CHUNK_TILES",
 ]
 
@@ -25,6 +26,10 @@ __all__ = [
 # d128): 2 beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more,
 # shorter splits cost partial-state traffic and pipeline start-up more than they gain in balance.
 PROGRAMS_PER_SM = 2
+# The batch planner aims higher: with BLOCK_N 32 tiles, 4 programs per SM beat 1, 2 and 8 at 1 x 32k and
+# 16 x 4k (benchmarks/tune_batch_decode.py, H100, 32/8 heads, d128, page 16); 8 was 3% better on a
+# skewed batch. Large uniform batches are not split at any of these targets.
+BATCH_PROGRAMS_PER_SM = 4
 # A split covers at least this many aligned tiles, so the partial-state traffic stays small.
 MIN_CHUNK_TILES = 2
 
@@ -88,7 +93,7 @@ def batch_item_capacity(batch_size: int, programs_per_item: int, num_sms: int) -
 
 
 def _target_items(programs_per_item: int, num_sms: int) -> int:
-    return max(1, (PROGRAMS_PER_SM * num_sms) // max(1, programs_per_item))
+    return max(1, (BATCH_PROGRAMS_PER_SM * num_sms) // max(1, programs_per_item))
 
 
 def plan_batch_kv_splits(
@@ -102,7 +107,7 @@ def plan_batch_kv_splits(
 ) -> BatchKVSplits:
     """Cut every request's KV into chunks of one common size so the grid fills the GPU.
 
-    The chunk is the total KV length over the number of items that fill ``PROGRAMS_PER_SM`` programs
+    The chunk is the total KV length over the number of items that fill ``BATCH_PROGRAMS_PER_SM`` programs
     per SM (each item launches ``programs_per_item`` programs, e.g. one per KV head), rounded up to
     ``align`` and at least ``MIN_CHUNK_TILES * align``. A large uniform batch therefore is not split,
     one long request is cut into about ``target`` pieces, and in a skewed batch only the long
