@@ -59,10 +59,14 @@ class CacheDtypeError(TypeError, ValueError):
 
 def _host_checks_enabled(t: torch.Tensor) -> bool:
     """Index values are validated when they live on the host, or everywhere with FLASHTILE_DEBUG=1
-    (a device-to-host sync); not while torch.compile traces (the values are not known then)."""
+    (a device-to-host sync); not while torch.compile traces or a CUDA graph is being captured (the
+    values are not known then)."""
     if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or os.environ.get("FLASHTILE_DEBUG") == "1"
+    if t.device.type == "cpu":
+        return True
+    return (os.environ.get("FLASHTILE_DEBUG") == "1" and t.device.type == "cuda"
+            and not torch.cuda.is_current_stream_capturing())
 
 
 def _check_positive(name: str, value) -> float:
