@@ -479,3 +479,69 @@ def test_bench_page_smoke(tmp_path):
         for name in ("torch_index_slots", "torch_index_table"):
             r = by[case.name, name]
             assert r["status"] == "ok" and r["diff_ref"] == "flashtile" and r["max_abs_diff"] == 0, r
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real shapes, CUDA-graph capture
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens_before, lens_after", [
+    ([(7 * i) % 64 for i in range(512)], [1 + (7 * i) % 64 for i in range(512)]),  # decode step, batch 512
+    ([0, 5, 100, 0], [300, 305, 400, 17]),  # prefill / chunked prefill
+], ids=["decode512", "prefill"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_append_gpu_real_shapes(lens_before, lens_after, layout):
+    device, page_size, heads, dim, dtype = torch.device("cuda"), 16, 8, 128, torch.bfloat16
+    num_pages = sum(-(-n // page_size) for n in lens_after) + 5
+    indices, indptr, last = page_table(lens_after, page_size, num_pages, device)
+    cache = make_cache("5d", num_pages, page_size, heads, dim, layout, dtype, device)
+    bi, pos = rows_for(lens_before, lens_after)
+    key, value = make_append(bi.numel(), heads, dim, dtype, device)
+    expected = append_paged_kv_oracle(key, value, bi, pos, cache, indices.cpu(), indptr.cpu(), layout)
+    page.append_paged_kv_cache(key, value, bi.to(device), pos.to(device), cache, indices, indptr, last, layout)
+    torch.cuda.synchronize()
+    assert_cache_equals(cache, layout, expected)
+
+
+@pytest.mark.gpu
+def test_append_cuda_graph_replay():
+    """get_batch_indices_positions + append captured in one CUDA graph; replays with new rows and a
+    new page table (same shapes) write where the new table says."""
+    device, page_size, heads, dim, dtype = torch.device("cuda"), 16, 8, 128, torch.bfloat16
+    lens_before, lens_after = [40, 0, 15, 99], [41, 1, 16, 100]
+    num_pages = 40
+    indices, indptr, last = page_table(lens_after, page_size, num_pages, device)
+    cache = torch.randn(num_pages, 2, page_size, heads, dim, device=device).to(dtype)
+    append_indptr = torch.arange(5, dtype=torch.int32, device=device)
+    seq_lens = page.get_seq_lens(indptr, last, page_size)
+    key = torch.empty(4, heads, dim, dtype=dtype, device=device)
+    value = torch.empty_like(key)
+    bi = torch.empty(4, dtype=torch.int32, device=device)
+    pos = torch.empty(4, dtype=torch.int32, device=device)
+
+    def step():
+        page.get_batch_indices_positions(append_indptr, seq_lens, 4, batch_indices=bi, positions=pos)
+        page.append_paged_kv_cache(key, value, bi, pos, cache, indices, indptr, last)
+
+    key.normal_(), value.normal_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(2):
+        new_indices, _, _ = page_table(lens_after, page_size, num_pages, device)
+        indices.copy_(new_indices)
+        key.copy_(torch.randn_like(key, dtype=torch.float32).to(dtype))
+        value.copy_(torch.randn_like(value, dtype=torch.float32).to(dtype))
+        want_bi, want_pos = rows_for(lens_before, lens_after)
+        expected = append_paged_kv_oracle(key, value, want_bi, want_pos, cache, indices.cpu(), indptr.cpu(), "NHD")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert bi.tolist() == want_bi.tolist() and pos.tolist() == want_pos.tolist()
+        assert_cache_equals(cache, "NHD", expected)
