@@ -206,6 +206,16 @@ def _load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2
 
 
 @triton.jit
+def _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Per-row ALiBi slopes (zeros without ALiBi) and the K/V base pointers of ``kv_head``."""
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0)
+    return slopes, K + kv_head.to(tl.int64) * stride_kh, V + kv_head.to(tl.int64) * stride_vh
+
+
+@triton.jit
 def _attend_range(
     q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
     mask_ptr, slopes, positions, tokens, row_ok,
@@ -293,12 +303,8 @@ def _attention_fwd_kernel(
 
     q = _load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                 HEAD_DIM_QK, D_QK, USE_ROPE)
-    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if USE_ALIBI:
-        slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0)
-
-    k_base = K + kv_head.to(tl.int64) * stride_kh
-    v_base = V + kv_head.to(tl.int64) * stride_vh
+    slopes, k_base, v_base = _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
+                                          BLOCK_M)
     o, lse = _attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
         start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
@@ -358,11 +364,8 @@ def _batch_decode_kernel(
 
     q = _load_q(Q, tokens, heads, row_ok, stride_qb, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                 HEAD_DIM_QK, D_QK, USE_ROPE)
-    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if USE_ALIBI:
-        slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0)
-    k_base = K + kv_head.to(tl.int64) * stride_kh
-    v_base = V + kv_head.to(tl.int64) * stride_vh
+    slopes, k_base, v_base = _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
+                                          BLOCK_M)
     o, lse = _attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp, K, slopes,
         positions, tokens, row_ok, start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
