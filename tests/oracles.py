@@ -274,3 +274,77 @@ def ragged_positions(indptr, offsets):
         for t in range(int(indptr[i]), int(indptr[i + 1])):
             pos.append(int(offsets[i]) + t - int(indptr[i]))
     return torch.tensor(pos, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (api_spec.md §9): filter sets from explicit counts/masses of strictly larger entries
+# ---------------------------------------------------------------------------------------------
+
+
+def _greater_stats(p: torch.Tensor):
+    """For each entry of float64 rows p: (count of entries > it, mass of entries > it), by searchsorted."""
+    asc = torch.sort(p, dim=-1).values
+    le = torch.searchsorted(asc, p.contiguous(), right=True)  # entries <= p_t
+    cum = torch.cat([torch.zeros_like(asc[:, :1]), torch.cumsum(asc, dim=-1)], dim=-1)
+    mass_le = cum.gather(-1, le)
+    return p.shape[-1] - le, cum[:, -1:] - mass_le
+
+
+def sampling_keep_oracle(probs, top_k=None, top_p=None, min_p=None, order="joint"):
+    """Bool ``[B, V]``: tokens a filtered sampler may return. ``top_k``/``top_p``/``min_p`` are
+    per-row sequences (or None). NaN/negative count as 0; zero-probability tokens are never kept."""
+    p = probs.double().cpu()
+    p = torch.where(p > 0, p, torch.zeros_like(p))
+    B, V = p.shape
+    keep = p > 0
+    if top_k is not None:
+        k = torch.as_tensor(top_k, dtype=torch.int64).cpu().reshape(-1).expand(B)
+        k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
+        cnt, _ = _greater_stats(p)
+        keep &= cnt < k[:, None]
+    if top_p is not None:
+        tp = torch.as_tensor(top_p, dtype=torch.float64).cpu().reshape(-1).expand(B)
+        base = torch.where(keep, p, torch.zeros_like(p)) if order == "top_k_first" else p
+        cnt, mass = _greater_stats(base)
+        total = base.sum(dim=-1, keepdim=True)
+        keep &= (mass < tp[:, None] * total) | (cnt == 0)
+    if min_p is not None:
+        mp = torch.as_tensor(min_p, dtype=torch.float64).cpu().reshape(-1).expand(B)
+        keep &= p >= mp[:, None] * p.max(dim=-1, keepdim=True).values
+    return keep
+
+
+def renorm_oracle(probs, keep):
+    p = probs.double().cpu()
+    w = torch.where(keep, p, torch.zeros_like(p))
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+def softmax_oracle(logits, temperature=None):
+    x = logits.double().cpu()
+    if temperature is not None:
+        x = x / torch.as_tensor(temperature, dtype=torch.float64).reshape(-1, 1)
+    return torch.softmax(x, dim=-1)
+
+
+def chi_square_pvalue(samples: torch.Tensor, target: torch.Tensor) -> float:
+    """p-value of samples (ids) against the distribution ``target`` [V] (float64, sums to 1).
+    Categories with expected count < 5 are pooled into one bin. Samples outside the support fail."""
+    from scipy import stats
+
+    n = samples.numel()
+    counts = torch.bincount(samples.long().cpu(), minlength=target.numel()).double()
+    target = target.double().cpu()
+    assert counts[target == 0].sum() == 0, "a sample has target probability 0"
+    expected = target * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    if exp[-1] < 5:  # pool too small: merge it into the smallest big bin
+        obs, exp = obs[:-1].clone(), exp[:-1].clone()
+        j = int(torch.argmin(exp))
+        obs[j] += counts[~big].sum()
+        exp[j] += expected[~big].sum()
+    if exp.numel() < 2:
+        return 1.0
+    return float(stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)

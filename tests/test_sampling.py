@@ -1,0 +1,405 @@
+"""flashtile.sampling against the float64 oracles: distributions (chi-square with fixed seeds, p-value
+floor 1e-6), filter-set membership, exact renorm/mask, edge rows, reproducibility, speculative
+sampling, errors. Each test runs on the reference path and the kernel path (Triton interpreter on CPU
+with tiny vocabularies and few draws; compiled kernels and real vocabularies on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashtile.sampling as S
+from conftest import HAS_CUDA
+from oracles import chi_square_pvalue, renorm_oracle, sampling_keep_oracle, softmax_oracle
+
+P_FLOOR = 1e-6  # fixed seeds make each test deterministic; this is its false-failure rate
+
+
+def _interp(path):
+    return path == "kernel" and not HAS_CUDA
+
+
+def _draws(path):
+    """Draws per distribution test: the interpreter runs one program per draw (~30 ms each)."""
+    if HAS_CUDA:
+        return 200_000
+    return 120 if path == "kernel" else 20_000
+
+
+def _vocab(path, gpu_vocab=32000):
+    return gpu_vocab if HAS_CUDA else (8 if path == "kernel" else 300)
+
+
+def _dist(kind, vocab, device):
+    g = torch.Generator().manual_seed(vocab + len(kind))
+    if kind == "flat":
+        logits = torch.randn(vocab, generator=g) * 0.5
+    elif kind == "peaked":
+        logits = torch.randn(vocab, generator=g) * 5
+    else:  # long tail: Zipf-like
+        logits = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float64)).float()
+        logits = logits[torch.randperm(vocab, generator=g)]
+    return torch.softmax(logits, -1).to(device)[None]
+
+
+SAMPLERS = {
+    "plain": (lambda p, idx, **kw: S.sampling_from_probs(p, idx, **kw), {}),
+    "logits": (lambda p, idx, **kw: S.sampling_from_logits(p.log(), idx, **kw), {}),
+    "top_p": (lambda p, idx, **kw: S.top_p_sampling_from_probs(p, 0.6, idx, **kw), dict(top_p=[0.6])),
+    "top_k": (lambda p, idx, **kw: S.top_k_sampling_from_probs(p, 3, idx, **kw), dict(top_k=[3])),
+    "min_p": (lambda p, idx, **kw: S.min_p_sampling_from_probs(p, 0.1, idx, **kw), dict(min_p=[0.1])),
+    "top_k_first": (lambda p, idx, **kw: S.top_k_top_p_sampling_from_probs(p, 4, 0.7, idx, **kw),
+                    dict(top_k=[4], top_p=[0.7], order="top_k_first")),
+    "joint": (lambda p, idx, **kw: S.top_k_top_p_sampling_from_probs(p, 4, 0.7, idx, filter_apply_order="joint", **kw),
+              dict(top_k=[4], top_p=[0.7], order="joint")),
+    "logits_top_k_first": (lambda p, idx, **kw: S.top_k_top_p_sampling_from_logits(p.log(), 4, 0.7, idx, **kw),
+                           dict(top_k=[4], top_p=[0.7], order="top_k_first")),
+}
+INTERP_SAMPLERS = ("plain", "top_p", "top_k", "joint")
+
+
+@pytest.mark.parametrize("dist", ["flat", "peaked", "longtail"])
+@pytest.mark.parametrize("kind", list(SAMPLERS))
+def test_sampler_distribution(path, device, kind, dist):
+    if _interp(path) and (kind not in INTERP_SAMPLERS or dist != "flat"):
+        pytest.skip("interpreter: a subset (one program per draw)")
+    fn, filt = SAMPLERS[kind]
+    probs = _dist(dist, _vocab(path), device)
+    n = _draws(path)
+    idx = torch.zeros(n, dtype=torch.int32, device=device)
+    ids = fn(probs, idx, seed=11, offset=0)
+    assert ids.shape == (n,) and ids.dtype == torch.int32
+    keep = sampling_keep_oracle(probs, **filt)[0]
+    target = renorm_oracle(probs, keep[None])[0]
+    ids = ids.cpu().long()
+    assert bool(((ids >= 0) & (ids < probs.shape[-1])).all())
+    assert bool(keep[ids].all()), "a sample outside the filter set"
+    assert chi_square_pvalue(ids, target) > P_FLOOR
+
+
+def test_samples_in_filter_set_per_request_params(path, device):
+    """Per-request tensors (top_k, top_p, min_p) over a batch of different rows, ties included."""
+    B, V = (4, 37) if _interp(path) else (64, _vocab(path, 128256))
+    probs = torch.softmax(torch.randn(B, V) * 3, -1)
+    probs[0, :5] = probs[0, 5]  # ties at the top of row 0
+    probs = (probs / probs.sum(-1, keepdim=True)).to(device)
+    g = torch.Generator().manual_seed(3)
+    top_k = torch.randint(1, 12, (B,), generator=g, dtype=torch.int32)
+    top_p = torch.rand(B, generator=g) * 0.9 + 0.05
+    min_p = torch.rand(B, generator=g) * 0.5
+    cases = [
+        (S.top_k_sampling_from_probs(probs, top_k.to(device), seed=1, offset=0), dict(top_k=top_k)),
+        (S.top_p_sampling_from_probs(probs, top_p.to(device), seed=1, offset=0), dict(top_p=top_p)),
+        (S.min_p_sampling_from_probs(probs, min_p.to(device), seed=1, offset=0), dict(min_p=min_p)),
+        (S.top_k_top_p_sampling_from_probs(probs, top_k.to(device), top_p.to(device), seed=1, offset=0),
+         dict(top_k=top_k, top_p=top_p, order="top_k_first")),
+        (S.top_k_top_p_sampling_from_probs(probs, top_k.to(device), 0.5, filter_apply_order="joint", seed=1,
+                                           offset=0), dict(top_k=top_k, top_p=[0.5] * B, order="joint")),
+    ]
+    for ids, filt in cases:
+        keep = sampling_keep_oracle(probs, **filt)
+        assert bool(keep[torch.arange(B), ids.cpu().long()].all()), filt
+
+
+def test_top_k_one_is_argmax(path, device):
+    B, V = (3, 50) if _interp(path) else (32, _vocab(path, 128256))
+    probs = torch.softmax(torch.randn(B, V) * 2, -1).to(device)
+    ids = S.top_k_sampling_from_probs(probs, 1, seed=5, offset=0)
+    assert torch.equal(ids.cpu().long(), probs.argmax(-1).cpu())
+    ids = S.top_k_top_p_sampling_from_logits(probs.log(), 1, 0.9, seed=5, offset=0)
+    assert torch.equal(ids.cpu().long(), probs.argmax(-1).cpu())
+
+
+def _renorm_rows(path, device):
+    V = 130 if _interp(path) else _vocab(path, 128256)
+    probs = torch.softmax(torch.randn(3, V) * 2, -1)
+    probs[1, 10:20] = probs[1, 3]  # ties
+    probs[2, V // 2:] = 0.0  # zeros
+    return (probs / probs.sum(-1, keepdim=True)).to(device)
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 100000])
+def test_top_k_renorm_and_mask_exact(path, device, k):
+    probs = _renorm_rows(path, device)
+    keep = sampling_keep_oracle(probs, top_k=[k])
+    out = S.top_k_renorm_probs(probs, k)
+    torch.testing.assert_close(out.double().cpu(), renorm_oracle(probs, keep), atol=1e-6, rtol=1e-5)
+    logits = probs.log()
+    masked = S.top_k_mask_logits(logits, torch.full((3,), k, dtype=torch.int64, device=device))
+    x = logits.double().cpu()
+    finite_keep = keep | (torch.isfinite(x) & (sampling_keep_oracle(torch.exp(x), top_k=[k])))
+    expected = torch.where(finite_keep, x, float("-inf"))
+    assert torch.equal(masked.double().cpu(), expected.to(logits.dtype).double())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 1.0])
+def test_top_p_renorm_exact(path, device, p):
+    probs = _renorm_rows(path, device)
+    keep = sampling_keep_oracle(probs, top_p=[p])
+    out = S.top_p_renorm_probs(probs, p)
+    torch.testing.assert_close(out.double().cpu(), renorm_oracle(probs, keep), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_renorm_keeps_dtype(path, device, dtype):
+    probs = _renorm_rows(path, device).to(dtype)
+    assert S.top_k_renorm_probs(probs, 3).dtype == dtype
+    assert S.top_k_mask_logits(probs.float().log().to(dtype), 3).dtype == dtype
+
+
+@pytest.mark.parametrize("temperature", [None, 0.7, "tensor"])
+def test_softmax(path, device, temperature):
+    V = 77 if _interp(path) else 1000
+    logits = torch.randn(3, V) * 3
+    logits[0, :10] = float("-inf")
+    t = torch.tensor([0.5, 1.0, 2.0]) if temperature == "tensor" else temperature
+    out = S.softmax(logits.to(device), t.to(device) if isinstance(t, torch.Tensor) else t)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double().cpu(), softmax_oracle(logits, t), atol=1e-6, rtol=1e-5)
+    dead = torch.full((1, V), float("-inf"), device=device)
+    assert torch.equal(S.softmax(dead).cpu(), torch.zeros(1, V))
+
+
+def test_edge_rows(path, device):
+    """All-zero, NaN, partly NaN, -inf logits, top_k >= vocab with top_p = 1: ids in range, never a
+    zero-probability token, invalid rows give 0 with valid False."""
+    V = 40
+    probs = torch.softmax(torch.randn(5, V), -1)
+    probs[0] = 0.0
+    probs[1] = float("nan")
+    probs[2, :20] = float("nan")
+    probs[3, :-1] = 0.0  # one token
+    probs = probs.to(device)
+    for fn in (lambda: S.sampling_from_probs(probs, seed=1, offset=0, return_valid=True),
+               lambda: S.top_p_sampling_from_probs(probs, 1.0, seed=1, offset=0, return_valid=True),
+               lambda: S.top_k_sampling_from_probs(probs, V + 5, seed=1, offset=0, return_valid=True),
+               lambda: S.min_p_sampling_from_probs(probs, 0.2, seed=1, offset=0, return_valid=True),
+               lambda: S.top_k_top_p_sampling_from_probs(probs, V, 1.0, seed=1, offset=0, return_valid=True)):
+        ids, valid = fn()
+        ids, valid = ids.cpu(), valid.cpu()
+        assert valid.tolist() == [False, False, True, True, True]
+        assert ids[0] == 0 and ids[1] == 0
+        p = probs.cpu()
+        assert p[2, ids[2]] > 0 and ids[3] == V - 1 and p[4, ids[4]] > 0
+    logits = torch.randn(3, V)
+    logits[0, ::2] = float("-inf")
+    logits[1] = float("-inf")
+    logits[2, 5] = float("nan")
+    ids, valid = S.sampling_from_logits(logits.to(device), seed=2, offset=0, return_valid=True)
+    ids, valid = ids.cpu(), valid.cpu()
+    assert valid.tolist() == [True, False, True]
+    assert ids[0] % 2 == 1 and ids[1] == 0 and ids[2] != 5
+
+
+def test_check_nan(path, device):
+    probs = torch.full((2, 16), 1 / 16, device=device)
+    probs[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="Input probs contains NaN"):
+        S.top_p_sampling_from_probs(probs, 0.9, check_nan=True)
+    with pytest.raises(ValueError, match="Input logits contains NaN"):
+        S.sampling_from_logits(probs, check_nan=True)
+
+
+def test_reproducible(path, device):
+    B, V = (3, 33) if _interp(path) else (16, 4096)
+    probs = torch.softmax(torch.randn(B, V), -1).to(device)
+    a = S.top_p_sampling_from_probs(probs, 0.9, seed=7, offset=100)
+    b = S.top_p_sampling_from_probs(probs, 0.9, seed=7, offset=100)
+    assert torch.equal(a, b)
+    seeds = torch.tensor([7], device=device)
+    c = S.top_p_sampling_from_probs(probs, 0.9, seed=seeds, offset=torch.tensor([100], device=device))
+    assert torch.equal(a, c), "int and tensor seed/offset give the same draws"
+    gen = torch.Generator(device=device)
+    gen.manual_seed(42)
+    d = S.sampling_from_probs(probs, generator=gen)
+    gen.manual_seed(42)
+    e = S.sampling_from_probs(probs, generator=gen)
+    assert torch.equal(d, e)
+    many = torch.zeros(64 if not _interp(path) else 16, dtype=torch.int32, device=device)
+    f = S.sampling_from_probs(probs, many, seed=1, offset=0)
+    g = S.sampling_from_probs(probs, many, seed=2, offset=0)
+    assert not torch.equal(f, g)
+    torch.manual_seed(0)
+    h = S.sampling_from_probs(probs, deterministic=False)
+    torch.manual_seed(0)
+    assert torch.equal(h, S.sampling_from_probs(probs, deterministic=False))
+
+
+def test_indices_dtype_and_rows(path, device):
+    probs = torch.zeros(3, 10, device=device)
+    probs[0, 2] = probs[1, 7] = probs[2, 4] = 1.0
+    idx = torch.tensor([2, 0, 1, 1], dtype=torch.int64, device=device)
+    ids = S.top_k_sampling_from_probs(probs, 2, idx, seed=0, offset=0)
+    assert ids.dtype == torch.int64 and ids.tolist() == [4, 2, 7, 7]
+
+
+@pytest.mark.parametrize("mode", ["top_p", "top_k", "joint", "min_p", "top_k_first"])
+def test_kernel_exact_fallback(path, device, mode):
+    """max_rounds=0: the kernel goes straight to the exact threshold search; samples stay in the set
+    and (on GPU, enough draws) follow the filtered distribution."""
+    if path != "kernel":
+        pytest.skip("kernel-only knob")
+    from flashtile._core.dispatch import choose_path, load_kernels
+
+    kernels = load_kernels("sampling", choose_path(device).path)
+    V = 24 if _interp(path) else 50_000
+    probs = _dist("longtail", V, device)
+    n = 60 if _interp(path) else 100_000
+    rows = torch.zeros(n, dtype=torch.int32, device=device)
+    ids = torch.empty(n, dtype=torch.int32, device=device)
+    valid = torch.empty(n, dtype=torch.bool, device=device)
+    params = dict(top_p=dict(top_p=0.5), top_k=dict(top_k=5), joint=dict(top_k=6, top_p=0.5), min_p=dict(min_p=0.2),
+                  top_k_first=dict(top_k=6, top_p=0.5))[mode]
+    order = "top_k_first" if mode == "top_k_first" else "joint"
+    kernels.filtered_sampling(probs, rows, ids, valid, 3, 0, order=order, max_rounds=0, **params)
+    keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()}, order=order)[0]
+    assert bool(valid.all()) and bool(keep[ids.cpu().long()].all())
+    if not _interp(path):
+        assert chi_square_pvalue(ids.cpu(), renorm_oracle(probs, keep[None])[0]) > P_FLOOR
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _spec_inputs(B, n, V, device, same=False):
+    g = torch.Generator().manual_seed(B * 100 + n)
+    draft = torch.softmax(torch.randn(B, n, V, generator=g), -1)
+    target = torch.softmax(torch.randn(B, n + 1, V, generator=g), -1)
+    if same:
+        target[:, :n] = draft
+    ids = torch.multinomial(draft.reshape(-1, V), 1, generator=g).reshape(B, n).to(torch.int32)
+    return draft.to(device), ids.to(device), target.to(device)
+
+
+def test_spec_identical_accepts_all(path, device):
+    B, n, V = (3, 4, 20) if _interp(path) else (64, 5, 32000)
+    draft, ids, target = _spec_inputs(B, n, V, device, same=True)
+    acc_total = torch.zeros(B, dtype=torch.int32, device=device)
+    out, acc, emi = S.chain_speculative_sampling(draft, ids, target, acc_total, None, seed=1, offset=0)
+    assert acc is acc_total
+    assert acc.cpu().tolist() == [n] * B and emi.cpu().tolist() == [n] * B
+    assert torch.equal(out[:, :n].cpu(), ids.cpu())
+    assert bool((out[:, n] >= 0).all())
+
+
+def test_spec_zero_target_rejected_and_layout(path, device):
+    B, n, V = (3, 3, 20) if _interp(path) else (32, 5, 32000)
+    draft, ids, target = _spec_inputs(B, n, V, device)
+    target = target.clone()
+    target[:, 1].scatter_(-1, ids[:, 1:2].long(), 0.0)  # draft token 1 has target probability 0
+    out, acc, emi = S.chain_speculative_sampling(draft, ids, target, seed=3, offset=0)
+    out, acc, emi = out.cpu(), acc.cpu(), emi.cpu()
+    assert bool((emi <= 1).all()) and bool((acc <= n - 1).all())
+    for b in range(B):
+        e = int(emi[b])
+        assert out[b, :e].tolist() == ids[b, :e].cpu().tolist()
+        assert 0 <= out[b, e] < V and out[b, e + 1:].tolist() == [-1] * (n - e)
+        assert target.cpu()[b, e, out[b, e]] > 0
+
+
+def test_spec_output_follows_target(path, device):
+    """The first emitted token is distributed as target_probs[:, 0] whatever the draft (n = 1)."""
+    V = 6 if _interp(path) else 50
+    N = 150 if _interp(path) else (200_000 if HAS_CUDA else 20_000)
+    g = torch.Generator().manual_seed(9)
+    q = torch.softmax(torch.randn(V, generator=g) * 2, -1)
+    t = torch.softmax(torch.randn(2, V, generator=g) * 2, -1)
+    draft = q.expand(N, 1, V).contiguous()
+    ids = torch.multinomial(q, N, replacement=True, generator=g).to(torch.int32)[:, None]
+    target = t.expand(N, 2, V).contiguous()
+    out, _, _ = S.chain_speculative_sampling(draft.to(device), ids.to(device), target.to(device), seed=4, offset=0)
+    assert chi_square_pvalue(out[:, 0].cpu(), t[0].double()) > P_FLOOR
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_errors():
+    probs = torch.full((4, 8), 1 / 8)
+    with pytest.raises(ValueError, match="0-dimensional"):
+        S.top_p_sampling_from_probs(probs, torch.tensor(0.5))
+    with pytest.raises(ValueError, match="got a 2D tensor"):
+        S.top_k_sampling_from_probs(probs, torch.ones(4, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        S.min_p_sampling_from_probs(probs, torch.full((3,), 0.1))
+    with pytest.raises(ValueError, match="top_k"):
+        S.top_k_sampling_from_probs(probs, 0)
+    for p in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="top_p"):
+            S.top_p_renorm_probs(probs, p)
+    with pytest.raises(ValueError, match="min_p"):
+        S.min_p_sampling_from_probs(probs, 1.5)
+    with pytest.raises(TypeError, match="top_k"):
+        S.top_k_sampling_from_probs(probs, torch.ones(4))
+    with pytest.raises(TypeError, match="top_k"):
+        S.top_k_renorm_probs(probs, 2.5)
+    with pytest.raises(TypeError, match="probs"):
+        S.sampling_from_probs(torch.ones(4, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="probs"):
+        S.sampling_from_probs(torch.ones(8))
+    with pytest.raises(ValueError, match="Invalid filter_apply_order"):
+        S.top_k_top_p_sampling_from_probs(probs, 2, 0.5, filter_apply_order="top_p_first")
+    with pytest.raises(ValueError, match="seed and offset"):
+        S.sampling_from_probs(probs, seed=1)
+    with pytest.raises(ValueError, match="length 1 or batch_size"):
+        S.sampling_from_probs(probs, seed=torch.tensor([1, 2]), offset=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="indices"):
+        S.sampling_from_probs(probs, torch.zeros(3))
+    with pytest.raises(ValueError, match="temperature"):
+        S.softmax(probs, 0.0)
+    with pytest.raises(ValueError, match="target_probs"):
+        S.chain_speculative_sampling(torch.ones(2, 3, 8), torch.zeros(2, 3, dtype=torch.int32), torch.ones(2, 3, 8))
+    with pytest.raises(ValueError, match="draft_token_ids"):
+        S.chain_speculative_sampling(torch.ones(2, 3, 8), torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, 4, 8))
+
+
+def test_aliases_and_signature():
+    import inspect
+
+    assert S.top_p_renorm_prob is S.top_p_renorm_probs and S.top_k_renorm_prob is S.top_k_renorm_probs
+    params = list(inspect.signature(S.top_k_top_p_sampling_from_probs).parameters)
+    assert params[:8] == ["probs", "top_k", "top_p", "indices", "filter_apply_order", "deterministic", "generator",
+                          "check_nan"]
+    assert {"seed", "offset", "return_valid"} <= set(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_new_offsets():
+    """One decode-step sampling call captured once, replayed with new device seed/offset values."""
+    device = torch.device("cuda")
+    probs = torch.softmax(torch.randn(128, 128256, device=device), -1)
+    seed = torch.tensor([1], device=device)
+    offset = torch.tensor([0], device=device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        S.top_k_top_p_sampling_from_probs(probs, 50, 0.9, seed=seed, offset=offset)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = S.top_k_top_p_sampling_from_probs(probs, 50, 0.9, seed=seed, offset=offset)
+    results = []
+    for off in (0, 1000, 0):
+        offset.fill_(off)
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append(out.clone())
+        assert torch.equal(out, S.top_k_top_p_sampling_from_probs(probs, 50, 0.9, seed=1, offset=off))
+    assert torch.equal(results[0], results[2]) and not torch.equal(results[0], results[1])
+    # default generator inside the graph: each replay draws new randomness
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        out2 = S.top_p_sampling_from_probs(probs, 0.9)
+    g2.replay()
+    first = out2.clone()
+    g2.replay()
+    assert not torch.equal(first, out2)
