@@ -219,7 +219,9 @@ def get_batch_indices_positions(
     seq_lens = as_index_tensor("seq_lens", seq_lens, length=batch_size)
     device = append_indptr.device
     if seq_lens.device != device:
-        raise ValueError(f"seq_lens: expected a tensor on append_indptr's device {device}, got one on {seq_lens.device}")
+        raise ValueError(
+            f"seq_lens: expected a tensor on append_indptr's device {device}, got one on {seq_lens.device}"
+        )
     nnz = _check_nnz(nnz)
     outs = []
     for name, out in (("batch_indices", batch_indices), ("positions", positions)):
@@ -354,7 +356,9 @@ def append_paged_mla_kv_cache(
             f"got {list(kpe_cache.shape[:2])}"
         )
     if kpe_cache.device != ckv_cache.device:
-        raise ValueError(f"kpe_cache: expected a tensor on ckv_cache's device {ckv_cache.device}, got {kpe_cache.device}")
+        raise ValueError(
+            f"kpe_cache: expected a tensor on ckv_cache's device {ckv_cache.device}, got one on {kpe_cache.device}"
+        )
     _check_append_tensor("append_ckv", append_ckv, 2, ckv_cache, "ckv_cache", ckv_cache.shape[2:])
     _check_append_tensor("append_kpe", append_kpe, 2, kpe_cache, "kpe_cache", kpe_cache.shape[2:])
     nnz = append_ckv.shape[0]

@@ -164,7 +164,9 @@ def check_page_table(
         )
 
 
-def check_append_rows(batch_indices: torch.Tensor, positions: torch.Tensor, indptr: torch.Tensor, page_size: int) -> None:
+def check_append_rows(
+    batch_indices: torch.Tensor, positions: torch.Tensor, indptr: torch.Tensor, page_size: int
+) -> None:
     """Validate appended rows against a CSR page table held on the host (callers skip device tensors).
 
     Row ``r`` is written to page ``indices[indptr[b] + positions[r] // page_size]`` of request
