@@ -17,7 +17,7 @@ if _os.environ.get("FLASHTILE_BACKEND", "").lower() == "triton" and "triton" not
     if not _torch.cuda.is_available():
         _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import activation, decode, norm, prefill, quantization, rope, utils  # noqa: E402
+from . import activation, decode, norm, page, prefill, quantization, rope, utils  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .decode import (  # noqa: E402
     BatchDecodeWithPagedKVCacheWrapper,
@@ -25,6 +25,7 @@ from .decode import (  # noqa: E402
     single_decode_with_kv_cache,
 )
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
+from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402,E501
 from .prefill import single_prefill_with_kv_cache, single_prefill_with_kv_cache_return_lse  # noqa: E402
 from .quantization import packbits, segment_packbits  # noqa: E402
 from .rope import (  # noqa: E402
@@ -45,6 +46,11 @@ __all__ = [
     "__version__",
     "activation",
     "norm",
+    "page",
+    "append_paged_kv_cache",
+    "append_paged_mla_kv_cache",
+    "get_batch_indices_positions",
+    "get_seq_lens",
     "rope",
     "silu_and_mul",
     "gelu_and_mul",
