@@ -34,7 +34,7 @@ estimate (first round: ``1 + 1e-3``, probabilities assumed normalized) is replac
 and the round repeats. NaN and negative entries count as 0; a row without positive mass returns
 token 0 and ``valid = False``.
 
-Randomness: draw ``j`` of output row ``i`` is ``tl.rand(seed_i, offset_i + j)`` with
+Randomness: draw ``j`` of output row ``i`` is ``tl.rand(seed_i, offset_i + j)`` (Philox-4x32-10) with
 ``offset_i = offset + i * DRAW_STRIDE`` when one (seed, offset) serves the batch; seed and offset
 may be read from device tensors, so a captured CUDA graph replays with new values.
 """
@@ -58,6 +58,7 @@ DRAW_STRIDE = 64  # Philox counters reserved per row (>= MAX_ROUNDS + 1)
 
 @triton.jit
 def _uniform(seed, counter):
+    """Uniform float32 in [0, 1) (Philox-4x32-10 via ``tl.rand``; clamped: it can round up to 1.0)."""
     return tl.minimum(tl.rand(seed, counter), 0.99999994)
 
 
@@ -144,12 +145,6 @@ def _keep(cnt, mass, v, k, p_mass, min_thr, USE_TOP_K: tl.constexpr, USE_TOP_P: 
 
 
 @triton.jit
-def _pick(vec, lane, j):
-    """``vec[j]`` of a small vector (0 when j is out of range)."""
-    return tl.sum(tl.where(lane == j, vec, 0.0), axis=0)
-
-
-@triton.jit
 def _search(row, vocab, lo, a, hi, mass_lo, k, p_mass, USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
             NEED_MASS: tl.constexpr, MAX_STEPS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
     """Exact threshold search (module doc). In: ``keep(lo)`` false, ``keep(hi)`` true, ``a`` the
@@ -163,10 +158,10 @@ def _search(row, vocab, lo, a, hi, mass_lo, k, p_mass, USE_TOP_K: tl.constexpr, 
         kept = _keep(cnt, mass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
         first = tl.min(tl.where(kept, lane, NP), axis=0)  # first kept pivot (NP: only hi is)
         moved = first > 0
-        new_lo = tl.where(moved, _pick(piv, lane, first - 1), lo)
-        new_mass = tl.where(moved, _pick(mass, lane, first - 1), mass_lo)
-        new_a = tl.where(moved, _pick(min_gt, lane, first - 1), a)
-        new_hi = tl.where(first < NP, _pick(max_le, lane, first), hi)
+        new_lo = tl.where(moved, tl.sum(tl.where(lane == first - 1, piv, 0.0), axis=0), lo)
+        new_mass = tl.where(moved, tl.sum(tl.where(lane == first - 1, mass, 0.0), axis=0), mass_lo)
+        new_a = tl.where(moved, tl.sum(tl.where(lane == first - 1, min_gt, 0.0), axis=0), a)
+        new_hi = tl.where(first < NP, tl.sum(tl.where(lane == first, max_le, 0.0), axis=0), hi)
         lo, mass_lo, a, hi = new_lo, new_mass, new_a, tl.minimum(new_hi, hi)
         a = tl.minimum(a, hi)
         step += 1
@@ -286,8 +281,8 @@ def _filtered_sampling_kernel(
             pivot_1 = tl.maximum(pivot_1, p_t)
             piv = tl.where(lane == 0, p_t, tl.where(lane == 1, pivot_1, tl.where(lane == 2, low, 0.0)))
             cnt, pmass, min_v, max_v, rmax = _row_stats(row, vocab, piv, True, False, BLOCK, NP)
-            actual = _pick(pmass, lane, 2)  # mass(low): the true mass of the candidate set
-            total = tl.where(have_total, total, _pick(pmass, lane, 3))
+            actual = tl.sum(tl.where(lane == 2, pmass, 0.0), axis=0)  # mass(low): the true mass of the candidate set
+            total = tl.where(have_total, total, tl.sum(tl.where(lane == 3, pmass, 0.0), axis=0))
             have_total = have_total | True
             row_max = rmax
             high = tl.minimum(high, rmax)
@@ -300,7 +295,7 @@ def _filtered_sampling_kernel(
             accept = (~redo) & (~empty) & keep0 & (cand >= 0)
             move = (~redo) & (~empty) & (~accept)
             low = tl.where(move, tl.where(keep1, p_t, pivot_1), low)
-            mass = tl.where(move, tl.where(keep1, _pick(pmass, lane, 0), _pick(pmass, lane, 1)),
+            mass = tl.where(move, tl.where(keep1, tl.sum(tl.where(lane == 0, pmass, 0.0), axis=0), tl.sum(tl.where(lane == 1, pmass, 0.0), axis=0)),
                             tl.where(redo, actual, mass))
             high = tl.where(move & keep1, pivot_1, high)
             exact = exact | redo | move
