@@ -17,7 +17,7 @@ if _os.environ.get("FLASHTILE_BACKEND", "").lower() == "triton" and "triton" not
     if not _torch.cuda.is_available():
         _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import activation, decode, norm, page, prefill, quantization, rope, utils  # noqa: E402
+from . import activation, decode, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .decode import (  # noqa: E402
     BatchDecodeWithPagedKVCacheWrapper,
@@ -40,6 +40,20 @@ from .rope import (  # noqa: E402
     apply_rope_with_cos_sin_cache,
     apply_rope_with_cos_sin_cache_inplace,
 )
+from .sampling import (  # noqa: E402
+    chain_speculative_sampling,
+    min_p_sampling_from_probs,
+    sampling_from_logits,
+    sampling_from_probs,
+    softmax,
+    top_k_mask_logits,
+    top_k_renorm_probs,
+    top_k_sampling_from_probs,
+    top_k_top_p_sampling_from_logits,
+    top_k_top_p_sampling_from_probs,
+    top_p_renorm_probs,
+    top_p_sampling_from_probs,
+)
 from .utils import next_positive_power_of_2  # noqa: E402
 
 __all__ = [
@@ -47,6 +61,19 @@ __all__ = [
     "activation",
     "norm",
     "page",
+    "sampling",
+    "chain_speculative_sampling",
+    "min_p_sampling_from_probs",
+    "sampling_from_logits",
+    "sampling_from_probs",
+    "softmax",
+    "top_k_mask_logits",
+    "top_k_renorm_probs",
+    "top_k_sampling_from_probs",
+    "top_k_top_p_sampling_from_logits",
+    "top_k_top_p_sampling_from_probs",
+    "top_p_renorm_probs",
+    "top_p_sampling_from_probs",
     "append_paged_kv_cache",
     "append_paged_mla_kv_cache",
     "get_batch_indices_positions",
