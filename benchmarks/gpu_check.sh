@@ -23,9 +23,9 @@ for step in "$@"; do
                 tests/test_single_decode.py tests/test_single_prefill.py -k "not 32768 and not 1024x1024 and not 8191 and not 4096 and not 513" 2>&1 | tail -6 | tee "$OUT/sanitize.log" ;;
     compile) python3 benchmarks/compile_time.py 2>&1 | tee "$OUT/compile.md" ;;
     tests-nosampling) timeout 330 python3 -m pytest -q -p no:warnings tests --ignore=tests/test_sampling.py --deselect tests/test_bench_harness.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    tests-sampling) timeout 200 python3 -m pytest -q -p no:warnings tests/test_sampling*.py 2>&1 | tee "$OUT/gpu_tests_sampling.log" | tail -15 ;;
-    sanitize-new) FLASHTILE_BACKEND=triton timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
-                tests/test_batch_decode.py tests/test_page.py tests/test_norm.py tests/test_activation.py tests/test_rope.py -k "kernel and not replay and not 32768 and not 20000" 2>&1 | tail -4 | tee "$OUT/sanitize.log" ;;
+    tests-helpers) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_sampling.py tests/test_norm.py tests/test_rope.py tests/test_page.py tests/test_activation.py tests/test_batch_decode.py 2>&1 | tee "$OUT/gpu_tests_sampling.log" | tail -15 ;;
+    sanitize-new) FLASHTILE_BACKEND=triton timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
+                tests/test_batch_decode.py tests/test_page.py -k "kernel and not replay and not 32768 and not 20000 and not 60000 and not 30000" 2>&1 | tail -4 | tee "$OUT/sanitize.log" ;;
     bench-small) timeout 200 python3 benchmarks/run.py --suite norm,qk_norm,activation,rope,small_ops_launch --cuda-graph auto --out /tmp/bench 2>&1 | tail -5
            cat /tmp/bench/norm.md /tmp/bench/qk_norm.md /tmp/bench/activation.md /tmp/bench/rope.md /tmp/bench/small_ops_launch.md > "$OUT/small_ops.md" 2>/dev/null ;;
     bench-page) timeout 100 python3 benchmarks/run.py --suite page_append --out /tmp/bench 2>&1 | tail -3; cp /tmp/bench/page_append.md "$OUT/" ;;
