@@ -139,7 +139,8 @@ def check_page_table(
     ``[0, num_pages)`` when ``num_pages`` is known; ``last_page_len[i]`` is in ``1..page_size`` for a
     request with pages and 0 for one without.
     """
-    ip = indptr.to(torch.int64)
+    ip = indptr.to("cpu", torch.int64)  # arrays may sit on different devices: check on the host
+    indices, last_page_len = indices.to("cpu"), last_page_len.to("cpu")
     if ip.numel() < 1:
         raise ValueError("indptr: expected batch_size + 1 >= 1 entries, got 0")
     if (ip[1:] < ip[:-1]).any():
@@ -174,7 +175,9 @@ def check_append_rows(
     written) and ``positions[r] // page_size`` must fall inside the request's pages.
     """
     batch_size = indptr.numel() - 1
-    b = batch_indices.to(torch.int64)
+    # The arrays may sit on different devices (host rows, device table): compare on the host.
+    b = batch_indices.to("cpu", torch.int64)
+    positions, indptr = positions.to("cpu"), indptr.to("cpu")
     bad = (b < -1) | (b >= batch_size)
     if bad.any():
         r = int(bad.nonzero()[0, 0])
