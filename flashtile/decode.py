@@ -15,9 +15,9 @@ from typing import Optional, Union
 import torch
 
 from ._core import ops
-from ._core.attention_args import normalize_single_attention
+from ._core.attention_args import normalize_single_attention, resolve_scalar
 from ._core.buffers import new_output
-from ._core.checks import FP8_DTYPES, describe
+from ._core.checks import describe
 from ._core.dispatch import Path, choose_path, load_kernels
 from ._core.paged_kv import as_index_tensor, check_page_table, unpack_paged_kv_cache
 from ._core.wrapper import (
@@ -26,7 +26,6 @@ from ._core.wrapper import (
     check_heads,
     check_positive_int,
     resolve_dtype,
-    resolve_scalar,
 )
 from .scheduler.split_kv import batch_item_capacity, plan_batch_kv_splits
 

@@ -18,13 +18,13 @@ Positions: ragged (``indptr``, ``offsets``: token ``t`` of segment ``i`` sits at
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
 import torch
 
 from ._core import ops_small as ops
+from ._core.attention_args import resolve_scalar
 from ._core.buffers import new_output
 from ._core.checks import check_same_device, check_tensor, describe
 from .reference.positional import llama31_smoothing
@@ -70,11 +70,9 @@ def _host_checks_enabled(t: torch.Tensor) -> bool:
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {describe(value)}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
-    return float(value)
+    if value is None:
+        raise TypeError(f"{name}: expected a positive number, got None")
+    return resolve_scalar(name, value, 0.0, positive=True)
 
 
 def _check_qk(q, k, q_name: str = "q", k_name: str = "k") -> None:

@@ -47,23 +47,31 @@ def check_head_dim(name: str, head_dim: int) -> None:
         )
 
 
-def _scalar(name: str, value, default: float) -> float:
-    """A float parameter that upstream also accepts as a 1-element tensor (read once, on the host)."""
+def resolve_scalar(name: str, value, default: float, *, positive: bool = False) -> float:
+    """A float parameter (upstream also accepts a 1-element tensor, read once on the host); None gives
+    ``default``; ``positive`` also requires a positive finite value."""
     if value is None:
         return default
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name}: expected a float or a 1-element tensor, got {describe(value)}")
-        return float(value.item())
+        value = float(value.item())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {describe(value)}")
-    return float(value)
-
-
-def _positive(name: str, value: float) -> float:
-    if not (value > 0 and math.isfinite(value)):
+    value = float(value)
+    if positive and not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
     return value
+
+
+def check_window_and_cap(window_left, logits_soft_cap) -> float:
+    """``window_left`` is an int >= -1; returns the soft cap as a float (0 disables)."""
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"window_left: expected an int >= -1 (-1 disables the window), got {window_left!r}")
+    cap = resolve_scalar("logits_soft_cap", logits_soft_cap, 0.0)
+    if cap < 0 or not math.isfinite(cap):
+        raise ValueError(f"logits_soft_cap: expected None, 0 or a positive number, got {logits_soft_cap!r}")
+    return cap
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -147,13 +155,9 @@ def normalize_single_attention(
 
         mask = packbits(custom_mask.reshape(-1).to(torch.bool), bitorder="little")
 
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"window_left: expected an int >= -1 (-1 disables the window), got {window_left!r}")
-    cap = _scalar("logits_soft_cap", logits_soft_cap, 0.0)
-    if cap < 0 or not math.isfinite(cap):
-        raise ValueError(f"logits_soft_cap: expected None, 0 or a positive number, got {logits_soft_cap!r}")
-    scale = _positive("sm_scale", _scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim_qk)))
-    scale *= _scalar("q_scale", q_scale, 1.0) * _scalar("k_scale", k_scale, 1.0)
+    cap = check_window_and_cap(window_left, logits_soft_cap)
+    scale = resolve_scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim_qk), positive=True)
+    scale *= resolve_scalar("q_scale", q_scale, 1.0) * resolve_scalar("k_scale", k_scale, 1.0)
 
     if out_dtype is None:
         out_dtype = q.dtype
@@ -170,9 +174,9 @@ def normalize_single_attention(
         logits_soft_cap=cap,
         window_left=window_left,
         pos_encoding_mode=pos_encoding_mode,
-        rope_scale=_positive("rope_scale", _scalar("rope_scale", rope_scale, 1.0)),
-        rope_theta=_positive("rope_theta", _scalar("rope_theta", rope_theta, 1e4)),
-        v_scale=_scalar("v_scale", v_scale, 1.0),
+        rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
+        rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
+        v_scale=resolve_scalar("v_scale", v_scale, 1.0),
         out_dtype=out_dtype,
         backend=backend,
     )

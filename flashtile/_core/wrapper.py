@@ -9,16 +9,15 @@ launches: it never synchronizes and never allocates except the output when none 
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 
-from .attention_args import POS_ENCODING_MODES, check_head_dim
+from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap
 from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_tensor, describe
 from .dispatch import normalize_backend
 
-__all__ = ["PlanRunWrapper", "resolve_dtype", "resolve_scalar", "INT_WORKSPACE_BYTES"]
+__all__ = ["PlanRunWrapper", "resolve_dtype", "check_common_options", "INT_WORKSPACE_BYTES"]
 
 INT_WORKSPACE_BYTES = 8 * 1024 * 1024  # like upstream's internal int workspace
 
@@ -32,22 +31,6 @@ def resolve_dtype(name: str, value: Union[str, torch.dtype, None], default: Opti
     if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
         return getattr(torch, value)
     raise TypeError(f"{name}: expected a torch.dtype or a dtype name such as 'bfloat16', got {describe(value)}")
-
-
-def resolve_scalar(name: str, value, default: float, *, positive: bool = False) -> float:
-    """A float parameter (also a 1-element tensor, read once on the host); None gives ``default``."""
-    if value is None:
-        return default
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name}: expected a float or a 1-element tensor, got {describe(value)}")
-        value = float(value.item())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {describe(value)}")
-    value = float(value)
-    if positive and not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
-    return value
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -66,12 +49,7 @@ def check_heads(num_qo_heads, num_kv_heads) -> None:
 def check_common_options(pos_encoding_mode: str, window_left, logits_soft_cap) -> float:
     """Checks shared by every plan(); returns the soft cap as a float (0 disables)."""
     check_option("pos_encoding_mode", pos_encoding_mode, POS_ENCODING_MODES)
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"window_left: expected an int >= -1 (-1 disables the window), got {window_left!r}")
-    cap = resolve_scalar("logits_soft_cap", logits_soft_cap, 0.0)
-    if cap < 0 or not math.isfinite(cap):
-        raise ValueError(f"logits_soft_cap: expected None, 0 or a positive number, got {logits_soft_cap!r}")
-    return cap
+    return check_window_and_cap(window_left, logits_soft_cap)
 
 
 class PlanRunWrapper:
