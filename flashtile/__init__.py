@@ -26,7 +26,12 @@ from .decode import (  # noqa: E402
 )
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
 from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402,E501
-from .prefill import single_prefill_with_kv_cache, single_prefill_with_kv_cache_return_lse  # noqa: E402
+from .prefill import (  # noqa: E402
+    BatchPrefillWithPagedKVCacheWrapper,
+    BatchPrefillWithRaggedKVCacheWrapper,
+    single_prefill_with_kv_cache,
+    single_prefill_with_kv_cache_return_lse,
+)
 from .quantization import packbits, segment_packbits  # noqa: E402
 from .rope import (  # noqa: E402
     apply_llama31_rope,
@@ -109,4 +114,6 @@ __all__ = [
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
 ]

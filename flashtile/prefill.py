@@ -1,21 +1,42 @@
 """Prefill and append attention (``flashinfer.prefill``).
 
-This issue provides the single-request functions; the batch wrappers over paged and ragged KV come
-next.
+:func:`single_prefill_with_kv_cache` serves one request with contiguous K/V;
+:class:`BatchPrefillWithPagedKVCacheWrapper` and :class:`BatchPrefillWithRaggedKVCacheWrapper` serve a
+batch (prefill, chunked prefill, speculative-decoding verification) with plan/run.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from ._core import ops
-from ._core.attention_args import normalize_single_attention
+from ._core.attention_args import _unit_last_stride, normalize_single_attention, resolve_scalar
 from ._core.buffers import new_output
+from ._core.checks import check_tensor, describe
+from ._core.dispatch import Path, choose_path, load_kernels
+from ._core.paged_kv import as_index_tensor, check_page_table, unpack_paged_kv_cache
+from ._core.wrapper import (
+    PlanRunWrapper,
+    check_common_options,
+    check_heads,
+    check_positive_int,
+    resolve_dtype,
+)
+from .quantization import segment_packbits
+from .scheduler.prefill_work import pack_prefill_meta, plan_prefill_work, prefill_capacity
 
-__all__ = ["single_prefill_with_kv_cache", "single_prefill_with_kv_cache_return_lse"]
+__all__ = [
+    "single_prefill_with_kv_cache",
+    "single_prefill_with_kv_cache_return_lse",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
+]
 
 
 def single_prefill_with_kv_cache(
@@ -90,3 +111,757 @@ def single_prefill_with_kv_cache(
 
 single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
 single_prefill_with_kv_cache_return_lse.__doc__ = "``single_prefill_with_kv_cache`` with ``return_lse=True``."
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch prefill / append: plan() once per step, run() once per layer
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PrefillPlan:
+    """What plan() decided; run() checks its inputs against it and launches with it."""
+
+    batch_size: int
+    total_qo: int  # rows of q (qo_indptr[-1])
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim_qk: int
+    head_dim_vo: int
+    page_size: Optional[int]  # None: ragged
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    o_dtype: torch.dtype
+    causal: bool
+    pos_encoding_mode: str
+    window_left: int
+    logits_soft_cap: float
+    sm_scale: float
+    rope_scale: float
+    rope_theta: float
+    meta: torch.Tensor  # int32 packed work list (scheduler/prefill_work.py), device
+    item_capacity: int
+    num_items: int  # grid: planned items, or the fixed capacity in CUDA-graph mode
+    num_merges: int
+    block_m: int
+    page_indices: Optional[torch.Tensor]  # int32 page ids, device (paged)
+    packed_mask: Optional[torch.Tensor]  # uint8, device
+    part_o: torch.Tensor
+    part_lse: torch.Tensor
+    kv_rows_needed: int  # ragged: rows of k/v the plan reads; paged: 0
+    max_page_id: Optional[int]  # paged, when the table came from the host
+    plan_args: dict  # the arguments of plan(), for the deprecated forward() that re-plans
+
+
+class _BatchPrefillWrapper(PlanRunWrapper):
+    """Shared plan/run machinery of the paged and ragged batch prefill wrappers."""
+
+    _paged: bool = True
+
+    def __init__(self, float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, custom_mask_buf,
+                 mask_indptr_buf, backend, jit_args, jit_kwargs) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args)
+        if jit_kwargs is not None:
+            raise NotImplementedError("jit_kwargs: C++ attention variants cannot run in flashtile (Triton kernels)")
+        self._qo_indptr_buf = qo_indptr_buf
+        self._custom_mask_buf = custom_mask_buf
+        self._mask_indptr_buf = mask_indptr_buf
+        self._graph_shape: Optional[tuple] = None  # (block_m, total_qo, capacities) fixed by the first plan
+        if self._use_cuda_graph:
+            self._check_graph_buffer("qo_indptr_buf", qo_indptr_buf)
+            self._fixed_batch_size = qo_indptr_buf.numel() - 1
+            for name, buf in (("custom_mask_buf", custom_mask_buf), ("mask_indptr_buf", mask_indptr_buf)):
+                if buf is not None:
+                    check_tensor(name, buf, device=self.device)
+
+    def _check_graph_buffer(self, name: str, buf) -> None:
+        if not isinstance(buf, torch.Tensor):
+            raise ValueError(f"{name} should be a torch.Tensor in cudagraph mode, got {describe(buf)}")
+        as_index_tensor(name, buf)
+        if buf.dtype != torch.int32 or buf.device != self.device:
+            raise ValueError(f"{name}: expected an int32 tensor on {self.device} in cudagraph mode, got {describe(buf)}")
+
+    # Attributes serving engines read (upstream's names).
+    @property
+    def _causal(self) -> bool:
+        return self._plan.causal if self._plan is not None else False
+
+    @property
+    def _window_left(self) -> int:
+        return self._plan.window_left if self._plan is not None else -1
+
+    @property
+    def _logits_soft_cap(self) -> float:
+        return self._plan.logits_soft_cap if self._plan is not None else 0.0
+
+    @property
+    def _sm_scale(self) -> Optional[float]:
+        return self._plan.sm_scale if self._plan is not None else None
+
+    @property
+    def _pos_encoding_mode(self) -> str:
+        return self._plan.pos_encoding_mode if self._plan is not None else "NONE"
+
+    def _plan_batch(
+        self, *, qo_indptr, kv_lens_h, kv_offsets_h, page_size, num_qo_heads, num_kv_heads, head_dim_qk,
+        head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode, window_left, logits_soft_cap,
+        sm_scale, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type, non_blocking, fixed_split_size,
+        disable_split_kv, page_indices, kv_rows_needed, max_page_id, plan_args,
+    ) -> None:
+        """The part of plan() both wrappers share; the KV description is already reduced to per-request
+        lengths and offsets (host int64 tensors)."""
+        check_heads(num_qo_heads, num_kv_heads)
+        head_dim_qk = self._check_head_dim(head_dim_qk)
+        head_dim_vo = head_dim_qk if head_dim_vo is None else self._check_head_dim(head_dim_vo)
+        if pos_encoding_mode == "ROPE_LLAMA" and head_dim_qk % 2:
+            raise ValueError(f"head_dim_qk: RoPE needs an even head_dim, got {head_dim_qk}")
+        cap = check_common_options(pos_encoding_mode, window_left, logits_soft_cap)
+        q_dtype = resolve_dtype("q_data_type", q_data_type, torch.float16)
+        kv_dtype = resolve_dtype("kv_data_type", kv_data_type, q_dtype)
+        o_dtype = resolve_dtype("o_data_type", o_data_type, q_dtype)
+        if o_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"o_data_type: expected float16, bfloat16 or float32, got {o_dtype}")
+        self._check_q_kv_dtypes(q_dtype, kv_dtype)
+        if fixed_split_size is not None and fixed_split_size != -1:
+            check_positive_int("fixed_split_size", fixed_split_size)
+        else:
+            fixed_split_size = None
+
+        qo_indptr = as_index_tensor("qo_indptr", qo_indptr)
+        batch = kv_lens_h.numel()
+        if qo_indptr.numel() != batch + 1:
+            raise ValueError(f"qo_indptr: expected batch_size + 1 = {batch + 1} entries (batch size from the KV "
+                             f"description), got {qo_indptr.numel()}")
+        qo_h = qo_indptr.to("cpu", torch.int64)
+        if int(qo_h[0]) != 0:
+            raise ValueError(f"qo_indptr: must start at 0 (rows of q are numbered from 0), got {int(qo_h[0])}")
+        if (qo_h[1:] < qo_h[:-1]).any():
+            raise ValueError(f"qo_indptr: must be non-decreasing, got {qo_h.tolist()[:16]}")
+        qo_lens = qo_h[1:] - qo_h[:-1]
+        total_qo = int(qo_h[-1])
+        if self._use_cuda_graph and batch != self._fixed_batch_size:
+            raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
+                             f"mismatches the batch size set during initialization {self._fixed_batch_size}")
+
+        mask_h, mask_offsets = self._pack_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens_h)
+        has_mask = mask_h is not None
+        group = num_qo_heads // num_kv_heads
+
+        decision = choose_path(self.device, self._backend)
+        if decision.path is Path.REFERENCE:
+            kernels, align, sms, block_m = None, 16, 4, 16
+        else:
+            kernels = load_kernels("batch_prefill", decision.path)
+            align, sms = kernels.batch_chunk_align(), kernels.num_sms(self.device)
+            max_rows = int(qo_lens.max()) * group if batch else 0
+            block_m = kernels.prefill_block_m(max_rows, head_dim_qk, head_dim_vo)
+        if self._use_cuda_graph:
+            if self._graph_shape is None:
+                caps = prefill_capacity(batch, total_qo * group, block_m, num_kv_heads, sms)
+                self._graph_shape = (block_m, total_qo, caps)
+            block_m, max_qo, caps = self._graph_shape
+            if total_qo > max_qo:
+                raise ValueError(f"The total number of rows in qo_indptr {total_qo} in cuda graph mode cannot exceed "
+                                 f"the number of rows set during initialization {max_qo}")
+            item_cap, merge_cap, slot_cap = caps
+        # Partial states of split tiles live in the float workspace; a plan that would need more than
+        # it holds uses longer chunks (fewer splits) instead.
+        slot_bytes = 4 * num_kv_heads * block_m * (head_dim_vo + 1)
+        room = self._float_workspace_buffer.numel() * self._float_workspace_buffer.element_size() // slot_bytes
+        work_kwargs = dict(group=group, block_m=block_m, causal=bool(causal) and not has_mask,
+                           window_left=window_left, programs_per_item=num_kv_heads, num_sms=sms, align=align)
+        fixed_chunk = fixed_split_size * (page_size or 1) if fixed_split_size is not None else None
+        work = plan_prefill_work(qo_lens, kv_lens_h, fixed_chunk=fixed_chunk, disable_split=bool(disable_split_kv),
+                                 **work_kwargs)
+        slot_limit = min(room, slot_cap) if self._use_cuda_graph else room
+        while work.num_slots > slot_limit and fixed_split_size is None:
+            work = plan_prefill_work(qo_lens, kv_lens_h, fixed_chunk=2 * work.chunk, **work_kwargs)
+        if work.num_slots > slot_limit:
+            raise ValueError(f"fixed_split_size={fixed_split_size} needs {work.num_slots} partial states of "
+                             f"{slot_bytes} bytes, more than the float workspace (or the CUDA-graph plan) holds "
+                             f"({slot_limit}); use a larger fixed_split_size or workspace")
+        if self._use_cuda_graph:
+            if work.num_items > item_cap or work.num_merges > merge_cap:
+                raise ValueError(f"fixed_split_size={fixed_split_size} cuts this batch into {work.num_items} pieces, "
+                                 f"more than the {item_cap} that CUDA-graph mode sized its grid for; use a larger "
+                                 "fixed_split_size")
+            num_items, num_merges, num_slots = item_cap, merge_cap, slot_cap
+        else:
+            item_cap, merge_cap = work.num_items, work.num_merges
+            num_items, num_merges, num_slots = work.num_items, work.num_merges, work.num_slots
+
+        # One host->device copy of the plan into the int workspace the wrapper owns.
+        requests = torch.stack([qo_h[:-1], qo_lens, kv_offsets_h, kv_lens_h, mask_offsets], dim=1)
+        meta_h = pack_prefill_meta(work, requests, item_cap, merge_cap)
+        if self.device.type == "cuda":
+            meta_h = meta_h.pin_memory()
+        meta = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * meta_h.numel(),
+                                    torch.int32)
+        meta.copy_(meta_h, non_blocking=non_blocking)
+        packed_mask = self._place_mask(mask_h, mask_offsets, non_blocking) if has_mask else None
+        if self._use_cuda_graph:
+            self._qo_indptr_buf.copy_(qo_h, non_blocking=non_blocking)
+
+        part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer", slot_bytes * num_slots,
+                                    torch.float32)
+        per_slot = num_kv_heads * block_m
+        part_o = part[: num_slots * per_slot * head_dim_vo].view(num_slots, num_kv_heads, block_m, head_dim_vo)
+        part_lse = part[num_slots * per_slot * head_dim_vo:].view(num_slots, num_kv_heads, block_m)
+
+        self._plan = _PrefillPlan(
+            batch_size=batch, total_qo=total_qo, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+            head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=page_size, q_dtype=q_dtype, kv_dtype=kv_dtype,
+            o_dtype=o_dtype, causal=bool(causal) and not has_mask, pos_encoding_mode=pos_encoding_mode,
+            window_left=window_left, logits_soft_cap=cap,
+            sm_scale=resolve_scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim_qk), positive=True),
+            rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
+            rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
+            meta=meta, item_capacity=item_cap, num_items=num_items, num_merges=num_merges, block_m=block_m,
+            page_indices=page_indices, packed_mask=packed_mask, part_o=part_o, part_lse=part_lse,
+            kv_rows_needed=kv_rows_needed, max_page_id=max_page_id, plan_args=plan_args,
+        )
+
+    def _pack_mask(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
+        """Host uint8 mask with each request's segment starting on a byte, and the byte offsets (int64)."""
+        seg_bits = qo_lens * kv_lens
+        seg_bytes = (seg_bits + 7) // 8
+        offsets = torch.cumsum(seg_bytes, 0) - seg_bytes
+        if packed_custom_mask is not None:
+            check_tensor("packed_custom_mask", packed_custom_mask, ndim=1, dtypes=(torch.uint8,))
+            if packed_custom_mask.numel() != int(seg_bytes.sum()):
+                raise ValueError(
+                    f"packed_custom_mask: expected {int(seg_bytes.sum())} bytes (each request's qo_len * kv_len mask "
+                    f"bits packed LSB first, every request starting on a new byte, as segment_packbits(..., "
+                    f"bitorder='little') returns), got {packed_custom_mask.numel()}")
+            return packed_custom_mask, offsets
+        if custom_mask is None:
+            return None, torch.zeros_like(offsets)
+        check_tensor("custom_mask", custom_mask, ndim=1)
+        if custom_mask.numel() != int(seg_bits.sum()):
+            raise ValueError(f"custom_mask: expected sum(qo_len * kv_len) = {int(seg_bits.sum())} elements (the "
+                             f"requests' [qo_len, kv_len] masks flattened and concatenated), got {custom_mask.numel()}")
+        bit_indptr = torch.zeros(seg_bits.numel() + 1, dtype=torch.int64)
+        torch.cumsum(seg_bits, 0, out=bit_indptr[1:])
+        packed, _ = segment_packbits(custom_mask, bit_indptr, bitorder="little")
+        return packed, offsets
+
+    def _place_mask(self, mask, offsets, non_blocking) -> torch.Tensor:
+        if not self._use_cuda_graph:
+            return mask.to(self.device, non_blocking=non_blocking)
+        if self._custom_mask_buf is None or self._mask_indptr_buf is None:
+            raise ValueError("custom_mask_buf and mask_indptr_buf must be given to the constructor to use a custom "
+                             "mask in cudagraph mode")
+        if mask.numel() > self._custom_mask_buf.numel():
+            raise ValueError(f"custom_mask_buf: this plan's packed mask has {mask.numel()} bytes, the buffer holds "
+                             f"{self._custom_mask_buf.numel()}")
+        self._custom_mask_buf.view(-1).view(torch.uint8)[: mask.numel()].copy_(mask, non_blocking=non_blocking)
+        indptr = torch.cat([offsets, torch.tensor([mask.numel()], dtype=torch.int64)])
+        if self._mask_indptr_buf.numel() >= indptr.numel():
+            self._mask_indptr_buf[: indptr.numel()].copy_(indptr, non_blocking=non_blocking)
+        return self._custom_mask_buf.view(-1).view(torch.uint8)
+
+    def _launch(self, plan: _PrefillPlan, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows_out):
+        sm_scale = plan.sm_scale * resolve_scalar("q_scale", q_scale, 1.0) * resolve_scalar("k_scale", k_scale, 1.0)
+        v_scale_f = resolve_scalar("v_scale", v_scale, 1.0)
+        shape = (rows_out, plan.num_qo_heads, plan.head_dim_vo)
+        self._check_out("out", out, shape, plan.o_dtype, q.device)
+        self._check_out("lse", lse, shape[:2], torch.float32, q.device)
+        if out is None:
+            out = new_output(shape, plan.o_dtype, q.device)
+        if lse is None:
+            lse = new_output(shape[:2], torch.float32, q.device)
+        ops.call_batch_prefill(
+            q, k, v, plan.page_indices, plan.packed_mask, plan.meta, plan.batch_size, plan.item_capacity, plan.part_o,
+            plan.part_lse, out, lse, plan.block_m, plan.num_items, plan.num_merges, plan.causal, sm_scale,
+            plan.logits_soft_cap, plan.window_left, plan.pos_encoding_mode, plan.rope_scale, plan.rope_theta,
+            v_scale_f, self._backend,
+        )
+        return (out, lse) if return_lse else out
+
+    def _check_q(self, plan: _PrefillPlan, q) -> int:
+        """Checks q against the plan; returns its row count (graph mode: may exceed the plan's rows)."""
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q: expected a torch.Tensor, got {describe(q)}")
+        if q.dtype != plan.q_dtype:
+            raise ValueError(f"The dtype of q {q.dtype} does not match the q_data_type {plan.q_dtype} specified "
+                             "in plan function.")
+        if q.dim() != 3 or tuple(q.shape[1:]) != (plan.num_qo_heads, plan.head_dim_qk):
+            raise ValueError(f"q: expected shape [qo_indptr[-1], num_qo_heads, head_dim_qk] = "
+                             f"[{plan.total_qo}, {plan.num_qo_heads}, {plan.head_dim_qk}] as planned, got {list(q.shape)}")
+        rows_ok = q.shape[0] >= plan.total_qo if self._use_cuda_graph else q.shape[0] == plan.total_qo
+        if not rows_ok:
+            raise ValueError(f"q: expected {plan.total_qo} rows (qo_indptr[-1] of the plan), got {q.shape[0]}")
+        if q.shape[-1] > 1 and q.stride(-1) != 1:
+            raise ValueError(f"q: the last dimension must have stride 1, got strides {tuple(q.stride())}")
+        if q.device != self.device:
+            raise ValueError(f"q must be on the wrapper's device {self.device} (the workspace's), got {q.device}")
+        return q.shape[0]
+
+    def _check_run_options(self, plan: _PrefillPlan, args, sinks, window_left) -> None:
+        if args:
+            raise NotImplementedError("run(): extra positional arguments feed upstream's JIT variants, which "
+                                      "flashtile does not support")
+        if sinks is not None:
+            raise NotImplementedError("sinks: attention sinks are not supported by flashtile's prefill yet")
+        if window_left is not None and window_left != plan.window_left:
+            raise ValueError(f"window_left: run() got {window_left}, plan() was given {plan.window_left}; "
+                             "re-plan to change it")
+
+    def _replan_for_forward(self, **overrides) -> None:
+        """The deprecated forward() sets the attention parameters (upstream semantics: its arguments replace
+        the planned ones); re-plan only when one differs."""
+        plan = self._require_plan()
+        current = dict(causal=plan.causal, pos_encoding_mode=plan.pos_encoding_mode, window_left=plan.window_left,
+                       logits_soft_cap=plan.logits_soft_cap, sm_scale=plan.sm_scale, rope_scale=plan.rope_scale,
+                       rope_theta=plan.rope_theta)
+        wanted = dict(overrides)
+        for name in ("logits_soft_cap", "sm_scale", "rope_scale", "rope_theta"):
+            if wanted[name] is None:
+                wanted[name] = {"logits_soft_cap": 0.0, "sm_scale": 1.0 / math.sqrt(plan.head_dim_qk),
+                                "rope_scale": 1.0, "rope_theta": 1e4}[name]
+        if plan.plan_args.get("custom_mask") is not None or plan.plan_args.get("packed_custom_mask") is not None:
+            wanted["causal"] = plan.causal  # a custom mask replaces causal
+        if wanted != current:
+            self.plan(**{**plan.plan_args, **wanted})
+
+    def run_return_lse(self, *args, **kwargs):
+        """``run(..., return_lse=True)`` (upstream alias)."""
+        return self.run(*args, return_lse=True, **kwargs)
+
+    def forward_return_lse(self, *args, **kwargs):
+        """Deprecated upstream form of ``run(..., return_lse=True)``."""
+        return self.forward(*args, return_lse=True, **kwargs)
+
+
+class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
+    """Batch prefill / append attention over a paged KV cache.
+
+    Request ``i`` has ``qo_indptr[i+1] - qo_indptr[i]`` query tokens (rows of q) and a KV cache of
+    ``kv_len_i`` tokens in pages (``paged_kv_indptr``, ``paged_kv_indices``, ``paged_kv_last_page_len``:
+    the layout of :class:`flashtile.BatchDecodeWithPagedKVCacheWrapper`). Its queries are the last
+    ``qo_len_i`` tokens of the sequence: with ``causal`` query ``t`` sees keys ``<= kv_len_i - qo_len_i + t``
+    (bottom-right alignment: ``qo_len < kv_len`` is an append or chunked prefill; with ``qo_len > kv_len`` the
+    first rows see nothing and give 0 and lse -inf).
+
+    plan() splits the batch into tiles of (request, query rows, KV range), longest first, and cuts long KV
+    ranges when there are too few tiles to fill the GPU (scheduler/prefill_work.py); run() launches one
+    kernel and, when a tile was cut, one merge.
+
+    Args:
+        float_workspace_buffer: a device tensor (any dtype) for partial states of split tiles; 128 MiB is
+            plenty (a smaller one makes plan() split less). Its device is the wrapper's device.
+        kv_layout: "NHD" or "HND", the layout of the paged cache given to run().
+        use_cuda_graph: fixed-size mode for CUDA-graph capture: the batch size is ``len(qo_indptr_buf) - 1``,
+            the first plan's ``qo_indptr[-1]`` is the most query rows any later plan may have, plan() copies
+            the page table into the buffers below and run() launches grids that do not depend on the lengths.
+        qo_indptr_buf: int32 ``[B + 1]``; paged_kv_indptr_buf: int32 ``[B + 1]``; paged_kv_indices_buf: int32
+            ``[max_pages]``; paged_kv_last_page_len_buf: int32 ``[B]`` (graph mode).
+        custom_mask_buf: uint8 ``[max_mask_bytes]``; mask_indptr_buf: int32 ``[B + 1]`` (graph mode with a
+            custom mask).
+        backend: "auto", "fa2", "fa3" (flashtile's kernels), "triton" or "reference"; vendor backends raise
+            NotImplementedError. jit_args, jit_kwargs: upstream C++ variants; raise NotImplementedError.
+    """
+
+    _paged = True
+
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        qo_indptr_buf: Optional[torch.Tensor] = None,
+        paged_kv_indptr_buf: Optional[torch.Tensor] = None,
+        paged_kv_indices_buf: Optional[torch.Tensor] = None,
+        paged_kv_last_page_len_buf: Optional[torch.Tensor] = None,
+        custom_mask_buf: Optional[torch.Tensor] = None,
+        mask_indptr_buf: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        jit_args=None,
+        jit_kwargs=None,
+    ) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, custom_mask_buf,
+                         mask_indptr_buf, backend, jit_args, jit_kwargs)
+        if self._use_cuda_graph:
+            for name, buf in (("paged_kv_indptr_buf", paged_kv_indptr_buf),
+                              ("paged_kv_indices_buf", paged_kv_indices_buf),
+                              ("paged_kv_last_page_len_buf", paged_kv_last_page_len_buf)):
+                self._check_graph_buffer(name, buf)
+            if paged_kv_indptr_buf.numel() != self._fixed_batch_size + 1 or \
+                    paged_kv_last_page_len_buf.numel() != self._fixed_batch_size:
+                raise ValueError(f"paged_kv_indptr_buf / paged_kv_last_page_len_buf: expected {self._fixed_batch_size + 1}"
+                                 f" / {self._fixed_batch_size} entries (batch size from qo_indptr_buf), got "
+                                 f"{paged_kv_indptr_buf.numel()} / {paged_kv_last_page_len_buf.numel()}")
+        self._paged_kv_indptr_buf = paged_kv_indptr_buf
+        self._paged_kv_indices_buf = paged_kv_indices_buf
+        self._paged_kv_last_page_len_buf = paged_kv_last_page_len_buf
+
+    def plan(
+        self,
+        qo_indptr: torch.Tensor,
+        paged_kv_indptr: torch.Tensor,
+        paged_kv_indices: torch.Tensor,
+        paged_kv_last_page_len: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim_qk: int,
+        page_size: int,
+        head_dim_vo: Optional[int] = None,
+        custom_mask: Optional[torch.Tensor] = None,
+        packed_custom_mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        sm_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        non_blocking: bool = True,
+        prefix_len_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_len: int = 0,
+        max_item_len_ptr: Optional[torch.Tensor] = None,
+        seq_lens: Optional[torch.Tensor] = None,
+        seq_lens_q: Optional[torch.Tensor] = None,
+        block_tables: Optional[torch.Tensor] = None,
+        max_token_per_sequence: Optional[int] = None,
+        max_sequence_kv: Optional[int] = None,
+        *,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
+        fixed_split_size: Optional[int] = None,
+        disable_split_kv: bool = False,
+        **unsupported,
+    ) -> None:
+        """Plan a prefill/append step: validate, schedule, copy the work list to the device.
+
+        Args:
+            qo_indptr: int32 ``[B + 1]`` (CPU or device), starting at 0: request ``i`` owns rows
+                ``qo_indptr[i]:qo_indptr[i + 1]`` of q.
+            paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len: the page table, as in batch decode
+                (``last_page_len`` 1..page_size, 0 for a request without pages; ``indptr[0]`` may be > 0).
+            num_qo_heads, num_kv_heads: heads of q and of the cache (GQA: any multiple).
+            head_dim_qk: head dim of q and k (multiple of 8, up to 256); head_dim_vo: of v (default head_dim_qk).
+            page_size: tokens per page.
+            custom_mask: bool, the requests' ``[qo_len, kv_len]`` masks (True = attend) flattened row-major and
+                concatenated (``sum(qo_len * kv_len)`` elements); replaces ``causal``.
+            packed_custom_mask: uint8, the same masks packed LSB first with every request starting on a new
+                byte (``segment_packbits(custom_mask, indptr, bitorder="little")[0]``); wins over custom_mask.
+            causal: bottom-right aligned causal mask.
+            pos_encoding_mode: "NONE", "ROPE_LLAMA" (q and k rotated in the kernel) or "ALIBI".
+            use_fp16_qk_reduction: accepted; flashtile accumulates q.k in float32.
+            sm_scale: default ``1 / sqrt(head_dim_qk)``. window_left: sliding window (-1 disables).
+            logits_soft_cap: ``cap * tanh(s / cap)`` when > 0. rope_scale, rope_theta: defaults 1 and 1e4.
+            q_data_type: dtype of q (default float16 as upstream); kv_data_type: of the cache (default q's;
+                fp8 e4m3fn/e5m2 allowed). non_blocking: asynchronous host->device copies.
+            prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr: multi-item
+                scoring; raise NotImplementedError when given.
+            seq_lens, seq_lens_q, block_tables, max_token_per_sequence, max_sequence_kv: upstream's vendor
+                backends only; ignored.
+            o_data_type: output dtype (default q's). fixed_split_size: deterministic KV chunk in pages (a
+                request's result does not depend on the rest of the batch). disable_split_kv: never split.
+        """
+        if unsupported:
+            raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+        _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr)
+        plan_args = dict(
+            qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr, paged_kv_indices=paged_kv_indices,
+            paged_kv_last_page_len=paged_kv_last_page_len, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+            head_dim_qk=head_dim_qk, page_size=page_size, head_dim_vo=head_dim_vo, custom_mask=custom_mask,
+            packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
+            sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale,
+            rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type, non_blocking=non_blocking,
+            o_data_type=o_data_type, fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv,
+        )
+        check_positive_int("page_size", page_size)
+        indptr = as_index_tensor("paged_kv_indptr", paged_kv_indptr)
+        indices = as_index_tensor("paged_kv_indices", paged_kv_indices)
+        last_page_len = as_index_tensor("paged_kv_last_page_len", paged_kv_last_page_len)
+        batch = last_page_len.numel()
+        if indptr.numel() != batch + 1:
+            raise ValueError(f"paged_kv_indptr: expected batch_size + 1 = {batch + 1} entries (batch size from "
+                             f"paged_kv_last_page_len), got {indptr.numel()}")
+        indptr_h = indptr.to("cpu", torch.int64)
+        last_h = last_page_len.to("cpu", torch.int64)
+        host_table = indices.device.type == "cpu" or os.environ.get("FLASHTILE_DEBUG") == "1"
+        if host_table:
+            check_page_table(indptr_h, indices, last_h, page_size)
+        elif (indptr_h[1:] < indptr_h[:-1]).any():
+            raise ValueError("paged_kv_indptr: must be non-decreasing")
+        kv_lens = torch.clamp(indptr_h[1:] - indptr_h[:-1] - 1, min=0) * page_size + last_h
+        first, last = int(indptr_h[0]), int(indptr_h[-1])
+        max_page_id = int(indices[first:last].max()) if host_table and last > first else None
+        if self._use_cuda_graph:
+            if last - first > self._paged_kv_indices_buf.numel():
+                raise ValueError(
+                    f"The size of indices should be less than or equal to the allocated buffer: need {last - first} "
+                    f"page ids, paged_kv_indices_buf has {self._paged_kv_indices_buf.numel()}")
+            if batch != self._fixed_batch_size:
+                raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
+                                 f"mismatches the batch size set during initialization {self._fixed_batch_size}")
+            self._paged_kv_indptr_buf.copy_(indptr_h - first, non_blocking=non_blocking)
+            self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
+            self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
+            page_indices, kv_offsets = self._paged_kv_indices_buf, indptr_h[:-1] - first
+        else:
+            page_indices, kv_offsets = indices.to(self.device, torch.int32, non_blocking=non_blocking), indptr_h[:-1]
+        self._plan_batch(
+            qo_indptr=qo_indptr, kv_lens_h=kv_lens, kv_offsets_h=kv_offsets, page_size=page_size,
+            num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo,
+            custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, causal=causal,
+            pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+            sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+            kv_data_type=kv_data_type, o_data_type=o_data_type, non_blocking=non_blocking,
+            fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv, page_indices=page_indices,
+            kv_rows_needed=0, max_page_id=max_page_id, plan_args=plan_args,
+        )
+
+    begin_forward = plan
+
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache,
+        *args,
+        q_scale: Optional[float] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+        enable_pdl: Optional[bool] = None,
+        window_left: Optional[int] = None,
+        sinks: Optional[torch.Tensor] = None,
+    ):
+        """Attention of the planned batch.
+
+        Args:
+            q: ``[qo_indptr[-1], num_qo_heads, head_dim_qk]`` in the planned q dtype, unit last stride.
+            paged_kv_cache: ``[pages, 2, page_size, heads, dim]`` (NHD; HND swaps page_size and heads), or a
+                ``(k_cache, v_cache)`` tuple of ``[pages, page_size, heads, dim]`` views; the planned kv dtype.
+            q_scale, k_scale: calibration scales multiplied into sm_scale; v_scale multiplies the output.
+            out: optional ``[qo_indptr[-1], num_qo_heads, head_dim_vo]`` output (o_data_type), written and returned.
+            lse: optional float32 ``[qo_indptr[-1], num_qo_heads]``. return_lse: also return the base-2 lse.
+            enable_pdl: accepted and ignored. window_left: must equal the plan's.
+            sinks, extra ``*args``: not supported (NotImplementedError).
+
+        Returns:
+            ``out`` or ``(out, lse)``; rows that see no key give zeros and lse -inf.
+        """
+        plan = self._require_plan()
+        self._check_run_options(plan, args, sinks, window_left)
+        cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        rows = self._check_q(plan, q)
+        if cache.dtype != plan.kv_dtype:
+            raise ValueError(f"The dtype of paged_kv_cache {cache.dtype} does not match the kv_data_type "
+                             f"{plan.kv_dtype} specified in plan function.")
+        if cache.num_kv_heads != plan.num_kv_heads or cache.k.shape[3] != plan.head_dim_qk or \
+                cache.v.shape[3] != plan.head_dim_vo:
+            raise ValueError(f"paged_kv_cache: expected {plan.num_kv_heads} KV heads with head dims "
+                             f"{plan.head_dim_qk}/{plan.head_dim_vo} (k/v) as planned, got {cache.num_kv_heads} heads "
+                             f"of {cache.k.shape[3]}/{cache.v.shape[3]} ({self._kv_layout})")
+        if cache.page_size != plan.page_size:
+            raise ValueError(f"paged_kv_cache: page_size {cache.page_size} (from the cache shape) differs from the "
+                             f"planned page_size {plan.page_size}")
+        if cache.device != self.device:
+            raise ValueError(f"paged_kv_cache must be on the wrapper's device {self.device}, got {cache.device}")
+        if plan.max_page_id is not None and plan.max_page_id >= cache.num_pages:
+            raise ValueError(f"paged_kv_indices: the plan uses page {plan.max_page_id}, the cache has "
+                             f"{cache.num_pages} pages")
+        return self._launch(plan, q, cache.k, cache.v, q_scale, k_scale, v_scale, out, lse, return_lse, rows)
+
+    def forward(self, q: torch.Tensor, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
+                use_fp16_qk_reduction: bool = False, k_scale: Optional[float] = None, v_scale: Optional[float] = None,
+                window_left: int = -1, logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None, return_lse: bool = False):
+        """Deprecated upstream form of :meth:`run`: its attention parameters replace the planned ones."""
+        self._replan_for_forward(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
+                                 logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+                                 rope_theta=rope_theta)
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse)
+
+
+class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
+    """Batch prefill attention over ragged (packed, variable-length) K/V tensors.
+
+    Request ``i`` has query rows ``qo_indptr[i]:qo_indptr[i + 1]`` of q and keys/values rows
+    ``kv_indptr[i]:kv_indptr[i + 1]`` of k and v. Masks, causal alignment, scheduling and the CUDA-graph
+    mode are those of :class:`BatchPrefillWithPagedKVCacheWrapper`. This is also the path for DeepSeek
+    prefill without matrix absorption (``head_dim_qk=192, head_dim_vo=128``).
+
+    Args:
+        float_workspace_buffer: device tensor (any dtype) for partial states; 128 MiB is plenty.
+        kv_layout: "NHD" (k ``[rows, heads, dim]``) or "HND" (k ``[heads, rows, dim]``).
+        use_cuda_graph: fixed-size mode (see the paged wrapper); qo_indptr_buf and kv_indptr_buf: int32
+            ``[B + 1]``; custom_mask_buf / mask_indptr_buf for a custom mask in graph mode.
+        backend, jit_args, jit_kwargs: as the paged wrapper.
+    """
+
+    _paged = False
+
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        qo_indptr_buf: Optional[torch.Tensor] = None,
+        kv_indptr_buf: Optional[torch.Tensor] = None,
+        custom_mask_buf: Optional[torch.Tensor] = None,
+        mask_indptr_buf: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        jit_args=None,
+        jit_kwargs=None,
+    ) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, custom_mask_buf,
+                         mask_indptr_buf, backend, jit_args, jit_kwargs)
+        if self._use_cuda_graph:
+            self._check_graph_buffer("kv_indptr_buf", kv_indptr_buf)
+            if kv_indptr_buf.numel() != self._fixed_batch_size + 1:
+                raise ValueError(f"kv_indptr_buf: expected {self._fixed_batch_size + 1} entries (batch size from "
+                                 f"qo_indptr_buf), got {kv_indptr_buf.numel()}")
+        self._kv_indptr_buf = kv_indptr_buf
+
+    def plan(
+        self,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim_qk: int,
+        head_dim_vo: Optional[int] = None,
+        custom_mask: Optional[torch.Tensor] = None,
+        packed_custom_mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        sm_scale: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        non_blocking: bool = True,
+        prefix_len_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+        token_pos_in_items_len: int = 0,
+        max_item_len_ptr: Optional[torch.Tensor] = None,
+        *,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
+        fixed_split_size: Optional[int] = None,
+        disable_split_kv: bool = False,
+        **unsupported,
+    ) -> None:
+        """Plan a ragged prefill step (arguments as the paged plan; note upstream's order here:
+        ``window_left, logits_soft_cap, sm_scale``).
+
+        Args:
+            qo_indptr: int32 ``[B + 1]`` starting at 0: request ``i`` owns rows ``qo_indptr[i]:qo_indptr[i + 1]`` of q.
+            kv_indptr: int32 ``[B + 1]``, non-decreasing: request ``i`` owns rows ``kv_indptr[i]:kv_indptr[i + 1]``
+                of k and v (``kv_indptr[0]`` may be > 0).
+            fixed_split_size: deterministic KV chunk in tokens.
+            Other arguments: see :meth:`BatchPrefillWithPagedKVCacheWrapper.plan`.
+        """
+        if unsupported:
+            raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+        _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr)
+        plan_args = dict(
+            qo_indptr=qo_indptr, kv_indptr=kv_indptr, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+            head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, custom_mask=custom_mask,
+            packed_custom_mask=packed_custom_mask, causal=causal, pos_encoding_mode=pos_encoding_mode,
+            window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+            rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type, non_blocking=non_blocking,
+            o_data_type=o_data_type, fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv,
+        )
+        kv_indptr = as_index_tensor("kv_indptr", kv_indptr)
+        qo_indptr = as_index_tensor("qo_indptr", qo_indptr)
+        if kv_indptr.numel() != qo_indptr.numel():
+            raise ValueError(f"kv_indptr: expected as many entries as qo_indptr ({qo_indptr.numel()}), got "
+                             f"{kv_indptr.numel()}")
+        kv_h = kv_indptr.to("cpu", torch.int64)
+        if kv_h.numel() < 1 or int(kv_h[0]) < 0 or (kv_h[1:] < kv_h[:-1]).any():
+            raise ValueError(f"kv_indptr: must be non-negative and non-decreasing, got {kv_h.tolist()[:16]}")
+        if self._use_cuda_graph:
+            if kv_h.numel() - 1 != self._fixed_batch_size:
+                raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size "
+                                 f"{kv_h.numel() - 1} mismatches the batch size set during initialization "
+                                 f"{self._fixed_batch_size}")
+            self._kv_indptr_buf.copy_(kv_h, non_blocking=non_blocking)
+        self._plan_batch(
+            qo_indptr=qo_indptr, kv_lens_h=kv_h[1:] - kv_h[:-1], kv_offsets_h=kv_h[:-1], page_size=None,
+            num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo,
+            custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, causal=causal,
+            pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+            sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
+            kv_data_type=kv_data_type, o_data_type=o_data_type, non_blocking=non_blocking,
+            fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv, page_indices=None,
+            kv_rows_needed=int(kv_h[-1]), max_page_id=None, plan_args=plan_args,
+        )
+
+    begin_forward = plan
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *args,
+        q_scale: Optional[float] = None,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        return_lse: bool = False,
+        enable_pdl: Optional[bool] = None,
+        window_left: Optional[int] = None,
+        sinks: Optional[torch.Tensor] = None,
+    ):
+        """Attention of the planned batch.
+
+        Args:
+            q: ``[qo_indptr[-1], num_qo_heads, head_dim_qk]`` in the planned q dtype, unit last stride.
+            k: ``[rows, num_kv_heads, head_dim_qk]`` (NHD; HND: ``[num_kv_heads, rows, head_dim_qk]``) with
+                ``rows >= kv_indptr[-1]``, the planned kv dtype (fp8 allowed; scales below); unit last stride.
+            v: like k with ``head_dim_vo``.
+            q_scale, k_scale: calibration scales multiplied into sm_scale; v_scale multiplies the output.
+            out, lse, return_lse, enable_pdl, window_left, sinks: as the paged wrapper's run().
+
+        Returns:
+            ``out [qo_indptr[-1], num_qo_heads, head_dim_vo]`` or ``(out, lse)``.
+        """
+        plan = self._require_plan()
+        self._check_run_options(plan, args, sinks, window_left)
+        rows = self._check_q(plan, q)
+        for name, x, dim in (("k", k, plan.head_dim_qk), ("v", v, plan.head_dim_vo)):
+            check_tensor(name, x, ndim=3)
+            if x.dtype != plan.kv_dtype:
+                raise ValueError(f"The dtype of {name} {x.dtype} does not match the kv_data_type {plan.kv_dtype} "
+                                 "specified in plan function.")
+            if x.device != self.device:
+                raise ValueError(f"{name} must be on the wrapper's device {self.device}, got {x.device}")
+        if self._kv_layout == "HND":
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+        k, v = _unit_last_stride(k), _unit_last_stride(v)
+        for name, x, dim in (("k", k, plan.head_dim_qk), ("v", v, plan.head_dim_vo)):
+            if x.shape[1] != plan.num_kv_heads or x.shape[2] != dim or x.shape[0] < plan.kv_rows_needed:
+                raise ValueError(f"{name}: expected at least {plan.kv_rows_needed} rows (kv_indptr[-1]) of "
+                                 f"{plan.num_kv_heads} heads x {dim} as planned ({self._kv_layout}), got "
+                                 f"{list(x.shape)} as NHD")
+        return self._launch(plan, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
+                logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None, return_lse: bool = False):
+        """Deprecated upstream form of :meth:`run`: its attention parameters replace the planned ones."""
+        self._replan_for_forward(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
+                                 logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+                                 rope_theta=rope_theta)
+        return self.run(q, k, v, return_lse=return_lse)
+
+
+def _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr) -> None:
+    if prefix_len_ptr is not None or token_pos_in_items_ptr is not None or max_item_len_ptr is not None:
+        raise NotImplementedError("multi-item scoring (prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr) "
+                                  "is not supported by flashtile yet")

@@ -36,3 +36,35 @@ def assert_matches_oracle(out, lse, q, k, v, layout="NHD", **oracle_kwargs):
         assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "empty rows must give lse -inf exactly"
         finite = torch.isfinite(ref_lse)
         torch.testing.assert_close(lse[finite], ref_lse[finite], atol=latol, rtol=lrtol)
+
+
+def make_paged_batch(lens, page_size, num_kv_heads, head_dim, dtype, device, *, layout="NHD", form="5d",
+                     spare_pages=3, indptr_offset=0, scale=1.0, head_dim_vo=None):
+    """A cache with the requests' pages scattered over a larger pool (random order), and its table.
+
+    Returns ``(cache, indptr, indices, last_page_len)``; index arrays are int32 on the CPU. With a
+    ``head_dim_vo`` other than ``head_dim`` the cache is a ``(k, v)`` tuple of separate pools.
+    """
+    pages = [-(-n // page_size) for n in lens]
+    total = sum(pages) + spare_pages
+    perm = torch.randperm(total, dtype=torch.int32)[: sum(pages)]
+    indices = torch.cat([torch.randint(0, total, (indptr_offset,), dtype=torch.int32), perm])
+    indptr = torch.tensor([indptr_offset] + [indptr_offset + s for s in torch.tensor(pages).cumsum(0).tolist()],
+                          dtype=torch.int32)
+    if not lens:
+        indptr = torch.tensor([indptr_offset], dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)], dtype=torch.int32)
+    shape = [total, 2, page_size, num_kv_heads, head_dim] if layout == "NHD" else \
+        [total, 2, num_kv_heads, page_size, head_dim]
+    if head_dim_vo is not None and head_dim_vo != head_dim:
+        v_shape = shape[:1] + shape[2:-1] + [head_dim_vo]
+        k = (torch.randn(shape[:1] + shape[2:], device=device) * scale).to(dtype)
+        return (k, (torch.randn(v_shape, device=device) * scale).to(dtype)), indptr, indices, last
+    cache = (torch.randn(shape, device=device) * scale).to(dtype)
+    if form == "tuple":  # strided views of one pool, as engines pass them
+        cache = (cache[:, 0], cache[:, 1])
+    return cache, indptr, indices, last
+
+
+def workspace(device, mib=16):
+    return torch.empty(mib * 1024 * 1024, dtype=torch.uint8, device=device)

@@ -11,33 +11,11 @@ from conftest import DEVICE, HAS_CUDA
 from flashtile._core import ops
 from flashtile._core.checks import InvalidOptionError
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper
+from attention_cases import make_paged_batch, workspace
 from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_E5M2 = getattr(torch, "float8_e5m2", None)
-
-
-def make_paged_batch(lens, page_size, num_kv_heads, head_dim, dtype, device, *, layout="NHD", form="5d",
-                     spare_pages=3, indptr_offset=0, scale=1.0):
-    """A cache with the requests' pages scattered over a larger pool (random order), and its table.
-
-    Returns ``(cache, indptr, indices, last_page_len)``; index arrays are int32 on the CPU.
-    """
-    pages = [-(-n // page_size) for n in lens]
-    total = sum(pages) + spare_pages
-    perm = torch.randperm(total, dtype=torch.int32)[: sum(pages)]
-    indices = torch.cat([torch.randint(0, total, (indptr_offset,), dtype=torch.int32), perm])
-    indptr = torch.tensor([indptr_offset] + [indptr_offset + s for s in torch.tensor(pages).cumsum(0).tolist()],
-                          dtype=torch.int32)
-    if not lens:
-        indptr = torch.tensor([indptr_offset], dtype=torch.int32)
-    last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)], dtype=torch.int32)
-    shape = [total, 2, page_size, num_kv_heads, head_dim] if layout == "NHD" else \
-        [total, 2, num_kv_heads, page_size, head_dim]
-    cache = (torch.randn(shape, device=device) * scale).to(dtype)
-    if form == "tuple":  # strided views of one pool, as engines pass them
-        cache = (cache[:, 0], cache[:, 1])
-    return cache, indptr, indices, last
 
 
 def check_batch(out, lse, q, cache, indptr, indices, last, layout, *, kv_scales=(1.0, 1.0), q_dtype=None, **kw):
@@ -53,10 +31,6 @@ def check_batch(out, lse, q, cache, indptr, indices, last, layout, *, kv_scales=
         assert torch.equal(torch.isinf(got), torch.isinf(ref_lse)), f"request {r}: empty rows must give -inf"
         finite = torch.isfinite(ref_lse)
         torch.testing.assert_close(got[finite], ref_lse[finite], atol=latol, rtol=lrtol)
-
-
-def workspace(device, mib=16):
-    return torch.empty(mib * 1024 * 1024, dtype=torch.uint8, device=device)
 
 
 if HAS_CUDA:

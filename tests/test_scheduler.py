@@ -96,3 +96,93 @@ def test_fixed_chunk_does_not_depend_on_the_batch(other, n, fixed):
     last = slice(int(mixed.request_item_indptr[-2]), int(mixed.request_item_indptr[-1]))
     assert torch.equal(alone.item_kv_start, mixed.item_kv_start[last])
     assert torch.equal(alone.item_kv_end, mixed.item_kv_end[last])
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefill work list: every visible (row, key) covered exactly once, capacities, longest-first order
+# ------------------------------------------------------------------------------------------------
+
+from flashtile.scheduler.prefill_work import (  # noqa: E402
+    meta_requests,
+    pack_prefill_meta,
+    plan_prefill_work,
+    prefill_capacity,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 5000)), min_size=1, max_size=24),
+    group=st.sampled_from([1, 3, 4, 8]),
+    block_m=st.sampled_from([16, 64, 128]),
+    causal=st.booleans(),
+    window=st.sampled_from([-1, 0, 37, 1000]),
+    heads=st.sampled_from([1, 8, 32]),
+    sms=st.integers(1, 160),
+    align=st.sampled_from([16, 128]),
+    mode=st.sampled_from(["auto", "auto", "fixed", "disable"]),
+)
+def test_prefill_items_cover_visible_keys_once(reqs, group, block_m, causal, window, heads, sms, align, mode):
+    qo = torch.tensor([a for a, _ in reqs])
+    kv = torch.tensor([b for _, b in reqs])
+    work = plan_prefill_work(qo, kv, group=group, block_m=block_m, causal=causal, window_left=window,
+                             programs_per_item=heads, num_sms=sms, align=align,
+                             fixed_chunk=300 if mode == "fixed" else None, disable_split=mode == "disable")
+    items = {}
+    for w in range(work.num_items):
+        key = (int(work.item_request[w]), int(work.item_row_block[w]))
+        items.setdefault(key, []).append((int(work.item_kv_start[w]), int(work.item_kv_end[w]), int(work.item_slot[w])))
+    merges = {(int(r), int(b)): (int(s), int(n)) for r, b, s, n in zip(
+        work.merge_request, work.merge_row_block, work.merge_slot_start, work.merge_num_slots)}
+    used_slots = []
+    for r, (n_q, n_k) in enumerate(reqs):
+        rows = n_q * group
+        blocks = -(-rows // block_m)
+        assert {b for (rr, b) in items if rr == r} == set(range(blocks)), "one or more items per tile"
+        for b in range(blocks):
+            pieces = sorted(items[(r, b)])
+            # Disjoint, ordered pieces, starting on aligned keys.
+            assert all(a1 <= b0 for (_, a1, _), (b0, _, _) in zip(pieces, pieces[1:]))
+            assert all(s % align == 0 and s <= e for s, e, _ in pieces)
+            covered = set()
+            for s, e, _ in pieces:
+                covered.update(range(s, e))
+            # Every key a row of the tile can see is covered.
+            first_t, last_t = (b * block_m) // group, min(b * block_m + block_m - 1, rows - 1) // group
+            for t in {first_t, last_t}:
+                pos = n_k - n_q + t
+                lo = max(0, pos - window) if window >= 0 else 0
+                hi = min(n_k, pos + 1) if causal else n_k
+                assert set(range(lo, max(lo, hi))) <= covered, (r, b, t)
+            slots = [slot for _, _, slot in pieces]
+            if len(pieces) == 1:
+                assert slots == [-1] and (r, b) not in merges
+            else:
+                start, count = merges[(r, b)]
+                assert count == len(pieces) and sorted(slots) == list(range(start, start + count))
+                used_slots += slots
+    assert sorted(used_slots) == list(range(work.num_slots)), "slots are dense"
+    lengths = (work.item_kv_end - work.item_kv_start).tolist()
+    assert lengths == sorted(lengths, reverse=True), "longest items first"
+    if mode == "auto":
+        cap_items, cap_merges, cap_slots = prefill_capacity(len(reqs), int(qo.sum()) * group, block_m, heads, sms)
+        assert work.num_items <= cap_items and work.num_merges <= cap_merges and work.num_slots <= cap_slots
+
+
+def test_prefill_splits_few_long_tiles_only():
+    """One chunked prefill (few tiles, long cache) is cut along KV; a big prefill batch is not."""
+    long = plan_prefill_work(torch.tensor([64]), torch.tensor([60000]), group=4, block_m=128, causal=True,
+                             window_left=-1, programs_per_item=8, num_sms=132, align=128)
+    assert long.num_items >= 32 and long.num_merges == 2
+    big = plan_prefill_work(torch.tensor([1024] * 16), torch.tensor([1024] * 16), group=4, block_m=128, causal=True,
+                            window_left=-1, programs_per_item=8, num_sms=132, align=128)
+    assert big.num_merges == 0 and big.num_items == 16 * 32
+
+
+def test_prefill_meta_roundtrip():
+    work = plan_prefill_work(torch.tensor([3, 0, 40]), torch.tensor([900, 2, 40]), group=2, block_m=16, causal=True,
+                             window_left=-1, programs_per_item=2, num_sms=4, align=16)
+    requests = torch.arange(15).view(3, 5)
+    meta = pack_prefill_meta(work, requests, work.num_items + 3, work.num_merges + 1)
+    assert meta[0] == work.num_items and meta[1] == work.num_merges
+    assert torch.equal(meta_requests(meta, 3), requests.to(torch.int32))

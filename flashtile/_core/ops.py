@@ -15,7 +15,10 @@ import torch
 from .dispatch import Path, choose_path, load_kernels
 from .params import AttentionParams
 
-__all__ = ["single_decode", "single_prefill", "batch_decode", "call_single_decode", "call_single_prefill", "call_batch_decode"]
+__all__ = [
+    "single_decode", "single_prefill", "batch_decode", "batch_prefill",
+    "call_single_decode", "call_single_prefill", "call_batch_decode", "call_batch_prefill",
+]
 
 _slopes_cache: dict = {}
 
@@ -29,12 +32,6 @@ def _alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     return _slopes_cache[key]
 
 
-def _unpack_mask(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Bits (LSB first) of a packed ``[rows, cols]`` mask back to bool."""
-    bits = (packed[:, None].to(torch.int32) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
-    return bits.reshape(-1)[: rows * cols].reshape(rows, cols).bool()
-
-
 def _run_single_attention(q, k, v, packed_mask, out, lse, params: AttentionParams, backend: str, kind: str) -> None:
     qo_len, num_qo_heads, _ = q.shape
     if qo_len == 0:
@@ -42,8 +39,9 @@ def _run_single_attention(q, k, v, packed_mask, out, lse, params: AttentionParam
     decision = choose_path(q.device, backend)
     if decision.path is Path.REFERENCE:
         from ..reference.attention import single_attention
+        from ..reference.packbits import unpack_mask
 
-        mask = _unpack_mask(packed_mask, qo_len, k.shape[0]) if packed_mask is not None else None
+        mask = unpack_mask(packed_mask, qo_len, k.shape[0]) if packed_mask is not None else None
         o, s = single_attention(q, k, v, params, custom_mask=mask)
         out.copy_(o)
         lse.copy_(s)
@@ -202,3 +200,71 @@ def _batch_decode_fake(*args) -> None:
 
 def call_batch_decode(*args) -> None:
     (batch_decode if torch.compiler.is_compiling() else _batch_decode_impl)(*args)
+
+
+def _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out,
+                        lse, block_m, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
+                        pos_encoding_mode, rope_scale, rope_theta, v_scale, backend) -> None:
+    params = AttentionParams(sm_scale, causal, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
+                             rope_theta, v_scale)
+    if q.shape[0] == 0:
+        return
+    decision = choose_path(q.device, backend)
+    if decision.path is Path.REFERENCE:
+        from ..reference.attention import batch_prefill as reference_batch_prefill
+
+        from ..scheduler.prefill_work import meta_requests
+
+        o, s = reference_batch_prefill(q, k, v, page_indices, packed_mask, meta_requests(meta, batch_size), params)
+        out.copy_(o)
+        lse.copy_(s)
+        return
+    kernels = load_kernels("batch_prefill", decision.path)
+    slopes = _alibi_slopes(q.shape[1], q.device) if pos_encoding_mode == "ALIBI" else None
+    kernels.batch_prefill_forward(
+        q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out, lse, params,
+        alibi_slopes=slopes, block_m=block_m, num_items=num_items, num_merges=num_merges)
+
+
+@torch.library.custom_op("flashtile::batch_prefill", mutates_args=("out", "lse", "part_o", "part_lse"))
+def batch_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    page_indices: Optional[torch.Tensor],
+    packed_mask: Optional[torch.Tensor],
+    meta: torch.Tensor,
+    batch_size: int,
+    item_capacity: int,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block_m: int,
+    num_items: int,
+    num_merges: int,
+    causal: bool,
+    sm_scale: float,
+    logits_soft_cap: float,
+    window_left: int,
+    pos_encoding_mode: str,
+    rope_scale: float,
+    rope_theta: float,
+    v_scale: float,
+    backend: str,
+) -> None:
+    """Batch prefill over a ragged (``page_indices`` None) or paged cache with a planned work list (see
+    kernels.batch_prefill): q ``[total_qo, Hq, Dqk]``; writes out ``[total_qo, Hq, Dvo]``, lse ``[total_qo, Hq]``."""
+    _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out,
+                        lse, block_m, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
+                        pos_encoding_mode, rope_scale, rope_theta, v_scale, backend)
+
+
+@batch_prefill.register_fake
+def _batch_prefill_fake(*args) -> None:
+    return None
+
+
+def call_batch_prefill(*args) -> None:
+    (batch_prefill if torch.compiler.is_compiling() else _batch_prefill_impl)(*args)
+

@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 
 from .._core.params import AttentionParams
+from .packbits import unpack_mask
 from .positional import alibi_slopes, rope_rotate_half_split
 
-__all__ = ["single_attention", "gather_pages", "batch_paged_decode"]
+__all__ = ["single_attention", "gather_pages", "batch_paged_decode", "batch_prefill"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -137,4 +138,49 @@ def batch_paged_decode(
         k = gather_pages(k_pages, ids, lens[r])
         v = gather_pages(v_pages, ids, lens[r])
         out[r: r + 1], lse[r: r + 1] = single_attention(q[r: r + 1], k, v, params)
+    return out, lse
+
+
+def batch_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    page_indices: Optional[torch.Tensor],
+    packed_mask: Optional[torch.Tensor],
+    requests: torch.Tensor,
+    params: AttentionParams,
+):
+    """Prefill/append for a batch over a ragged or paged cache, request by request.
+
+    Args:
+        q: ``[total_qo, num_qo_heads, head_dim_qk]``.
+        k, v: ragged ``[total_kv, num_kv_heads, head_dim]``, or NHD page views
+            ``[num_pages, page_size, num_kv_heads, head_dim]`` when ``page_indices`` is given.
+        page_indices: page ids (paged) or None (ragged).
+        packed_mask: uint8 per-request masks packed row-major, LSB first, or None.
+        requests: int ``[B, 5]`` rows ``(qo_start, qo_len, kv_offset, kv_len, mask_offset)``:
+            request ``r`` has queries ``q[qo_start:qo_start + qo_len]`` and keys ``k[kv_offset:][:kv_len]``
+            (ragged) or the pages ``page_indices[kv_offset:]`` (paged); its mask starts at byte
+            ``mask_offset`` of ``packed_mask``.
+        params: as :func:`single_attention`.
+
+    Returns:
+        ``(out [total_qo, num_qo_heads, head_dim_vo], lse [total_qo, num_qo_heads])``, float32, lse base 2.
+    """
+    total_qo, num_qo_heads, _ = q.shape
+    out = torch.zeros(total_qo, num_qo_heads, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((total_qo, num_qo_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    for qo_start, qo_len, kv_offset, kv_len, mask_offset in requests.tolist():
+        if qo_len == 0:
+            continue
+        if page_indices is not None:
+            ids = page_indices[kv_offset: kv_offset + -(-kv_len // k.shape[1])]
+            kr, vr = gather_pages(k, ids, kv_len), gather_pages(v, ids, kv_len)
+        else:
+            kr, vr = k[kv_offset: kv_offset + kv_len], v[kv_offset: kv_offset + kv_len]
+        mask = None
+        if packed_mask is not None:
+            mask = unpack_mask(packed_mask[mask_offset: mask_offset + -(-qo_len * kv_len // 8)], qo_len, kv_len)
+        rows = slice(qo_start, qo_start + qo_len)
+        out[rows], lse[rows] = single_attention(q[rows], kr, vr, params, custom_mask=mask)
     return out, lse

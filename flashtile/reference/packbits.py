@@ -14,7 +14,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["packbits", "segment_packbits"]
+__all__ = ["packbits", "segment_packbits", "unpack_mask"]
 
 
 def _bit_weights(bitorder: str, device: torch.device) -> torch.Tensor:
@@ -86,3 +86,9 @@ def segment_packbits(
     bits[dest] = (x[first:last] != 0).to(torch.uint8)
     y = _pack_rows(bits, bitorder)
     return y, new_indptr.to(device=indptr.device, dtype=torch.int32)
+
+
+def unpack_mask(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Bool ``[rows, cols]`` from a row-major mask packed LSB first (what the kernels read)."""
+    bits = (packed[:, None].to(torch.int32) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
+    return bits.reshape(-1)[: rows * cols].reshape(rows, cols).bool()

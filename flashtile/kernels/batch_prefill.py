@@ -1,0 +1,275 @@
+"""Batch prefill / append attention over a ragged or paged KV cache (+ the merge of split tiles).
+
+The work list comes from :mod:`flashtile.scheduler.prefill_work`: program ``(item, kv_head)`` takes
+one item, i.e. ``BLOCK_M`` GQA-packed rows of one request (row ``r`` = query token ``r // GROUP``
+of query head ``kv_head * GROUP + r % GROUP``) over one KV range, and runs the same tile loops as
+the single-request kernel (``_attend_range`` in attention.py: masked edge tiles, unmasked interior
+tiles, tiles nobody sees skipped). The plan lives in device memory (``META``), so one compiled
+kernel serves every batch composition and a CUDA-graph capture replays correctly after a re-plan.
+
+``META`` (int32) holds, in order:
+(field counts and the packing: scheduler/prefill_work.py)
+  COUNTS [4]        number of items, number of merge entries (rest unused)
+  REQS   [B, 5]     qo_start, qo_len, kv_offset, kv_len, mask_offset  per request
+                    (kv_offset: first KV row (ragged) or first entry of the page list (paged);
+                    mask_offset: first byte of the request's packed mask)
+  ITEMS  [cap, 5]   request, row_block, kv_start, kv_end, slot  per item (slot -1: write the output)
+  MERGES [cap, 4]   request, row_block, first slot, number of slots  per split tile
+Pointer shapes (strides passed; only the last dim must be contiguous):
+  Q [total_qo, Hq, Dqk]; O [total_qo, Hq, Dvo]; LSE [total_qo, Hq] float32 (base 2)
+  K/V ragged: [total_kv, Hkv, D]; paged: pages [num_pages, page_size, Hkv, D] with PAGE_INDICES
+  PART_O float32 [slots, Hkv, BLOCK_M, Dvo]; PART_LSE float32 [slots, Hkv, BLOCK_M]
+  MASK uint8: request bits ``t * kv_len + j`` (LSB first) from its mask_offset
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._core.params import AttentionParams
+from .attention import (
+    INTERPRET,
+    LOG2E,
+    _attend_range,
+    _head_inputs,
+    _load_q,
+    _pad_dim,
+    _store_state,
+    batch_chunk_align,
+    num_sms,
+    _tile_ranges,
+    choose_config,
+    LaunchConfig,
+    _INTERPRETER_CONFIG,
+)
+from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
+from .softmax import finalize_state, softmax_update
+
+
+@triton.jit
+def _batch_prefill_kernel(
+    Q, K, V, O, LSE, PART_O, PART_LSE, MASK, SLOPES, PAGE_INDICES, COUNTS, REQS, ITEMS,
+    stride_qt, stride_qh,
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_lt, stride_lh,
+    page_size, num_kv_heads,
+    sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, v_scale,
+    GROUP: tl.constexpr, HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr,
+    D_VO: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # KV heads innermost: the heads of one item run side by side, and items go longest first.
+    item = pid // num_kv_heads
+    kv_head = pid % num_kv_heads
+    num_items = tl.load(COUNTS)
+    item_c = tl.maximum(tl.minimum(item, num_items - 1), 0)  # programs past the plan (graph mode) idle
+    it = ITEMS + item_c * 5
+    req = tl.load(it)
+    row_block = tl.load(it + 1)
+    lo = tl.load(it + 2)
+    hi = tl.load(it + 3)
+    slot = tl.load(it + 4)
+    rq = REQS + req * 5
+    qo_start = tl.load(rq)
+    qo_len = tl.load(rq + 1)
+    kv_offset = tl.load(rq + 2)
+    kv_len = tl.load(rq + 3)
+    mask_offset = tl.load(rq + 4)
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_rows = qo_len * GROUP
+    # Vector form: the interpreter rejects a block mask combined with a scalar bool.
+    row_ok = (rows < num_rows) & ((rows * 0 + item) < num_items)
+    hi = tl.where(item < num_items, hi, lo)
+    tokens = rows // GROUP  # within the request
+    heads = kv_head * GROUP + rows % GROUP
+    delta = kv_len - qo_len
+    positions = tokens + delta
+    t_first = (row_block * BLOCK_M) // GROUP
+    t_last = tl.minimum(row_block * BLOCK_M + BLOCK_M - 1, num_rows - 1) // GROUP
+    start, full_start, full_end, hi = _tile_ranges(
+        lo, hi, t_first, t_last, delta, kv_len, window_left, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
+
+    q_tokens = qo_start + tokens
+    q = _load_q(Q, q_tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
+                HEAD_DIM_QK, D_QK, USE_ROPE)
+    slopes, k_base, v_base = _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
+                                          BLOCK_M)
+    page_table = PAGE_INDICES + kv_offset
+    if not PAGED:
+        k_base += kv_offset.to(tl.int64) * stride_kt
+        v_base += kv_offset.to(tl.int64) * stride_vt
+    o, lse = _attend_range(
+        q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
+        MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
+        sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO,
+        D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, BLOCK_M, BLOCK_N,
+        UPCAST_DOT)
+    if slot < 0:
+        _store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
+                     LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
+                     HEAD_DIM_VO, D_VO, False)
+    else:
+        part_row = ((slot.to(tl.int64) * num_kv_heads + kv_head) * BLOCK_M + tl.arange(0, BLOCK_M))
+        _store_state(PART_O + part_row[:, None] * HEAD_DIM_VO, PART_LSE + part_row, o, lse, row_ok, v_scale,
+                     HEAD_DIM_VO, D_VO, True)
+
+
+@triton.jit
+def _merge_tiles_kernel(
+    PART_O, PART_LSE, O, LSE, COUNTS, REQS, MERGES,
+    stride_ot, stride_oh, stride_lt, stride_lh, num_kv_heads, v_scale,
+    GROUP: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_VO: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Fold the partial states of a split tile (rows of one KV head) into the output: a state is a
+    "key" with logit ``lse`` and value ``o`` (the shared online softmax, softmax.py)."""
+    pid = tl.program_id(0)
+    entry = pid // num_kv_heads
+    kv_head = pid % num_kv_heads
+    num_merges = tl.load(COUNTS + 1)
+    entry_c = tl.maximum(tl.minimum(entry, num_merges - 1), 0)
+    me = MERGES + entry_c * 4
+    req = tl.load(me)
+    row_block = tl.load(me + 1)
+    slot0 = tl.load(me + 2)
+    num_slots = tl.where(entry < num_merges, tl.load(me + 3), 0)
+    qo_start = tl.load(REQS + req * 5)
+    qo_len = tl.load(REQS + req * 5 + 1)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_VO)
+    rows = row_block * BLOCK_M + offs_m
+    row_ok = (rows < qo_len * GROUP) & ((rows * 0 + entry) < num_merges)
+    d_ok = offs_d < HEAD_DIM_VO
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
+    for s in range(0, num_slots):
+        part_row = ((slot0 + s).to(tl.int64) * num_kv_heads + kv_head) * BLOCK_M + offs_m
+        lse_s = tl.load(PART_LSE + part_row, mask=row_ok, other=float("-inf"))
+        o_s = tl.load(PART_O + part_row[:, None] * HEAD_DIM_VO + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                      other=0.0)
+        m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_s[:, None])
+        acc += p * o_s
+    o, lse = finalize_state(m_i, l_i, acc)
+    tokens = qo_start + rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    _store_state(O + tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
+                 LSE + tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO,
+                 D_VO, False)
+
+
+# Launch configurations per (padded head dim, BLOCK_M): (BLOCK_N, num_warps, num_stages). BLOCK_M
+# follows the longest request (an append batch of 4 tokens x GQA 4 has 16 rows per KV head: a
+# 128-row tile would be 7/8 padding); 128-row tiles use the single-prefill table.
+_SMALL_M_CONFIGS = {
+    16: {16: (32, 4, 3), 32: (32, 4, 3), 64: (32, 4, 3), 128: (32, 4, 3), 256: (32, 4, 2)},
+    32: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
+    64: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
+}
+
+
+def prefill_block_m(max_rows: int, head_dim_qk: int, head_dim_vo: int) -> int:
+    """Rows per tile for a batch whose longest request has ``max_rows`` GQA-packed rows."""
+    if INTERPRET:
+        return _INTERPRETER_CONFIG.block_m
+    full = choose_config("prefill", max(_pad_dim(head_dim_qk), _pad_dim(head_dim_vo))).block_m
+    for bm in (16, 32, 64):
+        if max_rows <= bm and bm < full:
+            return bm
+    return full
+
+
+def _launch_config(block_m: int, d_pad: int) -> LaunchConfig:
+    if INTERPRET:
+        return _INTERPRETER_CONFIG
+    if block_m in _SMALL_M_CONFIGS:
+        bn, warps, stages = _SMALL_M_CONFIGS[block_m][d_pad]
+        return LaunchConfig(block_m, bn, warps, stages)
+    cfg = choose_config("prefill", d_pad)
+    return LaunchConfig(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+
+
+def batch_prefill_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    page_indices: Optional[torch.Tensor],
+    packed_mask: Optional[torch.Tensor],
+    meta: torch.Tensor,
+    batch_size: int,
+    item_capacity: int,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    params: AttentionParams,
+    *,
+    alibi_slopes: Optional[torch.Tensor],
+    block_m: int,
+    num_items: int,
+    num_merges: int,
+) -> None:
+    """Launch batch prefill (+ the merge of split tiles), writing ``out`` and ``lse`` in place.
+
+    Args:
+        q: ``[total_qo, Hq, Dqk]`` fp16/bf16, unit last stride.
+        k, v: ragged ``[total_kv, Hkv, D]`` (``page_indices`` None) or NHD page views
+            ``[num_pages, page_size, Hkv, D]`` (strides passed); fp16/bf16 or fp8 (scales folded into
+            ``params``).
+        page_indices: int32 page ids (paged) or None (ragged).
+        packed_mask: uint8 per-request packed masks (offsets in META), or None.
+        meta: int32 plan (module doc): ``batch_size`` requests, ``item_capacity`` item rows.
+        part_o, part_lse: float32 partial-state slots (module doc).
+        out: ``[total_qo, Hq, Dvo]``; lse: float32 ``[total_qo, Hq]``.
+        block_m: the planned rows per tile. num_items / num_merges: grid sizes (planned counts, or the
+            fixed capacities of CUDA-graph mode; programs beyond the plan idle).
+    """
+    num_qo_heads, head_dim_qk = q.shape[1], q.shape[2]
+    paged = page_indices is not None
+    num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
+    group = num_qo_heads // num_kv_heads
+    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    cfg = _launch_config(block_m, max(d_qk, d_vo))
+    counts = meta[:COUNT_FIELDS]
+    reqs = meta[COUNT_FIELDS:]
+    items = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size:]
+    if paged:
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))
+        v_strides = (v.stride(0), v.stride(1), v.stride(2))
+        page_size = k.shape[1]
+    else:
+        k_strides = (0, k.stride(0), k.stride(1))
+        v_strides = (0, v.stride(0), v.stride(1))
+        page_size = 1
+    if num_items > 0:
+        _batch_prefill_kernel[(num_items * num_kv_heads,)](
+            q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
+            alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
+            q.stride(0), q.stride(1), *k_strides, *v_strides,
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            page_size, num_kv_heads,
+            params.sm_scale, params.sm_scale * LOG2E, float(params.logits_soft_cap), int(params.window_left),
+            math.log2(params.rope_theta), 1.0 / params.rope_scale, float(params.v_scale),
+            GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
+            CAUSAL=bool(params.causal) and packed_mask is None, HAS_WINDOW=params.window_left >= 0,
+            HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
+            USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
+            PAGED=paged, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if num_merges > 0:
+        merges = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity:]
+        _merge_tiles_kernel[(num_merges * num_kv_heads,)](
+            part_o, part_lse, out, lse, counts, reqs, merges,
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), num_kv_heads, float(params.v_scale),
+            GROUP=group, HEAD_DIM_VO=head_dim_vo, D_VO=d_vo, BLOCK_M=block_m, num_warps=4,
+        )

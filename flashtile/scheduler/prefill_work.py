@@ -1,0 +1,202 @@
+"""Work list of batch prefill / append: tiles of (request, row block), cut into KV chunks.
+
+Host-side arithmetic on CPU tensors (no Triton), property-tested in tests/test_scheduler.py.
+
+A request with ``qo_len`` query tokens and ``group`` query heads per KV head has
+``qo_len * group`` GQA-packed rows per KV head (row ``r`` is token ``r // group``, head
+``r % group`` of the group); they are cut into *tiles* of ``block_m`` rows. A tile only needs the
+keys its rows can see (causal: up to its last row's position; sliding window: from its first row's
+window start), so its KV range is clipped here and the kernel never visits the rest.
+
+Tiles are then cut into *items* along KV with one chunk size per batch (the batch decode planner,
+:func:`plan_batch_kv_splits`, applied to the tiles' ranges): with few tiles (one long chunked
+prefill, a small batch of long appends) long ranges are split so the grid fills the GPU; with many
+tiles nothing is split. Items are ordered longest first, so the long tiles of a skewed batch start
+first and the short ones fill in behind them (longest-processing-time order).
+
+A tile cut into several items has its items write float32 partial states into consecutive *slots*;
+one merge entry per such tile folds them into the output. A tile with one item writes the output
+directly (slot -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .split_kv import _target_items, plan_batch_kv_splits
+
+__all__ = [
+    "PrefillWork", "plan_prefill_work", "prefill_capacity", "pack_prefill_meta", "meta_requests", "meta_size",
+    "COUNT_FIELDS", "REQUEST_FIELDS", "ITEM_FIELDS", "MERGE_FIELDS",
+]
+
+# The plan as the kernels read it: one int32 array (kernels/batch_prefill.py documents the fields).
+COUNT_FIELDS = 4  # number of items, number of merge entries, 2 unused
+REQUEST_FIELDS = 5  # qo_start, qo_len, kv_offset, kv_len, mask_offset
+ITEM_FIELDS = 5  # request, row_block, kv_start, kv_end, slot
+MERGE_FIELDS = 4  # request, row_block, first slot, number of slots
+
+
+@dataclass(frozen=True)
+class PrefillWork:
+    """The plan of one batch; every tensor is int64 on the CPU.
+
+    Item ``w`` (in launch order) computes rows ``[tile_row_block*block_m, +block_m)`` of request
+    ``item_request[w]`` (``item_row_block[w]``) over keys ``[item_kv_start[w], item_kv_end[w])`` and
+    writes the output (``item_slot[w] == -1``) or partial-state slot ``item_slot[w]``. Merge entry
+    ``e`` folds slots ``merge_slot_start[e] .. + merge_num_slots[e]`` into rows ``merge_row_block[e]``
+    of request ``merge_request[e]``.
+    """
+
+    chunk: int
+    item_request: torch.Tensor
+    item_row_block: torch.Tensor
+    item_kv_start: torch.Tensor
+    item_kv_end: torch.Tensor
+    item_slot: torch.Tensor
+    merge_request: torch.Tensor
+    merge_row_block: torch.Tensor
+    merge_slot_start: torch.Tensor
+    merge_num_slots: torch.Tensor
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_request.numel())
+
+    @property
+    def num_merges(self) -> int:
+        return int(self.merge_request.numel())
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.merge_num_slots.sum()) if self.num_merges else 0
+
+
+def prefill_capacity(batch_size: int, total_rows: int, block_m: int, programs_per_item: int,
+                     num_sms: int) -> tuple[int, int, int]:
+    """``(items, merges, slots)`` bounds of :func:`plan_prefill_work` (without a fixed chunk) for a batch
+    of ``batch_size`` requests with at most ``total_rows`` GQA-packed rows in all. CUDA-graph mode sizes
+    its grids and partial-state buffers with these.
+
+    Tiles: ``sum(cdiv(rows_r, block_m)) <= total_rows / block_m + batch``. Items: each tile adds
+    ``cdiv(range, chunk) <= range / chunk + 1`` with ``chunk >= total_range / target``, so at most
+    ``tiles + target``. Split tiles have ``range > chunk``, so at most ``target`` of them, and their
+    items number ``<= 2 * range / chunk`` each: at most ``2 * target`` slots.
+    """
+    target = _target_items(programs_per_item, num_sms)
+    tiles = -(-total_rows // block_m) + batch_size
+    return tiles + target, target, 2 * target
+
+
+def plan_prefill_work(
+    qo_lens: torch.Tensor,
+    kv_lens: torch.Tensor,
+    *,
+    group: int,
+    block_m: int,
+    causal: bool,
+    window_left: int,
+    programs_per_item: int,
+    num_sms: int,
+    align: int,
+    fixed_chunk: Optional[int] = None,
+    disable_split: bool = False,
+) -> PrefillWork:
+    """Plan the items of a batch.
+
+    Args:
+        qo_lens, kv_lens: int CPU tensors ``[B]`` (>= 0).
+        group: query heads per KV head (rows per query token).
+        block_m: rows per tile (the kernel's BLOCK_M).
+        causal: bottom-right aligned causal mask (False with a custom mask: every key may be seen).
+        window_left: sliding window (-1: none).
+        programs_per_item: programs an item launches (its KV heads).
+        num_sms: streaming multiprocessors of the device.
+        align: KV chunk granularity in tokens (a multiple of the kernel's BLOCK_N).
+        fixed_chunk: deterministic chunk (tokens; the plan of a request does not depend on the batch).
+        disable_split: one item per tile.
+    """
+    qo = qo_lens.to(torch.int64)
+    kv = kv_lens.to(torch.int64)
+    rows = qo * group
+    tiles_per_req = (rows + block_m - 1) // block_m
+    tile_request = torch.repeat_interleave(torch.arange(qo.numel(), dtype=torch.int64), tiles_per_req)
+    tile_start = torch.zeros(qo.numel() + 1, dtype=torch.int64)
+    torch.cumsum(tiles_per_req, 0, out=tile_start[1:])
+    tile_block = torch.arange(tile_request.numel(), dtype=torch.int64) - tile_start[tile_request]
+
+    # KV range each tile can see: tokens t_first..t_last sit at positions t + (kv_len - qo_len).
+    t_rows = rows[tile_request]
+    delta = (kv - qo)[tile_request]
+    t_kv = kv[tile_request]
+    t_first = (tile_block * block_m) // group
+    t_last = torch.minimum(tile_block * block_m + block_m - 1, t_rows - 1) // group
+    hi = torch.minimum(t_kv, t_last + delta + 1).clamp(min=0) if causal else t_kv
+    lo = (t_first + delta - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(t_kv)
+    lo = torch.minimum(lo, hi)
+    lo = (lo // align) * align  # the kernel's tile loop starts on an aligned key
+    span = hi - lo
+
+    splits = plan_batch_kv_splits(span, programs_per_item, num_sms, align, fixed_chunk=fixed_chunk,
+                                  disable_split=disable_split)
+    counts = splits.request_item_indptr[1:] - splits.request_item_indptr[:-1]
+    item_tile = splits.item_request
+    item_kv_start = splits.item_kv_start + lo[item_tile]
+    item_kv_end = splits.item_kv_end + lo[item_tile]
+
+    # Partial-state slots: consecutive for the items of one split tile.
+    split_tile = counts > 1
+    slot_counts = torch.where(split_tile, counts, torch.zeros_like(counts))
+    slot_base = torch.cumsum(slot_counts, 0) - slot_counts
+    within = torch.arange(item_tile.numel(), dtype=torch.int64) - splits.request_item_indptr[item_tile]
+    item_slot = torch.where(split_tile[item_tile], slot_base[item_tile] + within, torch.full_like(within, -1))
+
+    # Longest first (stable, so equal lengths keep request order: neighbours share K/V in L2).
+    order = torch.argsort(item_kv_end - item_kv_start, descending=True, stable=True)
+    merge_tiles = split_tile.nonzero().squeeze(1)
+    return PrefillWork(
+        chunk=splits.chunk,
+        item_request=tile_request[item_tile][order],
+        item_row_block=tile_block[item_tile][order],
+        item_kv_start=item_kv_start[order],
+        item_kv_end=item_kv_end[order],
+        item_slot=item_slot[order],
+        merge_request=tile_request[merge_tiles],
+        merge_row_block=tile_block[merge_tiles],
+        merge_slot_start=slot_base[merge_tiles],
+        merge_num_slots=counts[merge_tiles],
+    )
+
+
+def meta_size(batch_size: int, item_capacity: int, merge_capacity: int) -> int:
+    """int32 entries of the packed plan."""
+    return COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity + MERGE_FIELDS * merge_capacity
+
+
+def pack_prefill_meta(work: PrefillWork, requests: torch.Tensor, item_capacity: int,
+                      merge_capacity: int) -> torch.Tensor:
+    """The plan as one int32 CPU array: counts, ``requests`` (int ``[B, REQUEST_FIELDS]``), the items
+    and the merge entries, each section padded with zeros to its capacity."""
+    batch = requests.shape[0]
+    meta = torch.zeros(meta_size(batch, item_capacity, merge_capacity), dtype=torch.int32)
+    meta[0], meta[1] = work.num_items, work.num_merges
+    o = COUNT_FIELDS
+    meta[o: o + REQUEST_FIELDS * batch] = requests.reshape(-1)
+    o += REQUEST_FIELDS * batch
+    items = torch.stack([work.item_request, work.item_row_block, work.item_kv_start, work.item_kv_end,
+                         work.item_slot], dim=1)
+    meta[o: o + items.numel()] = items.reshape(-1)
+    o += ITEM_FIELDS * item_capacity
+    merges = torch.stack([work.merge_request, work.merge_row_block, work.merge_slot_start, work.merge_num_slots],
+                         dim=1)
+    meta[o: o + merges.numel()] = merges.reshape(-1)
+    return meta
+
+
+def meta_requests(meta: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The ``[B, REQUEST_FIELDS]`` request rows of a packed plan (a view)."""
+    return meta[COUNT_FIELDS: COUNT_FIELDS + REQUEST_FIELDS * batch_size].view(batch_size, REQUEST_FIELDS)
+
