@@ -36,5 +36,8 @@ for step in "$@"; do
            python3 benchmarks/decode_host_cost.py 2>&1 | tee /tmp/bench/host_cost.md
            cat /tmp/bench/batch_decode.md /tmp/bench/batch_decode_sweep.md /tmp/bench/host_cost.md > "$OUT/batch_decode.md"
            cp /tmp/bench/batch_decode_sweep.png "$OUT/" 2>/dev/null ;;
+    tests-prefill) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_batch_prefill.py tests/test_scheduler.py 2>&1 | tee "$OUT/tests_prefill.log" | tail -25 ;;
+    bench-prefill) timeout 330 python3 benchmarks/run.py --suite batch_prefill,batch_append --out /tmp/bench 2>&1 | tail -4
+           cat /tmp/bench/batch_prefill.md /tmp/bench/batch_append.md > "$OUT/batch_prefill.md" 2>/dev/null; cat "$OUT/batch_prefill.md" ;;
   esac
 done
