@@ -124,7 +124,7 @@ def _flashtile(case: Case):
         w.plan(qo_indptr, _indptr(p["kv_lens"], "cpu"), hq, hk, d, v.shape[-1], causal=p["causal"],
                q_data_type=q.dtype)
         fn = functools.partial(w.run, q, k, v)
-    note = f"block_m {w._plan.block_m}, {w._plan.num_items} items, {w._plan.num_merges} merged tiles"
+    note = f"tile {w._plan.block_m}x{w._plan.block_n}, {w._plan.num_items} items, {w._plan.num_merges} merged tiles"
     return fn, note
 
 

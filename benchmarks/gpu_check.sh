@@ -39,5 +39,6 @@ for step in "$@"; do
     tests-prefill) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_batch_prefill.py tests/test_scheduler.py 2>&1 | tee "$OUT/tests_prefill.log" | tail -25 ;;
     bench-prefill) timeout 330 python3 benchmarks/run.py --suite batch_prefill,batch_append --out /tmp/bench 2>&1 | tail -4
            cat /tmp/bench/batch_prefill.md /tmp/bench/batch_append.md > "$OUT/batch_prefill.md" 2>/dev/null; cat "$OUT/batch_prefill.md" ;;
+    tune-prefill) timeout 330 python3 benchmarks/tune_batch_prefill.py --quick 2>&1 | tee "$OUT/tune_prefill.log" | grep -v "^  skip" ;;
   esac
 done

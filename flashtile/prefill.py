@@ -144,6 +144,7 @@ class _PrefillPlan:
     num_items: int  # grid: planned items, or the fixed capacity in CUDA-graph mode
     num_merges: int
     block_m: int
+    block_n: int
     page_indices: Optional[torch.Tensor]  # int32 page ids, device (paged)
     packed_mask: Optional[torch.Tensor]  # uint8, device
     part_o: torch.Tensor
@@ -249,17 +250,19 @@ class _BatchPrefillWrapper(PlanRunWrapper):
 
         decision = choose_path(self.device, self._backend)
         if decision.path is Path.REFERENCE:
-            kernels, align, sms, block_m = None, 16, 4, 16
+            align, sms, block_m, block_n = 16, 4, 16, 16
         else:
             kernels = load_kernels("batch_prefill", decision.path)
             align, sms = kernels.batch_chunk_align(), kernels.num_sms(self.device)
-            max_rows = int(qo_lens.max()) * group if batch else 0
-            block_m = kernels.prefill_block_m(max_rows, head_dim_qk, head_dim_vo)
+            deterministic = fixed_split_size is not None or bool(disable_split_kv)
+            max_rows = None if deterministic else (int(qo_lens.max()) * group if batch else 0)
+            max_kv = int(kv_lens_h.max()) if batch else 0
+            block_m, block_n = kernels.prefill_tile_shape(max_rows, max_kv, head_dim_qk, head_dim_vo)
         if self._use_cuda_graph:
             if self._graph_shape is None:
                 caps = prefill_capacity(batch, total_qo * group, block_m, num_kv_heads, sms)
-                self._graph_shape = (block_m, total_qo, caps)
-            block_m, max_qo, caps = self._graph_shape
+                self._graph_shape = (block_m, block_n, total_qo, caps)
+            block_m, block_n, max_qo, caps = self._graph_shape
             if total_qo > max_qo:
                 raise ValueError(f"The total number of rows in qo_indptr {total_qo} in cuda graph mode cannot exceed "
                                  f"the number of rows set during initialization {max_qo}")
@@ -285,7 +288,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
                 raise ValueError(f"fixed_split_size={fixed_split_size} cuts this batch into {work.num_items} pieces, "
                                  f"more than the {item_cap} that CUDA-graph mode sized its grid for; use a larger "
                                  "fixed_split_size")
-            num_items, num_merges, num_slots = item_cap, merge_cap, slot_cap
+            num_items, num_merges, num_slots = item_cap, merge_cap, slot_limit
         else:
             item_cap, merge_cap = work.num_items, work.num_merges
             num_items, num_merges, num_slots = work.num_items, work.num_merges, work.num_slots
@@ -317,6 +320,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
             rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
             meta=meta, item_capacity=item_cap, num_items=num_items, num_merges=num_merges, block_m=block_m,
+            block_n=block_n,
             page_indices=page_indices, packed_mask=packed_mask, part_o=part_o, part_lse=part_lse,
             kv_rows_needed=kv_rows_needed, max_page_id=max_page_id, plan_args=plan_args,
         )
@@ -372,7 +376,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             lse = new_output(shape[:2], torch.float32, q.device)
         ops.call_batch_prefill(
             q, k, v, plan.page_indices, plan.packed_mask, plan.meta, plan.batch_size, plan.item_capacity, plan.part_o,
-            plan.part_lse, out, lse, plan.block_m, plan.num_items, plan.num_merges, plan.causal, sm_scale,
+            plan.part_lse, out, lse, plan.block_m, plan.block_n, plan.num_items, plan.num_merges, plan.causal, sm_scale,
             plan.logits_soft_cap, plan.window_left, plan.pos_encoding_mode, plan.rope_scale, plan.rope_theta,
             v_scale_f, self._backend,
         )

@@ -507,7 +507,7 @@ def test_opcheck_batch_prefill(path, device):
     p = w._plan
     args = (q, k, v, None, None, p.meta, p.batch_size, p.item_capacity, p.part_o.clone(), p.part_lse.clone(),
             torch.empty(8, 4, 16, dtype=torch.float16, device=device), torch.empty(8, 4, device=device), p.block_m,
-            p.num_items, p.num_merges, True, 0.25, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
+            p.block_n, p.num_items, p.num_merges, True, 0.25, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
     torch.library.opcheck(ops.batch_prefill, args)
 
 

@@ -203,7 +203,7 @@ def call_batch_decode(*args) -> None:
 
 
 def _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out,
-                        lse, block_m, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
+                        lse, block_m, block_n, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
                         pos_encoding_mode, rope_scale, rope_theta, v_scale, backend) -> None:
     params = AttentionParams(sm_scale, causal, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
                              rope_theta, v_scale)
@@ -223,7 +223,7 @@ def _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, it
     slopes = _alibi_slopes(q.shape[1], q.device) if pos_encoding_mode == "ALIBI" else None
     kernels.batch_prefill_forward(
         q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out, lse, params,
-        alibi_slopes=slopes, block_m=block_m, num_items=num_items, num_merges=num_merges)
+        alibi_slopes=slopes, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges)
 
 
 @torch.library.custom_op("flashtile::batch_prefill", mutates_args=("out", "lse", "part_o", "part_lse"))
@@ -241,6 +241,7 @@ def batch_prefill(
     out: torch.Tensor,
     lse: torch.Tensor,
     block_m: int,
+    block_n: int,
     num_items: int,
     num_merges: int,
     causal: bool,
@@ -256,7 +257,7 @@ def batch_prefill(
     """Batch prefill over a ragged (``page_indices`` None) or paged cache with a planned work list (see
     kernels.batch_prefill): q ``[total_qo, Hq, Dqk]``; writes out ``[total_qo, Hq, Dvo]``, lse ``[total_qo, Hq]``."""
     _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out,
-                        lse, block_m, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
+                        lse, block_m, block_n, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
                         pos_encoding_mode, rope_scale, rope_theta, v_scale, backend)
 
 

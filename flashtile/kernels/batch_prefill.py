@@ -32,22 +32,21 @@ import triton
 import triton.language as tl
 
 from .._core.params import AttentionParams
-from .attention import (
+from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
+from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner asks this module)
+    _INTERPRETER_CONFIG,
     INTERPRET,
     LOG2E,
+    LaunchConfig,
     _attend_range,
     _head_inputs,
     _load_q,
     _pad_dim,
     _store_state,
+    _tile_ranges,
     batch_chunk_align,
     num_sms,
-    _tile_ranges,
-    choose_config,
-    LaunchConfig,
-    _INTERPRETER_CONFIG,
 )
-from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
 from .softmax import finalize_state, softmax_update
 
 
@@ -58,8 +57,9 @@ def _batch_prefill_kernel(
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lt, stride_lh,
-    page_size, num_kv_heads,
+    num_kv_heads,
     sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, v_scale,
+    PAGE_SIZE: tl.constexpr,  # constexpr: the key -> (page, slot) split is a shift for powers of two
     GROUP: tl.constexpr, HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr,
     D_VO: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
@@ -108,7 +108,7 @@ def _batch_prefill_kernel(
         k_base += kv_offset.to(tl.int64) * stride_kt
         v_base += kv_offset.to(tl.int64) * stride_vt
     o, lse = _attend_range(
-        q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
+        q, k_base, v_base, stride_kt, stride_vt, page_table, PAGE_SIZE, stride_kp, stride_vp,
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
         sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO,
         D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, BLOCK_M, BLOCK_N,
@@ -167,35 +167,53 @@ def _merge_tiles_kernel(
                  D_VO, False)
 
 
-# Launch configurations per (padded head dim, BLOCK_M): (BLOCK_N, num_warps, num_stages). BLOCK_M
-# follows the longest request (an append batch of 4 tokens x GQA 4 has 16 rows per KV head: a
-# 128-row tile would be 7/8 padding); 128-row tiles use the single-prefill table.
+# Launch configurations, measured on H100 (benchmarks/tune_batch_prefill.py, bf16, causal):
+# - BLOCK_M follows the longest request: an append batch of 4 tokens x GQA 4 has 16 rows per KV head,
+#   a 128-row tile would be 7/8 padding. Small tiles use _SMALL_M_CONFIGS[block_m][padded head dim].
+# - 128-row tiles: BLOCK_N 64, 8 warps, 3 stages won on 16 x 1024 (ragged 248 TFLOP/s vs 230 with
+#   BLOCK_N 128; d192/128 267 vs 163 with 64-row tiles); long sequences keep the single-prefill
+#   BLOCK_N 128 (476 TFLOP/s at 1 x 32768). Stages drop to 2 where 3 would not fit shared memory.
 _SMALL_M_CONFIGS = {
     16: {16: (32, 4, 3), 32: (32, 4, 3), 64: (32, 4, 3), 128: (32, 4, 3), 256: (32, 4, 2)},
     32: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
     64: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
 }
+LONG_KV = 4096  # from this many keys on, 128-row tiles use BLOCK_N 128
+_SMEM_BYTES = 227 * 1024
+
+# Set by benchmarks/tune_batch_prefill.py to time one configuration: (block_n, num_warps, num_stages).
+CONFIG_OVERRIDE: Optional[tuple] = None
 
 
-def prefill_block_m(max_rows: int, head_dim_qk: int, head_dim_vo: int) -> int:
-    """Rows per tile for a batch whose longest request has ``max_rows`` GQA-packed rows."""
+def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: int,
+                       head_dim_vo: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` for a batch whose longest request has ``max_rows`` GQA-packed rows and
+    whose longest KV has ``max_kv_len`` keys. ``max_rows=None``: the batch-independent shape
+    (deterministic mode: a request's tiles, and so its bits, do not depend on the other requests)."""
     if INTERPRET:
-        return _INTERPRETER_CONFIG.block_m
-    full = choose_config("prefill", max(_pad_dim(head_dim_qk), _pad_dim(head_dim_vo))).block_m
-    for bm in (16, 32, 64):
-        if max_rows <= bm and bm < full:
-            return bm
-    return full
+        return _INTERPRETER_CONFIG.block_m, _INTERPRETER_CONFIG.block_n
+    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    full = 128 if d_vo <= 128 else 64
+    block_m = full
+    if max_rows is not None:
+        block_m = next((bm for bm in (16, 32, 64) if max_rows <= bm and bm < full), full)
+    if CONFIG_OVERRIDE is not None:
+        return block_m, CONFIG_OVERRIDE[0]
+    if block_m in _SMALL_M_CONFIGS:
+        return block_m, _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)][0]
+    return block_m, (128 if max_rows is not None and max_kv_len >= LONG_KV and d_qk <= 128 else 64)
 
 
-def _launch_config(block_m: int, d_pad: int) -> LaunchConfig:
+def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int) -> LaunchConfig:
     if INTERPRET:
         return _INTERPRETER_CONFIG
+    if CONFIG_OVERRIDE is not None:
+        return LaunchConfig(block_m, *CONFIG_OVERRIDE)
     if block_m in _SMALL_M_CONFIGS:
-        bn, warps, stages = _SMALL_M_CONFIGS[block_m][d_pad]
-        return LaunchConfig(block_m, bn, warps, stages)
-    cfg = choose_config("prefill", d_pad)
-    return LaunchConfig(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        _, warps, stages = _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
+        return LaunchConfig(block_m, block_n, warps, stages)
+    stages = 3 if (block_n * (d_qk + d_vo) * 2 * 3 + block_m * d_qk * 2) <= _SMEM_BYTES else 2
+    return LaunchConfig(block_m, block_n, 8, stages)
 
 
 def batch_prefill_forward(
@@ -215,6 +233,7 @@ def batch_prefill_forward(
     *,
     alibi_slopes: Optional[torch.Tensor],
     block_m: int,
+    block_n: int,
     num_items: int,
     num_merges: int,
 ) -> None:
@@ -230,7 +249,7 @@ def batch_prefill_forward(
         meta: int32 plan (module doc): ``batch_size`` requests, ``item_capacity`` item rows.
         part_o, part_lse: float32 partial-state slots (module doc).
         out: ``[total_qo, Hq, Dvo]``; lse: float32 ``[total_qo, Hq]``.
-        block_m: the planned rows per tile. num_items / num_merges: grid sizes (planned counts, or the
+        block_m, block_n: the planned tile shape (prefill_tile_shape). num_items / num_merges: grid sizes (planned counts, or the
             fixed capacities of CUDA-graph mode; programs beyond the plan idle).
     """
     num_qo_heads, head_dim_qk = q.shape[1], q.shape[2]
@@ -238,7 +257,7 @@ def batch_prefill_forward(
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
     group = num_qo_heads // num_kv_heads
     d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
-    cfg = _launch_config(block_m, max(d_qk, d_vo))
+    cfg = _launch_config(block_m, block_n, d_qk, d_vo)
     counts = meta[:COUNT_FIELDS]
     reqs = meta[COUNT_FIELDS:]
     items = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size:]
@@ -256,11 +275,11 @@ def batch_prefill_forward(
             alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
             q.stride(0), q.stride(1), *k_strides, *v_strides,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            page_size, num_kv_heads,
+            num_kv_heads,
             params.sm_scale, params.sm_scale * LOG2E, float(params.logits_soft_cap), int(params.window_left),
             math.log2(params.rope_theta), 1.0 / params.rope_scale, float(params.v_scale),
-            GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
-            CAUSAL=bool(params.causal) and packed_mask is None, HAS_WINDOW=params.window_left >= 0,
+            PAGE_SIZE=page_size, GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk,
+            D_VO=d_vo, CAUSAL=bool(params.causal) and packed_mask is None, HAS_WINDOW=params.window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
             USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
             PAGED=paged, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
