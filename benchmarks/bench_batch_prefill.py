@@ -250,7 +250,8 @@ def _flex(case: Case):
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
     n = q.shape[0]
-    mask = create_block_mask(document_causal, None, None, n, n, device=q.device)
+    # _compile: build the block mask without materializing the dense [n, n] mask (128 GiB at 128 x 1024).
+    mask = create_block_mask(document_causal, None, None, n, n, device=q.device, _compile=True)
     q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     flex = _compiled_flex()
     gqa = p["num_qo_heads"] != p["num_kv_heads"]
