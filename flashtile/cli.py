@@ -512,7 +512,7 @@ class WarmupVariant:
     label: str
     shape: ModelShape
     dtype: torch.dtype
-    kind: str  # "prefill" or "decode"
+    kind: str  # "prefill", "decode", "batch_decode", "batch_prefill" or "batch_append"
     causal: bool
     qo_len: int
     kv_len: int
@@ -522,8 +522,9 @@ class WarmupVariant:
 def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]], dtypes: Sequence[str]) -> List[WarmupVariant]:
     """The kernel variants to compile for ``shapes`` (preset names or ``Hq/Hkv/D``) and ``dtypes``.
 
-    Per (shape, dtype): causal and non-causal prefill, causal prefill with split-KV, decode, and
-    decode with split-KV (which also runs the merge kernel). ``head_dims`` replaces the shapes' own
+    Per (shape, dtype): causal and non-causal prefill, causal prefill with split-KV, decode,
+    decode with split-KV (which also runs the merge kernel), and the batch wrappers over a paged
+    cache of page size 16: decode, causal prefill and a 4-token append. ``head_dims`` replaces the shapes' own
     head dims (each is combined with every shape's head counts). Identical shapes are compiled once.
     """
     parsed = [_parse_shape(s) for s in shapes]
@@ -549,6 +550,9 @@ def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]], d
             ("prefill", True, _WARMUP_PREFILL_SPLIT, _WARMUP_PREFILL_SPLIT, "prefill causal, split-KV"),
             ("decode", False, 1, _WARMUP_SHORT, "decode"),
             ("decode", False, 1, _WARMUP_DECODE_SPLIT, "decode, split-KV + merge"),
+            ("batch_decode", False, 1, _WARMUP_DECODE_SPLIT, "batch decode, page 16"),
+            ("batch_prefill", True, _WARMUP_PREFILL_SPLIT, _WARMUP_PREFILL_SPLIT, "batch prefill causal, page 16"),
+            ("batch_append", True, 4, _WARMUP_DECODE_SPLIT, "batch append 4 tokens, page 16"),
         ):
             label = f"{shape} {SHORT_DTYPE[dtype]} {what}"
             variants.append(WarmupVariant(label, shape, dtype, kind, causal, qo_len, kv_len, tuple(models)))
@@ -577,8 +581,25 @@ def _run_variant(v: WarmupVariant, device: torch.device) -> None:
     val = torch.randn(v.kv_len, hkv, d, **kw)
     if v.kind == "decode":
         flashtile.single_decode_with_kv_cache(torch.randn(hq, d, **kw), k, val)
-    else:
+    elif v.kind == "prefill":
         flashtile.single_prefill_with_kv_cache(torch.randn(v.qo_len, hq, d, **kw), k, val, causal=v.causal)
+    else:  # batch wrappers over a paged cache (page 16) of two requests
+        page_size, batch = 16, 2
+        pages = -(-v.kv_len // page_size)
+        cache = torch.randn(batch * pages, 2, page_size, hkv, d, **kw)
+        indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32)
+        indices = torch.arange(batch * pages, dtype=torch.int32)
+        last = torch.full((batch,), v.kv_len - (pages - 1) * page_size, dtype=torch.int32)
+        ws = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+        if v.kind == "batch_decode":
+            w = flashtile.BatchDecodeWithPagedKVCacheWrapper(ws)
+            w.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=v.dtype)
+            w.run(torch.randn(batch, hq, d, **kw), cache)
+        else:
+            w = flashtile.BatchPrefillWithPagedKVCacheWrapper(ws)
+            qo_indptr = torch.arange(0, batch * v.qo_len + 1, v.qo_len, dtype=torch.int32)
+            w.plan(qo_indptr, indptr, indices, last, hq, hkv, d, page_size, causal=v.causal, q_data_type=v.dtype)
+            w.run(torch.randn(batch * v.qo_len, hq, d, **kw), cache)
     _sync(device)
 
 

@@ -111,7 +111,7 @@ def test_warmup():
     if HAS_CUDA:
         r = run_cli("warmup", "--shapes", "llama3-8b", "--dtypes", "bf16")
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "5/5" in r.stdout and "5 of 5 variants ready" in r.stdout
+        assert "8/8" in r.stdout and "8 of 8 variants ready" in r.stdout
     else:
         r = run_cli("warmup", "--shapes", "llama3-8b,gemma2-9b")
         assert r.returncode == 0, r.stderr
@@ -120,12 +120,13 @@ def test_warmup():
 
 def test_warmup_variants_and_errors(capsys):
     variants = cli.warmup_variants(["llama3-8b", "mistral-7b", "qwen2-7b"], None, ["bf16", "fp16"])
-    # llama3-8b and mistral-7b share a shape; 5 variants per (shape, dtype).
-    assert len(variants) == 2 * 2 * 5
+    # llama3-8b and mistral-7b share a shape; 8 variants per (shape, dtype).
+    assert len(variants) == 2 * 2 * 8
     assert variants[0].models == ("llama3-8b", "mistral-7b")
     kinds = {(v.kind, v.causal, v.kv_len > cli._WARMUP_SHORT) for v in variants}
     assert kinds == {("prefill", True, False), ("prefill", False, False), ("prefill", True, True),
-                     ("decode", False, False), ("decode", False, True)}
+                     ("decode", False, False), ("decode", False, True), ("batch_decode", False, True),
+                     ("batch_prefill", True, True), ("batch_append", True, True)}
     custom = cli.warmup_variants(["32/8/64"], [64, 96], ["fp16"])
     assert {v.shape.head_dim for v in custom} == {64, 96} and all(v.dtype == torch.float16 for v in custom)
     for shapes, dims, dtypes in ((["nope"], None, ["bf16"]), (["llama3-8b"], [100], ["bf16"]),
