@@ -348,3 +348,29 @@ def chi_square_pvalue(samples: torch.Tensor, target: torch.Tensor) -> float:
     if exp.numel() < 2:
         return 1.0
     return float(stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
+
+
+def merge_states_f64(v, s):
+    """Merge attention states (api_spec.md §4.1), written as a softmax over the states in natural log.
+
+    v [T, S, H, D], s [T, S, H] base-2 LSEs. Returns (v float64 [T, H, D], s float64 [T, H]).
+    State i of a (token, head) gets weight exp(ln2 * s_i - L) with L = logsumexp_i(ln2 * s_i); the
+    merged LSE is L / ln2. A (token, head) whose states are all -inf (or that has none) is 0 and -inf,
+    and the v of a -inf state is never used."""
+    v = v.double().cpu()
+    s = s.double().cpu()
+    T, S, H, D = v.shape
+    out = torch.zeros(T, H, D, dtype=torch.float64)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float64)
+    ln2 = math.log(2.0)
+    for t in range(T):
+        for h in range(H):
+            live = [i for i in range(S) if s[t, i, h] != float("-inf")]
+            if not live:
+                continue
+            x = s[t, live, h] * ln2
+            total = torch.logsumexp(x, dim=0)
+            weights = torch.exp(x - total)
+            out[t, h] = (weights[:, None] * v[t, live, h]).sum(dim=0)
+            lse[t, h] = total / ln2
+    return out, lse

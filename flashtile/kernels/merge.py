@@ -1,6 +1,13 @@
-"""Merging attention states ``(o, lse)`` (split-KV reduction; cascade reuses it) + launcher.
+"""Merging attention states ``(o, lse)`` (split-KV reduction; cascade) + launchers.
 
-Pointer shapes (strides passed):
+Two kernels, both folding states with the online-softmax helpers of softmax.py (the only place the
+math lives): ``_merge_states_kernel`` folds any number of states per (token, head) (split-KV
+reduction, ``flashtile.cascade.merge_states``); ``_merge_state_pair_kernel`` folds exactly two states
+held in separate tensors (``merge_state`` and, writing over the first state under a row mask,
+``merge_state_in_place``), many rows per program. An empty state (lse ``-inf``) contributes nothing:
+its values are not even read.
+
+_merge_states_kernel, pointer shapes (strides passed; head_dim stride 1):
   V_PARTS   [num_states, T, H, D]   float32 or fp16/bf16 partial outputs (normalized)
   LSE_PARTS [num_states, T, H]      float32, base 2 (-inf for an empty state)
   O         [T, H, D]               merged output (any float dtype), times ``v_scale``
@@ -8,6 +15,13 @@ Pointer shapes (strides passed):
 With ``STATE_INDPTR`` (batch decode) the states of token ``t`` are rows ``indptr[t]:indptr[t + 1]`` of
 V_PARTS ``[items, H, D]`` instead: a token with a single state was written by the attention kernel
 directly and is skipped.
+
+_merge_state_pair_kernel, pointer shapes (all strides passed, head_dim too):
+  V_A, V_B  [T, H, D]   the two states' outputs (one float dtype)
+  S_A, S_B  [T, H]      float32 base-2 lse
+  O         [T, H, D]   merged output (may be V_A: in place)
+  S_OUT     [T, H]      float32 merged lse (may be S_A)
+  MASK      [T]         uint8 (a bool tensor's bytes); rows with 0 are neither read nor written
 """
 
 from __future__ import annotations
@@ -58,8 +72,10 @@ def _merge_states_kernel(
         states = s0 + offs_s
         s_ok = states < s_end
         lse_s = tl.load(l_row + states * stride_ls, mask=s_ok, other=float("-inf"))  # [S]
+        # An empty state (lse -inf) has weight 0: its values are not read (they may be unwritten).
+        read = s_ok & (lse_s > float("-inf"))
         o_s = tl.load(v_row + states[:, None] * stride_vs + offs_d[None, :],
-                      mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [S, D]
+                      mask=read[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [S, D]
         m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_s[None, :])
         acc += tl.sum(tl.reshape(p, [BLOCK_S, 1]) * o_s, axis=0)[None, :]
     o, lse = finalize_state(m_i, l_i, acc)
@@ -104,3 +120,103 @@ def merge_attention_states(
         float(v_scale),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_S=block_s, HAS_INDPTR=state_indptr is not None, num_warps=4,
     )
+
+
+@triton.jit
+def _merge_state_pair_kernel(
+    V_A, S_A, V_B, S_B, O, S_OUT, MASK,
+    num_rows, num_heads,
+    stride_vat, stride_vah, stride_vad,
+    stride_sat, stride_sah,
+    stride_vbt, stride_vbh, stride_vbd,
+    stride_sbt, stride_sbh,
+    stride_ot, stride_oh, stride_od,
+    stride_st, stride_sh,
+    stride_mask,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """One program per BLOCK_R rows of the flattened (token, head) grid: a [BLOCK_R, D_PAD] tile of
+    each state is read once and the merge is two online-softmax folds (state A, then state B) of one
+    "key" each, whose logit is the state's lse and whose value is its output."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    token = rows // num_heads
+    head = rows % num_heads
+    row_ok = rows < num_rows
+    if HAS_MASK:  # CUDA-graph padding: rows whose token is masked off are left as they are
+        row_ok = row_ok & (tl.load(MASK + token * stride_mask, mask=row_ok, other=0) != 0)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    lse_a = tl.load(S_A + token * stride_sat + head * stride_sah, mask=row_ok, other=float("-inf"))  # [R]
+    lse_b = tl.load(S_B + token * stride_sbt + head * stride_sbh, mask=row_ok, other=float("-inf"))  # [R]
+    # Values of an empty state (lse -inf) are not read: weight 0, and they may be unwritten.
+    load_a = (row_ok & (lse_a > float("-inf")))[:, None] & d_ok[None, :]
+    load_b = (row_ok & (lse_b > float("-inf")))[:, None] & d_ok[None, :]
+    o_a = tl.load(V_A + token[:, None] * stride_vat + head[:, None] * stride_vah + offs_d[None, :] * stride_vad,
+                  mask=load_a, other=0.0).to(tl.float32)  # [R, D]
+    o_b = tl.load(V_B + token[:, None] * stride_vbt + head[:, None] * stride_vbh + offs_d[None, :] * stride_vbd,
+                  mask=load_b, other=0.0).to(tl.float32)  # [R, D]
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
+    m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_a[:, None])  # p [R, 1]
+    acc += p * o_a
+    m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_b[:, None])
+    acc += p * o_b
+    o, lse = finalize_state(m_i, l_i, acc)
+
+    tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(S_OUT + token * stride_st + head * stride_sh, lse, mask=row_ok)
+
+
+def merge_state_pair(
+    v_a: torch.Tensor,
+    s_a: torch.Tensor,
+    v_b: torch.Tensor,
+    s_b: torch.Tensor,
+    v_out: torch.Tensor,
+    s_out: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+) -> None:
+    """``(v_out, s_out) = merge((v_a, s_a), (v_b, s_b))`` row by row (shapes in the module doc).
+
+    ``v_out``/``s_out`` may be ``v_a``/``s_a`` (in-place merge: each element is read before it is
+    written, by the same program). With ``mask`` (bool ``[T]``), tokens whose entry is False are left
+    untouched. Any strides.
+    """
+    num_tokens, num_heads, head_dim = v_out.shape
+    num_rows = num_tokens * num_heads
+    if num_rows == 0:
+        return
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    # About 4096 elements per tile and state: 32 rows of head_dim 128.
+    block_r = max(1, min(128, 4096 // d_pad))
+    mask_bytes = mask.view(torch.uint8) if mask is not None else None
+    _merge_state_pair_kernel[(triton.cdiv(num_rows, block_r),)](
+        v_a, s_a, v_b, s_b, v_out, s_out, mask_bytes if mask is not None else s_a,
+        num_rows, num_heads,
+        *v_a.stride(), *s_a.stride(),
+        *v_b.stride(), *s_b.stride(),
+        *v_out.stride(), *s_out.stride(),
+        mask_bytes.stride(0) if mask is not None else 0,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None, num_warps=4,
+    )
+
+
+def merge_states_by_token(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor, s_out: torch.Tensor) -> None:
+    """Merge ``v [T, S, H, D]`` / ``s [T, S, H]`` (float32) over ``S`` into ``v_out [T, H, D]`` /
+    ``s_out [T, H]`` (``v_out`` with unit stride along head_dim): :func:`merge_attention_states` on the
+    state-major view ``[S, T, H, D]`` of the same memory (strides only, no copy; a ``v`` whose head_dim
+    stride is not 1 is copied first). With no state at all the result is 0 and ``-inf``."""
+    num_tokens, num_states, num_heads, _ = v.shape
+    if num_tokens * num_heads == 0:
+        return
+    if num_states == 0:  # the kernel writes only tokens that have states
+        v_out.zero_()
+        s_out.fill_(float("-inf"))
+        return
+    if v.shape[-1] > 1 and v.stride(-1) != 1:  # the kernel reads head_dim with unit stride
+        v = v.contiguous()
+    merge_attention_states(v.transpose(0, 1), s.transpose(0, 1), v_out, s_out)
