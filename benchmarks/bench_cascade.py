@@ -1,0 +1,137 @@
+"""Cascade merge operators: suite ``merge_state`` (GB/s).
+
+Cases (ANCHORS.md small-ops table, issue 7): ``merge_state`` of two states of 8192 tokens x 32 heads
+x head_dim 128 in float16 (FlashInfer: 69.0 µs, 2920 GB/s), ``merge_states`` of 4 states of the same
+shape, and ``merge_state_in_place`` of the same two states. Bytes = every v and s read plus every v
+and s written, once (float16 v, float32 s). FlashInfer's 2920 GB/s counts the v tensors only
+(3 x 8192 x 32 x 128 x 2 B = 201 MB in 69.0 µs); with the s tensors (3 MB more) the same time is
+2963 GB/s here, so compare the times.
+
+Providers get identical inputs (the harness seeds before each); the out-of-place ops return the
+merged v, which the harness compares across providers. The in-place op returns nothing (repeated
+timing calls keep merging into the same v and s, which stay finite: s grows by at most 1 per call).
+- ``flashtile``: ``flashtile.cascade.merge_state`` / ``merge_states`` / ``merge_state_in_place``;
+- ``flashinfer``: the same functions of ``flashinfer.cascade`` when FlashInfer is importable (CUDA);
+- ``torch_eager``: flashtile's pure-PyTorch reference path (``flashtile/reference/merge.py``: max,
+  exp2, weighted sum, log2 as eager torch ops) into preallocated outputs;
+- ``torch_compile``: the same functions under ``torch.compile`` (CUDA only).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .harness import Case, Provider, Suite, Unavailable, device, register
+
+
+def _case(op: str, seq_len: int, num_heads: int, head_dim: int, num_states: int = 2, dtype: str = "float16") -> Case:
+    es = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    rows = seq_len * num_heads
+    read = rows * num_states * (head_dim * es + 4)  # every state's v and s
+    written = rows * (head_dim * es + 4)  # merged v and s
+    shape = f"{seq_len} x {num_states} states x {num_heads} heads x {head_dim}" if op == "merge_states" else (
+        f"{seq_len} x {num_heads} heads x {head_dim}")
+    return Case(f"{op} {shape}", dict(op=op, seq_len=seq_len, num_states=num_states, num_heads=num_heads,
+                                      head_dim=head_dim, dtype=dtype), bytes=float(read + written))
+
+
+def merge_cases(smoke: bool):
+    t, h, d = (16, 4, 64) if smoke else (8192, 32, 128)
+    return [_case("merge_state", t, h, d), _case("merge_states", t, h, d, num_states=4),
+            _case("merge_state_in_place", t, h, d)]
+
+
+def _inputs(case: Case):
+    """v [T, S, H, D] (the states of merge_states; merge_state uses two separate contiguous copies of
+    the first two), s [T, S, H] float32 base-2 LSEs."""
+    p = case.params
+    t, n, h, d = p["seq_len"], p["num_states"], p["num_heads"], p["head_dim"]
+    v = torch.randn(t, n, h, d, dtype=getattr(torch, p["dtype"]), device=device())
+    s = torch.randn(t, n, h, dtype=torch.float32, device=device()) * 4
+    return v, s
+
+
+def _calls(case: Case, api=None, reference=None):
+    """A zero-argument call of the case's op: through ``api`` (a module with the three public
+    functions: flashtile.cascade, flashinfer.cascade), or through ``reference`` (a namespace with the
+    destination-passing ``merge_state_pair`` and ``merge_states_by_token`` of reference/merge.py)
+    into outputs allocated here."""
+    v, s = _inputs(case)
+    op = case.params["op"]
+    if op == "merge_states":
+        if api is not None:
+            return lambda: api.merge_states(v, s)[0]
+        out_v, out_s = torch.empty_like(v[:, 0]), torch.empty_like(s[:, 0])
+
+        def merge_states():
+            reference.merge_states_by_token(v, s, out_v, out_s)
+            return out_v
+
+        return merge_states
+    v_a, s_a, v_b, s_b = v[:, 0].contiguous(), s[:, 0].contiguous(), v[:, 1].contiguous(), s[:, 1].contiguous()
+    del v, s
+    if op == "merge_state":
+        if api is not None:
+            return lambda: api.merge_state(v_a, s_a, v_b, s_b)[0]
+        out_v, out_s = torch.empty_like(v_a), torch.empty_like(s_a)
+
+        def merge_state():
+            reference.merge_state_pair(v_a, s_a, v_b, s_b, out_v, out_s)
+            return out_v
+
+        return merge_state
+
+    def merge_state_in_place():  # returns None: the harness does not compare in-place results
+        if api is not None:
+            api.merge_state_in_place(v_a, s_a, v_b, s_b)
+        else:
+            reference.merge_state_pair(v_a, s_a, v_b, s_b, v_a, s_a)
+
+    return merge_state_in_place
+
+
+def _flashtile(case: Case):
+    import flashtile.cascade
+
+    return _calls(case, api=flashtile.cascade)
+
+
+def _flashinfer(case: Case):
+    try:
+        import flashinfer.cascade
+    except Exception as e:
+        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
+    if device().type != "cuda":
+        raise Unavailable("FlashInfer needs CUDA")
+    return _calls(case, api=flashinfer.cascade)
+
+
+def _torch(compiled: bool):
+    def make(case: Case):
+        from flashtile.reference import merge
+
+        if not compiled:
+            return _calls(case, reference=merge)
+        if device().type != "cuda":
+            raise Unavailable("torch.compile baseline is timed on CUDA only")
+        fns = types.SimpleNamespace(
+            merge_state_pair=torch.compile(merge.merge_state_pair, dynamic=False),
+            merge_states_by_token=torch.compile(merge.merge_states_by_token, dynamic=False),
+        )
+        return _calls(case, reference=fns)
+
+    return make
+
+
+PROVIDERS = [
+    Provider("flashtile", _flashtile),
+    Provider("flashinfer", _flashinfer),
+    Provider("torch_eager", _torch(compiled=False)),
+    Provider("torch_compile", _torch(compiled=True)),
+]
+
+register(Suite("merge_state", merge_cases, PROVIDERS, metric="gbps",
+               description="merge attention states (base-2 LSE), float16 v / float32 s; bytes = every v and s "
+                           "read + merged v and s written"))
