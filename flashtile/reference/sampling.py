@@ -39,6 +39,7 @@ __all__ = [
     "top_p_keep",
     "min_p_keep",
     "sample_from_mask",
+    "sample_shared",
     "sampling_from_probs",
     "sampling_from_logits",
     "filtered_sampling",
@@ -152,10 +153,50 @@ def sample_from_mask(p: torch.Tensor, keep: torch.Tensor, u: torch.Tensor):
     return torch.where(valid, ids, 0), valid
 
 
+def sample_shared(p: torch.Tensor, keep: torch.Tensor, group: torch.Tensor, u: torch.Tensor):
+    """:func:`sample_from_mask` for output rows that share distributions: output row ``i`` draws from
+    row ``group[i]`` of ``p`` (float64 ``[U, V]``) restricted to ``keep`` with uniform ``u[i]``.
+
+    The same (ids, valid) as ``sample_from_mask(p[group], keep[group], u)`` without its ``[len(group), V]``
+    copies (many draws of one row: ``indices``): one running sum per distinct row, a binary search per
+    draw. The first running sum above ``u * mass`` sits at a token of positive weight (a sum of
+    non-negative terms only rises where a term is positive), so the search finds the token the
+    masked scan of :func:`sample_from_mask` finds.
+    """
+    vocab = p.shape[-1]
+    w = torch.where(keep, p, 0.0)
+    cdf = torch.cumsum(w, dim=-1)
+    mass = cdf[:, -1]
+    last = torch.where(w > 0, torch.arange(vocab), -1).max(dim=-1).values.clamp(min=0)
+    x = u * mass[group]
+    ids = torch.empty_like(group)
+    order = torch.argsort(group, stable=True)
+    for g, sel in enumerate(torch.split(order, torch.bincount(group, minlength=p.shape[0]).tolist())):
+        if sel.numel():
+            ids[sel] = torch.searchsorted(cdf[g], x[sel], right=True)
+    ids = torch.where(ids < vocab, ids, last[group])  # u * mass rounded above the last running sum
+    valid = mass[group] > 0
+    return torch.where(valid, ids, 0), valid
+
+
+def _distinct(rows: torch.Tensor, *params):
+    """Output rows with the same source row and the same parameters share a distribution:
+    (representative output row of each distinct one ``[U]``, index of each output row's ``[batch_out]``)."""
+    cols = [rows.double()] + [v.double() for v in params if v is not None]
+    _, group = torch.unique(torch.stack(cols, dim=-1), dim=0, return_inverse=True)
+    n = rows.numel()
+    first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64)
+    first.scatter_reduce_(0, group, torch.arange(n), "amin")
+    return first, group
+
+
 def sampling_from_probs(probs, rows, seed, offset):
-    p = _clean(probs)[rows]
     u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
-    return sample_from_mask(p, torch.ones_like(p, dtype=torch.bool), u)
+    if rows.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+    src, group = torch.unique(rows, return_inverse=True)
+    p = _clean(probs)[src]
+    return sample_shared(p, torch.ones_like(p, dtype=torch.bool), group, u)
 
 
 def sampling_from_logits(logits, rows, seed, offset):
@@ -163,8 +204,18 @@ def sampling_from_logits(logits, rows, seed, offset):
 
 
 def filtered_sampling(probs, rows, seed, offset, *, top_k=None, top_p=None, min_p=None, order="joint"):
-    """Draw from the filter set (module doc) of each row; returns (ids, valid)."""
-    p = _clean(probs)[rows]
+    """Draw from the filter set (module doc) of each row; returns (ids, valid). Filter sets are built
+    once per distinct (row, parameters): many draws of one row cost one row of work, not one each."""
+    u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
+    if rows.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+    vocab = probs.shape[-1]
+    if top_k is not None:  # every k outside [1, vocab] means "no filter": one key for all of them
+        top_k = top_k.to(torch.int64)
+        top_k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    first, group = _distinct(rows, top_k, top_p, min_p)
+    top_k, top_p, min_p = (v if v is None else v[first] for v in (top_k, top_p, min_p))
+    p = _clean(probs)[rows[first]]
     keep = p > 0
     if top_k is not None:
         keep &= top_k_keep(p, top_k)
@@ -173,8 +224,7 @@ def filtered_sampling(probs, rows, seed, offset, *, top_k=None, top_p=None, min_
         keep &= top_p_keep(base, top_p)
     if min_p is not None:
         keep &= min_p_keep(p, min_p)
-    u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
-    return sample_from_mask(p, keep, u)
+    return sample_shared(p, keep, group, u)
 
 
 def _renorm(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
