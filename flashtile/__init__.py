@@ -17,8 +17,16 @@ if _os.environ.get("FLASHTILE_BACKEND", "").lower() == "triton" and "triton" not
     if not _torch.cuda.is_available():
         _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import activation, decode, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402
+from . import activation, cascade, decode, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
+from .cascade import (  # noqa: E402
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
+    BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
+    MultiLevelCascadeAttentionWrapper,
+    merge_state,
+    merge_state_in_place,
+    merge_states,
+)
 from .decode import (  # noqa: E402
     BatchDecodeWithPagedKVCacheWrapper,
     CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
@@ -116,4 +124,11 @@ __all__ = [
     "single_prefill_with_kv_cache_return_lse",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
+    "MultiLevelCascadeAttentionWrapper",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+    "cascade",
 ]

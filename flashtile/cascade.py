@@ -4,20 +4,31 @@ An attention *state* over a segment of the KV sequence is ``(v, s)``: the attent
 segment and ``s``, the **base-2** log-sum-exp of the scaled logits of its keys (what every flashtile
 attention function returns with ``return_lse=True``). Merging the states of disjoint segments gives
 the state of their union, so attention over a shared prefix and over each request's own suffix can
-be computed apart and combined. See docs/cascade.md.
+be computed apart and combined. :class:`MultiLevelCascadeAttentionWrapper` does that for a KV cache
+organised in levels of sharing (and the two legacy shared-prefix wrappers for one shared level). See
+docs/cascade.md.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from ._core import ops_cascade as ops
+from ._core.attention_args import resolve_scalar
 from ._core.buffers import new_output
-from ._core.checks import check_same_device, check_tensor
+from ._core.checks import check_same_device, check_tensor, describe
+from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 
-__all__ = ["merge_state", "merge_state_in_place", "merge_states"]
+__all__ = [
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
+    "MultiLevelCascadeAttentionWrapper",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,3 +165,284 @@ def merge_states(v: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.
     s_merged = new_output((seq_len, num_heads), torch.float32, device)
     ops.call(ops.merge_states, v, s.to(torch.float32), v_merged, s_merged)
     return v_merged, s_merged
+
+
+# ------------------------------------------------------------------------------------------------
+# Cascade wrappers: levels of shared KV, each run by a batch prefill wrapper, merged in place
+# ------------------------------------------------------------------------------------------------
+
+
+def _level_list(name: str, value, num_levels: int) -> list:
+    if not isinstance(value, (list, tuple)) or len(value) != num_levels:
+        raise ValueError(f"{name}: expected a list of {num_levels} tensors (one per level), got {describe(value)}"
+                         + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else ""))
+    return list(value)
+
+
+class MultiLevelCascadeAttentionWrapper:
+    """Attention over a KV cache organised in levels of sharing (cascade inference).
+
+    Level 0 is the most shared: its ``qo_indptr`` groups the query rows that share one KV sequence
+    (for one system prompt shared by the whole batch, ``[0, total_q]``); the last level usually
+    holds each request's own KV. All levels index the same paged cache and the same query tensor. A
+    query row attends to the concatenation of its KV at every level: each level is one batch prefill
+    (a group of rows reads its shared KV once per KV head, for all of them, instead of once per
+    request), and the per-level states are merged in place (base-2 lse, :func:`merge_state_in_place`).
+
+    ``causal`` applies at the last level only (bottom-right aligned within that level's KV); the shared
+    levels are seen in full.
+
+    Args:
+        num_levels: number of levels (>= 1).
+        float_workspace_buffer: device tensor shared by the levels (they run one after the other).
+        kv_layout: "NHD" or "HND".
+        use_cuda_graph: CUDA-graph mode; then the four buffer lists below are required, one int32
+            buffer per level each, with the meaning of :class:`BatchPrefillWithPagedKVCacheWrapper`'s
+            ``qo_indptr_buf``, ``paged_kv_indptr_buf``, ``paged_kv_indices_buf``,
+            ``paged_kv_last_page_len_buf``.
+    """
+
+    def __init__(
+        self,
+        num_levels: int,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        qo_indptr_buf_arr: Optional[list] = None,
+        paged_kv_indptr_buf_arr: Optional[list] = None,
+        paged_kv_indices_buf_arr: Optional[list] = None,
+        paged_kv_last_page_len_buf_arr: Optional[list] = None,
+    ) -> None:
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
+            raise ValueError(f"num_levels: expected an int >= 1, got {num_levels!r}")
+        self._num_levels = num_levels
+        self._use_cuda_graph = bool(use_cuda_graph)
+        if self._use_cuda_graph:
+            bufs = [_level_list(name, arr, num_levels) for name, arr in (
+                ("qo_indptr_buf_arr", qo_indptr_buf_arr), ("paged_kv_indptr_buf_arr", paged_kv_indptr_buf_arr),
+                ("paged_kv_indices_buf_arr", paged_kv_indices_buf_arr),
+                ("paged_kv_last_page_len_buf_arr", paged_kv_last_page_len_buf_arr))]
+            self._batch_prefill_wrappers = [
+                BatchPrefillWithPagedKVCacheWrapper(
+                    float_workspace_buffer, kv_layout, use_cuda_graph=True, qo_indptr_buf=bufs[0][i],
+                    paged_kv_indptr_buf=bufs[1][i], paged_kv_indices_buf=bufs[2][i],
+                    paged_kv_last_page_len_buf=bufs[3][i])
+                for i in range(num_levels)
+            ]
+        else:
+            self._batch_prefill_wrappers = [BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+                                            for _ in range(num_levels)]
+        self._kv_layout = kv_layout
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffers=None) -> None:
+        """Swap the float workspace and, optionally, the per-level int workspaces (a list); re-plan after."""
+        if int_workspace_buffers is not None:
+            int_workspace_buffers = _level_list("int_workspace_buffers", int_workspace_buffers, self._num_levels)
+        for i, w in enumerate(self._batch_prefill_wrappers):
+            w.reset_workspace_buffer(float_workspace_buffer,
+                                     int_workspace_buffers[i] if int_workspace_buffers is not None else None)
+
+    def plan(
+        self,
+        qo_indptr_arr: list,
+        paged_kv_indptr_arr: list,
+        paged_kv_indices_arr: list,
+        paged_kv_last_page_len: list,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        sm_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+    ) -> None:
+        """Plan every level.
+
+        Args:
+            qo_indptr_arr: one int32 ``[B_l + 1]`` tensor per level; level ``l`` groups query rows
+                ``qo_indptr_arr[l][g]:qo_indptr_arr[l][g + 1]`` into its group ``g``. Every level covers
+                the same rows (its last entry is the total number of query rows).
+            paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len: one page table per level
+                (int32 ``[B_l + 1]``, page ids, ``[B_l]``): the KV of each group, in the one paged cache.
+            num_qo_heads, num_kv_heads, head_dim, page_size: as the batch wrappers.
+            causal: causal mask at the last level (bottom-right aligned within that level's KV).
+            pos_encoding_mode, use_fp16_qk_reduction, sm_scale, window_left, logits_soft_cap, rope_scale,
+            rope_theta, q_data_type, kv_data_type: as :meth:`BatchPrefillWithPagedKVCacheWrapper.plan`,
+                applied at every level (positions count from the start of each level's KV).
+        """
+        lists = [_level_list(name, arr, self._num_levels) for name, arr in (
+            ("qo_indptr_arr", qo_indptr_arr), ("paged_kv_indptr_arr", paged_kv_indptr_arr),
+            ("paged_kv_indices_arr", paged_kv_indices_arr), ("paged_kv_last_page_len", paged_kv_last_page_len))]
+        totals = set()
+        for level, qo in enumerate(lists[0]):
+            if not isinstance(qo, torch.Tensor) or qo.dim() != 1 or qo.numel() < 1:
+                raise ValueError(f"qo_indptr_arr[{level}]: expected a 1-D int32 tensor, got {describe(qo)}")
+            totals.add(int(qo[-1]))
+        if len(totals) != 1:
+            raise ValueError(f"qo_indptr_arr: every level must cover the same query rows (last entries equal), "
+                             f"got {[int(qo[-1]) for qo in lists[0]]}")
+        for level, w in enumerate(self._batch_prefill_wrappers):
+            w.plan(lists[0][level], lists[1][level], lists[2][level], lists[3][level], num_qo_heads, num_kv_heads,
+                   head_dim, page_size, causal=bool(causal) and level == self._num_levels - 1,
+                   pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                   sm_scale=sm_scale, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                   rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache) -> torch.Tensor:
+        """Attention of the planned levels.
+
+        Args:
+            q: ``[total_q, num_qo_heads, head_dim]`` in the planned q dtype.
+            paged_kv_cache: the paged cache every level indexes (any form the batch wrappers take).
+
+        Returns:
+            ``[total_q, num_qo_heads, head_dim]`` in q's dtype.
+        """
+        out, lse = self._batch_prefill_wrappers[-1].run(q, paged_kv_cache, return_lse=True)
+        for w in reversed(self._batch_prefill_wrappers[:-1]):
+            o_level, lse_level = w.run(q, paged_kv_cache, return_lse=True)
+            merge_state_in_place(out, lse, o_level, lse_level)
+        return out
+
+    def end_forward(self) -> None:
+        """Deprecated upstream alias; nothing to release."""
+
+    def forward(self, q: torch.Tensor, paged_kv_cache) -> torch.Tensor:
+        """Deprecated upstream name of :meth:`run`."""
+        return self.run(q, paged_kv_cache)
+
+
+def _check_shared_kv(k_shared, v_shared, kv_layout: str):
+    check_tensor("k_shared", k_shared, ndim=3)
+    check_tensor("v_shared", v_shared, ndim=3)
+    return k_shared, v_shared  # single_prefill takes kv_layout itself
+
+
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+    """Decode for a batch whose requests share one prefix (legacy upstream API; prefer
+    :class:`MultiLevelCascadeAttentionWrapper`).
+
+    The shared prefix is a contiguous K/V pair given to :meth:`forward`; each request's own tokens live
+    in a paged cache described to :meth:`begin_forward`. The batch's queries attend the shared prefix
+    together (one multi-query prefill reads it once per KV head) and their own pages (batch decode); the
+    two states are merged. No RoPE (as upstream).
+
+    Args:
+        float_workspace_buffer: device tensor for split-KV partial states.
+        kv_layout: "NHD" or "HND", for both the shared K/V and the paged cache.
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
+        from .decode import BatchDecodeWithPagedKVCacheWrapper
+
+        self._kv_layout = kv_layout
+        self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+
+    def begin_forward(self, unique_kv_indptr: torch.Tensor, unique_kv_indices: torch.Tensor,
+                      unique_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                      page_size: int, data_type: Union[str, torch.dtype] = "float16") -> None:
+        """Plan the unique parts (the page table of each request's own tokens); ``data_type`` is the
+        dtype of q and of the caches."""
+        self._batch_decode_wrapper.plan(unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads,
+                                        num_kv_heads, head_dim, page_size, q_data_type=data_type,
+                                        kv_data_type=data_type)
+
+    plan = begin_forward
+
+    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache,
+                allow_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+        """Attention of ``q [B, num_qo_heads, head_dim]`` over ``k_shared``/``v_shared``
+        (``[shared_len, num_kv_heads, head_dim]`` NHD, ``[num_kv_heads, shared_len, head_dim]`` HND) followed
+        by each request's pages in ``unique_kv_cache``. Returns ``[B, num_qo_heads, head_dim]``."""
+        k_shared, v_shared = _check_shared_kv(k_shared, v_shared, self._kv_layout)
+        plan = self._batch_decode_wrapper._require_plan()
+        if sm_scale is not None and sm_scale != plan.sm_scale:
+            plan.sm_scale = resolve_scalar("sm_scale", sm_scale, plan.sm_scale, positive=True)
+        o_shared, lse_shared = single_prefill_with_kv_cache(
+            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, sm_scale=plan.sm_scale,
+            return_lse=True)
+        out, lse = self._batch_decode_wrapper.run(q, unique_kv_cache, return_lse=True)
+        merge_state_in_place(out, lse, o_shared, lse_shared)
+        return out
+
+    run = forward
+
+    def end_forward(self) -> None:
+        """Deprecated upstream alias; nothing to release."""
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
+                               int_workspace_buffer: Optional[torch.Tensor] = None) -> None:
+        self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+
+
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
+    """Prefill for a batch whose requests share one prefix (legacy upstream API; prefer
+    :class:`MultiLevelCascadeAttentionWrapper`).
+
+    Every query row sees the whole shared prefix (contiguous ``k_shared``/``v_shared``, never causal) and
+    its request's own pages (``causal`` applies there, bottom-right aligned within the unique part).
+
+    Args:
+        float_workspace_buffer: device tensor for split-KV partial states.
+        kv_layout: "NHD" or "HND".
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
+        self._kv_layout = kv_layout
+        self._batch_prefill_wrapper = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+        self._plan_args = None
+
+    def begin_forward(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor,
+                      paged_kv_indices: torch.Tensor, paged_kv_last_page_len: torch.Tensor, num_qo_heads: int,
+                      num_kv_heads: int, head_dim: int, page_size: int) -> None:
+        """Record the batch: query rows per request and the page table of the unique parts. The
+        work is planned at :meth:`forward`, which carries the mask (as upstream)."""
+        self._plan_args = (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
+                           num_kv_heads, head_dim, page_size)
+        self._planned = None
+
+    plan = begin_forward
+
+    def forward(self, q: torch.Tensor, k_shared: torch.Tensor, v_shared: torch.Tensor, unique_kv_cache,
+                causal: bool = False, use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+        """Attention of ``q [qo_indptr[-1], num_qo_heads, head_dim]`` over the shared prefix and each
+        request's pages. Returns ``[qo_indptr[-1], num_qo_heads, head_dim]``."""
+        if self._plan_args is None:
+            raise RuntimeError("forward() called before begin_forward()")
+        k_shared, v_shared = _check_shared_kv(k_shared, v_shared, self._kv_layout)
+        key = (bool(causal), sm_scale, q.dtype, unique_kv_cache[0].dtype if isinstance(unique_kv_cache, tuple)
+               else unique_kv_cache.dtype)
+        if self._planned != key:
+            self._batch_prefill_wrapper.plan(*self._plan_args, causal=bool(causal), sm_scale=sm_scale,
+                                             q_data_type=q.dtype, kv_data_type=key[3])
+            self._planned = key
+        o_shared, lse_shared = single_prefill_with_kv_cache(
+            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, sm_scale=sm_scale, return_lse=True)
+        out, lse = self._batch_prefill_wrapper.run(q, unique_kv_cache, return_lse=True)
+        merge_state_in_place(out, lse, o_shared, lse_shared)
+        return out
+
+    run = forward
+
+    def end_forward(self) -> None:
+        """Deprecated upstream alias; nothing to release."""
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
+                               int_workspace_buffer: Optional[torch.Tensor] = None) -> None:
+        self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        self._planned = None
