@@ -135,3 +135,93 @@ PROVIDERS = [
 register(Suite("merge_state", merge_cases, PROVIDERS, metric="gbps",
                description="merge attention states (base-2 LSE), float16 v / float32 s; bytes = every v and s "
                            "read + merged v and s written"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cascade decode: a shared prefix read once for the batch, against plain batch decode
+# ---------------------------------------------------------------------------------------------
+# Every request has the shared prefix (its pages appear in every request's page table, as with
+# prefix caching) followed by ``unique`` tokens of its own. GB/s counts the *logical* KV of all
+# requests (B x (prefix + unique) tokens), so it is an effective bandwidth and the time ratio is the
+# speedup of reading the prefix once.
+
+
+def _cascade_case(batch: int, prefix: int, unique: int, hq: int = 32, hkv: int = 8, d: int = 128) -> Case:
+    kv_bytes = 2 * batch * (prefix + unique) * hkv * d * 2
+    params = dict(batch=batch, prefix=prefix, unique=unique, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d,
+                  page_size=16)
+    return Case(f"b{batch} prefix {prefix} + {unique}", params, bytes=float(kv_bytes))
+
+
+def cascade_cases(smoke: bool):
+    if smoke:
+        return [_cascade_case(4, 64, 16, 4, 2, 64)]
+    return [_cascade_case(b, p, 256) for b in (64, 128) for p in (1024, 4096, 16384, 32768)]
+
+
+def _cascade_inputs(case: Case):
+    """q [B, Hq, D], a page-16 cache holding the prefix once and each request's unique pages, and the
+    page tables: level 0 (the prefix, one group), level 1 (unique parts), and the full per-request
+    tables (prefix pages then unique pages) that plain batch decode reads."""
+    p = case.params
+    dev = device()
+    ps, b = p["page_size"], p["batch"]
+    prefix_pages, unique_pages = -(-p["prefix"] // ps), -(-p["unique"] // ps)
+    total = prefix_pages + b * unique_pages
+    cache = torch.randn(total, 2, ps, p["num_kv_heads"], p["head_dim"], dtype=torch.bfloat16, device=dev)
+    perm = torch.randperm(total, dtype=torch.int32)
+    prefix_ids, unique_ids = perm[:prefix_pages], perm[prefix_pages:].view(b, unique_pages)
+    q = torch.randn(b, p["num_qo_heads"], p["head_dim"], dtype=torch.bfloat16, device=dev)
+
+    def last(n):
+        return n - (-(-n // ps) - 1) * ps
+
+    i32 = dict(dtype=torch.int32)
+    levels = [
+        (torch.tensor([0, b], **i32), torch.tensor([0, prefix_pages], **i32), prefix_ids,
+         torch.tensor([last(p["prefix"])], **i32)),
+        (torch.arange(b + 1, **i32), torch.arange(0, b * unique_pages + 1, unique_pages, **i32),
+         unique_ids.reshape(-1), torch.full((b,), last(p["unique"]), **i32)),
+    ]
+    full_ids = torch.cat([prefix_ids.expand(b, prefix_pages), unique_ids], dim=1).reshape(-1)
+    full = (torch.arange(0, b * (prefix_pages + unique_pages) + 1, prefix_pages + unique_pages, **i32), full_ids,
+            torch.full((b,), last(p["unique"]), **i32))
+    if p["prefix"] % ps:
+        raise ValueError("prefix must be a whole number of pages (plain decode concatenates page lists)")
+    return q, cache, levels, full
+
+
+def _cascade_provider(lib_name: str, plain: bool):
+    def make(case: Case):
+        try:
+            lib = __import__(lib_name)
+        except Exception as e:
+            raise Unavailable(f"{lib_name} is not importable ({type(e).__name__})")
+        if lib_name == "flashinfer" and device().type != "cuda":
+            raise Unavailable("FlashInfer needs CUDA")
+        p = case.params
+        q, cache, levels, full = _cascade_inputs(case)
+        ws = torch.empty(128 << 20, dtype=torch.uint8, device=device())
+        hq, hk, d, ps = p["num_qo_heads"], p["num_kv_heads"], p["head_dim"], p["page_size"]
+        if plain:
+            w = lib.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            w.plan(*(x.to(device()) if lib_name == "flashinfer" else x for x in full), hq, hk, d, ps,
+                   q_data_type=q.dtype)
+            return lambda: w.run(q, cache)
+        w = lib.MultiLevelCascadeAttentionWrapper(2, ws, "NHD")
+        dev = device() if lib_name == "flashinfer" else "cpu"
+        w.plan([lv[0].to(dev) for lv in levels], [lv[1].to(dev) for lv in levels], [lv[2].to(dev) for lv in levels],
+               [lv[3].to(dev) for lv in levels], hq, hk, d, ps, q_data_type=q.dtype)
+        return lambda: w.run(q, cache)
+
+    return make
+
+
+register(Suite("cascade_decode", cascade_cases, [
+    Provider("flashtile", _cascade_provider("flashtile", plain=False)),
+    Provider("flashtile_batch_decode", _cascade_provider("flashtile", plain=True)),
+    Provider("flashinfer_cascade", _cascade_provider("flashinfer", plain=False)),
+    Provider("flashinfer_batch_decode", _cascade_provider("flashinfer", plain=True)),
+], metric="gbps", description="decode with a shared prefix (2-level cascade) against plain batch decode over the "
+                              "full sequences; 32/8 heads, d128, page 16, bf16; GB/s of the logical KV "
+                              "(B x (prefix + unique)), so the time ratio is the speedup"))

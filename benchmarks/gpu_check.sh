@@ -40,5 +40,8 @@ for step in "$@"; do
     bench-prefill) timeout 330 python3 benchmarks/run.py --suite batch_prefill,batch_append --out /tmp/bench 2>&1 | tail -4
            cat /tmp/bench/batch_prefill.md /tmp/bench/batch_append.md > "$OUT/batch_prefill.md" 2>/dev/null; cat "$OUT/batch_prefill.md" ;;
     tune-prefill) timeout 330 python3 benchmarks/tune_batch_prefill.py --quick 2>&1 | tee "$OUT/tune_prefill.log" | grep -v "^  skip" ;;
+    tests-cascade) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_cascade.py tests/test_cascade_merge.py 2>&1 | tee "$OUT/tests_cascade.log" | tail -15 ;;
+    bench-cascade) timeout 300 python3 benchmarks/run.py --suite merge_state,cascade_decode --out /tmp/bench 2>&1 | tail -3
+           cat /tmp/bench/merge_state.md /tmp/bench/cascade_decode.md > "$OUT/cascade.md" 2>/dev/null; cp /tmp/bench/cascade_decode.png "$OUT/" 2>/dev/null; cat "$OUT/cascade.md" ;;
   esac
 done
