@@ -325,20 +325,40 @@ class MultiLevelCascadeAttentionWrapper:
         return self.run(q, paged_kv_cache)
 
 
-def _check_shared_kv(k_shared, v_shared, kv_layout: str):
-    check_tensor("k_shared", k_shared, ndim=3)
-    check_tensor("v_shared", v_shared, ndim=3)
-    return k_shared, v_shared  # single_prefill takes kv_layout itself
+class _SharedPrefixWrapper:
+    """What the two legacy shared-prefix wrappers share: attend the shared prefix (one non-causal
+    multi-query prefill, so the prefix is read once per KV head for the whole batch), attend the
+    unique part with the wrapped batch wrapper, merge the two states in place."""
+
+    def __init__(self, inner, kv_layout: str) -> None:
+        self._kv_layout = kv_layout
+        self._inner = inner
+
+    def _attend(self, q, k_shared, v_shared, unique_kv_cache, sm_scale: Optional[float]) -> torch.Tensor:
+        check_tensor("k_shared", k_shared, ndim=3)
+        check_tensor("v_shared", v_shared, ndim=3)
+        o_shared, lse_shared = single_prefill_with_kv_cache(
+            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, sm_scale=sm_scale, return_lse=True)
+        out, lse = self._inner.run(q, unique_kv_cache, return_lse=True)
+        merge_state_in_place(out, lse, o_shared, lse_shared)
+        return out
+
+    def end_forward(self) -> None:
+        """Deprecated upstream alias; nothing to release."""
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
+                               int_workspace_buffer: Optional[torch.Tensor] = None) -> None:
+        """Swap the workspaces (call begin_forward again afterwards)."""
+        self._inner.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
 
 
-class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
     """Decode for a batch whose requests share one prefix (legacy upstream API; prefer
     :class:`MultiLevelCascadeAttentionWrapper`).
 
     The shared prefix is a contiguous K/V pair given to :meth:`forward`; each request's own tokens live
     in a paged cache described to :meth:`begin_forward`. The batch's queries attend the shared prefix
-    together (one multi-query prefill reads it once per KV head) and their own pages (batch decode); the
-    two states are merged. No RoPE (as upstream).
+    together and their own pages (batch decode); the two states are merged. No RoPE (as upstream).
 
     Args:
         float_workspace_buffer: device tensor for split-KV partial states.
@@ -348,17 +368,15 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
         from .decode import BatchDecodeWithPagedKVCacheWrapper
 
-        self._kv_layout = kv_layout
-        self._batch_decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+        super().__init__(BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout), kv_layout)
 
     def begin_forward(self, unique_kv_indptr: torch.Tensor, unique_kv_indices: torch.Tensor,
                       unique_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                       page_size: int, data_type: Union[str, torch.dtype] = "float16") -> None:
         """Plan the unique parts (the page table of each request's own tokens); ``data_type`` is the
         dtype of q and of the caches."""
-        self._batch_decode_wrapper.plan(unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads,
-                                        num_kv_heads, head_dim, page_size, q_data_type=data_type,
-                                        kv_data_type=data_type)
+        self._inner.plan(unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads, num_kv_heads,
+                         head_dim, page_size, q_data_type=data_type, kv_data_type=data_type)
 
     plan = begin_forward
 
@@ -368,28 +386,15 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         """Attention of ``q [B, num_qo_heads, head_dim]`` over ``k_shared``/``v_shared``
         (``[shared_len, num_kv_heads, head_dim]`` NHD, ``[num_kv_heads, shared_len, head_dim]`` HND) followed
         by each request's pages in ``unique_kv_cache``. Returns ``[B, num_qo_heads, head_dim]``."""
-        k_shared, v_shared = _check_shared_kv(k_shared, v_shared, self._kv_layout)
-        plan = self._batch_decode_wrapper._require_plan()
-        if sm_scale is not None and sm_scale != plan.sm_scale:
+        plan = self._inner._require_plan()
+        if sm_scale is not None:
             plan.sm_scale = resolve_scalar("sm_scale", sm_scale, plan.sm_scale, positive=True)
-        o_shared, lse_shared = single_prefill_with_kv_cache(
-            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, sm_scale=plan.sm_scale,
-            return_lse=True)
-        out, lse = self._batch_decode_wrapper.run(q, unique_kv_cache, return_lse=True)
-        merge_state_in_place(out, lse, o_shared, lse_shared)
-        return out
+        return self._attend(q, k_shared, v_shared, unique_kv_cache, plan.sm_scale)
 
     run = forward
 
-    def end_forward(self) -> None:
-        """Deprecated upstream alias; nothing to release."""
 
-    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
-                               int_workspace_buffer: Optional[torch.Tensor] = None) -> None:
-        self._batch_decode_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
-
-
-class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
+class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
     """Prefill for a batch whose requests share one prefix (legacy upstream API; prefer
     :class:`MultiLevelCascadeAttentionWrapper`).
 
@@ -402,9 +407,9 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
     """
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
-        self._kv_layout = kv_layout
-        self._batch_prefill_wrapper = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+        super().__init__(BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout), kv_layout)
         self._plan_args = None
+        self._planned = None
 
     def begin_forward(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor,
                       paged_kv_indices: torch.Tensor, paged_kv_last_page_len: torch.Tensor, num_qo_heads: int,
@@ -424,25 +429,18 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper:
         request's pages. Returns ``[qo_indptr[-1], num_qo_heads, head_dim]``."""
         if self._plan_args is None:
             raise RuntimeError("forward() called before begin_forward()")
-        k_shared, v_shared = _check_shared_kv(k_shared, v_shared, self._kv_layout)
-        key = (bool(causal), sm_scale, q.dtype, unique_kv_cache[0].dtype if isinstance(unique_kv_cache, tuple)
-               else unique_kv_cache.dtype)
-        if self._planned != key:
-            self._batch_prefill_wrapper.plan(*self._plan_args, causal=bool(causal), sm_scale=sm_scale,
-                                             q_data_type=q.dtype, kv_data_type=key[3])
+        kv_dtype = unique_kv_cache[0].dtype if isinstance(unique_kv_cache, (tuple, list)) else unique_kv_cache.dtype
+        key = (bool(causal), sm_scale, rope_scale, rope_theta, q.dtype, kv_dtype)
+        if self._planned != key:  # the work list depends on the mask: plan on the first forward of a kind
+            self._inner.plan(*self._plan_args, causal=bool(causal), sm_scale=sm_scale, rope_scale=rope_scale,
+                             rope_theta=rope_theta, q_data_type=q.dtype, kv_data_type=kv_dtype)
             self._planned = key
-        o_shared, lse_shared = single_prefill_with_kv_cache(
-            q, k_shared, v_shared, causal=False, kv_layout=self._kv_layout, sm_scale=sm_scale, return_lse=True)
-        out, lse = self._batch_prefill_wrapper.run(q, unique_kv_cache, return_lse=True)
-        merge_state_in_place(out, lse, o_shared, lse_shared)
-        return out
+        return self._attend(q, k_shared, v_shared, unique_kv_cache, sm_scale)
 
     run = forward
 
-    def end_forward(self) -> None:
-        """Deprecated upstream alias; nothing to release."""
-
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
                                int_workspace_buffer: Optional[torch.Tensor] = None) -> None:
-        self._batch_prefill_wrapper.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
+        """Swap the workspaces (the next forward re-plans)."""
+        super().reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._planned = None
