@@ -43,5 +43,8 @@ for step in "$@"; do
     tests-cascade) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_cascade.py tests/test_cascade_merge.py 2>&1 | tee "$OUT/tests_cascade.log" | tail -15 ;;
     bench-cascade) timeout 300 python3 benchmarks/run.py --suite merge_state,cascade_decode --out /tmp/bench 2>&1 | tail -3
            cat /tmp/bench/merge_state.md /tmp/bench/cascade_decode.md > "$OUT/cascade.md" 2>/dev/null; cp /tmp/bench/cascade_decode.png "$OUT/" 2>/dev/null; cat "$OUT/cascade.md" ;;
+    bench-tma) for t in 0 1; do FLASHTILE_TMA=$t timeout 280 python3 benchmarks/run.py --suite single_prefill,batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
+             cat /tmp/bench_tma$t/single_prefill.md /tmp/bench_tma$t/batch_prefill.md > "$OUT/tma$t.md"; done
+           grep -h "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
   esac
 done

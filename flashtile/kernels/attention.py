@@ -32,6 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side tensor descriptors (TMA); absent in old Triton builds
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 from .._core.params import AttentionParams
 from ..scheduler.split_kv import plan_kv_splits
 from .merge import merge_attention_states
@@ -78,15 +83,19 @@ def _attend_tiles(
     page_table, page_size, stride_kp, stride_vp,
     mask_ptr, slopes, positions, tokens, row_ok,
     start, end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+    k_desc, v_desc, desc_head, desc_row0,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
     PAGED: key ``j`` of the request is slot ``j % page_size`` of page ``page_table[j // page_size]``
     (``page_table`` points at the request's first page id); otherwise keys are rows ``stride_kt`` apart.
+    USE_TMA (contiguous keys, unpadded head dims, no RoPE): K/V tiles come through tensor descriptors
+    ``[kv_heads, rows, D]`` at row ``desc_row0 + key`` of head ``desc_head``; rows past ``kv_len``
+    (the next request's, or zero fill) are masked like pointer loads are.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
@@ -96,7 +105,9 @@ def _attend_tiles(
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n  # [BLOCK_N] key positions
         col_ok = cols < kv_len
-        if PAGED:
+        if USE_TMA:
+            k = k_desc.load([desc_head, desc_row0 + n0, 0]).reshape([BLOCK_N, D_QK])
+        elif PAGED:
             if MASKED:
                 page = tl.load(page_table + cols // page_size, mask=col_ok, other=0).to(tl.int64)
             else:
@@ -107,16 +118,17 @@ def _attend_tiles(
         else:
             k_rows = cols * stride_kt
             v_rows = cols * stride_vt
-        k_ptrs = k_base + k_rows[:, None] + offs_dqk[None, :]
-        if MASKED:
-            k_mask = col_ok[:, None] & dqk_ok[None, :]
-            k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [N, D_QK]
-        elif HEAD_DIM_QK == D_QK:  # interior tile, unpadded head dim: unpredicated loads
-            k_mask = dqk_ok[None, :]
-            k = tl.load(k_ptrs)
-        else:
-            k_mask = dqk_ok[None, :]
-            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+        if not USE_TMA:
+            k_ptrs = k_base + k_rows[:, None] + offs_dqk[None, :]
+            if MASKED:
+                k_mask = col_ok[:, None] & dqk_ok[None, :]
+                k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [N, D_QK]
+            elif HEAD_DIM_QK == D_QK:  # interior tile, unpadded head dim: unpredicated loads
+                k_mask = dqk_ok[None, :]
+                k = tl.load(k_ptrs)
+            else:
+                k_mask = dqk_ok[None, :]
+                k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         if USE_ROPE:
             partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
             k_partner = tl.load(k_base + k_rows[:, None] + partner_d[None, :], mask=k_mask, other=0.0)
@@ -147,13 +159,18 @@ def _attend_tiles(
             s = tl.where(visible, s, float("-inf"))
 
         m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
-        v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
-        elif HEAD_DIM_VO == D_VO:
-            v = tl.load(v_ptrs)
+        if USE_TMA:
+            v = v_desc.load([desc_head, desc_row0 + n0, 0]).reshape([BLOCK_N, D_VO])
+            if MASKED:  # rows past kv_len may hold anything (0 * NaN would poison the sum)
+                v = tl.where(col_ok[:, None], v, 0.0)
         else:
-            v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
+            v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
+            if MASKED:
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
+            elif HEAD_DIM_VO == D_VO:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
         acc += _mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
 
@@ -221,10 +238,11 @@ def _attend_range(
     mask_ptr, slopes, positions, tokens, row_ok,
     start, full_start, full_end, hi, kv_len,
     sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+    k_desc, v_desc, desc_head, desc_row0,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`_tile_ranges`."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -234,18 +252,18 @@ def _attend_range(
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT)
+        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, False, BLOCK_N, UPCAST_DOT)
+        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, False, BLOCK_N, UPCAST_DOT)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT)
+        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT)
     return finalize_state(m_i, l_i, acc)
 
 
@@ -264,7 +282,7 @@ def _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO: tl.const
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, MASK, SLOPES,
+    Q, K, V, O, LSE, MASK, SLOPES, K_DESC, V_DESC,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -277,7 +295,7 @@ def _attention_fwd_kernel(
     D_QK: tl.constexpr, D_VO: tl.constexpr,  # head dims padded to powers of two (>= 16) for tl.dot
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
@@ -308,8 +326,8 @@ def _attention_fwd_kernel(
     o, lse = _attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
         start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
-        rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head, 0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL,
+        HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT)
     o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
     _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
@@ -369,8 +387,8 @@ def _batch_decode_kernel(
     o, lse = _attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp, K, slopes,
         positions, tokens, row_ok, start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False, HAS_WINDOW,
-        False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        window_left, rope_log2_theta, rope_inv_scale, K, V, 0, 0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False,
+        HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, False, BLOCK_M, BLOCK_N, UPCAST_DOT)
     if single:
         _store_state(O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh,
                      LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, False)
@@ -444,6 +462,33 @@ AUTOTUNE_CANDIDATES = [
 # KV splits are multiples of this many tokens so every BLOCK_N in the tables divides a chunk
 # (128 beat 256 at kv 4k and 128k on H100: finer chunks fit the grid to the GPU better).
 KV_CHUNK_ALIGN = 128
+
+
+def tma_enabled(k: torch.Tensor, v: torch.Tensor, head_dim_qk: int, head_dim_vo: int, use_rope: bool) -> bool:
+    """Whether K/V tiles may come through tensor descriptors (TMA on Hopper): FLASHTILE_TMA=1 (off by
+    default until measured), fp16/bf16 K/V, power-of-two head dims (no padding), no in-kernel RoPE (it
+    reads partner columns through pointers), 16-byte aligned base and row/head strides. K and V are
+    ``[rows, heads, D]`` views."""
+    if os.environ.get("FLASHTILE_TMA") != "1" or use_rope or TensorDescriptor is None:
+        return False
+    if k.dtype not in (torch.float16, torch.bfloat16) or v.dtype != k.dtype:
+        return False
+    if head_dim_qk != _pad_dim(head_dim_qk) or head_dim_vo != _pad_dim(head_dim_vo):
+        return False
+    for x in (k, v):
+        if x.numel() == 0 or x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8 or x.stride(2) != 1:
+            return False
+    return True
+
+
+def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, use_tma: bool):
+    """Tensor descriptors over K and V seen as ``[heads, rows, D]`` with ``[1, block_n, D]`` blocks, or
+    the tensors themselves (unused placeholders) without TMA."""
+    if not use_tma:
+        return k, v
+    return tuple(TensorDescriptor(x, shape=[x.shape[1], x.shape[0], x.shape[2]],
+                                  strides=[x.stride(1), x.stride(0), 1], block_shape=[1, block_n, x.shape[2]])
+                 for x in (k, v))
 
 
 def _pad_dim(d: int) -> int:
@@ -526,6 +571,7 @@ def attention_forward(
     causal, window_left, logits_soft_cap = params.causal, params.window_left, params.logits_soft_cap
     sm_scale, v_scale = params.sm_scale, params.v_scale
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
+    use_tma = tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
 
     def launch(cfg: LaunchConfig, splits: int, chunk: int, o_buf, lse_buf, partial: bool):
         num_m_blocks = triton.cdiv(num_rows, cfg.block_m)
@@ -536,10 +582,11 @@ def attention_forward(
             o_strides = (0, o_buf.stride(0), o_buf.stride(1))
             l_strides = (0, lse_buf.stride(0), lse_buf.stride(1))
         grid = (num_m_blocks, num_kv_heads, splits)
+        k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
         _attention_fwd_kernel[grid](
             q, k, v, o_buf, lse_buf,
             packed_mask if packed_mask is not None else dummy,
-            alibi_slopes if alibi_slopes is not None else dummy,
+            alibi_slopes if alibi_slopes is not None else dummy, k_desc, v_desc,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             *o_strides, *l_strides,
             qo_len, kv_len, chunk, num_m_blocks,
@@ -548,7 +595,7 @@ def attention_forward(
             GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
             CAUSAL=bool(causal) and packed_mask is None, HAS_WINDOW=window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=logits_soft_cap > 0,
-            USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial,
+            USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial, USE_TMA=use_tma,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

@@ -45,14 +45,16 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     _store_state,
     _tile_ranges,
     batch_chunk_align,
+    kv_descriptors,
     num_sms,
+    tma_enabled,
 )
 from .softmax import finalize_state, softmax_update
 
 
 @triton.jit
 def _batch_prefill_kernel(
-    Q, K, V, O, LSE, PART_O, PART_LSE, MASK, SLOPES, PAGE_INDICES, COUNTS, REQS, ITEMS,
+    Q, K, V, O, LSE, PART_O, PART_LSE, MASK, SLOPES, PAGE_INDICES, COUNTS, REQS, ITEMS, K_DESC, V_DESC,
     stride_qt, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
@@ -63,7 +65,7 @@ def _batch_prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr,
     D_VO: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # KV heads innermost: the heads of one item run side by side, and items go longest first.
@@ -110,9 +112,9 @@ def _batch_prefill_kernel(
     o, lse = _attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, PAGE_SIZE, stride_kp, stride_vp,
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
-        sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO,
-        D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, BLOCK_M, BLOCK_N,
-        UPCAST_DOT)
+        sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head,
+        kv_offset, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
+        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT)
     if slot < 0:
         _store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
                      LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
@@ -272,10 +274,14 @@ def batch_prefill_forward(
         k_strides = (0, k.stride(0), k.stride(1))
         v_strides = (0, v.stride(0), v.stride(1))
         page_size = 1
+    use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
+    use_tma = not paged and tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
+    k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
     if num_items > 0:
         _batch_prefill_kernel[(num_items * num_kv_heads,)](
             q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
             alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
+            k_desc, v_desc,
             q.stride(0), q.stride(1), *k_strides, *v_strides,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             num_kv_heads,
@@ -285,7 +291,7 @@ def batch_prefill_forward(
             D_VO=d_vo, CAUSAL=bool(params.causal) and packed_mask is None, HAS_WINDOW=params.window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
             USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
-            PAGED=paged, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
+            PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if num_merges > 0:
