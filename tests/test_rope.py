@@ -196,6 +196,107 @@ def test_rope_cuda_graph_replay():
 
 
 # ---------------------------------------------------------------------------------------------
+# Token-major kernel (FLASHTILE_ROPE_FAST=1), forced on the kernel path
+# ---------------------------------------------------------------------------------------------
+
+FAST_FORMS = ["apply_rope", "apply_rope_pos_ids", "apply_llama31_rope", "apply_llama31_rope_pos_ids", "cos_sin_cache"]
+# (nnz, num_q_heads, num_k_heads, head_dim, rotary_dim, tile): odd counts and a partial rotary_dim
+# with an odd half (20); 67 tokens take 4 per program with a ragged last program (on CPU); "small
+# tile" shrinks FAST_TILE so that the heads need the per-tile loop (q 5 heads -> 3 tiles, k 3 -> 2).
+FAST_SHAPES = [(13, 5, 3, 48, 32, None), (67, 4, 1, 64, 64, None), (7, 5, 3, 80, 40, 64)]
+
+
+@pytest.fixture
+def fast_kernel(monkeypatch):
+    """Kernel path with FLASHTILE_ROPE_FAST=1; returns the list of fast_config calls (proof that the
+    token-major kernel ran)."""
+    from flashtile.kernels import rope as rope_kernels
+
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    monkeypatch.setenv("FLASHTILE_ROPE_FAST", "1")
+    monkeypatch.delenv("FLASHTILE_ROPE_FAST_CONFIG", raising=False)
+    calls = []
+    config = rope_kernels.fast_config
+
+    def spy(*args):
+        calls.append(config(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(rope_kernels, "fast_config", spy)
+    return calls
+
+
+@pytest.mark.parametrize("form", FAST_FORMS)
+@pytest.mark.parametrize("interleave", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("shape", FAST_SHAPES, ids=["odd", "4tok", "head_loop"])
+def test_fast_kernel(fast_kernel, monkeypatch, device, form, interleave, inplace, shape):
+    """Every form through the token-major kernel on strided views of one fused QKV buffer: rotated
+    dims against the float64 oracle, tails copied (out of place) or untouched (in place), v and the
+    inputs of the out-of-place forms unchanged."""
+    from flashtile.kernels import rope as rope_kernels
+
+    nnz, hq, hk, d, rd, tile = shape
+    if tile is not None:
+        monkeypatch.setattr(rope_kernels, "FAST_TILE", tile)
+    dtype = torch.float16
+    qkv = torch.randn(nnz, (hq + 2 * hk) * d, dtype=dtype, device=device)
+    q = qkv[:, : hq * d].view(nnz, hq, d)  # token stride (hq + 2 hk) * d: not contiguous
+    k = qkv[:, hq * d : (hq + hk) * d].view(nnz, hk, d)
+    before = qkv.clone()
+    q0, k0 = q.clone(), k.clone()
+    # positions: segments of unequal length (one empty) with offsets, or the same values as pos_ids
+    cuts = sorted({0, nnz // 3, (2 * nnz) // 3, nnz})
+    indptr = cuts[:2] + cuts[1:]  # the second request is empty
+    offsets = [5 * i + 3 for i in range(len(indptr) - 1)]
+    positions = ragged_positions(indptr, offsets)
+    llama31 = "llama31" in form
+    if form == "cos_sin_cache":
+        cache = _cos_sin_cache(int(positions.max()) + 1, rd, device=device)
+        fn = rope.apply_rope_with_cos_sin_cache_inplace if inplace else rope.apply_rope_with_cos_sin_cache
+        query, key = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d]
+        out = fn(positions.to(device), query, key, d, cache, not interleave)
+        q_out, k_out = (q, k) if inplace else (out[0].view(nnz, hq, d), out[1].view(nnz, hk, d))
+        want_q = rope_general_f64(q0, positions, rd, interleave, cos_sin_cache=cache)
+        want_k = rope_general_f64(k0, positions, rd, interleave, cos_sin_cache=cache)
+    else:
+        params = dict(LLAMA31_DEFAULTS) if llama31 else dict(rope_scale=2.0, rope_theta=1e4)
+        if "pos_ids" in form:
+            positions_kw = dict(pos_ids=positions.to(device))
+        else:
+            positions_kw = dict(indptr=torch.tensor(indptr, dtype=torch.int32, device=device),
+                                offsets=torch.tensor(offsets, dtype=torch.int32, device=device))
+        q_out, k_out = _call(form + ("_inplace" if inplace else ""), q, k, positions_kw, rd, interleave, params)
+        llama_args = (1.0, 4.0, 8192) if llama31 else None
+        want_q = _expected(q0, positions, rd, interleave, llama_args, params["rope_scale"], params["rope_theta"])
+        want_k = _expected(k0, positions, rd, interleave, llama_args, params["rope_scale"], params["rope_theta"])
+    assert fast_kernel, "the token-major kernel did not run"
+    _close(q_out, want_q, dtype)
+    _close(k_out, want_k, dtype)
+    assert torch.equal(q_out[..., rd:], q0[..., rd:]) and torch.equal(k_out[..., rd:], k0[..., rd:])
+    v = (hq + hk) * d
+    assert torch.equal(qkv[:, v:], before[:, v:]), "v must not change"
+    if not inplace:
+        assert torch.equal(qkv, before), "the out-of-place functions must not touch q, k"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fast_kernel_dtypes_and_config(fast_kernel, monkeypatch, device, dtype):
+    """bf16/fp32 through the token-major kernel, with FLASHTILE_ROPE_FAST_CONFIG fixing 2 tokens per
+    program (odd nnz: the last program has one) and 2 warps; a bad value raises ValueError."""
+    monkeypatch.setenv("FLASHTILE_ROPE_FAST_CONFIG", "2,2")
+    q, k = _qk(9, 3, 2, 64, dtype, device)
+    pos = torch.randint(0, 60, (9,), device=device)  # float32 angles: error ~ position * 1e-7 rad
+    q_out, k_out = rope.apply_rope_pos_ids(q, k, pos, rope_theta=5e5)
+    assert fast_kernel and fast_kernel[-1][0] == 2 and fast_kernel[-1][3] == 2
+    _close(q_out, _expected(q, pos, None, False, None, 1.0, 5e5), dtype)
+    _close(k_out, _expected(k, pos, None, False, None, 1.0, 5e5), dtype)
+    monkeypatch.setenv("FLASHTILE_ROPE_FAST_CONFIG", "3,4")
+    with pytest.raises(ValueError, match="FLASHTILE_ROPE_FAST_CONFIG"):
+        rope.apply_rope_pos_ids(q, k, pos)
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
 

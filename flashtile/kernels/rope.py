@@ -17,11 +17,17 @@ Frequency of pair m: ``f = theta**(-2m/ROTARY_DIM)``, ``smooth = clamp(f * smoot
 ``f' = (1 - smooth) * f / rope_scale + smooth * f`` (Llama 3.1; plain RoPE has smooth_a = smooth_b = 0).
 Angles and sin/cos in float32. Dims past ROTARY_DIM are copied when the output is a new tensor
 (COPY_TAIL) and untouched in place.
+
+FLASHTILE_ROPE_FAST=1 selects ``_rope_tokens_kernel`` (same contract, same arguments): one program
+takes ``BLOCK_T`` whole tokens, all their q heads and all their k heads, issues every q/k load before
+it resolves positions and cos/sin, and reads each token's cos/sin row once. Off by default until it
+is measured on the H100 (docs/small_ops.md, "Where the time goes").
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -116,6 +122,206 @@ def _rope_kernel(
         tl.store(dst + tail, tl.load(src + tail, mask=t_ok, other=0.0), mask=t_ok)
 
 
+# ---------------------------------------------------------------------------------------------
+# Token-major kernel (FLASHTILE_ROPE_FAST=1)
+# ---------------------------------------------------------------------------------------------
+
+FAST_TILE = 4096  # elements of one half (the a or the b elements) of a program's q tile
+FAST_MAX_BLOCK_T = 4
+FAST_PROGRAMS_PER_SM = 4  # fewer tokens per program while the grid would give fewer programs per SM
+
+
+def fast_enabled() -> bool:
+    """FLASHTILE_ROPE_FAST=1: use the token-major kernel (read per call, so tests can switch it)."""
+    return os.environ.get("FLASHTILE_ROPE_FAST") == "1"
+
+
+@triton.jit
+def _row_starts(BASE, tokens, heads, stride_t, stride_h):
+    """Pointers to element 0 of each (token, head) row: [T, H, 1] (tokens int64, heads int32)."""
+    return BASE + tokens[:, None, None] * stride_t + heads[None, :, None] * stride_h
+
+
+@triton.jit
+def _load_pairs(src, ok, ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """The two elements of every rotated pair of the rows at ``src`` [T, H, 1], as float32
+    ``(a, b)`` [T, H, HALF_PAD]. Half-split: two contiguous loads (dims [0, R/2) and [R/2, R)).
+    Interleaved: one contiguous load of dims [0, R) split into even and odd. Each element is read once."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    if INTERLEAVE:
+        r = tl.arange(0, 2 * HALF_PAD)[None, None, :]
+        x = tl.load(src + r, mask=ok & (r < ROTARY_DIM), other=0.0).to(tl.float32)  # [T, H, 2P]
+        a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], HALF_PAD, 2)))
+    else:
+        p = tl.arange(0, HALF_PAD)[None, None, :]
+        m = ok & (p < HALF)
+        a = tl.load(src + p, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(src + HALF + p, mask=m, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _store_rotated(dst, ok, a, b, cos, sin, ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+                   INTERLEAVE: tl.constexpr):
+    """Write ``(a cos - b sin, b cos + a sin)`` to the pairs of the rows at ``dst`` [T, H, 1];
+    cos/sin [T, 1, HALF_PAD] broadcast over the heads."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    out_ty = dst.dtype.element_ty
+    oa = a * cos - b * sin
+    ob = b * cos + a * sin
+    if INTERLEAVE:
+        r = tl.arange(0, 2 * HALF_PAD)[None, None, :]
+        y = tl.reshape(tl.join(oa, ob), (oa.shape[0], oa.shape[1], 2 * HALF_PAD))
+        tl.store(dst + r, y.to(out_ty), mask=ok & (r < ROTARY_DIM))
+    else:
+        p = tl.arange(0, HALF_PAD)[None, None, :]
+        m = ok & (p < HALF)
+        tl.store(dst + p, oa.to(out_ty), mask=m)
+        tl.store(dst + HALF + p, ob.to(out_ty), mask=m)
+
+
+@triton.jit
+def _load_tail(src, ok, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, TAIL_PAD: tl.constexpr):
+    """Dims [ROTARY_DIM, HEAD_DIM) of the rows at ``src`` [T, H, 1] (padded to TAIL_PAD)."""
+    tail = ROTARY_DIM + tl.arange(0, TAIL_PAD)[None, None, :]
+    return tl.load(src + tail, mask=ok & (tail < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tail(dst, ok, x, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, TAIL_PAD: tl.constexpr):
+    tail = ROTARY_DIM + tl.arange(0, TAIL_PAD)[None, None, :]
+    tl.store(dst + tail, x, mask=ok & (tail < HEAD_DIM))
+
+
+@triton.jit
+def _cos_sin(pos, tok_ok, CACHE, stride_cache, max_pos, log2_theta, inv_scale, smooth_a, smooth_b,
+             ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, USE_CACHE: tl.constexpr):
+    """cos, sin of every (token, pair): float32 [T, 1, HALF_PAD], one cache row (or one set of
+    angles) per token."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    pair = tl.arange(0, HALF_PAD)[None, None, :]
+    if USE_CACHE:
+        in_range = tok_ok & (pos >= 0) & (pos < max_pos)  # out-of-range positions read nothing
+        row = CACHE + pos[:, None, None] * stride_cache
+        m = in_range[:, None, None] & (pair < HALF)
+        cos = tl.load(row + pair, mask=m, other=0.0)
+        sin = tl.load(row + HALF + pair, mask=m, other=0.0)
+    else:
+        freq = tl.exp2(pair.to(tl.float32) * (-2.0 / ROTARY_DIM) * log2_theta)  # [1, 1, P]
+        smooth = tl.minimum(tl.maximum(freq * smooth_a + smooth_b, 0.0), 1.0)
+        freq = (1.0 - smooth) * freq * inv_scale + smooth * freq
+        angle = pos.to(tl.float32)[:, None, None] * freq  # [T, 1, P]
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+    return cos, sin
+
+
+@triton.jit
+def _rope_tokens_kernel(
+    Q, K, QO, KO, POS, INDPTR, OFFSETS, CACHE,
+    nnz, num_q_heads, num_k_heads, batch_size, search_steps, max_pos,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h,
+    stride_qo_t, stride_qo_h, stride_ko_t, stride_ko_h, stride_cache,
+    log2_theta, inv_scale, smooth_a, smooth_b,
+    HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+    INTERLEAVE: tl.constexpr, IS_RAGGED: tl.constexpr, USE_CACHE: tl.constexpr, COPY_TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+):
+    """One program = ``BLOCK_T`` tokens x all their q heads and k heads (same pointer contract as
+    ``_rope_kernel``). q tile [BLOCK_T, BLOCK_HQ, HALF_PAD] per half, k tile [BLOCK_T, BLOCK_HK,
+    HALF_PAD]; heads beyond one tile are done in a loop. The first q and k tiles are loaded before
+    the positions and cos/sin (their loads do not depend on them), so the position -> cos/sin
+    chain overlaps the q/k reads instead of preceding them."""
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [T]
+    tok_ok = tokens < nnz
+    hq = tl.arange(0, BLOCK_HQ)
+    hk = tl.arange(0, BLOCK_HK)
+    q_ok = tok_ok[:, None, None] & (hq < num_q_heads)[None, :, None]  # [T, HQ, 1]
+    k_ok = tok_ok[:, None, None] & (hk < num_k_heads)[None, :, None]
+
+    # 1. Every load of the first q and k tiles (and their tails), before anything that waits on memory.
+    q_src = _row_starts(Q, tokens, hq, stride_q_t, stride_q_h)
+    k_src = _row_starts(K, tokens, hk, stride_k_t, stride_k_h)
+    qa, qb = _load_pairs(q_src, q_ok, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+    ka, kb = _load_pairs(k_src, k_ok, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+    if COPY_TAIL:
+        q_tail = _load_tail(q_src, q_ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+        k_tail = _load_tail(k_src, k_ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+    # ptxas otherwise hoists the position load above them and then makes the rest of the q/k loads
+    # wait for it (it places the dependent cos/sin loads first): a CTA barrier keeps all q/k loads
+    # in flight before anything waits on memory. No warp waits on memory before the barrier.
+    tl.debug_barrier()
+
+    # 2. Positions, then cos/sin once per token.
+    pos = _token_positions(tokens, tok_ok, POS, INDPTR, OFFSETS, batch_size, search_steps, IS_RAGGED)
+    cos, sin = _cos_sin(pos, tok_ok, CACHE, stride_cache, max_pos, log2_theta, inv_scale, smooth_a, smooth_b,
+                        ROTARY_DIM, HALF_PAD, USE_CACHE)
+
+    # 3. Rotate and write the first tiles.
+    q_dst = _row_starts(QO, tokens, hq, stride_qo_t, stride_qo_h)
+    k_dst = _row_starts(KO, tokens, hk, stride_ko_t, stride_ko_h)
+    _store_rotated(q_dst, q_ok, qa, qb, cos, sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+    _store_rotated(k_dst, k_ok, ka, kb, cos, sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+    if COPY_TAIL:
+        _store_tail(q_dst, q_ok, q_tail, HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+        _store_tail(k_dst, k_ok, k_tail, HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+
+    # 4. Heads past the first tile (more than FAST_TILE / HALF_PAD heads): same steps per tile.
+    for h0 in range(BLOCK_HQ, num_q_heads, BLOCK_HQ):
+        heads = h0 + hq
+        ok = tok_ok[:, None, None] & (heads < num_q_heads)[None, :, None]
+        src = _row_starts(Q, tokens, heads, stride_q_t, stride_q_h)
+        dst = _row_starts(QO, tokens, heads, stride_qo_t, stride_qo_h)
+        a, b = _load_pairs(src, ok, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+        _store_rotated(dst, ok, a, b, cos, sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+        if COPY_TAIL:
+            _store_tail(dst, ok, _load_tail(src, ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD), HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+    for h0 in range(BLOCK_HK, num_k_heads, BLOCK_HK):
+        heads = h0 + hk
+        ok = tok_ok[:, None, None] & (heads < num_k_heads)[None, :, None]
+        src = _row_starts(K, tokens, heads, stride_k_t, stride_k_h)
+        dst = _row_starts(KO, tokens, heads, stride_ko_t, stride_ko_h)
+        a, b = _load_pairs(src, ok, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+        _store_rotated(dst, ok, a, b, cos, sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+        if COPY_TAIL:
+            _store_tail(dst, ok, _load_tail(src, ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD), HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+
+
+def _config_override() -> Optional[tuple[int, int]]:
+    """FLASHTILE_ROPE_FAST_CONFIG="BLOCK_T,num_warps" (powers of two) fixes both, for the H100 sweep in
+    benchmarks/gpu_check.sh; unset: the rule in :func:`fast_config`."""
+    text = os.environ.get("FLASHTILE_ROPE_FAST_CONFIG")
+    if not text:
+        return None
+    try:
+        block_t, num_warps = (int(v) for v in text.split(","))
+    except ValueError:
+        block_t = num_warps = 0
+    if block_t < 1 or num_warps < 1 or block_t & (block_t - 1) or num_warps & (num_warps - 1):
+        raise ValueError(f"FLASHTILE_ROPE_FAST_CONFIG: expected 'BLOCK_T,num_warps' (powers of two), got {text!r}")
+    return block_t, num_warps
+
+
+def fast_config(nnz: int, num_q_heads: int, num_k_heads: int, half_pad: int, num_sms: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_T, BLOCK_HQ, BLOCK_HK, num_warps)`` of the token-major kernel: all heads of a token in
+    one tile while a half-tile stays within FAST_TILE elements; then as many tokens (up to
+    FAST_MAX_BLOCK_T) as fit, fewer while that leaves under FAST_PROGRAMS_PER_SM programs per SM;
+    one warp per 512 elements of the larger half-tile (two 16-byte vectors per thread in bf16).
+    8192 tokens x 32/8 heads x d128: (2, 32, 8, 8), 4096 programs of 40 KB (q/k read + written)."""
+    max_heads = max(1, FAST_TILE // half_pad)
+    block_hq = min(triton.next_power_of_2(num_q_heads), max_heads)
+    block_hk = min(triton.next_power_of_2(num_k_heads), max_heads)
+    widest = max(block_hq, block_hk) * half_pad
+    override = _config_override()
+    if override is not None:
+        return override[0], block_hq, block_hk, override[1]
+    block_t = min(FAST_MAX_BLOCK_T, max(1, FAST_TILE // widest))
+    while block_t > 1 and triton.cdiv(nnz, block_t) < FAST_PROGRAMS_PER_SM * num_sms:
+        block_t //= 2
+    num_warps = min(8, max(1, block_t * widest // 512))
+    return block_t, block_hq, block_hk, num_warps
+
+
 _sm_count: dict = {}
 
 
@@ -173,19 +379,37 @@ def apply_rope(
     def head_blocks_of(bh):
         return triton.cdiv(num_q_heads, bh) + triton.cdiv(num_k_heads, bh)
 
-    block_t, block_h = rope_config(nnz, max(num_q_heads, num_k_heads), half_pad, head_blocks_of, _num_sms(q.device))
-    num_q_blocks = triton.cdiv(num_q_heads, block_h)
     is_ragged = pos_ids is None
     batch_size = indptr.shape[0] - 1 if is_ragged else 0
     use_cache = cos_sin_cache is not None
     dummy = q
-    grid = (triton.cdiv(nnz, block_t), head_blocks_of(block_h))
-    _rope_kernel[grid](
+    common = (
         q, k, q_out, k_out,
         pos_ids if not is_ragged else dummy,
         indptr if is_ragged else dummy,
         offsets if is_ragged else dummy,
         cos_sin_cache if use_cache else dummy,
+    )
+    if fast_enabled():
+        block_t, block_hq, block_hk, num_warps = fast_config(nnz, num_q_heads, num_k_heads, half_pad, _num_sms(q.device))
+        _rope_tokens_kernel[(triton.cdiv(nnz, block_t),)](
+            *common,
+            nnz, num_q_heads, num_k_heads, batch_size, max(1, batch_size).bit_length(),
+            cos_sin_cache.shape[0] if use_cache else 0,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            cos_sin_cache.stride(0) if use_cache else 0,
+            math.log2(rope_theta), 1.0 / rope_scale, float(smooth_a), float(smooth_b),
+            HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, HALF_PAD=half_pad, TAIL_PAD=tail_pad,
+            INTERLEAVE=bool(interleave), IS_RAGGED=is_ragged, USE_CACHE=use_cache, COPY_TAIL=copy_tail,
+            BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=num_warps,
+        )
+        return
+    block_t, block_h = rope_config(nnz, max(num_q_heads, num_k_heads), half_pad, head_blocks_of, _num_sms(q.device))
+    num_q_blocks = triton.cdiv(num_q_heads, block_h)
+    grid = (triton.cdiv(nnz, block_t), head_blocks_of(block_h))
+    _rope_kernel[grid](
+        *common,
         nnz, num_q_heads, num_k_heads, num_q_blocks, batch_size, max(1, batch_size).bit_length(),
         cos_sin_cache.shape[0] if use_cache else 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
