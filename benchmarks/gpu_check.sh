@@ -46,5 +46,11 @@ for step in "$@"; do
     bench-tma) for t in 0 1; do FLASHTILE_TMA=$t timeout 280 python3 benchmarks/run.py --suite single_prefill,batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              cat /tmp/bench_tma$t/single_prefill.md /tmp/bench_tma$t/batch_prefill.md > "$OUT/tma$t.md"; done
            grep -h "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
+    bench-rope-ab) : > "$OUT/rope_ab.md"  # rope kernels FLASHTILE_ROPE_FAST=0/1, eager (auto) and graph timing, then launches of the fast one
+           for f in 0 1; do for g in auto on; do FLASHTILE_ROPE_FAST=$f timeout 35 python3 benchmarks/run.py --suite rope --providers flashtile --cuda-graph $g --out /tmp/bench_rope$f$g 2>&1 | tail -1
+             { echo "### FLASHTILE_ROPE_FAST=$f, --cuda-graph $g"; cat /tmp/bench_rope$f$g/rope.md; } >> "$OUT/rope_ab.md"; done; done
+           for c in 1,4 2,4 4,8; do FLASHTILE_ROPE_FAST=1 FLASHTILE_ROPE_FAST_CONFIG=$c timeout 20 python3 benchmarks/run.py --suite rope --providers flashtile --cuda-graph on --filter "cos_sin_cache 8192" --out /tmp/bench_rope_c${c/,/x} 2>&1 | tail -1
+             { echo "### FLASHTILE_ROPE_FAST=1, FLASHTILE_ROPE_FAST_CONFIG=$c (BLOCK_T,num_warps), --cuda-graph on"; cat /tmp/bench_rope_c${c/,/x}/rope.md; } >> "$OUT/rope_ab.md"; done
+           grep -h -e "^###" -e "^| rope" "$OUT/rope_ab.md" ;;
   esac
 done
