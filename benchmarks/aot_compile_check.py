@@ -1,0 +1,119 @@
+"""Compile flashtile's attention and merge kernels ahead of time for sm_90a (H100) without a GPU.
+
+The launchers run on CPU tensors; their kernel launches are captured and compiled for the target
+instead of run, so the exact specializations (constexprs, dtypes, descriptors) are checked against a
+given Triton, e.g. the device machine's 3.6 while this machine has a newer one:
+
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    python benchmarks/aot_compile_check.py --triton-path /tmp/t36
+
+Prints shared memory per kernel and any compile failure (exit code 1).
+"""
+import argparse
+import os
+import pathlib
+import sys
+
+_ap = argparse.ArgumentParser()
+_ap.add_argument("--triton-path", default=None, help="a directory holding the triton package to compile with")
+_args = _ap.parse_args()
+if _args.triton_path:
+    sys.path.insert(0, _args.triton_path)
+sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.pop("TRITON_INTERPRET", None)
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+
+captured = []
+failures = []
+JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: captured.append((self, a, dict(k))))
+
+
+def compile_all(label):
+    out = []
+    while captured:
+        fn, args, kwargs = captured.pop(0)
+        nw, ns = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
+        bound = dict(zip(fn.arg_names, args)); bound.update(kwargs)
+        sig, ce = {}, {}
+        for p in fn.params:
+            v = bound[p.name]
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"; ce[p.name] = v
+            else:
+                sig[p.name] = mangle_type(v)
+        target = GPUTarget("cuda", 90, 32)
+        be = triton.compiler.make_backend(target)
+        opts = be.parse_options({"num_warps": nw, "num_stages": ns})
+        try:
+            cc = triton.compile(triton.compiler.ASTSource(fn=fn, constexprs=ce, signature=sig, attrs={}), target=target,
+                                options=opts.__dict__)
+            status = f"ok shared={cc.metadata.shared} regs={getattr(cc, 'n_regs', '?')} spills={getattr(cc, 'n_spills', '?')}"
+        except Exception as e:
+            status = f"FAILED {type(e).__name__}: {str(e)[:400]}"
+            failures.append(label)
+        print(f"[triton {triton.__version__}] {label}: {fn.__name__} warps={nw} stages={ns}: {status}", flush=True)
+
+
+from flashtile._core.params import AttentionParams  # noqa: E402
+from flashtile.kernels import attention as A  # noqa: E402
+from flashtile.kernels import batch_prefill as BP  # noqa: E402
+from flashtile.kernels import merge as M  # noqa: E402
+from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_work  # noqa: E402
+
+bf = torch.bfloat16
+P = AttentionParams(0.088, True)
+
+def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label=""):
+    os.environ["FLASHTILE_TMA"] = "1" if use_tma else "0"
+    dvo = dvo or d
+    q = torch.randn(sum(qo), hq, d, dtype=bf)
+    group = hq // hk
+    bm, bn = BP.prefill_tile_shape(max(qo) * group, max(kv), d, dvo)
+    work = plan_prefill_work(torch.tensor(qo), torch.tensor(kv), group=group, block_m=bm, causal=True, window_left=-1,
+                             programs_per_item=hk, num_sms=132, align=128)
+    reqs = torch.stack([torch.tensor([0] + list(torch.tensor(qo).cumsum(0)[:-1])), torch.tensor(qo),
+                        torch.tensor([0] + list(torch.tensor(kv).cumsum(0)[:-1])), torch.tensor(kv),
+                        torch.zeros(len(qo), dtype=torch.long)], 1)
+    meta = pack_prefill_meta(work, reqs, work.num_items, work.num_merges)
+    if paged:
+        pages = sum(-(-n // page) for n in kv)
+        cache = torch.randn(pages, 2, page, hk, d, dtype=bf)
+        k, v, idx = cache[:, 0], cache[:, 1], torch.arange(pages, dtype=torch.int32)
+    else:
+        k, v, idx = torch.randn(sum(kv), hk, d, dtype=bf), torch.randn(sum(kv), hk, dvo, dtype=bf), None
+    slots = max(work.num_slots, 1)
+    BP.batch_prefill_forward(q, k, v, idx, None, meta, len(qo), work.num_items,
+                             torch.empty(slots, hk, bm, dvo), torch.empty(slots, hk, bm), torch.empty(sum(qo), hq, dvo, dtype=bf),
+                             torch.empty(sum(qo), hq), P, alibi_slopes=None, block_m=bm, block_n=bn,
+                             num_items=work.num_items, num_merges=max(work.num_merges, 0))
+    compile_all(label + f" (tile {bm}x{bn}, merges {work.num_merges})")
+
+
+ragged_case(False, [1024] * 16, [1024] * 16, label="ragged 16x1024 pointer")
+ragged_case(True, [1024] * 16, [1024] * 16, label="ragged 16x1024 TMA")
+ragged_case(True, [4096] * 2, [8192] * 2, label="ragged long TMA")
+ragged_case(True, [64], [60000], label="ragged chunked TMA (split + merge)")
+ragged_case(True, [1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, label="ragged d192/128 (TMA off: padded)")
+ragged_case(False, [1024] * 16, [1024] * 16, paged=True, label="paged p16")
+ragged_case(False, [4] * 64, [4096] * 64, paged=True, label="paged append")
+
+os.environ["FLASHTILE_TMA"] = "1"
+q = torch.randn(4096, 32, 128, dtype=bf)
+k = torch.randn(4096, 32, 128, dtype=bf)
+A.attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P, packed_mask=None,
+                    alibi_slopes=None, kind="prefill")
+compile_all("single prefill 4096 TMA")
+
+va, vb = torch.randn(8192, 32, 128, dtype=torch.float16), torch.randn(8192, 32, 128, dtype=torch.float16)
+sa, sb = torch.randn(8192, 32), torch.randn(8192, 32)
+M.merge_state_pair(va, sa, vb, sb, va.clone(), sa.clone())
+compile_all("merge_state")
+M.merge_state_pair(va, sa, vb, sb, va, sa, mask=torch.ones(8192, dtype=torch.bool))
+compile_all("merge_state_in_place masked")
+vs, ss = torch.randn(8192, 4, 32, 128, dtype=torch.float16), torch.randn(8192, 4, 32)
+M.merge_states_by_token(vs, ss, torch.empty(8192, 32, 128, dtype=torch.float16), torch.empty(8192, 32))
+compile_all("merge_states x4")
+sys.exit(1 if failures else 0)
