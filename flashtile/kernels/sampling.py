@@ -41,6 +41,8 @@ may be read from device tensors, so a captured CUDA graph replays with new value
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +51,13 @@ NUM_PIVOTS = 4  # pivots evaluated per pass of the threshold search
 MAX_ROUNDS = 32  # rejection rounds before the exact search
 MAX_SEARCH_STEPS = 48  # passes of the exact search (each shrinks the interval about 4x)
 DRAW_STRIDE = 64  # Philox counters reserved per row (>= MAX_ROUNDS + 1)
+
+# Fast path (FLASHTILE_SAMPLING_FAST=1): sizes chosen with a pass-count simulation (docs/sampling.md);
+# the H100 measurement may move them.
+FAST_NQ = 8  # candidates drawn per pass (a multiple of 4: one Philox call gives 4 words)
+FAST_NC = 4  # queued candidates measured per pass (pivot lanes)
+FAST_NS = 4  # search pivots per pass (interpolated inside the bracket)
+FAST_MAX_PASSES = 16  # passes before the exact fallback (FAST_NQ / 4 * FAST_MAX_PASSES + 1 <= DRAW_STRIDE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +175,47 @@ def _search(row, vocab, lo, a, hi, mass_lo, k, p_mass, USE_TOP_K: tl.constexpr, 
         a = tl.minimum(a, hi)
         step += 1
     return lo, hi, mass_lo
+
+
+@triton.jit
+def _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p, u, USE_TOP_K: tl.constexpr,
+                USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, MAX_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+                NP: tl.constexpr):
+    """The bounded-round fallback of the samplers: find the filter set {p >= tau} exactly (``_search``
+    from ``low``, below every kept value), then one inverse-CDF draw from it with uniform ``u``.
+    ``mass``: mass of {p > low} (used without a filter); ``total``: the top-p reference mass when
+    ``have_total``. Returns (token, valid)."""
+    VERIFY: tl.constexpr = USE_TOP_K or USE_TOP_P or USE_MIN_P
+    if VERIFY:
+        start_piv = tl.zeros([NP], dtype=tl.float32) + low
+        cnt_l, mass_l, min_l, max_l, rmax = _row_stats(row, vocab, start_piv, True, True, BLOCK, NP)
+        c_l = tl.max(cnt_l, axis=0)
+        m_l = tl.max(mass_l, axis=0)
+        total = tl.where(have_total, total, m_l)  # not have_total: no round ran, low == 0
+        a_l = tl.min(min_l, axis=0)
+        if USE_MIN_P:
+            thr = min_p * rmax
+            lo_f = tl.where(thr > 0, (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), 0.0)
+            lo_f = tl.maximum(lo_f, low)
+            cnt_f, mass_f, min_f, max_f, rmax_f = _row_stats(row, vocab, tl.zeros([NP], dtype=tl.float32) + lo_f, True, False,
+                                            BLOCK, NP)
+            m_f = tl.max(mass_f, axis=0)
+        else:
+            kept_l = _keep(c_l, m_l, low, k, top_p * total, 0.0, USE_TOP_K, USE_TOP_P, False)
+            if kept_l:
+                lo_f = low
+                m_f = m_l
+            else:
+                lo_f, tau_f, m_f = _search(row, vocab, low, a_l, rmax, m_l, k, top_p * total, USE_TOP_K, USE_TOP_P,
+                                           True, MAX_STEPS, BLOCK, NP)
+    else:
+        lo_f = low
+        m_f = mass
+    t, found, last, scanned = _inverse_cdf(row, vocab, lo_f, u * m_f, 0.0, False, False, BLOCK)
+    cand = tl.where(found, t, last)
+    valid = (cand >= 0) & (m_f > 0.0)
+    result = tl.where(valid, cand, 0)
+    return result, valid
 
 
 @triton.jit
@@ -313,36 +363,9 @@ def _filtered_sampling_kernel(
 
     if ~done:
         # Exact fallback: find tau, then one draw from {p >= tau}.
-        if VERIFY:
-            start_piv = tl.zeros([NP], dtype=tl.float32) + low
-            cnt_l, mass_l, min_l, max_l, rmax = _row_stats(row, vocab, start_piv, True, True, BLOCK, NP)
-            c_l = tl.max(cnt_l, axis=0)
-            m_l = tl.max(mass_l, axis=0)
-            total = tl.where(have_total, total, m_l)  # not have_total: no round ran, low == 0
-            a_l = tl.min(min_l, axis=0)
-            if USE_MIN_P:
-                thr = min_p * rmax
-                lo_f = tl.where(thr > 0, (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), 0.0)
-                lo_f = tl.maximum(lo_f, low)
-                cnt_f, mass_f, min_f, max_f, rmax_f = _row_stats(row, vocab, tl.zeros([NP], dtype=tl.float32) + lo_f, True, False,
-                                                BLOCK, NP)
-                m_f = tl.max(mass_f, axis=0)
-            else:
-                kept_l = _keep(c_l, m_l, low, k, top_p * total, 0.0, USE_TOP_K, USE_TOP_P, False)
-                if kept_l:
-                    lo_f = low
-                    m_f = m_l
-                else:
-                    lo_f, tau_f, m_f = _search(row, vocab, low, a_l, rmax, m_l, k, top_p * total, USE_TOP_K, USE_TOP_P,
-                                               True, MAX_STEPS, BLOCK, NP)
-        else:
-            lo_f = low
-            m_f = mass
-        u = _uniform(seed, counter + MAX_ROUNDS)
-        t, found, last, scanned = _inverse_cdf(row, vocab, lo_f, u * m_f, 0.0, False, False, BLOCK)
-        cand = tl.where(found, t, last)
-        valid = (cand >= 0) & (m_f > 0.0)
-        result = tl.where(valid, cand, 0)
+        result, valid = _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p,
+                                    _uniform(seed, counter + MAX_ROUNDS), USE_TOP_K, USE_TOP_P, USE_MIN_P,
+                                    MAX_STEPS, BLOCK, NP)
 
     tl.store(OUT + i, result.to(OUT.dtype.element_ty))
     tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
@@ -531,6 +554,287 @@ def _chain_speculative_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# Fast path (FLASHTILE_SAMPLING_FAST=1; docs/sampling.md "Where the time goes")
+# ---------------------------------------------------------------------------------------------
+#
+# Same filter sets, same exactness argument, fewer and cheaper passes:
+# - every pass is one streaming pass (``_fast_pass``) that both draws NQ candidates from {p > lo}
+#   and measures cnt/mass at NP pivots; the next block is loaded before the current one is reduced,
+#   the statistics accumulate per element slot and are reduced once per pass, and the prefix sum
+#   runs only in the blocks that hold a draw;
+# - candidates queue in the order they were drawn; a pass measures the first NC queued ones (their
+#   values are pivots) and NS search pivots placed by interpolating cnt/mass between the bracket
+#   (lo, hi); the first queued candidate that is not rejected is accepted as soon as it is known to
+#   be kept (measured, or ``>= hi``), so the accepted token is the first filter-set member of a
+#   sequence of draws, each from a set {p > lo} that contains the filter set: exactly the
+#   renormalized filter-set distribution (rejection sampling with several proposals per round);
+# - min-p is decided from the row max (known after the first pass); a top-k bracket starts from
+#   pivots at 2^(2j-1)/vocab on the first pass.
+
+
+@triton.jit
+def _uniforms(seed, counter, NQ: tl.constexpr):
+    """NQ uniforms in [0, 1): the 4 words of Philox-4x32-10 at counters ``counter + q // 4``."""
+    q = tl.arange(0, NQ)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter + (q // 4).to(tl.int64))
+    j = q % 4
+    bits = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 bits: at most 1 - 2^-24
+
+
+@triton.jit
+def _fast_pass(row, vocab, lo, targets, piv, STATS: tl.constexpr, BLOCK: tl.constexpr, NQ: tl.constexpr,
+               NP: tl.constexpr):
+    """One streaming pass over a row: NQ inverse-CDF draws from {p > lo} and statistics at NP pivots.
+
+    ``targets [NQ]``: running-sum targets (+inf: no draw); ``piv [NP]``: pivots (+inf: unused).
+    Returns hits ``[NQ]`` (first index with ``p > lo`` whose running sum exceeds the target, -1 if
+    none), the last index with ``p > lo`` (-1 if none), the running sum at the end (mass of
+    {p > lo}) and, with STATS, cnt ``[NP]`` (count > pivot), mass ``[NP]`` (sum > pivot) and the
+    row max (0 for a row without positive entries). NaN and negative entries count as 0.
+    """
+    offs = tl.arange(0, BLOCK)
+    hits = tl.full([NQ], -1, dtype=tl.int32)
+    agg = tl.zeros([], dtype=tl.float32)
+    last_acc = tl.full([BLOCK], -1, dtype=tl.int32)
+    max_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    cnt_acc = tl.zeros([NP, BLOCK], dtype=tl.float32)  # exact integers (< 2^24 per slot)
+    mass_acc = tl.zeros([NP, BLOCK], dtype=tl.float32)
+    x_next = tl.load(row + offs, mask=offs < vocab, other=0.0)
+    for start in range(0, vocab, BLOCK):
+        idx = start + offs
+        x = x_next.to(tl.float32)
+        x_next = tl.load(row + BLOCK + idx, mask=idx + BLOCK < vocab, other=0.0)  # prefetch the next block
+        x = tl.where(x > 0.0, x, 0.0)  # [BLOCK]; NaN, negative and padding -> 0
+        ok = x > lo
+        w = tl.where(ok, x, 0.0)
+        bsum = tl.sum(w, axis=0)
+        # A target below this block's end (with slack for rounding) may be hit here: prefix sum.
+        open_ = (hits < 0) & (targets < (agg + bsum) * 1.0001)
+        if tl.max(open_.to(tl.int32), axis=0) > 0:
+            cs = tl.cumsum(w, axis=0) + agg
+            over = ok[None, :] & (cs[None, :] > targets[:, None])  # [NQ, BLOCK]
+            first = tl.min(tl.where(over, idx[None, :], 2147483647), axis=1)
+            hits = tl.where((hits < 0) & (first < 2147483647), first, hits)
+        agg += bsum
+        last_acc = tl.where(ok, idx, last_acc)
+        if STATS:
+            gt = x[None, :] > piv[:, None]  # [NP, BLOCK]
+            cnt_acc += gt.to(tl.float32)
+            mass_acc += tl.where(gt, x[None, :], 0.0)
+            max_acc = tl.maximum(max_acc, x)
+    cnt = tl.sum(cnt_acc, axis=1).to(tl.int32)
+    mass = tl.sum(mass_acc, axis=1)
+    return hits, tl.max(last_acc, axis=0), agg, cnt, mass, tl.max(max_acc, axis=0)
+
+
+@triton.jit
+def _fast_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
+                 USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, NQ: tl.constexpr,
+                 NC: tl.constexpr, NS: tl.constexpr):
+    """The pivots ``[NC + NS]`` of the next pass (+inf: lane unused).
+
+    First pass: lane 0 = 0 (row total and count of positive entries); with top-k the other lanes at
+    ``2^(2j-1) / vocab`` (a first bracket for normalized rows). Later passes: lanes < NC = the first
+    queued candidates ``qv``; search lanes = ``lo + (hi - lo) * g`` with g in
+    {f/2, f, (1+f)/2, (3+f)/4, ...} around the interpolated fraction f where cnt reaches k or the
+    mass reaches ``p_mass``; with min-p the first search lane is the float just below the threshold
+    (then {p > lane} is exactly the min-p set).
+    """
+    NP: tl.constexpr = NC + NS
+    lane = tl.arange(0, NP)
+    qi = tl.arange(0, NQ)
+    sel = (lane[:, None] == qi[None, :]) & (qi[None, :] < qn) & (lane[:, None] < NC)  # [NP, NQ]
+    piv = tl.where(tl.max(sel.to(tl.int32), axis=1) > 0, tl.sum(tl.where(sel, qv[None, :], 0.0), axis=1),
+                   float("inf"))
+    s = lane - NC
+    if USE_TOP_K or USE_TOP_P:
+        f = tl.full([], 0.02, dtype=tl.float32)
+        if USE_TOP_K:
+            f = tl.maximum(f, ((lo_cnt - k).to(tl.float32) + 0.5) / tl.maximum(lo_cnt - hi_cnt, 1).to(tl.float32))
+        if USE_TOP_P:
+            f = tl.maximum(f, tl.maximum(lo_mass - p_mass, 0.0) / tl.maximum(lo_mass - hi_mass, 1e-30))
+        f = tl.minimum(f, 0.98)
+        HALF: tl.constexpr = NS // 2
+        sf = s.to(tl.float32)
+        g = tl.where(s < HALF, f * tl.exp2(sf - HALF + 1.0), 1.0 - (1.0 - f) * tl.exp2(HALF - 1.0 - sf))
+        piv = tl.where((hi < float("inf")) & (lo < hi), tl.where(s >= 0, lo + (hi - lo) * g, piv), piv)
+    if USE_MIN_P:
+        below = (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
+        piv = tl.where((thr > 0) & (below > lo), tl.where(s == 0, below, piv), piv)
+    if USE_TOP_K:
+        start = tl.where(lane == 0, 0.0, tl.exp2(2.0 * lane.to(tl.float32) - 1.0) / vocab)
+    else:
+        start = tl.where(lane == 0, 0.0, float("inf"))
+    return tl.where(first, start, piv)
+
+
+@triton.jit
+def _fast_filtered_sampling_kernel(
+    PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET,
+    vocab, stride_row,
+    top_k_val, top_p_val, min_p_val, seed_val, offset_val,
+    HAS_ROWS: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, MINP_PER_ROW: tl.constexpr,
+    SEED_IN_TENSOR: tl.constexpr, SEED_PER_ROW: tl.constexpr,
+    USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, TOP_K_FIRST: tl.constexpr,
+    MAX_PASSES: tl.constexpr, MAX_STEPS: tl.constexpr, DRAW_STRIDE: tl.constexpr,
+    BLOCK: tl.constexpr, NQ: tl.constexpr, NC: tl.constexpr, NS: tl.constexpr, NP_SEARCH: tl.constexpr,
+):
+    """The rejection sampler of ``_filtered_sampling_kernel`` with several proposals per pass (section
+    comment above); same arguments plus the queue/pivot sizes. One output row per program."""
+    i = tl.program_id(0)
+    if HAS_ROWS:
+        src = tl.load(ROWS + i).to(tl.int64)
+    else:
+        src = i.to(tl.int64)
+    row = PROBS + src * stride_row
+    k, top_p, min_p = _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW,
+                                   TOPP_PER_ROW, MINP_PER_ROW)
+    top_p = tl.where(top_p >= 1.0, 3.0e38, top_p)  # top_p >= 1 keeps every positive token (no float-sum edge)
+    seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
+    USE_KP: tl.constexpr = USE_TOP_K or USE_TOP_P
+    VERIFY: tl.constexpr = USE_KP or USE_MIN_P
+    NP: tl.constexpr = NC + NS
+    WORDS: tl.constexpr = NQ // 4  # Philox counters per pass
+    tl.static_assert(NQ % 4 == 0)
+    tl.static_assert(WORDS * MAX_PASSES + 1 <= DRAW_STRIDE)
+    lane = tl.arange(0, NP)
+    q = tl.arange(0, NQ)
+
+    # Bracket: every value <= lo is rejected (lo = 0 at first), every value >= hi passes top-k/top-p.
+    lo = tl.zeros([], dtype=tl.float32)
+    lo_cnt = tl.zeros([], dtype=tl.int32)  # cnt(lo), mass(lo): mass of the candidate set {p > lo}
+    lo_mass = tl.full([], 1.001, dtype=tl.float32)  # first pass: estimate (probabilities sum to ~1)
+    exact = lo > 1.0  # False: lo_mass is only an estimate
+    if USE_KP:
+        hi = tl.full([], float("inf"), dtype=tl.float32)
+    else:
+        hi = tl.zeros([], dtype=tl.float32)
+    hi_cnt = tl.zeros([], dtype=tl.int32)
+    hi_mass = tl.zeros([], dtype=tl.float32)
+    total = tl.full([], 1.0, dtype=tl.float32)  # top-p reference mass
+    thr = tl.zeros([], dtype=tl.float32)  # min-p threshold (min_p * row max)
+    if TOP_K_FIRST:
+        # The top-k set exactly (as the default path), then top-p inside it, relative to its mass.
+        cnt0, mass0, min0, max0, rmax0 = _row_stats(row, vocab, tl.zeros([NP_SEARCH], dtype=tl.float32), True, True,
+                                                     BLOCK, NP_SEARCH)
+        c0 = tl.max(cnt0, axis=0)
+        m0 = tl.max(mass0, axis=0)
+        a0 = tl.min(min0, axis=0)
+        if c0 >= k:
+            lo, tau_k, lo_mass = _search(row, vocab, lo, a0, rmax0, m0, k, 0.0, True, False, True, MAX_STEPS, BLOCK,
+                                         NP_SEARCH)
+        else:
+            lo_mass = m0
+        exact = exact | True
+        total = lo_mass
+        hi = rmax0
+
+    # Candidate queue, in draw order: values, ids, known kept; qn entries.
+    qv = tl.zeros([NQ], dtype=tl.float32)
+    qid = tl.zeros([NQ], dtype=tl.int32)
+    qkept = q < 0
+    qn = tl.zeros([], dtype=tl.int32)
+    result = tl.zeros([], dtype=tl.int32)
+    valid = exact & False
+    done = exact & False
+    r = 0
+    while (r < MAX_PASSES) & (~done):
+        first = ~exact
+        p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)  # no top-p filter: stays huge, no overflow
+        if VERIFY:
+            piv = _fast_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
+                               USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NS)
+        else:
+            piv = tl.full([NP], float("inf"), dtype=tl.float32)
+        draw_mass = lo_mass
+        u = _uniforms(seed, counter + r * WORDS, NQ)
+        hits, last, agg, cnt, pmass, rmax = _fast_pass(row, vocab, lo, u * draw_mass, piv, VERIFY, BLOCK, NQ, NP)
+        # Candidates: with an estimated mass a draw counts only if its target fell inside the true
+        # mass (then it is uniform over it); with the exact mass a target past the float running sum
+        # takes the last token of the set.
+        found = hits >= 0
+        cid = tl.where(found, hits, tl.where(exact, last, -1))
+        cok = tl.where(exact | (agg <= draw_mass), cid >= 0, False)  # (block & scalar-bool breaks the interpreter)
+        cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)  # [NQ], all > lo
+        if VERIFY:
+            if first:
+                total = tl.sum(tl.where(lane == 0, pmass, 0.0), axis=0)
+                lo_cnt = tl.sum(tl.where(lane == 0, cnt, 0), axis=0)
+                lo_mass = total
+                thr = min_p * rmax
+                if USE_KP:
+                    hi = tl.minimum(hi, rmax)  # the row max passes top-k and top-p (cnt = 0)
+            p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)
+            keep_kp = _keep(cnt, pmass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
+            keep = keep_kp & (piv >= thr)
+            used = piv < float("inf")
+            rej = tl.where(used & (~keep), piv, -1.0)
+            best = tl.max(rej, axis=0)
+            j = tl.min(tl.where(rej == best, lane, NP), axis=0)
+            move = best > lo
+            lo_cnt = tl.where(move, tl.sum(tl.where(lane == j, cnt, 0), axis=0), lo_cnt)
+            lo_mass = tl.where(move, tl.sum(tl.where(lane == j, pmass, 0.0), axis=0), lo_mass)
+            lo = tl.where(move, best, lo)
+            if USE_KP:
+                kk = tl.where(used & keep_kp, piv, float("inf"))
+                hb = tl.min(kk, axis=0)
+                jh = tl.min(tl.where(kk == hb, lane, NP), axis=0)
+                mh = hb < hi
+                hi_cnt = tl.where(mh, tl.sum(tl.where(lane == jh, cnt, 0), axis=0), hi_cnt)
+                hi_mass = tl.where(mh, tl.sum(tl.where(lane == jh, pmass, 0.0), axis=0), hi_mass)
+                hi = tl.where(mh, hb, hi)
+            # Status of the queued candidates (the first NC were measured) and of the new ones.
+            meas = (q < NC) & (q < qn)
+            mkeep = tl.max(tl.where((q[:, None] == lane[None, :]) & keep[None, :], 1, 0), axis=1) > 0
+            kept_o = tl.where(meas, mkeep, qkept | ((qv >= hi) & (qv >= thr)))
+            rej_o = tl.where(meas, ~mkeep, (qv <= lo) | (qv < thr))
+            alive_o = (q < qn) & (~rej_o)
+            kept_n = (cv >= hi) & (cv >= thr)
+            alive_n = cok & (cv > lo) & (cv >= thr)
+            empty = lo_mass <= 0.0
+        else:
+            kept_o = qkept
+            alive_o = q < 0
+            kept_n = cok
+            alive_n = cok
+            lo_mass = agg
+            empty = agg <= 0.0
+        # The first candidate not rejected decides: accepted if known kept, else wait for its measurement.
+        ho = tl.min(tl.where(alive_o, q, NQ), axis=0)
+        hn = tl.min(tl.where(alive_n, q, NQ), axis=0)
+        acc_o = (ho < NQ) & (tl.max(tl.where((q == ho) & kept_o, 1, 0), axis=0) > 0)
+        acc_n = (ho == NQ) & (hn < NQ) & (tl.max(tl.where((q == hn) & kept_n, 1, 0), axis=0) > 0)
+        pick = tl.where(acc_o, tl.sum(tl.where(q == ho, qid, 0), axis=0), tl.sum(tl.where(q == hn, cid, 0), axis=0))
+        accept = acc_o | acc_n
+        result = tl.where(accept, pick, result)
+        # Queue = alive queued entries, then alive new ones (first NQ); slot s takes the entry at position s.
+        n_o = tl.sum(alive_o.to(tl.int32), axis=0)
+        pos_o = tl.cumsum(alive_o.to(tl.int32), axis=0) - 1
+        pos_n = n_o + tl.cumsum(alive_n.to(tl.int32), axis=0) - 1
+        sel_o = (pos_o[None, :] == q[:, None]) & alive_o[None, :]  # [slot, entry]
+        sel_n = (pos_n[None, :] == q[:, None]) & alive_n[None, :]
+        qv = tl.sum(tl.where(sel_o, qv[None, :], 0.0), axis=1) + tl.sum(tl.where(sel_n, cv[None, :], 0.0), axis=1)
+        qid = tl.sum(tl.where(sel_o, qid[None, :], 0), axis=1) + tl.sum(tl.where(sel_n, cid[None, :], 0), axis=1)
+        qkept = (tl.sum(tl.where(sel_o & kept_o[None, :], 1, 0), axis=1)
+                 + tl.sum(tl.where(sel_n & kept_n[None, :], 1, 0), axis=1)) > 0
+        qn = tl.minimum(n_o + tl.sum(alive_n.to(tl.int32), axis=0), NQ)
+        valid = valid | accept
+        done = accept | empty
+        exact = exact | True
+        r += 1
+
+    if ~done:
+        # Exact fallback (as the default path): find tau above lo, then one draw.
+        result, valid = _exact_draw(row, vocab, lo, lo_mass, total, exact, k, top_p, min_p,
+                                    _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P, USE_MIN_P,
+                                    MAX_STEPS, BLOCK, NP_SEARCH)
+
+    tl.store(OUT + i, result.to(OUT.dtype.element_ty))
+    tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
@@ -561,21 +865,48 @@ def _param(value, dtype_default):
     return None, value if value is not None else dtype_default, False
 
 
+def fast_path_enabled() -> bool:
+    """Whether the samplers use the fast kernel: FLASHTILE_SAMPLING_FAST=1 (read at every call; off by
+    default until measured on the H100)."""
+    return os.environ.get("FLASHTILE_SAMPLING_FAST", "0") == "1"
+
+
+def _fast_config(vocab: int, interpreted: bool):
+    """(BLOCK, num_warps) of the fast sampler: 4 float32 per thread per block (16-byte loads); the
+    per-slot statistics then hold 2 * (FAST_NC + FAST_NS) * 4 registers per thread."""
+    if interpreted:  # 16-wide blocks: tiny test vocabularies still span several blocks
+        return 16, 4
+    block = max(128, min(2048 if vocab >= 65536 else 1024, triton.next_power_of_2(vocab)))
+    return block, max(1, block // 128)
+
+
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
-                      order="joint", max_rounds: int = MAX_ROUNDS):
+                      order="joint", max_rounds=None, fast=None):
     """Launch the rejection sampler (no filter: plain sampling). ``top_k``/``top_p``/``min_p``: int/float
-    scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``."""
+    scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``.
+    ``max_rounds``: rejection rounds (fast path: passes) before the exact fallback, None = the default;
+    ``fast``: None = :func:`fast_path_enabled`."""
     batch = out.shape[0]
     if batch == 0:
         return
+    if fast is None:
+        fast = fast_path_enabled()
     vocab = probs.shape[-1]
-    block, warps = _config(vocab, _interpreted(probs))
     tk, tk_val, tk_row = _param(top_k, 0)
     tp, tp_val, tp_row = _param(top_p, 1.0)
     mp, mp_val, mp_row = _param(min_p, 0.0)
     s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
     dummy = out
-    _filtered_sampling_kernel[(batch,)](
+    if fast:
+        block, warps = _fast_config(vocab, _interpreted(probs))
+        kernel = _fast_filtered_sampling_kernel
+        sizes = dict(MAX_PASSES=FAST_MAX_PASSES if max_rounds is None else max_rounds, NQ=FAST_NQ, NC=FAST_NC,
+                     NS=FAST_NS, NP_SEARCH=NUM_PIVOTS)
+    else:
+        block, warps = _config(vocab, _interpreted(probs))
+        kernel = _filtered_sampling_kernel
+        sizes = dict(MAX_ROUNDS=MAX_ROUNDS if max_rounds is None else max_rounds, NP=NUM_PIVOTS)
+    kernel[(batch,)](
         probs, rows if rows is not None else dummy, out, valid,
         tk if tk is not None else dummy, tp if tp is not None else dummy, mp if mp is not None else dummy,
         s_t if s_t is not None else dummy, o_t if o_t is not None else dummy,
@@ -584,8 +915,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
         SEED_IN_TENSOR=s_in, SEED_PER_ROW=s_row,
         USE_TOP_K=top_k is not None and order != "top_k_first", USE_TOP_P=top_p is not None,
         USE_MIN_P=min_p is not None, TOP_K_FIRST=top_k is not None and order == "top_k_first",
-        MAX_ROUNDS=max_rounds, MAX_STEPS=MAX_SEARCH_STEPS, DRAW_STRIDE=DRAW_STRIDE,
-        BLOCK=block, NP=NUM_PIVOTS, num_warps=warps,
+        MAX_STEPS=MAX_SEARCH_STEPS, DRAW_STRIDE=DRAW_STRIDE, BLOCK=block, num_warps=warps, **sizes,
     )
 
 
