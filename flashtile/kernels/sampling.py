@@ -592,30 +592,41 @@ def _fast_pass(row, vocab, lo, targets, piv, STATS: tl.constexpr, BLOCK: tl.cons
     none), the last index with ``p > lo`` (-1 if none), the running sum at the end (mass of
     {p > lo}) and, with STATS, cnt ``[NP]`` (count > pivot), mass ``[NP]`` (sum > pivot) and the
     row max (0 for a row without positive entries). NaN and negative entries count as 0.
+
+    Per block: the loads of the next three blocks are already in flight (Triton 3.6 does not
+    pipeline this loop by itself), one block-wide reduction (the block sum, for the draws), the prefix sum
+    only where a target falls, statistics accumulated per element slot and reduced after the loop.
     """
     offs = tl.arange(0, BLOCK)
+    qi = tl.arange(0, NQ)
     hits = tl.full([NQ], -1, dtype=tl.int32)
     agg = tl.zeros([], dtype=tl.float32)
     last_acc = tl.full([BLOCK], -1, dtype=tl.int32)
     max_acc = tl.zeros([BLOCK], dtype=tl.float32)
     cnt_acc = tl.zeros([NP, BLOCK], dtype=tl.float32)  # exact integers (< 2^24 per slot)
     mass_acc = tl.zeros([NP, BLOCK], dtype=tl.float32)
-    x_next = tl.load(row + offs, mask=offs < vocab, other=0.0)
+    x_n1 = tl.load(row + offs, mask=offs < vocab, other=0.0)
+    x_n2 = tl.load(row + BLOCK + offs, mask=offs + BLOCK < vocab, other=0.0)
+    x_n3 = tl.load(row + 2 * BLOCK + offs, mask=offs + 2 * BLOCK < vocab, other=0.0)
     for start in range(0, vocab, BLOCK):
         idx = start + offs
-        x = x_next.to(tl.float32)
-        x_next = tl.load(row + BLOCK + idx, mask=idx + BLOCK < vocab, other=0.0)  # prefetch the next block
+        x = x_n1.to(tl.float32)
+        x_n1 = x_n2
+        x_n2 = x_n3
+        x_n3 = tl.load(row + 3 * BLOCK + idx, mask=idx + 3 * BLOCK < vocab, other=0.0)
         x = tl.where(x > 0.0, x, 0.0)  # [BLOCK]; NaN, negative and padding -> 0
         ok = x > lo
         w = tl.where(ok, x, 0.0)
         bsum = tl.sum(w, axis=0)
-        # A target below this block's end (with slack for rounding) may be hit here: prefix sum.
-        open_ = (hits < 0) & (targets < (agg + bsum) * 1.0001)
+        # A target below this block's end (with slack for rounding) may be hit here.
+        open_ = (hits < 0) & (targets < (agg + bsum) * 1.0001)  # [NQ]
         if tl.max(open_.to(tl.int32), axis=0) > 0:
             cs = tl.cumsum(w, axis=0) + agg
-            over = ok[None, :] & (cs[None, :] > targets[:, None])  # [NQ, BLOCK]
-            first = tl.min(tl.where(over, idx[None, :], 2147483647), axis=1)
-            hits = tl.where((hits < 0) & (first < 2147483647), first, hits)
+            for j in tl.static_range(NQ):
+                t_j = tl.sum(tl.where(qi == j, targets, 0.0), axis=0)
+                if tl.max(tl.where((qi == j) & open_, 1, 0), axis=0) > 0:
+                    first = tl.min(tl.where(ok & (cs > t_j), idx, 2147483647), axis=0)
+                    hits = tl.where((qi == j) & (first < 2147483647), first, hits)
         agg += bsum
         last_acc = tl.where(ok, idx, last_acc)
         if STATS:
@@ -872,12 +883,14 @@ def fast_path_enabled() -> bool:
 
 
 def _fast_config(vocab: int, interpreted: bool):
-    """(BLOCK, num_warps) of the fast sampler: 4 float32 per thread per block (16-byte loads); the
-    per-slot statistics then hold 2 * (FAST_NC + FAST_NS) * 4 registers per thread."""
+    """(BLOCK, num_warps) of the fast sampler: 16 warps, 2 elements per thread per block. The per-slot
+    statistics hold 2 * (FAST_NC + FAST_NS) * 2 registers per thread; with 4 elements per thread the
+    kernel needs ~190 registers (Triton 3.6, sm_90a) and spills under the 128 of 16 warps. The three
+    blocks loaded ahead keep 12 KB in flight per program."""
     if interpreted:  # 16-wide blocks: tiny test vocabularies still span several blocks
         return 16, 4
-    block = max(128, min(2048 if vocab >= 65536 else 1024, triton.next_power_of_2(vocab)))
-    return block, max(1, block // 128)
+    block = max(64, min(1024, triton.next_power_of_2(vocab)))
+    return block, block // 64
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
