@@ -37,6 +37,10 @@ token 0 and ``valid = False``.
 Randomness: draw ``j`` of output row ``i`` is ``tl.rand(seed_i, offset_i + j)`` (Philox-4x32-10) with
 ``offset_i = offset + i * DRAW_STRIDE`` when one (seed, offset) serves the batch; seed and offset
 may be read from device tensors, so a captured CUDA graph replays with new values.
+
+FLASHTILE_SAMPLING_FAST=1 selects ``_fast_filtered_sampling_kernel`` instead (same filter sets,
+several proposals per pass, fewer and cheaper passes; section "Fast path" below and
+docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -598,7 +602,6 @@ def _fast_pass(row, vocab, lo, targets, piv, STATS: tl.constexpr, BLOCK: tl.cons
     only where a target falls, statistics accumulated per element slot and reduced after the loop.
     """
     offs = tl.arange(0, BLOCK)
-    qi = tl.arange(0, NQ)
     hits = tl.full([NQ], -1, dtype=tl.int32)
     agg = tl.zeros([], dtype=tl.float32)
     last_acc = tl.full([BLOCK], -1, dtype=tl.int32)
@@ -622,11 +625,9 @@ def _fast_pass(row, vocab, lo, targets, piv, STATS: tl.constexpr, BLOCK: tl.cons
         open_ = (hits < 0) & (targets < (agg + bsum) * 1.0001)  # [NQ]
         if tl.max(open_.to(tl.int32), axis=0) > 0:
             cs = tl.cumsum(w, axis=0) + agg
-            for j in tl.static_range(NQ):
-                t_j = tl.sum(tl.where(qi == j, targets, 0.0), axis=0)
-                if tl.max(tl.where((qi == j) & open_, 1, 0), axis=0) > 0:
-                    first = tl.min(tl.where(ok & (cs > t_j), idx, 2147483647), axis=0)
-                    hits = tl.where((qi == j) & (first < 2147483647), first, hits)
+            over = ok[None, :] & (cs[None, :] > targets[:, None])  # [NQ, BLOCK]
+            first = tl.min(tl.where(over, idx[None, :], 2147483647), axis=1)
+            hits = tl.where(open_ & (first < 2147483647), first, hits)
         agg += bsum
         last_acc = tl.where(ok, idx, last_acc)
         if STATS:
@@ -766,7 +767,7 @@ def _fast_filtered_sampling_kernel(
         # takes the last token of the set.
         found = hits >= 0
         cid = tl.where(found, hits, tl.where(exact, last, -1))
-        cok = tl.where(exact | (agg <= draw_mass), cid >= 0, False)  # (block & scalar-bool breaks the interpreter)
+        cok = tl.where(exact | (agg <= draw_mass), cid >= 0, False)  # where, not &: Triton 3.9's interpreter fails on block & scalar bool
         cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)  # [NQ], all > lo
         if VERIFY:
             if first:
@@ -779,21 +780,22 @@ def _fast_filtered_sampling_kernel(
             p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)
             keep_kp = _keep(cnt, pmass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
             keep = keep_kp & (piv >= thr)
+            # New bracket ends: the largest rejected and the smallest kept pivot. cnt and mass fall
+            # as the pivot rises (the float sums too: same elements, same order), so their values
+            # there are the min / max over the rejected / kept lanes.
             used = piv < float("inf")
-            rej = tl.where(used & (~keep), piv, -1.0)
-            best = tl.max(rej, axis=0)
-            j = tl.min(tl.where(rej == best, lane, NP), axis=0)
+            rejected = used & (~keep)
+            best = tl.max(tl.where(rejected, piv, -1.0), axis=0)
             move = best > lo
-            lo_cnt = tl.where(move, tl.sum(tl.where(lane == j, cnt, 0), axis=0), lo_cnt)
-            lo_mass = tl.where(move, tl.sum(tl.where(lane == j, pmass, 0.0), axis=0), lo_mass)
+            lo_cnt = tl.where(move, tl.min(tl.where(rejected, cnt, 2147483647), axis=0), lo_cnt)
+            lo_mass = tl.where(move, tl.min(tl.where(rejected, pmass, float("inf")), axis=0), lo_mass)
             lo = tl.where(move, best, lo)
             if USE_KP:
-                kk = tl.where(used & keep_kp, piv, float("inf"))
-                hb = tl.min(kk, axis=0)
-                jh = tl.min(tl.where(kk == hb, lane, NP), axis=0)
+                passed = used & keep_kp
+                hb = tl.min(tl.where(passed, piv, float("inf")), axis=0)
                 mh = hb < hi
-                hi_cnt = tl.where(mh, tl.sum(tl.where(lane == jh, cnt, 0), axis=0), hi_cnt)
-                hi_mass = tl.where(mh, tl.sum(tl.where(lane == jh, pmass, 0.0), axis=0), hi_mass)
+                hi_cnt = tl.where(mh, tl.max(tl.where(passed, cnt, -1), axis=0), hi_cnt)
+                hi_mass = tl.where(mh, tl.max(tl.where(passed, pmass, -1.0), axis=0), hi_mass)
                 hi = tl.where(mh, hb, hi)
             # Status of the queued candidates (the first NC were measured) and of the new ones.
             meas = (q < NC) & (q < qn)
