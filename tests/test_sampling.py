@@ -326,13 +326,13 @@ def _fast_cases(B, V, device):
     ]
 
 
-@pytest.mark.parametrize("vocab", [7, 41])
-def test_fast_sampler_filter_sets_and_edge_rows(fast_kernels, device, vocab):
+@pytest.mark.parametrize("vocab,dtype", [(7, torch.float32), (41, torch.float32), (41, torch.bfloat16)])
+def test_fast_sampler_filter_sets_and_edge_rows(fast_kernels, device, vocab, dtype):
     """Every sampler family on the fast kernel: ids in [0, vocab), inside the float64 oracle's filter
     set (never a zero-probability token), invalid rows give token 0 with valid False."""
     kernels, launches = fast_kernels
     V = vocab if not HAS_CUDA else vocab * 3000 + 7
-    probs = _fast_rows(V, device)
+    probs = _fast_rows(V, device).to(dtype)
     B = probs.shape[0]
     for n, (call, filt) in enumerate(_fast_cases(B, V, device)):
         before = launches[0]
