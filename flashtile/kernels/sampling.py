@@ -182,6 +182,20 @@ def _search(row, vocab, lo, a, hi, mass_lo, k, p_mass, USE_TOP_K: tl.constexpr, 
 
 
 @triton.jit
+def _top_k_set(row, vocab, low, k, MAX_STEPS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+    """The exact top-k set of a row (``filter_apply_order="top_k_first"``): returns ``(low, mass,
+    row_max)`` where the set is the values above ``low`` (every positive value when the row has at most
+    k of them), ``mass`` its sum and ``row_max`` the row's largest value."""
+    cnt0, mass0, min0, max0, row_max = _row_stats(row, vocab, tl.zeros([NP], dtype=tl.float32), True, True, BLOCK, NP)
+    c0 = tl.max(cnt0, axis=0)
+    mass = tl.max(mass0, axis=0)
+    if c0 >= k:
+        low, tau_k, mass = _search(row, vocab, low, tl.min(min0, axis=0), row_max, mass, k, 0.0, True, False, True,
+                                   MAX_STEPS, BLOCK, NP)
+    return low, mass, row_max
+
+
+@triton.jit
 def _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p, u, USE_TOP_K: tl.constexpr,
                 USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, MAX_STEPS: tl.constexpr, BLOCK: tl.constexpr,
                 NP: tl.constexpr):
@@ -300,16 +314,7 @@ def _filtered_sampling_kernel(
     if TOP_K_FIRST:
         # Top-k set first (exact search), then the rejection loop runs inside it with top-p
         # measured against the top-k mass.
-        cnt0, mass0, min0, max0, row_max = _row_stats(row, vocab, tl.zeros([NP], dtype=tl.float32), True, True,
-                                                   BLOCK, NP)
-        c0 = tl.max(cnt0, axis=0)
-        m0 = tl.max(mass0, axis=0)
-        a0 = tl.min(min0, axis=0)
-        if c0 >= k:
-            low, tau_k, mass = _search(row, vocab, low, a0, row_max, m0, k, 0.0, True, False, True, MAX_STEPS, BLOCK,
-                                       NP)
-        else:
-            mass = m0
+        low, mass, row_max = _top_k_set(row, vocab, low, k, MAX_STEPS, BLOCK, NP)
         exact = exact | True
         total = mass
         have_total = exact
@@ -728,16 +733,7 @@ def _fast_filtered_sampling_kernel(
     thr = tl.zeros([], dtype=tl.float32)  # min-p threshold (min_p * row max)
     if TOP_K_FIRST:
         # The top-k set exactly (as the default path), then top-p inside it, relative to its mass.
-        cnt0, mass0, min0, max0, rmax0 = _row_stats(row, vocab, tl.zeros([NP_SEARCH], dtype=tl.float32), True, True,
-                                                     BLOCK, NP_SEARCH)
-        c0 = tl.max(cnt0, axis=0)
-        m0 = tl.max(mass0, axis=0)
-        a0 = tl.min(min0, axis=0)
-        if c0 >= k:
-            lo, tau_k, lo_mass = _search(row, vocab, lo, a0, rmax0, m0, k, 0.0, True, False, True, MAX_STEPS, BLOCK,
-                                         NP_SEARCH)
-        else:
-            lo_mass = m0
+        lo, lo_mass, rmax0 = _top_k_set(row, vocab, lo, k, MAX_STEPS, BLOCK, NP_SEARCH)
         exact = exact | True
         total = lo_mass
         hi = rmax0
