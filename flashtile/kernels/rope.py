@@ -217,6 +217,24 @@ def _cos_sin(pos, tok_ok, CACHE, stride_cache, max_pos, log2_theta, inv_scale, s
 
 
 @triton.jit
+def _rotate_remaining_heads(SRC, DST, tokens, tok_ok, offs_h, num_heads, stride_t, stride_h, stride_out_t,
+                            stride_out_h, cos, sin, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
+                            HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, INTERLEAVE: tl.constexpr,
+                            COPY_TAIL: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate heads ``BLOCK_H..num_heads`` of the program's tokens, one ``BLOCK_H``-head tile at a time
+    (the first tile is done by the caller with its loads issued early)."""
+    for h0 in range(BLOCK_H, num_heads, BLOCK_H):
+        heads = h0 + offs_h
+        ok = tok_ok[:, None, None] & (heads < num_heads)[None, :, None]
+        src = _row_starts(SRC, tokens, heads, stride_t, stride_h)
+        dst = _row_starts(DST, tokens, heads, stride_out_t, stride_out_h)
+        a, b = _load_pairs(src, ok, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+        _store_rotated(dst, ok, a, b, cos, sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+        if COPY_TAIL:
+            _store_tail(dst, ok, _load_tail(src, ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD), HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+
+
+@triton.jit
 def _rope_tokens_kernel(
     Q, K, QO, KO, POS, INDPTR, OFFSETS, CACHE,
     nnz, num_q_heads, num_k_heads, batch_size, search_steps, max_pos,
@@ -267,24 +285,10 @@ def _rope_tokens_kernel(
         _store_tail(k_dst, k_ok, k_tail, HEAD_DIM, ROTARY_DIM, TAIL_PAD)
 
     # 4. Heads past the first tile (more than FAST_TILE / HALF_PAD heads): same steps per tile.
-    for h0 in range(BLOCK_HQ, num_q_heads, BLOCK_HQ):
-        heads = h0 + hq
-        ok = tok_ok[:, None, None] & (heads < num_q_heads)[None, :, None]
-        src = _row_starts(Q, tokens, heads, stride_q_t, stride_q_h)
-        dst = _row_starts(QO, tokens, heads, stride_qo_t, stride_qo_h)
-        a, b = _load_pairs(src, ok, ROTARY_DIM, HALF_PAD, INTERLEAVE)
-        _store_rotated(dst, ok, a, b, cos, sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
-        if COPY_TAIL:
-            _store_tail(dst, ok, _load_tail(src, ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD), HEAD_DIM, ROTARY_DIM, TAIL_PAD)
-    for h0 in range(BLOCK_HK, num_k_heads, BLOCK_HK):
-        heads = h0 + hk
-        ok = tok_ok[:, None, None] & (heads < num_k_heads)[None, :, None]
-        src = _row_starts(K, tokens, heads, stride_k_t, stride_k_h)
-        dst = _row_starts(KO, tokens, heads, stride_ko_t, stride_ko_h)
-        a, b = _load_pairs(src, ok, ROTARY_DIM, HALF_PAD, INTERLEAVE)
-        _store_rotated(dst, ok, a, b, cos, sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
-        if COPY_TAIL:
-            _store_tail(dst, ok, _load_tail(src, ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD), HEAD_DIM, ROTARY_DIM, TAIL_PAD)
+    _rotate_remaining_heads(Q, QO, tokens, tok_ok, hq, num_q_heads, stride_q_t, stride_q_h, stride_qo_t, stride_qo_h,
+                            cos, sin, HEAD_DIM, ROTARY_DIM, HALF_PAD, TAIL_PAD, INTERLEAVE, COPY_TAIL, BLOCK_HQ)
+    _rotate_remaining_heads(K, KO, tokens, tok_ok, hk, num_k_heads, stride_k_t, stride_k_h, stride_ko_t, stride_ko_h,
+                            cos, sin, HEAD_DIM, ROTARY_DIM, HALF_PAD, TAIL_PAD, INTERLEAVE, COPY_TAIL, BLOCK_HK)
 
 
 def _config_override() -> Optional[tuple[int, int]]:
