@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, register
+from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +111,7 @@ def _flashtile(case: Case):
 
 def _flashinfer(backend: str):
     def make(case: Case):
-        try:
-            import flashinfer
-        except Exception as e:
-            raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
-        if device().type != "cuda":
-            raise Unavailable("FlashInfer needs CUDA")
+        flashinfer = import_flashinfer()
         p = case.params
         q, k, v = _inputs(case)
         if p["kind"] == "decode":

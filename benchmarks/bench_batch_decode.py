@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, register
+from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 COPY_CEILING_GBPS = 3006.0  # H100 device-to-device copy, ANCHORS.md
 
@@ -96,12 +96,7 @@ def _flashtile(case: Case):
 
 def _flashinfer(use_tensor_cores: bool):
     def make(case: Case):
-        try:
-            import flashinfer
-        except Exception as e:
-            raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
-        if device().type != "cuda":
-            raise Unavailable("FlashInfer needs CUDA")
+        flashinfer = import_flashinfer()
         p = case.params
         q, cache, indptr, indices, last = _paged_inputs(case)
         ws = torch.empty(128 << 20, dtype=torch.uint8, device=device())

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, register
+from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 COPY_CEILING_GBPS = 3006.0  # H100 device-to-device copy, ANCHORS.md
 
@@ -171,10 +171,7 @@ def _flashtile_decode(case: Case):
 
 def _flashinfer(backend: str):
     def make(case: Case):
-        try:
-            import flashinfer
-        except Exception as e:
-            raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
+        flashinfer = import_flashinfer()
         p = case.params
         q, k, v = _ragged_inputs(case)
         ws = torch.empty(256 << 20, dtype=torch.uint8, device=device())

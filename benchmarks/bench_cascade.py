@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from .harness import Case, Provider, Suite, Unavailable, device, register
+from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 
 def _case(op: str, seq_len: int, num_heads: int, head_dim: int, num_states: int = 2, dtype: str = "float16") -> Case:
@@ -99,13 +99,7 @@ def _flashtile(case: Case):
 
 
 def _flashinfer(case: Case):
-    try:
-        import flashinfer.cascade
-    except Exception as e:
-        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
-    if device().type != "cuda":
-        raise Unavailable("FlashInfer needs CUDA")
-    return _calls(case, api=flashinfer.cascade)
+    return _calls(case, api=import_flashinfer("cascade").cascade)
 
 
 def _torch(compiled: bool):
@@ -193,12 +187,10 @@ def _cascade_inputs(case: Case):
 
 def _cascade_provider(lib_name: str, plain: bool):
     def make(case: Case):
-        try:
-            lib = __import__(lib_name)
-        except Exception as e:
-            raise Unavailable(f"{lib_name} is not importable ({type(e).__name__})")
-        if lib_name == "flashinfer" and device().type != "cuda":
-            raise Unavailable("FlashInfer needs CUDA")
+        if lib_name == "flashinfer":
+            lib = import_flashinfer()
+        else:
+            import flashtile as lib
         p = case.params
         q, cache, levels, full = _cascade_inputs(case)
         ws = torch.empty(128 << 20, dtype=torch.uint8, device=device())

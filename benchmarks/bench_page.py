@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Provider, Suite, Unavailable, device, register
+from .harness import Case, Provider, Suite, device, import_flashinfer, register
 
 
 def _case(name: str, lens_before, lens_after, heads=8, head_dim=128, page_size=16, dtype="bfloat16") -> Case:
@@ -107,12 +107,7 @@ def _torch_index(precomputed: bool):
 
 
 def _flashinfer(case: Case):
-    try:
-        import flashinfer
-    except Exception as e:
-        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
-    if device().type != "cuda":
-        raise Unavailable("FlashInfer needs CUDA")
+    flashinfer = import_flashinfer()
     key, value, bi, pos, cache, indices, indptr, last = _inputs(case)
 
     def call():

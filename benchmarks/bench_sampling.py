@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Provider, Suite, Unavailable, device, register
+from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 
 def _case(kind: str, batch: int, vocab: int, n: int = 0) -> Case:
@@ -73,13 +73,7 @@ def _flashtile(case: Case):
 
 
 def _flashinfer(case: Case):
-    try:
-        import flashinfer.sampling as mod
-    except Exception as e:
-        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
-    if device().type != "cuda":
-        raise Unavailable("FlashInfer needs CUDA")
-    return _call(mod, case)
+    return _call(import_flashinfer("sampling").sampling, case)
 
 
 def _torch_sort(case: Case):

@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, register
+from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 LAUNCH_CALLS = 100
 EPS = 1e-6
@@ -293,15 +293,7 @@ def _flashtile(case: Case):
 
 
 def _flashinfer(case: Case):
-    try:
-        import flashinfer
-        import flashinfer.activation  # noqa: F401
-        import flashinfer.norm  # noqa: F401
-        import flashinfer.rope  # noqa: F401
-    except Exception as e:
-        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
-    if device().type != "cuda":
-        raise Unavailable("FlashInfer needs CUDA")
+    flashinfer = import_flashinfer("activation", "norm", "rope")
     fn = _library_fn(flashinfer, case)
     return _repeat(_no_output(fn) if _in_place(case) else fn, case)
 

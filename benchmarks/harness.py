@@ -112,6 +112,22 @@ def load_case_files() -> None:
         importlib.import_module(f"{__package__ or 'benchmarks'}.{path.stem}")
 
 
+def import_flashinfer(*submodules: str):
+    """FlashInfer (and its ``submodules``, e.g. "sampling") for a baseline provider, or
+    :class:`Unavailable` when it is not importable or there is no CUDA device."""
+    import importlib
+
+    try:
+        lib = importlib.import_module("flashinfer")
+        for name in submodules:
+            importlib.import_module(f"flashinfer.{name}")
+    except Exception as e:
+        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
+    if not torch.cuda.is_available():
+        raise Unavailable("FlashInfer needs CUDA")
+    return lib
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
