@@ -7,12 +7,19 @@ given Triton, e.g. the device machine's 3.6 while this machine has a newer one:
     pip install --no-deps --target /tmp/t36 triton==3.6.0
     python benchmarks/aot_compile_check.py --triton-path /tmp/t36
 
-Prints shared memory per kernel and any compile failure (exit code 1).
+Prints per kernel: shared memory, registers and spills (from the package's ptxas), and a hash of the
+SASS opcode sequence (operands dropped). Run it in two checkouts to see whether a change altered the
+machine code of the default paths (same hash: GPU measurements of one apply to the other). Any
+compile failure gives exit code 1.
 """
 import argparse
+import hashlib
 import os
 import pathlib
+import re
+import subprocess
 import sys
+import tempfile
 
 _ap = argparse.ArgumentParser()
 _ap.add_argument("--triton-path", default=None, help="a directory holding the triton package to compile with")
@@ -29,10 +36,28 @@ from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 captured = []
 failures = []
 JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: captured.append((self, a, dict(k))))
+_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _sass_summary(ptx: str) -> str:
+    """Registers, spill bytes and the opcode-sequence hash of the assembled kernel (needs ptxas and
+    cuobjdump from the Triton package; empty when they are missing)."""
+    if not (_BIN / "ptxas").exists():
+        return ""
+    with tempfile.TemporaryDirectory() as d:
+        pathlib.Path(d, "k.ptx").write_text(ptx)
+        info = subprocess.run([str(_BIN / "ptxas"), "-v", "--gpu-name=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([str(_BIN / "cuobjdump"), "-sass", f"{d}/k.cubin"], capture_output=True, text=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    digest = hashlib.sha1(" ".join(ops).encode()).hexdigest()[:12]
+    return (f" regs={regs.group(1) if regs else '?'} spill_bytes={spills.group(1) if spills else '?'}"
+            f" sass_ops={len(ops)} opseq={digest}")
 
 
 def compile_all(label):
-    out = []
     while captured:
         fn, args, kwargs = captured.pop(0)
         nw, ns = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
@@ -57,7 +82,7 @@ def compile_all(label):
         try:
             cc = triton.compile(triton.compiler.ASTSource(fn=fn, constexprs=ce, signature=sig, attrs=attrs),
                                 target=target, options=opts.__dict__)
-            status = f"ok shared={cc.metadata.shared} regs={getattr(cc, 'n_regs', '?')} spills={getattr(cc, 'n_spills', '?')}"
+            status = f"ok shared={cc.metadata.shared}" + _sass_summary(cc.asm["ptx"])
         except Exception as e:
             status = f"FAILED {type(e).__name__}: {str(e)[:400]}"
             failures.append(label)
@@ -113,6 +138,27 @@ k = torch.randn(4096, 32, 128, dtype=bf)
 A.attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P, packed_mask=None,
                     alibi_slopes=None, kind="prefill")
 compile_all("single prefill 4096 TMA")
+
+os.environ["FLASHTILE_TMA"] = "0"
+q = torch.randn(1, 32, 128, dtype=bf)
+k = torch.randn(32768, 8, 128, dtype=bf)
+A.attention_forward(q, k, k.clone(), torch.empty(1, 32, 128, dtype=bf), torch.empty(1, 32), AttentionParams(0.088),
+                    packed_mask=None, alibi_slopes=None, kind="decode")
+compile_all("single decode 32k")
+
+from flashtile.scheduler.split_kv import plan_batch_kv_splits  # noqa: E402
+
+lens = torch.tensor([4096] * 64)
+splits = plan_batch_kv_splits(lens, 8, 132, 128)
+cache = torch.randn(64 * 256, 2, 16, 8, 128, dtype=bf)
+i32 = lambda x: x.to(torch.int32)  # noqa: E731
+A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1], i32(torch.arange(0, 64 * 256 + 1, 256)),
+                       torch.arange(64 * 256, dtype=torch.int32), i32(lens), i32(splits.request_item_indptr),
+                       i32(splits.item_request), i32(splits.item_kv_start), i32(splits.item_kv_end),
+                       torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
+                       torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), alibi_slopes=None,
+                       num_programs=splits.num_items, max_states=1, merge=False)
+compile_all("batch decode 64 x 4096")
 
 va, vb = torch.randn(8192, 32, 128, dtype=torch.float16), torch.randn(8192, 32, 128, dtype=torch.float16)
 sa, sb = torch.randn(8192, 32), torch.randn(8192, 32)
