@@ -169,4 +169,12 @@ compile_all("merge_state_in_place masked")
 vs, ss = torch.randn(8192, 4, 32, 128, dtype=torch.float16), torch.randn(8192, 4, 32)
 M.merge_states_by_token(vs, ss, torch.empty(8192, 32, 128, dtype=torch.float16), torch.empty(8192, 32))
 compile_all("merge_states x4")
+from flashtile.kernels import sampling as S  # noqa: E402
+
+probs = torch.softmax(torch.randn(128, 128256), -1)
+for fast in (False, True):
+    for order in ("joint", "top_k_first"):
+        S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
+                            top_k=50, top_p=0.9, order=order, fast=fast)
+        compile_all(f"sampling top-k/top-p {order}{' fast' if fast else ''}")
 sys.exit(1 if failures else 0)

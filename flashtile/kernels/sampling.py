@@ -188,10 +188,12 @@ def _top_k_set(row, vocab, low, k, MAX_STEPS: tl.constexpr, BLOCK: tl.constexpr,
     k of them), ``mass`` its sum and ``row_max`` the row's largest value."""
     cnt0, mass0, min0, max0, row_max = _row_stats(row, vocab, tl.zeros([NP], dtype=tl.float32), True, True, BLOCK, NP)
     c0 = tl.max(cnt0, axis=0)
-    mass = tl.max(mass0, axis=0)
+    m0 = tl.max(mass0, axis=0)
+    a0 = tl.min(min0, axis=0)
     if c0 >= k:
-        low, tau_k, mass = _search(row, vocab, low, tl.min(min0, axis=0), row_max, mass, k, 0.0, True, False, True,
-                                   MAX_STEPS, BLOCK, NP)
+        low, tau_k, mass = _search(row, vocab, low, a0, row_max, m0, k, 0.0, True, False, True, MAX_STEPS, BLOCK, NP)
+    else:
+        mass = m0
     return low, mass, row_max
 
 
