@@ -52,6 +52,8 @@ for step in "$@"; do
            for c in 1,4 2,4 4,8; do FLASHTILE_ROPE_FAST=1 FLASHTILE_ROPE_FAST_CONFIG=$c timeout 20 python3 benchmarks/run.py --suite rope --providers flashtile --cuda-graph on --filter "cos_sin_cache 8192" --out /tmp/bench_rope_c${c/,/x} 2>&1 | tail -1
              { echo "### FLASHTILE_ROPE_FAST=1, FLASHTILE_ROPE_FAST_CONFIG=$c (BLOCK_T,num_warps), --cuda-graph on"; cat /tmp/bench_rope_c${c/,/x}/rope.md; } >> "$OUT/rope_ab.md"; done
            grep -h -e "^###" -e "^| rope" "$OUT/rope_ab.md" ;;
+    tests-fast-flags) FLASHTILE_SAMPLING_FAST=1 timeout 200 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_sampling.py 2>&1 | tee "$OUT/tests_fast_sampling.log" | tail -6
+           FLASHTILE_ROPE_FAST=1 timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_rope.py 2>&1 | tee "$OUT/tests_fast_rope.log" | tail -6 ;;
     bench-sampling-ab) : > "$OUT/sampling_ab.md"  # sampling suite, flashtile only: FLASHTILE_SAMPLING_FAST=0/1, then the fast kernel with 2+2 pivot lanes on the batch-128 cases
            for f in 0 1; do FLASHTILE_SAMPLING_FAST=$f timeout 110 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_samp$f 2>&1 | tail -1
              { echo "### FLASHTILE_SAMPLING_FAST=$f"; cat /tmp/bench_samp$f/sampling.md; echo; } >> "$OUT/sampling_ab.md"; done
