@@ -177,4 +177,8 @@ for fast in (False, True):
         S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
                             top_k=50, top_p=0.9, order=order, fast=fast)
         compile_all(f"sampling top-k/top-p {order}{' fast' if fast else ''}")
+    # max_rounds=0: straight to the exact fallback (the rounds loop has no trip).
+    S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
+                        top_p=0.5, order="joint", fast=fast, max_rounds=0)
+    compile_all(f"sampling top-p max_rounds=0{' fast' if fast else ''}")
 sys.exit(1 if failures else 0)

@@ -326,51 +326,52 @@ def _filtered_sampling_kernel(
     valid = exact & False
     done = exact & False
     r = 0
-    while (r < MAX_ROUNDS) & (~done):
-        u = _uniform(seed, counter + r)
-        t, found, last, scanned = _inverse_cdf(row, vocab, low, u * mass, 0.0, False, not VERIFY, BLOCK)
-        cand = tl.where(found, t, last)
-        if VERIFY:
-            p_t = tl.load(row + tl.maximum(cand, 0)).to(tl.float32)
-            p_t = tl.where(cand >= 0, p_t, low)
-            if USE_MIN_P:
-                thr = min_p * row_max
-                below = (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
-                pivot_1 = tl.where((row_max >= 0) & (thr > 0), below, (p_t + tl.minimum(high, mass)) * 0.5)
+    if MAX_ROUNDS > 0:  # a loop that can never run breaks Triton 3.6's coalesce pass
+        while (r < MAX_ROUNDS) & (~done):
+            u = _uniform(seed, counter + r)
+            t, found, last, scanned = _inverse_cdf(row, vocab, low, u * mass, 0.0, False, not VERIFY, BLOCK)
+            cand = tl.where(found, t, last)
+            if VERIFY:
+                p_t = tl.load(row + tl.maximum(cand, 0)).to(tl.float32)
+                p_t = tl.where(cand >= 0, p_t, low)
+                if USE_MIN_P:
+                    thr = min_p * row_max
+                    below = (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
+                    pivot_1 = tl.where((row_max >= 0) & (thr > 0), below, (p_t + tl.minimum(high, mass)) * 0.5)
+                else:
+                    pivot_1 = (p_t + tl.minimum(high, mass)) * 0.5
+                pivot_1 = tl.maximum(pivot_1, p_t)
+                piv = tl.where(lane == 0, p_t, tl.where(lane == 1, pivot_1, tl.where(lane == 2, low, 0.0)))
+                cnt, pmass, min_v, max_v, rmax = _row_stats(row, vocab, piv, True, False, BLOCK, NP)
+                actual = tl.sum(tl.where(lane == 2, pmass, 0.0), axis=0)  # mass(low): the true mass of the candidate set
+                total = tl.where(have_total, total, tl.sum(tl.where(lane == 3, pmass, 0.0), axis=0))
+                have_total = have_total | True
+                row_max = rmax
+                high = tl.minimum(high, rmax)
+                min_thr = min_p * rmax
+                keep = _keep(cnt, pmass, piv, k, top_p * total, min_thr, USE_TOP_K, USE_TOP_P, USE_MIN_P)
+                keep0 = tl.max(tl.where(lane == 0, keep.to(tl.int32), 0), axis=0) > 0
+                keep1 = tl.max(tl.where(lane == 1, keep.to(tl.int32), 0), axis=0) > 0
+                redo = (~exact) & ((~found) | (actual > mass))
+                empty = actual <= 0.0
+                accept = (~redo) & (~empty) & keep0 & (cand >= 0)
+                move = (~redo) & (~empty) & (~accept)
+                low = tl.where(move, tl.where(keep1, p_t, pivot_1), low)
+                mass = tl.where(move, tl.where(keep1, tl.sum(tl.where(lane == 0, pmass, 0.0), axis=0), tl.sum(tl.where(lane == 1, pmass, 0.0), axis=0)),
+                                tl.where(redo, actual, mass))
+                high = tl.where(move & keep1, pivot_1, high)
+                exact = exact | redo | move
             else:
-                pivot_1 = (p_t + tl.minimum(high, mass)) * 0.5
-            pivot_1 = tl.maximum(pivot_1, p_t)
-            piv = tl.where(lane == 0, p_t, tl.where(lane == 1, pivot_1, tl.where(lane == 2, low, 0.0)))
-            cnt, pmass, min_v, max_v, rmax = _row_stats(row, vocab, piv, True, False, BLOCK, NP)
-            actual = tl.sum(tl.where(lane == 2, pmass, 0.0), axis=0)  # mass(low): the true mass of the candidate set
-            total = tl.where(have_total, total, tl.sum(tl.where(lane == 3, pmass, 0.0), axis=0))
-            have_total = have_total | True
-            row_max = rmax
-            high = tl.minimum(high, rmax)
-            min_thr = min_p * rmax
-            keep = _keep(cnt, pmass, piv, k, top_p * total, min_thr, USE_TOP_K, USE_TOP_P, USE_MIN_P)
-            keep0 = tl.max(tl.where(lane == 0, keep.to(tl.int32), 0), axis=0) > 0
-            keep1 = tl.max(tl.where(lane == 1, keep.to(tl.int32), 0), axis=0) > 0
-            redo = (~exact) & ((~found) | (actual > mass))
-            empty = actual <= 0.0
-            accept = (~redo) & (~empty) & keep0 & (cand >= 0)
-            move = (~redo) & (~empty) & (~accept)
-            low = tl.where(move, tl.where(keep1, p_t, pivot_1), low)
-            mass = tl.where(move, tl.where(keep1, tl.sum(tl.where(lane == 0, pmass, 0.0), axis=0), tl.sum(tl.where(lane == 1, pmass, 0.0), axis=0)),
-                            tl.where(redo, actual, mass))
-            high = tl.where(move & keep1, pivot_1, high)
-            exact = exact | redo | move
-        else:
-            actual = scanned
-            redo = (~exact) & ((~found) | (actual > mass))
-            empty = actual <= 0.0
-            accept = (~redo) & (~empty) & (cand >= 0)
-            mass = tl.where(redo, actual, mass)
-            exact = exact | redo
-        result = tl.where(accept, cand, result)
-        valid = valid | accept
-        done = accept | empty
-        r += 1
+                actual = scanned
+                redo = (~exact) & ((~found) | (actual > mass))
+                empty = actual <= 0.0
+                accept = (~redo) & (~empty) & (cand >= 0)
+                mass = tl.where(redo, actual, mass)
+                exact = exact | redo
+            result = tl.where(accept, cand, result)
+            valid = valid | accept
+            done = accept | empty
+            r += 1
 
     if ~done:
         # Exact fallback: find tau, then one draw from {p >= tau}.
@@ -749,91 +750,92 @@ def _fast_filtered_sampling_kernel(
     valid = exact & False
     done = exact & False
     r = 0
-    while (r < MAX_PASSES) & (~done):
-        first = ~exact
-        p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)  # no top-p filter: stays huge, no overflow
-        if VERIFY:
-            piv = _fast_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
-                               USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NS)
-        else:
-            piv = tl.full([NP], float("inf"), dtype=tl.float32)
-        draw_mass = lo_mass
-        u = _uniforms(seed, counter + r * WORDS, NQ)
-        hits, last, agg, cnt, pmass, rmax = _fast_pass(row, vocab, lo, u * draw_mass, piv, VERIFY, BLOCK, NQ, NP)
-        # Candidates: with an estimated mass a draw counts only if its target fell inside the true
-        # mass (then it is uniform over it); with the exact mass a target past the float running sum
-        # takes the last token of the set.
-        found = hits >= 0
-        cid = tl.where(found, hits, tl.where(exact, last, -1))
-        cok = tl.where(exact | (agg <= draw_mass), cid >= 0, False)  # where, not &: Triton 3.9's interpreter fails on block & scalar bool
-        cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)  # [NQ], all > lo
-        if VERIFY:
-            if first:
-                total = tl.sum(tl.where(lane == 0, pmass, 0.0), axis=0)
-                lo_cnt = tl.sum(tl.where(lane == 0, cnt, 0), axis=0)
-                lo_mass = total
-                thr = min_p * rmax
+    if MAX_PASSES > 0:  # a loop that can never run breaks Triton 3.6's coalesce pass
+        while (r < MAX_PASSES) & (~done):
+            first = ~exact
+            p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)  # no top-p filter: stays huge, no overflow
+            if VERIFY:
+                piv = _fast_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
+                                   USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NS)
+            else:
+                piv = tl.full([NP], float("inf"), dtype=tl.float32)
+            draw_mass = lo_mass
+            u = _uniforms(seed, counter + r * WORDS, NQ)
+            hits, last, agg, cnt, pmass, rmax = _fast_pass(row, vocab, lo, u * draw_mass, piv, VERIFY, BLOCK, NQ, NP)
+            # Candidates: with an estimated mass a draw counts only if its target fell inside the true
+            # mass (then it is uniform over it); with the exact mass a target past the float running sum
+            # takes the last token of the set.
+            found = hits >= 0
+            cid = tl.where(found, hits, tl.where(exact, last, -1))
+            cok = tl.where(exact | (agg <= draw_mass), cid >= 0, False)  # where, not &: Triton 3.9's interpreter fails on block & scalar bool
+            cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)  # [NQ], all > lo
+            if VERIFY:
+                if first:
+                    total = tl.sum(tl.where(lane == 0, pmass, 0.0), axis=0)
+                    lo_cnt = tl.sum(tl.where(lane == 0, cnt, 0), axis=0)
+                    lo_mass = total
+                    thr = min_p * rmax
+                    if USE_KP:
+                        hi = tl.minimum(hi, rmax)  # the row max passes top-k and top-p (cnt = 0)
+                p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)
+                keep_kp = _keep(cnt, pmass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
+                keep = keep_kp & (piv >= thr)
+                # New bracket ends: the largest rejected and the smallest kept pivot. cnt and mass fall
+                # as the pivot rises (the float sums too: same elements, same order), so their values
+                # there are the min / max over the rejected / kept lanes.
+                used = piv < float("inf")
+                rejected = used & (~keep)
+                best = tl.max(tl.where(rejected, piv, -1.0), axis=0)
+                move = best > lo
+                lo_cnt = tl.where(move, tl.min(tl.where(rejected, cnt, 2147483647), axis=0), lo_cnt)
+                lo_mass = tl.where(move, tl.min(tl.where(rejected, pmass, float("inf")), axis=0), lo_mass)
+                lo = tl.where(move, best, lo)
                 if USE_KP:
-                    hi = tl.minimum(hi, rmax)  # the row max passes top-k and top-p (cnt = 0)
-            p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)
-            keep_kp = _keep(cnt, pmass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
-            keep = keep_kp & (piv >= thr)
-            # New bracket ends: the largest rejected and the smallest kept pivot. cnt and mass fall
-            # as the pivot rises (the float sums too: same elements, same order), so their values
-            # there are the min / max over the rejected / kept lanes.
-            used = piv < float("inf")
-            rejected = used & (~keep)
-            best = tl.max(tl.where(rejected, piv, -1.0), axis=0)
-            move = best > lo
-            lo_cnt = tl.where(move, tl.min(tl.where(rejected, cnt, 2147483647), axis=0), lo_cnt)
-            lo_mass = tl.where(move, tl.min(tl.where(rejected, pmass, float("inf")), axis=0), lo_mass)
-            lo = tl.where(move, best, lo)
-            if USE_KP:
-                passed = used & keep_kp
-                hb = tl.min(tl.where(passed, piv, float("inf")), axis=0)
-                mh = hb < hi
-                hi_cnt = tl.where(mh, tl.max(tl.where(passed, cnt, -1), axis=0), hi_cnt)
-                hi_mass = tl.where(mh, tl.max(tl.where(passed, pmass, -1.0), axis=0), hi_mass)
-                hi = tl.where(mh, hb, hi)
-            # Status of the queued candidates (the first NC were measured) and of the new ones.
-            meas = (q < NC) & (q < qn)
-            mkeep = tl.max(tl.where((q[:, None] == lane[None, :]) & keep[None, :], 1, 0), axis=1) > 0
-            kept_o = tl.where(meas, mkeep, qkept | ((qv >= hi) & (qv >= thr)))
-            rej_o = tl.where(meas, ~mkeep, (qv <= lo) | (qv < thr))
-            alive_o = (q < qn) & (~rej_o)
-            kept_n = (cv >= hi) & (cv >= thr)
-            alive_n = cok & (cv > lo) & (cv >= thr)
-            empty = lo_mass <= 0.0
-        else:
-            kept_o = qkept
-            alive_o = q < 0
-            kept_n = cok
-            alive_n = cok
-            lo_mass = agg
-            empty = agg <= 0.0
-        # The first candidate not rejected decides: accepted if known kept, else wait for its measurement.
-        ho = tl.min(tl.where(alive_o, q, NQ), axis=0)
-        hn = tl.min(tl.where(alive_n, q, NQ), axis=0)
-        acc_o = (ho < NQ) & (tl.max(tl.where((q == ho) & kept_o, 1, 0), axis=0) > 0)
-        acc_n = (ho == NQ) & (hn < NQ) & (tl.max(tl.where((q == hn) & kept_n, 1, 0), axis=0) > 0)
-        pick = tl.where(acc_o, tl.sum(tl.where(q == ho, qid, 0), axis=0), tl.sum(tl.where(q == hn, cid, 0), axis=0))
-        accept = acc_o | acc_n
-        result = tl.where(accept, pick, result)
-        # Queue = alive queued entries, then alive new ones (first NQ); slot s takes the entry at position s.
-        n_o = tl.sum(alive_o.to(tl.int32), axis=0)
-        pos_o = tl.cumsum(alive_o.to(tl.int32), axis=0) - 1
-        pos_n = n_o + tl.cumsum(alive_n.to(tl.int32), axis=0) - 1
-        sel_o = (pos_o[None, :] == q[:, None]) & alive_o[None, :]  # [slot, entry]
-        sel_n = (pos_n[None, :] == q[:, None]) & alive_n[None, :]
-        qv = tl.sum(tl.where(sel_o, qv[None, :], 0.0), axis=1) + tl.sum(tl.where(sel_n, cv[None, :], 0.0), axis=1)
-        qid = tl.sum(tl.where(sel_o, qid[None, :], 0), axis=1) + tl.sum(tl.where(sel_n, cid[None, :], 0), axis=1)
-        qkept = (tl.sum(tl.where(sel_o & kept_o[None, :], 1, 0), axis=1)
-                 + tl.sum(tl.where(sel_n & kept_n[None, :], 1, 0), axis=1)) > 0
-        qn = tl.minimum(n_o + tl.sum(alive_n.to(tl.int32), axis=0), NQ)
-        valid = valid | accept
-        done = accept | empty
-        exact = exact | True
-        r += 1
+                    passed = used & keep_kp
+                    hb = tl.min(tl.where(passed, piv, float("inf")), axis=0)
+                    mh = hb < hi
+                    hi_cnt = tl.where(mh, tl.max(tl.where(passed, cnt, -1), axis=0), hi_cnt)
+                    hi_mass = tl.where(mh, tl.max(tl.where(passed, pmass, -1.0), axis=0), hi_mass)
+                    hi = tl.where(mh, hb, hi)
+                # Status of the queued candidates (the first NC were measured) and of the new ones.
+                meas = (q < NC) & (q < qn)
+                mkeep = tl.max(tl.where((q[:, None] == lane[None, :]) & keep[None, :], 1, 0), axis=1) > 0
+                kept_o = tl.where(meas, mkeep, qkept | ((qv >= hi) & (qv >= thr)))
+                rej_o = tl.where(meas, ~mkeep, (qv <= lo) | (qv < thr))
+                alive_o = (q < qn) & (~rej_o)
+                kept_n = (cv >= hi) & (cv >= thr)
+                alive_n = cok & (cv > lo) & (cv >= thr)
+                empty = lo_mass <= 0.0
+            else:
+                kept_o = qkept
+                alive_o = q < 0
+                kept_n = cok
+                alive_n = cok
+                lo_mass = agg
+                empty = agg <= 0.0
+            # The first candidate not rejected decides: accepted if known kept, else wait for its measurement.
+            ho = tl.min(tl.where(alive_o, q, NQ), axis=0)
+            hn = tl.min(tl.where(alive_n, q, NQ), axis=0)
+            acc_o = (ho < NQ) & (tl.max(tl.where((q == ho) & kept_o, 1, 0), axis=0) > 0)
+            acc_n = (ho == NQ) & (hn < NQ) & (tl.max(tl.where((q == hn) & kept_n, 1, 0), axis=0) > 0)
+            pick = tl.where(acc_o, tl.sum(tl.where(q == ho, qid, 0), axis=0), tl.sum(tl.where(q == hn, cid, 0), axis=0))
+            accept = acc_o | acc_n
+            result = tl.where(accept, pick, result)
+            # Queue = alive queued entries, then alive new ones (first NQ); slot s takes the entry at position s.
+            n_o = tl.sum(alive_o.to(tl.int32), axis=0)
+            pos_o = tl.cumsum(alive_o.to(tl.int32), axis=0) - 1
+            pos_n = n_o + tl.cumsum(alive_n.to(tl.int32), axis=0) - 1
+            sel_o = (pos_o[None, :] == q[:, None]) & alive_o[None, :]  # [slot, entry]
+            sel_n = (pos_n[None, :] == q[:, None]) & alive_n[None, :]
+            qv = tl.sum(tl.where(sel_o, qv[None, :], 0.0), axis=1) + tl.sum(tl.where(sel_n, cv[None, :], 0.0), axis=1)
+            qid = tl.sum(tl.where(sel_o, qid[None, :], 0), axis=1) + tl.sum(tl.where(sel_n, cid[None, :], 0), axis=1)
+            qkept = (tl.sum(tl.where(sel_o & kept_o[None, :], 1, 0), axis=1)
+                     + tl.sum(tl.where(sel_n & kept_n[None, :], 1, 0), axis=1)) > 0
+            qn = tl.minimum(n_o + tl.sum(alive_n.to(tl.int32), axis=0), NQ)
+            valid = valid | accept
+            done = accept | empty
+            exact = exact | True
+            r += 1
 
     if ~done:
         # Exact fallback (as the default path): find tau above lo, then one draw.
