@@ -41,8 +41,10 @@ for step in "$@"; do
            cat /tmp/bench/batch_prefill.md /tmp/bench/batch_append.md > "$OUT/batch_prefill.md" 2>/dev/null; cat "$OUT/batch_prefill.md" ;;
     tune-prefill) timeout 330 python3 benchmarks/tune_batch_prefill.py --quick 2>&1 | tee "$OUT/tune_prefill.log" | grep -v "^  skip" ;;
     tests-cascade) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_cascade.py tests/test_cascade_merge.py 2>&1 | tee "$OUT/tests_cascade.log" | tail -15 ;;
-    bench-cascade) timeout 300 python3 benchmarks/run.py --suite merge_state,cascade_decode --out /tmp/bench 2>&1 | tail -3
+    bench-cascade) timeout 300 python3 benchmarks/run.py --suite merge_state,cascade_decode --cuda-graph on --out /tmp/bench 2>&1 | tail -3
            cat /tmp/bench/merge_state.md /tmp/bench/cascade_decode.md > "$OUT/cascade.md" 2>/dev/null; cp /tmp/bench/cascade_decode.png "$OUT/" 2>/dev/null; cat "$OUT/cascade.md" ;;
+    tune-merge) timeout 200 python3 -m pytest -q -p no:warnings tests/test_cascade_merge.py 2>&1 | tail -2
+           timeout 200 python3 benchmarks/tune_merge.py 2>&1 | tee "$OUT/tune_merge.log" ;;
     bench-tma) for t in 0 1; do FLASHTILE_TMA=$t timeout 280 python3 benchmarks/run.py --suite single_prefill,batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              cat /tmp/bench_tma$t/single_prefill.md /tmp/bench_tma$t/batch_prefill.md > "$OUT/tma$t.md"; done
            grep -h "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;

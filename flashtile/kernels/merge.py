@@ -1,11 +1,13 @@
 """Merging attention states ``(o, lse)`` (split-KV reduction; cascade) + launchers.
 
-Two kernels, both folding states with the online-softmax helpers of softmax.py (the only place the
-math lives): ``_merge_states_kernel`` folds any number of states per (token, head) (split-KV
-reduction, ``flashtile.cascade.merge_states``); ``_merge_state_pair_kernel`` folds exactly two states
-held in separate tensors (``merge_state`` and, writing over the first state under a row mask,
-``merge_state_in_place``), many rows per program. An empty state (lse ``-inf``) contributes nothing:
-its values are not even read.
+Three kernels, all folding states with the online-softmax helpers of softmax.py (the only place the
+math lives): ``_merge_states_kernel`` folds any number of states per (token, head), one program each,
+the states of a block in flight at once (split-KV reduction: few tokens, many states);
+``_merge_state_rows_kernel`` folds the states of many rows per program, one state after the other
+(``flashtile.cascade.merge_states``: many tokens, few states); ``_merge_state_pair_kernel`` folds
+exactly two states held in separate tensors (``merge_state`` and, writing over the first state under
+a row mask, ``merge_state_in_place``), many rows per program. An empty state (lse ``-inf``)
+contributes nothing: its values are not even read.
 
 _merge_states_kernel, pointer shapes (strides passed; head_dim stride 1):
   V_PARTS   [num_states, T, H, D]   float32 or fp16/bf16 partial outputs (normalized)
@@ -22,6 +24,11 @@ _merge_state_pair_kernel, pointer shapes (all strides passed, head_dim too):
   O         [T, H, D]   merged output (may be V_A: in place)
   S_OUT     [T, H]      float32 merged lse (may be S_A)
   MASK      [T]         uint8 (a bool tensor's bytes); rows with 0 are neither read nor written
+
+_merge_state_rows_kernel, pointer shapes (strides passed; head_dim stride 1):
+  V         [T, S, H, D]   the states' outputs (any float dtype)
+  S         [T, S, H]      float32 base-2 lse
+  O         [T, H, D], S_OUT [T, H]
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ import triton
 import triton.language as tl
 
 from .softmax import finalize_state, softmax_update
+
+# Row-tiled merges: elements per state tile ([rows, head_dim]) and warps per program. Module constants
+# so that benchmarks/tune_merge.py can sweep them on a GPU.
+ROW_TILE_ELEMS = 4096
+ROW_TILE_WARPS = 4
 
 
 @triton.jit
@@ -191,8 +203,7 @@ def merge_state_pair(
     if num_rows == 0:
         return
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    # About 4096 elements per tile and state: 32 rows of head_dim 128.
-    block_r = max(1, min(128, 4096 // d_pad))
+    block_r = _row_block(d_pad)
     mask_bytes = mask.view(torch.uint8) if mask is not None else None
     _merge_state_pair_kernel[(triton.cdiv(num_rows, block_r),)](
         v_a, s_a, v_b, s_b, v_out, s_out, mask_bytes if mask is not None else s_a,
@@ -201,15 +212,57 @@ def merge_state_pair(
         *v_b.stride(), *s_b.stride(),
         *v_out.stride(), *s_out.stride(),
         mask_bytes.stride(0) if mask is not None else 0,
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None, num_warps=4,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None, num_warps=ROW_TILE_WARPS,
     )
+
+
+def _row_block(d_pad: int) -> int:
+    """Rows per program of the row-tiled merges: ROW_TILE_ELEMS per state tile (32 rows of head_dim 128)."""
+    return max(1, min(128, ROW_TILE_ELEMS // d_pad))
+
+
+@triton.jit
+def _merge_state_rows_kernel(
+    V, S, O, S_OUT,
+    num_rows, num_heads, num_states,
+    stride_vt, stride_vs, stride_vh,
+    stride_st, stride_ss, stride_sh,
+    stride_ot, stride_oh,
+    stride_lt, stride_lh,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program per BLOCK_R rows of the flattened (token, head) grid, folding the row's states one
+    after the other: state ``s`` of a block is one [BLOCK_R, D_PAD] tile (contiguous when BLOCK_R rows
+    are heads of one token), so each program streams whole tiles instead of one 256-byte row."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    token = rows // num_heads
+    head = rows % num_heads
+    row_ok = rows < num_rows
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    v_rows = V + token[:, None] * stride_vt + head[:, None] * stride_vh + offs_d[None, :]
+    s_rows = S + token * stride_st + head * stride_sh
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
+    for state in range(num_states):
+        lse_s = tl.load(s_rows + state * stride_ss, mask=row_ok, other=float("-inf"))  # [R]
+        # Values of an empty state (lse -inf) are not read: weight 0, and they may be unwritten.
+        read = (row_ok & (lse_s > float("-inf")))[:, None] & d_ok[None, :]
+        o_s = tl.load(v_rows + state * stride_vs, mask=read, other=0.0).to(tl.float32)  # [R, D]
+        m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_s[:, None])
+        acc += p * o_s
+    o, lse = finalize_state(m_i, l_i, acc)
+    tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(S_OUT + token * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
 def merge_states_by_token(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor, s_out: torch.Tensor) -> None:
     """Merge ``v [T, S, H, D]`` / ``s [T, S, H]`` (float32) over ``S`` into ``v_out [T, H, D]`` /
-    ``s_out [T, H]`` (``v_out`` with unit stride along head_dim): :func:`merge_attention_states` on the
-    state-major view ``[S, T, H, D]`` of the same memory (strides only, no copy; a ``v`` whose head_dim
-    stride is not 1 is copied first). With no state at all the result is 0 and ``-inf``."""
+    ``s_out [T, H]`` (``v_out`` with unit stride along head_dim) with the row-tiled kernel (a ``v``
+    whose head_dim stride is not 1 is copied first). With no state at all the result is 0 and ``-inf``."""
     num_tokens, num_states, num_heads, _ = v.shape
     if num_tokens * num_heads == 0:
         return
@@ -219,4 +272,17 @@ def merge_states_by_token(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor,
         return
     if v.shape[-1] > 1 and v.stride(-1) != 1:  # the kernel reads head_dim with unit stride
         v = v.contiguous()
-    merge_attention_states(v.transpose(0, 1), s.transpose(0, 1), v_out, s_out)
+    if v_out.shape[-1] > 1 and v_out.stride(-1) != 1:
+        raise ValueError(f"v_out: expected unit stride along head_dim, got strides {tuple(v_out.stride())}")
+    head_dim = v.shape[-1]
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    block_r = _row_block(d_pad)
+    _merge_state_rows_kernel[(triton.cdiv(num_tokens * num_heads, block_r),)](
+        v, s, v_out, s_out,
+        num_tokens * num_heads, num_heads, num_states,
+        v.stride(0), v.stride(1), v.stride(2),
+        s.stride(0), s.stride(1), s.stride(2),
+        v_out.stride(0), v_out.stride(1),
+        s_out.stride(0), s_out.stride(1),
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, num_warps=ROW_TILE_WARPS,
+    )

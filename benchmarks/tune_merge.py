@@ -1,0 +1,43 @@
+"""Sweep the row-tiled merge kernels' launch (elements per state tile x warps) on the merge_state
+suite's cases (CUDA-graph replays) and print GB/s per configuration, best first per case.
+
+    python benchmarks/tune_merge.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.bench_cascade import _flashtile, merge_cases  # noqa: E402
+from benchmarks.harness import measure  # noqa: E402
+
+
+def main() -> None:
+    import flashtile.kernels.merge as merge
+
+    default = (merge.ROW_TILE_ELEMS, merge.ROW_TILE_WARPS)
+    for case in merge_cases(False):
+        results = []
+        for elems, warps in itertools.product((2048, 4096, 8192, 16384), (2, 4, 8)):
+            merge.ROW_TILE_ELEMS, merge.ROW_TILE_WARPS = elems, warps
+            try:
+                torch.manual_seed(0)
+                us = measure(_flashtile(case), cuda_graph="on")["median_us"]
+                results.append((case.bytes / us / 1e3, elems, warps, us))
+            finally:
+                merge.ROW_TILE_ELEMS, merge.ROW_TILE_WARPS = default
+                torch.cuda.empty_cache()
+        results.sort(reverse=True)
+        for gbps, elems, warps, us in results[:5]:
+            print(f"{case.name:<48} elems {elems:<6} warps {warps}  {us:7.1f} us {gbps:6.0f} GB/s")
+        print(f"BEST {case.name}: {results[0]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
