@@ -7,7 +7,7 @@ the states of a block in flight at once (split-KV reduction: few tokens, many st
 (``flashtile.cascade.merge_states``: many tokens, few states); ``_merge_state_pair_kernel`` folds
 exactly two states held in separate tensors (``merge_state`` and, writing over the first state under
 a row mask, ``merge_state_in_place``), many rows per program. An empty state (lse ``-inf``)
-contributes nothing: its values are not even read.
+contributes nothing, whatever its values hold (they may never have been written: NaN is fine).
 
 _merge_states_kernel, pointer shapes (strides passed; head_dim stride 1):
   V_PARTS   [num_states, T, H, D]   float32 or fp16/bf16 partial outputs (normalized)
@@ -161,13 +161,16 @@ def _merge_state_pair_kernel(
 
     lse_a = tl.load(S_A + token * stride_sat + head * stride_sah, mask=row_ok, other=float("-inf"))  # [R]
     lse_b = tl.load(S_B + token * stride_sbt + head * stride_sbh, mask=row_ok, other=float("-inf"))  # [R]
-    # Values of an empty state (lse -inf) are not read: weight 0, and they may be unwritten.
-    load_a = (row_ok & (lse_a > float("-inf")))[:, None] & d_ok[None, :]
-    load_b = (row_ok & (lse_b > float("-inf")))[:, None] & d_ok[None, :]
+    # The value loads do not wait for the lse loads (a second memory round trip per program costs
+    # ~10% of bandwidth); an empty state's values (lse -inf, possibly never written: NaN) are
+    # replaced by 0 after the load, since its weight 0 times NaN would be NaN.
+    tile_ok = row_ok[:, None] & d_ok[None, :]
     o_a = tl.load(V_A + token[:, None] * stride_vat + head[:, None] * stride_vah + offs_d[None, :] * stride_vad,
-                  mask=load_a, other=0.0).to(tl.float32)  # [R, D]
+                  mask=tile_ok, other=0.0).to(tl.float32)  # [R, D]
     o_b = tl.load(V_B + token[:, None] * stride_vbt + head[:, None] * stride_vbh + offs_d[None, :] * stride_vbd,
-                  mask=load_b, other=0.0).to(tl.float32)  # [R, D]
+                  mask=tile_ok, other=0.0).to(tl.float32)  # [R, D]
+    o_a = tl.where((lse_a > float("-inf"))[:, None], o_a, 0.0)
+    o_b = tl.where((lse_b > float("-inf"))[:, None], o_b, 0.0)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -248,9 +251,10 @@ def _merge_state_rows_kernel(
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
     for state in range(num_states):
         lse_s = tl.load(s_rows + state * stride_ss, mask=row_ok, other=float("-inf"))  # [R]
-        # Values of an empty state (lse -inf) are not read: weight 0, and they may be unwritten.
-        read = (row_ok & (lse_s > float("-inf")))[:, None] & d_ok[None, :]
-        o_s = tl.load(v_rows + state * stride_vs, mask=read, other=0.0).to(tl.float32)  # [R, D]
+        # As in the pair kernel: the value load does not wait for the lse, and an empty state's values
+        # (possibly never written) are replaced by 0.
+        o_s = tl.load(v_rows + state * stride_vs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        o_s = tl.where((lse_s > float("-inf"))[:, None], o_s, 0.0)  # [R, D]
         m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_s[:, None])
         acc += p * o_s
     o, lse = finalize_state(m_i, l_i, acc)
