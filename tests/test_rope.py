@@ -210,10 +210,15 @@ FAST_SHAPES = [(13, 5, 3, 48, 32, None), (67, 4, 1, 64, 64, None), (7, 5, 3, 80,
 def fast_kernel(monkeypatch):
     """Kernel path with FLASHTILE_ROPE_FAST=1; returns the list of fast_config calls (proof that the
     token-major kernel ran)."""
+    return _force_rope_kernel(monkeypatch, "1")
+
+
+def _force_rope_kernel(monkeypatch, flag):
+    """Kernel path with FLASHTILE_ROPE_FAST=flag; returns the list of fast_config calls."""
     from flashtile.kernels import rope as rope_kernels
 
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
-    monkeypatch.setenv("FLASHTILE_ROPE_FAST", "1")
+    monkeypatch.setenv("FLASHTILE_ROPE_FAST", flag)
     monkeypatch.delenv("FLASHTILE_ROPE_FAST_CONFIG", raising=False)
     calls = []
     config = rope_kernels.fast_config
@@ -226,15 +231,20 @@ def fast_kernel(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("kernel", ["token_major", "head_blocks", "default"])
 @pytest.mark.parametrize("form", FAST_FORMS)
 @pytest.mark.parametrize("interleave", [False, True], ids=["neox", "gptj"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("shape", FAST_SHAPES, ids=["odd", "4tok", "head_loop"])
-def test_fast_kernel(fast_kernel, monkeypatch, device, form, interleave, inplace, shape):
-    """Every form through the token-major kernel on strided views of one fused QKV buffer: rotated
-    dims against the float64 oracle, tails copied (out of place) or untouched (in place), v and the
-    inputs of the out-of-place forms unchanged."""
+def test_fast_kernel(monkeypatch, device, kernel, form, interleave, inplace, shape):
+    """Every form through each kernel (FLASHTILE_ROPE_FAST=1, =0, unset: the token-major kernel for
+    the cos/sin-cache form only) on strided views of one fused QKV buffer: rotated dims against the
+    float64 oracle, tails copied (out of place) or untouched (in place), v and the inputs of the
+    out-of-place forms unchanged."""
     from flashtile.kernels import rope as rope_kernels
+
+    fast_kernel = _force_rope_kernel(monkeypatch, {"token_major": "1", "head_blocks": "0", "default": ""}[kernel])
+    token_major = kernel == "token_major" or (kernel == "default" and form == "cos_sin_cache")
 
     nnz, hq, hk, d, rd, tile = shape
     if tile is not None:
@@ -270,7 +280,7 @@ def test_fast_kernel(fast_kernel, monkeypatch, device, form, interleave, inplace
         llama_args = (1.0, 4.0, 8192) if llama31 else None
         want_q = _expected(q0, positions, rd, interleave, llama_args, params["rope_scale"], params["rope_theta"])
         want_k = _expected(k0, positions, rd, interleave, llama_args, params["rope_scale"], params["rope_theta"])
-    assert fast_kernel, "the token-major kernel did not run"
+    assert bool(fast_kernel) == token_major, "the wrong kernel ran"
     _close(q_out, want_q, dtype)
     _close(k_out, want_k, dtype)
     assert torch.equal(q_out[..., rd:], q0[..., rd:]) and torch.equal(k_out[..., rd:], k0[..., rd:])

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import cdiv, next_power_of_2
 MAX_BLOCK_D = 2048  # columns per program
 TILE = 2048  # outputs per program when short rows share a program
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels may read only constexpr globals
@@ -57,8 +58,8 @@ def _act_and_mul_kernel(
 def act_config(n_rows: int, d: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_D, num_warps)``: up to MAX_BLOCK_D columns per program; short rows are
     grouped so a program writes about TILE outputs; 8..16 outputs per thread."""
-    block_d = min(triton.next_power_of_2(d), MAX_BLOCK_D)
-    block_m = max(1, min(TILE // block_d, triton.next_power_of_2(n_rows)))
+    block_d = min(next_power_of_2(d), MAX_BLOCK_D)
+    block_m = max(1, min(TILE // block_d, next_power_of_2(n_rows)))
     num_warps = max(1, min(8, block_m * block_d // 512))
     return block_m, block_d, num_warps
 
@@ -69,7 +70,7 @@ def act_and_mul(input: torch.Tensor, out: torch.Tensor, activation: str) -> None
     if n_rows == 0 or d == 0:
         return
     block_m, block_d, num_warps = act_config(n_rows, d)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(d, block_d))
+    grid = (cdiv(n_rows, block_m), cdiv(d, block_d))
     _act_and_mul_kernel[grid](
         input, out, n_rows, d,
         input.stride(0), input.stride(1), out.stride(0), out.stride(1),

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import cdiv, next_power_of_2
 try:  # host-side tensor descriptors (TMA); absent in old Triton builds
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -492,13 +493,13 @@ def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, use_tma: bool
 
 
 def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _prune(candidates, kind: str, d_pad: int, num_rows: int):
     out = []
     for c in candidates:
-        if kind == "decode" and c.block_m > max(16, triton.next_power_of_2(num_rows)):
+        if kind == "decode" and c.block_m > max(16, next_power_of_2(num_rows)):
             continue
         # K and V tiles per stage (2 bytes each) must fit the ~227 KB of shared memory.
         if (c.block_n * d_pad * 2 * 2) * c.num_stages + c.block_m * d_pad * 2 > 200 * 1024:
@@ -574,7 +575,7 @@ def attention_forward(
     use_tma = tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
 
     def launch(cfg: LaunchConfig, splits: int, chunk: int, o_buf, lse_buf, partial: bool):
-        num_m_blocks = triton.cdiv(num_rows, cfg.block_m)
+        num_m_blocks = cdiv(num_rows, cfg.block_m)
         if partial:
             o_strides = (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2))
             l_strides = (lse_buf.stride(0), lse_buf.stride(1), lse_buf.stride(2))
@@ -605,13 +606,13 @@ def attention_forward(
         key = (kind, d_qk, d_vo, group, causal, q.dtype, k.dtype, qo_len > 1)
         cfg = _autotuned_config(key, candidates, lambda c: launch(c, 1, kv_len, out, lse, False)) or cfg
 
-    num_m_blocks = triton.cdiv(num_rows, cfg.block_m)
+    num_m_blocks = cdiv(num_rows, cfg.block_m)
     align = KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
     if num_splits is None:
         splits, chunk = plan_kv_splits(kv_len, num_m_blocks * num_kv_heads, _num_sms(device), align)
     else:
-        chunk = max(align, triton.cdiv(triton.cdiv(max(kv_len, 1), num_splits), align) * align)
-        splits = max(1, triton.cdiv(kv_len, chunk))
+        chunk = max(align, cdiv(cdiv(max(kv_len, 1), num_splits), align) * align)
+        splits = max(1, cdiv(kv_len, chunk))
     if splits == 1:
         launch(cfg, 1, max(kv_len, 1), out, lse, False)
         return
@@ -635,7 +636,7 @@ def _num_sms(device: torch.device) -> int:
 
 # Decode rows are the query heads of one KV head: at least 16 for tl.dot, the whole group in one block.
 def decode_block_m(group: int) -> int:
-    return max(16, triton.next_power_of_2(group))
+    return max(16, next_power_of_2(group))
 
 
 def batch_decode_forward(

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import cdiv, next_power_of_2
 from .softmax import finalize_state, softmax_update
 
 # Row-tiled merges: elements per state tile ([rows, head_dim]) and warps per program. Module constants
@@ -114,7 +115,7 @@ def merge_attention_states(
     """
     num_tokens, num_heads = out.shape[0], out.shape[1]
     head_dim = v_parts.shape[-1]
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     if state_indptr is None:
         num_states = v_parts.shape[0]
         state_strides = (v_parts.stride(0), v_parts.stride(1), v_parts.stride(2))
@@ -123,7 +124,7 @@ def merge_attention_states(
         num_states = max_states or 2
         state_strides = (v_parts.stride(0), 0, v_parts.stride(1))
         lse_strides = (lse_parts.stride(0), 0, lse_parts.stride(1))
-    block_s = max(2, min(triton.next_power_of_2(num_states), 8192 // d_pad, 64))
+    block_s = max(2, min(next_power_of_2(num_states), 8192 // d_pad, 64))
     _merge_states_kernel[(num_tokens, num_heads)](
         v_parts, lse_parts, out, lse, state_indptr if state_indptr is not None else lse_parts,
         num_states,
@@ -205,10 +206,10 @@ def merge_state_pair(
     num_rows = num_tokens * num_heads
     if num_rows == 0:
         return
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     block_r = _row_block(d_pad)
     mask_bytes = mask.view(torch.uint8) if mask is not None else None
-    _merge_state_pair_kernel[(triton.cdiv(num_rows, block_r),)](
+    _merge_state_pair_kernel[(cdiv(num_rows, block_r),)](
         v_a, s_a, v_b, s_b, v_out, s_out, mask_bytes if mask is not None else s_a,
         num_rows, num_heads,
         *v_a.stride(), *s_a.stride(),
@@ -279,9 +280,9 @@ def merge_states_by_token(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor,
     if v_out.shape[-1] > 1 and v_out.stride(-1) != 1:
         raise ValueError(f"v_out: expected unit stride along head_dim, got strides {tuple(v_out.stride())}")
     head_dim = v.shape[-1]
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     block_r = _row_block(d_pad)
-    _merge_state_rows_kernel[(triton.cdiv(num_tokens * num_heads, block_r),)](
+    _merge_state_rows_kernel[(cdiv(num_tokens * num_heads, block_r),)](
         v, s, v_out, s_out,
         num_tokens * num_heads, num_heads, num_states,
         v.stride(0), v.stride(1), v.stride(2),

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import cdiv, next_power_of_2
 MAX_ONE_PASS = 32768  # longest row kept in registers (next_pow2(hidden) elements)
 LOOP_BLOCK = 4096  # chunk of the two-pass loop for longer rows
 ROW_TILE = 4096  # elements a program handles when several short rows share it
@@ -167,14 +168,14 @@ def norm_config(n_rows: int, n_cols: int, num_sms: int) -> tuple[int, int, bool,
     elements) while there are still at least ``num_sms`` programs. Warps grow with the tile so
     each thread holds 8..32 elements.
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_power_of_2(n_cols)
     one_pass = block_n <= MAX_ONE_PASS
     if not one_pass:
         block_n = LOOP_BLOCK
     block_m = 1
     if one_pass and block_n <= 1024:
-        block_m = min(ROW_TILE // block_n, MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(n_rows))
-        while block_m > 1 and triton.cdiv(n_rows, block_m) < num_sms:
+        block_m = min(ROW_TILE // block_n, MAX_ROWS_PER_PROGRAM, next_power_of_2(n_rows))
+        while block_m > 1 and cdiv(n_rows, block_m) < num_sms:
             block_m //= 2
     num_warps = max(1, min(16, block_m * block_n // 1024))
     return block_m, block_n, one_pass, num_warps
@@ -199,7 +200,7 @@ def _launch_rmsnorm(x, residual, weight, y, eps: float, weight_offset: float) ->
     has_residual = residual is not None
     r = residual if has_residual else x
     _, sro, sri, src = _rows(r)
-    _rmsnorm_kernel[(triton.cdiv(n_rows, block_m),)](
+    _rmsnorm_kernel[(cdiv(n_rows, block_m),)](
         x, r, weight, y,
         n_rows, n_cols, inner,
         sxo, sxi, sxc, sro, sri, src, syo, syi, syc,
@@ -228,7 +229,7 @@ def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out:
     block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, _num_sms(input.device))
     inner, sxo, sxi, sxc = _rows(input)
     _, syo, syi, syc = _rows(out)
-    _layernorm_kernel[(triton.cdiv(n_rows, block_m),)](
+    _layernorm_kernel[(cdiv(n_rows, block_m),)](
         input, gamma, beta, out,
         n_rows, n_cols, inner,
         sxo, sxi, sxc, syo, syi, syc,

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import cdiv, next_power_of_2
 __all__ = ["append_paged_kv", "batch_indices_positions", "append_block_rows"]
 
 # Rows (token, head) per program: at most this many elements per program (16 KiB of bf16 for K plus
@@ -126,12 +127,12 @@ def append_paged_kv(
     rows = nnz * num_heads
     if rows == 0 or num_pages == 0 or kv_indices.numel() == 0:
         return
-    dk_pad = triton.next_power_of_2(head_dim_k)
-    dv_pad = triton.next_power_of_2(head_dim_v)
+    dk_pad = next_power_of_2(head_dim_k)
+    dv_pad = next_power_of_2(head_dim_v)
     block_r = append_block_rows(rows, max(dk_pad, dv_pad))
     tile = block_r * max(dk_pad, dv_pad)
     ka, va, kc, vc = _bits(append_k), _bits(append_v), _bits(k_pages), _bits(v_pages)
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (cdiv(rows, block_r),)
     _append_paged_kv_kernel[grid](
         ka, va, batch_indices, positions, kv_indices, kv_indptr, kc, vc,
         nnz, kv_indptr.numel() - 1, kv_indices.numel(), num_pages, page_size,
@@ -184,7 +185,7 @@ def batch_indices_positions(
         return
     batch_size = append_indptr.numel() - 1
     block = 128 if nnz <= 128 * _MIN_PROGRAMS else 1024  # two compiled variants
-    _batch_indices_positions_kernel[(triton.cdiv(nnz, block),)](
+    _batch_indices_positions_kernel[(cdiv(nnz, block),)](
         append_indptr, seq_lens, batch_indices, positions,
         nnz, batch_size, max(batch_size - 1, 0).bit_length(),
         BLOCK=block, num_warps=4,

@@ -18,10 +18,14 @@ Frequency of pair m: ``f = theta**(-2m/ROTARY_DIM)``, ``smooth = clamp(f * smoot
 Angles and sin/cos in float32. Dims past ROTARY_DIM are copied when the output is a new tensor
 (COPY_TAIL) and untouched in place.
 
-FLASHTILE_ROPE_FAST=1 selects ``_rope_tokens_kernel`` (same contract, same arguments): one program
+Two kernels with the same contract and arguments. ``_rope_tokens_kernel`` (token-major): one program
 takes ``BLOCK_T`` whole tokens, all their q heads and all their k heads, issues every q/k load before
-it resolves positions and cos/sin, and reads each token's cos/sin row once. Off by default until it
-is measured on the H100 (docs/small_ops.md, "Where the time goes").
+it resolves positions and cos/sin, and reads each token's cos/sin row once. ``_rope_kernel``
+(head blocks): a program takes a few tokens of one block of q or k heads. On the H100 the token-major
+kernel is faster with a cos/sin cache (8192 tokens, 32/8 heads: 64.2 against 66.9 us) and slower when
+it computes sin/cos (the Llama 3.1 form: 69.8 against 65.9 us: it evaluates them in two layouts), so
+the cache form takes it by default; FLASHTILE_ROPE_FAST=1 / 0 forces one kernel for every form
+(docs/small_ops.md, "Where the time goes").
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import cdiv, next_power_of_2
 TILE = 4096  # elements (both halves of the rotated dims) per program
 MAX_BLOCK_H = 8
 
@@ -123,7 +128,7 @@ def _rope_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Token-major kernel (FLASHTILE_ROPE_FAST=1)
+# Token-major kernel (default with a cos/sin cache; FLASHTILE_ROPE_FAST=1 for every form)
 # ---------------------------------------------------------------------------------------------
 
 FAST_TILE = 4096  # elements of one half (the a or the b elements) of a program's q tile
@@ -131,9 +136,12 @@ FAST_MAX_BLOCK_T = 4
 FAST_PROGRAMS_PER_SM = 4  # fewer tokens per program while the grid would give fewer programs per SM
 
 
-def fast_enabled() -> bool:
-    """FLASHTILE_ROPE_FAST=1: use the token-major kernel (read per call, so tests can switch it)."""
-    return os.environ.get("FLASHTILE_ROPE_FAST") == "1"
+def use_token_major(use_cache: bool) -> bool:
+    """The token-major kernel for the cos/sin-cache form, the head-block kernel otherwise (the faster
+    one of each on the H100); FLASHTILE_ROPE_FAST=1 / 0 forces one (read per call, so tests can
+    switch it)."""
+    forced = os.environ.get("FLASHTILE_ROPE_FAST")
+    return use_cache if forced not in ("0", "1") else forced == "1"
 
 
 @triton.jit
@@ -313,14 +321,14 @@ def fast_config(nnz: int, num_q_heads: int, num_k_heads: int, half_pad: int, num
     one warp per 512 elements of the larger half-tile (two 16-byte vectors per thread in bf16).
     8192 tokens x 32/8 heads x d128: (2, 32, 8, 8), 4096 programs of 40 KB (q/k read + written)."""
     max_heads = max(1, FAST_TILE // half_pad)
-    block_hq = min(triton.next_power_of_2(num_q_heads), max_heads)
-    block_hk = min(triton.next_power_of_2(num_k_heads), max_heads)
+    block_hq = min(next_power_of_2(num_q_heads), max_heads)
+    block_hk = min(next_power_of_2(num_k_heads), max_heads)
     widest = max(block_hq, block_hk) * half_pad
     override = _config_override()
     if override is not None:
         return override[0], block_hq, block_hk, override[1]
     block_t = min(FAST_MAX_BLOCK_T, max(1, FAST_TILE // widest))
-    while block_t > 1 and triton.cdiv(nnz, block_t) < FAST_PROGRAMS_PER_SM * num_sms:
+    while block_t > 1 and cdiv(nnz, block_t) < FAST_PROGRAMS_PER_SM * num_sms:
         block_t //= 2
     num_warps = min(8, max(1, block_t * widest // 512))
     return block_t, block_hq, block_hk, num_warps
@@ -341,10 +349,10 @@ def _num_sms(device: torch.device) -> int:
 def rope_config(nnz: int, num_heads: int, half_pad: int, head_blocks_of, num_sms: int) -> tuple[int, int]:
     """``(BLOCK_T, BLOCK_H)``: a tile of about TILE elements; fewer tokens per program while that
     leaves fewer than two programs per SM."""
-    block_h = min(triton.next_power_of_2(num_heads), MAX_BLOCK_H, max(1, TILE // (2 * half_pad)))
+    block_h = min(next_power_of_2(num_heads), MAX_BLOCK_H, max(1, TILE // (2 * half_pad)))
     block_t = max(1, TILE // (2 * half_pad * block_h))
     head_blocks = head_blocks_of(block_h)
-    while block_t > 1 and triton.cdiv(nnz, block_t) * head_blocks < 2 * num_sms:
+    while block_t > 1 and cdiv(nnz, block_t) * head_blocks < 2 * num_sms:
         block_t //= 2
     return block_t, block_h
 
@@ -376,12 +384,12 @@ def apply_rope(
     num_k_heads = k.shape[1]
     if nnz == 0:
         return
-    half_pad = triton.next_power_of_2(max(rotary_dim // 2, 1))
+    half_pad = next_power_of_2(max(rotary_dim // 2, 1))
     copy_tail = q_out is not q and rotary_dim < head_dim  # in place leaves the tail untouched
-    tail_pad = triton.next_power_of_2(max(head_dim - rotary_dim, 1))
+    tail_pad = next_power_of_2(max(head_dim - rotary_dim, 1))
 
     def head_blocks_of(bh):
-        return triton.cdiv(num_q_heads, bh) + triton.cdiv(num_k_heads, bh)
+        return cdiv(num_q_heads, bh) + cdiv(num_k_heads, bh)
 
     is_ragged = pos_ids is None
     batch_size = indptr.shape[0] - 1 if is_ragged else 0
@@ -394,9 +402,9 @@ def apply_rope(
         offsets if is_ragged else dummy,
         cos_sin_cache if use_cache else dummy,
     )
-    if fast_enabled():
+    if use_token_major(use_cache):
         block_t, block_hq, block_hk, num_warps = fast_config(nnz, num_q_heads, num_k_heads, half_pad, _num_sms(q.device))
-        _rope_tokens_kernel[(triton.cdiv(nnz, block_t),)](
+        _rope_tokens_kernel[(cdiv(nnz, block_t),)](
             *common,
             nnz, num_q_heads, num_k_heads, batch_size, max(1, batch_size).bit_length(),
             cos_sin_cache.shape[0] if use_cache else 0,
@@ -410,8 +418,8 @@ def apply_rope(
         )
         return
     block_t, block_h = rope_config(nnz, max(num_q_heads, num_k_heads), half_pad, head_blocks_of, _num_sms(q.device))
-    num_q_blocks = triton.cdiv(num_q_heads, block_h)
-    grid = (triton.cdiv(nnz, block_t), head_blocks_of(block_h))
+    num_q_blocks = cdiv(num_q_heads, block_h)
+    grid = (cdiv(nnz, block_t), head_blocks_of(block_h))
     _rope_kernel[grid](
         *common,
         nnz, num_q_heads, num_k_heads, num_q_blocks, batch_size, max(1, batch_size).bit_length(),

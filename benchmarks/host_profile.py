@@ -1,0 +1,75 @@
+"""Host time of eager small-op calls at batch 1 (CUDA only): wall time per call, and the Python
+functions that take it (cProfile, by own time).
+
+    python benchmarks/host_profile.py [--top N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pathlib
+import pstats
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import flashtile  # noqa: E402
+
+
+@triton.jit
+def _empty_kernel(X, n, BLOCK: tl.constexpr):
+    pass
+
+
+def _per_call_us(fn, calls=2000):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args()
+    dev = "cuda"
+    bf = torch.bfloat16
+    x, w, r = (torch.randn(1, 4096, dtype=bf, device=dev), torch.randn(4096, dtype=bf, device=dev),
+               torch.randn(1, 4096, dtype=bf, device=dev))
+    y = torch.randn(1, 2 * 14336, dtype=bf, device=dev)
+    q, k = torch.randn(1, 32 * 128, dtype=bf, device=dev), torch.randn(1, 8 * 128, dtype=bf, device=dev)
+    cache = torch.randn(4096, 128, device=dev)
+    pos = torch.zeros(1, dtype=torch.int64, device=dev)
+    cases = {
+        "empty triton kernel (2 args)": lambda: _empty_kernel[(1,)](x, 1, BLOCK=16),
+        "torch.empty_like": lambda: torch.empty_like(x),
+        "rmsnorm": lambda: flashtile.rmsnorm(x, w),
+        "fused_add_rmsnorm": lambda: flashtile.fused_add_rmsnorm(x, r, w),
+        "silu_and_mul": lambda: flashtile.silu_and_mul(y),
+        "rope cos_sin_cache inplace": lambda: flashtile.apply_rope_with_cos_sin_cache_inplace(pos, q, k, 128, cache),
+    }
+    print(f"torch {torch.__version__}, triton {triton.__version__}")
+    for name, fn in cases.items():
+        print(f"{name}: {_per_call_us(fn):.1f} us per eager call")
+    for name in ("rmsnorm", "rope cos_sin_cache inplace"):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(2000):
+            cases[name]()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"\n### {name}: top functions by own time (2000 calls)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""The launchers' plain-Python integer helpers agree with Triton's."""
+
+import triton
+
+from flashtile._core.intmath import cdiv, next_power_of_2
+
+
+def test_next_power_of_2_matches_triton():
+    for n in list(range(0, 2100)) + [2**20 - 1, 2**20, 2**20 + 1, 151936]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
+def test_cdiv_matches_triton():
+    for a in range(0, 300):
+        for b in range(1, 40):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
