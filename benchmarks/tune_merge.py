@@ -18,8 +18,21 @@ from benchmarks.bench_cascade import _flashtile, merge_cases  # noqa: E402
 from benchmarks.harness import measure  # noqa: E402
 
 
+def _ceilings() -> None:
+    """Same traffic as merge_state (two fp16 reads, one write of 8192 x 32 x 128) through torch.add,
+    and a plain copy: what this GPU's DRAM gives such streams."""
+    a, b = (torch.randn(8192, 32, 128, dtype=torch.float16, device="cuda") for _ in range(2))
+    c = torch.empty_like(a)
+    for name, fn, nbytes in (("torch.add(a, b, out=c)", lambda: torch.add(a, b, out=c), 3 * a.nbytes),
+                             ("c.copy_(a)", lambda: c.copy_(a), 2 * a.nbytes)):
+        us = measure(fn, cuda_graph="on")["median_us"]
+        print(f"CEILING {name:<28} {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s", flush=True)
+
+
 def main() -> None:
     import flashtile.kernels.merge as merge
+
+    _ceilings()
 
     default = (merge.ROW_TILE_ELEMS, merge.ROW_TILE_WARPS)
     for case in merge_cases(False):
