@@ -23,6 +23,8 @@ import tempfile
 
 _ap = argparse.ArgumentParser()
 _ap.add_argument("--triton-path", default=None, help="a directory holding the triton package to compile with")
+_ap.add_argument("--dump", default=None, help="write each compiled kernel's TTGIR and PTX into this directory")
+_ap.add_argument("--only", default="", help="compile only the cases whose label contains this text (e.g. sampling)")
 _args = _ap.parse_args()
 if _args.triton_path:
     sys.path.insert(0, _args.triton_path)
@@ -58,6 +60,8 @@ def _sass_summary(ptx: str) -> str:
 
 
 def compile_all(label):
+    if _args.only not in label:
+        captured.clear()
     while captured:
         fn, args, kwargs = captured.pop(0)
         nw, ns = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
@@ -83,6 +87,11 @@ def compile_all(label):
             cc = triton.compile(triton.compiler.ASTSource(fn=fn, constexprs=ce, signature=sig, attrs=attrs),
                                 target=target, options=opts.__dict__)
             status = f"ok shared={cc.metadata.shared}" + _sass_summary(cc.asm["ptx"])
+            if _args.dump:
+                stem = pathlib.Path(_args.dump, re.sub(r"[^A-Za-z0-9_.-]+", "_", label))
+                stem.parent.mkdir(parents=True, exist_ok=True)
+                for ext in ("ttgir", "ptx"):
+                    stem.with_suffix(f".{ext}").write_text(cc.asm[ext])
         except Exception as e:
             status = f"FAILED {type(e).__name__}: {str(e)[:400]}"
             failures.append(label)
@@ -171,6 +180,8 @@ M.merge_states_by_token(vs, ss, torch.empty(8192, 32, 128, dtype=torch.float16),
 compile_all("merge_states x4")
 from flashtile.kernels import sampling as S  # noqa: E402
 
+# The sampling launchers pick tiny interpreter tiles for CPU tensors: compile the GPU configuration.
+S._interpreted = lambda t: False
 probs = torch.softmax(torch.randn(128, 128256), -1)
 for fast in (False, True):
     for order in ("joint", "top_k_first"):
@@ -181,4 +192,16 @@ for fast in (False, True):
     S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
                         top_p=0.5, order="joint", fast=fast, max_rounds=0)
     compile_all(f"sampling top-p max_rounds=0{' fast' if fast else ''}")
+# Segmented sampler (FLASHTILE_SAMPLING_SEG=1): every specialization family.
+out_i, out_v = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool)
+for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),
+                  ("joint top-k/top-p", dict(top_k=50, top_p=0.9)),
+                  ("top_k_first", dict(top_k=50, top_p=0.9, order="top_k_first")), ("plain", dict()),
+                  ("top-p max_rounds=0", dict(top_p=0.5, max_rounds=0))]:
+    S.filtered_sampling(probs, None, out_i, out_v, 7, 0, seg=True, **kw)
+    compile_all(f"sampling seg {label}")
+probs32k = torch.softmax(torch.randn(512, 32000), -1)
+S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.empty(512, dtype=torch.bool), 7, 0,
+                    seg=True, top_p=0.9)
+compile_all("sampling seg top-p vocab 32000")
 sys.exit(1 if failures else 0)

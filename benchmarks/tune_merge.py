@@ -34,17 +34,17 @@ def main() -> None:
 
     _ceilings()
 
-    default = (merge.ROW_TILE_ELEMS, merge.ROW_TILE_WARPS)
+    default = (merge.ROW_TILE_ELEMS, merge.PAIR_WARPS, merge.STATE_LOOP_WARPS)
     for case in merge_cases(False):
         results = []
         for elems, warps in itertools.product((2048, 4096, 8192, 16384), (2, 4, 8)):
-            merge.ROW_TILE_ELEMS, merge.ROW_TILE_WARPS = elems, warps
+            merge.ROW_TILE_ELEMS, merge.PAIR_WARPS, merge.STATE_LOOP_WARPS = elems, warps, warps
             try:
                 torch.manual_seed(0)
                 us = measure(_flashtile(case), cuda_graph="on")["median_us"]
                 results.append((case.bytes / us / 1e3, elems, warps, us))
             finally:
-                merge.ROW_TILE_ELEMS, merge.ROW_TILE_WARPS = default
+                merge.ROW_TILE_ELEMS, merge.PAIR_WARPS, merge.STATE_LOOP_WARPS = default
                 torch.cuda.empty_cache()
         results.sort(reverse=True)
         for gbps, elems, warps, us in results[:5]:

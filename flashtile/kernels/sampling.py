@@ -63,6 +63,19 @@ FAST_NC = 4  # queued candidates measured per pass (pivot lanes)
 FAST_NS = 4  # search pivots per pass (interpolated inside the bracket)
 FAST_MAX_PASSES = 16  # passes before the exact fallback (FAST_NQ / 4 * FAST_MAX_PASSES + 1 <= DRAW_STRIDE)
 
+# Segmented path (FLASHTILE_SAMPLING_SEG=1): launch configuration, to sweep on the H100.
+SEG_WARPS = 16
+SEG_ROWS = 16  # segments of the row (tile rows of a pass)
+SEG_COLS = 64  # tokens per segment per iteration: a tile is SEG_ROWS x SEG_COLS (4 KB of float32)
+SEG_STAGES = 5  # tl.range num_stages: SEG_STAGES - 1 tiles in flight per program (16 KB)
+SEG_NQ = 4  # candidates drawn at once (and measured by the next pass)
+SEG_PIVOTS = 8  # pivot lanes of a top-k/top-p pass: lo, SEG_NQ candidates, the rest search (a power of 2)
+SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
+SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
+SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
+SEG_MAX_PASSES = 16  # passes before the exact fallback
+SEG_FALLBACK_BLOCK = 1024  # block of the exact fallback's passes (default-path helpers)
+
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -848,6 +861,322 @@ def _fast_filtered_sampling_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# Segmented path (FLASHTILE_SAMPLING_SEG=1; docs/sampling.md "Segmented path")
+# ---------------------------------------------------------------------------------------------
+#
+# Same filter sets and exactness argument as the fast path, with passes that have no block-wide
+# reduction inside their streaming loop:
+# - the row is cut into NSEG contiguous segments of ``seg_len`` tokens (a multiple of W); an
+#   iteration loads the tile [NSEG, W] (W contiguous tokens of every segment) and only does
+#   elementwise work into per-thread accumulators [.., NSEG, W]; the loop is a plain ``for`` over
+#   ``tl.range(..., num_stages=STAGES)`` so that Triton can keep STAGES tiles of loads in flight;
+#   everything is reduced once after the loop;
+# - a pass measures cnt/mass at NP pivots *per segment*: lane 0 is the current ``lo``, lanes
+#   1..NC the queued candidates, the rest search pivots. Whatever lane becomes the new ``lo``, its
+#   per-segment masses are the CDF of the next candidate set at segment granularity, so the next
+#   NQ candidates are drawn right after the pass without another full pass: a prefix over the
+#   NSEG segment masses picks each draw's segment (level 1), one pipelined sweep over the picked
+#   segments computes NSUB sub-segment masses per draw (level 2, 1/NSEG of the row per draw), and a
+#   short blocked scan of the picked sub-segment ends the draw (level 3);
+# - every queued candidate is measured by the next pass, so after a pass the queue is decided:
+#   the first kept candidate (in draw order) is accepted, otherwise all are rejected and NQ new
+#   ones are drawn from the smaller set at once; a new candidate at or above ``hi`` (a value known
+#   to be kept) is accepted without being measured.
+
+
+@triton.jit
+def _seg_pass(row, vocab, seg_len, piv, COUNT: tl.constexpr, MAX: tl.constexpr, NP: tl.constexpr,
+              NSEG: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr):
+    """One streaming pass: per segment, count and mass of the values above each pivot.
+
+    ``piv [NP]`` (+inf: unused lane). Returns cnt ``[NP]`` (count > pivot, whole row), mass
+    ``[NP, NSEG]`` (sum > pivot, per segment) and the row max (0 if no positive entry). NaN,
+    negative and padding entries count as 0 (never above a pivot >= 0). cnt is zeros without
+    COUNT, the max 0 without MAX.
+    """
+    seg = tl.arange(0, NSEG)
+    col = tl.arange(0, W)
+    base = seg[:, None] * seg_len + col[None, :]  # [NSEG, W]: first tile of every segment
+    cnt_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)  # exact integers (< 2^24 per slot)
+    mass_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)
+    max_acc = tl.zeros([NSEG, W], dtype=tl.float32)
+    for j in tl.range(0, seg_len, W, num_stages=STAGES):
+        idx = base + j
+        x = tl.load(row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+        x = tl.where(x > 0.0, x, 0.0)  # NaN and negative -> 0
+        gt = x[None, :, :] > piv[:, None, None]  # [NP, NSEG, W]
+        mass_acc += tl.where(gt, x[None, :, :], 0.0)
+        if COUNT:
+            cnt_acc += gt.to(tl.float32)
+        if MAX:
+            max_acc = tl.maximum(max_acc, x)
+    cnt = tl.sum(tl.sum(cnt_acc, axis=2), axis=1).to(tl.int32)
+    mass = tl.sum(mass_acc, axis=2)
+    return cnt, mass, tl.max(tl.max(max_acc, axis=1), axis=0)
+
+
+@triton.jit
+def _seg_pick(sums, targets, N: tl.constexpr):
+    """For every row q of ``sums [NQ, N]`` (non-negative): the first position whose running sum
+    exceeds ``targets[q]`` among positions of positive sum (the last such position when the float
+    running sum never does; -1 if none) and the target minus the sums before it."""
+    pos = tl.arange(0, N)[None, :]
+    cs = tl.cumsum(sums, axis=1)
+    hit = (cs > targets[:, None]) & (sums > 0.0)
+    first = tl.min(tl.where(hit, pos, N), axis=1)
+    last = tl.max(tl.where(sums > 0.0, pos, -1), axis=1)
+    sel = tl.where(first < N, first, last)
+    before = tl.sum(tl.where(pos < sel[:, None], sums, 0.0), axis=1)
+    return sel, targets - before
+
+
+@triton.jit
+def _seg_draw(row, vocab, lo, seg_mass, targets, seg_len, sub_len, NQ: tl.constexpr, NSEG: tl.constexpr,
+              NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr):
+    """NQ inverse-CDF draws from {p > lo}, given that set's per-segment masses ``seg_mass [NSEG]``
+    and running-sum ``targets [NQ]`` (below the sum of ``seg_mass``). Returns the token ids ``[NQ]``
+    (-1 where the set is empty); every id returned has ``p > lo``.
+
+    Level 1 picks the segment, level 2 sweeps the NQ picked segments once (tile [NQ, NSUB, CW], no
+    reduction in the loop) for their NSUB sub-segment masses and picks the sub-segment, level 3
+    scans it in chunks of C3 (prefix sums; ``sub_len`` is a few C3). Float sums in another order
+    need not agree: a target past a sub-segment's recomputed sum takes its last token above lo.
+    """
+    q = tl.arange(0, NQ)
+    seg_sel, resid = _seg_pick(tl.broadcast_to(seg_mass[None, :], (NQ, NSEG)), targets, NSEG)
+    ok = seg_sel >= 0
+    seg_start = tl.maximum(seg_sel, 0) * seg_len
+    seg_end = tl.minimum(seg_start + seg_len, vocab)
+    # Level 2: sub-segment masses of every picked segment.
+    sub = tl.arange(0, NSUB)
+    cw = tl.arange(0, CW)
+    base = seg_start[:, None, None] + sub[None, :, None] * sub_len + cw[None, None, :]  # [NQ, NSUB, CW]
+    lim = seg_end[:, None, None]
+    acc = tl.zeros([NQ, NSUB, CW], dtype=tl.float32)
+    for j in tl.range(0, sub_len, CW, num_stages=STAGES):
+        idx = base + j
+        x = tl.load(row + idx, mask=idx < lim, other=0.0).to(tl.float32)
+        acc += tl.where(x > lo, x, 0.0)
+    sub_sel, resid = _seg_pick(tl.sum(acc, axis=2), resid, NSUB)
+    ok = ok & (sub_sel >= 0)
+    start = seg_start + tl.maximum(sub_sel, 0) * sub_len
+    end = tl.minimum(start + sub_len, seg_end)
+    # Level 3: blocked scan of the picked sub-segment.
+    c3 = tl.arange(0, C3)
+    run = tl.zeros([NQ], dtype=tl.float32)
+    hit = tl.full([NQ], -1, dtype=tl.int32)
+    last = tl.full([NQ], -1, dtype=tl.int32)
+    for j in range(0, sub_len, C3):
+        idx = start[:, None] + j + c3[None, :]  # [NQ, C3]
+        x = tl.load(row + idx, mask=idx < end[:, None], other=0.0).to(tl.float32)
+        above = x > lo  # NaN and padding are out
+        w = tl.where(above, x, 0.0)
+        cs = tl.cumsum(w, axis=1) + run[:, None]
+        first = tl.min(tl.where(above & (cs > resid[:, None]), idx, 2147483647), axis=1)
+        hit = tl.where((hit < 0) & (first < 2147483647), first, hit)
+        last = tl.maximum(last, tl.max(tl.where(above, idx, -1), axis=1))
+        run += tl.sum(w, axis=1)
+    cid = tl.where(hit >= 0, hit, last)
+    return tl.where(ok, cid, -1)
+
+
+@triton.jit
+def _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
+                USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, NQ: tl.constexpr,
+                NC: tl.constexpr, NP: tl.constexpr):
+    """The pivots ``[NP]`` of the next pass (+inf: unused lane).
+
+    Lane 0 = ``lo`` (the candidate set's per-segment masses when ``lo`` does not move); lanes
+    1..NC = the queued candidates; search lanes = ``lo + (hi - lo) * g`` with g in
+    {f/2, f, (1+f)/2, (3+f)/4, ...} around the fraction f where cnt reaches k or the mass reaches
+    ``p_mass`` (interpolated between the bracket ends); with min-p the first search lane is the float
+    just below the threshold ({p > lane} is then exactly the min-p set). First pass: lane 0 = 0
+    (total, positive count) and, with top-k or top-p, the other lanes at ``2^(2j-1) / vocab``.
+    """
+    lane = tl.arange(0, NP)
+    piv = tl.where(lane == 0, lo, float("inf"))
+    if NC > 0:
+        qi = tl.arange(0, NQ)
+        sel = (lane[:, None] == qi[None, :] + 1) & (qi[None, :] < qn) & (qi[None, :] < NC)  # [NP, NQ]
+        piv = tl.where(tl.max(sel.to(tl.int32), axis=1) > 0, tl.sum(tl.where(sel, qv[None, :], 0.0), axis=1), piv)
+    s = lane - 1 - NC  # search lane index
+    NS: tl.constexpr = NP - 1 - NC
+    if NS > 0:
+        if USE_TOP_K or USE_TOP_P:
+            f = tl.full([], 0.02, dtype=tl.float32)
+            if USE_TOP_K:
+                f = tl.maximum(f, ((lo_cnt - k).to(tl.float32) + 0.5) / tl.maximum(lo_cnt - hi_cnt, 1).to(tl.float32))
+            if USE_TOP_P:
+                f = tl.maximum(f, tl.maximum(lo_mass - p_mass, 0.0) / tl.maximum(lo_mass - hi_mass, 1e-30))
+            f = tl.minimum(f, 0.98)
+            HALF: tl.constexpr = NS // 2
+            sf = s.to(tl.float32)
+            g = tl.where(s < HALF, f * tl.exp2(sf - HALF + 1.0), 1.0 - (1.0 - f) * tl.exp2(HALF - 1.0 - sf))
+            piv = tl.where((hi < float("inf")) & (lo < hi), tl.where(s >= 0, lo + (hi - lo) * g, piv), piv)
+        if USE_MIN_P:
+            below = (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
+            piv = tl.where((thr > 0) & (below > lo), tl.where(s == 0, below, piv), piv)
+    if USE_TOP_K or USE_TOP_P:
+        start = tl.where(lane == 0, 0.0, tl.exp2(2.0 * lane.to(tl.float32) - 1.0) / vocab)
+    else:
+        start = tl.where(lane == 0, 0.0, float("inf"))
+    return tl.where(first, start, piv)
+
+
+@triton.jit
+def _lane_value(v, lane, j):
+    """``v[j]`` of a per-lane vector ``v`` (float or int)."""
+    return tl.sum(tl.where(lane == j, v, 0), axis=0)
+
+
+@triton.jit
+def _seg_filtered_sampling_kernel(
+    PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET,
+    vocab, stride_row, seg_len, sub_len,
+    top_k_val, top_p_val, min_p_val, seed_val, offset_val,
+    HAS_ROWS: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, MINP_PER_ROW: tl.constexpr,
+    SEED_IN_TENSOR: tl.constexpr, SEED_PER_ROW: tl.constexpr,
+    USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, TOP_K_FIRST: tl.constexpr,
+    MAX_PASSES: tl.constexpr, MAX_STEPS: tl.constexpr, DRAW_STRIDE: tl.constexpr,
+    NQ: tl.constexpr, NC: tl.constexpr, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
+    NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr,
+):
+    """The rejection sampler with segmented passes (section comment above). One output row per
+    program; arguments as ``_fast_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
+    ``sub_len``: tokens per segment / sub-segment, multiples of W / CW); BLOCK and NP_SEARCH size
+    the exact fallback (``_exact_draw``, default path helpers)."""
+    i = tl.program_id(0)
+    if HAS_ROWS:
+        src = tl.load(ROWS + i).to(tl.int64)
+    else:
+        src = i.to(tl.int64)
+    row = PROBS + src * stride_row
+    k, top_p, min_p = _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW,
+                                   TOPP_PER_ROW, MINP_PER_ROW)
+    top_p = tl.where(top_p >= 1.0, 3.0e38, top_p)  # top_p >= 1 keeps every positive token (no float-sum edge)
+    seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
+    USE_KP: tl.constexpr = USE_TOP_K or USE_TOP_P
+    VERIFY: tl.constexpr = USE_KP or USE_MIN_P
+    WORDS: tl.constexpr = (NQ + 3) // 4  # Philox counters per draw
+    tl.static_assert(WORDS * MAX_PASSES + 1 <= DRAW_STRIDE)
+    tl.static_assert(NC == 0 or NC == NQ)  # every queued candidate is measured by the next pass
+    lane = tl.arange(0, NP)
+    q = tl.arange(0, NQ)
+
+    # Bracket: every value <= lo is rejected (lo = 0 at first), every value >= hi passes top-k/top-p.
+    lo = tl.zeros([], dtype=tl.float32)
+    lo_cnt = tl.zeros([], dtype=tl.int32)  # cnt(lo), mass(lo): the candidate set {p > lo}
+    lo_mass = tl.zeros([], dtype=tl.float32)
+    have_total = lo > 1.0  # False until a pass (or the top-k set) measured the row
+    if USE_KP:
+        hi = tl.full([], float("inf"), dtype=tl.float32)
+    else:
+        hi = tl.zeros([], dtype=tl.float32)
+    hi_cnt = tl.zeros([], dtype=tl.int32)
+    hi_mass = tl.zeros([], dtype=tl.float32)
+    total = tl.full([], 1.0, dtype=tl.float32)  # top-p reference mass
+    thr = tl.zeros([], dtype=tl.float32)  # min-p threshold (min_p * row max)
+    if TOP_K_FIRST:
+        # The top-k set exactly (as the default path), then top-p inside it, relative to its mass.
+        lo, lo_mass, rmax0 = _top_k_set(row, vocab, lo, k, MAX_STEPS, BLOCK, NP_SEARCH)
+        have_total = have_total | True
+        total = lo_mass
+        hi = rmax0
+
+    # Candidate queue, in draw order: values and ids; qn entries, all measured by the next pass.
+    qv = tl.zeros([NQ], dtype=tl.float32)
+    qid = tl.zeros([NQ], dtype=tl.int32)
+    qn = tl.zeros([], dtype=tl.int32)
+    result = tl.zeros([], dtype=tl.int32)
+    valid = have_total & False
+    done = have_total & False
+    r = 0
+    if MAX_PASSES > 0:  # a loop that can never run breaks Triton 3.6's coalesce pass
+        while (r < MAX_PASSES) & (~done):
+            first = ~have_total
+            p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)  # no top-p filter: stays huge, no overflow
+            if VERIFY:
+                piv = _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
+                                  USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NP)
+            else:
+                piv = tl.zeros([NP], dtype=tl.float32)  # lane 0 = 0: the masses of {p > 0}
+            cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, piv, USE_TOP_K, VERIFY, NP, NSEG, W, STAGES)
+            if not USE_TOP_K:
+                # Top-p needs cnt only for "cnt(v) == 0", i.e. v >= row max: no counting in the pass.
+                cnt = tl.where(piv >= rmax, 0, 1)
+            pmass = tl.sum(seg_mass, axis=1)  # [NP]
+            if VERIFY:
+                if first:
+                    total = _lane_value(pmass, lane, 0)
+                    thr = min_p * rmax
+                    if USE_KP:
+                        hi = tl.minimum(hi, rmax)  # the row max passes top-k and top-p (cnt = 0)
+                p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)
+                keep_kp = _keep(cnt, pmass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
+                keep = keep_kp & (piv >= thr)
+                used = piv < float("inf")
+                # New lo: the largest rejected pivot (lane 0 holds lo itself, so some lane has it).
+                lo = tl.maximum(lo, tl.max(tl.where(used & (~keep), piv, -1.0), axis=0))
+                if USE_KP:
+                    passed = used & keep_kp
+                    hb = tl.min(tl.where(passed, piv, float("inf")), axis=0)
+                    hb_lane = tl.min(tl.where(passed & (piv == hb), lane, NP), axis=0)
+                    mh = hb < hi
+                    hi_cnt = tl.where(mh, _lane_value(cnt, lane, hb_lane), hi_cnt)
+                    hi_mass = tl.where(mh, _lane_value(pmass, lane, hb_lane), hi_mass)
+                    hi = tl.where(mh, hb, hi)
+                # Queued candidates (lanes 1..NQ): the first kept one in draw order is accepted.
+                if NC > 0:
+                    qkeep = tl.max(tl.where((lane[None, :] == q[:, None] + 1) & keep[None, :], 1, 0), axis=1) > 0
+                    head = tl.min(tl.where(qkeep & (q < qn), q, NQ), axis=0)
+                    accept = head < NQ
+                    result = tl.where(accept, tl.sum(tl.where(q == head, qid, 0), axis=0), result)
+                else:
+                    accept = have_total & False
+            else:
+                accept = have_total & False
+            lo_lane = tl.min(tl.where((piv == lo) & (piv < float("inf")), lane, NP), axis=0)
+            lo_cnt = _lane_value(cnt, lane, lo_lane)
+            lo_mass = _lane_value(pmass, lane, lo_lane)
+            empty = lo_mass <= 0.0
+            have_total = have_total | True
+            qn = qn * 0  # the queue was measured: it is decided
+            if (~accept) & (~empty):
+                # Draw NQ new candidates from {p > lo} with its per-segment masses.
+                lo_seg = tl.sum(tl.where(lane[:, None] == lo_lane, seg_mass, 0.0), axis=0)  # [NSEG]
+                u = _uniforms(seed, counter + r * WORDS, NQ)
+                cid = _seg_draw(row, vocab, lo, lo_seg, u * tl.sum(lo_seg, axis=0), seg_len, sub_len, NQ, NSEG,
+                                NSUB, CW, C3, STAGES)
+                cok = cid >= 0
+                cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)
+                alive = cok & (cv > lo) & (cv >= thr)
+                kept = alive & (cv >= hi)
+                head = tl.min(tl.where(alive, q, NQ), axis=0)
+                acc_n = tl.max(tl.where((q == head) & kept, 1, 0), axis=0) > 0
+                result = tl.where(acc_n, tl.sum(tl.where(q == head, cid, 0), axis=0), result)
+                accept = accept | acc_n
+                # Queue the alive candidates in draw order (the head is undecided).
+                pos = tl.cumsum(alive.to(tl.int32), axis=0) - 1
+                sel = (pos[None, :] == q[:, None]) & alive[None, :]  # [slot, candidate]
+                qv = tl.sum(tl.where(sel, cv[None, :], 0.0), axis=1)
+                qid = tl.sum(tl.where(sel, cid[None, :], 0), axis=1)
+                qn = tl.where(accept, 0, tl.sum(alive.to(tl.int32), axis=0))
+            valid = valid | accept
+            done = accept | empty
+            r += 1
+
+    if ~done:
+        # Exact fallback (as the default path): find tau above lo, then one draw.
+        result, valid = _exact_draw(row, vocab, lo, lo_mass, total, have_total, k, top_p, min_p,
+                                    _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P,
+                                    USE_MIN_P, MAX_STEPS, BLOCK, NP_SEARCH)
+
+    tl.store(OUT + i, result.to(OUT.dtype.element_ty))
+    tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
@@ -895,15 +1224,47 @@ def _fast_config(vocab: int, interpreted: bool):
     return block, block // 64
 
 
+def seg_path_enabled() -> bool:
+    """Whether the samplers use the segmented kernel: FLASHTILE_SAMPLING_SEG=1 (read at every call; off
+    by default until measured on the H100; it wins over FLASHTILE_SAMPLING_FAST)."""
+    return os.environ.get("FLASHTILE_SAMPLING_SEG", "0") == "1"
+
+
+def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool):
+    """Launch sizes of the segmented sampler (module constants SEG_*). ``filtered``: some filter (top-k,
+    top-p or min-p); ``count``: top-k or top-p (queued candidates are measured: pivot lanes for them).
+    Under the interpreter, tiny tiles so that test vocabularies of 7-41 tokens span several segments,
+    sub-segments and scan chunks."""
+    if interpreted:
+        nseg, w, nsub, cw, c3, warps, stages = 4, 2, 2, 2, 4, 4, 1
+    else:
+        nseg, w, nsub, cw, c3, warps, stages = (SEG_ROWS, SEG_COLS, SEG_SUBS, SEG_SUB_COLS, SEG_SCAN, SEG_WARPS,
+                                                SEG_STAGES)
+    seg_len = triton.cdiv(triton.cdiv(vocab, nseg), w) * w
+    sub_len = triton.cdiv(triton.cdiv(seg_len, nsub), cw) * cw
+    if not filtered:
+        nq, nc, np_ = 2, 0, 1  # plain sampling: one draw (two lanes: size-1 tiles spill), always kept
+    elif not count:
+        nq, nc, np_ = SEG_NQ, 0, 2  # min-p: lanes lo and the float below the threshold
+    else:
+        nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS
+        assert np_ >= nq + 2 and np_ & (np_ - 1) == 0, "SEG_PIVOTS: a power of 2 >= SEG_NQ + 2"
+    return dict(seg_len=seg_len, sub_len=sub_len, NQ=nq, NC=nc, NP=np_, NSEG=nseg, W=w, NSUB=nsub, CW=cw, C3=c3,
+                STAGES=stages, num_warps=warps)
+
+
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
-                      order="joint", max_rounds=None, fast=None):
+                      order="joint", max_rounds=None, fast=None, seg=None):
     """Launch the rejection sampler (no filter: plain sampling). ``top_k``/``top_p``/``min_p``: int/float
     scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``.
-    ``max_rounds``: rejection rounds (fast path: passes) before the exact fallback, None = the default;
-    ``fast``: None = :func:`fast_path_enabled`."""
+    ``max_rounds``: rejection rounds (fast and segmented paths: passes) before the exact fallback, None =
+    the default; ``fast``: None = :func:`fast_path_enabled`; ``seg``: None = :func:`seg_path_enabled`
+    (wins over ``fast``)."""
     batch = out.shape[0]
     if batch == 0:
         return
+    if seg is None:
+        seg = seg_path_enabled()
     if fast is None:
         fast = fast_path_enabled()
     vocab = probs.shape[-1]
@@ -912,6 +1273,24 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     mp, mp_val, mp_row = _param(min_p, 0.0)
     s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
     dummy = out
+    if seg:
+        cfg = _seg_config(vocab, _interpreted(probs), filtered=top_k is not None or top_p is not None or min_p is not None,
+                          count=top_k is not None or top_p is not None)
+        seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
+        _seg_filtered_sampling_kernel[(batch,)](
+            probs, rows if rows is not None else dummy, out, valid,
+            tk if tk is not None else dummy, tp if tp is not None else dummy, mp if mp is not None else dummy,
+            s_t if s_t is not None else dummy, o_t if o_t is not None else dummy,
+            vocab, probs.stride(0), seg_len, sub_len, int(tk_val), float(tp_val), float(mp_val), s_val, o_val,
+            HAS_ROWS=rows is not None, TOPK_PER_ROW=tk_row, TOPP_PER_ROW=tp_row, MINP_PER_ROW=mp_row,
+            SEED_IN_TENSOR=s_in, SEED_PER_ROW=s_row,
+            USE_TOP_K=top_k is not None and order != "top_k_first", USE_TOP_P=top_p is not None,
+            USE_MIN_P=min_p is not None, TOP_K_FIRST=top_k is not None and order == "top_k_first",
+            MAX_PASSES=SEG_MAX_PASSES if max_rounds is None else max_rounds, MAX_STEPS=MAX_SEARCH_STEPS,
+            DRAW_STRIDE=DRAW_STRIDE, BLOCK=16 if _interpreted(probs) else SEG_FALLBACK_BLOCK, NP_SEARCH=NUM_PIVOTS,
+            **cfg,
+        )
+        return
     if fast:
         block, warps = _fast_config(vocab, _interpreted(probs))
         kernel = _fast_filtered_sampling_kernel
