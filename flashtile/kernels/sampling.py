@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import cdiv
+
 NUM_PIVOTS = 4  # pivots evaluated per pass of the threshold search
 MAX_ROUNDS = 32  # rejection rounds before the exact search
 MAX_SEARCH_STEPS = 48  # passes of the exact search (each shrinks the interval about 4x)
@@ -1240,8 +1242,8 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool):
     else:
         nseg, w, nsub, cw, c3, warps, stages = (SEG_ROWS, SEG_COLS, SEG_SUBS, SEG_SUB_COLS, SEG_SCAN, SEG_WARPS,
                                                 SEG_STAGES)
-    seg_len = triton.cdiv(triton.cdiv(vocab, nseg), w) * w
-    sub_len = triton.cdiv(triton.cdiv(seg_len, nsub), cw) * cw
+    seg_len = cdiv(cdiv(vocab, nseg), w) * w
+    sub_len = cdiv(cdiv(seg_len, nsub), cw) * cw
     if not filtered:
         nq, nc, np_ = 2, 0, 1  # plain sampling: one draw (two lanes: size-1 tiles spill), always kept
     elif not count:
