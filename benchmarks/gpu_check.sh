@@ -57,6 +57,7 @@ for step in "$@"; do
     tests-fast-flags) FLASHTILE_SAMPLING_FAST=1 timeout 200 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_sampling.py 2>&1 | tee "$OUT/tests_fast_sampling.log" | tail -6
            FLASHTILE_ROPE_FAST=1 timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_rope.py 2>&1 | tee "$OUT/tests_fast_rope.log" | tail -6 ;;
     merge-hints) timeout 100 python3 benchmarks/tune_merge.py --hints 2>&1 | tee "$OUT/merge_hints.log" | grep HINTS ;;
+    tune-small) timeout 200 python3 benchmarks/tune_small_ops.py 2>&1 | tee "$OUT/tune_small.log" | grep BEST ;;
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep -E "per eager call|^###" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     tests-small) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_cascade_merge.py tests/test_intmath.py tests/test_page.py 2>&1 | tee "$OUT/tests_small.log" | tail -8 ;;

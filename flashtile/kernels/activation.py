@@ -19,6 +19,7 @@ import triton.language as tl
 from .._core.intmath import cdiv, next_power_of_2
 MAX_BLOCK_D = 2048  # columns per program
 TILE = 2048  # outputs per program when short rows share a program
+ELEMS_PER_WARP = 512  # warps per program = outputs per program / this (1..8)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels may read only constexpr globals
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 
@@ -60,7 +61,7 @@ def act_config(n_rows: int, d: int) -> tuple[int, int, int]:
     grouped so a program writes about TILE outputs; 8..16 outputs per thread."""
     block_d = min(next_power_of_2(d), MAX_BLOCK_D)
     block_m = max(1, min(TILE // block_d, next_power_of_2(n_rows)))
-    num_warps = max(1, min(8, block_m * block_d // 512))
+    num_warps = max(1, min(8, block_m * block_d // ELEMS_PER_WARP))
     return block_m, block_d, num_warps
 
 

@@ -29,6 +29,7 @@ MAX_ONE_PASS = 32768  # longest row kept in registers (next_pow2(hidden) element
 LOOP_BLOCK = 4096  # chunk of the two-pass loop for longer rows
 ROW_TILE = 4096  # elements a program handles when several short rows share it
 MAX_ROWS_PER_PROGRAM = 64
+ELEMS_PER_WARP = 1024  # warps per program = tile elements / this (1..16)
 
 
 @triton.jit
@@ -177,7 +178,7 @@ def norm_config(n_rows: int, n_cols: int, num_sms: int) -> tuple[int, int, bool,
         block_m = min(ROW_TILE // block_n, MAX_ROWS_PER_PROGRAM, next_power_of_2(n_rows))
         while block_m > 1 and cdiv(n_rows, block_m) < num_sms:
             block_m //= 2
-    num_warps = max(1, min(16, block_m * block_n // 1024))
+    num_warps = max(1, min(16, block_m * block_n // ELEMS_PER_WARP))
     return block_m, block_n, one_pass, num_warps
 
 
