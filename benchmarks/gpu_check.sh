@@ -58,6 +58,9 @@ for step in "$@"; do
            FLASHTILE_ROPE_FAST=1 timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_rope.py 2>&1 | tee "$OUT/tests_fast_rope.log" | tail -6 ;;
     merge-hints) timeout 100 python3 benchmarks/tune_merge.py --hints 2>&1 | tee "$OUT/merge_hints.log" | grep HINTS ;;
     tune-small) timeout 200 python3 benchmarks/tune_small_ops.py 2>&1 | tee "$OUT/tune_small.log" | grep BEST ;;
+    bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
+             { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
+           grep -h -e "^###" -e "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep -E "per eager call|^###" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     tests-small) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_cascade_merge.py tests/test_intmath.py tests/test_page.py 2>&1 | tee "$OUT/tests_small.log" | tail -8 ;;
