@@ -56,7 +56,6 @@ for step in "$@"; do
            grep -h -e "^###" -e "^| rope" "$OUT/rope_ab.md" ;;
     tests-fast-flags) FLASHTILE_SAMPLING_FAST=1 timeout 200 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_sampling.py 2>&1 | tee "$OUT/tests_fast_sampling.log" | tail -6
            FLASHTILE_ROPE_FAST=1 timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_rope.py 2>&1 | tee "$OUT/tests_fast_rope.log" | tail -6 ;;
-    merge-hints) timeout 100 python3 benchmarks/tune_merge.py --hints 2>&1 | tee "$OUT/merge_hints.log" | grep HINTS ;;
     tune-small) timeout 200 python3 benchmarks/tune_small_ops.py 2>&1 | tee "$OUT/tune_small.log" | grep BEST ;;
     bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done

@@ -52,26 +52,5 @@ def main() -> None:
         print(f"BEST {case.name}: {results[0]}", flush=True)
 
 
-def hints() -> None:
-    """The pair kernel's cache hints at the default tile (merge_state and merge_state_in_place)."""
-    import flashtile.kernels.merge as merge
-
-    for case in merge_cases(False):
-        if case.params["op"] == "merge_states":
-            continue
-        for load, store in (("", ""), ("evict_first", ""), ("", ".cs"), ("evict_first", ".cs")):
-            merge.PAIR_LOAD_EVICTION, merge.PAIR_STORE_CACHE = load, store
-            try:
-                torch.manual_seed(0)
-                us = measure(_flashtile(case), cuda_graph="on")["median_us"]
-            finally:
-                merge.PAIR_LOAD_EVICTION, merge.PAIR_STORE_CACHE = "", ""
-            print(f"HINTS {case.name:<42} load {load or '-':<12} store {store or '-':<4} {us:7.1f} us "
-                  f"{case.bytes / us / 1e3:6.0f} GB/s", flush=True)
-
-
 if __name__ == "__main__":
-    if "--hints" in sys.argv:
-        hints()
-    else:
-        main()
+    main()

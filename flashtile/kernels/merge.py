@@ -46,13 +46,10 @@ from .softmax import finalize_state, softmax_update
 # so that benchmarks/tune_merge.py can sweep them on a GPU. H100 sweep (8192 tokens x 32 heads x 128,
 # fp16): 2048-element tiles are best for both kernels, the pair kernel with 8 warps (74.6 us, 2741
 # GB/s; torch.add with the same traffic: 72.9 us), the state-loop kernel with 4 (4 states: 136 us).
+# Cache hints (evict_first loads, .cs stores) measured no gain (74.4-75.6 us).
 ROW_TILE_ELEMS = 2048
 PAIR_WARPS = 8
 STATE_LOOP_WARPS = 4
-# Cache hints of the pair kernel's streams (each byte is touched once): "" (none) or
-# "evict_first" for the value loads, "" or ".cs" (streaming) for the output store. Swept by tune_merge.
-PAIR_LOAD_EVICTION = ""
-PAIR_STORE_CACHE = ""
 
 
 @triton.jit
@@ -154,7 +151,6 @@ def _merge_state_pair_kernel(
     stride_st, stride_sh,
     stride_mask,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
-    LOAD_EVICTION: tl.constexpr, STORE_CACHE: tl.constexpr,
 ):
     """One program per BLOCK_R rows of the flattened (token, head) grid: a [BLOCK_R, D_PAD] tile of
     each state is read once and the merge is two online-softmax folds (state A, then state B) of one
@@ -175,9 +171,9 @@ def _merge_state_pair_kernel(
     # replaced by 0 after the load, since its weight 0 times NaN would be NaN.
     tile_ok = row_ok[:, None] & d_ok[None, :]
     o_a = tl.load(V_A + token[:, None] * stride_vat + head[:, None] * stride_vah + offs_d[None, :] * stride_vad,
-                  mask=tile_ok, other=0.0, eviction_policy=LOAD_EVICTION).to(tl.float32)  # [R, D]
+                  mask=tile_ok, other=0.0).to(tl.float32)  # [R, D]
     o_b = tl.load(V_B + token[:, None] * stride_vbt + head[:, None] * stride_vbh + offs_d[None, :] * stride_vbd,
-                  mask=tile_ok, other=0.0, eviction_policy=LOAD_EVICTION).to(tl.float32)  # [R, D]
+                  mask=tile_ok, other=0.0).to(tl.float32)  # [R, D]
     o_a = tl.where((lse_a > float("-inf"))[:, None], o_a, 0.0)
     o_b = tl.where((lse_b > float("-inf"))[:, None], o_b, 0.0)
 
@@ -191,7 +187,7 @@ def _merge_state_pair_kernel(
     o, lse = finalize_state(m_i, l_i, acc)
 
     tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :], cache_modifier=STORE_CACHE)
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(S_OUT + token * stride_st + head * stride_sh, lse, mask=row_ok)
 
 
@@ -224,8 +220,7 @@ def merge_state_pair(
         *v_b.stride(), *s_b.stride(),
         *v_out.stride(), *s_out.stride(),
         mask_bytes.stride(0) if mask is not None else 0,
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None,
-        LOAD_EVICTION=PAIR_LOAD_EVICTION, STORE_CACHE=PAIR_STORE_CACHE, num_warps=PAIR_WARPS,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None, num_warps=PAIR_WARPS,
     )
 
 
