@@ -50,6 +50,7 @@ from .softmax import finalize_state, softmax_update
 ROW_TILE_ELEMS = 2048
 PAIR_WARPS = 8
 STATE_LOOP_WARPS = 4
+MAX_UNROLLED_STATES = 8  # merge_states unrolls its state loop (one compile per count) up to this many
 
 
 @triton.jit
@@ -140,6 +141,20 @@ def merge_attention_states(
 
 
 @triton.jit
+def _fold_state_tile(v_tile, s_tile, row_ok, d_ok, m_i, l_i, acc):
+    """Fold one state of a [R, D_PAD] row tile (value pointers ``v_tile``, lse pointers ``s_tile``)
+    into the running online-softmax state."""
+    lse_s = tl.load(s_tile, mask=row_ok, other=float("-inf"))  # [R]
+    # The value load does not wait for the lse load (a second memory round trip per program costs
+    # bandwidth); an empty state's values (lse -inf, possibly never written: NaN) are replaced by 0
+    # after the load, since its weight 0 times NaN would be NaN.
+    o_s = tl.load(v_tile, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    o_s = tl.where((lse_s > float("-inf"))[:, None], o_s, 0.0)  # [R, D]
+    m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_s[:, None])
+    return m_i, l_i, acc + p * o_s
+
+
+@triton.jit
 def _merge_state_pair_kernel(
     V_A, S_A, V_B, S_B, O, S_OUT, MASK,
     num_rows, num_heads,
@@ -164,26 +179,15 @@ def _merge_state_pair_kernel(
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
 
-    lse_a = tl.load(S_A + token * stride_sat + head * stride_sah, mask=row_ok, other=float("-inf"))  # [R]
-    lse_b = tl.load(S_B + token * stride_sbt + head * stride_sbh, mask=row_ok, other=float("-inf"))  # [R]
-    # The value loads do not wait for the lse loads (a second memory round trip per program costs
-    # ~10% of bandwidth); an empty state's values (lse -inf, possibly never written: NaN) are
-    # replaced by 0 after the load, since its weight 0 times NaN would be NaN.
-    tile_ok = row_ok[:, None] & d_ok[None, :]
-    o_a = tl.load(V_A + token[:, None] * stride_vat + head[:, None] * stride_vah + offs_d[None, :] * stride_vad,
-                  mask=tile_ok, other=0.0).to(tl.float32)  # [R, D]
-    o_b = tl.load(V_B + token[:, None] * stride_vbt + head[:, None] * stride_vbh + offs_d[None, :] * stride_vbd,
-                  mask=tile_ok, other=0.0).to(tl.float32)  # [R, D]
-    o_a = tl.where((lse_a > float("-inf"))[:, None], o_a, 0.0)
-    o_b = tl.where((lse_b > float("-inf"))[:, None], o_b, 0.0)
-
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
-    m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_a[:, None])  # p [R, 1]
-    acc += p * o_a
-    m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_b[:, None])
-    acc += p * o_b
+    m_i, l_i, acc = _fold_state_tile(
+        V_A + token[:, None] * stride_vat + head[:, None] * stride_vah + offs_d[None, :] * stride_vad,
+        S_A + token * stride_sat + head * stride_sah, row_ok, d_ok, m_i, l_i, acc)
+    m_i, l_i, acc = _fold_state_tile(
+        V_B + token[:, None] * stride_vbt + head[:, None] * stride_vbh + offs_d[None, :] * stride_vbd,
+        S_B + token * stride_sbt + head * stride_sbh, row_ok, d_ok, m_i, l_i, acc)
     o, lse = finalize_state(m_i, l_i, acc)
 
     tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
@@ -237,7 +241,7 @@ def _merge_state_rows_kernel(
     stride_st, stride_ss, stride_sh,
     stride_ot, stride_oh,
     stride_lt, stride_lh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, UNROLLED_STATES: tl.constexpr,
 ):
     """One program per BLOCK_R rows of the flattened (token, head) grid, folding the row's states one
     after the other: state ``s`` of a block is one [BLOCK_R, D_PAD] tile (contiguous when BLOCK_R rows
@@ -254,14 +258,16 @@ def _merge_state_rows_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
-    for state in range(num_states):
-        lse_s = tl.load(s_rows + state * stride_ss, mask=row_ok, other=float("-inf"))  # [R]
-        # As in the pair kernel: the value load does not wait for the lse, and an empty state's values
-        # (possibly never written) are replaced by 0.
-        o_s = tl.load(v_rows + state * stride_vs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        o_s = tl.where((lse_s > float("-inf"))[:, None], o_s, 0.0)  # [R, D]
-        m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, lse_s[:, None])
-        acc += p * o_s
+    # A compile-time state count (UNROLLED_STATES > 0) unrolls the loop, so every state's loads are
+    # in flight at once; otherwise each iteration waits for its own tile.
+    if UNROLLED_STATES > 0:
+        for state in tl.static_range(UNROLLED_STATES):
+            m_i, l_i, acc = _fold_state_tile(v_rows + state * stride_vs, s_rows + state * stride_ss, row_ok, d_ok,
+                                             m_i, l_i, acc)
+    else:
+        for state in range(num_states):
+            m_i, l_i, acc = _fold_state_tile(v_rows + state * stride_vs, s_rows + state * stride_ss, row_ok, d_ok,
+                                             m_i, l_i, acc)
     o, lse = finalize_state(m_i, l_i, acc)
     tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -293,5 +299,6 @@ def merge_states_by_token(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor,
         s.stride(0), s.stride(1), s.stride(2),
         v_out.stride(0), v_out.stride(1),
         s_out.stride(0), s_out.stride(1),
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, num_warps=STATE_LOOP_WARPS,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r,
+        UNROLLED_STATES=num_states if num_states <= MAX_UNROLLED_STATES else 0, num_warps=STATE_LOOP_WARPS,
     )
