@@ -60,6 +60,14 @@ for step in "$@"; do
     bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
            grep -h -e "^###" -e "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
+    tests-sampling) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
+    bench-sampling-seg) FLASHTILE_SAMPLING_SEG=0 timeout 120 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_seg0 2>&1 | tail -1
+           FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench_seg1 2>&1 | tail -1
+           { echo "### FLASHTILE_SAMPLING_SEG=0 (flashtile only)"; cat /tmp/bench_seg0/sampling.md; echo; echo "### FLASHTILE_SAMPLING_SEG=1, all providers"; cat /tmp/bench_seg1/sampling.md; } > "$OUT/sampling_seg.md"
+           grep -h -e "^###" -e "^| " "$OUT/sampling_seg.md" ;;
+    sanitize-merge-rope) FLASHTILE_BACKEND=triton timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
+                tests/test_cascade_merge.py tests/test_rope.py -k "kernel" 2>&1 | tail -4 | tee "$OUT/sanitize.log" ;;
+    bench-merge) timeout 100 python3 benchmarks/run.py --suite merge_state --out /tmp/bench 2>&1 | tail -1; grep "^| merge" /tmp/bench/merge_state.md ;;
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep -E "per eager call|^###" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     tests-small) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_cascade_merge.py tests/test_intmath.py tests/test_page.py 2>&1 | tee "$OUT/tests_small.log" | tail -8 ;;
