@@ -424,6 +424,132 @@ def test_fast_sampler_reproducible(fast_kernels, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Segmented sampler (FLASHTILE_SAMPLING_SEG=1), whatever the environment of the test run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seg_kernels(monkeypatch, device):
+    """The kernel path with FLASHTILE_SAMPLING_SEG=1 (FLASHTILE_SAMPLING_FAST=0); returns (kernel module,
+    launch counter of the segmented kernel), so a test fails if the variable stops selecting it."""
+    from flashtile._core.dispatch import choose_path, load_kernels
+
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
+    monkeypatch.setenv("FLASHTILE_SAMPLING_FAST", "0")
+    kernels = load_kernels("sampling", choose_path(device).path)
+    real = kernels._seg_filtered_sampling_kernel
+    launches = [0]
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches[0] += 1
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_seg_filtered_sampling_kernel", Counting())
+    return kernels, launches
+
+
+@pytest.mark.parametrize("vocab,dtype", [(7, torch.float32), (41, torch.bfloat16)])
+def test_seg_sampler_filter_sets_and_edge_rows(seg_kernels, device, vocab, dtype):
+    """Every sampler family on the segmented kernel (4 segments of 2-wide tiles under the interpreter,
+    so 7 and 41 tokens leave segments partly or wholly past the end): ids in [0, vocab), inside the
+    float64 oracle's filter set (never a zero-probability token), invalid rows give token 0 with valid
+    False; top_k >= vocab and top_p = 1 keep every positive token."""
+    kernels, launches = seg_kernels
+    V = vocab if not HAS_CUDA else vocab * 3000 + 7
+    probs = _fast_rows(V, device).to(dtype)
+    B = probs.shape[0]
+    for n, (call, filt) in enumerate(_fast_cases(B, V, device)):
+        before = launches[0]
+        ids, valid = call(probs, seed=n, offset=0, return_valid=True)
+        assert launches[0] == before + 1, "FLASHTILE_SAMPLING_SEG=1 did not select the segmented kernel"
+        keep = sampling_keep_oracle(probs, **filt)
+        ids, valid = ids.cpu().long(), valid.cpu()
+        assert bool(((ids >= 0) & (ids < V)).all())
+        has = keep.any(-1)
+        assert valid.tolist() == has.tolist(), filt
+        assert bool(keep[has.nonzero()[:, 0], ids[has]].all()), filt
+        assert bool((ids[~has] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["plain", "top_p", "top_k", "min_p", "top_k_first", "joint"])
+def test_seg_sampler_distribution(seg_kernels, device, kind):
+    """Samples of the segmented kernel follow the renormalized oracle distribution (chi-square, fixed
+    seed). 21 tokens span 4 segments, 2 sub-segments each; the parameters force rejections, queued
+    candidates and search pivots; some rows do not sum to 1 (the segmented kernel never assumes it)."""
+    kernels, launches = seg_kernels
+    V = 21 if not HAS_CUDA else 32001
+    n = 80 if not HAS_CUDA else 200_000
+    fn, filt = {
+        "plain": SAMPLERS["plain"],
+        "top_p": (lambda p, idx, **kw: S.top_p_sampling_from_probs(p, 0.3, idx, **kw), dict(top_p=[0.3])),
+        "top_k": (lambda p, idx, **kw: S.top_k_sampling_from_probs(p, 4, idx, **kw), dict(top_k=[4])),
+        "min_p": (lambda p, idx, **kw: S.min_p_sampling_from_probs(p, 0.4, idx, **kw), dict(min_p=[0.4])),
+        "top_k_first": SAMPLERS["top_k_first"],
+        "joint": SAMPLERS["joint"],
+    }[kind]
+    probs = _dist("flat", V, device)
+    if kind in ("plain", "top_k", "min_p"):
+        probs = probs * 2.5
+    idx = torch.zeros(n, dtype=torch.int32, device=device)
+    ids = fn(probs, idx, seed=23, offset=0)
+    assert launches[0] == 1
+    keep = sampling_keep_oracle(probs, **filt)[0]
+    ids = ids.cpu().long()
+    assert bool(keep[ids].all()), "a sample outside the filter set"
+    assert chi_square_pvalue(ids, renorm_oracle(probs, keep[None])[0]) > P_FLOOR
+
+
+@pytest.mark.parametrize("passes", [0, 1])
+@pytest.mark.parametrize("mode", ["top_p", "top_k", "min_p", "joint", "top_k_first", "plain"])
+def test_seg_sampler_bounded_passes(seg_kernels, device, mode, passes):
+    """The segmented kernel with 0 passes (the exact fallback alone) or 1 (candidates queued, then the
+    fallback): samples stay in the set and, on a GPU, follow the filtered distribution."""
+    kernels, launches = seg_kernels
+    V = 24 if not HAS_CUDA else 50_000
+    probs = _dist("longtail", V, device)
+    n = 12 if not HAS_CUDA else 100_000
+    rows = torch.zeros(n, dtype=torch.int32, device=device)
+    ids = torch.empty(n, dtype=torch.int32, device=device)
+    valid = torch.empty(n, dtype=torch.bool, device=device)
+    params = dict(top_p=dict(top_p=0.5), top_k=dict(top_k=5), joint=dict(top_k=6, top_p=0.5), min_p=dict(min_p=0.2),
+                  top_k_first=dict(top_k=6, top_p=0.5), plain=dict())[mode]
+    order = "top_k_first" if mode == "top_k_first" else "joint"
+    kernels.filtered_sampling(probs, rows, ids, valid, 3, 0, order=order, max_rounds=passes, **params)
+    assert launches[0] == 1
+    keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()}, order=order)[0]
+    assert bool(valid.all()) and bool(keep[ids.cpu().long()].all())
+    if HAS_CUDA:
+        assert chi_square_pvalue(ids.cpu(), renorm_oracle(probs, keep[None])[0]) > P_FLOOR
+
+
+def test_seg_sampler_reproducible(seg_kernels, device):
+    """Same (seed, offset) as ints or device tensors: the same samples; another seed: others; per-row
+    seed/offset tensors are honoured."""
+    kernels, launches = seg_kernels
+    B, V = (3, 33) if not HAS_CUDA else (16, 4096)
+    probs = torch.softmax(torch.randn(B, V) * 2, -1).to(device)
+    a = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=7, offset=100)
+    b = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=7, offset=100)
+    c = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=torch.tensor([7], device=device),
+                                          offset=torch.tensor([100], device=device))
+    assert torch.equal(a, b) and torch.equal(a, c)
+    many = torch.zeros(24 if not HAS_CUDA else 256, dtype=torch.int32, device=device)
+    f = S.top_p_sampling_from_probs(probs, 0.9, many, seed=1, offset=0)
+    g = S.top_p_sampling_from_probs(probs, 0.9, many, seed=2, offset=0)
+    assert not torch.equal(f, g)
+    # Per-row (seed, offset): row i with (seed_i, offset_i) equals a batch-wide (seed_i, offset_i) call's row 0.
+    seeds = torch.tensor([5, 6, 7], device=device)
+    offs = torch.tensor([0, 64, 9], device=device)
+    h = S.top_p_sampling_from_probs(probs[:3], 0.9, seed=seeds, offset=offs)
+    for r in range(3):
+        one = S.top_p_sampling_from_probs(probs[r:r + 1], 0.9, seed=int(seeds[r]), offset=int(offs[r]))
+        assert int(h[r]) == int(one[0])
+    assert launches[0] == 9
+
+
+# ---------------------------------------------------------------------------------------------
 # Speculative sampling
 # ---------------------------------------------------------------------------------------------
 

@@ -1169,6 +1169,12 @@ def _seg_filtered_sampling_kernel(
             r += 1
 
     if ~done:
+        if not VERIFY:
+            # Plain sampling's fallback draws from every positive token: it needs their exact mass
+            # (no pass may have run).
+            cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, tl.zeros([NP], dtype=tl.float32), False, False, NP,
+                                            NSEG, W, STAGES)
+            lo_mass = tl.sum(tl.sum(seg_mass, axis=1), axis=0)
         # Exact fallback (as the default path): find tau above lo, then one draw.
         result, valid = _exact_draw(row, vocab, lo, lo_mass, total, have_total, k, top_p, min_p,
                                     _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P,
