@@ -271,6 +271,7 @@ def fast_kernels(monkeypatch, device):
 
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
     monkeypatch.setenv("FLASHTILE_SAMPLING_FAST", "1")
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "0")  # the segmented kernel would win
     kernels = load_kernels("sampling", choose_path(device).path)
     real = kernels._fast_filtered_sampling_kernel
     launches = [0]

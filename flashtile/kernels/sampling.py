@@ -1007,11 +1007,14 @@ def _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_ma
         if USE_TOP_K or USE_TOP_P:
             f = tl.full([], 0.02, dtype=tl.float32)
             if USE_TOP_K:
-                f = tl.maximum(f, ((lo_cnt - k).to(tl.float32) + 0.5) / tl.maximum(lo_cnt - hi_cnt, 1).to(tl.float32))
+                # Counts fall about exponentially in the value at a distribution's tail: interpolate log(cnt).
+                log_lo = tl.log(tl.maximum(lo_cnt, 1).to(tl.float32))
+                log_hi = tl.log(tl.maximum(hi_cnt.to(tl.float32), 0.5))
+                f = tl.maximum(f, (log_lo - tl.log(k.to(tl.float32) + 0.5)) / tl.maximum(log_lo - log_hi, 1e-6))
             if USE_TOP_P:
                 f = tl.maximum(f, tl.maximum(lo_mass - p_mass, 0.0) / tl.maximum(lo_mass - hi_mass, 1e-30))
             f = tl.minimum(f, 0.98)
-            HALF: tl.constexpr = NS // 2
+            HALF: tl.constexpr = (NS + 1) // 2  # lanes f/2^j below f (f included), (1+f)/2 ... above
             sf = s.to(tl.float32)
             g = tl.where(s < HALF, f * tl.exp2(sf - HALF + 1.0), 1.0 - (1.0 - f) * tl.exp2(HALF - 1.0 - sf))
             piv = tl.where((hi < float("inf")) & (lo < hi), tl.where(s >= 0, lo + (hi - lo) * g, piv), piv)
@@ -1033,7 +1036,7 @@ def _lane_value(v, lane, j):
 
 @triton.jit
 def _seg_filtered_sampling_kernel(
-    PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET,
+    PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET, PASSES,
     vocab, stride_row, seg_len, sub_len,
     top_k_val, top_p_val, min_p_val, seed_val, offset_val,
     HAS_ROWS: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, MINP_PER_ROW: tl.constexpr,
@@ -1042,12 +1045,13 @@ def _seg_filtered_sampling_kernel(
     MAX_PASSES: tl.constexpr, MAX_STEPS: tl.constexpr, DRAW_STRIDE: tl.constexpr,
     NQ: tl.constexpr, NC: tl.constexpr, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
     NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr,
-    BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr,
+    BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr, RECORD_PASSES: tl.constexpr,
 ):
     """The rejection sampler with segmented passes (section comment above). One output row per
     program; arguments as ``_fast_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
     ``sub_len``: tokens per segment / sub-segment, multiples of W / CW); BLOCK and NP_SEARCH size
-    the exact fallback (``_exact_draw``, default path helpers)."""
+    the exact fallback (``_exact_draw``, default path helpers). RECORD_PASSES: store into ``PASSES[i]``
+    the passes this row ran, plus 1000 if it ended in the exact fallback (instrumentation)."""
     i = tl.program_id(0)
     if HAS_ROWS:
         src = tl.load(ROWS + i).to(tl.int64)
@@ -1179,6 +1183,8 @@ def _seg_filtered_sampling_kernel(
         result, valid = _exact_draw(row, vocab, lo, lo_mass, total, have_total, k, top_p, min_p,
                                     _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P,
                                     USE_MIN_P, MAX_STEPS, BLOCK, NP_SEARCH)
+    if RECORD_PASSES:
+        tl.store(PASSES + i, r + tl.where(done, 0, 1000))
 
     tl.store(OUT + i, result.to(OUT.dtype.element_ty))
     tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
@@ -1262,12 +1268,13 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool):
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
-                      order="joint", max_rounds=None, fast=None, seg=None):
+                      order="joint", max_rounds=None, fast=None, seg=None, passes=None):
     """Launch the rejection sampler (no filter: plain sampling). ``top_k``/``top_p``/``min_p``: int/float
     scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``.
     ``max_rounds``: rejection rounds (fast and segmented paths: passes) before the exact fallback, None =
     the default; ``fast``: None = :func:`fast_path_enabled`; ``seg``: None = :func:`seg_path_enabled`
-    (wins over ``fast``)."""
+    (wins over ``fast``); ``passes``: an int32 ``[batch]`` tensor that the segmented kernel fills with each
+    row's pass count (+1000 where the exact fallback ran), for measurements."""
     batch = out.shape[0]
     if batch == 0:
         return
@@ -1288,7 +1295,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
         _seg_filtered_sampling_kernel[(batch,)](
             probs, rows if rows is not None else dummy, out, valid,
             tk if tk is not None else dummy, tp if tp is not None else dummy, mp if mp is not None else dummy,
-            s_t if s_t is not None else dummy, o_t if o_t is not None else dummy,
+            s_t if s_t is not None else dummy, o_t if o_t is not None else dummy, passes if passes is not None else dummy,
             vocab, probs.stride(0), seg_len, sub_len, int(tk_val), float(tp_val), float(mp_val), s_val, o_val,
             HAS_ROWS=rows is not None, TOPK_PER_ROW=tk_row, TOPP_PER_ROW=tp_row, MINP_PER_ROW=mp_row,
             SEED_IN_TENSOR=s_in, SEED_PER_ROW=s_row,
@@ -1296,7 +1303,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
             USE_MIN_P=min_p is not None, TOP_K_FIRST=top_k is not None and order == "top_k_first",
             MAX_PASSES=SEG_MAX_PASSES if max_rounds is None else max_rounds, MAX_STEPS=MAX_SEARCH_STEPS,
             DRAW_STRIDE=DRAW_STRIDE, BLOCK=16 if _interpreted(probs) else SEG_FALLBACK_BLOCK, NP_SEARCH=NUM_PIVOTS,
-            **cfg,
+            RECORD_PASSES=passes is not None, **cfg,
         )
         return
     if fast:
