@@ -204,4 +204,6 @@ probs32k = torch.softmax(torch.randn(512, 32000), -1)
 S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.empty(512, dtype=torch.bool), 7, 0,
                     seg=True, top_p=0.9)
 compile_all("sampling seg top-p vocab 32000")
+S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out_i, out_v, 7, 0, seg=True)
+compile_all("sampling seg sampling_from_logits bf16")
 sys.exit(1 if failures else 0)

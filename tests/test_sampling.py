@@ -550,6 +550,44 @@ def test_seg_sampler_reproducible(seg_kernels, device):
     assert launches[0] == 9
 
 
+def test_seg_sampling_from_logits(monkeypatch, device):
+    """sampling_from_logits on the segmented kernel (FLASHTILE_SAMPLING_SEG=1): follows softmax(logits)
+    with -inf and NaN entries (never drawn); a row without a finite logit is invalid (token 0)."""
+    from flashtile._core.dispatch import choose_path, load_kernels
+
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
+    kernels = load_kernels("sampling", choose_path(device).path)
+    real = kernels._seg_logits_sampling_kernel
+    launches = [0]
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches[0] += 1
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_seg_logits_sampling_kernel", Counting())
+    V = 41 if not HAS_CUDA else 128256
+    n = 120 if not HAS_CUDA else 200_000
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, V, generator=g) * 2
+    logits[0, ::5] = float("-inf")
+    logits[0, 3] = float("nan")
+    target = softmax_oracle(torch.nan_to_num(logits, nan=float("-inf")), None)[0]
+    idx = torch.zeros(n, dtype=torch.int32, device=device)
+    ids = S.sampling_from_logits(logits.to(device), idx, seed=9, offset=0).cpu().long()
+    assert launches[0] == 1
+    assert bool((target[ids] > 0).all())
+    assert chi_square_pvalue(ids, target) > P_FLOOR
+    rows = torch.randn(3, V)
+    rows[0] = float("-inf")
+    rows[1, :] = float("nan")
+    rows[1, V - 1] = 0.0  # one finite logit
+    ids, valid = S.sampling_from_logits(rows.to(device), seed=1, offset=0, return_valid=True)
+    assert valid.cpu().tolist() == [False, True, True] and ids.cpu().tolist()[:2] == [0, V - 1]
+    assert launches[0] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculative sampling
 # ---------------------------------------------------------------------------------------------

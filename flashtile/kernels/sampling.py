@@ -933,11 +933,13 @@ def _seg_pick(sums, targets, N: tl.constexpr):
 
 
 @triton.jit
-def _seg_draw(row, vocab, lo, seg_mass, targets, seg_len, sub_len, NQ: tl.constexpr, NSEG: tl.constexpr,
-              NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr):
+def _seg_draw(row, vocab, lo, seg_mass, targets, seg_len, sub_len, shift, NQ: tl.constexpr, NSEG: tl.constexpr,
+              NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr,
+              IS_LOGITS: tl.constexpr = False):
     """NQ inverse-CDF draws from {p > lo}, given that set's per-segment masses ``seg_mass [NSEG]``
     and running-sum ``targets [NQ]`` (below the sum of ``seg_mass``). Returns the token ids ``[NQ]``
-    (-1 where the set is empty); every id returned has ``p > lo``.
+    (-1 where the set is empty); every id returned has ``p > lo``. IS_LOGITS: the row holds logits
+    and ``p = exp(x - shift)`` (NaN and -inf are never drawn).
 
     Level 1 picks the segment, level 2 sweeps the NQ picked segments once (tile [NQ, NSUB, CW], no
     reduction in the loop) for their NSUB sub-segment masses and picks the sub-segment, level 3
@@ -957,7 +959,10 @@ def _seg_draw(row, vocab, lo, seg_mass, targets, seg_len, sub_len, NQ: tl.conste
     acc = tl.zeros([NQ, NSUB, CW], dtype=tl.float32)
     for j in tl.range(0, sub_len, CW, num_stages=STAGES):
         idx = base + j
-        x = tl.load(row + idx, mask=idx < lim, other=0.0).to(tl.float32)
+        if IS_LOGITS:
+            x = tl.exp(tl.load(row + idx, mask=idx < lim, other=float("-inf")).to(tl.float32) - shift)
+        else:
+            x = tl.load(row + idx, mask=idx < lim, other=0.0).to(tl.float32)
         acc += tl.where(x > lo, x, 0.0)
     sub_sel, resid = _seg_pick(tl.sum(acc, axis=2), resid, NSUB)
     ok = ok & (sub_sel >= 0)
@@ -970,7 +975,10 @@ def _seg_draw(row, vocab, lo, seg_mass, targets, seg_len, sub_len, NQ: tl.conste
     last = tl.full([NQ], -1, dtype=tl.int32)
     for j in range(0, sub_len, C3):
         idx = start[:, None] + j + c3[None, :]  # [NQ, C3]
-        x = tl.load(row + idx, mask=idx < end[:, None], other=0.0).to(tl.float32)
+        if IS_LOGITS:
+            x = tl.exp(tl.load(row + idx, mask=idx < end[:, None], other=float("-inf")).to(tl.float32) - shift)
+        else:
+            x = tl.load(row + idx, mask=idx < end[:, None], other=0.0).to(tl.float32)
         above = x > lo  # NaN and padding are out
         w = tl.where(above, x, 0.0)
         cs = tl.cumsum(w, axis=1) + run[:, None]
@@ -1152,7 +1160,7 @@ def _seg_filtered_sampling_kernel(
                 # Draw NQ new candidates from {p > lo} with its per-segment masses.
                 lo_seg = tl.sum(tl.where(lane[:, None] == lo_lane, seg_mass, 0.0), axis=0)  # [NSEG]
                 u = _uniforms(seed, counter + r * WORDS, NQ)
-                cid = _seg_draw(row, vocab, lo, lo_seg, u * tl.sum(lo_seg, axis=0), seg_len, sub_len, NQ, NSEG,
+                cid = _seg_draw(row, vocab, lo, lo_seg, u * tl.sum(lo_seg, axis=0), seg_len, sub_len, 0.0, NQ, NSEG,
                                 NSUB, CW, C3, STAGES)
                 cok = cid >= 0
                 cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)
@@ -1187,6 +1195,56 @@ def _seg_filtered_sampling_kernel(
         tl.store(PASSES + i, r + tl.where(done, 0, 1000))
 
     tl.store(OUT + i, result.to(OUT.dtype.element_ty))
+    tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
+
+
+@triton.jit
+def _seg_logits_sampling_kernel(
+    LOGITS, ROWS, OUT, VALID, SEED, OFFSET,
+    vocab, stride_row, seg_len, sub_len, seed_val, offset_val,
+    HAS_ROWS: tl.constexpr, SEED_IN_TENSOR: tl.constexpr, SEED_PER_ROW: tl.constexpr, DRAW_STRIDE: tl.constexpr,
+    NQ: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr, NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """``sampling_from_logits`` on segmented passes: one streaming pass keeps a per-slot online
+    (max, sum of exp) (no reduction in the loop); per segment they combine into the segment's mass
+    ``sum_s * exp(max_s - max)``, and the draw (``_seg_draw`` with ``exp(x - max)`` on the fly) reads
+    1/NSEG of the row more. NaN logits count as -inf; a row without a finite logit is invalid.
+    Randomness: the first of the NQ words at counter ``offset_i`` (as the segmented probs sampler)."""
+    i = tl.program_id(0)
+    if HAS_ROWS:
+        src = tl.load(ROWS + i).to(tl.int64)
+    else:
+        src = i.to(tl.int64)
+    row = LOGITS + src * stride_row
+    seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
+    seg = tl.arange(0, NSEG)
+    col = tl.arange(0, W)
+    base = seg[:, None] * seg_len + col[None, :]
+    m_acc = tl.full([NSEG, W], float("-inf"), dtype=tl.float32)
+    s_acc = tl.zeros([NSEG, W], dtype=tl.float32)
+    for j in tl.range(0, seg_len, W, num_stages=STAGES):
+        idx = base + j
+        x = tl.load(row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.where(x == x, x, float("-inf"))
+        m_new = tl.maximum(m_acc, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_acc = s_acc * tl.exp(m_acc - m_safe) + tl.exp(x - m_safe)
+        m_acc = m_new
+    seg_max = tl.max(m_acc, axis=1)  # [NSEG]
+    seg_safe = tl.where(seg_max == float("-inf"), 0.0, seg_max)
+    seg_sum = tl.sum(s_acc * tl.exp(m_acc - seg_safe[:, None]), axis=1)
+    row_max = tl.max(seg_max, axis=0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    seg_mass = seg_sum * tl.exp(seg_max - shift)
+    total = tl.sum(seg_mass, axis=0)
+    u = _uniforms(seed, counter, NQ)
+    cid = _seg_draw(row, vocab, 0.0, seg_mass, u * total, seg_len, sub_len, shift, NQ, NSEG, NSUB, CW, C3, STAGES,
+                    True)
+    q = tl.arange(0, NQ)
+    cand = tl.sum(tl.where(q == 0, cid, 0), axis=0)
+    valid = (total > 0.0) & (cand >= 0)
+    tl.store(OUT + i, tl.where(valid, cand, 0).to(OUT.dtype.element_ty))
     tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
 
 
@@ -1328,11 +1386,26 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     )
 
 
-def sampling_from_logits(logits, rows, out, valid, seed, offset):
+def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
+    """``seg``: None = :func:`seg_path_enabled` (the segmented one-pass kernel)."""
     batch = out.shape[0]
     if batch == 0:
         return
     vocab = logits.shape[-1]
+    if seg is None:
+        seg = seg_path_enabled()
+    if seg:
+        cfg = _seg_config(vocab, _interpreted(logits), filtered=False, count=False)
+        s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
+        _seg_logits_sampling_kernel[(batch,)](
+            logits, rows if rows is not None else out, out, valid,
+            s_t if s_t is not None else out, o_t if o_t is not None else out,
+            vocab, logits.stride(0), cfg["seg_len"], cfg["sub_len"], s_val, o_val,
+            HAS_ROWS=rows is not None, SEED_IN_TENSOR=s_in, SEED_PER_ROW=s_row, DRAW_STRIDE=DRAW_STRIDE,
+            NQ=cfg["NQ"], NSEG=cfg["NSEG"], W=cfg["W"], NSUB=cfg["NSUB"], CW=cfg["CW"], C3=cfg["C3"],
+            STAGES=cfg["STAGES"], num_warps=cfg["num_warps"],
+        )
+        return
     block, warps = _config(vocab, _interpreted(logits))
     s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
     _logits_sampling_kernel[(batch,)](
