@@ -4,8 +4,8 @@ Memory-bound: each input element is read once, each output written once, math in
 Pointer shapes (strides passed):
   X [rows, 2 * d]  input (fp16/bf16/fp32); gate half first, multiplier half second
   Y [rows, d]      output
-Grid: (row blocks, column blocks). Wide rows (d >= BLOCK_D) get one row per program and several
-column blocks; short rows share a program (``BLOCK_M`` rows).
+Grid: row blocks x column blocks, flattened with column blocks fastest. Wide rows (d >= BLOCK_D)
+get one row per program and several column blocks; short rows share a program (``BLOCK_M`` rows).
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ def _act_and_mul_kernel(
     stride_x_row, stride_x_col, stride_y_row, stride_y_col,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # 1-D grid, column blocks fastest: consecutive programs stream consecutive bytes of a row.
+    num_col_blocks = tl.cdiv(d, BLOCK_D)
+    pid = tl.program_id(0)
+    rows = (pid // num_col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % num_col_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = (rows < n_rows)[:, None] & (cols < d)[None, :]  # [BLOCK_M, BLOCK_D]
     x_row = X + rows[:, None] * stride_x_row
     a = tl.load(x_row + cols[None, :] * stride_x_col, mask=ok, other=0.0).to(tl.float32)
@@ -71,7 +74,7 @@ def act_and_mul(input: torch.Tensor, out: torch.Tensor, activation: str) -> None
     if n_rows == 0 or d == 0:
         return
     block_m, block_d, num_warps = act_config(n_rows, d)
-    grid = (cdiv(n_rows, block_m), cdiv(d, block_d))
+    grid = (cdiv(n_rows, block_m) * cdiv(d, block_d),)
     _act_and_mul_kernel[grid](
         input, out, n_rows, d,
         input.stride(0), input.stride(1), out.stride(0), out.stride(1),
