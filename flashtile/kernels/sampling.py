@@ -76,7 +76,9 @@ SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
 SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
 SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
 SEG_MAX_PASSES = 16  # passes before the exact fallback
-SEG_FALLBACK_BLOCK = 1024  # block of the exact fallback's passes (default-path helpers)
+# Block of the exact fallback's passes and of top_k_first's exact top-k set (default-path helpers): 4096 as the
+# default kernel (the fast path searches with 1024-element blocks and measured 2.3x slower on top_k_first).
+SEG_FALLBACK_BLOCK = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1043,6 +1045,86 @@ def _lane_value(v, lane, j):
 
 
 @triton.jit
+def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
+                   STAGES: tl.constexpr, MAX_STEPS: tl.constexpr):
+    """The exact top-k set for ``filter_apply_order="top_k_first"`` on segmented passes: returns
+    ``(lo, row_max, passes)`` with the set = the values above ``lo`` (every positive value when the row
+    has at most k of them).
+
+    Pass 0 measures ``cnt`` at 0 and at ``2^(2j-1) / vocab``; then each pass measures NP pivots in
+    ``[a, hi]`` (``lo < tau <= hi``, ``cnt(lo) >= k``, ``cnt(hi) < k``, ``a`` the smallest value above
+    ``lo``, ``hi`` a row value): lane 0 at ``a``, the others around the point where ``log(cnt)``
+    interpolated between the ends reaches k. The nearest row values around each pivot (per-slot
+    min/max accumulators) move ``a`` and ``hi``; the search ends when ``a == hi`` (= tau).
+    """
+    lane = tl.arange(0, NP)
+    seg = tl.arange(0, NSEG)
+    col = tl.arange(0, W)
+    base = seg[:, None] * seg_len + col[None, :]
+    lo = tl.zeros([], dtype=tl.float32)
+    a = tl.zeros([], dtype=tl.float32)
+    hi = tl.full([], float("inf"), dtype=tl.float32)
+    lo_cnt = tl.zeros([], dtype=tl.int32)
+    hi_cnt = tl.zeros([], dtype=tl.int32)
+    row_max = tl.zeros([], dtype=tl.float32)
+    step = 0
+    searching = lo == 0.0  # True
+    while searching & (step < MAX_STEPS):
+        if step == 0:
+            piv = tl.where(lane == 0, 0.0, tl.exp2(2.0 * lane.to(tl.float32) - 1.0) / vocab)
+        else:
+            log_lo = tl.log(tl.maximum(lo_cnt, 1).to(tl.float32))
+            log_hi = tl.log(tl.maximum(hi_cnt.to(tl.float32), 0.5))
+            f = (log_lo - tl.log(k.to(tl.float32) + 0.5)) / tl.maximum(log_lo - log_hi, 1e-6)
+            f = tl.minimum(tl.maximum(f, 0.02), 0.98)
+            # Lanes 1..NP-1 at f * 2^-(HALF - s) below f and 1 - (1 - f) * 2^-(s - HALF + 1) above.
+            HALF: tl.constexpr = NP // 2
+            s = lane.to(tl.float32)
+            g = tl.where(lane <= HALF, f * tl.exp2(s - HALF), 1.0 - (1.0 - f) * tl.exp2(HALF - s))
+            piv = tl.where(lane == 0, a, a + (hi - a) * g)
+        cnt_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)
+        min_acc = tl.full([NP, NSEG, W], float("inf"), dtype=tl.float32)
+        max_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)  # values are >= 0 (NaN, negative -> 0)
+        top_acc = tl.zeros([NSEG, W], dtype=tl.float32)
+        for j in tl.range(0, seg_len, W, num_stages=STAGES):
+            idx = base + j
+            x = tl.load(row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+            x = tl.where(x > 0.0, x, 0.0)
+            top_acc = tl.maximum(top_acc, x)
+            x3 = x[None, :, :]
+            gt = x3 > piv[:, None, None]
+            cnt_acc += gt.to(tl.float32)
+            min_acc = tl.minimum(min_acc, tl.where(gt, x3, float("inf")))
+            max_acc = tl.maximum(max_acc, tl.where(gt, 0.0, x3))
+        cnt = tl.sum(tl.sum(cnt_acc, axis=2), axis=1).to(tl.int32)
+        min_gt = tl.min(tl.min(min_acc, axis=2), axis=1)
+        max_le = tl.max(tl.max(max_acc, axis=2), axis=1)
+        row_max = tl.max(tl.max(top_acc, axis=1), axis=0)
+        rejected = cnt >= k
+        kept = ~rejected
+        # Largest rejected pivot -> lo (its nearest value above -> a); smallest kept -> hi (nearest value at or below).
+        best = tl.max(tl.where(rejected, piv, -1.0), axis=0)
+        moved = best >= lo
+        b_lane = tl.min(tl.where(rejected & (piv == best), lane, NP), axis=0)
+        lo = tl.where(moved, best, lo)
+        lo_cnt = tl.where(moved, _lane_value(cnt, lane, b_lane), lo_cnt)
+        a = tl.where(moved, _lane_value(tl.where(lane == b_lane, min_gt, 0.0), lane, b_lane), a)
+        hb = tl.min(tl.where(kept, piv, float("inf")), axis=0)
+        h_lane = tl.min(tl.where(kept & (piv == hb), lane, NP), axis=0)
+        has_kept = h_lane < NP
+        new_hi = _lane_value(tl.where(lane == h_lane, max_le, 0.0), lane, h_lane)
+        hi_cnt = tl.where(has_kept & (new_hi < hi), _lane_value(cnt, lane, h_lane), hi_cnt)
+        hi = tl.where(has_kept, tl.minimum(hi, new_hi), hi)
+        if step == 0:
+            hi = tl.minimum(hi, row_max)  # the row max is kept (cnt = 0)
+            searching = tl.max(rejected.to(tl.int32), axis=0) > 0  # cnt(0) < k: every positive value is kept
+        a = tl.minimum(a, hi)
+        searching = searching & (a < hi)
+        step += 1
+    return lo, row_max, step
+
+
+@triton.jit
 def _seg_filtered_sampling_kernel(
     PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET, PASSES,
     vocab, stride_row, seg_len, sub_len,
@@ -1092,11 +1174,12 @@ def _seg_filtered_sampling_kernel(
     total = tl.full([], 1.0, dtype=tl.float32)  # top-p reference mass
     thr = tl.zeros([], dtype=tl.float32)  # min-p threshold (min_p * row max)
     if TOP_K_FIRST:
-        # The top-k set exactly (as the default path), then top-p inside it, relative to its mass.
-        lo, lo_mass, rmax0 = _top_k_set(row, vocab, lo, k, MAX_STEPS, BLOCK, NP_SEARCH)
-        have_total = have_total | True
-        total = lo_mass
+        # The top-k set exactly ({p > lo}), then top-p inside it: the first pass of the loop measures
+        # its mass (lane 0 = lo), the top-p reference.
+        lo, rmax0, search_passes = _seg_top_k_set(row, vocab, seg_len, k, NP, NSEG, W, STAGES, MAX_STEPS)
         hi = rmax0
+    else:
+        search_passes = 0
 
     # Candidate queue, in draw order: values and ids; qn entries, all measured by the next pass.
     qv = tl.zeros([NQ], dtype=tl.float32)
@@ -1110,8 +1193,12 @@ def _seg_filtered_sampling_kernel(
         while (r < MAX_PASSES) & (~done):
             first = ~have_total
             p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)  # no top-p filter: stays huge, no overflow
+            if TOP_K_FIRST:
+                grid = first & False  # lane 0 = lo (the top-k set's bound), search lanes up to its max
+            else:
+                grid = first
             if VERIFY:
-                piv = _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
+                piv = _seg_pivots(grid, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
                                   USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NP)
             else:
                 piv = tl.zeros([NP], dtype=tl.float32)  # lane 0 = 0: the masses of {p > 0}
@@ -1192,7 +1279,7 @@ def _seg_filtered_sampling_kernel(
                                     _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P,
                                     USE_MIN_P, MAX_STEPS, BLOCK, NP_SEARCH)
     if RECORD_PASSES:
-        tl.store(PASSES + i, r + tl.where(done, 0, 1000))
+        tl.store(PASSES + i, r + search_passes + tl.where(done, 0, 1000))
 
     tl.store(OUT + i, result.to(OUT.dtype.element_ty))
     tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
