@@ -206,4 +206,6 @@ S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.e
 compile_all("sampling seg top-p vocab 32000")
 S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out_i, out_v, 7, 0, seg=True)
 compile_all("sampling seg sampling_from_logits bf16")
+S.softmax(torch.randn(128, 128256, dtype=torch.bfloat16), torch.empty(128, 128256), None, seg=True)
+compile_all("sampling seg softmax bf16")
 sys.exit(1 if failures else 0)

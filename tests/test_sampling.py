@@ -588,6 +588,30 @@ def test_seg_sampling_from_logits(monkeypatch, device):
     assert launches[0] == 2
 
 
+@pytest.mark.parametrize("temperature", [None, "tensor"])
+def test_seg_softmax_and_logits_top_k_top_p(monkeypatch, device, temperature):
+    """softmax on segmented passes (FLASHTILE_SAMPLING_SEG=1) against the oracle (-inf entries, a dead
+    row, per-row temperature), and top_k_top_p_sampling_from_logits (segmented softmax, then the
+    segmented top_k_first sampler) inside the oracle's filter set."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
+    V = 45 if not HAS_CUDA else 128256
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, V, generator=g) * 3
+    logits[0, :10] = float("-inf")
+    logits[1] = float("-inf")
+    t = torch.tensor([0.5, 1.0, 2.0]) if temperature == "tensor" else None
+    out = S.softmax(logits.to(device), t.to(device) if t is not None else None)
+    expected = softmax_oracle(logits, t)
+    expected[1] = 0.0
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-6, rtol=1e-5)
+    if temperature is None:
+        live = logits[[0, 2]]
+        ids = S.top_k_top_p_sampling_from_logits(live.to(device), 5, 0.6, seed=4, offset=0).cpu().long()
+        keep = sampling_keep_oracle(softmax_oracle(live), top_k=[5, 5], top_p=[0.6, 0.6], order="top_k_first")
+        assert bool(keep[torch.arange(2), ids].all())
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculative sampling
 # ---------------------------------------------------------------------------------------------

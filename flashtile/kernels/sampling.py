@@ -1054,8 +1054,9 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
     Pass 0 measures ``cnt`` at 0 and at ``2^(2j-1) / vocab``; then each pass measures NP pivots in
     ``[a, hi]`` (``lo < tau <= hi``, ``cnt(lo) >= k``, ``cnt(hi) < k``, ``a`` the smallest value above
     ``lo``, ``hi`` a row value): lane 0 at ``a``, the others around the point where ``log(cnt)``
-    interpolated between the ends reaches k. The nearest row values around each pivot (per-slot
-    min/max accumulators) move ``a`` and ``hi``; the search ends when ``a == hi`` (= tau).
+    interpolated between the ends reaches k (log-count targets ``k * rho^t``, ``|t| <= 1``). The
+    nearest row values around each pivot (per-slot min/max accumulators) move ``a`` and ``hi``; the
+    search ends when ``a == hi`` (= tau).
     """
     lane = tl.arange(0, NP)
     seg = tl.arange(0, NSEG)
@@ -1073,14 +1074,18 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
         if step == 0:
             piv = tl.where(lane == 0, 0.0, tl.exp2(2.0 * lane.to(tl.float32) - 1.0) / vocab)
         else:
+            # Model: log(cnt) linear in the value between (lo, cnt(lo)) and (hi, cnt(hi)). Lanes 1..NP-1 at
+            # counts spread evenly in log space over k / rho .. k * rho, rho = (cnt(lo) / cnt(hi))^(1/8):
+            # a right model shrinks the bracket ~4 (NP - 1) times in log(cnt) per pass (spreads of 1/4 and
+            # 1/16 took more passes on softmax(randn) rows of 128256 tokens with k = 50 and 1000).
             log_lo = tl.log(tl.maximum(lo_cnt, 1).to(tl.float32))
             log_hi = tl.log(tl.maximum(hi_cnt.to(tl.float32), 0.5))
-            f = (log_lo - tl.log(k.to(tl.float32) + 0.5)) / tl.maximum(log_lo - log_hi, 1e-6)
-            f = tl.minimum(tl.maximum(f, 0.02), 0.98)
-            # Lanes 1..NP-1 at f * 2^-(HALF - s) below f and 1 - (1 - f) * 2^-(s - HALF + 1) above.
-            HALF: tl.constexpr = NP // 2
-            s = lane.to(tl.float32)
-            g = tl.where(lane <= HALF, f * tl.exp2(s - HALF), 1.0 - (1.0 - f) * tl.exp2(HALF - s))
+            span = tl.maximum(log_lo - log_hi, 1e-6)
+            log_k = tl.log(k.to(tl.float32) + 0.5)
+            t = (lane - 1).to(tl.float32) / (NP - 2) * 2.0 - 1.0  # -1 .. 1 over lanes 1..NP-1
+            log_c = log_k - t * span * 0.125
+            g = (log_lo - log_c) / span
+            g = tl.minimum(tl.maximum(g, 0.0), 1.0)
             piv = tl.where(lane == 0, a, a + (hi - a) * g)
         cnt_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)
         min_acc = tl.full([NP, NSEG, W], float("inf"), dtype=tl.float32)
@@ -1286,6 +1291,58 @@ def _seg_filtered_sampling_kernel(
 
 
 @triton.jit
+def _seg_max_sum(row, vocab, seg_len, inv_temp, NSEG: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr):
+    """One segmented pass over logits ``x * inv_temp``: per-slot online (max, sum of exp), no reduction
+    in the loop. Returns ``shift`` (the row max, 0 for a row without a finite logit) and the segments'
+    masses ``[NSEG]`` = sum of ``exp(x - shift)`` per segment. NaN counts as -inf."""
+    seg = tl.arange(0, NSEG)
+    col = tl.arange(0, W)
+    base = seg[:, None] * seg_len + col[None, :]
+    m_acc = tl.full([NSEG, W], float("-inf"), dtype=tl.float32)
+    s_acc = tl.zeros([NSEG, W], dtype=tl.float32)
+    for j in tl.range(0, seg_len, W, num_stages=STAGES):
+        idx = base + j
+        x = tl.load(row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32) * inv_temp
+        x = tl.where(x == x, x, float("-inf"))
+        m_new = tl.maximum(m_acc, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_acc = s_acc * tl.exp(m_acc - m_safe) + tl.exp(x - m_safe)
+        m_acc = m_new
+    seg_max = tl.max(m_acc, axis=1)  # [NSEG]
+    seg_safe = tl.where(seg_max == float("-inf"), 0.0, seg_max)
+    seg_sum = tl.sum(s_acc * tl.exp(m_acc - seg_safe[:, None]), axis=1)
+    row_max = tl.max(seg_max, axis=0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    return shift, seg_sum * tl.exp(seg_max - shift)
+
+
+@triton.jit
+def _seg_softmax_kernel(
+    LOGITS, OUT, TEMP, vocab, stride_in, stride_out, seg_len, temp_val,
+    TEMP_PER_ROW: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
+):
+    """float32 softmax(x / T) per row on segmented passes (``_seg_max_sum``, then a pipelined write
+    pass); a row of only -inf/NaN gives zeros."""
+    i = tl.program_id(0).to(tl.int64)
+    row = LOGITS + i * stride_in
+    if TEMP_PER_ROW:
+        inv_temp = 1.0 / tl.load(TEMP + i).to(tl.float32)
+    else:
+        inv_temp = 1.0 / temp_val
+    shift, seg_mass = _seg_max_sum(row, vocab, seg_len, inv_temp, NSEG, W, STAGES)
+    total = tl.sum(seg_mass, axis=0)
+    scale = tl.where(total > 0.0, 1.0 / total, 0.0)
+    seg = tl.arange(0, NSEG)
+    col = tl.arange(0, W)
+    base = seg[:, None] * seg_len + col[None, :]
+    for j in tl.range(0, seg_len, W, num_stages=STAGES):
+        idx = base + j
+        x = tl.load(row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32) * inv_temp
+        e = tl.where(x == x, tl.exp(x - shift), 0.0) * scale
+        tl.store(OUT + i * stride_out + idx, e, mask=idx < vocab)
+
+
+@triton.jit
 def _seg_logits_sampling_kernel(
     LOGITS, ROWS, OUT, VALID, SEED, OFFSET,
     vocab, stride_row, seg_len, sub_len, seed_val, offset_val,
@@ -1305,25 +1362,7 @@ def _seg_logits_sampling_kernel(
         src = i.to(tl.int64)
     row = LOGITS + src * stride_row
     seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
-    seg = tl.arange(0, NSEG)
-    col = tl.arange(0, W)
-    base = seg[:, None] * seg_len + col[None, :]
-    m_acc = tl.full([NSEG, W], float("-inf"), dtype=tl.float32)
-    s_acc = tl.zeros([NSEG, W], dtype=tl.float32)
-    for j in tl.range(0, seg_len, W, num_stages=STAGES):
-        idx = base + j
-        x = tl.load(row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-        x = tl.where(x == x, x, float("-inf"))
-        m_new = tl.maximum(m_acc, x)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_acc = s_acc * tl.exp(m_acc - m_safe) + tl.exp(x - m_safe)
-        m_acc = m_new
-    seg_max = tl.max(m_acc, axis=1)  # [NSEG]
-    seg_safe = tl.where(seg_max == float("-inf"), 0.0, seg_max)
-    seg_sum = tl.sum(s_acc * tl.exp(m_acc - seg_safe[:, None]), axis=1)
-    row_max = tl.max(seg_max, axis=0)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    seg_mass = seg_sum * tl.exp(seg_max - shift)
+    shift, seg_mass = _seg_max_sum(row, vocab, seg_len, 1.0, NSEG, W, STAGES)
     total = tl.sum(seg_mass, axis=0)
     u = _uniforms(seed, counter, NQ)
     cid = _seg_draw(row, vocab, 0.0, seg_mass, u * total, seg_len, sub_len, shift, NQ, NSEG, NSUB, CW, C3, STAGES,
@@ -1504,12 +1543,23 @@ def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
     )
 
 
-def softmax(logits, out, temperature):
+def softmax(logits, out, temperature, *, seg=None):
+    """``seg``: None = :func:`seg_path_enabled` (segmented passes)."""
     batch, vocab = logits.shape
     if batch == 0:
         return
-    block, warps = _config(vocab, _interpreted(logits))
     t, t_val, t_row = _param(temperature, 1.0)
+    if seg is None:
+        seg = seg_path_enabled()
+    if seg:
+        cfg = _seg_config(vocab, _interpreted(logits), filtered=False, count=False)
+        _seg_softmax_kernel[(batch,)](
+            logits, out, t if t is not None else out, vocab, logits.stride(0), out.stride(0), cfg["seg_len"],
+            float(t_val), TEMP_PER_ROW=t_row, NSEG=cfg["NSEG"], W=cfg["W"], STAGES=cfg["STAGES"],
+            num_warps=cfg["num_warps"],
+        )
+        return
+    block, warps = _config(vocab, _interpreted(logits))
     _softmax_kernel[(batch,)](
         logits, out, t if t is not None else out, vocab, logits.stride(0), out.stride(0), float(t_val),
         TEMP_PER_ROW=t_row, BLOCK=block, num_warps=warps,
