@@ -734,7 +734,7 @@ def _fast_filtered_sampling_kernel(
     NP: tl.constexpr = NC + NS
     WORDS: tl.constexpr = NQ // 4  # Philox counters per pass
     tl.static_assert(NQ % 4 == 0)
-    tl.static_assert(WORDS * MAX_PASSES + 1 <= DRAW_STRIDE)
+    tl.static_assert(WORDS * MAX_PASSES + 2 <= DRAW_STRIDE)
     lane = tl.arange(0, NP)
     q = tl.arange(0, NQ)
 
@@ -993,6 +993,34 @@ def _seg_draw(row, vocab, lo, seg_mass, targets, seg_len, sub_len, shift, NQ: tl
 
 
 @triton.jit
+def _seg_draw_queue(row, vocab, lo, hi, thr, lo_seg, seed, counter, seg_len, sub_len, NQ: tl.constexpr,
+                    NSEG: tl.constexpr, NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr):
+    """Draw NQ candidates from {p > lo} (per-segment masses ``lo_seg``; Philox words at ``counter``) and
+    judge them in draw order: the first one not rejected (``p >= thr``) is accepted when known kept
+    (``p >= hi``). Returns (accepted, its id, queue values ``[NQ]``, queue ids ``[NQ]``, queue length):
+    the queue holds the candidates not rejected, in draw order, for the next pass to measure (empty
+    when one was accepted)."""
+    q = tl.arange(0, NQ)
+    u = _uniforms(seed, counter, NQ)
+    cid = _seg_draw(row, vocab, lo, lo_seg, u * tl.sum(lo_seg, axis=0), seg_len, sub_len, 0.0, NQ, NSEG, NSUB, CW, C3,
+                    STAGES)
+    cok = cid >= 0
+    cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)
+    alive = cok & (cv > lo) & (cv >= thr)
+    kept = alive & (cv >= hi)
+    head = tl.min(tl.where(alive, q, NQ), axis=0)
+    accept = tl.max(tl.where((q == head) & kept, 1, 0), axis=0) > 0
+    pick = tl.sum(tl.where(q == head, cid, 0), axis=0)
+    # Queue the alive candidates in draw order (the head is undecided).
+    pos = tl.cumsum(alive.to(tl.int32), axis=0) - 1
+    sel = (pos[None, :] == q[:, None]) & alive[None, :]  # [slot, candidate]
+    qv = tl.sum(tl.where(sel, cv[None, :], 0.0), axis=1)
+    qid = tl.sum(tl.where(sel, cid[None, :], 0), axis=1)
+    qn = tl.where(accept, 0, tl.sum(alive.to(tl.int32), axis=0))
+    return accept, pick, qv, qid, qn
+
+
+@triton.jit
 def _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
                 USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, NQ: tl.constexpr,
                 NC: tl.constexpr, NP: tl.constexpr):
@@ -1048,8 +1076,9 @@ def _lane_value(v, lane, j):
 def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
                    STAGES: tl.constexpr, MAX_STEPS: tl.constexpr):
     """The exact top-k set for ``filter_apply_order="top_k_first"`` on segmented passes: returns
-    ``(lo, row_max, passes)`` with the set = the values above ``lo`` (every positive value when the row
-    has at most k of them).
+    ``(lo, row_max, passes, seg_mass)`` with the set = the values above ``lo`` (every positive value
+    when the row has at most k of them) and ``seg_mass [NSEG]`` its mass per segment (so the first
+    candidates are drawn without another pass).
 
     Pass 0 measures ``cnt`` at 0 and at ``2^(2j-1) / vocab``; then each pass measures NP pivots in
     ``[a, hi]`` (``lo < tau <= hi``, ``cnt(lo) >= k``, ``cnt(hi) < k``, ``a`` the smallest value above
@@ -1068,6 +1097,7 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
     lo_cnt = tl.zeros([], dtype=tl.int32)
     hi_cnt = tl.zeros([], dtype=tl.int32)
     row_max = tl.zeros([], dtype=tl.float32)
+    lo_seg = tl.zeros([NSEG], dtype=tl.float32)
     step = 0
     searching = lo == 0.0  # True
     while searching & (step < MAX_STEPS):
@@ -1090,6 +1120,7 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
         cnt_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)
         min_acc = tl.full([NP, NSEG, W], float("inf"), dtype=tl.float32)
         max_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)  # values are >= 0 (NaN, negative -> 0)
+        mass_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)
         top_acc = tl.zeros([NSEG, W], dtype=tl.float32)
         for j in tl.range(0, seg_len, W, num_stages=STAGES):
             idx = base + j
@@ -1099,6 +1130,7 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
             x3 = x[None, :, :]
             gt = x3 > piv[:, None, None]
             cnt_acc += gt.to(tl.float32)
+            mass_acc += tl.where(gt, x3, 0.0)
             min_acc = tl.minimum(min_acc, tl.where(gt, x3, float("inf")))
             max_acc = tl.maximum(max_acc, tl.where(gt, 0.0, x3))
         cnt = tl.sum(tl.sum(cnt_acc, axis=2), axis=1).to(tl.int32)
@@ -1112,6 +1144,8 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
         moved = best >= lo
         b_lane = tl.min(tl.where(rejected & (piv == best), lane, NP), axis=0)
         lo = tl.where(moved, best, lo)
+        lo_seg = tl.where(moved, tl.sum(tl.where(lane[:, None] == b_lane, tl.sum(mass_acc, axis=2), 0.0), axis=0),
+                          lo_seg)
         lo_cnt = tl.where(moved, _lane_value(cnt, lane, b_lane), lo_cnt)
         a = tl.where(moved, _lane_value(tl.where(lane == b_lane, min_gt, 0.0), lane, b_lane), a)
         hb = tl.min(tl.where(kept, piv, float("inf")), axis=0)
@@ -1123,10 +1157,13 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
         if step == 0:
             hi = tl.minimum(hi, row_max)  # the row max is kept (cnt = 0)
             searching = tl.max(rejected.to(tl.int32), axis=0) > 0  # cnt(0) < k: every positive value is kept
+            # Lane 0 (pivot 0): every positive value, the set when nothing is rejected.
+            lo_seg = tl.where(searching, lo_seg, tl.sum(tl.where(lane[:, None] == 0, tl.sum(mass_acc, axis=2), 0.0),
+                                                        axis=0))
         a = tl.minimum(a, hi)
         searching = searching & (a < hi)
         step += 1
-    return lo, row_max, step
+    return lo, row_max, step, lo_seg
 
 
 @triton.jit
@@ -1160,7 +1197,7 @@ def _seg_filtered_sampling_kernel(
     USE_KP: tl.constexpr = USE_TOP_K or USE_TOP_P
     VERIFY: tl.constexpr = USE_KP or USE_MIN_P
     WORDS: tl.constexpr = (NQ + 3) // 4  # Philox counters per draw
-    tl.static_assert(WORDS * MAX_PASSES + 1 <= DRAW_STRIDE)
+    tl.static_assert(WORDS * MAX_PASSES + 2 <= DRAW_STRIDE)
     tl.static_assert(NC == 0 or NC == NQ)  # every queued candidate is measured by the next pass
     lane = tl.arange(0, NP)
     q = tl.arange(0, NQ)
@@ -1181,8 +1218,16 @@ def _seg_filtered_sampling_kernel(
     if TOP_K_FIRST:
         # The top-k set exactly ({p > lo}), then top-p inside it: the first pass of the loop measures
         # its mass (lane 0 = lo), the top-p reference.
-        lo, rmax0, search_passes = _seg_top_k_set(row, vocab, seg_len, k, NP, NSEG, W, STAGES, MAX_STEPS)
+        lo, rmax0, search_passes, lo_seg0 = _seg_top_k_set(row, vocab, seg_len, k, NP, NSEG, W, STAGES, MAX_STEPS)
         hi = rmax0
+        lo_mass = tl.sum(lo_seg0, axis=0)
+        total = lo_mass  # the top-p reference: the top-k set's mass
+        have_total = have_total | True
+        if MAX_PASSES > 0:
+            # First candidates right away (the search measured the set's masses per segment).
+            acc0, pick0, qv0, qid0, qn0 = _seg_draw_queue(row, vocab, lo, hi, 0.0, lo_seg0, seed,
+                                                          counter + MAX_PASSES * WORDS + 1, seg_len, sub_len, NQ, NSEG,
+                                                          NSUB, CW, C3, STAGES)
     else:
         search_passes = 0
 
@@ -1191,8 +1236,13 @@ def _seg_filtered_sampling_kernel(
     qid = tl.zeros([NQ], dtype=tl.int32)
     qn = tl.zeros([], dtype=tl.int32)
     result = tl.zeros([], dtype=tl.int32)
-    valid = have_total & False
-    done = have_total & False
+    valid = lo < 0.0  # False
+    done = lo < 0.0
+    if TOP_K_FIRST:
+        if MAX_PASSES > 0:
+            qv, qid, qn, result = qv0, qid0, qn0, tl.where(acc0, pick0, result)
+            valid = acc0
+            done = acc0 | (lo_mass <= 0.0)
     r = 0
     if MAX_PASSES > 0:  # a loop that can never run breaks Triton 3.6's coalesce pass
         while (r < MAX_PASSES) & (~done):
@@ -1251,23 +1301,10 @@ def _seg_filtered_sampling_kernel(
             if (~accept) & (~empty):
                 # Draw NQ new candidates from {p > lo} with its per-segment masses.
                 lo_seg = tl.sum(tl.where(lane[:, None] == lo_lane, seg_mass, 0.0), axis=0)  # [NSEG]
-                u = _uniforms(seed, counter + r * WORDS, NQ)
-                cid = _seg_draw(row, vocab, lo, lo_seg, u * tl.sum(lo_seg, axis=0), seg_len, sub_len, 0.0, NQ, NSEG,
-                                NSUB, CW, C3, STAGES)
-                cok = cid >= 0
-                cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)
-                alive = cok & (cv > lo) & (cv >= thr)
-                kept = alive & (cv >= hi)
-                head = tl.min(tl.where(alive, q, NQ), axis=0)
-                acc_n = tl.max(tl.where((q == head) & kept, 1, 0), axis=0) > 0
-                result = tl.where(acc_n, tl.sum(tl.where(q == head, cid, 0), axis=0), result)
+                acc_n, pick, qv, qid, qn = _seg_draw_queue(row, vocab, lo, hi, thr, lo_seg, seed, counter + r * WORDS,
+                                                          seg_len, sub_len, NQ, NSEG, NSUB, CW, C3, STAGES)
+                result = tl.where(acc_n, pick, result)
                 accept = accept | acc_n
-                # Queue the alive candidates in draw order (the head is undecided).
-                pos = tl.cumsum(alive.to(tl.int32), axis=0) - 1
-                sel = (pos[None, :] == q[:, None]) & alive[None, :]  # [slot, candidate]
-                qv = tl.sum(tl.where(sel, cv[None, :], 0.0), axis=1)
-                qid = tl.sum(tl.where(sel, cid[None, :], 0), axis=1)
-                qn = tl.where(accept, 0, tl.sum(alive.to(tl.int32), axis=0))
             valid = valid | accept
             done = accept | empty
             r += 1
