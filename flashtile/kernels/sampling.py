@@ -40,7 +40,10 @@ may be read from device tensors, so a captured CUDA graph replays with new value
 
 FLASHTILE_SAMPLING_FAST=1 selects ``_fast_filtered_sampling_kernel`` instead (same filter sets,
 several proposals per pass, fewer and cheaper passes; section "Fast path" below and
-docs/sampling.md).
+docs/sampling.md). FLASHTILE_SAMPLING_SEG=1 (wins over it) selects the segmented kernels: passes
+without block-wide reductions in their streaming loops, draws from per-segment masses (section
+"Segmented path" below; also ``sampling_from_logits`` and ``softmax``). Both flags are read at every
+call; the launch sizes are the module constants FAST_* / SEG_*.
 """
 
 from __future__ import annotations
