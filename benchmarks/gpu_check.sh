@@ -72,6 +72,9 @@ for step in "$@"; do
     sanitize-prefill) FLASHTILE_BACKEND=triton timeout 170 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
                 tests/test_batch_prefill.py -k "kernel and (ragged_matches or paged_matches or custom_mask or fp8 or rows_outside or long_append or more_queries)" 2>&1 | tail -4 | tee "$OUT/sanitize_prefill.log" ;;
     bench-activation) timeout 90 python3 benchmarks/run.py --suite activation --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/activation.md ;;
+    sampling-passes) FLASHTILE_SAMPLING_SEG=1 timeout 120 python3 benchmarks/sampling_passes.py 2>&1 | tee "$OUT/sampling_passes.log" | tail -8 ;;
+    tune-sampling-seg) FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b1" SEG_STAGES=2,5 SEG_WARPS=4,16 2>&1 | grep -e BEST -e skip
+           FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "b128 V128256" SEG_STAGES=3,5,7 SEG_COLS=32,64 2>&1 | grep -e BEST -e skip ;;
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep -E "per eager call|^###" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     tests-small) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_cascade_merge.py tests/test_intmath.py tests/test_page.py 2>&1 | tee "$OUT/tests_small.log" | tail -8 ;;
