@@ -60,7 +60,7 @@ for step in "$@"; do
     bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
            grep -h -e "^###" -e "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
-    tests-sampling) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
+    tests-sampling) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
     bench-sampling-seg) FLASHTILE_SAMPLING_SEG=0 timeout 120 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_seg0 2>&1 | tail -1
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench_seg1 2>&1 | tail -1
            { echo "### FLASHTILE_SAMPLING_SEG=0 (flashtile only)"; cat /tmp/bench_seg0/sampling.md; echo; echo "### FLASHTILE_SAMPLING_SEG=1, all providers"; cat /tmp/bench_seg1/sampling.md; } > "$OUT/sampling_seg.md"
@@ -71,6 +71,7 @@ for step in "$@"; do
     tests-single-prefill) timeout 420 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_single_prefill.py 2>&1 | tee "$OUT/tests_single_prefill.log" | tail -8 ;;
     sanitize-prefill) FLASHTILE_BACKEND=triton timeout 170 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
                 tests/test_batch_prefill.py -k "kernel and (ragged_matches or paged_matches or custom_mask or fp8 or rows_outside or long_append or more_queries)" 2>&1 | tail -4 | tee "$OUT/sanitize_prefill.log" ;;
+    bench-sampling-final) timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -1; cp /tmp/bench/sampling.md "$OUT/"; grep "^| " /tmp/bench/sampling.md ;;
     bench-activation) timeout 90 python3 benchmarks/run.py --suite activation --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/activation.md ;;
     sampling-passes) FLASHTILE_SAMPLING_SEG=1 timeout 120 python3 benchmarks/sampling_passes.py 2>&1 | tee "$OUT/sampling_passes.log" | tail -8 ;;
     tune-sampling-seg) FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b1" SEG_STAGES=2,5 SEG_WARPS=4,16 2>&1 | grep -e BEST -e skip
