@@ -72,6 +72,8 @@ for step in "$@"; do
     sanitize-prefill) FLASHTILE_BACKEND=triton timeout 170 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
                 tests/test_batch_prefill.py -k "kernel and (ragged_matches or paged_matches or custom_mask or fp8 or rows_outside or long_append or more_queries)" 2>&1 | tail -4 | tee "$OUT/sanitize_prefill.log" ;;
     bench-sampling-final) timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -1; cp /tmp/bench/sampling.md "$OUT/"; grep "^| " /tmp/bench/sampling.md ;;
+    sanitize-sampling) timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
+                tests/test_sampling.py -k "seg and not distribution" 2>&1 | tail -4 | tee "$OUT/sanitize_sampling.log" ;;
     bench-activation) timeout 90 python3 benchmarks/run.py --suite activation --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/activation.md ;;
     sampling-passes) FLASHTILE_SAMPLING_SEG=1 timeout 120 python3 benchmarks/sampling_passes.py 2>&1 | tee "$OUT/sampling_passes.log" | tail -8 ;;
     tune-sampling-seg) FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b1" SEG_STAGES=2,5 SEG_WARPS=4,16 2>&1 | grep -e BEST -e skip
