@@ -186,12 +186,12 @@ probs = torch.softmax(torch.randn(128, 128256), -1)
 for fast in (False, True):
     for order in ("joint", "top_k_first"):
         S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
-                            top_k=50, top_p=0.9, order=order, fast=fast)
-        compile_all(f"sampling top-k/top-p {order}{' fast' if fast else ''}")
+                            top_k=50, top_p=0.9, order=order, fast=fast, seg=False)
+        compile_all(f"sampling top-k/top-p {order}{' fast' if fast else ' rejection loop'}")
     # max_rounds=0: straight to the exact fallback (the rounds loop has no trip).
     S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
-                        top_p=0.5, order="joint", fast=fast, max_rounds=0)
-    compile_all(f"sampling top-p max_rounds=0{' fast' if fast else ''}")
+                        top_p=0.5, order="joint", fast=fast, max_rounds=0, seg=False)
+    compile_all(f"sampling top-p max_rounds=0{' fast' if fast else ' rejection loop'}")
 # Segmented sampler (FLASHTILE_SAMPLING_SEG=1): every specialization family.
 out_i, out_v = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool)
 for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),

@@ -225,7 +225,8 @@ def _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p, u, US
     """The bounded-round fallback of the samplers: find the filter set {p >= tau} exactly (``_search``
     from ``low``, below every kept value), then one inverse-CDF draw from it with uniform ``u``.
     ``mass``: mass of {p > low} (used without a filter); ``total``: the top-p reference mass when
-    ``have_total``. Returns (token, valid)."""
+    ``have_total``. Returns (token, valid, bound): the drawn set is {p > bound} (also the filter set
+    when a filter is on)."""
     VERIFY: tl.constexpr = USE_TOP_K or USE_TOP_P or USE_MIN_P
     if VERIFY:
         start_piv = tl.zeros([NP], dtype=tl.float32) + low
@@ -256,7 +257,7 @@ def _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p, u, US
     cand = tl.where(found, t, last)
     valid = (cand >= 0) & (m_f > 0.0)
     result = tl.where(valid, cand, 0)
-    return result, valid
+    return result, valid, lo_f
 
 
 @triton.jit
@@ -396,7 +397,7 @@ def _filtered_sampling_kernel(
 
     if ~done:
         # Exact fallback: find tau, then one draw from {p >= tau}.
-        result, valid = _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p,
+        result, valid, _ = _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p,
                                     _uniform(seed, counter + MAX_ROUNDS), USE_TOP_K, USE_TOP_P, USE_MIN_P,
                                     MAX_STEPS, BLOCK, NP)
 
@@ -860,9 +861,15 @@ def _fast_filtered_sampling_kernel(
 
     if ~done:
         # Exact fallback (as the default path): find tau above lo, then one draw.
-        result, valid = _exact_draw(row, vocab, lo, lo_mass, total, exact, k, top_p, min_p,
-                                    _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P, USE_MIN_P,
-                                    MAX_STEPS, BLOCK, NP_SEARCH)
+        result, valid, kept_above = _exact_draw(row, vocab, lo, lo_mass, total, exact, k, top_p, min_p,
+                                                _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P,
+                                                USE_MIN_P, MAX_STEPS, BLOCK, NP_SEARCH)
+        # The queue's candidates came first in the rejection sequence (see the segmented kernel).
+        pending = (q < qn) & (qv > kept_above)
+        head = tl.min(tl.where(pending, q, NQ), axis=0)
+        from_queue = head < NQ
+        result = tl.where(from_queue, tl.sum(tl.where(q == head, qid, 0), axis=0), result)
+        valid = valid | from_queue
 
     tl.store(OUT + i, result.to(OUT.dtype.element_ty))
     tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
@@ -1321,9 +1328,17 @@ def _seg_filtered_sampling_kernel(
                                             NSEG, W, STAGES)
             lo_mass = tl.sum(tl.sum(seg_mass, axis=1), axis=0)
         # Exact fallback (as the default path): find tau above lo, then one draw.
-        result, valid = _exact_draw(row, vocab, lo, lo_mass, total, have_total, k, top_p, min_p,
-                                    _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P,
-                                    USE_MIN_P, MAX_STEPS, BLOCK, NP_SEARCH)
+        result, valid, kept_above = _exact_draw(row, vocab, lo, lo_mass, total, have_total, k, top_p, min_p,
+                                                _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K,
+                                                USE_TOP_P, USE_MIN_P, MAX_STEPS, BLOCK, NP_SEARCH)
+        # Candidates drawn by the last pass were never measured. They came first in the rejection
+        # sequence, so the first of them inside the set is the sample; only when none is does the
+        # fresh draw stand (drawing fresh regardless would favour the tokens accepted early).
+        pending = (q < qn) & (qv > kept_above)
+        head = tl.min(tl.where(pending, q, NQ), axis=0)
+        from_queue = head < NQ
+        result = tl.where(from_queue, tl.sum(tl.where(q == head, qid, 0), axis=0), result)
+        valid = valid | from_queue
     if RECORD_PASSES:
         tl.store(PASSES + i, r + search_passes + tl.where(done, 0, 1000))
 
