@@ -183,16 +183,15 @@ from flashtile.kernels import sampling as S  # noqa: E402
 # The sampling launchers pick tiny interpreter tiles for CPU tensors: compile the GPU configuration.
 S._interpreted = lambda t: False
 probs = torch.softmax(torch.randn(128, 128256), -1)
-for fast in (False, True):
-    for order in ("joint", "top_k_first"):
-        S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
-                            top_k=50, top_p=0.9, order=order, fast=fast, seg=False)
-        compile_all(f"sampling top-k/top-p {order}{' fast' if fast else ' rejection loop'}")
-    # max_rounds=0: straight to the exact fallback (the rounds loop has no trip).
+for order in ("joint", "top_k_first"):
     S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
-                        top_p=0.5, order="joint", fast=fast, max_rounds=0, seg=False)
-    compile_all(f"sampling top-p max_rounds=0{' fast' if fast else ' rejection loop'}")
-# Segmented sampler (FLASHTILE_SAMPLING_SEG=1): every specialization family.
+                        top_k=50, top_p=0.9, order=order, seg=False)
+    compile_all(f"sampling top-k/top-p {order} rejection loop")
+# max_rounds=0: straight to the exact fallback (the rounds loop has no trip).
+S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
+                    top_p=0.5, order="joint", max_rounds=0, seg=False)
+compile_all("sampling top-p max_rounds=0 rejection loop")
+# Segmented sampler (the default): every specialization family.
 out_i, out_v = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool)
 for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),
                   ("joint top-k/top-p", dict(top_k=50, top_p=0.9)),

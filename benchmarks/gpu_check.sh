@@ -54,8 +54,6 @@ for step in "$@"; do
            for c in 1,4 2,4 4,8; do FLASHTILE_ROPE_FAST=1 FLASHTILE_ROPE_FAST_CONFIG=$c timeout 20 python3 benchmarks/run.py --suite rope --providers flashtile --cuda-graph on --filter "cos_sin_cache 8192" --out /tmp/bench_rope_c${c/,/x} 2>&1 | tail -1
              { echo "### FLASHTILE_ROPE_FAST=1, FLASHTILE_ROPE_FAST_CONFIG=$c (BLOCK_T,num_warps), --cuda-graph on"; cat /tmp/bench_rope_c${c/,/x}/rope.md; } >> "$OUT/rope_ab.md"; done
            grep -h -e "^###" -e "^| rope" "$OUT/rope_ab.md" ;;
-    tests-fast-flags) FLASHTILE_SAMPLING_FAST=1 timeout 200 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_sampling.py 2>&1 | tee "$OUT/tests_fast_sampling.log" | tail -6
-           FLASHTILE_ROPE_FAST=1 timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_rope.py 2>&1 | tee "$OUT/tests_fast_rope.log" | tail -6 ;;
     tune-small) timeout 200 python3 benchmarks/tune_small_ops.py 2>&1 | tee "$OUT/tune_small.log" | grep BEST ;;
     bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
@@ -81,11 +79,5 @@ for step in "$@"; do
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep -E "per eager call|^###" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     tests-small) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_cascade_merge.py tests/test_intmath.py tests/test_page.py 2>&1 | tee "$OUT/tests_small.log" | tail -8 ;;
-    bench-sampling-ab) : > "$OUT/sampling_ab.md"  # sampling suite, flashtile only: FLASHTILE_SAMPLING_FAST=0/1, then the fast kernel with 2+2 pivot lanes on the batch-128 cases
-           for f in 0 1; do FLASHTILE_SAMPLING_FAST=$f timeout 110 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_samp$f 2>&1 | tail -1
-             { echo "### FLASHTILE_SAMPLING_FAST=$f"; cat /tmp/bench_samp$f/sampling.md; echo; } >> "$OUT/sampling_ab.md"; done
-           FLASHTILE_SAMPLING_FAST=1 timeout 30 python3 -c "import flashtile.kernels.sampling as K; K.FAST_NC = K.FAST_NS = 2; from benchmarks.harness import run_suites; run_suites(['sampling'], '/tmp/bench_samp_l4', filter=' b128 ', providers=['flashtile'])" 2>&1 | tail -1
-           { echo "### FLASHTILE_SAMPLING_FAST=1 with FAST_NC = FAST_NS = 2 (4 pivot lanes)"; cat /tmp/bench_samp_l4/sampling.md; } >> "$OUT/sampling_ab.md"
-           grep -h -e "^###" -e "^| " "$OUT/sampling_ab.md" ;;
   esac
 done

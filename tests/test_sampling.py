@@ -259,33 +259,11 @@ def test_kernel_exact_fallback(path, device, mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast sampler (FLASHTILE_SAMPLING_FAST=1), whatever the environment of the test run
+# Rows and calls shared by the kernel tests below
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fast_kernels(monkeypatch, device):
-    """The kernel path with FLASHTILE_SAMPLING_FAST=1; returns (kernel module, launch counter of the fast
-    kernel), so a test fails if the variable stops selecting it."""
-    from flashtile._core.dispatch import choose_path, load_kernels
-
-    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
-    monkeypatch.setenv("FLASHTILE_SAMPLING_FAST", "1")
-    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "0")  # the segmented kernel would win
-    kernels = load_kernels("sampling", choose_path(device).path)
-    real = kernels._fast_filtered_sampling_kernel
-    launches = [0]
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches[0] += 1
-            return real[grid]
-
-    monkeypatch.setattr(kernels, "_fast_filtered_sampling_kernel", Counting())
-    return kernels, launches
-
-
-def _fast_rows(V, device):
+def _edge_rows(V, device):
     """Rows of every kind the samplers must handle: sharp and flat, ties at the top, all zero, all
     NaN, partly NaN, one token, unnormalized, half zero."""
     g = torch.Generator().manual_seed(V)
@@ -302,7 +280,7 @@ def _fast_rows(V, device):
     return probs.to(device)
 
 
-def _fast_cases(B, V, device):
+def _sampler_cases(B, V, device):
     """(call, oracle filter) for every sampler family, per-request tensors and scalars."""
     g = torch.Generator().manual_seed(B + V)
     top_k = torch.randint(1, 9, (B,), generator=g, dtype=torch.int32)
@@ -327,103 +305,6 @@ def _fast_cases(B, V, device):
     ]
 
 
-@pytest.mark.parametrize("vocab,dtype", [(7, torch.float32), (41, torch.float32), (41, torch.bfloat16)])
-def test_fast_sampler_filter_sets_and_edge_rows(fast_kernels, device, vocab, dtype):
-    """Every sampler family on the fast kernel: ids in [0, vocab), inside the float64 oracle's filter
-    set (never a zero-probability token), invalid rows give token 0 with valid False."""
-    kernels, launches = fast_kernels
-    V = vocab if not HAS_CUDA else vocab * 3000 + 7
-    probs = _fast_rows(V, device).to(dtype)
-    B = probs.shape[0]
-    for n, (call, filt) in enumerate(_fast_cases(B, V, device)):
-        before = launches[0]
-        ids, valid = call(probs, seed=n, offset=0, return_valid=True)
-        assert launches[0] == before + 1, "FLASHTILE_SAMPLING_FAST=1 did not select the fast kernel"
-        keep = sampling_keep_oracle(probs, **filt)
-        ids, valid = ids.cpu().long(), valid.cpu()
-        assert bool(((ids >= 0) & (ids < V)).all())
-        has = keep.any(-1)
-        assert valid.tolist() == has.tolist(), filt
-        assert bool(keep[has.nonzero()[:, 0], ids[has]].all()), filt
-        assert bool((ids[~has] == 0).all())
-    # -inf and NaN logits (top_k_first from logits: softmax, then the fast kernel)
-    logits = torch.randn(4, V)
-    logits[0, ::2] = float("-inf")
-    logits[1] = float("-inf")
-    logits[2, 3] = float("nan")
-    logits[3, :] = 0.0  # all tied
-    ids, valid = S.top_k_top_p_sampling_from_logits(logits.to(device), 2, 0.9, seed=3, offset=0, return_valid=True)
-    ids, valid = ids.cpu(), valid.cpu()
-    assert valid.tolist() == [True, False, True, True]
-    assert ids[0] % 2 == 1 and ids[1] == 0 and ids[2] != 3 and 0 <= ids[3] < V
-
-
-@pytest.mark.parametrize("kind", ["plain", "top_p", "top_k", "min_p", "top_k_first", "joint"])
-def test_fast_sampler_distribution(fast_kernels, device, kind):
-    """Samples of the fast kernel follow the renormalized oracle distribution (chi-square, fixed seed);
-    the vocabulary spans several blocks (16-wide under the interpreter), the parameters force
-    rejections, queued candidates and search pivots, and some rows do not sum to 1. (The logits
-    version runs the top_k_first kernel after its softmax: covered by the edge-row test.)"""
-    kernels, launches = fast_kernels
-    V = 20 if not HAS_CUDA else 32000
-    n = 100 if not HAS_CUDA else 200_000
-    fn, filt = {
-        "plain": SAMPLERS["plain"],
-        "top_p": (lambda p, idx, **kw: S.top_p_sampling_from_probs(p, 0.3, idx, **kw), dict(top_p=[0.3])),
-        "top_k": (lambda p, idx, **kw: S.top_k_sampling_from_probs(p, 4, idx, **kw), dict(top_k=[4])),
-        "min_p": (lambda p, idx, **kw: S.min_p_sampling_from_probs(p, 0.4, idx, **kw), dict(min_p=[0.4])),
-        "top_k_first": SAMPLERS["top_k_first"],
-        "joint": SAMPLERS["joint"],
-    }[kind]
-    probs = _dist("flat", V, device)
-    if kind in ("plain", "top_k", "min_p"):
-        probs = probs * 2.5  # unnormalized: first-pass draws (made against mass ~1) must all be discarded
-    idx = torch.zeros(n, dtype=torch.int32, device=device)
-    ids = fn(probs, idx, seed=21, offset=0)
-    assert launches[0] == 1
-    keep = sampling_keep_oracle(probs, **filt)[0]
-    ids = ids.cpu().long()
-    assert bool(keep[ids].all()), "a sample outside the filter set"
-    assert chi_square_pvalue(ids, renorm_oracle(probs, keep[None])[0]) > P_FLOOR
-
-
-@pytest.mark.parametrize("passes", [0, 2])
-@pytest.mark.parametrize("mode", ["top_p", "top_k", "min_p", "joint", "top_k_first", "plain"])
-def test_fast_sampler_bounded_passes(fast_kernels, device, mode, passes):
-    """The fast kernel with 0 or 2 passes (a queue carried over) before the exact fallback: samples
-    stay in the set."""
-    kernels, launches = fast_kernels
-    V = 24 if not HAS_CUDA else 50_000
-    probs = _dist("longtail", V, device)
-    n = 12 if not HAS_CUDA else 20_000
-    rows = torch.zeros(n, dtype=torch.int32, device=device)
-    ids = torch.empty(n, dtype=torch.int32, device=device)
-    valid = torch.empty(n, dtype=torch.bool, device=device)
-    params = dict(top_p=dict(top_p=0.5), top_k=dict(top_k=5), joint=dict(top_k=6, top_p=0.5), min_p=dict(min_p=0.2),
-                  top_k_first=dict(top_k=6, top_p=0.5), plain=dict())[mode]
-    order = "top_k_first" if mode == "top_k_first" else "joint"
-    kernels.filtered_sampling(probs, rows, ids, valid, 3, 0, order=order, max_rounds=passes, **params)
-    assert launches[0] == 1
-    keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()}, order=order)[0]
-    assert bool(valid.all()) and bool(keep[ids.cpu().long()].all())
-
-
-def test_fast_sampler_reproducible(fast_kernels, device):
-    kernels, launches = fast_kernels
-    B, V = (3, 33) if not HAS_CUDA else (16, 4096)
-    probs = torch.softmax(torch.randn(B, V) * 2, -1).to(device)
-    a = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=7, offset=100)
-    b = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=7, offset=100)
-    c = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=torch.tensor([7], device=device),
-                                          offset=torch.tensor([100], device=device))
-    assert torch.equal(a, b) and torch.equal(a, c)
-    many = torch.zeros(24 if not HAS_CUDA else 256, dtype=torch.int32, device=device)
-    f = S.top_p_sampling_from_probs(probs, 0.9, many, seed=1, offset=0)
-    g = S.top_p_sampling_from_probs(probs, 0.9, many, seed=2, offset=0)
-    assert not torch.equal(f, g)
-    assert launches[0] == 5
-
-
 # ---------------------------------------------------------------------------------------------
 # Segmented sampler (FLASHTILE_SAMPLING_SEG=1), whatever the environment of the test run
 # ---------------------------------------------------------------------------------------------
@@ -431,13 +312,12 @@ def test_fast_sampler_reproducible(fast_kernels, device):
 
 @pytest.fixture
 def seg_kernels(monkeypatch, device):
-    """The kernel path with FLASHTILE_SAMPLING_SEG=1 (FLASHTILE_SAMPLING_FAST=0); returns (kernel module,
+    """The kernel path with FLASHTILE_SAMPLING_SEG=1; returns (kernel module,
     launch counter of the segmented kernel), so a test fails if the variable stops selecting it."""
     from flashtile._core.dispatch import choose_path, load_kernels
 
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
     monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
-    monkeypatch.setenv("FLASHTILE_SAMPLING_FAST", "0")
     kernels = load_kernels("sampling", choose_path(device).path)
     real = kernels._seg_filtered_sampling_kernel
     launches = [0]
@@ -459,9 +339,9 @@ def test_seg_sampler_filter_sets_and_edge_rows(seg_kernels, device, vocab, dtype
     False; top_k >= vocab and top_p = 1 keep every positive token."""
     kernels, launches = seg_kernels
     V = vocab if not HAS_CUDA else vocab * 3000 + 7
-    probs = _fast_rows(V, device).to(dtype)
+    probs = _edge_rows(V, device).to(dtype)
     B = probs.shape[0]
-    for n, (call, filt) in enumerate(_fast_cases(B, V, device)):
+    for n, (call, filt) in enumerate(_sampler_cases(B, V, device)):
         before = launches[0]
         ids, valid = call(probs, seed=n, offset=0, return_valid=True)
         assert launches[0] == before + 1, "FLASHTILE_SAMPLING_SEG=1 did not select the segmented kernel"

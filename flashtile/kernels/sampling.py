@@ -38,13 +38,12 @@ Randomness: draw ``j`` of output row ``i`` is ``tl.rand(seed_i, offset_i + j)`` 
 ``offset_i = offset + i * DRAW_STRIDE`` when one (seed, offset) serves the batch; seed and offset
 may be read from device tensors, so a captured CUDA graph replays with new values.
 
-Three sampler kernels share these filter sets. The default is the segmented one (section "Segmented
+Two sampler kernels share these filter sets. The default is the segmented one (section "Segmented
 path" below; also ``sampling_from_logits`` and ``softmax``): passes without block-wide reductions in
-their streaming loops, draws from per-segment masses; on the H100 it is 2.3-6.5x faster than the
-rejection loop above at batch 128 (docs/sampling.md). FLASHTILE_SAMPLING_SEG=0 selects the rejection
-loop above (``_filtered_sampling_kernel``), or with FLASHTILE_SAMPLING_FAST=1 the multi-candidate
-``_fast_filtered_sampling_kernel`` (section "Fast path" below). Both flags are read at every call;
-the launch sizes are the module constants FAST_* / SEG_*.
+their streaming loops, several candidates per pass drawn from per-segment masses; on the H100 it is
+2.3-6.5x faster than the rejection loop above at batch 128 (docs/sampling.md).
+FLASHTILE_SAMPLING_SEG=0 (read at every call) selects the rejection loop above
+(``_filtered_sampling_kernel``). The launch sizes are the module constants SEG_*.
 """
 
 from __future__ import annotations
@@ -62,12 +61,6 @@ MAX_ROUNDS = 32  # rejection rounds before the exact search
 MAX_SEARCH_STEPS = 48  # passes of the exact search (each shrinks the interval about 4x)
 DRAW_STRIDE = 64  # Philox counters reserved per row (>= MAX_ROUNDS + 1)
 
-# Fast path (FLASHTILE_SAMPLING_FAST=1): sizes chosen with a pass-count simulation (docs/sampling.md);
-# the H100 measurement may move them.
-FAST_NQ = 8  # candidates drawn per pass (a multiple of 4: one Philox call gives 4 words)
-FAST_NC = 4  # queued candidates measured per pass (pivot lanes)
-FAST_NS = 4  # search pivots per pass (interpolated inside the bracket)
-FAST_MAX_PASSES = 16  # passes before the exact fallback (FAST_NQ / 4 * FAST_MAX_PASSES + 1 <= DRAW_STRIDE)
 
 # Segmented path (FLASHTILE_SAMPLING_SEG=1): launch configuration, to sweep on the H100.
 SEG_WARPS = 16
@@ -81,7 +74,7 @@ SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
 SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
 SEG_MAX_PASSES = 16  # passes before the exact fallback
 # Block of the exact fallback's passes and of top_k_first's exact top-k set (default-path helpers): 4096 as the
-# default kernel (the fast path searches with 1024-element blocks and measured 2.3x slower on top_k_first).
+# rejection-loop kernel (1024-element blocks measured 2.3x slower on top_k_first).
 SEG_FALLBACK_BLOCK = 4096
 
 
@@ -588,22 +581,16 @@ def _chain_speculative_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast path (FLASHTILE_SAMPLING_FAST=1; docs/sampling.md "Where the time goes")
+# Several candidates per pass (the segmented kernel below)
 # ---------------------------------------------------------------------------------------------
 #
-# Same filter sets, same exactness argument, fewer and cheaper passes:
-# - every pass is one streaming pass (``_fast_pass``) that both draws NQ candidates from {p > lo}
-#   and measures cnt/mass at NP pivots; the next block is loaded before the current one is reduced,
-#   the statistics accumulate per element slot and are reduced once per pass, and the prefix sum
-#   runs only in the blocks that hold a draw;
-# - candidates queue in the order they were drawn; a pass measures the first NC queued ones (their
-#   values are pivots) and NS search pivots placed by interpolating cnt/mass between the bracket
-#   (lo, hi); the first queued candidate that is not rejected is accepted as soon as it is known to
-#   be kept (measured, or ``>= hi``), so the accepted token is the first filter-set member of a
-#   sequence of draws, each from a set {p > lo} that contains the filter set: exactly the
-#   renormalized filter-set distribution (rejection sampling with several proposals per round);
-# - min-p is decided from the row max (known after the first pass); a top-k bracket starts from
-#   pivots at 2^(2j-1)/vocab on the first pass.
+# Candidates queue in the order they were drawn, each from a set {p > lo} that contains the filter
+# set; the first queued candidate that is not rejected is accepted as soon as it is known to be
+# kept (measured, or ``>= hi``), so the accepted token is the first filter-set member of a sequence
+# of draws: exactly the renormalized filter-set distribution (rejection sampling with several
+# proposals per round). When the pass budget runs out, the exact fallback first judges the queued
+# candidates in order, then draws from the exact set. Min-p is decided from the row max (known
+# after the first pass).
 
 
 @triton.jit
@@ -616,270 +603,11 @@ def _uniforms(seed, counter, NQ: tl.constexpr):
     return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 bits: at most 1 - 2^-24
 
 
-@triton.jit
-def _fast_pass(row, vocab, lo, targets, piv, STATS: tl.constexpr, BLOCK: tl.constexpr, NQ: tl.constexpr,
-               NP: tl.constexpr):
-    """One streaming pass over a row: NQ inverse-CDF draws from {p > lo} and statistics at NP pivots.
-
-    ``targets [NQ]``: running-sum targets (+inf: no draw); ``piv [NP]``: pivots (+inf: unused).
-    Returns hits ``[NQ]`` (first index with ``p > lo`` whose running sum exceeds the target, -1 if
-    none), the last index with ``p > lo`` (-1 if none), the running sum at the end (mass of
-    {p > lo}) and, with STATS, cnt ``[NP]`` (count > pivot), mass ``[NP]`` (sum > pivot) and the
-    row max (0 for a row without positive entries). NaN and negative entries count as 0.
-
-    Per block: the loads of the next three blocks are already in flight (Triton 3.6 does not
-    pipeline this loop by itself), one block-wide reduction (the block sum, for the draws), the prefix sum
-    only where a target falls, statistics accumulated per element slot and reduced after the loop.
-    """
-    offs = tl.arange(0, BLOCK)
-    hits = tl.full([NQ], -1, dtype=tl.int32)
-    agg = tl.zeros([], dtype=tl.float32)
-    last_acc = tl.full([BLOCK], -1, dtype=tl.int32)
-    max_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    cnt_acc = tl.zeros([NP, BLOCK], dtype=tl.float32)  # exact integers (< 2^24 per slot)
-    mass_acc = tl.zeros([NP, BLOCK], dtype=tl.float32)
-    x_n1 = tl.load(row + offs, mask=offs < vocab, other=0.0)
-    x_n2 = tl.load(row + BLOCK + offs, mask=offs + BLOCK < vocab, other=0.0)
-    x_n3 = tl.load(row + 2 * BLOCK + offs, mask=offs + 2 * BLOCK < vocab, other=0.0)
-    for start in range(0, vocab, BLOCK):
-        idx = start + offs
-        x = x_n1.to(tl.float32)
-        x_n1 = x_n2
-        x_n2 = x_n3
-        x_n3 = tl.load(row + 3 * BLOCK + idx, mask=idx + 3 * BLOCK < vocab, other=0.0)
-        x = tl.where(x > 0.0, x, 0.0)  # [BLOCK]; NaN, negative and padding -> 0
-        ok = x > lo
-        w = tl.where(ok, x, 0.0)
-        bsum = tl.sum(w, axis=0)
-        # A target below this block's end (with slack for rounding) may be hit here.
-        open_ = (hits < 0) & (targets < (agg + bsum) * 1.0001)  # [NQ]
-        if tl.max(open_.to(tl.int32), axis=0) > 0:
-            cs = tl.cumsum(w, axis=0) + agg
-            over = ok[None, :] & (cs[None, :] > targets[:, None])  # [NQ, BLOCK]
-            first = tl.min(tl.where(over, idx[None, :], 2147483647), axis=1)
-            hits = tl.where(open_ & (first < 2147483647), first, hits)
-        agg += bsum
-        last_acc = tl.where(ok, idx, last_acc)
-        if STATS:
-            gt = x[None, :] > piv[:, None]  # [NP, BLOCK]
-            cnt_acc += gt.to(tl.float32)
-            mass_acc += tl.where(gt, x[None, :], 0.0)
-            max_acc = tl.maximum(max_acc, x)
-    cnt = tl.sum(cnt_acc, axis=1).to(tl.int32)
-    mass = tl.sum(mass_acc, axis=1)
-    return hits, tl.max(last_acc, axis=0), agg, cnt, mass, tl.max(max_acc, axis=0)
-
-
-@triton.jit
-def _fast_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
-                 USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, NQ: tl.constexpr,
-                 NC: tl.constexpr, NS: tl.constexpr):
-    """The pivots ``[NC + NS]`` of the next pass (+inf: lane unused).
-
-    First pass: lane 0 = 0 (row total and count of positive entries); with top-k the other lanes at
-    ``2^(2j-1) / vocab`` (a first bracket for normalized rows). Later passes: lanes < NC = the first
-    queued candidates ``qv``; search lanes = ``lo + (hi - lo) * g`` with g in
-    {f/2, f, (1+f)/2, (3+f)/4, ...} around the interpolated fraction f where cnt reaches k or the
-    mass reaches ``p_mass``; with min-p the first search lane is the float just below the threshold
-    (then {p > lane} is exactly the min-p set).
-    """
-    NP: tl.constexpr = NC + NS
-    lane = tl.arange(0, NP)
-    qi = tl.arange(0, NQ)
-    sel = (lane[:, None] == qi[None, :]) & (qi[None, :] < qn) & (lane[:, None] < NC)  # [NP, NQ]
-    piv = tl.where(tl.max(sel.to(tl.int32), axis=1) > 0, tl.sum(tl.where(sel, qv[None, :], 0.0), axis=1),
-                   float("inf"))
-    s = lane - NC
-    if USE_TOP_K or USE_TOP_P:
-        f = tl.full([], 0.02, dtype=tl.float32)
-        if USE_TOP_K:
-            f = tl.maximum(f, ((lo_cnt - k).to(tl.float32) + 0.5) / tl.maximum(lo_cnt - hi_cnt, 1).to(tl.float32))
-        if USE_TOP_P:
-            f = tl.maximum(f, tl.maximum(lo_mass - p_mass, 0.0) / tl.maximum(lo_mass - hi_mass, 1e-30))
-        f = tl.minimum(f, 0.98)
-        HALF: tl.constexpr = NS // 2
-        sf = s.to(tl.float32)
-        g = tl.where(s < HALF, f * tl.exp2(sf - HALF + 1.0), 1.0 - (1.0 - f) * tl.exp2(HALF - 1.0 - sf))
-        piv = tl.where((hi < float("inf")) & (lo < hi), tl.where(s >= 0, lo + (hi - lo) * g, piv), piv)
-    if USE_MIN_P:
-        below = (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
-        piv = tl.where((thr > 0) & (below > lo), tl.where(s == 0, below, piv), piv)
-    if USE_TOP_K:
-        start = tl.where(lane == 0, 0.0, tl.exp2(2.0 * lane.to(tl.float32) - 1.0) / vocab)
-    else:
-        start = tl.where(lane == 0, 0.0, float("inf"))
-    return tl.where(first, start, piv)
-
-
-@triton.jit
-def _fast_filtered_sampling_kernel(
-    PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET,
-    vocab, stride_row,
-    top_k_val, top_p_val, min_p_val, seed_val, offset_val,
-    HAS_ROWS: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, MINP_PER_ROW: tl.constexpr,
-    SEED_IN_TENSOR: tl.constexpr, SEED_PER_ROW: tl.constexpr,
-    USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, TOP_K_FIRST: tl.constexpr,
-    MAX_PASSES: tl.constexpr, MAX_STEPS: tl.constexpr, DRAW_STRIDE: tl.constexpr,
-    BLOCK: tl.constexpr, NQ: tl.constexpr, NC: tl.constexpr, NS: tl.constexpr, NP_SEARCH: tl.constexpr,
-):
-    """The rejection sampler of ``_filtered_sampling_kernel`` with several proposals per pass (section
-    comment above); same arguments plus the queue/pivot sizes. One output row per program."""
-    i = tl.program_id(0)
-    if HAS_ROWS:
-        src = tl.load(ROWS + i).to(tl.int64)
-    else:
-        src = i.to(tl.int64)
-    row = PROBS + src * stride_row
-    k, top_p, min_p = _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW,
-                                   TOPP_PER_ROW, MINP_PER_ROW)
-    top_p = tl.where(top_p >= 1.0, 3.0e38, top_p)  # top_p >= 1 keeps every positive token (no float-sum edge)
-    seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
-    USE_KP: tl.constexpr = USE_TOP_K or USE_TOP_P
-    VERIFY: tl.constexpr = USE_KP or USE_MIN_P
-    NP: tl.constexpr = NC + NS
-    WORDS: tl.constexpr = NQ // 4  # Philox counters per pass
-    tl.static_assert(NQ % 4 == 0)
-    tl.static_assert(WORDS * MAX_PASSES + 2 <= DRAW_STRIDE)
-    lane = tl.arange(0, NP)
-    q = tl.arange(0, NQ)
-
-    # Bracket: every value <= lo is rejected (lo = 0 at first), every value >= hi passes top-k/top-p.
-    lo = tl.zeros([], dtype=tl.float32)
-    lo_cnt = tl.zeros([], dtype=tl.int32)  # cnt(lo), mass(lo): mass of the candidate set {p > lo}
-    lo_mass = tl.full([], 1.001, dtype=tl.float32)  # first pass: estimate (probabilities sum to ~1)
-    exact = lo > 1.0  # False: lo_mass is only an estimate
-    if USE_KP:
-        hi = tl.full([], float("inf"), dtype=tl.float32)
-    else:
-        hi = tl.zeros([], dtype=tl.float32)
-    hi_cnt = tl.zeros([], dtype=tl.int32)
-    hi_mass = tl.zeros([], dtype=tl.float32)
-    total = tl.full([], 1.0, dtype=tl.float32)  # top-p reference mass
-    thr = tl.zeros([], dtype=tl.float32)  # min-p threshold (min_p * row max)
-    if TOP_K_FIRST:
-        # The top-k set exactly (as the default path), then top-p inside it, relative to its mass.
-        lo, lo_mass, rmax0 = _top_k_set(row, vocab, lo, k, MAX_STEPS, BLOCK, NP_SEARCH)
-        exact = exact | True
-        total = lo_mass
-        hi = rmax0
-
-    # Candidate queue, in draw order: values, ids, known kept; qn entries.
-    qv = tl.zeros([NQ], dtype=tl.float32)
-    qid = tl.zeros([NQ], dtype=tl.int32)
-    qkept = q < 0
-    qn = tl.zeros([], dtype=tl.int32)
-    result = tl.zeros([], dtype=tl.int32)
-    valid = exact & False
-    done = exact & False
-    r = 0
-    if MAX_PASSES > 0:  # a loop that can never run breaks Triton 3.6's coalesce pass
-        while (r < MAX_PASSES) & (~done):
-            first = ~exact
-            p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)  # no top-p filter: stays huge, no overflow
-            if VERIFY:
-                piv = _fast_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
-                                   USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NS)
-            else:
-                piv = tl.full([NP], float("inf"), dtype=tl.float32)
-            draw_mass = lo_mass
-            u = _uniforms(seed, counter + r * WORDS, NQ)
-            hits, last, agg, cnt, pmass, rmax = _fast_pass(row, vocab, lo, u * draw_mass, piv, VERIFY, BLOCK, NQ, NP)
-            # Candidates: with an estimated mass a draw counts only if its target fell inside the true
-            # mass (then it is uniform over it); with the exact mass a target past the float running sum
-            # takes the last token of the set.
-            found = hits >= 0
-            cid = tl.where(found, hits, tl.where(exact, last, -1))
-            cok = tl.where(exact | (agg <= draw_mass), cid >= 0, False)  # where, not &: Triton 3.9's interpreter fails on block & scalar bool
-            cv = tl.load(row + tl.maximum(cid, 0), mask=cok, other=0.0).to(tl.float32)  # [NQ], all > lo
-            if VERIFY:
-                if first:
-                    total = tl.sum(tl.where(lane == 0, pmass, 0.0), axis=0)
-                    lo_cnt = tl.sum(tl.where(lane == 0, cnt, 0), axis=0)
-                    lo_mass = total
-                    thr = min_p * rmax
-                    if USE_KP:
-                        hi = tl.minimum(hi, rmax)  # the row max passes top-k and top-p (cnt = 0)
-                p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)
-                keep_kp = _keep(cnt, pmass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
-                keep = keep_kp & (piv >= thr)
-                # New bracket ends: the largest rejected and the smallest kept pivot. cnt and mass fall
-                # as the pivot rises (the float sums too: same elements, same order), so their values
-                # there are the min / max over the rejected / kept lanes.
-                used = piv < float("inf")
-                rejected = used & (~keep)
-                best = tl.max(tl.where(rejected, piv, -1.0), axis=0)
-                move = best > lo
-                lo_cnt = tl.where(move, tl.min(tl.where(rejected, cnt, 2147483647), axis=0), lo_cnt)
-                lo_mass = tl.where(move, tl.min(tl.where(rejected, pmass, float("inf")), axis=0), lo_mass)
-                lo = tl.where(move, best, lo)
-                if USE_KP:
-                    passed = used & keep_kp
-                    hb = tl.min(tl.where(passed, piv, float("inf")), axis=0)
-                    mh = hb < hi
-                    hi_cnt = tl.where(mh, tl.max(tl.where(passed, cnt, -1), axis=0), hi_cnt)
-                    hi_mass = tl.where(mh, tl.max(tl.where(passed, pmass, -1.0), axis=0), hi_mass)
-                    hi = tl.where(mh, hb, hi)
-                # Status of the queued candidates (the first NC were measured) and of the new ones.
-                meas = (q < NC) & (q < qn)
-                mkeep = tl.max(tl.where((q[:, None] == lane[None, :]) & keep[None, :], 1, 0), axis=1) > 0
-                kept_o = tl.where(meas, mkeep, qkept | ((qv >= hi) & (qv >= thr)))
-                rej_o = tl.where(meas, ~mkeep, (qv <= lo) | (qv < thr))
-                alive_o = (q < qn) & (~rej_o)
-                kept_n = (cv >= hi) & (cv >= thr)
-                alive_n = cok & (cv > lo) & (cv >= thr)
-                empty = lo_mass <= 0.0
-            else:
-                kept_o = qkept
-                alive_o = q < 0
-                kept_n = cok
-                alive_n = cok
-                lo_mass = agg
-                empty = agg <= 0.0
-            # The first candidate not rejected decides: accepted if known kept, else wait for its measurement.
-            ho = tl.min(tl.where(alive_o, q, NQ), axis=0)
-            hn = tl.min(tl.where(alive_n, q, NQ), axis=0)
-            acc_o = (ho < NQ) & (tl.max(tl.where((q == ho) & kept_o, 1, 0), axis=0) > 0)
-            acc_n = (ho == NQ) & (hn < NQ) & (tl.max(tl.where((q == hn) & kept_n, 1, 0), axis=0) > 0)
-            pick = tl.where(acc_o, tl.sum(tl.where(q == ho, qid, 0), axis=0), tl.sum(tl.where(q == hn, cid, 0), axis=0))
-            accept = acc_o | acc_n
-            result = tl.where(accept, pick, result)
-            # Queue = alive queued entries, then alive new ones (first NQ); slot s takes the entry at position s.
-            n_o = tl.sum(alive_o.to(tl.int32), axis=0)
-            pos_o = tl.cumsum(alive_o.to(tl.int32), axis=0) - 1
-            pos_n = n_o + tl.cumsum(alive_n.to(tl.int32), axis=0) - 1
-            sel_o = (pos_o[None, :] == q[:, None]) & alive_o[None, :]  # [slot, entry]
-            sel_n = (pos_n[None, :] == q[:, None]) & alive_n[None, :]
-            qv = tl.sum(tl.where(sel_o, qv[None, :], 0.0), axis=1) + tl.sum(tl.where(sel_n, cv[None, :], 0.0), axis=1)
-            qid = tl.sum(tl.where(sel_o, qid[None, :], 0), axis=1) + tl.sum(tl.where(sel_n, cid[None, :], 0), axis=1)
-            qkept = (tl.sum(tl.where(sel_o & kept_o[None, :], 1, 0), axis=1)
-                     + tl.sum(tl.where(sel_n & kept_n[None, :], 1, 0), axis=1)) > 0
-            qn = tl.minimum(n_o + tl.sum(alive_n.to(tl.int32), axis=0), NQ)
-            valid = valid | accept
-            done = accept | empty
-            exact = exact | True
-            r += 1
-
-    if ~done:
-        # Exact fallback (as the default path): find tau above lo, then one draw.
-        result, valid, kept_above = _exact_draw(row, vocab, lo, lo_mass, total, exact, k, top_p, min_p,
-                                                _uniform(seed, counter + MAX_PASSES * WORDS), USE_TOP_K, USE_TOP_P,
-                                                USE_MIN_P, MAX_STEPS, BLOCK, NP_SEARCH)
-        # The queue's candidates came first in the rejection sequence (see the segmented kernel).
-        pending = (q < qn) & (qv > kept_above)
-        head = tl.min(tl.where(pending, q, NQ), axis=0)
-        from_queue = head < NQ
-        result = tl.where(from_queue, tl.sum(tl.where(q == head, qid, 0), axis=0), result)
-        valid = valid | from_queue
-
-    tl.store(OUT + i, result.to(OUT.dtype.element_ty))
-    tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
-
-
 # ---------------------------------------------------------------------------------------------
-# Segmented path (FLASHTILE_SAMPLING_SEG=1; docs/sampling.md "Segmented path")
+# Segmented path (the default; docs/sampling.md "Segmented path")
 # ---------------------------------------------------------------------------------------------
 #
-# Same filter sets and exactness argument as the fast path, with passes that have no block-wide
+# Same filter sets, the exactness argument above, and passes that have no block-wide
 # reduction inside their streaming loop:
 # - the row is cut into NSEG contiguous segments of ``seg_len`` tokens (a multiple of W); an
 #   iteration loads the tile [NSEG, W] (W contiguous tokens of every segment) and only does
@@ -959,7 +687,6 @@ def _seg_draw(row, vocab, lo, seg_mass, targets, seg_len, sub_len, shift, NQ: tl
     scans it in chunks of C3 (prefix sums; ``sub_len`` is a few C3). Float sums in another order
     need not agree: a target past a sub-segment's recomputed sum takes its last token above lo.
     """
-    q = tl.arange(0, NQ)
     seg_sel, resid = _seg_pick(tl.broadcast_to(seg_mass[None, :], (NQ, NSEG)), targets, NSEG)
     ok = seg_sel >= 0
     seg_start = tl.maximum(seg_sel, 0) * seg_len
@@ -1191,7 +918,7 @@ def _seg_filtered_sampling_kernel(
     BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr, RECORD_PASSES: tl.constexpr,
 ):
     """The rejection sampler with segmented passes (section comment above). One output row per
-    program; arguments as ``_fast_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
+    program; arguments as ``_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
     ``sub_len``: tokens per segment / sub-segment, multiples of W / CW); BLOCK and NP_SEARCH size
     the exact fallback (``_exact_draw``, default path helpers). RECORD_PASSES: store into ``PASSES[i]``
     the passes this row ran, plus 1000 if it ended in the exact fallback (instrumentation)."""
@@ -1461,26 +1188,9 @@ def _param(value, dtype_default):
     return None, value if value is not None else dtype_default, False
 
 
-def fast_path_enabled() -> bool:
-    """Whether the samplers use the fast kernel: FLASHTILE_SAMPLING_FAST=1 (read at every call; off by
-    default until measured on the H100)."""
-    return os.environ.get("FLASHTILE_SAMPLING_FAST", "0") == "1"
-
-
-def _fast_config(vocab: int, interpreted: bool):
-    """(BLOCK, num_warps) of the fast sampler: 16 warps, 2 elements per thread per block. The per-slot
-    statistics hold 2 * (FAST_NC + FAST_NS) * 2 registers per thread; with 4 elements per thread the
-    kernel needs ~190 registers (Triton 3.6, sm_90a) and spills under the 128 of 16 warps. The three
-    blocks loaded ahead keep 12 KB in flight per program."""
-    if interpreted:  # 16-wide blocks: tiny test vocabularies still span several blocks
-        return 16, 4
-    block = max(64, min(1024, triton.next_power_of_2(vocab)))
-    return block, block // 64
-
-
 def seg_path_enabled() -> bool:
     """Whether the samplers use the segmented kernels: yes unless FLASHTILE_SAMPLING_SEG=0 (read at every
-    call; the default since the H100 measurement; it wins over FLASHTILE_SAMPLING_FAST)."""
+    call; the default since the H100 measurement)."""
     return os.environ.get("FLASHTILE_SAMPLING_SEG", "1") != "0"
 
 
@@ -1508,20 +1218,17 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool):
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
-                      order="joint", max_rounds=None, fast=None, seg=None, passes=None):
+                      order="joint", max_rounds=None, seg=None, passes=None):
     """Launch the rejection sampler (no filter: plain sampling). ``top_k``/``top_p``/``min_p``: int/float
     scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``.
-    ``max_rounds``: rejection rounds (fast and segmented paths: passes) before the exact fallback, None =
-    the default; ``fast``: None = :func:`fast_path_enabled`; ``seg``: None = :func:`seg_path_enabled`
-    (wins over ``fast``); ``passes``: an int32 ``[batch]`` tensor that the segmented kernel fills with each
+    ``max_rounds``: rejection rounds (segmented path: passes) before the exact fallback, None = the
+    default; ``seg``: None = :func:`seg_path_enabled`; ``passes``: an int32 ``[batch]`` tensor that the segmented kernel fills with each
     row's pass count (+1000 where the exact fallback ran), for measurements."""
     batch = out.shape[0]
     if batch == 0:
         return
     if seg is None:
         seg = seg_path_enabled()
-    if fast is None:
-        fast = fast_path_enabled()
     vocab = probs.shape[-1]
     tk, tk_val, tk_row = _param(top_k, 0)
     tp, tp_val, tp_row = _param(top_p, 1.0)
@@ -1546,15 +1253,9 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
             RECORD_PASSES=passes is not None, **cfg,
         )
         return
-    if fast:
-        block, warps = _fast_config(vocab, _interpreted(probs))
-        kernel = _fast_filtered_sampling_kernel
-        sizes = dict(MAX_PASSES=FAST_MAX_PASSES if max_rounds is None else max_rounds, NQ=FAST_NQ, NC=FAST_NC,
-                     NS=FAST_NS, NP_SEARCH=NUM_PIVOTS)
-    else:
-        block, warps = _config(vocab, _interpreted(probs))
-        kernel = _filtered_sampling_kernel
-        sizes = dict(MAX_ROUNDS=MAX_ROUNDS if max_rounds is None else max_rounds, NP=NUM_PIVOTS)
+    block, warps = _config(vocab, _interpreted(probs))
+    kernel = _filtered_sampling_kernel
+    sizes = dict(MAX_ROUNDS=MAX_ROUNDS if max_rounds is None else max_rounds, NP=NUM_PIVOTS)
     kernel[(batch,)](
         probs, rows if rows is not None else dummy, out, valid,
         tk if tk is not None else dummy, tp if tp is not None else dummy, mp if mp is not None else dummy,
