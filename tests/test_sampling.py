@@ -314,12 +314,18 @@ def _sampler_cases(B, V, device):
 def seg_kernels(monkeypatch, device):
     """The kernel path with FLASHTILE_SAMPLING_SEG=1; returns (kernel module,
     launch counter of the segmented kernel), so a test fails if the variable stops selecting it."""
+    return _count_seg_launches(monkeypatch, device, "_seg_filtered_sampling_kernel")
+
+
+def _count_seg_launches(monkeypatch, device, kernel_name):
+    """Kernel path with FLASHTILE_SAMPLING_SEG=1 and a launch counter wrapped around ``kernel_name``;
+    returns (kernel module, counter list)."""
     from flashtile._core.dispatch import choose_path, load_kernels
 
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
     monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
     kernels = load_kernels("sampling", choose_path(device).path)
-    real = kernels._seg_filtered_sampling_kernel
+    real = getattr(kernels, kernel_name)
     launches = [0]
 
     class Counting:
@@ -327,7 +333,7 @@ def seg_kernels(monkeypatch, device):
             launches[0] += 1
             return real[grid]
 
-    monkeypatch.setattr(kernels, "_seg_filtered_sampling_kernel", Counting())
+    monkeypatch.setattr(kernels, kernel_name, Counting())
     return kernels, launches
 
 
@@ -433,20 +439,7 @@ def test_seg_sampler_reproducible(seg_kernels, device):
 def test_seg_sampling_from_logits(monkeypatch, device):
     """sampling_from_logits on the segmented kernel (FLASHTILE_SAMPLING_SEG=1): follows softmax(logits)
     with -inf and NaN entries (never drawn); a row without a finite logit is invalid (token 0)."""
-    from flashtile._core.dispatch import choose_path, load_kernels
-
-    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
-    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
-    kernels = load_kernels("sampling", choose_path(device).path)
-    real = kernels._seg_logits_sampling_kernel
-    launches = [0]
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches[0] += 1
-            return real[grid]
-
-    monkeypatch.setattr(kernels, "_seg_logits_sampling_kernel", Counting())
+    kernels, launches = _count_seg_launches(monkeypatch, device, "_seg_logits_sampling_kernel")
     V = 41 if not HAS_CUDA else 128256
     n = 120 if not HAS_CUDA else 200_000
     g = torch.Generator().manual_seed(5)

@@ -254,6 +254,25 @@ def _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p, u, US
 
 
 @triton.jit
+def _input_row(BASE, ROWS, i, stride_row, HAS_ROWS: tl.constexpr):
+    """Pointer to the input row of output row ``i``: ``ROWS[i]`` (``indices``) or ``i``."""
+    if HAS_ROWS:
+        src = tl.load(ROWS + i).to(tl.int64)
+    else:
+        src = i.to(tl.int64)
+    return BASE + src * stride_row
+
+
+@triton.jit
+def _inverse_temperature(TEMP, i, temp_val, TEMP_PER_ROW: tl.constexpr):
+    """1 / T of row ``i``: ``TEMP[i]`` (per-request tensor) or the scalar ``temp_val``."""
+    if TEMP_PER_ROW:
+        return 1.0 / tl.load(TEMP + i).to(tl.float32)
+    else:
+        return 1.0 / temp_val
+
+
+@triton.jit
 def _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW: tl.constexpr,
                  TOPP_PER_ROW: tl.constexpr, MINP_PER_ROW: tl.constexpr):
     """This row's (top_k, top_p, min_p); top_k <= 0 or >= vocab becomes vocab + 1 ("keep all")."""
@@ -310,11 +329,7 @@ def _filtered_sampling_kernel(
     """One output row per program. With no filter (all USE_* False) it is plain sampling: one
     full inverse-CDF pass that also measures the row's mass (MAX_ROUNDS bounds the retries)."""
     i = tl.program_id(0)
-    if HAS_ROWS:
-        src = tl.load(ROWS + i).to(tl.int64)
-    else:
-        src = i.to(tl.int64)
-    row = PROBS + src * stride_row
+    row = _input_row(PROBS, ROWS, i, stride_row, HAS_ROWS)
     k, top_p, min_p = _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW,
                                    TOPP_PER_ROW, MINP_PER_ROW)
     seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
@@ -408,11 +423,7 @@ def _logits_sampling_kernel(
     """Sample from softmax(logits): an online max/sum pass, then an inverse-CDF pass over
     ``exp(x - max)`` that stops at the drawn block. NaN logits count as -inf."""
     i = tl.program_id(0)
-    if HAS_ROWS:
-        src = tl.load(ROWS + i).to(tl.int64)
-    else:
-        src = i.to(tl.int64)
-    row = LOGITS + src * stride_row
+    row = _input_row(LOGITS, ROWS, i, stride_row, HAS_ROWS)
     seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
     m, s = _online_max_sum(row, vocab, 1.0, BLOCK)
     u = _uniform(seed, counter)
@@ -422,6 +433,14 @@ def _logits_sampling_kernel(
     valid = alive & (cand >= 0)
     tl.store(OUT + i, tl.where(valid, cand, 0).to(OUT.dtype.element_ty))
     tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
+
+
+@triton.jit
+def _store_softmax(row, out_row, idx, vocab, inv_temp, shift, scale):
+    """``out_row[idx] = exp(row[idx] * inv_temp - shift) * scale`` (0 for NaN), for idx < vocab."""
+    x = tl.load(row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32) * inv_temp
+    e = tl.where(x == x, tl.exp(x - shift), 0.0) * scale
+    tl.store(out_row + idx, e, mask=idx < vocab)
 
 
 @triton.jit
@@ -449,19 +468,13 @@ def _softmax_kernel(
     """float32 softmax(x / T) per row; a row of only -inf/NaN gives zeros."""
     i = tl.program_id(0).to(tl.int64)
     row = LOGITS + i * stride_in
-    if TEMP_PER_ROW:
-        inv_temp = 1.0 / tl.load(TEMP + i).to(tl.float32)
-    else:
-        inv_temp = 1.0 / temp_val
+    inv_temp = _inverse_temperature(TEMP, i, temp_val, TEMP_PER_ROW)
     m, s = _online_max_sum(row, vocab, inv_temp, BLOCK)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     scale = tl.where(s > 0.0, 1.0 / s, 0.0)
     offs = tl.arange(0, BLOCK)
     for start in range(0, vocab, BLOCK):
-        idx = start + offs
-        x = tl.load(row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32) * inv_temp
-        e = tl.where(x == x, tl.exp(x - m_safe), 0.0) * scale
-        tl.store(OUT + i * stride_out + idx, e, mask=idx < vocab)
+        _store_softmax(row, OUT + i * stride_out, start + offs, vocab, inv_temp, m_safe, scale)
 
 
 @triton.jit
@@ -923,11 +936,7 @@ def _seg_filtered_sampling_kernel(
     the exact fallback (``_exact_draw``, default path helpers). RECORD_PASSES: store into ``PASSES[i]``
     the passes this row ran, plus 1000 if it ended in the exact fallback (instrumentation)."""
     i = tl.program_id(0)
-    if HAS_ROWS:
-        src = tl.load(ROWS + i).to(tl.int64)
-    else:
-        src = i.to(tl.int64)
-    row = PROBS + src * stride_row
+    row = _input_row(PROBS, ROWS, i, stride_row, HAS_ROWS)
     k, top_p, min_p = _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW,
                                    TOPP_PER_ROW, MINP_PER_ROW)
     top_p = tl.where(top_p >= 1.0, 3.0e38, top_p)  # top_p >= 1 keeps every positive token (no float-sum edge)
@@ -1108,10 +1117,7 @@ def _seg_softmax_kernel(
     pass); a row of only -inf/NaN gives zeros."""
     i = tl.program_id(0).to(tl.int64)
     row = LOGITS + i * stride_in
-    if TEMP_PER_ROW:
-        inv_temp = 1.0 / tl.load(TEMP + i).to(tl.float32)
-    else:
-        inv_temp = 1.0 / temp_val
+    inv_temp = _inverse_temperature(TEMP, i, temp_val, TEMP_PER_ROW)
     shift, seg_mass = _seg_max_sum(row, vocab, seg_len, inv_temp, NSEG, W, STAGES)
     total = tl.sum(seg_mass, axis=0)
     scale = tl.where(total > 0.0, 1.0 / total, 0.0)
@@ -1119,10 +1125,7 @@ def _seg_softmax_kernel(
     col = tl.arange(0, W)
     base = seg[:, None] * seg_len + col[None, :]
     for j in tl.range(0, seg_len, W, num_stages=STAGES):
-        idx = base + j
-        x = tl.load(row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32) * inv_temp
-        e = tl.where(x == x, tl.exp(x - shift), 0.0) * scale
-        tl.store(OUT + i * stride_out + idx, e, mask=idx < vocab)
+        _store_softmax(row, OUT + i * stride_out, base + j, vocab, inv_temp, shift, scale)
 
 
 @triton.jit
@@ -1139,11 +1142,7 @@ def _seg_logits_sampling_kernel(
     1/NSEG of the row more. NaN logits count as -inf; a row without a finite logit is invalid.
     Randomness: the first of the NQ words at counter ``offset_i`` (as the segmented probs sampler)."""
     i = tl.program_id(0)
-    if HAS_ROWS:
-        src = tl.load(ROWS + i).to(tl.int64)
-    else:
-        src = i.to(tl.int64)
-    row = LOGITS + src * stride_row
+    row = _input_row(LOGITS, ROWS, i, stride_row, HAS_ROWS)
     seed, counter = _load_seed(i, SEED, OFFSET, seed_val, offset_val, DRAW_STRIDE, SEED_IN_TENSOR, SEED_PER_ROW)
     shift, seg_mass = _seg_max_sum(row, vocab, seg_len, 1.0, NSEG, W, STAGES)
     total = tl.sum(seg_mass, axis=0)
