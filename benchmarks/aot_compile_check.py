@@ -1,4 +1,4 @@
-"""Compile flashtile's attention and merge kernels ahead of time for sm_90a (H100) without a GPU.
+"""Compile flashtile's attention, merge, sampling, RoPE and activation kernels ahead of time for sm_90a (H100) without a GPU.
 
 The launchers run on CPU tensors; their kernel launches are captured and compiled for the target
 instead of run, so the exact specializations (constexprs, dtypes, descriptors) are checked against a
@@ -207,4 +207,20 @@ S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out
 compile_all("sampling seg sampling_from_logits bf16")
 S.softmax(torch.randn(128, 128256, dtype=torch.bfloat16), torch.empty(128, 128256), None, seg=True)
 compile_all("sampling seg softmax bf16")
+# Small ops: RoPE (both kernels, cos/sin cache and Llama 3.1 forms) and gated activations.
+from flashtile.kernels import activation as ACT  # noqa: E402
+from flashtile.kernels import rope as R  # noqa: E402
+
+R._num_sms = lambda device: 132  # launch sizes of the H100, not of the interpreter's small "GPU"
+qr, kr = torch.randn(8192, 32, 128, dtype=bf), torch.randn(8192, 8, 128, dtype=bf)
+pos = torch.arange(8192, dtype=torch.int64)
+for token_major in ("1", "0"):
+    os.environ["FLASHTILE_ROPE_FAST"] = token_major
+    R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, cos_sin_cache=torch.randn(8192, 128))
+    compile_all(f"rope cos_sin_cache FLASHTILE_ROPE_FAST={token_major}")
+    R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, smooth_a=0.1, smooth_b=-0.5)
+    compile_all(f"rope llama31 FLASHTILE_ROPE_FAST={token_major}")
+os.environ.pop("FLASHTILE_ROPE_FAST")
+ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
+compile_all("activation silu 8192 x 2*14336")
 sys.exit(1 if failures else 0)
