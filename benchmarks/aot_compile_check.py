@@ -207,6 +207,9 @@ S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out
 compile_all("sampling seg sampling_from_logits bf16")
 S.softmax(torch.randn(128, 128256, dtype=torch.bfloat16), torch.empty(128, 128256), None, seg=True)
 compile_all("sampling seg softmax bf16")
+for label, kw in [("top-k", dict(top_k=50)), ("top-p", dict(top_p=0.9)), ("top-k mask logits", dict(top_k=50, is_logits=True))]:
+    S.threshold_filter(probs, torch.empty_like(probs), **kw)
+    compile_all(f"sampling renorm/mask {label}")
 # Small ops: RoPE (both kernels, cos/sin cache and Llama 3.1 forms) and gated activations.
 from flashtile.kernels import activation as ACT  # noqa: E402
 from flashtile.kernels import rope as R  # noqa: E402

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+
 MAX_BLOCK_D = 2048  # columns per program
 TILE = 2048  # outputs per program when short rows share a program
 ELEMS_PER_WARP = 512  # warps per program = outputs per program / this (1..8)

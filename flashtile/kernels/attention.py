@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+
 try:  # host-side tensor descriptors (TMA); absent in old Triton builds
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover

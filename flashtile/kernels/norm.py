@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+
 MAX_ONE_PASS = 32768  # longest row kept in registers (next_pow2(hidden) elements)
 LOOP_BLOCK = 4096  # chunk of the two-pass loop for longer rows
 ROW_TILE = 4096  # elements a program handles when several short rows share it

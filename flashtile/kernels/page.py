@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+
 __all__ = ["append_paged_kv", "batch_indices_positions", "append_block_rows"]
 
 # Rows (token, head) per program: at most this many elements per program (16 KiB of bf16 for K plus

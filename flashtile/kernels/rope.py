@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+
 TILE = 4096  # elements (both halves of the rotated dims) per program
 MAX_BLOCK_H = 8
 
@@ -402,18 +403,20 @@ def apply_rope(
         offsets if is_ragged else dummy,
         cos_sin_cache if use_cache else dummy,
     )
+    head_counts = (nnz, num_q_heads, num_k_heads)  # the head-block kernel takes num_q_blocks after these
+    scalars = (
+        batch_size, max(1, batch_size).bit_length(), cos_sin_cache.shape[0] if use_cache else 0,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        cos_sin_cache.stride(0) if use_cache else 0,
+        math.log2(rope_theta), 1.0 / rope_scale, float(smooth_a), float(smooth_b),
+    )
+    constexprs = dict(HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, HALF_PAD=half_pad, TAIL_PAD=tail_pad,
+                      INTERLEAVE=bool(interleave), IS_RAGGED=is_ragged, USE_CACHE=use_cache, COPY_TAIL=copy_tail)
     if use_token_major(use_cache):
         block_t, block_hq, block_hk, num_warps = fast_config(nnz, num_q_heads, num_k_heads, half_pad, _num_sms(q.device))
         _rope_tokens_kernel[(cdiv(nnz, block_t),)](
-            *common,
-            nnz, num_q_heads, num_k_heads, batch_size, max(1, batch_size).bit_length(),
-            cos_sin_cache.shape[0] if use_cache else 0,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            cos_sin_cache.stride(0) if use_cache else 0,
-            math.log2(rope_theta), 1.0 / rope_scale, float(smooth_a), float(smooth_b),
-            HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, HALF_PAD=half_pad, TAIL_PAD=tail_pad,
-            INTERLEAVE=bool(interleave), IS_RAGGED=is_ragged, USE_CACHE=use_cache, COPY_TAIL=copy_tail,
+            *common, *head_counts, *scalars, **constexprs,
             BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=num_warps,
         )
         return
@@ -421,14 +424,6 @@ def apply_rope(
     num_q_blocks = cdiv(num_q_heads, block_h)
     grid = (cdiv(nnz, block_t), head_blocks_of(block_h))
     _rope_kernel[grid](
-        *common,
-        nnz, num_q_heads, num_k_heads, num_q_blocks, batch_size, max(1, batch_size).bit_length(),
-        cos_sin_cache.shape[0] if use_cache else 0,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        cos_sin_cache.stride(0) if use_cache else 0,
-        math.log2(rope_theta), 1.0 / rope_scale, float(smooth_a), float(smooth_b),
-        HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, HALF_PAD=half_pad, TAIL_PAD=tail_pad,
-        INTERLEAVE=bool(interleave), IS_RAGGED=is_ragged, USE_CACHE=use_cache, COPY_TAIL=copy_tail,
+        *common, *head_counts, num_q_blocks, *scalars, **constexprs,
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )

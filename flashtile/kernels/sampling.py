@@ -196,6 +196,22 @@ def _search(row, vocab, lo, a, hi, mass_lo, k, p_mass, USE_TOP_K: tl.constexpr, 
 
 
 @triton.jit
+def _filter_bound(row, vocab, low, cnt, mass, smallest, row_max, k, p_mass, USE_TOP_K: tl.constexpr,
+                  USE_TOP_P: tl.constexpr, NEED_MASS: tl.constexpr, MAX_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+                  NP: tl.constexpr):
+    """The top-k/top-p set as ``{p > bound}``, given the count, mass and smallest value above ``low``
+    (``low`` below every kept value): ``low`` itself when its value passes the filter, else the exact
+    search from it. Returns (bound, mass above bound)."""
+    if _keep(cnt, mass, low, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False):
+        bound = low
+        kept_mass = mass
+    else:
+        bound, tau, kept_mass = _search(row, vocab, low, smallest, row_max, mass, k, p_mass, USE_TOP_K, USE_TOP_P,
+                                        NEED_MASS, MAX_STEPS, BLOCK, NP)
+    return bound, kept_mass
+
+
+@triton.jit
 def _top_k_set(row, vocab, low, k, MAX_STEPS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
     """The exact top-k set of a row (``filter_apply_order="top_k_first"``): returns ``(low, mass,
     row_max)`` where the set is the values above ``low`` (every positive value when the row has at most
@@ -236,13 +252,8 @@ def _exact_draw(row, vocab, low, mass, total, have_total, k, top_p, min_p, u, US
                                             BLOCK, NP)
             m_f = tl.max(mass_f, axis=0)
         else:
-            kept_l = _keep(c_l, m_l, low, k, top_p * total, 0.0, USE_TOP_K, USE_TOP_P, False)
-            if kept_l:
-                lo_f = low
-                m_f = m_l
-            else:
-                lo_f, tau_f, m_f = _search(row, vocab, low, a_l, rmax, m_l, k, top_p * total, USE_TOP_K, USE_TOP_P,
-                                           True, MAX_STEPS, BLOCK, NP)
+            lo_f, m_f = _filter_bound(row, vocab, low, c_l, m_l, a_l, rmax, k, top_p * total, USE_TOP_K, USE_TOP_P,
+                                      True, MAX_STEPS, BLOCK, NP)
     else:
         lo_f = low
         m_f = mass
@@ -499,13 +510,8 @@ def _threshold_kernel(
     m0 = tl.max(mass0, axis=0)
     a0 = tl.min(min0, axis=0)
     total = m0
-    kept0 = _keep(c0, m0, lo, k, top_p * total, 0.0, USE_TOP_K, USE_TOP_P, False)
-    if kept0:
-        tau_lo = lo
-        kept_mass = m0
-    else:
-        tau_lo, tau, kept_mass = _search(row, vocab, lo, a0, row_max, m0, k, top_p * total, USE_TOP_K, USE_TOP_P,
-                                         not IS_LOGITS, MAX_STEPS, BLOCK, NP)
+    tau_lo, kept_mass = _filter_bound(row, vocab, lo, c0, m0, a0, row_max, k, top_p * total, USE_TOP_K, USE_TOP_P,
+                                      not IS_LOGITS, MAX_STEPS, BLOCK, NP)
     scale = tl.where(kept_mass > 0.0, 1.0 / kept_mass, 0.0)
     offs = tl.arange(0, BLOCK)
     for start in range(0, vocab, BLOCK):
