@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.intmath import cdiv
+from .._core.intmath import cdiv, next_power_of_2
 
 NUM_PIVOTS = 4  # pivots evaluated per pass of the threshold search
 MAX_ROUNDS = 32  # rejection rounds before the exact search
@@ -1175,8 +1175,8 @@ def _config(vocab: int, interpreted: bool, kind: str = "stream"):
     """(BLOCK, num_warps): tiles of the streaming passes. Under the interpreter, small tiles so that
     tiny test vocabularies still take several blocks."""
     if interpreted:
-        return max(16, min(64, triton.next_power_of_2(vocab))), 4
-    block = max(128, min(2048 if kind == "stats" else 4096, triton.next_power_of_2(vocab)))
+        return max(16, min(64, next_power_of_2(vocab))), 4
+    block = max(128, min(2048 if kind == "stats" else 4096, next_power_of_2(vocab)))
     return block, (16 if block >= 4096 else 8 if block >= 1024 else 4)
 
 
