@@ -292,6 +292,23 @@ def _flashtile(case: Case):
     return _repeat(_no_output(fn) if _in_place(case) else fn, case)
 
 
+def _flashtile_triton_launch(case: Case):
+    """flashtile with the direct-launch cache off: every launch goes through Triton's JITFunction.run
+    (what flashtile cost before flashtile/_core/launch.py)."""
+    from flashtile._core import launch
+
+    fn = _flashtile(case)
+
+    def call():
+        launch._state["enabled"] = False
+        try:
+            return fn()
+        finally:
+            launch.reset_launch_settings()
+
+    return call
+
+
 def _flashinfer(case: Case):
     flashinfer = import_flashinfer("activation", "norm", "rope")
     fn = _library_fn(flashinfer, case)
@@ -321,6 +338,7 @@ register(Suite("activation", activation_cases, PROVIDERS, metric="gbps",
                description="gated activations [rows, 2d] -> [rows, d]; bytes = 3 * rows * d elements"))
 register(Suite("rope", rope_cases, PROVIDERS, metric="gbps",
                description="in-place RoPE of q and k (cos/sin cache, or Llama 3.1 frequencies from pos_ids)"))
-register(Suite("small_ops_launch", launch_cases, PROVIDERS, metric="gbps",
+register(Suite("small_ops_launch", launch_cases,
+               PROVIDERS + [Provider("flashtile_triton_launch", _flashtile_triton_launch)], metric="gbps",
                description=f"host cost: each time is {LAUNCH_CALLS} back-to-back eager calls at batch 1 "
                            f"(no CUDA graph); divide by {LAUNCH_CALLS} for µs per call"))

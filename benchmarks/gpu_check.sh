@@ -30,13 +30,13 @@ for step in "$@"; do
            cat /tmp/bench/norm.md /tmp/bench/qk_norm.md /tmp/bench/activation.md /tmp/bench/rope.md /tmp/bench/small_ops_launch.md > "$OUT/small_ops.md" 2>/dev/null ;;
     bench-page) timeout 100 python3 benchmarks/run.py --suite page_append --out /tmp/bench 2>&1 | tail -3; cp /tmp/bench/page_append.md "$OUT/" ;;
     bench-sampling) timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -3; cp /tmp/bench/sampling*.md "$OUT/" ;;
-    tests-batch) python3 -m pytest -q -p no:warnings tests/test_batch_decode.py tests/test_scheduler.py tests/test_attention_ops.py tests/test_single_decode.py 2>&1 | tee "$OUT/tests_batch.log" | tail -15 ;;
+    tests-batch) FLASHTILE_CHECK_LAUNCH=1 python3 -m pytest -q -p no:warnings tests/test_batch_decode.py tests/test_scheduler.py tests/test_attention_ops.py tests/test_single_decode.py 2>&1 | tee "$OUT/tests_batch.log" | tail -15 ;;
     bench-batch) python3 benchmarks/run.py --suite batch_decode --cuda-graph on --out /tmp/bench 2>&1 | tail -30
            python3 benchmarks/run.py --suite batch_decode_sweep --cuda-graph on --out /tmp/bench 2>&1 | tail -22
            python3 benchmarks/decode_host_cost.py 2>&1 | tee /tmp/bench/host_cost.md
            cat /tmp/bench/batch_decode.md /tmp/bench/batch_decode_sweep.md /tmp/bench/host_cost.md > "$OUT/batch_decode.md"
            cp /tmp/bench/batch_decode_sweep.png "$OUT/" 2>/dev/null ;;
-    tests-prefill) timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_batch_prefill.py tests/test_scheduler.py 2>&1 | tee "$OUT/tests_prefill.log" | tail -25 ;;
+    tests-prefill) FLASHTILE_CHECK_LAUNCH=1 timeout 240 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_batch_prefill.py tests/test_scheduler.py 2>&1 | tee "$OUT/tests_prefill.log" | tail -25 ;;
     bench-prefill) timeout 330 python3 benchmarks/run.py --suite batch_prefill,batch_append --out /tmp/bench 2>&1 | tail -4
            cat /tmp/bench/batch_prefill.md /tmp/bench/batch_append.md > "$OUT/batch_prefill.md" 2>/dev/null; cat "$OUT/batch_prefill.md" ;;
     tune-prefill) timeout 330 python3 benchmarks/tune_batch_prefill.py --quick 2>&1 | tee "$OUT/tune_prefill.log" | grep -v "^  skip" ;;
@@ -78,6 +78,8 @@ for step in "$@"; do
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "b128 V128256" SEG_STAGES=3,5,7 SEG_COLS=32,64 2>&1 | grep -e BEST -e skip ;;
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep -E "per eager call|^###" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
-    tests-small) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_cascade_merge.py tests/test_intmath.py tests/test_page.py 2>&1 | tee "$OUT/tests_small.log" | tail -8 ;;
+    bench-launch) timeout 150 python3 benchmarks/run.py --suite small_ops_launch --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/small_ops_launch.md
+           timeout 60 python3 benchmarks/decode_host_cost.py 2>&1 | tee "$OUT/decode_host_cost.md" | tail -8 ;;
+    tests-small) FLASHTILE_CHECK_LAUNCH=1 timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_cascade_merge.py tests/test_intmath.py tests/test_page.py tests/test_launch.py 2>&1 | tee "$OUT/tests_small.log" | tail -8 ;;
   esac
 done

@@ -57,9 +57,14 @@ def main() -> None:
         "silu_and_mul": lambda: flashtile.silu_and_mul(y),
         "rope cos_sin_cache inplace": lambda: flashtile.apply_rope_with_cos_sin_cache_inplace(pos, q, k, 128, cache),
     }
+    from flashtile._core import launch
+
     print(f"torch {torch.__version__}, triton {triton.__version__}")
     for name, fn in cases.items():
-        print(f"{name}: {_per_call_us(fn):.1f} us per eager call")
+        launch._state["enabled"] = False
+        through_triton = _per_call_us(fn)
+        launch.reset_launch_settings()
+        print(f"{name}: {_per_call_us(fn):.1f} us per eager call (through Triton's launch: {through_triton:.1f} us)")
     for name in ("rmsnorm", "rope cos_sin_cache inplace"):
         prof = cProfile.Profile()
         prof.enable()

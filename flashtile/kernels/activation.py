@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+from .._core.launch import direct_launch
 
 MAX_BLOCK_D = 2048  # columns per program
 TILE = 2048  # outputs per program when short rows share a program
@@ -39,6 +40,7 @@ def _activation(a, ACTIVATION: tl.constexpr):
         return a / (1.0 + tl.exp(-2.0 * z))
 
 
+@direct_launch
 @triton.jit
 def _act_and_mul_kernel(
     X, Y,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+from .._core.launch import direct_launch
 
 try:  # host-side tensor descriptors (TMA); absent in old Triton builds
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -282,6 +283,7 @@ def _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO: tl.const
     tl.store(lse_ptrs, lse, mask=row_ok)
 
 
+@direct_launch
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, MASK, SLOPES, K_DESC, V_DESC,
@@ -335,6 +337,7 @@ def _attention_fwd_kernel(
     _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
 
 
+@direct_launch
 @triton.jit
 def _batch_decode_kernel(
     Q, K, V, O, LSE, PART_O, PART_LSE, SLOPES,

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
 from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner asks this module)
@@ -52,6 +53,7 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
 from .softmax import finalize_state, softmax_update
 
 
+@direct_launch
 @triton.jit
 def _batch_prefill_kernel(
     Q, K, V, O, LSE, PART_O, PART_LSE, MASK, SLOPES, PAGE_INDICES, COUNTS, REQS, ITEMS, K_DESC, V_DESC,
@@ -125,6 +127,7 @@ def _batch_prefill_kernel(
                      HEAD_DIM_VO, D_VO, True)
 
 
+@direct_launch
 @triton.jit
 def _merge_tiles_kernel(
     PART_O, PART_LSE, O, LSE, COUNTS, REQS, MERGES,

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+from .._core.launch import direct_launch
 from .softmax import finalize_state, softmax_update
 
 # Row-tiled merges: elements per state tile ([rows, head_dim]) and warps per program. Module constants
@@ -53,6 +54,7 @@ STATE_LOOP_WARPS = 4
 MAX_UNROLLED_STATES = 8  # merge_states unrolls its state loop (one compile per count) up to this many
 
 
+@direct_launch
 @triton.jit
 def _merge_states_kernel(
     V_PARTS, LSE_PARTS, O, LSE, STATE_INDPTR,
@@ -154,6 +156,7 @@ def _fold_state_tile(v_tile, s_tile, row_ok, d_ok, m_i, l_i, acc):
     return m_i, l_i, acc + p * o_s
 
 
+@direct_launch
 @triton.jit
 def _merge_state_pair_kernel(
     V_A, S_A, V_B, S_B, O, S_OUT, MASK,
@@ -238,6 +241,7 @@ def _row_block(d_pad: int) -> int:
     return max(1, min(128, ROW_TILE_ELEMS // d_pad))
 
 
+@direct_launch
 @triton.jit
 def _merge_state_rows_kernel(
     V, S, O, S_OUT,

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+from .._core.launch import direct_launch
 
 MAX_ONE_PASS = 32768  # longest row kept in registers (next_pow2(hidden) elements)
 LOOP_BLOCK = 4096  # chunk of the two-pass loop for longer rows
@@ -39,6 +40,7 @@ def _row_start(rows, inner, stride_outer, stride_inner):
     return (rows // inner) * stride_outer + (rows % inner) * stride_inner
 
 
+@direct_launch
 @triton.jit
 def _rmsnorm_kernel(
     X, R, W, Y,
@@ -95,6 +97,7 @@ def _rmsnorm_kernel(
             tl.store(y_row + c[None, :] * stride_y_col, y.to(Y.dtype.element_ty), mask=ok)
 
 
+@direct_launch
 @triton.jit
 def _layernorm_kernel(
     X, G, B, Y,

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+from .._core.launch import direct_launch
 
 __all__ = ["append_paged_kv", "batch_indices_positions", "append_block_rows"]
 
@@ -50,6 +51,7 @@ _SMALL_TILE_ELEMENTS = 1024
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+@direct_launch
 @triton.jit
 def _append_paged_kv_kernel(
     K_APP, V_APP,  # [nnz, H, HEAD_DIM_K], [nnz, H, HEAD_DIM_V]
@@ -146,6 +148,7 @@ def append_paged_kv(
     )
 
 
+@direct_launch
 @triton.jit
 def _batch_indices_positions_kernel(
     APPEND_INDPTR,  # [batch_size + 1] int32/int64, rows of request b: APPEND_INDPTR[b]:APPEND_INDPTR[b+1]

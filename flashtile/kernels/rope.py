@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+from .._core.launch import direct_launch
 
 TILE = 4096  # elements (both halves of the rotated dims) per program
 MAX_BLOCK_H = 8
@@ -64,6 +65,7 @@ def _token_positions(tokens, tok_ok, POS, INDPTR, OFFSETS, batch_size, search_st
         return tl.load(POS + tokens, mask=tok_ok, other=0).to(tl.int64)
 
 
+@direct_launch
 @triton.jit
 def _rope_kernel(
     Q, K, QO, KO, POS, INDPTR, OFFSETS, CACHE,
@@ -243,6 +245,7 @@ def _rotate_remaining_heads(SRC, DST, tokens, tok_ok, offs_h, num_heads, stride_
             _store_tail(dst, ok, _load_tail(src, ok, HEAD_DIM, ROTARY_DIM, TAIL_PAD), HEAD_DIM, ROTARY_DIM, TAIL_PAD)
 
 
+@direct_launch
 @triton.jit
 def _rope_tokens_kernel(
     Q, K, QO, KO, POS, INDPTR, OFFSETS, CACHE,

@@ -1,0 +1,259 @@
+"""Kernel launches that skip Triton's per-call binding once a specialization is compiled.
+
+Why: a ``kernel[grid](...)`` call spends 20-35 us of host time in Triton's ``JITFunction.run``
+before the driver launch (binding the arguments, specializing each one, hashing the key, reading
+knobs, building launch metadata), which is more than the GPU time of a norm or an activation at
+decode batch sizes. ``direct_launch`` keeps, per kernel, a dict from a cheap key of the call to the
+compiled kernel that Triton returned for that call, and later calls with the same key go straight
+to the compiled kernel's launcher, with the same arguments Triton would pass it.
+
+Why the cached kernel is the one Triton would pick: Triton specializes a call on the device, the
+options and constexprs, and per runtime argument on its type plus a few properties: for tensors the
+dtype and whether the pointer is 16-byte aligned, for ints whether the value is 1 (compiled in as a
+constant), divisible by 16, and its width (i32 / i64 / u64); floats, bools and None carry no value.
+The key records each of these or something finer: positional ints are keyed by their value (free
+to compute; sizes and strides take few values per call site), except parameters Triton does not
+specialize (``do_not_specialize``: seeds, offsets), which get the four properties. Two calls with one
+key therefore get the same compiled kernel from Triton too; at most ``MAX_CACHED_CALLS`` keys are
+kept per kernel. ``FLASHTILE_CHECK_LAUNCH=1`` asks Triton
+for its kernel on every cached launch and raises if it differs (the GPU tests run with it).
+
+Arguments of any other type (or unhashable constexprs) take Triton's own path, as do the
+interpreter (``TRITON_INTERPRET=1``) and machines without CUDA. ``FLASHTILE_DIRECT_LAUNCH=0`` turns the
+cache off.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["direct_launch", "DirectLaunch", "argument_key", "reset_launch_settings"]
+
+MAX_CACHED_CALLS = 4096  # per kernel; calls beyond it take Triton's path (bounded memory)
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int_key(value: int) -> tuple:
+    """Equal to 1, divisible by 16, fits int32, fits int64 (the keyer below inlines the same tuple)."""
+    return (value == 1, value % 16 == 0, _INT32_MIN <= value <= _INT32_MAX, _INT64_MIN <= value <= _INT64_MAX)
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def argument_key(value: Any) -> Any:
+    """What Triton's specialization can depend on for one runtime argument (see the module doc)."""
+    kind = type(value)
+    if kind is int:
+        return _int_key(value)
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    if kind is float:
+        return float
+    if kind is bool:
+        return bool
+    if value is None:
+        return None
+    raise _Uncacheable(kind.__name__)
+
+
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip() not in ("", "0", "false", "False")
+
+
+def _hooks():
+    """Triton's launch hooks, or None when none is installed (an empty chain calls nothing)."""
+    from triton import knobs
+
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if not _has_calls(enter) and not _has_calls(leave):
+        return None
+    return enter, leave
+
+
+def _has_calls(hook) -> bool:
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)  # triton >= 3.5: a HookChain (never None)
+    return bool(calls) if calls is not None else True
+
+
+class DirectLaunch:
+    """Wraps a ``@triton.jit`` kernel; ``wrapper[grid](*args, **kwargs)`` launches like the kernel.
+
+    Attribute access falls through to the wrapped kernel (``.fn``), so tools that inspect
+    ``arg_names``/``params`` keep working.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._compiled: dict = {}
+        self._keyers: dict = {}
+        self._layout = None  # (parameter names, constexpr flags, defaults), built on first use
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _parameters(self):
+        if self._layout is None:
+            params = self.fn.params
+            signature = inspect.signature(self.fn.fn)
+            defaults = [p.default for p in signature.parameters.values()]
+            runtime_names = frozenset(p.name for p in params if not p.is_constexpr)
+            self._layout = ([p.name for p in params], [p.is_constexpr for p in params], defaults, runtime_names)
+        return self._layout
+
+    def _positional_keyer(self, count: int):
+        """A function of the first ``count`` arguments returning their key parts; generated once per
+        count so that an int argument costs a few comparisons instead of a call (host time is the
+        point of this module)."""
+        keyer = self._keyers.get(count)
+        if keyer is None:
+            names, constexpr, _, _ = self._parameters()
+            # Triton does not specialize these on their value (seeds, offsets): key them like Triton does.
+            no_value_key = {p.name for p in self.fn.params if getattr(p, "do_not_specialize", False)}
+            if count > len(names):
+                raise _Uncacheable("too many positional arguments")
+            variables = [f"v{i}" for i in range(count)]
+            parts = []
+            for i, v in enumerate(variables):
+                if constexpr[i]:
+                    parts.append(v)  # constexprs are keyed by value
+                elif names[i] in no_value_key:
+                    parts.append(f"argument_key({v})")
+                else:
+                    # ints by value (finer than Triton's key and free to compute; sizes and strides
+                    # take few values per call site), plain tensors inline, the rest by argument_key
+                    parts.append(f"({v} if type({v}) is int else ({v}.dtype, {v}.data_ptr() % 16 == 0) "
+                                 f"if type({v}) is Tensor else argument_key({v}))")
+            source = f"def keyer({', '.join(variables)}):\n    return ({''.join(p + ', ' for p in parts)})\n"
+            namespace = {"argument_key": argument_key, "Tensor": torch.Tensor}
+            exec(source, namespace)
+            keyer = self._keyers[count] = namespace["keyer"]
+        return keyer
+
+    def _key(self, device: int, args: tuple, kwargs: dict):
+        runtime_names = self._parameters()[3]
+        if runtime_names.isdisjoint(kwargs):  # constexprs and launch options only: keyed by value
+            extra = tuple(kwargs.items())
+        else:
+            extra = tuple((k, argument_key(v) if k in runtime_names else v) for k, v in kwargs.items())
+        return (device, self._positional_keyer(len(args))(*args), extra)
+
+    def _tail(self, args: tuple, kwargs: dict) -> list:
+        """The parameters after the positional ones, in signature order (constexprs and defaults
+        included), as Triton's launcher takes them."""
+        names, _, defaults, _ = self._parameters()
+        tail = []
+        for name, default in zip(names[len(args):], defaults[len(args):]):
+            if name in kwargs:
+                tail.append(kwargs[name])
+            elif default is not inspect.Parameter.empty:
+                tail.append(default)
+            else:
+                raise _Uncacheable(f"missing argument {name}")
+        return tail
+
+    def _launch(self, grid, args: tuple, kwargs: dict):
+        if not _direct_enabled() or callable(grid):
+            return self.fn[grid](*args, **kwargs)
+        try:
+            device = _driver().get_current_device()
+            key = self._key(device, args, kwargs)
+            entry = self._compiled.get(key)  # TypeError: an unhashable constexpr
+        except (_Uncacheable, TypeError):
+            return self.fn[grid](*args, **kwargs)
+        if entry is None:
+            kernel = self.fn[grid](*args, **kwargs)  # compiles (first time) and launches
+            if hasattr(kernel, "result"):
+                kernel = kernel.result()
+            if kernel is not None and hasattr(kernel, "packed_metadata") and len(self._compiled) < MAX_CACHED_CALLS:
+                try:
+                    # With no runtime argument passed by keyword the tail is fixed by the key.
+                    tail = self._tail(args, kwargs) if self._parameters()[3].isdisjoint(kwargs) else None
+                    self._compiled[key] = (kernel, tail)
+                except _Uncacheable:
+                    pass
+            return kernel
+        kernel, tail = entry
+        if tail is None:
+            tail = self._tail(args, kwargs)
+        if _check_enabled():
+            self._check(kernel, grid, args, kwargs)
+        g0 = grid[0]
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        stream = _driver().get_current_stream(device)
+        hooks = _hooks()
+        if hooks is None:
+            kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+        else:
+            metadata = kernel.launch_metadata(tuple(grid), stream, *args, *tail)
+            kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, metadata, hooks[0], hooks[1],
+                       *args, *tail)
+        return kernel
+
+    def _check(self, kernel, grid, args, kwargs) -> None:
+        expected = self.fn.run(*args, grid=grid, warmup=True, **kwargs)
+        if hasattr(expected, "result"):
+            expected = expected.result()
+        if expected is not kernel:
+            raise RuntimeError(
+                f"direct launch of {self.fn.__name__}: the cached kernel is not the one Triton selects for these "
+                "arguments (the specialization key in flashtile/_core/launch.py misses a property); "
+                "set FLASHTILE_DIRECT_LAUNCH=0 and report this"
+            )
+
+
+_state: dict = {}
+
+
+def _driver():
+    driver = _state.get("driver")
+    if driver is None:
+        from triton.runtime import driver as triton_driver
+
+        driver = _state["driver"] = triton_driver.active
+    return driver
+
+
+def _direct_enabled() -> bool:
+    """Cached once: the environment does not change the kernels' mode after import."""
+    enabled = _state.get("enabled")
+    if enabled is None:
+        enabled = (_env_flag("FLASHTILE_DIRECT_LAUNCH", "1") and os.environ.get("TRITON_INTERPRET") != "1"
+                   and torch.cuda.is_available())
+        _state["enabled"] = enabled
+    return enabled
+
+
+def _check_enabled() -> bool:
+    check = _state.get("check")
+    if check is None:
+        check = _state["check"] = _env_flag("FLASHTILE_CHECK_LAUNCH", "0")
+    return check
+
+
+def reset_launch_settings() -> None:
+    """Forget the cached environment reads (tests that change FLASHTILE_DIRECT_LAUNCH / _CHECK_LAUNCH)."""
+    _state.pop("enabled", None)
+    _state.pop("check", None)
+
+
+def direct_launch(fn):
+    """Decorator for ``@triton.jit`` kernels that are launched from Python (not for helpers called
+    from other kernels). Under the interpreter it returns the kernel unchanged."""
+    from triton.runtime.jit import JITFunction
+
+    return DirectLaunch(fn) if isinstance(fn, JITFunction) else fn

@@ -1,0 +1,253 @@
+"""Direct launches (flashtile/_core/launch.py): the cache key, the arguments handed to the compiled
+kernel's launcher, and (on a GPU) agreement with Triton's own choice of compiled kernel."""
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from oracles import rmsnorm_f64
+
+import flashtile
+from flashtile._core import launch
+from flashtile._core.launch import DirectLaunch, argument_key
+
+
+# ---------------------------------------------------------------------------------------------
+# The key: every property Triton specializes on changes it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_int_key_separates_what_triton_specializes_on():
+    # 1 is compiled in as a constant, multiples of 16 get a divisibility hint, the width picks i32/i64/u64
+    assert argument_key(1) != argument_key(3)
+    assert argument_key(16) != argument_key(17)
+    assert argument_key(2**31 - 1) != argument_key(2**31)
+    assert argument_key(2**63 - 1) != argument_key(2**63)
+    assert argument_key(-(2**31)) != argument_key(-(2**31) - 1)
+    # values Triton treats alike may share a key (fewer compiled-kernel lookups, same kernel)
+    assert argument_key(3) == argument_key(5)
+    assert argument_key(32) == argument_key(4096)
+
+
+def test_tensor_key_is_dtype_and_16_byte_alignment():
+    base = torch.zeros(64, dtype=torch.float16)
+    assert argument_key(base) == argument_key(torch.zeros(8, dtype=torch.float16))
+    assert argument_key(base) != argument_key(base.to(torch.bfloat16))
+    assert argument_key(base) != argument_key(base[1:])  # 2-byte offset: not 16-byte aligned
+    assert argument_key(base) == argument_key(base[8:])  # 16-byte offset: aligned
+
+
+def test_scalars_carry_no_value_and_other_types_are_uncacheable():
+    assert argument_key(0.5) == argument_key(2.0)
+    assert argument_key(True) == argument_key(False)
+    assert argument_key(True) != argument_key(1)
+    assert argument_key(None) is None
+    with pytest.raises(launch._Uncacheable):
+        argument_key("text")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache, with a stand-in for Triton (CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Param:
+    def __init__(self, name, is_constexpr, do_not_specialize=False):
+        self.name, self.is_constexpr, self.do_not_specialize = name, is_constexpr, do_not_specialize
+
+
+class _Compiled:
+    """Stands in for triton.compiler.CompiledKernel: records what its launcher receives."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata for", grid)
+
+
+class _FakeJit:
+    """Stands in for a JITFunction: kernel(X, n, scale, BLOCK: constexpr, FLAG: constexpr = False), with
+    ``n`` in do_not_specialize when asked."""
+
+    def __init__(self, n_not_specialized=False):
+        self.params = [_Param("X", False), _Param("n", False, n_not_specialized), _Param("scale", False),
+                       _Param("BLOCK", True), _Param("FLAG", True)]
+        self.triton_launches = []
+        self.compiled = {}
+        self.__name__ = "fake_kernel"
+
+        def fn(X, n, scale, BLOCK, FLAG=False):
+            pass
+
+        self.fn = fn
+
+    def _triton_key(self, args, kwargs):
+        X, n = args[0], args[1]
+        return (X.dtype, X.data_ptr() % 16 == 0, n == 1, n % 16 == 0, kwargs.get("BLOCK"), kwargs.get("FLAG"),
+                kwargs.get("num_warps"))
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.triton_launches.append((grid, args, kwargs))
+            return self.compiled.setdefault(self._triton_key(args, kwargs), _Compiled())
+
+        return launch_
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return self.compiled.setdefault(self._triton_key(args, kwargs), _Compiled())
+
+
+class _FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setitem(launch._state, "enabled", True)
+    monkeypatch.setitem(launch._state, "check", False)
+    monkeypatch.setitem(launch._state, "driver", _FakeDriver())
+    monkeypatch.setattr(launch, "_hooks", lambda: None)
+    jit = _FakeJit()
+    return jit, DirectLaunch(jit)
+
+
+def test_second_call_goes_to_the_compiled_launcher_with_every_parameter(fake_cuda):
+    jit, kernel = fake_cuda
+    x, x2 = torch.zeros(32), torch.ones(48)
+    kernel[(3,)](x, 20, 0.5, BLOCK=64, num_warps=4)
+    assert len(jit.triton_launches) == 1
+    kernel[(5, 2)](x2, 20, 1.5, BLOCK=64, num_warps=4)  # same key: another aligned tensor, another float
+    assert len(jit.triton_launches) == 1
+    (compiled,) = jit.compiled.values()
+    # grid padded to 3-D, stream, handle, metadata, no hooks, then X, n, scale, BLOCK and FLAG's default
+    assert compiled.launches == [(5, 2, 1, 1234, "function", "metadata", None, None, None, x2, 20, 1.5, 64, False)]
+
+
+def test_ints_are_keyed_by_value_unless_triton_does_not_specialize_them(fake_cuda):
+    jit, kernel = fake_cuda
+    x = torch.zeros(32)
+    kernel[(1,)](x, 20, 0.5, BLOCK=64)
+    kernel[(1,)](x, 36, 0.5, BLOCK=64)  # Triton would reuse its kernel; the cache key is finer
+    assert len(jit.triton_launches) == 2
+    seeds = _FakeJit(n_not_specialized=True)
+    by_property = DirectLaunch(seeds)
+    for n in (20, 36, 3, 32, 48, 1, 1):
+        by_property[(1,)](x, n, 0.5, BLOCK=64)
+    assert len(seeds.triton_launches) == 3  # 20/36/3, 32/48 (divisible by 16), 1
+
+
+@pytest.mark.parametrize("change", ["n=1", "n%16", "dtype", "misaligned", "constexpr", "default constexpr",
+                                    "num_warps"])
+def test_a_call_that_specializes_differently_goes_through_triton(fake_cuda, change):
+    jit, kernel = fake_cuda
+    x = torch.zeros(64)
+    args, kwargs = [x, 20, 0.5], dict(BLOCK=64, num_warps=4)
+    kernel[(1,)](*args, **kwargs)
+    if change == "n=1":
+        args[1] = 1
+    elif change == "n%16":
+        args[1] = 32
+    elif change == "dtype":
+        args[0] = x.to(torch.float16)
+    elif change == "misaligned":
+        args[0] = x[1:]
+    elif change == "constexpr":
+        kwargs["BLOCK"] = 128
+    elif change == "default constexpr":
+        kwargs["FLAG"] = True
+    else:
+        kwargs["num_warps"] = 8
+    kernel[(1,)](*args, **kwargs)
+    assert len(jit.triton_launches) == 2
+
+
+def test_positional_constexpr_is_keyed_by_value(fake_cuda):
+    jit, kernel = fake_cuda
+    x = torch.zeros(64)
+    kernel[(1,)](x, 20, 0.5, 64)
+    kernel[(1,)](x, 20, 0.5, 128)  # a runtime int key would call 64 and 128 alike
+    assert len(jit.triton_launches) == 2
+
+
+def test_uncacheable_arguments_always_take_triton_path(fake_cuda):
+    jit, kernel = fake_cuda
+    for _ in range(2):
+        kernel[(1,)](torch.zeros(4), 3, "not a number", BLOCK=4)
+    assert len(jit.triton_launches) == 2
+
+
+def test_check_mode_raises_when_triton_would_pick_another_kernel(fake_cuda, monkeypatch):
+    jit, kernel = fake_cuda
+    x = torch.zeros(64)
+    kernel[(1,)](x, 20, 0.5, BLOCK=64)
+    monkeypatch.setitem(launch._state, "check", True)
+    kernel[(1,)](x, 20, 0.5, BLOCK=64)  # Triton agrees: no error
+    jit.compiled.clear()  # now Triton would compile (pick) a different kernel object
+    with pytest.raises(RuntimeError, match="cached kernel is not the one Triton selects"):
+        kernel[(1,)](x, 20, 0.5, BLOCK=64)
+
+
+def test_disabled_cache_always_takes_triton_path(fake_cuda, monkeypatch):
+    jit, kernel = fake_cuda
+    monkeypatch.setitem(launch._state, "enabled", False)
+    for _ in range(3):
+        kernel[(1,)](torch.zeros(4), 3, 0.5, BLOCK=4)
+    assert len(jit.triton_launches) == 3
+
+
+def test_bound_arguments_follow_a_real_kernel_signature():
+    from triton.runtime.jit import JITFunction
+
+    from flashtile._core.dispatch import Path, load_kernels
+
+    norm = load_kernels("norm", Path.TRITON if HAS_CUDA else Path.TRITON_INTERPRETER)
+    kernel = DirectLaunch(JITFunction(norm._rmsnorm_kernel.fn))  # a compiled-mode kernel, also on CPU
+    names = [p.name for p in kernel.params]
+    assert names[-4:] == ["HAS_RESIDUAL", "ONE_PASS", "BLOCK_M", "BLOCK_N"]
+    args = tuple(range(len(names) - 4))
+    tail = kernel._tail(args, dict(HAS_RESIDUAL=True, ONE_PASS=False, BLOCK_M=1, BLOCK_N=8, num_warps=4))
+    assert tail == [True, False, 1, 8]
+    assert kernel._tail(args[:-1], dict(weight_offset=1.0, HAS_RESIDUAL=True, ONE_PASS=False,
+                                        BLOCK_M=1, BLOCK_N=8)) == [1.0, True, False, 1, 8]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: cached launches agree with Triton (check mode) and compute the right thing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3, 16, 33])
+@pytest.mark.parametrize("offset", [0, 1, 8])
+def test_gpu_cached_launches_match_triton(monkeypatch, rows, offset):
+    monkeypatch.setenv("FLASHTILE_CHECK_LAUNCH", "1")
+    monkeypatch.delenv("FLASHTILE_DIRECT_LAUNCH", raising=False)
+    launch.reset_launch_settings()
+    try:
+        hidden = 4096
+        storage = torch.randn(rows * hidden + offset, dtype=torch.bfloat16, device="cuda")
+        x = storage[offset:].view(rows, hidden)  # offset 1: a 2-byte misaligned base pointer
+        w = torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
+        for _ in range(3):  # first call compiles, the rest are cached launches checked against Triton
+            out = flashtile.rmsnorm(x, w)
+        torch.testing.assert_close(out.double(), rmsnorm_f64(x.double(), w.double()), atol=2e-2, rtol=2e-2)
+        y = torch.randn(rows, 2 * 96 + offset, dtype=torch.float16, device="cuda")[:, offset:]
+        for _ in range(3):
+            act = flashtile.silu_and_mul(y)
+        ref = torch.nn.functional.silu(y[:, :96].double()) * y[:, 96:].double()
+        torch.testing.assert_close(act.double(), ref, atol=2e-3, rtol=2e-3)
+        from flashtile.kernels import norm
+
+        assert norm._rmsnorm_kernel._compiled, "no launch was cached"
+    finally:
+        monkeypatch.undo()
+        launch.reset_launch_settings()
