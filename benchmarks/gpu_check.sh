@@ -76,7 +76,7 @@ for step in "$@"; do
     sampling-passes) FLASHTILE_SAMPLING_SEG=1 timeout 120 python3 benchmarks/sampling_passes.py 2>&1 | tee "$OUT/sampling_passes.log" | tail -8 ;;
     tune-sampling-seg) FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b1" SEG_STAGES=2,5 SEG_WARPS=4,16 2>&1 | grep -e BEST -e skip
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "b128 V128256" SEG_STAGES=3,5,7 SEG_COLS=32,64 2>&1 | grep -e BEST -e skip ;;
-    host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep -E "per eager call|^###" ;;
+    host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep "^|" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     bench-launch) timeout 150 python3 benchmarks/run.py --suite small_ops_launch --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/small_ops_launch.md
            timeout 60 python3 benchmarks/decode_host_cost.py 2>&1 | tee "$OUT/decode_host_cost.md" | tail -8 ;;

@@ -1,7 +1,7 @@
 """Host time of eager small-op calls at batch 1 (CUDA only): wall time per call, and the Python
 functions that take it (cProfile, by own time).
 
-    python benchmarks/host_profile.py [--top N]
+    python benchmarks/host_profile.py [--profile] [--top N]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import cProfile
 import pathlib
 import pstats
+import statistics
 import sys
 import time
 
@@ -40,6 +41,7 @@ def _per_call_us(fn, calls=2000):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--profile", action="store_true", help="also print cProfile tables (rmsnorm, rope)")
     args = ap.parse_args()
     dev = "cuda"
     bf = torch.bfloat16
@@ -59,12 +61,30 @@ def main() -> None:
     }
     from flashtile._core import launch
 
+    def through_triton(fn, calls):
+        launch._state["enabled"] = False  # for the whole timed loop
+        try:
+            return _per_call_us(fn, calls)
+        finally:
+            launch.reset_launch_settings()
+
+    # torch's own eager versions of the same math, for scale
+    torch_cases = {
+        "torch rms_norm": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
+        "torch silu*mul": lambda: torch.nn.functional.silu(y[:, :14336]) * y[:, 14336:],
+    }
     print(f"torch {torch.__version__}, triton {triton.__version__}")
-    for name, fn in cases.items():
-        launch._state["enabled"] = False
-        through_triton = _per_call_us(fn)
-        launch.reset_launch_settings()
-        print(f"{name}: {_per_call_us(fn):.1f} us per eager call (through Triton's launch: {through_triton:.1f} us)")
+    print("median of 9 alternating rounds of 300 calls; the two columns run interleaved, so CPU clock")
+    print("changes hit both alike\n")
+    print("| call | direct launch (default) | through Triton's JITFunction.run |\n|---|---|---|")
+    for name, fn in {**cases, **torch_cases}.items():
+        direct, triton_path = [], []
+        for _ in range(9):
+            direct.append(_per_call_us(fn, 300))
+            triton_path.append(through_triton(fn, 300))
+        print(f"| {name} | {statistics.median(direct):.1f} us | {statistics.median(triton_path):.1f} us |")
+    if not args.profile:
+        return
     for name in ("rmsnorm", "rope cos_sin_cache inplace"):
         prof = cProfile.Profile()
         prof.enable()

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ._core import ops_small as ops
-from ._core.buffers import new_output
+from ._core.buffers import new_output_like
 from ._core.checks import check_tensor, describe
 
 __all__ = ["rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm", "layernorm"]
@@ -49,7 +49,7 @@ def _check_like(name: str, x, input: torch.Tensor) -> None:
 
 def _output(input: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     if out is None:
-        return new_output(input.shape, input.dtype, input.device)
+        return new_output_like(input)
     _check_like("out", out, input)
     return out
 

@@ -25,7 +25,7 @@ import torch
 
 from ._core import ops_small as ops
 from ._core.attention_args import resolve_scalar
-from ._core.buffers import new_output
+from ._core.buffers import new_output_like
 from ._core.checks import check_same_device, check_tensor, describe
 from .reference.positional import llama31_smoothing
 
@@ -148,8 +148,8 @@ def _rope(q, k, *, inplace, pos_ids=None, indptr=None, offsets=None, rotary_dim=
     if inplace:
         ops.call(ops.rope_inplace, q, k, *extra)
         return None
-    q_out = new_output(q.shape, q.dtype, q.device)
-    k_out = new_output(k.shape, k.dtype, k.device)
+    q_out = new_output_like(q)
+    k_out = new_output_like(k)
     ops.call(ops.rope, q, k, q_out, k_out, *extra)
     return q_out, k_out
 
@@ -394,8 +394,8 @@ def apply_rope_with_cos_sin_cache(
         ``(query_out, key_out)``, new tensors shaped like query and key.
     """
     positions, q3, k3, cache, rotary_dim = _cos_sin_cache_args(positions, query, key, head_size, cos_sin_cache)
-    query_out = new_output(query.shape, query.dtype, query.device)
-    key_out = new_output(key.shape, key.dtype, key.device)
+    query_out = new_output_like(query)
+    key_out = new_output_like(key)
     ops.call(ops.rope, q3, k3, query_out.view(q3.shape), key_out.view(k3.shape), positions, None, None, cache,
              rotary_dim, not is_neox, 1.0, 1e4, 0.0, 0.0)
     return query_out, key_out

@@ -210,7 +210,8 @@ def test_bound_arguments_follow_a_real_kernel_signature():
     from flashtile._core.dispatch import Path, load_kernels
 
     norm = load_kernels("norm", Path.TRITON if HAS_CUDA else Path.TRITON_INTERPRETER)
-    kernel = DirectLaunch(JITFunction(norm._rmsnorm_kernel.fn))  # a compiled-mode kernel, also on CPU
+    raw = norm._rmsnorm_kernel  # decorated on a GPU; an interpreted function on CPU
+    kernel = raw if isinstance(raw, DirectLaunch) else DirectLaunch(JITFunction(raw.fn))
     names = [p.name for p in kernel.params]
     assert names[-4:] == ["HAS_RESIDUAL", "ONE_PASS", "BLOCK_M", "BLOCK_N"]
     args = tuple(range(len(names) - 4))
@@ -239,12 +240,14 @@ def test_gpu_cached_launches_match_triton(monkeypatch, rows, offset):
         w = torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
         for _ in range(3):  # first call compiles, the rest are cached launches checked against Triton
             out = flashtile.rmsnorm(x, w)
-        torch.testing.assert_close(out.double(), rmsnorm_f64(x.double(), w.double()), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(out.double().cpu(), rmsnorm_f64(x.double().cpu(), w.double().cpu()),
+                                   atol=2e-2, rtol=2e-2)
         y = torch.randn(rows, 2 * 96 + offset, dtype=torch.float16, device="cuda")[:, offset:]
         for _ in range(3):
             act = flashtile.silu_and_mul(y)
         ref = torch.nn.functional.silu(y[:, :96].double()) * y[:, 96:].double()
         torch.testing.assert_close(act.double(), ref, atol=2e-3, rtol=2e-3)
+        assert act.dtype == torch.float16 and act.shape == (rows, 96)
         from flashtile.kernels import norm
 
         assert norm._rmsnorm_kernel._compiled, "no launch was cached"
