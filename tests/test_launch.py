@@ -170,6 +170,19 @@ def test_a_call_that_specializes_differently_goes_through_triton(fake_cuda, chan
     assert len(jit.triton_launches) == 2
 
 
+def test_cache_starts_over_when_full(fake_cuda, monkeypatch):
+    jit, kernel = fake_cuda
+    monkeypatch.setattr(launch, "MAX_CACHED_CALLS", 3)
+    x = torch.zeros(64)
+    for n in (20, 21, 22, 23):  # the fourth key clears the three before it
+        kernel[(1,)](x, n, 0.5, BLOCK=64)
+    assert len(kernel._compiled) == 1
+    kernel[(1,)](x, 23, 0.5, BLOCK=64)
+    assert len(jit.triton_launches) == 4  # 23 was cached after the reset
+    kernel[(1,)](x, 20, 0.5, BLOCK=64)
+    assert len(jit.triton_launches) == 5
+
+
 def test_positional_constexpr_is_keyed_by_value(fake_cuda):
     jit, kernel = fake_cuda
     x = torch.zeros(64)

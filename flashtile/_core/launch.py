@@ -14,8 +14,9 @@ constant), divisible by 16, and its width (i32 / i64 / u64); floats, bools and N
 The key records each of these or something finer: positional ints are keyed by their value (free
 to compute; sizes and strides take few values per call site), except parameters Triton does not
 specialize (``do_not_specialize``: seeds, offsets), which get the four properties. Two calls with one
-key therefore get the same compiled kernel from Triton too; at most ``MAX_CACHED_CALLS`` keys are
-kept per kernel. ``FLASHTILE_CHECK_LAUNCH=1`` asks Triton
+key therefore get the same compiled kernel from Triton too. A kernel keeps at most
+``MAX_CACHED_CALLS`` keys (it starts over when full), so ints that change with every call (seeds,
+offsets) must be ``do_not_specialize`` parameters, as they should be for Triton anyway. ``FLASHTILE_CHECK_LAUNCH=1`` asks Triton
 for its kernel on every cached launch and raises if it differs (the GPU tests run with it).
 
 Arguments of any other type (or unhashable constexprs) take Triton's own path, as do the
@@ -33,7 +34,7 @@ import torch
 
 __all__ = ["direct_launch", "DirectLaunch", "argument_key", "reset_launch_settings"]
 
-MAX_CACHED_CALLS = 4096  # per kernel; calls beyond it take Triton's path (bounded memory)
+MAX_CACHED_CALLS = 4096  # keys per kernel; the cache starts over when full
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -178,7 +179,9 @@ class DirectLaunch:
             kernel = self.fn[grid](*args, **kwargs)  # compiles (first time) and launches
             if hasattr(kernel, "result"):
                 kernel = kernel.result()
-            if kernel is not None and hasattr(kernel, "packed_metadata") and len(self._compiled) < MAX_CACHED_CALLS:
+            if kernel is not None and hasattr(kernel, "packed_metadata"):
+                if len(self._compiled) >= MAX_CACHED_CALLS:
+                    self._compiled.clear()  # bounded memory; keys still in use come back on their next call
                 try:
                     # With no runtime argument passed by keyword the tail is fixed by the key.
                     tail = self._tail(args, kwargs) if self._parameters()[3].isdisjoint(kwargs) else None
