@@ -67,6 +67,7 @@ SEG_WARPS = 16
 SEG_ROWS = 16  # segments of the row (tile rows of a pass)
 SEG_COLS = 64  # tokens per segment per iteration: a tile is SEG_ROWS x SEG_COLS (4 KB of float32)
 SEG_STAGES = 7  # tl.range num_stages: SEG_STAGES - 1 tiles in flight per program (24 KB; H100: 4-6% faster than 5)
+SEG_UNROLL = 2  # tiles per iteration of a pass (top-k/top-p/min-p/plain): halves the barriers and loop bookkeeping
 SEG_NQ = 4  # candidates drawn at once (and measured by the next pass)
 SEG_PIVOTS = 8  # pivot lanes of a top-k/top-p pass: lo, SEG_NQ candidates, the rest search (a power of 2)
 SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
@@ -648,33 +649,47 @@ def _uniforms(seed, counter, NQ: tl.constexpr):
 
 @triton.jit
 def _seg_pass(row, vocab, seg_len, piv, COUNT: tl.constexpr, MAX: tl.constexpr, NP: tl.constexpr,
-              NSEG: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr):
+              NSEG: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
+              ZERO_PIVOTS: tl.constexpr = False):
     """One streaming pass: per segment, count and mass of the values above each pivot.
 
     ``piv [NP]`` (+inf: unused lane). Returns cnt ``[NP]`` (count > pivot, whole row), mass
     ``[NP, NSEG]`` (sum > pivot, per segment) and the row max (0 if no positive entry). NaN,
     negative and padding entries count as 0 (never above a pivot >= 0). cnt is zeros without
-    COUNT, the max 0 without MAX.
+    COUNT, the max 0 without MAX. ZERO_PIVOTS: every pivot is 0 (the masses of the positive
+    entries). An iteration reads UNROLL consecutive tiles [NSEG, W] (``seg_len`` a multiple of
+    W * UNROLL): fewer barriers and less loop bookkeeping per element; every accumulator slot still
+    adds its tokens in row order, so the sums do not depend on UNROLL.
+
+    Per element and lane the loop body is a compare to 1.0/0.0 (``g``), an FMA into the mass
+    (``x * g`` is x or +0 exactly: x is finite or +inf, and only a +inf pivot meets x = +inf with
+    g = 0, whose NaN mass no caller reads) and (COUNT) an add of ``g``: 2-3 instructions instead
+    of compare, select, add (and select, add).
     """
     seg = tl.arange(0, NSEG)
     col = tl.arange(0, W)
     base = seg[:, None] * seg_len + col[None, :]  # [NSEG, W]: first tile of every segment
     cnt_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)  # exact integers (< 2^24 per slot)
     mass_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)
-    max_acc = tl.zeros([NSEG, W], dtype=tl.float32)
-    for j in tl.range(0, seg_len, W, num_stages=STAGES):
-        idx = base + j
-        x = tl.load(row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
-        x = tl.where(x > 0.0, x, 0.0)  # NaN and negative -> 0
-        gt = x[None, :, :] > piv[:, None, None]  # [NP, NSEG, W]
-        mass_acc += tl.where(gt, x[None, :, :], 0.0)
-        if COUNT:
-            cnt_acc += gt.to(tl.float32)
-        if MAX:
-            max_acc = tl.maximum(max_acc, x)
+    # [1, NSEG, W]: the layout of the lanes' broadcast, so the tile is read from shared memory once.
+    max_acc = tl.zeros([1, NSEG, W], dtype=tl.float32)
+    for j in tl.range(0, seg_len, W * UNROLL, num_stages=STAGES):
+        for u in tl.static_range(UNROLL):
+            idx = base + (j + u * W)
+            x = tl.load(row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+            x = tl.where(x > 0.0, x, 0.0)[None, :, :]  # NaN and negative -> 0
+            if ZERO_PIVOTS:
+                mass_acc += x
+            else:
+                g = (x > piv[:, None, None]).to(tl.float32)  # [NP, NSEG, W]
+                mass_acc += x * g
+                if COUNT:
+                    cnt_acc += g
+            if MAX:
+                max_acc = tl.maximum(max_acc, x)
     cnt = tl.sum(tl.sum(cnt_acc, axis=2), axis=1).to(tl.int32)
     mass = tl.sum(mass_acc, axis=2)
-    return cnt, mass, tl.max(tl.max(max_acc, axis=1), axis=0)
+    return cnt, mass, tl.max(tl.max(tl.max(max_acc, axis=2), axis=1), axis=0)
 
 
 @triton.jit
@@ -933,7 +948,7 @@ def _seg_filtered_sampling_kernel(
     USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, TOP_K_FIRST: tl.constexpr,
     MAX_PASSES: tl.constexpr, MAX_STEPS: tl.constexpr, DRAW_STRIDE: tl.constexpr,
     NQ: tl.constexpr, NC: tl.constexpr, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
-    NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr,
+    NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
     BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr, RECORD_PASSES: tl.constexpr,
 ):
     """The rejection sampler with segmented passes (section comment above). One output row per
@@ -1010,7 +1025,8 @@ def _seg_filtered_sampling_kernel(
                                   USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NP)
             else:
                 piv = tl.zeros([NP], dtype=tl.float32)  # lane 0 = 0: the masses of {p > 0}
-            cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, piv, USE_TOP_K, VERIFY, NP, NSEG, W, STAGES)
+            cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, piv, USE_TOP_K, VERIFY, NP, NSEG, W, STAGES, UNROLL,
+                                            not VERIFY)
             if not USE_TOP_K:
                 # Top-p needs cnt only for "cnt(v) == 0", i.e. v >= row max: no counting in the pass.
                 cnt = tl.where(piv >= rmax, 0, 1)
@@ -1067,7 +1083,7 @@ def _seg_filtered_sampling_kernel(
             # Plain sampling's fallback draws from every positive token: it needs their exact mass
             # (no pass may have run).
             cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, tl.zeros([NP], dtype=tl.float32), False, False, NP,
-                                            NSEG, W, STAGES)
+                                            NSEG, W, STAGES, UNROLL, True)
             lo_mass = tl.sum(tl.sum(seg_mass, axis=1), axis=0)
         # Exact fallback (as the default path): find tau above lo, then one draw.
         result, valid, kept_above = _exact_draw(row, vocab, lo, lo_mass, total, have_total, k, top_p, min_p,
@@ -1199,17 +1215,18 @@ def seg_path_enabled() -> bool:
     return os.environ.get("FLASHTILE_SAMPLING_SEG", "1") != "0"
 
 
-def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool):
+def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, unroll: int = 1):
     """Launch sizes of the segmented sampler (module constants SEG_*). ``filtered``: some filter (top-k,
     top-p or min-p); ``count``: top-k or top-p (queued candidates are measured: pivot lanes for them).
     Under the interpreter, tiny tiles so that test vocabularies of 7-41 tokens span several segments,
-    sub-segments and scan chunks."""
+    sub-segments and scan chunks. ``unroll``: tiles per iteration of ``_seg_pass`` (``seg_len`` a
+    multiple of ``W * unroll``)."""
     if interpreted:
         nseg, w, nsub, cw, c3, warps, stages = 4, 2, 2, 2, 4, 4, 1
     else:
         nseg, w, nsub, cw, c3, warps, stages = (SEG_ROWS, SEG_COLS, SEG_SUBS, SEG_SUB_COLS, SEG_SCAN, SEG_WARPS,
                                                 SEG_STAGES)
-    seg_len = cdiv(cdiv(vocab, nseg), w) * w
+    seg_len = cdiv(cdiv(vocab, nseg), w * unroll) * w * unroll
     sub_len = cdiv(cdiv(seg_len, nsub), cw) * cw
     if not filtered:
         nq, nc, np_ = 2, 0, 1  # plain sampling: one draw (two lanes: size-1 tiles spill), always kept
@@ -1219,7 +1236,7 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool):
         nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS
         assert np_ >= nq + 2 and np_ & (np_ - 1) == 0, "SEG_PIVOTS: a power of 2 >= SEG_NQ + 2"
     return dict(seg_len=seg_len, sub_len=sub_len, NQ=nq, NC=nc, NP=np_, NSEG=nseg, W=w, NSUB=nsub, CW=cw, C3=c3,
-                STAGES=stages, num_warps=warps)
+                STAGES=stages, UNROLL=unroll, num_warps=warps)
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
@@ -1242,7 +1259,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     dummy = out
     if seg:
         cfg = _seg_config(vocab, _interpreted(probs), filtered=top_k is not None or top_p is not None or min_p is not None,
-                          count=top_k is not None or top_p is not None)
+                          count=top_k is not None or top_p is not None, unroll=SEG_UNROLL)
         seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
         _seg_filtered_sampling_kernel[(batch,)](
             probs, rows if rows is not None else dummy, out, valid,
