@@ -411,6 +411,26 @@ def test_seg_sampler_bounded_passes(seg_kernels, device, mode, passes):
         assert chi_square_pvalue(ids.cpu(), renorm_oracle(probs, keep[None])[0]) > P_FLOOR
 
 
+# Launch constants that change the segmented kernel's code or its pivot lanes (benchmarks/tune_sampling.py
+# sweeps them on the GPU): every variant must keep the filter sets and the distributions.
+SEG_VARIANTS = [dict(SEG_UNROLL=1), dict(SEG_PIVOTS_TOP_P=8, SEG_PIVOTS_MIN_P=2),
+                dict(SEG_PIVOTS=4, SEG_PIVOTS_TOP_P=2, SEG_NQ=2)]
+
+
+@pytest.mark.parametrize("consts", SEG_VARIANTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_seg_sampler_launch_constants(seg_kernels, device, monkeypatch, consts):
+    """Filter sets on edge rows and chi-square of top-p, top-k, min-p and joint with other launch
+    constants than the defaults (the defaults run in the tests above)."""
+    kernels, launches = seg_kernels
+    for name, value in consts.items():
+        assert hasattr(kernels, name), name
+        monkeypatch.setattr(kernels, name, value)
+    test_seg_sampler_filter_sets_and_edge_rows(seg_kernels, device, 41, torch.float32)
+    for kind in ("top_p", "top_k", "min_p", "joint"):
+        launches[0] = 0
+        test_seg_sampler_distribution(seg_kernels, device, kind)
+
+
 def test_seg_sampler_reproducible(seg_kernels, device):
     """Same (seed, offset) as ints or device tensors: the same samples; another seed: others; per-row
     seed/offset tensors are honoured."""

@@ -69,7 +69,13 @@ SEG_COLS = 64  # tokens per segment per iteration: a tile is SEG_ROWS x SEG_COLS
 SEG_STAGES = 7  # tl.range num_stages: SEG_STAGES - 1 tiles in flight per program (24 KB; H100: 4-6% faster than 5)
 SEG_UNROLL = 2  # tiles per iteration of a pass (top-k/top-p/min-p/plain): halves the barriers and loop bookkeeping
 SEG_NQ = 4  # candidates drawn at once (and measured by the next pass)
-SEG_PIVOTS = 8  # pivot lanes of a top-k/top-p pass: lo, SEG_NQ candidates, the rest search (a power of 2)
+# Pivot lanes of a pass (powers of 2; each costs 2 instructions per element, 3 with top-k's count): the
+# SEG_NQ queued candidates, the rest search lanes (the first pass: 0 and a grid).
+SEG_PIVOTS = 8  # top-k, joint top-k/top-p, top_k_first (also its exact top-k set search); >= max(4, SEG_NQ + 1)
+# Top-p alone; >= SEG_NQ. 4 = the candidates only: same passes as 8 on softmax(randn) and LLM-like rows at
+# top_p 0.9 (interpreter, 128 rows of 128256), 1 row in 128 took a 3rd pass at top_p 0.3.
+SEG_PIVOTS_TOP_P = 4
+SEG_PIVOTS_MIN_P = 1  # min-p alone: 1 = lane 0 (0 on the first pass, then the float just below the threshold)
 SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
 SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
 SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
@@ -630,13 +636,15 @@ def _uniforms(seed, counter, NQ: tl.constexpr):
 # Same filter sets, the exactness argument above, and passes that have no block-wide
 # reduction inside their streaming loop:
 # - the row is cut into NSEG contiguous segments of ``seg_len`` tokens (a multiple of W); an
-#   iteration loads the tile [NSEG, W] (W contiguous tokens of every segment) and only does
+#   iteration loads the tile [NSEG, W] (W contiguous tokens of every segment; UNROLL such tiles in
+#   ``_seg_pass``) and only does
 #   elementwise work into per-thread accumulators [.., NSEG, W]; the loop is a plain ``for`` over
 #   ``tl.range(..., num_stages=STAGES)`` so that Triton can keep STAGES tiles of loads in flight;
 #   everything is reduced once after the loop;
-# - a pass measures cnt/mass at NP pivots *per segment*: lane 0 is the current ``lo``, lanes
-#   1..NC the queued candidates, the rest search pivots. Whatever lane becomes the new ``lo``, its
-#   per-segment masses are the CDF of the next candidate set at segment granularity, so the next
+# - a pass measures cnt/mass at NP pivots *per segment*: lanes 0..NC-1 the queued candidates, the
+#   rest search pivots (the first pass: 0 and a grid). Whatever lane becomes the new ``lo``, its
+#   per-segment masses are the CDF of the next candidate set at segment granularity (kept until
+#   ``lo`` moves again, so ``lo`` needs no lane of its own), so the next
 #   NQ candidates are drawn right after the pass without another full pass: a prefix over the
 #   NSEG segment masses picks each draw's segment (level 1), one pipelined sweep over the picked
 #   segments computes NSUB sub-segment masses per draw (level 2, 1/NSEG of the row per draw), and a
@@ -798,21 +806,22 @@ def _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_ma
                 NC: tl.constexpr, NP: tl.constexpr):
     """The pivots ``[NP]`` of the next pass (+inf: unused lane).
 
-    Lane 0 = ``lo`` (the candidate set's per-segment masses when ``lo`` does not move); lanes
-    1..NC = the queued candidates; search lanes = ``lo + (hi - lo) * g`` with g in
-    {f/2, f, (1+f)/2, (3+f)/4, ...} around the fraction f where cnt reaches k or the mass reaches
-    ``p_mass`` (interpolated between the bracket ends); with min-p the first search lane is the float
-    just below the threshold ({p > lane} is then exactly the min-p set). First pass: lane 0 = 0
-    (total, positive count) and, with top-k or top-p, the other lanes at ``2^(2j-1) / vocab``.
+    Lanes 0..NC-1 = the queued candidates; the other NP - NC lanes search: ``lo + (hi - lo) * g``
+    with g in {f/2, f, (1+f)/2, (3+f)/4, ...} around the fraction f where cnt reaches k or the mass
+    reaches ``p_mass`` (interpolated between the bracket ends); with min-p the first search lane is
+    the float just below the threshold ({p > lane} is then exactly the min-p set). ``lo`` itself
+    needs no lane: its count and per-segment masses are kept from the pass that measured it. First
+    pass: lane 0 = 0 (total, positive count, masses of {p > 0}) and, with top-k or top-p, the other
+    lanes at ``2^(2j-1) / vocab``.
     """
     lane = tl.arange(0, NP)
-    piv = tl.where(lane == 0, lo, float("inf"))
+    piv = tl.full([NP], float("inf"), dtype=tl.float32)
     if NC > 0:
         qi = tl.arange(0, NQ)
-        sel = (lane[:, None] == qi[None, :] + 1) & (qi[None, :] < qn) & (qi[None, :] < NC)  # [NP, NQ]
+        sel = (lane[:, None] == qi[None, :]) & (qi[None, :] < qn) & (qi[None, :] < NC)  # [NP, NQ]
         piv = tl.where(tl.max(sel.to(tl.int32), axis=1) > 0, tl.sum(tl.where(sel, qv[None, :], 0.0), axis=1), piv)
-    s = lane - 1 - NC  # search lane index
-    NS: tl.constexpr = NP - 1 - NC
+    s = lane - NC  # search lane index
+    NS: tl.constexpr = NP - NC
     if NS > 0:
         if USE_TOP_K or USE_TOP_P:
             f = tl.full([], 0.02, dtype=tl.float32)
@@ -846,7 +855,7 @@ def _lane_value(v, lane, j):
 
 @triton.jit
 def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
-                   STAGES: tl.constexpr, MAX_STEPS: tl.constexpr):
+                   STAGES: tl.constexpr, MAX_STEPS: tl.constexpr, UNROLL: tl.constexpr):
     """The exact top-k set for ``filter_apply_order="top_k_first"`` on segmented passes: returns
     ``(lo, row_max, passes, seg_mass)`` with the set = the values above ``lo`` (every positive value
     when the row has at most k of them) and ``seg_mass [NSEG]`` its mass per segment (so the first
@@ -857,7 +866,7 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
     ``lo``, ``hi`` a row value): lane 0 at ``a``, the others around the point where ``log(cnt)``
     interpolated between the ends reaches k (log-count targets ``k * rho^t``, ``|t| <= 1``). The
     nearest row values around each pivot (per-slot min/max accumulators) move ``a`` and ``hi``; the
-    search ends when ``a == hi`` (= tau).
+    search ends when ``a == hi`` (= tau). UNROLL tiles per iteration, as ``_seg_pass``.
     """
     lane = tl.arange(0, NP)
     seg = tl.arange(0, NSEG)
@@ -893,22 +902,23 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
         min_acc = tl.full([NP, NSEG, W], float("inf"), dtype=tl.float32)
         max_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)  # values are >= 0 (NaN, negative -> 0)
         mass_acc = tl.zeros([NP, NSEG, W], dtype=tl.float32)
-        top_acc = tl.zeros([NSEG, W], dtype=tl.float32)
-        for j in tl.range(0, seg_len, W, num_stages=STAGES):
-            idx = base + j
-            x = tl.load(row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
-            x = tl.where(x > 0.0, x, 0.0)
-            top_acc = tl.maximum(top_acc, x)
-            x3 = x[None, :, :]
-            gt = x3 > piv[:, None, None]
-            cnt_acc += gt.to(tl.float32)
-            mass_acc += tl.where(gt, x3, 0.0)
-            min_acc = tl.minimum(min_acc, tl.where(gt, x3, float("inf")))
-            max_acc = tl.maximum(max_acc, tl.where(gt, 0.0, x3))
+        top_acc = tl.zeros([1, NSEG, W], dtype=tl.float32)  # the lanes' layout: one read of the tile (_seg_pass)
+        for j in tl.range(0, seg_len, W * UNROLL, num_stages=STAGES):
+            for u in tl.static_range(UNROLL):
+                idx = base + (j + u * W)
+                x = tl.load(row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+                x3 = tl.where(x > 0.0, x, 0.0)[None, :, :]
+                top_acc = tl.maximum(top_acc, x3)
+                gt = x3 > piv[:, None, None]
+                g = gt.to(tl.float32)  # compare to 1.0/0.0 and FMA, as _seg_pass
+                cnt_acc += g
+                mass_acc += x3 * g
+                min_acc = tl.minimum(min_acc, tl.where(gt, x3, float("inf")))
+                max_acc = tl.maximum(max_acc, tl.where(gt, 0.0, x3))
         cnt = tl.sum(tl.sum(cnt_acc, axis=2), axis=1).to(tl.int32)
         min_gt = tl.min(tl.min(min_acc, axis=2), axis=1)
         max_le = tl.max(tl.max(max_acc, axis=2), axis=1)
-        row_max = tl.max(tl.max(top_acc, axis=1), axis=0)
+        row_max = tl.max(tl.max(tl.max(top_acc, axis=2), axis=1), axis=0)
         rejected = cnt >= k
         kept = ~rejected
         # Largest rejected pivot -> lo (its nearest value above -> a); smallest kept -> hi (nearest value at or below).
@@ -966,7 +976,7 @@ def _seg_filtered_sampling_kernel(
     VERIFY: tl.constexpr = USE_KP or USE_MIN_P
     WORDS: tl.constexpr = (NQ + 3) // 4  # Philox counters per draw
     tl.static_assert(WORDS * MAX_PASSES + 2 <= DRAW_STRIDE)
-    tl.static_assert(NC == 0 or NC == NQ)  # every queued candidate is measured by the next pass
+    tl.static_assert(NC == 0 or (NC == NQ and NP >= NQ))  # every queued candidate is measured by the next pass
     lane = tl.arange(0, NP)
     q = tl.arange(0, NQ)
 
@@ -974,6 +984,7 @@ def _seg_filtered_sampling_kernel(
     lo = tl.zeros([], dtype=tl.float32)
     lo_cnt = tl.zeros([], dtype=tl.int32)  # cnt(lo), mass(lo): the candidate set {p > lo}
     lo_mass = tl.zeros([], dtype=tl.float32)
+    lo_seg = tl.zeros([NSEG], dtype=tl.float32)  # per-segment masses of {p > lo}
     have_total = lo > 1.0  # False until a pass (or the top-k set) measured the row
     if USE_KP:
         hi = tl.full([], float("inf"), dtype=tl.float32)
@@ -984,10 +995,11 @@ def _seg_filtered_sampling_kernel(
     total = tl.full([], 1.0, dtype=tl.float32)  # top-p reference mass
     thr = tl.zeros([], dtype=tl.float32)  # min-p threshold (min_p * row max)
     if TOP_K_FIRST:
-        # The top-k set exactly ({p > lo}), then top-p inside it: the first pass of the loop measures
-        # its mass (lane 0 = lo), the top-p reference.
-        lo, rmax0, search_passes, lo_seg0 = _seg_top_k_set(row, vocab, seg_len, k, NP, NSEG, W, STAGES, MAX_STEPS)
+        # The top-k set exactly ({p > lo}, with its per-segment masses), then top-p inside it.
+        lo, rmax0, search_passes, lo_seg0 = _seg_top_k_set(row, vocab, seg_len, k, NP, NSEG, W, STAGES, MAX_STEPS,
+                                                                   UNROLL)
         hi = rmax0
+        lo_seg = lo_seg0
         lo_mass = tl.sum(lo_seg0, axis=0)
         total = lo_mass  # the top-p reference: the top-k set's mass
         have_total = have_total | True
@@ -1017,7 +1029,7 @@ def _seg_filtered_sampling_kernel(
             first = ~have_total
             p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)  # no top-p filter: stays huge, no overflow
             if TOP_K_FIRST:
-                grid = first & False  # lane 0 = lo (the top-k set's bound), search lanes up to its max
+                grid = first & False  # candidates and search lanes between the top-k set's bound and its max
             else:
                 grid = first
             if VERIFY:
@@ -1031,6 +1043,7 @@ def _seg_filtered_sampling_kernel(
                 # Top-p needs cnt only for "cnt(v) == 0", i.e. v >= row max: no counting in the pass.
                 cnt = tl.where(piv >= rmax, 0, 1)
             pmass = tl.sum(seg_mass, axis=1)  # [NP]
+            used = piv < float("inf")
             if VERIFY:
                 if first:
                     total = _lane_value(pmass, lane, 0)
@@ -1040,8 +1053,7 @@ def _seg_filtered_sampling_kernel(
                 p_mass = top_p * tl.where(top_p > 1.0, 1.0, total)
                 keep_kp = _keep(cnt, pmass, piv, k, p_mass, 0.0, USE_TOP_K, USE_TOP_P, False)
                 keep = keep_kp & (piv >= thr)
-                used = piv < float("inf")
-                # New lo: the largest rejected pivot (lane 0 holds lo itself, so some lane has it).
+                # New lo: the largest rejected pivot, if above lo.
                 lo = tl.maximum(lo, tl.max(tl.where(used & (~keep), piv, -1.0), axis=0))
                 if USE_KP:
                     passed = used & keep_kp
@@ -1051,9 +1063,9 @@ def _seg_filtered_sampling_kernel(
                     hi_cnt = tl.where(mh, _lane_value(cnt, lane, hb_lane), hi_cnt)
                     hi_mass = tl.where(mh, _lane_value(pmass, lane, hb_lane), hi_mass)
                     hi = tl.where(mh, hb, hi)
-                # Queued candidates (lanes 1..NQ): the first kept one in draw order is accepted.
+                # Queued candidates (lanes 0..NQ-1): the first kept one in draw order is accepted.
                 if NC > 0:
-                    qkeep = tl.max(tl.where((lane[None, :] == q[:, None] + 1) & keep[None, :], 1, 0), axis=1) > 0
+                    qkeep = tl.max(tl.where((lane[None, :] == q[:, None]) & keep[None, :], 1, 0), axis=1) > 0
                     head = tl.min(tl.where(qkeep & (q < qn), q, NQ), axis=0)
                     accept = head < NQ
                     result = tl.where(accept, tl.sum(tl.where(q == head, qid, 0), axis=0), result)
@@ -1061,15 +1073,18 @@ def _seg_filtered_sampling_kernel(
                     accept = have_total & False
             else:
                 accept = have_total & False
-            lo_lane = tl.min(tl.where((piv == lo) & (piv < float("inf")), lane, NP), axis=0)
-            lo_cnt = _lane_value(cnt, lane, lo_lane)
-            lo_mass = _lane_value(pmass, lane, lo_lane)
+            # A lane measured lo (the first pass's lane 0, or lo moved to a rejected lane): its count and
+            # masses; otherwise lo kept its value and they are those of an earlier pass.
+            lo_lane = tl.min(tl.where((piv == lo) & used, lane, NP), axis=0)
+            found = lo_lane < NP
+            lo_cnt = tl.where(found, _lane_value(cnt, lane, lo_lane), lo_cnt)
+            lo_mass = tl.where(found, _lane_value(pmass, lane, lo_lane), lo_mass)
+            lo_seg = tl.where(found, tl.sum(tl.where(lane[:, None] == lo_lane, seg_mass, 0.0), axis=0), lo_seg)
             empty = lo_mass <= 0.0
             have_total = have_total | True
             qn = qn * 0  # the queue was measured: it is decided
             if (~accept) & (~empty):
                 # Draw NQ new candidates from {p > lo} with its per-segment masses.
-                lo_seg = tl.sum(tl.where(lane[:, None] == lo_lane, seg_mass, 0.0), axis=0)  # [NSEG]
                 acc_n, pick, qv, qid, qn = _seg_draw_queue(row, vocab, lo, hi, thr, lo_seg, seed, counter + r * WORDS,
                                                           seg_len, sub_len, NQ, NSEG, NSUB, CW, C3, STAGES)
                 result = tl.where(acc_n, pick, result)
@@ -1215,9 +1230,11 @@ def seg_path_enabled() -> bool:
     return os.environ.get("FLASHTILE_SAMPLING_SEG", "1") != "0"
 
 
-def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, unroll: int = 1):
+def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, unroll: int = 1,
+                top_p_only: bool = False):
     """Launch sizes of the segmented sampler (module constants SEG_*). ``filtered``: some filter (top-k,
-    top-p or min-p); ``count``: top-k or top-p (queued candidates are measured: pivot lanes for them).
+    top-p or min-p); ``count``: top-k or top-p (queued candidates are measured: pivot lanes for them);
+    ``top_p_only``: top-p without top-k (SEG_PIVOTS_TOP_P lanes).
     Under the interpreter, tiny tiles so that test vocabularies of 7-41 tokens span several segments,
     sub-segments and scan chunks. ``unroll``: tiles per iteration of ``_seg_pass`` (``seg_len`` a
     multiple of ``W * unroll``)."""
@@ -1231,10 +1248,14 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, u
     if not filtered:
         nq, nc, np_ = 2, 0, 1  # plain sampling: one draw (two lanes: size-1 tiles spill), always kept
     elif not count:
-        nq, nc, np_ = SEG_NQ, 0, 2  # min-p: lanes lo and the float below the threshold
+        nq, nc, np_ = SEG_NQ, 0, SEG_PIVOTS_MIN_P  # min-p: no candidate is queued (judged at once by the threshold)
+        assert np_ >= 1 and np_ & (np_ - 1) == 0, "SEG_PIVOTS_MIN_P: a power of 2"
+    elif top_p_only:
+        nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS_TOP_P
+        assert np_ >= nq and np_ & (np_ - 1) == 0, "SEG_PIVOTS_TOP_P: a power of 2 >= SEG_NQ"
     else:
         nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS
-        assert np_ >= nq + 2 and np_ & (np_ - 1) == 0, "SEG_PIVOTS: a power of 2 >= SEG_NQ + 2"
+        assert np_ >= max(4, nq + 1) and np_ & (np_ - 1) == 0, "SEG_PIVOTS: a power of 2 >= max(4, SEG_NQ + 1)"
     return dict(seg_len=seg_len, sub_len=sub_len, NQ=nq, NC=nc, NP=np_, NSEG=nseg, W=w, NSUB=nsub, CW=cw, C3=c3,
                 STAGES=stages, UNROLL=unroll, num_warps=warps)
 
@@ -1259,7 +1280,8 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     dummy = out
     if seg:
         cfg = _seg_config(vocab, _interpreted(probs), filtered=top_k is not None or top_p is not None or min_p is not None,
-                          count=top_k is not None or top_p is not None, unroll=SEG_UNROLL)
+                          count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
+                          top_p_only=top_p is not None and top_k is None)
         seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
         _seg_filtered_sampling_kernel[(batch,)](
             probs, rows if rows is not None else dummy, out, valid,
