@@ -1,10 +1,12 @@
 """Sweep module-level launch constants of flashtile.kernels.sampling on the sampling suite's cases
 (CUDA-graph replays) and print microseconds per setting, best first per case.
 
-    python benchmarks/tune_sampling.py [--filter S] NAME=v1,v2 [NAME=v1,v2 ...]
+    python benchmarks/tune_sampling.py [--filter S[,S...]] NAME=v1,v2 [NAME=v1,v2 ...]
     e.g. FLASHTILE_SAMPLING_SEG=1 python benchmarks/tune_sampling.py --filter b128 SEG_COLS=32,64,128 SEG_STAGES=3,5
+         python benchmarks/tune_sampling.py --filter "b128 V128256,b1 V128256" SEG_UNROLL=1,2 SEG_WARPS=8,16
 
-Every combination of the given values is timed; names must be constants of the module.
+Every combination of the given values is timed on every case whose name contains one of the
+comma-separated filter strings; names must be constants of the module.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from benchmarks.harness import measure  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--filter", default="")
+    ap.add_argument("--filter", default="", help="comma-separated substrings of case names (any may match)")
     ap.add_argument("settings", nargs="+", help="NAME=v1,v2,...")
     args = ap.parse_args()
     import flashtile.kernels.sampling as kernels
@@ -37,8 +39,9 @@ def main() -> None:
         names.append(name)
         choices.append([type(getattr(kernels, name))(v) for v in values.split(",")])
     default = {n: getattr(kernels, n) for n in names}
+    filters = args.filter.split(",")
     for case in sampling_cases(False):
-        if args.filter not in case.name:
+        if not any(f in case.name for f in filters):
             continue
         rows = []
         for combo in itertools.product(*choices):
