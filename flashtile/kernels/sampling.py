@@ -55,6 +55,11 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
+from .._core.launch import direct_launch
+
+# Kernel ints that change with every call (generator draws): not specialized on their value, so a
+# new value neither recompiles (Triton) nor adds a launch-cache key (flashtile/_core/launch.py).
+PER_CALL_INTS = ["seed_val", "offset_val"]
 
 NUM_PIVOTS = 4  # pivots evaluated per pass of the threshold search
 MAX_ROUNDS = 32  # rejection rounds before the exact search
@@ -333,7 +338,8 @@ def _load_seed(i, SEED, OFFSET, seed_val, offset_val, draw_stride, SEED_IN_TENSO
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@direct_launch
+@triton.jit(do_not_specialize=PER_CALL_INTS)
 def _filtered_sampling_kernel(
     PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET,
     vocab, stride_row,
@@ -431,7 +437,8 @@ def _filtered_sampling_kernel(
     tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
 
 
-@triton.jit
+@direct_launch
+@triton.jit(do_not_specialize=PER_CALL_INTS)
 def _logits_sampling_kernel(
     LOGITS, ROWS, OUT, VALID, SEED, OFFSET,
     vocab, stride_row, seed_val, offset_val,
@@ -478,6 +485,7 @@ def _online_max_sum(row, vocab, inv_temp, BLOCK: tl.constexpr):
     return m, s
 
 
+@direct_launch
 @triton.jit
 def _softmax_kernel(
     LOGITS, OUT, TEMP, vocab, stride_in, stride_out, temp_val,
@@ -495,6 +503,7 @@ def _softmax_kernel(
         _store_softmax(row, OUT + i * stride_out, start + offs, vocab, inv_temp, m_safe, scale)
 
 
+@direct_launch
 @triton.jit
 def _threshold_kernel(
     IN, OUT, TOP_K, TOP_P, vocab, stride_in, stride_out, top_k_val, top_p_val,
@@ -532,7 +541,8 @@ def _threshold_kernel(
         tl.store(OUT + i * stride_out + idx, y.to(OUT.dtype.element_ty), mask=idx < vocab)
 
 
-@triton.jit
+@direct_launch
+@triton.jit(do_not_specialize=PER_CALL_INTS)
 def _chain_speculative_kernel(
     DRAFT, DRAFT_IDS, TARGET, OUT, ACCEPTED, EMITTED, SEED, OFFSET,
     n, vocab, stride_db, stride_dn, stride_ib, stride_tb, stride_tn, stride_ob,
@@ -948,7 +958,8 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
     return lo, row_max, step, lo_seg
 
 
-@triton.jit
+@direct_launch
+@triton.jit(do_not_specialize=PER_CALL_INTS)
 def _seg_filtered_sampling_kernel(
     PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET, PASSES,
     vocab, stride_row, seg_len, sub_len,
@@ -1145,6 +1156,7 @@ def _seg_max_sum(row, vocab, seg_len, inv_temp, NSEG: tl.constexpr, W: tl.conste
     return shift, seg_sum * tl.exp(seg_max - shift)
 
 
+@direct_launch
 @triton.jit
 def _seg_softmax_kernel(
     LOGITS, OUT, TEMP, vocab, stride_in, stride_out, seg_len, temp_val,
@@ -1165,7 +1177,8 @@ def _seg_softmax_kernel(
         _store_softmax(row, OUT + i * stride_out, base + j, vocab, inv_temp, shift, scale)
 
 
-@triton.jit
+@direct_launch
+@triton.jit(do_not_specialize=PER_CALL_INTS)
 def _seg_logits_sampling_kernel(
     LOGITS, ROWS, OUT, VALID, SEED, OFFSET,
     vocab, stride_row, seg_len, sub_len, seed_val, offset_val,
