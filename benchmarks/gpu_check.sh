@@ -58,7 +58,7 @@ for step in "$@"; do
     bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
            grep -h -e "^###" -e "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
-    tests-sampling) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
+    tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
     bench-sampling-seg) FLASHTILE_SAMPLING_SEG=0 timeout 120 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_seg0 2>&1 | tail -1
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench_seg1 2>&1 | tail -1
            { echo "### FLASHTILE_SAMPLING_SEG=0 (flashtile only)"; cat /tmp/bench_seg0/sampling.md; echo; echo "### FLASHTILE_SAMPLING_SEG=1, all providers"; cat /tmp/bench_seg1/sampling.md; } > "$OUT/sampling_seg.md"

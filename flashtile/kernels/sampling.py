@@ -68,7 +68,7 @@ DRAW_STRIDE = 64  # Philox counters reserved per row (>= MAX_ROUNDS + 1)
 
 
 # Segmented path (FLASHTILE_SAMPLING_SEG=1): launch configuration, to sweep on the H100.
-SEG_WARPS = 16
+SEG_WARPS = 8  # H100 tune (2026-11-21, SEG_UNROLL=2): 8 warps beat 16 on top-p b1/b128, top-k, min-p, logits by 5-20%
 SEG_ROWS = 16  # segments of the row (tile rows of a pass)
 SEG_COLS = 64  # tokens per segment per iteration: a tile is SEG_ROWS x SEG_COLS (4 KB of float32)
 SEG_STAGES = 7  # tl.range num_stages: SEG_STAGES - 1 tiles in flight per program (24 KB; H100: 4-6% faster than 5)
