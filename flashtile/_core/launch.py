@@ -96,9 +96,11 @@ class DirectLaunch:
         self.fn = fn
         self._compiled: dict = {}
         self._keyers: dict = {}
-        self._layout = None  # (parameter names, constexpr flags, defaults), built on first use
+        self._layout = None  # (names, constexpr flags, defaults, runtime names), built on first use
 
     def __getattr__(self, name):
+        if name == "fn":  # not set yet (copy/unpickle): no recursion through self.fn
+            raise AttributeError(name)
         return getattr(self.fn, name)
 
     def __getitem__(self, grid):
@@ -116,8 +118,8 @@ class DirectLaunch:
         return self._layout
 
     def _positional_keyer(self, count: int):
-        """A function of the first ``count`` arguments returning their key parts; generated once per
-        count so that an int argument costs a few comparisons instead of a call (host time is the
+        """A function of the first ``count`` arguments returning their key parts, generated once per
+        count with each argument's rule inlined (no call per int or plain tensor: host time is the
         point of this module)."""
         keyer = self._keyers.get(count)
         if keyer is None:
