@@ -214,7 +214,9 @@ for label, kw in [("top-k", dict(top_k=50)), ("top-p", dict(top_p=0.9)), ("top-k
 from flashtile.kernels import activation as ACT  # noqa: E402
 from flashtile.kernels import rope as R  # noqa: E402
 
-R._num_sms = lambda device: 132  # launch sizes of the H100, not of the interpreter's small "GPU"
+from flashtile._core import device as DEV  # noqa: E402
+
+_interpreter_sms, DEV.INTERPRETER_SMS = DEV.INTERPRETER_SMS, 132  # RoPE launch sizes of the H100, not of the interpreter's small "GPU"
 qr, kr = torch.randn(8192, 32, 128, dtype=bf), torch.randn(8192, 8, 128, dtype=bf)
 pos = torch.arange(8192, dtype=torch.int64)
 for token_major in ("1", "0"):
@@ -224,6 +226,7 @@ for token_major in ("1", "0"):
     R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, smooth_a=0.1, smooth_b=-0.5)
     compile_all(f"rope llama31 FLASHTILE_ROPE_FAST={token_major}")
 os.environ.pop("FLASHTILE_ROPE_FAST")
+DEV.INTERPRETER_SMS = _interpreter_sms
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")
 sys.exit(1 if failures else 0)

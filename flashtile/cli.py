@@ -567,7 +567,7 @@ def _planned_splits(v: WarmupVariant, device: torch.device) -> Optional[int]:
 
         cfg = kernels.choose_config(v.kind, max(16, 1 << (v.shape.head_dim - 1).bit_length()))
         base_programs = -(-v.qo_len * v.shape.group // cfg.block_m) * v.shape.num_kv_heads
-        return plan_kv_splits(v.kv_len, base_programs, kernels._num_sms(device), kernels.KV_CHUNK_ALIGN)[0]
+        return plan_kv_splits(v.kv_len, base_programs, kernels.num_sms(device), kernels.KV_CHUNK_ALIGN)[0]
     except Exception:
         return None
 

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
 from .._core.launch import direct_launch
 
@@ -613,7 +614,7 @@ def attention_forward(
     num_m_blocks = cdiv(num_rows, cfg.block_m)
     align = KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
     if num_splits is None:
-        splits, chunk = plan_kv_splits(kv_len, num_m_blocks * num_kv_heads, _num_sms(device), align)
+        splits, chunk = plan_kv_splits(kv_len, num_m_blocks * num_kv_heads, num_sms(device), align)
     else:
         chunk = max(align, cdiv(cdiv(max(kv_len, 1), num_splits), align) * align)
         splits = max(1, cdiv(kv_len, chunk))
@@ -624,18 +625,6 @@ def attention_forward(
     partial_lse = torch.empty((splits, qo_len, num_qo_heads), dtype=torch.float32, device=device)
     launch(cfg, splits, chunk, partial_o, partial_lse, True)
     merge_attention_states(partial_o, partial_lse, out, lse, v_scale=v_scale)
-
-
-_sm_count: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a small "GPU" so tests exercise split-KV
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_count[index]
 
 
 # Decode rows are the query heads of one KV head: at least 16 for tl.dot, the whole group in one block.
@@ -713,8 +702,3 @@ def batch_chunk_align() -> int:
     """Granularity of planned KV chunks: a multiple of every decode BLOCK_N (tiles never straddle
     two items). Under the interpreter it is the small test tile, so tiny tests exercise splitting."""
     return _INTERPRETER_CONFIG.block_n if INTERPRET else KV_CHUNK_ALIGN
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors the scheduler plans for (4 under the interpreter)."""
-    return _num_sms(device)

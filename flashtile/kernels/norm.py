@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
 from .._core.launch import direct_launch
 
@@ -153,18 +154,6 @@ def _layernorm_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_sm_count: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a small "GPU"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_count[index]
-
-
 @functools.lru_cache(maxsize=1024)
 def norm_config(n_rows: int, n_cols: int, num_sms: int) -> tuple[int, int, bool, int]:
     """``(BLOCK_M, BLOCK_N, ONE_PASS, num_warps)`` for ``n_rows`` rows of ``n_cols`` elements.
@@ -199,7 +188,7 @@ def _launch_rmsnorm(x, residual, weight, y, eps: float, weight_offset: float) ->
     n_rows = x.numel() // max(n_cols, 1)
     if n_rows == 0 or n_cols == 0:
         return
-    block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, _num_sms(x.device))
+    block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, num_sms(x.device))
     inner, sxo, sxi, sxc = _rows(x)
     _, syo, syi, syc = _rows(y)
     has_residual = residual is not None
@@ -231,7 +220,7 @@ def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out:
     n_rows = input.numel() // max(n_cols, 1)
     if n_rows == 0 or n_cols == 0:
         return
-    block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, _num_sms(input.device))
+    block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, num_sms(input.device))
     inner, sxo, sxi, sxc = _rows(input)
     _, syo, syi, syc = _rows(out)
     _layernorm_kernel[(cdiv(n_rows, block_m),)](

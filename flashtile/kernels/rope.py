@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
 from .._core.launch import direct_launch
 
@@ -338,18 +339,6 @@ def fast_config(nnz: int, num_q_heads: int, num_k_heads: int, half_pad: int, num
     return block_t, block_hq, block_hk, num_warps
 
 
-_sm_count: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a small "GPU"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_count[index]
-
-
 def rope_config(nnz: int, num_heads: int, half_pad: int, head_blocks_of, num_sms: int) -> tuple[int, int]:
     """``(BLOCK_T, BLOCK_H)``: a tile of about TILE elements; fewer tokens per program while that
     leaves fewer than two programs per SM."""
@@ -417,13 +406,13 @@ def apply_rope(
     constexprs = dict(HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, HALF_PAD=half_pad, TAIL_PAD=tail_pad,
                       INTERLEAVE=bool(interleave), IS_RAGGED=is_ragged, USE_CACHE=use_cache, COPY_TAIL=copy_tail)
     if use_token_major(use_cache):
-        block_t, block_hq, block_hk, num_warps = fast_config(nnz, num_q_heads, num_k_heads, half_pad, _num_sms(q.device))
+        block_t, block_hq, block_hk, num_warps = fast_config(nnz, num_q_heads, num_k_heads, half_pad, num_sms(q.device))
         _rope_tokens_kernel[(cdiv(nnz, block_t),)](
             *common, *head_counts, *scalars, **constexprs,
             BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=num_warps,
         )
         return
-    block_t, block_h = rope_config(nnz, max(num_q_heads, num_k_heads), half_pad, head_blocks_of, _num_sms(q.device))
+    block_t, block_h = rope_config(nnz, max(num_q_heads, num_k_heads), half_pad, head_blocks_of, num_sms(q.device))
     num_q_blocks = cdiv(num_q_heads, block_h)
     grid = (cdiv(nnz, block_t), head_blocks_of(block_h))
     _rope_kernel[grid](
