@@ -40,7 +40,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _int_key(value: int) -> tuple:
-    """Equal to 1, divisible by 16, fits int32, fits int64 (the keyer below inlines the same tuple)."""
+    """Equal to 1, divisible by 16, fits int32, fits int64: what Triton looks at in an int."""
     return (value == 1, value % 16 == 0, _INT32_MIN <= value <= _INT32_MAX, _INT64_MIN <= value <= _INT64_MAX)
 
 
@@ -224,30 +224,39 @@ class DirectLaunch:
 _state: dict = {}
 
 
-def _driver():
-    driver = _state.get("driver")
-    if driver is None:
-        from triton.runtime import driver as triton_driver
+def _cached(name: str, compute) -> Any:
+    """``compute()`` once, kept in ``_state`` (environment settings: see reset_launch_settings)."""
+    value = _state.get(name)
+    if value is None:
+        value = _state[name] = compute()
+    return value
 
-        driver = _state["driver"] = triton_driver.active
-    return driver
+
+def _active_driver():
+    from triton.runtime import driver
+
+    return driver.active
+
+
+def _read_direct_enabled() -> bool:
+    return (_env_flag("FLASHTILE_DIRECT_LAUNCH", "1") and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.is_available())
+
+
+def _read_check_enabled() -> bool:
+    return _env_flag("FLASHTILE_CHECK_LAUNCH", "0")
+
+
+def _driver():
+    return _cached("driver", _active_driver)
 
 
 def _direct_enabled() -> bool:
-    """Cached once: the environment does not change the kernels' mode after import."""
-    enabled = _state.get("enabled")
-    if enabled is None:
-        enabled = (_env_flag("FLASHTILE_DIRECT_LAUNCH", "1") and os.environ.get("TRITON_INTERPRET") != "1"
-                   and torch.cuda.is_available())
-        _state["enabled"] = enabled
-    return enabled
+    return _cached("enabled", _read_direct_enabled)
 
 
 def _check_enabled() -> bool:
-    check = _state.get("check")
-    if check is None:
-        check = _state["check"] = _env_flag("FLASHTILE_CHECK_LAUNCH", "0")
-    return check
+    return _cached("check", _read_check_enabled)
 
 
 def reset_launch_settings() -> None:
