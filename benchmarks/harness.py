@@ -155,6 +155,19 @@ def first_call_seconds(fn: Callable[[], Any]) -> float:
     return _first_call(fn)[0]
 
 
+def host_overhead_us(fn: Callable[[], Any], calls: int = 300) -> float:
+    """Wall microseconds per call of ``calls`` back-to-back eager calls (after 10 warm-up calls),
+    synchronized at both ends: the host cost when the GPU work is negligible (launch-bound)."""
+    for _ in range(10):
+        fn()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def cuda_graph_replay(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
     """Capture ``calls`` back-to-back calls of ``fn`` in one CUDA graph; returns its replay."""
     stream = torch.cuda.Stream()

@@ -12,7 +12,6 @@ import pathlib
 import pstats
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -21,21 +20,12 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import flashtile  # noqa: E402
+from benchmarks.harness import host_overhead_us  # noqa: E402
 
 
 @triton.jit
 def _empty_kernel(X, n, BLOCK: tl.constexpr):
     pass
-
-
-def _per_call_us(fn, calls=2000):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def main() -> None:
@@ -64,7 +54,7 @@ def main() -> None:
     def through_triton(fn, calls):
         launch._state["enabled"] = False  # for the whole timed loop
         try:
-            return _per_call_us(fn, calls)
+            return host_overhead_us(fn, calls)
         finally:
             launch.reset_launch_settings()
 
@@ -80,7 +70,7 @@ def main() -> None:
     for name, fn in {**cases, **torch_cases}.items():
         direct, triton_path = [], []
         for _ in range(9):
-            direct.append(_per_call_us(fn, 300))
+            direct.append(host_overhead_us(fn, 300))
             triton_path.append(through_triton(fn, 300))
         print(f"| {name} | {statistics.median(direct):.1f} us | {statistics.median(triton_path):.1f} us |")
     if not args.profile:

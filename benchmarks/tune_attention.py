@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flashtile  # noqa: E402
-from benchmarks.harness import cuda_graph_replay  # noqa: E402
+from benchmarks.harness import cuda_graph_replay, host_overhead_us  # noqa: E402
 from flashtile.kernels import attention as attn  # noqa: E402
 
 LC = attn.LaunchConfig
@@ -62,20 +62,6 @@ CASES = [
     ("prefill", 64, "prefill 8192 32/32 d64 causal", lambda: prefill_case(8192, 32, 32, 64)),
     ("prefill", 256, "prefill 8192 32/32 d256 causal", lambda: prefill_case(8192, 32, 32, 256)),
 ]
-
-
-def host_overhead_us(fn, calls=300):
-    """Host time per call when the GPU work is negligible (the launch-bound regime)."""
-    import time
-
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / calls * 1e6
 
 
 def main():
