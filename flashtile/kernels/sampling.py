@@ -1334,9 +1334,9 @@ def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
     vocab = logits.shape[-1]
     if seg is None:
         seg = seg_path_enabled()
+    s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
     if seg:
         cfg = _seg_config(vocab, _interpreted(logits), filtered=False, count=False)
-        s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
         _seg_logits_sampling_kernel[(batch,)](
             logits, rows if rows is not None else out, out, valid,
             s_t if s_t is not None else out, o_t if o_t is not None else out,
@@ -1347,7 +1347,6 @@ def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
         )
         return
     block, warps = _config(vocab, _interpreted(logits))
-    s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
     _logits_sampling_kernel[(batch,)](
         logits, rows if rows is not None else out, out, valid,
         s_t if s_t is not None else out, o_t if o_t is not None else out,
