@@ -447,9 +447,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
     (bottom-right alignment: ``qo_len < kv_len`` is an append or chunked prefill; with ``qo_len > kv_len`` the
     first rows see nothing and give 0 and lse -inf).
 
-    plan() splits the batch into tiles of (request, query rows, KV range), longest first, and cuts long KV
-    ranges when there are too few tiles to fill the GPU (scheduler/prefill_work.py); run() launches one
-    kernel and, when a tile was cut, one merge.
+    plan() splits the batch into tiles of (request, query rows, KV range), longest request first and the tiles
+    that share K/V side by side, and cuts long KV ranges when there are too few tiles to fill the GPU
+    (scheduler/prefill_work.py); run() launches one kernel and, when a tile was cut, one merge.
 
     Args:
         float_workspace_buffer: a device tensor (any dtype) for partial states of split tiles; 128 MiB is

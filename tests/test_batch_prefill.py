@@ -289,15 +289,21 @@ def test_small_workspace_splits_less(path, device):
 
 
 def test_skewed_batch(path, device):
-    """One long prompt among many short ones (the scheduler's longest-first case)."""
+    """One long prompt among many short ones (the scheduler's longest-first case). The long one is
+    not first in the batch, and its item count does not divide the batch's, so the kernel's last
+    head-major launch group is a partial one; every (item, head) must still be written once."""
     if HAS_CUDA:
-        qo_lens = [4096] + [128] * 30
+        qo_lens = [128] * 10 + [4096] + [128] * 20
     else:
-        qo_lens = [40] + [3] * 6
+        qo_lens = [3] * 2 + [40] + [3] * 4
     q, k, v, qo_indptr, kv_indptr = make_ragged(qo_lens, qo_lens, 8, 2, 64, torch.bfloat16, device)
     w = BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
     w.plan(qo_indptr, kv_indptr, 8, 2, 64, causal=True, q_data_type=torch.bfloat16)
-    out, lse = w.run(q, k, v, return_lse=True)
+    num_items, _, group_items = w._plan.meta[:3].tolist()
+    assert num_items % group_items != 0
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=device)
+    w.run(q, k, v, out=out, lse=lse, return_lse=True)
     check_requests(out, lse, q, qo_indptr, ragged_requests(k, v, kv_indptr), causal=True)
 
 

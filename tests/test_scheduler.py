@@ -99,7 +99,7 @@ def test_fixed_chunk_does_not_depend_on_the_batch(other, n, fixed):
 
 
 # ------------------------------------------------------------------------------------------------
-# Prefill work list: every visible (row, key) covered exactly once, capacities, longest-first order
+# Prefill work list: every visible (row, key) covered exactly once, capacities, launch order
 # ------------------------------------------------------------------------------------------------
 
 from flashtile.scheduler.prefill_work import (  # noqa: E402
@@ -162,11 +162,44 @@ def test_prefill_items_cover_visible_keys_once(reqs, group, block_m, causal, win
                 assert count == len(pieces) and sorted(slots) == list(range(start, start + count))
                 used_slots += slots
     assert sorted(used_slots) == list(range(work.num_slots)), "slots are dense"
-    lengths = (work.item_kv_end - work.item_kv_start).tolist()
-    assert lengths == sorted(lengths, reverse=True), "longest items first"
+    _check_launch_order(work)
     if mode == "auto":
         cap_items, cap_merges, cap_slots = prefill_capacity(len(reqs), int(qo.sum()) * group, block_m, heads, sms)
         assert work.num_items <= cap_items and work.num_merges <= cap_merges and work.num_slots <= cap_slots
+
+
+def _check_launch_order(work):
+    """Each request's items contiguous and longest first; requests by their longest item, longest
+    first; group_items is the most items of any request."""
+    lengths = (work.item_kv_end - work.item_kv_start).tolist()
+    requests = work.item_request.tolist()
+    runs = []  # (request, lengths of its items) in launch order
+    for r, n in zip(requests, lengths):
+        if runs and runs[-1][0] == r:
+            runs[-1][1].append(n)
+        else:
+            runs.append((r, [n]))
+    assert len({r for r, _ in runs}) == len(runs), "a request's items are contiguous"
+    for _, ns in runs:
+        assert ns == sorted(ns, reverse=True), "longest first within a request"
+    firsts = [ns[0] for _, ns in runs]
+    assert firsts == sorted(firsts, reverse=True), "requests by their longest item"
+    assert work.group_items == max([len(ns) for _, ns in runs], default=1)
+
+
+def test_prefill_launch_order_groups_a_request():
+    """Equal prompts: request 0's row blocks (longest first), then request 1's, ...; a long prompt
+    placed last in the batch still launches first."""
+    work = plan_prefill_work(torch.tensor([256, 256]), torch.tensor([256, 256]), group=1, block_m=64, causal=True,
+                             window_left=-1, programs_per_item=4, num_sms=132, align=64, disable_split=True)
+    assert work.item_request.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert work.item_row_block.tolist() == [3, 2, 1, 0, 3, 2, 1, 0]
+    assert work.group_items == 4
+    skewed = plan_prefill_work(torch.tensor([64, 64, 1024]), torch.tensor([64, 64, 1024]), group=1, block_m=64,
+                               causal=True, window_left=-1, programs_per_item=4, num_sms=132, align=64,
+                               disable_split=True)
+    assert skewed.item_request.tolist() == [2] * 16 + [0, 1]
+    assert skewed.group_items == 16
 
 
 def test_prefill_splits_few_long_tiles_only():
@@ -184,5 +217,5 @@ def test_prefill_meta_roundtrip():
                              window_left=-1, programs_per_item=2, num_sms=4, align=16)
     requests = torch.arange(15).view(3, 5)
     meta = pack_prefill_meta(work, requests, work.num_items + 3, work.num_merges + 1)
-    assert meta[0] == work.num_items and meta[1] == work.num_merges
+    assert meta[0] == work.num_items and meta[1] == work.num_merges and meta[2] == work.group_items
     assert torch.equal(meta_requests(meta, 3), requests.to(torch.int32))

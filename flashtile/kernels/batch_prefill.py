@@ -9,7 +9,7 @@ kernel serves every batch composition and a CUDA-graph capture replays correctly
 
 ``META`` (int32) holds, in order:
 (field counts and the packing: scheduler/prefill_work.py)
-  COUNTS [4]        number of items, number of merge entries (rest unused)
+  COUNTS [4]        number of items, number of merge entries, group_items (launch order), unused
   REQS   [B, 5]     qo_start, qo_len, kv_offset, kv_len, mask_offset  per request
                     (kv_offset: first KV row (ragged) or first entry of the page list (paged);
                     mask_offset: first byte of the request's packed mask)
@@ -53,6 +53,25 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
 from .softmax import finalize_state, softmax_update
 
 
+@triton.jit
+def _item_and_head(pid, num_items, group_items, num_kv_heads):
+    """``(item, kv_head, active)`` of program ``pid``. Items come in groups of ``group_items``
+    (the last one shorter); inside a group, head 0 takes every item, then head 1, ... (so programs
+    that read the same K/V run together: scheduler/prefill_work.py). ``active`` is False for the
+    programs past ``num_items * num_kv_heads`` (graph mode's fixed grid); their item and head are
+    clamped into range."""
+    group_items = tl.maximum(group_items, 1)
+    per_group = group_items * num_kv_heads
+    group = pid // per_group
+    r = pid - group * per_group
+    first = group * group_items
+    in_group = tl.maximum(tl.minimum(group_items, num_items - first), 1)
+    kv_head = r // in_group
+    item = first + r - kv_head * in_group
+    active = pid < num_items * num_kv_heads
+    return item, tl.minimum(kv_head, num_kv_heads - 1), active
+
+
 @direct_launch
 @triton.jit
 def _batch_prefill_kernel(
@@ -70,10 +89,8 @@ def _batch_prefill_kernel(
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # KV heads innermost: the heads of one item run side by side, and items go longest first.
-    item = pid // num_kv_heads
-    kv_head = pid % num_kv_heads
     num_items = tl.load(COUNTS)
+    item, kv_head, active = _item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
     item_c = tl.maximum(tl.minimum(item, num_items - 1), 0)  # programs past the plan (graph mode) idle
     it = ITEMS + item_c * 5
     req = tl.load(it)
@@ -91,8 +108,8 @@ def _batch_prefill_kernel(
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     num_rows = qo_len * GROUP
     # Vector form: the interpreter rejects a block mask combined with a scalar bool.
-    row_ok = (rows < num_rows) & ((rows * 0 + item) < num_items)
-    hi = tl.where(item < num_items, hi, lo)
+    row_ok = (rows < num_rows) & ((rows * 0 + active) != 0)
+    hi = tl.where(active, hi, lo)
     tokens = rows // GROUP  # within the request
     heads = kv_head * GROUP + rows % GROUP
     delta = kv_len - qo_len
@@ -257,8 +274,9 @@ def batch_prefill_forward(
         meta: int32 plan (module doc): ``batch_size`` requests, ``item_capacity`` item rows.
         part_o, part_lse: float32 partial-state slots (module doc).
         out: ``[total_qo, Hq, Dvo]``; lse: float32 ``[total_qo, Hq]``.
-        block_m, block_n: the planned tile shape (prefill_tile_shape). num_items / num_merges: grid sizes (planned counts, or the
-            fixed capacities of CUDA-graph mode; programs beyond the plan idle).
+        block_m, block_n: the planned tile shape (prefill_tile_shape).
+        num_items / num_merges: grid sizes (planned counts, or the fixed capacities of CUDA-graph mode;
+            programs beyond the plan idle).
     """
     num_qo_heads, head_dim_qk = q.shape[1], q.shape[2]
     paged = page_indices is not None

@@ -11,8 +11,16 @@ window start), so its KV range is clipped here and the kernel never visits the r
 Tiles are then cut into *items* along KV with one chunk size per batch (the batch decode planner,
 :func:`plan_batch_kv_splits`, applied to the tiles' ranges): with few tiles (one long chunked
 prefill, a small batch of long appends) long ranges are split so the grid fills the GPU; with many
-tiles nothing is split. Items are ordered longest first, so the long tiles of a skewed batch start
-first and the short ones fill in behind them (longest-processing-time order).
+tiles nothing is split.
+
+Launch order. The items of a request are contiguous, longest first, and requests go in order of
+their longest item (the long tiles of a skewed batch start first, the short ones fill in behind
+them: longest-processing-time order). The kernel takes the items in groups of ``group_items``
+(the most items any request has) and runs, inside a group, every item of KV head 0, then every
+item of head 1, and so on. The programs running at one time therefore read the K/V of one or a
+few (request, KV head) pairs, which stay in L2 for all their row blocks. (Ordering all items by
+length instead puts the same row block of every request and head side by side: those programs
+share no K/V, and a batch of 1k-token prompts then streams K/V from DRAM once per row block.)
 
 A tile cut into several items has its items write float32 partial states into consecutive *slots*;
 one merge entry per such tile folds them into the output. A tile with one item writes the output
@@ -34,7 +42,7 @@ __all__ = [
 ]
 
 # The plan as the kernels read it: one int32 array (kernels/batch_prefill.py documents the fields).
-COUNT_FIELDS = 4  # number of items, number of merge entries, 2 unused
+COUNT_FIELDS = 4  # number of items, number of merge entries, group_items, 1 unused
 REQUEST_FIELDS = 5  # qo_start, qo_len, kv_offset, kv_len, mask_offset
 ITEM_FIELDS = 5  # request, row_block, kv_start, kv_end, slot
 MERGE_FIELDS = 4  # request, row_block, first slot, number of slots
@@ -48,10 +56,11 @@ class PrefillWork:
     ``item_request[w]`` (``item_row_block[w]``) over keys ``[item_kv_start[w], item_kv_end[w])`` and
     writes the output (``item_slot[w] == -1``) or partial-state slot ``item_slot[w]``. Merge entry
     ``e`` folds slots ``merge_slot_start[e] .. + merge_num_slots[e]`` into rows ``merge_row_block[e]``
-    of request ``merge_request[e]``.
+    of request ``merge_request[e]``. ``group_items``: items per head-major launch group (module doc).
     """
 
     chunk: int
+    group_items: int
     item_request: torch.Tensor
     item_row_block: torch.Tensor
     item_kv_start: torch.Tensor
@@ -154,11 +163,11 @@ def plan_prefill_work(
     within = torch.arange(item_tile.numel(), dtype=torch.int64) - splits.request_item_indptr[item_tile]
     item_slot = torch.where(split_tile[item_tile], slot_base[item_tile] + within, torch.full_like(within, -1))
 
-    # Longest first (stable, so equal lengths keep request order: neighbours share K/V in L2).
-    order = torch.argsort(item_kv_end - item_kv_start, descending=True, stable=True)
+    order, group_items = _launch_order(tile_request[item_tile], item_kv_end - item_kv_start, qo.numel())
     merge_tiles = split_tile.nonzero().squeeze(1)
     return PrefillWork(
         chunk=splits.chunk,
+        group_items=group_items,
         item_request=tile_request[item_tile][order],
         item_row_block=tile_block[item_tile][order],
         item_kv_start=item_kv_start[order],
@@ -169,6 +178,21 @@ def plan_prefill_work(
         merge_slot_start=slot_base[merge_tiles],
         merge_num_slots=counts[merge_tiles],
     )
+
+
+def _launch_order(item_request: torch.Tensor, item_length: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """Permutation of the items into launch order (module doc) and ``group_items``: each request's
+    items contiguous and longest first; requests by their longest item, longest first (stable)."""
+    if item_request.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), 1
+    request_max = torch.zeros(batch_size, dtype=torch.int64).scatter_reduce(
+        0, item_request, item_length, reduce="amax", include_self=True)
+    # Three stable sorts, least significant key first.
+    order = torch.argsort(item_length, descending=True, stable=True)
+    order = order[torch.argsort(item_request[order], stable=True)]
+    order = order[torch.argsort(request_max[item_request[order]], descending=True, stable=True)]
+    group_items = int(torch.bincount(item_request, minlength=batch_size).max())
+    return order, group_items
 
 
 def meta_size(batch_size: int, item_capacity: int, merge_capacity: int) -> int:
@@ -182,7 +206,7 @@ def pack_prefill_meta(work: PrefillWork, requests: torch.Tensor, item_capacity: 
     and the merge entries, each section padded with zeros to its capacity."""
     batch = requests.shape[0]
     meta = torch.zeros(meta_size(batch, item_capacity, merge_capacity), dtype=torch.int32)
-    meta[0], meta[1] = work.num_items, work.num_merges
+    meta[0], meta[1], meta[2] = work.num_items, work.num_merges, work.group_items
     o = COUNT_FIELDS
     meta[o: o + REQUEST_FIELDS * batch] = requests.reshape(-1)
     o += REQUEST_FIELDS * batch
