@@ -25,6 +25,8 @@ _ap = argparse.ArgumentParser()
 _ap.add_argument("--triton-path", default=None, help="a directory holding the triton package to compile with")
 _ap.add_argument("--dump", default=None, help="write each compiled kernel's TTGIR and PTX into this directory")
 _ap.add_argument("--only", default="", help="compile only the cases whose label contains this text (e.g. sampling)")
+_ap.add_argument("--prefill-config", default=None,
+                 help="block_n,num_warps,num_stages for the 128-row batch-prefill cases (default: the launcher's)")
 _args = _ap.parse_args()
 if _args.triton_path:
     sys.path.insert(0, _args.triton_path)
@@ -106,13 +108,15 @@ from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_wor
 
 bf = torch.bfloat16
 P = AttentionParams(0.088, True)
+if _args.prefill_config:
+    BP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
 def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label=""):
     os.environ["FLASHTILE_TMA"] = "1" if use_tma else "0"
     dvo = dvo or d
     q = torch.randn(sum(qo), hq, d, dtype=bf)
     group = hq // hk
-    bm, bn = BP.prefill_tile_shape(max(qo) * group, max(kv), d, dvo)
+    bm, bn = BP.prefill_tile_shape(max(qo) * group, max(kv), d, dvo, page if paged else None)
     work = plan_prefill_work(torch.tensor(qo), torch.tensor(kv), group=group, block_m=bm, causal=True, window_left=-1,
                              programs_per_item=hk, num_sms=132, align=128)
     reqs = torch.stack([torch.tensor([0] + list(torch.tensor(qo).cumsum(0)[:-1])), torch.tensor(qo),
@@ -139,6 +143,9 @@ ragged_case(True, [4096] * 2, [8192] * 2, label="ragged long TMA")
 ragged_case(True, [64], [60000], label="ragged chunked TMA (split + merge)")
 ragged_case(True, [1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, label="ragged d192/128 (TMA off: padded)")
 ragged_case(False, [1024] * 16, [1024] * 16, paged=True, label="paged p16")
+ragged_case(False, [1024] * 16, [1024] * 16, paged=True, page=1, label="paged p1")
+ragged_case(False, [8192] * 4, [8192] * 4, paged=True, label="paged long p16")
+ragged_case(False, [1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, paged=True, label="paged d192/128 p16")
 ragged_case(False, [4] * 64, [4096] * 64, paged=True, label="paged append")
 
 os.environ["FLASHTILE_TMA"] = "1"

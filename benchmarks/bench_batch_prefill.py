@@ -44,6 +44,7 @@ def prefill_cases(smoke: bool):
                 _case("ragged 3 mixed h4/4 d64", [5, 64, 1], [5, 64, 70], 4, 4, 64)]
     cases = [_case("paged 16 x 1024 h32/8 p16", [1024] * 16, [1024] * 16, 32, 8, page_size=16),
              _case("paged 16 x 1024 h32/8 p1", [1024] * 16, [1024] * 16, 32, 8, page_size=1),
+             _case("paged 4 x 8192 h32/8 p16", [8192] * 4, [8192] * 4, 32, 8, page_size=16),
              _case("ragged 16 x 1024 h32/8", [1024] * 16, [1024] * 16, 32, 8)]
     cases += [_case(f"ragged {b} x {n} h32/32", [n] * b, [n] * b, 32, 32) for b, n in
               ((128, 1024), (64, 2048), (32, 4096), (16, 8192), (1, 32768))]

@@ -257,7 +257,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             deterministic = fixed_split_size is not None or bool(disable_split_kv)
             max_rows = None if deterministic else (int(qo_lens.max()) * group if batch else 0)
             max_kv = int(kv_lens_h.max()) if batch else 0
-            block_m, block_n = kernels.prefill_tile_shape(max_rows, max_kv, head_dim_qk, head_dim_vo)
+            block_m, block_n = kernels.prefill_tile_shape(max_rows, max_kv, head_dim_qk, head_dim_vo, page_size)
         if self._use_cuda_graph:
             if self._graph_shape is None:
                 caps = prefill_capacity(batch, total_qo * group, block_m, num_kv_heads, sms)

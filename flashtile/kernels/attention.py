@@ -92,6 +92,7 @@ def _attend_tiles(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
@@ -106,13 +107,23 @@ def _attend_tiles(
     offs_dvo = tl.arange(0, D_VO)
     dqk_ok = offs_dqk < HEAD_DIM_QK
     dvo_ok = offs_dvo < HEAD_DIM_VO
+    next_page = offs_n * 0
+    if PAGED and PREFETCH_PAGES:
+        next_page = tl.load(page_table + (start + offs_n) // page_size, mask=start + offs_n < kv_len, other=0)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n  # [BLOCK_N] key positions
         col_ok = cols < kv_len
         if USE_TMA:
             k = k_desc.load([desc_head, desc_row0 + n0, 0]).reshape([BLOCK_N, D_QK])
         elif PAGED:
-            if MASKED:
+            if PREFETCH_PAGES:
+                # The page ids come from the previous iteration. Loaded in this one, they make the K/V
+                # copies "indirect" for Triton's pipeliner, which then waits for every copy at the top
+                # of each iteration (no K/V tile in flight during the math).
+                page = next_page.to(tl.int64)
+                ahead = cols + BLOCK_N
+                next_page = tl.load(page_table + ahead // page_size, mask=ahead < kv_len, other=0)
+            elif MASKED:
                 page = tl.load(page_table + cols // page_size, mask=col_ok, other=0).to(tl.int64)
             else:
                 page = tl.load(page_table + cols // page_size).to(tl.int64)
@@ -247,8 +258,10 @@ def _attend_range(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr = False,
 ):
-    """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`_tile_ranges`."""
+    """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`_tile_ranges`.
+    PREFETCH_PAGES (paged): load each tile's page ids one iteration ahead (see _attend_tiles)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
@@ -257,17 +270,20 @@ def _attend_range(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT)
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
+        PREFETCH_PAGES)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, False, BLOCK_N, UPCAST_DOT)
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, False, BLOCK_N, UPCAST_DOT,
+        PREFETCH_PAGES)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT)
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
+        PREFETCH_PAGES)
     return finalize_state(m_i, l_i, acc)
 
 

@@ -87,6 +87,7 @@ def _batch_prefill_kernel(
     D_VO: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
@@ -133,7 +134,7 @@ def _batch_prefill_kernel(
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
         sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head,
         kv_offset, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES)
     if slot < 0:
         _store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
                      LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
@@ -195,6 +196,9 @@ def _merge_tiles_kernel(
 # - 128-row tiles: BLOCK_N 64, 8 warps, 3 stages won on 16 x 1024 (ragged 248 TFLOP/s vs 230 with
 #   BLOCK_N 128; d192/128 267 vs 163 with 64-row tiles); long sequences keep the single-prefill
 #   BLOCK_N 128 (476 TFLOP/s at 1 x 32768). Stages drop to 2 where 3 would not fit shared memory.
+# - Paged, 128-row tiles, 16 x 1024 (2026-11-22, with the page-id prefetch): page size 16 ran best
+#   with BLOCK_N 32, 4 warps (254 TFLOP/s; BLOCK_N 64 with 8 warps 239, 4 warps spill); page size 1
+#   without the prefetch, BLOCK_N 64, 4 warps (245; with the prefetch 235 at 8 warps).
 _SMALL_M_CONFIGS = {
     16: {16: (32, 4, 3), 32: (32, 4, 3), 64: (32, 4, 3), 128: (32, 4, 3), 256: (32, 4, 2)},
     32: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
@@ -203,15 +207,31 @@ _SMALL_M_CONFIGS = {
 LONG_KV = 4096  # from this many keys on, 128-row tiles use BLOCK_N 128
 _SMEM_BYTES = 227 * 1024
 
-# Set by benchmarks/tune_batch_prefill.py to time one configuration: (block_n, num_warps, num_stages).
+# Set by benchmarks/tune_batch_prefill.py to time one configuration: (block_n, num_warps, num_stages),
+# and the page-id prefetch (None: the default rule, prefetch_page_ids).
 CONFIG_OVERRIDE: Optional[tuple] = None
+PREFETCH_OVERRIDE: Optional[bool] = None
+
+
+def prefetch_page_ids(page_size: Optional[int]) -> bool:
+    """Whether the paged kernel loads each tile's page ids one iteration ahead (_attend_tiles). With
+    page size 1 the page-id vector is as long as the tile and the 4-warp kernel spills."""
+    if PREFETCH_OVERRIDE is not None:
+        return PREFETCH_OVERRIDE and page_size is not None
+    return page_size is not None and page_size > 1
+
+
+def _short_paged(block_m: int, max_rows: Optional[int], max_kv_len: int, page_size: Optional[int]) -> bool:
+    return block_m == 128 and page_size is not None and page_size > 1 and not (
+        max_rows is not None and max_kv_len >= LONG_KV)
 
 
 def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: int,
-                       head_dim_vo: int) -> tuple[int, int]:
+                       head_dim_vo: int, page_size: Optional[int] = None) -> tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)`` for a batch whose longest request has ``max_rows`` GQA-packed rows and
-    whose longest KV has ``max_kv_len`` keys. ``max_rows=None``: the batch-independent shape
-    (deterministic mode: a request's tiles, and so its bits, do not depend on the other requests)."""
+    whose longest KV has ``max_kv_len`` keys, over a cache of ``page_size`` (None: ragged).
+    ``max_rows=None``: the batch-independent shape (deterministic mode: a request's tiles, and so its
+    bits, do not depend on the other requests)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG.block_m, _INTERPRETER_CONFIG.block_n
     d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
@@ -223,10 +243,12 @@ def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: in
         return block_m, CONFIG_OVERRIDE[0]
     if block_m in _SMALL_M_CONFIGS:
         return block_m, _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)][0]
+    if _short_paged(block_m, max_rows, max_kv_len, page_size) and d_qk <= 128 and d_vo <= 128:
+        return block_m, 32
     return block_m, (128 if max_rows is not None and max_kv_len >= LONG_KV and d_qk <= 128 else 64)
 
 
-def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, paged: bool) -> LaunchConfig:
+def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: Optional[int]) -> LaunchConfig:
     if INTERPRET:
         return _INTERPRETER_CONFIG
     if CONFIG_OVERRIDE is not None:
@@ -235,9 +257,9 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, paged: bool
         _, warps, stages = _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
         return LaunchConfig(block_m, block_n, warps, stages)
     stages = 3 if (block_n * (d_qk + d_vo) * 2 * 3 + block_m * d_qk * 2) <= _SMEM_BYTES else 2
-    # Paged 16 x 1024 ran faster with 4 warps (page 16: 194 vs 186 TFLOP/s, page 1: 230 vs 177), ragged
-    # with 8 (248 vs < 211).
-    warps = 4 if paged and block_n == 64 else 8
+    # Paged 16 x 1024 (comment above): 4 warps for BLOCK_N 32 (page ids prefetched) and for page size 1.
+    paged_narrow = page_size is not None and (block_n == 32 or (page_size == 1 and block_n == 64))
+    warps = 4 if paged_narrow else 8
     return LaunchConfig(block_m, block_n, warps, stages)
 
 
@@ -283,7 +305,7 @@ def batch_prefill_forward(
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
     group = num_qo_heads // num_kv_heads
     d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
-    cfg = _launch_config(block_m, block_n, d_qk, d_vo, paged)
+    cfg = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: pages [P, page_size, ..]
     counts = meta[:COUNT_FIELDS]
     reqs = meta[COUNT_FIELDS:]
     items = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size:]
@@ -313,6 +335,7 @@ def batch_prefill_forward(
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
             USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
             PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
+            PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if num_merges > 0:
