@@ -196,14 +196,18 @@ def _merge_tiles_kernel(
 # - 128-row tiles: BLOCK_N 64, 8 warps, 3 stages won on 16 x 1024 (ragged 248 TFLOP/s vs 230 with
 #   BLOCK_N 128; d192/128 267 vs 163 with 64-row tiles); long sequences keep the single-prefill
 #   BLOCK_N 128 (476 TFLOP/s at 1 x 32768). Stages drop to 2 where 3 would not fit shared memory.
-# - Paged, 128-row tiles, 16 x 1024 (2026-11-22, with the page-id prefetch): page size 16 ran best
-#   with BLOCK_N 32, 4 warps (254 TFLOP/s; BLOCK_N 64 with 8 warps 239, 4 warps spill); page size 1
-#   without the prefetch, BLOCK_N 64, 4 warps (245; with the prefetch 235 at 8 warps).
+# - Re-tuned 2026-11-22, after the launch-order change (scheduler/prefill_work.py) and with the paged
+#   page-id prefetch: prompts of up to SHORT_KV keys run best with BLOCK_N 32 and 4 warps (ragged
+#   16 x 1024 GQA 302 TFLOP/s vs 285 at BLOCK_N 64 / 8 warps, 128 x 1024 284 vs 277, paged page 16
+#   254 vs 239); at 2048 keys BLOCK_N 64 / 8 warps wins again (362 vs 341), at 4096 BLOCK_N 128 (421
+#   vs 412). d192/128 keeps BLOCK_N 64 / 8 warps (296 vs 135). Page size 1 runs best without the
+#   prefetch at BLOCK_N 64 / 4 warps (245; with it, 235 at 8 warps: its page-id vector spills 4 warps).
 _SMALL_M_CONFIGS = {
     16: {16: (32, 4, 3), 32: (32, 4, 3), 64: (32, 4, 3), 128: (32, 4, 3), 256: (32, 4, 2)},
     32: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
     64: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
 }
+SHORT_KV = 1024  # up to this many keys, 128-row tiles (head dims <= 128) use BLOCK_N 32
 LONG_KV = 4096  # from this many keys on, 128-row tiles use BLOCK_N 128
 _SMEM_BYTES = 227 * 1024
 
@@ -214,16 +218,11 @@ PREFETCH_OVERRIDE: Optional[bool] = None
 
 
 def prefetch_page_ids(page_size: Optional[int]) -> bool:
-    """Whether the paged kernel loads each tile's page ids one iteration ahead (_attend_tiles). With
-    page size 1 the page-id vector is as long as the tile and the 4-warp kernel spills."""
+    """Whether the paged kernel loads each tile's page ids one iteration ahead (_attend_tiles): for
+    page sizes above 1 (see the launch-configuration notes)."""
     if PREFETCH_OVERRIDE is not None:
         return PREFETCH_OVERRIDE and page_size is not None
     return page_size is not None and page_size > 1
-
-
-def _short_paged(block_m: int, max_rows: Optional[int], max_kv_len: int, page_size: Optional[int]) -> bool:
-    return block_m == 128 and page_size is not None and page_size > 1 and not (
-        max_rows is not None and max_kv_len >= LONG_KV)
 
 
 def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: int,
@@ -243,9 +242,11 @@ def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: in
         return block_m, CONFIG_OVERRIDE[0]
     if block_m in _SMALL_M_CONFIGS:
         return block_m, _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)][0]
-    if _short_paged(block_m, max_rows, max_kv_len, page_size) and d_qk <= 128 and d_vo <= 128:
-        return block_m, 32
-    return block_m, (128 if max_rows is not None and max_kv_len >= LONG_KV and d_qk <= 128 else 64)
+    if max_rows is None or d_qk > 128:
+        return block_m, 64
+    if max_kv_len >= LONG_KV:
+        return block_m, 128
+    return block_m, (32 if max_kv_len <= SHORT_KV and page_size != 1 else 64)
 
 
 def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: Optional[int]) -> LaunchConfig:
@@ -257,9 +258,7 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
         _, warps, stages = _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
         return LaunchConfig(block_m, block_n, warps, stages)
     stages = 3 if (block_n * (d_qk + d_vo) * 2 * 3 + block_m * d_qk * 2) <= _SMEM_BYTES else 2
-    # Paged 16 x 1024 (comment above): 4 warps for BLOCK_N 32 (page ids prefetched) and for page size 1.
-    paged_narrow = page_size is not None and (block_n == 32 or (page_size == 1 and block_n == 64))
-    warps = 4 if paged_narrow else 8
+    warps = 4 if block_n == 32 or (page_size == 1 and block_n == 64) else 8
     return LaunchConfig(block_m, block_n, warps, stages)
 
 
