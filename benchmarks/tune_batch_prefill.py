@@ -4,6 +4,7 @@ cache for the append suite) per configuration, best first per case.
 
     python benchmarks/tune_batch_prefill.py [--filter S] [--quick] [--suite prefill|append]
     python benchmarks/tune_batch_prefill.py --prefetch-ab [--suite ...]   # default configs, prefetch off/on
+    python benchmarks/tune_batch_prefill.py --offsets32-ab [--suite ...]  # int64 vs int32 paged row offsets
 """
 
 from __future__ import annotations
@@ -42,11 +43,26 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="only these configurations: 'bm,bn,warps,stages;...'")
     ap.add_argument("--prefetch-ab", action="store_true",
                     help="default launch configs, page-id prefetch off vs on (alternating rounds)")
+    ap.add_argument("--offsets32-ab", action="store_true",
+                    help="default launch configs, int64 vs int32 paged row offsets (alternating rounds)")
     args = ap.parse_args()
     import flashtile.kernels.batch_prefill as kb
 
     cases = prefill_cases(False) if args.suite == "prefill" else append_cases(False)
     cases = [c for c in cases if args.filter in c.name]
+    if args.offsets32_ab:
+        for case in cases:
+            times = {False: [], True: []}
+            for _ in range(3):
+                for flag in (False, True):
+                    kb.INT32_OFFSETS_OVERRIDE = flag
+                    torch.manual_seed(0)
+                    times[flag].append(_time(case))
+            kb.INT32_OFFSETS_OVERRIDE = None
+            off, on = (sorted(times[f])[1] for f in (False, True))
+            print(f"AB32 {case.name:<40} int64 {off * 1e3:8.1f} us {_unit(case, off)} | "
+                  f"int32 {on * 1e3:8.1f} us {_unit(case, on)} | time ratio {on / off:.3f}", flush=True)
+        return
     if args.prefetch_ab:
         for case in cases:
             times = {False: [], True: []}

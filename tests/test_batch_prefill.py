@@ -138,6 +138,35 @@ def test_paged_head_dim_192_128(path, device):
     check_requests(out, lse, q, indptr_of(qo_lens), paged_requests(cache, indptr, indices, last), causal=True)
 
 
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("int32_offsets", [True, False])
+def test_paged_row_offset_widths(device, monkeypatch, page_size, int32_offsets):
+    """Paged K/V row offsets are computed in int32 where every offset of the cache fits, else in int64
+    (forced here: a cache of 2^31 elements is too big for a test); both forms, with and without the
+    page-id prefetch (page size 16 / 1), match the oracle."""
+    import flashtile.kernels.batch_prefill as kernels
+
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "INT32_OFFSETS_OVERRIDE", None if int32_offsets else False)
+    qo_lens, kv_lens = ([37, 1, 200], [300, 17, 200]) if HAS_CUDA else ([5, 1, 9], [30, 17, 9])
+    cache, indptr, indices, last = make_paged_batch(kv_lens, page_size, 2, 64, torch.bfloat16, device)
+    q = torch.randn(sum(qo_lens), 8, 64, dtype=torch.bfloat16, device=device)
+    w = BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    w.plan(indptr_of(qo_lens), indptr, indices, last, 8, 2, 64, page_size, causal=True, q_data_type=torch.bfloat16)
+    out, lse = w.run(q, cache, return_lse=True)
+    check_requests(out, lse, q, indptr_of(qo_lens), paged_requests(cache, indptr, indices, last), causal=True)
+
+
+def test_int32_page_offsets_only_where_they_fit():
+    import flashtile.kernels.batch_prefill as kernels
+
+    small = torch.empty(64, 2, 16, 8, 128, device="meta")[:, 0]
+    big = torch.empty(2**17, 2, 16, 8, 128, device="meta")[:, 1]  # spans 2^32 elements
+    assert kernels._fits_int32(small) and not kernels._fits_int32(big)
+    # Largest offset: (pages - 1) * 2^15 + 2^14 - 1, so 2^16 pages fit and one more does not.
+    assert kernels._fits_int32(big[: 2**16]) and not kernels._fits_int32(big[: 2**16 + 1])
+
+
 FEATURES = [
     dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0, rope_scale=2.0),
     dict(pos_encoding_mode="ALIBI"),

@@ -92,7 +92,7 @@ def _attend_tiles(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH_PAGES: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
@@ -120,13 +120,15 @@ def _attend_tiles(
                 # The page ids come from the previous iteration. Loaded in this one, they make the K/V
                 # copies "indirect" for Triton's pipeliner, which then waits for every copy at the top
                 # of each iteration (no K/V tile in flight during the math).
-                page = next_page.to(tl.int64)
+                page = next_page
                 ahead = cols + BLOCK_N
                 next_page = tl.load(page_table + ahead // page_size, mask=ahead < kv_len, other=0)
             elif MASKED:
-                page = tl.load(page_table + cols // page_size, mask=col_ok, other=0).to(tl.int64)
+                page = tl.load(page_table + cols // page_size, mask=col_ok, other=0)
             else:
-                page = tl.load(page_table + cols // page_size).to(tl.int64)
+                page = tl.load(page_table + cols // page_size)
+            if not INT32_PAGE_OFFSETS:  # 32-bit row offsets halve the address arithmetic where they fit
+                page = page.to(tl.int64)
             slot = cols % page_size
             k_rows = page * stride_kp + slot * stride_kt
             v_rows = page * stride_vp + slot * stride_vt
@@ -258,10 +260,12 @@ def _attend_range(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH_PAGES: tl.constexpr = False,
+    PREFETCH_PAGES: tl.constexpr = False, INT32_PAGE_OFFSETS: tl.constexpr = False,
 ):
     """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`_tile_ranges`.
-    PREFETCH_PAGES (paged): load each tile's page ids one iteration ahead (see _attend_tiles)."""
+    Paged only: PREFETCH_PAGES loads each tile's page ids one iteration ahead (see _attend_tiles);
+    INT32_PAGE_OFFSETS computes K/V row offsets in int32 (the caller checked that every offset from
+    the K/V base pointers fits)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
@@ -271,19 +275,19 @@ def _attend_range(
         mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, False, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS)
     return finalize_state(m_i, l_i, acc)
 
 

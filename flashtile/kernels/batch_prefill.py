@@ -87,7 +87,7 @@ def _batch_prefill_kernel(
     D_VO: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH_PAGES: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
@@ -134,7 +134,7 @@ def _batch_prefill_kernel(
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
         sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head,
         kv_offset, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES)
+        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS)
     if slot < 0:
         _store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
                      LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
@@ -215,6 +215,13 @@ _SMEM_BYTES = 227 * 1024
 # and the page-id prefetch (None: the default rule, prefetch_page_ids).
 CONFIG_OVERRIDE: Optional[tuple] = None
 PREFETCH_OVERRIDE: Optional[bool] = None
+INT32_OFFSETS_OVERRIDE: Optional[bool] = None  # False: int64 page offsets even where int32 would fit
+
+
+def _fits_int32(pages: torch.Tensor) -> bool:
+    """Whether every element offset of a page view (from its first element) fits in int32: the
+    kernel then computes paged row offsets in 32 bits (paged 16 x 1024: 276 vs 254 TFLOP/s)."""
+    return sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) < 2**31
 
 
 def prefetch_page_ids(page_size: Optional[int]) -> bool:
@@ -335,6 +342,7 @@ def batch_prefill_forward(
             USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
             PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
             PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
+            INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if num_merges > 0:
