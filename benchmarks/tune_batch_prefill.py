@@ -35,6 +35,21 @@ def _unit(case, ms: float) -> str:
     return f"{case.bytes / ms / 1e6:7.0f} GB/s"
 
 
+def _ab_knob(kb, knob: str, case) -> None:
+    """Time ``case`` with the module override ``knob`` False, then True, alternating over 3 rounds;
+    print the medians and their ratio."""
+    times = {False: [], True: []}
+    for _ in range(3):
+        for flag in (False, True):
+            setattr(kb, knob, flag)
+            torch.manual_seed(0)
+            times[flag].append(_time(case))
+    setattr(kb, knob, None)
+    off, on = (sorted(times[f])[1] for f in (False, True))
+    print(f"AB {knob} {case.name:<40} False {off * 1e3:8.1f} us {_unit(case, off)} | "
+          f"True {on * 1e3:8.1f} us {_unit(case, on)} | True/False time {on / off:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--filter", default="16 x 1024")
@@ -50,31 +65,10 @@ def main() -> None:
 
     cases = prefill_cases(False) if args.suite == "prefill" else append_cases(False)
     cases = [c for c in cases if args.filter in c.name]
-    if args.offsets32_ab:
+    if args.offsets32_ab or args.prefetch_ab:
+        knob = "INT32_OFFSETS_OVERRIDE" if args.offsets32_ab else "PREFETCH_OVERRIDE"
         for case in cases:
-            times = {False: [], True: []}
-            for _ in range(3):
-                for flag in (False, True):
-                    kb.INT32_OFFSETS_OVERRIDE = flag
-                    torch.manual_seed(0)
-                    times[flag].append(_time(case))
-            kb.INT32_OFFSETS_OVERRIDE = None
-            off, on = (sorted(times[f])[1] for f in (False, True))
-            print(f"AB32 {case.name:<40} int64 {off * 1e3:8.1f} us {_unit(case, off)} | "
-                  f"int32 {on * 1e3:8.1f} us {_unit(case, on)} | time ratio {on / off:.3f}", flush=True)
-        return
-    if args.prefetch_ab:
-        for case in cases:
-            times = {False: [], True: []}
-            for _ in range(3):
-                for flag in (False, True):
-                    kb.PREFETCH_OVERRIDE = flag
-                    torch.manual_seed(0)
-                    times[flag].append(_time(case))
-            kb.PREFETCH_OVERRIDE = None
-            off, on = (sorted(times[f])[1] for f in (False, True))
-            print(f"AB {case.name:<40} prefetch off {off * 1e3:8.1f} us {_unit(case, off)} | "
-                  f"on {on * 1e3:8.1f} us {_unit(case, on)} | on/off time {on / off:.3f}", flush=True)
+            _ab_knob(kb, knob, case)
         return
 
     block_ms = (64, 128)
