@@ -2,7 +2,7 @@
 
 import triton
 
-from flashtile._core.intmath import cdiv, next_power_of_2
+from flashtile._core.intmath import cdiv, dot_tile_dim, next_power_of_2
 
 
 def test_next_power_of_2_matches_triton():
@@ -14,3 +14,7 @@ def test_cdiv_matches_triton():
     for a in range(0, 300):
         for b in range(1, 40):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_dot_tile_dim():
+    assert [dot_tile_dim(n) for n in (1, 8, 16, 17, 64, 100, 128, 192, 256)] == [16, 16, 16, 32, 64, 128, 128, 256, 256]

@@ -1,4 +1,4 @@
-"""Integer helpers for launchers: plain-Python ``cdiv`` and ``next_power_of_2``.
+"""Integer helpers for launchers: plain-Python ``cdiv``, ``next_power_of_2`` and ``dot_tile_dim``.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr-function objects (Triton 3.6+) that cost
 ~1.7 us of host time per call; a launcher calls them several times per launch, which matters for
@@ -7,7 +7,7 @@ launch-bound small ops at batch 1.
 
 from __future__ import annotations
 
-__all__ = ["cdiv", "next_power_of_2"]
+__all__ = ["cdiv", "next_power_of_2", "dot_tile_dim"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -18,3 +18,9 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (0 for n = 0, as ``triton.next_power_of_2``)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def dot_tile_dim(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 16: the smallest tile dimension ``tl.dot`` takes
+    (padded head dims, decode row blocks)."""
+    return max(16, next_power_of_2(n))

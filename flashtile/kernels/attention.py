@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._core.device import num_sms
-from .._core.intmath import cdiv, next_power_of_2
+from .._core.intmath import cdiv, dot_tile_dim
 from .._core.launch import direct_launch
 
 try:  # host-side tensor descriptors (TMA); absent in old Triton builds
@@ -499,7 +499,7 @@ def tma_enabled(k: torch.Tensor, v: torch.Tensor, head_dim_qk: int, head_dim_vo:
         return False
     if k.dtype not in (torch.float16, torch.bfloat16) or v.dtype != k.dtype:
         return False
-    if head_dim_qk != _pad_dim(head_dim_qk) or head_dim_vo != _pad_dim(head_dim_vo):
+    if head_dim_qk != dot_tile_dim(head_dim_qk) or head_dim_vo != dot_tile_dim(head_dim_vo):
         return False
     for x in (k, v):
         if x.numel() == 0 or x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8 or x.stride(2) != 1:
@@ -517,14 +517,10 @@ def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, use_tma: bool
                  for x in (k, v))
 
 
-def _pad_dim(d: int) -> int:
-    return max(16, next_power_of_2(d))
-
-
 def _prune(candidates, kind: str, d_pad: int, num_rows: int):
     out = []
     for c in candidates:
-        if kind == "decode" and c.block_m > max(16, next_power_of_2(num_rows)):
+        if kind == "decode" and c.block_m > dot_tile_dim(num_rows):
             continue
         # K and V tiles per stage (2 bytes each) must fit the ~227 KB of shared memory.
         if (c.block_n * d_pad * 2 * 2) * c.num_stages + c.block_m * d_pad * 2 > 200 * 1024:
@@ -589,7 +585,7 @@ def attention_forward(
     qo_len, num_qo_heads, head_dim_qk = q.shape
     kv_len, num_kv_heads, head_dim_vo = v.shape
     group = num_qo_heads // num_kv_heads
-    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
     num_rows = qo_len * group
     device = q.device
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
@@ -649,7 +645,7 @@ def attention_forward(
 
 # Decode rows are the query heads of one KV head: at least 16 for tl.dot, the whole group in one block.
 def decode_block_m(group: int) -> int:
-    return max(16, next_power_of_2(group))
+    return dot_tile_dim(group)
 
 
 def batch_decode_forward(
@@ -693,7 +689,7 @@ def batch_decode_forward(
     batch, num_qo_heads, head_dim_qk = q.shape
     num_kv_heads, head_dim_vo = v_pages.shape[2], v_pages.shape[3]
     group = num_qo_heads // num_kv_heads
-    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
     cfg = choose_config("batch_decode", max(d_qk, d_vo))
     block_m = decode_block_m(group)
     num_warps = cfg.num_warps if block_m <= 16 else max(cfg.num_warps, 8)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.intmath import dot_tile_dim
 from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
@@ -42,7 +43,6 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     _attend_range,
     _head_inputs,
     _load_q,
-    _pad_dim,
     _store_state,
     _tile_ranges,
     batch_chunk_align,
@@ -240,7 +240,7 @@ def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: in
     bits, do not depend on the other requests)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG.block_m, _INTERPRETER_CONFIG.block_n
-    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
     full = 128 if d_vo <= 128 else 64
     block_m = full
     if max_rows is not None:
@@ -310,7 +310,7 @@ def batch_prefill_forward(
     paged = page_indices is not None
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
     group = num_qo_heads // num_kv_heads
-    d_qk, d_vo = _pad_dim(head_dim_qk), _pad_dim(head_dim_vo)
+    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
     cfg = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: pages [P, page_size, ..]
     counts = meta[:COUNT_FIELDS]
     reqs = meta[COUNT_FIELDS:]

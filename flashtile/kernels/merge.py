@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.intmath import cdiv, next_power_of_2
+from .._core.intmath import cdiv, dot_tile_dim, next_power_of_2
 from .._core.launch import direct_launch
 from .softmax import finalize_state, softmax_update
 
@@ -122,7 +122,7 @@ def merge_attention_states(
     """
     num_tokens, num_heads = out.shape[0], out.shape[1]
     head_dim = v_parts.shape[-1]
-    d_pad = _padded_head_dim(head_dim)
+    d_pad = dot_tile_dim(head_dim)
     if state_indptr is None:
         num_states = v_parts.shape[0]
         state_strides = (v_parts.stride(0), v_parts.stride(1), v_parts.stride(2))
@@ -217,7 +217,7 @@ def merge_state_pair(
     num_rows = num_tokens * num_heads
     if num_rows == 0:
         return
-    d_pad = _padded_head_dim(head_dim)
+    d_pad = dot_tile_dim(head_dim)
     block_r = _row_block(d_pad)
     mask_bytes = mask.view(torch.uint8) if mask is not None else None
     _merge_state_pair_kernel[(cdiv(num_rows, block_r),)](
@@ -229,11 +229,6 @@ def merge_state_pair(
         mask_bytes.stride(0) if mask is not None else 0,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None, num_warps=PAIR_WARPS,
     )
-
-
-def _padded_head_dim(head_dim: int) -> int:
-    """head_dim rounded up to a power of two, at least 16 (the tiles' last dimension)."""
-    return max(16, next_power_of_2(head_dim))
 
 
 def _row_block(d_pad: int) -> int:
@@ -299,7 +294,7 @@ def merge_states_by_token(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor,
     if v_out.shape[-1] > 1 and v_out.stride(-1) != 1:
         raise ValueError(f"v_out: expected unit stride along head_dim, got strides {tuple(v_out.stride())}")
     head_dim = v.shape[-1]
-    d_pad = _padded_head_dim(head_dim)
+    d_pad = dot_tile_dim(head_dim)
     block_r = _row_block(d_pad)
     _merge_state_rows_kernel[(cdiv(num_tokens * num_heads, block_r),)](
         v, s, v_out, s_out,
