@@ -18,6 +18,13 @@ auto``): the graph holds ``graph_calls`` back-to-back calls so that event resolu
 (only the first call of a replay sees a cold L2), and the time is divided by that count. Without
 CUDA: host wall clock (``time.perf_counter``), median over a few runs, so ``--smoke`` runs on CPU.
 
+``--graph-span-us`` sets how long one replay should take (default 10 us, so a 4 us kernel gets 3
+calls). do_bench's L2 flush writes 256 MB just before each replay, so the first call of a replay
+also pays for writing that dirty L2 back, and the replay's own launch latency is shared by only a
+few calls. A long span (e.g. 1000 us: hundreds of calls) measures the steady state of back-to-back
+calls instead: launch and flush costs vanish, and inputs that fit in the 50 MB L2 stay there, as
+they do when an op runs in a loop over one buffer. Report which mode a table used.
+
 Run: ``python benchmarks/run.py --suite single_decode --out DIR [--smoke] [--filter S]
 [--providers a,b]``, or ``benchmarks.harness.run_suites(...)`` from Python.
 """
@@ -55,7 +62,8 @@ __all__ = [
 
 FLASHTILE = "flashtile"  # the provider whose speedup over the best baseline is reported
 GRAPH_BELOW_US = 100.0  # --cuda-graph auto: replay graphs for kernels faster than this
-GRAPH_TARGET_US = 10.0  # calls per graph replay: enough to span about this long (at most 32)
+GRAPH_TARGET_US = 10.0  # calls per graph replay: enough to span about this long (--graph-span-us)
+MAX_GRAPH_CALLS = 1024  # bounds the graph (outputs allocated per call live in its memory pool)
 
 
 class Unavailable(Exception):
@@ -196,9 +204,10 @@ def _quantiles_us(samples_s: Sequence[float]):
 
 
 def measure(fn: Callable[[], Any], *, cuda_graph: str = "auto", smoke: bool = False,
-            warmup_ms: float = 25, rep_ms: float = 100) -> Dict[str, Any]:
+            warmup_ms: float = 25, rep_ms: float = 100, graph_span_us: float = GRAPH_TARGET_US) -> Dict[str, Any]:
     """Time ``fn``. Returns ``median_us``, ``p20_us``, ``p80_us``, ``timing`` (how it was timed),
-    ``graph_calls`` and, when graph capture failed, ``note``. ``cuda_graph``: "auto", "on", "off"."""
+    ``graph_calls`` and, when graph capture failed, ``note``. ``cuda_graph``: "auto", "on", "off";
+    ``graph_span_us``: the length of one graph replay, which sets the calls per graph."""
     if not torch.cuda.is_available():
         fn()  # warm
         reps = 3 if smoke else 10
@@ -219,7 +228,7 @@ def measure(fn: Callable[[], Any], *, cuda_graph: str = "auto", smoke: bool = Fa
     result = dict(median_us=med * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, timing="cuda_events", graph_calls=0)
     if cuda_graph == "off" or (cuda_graph == "auto" and result["median_us"] >= GRAPH_BELOW_US):
         return result
-    calls = max(1, min(32, math.ceil(GRAPH_TARGET_US / max(result["median_us"], 1e-3))))
+    calls = max(1, min(MAX_GRAPH_CALLS, math.ceil(graph_span_us / max(result["median_us"], 1e-3))))
     try:
         replay = cuda_graph_replay(fn, calls)
     except Exception as e:  # e.g. the op synchronizes or allocates on the host path
@@ -270,7 +279,7 @@ def _max_abs_diff(out: Any, ref: Any) -> Optional[float]:
 
 def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None,
               providers: Optional[Sequence[str]] = None, cuda_graph: str = "auto",
-              log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+              graph_span_us: float = GRAPH_TARGET_US, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Time every case of ``suite`` whose name contains ``filter`` with every provider named in
     ``providers`` (all when None). Returns the records (one per case x provider)."""
     env = environment()
@@ -282,7 +291,7 @@ def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None
         ref = ref_name = None
         for prov in chosen:
             rec = dict(suite=suite.name, case=case.name, params=case.params, provider=prov.name,
-                       flops=case.flops, bytes=case.bytes, smoke=smoke, **env,
+                       flops=case.flops, bytes=case.bytes, smoke=smoke, graph_span_us=graph_span_us, **env,
                        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
             made = fn = out = None
             try:
@@ -292,7 +301,7 @@ def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None
                 if note:
                     rec["note"] = note
                 rec["first_call_s"], out = _first_call(fn)
-                timing = measure(fn, cuda_graph=cuda_graph, smoke=smoke)
+                timing = measure(fn, cuda_graph=cuda_graph, smoke=smoke, graph_span_us=graph_span_us)
                 if "note" in timing:
                     rec["note"] = "; ".join(n for n in (rec.get("note"), timing.pop("note")) if n)
                 rec.update(timing, status="ok")
@@ -345,6 +354,14 @@ def _speedup(recs: Dict[str, Dict[str, Any]]) -> str:
     return f"{best['median_us'] / mine['median_us']:.2f}× ({best['provider']})"
 
 
+def _graph_mode(records: List[Dict[str, Any]]) -> str:
+    calls = sorted({r["graph_calls"] for r in records if r.get("timing") == "cuda_graph"})
+    if not calls:
+        return ""
+    span = records[0].get("graph_span_us", GRAPH_TARGET_US)
+    return f" CUDA-graph rows: replays of about {span:g} µs ({calls[0]}–{calls[-1]} calls each)."
+
+
 def markdown_table(suite: Suite, records: List[Dict[str, Any]]) -> str:
     """One row per case, one column per provider, then the flashtile / best baseline speedup."""
     names = [p.name for p in suite.providers if any(r["provider"] == p.name for r in records)]
@@ -358,6 +375,7 @@ def markdown_table(suite: Suite, records: List[Dict[str, Any]]) -> str:
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
         + (f", flashinfer {env['flashinfer']}" if env.get("flashinfer") else "")
         + f". Median time (p20, p80 and timing mode in the JSON lines), {_METRIC[suite.metric]}."
+        + _graph_mode(records)
         + " Speedup = best baseline time / flashtile time (> 1: flashtile is faster).",
         "",
         "| case | " + " | ".join(names) + " | flashtile / best baseline |",
@@ -420,7 +438,8 @@ def write_outputs(suite: Suite, records: List[Dict[str, Any]], out_dir: pathlib.
 
 
 def run_suites(names: Sequence[str], out_dir, smoke: bool = False, filter: Optional[str] = None,
-               providers: Optional[Sequence[str]] = None, cuda_graph: str = "auto") -> str:
+               providers: Optional[Sequence[str]] = None, cuda_graph: str = "auto",
+               graph_span_us: float = GRAPH_TARGET_US) -> str:
     """Run the named suites ("all" for every registered one), write ``<suite>.jsonl/.md/.png`` and
     ``results.md`` into ``out_dir``, and return the markdown of all suites."""
     load_case_files()
@@ -435,7 +454,8 @@ def run_suites(names: Sequence[str], out_dir, smoke: bool = False, filter: Optio
     out_dir = pathlib.Path(out_dir)
     tables = []
     for name in names:
-        records = run_suite(SUITES[name], smoke=smoke, filter=filter, providers=providers, cuda_graph=cuda_graph)
+        records = run_suite(SUITES[name], smoke=smoke, filter=filter, providers=providers, cuda_graph=cuda_graph,
+                            graph_span_us=graph_span_us)
         tables.append(write_outputs(SUITES[name], records, out_dir))
     markdown = "\n".join(tables)
     (out_dir / "results.md").write_text(markdown)
@@ -453,6 +473,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--providers", default=None, help="comma-separated provider names (default: all)")
     parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                         help=f"time CUDA-graph replays: auto = for kernels under {GRAPH_BELOW_US:.0f} us")
+    parser.add_argument("--graph-span-us", type=float, default=GRAPH_TARGET_US,
+                        help=f"length of one graph replay, which sets the calls per graph (default {GRAPH_TARGET_US:g}; "
+                             "1000 times the steady state of back-to-back calls)")
     parser.add_argument("--list", action="store_true", help="list suites, cases and providers, then exit")
     args = parser.parse_args(argv)
     suites = [s for arg in (args.suite or ["all"]) for s in arg.split(",") if s]
@@ -464,7 +487,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  {case.name}")
         return 0
     print(run_suites(suites, args.out, smoke=args.smoke, filter=args.filter, providers=args.providers,
-                     cuda_graph=args.cuda_graph))
+                     cuda_graph=args.cuda_graph, graph_span_us=args.graph_span_us))
     return 0
 
 
