@@ -235,6 +235,84 @@ def test_bound_arguments_follow_a_real_kernel_signature():
 
 
 # ---------------------------------------------------------------------------------------------
+# Launch memos (whole launches replayed per launcher key), with the same stand-ins
+# ---------------------------------------------------------------------------------------------
+
+
+def _memo_launcher(memo, kernel):
+    """A launcher in the style of kernels/norm.py: key on the tensor, compute the rest."""
+    calls = []
+
+    def launcher(x, scale):
+        key = (launch.tensor_key(x),)
+        replay = memo.get(key)
+        if replay is not None:
+            return replay(x, scale)
+        calls.append(x.shape)
+        memo.launch(key, kernel, (x.shape[0] // 4,), (x, x.shape[0], scale), dict(BLOCK=x.shape[0] * 2, num_warps=4))
+
+    return launcher, calls
+
+
+def test_memo_replays_a_known_key_with_this_calls_tensors_and_floats(fake_cuda):
+    jit, kernel = fake_cuda
+    memo = launch.LaunchMemo(dynamic=(0, 2))
+    launcher, computed = _memo_launcher(memo, kernel)
+    x, x2, x3 = torch.zeros(32), torch.ones(32), torch.zeros(64)
+    launcher(x, 0.5)
+    launcher(x2, 1.5)  # same key: replayed without the launcher's work or Triton
+    assert computed == [(32,)] and len(jit.triton_launches) == 1
+    (compiled,) = jit.compiled.values()
+    assert compiled.launches == [(8, 1, 1, 1234, "function", "metadata", None, None, None, x2, 32, 1.5, 64, False)]
+    launcher(x3, 0.5)  # another shape: another key, computed and launched through Triton
+    assert computed == [(32,), (64,)] and len(jit.triton_launches) == 2
+    launcher(torch.zeros(33)[1:], 0.5)  # 4-byte offset, not 16-byte aligned: its own key
+    assert len(computed) == 3
+
+
+def test_memo_is_bypassed_when_off_with_hooks_and_in_check_mode(fake_cuda, monkeypatch):
+    jit, kernel = fake_cuda
+    memo = launch.LaunchMemo(dynamic=(0, 2))
+    launcher, computed = _memo_launcher(memo, kernel)
+    x = torch.zeros(32)
+    launcher(x, 0.5)
+    monkeypatch.setattr(launch, "_hooks", lambda: ("enter", "leave"))  # a profiler's launch hooks
+    launcher(x, 0.5)
+    monkeypatch.setattr(launch, "_hooks", lambda: None)
+    monkeypatch.setitem(launch._state, "check", True)
+    launcher(x, 0.5)
+    monkeypatch.setitem(launch._state, "check", False)
+    monkeypatch.setitem(launch._state, "enabled", False)
+    launcher(x, 0.5)
+    assert len(computed) == 4
+
+
+def test_memo_check_mode_raises_when_the_key_does_not_fix_the_launch(fake_cuda, monkeypatch):
+    jit, kernel = fake_cuda
+    memo = launch.LaunchMemo(dynamic=(0, 2))
+    monkeypatch.setitem(launch._state, "check", True)
+    x = torch.zeros(32)
+    memo.launch("key", kernel, (1,), (x, 32, 0.5), dict(BLOCK=64))
+    memo.launch("key", kernel, (1,), (x, 32, 2.5), dict(BLOCK=64))  # only a dynamic value differs: fine
+    with pytest.raises(RuntimeError, match="does not fix the launch"):
+        memo.launch("key", kernel, (1,), (x, 48, 0.5), dict(BLOCK=64))  # a static int the key missed
+    with pytest.raises(RuntimeError, match="does not fix the launch"):
+        memo.launch("key", kernel, (2,), (x, 32, 0.5), dict(BLOCK=64))  # the grid
+    with pytest.raises(RuntimeError, match="does not fix the launch"):
+        memo.launch("key", kernel, (1,), (x, 32, 0.5), dict(BLOCK=128))  # a constexpr
+
+
+def test_memo_starts_over_when_full(fake_cuda, monkeypatch):
+    jit, kernel = fake_cuda
+    monkeypatch.setattr(launch, "MAX_CACHED_CALLS", 2)
+    memo = launch.LaunchMemo(dynamic=(0, 2))
+    launcher, computed = _memo_launcher(memo, kernel)
+    for n in (16, 32, 48, 48, 16):  # the third key clears the two before it
+        launcher(torch.zeros(n), 0.5)
+    assert computed == [(16,), (32,), (48,), (16,)]
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: cached launches agree with Triton (check mode) and compute the right thing
 # ---------------------------------------------------------------------------------------------
 
@@ -264,6 +342,56 @@ def test_gpu_cached_launches_match_triton(monkeypatch, rows, offset):
         from flashtile.kernels import norm
 
         assert norm._rmsnorm_kernel._compiled, "no launch was cached"
+    finally:
+        monkeypatch.undo()
+        launch.reset_launch_settings()
+
+
+@pytest.mark.gpu
+def test_gpu_replayed_launches_compute_each_calls_inputs(monkeypatch):
+    """Without check mode the launch memos replay: every call must use its own tensors and floats
+    (fresh inputs, outputs and eps each time), for each memoized launcher."""
+    from oracles import act_and_mul_f64, fused_add_rmsnorm_f64, layernorm_f64, rope_general_f64
+
+    from flashtile.kernels import activation, norm, rope
+
+    monkeypatch.delenv("FLASHTILE_CHECK_LAUNCH", raising=False)
+    monkeypatch.delenv("FLASHTILE_DIRECT_LAUNCH", raising=False)
+    monkeypatch.delenv("FLASHTILE_ROPE_FAST", raising=False)
+    launch.reset_launch_settings()
+    try:
+        dev, bf = "cuda", torch.bfloat16
+        w, b = torch.randn(4096, dtype=bf, device=dev), torch.randn(4096, dtype=bf, device=dev)
+        n = 16
+        cache = torch.randn(64, 64, device=dev)
+        for step in range(3):
+            eps = 1e-6 * 10**step
+            x = torch.randn(3, 4096, dtype=bf, device=dev)
+            torch.testing.assert_close(flashtile.rmsnorm(x, w, eps).double().cpu(), rmsnorm_f64(x, w, eps),
+                                       atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(flashtile.gemma_rmsnorm(x, w, eps).double().cpu(),
+                                       rmsnorm_f64(x, w, eps, 1.0), atol=2e-2, rtol=2e-2)
+            r = torch.randn_like(x)
+            want_x, want_r = fused_add_rmsnorm_f64(x, r, w, eps)
+            flashtile.fused_add_rmsnorm(x, r, w, eps)
+            torch.testing.assert_close(x.double().cpu(), want_x, atol=3e-2, rtol=2e-2)
+            torch.testing.assert_close(r.double().cpu(), want_r, atol=2e-2, rtol=1e-2)
+            torch.testing.assert_close(flashtile.layernorm(x, w, b, eps).double().cpu(), layernorm_f64(x, w, b, eps),
+                                       atol=5e-2, rtol=2e-2)
+            y = torch.randn(5, 2 * 96, dtype=torch.float16, device=dev)
+            torch.testing.assert_close(flashtile.gelu_and_mul(y).double().cpu(), act_and_mul_f64(y, "gelu"),
+                                       atol=2e-3, rtol=2e-3)
+            q, k = torch.randn(n, 4 * 128, dtype=bf, device=dev), torch.randn(n, 2 * 128, dtype=bf, device=dev)
+            pos = torch.randint(0, 64, (n,), device=dev)
+            q_out, k_out = flashtile.apply_rope_with_cos_sin_cache(pos, q, k, 128, cache)
+            torch.testing.assert_close(q_out.view(n, 4, 128).double().cpu(),
+                                       rope_general_f64(q.view(n, 4, 128), pos, 64, cos_sin_cache=cache),
+                                       atol=3e-2, rtol=2e-2)
+            torch.testing.assert_close(k_out.view(n, 2, 128).double().cpu(),
+                                       rope_general_f64(k.view(n, 2, 128), pos, 64, cos_sin_cache=cache),
+                                       atol=3e-2, rtol=2e-2)
+        for memo in (norm._RMSNORM_LAUNCHES, norm._LAYERNORM_LAUNCHES, activation._LAUNCHES, rope._LAUNCHES):
+            assert memo._replays, "a launcher recorded nothing: its replays went untested"
     finally:
         monkeypatch.undo()
         launch.reset_launch_settings()

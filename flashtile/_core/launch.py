@@ -22,6 +22,13 @@ for its kernel on every cached launch and raises if it differs (the GPU tests ru
 Arguments of any other type (or unhashable constexprs) take Triton's own path, as do the
 interpreter (``TRITON_INTERPRET=1``) and machines without CUDA. ``FLASHTILE_DIRECT_LAUNCH=0`` turns the
 cache off.
+
+``LaunchMemo`` goes one step further for the launch-bound small ops (norms, activations, RoPE),
+whose launchers spend as long computing configs, grids and stride lists as the direct launch
+itself: a launcher keys the whole launch on its tensors' shapes, strides, dtypes and pointer
+alignment (plus its own options), and a known key replays the recorded launch, passing only the
+tensors and floats of this call. The launcher's key must fix every other argument; check mode
+recomputes every launch through the launcher and raises if it differs from the recorded one.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["direct_launch", "DirectLaunch", "argument_key", "reset_launch_settings"]
+__all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "reset_launch_settings"]
 
 MAX_CACHED_CALLS = 4096  # keys per kernel; the cache starts over when full
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -70,9 +77,8 @@ def _env_flag(name: str, default: str) -> bool:
 
 def _hooks():
     """Triton's launch hooks, or None when none is installed (an empty chain calls nothing)."""
-    from triton import knobs
-
-    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    runtime = _cached("knobs_runtime", _knobs_runtime)
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
     if not _has_calls(enter) and not _has_calls(leave):
         return None
     return enter, leave
@@ -221,6 +227,88 @@ class DirectLaunch:
             )
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """A tensor's part of a LaunchMemo key: shape and strides (which fix the launcher's sizes,
+    strides and grid), dtype and 16-byte alignment (which Triton specializes on)."""
+    return t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
+
+
+class LaunchMemo:
+    """Whole launches of one launcher, remembered per launcher key (module doc).
+
+    ``dynamic``: positions (in the kernel's positional arguments) of the values that change from
+    call to call under one key: tensors (their dtype and 16-byte alignment belong in the key) and
+    floats. The kernel, the grid, every other positional argument and the keyword arguments must
+    be functions of the key. Usage in a launcher::
+
+        replay = MEMO.get(key)
+        if replay is not None:
+            return replay(x, w, y, eps)                # the dynamic values, in position order
+        ...choose kernel, grid, args, kwargs...
+        MEMO.launch(key, kernel, grid, args, kwargs)   # launches, and records the launch under key
+    """
+
+    def __init__(self, dynamic):
+        self.dynamic = tuple(dynamic)
+        self._replays: dict = {}
+        self._recorded: dict = {}
+
+    def get(self, key):
+        """The replay for ``key`` on the current device, or None (unknown key, check mode, hooks
+        installed, direct launches off)."""
+        if not _direct_enabled() or _check_enabled():
+            return None
+        replay = self._replays.get((_driver().get_current_device(), key))
+        if replay is None or _hooks() is not None:
+            return None
+        return replay
+
+    def launch(self, key, kernel, grid, args: tuple, kwargs: dict):
+        """Launch ``kernel[grid](*args, **kwargs)`` and record it under ``key``."""
+        compiled = kernel[grid](*args, **kwargs)
+        if not _direct_enabled() or callable(grid) or not isinstance(kernel, DirectLaunch):
+            return compiled
+        if hasattr(compiled, "result"):
+            compiled = compiled.result()
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
+            return compiled
+        full_key = (_driver().get_current_device(), key)
+        static = tuple(None if i in self.dynamic else a for i, a in enumerate(args))
+        record = (kernel, tuple(grid), static, tuple(sorted(kwargs.items())), compiled)
+        if _check_enabled():
+            known = self._recorded.get(full_key)
+            if known is not None and (known[:4] != record[:4] or known[4] is not compiled):
+                raise RuntimeError(
+                    f"launch memo of {kernel.fn.__name__}: the key {key!r} does not fix the launch "
+                    f"(recorded {known[1:4]}, now {record[1:4]}); set FLASHTILE_DIRECT_LAUNCH=0 and report this")
+        elif len(self._replays) >= MAX_CACHED_CALLS:
+            self._replays.clear()  # bounded memory; keys still in use come back on their next call
+            self._recorded.clear()
+        try:
+            tail = kernel._tail(args, kwargs)
+        except _Uncacheable:
+            return compiled
+        self._recorded[full_key] = record
+        self._replays[full_key] = self._make_replay(compiled, grid, args, tail)
+        return compiled
+
+    def _make_replay(self, compiled, grid, args: tuple, tail: list):
+        """A function of the dynamic values that calls the compiled kernel's launcher with the
+        recorded grid and arguments (generated once per key: no per-argument work per call)."""
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        values = ", ".join(f"a{i}" if i in self.dynamic else f"c{i}" for i in range(len(args)))
+        source = (f"def replay({', '.join(f'a{i}' for i in self.dynamic)}):\n"
+                  f"    run({g[0]}, {g[1]}, {g[2]}, current_stream(current_device()), function, metadata, "
+                  f"None, None, None, {values}, *tail)\n")
+        driver = _driver()
+        namespace = {f"c{i}": a for i, a in enumerate(args) if i not in self.dynamic}
+        run = compiled.run  # a property that loads the module on first access; function is set then
+        namespace.update(run=run, function=compiled.function, metadata=compiled.packed_metadata, tail=tuple(tail),
+                         current_stream=driver.get_current_stream, current_device=driver.get_current_device)
+        exec(source, namespace)
+        return namespace["replay"]
+
+
 _state: dict = {}
 
 
@@ -230,6 +318,12 @@ def _cached(name: str, compute) -> Any:
     if value is None:
         value = _state[name] = compute()
     return value
+
+
+def _knobs_runtime():
+    from triton import knobs
+
+    return knobs.runtime
 
 
 def _active_driver():

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._core.intmath import cdiv, next_power_of_2
-from .._core.launch import direct_launch
+from .._core.launch import LaunchMemo, direct_launch, tensor_key
 
 MAX_BLOCK_D = 2048  # columns per program
 TILE = 2048  # outputs per program when short rows share a program
@@ -73,13 +73,20 @@ def act_config(n_rows: int, d: int) -> tuple[int, int, int]:
 
 def act_and_mul(input: torch.Tensor, out: torch.Tensor, activation: str) -> None:
     """``out [rows, d] = act(input[:, :d]) * input[:, d:]`` for ``input [rows, 2 d]`` (2-D views)."""
+    key = (tensor_key(input), tensor_key(out), activation)
+    replay = _LAUNCHES.get(key)
+    if replay is not None:
+        replay(input, out)
+        return
     n_rows, d = out.shape
     if n_rows == 0 or d == 0:
         return
     block_m, block_d, num_warps = act_config(n_rows, d)
     grid = (cdiv(n_rows, block_m) * cdiv(d, block_d),)
-    _act_and_mul_kernel[grid](
-        input, out, n_rows, d,
-        input.stride(0), input.stride(1), out.stride(0), out.stride(1),
-        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    args = (input, out, n_rows, d, input.stride(0), input.stride(1), out.stride(0), out.stride(1))
+    _LAUNCHES.launch(key, _act_and_mul_kernel, grid, args, dict(ACTIVATION=activation, BLOCK_M=block_m,
+                                                                BLOCK_D=block_d, num_warps=num_warps))
+
+
+# Launches replayed per (shapes, strides, dtypes, alignment, activation): only X and Y change.
+_LAUNCHES = LaunchMemo(dynamic=(0, 1))

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
-from .._core.launch import direct_launch
+from .._core.launch import LaunchMemo, direct_launch, tensor_key
 
 MAX_ONE_PASS = 32768  # longest row kept in registers (next_pow2(hidden) elements)
 LOOP_BLOCK = 4096  # chunk of the two-pass loop for longer rows
@@ -183,7 +183,20 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:
     return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
 
 
+# Launches replayed per (shapes, strides, dtypes, alignment): only X, R, W, Y, eps and the weight
+# offset change between calls with one key (host time is most of a batch-1 norm's cost).
+_RMSNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 17, 18))
+_LAYERNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 15))
+
+
 def _launch_rmsnorm(x, residual, weight, y, eps: float, weight_offset: float) -> None:
+    has_residual = residual is not None
+    r = residual if has_residual else x
+    key = (tensor_key(x), tensor_key(r) if has_residual else None, tensor_key(weight), tensor_key(y))
+    replay = _RMSNORM_LAUNCHES.get(key)
+    if replay is not None:
+        replay(x, r, weight, y, eps, weight_offset)
+        return
     n_cols = x.shape[-1]
     n_rows = x.numel() // max(n_cols, 1)
     if n_rows == 0 or n_cols == 0:
@@ -191,16 +204,11 @@ def _launch_rmsnorm(x, residual, weight, y, eps: float, weight_offset: float) ->
     block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, num_sms(x.device))
     inner, sxo, sxi, sxc = _rows(x)
     _, syo, syi, syc = _rows(y)
-    has_residual = residual is not None
-    r = residual if has_residual else x
     _, sro, sri, src = _rows(r)
-    _rmsnorm_kernel[(cdiv(n_rows, block_m),)](
-        x, r, weight, y,
-        n_rows, n_cols, inner,
-        sxo, sxi, sxc, sro, sri, src, syo, syi, syc,
-        weight.stride(0), float(eps), float(weight_offset),
-        HAS_RESIDUAL=has_residual, ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    args = (x, r, weight, y, n_rows, n_cols, inner, sxo, sxi, sxc, sro, sri, src, syo, syi, syc,
+            weight.stride(0), float(eps), float(weight_offset))
+    _RMSNORM_LAUNCHES.launch(key, _rmsnorm_kernel, (cdiv(n_rows, block_m),), args, dict(
+        HAS_RESIDUAL=has_residual, ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps))
 
 
 def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float) -> None:
@@ -216,6 +224,11 @@ def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch
 
 def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, eps: float) -> None:
     """``out = layernorm(input) * gamma + beta``; input/out ``[rows, N]`` or ``[T, H, N]``."""
+    key = (tensor_key(input), tensor_key(gamma), tensor_key(beta), tensor_key(out))
+    replay = _LAYERNORM_LAUNCHES.get(key)
+    if replay is not None:
+        replay(input, gamma, beta, out, eps)
+        return
     n_cols = input.shape[-1]
     n_rows = input.numel() // max(n_cols, 1)
     if n_rows == 0 or n_cols == 0:
@@ -223,10 +236,7 @@ def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out:
     block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, num_sms(input.device))
     inner, sxo, sxi, sxc = _rows(input)
     _, syo, syi, syc = _rows(out)
-    _layernorm_kernel[(cdiv(n_rows, block_m),)](
-        input, gamma, beta, out,
-        n_rows, n_cols, inner,
-        sxo, sxi, sxc, syo, syi, syc,
-        gamma.stride(0), beta.stride(0), float(eps),
-        ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    args = (input, gamma, beta, out, n_rows, n_cols, inner, sxo, sxi, sxc, syo, syi, syc,
+            gamma.stride(0), beta.stride(0), float(eps))
+    _LAYERNORM_LAUNCHES.launch(key, _layernorm_kernel, (cdiv(n_rows, block_m),), args, dict(
+        ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps))

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
-from .._core.launch import direct_launch
+from .._core.launch import LaunchMemo, direct_launch, tensor_key
 
 TILE = 4096  # elements (both halves of the rotated dims) per program
 MAX_BLOCK_H = 8
@@ -373,6 +373,15 @@ def apply_rope(
     ``cos_sin_cache [max_pos, rotary_dim]`` (float32) when given, else from rope_scale/rope_theta and
     the Llama 3.1 smoothing coefficients.
     """
+    in_place = q_out is q and k_out is k
+    optional = (pos_ids, indptr, offsets, cos_sin_cache)
+    key = (tensor_key(q), tensor_key(k), None if in_place else (tensor_key(q_out), tensor_key(k_out)),
+           *(None if t is None else tensor_key(t) for t in optional), rotary_dim, interleave, rope_scale, rope_theta,
+           smooth_a, smooth_b, os.environ.get("FLASHTILE_ROPE_FAST"), os.environ.get("FLASHTILE_ROPE_FAST_CONFIG"))
+    replay = _LAUNCHES.get(key)
+    if replay is not None:
+        replay(q, k, q_out, k_out, *(q if t is None else t for t in optional))
+        return
     nnz, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
     if nnz == 0:
@@ -407,15 +416,16 @@ def apply_rope(
                       INTERLEAVE=bool(interleave), IS_RAGGED=is_ragged, USE_CACHE=use_cache, COPY_TAIL=copy_tail)
     if use_token_major(use_cache):
         block_t, block_hq, block_hk, num_warps = fast_config(nnz, num_q_heads, num_k_heads, half_pad, num_sms(q.device))
-        _rope_tokens_kernel[(cdiv(nnz, block_t),)](
-            *common, *head_counts, *scalars, **constexprs,
-            BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=num_warps,
-        )
+        _LAUNCHES.launch(key, _rope_tokens_kernel, (cdiv(nnz, block_t),), (*common, *head_counts, *scalars), dict(
+            constexprs, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=num_warps))
         return
     block_t, block_h = rope_config(nnz, max(num_q_heads, num_k_heads), half_pad, head_blocks_of, num_sms(q.device))
     num_q_blocks = cdiv(num_q_heads, block_h)
     grid = (cdiv(nnz, block_t), head_blocks_of(block_h))
-    _rope_kernel[grid](
-        *common, *head_counts, num_q_blocks, *scalars, **constexprs,
-        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
-    )
+    _LAUNCHES.launch(key, _rope_kernel, grid, (*common, *head_counts, num_q_blocks, *scalars), dict(
+        constexprs, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4))
+
+
+# Launches replayed per key (shapes, strides, dtypes, alignment, options and the env knobs, which
+# pick the kernel): the eight tensor arguments, first in both kernels, are all that change.
+_LAUNCHES = LaunchMemo(dynamic=range(8))
