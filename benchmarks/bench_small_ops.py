@@ -323,11 +323,26 @@ def _wrap_torch(make):
     return provider
 
 
+def _copy_same_bytes(case: Case):
+    """A device-to-device copy that reads and writes as many bytes as the case moves: the bandwidth
+    this GPU gives such a stream, measured in the same run (a ceiling, not a baseline)."""
+    if "calls" in case.params or not case.bytes:
+        raise Unavailable("only for the bandwidth cases")
+    src = torch.randn(int(case.bytes // 4), dtype=torch.bfloat16, device=device())  # half read, half written
+    dst = torch.empty_like(src)
+
+    def copy():
+        dst.copy_(src)
+
+    return copy
+
+
 PROVIDERS = [
     Provider("flashtile", _flashtile),
     Provider("flashinfer", _flashinfer),
     Provider("torch_eager", _wrap_torch(_torch_eager)),
     Provider("torch_compile", _wrap_torch(_torch_compiled)),
+    Provider("copy_same_bytes", _copy_same_bytes, baseline=False),
 ]
 
 register(Suite("norm", norm_cases, PROVIDERS, metric="gbps",

@@ -77,6 +77,14 @@ for step in "$@"; do
     tune-sampling-seg) FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b1" SEG_STAGES=2,5 SEG_WARPS=4,16 2>&1 | grep -e BEST -e skip
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "b128 V128256" SEG_STAGES=3,5,7 SEG_COLS=32,64 2>&1 | grep -e BEST -e skip ;;
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep "^|" ;;
+    host-profile-old) [ -d old_tree ] && (cd old_tree && timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile_old.log" | grep "^|") ;;  # an older checkout copied to old_tree/ (untracked), for a same-machine comparison
+    tests-small-replay) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_launch.py 2>&1 | tee "$OUT/tests_small_replay.log" | tail -4 ;;  # without check mode: launch memos replay
+    norm-ab-steady) timeout 120 python3 benchmarks/run.py --suite norm --cuda-graph on --graph-span-us 1000 --out /tmp/norm_new 2>&1 | tail -1
+           [ -d old_tree ] && (cd old_tree && timeout 60 python3 benchmarks/run.py --suite norm --providers flashtile,copy_same_bytes --cuda-graph on --graph-span-us 1000 --out /tmp/norm_old 2>&1 | tail -1)
+           { echo "### this tree"; cat /tmp/norm_new/norm.md; echo "### old_tree"; cat /tmp/norm_old/norm.md; } > "$OUT/norm_ab.md"; grep -h -e "^###" -e "^| " "$OUT/norm_ab.md" ;;
+    tune-norm-steady) timeout 200 python3 benchmarks/tune_small_ops.py --only norm --graph-span-us 1000 2>&1 | tee "$OUT/tune_norm.log" | tail -30 ;;
+    bench-small-steady) timeout 300 python3 benchmarks/run.py --suite norm,qk_norm,activation,rope --cuda-graph on --graph-span-us 1000 --out /tmp/bench_steady 2>&1 | tail -3
+           cat /tmp/bench_steady/norm.md /tmp/bench_steady/qk_norm.md /tmp/bench_steady/activation.md /tmp/bench_steady/rope.md > "$OUT/small_ops_steady.md"; grep -h "^| " "$OUT/small_ops_steady.md" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     bench-launch) timeout 150 python3 benchmarks/run.py --suite small_ops_launch --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/small_ops_launch.md
            timeout 60 python3 benchmarks/decode_host_cost.py 2>&1 | tee "$OUT/decode_host_cost.md" | tail -8 ;;

@@ -90,6 +90,7 @@ class Provider:
 
     name: str
     make: Callable[[Case], Any]
+    baseline: bool = True  # False: a reference line (e.g. a copy of the same bytes), not in the speedup column
 
 
 @dataclass
@@ -345,9 +346,9 @@ def _cell(rec: Dict[str, Any], metric: str) -> str:
     return text
 
 
-def _speedup(recs: Dict[str, Dict[str, Any]]) -> str:
+def _speedup(recs: Dict[str, Dict[str, Any]], not_baselines=frozenset()) -> str:
     mine = recs.get(FLASHTILE)
-    base = [r for name, r in recs.items() if name != FLASHTILE and r["status"] == "ok"]
+    base = [r for name, r in recs.items() if name != FLASHTILE and name not in not_baselines and r["status"] == "ok"]
     if not mine or mine["status"] != "ok" or not base:
         return "—"
     best = min(base, key=lambda r: r["median_us"])
@@ -365,6 +366,7 @@ def _graph_mode(records: List[Dict[str, Any]]) -> str:
 def markdown_table(suite: Suite, records: List[Dict[str, Any]]) -> str:
     """One row per case, one column per provider, then the flashtile / best baseline speedup."""
     names = [p.name for p in suite.providers if any(r["provider"] == p.name for r in records)]
+    not_baselines = frozenset(p.name for p in suite.providers if not p.baseline)
     by_case: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for r in records:
         by_case.setdefault(r["case"], {})[r["provider"]] = r
@@ -383,7 +385,7 @@ def markdown_table(suite: Suite, records: List[Dict[str, Any]]) -> str:
     ]
     for case, recs in by_case.items():
         cells = [_cell(recs[n], suite.metric) if n in recs else "" for n in names]
-        lines.append(f"| {case} | " + " | ".join(cells) + f" | {_speedup(recs)} |")
+        lines.append(f"| {case} | " + " | ".join(cells) + f" | {_speedup(recs, not_baselines)} |")
     skipped = sorted({(r["provider"], r["status"], r["reason"]) for r in records if r["status"] != "ok"})
     notes = sorted({(r["provider"], r["note"]) for r in records if r.get("note")})
     if skipped or notes:

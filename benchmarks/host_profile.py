@@ -51,12 +51,19 @@ def main() -> None:
     }
     from flashtile._core import launch
 
-    def through_triton(fn, calls):
-        launch._state["enabled"] = False  # for the whole timed loop
-        try:
-            return host_overhead_us(fn, calls)
-        finally:
-            launch.reset_launch_settings()
+    def with_setting(name):
+        def timed(fn, calls):
+            launch._state[name] = False  # for the whole timed loop
+            try:
+                return host_overhead_us(fn, calls)
+            finally:
+                launch.reset_launch_settings()
+
+        return timed
+
+    modes = {"direct launch + launch memo (default)": host_overhead_us,
+             "direct launch, memo off": with_setting("memo"),
+             "through Triton's JITFunction.run": with_setting("enabled")}
 
     # torch's own eager versions of the same math, for scale
     torch_cases = {
@@ -64,15 +71,16 @@ def main() -> None:
         "torch silu*mul": lambda: torch.nn.functional.silu(y[:, :14336]) * y[:, 14336:],
     }
     print(f"torch {torch.__version__}, triton {triton.__version__}")
-    print("median of 9 alternating rounds of 300 calls; the two columns run interleaved, so CPU clock")
-    print("changes hit both alike\n")
-    print("| call | direct launch (default) | through Triton's JITFunction.run |\n|---|---|---|")
+    print("median of 9 alternating rounds of 300 calls; the columns run interleaved, so CPU clock")
+    print("changes hit them alike\n")
+    print("| call | " + " | ".join(modes) + " |")
+    print("|---" * (len(modes) + 1) + "|")
     for name, fn in {**cases, **torch_cases}.items():
-        direct, triton_path = [], []
+        times = {mode: [] for mode in modes}
         for _ in range(9):
-            direct.append(host_overhead_us(fn, 300))
-            triton_path.append(through_triton(fn, 300))
-        print(f"| {name} | {statistics.median(direct):.1f} us | {statistics.median(triton_path):.1f} us |")
+            for mode, timed in modes.items():
+                times[mode].append(timed(fn, 300))
+        print(f"| {name} | " + " | ".join(f"{statistics.median(t):.1f} us" for t in times.values()) + " |")
     if not args.profile:
         return
     for name in ("rmsnorm", "rope cos_sin_cache inplace"):

@@ -395,3 +395,19 @@ def test_gpu_replayed_launches_compute_each_calls_inputs(monkeypatch):
     finally:
         monkeypatch.undo()
         launch.reset_launch_settings()
+
+
+def test_memo_knob_and_clear_launch_memos(fake_cuda, monkeypatch):
+    jit, kernel = fake_cuda
+    memo = launch.LaunchMemo(dynamic=(0, 2))
+    launcher, computed = _memo_launcher(memo, kernel)
+    x = torch.zeros(32)
+    launcher(x, 0.5)
+    launch.clear_launch_memos()  # e.g. after a tuning script changed a module's launch constants
+    launcher(x, 0.5)
+    monkeypatch.setitem(launch._state, "memo", False)  # FLASHTILE_LAUNCH_MEMO=0
+    launcher(x, 0.5)
+    assert len(computed) == 3
+    monkeypatch.setitem(launch._state, "memo", True)
+    launcher(x, 0.5)
+    assert len(computed) == 3

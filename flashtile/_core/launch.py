@@ -29,6 +29,7 @@ itself: a launcher keys the whole launch on its tensors' shapes, strides, dtypes
 alignment (plus its own options), and a known key replays the recorded launch, passing only the
 tensors and floats of this call. The launcher's key must fix every other argument; check mode
 recomputes every launch through the launcher and raises if it differs from the recorded one.
+``FLASHTILE_LAUNCH_MEMO=0`` turns the memos off (direct launches stay on).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "reset_launch_settings"]
+__all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "clear_launch_memos",
+           "reset_launch_settings"]
 
 MAX_CACHED_CALLS = 4096  # keys per kernel; the cache starts over when full
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -233,6 +235,16 @@ def tensor_key(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
 
 
+_ALL_MEMOS: list = []
+
+
+def clear_launch_memos() -> None:
+    """Forget every recorded launch: for tools that change a kernel module's launch constants
+    (benchmarks/tune_small_ops.py), which launcher keys do not cover."""
+    for memo in _ALL_MEMOS:
+        memo.clear()
+
+
 class LaunchMemo:
     """Whole launches of one launcher, remembered per launcher key (module doc).
 
@@ -252,11 +264,16 @@ class LaunchMemo:
         self.dynamic = tuple(dynamic)
         self._replays: dict = {}
         self._recorded: dict = {}
+        _ALL_MEMOS.append(self)
+
+    def clear(self) -> None:
+        self._replays.clear()
+        self._recorded.clear()
 
     def get(self, key):
         """The replay for ``key`` on the current device, or None (unknown key, check mode, hooks
         installed, direct launches off)."""
-        if not _direct_enabled() or _check_enabled():
+        if not _direct_enabled() or _check_enabled() or not _memo_enabled():
             return None
         replay = self._replays.get((_driver().get_current_device(), key))
         if replay is None or _hooks() is not None:
@@ -282,8 +299,7 @@ class LaunchMemo:
                     f"launch memo of {kernel.fn.__name__}: the key {key!r} does not fix the launch "
                     f"(recorded {known[1:4]}, now {record[1:4]}); set FLASHTILE_DIRECT_LAUNCH=0 and report this")
         elif len(self._replays) >= MAX_CACHED_CALLS:
-            self._replays.clear()  # bounded memory; keys still in use come back on their next call
-            self._recorded.clear()
+            self.clear()  # bounded memory; keys still in use come back on their next call
         try:
             tail = kernel._tail(args, kwargs)
         except _Uncacheable:
@@ -337,6 +353,10 @@ def _read_direct_enabled() -> bool:
             and torch.cuda.is_available())
 
 
+def _read_memo_enabled() -> bool:
+    return _env_flag("FLASHTILE_LAUNCH_MEMO", "1")
+
+
 def _read_check_enabled() -> bool:
     return _env_flag("FLASHTILE_CHECK_LAUNCH", "0")
 
@@ -349,14 +369,20 @@ def _direct_enabled() -> bool:
     return _cached("enabled", _read_direct_enabled)
 
 
+def _memo_enabled() -> bool:
+    return _cached("memo", _read_memo_enabled)
+
+
 def _check_enabled() -> bool:
     return _cached("check", _read_check_enabled)
 
 
 def reset_launch_settings() -> None:
-    """Forget the cached environment reads (tests that change FLASHTILE_DIRECT_LAUNCH / _CHECK_LAUNCH)."""
+    """Forget the cached environment reads (tests that change FLASHTILE_DIRECT_LAUNCH, _CHECK_LAUNCH,
+    _LAUNCH_MEMO)."""
     _state.pop("enabled", None)
     _state.pop("check", None)
+    _state.pop("memo", None)
 
 
 def direct_launch(fn):

@@ -63,13 +63,15 @@ def _rmsnorm_kernel(
     y_row = Y + _row_start(rows, inner, stride_y_outer, stride_y_inner)[:, None]
     if ONE_PASS:
         ok = row_ok[:, None] & (cols < n_cols)[None, :]  # [BLOCK_M, BLOCK_N]
+        # The weight load goes first so that its latency overlaps the row's instead of following
+        # the reduction (small batches are latency-bound).
+        w = tl.load(W + cols * stride_w, mask=cols < n_cols, other=0.0).to(tl.float32) + weight_offset
         s = tl.load(x_row + cols[None, :] * stride_x_col, mask=ok, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r_ptrs = r_row + cols[None, :] * stride_r_col
             s += tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
             tl.store(r_ptrs, s.to(R.dtype.element_ty), mask=ok)
         inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / n_cols + eps)  # [BLOCK_M]
-        w = tl.load(W + cols * stride_w, mask=cols < n_cols, other=0.0).to(tl.float32) + weight_offset
         y = s * inv_rms[:, None] * w[None, :]
         tl.store(y_row + cols[None, :] * stride_y_col, y.to(Y.dtype.element_ty), mask=ok)
     else:
