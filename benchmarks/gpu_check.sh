@@ -26,7 +26,7 @@ for step in "$@"; do
     tests-helpers) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=line tests/test_sampling.py tests/test_norm.py tests/test_rope.py tests/test_page.py tests/test_activation.py tests/test_batch_decode.py 2>&1 | tee "$OUT/gpu_tests_sampling.log" | tail -15 ;;
     sanitize-new) FLASHTILE_BACKEND=triton timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
                 tests/test_batch_decode.py tests/test_page.py -k "kernel and not replay and not 32768 and not 20000 and not 60000 and not 30000" 2>&1 | tail -4 | tee "$OUT/sanitize.log" ;;
-    bench-small) timeout 200 python3 benchmarks/run.py --suite norm,qk_norm,activation,rope,small_ops_launch --cuda-graph auto --out /tmp/bench 2>&1 | tail -5
+    bench-small) timeout 200 python3 benchmarks/run.py --suite norm,qk_norm,activation,rope,small_ops_launch --out /tmp/bench 2>&1 | tail -5
            cat /tmp/bench/norm.md /tmp/bench/qk_norm.md /tmp/bench/activation.md /tmp/bench/rope.md /tmp/bench/small_ops_launch.md > "$OUT/small_ops.md" 2>/dev/null ;;
     bench-page) timeout 100 python3 benchmarks/run.py --suite page_append --out /tmp/bench 2>&1 | tail -3; cp /tmp/bench/page_append.md "$OUT/" ;;
     bench-sampling) timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -3; cp /tmp/bench/sampling*.md "$OUT/" ;;
@@ -79,12 +79,12 @@ for step in "$@"; do
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep "^|" ;;
     host-profile-old) [ -d old_tree ] && (cd old_tree && timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile_old.log" | grep "^|") ;;  # an older checkout copied to old_tree/ (untracked), for a same-machine comparison
     tests-small-replay) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_launch.py 2>&1 | tee "$OUT/tests_small_replay.log" | tail -4 ;;  # without check mode: launch memos replay
-    norm-ab-steady) timeout 120 python3 benchmarks/run.py --suite norm --cuda-graph on --graph-span-us 1000 --out /tmp/norm_new 2>&1 | tail -1
-           [ -d old_tree ] && (cd old_tree && timeout 60 python3 benchmarks/run.py --suite norm --providers flashtile,copy_same_bytes --cuda-graph on --graph-span-us 1000 --out /tmp/norm_old 2>&1 | tail -1)
+    norm-ab-steady) timeout 120 python3 benchmarks/run.py --suite norm --out /tmp/norm_new 2>&1 | tail -1
+           [ -d old_tree ] && (cd old_tree && timeout 60 python3 benchmarks/run.py --suite norm --providers flashtile,copy_same_bytes --out /tmp/norm_old 2>&1 | tail -1)
            { echo "### this tree"; cat /tmp/norm_new/norm.md; echo "### old_tree"; cat /tmp/norm_old/norm.md; } > "$OUT/norm_ab.md"; grep -h -e "^###" -e "^| " "$OUT/norm_ab.md" ;;
-    tune-norm-steady) timeout 200 python3 benchmarks/tune_small_ops.py --only norm --graph-span-us 1000 2>&1 | tee "$OUT/tune_norm.log" | tail -30 ;;
-    bench-small-steady) timeout 300 python3 benchmarks/run.py --suite norm,qk_norm,activation,rope --cuda-graph on --graph-span-us 1000 --out /tmp/bench_steady 2>&1 | tail -3
-           cat /tmp/bench_steady/norm.md /tmp/bench_steady/qk_norm.md /tmp/bench_steady/activation.md /tmp/bench_steady/rope.md > "$OUT/small_ops_steady.md"; grep -h "^| " "$OUT/small_ops_steady.md" ;;
+    tune-small-tiny) timeout 200 python3 benchmarks/tune_small_ops.py --graph-span-us 1000 --rounds 5 --filter "128x" 2>&1 | tee "$OUT/tune_tiny.log" | grep -v "^BEST" ;;  # warps for the latency-bound 128-row cases
+    bench-small-flush) timeout 300 python3 benchmarks/run.py --suite norm,qk_norm,activation,rope --cuda-graph auto --graph-span-us 10 --out /tmp/bench_flush 2>&1 | tail -3  # the harness default timing (previous tables)
+           cat /tmp/bench_flush/norm.md /tmp/bench_flush/qk_norm.md /tmp/bench_flush/activation.md /tmp/bench_flush/rope.md > "$OUT/small_ops_flush.md"; grep -h "^| " "$OUT/small_ops_flush.md" ;;
     bench-rope) timeout 60 python3 benchmarks/run.py --suite rope --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| rope" /tmp/bench/rope.md ;;
     bench-launch) timeout 150 python3 benchmarks/run.py --suite small_ops_launch --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/small_ops_launch.md
            timeout 60 python3 benchmarks/decode_host_cost.py 2>&1 | tee "$OUT/decode_host_cost.md" | tail -8 ;;

@@ -103,6 +103,8 @@ class Suite:
     metric: str = "gbps"
     description: str = ""
     ceiling: Optional[float] = None  # drawn as a line on the plot (e.g. the measured copy bandwidth)
+    cuda_graph: Optional[str] = None  # the suite's timing mode when the caller gives none ("auto" otherwise)
+    graph_span_us: Optional[float] = None  # likewise (GRAPH_TARGET_US otherwise)
 
 
 SUITES: Dict[str, Suite] = {}
@@ -279,10 +281,13 @@ def _max_abs_diff(out: Any, ref: Any) -> Optional[float]:
 
 
 def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None,
-              providers: Optional[Sequence[str]] = None, cuda_graph: str = "auto",
-              graph_span_us: float = GRAPH_TARGET_US, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+              providers: Optional[Sequence[str]] = None, cuda_graph: Optional[str] = None,
+              graph_span_us: Optional[float] = None, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Time every case of ``suite`` whose name contains ``filter`` with every provider named in
-    ``providers`` (all when None). Returns the records (one per case x provider)."""
+    ``providers`` (all when None). ``cuda_graph`` / ``graph_span_us``: None takes the suite's
+    choice, then the harness default. Returns the records (one per case x provider)."""
+    cuda_graph = cuda_graph or suite.cuda_graph or "auto"
+    graph_span_us = graph_span_us or suite.graph_span_us or GRAPH_TARGET_US
     env = environment()
     chosen = [p for p in suite.providers if providers is None or p.name in providers]
     records = []
@@ -440,8 +445,8 @@ def write_outputs(suite: Suite, records: List[Dict[str, Any]], out_dir: pathlib.
 
 
 def run_suites(names: Sequence[str], out_dir, smoke: bool = False, filter: Optional[str] = None,
-               providers: Optional[Sequence[str]] = None, cuda_graph: str = "auto",
-               graph_span_us: float = GRAPH_TARGET_US) -> str:
+               providers: Optional[Sequence[str]] = None, cuda_graph: Optional[str] = None,
+               graph_span_us: Optional[float] = None) -> str:
     """Run the named suites ("all" for every registered one), write ``<suite>.jsonl/.md/.png`` and
     ``results.md`` into ``out_dir``, and return the markdown of all suites."""
     load_case_files()
@@ -473,11 +478,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions (runs on CPU in seconds)")
     parser.add_argument("--filter", default=None, help="only cases whose name contains this substring")
     parser.add_argument("--providers", default=None, help="comma-separated provider names (default: all)")
-    parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
-                        help=f"time CUDA-graph replays: auto = for kernels under {GRAPH_BELOW_US:.0f} us")
-    parser.add_argument("--graph-span-us", type=float, default=GRAPH_TARGET_US,
-                        help=f"length of one graph replay, which sets the calls per graph (default {GRAPH_TARGET_US:g}; "
-                             "1000 times the steady state of back-to-back calls)")
+    parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default=None,
+                        help=f"time CUDA-graph replays: auto = for kernels under {GRAPH_BELOW_US:.0f} us "
+                             "(default: the suite's choice, else auto)")
+    parser.add_argument("--graph-span-us", type=float, default=None,
+                        help=f"length of one graph replay, which sets the calls per graph (default: the suite's "
+                             f"choice, else {GRAPH_TARGET_US:g}; 1000 times the steady state of back-to-back calls)")
     parser.add_argument("--list", action="store_true", help="list suites, cases and providers, then exit")
     args = parser.parse_args(argv)
     suites = [s for arg in (args.suite or ["all"]) for s in arg.split(",") if s]

@@ -405,9 +405,11 @@ def test_memo_knob_and_clear_launch_memos(fake_cuda, monkeypatch):
     launcher(x, 0.5)
     launch.clear_launch_memos()  # e.g. after a tuning script changed a module's launch constants
     launcher(x, 0.5)
-    monkeypatch.setitem(launch._state, "memo", False)  # FLASHTILE_LAUNCH_MEMO=0
+    monkeypatch.setitem(launch._state, "memo", False)  # FLASHTILE_LAUNCH_MEMO=0: nothing replayed or recorded
+    launch.clear_launch_memos()
     launcher(x, 0.5)
-    assert len(computed) == 3
+    assert len(computed) == 3 and not memo._replays
     monkeypatch.setitem(launch._state, "memo", True)
     launcher(x, 0.5)
-    assert len(computed) == 3
+    launcher(x, 0.5)
+    assert len(computed) == 4

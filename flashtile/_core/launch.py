@@ -283,7 +283,7 @@ class LaunchMemo:
     def launch(self, key, kernel, grid, args: tuple, kwargs: dict):
         """Launch ``kernel[grid](*args, **kwargs)`` and record it under ``key``."""
         compiled = kernel[grid](*args, **kwargs)
-        if not _direct_enabled() or callable(grid) or not isinstance(kernel, DirectLaunch):
+        if not _direct_enabled() or not _memo_enabled() or callable(grid) or not isinstance(kernel, DirectLaunch):
             return compiled
         if hasattr(compiled, "result"):
             compiled = compiled.result()
@@ -292,13 +292,14 @@ class LaunchMemo:
         full_key = (_driver().get_current_device(), key)
         static = tuple(None if i in self.dynamic else a for i, a in enumerate(args))
         record = (kernel, tuple(grid), static, tuple(sorted(kwargs.items())), compiled)
-        if _check_enabled():
-            known = self._recorded.get(full_key)
-            if known is not None and (known[:4] != record[:4] or known[4] is not compiled):
+        known = self._recorded.get(full_key)
+        if known is not None:  # check mode (otherwise get() would have replayed it): compare
+            if known[:4] != record[:4] or known[4] is not compiled:
                 raise RuntimeError(
                     f"launch memo of {kernel.fn.__name__}: the key {key!r} does not fix the launch "
                     f"(recorded {known[1:4]}, now {record[1:4]}); set FLASHTILE_DIRECT_LAUNCH=0 and report this")
-        elif len(self._replays) >= MAX_CACHED_CALLS:
+            return compiled
+        if len(self._replays) >= MAX_CACHED_CALLS:
             self.clear()  # bounded memory; keys still in use come back on their next call
         try:
             tail = kernel._tail(args, kwargs)
