@@ -78,6 +78,9 @@ ENV_KNOBS = {
     "FLASHTILE_BACKEND": "auto (default) | triton (kernels; Triton interpreter for CPU tensors) | reference",
     "FLASHTILE_DEBUG": "1: fill new outputs with NaN before a kernel writes them",
     "FLASHTILE_AUTOTUNE": "1: autotune launch configs on the first call of a shape class (slower first call)",
+    "FLASHTILE_DIRECT_LAUNCH": "0: launch every kernel through Triton's JITFunction.run (no cached launches)",
+    "FLASHTILE_LAUNCH_MEMO": "0: no replayed launches for the small ops (norm, activation, RoPE)",
+    "FLASHTILE_CHECK_LAUNCH": "1: check every cached or replayed launch against Triton's choice (slow; for tests)",
     "TRITON_INTERPRET": "1: run Triton kernels in Triton's interpreter (CPU); must be set before kernels load",
     "TRITON_CACHE_DIR": "Triton's on-disk kernel cache (default: $TRITON_HOME/.triton/cache, TRITON_HOME=~)",
 }
