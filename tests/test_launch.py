@@ -254,10 +254,17 @@ def _memo_launcher(memo, kernel):
     return launcher, calls
 
 
-def test_memo_replays_a_known_key_with_this_calls_tensors_and_floats(fake_cuda):
+@pytest.fixture
+def memo_launcher(fake_cuda):
+    """(stand-in JIT, memo, launcher, list of the launches the launcher computed)."""
     jit, kernel = fake_cuda
     memo = launch.LaunchMemo(dynamic=(0, 2))
     launcher, computed = _memo_launcher(memo, kernel)
+    return jit, memo, launcher, computed
+
+
+def test_memo_replays_a_known_key_with_this_calls_tensors_and_floats(memo_launcher):
+    jit, memo, launcher, computed = memo_launcher
     x, x2, x3 = torch.zeros(32), torch.ones(32), torch.zeros(64)
     launcher(x, 0.5)
     launcher(x2, 1.5)  # same key: replayed without the launcher's work or Triton
@@ -270,10 +277,8 @@ def test_memo_replays_a_known_key_with_this_calls_tensors_and_floats(fake_cuda):
     assert len(computed) == 3
 
 
-def test_memo_is_bypassed_when_off_with_hooks_and_in_check_mode(fake_cuda, monkeypatch):
-    jit, kernel = fake_cuda
-    memo = launch.LaunchMemo(dynamic=(0, 2))
-    launcher, computed = _memo_launcher(memo, kernel)
+def test_memo_is_bypassed_when_off_with_hooks_and_in_check_mode(memo_launcher, monkeypatch):
+    jit, memo, launcher, computed = memo_launcher
     x = torch.zeros(32)
     launcher(x, 0.5)
     monkeypatch.setattr(launch, "_hooks", lambda: ("enter", "leave"))  # a profiler's launch hooks
@@ -302,11 +307,9 @@ def test_memo_check_mode_raises_when_the_key_does_not_fix_the_launch(fake_cuda, 
         memo.launch("key", kernel, (1,), (x, 32, 0.5), dict(BLOCK=128))  # a constexpr
 
 
-def test_memo_starts_over_when_full(fake_cuda, monkeypatch):
-    jit, kernel = fake_cuda
+def test_memo_starts_over_when_full(memo_launcher, monkeypatch):
+    jit, memo, launcher, computed = memo_launcher
     monkeypatch.setattr(launch, "MAX_CACHED_CALLS", 2)
-    memo = launch.LaunchMemo(dynamic=(0, 2))
-    launcher, computed = _memo_launcher(memo, kernel)
     for n in (16, 32, 48, 48, 16):  # the third key clears the two before it
         launcher(torch.zeros(n), 0.5)
     assert computed == [(16,), (32,), (48,), (16,)]
@@ -397,10 +400,8 @@ def test_gpu_replayed_launches_compute_each_calls_inputs(monkeypatch):
         launch.reset_launch_settings()
 
 
-def test_memo_knob_and_clear_launch_memos(fake_cuda, monkeypatch):
-    jit, kernel = fake_cuda
-    memo = launch.LaunchMemo(dynamic=(0, 2))
-    launcher, computed = _memo_launcher(memo, kernel)
+def test_memo_knob_and_clear_launch_memos(memo_launcher, monkeypatch):
+    jit, memo, launcher, computed = memo_launcher
     x = torch.zeros(32)
     launcher(x, 0.5)
     launch.clear_launch_memos()  # e.g. after a tuning script changed a module's launch constants
