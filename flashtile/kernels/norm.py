@@ -197,7 +197,7 @@ def _launch_rmsnorm(x, residual, weight, y, eps: float, weight_offset: float) ->
     key = (tensor_key(x), tensor_key(r) if has_residual else None, tensor_key(weight), tensor_key(y))
     replay = _RMSNORM_LAUNCHES.get(key)
     if replay is not None:
-        replay(x, r, weight, y, eps, weight_offset)
+        replay(x, r, weight, y, float(eps), float(weight_offset))
         return
     n_cols = x.shape[-1]
     n_rows = x.numel() // max(n_cols, 1)
@@ -229,7 +229,7 @@ def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out:
     key = (tensor_key(input), tensor_key(gamma), tensor_key(beta), tensor_key(out))
     replay = _LAYERNORM_LAUNCHES.get(key)
     if replay is not None:
-        replay(input, gamma, beta, out, eps)
+        replay(input, gamma, beta, out, float(eps))
         return
     n_cols = input.shape[-1]
     n_rows = input.numel() // max(n_cols, 1)

@@ -373,9 +373,9 @@ def apply_rope(
     ``cos_sin_cache [max_pos, rotary_dim]`` (float32) when given, else from rope_scale/rope_theta and
     the Llama 3.1 smoothing coefficients.
     """
-    in_place = q_out is q and k_out is k
     optional = (pos_ids, indptr, offsets, cos_sin_cache)
-    key = (tensor_key(q), tensor_key(k), None if in_place else (tensor_key(q_out), tensor_key(k_out)),
+    key = (tensor_key(q), tensor_key(k),
+           None if q_out is q else tensor_key(q_out), None if k_out is k else tensor_key(k_out),
            *(None if t is None else tensor_key(t) for t in optional), rotary_dim, interleave, rope_scale, rope_theta,
            smooth_a, smooth_b, os.environ.get("FLASHTILE_ROPE_FAST"), os.environ.get("FLASHTILE_ROPE_FAST_CONFIG"))
     replay = _LAUNCHES.get(key)
