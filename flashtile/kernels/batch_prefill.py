@@ -58,8 +58,8 @@ def _item_and_head(pid, num_items, group_items, num_kv_heads):
     """``(item, kv_head, active)`` of program ``pid``. Items come in groups of ``group_items``
     (the last one shorter); inside a group, head 0 takes every item, then head 1, ... (so programs
     that read the same K/V run together: scheduler/prefill_work.py). ``active`` is False for the
-    programs past ``num_items * num_kv_heads`` (graph mode's fixed grid); their item and head are
-    clamped into range."""
+    programs past ``num_items * num_kv_heads`` (graph mode's fixed grid); their head is clamped into
+    range here, their item by the caller."""
     group_items = tl.maximum(group_items, 1)
     per_group = group_items * num_kv_heads
     group = pid // per_group
