@@ -70,7 +70,7 @@ def compile_all(label):
         bound = dict(zip(fn.arg_names, args)); bound.update(kwargs)
         sig, ce, attrs = {}, {}, {}
         for i, p in enumerate(fn.params):
-            v = bound[p.name]
+            v = bound[p.name] if p.name in bound else p.default  # an omitted constexpr takes its default
             if p.is_constexpr:
                 sig[p.name] = "constexpr"
                 ce[p.name] = v
@@ -210,6 +210,15 @@ probs32k = torch.softmax(torch.randn(512, 32000), -1)
 S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.empty(512, dtype=torch.bool), 7, 0,
                     seg=True, top_p=0.9)
 compile_all("sampling seg top-p vocab 32000")
+# Row split (batch 1: 32 programs per row exchanging partials through a barrier).
+from flashtile._core import device as _DEV  # noqa: E402
+
+_sms, _DEV.INTERPRETER_SMS = _DEV.INTERPRETER_SMS, 132
+for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),
+                  ("joint top-k/top-p", dict(top_k=50, top_p=0.9)), ("plain", dict())]:
+    S.filtered_sampling(probs[:1], None, out_i[:1], out_v[:1], 7, 0, seg=True, split=True, **kw)
+    compile_all(f"sampling split {label}")
+_DEV.INTERPRETER_SMS = _sms
 S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out_i, out_v, 7, 0, seg=True)
 compile_all("sampling seg sampling_from_logits bf16")
 S.softmax(torch.randn(128, 128256, dtype=torch.bfloat16), torch.empty(128, 128256), None, seg=True)

@@ -456,6 +456,131 @@ def test_seg_sampler_reproducible(seg_kernels, device):
     assert launches[0] == 9
 
 
+# ---------------------------------------------------------------------------------------------
+# Row split (segmented kernel with several programs per row), whatever the environment
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def split_kernels(seg_kernels, monkeypatch):
+    """seg_kernels with every ``filtered_sampling`` call forced onto the row split (``split=True``;
+    top_k_first keeps one program per row). Under the interpreter a chunk is 8 tokens and every program
+    measures every chunk; on a GPU a chunk is SPLIT_CHUNK tokens and the programs exchange partials
+    whenever the grid fits the SMs."""
+    kernels, launches = seg_kernels
+    real = kernels.filtered_sampling
+    split_launches = [0]
+
+    def forced(*args, **kwargs):
+        kwargs.setdefault("split", True)
+        if kwargs.get("top_k") is None or kwargs.get("order", "joint") != "top_k_first":
+            split_launches[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "filtered_sampling", forced)
+    return kernels, launches, split_launches
+
+
+@pytest.mark.parametrize("vocab,dtype", [(7, torch.float32), (41, torch.bfloat16)])
+def test_split_sampler_filter_sets_and_edge_rows(split_kernels, device, vocab, dtype):
+    """The filter-set and edge-row checks of the segmented kernel, rows split over programs (41 tokens:
+    3 chunks under the interpreter, the last one partial)."""
+    kernels, launches, split_launches = split_kernels
+    test_seg_sampler_filter_sets_and_edge_rows((kernels, launches), device, vocab, dtype)
+    assert split_launches[0] > 0
+
+
+@pytest.mark.parametrize("kind", ["plain", "top_p", "top_k", "min_p", "joint"])
+def test_split_sampler_distribution(split_kernels, device, kind):
+    """Chi-square of every split sampler (21 tokens: 2 chunks under the interpreter)."""
+    kernels, launches, split_launches = split_kernels
+    test_seg_sampler_distribution((kernels, launches), device, kind)
+    assert split_launches[0] == 1
+
+
+@pytest.mark.parametrize("passes", [0, 1])
+@pytest.mark.parametrize("mode", ["top_p", "top_k", "min_p", "joint", "plain"])
+def test_split_sampler_bounded_passes(split_kernels, device, mode, passes):
+    """The exact fallback after 0 or 1 passes of a split row."""
+    kernels, launches, split_launches = split_kernels
+    test_seg_sampler_bounded_passes((kernels, launches), device, mode, passes)
+    assert split_launches[0] == 1
+
+
+def test_split_chunks_rule(monkeypatch):
+    """The default split: a GPU, at least 2 chunks, batch x chunks <= SMs, not top_k_first, not turned off."""
+    import flashtile.kernels.sampling as K
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(K, "num_sms", lambda d: 132)
+    chunk = K.SPLIT_CHUNK
+    assert K.split_chunks(128256, 1, cuda) == -(-128256 // chunk)
+    assert K.split_chunks(128256, 132 // -(-128256 // chunk), cuda) > 0
+    assert K.split_chunks(128256, 132 // -(-128256 // chunk) + 1, cuda) == 0
+    assert K.split_chunks(chunk, 1, cuda) == 0  # one chunk: nothing to split
+    assert K.split_chunks(128256, 1, cuda, "top_k_first", top_k=50) == 0
+    assert K.split_chunks(128256, 1, cuda, "top_k_first") > 0  # no top-k: the order is moot
+    assert K.split_chunks(128256, 1, torch.device("cpu")) == 0
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "0")
+    assert K.split_chunks(128256, 1, cuda) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [128256, 50001])
+def test_split_exchange_matches_local(monkeypatch, vocab):
+    """On the GPU, programs that exchange partials through the row barrier give the same bits as
+    programs that each measure every chunk (SPLIT_EXCHANGE=False), for every filter, batch 1 and 3,
+    per-request parameters and many seeds; and the default path splits these batches."""
+    import flashtile.kernels.sampling as K
+
+    g = torch.Generator().manual_seed(vocab)
+    probs = torch.softmax(torch.randn(3, vocab, generator=g) * torch.tensor([[0.5], [2.0], [4.0]]), -1).cuda()
+    probs[2, ::7] = 0.0
+    params = [dict(), dict(top_p=0.9), dict(top_p=0.3), dict(top_k=50), dict(top_k=2), dict(min_p=0.05),
+              dict(top_k=50, top_p=0.9), dict(top_k=torch.tensor([1, 7, 500], dtype=torch.int32, device="cuda"),
+                                              top_p=torch.tensor([0.2, 0.9, 1.0], device="cuda"))]
+    for batch in (1, 3):
+        assert K.split_chunks(vocab, batch, probs.device) > 0
+        rows = probs[:batch]
+        for kw in params:
+            kw = {k: (v[:batch] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            for seed in range(12):
+                got = []
+                for exchange in (True, False):
+                    monkeypatch.setattr(K, "SPLIT_EXCHANGE", exchange)
+                    out = torch.empty(batch, dtype=torch.int32, device="cuda")
+                    valid = torch.empty(batch, dtype=torch.bool, device="cuda")
+                    passes = torch.zeros(batch, dtype=torch.int32, device="cuda")
+                    K.filtered_sampling(rows, None, out, valid, seed, 0, split=True, passes=passes, **kw)
+                    got.append((out.tolist(), valid.tolist(), passes.tolist()))
+                assert got[0] == got[1], (batch, kw, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["plain", "top_p", "top_k", "min_p", "joint"])
+def test_split_exchange_distribution(mode):
+    """Chi-square of the split kernel with partials exchanged (16 rows x 5 chunks = 80 programs per call,
+    1500 calls with new seeds), on a Zipf-like row whose kept set spans several chunks."""
+    import flashtile.kernels.sampling as K
+
+    V = 4 * K.SPLIT_CHUNK + 3
+    probs = _dist("longtail", V, "cuda")
+    params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
+                  joint=dict(top_k=9, top_p=0.5))[mode]
+    rows = torch.zeros(16, dtype=torch.int32, device="cuda")
+    assert K.split_chunks(V, 16, probs.device) == 5
+    ids = []
+    for seed in range(1500):
+        out = torch.empty(16, dtype=torch.int32, device="cuda")
+        valid = torch.empty(16, dtype=torch.bool, device="cuda")
+        K.filtered_sampling(probs, rows, out, valid, seed, 0, **params)
+        ids.append(out)
+    ids = torch.cat(ids).cpu()
+    keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()})[0]
+    assert bool(keep[ids.long()].all())
+    assert chi_square_pvalue(ids, renorm_oracle(probs, keep[None])[0]) > P_FLOOR
+
+
 def test_seg_sampling_from_logits(monkeypatch, device):
     """sampling_from_logits on the segmented kernel (FLASHTILE_SAMPLING_SEG=1): follows softmax(logits)
     with -inf and NaN entries (never drawn); a row without a finite logit is invalid (token 0)."""

@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
 from .._core.launch import direct_launch
 
@@ -85,6 +86,11 @@ SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
 SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
 SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
 SEG_MAX_PASSES = 16  # passes before the exact fallback
+# Row split (``_seg_filtered_sampling_kernel`` with SPLIT): while batch x chunks <= SMs, a row's tokens are
+# cut into chunks of SPLIT_CHUNK and every chunk gets its own program (docs/sampling.md "Row split").
+SPLIT_CHUNK = 4096  # tokens per program; a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL
+SPLIT_WARPS = 8
+SPLIT_EXCHANGE = True  # False: every program measures every chunk itself (no barrier; for tests and A/B)
 # Block of the exact fallback's passes and of top_k_first's exact top-k set (default-path helpers): 4096 as the
 # rejection-loop kernel (1024-element blocks measured 2.3x slower on top_k_first).
 SEG_FALLBACK_BLOCK = 4096
@@ -711,6 +717,74 @@ def _seg_pass(row, vocab, seg_len, piv, COUNT: tl.constexpr, MAX: tl.constexpr, 
 
 
 @triton.jit
+def _row_barrier(COUNTER, target):
+    """Wait until ``COUNTER`` (one int32 per output row, zeroed by the launcher) reaches ``target``
+    after adding this program's arrival: a barrier over the programs of one row. The launcher splits
+    a row only while every program of the grid fits on the GPU at once (batch x chunks <= SMs), so
+    the programs waited for are running, not queued behind the waiting ones."""
+    tl.debug_barrier()  # every thread's partial stores come before the release below
+    tl.atomic_add(COUNTER, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(COUNTER, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(COUNTER, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _chunk_pass(row, vocab, ch, piv, COUNT: tl.constexpr, MAX: tl.constexpr, NP: tl.constexpr,
+                NSEG_IN: tl.constexpr, CHUNK: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
+                UNROLL: tl.constexpr, ZERO_PIVOTS: tl.constexpr):
+    """``_seg_pass`` over chunk ``ch`` (tokens ``[ch * CHUNK, (ch + 1) * CHUNK)``, NSEG_IN segments):
+    count ``[NP]`` (int32), mass ``[NP]`` and max of the chunk."""
+    start = ch * CHUNK
+    cnt, seg_mass, cmax = _seg_pass(row + start, vocab - start, CHUNK // NSEG_IN, piv, COUNT, MAX, NP, NSEG_IN, W,
+                                    STAGES, UNROLL, ZERO_PIVOTS)
+    return cnt, tl.sum(seg_mass, axis=1), cmax
+
+
+@triton.jit
+def _split_pass(row, vocab, c, nchunks, r, PART, COUNTER, piv, COUNT: tl.constexpr, MAX: tl.constexpr,
+                NP: tl.constexpr, NCH: tl.constexpr, NSEG_IN: tl.constexpr, CHUNK: tl.constexpr, W: tl.constexpr,
+                STAGES: tl.constexpr, UNROLL: tl.constexpr, ZERO_PIVOTS: tl.constexpr, EXCHANGE: tl.constexpr):
+    """Pass ``r`` of a row split into ``nchunks`` chunks: the ``_seg_pass`` results with one segment per
+    chunk (cnt ``[NP]`` of the row, mass ``[NP, NCH]`` per chunk, row max), the same in every program.
+
+    EXCHANGE: program ``c`` measures its chunk and stores it into the row's slot ``r % 2`` of ``PART``
+    (``[2, 2 * NP + 1, NCH]`` float32: masses, counts, maxima; two slots, so that a program already in
+    pass r + 1 never overwrites what a slower one still reads of pass r), all meet at the row barrier,
+    then each reads every chunk's partials (volatile loads: not from a stale L1 line). Otherwise this
+    program measures every chunk itself, with the same arithmetic per chunk: the same bits, without a
+    barrier (the interpreter runs programs one after another, so it cannot wait for another)."""
+    lane = tl.arange(0, NP)
+    chs = tl.arange(0, NCH)
+    if EXCHANGE:
+        cnt_c, mass_c, max_c = _chunk_pass(row, vocab, c, piv, COUNT, MAX, NP, NSEG_IN, CHUNK, W, STAGES, UNROLL,
+                                           ZERO_PIVOTS)
+        slot = PART + (r % 2) * ((2 * NP + 1) * NCH)
+        tl.store(slot + lane * NCH + c, mass_c)
+        tl.store(slot + (NP + lane) * NCH + c, cnt_c.to(tl.float32))
+        tl.store(slot + 2 * NP * NCH + c, max_c)
+        _row_barrier(COUNTER, (r + 1) * nchunks)
+        have = chs[None, :] < nchunks
+        mass = tl.load(slot + lane[:, None] * NCH + chs[None, :], mask=have, other=0.0, volatile=True)
+        cnts = tl.load(slot + (NP + lane[:, None]) * NCH + chs[None, :], mask=have, other=0.0, volatile=True)
+        maxes = tl.load(slot + 2 * NP * NCH + chs, mask=chs < nchunks, other=0.0, volatile=True)
+    else:
+        mass = tl.zeros([NP, NCH], dtype=tl.float32)
+        cnts = tl.zeros([NP, NCH], dtype=tl.float32)
+        maxes = tl.zeros([NCH], dtype=tl.float32)
+        for ch in range(0, nchunks):
+            cnt_c, mass_c, max_c = _chunk_pass(row, vocab, ch, piv, COUNT, MAX, NP, NSEG_IN, CHUNK, W, STAGES,
+                                               UNROLL, ZERO_PIVOTS)
+            at = chs[None, :] == ch
+            mass = tl.where(at, mass_c[:, None], mass)
+            cnts = tl.where(at, cnt_c.to(tl.float32)[:, None], cnts)
+            maxes = tl.where(chs == ch, max_c, maxes)
+    # Counts are exact in float32: at most vocab < 2^24.
+    return tl.sum(cnts, axis=1).to(tl.int32), mass, tl.max(maxes, axis=0)
+
+
+@triton.jit
 def _seg_pick(sums, targets, N: tl.constexpr):
     """For every row q of ``sums [NQ, N]`` (non-negative): the first position whose running sum
     exceeds ``targets[q]`` among positions of positive sum (the last such position when the float
@@ -961,8 +1035,8 @@ def _seg_top_k_set(row, vocab, seg_len, k, NP: tl.constexpr, NSEG: tl.constexpr,
 @direct_launch
 @triton.jit(do_not_specialize=PER_CALL_INTS)
 def _seg_filtered_sampling_kernel(
-    PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET, PASSES,
-    vocab, stride_row, seg_len, sub_len,
+    PROBS, ROWS, OUT, VALID, TOP_K, TOP_P, MIN_P, SEED, OFFSET, PASSES, PART, COUNTER,
+    vocab, stride_row, seg_len, sub_len, nchunks,
     top_k_val, top_p_val, min_p_val, seed_val, offset_val,
     HAS_ROWS: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr, MINP_PER_ROW: tl.constexpr,
     SEED_IN_TENSOR: tl.constexpr, SEED_PER_ROW: tl.constexpr,
@@ -971,13 +1045,24 @@ def _seg_filtered_sampling_kernel(
     NQ: tl.constexpr, NC: tl.constexpr, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
     NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
     BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr, RECORD_PASSES: tl.constexpr,
+    SPLIT: tl.constexpr = False, EXCHANGE: tl.constexpr = False, CHUNK: tl.constexpr = 1,
+    NSEG_IN: tl.constexpr = 1,
 ):
     """The rejection sampler with segmented passes (section comment above). One output row per
     program; arguments as ``_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
     ``sub_len``: tokens per segment / sub-segment, multiples of W / CW); BLOCK and NP_SEARCH size
     the exact fallback (``_exact_draw``, default path helpers). RECORD_PASSES: store into ``PASSES[i]``
-    the passes this row ran, plus 1000 if it ended in the exact fallback (instrumentation)."""
+    the passes this row ran, plus 1000 if it ended in the exact fallback (instrumentation).
+
+    SPLIT (row split, grid ``(batch, nchunks)``): program ``(i, c)`` owns chunk ``c`` of row i (CHUNK
+    tokens, NSEG_IN segments of its own ``_seg_pass``); the segments of the algorithm are the chunks
+    (``seg_len`` = CHUNK, NSEG >= nchunks), and a pass is ``_split_pass`` (EXCHANGE: partials in
+    ``PART``, ``[batch, 2, 2 * NP + 1, NSEG]`` float32, and a barrier on ``COUNTER[i]``, int32 zeros).
+    Every program of a row then holds the same pass results and runs the same decisions and draws
+    (reading the row, mostly from L2), so they stay in step; program 0 stores the result."""
     i = tl.program_id(0)
+    c = tl.program_id(1)
+    tl.static_assert(not (SPLIT and TOP_K_FIRST))  # top_k_first keeps one program per row
     row = _input_row(PROBS, ROWS, i, stride_row, HAS_ROWS)
     k, top_p, min_p = _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW,
                                    TOPP_PER_ROW, MINP_PER_ROW)
@@ -1048,8 +1133,14 @@ def _seg_filtered_sampling_kernel(
                                   USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NP)
             else:
                 piv = tl.zeros([NP], dtype=tl.float32)  # lane 0 = 0: the masses of {p > 0}
-            cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, piv, USE_TOP_K, VERIFY, NP, NSEG, W, STAGES, UNROLL,
-                                            not VERIFY)
+            if SPLIT:
+                part_row = PART + i.to(tl.int64) * (2 * (2 * NP + 1) * NSEG)
+                cnt, seg_mass, rmax = _split_pass(row, vocab, c, nchunks, r, part_row, COUNTER + i, piv, USE_TOP_K,
+                                                  VERIFY, NP, NSEG, NSEG_IN, CHUNK, W, STAGES, UNROLL, not VERIFY,
+                                                  EXCHANGE)
+            else:
+                cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, piv, USE_TOP_K, VERIFY, NP, NSEG, W, STAGES,
+                                                UNROLL, not VERIFY)
             if not USE_TOP_K:
                 # Top-p needs cnt only for "cnt(v) == 0", i.e. v >= row max: no counting in the pass.
                 cnt = tl.where(piv >= rmax, 0, 1)
@@ -1123,11 +1214,11 @@ def _seg_filtered_sampling_kernel(
         from_queue = head < NQ
         result = tl.where(from_queue, tl.sum(tl.where(q == head, qid, 0), axis=0), result)
         valid = valid | from_queue
-    if RECORD_PASSES:
-        tl.store(PASSES + i, r + search_passes + tl.where(done, 0, 1000))
-
-    tl.store(OUT + i, result.to(OUT.dtype.element_ty))
-    tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
+    if c == 0:
+        if RECORD_PASSES:
+            tl.store(PASSES + i, r + search_passes + tl.where(done, 0, 1000))
+        tl.store(OUT + i, result.to(OUT.dtype.element_ty))
+        tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
 
 
 @triton.jit
@@ -1243,6 +1334,30 @@ def seg_path_enabled() -> bool:
     return os.environ.get("FLASHTILE_SAMPLING_SEG", "1") != "0"
 
 
+def split_path_enabled() -> bool:
+    """Whether small batches may split rows over programs: yes unless FLASHTILE_SAMPLING_SPLIT=0 (read at
+    every call)."""
+    return os.environ.get("FLASHTILE_SAMPLING_SPLIT", "1") != "0"
+
+
+def _split_chunk(interpreted: bool) -> int:
+    """Tokens per program of the row split: SPLIT_CHUNK, or 16 under the interpreter (so that test
+    vocabularies of 20-40 tokens span 2-3 chunks)."""
+    return 16 if interpreted else SPLIT_CHUNK
+
+
+def split_chunks(vocab: int, batch: int, device: torch.device, order: str = "joint", top_k=None) -> int:
+    """Programs per row that ``filtered_sampling`` gives a batch by default: ``cdiv(vocab, SPLIT_CHUNK)``
+    on a GPU when that is at least 2 and ``batch`` times it fits the SMs (the row barrier needs every
+    program resident); otherwise 0, one program per row. ``top_k_first`` never splits."""
+    if device.type != "cuda" or not split_path_enabled() or not seg_path_enabled():
+        return 0
+    if top_k is not None and order == "top_k_first":
+        return 0
+    chunks = cdiv(vocab, SPLIT_CHUNK)
+    return chunks if chunks >= 2 and batch * chunks <= num_sms(device) else 0
+
+
 def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, unroll: int = 1,
                 top_p_only: bool = False):
     """Launch sizes of the segmented sampler (module constants SEG_*). ``filtered``: some filter (top-k,
@@ -1274,18 +1389,30 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, u
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
-                      order="joint", max_rounds=None, seg=None, passes=None):
+                      order="joint", max_rounds=None, seg=None, passes=None, split=None):
     """Launch the rejection sampler (no filter: plain sampling). ``top_k``/``top_p``/``min_p``: int/float
     scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``.
     ``max_rounds``: rejection rounds (segmented path: passes) before the exact fallback, None = the
     default; ``seg``: None = :func:`seg_path_enabled`; ``passes``: an int32 ``[batch]`` tensor that the segmented kernel fills with each
-    row's pass count (+1000 where the exact fallback ran), for measurements."""
+    row's pass count (+1000 where the exact fallback ran), for measurements. ``split`` (segmented path):
+    None = :func:`split_chunks` decides; True = split rows into chunks of ``_split_chunk`` tokens (the
+    partials are exchanged between programs only on a GPU and when the grid fits the SMs; otherwise each
+    program measures every chunk, with the same results); False = one program per row."""
     batch = out.shape[0]
     if batch == 0:
         return
     if seg is None:
         seg = seg_path_enabled()
     vocab = probs.shape[-1]
+    if seg and split is not False and not (top_k is not None and order == "top_k_first"):
+        if split:
+            nchunks = cdiv(vocab, _split_chunk(_interpreted(probs)))
+        else:
+            nchunks = split_chunks(vocab, batch, probs.device, order, top_k)
+        if nchunks:
+            _split_sampling(probs, rows, out, valid, seed, offset, nchunks, top_k=top_k, top_p=top_p, min_p=min_p,
+                            max_rounds=max_rounds, passes=passes)
+            return
     tk, tk_val, tk_row = _param(top_k, 0)
     tp, tp_val, tp_row = _param(top_p, 1.0)
     mp, mp_val, mp_row = _param(min_p, 0.0)
@@ -1296,19 +1423,8 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
                           count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
                           top_p_only=top_p is not None and top_k is None)
         seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
-        _seg_filtered_sampling_kernel[(batch,)](
-            probs, rows if rows is not None else dummy, out, valid,
-            tk if tk is not None else dummy, tp if tp is not None else dummy, mp if mp is not None else dummy,
-            s_t if s_t is not None else dummy, o_t if o_t is not None else dummy, passes if passes is not None else dummy,
-            vocab, probs.stride(0), seg_len, sub_len, int(tk_val), float(tp_val), float(mp_val), s_val, o_val,
-            HAS_ROWS=rows is not None, TOPK_PER_ROW=tk_row, TOPP_PER_ROW=tp_row, MINP_PER_ROW=mp_row,
-            SEED_IN_TENSOR=s_in, SEED_PER_ROW=s_row,
-            USE_TOP_K=top_k is not None and order != "top_k_first", USE_TOP_P=top_p is not None,
-            USE_MIN_P=min_p is not None, TOP_K_FIRST=top_k is not None and order == "top_k_first",
-            MAX_PASSES=SEG_MAX_PASSES if max_rounds is None else max_rounds, MAX_STEPS=MAX_SEARCH_STEPS,
-            DRAW_STRIDE=DRAW_STRIDE, BLOCK=16 if _interpreted(probs) else SEG_FALLBACK_BLOCK, NP_SEARCH=NUM_PIVOTS,
-            RECORD_PASSES=passes is not None, **cfg,
-        )
+        _launch_seg_sampler((batch,), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, order, max_rounds,
+                            passes, seg_len, sub_len, cfg)
         return
     block, warps = _config(vocab, _interpreted(probs))
     kernel = _filtered_sampling_kernel
@@ -1324,6 +1440,58 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
         USE_MIN_P=min_p is not None, TOP_K_FIRST=top_k is not None and order == "top_k_first",
         MAX_STEPS=MAX_SEARCH_STEPS, DRAW_STRIDE=DRAW_STRIDE, BLOCK=block, num_warps=warps, **sizes,
     )
+
+
+def _launch_seg_sampler(grid, probs, rows, out, valid, seed, offset, top_k, top_p, min_p, order, max_rounds, passes,
+                        seg_len, sub_len, cfg, part=None, counter=None, nchunks=1):
+    """``_seg_filtered_sampling_kernel[grid]`` with the arguments of ``filtered_sampling`` and the
+    launch sizes ``cfg`` (``_seg_config``; with SPLIT also CHUNK, NSEG_IN, EXCHANGE)."""
+    vocab = probs.shape[-1]
+    tk, tk_val, tk_row = _param(top_k, 0)
+    tp, tp_val, tp_row = _param(top_p, 1.0)
+    mp, mp_val, mp_row = _param(min_p, 0.0)
+    s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
+    dummy = out
+    _seg_filtered_sampling_kernel[grid](
+        probs, rows if rows is not None else dummy, out, valid,
+        tk if tk is not None else dummy, tp if tp is not None else dummy, mp if mp is not None else dummy,
+        s_t if s_t is not None else dummy, o_t if o_t is not None else dummy, passes if passes is not None else dummy,
+        part if part is not None else dummy, counter if counter is not None else dummy,
+        vocab, probs.stride(0), seg_len, sub_len, nchunks, int(tk_val), float(tp_val), float(mp_val), s_val, o_val,
+        HAS_ROWS=rows is not None, TOPK_PER_ROW=tk_row, TOPP_PER_ROW=tp_row, MINP_PER_ROW=mp_row,
+        SEED_IN_TENSOR=s_in, SEED_PER_ROW=s_row,
+        USE_TOP_K=top_k is not None and order != "top_k_first", USE_TOP_P=top_p is not None,
+        USE_MIN_P=min_p is not None, TOP_K_FIRST=top_k is not None and order == "top_k_first",
+        MAX_PASSES=SEG_MAX_PASSES if max_rounds is None else max_rounds, MAX_STEPS=MAX_SEARCH_STEPS,
+        DRAW_STRIDE=DRAW_STRIDE, BLOCK=16 if _interpreted(probs) else SEG_FALLBACK_BLOCK, NP_SEARCH=NUM_PIVOTS,
+        RECORD_PASSES=passes is not None, **cfg,
+    )
+
+
+def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, *, top_k, top_p, min_p, max_rounds, passes):
+    """The segmented sampler with each row split over ``nchunks`` programs (grid ``(batch, nchunks)``)."""
+    batch, vocab = out.shape[0], probs.shape[-1]
+    interpreted = _interpreted(probs)
+    chunk = _split_chunk(interpreted)
+    cfg = _seg_config(vocab, interpreted, filtered=top_k is not None or top_p is not None or min_p is not None,
+                      count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
+                      top_p_only=top_p is not None and top_k is None)
+    cfg.pop("seg_len"), cfg.pop("sub_len")
+    nseg_in = max(1, min(cfg["NSEG"], chunk // (cfg["W"] * cfg["UNROLL"])))  # segments of a chunk's own pass
+    if chunk % (nseg_in * cfg["W"] * cfg["UNROLL"]) or chunk % cfg["CW"]:
+        raise ValueError(f"SPLIT_CHUNK: expected a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL "
+                         f"({nseg_in * cfg['W'] * cfg['UNROLL']}) and of SEG_SUB_COLS, got {chunk}")
+    nch = next_power_of_2(nchunks)
+    sub_len = cdiv(cdiv(chunk, cfg["NSUB"]), cfg["CW"]) * cfg["CW"]
+    exchange = (SPLIT_EXCHANGE and not interpreted and batch * nchunks <= num_sms(probs.device))
+    cfg.update(NSEG=nch, NSEG_IN=nseg_in, CHUNK=chunk, SPLIT=True, EXCHANGE=exchange)
+    if not interpreted:
+        cfg["num_warps"] = SPLIT_WARPS
+    part = torch.empty(batch * 2 * (2 * cfg["NP"] + 1) * nch if exchange else 1, dtype=torch.float32,
+                       device=probs.device)
+    counter = torch.zeros(batch if exchange else 1, dtype=torch.int32, device=probs.device)
+    _launch_seg_sampler((batch, nchunks), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, "joint",
+                        max_rounds, passes, chunk, sub_len, cfg, part, counter, nchunks)
 
 
 def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
