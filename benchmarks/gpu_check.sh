@@ -62,6 +62,9 @@ for step in "$@"; do
     bench-split) FLASHTILE_SAMPLING_SPLIT=0 timeout 120 python3 benchmarks/run.py --suite sampling --filter " b1 " --providers flashtile --out /tmp/bench_nosplit 2>&1 | tail -1
            grep "^| " /tmp/bench_nosplit/sampling.md | tee "$OUT/sampling_b1_nosplit.md"
            timeout 300 python3 benchmarks/tune_sampling.py --filter " b1 " SPLIT_CHUNK=2048,4096,8192 SPLIT_WARPS=4,8 2>&1 | tee "$OUT/tune_split.log" | grep -e BEST -e skip ;;
+    tune-split-lanes) timeout 300 python3 benchmarks/tune_sampling.py --filter " b1 " SPLIT_PIVOTS=8,16 SPLIT_NQ=4,8 2>&1 | tee "$OUT/tune_split_lanes.log" | grep -e BEST -e skip
+           timeout 200 python3 benchmarks/run.py --suite sampling --filter " b1 " --providers flashtile --cuda-graph on --graph-span-us 1000 --out /tmp/bench_steady 2>&1 | tail -1
+           grep "^| " /tmp/bench_steady/sampling.md | tee "$OUT/sampling_b1_steady.md" ;;
     tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
     bench-sampling-seg) FLASHTILE_SAMPLING_SEG=0 timeout 120 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_seg0 2>&1 | tail -1
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench_seg1 2>&1 | tail -1

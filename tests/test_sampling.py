@@ -513,6 +513,7 @@ def test_split_chunks_rule(monkeypatch):
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(K, "num_sms", lambda d: 132)
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
     chunk = K.SPLIT_CHUNK
     assert K.split_chunks(128256, 1, cuda) == -(-128256 // chunk)
     assert K.split_chunks(128256, 132 // -(-128256 // chunk), cuda) > 0
@@ -523,6 +524,24 @@ def test_split_chunks_rule(monkeypatch):
     assert K.split_chunks(128256, 1, torch.device("cpu")) == 0
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "0")
     assert K.split_chunks(128256, 1, cuda) == 0
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "1")
+    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "0")  # the rejection-loop kernels never split
+    assert K.split_chunks(128256, 1, cuda) == 0
+
+
+@pytest.mark.parametrize("consts", [dict(SPLIT_NQ=8, SPLIT_PIVOTS=16), dict(SPLIT_PIVOTS=4, SPLIT_NQ=2)],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_split_sampler_launch_constants(split_kernels, device, monkeypatch, consts):
+    """Other lane and candidate counts of the split (benchmarks/tune_sampling.py sweeps them): filter
+    sets on edge rows (every filter) and chi-square of top-p and top-k."""
+    kernels, launches, split_launches = split_kernels
+    for name, value in consts.items():
+        assert hasattr(kernels, name), name
+        monkeypatch.setattr(kernels, name, value)
+    test_seg_sampler_filter_sets_and_edge_rows((kernels, launches), device, 41, torch.float32)
+    for kind in ("top_p", "top_k"):
+        launches[0] = 0
+        test_seg_sampler_distribution((kernels, launches), device, kind)
 
 
 @pytest.mark.gpu

@@ -90,6 +90,13 @@ SEG_MAX_PASSES = 16  # passes before the exact fallback
 # cut into chunks of SPLIT_CHUNK and every chunk gets its own program (docs/sampling.md "Row split").
 SPLIT_CHUNK = 4096  # tokens per program; a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL
 SPLIT_WARPS = 8
+# Pivot lanes of a split row with top-k or top-p (lanes cost little there: a program measures 4096 tokens,
+# from L2 after the first pass), and the first pass's grid: lanes j >= 1 at 2^(j - 3) / vocab (1/4 .. 16 /
+# vocab), a factor 2 apart where the one-program kernel spaces 4, so that after one pass ``hi`` (the
+# smallest kept lane) is close to the top-p threshold of flat rows and most first candidates are accepted
+# without a second pass.
+SPLIT_PIVOTS = 8
+SPLIT_NQ = 4  # candidates per draw in a split row (SPLIT_PIVOTS >= SPLIT_NQ + 1 with top-k)
 SPLIT_EXCHANGE = True  # False: every program measures every chunk itself (no barrier; for tests and A/B)
 # Block of the exact fallback's passes and of top_k_first's exact top-k set (default-path helpers): 4096 as the
 # rejection-loop kernel (1024-element blocks measured 2.3x slower on top_k_first).
@@ -887,7 +894,7 @@ def _seg_draw_queue(row, vocab, lo, hi, thr, lo_seg, seed, counter, seg_len, sub
 @triton.jit
 def _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
                 USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, NQ: tl.constexpr,
-                NC: tl.constexpr, NP: tl.constexpr):
+                NC: tl.constexpr, NP: tl.constexpr, GRID_STEP: tl.constexpr = 2, GRID_OFF: tl.constexpr = 1):
     """The pivots ``[NP]`` of the next pass (+inf: unused lane).
 
     Lanes 0..NC-1 = the queued candidates; the other NP - NC lanes search: ``lo + (hi - lo) * g``
@@ -896,7 +903,7 @@ def _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_ma
     the float just below the threshold ({p > lane} is then exactly the min-p set). ``lo`` itself
     needs no lane: its count and per-segment masses are kept from the pass that measured it. First
     pass: lane 0 = 0 (total, positive count, masses of {p > 0}) and, with top-k or top-p, the other
-    lanes at ``2^(2j-1) / vocab``.
+    lanes at ``2^(GRID_STEP * j - GRID_OFF) / vocab`` (default ``2^(2j-1) / vocab``).
     """
     lane = tl.arange(0, NP)
     piv = tl.full([NP], float("inf"), dtype=tl.float32)
@@ -925,7 +932,7 @@ def _seg_pivots(first, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_ma
             below = (thr.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
             piv = tl.where((thr > 0) & (below > lo), tl.where(s == 0, below, piv), piv)
     if USE_TOP_K or USE_TOP_P:
-        start = tl.where(lane == 0, 0.0, tl.exp2(2.0 * lane.to(tl.float32) - 1.0) / vocab)
+        start = tl.where(lane == 0, 0.0, tl.exp2(GRID_STEP * lane.to(tl.float32) - GRID_OFF) / vocab)
     else:
         start = tl.where(lane == 0, 0.0, float("inf"))
     return tl.where(first, start, piv)
@@ -1046,7 +1053,7 @@ def _seg_filtered_sampling_kernel(
     NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
     BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr, RECORD_PASSES: tl.constexpr,
     SPLIT: tl.constexpr = False, EXCHANGE: tl.constexpr = False, CHUNK: tl.constexpr = 1,
-    NSEG_IN: tl.constexpr = 1,
+    NSEG_IN: tl.constexpr = 1, GRID_STEP: tl.constexpr = 2, GRID_OFF: tl.constexpr = 1,
 ):
     """The rejection sampler with segmented passes (section comment above). One output row per
     program; arguments as ``_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
@@ -1059,7 +1066,8 @@ def _seg_filtered_sampling_kernel(
     (``seg_len`` = CHUNK, NSEG >= nchunks), and a pass is ``_split_pass`` (EXCHANGE: partials in
     ``PART``, ``[batch, 2, 2 * NP + 1, NSEG]`` float32, and a barrier on ``COUNTER[i]``, int32 zeros).
     Every program of a row then holds the same pass results and runs the same decisions and draws
-    (reading the row, mostly from L2), so they stay in step; program 0 stores the result."""
+    (reading the row, mostly from L2), so they stay in step; program 0 stores the result.
+    GRID_STEP, GRID_OFF: the first pass's pivot grid (``_seg_pivots``)."""
     i = tl.program_id(0)
     c = tl.program_id(1)
     tl.static_assert(not (SPLIT and TOP_K_FIRST))  # top_k_first keeps one program per row
@@ -1130,7 +1138,7 @@ def _seg_filtered_sampling_kernel(
                 grid = first
             if VERIFY:
                 piv = _seg_pivots(grid, qv, qn, lo, lo_cnt, lo_mass, hi, hi_cnt, hi_mass, k, p_mass, thr, vocab,
-                                  USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NP)
+                                  USE_TOP_K, USE_TOP_P, USE_MIN_P, NQ, NC, NP, GRID_STEP, GRID_OFF)
             else:
                 piv = tl.zeros([NP], dtype=tl.float32)  # lane 0 = 0: the masses of {p > 0}
             if SPLIT:
@@ -1481,6 +1489,13 @@ def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, *, top_k, to
     if chunk % (nseg_in * cfg["W"] * cfg["UNROLL"]) or chunk % cfg["CW"]:
         raise ValueError(f"SPLIT_CHUNK: expected a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL "
                          f"({nseg_in * cfg['W'] * cfg['UNROLL']}) and of SEG_SUB_COLS, got {chunk}")
+    if top_k is not None or top_p is not None:
+        cfg.update(NQ=SPLIT_NQ, NC=SPLIT_NQ, NP=SPLIT_PIVOTS, GRID_STEP=1, GRID_OFF=3)
+        need = SPLIT_NQ + (1 if top_k is not None else 0)
+        if SPLIT_PIVOTS < need or SPLIT_PIVOTS & (SPLIT_PIVOTS - 1):
+            raise ValueError(f"SPLIT_PIVOTS: expected a power of 2 >= {need} (SPLIT_NQ = {SPLIT_NQ}), got {SPLIT_PIVOTS}")
+    elif min_p is not None:
+        cfg.update(NQ=SPLIT_NQ)
     nch = next_power_of_2(nchunks)
     sub_len = cdiv(cdiv(chunk, cfg["NSUB"]), cfg["CW"]) * cfg["CW"]
     exchange = (SPLIT_EXCHANGE and not interpreted and batch * nchunks <= num_sms(probs.device))
