@@ -1,6 +1,7 @@
 """Sampling: suite ``sampling`` (GB/s = probability bytes read once; ANCHORS.md sampling table).
 
-Cases: top_p 0.9 / top_k 50 / min_p 0.05 at batch 1, 128, 512 and vocab 32000, 128256, 151936 on
+Cases: top_p 0.9 / top_k 50 / min_p 0.05 at batch 1, 128, 512 and vocab 32000, 128256, 151936 (and batch 4,
+16, 64 at vocab 128256, where rows are split over several programs) on
 ``softmax(randn)`` probabilities (float32); top_k_top_p_sampling_from_logits (k 50, p 0.9, batch 128);
 chain_speculative_sampling (batch 32, 5 draft tokens, vocab 128256). Providers: flashtile, FlashInfer
 (when importable), torch sort-based top-p/top-k (the usual PyTorch implementation), torch.multinomial
@@ -32,6 +33,8 @@ def sampling_cases(smoke: bool):
         for batch in (1, 128, 512):
             for vocab in (32000, 128256, 151936):
                 cases.append(_case(kind, batch, vocab))
+        for batch in (4, 16, 64):  # rows split over several programs each (docs/sampling.md "Row split")
+            cases.append(_case(kind, batch, 128256))
     return cases + [_case("logits_kp", 128, 128256), _case("spec", 32, 128256, 5)]
 
 

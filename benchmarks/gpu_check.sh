@@ -58,14 +58,18 @@ for step in "$@"; do
     bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
            grep -h -e "^###" -e "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
-    tests-split) FLASHTILE_CHECK_LAUNCH=1 timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py -k "split" 2>&1 | tee "$OUT/tests_split.log" | tail -8 ;;
+    tests-split) FLASHTILE_CHECK_LAUNCH=1 timeout 500 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py -k "split" 2>&1 | tee "$OUT/tests_split.log" | tail -8 ;;
     bench-split) FLASHTILE_SAMPLING_SPLIT=0 timeout 120 python3 benchmarks/run.py --suite sampling --filter " b1 " --providers flashtile --out /tmp/bench_nosplit 2>&1 | tail -1
            grep "^| " /tmp/bench_nosplit/sampling.md | tee "$OUT/sampling_b1_nosplit.md"
            timeout 300 python3 benchmarks/tune_sampling.py --filter " b1 " SPLIT_CHUNK=2048,4096,8192 SPLIT_WARPS=4,8 2>&1 | tee "$OUT/tune_split.log" | grep -e BEST -e skip ;;
     tune-split-lanes) timeout 300 python3 benchmarks/tune_sampling.py --filter " b1 " SPLIT_PIVOTS=8,16 SPLIT_NQ=4,8 2>&1 | tee "$OUT/tune_split_lanes.log" | grep -e BEST -e skip
            timeout 200 python3 benchmarks/run.py --suite sampling --filter " b1 " --providers flashtile --cuda-graph on --graph-span-us 1000 --out /tmp/bench_steady 2>&1 | tail -1
            grep "^| " /tmp/bench_steady/sampling.md | tee "$OUT/sampling_b1_steady.md" ;;
-    tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
+    bench-sampling-split) FLASHTILE_SAMPLING_SPLIT=0 timeout 200 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_nosplit 2>&1 | tail -1
+           cp /tmp/bench_nosplit/sampling.md "$OUT/sampling_nosplit.md"
+           timeout 330 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -1; cp /tmp/bench/sampling.md /tmp/bench/sampling.jsonl "$OUT/"
+           grep "^| " /tmp/bench/sampling.md ;;
+    tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
     bench-sampling-seg) FLASHTILE_SAMPLING_SEG=0 timeout 120 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_seg0 2>&1 | tail -1
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench_seg1 2>&1 | tail -1
            { echo "### FLASHTILE_SAMPLING_SEG=0 (flashtile only)"; cat /tmp/bench_seg0/sampling.md; echo; echo "### FLASHTILE_SAMPLING_SEG=1, all providers"; cat /tmp/bench_seg1/sampling.md; } > "$OUT/sampling_seg.md"

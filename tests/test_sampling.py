@@ -507,26 +507,33 @@ def test_split_sampler_bounded_passes(split_kernels, device, mode, passes):
     assert split_launches[0] == 1
 
 
-def test_split_chunks_rule(monkeypatch):
-    """The default split: a GPU, at least 2 chunks, batch x chunks <= SMs, not top_k_first, not turned off."""
+def test_split_layout_rule(monkeypatch):
+    """The default split: a GPU, the smallest SPLIT_CHUNK * 2^m chunk with batch x chunks <= SMs, at least
+    2 chunks, not top_k_first, not turned off."""
     import flashtile.kernels.sampling as K
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(K, "num_sms", lambda d: 132)
     monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
-    chunk = K.SPLIT_CHUNK
-    assert K.split_chunks(128256, 1, cuda) == -(-128256 // chunk)
-    assert K.split_chunks(128256, 132 // -(-128256 // chunk), cuda) > 0
-    assert K.split_chunks(128256, 132 // -(-128256 // chunk) + 1, cuda) == 0
-    assert K.split_chunks(chunk, 1, cuda) == 0  # one chunk: nothing to split
-    assert K.split_chunks(128256, 1, cuda, "top_k_first", top_k=50) == 0
-    assert K.split_chunks(128256, 1, cuda, "top_k_first") > 0  # no top-k: the order is moot
-    assert K.split_chunks(128256, 1, torch.device("cpu")) == 0
+    c = K.SPLIT_CHUNK
+    assert K.split_layout(128256, 1, cuda) == (-(-128256 // c), c)
+    for batch in (1, 2, 3, 4, 5, 8, 16, 33, 64, 65, 131):
+        n, chunk = K.split_layout(128256, batch, cuda)
+        if n:
+            assert n >= 2 and batch * n <= 132 and n == -(-128256 // chunk) and chunk % c == 0
+            assert chunk == c or batch * -(-128256 // (chunk // 2)) > 132  # the smallest chunk that fits
+        else:
+            assert batch * 2 > 132 or -(-128256 // c) < 2
+    assert K.split_layout(128256, 64, cuda)[0] == 2 and K.split_layout(128256, 67, cuda) == (0, 0)
+    assert K.split_layout(c, 1, cuda) == (0, 0)  # one chunk: nothing to split
+    assert K.split_layout(128256, 1, cuda, "top_k_first", top_k=50) == (0, 0)
+    assert K.split_layout(128256, 1, cuda, "top_k_first")[0] > 0  # no top-k: the order is moot
+    assert K.split_layout(128256, 1, torch.device("cpu")) == (0, 0)
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "0")
-    assert K.split_chunks(128256, 1, cuda) == 0
+    assert K.split_layout(128256, 1, cuda) == (0, 0)
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "1")
     monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "0")  # the rejection-loop kernels never split
-    assert K.split_chunks(128256, 1, cuda) == 0
+    assert K.split_layout(128256, 1, cuda) == (0, 0)
 
 
 @pytest.mark.parametrize("consts", [dict(SPLIT_NQ=8, SPLIT_PIVOTS=16), dict(SPLIT_PIVOTS=4, SPLIT_NQ=2)],
@@ -548,8 +555,9 @@ def test_split_sampler_launch_constants(split_kernels, device, monkeypatch, cons
 @pytest.mark.parametrize("vocab", [128256, 50001])
 def test_split_exchange_matches_local(monkeypatch, vocab):
     """On the GPU, programs that exchange partials through the row barrier give the same bits as
-    programs that each measure every chunk (SPLIT_EXCHANGE=False), for every filter, batch 1 and 3,
-    per-request parameters and many seeds; and the default path splits these batches."""
+    programs that each measure every chunk (SPLIT_EXCHANGE=False), for every filter, batch 1, 3 and 16
+    (chunks of 4096 and 16384 tokens: the default layouts of these batches), per-request parameters and
+    many seeds."""
     import flashtile.kernels.sampling as K
 
     g = torch.Generator().manual_seed(vocab)
@@ -558,19 +566,21 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
     params = [dict(), dict(top_p=0.9), dict(top_p=0.3), dict(top_k=50), dict(top_k=2), dict(min_p=0.05),
               dict(top_k=50, top_p=0.9), dict(top_k=torch.tensor([1, 7, 500], dtype=torch.int32, device="cuda"),
                                               top_p=torch.tensor([0.2, 0.9, 1.0], device="cuda"))]
-    for batch in (1, 3):
-        assert K.split_chunks(vocab, batch, probs.device) > 0
-        rows = probs[:batch]
+    for batch in (1, 3, 16):
+        nchunks, chunk = K.split_layout(vocab, batch, probs.device)
+        assert nchunks > 0
+        rows = probs[torch.arange(batch) % 3]
         for kw in params:
-            kw = {k: (v[:batch] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-            for seed in range(12):
+            kw = {k: (v[torch.arange(batch, device="cuda") % 3] if isinstance(v, torch.Tensor) else v)
+                  for k, v in kw.items()}
+            for seed in range(8):
                 got = []
                 for exchange in (True, False):
                     monkeypatch.setattr(K, "SPLIT_EXCHANGE", exchange)
                     out = torch.empty(batch, dtype=torch.int32, device="cuda")
                     valid = torch.empty(batch, dtype=torch.bool, device="cuda")
                     passes = torch.zeros(batch, dtype=torch.int32, device="cuda")
-                    K.filtered_sampling(rows, None, out, valid, seed, 0, split=True, passes=passes, **kw)
+                    K.filtered_sampling(rows, None, out, valid, seed, 0, split=chunk, passes=passes, **kw)
                     got.append((out.tolist(), valid.tolist(), passes.tolist()))
                 assert got[0] == got[1], (batch, kw, seed)
 
@@ -587,7 +597,7 @@ def test_split_exchange_distribution(mode):
     params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
                   joint=dict(top_k=9, top_p=0.5))[mode]
     rows = torch.zeros(16, dtype=torch.int32, device="cuda")
-    assert K.split_chunks(V, 16, probs.device) == 5
+    assert K.split_layout(V, 16, probs.device) == (5, K.SPLIT_CHUNK)
     ids = []
     for seed in range(1500):
         out = torch.empty(16, dtype=torch.int32, device="cuda")

@@ -1354,16 +1354,22 @@ def _split_chunk(interpreted: bool) -> int:
     return 16 if interpreted else SPLIT_CHUNK
 
 
-def split_chunks(vocab: int, batch: int, device: torch.device, order: str = "joint", top_k=None) -> int:
-    """Programs per row that ``filtered_sampling`` gives a batch by default: ``cdiv(vocab, SPLIT_CHUNK)``
-    on a GPU when that is at least 2 and ``batch`` times it fits the SMs (the row barrier needs every
-    program resident); otherwise 0, one program per row. ``top_k_first`` never splits."""
+def split_layout(vocab: int, batch: int, device: torch.device, order: str = "joint", top_k=None):
+    """``(programs per row, tokens per program)`` that ``filtered_sampling`` gives a batch by default, or
+    ``(0, 0)`` for one program per row. On a GPU the chunk is the smallest ``SPLIT_CHUNK * 2^m`` with
+    ``batch * cdiv(vocab, chunk) <= SMs`` (the row barrier needs every program resident), provided
+    that leaves at least 2 chunks: batch 1 x 128256 gets 32 programs of 4096 tokens, batch 16 8 of 16384,
+    batch 64 2 of 65536, batch 128 one program per row. ``top_k_first`` never splits."""
     if device.type != "cuda" or not split_path_enabled() or not seg_path_enabled():
-        return 0
+        return 0, 0
     if top_k is not None and order == "top_k_first":
-        return 0
-    chunks = cdiv(vocab, SPLIT_CHUNK)
-    return chunks if chunks >= 2 and batch * chunks <= num_sms(device) else 0
+        return 0, 0
+    sms = num_sms(device)
+    chunk = SPLIT_CHUNK
+    while batch * cdiv(vocab, chunk) > sms and chunk < vocab:
+        chunk *= 2
+    chunks = cdiv(vocab, chunk)
+    return (chunks, chunk) if chunks >= 2 and batch * chunks <= sms else (0, 0)
 
 
 def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, unroll: int = 1,
@@ -1403,9 +1409,10 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     ``max_rounds``: rejection rounds (segmented path: passes) before the exact fallback, None = the
     default; ``seg``: None = :func:`seg_path_enabled`; ``passes``: an int32 ``[batch]`` tensor that the segmented kernel fills with each
     row's pass count (+1000 where the exact fallback ran), for measurements. ``split`` (segmented path):
-    None = :func:`split_chunks` decides; True = split rows into chunks of ``_split_chunk`` tokens (the
-    partials are exchanged between programs only on a GPU and when the grid fits the SMs; otherwise each
-    program measures every chunk, with the same results); False = one program per row."""
+    None = :func:`split_layout` decides; True = split rows into chunks of ``_split_chunk`` tokens, an int =
+    into chunks of that many tokens (the partials are exchanged between programs only on a GPU and when
+    the grid fits the SMs; otherwise each program measures every chunk, with the same results); False =
+    one program per row."""
     batch = out.shape[0]
     if batch == 0:
         return
@@ -1414,12 +1421,13 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     vocab = probs.shape[-1]
     if seg and split is not False and not (top_k is not None and order == "top_k_first"):
         if split:
-            nchunks = cdiv(vocab, _split_chunk(_interpreted(probs)))
+            chunk = _split_chunk(_interpreted(probs)) if split is True else int(split)
+            nchunks = cdiv(vocab, chunk)
         else:
-            nchunks = split_chunks(vocab, batch, probs.device, order, top_k)
+            nchunks, chunk = split_layout(vocab, batch, probs.device, order, top_k)
         if nchunks:
-            _split_sampling(probs, rows, out, valid, seed, offset, nchunks, top_k=top_k, top_p=top_p, min_p=min_p,
-                            max_rounds=max_rounds, passes=passes)
+            _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, top_k=top_k, top_p=top_p,
+                            min_p=min_p, max_rounds=max_rounds, passes=passes)
             return
     tk, tk_val, tk_row = _param(top_k, 0)
     tp, tp_val, tp_row = _param(top_p, 1.0)
@@ -1476,11 +1484,12 @@ def _launch_seg_sampler(grid, probs, rows, out, valid, seed, offset, top_k, top_
     )
 
 
-def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, *, top_k, top_p, min_p, max_rounds, passes):
-    """The segmented sampler with each row split over ``nchunks`` programs (grid ``(batch, nchunks)``)."""
+def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, *, top_k, top_p, min_p, max_rounds,
+                    passes):
+    """The segmented sampler with each row split over ``nchunks`` programs of ``chunk`` tokens (grid
+    ``(batch, nchunks)``)."""
     batch, vocab = out.shape[0], probs.shape[-1]
     interpreted = _interpreted(probs)
-    chunk = _split_chunk(interpreted)
     cfg = _seg_config(vocab, interpreted, filtered=top_k is not None or top_p is not None or min_p is not None,
                       count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
                       top_p_only=top_p is not None and top_k is None)
