@@ -467,6 +467,9 @@ def split_kernels(seg_kernels, monkeypatch):
     top_k_first keeps one program per row). Under the interpreter a chunk is 8 tokens and every program
     measures every chunk; on a GPU a chunk is SPLIT_CHUNK tokens and the programs exchange partials
     whenever the grid fits the SMs."""
+    if HAS_CUDA:
+        pytest.skip("GPU: the split runs by default at small batches (with exchanged partials) and is checked by "
+                    "test_split_exchange_*; forcing it onto the large test batches would only run the slow local form")
     kernels, launches = seg_kernels
     real = kernels.filtered_sampling
     split_launches = [0]
@@ -583,6 +586,20 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
                     K.filtered_sampling(rows, None, out, valid, seed, 0, split=chunk, passes=passes, **kw)
                     got.append((out.tolist(), valid.tolist(), passes.tolist()))
                 assert got[0] == got[1], (batch, kw, seed)
+    # The exact fallback after 0 or 1 passes, partials exchanged: the same bits, inside the filter set.
+    for kw in params[1:]:
+        for max_rounds in (0, 1):
+            got = []
+            for exchange in (True, False):
+                monkeypatch.setattr(K, "SPLIT_EXCHANGE", exchange)
+                out = torch.empty(3, dtype=torch.int32, device="cuda")
+                valid = torch.empty(3, dtype=torch.bool, device="cuda")
+                K.filtered_sampling(probs, None, out, valid, 5, 0, split=K.SPLIT_CHUNK, max_rounds=max_rounds, **kw)
+                got.append((out.tolist(), valid.tolist()))
+            assert got[0] == got[1], (kw, max_rounds)
+            filt = {k: (v.cpu() if isinstance(v, torch.Tensor) else [v] * 3) for k, v in kw.items()}
+            keep = sampling_keep_oracle(probs, **filt)
+            assert bool(keep[torch.arange(3), torch.tensor(got[0][0])].all()), (kw, max_rounds)
 
 
 @pytest.mark.gpu
