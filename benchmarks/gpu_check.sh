@@ -69,6 +69,8 @@ for step in "$@"; do
            cp /tmp/bench_nosplit/sampling.md "$OUT/sampling_nosplit.md"
            timeout 330 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -1; cp /tmp/bench/sampling.md /tmp/bench/sampling.jsonl "$OUT/"
            grep "^| " /tmp/bench/sampling.md ;;
+    tests-sampling-rest) timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py \
+                -k "exchange or cuda_graph or spec or logits or softmax or errors or aliases or edge_rows or reproducible or layout" 2>&1 | tee "$OUT/tests_sampling_rest.log" | tail -6 ;;
     tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
     bench-sampling-seg) FLASHTILE_SAMPLING_SEG=0 timeout 120 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_seg0 2>&1 | tail -1
            FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench_seg1 2>&1 | tail -1

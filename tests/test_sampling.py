@@ -559,8 +559,8 @@ def test_split_sampler_launch_constants(split_kernels, device, monkeypatch, cons
 def test_split_exchange_matches_local(monkeypatch, vocab):
     """On the GPU, programs that exchange partials through the row barrier give the same bits as
     programs that each measure every chunk (SPLIT_EXCHANGE=False), for every filter, batch 1, 3 and 16
-    (chunks of 4096 and 16384 tokens: the default layouts of these batches), per-request parameters and
-    many seeds."""
+    (chunks of 4096 and 16384 tokens: the default layouts of these batches; 16 and the fallback at vocab
+    128256 only, to bound the compiles), per-request parameters and many seeds."""
     import flashtile.kernels.sampling as K
 
     g = torch.Generator().manual_seed(vocab)
@@ -569,7 +569,7 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
     params = [dict(), dict(top_p=0.9), dict(top_p=0.3), dict(top_k=50), dict(top_k=2), dict(min_p=0.05),
               dict(top_k=50, top_p=0.9), dict(top_k=torch.tensor([1, 7, 500], dtype=torch.int32, device="cuda"),
                                               top_p=torch.tensor([0.2, 0.9, 1.0], device="cuda"))]
-    for batch in (1, 3, 16):
+    for batch in (1, 3, 16) if vocab == 128256 else (1, 3):
         nchunks, chunk = K.split_layout(vocab, batch, probs.device)
         assert nchunks > 0
         rows = probs[torch.arange(batch) % 3]
@@ -587,7 +587,7 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
                     got.append((out.tolist(), valid.tolist(), passes.tolist()))
                 assert got[0] == got[1], (batch, kw, seed)
     # The exact fallback after 0 or 1 passes, partials exchanged: the same bits, inside the filter set.
-    for kw in params[1:]:
+    for kw in params[1:] if vocab == 128256 else []:
         for max_rounds in (0, 1):
             got = []
             for exchange in (True, False):
