@@ -33,7 +33,7 @@ def sampling_cases(smoke: bool):
         for batch in (1, 128, 512):
             for vocab in (32000, 128256, 151936):
                 cases.append(_case(kind, batch, vocab))
-        for batch in (4, 16, 64):  # rows split over several programs each (docs/sampling.md "Row split")
+        for batch in (4, 16, 64):  # 4, 16: rows split over several programs (docs/sampling.md "Row split"); 64 not
             cases.append(_case(kind, batch, 128256))
     return cases + [_case("logits_kp", 128, 128256), _case("spec", 32, 128256, 5)]
 
@@ -130,5 +130,5 @@ PROVIDERS = [
     Provider("torch_multinomial", _multinomial),
 ]
 
-register(Suite("sampling", sampling_cases, PROVIDERS, metric="gbps",
+register(Suite("sampling", sampling_cases, PROVIDERS, metric="gbps", cuda_graph="on",
                description="float32 probs (softmax of randn); bytes = probabilities read once"))

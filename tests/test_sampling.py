@@ -511,8 +511,8 @@ def test_split_sampler_bounded_passes(split_kernels, device, mode, passes):
 
 
 def test_split_layout_rule(monkeypatch):
-    """The default split: a GPU, the smallest SPLIT_CHUNK * 2^m chunk with batch x chunks <= SMs, at least
-    2 chunks, not top_k_first, not turned off."""
+    """The default split: a GPU, the smallest SPLIT_CHUNK * 2^m chunk (at most SPLIT_MAX_CHUNK) with
+    batch x chunks <= SMs, at least 2 chunks, not top_k_first, not turned off."""
     import flashtile.kernels.sampling as K
 
     cuda = torch.device("cuda", 0)
@@ -524,10 +524,11 @@ def test_split_layout_rule(monkeypatch):
         n, chunk = K.split_layout(128256, batch, cuda)
         if n:
             assert n >= 2 and batch * n <= 132 and n == -(-128256 // chunk) and chunk % c == 0
+            assert chunk <= K.SPLIT_MAX_CHUNK
             assert chunk == c or batch * -(-128256 // (chunk // 2)) > 132  # the smallest chunk that fits
         else:
-            assert batch * 2 > 132 or -(-128256 // c) < 2
-    assert K.split_layout(128256, 64, cuda)[0] == 2 and K.split_layout(128256, 67, cuda) == (0, 0)
+            assert batch * -(-128256 // K.SPLIT_MAX_CHUNK) > 132
+    assert K.split_layout(128256, 16, cuda) == (8, 16384) and K.split_layout(128256, 17, cuda) == (0, 0)
     assert K.split_layout(c, 1, cuda) == (0, 0)  # one chunk: nothing to split
     assert K.split_layout(128256, 1, cuda, "top_k_first", top_k=50) == (0, 0)
     assert K.split_layout(128256, 1, cuda, "top_k_first")[0] > 0  # no top-k: the order is moot

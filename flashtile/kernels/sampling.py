@@ -90,6 +90,10 @@ SEG_MAX_PASSES = 16  # passes before the exact fallback
 # cut into chunks of SPLIT_CHUNK and every chunk gets its own program (docs/sampling.md "Row split").
 SPLIT_CHUNK = 4096  # tokens per program; a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL
 SPLIT_WARPS = 8
+# Largest chunk: every program of a row draws the candidates itself, reading the picked chunks whole (level 2
+# of ``_seg_draw``), so that L2 traffic grows with the chunk; H100, 2026-11-22: batch 64 x 128256 in 2 chunks
+# of 65536 took 104 us for min-p against 56 us unsplit, batch 16 in 8 chunks of 16384 beat unsplit.
+SPLIT_MAX_CHUNK = 16384
 # Pivot lanes of a split row with top-k or top-p (lanes cost little there: a program measures 4096 tokens,
 # from L2 after the first pass), and the first pass's grid: lanes j >= 1 at 2^(j - 3) / vocab (1/4 .. 16 /
 # vocab), a factor 2 apart where the one-program kernel spaces 4, so that after one pass ``hi`` (the
@@ -1357,16 +1361,17 @@ def _split_chunk(interpreted: bool) -> int:
 def split_layout(vocab: int, batch: int, device: torch.device, order: str = "joint", top_k=None):
     """``(programs per row, tokens per program)`` that ``filtered_sampling`` gives a batch by default, or
     ``(0, 0)`` for one program per row. On a GPU the chunk is the smallest ``SPLIT_CHUNK * 2^m`` with
-    ``batch * cdiv(vocab, chunk) <= SMs`` (the row barrier needs every program resident), provided
-    that leaves at least 2 chunks: batch 1 x 128256 gets 32 programs of 4096 tokens, batch 16 8 of 16384,
-    batch 64 2 of 65536, batch 128 one program per row. ``top_k_first`` never splits."""
+    ``batch * cdiv(vocab, chunk) <= SMs`` (the row barrier needs every program resident), up to
+    SPLIT_MAX_CHUNK and provided that leaves at least 2 chunks: on 132 SMs batch 1 x 128256 gets 32
+    programs of 4096 tokens, batch 16 8 of 16384, batch 32 and up one program per row. ``top_k_first``
+    never splits."""
     if device.type != "cuda" or not split_path_enabled() or not seg_path_enabled():
         return 0, 0
     if top_k is not None and order == "top_k_first":
         return 0, 0
     sms = num_sms(device)
     chunk = SPLIT_CHUNK
-    while batch * cdiv(vocab, chunk) > sms and chunk < vocab:
+    while batch * cdiv(vocab, chunk) > sms and chunk < SPLIT_MAX_CHUNK:
         chunk *= 2
     chunks = cdiv(vocab, chunk)
     return (chunks, chunk) if chunks >= 2 and batch * chunks <= sms else (0, 0)
