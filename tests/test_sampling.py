@@ -533,6 +533,9 @@ def test_split_layout_rule(monkeypatch):
     assert K.split_layout(128256, 1, cuda, "top_k_first", top_k=50) == (0, 0)
     assert K.split_layout(128256, 1, cuda, "top_k_first")[0] > 0  # no top-k: the order is moot
     assert K.split_layout(128256, 1, torch.device("cpu")) == (0, 0)
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")  # 66 SMs usable: batch 4 needs 8192-token chunks
+    assert K.split_layout(128256, 4, cuda) == (16, 8192) and K.split_layout(128256, 5, cuda) == (8, 16384)
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "0")
     assert K.split_layout(128256, 1, cuda) == (0, 0)
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "1")

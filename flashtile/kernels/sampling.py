@@ -1,4 +1,5 @@
-"""Sampling without sorting: Triton kernels and their launchers (one program per output row).
+"""Sampling without sorting: Triton kernels and their launchers (one program per output row; at small
+batches the segmented kernel splits a row over several programs, section "Row split" of docs/sampling.md).
 
 Pointer shapes (row strides passed; the vocabulary dimension is contiguous):
   PROBS / LOGITS  [num_rows, vocab]         float32 / float16 / bfloat16, read as float32
@@ -1364,12 +1365,16 @@ def split_layout(vocab: int, batch: int, device: torch.device, order: str = "joi
     ``batch * cdiv(vocab, chunk) <= SMs`` (the row barrier needs every program resident), up to
     SPLIT_MAX_CHUNK and provided that leaves at least 2 chunks: on 132 SMs batch 1 x 128256 gets 32
     programs of 4096 tokens, batch 16 8 of 16384, batch 32 and up one program per row. ``top_k_first``
-    never splits."""
+    never splits. Under MPS, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` scales the SMs counted."""
     if device.type != "cuda" or not split_path_enabled() or not seg_path_enabled():
         return 0, 0
     if top_k is not None and order == "top_k_first":
         return 0, 0
     sms = num_sms(device)
+    # Under MPS a process may run on only part of the SMs, while the device reports them all.
+    mps = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")
+    if mps.replace(".", "", 1).isdigit():
+        sms = int(sms * min(float(mps), 100.0) / 100.0)
     chunk = SPLIT_CHUNK
     while batch * cdiv(vocab, chunk) > sms and chunk < SPLIT_MAX_CHUNK:
         chunk *= 2
