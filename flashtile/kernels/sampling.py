@@ -1439,11 +1439,6 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
             _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, top_k=top_k, top_p=top_p,
                             min_p=min_p, max_rounds=max_rounds, passes=passes)
             return
-    tk, tk_val, tk_row = _param(top_k, 0)
-    tp, tp_val, tp_row = _param(top_p, 1.0)
-    mp, mp_val, mp_row = _param(min_p, 0.0)
-    s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
-    dummy = out
     if seg:
         cfg = _seg_config(vocab, _interpreted(probs), filtered=top_k is not None or top_p is not None or min_p is not None,
                           count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
@@ -1452,6 +1447,11 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
         _launch_seg_sampler((batch,), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, order, max_rounds,
                             passes, seg_len, sub_len, cfg)
         return
+    tk, tk_val, tk_row = _param(top_k, 0)
+    tp, tp_val, tp_row = _param(top_p, 1.0)
+    mp, mp_val, mp_row = _param(min_p, 0.0)
+    s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
+    dummy = out
     block, warps = _config(vocab, _interpreted(probs))
     kernel = _filtered_sampling_kernel
     sizes = dict(MAX_ROUNDS=MAX_ROUNDS if max_rounds is None else max_rounds, NP=NUM_PIVOTS)
