@@ -67,6 +67,7 @@ def compile_all(label):
     while captured:
         fn, args, kwargs = captured.pop(0)
         nw, ns = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
+        maxnreg = kwargs.pop("maxnreg", None)
         bound = dict(zip(fn.arg_names, args)); bound.update(kwargs)
         sig, ce, attrs = {}, {}, {}
         for i, p in enumerate(fn.params):
@@ -84,7 +85,7 @@ def compile_all(label):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         target = GPUTarget("cuda", 90, 32)
         be = triton.compiler.make_backend(target)
-        opts = be.parse_options({"num_warps": nw, "num_stages": ns})
+        opts = be.parse_options({"num_warps": nw, "num_stages": ns, **({"maxnreg": maxnreg} if maxnreg else {})})
         try:
             cc = triton.compile(triton.compiler.ASTSource(fn=fn, constexprs=ce, signature=sig, attrs=attrs),
                                 target=target, options=opts.__dict__)
@@ -97,7 +98,7 @@ def compile_all(label):
         except Exception as e:
             status = f"FAILED {type(e).__name__}: {str(e)[:400]}"
             failures.append(label)
-        print(f"[triton {triton.__version__}] {label}: {fn.__name__} warps={nw} stages={ns}: {status}", flush=True)
+        print(f"[triton {triton.__version__}] {label}: {fn.__name__} warps={nw} stages={ns}{f' maxnreg={maxnreg}' if maxnreg else ''}: {status}", flush=True)
 
 
 from flashtile._core.params import AttentionParams  # noqa: E402
@@ -206,10 +207,17 @@ for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p
                   ("top-p max_rounds=0", dict(top_p=0.5, max_rounds=0))]:
     S.filtered_sampling(probs, None, out_i, out_v, 7, 0, seg=True, **kw)
     compile_all(f"sampling seg {label}")
+# Batch 512 (several rows per SM): the launcher's SEG_WAVE_* configuration (INTERPRETER_SMS stands for the SMs).
 probs32k = torch.softmax(torch.randn(512, 32000), -1)
-S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.empty(512, dtype=torch.bool), 7, 0,
-                    seg=True, top_p=0.9)
-compile_all("sampling seg top-p vocab 32000")
+_waves = [(S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG)] + [tuple(int(x) for x in w.split("x")) for w in
+                                                    os.environ.get("AOT_WAVE_CONFIGS", "").split(",") if w]
+for _w, _r in _waves:
+    S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG = _w, _r
+    for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05))]:
+        S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.empty(512, dtype=torch.bool),
+                            7, 0, seg=True, **kw)
+        compile_all(f"sampling seg {label} batch 512 vocab 32000")
+S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG = _waves[0]
 # Row split (batch 1: 32 programs per row exchanging partials through a barrier).
 from flashtile._core import device as _DEV  # noqa: E402
 
@@ -218,6 +226,9 @@ for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p
                   ("joint top-k/top-p", dict(top_k=50, top_p=0.9)), ("plain", dict())]:
     S.filtered_sampling(probs[:1], None, out_i[:1], out_v[:1], 7, 0, seg=True, split=True, **kw)
     compile_all(f"sampling split {label}")
+    # Batch 128: 2 chunks of 65536 per row, two programs per SM (registers capped).
+    S.filtered_sampling(probs, None, out_i, out_v, 7, 0, seg=True, split=65536, **kw)
+    compile_all(f"sampling split batch 128 {label}")
 _DEV.INTERPRETER_SMS = _sms
 S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out_i, out_v, 7, 0, seg=True)
 compile_all("sampling seg sampling_from_logits bf16")

@@ -69,6 +69,16 @@ for step in "$@"; do
            cp /tmp/bench_nosplit/sampling.md "$OUT/sampling_nosplit.md"
            timeout 330 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -1; cp /tmp/bench/sampling.md /tmp/bench/sampling.jsonl "$OUT/"
            grep "^| " /tmp/bench/sampling.md ;;
+    smoke-split-dense) timeout 90 python3 -c "
+import torch, flashtile.kernels.sampling as K
+p = torch.softmax(torch.randn(128, 128256, device='cuda'), -1)
+print('layout b128', K.split_layout(128256, 128, p.device))
+for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
+    o = torch.empty(128, dtype=torch.int32, device='cuda'); v = torch.empty(128, dtype=torch.bool, device='cuda')
+    K.filtered_sampling(p, None, o, v, 1, 0, **kw); torch.cuda.synchronize(); print(kw, 'ok', bool(v.all()))
+" 2>&1 | tee "$OUT/smoke_split_dense.log" | tail -6 ;;
+    tune-split-dense) timeout 300 python3 benchmarks/tune_sampling.py --filter "b16 V128256,b64 V128256,b128 V128256" SPLIT_MAX_CHUNK=16384,1048576 SPLIT_PER_SM=1,2 2>&1 | tee "$OUT/tune_split_dense.log" | grep -v "^BEST" ;;
+    tune-wave) timeout 250 python3 benchmarks/tune_sampling.py --filter "b512" SEG_WAVE_WARPS=4,8 SEG_WAVE_MAXNREG=0,128 2>&1 | tee "$OUT/tune_wave.log" | grep -v "^BEST" ;;
     tests-sampling-rest) timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py \
                 -k "exchange or cuda_graph or spec or logits or softmax or errors or aliases or edge_rows or reproducible or layout" 2>&1 | tee "$OUT/tests_sampling_rest.log" | tail -6 ;;
     tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;

@@ -512,7 +512,7 @@ def test_split_sampler_bounded_passes(split_kernels, device, mode, passes):
 
 def test_split_layout_rule(monkeypatch):
     """The default split: a GPU, the smallest SPLIT_CHUNK * 2^m chunk (at most SPLIT_MAX_CHUNK) with
-    batch x chunks <= SMs, at least 2 chunks, not top_k_first, not turned off."""
+    batch x chunks <= SMs, else <= SMs x SPLIT_PER_SM, at least 2 chunks, not top_k_first, not turned off."""
     import flashtile.kernels.sampling as K
 
     cuda = torch.device("cuda", 0)
@@ -520,21 +520,28 @@ def test_split_layout_rule(monkeypatch):
     monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
     c = K.SPLIT_CHUNK
     assert K.split_layout(128256, 1, cuda) == (-(-128256 // c), c)
-    for batch in (1, 2, 3, 4, 5, 8, 16, 33, 64, 65, 131):
+    for batch in (1, 2, 3, 4, 5, 8, 16, 33, 64, 65, 66, 67, 131, 132, 133):
         n, chunk = K.split_layout(128256, batch, cuda)
+        fits = 132 if batch * 2 <= 132 else 132 * K.SPLIT_PER_SM  # one program per SM while 2 chunks fit
         if n:
-            assert n >= 2 and batch * n <= 132 and n == -(-128256 // chunk) and chunk % c == 0
+            assert n >= 2 and batch * n <= fits and n == -(-128256 // chunk) and chunk % c == 0
             assert chunk <= K.SPLIT_MAX_CHUNK
-            assert chunk == c or batch * -(-128256 // (chunk // 2)) > 132  # the smallest chunk that fits
+            assert chunk == c or batch * -(-128256 // (chunk // 2)) > fits  # the smallest chunk that fits
         else:
-            assert batch * -(-128256 // K.SPLIT_MAX_CHUNK) > 132
-    assert K.split_layout(128256, 16, cuda) == (8, 16384) and K.split_layout(128256, 17, cuda) == (0, 0)
+            assert batch * 2 > 132 * K.SPLIT_PER_SM
+    assert K.split_layout(128256, 16, cuda) == (8, 16384) and K.split_layout(128256, 17, cuda) == (4, 32768)
+    assert K.split_layout(128256, 33, cuda) == (4, 32768) and K.split_layout(128256, 34, cuda) == (2, 65536)
+    assert K.split_layout(128256, 128, cuda) == (2, 65536) and K.split_layout(128256, 133, cuda) == (0, 0)
+    monkeypatch.setattr(K, "SPLIT_PER_SM", 1)
+    assert K.split_layout(128256, 66, cuda) == (2, 65536) and K.split_layout(128256, 67, cuda) == (0, 0)
+    monkeypatch.setattr(K, "SPLIT_PER_SM", 2)
     assert K.split_layout(c, 1, cuda) == (0, 0)  # one chunk: nothing to split
     assert K.split_layout(128256, 1, cuda, "top_k_first", top_k=50) == (0, 0)
     assert K.split_layout(128256, 1, cuda, "top_k_first")[0] > 0  # no top-k: the order is moot
     assert K.split_layout(128256, 1, torch.device("cpu")) == (0, 0)
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")  # 66 SMs usable: batch 4 needs 8192-token chunks
     assert K.split_layout(128256, 4, cuda) == (16, 8192) and K.split_layout(128256, 5, cuda) == (8, 16384)
+    assert K.split_layout(128256, 66, cuda) == (2, 65536) and K.split_layout(128256, 67, cuda) == (0, 0)
     monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "0")
     assert K.split_layout(128256, 1, cuda) == (0, 0)
@@ -543,11 +550,13 @@ def test_split_layout_rule(monkeypatch):
     assert K.split_layout(128256, 1, cuda) == (0, 0)
 
 
-@pytest.mark.parametrize("consts", [dict(SPLIT_NQ=8, SPLIT_PIVOTS=16), dict(SPLIT_PIVOTS=4, SPLIT_NQ=2)],
+@pytest.mark.parametrize("consts", [dict(SPLIT_NQ=8, SPLIT_PIVOTS=16), dict(SPLIT_PIVOTS=4, SPLIT_NQ=2),
+                                    dict(SPLIT_SEG_INTERPRETED=16), dict(SPLIT_SEG_INTERPRETED=4)],
                          ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_split_sampler_launch_constants(split_kernels, device, monkeypatch, consts):
-    """Other lane and candidate counts of the split (benchmarks/tune_sampling.py sweeps them): filter
-    sets on edge rows (every filter) and chi-square of top-p and top-k."""
+    """Other lane and candidate counts of the split (benchmarks/tune_sampling.py sweeps them), and 1 or 4
+    published segments per chunk instead of 2: filter sets on edge rows (every filter) and chi-square of
+    top-p and top-k."""
     kernels, launches, split_launches = split_kernels
     for name, value in consts.items():
         assert hasattr(kernels, name), name
@@ -562,9 +571,9 @@ def test_split_sampler_launch_constants(split_kernels, device, monkeypatch, cons
 @pytest.mark.parametrize("vocab", [128256, 50001])
 def test_split_exchange_matches_local(monkeypatch, vocab):
     """On the GPU, programs that exchange partials through the row barrier give the same bits as
-    programs that each measure every chunk (SPLIT_EXCHANGE=False), for every filter, batch 1, 3 and 16
-    (chunks of 4096 and 16384 tokens: the default layouts of these batches; 16 and the fallback at vocab
-    128256 only, to bound the compiles), per-request parameters and many seeds."""
+    programs that each measure every chunk (SPLIT_EXCHANGE=False), for every filter, batch 1, 3, 16, 40
+    and 100 (the default layouts of these batches; 16 and up and the fallback at vocab 128256 only, to
+    bound the compiles), per-request parameters and many seeds."""
     import flashtile.kernels.sampling as K
 
     g = torch.Generator().manual_seed(vocab)
@@ -573,11 +582,17 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
     params = [dict(), dict(top_p=0.9), dict(top_p=0.3), dict(top_k=50), dict(top_k=2), dict(min_p=0.05),
               dict(top_k=50, top_p=0.9), dict(top_k=torch.tensor([1, 7, 500], dtype=torch.int32, device="cuda"),
                                               top_p=torch.tensor([0.2, 0.9, 1.0], device="cuda"))]
-    for batch in (1, 3, 16) if vocab == 128256 else (1, 3):
+    layouts = [(1, params), (3, params)]
+    if vocab == 128256:
+        # 16: 8 chunks of 16384; 40: 4 of 32768 (8 published segments each); 100: 2 of 65536, two programs
+        # per SM with capped registers (the H100's 132 SMs; other GPUs give other layouts).
+        layouts += [(16, params), (40, params[1:2] + params[3:4] + params[5:6] + params[7:]),
+                    (100, params[1:2] + params[3:4] + params[5:6] + params[7:])]
+    for batch, batch_params in layouts:
         nchunks, chunk = K.split_layout(vocab, batch, probs.device)
         assert nchunks > 0
         rows = probs[torch.arange(batch) % 3]
-        for kw in params:
+        for kw in batch_params:
             kw = {k: (v[torch.arange(batch, device="cuda") % 3] if isinstance(v, torch.Tensor) else v)
                   for k, v in kw.items()}
             for seed in range(8):
@@ -607,23 +622,57 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [16, 128])
 @pytest.mark.parametrize("mode", ["plain", "top_p", "top_k", "min_p", "joint"])
-def test_split_exchange_distribution(mode):
-    """Chi-square of the split kernel with partials exchanged (16 rows x 5 chunks = 80 programs per call,
-    1500 calls with new seeds), on a Zipf-like row whose kept set spans several chunks."""
+def test_split_exchange_distribution(mode, batch):
+    """Chi-square of the split kernel with partials exchanged, 1500 calls with new seeds, on a Zipf-like
+    row whose kept set spans several chunks: 16 rows x 5 chunks of 4096 (one published segment each), and
+    128 rows x 2 chunks of 16384 (4 published segments each; two programs per SM on the H100)."""
     import flashtile.kernels.sampling as K
 
     V = 4 * K.SPLIT_CHUNK + 3
     probs = _dist("longtail", V, "cuda")
     params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
                   joint=dict(top_k=9, top_p=0.5))[mode]
-    rows = torch.zeros(16, dtype=torch.int32, device="cuda")
-    assert K.split_layout(V, 16, probs.device) == (5, K.SPLIT_CHUNK)
+    rows = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    nchunks, chunk = K.split_layout(V, batch, probs.device)
+    if batch == 16:
+        assert (nchunks, chunk) == (5, K.SPLIT_CHUNK)
+    elif nchunks != 2:
+        pytest.skip(f"this GPU gives batch {batch} the layout {(nchunks, chunk)}")
     ids = []
     for seed in range(1500):
-        out = torch.empty(16, dtype=torch.int32, device="cuda")
-        valid = torch.empty(16, dtype=torch.bool, device="cuda")
+        out = torch.empty(batch, dtype=torch.int32, device="cuda")
+        valid = torch.empty(batch, dtype=torch.bool, device="cuda")
         K.filtered_sampling(probs, rows, out, valid, seed, 0, **params)
+        ids.append(out)
+    ids = torch.cat(ids).cpu()
+    keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()})[0]
+    assert bool(keep[ids.long()].all())
+    assert chi_square_pvalue(ids, renorm_oracle(probs, keep[None])[0]) > P_FLOOR
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["plain", "top_p", "top_k", "min_p", "joint"])
+def test_wave_config_distribution(mode):
+    """Batches of several rows per SM run the one-program kernel with SEG_WAVE_WARPS and capped registers:
+    every id in the filter set and chi-square (2 x SMs + 8 rows per call, 100 calls)."""
+    import flashtile.kernels.sampling as K
+    from flashtile._core.device import num_sms
+
+    V = 4 * K.SPLIT_CHUNK + 3
+    probs = _dist("longtail", V, "cuda")
+    params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
+                  joint=dict(top_k=9, top_p=0.5))[mode]
+    batch = K.SEG_WAVE_ROWS * num_sms(probs.device) + 8
+    assert K.split_layout(V, batch, probs.device) == (0, 0)
+    rows = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    ids = []
+    for seed in range(100):
+        out = torch.empty(batch, dtype=torch.int32, device="cuda")
+        valid = torch.empty(batch, dtype=torch.bool, device="cuda")
+        K.filtered_sampling(probs, rows, out, valid, seed, 0, **params)
+        assert bool(valid.all())
         ids.append(out)
     ids = torch.cat(ids).cpu()
     keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()})[0]

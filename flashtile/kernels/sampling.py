@@ -87,14 +87,28 @@ SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
 SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
 SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
 SEG_MAX_PASSES = 16  # passes before the exact fallback
+# Batches of several rows per SM (batch >= SEG_WAVE_ROWS * SMs): programs that hold fewer registers, so that
+# several share an SM and one's serial parts (reductions, draws, decisions) overlap another's streaming.
+# SEG_WAVE_MAXNREG caps registers per thread (ptxas .maxnreg; 0 = no cap): 4 warps x 128 registers lets 4
+# programs share the 64K registers of an SM.
+SEG_WAVE_ROWS = 2
+SEG_WAVE_WARPS = 4
+SEG_WAVE_MAXNREG = 128
 # Row split (``_seg_filtered_sampling_kernel`` with SPLIT): while batch x chunks <= SMs, a row's tokens are
 # cut into chunks of SPLIT_CHUNK and every chunk gets its own program (docs/sampling.md "Row split").
 SPLIT_CHUNK = 4096  # tokens per program; a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL
 SPLIT_WARPS = 8
-# Largest chunk: every program of a row draws the candidates itself, reading the picked chunks whole (level 2
-# of ``_seg_draw``), so that L2 traffic grows with the chunk; H100, 2026-11-22: batch 64 x 128256 in 2 chunks
-# of 65536 took 104 us for min-p against 56 us unsplit, batch 16 in 8 chunks of 16384 beat unsplit.
-SPLIT_MAX_CHUNK = 16384
+# Largest chunk with one program per SM. Chunks publish their masses per segment of at most SPLIT_SEG
+# tokens, so a draw (level 2 of ``_seg_draw``) reads at most SPLIT_SEG tokens per candidate whatever the
+# chunk. (Before, a chunk published one mass and batch 64 x 128256 in 2 chunks of 65536 took 104 us for
+# min-p against 56 us unsplit, H100 2026-11-22; hence a cap of 16384 then.)
+SPLIT_MAX_CHUNK = 1 << 20
+SPLIT_SEG = 4096
+SPLIT_SEG_INTERPRETED = 8  # under the interpreter (chunks of 16): 2 published segments per chunk
+# Programs of the split kernel per SM when one per SM leaves no room for 2 chunks per row (batch 67-132 on
+# 132 SMs): 2 caps the registers at 64K / (2 x SPLIT_WARPS x 32) per thread (ptxas .maxnreg) so that two
+# programs are resident on every SM at once, as the row barrier needs. 1 turns that off.
+SPLIT_PER_SM = 2
 # Pivot lanes of a split row with top-k or top-p (lanes cost little there: a program measures 4096 tokens,
 # from L2 after the first pass), and the first pass's grid: lanes j >= 1 at 2^(j - 3) / vocab (1/4 .. 16 /
 # vocab), a factor 2 apart where the one-program kernel spaces 4, so that after one pass ``hi`` (the
@@ -744,52 +758,66 @@ def _row_barrier(COUNTER, target):
 
 @triton.jit
 def _chunk_pass(row, vocab, ch, piv, COUNT: tl.constexpr, MAX: tl.constexpr, NP: tl.constexpr,
-                NSEG_IN: tl.constexpr, CHUNK: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
-                UNROLL: tl.constexpr, ZERO_PIVOTS: tl.constexpr):
+                NSEG_IN: tl.constexpr, NSEG_PUB: tl.constexpr, CHUNK: tl.constexpr, W: tl.constexpr,
+                STAGES: tl.constexpr, UNROLL: tl.constexpr, ZERO_PIVOTS: tl.constexpr):
     """``_seg_pass`` over chunk ``ch`` (tokens ``[ch * CHUNK, (ch + 1) * CHUNK)``, NSEG_IN segments):
-    count ``[NP]`` (int32), mass ``[NP]`` and max of the chunk."""
+    count ``[NP]`` (int32), mass ``[NP, NSEG_PUB]`` (per run of NSEG_IN / NSEG_PUB consecutive segments:
+    the chunk's published segments) and max of the chunk."""
     start = ch * CHUNK
     cnt, seg_mass, cmax = _seg_pass(row + start, vocab - start, CHUNK // NSEG_IN, piv, COUNT, MAX, NP, NSEG_IN, W,
                                     STAGES, UNROLL, ZERO_PIVOTS)
-    return cnt, tl.sum(seg_mass, axis=1), cmax
+    pub = tl.sum(tl.reshape(seg_mass, [NP, NSEG_PUB, NSEG_IN // NSEG_PUB]), axis=2)
+    return cnt, pub, cmax
 
 
 @triton.jit
 def _split_pass(row, vocab, c, nchunks, r, PART, COUNTER, piv, COUNT: tl.constexpr, MAX: tl.constexpr,
-                NP: tl.constexpr, NCH: tl.constexpr, NSEG_IN: tl.constexpr, CHUNK: tl.constexpr, W: tl.constexpr,
-                STAGES: tl.constexpr, UNROLL: tl.constexpr, ZERO_PIVOTS: tl.constexpr, EXCHANGE: tl.constexpr):
-    """Pass ``r`` of a row split into ``nchunks`` chunks: the ``_seg_pass`` results with one segment per
-    chunk (cnt ``[NP]`` of the row, mass ``[NP, NCH]`` per chunk, row max), the same in every program.
+                NP: tl.constexpr, NSEG: tl.constexpr, NSEG_IN: tl.constexpr, NSEG_PUB: tl.constexpr,
+                CHUNK: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
+                ZERO_PIVOTS: tl.constexpr, EXCHANGE: tl.constexpr):
+    """Pass ``r`` of a row split into ``nchunks`` chunks of NSEG_PUB published segments each: the
+    ``_seg_pass`` results with the published segments as the row's segments (cnt ``[NP]`` of the row,
+    mass ``[NP, NSEG]`` per segment, segment ``s`` being ``[s, s + 1) * CHUNK / NSEG_PUB``; row max), the
+    same in every program.
 
     EXCHANGE: program ``c`` measures its chunk and stores it into the row's slot ``r % 2`` of ``PART``
-    (``[2, 2 * NP + 1, NCH]`` float32: masses, counts, maxima; two slots, so that a program already in
-    pass r + 1 never overwrites what a slower one still reads of pass r), all meet at the row barrier,
-    then each reads every chunk's partials (volatile loads: not from a stale L1 line). Otherwise this
-    program measures every chunk itself, with the same arithmetic per chunk: the same bits, without a
-    barrier (the interpreter runs programs one after another, so it cannot wait for another)."""
+    (``[2, SLOT]`` float32, ``SLOT = NP * NSEG + (NP + 1) * NCH``: masses ``[NP, NSEG]``, counts ``[NP,
+    NCH]``, maxima ``[NCH]``; two slots, so that a program already in pass r + 1 never overwrites what
+    a slower one still reads of pass r), all meet at the row barrier, then each reads every chunk's
+    partials (volatile loads: not from a stale L1 line). Otherwise this program measures every chunk
+    itself, with the same arithmetic per chunk: the same bits, without a barrier (the interpreter runs
+    programs one after another, so it cannot wait for another)."""
+    NCH: tl.constexpr = NSEG // NSEG_PUB
     lane = tl.arange(0, NP)
     chs = tl.arange(0, NCH)
+    segs = tl.arange(0, NSEG)
     if EXCHANGE:
-        cnt_c, mass_c, max_c = _chunk_pass(row, vocab, c, piv, COUNT, MAX, NP, NSEG_IN, CHUNK, W, STAGES, UNROLL,
-                                           ZERO_PIVOTS)
-        slot = PART + (r % 2) * ((2 * NP + 1) * NCH)
-        tl.store(slot + lane * NCH + c, mass_c)
-        tl.store(slot + (NP + lane) * NCH + c, cnt_c.to(tl.float32))
-        tl.store(slot + 2 * NP * NCH + c, max_c)
+        cnt_c, mass_c, max_c = _chunk_pass(row, vocab, c, piv, COUNT, MAX, NP, NSEG_IN, NSEG_PUB, CHUNK, W, STAGES,
+                                           UNROLL, ZERO_PIVOTS)
+        slot = PART + (r % 2) * (NP * NSEG + (NP + 1) * NCH)
+        pub = tl.arange(0, NSEG_PUB)
+        tl.store(slot + lane[:, None] * NSEG + c * NSEG_PUB + pub[None, :], mass_c)
+        tl.store(slot + NP * NSEG + lane * NCH + c, cnt_c.to(tl.float32))
+        tl.store(slot + NP * NSEG + NP * NCH + c, max_c)
         _row_barrier(COUNTER, (r + 1) * nchunks)
-        have = chs[None, :] < nchunks
-        mass = tl.load(slot + lane[:, None] * NCH + chs[None, :], mask=have, other=0.0, volatile=True)
-        cnts = tl.load(slot + (NP + lane[:, None]) * NCH + chs[None, :], mask=have, other=0.0, volatile=True)
-        maxes = tl.load(slot + 2 * NP * NCH + chs, mask=chs < nchunks, other=0.0, volatile=True)
+        mass = tl.load(slot + lane[:, None] * NSEG + segs[None, :], mask=segs[None, :] < nchunks * NSEG_PUB,
+                       other=0.0, volatile=True)
+        cnts = tl.load(slot + NP * NSEG + lane[:, None] * NCH + chs[None, :], mask=chs[None, :] < nchunks,
+                       other=0.0, volatile=True)
+        maxes = tl.load(slot + NP * NSEG + NP * NCH + chs, mask=chs < nchunks, other=0.0, volatile=True)
     else:
-        mass = tl.zeros([NP, NCH], dtype=tl.float32)
+        mass = tl.zeros([NP, NSEG], dtype=tl.float32)
         cnts = tl.zeros([NP, NCH], dtype=tl.float32)
         maxes = tl.zeros([NCH], dtype=tl.float32)
+        pub = tl.arange(0, NSEG_PUB)
         for ch in range(0, nchunks):
-            cnt_c, mass_c, max_c = _chunk_pass(row, vocab, ch, piv, COUNT, MAX, NP, NSEG_IN, CHUNK, W, STAGES,
-                                               UNROLL, ZERO_PIVOTS)
+            cnt_c, mass_c, max_c = _chunk_pass(row, vocab, ch, piv, COUNT, MAX, NP, NSEG_IN, NSEG_PUB, CHUNK, W,
+                                               STAGES, UNROLL, ZERO_PIVOTS)
+            # Published segment j of this chunk goes to column ch * NSEG_PUB + j (a sum with one term).
+            put = (segs[:, None] == ch * NSEG_PUB + pub[None, :])[None, :, :]  # [1, NSEG, NSEG_PUB]
+            spread = tl.sum(tl.where(put, mass_c[:, None, :], 0.0), axis=2)
+            mass = tl.where((segs[None, :] // NSEG_PUB) == ch, spread, mass)
             at = chs[None, :] == ch
-            mass = tl.where(at, mass_c[:, None], mass)
             cnts = tl.where(at, cnt_c.to(tl.float32)[:, None], cnts)
             maxes = tl.where(chs == ch, max_c, maxes)
     # Counts are exact in float32: at most vocab < 2^24.
@@ -1058,7 +1086,7 @@ def _seg_filtered_sampling_kernel(
     NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
     BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr, RECORD_PASSES: tl.constexpr,
     SPLIT: tl.constexpr = False, EXCHANGE: tl.constexpr = False, CHUNK: tl.constexpr = 1,
-    NSEG_IN: tl.constexpr = 1, GRID_STEP: tl.constexpr = 2, GRID_OFF: tl.constexpr = 1,
+    NSEG_IN: tl.constexpr = 1, NSEG_PUB: tl.constexpr = 1, GRID_STEP: tl.constexpr = 2, GRID_OFF: tl.constexpr = 1,
 ):
     """The rejection sampler with segmented passes (section comment above). One output row per
     program; arguments as ``_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
@@ -1067,9 +1095,10 @@ def _seg_filtered_sampling_kernel(
     the passes this row ran, plus 1000 if it ended in the exact fallback (instrumentation).
 
     SPLIT (row split, grid ``(batch, nchunks)``): program ``(i, c)`` owns chunk ``c`` of row i (CHUNK
-    tokens, NSEG_IN segments of its own ``_seg_pass``); the segments of the algorithm are the chunks
-    (``seg_len`` = CHUNK, NSEG >= nchunks), and a pass is ``_split_pass`` (EXCHANGE: partials in
-    ``PART``, ``[batch, 2, 2 * NP + 1, NSEG]`` float32, and a barrier on ``COUNTER[i]``, int32 zeros).
+    tokens, NSEG_IN segments of its own ``_seg_pass``, published as NSEG_PUB segments); the segments of
+    the algorithm are the published ones (``seg_len`` = CHUNK / NSEG_PUB, NSEG = NSEG_PUB x a power of 2
+    >= nchunks), and a pass is ``_split_pass`` (EXCHANGE: partials in ``PART``, ``[batch, 2, SLOT]``
+    float32, and a barrier on ``COUNTER[i]``, int32 zeros).
     Every program of a row then holds the same pass results and runs the same decisions and draws
     (reading the row, mostly from L2), so they stay in step; program 0 stores the result.
     GRID_STEP, GRID_OFF: the first pass's pivot grid (``_seg_pivots``)."""
@@ -1147,10 +1176,10 @@ def _seg_filtered_sampling_kernel(
             else:
                 piv = tl.zeros([NP], dtype=tl.float32)  # lane 0 = 0: the masses of {p > 0}
             if SPLIT:
-                part_row = PART + i.to(tl.int64) * (2 * (2 * NP + 1) * NSEG)
+                part_row = PART + i.to(tl.int64) * (2 * (NP * NSEG + (NP + 1) * (NSEG // NSEG_PUB)))
                 cnt, seg_mass, rmax = _split_pass(row, vocab, c, nchunks, r, part_row, COUNTER + i, piv, USE_TOP_K,
-                                                  VERIFY, NP, NSEG, NSEG_IN, CHUNK, W, STAGES, UNROLL, not VERIFY,
-                                                  EXCHANGE)
+                                                  VERIFY, NP, NSEG, NSEG_IN, NSEG_PUB, CHUNK, W, STAGES, UNROLL,
+                                                  not VERIFY, EXCHANGE)
             else:
                 cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, piv, USE_TOP_K, VERIFY, NP, NSEG, W, STAGES,
                                                 UNROLL, not VERIFY)
@@ -1353,33 +1382,48 @@ def split_path_enabled() -> bool:
     return os.environ.get("FLASHTILE_SAMPLING_SPLIT", "1") != "0"
 
 
+def _floor_power_of_2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def _split_chunk(interpreted: bool) -> int:
     """Tokens per program of the row split: SPLIT_CHUNK, or 16 under the interpreter (so that test
     vocabularies of 20-40 tokens span 2-3 chunks)."""
     return 16 if interpreted else SPLIT_CHUNK
 
 
+def _usable_sms(device: torch.device) -> int:
+    """SMs this process may run on: the device's, scaled by ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` under MPS
+    (where a process may get only part of the SMs while the device reports them all)."""
+    sms = num_sms(device)
+    mps = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")
+    if mps.replace(".", "", 1).isdigit():
+        sms = int(sms * min(float(mps), 100.0) / 100.0)
+    return sms
+
+
 def split_layout(vocab: int, batch: int, device: torch.device, order: str = "joint", top_k=None):
     """``(programs per row, tokens per program)`` that ``filtered_sampling`` gives a batch by default, or
-    ``(0, 0)`` for one program per row. On a GPU the chunk is the smallest ``SPLIT_CHUNK * 2^m`` with
-    ``batch * cdiv(vocab, chunk) <= SMs`` (the row barrier needs every program resident), up to
-    SPLIT_MAX_CHUNK and provided that leaves at least 2 chunks: on 132 SMs batch 1 x 128256 gets 32
-    programs of 4096 tokens, batch 16 8 of 16384, batch 32 and up one program per row. ``top_k_first``
-    never splits. Under MPS, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` scales the SMs counted."""
+    ``(0, 0)`` for one program per row. On a GPU the chunk is the smallest ``SPLIT_CHUNK * 2^m`` (up to
+    SPLIT_MAX_CHUNK) with ``batch * cdiv(vocab, chunk) <= SMs`` (the row barrier needs every program
+    resident), provided that leaves at least 2 chunks; failing that, the same with SPLIT_PER_SM programs
+    per SM. On 132 SMs at vocab 128256: batch 1-4 get 32 programs of 4096 tokens per row, batch 16 8 of
+    16384, batch 17-33 4 of 32768, batch 34-66 2 of 65536 (one program per SM), batch 67-132 2 of 65536
+    (two per SM), larger batches one program per row. ``top_k_first`` never splits. Under MPS,
+    ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` scales the SMs counted."""
     if device.type != "cuda" or not split_path_enabled() or not seg_path_enabled():
         return 0, 0
     if top_k is not None and order == "top_k_first":
         return 0, 0
-    sms = num_sms(device)
-    # Under MPS a process may run on only part of the SMs, while the device reports them all.
-    mps = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")
-    if mps.replace(".", "", 1).isdigit():
-        sms = int(sms * min(float(mps), 100.0) / 100.0)
-    chunk = SPLIT_CHUNK
-    while batch * cdiv(vocab, chunk) > sms and chunk < SPLIT_MAX_CHUNK:
-        chunk *= 2
-    chunks = cdiv(vocab, chunk)
-    return (chunks, chunk) if chunks >= 2 and batch * chunks <= sms else (0, 0)
+    sms = _usable_sms(device)
+    for per_sm in sorted({1, max(1, SPLIT_PER_SM)}):
+        chunk = SPLIT_CHUNK
+        while batch * cdiv(vocab, chunk) > sms * per_sm and chunk < SPLIT_MAX_CHUNK:
+            chunk *= 2
+        chunks = cdiv(vocab, chunk)
+        if chunks >= 2 and batch * chunks <= sms * per_sm:
+            return chunks, chunk
+    return 0, 0
 
 
 def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, unroll: int = 1,
@@ -1444,6 +1488,10 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
                           count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
                           top_p_only=top_p is not None and top_k is None)
         seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
+        if not _interpreted(probs) and batch >= SEG_WAVE_ROWS * num_sms(probs.device):
+            cfg["num_warps"] = SEG_WAVE_WARPS
+            if SEG_WAVE_MAXNREG:
+                cfg["maxnreg"] = SEG_WAVE_MAXNREG
         _launch_seg_sampler((batch,), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, order, max_rounds,
                             passes, seg_len, sub_len, cfg)
         return
@@ -1504,10 +1552,12 @@ def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, *, to
                       count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
                       top_p_only=top_p is not None and top_k is None)
     cfg.pop("seg_len"), cfg.pop("sub_len")
-    nseg_in = max(1, min(cfg["NSEG"], chunk // (cfg["W"] * cfg["UNROLL"])))  # segments of a chunk's own pass
+    nseg_in = _floor_power_of_2(max(1, min(cfg["NSEG"], chunk // (cfg["W"] * cfg["UNROLL"]))))  # a chunk's own pass
     if chunk % (nseg_in * cfg["W"] * cfg["UNROLL"]) or chunk % cfg["CW"]:
         raise ValueError(f"SPLIT_CHUNK: expected a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL "
                          f"({nseg_in * cfg['W'] * cfg['UNROLL']}) and of SEG_SUB_COLS, got {chunk}")
+    # Published segments per chunk: at most SPLIT_SEG tokens each (a draw reads one per candidate).
+    nseg_pub = min(nseg_in, _floor_power_of_2(max(1, chunk // (SPLIT_SEG_INTERPRETED if interpreted else SPLIT_SEG))))
     if top_k is not None or top_p is not None:
         cfg.update(NQ=SPLIT_NQ, NC=SPLIT_NQ, NP=SPLIT_PIVOTS, GRID_STEP=1, GRID_OFF=3)
         need = SPLIT_NQ + (1 if top_k is not None else 0)
@@ -1516,16 +1566,24 @@ def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, *, to
     elif min_p is not None:
         cfg.update(NQ=SPLIT_NQ)
     nch = next_power_of_2(nchunks)
-    sub_len = cdiv(cdiv(chunk, cfg["NSUB"]), cfg["CW"]) * cfg["CW"]
-    exchange = (SPLIT_EXCHANGE and not interpreted and batch * nchunks <= num_sms(probs.device))
-    cfg.update(NSEG=nch, NSEG_IN=nseg_in, CHUNK=chunk, SPLIT=True, EXCHANGE=exchange)
+    nseg = nch * nseg_pub
+    seg_len = chunk // nseg_pub
+    sub_len = cdiv(cdiv(seg_len, cfg["NSUB"]), cfg["CW"]) * cfg["CW"]
+    sms = 0 if interpreted else _usable_sms(probs.device)
+    per_sm = 1 if batch * nchunks <= sms else max(1, SPLIT_PER_SM)
+    exchange = SPLIT_EXCHANGE and not interpreted and batch * nchunks <= sms * per_sm
+    cfg.update(NSEG=nseg, NSEG_IN=nseg_in, NSEG_PUB=nseg_pub, CHUNK=chunk, SPLIT=True, EXCHANGE=exchange)
     if not interpreted:
         cfg["num_warps"] = SPLIT_WARPS
-    part = torch.empty(batch * 2 * (2 * cfg["NP"] + 1) * nch if exchange else 1, dtype=torch.float32,
-                       device=probs.device)
+        if exchange and per_sm > 1:
+            # Registers per thread so that per_sm programs fit an SM's 64K registers (allocation is per
+            # warp in units of 256, hence a multiple of 8 per thread).
+            cfg["maxnreg"] = min(255, (65536 // (per_sm * SPLIT_WARPS * 32)) // 8 * 8)
+    part = torch.empty(batch * 2 * (cfg["NP"] * nseg + (cfg["NP"] + 1) * nch) if exchange else 1,
+                       dtype=torch.float32, device=probs.device)
     counter = torch.zeros(batch if exchange else 1, dtype=torch.int32, device=probs.device)
     _launch_seg_sampler((batch, nchunks), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, "joint",
-                        max_rounds, passes, chunk, sub_len, cfg, part, counter, nchunks)
+                        max_rounds, passes, seg_len, sub_len, cfg, part, counter, nchunks)
 
 
 def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
