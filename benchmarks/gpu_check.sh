@@ -58,7 +58,7 @@ for step in "$@"; do
     bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
              { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
            grep -h -e "^###" -e "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
-    tests-split) FLASHTILE_CHECK_LAUNCH=1 timeout 500 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py -k "split" 2>&1 | tee "$OUT/tests_split.log" | tail -8 ;;
+    tests-split) FLASHTILE_CHECK_LAUNCH=1 timeout 500 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py -k "split or wave" 2>&1 | tee "$OUT/tests_split.log" | tail -8 ;;
     bench-split) FLASHTILE_SAMPLING_SPLIT=0 timeout 120 python3 benchmarks/run.py --suite sampling --filter " b1 " --providers flashtile --out /tmp/bench_nosplit 2>&1 | tail -1
            grep "^| " /tmp/bench_nosplit/sampling.md | tee "$OUT/sampling_b1_nosplit.md"
            timeout 300 python3 benchmarks/tune_sampling.py --filter " b1 " SPLIT_CHUNK=2048,4096,8192 SPLIT_WARPS=4,8 2>&1 | tee "$OUT/tune_split.log" | grep -e BEST -e skip ;;
@@ -83,6 +83,7 @@ for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
            timeout 200 python3 benchmarks/tune_sampling.py --filter "$F" SPLIT_WARPS=4,8 SPLIT_PER_SM=2,4 2>&1 | tee "$OUT/tune_topk_dense.log" | grep -v "^BEST"
            timeout 150 python3 benchmarks/tune_sampling.py --filter "$F" SPLIT_PIVOTS=8,16 SPLIT_NQ=4,8 2>&1 | tee -a "$OUT/tune_topk_dense.log" | grep -v "^BEST"
            timeout 150 python3 benchmarks/tune_sampling.py --filter "b64 V128256" SPLIT_MAX_CHUNK=32768,1048576 2>&1 | tee -a "$OUT/tune_topk_dense.log" | grep -v "^BEST" ;;
+    tune-split-seg) timeout 150 python3 benchmarks/tune_sampling.py --filter "top_k 50 b128 V128256,top_k 50 b64 V128256,top_k 50 b16 V128256" SPLIT_SEG=2048,4096,8192 2>&1 | tee "$OUT/tune_split_seg.log" | grep -v "^BEST" ;;
     tests-sampling-rest) timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py \
                 -k "exchange or cuda_graph or spec or logits or softmax or errors or aliases or edge_rows or reproducible or layout" 2>&1 | tee "$OUT/tests_sampling_rest.log" | tail -6 ;;
     tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;

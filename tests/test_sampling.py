@@ -520,20 +520,25 @@ def test_split_layout_rule(monkeypatch):
     monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
     c = K.SPLIT_CHUNK
     assert K.split_layout(128256, 1, cuda) == (-(-128256 // c), c)
-    for batch in (1, 2, 3, 4, 5, 8, 16, 33, 64, 65, 66, 67, 131, 132, 133):
-        n, chunk = K.split_layout(128256, batch, cuda)
-        fits = 132 if batch * 2 <= 132 else 132 * K.SPLIT_PER_SM  # one program per SM while 2 chunks fit
-        if n:
-            assert n >= 2 and batch * n <= fits and n == -(-128256 // chunk) and chunk % c == 0
-            assert chunk <= K.SPLIT_MAX_CHUNK
-            assert chunk == c or batch * -(-128256 // (chunk // 2)) > fits  # the smallest chunk that fits
-        else:
-            assert batch * 2 > 132 * K.SPLIT_PER_SM
+    for top_k in (None, 50):
+        per_sm = K.SPLIT_PER_SM if top_k else 1  # more than one program per SM: samplers with top-k only
+        for batch in (1, 2, 3, 4, 5, 8, 16, 33, 64, 65, 66, 67, 131, 132, 133):
+            n, chunk = K.split_layout(128256, batch, cuda, top_k=top_k)
+            fits = 132 if batch * 2 <= 132 else 132 * per_sm  # one program per SM while 2 chunks fit
+            if n:
+                assert n >= 2 and batch * n <= fits and n == -(-128256 // chunk) and chunk % c == 0
+                assert chunk <= K.SPLIT_MAX_CHUNK
+                assert chunk == c or batch * -(-128256 // (chunk // 2)) > fits  # the smallest chunk that fits
+            else:
+                assert batch * 2 > 132 * per_sm
     assert K.split_layout(128256, 16, cuda) == (8, 16384) and K.split_layout(128256, 17, cuda) == (4, 32768)
     assert K.split_layout(128256, 33, cuda) == (4, 32768) and K.split_layout(128256, 34, cuda) == (2, 65536)
-    assert K.split_layout(128256, 128, cuda) == (2, 65536) and K.split_layout(128256, 133, cuda) == (0, 0)
-    monkeypatch.setattr(K, "SPLIT_PER_SM", 1)
     assert K.split_layout(128256, 66, cuda) == (2, 65536) and K.split_layout(128256, 67, cuda) == (0, 0)
+    assert K.split_layout(128256, 128, cuda, top_k=50) == (2, 65536)
+    assert K.split_layout(128256, 133, cuda, top_k=50) == (0, 0)
+    monkeypatch.setattr(K, "SPLIT_PER_SM", 1)
+    assert K.split_layout(128256, 66, cuda, top_k=50) == (2, 65536)
+    assert K.split_layout(128256, 67, cuda, top_k=50) == (0, 0)
     monkeypatch.setattr(K, "SPLIT_PER_SM", 2)
     assert K.split_layout(c, 1, cuda) == (0, 0)  # one chunk: nothing to split
     assert K.split_layout(128256, 1, cuda, "top_k_first", top_k=50) == (0, 0)
@@ -541,7 +546,8 @@ def test_split_layout_rule(monkeypatch):
     assert K.split_layout(128256, 1, torch.device("cpu")) == (0, 0)
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")  # 66 SMs usable: batch 4 needs 8192-token chunks
     assert K.split_layout(128256, 4, cuda) == (16, 8192) and K.split_layout(128256, 5, cuda) == (8, 16384)
-    assert K.split_layout(128256, 66, cuda) == (2, 65536) and K.split_layout(128256, 67, cuda) == (0, 0)
+    assert K.split_layout(128256, 33, cuda) == (2, 65536) and K.split_layout(128256, 34, cuda) == (0, 0)
+    assert K.split_layout(128256, 66, cuda, top_k=50) == (2, 65536)
     monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "0")
     assert K.split_layout(128256, 1, cuda) == (0, 0)
@@ -589,7 +595,7 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
         layouts += [(16, params), (40, params[1:2] + params[3:4] + params[5:6] + params[7:]),
                     (100, params[1:2] + params[3:4] + params[5:6] + params[7:])]
     for batch, batch_params in layouts:
-        nchunks, chunk = K.split_layout(vocab, batch, probs.device)
+        nchunks, chunk = K.split_layout(vocab, batch, probs.device, top_k=50)  # forced below for every filter
         assert nchunks > 0
         rows = probs[torch.arange(batch) % 3]
         for kw in batch_params:
@@ -627,7 +633,8 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
 def test_split_exchange_distribution(mode, batch):
     """Chi-square of the split kernel with partials exchanged, 1500 calls with new seeds, on a Zipf-like
     row whose kept set spans several chunks: 16 rows x 5 chunks of 4096 (one published segment each), and
-    128 rows x 2 chunks of 16384 (4 published segments each; two programs per SM on the H100)."""
+    128 rows x 2 chunks of 16384 (4 published segments each; two programs per SM on the H100, forced for
+    every filter)."""
     import flashtile.kernels.sampling as K
 
     V = 4 * K.SPLIT_CHUNK + 3
@@ -635,7 +642,7 @@ def test_split_exchange_distribution(mode, batch):
     params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
                   joint=dict(top_k=9, top_p=0.5))[mode]
     rows = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    nchunks, chunk = K.split_layout(V, batch, probs.device)
+    nchunks, chunk = K.split_layout(V, batch, probs.device, top_k=1)  # forced below for every filter
     if batch == 16:
         assert (nchunks, chunk) == (5, K.SPLIT_CHUNK)
     elif nchunks != 2:
@@ -644,7 +651,7 @@ def test_split_exchange_distribution(mode, batch):
     for seed in range(1500):
         out = torch.empty(batch, dtype=torch.int32, device="cuda")
         valid = torch.empty(batch, dtype=torch.bool, device="cuda")
-        K.filtered_sampling(probs, rows, out, valid, seed, 0, **params)
+        K.filtered_sampling(probs, rows, out, valid, seed, 0, split=chunk, **params)
         ids.append(out)
     ids = torch.cat(ids).cpu()
     keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()})[0]

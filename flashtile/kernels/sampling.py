@@ -87,12 +87,14 @@ SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
 SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
 SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
 SEG_MAX_PASSES = 16  # passes before the exact fallback
-# Batches of several rows per SM (batch >= SEG_WAVE_ROWS * SMs): programs that hold fewer registers, so that
-# several share an SM and one's serial parts (reductions, draws, decisions) overlap another's streaming.
-# SEG_WAVE_MAXNREG caps registers per thread (ptxas .maxnreg; 0 = no cap): 4 warps x 128 registers lets 4
-# programs share the 64K registers of an SM.
+# Batches of several rows per SM (batch >= SEG_WAVE_ROWS * SMs) with short rows (vocab <= SEG_WAVE_MAX_VOCAB):
+# registers capped at SEG_WAVE_MAXNREG per thread (ptxas .maxnreg; 0 = no cap) so that two 8-warp programs share
+# an SM and one's serial parts (reductions, draws, decisions) overlap the other's streaming. H100, 2026-11-22,
+# batch 512 x 32000: top-p 75.9 -> 72.1 us, top-k 129.7 -> 123.2, min-p 62.4 -> 62.3; at 128256 tokens a row
+# is mostly streaming and the cap cost 1-2.5% (top-k 341.2 -> 349.6), hence the vocabulary bound.
 SEG_WAVE_ROWS = 2
-SEG_WAVE_WARPS = 4
+SEG_WAVE_MAX_VOCAB = 65536
+SEG_WAVE_WARPS = 8
 SEG_WAVE_MAXNREG = 128
 # Row split (``_seg_filtered_sampling_kernel`` with SPLIT): while batch x chunks <= SMs, a row's tokens are
 # cut into chunks of SPLIT_CHUNK and every chunk gets its own program (docs/sampling.md "Row split").
@@ -106,8 +108,12 @@ SPLIT_MAX_CHUNK = 1 << 20
 SPLIT_SEG = 4096
 SPLIT_SEG_INTERPRETED = 8  # under the interpreter (chunks of 16): 2 published segments per chunk
 # Programs of the split kernel per SM when one per SM leaves no room for 2 chunks per row (batch 67-132 on
-# 132 SMs): 2 caps the registers at 64K / (2 x SPLIT_WARPS x 32) per thread (ptxas .maxnreg) so that two
-# programs are resident on every SM at once, as the row barrier needs. 1 turns that off.
+# 132 SMs), for samplers with top-k: 2 caps the registers at 64K / (2 x SPLIT_WARPS x 32) per thread (ptxas
+# .maxnreg) so that two programs are resident on every SM at once, as the row barrier needs; 1 turns that
+# off. H100, 2026-11-22, batch 128 x 128256 (2 chunks of 65536): top-k 118.1 -> 104.0-105.4 us (its passes
+# are issue-heavy: 8 lanes of compare, FMA and count per element, and 16 warps per SM overlap them with the
+# loads), but top-p 67.7 -> 79.6 and min-p 69.1 -> 68.4, so those keep one program per row there.
+# 4 warps x 2 per SM took 139 us, 4 x 4 446 us, and 16 lanes 508 us (registers spilled in the loop).
 SPLIT_PER_SM = 2
 # Pivot lanes of a split row with top-k or top-p (lanes cost little there: a program measures 4096 tokens,
 # from L2 after the first pass), and the first pass's grid: lanes j >= 1 at 2^(j - 3) / vocab (1/4 .. 16 /
@@ -1406,17 +1412,17 @@ def split_layout(vocab: int, batch: int, device: torch.device, order: str = "joi
     """``(programs per row, tokens per program)`` that ``filtered_sampling`` gives a batch by default, or
     ``(0, 0)`` for one program per row. On a GPU the chunk is the smallest ``SPLIT_CHUNK * 2^m`` (up to
     SPLIT_MAX_CHUNK) with ``batch * cdiv(vocab, chunk) <= SMs`` (the row barrier needs every program
-    resident), provided that leaves at least 2 chunks; failing that, the same with SPLIT_PER_SM programs
-    per SM. On 132 SMs at vocab 128256: batch 1-4 get 32 programs of 4096 tokens per row, batch 16 8 of
-    16384, batch 17-33 4 of 32768, batch 34-66 2 of 65536 (one program per SM), batch 67-132 2 of 65536
-    (two per SM), larger batches one program per row. ``top_k_first`` never splits. Under MPS,
-    ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` scales the SMs counted."""
+    resident), provided that leaves at least 2 chunks; failing that, with top-k, the same with SPLIT_PER_SM
+    programs per SM. On 132 SMs at vocab 128256: batch 1-4 get 32 programs of 4096 tokens per row, batch 16
+    8 of 16384, batch 17-33 4 of 32768, batch 34-66 2 of 65536 (one program per SM), batch 67-132 with
+    top-k 2 of 65536 (two per SM), other batches one program per row. ``top_k_first`` never splits. Under
+    MPS, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` scales the SMs counted."""
     if device.type != "cuda" or not split_path_enabled() or not seg_path_enabled():
         return 0, 0
     if top_k is not None and order == "top_k_first":
         return 0, 0
     sms = _usable_sms(device)
-    for per_sm in sorted({1, max(1, SPLIT_PER_SM)}):
+    for per_sm in sorted({1, max(1, SPLIT_PER_SM) if top_k is not None else 1}):
         chunk = SPLIT_CHUNK
         while batch * cdiv(vocab, chunk) > sms * per_sm and chunk < SPLIT_MAX_CHUNK:
             chunk *= 2
@@ -1488,7 +1494,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
                           count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
                           top_p_only=top_p is not None and top_k is None)
         seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
-        if not _interpreted(probs) and batch >= SEG_WAVE_ROWS * num_sms(probs.device):
+        if not _interpreted(probs) and batch >= SEG_WAVE_ROWS * num_sms(probs.device) and vocab <= SEG_WAVE_MAX_VOCAB:
             cfg["num_warps"] = SEG_WAVE_WARPS
             if SEG_WAVE_MAXNREG:
                 cfg["maxnreg"] = SEG_WAVE_MAXNREG
