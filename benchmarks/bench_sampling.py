@@ -6,7 +6,9 @@ Cases: top_p 0.9 / top_k 50 / min_p 0.05 at batch 1, 128, 512 and vocab 32000, 1
 chain_speculative_sampling (batch 32, 5 draft tokens, vocab 128256). Providers: flashtile, FlashInfer
 (when importable), torch sort-based top-p/top-k (the usual PyTorch implementation), torch.multinomial
 without a filter (the floor of an unfiltered draw). Sub-100 us calls are timed as CUDA-graph replays
-by the harness (flashtile's default-generator path draws its seed on the device, so it captures).
+by the harness (flashtile's default-generator path draws its seed on the device while a graph is being
+captured, so every replay samples anew); ``flashtile_seed_given`` passes seed and offset as ints (the GPU
+work of an eager call, and FlashInfer's graph replays: one kernel).
 """
 
 from __future__ import annotations
@@ -52,27 +54,41 @@ def _spec_inputs(case: Case):
     return draft, ids, target
 
 
-def _call(mod, case: Case):
-    """The op of ``case`` in the FlashInfer API (flashtile and flashinfer share it)."""
+def _call(mod, case: Case, rng=None):
+    """The op of ``case`` in the FlashInfer API (flashtile and flashinfer share it); ``rng``: extra keywords
+    (seed and offset)."""
     kind = case.params["kind"]
+    kw = rng or {}
     if kind == "spec":
         draft, ids, target = _spec_inputs(case)
-        return lambda: mod.chain_speculative_sampling(draft, ids, target)[0]
+        return lambda: mod.chain_speculative_sampling(draft, ids, target, **kw)[0]
     if kind == "logits_kp":
         logits = torch.randn(case.params["batch"], case.params["vocab"], device=device())
-        return lambda: mod.top_k_top_p_sampling_from_logits(logits, 50, 0.9)
+        return lambda: mod.top_k_top_p_sampling_from_logits(logits, 50, 0.9, **kw)
     probs = _probs(case)
     if kind == "top_p":
-        return lambda: mod.top_p_sampling_from_probs(probs, 0.9)
+        return lambda: mod.top_p_sampling_from_probs(probs, 0.9, **kw)
     if kind == "top_k":
-        return lambda: mod.top_k_sampling_from_probs(probs, 50)
-    return lambda: mod.min_p_sampling_from_probs(probs, 0.05)
+        return lambda: mod.top_k_sampling_from_probs(probs, 50, **kw)
+    return lambda: mod.min_p_sampling_from_probs(probs, 0.05, **kw)
 
 
 def _flashtile(case: Case):
     import flashtile.sampling as mod
 
     return _call(mod, case)
+
+
+def _flashtile_seed_given(case: Case):
+    """flashtile with ``seed``/``offset`` given as ints: no random-number kernel in the timed region. This is
+    the GPU work of an eager call with a generator (flashtile then takes the seed and offset from the
+    generator's host-side state), and of a graph replay as FlashInfer's anchors were timed (FlashInfer reads
+    the generator on the host, so its graph replays one sampling kernel). With the default generator inside a
+    captured graph (the "flashtile" column) torch adds its graph-safe Philox prologue (two fills per replay)
+    and a randint node."""
+    import flashtile.sampling as mod
+
+    return _call(mod, case, dict(seed=1234, offset=0))
 
 
 def _flashinfer(case: Case):
@@ -125,6 +141,7 @@ def _multinomial(case: Case):
 
 PROVIDERS = [
     Provider("flashtile", _flashtile),
+    Provider("flashtile_seed_given", _flashtile_seed_given, baseline=False),
     Provider("flashinfer", _flashinfer),
     Provider("torch_sort", _torch_sort),
     Provider("torch_multinomial", _multinomial),

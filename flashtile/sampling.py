@@ -16,8 +16,9 @@ Common arguments of the samplers:
   ``batch_out`` entries. Without it ``batch_out = probs.shape[0]``.
 - ``deterministic``: accepted; every reduction here is deterministic, so results are run-to-run
   identical for the same inputs, batch and (seed, offset) whatever its value.
-- ``generator``: a ``torch.Generator`` on the input's device; each call draws a fresh (seed, offset)
-  from it (on the device, so CUDA-graph replays draw new ones). ``None``: the default generator.
+- ``generator``: a ``torch.Generator`` on the input's device; each call takes a fresh (seed, offset)
+  from it: from its host-side state in eager mode (no kernel), drawn on the device while a CUDA graph
+  is being captured (so that every replay draws new ones). ``None``: the default generator.
 - ``seed``, ``offset`` (keyword): explicit Philox seed and counter, both or neither; ints, or int64
   tensors of length 1 or ``batch_out`` (device tensors: a captured CUDA graph replays with whatever
   values they hold). The same (seed, offset) gives the same samples on the same device and path.
@@ -35,6 +36,7 @@ always kept together).
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Tuple, Union
 
 import torch
@@ -132,8 +134,26 @@ def _top_p(value, batch, device):
     return _param("top_p", value, batch, device, integer=False, lo=0.0, hi=1.0, lo_open=True)
 
 
-def _rng(generator, seed, offset, batch: int, device: torch.device):
-    """(seed, offset): ints, or int64 tensors ``[1]``/``[batch]`` on ``device``."""
+_HOST_DRAW_LOCK = threading.Lock()
+
+
+def _host_draw(generator: torch.Generator, counters: int) -> Tuple[int, int]:
+    """(seed, offset) for one call from a CUDA generator's host-side state, with no kernel: the offset is
+    the generator's Philox offset, advanced past the ``counters`` this call uses (rounded up to 4, as
+    CUDA generators require), and the seed a fixed mix of the generator's seed, so that the samplers'
+    Philox key differs from the one torch's own random ops use with the same offsets."""
+    with _HOST_DRAW_LOCK:
+        offset = generator.get_offset()
+        generator.set_offset(offset + (counters + 3) // 4 * 4)
+        seed = generator.initial_seed()
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63), offset
+
+
+def _rng(generator, seed, offset, batch: int, device: torch.device, counters_per_row: int = DRAW_STRIDE):
+    """(seed, offset): ints, or int64 tensors ``[1]``/``[batch]`` on ``device``. Without seed/offset, a
+    CUDA generator gives them from its host-side state (no kernel) unless the stream is capturing a CUDA
+    graph; then they are drawn on the device, so that every replay draws new ones. ``counters_per_row``:
+    the Philox counters a row may use (the generator advances past ``batch`` of them)."""
     if (seed is None) != (offset is None):
         raise ValueError("seed and offset must be given together (both or neither)")
     if seed is not None:
@@ -158,6 +178,11 @@ def _rng(generator, seed, offset, batch: int, device: torch.device):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
     gen_device = generator.device if generator is not None else device
+    if gen_device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        if generator is None:
+            index = gen_device.index if gen_device.index is not None else torch.cuda.current_device()
+            generator = torch.cuda.default_generators[index]
+        return _host_draw(generator, batch * counters_per_row)
     drawn = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=gen_device, generator=generator)
     if drawn.device.type == "cpu":
         s, o = drawn.tolist()
@@ -579,7 +604,7 @@ def chain_speculative_sampling(
         if t is not None:
             check_tensor(name, t, shape=(batch,), dtypes=_INT_DTYPES, device=draft_probs.device)
     device = draft_probs.device
-    seed, offset = _rng(generator, seed, offset, batch, device)
+    seed, offset = _rng(generator, seed, offset, batch, device, n + 1)
     out = new_output((batch, n + 1), torch.int32, device)
     accepted = new_output((batch,), torch.int32, device)
     emitted = new_output((batch,), torch.int32, device)

@@ -225,6 +225,32 @@ def test_reproducible(path, device):
     assert torch.equal(h, S.sampling_from_probs(probs, deterministic=False))
 
 
+@pytest.mark.gpu
+def test_generator_host_draw():
+    """Eager calls take (seed, offset) from a CUDA generator's host-side state, with no kernel: the offset
+    advances past the call's Philox counters (64 per row; n + 1 per request for speculative sampling), the
+    same generator state gives the same samples, successive calls differ."""
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(3)
+    probs = torch.full((256, 1000), 1e-3, device="cuda")
+    a = S.top_p_sampling_from_probs(probs, 0.9, generator=gen)
+    assert gen.get_offset() == 256 * 64
+    b = S.top_p_sampling_from_probs(probs, 0.9, generator=gen)
+    assert gen.get_offset() == 2 * 256 * 64 and not torch.equal(a, b)
+    gen.manual_seed(3)
+    assert torch.equal(a, S.top_p_sampling_from_probs(probs, 0.9, generator=gen))
+    draft = torch.full((5, 3, 1000), 1e-3, device="cuda")
+    target = torch.full((5, 4, 1000), 1e-3, device="cuda")
+    ids = torch.zeros(5, 3, dtype=torch.int32, device="cuda")
+    before = gen.get_offset()
+    S.chain_speculative_sampling(draft, ids, target, generator=gen)
+    assert gen.get_offset() == before + 20  # 5 requests x 4 counters
+    torch.cuda.manual_seed(11)
+    c = S.min_p_sampling_from_probs(probs, 0.1)
+    torch.cuda.manual_seed(11)
+    assert torch.equal(c, S.min_p_sampling_from_probs(probs, 0.1))
+
+
 def test_indices_dtype_and_rows(path, device):
     probs = torch.zeros(3, 10, device=device)
     probs[0, 2] = probs[1, 7] = probs[2, 4] = 1.0
