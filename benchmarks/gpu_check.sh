@@ -85,6 +85,8 @@ for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
            timeout 150 python3 benchmarks/tune_sampling.py --filter "b64 V128256" SPLIT_MAX_CHUNK=32768,1048576 2>&1 | tee -a "$OUT/tune_topk_dense.log" | grep -v "^BEST" ;;
     tune-split-seg) timeout 150 python3 benchmarks/tune_sampling.py --filter "top_k 50 b128 V128256,top_k 50 b64 V128256,top_k 50 b16 V128256" SPLIT_SEG=2048,4096,8192 2>&1 | tee "$OUT/tune_split_seg.log" | grep -v "^BEST" ;;
     tests-sampling-nosplit) timeout 570 python3 -m pytest -v -p no:warnings -rf --tb=short tests/test_sampling.py -k "not split and not wave" 2>&1 | tee "$OUT/tests_sampling_nosplit.log" | grep -v PASSED | tail -15 ;;
+    bench-sampling-all) timeout 400 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -1; cp /tmp/bench/sampling.md /tmp/bench/sampling.jsonl "$OUT/"; grep "^| " /tmp/bench/sampling.md ;;
+    tests-sampling-classic) timeout 170 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling_classic.log" | tail -4 ;;
     tests-sampling-rest) timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py \
                 -k "exchange or cuda_graph or spec or logits or softmax or errors or aliases or edge_rows or reproducible or layout" 2>&1 | tee "$OUT/tests_sampling_rest.log" | tail -6 ;;
     tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
