@@ -82,6 +82,9 @@ SEG_PIVOTS = 8  # top-k, joint top-k/top-p, top_k_first (also its exact top-k se
 # Top-p alone; >= SEG_NQ. 4 = the candidates only: same passes as 8 on softmax(randn) and LLM-like rows at
 # top_p 0.9 (interpreter, 128 rows of 128256), 1 row in 128 took a 3rd pass at top_p 0.3.
 SEG_PIVOTS_TOP_P = 4
+# Top-p alone, first pass: lanes j >= 1 at 2^(SEG_TOP_P_GRID_STEP * j - SEG_TOP_P_GRID_OFF) / vocab.
+SEG_TOP_P_GRID_STEP = 2
+SEG_TOP_P_GRID_OFF = 1
 SEG_PIVOTS_MIN_P = 1  # min-p alone: 1 = lane 0 (0 on the first pass, then the float just below the threshold)
 SEG_SUBS = 16  # sub-segments of a picked segment (level 2 of a draw)
 SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
@@ -1447,6 +1450,7 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, u
                                                 SEG_STAGES)
     seg_len = cdiv(cdiv(vocab, nseg), w * unroll) * w * unroll
     sub_len = cdiv(cdiv(seg_len, nsub), cw) * cw
+    grid = {}  # the kernel's default first-pass grid
     if not filtered:
         nq, nc, np_ = 2, 0, 1  # plain sampling: one draw (two lanes: size-1 tiles spill), always kept
     elif not count:
@@ -1455,11 +1459,12 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, u
     elif top_p_only:
         nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS_TOP_P
         assert np_ >= nq and np_ & (np_ - 1) == 0, "SEG_PIVOTS_TOP_P: a power of 2 >= SEG_NQ"
+        grid = dict(GRID_STEP=SEG_TOP_P_GRID_STEP, GRID_OFF=SEG_TOP_P_GRID_OFF)
     else:
         nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS
         assert np_ >= max(4, nq + 1) and np_ & (np_ - 1) == 0, "SEG_PIVOTS: a power of 2 >= max(4, SEG_NQ + 1)"
     return dict(seg_len=seg_len, sub_len=sub_len, NQ=nq, NC=nc, NP=np_, NSEG=nseg, W=w, NSUB=nsub, CW=cw, C3=c3,
-                STAGES=stages, UNROLL=unroll, num_warps=warps)
+                STAGES=stages, UNROLL=unroll, num_warps=warps, **grid)
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
