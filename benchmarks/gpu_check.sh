@@ -90,6 +90,7 @@ for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
     tune-top-p-grid) F="top_p 0.9 b512 V32000,top_p 0.9 b128 V128256,top_p 0.9 b128 V32000,top_p 0.9 b512 V128256"
            timeout 330 python3 benchmarks/tune_sampling.py --filter "$F" SEG_PIVOTS_TOP_P=4,8 SEG_TOP_P_GRID_STEP=1,2 SEG_TOP_P_GRID_OFF=1,3 2>&1 | tee "$OUT/tune_top_p_grid.log" | grep -v "^BEST"
            timeout 150 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b512 V32000" SEG_UNROLL=1,2 SEG_STAGES=4,7 2>&1 | tee -a "$OUT/tune_top_p_grid.log" | grep -v "^BEST" ;;
+    tests-sampling-top-p) timeout 200 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py -k "top_p and not split and not wave" 2>&1 | tee "$OUT/tests_sampling_top_p.log" | tail -4 ;;
     tests-sampling-rest) timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py \
                 -k "exchange or cuda_graph or spec or logits or softmax or errors or aliases or edge_rows or reproducible or layout" 2>&1 | tee "$OUT/tests_sampling_rest.log" | tail -6 ;;
     tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
