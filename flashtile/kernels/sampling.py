@@ -54,6 +54,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import globaltimer, smid
 
 from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
@@ -1100,6 +1101,7 @@ def _seg_filtered_sampling_kernel(
     BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr, RECORD_PASSES: tl.constexpr,
     SPLIT: tl.constexpr = False, EXCHANGE: tl.constexpr = False, CHUNK: tl.constexpr = 1,
     NSEG_IN: tl.constexpr = 1, NSEG_PUB: tl.constexpr = 1, GRID_STEP: tl.constexpr = 2, GRID_OFF: tl.constexpr = 1,
+    RECORD_TIMES: tl.constexpr = False,
 ):
     """The rejection sampler with segmented passes (section comment above). One output row per
     program; arguments as ``_filtered_sampling_kernel`` plus the segment sizes (``seg_len``,
@@ -1114,9 +1116,14 @@ def _seg_filtered_sampling_kernel(
     float32, and a barrier on ``COUNTER[i]``, int32 zeros).
     Every program of a row then holds the same pass results and runs the same decisions and draws
     (reading the row, mostly from L2), so they stay in step; program 0 stores the result.
-    GRID_STEP, GRID_OFF: the first pass's pivot grid (``_seg_pivots``)."""
+    GRID_STEP, GRID_OFF: the first pass's pivot grid (``_seg_pivots``).
+    RECORD_TIMES (with RECORD_PASSES; instrumentation): ``PASSES`` is int64 ``[batch, 6]`` and row i gets
+    (passes, then the global timer in ns at the start, after the first pass, after the first draw and at
+    the end, then the SM id)."""
     i = tl.program_id(0)
     c = tl.program_id(1)
+    if RECORD_TIMES:
+        t_start = globaltimer()
     tl.static_assert(not (SPLIT and TOP_K_FIRST))  # top_k_first keeps one program per row
     row = _input_row(PROBS, ROWS, i, stride_row, HAS_ROWS)
     k, top_p, min_p = _load_params(i, TOP_K, TOP_P, MIN_P, top_k_val, top_p_val, min_p_val, vocab, TOPK_PER_ROW,
@@ -1196,6 +1203,9 @@ def _seg_filtered_sampling_kernel(
             else:
                 cnt, seg_mass, rmax = _seg_pass(row, vocab, seg_len, piv, USE_TOP_K, VERIFY, NP, NSEG, W, STAGES,
                                                 UNROLL, not VERIFY)
+            if RECORD_TIMES:
+                if r == 0:
+                    tl.store(PASSES + i * 6 + 2, globaltimer())
             if not USE_TOP_K:
                 # Top-p needs cnt only for "cnt(v) == 0", i.e. v >= row max: no counting in the pass.
                 cnt = tl.where(piv >= rmax, 0, 1)
@@ -1248,6 +1258,9 @@ def _seg_filtered_sampling_kernel(
                 accept = accept | acc_n
             valid = valid | accept
             done = accept | empty
+            if RECORD_TIMES:
+                if r == 0:
+                    tl.store(PASSES + i * 6 + 3, globaltimer())
             r += 1
 
     if ~done:
@@ -1270,7 +1283,12 @@ def _seg_filtered_sampling_kernel(
         result = tl.where(from_queue, tl.sum(tl.where(q == head, qid, 0), axis=0), result)
         valid = valid | from_queue
     if c == 0:
-        if RECORD_PASSES:
+        if RECORD_TIMES:
+            tl.store(PASSES + i * 6, r + search_passes + tl.where(done, 0, 1000))
+            tl.store(PASSES + i * 6 + 1, t_start)
+            tl.store(PASSES + i * 6 + 4, globaltimer())
+            tl.store(PASSES + i * 6 + 5, smid())
+        elif RECORD_PASSES:
             tl.store(PASSES + i, r + search_passes + tl.where(done, 0, 1000))
         tl.store(OUT + i, result.to(OUT.dtype.element_ty))
         tl.store(VALID + i, valid.to(VALID.dtype.element_ty))
@@ -1553,7 +1571,7 @@ def _launch_seg_sampler(grid, probs, rows, out, valid, seed, offset, top_k, top_
         USE_MIN_P=min_p is not None, TOP_K_FIRST=top_k is not None and order == "top_k_first",
         MAX_PASSES=SEG_MAX_PASSES if max_rounds is None else max_rounds, MAX_STEPS=MAX_SEARCH_STEPS,
         DRAW_STRIDE=DRAW_STRIDE, BLOCK=16 if _interpreted(probs) else SEG_FALLBACK_BLOCK, NP_SEARCH=NUM_PIVOTS,
-        RECORD_PASSES=passes is not None, **cfg,
+        RECORD_PASSES=passes is not None, RECORD_TIMES=passes is not None and passes.dim() == 2, **cfg,
     )
 
 
