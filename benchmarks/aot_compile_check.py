@@ -207,7 +207,8 @@ for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p
                   ("top-p max_rounds=0", dict(top_p=0.5, max_rounds=0))]:
     S.filtered_sampling(probs, None, out_i, out_v, 7, 0, seg=True, **kw)
     compile_all(f"sampling seg {label}")
-# Batch 512 (several rows per SM): the launcher's SEG_WAVE_* configuration (INTERPRETER_SMS stands for the SMs).
+# Batch 512 (several rows per SM): the launcher's SEG_WAVE_* configuration (tiles, warps, register cap; AOT_WAVE_CONFIGS
+# adds warps x maxnreg variants).
 probs32k = torch.softmax(torch.randn(512, 32000), -1)
 _waves = [(S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG)] + [tuple(int(x) for x in w.split("x")) for w in
                                                     os.environ.get("AOT_WAVE_CONFIGS", "").split(",") if w]

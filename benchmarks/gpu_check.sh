@@ -78,7 +78,8 @@ for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
     K.filtered_sampling(p, None, o, v, 1, 0, **kw); torch.cuda.synchronize(); print(kw, 'ok', bool(v.all()))
 " 2>&1 | tee "$OUT/smoke_split_dense.log" | tail -6 ;;
     tune-split-dense) timeout 300 python3 benchmarks/tune_sampling.py --filter "b16 V128256,b64 V128256,b128 V128256" SPLIT_MAX_CHUNK=16384,1048576 SPLIT_PER_SM=1,2 2>&1 | tee "$OUT/tune_split_dense.log" | grep -v "^BEST" ;;
-    tune-wave) timeout 250 python3 benchmarks/tune_sampling.py --filter "b512" SEG_WAVE_WARPS=4,8 SEG_WAVE_MAXNREG=0,128 2>&1 | tee "$OUT/tune_wave.log" | grep -v "^BEST" ;;
+    tune-wave) timeout 300 python3 benchmarks/tune_sampling.py --filter "b512 V32000" SEG_WAVE_WARPS=4,8 SEG_WAVE_COLS=32,64 SEG_WAVE_SUB_COLS=16,32 2>&1 | tee "$OUT/tune_wave.log" | grep -v "^BEST" ;;
+    timeline-sampling) timeout 200 python3 benchmarks/sampling_timeline.py 2>&1 | tee "$OUT/sampling_timeline.log" ;;
     tune-topk-dense) F="top_k 50 b128 V128256,top_k 50 b64 V128256"
            timeout 200 python3 benchmarks/tune_sampling.py --filter "$F" SPLIT_WARPS=4,8 SPLIT_PER_SM=2,4 2>&1 | tee "$OUT/tune_topk_dense.log" | grep -v "^BEST"
            timeout 150 python3 benchmarks/tune_sampling.py --filter "$F" SPLIT_PIVOTS=8,16 SPLIT_NQ=4,8 2>&1 | tee -a "$OUT/tune_topk_dense.log" | grep -v "^BEST"

@@ -96,14 +96,21 @@ SEG_SUB_COLS = 32  # tokens per sub-segment per iteration of level 2
 SEG_SCAN = 256  # chunk of the level-3 scan inside a sub-segment
 SEG_MAX_PASSES = 16  # passes before the exact fallback
 # Batches of several rows per SM (batch >= SEG_WAVE_ROWS * SMs) with short rows (vocab <= SEG_WAVE_MAX_VOCAB):
-# registers capped at SEG_WAVE_MAXNREG per thread (ptxas .maxnreg; 0 = no cap) so that two 8-warp programs share
-# an SM and one's serial parts (reductions, draws, decisions) overlap the other's streaming. H100, 2026-11-22,
-# batch 512 x 32000: top-p 75.9 -> 72.1 us, top-k 129.7 -> 123.2, min-p 62.4 -> 62.3; at 128256 tokens a row
-# is mostly streaming and the cap cost 1-2.5% (top-k 341.2 -> 349.6), hence the vocabulary bound.
+# SEG_WAVE_WARPS warps with registers capped at SEG_WAVE_MAXNREG per thread (ptxas .maxnreg; 0 = no cap) and
+# tiles of SEG_ROWS x SEG_WAVE_COLS (level-2 sweeps SEG_WAVE_SUB_COLS wide), so that 64K / (4 warps x 32 x 128)
+# = 4 programs share an SM: batch 512 on 132 SMs runs as one wave. Every row then streams its first pass at
+# once (the SMs' DRAM shares are full) and the rows' serial parts (reductions, draws, decisions) come once
+# per SM instead of once per wave. Timeline (benchmarks/sampling_timeline.py, H100, 2026-11-22) of top-p
+# batch 512 x 32000: two 8-warp programs per SM took two waves, 50 us from the first row's start to the last
+# row's end, 4 x 4 warps one wave of 40 us (first pass 22 us: 512 KB per SM at 23 KB/us, the DRAM floor).
+# Replays: top-p 66.2 -> 61.0 us, min-p 62.2 -> 60.1, top-k ~124 -> 113.1. At 128256 tokens a row is mostly
+# streaming and an earlier cap cost 1-2.5%, hence the vocabulary bound.
 SEG_WAVE_ROWS = 2
 SEG_WAVE_MAX_VOCAB = 65536
-SEG_WAVE_WARPS = 8
+SEG_WAVE_WARPS = 4
 SEG_WAVE_MAXNREG = 128
+SEG_WAVE_COLS = 32
+SEG_WAVE_SUB_COLS = 16
 # Row split (``_seg_filtered_sampling_kernel`` with SPLIT): while batch x chunks <= SMs, a row's tokens are
 # cut into chunks of SPLIT_CHUNK and every chunk gets its own program (docs/sampling.md "Row split").
 SPLIT_CHUNK = 4096  # tokens per program; a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL
@@ -1458,10 +1465,11 @@ def split_layout(vocab: int, batch: int, device: torch.device, order: str = "joi
 
 
 def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, unroll: int = 1,
-                top_p_only: bool = False):
+                top_p_only: bool = False, wave: bool = False):
     """Launch sizes of the segmented sampler (module constants SEG_*). ``filtered``: some filter (top-k,
     top-p or min-p); ``count``: top-k or top-p (queued candidates are measured: pivot lanes for them);
-    ``top_p_only``: top-p without top-k (SEG_PIVOTS_TOP_P lanes).
+    ``top_p_only``: top-p without top-k (SEG_PIVOTS_TOP_P lanes); ``wave``: several rows per SM (the
+    SEG_WAVE_* tiles, warps and register cap).
     Under the interpreter, tiny tiles so that test vocabularies of 7-41 tokens span several segments,
     sub-segments and scan chunks. ``unroll``: tiles per iteration of ``_seg_pass`` (``seg_len`` a
     multiple of ``W * unroll``)."""
@@ -1470,6 +1478,11 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, u
     else:
         nseg, w, nsub, cw, c3, warps, stages = (SEG_ROWS, SEG_COLS, SEG_SUBS, SEG_SUB_COLS, SEG_SCAN, SEG_WARPS,
                                                 SEG_STAGES)
+    extra = {}
+    if wave and not interpreted:
+        w, cw, warps = SEG_WAVE_COLS, SEG_WAVE_SUB_COLS, SEG_WAVE_WARPS
+        if SEG_WAVE_MAXNREG:
+            extra["maxnreg"] = SEG_WAVE_MAXNREG
     seg_len = cdiv(cdiv(vocab, nseg), w * unroll) * w * unroll
     sub_len = cdiv(cdiv(seg_len, nsub), cw) * cw
     grid = {}  # the kernel's default first-pass grid
@@ -1486,7 +1499,7 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, u
         nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS
         assert np_ >= max(4, nq + 1) and np_ & (np_ - 1) == 0, "SEG_PIVOTS: a power of 2 >= max(4, SEG_NQ + 1)"
     return dict(seg_len=seg_len, sub_len=sub_len, NQ=nq, NC=nc, NP=np_, NSEG=nseg, W=w, NSUB=nsub, CW=cw, C3=c3,
-                STAGES=stages, UNROLL=unroll, num_warps=warps, **grid)
+                STAGES=stages, UNROLL=unroll, num_warps=warps, **grid, **extra)
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
@@ -1517,14 +1530,11 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
                             min_p=min_p, max_rounds=max_rounds, passes=passes)
             return
     if seg:
+        wave = not _interpreted(probs) and batch >= SEG_WAVE_ROWS * num_sms(probs.device) and vocab <= SEG_WAVE_MAX_VOCAB
         cfg = _seg_config(vocab, _interpreted(probs), filtered=top_k is not None or top_p is not None or min_p is not None,
                           count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
-                          top_p_only=top_p is not None and top_k is None)
+                          top_p_only=top_p is not None and top_k is None, wave=wave)
         seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
-        if not _interpreted(probs) and batch >= SEG_WAVE_ROWS * num_sms(probs.device) and vocab <= SEG_WAVE_MAX_VOCAB:
-            cfg["num_warps"] = SEG_WAVE_WARPS
-            if SEG_WAVE_MAXNREG:
-                cfg["maxnreg"] = SEG_WAVE_MAXNREG
         _launch_seg_sampler((batch,), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, order, max_rounds,
                             passes, seg_len, sub_len, cfg)
         return
