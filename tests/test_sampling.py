@@ -536,6 +536,25 @@ def test_split_sampler_bounded_passes(split_kernels, device, mode, passes):
     assert split_launches[0] == 1
 
 
+def test_wave_config_sizes():
+    """The several-rows-per-SM configuration: its tiles, warps and register cap, and that the cap lets
+    four programs share an SM's 64K registers (the one-wave design at batch 512, docs/sampling.md)."""
+    import flashtile.kernels.sampling as K
+
+    for filters in (dict(filtered=True, count=True, top_p_only=True), dict(filtered=True, count=False),
+                    dict(filtered=False, count=False)):
+        cfg = K._seg_config(32000, False, unroll=K.SEG_UNROLL, wave=True, **filters)
+        assert cfg["W"] == K.SEG_WAVE_COLS and cfg["CW"] == K.SEG_WAVE_SUB_COLS
+        assert cfg["num_warps"] == K.SEG_WAVE_WARPS and cfg["maxnreg"] == K.SEG_WAVE_MAXNREG
+        assert cfg["seg_len"] % (cfg["W"] * K.SEG_UNROLL) == 0 and cfg["sub_len"] % cfg["CW"] == 0
+        assert cfg["seg_len"] * cfg["NSEG"] >= 32000 and cfg["sub_len"] * cfg["NSUB"] >= cfg["seg_len"]
+        assert 4 * cfg["num_warps"] * 32 * cfg["maxnreg"] <= 65536
+        plain = K._seg_config(32000, False, unroll=K.SEG_UNROLL, **filters)
+        assert plain["W"] == K.SEG_COLS and plain["num_warps"] == K.SEG_WARPS and "maxnreg" not in plain
+        # The interpreter keeps its tiny tiles whatever the batch.
+        assert "maxnreg" not in K._seg_config(32000, True, unroll=1, wave=True, **filters)
+
+
 def test_split_layout_rule(monkeypatch):
     """The default split: a GPU, the smallest SPLIT_CHUNK * 2^m chunk (at most SPLIT_MAX_CHUNK) with
     batch x chunks <= SMs, else <= SMs x SPLIT_PER_SM, at least 2 chunks, not top_k_first, not turned off."""
