@@ -214,7 +214,8 @@ _waves = [(S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG)] + [tuple(int(x) for x in w.spl
                                                     os.environ.get("AOT_WAVE_CONFIGS", "").split(",") if w]
 for _w, _r in _waves:
     S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG = _w, _r
-    for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05))]:
+    for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),
+                      ("top_k_first", dict(top_k=50, top_p=0.9, order="top_k_first"))]:
         S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.empty(512, dtype=torch.bool),
                             7, 0, seg=True, **kw)
         compile_all(f"sampling seg {label} batch 512 vocab 32000")

@@ -2,7 +2,7 @@
 
     python benchmarks/sampling_timeline.py [--cases top_p:512:32000,min_p:512:32000] [NAME=v ...]
 
-For each case (sampler:batch:vocab, samplers top_p / top_k / min_p / plain on ``softmax(randn)`` rows,
+For each case (sampler:batch:vocab, samplers top_p / top_k / min_p / plain / joint / top_k_first on ``softmax(randn)`` rows,
 one program per row: the split is off) the kernel runs once with ``RECORD_TIMES`` (the global timer
 at the row's start, after its first pass, after its first draw and at its end, and its SM), then alone
 as CUDA-graph replays with seed and offset given. Printed: the launch's span, the mean row time and its
@@ -25,7 +25,8 @@ import triton.language as tl  # noqa: E402
 from benchmarks.harness import measure  # noqa: E402
 from flashtile.kernels import sampling as K  # noqa: E402
 
-PARAMS = {"top_p": dict(top_p=0.9), "top_k": dict(top_k=50), "min_p": dict(min_p=0.05), "plain": dict()}
+PARAMS = {"top_p": dict(top_p=0.9), "top_k": dict(top_k=50), "min_p": dict(min_p=0.05), "plain": dict(),
+          "joint": dict(top_k=50, top_p=0.9), "top_k_first": dict(top_k=50, top_p=0.9, order="top_k_first")}
 
 
 @triton.jit

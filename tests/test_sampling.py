@@ -705,17 +705,19 @@ def test_split_exchange_distribution(mode, batch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["plain", "top_p", "top_k", "min_p", "joint"])
+@pytest.mark.parametrize("mode", ["plain", "top_p", "top_k", "min_p", "joint", "top_k_first"])
 def test_wave_config_distribution(mode):
-    """Batches of several rows per SM run the one-program kernel with SEG_WAVE_WARPS and capped registers:
-    every id in the filter set and chi-square (2 x SMs + 8 rows per call, 100 calls)."""
+    """Batches of several rows per SM run the one-program kernel with SEG_WAVE_WARPS and capped registers
+    (top_k_first: the standard configuration): every id in the filter set and chi-square (2 x SMs + 8 rows
+    per call, 100 calls)."""
     import flashtile.kernels.sampling as K
     from flashtile._core.device import num_sms
 
     V = 4 * K.SPLIT_CHUNK + 3
     probs = _dist("longtail", V, "cuda")
     params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
-                  joint=dict(top_k=9, top_p=0.5))[mode]
+                  joint=dict(top_k=9, top_p=0.5), top_k_first=dict(top_k=9, top_p=0.5))[mode]
+    order = "top_k_first" if mode == "top_k_first" else "joint"
     batch = K.SEG_WAVE_ROWS * num_sms(probs.device) + 8
     assert K.split_layout(V, batch, probs.device) == (0, 0)
     rows = torch.zeros(batch, dtype=torch.int32, device="cuda")
@@ -723,11 +725,11 @@ def test_wave_config_distribution(mode):
     for seed in range(100):
         out = torch.empty(batch, dtype=torch.int32, device="cuda")
         valid = torch.empty(batch, dtype=torch.bool, device="cuda")
-        K.filtered_sampling(probs, rows, out, valid, seed, 0, **params)
+        K.filtered_sampling(probs, rows, out, valid, seed, 0, order=order, **params)
         assert bool(valid.all())
         ids.append(out)
     ids = torch.cat(ids).cpu()
-    keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()})[0]
+    keep = sampling_keep_oracle(probs, **{k: [v] for k, v in params.items()}, order=order)[0]
     assert bool(keep[ids.long()].all())
     assert chi_square_pvalue(ids, renorm_oracle(probs, keep[None])[0]) > P_FLOOR
 
