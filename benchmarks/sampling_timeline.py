@@ -2,12 +2,12 @@
 
     python benchmarks/sampling_timeline.py [--cases top_p:512:32000,min_p:512:32000] [NAME=v ...]
 
-For each case (sampler:batch:vocab, samplers top_p / top_k / min_p / plain / joint / top_k_first on ``softmax(randn)`` rows,
-one program per row: the split is off) the kernel runs once with ``RECORD_TIMES`` (the global timer
-at the row's start, after its first pass, after its first draw and at its end, and its SM), then alone
-as CUDA-graph replays with seed and offset given. Printed: the launch's span, the mean row time and its
-parts, the passes, and how the rows' start times spread (rows that start after the first ones finish
-ran in a later wave). NAME=v sets a constant of flashtile.kernels.sampling first (e.g. SEG_NQ=2).
+For each case (sampler:batch:vocab; samplers top_p / top_k / min_p / plain / joint / top_k_first on
+``softmax(randn)`` rows, one program per row: the split is off) the kernel runs once with ``RECORD_TIMES``
+(the global timer at the row's start, after its first pass, after its first draw and at its end, and its
+SM), then alone as CUDA-graph replays with seed and offset given. Printed: the launch's span, the mean row
+time and its parts, the passes, and how the rows' start times spread (rows that start after the first ones
+finish ran in a later wave). NAME=v sets a constant of flashtile.kernels.sampling first (e.g. SEG_NQ=2).
 """
 
 from __future__ import annotations
