@@ -1508,7 +1508,8 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``.
     ``max_rounds``: rejection rounds (segmented path: passes) before the exact fallback, None = the
     default; ``seg``: None = :func:`seg_path_enabled`; ``passes``: an int32 ``[batch]`` tensor that the segmented kernel fills with each
-    row's pass count (+1000 where the exact fallback ran), for measurements. ``split`` (segmented path):
+    row's pass count (+1000 where the exact fallback ran), for measurements; an int64 ``[batch, 6]`` tensor
+    also gets each row's timeline (``RECORD_TIMES``, benchmarks/sampling_timeline.py). ``split`` (segmented path):
     None = :func:`split_layout` decides; True = split rows into chunks of ``_split_chunk`` tokens, an int =
     into chunks of that many tokens (the partials are exchanged between programs only on a GPU and when
     the grid fits the SMs; otherwise each program measures every chunk, with the same results); False =
