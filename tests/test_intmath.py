@@ -2,7 +2,7 @@
 
 import triton
 
-from flashtile._core.intmath import cdiv, dot_tile_dim, next_power_of_2
+from flashtile._core.intmath import cdiv, dot_tile_dim, floor_power_of_2, next_power_of_2
 
 
 def test_next_power_of_2_matches_triton():
@@ -18,3 +18,10 @@ def test_cdiv_matches_triton():
 
 def test_dot_tile_dim():
     assert [dot_tile_dim(n) for n in (1, 8, 16, 17, 64, 100, 128, 192, 256)] == [16, 16, 16, 32, 64, 128, 128, 256, 256]
+
+
+def test_floor_power_of_2():
+    for n in range(1, 2100):
+        p = floor_power_of_2(n)
+        assert p <= n < 2 * p and p & (p - 1) == 0, n
+    assert floor_power_of_2(0) == 1 and floor_power_of_2(-5) == 1

@@ -711,14 +711,13 @@ def test_wave_config_distribution(mode):
     (top_k_first: the standard configuration): every id in the filter set and chi-square (2 x SMs + 8 rows
     per call, 100 calls)."""
     import flashtile.kernels.sampling as K
-    from flashtile._core.device import num_sms
 
     V = 4 * K.SPLIT_CHUNK + 3
     probs = _dist("longtail", V, "cuda")
     params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
                   joint=dict(top_k=9, top_p=0.5), top_k_first=dict(top_k=9, top_p=0.5))[mode]
     order = "top_k_first" if mode == "top_k_first" else "joint"
-    batch = K.SEG_WAVE_ROWS * num_sms(probs.device) + 8
+    batch = K.SEG_WAVE_ROWS * K._usable_sms(probs.device) + 8
     assert K.split_layout(V, batch, probs.device) == (0, 0)
     rows = torch.zeros(batch, dtype=torch.int32, device="cuda")
     ids = []

@@ -1,4 +1,5 @@
-"""Integer helpers for launchers: plain-Python ``cdiv``, ``next_power_of_2`` and ``dot_tile_dim``.
+"""Integer helpers for launchers: plain-Python ``cdiv``, ``next_power_of_2``, ``floor_power_of_2`` and
+``dot_tile_dim``.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr-function objects (Triton 3.6+) that cost
 ~1.7 us of host time per call; a launcher calls them several times per launch, which matters for
@@ -7,7 +8,7 @@ launch-bound small ops at batch 1.
 
 from __future__ import annotations
 
-__all__ = ["cdiv", "next_power_of_2", "dot_tile_dim"]
+__all__ = ["cdiv", "next_power_of_2", "floor_power_of_2", "dot_tile_dim"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -18,6 +19,11 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (0 for n = 0, as ``triton.next_power_of_2``)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def floor_power_of_2(n: int) -> int:
+    """The largest power of two <= n, and 1 for n <= 1 (a count of segments or programs)."""
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def dot_tile_dim(n: int) -> int:

@@ -57,7 +57,7 @@ import triton.language as tl
 from triton.language.extra.cuda import globaltimer, smid
 
 from .._core.device import num_sms
-from .._core.intmath import cdiv, next_power_of_2
+from .._core.intmath import cdiv, floor_power_of_2, next_power_of_2
 from .._core.launch import direct_launch
 
 # Kernel ints that change with every call (generator draws): not specialized on their value, so a
@@ -1420,10 +1420,6 @@ def split_path_enabled() -> bool:
     return os.environ.get("FLASHTILE_SAMPLING_SPLIT", "1") != "0"
 
 
-def _floor_power_of_2(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
 def _split_chunk(interpreted: bool) -> int:
     """Tokens per program of the row split: SPLIT_CHUNK, or 16 under the interpreter (so that test
     vocabularies of 20-40 tokens span 2-3 chunks)."""
@@ -1534,7 +1530,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
         # top_k_first keeps the standard configuration: its exact top-k search spills under any register
         # cap (824 B with 4 warps, 724 with 8), and uncapped it is fastest (H100, batch 512 x 32000: 409 us,
         # against 607 with 8 warps capped at 128 and 667 with the 4-warp wave configuration).
-        wave = (not _interpreted(probs) and batch >= SEG_WAVE_ROWS * num_sms(probs.device)
+        wave = (not _interpreted(probs) and batch >= SEG_WAVE_ROWS * _usable_sms(probs.device)
                 and vocab <= SEG_WAVE_MAX_VOCAB and not (top_k is not None and order == "top_k_first"))
         cfg = _seg_config(vocab, _interpreted(probs), filtered=top_k is not None or top_p is not None or min_p is not None,
                           count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
@@ -1600,12 +1596,12 @@ def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, *, to
                       count=top_k is not None or top_p is not None, unroll=SEG_UNROLL,
                       top_p_only=top_p is not None and top_k is None)
     cfg.pop("seg_len"), cfg.pop("sub_len")
-    nseg_in = _floor_power_of_2(max(1, min(cfg["NSEG"], chunk // (cfg["W"] * cfg["UNROLL"]))))  # a chunk's own pass
+    nseg_in = floor_power_of_2(min(cfg["NSEG"], chunk // (cfg["W"] * cfg["UNROLL"])))  # a chunk's own pass
     if chunk % (nseg_in * cfg["W"] * cfg["UNROLL"]) or chunk % cfg["CW"]:
         raise ValueError(f"SPLIT_CHUNK: expected a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL "
                          f"({nseg_in * cfg['W'] * cfg['UNROLL']}) and of SEG_SUB_COLS, got {chunk}")
     # Published segments per chunk: at most SPLIT_SEG tokens each (a draw reads one per candidate).
-    nseg_pub = min(nseg_in, _floor_power_of_2(max(1, chunk // (SPLIT_SEG_INTERPRETED if interpreted else SPLIT_SEG))))
+    nseg_pub = min(nseg_in, floor_power_of_2(chunk // (SPLIT_SEG_INTERPRETED if interpreted else SPLIT_SEG)))
     if top_k is not None or top_p is not None:
         cfg.update(NQ=SPLIT_NQ, NC=SPLIT_NQ, NP=SPLIT_PIVOTS, GRID_STEP=1, GRID_OFF=3)
         need = SPLIT_NQ + (1 if top_k is not None else 0)
