@@ -50,6 +50,7 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     num_sms,
     tma_enabled,
 )
+from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_supported
 from .softmax import finalize_state, softmax_update
 
 
@@ -326,7 +327,13 @@ def batch_prefill_forward(
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     use_tma = not paged and tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
     k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
-    if num_items > 0:
+    causal = bool(params.causal) and packed_mask is None
+    plain = (packed_mask is None and params.window_left < 0 and params.logits_soft_cap <= 0
+             and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0)
+    if num_items > 0 and not INTERPRET and hopper_prefill_supported(q, k, v, paged, block_m, causal, plain):
+        hopper_prefill_forward(q, k, v, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
+                               params.sm_scale * LOG2E, causal, num_items, num_sms(q.device))
+    elif num_items > 0:
         _batch_prefill_kernel[(num_items * num_kv_heads,)](
             q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
             alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
@@ -337,7 +344,7 @@ def batch_prefill_forward(
             params.sm_scale, params.sm_scale * LOG2E, float(params.logits_soft_cap), int(params.window_left),
             math.log2(params.rope_theta), 1.0 / params.rope_scale, float(params.v_scale),
             PAGE_SIZE=page_size, GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk,
-            D_VO=d_vo, CAUSAL=bool(params.causal) and packed_mask is None, HAS_WINDOW=params.window_left >= 0,
+            D_VO=d_vo, CAUSAL=causal, HAS_WINDOW=params.window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
             USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
             PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
