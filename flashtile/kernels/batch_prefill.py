@@ -9,7 +9,8 @@ kernel serves every batch composition and a CUDA-graph capture replays correctly
 
 ``META`` (int32) holds, in order:
 (field counts and the packing: scheduler/prefill_work.py)
-  COUNTS [4]        number of items, number of merge entries, group_items (launch order), unused
+  COUNTS [4]        number of items, number of merge entries, group_items (launch order), work counter
+                    (batch_prefill_hopper.py; 0 between launches)
   REQS   [B, 5]     qo_start, qo_len, kv_offset, kv_len, mask_offset  per request
                     (kv_offset: first KV row (ragged) or first entry of the page list (paged);
                     mask_offset: first byte of the request's packed mask)

@@ -50,7 +50,7 @@ try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hop
 except Exception:  # pragma: no cover - older or newer Triton without this API
     _HAVE_GLUON = False
 
-from .softmax import finalize_state, softmax_update
+from .softmax import finalize_state, softmax_step
 
 BLOCK_M = 128
 BLOCK_N = 128
@@ -66,18 +66,36 @@ def hopper_prefill_enabled() -> bool:
     return os.environ.get("FLASHTILE_HOPPER_PREFILL", "1") != "0"
 
 
-def _page_layout(k: torch.Tensor) -> Optional[str]:
-    """"NHD" or "HND" when a page view ``[P, page_size, H, D]`` (strides as given) is a dense cache in
-    that layout (so that a page of one head is a box of rows of a 2-D view), else None."""
-    p, ps, h, d = k.shape
-    s0, s1, s2, s3 = k.stride()
-    if s3 != 1:
+def _kv_rows(x: torch.Tensor, paged: bool) -> Optional[tuple]:
+    """How the TMA copies address K or V: a 2-D view ``[rows, cols]`` with row stride ``row_stride``
+    (elements, unit column stride) in which a key of one head is a row segment of ``D`` elements.
+    Key ``j`` of head ``h`` sits at row ``base(j) + h * head_row``, column ``h * head_col``, where
+    ``base(j)`` is ``kv_offset + j`` (ragged) or ``page * rows_per_page + slot`` (paged).
+
+    Returns ``(rows, cols, row_stride, rows_per_page, head_row, head_col)`` or None when the tensor
+    has no such form (e.g. a key's elements not contiguous)."""
+    d = x.shape[-1]
+    if x.stride(-1) != 1:
         return None
-    if s2 == d and s1 == h * d and s0 == ps * h * d:
-        return "NHD"
-    if s1 == d and s2 == ps * d and s0 == ps * h * d:
-        return "HND"
-    return None
+    if not paged:  # [T, H, D]
+        t, h, _ = x.shape
+        st, sh = x.stride(0), x.stride(1)
+        if sh < d or (h - 1) * sh + d > st:
+            return None
+        return t, (h - 1) * sh + d, st, 0, 0, sh
+    p, ps, h, _ = x.shape  # [P, page_size, H, D] with the cache's strides
+    sp, ss, sh = x.stride(0), x.stride(1), x.stride(2)
+    if sp % ss:
+        return None
+    rows_per_page = sp // ss
+    if sh < ss:  # NHD: the heads of a slot share a row
+        if sh < d or (h - 1) * sh + d > ss or rows_per_page < ps:
+            return None
+        return (p - 1) * rows_per_page + ps, (h - 1) * sh + d, ss, rows_per_page, 0, sh
+    # HND: a head's slots are consecutive rows
+    if ss < d or sh % ss or sh // ss < ps or rows_per_page < (h - 1) * (sh // ss) + ps:
+        return None
+    return (p - 1) * rows_per_page + (h - 1) * (sh // ss) + ps, d, ss, rows_per_page, sh // ss, 0
 
 
 def hopper_prefill_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool, block_m: int,
@@ -99,13 +117,12 @@ def hopper_prefill_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     group = q.shape[1] // num_kv_heads
     if group < 1 or group > 16 or group & (group - 1):
         return False
-    if paged:
-        page_size = k.shape[1]
-        if page_size % 8 or page_size > BLOCK_N or BLOCK_N % page_size:
-            return False
-        layout = _page_layout(k)
-        return layout is not None and _page_layout(v) == layout
-    return all(x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * 2) % 16 == 0 for x in (k, v))
+    if paged and (k.shape[1] % 8 or k.shape[1] > BLOCK_N or BLOCK_N % k.shape[1]):
+        return False
+    k_rows, v_rows = _kv_rows(k, paged), _kv_rows(v, paged)
+    if k_rows is None or v_rows is None or k_rows[3:] != v_rows[3:]:  # K and V share coordinates
+        return False
+    return all(r[0] < 2**31 and r[1] < 2**31 and (r[2] * 2) % 16 == 0 for r in (k_rows, v_rows))
 
 
 if _HAVE_GLUON:
@@ -168,23 +185,54 @@ if _HAVE_GLUON:
                 tma.async_copy_global_to_shared(desc, [row, kv_head * head_col], bar,
                                                 buf.slice(j * PAGE_SIZE, PAGE_SIZE))
         else:
-            tma.async_copy_global_to_shared(desc, [kv_offset + n0, kv_head * HEAD_DIM], bar, buf)
+            tma.async_copy_global_to_shared(desc, [kv_offset + n0, kv_head * head_col], bar, buf)
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, COUNTS, REQS, ITEMS, PAGE_INDICES,
+    def _mask_logits(x, n0, full_end, kv_len, offs_n, positions, CAUSAL: gl.constexpr):
+        """Logits of keys ``n0 + offs_n``; from ``full_end`` on (causal diagonal, end of the keys) the
+        keys a row cannot see become ``-inf``."""
+        if n0 + _BLOCK_N > full_end:
+            cols = n0 + offs_n
+            visible = cols[None, :] < kv_len
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= positions[:, None])
+            x = gl.where(visible, x, float("-inf"))
+        return x
+
+    @gluon.jit
+    def _ready_values(v_buf, v_bar, phase, n0, kv_len, fix_layout: gl.constexpr, dtype: gl.constexpr):
+        """Wait for a V block; rows past the keys are zeroed in shared memory first (another request's
+        rows or a page's unwritten slots: 0 * NaN would poison the product)."""
+        mbarrier.wait(v_bar, phase)
+        if n0 + _BLOCK_N > kv_len:
+            rows = n0 + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, fix_layout))
+            v_tile = v_buf.load(fix_layout)
+            v_buf.store(gl.where(rows[:, None] < kv_len, v_tile, 0.0).to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+        return v_buf
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS, PAGE_INDICES,
                   num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         kv_bytes: gl.constexpr = _BLOCK_N * HEAD_DIM * 2
+        unit_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         total = gl.load(COUNTS) * num_kv_heads
         tile = 0
         block = 0
-        for w in range(gl.program_id(0), total, gl.num_programs(0)):
+        # Work units are taken from a counter (the plan's COUNTS[3]) in launch order, as the hardware
+        # hands out the blocks of a non-persistent grid: long tiles first, and the programs running
+        # at one time on neighbouring units (shared K/V in L2).
+        w = gl.atomic_add(COUNTS + 3, 1)
+        while w < total:
             (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
              num_blocks) = _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP, CAUSAL)
             qi = tile % 2
             mbarrier.wait(q_empty.index(qi), ((tile // 2) & 1) ^ 1)
+            unit_ids.index(qi).store(gl.full([1], w, gl.int32, layout=unit_layout))  # for the consumer
             mbarrier.expect(q_ready.index(qi), _BLOCK_M * HEAD_DIM * 2)
             q_buf = q_bufs.index(qi)
             for g in gl.static_range(GROUP):
@@ -204,9 +252,25 @@ if _HAVE_GLUON:
                                PAGE_INDICES, rows_per_page, head_row, head_col, oob_row, PAGED, PAGE_SIZE, HEAD_DIM)
                 block += 1
             tile += 1
+            w = gl.atomic_add(COUNTS + 3, 1)
+        # The last program to find the work gone resets the counter for the next launch.
+        if w == total + gl.num_programs(0) - 1:
+            gl.atomic_xchg(COUNTS + 3, 0)
+        qi = tile % 2
+        mbarrier.wait(q_empty.index(qi), ((tile // 2) & 1) ^ 1)
+        unit_ids.index(qi).store(gl.full([1], -1, gl.int32, layout=unit_layout))  # no more work
+        mbarrier.arrive(q_ready.index(qi), count=1)
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, v_bufs, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS, num_kv_heads,
+    def _next_unit(unit_ids, q_ready, tile, num_warps: gl.constexpr):
+        """Wait for the producer's next tile and return its work unit (-1: none left)."""
+        qi = tile % 2
+        mbarrier.wait(q_ready.index(qi), (tile // 2) & 1)
+        ids = unit_ids.index(qi).load(gl.BlockedLayout([1], [32], [num_warps], [0]))
+        return gl.max(ids, 0)
+
+    @gluon.jit
+    def _consumer(q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS, num_kv_heads,
                   stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
@@ -219,59 +283,69 @@ if _HAVE_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-        # V rows past the keys are zeroed in shared memory (they may be another request's or unwritten
-        # slots of a page: 0 * NaN would poison the product).
         fix_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         dtype: gl.constexpr = q_bufs.dtype
         offs_m = gl.arange(0, _BLOCK_M, layout=row_layout)
         offs_n = gl.arange(0, _BLOCK_N, layout=col_layout)
         head_of_row = offs_m // TOKENS
         token_of_row = offs_m % TOKENS
-        total = gl.load(COUNTS) * num_kv_heads
         tile = 0
         block = 0
-        for w in range(gl.program_id(0), total, gl.num_programs(0)):
+        w = _next_unit(unit_ids, q_ready, tile, num_warps)
+        while w >= 0:
             (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
              num_blocks) = _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP, CAUSAL)
             tokens = t_first + token_of_row
             positions = tokens + delta
             qi = tile % 2
-            mbarrier.wait(q_ready.index(qi), (tile // 2) & 1)
             q_buf = q_bufs.index(qi)
             m_i = gl.full([_BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
             l_i = gl.zeros([_BLOCK_M], gl.float32, layout=row_layout)
             acc = gl.zeros([_BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
             s_zero = gl.zeros([_BLOCK_M, _BLOCK_N], gl.float32, layout=s_layout)
-            for j in range(num_blocks):
-                n0 = start + j * _BLOCK_N
+            if num_blocks > 0:
+                # Block j's softmax runs while the tensor cores do block j-1's P @ V: per iteration,
+                # issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait for S_j only, release K_j, do the
+                # softmax, then wait for the product, release V_{j-1} and rescale O.
                 s = block % _STAGES
                 phase = (block // _STAGES) & 1
-                k_buf = k_bufs.index(s)
-                v_buf = v_bufs.index(s)
                 mbarrier.wait(k_ready.index(s), phase)
-                qk = warpgroup_mma(q_buf, k_buf.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                qk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_buf, k_buf))
+                qk = warpgroup_mma(q_buf, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                qk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_buf, k_bufs.index(s)))
                 mbarrier.arrive(k_empty.index(s), count=1)
-                x = qk * qk_scale_log2
-                if n0 + _BLOCK_N > full_end:  # causal diagonal or the end of the keys
-                    cols = n0 + offs_n
-                    visible = cols[None, :] < kv_len
-                    if CAUSAL:
-                        visible = visible & (cols[None, :] <= positions[:, None])
-                    x = gl.where(visible, x, float("-inf"))
-                m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, x)
+                x = _mask_logits(qk * qk_scale_log2, start, full_end, kv_len, offs_n, positions, CAUSAL)
+                m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-                mbarrier.wait(v_ready.index(s), phase)
-                if n0 + _BLOCK_N > kv_len:
-                    rows = n0 + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, fix_layout))
-                    v_tile = v_buf.load(fix_layout)
-                    v_buf.store(gl.where(rows[:, None] < kv_len, v_tile, 0.0).to(dtype))
-                    fence_async_shared()
-                    gl.thread_barrier()
-                acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
-                acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_buf))
-                mbarrier.arrive(v_empty.index(s), count=1)
+                prev_s = s
+                prev_phase = phase
+                prev_n0 = start
                 block += 1
+                for j in range(1, num_blocks):
+                    n0 = start + j * _BLOCK_N
+                    s = block % _STAGES
+                    phase = (block // _STAGES) & 1
+                    mbarrier.wait(k_ready.index(s), phase)
+                    qk = warpgroup_mma(q_buf, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    v_prev = _ready_values(v_bufs.index(prev_s), v_ready.index(prev_s), prev_phase, prev_n0, kv_len,
+                                           fix_layout, dtype)
+                    acc = warpgroup_mma(p_op, v_prev, acc, is_async=True)
+                    qk, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(qk, q_buf, k_bufs.index(s)))
+                    mbarrier.arrive(k_empty.index(s), count=1)
+                    x = _mask_logits(qk * qk_scale_log2, n0, full_end, kv_len, offs_n, positions, CAUSAL)
+                    m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
+                    acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))
+                    mbarrier.arrive(v_empty.index(prev_s), count=1)
+                    acc = acc * alpha[:, None]
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                    prev_s = s
+                    prev_phase = phase
+                    prev_n0 = n0
+                    block += 1
+                v_prev = _ready_values(v_bufs.index(prev_s), v_ready.index(prev_s), prev_phase, prev_n0, kv_len,
+                                       fix_layout, dtype)
+                acc = warpgroup_mma(p_op, v_prev, acc, is_async=True)
+                acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))
+                mbarrier.arrive(v_empty.index(prev_s), count=1)
             mbarrier.arrive(q_empty.index(qi), count=1)
             tile += 1
 
@@ -293,6 +367,7 @@ if _HAVE_GLUON:
                 gl.store(PART_O + o_part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_ok[:, None])
                 l_part = base + token_of_row * GROUP + head_of_row
                 gl.store(PART_LSE + l_part, lse, mask=tokens < qo_len)
+            w = _next_unit(unit_ids, q_ready, tile, num_warps)
 
     @gluon.jit
     def _hopper_prefill_kernel(q_desc, k_desc, v_desc, O, LSE, PART_O, PART_LSE, PAGE_INDICES, COUNTS, REQS,
@@ -305,6 +380,7 @@ if _HAVE_GLUON:
         q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M, HEAD_DIM], tile_layout)
         k_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
+        unit_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
@@ -321,10 +397,10 @@ if _HAVE_GLUON:
             mbarrier.init(v_empty.index(i), count=1)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS, num_kv_heads,
+            (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS, num_kv_heads,
                          stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP, HEAD_DIM, CAUSAL,
                          num_warps)),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, COUNTS, REQS, ITEMS, PAGE_INDICES,
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS, PAGE_INDICES,
                          num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM, CAUSAL, PAGED,
                          PAGE_SIZE)),
         ], [1], [_PRODUCER_REGS])
@@ -336,23 +412,13 @@ def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
 
 
 def _kv_descriptor(x: torch.Tensor, paged: bool, head_dim: int):
-    """A 2-D TMA view of K or V whose boxes are one page of one head (paged) or BLOCK_N keys of one
-    head (ragged), and the coordinates' (rows_per_page, head_row, head_col, oob_row)."""
-    if not paged:
-        rows, cols = x.shape[0], x.shape[1] * head_dim
-        desc = GluonTensorDescriptor(x, [rows, cols], [x.stride(0), 1], [BLOCK_N, head_dim],
-                                     _tile_layout(BLOCK_N, head_dim, x.dtype))
-        return desc, (0, 0, head_dim, rows)
-    num_pages, page_size, num_heads, _ = x.shape
-    box = _tile_layout(page_size, head_dim, x.dtype)
-    if _page_layout(x) == "NHD":  # row = page * page_size + slot, column = head * D
-        rows = num_pages * page_size
-        desc = GluonTensorDescriptor(x, [rows, num_heads * head_dim], [num_heads * head_dim, 1],
-                                     [page_size, head_dim], box)
-        return desc, (page_size, 0, head_dim, rows)
-    rows = num_pages * num_heads * page_size  # HND: row = (page * H + head) * page_size + slot
-    desc = GluonTensorDescriptor(x, [rows, head_dim], [head_dim, 1], [page_size, head_dim], box)
-    return desc, (num_heads * page_size, page_size, 0, rows)
+    """The TMA view of K or V (:func:`_kv_rows`): boxes of one page of one head (paged) or BLOCK_N keys
+    of one head (ragged); and the coordinates' (rows_per_page, head_row, head_col, oob_row)."""
+    rows, cols, row_stride, rows_per_page, head_row, head_col = _kv_rows(x, paged)
+    box_rows = x.shape[1] if paged else BLOCK_N
+    desc = GluonTensorDescriptor(x, [rows, cols], [row_stride, 1], [box_rows, head_dim],
+                                 _tile_layout(box_rows, head_dim, x.dtype))
+    return desc, (rows_per_page, head_row, head_col, rows)
 
 
 def hopper_prefill_forward(q, k, v, page_indices, counts, reqs, items, part_o, part_lse, out, lse, qk_scale_log2: float,
@@ -368,9 +434,8 @@ def hopper_prefill_forward(q, k, v, page_indices, counts, reqs, items, part_o, p
     q_desc = GluonTensorDescriptor(q, [q.shape[0], num_qo_heads * head_dim], [q.stride(0), 1], [tokens, head_dim],
                                    _tile_layout(tokens, head_dim, q.dtype))
     k_desc, coords = _kv_descriptor(k, paged, head_dim)
-    v_desc, v_coords = _kv_descriptor(v, paged, head_dim)
-    if v_coords != coords:  # the kernel shares one set of coordinates between K and V
-        raise ValueError(f"k and v page views must have one layout; got {tuple(k.stride())} and {tuple(v.stride())}")
+    v_desc, (_, _, _, v_oob_row) = _kv_descriptor(v, paged, head_dim)
+    coords = coords[:3] + (max(coords[3], v_oob_row),)  # a row past the end of both views
     grid = max(1, min(num_sms, num_items * num_kv_heads))
     _hopper_prefill_kernel[(grid,)](
         q_desc, k_desc, v_desc, out, lse, part_o, part_lse, page_indices if paged else counts, counts, reqs, items,

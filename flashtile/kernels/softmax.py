@@ -6,7 +6,7 @@ Everything is base 2. A row's running state is ``(m, l, acc)``:
 - ``acc`` sum of ``2**(s - m) * v`` (unnormalized output), float32.
 A finished state is ``(o, lse)`` with ``o = acc / l`` and ``lse = m + log2(l)``; a row that saw no
 key has ``o = 0`` and ``lse = -inf``. Attention kernels (decode, prefill, split-KV partials) fold
-tiles of logits in with :func:`softmax_update`. Merging finished states (split-KV reduction,
+tiles of logits in with :func:`softmax_update` (or :func:`softmax_step`). Merging finished states (split-KV reduction,
 cascade) is the same update: a state is a "key" whose logit is its ``lse`` and whose value is its
 ``o`` (see merge.py). ``-inf`` is handled once, in :func:`_rescale`.
 """
@@ -28,18 +28,27 @@ def _rescale(m_old, m_new):
 
 
 @triton.jit
-def softmax_update(m_i, l_i, acc, s):
-    """Fold one tile of base-2 logits ``s`` [BLOCK_M, BLOCK_N] (masked entries ``-inf``) into the state.
+def softmax_step(m_i, l_i, s):
+    """Fold one tile of base-2 logits ``s`` [BLOCK_M, BLOCK_N] (masked entries ``-inf``) into the row
+    statistics, leaving the accumulator to the caller.
 
-    Returns ``(m_new, l_new, acc_rescaled, p)``: the caller adds ``dot(p, v_tile)`` to
-    ``acc_rescaled``. ``p`` is float32 ``2**(s - m_new)``.
+    Returns ``(m_new, l_new, alpha, p)``: the caller scales its accumulator by ``alpha[:, None]`` and
+    adds ``dot(p, v_tile)``. ``p`` is float32 ``2**(s - m_new)``. (A kernel that overlaps the previous
+    tile's ``dot`` with this step applies ``alpha`` once that product has landed.)
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha, pivot = _rescale(m_i, m_new)
     p = tl.exp2(s - pivot[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    return m_new, l_new, acc, p
+    return m_new, l_new, alpha, p
+
+
+@triton.jit
+def softmax_update(m_i, l_i, acc, s):
+    """:func:`softmax_step` plus the rescale of ``acc``: returns ``(m_new, l_new, acc_rescaled, p)``;
+    the caller adds ``dot(p, v_tile)`` to ``acc_rescaled``."""
+    m_new, l_new, alpha, p = softmax_step(m_i, l_i, s)
+    return m_new, l_new, acc * alpha[:, None], p
 
 
 @triton.jit

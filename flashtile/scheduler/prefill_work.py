@@ -42,7 +42,9 @@ __all__ = [
 ]
 
 # The plan as the kernels read it: one int32 array (kernels/batch_prefill.py documents the fields).
-COUNT_FIELDS = 4  # number of items, number of merge entries, group_items, 1 unused
+# number of items, number of merge entries, group_items, and the work counter of the persistent Hopper
+# kernel (0 after every plan and every launch: kernels/batch_prefill_hopper.py)
+COUNT_FIELDS = 4
 REQUEST_FIELDS = 5  # qo_start, qo_len, kv_offset, kv_len, mask_offset
 ITEM_FIELDS = 5  # request, row_block, kv_start, kv_end, slot
 MERGE_FIELDS = 4  # request, row_block, first slot, number of slots
