@@ -629,3 +629,55 @@ def test_rows_outside_the_request_never_leak_in(path, device, monkeypatch, tma):
         w.plan(qo_indptr, kv_indptr, 4, 2, 32, causal=causal)
         out, lse = w.run(q, k, v, return_lse=True)
         check_requests(out, lse, q, qo_indptr, ragged_requests(k, v, kv_indptr), causal=causal)
+
+
+def _hopper_kernel_available():
+    from flashtile.kernels import batch_prefill_hopper as hopper
+    return HAS_CUDA and hopper._HAVE_GLUON and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not _hopper_kernel_available(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")
+def test_hopper_kernel_serves_prefill_tiles(device):
+    """The cases above reach the Gluon kernel where it applies (so they test it), and not elsewhere."""
+    from flashtile.kernels.batch_prefill_hopper import hopper_prefill_supported
+    q, k, v, _, _ = make_ragged([300], [300], 32, 8, 128, torch.bfloat16, device)
+    assert hopper_prefill_supported(q, k, v, False, 128, True, True)
+    assert not hopper_prefill_supported(q, k, v, False, 64, True, True)  # small tiles: the Triton kernel
+    assert not hopper_prefill_supported(q, k, v, False, 128, True, False)  # soft cap, window, ...
+    cache, indptr, indices, last = make_paged_batch([300], 16, 8, 128, torch.bfloat16, device)
+    assert hopper_prefill_supported(q, cache[:, 0], cache[:, 1], True, 128, True, True)
+    assert not hopper_prefill_supported(q, cache[:, 0, :1].expand(-1, 16, -1, -1), cache[:, 1, :1].expand(-1, 16, -1, -1),
+                                        True, 128, True, True)  # slots not a row apart
+
+
+@pytest.mark.skipif(not _hopper_kernel_available(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")
+def test_hopper_kernel_graph_replays(device):
+    """The persistent kernel takes its work from a counter in the plan, reset by the last program of
+    each launch: graph replays after re-plans all compute every tile (out is cleared in between)."""
+    b = 3
+    bufs = dict(qo_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=device),
+                kv_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=device))
+    w = BatchPrefillWithRaggedKVCacheWrapper(workspace(device), use_cuda_graph=True, **bufs)
+    q, k, v, qo_indptr, kv_indptr = make_ragged([300, 129, 200], [300, 400, 1000], 16, 4, 128, torch.bfloat16, device)
+    out = torch.empty_like(q)
+    w.plan(qo_indptr, kv_indptr, 16, 4, 128, causal=True)
+    w.run(q, k, v, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, k, v, out=out)
+    for qo_lens, kv_lens in (([300, 129, 200], [300, 400, 1000]), ([129, 300, 100], [1000, 300, 999])):
+        qo_indptr, kv_indptr = indptr_of(qo_lens), indptr_of(kv_lens)
+        w.plan(qo_indptr, kv_indptr, 16, 4, 128, causal=True)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert int(w._plan.meta[3]) == 0, "work counter not reset"
+            total = sum(qo_lens)
+            reqs = ragged_requests(k, v, kv_indptr)
+            assert not out[:total].isnan().any(), "a tile was skipped"
+            atol, rtol = TOLERANCES[q.dtype]
+            ip = qo_indptr.tolist()
+            for r, (kr, vr) in enumerate(reqs):
+                ref_o, _ = attention_oracle(q[ip[r]: ip[r + 1]], kr, vr, causal=True)
+                torch.testing.assert_close(out[ip[r]: ip[r + 1]].double().cpu(), ref_o, atol=atol, rtol=rtol)

@@ -55,7 +55,8 @@ from .softmax import finalize_state, softmax_step
 BLOCK_M = 128
 BLOCK_N = 128
 STAGES = 2
-PRODUCER_REGS = 40
+PRODUCER_REGS = 24
+CONSUMER_REGS = 240  # the second consumer's (with CONSUMERS = 2); the default partition gets the rest
 # 8 consumer warps + one producer warpgroup: 12 warps x 32 threads x 168 = 64512 <= 65536 registers;
 # the consumers get what the producer leaves (about 232 each).
 MAX_REGS = 168
@@ -80,12 +81,12 @@ def _kv_rows(x: torch.Tensor, paged: bool) -> Optional[tuple]:
     if not paged:  # [T, H, D]
         t, h, _ = x.shape
         st, sh = x.stride(0), x.stride(1)
-        if sh < d or (h - 1) * sh + d > st:
+        if st < d or sh < d or (h - 1) * sh + d > st:
             return None
         return t, (h - 1) * sh + d, st, 0, 0, sh
     p, ps, h, _ = x.shape  # [P, page_size, H, D] with the cache's strides
     sp, ss, sh = x.stride(0), x.stride(1), x.stride(2)
-    if sp % ss:
+    if ss < d or sp % ss:
         return None
     rows_per_page = sp // ss
     if sh < ss:  # NHD: the heads of a slot share a row
@@ -131,6 +132,7 @@ if _HAVE_GLUON:
     _BLOCK_N = gl.constexpr(BLOCK_N)
     _STAGES = gl.constexpr(STAGES)
     _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
+    _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
 
     @gluon.jit
     def _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP: gl.constexpr, CAUSAL: gl.constexpr):
@@ -172,16 +174,28 @@ if _HAVE_GLUON:
                 num_blocks)
 
     @gluon.jit
-    def _load_kv_block(desc, buf, bar, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
-                       head_col, oob_row, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """TMA copies of keys ``[n0, n0 + _BLOCK_N)`` of one head into ``buf`` (arriving on ``bar``).
-        Paged: one box per page; pages past the request's last one come from ``oob_row``, past the end
-        of the view, which TMA fills with zeros."""
+    def _block_rows(n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row, oob_row,
+                    PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+        """Paged: the view row of each page of keys ``[n0, n0 + BLOCK_N)`` (one vector load of the page
+        ids, shared by the K and V copies); pages past the request's last one get ``oob_row``, past the
+        end of the view, which TMA fills with zeros. Ragged: unused."""
+        page_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        offs_p = gl.arange(0, _BLOCK_N // PAGE_SIZE, layout=page_layout)
+        rows = offs_p
+        if PAGED:
+            keys = n0 + offs_p * PAGE_SIZE
+            pages = gl.load(PAGE_INDICES + kv_offset + keys // PAGE_SIZE, mask=keys < kv_len, other=0)
+            rows = gl.where(keys < kv_len, pages * rows_per_page + kv_head * head_row, oob_row)
+        return offs_p, rows
+
+    @gluon.jit
+    def _load_kv_block(desc, buf, bar, n0, kv_offset, kv_head, offs_p, rows, head_col, PAGED: gl.constexpr,
+                       PAGE_SIZE: gl.constexpr):
+        """TMA copies of keys ``[n0, n0 + BLOCK_N)`` of one head into ``buf`` (arriving on ``bar``):
+        paged, one box per page at the rows from :func:`_block_rows`."""
         if PAGED:
             for j in gl.static_range(_BLOCK_N // PAGE_SIZE):
-                key = n0 + j * PAGE_SIZE
-                page = gl.load(PAGE_INDICES + kv_offset + key // PAGE_SIZE, mask=key < kv_len, other=0)
-                row = gl.where(key < kv_len, page * rows_per_page + kv_head * head_row, oob_row)
+                row = gl.sum(gl.where(offs_p == j, rows, 0), 0)
                 tma.async_copy_global_to_shared(desc, [row, kv_head * head_col], bar,
                                                 buf.slice(j * PAGE_SIZE, PAGE_SIZE))
         else:
@@ -242,14 +256,16 @@ if _HAVE_GLUON:
                 n0 = start + j * _BLOCK_N
                 s = block % _STAGES
                 phase = ((block // _STAGES) & 1) ^ 1
+                offs_p, rows = _block_rows(n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
+                                           oob_row, PAGED, PAGE_SIZE)
                 mbarrier.wait(k_empty.index(s), phase)
                 mbarrier.expect(k_ready.index(s), kv_bytes)
-                _load_kv_block(k_desc, k_bufs.index(s), k_ready.index(s), n0, kv_len, kv_offset, kv_head,
-                               PAGE_INDICES, rows_per_page, head_row, head_col, oob_row, PAGED, PAGE_SIZE, HEAD_DIM)
+                _load_kv_block(k_desc, k_bufs.index(s), k_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
+                               head_col, PAGED, PAGE_SIZE)
                 mbarrier.wait(v_empty.index(s), phase)
                 mbarrier.expect(v_ready.index(s), kv_bytes)
-                _load_kv_block(v_desc, v_bufs.index(s), v_ready.index(s), n0, kv_len, kv_offset, kv_head,
-                               PAGE_INDICES, rows_per_page, head_row, head_col, oob_row, PAGED, PAGE_SIZE, HEAD_DIM)
+                _load_kv_block(v_desc, v_bufs.index(s), v_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
+                               head_col, PAGED, PAGE_SIZE)
                 block += 1
             tile += 1
             w = gl.atomic_add(COUNTS + 3, 1)
@@ -272,7 +288,9 @@ if _HAVE_GLUON:
     @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS, num_kv_heads,
                   stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr,
+                  num_warps: gl.constexpr):
+        """Rows ``ROW0 .. ROW0 + ROWS`` of every tile."""
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         # Both products accumulate in one wgmma layout (instruction N = the head dim, at most BLOCK_N), so
@@ -285,7 +303,7 @@ if _HAVE_GLUON:
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         fix_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         dtype: gl.constexpr = q_bufs.dtype
-        offs_m = gl.arange(0, _BLOCK_M, layout=row_layout)
+        offs_m = ROW0 + gl.arange(0, ROWS, layout=row_layout)
         offs_n = gl.arange(0, _BLOCK_N, layout=col_layout)
         head_of_row = offs_m // TOKENS
         token_of_row = offs_m % TOKENS
@@ -298,11 +316,11 @@ if _HAVE_GLUON:
             tokens = t_first + token_of_row
             positions = tokens + delta
             qi = tile % 2
-            q_buf = q_bufs.index(qi)
-            m_i = gl.full([_BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-            l_i = gl.zeros([_BLOCK_M], gl.float32, layout=row_layout)
-            acc = gl.zeros([_BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-            s_zero = gl.zeros([_BLOCK_M, _BLOCK_N], gl.float32, layout=s_layout)
+            q_buf = q_bufs.index(qi).slice(ROW0, ROWS)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+            l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
+            acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+            s_zero = gl.zeros([ROWS, _BLOCK_N], gl.float32, layout=s_layout)
             if num_blocks > 0:
                 # Block j's softmax runs while the tensor cores do block j-1's P @ V: per iteration,
                 # issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait for S_j only, release K_j, do the
@@ -374,7 +392,7 @@ if _HAVE_GLUON:
                                ITEMS, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
                                rows_per_page, head_row, head_col, oob_row, GROUP: gl.constexpr,
                                HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
-                               PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr):
+                               PAGE_SIZE: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, HEAD_DIM], dtype)
         q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M, HEAD_DIM], tile_layout)
@@ -389,21 +407,34 @@ if _HAVE_GLUON:
         v_empty = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=CONSUMERS)
         for i in gl.static_range(_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
-        gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS, num_kv_heads,
-                         stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP, HEAD_DIM, CAUSAL,
-                         num_warps)),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS, PAGE_INDICES,
-                         num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM, CAUSAL, PAGED,
-                         PAGE_SIZE)),
-        ], [1], [_PRODUCER_REGS])
+        if CONSUMERS == 1:  # one 8-warp consumer: its two warpgroups run in step
+            gl.warp_specialize([
+                (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
+                             num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
+                             HEAD_DIM, CAUSAL, 0, _BLOCK_M, num_warps)),
+                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS,
+                             PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM,
+                             CAUSAL, PAGED, PAGE_SIZE)),
+            ], [1], [_PRODUCER_REGS])
+        else:  # two 4-warp consumers of 64 rows each, free to drift (one's softmax under the other's products)
+            gl.warp_specialize([
+                (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
+                             num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
+                             HEAD_DIM, CAUSAL, 0, _BLOCK_M // 2, num_warps)),
+                (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
+                             num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
+                             HEAD_DIM, CAUSAL, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
+                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS,
+                             PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM,
+                             CAUSAL, PAGED, PAGE_SIZE)),
+            ], [num_warps, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
 def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
@@ -437,8 +468,9 @@ def hopper_prefill_forward(q, k, v, page_indices, counts, reqs, items, part_o, p
     v_desc, (_, _, _, v_oob_row) = _kv_descriptor(v, paged, head_dim)
     coords = coords[:3] + (max(coords[3], v_oob_row),)  # a row past the end of both views
     grid = max(1, min(num_sms, num_items * num_kv_heads))
+    consumers = int(os.environ.get("FLASHTILE_HOPPER_CONSUMERS", "2"))
     _hopper_prefill_kernel[(grid,)](
         q_desc, k_desc, v_desc, out, lse, part_o, part_lse, page_indices if paged else counts, counts, reqs, items,
         num_kv_heads, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), qk_scale_log2, *coords,
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
-        num_warps=8, maxnreg=MAX_REGS)
+        CONSUMERS=consumers, num_warps=8 // consumers, maxnreg=MAX_REGS)
