@@ -51,7 +51,6 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     num_sms,
     tma_enabled,
 )
-from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_supported
 from .softmax import finalize_state, softmax_update
 
 
@@ -72,6 +71,15 @@ def _item_and_head(pid, num_items, group_items, num_kv_heads):
     item = first + r - kv_head * in_group
     active = pid < num_items * num_kv_heads
     return item, tl.minimum(kv_head, num_kv_heads - 1), active
+
+
+@triton.jit
+def _item_fields(ITEMS, REQS, item):
+    """An item's row block, KV range and slot, and its request's fields (the plan layout: module doc)."""
+    it = ITEMS + item * 5
+    rq = REQS + tl.load(it) * 5
+    return (tl.load(it + 1), tl.load(it + 2), tl.load(it + 3), tl.load(it + 4), tl.load(rq), tl.load(rq + 1),
+            tl.load(rq + 2), tl.load(rq + 3), tl.load(rq + 4))
 
 
 @direct_launch
@@ -95,18 +103,7 @@ def _batch_prefill_kernel(
     num_items = tl.load(COUNTS)
     item, kv_head, active = _item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
     item_c = tl.maximum(tl.minimum(item, num_items - 1), 0)  # programs past the plan (graph mode) idle
-    it = ITEMS + item_c * 5
-    req = tl.load(it)
-    row_block = tl.load(it + 1)
-    lo = tl.load(it + 2)
-    hi = tl.load(it + 3)
-    slot = tl.load(it + 4)
-    rq = REQS + req * 5
-    qo_start = tl.load(rq)
-    qo_len = tl.load(rq + 1)
-    kv_offset = tl.load(rq + 2)
-    kv_len = tl.load(rq + 3)
-    mask_offset = tl.load(rq + 4)
+    row_block, lo, hi, slot, qo_start, qo_len, kv_offset, kv_len, mask_offset = _item_fields(ITEMS, REQS, item_c)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     num_rows = qo_len * GROUP
@@ -329,6 +326,8 @@ def batch_prefill_forward(
     use_tma = not paged and tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
     k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
     causal = bool(params.causal) and packed_mask is None
+    from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_supported  # it imports this module
+
     plain = (packed_mask is None and params.window_left < 0 and params.logits_soft_cap <= 0
              and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0)
     if num_items > 0 and not INTERPRET and hopper_prefill_supported(q, k, v, paged, block_m, causal, plain):

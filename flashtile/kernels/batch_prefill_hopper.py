@@ -50,6 +50,7 @@ try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hop
 except Exception:  # pragma: no cover - older or newer Triton without this API
     _HAVE_GLUON = False
 
+from .batch_prefill import _item_and_head, _item_fields
 from .softmax import finalize_state, softmax_step
 
 BLOCK_M = 128
@@ -136,30 +137,12 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP: gl.constexpr, CAUSAL: gl.constexpr):
-        """The item and KV head of work unit ``w`` (the plan's launch order, as _item_and_head in
-        batch_prefill.py) and its KV blocks: ``[start, start + num_blocks * _BLOCK_N)``, the blocks from
+        """The item and KV head of work unit ``w`` (the plan's launch order: _item_and_head) and its KV
+        blocks: ``[start, start + num_blocks * _BLOCK_N)``, the blocks from
         ``full_end`` on masked (causal diagonal, end of the keys)."""
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
-        num_items = gl.load(COUNTS)
-        group_items = gl.maximum(gl.load(COUNTS + 2), 1)
-        per_group = group_items * num_kv_heads
-        grp = w // per_group
-        r = w - grp * per_group
-        first = grp * group_items
-        in_group = gl.maximum(gl.minimum(group_items, num_items - first), 1)
-        kv_head = r // in_group
-        item = first + r - kv_head * in_group
-        it = ITEMS + item * 5
-        req = gl.load(it)
-        row_block = gl.load(it + 1)
-        lo = gl.load(it + 2)
-        hi = gl.load(it + 3)
-        slot = gl.load(it + 4)
-        rq = REQS + req * 5
-        qo_start = gl.load(rq)
-        qo_len = gl.load(rq + 1)
-        kv_offset = gl.load(rq + 2)
-        kv_len = gl.load(rq + 3)
+        item, kv_head, _ = _item_and_head(w, gl.load(COUNTS), gl.load(COUNTS + 2), num_kv_heads)
+        row_block, lo, hi, slot, qo_start, qo_len, kv_offset, kv_len, _ = _item_fields(ITEMS, REQS, item)
         delta = kv_len - qo_len
         t_first = row_block * TOKENS
         full_hi = kv_len
