@@ -639,15 +639,15 @@ def _hopper_kernel_available():
 @pytest.mark.skipif(not _hopper_kernel_available(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")
 def test_hopper_kernel_serves_prefill_tiles(device):
     """The cases above reach the Gluon kernel where it applies (so they test it), and not elsewhere."""
-    from flashtile.kernels.batch_prefill_hopper import hopper_prefill_supported
+    from flashtile.kernels.batch_prefill_hopper import hopper_prefill_views
     q, k, v, _, _ = make_ragged([300], [300], 32, 8, 128, torch.bfloat16, device)
-    assert hopper_prefill_supported(q, k, v, False, 128, True, True)
-    assert not hopper_prefill_supported(q, k, v, False, 64, True, True)  # small tiles: the Triton kernel
-    assert not hopper_prefill_supported(q, k, v, False, 128, True, False)  # soft cap, window, ...
+    assert hopper_prefill_views(q, k, v, False, 128, True) is not None
+    assert hopper_prefill_views(q, k, v, False, 64, True) is None  # small tiles: the Triton kernel
+    assert hopper_prefill_views(q, k, v, False, 128, False) is None  # soft cap, window, ...
     cache, indptr, indices, last = make_paged_batch([300], 16, 8, 128, torch.bfloat16, device)
-    assert hopper_prefill_supported(q, cache[:, 0], cache[:, 1], True, 128, True, True)
-    assert not hopper_prefill_supported(q, cache[:, 0, :1].expand(-1, 16, -1, -1), cache[:, 1, :1].expand(-1, 16, -1, -1),
-                                        True, 128, True, True)  # slots not a row apart
+    assert hopper_prefill_views(q, cache[:, 0], cache[:, 1], True, 128, True) is not None
+    assert hopper_prefill_views(q, cache[:, 0, :1].expand(-1, 16, -1, -1), cache[:, 1, :1].expand(-1, 16, -1, -1),
+                                True, 128, True) is None  # slots not a row apart
 
 
 @pytest.mark.skipif(not _hopper_kernel_available(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")

@@ -51,35 +51,9 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     num_sms,
     tma_enabled,
 )
+from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
+from .prefill_plan import _item_and_head, _item_fields
 from .softmax import finalize_state, softmax_update
-
-
-@triton.jit
-def _item_and_head(pid, num_items, group_items, num_kv_heads):
-    """``(item, kv_head, active)`` of program ``pid``. Items come in groups of ``group_items``
-    (the last one shorter); inside a group, head 0 takes every item, then head 1, ... (so programs
-    that read the same K/V run together: scheduler/prefill_work.py). ``active`` is False for the
-    programs past ``num_items * num_kv_heads`` (graph mode's fixed grid); their head is clamped into
-    range here, their item by the caller."""
-    group_items = tl.maximum(group_items, 1)
-    per_group = group_items * num_kv_heads
-    group = pid // per_group
-    r = pid - group * per_group
-    first = group * group_items
-    in_group = tl.maximum(tl.minimum(group_items, num_items - first), 1)
-    kv_head = r // in_group
-    item = first + r - kv_head * in_group
-    active = pid < num_items * num_kv_heads
-    return item, tl.minimum(kv_head, num_kv_heads - 1), active
-
-
-@triton.jit
-def _item_fields(ITEMS, REQS, item):
-    """An item's row block, KV range and slot, and its request's fields (the plan layout: module doc)."""
-    it = ITEMS + item * 5
-    rq = REQS + tl.load(it) * 5
-    return (tl.load(it + 1), tl.load(it + 2), tl.load(it + 3), tl.load(it + 4), tl.load(rq), tl.load(rq + 1),
-            tl.load(rq + 2), tl.load(rq + 3), tl.load(rq + 4))
 
 
 @direct_launch
@@ -268,6 +242,44 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
     return LaunchConfig(block_m, block_n, warps, stages)
 
 
+def _batch_prefill_triton(q, k, v, page_indices, packed_mask, meta, counts, reqs, items, part_o, part_lse, out, lse,
+                          params, alibi_slopes, block_m, block_n, num_items, paged, num_kv_heads, group, causal):
+    """The Triton kernel's launch (every case the Gluon kernel does not take)."""
+    head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
+    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
+    cfg = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: pages [P, page_size, ..]
+    if paged:
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))
+        v_strides = (v.stride(0), v.stride(1), v.stride(2))
+        page_size = k.shape[1]
+    else:
+        k_strides = (0, k.stride(0), k.stride(1))
+        v_strides = (0, v.stride(0), v.stride(1))
+        page_size = 1
+    use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
+    use_tma = not paged and tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
+    k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
+    if num_items > 0:
+        _batch_prefill_kernel[(num_items * num_kv_heads,)](
+            q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
+            alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
+            k_desc, v_desc,
+            q.stride(0), q.stride(1), *k_strides, *v_strides,
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            num_kv_heads,
+            params.sm_scale, params.sm_scale * LOG2E, float(params.logits_soft_cap), int(params.window_left),
+            math.log2(params.rope_theta), 1.0 / params.rope_scale, float(params.v_scale),
+            PAGE_SIZE=page_size, GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk,
+            D_VO=d_vo, CAUSAL=causal, HAS_WINDOW=params.window_left >= 0,
+            HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
+            USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
+            PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
+            PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
+            INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+
 def batch_prefill_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -305,59 +317,29 @@ def batch_prefill_forward(
         num_items / num_merges: grid sizes (planned counts, or the fixed capacities of CUDA-graph mode;
             programs beyond the plan idle).
     """
-    num_qo_heads, head_dim_qk = q.shape[1], q.shape[2]
     paged = page_indices is not None
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
-    group = num_qo_heads // num_kv_heads
-    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
-    cfg = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: pages [P, page_size, ..]
+    group = q.shape[1] // num_kv_heads
     counts = meta[:COUNT_FIELDS]
     reqs = meta[COUNT_FIELDS:]
     items = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size:]
-    if paged:
-        k_strides = (k.stride(0), k.stride(1), k.stride(2))
-        v_strides = (v.stride(0), v.stride(1), v.stride(2))
-        page_size = k.shape[1]
-    else:
-        k_strides = (0, k.stride(0), k.stride(1))
-        v_strides = (0, v.stride(0), v.stride(1))
-        page_size = 1
-    use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
-    use_tma = not paged and tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
-    k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
     causal = bool(params.causal) and packed_mask is None
-    from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_supported  # it imports this module
-
     plain = (packed_mask is None and params.window_left < 0 and params.logits_soft_cap <= 0
              and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0)
-    if num_items > 0 and not INTERPRET and hopper_prefill_supported(q, k, v, paged, block_m, causal, plain):
-        hopper_prefill_forward(q, k, v, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
+    views = None if INTERPRET or num_items == 0 else hopper_prefill_views(q, k, v, paged, block_m, plain)
+    if views is not None:
+        hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
                                params.sm_scale * LOG2E, causal, num_items, num_sms(q.device))
-    elif num_items > 0:
-        _batch_prefill_kernel[(num_items * num_kv_heads,)](
-            q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
-            alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
-            k_desc, v_desc,
-            q.stride(0), q.stride(1), *k_strides, *v_strides,
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            num_kv_heads,
-            params.sm_scale, params.sm_scale * LOG2E, float(params.logits_soft_cap), int(params.window_left),
-            math.log2(params.rope_theta), 1.0 / params.rope_scale, float(params.v_scale),
-            PAGE_SIZE=page_size, GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk,
-            D_VO=d_vo, CAUSAL=causal, HAS_WINDOW=params.window_left >= 0,
-            HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
-            USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
-            PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
-            PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
-            INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    else:
+        _batch_prefill_triton(q, k, v, page_indices, packed_mask, meta, counts, reqs, items, part_o, part_lse, out,
+                              lse, params, alibi_slopes, block_m, block_n, num_items, paged, num_kv_heads, group,
+                              causal)
     if num_merges > 0:
         merges = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity:]
         _merge_tiles_kernel[(num_merges * num_kv_heads,)](
             part_o, part_lse, out, lse, counts, reqs, merges,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), num_kv_heads, float(params.v_scale),
-            GROUP=group, HEAD_DIM_VO=head_dim_vo, D_VO=d_vo, BLOCK_M=block_m,
+            GROUP=group, HEAD_DIM_VO=head_dim_vo, D_VO=dot_tile_dim(head_dim_vo), BLOCK_M=block_m,
             # 4 warps for a [128, 128] float32 tile spill (sm_90a, aot_compile_check.py); 8 do not.
-            num_warps=8 if block_m * d_vo >= 128 * 128 else 4,
+            num_warps=8 if block_m * dot_tile_dim(head_dim_vo) >= 128 * 128 else 4,
         )

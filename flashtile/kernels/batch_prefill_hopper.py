@@ -18,7 +18,7 @@ Rows inside a tile are head-major (row ``g * BLOCK_M / GROUP + t`` is token ``t`
 fill. It reads the same plan (scheduler/prefill_work.py) and writes the same outputs and partial
 states, so the merge kernel and CUDA-graph mode are shared.
 
-Scope (:func:`hopper_prefill_supported` decides): fp16/bf16 Q/K/V with head dim 64 or 128 (both),
+Scope (:func:`hopper_prefill_views` decides): fp16/bf16 Q/K/V with head dim 64 or 128 (both),
 causal or no mask, no window, soft cap, ALiBi, RoPE or custom mask; 128-row tiles; GQA groups of
 1..16 (powers of two); ragged K/V with heads adjacent in memory, or pages of 8..128 keys (multiple
 of 8) in NHD or HND layout. Everything else runs the Triton kernel.
@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hopper_prefill_supported.
+try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hopper_prefill_views.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -50,16 +50,18 @@ try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hop
 except Exception:  # pragma: no cover - older or newer Triton without this API
     _HAVE_GLUON = False
 
-from .batch_prefill import _item_and_head, _item_fields
+from .attention import _tile_ranges
+from .prefill_plan import _item_and_head, _item_fields
 from .softmax import finalize_state, softmax_step
 
 BLOCK_M = 128
 BLOCK_N = 128
 STAGES = 2
+# Registers per thread: two 4-warp consumers and a producer warp (a warpgroup for the register file):
+# 12 warps x 32 threads x MAX_REGS = 64512 <= 65536. The second consumer asks for CONSUMER_REGS and the
+# producer for PRODUCER_REGS; the default partition (the first consumer) gets what is left (240).
 PRODUCER_REGS = 24
-CONSUMER_REGS = 240  # the second consumer's (with CONSUMERS = 2); the default partition gets the rest
-# 8 consumer warps + one producer warpgroup: 12 warps x 32 threads x 168 = 64512 <= 65536 registers;
-# the consumers get what the producer leaves (about 232 each).
+CONSUMER_REGS = 240
 MAX_REGS = 168
 
 
@@ -95,36 +97,39 @@ def _kv_rows(x: torch.Tensor, paged: bool) -> Optional[tuple]:
             return None
         return (p - 1) * rows_per_page + ps, (h - 1) * sh + d, ss, rows_per_page, 0, sh
     # HND: a head's slots are consecutive rows
-    if ss < d or sh % ss or sh // ss < ps or rows_per_page < (h - 1) * (sh // ss) + ps:
+    if sh % ss or sh // ss < ps or rows_per_page < (h - 1) * (sh // ss) + ps:
         return None
     return (p - 1) * rows_per_page + (h - 1) * (sh // ss) + ps, d, ss, rows_per_page, sh // ss, 0
 
 
-def hopper_prefill_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool, block_m: int,
-                             causal: bool, plain: bool) -> bool:
-    """Whether :func:`hopper_prefill_forward` handles this call (module doc: scope). ``plain``: no
-    window, soft cap, ALiBi, RoPE, custom mask or fp8 scales."""
+def hopper_prefill_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool, block_m: int,
+                         plain: bool) -> Optional[tuple]:
+    """The TMA views of K and V (:func:`_kv_rows`) when :func:`hopper_prefill_forward` handles this
+    call (module doc: scope), else None. ``plain``: no window, soft cap, ALiBi, RoPE, custom mask or
+    ``v_scale``."""
     if not (_HAVE_GLUON and hopper_prefill_enabled() and plain and q.is_cuda and block_m == BLOCK_M):
-        return False
+        return None
     if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
+        return None
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
+        return None
     d = q.shape[2]
     if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d or q.stride(2) != 1 or q.stride(1) != d:
-        return False
+        return None
     if (q.stride(0) * 2) % 16 or q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16:
-        return False
+        return None
     num_kv_heads = k.shape[2] if paged else k.shape[1]
     group = q.shape[1] // num_kv_heads
     if group < 1 or group > 16 or group & (group - 1):
-        return False
+        return None
     if paged and (k.shape[1] % 8 or k.shape[1] > BLOCK_N or BLOCK_N % k.shape[1]):
-        return False
+        return None
     k_rows, v_rows = _kv_rows(k, paged), _kv_rows(v, paged)
     if k_rows is None or v_rows is None or k_rows[3:] != v_rows[3:]:  # K and V share coordinates
-        return False
-    return all(r[0] < 2**31 and r[1] < 2**31 and (r[2] * 2) % 16 == 0 for r in (k_rows, v_rows))
+        return None
+    if not all(r[0] < 2**31 and r[1] < 2**31 and (r[2] * 2) % 16 == 0 for r in (k_rows, v_rows)):
+        return None
+    return k_rows, v_rows
 
 
 if _HAVE_GLUON:
@@ -145,13 +150,9 @@ if _HAVE_GLUON:
         row_block, lo, hi, slot, qo_start, qo_len, kv_offset, kv_len, _ = _item_fields(ITEMS, REQS, item)
         delta = kv_len - qo_len
         t_first = row_block * TOKENS
-        full_hi = kv_len
-        if CAUSAL:
-            t_last = gl.minimum(t_first + TOKENS - 1, qo_len - 1)
-            hi = gl.minimum(hi, t_last + delta + 1)
-            full_hi = gl.maximum(gl.minimum(kv_len, t_first + delta + 1), 0)
-        start = (lo // _BLOCK_N) * _BLOCK_N
-        full_end = gl.maximum(gl.minimum((full_hi // _BLOCK_N) * _BLOCK_N, hi), start)
+        t_last = gl.minimum(t_first + TOKENS - 1, qo_len - 1)
+        start, _, full_end, hi = _tile_ranges(lo, hi, t_first, t_last, delta, kv_len, -1, CAUSAL, False, False,
+                                              _BLOCK_N)
         num_blocks = gl.maximum(hi - start + _BLOCK_N - 1, 0) // _BLOCK_N
         return (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
                 num_blocks)
@@ -375,7 +376,7 @@ if _HAVE_GLUON:
                                ITEMS, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
                                rows_per_page, head_row, head_col, oob_row, GROUP: gl.constexpr,
                                HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
-                               PAGE_SIZE: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
+                               PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, HEAD_DIM], dtype)
         q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M, HEAD_DIM], tile_layout)
@@ -390,34 +391,25 @@ if _HAVE_GLUON:
         v_empty = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=CONSUMERS)
+            mbarrier.init(q_empty.index(i), count=2)
         for i in gl.static_range(_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=CONSUMERS)
+            mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=CONSUMERS)
+            mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
-        if CONSUMERS == 1:  # one 8-warp consumer: its two warpgroups run in step
-            gl.warp_specialize([
-                (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
-                             num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
-                             HEAD_DIM, CAUSAL, 0, _BLOCK_M, num_warps)),
-                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS,
-                             PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM,
-                             CAUSAL, PAGED, PAGE_SIZE)),
-            ], [1], [_PRODUCER_REGS])
-        else:  # two 4-warp consumers of 64 rows each, free to drift (one's softmax under the other's products)
-            gl.warp_specialize([
-                (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
-                             num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
-                             HEAD_DIM, CAUSAL, 0, _BLOCK_M // 2, num_warps)),
-                (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
-                             num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
-                             HEAD_DIM, CAUSAL, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
-                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS,
-                             PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM,
-                             CAUSAL, PAGED, PAGE_SIZE)),
-            ], [num_warps, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+        # Two 4-warp consumers of 64 rows each, free to drift (one's softmax under the other's products).
+        gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
+                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
+                         HEAD_DIM, CAUSAL, 0, _BLOCK_M // 2, num_warps)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
+                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
+                         HEAD_DIM, CAUSAL, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS,
+                         PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM,
+                         CAUSAL, PAGED, PAGE_SIZE)),
+        ], [num_warps, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
 def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
@@ -425,21 +417,18 @@ def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
 
 
-def _kv_descriptor(x: torch.Tensor, paged: bool, head_dim: int):
-    """The TMA view of K or V (:func:`_kv_rows`): boxes of one page of one head (paged) or BLOCK_N keys
-    of one head (ragged); and the coordinates' (rows_per_page, head_row, head_col, oob_row)."""
-    rows, cols, row_stride, rows_per_page, head_row, head_col = _kv_rows(x, paged)
+def _kv_descriptor(x: torch.Tensor, paged: bool, head_dim: int, rows: int, cols: int, row_stride: int):
+    """The TMA view of K or V (:func:`_kv_rows`) with boxes of one page of one head (paged) or BLOCK_N
+    keys of one head (ragged)."""
     box_rows = x.shape[1] if paged else BLOCK_N
-    desc = GluonTensorDescriptor(x, [rows, cols], [row_stride, 1], [box_rows, head_dim],
+    return GluonTensorDescriptor(x, [rows, cols], [row_stride, 1], [box_rows, head_dim],
                                  _tile_layout(box_rows, head_dim, x.dtype))
-    return desc, (rows_per_page, head_row, head_col, rows)
 
 
-def hopper_prefill_forward(q, k, v, page_indices, counts, reqs, items, part_o, part_lse, out, lse, qk_scale_log2: float,
+def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse, qk_scale_log2: float,
                            causal: bool, num_items: int, num_sms: int) -> None:
     """Launch the warp-specialized kernel over the plan's items (arguments as batch_prefill_forward;
-    ``counts``/``reqs``/``items`` are the plan's sections). The caller checked
-    :func:`hopper_prefill_supported`."""
+    ``counts``/``reqs``/``items`` are the plan's sections; ``views`` from :func:`hopper_prefill_views`)."""
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     paged = page_indices is not None
     num_kv_heads = k.shape[2] if paged else k.shape[1]
@@ -447,13 +436,13 @@ def hopper_prefill_forward(q, k, v, page_indices, counts, reqs, items, part_o, p
     tokens = BLOCK_M // group
     q_desc = GluonTensorDescriptor(q, [q.shape[0], num_qo_heads * head_dim], [q.stride(0), 1], [tokens, head_dim],
                                    _tile_layout(tokens, head_dim, q.dtype))
-    k_desc, coords = _kv_descriptor(k, paged, head_dim)
-    v_desc, (_, _, _, v_oob_row) = _kv_descriptor(v, paged, head_dim)
-    coords = coords[:3] + (max(coords[3], v_oob_row),)  # a row past the end of both views
+    (k_view_rows, *k_view), (v_view_rows, *v_view) = views
+    k_desc = _kv_descriptor(k, paged, head_dim, k_view_rows, *k_view[:2])
+    v_desc = _kv_descriptor(v, paged, head_dim, v_view_rows, *v_view[:2])
+    coords = (*k_view[2:], max(k_view_rows, v_view_rows))  # rows_per_page, head_row, head_col, a row past both views
     grid = max(1, min(num_sms, num_items * num_kv_heads))
-    consumers = int(os.environ.get("FLASHTILE_HOPPER_CONSUMERS", "2"))
     _hopper_prefill_kernel[(grid,)](
         q_desc, k_desc, v_desc, out, lse, part_o, part_lse, page_indices if paged else counts, counts, reqs, items,
         num_kv_heads, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), qk_scale_log2, *coords,
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
-        CONSUMERS=consumers, num_warps=8 // consumers, maxnreg=MAX_REGS)
+        num_warps=4, maxnreg=MAX_REGS)

@@ -1,0 +1,36 @@
+"""Reading the batch-prefill plan (``META``: kernels/batch_prefill.py documents its layout) in a kernel.
+
+Shared by the Triton kernel (batch_prefill.py) and the warp-specialized Gluon kernel
+(batch_prefill_hopper.py), so both take the same items in the same launch order.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _item_and_head(pid, num_items, group_items, num_kv_heads):
+    """``(item, kv_head, active)`` of program ``pid``. Items come in groups of ``group_items``
+    (the last one shorter); inside a group, head 0 takes every item, then head 1, ... (so programs
+    that read the same K/V run together: scheduler/prefill_work.py). ``active`` is False for the
+    programs past ``num_items * num_kv_heads`` (graph mode's fixed grid); their head is clamped into
+    range here, their item by the caller."""
+    group_items = tl.maximum(group_items, 1)
+    per_group = group_items * num_kv_heads
+    group = pid // per_group
+    r = pid - group * per_group
+    first = group * group_items
+    in_group = tl.maximum(tl.minimum(group_items, num_items - first), 1)
+    kv_head = r // in_group
+    item = first + r - kv_head * in_group
+    active = pid < num_items * num_kv_heads
+    return item, tl.minimum(kv_head, num_kv_heads - 1), active
+
+
+@triton.jit
+def _item_fields(ITEMS, REQS, item):
+    """An item's row block, KV range and slot, and its request's fields (the plan layout: module doc)."""
+    it = ITEMS + item * 5
+    rq = REQS + tl.load(it) * 5
+    return (tl.load(it + 1), tl.load(it + 2), tl.load(it + 3), tl.load(it + 4), tl.load(rq), tl.load(rq + 1),
+            tl.load(rq + 2), tl.load(rq + 3), tl.load(rq + 4))
