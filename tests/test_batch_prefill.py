@@ -82,6 +82,9 @@ if HAS_CUDA:
         ([1, 3, 17, 128, 1000], [1, 300, 17, 2000, 1000], 16, (32, 8), 128),
         ([5, 2, 33], [5, 299, 40], 1, (8, 2), 64),
         ([4, 9, 1], [300, 9, 77], 5, (6, 2), 40),
+        # The Hopper kernel's gather mode (pages a TMA box cannot serve) at full 128-row tiles.
+        ([1, 300, 129], [200, 300, 700], 1, (32, 8), 128),
+        ([7, 300, 129], [300, 301, 700], 5, (16, 4), 128),
     ]
 else:
     RAGGED = [
@@ -639,7 +642,7 @@ def _hopper_kernel_available():
 @pytest.mark.skipif(not _hopper_kernel_available(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")
 def test_hopper_kernel_serves_prefill_tiles(device):
     """The cases above reach the Gluon kernel where it applies (so they test it), and not elsewhere."""
-    from flashtile.kernels.batch_prefill_hopper import hopper_prefill_views
+    from flashtile.kernels.batch_prefill_hopper import hopper_prefill_views, use_gather
     q, k, v, _, _ = make_ragged([300], [300], 32, 8, 128, torch.bfloat16, device)
     assert hopper_prefill_views(q, k, v, False, 128, True) is not None
     assert hopper_prefill_views(q, k, v, False, 64, True) is None  # small tiles: the Triton kernel
@@ -648,6 +651,10 @@ def test_hopper_kernel_serves_prefill_tiles(device):
     assert hopper_prefill_views(q, cache[:, 0], cache[:, 1], True, 128, True) is not None
     assert hopper_prefill_views(q, cache[:, 0, :1].expand(-1, 16, -1, -1), cache[:, 1, :1].expand(-1, 16, -1, -1),
                                 True, 128, True) is None  # slots not a row apart
+    # Pages TMA boxes cannot serve go through cp.async gathers (test_paged_matches_oracle's pages 1 and 5).
+    cache1, _, _, _ = make_paged_batch([300], 1, 8, 128, torch.bfloat16, device)
+    assert hopper_prefill_views(q, cache1[:, 0], cache1[:, 1], True, 128, True) is not None
+    assert [use_gather(p) for p in (None, 1, 5, 8, 16, 128, 256)] == [False, True, True, False, False, False, True]
 
 
 @pytest.mark.skipif(not _hopper_kernel_available(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")

@@ -44,6 +44,7 @@ try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hop
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 
     _HAVE_GLUON = True
@@ -63,6 +64,11 @@ STAGES = 2
 PRODUCER_REGS = 24
 CONSUMER_REGS = 240
 MAX_REGS = 168
+# Gather mode (pages a TMA box cannot serve, e.g. one key per page): a warpgroup of producer threads
+# issues cp.async copies row by row.
+GATHER_WARPS = 4
+# RECORD timelines (benchmarks/hopper_prefill_timeline.py): int64 records per program.
+RECORD_TILES = 64
 
 
 def hopper_prefill_enabled() -> bool:
@@ -102,6 +108,16 @@ def _kv_rows(x: torch.Tensor, paged: bool) -> Optional[tuple]:
     return (p - 1) * rows_per_page + (h - 1) * (sh // ss) + ps, d, ss, rows_per_page, sh // ss, 0
 
 
+def use_gather(page_size: Optional[int]) -> bool:
+    """Paged K/V through cp.async gathers instead of TMA boxes: pages a box cannot serve (fewer than 8
+    keys, or not dividing BLOCK_N), or every paged cache with ``FLASHTILE_HOPPER_GATHER=1``."""
+    if page_size is None:
+        return False
+    if os.environ.get("FLASHTILE_HOPPER_GATHER", "") == "1":
+        return True
+    return page_size % 8 != 0 or page_size > BLOCK_N or BLOCK_N % page_size != 0
+
+
 def hopper_prefill_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool, block_m: int,
                          plain: bool) -> Optional[tuple]:
     """The TMA views of K and V (:func:`_kv_rows`) when :func:`hopper_prefill_forward` handles this
@@ -122,8 +138,6 @@ def hopper_prefill_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page
     group = q.shape[1] // num_kv_heads
     if group < 1 or group > 16 or group & (group - 1):
         return None
-    if paged and (k.shape[1] % 8 or k.shape[1] > BLOCK_N or BLOCK_N % k.shape[1]):
-        return None
     k_rows, v_rows = _kv_rows(k, paged), _kv_rows(v, paged)
     if k_rows is None or v_rows is None or k_rows[3:] != v_rows[3:]:  # K and V share coordinates
         return None
@@ -139,6 +153,9 @@ if _HAVE_GLUON:
     _STAGES = gl.constexpr(STAGES)
     _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
     _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
+    _GATHER_WARPS = gl.constexpr(GATHER_WARPS)
+    _INFO = gl.constexpr(16)  # int32 fields per tile handed from producer to consumers (_publish_unit)
+    _RECORD_TILES = gl.constexpr(RECORD_TILES)
 
     @gluon.jit
     def _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP: gl.constexpr, CAUSAL: gl.constexpr):
@@ -156,6 +173,49 @@ if _HAVE_GLUON:
         num_blocks = gl.maximum(hi - start + _BLOCK_N - 1, 0) // _BLOCK_N
         return (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
                 num_blocks)
+
+    @gluon.jit
+    def _publish_unit(info_buf, w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start, full_end,
+                      num_blocks, num_warps: gl.constexpr):
+        """The producer hands a tile's decoded fields to the consumers through shared memory (the
+        consumers would otherwise repeat three dependent global loads at every tile start)."""
+        layout: gl.constexpr = gl.BlockedLayout([_INFO], [32], [num_warps], [0])
+        f = gl.arange(0, _INFO, layout=layout)
+        v = gl.where(f == 0, w, 0)
+        v = gl.where(f == 1, kv_head, v)
+        v = gl.where(f == 2, slot, v)
+        v = gl.where(f == 3, qo_start, v)
+        v = gl.where(f == 4, qo_len, v)
+        v = gl.where(f == 5, kv_len, v)
+        v = gl.where(f == 6, delta, v)
+        v = gl.where(f == 7, t_first, v)
+        v = gl.where(f == 8, start, v)
+        v = gl.where(f == 9, full_end, v)
+        v = gl.where(f == 10, num_blocks, v)
+        info_buf.store(v)
+
+    @gluon.jit
+    def _field(v, f, k: gl.constexpr):
+        return gl.sum(gl.where(f == k, v, 0), 0)
+
+    @gluon.jit
+    def _next_unit(unit_info, q_ready, tile, num_warps: gl.constexpr):
+        """Wait for the producer's next tile and return its fields (:func:`_publish_unit`; work unit
+        -1: none left)."""
+        qi = tile % 2
+        mbarrier.wait(q_ready.index(qi), (tile // 2) & 1)
+        layout: gl.constexpr = gl.BlockedLayout([_INFO], [32], [num_warps], [0])
+        v = unit_info.index(qi).load(layout)
+        f = gl.arange(0, _INFO, layout=layout)
+        return (_field(v, f, 0), _field(v, f, 1), _field(v, f, 2), _field(v, f, 3), _field(v, f, 4),
+                _field(v, f, 5), _field(v, f, 6), _field(v, f, 7), _field(v, f, 8), _field(v, f, 9),
+                _field(v, f, 10))
+
+    @gluon.jit
+    def _clock(dep):
+        """The SM's cycle counter (RECORD timelines only); ``dep`` orders the read after a value."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dep], dtype=gl.int64, is_pure=False,
+                                         pack=1)
 
     @gluon.jit
     def _block_rows(n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row, oob_row,
@@ -186,6 +246,32 @@ if _HAVE_GLUON:
             tma.async_copy_global_to_shared(desc, [kv_offset + n0, kv_head * head_col], bar, buf)
 
     @gluon.jit
+    def _gather_rows(rows_buf, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
+                     PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr):
+        """Gather mode: the view row of each key ``n0 .. n0 + BLOCK_N`` (-1 past the keys) into
+        ``rows_buf``, one page-id load per key, shared by the K and V copies of the block."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        keys = n0 + gl.arange(0, _BLOCK_N, layout=layout)
+        ok = keys < kv_len
+        pages = gl.load(PAGE_INDICES + kv_offset + keys // PAGE_SIZE, mask=ok, other=0)
+        rows_buf.store(gl.where(ok, pages * rows_per_page + kv_head * head_row + keys % PAGE_SIZE, -1))
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _gather_block(base, row_stride, col, buf, rows_buf, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
+        """Gather mode: ``cp.async`` copies of the ``BLOCK_N`` rows listed in ``rows_buf`` (columns
+        ``col .. col + HEAD_DIM`` of the view at ``base``) into ``buf``; rows -1 become zeros. A few
+        rows at a time, so the producer's 24 registers hold the addresses."""
+        copy_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1],
+                                                     [1, 0])
+        SUB: gl.constexpr = 2 * (256 // HEAD_DIM) * num_warps
+        offs_d = col + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_layout))
+        for r in gl.static_range(_BLOCK_N // SUB):
+            rows = rows_buf.slice(r * SUB, SUB).load(gl.SliceLayout(1, copy_layout))
+            ptrs = base + (rows.to(gl.int64) * row_stride)[:, None] + offs_d[None, :]
+            async_copy.async_copy_global_to_shared(buf.slice(r * SUB, SUB), ptrs, mask=(rows >= 0)[:, None])
+
+    @gluon.jit
     def _mask_logits(x, n0, full_end, kv_len, offs_n, positions, CAUSAL: gl.constexpr):
         """Logits of keys ``n0 + offs_n``; from ``full_end`` on (causal diagonal, end of the keys) the
         keys a row cannot see become ``-inf``."""
@@ -211,13 +297,13 @@ if _HAVE_GLUON:
         return v_buf
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS, PAGE_INDICES,
-                  num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    def _producer(q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, rows_bufs, unit_info, bars, COUNTS, REQS,
+                  ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, k_row_stride,
+                  v_row_stride, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                  PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr, num_warps: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         kv_bytes: gl.constexpr = _BLOCK_N * HEAD_DIM * 2
-        unit_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         total = gl.load(COUNTS) * num_kv_heads
         tile = 0
         block = 0
@@ -230,7 +316,8 @@ if _HAVE_GLUON:
              num_blocks) = _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP, CAUSAL)
             qi = tile % 2
             mbarrier.wait(q_empty.index(qi), ((tile // 2) & 1) ^ 1)
-            unit_ids.index(qi).store(gl.full([1], w, gl.int32, layout=unit_layout))  # for the consumer
+            _publish_unit(unit_info.index(qi), w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start,
+                          full_end, num_blocks, num_warps)
             mbarrier.expect(q_ready.index(qi), _BLOCK_M * HEAD_DIM * 2)
             q_buf = q_bufs.index(qi)
             for g in gl.static_range(GROUP):
@@ -240,16 +327,29 @@ if _HAVE_GLUON:
                 n0 = start + j * _BLOCK_N
                 s = block % _STAGES
                 phase = ((block // _STAGES) & 1) ^ 1
-                offs_p, rows = _block_rows(n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
-                                           oob_row, PAGED, PAGE_SIZE)
-                mbarrier.wait(k_empty.index(s), phase)
-                mbarrier.expect(k_ready.index(s), kv_bytes)
-                _load_kv_block(k_desc, k_bufs.index(s), k_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
-                               head_col, PAGED, PAGE_SIZE)
-                mbarrier.wait(v_empty.index(s), phase)
-                mbarrier.expect(v_ready.index(s), kv_bytes)
-                _load_kv_block(v_desc, v_bufs.index(s), v_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
-                               head_col, PAGED, PAGE_SIZE)
+                if GATHER:
+                    rows_buf = rows_bufs.index(block % 2)
+                    _gather_rows(rows_buf, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
+                                 PAGE_SIZE, num_warps)
+                    mbarrier.wait(k_empty.index(s), phase)
+                    _gather_block(K, k_row_stride, kv_head * head_col, k_bufs.index(s), rows_buf, HEAD_DIM,
+                                  num_warps)
+                    async_copy.mbarrier_arrive(k_ready.index(s), increment_count=False)
+                    mbarrier.wait(v_empty.index(s), phase)
+                    _gather_block(V, v_row_stride, kv_head * head_col, v_bufs.index(s), rows_buf, HEAD_DIM,
+                                  num_warps)
+                    async_copy.mbarrier_arrive(v_ready.index(s), increment_count=False)
+                else:
+                    offs_p, rows = _block_rows(n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page,
+                                               head_row, oob_row, PAGED, PAGE_SIZE)
+                    mbarrier.wait(k_empty.index(s), phase)
+                    mbarrier.expect(k_ready.index(s), kv_bytes)
+                    _load_kv_block(k_desc, k_bufs.index(s), k_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
+                                   head_col, PAGED, PAGE_SIZE)
+                    mbarrier.wait(v_empty.index(s), phase)
+                    mbarrier.expect(v_ready.index(s), kv_bytes)
+                    _load_kv_block(v_desc, v_bufs.index(s), v_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
+                                   head_col, PAGED, PAGE_SIZE)
                 block += 1
             tile += 1
             w = gl.atomic_add(COUNTS + 3, 1)
@@ -258,23 +358,54 @@ if _HAVE_GLUON:
             gl.atomic_xchg(COUNTS + 3, 0)
         qi = tile % 2
         mbarrier.wait(q_empty.index(qi), ((tile // 2) & 1) ^ 1)
-        unit_ids.index(qi).store(gl.full([1], -1, gl.int32, layout=unit_layout))  # no more work
+        _publish_unit(unit_info.index(qi), -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, num_warps)  # no more work
         mbarrier.arrive(q_ready.index(qi), count=1)
 
     @gluon.jit
-    def _next_unit(unit_ids, q_ready, tile, num_warps: gl.constexpr):
-        """Wait for the producer's next tile and return its work unit (-1: none left)."""
-        qi = tile % 2
-        mbarrier.wait(q_ready.index(qi), (tile // 2) & 1)
-        ids = unit_ids.index(qi).load(gl.BlockedLayout([1], [32], [num_warps], [0]))
-        return gl.max(ids, 0)
+    def _wait_kv(bar, phase, GATHER: gl.constexpr):
+        """Wait for a K or V block. Gather mode's ``cp.async`` copies write through the generic proxy:
+        fence them before the wgmma (async proxy) reads the buffer."""
+        mbarrier.wait(bar, phase)
+        if GATHER:
+            fence_async_shared()
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS, num_kv_heads,
+    def _ready_values(v_buf, v_bar, phase, n0, kv_len, fix_layout: gl.constexpr, dtype: gl.constexpr,
+                      GATHER: gl.constexpr):
+        """Wait for a V block. TMA copies: rows past the keys are zeroed in shared memory first (another
+        request's rows or a page's unwritten slots: 0 * NaN would poison the product); gather mode
+        zero-fills them in the copy."""
+        _wait_kv(v_bar, phase, GATHER)
+        if not GATHER:
+            if n0 + _BLOCK_N > kv_len:
+                rows = n0 + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, fix_layout))
+                v_tile = v_buf.load(fix_layout)
+                v_buf.store(gl.where(rows[:, None] < kv_len, v_tile, 0.0).to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+        return v_buf
+
+    @gluon.jit
+    def _release_staged(q_empty, staged, O_TMA: gl.constexpr):
+        """Hand a Q buffer that staged an output back to the producer once the TMA stores have read it."""
+        if O_TMA:  # (without TMA stores ``staged`` is the constant -1: no index -1 may be compiled)
+            if staged >= 0:
+                tma.store_wait(0)
+                mbarrier.arrive(q_empty.index(staged), count=1)
+        return -1
+
+    @gluon.jit
+    def _consumer(q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES, num_kv_heads,
                   stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr,
-                  num_warps: gl.constexpr):
-        """Rows ``ROW0 .. ROW0 + ROWS`` of every tile."""
+                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, GATHER: gl.constexpr, O_TMA: gl.constexpr,
+                  RECORD: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr):
+        """Rows ``ROW0 .. ROW0 + ROWS`` of every tile.
+
+        The output of a tile whose rows are all in its request leaves through the tile's own Q buffer
+        (these rows of it are no longer read) and TMA stores, so the stores neither occupy the
+        warps nor queue in front of the producer's loads; the Q buffer is handed back to the producer
+        once the next tile's first product is issued (by then the store has read it). Partial tiles,
+        split tiles' partial states and outputs TMA cannot address are stored from registers."""
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         # Both products accumulate in one wgmma layout (instruction N = the head dim, at most BLOCK_N), so
@@ -287,16 +418,28 @@ if _HAVE_GLUON:
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         fix_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         dtype: gl.constexpr = q_bufs.dtype
+        RECORDS: gl.constexpr = RECORD and ROW0 == 0
+        O_BOX: gl.constexpr = TOKENS if TOKENS < ROWS else ROWS  # rows of one TMA store: one head's tokens
         offs_m = ROW0 + gl.arange(0, ROWS, layout=row_layout)
         offs_n = gl.arange(0, _BLOCK_N, layout=col_layout)
         head_of_row = offs_m // TOKENS
         token_of_row = offs_m % TOKENS
         tile = 0
         block = 0
-        w = _next_unit(unit_ids, q_ready, tile, num_warps)
+        staged = -1  # the Q buffer whose output store may still be reading it (-1: none)
+        rec = TIMES + gl.program_id(0) * (_RECORD_TILES * 8)
+        t_wait = 0
+        if RECORDS:
+            t_wait = _clock(tile)  # int64 from here on
+        (w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start, full_end,
+         num_blocks) = _next_unit(unit_info, q_ready, tile, num_warps)
         while w >= 0:
-            (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
-             num_blocks) = _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP, CAUSAL)
+            if RECORDS:
+                if tile < _RECORD_TILES:
+                    gl.store(rec + tile * 8, t_wait)
+                    gl.store(rec + tile * 8 + 1, _clock(w))
+                    gl.store(rec + tile * 8 + 6, num_blocks.to(gl.int64))
+            kv_stall = (t_first * 0).to(gl.int64)
             tokens = t_first + token_of_row
             positions = tokens + delta
             qi = tile % 2
@@ -311,13 +454,20 @@ if _HAVE_GLUON:
                 # softmax, then wait for the product, release V_{j-1} and rescale O.
                 s = block % _STAGES
                 phase = (block // _STAGES) & 1
-                mbarrier.wait(k_ready.index(s), phase)
+                _wait_kv(k_ready.index(s), phase, GATHER)
+                if RECORDS:
+                    if tile < _RECORD_TILES:
+                        gl.store(rec + tile * 8 + 2, _clock(s))
                 qk = warpgroup_mma(q_buf, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                staged = _release_staged(q_empty, staged, O_TMA)
                 qk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_buf, k_bufs.index(s)))
                 mbarrier.arrive(k_empty.index(s), count=1)
                 x = _mask_logits(qk * qk_scale_log2, start, full_end, kv_len, offs_n, positions, CAUSAL)
                 m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
+                if RECORDS:
+                    if tile < _RECORD_TILES:
+                        gl.store(rec + tile * 8 + 3, _clock(s))
                 prev_s = s
                 prev_phase = phase
                 prev_n0 = start
@@ -326,10 +476,18 @@ if _HAVE_GLUON:
                     n0 = start + j * _BLOCK_N
                     s = block % _STAGES
                     phase = (block // _STAGES) & 1
-                    mbarrier.wait(k_ready.index(s), phase)
+                    if RECORDS:
+                        c0 = _clock(s)
+                    _wait_kv(k_ready.index(s), phase, GATHER)
+                    if RECORDS:
+                        kv_stall += _clock(s) - c0
                     qk = warpgroup_mma(q_buf, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    if RECORDS:
+                        c0 = _clock(s)
                     v_prev = _ready_values(v_bufs.index(prev_s), v_ready.index(prev_s), prev_phase, prev_n0, kv_len,
-                                           fix_layout, dtype)
+                                           fix_layout, dtype, GATHER)
+                    if RECORDS:
+                        kv_stall += _clock(s) - c0
                     acc = warpgroup_mma(p_op, v_prev, acc, is_async=True)
                     qk, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(qk, q_buf, k_bufs.index(s)))
                     mbarrier.arrive(k_empty.index(s), count=1)
@@ -344,24 +502,44 @@ if _HAVE_GLUON:
                     prev_n0 = n0
                     block += 1
                 v_prev = _ready_values(v_bufs.index(prev_s), v_ready.index(prev_s), prev_phase, prev_n0, kv_len,
-                                       fix_layout, dtype)
+                                       fix_layout, dtype, GATHER)
                 acc = warpgroup_mma(p_op, v_prev, acc, is_async=True)
                 acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))
                 mbarrier.arrive(v_empty.index(prev_s), count=1)
-            mbarrier.arrive(q_empty.index(qi), count=1)
-            tile += 1
+            else:
+                staged = _release_staged(q_empty, staged, O_TMA)
+            via_tma = False
+            if O_TMA:
+                via_tma = slot < 0 and t_first + TOKENS <= qo_len
+            if not via_tma:
+                mbarrier.arrive(q_empty.index(qi), count=1)
+            if RECORDS:
+                if tile < _RECORD_TILES:
+                    gl.store(rec + tile * 8 + 4, _clock(tile))
+                    gl.store(rec + tile * 8 + 7, kv_stall)
 
             o, lse = finalize_state(m_i, l_i, acc)
             offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
             o_tokens = t_first + gl.convert_layout(token_of_row, gl.SliceLayout(1, o_layout))
             o_heads = kv_head * GROUP + gl.convert_layout(head_of_row, gl.SliceLayout(1, o_layout))
             o_ok = o_tokens < qo_len
+            if O_TMA:  # (a constexpr guard: without it the dead branch still reaches the LLVM lowering)
+                if via_tma:
+                    q_buf.store(o.to(dtype))
+                    fence_async_shared()
+                    gl.thread_barrier()  # every thread's rows in shared memory before the copies start
+                    for b in gl.static_range(ROWS // O_BOX):  # one box per query head: rows are head-major
+                        tma.async_copy_shared_to_global(
+                            o_desc, [qo_start + t_first + (ROW0 + b * O_BOX) % TOKENS,
+                                     (kv_head * GROUP + (ROW0 + b * O_BOX) // TOKENS) * HEAD_DIM],
+                            q_buf.slice(b * O_BOX, O_BOX))
+                    staged = qi
             if slot < 0:
-                o_rows = (qo_start + o_tokens).to(gl.int64) * stride_ot + o_heads * stride_oh
-                gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=o_ok[:, None])
-                lse_ok = tokens < qo_len
+                if not via_tma:
+                    o_rows = (qo_start + o_tokens).to(gl.int64) * stride_ot + o_heads * stride_oh
+                    gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=o_ok[:, None])
                 l_rows = (qo_start + tokens).to(gl.int64) * stride_lt + (kv_head * GROUP + head_of_row) * stride_lh
-                gl.store(LSE + l_rows, lse, mask=lse_ok)
+                gl.store(LSE + l_rows, lse, mask=tokens < qo_len)
             else:
                 # Partial states keep the Triton kernel's token-major row order (the merge reads it).
                 base = (slot.to(gl.int64) * num_kv_heads + kv_head) * _BLOCK_M
@@ -369,47 +547,69 @@ if _HAVE_GLUON:
                 gl.store(PART_O + o_part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_ok[:, None])
                 l_part = base + token_of_row * GROUP + head_of_row
                 gl.store(PART_LSE + l_part, lse, mask=tokens < qo_len)
-            w = _next_unit(unit_ids, q_ready, tile, num_warps)
+            if RECORDS:
+                t_wait = _clock(tile)
+                if tile < _RECORD_TILES:
+                    gl.store(rec + tile * 8 + 5, t_wait)
+            tile += 1
+            (w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start, full_end,
+             num_blocks) = _next_unit(unit_info, q_ready, tile, num_warps)
+        _release_staged(q_empty, staged, O_TMA)  # the last store must finish reading before the program exits
 
     @gluon.jit
-    def _hopper_prefill_kernel(q_desc, k_desc, v_desc, O, LSE, PART_O, PART_LSE, PAGE_INDICES, COUNTS, REQS,
-                               ITEMS, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
-                               rows_per_page, head_row, head_col, oob_row, GROUP: gl.constexpr,
-                               HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
-                               PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr):
+    def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, K, V, O, LSE, PART_O, PART_LSE, PAGE_INDICES, COUNTS, REQS,
+                               ITEMS, TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
+                               rows_per_page, head_row, head_col, oob_row, k_row_stride, v_row_stride,
+                               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                               PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr,
+                               O_TMA: gl.constexpr, RECORD: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, HEAD_DIM], dtype)
         q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M, HEAD_DIM], tile_layout)
         k_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
-        unit_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        plain_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        unit_info = gl.allocate_shared_memory(gl.int32, [2, _INFO], plain_layout)
+        rows_bufs = gl.allocate_shared_memory(gl.int32, [2, _BLOCK_N], plain_layout)  # gather mode
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
+        # TMA copies complete a ready barrier with one arrival (plus the bytes); gather mode's cp.async
+        # copies with one arrival per producer thread.
+        PRODUCER_WARPS: gl.constexpr = _GATHER_WARPS if GATHER else 1
+        KV_ARRIVALS: gl.constexpr = 32 * PRODUCER_WARPS if GATHER else 1
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)
         for i in gl.static_range(_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_ready.index(i), count=KV_ARRIVALS)
             mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=KV_ARRIVALS)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         # Two 4-warp consumers of 64 rows each, free to drift (one's softmax under the other's products).
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
-                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
-                         HEAD_DIM, CAUSAL, 0, _BLOCK_M // 2, num_warps)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, unit_ids, bars, O, LSE, PART_O, PART_LSE, COUNTS, REQS, ITEMS,
-                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP,
-                         HEAD_DIM, CAUSAL, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, unit_ids, bars, COUNTS, REQS, ITEMS,
-                         PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, GROUP, HEAD_DIM,
-                         CAUSAL, PAGED, PAGE_SIZE)),
-        ], [num_warps, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+            (_consumer, (q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
+                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP, HEAD_DIM,
+                         CAUSAL, GATHER, O_TMA, RECORD, 0, _BLOCK_M // 2, num_warps)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
+                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP, HEAD_DIM,
+                         CAUSAL, GATHER, O_TMA, RECORD, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
+            (_producer, (q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, rows_bufs, unit_info, bars, COUNTS,
+                         REQS, ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row,
+                         k_row_stride, v_row_stride, GROUP, HEAD_DIM, CAUSAL, PAGED, PAGE_SIZE, GATHER,
+                         PRODUCER_WARPS)),
+        ], [num_warps, PRODUCER_WARPS], [_CONSUMER_REGS, _PRODUCER_REGS])
+
+
+def out_tma_ok(out: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether TMA stores can write ``out`` ``[T, H, D]``: q's dtype, heads of a token contiguous,
+    16-byte aligned rows."""
+    return (out.dtype == q.dtype and out.stride(2) == 1 and out.stride(1) == out.shape[2]
+            and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
 
 
 def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
@@ -426,23 +626,34 @@ def _kv_descriptor(x: torch.Tensor, paged: bool, head_dim: int, rows: int, cols:
 
 
 def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse, qk_scale_log2: float,
-                           causal: bool, num_items: int, num_sms: int) -> None:
+                           causal: bool, num_items: int, num_sms: int, record: Optional[torch.Tensor] = None) -> None:
     """Launch the warp-specialized kernel over the plan's items (arguments as batch_prefill_forward;
-    ``counts``/``reqs``/``items`` are the plan's sections; ``views`` from :func:`hopper_prefill_views`)."""
+    ``counts``/``reqs``/``items`` are the plan's sections; ``views`` from :func:`hopper_prefill_views`).
+    ``record``: int64 ``[grid, RECORD_TILES, 8]`` for a per-tile timeline of the first consumer
+    (benchmarks/hopper_prefill_timeline.py), or None."""
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     paged = page_indices is not None
     num_kv_heads = k.shape[2] if paged else k.shape[1]
     group = num_qo_heads // num_kv_heads
     tokens = BLOCK_M // group
+    gather = use_gather(k.shape[1] if paged else None)
     q_desc = GluonTensorDescriptor(q, [q.shape[0], num_qo_heads * head_dim], [q.stride(0), 1], [tokens, head_dim],
                                    _tile_layout(tokens, head_dim, q.dtype))
     (k_view_rows, *k_view), (v_view_rows, *v_view) = views
-    k_desc = _kv_descriptor(k, paged, head_dim, k_view_rows, *k_view[:2])
-    v_desc = _kv_descriptor(v, paged, head_dim, v_view_rows, *v_view[:2])
+    if gather:  # the descriptors are not read: any box will do
+        k_desc = v_desc = q_desc
+    else:
+        k_desc = _kv_descriptor(k, paged, head_dim, k_view_rows, *k_view[:2])
+        v_desc = _kv_descriptor(v, paged, head_dim, v_view_rows, *v_view[:2])
+    o_tma = out_tma_ok(out, q) and os.environ.get("FLASHTILE_HOPPER_O_TMA", "1") != "0"
+    o_box = min(tokens, BLOCK_M // 2)
+    o_desc = GluonTensorDescriptor(out, [out.shape[0], num_qo_heads * head_dim], [out.stride(0), 1],
+                                   [o_box, head_dim], _tile_layout(o_box, head_dim, q.dtype)) if o_tma else q_desc
     coords = (*k_view[2:], max(k_view_rows, v_view_rows))  # rows_per_page, head_row, head_col, a row past both views
     grid = max(1, min(num_sms, num_items * num_kv_heads))
     _hopper_prefill_kernel[(grid,)](
-        q_desc, k_desc, v_desc, out, lse, part_o, part_lse, page_indices if paged else counts, counts, reqs, items,
-        num_kv_heads, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), qk_scale_log2, *coords,
+        q_desc, k_desc, v_desc, o_desc, k, v, out, lse, part_o, part_lse, page_indices if paged else counts, counts, reqs,
+        items, record if record is not None else counts, num_kv_heads, out.stride(0), out.stride(1), lse.stride(0),
+        lse.stride(1), qk_scale_log2, *coords, k_view[1], v_view[1],
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
-        num_warps=4, maxnreg=MAX_REGS)
+        GATHER=gather, O_TMA=o_tma, RECORD=record is not None, num_warps=4, maxnreg=MAX_REGS)
