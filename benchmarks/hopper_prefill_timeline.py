@@ -9,7 +9,11 @@ warpgroup of every program writes the SM cycle counter at six points of each til
 - ``block0``: the first S = Q K^T and its softmax (nothing to overlap it with);
 - ``loop``: the remaining blocks and the last P V;
 - ``kv_stall``: the part of ``loop`` spent waiting for K/V copies;
-- ``epilogue``: normalization and the stores of O and LSE.
+- ``epilogue``: normalization and the stores of O and LSE;
+- ``p_decode``: the producer's work-unit decode up to its Q copies (after the counter's atomic);
+- ``p_q_lead``: how long before the consumer asks for the tile the producer issued its Q (negative:
+  after; then ``wait_q`` is the producer's fault);
+- ``p_kv_lead``: how long before the consumer's loop ends the producer issued the tile's last V.
 
     python benchmarks/hopper_prefill_timeline.py --case paged16 [--gather] [--out FILE.json]
 
@@ -35,7 +39,7 @@ CASES = {
     "ragged": dict(batch=16, length=1024, hq=32, hk=8, page=None),
     "ragged_mha": dict(batch=128, length=1024, hq=32, hk=32, page=None),
 }
-FIELDS = ("wait_q", "wait_k0", "block0", "loop", "kv_stall", "epilogue")
+FIELDS = ("wait_q", "wait_k0", "block0", "loop", "kv_stall", "epilogue", "p_decode", "p_q_lead", "p_kv_lead")
 
 
 def build(batch, length, hq, hk, page, d=128):
@@ -69,9 +73,9 @@ def summarize(rec: torch.Tensor) -> dict:
         if not tiles:
             continue
         spans.append(tiles[-1][5] - tiles[0][0])
-        for t0, t1, t2, t3, t4, t5, nb, stall in tiles:
+        for t0, t1, t2, t3, t4, t5, nb, stall, p_start, p_q, p_kv, _ in tiles:
             row = dict(wait_q=t1 - t0, wait_k0=t2 - t1, block0=t3 - t2, loop=t4 - t3, kv_stall=stall,
-                       epilogue=t5 - t4)
+                       epilogue=t5 - t4, p_decode=p_q - p_start, p_q_lead=t0 - p_q, p_kv_lead=t4 - p_kv)
             for key in (int(nb), "all"):
                 counts[key] += 1
                 for f in FIELDS:
@@ -90,7 +94,7 @@ def main():
         os.environ["FLASHTILE_HOPPER_GATHER"] = "1"
     w, inputs = build(**CASES[args.case])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rec = torch.zeros(sms, hopper.RECORD_TILES, 8, dtype=torch.int64, device="cuda")
+    rec = torch.zeros(sms, hopper.RECORD_TILES, hopper.RECORD_FIELDS, dtype=torch.int64, device="cuda")
     plain_forward = bp.hopper_prefill_forward
 
     def recording_forward(*a, **kw):

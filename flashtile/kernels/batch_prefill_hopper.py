@@ -7,11 +7,15 @@ loop for sm_90a (docs/batch_prefill.md). This kernel splits the roles by hand:
 
 - a *producer* warp issues TMA copies: the tile's Q (``GROUP`` boxes of ``BLOCK_M / GROUP``
   tokens, one per query head of the KV head's group) and its K and V blocks into a ring of
-  ``STAGES`` shared-memory buffers (paged: one box per page);
+  ``STAGES`` shared-memory buffers (paged: one box per page). Pages a box cannot serve (fewer
+  than 8 keys, e.g. page size 1, or not dividing ``BLOCK_N``) go through *gather mode*: a
+  warpgroup of producer threads issues ``cp.async`` copies key by key. The producer also decodes
+  each tile's work unit and hands the fields to the consumers through shared memory;
 - the *consumer*, two warpgroups of 64 rows each, runs the wgmma products and the online softmax
-  (the shared helper, softmax.py) and stores the result;
-- the grid is persistent: program ``p`` takes work units ``p, p + grid, ...`` in the plan's launch
-  order, so the producer loads the next tile's Q and K/V while the consumer finishes the last one.
+  (the shared helper, softmax.py). A tile whose rows all lie in its request leaves through its
+  own Q buffer and TMA stores (other tiles store from registers);
+- the grid is persistent: programs take work units from a counter in the plan's launch order, so
+  the producer loads the next tile's Q and K/V while the consumer finishes the last one.
 
 Rows inside a tile are head-major (row ``g * BLOCK_M / GROUP + t`` is token ``t`` of query head
 ``g`` of the group): the same rows as the Triton kernel's token-major tile, in the order TMA can
@@ -20,8 +24,10 @@ states, so the merge kernel and CUDA-graph mode are shared.
 
 Scope (:func:`hopper_prefill_views` decides): fp16/bf16 Q/K/V with head dim 64 or 128 (both),
 causal or no mask, no window, soft cap, ALiBi, RoPE or custom mask; 128-row tiles; GQA groups of
-1..16 (powers of two); ragged K/V with heads adjacent in memory, or pages of 8..128 keys (multiple
-of 8) in NHD or HND layout. Everything else runs the Triton kernel.
+1..16 (powers of two); ragged K/V with heads adjacent in memory, or pages of any size in NHD or
+HND layout. Everything else runs the Triton kernel. Switches for A/B measurements:
+``FLASHTILE_HOPPER_PREFILL=0`` (the Triton kernel), ``FLASHTILE_HOPPER_GATHER=1`` (gather mode
+for every paged cache), ``FLASHTILE_HOPPER_O_TMA=0`` (outputs stored from registers).
 
 Only the GPU runs this module (the interpreter cannot run Gluon): the same request-by-request tests
 check it on the H100 (tests/test_batch_prefill.py).
@@ -67,8 +73,10 @@ MAX_REGS = 168
 # Gather mode (pages a TMA box cannot serve, e.g. one key per page): a warpgroup of producer threads
 # issues cp.async copies row by row.
 GATHER_WARPS = 4
-# RECORD timelines (benchmarks/hopper_prefill_timeline.py): int64 records per program.
+# RECORD timelines (benchmarks/hopper_prefill_timeline.py): int64 records per tile, for the first
+# RECORD_TILES tiles of every program.
 RECORD_TILES = 64
+RECORD_FIELDS = 12
 
 
 def hopper_prefill_enabled() -> bool:
@@ -156,6 +164,7 @@ if _HAVE_GLUON:
     _GATHER_WARPS = gl.constexpr(GATHER_WARPS)
     _INFO = gl.constexpr(16)  # int32 fields per tile handed from producer to consumers (_publish_unit)
     _RECORD_TILES = gl.constexpr(RECORD_TILES)
+    _RECORD_FIELDS = gl.constexpr(RECORD_FIELDS)
 
     @gluon.jit
     def _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP: gl.constexpr, CAUSAL: gl.constexpr):
@@ -199,17 +208,20 @@ if _HAVE_GLUON:
         return gl.sum(gl.where(f == k, v, 0), 0)
 
     @gluon.jit
+    def _tile_fields(info_buf, num_warps: gl.constexpr):
+        """A tile's fields as the producer published them (:func:`_publish_unit`): ``(v, f)``, read
+        one with ``_field(v, f, k)``. The consumers read them where they are used (before and
+        after the KV loop) instead of keeping them in registers through the loop."""
+        layout: gl.constexpr = gl.BlockedLayout([_INFO], [32], [num_warps], [0])
+        return info_buf.load(layout), gl.arange(0, _INFO, layout=layout)
+
+    @gluon.jit
     def _next_unit(unit_info, q_ready, tile, num_warps: gl.constexpr):
-        """Wait for the producer's next tile and return its fields (:func:`_publish_unit`; work unit
-        -1: none left)."""
+        """Wait for the producer's next tile and return its work unit (-1: none left)."""
         qi = tile % 2
         mbarrier.wait(q_ready.index(qi), (tile // 2) & 1)
-        layout: gl.constexpr = gl.BlockedLayout([_INFO], [32], [num_warps], [0])
-        v = unit_info.index(qi).load(layout)
-        f = gl.arange(0, _INFO, layout=layout)
-        return (_field(v, f, 0), _field(v, f, 1), _field(v, f, 2), _field(v, f, 3), _field(v, f, 4),
-                _field(v, f, 5), _field(v, f, 6), _field(v, f, 7), _field(v, f, 8), _field(v, f, 9),
-                _field(v, f, 10))
+        v, f = _tile_fields(unit_info.index(qi), num_warps)
+        return _field(v, f, 0)
 
     @gluon.jit
     def _clock(dep):
@@ -299,8 +311,9 @@ if _HAVE_GLUON:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, rows_bufs, unit_info, bars, COUNTS, REQS,
                   ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, k_row_stride,
-                  v_row_stride, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
-                  PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr, num_warps: gl.constexpr):
+                  v_row_stride, TIMES, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                  PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr, RECORD: gl.constexpr,
+                  num_warps: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         kv_bytes: gl.constexpr = _BLOCK_N * HEAD_DIM * 2
@@ -310,8 +323,12 @@ if _HAVE_GLUON:
         # Work units are taken from a counter (the plan's COUNTS[3]) in launch order, as the hardware
         # hands out the blocks of a non-persistent grid: long tiles first, and the programs running
         # at one time on neighbouring units (shared K/V in L2).
+        rec = TIMES + gl.program_id(0) * (_RECORD_TILES * _RECORD_FIELDS)
         w = gl.atomic_add(COUNTS + 3, 1)
         while w < total:
+            if RECORD:
+                if tile < _RECORD_TILES:
+                    gl.store(rec + tile * _RECORD_FIELDS + 8, _clock(w))
             (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
              num_blocks) = _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP, CAUSAL)
             qi = tile % 2
@@ -323,6 +340,9 @@ if _HAVE_GLUON:
             for g in gl.static_range(GROUP):
                 tma.async_copy_global_to_shared(q_desc, [qo_start + t_first, (kv_head * GROUP + g) * HEAD_DIM],
                                                 q_ready.index(qi), q_buf.slice(g * TOKENS, TOKENS))
+            if RECORD:
+                if tile < _RECORD_TILES:
+                    gl.store(rec + tile * _RECORD_FIELDS + 9, _clock(w))
             for j in range(num_blocks):
                 n0 = start + j * _BLOCK_N
                 s = block % _STAGES
@@ -351,6 +371,9 @@ if _HAVE_GLUON:
                     _load_kv_block(v_desc, v_bufs.index(s), v_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
                                    head_col, PAGED, PAGE_SIZE)
                 block += 1
+            if RECORD:
+                if tile < _RECORD_TILES:
+                    gl.store(rec + tile * _RECORD_FIELDS + 10, _clock(w))
             tile += 1
             w = gl.atomic_add(COUNTS + 3, 1)
         # The last program to find the work gone resets the counter for the next launch.
@@ -427,22 +450,26 @@ if _HAVE_GLUON:
         tile = 0
         block = 0
         staged = -1  # the Q buffer whose output store may still be reading it (-1: none)
-        rec = TIMES + gl.program_id(0) * (_RECORD_TILES * 8)
+        rec = TIMES + gl.program_id(0) * (_RECORD_TILES * _RECORD_FIELDS)
         t_wait = 0
         if RECORDS:
             t_wait = _clock(tile)  # int64 from here on
-        (w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start, full_end,
-         num_blocks) = _next_unit(unit_info, q_ready, tile, num_warps)
+        w = _next_unit(unit_info, q_ready, tile, num_warps)
         while w >= 0:
+            qi = tile % 2
+            v, f = _tile_fields(unit_info.index(qi), num_warps)
+            kv_len = _field(v, f, 5)
+            t_first = _field(v, f, 7)
+            start = _field(v, f, 8)
+            full_end = _field(v, f, 9)
+            num_blocks = _field(v, f, 10)
             if RECORDS:
                 if tile < _RECORD_TILES:
-                    gl.store(rec + tile * 8, t_wait)
-                    gl.store(rec + tile * 8 + 1, _clock(w))
-                    gl.store(rec + tile * 8 + 6, num_blocks.to(gl.int64))
+                    gl.store(rec + tile * _RECORD_FIELDS, t_wait)
+                    gl.store(rec + tile * _RECORD_FIELDS + 1, _clock(w))
+                    gl.store(rec + tile * _RECORD_FIELDS + 6, num_blocks.to(gl.int64))
             kv_stall = (t_first * 0).to(gl.int64)
-            tokens = t_first + token_of_row
-            positions = tokens + delta
-            qi = tile % 2
+            positions = t_first + token_of_row + _field(v, f, 6)  # + delta: the rows' key positions
             q_buf = q_bufs.index(qi).slice(ROW0, ROWS)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
             l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
@@ -457,7 +484,7 @@ if _HAVE_GLUON:
                 _wait_kv(k_ready.index(s), phase, GATHER)
                 if RECORDS:
                     if tile < _RECORD_TILES:
-                        gl.store(rec + tile * 8 + 2, _clock(s))
+                        gl.store(rec + tile * _RECORD_FIELDS + 2, _clock(s))
                 qk = warpgroup_mma(q_buf, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 staged = _release_staged(q_empty, staged, O_TMA)
                 qk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_buf, k_bufs.index(s)))
@@ -467,7 +494,7 @@ if _HAVE_GLUON:
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 if RECORDS:
                     if tile < _RECORD_TILES:
-                        gl.store(rec + tile * 8 + 3, _clock(s))
+                        gl.store(rec + tile * _RECORD_FIELDS + 3, _clock(s))
                 prev_s = s
                 prev_phase = phase
                 prev_n0 = start
@@ -508,6 +535,14 @@ if _HAVE_GLUON:
                 mbarrier.arrive(v_empty.index(prev_s), count=1)
             else:
                 staged = _release_staged(q_empty, staged, O_TMA)
+            # The epilogue's fields, read again (the Q buffer, and with it the fields, is not handed back yet).
+            v, f = _tile_fields(unit_info.index(qi), num_warps)
+            kv_head = _field(v, f, 1)
+            slot = _field(v, f, 2)
+            qo_start = _field(v, f, 3)
+            qo_len = _field(v, f, 4)
+            t_first = _field(v, f, 7)
+            tokens = t_first + token_of_row
             via_tma = False
             if O_TMA:
                 via_tma = slot < 0 and t_first + TOKENS <= qo_len
@@ -515,8 +550,8 @@ if _HAVE_GLUON:
                 mbarrier.arrive(q_empty.index(qi), count=1)
             if RECORDS:
                 if tile < _RECORD_TILES:
-                    gl.store(rec + tile * 8 + 4, _clock(tile))
-                    gl.store(rec + tile * 8 + 7, kv_stall)
+                    gl.store(rec + tile * _RECORD_FIELDS + 4, _clock(tile))
+                    gl.store(rec + tile * _RECORD_FIELDS + 7, kv_stall)
 
             o, lse = finalize_state(m_i, l_i, acc)
             offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -550,10 +585,9 @@ if _HAVE_GLUON:
             if RECORDS:
                 t_wait = _clock(tile)
                 if tile < _RECORD_TILES:
-                    gl.store(rec + tile * 8 + 5, t_wait)
+                    gl.store(rec + tile * _RECORD_FIELDS + 5, t_wait)
             tile += 1
-            (w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start, full_end,
-             num_blocks) = _next_unit(unit_info, q_ready, tile, num_warps)
+            w = _next_unit(unit_info, q_ready, tile, num_warps)
         _release_staged(q_empty, staged, O_TMA)  # the last store must finish reading before the program exits
 
     @gluon.jit
@@ -600,8 +634,8 @@ if _HAVE_GLUON:
                          CAUSAL, GATHER, O_TMA, RECORD, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
             (_producer, (q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, rows_bufs, unit_info, bars, COUNTS,
                          REQS, ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row,
-                         k_row_stride, v_row_stride, GROUP, HEAD_DIM, CAUSAL, PAGED, PAGE_SIZE, GATHER,
-                         PRODUCER_WARPS)),
+                         k_row_stride, v_row_stride, TIMES, GROUP, HEAD_DIM, CAUSAL, PAGED, PAGE_SIZE, GATHER,
+                         RECORD, PRODUCER_WARPS)),
         ], [num_warps, PRODUCER_WARPS], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -629,7 +663,7 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
                            causal: bool, num_items: int, num_sms: int, record: Optional[torch.Tensor] = None) -> None:
     """Launch the warp-specialized kernel over the plan's items (arguments as batch_prefill_forward;
     ``counts``/``reqs``/``items`` are the plan's sections; ``views`` from :func:`hopper_prefill_views`).
-    ``record``: int64 ``[grid, RECORD_TILES, 8]`` for a per-tile timeline of the first consumer
+    ``record``: int64 ``[grid, RECORD_TILES, RECORD_FIELDS]`` for a per-tile timeline of the first consumer
     (benchmarks/hopper_prefill_timeline.py), or None."""
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     paged = page_indices is not None
