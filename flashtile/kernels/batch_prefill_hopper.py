@@ -296,19 +296,6 @@ if _HAVE_GLUON:
         return x
 
     @gluon.jit
-    def _ready_values(v_buf, v_bar, phase, n0, kv_len, fix_layout: gl.constexpr, dtype: gl.constexpr):
-        """Wait for a V block; rows past the keys are zeroed in shared memory first (another request's
-        rows or a page's unwritten slots: 0 * NaN would poison the product)."""
-        mbarrier.wait(v_bar, phase)
-        if n0 + _BLOCK_N > kv_len:
-            rows = n0 + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, fix_layout))
-            v_tile = v_buf.load(fix_layout)
-            v_buf.store(gl.where(rows[:, None] < kv_len, v_tile, 0.0).to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-        return v_buf
-
-    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, rows_bufs, unit_info, bars, COUNTS, REQS,
                   ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, k_row_stride,
                   v_row_stride, TIMES, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
