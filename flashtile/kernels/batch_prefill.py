@@ -319,6 +319,7 @@ def batch_prefill_forward(
     """
     paged = page_indices is not None
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
+    d_vo = dot_tile_dim(head_dim_vo)
     group = q.shape[1] // num_kv_heads
     counts = meta[:COUNT_FIELDS]
     reqs = meta[COUNT_FIELDS:]
@@ -339,7 +340,7 @@ def batch_prefill_forward(
         _merge_tiles_kernel[(num_merges * num_kv_heads,)](
             part_o, part_lse, out, lse, counts, reqs, merges,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), num_kv_heads, float(params.v_scale),
-            GROUP=group, HEAD_DIM_VO=head_dim_vo, D_VO=dot_tile_dim(head_dim_vo), BLOCK_M=block_m,
+            GROUP=group, HEAD_DIM_VO=head_dim_vo, D_VO=d_vo, BLOCK_M=block_m,
             # 4 warps for a [128, 128] float32 tile spill (sm_90a, aot_compile_check.py); 8 do not.
-            num_warps=8 if block_m * dot_tile_dim(head_dim_vo) >= 128 * 128 else 4,
+            num_warps=8 if block_m * d_vo >= 128 * 128 else 4,
         )

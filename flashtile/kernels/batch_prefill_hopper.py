@@ -35,6 +35,7 @@ check it on the H100 (tests/test_batch_prefill.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -205,6 +206,7 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _field(v, f, k: gl.constexpr):
+        """Field ``k`` of a tile (:func:`_tile_fields`); a reduction inside each thread."""
         return gl.sum(gl.where(f == k, v, 0), 0)
 
     @gluon.jit
@@ -429,7 +431,7 @@ if _HAVE_GLUON:
         fix_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         dtype: gl.constexpr = q_bufs.dtype
         RECORDS: gl.constexpr = RECORD and ROW0 == 0
-        O_BOX: gl.constexpr = TOKENS if TOKENS < ROWS else ROWS  # rows of one TMA store: one head's tokens
+        O_BOX: gl.constexpr = o_desc.block_shape[0]  # rows of one TMA store: one head's tokens (or ROWS)
         offs_m = ROW0 + gl.arange(0, ROWS, layout=row_layout)
         offs_n = gl.arange(0, _BLOCK_N, layout=col_layout)
         head_of_row = offs_m // TOKENS
@@ -455,7 +457,8 @@ if _HAVE_GLUON:
                     gl.store(rec + tile * _RECORD_FIELDS, t_wait)
                     gl.store(rec + tile * _RECORD_FIELDS + 1, _clock(w))
                     gl.store(rec + tile * _RECORD_FIELDS + 6, num_blocks.to(gl.int64))
-            kv_stall = (t_first * 0).to(gl.int64)
+            if RECORDS:
+                kv_stall = (t_first * 0).to(gl.int64)  # cycles spent waiting for K/V inside the loop
             positions = t_first + token_of_row + _field(v, f, 6)  # + delta: the rows' key positions
             q_buf = q_bufs.index(qi).slice(ROW0, ROWS)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
@@ -578,8 +581,8 @@ if _HAVE_GLUON:
         _release_staged(q_empty, staged, O_TMA)  # the last store must finish reading before the program exits
 
     @gluon.jit
-    def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, K, V, O, LSE, PART_O, PART_LSE, PAGE_INDICES, COUNTS, REQS,
-                               ITEMS, TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
+    def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, K, V, O, LSE, PART_O, PART_LSE, PAGE_INDICES, COUNTS,
+                               REQS, ITEMS, TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
                                rows_per_page, head_row, head_col, oob_row, k_row_stride, v_row_stride,
                                GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr,
@@ -633,6 +636,7 @@ def out_tma_ok(out: torch.Tensor, q: torch.Tensor) -> bool:
             and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
 
 
+@functools.lru_cache(maxsize=None)  # ~6 us of host time per layout otherwise, 4 per launch
 def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
     gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     return gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
@@ -646,20 +650,27 @@ def _kv_descriptor(x: torch.Tensor, paged: bool, head_dim: int, rows: int, cols:
                                  _tile_layout(box_rows, head_dim, x.dtype))
 
 
-def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse, qk_scale_log2: float,
-                           causal: bool, num_items: int, num_sms: int, record: Optional[torch.Tensor] = None) -> None:
+def _token_descriptor(x: torch.Tensor, box_rows: int):
+    """The TMA view of Q or O ``[T, H, D]`` as ``[T, H * D]`` with boxes of ``box_rows`` tokens of one head."""
+    head_dim = x.shape[2]
+    return GluonTensorDescriptor(x, [x.shape[0], x.shape[1] * head_dim], [x.stride(0), 1], [box_rows, head_dim],
+                                 _tile_layout(box_rows, head_dim, x.dtype))
+
+
+def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
+                           qk_scale_log2: float, causal: bool, num_items: int, num_sms: int,
+                           record: Optional[torch.Tensor] = None) -> None:
     """Launch the warp-specialized kernel over the plan's items (arguments as batch_prefill_forward;
     ``counts``/``reqs``/``items`` are the plan's sections; ``views`` from :func:`hopper_prefill_views`).
-    ``record``: int64 ``[grid, RECORD_TILES, RECORD_FIELDS]`` for a per-tile timeline of the first consumer
-    (benchmarks/hopper_prefill_timeline.py), or None."""
+    ``record``: int64 ``[grid, RECORD_TILES, RECORD_FIELDS]`` for a per-tile timeline of the first
+    consumer (benchmarks/hopper_prefill_timeline.py), or None."""
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     paged = page_indices is not None
     num_kv_heads = k.shape[2] if paged else k.shape[1]
     group = num_qo_heads // num_kv_heads
     tokens = BLOCK_M // group
     gather = use_gather(k.shape[1] if paged else None)
-    q_desc = GluonTensorDescriptor(q, [q.shape[0], num_qo_heads * head_dim], [q.stride(0), 1], [tokens, head_dim],
-                                   _tile_layout(tokens, head_dim, q.dtype))
+    q_desc = _token_descriptor(q, tokens)
     (k_view_rows, *k_view), (v_view_rows, *v_view) = views
     if gather:  # the descriptors are not read: any box will do
         k_desc = v_desc = q_desc
@@ -667,14 +678,13 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
         k_desc = _kv_descriptor(k, paged, head_dim, k_view_rows, *k_view[:2])
         v_desc = _kv_descriptor(v, paged, head_dim, v_view_rows, *v_view[:2])
     o_tma = out_tma_ok(out, q) and os.environ.get("FLASHTILE_HOPPER_O_TMA", "1") != "0"
-    o_box = min(tokens, BLOCK_M // 2)
-    o_desc = GluonTensorDescriptor(out, [out.shape[0], num_qo_heads * head_dim], [out.stride(0), 1],
-                                   [o_box, head_dim], _tile_layout(o_box, head_dim, q.dtype)) if o_tma else q_desc
+    # A consumer's 64 rows leave as one box per query head (or as half of one head's 128 tokens).
+    o_desc = _token_descriptor(out, min(tokens, BLOCK_M // 2)) if o_tma else q_desc
     coords = (*k_view[2:], max(k_view_rows, v_view_rows))  # rows_per_page, head_row, head_col, a row past both views
     grid = max(1, min(num_sms, num_items * num_kv_heads))
     _hopper_prefill_kernel[(grid,)](
-        q_desc, k_desc, v_desc, o_desc, k, v, out, lse, part_o, part_lse, page_indices if paged else counts, counts, reqs,
-        items, record if record is not None else counts, num_kv_heads, out.stride(0), out.stride(1), lse.stride(0),
+        q_desc, k_desc, v_desc, o_desc, k, v, out, lse, part_o, part_lse, page_indices if paged else counts, counts,
+        reqs, items, record if record is not None else counts, num_kv_heads, out.stride(0), out.stride(1), lse.stride(0),
         lse.stride(1), qk_scale_log2, *coords, k_view[1], v_view[1],
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
         GATHER=gather, O_TMA=o_tma, RECORD=record is not None, num_warps=4, maxnreg=MAX_REGS)
