@@ -56,7 +56,10 @@ def finalize_state(m_i, l_i, acc):
     """``(o, lse)`` of a running state; rows with ``l == 0`` give ``o = 0`` and ``lse = -inf``."""
     empty = l_i == 0.0
     safe_l = tl.where(empty, 1.0, l_i)
-    o = acc / safe_l[:, None]
-    o = tl.where(empty[:, None], 0.0, o)
+    # One reciprocal per row, not a division per element: a float32 division is a short sequence of
+    # its own (range scaling around a reciprocal), and the row's zero factor clears an empty row
+    # (its acc is 0: every weight was 0).
+    inv_l = tl.where(empty, 0.0, 1.0 / safe_l)
+    o = acc * inv_l[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(safe_l))
     return o, lse
