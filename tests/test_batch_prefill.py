@@ -654,6 +654,10 @@ def test_hopper_kernel_serves_prefill_tiles(device):
     # Pages TMA boxes cannot serve go through cp.async gathers (test_paged_matches_oracle's pages 1 and 5).
     cache1, _, _, _ = make_paged_batch([300], 1, 8, 128, torch.bfloat16, device)
     assert hopper_prefill_views(q, cache1[:, 0], cache1[:, 1], True, 128, True) is not None
+    # One list of key offsets serves K and V in gather mode: V with another slot stride (padded heads)
+    # but the same page and head coordinates goes to the Triton kernel.
+    v_padded = torch.zeros(cache1.shape[0], 2, 1, 16, 128, dtype=torch.bfloat16, device=device)[:, 0, :, :8]
+    assert hopper_prefill_views(q, cache1[:, 0], v_padded, True, 128, True) is None
     assert [use_gather(p) for p in (None, 1, 5, 8, 16, 128, 256)] == [False, True, True, False, False, False, True]
 
 

@@ -150,6 +150,9 @@ def hopper_prefill_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page
     k_rows, v_rows = _kv_rows(k, paged), _kv_rows(v, paged)
     if k_rows is None or v_rows is None or k_rows[3:] != v_rows[3:]:  # K and V share coordinates
         return None
+    # Gather mode: one offset list serves K and V, and every key's offset is a multiple of 16 bytes.
+    if paged and use_gather(k.shape[1]) and (k_rows[2] != v_rows[2] or k_rows[5] % 8):
+        return None
     if not all(r[0] < 2**31 and r[1] < 2**31 and (r[2] * 2) % 16 == 0 for r in (k_rows, v_rows)):
         return None
     return k_rows, v_rows
@@ -260,30 +263,34 @@ if _HAVE_GLUON:
             tma.async_copy_global_to_shared(desc, [kv_offset + n0, kv_head * head_col], bar, buf)
 
     @gluon.jit
-    def _gather_rows(rows_buf, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
-                     PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr):
-        """Gather mode: the view row of each key ``n0 .. n0 + BLOCK_N`` (-1 past the keys) into
-        ``rows_buf``, one page-id load per key, shared by the K and V copies of the block."""
+    def _gather_rows(offs_buf, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row, row_stride,
+                     col, PAGE_SIZE: gl.constexpr, num_warps: gl.constexpr):
+        """Gather mode: the element offset in the K (and V: the same strides) view of each key
+        ``n0 .. n0 + BLOCK_N`` of one head (negative past the keys) into ``offs_buf``, one page-id load per
+        key, shared by the K and V copies of the block (which then add only their base)."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         keys = n0 + gl.arange(0, _BLOCK_N, layout=layout)
         ok = keys < kv_len
         pages = gl.load(PAGE_INDICES + kv_offset + keys // PAGE_SIZE, mask=ok, other=0)
-        rows_buf.store(gl.where(ok, pages * rows_per_page + kv_head * head_row + keys % PAGE_SIZE, -1))
+        rows = pages * rows_per_page + kv_head * head_row + keys % PAGE_SIZE
+        # Past the keys: -8, negative (masked off) yet as aligned as a key's offset.
+        offs_buf.store(gl.where(ok, rows.to(gl.int64) * row_stride + col, -8))
         gl.thread_barrier()
 
     @gluon.jit
-    def _gather_block(base, row_stride, col, buf, rows_buf, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
-        """Gather mode: ``cp.async`` copies of the ``BLOCK_N`` rows listed in ``rows_buf`` (columns
-        ``col .. col + HEAD_DIM`` of the view at ``base``) into ``buf``; rows -1 become zeros. A few
-        rows at a time, so the producer's 24 registers hold the addresses."""
+    def _gather_block(base, buf, offs_buf, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
+        """Gather mode: ``cp.async`` copies of the ``BLOCK_N`` keys at the offsets in ``offs_buf``
+        (``HEAD_DIM`` elements each from ``base``) into ``buf``; negative offsets become zeros. A few rows at
+        a time, so the producer's 24 registers hold the addresses."""
         copy_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1],
                                                      [1, 0])
         SUB: gl.constexpr = 2 * (256 // HEAD_DIM) * num_warps
-        offs_d = col + gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, copy_layout))
         for r in gl.static_range(_BLOCK_N // SUB):
-            rows = rows_buf.slice(r * SUB, SUB).load(gl.SliceLayout(1, copy_layout))
-            ptrs = base + (rows.to(gl.int64) * row_stride)[:, None] + offs_d[None, :]
-            async_copy.async_copy_global_to_shared(buf.slice(r * SUB, SUB), ptrs, mask=(rows >= 0)[:, None])
+            # Multiples of 8 elements (16 bytes): the host checks the strides and the column.
+            offs = gl.multiple_of(offs_buf.slice(r * SUB, SUB).load(gl.SliceLayout(1, copy_layout)), 8)
+            async_copy.async_copy_global_to_shared(buf.slice(r * SUB, SUB), base + offs[:, None] + offs_d[None, :],
+                                                   mask=(offs >= 0)[:, None])
 
     @gluon.jit
     def _mask_logits(x, n0, full_end, kv_len, offs_n, positions, CAUSAL: gl.constexpr):
@@ -339,14 +346,12 @@ if _HAVE_GLUON:
                 if GATHER:
                     rows_buf = rows_bufs.index(block % 2)
                     _gather_rows(rows_buf, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
-                                 PAGE_SIZE, num_warps)
+                                 k_row_stride, kv_head * head_col, PAGE_SIZE, num_warps)
                     mbarrier.wait(k_empty.index(s), phase)
-                    _gather_block(K, k_row_stride, kv_head * head_col, k_bufs.index(s), rows_buf, HEAD_DIM,
-                                  num_warps)
+                    _gather_block(K, k_bufs.index(s), rows_buf, HEAD_DIM, num_warps)
                     async_copy.mbarrier_arrive(k_ready.index(s), increment_count=False)
                     mbarrier.wait(v_empty.index(s), phase)
-                    _gather_block(V, v_row_stride, kv_head * head_col, v_bufs.index(s), rows_buf, HEAD_DIM,
-                                  num_warps)
+                    _gather_block(V, v_bufs.index(s), rows_buf, HEAD_DIM, num_warps)
                     async_copy.mbarrier_arrive(v_ready.index(s), increment_count=False)
                 else:
                     offs_p, rows = _block_rows(n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page,
@@ -594,7 +599,7 @@ if _HAVE_GLUON:
         v_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
         plain_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         unit_info = gl.allocate_shared_memory(gl.int32, [2, _INFO], plain_layout)
-        rows_bufs = gl.allocate_shared_memory(gl.int32, [2, _BLOCK_N], plain_layout)  # gather mode
+        rows_bufs = gl.allocate_shared_memory(gl.int64, [2, _BLOCK_N], plain_layout)  # gather mode's key offsets
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
