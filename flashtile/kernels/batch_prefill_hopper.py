@@ -305,9 +305,9 @@ if _HAVE_GLUON:
         return x
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, rows_bufs, unit_info, bars, COUNTS, REQS,
-                  ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, k_row_stride,
-                  v_row_stride, TIMES, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+    def _producer(q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, key_offsets, unit_info, bars, COUNTS, REQS,
+                  ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, row_stride,
+                  TIMES, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                   PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr, RECORD: gl.constexpr,
                   num_warps: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
@@ -344,14 +344,14 @@ if _HAVE_GLUON:
                 s = block % _STAGES
                 phase = ((block // _STAGES) & 1) ^ 1
                 if GATHER:
-                    rows_buf = rows_bufs.index(block % 2)
-                    _gather_rows(rows_buf, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
-                                 k_row_stride, kv_head * head_col, PAGE_SIZE, num_warps)
+                    offsets = key_offsets.index(block % 2)
+                    _gather_rows(offsets, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
+                                 row_stride, kv_head * head_col, PAGE_SIZE, num_warps)
                     mbarrier.wait(k_empty.index(s), phase)
-                    _gather_block(K, k_bufs.index(s), rows_buf, HEAD_DIM, num_warps)
+                    _gather_block(K, k_bufs.index(s), offsets, HEAD_DIM, num_warps)
                     async_copy.mbarrier_arrive(k_ready.index(s), increment_count=False)
                     mbarrier.wait(v_empty.index(s), phase)
-                    _gather_block(V, v_bufs.index(s), rows_buf, HEAD_DIM, num_warps)
+                    _gather_block(V, v_bufs.index(s), offsets, HEAD_DIM, num_warps)
                     async_copy.mbarrier_arrive(v_ready.index(s), increment_count=False)
                 else:
                     offs_p, rows = _block_rows(n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page,
@@ -588,7 +588,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, K, V, O, LSE, PART_O, PART_LSE, PAGE_INDICES, COUNTS,
                                REQS, ITEMS, TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
-                               rows_per_page, head_row, head_col, oob_row, k_row_stride, v_row_stride,
+                               rows_per_page, head_row, head_col, oob_row, row_stride,
                                GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr,
                                O_TMA: gl.constexpr, RECORD: gl.constexpr, num_warps: gl.constexpr):
@@ -599,7 +599,7 @@ if _HAVE_GLUON:
         v_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
         plain_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         unit_info = gl.allocate_shared_memory(gl.int32, [2, _INFO], plain_layout)
-        rows_bufs = gl.allocate_shared_memory(gl.int64, [2, _BLOCK_N], plain_layout)  # gather mode's key offsets
+        key_offsets = gl.allocate_shared_memory(gl.int64, [2, _BLOCK_N], plain_layout)  # gather mode (_gather_rows)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
@@ -627,9 +627,9 @@ if _HAVE_GLUON:
             (_consumer, (q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
                          num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP, HEAD_DIM,
                          CAUSAL, GATHER, O_TMA, RECORD, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
-            (_producer, (q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, rows_bufs, unit_info, bars, COUNTS,
+            (_producer, (q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, key_offsets, unit_info, bars, COUNTS,
                          REQS, ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row,
-                         k_row_stride, v_row_stride, TIMES, GROUP, HEAD_DIM, CAUSAL, PAGED, PAGE_SIZE, GATHER,
+                         row_stride, TIMES, GROUP, HEAD_DIM, CAUSAL, PAGED, PAGE_SIZE, GATHER,
                          RECORD, PRODUCER_WARPS)),
         ], [num_warps, PRODUCER_WARPS], [_CONSUMER_REGS, _PRODUCER_REGS])
 
@@ -690,6 +690,6 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
     _hopper_prefill_kernel[(grid,)](
         q_desc, k_desc, v_desc, o_desc, k, v, out, lse, part_o, part_lse, page_indices if paged else counts, counts,
         reqs, items, record if record is not None else counts, num_kv_heads, out.stride(0), out.stride(1), lse.stride(0),
-        lse.stride(1), qk_scale_log2, *coords, k_view[1], v_view[1],
+        lse.stride(1), qk_scale_log2, *coords, k_view[1],  # gather mode's row stride (V's is the same)
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
         GATHER=gather, O_TMA=o_tma, RECORD=record is not None, num_warps=4, maxnreg=MAX_REGS)
