@@ -167,6 +167,18 @@ if _HAVE_GLUON:
     _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
     _GATHER_WARPS = gl.constexpr(GATHER_WARPS)
     _INFO = gl.constexpr(16)  # int32 fields per tile handed from producer to consumers (_publish_unit)
+    # Where each field sits (_publish_unit writes them, _field reads one).
+    _F_UNIT = gl.constexpr(0)
+    _F_KV_HEAD = gl.constexpr(1)
+    _F_SLOT = gl.constexpr(2)
+    _F_QO_START = gl.constexpr(3)
+    _F_QO_LEN = gl.constexpr(4)
+    _F_KV_LEN = gl.constexpr(5)
+    _F_DELTA = gl.constexpr(6)
+    _F_T_FIRST = gl.constexpr(7)
+    _F_START = gl.constexpr(8)
+    _F_FULL_END = gl.constexpr(9)
+    _F_NUM_BLOCKS = gl.constexpr(10)
     _RECORD_TILES = gl.constexpr(RECORD_TILES)
     _RECORD_FIELDS = gl.constexpr(RECORD_FIELDS)
 
@@ -194,17 +206,17 @@ if _HAVE_GLUON:
         consumers would otherwise repeat three dependent global loads at every tile start)."""
         layout: gl.constexpr = gl.BlockedLayout([_INFO], [32], [num_warps], [0])
         f = gl.arange(0, _INFO, layout=layout)
-        v = gl.where(f == 0, w, 0)
-        v = gl.where(f == 1, kv_head, v)
-        v = gl.where(f == 2, slot, v)
-        v = gl.where(f == 3, qo_start, v)
-        v = gl.where(f == 4, qo_len, v)
-        v = gl.where(f == 5, kv_len, v)
-        v = gl.where(f == 6, delta, v)
-        v = gl.where(f == 7, t_first, v)
-        v = gl.where(f == 8, start, v)
-        v = gl.where(f == 9, full_end, v)
-        v = gl.where(f == 10, num_blocks, v)
+        v = gl.where(f == _F_UNIT, w, 0)
+        v = gl.where(f == _F_KV_HEAD, kv_head, v)
+        v = gl.where(f == _F_SLOT, slot, v)
+        v = gl.where(f == _F_QO_START, qo_start, v)
+        v = gl.where(f == _F_QO_LEN, qo_len, v)
+        v = gl.where(f == _F_KV_LEN, kv_len, v)
+        v = gl.where(f == _F_DELTA, delta, v)
+        v = gl.where(f == _F_T_FIRST, t_first, v)
+        v = gl.where(f == _F_START, start, v)
+        v = gl.where(f == _F_FULL_END, full_end, v)
+        v = gl.where(f == _F_NUM_BLOCKS, num_blocks, v)
         info_buf.store(v)
 
     @gluon.jit
@@ -226,7 +238,7 @@ if _HAVE_GLUON:
         qi = tile % 2
         mbarrier.wait(q_ready.index(qi), (tile // 2) & 1)
         v, f = _tile_fields(unit_info.index(qi), num_warps)
-        return _field(v, f, 0)
+        return _field(v, f, _F_UNIT)
 
     @gluon.jit
     def _clock(dep):
@@ -452,11 +464,11 @@ if _HAVE_GLUON:
         while w >= 0:
             qi = tile % 2
             v, f = _tile_fields(unit_info.index(qi), num_warps)
-            kv_len = _field(v, f, 5)
-            t_first = _field(v, f, 7)
-            start = _field(v, f, 8)
-            full_end = _field(v, f, 9)
-            num_blocks = _field(v, f, 10)
+            kv_len = _field(v, f, _F_KV_LEN)
+            t_first = _field(v, f, _F_T_FIRST)
+            start = _field(v, f, _F_START)
+            full_end = _field(v, f, _F_FULL_END)
+            num_blocks = _field(v, f, _F_NUM_BLOCKS)
             if RECORDS:
                 if tile < _RECORD_TILES:
                     gl.store(rec + tile * _RECORD_FIELDS, t_wait)
@@ -464,7 +476,7 @@ if _HAVE_GLUON:
                     gl.store(rec + tile * _RECORD_FIELDS + 6, num_blocks.to(gl.int64))
             if RECORDS:
                 kv_stall = (t_first * 0).to(gl.int64)  # cycles spent waiting for K/V inside the loop
-            positions = t_first + token_of_row + _field(v, f, 6)  # + delta: the rows' key positions
+            positions = t_first + token_of_row + _field(v, f, _F_DELTA)  # the rows' key positions
             q_buf = q_bufs.index(qi).slice(ROW0, ROWS)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
             l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
@@ -532,11 +544,11 @@ if _HAVE_GLUON:
                 staged = _release_staged(q_empty, staged, O_TMA)
             # The epilogue's fields, read again (the Q buffer, and with it the fields, is not handed back yet).
             v, f = _tile_fields(unit_info.index(qi), num_warps)
-            kv_head = _field(v, f, 1)
-            slot = _field(v, f, 2)
-            qo_start = _field(v, f, 3)
-            qo_len = _field(v, f, 4)
-            t_first = _field(v, f, 7)
+            kv_head = _field(v, f, _F_KV_HEAD)
+            slot = _field(v, f, _F_SLOT)
+            qo_start = _field(v, f, _F_QO_START)
+            qo_len = _field(v, f, _F_QO_LEN)
+            t_first = _field(v, f, _F_T_FIRST)
             tokens = t_first + token_of_row
             via_tma = False
             if O_TMA:
