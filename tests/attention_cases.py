@@ -38,6 +38,25 @@ def assert_matches_oracle(out, lse, q, k, v, layout="NHD", **oracle_kwargs):
         torch.testing.assert_close(lse[finite], ref_lse[finite], atol=latol, rtol=lrtol)
 
 
+def random_page_table(lens, page_size, num_pages, *, indptr_offset=0):
+    """A page table for requests of ``lens`` tokens whose pages are distinct pages of a pool of
+    ``num_pages``, in random order (so no request reads contiguous memory).
+
+    Returns int32 CPU tensors ``(indptr [B + 1], indices, last_page_len [B])``: request ``i`` owns pages
+    ``indices[indptr[i]:indptr[i + 1]]``; a request of length 0 has no pages and ``last_page_len`` 0.
+    ``indptr_offset`` random page ids precede the table (``indptr[0] == indptr_offset``).
+    """
+    pages = [-(-n // page_size) for n in lens]
+    if sum(pages) > num_pages:
+        raise ValueError(f"the requests need {sum(pages)} pages, the pool has {num_pages}")
+    perm = torch.randperm(num_pages, dtype=torch.int32)[: sum(pages)]
+    indices = torch.cat([torch.randint(0, num_pages, (indptr_offset,), dtype=torch.int32), perm])
+    indptr = torch.tensor([indptr_offset] + [indptr_offset + s for s in torch.tensor(pages, dtype=torch.int64)
+                                             .cumsum(0).tolist()], dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)], dtype=torch.int32)
+    return indptr, indices, last
+
+
 def make_paged_batch(lens, page_size, num_kv_heads, head_dim, dtype, device, *, layout="NHD", form="5d",
                      spare_pages=3, indptr_offset=0, scale=1.0, head_dim_vo=None):
     """A cache with the requests' pages scattered over a larger pool (random order), and its table.
@@ -45,15 +64,8 @@ def make_paged_batch(lens, page_size, num_kv_heads, head_dim, dtype, device, *, 
     Returns ``(cache, indptr, indices, last_page_len)``; index arrays are int32 on the CPU. With a
     ``head_dim_vo`` other than ``head_dim`` the cache is a ``(k, v)`` tuple of separate pools.
     """
-    pages = [-(-n // page_size) for n in lens]
-    total = sum(pages) + spare_pages
-    perm = torch.randperm(total, dtype=torch.int32)[: sum(pages)]
-    indices = torch.cat([torch.randint(0, total, (indptr_offset,), dtype=torch.int32), perm])
-    indptr = torch.tensor([indptr_offset] + [indptr_offset + s for s in torch.tensor(pages).cumsum(0).tolist()],
-                          dtype=torch.int32)
-    if not lens:
-        indptr = torch.tensor([indptr_offset], dtype=torch.int32)
-    last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)], dtype=torch.int32)
+    total = sum(-(-n // page_size) for n in lens) + spare_pages
+    indptr, indices, last = random_page_table(lens, page_size, total, indptr_offset=indptr_offset)
     shape = [total, 2, page_size, num_kv_heads, head_dim] if layout == "NHD" else \
         [total, 2, num_kv_heads, page_size, head_dim]
     if head_dim_vo is not None and head_dim_vo != head_dim:
