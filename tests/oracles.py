@@ -170,7 +170,7 @@ def read_paged_kv_oracle(k_pages, v_pages, kv_indices, kv_indptr, kv_last_page_l
     out = []
     for b in range(len(last)):
         num_pages = indptr[b + 1] - indptr[b]
-        length = max(num_pages - 1, 0) * page_size + last[b]
+        length = (num_pages - 1) * page_size + last[b] if num_pages > 0 else 0  # no pages: no KV
         ks, vs = [], []
         for t in range(length):
             page = indices[indptr[b] + t // page_size]
