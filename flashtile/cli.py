@@ -76,7 +76,7 @@ SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 ENV_KNOBS = {
     "FLASHTILE_BACKEND": "auto (default) | triton (kernels; Triton interpreter for CPU tensors) | reference",
-    "FLASHTILE_DEBUG": "1: fill new outputs with NaN before a kernel writes them",
+    "FLASHTILE_DEBUG": "1: NaN-fill new outputs before a kernel writes them; validate device index arrays on the host",
     "FLASHTILE_AUTOTUNE": "1: autotune launch configs on the first call of a shape class (slower first call)",
     "FLASHTILE_DIRECT_LAUNCH": "0: launch every kernel through Triton's JITFunction.run (no cached launches)",
     "FLASHTILE_LAUNCH_MEMO": "0: no replayed launches for the small ops (norm, activation, RoPE)",

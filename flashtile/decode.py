@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -19,9 +18,10 @@ from ._core.attention_args import normalize_single_attention, resolve_scalar
 from ._core.buffers import new_output
 from ._core.checks import describe
 from ._core.dispatch import Path, choose_path, load_kernels
-from ._core.paged_kv import as_index_tensor, check_page_table, unpack_paged_kv_cache
+from ._core.paged_kv import HostPageTable, as_index_tensor, read_page_table, unpack_paged_kv_cache
 from ._core.wrapper import (
     PlanRunWrapper,
+    reject_kv_cache_sf,
     check_common_options,
     check_heads,
     check_positive_int,
@@ -33,6 +33,7 @@ __all__ = [
     "single_decode_with_kv_cache",
     "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
+    "fast_decode_plan",
 ]
 
 
@@ -212,6 +213,10 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
     def _sm_scale(self) -> Optional[float]:
         return self._plan.sm_scale if self._plan is not None else None
 
+    @property
+    def _causal(self) -> bool:
+        return False  # one query per request
+
     def plan(
         self,
         indptr: torch.Tensor,
@@ -226,6 +231,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         logits_soft_cap: Optional[float] = None,
         q_data_type: Union[str, torch.dtype] = "float16",
         kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
         data_type: Optional[Union[str, torch.dtype]] = None,
         sm_scale: Optional[float] = None,
         rope_scale: Optional[float] = None,
@@ -233,21 +239,24 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         non_blocking: bool = True,
         block_tables: Optional[torch.Tensor] = None,
         seq_lens: Optional[torch.Tensor] = None,
-        *,
-        o_data_type: Optional[Union[str, torch.dtype]] = None,
         fixed_split_size: Optional[int] = None,
         disable_split_kv: bool = False,
         q_len_per_req: int = 1,
+        *,
+        is_causal: Optional[bool] = None,
         **unsupported,
     ) -> None:
         """Plan a decode step: validate the page table, choose the KV split, copy the work list.
+
+        Positional arguments after ``page_size`` follow FlashInfer >= 0.6 (``o_data_type`` between
+        ``kv_data_type`` and ``data_type``), the order vLLM passes them in.
 
         Args:
             indptr: int32 ``[B + 1]`` (CPU or device), request ``i`` owns pages
                 ``indices[indptr[i]:indptr[i + 1]]``; ``indptr[0]`` may be > 0.
             indices: int32 physical page ids into the cache given to run().
-            last_page_len: int32 ``[B]``, valid tokens of each request's last page: ``1..page_size``,
-                or 0 for a request without pages (it yields a zero output and lse -inf).
+            last_page_len: int32 ``[B]``, valid tokens of each request's last page (``1..page_size``).
+                A request without pages has length 0 whatever its entry says (a zero output, lse -inf).
             num_qo_heads, num_kv_heads: heads of q and of the cache (a multiple relation: GQA).
             head_dim: a multiple of 8 up to 256.
             page_size: tokens per page (any value >= 1).
@@ -256,23 +265,47 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             logits_soft_cap: ``cap * tanh(s / cap)`` when > 0.
             q_data_type: dtype of q in run() (default float16, as upstream: bf16 callers pass it).
             kv_data_type: dtype of the cache (default: q's); fp8 e4m3fn/e5m2 allowed.
+            o_data_type: output dtype (default q's).
             data_type: deprecated; fills ``kv_data_type`` when that is None.
             sm_scale: default ``1 / sqrt(head_dim)``. rope_scale, rope_theta: defaults 1 and 1e4.
             non_blocking: copy host index arrays to the device asynchronously.
             block_tables, seq_lens: used by upstream's trtllm-gen backend only; ignored.
-            o_data_type: output dtype (default q's). fixed_split_size: deterministic split size in
-                pages (a request's result bits do not depend on the rest of the batch).
-                disable_split_kv: one program per request and KV head (also batch-invariant).
+            fixed_split_size: deterministic split size in pages (a request's result bits do not depend
+                on the rest of the batch); None or -1: off.
+            disable_split_kv: one program per request and KV head (also batch-invariant).
             q_len_per_req: 1 (multi-token decode is the prefill wrappers' job).
+            is_causal: None or False (decode has one query per request).
+
+        With ``FLASHTILE_DEBUG=1`` a device page table is copied to the host and validated; otherwise
+        only ``indptr`` and ``last_page_len`` are read on the host.
         """
         if unsupported:
             raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+        check_positive_int("page_size", page_size)
+        table = read_page_table(indptr, indices, last_page_len, page_size)
+        self._plan_from_table(
+            table, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
+            window_left, logits_soft_cap, q_data_type, kv_data_type, o_data_type, data_type, sm_scale, rope_scale,
+            rope_theta, non_blocking, fixed_split_size, disable_split_kv, q_len_per_req, is_causal,
+            engine_wrote_buffers=False,
+        )
+
+    def _plan_from_table(
+        self, table: HostPageTable, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+        pos_encoding_mode, window_left, logits_soft_cap, q_data_type, kv_data_type, o_data_type, data_type,
+        sm_scale, rope_scale, rope_theta, non_blocking, fixed_split_size, disable_split_kv, q_len_per_req,
+        is_causal, engine_wrote_buffers: bool,
+    ) -> None:
+        """plan() once the page table is read. ``engine_wrote_buffers``: graph mode's buffers already hold
+        the table (fast_decode_plan); only the work list is recomputed and uploaded."""
         if q_len_per_req != 1:
             raise NotImplementedError("q_len_per_req > 1: use BatchPrefillWithPagedKVCacheWrapper for "
                                       "multi-token (speculative) decode")
+        if is_causal:
+            raise NotImplementedError("is_causal=True: decode has one query per request; use the prefill wrappers "
+                                      "for a causal multi-token step")
         check_heads(num_qo_heads, num_kv_heads)
         head_dim = self._check_head_dim(head_dim)
-        check_positive_int("page_size", page_size)
         cap = check_common_options(pos_encoding_mode, window_left, logits_soft_cap)
         q_dtype = resolve_dtype("q_data_type", q_data_type, torch.float16)
         kv_dtype = resolve_dtype("kv_data_type", kv_data_type, resolve_dtype("data_type", data_type, q_dtype))
@@ -283,30 +316,11 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         else:
             fixed_split_size = None
 
-        indptr = as_index_tensor("indptr", indptr)
-        last_page_len = as_index_tensor("last_page_len", last_page_len)
-        indices = as_index_tensor("indices", indices)
-        batch = last_page_len.numel()
-        if indptr.numel() != batch + 1:
-            raise ValueError(f"indptr: expected batch_size + 1 = {batch + 1} entries (batch size from "
-                             f"last_page_len), got {indptr.numel()}")
+        batch, kv_lens = table.batch_size, table.kv_lens
         if self._use_cuda_graph and batch != self._fixed_batch_size:
             raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
                              f"mismatches the batch size set during initialization {self._fixed_batch_size}")
-        indptr_h = indptr.to("cpu", torch.int64)
-        last_h = last_page_len.to("cpu", torch.int64)
-        host_table = indices.device.type == "cpu" or os.environ.get("FLASHTILE_DEBUG") == "1"
-        indices_h = indices.to("cpu") if host_table else None
-        if host_table:
-            check_page_table(indptr_h, indices_h, last_h, page_size)
-        elif (indptr_h[1:] < indptr_h[:-1]).any():
-            raise ValueError("indptr: must be non-decreasing")
-        num_pages = indptr_h[1:] - indptr_h[:-1]
-        kv_lens = torch.clamp(num_pages - 1, min=0) * page_size + last_h
-        first, last = int(indptr_h[0]), int(indptr_h[-1])
-        max_page_id = None
-        if host_table and last > first:
-            max_page_id = int(indices_h[first:last].max())
+        first, last = table.first, table.last
 
         decision = choose_path(self.device, self._backend)
         if decision.path is Path.REFERENCE:
@@ -338,7 +352,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
 
         # One host->device copy of the work list into the int workspace the wrapper owns.
         meta_len = 2 * batch + 1 + 3 * num_programs
-        meta_h = torch.zeros(meta_len, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        meta_h = torch.zeros(meta_len, dtype=torch.int32, device="cpu", pin_memory=self.device.type == "cuda")
         sections = ((splits.request_item_indptr, batch + 1), (kv_lens, batch), (splits.item_request, num_programs),
                     (splits.item_kv_start, num_programs), (splits.item_kv_end, num_programs))
         meta = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * meta_len, torch.int32)
@@ -355,12 +369,13 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                     f"The size of indices should be less than or equal to the allocated buffer: need {last - first} "
                     f"page ids, paged_kv_indices_buffer has {self._paged_kv_indices_buf.numel()}"
                 )
-            self._paged_kv_indptr_buf.copy_(indptr_h - first, non_blocking=non_blocking)
-            self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
-            self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
+            if not engine_wrote_buffers:
+                self._paged_kv_indptr_buf.copy_(table.indptr - first, non_blocking=non_blocking)
+                self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
+                self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
             page_indptr, page_indices = self._paged_kv_indptr_buf, self._paged_kv_indices_buf
         else:
-            page_indptr = indptr.to(self.device, torch.int32, non_blocking=non_blocking)
+            page_indptr = table.indptr.to(self.device, torch.int32, non_blocking=non_blocking)
             page_indices = indices.to(self.device, torch.int32, non_blocking=non_blocking)
 
         # Split-KV partial states live in the float workspace (float32 [rows, heads, head_dim] + lse).
@@ -379,7 +394,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
             page_indptr=page_indptr, page_indices=page_indices, kv_lens=views[1], req_item_indptr=views[0],
             item_request=views[2], item_kv_start=views[3], item_kv_end=views[4], num_programs=num_programs,
-            max_states=max_states, merge=merge, max_page_id=max_page_id, part_o=part_o, part_lse=part_lse,
+            max_states=max_states, merge=merge, max_page_id=table.max_page_id, part_o=part_o, part_lse=part_lse,
         )
 
     begin_forward = plan
@@ -399,6 +414,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         window_left: Optional[int] = None,
         sinks: Optional[torch.Tensor] = None,
         q_len_per_req: int = 1,
+        kv_cache_sf=None,
     ):
         """Decode attention of the planned batch.
 
@@ -412,11 +428,13 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             lse: optional float32 ``[B, num_qo_heads]``. return_lse: also return the base-2 lse.
             enable_pdl: accepted and ignored (a CUDA launch attribute). window_left: must equal the plan's.
             sinks, q_len_per_req > 1, extra ``*args``: not supported (NotImplementedError).
+            kv_cache_sf: scale factors of an NVFP4 cache; only None (NotImplementedError otherwise).
 
         Returns:
             ``out`` or ``(out, lse)``; a request with no KV gives zeros and lse -inf.
         """
         plan = self._require_plan()
+        reject_kv_cache_sf(kv_cache_sf)
         if args:
             raise NotImplementedError("run(): extra positional arguments feed upstream's JIT variants, which "
                                       "flashtile does not support")
@@ -505,6 +523,67 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
     def forward_return_lse(self, q: torch.Tensor, paged_kv_cache, **kwargs):
         """Deprecated upstream form of ``run(..., return_lse=True)``."""
         return self.forward(q, paged_kv_cache, return_lse=True, **kwargs)
+
+
+def fast_decode_plan(
+    self: BatchDecodeWithPagedKVCacheWrapper,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    last_page_len: torch.Tensor,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pos_encoding_mode: str = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: Optional[float] = None,
+    q_data_type: Optional[Union[str, torch.dtype]] = None,
+    kv_data_type: Optional[Union[str, torch.dtype]] = None,
+    data_type: Optional[Union[str, torch.dtype]] = None,
+    sm_scale: Optional[float] = None,
+    rope_scale: Optional[float] = None,
+    rope_theta: Optional[float] = None,
+    non_blocking: bool = True,
+    fixed_split_size: Optional[int] = None,
+    disable_split_kv: bool = False,
+    q_len_per_req: int = 1,
+    global_override_indptr_cpu: Optional[torch.Tensor] = None,
+) -> None:
+    """Re-plan a decode wrapper for a step whose page table the engine already wrote (serving engines'
+    per-step plan under CUDA graphs; SGLang installs it as ``w.begin_forward = partial(fast_decode_plan, w)``).
+
+    In CUDA-graph mode it copies nothing into the wrapper's page-table buffers (the caller wrote
+    ``indptr``/``indices``/``last_page_len`` into them in place): it only recomputes the split-KV
+    schedule from the host lengths and uploads it. Without CUDA graphs it is :meth:`plan`.
+
+    Args:
+        self: a :class:`BatchDecodeWithPagedKVCacheWrapper`.
+        indptr: int32 ``[B + 1]``; read on the host unless ``global_override_indptr_cpu`` is given.
+        indices: int32 page ids. Graph mode reads the wrapper's indices buffer instead (the engine wrote
+            the table there; its values are checked when on the host or with ``FLASHTILE_DEBUG=1``).
+        last_page_len: int32 ``[B]``; read on the host (not for page size 1, where every request with
+            pages has a full last page).
+        global_override_indptr_cpu: a host copy of ``indptr``, used instead of it (no device sync).
+        q_data_type: default ``data_type``, else float16. Other arguments: as :meth:`plan` (no
+            ``o_data_type``: the output dtype is q's).
+    """
+    host_indptr = indptr if global_override_indptr_cpu is None else global_override_indptr_cpu
+    if q_data_type is None:
+        q_data_type = data_type if data_type is not None else "float16"
+    check_positive_int("page_size", page_size)
+    if self.is_cuda_graph_enabled:
+        # The kernel reads the indices buffer the engine wrote, so that is what gets checked.
+        known_full_last_page = page_size == 1 and last_page_len.device.type != "cpu"
+        table = read_page_table(host_indptr, self._paged_kv_indices_buf, last_page_len, page_size,
+                                last_page_len_is_one=known_full_last_page)
+    else:
+        table = read_page_table(host_indptr, indices, last_page_len, page_size)
+    self._plan_from_table(
+        table, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
+        window_left, logits_soft_cap, q_data_type, kv_data_type, None, data_type, sm_scale, rope_scale, rope_theta,
+        non_blocking, fixed_split_size, disable_split_kv, q_len_per_req, None,
+        engine_wrote_buffers=self.is_cuda_graph_enabled,
+    )
 
 
 class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWrapper):

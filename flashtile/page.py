@@ -24,7 +24,6 @@ range rather than write outside the cache.
 from __future__ import annotations
 
 import operator
-import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from ._core import ops_page
 from ._core.buffers import new_output
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe
+from ._core.debug import validate_device_indices
 from ._core.dispatch import Path, choose_path, load_kernels
 from ._core.paged_kv import as_index_tensor, check_append_rows, check_page_table, unpack_paged_kv_cache
 from .reference import page as _reference
@@ -85,18 +85,6 @@ def _check_indptr(name: str, x) -> torch.Tensor:
     return x
 
 
-def _read_on_host(*tensors: torch.Tensor) -> bool:
-    """Whether value checks run: always for host tensors; for device tensors only with
-    FLASHTILE_DEBUG=1 (they synchronize). Never while compiling or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
-        return False
-    if all(t.device.type == "cpu" for t in tensors):
-        return True
-    if os.environ.get("FLASHTILE_DEBUG") != "1":
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 def _to_device(x: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
     """Index arrays may come from the host; anything else must already be on the cache's device."""
     if x.device == device:
@@ -121,9 +109,9 @@ def _check_append_indices(nnz, batch_indices, positions, kv_indices, kv_indptr, 
     kv_indices = as_index_tensor("kv_indices", kv_indices)
     kv_indptr = _check_indptr("kv_indptr", kv_indptr)
     kv_last_page_len = as_index_tensor("kv_last_page_len", kv_last_page_len, length=kv_indptr.numel() - 1)
-    if _read_on_host(kv_indptr, kv_indices, kv_last_page_len):
+    if validate_device_indices(kv_indptr, kv_indices, kv_last_page_len):
         check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size, num_pages)
-    if _read_on_host(batch_indices, positions, kv_indptr):
+    if validate_device_indices(batch_indices, positions, kv_indptr):
         check_append_rows(batch_indices, positions, kv_indptr, page_size)
     return tuple(
         _to_device(x, name, device)
@@ -231,7 +219,7 @@ def get_batch_indices_positions(
             check_tensor(name, out, shape=(nnz,), dtypes=(torch.int32,), device=device)
         outs.append(out)
     batch_indices, positions = outs
-    if _read_on_host(append_indptr, seq_lens):
+    if validate_device_indices(append_indptr, seq_lens):
         ip = append_indptr.to(torch.int64)
         if ip[0] < 0 or (ip[1:] < ip[:-1]).any():
             raise ValueError(f"append_indptr: must be non-negative and non-decreasing, got {ip.tolist()[:16]}")

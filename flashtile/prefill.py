@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -20,12 +19,13 @@ from ._core.attention_args import _unit_last_stride, normalize_single_attention,
 from ._core.buffers import new_output
 from ._core.checks import check_tensor, describe
 from ._core.dispatch import Path, choose_path, load_kernels
-from ._core.paged_kv import as_index_tensor, check_page_table, unpack_paged_kv_cache
+from ._core.paged_kv import as_index_tensor, read_page_table, unpack_paged_kv_cache
 from ._core.wrapper import (
     PlanRunWrapper,
     check_common_options,
     check_heads,
     check_positive_int,
+    reject_kv_cache_sf,
     resolve_dtype,
 )
 from .quantization import segment_packbits
@@ -522,6 +522,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         rope_theta: Optional[float] = None,
         q_data_type: Union[str, torch.dtype] = "float16",
         kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
         non_blocking: bool = True,
         prefix_len_ptr: Optional[torch.Tensor] = None,
         token_pos_in_items_ptr: Optional[torch.Tensor] = None,
@@ -532,19 +533,21 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         block_tables: Optional[torch.Tensor] = None,
         max_token_per_sequence: Optional[int] = None,
         max_sequence_kv: Optional[int] = None,
-        *,
-        o_data_type: Optional[Union[str, torch.dtype]] = None,
         fixed_split_size: Optional[int] = None,
         disable_split_kv: bool = False,
+        uniform_q_len: Optional[int] = None,
         **unsupported,
     ) -> None:
         """Plan a prefill/append step: validate, schedule, copy the work list to the device.
+
+        Positional arguments follow FlashInfer >= 0.6 (``o_data_type`` after ``kv_data_type``).
 
         Args:
             qo_indptr: int32 ``[B + 1]`` (CPU or device), starting at 0: request ``i`` owns rows
                 ``qo_indptr[i]:qo_indptr[i + 1]`` of q.
             paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len: the page table, as in batch decode
-                (``last_page_len`` 1..page_size, 0 for a request without pages; ``indptr[0]`` may be > 0).
+                (``last_page_len`` 1..page_size; a request without pages has no KV whatever its entry says;
+                ``indptr[0]`` may be > 0). With ``FLASHTILE_DEBUG=1`` a device table is also validated.
             num_qo_heads, num_kv_heads: heads of q and of the cache (GQA: any multiple).
             head_dim_qk: head dim of q and k (multiple of 8, up to 256); head_dim_vo: of v (default head_dim_qk).
             page_size: tokens per page.
@@ -564,7 +567,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
             seq_lens, seq_lens_q, block_tables, max_token_per_sequence, max_sequence_kv: upstream's vendor
                 backends only; ignored.
             o_data_type: output dtype (default q's). fixed_split_size: deterministic KV chunk in pages (a
-                request's result does not depend on the rest of the batch). disable_split_kv: never split.
+                request's result does not depend on the rest of the batch; None or -1: off).
+                disable_split_kv: never split. uniform_q_len: a hint of upstream's; ignored.
         """
         if unsupported:
             raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
@@ -579,23 +583,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
             o_data_type=o_data_type, fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv,
         )
         check_positive_int("page_size", page_size)
-        indptr = as_index_tensor("paged_kv_indptr", paged_kv_indptr)
-        indices = as_index_tensor("paged_kv_indices", paged_kv_indices)
-        last_page_len = as_index_tensor("paged_kv_last_page_len", paged_kv_last_page_len)
-        batch = last_page_len.numel()
-        if indptr.numel() != batch + 1:
-            raise ValueError(f"paged_kv_indptr: expected batch_size + 1 = {batch + 1} entries (batch size from "
-                             f"paged_kv_last_page_len), got {indptr.numel()}")
-        indptr_h = indptr.to("cpu", torch.int64)
-        last_h = last_page_len.to("cpu", torch.int64)
-        host_table = indices.device.type == "cpu" or os.environ.get("FLASHTILE_DEBUG") == "1"
-        if host_table:
-            check_page_table(indptr_h, indices, last_h, page_size)
-        elif (indptr_h[1:] < indptr_h[:-1]).any():
-            raise ValueError("paged_kv_indptr: must be non-decreasing")
-        kv_lens = torch.clamp(indptr_h[1:] - indptr_h[:-1] - 1, min=0) * page_size + last_h
-        first, last = int(indptr_h[0]), int(indptr_h[-1])
-        max_page_id = int(indices[first:last].max()) if host_table and last > first else None
+        table = read_page_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size,
+                                names=("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
+        indices, last_page_len = paged_kv_indices, paged_kv_last_page_len
+        batch, indptr_h, kv_lens = table.batch_size, table.indptr, table.kv_lens
+        first, last = table.first, table.last
         if self._use_cuda_graph:
             if last - first > self._paged_kv_indices_buf.numel():
                 raise ValueError(
@@ -618,7 +610,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
             sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
             kv_data_type=kv_data_type, o_data_type=o_data_type, non_blocking=non_blocking,
             fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv, page_indices=page_indices,
-            kv_rows_needed=0, max_page_id=max_page_id, plan_args=plan_args,
+            kv_rows_needed=0, max_page_id=table.max_page_id, plan_args=plan_args,
         )
 
     begin_forward = plan
@@ -637,6 +629,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         enable_pdl: Optional[bool] = None,
         window_left: Optional[int] = None,
         sinks: Optional[torch.Tensor] = None,
+        kv_cache_sf=None,
     ):
         """Attention of the planned batch.
 
@@ -649,11 +642,13 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
             lse: optional float32 ``[qo_indptr[-1], num_qo_heads]``. return_lse: also return the base-2 lse.
             enable_pdl: accepted and ignored. window_left: must equal the plan's.
             sinks, extra ``*args``: not supported (NotImplementedError).
+            kv_cache_sf: scale factors of an NVFP4 cache; only None (NotImplementedError otherwise).
 
         Returns:
             ``out`` or ``(out, lse)``; rows that see no key give zeros and lse -inf.
         """
         plan = self._require_plan()
+        reject_kv_cache_sf(kv_cache_sf)
         self._check_run_options(plan, args, sinks, window_left)
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         rows = self._check_q(plan, q)
@@ -746,29 +741,41 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
         rope_theta: Optional[float] = None,
         q_data_type: Union[str, torch.dtype] = "float16",
         kv_data_type: Optional[Union[str, torch.dtype]] = None,
+        o_data_type: Optional[Union[str, torch.dtype]] = None,
         non_blocking: bool = True,
         prefix_len_ptr: Optional[torch.Tensor] = None,
         token_pos_in_items_ptr: Optional[torch.Tensor] = None,
         token_pos_in_items_len: int = 0,
         max_item_len_ptr: Optional[torch.Tensor] = None,
-        *,
-        o_data_type: Optional[Union[str, torch.dtype]] = None,
         fixed_split_size: Optional[int] = None,
         disable_split_kv: bool = False,
+        seq_lens: Optional[torch.Tensor] = None,
+        seq_lens_q: Optional[torch.Tensor] = None,
+        max_token_per_sequence: Optional[int] = None,
+        max_sequence_kv: Optional[int] = None,
+        v_indptr: Optional[torch.Tensor] = None,
+        o_indptr: Optional[torch.Tensor] = None,
+        uniform_q_len: Optional[int] = None,
         **unsupported,
     ) -> None:
         """Plan a ragged prefill step (arguments as the paged plan; note upstream's order here:
-        ``window_left, logits_soft_cap, sm_scale``).
+        ``window_left, logits_soft_cap, sm_scale``; positional order of FlashInfer >= 0.6).
 
         Args:
             qo_indptr: int32 ``[B + 1]`` starting at 0: request ``i`` owns rows ``qo_indptr[i]:qo_indptr[i + 1]`` of q.
             kv_indptr: int32 ``[B + 1]``, non-decreasing: request ``i`` owns rows ``kv_indptr[i]:kv_indptr[i + 1]``
                 of k and v (``kv_indptr[0]`` may be > 0).
             fixed_split_size: deterministic KV chunk in tokens.
+            seq_lens, seq_lens_q, max_token_per_sequence, max_sequence_kv, uniform_q_len: upstream's vendor
+                backends only; ignored.
+            v_indptr, o_indptr: separate V / output row offsets (upstream's cuDNN backend): NotImplementedError.
             Other arguments: see :meth:`BatchPrefillWithPagedKVCacheWrapper.plan`.
         """
         if unsupported:
             raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+        if v_indptr is not None or o_indptr is not None:
+            raise NotImplementedError("v_indptr, o_indptr: V and the output share kv_indptr / qo_indptr in "
+                                      "flashtile (upstream's cuDNN-only layout)")
         _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr)
         plan_args = dict(
             qo_indptr=qo_indptr, kv_indptr=kv_indptr, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,

@@ -18,7 +18,6 @@ Positions: ragged (``indptr``, ``offsets``: token ``t`` of segment ``i`` sits at
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -27,6 +26,7 @@ from ._core import ops_small as ops
 from ._core.attention_args import resolve_scalar
 from ._core.buffers import new_output_like
 from ._core.checks import check_same_device, check_tensor, describe
+from ._core.debug import validate_device_indices
 from .reference.positional import llama31_smoothing
 
 __all__ = [
@@ -55,18 +55,6 @@ class CacheDtypeError(TypeError, ValueError):
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------------------------
-
-
-def _host_checks_enabled(t: torch.Tensor) -> bool:
-    """Index values are validated when they live on the host, or everywhere with FLASHTILE_DEBUG=1
-    (a device-to-host sync); not while torch.compile traces or a CUDA graph is being captured (the
-    values are not known then)."""
-    if torch.compiler.is_compiling():
-        return False
-    if t.device.type == "cpu":
-        return True
-    return (os.environ.get("FLASHTILE_DEBUG") == "1" and t.device.type == "cuda"
-            and not torch.cuda.is_current_stream_capturing())
 
 
 def _check_positive(name: str, value) -> float:
@@ -105,7 +93,7 @@ def _check_ragged(indptr, offsets, q: torch.Tensor) -> tuple[torch.Tensor, torch
     if indptr.shape[0] < 1:
         raise ValueError("indptr: expected shape [batch_size + 1], got an empty tensor")
     check_tensor("offsets", offsets, shape=(indptr.shape[0] - 1,), dtypes=INDEX_DTYPES)
-    if _host_checks_enabled(indptr):
+    if validate_device_indices(indptr):
         ip = indptr.cpu()
         nnz = q.shape[0]
         if ip[0].item() != 0 or ip[-1].item() != nnz or bool((ip[1:] < ip[:-1]).any()):
@@ -359,7 +347,7 @@ def _cos_sin_cache_args(positions, query, key, head_size, cos_sin_cache):
         raise CacheDtypeError(f"cos_sin_cache should be float32, got {str(cos_sin_cache.dtype).replace('torch.', '')}")
     check_same_device(query=query, cos_sin_cache=cos_sin_cache)
     rotary_dim = _check_rotary_dim(cos_sin_cache.shape[1], head_size, name="cos_sin_cache.shape[1] (rotary_dim)")
-    if _host_checks_enabled(positions) and nnz > 0:
+    if validate_device_indices(positions) and nnz > 0:
         lo, hi = positions.min().item(), positions.max().item()
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(

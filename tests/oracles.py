@@ -164,14 +164,13 @@ def batch_indices_positions_oracle(append_indptr, seq_lens, nnz):
 
 def read_paged_kv_oracle(k_pages, v_pages, kv_indices, kv_indptr, kv_last_page_len):
     """Per request, its tokens ``(k [len, H, D], v [len, H, D])`` read token by token from float64
-    ``[pages, page_size, H, D]`` page tensors. A request with no pages has length 0 whatever its
-    ``last_page_len`` says (SGLang passes ones for every request, FlashInfer reads 0 pages as empty)."""
+    ``[pages, page_size, H, D]`` page tensors."""
     page_size = k_pages.shape[1]
     indices, indptr, last = kv_indices.tolist(), kv_indptr.tolist(), kv_last_page_len.tolist()
     out = []
     for b in range(len(last)):
         num_pages = indptr[b + 1] - indptr[b]
-        length = (num_pages - 1) * page_size + last[b] if num_pages > 0 else 0
+        length = (num_pages - 1) * page_size + last[b] if num_pages > 0 else 0  # no pages: no KV
         ks, vs = [], []
         for t in range(length):
             page = indices[indptr[b] + t // page_size]

@@ -1,6 +1,7 @@
 """BatchDecodeWithPagedKVCacheWrapper: request-by-request against the float64 oracle, on the
 reference path, the interpreted kernels (CPU) and the GPU; plan/run checks; CUDA-graph replay."""
 
+import functools
 import math
 
 import pytest
@@ -241,7 +242,6 @@ def test_run_rejects_bad_out_and_options(device):
     (([0, 3, 2], None, [1, 1]), "non-decreasing"),
     (([0, 2, 4], None, [5, 1]), "last_page_len"),
     (([0, 2, 4], None, [0, 1]), "last_page_len"),
-    (([0, 0, 4], None, [1, 1]), "last_page_len"),
     (([0, 2, 9], None, [1, 1]), "len\\(indices\\)"),
     (([0, 2], None, [1, 1]), "batch_size \\+ 1"),
 ])
@@ -251,6 +251,23 @@ def test_plan_validates_host_page_table(device, table, match):
     with pytest.raises(ValueError, match=match):
         w.plan(torch.tensor(indptr, dtype=torch.int32), torch.arange(4, dtype=torch.int32),
                torch.tensor(last, dtype=torch.int32), 4, 2, 16, 4)
+
+
+@pytest.mark.parametrize("table_on", ["host", "device", "mixed"])
+def test_request_without_pages_has_no_kv(path, device, table_on):
+    """A request with no pages is empty whatever its last_page_len says (SGLang passes ones for every
+    request): zero output and lse -inf, and its neighbours unaffected, for host and device page tables."""
+    lens, page_size, dtype = [5, 0, 9, 0], 4, torch.bfloat16
+    cache, indptr, indices, last = make_paged_batch(lens, page_size, 2, 32, dtype, device)
+    last = torch.where(indptr[1:] > indptr[:-1], last, torch.ones_like(last))  # what SGLang passes
+    q = torch.randn(len(lens), 4, 32, dtype=dtype, device=device)
+    table = {"host": (indptr, indices, last), "device": (indptr.to(device), indices.to(device), last.to(device)),
+             "mixed": (indptr, indices.to(device), last)}[table_on]  # vLLM: indices on the GPU, the rest pinned
+    w = BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(*table, 4, 2, 32, page_size, q_data_type=dtype)
+    out, lse = w.run(q, cache, return_lse=True)
+    assert torch.equal(out[1].float().cpu(), torch.zeros(4, 32)) and torch.isneginf(lse[1]).all()
+    check_batch(out, lse, q, cache, indptr, indices, last, "NHD")
 
 
 @pytest.mark.parametrize("kwargs, error", [
@@ -341,6 +358,68 @@ def test_graph_mode_plan_writes_only_given_buffers(path, device):
         w.plan(indptr, indices, last, 4, 2, d, 4)
         assert w._plan.page_indptr.data_ptr() == bufs[0].data_ptr()
         assert w._plan.page_indices.data_ptr() == bufs[1].data_ptr()
+        out, lse = w.run(q, cache, return_lse=True)
+        check_batch(out, lse, q, cache, indptr, indices, last, "NHD")
+
+
+def test_plan_takes_flashinfer_06_positional_order(path, device):
+    """vLLM 0.10-0.16 passes 22 positional arguments: ..., kv_data_type, o_data_type, data_type, sm_scale,
+    rope_scale, rope_theta, non_blocking, block_tables, seq_lens, fixed_split_size, disable_split_kv."""
+    cache, indptr, indices, last = make_paged_batch([5, 40], 4, 2, 16, torch.bfloat16, device)
+    q = torch.randn(2, 4, 16, dtype=torch.bfloat16, device=device)
+    w = BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(indptr, indices, last, 4, 2, 16, 4, "NONE", -1, None, torch.bfloat16, torch.bfloat16, torch.float16,
+           None, 0.3, None, None, True, None, None, 2, False)
+    assert (w._sm_scale, w._window_left, w._logits_soft_cap, w._causal) == (0.3, -1, 0.0, False)
+    by_keyword = BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    by_keyword.plan(indptr, indices, last, 4, 2, 16, 4, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                    o_data_type=torch.float16, sm_scale=0.3, fixed_split_size=2)
+    for field in ("o_dtype", "kv_dtype", "sm_scale", "num_programs", "max_states"):
+        assert getattr(w._plan, field) == getattr(by_keyword._plan, field), field
+    assert w._plan.o_dtype == torch.float16
+    out, lse = w.run(q, cache, return_lse=True, q_scale=1.0, k_scale=1.0, v_scale=1.0, kv_cache_sf=None)
+    assert out.dtype == torch.float16
+    check_batch(out, lse, q, cache, indptr, indices, last, "NHD", sm_scale=0.3)
+    with pytest.raises(NotImplementedError, match="kv_cache_sf"):
+        w.run(q, cache, kv_cache_sf=torch.ones(1, device=device))
+    with pytest.raises(NotImplementedError, match="is_causal"):
+        w.plan(indptr, indices, last, 4, 2, 16, 4, is_causal=True)
+
+
+def test_fast_decode_plan_without_graphs_is_plan(path, device):
+    cache, indptr, indices, last = make_paged_batch([5, 0, 40], 4, 2, 16, torch.float16, device, indptr_offset=3)
+    q = torch.randn(3, 4, 16, dtype=torch.float16, device=device)
+    w = BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.begin_forward = functools.partial(flashtile.fast_decode_plan, w)  # SGLang's instance attribute
+    assert w.begin_forward.func is flashtile.decode.fast_decode_plan
+    w.begin_forward(indptr.to(device), indices.to(device), last.to(device), 4, 2, 16, 4, data_type=torch.float16,
+                    non_blocking=True, fixed_split_size=None, disable_split_kv=False,
+                    global_override_indptr_cpu=indptr)
+    out, lse = w.forward(q, cache, sm_scale=0.2, logits_soft_cap=0.0, k_scale=None, v_scale=None, return_lse=True)
+    check_batch(out, lse, q, cache, indptr, indices, last, "NHD", sm_scale=0.2)
+
+
+def test_fast_decode_plan_graph_mode_copies_nothing(path, device):
+    """In graph mode the engine writes the page table into the wrapper's buffers itself; fast_decode_plan
+    only reschedules: the buffers are left as the engine wrote them (it reads only the host lengths)."""
+    b, d, page_size = 3, 16, 4
+    bufs = (torch.zeros(b + 1, dtype=torch.int32, device=device), torch.zeros(64, dtype=torch.int32, device=device),
+            torch.zeros(b, dtype=torch.int32, device=device))
+    w = BatchDecodeWithPagedKVCacheWrapper(workspace(device), use_cuda_graph=True, use_tensor_cores=True,
+                                           paged_kv_indptr_buffer=bufs[0], paged_kv_indices_buffer=bufs[1],
+                                           paged_kv_last_page_len_buffer=bufs[2])
+    assert w._paged_kv_indices_buf is bufs[1]
+    cache, indptr, indices, last = make_paged_batch([9, 1, 30], page_size, 2, d, torch.float16, device)
+    w.plan(indptr, indices, last, 4, 2, d, page_size)
+    for lens in ([0, 70, 13], [5, 0, 0]):
+        cache, indptr, indices, last = make_paged_batch(lens, page_size, 2, d, torch.float16, device)
+        for buf, values in zip(bufs, (indptr, indices, last)):  # the engine writes the buffers in place
+            buf[: values.numel()].copy_(values)
+        before = [buf.clone() for buf in bufs]
+        garbage = torch.full_like(indices, 10**6).to(device)  # never read: the buffer holds the table
+        flashtile.decode.fast_decode_plan(w, indptr, garbage, last, 4, 2, d, page_size, q_data_type=torch.float16)
+        assert all(torch.equal(x, y) for x, y in zip(bufs, before))
+        q = torch.randn(b, 4, d, dtype=torch.float16, device=device)
         out, lse = w.run(q, cache, return_lse=True)
         check_batch(out, lse, q, cache, indptr, indices, last, "NHD")
 

@@ -127,6 +127,45 @@ def test_paged_matches_oracle(path, device, qo_lens, kv_lens, page_size, heads, 
     check_requests(out, lse, q, qo_indptr, paged_requests(cache, indptr, indices, last, layout), causal=True)
 
 
+@pytest.mark.parametrize("table_on", ["host", "device", "mixed"])
+def test_paged_request_without_pages_has_no_kv(path, device, table_on):
+    """SGLang's extend plan passes last_page_len = 1 for requests without a cached prefix: they see no
+    key (zero rows, lse -inf) and must not read another request's page."""
+    qo_lens, kv_lens, page_size, dtype = [3, 2, 4], [0, 7, 0], 4, torch.float16
+    cache, indptr, indices, last = make_paged_batch(kv_lens, page_size, 2, 16, dtype, device, indptr_offset=1)
+    last = torch.ones_like(last).masked_scatter(indptr[1:] > indptr[:-1], last[indptr[1:] > indptr[:-1]])
+    table = {"host": (indptr, indices, last), "device": (indptr.to(device), indices.to(device), last.to(device)),
+             "mixed": (indptr, indices.to(device), last)}[table_on]
+    q = torch.randn(sum(qo_lens), 4, 16, dtype=dtype, device=device)
+    qo_indptr = indptr_of(qo_lens)
+    w = BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    w.plan(qo_indptr, *table, 4, 2, 16, page_size, causal=False, q_data_type=dtype)
+    out, lse = w.run(q, cache, return_lse=True)
+    assert torch.isneginf(lse[:3]).all() and torch.isneginf(lse[5:]).all()
+    check_requests(out, lse, q, qo_indptr, paged_requests(cache, indptr, indices, last))
+
+
+def test_plan_takes_flashinfer_06_positional_order(path, device):
+    """Positional arguments after page_size in FlashInfer >= 0.6 order (o_data_type after kv_data_type)."""
+    cache, indptr, indices, last = make_paged_batch([9, 20], 4, 2, 16, torch.float16, device)
+    q = torch.randn(5, 4, 16, dtype=torch.float16, device=device)
+    qo_indptr = indptr_of([2, 3])
+    w = BatchPrefillWithPagedKVCacheWrapper(workspace(device))
+    w.plan(qo_indptr, indptr, indices, last, 4, 2, 16, 4, None, None, None, True, "NONE", False, 0.3, -1, None,
+           None, None, torch.float16, torch.float16, torch.float32, True)
+    assert (w._causal, w._sm_scale, w._window_left, w._logits_soft_cap) == (True, 0.3, -1, 0.0)
+    out, lse = w.run(q, cache, return_lse=True, kv_cache_sf=None)
+    assert out.dtype == torch.float32
+    check_requests(out.half(), lse, q, qo_indptr, paged_requests(cache, indptr, indices, last), causal=True,
+                   sm_scale=0.3)
+    with pytest.raises(NotImplementedError, match="kv_cache_sf"):
+        w.run(q, cache, kv_cache_sf=torch.ones(1, device=device))
+    ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    ragged.plan(qo_indptr, indptr_of([9, 20]), 4, 2, 16, None, None, None, False, "NONE", False, -1, None, 0.3,
+                None, None, torch.float16, torch.float16, torch.float32, True)
+    assert ragged._plan.o_dtype == torch.float32 and ragged._sm_scale == 0.3
+
+
 def test_paged_head_dim_192_128(path, device):
     """DeepSeek's non-absorbed head dims through the paged wrapper (separate K and V pools)."""
     d, dvo = (192, 128) if HAS_CUDA else (48, 32)

@@ -116,6 +116,22 @@ def test_multilevel_matches_oracle(path, device, prefixes, unique, qo, page_size
     check(out, q, cascade_oracle(q, pool, qo_indptrs, tables, causal))
 
 
+def test_multilevel_request_without_pages_has_no_unique_kv(path, device):
+    """A last-level request with no pages but last_page_len 1 sees only the shared prefix."""
+    dtype, page_size, heads, d = torch.float16, 4, (4, 2), 16
+    pool = PagePool(64, page_size, heads[1], d, dtype, device)
+    unique, qo = [6, 0, 5], [1, 1, 1]
+    tables = [pool.table([9]), pool.table(unique)]
+    indptr, indices, last = tables[1]
+    tables[1] = (indptr, indices, torch.where(indptr[1:] > indptr[:-1], last, torch.ones_like(last)))
+    qo_indptrs = [indptr_of([sum(qo)]), indptr_of(qo)]
+    q = torch.randn(sum(qo), heads[0], d, dtype=dtype, device=device)
+    w = MultiLevelCascadeAttentionWrapper(2, workspace(device))
+    w.plan(qo_indptrs, [t[0] for t in tables], [t[1].to(device) for t in tables], [t[2] for t in tables], heads[0],
+           heads[1], d, page_size)
+    check(w.run(q, pool.cache), q, cascade_oracle(q, pool, qo_indptrs, tables, False))
+
+
 def test_multilevel_options_and_errors(path, device):
     pool = PagePool(128, 4, 2, 16, torch.bfloat16, device)
     tables = [pool.table([20]), pool.table([3, 9])]

@@ -1,15 +1,16 @@
-"""Output allocation. With ``FLASHTILE_DEBUG=1`` new outputs are poisoned (NaN, or -1 for integers)
-so an element a kernel forgets to write fails a test instead of passing by luck."""
+"""Output allocation. With output poisoning on (``FLASHTILE_DEBUG=1``, or
+``_core.debug.set_output_poisoning(True)`` as the tests do) new outputs are filled with NaN (-1 for
+integers) so an element a kernel forgets to write fails a test instead of passing by luck."""
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .debug import output_poisoning_enabled
 
 
 def _poisoned_in_debug(out: torch.Tensor) -> torch.Tensor:
-    if os.environ.get("FLASHTILE_DEBUG") == "1":
+    if output_poisoning_enabled():
         out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
 

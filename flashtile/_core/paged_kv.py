@@ -17,13 +17,17 @@ from typing import Optional
 
 import torch
 
+from ..reference.page import seq_lens
 from .checks import check_option, describe
+from .debug import validate_device_indices
 
 __all__ = [
     "PagedKV",
     "unpack_paged_kv_cache",
     "as_index_tensor",
     "check_page_table",
+    "HostPageTable",
+    "read_page_table",
     "check_append_rows",
     "KV_LAYOUTS",
 ]
@@ -137,7 +141,7 @@ def check_page_table(
 
     ``indptr`` is non-decreasing with ``indptr[-1] <= len(indices)``; every used index is in
     ``[0, num_pages)`` when ``num_pages`` is known; ``last_page_len[i]`` is in ``1..page_size`` for a
-    request with pages and 0 for one without.
+    request with pages (a request without pages has length 0; its ``last_page_len`` is not read).
     """
     ip = indptr.to("cpu", torch.int64)  # arrays may sit on different devices: check on the host
     indices, last_page_len = indices.to("cpu"), last_page_len.to("cpu")
@@ -156,13 +160,69 @@ def check_page_table(
             raise ValueError(f"indices: page ids must lie in [0, {num_pages}) (pages of the cache), got [{lo}, {hi}]")
     pages = ip[1:] - ip[:-1]
     lp = last_page_len.to(torch.int64)
-    bad = ((pages > 0) & ((lp < 1) | (lp > page_size))) | ((pages == 0) & (lp != 0))
+    bad = (pages > 0) & ((lp < 1) | (lp > page_size))  # a request without pages has length 0: lp unused
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"last_page_len: request {i} has {int(pages[i])} pages and last_page_len {int(lp[i])}; expected "
-            f"1..{page_size} (page_size) for a request with pages and 0 for one without"
+            f"1..{page_size} (page_size) for a request with pages"
         )
+
+
+@dataclass(frozen=True)
+class HostPageTable:
+    """What a wrapper's plan() learns from a page table on the host (int64 tensors)."""
+
+    indptr: torch.Tensor  # [B + 1], as given (indptr[0] may be > 0)
+    kv_lens: torch.Tensor  # [B], 0 for a request without pages
+    max_page_id: Optional[int]  # largest page id used, when the indices were read on the host
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv_lens.numel()
+
+    @property
+    def first(self) -> int:
+        return int(self.indptr[0])
+
+    @property
+    def last(self) -> int:
+        return int(self.indptr[-1])
+
+
+def read_page_table(indptr, indices, last_page_len, page_size: int,
+                    names=("indptr", "indices", "last_page_len"), last_page_len_is_one: bool = False) -> HostPageTable:
+    """Check a CSR page table and derive the KV lengths on the host (plan() may synchronize).
+
+    ``indptr`` and ``last_page_len`` are always read (a device-to-host copy when they live on the GPU);
+    ``indices`` are read and validated only when on the host, or with ``FLASHTILE_DEBUG=1``: the
+    production path with a device page table never copies it. ``last_page_len_is_one`` (page size 1,
+    where a request with pages always fills its last page) skips reading ``last_page_len``.
+    """
+    indptr = as_index_tensor(names[0], indptr)
+    indices = as_index_tensor(names[1], indices)
+    last_page_len = as_index_tensor(names[2], last_page_len)
+    batch = last_page_len.numel()
+    if indptr.numel() != batch + 1:
+        raise ValueError(f"{names[0]}: expected batch_size + 1 = {batch + 1} entries (batch size from "
+                         f"{names[2]}), got {indptr.numel()}")
+    indptr_h = indptr.to("cpu", torch.int64)
+    if last_page_len_is_one:
+        last_h = torch.ones(batch, dtype=torch.int64, device="cpu")
+    else:
+        last_h = last_page_len.to("cpu", torch.int64)
+    if int(indptr_h[-1]) > indices.numel() and batch > 0:
+        raise ValueError(f"{names[0]}: its last entry {int(indptr_h[-1])} exceeds len({names[1]})={indices.numel()}")
+    max_page_id = None
+    if validate_device_indices(indices):
+        indices_h = indices.to("cpu")
+        check_page_table(indptr_h, indices_h, last_h, page_size)
+        first, last = int(indptr_h[0]), int(indptr_h[-1])
+        if last > first:
+            max_page_id = int(indices_h[first:last].max())
+    elif int(indptr_h[0]) < 0 or (indptr_h[1:] < indptr_h[:-1]).any():
+        raise ValueError(f"{names[0]}: must be non-negative and non-decreasing, got {indptr_h.tolist()[:16]}")
+    return HostPageTable(indptr=indptr_h, kv_lens=seq_lens(indptr_h, last_h, page_size), max_page_id=max_page_id)
 
 
 def check_append_rows(

@@ -17,7 +17,7 @@ from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and
 from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_tensor, describe
 from .dispatch import normalize_backend
 
-__all__ = ["PlanRunWrapper", "resolve_dtype", "check_common_options", "INT_WORKSPACE_BYTES"]
+__all__ = ["PlanRunWrapper", "resolve_dtype", "check_common_options", "reject_kv_cache_sf", "INT_WORKSPACE_BYTES"]
 
 INT_WORKSPACE_BYTES = 8 * 1024 * 1024  # like upstream's internal int workspace
 
@@ -50,6 +50,14 @@ def check_common_options(pos_encoding_mode: str, window_left, logits_soft_cap) -
     """Checks shared by every plan(); returns the soft cap as a float (0 disables)."""
     check_option("pos_encoding_mode", pos_encoding_mode, POS_ENCODING_MODES)
     return check_window_and_cap(window_left, logits_soft_cap)
+
+
+def reject_kv_cache_sf(kv_cache_sf) -> None:
+    """run()'s ``kv_cache_sf`` (upstream >= 0.6): scale factors of an NVFP4 KV cache, which flashtile's
+    kernels do not read. None (what engines pass for fp16/bf16/fp8 caches) is accepted."""
+    if kv_cache_sf is not None:
+        raise NotImplementedError("kv_cache_sf: NVFP4 KV caches (per-block scale factors) are not supported by "
+                                  "flashtile; use a float16/bfloat16 or fp8 (e4m3fn/e5m2) cache with k_scale/v_scale")
 
 
 class PlanRunWrapper:

@@ -20,9 +20,13 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
-    """KV length of each request: ``max(num_pages - 1, 0) * page_size + last_page_len`` (any device,
-    no sync; the result has the promoted dtype of the inputs, int32 for int32 inputs)."""
-    return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
+    """KV length of each request: ``(num_pages - 1) * page_size + last_page_len``, and 0 for a request
+    with no pages whatever its ``last_page_len`` says (engines pass ``last_page_len = 1`` for requests
+    without a cached prefix). Every API derives KV lengths here. Any device, no sync; the result has
+    the promoted dtype of the inputs (int32 for int32 inputs)."""
+    num_pages = kv_indptr[1:] - kv_indptr[:-1]
+    lens = (num_pages - 1) * page_size + kv_last_page_len
+    return torch.where(num_pages > 0, lens, torch.zeros_like(lens))
 
 
 def append_paged_kv(
