@@ -254,11 +254,13 @@ def rope_general_f64(x, positions, rotary_dim=None, interleave=False, freqs=None
     r = rotary_dim or x.shape[-1]
     half = r // 2
     out = x.clone()
+    if cos_sin_cache is not None:
+        cos_sin = cos_sin_cache.double().cpu()[positions]  # the rows used, converted once
     for m in range(half):
         i, j = (2 * m, 2 * m + 1) if interleave else (m, m + half)
         if cos_sin_cache is not None:
-            c = cos_sin_cache.double().cpu()[positions, m][:, None]
-            s = cos_sin_cache.double().cpu()[positions, half + m][:, None]
+            c = cos_sin[:, m][:, None]
+            s = cos_sin[:, half + m][:, None]
         else:
             ang = positions.double() * freqs[m]
             c, s = torch.cos(ang)[:, None], torch.sin(ang)[:, None]
