@@ -29,6 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .jit.env import triton_cache_dir
+
 __all__ = ["main", "ModelShape", "SHAPE_PRESETS", "check_close", "triton_cache_dir", "warmup_variants"]
 
 
@@ -150,15 +152,6 @@ def _format_time(seconds: float) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
-
-
-def triton_cache_dir() -> pathlib.Path:
-    """Where Triton keeps compiled kernels: ``TRITON_CACHE_DIR``, else ``$TRITON_HOME/.triton/cache``."""
-    explicit = os.environ.get("TRITON_CACHE_DIR")
-    if explicit:
-        return pathlib.Path(explicit).expanduser()
-    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
-    return pathlib.Path(home) / ".triton" / "cache"
 
 
 def _dir_usage(path: pathlib.Path) -> Tuple[int, int]:
