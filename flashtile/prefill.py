@@ -30,8 +30,10 @@ from ._core.wrapper import (
 )
 from .quantization import segment_packbits
 from .scheduler.prefill_work import pack_prefill_meta, plan_prefill_work, prefill_capacity
+from .trtllm import trtllm_batch_context_with_kv_cache
 
 __all__ = [
+    "trtllm_batch_context_with_kv_cache",
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",
     "BatchPrefillWithPagedKVCacheWrapper",
