@@ -18,6 +18,8 @@ if _os.environ.get("FLASHTILE_BACKEND", "").lower() == "triton" and "triton" not
         _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import activation, cascade, decode, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402
+from . import autotuner, jit  # noqa: E402  (names engines import at start-up; no kernels)
+from .autotuner import autotune  # noqa: E402
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .cascade import (  # noqa: E402
     BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
@@ -72,6 +74,9 @@ from .utils import next_positive_power_of_2  # noqa: E402
 
 __all__ = [
     "__version__",
+    "autotuner",
+    "autotune",
+    "jit",
     "activation",
     "norm",
     "page",

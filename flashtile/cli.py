@@ -7,6 +7,9 @@ Commands:
   bench        the benchmark harness (``benchmarks/``, present in a source checkout only)
   warmup       compile the Triton kernel variants that model shapes need, before the first request
   clear-cache  delete Triton's on-disk kernel cache (prints what it would delete; ``--yes`` deletes)
+  install-shim    write a ``flashinfer`` package (and flashinfer-python metadata) that resolves to
+                  flashtile, for serving engines that ``import flashinfer``; refuses if FlashInfer is installed
+  uninstall-shim  remove exactly what install-shim wrote
 
 Only argparse and the standard library are used. Kernels compile on first use, so ``info`` and a
 CPU ``demo`` compile nothing.
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .jit.env import triton_cache_dir
 
 __all__ = ["main", "ModelShape", "SHAPE_PRESETS", "check_close", "triton_cache_dir", "warmup_variants"]
 
@@ -150,15 +155,6 @@ def _format_time(seconds: float) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
-
-
-def triton_cache_dir() -> pathlib.Path:
-    """Where Triton keeps compiled kernels: ``TRITON_CACHE_DIR``, else ``$TRITON_HOME/.triton/cache``."""
-    explicit = os.environ.get("TRITON_CACHE_DIR")
-    if explicit:
-        return pathlib.Path(explicit).expanduser()
-    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
-    return pathlib.Path(home) / ".triton" / "cache"
 
 
 def _dir_usage(path: pathlib.Path) -> Tuple[int, int]:
@@ -689,6 +685,53 @@ def cmd_clear_cache(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# install-shim / uninstall-shim
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_install_shim(args: argparse.Namespace) -> int:
+    from . import shim
+
+    target = pathlib.Path(args.target) if args.target else shim.default_target()
+    try:
+        written = shim.install_shim(target, args.flashinfer_version)
+    except (shim.ShimError, ValueError, OSError) as e:
+        print(f"flashtile install-shim: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} files into {target}:")
+    for path in written:
+        print(f"  {path.relative_to(target)}")
+    print(f"`import flashinfer` now gives flashtile (flashinfer.__version__ == {args.flashinfer_version!r}, "
+          f"flashinfer-python {args.flashinfer_version} in the package metadata); "
+          "undo with `python -m flashtile uninstall-shim" + (f" --target {args.target}" if args.target else "") + "`")
+    if str(target.resolve()) not in {str(pathlib.Path(p).resolve()) for p in sys.path if p}:
+        print(f"note: {target} is not on this interpreter's sys.path; add it to PYTHONPATH of the engine's processes")
+    return 0
+
+
+def cmd_uninstall_shim(args: argparse.Namespace) -> int:
+    from . import shim
+
+    target = pathlib.Path(args.target) if args.target else shim.default_target()
+    try:
+        removed = shim.uninstall_shim(target)
+    except (shim.ShimError, OSError) as e:
+        print(f"flashtile uninstall-shim: error: {e}", file=sys.stderr)
+        return 1
+    if not removed:
+        print(f"no flashtile shim in {target}: nothing to remove")
+        return 0
+    print(f"removed {len(removed)} files from {target}:")
+    for path in removed:
+        print(f"  {path.relative_to(target)}")
+    leftover = target / shim.PACKAGE
+    if leftover.exists():
+        print(f"warning: {leftover} still exists: it holds files install-shim did not write "
+              "(`import flashinfer` may still find it)", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -748,6 +791,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clear-cache", help="delete Triton's kernel cache (dry run unless --yes)")
     p.add_argument("--yes", action="store_true", help="actually delete (default: print what would be deleted)")
     p.set_defaults(func=cmd_clear_cache)
+
+    from .shim import ADVERTISED_FLASHINFER_VERSION
+
+    p = sub.add_parser("install-shim", help="make `import flashinfer` load flashtile (for vLLM, SGLang)",
+                       description="Write a `flashinfer` package whose modules are flashtile's (flashinfer.decode is "
+                                   "flashtile.decode, ...) and flashinfer-python package metadata into site-packages, "
+                                   "so that serving engines written for FlashInfer load flashtile. Refuses when a "
+                                   "FlashInfer that flashtile did not write is importable. README: "
+                                   "\"Using flashtile in vLLM / SGLang\".")
+    p.add_argument("--target", default=None,
+                   help="directory to write into (default: this environment's site-packages)")
+    p.add_argument("--flashinfer-version", default=ADVERTISED_FLASHINFER_VERSION,
+                   help=f"FlashInfer version to advertise to version checks (default {ADVERTISED_FLASHINFER_VERSION})")
+    p.set_defaults(func=cmd_install_shim)
+
+    p = sub.add_parser("uninstall-shim", help="remove what install-shim wrote",
+                       description="Remove exactly the files install-shim wrote (its RECORD) and the bytecode Python "
+                                   "cached for them. Refuses to touch a FlashInfer that flashtile did not write.")
+    p.add_argument("--target", default=None,
+                   help="directory install-shim wrote into (default: this environment's site-packages)")
+    p.set_defaults(func=cmd_uninstall_shim)
     return parser
 
 

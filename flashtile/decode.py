@@ -28,8 +28,11 @@ from ._core.wrapper import (
     resolve_dtype,
 )
 from .scheduler.split_kv import batch_item_capacity, plan_batch_kv_splits
+from .trtllm import trtllm_batch_decode_with_kv_cache, trtllm_batch_decode_with_kv_cache_mla
 
 __all__ = [
+    "trtllm_batch_decode_with_kv_cache",
+    "trtllm_batch_decode_with_kv_cache_mla",
     "single_decode_with_kv_cache",
     "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",

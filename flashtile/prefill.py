@@ -30,8 +30,10 @@ from ._core.wrapper import (
 )
 from .quantization import segment_packbits
 from .scheduler.prefill_work import pack_prefill_meta, plan_prefill_work, prefill_capacity
+from .trtllm import trtllm_batch_context_with_kv_cache
 
 __all__ = [
+    "trtllm_batch_context_with_kv_cache",
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",
     "BatchPrefillWithPagedKVCacheWrapper",
@@ -507,8 +509,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         paged_kv_last_page_len: torch.Tensor,
         num_qo_heads: int,
         num_kv_heads: int,
-        head_dim_qk: int,
-        page_size: int,
+        head_dim_qk: Optional[int] = None,
+        page_size: Optional[int] = None,
         head_dim_vo: Optional[int] = None,
         custom_mask: Optional[torch.Tensor] = None,
         packed_custom_mask: Optional[torch.Tensor] = None,
@@ -549,7 +551,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
                 (``last_page_len`` 1..page_size; a request without pages has no KV whatever its entry says;
                 ``indptr[0]`` may be > 0). With ``FLASHTILE_DEBUG=1`` a device table is also validated.
             num_qo_heads, num_kv_heads: heads of q and of the cache (GQA: any multiple).
-            head_dim_qk: head dim of q and k (multiple of 8, up to 256); head_dim_vo: of v (default head_dim_qk).
+            head_dim_qk: head dim of q and k (multiple of 8, up to 256); ``head_dim=`` is accepted as its old
+                name. head_dim_vo: of v (default head_dim_qk).
             page_size: tokens per page.
             custom_mask: bool, the requests' ``[qo_len, kv_len]`` masks (True = attend) flattened row-major and
                 concatenated (``sum(qo_len * kv_len)`` elements); replaces ``causal``.
@@ -570,8 +573,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
                 request's result does not depend on the rest of the batch; None or -1: off).
                 disable_split_kv: never split. uniform_q_len: a hint of upstream's; ignored.
         """
-        if unsupported:
-            raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+        head_dim_qk = _head_dim_keyword(head_dim_qk, unsupported)
+        if page_size is None:
+            raise TypeError("plan(): missing the page_size argument")
         _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr)
         plan_args = dict(
             qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr, paged_kv_indices=paged_kv_indices,
@@ -727,7 +731,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
         kv_indptr: torch.Tensor,
         num_qo_heads: int,
         num_kv_heads: int,
-        head_dim_qk: int,
+        head_dim_qk: Optional[int] = None,
         head_dim_vo: Optional[int] = None,
         custom_mask: Optional[torch.Tensor] = None,
         packed_custom_mask: Optional[torch.Tensor] = None,
@@ -771,8 +775,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
             v_indptr, o_indptr: separate V / output row offsets (upstream's cuDNN backend): NotImplementedError.
             Other arguments: see :meth:`BatchPrefillWithPagedKVCacheWrapper.plan`.
         """
-        if unsupported:
-            raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+        head_dim_qk = _head_dim_keyword(head_dim_qk, unsupported)
         if v_indptr is not None or o_indptr is not None:
             raise NotImplementedError("v_indptr, o_indptr: V and the output share kv_indptr / qo_indptr in "
                                       "flashtile (upstream's cuDNN-only layout)")
@@ -870,6 +873,19 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
                                  logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
                                  rope_theta=rope_theta)
         return self.run(q, k, v, return_lse=return_lse)
+
+
+def _head_dim_keyword(head_dim_qk: Optional[int], unsupported: dict) -> int:
+    """``head_dim_qk``, or ``head_dim=`` as FlashInfer <= 0.2.2 named it (TGI passes that keyword)."""
+    head_dim = unsupported.pop("head_dim", None)
+    if unsupported:
+        raise TypeError(f"plan(): unexpected keyword arguments {sorted(unsupported)}")
+    if head_dim is not None and head_dim_qk is not None and head_dim != head_dim_qk:
+        raise ValueError(f"head_dim: an alias of head_dim_qk, got both ({head_dim} and {head_dim_qk})")
+    head_dim_qk = head_dim_qk if head_dim_qk is not None else head_dim
+    if head_dim_qk is None:
+        raise TypeError("plan(): missing the head_dim_qk argument")
+    return head_dim_qk
 
 
 def _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr) -> None:

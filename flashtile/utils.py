@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._core.checks import FP8_DTYPES, InvalidOptionError, check_option, describe
+from ._core.checks import FP8_DTYPES, InvalidOptionError, check_option, check_tensor, describe
 from .reference.positional import alibi_slopes
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "round_up",
     "get_indptr",
     "is_float8",
+    "FP4Tensor",
     "register_custom_op",
     "register_fake_op",
     "set_log_level",
@@ -415,6 +416,67 @@ def check_shape_dtype_device(
 def is_float8(x: torch.Tensor) -> bool:
     """Whether ``x`` has an fp8 dtype (``float8_e4m3fn`` or ``float8_e5m2``)."""
     return x.dtype in FP8_DTYPES
+
+
+class FP4Tensor:
+    """An NVFP4 tensor: packed 4-bit values plus their per-block fp8 scale factors.
+
+    PyTorch has no 4-bit dtype, so two FP4 (e2m1) values share one uint8. flashtile's kernels do not
+    read or write FP4 (the FlashInfer functions that take one, e.g. the ``out=`` of the TensorRT-LLM
+    entry points in :mod:`flashtile.trtllm`, raise :class:`NotImplementedError`); the class exists so
+    that callers can import and build it.
+
+    Args:
+        data: uint8 tensor ``[num_tokens, ..., ceil(original_shape[-1] / 2)]``, two values per byte.
+        scale: float8_e4m3fn scale factors, first dimension a multiple of 128 (rows of the swizzled
+            scale layout). One scale tensor may serve several ``data`` tensors at different offsets.
+        scale_start_index: first row of ``scale`` that belongs to ``data`` (e.g. decode rows after
+            the prefill rows of the same step), ``0 <= scale_start_index`` and
+            ``scale_start_index + data.shape[0] <= scale.shape[0]``.
+        original_shape: the unpacked shape; when given, it must equal ``data.shape`` except in the last
+            dimension, which ``data`` holds in ``ceil(original_shape[-1] / 2)`` bytes.
+
+    Raises:
+        TypeError: ``data`` or ``scale`` is not a tensor of the expected dtype.
+        ValueError: the shapes or ``scale_start_index`` do not fit together as described above.
+    """
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        scale: torch.Tensor,
+        scale_start_index: int = 0,
+        original_shape: Optional[Tuple[int, ...]] = None,
+    ):
+        check_tensor("data", data, dtypes=(torch.uint8,))
+        check_tensor("scale", scale, dtypes=(torch.float8_e4m3fn,))
+        if data.dim() < 1 or scale.dim() < 1:
+            raise ValueError(f"data and scale: expected tensors of at least 1 dimension, got shapes "
+                             f"{list(data.shape)} and {list(scale.shape)}")
+        if scale.shape[0] % 128 != 0:
+            raise ValueError(f"scale: expected a first dimension that is a multiple of 128, got shape {list(scale.shape)}")
+        if not 0 <= scale_start_index < scale.shape[0] or scale_start_index + data.shape[0] > scale.shape[0]:
+            raise ValueError(
+                f"scale_start_index: expected 0 <= scale_start_index and scale_start_index + data.shape[0] "
+                f"<= scale.shape[0] = {scale.shape[0]}, got {scale_start_index} with data.shape[0] = {data.shape[0]}"
+            )
+        if original_shape is not None:
+            original_shape = tuple(int(d) for d in original_shape)
+            packed = original_shape[:-1] + ((original_shape[-1] + 1) // 2,) if original_shape else ()
+            if tuple(data.shape) != packed:
+                raise ValueError(
+                    f"original_shape: expected data.shape[:-1] + (ceil(original_shape[-1] / 2),) == data.shape "
+                    f"{list(data.shape)}, got original_shape {list(original_shape)}"
+                )
+        self.data = data
+        self.scale = scale
+        self.scale_start_index = scale_start_index
+        self.original_shape = original_shape
+        self.dtype = "nvfp4"  # as upstream: a string, since torch has no FP4 dtype to name
+
+    def __repr__(self) -> str:
+        return (f"FP4Tensor(data={describe(self.data)}, scale={describe(self.scale)}, "
+                f"scale_start_index={self.scale_start_index}, original_shape={self.original_shape})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -164,6 +164,14 @@ def test_plan_takes_flashinfer_06_positional_order(path, device):
     ragged.plan(qo_indptr, indptr_of([9, 20]), 4, 2, 16, None, None, None, False, "NONE", False, -1, None, 0.3,
                 None, None, torch.float16, torch.float16, torch.float32, True)
     assert ragged._plan.o_dtype == torch.float32 and ragged._sm_scale == 0.3
+    # TGI (FlashInfer <= 0.2.2 names) passes head_dim= for head_dim_qk.
+    w.plan(qo_indptr, indptr, indices, last, num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=4,
+           q_data_type=torch.float16)
+    assert w._plan.head_dim_qk == 16
+    with pytest.raises(TypeError, match="head_dim_qk"):
+        ragged.plan(qo_indptr, indptr_of([9, 20]), 4, 2)
+    with pytest.raises(ValueError, match="alias"):
+        ragged.plan(qo_indptr, indptr_of([9, 20]), 4, 2, 16, head_dim=32)
 
 
 def test_paged_head_dim_192_128(path, device):

@@ -1,0 +1,11 @@
+"""``flashinfer.jit``: the names engines import from FlashInfer's JIT package.
+
+FlashInfer compiles CUDA sources with nvcc into a workspace directory; flashtile's kernels are Triton
+kernels that Triton compiles on first use into its own cache. Only what callers read at import time
+is here: :data:`core.logger` (SGLang's ``configure_logger`` sets its level in every process) and
+:data:`env.FLASHINFER_WORKSPACE_DIR` (vLLM derives its autotune-cache path from it).
+"""
+
+from . import core, env
+
+__all__ = ["core", "env"]
