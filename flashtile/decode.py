@@ -338,7 +338,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
 
         # One host->device copy of the work list into the int workspace the wrapper owns.
         meta_len = 2 * batch + 1 + 3 * num_programs
-        meta_h = torch.zeros(meta_len, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        meta_h = torch.zeros(meta_len, dtype=torch.int32, device="cpu", pin_memory=self.device.type == "cuda")
         sections = ((splits.request_item_indptr, batch + 1), (kv_lens, batch), (splits.item_request, num_programs),
                     (splits.item_kv_start, num_programs), (splits.item_kv_end, num_programs))
         meta = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * meta_len, torch.int32)

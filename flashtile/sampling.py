@@ -203,7 +203,11 @@ def _rng(generator, seed, offset, batch: int, device: torch.device, counters_per
 
 def _ref_rng(seed, offset):
     """Reference path: (seed, offset) as int64 CPU tensors."""
-    as_t = (lambda v: v.to("cpu", torch.int64) if isinstance(v, torch.Tensor) else torch.tensor([v], dtype=torch.int64))
+    def as_t(v):
+        if isinstance(v, torch.Tensor):
+            return v.to("cpu", torch.int64)
+        return torch.tensor([v], dtype=torch.int64, device="cpu")
+
     return as_t(seed), as_t(offset)
 
 
@@ -229,7 +233,7 @@ def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, *,
         from .reference import sampling as ref
 
         ref_rows = rows.long() if rows is not None else torch.arange(batch, device=probs.device)
-        as_row = (lambda v: v if v is None or isinstance(v, torch.Tensor) else torch.full((batch,), v))
+        as_row = (lambda v: v if v is None or isinstance(v, torch.Tensor) else torch.full((batch,), v, device="cpu"))
         s, o = _ref_rng(seed, offset)
         r_ids, r_valid = ref.filtered_sampling(probs.cpu(), ref_rows.cpu(), s, o, top_k=_cpu(as_row(top_k)),
                                                top_p=_cpu(as_row(top_p)), min_p=_cpu(as_row(min_p)), order=order)
@@ -298,7 +302,7 @@ def sampling_from_logits(
     if decision.path is Path.REFERENCE:
         from .reference import sampling as ref
 
-        ref_rows = rows.long().cpu() if rows is not None else torch.arange(batch)
+        ref_rows = rows.long().cpu() if rows is not None else torch.arange(batch, device="cpu")
         r_ids, r_valid = ref.sampling_from_logits(logits.cpu(), ref_rows, *_ref_rng(seed, offset))
         ids.copy_(r_ids)
         valid.copy_(r_valid)
@@ -486,7 +490,7 @@ def softmax(logits: torch.Tensor, temperature: Optional[Param] = None, enable_pd
 
         t = temperature
         if t is not None and not isinstance(t, torch.Tensor):
-            t = torch.full((batch,), t)
+            t = torch.full((batch,), t, device="cpu")
         out.copy_(ref.softmax(logits.cpu(), _cpu(t)))
     elif batch > 0:
         load_kernels("sampling", decision.path).softmax(logits, out, temperature)
@@ -500,7 +504,7 @@ def _threshold(name: str, x: torch.Tensor, *, top_k=None, top_p=None, is_logits=
         from .reference import sampling as ref
 
         batch = x.shape[0]
-        as_row = (lambda v: v.cpu() if isinstance(v, torch.Tensor) else torch.full((batch,), v))
+        as_row = (lambda v: v.cpu() if isinstance(v, torch.Tensor) else torch.full((batch,), v, device="cpu"))
         if is_logits:
             res = ref.top_k_mask_logits(x.cpu(), as_row(top_k))
         elif top_k is not None:
