@@ -357,7 +357,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     atol, rtol = DEMO_TOLERANCE
     sm_scale = 1.0 / math.sqrt(d)
-    es = torch.empty((), dtype=dtype).element_size()
+    es = dtype.itemsize
     path, reason = _path_of(device)
 
     print(f"flashtile {flashtile.__version__} demo: {model} attention ({hq} query heads, {hkv} KV heads, "
@@ -378,7 +378,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
 
     def randn(*size):
-        return torch.randn(*size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        return torch.randn(*size, generator=gen, dtype=torch.float32, device="cpu").to(device=device, dtype=dtype)
 
     def reference(q, k, v, causal):
         out, _ = single_attention(q, k, v, AttentionParams(sm_scale=sm_scale, causal=causal))
@@ -588,9 +588,9 @@ def _run_variant(v: WarmupVariant, device: torch.device) -> None:
         page_size, batch = 16, 2
         pages = -(-v.kv_len // page_size)
         cache = torch.randn(batch * pages, 2, page_size, hkv, d, **kw)
-        indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32)
-        indices = torch.arange(batch * pages, dtype=torch.int32)
-        last = torch.full((batch,), v.kv_len - (pages - 1) * page_size, dtype=torch.int32)
+        indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32, device="cpu")
+        indices = torch.arange(batch * pages, dtype=torch.int32, device="cpu")
+        last = torch.full((batch,), v.kv_len - (pages - 1) * page_size, dtype=torch.int32, device="cpu")
         ws = torch.empty(64 << 20, dtype=torch.uint8, device=device)
         if v.kind == "batch_decode":
             w = flashtile.BatchDecodeWithPagedKVCacheWrapper(ws)
@@ -598,7 +598,7 @@ def _run_variant(v: WarmupVariant, device: torch.device) -> None:
             w.run(torch.randn(batch, hq, d, **kw), cache)
         else:
             w = flashtile.BatchPrefillWithPagedKVCacheWrapper(ws)
-            qo_indptr = torch.arange(0, batch * v.qo_len + 1, v.qo_len, dtype=torch.int32)
+            qo_indptr = torch.arange(0, batch * v.qo_len + 1, v.qo_len, dtype=torch.int32, device="cpu")
             w.plan(qo_indptr, indptr, indices, last, hq, hkv, d, page_size, causal=v.causal, q_data_type=v.dtype)
             w.run(torch.randn(batch * v.qo_len, hq, d, **kw), cache)
     _sync(device)

@@ -346,7 +346,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         if custom_mask.numel() != int(seg_bits.sum()):
             raise ValueError(f"custom_mask: expected sum(qo_len * kv_len) = {int(seg_bits.sum())} elements (the "
                              f"requests' [qo_len, kv_len] masks flattened and concatenated), got {custom_mask.numel()}")
-        bit_indptr = torch.zeros(seg_bits.numel() + 1, dtype=torch.int64)
+        bit_indptr = torch.zeros(seg_bits.numel() + 1, dtype=torch.int64, device="cpu")
         torch.cumsum(seg_bits, 0, out=bit_indptr[1:])
         packed, _ = segment_packbits(custom_mask, bit_indptr, bitorder="little")
         return packed, offsets
@@ -361,7 +361,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             raise ValueError(f"custom_mask_buf: this plan's packed mask has {mask.numel()} bytes, the buffer holds "
                              f"{self._custom_mask_buf.numel()}")
         self._custom_mask_buf.view(-1).view(torch.uint8)[: mask.numel()].copy_(mask, non_blocking=non_blocking)
-        indptr = torch.cat([offsets, torch.tensor([mask.numel()], dtype=torch.int64)])
+        indptr = torch.cat([offsets, torch.tensor([mask.numel()], dtype=torch.int64, device=offsets.device)])
         if self._mask_indptr_buf.numel() >= indptr.numel():
             self._mask_indptr_buf[: indptr.numel()].copy_(indptr, non_blocking=non_blocking)
         return self._custom_mask_buf.view(-1).view(torch.uint8)

@@ -7,7 +7,9 @@ reference on CPU tensors (``FLASHTILE_BACKEND=triton`` runs the kernels in Trito
 Common arguments of the samplers:
 
 - ``top_k`` / ``top_p`` / ``min_p``: a Python scalar for the batch, or a 1-D tensor ``[batch]``
-  (one value per output row; int32/int64 for top_k, floating for the others). Scalars are checked
+  (one value per output row) of any real dtype, as upstream: a floating top_k is truncated toward
+  zero into int32, an integer top_p / min_p / temperature is converted to float32 (bool and complex
+  tensors raise TypeError). Scalars are checked
   (ValueError): ``top_k >= 1``, ``0 < top_p <= 1``, ``0 <= min_p <= 1``. Tensor values are not
   read on the host (no synchronization; CUDA-graph safe) and mean: ``top_k <= 0`` or ``>= vocab``:
   no top-k filter; ``top_p >= 1``: no top-p filter; ``top_p <= 0``: only the most probable tokens.
@@ -64,6 +66,7 @@ __all__ = [
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
+_PARAM_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ORDERS = ("top_k_first", "joint")
 DRAW_STRIDE = 64  # Philox counters per output row (kernels.sampling.DRAW_STRIDE)
 
@@ -112,9 +115,16 @@ def _param(name: str, value, batch: int, device: torch.device, *, integer: bool,
                 f"Sampling parameter tensor batch size mismatch: {name} has {value.shape[0]} entries, "
                 f"expected batch_size = {batch}"
             )
-        want = _INT_DTYPES if integer else (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-        check_tensor(name, value, dtypes=want)
-        return value.to(device, non_blocking=True)
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name}: expected a 1-D integer or floating-point tensor [batch_size], got dtype "
+                            f"{str(value.dtype).replace('torch.', '')}")
+        # Any other real dtype is accepted, as upstream does: engines pass e.g. torch.full((B,), 1)
+        # (int64) for min_p. Integer parameters (top_k) keep int32/int64 and truncate others toward
+        # zero into int32; float parameters keep the floating dtypes the kernels read and turn the
+        # rest (integers, fp8) into float32.
+        kept = _INT_DTYPES if integer else _PARAM_FLOAT_DTYPES
+        dtype = value.dtype if value.dtype in kept else (torch.int32 if integer else torch.float32)
+        return value.to(device=device, dtype=dtype, non_blocking=True)
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         kind = "an int" if integer else "a float"
@@ -193,7 +203,11 @@ def _rng(generator, seed, offset, batch: int, device: torch.device, counters_per
 
 def _ref_rng(seed, offset):
     """Reference path: (seed, offset) as int64 CPU tensors."""
-    as_t = (lambda v: v.to("cpu", torch.int64) if isinstance(v, torch.Tensor) else torch.tensor([v], dtype=torch.int64))
+    def as_t(v):
+        if isinstance(v, torch.Tensor):
+            return v.to("cpu", torch.int64)
+        return torch.tensor([v], dtype=torch.int64, device="cpu")
+
     return as_t(seed), as_t(offset)
 
 
@@ -219,7 +233,7 @@ def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, *,
         from .reference import sampling as ref
 
         ref_rows = rows.long() if rows is not None else torch.arange(batch, device=probs.device)
-        as_row = (lambda v: v if v is None or isinstance(v, torch.Tensor) else torch.full((batch,), v))
+        as_row = (lambda v: v if v is None or isinstance(v, torch.Tensor) else torch.full((batch,), v, device="cpu"))
         s, o = _ref_rng(seed, offset)
         r_ids, r_valid = ref.filtered_sampling(probs.cpu(), ref_rows.cpu(), s, o, top_k=_cpu(as_row(top_k)),
                                                top_p=_cpu(as_row(top_p)), min_p=_cpu(as_row(min_p)), order=order)
@@ -288,7 +302,7 @@ def sampling_from_logits(
     if decision.path is Path.REFERENCE:
         from .reference import sampling as ref
 
-        ref_rows = rows.long().cpu() if rows is not None else torch.arange(batch)
+        ref_rows = rows.long().cpu() if rows is not None else torch.arange(batch, device="cpu")
         r_ids, r_valid = ref.sampling_from_logits(logits.cpu(), ref_rows, *_ref_rng(seed, offset))
         ids.copy_(r_ids)
         valid.copy_(r_valid)
@@ -315,7 +329,7 @@ def top_p_sampling_from_probs(
 
     Args:
         probs: ``[batch, vocab]`` float32/float16/bfloat16.
-        top_p: float in (0, 1], or a float tensor ``[batch_out]``.
+        top_p: float in (0, 1], or a tensor ``[batch_out]`` (module doc: dtypes).
         Others: module doc.
     """
     _check_rows("probs", probs)
@@ -341,7 +355,7 @@ def top_k_sampling_from_probs(
 
     Args:
         probs: ``[batch, vocab]`` float32/float16/bfloat16.
-        top_k: int >= 1 (``>= vocab``: no filter), or an int32/int64 tensor ``[batch_out]``.
+        top_k: int >= 1 (``>= vocab``: no filter), or a tensor ``[batch_out]`` (module doc: dtypes).
         Others: module doc.
     """
     _check_rows("probs", probs)
@@ -366,7 +380,7 @@ def min_p_sampling_from_probs(
 
     Args:
         probs: ``[batch, vocab]`` float32/float16/bfloat16.
-        min_p: float in [0, 1], or a float tensor ``[batch_out]``.
+        min_p: float in [0, 1], or a tensor ``[batch_out]`` (module doc: dtypes).
         Others: module doc.
     """
     _check_rows("probs", probs)
@@ -461,7 +475,7 @@ def softmax(logits: torch.Tensor, temperature: Optional[Param] = None, enable_pd
     Args:
         logits: ``[batch, vocab]`` float32/float16/bfloat16. -inf entries get probability 0; a row
             with no finite entry (all -inf or NaN) gives all zeros (torch would give NaN).
-        temperature: None (1), a float > 0, or a float tensor ``[batch]`` (values not checked).
+        temperature: None (1), a float > 0, or a tensor ``[batch]`` (values not checked; module doc: dtypes).
         enable_pdl: accepted for compatibility (programmatic dependent launch; no effect).
     """
     _check_rows("logits", logits)
@@ -476,7 +490,7 @@ def softmax(logits: torch.Tensor, temperature: Optional[Param] = None, enable_pd
 
         t = temperature
         if t is not None and not isinstance(t, torch.Tensor):
-            t = torch.full((batch,), t)
+            t = torch.full((batch,), t, device="cpu")
         out.copy_(ref.softmax(logits.cpu(), _cpu(t)))
     elif batch > 0:
         load_kernels("sampling", decision.path).softmax(logits, out, temperature)
@@ -490,7 +504,7 @@ def _threshold(name: str, x: torch.Tensor, *, top_k=None, top_p=None, is_logits=
         from .reference import sampling as ref
 
         batch = x.shape[0]
-        as_row = (lambda v: v.cpu() if isinstance(v, torch.Tensor) else torch.full((batch,), v))
+        as_row = (lambda v: v.cpu() if isinstance(v, torch.Tensor) else torch.full((batch,), v, device="cpu"))
         if is_logits:
             res = ref.top_k_mask_logits(x.cpu(), as_row(top_k))
         elif top_k is not None:
@@ -509,7 +523,7 @@ def top_p_renorm_probs(probs: torch.Tensor, top_p: Param) -> torch.Tensor:
 
     Args:
         probs: ``[batch, vocab]`` float32/float16/bfloat16.
-        top_p: float in (0, 1], or a float tensor ``[batch]``.
+        top_p: float in (0, 1], or a tensor ``[batch]`` (module doc: dtypes).
 
     Returns:
         ``[batch, vocab]`` in probs' dtype (upstream v0.3.1 returned float32; HEAD keeps the dtype).
@@ -524,7 +538,7 @@ def top_k_renorm_probs(probs: torch.Tensor, top_k: Param) -> torch.Tensor:
 
     Args:
         probs: ``[batch, vocab]`` float32/float16/bfloat16.
-        top_k: int >= 1, or an int32/int64 tensor ``[batch]``.
+        top_k: int >= 1, or a tensor ``[batch]`` (module doc: dtypes).
 
     Returns:
         ``[batch, vocab]`` in probs' dtype.
@@ -539,7 +553,7 @@ def top_k_mask_logits(logits: torch.Tensor, top_k: Param) -> torch.Tensor:
 
     Args:
         logits: ``[batch, vocab]`` float32/float16/bfloat16.
-        top_k: int >= 1, or an int32/int64 tensor ``[batch]``.
+        top_k: int >= 1, or a tensor ``[batch]`` (module doc: dtypes).
 
     Returns:
         ``[batch, vocab]`` in logits' dtype.

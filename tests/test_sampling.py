@@ -101,6 +101,52 @@ def test_samples_in_filter_set_per_request_params(path, device):
         assert bool(keep[torch.arange(B), ids.cpu().long()].all()), filt
 
 
+def test_param_tensors_of_any_real_dtype(path, device):
+    """Per-request parameters as upstream accepts them: integer tensors for top_p / min_p / temperature
+    (engines pass e.g. ``torch.full((B,), 1)``, int64) are read as float32, floating tensors for top_k
+    are truncated toward zero. Integer top_p 0 / min_p 1 keep only the most probable tokens, so the
+    samples are checked exactly; each call also gives the same ids as with the converted tensor."""
+    B, V = 3, 9
+    probs = torch.softmax(torch.randn(B, V) * 2, -1)
+    probs[1, 2] = probs[1, 6] = probs[1].max()  # a tie at the top of row 1
+    probs = (probs / probs.sum(-1, keepdim=True)).to(device)
+    top_k_f = torch.tensor([2.7, 1.0, 100.0], device=device)
+    top_k = torch.tensor([2, 1, 100], dtype=torch.int32)
+    top_p_i = torch.tensor([1, 0, 1], device=device)  # int64: no filter, top token(s) only, no filter
+    min_p_i = torch.full((B,), 1, device=device)  # int64: only the tokens equal to the row maximum
+    rng = dict(seed=7, offset=0)
+    cases = [
+        (lambda k, p, m: S.top_k_sampling_from_probs(probs, k, **rng), dict(top_k=top_k)),
+        (lambda k, p, m: S.top_p_sampling_from_probs(probs, p, **rng), dict(top_p=top_p_i)),
+        (lambda k, p, m: S.min_p_sampling_from_probs(probs, m, **rng), dict(min_p=min_p_i)),
+        (lambda k, p, m: S.top_k_top_p_sampling_from_probs(probs, k, p, **rng),
+         dict(top_k=top_k, top_p=top_p_i, order="top_k_first")),
+        (lambda k, p, m: S.top_k_top_p_sampling_from_logits(probs.log(), k, p, filter_apply_order="joint", **rng),
+         dict(top_k=top_k, top_p=top_p_i, order="joint")),
+    ]
+    for sample, filt in cases:
+        ids = sample(top_k_f, top_p_i, min_p_i)
+        keep = sampling_keep_oracle(probs, **filt)
+        assert bool(keep[torch.arange(B), ids.cpu().long()].all()), filt
+        same = sample(top_k.to(device), top_p_i.float(), min_p_i.float())
+        assert torch.equal(ids, same), filt
+    assert torch.equal(S.min_p_sampling_from_probs(probs, min_p_i, **rng).cpu().long()[[0, 2]],
+                       probs.argmax(-1).cpu()[[0, 2]])
+
+    keep_k = sampling_keep_oracle(probs, top_k=top_k)
+    torch.testing.assert_close(S.top_k_renorm_probs(probs, top_k_f).double().cpu(), renorm_oracle(probs, keep_k),
+                               atol=1e-6, rtol=1e-5)
+    logits = probs.log()
+    expected = torch.where(keep_k, logits.double().cpu(), float("-inf"))
+    assert torch.equal(S.top_k_mask_logits(logits, top_k_f).double().cpu(), expected)
+    keep_p = sampling_keep_oracle(probs, top_p=top_p_i)
+    torch.testing.assert_close(S.top_p_renorm_probs(probs, top_p_i).double().cpu(), renorm_oracle(probs, keep_p),
+                               atol=1e-6, rtol=1e-5)
+    temperature = torch.tensor([1, 2, 3], device=device)
+    torch.testing.assert_close(S.softmax(logits, temperature).double().cpu(),
+                               softmax_oracle(logits, temperature.cpu()), atol=1e-6, rtol=1e-5)
+
+
 def test_top_k_one_is_argmax(path, device):
     B, V = (3, 50) if _interp(path) else (32, _vocab(path, 128256))
     probs = torch.softmax(torch.randn(B, V) * 2, -1).to(device)
@@ -858,7 +904,11 @@ def test_errors():
     with pytest.raises(ValueError, match="min_p"):
         S.min_p_sampling_from_probs(probs, 1.5)
     with pytest.raises(TypeError, match="top_k"):
-        S.top_k_sampling_from_probs(probs, torch.ones(4))
+        S.top_k_sampling_from_probs(probs, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="min_p"):
+        S.min_p_sampling_from_probs(probs, torch.ones(4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="temperature"):
+        S.softmax(probs, torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError, match="top_k"):
         S.top_k_renorm_probs(probs, 2.5)
     with pytest.raises(TypeError, match="probs"):

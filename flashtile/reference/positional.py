@@ -60,7 +60,7 @@ def rope_inverse_frequencies(
     ``f = theta**(-2m/rotary_dim)``; ``smooth = clamp(smooth_a * f + smooth_b, 0, 1)``;
     result ``(1 - smooth) * f / rope_scale + smooth * f`` (``f / rope_scale`` for plain RoPE).
     """
-    m = torch.arange(rotary_dim // 2, dtype=dtype)
+    m = torch.arange(rotary_dim // 2, dtype=dtype, device="cpu")  # rope_cos_sin moves it to the positions
     f = rope_theta ** (-2.0 * m / rotary_dim)
     smooth = (smooth_a * f + smooth_b).clamp(0.0, 1.0)
     return (1.0 - smooth) * f / rope_scale + smooth * f

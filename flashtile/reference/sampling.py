@@ -82,9 +82,9 @@ def uniforms(seed: torch.Tensor, offset: torch.Tensor, rows: int, n: int, row_st
     seed = seed.to("cpu", torch.int64)
     offset = offset.to("cpu", torch.int64)
     if offset.numel() == 1:
-        offset = offset + torch.arange(rows, dtype=torch.int64) * row_stride
+        offset = offset + torch.arange(rows, dtype=torch.int64, device="cpu") * row_stride
     seed = seed.expand(rows)
-    counter = offset[:, None] + torch.arange(n, dtype=torch.int64)[None, :]
+    counter = offset[:, None] + torch.arange(n, dtype=torch.int64, device="cpu")[None, :]
     bits = _splitmix(_splitmix(seed)[:, None] ^ counter)
     return _srl(bits, 11).double() * (1.0 / (1 << 53))
 
@@ -148,7 +148,7 @@ def sample_from_mask(p: torch.Tensor, keep: torch.Tensor, u: torch.Tensor):
     hit = (cdf > u[:, None] * mass) & (w > 0)
     ids = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), 0)
     # u * mass can round above the last running sum: take the last token of positive weight then.
-    last = torch.where(w > 0, torch.arange(p.shape[-1]), -1).max(dim=-1).values
+    last = torch.where(w > 0, torch.arange(p.shape[-1], device=p.device), -1).max(dim=-1).values
     ids = torch.where(hit.any(dim=-1), ids, last.clamp(min=0))
     return torch.where(valid, ids, 0), valid
 
@@ -167,7 +167,7 @@ def sample_shared(p: torch.Tensor, keep: torch.Tensor, group: torch.Tensor, u: t
     w = torch.where(keep, p, 0.0)
     cdf = torch.cumsum(w, dim=-1)
     mass = cdf[:, -1]
-    last = torch.where(w > 0, torch.arange(vocab), -1).max(dim=-1).values.clamp(min=0)
+    last = torch.where(w > 0, torch.arange(vocab, device=p.device), -1).max(dim=-1).values.clamp(min=0)
     x = u * mass[group]
     ids = torch.empty_like(group)
     order = torch.argsort(group, stable=True)
@@ -185,15 +185,20 @@ def _distinct(rows: torch.Tensor, *params):
     cols = [rows.double()] + [v.double() for v in params if v is not None]
     _, group = torch.unique(torch.stack(cols, dim=-1), dim=0, return_inverse=True)
     n = rows.numel()
-    first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64)
-    first.scatter_reduce_(0, group, torch.arange(n), "amin")
+    first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64, device=group.device)
+    first.scatter_reduce_(0, group, torch.arange(n, device=group.device), "amin")
     return first, group
+
+
+def _no_samples(device):
+    """(ids, valid) of a call with no output rows."""
+    return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.bool, device=device)
 
 
 def sampling_from_probs(probs, rows, seed, offset):
     u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
     if rows.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+        return _no_samples(probs.device)
     src, group = torch.unique(rows, return_inverse=True)
     p = _clean(probs)[src]
     return sample_shared(p, torch.ones_like(p, dtype=torch.bool), group, u)
@@ -208,7 +213,7 @@ def filtered_sampling(probs, rows, seed, offset, *, top_k=None, top_p=None, min_
     once per distinct (row, parameters): many draws of one row cost one row of work, not one each."""
     u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
     if rows.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+        return _no_samples(probs.device)
     vocab = probs.shape[-1]
     if top_k is not None:  # every k outside [1, vocab] means "no filter": one key for all of them
         top_k = top_k.to(torch.int64)
@@ -273,7 +278,7 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, seed,
     accept = u[:, :n] * pd < pt
     accepted = accept.sum(dim=-1)
     emitted = torch.cumprod(accept.long(), dim=-1).sum(dim=-1)
-    out = torch.full((batch, n + 1), -1, dtype=torch.int64)
+    out = torch.full((batch, n + 1), -1, dtype=torch.int64, device=ids.device)
     for b in range(batch):
         e = int(emitted[b])
         out[b, :e] = ids[b, :e]

@@ -134,10 +134,10 @@ def plan_prefill_work(
     kv = kv_lens.to(torch.int64)
     rows = qo * group
     tiles_per_req = (rows + block_m - 1) // block_m
-    tile_request = torch.repeat_interleave(torch.arange(qo.numel(), dtype=torch.int64), tiles_per_req)
-    tile_start = torch.zeros(qo.numel() + 1, dtype=torch.int64)
+    tile_request = torch.repeat_interleave(torch.arange(qo.numel(), dtype=torch.int64, device="cpu"), tiles_per_req)
+    tile_start = torch.zeros(qo.numel() + 1, dtype=torch.int64, device="cpu")
     torch.cumsum(tiles_per_req, 0, out=tile_start[1:])
-    tile_block = torch.arange(tile_request.numel(), dtype=torch.int64) - tile_start[tile_request]
+    tile_block = torch.arange(tile_request.numel(), dtype=torch.int64, device="cpu") - tile_start[tile_request]
 
     # KV range each tile can see: tokens t_first..t_last sit at positions t + (kv_len - qo_len).
     t_rows = rows[tile_request]
@@ -162,7 +162,7 @@ def plan_prefill_work(
     split_tile = counts > 1
     slot_counts = torch.where(split_tile, counts, torch.zeros_like(counts))
     slot_base = torch.cumsum(slot_counts, 0) - slot_counts
-    within = torch.arange(item_tile.numel(), dtype=torch.int64) - splits.request_item_indptr[item_tile]
+    within = torch.arange(item_tile.numel(), dtype=torch.int64, device="cpu") - splits.request_item_indptr[item_tile]
     item_slot = torch.where(split_tile[item_tile], slot_base[item_tile] + within, torch.full_like(within, -1))
 
     order, group_items = _launch_order(tile_request[item_tile], item_kv_end - item_kv_start, qo.numel())
@@ -186,8 +186,8 @@ def _launch_order(item_request: torch.Tensor, item_length: torch.Tensor, batch_s
     """Permutation of the items into launch order (module doc) and ``group_items``: each request's
     items contiguous and longest first; requests by their longest item, longest first (stable)."""
     if item_request.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64), 1
-    request_max = torch.zeros(batch_size, dtype=torch.int64).scatter_reduce(
+        return torch.zeros(0, dtype=torch.int64, device="cpu"), 1
+    request_max = torch.zeros(batch_size, dtype=torch.int64, device="cpu").scatter_reduce(
         0, item_request, item_length, reduce="amax", include_self=True)
     # Three stable sorts, least significant key first.
     order = torch.argsort(item_length, descending=True, stable=True)
@@ -207,7 +207,7 @@ def pack_prefill_meta(work: PrefillWork, requests: torch.Tensor, item_capacity: 
     """The plan as one int32 CPU array: counts, ``requests`` (int ``[B, REQUEST_FIELDS]``), the items
     and the merge entries, each section padded with zeros to its capacity."""
     batch = requests.shape[0]
-    meta = torch.zeros(meta_size(batch, item_capacity, merge_capacity), dtype=torch.int32)
+    meta = torch.zeros(meta_size(batch, item_capacity, merge_capacity), dtype=torch.int32, device="cpu")
     meta[0], meta[1], meta[2] = work.num_items, work.num_merges, work.group_items
     o = COUNT_FIELDS
     meta[o: o + REQUEST_FIELDS * batch] = requests.reshape(-1)

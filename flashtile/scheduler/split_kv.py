@@ -136,9 +136,9 @@ def plan_batch_kv_splits(
         per_item = _cdiv(max(total, 1), _target_items(programs_per_item, num_sms))
         chunk = max(MIN_CHUNK_TILES * align, _cdiv(per_item, align) * align)
     counts = torch.clamp((lens + chunk - 1) // chunk, min=1)
-    indptr = torch.zeros(batch + 1, dtype=torch.int64)
+    indptr = torch.zeros(batch + 1, dtype=torch.int64, device="cpu")
     torch.cumsum(counts, 0, out=indptr[1:])
-    item_request = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64), counts)
-    item_kv_start = (torch.arange(item_request.numel(), dtype=torch.int64) - indptr[item_request]) * chunk
+    item_request = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64, device="cpu"), counts)
+    item_kv_start = (torch.arange(item_request.numel(), dtype=torch.int64, device="cpu") - indptr[item_request]) * chunk
     item_kv_end = torch.minimum(item_kv_start + chunk, lens[item_request])
     return BatchKVSplits(chunk, indptr, item_request, item_kv_start, item_kv_end)
