@@ -112,7 +112,8 @@ P = AttentionParams(0.088, True)
 if _args.prefill_config:
     BP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
-def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label=""):
+def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None):
+    """prefix_len: multi-item scoring with this shared prefix per request (item positions all 0 here)."""
     os.environ["FLASHTILE_TMA"] = "1" if use_tma else "0"
     dvo = dvo or d
     q = torch.randn(sum(qo), hq, d, dtype=bf)
@@ -134,11 +135,22 @@ def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page
     BP.batch_prefill_forward(q, k, v, idx, None, meta, len(qo), work.num_items,
                              torch.empty(slots, hk, bm, dvo), torch.empty(slots, hk, bm), torch.empty(sum(qo), hq, dvo, dtype=bf),
                              torch.empty(sum(qo), hq), P, alibi_slopes=None, block_m=bm, block_n=bn,
-                             num_items=work.num_items, num_merges=max(work.num_merges, 0))
+                             num_items=work.num_items, num_merges=max(work.num_merges, 0),
+                             **multi_item_inputs(prefix_len, kv))
     compile_all(label + f" (tile {bm}x{bn}, merges {work.num_merges})")
 
 
+def multi_item_inputs(prefix_len, kv):
+    if prefix_len is None:
+        return {}
+    stride = max(kv) - prefix_len
+    reqs = torch.tensor([[prefix_len, b * stride] for b in range(len(kv))], dtype=torch.int32)
+    return dict(multi_item_requests=reqs, token_pos_in_items=torch.zeros(len(kv) * stride, dtype=torch.int32))
+
+
 ragged_case(False, [1024] * 16, [1024] * 16, label="ragged 16x1024 pointer")
+ragged_case(False, [1024] * 16, [1024] * 16, label="ragged 16x1024 multi-item", prefix_len=256)
+ragged_case(False, [1024] * 16, [1024] * 16, paged=True, label="paged p16 multi-item", prefix_len=256)
 ragged_case(True, [1024] * 16, [1024] * 16, label="ragged 16x1024 TMA")
 ragged_case(True, [4096] * 2, [8192] * 2, label="ragged long TMA")
 ragged_case(True, [64], [60000], label="ragged chunked TMA (split + merge)")

@@ -19,6 +19,7 @@ from ._core.attention_args import _unit_last_stride, normalize_single_attention,
 from ._core.buffers import new_output
 from ._core.checks import check_tensor, describe
 from ._core.dispatch import Path, choose_path, load_kernels
+from ._core.multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
 from ._core.paged_kv import as_index_tensor, read_page_table, unpack_paged_kv_cache
 from ._core.wrapper import (
     PlanRunWrapper,
@@ -154,6 +155,7 @@ class _PrefillPlan:
     kv_rows_needed: int  # ragged: rows of k/v the plan reads; paged: 0
     max_page_id: Optional[int]  # paged, when the table came from the host
     plan_args: dict  # the arguments of plan(), for the deprecated forward() that re-plans
+    multi_item: Optional[MultiItemPlan] = None  # multi-item scoring (prefix lengths, token positions), device
 
 
 class _BatchPrefillWrapper(PlanRunWrapper):
@@ -209,7 +211,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         self, *, qo_indptr, kv_lens_h, kv_offsets_h, page_size, num_qo_heads, num_kv_heads, head_dim_qk,
         head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode, window_left, logits_soft_cap,
         sm_scale, rope_scale, rope_theta, q_data_type, kv_data_type, o_data_type, non_blocking, fixed_split_size,
-        disable_split_kv, page_indices, kv_rows_needed, max_page_id, plan_args,
+        disable_split_kv, page_indices, kv_rows_needed, max_page_id, plan_args, multi_item: MultiItemArgs,
     ) -> None:
         """The part of plan() both wrappers share; the KV description is already reduced to per-request
         lengths and offsets (host int64 tensors)."""
@@ -248,6 +250,18 @@ class _BatchPrefillWrapper(PlanRunWrapper):
 
         mask_h, mask_offsets = self._pack_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens_h)
         has_mask = mask_h is not None
+        items = plan_multi_item(multi_item, qo_lens, kv_lens_h, self.device, non_blocking)
+        if items is not None:
+            if has_mask:
+                raise ValueError("custom_mask / packed_custom_mask: multi-item scoring (prefix_len_ptr) defines the "
+                                 "mask itself; give one or the other (upstream silently drops the custom mask)")
+            if self._use_cuda_graph:
+                raise NotImplementedError(
+                    "prefix_len_ptr: multi-item scoring in CUDA-graph mode is not supported by flashtile (the plan "
+                    "copies the token positions into memory it allocates, which a captured graph would not see "
+                    "after a re-plan)")
+            causal = True  # the multi-item mask is causal whatever `causal` says (as upstream)
+            plan_args = {**plan_args, **multi_item.as_kwargs()}
         group = num_qo_heads // num_kv_heads
 
         decision = choose_path(self.device, self._backend)
@@ -324,7 +338,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             meta=meta, item_capacity=item_cap, num_items=num_items, num_merges=num_merges, block_m=block_m,
             block_n=block_n,
             page_indices=page_indices, packed_mask=packed_mask, part_o=part_o, part_lse=part_lse,
-            kv_rows_needed=kv_rows_needed, max_page_id=max_page_id, plan_args=plan_args,
+            kv_rows_needed=kv_rows_needed, max_page_id=max_page_id, plan_args=plan_args, multi_item=items,
         )
 
     def _pack_mask(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
@@ -377,10 +391,10 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         if lse is None:
             lse = new_output(shape[:2], torch.float32, q.device)
         ops.call_batch_prefill(
-            q, k, v, plan.page_indices, plan.packed_mask, plan.meta, plan.batch_size, plan.item_capacity, plan.part_o,
-            plan.part_lse, out, lse, plan.block_m, plan.block_n, plan.num_items, plan.num_merges, plan.causal, sm_scale,
-            plan.logits_soft_cap, plan.window_left, plan.pos_encoding_mode, plan.rope_scale, plan.rope_theta,
-            v_scale_f, self._backend,
+            q, k, v, plan.page_indices, plan.packed_mask, *_multi_item_tensors(plan.multi_item), plan.meta,
+            plan.batch_size, plan.item_capacity, plan.part_o, plan.part_lse, out, lse, plan.block_m, plan.block_n,
+            plan.num_items, plan.num_merges, plan.causal, sm_scale, plan.logits_soft_cap, plan.window_left,
+            plan.pos_encoding_mode, plan.rope_scale, plan.rope_theta, v_scale_f, self._backend,
         )
         return (out, lse) if return_lse else out
 
@@ -425,8 +439,9 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             if wanted[name] is None:
                 wanted[name] = {"logits_soft_cap": 0.0, "sm_scale": 1.0 / math.sqrt(plan.head_dim_qk),
                                 "rope_scale": 1.0, "rope_theta": 1e4}[name]
-        if plan.plan_args.get("custom_mask") is not None or plan.plan_args.get("packed_custom_mask") is not None:
-            wanted["causal"] = plan.causal  # a custom mask replaces causal
+        if plan.plan_args.get("custom_mask") is not None or plan.plan_args.get("packed_custom_mask") is not None \
+                or plan.multi_item is not None:
+            wanted["causal"] = plan.causal  # a custom or multi-item mask replaces causal
         if wanted != current:
             self.plan(**{**plan.plan_args, **wanted})
 
@@ -565,8 +580,21 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
             logits_soft_cap: ``cap * tanh(s / cap)`` when > 0. rope_scale, rope_theta: defaults 1 and 1e4.
             q_data_type: dtype of q (default float16 as upstream); kv_data_type: of the cache (default q's;
                 fp8 e4m3fn/e5m2 allowed). non_blocking: asynchronous host->device copies.
-            prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr: multi-item
-                scoring; raise NotImplementedError when given.
+            prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr: multi-item scoring
+                (many candidate items scored against one prompt in one sequence; docs/semantics.md).
+                ``prefix_len_ptr`` ``[B]`` (uint32, int32 or int64): request ``b``'s shared prefix is keys
+                ``[0, prefix_len[b])``. ``token_pos_in_items_ptr`` 1-D (uint16, int16, int32 or int64): the token
+                at sequence position ``p >= prefix_len[b]`` (query ``i`` sits at ``kv_len - qo_len + i``) has item
+                position ``t = token_pos_in_items_ptr[b * token_pos_in_items_len + p - prefix_len[b]]`` (0: a
+                delimiter) and sees the prefix and the keys ``(p - t, p]`` (itself and the earlier tokens of
+                its item; a delimiter sees only the prefix); prefix tokens are plain causal. Entries past a
+                request's last key (zero padding) are never read. ``token_pos_in_items_len``: entries per request
+                (unused for batch size 1). ``max_item_len_ptr`` ``[B]`` (uint16, uint32, int32 or int64) or None:
+                upstream's bound for skipping KV tiles; flashtile finds the tiles to skip from the positions and
+                only checks its form. The mask is causal whatever ``causal`` says, combines with
+                ``window_left``, and cannot be combined with a custom mask (ValueError). CPU or device tensors;
+                plan() reads ``prefix_len_ptr`` on the host and copies the positions; not in CUDA-graph mode
+                (NotImplementedError).
             seq_lens, seq_lens_q, block_tables, max_token_per_sequence, max_sequence_kv: upstream's vendor
                 backends only; ignored.
             o_data_type: output dtype (default q's). fixed_split_size: deterministic KV chunk in pages (a
@@ -576,7 +604,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         head_dim_qk = _head_dim_keyword(head_dim_qk, unsupported)
         if page_size is None:
             raise TypeError("plan(): missing the page_size argument")
-        _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr)
+        multi_item = MultiItemArgs(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr)
         plan_args = dict(
             qo_indptr=qo_indptr, paged_kv_indptr=paged_kv_indptr, paged_kv_indices=paged_kv_indices,
             paged_kv_last_page_len=paged_kv_last_page_len, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
@@ -614,7 +642,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
             sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
             kv_data_type=kv_data_type, o_data_type=o_data_type, non_blocking=non_blocking,
             fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv, page_indices=page_indices,
-            kv_rows_needed=0, max_page_id=table.max_page_id, plan_args=plan_args,
+            kv_rows_needed=0, max_page_id=table.max_page_id, plan_args=plan_args, multi_item=multi_item,
         )
 
     begin_forward = plan
@@ -779,7 +807,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
         if v_indptr is not None or o_indptr is not None:
             raise NotImplementedError("v_indptr, o_indptr: V and the output share kv_indptr / qo_indptr in "
                                       "flashtile (upstream's cuDNN-only layout)")
-        _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr)
+        multi_item = MultiItemArgs(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr)
         plan_args = dict(
             qo_indptr=qo_indptr, kv_indptr=kv_indptr, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
             head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, custom_mask=custom_mask,
@@ -810,7 +838,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
             sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type,
             kv_data_type=kv_data_type, o_data_type=o_data_type, non_blocking=non_blocking,
             fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv, page_indices=None,
-            kv_rows_needed=int(kv_h[-1]), max_page_id=None, plan_args=plan_args,
+            kv_rows_needed=int(kv_h[-1]), max_page_id=None, plan_args=plan_args, multi_item=multi_item,
         )
 
     begin_forward = plan
@@ -888,7 +916,6 @@ def _head_dim_keyword(head_dim_qk: Optional[int], unsupported: dict) -> int:
     return head_dim_qk
 
 
-def _reject_multi_item(prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr) -> None:
-    if prefix_len_ptr is not None or token_pos_in_items_ptr is not None or max_item_len_ptr is not None:
-        raise NotImplementedError("multi-item scoring (prefix_len_ptr, token_pos_in_items_ptr, max_item_len_ptr) "
-                                  "is not supported by flashtile yet")
+def _multi_item_tensors(items: Optional[MultiItemPlan]) -> tuple:
+    """The op's ``(multi_item_requests, token_pos_in_items)`` arguments."""
+    return (items.requests, items.token_pos) if items is not None else (None, None)

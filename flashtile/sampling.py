@@ -44,7 +44,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._core.buffers import new_output
-from ._core.checks import check_option, check_tensor, describe
+from ._core.checks import check_tensor, describe
 from ._core.dispatch import Path, choose_path, load_kernels
 
 __all__ = [

@@ -376,3 +376,57 @@ def merge_states_f64(v, s):
             out[t, h] = (weights[:, None] * v[t, live, h]).sum(dim=0)
             lse[t, h] = total / ln2
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-item scoring in batch prefill (upstream's prefix_len_ptr / token_pos_in_items_ptr)
+# ---------------------------------------------------------------------------------------------
+
+
+def multi_item_mask_oracle(qo_len, kv_len, prefix_len, item_positions):
+    """Bool ``[qo_len, kv_len]`` (True = attend), set key by key.
+
+    Query ``i`` is the token at sequence position ``p = kv_len - qo_len + i``. ``item_positions[e]`` is
+    the position inside its item of the token at ``prefix_len + e`` (0 for a delimiter). A prefix token
+    (``p < prefix_len``) sees keys ``0..p``. A later token with item position ``t`` sees the whole prefix
+    ``0..prefix_len-1`` and the keys ``p-t+1..p``: itself and the ``t - 1`` tokens of its item before it
+    (a delimiter sees only the prefix)."""
+    mask = torch.zeros(qo_len, kv_len, dtype=torch.bool)
+    for i in range(qo_len):
+        p = kv_len - qo_len + i
+        if p < 0:
+            continue
+        if p < prefix_len:
+            for j in range(p + 1):
+                mask[i, j] = True
+            continue
+        for j in range(prefix_len):
+            mask[i, j] = True
+        t = int(item_positions[p - prefix_len])
+        for j in range(max(p - t + 1, 0), p + 1):
+            mask[i, j] = True
+    return mask
+
+
+def multi_item_mask_from_items(prompt_len, item_lens):
+    """The mask of a whole scoring sequence ``prompt <d> item_1 <d> ... item_n <d>`` (every token a query),
+    built from item membership as FlashInfer's own test does: a token sees the prompt, and the tokens of
+    its own item up to itself; delimiters are seen by nobody and see only the prompt."""
+    is_delim = [False] * prompt_len + [True]
+    for n in item_lens:
+        is_delim += [False] * n + [True]
+    length = len(is_delim)
+    group, g = [], 0
+    for d in is_delim:
+        g += int(d)
+        group.append(g)  # the prompt is group 0; each delimiter opens a group
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for p in range(length):
+        for j in range(p + 1):
+            if p < prompt_len:
+                mask[p, j] = True
+            elif j < prompt_len:
+                mask[p, j] = True
+            elif not is_delim[p] and not is_delim[j] and group[j] == group[p]:
+                mask[p, j] = True
+    return mask

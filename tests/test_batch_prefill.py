@@ -491,7 +491,7 @@ def test_run_rejects_bad_out_and_options(device):
     ([0, 3, 5], [0, 4, 8], dict(kv_data_type=torch.bfloat16), TypeError, "kv_data_type"),
     ([0, 3, 5], [0, 4, 8], dict(o_data_type=torch.int8), TypeError, "o_data_type"),
     ([0, 3, 5], [0, 4, 8], dict(fixed_split_size=0), ValueError, "fixed_split_size"),
-    ([0, 3, 5], [0, 4, 8], dict(prefix_len_ptr=torch.zeros(2, dtype=torch.int32)), NotImplementedError, "multi-item"),
+    ([0, 3, 5], [0, 4, 8], dict(prefix_len_ptr=torch.zeros(2, dtype=torch.int32)), ValueError, "token_pos_in_items"),
     ([0, 3, 5], [0, 4, 8], dict(bogus=1), TypeError, "bogus"),
 ])
 def test_ragged_plan_errors(device, qo, kv, kwargs, error, match):
@@ -590,9 +590,10 @@ def test_opcheck_batch_prefill(path, device):
     w = BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
     w.plan(qo_indptr, kv_indptr, 4, 2, 16, causal=True, fixed_split_size=16)
     p = w._plan
-    args = (q, k, v, None, None, p.meta, p.batch_size, p.item_capacity, p.part_o.clone(), p.part_lse.clone(),
-            torch.empty(8, 4, 16, dtype=torch.float16, device=device), torch.empty(8, 4, device=device), p.block_m,
-            p.block_n, p.num_items, p.num_merges, True, 0.25, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
+    args = (q, k, v, None, None, None, None, p.meta, p.batch_size, p.item_capacity, p.part_o.clone(),
+            p.part_lse.clone(), torch.empty(8, 4, 16, dtype=torch.float16, device=device),
+            torch.empty(8, 4, device=device), p.block_m, p.block_n, p.num_items, p.num_merges, True, 0.25, 0.0, -1,
+            "NONE", 1.0, 1e4, 1.0, "auto")
     torch.library.opcheck(ops.batch_prefill, args)
 
 

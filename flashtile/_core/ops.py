@@ -202,9 +202,10 @@ def call_batch_decode(*args) -> None:
     (batch_decode if torch.compiler.is_compiling() else _batch_decode_impl)(*args)
 
 
-def _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out,
-                        lse, block_m, block_n, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
-                        pos_encoding_mode, rope_scale, rope_theta, v_scale, backend) -> None:
+def _batch_prefill_impl(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, batch_size,
+                        item_capacity, part_o, part_lse, out, lse, block_m, block_n, num_items, num_merges, causal,
+                        sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale, rope_theta, v_scale,
+                        backend) -> None:
     params = AttentionParams(sm_scale, causal, logits_soft_cap, window_left, pos_encoding_mode, rope_scale,
                              rope_theta, v_scale)
     if q.shape[0] == 0:
@@ -215,7 +216,8 @@ def _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, it
 
         from ..scheduler.prefill_work import meta_requests
 
-        o, s = reference_batch_prefill(q, k, v, page_indices, packed_mask, meta_requests(meta, batch_size), params)
+        o, s = reference_batch_prefill(q, k, v, page_indices, packed_mask, meta_requests(meta, batch_size), params,
+                                       multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items)
         out.copy_(o)
         lse.copy_(s)
         return
@@ -223,7 +225,8 @@ def _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, it
     slopes = _alibi_slopes(q.shape[1], q.device) if pos_encoding_mode == "ALIBI" else None
     kernels.batch_prefill_forward(
         q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out, lse, params,
-        alibi_slopes=slopes, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges)
+        alibi_slopes=slopes, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges,
+        multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items)
 
 
 @torch.library.custom_op("flashtile::batch_prefill", mutates_args=("out", "lse", "part_o", "part_lse"))
@@ -233,6 +236,8 @@ def batch_prefill(
     v: torch.Tensor,
     page_indices: Optional[torch.Tensor],
     packed_mask: Optional[torch.Tensor],
+    multi_item_requests: Optional[torch.Tensor],
+    token_pos_in_items: Optional[torch.Tensor],
     meta: torch.Tensor,
     batch_size: int,
     item_capacity: int,
@@ -255,10 +260,13 @@ def batch_prefill(
     backend: str,
 ) -> None:
     """Batch prefill over a ragged (``page_indices`` None) or paged cache with a planned work list (see
-    kernels.batch_prefill): q ``[total_qo, Hq, Dqk]``; writes out ``[total_qo, Hq, Dvo]``, lse ``[total_qo, Hq]``."""
-    _batch_prefill_impl(q, k, v, page_indices, packed_mask, meta, batch_size, item_capacity, part_o, part_lse, out,
-                        lse, block_m, block_n, num_items, num_merges, causal, sm_scale, logits_soft_cap, window_left,
-                        pos_encoding_mode, rope_scale, rope_theta, v_scale, backend)
+    kernels.batch_prefill): q ``[total_qo, Hq, Dqk]``; writes out ``[total_qo, Hq, Dvo]``, lse ``[total_qo, Hq]``.
+    Multi-item scoring: ``multi_item_requests`` int32 ``[B, 2]`` (prefix_len, first entry in ``token_pos_in_items``)
+    and ``token_pos_in_items`` int32 (flashtile/_core/multi_item.py), else both None."""
+    _batch_prefill_impl(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, batch_size,
+                        item_capacity, part_o, part_lse, out, lse, block_m, block_n, num_items, num_merges, causal,
+                        sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale, rope_theta, v_scale,
+                        backend)
 
 
 @batch_prefill.register_fake

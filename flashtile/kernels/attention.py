@@ -93,6 +93,7 @@ def _attend_tiles(
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
+    MULTI_ITEM: tl.constexpr, prefix_len, item_first_key,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
@@ -101,6 +102,8 @@ def _attend_tiles(
     USE_TMA (contiguous keys, unpadded head dims, no RoPE): K/V tiles come through tensor descriptors
     ``[kv_heads, rows, D]`` at row ``desc_row0 + key`` of head ``desc_head``; rows past ``kv_len``
     (the next request's, or zero fill) are masked like pointer loads are.
+    MULTI_ITEM (batch prefill's multi-item scoring, with CAUSAL): in a masked tile a row also sees a key
+    only inside the prefix (``< prefix_len``) or from its ``item_first_key`` on (batch_prefill.py).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
@@ -171,6 +174,8 @@ def _attend_tiles(
             elif CAUSAL:
                 # Bottom-right aligned; rows with a negative position (qo_len > kv_len) see nothing.
                 visible = visible & (cols[None, :] <= positions[:, None])
+            if MULTI_ITEM:
+                visible = visible & ((cols[None, :] < prefix_len) | (cols[None, :] >= item_first_key[:, None]))
             if HAS_WINDOW:
                 visible = visible & (cols[None, :] >= positions[:, None] - window_left)
             s = tl.where(visible, s, float("-inf"))
@@ -261,33 +266,51 @@ def _attend_range(
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr = False, INT32_PAGE_OFFSETS: tl.constexpr = False,
+    MULTI_ITEM: tl.constexpr = False, prefix_len=0, item_first_key=0,
 ):
     """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`_tile_ranges`.
     Paged only: PREFETCH_PAGES loads each tile's page ids one iteration ahead (see _attend_tiles);
     INT32_PAGE_OFFSETS computes K/V row offsets in int32 (the caller checked that every offset from
-    the K/V base pointers fits)."""
+    the K/V base pointers fits). MULTI_ITEM (batch prefill's multi-item scoring, with CAUSAL): rows see
+    the prefix ``[0, prefix_len)`` and, after it, keys from their ``item_first_key`` (``[BLOCK_M]``) on."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
+    skip_lo = hi  # KV tiles [skip_lo, skip_hi) are seen by no row (multi-item only)
+    skip_hi = hi
+    if MULTI_ITEM:
+        # Only tiles wholly inside the prefix run unmasked. Past the prefix a row sees keys from its
+        # item_first_key on, so the tiles below the rows' smallest one (earlier items) are skipped.
+        full_end = tl.maximum(tl.minimum(full_end, (prefix_len // BLOCK_N) * BLOCK_N), full_start)
+        skip_lo = tl.minimum(tl.maximum(tl.cdiv(prefix_len, BLOCK_N) * BLOCK_N, full_end), hi)
+        skip_hi = tl.minimum(tl.maximum((tl.min(item_first_key, 0) // BLOCK_N) * BLOCK_N, skip_lo), hi)
     # Left masked tiles (window edge), tiles seen in full, right masked tiles (diagonal, ragged end).
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, False, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
-        mask_ptr, slopes, positions, tokens, row_ok, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
+        mask_ptr, slopes, positions, tokens, row_ok, full_end, skip_lo, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
+    if MULTI_ITEM:  # the masked tiles after the skipped ones
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
+            mask_ptr, slopes, positions, tokens, row_ok, skip_hi, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
+            window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK,
+            HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED,
+            USE_TMA, True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
+            item_first_key)
     return finalize_state(m_i, l_i, acc)
 
 

@@ -21,6 +21,9 @@ Pointer shapes (strides passed; only the last dim must be contiguous):
   K/V ragged: [total_kv, Hkv, D]; paged: pages [num_pages, page_size, Hkv, D] with PAGE_INDICES
   PART_O float32 [slots, Hkv, BLOCK_M, Dvo]; PART_LSE float32 [slots, Hkv, BLOCK_M]
   MASK uint8: request bits ``t * kv_len + j`` (LSB first) from its mask_offset
+  MULTI_ITEM_REQS int32 [B, 2], TOKEN_POS int32 (multi-item scoring, _core/multi_item.py): a request's
+  prefix_len and the index in TOKEN_POS of its first entry; the query at position ``p >= prefix_len``
+  has item position ``TOKEN_POS[entry + p - prefix_len]``
 """
 
 from __future__ import annotations
@@ -52,14 +55,28 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     tma_enabled,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
-from .prefill_plan import _item_and_head, _item_fields
+from .prefill_plan import _item_and_head, _item_fields, _item_request
 from .softmax import finalize_state, softmax_update
+
+
+@triton.jit
+def _item_first_keys(TOKEN_POS, token_pos_entry, prefix_len, positions, row_ok, kv_len):
+    """Multi-item scoring: per row, the first key after the prefix it may see. A row at position
+    ``p >= prefix_len`` with item position ``t`` sees its item's keys ``(p - t, p]``; a prefix row gets
+    ``prefix_len`` (causal hides every later key from it anyway); rows outside the tile get ``kv_len``, so
+    they never lower the tile's smallest first key (which decides the tiles it skips)."""
+    in_items = row_ok & (positions >= prefix_len)
+    offsets = token_pos_entry.to(tl.int64) + (positions - prefix_len)
+    item_pos = tl.load(TOKEN_POS + offsets, mask=in_items, other=0)
+    first = tl.where(in_items, positions - item_pos + 1, prefix_len)
+    return tl.where(row_ok, first, kv_len)
 
 
 @direct_launch
 @triton.jit
 def _batch_prefill_kernel(
-    Q, K, V, O, LSE, PART_O, PART_LSE, MASK, SLOPES, PAGE_INDICES, COUNTS, REQS, ITEMS, K_DESC, V_DESC,
+    Q, K, V, O, LSE, PART_O, PART_LSE, MASK, SLOPES, PAGE_INDICES, COUNTS, REQS, ITEMS, MULTI_ITEM_REQS, TOKEN_POS,
+    K_DESC, V_DESC,
     stride_qt, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
@@ -71,7 +88,7 @@ def _batch_prefill_kernel(
     D_VO: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
@@ -98,6 +115,13 @@ def _batch_prefill_kernel(
                 HEAD_DIM_QK, D_QK, USE_ROPE)
     slopes, k_base, v_base = _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
                                           BLOCK_M)
+    prefix_len = 0
+    item_first_key = positions
+    if MULTI_ITEM:
+        item_request = MULTI_ITEM_REQS + _item_request(ITEMS, item_c) * 2
+        prefix_len = tl.load(item_request)
+        item_first_key = _item_first_keys(TOKEN_POS, tl.load(item_request + 1), prefix_len, positions, row_ok,
+                                          kv_len)
     page_table = PAGE_INDICES + kv_offset
     if not PAGED:
         k_base += kv_offset.to(tl.int64) * stride_kt
@@ -107,7 +131,8 @@ def _batch_prefill_kernel(
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
         sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head,
         kv_offset, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS)
+        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
+        MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key)
     if slot < 0:
         _store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
                      LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
@@ -242,8 +267,9 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
     return LaunchConfig(block_m, block_n, warps, stages)
 
 
-def _batch_prefill_triton(q, k, v, page_indices, packed_mask, meta, counts, reqs, items, part_o, part_lse, out, lse,
-                          params, alibi_slopes, block_m, block_n, num_items, paged, num_kv_heads, group, causal):
+def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
+                          reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n, num_items,
+                          paged, num_kv_heads, group, causal):
     """The Triton kernel's launch (every case the Gluon kernel does not take)."""
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
@@ -263,7 +289,8 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, meta, counts, reqs
         _batch_prefill_kernel[(num_items * num_kv_heads,)](
             q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
             alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
-            k_desc, v_desc,
+            multi_item_requests if multi_item_requests is not None else meta,
+            token_pos_in_items if token_pos_in_items is not None else meta, k_desc, v_desc,
             q.stride(0), q.stride(1), *k_strides, *v_strides,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             num_kv_heads,
@@ -276,7 +303,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, meta, counts, reqs
             PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
             PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
             INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            MULTI_ITEM=multi_item_requests is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
 
@@ -300,6 +327,8 @@ def batch_prefill_forward(
     block_n: int,
     num_items: int,
     num_merges: int,
+    multi_item_requests: Optional[torch.Tensor] = None,
+    token_pos_in_items: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch batch prefill (+ the merge of split tiles), writing ``out`` and ``lse`` in place.
 
@@ -316,6 +345,8 @@ def batch_prefill_forward(
         block_m, block_n: the planned tile shape (prefill_tile_shape).
         num_items / num_merges: grid sizes (planned counts, or the fixed capacities of CUDA-graph mode;
             programs beyond the plan idle).
+        multi_item_requests, token_pos_in_items: multi-item scoring (int32 ``[B, 2]`` and int32, module doc;
+            ``params.causal`` is set and ``packed_mask`` None), or None. Only the Triton kernel takes it.
     """
     paged = page_indices is not None
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
@@ -325,16 +356,17 @@ def batch_prefill_forward(
     reqs = meta[COUNT_FIELDS:]
     items = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size:]
     causal = bool(params.causal) and packed_mask is None
-    plain = (packed_mask is None and params.window_left < 0 and params.logits_soft_cap <= 0
-             and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0)
+    # The warp-specialized Hopper kernel has no multi-item mask: such plans take the Triton kernel.
+    plain = (packed_mask is None and multi_item_requests is None and params.window_left < 0
+             and params.logits_soft_cap <= 0 and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0)
     views = None if INTERPRET or num_items == 0 else hopper_prefill_views(q, k, v, paged, block_m, plain)
     if views is not None:
         hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
                                params.sm_scale * LOG2E, causal, num_items, num_sms(q.device))
     else:
-        _batch_prefill_triton(q, k, v, page_indices, packed_mask, meta, counts, reqs, items, part_o, part_lse, out,
-                              lse, params, alibi_slopes, block_m, block_n, num_items, paged, num_kv_heads, group,
-                              causal)
+        _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
+                              reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n,
+                              num_items, paged, num_kv_heads, group, causal)
     if num_merges > 0:
         merges = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity:]
         _merge_tiles_kernel[(num_merges * num_kv_heads,)](

@@ -130,8 +130,8 @@ def use_gather(page_size: Optional[int]) -> bool:
 def hopper_prefill_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool, block_m: int,
                          plain: bool) -> Optional[tuple]:
     """The TMA views of K and V (:func:`_kv_rows`) when :func:`hopper_prefill_forward` handles this
-    call (module doc: scope), else None. ``plain``: no window, soft cap, ALiBi, RoPE, custom mask or
-    ``v_scale``."""
+    call (module doc: scope), else None. ``plain``: no window, soft cap, ALiBi, RoPE, custom or multi-item
+    mask, or ``v_scale``."""
     if not (_HAVE_GLUON and hopper_prefill_enabled() and plain and q.is_cuda and block_m == BLOCK_M):
         return None
     if torch.cuda.get_device_capability(q.device) != (9, 0):

@@ -28,6 +28,12 @@ def _item_and_head(pid, num_items, group_items, num_kv_heads):
 
 
 @triton.jit
+def _item_request(ITEMS, item):
+    """The request an item belongs to (its first field; _item_fields reads the request's own fields)."""
+    return tl.load(ITEMS + item * 5)
+
+
+@triton.jit
 def _item_fields(ITEMS, REQS, item):
     """An item's row block, KV range and slot, and its request's fields (the plan layout: module doc)."""
     it = ITEMS + item * 5

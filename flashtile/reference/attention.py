@@ -15,7 +15,7 @@ from .._core.params import AttentionParams
 from .packbits import unpack_mask
 from .positional import alibi_slopes, rope_rotate_half_split
 
-__all__ = ["single_attention", "gather_pages", "batch_paged_decode", "batch_prefill"]
+__all__ = ["single_attention", "gather_pages", "batch_paged_decode", "batch_prefill", "multi_item_mask"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -149,6 +149,9 @@ def batch_prefill(
     packed_mask: Optional[torch.Tensor],
     requests: torch.Tensor,
     params: AttentionParams,
+    *,
+    multi_item_requests: Optional[torch.Tensor] = None,
+    token_pos_in_items: Optional[torch.Tensor] = None,
 ):
     """Prefill/append for a batch over a ragged or paged cache, request by request.
 
@@ -163,14 +166,18 @@ def batch_prefill(
             (ragged) or the pages ``page_indices[kv_offset:]`` (paged); its mask starts at byte
             ``mask_offset`` of ``packed_mask``.
         params: as :func:`single_attention`.
+        multi_item_requests: multi-item scoring, int ``[B, 2]`` rows ``(prefix_len, token_base)``, with
+            ``token_pos_in_items`` (int, 1-D): the mask is :func:`multi_item_mask` (it replaces ``causal``;
+            ``packed_mask`` is then None). Both None otherwise.
 
     Returns:
         ``(out [total_qo, num_qo_heads, head_dim_vo], lse [total_qo, num_qo_heads])``, float32, lse base 2.
     """
     total_qo, num_qo_heads, _ = q.shape
+    items = multi_item_requests.tolist() if multi_item_requests is not None else None
     out = torch.zeros(total_qo, num_qo_heads, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((total_qo, num_qo_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for qo_start, qo_len, kv_offset, kv_len, mask_offset in requests.tolist():
+    for r, (qo_start, qo_len, kv_offset, kv_len, mask_offset) in enumerate(requests.tolist()):
         if qo_len == 0:
             continue
         if page_indices is not None:
@@ -181,6 +188,33 @@ def batch_prefill(
         mask = None
         if packed_mask is not None:
             mask = unpack_mask(packed_mask[mask_offset: mask_offset + -(-qo_len * kv_len // 8)], qo_len, kv_len)
+        if items is not None:
+            mask = multi_item_mask(qo_len, kv_len, *items[r], token_pos_in_items)
         rows = slice(qo_start, qo_start + qo_len)
         out[rows], lse[rows] = single_attention(q[rows], kr, vr, params, custom_mask=mask)
     return out, lse
+
+
+def multi_item_mask(qo_len: int, kv_len: int, prefix_len: int, token_base: int,
+                    token_pos_in_items: torch.Tensor) -> torch.Tensor:
+    """The multi-item scoring mask of one request (flashtile/_core/multi_item.py states the rule).
+
+    Args:
+        qo_len, kv_len: the request's query and key counts; query ``i`` sits at ``p = kv_len - qo_len + i``.
+        prefix_len: keys ``[0, prefix_len)`` are the shared prefix every later token sees.
+        token_base: the query at ``p >= prefix_len`` has item position ``token_pos_in_items[token_base + p -
+            prefix_len]`` (0: a delimiter).
+
+    Returns:
+        bool ``[qo_len, kv_len]``, True = attend (causal included; the window is applied by the caller).
+    """
+    device = token_pos_in_items.device
+    qpos = torch.arange(kv_len - qo_len, kv_len, device=device)
+    key = torch.arange(kv_len, device=device)
+    in_items = qpos >= prefix_len
+    item_pos = torch.zeros_like(qpos)
+    item_pos[in_items] = token_pos_in_items[token_base + qpos[in_items] - prefix_len].long()
+    # An item token at p with item position t sees keys (p - t, p]: itself and its item's earlier tokens.
+    first_item_key = torch.where(in_items, qpos - item_pos + 1, prefix_len)
+    causal = key[None, :] <= qpos[:, None]
+    return causal & ((key[None, :] < prefix_len) | (key[None, :] >= first_item_key[:, None]))
