@@ -4,7 +4,7 @@ and any launch the shared-memory model underestimated (flashtile stepped down af
 
     python benchmarks/smem_check.py                          # the GPU grid, this device's limit (~2 min on H100)
     python benchmarks/smem_check.py --limit 101376 --arch 89 # the configs an sm_89 card would get, run here
-    python benchmarks/smem_check.py --grid quick|gpu|full --only batch_prefill --workers 8
+    python benchmarks/smem_check.py --grid quick|gpu|full --only batch_prefill --workers 16
 
 The cases are benchmarks/smem_compile.py's (which checks the same configs compiled, without a GPU),
 called through the public API (single prefill/decode, ragged and paged batch prefill, batch decode).
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None,
                     help="choose configs for this much shared memory (bytes) instead of the device's")
     ap.add_argument("--arch", type=int, default=89, help="with --limit: the capability to choose for (major*10+minor)")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     import multiprocessing
 

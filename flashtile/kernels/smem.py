@@ -18,7 +18,8 @@ Two product paths allocate differently:
   the asynchronous products; a K/V tile the product reads straight from its copy has one buffer
   per stage, a tile that is transformed first (RoPE, fp8 upcast) one fewer plus the re-staged copy;
 - mma (sm_8x, sm_12x, and row tiles of 16 on sm_90): operands are read into registers, so loads
-  keep one buffer fewer than the stages, and layout conversions (Q, the probabilities) need scratch.
+  keep one buffer fewer than the stages (TMA copies: one per stage), and layout conversions (Q, the
+  probabilities) need scratch.
 Other architectures get the larger of the two models.
 """
 
@@ -95,7 +96,8 @@ def _wgmma_bytes(block_m: int, block_n: int, stages: int, f: TileFeatures) -> in
 def _mma_bytes(block_m: int, block_n: int, stages: int, f: TileFeatures) -> int:
     k_tile = block_n * f.d_qk * f.kv_bytes
     v_tile = block_n * f.d_vo * f.kv_bytes
-    total = max(stages - 1, 1) * (k_tile + v_tile + (k_tile if f.rope else 0))
+    buffers = stages if f.tma else max(stages - 1, 1)  # descriptor copies land where the loop reads them
+    total = buffers * (k_tile + v_tile + (k_tile if f.rope else 0))
     total += block_m * f.d_qk * f.q_bytes + block_m * block_n * f.q_bytes  # Q and P layout conversions
     total += _restaged(block_n, f)
     if f.custom_mask:
