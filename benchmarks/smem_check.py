@@ -100,8 +100,9 @@ def _on_both_paths(call) -> list:
 
 
 def runnable(case: Case) -> bool:
-    """Through the public API: batch decode has one head dim for K and V."""
-    return case.supported() and not (case.kernel == "batch_decode" and case.features.half_vo)
+    """Through the public API: batch decode has one head dim for K and V; merges are not attention."""
+    return (case.supported() and case.kernel != "merge"
+            and not (case.kernel == "batch_decode" and case.features.half_vo))
 
 
 def run_case(case: Case, device: str = "cuda") -> str:

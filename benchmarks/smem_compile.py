@@ -51,7 +51,8 @@ class Features:
 
 @dataclass(frozen=True)
 class Case:
-    """One launcher call. kernel: single_prefill, single_decode, batch_decode, batch_prefill.
+    """One launcher call. kernel: single_prefill, single_decode, batch_decode, batch_prefill, merge
+    (cascade's state merges; only the head dim and dtype matter).
     Batch prefill: ``page_size`` None is a ragged cache, ``max_rows`` None the deterministic tile
     (else the longest request's GQA rows), ``kv_len`` picks the KV tile."""
 
@@ -74,7 +75,7 @@ class Case:
         if self.kernel == "batch_prefill":
             extra = f" {'ragged' if self.page_size is None else f'page {self.page_size}'}"
             extra += f" rows {'det' if self.max_rows is None else self.rows()} kv {self.kv_len}"
-        else:
+        elif self.kernel != "merge":
             extra = f" group {self.num_qo_heads // self.num_kv_heads}"
         return f"{self.kernel}{extra} d{self.head_dim}/{self.head_dim_vo} {self.features.label()}"
 
@@ -83,6 +84,8 @@ class Case:
 
     def supported(self) -> bool:
         f = self.features
+        if self.kernel == "merge":
+            return f == Features(mask="none", fp16=f.fp16)
         if f.tma and (self.kernel in ("batch_decode",) or (self.kernel == "batch_prefill" and self.page_size)):
             return False  # TMA K/V only for contiguous (non-paged) caches
         if f.mask == "custom" and self.kernel in ("single_decode", "batch_decode"):
@@ -115,6 +118,7 @@ def full_grid() -> list:
                 for rows, kv in BATCH_PREFILL_SHAPES:
                     kernels.append(Case("batch_prefill", head_dim, f, page_size=page_size, max_rows=rows, kv_len=kv))
             kernels.append(Case("batch_prefill", head_dim, f, page_size=1, max_rows=1024, kv_len=512))
+            kernels.append(Case("merge", head_dim, f))
             cases += [c for c in kernels if c.supported()]
     return cases
 
@@ -130,7 +134,7 @@ def quick_grid() -> list:
                   Case("single_prefill", head_dim, fp8_rope),
                   Case("batch_prefill", head_dim, worst, max_rows=1024, kv_len=8192),
                   Case("batch_prefill", head_dim, worst, max_rows=None, kv_len=512, page_size=None),
-                  Case("single_decode", head_dim, decode, qo_len=1),
+                  Case("single_decode", head_dim, decode, qo_len=1), Case("merge", head_dim, Features(mask="none")),
                   Case("batch_decode", head_dim, decode, qo_len=1, num_qo_heads=64, num_kv_heads=2)]
     return cases
 
@@ -185,6 +189,16 @@ def run_launcher(case: Case) -> None:
             torch.randn(kv, hk, dvo).to(kv_dtype), torch.empty(qo, hq, dvo, dtype=dtype), torch.empty(qo, hq), params,
             packed_mask=mask, alibi_slopes=slopes, kind="prefill" if case.kernel == "single_prefill" else "decode",
             num_splits=2)  # split-KV: the merge kernel compiles too
+    elif case.kernel == "merge":
+        from flashtile.kernels import merge
+
+        tokens, states = 300, 3
+        v_a, v_b = torch.randn(tokens, hq, d, dtype=dtype), torch.randn(tokens, hq, d, dtype=dtype)
+        s_a, s_b = torch.randn(tokens, hq), torch.randn(tokens, hq)
+        merge.merge_state_pair(v_a, s_a, v_b, s_b, v_a.clone(), s_a.clone())
+        merge.merge_state_pair(v_a, s_a, v_b, s_b, v_a, s_a, mask=torch.ones(tokens, dtype=torch.bool))
+        merge.merge_states_by_token(torch.randn(tokens, states, hq, d, dtype=dtype), torch.randn(tokens, states, hq),
+                                    torch.empty(tokens, hq, d, dtype=dtype), torch.empty(tokens, hq))
     elif case.kernel == "batch_decode":
         batch, pages_per_request, page = 2, 8, 16
         pages = batch * pages_per_request
