@@ -34,12 +34,13 @@ sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from benchmarks.aot import Launch, compile_source  # noqa: E402
 
 captured = []
 failures = []
-JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: captured.append((self, a, dict(k))))
+JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: captured.append(Launch(self, a, dict(k))))
 _BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -65,30 +66,11 @@ def compile_all(label):
     if _args.only not in label:
         captured.clear()
     while captured:
-        fn, args, kwargs = captured.pop(0)
-        nw, ns = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
-        maxnreg = kwargs.pop("maxnreg", None)
-        bound = dict(zip(fn.arg_names, args)); bound.update(kwargs)
-        sig, ce, attrs = {}, {}, {}
-        for i, p in enumerate(fn.params):
-            v = bound[p.name] if p.name in bound else p.default  # an omitted constexpr takes its default
-            if p.is_constexpr:
-                sig[p.name] = "constexpr"
-                ce[p.name] = v
-                continue
-            sig[p.name] = mangle_type(v)
-            # The JIT's specialization: 16-byte aligned pointers and ints divisible by 16 get a hint
-            # (without it the pipeliner cannot use async copies and the compile is not representative).
-            aligned_ptr = isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0
-            int16 = isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0 and not p.do_not_specialize
-            if aligned_ptr or int16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        target = GPUTarget("cuda", 90, 32)
-        be = triton.compiler.make_backend(target)
-        opts = be.parse_options({"num_warps": nw, "num_stages": ns, **({"maxnreg": maxnreg} if maxnreg else {})})
+        launch = captured.pop(0)
+        source, target, options = compile_source(launch)
+        nw, ns, maxnreg = options["num_warps"], options["num_stages"], launch.kwargs.get("maxnreg")
         try:
-            cc = triton.compile(triton.compiler.ASTSource(fn=fn, constexprs=ce, signature=sig, attrs=attrs),
-                                target=target, options=opts.__dict__)
+            cc = triton.compile(source, target=target, options=options)
             status = f"ok shared={cc.metadata.shared}" + _sass_summary(cc.asm["ptx"])
             if _args.dump:
                 stem = pathlib.Path(_args.dump, re.sub(r"[^A-Za-z0-9_.-]+", "_", label))
@@ -98,9 +80,10 @@ def compile_all(label):
         except Exception as e:
             status = f"FAILED {type(e).__name__}: {str(e)[:400]}"
             failures.append(label)
-        print(f"[triton {triton.__version__}] {label}: {fn.__name__} warps={nw} stages={ns}{f' maxnreg={maxnreg}' if maxnreg else ''}: {status}", flush=True)
+        print(f"[triton {triton.__version__}] {label}: {launch.name} warps={nw} stages={ns}{f' maxnreg={maxnreg}' if maxnreg else ''}: {status}", flush=True)
 
 
+from flashtile._core import device as _device  # noqa: E402
 from flashtile._core.params import AttentionParams  # noqa: E402
 from flashtile.kernels import attention as A  # noqa: E402
 from flashtile.kernels import batch_prefill as BP  # noqa: E402
@@ -109,6 +92,7 @@ from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_wor
 
 bf = torch.bfloat16
 P = AttentionParams(0.088, True)
+_device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to an H100's shared memory
 if _args.prefill_config:
     BP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.device import num_sms
+from .._core.device import compute_capability, num_sms, shared_memory_limit
 from .._core.intmath import cdiv, dot_tile_dim
 from .._core.launch import direct_launch
 
@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 from .._core.params import AttentionParams
 from ..scheduler.split_kv import plan_kv_splits
 from .merge import merge_attention_states
+from .smem import TileFeatures, device_config, estimate_shared_bytes, launch_within_limit
 from .softmax import finalize_state, softmax_update
 
 LOG2E = 1.4426950408889634
@@ -540,13 +541,15 @@ def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, use_tma: bool
                  for x in (k, v))
 
 
-def _prune(candidates, kind: str, d_pad: int, num_rows: int):
+def _prune(candidates, kind: str, features: TileFeatures, num_rows: int, device: torch.device):
     out = []
+    limit, capability = shared_memory_limit(device), compute_capability(device)
+    d_pad = max(features.d_qk, features.d_vo)
     for c in candidates:
         if kind == "decode" and c.block_m > dot_tile_dim(num_rows):
             continue
-        # K and V tiles per stage (2 bytes each) must fit the ~227 KB of shared memory.
-        if (c.block_n * d_pad * 2 * 2) * c.num_stages + c.block_m * d_pad * 2 > 200 * 1024:
+        if limit is not None and estimate_shared_bytes(c.block_m, c.block_n, c.num_stages, c.num_warps, features,
+                                                       capability) > limit:
             continue
         if c.block_m * d_pad > 128 * 256 or c.block_m * c.block_n > 128 * 128:
             continue
@@ -555,6 +558,7 @@ def _prune(candidates, kind: str, d_pad: int, num_rows: int):
 
 
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:
+    """The table's config for a shape class (the launchers then fit it to the device: smem.py)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
     return _CONFIG_TABLE[(kind, d_pad)]
@@ -644,11 +648,15 @@ def attention_forward(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = choose_config(kind, max(d_qk, d_vo))
+    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None,
+                            use_tma)
+    preferred = choose_config(kind, max(d_qk, d_vo))
     if os.environ.get("FLASHTILE_AUTOTUNE") == "1" and not INTERPRET:
-        candidates = _prune(AUTOTUNE_CANDIDATES, kind, max(d_qk, d_vo), num_rows)
-        key = (kind, d_qk, d_vo, group, causal, q.dtype, k.dtype, qo_len > 1)
-        cfg = _autotuned_config(key, candidates, lambda c: launch(c, 1, kv_len, out, lse, False)) or cfg
+        candidates = _prune(AUTOTUNE_CANDIDATES, kind, features, num_rows, device)
+        key = (kind, features, group, causal, q.dtype, k.dtype, qo_len > 1)
+        preferred = _autotuned_config(key, candidates, lambda c: launch(c, 1, kv_len, out, lse, False)) or preferred
+    vary_block_m = kind == "prefill"  # decode row tiles are 16 already
+    cfg = device_config(preferred, features, device, vary_block_m=vary_block_m)
 
     num_m_blocks = cdiv(num_rows, cfg.block_m)
     align = KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
@@ -658,17 +666,28 @@ def attention_forward(
         chunk = max(align, cdiv(cdiv(max(kv_len, 1), num_splits), align) * align)
         splits = max(1, cdiv(kv_len, chunk))
     if splits == 1:
-        launch(cfg, 1, max(kv_len, 1), out, lse, False)
+        launch_within_limit(lambda c: launch(c, 1, max(kv_len, 1), out, lse, False), preferred, features, device,
+                            vary_block_m=vary_block_m, cfg=cfg)
         return
     partial_o = torch.empty((splits, qo_len, num_qo_heads, head_dim_vo), dtype=torch.float32, device=device)
     partial_lse = torch.empty((splits, qo_len, num_qo_heads), dtype=torch.float32, device=device)
-    launch(cfg, splits, chunk, partial_o, partial_lse, True)
+    launch_within_limit(lambda c: launch(c, splits, chunk, partial_o, partial_lse, True), preferred, features, device,
+                        vary_block_m=vary_block_m, cfg=cfg)
     merge_attention_states(partial_o, partial_lse, out, lse, v_scale=v_scale)
 
 
 # Decode rows are the query heads of one KV head: at least 16 for tl.dot, the whole group in one block.
 def decode_block_m(group: int) -> int:
     return dot_tile_dim(group)
+
+
+def batch_decode_config(group: int, d_pad: int) -> LaunchConfig:
+    """Batch decode's preferred config: the table's KV tile and pipeline for padded head dim ``d_pad``,
+    a row tile holding the GQA group (8 warps from 32 rows on)."""
+    table = choose_config("batch_decode", d_pad)
+    block_m = decode_block_m(group)
+    return LaunchConfig(block_m, table.block_n, table.num_warps if block_m <= 16 else max(table.num_warps, 8),
+                        table.num_stages)
 
 
 def batch_decode_forward(
@@ -713,10 +732,10 @@ def batch_decode_forward(
     num_kv_heads, head_dim_vo = v_pages.shape[2], v_pages.shape[3]
     group = num_qo_heads // num_kv_heads
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
-    cfg = choose_config("batch_decode", max(d_qk, d_vo))
-    block_m = decode_block_m(group)
-    num_warps = cfg.num_warps if block_m <= 16 else max(cfg.num_warps, 8)
-    _batch_decode_kernel[(num_programs, num_kv_heads)](
+    preferred = batch_decode_config(group, max(d_qk, d_vo))
+    use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
+    features = TileFeatures(d_qk, d_vo, q.element_size(), k_pages.element_size(), use_rope)
+    launch_within_limit(lambda cfg: _batch_decode_kernel[(num_programs, num_kv_heads)](
         q, k_pages, v_pages, out, lse, part_o, part_lse, alibi_slopes if alibi_slopes is not None else lse,
         page_indices, page_indptr, kv_lens, req_item_indptr, item_request, item_kv_start, item_kv_end,
         q.stride(0), q.stride(1),
@@ -729,9 +748,10 @@ def batch_decode_forward(
         math.log2(params.rope_theta), 1.0 / params.rope_scale, float(params.v_scale),
         GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
         HAS_WINDOW=params.window_left >= 0, USE_SOFTCAP=params.logits_soft_cap > 0,
-        USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=num_warps, num_stages=cfg.num_stages,
-    )
+        USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=use_rope,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    ), preferred, features, q.device)
     if merge:
         merge_attention_states(part_o, part_lse, out, lse, v_scale=params.v_scale, state_indptr=req_item_indptr,
                                max_states=max_states)

@@ -56,6 +56,7 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
 from .prefill_plan import _item_and_head, _item_fields, _item_request
+from .smem import TileFeatures, launch_within_limit
 from .softmax import finalize_state, softmax_update
 
 
@@ -207,7 +208,6 @@ _SMALL_M_CONFIGS = {
 }
 SHORT_KV = 1024  # up to this many keys, 128-row tiles (head dims <= 128) use BLOCK_N 32
 LONG_KV = 4096  # from this many keys on, 128-row tiles use BLOCK_N 128
-_SMEM_BYTES = 227 * 1024
 
 # Set by benchmarks/tune_batch_prefill.py to time one configuration: (block_n, num_warps, num_stages),
 # and the page-id prefetch (None: the default rule, prefetch_page_ids).
@@ -255,6 +255,8 @@ def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: in
 
 
 def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: Optional[int]) -> LaunchConfig:
+    """The preferred config of a planned tile (measured on H100: see the notes above); the launch fits
+    it to the device's shared memory (smem.py)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
     if CONFIG_OVERRIDE is not None:
@@ -262,9 +264,8 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
     if block_m in _SMALL_M_CONFIGS:
         _, warps, stages = _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
         return LaunchConfig(block_m, block_n, warps, stages)
-    stages = 3 if (block_n * (d_qk + d_vo) * 2 * 3 + block_m * d_qk * 2) <= _SMEM_BYTES else 2
     warps = 4 if block_n == 32 or (page_size == 1 and block_n == 64) else 8
-    return LaunchConfig(block_m, block_n, warps, stages)
+    return LaunchConfig(block_m, block_n, warps, 3)
 
 
 def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
@@ -273,7 +274,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
     """The Triton kernel's launch (every case the Gluon kernel does not take)."""
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
-    cfg = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: pages [P, page_size, ..]
+    preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
     if paged:
         k_strides = (k.stride(0), k.stride(1), k.stride(2))
         v_strides = (v.stride(0), v.stride(1), v.stride(2))
@@ -284,8 +285,10 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
         page_size = 1
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     use_tma = not paged and tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
-    k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
-    if num_items > 0:
+    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None, use_tma)
+
+    def launch(cfg: LaunchConfig) -> None:
+        k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
         _batch_prefill_kernel[(num_items * num_kv_heads,)](
             q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
             alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
@@ -305,6 +308,13 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
             MULTI_ITEM=multi_item_requests is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    if num_items == 0:
+        return
+    if CONFIG_OVERRIDE is not None:  # a tuning tool's explicit config: launched as given
+        launch(preferred)
+    else:  # the row tile is the plan's
+        launch_within_limit(launch, preferred, features, q.device)
 
 
 def batch_prefill_forward(
