@@ -87,3 +87,18 @@ def test_fp8_q_not_supported_with_reason():
     q, k, v = qkv()
     with pytest.raises(NotImplementedError, match="fp8"):
         prefill(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
+
+
+def test_fp8_kv_with_unequal_head_dims_is_refused_on_the_gpu(monkeypatch):
+    """fp8 K/V with head_dim_vo != head_dim_qk fault on sm_90 (Triton 3.6): the compiled path raises a
+    typed error instead; the interpreter (correct) and equal head dims or fp16/bf16 caches are allowed."""
+    from flashtile.kernels import attention
+
+    fp8 = torch.empty(4, 2, 64, dtype=torch.float8_e4m3fn)
+    monkeypatch.setattr(attention, "INTERPRET", True)
+    attention.check_fp8_head_dims(fp8, 64, 32)  # the interpreter computes it correctly
+    monkeypatch.setattr(attention, "INTERPRET", False)
+    with pytest.raises(NotImplementedError, match="head_dim_vo \\(32\\) != head_dim_qk \\(64\\)"):
+        attention.check_fp8_head_dims(fp8, 64, 32)
+    attention.check_fp8_head_dims(fp8, 64, 64)
+    attention.check_fp8_head_dims(torch.empty(4, 2, 64, dtype=torch.float16), 64, 32)

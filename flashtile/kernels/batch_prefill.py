@@ -50,6 +50,7 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     _store_state,
     _tile_ranges,
     batch_chunk_align,
+    check_fp8_head_dims,
     kv_descriptors,
     num_sms,
     tma_enabled,
@@ -360,6 +361,7 @@ def batch_prefill_forward(
     """
     paged = page_indices is not None
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
+    check_fp8_head_dims(k, q.shape[2], head_dim_vo)
     d_vo = dot_tile_dim(head_dim_vo)
     group = q.shape[1] // num_kv_heads
     counts = meta[:COUNT_FIELDS]
