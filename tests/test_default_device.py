@@ -14,6 +14,8 @@ import contextlib
 
 import pytest
 import torch
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 
 import flashtile
 import flashtile.sampling as S
@@ -24,13 +26,16 @@ F16 = torch.float16  # attention inputs
 
 @contextlib.contextmanager
 def default_device(device):
-    """``torch.set_default_device(device)`` for the block; the previous default is restored after it."""
+    """``torch.set_default_device(device)`` for the block; the previous default is restored after it.
+    With none set before, none is left (``set_default_device("cpu")`` would leave a device mode active,
+    which breaks later tests' torch.compile)."""
     previous = torch.get_default_device()
+    had_mode = any(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
     torch.set_default_device(device)
     try:
         yield
     finally:
-        torch.set_default_device(previous)
+        torch.set_default_device(previous if had_mode else None)
 
 
 class Inputs:
@@ -273,3 +278,10 @@ def test_cuda_default_device(path, case, inputs):
     if inputs == "cpu" and path == "kernel":
         pytest.skip("CPU inputs run the kernels only under the interpreter")
     _check_unaffected(case, torch.device(inputs), "cuda")
+
+
+def test_default_device_is_restored():
+    """The helper leaves no device mode behind (a leaked one broke test_rope's torch.compile test)."""
+    with default_device("meta"):
+        pass
+    assert not any(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
