@@ -287,17 +287,19 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         check_positive_int("page_size", page_size)
         table = read_page_table(indptr, indices, last_page_len, page_size)
         self._plan_from_table(
-            table, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
-            window_left, logits_soft_cap, q_data_type, kv_data_type, o_data_type, data_type, sm_scale, rope_scale,
-            rope_theta, non_blocking, fixed_split_size, disable_split_kv, q_len_per_req, is_causal,
-            engine_wrote_buffers=False,
+            table, indices, last_page_len, engine_wrote_buffers=False, num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, pos_encoding_mode=pos_encoding_mode,
+            window_left=window_left, logits_soft_cap=logits_soft_cap, q_data_type=q_data_type,
+            kv_data_type=kv_data_type, o_data_type=o_data_type, data_type=data_type, sm_scale=sm_scale,
+            rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking, fixed_split_size=fixed_split_size,
+            disable_split_kv=disable_split_kv, q_len_per_req=q_len_per_req, is_causal=is_causal,
         )
 
     def _plan_from_table(
-        self, table: HostPageTable, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-        pos_encoding_mode, window_left, logits_soft_cap, q_data_type, kv_data_type, o_data_type, data_type,
-        sm_scale, rope_scale, rope_theta, non_blocking, fixed_split_size, disable_split_kv, q_len_per_req,
-        is_causal, engine_wrote_buffers: bool,
+        self, table: HostPageTable, indices, last_page_len, *, engine_wrote_buffers: bool, num_qo_heads,
+        num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap, q_data_type, kv_data_type,
+        o_data_type, data_type, sm_scale, rope_scale, rope_theta, non_blocking, fixed_split_size, disable_split_kv,
+        q_len_per_req, is_causal,
     ) -> None:
         """plan() once the page table is read. ``engine_wrote_buffers``: graph mode's buffers already hold
         the table (fast_decode_plan); only the work list is recomputed and uploaded."""
@@ -582,10 +584,12 @@ def fast_decode_plan(
     else:
         table = read_page_table(host_indptr, indices, last_page_len, page_size)
     self._plan_from_table(
-        table, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
-        window_left, logits_soft_cap, q_data_type, kv_data_type, None, data_type, sm_scale, rope_scale, rope_theta,
-        non_blocking, fixed_split_size, disable_split_kv, q_len_per_req, None,
-        engine_wrote_buffers=self.is_cuda_graph_enabled,
+        table, indices, last_page_len, engine_wrote_buffers=self.is_cuda_graph_enabled, num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, pos_encoding_mode=pos_encoding_mode,
+        window_left=window_left, logits_soft_cap=logits_soft_cap, q_data_type=q_data_type, kv_data_type=kv_data_type,
+        o_data_type=None, data_type=data_type, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
+        non_blocking=non_blocking, fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv,
+        q_len_per_req=q_len_per_req, is_causal=None,
     )
 
 

@@ -37,6 +37,6 @@ def _item_request(ITEMS, item):
 def _item_fields(ITEMS, REQS, item):
     """An item's row block, KV range and slot, and its request's fields (the plan layout: module doc)."""
     it = ITEMS + item * 5
-    rq = REQS + tl.load(it) * 5
+    rq = REQS + _item_request(ITEMS, item) * 5
     return (tl.load(it + 1), tl.load(it + 2), tl.load(it + 3), tl.load(it + 4), tl.load(rq), tl.load(rq + 1),
             tl.load(rq + 2), tl.load(rq + 3), tl.load(rq + 4))
