@@ -24,7 +24,12 @@ import torch
 
 from .checks import check_option
 
-__all__ = ["Path", "Decision", "choose_path", "load_kernels", "UPSTREAM_BACKENDS", "normalize_backend"]
+__all__ = ["Path", "Decision", "choose_path", "load_kernels", "implementation", "UPSTREAM_BACKENDS",
+           "normalize_backend"]
+
+# Device types whose tensors run the compiled kernels. benchmarks/host_time.py --dry adds "cpu" to
+# profile the launch path on a machine without a GPU (with launches stubbed out).
+KERNEL_DEVICE_TYPES = ("cuda",)
 
 
 class Path(enum.Enum):
@@ -70,7 +75,7 @@ def choose_path(device: torch.device, backend: str = "auto") -> Decision:
         backend = _env_backend()
     if backend == "reference":
         return Decision(Path.REFERENCE, "reference path requested")
-    if device.type == "cuda":
+    if device.type in KERNEL_DEVICE_TYPES:
         return Decision(Path.TRITON, "CUDA tensors run the Triton kernels")
     if backend == "triton":
         if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -80,6 +85,28 @@ def choose_path(device: torch.device, backend: str = "auto") -> Decision:
             )
         return Decision(Path.TRITON_INTERPRETER, "kernel path forced on CPU tensors: Triton interpreter")
     return Decision(Path.REFERENCE, f"{device.type} tensors use the pure-PyTorch reference")
+
+
+_MODULES: dict = {}
+
+
+def implementation(name: str, device: torch.device, backend: str = "auto") -> ModuleType:
+    """The module that runs op family ``name`` for tensors on ``device``: ``flashtile.kernels.<name>`` or
+    ``flashtile.reference.<name>``, which define the same functions with the same arguments (the API and
+    op layers call them without knowing which one they got). ``backend`` is already normalized.
+
+    The choice is remembered per (name, device type, backend, FLASHTILE_BACKEND): the launch-bound small
+    ops cannot afford choose_path's work on every call."""
+    key = (name, device.type, backend, os.environ.get("FLASHTILE_BACKEND"))
+    module = _MODULES.get(key)
+    if module is None:
+        decision = choose_path(device, backend)
+        if decision.path is Path.REFERENCE:
+            module = importlib.import_module(f"flashtile.reference.{name}")
+        else:
+            module = load_kernels(name, decision.path)
+        _MODULES[key] = module
+    return module
 
 
 def load_kernels(name: str, path: Path) -> ModuleType:
