@@ -87,6 +87,7 @@ from flashtile._core import device as _device  # noqa: E402
 from flashtile._core.params import AttentionParams  # noqa: E402
 from flashtile.kernels import attention as A  # noqa: E402
 from flashtile.kernels import batch_prefill as BP  # noqa: E402
+from flashtile._core import tile_policy as TP  # noqa: E402
 from flashtile.kernels import merge as M  # noqa: E402
 from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_work  # noqa: E402
 
@@ -94,7 +95,7 @@ bf = torch.bfloat16
 P = AttentionParams(0.088, True)
 _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to an H100's shared memory
 if _args.prefill_config:
-    BP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
+    TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
 def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None):
     """prefix_len: multi-item scoring with this shared prefix per request (item positions all 0 here)."""
@@ -102,7 +103,7 @@ def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page
     dvo = dvo or d
     q = torch.randn(sum(qo), hq, d, dtype=bf)
     group = hq // hk
-    bm, bn = BP.prefill_tile_shape(max(qo) * group, max(kv), d, dvo, page if paged else None)
+    bm, bn = TP.prefill_tile_shape(max(qo) * group, max(kv), d, dvo, page if paged else None)
     work = plan_prefill_work(torch.tensor(qo), torch.tensor(kv), group=group, block_m=bm, causal=True, window_left=-1,
                              programs_per_item=hk, num_sms=132, align=128)
     reqs = torch.stack([torch.tensor([0] + list(torch.tensor(qo).cumsum(0)[:-1])), torch.tensor(qo),
@@ -116,9 +117,9 @@ def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page
     else:
         k, v, idx = torch.randn(sum(kv), hk, d, dtype=bf), torch.randn(sum(kv), hk, dvo, dtype=bf), None
     slots = max(work.num_slots, 1)
-    BP.batch_prefill_forward(q, k, v, idx, None, meta, len(qo), work.num_items,
-                             torch.empty(slots, hk, bm, dvo), torch.empty(slots, hk, bm), torch.empty(sum(qo), hq, dvo, dtype=bf),
-                             torch.empty(sum(qo), hq), P, alibi_slopes=None, block_m=bm, block_n=bn,
+    BP.batch_prefill_forward(q, k, v, idx, None, meta, torch.empty(slots, hk, bm, dvo), torch.empty(slots, hk, bm),
+                             torch.empty(sum(qo), hq, dvo, dtype=bf), torch.empty(sum(qo), hq), P, batch_size=len(qo),
+                             item_capacity=work.num_items, block_m=bm, block_n=bn,
                              num_items=work.num_items, num_merges=max(work.num_merges, 0),
                              **multi_item_inputs(prefix_len, kv))
     compile_all(label + f" (tile {bm}x{bn}, merges {work.num_merges})")
@@ -148,28 +149,31 @@ ragged_case(False, [4] * 64, [4096] * 64, paged=True, label="paged append")
 os.environ["FLASHTILE_TMA"] = "1"
 q = torch.randn(4096, 32, 128, dtype=bf)
 k = torch.randn(4096, 32, 128, dtype=bf)
-A.attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P, packed_mask=None,
-                    alibi_slopes=None, kind="prefill")
+A.single_attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P,
+                           packed_mask=None, kind="prefill")
 compile_all("single prefill 4096 TMA")
 
 os.environ["FLASHTILE_TMA"] = "0"
 q = torch.randn(1, 32, 128, dtype=bf)
 k = torch.randn(32768, 8, 128, dtype=bf)
-A.attention_forward(q, k, k.clone(), torch.empty(1, 32, 128, dtype=bf), torch.empty(1, 32), AttentionParams(0.088),
-                    packed_mask=None, alibi_slopes=None, kind="decode")
+A.single_attention_forward(q, k, k.clone(), torch.empty(1, 32, 128, dtype=bf), torch.empty(1, 32),
+                           AttentionParams(0.088), packed_mask=None, kind="decode")
 compile_all("single decode 32k")
 
 from flashtile.scheduler.split_kv import plan_batch_kv_splits  # noqa: E402
+from flashtile.scheduler.worklist import decode_layout, pack_decode_worklist  # noqa: E402
 
 lens = torch.tensor([4096] * 64)
 splits = plan_batch_kv_splits(lens, 8, 132, 128)
 cache = torch.randn(64 * 256, 2, 16, 8, 128, dtype=bf)
 i32 = lambda x: x.to(torch.int32)  # noqa: E731
+worklist = pack_decode_worklist(decode_layout(64, splits.num_items), splits.request_item_indptr.tolist(),
+                                lens.tolist(), splits.item_request.tolist(), splits.item_kv_start.tolist(),
+                                splits.item_kv_end.tolist())
 A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1], i32(torch.arange(0, 64 * 256 + 1, 256)),
-                       torch.arange(64 * 256, dtype=torch.int32), i32(lens), i32(splits.request_item_indptr),
-                       i32(splits.item_request), i32(splits.item_kv_start), i32(splits.item_kv_end),
+                       torch.arange(64 * 256, dtype=torch.int32), worklist,
                        torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
-                       torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), alibi_slopes=None,
+                       torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
                        num_programs=splits.num_items, max_states=1, merge=False)
 compile_all("batch decode 64 x 4096")
 

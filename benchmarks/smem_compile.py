@@ -172,6 +172,8 @@ def run_launcher(case: Case) -> None:
     from flashtile._core.params import AttentionParams
     from flashtile.kernels import attention, batch_prefill
     from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_work
+    from flashtile._core import tile_policy
+    from flashtile.scheduler.worklist import decode_layout, pack_decode_worklist
 
     f = case.features
     dtype = torch.float16 if f.fp16 else torch.bfloat16
@@ -179,15 +181,14 @@ def run_launcher(case: Case) -> None:
     hq, hk, d, dvo = case.num_qo_heads, case.num_kv_heads, case.head_dim, case.head_dim_vo
     params = AttentionParams(d ** -0.5, f.mask == "causal", 30.0 if f.window_softcap else 0.0,
                              63 if f.window_softcap else -1, f.pos)
-    slopes = torch.ones(hq) if f.pos == "ALIBI" else None
     os.environ["FLASHTILE_TMA"] = "1" if f.tma else "0"
     if case.kernel in ("single_prefill", "single_decode"):
         qo, kv = case.qo_len, case.kv_len
         mask = torch.zeros((qo * kv + 7) // 8, dtype=torch.uint8) if f.mask == "custom" else None
-        attention.attention_forward(
+        attention.single_attention_forward(
             torch.randn(qo, hq, d, dtype=dtype), torch.randn(kv, hk, d).to(kv_dtype),
             torch.randn(kv, hk, dvo).to(kv_dtype), torch.empty(qo, hq, dvo, dtype=dtype), torch.empty(qo, hq), params,
-            packed_mask=mask, alibi_slopes=slopes, kind="prefill" if case.kernel == "single_prefill" else "decode",
+            packed_mask=mask, kind="prefill" if case.kernel == "single_prefill" else "decode",
             num_splits=2)  # split-KV: the merge kernel compiles too
     elif case.kernel == "merge":
         from flashtile.kernels import merge
@@ -204,16 +205,17 @@ def run_launcher(case: Case) -> None:
         pages = batch * pages_per_request
         i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
         kv_len = pages_per_request * page
+        worklist = pack_decode_worklist(decode_layout(batch, 4), [0, 2, 4], [kv_len] * batch, [0, 0, 1, 1],
+                                        [0, kv_len // 2] * batch, [kv_len // 2, kv_len] * batch)
         attention.batch_decode_forward(
             torch.randn(batch, hq, d, dtype=dtype), torch.randn(pages, page, hk, d).to(kv_dtype),
             torch.randn(pages, page, hk, dvo).to(kv_dtype), i32([0, pages_per_request, pages]),
-            torch.arange(pages, dtype=torch.int32), i32([kv_len] * batch), i32([0, 2, 4]), i32([0, 0, 1, 1]),
-            i32([0, kv_len // 2] * batch), i32([kv_len // 2, kv_len] * batch), torch.empty(4, hq, dvo),
+            torch.arange(pages, dtype=torch.int32), worklist, torch.empty(4, hq, dvo),
             torch.empty(4, hq), torch.empty(batch, hq, dvo, dtype=dtype), torch.empty(batch, hq), params,
-            alibi_slopes=slopes, num_programs=4, max_states=2, merge=True)
+            batch_size=batch, num_programs=4, max_states=2, merge=True)
     else:
         qo, kv, group = [case.qo_len, 17], [case.kv_len, 40], hq // hk
-        block_m, block_n = batch_prefill.prefill_tile_shape(case.rows(), case.kv_len, d, dvo, case.page_size)
+        block_m, block_n = tile_policy.prefill_tile_shape(case.rows(), case.kv_len, d, dvo, case.page_size)
         work = plan_prefill_work(torch.tensor(qo), torch.tensor(kv), group=group, block_m=block_m,
                                  causal=f.mask == "causal", window_left=params.window_left, programs_per_item=hk,
                                  num_sms=132, align=128)
@@ -234,10 +236,11 @@ def run_launcher(case: Case) -> None:
             mask = torch.zeros(sum(a * b for a, b in zip(qo, kv)) // 8 + 1, dtype=torch.uint8)
         slots = max(work.num_slots, 1)
         batch_prefill.batch_prefill_forward(
-            torch.randn(sum(qo), hq, d, dtype=dtype), k, v, page_indices, mask, meta, 2, work.num_items,
+            torch.randn(sum(qo), hq, d, dtype=dtype), k, v, page_indices, mask, meta,
             torch.empty(slots, hk, block_m, dvo), torch.empty(slots, hk, block_m),
-            torch.empty(sum(qo), hq, dvo, dtype=dtype), torch.empty(sum(qo), hq), params, alibi_slopes=slopes,
-            block_m=block_m, block_n=block_n, num_items=work.num_items, num_merges=max(work.num_merges, 1))
+            torch.empty(sum(qo), hq, dvo, dtype=dtype), torch.empty(sum(qo), hq), params, batch_size=2,
+            item_capacity=work.num_items, block_m=block_m, block_n=block_n, num_items=work.num_items,
+            num_merges=max(work.num_merges, 1))
 
 
 _PENDING: list = []  # compile_source() triples; read by index in forked workers (kernels do not pickle)

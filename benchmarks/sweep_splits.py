@@ -10,6 +10,7 @@ import flashtile  # noqa: E402
 from benchmarks.harness import cuda_graph_replay  # noqa: E402
 from flashtile.kernels import attention as attn  # noqa: E402
 from flashtile.scheduler import split_kv  # noqa: E402
+from flashtile._core import tile_policy  # noqa: E402
 
 for kv_len in (4096, 32768, 131072):
     q = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
@@ -19,7 +20,7 @@ for kv_len in (4096, 32768, 131072):
     for align in (128, 256):
         for pps in (2, 3, 4, 6, 8, 12):
             for min_tiles in (1, 2):
-                attn.KV_CHUNK_ALIGN, split_kv.PROGRAMS_PER_SM, split_kv.MIN_CHUNK_TILES = align, pps, min_tiles
+                tile_policy.KV_CHUNK_ALIGN, split_kv.PROGRAMS_PER_SM, split_kv.MIN_CHUNK_TILES = align, pps, min_tiles
                 fn = lambda: flashtile.single_decode_with_kv_cache(q, k, v)  # noqa: E731
                 fn()
                 replay = cuda_graph_replay(fn, 20)

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from benchmarks.bench_batch_prefill import _flashtile, append_cases, prefill_cases  # noqa: E402
+from flashtile._core import tile_policy  # noqa: E402
 
 
 def _time(case) -> float:
@@ -75,7 +76,7 @@ def main() -> None:
     block_ns = (64, 128) if args.quick else (32, 64, 128)
     warps = (4, 8)
     stages = (2, 3) if args.quick else (2, 3, 4)
-    original = kb.prefill_tile_shape
+    original = tile_policy.prefill_tile_shape
     for case in cases:
         results = []
         prefetches = (False, True) if case.params.get("page_size") else (None,)
@@ -85,9 +86,9 @@ def main() -> None:
         for (bm, bn, w, st), pf in itertools.product(configs, prefetches):
             if (bn * 128 * 2 * 2) * st + bm * 128 * 2 > 232448:  # K/V stages must fit shared memory
                 continue
-            kb.CONFIG_OVERRIDE = (bn, w, st)
+            tile_policy.CONFIG_OVERRIDE = (bn, w, st)
             kb.PREFETCH_OVERRIDE = pf
-            kb.prefill_tile_shape = lambda *a, _bm=bm, _bn=bn: (_bm, _bn)
+            tile_policy.prefill_tile_shape = lambda *a, _bm=bm, _bn=bn, **kw: (_bm, _bn)
             try:
                 torch.manual_seed(0)
                 ms = _time(case)
@@ -95,9 +96,9 @@ def main() -> None:
             except Exception as e:  # out of resources
                 print(f"  skip bm{bm} bn{bn} w{w} s{st} prefetch {pf}: {type(e).__name__}")
             finally:
-                kb.CONFIG_OVERRIDE = None
+                tile_policy.CONFIG_OVERRIDE = None
                 kb.PREFETCH_OVERRIDE = None
-                kb.prefill_tile_shape = original
+                tile_policy.prefill_tile_shape = original
                 torch.cuda.empty_cache()
         results.sort()
         for ms, bm, bn, w, st, pf in results[:8]:

@@ -563,12 +563,14 @@ def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]], d
 def _planned_splits(v: WarmupVariant, device: torch.device) -> Optional[int]:
     """KV splits the launcher will choose for a variant (best effort: None when unknown)."""
     try:
+        from ._core import tile_policy
+        from ._core.device import num_sms
         from .kernels import attention as kernels
         from .scheduler.split_kv import plan_kv_splits
 
         cfg = kernels.choose_config(v.kind, max(16, 1 << (v.shape.head_dim - 1).bit_length()))
         base_programs = -(-v.qo_len * v.shape.group // cfg.block_m) * v.shape.num_kv_heads
-        return plan_kv_splits(v.kv_len, base_programs, kernels.num_sms(device), kernels.KV_CHUNK_ALIGN)[0]
+        return plan_kv_splits(v.kv_len, base_programs, num_sms(device), tile_policy.KV_CHUNK_ALIGN)[0]
     except Exception:
         return None
 

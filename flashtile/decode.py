@@ -7,27 +7,20 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from ._core import ops
-from ._core.attention_args import normalize_single_attention, resolve_scalar
+from ._core.attention_args import normalize_single_attention, resolve_attention_params
 from ._core.buffers import new_output
 from ._core.checks import describe
-from ._core.dispatch import Path, choose_path, load_kernels
-from ._core.paged_kv import HostPageTable, as_index_tensor, read_page_table, unpack_paged_kv_cache
-from ._core.wrapper import (
-    PlanRunWrapper,
-    reject_kv_cache_sf,
-    check_common_options,
-    check_heads,
-    check_positive_int,
-    resolve_dtype,
-)
+from ._core.paged_kv import HostPageTable, as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
+from ._core.single import run_single_attention
+from ._core.wrapper import PlanBase, PlanRunWrapper, check_heads, check_positive_int, run_key
 from .scheduler.split_kv import batch_item_capacity, plan_batch_kv_splits
+from .scheduler.worklist import decode_layout, pack_decode_worklist
 from .trtllm import trtllm_batch_decode_with_kv_cache, trtllm_batch_decode_with_kv_cache_mla
 
 __all__ = [
@@ -83,59 +76,45 @@ def single_decode_with_kv_cache(
 
     GQA: query head ``h`` reads KV head ``h // (num_qo_heads // num_kv_heads)``.
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 2:
-        from ._core.checks import check_tensor
+    options = (pos_encoding_mode, q_scale, k_scale, v_scale, window_left, logits_soft_cap, sm_scale,
+               rope_scale, rope_theta)
 
-        check_tensor("q", q, ndim=2)
-    args = normalize_single_attention(
-        q.unsqueeze(0), k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode, causal=False,
-        custom_mask=None, packed_custom_mask=None, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-        window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
-        rope_theta=rope_theta, out_dtype=None, backend="auto",
-    )
-    num_qo_heads = q.shape[0]
-    out = new_output((1, num_qo_heads, args.v.shape[2]), args.out_dtype, q.device)
-    lse = new_output((1, num_qo_heads), torch.float32, q.device)
-    ops.call_single_decode(
-        args.q, args.k, args.v, out, lse, args.sm_scale, args.logits_soft_cap, args.window_left,
-        args.pos_encoding_mode, args.rope_scale, args.rope_theta, args.v_scale, args.backend,
-    )
+    def normalize():
+        if not isinstance(q, torch.Tensor) or q.dim() != 2:
+            from ._core.checks import check_tensor
+
+            check_tensor("q", q, ndim=2)
+        return normalize_single_attention(
+            q.unsqueeze(0), k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode, causal=False,
+            custom_mask=None, packed_custom_mask=None, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+            window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
+            rope_theta=rope_theta, out_dtype=None, backend="auto",
+        )
+
+    out, lse = run_single_attention("decode", q, k, v, kv_layout, options, normalize)
     if return_lse:
         return out[0], lse[0]
     return out[0]
 
 
 @dataclass
-class _DecodePlan:
+class _DecodePlan(PlanBase):
     """What plan() decided; run() reads it and checks its inputs against it."""
 
-    batch_size: int
-    num_qo_heads: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    q_dtype: torch.dtype
-    kv_dtype: torch.dtype
-    o_dtype: torch.dtype
-    pos_encoding_mode: str
-    window_left: int
-    logits_soft_cap: float
-    sm_scale: float
-    rope_scale: float
-    rope_theta: float
-    page_indptr: torch.Tensor  # int32 [B + 1], device
-    page_indices: torch.Tensor  # int32, device
-    kv_lens: torch.Tensor  # int32 [B], device
-    req_item_indptr: torch.Tensor  # int32 [B + 1], device
-    item_request: torch.Tensor  # int32 [num_programs], device
-    item_kv_start: torch.Tensor
-    item_kv_end: torch.Tensor
-    num_programs: int
-    max_states: int
-    merge: bool
-    max_page_id: Optional[int]  # known when the page table came from the host
-    part_o: torch.Tensor  # float32 [rows, num_qo_heads, head_dim] view of the float workspace
-    part_lse: torch.Tensor  # float32 [rows, num_qo_heads]
+    batch_size: int = 0
+    num_qo_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    page_size: int = 0
+    page_indptr: Optional[torch.Tensor] = None  # int32 [B + 1], device
+    page_indices: Optional[torch.Tensor] = None  # int32, device
+    worklist: Optional[torch.Tensor] = None  # int32, scheduler/worklist.py's decode layout, device
+    num_programs: int = 0
+    max_states: int = 1
+    merge: bool = False
+    max_page_id: Optional[int] = None  # known when the page table came from the host
+    part_o: Optional[torch.Tensor] = None  # float32 [rows, num_qo_heads, head_dim] view of the float workspace
+    part_lse: Optional[torch.Tensor] = None  # float32 [rows, num_qo_heads]
 
 
 class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
@@ -202,19 +181,6 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
     @property
     def use_tensor_cores(self) -> bool:
         return self._use_tensor_cores
-
-    # Attributes serving engines read (kept under upstream's names).
-    @property
-    def _window_left(self) -> int:
-        return self._plan.window_left if self._plan is not None else -1
-
-    @property
-    def _logits_soft_cap(self) -> float:
-        return self._plan.logits_soft_cap if self._plan is not None else 0.0
-
-    @property
-    def _sm_scale(self) -> Optional[float]:
-        return self._plan.sm_scale if self._plan is not None else None
 
     @property
     def _causal(self) -> bool:
@@ -293,13 +259,20 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             kv_data_type=kv_data_type, o_data_type=o_data_type, data_type=data_type, sm_scale=sm_scale,
             rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking, fixed_split_size=fixed_split_size,
             disable_split_kv=disable_split_kv, q_len_per_req=q_len_per_req, is_causal=is_causal,
+            plan_args=dict(
+                indptr=indptr, indices=indices, last_page_len=last_page_len, num_qo_heads=num_qo_heads,
+                num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, pos_encoding_mode=pos_encoding_mode,
+                window_left=window_left, logits_soft_cap=logits_soft_cap, q_data_type=q_data_type,
+                kv_data_type=kv_data_type, o_data_type=o_data_type, data_type=data_type, sm_scale=sm_scale,
+                rope_scale=rope_scale, rope_theta=rope_theta, non_blocking=non_blocking,
+                fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv),
         )
 
     def _plan_from_table(
         self, table: HostPageTable, indices, last_page_len, *, engine_wrote_buffers: bool, num_qo_heads,
         num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap, q_data_type, kv_data_type,
         o_data_type, data_type, sm_scale, rope_scale, rope_theta, non_blocking, fixed_split_size, disable_split_kv,
-        q_len_per_req, is_causal,
+        q_len_per_req, is_causal, plan_args,
     ) -> None:
         """plan() once the page table is read. ``engine_wrote_buffers``: graph mode's buffers already hold
         the table (fast_decode_plan); only the work list is recomputed and uploaded."""
@@ -311,33 +284,24 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                                       "for a causal multi-token step")
         check_heads(num_qo_heads, num_kv_heads)
         head_dim = self._check_head_dim(head_dim)
-        cap = check_common_options(pos_encoding_mode, window_left, logits_soft_cap)
-        q_dtype = resolve_dtype("q_data_type", q_data_type, torch.float16)
-        kv_dtype = resolve_dtype("kv_data_type", kv_data_type, resolve_dtype("data_type", data_type, q_dtype))
-        o_dtype = resolve_dtype("o_data_type", o_data_type, q_dtype)
-        self._check_q_kv_dtypes(q_dtype, kv_dtype)
-        if fixed_split_size is not None and fixed_split_size != -1:
-            check_positive_int("fixed_split_size", fixed_split_size)
-        else:
-            fixed_split_size = None
-
+        params = resolve_attention_params(
+            None, head_dim=head_dim, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
+            logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
+        if kv_data_type is None:
+            kv_data_type = data_type
+        q_dtype, kv_dtype, o_dtype = self._plan_dtypes(q_data_type, kv_data_type, o_data_type)
+        fixed_split_size, disable_split_kv = self._split_options(fixed_split_size, disable_split_kv)
         batch, kv_lens = table.batch_size, table.kv_lens
-        if self._use_cuda_graph and batch != self._fixed_batch_size:
-            raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
-                             f"mismatches the batch size set during initialization {self._fixed_batch_size}")
+        self._check_graph_batch(batch)
         first, last = table.first, table.last
 
-        decision = choose_path(self.device, self._backend)
-        if decision.path is Path.REFERENCE:
-            align, sms = 16, 4
-        else:
-            kernels = load_kernels("attention", decision.path)
-            align, sms = kernels.batch_chunk_align(), kernels.num_sms(self.device)
+        align, sms = self._planning_facts()
         programs_per_item = num_kv_heads
         fixed_chunk = fixed_split_size * page_size if fixed_split_size is not None else None
         splits = plan_batch_kv_splits(kv_lens, programs_per_item, sms, align, fixed_chunk=fixed_chunk,
-                                      disable_split=bool(disable_split_kv))
-        num_items = splits.num_items
+                                      disable_split=disable_split_kv)
+        item_indptr = _as_list(splits.request_item_indptr)
+        num_items = item_indptr[-1]
         if self._use_cuda_graph:
             capacity = batch_item_capacity(batch, programs_per_item, sms)
             if self._graph_capacity is None:
@@ -351,22 +315,14 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             num_programs, merge, max_states = capacity, True, 64
         else:
             num_programs = num_items
-            counts = splits.request_item_indptr[1:] - splits.request_item_indptr[:-1]
-            max_states = int(counts.max()) if batch else 1
+            max_states = max((item_indptr[r + 1] - item_indptr[r] for r in range(batch)), default=1)
             merge = max_states > 1
 
         # One host->device copy of the work list into the int workspace the wrapper owns.
-        meta_len = 2 * batch + 1 + 3 * num_programs
-        meta_h = torch.zeros(meta_len, dtype=torch.int32, device="cpu", pin_memory=self.device.type == "cuda")
-        sections = ((splits.request_item_indptr, batch + 1), (kv_lens, batch), (splits.item_request, num_programs),
-                    (splits.item_kv_start, num_programs), (splits.item_kv_end, num_programs))
-        meta = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * meta_len, torch.int32)
-        views, o = [], 0
-        for values, slots in sections:  # item arrays get num_programs slots (graph capacity), tail unused
-            meta_h[o: o + values.numel()] = values
-            views.append(meta[o: o + slots])
-            o += slots
-        meta.copy_(meta_h, non_blocking=non_blocking)
+        host = pack_decode_worklist(decode_layout(batch, num_programs), item_indptr, _as_list(kv_lens),
+                                    _as_list(splits.item_request), _as_list(splits.item_kv_start),
+                                    _as_list(splits.item_kv_end), pin=self.device.type == "cuda")
+        worklist = self._upload_worklist(host, non_blocking)
 
         if self._use_cuda_graph:
             if last - first > self._paged_kv_indices_buf.numel():
@@ -375,12 +331,12 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                     f"page ids, paged_kv_indices_buffer has {self._paged_kv_indices_buf.numel()}"
                 )
             if not engine_wrote_buffers:
-                self._paged_kv_indptr_buf.copy_(table.indptr - first, non_blocking=non_blocking)
+                self._paged_kv_indptr_buf.copy_(_as_tensor(table.indptr) - first, non_blocking=non_blocking)
                 self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
                 self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
             page_indptr, page_indices = self._paged_kv_indptr_buf, self._paged_kv_indices_buf
         else:
-            page_indptr = table.indptr.to(self.device, torch.int32, non_blocking=non_blocking)
+            page_indptr = _as_tensor(table.indptr).to(self.device, torch.int32, non_blocking=non_blocking)
             page_indices = indices.to(self.device, torch.int32, non_blocking=non_blocking)
 
         # Split-KV partial states live in the float workspace (float32 [rows, heads, head_dim] + lse).
@@ -391,15 +347,13 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         part_lse = part[part_rows * num_qo_heads * head_dim:].view(part_rows, num_qo_heads)
 
         self._plan = _DecodePlan(
+            q_dtype=q_dtype, kv_dtype=kv_dtype, o_dtype=o_dtype, params=params,
+            plan_args={**plan_args, "_head_dim": head_dim},
+            owned_storage=self._owned_storage(page_indptr, page_indices, worklist, part_o),
             batch_size=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            page_size=page_size, q_dtype=q_dtype, kv_dtype=kv_dtype, o_dtype=o_dtype,
-            pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=cap,
-            sm_scale=resolve_scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim), positive=True),
-            rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
-            rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
-            page_indptr=page_indptr, page_indices=page_indices, kv_lens=views[1], req_item_indptr=views[0],
-            item_request=views[2], item_kv_start=views[3], item_kv_end=views[4], num_programs=num_programs,
-            max_states=max_states, merge=merge, max_page_id=table.max_page_id, part_o=part_o, part_lse=part_lse,
+            page_size=page_size, page_indptr=page_indptr, page_indices=page_indices, worklist=worklist,
+            num_programs=num_programs, max_states=max_states, merge=merge, max_page_id=table.max_page_id,
+            part_o=part_o, part_lse=part_lse,
         )
 
     begin_forward = plan
@@ -437,38 +391,38 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
 
         Returns:
             ``out`` or ``(out, lse)``; a request with no KV gives zeros and lse -inf.
+
+        A run() whose inputs have the shapes, strides, dtypes and alignment of an earlier run() of the same
+        plan replays that run's launches (its checks passed for exactly those properties).
         """
+        plan = self._plan
+        key = None
+        if plan is not None and not args and sinks is None and kv_cache_sf is None and q_len_per_req == 1 \
+                and not torch.compiler.is_compiling():
+            key = run_key(q, paged_kv_cache, out, lse, q_scale, k_scale, v_scale, window_left)
+            if key is not None:
+                replay = plan.replays.get(key)
+                if replay is not None:
+                    return replay(q, paged_kv_cache, out, lse, return_lse)
         plan = self._require_plan()
-        reject_kv_cache_sf(kv_cache_sf)
-        if args:
-            raise NotImplementedError("run(): extra positional arguments feed upstream's JIT variants, which "
-                                      "flashtile does not support")
-        if sinks is not None:
-            raise NotImplementedError("sinks: attention sinks are not supported by flashtile's decode yet")
+        self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
         if q_len_per_req != 1:
             raise NotImplementedError("q_len_per_req > 1: use BatchPrefillWithPagedKVCacheWrapper")
-        if window_left is not None and window_left != plan.window_left:
-            raise ValueError(f"window_left: run() got {window_left}, plan() was given {plan.window_left}; "
-                             "re-plan to change it")
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         self._check_run_inputs(plan, q, cache)
-        sm_scale = plan.sm_scale * resolve_scalar("q_scale", q_scale, 1.0) * resolve_scalar("k_scale", k_scale, 1.0)
-        v_scale_f = resolve_scalar("v_scale", v_scale, 1.0)
+        params = self._run_params(plan, q_scale, k_scale, v_scale)
         shape = (plan.batch_size, plan.num_qo_heads, cache.v.shape[3])
-        self._check_out("out", out, shape, plan.o_dtype, q.device)
-        self._check_out("lse", lse, shape[:2], torch.float32, q.device)
-        if out is None:
-            out = new_output(shape, plan.o_dtype, q.device)
-        if lse is None:
-            lse = new_output(shape[:2], torch.float32, q.device)
-        ops.call_batch_decode(
-            q, cache.k, cache.v, plan.page_indptr, plan.page_indices, plan.kv_lens, plan.req_item_indptr,
-            plan.item_request, plan.item_kv_start, plan.item_kv_end, plan.part_o, plan.part_lse, out, lse,
-            plan.num_programs,
-            plan.max_states, plan.merge, sm_scale, plan.logits_soft_cap, plan.window_left, plan.pos_encoding_mode,
-            plan.rope_scale, plan.rope_theta, v_scale_f, self._backend,
-        )
-        return (out, lse) if return_lse else out
+        o, s = self._outputs(shape, plan.o_dtype, out, lse)
+
+        def launch() -> None:
+            ops.call(ops.batch_decode, q, cache.k, cache.v, plan.page_indptr, plan.page_indices, plan.worklist,
+                     plan.part_o, plan.part_lse, o, s, plan.batch_size, plan.num_programs, plan.max_states, plan.merge,
+                     params=params, backend=self._backend)
+
+        replay = self._launch_recorded(plan, key, (q, cache.k, cache.v, o, s), launch)
+        if replay is not None:
+            plan.replays[key] = _decode_runner(replay, self._kv_layout, shape, plan.o_dtype, self.device)
+        return (o, s) if return_lse else o
 
     def run_return_lse(self, q: torch.Tensor, paged_kv_cache, *args, **kwargs):
         """``run(..., return_lse=True)`` (upstream alias)."""
@@ -503,31 +457,44 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         if plan.max_page_id is not None and plan.max_page_id >= cache.num_pages:
             raise ValueError(f"indices: the plan uses page {plan.max_page_id}, the cache has {cache.num_pages} pages")
 
-    def forward(self, q: torch.Tensor, paged_kv_cache, pos_encoding_mode: Optional[str] = None,
+    def forward(self, q: torch.Tensor, paged_kv_cache, pos_encoding_mode: str = "NONE",
                 q_scale: Optional[float] = None, k_scale: Optional[float] = None, v_scale: Optional[float] = None,
-                window_left: Optional[int] = None, logits_soft_cap: Optional[float] = None,
+                window_left: int = -1, logits_soft_cap: Optional[float] = None,
                 sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
                 rope_theta: Optional[float] = None, return_lse: bool = False):
-        """Deprecated upstream form of :meth:`run`; attention parameters given here override the plan's."""
-        plan = self._require_plan()
-        if pos_encoding_mode is not None or logits_soft_cap is not None or window_left is not None:
-            cap = check_common_options(pos_encoding_mode or plan.pos_encoding_mode,
-                                       plan.window_left if window_left is None else window_left,
-                                       plan.logits_soft_cap if logits_soft_cap is None else logits_soft_cap)
-            plan.pos_encoding_mode = pos_encoding_mode or plan.pos_encoding_mode
-            plan.window_left = plan.window_left if window_left is None else window_left
-            plan.logits_soft_cap = cap
-        if sm_scale is not None:
-            plan.sm_scale = resolve_scalar("sm_scale", sm_scale, plan.sm_scale, positive=True)
-        if rope_scale is not None:
-            plan.rope_scale = resolve_scalar("rope_scale", rope_scale, plan.rope_scale, positive=True)
-        if rope_theta is not None:
-            plan.rope_theta = resolve_scalar("rope_theta", rope_theta, plan.rope_theta, positive=True)
+        """Deprecated upstream form of :meth:`run`: its attention parameters replace the planned ones
+        (the wrapper re-plans when one differs)."""
+        self._forward(pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
+                      sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
         return self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse)
 
     def forward_return_lse(self, q: torch.Tensor, paged_kv_cache, **kwargs):
         """Deprecated upstream form of ``run(..., return_lse=True)``."""
         return self.forward(q, paged_kv_cache, return_lse=True, **kwargs)
+
+
+def _as_list(values) -> list:
+    return values if isinstance(values, list) else values.tolist()
+
+
+def _as_tensor(values) -> torch.Tensor:
+    return values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+
+
+def _decode_runner(replay, kv_layout: str, shape: tuple, o_dtype: torch.dtype, device: torch.device):
+    """run() for inputs with the key of a recorded run: the cache views, the outputs, the replay."""
+    lse_shape = shape[:2]
+
+    def runner(q, paged_kv_cache, out, lse, return_lse):
+        k, v = kv_page_views(paged_kv_cache, kv_layout)
+        if out is None:
+            out = new_output(shape, o_dtype, device)
+        if lse is None:
+            lse = new_output(lse_shape, torch.float32, device)
+        replay(q, k, v, out, lse)
+        return (out, lse) if return_lse else out
+
+    return runner
 
 
 def fast_decode_plan(
@@ -590,6 +557,13 @@ def fast_decode_plan(
         o_data_type=None, data_type=data_type, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta,
         non_blocking=non_blocking, fixed_split_size=fixed_split_size, disable_split_kv=disable_split_kv,
         q_len_per_req=q_len_per_req, is_causal=None,
+        plan_args=dict(
+            indptr=host_indptr, indices=indices, last_page_len=last_page_len, num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, pos_encoding_mode=pos_encoding_mode,
+            window_left=window_left, logits_soft_cap=logits_soft_cap, q_data_type=q_data_type,
+            kv_data_type=kv_data_type, data_type=data_type, sm_scale=sm_scale, rope_scale=rope_scale,
+            rope_theta=rope_theta, non_blocking=non_blocking, fixed_split_size=fixed_split_size,
+            disable_split_kv=disable_split_kv),
     )
 
 

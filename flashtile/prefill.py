@@ -7,29 +7,22 @@ batch (prefill, chunked prefill, speculative-decoding verification) with plan/ru
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from ._core import ops
-from ._core.attention_args import _unit_last_stride, normalize_single_attention, resolve_scalar
+from ._core import ops, tile_policy
+from ._core.attention_args import _unit_last_stride, normalize_single_attention, resolve_attention_params
 from ._core.buffers import new_output
 from ._core.checks import check_tensor, describe
-from ._core.dispatch import Path, choose_path, load_kernels
 from ._core.multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
-from ._core.paged_kv import as_index_tensor, read_page_table, unpack_paged_kv_cache
-from ._core.wrapper import (
-    PlanRunWrapper,
-    check_common_options,
-    check_heads,
-    check_positive_int,
-    reject_kv_cache_sf,
-    resolve_dtype,
-)
-from .quantization import segment_packbits
+from ._core.paged_kv import as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
+from ._core.single import run_single_attention
+from ._core.wrapper import PlanBase, PlanRunWrapper, check_heads, check_positive_int, run_key
+from .reference.packbits import segment_packbits
 from .scheduler.prefill_work import pack_prefill_meta, plan_prefill_work, prefill_capacity
 from .trtllm import trtllm_batch_context_with_kv_cache
 
@@ -96,19 +89,18 @@ def single_prefill_with_kv_cache(
         ``out [qo_len, num_qo_heads, head_dim_vo]`` and with ``return_lse`` also
         ``lse [qo_len, num_qo_heads]`` float32.
     """
-    args = normalize_single_attention(
-        q, k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode, causal=causal,
-        custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, q_scale=None, k_scale=None,
-        v_scale=None, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
-        rope_scale=rope_scale, rope_theta=rope_theta, out_dtype=o_dtype, backend=backend,
-    )
-    qo_len, num_qo_heads, _ = args.q.shape
-    out = new_output((qo_len, num_qo_heads, args.v.shape[2]), args.out_dtype, q.device)
-    lse = new_output((qo_len, num_qo_heads), torch.float32, q.device)
-    ops.call_single_prefill(
-        args.q, args.k, args.v, args.packed_mask, out, lse, args.causal, args.sm_scale, args.logits_soft_cap,
-        args.window_left, args.pos_encoding_mode, args.rope_scale, args.rope_theta, args.v_scale, args.backend,
-    )
+    options = (o_dtype, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left,
+               logits_soft_cap, rope_scale, rope_theta, backend)
+
+    def normalize():
+        return normalize_single_attention(
+            q, k, v, kv_layout=kv_layout, pos_encoding_mode=pos_encoding_mode, causal=causal,
+            custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, q_scale=None, k_scale=None,
+            v_scale=None, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+            rope_scale=rope_scale, rope_theta=rope_theta, out_dtype=o_dtype, backend=backend,
+        )
+
+    out, lse = run_single_attention("prefill", q, k, v, kv_layout, options, normalize)
     return (out, lse) if return_lse else out
 
 
@@ -122,39 +114,28 @@ single_prefill_with_kv_cache_return_lse.__doc__ = "``single_prefill_with_kv_cach
 
 
 @dataclass
-class _PrefillPlan:
+class _PrefillPlan(PlanBase):
     """What plan() decided; run() checks its inputs against it and launches with it."""
 
-    batch_size: int
-    total_qo: int  # rows of q (qo_indptr[-1])
-    num_qo_heads: int
-    num_kv_heads: int
-    head_dim_qk: int
-    head_dim_vo: int
-    page_size: Optional[int]  # None: ragged
-    q_dtype: torch.dtype
-    kv_dtype: torch.dtype
-    o_dtype: torch.dtype
-    causal: bool
-    pos_encoding_mode: str
-    window_left: int
-    logits_soft_cap: float
-    sm_scale: float
-    rope_scale: float
-    rope_theta: float
-    meta: torch.Tensor  # int32 packed work list (scheduler/prefill_work.py), device
-    item_capacity: int
-    num_items: int  # grid: planned items, or the fixed capacity in CUDA-graph mode
-    num_merges: int
-    block_m: int
-    block_n: int
-    page_indices: Optional[torch.Tensor]  # int32 page ids, device (paged)
-    packed_mask: Optional[torch.Tensor]  # uint8, device
-    part_o: torch.Tensor
-    part_lse: torch.Tensor
-    kv_rows_needed: int  # ragged: rows of k/v the plan reads; paged: 0
-    max_page_id: Optional[int]  # paged, when the table came from the host
-    plan_args: dict  # the arguments of plan(), for the deprecated forward() that re-plans
+    batch_size: int = 0
+    total_qo: int = 0  # rows of q (qo_indptr[-1])
+    num_qo_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim_qk: int = 0
+    head_dim_vo: int = 0
+    page_size: Optional[int] = None  # None: ragged
+    meta: Optional[torch.Tensor] = None  # int32 packed work list (scheduler/prefill_work.py), device
+    item_capacity: int = 0
+    num_items: int = 0  # grid: planned items, or the fixed capacity in CUDA-graph mode
+    num_merges: int = 0
+    block_m: int = 0
+    block_n: int = 0
+    page_indices: Optional[torch.Tensor] = None  # int32 page ids, device (paged)
+    packed_mask: Optional[torch.Tensor] = None  # uint8, device
+    part_o: Optional[torch.Tensor] = None
+    part_lse: Optional[torch.Tensor] = None
+    kv_rows_needed: int = 0  # ragged: rows of k/v the plan reads; paged: 0
+    max_page_id: Optional[int] = None  # paged, when the table came from the host
     multi_item: Optional[MultiItemPlan] = None  # multi-item scoring (prefix lengths, token positions), device
 
 
@@ -186,27 +167,6 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         if buf.dtype != torch.int32 or buf.device != self.device:
             raise ValueError(f"{name}: expected an int32 tensor on {self.device} in cudagraph mode, got {describe(buf)}")
 
-    # Attributes serving engines read (upstream's names).
-    @property
-    def _causal(self) -> bool:
-        return self._plan.causal if self._plan is not None else False
-
-    @property
-    def _window_left(self) -> int:
-        return self._plan.window_left if self._plan is not None else -1
-
-    @property
-    def _logits_soft_cap(self) -> float:
-        return self._plan.logits_soft_cap if self._plan is not None else 0.0
-
-    @property
-    def _sm_scale(self) -> Optional[float]:
-        return self._plan.sm_scale if self._plan is not None else None
-
-    @property
-    def _pos_encoding_mode(self) -> str:
-        return self._plan.pos_encoding_mode if self._plan is not None else "NONE"
-
     def _plan_batch(
         self, *, qo_indptr, kv_lens_h, kv_offsets_h, page_size, num_qo_heads, num_kv_heads, head_dim_qk,
         head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode, window_left, logits_soft_cap,
@@ -220,17 +180,11 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         head_dim_vo = head_dim_qk if head_dim_vo is None else self._check_head_dim(head_dim_vo)
         if pos_encoding_mode == "ROPE_LLAMA" and head_dim_qk % 2:
             raise ValueError(f"head_dim_qk: RoPE needs an even head_dim, got {head_dim_qk}")
-        cap = check_common_options(pos_encoding_mode, window_left, logits_soft_cap)
-        q_dtype = resolve_dtype("q_data_type", q_data_type, torch.float16)
-        kv_dtype = resolve_dtype("kv_data_type", kv_data_type, q_dtype)
-        o_dtype = resolve_dtype("o_data_type", o_data_type, q_dtype)
-        if o_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"o_data_type: expected float16, bfloat16 or float32, got {o_dtype}")
-        self._check_q_kv_dtypes(q_dtype, kv_dtype)
-        if fixed_split_size is not None and fixed_split_size != -1:
-            check_positive_int("fixed_split_size", fixed_split_size)
-        else:
-            fixed_split_size = None
+        params = resolve_attention_params(
+            None, head_dim=head_dim_qk, causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
+            logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
+        q_dtype, kv_dtype, o_dtype = self._plan_dtypes(q_data_type, kv_data_type, o_data_type)
+        fixed_split_size, disable_split_kv = self._split_options(fixed_split_size, disable_split_kv)
 
         qo_indptr = as_index_tensor("qo_indptr", qo_indptr)
         batch = kv_lens_h.numel()
@@ -244,9 +198,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             raise ValueError(f"qo_indptr: must be non-decreasing, got {qo_h.tolist()[:16]}")
         qo_lens = qo_h[1:] - qo_h[:-1]
         total_qo = int(qo_h[-1])
-        if self._use_cuda_graph and batch != self._fixed_batch_size:
-            raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
-                             f"mismatches the batch size set during initialization {self._fixed_batch_size}")
+        self._check_graph_batch(batch)
 
         mask_h, mask_offsets = self._pack_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens_h)
         has_mask = mask_h is not None
@@ -264,16 +216,12 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             plan_args = {**plan_args, **multi_item.as_kwargs()}
         group = num_qo_heads // num_kv_heads
 
-        decision = choose_path(self.device, self._backend)
-        if decision.path is Path.REFERENCE:
-            align, sms, block_m, block_n = 16, 4, 16, 16
-        else:
-            kernels = load_kernels("batch_prefill", decision.path)
-            align, sms = kernels.batch_chunk_align(), kernels.num_sms(self.device)
-            deterministic = fixed_split_size is not None or bool(disable_split_kv)
-            max_rows = None if deterministic else (int(qo_lens.max()) * group if batch else 0)
-            max_kv = int(kv_lens_h.max()) if batch else 0
-            block_m, block_n = kernels.prefill_tile_shape(max_rows, max_kv, head_dim_qk, head_dim_vo, page_size)
+        align, sms = self._planning_facts()
+        deterministic = fixed_split_size is not None or disable_split_kv
+        max_rows = None if deterministic else (int(qo_lens.max()) * group if batch else 0)
+        max_kv = int(kv_lens_h.max()) if batch else 0
+        block_m, block_n = tile_policy.prefill_tile_shape(max_rows, max_kv, head_dim_qk, head_dim_vo, page_size,
+                                                          compiled=self._compiled())
         if self._use_cuda_graph:
             if self._graph_shape is None:
                 caps = prefill_capacity(batch, total_qo * group, block_m, num_kv_heads, sms)
@@ -290,7 +238,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         work_kwargs = dict(group=group, block_m=block_m, causal=bool(causal) and not has_mask,
                            window_left=window_left, programs_per_item=num_kv_heads, num_sms=sms, align=align)
         fixed_chunk = fixed_split_size * (page_size or 1) if fixed_split_size is not None else None
-        work = plan_prefill_work(qo_lens, kv_lens_h, fixed_chunk=fixed_chunk, disable_split=bool(disable_split_kv),
+        work = plan_prefill_work(qo_lens, kv_lens_h, fixed_chunk=fixed_chunk, disable_split=disable_split_kv,
                                  **work_kwargs)
         slot_limit = min(room, slot_cap) if self._use_cuda_graph else room
         while work.num_slots > slot_limit and fixed_split_size is None:
@@ -314,9 +262,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         meta_h = pack_prefill_meta(work, requests, item_cap, merge_cap)
         if self.device.type == "cuda":
             meta_h = meta_h.pin_memory()
-        meta = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * meta_h.numel(),
-                                    torch.int32)
-        meta.copy_(meta_h, non_blocking=non_blocking)
+        meta = self._upload_worklist(meta_h, non_blocking)
         packed_mask = self._place_mask(mask_h, mask_offsets, non_blocking) if has_mask else None
         if self._use_cuda_graph:
             self._qo_indptr_buf.copy_(qo_h, non_blocking=non_blocking)
@@ -327,18 +273,20 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         part_o = part[: num_slots * per_slot * head_dim_vo].view(num_slots, num_kv_heads, block_m, head_dim_vo)
         part_lse = part[num_slots * per_slot * head_dim_vo:].view(num_slots, num_kv_heads, block_m)
 
+        if has_mask:
+            params = dataclasses.replace(params, causal=False)  # a custom mask replaces causal
+        elif items is not None:
+            params = dataclasses.replace(params, causal=True)  # the multi-item mask is causal (as upstream)
         self._plan = _PrefillPlan(
+            q_dtype=q_dtype, kv_dtype=kv_dtype, o_dtype=o_dtype, params=params,
+            plan_args={**plan_args, "_head_dim": head_dim_qk, "_mask_replaces_causal": has_mask or items is not None},
+            owned_storage=self._owned_storage(meta, page_indices, packed_mask, part_o,
+                                              *(items.requests, items.token_pos) if items is not None else ()),
             batch_size=batch, total_qo=total_qo, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
-            head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=page_size, q_dtype=q_dtype, kv_dtype=kv_dtype,
-            o_dtype=o_dtype, causal=bool(causal) and not has_mask, pos_encoding_mode=pos_encoding_mode,
-            window_left=window_left, logits_soft_cap=cap,
-            sm_scale=resolve_scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim_qk), positive=True),
-            rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
-            rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
-            meta=meta, item_capacity=item_cap, num_items=num_items, num_merges=num_merges, block_m=block_m,
-            block_n=block_n,
-            page_indices=page_indices, packed_mask=packed_mask, part_o=part_o, part_lse=part_lse,
-            kv_rows_needed=kv_rows_needed, max_page_id=max_page_id, plan_args=plan_args, multi_item=items,
+            head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, page_size=page_size, meta=meta, item_capacity=item_cap,
+            num_items=num_items, num_merges=num_merges, block_m=block_m, block_n=block_n, page_indices=page_indices,
+            packed_mask=packed_mask, part_o=part_o, part_lse=part_lse, kv_rows_needed=kv_rows_needed,
+            max_page_id=max_page_id, multi_item=items,
         )
 
     def _pack_mask(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
@@ -380,23 +328,25 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             self._mask_indptr_buf[: indptr.numel()].copy_(indptr, non_blocking=non_blocking)
         return self._custom_mask_buf.view(-1).view(torch.uint8)
 
-    def _launch(self, plan: _PrefillPlan, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows_out):
-        sm_scale = plan.sm_scale * resolve_scalar("q_scale", q_scale, 1.0) * resolve_scalar("k_scale", k_scale, 1.0)
-        v_scale_f = resolve_scalar("v_scale", v_scale, 1.0)
+    def _launch(self, plan: _PrefillPlan, key, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows_out,
+                derive):
+        """Allocate or check the outputs and launch; with a memo ``key``, remember a replay for later runs
+        whose inputs have the same key (``derive(q, kv...)``: the kernel's K/V views of run()'s inputs)."""
+        params = self._run_params(plan, q_scale, k_scale, v_scale)
         shape = (rows_out, plan.num_qo_heads, plan.head_dim_vo)
-        self._check_out("out", out, shape, plan.o_dtype, q.device)
-        self._check_out("lse", lse, shape[:2], torch.float32, q.device)
-        if out is None:
-            out = new_output(shape, plan.o_dtype, q.device)
-        if lse is None:
-            lse = new_output(shape[:2], torch.float32, q.device)
-        ops.call_batch_prefill(
-            q, k, v, plan.page_indices, plan.packed_mask, *_multi_item_tensors(plan.multi_item), plan.meta,
-            plan.batch_size, plan.item_capacity, plan.part_o, plan.part_lse, out, lse, plan.block_m, plan.block_n,
-            plan.num_items, plan.num_merges, plan.causal, sm_scale, plan.logits_soft_cap, plan.window_left,
-            plan.pos_encoding_mode, plan.rope_scale, plan.rope_theta, v_scale_f, self._backend,
-        )
-        return (out, lse) if return_lse else out
+        o, s = self._outputs(shape, plan.o_dtype, out, lse)
+        multi = plan.multi_item
+
+        def launch() -> None:
+            ops.call(ops.batch_prefill, q, k, v, plan.page_indices, plan.packed_mask,
+                     multi.requests if multi is not None else None, multi.token_pos if multi is not None else None,
+                     plan.meta, plan.part_o, plan.part_lse, o, s, plan.batch_size, plan.item_capacity, plan.block_m,
+                     plan.block_n, plan.num_items, plan.num_merges, params=params, backend=self._backend)
+
+        replay = self._launch_recorded(plan, key, (q, k, v, o, s), launch)
+        if replay is not None:
+            plan.replays[key] = _prefill_runner(replay, derive, shape, plan.o_dtype, self.device)
+        return (o, s) if return_lse else o
 
     def _check_q(self, plan: _PrefillPlan, q) -> int:
         """Checks q against the plan; returns its row count (graph mode: may exceed the plan's rows)."""
@@ -416,34 +366,6 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         if q.device != self.device:
             raise ValueError(f"q must be on the wrapper's device {self.device} (the workspace's), got {q.device}")
         return q.shape[0]
-
-    def _check_run_options(self, plan: _PrefillPlan, args, sinks, window_left) -> None:
-        if args:
-            raise NotImplementedError("run(): extra positional arguments feed upstream's JIT variants, which "
-                                      "flashtile does not support")
-        if sinks is not None:
-            raise NotImplementedError("sinks: attention sinks are not supported by flashtile's prefill yet")
-        if window_left is not None and window_left != plan.window_left:
-            raise ValueError(f"window_left: run() got {window_left}, plan() was given {plan.window_left}; "
-                             "re-plan to change it")
-
-    def _replan_for_forward(self, **overrides) -> None:
-        """The deprecated forward() sets the attention parameters (upstream semantics: its arguments replace
-        the planned ones); re-plan only when one differs."""
-        plan = self._require_plan()
-        current = dict(causal=plan.causal, pos_encoding_mode=plan.pos_encoding_mode, window_left=plan.window_left,
-                       logits_soft_cap=plan.logits_soft_cap, sm_scale=plan.sm_scale, rope_scale=plan.rope_scale,
-                       rope_theta=plan.rope_theta)
-        wanted = dict(overrides)
-        for name in ("logits_soft_cap", "sm_scale", "rope_scale", "rope_theta"):
-            if wanted[name] is None:
-                wanted[name] = {"logits_soft_cap": 0.0, "sm_scale": 1.0 / math.sqrt(plan.head_dim_qk),
-                                "rope_scale": 1.0, "rope_theta": 1e4}[name]
-        if plan.plan_args.get("custom_mask") is not None or plan.plan_args.get("packed_custom_mask") is not None \
-                or plan.multi_item is not None:
-            wanted["causal"] = plan.causal  # a custom or multi-item mask replaces causal
-        if wanted != current:
-            self.plan(**{**plan.plan_args, **wanted})
 
     def run_return_lse(self, *args, **kwargs):
         """``run(..., return_lse=True)`` (upstream alias)."""
@@ -679,9 +601,17 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         Returns:
             ``out`` or ``(out, lse)``; rows that see no key give zeros and lse -inf.
         """
+        plan = self._plan
+        key = None
+        if plan is not None and not args and sinks is None and kv_cache_sf is None \
+                and not torch.compiler.is_compiling():
+            key = run_key(q, paged_kv_cache, out, lse, q_scale, k_scale, v_scale, window_left)
+            if key is not None:
+                replay = plan.replays.get(key)
+                if replay is not None:
+                    return replay(q, paged_kv_cache, out, lse, return_lse)
         plan = self._require_plan()
-        reject_kv_cache_sf(kv_cache_sf)
-        self._check_run_options(plan, args, sinks, window_left)
+        self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         rows = self._check_q(plan, q)
         if cache.dtype != plan.kv_dtype:
@@ -700,14 +630,16 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         if plan.max_page_id is not None and plan.max_page_id >= cache.num_pages:
             raise ValueError(f"paged_kv_indices: the plan uses page {plan.max_page_id}, the cache has "
                              f"{cache.num_pages} pages")
-        return self._launch(plan, q, cache.k, cache.v, q_scale, k_scale, v_scale, out, lse, return_lse, rows)
+        layout = self._kv_layout
+        return self._launch(plan, key, q, cache.k, cache.v, q_scale, k_scale, v_scale, out, lse, return_lse, rows,
+                            lambda cache_: kv_page_views(cache_, layout))
 
     def forward(self, q: torch.Tensor, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, k_scale: Optional[float] = None, v_scale: Optional[float] = None,
                 window_left: int = -1, logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
                 rope_scale: Optional[float] = None, rope_theta: Optional[float] = None, return_lse: bool = False):
         """Deprecated upstream form of :meth:`run`: its attention parameters replace the planned ones."""
-        self._replan_for_forward(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
+        self._forward(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
                                  logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
                                  rope_theta=rope_theta)
         return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse)
@@ -872,8 +804,16 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
         Returns:
             ``out [qo_indptr[-1], num_qo_heads, head_dim_vo]`` or ``(out, lse)``.
         """
+        plan = self._plan
+        key = None
+        if plan is not None and not args and sinks is None and not torch.compiler.is_compiling():
+            key = run_key(q, k, v, out, lse, q_scale, k_scale, v_scale, window_left)
+            if key is not None:
+                replay = plan.replays.get(key)
+                if replay is not None:
+                    return replay(q, (k, v), out, lse, return_lse)
         plan = self._require_plan()
-        self._check_run_options(plan, args, sinks, window_left)
+        self._check_run_options(plan, args, sinks, window_left, None)
         rows = self._check_q(plan, q)
         for name, x, dim in (("k", k, plan.head_dim_qk), ("v", v, plan.head_dim_vo)):
             check_tensor(name, x, ndim=3)
@@ -882,22 +822,21 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
                                  "specified in plan function.")
             if x.device != self.device:
                 raise ValueError(f"{name} must be on the wrapper's device {self.device}, got {x.device}")
-        if self._kv_layout == "HND":
-            k, v = k.transpose(0, 1), v.transpose(0, 1)
-        k, v = _unit_last_stride(k), _unit_last_stride(v)
+        derive = _ragged_kv_views(self._kv_layout)
+        k, v = derive((k, v))
         for name, x, dim in (("k", k, plan.head_dim_qk), ("v", v, plan.head_dim_vo)):
             if x.shape[1] != plan.num_kv_heads or x.shape[2] != dim or x.shape[0] < plan.kv_rows_needed:
                 raise ValueError(f"{name}: expected at least {plan.kv_rows_needed} rows (kv_indptr[-1]) of "
                                  f"{plan.num_kv_heads} heads x {dim} as planned ({self._kv_layout}), got "
                                  f"{list(x.shape)} as NHD")
-        return self._launch(plan, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows)
+        return self._launch(plan, key, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows, derive)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                 pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
                 logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
                 rope_scale: Optional[float] = None, rope_theta: Optional[float] = None, return_lse: bool = False):
         """Deprecated upstream form of :meth:`run`: its attention parameters replace the planned ones."""
-        self._replan_for_forward(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
+        self._forward(causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
                                  logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale,
                                  rope_theta=rope_theta)
         return self.run(q, k, v, return_lse=return_lse)
@@ -916,6 +855,30 @@ def _head_dim_keyword(head_dim_qk: Optional[int], unsupported: dict) -> int:
     return head_dim_qk
 
 
-def _multi_item_tensors(items: Optional[MultiItemPlan]) -> tuple:
-    """The op's ``(multi_item_requests, token_pos_in_items)`` arguments."""
-    return (items.requests, items.token_pos) if items is not None else (None, None)
+def _ragged_kv_views(kv_layout: str):
+    """The kernel's NHD views of ragged ``(k, v)`` (HND transposed; a non-unit last stride copied)."""
+    hnd = kv_layout == "HND"
+
+    def views(kv):
+        k, v = kv
+        if hnd:
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+        return _unit_last_stride(k), _unit_last_stride(v)
+
+    return views
+
+
+def _prefill_runner(replay, derive, shape: tuple, o_dtype: torch.dtype, device: torch.device):
+    """run() for inputs with the key of a recorded run: the K/V views, the outputs, the replay."""
+    lse_shape = shape[:2]
+
+    def runner(q, kv, out, lse, return_lse):
+        k, v = derive(kv)
+        if out is None:
+            out = new_output(shape, o_dtype, device)
+        if lse is None:
+            lse = new_output(lse_shape, torch.float32, device)
+        replay(q, k, v, out, lse)
+        return (out, lse) if return_lse else out
+
+    return runner

@@ -13,17 +13,17 @@ def _decode_args(device):
     q, k, v = make_qkv(1, 37, 4, 2, 64, torch.float16, device)
     out = torch.empty(1, 4, 64, dtype=torch.float16, device=device)
     lse = torch.empty(1, 4, dtype=torch.float32, device=device)
-    return (q, k, v, out, lse, 0.125, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
+    return (q, k, v, None, out, lse, "decode", 0.125, False, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
 
 
 def _prefill_args(device):
     q, k, v = make_qkv(5, 9, 4, 2, 64, torch.bfloat16, device)
     out = torch.empty(5, 4, 64, dtype=torch.bfloat16, device=device)
     lse = torch.empty(5, 4, dtype=torch.float32, device=device)
-    return (q, k, v, None, out, lse, True, 0.125, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
+    return (q, k, v, None, out, lse, "prefill", 0.125, True, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
 
 
-@pytest.mark.parametrize("op, make_args", [(ops.single_decode, _decode_args), (ops.single_prefill, _prefill_args)])
+@pytest.mark.parametrize("op, make_args", [(ops.single_attention, _decode_args), (ops.single_attention, _prefill_args)])
 def test_opcheck(path, device, op, make_args):
     torch.library.opcheck(op, make_args(device))
 

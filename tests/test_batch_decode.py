@@ -434,10 +434,9 @@ def test_opcheck_batch_decode(path, device):
     part_o = torch.zeros(p.num_programs, 4, 16, device=device)
     part_lse = torch.zeros(p.num_programs, 4, device=device)
     k, v = cache[:, 0], cache[:, 1]
-    args = (q, k, v, p.page_indptr, p.page_indices, p.kv_lens, p.req_item_indptr, p.item_request, p.item_kv_start,
-            p.item_kv_end, part_o, part_lse, torch.empty(2, 4, 16, dtype=torch.float16, device=device),
-            torch.empty(2, 4, device=device), p.num_programs, p.max_states, p.merge, 0.25, 0.0, -1, "NONE", 1.0,
-            1e4, 1.0, "auto")
+    args = (q, k, v, p.page_indptr, p.page_indices, p.worklist, part_o, part_lse,
+            torch.empty(2, 4, 16, dtype=torch.float16, device=device), torch.empty(2, 4, device=device), p.batch_size,
+            p.num_programs, p.max_states, p.merge, 0.25, False, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
     torch.library.opcheck(ops.batch_decode, args)
 
 

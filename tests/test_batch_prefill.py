@@ -590,10 +590,10 @@ def test_opcheck_batch_prefill(path, device):
     w = BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
     w.plan(qo_indptr, kv_indptr, 4, 2, 16, causal=True, fixed_split_size=16)
     p = w._plan
-    args = (q, k, v, None, None, None, None, p.meta, p.batch_size, p.item_capacity, p.part_o.clone(),
-            p.part_lse.clone(), torch.empty(8, 4, 16, dtype=torch.float16, device=device),
-            torch.empty(8, 4, device=device), p.block_m, p.block_n, p.num_items, p.num_merges, True, 0.25, 0.0, -1,
-            "NONE", 1.0, 1e4, 1.0, "auto")
+    args = (q, k, v, None, None, None, None, p.meta, p.part_o.clone(), p.part_lse.clone(),
+            torch.empty(8, 4, 16, dtype=torch.float16, device=device), torch.empty(8, 4, device=device), p.batch_size,
+            p.item_capacity, p.block_m, p.block_n, p.num_items, p.num_merges, 0.25, True, 0.0, -1, "NONE", 1.0, 1e4,
+            1.0, "auto")
     torch.library.opcheck(ops.batch_prefill, args)
 
 

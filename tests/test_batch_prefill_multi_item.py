@@ -189,9 +189,9 @@ def test_opcheck_multi_item(device, monkeypatch):
     p = w._plan
     out = torch.empty(q.shape[0], 4, 16, dtype=torch.float16, device=device)
     lse = torch.empty(q.shape[0], 4, device=device)
-    args = (q, k, v, None, None, p.multi_item.requests, p.multi_item.token_pos, p.meta, p.batch_size,
-            p.item_capacity, p.part_o.clone(), p.part_lse.clone(), out, lse, p.block_m, p.block_n, p.num_items,
-            p.num_merges, True, 0.25, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
+    args = (q, k, v, None, None, p.multi_item.requests, p.multi_item.token_pos, p.meta, p.part_o.clone(),
+            p.part_lse.clone(), out, lse, p.batch_size, p.item_capacity, p.block_m, p.block_n, p.num_items,
+            p.num_merges, 0.25, True, 0.0, -1, "NONE", 1.0, 1e4, 1.0, "auto")
     torch.library.opcheck(ops.batch_prefill, args)
 
 

@@ -23,6 +23,7 @@ import torch
 import flashtile
 from attention_cases import assert_matches_oracle, make_paged_batch, make_qkv, workspace
 from flashtile._core import device as device_facts
+from flashtile._core import tile_policy
 from flashtile.kernels import attention, batch_prefill
 from flashtile.kernels import smem
 from flashtile.kernels.attention import LaunchConfig
@@ -59,7 +60,7 @@ def preferred_configs(head_dim: int) -> dict:
     for group in (1, 4, 8, 16, 32, 64):
         configs[f"batch decode group {group}"] = (attention.batch_decode_config(group, head_dim), False)
     for rows, kv_len, page_size in itertools.product((16, 32, 64, 1024, None), (512, 2048, 8192), (None, 1, 5, 16)):
-        block_m, block_n = batch_prefill.prefill_tile_shape(rows, kv_len, head_dim, head_dim, page_size)
+        block_m, block_n = tile_policy.prefill_tile_shape(rows, kv_len, head_dim, head_dim, page_size)
         cfg = batch_prefill._launch_config(block_m, block_n, head_dim, head_dim, page_size)
         configs[f"batch prefill rows {rows} kv {kv_len} page {page_size}"] = (cfg, False)
     return configs
@@ -138,7 +139,7 @@ def test_issue_22_configs(gpu_tables):
         assert fit_config(table, features, *H100, vary_block_m=True) == LaunchConfig(128, 128, 8, 2)
     # The sliding window alone and the paged RoPE batch prefill tile fit as they are.
     assert fit_config(table, TileFeatures(128, 128), *H100, vary_block_m=True) == table
-    block_m, block_n = batch_prefill.prefill_tile_shape(127 * 8, 512, 128, 128, 5)
+    block_m, block_n = tile_policy.prefill_tile_shape(127 * 8, 512, 128, 128, 5)
     planned = batch_prefill._launch_config(block_m, block_n, 128, 128, 5)
     assert fit_config(planned, TileFeatures(128, 128, rope=True), *H100) == planned == LaunchConfig(128, 32, 4, 3)
 

@@ -7,6 +7,7 @@ input, and returns NHD views plus the resolved scalars that the op and kernels t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -15,6 +16,7 @@ import torch
 
 from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_same_device, check_tensor, describe
 from .dispatch import normalize_backend
+from .params import AttentionParams
 
 KV_LAYOUTS = ("NHD", "HND")
 POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
@@ -27,14 +29,7 @@ class SingleAttentionArgs:
     k: torch.Tensor  # [kv_len, num_kv_heads, head_dim_qk] (NHD view)
     v: torch.Tensor  # [kv_len, num_kv_heads, head_dim_vo] (NHD view)
     packed_mask: Optional[torch.Tensor]  # uint8 bits of [qo_len, kv_len], LSB first
-    causal: bool
-    sm_scale: float  # includes q_scale * k_scale
-    logits_soft_cap: float  # 0 disables
-    window_left: int
-    pos_encoding_mode: str
-    rope_scale: float
-    rope_theta: float
-    v_scale: float
+    params: AttentionParams  # sm_scale includes q_scale * k_scale
     out_dtype: torch.dtype
     backend: str
 
@@ -72,6 +67,44 @@ def check_window_and_cap(window_left, logits_soft_cap) -> float:
     if cap < 0 or not math.isfinite(cap):
         raise ValueError(f"logits_soft_cap: expected None, 0 or a positive number, got {logits_soft_cap!r}")
     return cap
+
+
+def resolve_attention_params(
+    base: Optional[AttentionParams] = None,
+    *,
+    head_dim: Optional[int] = None,
+    causal: Optional[bool] = None,
+    pos_encoding_mode: Optional[str] = None,
+    window_left: Optional[int] = None,
+    logits_soft_cap=None,
+    sm_scale=None,
+    rope_scale=None,
+    rope_theta=None,
+    q_scale=None,
+    k_scale=None,
+    v_scale=None,
+) -> AttentionParams:
+    """The one place attention parameters get their defaults and checks.
+
+    Without ``base``: parameters from the given values, None meaning the default (causal False,
+    pos_encoding_mode "NONE", window_left -1, no soft cap, ``sm_scale = 1 / sqrt(head_dim)``, rope_scale 1,
+    rope_theta 1e4). With ``base`` (a plan's parameters): those, and only the calibration scales below apply.
+    ``q_scale * k_scale`` multiply sm_scale; ``v_scale`` multiplies the output (floats or 1-element tensors).
+    """
+    if base is None:
+        mode = "NONE" if pos_encoding_mode is None else pos_encoding_mode
+        check_option("pos_encoding_mode", mode, POS_ENCODING_MODES)
+        window = -1 if window_left is None else window_left
+        cap = check_window_and_cap(window, logits_soft_cap)
+        base = AttentionParams(
+            sm_scale=resolve_scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim), positive=True),
+            causal=bool(causal), logits_soft_cap=cap, window_left=window, pos_encoding_mode=mode,
+            rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
+            rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True))
+    if q_scale is None and k_scale is None and v_scale is None:
+        return base
+    scale = base.sm_scale * resolve_scalar("q_scale", q_scale, 1.0) * resolve_scalar("k_scale", k_scale, 1.0)
+    return dataclasses.replace(base, sm_scale=scale, v_scale=resolve_scalar("v_scale", v_scale, 1.0))
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -151,13 +184,14 @@ def normalize_single_attention(
     elif custom_mask is not None:
         check_tensor("custom_mask", custom_mask, shape=(qo_len, kv_len))
         check_same_device(q=q, custom_mask=custom_mask)
-        from ..quantization import packbits
+        from ..reference.packbits import packbits
 
         mask = packbits(custom_mask.reshape(-1).to(torch.bool), bitorder="little")
 
-    cap = check_window_and_cap(window_left, logits_soft_cap)
-    scale = resolve_scalar("sm_scale", sm_scale, 1.0 / math.sqrt(head_dim_qk), positive=True)
-    scale *= resolve_scalar("q_scale", q_scale, 1.0) * resolve_scalar("k_scale", k_scale, 1.0)
+    params = resolve_attention_params(
+        None, head_dim=head_dim_qk, causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
+        logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
+    params = resolve_attention_params(params, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
 
     if out_dtype is None:
         out_dtype = q.dtype
@@ -169,14 +203,7 @@ def normalize_single_attention(
         k=_unit_last_stride(k),
         v=_unit_last_stride(v),
         packed_mask=mask,
-        causal=bool(causal),
-        sm_scale=scale,
-        logits_soft_cap=cap,
-        window_left=window_left,
-        pos_encoding_mode=pos_encoding_mode,
-        rope_scale=resolve_scalar("rope_scale", rope_scale, 1.0, positive=True),
-        rope_theta=resolve_scalar("rope_theta", rope_theta, 1e4, positive=True),
-        v_scale=resolve_scalar("v_scale", v_scale, 1.0),
+        params=params,
         out_dtype=out_dtype,
         backend=backend,
     )

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 __all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "clear_launch_memos",
-           "reset_launch_settings"]
+           "reset_launch_settings", "recording_launches", "make_replay", "Recording"]
 
 MAX_CACHED_CALLS = 4096  # keys per kernel; the cache starts over when full
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -70,7 +70,24 @@ def argument_key(value: Any) -> Any:
         return bool
     if value is None:
         return None
+    if hasattr(value, "block_shape") and hasattr(value, "base"):  # a (Gluon) tensor descriptor
+        return _descriptor_key(value)
     raise _Uncacheable(kind.__name__)
+
+
+def _descriptor_key(desc) -> Any:
+    """Triton's own specialization of a tensor descriptor (its type string: dtype, block shape, shared
+    layout), from the function Triton's binder calls; ~1.5 us, still far cheaper than the binder."""
+    specialize = _state.get("specialize")
+    if specialize is None:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        def specialize(value):
+            return native_specialize_impl(BaseBackend, value, False, True, True)
+
+        _state["specialize"] = specialize
+    return specialize(desc)
 
 
 def _env_flag(name: str, default: str) -> bool:
@@ -177,14 +194,21 @@ class DirectLaunch:
         return tail
 
     def _launch(self, grid, args: tuple, kwargs: dict):
+        recording = _state.get("recording")
         if not _direct_enabled() or callable(grid):
+            if recording is not None:
+                recording.complete = False
             return self.fn[grid](*args, **kwargs)
         try:
             device = _driver().get_current_device()
             key = self._key(device, args, kwargs)
             entry = self._compiled.get(key)  # TypeError: an unhashable constexpr
         except (_Uncacheable, TypeError):
+            if recording is not None:
+                recording.complete = False
             return self.fn[grid](*args, **kwargs)
+        if recording is not None:
+            recording.note(self, grid, args, kwargs)
         if entry is None:
             kernel = _first_launch(self.fn, grid, args, kwargs)  # compiles (first time) and launches
             if hasattr(kernel, "result"):
@@ -227,6 +251,101 @@ class DirectLaunch:
                 "arguments (the specialization key in flashtile/_core/launch.py misses a property); "
                 "set FLASHTILE_DIRECT_LAUNCH=0 and report this"
             )
+
+
+class Recording:
+    """The direct launches made while :func:`recording_launches` is active, in order, each as
+    ``(compiled kernel, (g0, g1, g2), positional args, tail)``; ``complete`` is False when some launch
+    took Triton's own path (it cannot be replayed)."""
+
+    def __init__(self) -> None:
+        self.launches: list = []
+        self.complete = True
+
+    def note(self, launcher: "DirectLaunch", grid, args: tuple, kwargs: dict) -> None:
+        self.launches.append((launcher, tuple(grid) + (1,) * (3 - len(grid)), args, kwargs))
+
+
+class recording_launches:
+    """Context manager: records the direct launches of the code it wraps (for :func:`make_replay`).
+    Not re-entrant; hooks or check mode make the recording incomplete."""
+
+    def __enter__(self) -> Recording:
+        self.recording = Recording()
+        if _state.get("recording") is not None or not _direct_enabled() or _check_enabled() or \
+                _hooks() is not None:
+            self.recording.complete = False
+            self.previous = _state.get("recording")
+            return self.recording
+        self.previous = None
+        _state["recording"] = self.recording
+        return self.recording
+
+    def __exit__(self, *exc) -> None:
+        if _state.get("recording") is self.recording:
+            _state["recording"] = self.previous
+
+
+def _rebase(template, base):
+    """A copy of tensor descriptor ``template`` over ``base`` (same shape, strides and block: the caller's
+    key fixed them; the constructor's checks ran on the template)."""
+    desc = object.__new__(type(template))
+    desc.__dict__.update(template.__dict__)
+    desc.base = base
+    return desc
+
+
+def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
+    """A function of ``len(dynamic)`` tensors that repeats the recorded launches with those tensors in
+    place of ``dynamic`` (matched by identity, also as the base of a tensor descriptor), or None when
+    the recording cannot be replayed: incomplete, or a launch took a tensor that is neither one of
+    ``dynamic`` nor a view of a storage in ``owned_storage`` (data pointers of storages the caller keeps
+    alive and unchanged while the replay is in use, e.g. a plan's work list).
+
+    Everything else a launch took (ints, floats, constexprs, the grid, the compiled kernel) is baked in:
+    the caller keys the replay on whatever fixes them (the tensors' shapes, strides, dtypes, 16-byte
+    alignment, and its own options)."""
+    if not recording.complete or not recording.launches:
+        return None
+    namespace = {"rebase": _rebase, "current_stream": _driver().get_current_stream,
+                 "current_device": _driver().get_current_device}
+    lines = []
+    for n, (launcher, grid, args, kwargs) in enumerate(recording.launches):
+        entry = launcher._compiled.get(launcher._key(_driver().get_current_device(), args, kwargs))
+        if entry is None:
+            return None
+        compiled, tail = entry
+        if tail is None:
+            tail = launcher._tail(args, kwargs)
+        values = []
+        for i, a in enumerate(tuple(args) + tuple(tail)):
+            position = next((j for j, d in enumerate(dynamic) if a is d), None)
+            if position is not None:
+                values.append(f"d{position}")
+                continue
+            base = getattr(a, "base", None) if hasattr(a, "block_shape") else None
+            if base is not None:
+                position = next((j for j, d in enumerate(dynamic) if base is d), None)
+                if position is not None:
+                    namespace[f"t{n}_{i}"] = a
+                    values.append(f"rebase(t{n}_{i}, d{position})")
+                    continue
+                a_tensor = base
+            else:
+                a_tensor = a
+            if isinstance(a_tensor, torch.Tensor) and a_tensor.untyped_storage().data_ptr() not in owned_storage:
+                return None
+            namespace[f"c{n}_{i}"] = a
+            values.append(f"c{n}_{i}")
+        namespace[f"run{n}"] = compiled.run
+        namespace[f"function{n}"] = compiled.function
+        namespace[f"metadata{n}"] = compiled.packed_metadata
+        lines.append(f"    run{n}({grid[0]}, {grid[1]}, {grid[2]}, stream, function{n}, metadata{n}, None, None, None, "
+                     f"{', '.join(values)})")
+    params = ", ".join(f"d{j}" for j in range(len(dynamic)))
+    source = f"def replay({params}):\n    stream = current_stream(current_device())\n" + "\n".join(lines) + "\n"
+    exec(source, namespace)
+    return namespace["replay"]
 
 
 def _first_launch(fn, grid, args: tuple, kwargs: dict):

@@ -22,6 +22,7 @@ from .checks import check_option, describe
 from .debug import validate_device_indices
 
 __all__ = [
+    "kv_page_views",
     "PagedKV",
     "unpack_paged_kv_cache",
     "as_index_tensor",
@@ -61,17 +62,26 @@ class PagedKV:
         return self.k.device
 
 
-def _to_nhd(x: torch.Tensor, kv_layout: str, name: str) -> torch.Tensor:
-    """A 4-D page tensor (or 3-D, page size 1) in ``kv_layout`` as an NHD view."""
+def _page_view(x: torch.Tensor, hnd: bool) -> torch.Tensor:
+    """A 4-D page tensor (or 3-D: page size 1) as an NHD view (no checks)."""
     if x.dim() == 3:  # [pages, heads, dim]: page size 1, the page axis sits where the layout puts it
-        x = x.unsqueeze(1) if kv_layout == "NHD" else x.unsqueeze(2)
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D [pages, page_size, heads, dim] (or 3-D) tensor, got {describe(x)}")
-    if kv_layout == "HND":
-        x = x.transpose(1, 2)
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name}: the head_dim axis must have stride 1, got strides {tuple(x.stride())}")
-    return x
+        x = x.unsqueeze(2 if hnd else 1)
+    return x.transpose(1, 2) if hnd else x
+
+
+def kv_page_views(paged_kv_cache, kv_layout: str) -> tuple:
+    """``(k, v)`` NHD page views ``[pages, page_size, heads, dim]`` of a paged cache (a 5-D tensor, 4-D
+    for page size 1, or a ``(k_cache, v_cache)`` pair), without checks: for a cache of a form
+    :func:`unpack_paged_kv_cache` has accepted (run()'s replays)."""
+    hnd = kv_layout == "HND"
+    if isinstance(paged_kv_cache, torch.Tensor):
+        x = paged_kv_cache
+        if x.dim() == 4:  # [pages, 2, heads, dim]: page size 1
+            x = x.unsqueeze(3 if hnd else 2)
+        k, v = x[:, 0], x[:, 1]
+        return (k.transpose(1, 2), v.transpose(1, 2)) if hnd else (k, v)
+    k, v = paged_kv_cache
+    return _page_view(k, hnd), _page_view(v, hnd)
 
 
 def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD", name: str = "paged_kv_cache") -> PagedKV:
@@ -85,26 +95,27 @@ def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD", name: str = "p
     check_option("kv_layout", kv_layout, KV_LAYOUTS)
     if isinstance(paged_kv_cache, torch.Tensor):
         x = paged_kv_cache
-        if x.dim() == 4:  # [pages, 2, heads, dim]: page size 1, the page axis sits where the layout puts it
-            x = x.unsqueeze(2) if kv_layout == "NHD" else x.unsqueeze(3)
-        if x.dim() != 5 or x.shape[1] != 2:
+        if x.dim() not in (4, 5) or x.shape[1] != 2:
             raise ValueError(
                 f"{name}: expected a 5-D tensor [pages, 2, page_size, heads, dim] ({kv_layout} layout; "
                 f"[pages, 2, heads, dim] for page size 1), got {describe(paged_kv_cache)}"
             )
-        k, v = x[:, 0], x[:, 1]
     elif isinstance(paged_kv_cache, (tuple, list)) and len(paged_kv_cache) == 2:
-        k, v = paged_kv_cache
-        for part, t in (("k_cache", k), ("v_cache", v)):
+        for part, t in zip(("k_cache", "v_cache"), paged_kv_cache):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: the {part} entry must be a torch.Tensor, got {describe(t)}")
+            if t.dim() not in (3, 4):
+                raise ValueError(f"{name} ({part[0]}): expected a 4-D [pages, page_size, heads, dim] (or 3-D) tensor, "
+                                 f"got {describe(t)}")
     else:
         raise TypeError(
             f"{name}: expected a tensor [pages, 2, page_size, heads, dim] or a (k_cache, v_cache) tuple, "
             f"got {describe(paged_kv_cache)}"
         )
-    k = _to_nhd(k, kv_layout, f"{name} (k)")
-    v = _to_nhd(v, kv_layout, f"{name} (v)")
+    k, v = kv_page_views(paged_kv_cache, kv_layout)
+    for part, x in (("k", k), ("v", v)):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} ({part}): the head_dim axis must have stride 1, got strides {tuple(x.stride())}")
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(
             f"{name}: K and V must have the same [pages, page_size, heads] ({kv_layout} as NHD), "

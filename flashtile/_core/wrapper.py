@@ -9,15 +9,89 @@ launches: it never synchronizes and never allocates except the output when none 
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import dataclasses
+from typing import Callable, Optional, Union
 
 import torch
 
-from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap
+from . import tile_policy
+from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap, resolve_attention_params
+from .buffers import new_output
 from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_tensor, describe
-from .dispatch import normalize_backend
+from .dispatch import Path, choose_path, normalize_backend
+from .launch import make_replay, recording_launches
+from .params import AttentionParams
 
-__all__ = ["PlanRunWrapper", "resolve_dtype", "check_common_options", "reject_kv_cache_sf", "INT_WORKSPACE_BYTES"]
+__all__ = ["PlanRunWrapper", "PlanBase", "resolve_dtype", "check_common_options", "reject_kv_cache_sf",
+           "INT_WORKSPACE_BYTES", "tensor_meta", "run_key"]
+
+MAX_REPLAYS = 64  # remembered run() shapes per plan (one per layer shape is typical)
+
+
+def tensor_meta(t: torch.Tensor) -> tuple:
+    """What a kernel launch depends on in a tensor besides its data: shape, strides, dtype, device and
+    16-byte alignment (run() memo keys)."""
+    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0
+
+
+def run_key(*parts) -> Optional[tuple]:
+    """A run() memo key of tensors (by :func:`tensor_meta`), (k, v) tuples, None and plain scalars; None
+    when some part has no such key (a scale given as a tensor is read per call, so it is not memoised)."""
+    key = []
+    for p in parts:
+        kind = type(p)
+        if p is None or kind is float or kind is int or kind is bool or kind is str:
+            key.append(p)
+        elif kind is torch.Tensor:
+            key.append(tensor_meta(p))
+        elif (kind is tuple or kind is list) and len(p) == 2 and type(p[0]) is torch.Tensor \
+                and type(p[1]) is torch.Tensor:
+            key.append((tensor_meta(p[0]), tensor_meta(p[1])))
+        else:
+            return None
+    return tuple(key)
+
+
+@dataclasses.dataclass
+class PlanBase:
+    """What every plan holds: the resolved dtypes and attention parameters (before run()'s scales), the
+    plan() arguments (the deprecated forward() re-plans with them), and run()'s memo of replays."""
+
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    o_dtype: torch.dtype
+    params: AttentionParams
+    plan_args: dict
+    replays: dict = dataclasses.field(default_factory=dict)
+    owned_storage: frozenset = frozenset()  # storages run()'s launches may bake in (work list, workspaces)
+
+    @property
+    def causal(self) -> bool:
+        return self.params.causal
+
+    @property
+    def pos_encoding_mode(self) -> str:
+        return self.params.pos_encoding_mode
+
+    @property
+    def window_left(self) -> int:
+        return self.params.window_left
+
+    @property
+    def logits_soft_cap(self) -> float:
+        return self.params.logits_soft_cap
+
+    @property
+    def sm_scale(self) -> float:
+        return self.params.sm_scale
+
+    @property
+    def rope_scale(self) -> float:
+        return self.params.rope_scale
+
+    @property
+    def rope_theta(self) -> float:
+        return self.params.rope_theta
 
 INT_WORKSPACE_BYTES = 8 * 1024 * 1024  # like upstream's internal int workspace
 
@@ -99,6 +173,130 @@ class PlanRunWrapper:
 
     def end_forward(self) -> None:
         """Deprecated upstream alias; nothing to release."""
+
+    # Attributes serving engines read (upstream's names), from the plan.
+    @property
+    def _causal(self) -> bool:
+        return self._plan.causal if self._plan is not None else False
+
+    @property
+    def _window_left(self) -> int:
+        return self._plan.window_left if self._plan is not None else -1
+
+    @property
+    def _logits_soft_cap(self) -> float:
+        return self._plan.logits_soft_cap if self._plan is not None else 0.0
+
+    @property
+    def _sm_scale(self) -> Optional[float]:
+        return self._plan.sm_scale if self._plan is not None else None
+
+    @property
+    def _pos_encoding_mode(self) -> str:
+        return self._plan.pos_encoding_mode if self._plan is not None else "NONE"
+
+    # -- plan() steps shared by the wrappers --------------------------------------------------------
+
+    def _compiled(self) -> bool:
+        """Whether this wrapper's calls run the compiled kernels (planning then uses their tiles)."""
+        return choose_path(self.device, self._backend).path is Path.TRITON
+
+    def _planning_facts(self) -> tuple:
+        """``(KV-chunk granularity, SMs)`` the scheduler plans with (_core/tile_policy.py)."""
+        return tile_policy.planning_facts(self.device, self._compiled())
+
+    @staticmethod
+    def _split_options(fixed_split_size, disable_split_kv) -> tuple:
+        """``(fixed_split_size or None, disable_split_kv)``; -1 and None both turn the fixed size off."""
+        if fixed_split_size is not None and fixed_split_size != -1:
+            check_positive_int("fixed_split_size", fixed_split_size)
+        else:
+            fixed_split_size = None
+        return fixed_split_size, bool(disable_split_kv)
+
+    def _check_graph_batch(self, batch: int) -> None:
+        if self._use_cuda_graph and batch != self._fixed_batch_size:
+            raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
+                             f"mismatches the batch size set during initialization {self._fixed_batch_size}")
+
+    def _plan_dtypes(self, q_data_type, kv_data_type, o_data_type) -> tuple:
+        """``(q, kv, o)`` dtypes of a plan (defaults: float16 q as upstream, kv and o like q), checked."""
+        q_dtype = resolve_dtype("q_data_type", q_data_type, torch.float16)
+        kv_dtype = resolve_dtype("kv_data_type", kv_data_type, q_dtype)
+        o_dtype = resolve_dtype("o_data_type", o_data_type, q_dtype)
+        if o_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"o_data_type: expected float16, bfloat16 or float32, got {o_dtype}")
+        self._check_q_kv_dtypes(q_dtype, kv_dtype)
+        return q_dtype, kv_dtype, o_dtype
+
+    def _upload_worklist(self, host: torch.Tensor, non_blocking: bool) -> torch.Tensor:
+        """Copy a packed host work list into the int workspace (one transfer); returns the device view."""
+        worklist = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * host.numel(),
+                                        torch.int32)
+        worklist.copy_(host, non_blocking=non_blocking)
+        return worklist
+
+    def _owned_storage(self, *tensors) -> frozenset:
+        """Data pointers of the storages a plan owns (what run()'s replays may keep using)."""
+        return frozenset(t.untyped_storage().data_ptr() for t in tensors if t is not None)
+
+    # -- run() steps shared by the wrappers ---------------------------------------------------------
+
+    @staticmethod
+    def _check_run_options(plan: PlanBase, args, sinks, window_left, kv_cache_sf) -> None:
+        reject_kv_cache_sf(kv_cache_sf)
+        if args:
+            raise NotImplementedError("run(): extra positional arguments feed upstream's JIT variants, which "
+                                      "flashtile does not support")
+        if sinks is not None:
+            raise NotImplementedError("sinks: attention sinks are not supported by flashtile yet")
+        if window_left is not None and window_left != plan.window_left:
+            raise ValueError(f"window_left: run() got {window_left}, plan() was given {plan.window_left}; "
+                             "re-plan to change it")
+
+    @staticmethod
+    def _run_params(plan: PlanBase, q_scale, k_scale, v_scale) -> AttentionParams:
+        """The plan's parameters with run()'s calibration scales folded in."""
+        if q_scale is None and k_scale is None and v_scale is None:
+            return plan.params
+        return resolve_attention_params(plan.params, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+
+    def _outputs(self, shape: tuple, o_dtype: torch.dtype, out, lse) -> tuple:
+        """run()'s ``out`` / ``lse``: the given ones, checked, or new ones."""
+        self._check_out("out", out, shape, o_dtype, self.device)
+        self._check_out("lse", lse, shape[:2], torch.float32, self.device)
+        if out is None:
+            out = new_output(shape, o_dtype, self.device)
+        if lse is None:
+            lse = new_output(shape[:2], torch.float32, self.device)
+        return out, lse
+
+    def _launch_recorded(self, plan: PlanBase, key, dynamic: tuple, launch: Callable[[], None]):
+        """Run ``launch()`` and, with a memo ``key``, record its kernel launches into a replay over the
+        ``dynamic`` tensors (the inputs and outputs; the plan's own tensors are baked in). Returns the
+        replay or None."""
+        if key is None or torch.compiler.is_compiling():
+            launch()
+            return None
+        with recording_launches() as recording:
+            launch()
+        replay = make_replay(recording, dynamic, plan.owned_storage)
+        if replay is not None:
+            if len(plan.replays) >= MAX_REPLAYS:
+                plan.replays.clear()
+        return replay
+
+    def _forward(self, **overrides) -> None:
+        """The deprecated forward()'s parameters replace the planned ones (upstream semantics): re-plan
+        with the stored plan() arguments when one differs (None: the default)."""
+        plan = self._require_plan()
+        wanted = resolve_attention_params(None, head_dim=plan.plan_args["_head_dim"], **overrides)
+        if plan.params.causal != wanted.causal and plan.plan_args.get("_mask_replaces_causal"):
+            wanted = dataclasses.replace(wanted, causal=plan.params.causal)  # a mask replaces causal
+        if wanted != plan.params:
+            args = {k: v for k, v in plan.plan_args.items() if not k.startswith("_")}
+            args.update({k: v for k, v in overrides.items() if k in args})
+            self.plan(**args)
 
     # -- helpers for subclasses ---------------------------------------------------------------------
 

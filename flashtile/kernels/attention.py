@@ -42,13 +42,17 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from .._core.params import AttentionParams
+from .._core import tile_policy
+from ..reference.positional import alibi_slopes
 from ..scheduler.split_kv import plan_kv_splits
+from ..scheduler.worklist import DECODE_ITEM_FIELDS, decode_layout
 from .merge import merge_attention_states
 from .smem import TileFeatures, device_config, estimate_shared_bytes, launch_within_limit
 from .softmax import finalize_state, softmax_update
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DECODE_ITEM_STRIDE = tl.constexpr(len(DECODE_ITEM_FIELDS))
 
 
 @triton.jit
@@ -386,7 +390,7 @@ def _attention_fwd_kernel(
 @triton.jit
 def _batch_decode_kernel(
     Q, K, V, O, LSE, PART_O, PART_LSE, SLOPES,
-    PAGE_INDICES, PAGE_INDPTR, KV_LENS, REQ_ITEM_INDPTR, ITEM_REQUEST, ITEM_KV_START, ITEM_KV_END,
+    PAGE_INDICES, PAGE_INDPTR, ITEM_INDPTR, KV_LENS, ITEMS,
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
@@ -401,8 +405,10 @@ def _batch_decode_kernel(
     """Batch decode over a paged cache: program ``(item, kv_head)`` attends the GQA group of one KV
     head (rows = its query heads) over one work item's KV range (scheduler/split_kv.py).
 
-    A request with one item writes its final output; a split request writes float32 partial states at
-    its items' slots, which the merge kernel folds. Programs beyond the planned item count (the fixed
+    The work list (scheduler/worklist.py, decode layout) gives request r's items ITEM_INDPTR[r]:ITEM_INDPTR[r+1]
+    (entry B: the planned count), its length KV_LENS[r], and per item (request, kv_start, kv_end) records of
+    DECODE_ITEM_STRIDE values. A request with one item writes its final output; a split request writes
+    float32 partial states at its items' slots, which the merge kernel folds. Programs beyond the planned item count (the fixed
     grid of CUDA-graph mode) store nothing. The plan lives in device memory, so a captured launch
     serves any later plan of the same batch size.
       Q [B, Hq, D], K/V pages [pages, page_size, Hkv, D] (strides), O [B, Hq, Dv], LSE [B, Hq] f32,
@@ -410,15 +416,16 @@ def _batch_decode_kernel(
     """
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
-    num_items = tl.load(REQ_ITEM_INDPTR + batch_size)
+    num_items = tl.load(ITEM_INDPTR + batch_size)
     live = item < num_items
     item = tl.minimum(item, num_items - 1)
-    req = tl.load(ITEM_REQUEST + item)
-    lo = tl.load(ITEM_KV_START + item)
-    hi = tl.load(ITEM_KV_END + item)
+    record = ITEMS + item * DECODE_ITEM_STRIDE  # request, kv_start, kv_end (scheduler/worklist.py)
+    req = tl.load(record)
+    lo = tl.load(record + 1)
+    hi = tl.load(record + 2)
     hi = tl.where(live, hi, lo)
     kv_len = tl.load(KV_LENS + req)
-    single = tl.load(REQ_ITEM_INDPTR + req + 1) - tl.load(REQ_ITEM_INDPTR + req) == 1
+    single = tl.load(ITEM_INDPTR + req + 1) - tl.load(ITEM_INDPTR + req) == 1
     page_table = PAGE_INDICES + tl.load(PAGE_INDPTR + req)
 
     rows = tl.arange(0, BLOCK_M)
@@ -509,9 +516,6 @@ AUTOTUNE_CANDIDATES = [
     for s in (2, 3, 4)
 ]
 
-# KV splits are multiples of this many tokens so every BLOCK_N in the tables divides a chunk
-# (128 beat 256 at kv 4k and 128k on H100: finer chunks fit the grid to the GPU better).
-KV_CHUNK_ALIGN = 128
 
 
 def check_fp8_head_dims(kv: torch.Tensor, head_dim_qk: int, head_dim_vo: int) -> None:
@@ -551,6 +555,18 @@ def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, use_tma: bool
     return tuple(TensorDescriptor(x, shape=[x.shape[1], x.shape[0], x.shape[2]],
                                   strides=[x.stride(1), x.stride(0), 1], block_shape=[1, block_n, x.shape[2]])
                  for x in (k, v))
+
+
+_slopes: dict = {}
+
+
+def alibi_slopes_of(num_heads: int, device: torch.device) -> torch.Tensor:
+    """ALiBi slopes (float32 ``[num_heads]``) on ``device``, made once per (heads, device)."""
+    key = (num_heads, device)
+    slopes = _slopes.get(key)
+    if slopes is None:
+        slopes = _slopes[key] = alibi_slopes(num_heads, device=device)
+    return slopes
 
 
 def _prune(candidates, kind: str, features: TileFeatures, num_rows: int, device: torch.device):
@@ -594,7 +610,7 @@ def _autotuned_config(key, candidates, launch) -> LaunchConfig:
     return _autotune_cache[key]
 
 
-def attention_forward(
+def single_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -603,7 +619,6 @@ def attention_forward(
     params: AttentionParams,
     *,
     packed_mask: Optional[torch.Tensor],
-    alibi_slopes: Optional[torch.Tensor],
     kind: str,
     num_splits: Optional[int] = None,
 ) -> None:
@@ -633,6 +648,7 @@ def attention_forward(
     causal, window_left, logits_soft_cap = params.causal, params.window_left, params.logits_soft_cap
     sm_scale, v_scale = params.sm_scale, params.v_scale
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
+    alibi = alibi_slopes_of(num_qo_heads, device) if use_alibi else None
     use_tma = tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
 
     def launch(cfg: LaunchConfig, splits: int, chunk: int, o_buf, lse_buf, partial: bool):
@@ -648,7 +664,7 @@ def attention_forward(
         _attention_fwd_kernel[grid](
             q, k, v, o_buf, lse_buf,
             packed_mask if packed_mask is not None else dummy,
-            alibi_slopes if alibi_slopes is not None else dummy, k_desc, v_desc,
+            alibi if alibi is not None else dummy, k_desc, v_desc,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             *o_strides, *l_strides,
             qo_len, kv_len, chunk, num_m_blocks,
@@ -672,7 +688,7 @@ def attention_forward(
     cfg = device_config(preferred, features, device, vary_block_m=vary_block_m)
 
     num_m_blocks = cdiv(num_rows, cfg.block_m)
-    align = KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
+    align = tile_policy.KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
     if num_splits is None:
         splits, chunk = plan_kv_splits(kv_len, num_m_blocks * num_kv_heads, num_sms(device), align)
     else:
@@ -709,18 +725,14 @@ def batch_decode_forward(
     v_pages: torch.Tensor,
     page_indptr: torch.Tensor,
     page_indices: torch.Tensor,
-    kv_lens: torch.Tensor,
-    req_item_indptr: torch.Tensor,
-    item_request: torch.Tensor,
-    item_kv_start: torch.Tensor,
-    item_kv_end: torch.Tensor,
+    worklist: torch.Tensor,
     part_o: torch.Tensor,
     part_lse: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
     params: AttentionParams,
     *,
-    alibi_slopes: Optional[torch.Tensor],
+    batch_size: int,
     num_programs: int,
     max_states: int,
     merge: bool,
@@ -733,14 +745,19 @@ def batch_decode_forward(
             passed), fp16/bf16 or fp8 (scale folded into ``params.sm_scale`` / ``params.v_scale``).
         page_indptr: int32 ``[B + 1]``, page_indices: int32 page ids; request ``r`` owns
             ``page_indices[page_indptr[r]:page_indptr[r + 1]]``.
-        kv_lens: int32 ``[B]``. req_item_indptr: int32 ``[B + 1]`` (entry ``B`` = planned item count);
-            item_request / item_kv_start / item_kv_end: int32 ``[>= num_programs]`` (the work items).
+        worklist: int32, the decode layout of scheduler/worklist.py for ``batch_size`` requests and
+            ``num_programs`` item records.
         part_o: float32 ``[>= num_programs, num_qo_heads, head_dim_vo]``, part_lse float32 ``[.., num_qo_heads]``.
         out: ``[B, num_qo_heads, head_dim_vo]``; lse: float32 ``[B, num_qo_heads]`` (base 2).
         num_programs: grid size along items (the planned count, or CUDA-graph mode's fixed capacity).
         max_states: a bound on the items of one request (merge fold width).
         merge: launch the merge (some request is split, or CUDA-graph mode where that is unknown).
     """
+    layout = decode_layout(batch_size, num_programs)
+    item_indptr = worklist[layout.offset("item_indptr"):]
+    kv_lens = worklist[layout.offset("kv_lens"):]
+    items = worklist[layout.offset("items"):]
+    alibi = alibi_slopes_of(q.shape[1], q.device) if params.pos_encoding_mode == "ALIBI" else None
     batch, num_qo_heads, head_dim_qk = q.shape
     num_kv_heads, head_dim_vo = v_pages.shape[2], v_pages.shape[3]
     group = num_qo_heads // num_kv_heads
@@ -749,8 +766,8 @@ def batch_decode_forward(
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     features = TileFeatures(d_qk, d_vo, q.element_size(), k_pages.element_size(), use_rope)
     launch_within_limit(lambda cfg: _batch_decode_kernel[(num_programs, num_kv_heads)](
-        q, k_pages, v_pages, out, lse, part_o, part_lse, alibi_slopes if alibi_slopes is not None else lse,
-        page_indices, page_indptr, kv_lens, req_item_indptr, item_request, item_kv_start, item_kv_end,
+        q, k_pages, v_pages, out, lse, part_o, part_lse, alibi if alibi is not None else lse,
+        page_indices, page_indptr, item_indptr, kv_lens, items,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
@@ -766,11 +783,5 @@ def batch_decode_forward(
         num_stages=cfg.num_stages,
     ), preferred, features, q.device)
     if merge:
-        merge_attention_states(part_o, part_lse, out, lse, v_scale=params.v_scale, state_indptr=req_item_indptr,
+        merge_attention_states(part_o, part_lse, out, lse, v_scale=params.v_scale, state_indptr=item_indptr,
                                max_states=max_states)
-
-
-def batch_chunk_align() -> int:
-    """Granularity of planned KV chunks: a multiple of every decode BLOCK_N (tiles never straddle
-    two items). Under the interpreter it is the small test tile, so tiny tests exercise splitting."""
-    return _INTERPRETER_CONFIG.block_n if INTERPRET else KV_CHUNK_ALIGN

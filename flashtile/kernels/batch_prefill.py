@@ -39,7 +39,9 @@ from .._core.intmath import dot_tile_dim
 from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
-from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner asks this module)
+from .._core import tile_policy
+from .._core.device import num_sms
+from .attention import (
     _INTERPRETER_CONFIG,
     INTERPRET,
     LOG2E,
@@ -49,10 +51,9 @@ from .attention import (  # noqa: F401  (batch_chunk_align, num_sms: the planner
     _load_q,
     _store_state,
     _tile_ranges,
-    batch_chunk_align,
+    alibi_slopes_of,
     check_fp8_head_dims,
     kv_descriptors,
-    num_sms,
     tma_enabled,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
@@ -190,29 +191,9 @@ def _merge_tiles_kernel(
                  D_VO, False)
 
 
-# Launch configurations, measured on H100 (benchmarks/tune_batch_prefill.py, bf16, causal):
-# - BLOCK_M follows the longest request: an append batch of 4 tokens x GQA 4 has 16 rows per KV head,
-#   a 128-row tile would be 7/8 padding. Small tiles use _SMALL_M_CONFIGS[block_m][padded head dim].
-# - 128-row tiles: BLOCK_N 64, 8 warps, 3 stages won on 16 x 1024 (ragged 248 TFLOP/s vs 230 with
-#   BLOCK_N 128; d192/128 267 vs 163 with 64-row tiles); long sequences keep the single-prefill
-#   BLOCK_N 128 (476 TFLOP/s at 1 x 32768). Stages drop to 2 where 3 would not fit shared memory.
-# - Re-tuned 2026-11-22, after the launch-order change (scheduler/prefill_work.py) and with the paged
-#   page-id prefetch: prompts of up to SHORT_KV keys run best with BLOCK_N 32 and 4 warps (ragged
-#   16 x 1024 GQA 302 TFLOP/s vs 285 at BLOCK_N 64 / 8 warps, 128 x 1024 284 vs 277, paged page 16
-#   254 vs 239); at 2048 keys BLOCK_N 64 / 8 warps wins again (362 vs 341), at 4096 BLOCK_N 128 (421
-#   vs 412). d192/128 keeps BLOCK_N 64 / 8 warps (296 vs 135). Page size 1 runs best without the
-#   prefetch at BLOCK_N 64 / 4 warps (245; with it, 235 at 8 warps: its page-id vector spills 4 warps).
-_SMALL_M_CONFIGS = {
-    16: {16: (32, 4, 3), 32: (32, 4, 3), 64: (32, 4, 3), 128: (32, 4, 3), 256: (32, 4, 2)},
-    32: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
-    64: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)},
-}
-SHORT_KV = 1024  # up to this many keys, 128-row tiles (head dims <= 128) use BLOCK_N 32
-LONG_KV = 4096  # from this many keys on, 128-row tiles use BLOCK_N 128
-
-# Set by benchmarks/tune_batch_prefill.py to time one configuration: (block_n, num_warps, num_stages),
-# and the page-id prefetch (None: the default rule, prefetch_page_ids).
-CONFIG_OVERRIDE: Optional[tuple] = None
+# Set by benchmarks/tune_batch_prefill.py: the page-id prefetch (None: the default rule, prefetch_page_ids)
+# and 32-bit page offsets (False: int64 even where int32 would fit). The tile tables and the tile override
+# (CONFIG_OVERRIDE) are in _core/tile_policy.py.
 PREFETCH_OVERRIDE: Optional[bool] = None
 INT32_OFFSETS_OVERRIDE: Optional[bool] = None  # False: int64 page offsets even where int32 would fit
 
@@ -231,39 +212,15 @@ def prefetch_page_ids(page_size: Optional[int]) -> bool:
     return page_size is not None and page_size > 1
 
 
-def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: int,
-                       head_dim_vo: int, page_size: Optional[int] = None) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` for a batch whose longest request has ``max_rows`` GQA-packed rows and
-    whose longest KV has ``max_kv_len`` keys, over a cache of ``page_size`` (None: ragged).
-    ``max_rows=None``: the batch-independent shape (deterministic mode: a request's tiles, and so its
-    bits, do not depend on the other requests)."""
-    if INTERPRET:
-        return _INTERPRETER_CONFIG.block_m, _INTERPRETER_CONFIG.block_n
-    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
-    full = 128 if d_vo <= 128 else 64
-    block_m = full
-    if max_rows is not None:
-        block_m = next((bm for bm in (16, 32, 64) if max_rows <= bm and bm < full), full)
-    if CONFIG_OVERRIDE is not None:
-        return block_m, CONFIG_OVERRIDE[0]
-    if block_m in _SMALL_M_CONFIGS:
-        return block_m, _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)][0]
-    if max_rows is None or d_qk > 128:
-        return block_m, 64
-    if max_kv_len >= LONG_KV:
-        return block_m, 128
-    return block_m, (32 if max_kv_len <= SHORT_KV and page_size != 1 else 64)
-
-
 def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: Optional[int]) -> LaunchConfig:
     """The preferred config of a planned tile (measured on H100: see the notes above); the launch fits
     it to the device's shared memory (smem.py)."""
     if INTERPRET:
         return _INTERPRETER_CONFIG
-    if CONFIG_OVERRIDE is not None:
-        return LaunchConfig(block_m, *CONFIG_OVERRIDE)
-    if block_m in _SMALL_M_CONFIGS:
-        _, warps, stages = _SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
+    if tile_policy.CONFIG_OVERRIDE is not None:
+        return LaunchConfig(block_m, *tile_policy.CONFIG_OVERRIDE)
+    if block_m in tile_policy.SMALL_M_CONFIGS:
+        _, warps, stages = tile_policy.SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
         return LaunchConfig(block_m, block_n, warps, stages)
     warps = 4 if block_n == 32 or (page_size == 1 and block_n == 64) else 8
     return LaunchConfig(block_m, block_n, warps, 3)
@@ -312,7 +269,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
 
     if num_items == 0:
         return
-    if CONFIG_OVERRIDE is not None:  # a tuning tool's explicit config: launched as given
+    if tile_policy.CONFIG_OVERRIDE is not None:  # a tuning tool's explicit config: launched as given
         launch(preferred)
     else:  # the row tile is the plan's
         launch_within_limit(launch, preferred, features, q.device)
@@ -325,15 +282,14 @@ def batch_prefill_forward(
     page_indices: Optional[torch.Tensor],
     packed_mask: Optional[torch.Tensor],
     meta: torch.Tensor,
-    batch_size: int,
-    item_capacity: int,
     part_o: torch.Tensor,
     part_lse: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
     params: AttentionParams,
     *,
-    alibi_slopes: Optional[torch.Tensor],
+    batch_size: int,
+    item_capacity: int,
     block_m: int,
     block_n: int,
     num_items: int,
@@ -353,13 +309,14 @@ def batch_prefill_forward(
         meta: int32 plan (module doc): ``batch_size`` requests, ``item_capacity`` item rows.
         part_o, part_lse: float32 partial-state slots (module doc).
         out: ``[total_qo, Hq, Dvo]``; lse: float32 ``[total_qo, Hq]``.
-        block_m, block_n: the planned tile shape (prefill_tile_shape).
+        block_m, block_n: the planned tile shape (_core/tile_policy.prefill_tile_shape).
         num_items / num_merges: grid sizes (planned counts, or the fixed capacities of CUDA-graph mode;
             programs beyond the plan idle).
         multi_item_requests, token_pos_in_items: multi-item scoring (int32 ``[B, 2]`` and int32, module doc;
             ``params.causal`` is set and ``packed_mask`` None), or None. Only the Triton kernel takes it.
     """
     paged = page_indices is not None
+    alibi_slopes = alibi_slopes_of(q.shape[1], q.device) if params.pos_encoding_mode == "ALIBI" else None
     num_kv_heads, head_dim_vo = (v.shape[2], v.shape[3]) if paged else (v.shape[1], v.shape[2])
     check_fp8_head_dims(k, q.shape[2], head_dim_vo)
     d_vo = dot_tile_dim(head_dim_vo)

@@ -1,4 +1,5 @@
-"""Reading the batch-prefill plan (``META``: kernels/batch_prefill.py documents its layout) in a kernel.
+"""Reading the batch-prefill plan (``META``: kernels/batch_prefill.py documents its layout, the scheduler
+owns the record widths: scheduler/prefill_work.py) in a kernel.
 
 Shared by the Triton kernel (batch_prefill.py) and the warp-specialized Gluon kernel
 (batch_prefill_hopper.py), so both take the same items in the same launch order.
@@ -6,6 +7,12 @@ Shared by the Triton kernel (batch_prefill.py) and the warp-specialized Gluon ke
 
 import triton
 import triton.language as tl
+
+from ..scheduler.prefill_work import ITEM_FIELDS, REQUEST_FIELDS
+
+# Record widths of the plan's item and request sections, as the scheduler packs them.
+ITEM_STRIDE = tl.constexpr(ITEM_FIELDS)
+REQUEST_STRIDE = tl.constexpr(REQUEST_FIELDS)
 
 
 @triton.jit
@@ -31,13 +38,13 @@ def _item_and_head(pid, num_items, group_items, num_kv_heads):
 def _item_request(ITEMS, item):
     """The request an item belongs to (its first field; _item_fields reads the request's own fields
     with its own load: routing that load through here reorders the default kernel's SASS, measured)."""
-    return tl.load(ITEMS + item * 5)
+    return tl.load(ITEMS + item * ITEM_STRIDE)
 
 
 @triton.jit
 def _item_fields(ITEMS, REQS, item):
     """An item's row block, KV range and slot, and its request's fields (the plan layout: module doc)."""
-    it = ITEMS + item * 5
-    rq = REQS + tl.load(it) * 5
+    it = ITEMS + item * ITEM_STRIDE
+    rq = REQS + tl.load(it) * REQUEST_STRIDE
     return (tl.load(it + 1), tl.load(it + 2), tl.load(it + 3), tl.load(it + 4), tl.load(rq), tl.load(rq + 1),
             tl.load(rq + 2), tl.load(rq + 3), tl.load(rq + 4))

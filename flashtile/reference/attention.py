@@ -15,7 +15,8 @@ from .._core.params import AttentionParams
 from .packbits import unpack_mask
 from .positional import alibi_slopes, rope_rotate_half_split
 
-__all__ = ["single_attention", "gather_pages", "batch_paged_decode", "batch_prefill", "multi_item_mask"]
+__all__ = ["single_attention", "gather_pages", "batch_paged_decode", "batch_prefill", "multi_item_mask",
+           "single_attention_forward", "batch_decode_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -218,3 +219,29 @@ def multi_item_mask(qo_len: int, kv_len: int, prefix_len: int, token_base: int,
     first_item_key = torch.where(in_items, qpos - item_pos + 1, prefix_len)
     causal = key[None, :] <= qpos[:, None]
     return causal & ((key[None, :] < prefix_len) | (key[None, :] >= first_item_key[:, None]))
+
+
+# -- the op layer's entry points (the same names and arguments as flashtile/kernels/attention.py) -----------
+
+
+def single_attention_forward(q, k, v, out, lse, params: AttentionParams, *, packed_mask: Optional[torch.Tensor],
+                             kind: str) -> None:
+    """:func:`single_attention` written into ``out`` / ``lse`` (``packed_mask``: uint8 bits of the
+    ``[qo_len, kv_len]`` mask, LSB first, or None; ``kind`` picks kernel configs, unused here)."""
+    mask = unpack_mask(packed_mask, q.shape[0], k.shape[0]) if packed_mask is not None else None
+    o, s = single_attention(q, k, v, params, custom_mask=mask)
+    out.copy_(o)
+    lse.copy_(s)
+
+
+def batch_decode_forward(q, k_pages, v_pages, page_indptr, page_indices, worklist, part_o, part_lse, out, lse,
+                         params: AttentionParams, *, batch_size: int, num_programs: int, max_states: int,
+                         merge: bool) -> None:
+    """:func:`batch_paged_decode` written into ``out`` / ``lse``; the KV lengths come from the work list
+    (scheduler/worklist.py), the split-KV items are not needed here."""
+    from ..scheduler.worklist import decode_layout
+
+    kv_lens = decode_layout(batch_size, 0).view(worklist, "kv_lens")[:, 0]
+    o, s = batch_paged_decode(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, params)
+    out.copy_(o)
+    lse.copy_(s)

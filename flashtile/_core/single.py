@@ -1,0 +1,96 @@
+"""The run path of the single-request APIs (single_decode_with_kv_cache, single_prefill_with_kv_cache).
+
+The first call with given input shapes, strides, dtypes, alignment and options checks and normalizes
+its arguments, allocates the outputs and launches through the op layer while recording the kernel
+launches (_core/launch.py); later calls with the same key replay them with the new tensors. The key
+fixes every outcome of the checks and every launch argument besides the tensors, so a replayed call
+is the call the slow path would have made. Calls whose launches cannot be replayed (split-KV partial
+buffers, masks, ALiBi slopes: tensors that belong to one call) always take the slow path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import ops
+from .attention_args import SingleAttentionArgs
+from .buffers import new_output
+from .launch import make_replay, recording_launches
+from .wrapper import run_key
+
+__all__ = ["run_single_attention"]
+
+MAX_REPLAYS = 256
+_REPLAYS: dict = {}
+
+
+def _derive(kind: str, kv_layout: str, q_copy: bool, k_copy: bool, v_copy: bool):
+    """The NHD views the kernels take, from the caller's q, k, v (what normalize_single_attention does to
+    inputs of this key: decode's query axis, HND transposes, unit-stride copies)."""
+    hnd = kv_layout == "HND"
+
+    def derive(q, k, v):
+        if kind == "decode":
+            q = q.unsqueeze(0)
+        if q_copy:
+            q = q.contiguous()
+        if hnd:
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+        if k_copy:
+            k = k.contiguous()
+        if v_copy:
+            v = v.contiguous()
+        return q, k, v
+
+    return derive
+
+
+def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normalize: Callable[[], SingleAttentionArgs]):
+    """``(out, lse)`` of one request. ``kind``: "decode" (q ``[Hq, D]``) or "prefill" (q ``[Lq, Hq, D]``);
+    ``kv_layout``: the caller's; ``options``: the call's other arguments (their values key the replay;
+    any tensor among them turns the replay off); ``normalize()`` checks everything and returns the
+    normalized arguments (the slow path)."""
+    key = None
+    if not torch.compiler.is_compiling() and type(kv_layout) is str and \
+            all(type(o) is not torch.Tensor for o in options):
+        key = run_key(q, k, v, kind, kv_layout, *options)
+        if key is not None:
+            runner = _REPLAYS.get(key)
+            if runner is not None:
+                return runner(q, k, v)
+    args = normalize()
+    qo_len, num_qo_heads, _ = args.q.shape
+    shape = (qo_len, num_qo_heads, args.v.shape[2])
+    out = new_output(shape, args.out_dtype, q.device)
+    lse = new_output(shape[:2], torch.float32, q.device)
+    dynamic = (args.q, args.k, args.v, out, lse)
+    if key is None or args.packed_mask is not None:
+        ops.call(ops.single_attention, *dynamic[:3], args.packed_mask, out, lse, kind, params=args.params,
+                 backend=args.backend)
+        return out, lse
+    with recording_launches() as recording:
+        ops.call(ops.single_attention, *dynamic[:3], None, out, lse, kind, params=args.params, backend=args.backend)
+    replay = make_replay(recording, dynamic, frozenset())
+    if replay is not None:
+        if len(_REPLAYS) >= MAX_REPLAYS:
+            _REPLAYS.clear()
+        derive = _derive(kind, kv_layout, args.q.data_ptr() != q.data_ptr(),
+                         args.k.data_ptr() != _nhd(k, kv_layout).data_ptr(),
+                         args.v.data_ptr() != _nhd(v, kv_layout).data_ptr())
+        out_dtype, device = args.out_dtype, q.device
+
+        def runner(q, k, v):
+            q3, k3, v3 = derive(q, k, v)
+            o = new_output(shape, out_dtype, device)
+            s = new_output(shape[:2], torch.float32, device)
+            replay(q3, k3, v3, o, s)
+            return o, s
+
+        _REPLAYS[key] = runner
+    return out, lse
+
+
+def _nhd(x: torch.Tensor, kv_layout: str) -> torch.Tensor:
+    return x.transpose(0, 1) if kv_layout == "HND" else x
