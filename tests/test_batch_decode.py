@@ -12,7 +12,7 @@ from conftest import DEVICE, HAS_CUDA
 from flashtile._core import ops
 from flashtile._core.checks import InvalidOptionError
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper
-from attention_cases import make_paged_batch, workspace
+from attention_cases import scaled_copy, make_paged_batch, workspace
 from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -65,6 +65,10 @@ def test_batch_decode_matches_oracle(path, device, lens, page_size, heads, head_
     out, lse = w.run(q, cache, return_lse=True)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:2]
     check_batch(out, lse, q, cache, indptr, indices, last, layout)
+    # New inputs of the same shapes and strides: run() replays the launches it recorded (its memo).
+    q2, cache2 = torch.randn_like(q), scaled_copy(cache)
+    out2, lse2 = w.run(q2, cache2, return_lse=True)
+    check_batch(out2, lse2, q2, cache2, indptr, indices, last, layout)
 
 
 FEATURES = [
