@@ -164,7 +164,7 @@ from flashtile.scheduler.split_kv import plan_batch_kv_splits  # noqa: E402
 lens = torch.tensor([4096] * 64)
 splits = plan_batch_kv_splits(lens, 8, 132, 128)
 cache = torch.randn(64 * 256, 2, 16, 8, 128, dtype=bf)
-i32 = lambda x: x.to(torch.int32)  # noqa: E731
+i32 = lambda x: torch.as_tensor(x).to(torch.int32)  # noqa: E731  (the planner returns numpy arrays)
 A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1], i32(torch.arange(0, 64 * 256 + 1, 256)),
                        torch.arange(64 * 256, dtype=torch.int32), i32(lens), i32(splits.request_item_indptr),
                        i32(splits.item_request), i32(splits.item_kv_start), i32(splits.item_kv_end),

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from ._core import ops
@@ -357,16 +358,17 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
 
         # One host->device copy of the work list into the int workspace the wrapper owns.
         meta_len = 2 * batch + 1 + 3 * num_programs
-        meta_h = torch.zeros(meta_len, dtype=torch.int32, device="cpu", pin_memory=self.device.type == "cuda")
+        meta_np = np.zeros(meta_len, dtype=np.int32)
         sections = ((splits.request_item_indptr, batch + 1), (kv_lens, batch), (splits.item_request, num_programs),
                     (splits.item_kv_start, num_programs), (splits.item_kv_end, num_programs))
         meta = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * meta_len, torch.int32)
         views, o = [], 0
         for values, slots in sections:  # item arrays get num_programs slots (graph capacity), tail unused
-            meta_h[o: o + values.numel()] = values
+            meta_np[o: o + values.size] = values
             views.append(meta[o: o + slots])
             o += slots
-        meta.copy_(meta_h, non_blocking=non_blocking)
+        meta_h = torch.from_numpy(meta_np)
+        meta.copy_(meta_h.pin_memory() if self.device.type == "cuda" else meta_h, non_blocking=non_blocking)
 
         if self._use_cuda_graph:
             if last - first > self._paged_kv_indices_buf.numel():
@@ -375,12 +377,12 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                     f"page ids, paged_kv_indices_buffer has {self._paged_kv_indices_buf.numel()}"
                 )
             if not engine_wrote_buffers:
-                self._paged_kv_indptr_buf.copy_(table.indptr - first, non_blocking=non_blocking)
+                self._paged_kv_indptr_buf.copy_(torch.from_numpy(table.indptr - first), non_blocking=non_blocking)
                 self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
                 self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
             page_indptr, page_indices = self._paged_kv_indptr_buf, self._paged_kv_indices_buf
         else:
-            page_indptr = table.indptr.to(self.device, torch.int32, non_blocking=non_blocking)
+            page_indptr = torch.from_numpy(table.indptr).to(self.device, torch.int32, non_blocking=non_blocking)
             page_indices = indices.to(self.device, torch.int32, non_blocking=non_blocking)
 
         # Split-KV partial states live in the float workspace (float32 [rows, heads, head_dim] + lse).
