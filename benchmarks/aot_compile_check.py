@@ -166,10 +166,9 @@ from flashtile.scheduler.worklist import decode_layout, pack_decode_worklist  # 
 lens = torch.tensor([4096] * 64)
 splits = plan_batch_kv_splits(lens, 8, 132, 128)
 cache = torch.randn(64 * 256, 2, 16, 8, 128, dtype=bf)
-i32 = lambda x: x.to(torch.int32)  # noqa: E731
-worklist = pack_decode_worklist(decode_layout(64, splits.num_items), splits.request_item_indptr.tolist(),
-                                lens.tolist(), splits.item_request.tolist(), splits.item_kv_start.tolist(),
-                                splits.item_kv_end.tolist())
+i32 = lambda x: torch.as_tensor(x).to(torch.int32)  # noqa: E731
+worklist = pack_decode_worklist(decode_layout(64, splits.num_items), splits.request_item_indptr, lens,
+                                splits.item_request, splits.item_kv_start, splits.item_kv_end)
 A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1], i32(torch.arange(0, 64 * 256 + 1, 256)),
                        torch.arange(64 * 256, dtype=torch.int32), worklist,
                        torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),

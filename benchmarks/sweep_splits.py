@@ -8,7 +8,6 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flashtile  # noqa: E402
 from benchmarks.harness import cuda_graph_replay  # noqa: E402
-from flashtile.kernels import attention as attn  # noqa: E402
 from flashtile.scheduler import split_kv  # noqa: E402
 from flashtile._core import tile_policy  # noqa: E402
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from ._core import ops
@@ -300,8 +301,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         fixed_chunk = fixed_split_size * page_size if fixed_split_size is not None else None
         splits = plan_batch_kv_splits(kv_lens, programs_per_item, sms, align, fixed_chunk=fixed_chunk,
                                       disable_split=disable_split_kv)
-        item_indptr = _as_list(splits.request_item_indptr)
-        num_items = item_indptr[-1]
+        item_indptr = splits.request_item_indptr  # int64 numpy [B + 1]
+        num_items = int(item_indptr[-1])
         if self._use_cuda_graph:
             capacity = batch_item_capacity(batch, programs_per_item, sms)
             if self._graph_capacity is None:
@@ -315,13 +316,13 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             num_programs, merge, max_states = capacity, True, 64
         else:
             num_programs = num_items
-            max_states = max((item_indptr[r + 1] - item_indptr[r] for r in range(batch)), default=1)
+            max_states = int(np.diff(item_indptr).max()) if batch else 1
             merge = max_states > 1
 
         # One host->device copy of the work list into the int workspace the wrapper owns.
-        host = pack_decode_worklist(decode_layout(batch, num_programs), item_indptr, _as_list(kv_lens),
-                                    _as_list(splits.item_request), _as_list(splits.item_kv_start),
-                                    _as_list(splits.item_kv_end), pin=self.device.type == "cuda")
+        host = pack_decode_worklist(decode_layout(batch, num_programs), splits.request_item_indptr, kv_lens,
+                                    splits.item_request, splits.item_kv_start, splits.item_kv_end,
+                                    pin=self.device.type == "cuda")
         worklist = self._upload_worklist(host, non_blocking)
 
         if self._use_cuda_graph:
@@ -331,12 +332,12 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                     f"page ids, paged_kv_indices_buffer has {self._paged_kv_indices_buf.numel()}"
                 )
             if not engine_wrote_buffers:
-                self._paged_kv_indptr_buf.copy_(_as_tensor(table.indptr) - first, non_blocking=non_blocking)
+                self._paged_kv_indptr_buf.copy_(torch.from_numpy(table.indptr - first), non_blocking=non_blocking)
                 self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
                 self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
             page_indptr, page_indices = self._paged_kv_indptr_buf, self._paged_kv_indices_buf
         else:
-            page_indptr = _as_tensor(table.indptr).to(self.device, torch.int32, non_blocking=non_blocking)
+            page_indptr = torch.from_numpy(table.indptr).to(self.device, torch.int32, non_blocking=non_blocking)
             page_indices = indices.to(self.device, torch.int32, non_blocking=non_blocking)
 
         # Split-KV partial states live in the float workspace (float32 [rows, heads, head_dim] + lse).
@@ -471,14 +472,6 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
     def forward_return_lse(self, q: torch.Tensor, paged_kv_cache, **kwargs):
         """Deprecated upstream form of ``run(..., return_lse=True)``."""
         return self.forward(q, paged_kv_cache, return_lse=True, **kwargs)
-
-
-def _as_list(values) -> list:
-    return values if isinstance(values, list) else values.tolist()
-
-
-def _as_tensor(values) -> torch.Tensor:
-    return values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
 
 
 def _decode_runner(replay, kv_layout: str, shape: tuple, o_dtype: torch.dtype, device: torch.device):

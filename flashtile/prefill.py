@@ -540,7 +540,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         table = read_page_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size,
                                 names=("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
         indices, last_page_len = paged_kv_indices, paged_kv_last_page_len
-        batch, indptr_h, kv_lens = table.batch_size, table.indptr, table.kv_lens
+        batch, indptr_h, kv_lens = table.batch_size, torch.from_numpy(table.indptr), torch.from_numpy(table.kv_lens)
         first, last = table.first, table.last
         if self._use_cuda_graph:
             if last - first > self._paged_kv_indices_buf.numel():

@@ -2,13 +2,12 @@
 reference path, the interpreted kernels (CPU) and the GPU; plan/run checks; CUDA-graph replay."""
 
 import functools
-import math
 
 import pytest
 import torch
 
 import flashtile
-from conftest import DEVICE, HAS_CUDA
+from conftest import HAS_CUDA
 from flashtile._core import ops
 from flashtile._core.checks import InvalidOptionError
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper

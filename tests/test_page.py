@@ -9,6 +9,7 @@ import torch
 from conftest import HAS_CUDA
 from flashtile import page
 from flashtile._core import ops_page
+from flashtile._core.paged_kv import read_page_table
 from flashtile._core.checks import InvalidOptionError
 from oracles import (
     append_paged_kv_oracle,
@@ -208,6 +209,24 @@ def test_get_seq_lens(device):
     lens = page.get_seq_lens(indptr, last, 3)
     assert lens.dtype == torch.int32 and lens.device == indptr.device
     assert lens.tolist() == LENS_AFTER
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
+def test_read_page_table_owns_its_arrays(dtype):
+    """The wrappers' plan-time read: KV lengths and the largest page id, in arrays that stay valid when
+    the engine overwrites its (host) page-table buffers after plan()."""
+    indices, indptr, last = page_table(LENS_AFTER, 3, 16, "cpu")
+    indptr, last = indptr.to(dtype), last.to(dtype)
+    last[1] = 1  # a request without pages has length 0 whatever its last_page_len says
+    table = read_page_table(indptr, indices, last, 3)
+    given_indptr = indptr.tolist()
+    assert table.indptr.tolist() == given_indptr
+    assert table.kv_lens.tolist() == LENS_AFTER and table.batch_size == len(LENS_AFTER)
+    assert (table.first, table.last) == (2, int(indptr[-1]))
+    assert table.max_page_id == int(indices[2: int(indptr[-1])].max())
+    indptr.fill_(0)
+    last.fill_(2)
+    assert table.kv_lens.tolist() == LENS_AFTER and table.indptr.tolist() == given_indptr
 
 
 @pytest.mark.parametrize("append_counts, extra", [([1, 0, 3, 0, 7], 0), ([2, 2], 3), ([0, 0], 2), ([], 2)])

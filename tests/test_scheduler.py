@@ -40,6 +40,8 @@ def test_enough_programs_for_a_long_request(kv_len, sms):
 # Batch planner: every (request, kv token) covered exactly once, bounded item count and imbalance
 # ------------------------------------------------------------------------------------------------
 
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from flashtile.scheduler.split_kv import (  # noqa: E402
@@ -94,8 +96,29 @@ def test_fixed_chunk_does_not_depend_on_the_batch(other, n, fixed):
     alone = plan_batch_kv_splits(torch.tensor([n]), 8, 132, 128, fixed_chunk=fixed)
     mixed = plan_batch_kv_splits(torch.tensor(other + [n]), 8, 132, 128, fixed_chunk=fixed)
     last = slice(int(mixed.request_item_indptr[-2]), int(mixed.request_item_indptr[-1]))
-    assert torch.equal(alone.item_kv_start, mixed.item_kv_start[last])
-    assert torch.equal(alone.item_kv_end, mixed.item_kv_end[last])
+    assert alone.item_kv_start.tolist() == mixed.item_kv_start[last].tolist()
+    assert alone.item_kv_end.tolist() == mixed.item_kv_end[last].tolist()
+
+
+@pytest.mark.parametrize("form", ["list", "int32 tensor", "int64 tensor", "numpy"])
+def test_planners_take_lists_tensors_and_arrays(form):
+    """The documented argument types give the same plans (the reference: int64 tensors)."""
+    qo, kv = [3, 0, 40, 7], [900, 2, 40, 5000]
+    convert = {"list": list, "int32 tensor": lambda x: torch.tensor(x, dtype=torch.int32),
+               "int64 tensor": lambda x: torch.tensor(x, dtype=torch.int64), "numpy": np.array}[form]
+    want = plan_batch_kv_splits(torch.tensor(kv), 2, 4, 16)
+    got = plan_batch_kv_splits(convert(kv), 2, 4, 16)
+    assert got.chunk == want.chunk
+    assert got.num_items == want.num_items == sum(max(1, -(-n // got.chunk)) for n in kv) > len(kv)
+    for name in ("request_item_indptr", "item_request", "item_kv_start", "item_kv_end"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist()
+    kwargs = dict(group=2, block_m=16, causal=True, window_left=-1, programs_per_item=2, num_sms=4, align=16)
+    want = plan_prefill_work(torch.tensor(qo), torch.tensor(kv), **kwargs)
+    got = plan_prefill_work(convert(qo), convert(kv), **kwargs)
+    assert (got.chunk, got.group_items, got.num_items, got.num_merges) == (want.chunk, want.group_items,
+                                                                          want.num_items, want.num_merges)
+    assert torch.equal(pack_prefill_meta(got, torch.zeros(4, 5, dtype=torch.int64), got.num_items, got.num_merges),
+                       pack_prefill_meta(want, np.zeros((4, 5), dtype=np.int64), want.num_items, want.num_merges))
 
 
 # ------------------------------------------------------------------------------------------------

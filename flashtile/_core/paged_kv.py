@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..reference.page import seq_lens
 from .checks import check_option, describe
 from .debug import validate_device_indices
+from .host_arrays import host_int64, host_view
 
 __all__ = [
     "kv_page_views",
@@ -142,9 +144,9 @@ def as_index_tensor(name: str, x, *, length: Optional[int] = None) -> torch.Tens
 
 
 def check_page_table(
-    indptr: torch.Tensor,
-    indices: torch.Tensor,
-    last_page_len: torch.Tensor,
+    indptr,
+    indices,
+    last_page_len,
     page_size: int,
     num_pages: Optional[int] = None,
 ) -> None:
@@ -153,27 +155,29 @@ def check_page_table(
     ``indptr`` is non-decreasing with ``indptr[-1] <= len(indices)``; every used index is in
     ``[0, num_pages)`` when ``num_pages`` is known; ``last_page_len[i]`` is in ``1..page_size`` for a
     request with pages (a request without pages has length 0; its ``last_page_len`` is not read).
+    Each array: a 1-D int tensor (any device: copied to the host) or numpy array.
     """
-    ip = indptr.to("cpu", torch.int64)  # arrays may sit on different devices: check on the host
-    indices, last_page_len = indices.to("cpu"), last_page_len.to("cpu")
-    if ip.numel() < 1:
+    ip = host_int64(indptr)  # arrays may sit on different devices: check on the host
+    if ip.size < 1:
         raise ValueError("indptr: expected batch_size + 1 >= 1 entries, got 0")
-    if (ip[1:] < ip[:-1]).any():
-        raise ValueError(f"indptr: must be non-decreasing, got {ip.tolist()[:16]}")
-    if ip[0] < 0 or ip[-1] > indices.numel():
+    pages = ip[1:] - ip[:-1]
+    if (pages < 0).any():
+        raise ValueError(f"indptr: must be non-decreasing, got {ip[:16].tolist()}")
+    num_indices = indices.numel() if isinstance(indices, torch.Tensor) else len(indices)
+    first, last = int(ip[0]), int(ip[-1])
+    if first < 0 or last > num_indices:
         raise ValueError(
-            f"indptr: entries must lie in [0, len(indices)={indices.numel()}], got first {int(ip[0])}, last {int(ip[-1])}"
+            f"indptr: entries must lie in [0, len(indices)={num_indices}], got first {first}, last {last}"
         )
-    if num_pages is not None and ip[-1] > ip[0]:
-        used = indices[int(ip[0]): int(ip[-1])]
+    if num_pages is not None and last > first:
+        used = host_view(indices[first:last])
         lo, hi = int(used.min()), int(used.max())
         if lo < 0 or hi >= num_pages:
             raise ValueError(f"indices: page ids must lie in [0, {num_pages}) (pages of the cache), got [{lo}, {hi}]")
-    pages = ip[1:] - ip[:-1]
-    lp = last_page_len.to(torch.int64)
+    lp = host_view(last_page_len)
     bad = (pages > 0) & ((lp < 1) | (lp > page_size))  # a request without pages has length 0: lp unused
     if bad.any():
-        i = int(bad.nonzero()[0, 0])
+        i = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"last_page_len: request {i} has {int(pages[i])} pages and last_page_len {int(lp[i])}; expected "
             f"1..{page_size} (page_size) for a request with pages"
@@ -182,15 +186,16 @@ def check_page_table(
 
 @dataclass(frozen=True)
 class HostPageTable:
-    """What a wrapper's plan() learns from a page table on the host (int64 tensors)."""
+    """What a wrapper's plan() learns from a page table on the host: int64 numpy arrays, owned by the
+    table (never views of the caller's tensors; ``torch.from_numpy`` views them as CPU tensors)."""
 
-    indptr: torch.Tensor  # [B + 1], as given (indptr[0] may be > 0)
-    kv_lens: torch.Tensor  # [B], 0 for a request without pages
+    indptr: np.ndarray  # [B + 1], as given (indptr[0] may be > 0)
+    kv_lens: np.ndarray  # [B], 0 for a request without pages
     max_page_id: Optional[int]  # largest page id used, when the indices were read on the host
 
     @property
     def batch_size(self) -> int:
-        return self.kv_lens.numel()
+        return self.kv_lens.size
 
     @property
     def first(self) -> int:
@@ -217,22 +222,18 @@ def read_page_table(indptr, indices, last_page_len, page_size: int,
     if indptr.numel() != batch + 1:
         raise ValueError(f"{names[0]}: expected batch_size + 1 = {batch + 1} entries (batch size from "
                          f"{names[2]}), got {indptr.numel()}")
-    indptr_h = indptr.to("cpu", torch.int64)
-    if last_page_len_is_one:
-        last_h = torch.ones(batch, dtype=torch.int64, device="cpu")
-    else:
-        last_h = last_page_len.to("cpu", torch.int64)
-    if int(indptr_h[-1]) > indices.numel() and batch > 0:
-        raise ValueError(f"{names[0]}: its last entry {int(indptr_h[-1])} exceeds len({names[1]})={indices.numel()}")
+    indptr_h = host_int64(indptr)
+    last_h = np.ones(batch, dtype=np.int64) if last_page_len_is_one else host_int64(last_page_len)
+    first, last = int(indptr_h[0]), int(indptr_h[-1])
+    if last > indices.numel() and batch > 0:
+        raise ValueError(f"{names[0]}: its last entry {last} exceeds len({names[1]})={indices.numel()}")
     max_page_id = None
     if validate_device_indices(indices):
-        indices_h = indices.to("cpu")
-        check_page_table(indptr_h, indices_h, last_h, page_size)
-        first, last = int(indptr_h[0]), int(indptr_h[-1])
+        check_page_table(indptr_h, indices, last_h, page_size)
         if last > first:
-            max_page_id = int(indices_h[first:last].max())
-    elif int(indptr_h[0]) < 0 or (indptr_h[1:] < indptr_h[:-1]).any():
-        raise ValueError(f"{names[0]}: must be non-negative and non-decreasing, got {indptr_h.tolist()[:16]}")
+            max_page_id = int(host_view(indices[first:last]).max())
+    elif first < 0 or (indptr_h[1:] < indptr_h[:-1]).any():
+        raise ValueError(f"{names[0]}: must be non-negative and non-decreasing, got {indptr_h[:16].tolist()}")
     return HostPageTable(indptr=indptr_h, kv_lens=seq_lens(indptr_h, last_h, page_size), max_page_id=max_page_id)
 
 

@@ -19,14 +19,14 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_BITS_DTYPE[x.element_size()])
 
 
-def seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
+def seq_lens(kv_indptr, kv_last_page_len, page_size: int):
     """KV length of each request: ``(num_pages - 1) * page_size + last_page_len``, and 0 for a request
     with no pages whatever its ``last_page_len`` says (engines pass ``last_page_len = 1`` for requests
-    without a cached prefix). Every API derives KV lengths here. Any device, no sync; the result has
-    the promoted dtype of the inputs (int32 for int32 inputs)."""
+    without a cached prefix). Every API derives KV lengths here. Takes torch tensors (any device, no
+    sync) or numpy arrays (the host planner, _core/paged_kv.py) and returns the same kind, with the
+    promoted dtype of the inputs (int32 for int32 inputs)."""
     num_pages = kv_indptr[1:] - kv_indptr[:-1]
-    lens = (num_pages - 1) * page_size + kv_last_page_len
-    return torch.where(num_pages > 0, lens, torch.zeros_like(lens))
+    return ((num_pages - 1) * page_size + kv_last_page_len) * (num_pages > 0)
 
 
 def append_paged_kv(

@@ -1,6 +1,7 @@
 """Work list of batch prefill / append: tiles of (request, row block), cut into KV chunks.
 
-Host-side arithmetic on CPU tensors (no Triton), property-tested in tests/test_scheduler.py.
+Host-side arithmetic on numpy arrays (_core/host_arrays.py says why; no Triton), property-tested in
+tests/test_scheduler.py.
 
 A request with ``qo_len`` query tokens and ``group`` query heads per KV head has
 ``qo_len * group`` GQA-packed rows per KV head (row ``r`` is token ``r // group``, head
@@ -32,8 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
+from .._core.host_arrays import host_int64, host_view
+from .._core.intmath import cdiv
 from .split_kv import _target_items, plan_batch_kv_splits
 
 __all__ = [
@@ -52,7 +56,8 @@ MERGE_FIELDS = 4  # request, row_block, first slot, number of slots
 
 @dataclass(frozen=True)
 class PrefillWork:
-    """The plan of one batch; every tensor is int64 on the CPU.
+    """The plan of one batch; every array is an int64 numpy array (``torch.from_numpy`` views it as a
+    CPU tensor without a copy).
 
     Item ``w`` (in launch order) computes rows ``[tile_row_block*block_m, +block_m)`` of request
     ``item_request[w]`` (``item_row_block[w]``) over keys ``[item_kv_start[w], item_kv_end[w])`` and
@@ -63,23 +68,23 @@ class PrefillWork:
 
     chunk: int
     group_items: int
-    item_request: torch.Tensor
-    item_row_block: torch.Tensor
-    item_kv_start: torch.Tensor
-    item_kv_end: torch.Tensor
-    item_slot: torch.Tensor
-    merge_request: torch.Tensor
-    merge_row_block: torch.Tensor
-    merge_slot_start: torch.Tensor
-    merge_num_slots: torch.Tensor
+    item_request: np.ndarray
+    item_row_block: np.ndarray
+    item_kv_start: np.ndarray
+    item_kv_end: np.ndarray
+    item_slot: np.ndarray
+    merge_request: np.ndarray
+    merge_row_block: np.ndarray
+    merge_slot_start: np.ndarray
+    merge_num_slots: np.ndarray
 
     @property
     def num_items(self) -> int:
-        return int(self.item_request.numel())
+        return self.item_request.size
 
     @property
     def num_merges(self) -> int:
-        return int(self.merge_request.numel())
+        return self.merge_request.size
 
     @property
     def num_slots(self) -> int:
@@ -98,13 +103,13 @@ def prefill_capacity(batch_size: int, total_rows: int, block_m: int, programs_pe
     items number ``<= 2 * range / chunk`` each: at most ``2 * target`` slots.
     """
     target = _target_items(programs_per_item, num_sms)
-    tiles = -(-total_rows // block_m) + batch_size
+    tiles = cdiv(total_rows, block_m) + batch_size
     return tiles + target, target, 2 * target
 
 
 def plan_prefill_work(
-    qo_lens: torch.Tensor,
-    kv_lens: torch.Tensor,
+    qo_lens,
+    kv_lens,
     *,
     group: int,
     block_m: int,
@@ -119,7 +124,7 @@ def plan_prefill_work(
     """Plan the items of a batch.
 
     Args:
-        qo_lens, kv_lens: int CPU tensors ``[B]`` (>= 0).
+        qo_lens, kv_lens: ``[B]`` (>= 0): int CPU tensors, numpy arrays or lists of ints.
         group: query heads per KV head (rows per query token).
         block_m: rows per tile (the kernel's BLOCK_M).
         causal: bottom-right aligned causal mask (False with a custom mask: every key may be seen).
@@ -130,70 +135,78 @@ def plan_prefill_work(
         fixed_chunk: deterministic chunk (tokens; the plan of a request does not depend on the batch).
         disable_split: one item per tile.
     """
-    qo = qo_lens.to(torch.int64)
-    kv = kv_lens.to(torch.int64)
+    qo, kv = host_int64(qo_lens), host_int64(kv_lens)
+    batch = qo.size
     rows = qo * group
-    tiles_per_req = (rows + block_m - 1) // block_m
-    tile_request = torch.repeat_interleave(torch.arange(qo.numel(), dtype=torch.int64, device="cpu"), tiles_per_req)
-    tile_start = torch.zeros(qo.numel() + 1, dtype=torch.int64, device="cpu")
-    torch.cumsum(tiles_per_req, 0, out=tile_start[1:])
-    tile_block = torch.arange(tile_request.numel(), dtype=torch.int64, device="cpu") - tile_start[tile_request]
+    tiles_per_req = (rows + (block_m - 1)) // block_m
+    tile_start = np.zeros(batch + 1, dtype=np.int64)
+    tiles_per_req.cumsum(out=tile_start[1:])
+    tile_request = np.arange(batch, dtype=np.int64).repeat(tiles_per_req)
+    tile_block = np.arange(tile_request.size, dtype=np.int64) - tile_start[tile_request]
 
     # KV range each tile can see: tokens t_first..t_last sit at positions t + (kv_len - qo_len).
-    t_rows = rows[tile_request]
     delta = (kv - qo)[tile_request]
     t_kv = kv[tile_request]
-    t_first = (tile_block * block_m) // group
-    t_last = torch.minimum(tile_block * block_m + block_m - 1, t_rows - 1) // group
-    hi = torch.minimum(t_kv, t_last + delta + 1).clamp(min=0) if causal else t_kv
-    lo = (t_first + delta - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(t_kv)
-    lo = torch.minimum(lo, hi)
-    lo = (lo // align) * align  # the kernel's tile loop starts on an aligned key
+    first_row = tile_block * block_m
+    hi = t_kv
+    if causal:
+        t_last = np.minimum(first_row + (block_m - 1), rows[tile_request] - 1) // group
+        hi = np.maximum(np.minimum(t_kv, t_last + delta + 1), 0)
+    if window_left >= 0:
+        lo = np.maximum(first_row // group + delta - window_left, 0)
+        lo = np.minimum(lo, hi)
+        lo = (lo // align) * align  # the kernel's tile loop starts on an aligned key
+    else:
+        lo = np.zeros_like(hi)
     span = hi - lo
 
     splits = plan_batch_kv_splits(span, programs_per_item, num_sms, align, fixed_chunk=fixed_chunk,
                                   disable_split=disable_split)
-    counts = splits.request_item_indptr[1:] - splits.request_item_indptr[:-1]
     item_tile = splits.item_request
     item_kv_start = splits.item_kv_start + lo[item_tile]
     item_kv_end = splits.item_kv_end + lo[item_tile]
-
-    # Partial-state slots: consecutive for the items of one split tile.
+    counts = splits.request_item_indptr[1:] - splits.request_item_indptr[:-1]
     split_tile = counts > 1
-    slot_counts = torch.where(split_tile, counts, torch.zeros_like(counts))
-    slot_base = torch.cumsum(slot_counts, 0) - slot_counts
-    within = torch.arange(item_tile.numel(), dtype=torch.int64, device="cpu") - splits.request_item_indptr[item_tile]
-    item_slot = torch.where(split_tile[item_tile], slot_base[item_tile] + within, torch.full_like(within, -1))
+    merge_tiles = split_tile.nonzero()[0]
+    if merge_tiles.size:
+        # Partial-state slots: consecutive for the items of one split tile.
+        slot_counts = np.where(split_tile, counts, 0)
+        slot_base = slot_counts.cumsum() - slot_counts
+        within = np.arange(item_tile.size, dtype=np.int64) - splits.request_item_indptr[item_tile]
+        item_slot = np.where(split_tile[item_tile], slot_base[item_tile] + within, -1)
+        merge_slot_start = slot_base[merge_tiles]
+    else:  # every tile is one item, written to the output directly
+        item_slot = np.full(item_tile.size, -1, dtype=np.int64)
+        merge_slot_start = merge_tiles
 
-    order, group_items = _launch_order(tile_request[item_tile], item_kv_end - item_kv_start, qo.numel())
-    merge_tiles = split_tile.nonzero().squeeze(1)
+    item_request = tile_request[item_tile]
+    order, group_items = _launch_order(item_request, item_kv_end - item_kv_start, batch)
     return PrefillWork(
         chunk=splits.chunk,
         group_items=group_items,
-        item_request=tile_request[item_tile][order],
+        item_request=item_request[order],
         item_row_block=tile_block[item_tile][order],
         item_kv_start=item_kv_start[order],
         item_kv_end=item_kv_end[order],
         item_slot=item_slot[order],
         merge_request=tile_request[merge_tiles],
         merge_row_block=tile_block[merge_tiles],
-        merge_slot_start=slot_base[merge_tiles],
+        merge_slot_start=merge_slot_start,
         merge_num_slots=counts[merge_tiles],
     )
 
 
-def _launch_order(item_request: torch.Tensor, item_length: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+def _launch_order(item_request: np.ndarray, item_length: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
     """Permutation of the items into launch order (module doc) and ``group_items``: each request's
-    items contiguous and longest first; requests by their longest item, longest first (stable)."""
-    if item_request.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device="cpu"), 1
-    request_max = torch.zeros(batch_size, dtype=torch.int64, device="cpu").scatter_reduce(
-        0, item_request, item_length, reduce="amax", include_self=True)
-    # Three stable sorts, least significant key first.
-    order = torch.argsort(item_length, descending=True, stable=True)
-    order = order[torch.argsort(item_request[order], stable=True)]
-    order = order[torch.argsort(request_max[item_request[order]], descending=True, stable=True)]
-    group_items = int(torch.bincount(item_request, minlength=batch_size).max())
+    items contiguous and longest first; requests by their longest item, longest first (stable).
+    Arguments: int64 numpy arrays ``[num_items]``."""
+    if item_request.size == 0:
+        return np.zeros(0, dtype=np.int64), 1
+    request_max = np.zeros(batch_size, dtype=np.int64)
+    np.maximum.at(request_max, item_request, item_length)
+    # One stable sort: by request_max descending, then request, then length descending, then position.
+    order = np.lexsort((-item_length, item_request, -request_max[item_request]))
+    group_items = int(np.bincount(item_request, minlength=batch_size).max())
     return order, group_items
 
 
@@ -202,24 +215,27 @@ def meta_size(batch_size: int, item_capacity: int, merge_capacity: int) -> int:
     return COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity + MERGE_FIELDS * merge_capacity
 
 
-def pack_prefill_meta(work: PrefillWork, requests: torch.Tensor, item_capacity: int,
-                      merge_capacity: int) -> torch.Tensor:
-    """The plan as one int32 CPU array: counts, ``requests`` (int ``[B, REQUEST_FIELDS]``), the items
-    and the merge entries, each section padded with zeros to its capacity."""
+def pack_prefill_meta(work: PrefillWork, requests, item_capacity: int, merge_capacity: int) -> torch.Tensor:
+    """The plan as one int32 CPU tensor: counts, ``requests`` (int ``[B, REQUEST_FIELDS]``: a tensor, a
+    numpy array or nested lists), the items and the merge entries, each section padded with zeros to its
+    capacity."""
+    requests = host_view(requests)
     batch = requests.shape[0]
-    meta = torch.zeros(meta_size(batch, item_capacity, merge_capacity), dtype=torch.int32, device="cpu")
+    meta = np.zeros(meta_size(batch, item_capacity, merge_capacity), dtype=np.int32)
     meta[0], meta[1], meta[2] = work.num_items, work.num_merges, work.group_items
     o = COUNT_FIELDS
     meta[o: o + REQUEST_FIELDS * batch] = requests.reshape(-1)
     o += REQUEST_FIELDS * batch
-    items = torch.stack([work.item_request, work.item_row_block, work.item_kv_start, work.item_kv_end,
-                         work.item_slot], dim=1)
-    meta[o: o + items.numel()] = items.reshape(-1)
+    items = meta[o: o + ITEM_FIELDS * work.num_items].reshape(work.num_items, ITEM_FIELDS)
+    for field, values in enumerate((work.item_request, work.item_row_block, work.item_kv_start, work.item_kv_end,
+                                    work.item_slot)):
+        items[:, field] = values
     o += ITEM_FIELDS * item_capacity
-    merges = torch.stack([work.merge_request, work.merge_row_block, work.merge_slot_start, work.merge_num_slots],
-                         dim=1)
-    meta[o: o + merges.numel()] = merges.reshape(-1)
-    return meta
+    merges = meta[o: o + MERGE_FIELDS * work.num_merges].reshape(work.num_merges, MERGE_FIELDS)
+    for field, values in enumerate((work.merge_request, work.merge_row_block, work.merge_slot_start,
+                                    work.merge_num_slots)):
+        merges[:, field] = values
+    return torch.from_numpy(meta)
 
 
 def meta_requests(meta: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Split-KV planning: how many KV chunks per request so the grid fills the GPU.
 
-Host-side arithmetic (CPU tensors for the batch planner, no Triton), property-tested in
-tests/test_scheduler.py. :func:`plan_kv_splits` serves one request (single decode/prefill);
+Host-side arithmetic (Python ints, numpy arrays for the batch planner: see _core/host_arrays.py; no
+Triton), property-tested in tests/test_scheduler.py. :func:`plan_kv_splits` serves one request (single decode/prefill);
 :func:`plan_batch_kv_splits` serves a batch (the batch decode wrapper).
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+import numpy as np
+
+from .._core.host_arrays import host_int64
+from .._core.intmath import cdiv
 
 __all__ = [
     "plan_kv_splits",
@@ -34,10 +37,6 @@ BATCH_PROGRAMS_PER_SM = 4
 MIN_CHUNK_TILES = 2
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) -> tuple[int, int]:
     """Choose ``(num_splits, chunk)`` for a KV sequence of ``kv_len`` tokens.
 
@@ -54,17 +53,17 @@ def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) ->
     """
     if kv_len <= 0:
         return 1, align
-    tiles = _cdiv(kv_len, align)
+    tiles = cdiv(kv_len, align)
     target = PROGRAMS_PER_SM * num_sms
     if base_programs >= target:
         wanted = 1
     else:
-        wanted = _cdiv(target, max(1, base_programs))
+        wanted = cdiv(target, max(1, base_programs))
     wanted = max(1, min(wanted, tiles // MIN_CHUNK_TILES if tiles >= MIN_CHUNK_TILES else 1))
     # Round the chunk down so the grid reaches the target; with >= MIN_CHUNK_TILES tiles per split
     # this overshoots ``wanted`` by at most a factor 1.5 (rounded up).
     chunk = max(1, tiles // wanted) * align
-    return _cdiv(kv_len, chunk), chunk
+    return cdiv(kv_len, chunk), chunk
 
 
 @dataclass(frozen=True)
@@ -72,17 +71,18 @@ class BatchKVSplits:
     """Work items of a batch: item ``w`` is request ``item_request[w]``'s KV range
     ``[item_kv_start[w], item_kv_end[w])``; the items of request ``r`` are
     ``request_item_indptr[r]:request_item_indptr[r + 1]``, in KV order (at least one per request,
-    empty for a request of length 0). All int64 CPU tensors."""
+    empty for a request of length 0). The arrays are int64 numpy arrays (``torch.from_numpy`` views
+    them as CPU tensors without a copy)."""
 
     chunk: int
-    request_item_indptr: torch.Tensor  # [B + 1]
-    item_request: torch.Tensor  # [num_items]
-    item_kv_start: torch.Tensor  # [num_items]
-    item_kv_end: torch.Tensor  # [num_items]
+    request_item_indptr: np.ndarray  # [B + 1]
+    item_request: np.ndarray  # [num_items]
+    item_kv_start: np.ndarray  # [num_items]
+    item_kv_end: np.ndarray  # [num_items]
 
     @property
     def num_items(self) -> int:
-        return int(self.item_request.numel())
+        return self.item_request.size
 
 
 def batch_item_capacity(batch_size: int, programs_per_item: int, num_sms: int) -> int:
@@ -97,7 +97,7 @@ def _target_items(programs_per_item: int, num_sms: int) -> int:
 
 
 def plan_batch_kv_splits(
-    kv_lens: torch.Tensor,
+    kv_lens,
     programs_per_item: int,
     num_sms: int,
     align: int,
@@ -115,7 +115,7 @@ def plan_batch_kv_splits(
     longer than the average, which bounds the tail.
 
     Args:
-        kv_lens: int CPU tensor ``[B]`` of KV lengths (>= 0).
+        kv_lens: ``[B]`` KV lengths (>= 0): an int CPU tensor, a numpy array or a list of ints.
         programs_per_item: programs one item launches (KV heads x row blocks).
         num_sms: streaming multiprocessors of the device.
         align: chunk granularity in tokens (a multiple of every BLOCK_N of the kernel).
@@ -124,21 +124,24 @@ def plan_batch_kv_splits(
             requests of the batch.
         disable_split: one item per request (also batch-invariant).
     """
-    lens = kv_lens.to(torch.int64)
-    batch = lens.numel()
+    lens = host_int64(kv_lens)
+    batch = lens.size
     longest = int(lens.max()) if batch else 0
     if disable_split:
-        chunk = max(align, _cdiv(max(longest, 1), align) * align)
+        chunk = max(align, cdiv(max(longest, 1), align) * align)
     elif fixed_chunk is not None:
-        chunk = max(align, _cdiv(int(fixed_chunk), align) * align)
+        chunk = max(align, cdiv(int(fixed_chunk), align) * align)
     else:
         total = int(lens.sum()) if batch else 0
-        per_item = _cdiv(max(total, 1), _target_items(programs_per_item, num_sms))
-        chunk = max(MIN_CHUNK_TILES * align, _cdiv(per_item, align) * align)
-    counts = torch.clamp((lens + chunk - 1) // chunk, min=1)
-    indptr = torch.zeros(batch + 1, dtype=torch.int64, device="cpu")
-    torch.cumsum(counts, 0, out=indptr[1:])
-    item_request = torch.repeat_interleave(torch.arange(batch, dtype=torch.int64, device="cpu"), counts)
-    item_kv_start = (torch.arange(item_request.numel(), dtype=torch.int64, device="cpu") - indptr[item_request]) * chunk
-    item_kv_end = torch.minimum(item_kv_start + chunk, lens[item_request])
+        per_item = cdiv(max(total, 1), _target_items(programs_per_item, num_sms))
+        chunk = max(MIN_CHUNK_TILES * align, cdiv(per_item, align) * align)
+    if longest <= chunk:  # one item per request (a large uniform batch)
+        return BatchKVSplits(chunk, np.arange(batch + 1, dtype=np.int64), np.arange(batch, dtype=np.int64),
+                             np.zeros(batch, dtype=np.int64), lens)
+    counts = np.maximum((lens + (chunk - 1)) // chunk, 1)
+    indptr = np.zeros(batch + 1, dtype=np.int64)
+    counts.cumsum(out=indptr[1:])
+    item_request = np.arange(batch, dtype=np.int64).repeat(counts)
+    item_kv_start = (np.arange(item_request.size, dtype=np.int64) - indptr[item_request]) * chunk
+    item_kv_end = np.minimum(item_kv_start + chunk, lens[item_request])
     return BatchKVSplits(chunk, indptr, item_request, item_kv_start, item_kv_end)

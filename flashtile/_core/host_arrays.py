@@ -1,0 +1,31 @@
+"""Integer arrays on the host as numpy arrays: what the plan-time code (page-table checks, the
+scheduler) computes with.
+
+A plan works on a handful to a few thousand integers. A torch op on a CPU tensor costs 3-40 us of
+dispatch however small the tensor, and a plan needs dozens of them; a numpy op costs about 1 us, and a
+loop over Python lists costs ~50-150 ns per element (milliseconds at batch 4096, where the packed
+int32 work list alone would cost more than today's whole plan). numpy arrays are also zero-copy both
+ways with CPU tensors (``Tensor.numpy()``, ``torch.from_numpy``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["host_view", "host_int64"]
+
+
+def host_view(values) -> np.ndarray:
+    """``values`` (an int tensor on any device, a numpy array or a sequence of ints) as a numpy array,
+    without a copy where possible: a CPU tensor is viewed, a device tensor is copied to the host (a
+    synchronization). Only for reading: the result may alias ``values``."""
+    if isinstance(values, torch.Tensor):
+        return (values if values.is_cpu else values.cpu()).numpy()
+    return np.asarray(values)
+
+
+def host_int64(values) -> np.ndarray:
+    """``values`` as a fresh int64 numpy array (never aliases ``values``, so a caller may keep it while
+    the engine overwrites its buffers)."""
+    return np.array(host_view(values), dtype=np.int64)
