@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+
+import numpy as np
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -18,6 +20,7 @@ from ._core import ops, tile_policy
 from ._core.attention_args import _unit_last_stride, normalize_single_attention, resolve_attention_params
 from ._core.buffers import new_output
 from ._core.checks import check_tensor, describe
+from ._core.host_arrays import host_int64
 from ._core.multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
 from ._core.paged_kv import as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.single import run_single_attention
@@ -174,7 +177,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         disable_split_kv, page_indices, kv_rows_needed, max_page_id, plan_args, multi_item: MultiItemArgs,
     ) -> None:
         """The part of plan() both wrappers share; the KV description is already reduced to per-request
-        lengths and offsets (host int64 tensors)."""
+        lengths and offsets (host int64 numpy arrays)."""
         check_heads(num_qo_heads, num_kv_heads)
         head_dim_qk = self._check_head_dim(head_dim_qk)
         head_dim_vo = head_dim_qk if head_dim_vo is None else self._check_head_dim(head_dim_vo)
@@ -186,13 +189,13 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         q_dtype, kv_dtype, o_dtype = self._plan_dtypes(q_data_type, kv_data_type, o_data_type)
         fixed_split_size, disable_split_kv = self._split_options(fixed_split_size, disable_split_kv)
 
-        qo_indptr = as_index_tensor("qo_indptr", qo_indptr)
-        batch = kv_lens_h.numel()
-        if qo_indptr.numel() != batch + 1:
+        as_index_tensor("qo_indptr", qo_indptr)
+        batch = kv_lens_h.size
+        qo_h = host_int64(qo_indptr)
+        if qo_h.size != batch + 1:
             raise ValueError(f"qo_indptr: expected batch_size + 1 = {batch + 1} entries (batch size from the KV "
-                             f"description), got {qo_indptr.numel()}")
-        qo_h = qo_indptr.to("cpu", torch.int64)
-        if int(qo_h[0]) != 0:
+                             f"description), got {qo_h.size}")
+        if qo_h[0] != 0:
             raise ValueError(f"qo_indptr: must start at 0 (rows of q are numbered from 0), got {int(qo_h[0])}")
         if (qo_h[1:] < qo_h[:-1]).any():
             raise ValueError(f"qo_indptr: must be non-decreasing, got {qo_h.tolist()[:16]}")
@@ -202,7 +205,10 @@ class _BatchPrefillWrapper(PlanRunWrapper):
 
         mask_h, mask_offsets = self._pack_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens_h)
         has_mask = mask_h is not None
-        items = plan_multi_item(multi_item, qo_lens, kv_lens_h, self.device, non_blocking)
+        items = None
+        if not multi_item.empty:
+            items = plan_multi_item(multi_item, torch.from_numpy(qo_lens), torch.from_numpy(kv_lens_h), self.device,
+                                    non_blocking)
         if items is not None:
             if has_mask:
                 raise ValueError("custom_mask / packed_custom_mask: multi-item scoring (prefix_len_ptr) defines the "
@@ -258,14 +264,14 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             num_items, num_merges, num_slots = work.num_items, work.num_merges, work.num_slots
 
         # One host->device copy of the plan into the int workspace the wrapper owns.
-        requests = torch.stack([qo_h[:-1], qo_lens, kv_offsets_h, kv_lens_h, mask_offsets], dim=1)
+        requests = np.stack([qo_h[:-1], qo_lens, kv_offsets_h, kv_lens_h, mask_offsets], axis=1)
         meta_h = pack_prefill_meta(work, requests, item_cap, merge_cap)
         if self.device.type == "cuda":
             meta_h = meta_h.pin_memory()
         meta = self._upload_worklist(meta_h, non_blocking)
         packed_mask = self._place_mask(mask_h, mask_offsets, non_blocking) if has_mask else None
         if self._use_cuda_graph:
-            self._qo_indptr_buf.copy_(qo_h, non_blocking=non_blocking)
+            self._qo_indptr_buf.copy_(torch.from_numpy(qo_h), non_blocking=non_blocking)
 
         part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer", slot_bytes * num_slots,
                                     torch.float32)
@@ -290,10 +296,13 @@ class _BatchPrefillWrapper(PlanRunWrapper):
         )
 
     def _pack_mask(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
-        """Host uint8 mask with each request's segment starting on a byte, and the byte offsets (int64)."""
+        """Host uint8 mask with each request's segment starting on a byte (or None), and the byte offsets
+        (int64 numpy; zeros without a mask)."""
+        if packed_custom_mask is None and custom_mask is None:
+            return None, np.zeros(qo_lens.size, dtype=np.int64)
         seg_bits = qo_lens * kv_lens
         seg_bytes = (seg_bits + 7) // 8
-        offsets = torch.cumsum(seg_bytes, 0) - seg_bytes
+        offsets = np.cumsum(seg_bytes) - seg_bytes
         if packed_custom_mask is not None:
             check_tensor("packed_custom_mask", packed_custom_mask, ndim=1, dtypes=(torch.uint8,))
             if packed_custom_mask.numel() != int(seg_bytes.sum()):
@@ -302,14 +311,11 @@ class _BatchPrefillWrapper(PlanRunWrapper):
                     f"bits packed LSB first, every request starting on a new byte, as segment_packbits(..., "
                     f"bitorder='little') returns), got {packed_custom_mask.numel()}")
             return packed_custom_mask, offsets
-        if custom_mask is None:
-            return None, torch.zeros_like(offsets)
         check_tensor("custom_mask", custom_mask, ndim=1)
         if custom_mask.numel() != int(seg_bits.sum()):
             raise ValueError(f"custom_mask: expected sum(qo_len * kv_len) = {int(seg_bits.sum())} elements (the "
                              f"requests' [qo_len, kv_len] masks flattened and concatenated), got {custom_mask.numel()}")
-        bit_indptr = torch.zeros(seg_bits.numel() + 1, dtype=torch.int64, device="cpu")
-        torch.cumsum(seg_bits, 0, out=bit_indptr[1:])
+        bit_indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(seg_bits)]).astype(np.int64))
         packed, _ = segment_packbits(custom_mask, bit_indptr, bitorder="little")
         return packed, offsets
 
@@ -323,7 +329,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
             raise ValueError(f"custom_mask_buf: this plan's packed mask has {mask.numel()} bytes, the buffer holds "
                              f"{self._custom_mask_buf.numel()}")
         self._custom_mask_buf.view(-1).view(torch.uint8)[: mask.numel()].copy_(mask, non_blocking=non_blocking)
-        indptr = torch.cat([offsets, torch.tensor([mask.numel()], dtype=torch.int64, device=offsets.device)])
+        indptr = torch.from_numpy(np.append(offsets, mask.numel()).astype(np.int64))
         if self._mask_indptr_buf.numel() >= indptr.numel():
             self._mask_indptr_buf[: indptr.numel()].copy_(indptr, non_blocking=non_blocking)
         return self._custom_mask_buf.view(-1).view(torch.uint8)
@@ -540,17 +546,15 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         table = read_page_table(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size,
                                 names=("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"))
         indices, last_page_len = paged_kv_indices, paged_kv_last_page_len
-        batch, indptr_h, kv_lens = table.batch_size, torch.from_numpy(table.indptr), torch.from_numpy(table.kv_lens)
+        batch, indptr_h, kv_lens = table.batch_size, table.indptr, table.kv_lens  # int64 numpy
         first, last = table.first, table.last
         if self._use_cuda_graph:
             if last - first > self._paged_kv_indices_buf.numel():
                 raise ValueError(
                     f"The size of indices should be less than or equal to the allocated buffer: need {last - first} "
                     f"page ids, paged_kv_indices_buf has {self._paged_kv_indices_buf.numel()}")
-            if batch != self._fixed_batch_size:
-                raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
-                                 f"mismatches the batch size set during initialization {self._fixed_batch_size}")
-            self._paged_kv_indptr_buf.copy_(indptr_h - first, non_blocking=non_blocking)
+            self._check_graph_batch(batch)
+            self._paged_kv_indptr_buf.copy_(torch.from_numpy(indptr_h - first), non_blocking=non_blocking)
             self._paged_kv_indices_buf[: last - first].copy_(indices[first:last], non_blocking=non_blocking)
             self._paged_kv_last_page_len_buf.copy_(last_page_len, non_blocking=non_blocking)
             page_indices, kv_offsets = self._paged_kv_indices_buf, indptr_h[:-1] - first
@@ -753,15 +757,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
         if kv_indptr.numel() != qo_indptr.numel():
             raise ValueError(f"kv_indptr: expected as many entries as qo_indptr ({qo_indptr.numel()}), got "
                              f"{kv_indptr.numel()}")
-        kv_h = kv_indptr.to("cpu", torch.int64)
-        if kv_h.numel() < 1 or int(kv_h[0]) < 0 or (kv_h[1:] < kv_h[:-1]).any():
+        kv_h = host_int64(kv_indptr)
+        if kv_h.size < 1 or kv_h[0] < 0 or (kv_h[1:] < kv_h[:-1]).any():
             raise ValueError(f"kv_indptr: must be non-negative and non-decreasing, got {kv_h.tolist()[:16]}")
         if self._use_cuda_graph:
-            if kv_h.numel() - 1 != self._fixed_batch_size:
-                raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size "
-                                 f"{kv_h.numel() - 1} mismatches the batch size set during initialization "
-                                 f"{self._fixed_batch_size}")
-            self._kv_indptr_buf.copy_(kv_h, non_blocking=non_blocking)
+            self._check_graph_batch(kv_h.size - 1)
+            self._kv_indptr_buf.copy_(torch.from_numpy(kv_h), non_blocking=non_blocking)
         self._plan_batch(
             qo_indptr=qo_indptr, kv_lens_h=kv_h[1:] - kv_h[:-1], kv_offsets_h=kv_h[:-1], page_size=None,
             num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo,

@@ -46,6 +46,12 @@ class MultiItemArgs:
     token_pos_in_items_len: int = 0
     max_item_len_ptr: Optional[torch.Tensor] = None
 
+    @property
+    def empty(self) -> bool:
+        """No multi-item argument is given (plain prefill)."""
+        return (self.prefix_len_ptr is None and self.token_pos_in_items_ptr is None and self.max_item_len_ptr is None
+                and not self.token_pos_in_items_len)
+
     def as_kwargs(self) -> dict:
         """The plan() keywords that give these arguments back (for a re-plan)."""
         return dict(prefix_len_ptr=self.prefix_len_ptr, token_pos_in_items_ptr=self.token_pos_in_items_ptr,
@@ -90,7 +96,7 @@ def plan_multi_item(args: MultiItemArgs, qo_lens: torch.Tensor, kv_lens: torch.T
     """
     prefix, token_pos, stride, max_item = (args.prefix_len_ptr, args.token_pos_in_items_ptr,
                                            args.token_pos_in_items_len, args.max_item_len_ptr)
-    if prefix is None and token_pos is None and max_item is None and not stride:
+    if args.empty:
         return None
     if prefix is None or token_pos is None:
         missing = "prefix_len_ptr" if prefix is None else "token_pos_in_items_ptr"
