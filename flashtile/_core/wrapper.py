@@ -18,7 +18,7 @@ from . import tile_policy
 from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap, resolve_attention_params
 from .buffers import new_output
 from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_tensor, describe
-from .dispatch import Path, choose_path, normalize_backend
+from .dispatch import implementation, normalize_backend
 from .launch import make_replay, recording_launches
 from .params import AttentionParams
 
@@ -198,8 +198,8 @@ class PlanRunWrapper:
     # -- plan() steps shared by the wrappers --------------------------------------------------------
 
     def _compiled(self) -> bool:
-        """Whether this wrapper's calls run the compiled kernels (planning then uses their tiles)."""
-        return choose_path(self.device, self._backend).path is Path.TRITON
+        """Whether this wrapper's calls run the kernels (planning then uses their tiles), not the reference."""
+        return not implementation("attention", self.device, self._backend).__name__.startswith("flashtile.reference")
 
     def _planning_facts(self) -> tuple:
         """``(KV-chunk granularity, SMs)`` the scheduler plans with (_core/tile_policy.py)."""
