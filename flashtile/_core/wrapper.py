@@ -155,6 +155,7 @@ class PlanRunWrapper:
         self.device = float_workspace_buffer.device
         self._float_workspace_buffer = float_workspace_buffer
         self._int_workspace_buffer = torch.empty(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._flat_workspaces: dict = {}  # name -> (buffer, its flat uint8 view)
         self._plan = None
 
     @property
@@ -301,16 +302,20 @@ class PlanRunWrapper:
     # -- helpers for subclasses ---------------------------------------------------------------------
 
     def _workspace_view(self, buffer: torch.Tensor, name: str, num_bytes: int, dtype: torch.dtype) -> torch.Tensor:
-        """The first ``num_bytes`` of a workspace as a flat tensor of ``dtype`` (no copy)."""
-        if not buffer.is_contiguous():
-            raise ValueError(f"{name}: must be contiguous")
-        have = buffer.numel() * buffer.element_size()
+        """The first ``num_bytes`` of a workspace as a flat tensor of ``dtype`` (no copy). The buffer's flat
+        byte view is made (and its layout checked) once per buffer, not per plan."""
+        flat = self._flat_workspaces.get(name)
+        if flat is None or flat[0] is not buffer:
+            if not buffer.is_contiguous():
+                raise ValueError(f"{name}: must be contiguous")
+            flat = self._flat_workspaces[name] = (buffer, buffer.reshape(-1).view(torch.uint8))
+        have = flat[1].numel()
         if have < num_bytes:
             raise ValueError(
                 f"{name}: this plan needs {num_bytes} bytes of workspace, the buffer has {have}; allocate a larger "
                 "one (128 MiB is recommended) and pass it to the constructor or reset_workspace_buffer"
             )
-        return buffer.reshape(-1).view(torch.uint8)[:num_bytes].view(dtype)
+        return flat[1][:num_bytes].view(dtype)
 
     def _require_plan(self):
         if self._plan is None:
