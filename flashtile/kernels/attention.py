@@ -5,11 +5,10 @@ is query token ``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, so 
 share a KV head share every K/V tile load (decode reads each K/V byte once; GQA prefill reads K/V
 once per KV head instead of once per query head).
 
-The KV range of a program is cut into three loops: tiles that need masking on the left (sliding
-window), tiles every row sees in full (no mask arithmetic at all), and masked tiles on the right
-(causal diagonal, the ragged end of the sequence). Tiles nobody sees are never visited (causal and
-window tile skipping). With ``num_splits > 1`` (split-KV / flash-decoding) each program covers a
-``kv_chunk``-token slice and writes a float32 partial state that :mod:`.merge` combines.
+The tile loops over a program's KV range (masked edge tiles, unmasked interior tiles, tiles nobody
+sees skipped) are in :mod:`.tiles`, shared with batch prefill. With ``num_splits > 1`` (split-KV /
+flash-decoding) each program covers a ``kv_chunk``-token slice and writes a float32 partial state
+that :mod:`.merge` combines.
 
 Pointer shapes (strides are passed, so NHD and HND views and strided q work without copies):
   Q    [qo_len, num_qo_heads, HEAD_DIM_QK]
@@ -48,288 +47,11 @@ from ..scheduler.split_kv import plan_kv_splits
 from ..scheduler.worklist import DECODE_ITEM_FIELDS, decode_layout
 from .merge import merge_attention_states
 from .smem import TileFeatures, device_config, estimate_shared_bytes, launch_within_limit
-from .softmax import finalize_state, softmax_update
+from .tiles import attend_range, head_inputs, load_q, store_state, tile_ranges
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE_ITEM_STRIDE = tl.constexpr(len(DECODE_ITEM_FIELDS))
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp2 (portable to the interpreter); saturates cleanly to +-1 for large |x|.
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
-
-
-@triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
-    """``tl.dot(a, b)`` in float32 accumulation. UPCAST (interpreter only): Triton 3.9's interpreter
-    computes bf16 ``tl.dot`` wrongly, so it multiplies float32 copies instead."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _rope_rotate(x, partner, positions, offs_d, HEAD_DIM: tl.constexpr, rope_log2_theta, rope_inv_scale):
-    """Half-split RoPE of a tile ``x [R, D]``; ``partner[:, d] = x[:, (d + HEAD_DIM/2) % HEAD_DIM]``.
-
-    Angle of dim ``d`` at position ``p``: ``p * theta**(-2 (d mod HEAD_DIM/2) / HEAD_DIM) / rope_scale``,
-    in float32.
-    """
-    half: tl.constexpr = HEAD_DIM // 2
-    pair = (offs_d % half).to(tl.float32)
-    inv_freq = tl.exp2(-(2.0 * pair / HEAD_DIM) * rope_log2_theta) * rope_inv_scale
-    angle = positions.to(tl.float32)[:, None] * inv_freq[None, :]
-    sign = tl.where(offs_d < half, -1.0, 1.0)
-    return x.to(tl.float32) * tl.cos(angle) + sign[None, :] * partner.to(tl.float32) * tl.sin(angle)
-
-
-@triton.jit
-def _attend_tiles(
-    acc, m_i, l_i, q,
-    k_base, v_base, stride_kt, stride_vt,
-    page_table, page_size, stride_kp, stride_vp,
-    mask_ptr, slopes, positions, tokens, row_ok,
-    start, end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
-    k_desc, v_desc, desc_head, desc_row0,
-    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    USE_TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
-    MULTI_ITEM: tl.constexpr, prefix_len, item_first_key,
-):
-    """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
-
-    PAGED: key ``j`` of the request is slot ``j % page_size`` of page ``page_table[j // page_size]``
-    (``page_table`` points at the request's first page id); otherwise keys are rows ``stride_kt`` apart.
-    USE_TMA (contiguous keys, unpadded head dims, no RoPE): K/V tiles come through tensor descriptors
-    ``[kv_heads, rows, D]`` at row ``desc_row0 + key`` of head ``desc_head``; rows past ``kv_len``
-    (the next request's, or zero fill) are masked like pointer loads are.
-    MULTI_ITEM (batch prefill's multi-item scoring, with CAUSAL): in a masked tile a row also sees a key
-    only inside the prefix (``< prefix_len``) or from its ``item_first_key`` on (batch_prefill.py).
-    """
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dqk = tl.arange(0, D_QK)
-    offs_dvo = tl.arange(0, D_VO)
-    dqk_ok = offs_dqk < HEAD_DIM_QK
-    dvo_ok = offs_dvo < HEAD_DIM_VO
-    next_page = offs_n * 0
-    if PAGED and PREFETCH_PAGES:
-        next_page = tl.load(page_table + (start + offs_n) // page_size, mask=start + offs_n < kv_len, other=0)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + offs_n  # [BLOCK_N] key positions
-        col_ok = cols < kv_len
-        if USE_TMA:
-            k = k_desc.load([desc_head, desc_row0 + n0, 0]).reshape([BLOCK_N, D_QK])
-        elif PAGED:
-            if PREFETCH_PAGES:
-                # The page ids come from the previous iteration. Loaded in this one, they make the K/V
-                # copies "indirect" for Triton's pipeliner, which then waits for every copy at the top
-                # of each iteration (no K/V tile in flight during the math).
-                page = next_page
-                ahead = cols + BLOCK_N
-                next_page = tl.load(page_table + ahead // page_size, mask=ahead < kv_len, other=0)
-            elif MASKED:
-                page = tl.load(page_table + cols // page_size, mask=col_ok, other=0)
-            else:
-                page = tl.load(page_table + cols // page_size)
-            if not INT32_PAGE_OFFSETS:  # 32-bit row offsets halve the address arithmetic where they fit
-                page = page.to(tl.int64)
-            slot = cols % page_size
-            k_rows = page * stride_kp + slot * stride_kt
-            v_rows = page * stride_vp + slot * stride_vt
-        else:
-            k_rows = cols * stride_kt
-            v_rows = cols * stride_vt
-        if not USE_TMA:
-            k_ptrs = k_base + k_rows[:, None] + offs_dqk[None, :]
-            if MASKED:
-                k_mask = col_ok[:, None] & dqk_ok[None, :]
-                k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [N, D_QK]
-            elif HEAD_DIM_QK == D_QK:  # interior tile, unpadded head dim: unpredicated loads
-                k_mask = dqk_ok[None, :]
-                k = tl.load(k_ptrs)
-            else:
-                k_mask = dqk_ok[None, :]
-                k = tl.load(k_ptrs, mask=k_mask, other=0.0)
-        if USE_ROPE:
-            partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
-            k_partner = tl.load(k_base + k_rows[:, None] + partner_d[None, :], mask=k_mask, other=0.0)
-            k = _rope_rotate(k, k_partner, cols, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
-        qk = _mma(q, tl.trans(k.to(q.dtype)), UPCAST_DOT)  # [M, N] float32
-
-        if USE_SOFTCAP or USE_ALIBI:
-            s = qk * sm_scale
-            if USE_ALIBI:
-                s += slopes[:, None] * (cols[None, :] - positions[:, None]).to(tl.float32)
-            if USE_SOFTCAP:
-                s = soft_cap * _tanh(s / soft_cap)
-            s = s * 1.4426950408889634
-        else:
-            s = qk * qk_scale_log2
-
-        if MASKED:
-            visible = col_ok[None, :] & row_ok[:, None]
-            if HAS_CUSTOM_MASK:
-                bit = tokens[:, None].to(tl.int64) * kv_len + cols[None, :]
-                byte = tl.load(mask_ptr + (bit >> 3), mask=visible, other=0).to(tl.int32)
-                visible = visible & (((byte >> (bit & 7).to(tl.int32)) & 1) != 0)
-            elif CAUSAL:
-                # Bottom-right aligned; rows with a negative position (qo_len > kv_len) see nothing.
-                visible = visible & (cols[None, :] <= positions[:, None])
-            if MULTI_ITEM:
-                visible = visible & ((cols[None, :] < prefix_len) | (cols[None, :] >= item_first_key[:, None]))
-            if HAS_WINDOW:
-                visible = visible & (cols[None, :] >= positions[:, None] - window_left)
-            s = tl.where(visible, s, float("-inf"))
-
-        m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
-        if USE_TMA:
-            v = v_desc.load([desc_head, desc_row0 + n0, 0]).reshape([BLOCK_N, D_VO])
-            if MASKED:  # rows past kv_len may hold anything (0 * NaN would poison the sum)
-                v = tl.where(col_ok[:, None], v, 0.0)
-        else:
-            v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
-            if MASKED:
-                v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
-            elif HEAD_DIM_VO == D_VO:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
-        acc += _mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _tile_ranges(
-    lo, hi, t_first, t_last, delta, kv_len, window_left,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Cut a program's KV range ``[lo, hi)`` (``lo`` a multiple of BLOCK_N) for query tokens
-    ``t_first..t_last`` (absolute positions ``t + delta``) into ``[start, full_start)`` (masked: window
-    edge), ``[full_start, full_end)`` (seen by every row: no mask) and ``[full_end, hi)`` (masked:
-    causal diagonal, ragged end). Tiles no row can see are dropped."""
-    if CAUSAL:
-        hi = tl.minimum(hi, t_last + delta + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, t_first + delta - window_left)
-    start = (lo // BLOCK_N) * BLOCK_N
-    full_lo = 0
-    full_hi = kv_len
-    if CAUSAL:
-        full_hi = tl.maximum(tl.minimum(full_hi, t_first + delta + 1), 0)
-    if HAS_WINDOW:
-        full_lo = tl.maximum(t_last + delta - window_left, 0)
-    full_start = tl.maximum(start, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
-    full_end = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi)
-    if HAS_CUSTOM_MASK:
-        full_start = start
-        full_end = start
-    if full_end <= full_start:
-        full_start = start
-        full_end = start
-    return start, full_start, full_end, hi
-
-
-@triton.jit
-def _load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
-            HEAD_DIM_QK: tl.constexpr, D_QK: tl.constexpr, USE_ROPE: tl.constexpr):
-    """The ``[BLOCK_M, D_QK]`` query tile of GQA-packed rows (rotated in float32 with RoPE)."""
-    offs_dqk = tl.arange(0, D_QK)
-    q_row = Q + tokens[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh
-    q_mask = row_ok[:, None] & (offs_dqk[None, :] < HEAD_DIM_QK)
-    q = tl.load(q_row + offs_dqk[None, :], mask=q_mask, other=0.0)
-    if USE_ROPE:
-        partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
-        q_partner = tl.load(q_row + partner_d[None, :], mask=q_mask, other=0.0)
-        q = _rope_rotate(q, q_partner, positions, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
-        q = q.to(Q.dtype.element_ty)
-    return q
-
-
-@triton.jit
-def _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
-    """Per-row ALiBi slopes (zeros without ALiBi) and the K/V base pointers of ``kv_head``."""
-    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if USE_ALIBI:
-        slopes = tl.load(SLOPES + heads, mask=row_ok, other=0.0)
-    return slopes, K + kv_head.to(tl.int64) * stride_kh, V + kv_head.to(tl.int64) * stride_vh
-
-
-@triton.jit
-def _attend_range(
-    q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
-    mask_ptr, slopes, positions, tokens, row_ok,
-    start, full_start, full_end, hi, kv_len,
-    sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
-    k_desc, v_desc, desc_head, desc_row0,
-    HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PREFETCH_PAGES: tl.constexpr = False, INT32_PAGE_OFFSETS: tl.constexpr = False,
-    MULTI_ITEM: tl.constexpr = False, prefix_len=0, item_first_key=0,
-):
-    """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`_tile_ranges`.
-    Paged only: PREFETCH_PAGES loads each tile's page ids one iteration ahead (see _attend_tiles);
-    INT32_PAGE_OFFSETS computes K/V row offsets in int32 (the caller checked that every offset from
-    the K/V base pointers fits). MULTI_ITEM (batch prefill's multi-item scoring, with CAUSAL): rows see
-    the prefix ``[0, prefix_len)`` and, after it, keys from their ``item_first_key`` (``[BLOCK_M]``) on."""
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
-    skip_lo = hi  # KV tiles [skip_lo, skip_hi) are seen by no row (multi-item only)
-    skip_hi = hi
-    if MULTI_ITEM:
-        # Only tiles wholly inside the prefix run unmasked. Past the prefix a row sees keys from its
-        # item_first_key on, so the tiles below the rows' smallest one (earlier items) are skipped.
-        full_end = tl.maximum(tl.minimum(full_end, (prefix_len // BLOCK_N) * BLOCK_N), full_start)
-        skip_lo = tl.minimum(tl.maximum(tl.cdiv(prefix_len, BLOCK_N) * BLOCK_N, full_end), hi)
-        skip_hi = tl.minimum(tl.maximum((tl.min(item_first_key, 0) // BLOCK_N) * BLOCK_N, skip_lo), hi)
-    # Left masked tiles (window edge), tiles seen in full, right masked tiles (diagonal, ragged end).
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
-        mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
-        mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, False, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
-        mask_ptr, slopes, positions, tokens, row_ok, full_end, skip_lo, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
-    if MULTI_ITEM:  # the masked tiles after the skipped ones
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
-            mask_ptr, slopes, positions, tokens, row_ok, skip_hi, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
-            window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK,
-            HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED,
-            USE_TMA, True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
-            item_first_key)
-    return finalize_state(m_i, l_i, acc)
-
-
-@triton.jit
-def _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO: tl.constexpr, D_VO: tl.constexpr,
-                 PARTIAL: tl.constexpr):
-    """Store a finished state: float32 as is (a split-KV partial), or times ``v_scale`` in O's dtype."""
-    offs_dvo = tl.arange(0, D_VO)
-    o_mask = row_ok[:, None] & (offs_dvo[None, :] < HEAD_DIM_VO)
-    if PARTIAL:
-        tl.store(o_row + offs_dvo[None, :], o, mask=o_mask)
-    else:
-        tl.store(o_row + offs_dvo[None, :], (o * v_scale).to(o_row.dtype.element_ty), mask=o_mask)
-    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 @direct_launch
@@ -368,22 +90,22 @@ def _attention_fwd_kernel(
     t_first = (pid_m * BLOCK_M) // GROUP
     t_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, num_rows - 1) // GROUP
     lo = split * kv_chunk
-    start, full_start, full_end, hi = _tile_ranges(
+    start, full_start, full_end, hi = tile_ranges(
         lo, tl.minimum(kv_len, lo + kv_chunk), t_first, t_last, delta, kv_len, window_left,
         CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
 
-    q = _load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
-                HEAD_DIM_QK, D_QK, USE_ROPE)
-    slopes, k_base, v_base = _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
-                                          BLOCK_M)
-    o, lse = _attend_range(
+    q = load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
+               HEAD_DIM_QK, D_QK, USE_ROPE)
+    slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
+                                         BLOCK_M)
+    o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
         start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
         rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head, 0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL,
         HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT)
     o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
-    _store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
+    store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
 
 
 @direct_launch
@@ -434,25 +156,25 @@ def _batch_decode_kernel(
     heads = kv_head * GROUP + rows
     tokens = tl.zeros([BLOCK_M], dtype=tl.int32) + req
     positions = tl.zeros([BLOCK_M], dtype=tl.int32) + (kv_len - 1)  # the query is the newest token
-    start, full_start, full_end, hi = _tile_ranges(
+    start, full_start, full_end, hi = tile_ranges(
         lo, hi, 0, 0, kv_len - 1, kv_len, window_left, False, HAS_WINDOW, False, BLOCK_N)
 
-    q = _load_q(Q, tokens, heads, row_ok, stride_qb, stride_qh, positions, rope_log2_theta, rope_inv_scale,
-                HEAD_DIM_QK, D_QK, USE_ROPE)
-    slopes, k_base, v_base = _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
-                                          BLOCK_M)
-    o, lse = _attend_range(
+    q = load_q(Q, tokens, heads, row_ok, stride_qb, stride_qh, positions, rope_log2_theta, rope_inv_scale,
+               HEAD_DIM_QK, D_QK, USE_ROPE)
+    slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
+                                         BLOCK_M)
+    o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp, K, slopes,
         positions, tokens, row_ok, start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, K, V, 0, 0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False,
         HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, False, BLOCK_M, BLOCK_N, UPCAST_DOT)
     if single:
-        _store_state(O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh,
-                     LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, False)
+        store_state(O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh,
+                    LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, False)
     else:
-        _store_state(PART_O + item.to(tl.int64) * stride_pw + heads[:, None] * stride_ph,
-                     PART_LSE + item * stride_plw + heads * stride_plh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO,
-                     True)
+        store_state(PART_O + item.to(tl.int64) * stride_pw + heads[:, None] * stride_ph,
+                    PART_LSE + item * stride_plw + heads * stride_plh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO,
+                    True)
 
 
 # ----------------------------------------------------------------------------------------------

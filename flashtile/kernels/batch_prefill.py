@@ -3,7 +3,7 @@
 The work list comes from :mod:`flashtile.scheduler.prefill_work`: program ``(item, kv_head)`` takes
 one item, i.e. ``BLOCK_M`` GQA-packed rows of one request (row ``r`` = query token ``r // GROUP``
 of query head ``kv_head * GROUP + r % GROUP``) over one KV range, and runs the same tile loops as
-the single-request kernel (``_attend_range`` in attention.py: masked edge tiles, unmasked interior
+the single-request kernel (``attend_range`` in tiles.py: masked edge tiles, unmasked interior
 tiles, tiles nobody sees skipped). The plan lives in device memory (``META``), so one compiled
 kernel serves every batch composition and a CUDA-graph capture replays correctly after a re-plan.
 
@@ -46,20 +46,16 @@ from .attention import (
     INTERPRET,
     LOG2E,
     LaunchConfig,
-    _attend_range,
-    _head_inputs,
-    _load_q,
-    _store_state,
-    _tile_ranges,
     alibi_slopes_of,
     check_fp8_head_dims,
     kv_descriptors,
     tma_enabled,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
-from .prefill_plan import _item_and_head, _item_fields, _item_request
+from .prefill_plan import item_and_head, item_fields, request_of_item
 from .smem import TileFeatures, launch_within_limit
 from .softmax import finalize_state, softmax_update
+from .tiles import attend_range, head_inputs, load_q, store_state, tile_ranges
 
 
 @triton.jit
@@ -95,9 +91,9 @@ def _batch_prefill_kernel(
 ):
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
-    item, kv_head, active = _item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
+    item, kv_head, active = item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
     item_c = tl.maximum(tl.minimum(item, num_items - 1), 0)  # programs past the plan (graph mode) idle
-    row_block, lo, hi, slot, qo_start, qo_len, kv_offset, kv_len, mask_offset = _item_fields(ITEMS, REQS, item_c)
+    row_block, lo, hi, slot, qo_start, qo_len, kv_offset, kv_len, mask_offset = item_fields(ITEMS, REQS, item_c)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     num_rows = qo_len * GROUP
@@ -110,18 +106,18 @@ def _batch_prefill_kernel(
     positions = tokens + delta
     t_first = (row_block * BLOCK_M) // GROUP
     t_last = tl.minimum(row_block * BLOCK_M + BLOCK_M - 1, num_rows - 1) // GROUP
-    start, full_start, full_end, hi = _tile_ranges(
+    start, full_start, full_end, hi = tile_ranges(
         lo, hi, t_first, t_last, delta, kv_len, window_left, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
 
     q_tokens = qo_start + tokens
-    q = _load_q(Q, q_tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
-                HEAD_DIM_QK, D_QK, USE_ROPE)
-    slopes, k_base, v_base = _head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
-                                          BLOCK_M)
+    q = load_q(Q, q_tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
+               HEAD_DIM_QK, D_QK, USE_ROPE)
+    slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
+                                         BLOCK_M)
     prefix_len = 0
     item_first_key = positions
     if MULTI_ITEM:
-        item_request = MULTI_ITEM_REQS + _item_request(ITEMS, item_c) * 2
+        item_request = MULTI_ITEM_REQS + request_of_item(ITEMS, item_c) * 2
         prefix_len = tl.load(item_request)
         item_first_key = _item_first_keys(TOKEN_POS, tl.load(item_request + 1), prefix_len, positions, row_ok,
                                           kv_len)
@@ -129,7 +125,7 @@ def _batch_prefill_kernel(
     if not PAGED:
         k_base += kv_offset.to(tl.int64) * stride_kt
         v_base += kv_offset.to(tl.int64) * stride_vt
-    o, lse = _attend_range(
+    o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, PAGE_SIZE, stride_kp, stride_vp,
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
         sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head,
@@ -137,13 +133,13 @@ def _batch_prefill_kernel(
         USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
         MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key)
     if slot < 0:
-        _store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
-                     LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
-                     HEAD_DIM_VO, D_VO, False)
+        store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
+                    LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
+                    HEAD_DIM_VO, D_VO, False)
     else:
         part_row = ((slot.to(tl.int64) * num_kv_heads + kv_head) * BLOCK_M + tl.arange(0, BLOCK_M))
-        _store_state(PART_O + part_row[:, None] * HEAD_DIM_VO, PART_LSE + part_row, o, lse, row_ok, v_scale,
-                     HEAD_DIM_VO, D_VO, True)
+        store_state(PART_O + part_row[:, None] * HEAD_DIM_VO, PART_LSE + part_row, o, lse, row_ok, v_scale,
+                    HEAD_DIM_VO, D_VO, True)
 
 
 @direct_launch
@@ -186,9 +182,9 @@ def _merge_tiles_kernel(
     o, lse = finalize_state(m_i, l_i, acc)
     tokens = qo_start + rows // GROUP
     heads = kv_head * GROUP + rows % GROUP
-    _store_state(O + tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
-                 LSE + tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO,
-                 D_VO, False)
+    store_state(O + tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
+                LSE + tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO,
+                D_VO, False)
 
 
 # Set by benchmarks/tune_batch_prefill.py: the page-id prefetch (None: the default rule, prefetch_page_ids)
@@ -205,7 +201,7 @@ def _fits_int32(pages: torch.Tensor) -> bool:
 
 
 def prefetch_page_ids(page_size: Optional[int]) -> bool:
-    """Whether the paged kernel loads each tile's page ids one iteration ahead (_attend_tiles): for
+    """Whether the paged kernel loads each tile's page ids one iteration ahead (attend_tiles): for
     page sizes above 1 (see the launch-configuration notes)."""
     if PREFETCH_OVERRIDE is not None:
         return PREFETCH_OVERRIDE and page_size is not None

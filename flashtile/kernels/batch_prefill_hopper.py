@@ -60,9 +60,9 @@ try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hop
 except Exception:  # pragma: no cover - older or newer Triton without this API
     _HAVE_GLUON = False
 
-from .attention import _tile_ranges
-from .prefill_plan import _item_and_head, _item_fields
+from .prefill_plan import item_and_head, item_fields
 from .softmax import finalize_state, softmax_step
+from .tiles import tile_ranges
 
 BLOCK_M = 128
 BLOCK_N = 128
@@ -186,17 +186,17 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP: gl.constexpr, CAUSAL: gl.constexpr):
-        """The item and KV head of work unit ``w`` (the plan's launch order: _item_and_head) and its KV
+        """The item and KV head of work unit ``w`` (the plan's launch order: item_and_head) and its KV
         blocks: ``[start, start + num_blocks * _BLOCK_N)``, the blocks from
         ``full_end`` on masked (causal diagonal, end of the keys)."""
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
-        item, kv_head, _ = _item_and_head(w, gl.load(COUNTS), gl.load(COUNTS + 2), num_kv_heads)
-        row_block, lo, hi, slot, qo_start, qo_len, kv_offset, kv_len, _ = _item_fields(ITEMS, REQS, item)
+        item, kv_head, _ = item_and_head(w, gl.load(COUNTS), gl.load(COUNTS + 2), num_kv_heads)
+        row_block, lo, hi, slot, qo_start, qo_len, kv_offset, kv_len, _ = item_fields(ITEMS, REQS, item)
         delta = kv_len - qo_len
         t_first = row_block * TOKENS
         t_last = gl.minimum(t_first + TOKENS - 1, qo_len - 1)
-        start, _, full_end, hi = _tile_ranges(lo, hi, t_first, t_last, delta, kv_len, -1, CAUSAL, False, False,
-                                              _BLOCK_N)
+        start, _, full_end, hi = tile_ranges(lo, hi, t_first, t_last, delta, kv_len, -1, CAUSAL, False, False,
+                                             _BLOCK_N)
         num_blocks = gl.maximum(hi - start + _BLOCK_N - 1, 0) // _BLOCK_N
         return (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
                 num_blocks)

@@ -16,7 +16,7 @@ REQUEST_STRIDE = tl.constexpr(REQUEST_FIELDS)
 
 
 @triton.jit
-def _item_and_head(pid, num_items, group_items, num_kv_heads):
+def item_and_head(pid, num_items, group_items, num_kv_heads):
     """``(item, kv_head, active)`` of program ``pid``. Items come in groups of ``group_items``
     (the last one shorter); inside a group, head 0 takes every item, then head 1, ... (so programs
     that read the same K/V run together: scheduler/prefill_work.py). ``active`` is False for the
@@ -35,14 +35,14 @@ def _item_and_head(pid, num_items, group_items, num_kv_heads):
 
 
 @triton.jit
-def _item_request(ITEMS, item):
-    """The request an item belongs to (its first field; _item_fields reads the request's own fields
+def request_of_item(ITEMS, item):
+    """The request an item belongs to (its first field; item_fields reads the request's own fields
     with its own load: routing that load through here reorders the default kernel's SASS, measured)."""
     return tl.load(ITEMS + item * ITEM_STRIDE)
 
 
 @triton.jit
-def _item_fields(ITEMS, REQS, item):
+def item_fields(ITEMS, REQS, item):
     """An item's row block, KV range and slot, and its request's fields (the plan layout: module doc)."""
     it = ITEMS + item * ITEM_STRIDE
     rq = REQS + tl.load(it) * REQUEST_STRIDE
