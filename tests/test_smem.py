@@ -42,6 +42,7 @@ def gpu_tables(monkeypatch):
     """The launchers' GPU tables (CPU tests run with the interpreter's single small config)."""
     monkeypatch.setattr(attention, "INTERPRET", False)
     monkeypatch.setattr(batch_prefill, "INTERPRET", False)
+    monkeypatch.setattr(tile_policy, "small_tiles", lambda: False)
 
 
 def feature_sets(head_dim: int):
