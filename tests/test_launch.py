@@ -114,7 +114,9 @@ class _FakeDriver:
 def fake_cuda(monkeypatch):
     monkeypatch.setitem(launch._state, "enabled", True)
     monkeypatch.setitem(launch._state, "check", False)
-    monkeypatch.setitem(launch._state, "driver", _FakeDriver())
+    driver = _FakeDriver()
+    monkeypatch.setitem(launch._state, "driver", driver)
+    monkeypatch.setitem(launch._state, "current_device", driver.get_current_device)
     monkeypatch.setattr(launch, "_hooks", lambda: None)
     jit = _FakeJit()
     return jit, DirectLaunch(jit)

@@ -42,13 +42,14 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 from .._core.params import AttentionParams
+from .._core.settings import interpreting
 from ..scheduler.split_kv import plan_kv_splits
 from .merge import merge_attention_states
 from .smem import TileFeatures, device_config, estimate_shared_bytes, launch_within_limit
 from .softmax import finalize_state, softmax_update
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpreting()
 
 
 @triton.jit
