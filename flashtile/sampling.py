@@ -245,27 +245,25 @@ def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, or
         except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checks say what is wrong
             key = None
     call = _SAMPLER_CALLS.get(key)
-    if call is None:
+    known = call is not None
+    if not known:
         _check_rows("probs", probs)
         _check_order(order)
         batch, _, id_dtype = _output_rows(probs, indices)
-        if key is not None:
-            call = (implementation("sampling", probs.device).filtered_sampling, batch, id_dtype)
-    else:
-        batch, id_dtype = call[1], call[2]
+        call = (implementation("sampling", probs.device).filtered_sampling, batch, id_dtype)
+    run, batch, id_dtype = call
     device = probs.device
     for name, value in filters.items():  # scalars: the value; tensors: moved to the device and dtype
         filters[name] = _param(name, value, batch, device, **_FILTERS[name])
-    if call is not None:
+    if not known and key is not None:
         _SAMPLER_CALLS.remember(key, call)  # every metadata check has passed
     rows = None if indices is None else indices.to(device, non_blocking=True)
     _check_nan("probs", probs, check_nan)
     seed, offset = _rng(generator, seed, offset, batch, device)
-    ids = new_output((batch,), id_dtype, device)
-    valid = new_output((batch,), torch.bool, device)
+    ids = new_output(batch, id_dtype, device)  # an int size: faster than a shape tuple
+    valid = new_output(batch, torch.bool, device)
     if batch > 0:
-        run = call[0] if call is not None else implementation("sampling", device).filtered_sampling
-        run(probs, rows, ids, valid, seed, offset, order=order, **filters)
+        run(probs, rows, ids, valid, seed, offset, order=order, launch_key=key, **filters)
     return _finish(ids, valid, return_valid)
 
 

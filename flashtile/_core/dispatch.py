@@ -6,6 +6,11 @@
   interpreter. The interpreter is selected by ``TRITON_INTERPRET=1`` when ``@triton.jit`` decorates
   a kernel, so kernel modules are imported lazily, here, after the variable is set.
 - ``FLASHTILE_BACKEND=reference`` (or ``backend="reference"``) forces the reference path anywhere.
+  FLASHTILE_BACKEND is read once (settings.py; ``settings.reload()`` re-reads it).
+
+API and op layers find the module that runs an op family with :func:`implementation` (the one lookup):
+``flashtile.kernels.<family>`` or ``flashtile.reference.<family>``, which define the same functions
+with the same arguments.
 
 Nothing is compiled at import: kernels compile on their first call (and ``python -m flashtile
 warmup`` precompiles them).

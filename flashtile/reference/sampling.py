@@ -330,9 +330,10 @@ def _per_row(value, batch: int) -> Optional[torch.Tensor]:
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None, order="joint",
-                      max_rounds=None, seg=None, passes=None, split=None):
+                      max_rounds=None, seg=None, passes=None, split=None, launch_key=None):
     """:func:`filtered_draws` into ``out`` (ids) and ``valid``. ``max_rounds``, ``seg``, ``passes``,
-    ``split`` tune or instrument the kernels and are ignored here."""
+    ``split`` (kernel tuning and instrumentation) and ``launch_key`` (the kernels' launch-memo key)
+    are ignored here."""
     batch = out.shape[0]
     ids, ok = filtered_draws(probs.cpu(), _host_rows(rows, batch), *_host_rng(seed, offset),
                              top_k=_per_row(top_k, batch), top_p=_per_row(top_p, batch),
