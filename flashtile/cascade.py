@@ -62,14 +62,15 @@ def _check_s(name: str, s, shape, dtypes=S_DTYPES) -> None:
     check_tensor(name, s, shape=shape, dtypes=dtypes)
 
 
-def _memo_key(tag: str, *tensors) -> Optional[tuple]:
-    """The memo key of an eager merge (_core/memo.py): ``tag`` and the tensors' metadata (None kept
-    for an absent mask), or None when the call cannot use the memos (traced by torch.compile, or an
-    argument that is not a plain tensor: the checks then say what is wrong)."""
+def _memo_key(tag: str, v_a, s_a, v_b, s_b, mask=None) -> Optional[tuple]:
+    """The memo key of an eager merge (_core/memo.py): ``tag`` and the tensors' metadata (None for an
+    absent mask), or None when the call cannot use the memos (traced by torch.compile, or an argument
+    that is not a plain tensor: the checks then say what is wrong)."""
     if not eager():
         return None
     try:
-        return (tag, *(None if t is None else tensor_key(t) for t in tensors))
+        return (tag, tensor_key(v_a), tensor_key(s_a), tensor_key(v_b), tensor_key(s_b),
+                None if mask is None else tensor_key(mask))
     except Exception:  # noqa: BLE001
         return None
 
