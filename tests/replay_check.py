@@ -44,7 +44,8 @@ def _enter_compiled_cpu_mode() -> None:
     dispatch.KERNEL_DEVICE_TYPES = ("cuda", "cpu")
     dispatch._MODULES.clear()
     device.TARGET_OVERRIDE = (232448, (9, 0))
-    launch._state.update(enabled=True, memo=True, check=False, driver=_Driver(), current_device=_Driver.get_current_device)
+    launch._state.update(enabled=True, memo=True, check=False, driver=_Driver(),
+                         current_device=_Driver.get_current_device)
     launch._first_launch = lambda fn, grid, args, kwargs: _Compiled()
 
 

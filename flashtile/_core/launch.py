@@ -310,8 +310,9 @@ class LaunchMemo:
             return self.get(key)
         if replay is None:
             return None
-        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook  # see _has_calls
-        if (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True)):
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook  # installed hooks: see _has_calls
+        if (enter is not None and getattr(enter, "calls", True)) or (
+                leave is not None and getattr(leave, "calls", True)):
             return None
         return replay
 
