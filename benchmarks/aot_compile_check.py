@@ -243,17 +243,20 @@ from flashtile.kernels import activation as ACT  # noqa: E402
 from flashtile.kernels import rope as R  # noqa: E402
 
 from flashtile._core import device as DEV  # noqa: E402
+from flashtile._core import settings as _settings  # noqa: E402
 
 _interpreter_sms, DEV.INTERPRETER_SMS = DEV.INTERPRETER_SMS, 132  # RoPE launch sizes of the H100, not of the interpreter's small "GPU"
 qr, kr = torch.randn(8192, 32, 128, dtype=bf), torch.randn(8192, 8, 128, dtype=bf)
 pos = torch.arange(8192, dtype=torch.int64)
 for token_major in ("1", "0"):
     os.environ["FLASHTILE_ROPE_FAST"] = token_major
+    _settings.reload()  # flashtile reads its settings once
     R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, cos_sin_cache=torch.randn(8192, 128))
     compile_all(f"rope cos_sin_cache FLASHTILE_ROPE_FAST={token_major}")
     R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, smooth_a=0.1, smooth_b=-0.5)
     compile_all(f"rope llama31 FLASHTILE_ROPE_FAST={token_major}")
 os.environ.pop("FLASHTILE_ROPE_FAST")
+_settings.reload()
 DEV.INTERPRETER_SMS = _interpreter_sms
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")

@@ -71,7 +71,8 @@ def enter_dry_mode() -> None:
     dispatch.KERNEL_DEVICE_TYPES = ("cuda", "cpu")
     dispatch._MODULES.clear()
     device.TARGET_OVERRIDE = (232448, (9, 0))  # configs as on an H100
-    launch._state.update(enabled=True, memo=True, check=False, driver=_DryDriver())
+    launch._state.update(enabled=True, memo=True, check=False, driver=_DryDriver(),
+                         current_device=_DryDriver.get_current_device)
     launch._first_launch = lambda fn, grid, args, kwargs: _DryCompiled()
 
 
@@ -157,6 +158,18 @@ def _rmsnorm(lib, dev):
     return lambda: lib.norm.rmsnorm(x, w)
 
 
+def _fused_add_rmsnorm(lib, dev):
+    x = torch.randn(1, 4096, dtype=DTYPE, device=dev)
+    r = torch.randn(1, 4096, dtype=DTYPE, device=dev)
+    w = torch.randn(4096, dtype=DTYPE, device=dev)
+    return lambda: lib.norm.fused_add_rmsnorm(x, r, w)
+
+
+def _silu_and_mul(lib, dev):
+    x = torch.randn(1, 2 * 14336, dtype=DTYPE, device=dev)  # Llama 3 8B's MLP width
+    return lambda: lib.activation.silu_and_mul(x)
+
+
 def _rope(lib, dev):
     q = torch.randn(1, HQ * D, dtype=DTYPE, device=dev)
     k = torch.randn(1, HKV * D, dtype=DTYPE, device=dev)
@@ -183,6 +196,8 @@ CASES: Dict[str, Callable] = {
     "single_prefill_with_kv_cache 32 on 256": _single_prefill,
     "top_p_sampling_from_probs 1 x 32000": _top_p,
     "rmsnorm 1 x 4096": _rmsnorm,
+    "fused_add_rmsnorm 1 x 4096": _fused_add_rmsnorm,
+    "silu_and_mul 1 x 2*14336": _silu_and_mul,
     "apply_rope_with_cos_sin_cache_inplace 1 token": _rope,
     "merge_state 8 x 32 x 128": _merge_state,
 }
@@ -209,6 +224,7 @@ def _providers(dry: bool) -> Dict[str, object]:
     if not dry:
         try:
             import flashinfer
+            import flashinfer.activation  # noqa: F401
             import flashinfer.cascade  # noqa: F401
             import flashinfer.norm  # noqa: F401
             import flashinfer.rope  # noqa: F401

@@ -88,14 +88,19 @@ def _batch_rows(case: Case) -> tuple:
 
 
 def _on_both_paths(call) -> list:
-    """``[call() on the Triton kernels, call() on the reference path]`` (FLASHTILE_BACKEND, read per call)."""
+    """``[call() on the Triton kernels, call() on the reference path]`` (FLASHTILE_BACKEND; flashtile reads
+    its settings once, so they are reloaded after each change)."""
+    from flashtile._core import settings
+
     results = []
     for backend in ("triton", "reference"):
         os.environ["FLASHTILE_BACKEND"] = backend
+        settings.reload()
         try:
             results.append(call())
         finally:
             os.environ.pop("FLASHTILE_BACKEND")
+            settings.reload()
     return results
 
 

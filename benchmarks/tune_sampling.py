@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_sampling import _flashtile, sampling_cases  # noqa: E402
 from benchmarks.harness import measure  # noqa: E402
+from flashtile._core.launch import clear_launch_memos  # noqa: E402
 
 
 def main() -> None:
@@ -49,6 +50,7 @@ def main() -> None:
             try:
                 for n, v in setting.items():
                     setattr(kernels, n, v)
+                clear_launch_memos()  # replayed launches do not know the module constants
                 torch.manual_seed(0)
                 us = measure(_flashtile(case), cuda_graph="on")["median_us"]
                 rows.append((us, setting))
@@ -57,6 +59,7 @@ def main() -> None:
             finally:
                 for n, v in default.items():
                     setattr(kernels, n, v)
+                clear_launch_memos()
         rows.sort(key=lambda r: r[0])
         for us, setting in rows[:4]:
             print(f"{case.name:<44} {setting}  {us:8.1f} us")

@@ -3,6 +3,9 @@
 The activation is applied to the first half of the last dim and multiplied by the second half, in
 float32, rounded once to the output dtype. Any ``d`` works (odd too); upstream's "multiple of 16
 bytes" restriction does not apply.
+
+Host path: the checks of a call on 2-D rows are remembered per key of its tensors' metadata
+(_core/memo.py); a later eager call with the same key goes straight to the implementation.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import Optional
 import torch
 
 from ._core import ops_small as ops
-from ._core.buffers import new_output
+from ._core.buffers import new_output, new_output_as
 from ._core.checks import check_tensor
+from ._core.memo import CallMemo, eager, tensor_key
 
 __all__ = ["silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"]
 
@@ -28,7 +32,29 @@ def _as_rows(x: torch.Tensor, width: int) -> Optional[torch.Tensor]:
         return None
 
 
+# Keys of 2-D calls whose checks passed -> (the eager act_and_mul function, output shape). On 2-D
+# tensors the ``[rows, width]`` views below are the tensors themselves, so the function takes them as given.
+_CALLS = CallMemo()
+
+
 def _act_and_mul(input, out, activation: str) -> torch.Tensor:
+    key = None
+    if eager():
+        try:
+            key = (tensor_key(input), None if out is None else tensor_key(out), activation)
+        except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checks say what is wrong
+            key = None
+    entry = _CALLS.get(key)
+    if entry is None:
+        return _checked_act_and_mul(input, out, activation, key)
+    run, out_shape = entry
+    if out is None:
+        out = new_output_as(input, out_shape)
+    run(input, out, activation, key)
+    return out
+
+
+def _checked_act_and_mul(input, out, activation: str, key) -> torch.Tensor:
     check_tensor("input", input, dtypes=FLOAT_DTYPES)
     if input.dim() < 1 or input.shape[-1] % 2 != 0:
         raise ValueError(f"input: expected shape [..., 2 * d] (an even last dim), got {list(input.shape)}")
@@ -39,6 +65,11 @@ def _act_and_mul(input, out, activation: str) -> torch.Tensor:
     else:
         check_tensor("out", out, shape=out_shape, dtypes=(input.dtype,), device=input.device)
     if out.numel() == 0:
+        return out
+    if key is not None and input.dim() == 2:
+        run = ops.eager_function(ops.act_and_mul, input.device)
+        _CALLS.remember(key, (run, out_shape))
+        run(input, out, activation, key)
         return out
     rows_in = _as_rows(input, 2 * d)
     if rows_in is None:  # e.g. a transposed view: one copy, then the fast path

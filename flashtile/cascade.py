@@ -17,8 +17,9 @@ import torch
 
 from ._core import ops_cascade as ops
 from ._core.attention_args import resolve_scalar
-from ._core.buffers import new_output
+from ._core.buffers import new_output, new_output_like
 from ._core.checks import check_same_device, check_tensor, describe
+from ._core.memo import CallMemo, eager, tensor_key
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 
 __all__ = [
@@ -61,6 +62,26 @@ def _check_s(name: str, s, shape, dtypes=S_DTYPES) -> None:
     check_tensor(name, s, shape=shape, dtypes=dtypes)
 
 
+def _memo_key(tag: str, v_a, s_a, v_b, s_b, mask=None) -> Optional[tuple]:
+    """The memo key of an eager merge (_core/memo.py): ``tag`` and the tensors' metadata (None for an
+    absent mask), or None when the call cannot use the memos (traced by torch.compile, or an argument
+    that is not a plain tensor: the checks then say what is wrong)."""
+    if not eager():
+        return None
+    try:
+        return (tag, tensor_key(v_a), tensor_key(s_a), tensor_key(v_b), tensor_key(s_b),
+                None if mask is None else tensor_key(mask))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# Keys whose checks passed -> (the eager merge_state_pair function, whether s_a / s_other needs the
+# float32 cast, whether s_b does). A known key proves the checks pass: they depend only on the
+# tensors' shapes, dtypes and devices.
+_MERGE_STATE_CALLS = CallMemo()
+_MERGE_STATE_IN_PLACE_CALLS = CallMemo()
+
+
 def merge_state(
     v_a: torch.Tensor,
     s_a: torch.Tensor,
@@ -87,15 +108,30 @@ def merge_state(
         ``(v, s)``: ``v [seq_len, num_heads, head_dim]`` in v_a's dtype, ``s [seq_len, num_heads]``
         float32 (base 2), new contiguous tensors.
     """
-    _check_v("v_a", v_a, 3, "[seq_len, num_heads, head_dim]")
-    seq_len, num_heads, head_dim = v_a.shape
-    _check_s("s_a", s_a, (seq_len, num_heads))
-    _check_like_v("v_b", v_b, "v_a", v_a)
-    _check_s("s_b", s_b, (seq_len, num_heads))
-    device = check_same_device(v_a=v_a, s_a=s_a, v_b=v_b, s_b=s_b)
-    v = new_output((seq_len, num_heads, head_dim), v_a.dtype, device)
-    s = new_output((seq_len, num_heads), torch.float32, device)
-    ops.call(ops.merge_state, v_a, s_a.to(torch.float32), v_b, s_b.to(torch.float32), v, s)
+    key = _memo_key("merge_state", v_a, s_a, v_b, s_b)
+    call = _MERGE_STATE_CALLS.get(key)
+    if call is None:
+        _check_v("v_a", v_a, 3, "[seq_len, num_heads, head_dim]")
+        seq_len, num_heads, head_dim = v_a.shape
+        _check_s("s_a", s_a, (seq_len, num_heads))
+        _check_like_v("v_b", v_b, "v_a", v_a)
+        _check_s("s_b", s_b, (seq_len, num_heads))
+        device = check_same_device(v_a=v_a, s_a=s_a, v_b=v_b, s_b=s_b)
+        if key is None:
+            v = new_output((seq_len, num_heads, head_dim), v_a.dtype, device)
+            s = new_output((seq_len, num_heads), torch.float32, device)
+            ops.call(ops.merge_state, v_a, s_a.to(torch.float32), v_b, s_b.to(torch.float32), v, s)
+            return v, s
+        call = (ops.eager_function(ops.merge_state, device), s_a.dtype != torch.float32, s_b.dtype != torch.float32)
+        _MERGE_STATE_CALLS.remember(key, call)
+    run, cast_a, cast_b = call
+    if cast_a:
+        s_a = s_a.to(torch.float32)
+    if cast_b:
+        s_b = s_b.to(torch.float32)
+    v = new_output_like(v_a)  # contiguous [seq_len, num_heads, head_dim] in v_a's dtype
+    s = new_output_like(s_a)  # contiguous float32 [seq_len, num_heads]
+    run(v_a, s_a, v_b, s_b, v, s, None, key)
     return v, s
 
 
@@ -122,18 +158,29 @@ def merge_state_in_place(
     Returns:
         None.
     """
-    _check_v("v", v, 3, "[seq_len, num_heads, head_dim]")
-    seq_len, num_heads, _ = v.shape
-    check_tensor("s", s, shape=(seq_len, num_heads))
-    if s.dtype != torch.float32:
-        raise TypeError(f"s: expected dtype float32 (it is updated in place, so it cannot be cast), "
-                        f"got {_dtype_name(s.dtype)}")
-    _check_like_v("v_other", v_other, "v", v)
-    _check_s("s_other", s_other, (seq_len, num_heads))
-    if mask is not None:
-        check_tensor("mask", mask, shape=(seq_len,), dtypes=(torch.bool,))
-    check_same_device(v=v, s=s, v_other=v_other, s_other=s_other, mask=mask)
-    ops.call(ops.merge_state_in_place, v, s, v_other, s_other.to(torch.float32), mask)
+    key = _memo_key("merge_state_in_place", v, s, v_other, s_other, mask)
+    call = _MERGE_STATE_IN_PLACE_CALLS.get(key)
+    if call is None:
+        _check_v("v", v, 3, "[seq_len, num_heads, head_dim]")
+        seq_len, num_heads, _ = v.shape
+        check_tensor("s", s, shape=(seq_len, num_heads))
+        if s.dtype != torch.float32:
+            raise TypeError(f"s: expected dtype float32 (it is updated in place, so it cannot be cast), "
+                            f"got {_dtype_name(s.dtype)}")
+        _check_like_v("v_other", v_other, "v", v)
+        _check_s("s_other", s_other, (seq_len, num_heads))
+        if mask is not None:
+            check_tensor("mask", mask, shape=(seq_len,), dtypes=(torch.bool,))
+        device = check_same_device(v=v, s=s, v_other=v_other, s_other=s_other, mask=mask)
+        if key is None:
+            ops.call(ops.merge_state_in_place, v, s, v_other, s_other.to(torch.float32), mask)
+            return
+        call = (ops.eager_function(ops.merge_state_in_place, device), s_other.dtype != torch.float32)
+        _MERGE_STATE_IN_PLACE_CALLS.remember(key, call)
+    run, cast_other = call
+    if cast_other:
+        s_other = s_other.to(torch.float32)
+    run(v, s, v_other, s_other, v, s, mask, key)
 
 
 def merge_states(v: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -820,9 +820,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _select_interpreter() -> None:
     """Without CUDA, ``FLASHTILE_BACKEND=triton`` runs the kernels in Triton's interpreter, which must
     be chosen before Triton is imported (torch imports it on the first custom-op call)."""
-    backend = os.environ.get("FLASHTILE_BACKEND", "").strip().lower()
-    if backend == "triton" and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+    from ._core.settings import select_interpreter
+
+    if os.environ.get("FLASHTILE_BACKEND", "").strip().lower() == "triton":
+        select_interpreter(unless_set=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

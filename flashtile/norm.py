@@ -3,6 +3,10 @@
 All compute in float32 and round once to the output dtype. Rows are the last dimension; inputs may
 be strided views (a slice of a wider tensor, the q heads of a fused QKV projection); only their
 element strides are used, nothing is copied.
+
+Host path: the checks of a call are remembered per key of its tensors' metadata (_core/memo.py), so
+a later eager call with the same shapes, strides, dtypes and devices checks only ``eps`` and goes
+straight to the implementation (which replays its launch for the same key).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from ._core import ops_small as ops
 from ._core.buffers import new_output_like
 from ._core.checks import check_tensor, describe
+from ._core.memo import CallMemo, eager, tensor_key
 
 __all__ = ["rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm", "layernorm"]
 
@@ -54,6 +59,46 @@ def _output(input: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _key(eps, a, b, c, d=None) -> Optional[tuple]:
+    """The memo key of an eager call: its tensors' metadata (an absent ``out`` as None), or None when
+    the call cannot use the memos: traced by torch.compile, an ``eps`` that is not a float, an argument
+    that is not a plain tensor (the checks then say what is wrong)."""
+    if type(eps) is not float or not eager():
+        return None
+    try:
+        return (tensor_key(a), tensor_key(b), None if c is None else tensor_key(c),
+                None if d is None else tensor_key(d))
+    except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checked path decides
+        return None
+
+
+# Keys whose checks passed -> the eager implementation function (ops.eager_function).
+_RMSNORM_CALLS = CallMemo()
+_FUSED_ADD_RMSNORM_CALLS = CallMemo()
+_LAYERNORM_CALLS = CallMemo()
+
+
+def _rmsnorm(input, weight, eps, out, weight_offset: float) -> torch.Tensor:
+    key = _key(eps, input, weight, out)
+    run = _RMSNORM_CALLS.get(key)
+    if run is None or not eps >= 0.0:
+        _check_rows("input", input)
+        _check_vector("weight", weight, input)
+        eps = _check_eps(eps)
+        if key is None:
+            out = _output(input, out)
+            ops.call(ops.rmsnorm, input, weight, out, eps, weight_offset)
+            return out
+        if out is not None:
+            _check_like("out", out, input)
+        run = ops.eager_function(ops.rmsnorm, input.device)
+        _RMSNORM_CALLS.remember(key, run)
+    if out is None:
+        out = new_output_like(input)
+    run(input, weight, out, eps, weight_offset, key)
+    return out
+
+
 def rmsnorm(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -74,12 +119,7 @@ def rmsnorm(
     Returns:
         ``out`` (a new tensor shaped like input when none is given), in input's dtype.
     """
-    _check_rows("input", input)
-    _check_vector("weight", weight, input)
-    eps = _check_eps(eps)
-    out = _output(input, out)
-    ops.call(ops.rmsnorm, input, weight, out, eps, 0.0)
-    return out
+    return _rmsnorm(input, weight, eps, out, 0.0)
 
 
 def gemma_rmsnorm(
@@ -93,20 +133,23 @@ def gemma_rmsnorm(
 
     Arguments and return value as :func:`rmsnorm`.
     """
-    _check_rows("input", input)
-    _check_vector("weight", weight, input)
-    eps = _check_eps(eps)
-    out = _output(input, out)
-    ops.call(ops.rmsnorm, input, weight, out, eps, 1.0)
-    return out
+    return _rmsnorm(input, weight, eps, out, 1.0)
 
 
 def _fused_add(input, residual, weight, eps, weight_offset: float) -> None:
-    _check_rows("input", input)
-    _check_like("residual", residual, input)
-    _check_vector("weight", weight, input)
-    eps = _check_eps(eps)
-    ops.call(ops.fused_add_rmsnorm, input, residual, weight, eps, weight_offset)
+    key = _key(eps, input, residual, weight)
+    run = _FUSED_ADD_RMSNORM_CALLS.get(key)
+    if run is None or not eps >= 0.0:
+        _check_rows("input", input)
+        _check_like("residual", residual, input)
+        _check_vector("weight", weight, input)
+        eps = _check_eps(eps)
+        if key is None:
+            ops.call(ops.fused_add_rmsnorm, input, residual, weight, eps, weight_offset)
+            return
+        run = ops.eager_function(ops.fused_add_rmsnorm, input.device)
+        _FUSED_ADD_RMSNORM_CALLS.remember(key, run)
+    run(input, residual, weight, eps, weight_offset, key)
 
 
 def fused_add_rmsnorm(
@@ -172,10 +215,22 @@ def layernorm(
     Returns:
         ``out`` in input's dtype.
     """
-    _check_rows("input", input)
-    _check_vector("gemma", gemma, input)
-    _check_vector("beta", beta, input)
-    eps = _check_eps(eps)
-    out = _output(input, out)
-    ops.call(ops.layernorm, input, gemma, beta, out, eps)
+    key = _key(eps, input, gemma, beta, out)
+    run = _LAYERNORM_CALLS.get(key)
+    if run is None or not eps >= 0.0:
+        _check_rows("input", input)
+        _check_vector("gemma", gemma, input)
+        _check_vector("beta", beta, input)
+        eps = _check_eps(eps)
+        if key is None:
+            out = _output(input, out)
+            ops.call(ops.layernorm, input, gemma, beta, out, eps)
+            return out
+        if out is not None:
+            _check_like("out", out, input)
+        run = ops.eager_function(ops.layernorm, input.device)
+        _LAYERNORM_CALLS.remember(key, run)
+    if out is None:
+        out = new_output_like(input)
+    run(input, gemma, beta, out, eps, key)
     return out

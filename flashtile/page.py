@@ -32,7 +32,7 @@ from ._core import ops_page
 from ._core.buffers import new_output
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe
 from ._core.debug import validate_device_indices
-from ._core.dispatch import Path, choose_path, load_kernels
+from ._core.dispatch import implementation
 from ._core.paged_kv import as_index_tensor, check_append_rows, check_page_table, unpack_paged_kv_cache
 from .reference import page as _reference
 
@@ -230,9 +230,7 @@ def get_batch_indices_positions(
                 f"seq_lens: request {b} appends {int(ip[b + 1] - ip[b])} rows but its length after the append "
                 f"is {int(seq_lens[b])}; seq_lens must count the appended tokens"
             )
-    decision = choose_path(device, "auto")
-    impl = _reference if decision.path is Path.REFERENCE else load_kernels("page", decision.path)
-    impl.batch_indices_positions(append_indptr, seq_lens, batch_indices, positions)
+    implementation("page", device).batch_indices_positions(append_indptr, seq_lens, batch_indices, positions)
     return batch_indices, positions
 
 

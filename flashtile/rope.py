@@ -18,7 +18,7 @@ Positions: ragged (``indptr``, ``offsets``: token ``t`` of segment ``i`` sits at
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -26,7 +26,8 @@ from ._core import ops_small as ops
 from ._core.attention_args import resolve_scalar
 from ._core.buffers import new_output_like
 from ._core.checks import check_same_device, check_tensor, describe
-from ._core.debug import validate_device_indices
+from ._core.debug import debug_checks_enabled, validate_device_indices
+from ._core.memo import CallMemo, eager, tensor_key
 from .reference.positional import llama31_smoothing
 
 __all__ = [
@@ -347,14 +348,77 @@ def _cos_sin_cache_args(positions, query, key, head_size, cos_sin_cache):
         raise CacheDtypeError(f"cos_sin_cache should be float32, got {str(cos_sin_cache.dtype).replace('torch.', '')}")
     check_same_device(query=query, cos_sin_cache=cos_sin_cache)
     rotary_dim = _check_rotary_dim(cos_sin_cache.shape[1], head_size, name="cos_sin_cache.shape[1] (rotary_dim)")
-    if validate_device_indices(positions) and nnz > 0:
-        lo, hi = positions.min().item(), positions.max().item()
-        if lo < 0 or hi >= cos_sin_cache.shape[0]:
-            raise ValueError(
-                f"positions: expected values in [0, {cos_sin_cache.shape[0]}) (rows of cos_sin_cache), "
-                f"got values in [{lo}, {hi}]"
-            )
+    _check_position_values(positions, cos_sin_cache.shape[0])
     return positions.to(query.device, non_blocking=True), q3, k3, cos_sin_cache.contiguous(), rotary_dim
+
+
+def _check_position_values(positions: torch.Tensor, cache_rows: int) -> None:
+    """Positions index rows of the cache: checked on the host when validate_device_indices says so."""
+    if validate_device_indices(positions) and positions.shape[0] > 0:
+        lo, hi = positions.min().item(), positions.max().item()
+        if lo < 0 or hi >= cache_rows:
+            raise ValueError(
+                f"positions: expected values in [0, {cache_rows}) (rows of cos_sin_cache), got values in [{lo}, {hi}]"
+            )
+
+
+# Keys of cos/sin-cache calls whose checks passed (_core/memo.py) -> _CosSinCacheCall.
+_COS_SIN_CACHE_CALLS = CallMemo()
+
+
+class _CosSinCacheCall(NamedTuple):
+    """What the checks of a cos/sin-cache call concluded, for later calls with the same key."""
+
+    run: object  # ops.eager_function(ops.rope): kernels/rope.py or reference/rope.py apply_rope
+    rotary_dim: int
+    move_positions: bool  # positions live on another device than query
+    copy_cache: bool  # cos_sin_cache is not contiguous
+    check_values: bool  # positions' values are checked (host positions, or FLASHTILE_DEBUG=1)
+    cache_rows: int
+
+
+def _cos_sin_cache_call(positions, query, key, head_size, cos_sin_cache, is_neox, inplace: bool):
+    """Both cos/sin-cache forms: rotate into query/key (``inplace``) or into new tensors, returned."""
+    memo_key = None
+    if type(head_size) is int and type(is_neox) is bool and eager():
+        try:
+            memo_key = ("cos_sin_cache", inplace, tensor_key(positions), tensor_key(query), tensor_key(key), head_size,
+                        tensor_key(cos_sin_cache), is_neox)
+        except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checks say what is wrong
+            memo_key = None
+    call = _COS_SIN_CACHE_CALLS.get(memo_key)
+    if call is None:
+        pos, q3, k3, cache, rotary_dim = _cos_sin_cache_args(positions, query, key, head_size, cos_sin_cache)
+        if memo_key is None:
+            if inplace:
+                ops.call(ops.rope_inplace, q3, k3, pos, None, None, cache, rotary_dim, not is_neox, 1.0, 1e4, 0.0, 0.0)
+                return None
+            query_out, key_out = new_output_like(query), new_output_like(key)
+            ops.call(ops.rope, q3, k3, query_out.view(q3.shape), key_out.view(k3.shape), pos, None, None, cache,
+                     rotary_dim, not is_neox, 1.0, 1e4, 0.0, 0.0)
+            return query_out, key_out
+        call = _CosSinCacheCall(ops.eager_function(ops.rope, query.device), rotary_dim, pos is not positions,
+                                cache is not cos_sin_cache, positions.device.type == "cpu" or debug_checks_enabled(),
+                                cos_sin_cache.shape[0])
+        _COS_SIN_CACHE_CALLS.remember(memo_key, call)
+        positions, cos_sin_cache = pos, cache
+    else:
+        if call.check_values:
+            _check_position_values(positions, call.cache_rows)
+        if call.move_positions:
+            positions = positions.to(query.device, non_blocking=True)
+        if call.copy_cache:
+            cos_sin_cache = cos_sin_cache.contiguous()
+    # query and key go as given (2-D rows or 3-D): the implementation views them by head_size only
+    # when it cannot replay the launch for memo_key.
+    if inplace:
+        call.run(query, key, query, key, rotary_dim=call.rotary_dim, interleave=not is_neox, pos_ids=positions,
+                 cos_sin_cache=cos_sin_cache, head_size=head_size, launch_key=memo_key)
+        return None
+    query_out, key_out = new_output_like(query), new_output_like(key)
+    call.run(query, key, query_out, key_out, rotary_dim=call.rotary_dim, interleave=not is_neox, pos_ids=positions,
+             cos_sin_cache=cos_sin_cache, head_size=head_size, launch_key=memo_key)
+    return query_out, key_out
 
 
 def apply_rope_with_cos_sin_cache(
@@ -381,12 +445,7 @@ def apply_rope_with_cos_sin_cache(
     Returns:
         ``(query_out, key_out)``, new tensors shaped like query and key.
     """
-    positions, q3, k3, cache, rotary_dim = _cos_sin_cache_args(positions, query, key, head_size, cos_sin_cache)
-    query_out = new_output_like(query)
-    key_out = new_output_like(key)
-    ops.call(ops.rope, q3, k3, query_out.view(q3.shape), key_out.view(k3.shape), positions, None, None, cache,
-             rotary_dim, not is_neox, 1.0, 1e4, 0.0, 0.0)
-    return query_out, key_out
+    return _cos_sin_cache_call(positions, query, key, head_size, cos_sin_cache, is_neox, inplace=False)
 
 
 def apply_rope_with_cos_sin_cache_inplace(
@@ -399,5 +458,4 @@ def apply_rope_with_cos_sin_cache_inplace(
 ) -> None:
     """:func:`apply_rope_with_cos_sin_cache` in place: overwrites the first ``rotary_dim`` dims of each
     head of query and key; returns None."""
-    positions, q3, k3, cache, rotary_dim = _cos_sin_cache_args(positions, query, key, head_size, cos_sin_cache)
-    ops.call(ops.rope_inplace, q3, k3, positions, None, None, cache, rotary_dim, not is_neox, 1.0, 1e4, 0.0, 0.0)
+    _cos_sin_cache_call(positions, query, key, head_size, cos_sin_cache, is_neox, inplace=True)

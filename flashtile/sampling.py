@@ -45,7 +45,8 @@ import torch
 
 from ._core.buffers import new_output
 from ._core.checks import check_tensor, describe
-from ._core.dispatch import Path, choose_path, load_kernels
+from ._core.dispatch import implementation
+from ._core.memo import CallMemo, eager, tensor_key
 
 __all__ = [
     "softmax",
@@ -201,16 +202,6 @@ def _rng(generator, seed, offset, batch: int, device: torch.device, counters_per
     return drawn[0:1], drawn[1:2]
 
 
-def _ref_rng(seed, offset):
-    """Reference path: (seed, offset) as int64 CPU tensors."""
-    def as_t(v):
-        if isinstance(v, torch.Tensor):
-            return v.to("cpu", torch.int64)
-        return torch.tensor([v], dtype=torch.int64, device="cpu")
-
-    return as_t(seed), as_t(offset)
-
-
 def _finish(ids: torch.Tensor, valid: torch.Tensor, return_valid: bool) -> Samples:
     return (ids, valid) if return_valid else ids
 
@@ -220,34 +211,60 @@ def _finish(ids: torch.Tensor, valid: torch.Tensor, return_valid: bool) -> Sampl
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, *, top_k=None, top_p=None,
-            min_p=None, order="joint") -> Samples:
-    """Shared body of the probability samplers (parameters already in their checked form)."""
-    batch, rows, id_dtype = _output_rows(probs, indices)
+# The filter parameters of the probability samplers: name -> _param's rule.
+_FILTERS = {
+    "top_k": dict(integer=True, lo=1, hi=float("inf")),
+    "top_p": dict(integer=False, lo=0.0, hi=1.0, lo_open=True),
+    "min_p": dict(integer=False, lo=0.0, hi=1.0),
+}
+
+
+def _filter_key(value):
+    """A filter parameter's part of a memo key: None, its Python type (the value is checked at every
+    call), or a tensor's metadata."""
+    if value is None or type(value) in (int, float):
+        return type(value)
+    return tensor_key(value)
+
+
+# Keys of probability-sampler calls whose checks passed (_core/memo.py) -> (eager filtered_sampling
+# function, batch_out, id dtype). A known key proves the metadata checks pass (probs and indices
+# layout and dtypes, filter tensors' shapes and dtypes); scalar filter values, seed/offset/generator
+# and check_nan are still checked at every call.
+_SAMPLER_CALLS = CallMemo()
+
+
+def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, order="joint", **filters) -> Samples:
+    """Shared body of the probability samplers: ``filters`` are the given ones of top_k / top_p /
+    min_p, as the caller passed them (checked here)."""
+    key = None
+    if eager() and type(order) is str:
+        try:
+            key = (tensor_key(probs), None if indices is None else tensor_key(indices), order,
+                   *((name, _filter_key(value)) for name, value in filters.items()))
+        except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checks say what is wrong
+            key = None
+    call = _SAMPLER_CALLS.get(key)
+    known = call is not None
+    if not known:
+        _check_rows("probs", probs)
+        _check_order(order)
+        batch, _, id_dtype = _output_rows(probs, indices)
+        call = (implementation("sampling", probs.device).filtered_sampling, batch, id_dtype)
+    run, batch, id_dtype = call
+    device = probs.device
+    for name, value in filters.items():  # scalars: the value; tensors: moved to the device and dtype
+        filters[name] = _param(name, value, batch, device, **_FILTERS[name])
+    if not known and key is not None:
+        _SAMPLER_CALLS.remember(key, call)  # every metadata check has passed
+    rows = None if indices is None else indices.to(device, non_blocking=True)
     _check_nan("probs", probs, check_nan)
-    seed, offset = _rng(generator, seed, offset, batch, probs.device)
-    ids = new_output((batch,), id_dtype, probs.device)
-    valid = new_output((batch,), torch.bool, probs.device)
-    decision = choose_path(probs.device)
-    if decision.path is Path.REFERENCE:
-        from .reference import sampling as ref
-
-        ref_rows = rows.long() if rows is not None else torch.arange(batch, device=probs.device)
-        as_row = (lambda v: v if v is None or isinstance(v, torch.Tensor) else torch.full((batch,), v, device="cpu"))
-        s, o = _ref_rng(seed, offset)
-        r_ids, r_valid = ref.filtered_sampling(probs.cpu(), ref_rows.cpu(), s, o, top_k=_cpu(as_row(top_k)),
-                                               top_p=_cpu(as_row(top_p)), min_p=_cpu(as_row(min_p)), order=order)
-        ids.copy_(r_ids)
-        valid.copy_(r_valid)
-    elif batch > 0:
-        kernels = load_kernels("sampling", decision.path)
-        kernels.filtered_sampling(probs, rows, ids, valid, seed, offset, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  order=order)
+    seed, offset = _rng(generator, seed, offset, batch, device)
+    ids = new_output(batch, id_dtype, device)  # an int size: faster than a shape tuple
+    valid = new_output(batch, torch.bool, device)
+    if batch > 0:
+        run(probs, rows, ids, valid, seed, offset, order=order, launch_key=key, **filters)
     return _finish(ids, valid, return_valid)
-
-
-def _cpu(t):
-    return t.cpu() if isinstance(t, torch.Tensor) else t
 
 
 def sampling_from_probs(
@@ -270,7 +287,6 @@ def sampling_from_probs(
     Returns:
         ids ``[batch_out]`` (int32 or ``indices.dtype``); with ``return_valid`` also ``valid`` bool.
     """
-    _check_rows("probs", probs)
     return _sample(probs, indices, generator, check_nan, seed, offset, return_valid)
 
 
@@ -298,16 +314,8 @@ def sampling_from_logits(
     seed, offset = _rng(generator, seed, offset, batch, logits.device)
     ids = new_output((batch,), id_dtype, logits.device)
     valid = new_output((batch,), torch.bool, logits.device)
-    decision = choose_path(logits.device)
-    if decision.path is Path.REFERENCE:
-        from .reference import sampling as ref
-
-        ref_rows = rows.long().cpu() if rows is not None else torch.arange(batch, device="cpu")
-        r_ids, r_valid = ref.sampling_from_logits(logits.cpu(), ref_rows, *_ref_rng(seed, offset))
-        ids.copy_(r_ids)
-        valid.copy_(r_valid)
-    elif batch > 0:
-        load_kernels("sampling", decision.path).sampling_from_logits(logits, rows, ids, valid, seed, offset)
+    if batch > 0:
+        implementation("sampling", logits.device).sampling_from_logits(logits, rows, ids, valid, seed, offset)
     return _finish(ids, valid, return_valid)
 
 
@@ -332,9 +340,6 @@ def top_p_sampling_from_probs(
         top_p: float in (0, 1], or a tensor ``[batch_out]`` (module doc: dtypes).
         Others: module doc.
     """
-    _check_rows("probs", probs)
-    batch, _, _ = _output_rows(probs, indices)
-    top_p = _top_p(top_p, batch, probs.device)
     return _sample(probs, indices, generator, check_nan, seed, offset, return_valid, top_p=top_p)
 
 
@@ -358,9 +363,6 @@ def top_k_sampling_from_probs(
         top_k: int >= 1 (``>= vocab``: no filter), or a tensor ``[batch_out]`` (module doc: dtypes).
         Others: module doc.
     """
-    _check_rows("probs", probs)
-    batch, _, _ = _output_rows(probs, indices)
-    top_k = _top_k(top_k, batch, probs.device)
     return _sample(probs, indices, generator, check_nan, seed, offset, return_valid, top_k=top_k)
 
 
@@ -383,9 +385,6 @@ def min_p_sampling_from_probs(
         min_p: float in [0, 1], or a tensor ``[batch_out]`` (module doc: dtypes).
         Others: module doc.
     """
-    _check_rows("probs", probs)
-    batch, _, _ = _output_rows(probs, indices)
-    min_p = _param("min_p", min_p, batch, probs.device, integer=False, lo=0.0, hi=1.0)
     return _sample(probs, indices, generator, check_nan, seed, offset, return_valid, min_p=min_p)
 
 
@@ -416,13 +415,8 @@ def top_k_top_p_sampling_from_probs(
             ``ValueError("Invalid filter_apply_order: ...")``.
         Others: module doc.
     """
-    _check_rows("probs", probs)
-    _check_order(filter_apply_order)
-    batch, _, _ = _output_rows(probs, indices)
-    top_k = _top_k(top_k, batch, probs.device)
-    top_p = _top_p(top_p, batch, probs.device)
-    return _sample(probs, indices, generator, check_nan, seed, offset, return_valid, top_k=top_k, top_p=top_p,
-                   order=filter_apply_order)
+    return _sample(probs, indices, generator, check_nan, seed, offset, return_valid, filter_apply_order,
+                   top_k=top_k, top_p=top_p)
 
 
 def _check_order(order) -> None:
@@ -460,8 +454,8 @@ def top_k_top_p_sampling_from_logits(
     top_p = _top_p(top_p, batch, logits.device)
     _check_nan("logits", logits, check_nan)
     probs = softmax(logits)
-    return _sample(probs, indices, generator, False, seed, offset, return_valid, top_k=top_k, top_p=top_p,
-                   order=filter_apply_order)
+    return _sample(probs, indices, generator, False, seed, offset, return_valid, filter_apply_order,
+                   top_k=top_k, top_p=top_p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,36 +478,15 @@ def softmax(logits: torch.Tensor, temperature: Optional[Param] = None, enable_pd
         temperature = _param("temperature", temperature, batch, logits.device, integer=False, lo=0.0,
                              hi=float("inf"), lo_open=True)
     out = new_output(tuple(logits.shape), torch.float32, logits.device)
-    decision = choose_path(logits.device)
-    if decision.path is Path.REFERENCE:
-        from .reference import sampling as ref
-
-        t = temperature
-        if t is not None and not isinstance(t, torch.Tensor):
-            t = torch.full((batch,), t, device="cpu")
-        out.copy_(ref.softmax(logits.cpu(), _cpu(t)))
-    elif batch > 0:
-        load_kernels("sampling", decision.path).softmax(logits, out, temperature)
+    if batch > 0:
+        implementation("sampling", logits.device).softmax(logits, out, temperature)
     return out
 
 
 def _threshold(name: str, x: torch.Tensor, *, top_k=None, top_p=None, is_logits=False) -> torch.Tensor:
     out = new_output(tuple(x.shape), x.dtype, x.device)
-    decision = choose_path(x.device)
-    if decision.path is Path.REFERENCE:
-        from .reference import sampling as ref
-
-        batch = x.shape[0]
-        as_row = (lambda v: v.cpu() if isinstance(v, torch.Tensor) else torch.full((batch,), v, device="cpu"))
-        if is_logits:
-            res = ref.top_k_mask_logits(x.cpu(), as_row(top_k))
-        elif top_k is not None:
-            res = ref.top_k_renorm_probs(x.cpu(), as_row(top_k))
-        else:
-            res = ref.top_p_renorm_probs(x.cpu(), as_row(top_p))
-        out.copy_(res)
-    elif x.shape[0] > 0:
-        load_kernels("sampling", decision.path).threshold_filter(x, out, top_k=top_k, top_p=top_p, is_logits=is_logits)
+    if x.shape[0] > 0:
+        implementation("sampling", x.device).threshold_filter(x, out, top_k=top_k, top_p=top_p, is_logits=is_logits)
     return out
 
 
@@ -622,16 +595,8 @@ def chain_speculative_sampling(
     out = new_output((batch, n + 1), torch.int32, device)
     accepted = new_output((batch,), torch.int32, device)
     emitted = new_output((batch,), torch.int32, device)
-    decision = choose_path(device)
-    if decision.path is Path.REFERENCE:
-        from .reference import sampling as ref
-
-        s, o = _ref_rng(seed, offset)
-        r = ref.chain_speculative_sampling(draft_probs.cpu(), draft_token_ids.cpu(), target_probs.cpu(), s, o)
-        for dst, src in zip((out, accepted, emitted), r):
-            dst.copy_(src)
-    elif batch > 0:
-        load_kernels("sampling", decision.path).chain_speculative_sampling(
+    if batch > 0:
+        implementation("sampling", device).chain_speculative_sampling(
             draft_probs, draft_token_ids, target_probs, out, accepted, emitted, seed, offset)
     if maybe_output_accepted_token_num is not None:
         maybe_output_accepted_token_num.add_(accepted)

@@ -7,6 +7,10 @@ Every attention test runs on the paths of the machine it is on:
 Every test runs with output poisoning on (new outputs filled with NaN, so unwritten elements fail)
 but without FLASHTILE_DEBUG's device-index validation: device page tables take the production path
 (no host copy). A test that wants the validation sets FLASHTILE_DEBUG=1 itself (monkeypatch).
+
+flashtile reads its FLASHTILE_* settings once (flashtile/_core/settings.py); the ``monkeypatch``
+fixture here re-reads them after every ``setenv``/``delenv`` and after undoing them, so tests change
+settings the ordinary way.
 """
 
 import os
@@ -32,6 +36,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class _SettingsMonkeyPatch(pytest.MonkeyPatch):
+    """pytest's MonkeyPatch, reloading flashtile's settings whenever the environment changes."""
+
+    def setenv(self, name, value, prepend=None):
+        super().setenv(name, value, prepend)
+        _reload_settings()
+
+    def delenv(self, name, raising=True):
+        super().delenv(name, raising)
+        _reload_settings()
+
+    def undo(self):
+        super().undo()
+        _reload_settings()
+
+
+def _reload_settings():
+    from flashtile._core import settings
+
+    settings.reload()
+
+
+@pytest.fixture
+def monkeypatch():
+    patch = _SettingsMonkeyPatch()
+    yield patch
+    patch.undo()
 
 
 @pytest.fixture(params=["reference", "kernel"])

@@ -121,3 +121,18 @@ def test_cuda_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     _close(out, act_and_mul_f64(x, "silu"), torch.bfloat16)
+
+
+def test_known_metadata_computes_each_call(path, device):
+    """Repeated calls with one metadata (remembered checks, _core/memo.py) compute on each call's
+    input and out=; another layout is a new key and is checked."""
+    for _ in range(3):
+        x = torch.randn(3, 2 * 40, dtype=torch.float16, device=device)
+        _close(activation.silu_and_mul(x), act_and_mul_f64(x, "silu"), torch.float16)
+        out = torch.empty(3, 40, dtype=torch.float16, device=device)
+        assert activation.gelu_and_mul(x, out=out) is out
+        _close(out, act_and_mul_f64(x, "gelu"), torch.float16)
+    with pytest.raises(ValueError, match="out"):
+        activation.gelu_and_mul(x, out=torch.empty(3, 41, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="even last dim"):
+        activation.silu_and_mul(x[:, :79])

@@ -364,3 +364,22 @@ def test_merge_states_errors(device):
         cascade.merge_states(v.double(), s)
     with pytest.raises(TypeError, match=r"s: expected dtype in .*got int32"):
         cascade.merge_states(v, s.int())
+
+
+def test_known_metadata_merges_each_calls_states(path, device):
+    """Repeated merges with one metadata (the second on use the remembered checks, _core/memo.py)
+    compute on each call's tensors; a new dtype is a new key and is checked."""
+    for _ in range(3):
+        v_a, s_a, v_b, s_b = _pair(device)
+        v, s = cascade.merge_state(v_a, s_a, v_b, s_b)
+        ref_v, ref_s = _pair_oracle(v_a, s_a, v_b, s_b)
+        _close(v, s, ref_v, ref_s, torch.float16)
+        mask = torch.tensor([True, False, True, True], device=device)
+        v0, s0 = v_a.clone(), s_a.clone()
+        cascade.merge_state_in_place(v_a, s_a, v_b, s_b, mask)
+        _close(v_a[mask], s_a[mask], ref_v[mask.cpu()], ref_s[mask.cpu()], torch.float16)
+        assert torch.equal(v_a[~mask], v0[~mask]) and torch.equal(s_a[~mask], s0[~mask])
+    with pytest.raises(TypeError, match="s_a"):
+        cascade.merge_state(v_a, s_a.long(), v_b, s_b)
+    with pytest.raises(TypeError, match="s: expected dtype float32"):
+        cascade.merge_state_in_place(v_a, s_a.half(), v_b, s_b, mask)

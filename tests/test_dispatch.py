@@ -57,3 +57,33 @@ def test_normalize_backend():
     assert normalize_backend("fa2") == "auto" and normalize_backend("fa3") == "auto"
     with pytest.raises(NotImplementedError, match="trtllm-gen"):
         normalize_backend("trtllm-gen")
+
+
+def test_settings_are_read_once_until_reloaded(monkeypatch):
+    """FLASHTILE_* settings are read once (_core/settings.py); reload() re-reads them and forgets the
+    dispatch choices made with the old values (conftest's monkeypatch reloads after setenv)."""
+    from flashtile._core import settings
+    from flashtile._core.dispatch import implementation
+
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    assert settings.env("FLASHTILE_BACKEND") == "reference"
+    assert implementation("norm", torch.device("cpu")).__name__ == "flashtile.reference.norm"
+    os.environ["FLASHTILE_BACKEND"] = "triton"  # behind the settings' back (monkeypatch restores it)
+    assert settings.env("FLASHTILE_BACKEND") == "reference"
+    assert implementation("norm", torch.device("cpu")).__name__ == "flashtile.reference.norm"
+    settings.reload()
+    assert settings.env("FLASHTILE_BACKEND") == "triton"
+    if not torch.cuda.is_available():  # the interpreter (conftest set TRITON_INTERPRET=1)
+        assert implementation("norm", torch.device("cpu")).__name__ == "flashtile.kernels.norm"
+    assert settings.env_flag("FLASHTILE_NOT_A_KNOB", True) and not settings.env_flag("FLASHTILE_NOT_A_KNOB", False)
+
+
+def test_interpreter_is_chosen_in_one_place(monkeypatch):
+    from flashtile._core import settings
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not settings.interpreting()
+    settings.select_interpreter(unless_set=True)  # set by the user: left alone
+    assert not settings.interpreting()
+    settings.select_interpreter()
+    assert settings.interpreting()

@@ -46,6 +46,128 @@ def test_scalars_carry_no_value_and_other_types_are_uncacheable():
 
 
 # ---------------------------------------------------------------------------------------------
+# The key against Triton's own specialization code (CPU: Triton's binder, no GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _probe_kernel(X, n, seed, scale, flag, opt, BLOCK):  # noqa: N803 - Triton's naming
+    """The signature the key is tested on (the body is never compiled): a pointer, a specialized int,
+    a do_not_specialize int, a float, a bool, an optional argument and a constexpr."""
+
+
+def _triton_binder():
+    """(DirectLaunch of _probe_kernel, Triton's binder for it): the function JITFunction.run calls to
+    specialize a call's arguments (triton/runtime/jit.py), with the base backend's rules (those of
+    every GPU backend). Skips on a Triton whose internals differ."""
+    try:
+        import triton.language as tl
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as e:
+        pytest.skip(f"this Triton's specialization internals differ: {e}")
+    _probe_kernel.__annotations__["BLOCK"] = tl.constexpr
+    jit = JITFunction(_probe_kernel, do_not_specialize=["seed"])
+    try:
+        binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+        binder(torch.zeros(4), 3, 5, 0.5, True, None, 8)
+    except Exception as e:  # noqa: BLE001 - another binder signature or return form
+        pytest.skip(f"this Triton's binder differs: {type(e).__name__}: {e}")
+    return DirectLaunch(jit), binder
+
+
+def _tensor_at(dtype, offset):
+    """A tensor whose data pointer is ``offset`` elements past an allocation's start (aligned to 64 bytes)."""
+    base = torch.zeros(64, dtype=dtype)
+    assert base.data_ptr() % 16 == 0
+    return base[offset:]
+
+
+INTS = [0, 1, 2, 3, 15, 16, 17, 32, -1, -5, -16, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 1,
+        2**32, 2**63 - 1, 2**63, 2**63 + 16, -(2**63), 2**64 - 1]
+TENSORS = [_tensor_at(dtype, offset) for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int32,
+                                                   torch.int64, torch.uint8, torch.bool)
+           for offset in (0, 1, 2, 4, 8, 16)]
+# Candidates per argument of _probe_kernel; each call varies one argument from the base call.
+CANDIDATES = [
+    TENSORS,
+    INTS,
+    INTS,
+    [0.5, 2.0, -1.0, 0.0, float("inf")],
+    [True, False],
+    [None, 7, 16, 0.25, torch.zeros(3)],
+    [8, 16, 1, 64],
+]
+BASE_CALL = (TENSORS[0], 3, 5, 0.5, True, None, 8)
+
+
+def _calls():
+    for position, values in enumerate(CANDIDATES):
+        for value in values:
+            call = list(BASE_CALL)
+            call[position] = value
+            yield tuple(call)
+
+
+def test_equal_keys_get_equal_triton_specialization():
+    """Two calls with one key get one specialization from Triton's own binder (so one compiled kernel),
+    and each property Triton specializes on (16-byte alignment, == 1, divisibility by 16, integer
+    width, dtype, constexpr value) changes the key; do_not_specialize ints are keyed by width only."""
+    kernel, binder = _triton_binder()
+    keyer = kernel._positional_keyer(len(BASE_CALL))
+    spec_of_key = {}
+    kinds = set()
+    for call in _calls():
+        key = keyer(*call)
+        spec = binder(*call)[1]
+        known = spec_of_key.setdefault(key, spec)
+        assert known == spec, f"key {key} covers two Triton specializations: {known} and {spec} (call {call})"
+        kinds.update(str(entry) for entry in spec)
+    # The candidates exercise what Triton tells apart: aligned 'D' and unaligned pointers, i32/i64/u64,
+    # the constant 1 and multiples of 16, so an over-coarse key would have failed above.
+    text = " ".join(kinds)
+    for needle in ("'*fp32', 'D'", "'*fp32', ''", "'i64'", "'u64'", "('constexpr', 1)", "'i32', 'D'",
+                   "'*bf16'", "'*u1'"):
+        assert needle in text, f"no candidate made Triton specialize as {needle}"
+
+
+def test_keyword_arguments_are_keyed_like_triton():
+    """The same with every argument passed by keyword (keyed by argument_key, ints by their properties)."""
+    kernel, binder = _triton_binder()
+    names = [p.name for p in kernel.params]
+    spec_of_key = {}
+    for call in _calls():
+        kwargs = dict(zip(names, call))
+        key = kernel._key(0, (), kwargs)
+        spec = binder(**kwargs)[1]
+        known = spec_of_key.setdefault(key, spec)
+        assert known == spec, f"key {key} covers two Triton specializations: {known} and {spec}"
+
+
+def test_seed_ints_are_keyed_like_triton():
+    """``seed`` (do_not_specialize): Triton keys it by width; the key by the four int properties."""
+    kernel, binder = _triton_binder()
+    keyer = kernel._positional_keyer(len(BASE_CALL))
+    specs = {}
+    for seed in INTS:
+        call = (*BASE_CALL[:2], seed, *BASE_CALL[3:])
+        specs.setdefault(binder(*call)[1][2], set()).add(keyer(*call))
+    assert len(specs) == 3  # i32, i64, u64
+    for keys in specs.values():
+        for other in specs.values():
+            assert keys is other or keys.isdisjoint(other)
+
+
+def test_direct_launch_is_gated_by_triton_version(monkeypatch):
+    """Only the Triton releases it was tested with take the direct path; others use JITFunction.run."""
+    assert launch.triton_version_tested("3.6.0") and launch.triton_version_tested("3.9.1+git")
+    assert not launch.triton_version_tested("3.7.0") and not launch.triton_version_tested("4.0.0")
+    monkeypatch.setattr(launch, "TESTED_TRITON_VERSIONS", ())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    launch.reset_launch_settings()
+    assert not launch._direct_enabled()
+
+
+# ---------------------------------------------------------------------------------------------
 # The cache, with a stand-in for Triton (CPU)
 # ---------------------------------------------------------------------------------------------
 
@@ -102,6 +224,21 @@ class _FakeJit:
         return self.compiled.setdefault(self._triton_key(args, kwargs), _Compiled())
 
 
+class _HookChain:
+    """Triton's HookChain (triton >= 3.5): the hooks are its ``calls``."""
+
+    def __init__(self, *calls):
+        self.calls = list(calls)
+
+
+class _FakeKnobs:
+    """Stands in for ``triton.knobs.runtime``: launch hooks, none installed unless given."""
+
+    def __init__(self, enter=None, leave=None):
+        self.launch_enter_hook = _HookChain() if enter is None else enter
+        self.launch_exit_hook = _HookChain() if leave is None else leave
+
+
 class _FakeDriver:
     def get_current_device(self):
         return 0
@@ -114,8 +251,10 @@ class _FakeDriver:
 def fake_cuda(monkeypatch):
     monkeypatch.setitem(launch._state, "enabled", True)
     monkeypatch.setitem(launch._state, "check", False)
-    monkeypatch.setitem(launch._state, "driver", _FakeDriver())
-    monkeypatch.setattr(launch, "_hooks", lambda: None)
+    driver = _FakeDriver()
+    monkeypatch.setitem(launch._state, "driver", driver)
+    monkeypatch.setitem(launch._state, "current_device", driver.get_current_device)
+    monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs())
     jit = _FakeJit()
     return jit, DirectLaunch(jit)
 
@@ -281,15 +420,20 @@ def test_memo_is_bypassed_when_off_with_hooks_and_in_check_mode(memo_launcher, m
     jit, memo, launcher, computed = memo_launcher
     x = torch.zeros(32)
     launcher(x, 0.5)
-    monkeypatch.setattr(launch, "_hooks", lambda: ("enter", "leave"))  # a profiler's launch hooks
-    launcher(x, 0.5)
-    monkeypatch.setattr(launch, "_hooks", lambda: None)
+    for knobs in (_FakeKnobs(enter=_HookChain(print)), _FakeKnobs(leave=_HookChain(print)),  # a profiler's hooks
+                  _FakeKnobs(enter=print)):  # an older Triton's plain hook function
+        monkeypatch.setitem(launch._state, "knobs_runtime", knobs)
+        launcher(x, 0.5)
+    monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs())
     monkeypatch.setitem(launch._state, "check", True)
     launcher(x, 0.5)
     monkeypatch.setitem(launch._state, "check", False)
     monkeypatch.setitem(launch._state, "enabled", False)
     launcher(x, 0.5)
-    assert len(computed) == 4
+    assert len(computed) == 6
+    monkeypatch.setitem(launch._state, "enabled", True)
+    launcher(x, 0.5)  # replayed again
+    assert len(computed) == 6
 
 
 def test_memo_check_mode_raises_when_the_key_does_not_fix_the_launch(fake_cuda, monkeypatch):
@@ -313,6 +457,24 @@ def test_memo_starts_over_when_full(memo_launcher, monkeypatch):
     for n in (16, 32, 48, 48, 16):  # the third key clears the two before it
         launcher(torch.zeros(n), 0.5)
     assert computed == [(16,), (32,), (48,), (16,)]
+
+
+def test_replayed_launches_pass_what_computed_launches_pass():
+    """Every memoized launcher (norms, activation, RoPE, merges, samplers), replayed under the keys the
+    API passes down, hands the compiled kernel the arguments its own computation would: tests/replay_check.py,
+    in a subprocess because it needs Triton's compiled-kernel path (no interpreter) on CPU tensors."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLASHTILE_BACKEND")}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, str(root / "tests" / "replay_check.py")], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("ok ") == 14
 
 
 # ---------------------------------------------------------------------------------------------

@@ -319,3 +319,36 @@ def test_small_ops_benchmark_smoke(tmp_path):
         for r in records:
             if r.get("max_abs_diff") is not None:
                 assert r["max_abs_diff"] < 5e-2, r
+
+
+# ---------------------------------------------------------------------------------------------
+# Remembered checks (_core/memo.py): a known key skips the metadata checks, never the value checks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", ["rmsnorm", "gemma_rmsnorm", "fused_add_rmsnorm", "layernorm"])
+def test_known_metadata_still_checks_eps_and_computes_each_call(path, device, fn):
+    """Calls with the tensors' metadata of an earlier good call skip the metadata checks; each still
+    computes on its own tensors and eps, and a bad eps still raises its typed error."""
+
+    def call(eps):
+        """Runs fn with eps; returns (output, a function giving the oracle's)."""
+        x = torch.randn(3, 64, dtype=F16, device=device)
+        w, b, r = _weight(64, F16, device), _weight(64, F16, device), torch.randn(3, 64, dtype=F16, device=device)
+        if fn == "layernorm":
+            return norm.layernorm(x, w, b, eps), lambda: layernorm_f64(x, w, b, eps)
+        if fn == "fused_add_rmsnorm":
+            x0, r0 = x.clone(), r.clone()
+            norm.fused_add_rmsnorm(x, r, w, eps)
+            _close(r, fused_add_rmsnorm_f64(x0, r0, w, eps)[1], F16)
+            return x, lambda: fused_add_rmsnorm_f64(x0, r0, w, eps)[0]
+        offset = 1.0 if fn == "gemma_rmsnorm" else 0.0
+        return getattr(norm, fn)(x, w, eps), lambda: rmsnorm_f64(x, w, eps, offset)
+
+    for eps in (1e-6, 1e-2, 0.5):  # the first call checks and remembers; the others use the memo
+        out, expected = call(eps)
+        _close(out, expected(), F16)
+    for bad, error in ((-1e-6, ValueError), (float("nan"), ValueError), (True, TypeError), ("1e-6", TypeError),
+                       (None, TypeError)):
+        with pytest.raises(error, match="eps"):
+            call(bad)

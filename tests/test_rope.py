@@ -426,3 +426,33 @@ def test_torch_compile_fullgraph(path, device):
     want = step(positions, qkv)
     torch.testing.assert_close(got, want, atol=1e-1, rtol=1e-2)
     torch.testing.assert_close(qkv1, qkv, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Remembered checks (_core/memo.py): a known key skips the metadata checks, never the value checks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cos_sin_cache_known_metadata_still_checks_positions(path, device, inplace):
+    """Repeated cos/sin-cache calls with one metadata compute on each call's tensors; host positions
+    outside the cache still raise at a known key, and a non-bool is_neox takes the checked path."""
+    nnz, hq, hk, d = 5, 2, 1, 64
+    cache = _cos_sin_cache(32, d, device=device)
+    fn = rope.apply_rope_with_cos_sin_cache_inplace if inplace else rope.apply_rope_with_cos_sin_cache
+    for is_neox in (True, True, False, 1, 0):
+        query = torch.randn(nnz, hq * d, dtype=torch.float16, device=device)
+        key = torch.randn(nnz, hk * d, dtype=torch.float16, device=device)
+        positions = torch.randint(0, 32, (nnz,), device=device)
+        q0, k0 = query.view(nnz, hq, d).clone(), key.view(nnz, hk, d).clone()
+        out = fn(positions, query, key, d, cache, is_neox)
+        q_out, k_out = (query, key) if inplace else out
+        _close(q_out.view(nnz, hq, d), rope_general_f64(q0, positions, d, not is_neox, cos_sin_cache=cache),
+               torch.float16)
+        _close(k_out.view(nnz, hk, d), rope_general_f64(k0, positions, d, not is_neox, cos_sin_cache=cache),
+               torch.float16)
+    bad = torch.tensor([0, 1, 32, 2, 3])  # on the host: validated; row 32 is past the cache
+    with pytest.raises(ValueError, match=r"positions: expected values in \[0, 32\)"):
+        fn(bad.to(device) if device.type == "cpu" else bad, query, key, d, cache, True)
+    with pytest.raises(ValueError, match="head_size"):
+        fn(positions, query, key, True, cache, True)

@@ -977,3 +977,28 @@ def test_cuda_graph_replay_new_offsets():
     first = out2.clone()
     g2.replay()
     assert not torch.equal(first, out2)
+
+
+def test_known_metadata_still_checks_values(path, device):
+    """After a good call, calls with the same metadata skip the metadata checks (_core/memo.py) but still
+    check every value: the filter scalars, check_nan, seed/offset; each call draws from its own probs."""
+    probs = torch.zeros(2, 8, device=device)
+    for token in (3, 5, 6):  # one-hot rows: each call must read its own probs
+        probs.zero_()
+        probs[:, token] = 1.0
+        assert S.top_p_sampling_from_probs(probs, 0.9, seed=1, offset=0).tolist() == [token, token]
+    for bad, error in ((0.0, ValueError), (1.5, ValueError), (True, TypeError), ("0.5", TypeError)):
+        with pytest.raises(error, match="top_p"):
+            S.top_p_sampling_from_probs(probs, bad, seed=1, offset=0)
+    nan_probs = probs.clone()
+    nan_probs[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="Input probs contains NaN"):
+        S.top_p_sampling_from_probs(nan_probs, 0.9, check_nan=True)
+    with pytest.raises(ValueError, match="seed and offset"):
+        S.top_p_sampling_from_probs(probs, 0.9, seed=1)
+    for k in (2, 3):
+        S.top_k_top_p_sampling_from_probs(probs, k, 0.5, filter_apply_order="joint", seed=1, offset=0)
+    with pytest.raises(ValueError, match="top_k"):
+        S.top_k_top_p_sampling_from_probs(probs, 0, 0.5, filter_apply_order="joint")
+    with pytest.raises(ValueError, match="Invalid filter_apply_order"):
+        S.top_k_top_p_sampling_from_probs(probs, 2, 0.5, filter_apply_order="top_p_first")

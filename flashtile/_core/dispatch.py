@@ -6,6 +6,11 @@
   interpreter. The interpreter is selected by ``TRITON_INTERPRET=1`` when ``@triton.jit`` decorates
   a kernel, so kernel modules are imported lazily, here, after the variable is set.
 - ``FLASHTILE_BACKEND=reference`` (or ``backend="reference"``) forces the reference path anywhere.
+  FLASHTILE_BACKEND is read once (settings.py; ``settings.reload()`` re-reads it).
+
+API and op layers find the module that runs an op family with :func:`implementation` (the one lookup):
+``flashtile.kernels.<family>`` or ``flashtile.reference.<family>``, which define the same functions
+with the same arguments.
 
 Nothing is compiled at import: kernels compile on their first call (and ``python -m flashtile
 warmup`` precompiles them).
@@ -15,13 +20,13 @@ from __future__ import annotations
 
 import enum
 import importlib
-import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
+from . import settings
 from .checks import check_option
 
 __all__ = ["Path", "Decision", "choose_path", "load_kernels", "implementation", "UPSTREAM_BACKENDS",
@@ -65,7 +70,7 @@ def normalize_backend(backend: str) -> str:
 
 
 def _env_backend() -> str:
-    value = os.environ.get("FLASHTILE_BACKEND", "auto").strip().lower() or "auto"
+    value = settings.env("FLASHTILE_BACKEND", "auto").strip().lower() or "auto"
     return check_option("FLASHTILE_BACKEND", value, ("auto", "triton", "reference"))
 
 
@@ -78,7 +83,7 @@ def choose_path(device: torch.device, backend: str = "auto") -> Decision:
     if device.type in KERNEL_DEVICE_TYPES:
         return Decision(Path.TRITON, "CUDA tensors run the Triton kernels")
     if backend == "triton":
-        if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if torch.cuda.is_available() and not settings.interpreting():
             raise NotImplementedError(
                 "the Triton kernel path for CPU tensors runs under Triton's interpreter, which must be chosen "
                 "before kernels are compiled: set TRITON_INTERPRET=1 before importing flashtile, or pass CUDA tensors"
@@ -95,9 +100,9 @@ def implementation(name: str, device: torch.device, backend: str = "auto") -> Mo
     ``flashtile.reference.<name>``, which define the same functions with the same arguments (the API and
     op layers call them without knowing which one they got). ``backend`` is already normalized.
 
-    The choice is remembered per (name, device type, backend, FLASHTILE_BACKEND): the launch-bound small
-    ops cannot afford choose_path's work on every call."""
-    key = (name, device.type, backend, os.environ.get("FLASHTILE_BACKEND"))
+    The choice is remembered per (name, device type, backend) until the settings are reloaded (it depends
+    on FLASHTILE_BACKEND): the launch-bound small ops cannot afford choose_path's work on every call."""
+    key = (name, device.type, backend)
     module = _MODULES.get(key)
     if module is None:
         decision = choose_path(device, backend)
@@ -109,10 +114,13 @@ def implementation(name: str, device: torch.device, backend: str = "auto") -> Mo
     return module
 
 
+settings.on_reload(_MODULES.clear)
+
+
 def load_kernels(name: str, path: Path) -> ModuleType:
     """Import ``flashtile.kernels.<name>`` for ``path`` (setting up the interpreter when needed)."""
     if path is Path.TRITON_INTERPRETER:
-        os.environ["TRITON_INTERPRET"] = "1"
+        settings.select_interpreter()
         if not _triton_is_interpreted():
             raise NotImplementedError(
                 "the Triton kernels can run on CPU tensors only under Triton's interpreter, which must be chosen "

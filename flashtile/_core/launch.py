@@ -23,26 +23,44 @@ Arguments of any other type (or unhashable constexprs) take Triton's own path, a
 interpreter (``TRITON_INTERPRET=1``) and machines without CUDA. ``FLASHTILE_DIRECT_LAUNCH=0`` turns the
 cache off.
 
+This module drives Triton's private launch interface (the compiled kernel's ``run``, its
+``packed_metadata`` and ``launch_metadata``, the launch hooks) and mirrors Triton's specialization
+rules, neither of which is a stable API. So it is used only with the Triton releases it was tested
+with, ``TESTED_TRITON_VERSIONS`` (major.minor); with any other Triton every launch silently takes
+Triton's public path (``kernel[grid](...)``, i.e. ``JITFunction.run``), as with
+``FLASHTILE_DIRECT_LAUNCH=0``. tests/test_launch.py checks the key against Triton's own
+specialization code on CPU.
+
 ``LaunchMemo`` goes one step further for the launch-bound small ops (norms, activations, RoPE),
 whose launchers spend as long computing configs, grids and stride lists as the direct launch
 itself: a launcher keys the whole launch on its tensors' shapes, strides, dtypes and pointer
 alignment (plus its own options), and a known key replays the recorded launch, passing only the
 tensors and floats of this call. The launcher's key must fix every other argument; check mode
 recomputes every launch through the launcher and raises if it differs from the recorded one.
-``FLASHTILE_LAUNCH_MEMO=0`` turns the memos off (direct launches stay on).
+``FLASHTILE_LAUNCH_MEMO=0`` turns the memos off (direct launches stay on). A launcher may be handed
+its key by its caller (``launch_key``: the API layer's key of the same tensors, _core/memo.py), which
+then must fix the launch just as the launcher's own key does.
+
+The FLASHTILE_* knobs are read once (_core/settings.py; ``reset_launch_settings`` re-reads them).
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any
 
 import torch
 
-__all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "clear_launch_memos",
-           "reset_launch_settings", "recording_launches", "make_replay", "Recording"]
+from . import settings
+from .memo import tensor_key
 
+__all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "clear_launch_memos",
+           "reset_launch_settings", "TESTED_TRITON_VERSIONS", "triton_version_tested", "recording_launches",
+           "make_replay", "Recording"]
+
+# Triton releases (major.minor) whose private launch interface and specialization rules this module
+# was tested against: 3.6 on the GPU machine, 3.9 on the CPU one (tests/test_launch.py).
+TESTED_TRITON_VERSIONS = ("3.6", "3.9")
 MAX_CACHED_CALLS = 4096  # keys per kernel; the cache starts over when full
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -90,8 +108,15 @@ def _descriptor_key(desc) -> Any:
     return specialize(desc)
 
 
-def _env_flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).strip() not in ("", "0", "false", "False")
+
+
+def triton_version_tested(version: str = None) -> bool:
+    """Whether ``version`` (default: the installed Triton's) is one of TESTED_TRITON_VERSIONS."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    return ".".join(version.split(".")[:2]) in TESTED_TRITON_VERSIONS
 
 
 def _hooks():
@@ -200,7 +225,7 @@ class DirectLaunch:
                 recording.complete = False
             return self.fn[grid](*args, **kwargs)
         try:
-            device = _driver().get_current_device()
+            device = _current_device()
             key = self._key(device, args, kwargs)
             entry = self._compiled.get(key)  # TypeError: an unhashable constexpr
         except (_Uncacheable, TypeError):
@@ -354,12 +379,6 @@ def _first_launch(fn, grid, args: tuple, kwargs: dict):
     return fn[grid](*args, **kwargs)
 
 
-def tensor_key(t: torch.Tensor) -> tuple:
-    """A tensor's part of a LaunchMemo key: shape and strides (which fix the launcher's sizes,
-    strides and grid), dtype and 16-byte alignment (which Triton specializes on)."""
-    return t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
-
-
 _ALL_MEMOS: list = []
 
 
@@ -368,6 +387,9 @@ def clear_launch_memos() -> None:
     (benchmarks/tune_small_ops.py), which launcher keys do not cover."""
     for memo in _ALL_MEMOS:
         memo.clear()
+
+
+settings.on_reload(clear_launch_memos)  # launcher keys may cover settings implicitly (kernel choice knobs)
 
 
 class LaunchMemo:
@@ -397,11 +419,22 @@ class LaunchMemo:
 
     def get(self, key):
         """The replay for ``key`` on the current device, or None (unknown key, check mode, hooks
-        installed, direct launches off)."""
-        if not _direct_enabled() or _check_enabled() or not _memo_enabled():
+        installed, direct launches off). Written out in one function: it runs on every call of the
+        small ops."""
+        state = _state
+        try:
+            if not state["enabled"] or not state["memo"] or state["check"]:
+                return None
+            replay = self._replays.get((state["current_device"](), key))
+            runtime = state["knobs_runtime"]
+        except KeyError:  # a setting not read yet
+            _read_replay_settings()
+            return self.get(key)
+        if replay is None:
             return None
-        replay = self._replays.get((_driver().get_current_device(), key))
-        if replay is None or _hooks() is not None:
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook  # installed hooks: see _has_calls
+        if (enter is not None and getattr(enter, "calls", True)) or (
+                leave is not None and getattr(leave, "calls", True)):
             return None
         return replay
 
@@ -414,7 +447,7 @@ class LaunchMemo:
             compiled = compiled.result()
         if compiled is None or not hasattr(compiled, "packed_metadata"):
             return compiled
-        full_key = (_driver().get_current_device(), key)
+        full_key = (_current_device(), key)
         static = tuple(None if i in self.dynamic else a for i, a in enumerate(args))
         record = (kernel, tuple(grid), static, tuple(sorted(kwargs.items())), compiled)
         known = self._recorded.get(full_key)
@@ -446,7 +479,7 @@ class LaunchMemo:
         namespace = {f"c{i}": a for i, a in enumerate(args) if i not in self.dynamic}
         run = compiled.run  # a property that loads the module on first access; function is set then
         namespace.update(run=run, function=compiled.function, metadata=compiled.packed_metadata, tail=tuple(tail),
-                         current_stream=driver.get_current_stream, current_device=driver.get_current_device)
+                         current_stream=driver.get_current_stream, current_device=_current_device_function())
         exec(source, namespace)
         return namespace["replay"]
 
@@ -475,20 +508,35 @@ def _active_driver():
 
 
 def _read_direct_enabled() -> bool:
-    return (_env_flag("FLASHTILE_DIRECT_LAUNCH", "1") and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.is_available())
+    return (settings.env_flag("FLASHTILE_DIRECT_LAUNCH", True) and not settings.interpreting()
+            and torch.cuda.is_available() and triton_version_tested())
 
 
 def _read_memo_enabled() -> bool:
-    return _env_flag("FLASHTILE_LAUNCH_MEMO", "1")
+    return settings.env_flag("FLASHTILE_LAUNCH_MEMO", True)
 
 
 def _read_check_enabled() -> bool:
-    return _env_flag("FLASHTILE_CHECK_LAUNCH", "0")
+    return settings.env_flag("FLASHTILE_CHECK_LAUNCH", False)
 
 
 def _driver():
     return _cached("driver", _active_driver)
+
+
+def _current_device_function():
+    """The driver's ``get_current_device``; torch's private getter when the driver uses
+    ``torch.cuda.current_device`` (which adds a lazy-init check per call to the same answer)."""
+    get = _driver().get_current_device
+    if get is getattr(torch.cuda, "current_device", None) and hasattr(torch._C, "_cuda_getDevice"):
+        return torch._C._cuda_getDevice
+    return get
+
+
+def _current_device() -> int:
+    """The current device index (``_state["current_device"]`` is derived from ``_state["driver"]``:
+    whoever replaces the driver replaces both)."""
+    return _cached("current_device", _current_device_function)()
 
 
 def _direct_enabled() -> bool:
@@ -503,12 +551,26 @@ def _check_enabled() -> bool:
     return _cached("check", _read_check_enabled)
 
 
+def _read_replay_settings() -> None:
+    """Fill the ``_state`` entries LaunchMemo.get reads (those already there, e.g. set by a test, stay);
+    the device getter and Triton's knobs only when replays are on (no driver without a GPU)."""
+    if _direct_enabled() and _memo_enabled() and not _check_enabled():
+        _current_device()
+        _cached("knobs_runtime", _knobs_runtime)
+
+
+def _forget_settings() -> None:
+    for name in ("enabled", "check", "memo"):
+        _state.pop(name, None)
+
+
+settings.on_reload(_forget_settings)
+
+
 def reset_launch_settings() -> None:
-    """Forget the cached environment reads (tests that change FLASHTILE_DIRECT_LAUNCH, _CHECK_LAUNCH,
-    _LAUNCH_MEMO)."""
-    _state.pop("enabled", None)
-    _state.pop("check", None)
-    _state.pop("memo", None)
+    """Re-read the environment settings (tests and tools that change FLASHTILE_DIRECT_LAUNCH,
+    _CHECK_LAUNCH, _LAUNCH_MEMO at run time): settings.reload()."""
+    settings.reload()
 
 
 def direct_launch(fn):

@@ -13,31 +13,25 @@ from typing import Optional
 
 import torch
 
-from .dispatch import Path, choose_path, load_kernels
+from .dispatch import implementation
 
-__all__ = ["merge_state", "merge_state_in_place", "merge_states", "call"]
+__all__ = ["merge_state", "merge_state_in_place", "merge_states", "call", "eager_function"]
 
 
-def _impl(device: torch.device):
-    """The module that runs this call: kernels/merge.py or reference/merge.py (same functions)."""
-    decision = choose_path(device)
-    if decision.path is Path.REFERENCE:
-        from ..reference import merge as reference
-
-        return reference
-    return load_kernels("merge", decision.path)
+# The implementations: kernels/merge.py or reference/merge.py (same functions), chosen per call by
+# dispatch.implementation.
 
 
 def _merge_state_impl(v_a, s_a, v_b, s_b, v_out, s_out) -> None:
-    _impl(v_a.device).merge_state_pair(v_a, s_a, v_b, s_b, v_out, s_out)
+    implementation("merge", v_a.device).merge_state_pair(v_a, s_a, v_b, s_b, v_out, s_out)
 
 
 def _merge_state_in_place_impl(v, s, v_other, s_other, mask) -> None:
-    _impl(v.device).merge_state_pair(v, s, v_other, s_other, v, s, mask)
+    implementation("merge", v.device).merge_state_pair(v, s, v_other, s_other, v, s, mask)
 
 
 def _merge_states_impl(v, s, v_out, s_out) -> None:
-    _impl(v.device).merge_states_by_token(v, s, v_out, s_out)
+    implementation("merge", v.device).merge_states_by_token(v, s, v_out, s_out)
 
 
 @torch.library.custom_op("flashtile::merge_state", mutates_args=("v_out", "s_out"))
@@ -88,3 +82,12 @@ _IMPLS = {
 def call(op, *args) -> None:
     """Run ``op`` (one of this module's ops): its implementation when eager, the op when compiling."""
     (op if torch.compiler.is_compiling() else _IMPLS[op])(*args)
+
+
+def eager_function(op, device: torch.device):
+    """The kernel or reference function that runs ``op`` eagerly for tensors on ``device``, for callers
+    that remember it per argument key (_core/memo.py) and call it directly with a ``launch_key``:
+    ``merge_state_pair(v_a, s_a, v_b, s_b, v_out, s_out, mask, launch_key)`` for both pair merges."""
+    if op is merge_states:
+        return implementation("merge", device).merge_states_by_token
+    return implementation("merge", device).merge_state_pair

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .dispatch import Path, choose_path, load_kernels
+from .dispatch import implementation
 from .paged_kv import unpack_paged_kv_cache
 
 __all__ = [
@@ -28,12 +28,8 @@ __all__ = [
 def _append_rows(append_k, append_v, batch_indices, positions, k_pages, v_pages, kv_indices, kv_indptr,
                  backend: str) -> None:
     """Shared by both ops: append ``[nnz, H, D]`` rows into ``[pages, page_size, H, D]`` page views."""
-    decision = choose_path(k_pages.device, backend)
-    if decision.path is Path.REFERENCE:
-        from ..reference import page as impl
-    else:
-        impl = load_kernels("page", decision.path)
-    impl.append_paged_kv(append_k, append_v, batch_indices, positions, k_pages, v_pages, kv_indices, kv_indptr)
+    implementation("page", k_pages.device, backend).append_paged_kv(
+        append_k, append_v, batch_indices, positions, k_pages, v_pages, kv_indices, kv_indptr)
 
 
 def _append_paged_kv_cache_impl(append_key, append_value, batch_indices, positions, paged_kv_cache, v_cache,

@@ -8,93 +8,44 @@ Eager calls skip the custom-op dispatcher (``call``); under torch.compile the op
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .dispatch import Path, choose_path, load_kernels
+from .dispatch import implementation
 
-__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "call"]
-
-
-_MISSING = object()
-_kernel_modules: dict = {}
-
-
-def _kernels(name: str, device: torch.device):
-    """The kernel module for this call, or None for the reference path. The decision is remembered
-    per (module, device type, FLASHTILE_BACKEND): these ops are launch-bound at small sizes, and
-    choose_path costs several microseconds of host time."""
-    key = (name, device.type, os.environ.get("FLASHTILE_BACKEND"))
-    module = _kernel_modules.get(key, _MISSING)
-    if module is _MISSING:
-        path = choose_path(device).path
-        module = None if path is Path.REFERENCE else load_kernels(name, path)
-        _kernel_modules[key] = module
-    return module
+__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "call", "eager_function"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Implementations (shared by the eager fast path and the registered ops)
+# Implementations (shared by the eager fast path and the registered ops): the functions of
+# kernels/<family>.py or reference/<family>.py (same names and arguments), chosen per call by
+# dispatch.implementation (a memoised lookup: these ops are launch-bound at small sizes).
 # ---------------------------------------------------------------------------------------------
 
 
 def _rmsnorm_impl(input, weight, out, eps, weight_offset) -> None:
-    kernels = _kernels("norm", input.device)
-    if kernels is None:
-        from ..reference import norm as reference
-
-        reference.rmsnorm(input, weight, out, eps, weight_offset)
-    else:
-        kernels.rmsnorm(input, weight, out, eps, weight_offset)
+    implementation("norm", input.device).rmsnorm(input, weight, out, eps, weight_offset)
 
 
 def _fused_add_rmsnorm_impl(input, residual, weight, eps, weight_offset) -> None:
-    kernels = _kernels("norm", input.device)
-    if kernels is None:
-        from ..reference import norm as reference
-
-        reference.fused_add_rmsnorm(input, residual, weight, eps, weight_offset)
-    else:
-        kernels.fused_add_rmsnorm(input, residual, weight, eps, weight_offset)
+    implementation("norm", input.device).fused_add_rmsnorm(input, residual, weight, eps, weight_offset)
 
 
 def _layernorm_impl(input, gamma, beta, out, eps) -> None:
-    kernels = _kernels("norm", input.device)
-    if kernels is None:
-        from ..reference import norm as reference
-
-        reference.layernorm(input, gamma, beta, out, eps)
-    else:
-        kernels.layernorm(input, gamma, beta, out, eps)
+    implementation("norm", input.device).layernorm(input, gamma, beta, out, eps)
 
 
 def _act_and_mul_impl(input, out, activation) -> None:
-    kernels = _kernels("activation", input.device)
-    if kernels is None:
-        from ..reference import activation as reference
-
-        reference.act_and_mul(input, out, activation)
-    else:
-        kernels.act_and_mul(input, out, activation)
+    implementation("activation", input.device).act_and_mul(input, out, activation)
 
 
 def _rope_impl(q, k, q_out, k_out, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale,
                rope_theta, smooth_a, smooth_b) -> None:
-    kernels = _kernels("rope", q.device)
-    if kernels is None:
-        from ..reference.positional import apply_rope_reference, rope_positions
-
-        positions = rope_positions(q.shape[0], pos_ids, indptr, offsets, device=q.device)
-        for x, out in ((q, q_out), (k, k_out)):
-            apply_rope_reference(x, out, positions, rotary_dim, interleave, rope_scale=rope_scale,
-                                 rope_theta=rope_theta, smooth_a=smooth_a, smooth_b=smooth_b,
-                                 cos_sin_cache=cos_sin_cache)
-    else:
-        kernels.apply_rope(q, k, q_out, k_out, rotary_dim=rotary_dim, interleave=interleave, pos_ids=pos_ids,
-                           indptr=indptr, offsets=offsets, cos_sin_cache=cos_sin_cache, rope_scale=rope_scale,
-                           rope_theta=rope_theta, smooth_a=smooth_a, smooth_b=smooth_b)
+    implementation("rope", q.device).apply_rope(
+        q, k, q_out, k_out, rotary_dim=rotary_dim, interleave=interleave, pos_ids=pos_ids, indptr=indptr,
+        offsets=offsets, cos_sin_cache=cos_sin_cache, rope_scale=rope_scale, rope_theta=rope_theta,
+        smooth_a=smooth_a, smooth_b=smooth_b)
 
 
 def _rope_inplace_impl(q, k, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rope_scale,
@@ -223,3 +174,26 @@ _IMPLS = {
 def call(op, *args) -> None:
     """Run ``op`` (one of this module's ops): its implementation when eager, the op when compiling."""
     (op if torch.compiler.is_compiling() else _IMPLS[op])(*args)
+
+
+# op -> (implementation module family, function name) of the function that runs it eagerly.
+_EAGER_FUNCTIONS = {
+    rmsnorm: ("norm", "rmsnorm"),
+    fused_add_rmsnorm: ("norm", "fused_add_rmsnorm"),
+    layernorm: ("norm", "layernorm"),
+    act_and_mul: ("activation", "act_and_mul"),
+    rope: ("rope", "apply_rope"),
+    rope_inplace: ("rope", "apply_rope"),
+}
+
+
+def eager_function(op, device: torch.device):
+    """The kernel or reference function that runs ``op`` eagerly for tensors on ``device``, for callers
+    that remember it per argument key (_core/memo.py) and then call it directly, with a
+    ``launch_key``: ``rmsnorm(input, weight, out, eps, weight_offset, launch_key)``,
+    ``fused_add_rmsnorm(input, residual, weight, eps, weight_offset, launch_key)``,
+    ``layernorm(input, gamma, beta, out, eps, launch_key)``, ``act_and_mul(input, out, activation,
+    launch_key)``, and for both RoPE ops ``apply_rope(q, k, q_out, k_out, *, rotary_dim, interleave,
+    pos_ids, indptr, offsets, cos_sin_cache, rope_scale, rope_theta, smooth_a, smooth_b, launch_key)``."""
+    family, name = _EAGER_FUNCTIONS[op]
+    return getattr(implementation(family, device), name)

@@ -8,12 +8,12 @@ and SM count on the path a call takes (the reference path and the interpreter pl
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .device import INTERPRETER_SMS, num_sms
+from .settings import interpreting
 from .intmath import dot_tile_dim
 
 __all__ = ["KV_CHUNK_ALIGN", "SMALL_TILE", "SMALL_M_CONFIGS", "planning_facts", "prefill_tile_shape", "small_tiles"]
@@ -27,7 +27,7 @@ SMALL_TILE = 16
 
 def small_tiles() -> bool:
     """Whether the kernels run under Triton's interpreter (tiny tiles)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreting()
 
 
 def planning_facts(device: torch.device, compiled: bool) -> tuple:

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
 
 from .._core.params import AttentionParams
 from .._core import tile_policy
+from .._core.settings import interpreting
 from ..reference.positional import alibi_slopes
 from ..scheduler.split_kv import plan_kv_splits
 from ..scheduler.worklist import DECODE_ITEM_FIELDS, decode_layout
@@ -50,7 +51,7 @@ from .smem import TileFeatures, device_config, estimate_shared_bytes, launch_wit
 from .tiles import attend_range, head_inputs, load_q, store_state, tile_ranges
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpreting()
 DECODE_ITEM_STRIDE = tl.constexpr(len(DECODE_ITEM_FIELDS))
 
 

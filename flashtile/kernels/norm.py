@@ -186,16 +186,19 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # Launches replayed per (shapes, strides, dtypes, alignment): only X, R, W, Y, eps and the weight
-# offset change between calls with one key (host time is most of a batch-1 norm's cost).
+# offset change between calls with one key (host time is most of a batch-1 norm's cost). The plain
+# and the fused norm keep apart memos: their callers' keys (launch_key) have different layouts.
 _RMSNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 17, 18))
+_FUSED_ADD_RMSNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 17, 18))
 _LAYERNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 15))
 
 
-def _launch_rmsnorm(x, residual, weight, y, eps: float, weight_offset: float) -> None:
+def _launch_rmsnorm(memo, key, x, residual, weight, y, eps: float, weight_offset: float) -> None:
+    """RMSNorm of ``x`` (plus ``residual``) into ``y``, replayed from ``memo`` when ``key`` (which
+    must fix everything but the tensors' addresses, eps and the weight offset) is known."""
     has_residual = residual is not None
     r = residual if has_residual else x
-    key = (tensor_key(x), tensor_key(r) if has_residual else None, tensor_key(weight), tensor_key(y))
-    replay = _RMSNORM_LAUNCHES.get(key)
+    replay = memo.get(key)
     if replay is not None:
         replay(x, r, weight, y, float(eps), float(weight_offset))
         return
@@ -209,25 +212,35 @@ def _launch_rmsnorm(x, residual, weight, y, eps: float, weight_offset: float) ->
     _, sro, sri, src = _rows(r)
     args = (x, r, weight, y, n_rows, n_cols, inner, sxo, sxi, sxc, sro, sri, src, syo, syi, syc,
             weight.stride(0), float(eps), float(weight_offset))
-    _RMSNORM_LAUNCHES.launch(key, _rmsnorm_kernel, (cdiv(n_rows, block_m),), args, dict(
+    memo.launch(key, _rmsnorm_kernel, (cdiv(n_rows, block_m),), args, dict(
         HAS_RESIDUAL=has_residual, ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps))
 
 
-def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float) -> None:
-    """``out = rmsnorm(input) * (weight + weight_offset)``; input/out ``[rows, N]`` or ``[T, H, N]``."""
-    _launch_rmsnorm(input, None, weight, out, eps, weight_offset)
+def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float,
+            launch_key=None) -> None:
+    """``out = rmsnorm(input) * (weight + weight_offset)``; input/out ``[rows, N]`` or ``[T, H, N]``.
+    ``launch_key``: the caller's key of these tensors' metadata (_core/memo.py), or None to compute one."""
+    if launch_key is None:
+        launch_key = (tensor_key(input), tensor_key(weight), tensor_key(out))
+    _launch_rmsnorm(_RMSNORM_LAUNCHES, launch_key, input, None, weight, out, eps, weight_offset)
 
 
 def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      weight_offset: float) -> None:
-    """In place: ``residual += input``; ``input = rmsnorm(input + residual) * (weight + weight_offset)``."""
-    _launch_rmsnorm(input, residual, weight, input, eps, weight_offset)
+                      weight_offset: float, launch_key=None) -> None:
+    """In place: ``residual += input``; ``input = rmsnorm(input + residual) * (weight + weight_offset)``.
+    ``launch_key``: as :func:`rmsnorm`."""
+    if launch_key is None:
+        launch_key = (tensor_key(input), tensor_key(residual), tensor_key(weight))
+    _launch_rmsnorm(_FUSED_ADD_RMSNORM_LAUNCHES, launch_key, input, residual, weight, input, eps, weight_offset)
 
 
-def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, eps: float) -> None:
-    """``out = layernorm(input) * gamma + beta``; input/out ``[rows, N]`` or ``[T, H, N]``."""
-    key = (tensor_key(input), tensor_key(gamma), tensor_key(beta), tensor_key(out))
-    replay = _LAYERNORM_LAUNCHES.get(key)
+def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, eps: float,
+              launch_key=None) -> None:
+    """``out = layernorm(input) * gamma + beta``; input/out ``[rows, N]`` or ``[T, H, N]``.
+    ``launch_key``: as :func:`rmsnorm`."""
+    if launch_key is None:
+        launch_key = (tensor_key(input), tensor_key(gamma), tensor_key(beta), tensor_key(out))
+    replay = _LAYERNORM_LAUNCHES.get(launch_key)
     if replay is not None:
         replay(input, gamma, beta, out, float(eps))
         return
@@ -240,5 +253,5 @@ def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out:
     _, syo, syi, syc = _rows(out)
     args = (input, gamma, beta, out, n_rows, n_cols, inner, sxo, sxi, sxc, syo, syi, syc,
             gamma.stride(0), beta.stride(0), float(eps))
-    _LAYERNORM_LAUNCHES.launch(key, _layernorm_kernel, (cdiv(n_rows, block_m),), args, dict(
+    _LAYERNORM_LAUNCHES.launch(launch_key, _layernorm_kernel, (cdiv(n_rows, block_m),), args, dict(
         ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps))

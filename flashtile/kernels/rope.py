@@ -31,7 +31,6 @@ the cache form takes it by default; FLASHTILE_ROPE_FAST=1 / 0 forces one kernel 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -40,6 +39,7 @@ import triton.language as tl
 
 from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
+from .._core import settings
 from .._core.launch import LaunchMemo, direct_launch, tensor_key
 
 TILE = 4096  # elements (both halves of the rotated dims) per program
@@ -142,9 +142,8 @@ FAST_PROGRAMS_PER_SM = 4  # fewer tokens per program while the grid would give f
 
 def use_token_major(use_cache: bool) -> bool:
     """The token-major kernel for the cos/sin-cache form, the head-block kernel otherwise (the faster
-    one of each on the H100); FLASHTILE_ROPE_FAST=1 / 0 forces one (read per call, so tests can
-    switch it)."""
-    forced = os.environ.get("FLASHTILE_ROPE_FAST")
+    one of each on the H100); FLASHTILE_ROPE_FAST=1 / 0 forces one (read once: _core/settings.py)."""
+    forced = settings.env("FLASHTILE_ROPE_FAST")
     return use_cache if forced not in ("0", "1") else forced == "1"
 
 
@@ -307,7 +306,7 @@ def _rope_tokens_kernel(
 def _config_override() -> Optional[tuple[int, int]]:
     """FLASHTILE_ROPE_FAST_CONFIG="BLOCK_T,num_warps" (powers of two) fixes both, for the H100 sweep in
     benchmarks/gpu_check.sh; unset: the rule in :func:`fast_config`."""
-    text = os.environ.get("FLASHTILE_ROPE_FAST_CONFIG")
+    text = settings.env("FLASHTILE_ROPE_FAST_CONFIG")
     if not text:
         return None
     try:
@@ -350,6 +349,12 @@ def rope_config(nnz: int, num_heads: int, half_pad: int, head_blocks_of, num_sms
     return block_t, block_h
 
 
+def _heads_views(q, k, q_out, k_out, head_size: int):
+    """``[nnz, heads * head_size]`` rows as ``[nnz, heads, head_size]`` views (3-D tensors as they are)."""
+    views = [x if x.dim() == 3 else x.unflatten(1, (-1, head_size)) for x in (q, k, q_out, k_out)]
+    return views[0], views[1], (views[0] if q_out is q else views[2]), (views[1] if k_out is k else views[3])
+
+
 def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -366,22 +371,37 @@ def apply_rope(
     rope_theta: float = 1e4,
     smooth_a: float = 0.0,
     smooth_b: float = 0.0,
+    head_size: Optional[int] = None,
+    launch_key=None,
 ) -> None:
     """Rotate q ``[nnz, Hq, D]`` and k ``[nnz, Hk, D]`` into q_out/k_out (which may be q/k).
 
     Positions: ``pos_ids [nnz]`` or the ragged ``indptr [B+1]`` / ``offsets [B]``. cos/sin from
     ``cos_sin_cache [max_pos, rotary_dim]`` (float32) when given, else from rope_scale/rope_theta and
-    the Llama 3.1 smoothing coefficients.
+    the Llama 3.1 smoothing coefficients. ``head_size``: q, k, q_out, k_out are ``[nnz, heads * head_size]``
+    rows (viewed as ``[nnz, heads, head_size]`` only when the launch is not replayed: a replay needs
+    only the addresses). ``launch_key``: the caller's key of this call (its tensors' metadata and every
+    option; _core/memo.py), or None to compute one.
     """
     optional = (pos_ids, indptr, offsets, cos_sin_cache)
-    key = (tensor_key(q), tensor_key(k),
-           None if q_out is q else tensor_key(q_out), None if k_out is k else tensor_key(k_out),
-           *(None if t is None else tensor_key(t) for t in optional), rotary_dim, interleave, rope_scale, rope_theta,
-           smooth_a, smooth_b, os.environ.get("FLASHTILE_ROPE_FAST"), os.environ.get("FLASHTILE_ROPE_FAST_CONFIG"))
+    key = launch_key
+    if key is None:  # keyed on the 3-D views
+        if head_size is not None:
+            q, k, q_out, k_out = _heads_views(q, k, q_out, k_out, head_size)
+            head_size = None
+        # The FLASHTILE_ROPE_FAST* knobs that pick the kernel are not in the key: the memos are cleared
+        # when settings are reloaded.
+        key = (tensor_key(q), tensor_key(k),
+               None if q_out is q else tensor_key(q_out), None if k_out is k else tensor_key(k_out),
+               *(None if t is None else tensor_key(t) for t in optional), rotary_dim, interleave, rope_scale,
+               rope_theta, smooth_a, smooth_b)
     replay = _LAUNCHES.get(key)
     if replay is not None:
-        replay(q, k, q_out, k_out, *(q if t is None else t for t in optional))
+        replay(q, k, q_out, k_out, pos_ids if pos_ids is not None else q, indptr if indptr is not None else q,
+               offsets if offsets is not None else q, cos_sin_cache if cos_sin_cache is not None else q)
         return
+    if head_size is not None:
+        q, k, q_out, k_out = _heads_views(q, k, q_out, k_out, head_size)
     nnz, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
     if nnz == 0:
@@ -426,6 +446,7 @@ def apply_rope(
         constexprs, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4))
 
 
-# Launches replayed per key (shapes, strides, dtypes, alignment, options and the env knobs, which
-# pick the kernel): the eight tensor arguments, first in both kernels, are all that change.
+# Launches replayed per key (shapes, strides, dtypes, alignment, options; the env knobs that pick the
+# kernel are read once and clear the memo when reloaded): the eight tensor arguments, first in both
+# kernels, are all that change.
 _LAUNCHES = LaunchMemo(dynamic=range(8))

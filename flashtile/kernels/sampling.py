@@ -49,16 +49,16 @@ FLASHTILE_SAMPLING_SEG=0 (read at every call) selects the rejection loop above
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer, smid
 
+from .._core import dispatch, settings
 from .._core.device import num_sms
 from .._core.intmath import cdiv, floor_power_of_2, next_power_of_2
-from .._core.launch import direct_launch
+from .._core.launch import MAX_CACHED_CALLS, LaunchMemo, argument_key, direct_launch, tensor_key
 
 # Kernel ints that change with every call (generator draws): not specialized on their value, so a
 # new value neither recompiles (Triton) nor adds a launch-cache key (flashtile/_core/launch.py).
@@ -1383,7 +1383,9 @@ def _seg_logits_sampling_kernel(
 
 
 def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
+    """Whether ``t``'s kernels run in Triton's interpreter: tensors of a device type without compiled
+    kernels (dispatch.KERNEL_DEVICE_TYPES: CUDA; benchmarks/host_time.py --dry adds the CPU)."""
+    return t.device.type not in dispatch.KERNEL_DEVICE_TYPES
 
 
 def _config(vocab: int, interpreted: bool, kind: str = "stream"):
@@ -1409,15 +1411,15 @@ def _param(value, dtype_default):
 
 
 def seg_path_enabled() -> bool:
-    """Whether the samplers use the segmented kernels: yes unless FLASHTILE_SAMPLING_SEG=0 (read at every
-    call; the default since the H100 measurement)."""
-    return os.environ.get("FLASHTILE_SAMPLING_SEG", "1") != "0"
+    """Whether the samplers use the segmented kernels: yes unless FLASHTILE_SAMPLING_SEG=0 (read once:
+    _core/settings.py; the default since the H100 measurement)."""
+    return settings.env("FLASHTILE_SAMPLING_SEG", "1") != "0"
 
 
 def split_path_enabled() -> bool:
-    """Whether small batches may split rows over programs: yes unless FLASHTILE_SAMPLING_SPLIT=0 (read at
-    every call)."""
-    return os.environ.get("FLASHTILE_SAMPLING_SPLIT", "1") != "0"
+    """Whether small batches may split rows over programs: yes unless FLASHTILE_SAMPLING_SPLIT=0 (read
+    once: _core/settings.py)."""
+    return settings.env("FLASHTILE_SAMPLING_SPLIT", "1") != "0"
 
 
 def _split_chunk(interpreted: bool) -> int:
@@ -1430,7 +1432,7 @@ def _usable_sms(device: torch.device) -> int:
     """SMs this process may run on: the device's, scaled by ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` under MPS
     (where a process may get only part of the SMs while the device reports them all)."""
     sms = num_sms(device)
-    mps = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")
+    mps = settings.env("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")  # read once (_core/settings.py)
     if mps.replace(".", "", 1).isdigit():
         sms = int(sms * min(float(mps), 100.0) / 100.0)
     return sms
@@ -1445,7 +1447,7 @@ def split_layout(vocab: int, batch: int, device: torch.device, order: str = "joi
     8 of 16384, batch 17-33 4 of 32768, batch 34-66 2 of 65536 (one program per SM), batch 67-132 with
     top-k 2 of 65536 (two per SM), other batches one program per row. ``top_k_first`` never splits. Under
     MPS, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` scales the SMs counted."""
-    if device.type != "cuda" or not split_path_enabled() or not seg_path_enabled():
+    if device.type not in dispatch.KERNEL_DEVICE_TYPES or not split_path_enabled() or not seg_path_enabled():
         return 0, 0
     if top_k is not None and order == "top_k_first":
         return 0, 0
@@ -1498,8 +1500,22 @@ def _seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, u
                 STAGES=stages, UNROLL=unroll, num_warps=warps, **grid, **extra)
 
 
+def _seed_key(value):
+    """A seed's or offset's part of a launch key: what Triton sees in an int (its width), or a tensor's
+    metadata."""
+    return argument_key(value) if type(value) is int else tensor_key(value)
+
+
+# Segmented-sampler launches replayed per key (the API's key of probs, indices and the filter kinds,
+# plus the seed/offset kinds and a scalar top_k: see filtered_sampling), with the sizes of the scratch
+# tensors each launch allocates: the tensors, the float filter values, seed and offset are all that
+# change under one key (seed_val and offset_val are not specialized on their value: PER_CALL_INTS).
+_SEG_LAUNCHES = LaunchMemo(dynamic=(*range(12), 18, 19, 20, 21))
+_SEG_SCRATCH: dict = {}  # key -> (PART elements or None, COUNTER elements or None)
+
+
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None,
-                      order="joint", max_rounds=None, seg=None, passes=None, split=None):
+                      order="joint", max_rounds=None, seg=None, passes=None, split=None, launch_key=None):
     """Launch the rejection sampler (no filter: plain sampling). ``top_k``/``top_p``/``min_p``: int/float
     scalars or ``[batch]`` tensors on the device; ``seed``/``offset``: ints or int64 tensors ``[1]``/``[batch]``.
     ``max_rounds``: rejection rounds (segmented path: passes) before the exact fallback, None = the
@@ -1509,10 +1525,27 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     None = :func:`split_layout` decides; True = split rows into chunks of ``_split_chunk`` tokens, an int =
     into chunks of that many tokens (the partials are exchanged between programs only on a GPU and when
     the grid fits the SMs; otherwise each program measures every chunk, with the same results); False =
-    one program per row."""
+    one program per row. ``launch_key``: the caller's key of probs, rows and the filters' kinds and
+    metadata (_core/memo.py); with the default options the launch is then replayed for later calls
+    with that key and the same seed/offset kinds (and scalar top_k)."""
     batch = out.shape[0]
     if batch == 0:
         return
+    memo_key = None
+    if launch_key is not None and max_rounds is None and seg is None and passes is None and split is None:
+        memo_key = (launch_key, _seed_key(seed), _seed_key(offset), top_k if type(top_k) is int else None)
+        replay = _SEG_LAUNCHES.get(memo_key)
+        scratch = _SEG_SCRATCH.get(memo_key)
+        if replay is not None and scratch is not None:
+            part, counter = _seg_scratch(scratch, out)
+            tk, _, _ = _param(top_k, 0)
+            tp, tp_val, _ = _param(top_p, 1.0)
+            mp, mp_val, _ = _param(min_p, 0.0)
+            s_t, o_t, s_val, o_val, _, _ = _seed_args(seed, offset)
+            replay(probs, out if rows is None else rows, out, valid, out if tk is None else tk,
+                   out if tp is None else tp, out if mp is None else mp, out if s_t is None else s_t,
+                   out if o_t is None else o_t, out, part, counter, float(tp_val), float(mp_val), s_val, o_val)
+            return
     if seg is None:
         seg = seg_path_enabled()
     vocab = probs.shape[-1]
@@ -1524,7 +1557,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
             nchunks, chunk = split_layout(vocab, batch, probs.device, order, top_k)
         if nchunks:
             _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, top_k=top_k, top_p=top_p,
-                            min_p=min_p, max_rounds=max_rounds, passes=passes)
+                            min_p=min_p, max_rounds=max_rounds, passes=passes, memo_key=memo_key)
             return
     if seg:
         # top_k_first keeps the standard configuration: its exact top-k search spills under any register
@@ -1537,7 +1570,7 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
                           top_p_only=top_p is not None and top_k is None, wave=wave)
         seg_len, sub_len = cfg.pop("seg_len"), cfg.pop("sub_len")
         _launch_seg_sampler((batch,), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, order, max_rounds,
-                            passes, seg_len, sub_len, cfg)
+                            passes, seg_len, sub_len, cfg, memo_key=memo_key)
         return
     tk, tk_val, tk_row = _param(top_k, 0)
     tp, tp_val, tp_row = _param(top_p, 1.0)
@@ -1560,22 +1593,34 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     )
 
 
+def _seg_scratch(sizes, dummy):
+    """The PART (float32, uninitialized) and COUNTER (int32 zeros) tensors of a replayed segmented launch,
+    of the recorded ``sizes``; ``dummy`` where the launch had none."""
+    part_numel, counter_numel = sizes
+    part = dummy if part_numel is None else torch.empty(part_numel, dtype=torch.float32, device=dummy.device)
+    counter = dummy if counter_numel is None else torch.zeros(counter_numel, dtype=torch.int32, device=dummy.device)
+    return part, counter
+
+
 def _launch_seg_sampler(grid, probs, rows, out, valid, seed, offset, top_k, top_p, min_p, order, max_rounds, passes,
-                        seg_len, sub_len, cfg, part=None, counter=None, nchunks=1):
+                        seg_len, sub_len, cfg, part=None, counter=None, nchunks=1, memo_key=None):
     """``_seg_filtered_sampling_kernel[grid]`` with the arguments of ``filtered_sampling`` and the
-    launch sizes ``cfg`` (``_seg_config``; with SPLIT also CHUNK, NSEG_IN, EXCHANGE)."""
+    launch sizes ``cfg`` (``_seg_config``; with SPLIT also CHUNK, NSEG_IN, EXCHANGE). With
+    ``memo_key`` the launch is recorded for filtered_sampling's replays (with its scratch sizes)."""
     vocab = probs.shape[-1]
     tk, tk_val, tk_row = _param(top_k, 0)
     tp, tp_val, tp_row = _param(top_p, 1.0)
     mp, mp_val, mp_row = _param(min_p, 0.0)
     s_t, o_t, s_val, o_val, s_in, s_row = _seed_args(seed, offset)
     dummy = out
-    _seg_filtered_sampling_kernel[grid](
+    args = (
         probs, rows if rows is not None else dummy, out, valid,
         tk if tk is not None else dummy, tp if tp is not None else dummy, mp if mp is not None else dummy,
         s_t if s_t is not None else dummy, o_t if o_t is not None else dummy, passes if passes is not None else dummy,
         part if part is not None else dummy, counter if counter is not None else dummy,
         vocab, probs.stride(0), seg_len, sub_len, nchunks, int(tk_val), float(tp_val), float(mp_val), s_val, o_val,
+    )
+    kwargs = dict(
         HAS_ROWS=rows is not None, TOPK_PER_ROW=tk_row, TOPP_PER_ROW=tp_row, MINP_PER_ROW=mp_row,
         SEED_IN_TENSOR=s_in, SEED_PER_ROW=s_row,
         USE_TOP_K=top_k is not None and order != "top_k_first", USE_TOP_P=top_p is not None,
@@ -1584,10 +1629,17 @@ def _launch_seg_sampler(grid, probs, rows, out, valid, seed, offset, top_k, top_
         DRAW_STRIDE=DRAW_STRIDE, BLOCK=16 if _interpreted(probs) else SEG_FALLBACK_BLOCK, NP_SEARCH=NUM_PIVOTS,
         RECORD_PASSES=passes is not None, RECORD_TIMES=passes is not None and passes.dim() == 2, **cfg,
     )
+    if memo_key is None:
+        _seg_filtered_sampling_kernel[grid](*args, **kwargs)
+        return
+    if len(_SEG_SCRATCH) >= MAX_CACHED_CALLS:
+        _SEG_SCRATCH.clear()
+    _SEG_SCRATCH[memo_key] = (None if part is None else part.numel(), None if counter is None else counter.numel())
+    _SEG_LAUNCHES.launch(memo_key, _seg_filtered_sampling_kernel, grid, args, kwargs)
 
 
 def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, *, top_k, top_p, min_p, max_rounds,
-                    passes):
+                    passes, memo_key=None):
     """The segmented sampler with each row split over ``nchunks`` programs of ``chunk`` tokens (grid
     ``(batch, nchunks)``)."""
     batch, vocab = out.shape[0], probs.shape[-1]
@@ -1627,7 +1679,7 @@ def _split_sampling(probs, rows, out, valid, seed, offset, nchunks, chunk, *, to
                        dtype=torch.float32, device=probs.device)
     counter = torch.zeros(batch if exchange else 1, dtype=torch.int32, device=probs.device)
     _launch_seg_sampler((batch, nchunks), probs, rows, out, valid, seed, offset, top_k, top_p, min_p, "joint",
-                        max_rounds, passes, seg_len, sub_len, cfg, part, counter, nchunks)
+                        max_rounds, passes, seg_len, sub_len, cfg, part, counter, nchunks, memo_key=memo_key)
 
 
 def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):

@@ -27,7 +27,8 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
 
 
-def act_and_mul(input: torch.Tensor, out: torch.Tensor, name: str) -> None:
+def act_and_mul(input: torch.Tensor, out: torch.Tensor, name: str, launch_key=None) -> None:
+    # launch_key: the kernels' launch-memo key (same signature as kernels/activation.py); unused here.
     d = input.shape[-1] // 2
     x = input.float()
     out.copy_(activation(x[..., :d], name) * x[..., d:])

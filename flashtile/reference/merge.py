@@ -49,9 +49,11 @@ def merge_state_pair(
     v_out: torch.Tensor,
     s_out: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
+    launch_key=None,
 ) -> None:
     """Merge two states: v ``[T, H, D]``, s ``[T, H]`` float32. ``v_out``/``s_out`` may be
-    ``v_a``/``s_a`` (in place). With ``mask`` (bool ``[T]``) tokens with False are left untouched."""
+    ``v_a``/``s_a`` (in place). With ``mask`` (bool ``[T]``) tokens with False are left untouched.
+    ``launch_key`` (the kernels' launch-memo key) is unused here."""
     s_a, s_b = s_a.float(), s_b.float()
     m = torch.maximum(s_a, s_b)
     w_a, w_b = _weights(s_a, m), _weights(s_b, m)

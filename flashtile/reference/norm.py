@@ -1,7 +1,8 @@
 """Normalization layers in pure PyTorch: the CPU path and the readable spec of ``kernels/norm.py``.
 
 Every function computes in float32 on upcast inputs and writes its result into the given tensors
-(rounded to their dtype), like the kernels. Rows are the last dimension.
+(rounded to their dtype), like the kernels. Rows are the last dimension. Signatures are the kernels'
+(``launch_key``, the kernels' launch-memo key, is accepted and unused).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
 
 
-def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float = 0.0) -> None:
+def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float = 0.0,
+            launch_key=None) -> None:
     """``out = input / sqrt(mean(input**2) + eps) * (weight + weight_offset)``; ``weight_offset`` is 1
     for Gemma's RMSNorm."""
     x = input.float()
@@ -24,7 +26,7 @@ def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: f
 
 
 def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      weight_offset: float = 0.0) -> None:
+                      weight_offset: float = 0.0, launch_key=None) -> None:
     """In place: ``s = input + residual`` (float32); ``residual = s`` (rounded); ``input = rmsnorm(s)``
     where the norm uses the float32 sum ``s``, not the rounded residual."""
     s = input.float() + residual.float()
@@ -32,7 +34,8 @@ def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch
     input.copy_(s * _rms_scale(s, eps) * (weight.float() + weight_offset))
 
 
-def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, eps: float) -> None:
+def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, eps: float,
+              launch_key=None) -> None:
     """``out = (input - mean) / sqrt(var + eps) * gamma + beta`` over the last dim (biased variance)."""
     x = input.float()
     mean = x.mean(dim=-1, keepdim=True)

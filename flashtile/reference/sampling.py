@@ -1,8 +1,12 @@
 """Sampling, written the clear way (sort-based filters, inverse-CDF draws): the CPU path and the spec.
 
-Every function here takes already-validated arguments (the API layer checks them) and returns new
-tensors. Per-request parameters arrive as 1-D tensors ``[batch_out]`` (the API layer broadcasts
-scalars); ``rows`` (int64 ``[batch_out]``) maps each output row to its row of ``probs``/``logits``.
+Every function here takes already-validated arguments (the API layer checks them). The spec
+functions return new tensors; per-request parameters arrive as 1-D tensors ``[batch_out]`` and
+``rows`` (int64 ``[batch_out]``) maps each output row to its row of ``probs``/``logits``. The last
+section has the launchers' signatures (kernels/sampling.py: ``filtered_sampling``,
+``sampling_from_logits``, ``softmax``, ``threshold_filter``, ``chain_speculative_sampling``), which
+take what the API passes the kernels (scalars or tensors on the device, ``rows`` or None, outputs to
+write) and run the spec functions on the host.
 
 Filter sets (the definition the Triton kernels implement without sorting; ties are always kept
 together, because every rule compares a token's probability with the others' by value):
@@ -34,18 +38,24 @@ import torch
 
 __all__ = [
     "uniforms",
-    "softmax",
+    "softmax_of",
     "top_k_keep",
     "top_p_keep",
     "min_p_keep",
     "sample_from_mask",
     "sample_shared",
-    "sampling_from_probs",
-    "sampling_from_logits",
-    "filtered_sampling",
+    "draws_from_probs",
+    "draws_from_logits",
+    "filtered_draws",
     "top_p_renorm_probs",
     "top_k_renorm_probs",
     "top_k_mask_logits",
+    "speculative_draws",
+    # the launchers' signatures (kernels/sampling.py), writing into given outputs
+    "filtered_sampling",
+    "sampling_from_logits",
+    "softmax",
+    "threshold_filter",
     "chain_speculative_sampling",
 ]
 
@@ -89,7 +99,7 @@ def uniforms(seed: torch.Tensor, offset: torch.Tensor, rows: int, n: int, row_st
     return _srl(bits, 11).double() * (1.0 / (1 << 53))
 
 
-def softmax(logits: torch.Tensor, temperature: Optional[torch.Tensor]) -> torch.Tensor:
+def softmax_of(logits: torch.Tensor, temperature: Optional[torch.Tensor]) -> torch.Tensor:
     """float32 ``softmax(logits / temperature)`` per row; a row that is all -inf (or NaN) gives zeros."""
     x = logits.double()
     if temperature is not None:
@@ -195,7 +205,7 @@ def _no_samples(device):
     return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.bool, device=device)
 
 
-def sampling_from_probs(probs, rows, seed, offset):
+def draws_from_probs(probs, rows, seed, offset):
     u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
     if rows.numel() == 0:
         return _no_samples(probs.device)
@@ -204,11 +214,11 @@ def sampling_from_probs(probs, rows, seed, offset):
     return sample_shared(p, torch.ones_like(p, dtype=torch.bool), group, u)
 
 
-def sampling_from_logits(logits, rows, seed, offset):
-    return sampling_from_probs(softmax(logits, None), rows, seed, offset)
+def draws_from_logits(logits, rows, seed, offset):
+    return draws_from_probs(softmax_of(logits, None), rows, seed, offset)
 
 
-def filtered_sampling(probs, rows, seed, offset, *, top_k=None, top_p=None, min_p=None, order="joint"):
+def filtered_draws(probs, rows, seed, offset, *, top_k=None, top_p=None, min_p=None, order="joint"):
     """Draw from the filter set (module doc) of each row; returns (ids, valid). Filter sets are built
     once per distinct (row, parameters): many draws of one row cost one row of work, not one each."""
     u = uniforms(seed, offset, rows.numel(), 1)[:, 0]
@@ -259,7 +269,7 @@ def top_k_mask_logits(logits, top_k):
     return torch.where(x >= kth, x, float("-inf")).to(logits.dtype)
 
 
-def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, seed, offset):
+def speculative_draws(draft_probs, draft_token_ids, target_probs, seed, offset):
     """Standard speculative sampling. Returns (output_ids int32 [B, n+1], accepted int32 [B], emitted int32 [B]).
 
     Draw j < n of row b judges draft token j: accepted iff ``u_j * p_draft < p_target`` (probability
@@ -290,3 +300,76 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, seed,
         tok, _ = sample_from_mask(dist[None], torch.ones_like(dist[None], dtype=torch.bool), u[b, n:])
         out[b, e] = tok[0]
     return out.to(torch.int32), accepted.to(torch.int32), emitted.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launchers' signatures (kernels/sampling.py): the API calls either module the same way
+# ---------------------------------------------------------------------------------------------
+
+
+def _host_rng(seed, offset):
+    """(seed, offset) as int64 host tensors: ints become ``[1]`` tensors."""
+    def as_tensor(v):
+        if isinstance(v, torch.Tensor):
+            return v.to("cpu", torch.int64)
+        return torch.tensor([v], dtype=torch.int64, device="cpu")
+
+    return as_tensor(seed), as_tensor(offset)
+
+
+def _host_rows(rows: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+    """int64 host ``[batch]`` source rows (``None``: output row i draws from row i)."""
+    return rows.long().cpu() if rows is not None else torch.arange(batch, device="cpu")
+
+
+def _per_row(value, batch: int) -> Optional[torch.Tensor]:
+    """A parameter as a host tensor ``[batch]`` (a scalar is broadcast), or None."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value if value is None else value.cpu()
+    return torch.full((batch,), value, device="cpu")
+
+
+def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None, order="joint",
+                      max_rounds=None, seg=None, passes=None, split=None, launch_key=None):
+    """:func:`filtered_draws` into ``out`` (ids) and ``valid``. ``max_rounds``, ``seg``, ``passes``,
+    ``split`` (kernel tuning and instrumentation) and ``launch_key`` (the kernels' launch-memo key)
+    are ignored here."""
+    batch = out.shape[0]
+    ids, ok = filtered_draws(probs.cpu(), _host_rows(rows, batch), *_host_rng(seed, offset),
+                             top_k=_per_row(top_k, batch), top_p=_per_row(top_p, batch),
+                             min_p=_per_row(min_p, batch), order=order)
+    out.copy_(ids)
+    valid.copy_(ok)
+
+
+def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
+    """:func:`draws_from_logits` into ``out`` and ``valid`` (``seg`` is ignored)."""
+    ids, ok = draws_from_logits(logits.cpu(), _host_rows(rows, out.shape[0]), *_host_rng(seed, offset))
+    out.copy_(ids)
+    valid.copy_(ok)
+
+
+def softmax(logits, out, temperature, *, seg=None):
+    """:func:`softmax_of` into ``out``; ``temperature`` None, a scalar or a ``[batch]`` tensor (``seg``
+    is ignored)."""
+    out.copy_(softmax_of(logits.cpu(), _per_row(temperature, logits.shape[0])))
+
+
+def threshold_filter(x, out, *, top_k=None, top_p=None, is_logits=False):
+    """:func:`top_k_mask_logits` (``is_logits``), :func:`top_k_renorm_probs` (``top_k``) or
+    :func:`top_p_renorm_probs` of ``x`` into ``out``."""
+    batch = x.shape[0]
+    if is_logits:
+        result = top_k_mask_logits(x.cpu(), _per_row(top_k, batch))
+    elif top_k is not None:
+        result = top_k_renorm_probs(x.cpu(), _per_row(top_k, batch))
+    else:
+        result = top_p_renorm_probs(x.cpu(), _per_row(top_p, batch))
+    out.copy_(result)
+
+
+def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, out, accepted, emitted, seed, offset):
+    """:func:`speculative_draws` into ``out``, ``accepted`` and ``emitted``."""
+    results = speculative_draws(draft_probs.cpu(), draft_token_ids.cpu(), target_probs.cpu(), *_host_rng(seed, offset))
+    for dst, src in zip((out, accepted, emitted), results):
+        dst.copy_(src)

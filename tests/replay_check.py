@@ -1,0 +1,134 @@
+"""Replayed launches pass the compiled kernel what a computed launch passes (run by tests/test_launch.py
+in a subprocess: it needs Triton's compiled-kernel path, so no TRITON_INTERPRET, on CPU tensors).
+
+CPU tensors take the compiled-kernel path with a stand-in compiled kernel whose launcher records its
+arguments (as ``benchmarks/host_time.py --dry`` does). For each memoized op: a first call records the
+launch under the call's key; a second call with other tensors of the same metadata is replayed; the
+same second call with the memos off is launched from the launcher's own computation (through the
+direct-launch cache). The two recorded argument lists must agree: the inputs' addresses, every
+integer, float and flag, and the metadata of the outputs each call allocates afresh.
+"""
+
+import sys
+
+import torch
+
+from flashtile._core import device, dispatch, launch
+
+RECORDS = []
+
+
+class _Compiled:
+    function, packed_metadata = "function", "metadata"
+
+    @staticmethod
+    def run(*args):
+        RECORDS.append(args)
+
+    @staticmethod
+    def launch_metadata(*args):
+        return None
+
+
+class _Driver:
+    @staticmethod
+    def get_current_device():
+        return 0
+
+    @staticmethod
+    def get_current_stream(device=None):
+        return 77
+
+
+def _enter_compiled_cpu_mode() -> None:
+    dispatch.KERNEL_DEVICE_TYPES = ("cuda", "cpu")
+    dispatch._MODULES.clear()
+    device.TARGET_OVERRIDE = (232448, (9, 0))
+    launch._state.update(enabled=True, memo=True, check=False, driver=_Driver(),
+                         current_device=_Driver.get_current_device)
+    launch._first_launch = lambda fn, grid, args, kwargs: _Compiled()
+
+
+def _normalized(args, inputs) -> list:
+    """Tensors given as inputs by address; tensors allocated by the call by metadata."""
+    known = {t.data_ptr() for t in inputs}
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(("input", a.data_ptr()) if a.data_ptr() in known else
+                       ("new", tuple(a.shape), a.stride(), a.dtype))
+        else:
+            out.append(a)
+    return out
+
+
+def _check(name, make_inputs, call) -> None:
+    first, second = make_inputs(), make_inputs()
+    call(*first)
+    RECORDS.clear()
+    call(*second)
+    replayed = list(RECORDS)
+    RECORDS.clear()
+    launch._state["memo"] = False
+    try:
+        call(*second)
+    finally:
+        launch._state["memo"] = True
+    computed = list(RECORDS)
+    RECORDS.clear()
+    inputs = [t for t in second if isinstance(t, torch.Tensor)]
+    assert replayed, f"{name}: nothing was replayed"
+    assert len(replayed) == len(computed), f"{name}: {len(replayed)} replayed launches, {len(computed)} computed"
+    for r, c in zip(replayed, computed):
+        r, c = _normalized(r, inputs), _normalized(c, inputs)
+        assert r == c, f"{name}: replayed launch\n  {r}\ncomputed launch\n  {c}"
+    print(f"ok {name}")
+
+
+def main() -> int:
+    _enter_compiled_cpu_mode()
+    import flashtile
+
+    bf = torch.bfloat16
+
+    def randn(*shape, dtype=bf):
+        return torch.randn(*shape, dtype=dtype)
+
+    _check("rmsnorm", lambda: (randn(3, 256), randn(256)), lambda x, w: flashtile.rmsnorm(x, w, 1e-5))
+    _check("gemma_rmsnorm out=", lambda: (randn(2, 4, 64), randn(64), randn(2, 4, 64)),
+           lambda x, w, o: flashtile.gemma_rmsnorm(x, w, 1e-6, out=o))
+    _check("fused_add_rmsnorm", lambda: (randn(3, 256), randn(3, 256), randn(256)),
+           lambda x, r, w: flashtile.fused_add_rmsnorm(x, r, w, 1e-6))
+    _check("layernorm", lambda: (randn(5, 128), randn(128, dtype=torch.float32), randn(128, dtype=torch.float32)),
+           lambda x, g, b: flashtile.layernorm(x, g, b, 1e-5))
+    _check("silu_and_mul", lambda: (randn(4, 2 * 96),), lambda x: flashtile.silu_and_mul(x))
+    cache = torch.randn(64, 64)
+    positions = torch.randint(0, 64, (5,))
+    _check("rope cos/sin cache in place", lambda: (positions, randn(5, 4 * 128), randn(5, 2 * 128), cache),
+           lambda p, q, k, c: flashtile.apply_rope_with_cos_sin_cache_inplace(p, q, k, 128, c, False))
+    _check("rope cos/sin cache", lambda: (positions, randn(5, 4, 128), randn(5, 2, 128), cache),
+           lambda p, q, k, c: flashtile.apply_rope_with_cos_sin_cache(p, q, k, 128, c))
+    _check("rope pos_ids", lambda: (randn(5, 4, 64), randn(5, 1, 64), positions),
+           lambda q, k, p: flashtile.apply_rope_pos_ids(q, k, p, rotary_dim=32))
+    _check("merge_state", lambda: (randn(6, 4, 64), randn(6, 4, dtype=torch.float32), randn(6, 4, 64),
+                                   randn(6, 4, dtype=torch.float16)),
+           lambda va, sa, vb, sb: flashtile.merge_state(va, sa, vb, sb))
+    _check("merge_state_in_place", lambda: (randn(6, 4, 64), randn(6, 4, dtype=torch.float32), randn(6, 4, 64),
+                                            randn(6, 4, dtype=torch.float32), torch.rand(6) > 0.5),
+           lambda v, s, vo, so, m: flashtile.merge_state_in_place(v, s, vo, so, m))
+    probs = lambda *shape: (torch.softmax(torch.randn(*shape), -1),)  # noqa: E731
+    _check("top_p split", lambda: probs(1, 3000),
+           lambda p: flashtile.top_p_sampling_from_probs(p, 0.9, seed=11, offset=4))
+    _check("top_p rows", lambda: probs(6, 3000),
+           lambda p: flashtile.top_p_sampling_from_probs(p, 0.8, seed=2**40, offset=2**33))
+    _check("top_k_top_p tensors", lambda: (*probs(3, 500), torch.full((3,), 7), torch.full((3,), 0.7),
+                                           torch.tensor([5]), torch.tensor([64])),
+           lambda p, k, tp, s, o: flashtile.top_k_top_p_sampling_from_probs(p, k, tp, filter_apply_order="joint",
+                                                                            seed=s, offset=o))
+    _check("min_p indices", lambda: (*probs(2, 300), torch.tensor([0, 1, 1, 0], dtype=torch.int32)),
+           lambda p, i: flashtile.min_p_sampling_from_probs(p, 0.1, indices=i, seed=3, offset=0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
