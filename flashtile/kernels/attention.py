@@ -228,7 +228,7 @@ def load_config_overrides(path: str) -> None:
 
 if os.environ.get("FLASHTILE_CONFIGS"):
     load_config_overrides(os.environ["FLASHTILE_CONFIGS"])
-_INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
+INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
 
 # Autotuning candidates: every combination, pruned by shared-memory and register footprint.
 AUTOTUNE_CANDIDATES = [
@@ -311,7 +311,7 @@ def _prune(candidates, kind: str, features: TileFeatures, num_rows: int, device:
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:
     """The table's config for a shape class (the launchers then fit it to the device: smem.py)."""
     if INTERPRET:
-        return _INTERPRETER_CONFIG
+        return INTERPRETER_CONFIG
     return _CONFIG_TABLE[(kind, d_pad)]
 
 

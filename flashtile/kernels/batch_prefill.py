@@ -42,7 +42,7 @@ from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
 from .._core import tile_policy
 from .._core.device import num_sms
 from .attention import (
-    _INTERPRETER_CONFIG,
+    INTERPRETER_CONFIG,
     INTERPRET,
     LOG2E,
     LaunchConfig,
@@ -212,7 +212,7 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
     """The preferred config of a planned tile (measured on H100: see the notes above); the launch fits
     it to the device's shared memory (smem.py)."""
     if INTERPRET:
-        return _INTERPRETER_CONFIG
+        return INTERPRETER_CONFIG
     if tile_policy.CONFIG_OVERRIDE is not None:
         return LaunchConfig(block_m, *tile_policy.CONFIG_OVERRIDE)
     if block_m in tile_policy.SMALL_M_CONFIGS:
