@@ -15,7 +15,6 @@ import torch
 
 from ._core import ops
 from ._core.attention_args import normalize_single_attention, resolve_attention_params
-from ._core.buffers import new_output
 from ._core.checks import describe
 from ._core.paged_kv import HostPageTable, as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.single import run_single_attention
@@ -422,7 +421,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
 
         replay = self._launch_recorded(plan, key, (q, cache.k, cache.v, o, s), launch)
         if replay is not None:
-            plan.replays[key] = _decode_runner(replay, self._kv_layout, shape, plan.o_dtype, self.device)
+            layout = self._kv_layout
+            plan.replays[key] = self._replay_runner(replay, lambda cache_: kv_page_views(cache_, layout), shape,
+                                                    plan.o_dtype, self.device)
         return (o, s) if return_lse else o
 
     def run_return_lse(self, q: torch.Tensor, paged_kv_cache, *args, **kwargs):
@@ -472,22 +473,6 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
     def forward_return_lse(self, q: torch.Tensor, paged_kv_cache, **kwargs):
         """Deprecated upstream form of ``run(..., return_lse=True)``."""
         return self.forward(q, paged_kv_cache, return_lse=True, **kwargs)
-
-
-def _decode_runner(replay, kv_layout: str, shape: tuple, o_dtype: torch.dtype, device: torch.device):
-    """run() for inputs with the key of a recorded run: the cache views, the outputs, the replay."""
-    lse_shape = shape[:2]
-
-    def runner(q, paged_kv_cache, out, lse, return_lse):
-        k, v = kv_page_views(paged_kv_cache, kv_layout)
-        if out is None:
-            out = new_output(shape, o_dtype, device)
-        if lse is None:
-            lse = new_output(lse_shape, torch.float32, device)
-        replay(q, k, v, out, lse)
-        return (out, lse) if return_lse else out
-
-    return runner
 
 
 def fast_decode_plan(

@@ -18,7 +18,6 @@ import torch
 
 from ._core import ops, tile_policy
 from ._core.attention_args import _unit_last_stride, normalize_single_attention, resolve_attention_params
-from ._core.buffers import new_output
 from ._core.checks import check_tensor, describe
 from ._core.host_arrays import host_int64
 from ._core.multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
@@ -351,7 +350,7 @@ class _BatchPrefillWrapper(PlanRunWrapper):
 
         replay = self._launch_recorded(plan, key, (q, k, v, o, s), launch)
         if replay is not None:
-            plan.replays[key] = _prefill_runner(replay, derive, shape, plan.o_dtype, self.device)
+            plan.replays[key] = self._replay_runner(replay, derive, shape, plan.o_dtype, self.device)
         return (o, s) if return_lse else o
 
     def _check_q(self, plan: _PrefillPlan, q) -> int:
@@ -867,19 +866,3 @@ def _ragged_kv_views(kv_layout: str):
         return _unit_last_stride(k), _unit_last_stride(v)
 
     return views
-
-
-def _prefill_runner(replay, derive, shape: tuple, o_dtype: torch.dtype, device: torch.device):
-    """run() for inputs with the key of a recorded run: the K/V views, the outputs, the replay."""
-    lse_shape = shape[:2]
-
-    def runner(q, kv, out, lse, return_lse):
-        k, v = derive(kv)
-        if out is None:
-            out = new_output(shape, o_dtype, device)
-        if lse is None:
-            lse = new_output(lse_shape, torch.float32, device)
-        replay(q, k, v, out, lse)
-        return (out, lse) if return_lse else out
-
-    return runner

@@ -287,6 +287,23 @@ class PlanRunWrapper:
                 plan.replays.clear()
         return replay
 
+    @staticmethod
+    def _replay_runner(replay, derive_kv: Callable, shape: tuple, o_dtype: torch.dtype, device: torch.device):
+        """run() for inputs with the key of a recorded run: the kernel's K/V views of run()'s K/V argument
+        (``derive_kv``), the outputs (the given ones or new ones), the replay."""
+        lse_shape = shape[:2]
+
+        def runner(q, kv, out, lse, return_lse):
+            k, v = derive_kv(kv)
+            if out is None:
+                out = new_output(shape, o_dtype, device)
+            if lse is None:
+                lse = new_output(lse_shape, torch.float32, device)
+            replay(q, k, v, out, lse)
+            return (out, lse) if return_lse else out
+
+        return runner
+
     def _forward(self, **overrides) -> None:
         """The deprecated forward()'s parameters replace the planned ones (upstream semantics): re-plan
         with the stored plan() arguments when one differs (None: the default)."""
