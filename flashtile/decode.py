@@ -91,10 +91,8 @@ def single_decode_with_kv_cache(
             rope_theta=rope_theta, out_dtype=None, backend="auto",
         )
 
-    out, lse = run_single_attention("decode", q, k, v, kv_layout, options, normalize)
-    if return_lse:
-        return out[0], lse[0]
-    return out[0]
+    out, lse = run_single_attention("decode", q, k, v, kv_layout, options, normalize, return_lse)
+    return (out, lse) if return_lse else out
 
 
 @dataclass
@@ -399,7 +397,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         key = None
         if plan is not None and not args and sinks is None and kv_cache_sf is None and q_len_per_req == 1 \
                 and not torch.compiler.is_compiling():
-            key = run_key(q, paged_kv_cache, out, lse, q_scale, k_scale, v_scale, window_left)
+            key = run_key((q, paged_kv_cache, out, lse), (q_scale, k_scale, v_scale, window_left))
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:

@@ -102,7 +102,7 @@ def single_prefill_with_kv_cache(
             rope_scale=rope_scale, rope_theta=rope_theta, out_dtype=o_dtype, backend=backend,
         )
 
-    out, lse = run_single_attention("prefill", q, k, v, kv_layout, options, normalize)
+    out, lse = run_single_attention("prefill", q, k, v, kv_layout, options, normalize, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -608,7 +608,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchPrefillWrapper):
         key = None
         if plan is not None and not args and sinks is None and kv_cache_sf is None \
                 and not torch.compiler.is_compiling():
-            key = run_key(q, paged_kv_cache, out, lse, q_scale, k_scale, v_scale, window_left)
+            key = run_key((q, paged_kv_cache, out, lse), (q_scale, k_scale, v_scale, window_left))
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
@@ -807,7 +807,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchPrefillWrapper):
         plan = self._plan
         key = None
         if plan is not None and not args and sinks is None and not torch.compiler.is_compiling():
-            key = run_key(q, k, v, out, lse, q_scale, k_scale, v_scale, window_left)
+            key = run_key((q, k, v, out, lse), (q_scale, k_scale, v_scale, window_left))
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:

@@ -130,3 +130,96 @@ def test_descriptor_over_a_dynamic_tensor_is_rebuilt_over_the_new_one(kernel):
     assert new_desc is not desc and new_desc.base is a2
     assert (new_desc.shape, new_desc.strides, new_desc.block_shape, new_desc.layout) == \
         (desc.shape, desc.strides, desc.block_shape, desc.layout)
+
+
+# -- replays that call Triton 3.6's C launch function directly (launch._launch_source) -----------------
+
+
+class _CLaunch:
+    """Plays the C launch function: records its arguments (no ``__code__``, like a builtin)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def _descriptor_wrapper(launcher, tensordesc_indices, tensordesc_meta):
+    """Plays wrap_handle_tensordesc: a closure over the C function and the descriptor positions."""
+
+    def inner(*args):
+        return launcher, tensordesc_indices, tensordesc_meta  # never called by the replay
+
+    return inner
+
+
+class CudaLauncher:  # the name launch._c_launch looks for
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, launch):
+        self.launch = launch
+
+
+@pytest.fixture
+def c_launch_kernel(kernel, monkeypatch):
+    monkeypatch.setitem(launch._state, "c_launch", True)
+    c = _CLaunch()
+    kernel.fn.compiled.run = CudaLauncher(c)
+    return kernel, c
+
+
+def test_c_launch_replay_passes_baked_tensors_as_addresses(c_launch_kernel):
+    kernel, c = c_launch_kernel
+    a, b, owned = torch.zeros(64), torch.zeros(64), torch.zeros(64)
+    replay = launch.make_replay(_record(kernel, a, b, owned), (a, b), frozenset({owned.untyped_storage().data_ptr()}))
+    a2, b2 = torch.ones(64), torch.ones(64)
+    replay(a2, b2)
+    (args,) = c.calls
+    # grid, stream, kernel, cooperative, PDL, no scratch, packed metadata, no launch metadata or hooks
+    assert args[:13] == (2, 3, 1, 1234, "function", False, True, None, None, "metadata", None, None, None)
+    assert args[13] is a2 and args[14] is b2
+    assert args[15] == owned.data_ptr() and type(args[15]) is int
+    assert args[16:] == (64, 0.5, 32)
+
+
+def test_c_launch_replay_encodes_a_descriptor_once_per_pointer(c_launch_kernel, monkeypatch):
+    kernel, c = c_launch_kernel
+    kernel.fn.compiled.run = CudaLauncher(_descriptor_wrapper(c, {0}, [{"swizzle": 128}]))
+    encoded = []
+
+    def expand(desc, meta):
+        encoded.append((desc.base.data_ptr(), meta))
+        return [("map", desc.base.data_ptr()), *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(launch, "_expand_descriptor", expand)
+
+    class Desc:
+        def __init__(self, base):
+            self.base, self.block_shape, self.shape, self.strides = base, [8, 8], [64, 64], [64, 1]
+
+    a, b, c_ = torch.zeros(64, 64), torch.zeros(64), torch.zeros(64)
+    replay = launch.make_replay(_record(kernel, Desc(a), b, c_), (a, b, c_), frozenset())
+    a2, a3 = torch.ones(64, 64), torch.ones(64, 64)
+    for x in (a2, a2, a3, a2):
+        replay(x, b, c_)
+    assert [p for p, _ in encoded] == [a2.data_ptr(), a3.data_ptr()]  # one encoding per pointer
+    assert all(meta == {"swizzle": 128} for _, meta in encoded)
+    first = c.calls[0]
+    assert first[13:18] == (("map", a2.data_ptr()), 64, 64, 64, 1)  # the descriptor's expansion in place
+    assert first[18] is b and first[19] is c_
+    assert c.calls[2][13] == ("map", a3.data_ptr())
+
+
+def test_launch_memo_replay_uses_the_c_launch(c_launch_kernel, monkeypatch):
+    kernel, c = c_launch_kernel
+    monkeypatch.setitem(launch._state, "memo", True)
+    memo = launch.LaunchMemo(dynamic=(0, 1))
+    a, b, placeholder = torch.zeros(64), torch.zeros(64), torch.zeros(64)
+    memo.launch("key", kernel, (4,), (a, b, placeholder, 64, 0.5), {"BLOCK": 32})
+    replay = memo._replays[(0, "key")]
+    replay(b, a)
+    (args,) = c.calls
+    assert args[:3] == (4, 1, 1) and args[13] is b and args[14] is a
+    assert args[15] == placeholder.data_ptr() and args[16:] == (64, 0.5, 32)

@@ -29,3 +29,21 @@ def new_output_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous output with ``x``'s shape, dtype and device. ``torch.empty_like`` takes under half
     the host time of ``torch.empty(shape, dtype=..., device=...)``, which matters for launch-bound ops."""
     return _poisoned_in_debug(torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+_DISCARDED: dict = {}  # device -> float32 buffers, newest last; never freed (see discarded_output)
+
+
+def discarded_output(shape, device) -> torch.Tensor:
+    """A contiguous float32 tensor of ``shape`` for a result the caller did not ask for (an LSE without
+    ``return_lse``), so the call allocates nothing for it. It is a view of a per-device buffer that is
+    never freed: writes from several streams may race, but nobody reads it, and a CUDA graph that
+    captured a write into it stays valid. Replay runners take one when they are made."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    buffers = _DISCARDED.setdefault(torch.device(device), [])
+    if not buffers or buffers[-1].numel() < numel:
+        buffers.append(torch.empty(max(numel, 2 * buffers[-1].numel() if buffers else 1024), dtype=torch.float32,
+                                   device=device))
+    return buffers[-1][:numel].view(shape)

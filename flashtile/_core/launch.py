@@ -332,8 +332,7 @@ def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
     alignment, and its own options)."""
     if not recording.complete or not recording.launches:
         return None
-    namespace = {"rebase": _rebase, "current_stream": _driver().get_current_stream,
-                 "current_device": _driver().get_current_device}
+    namespace: dict = {}
     lines = []
     for n, (launcher, grid, args, kwargs) in enumerate(recording.launches):
         entry = launcher._compiled.get(launcher._key(_driver().get_current_device(), args, kwargs))
@@ -343,34 +342,146 @@ def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
         if tail is None:
             tail = launcher._tail(args, kwargs)
         values = []
-        for i, a in enumerate(tuple(args) + tuple(tail)):
+        for a in tuple(args) + tuple(tail):
             position = next((j for j, d in enumerate(dynamic) if a is d), None)
             if position is not None:
-                values.append(f"d{position}")
+                values.append(("value", f"d{position}"))
                 continue
             base = getattr(a, "base", None) if hasattr(a, "block_shape") else None
             if base is not None:
                 position = next((j for j, d in enumerate(dynamic) if base is d), None)
                 if position is not None:
-                    namespace[f"t{n}_{i}"] = a
-                    values.append(f"rebase(t{n}_{i}, d{position})")
+                    values.append(("descriptor", a, f"d{position}"))
                     continue
                 a_tensor = base
             else:
                 a_tensor = a
             if isinstance(a_tensor, torch.Tensor) and a_tensor.untyped_storage().data_ptr() not in owned_storage:
                 return None
-            namespace[f"c{n}_{i}"] = a
-            values.append(f"c{n}_{i}")
-        namespace[f"run{n}"] = compiled.run
-        namespace[f"function{n}"] = compiled.function
-        namespace[f"metadata{n}"] = compiled.packed_metadata
-        lines.append(f"    run{n}({grid[0]}, {grid[1]}, {grid[2]}, stream, function{n}, metadata{n}, None, None, None, "
-                     f"{', '.join(values)})")
+            values.append(("constant", a))
+        lines.append(_launch_source(n, compiled, grid, values, namespace))
     params = ", ".join(f"d{j}" for j in range(len(dynamic)))
+    return _compile_replay(params, lines, namespace)
+
+
+def _compile_replay(params: str, lines: list, namespace: dict):
+    """``def replay(<params>)``: the current stream, then the launch lines."""
+    namespace.update(current_stream=_driver().get_current_stream, current_device=_current_device_function())
     source = f"def replay({params}):\n    stream = current_stream(current_device())\n" + "\n".join(lines) + "\n"
     exec(source, namespace)
     return namespace["replay"]
+
+
+# -- the launch line of a replay ---------------------------------------------------------------------
+#
+# With the Triton releases in C_LAUNCH_VERSIONS a replay calls the C launch function of the compiled
+# kernel's launcher itself, skipping the launcher's Python ``__call__`` (scratch allocation closures per
+# call) and its tensor-descriptor wrapper, which encodes every TMA descriptor again on every launch
+# (``cuTensorMapEncodeTiled`` plus Python list building, per descriptor). Instead:
+# - a descriptor over a dynamic tensor is encoded once per data pointer (a bounded cache per launch
+#   site): the encoding is a function of the pointer and of shape, strides, block and layout, which
+#   the replay's key fixes;
+# - a baked tensor (a plan's work list, a placeholder) is passed as its integer address, which the C
+#   launcher takes as is, without asking the driver what the pointer is (the tensor stays referenced
+#   by the replay, so the address stays valid).
+# Kernels that need a global or profile scratch allocation, and other Triton releases, go through the
+# compiled kernel's ``run`` as Triton's own launch does.
+
+C_LAUNCH_VERSIONS = ("3.6",)
+DESCRIPTOR_CACHE_SIZE = 64  # encoded descriptors kept per launch site (data pointers seen recently)
+
+
+def _c_launch(compiled):
+    """``(C launch function, cooperative flag, PDL flag, {argument position: descriptor metadata})``
+    of a compiled kernel whose launcher this module knows how to bypass, else None."""
+    if not _cached("c_launch", lambda: triton_version_tested() and _triton_minor() in C_LAUNCH_VERSIONS):
+        return None
+    run = compiled.run  # a property that loads the module on first access
+    if type(run).__name__ != "CudaLauncher" or getattr(run, "global_scratch_size", 1) or \
+            getattr(run, "profile_scratch_size", 1):
+        return None
+    launch, descriptors = run.launch, {}
+    code = getattr(launch, "__code__", None)
+    if code is not None:  # the tensor-descriptor wrapper (wrap_handle_tensordesc) around the C function
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in launch.__closure__ or ())))
+        try:
+            launch, indices, metas = cells["launcher"], cells["tensordesc_indices"], cells["tensordesc_meta"]
+        except KeyError:
+            return None
+        descriptors = {i: metas[n] for n, i in enumerate(sorted(indices))}
+    return launch, run.launch_cooperative_grid, run.launch_pdl, descriptors
+
+
+def _triton_minor() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def _expand_descriptor(desc, meta) -> list:
+    """The launcher arguments of one tensor descriptor, as Triton's descriptor wrapper makes them."""
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+
+    return make_tensordesc_arg(desc, meta)
+
+
+def _descriptor_site(template, meta):
+    """A function of a tensor that returns the launcher arguments of ``template`` rebased over it; with
+    TMA metadata the encoding is kept per data pointer (see above)."""
+    if meta is None:  # passed as pointer, shape and strides: nothing to encode
+        return lambda base: _expand_descriptor(_rebase(template, base), None)
+    encoded: dict = {}
+
+    def expand(base):
+        pointer = base.data_ptr()
+        arguments = encoded.get(pointer)
+        if arguments is None:
+            if len(encoded) >= DESCRIPTOR_CACHE_SIZE:
+                encoded.clear()
+            arguments = encoded[pointer] = tuple(_expand_descriptor(_rebase(template, base), meta))
+        return arguments
+
+    return expand
+
+
+def _launch_source(n: int, compiled, grid, values: list, namespace: dict) -> str:
+    """The source line of launch ``n`` of a replay, its objects put in ``namespace``. ``values``: per
+    kernel argument (positional ones, then the tail), ``("value", expression)`` for a value the replay
+    is given, ``("descriptor", template, expression)`` for a descriptor rebased over a given tensor, or
+    ``("constant", object)``."""
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    c_launch = _c_launch(compiled)
+    descriptors = c_launch[3] if c_launch is not None else {}
+    parts = []
+    for i, value in enumerate(values):
+        name = f"a{n}_{i}"
+        if value[0] == "value":
+            parts.append(value[1])
+        elif value[0] == "descriptor":
+            if c_launch is None:
+                namespace[name] = value[1]
+                parts.append(f"rebase({name}, {value[2]})")
+            else:
+                namespace[name] = _descriptor_site(value[1], descriptors[i])
+                parts.append(f"*{name}({value[2]})")
+        elif c_launch is not None and i in descriptors:
+            namespace[name] = tuple(_expand_descriptor(value[1], descriptors[i]))
+            parts.append(f"*{name}")
+        elif c_launch is not None and isinstance(value[1], torch.Tensor):
+            namespace[name] = value[1].data_ptr()
+            namespace[name + "_kept"] = value[1]
+            parts.append(name)
+        else:
+            namespace[name] = value[1]
+            parts.append(name)
+    namespace.update({f"function{n}": compiled.function, f"metadata{n}": compiled.packed_metadata, "rebase": _rebase})
+    if c_launch is None:
+        namespace[f"run{n}"] = compiled.run
+        return (f"    run{n}({g[0]}, {g[1]}, {g[2]}, stream, function{n}, metadata{n}, None, None, None, "
+                f"{', '.join(parts)})")
+    namespace.update({f"launch{n}": c_launch[0], f"cooperative{n}": c_launch[1], f"pdl{n}": c_launch[2]})
+    return (f"    launch{n}({g[0]}, {g[1]}, {g[2]}, stream, function{n}, cooperative{n}, pdl{n}, None, None, "
+            f"metadata{n}, None, None, None, {', '.join(parts)})")
 
 
 def _first_launch(fn, grid, args: tuple, kwargs: dict):
@@ -468,20 +579,13 @@ class LaunchMemo:
         return compiled
 
     def _make_replay(self, compiled, grid, args: tuple, tail: list):
-        """A function of the dynamic values that calls the compiled kernel's launcher with the
-        recorded grid and arguments (generated once per key: no per-argument work per call)."""
-        g = tuple(grid) + (1,) * (3 - len(grid))
-        values = ", ".join(f"a{i}" if i in self.dynamic else f"c{i}" for i in range(len(args)))
-        source = (f"def replay({', '.join(f'a{i}' for i in self.dynamic)}):\n"
-                  f"    run({g[0]}, {g[1]}, {g[2]}, current_stream(current_device()), function, metadata, "
-                  f"None, None, None, {values}, *tail)\n")
-        driver = _driver()
-        namespace = {f"c{i}": a for i, a in enumerate(args) if i not in self.dynamic}
-        run = compiled.run  # a property that loads the module on first access; function is set then
-        namespace.update(run=run, function=compiled.function, metadata=compiled.packed_metadata, tail=tuple(tail),
-                         current_stream=driver.get_current_stream, current_device=_current_device_function())
-        exec(source, namespace)
-        return namespace["replay"]
+        """A function of the dynamic values that launches the compiled kernel with the recorded grid and
+        arguments (generated once per key: no per-argument work per call)."""
+        values = [("value", f"a{i}") if i in self.dynamic else ("constant", a) for i, a in enumerate(args)]
+        values += [("constant", a) for a in tail]
+        namespace: dict = {}
+        line = _launch_source(0, compiled, grid, values, namespace)
+        return _compile_replay(", ".join(f"a{i}" for i in self.dynamic), [line], namespace)
 
 
 _state: dict = {}

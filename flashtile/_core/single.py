@@ -16,7 +16,7 @@ import torch
 
 from . import ops
 from .attention_args import SingleAttentionArgs
-from .buffers import new_output
+from .buffers import discarded_output, new_output
 from .launch import make_replay, recording_launches
 from .wrapper import run_key
 
@@ -27,8 +27,12 @@ _REPLAYS: dict = {}
 
 
 def _derive(kind: str, kv_layout: str, q_copy: bool, k_copy: bool, v_copy: bool):
-    """The NHD views the kernels take, from the caller's q, k, v (what normalize_single_attention does to
-    inputs of this key: decode's query axis, HND transposes, unit-stride copies)."""
+    """What a replay takes in place of the caller's q, k, v: the tensors themselves when the slow path
+    used views of them (a replay passes only data pointers, and a view starts where its tensor does:
+    decode's query axis, an HND transpose), else the unit-stride copies normalize_single_attention made
+    for inputs of this key (None: no copies)."""
+    if not (q_copy or k_copy or v_copy):
+        return None
     hnd = kv_layout == "HND"
 
     def derive(q, k, v):
@@ -47,31 +51,33 @@ def _derive(kind: str, kv_layout: str, q_copy: bool, k_copy: bool, v_copy: bool)
     return derive
 
 
-def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normalize: Callable[[], SingleAttentionArgs]):
-    """``(out, lse)`` of one request. ``kind``: "decode" (q ``[Hq, D]``) or "prefill" (q ``[Lq, Hq, D]``);
+def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normalize: Callable[[], SingleAttentionArgs],
+                         return_lse: bool):
+    """``(out, lse)`` of one request, lse None unless ``return_lse``. ``kind``: "decode" (q ``[Hq, D]``; out
+    ``[Hq, Dvo]``, lse ``[Hq]``) or "prefill" (q ``[Lq, Hq, D]``; out ``[Lq, Hq, Dvo]``, lse ``[Lq, Hq]``);
     ``kv_layout``: the caller's; ``options``: the call's other arguments (their values key the replay;
-    any tensor among them turns the replay off); ``normalize()`` checks everything and returns the
-    normalized arguments (the slow path)."""
+    anything but a plain scalar among them turns the replay off); ``normalize()`` checks everything and
+    returns the normalized arguments (the slow path)."""
     key = None
-    if not torch.compiler.is_compiling() and type(kv_layout) is str and \
-            all(type(o) is not torch.Tensor for o in options):
-        key = run_key(q, k, v, kind, kv_layout, *options)
+    if not torch.compiler.is_compiling():
+        key = run_key((q, k, v), (kind, kv_layout, *options))
         if key is not None:
             runner = _REPLAYS.get(key)
             if runner is not None:
-                return runner(q, k, v)
+                return runner(q, k, v, return_lse)
     args = normalize()
     qo_len, num_qo_heads, _ = args.q.shape
-    shape = (qo_len, num_qo_heads, args.v.shape[2])
-    out = new_output(shape, args.out_dtype, q.device)
-    lse = new_output(shape[:2], torch.float32, q.device)
-    dynamic = (args.q, args.k, args.v, out, lse)
+    shape = (qo_len, num_qo_heads, args.v.shape[2])  # the op's
+    out_shape = shape[1:] if kind == "decode" else shape  # the caller's (decode: no query axis)
+    out = new_output(out_shape, args.out_dtype, q.device)
+    lse = new_output(out_shape[:-1], torch.float32, q.device)
+    dynamic = (args.q, args.k, args.v) + ((out.unsqueeze(0), lse.unsqueeze(0)) if kind == "decode" else (out, lse))
     if key is None or args.packed_mask is not None:
-        ops.call(ops.single_attention, *dynamic[:3], args.packed_mask, out, lse, kind, params=args.params,
+        ops.call(ops.single_attention, *dynamic[:3], args.packed_mask, *dynamic[3:], kind, params=args.params,
                  backend=args.backend)
-        return out, lse
+        return out, lse if return_lse else None
     with recording_launches() as recording:
-        ops.call(ops.single_attention, *dynamic[:3], None, out, lse, kind, params=args.params, backend=args.backend)
+        ops.call(ops.single_attention, *dynamic[:3], None, *dynamic[3:], kind, params=args.params, backend=args.backend)
     replay = make_replay(recording, dynamic, frozenset())
     if replay is not None:
         if len(_REPLAYS) >= MAX_REPLAYS:
@@ -80,16 +86,18 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
                          args.k.data_ptr() != _nhd(k, kv_layout).data_ptr(),
                          args.v.data_ptr() != _nhd(v, kv_layout).data_ptr())
         out_dtype, device = args.out_dtype, q.device
+        discarded_lse = discarded_output(out_shape[:-1], device)
 
-        def runner(q, k, v):
-            q3, k3, v3 = derive(q, k, v)
-            o = new_output(shape, out_dtype, device)
-            s = new_output(shape[:2], torch.float32, device)
-            replay(q3, k3, v3, o, s)
-            return o, s
+        def runner(q, k, v, return_lse):
+            if derive is not None:
+                q, k, v = derive(q, k, v)
+            o = new_output(out_shape, out_dtype, device)
+            s = new_output(out_shape[:-1], torch.float32, device) if return_lse else discarded_lse
+            replay(q, k, v, o, s)
+            return o, s if return_lse else None
 
         _REPLAYS[key] = runner
-    return out, lse
+    return out, lse if return_lse else None
 
 
 def _nhd(x: torch.Tensor, kv_layout: str) -> torch.Tensor:

@@ -16,37 +16,39 @@ import torch
 
 from . import tile_policy
 from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap, resolve_attention_params
-from .buffers import new_output
+from .buffers import discarded_output, new_output
 from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_tensor, describe
 from .dispatch import implementation, normalize_backend
 from .launch import make_replay, recording_launches
+from .memo import tensor_key
 from .params import AttentionParams
 
 __all__ = ["PlanRunWrapper", "PlanBase", "resolve_dtype", "check_common_options", "reject_kv_cache_sf",
-           "INT_WORKSPACE_BYTES", "tensor_meta", "run_key"]
+           "INT_WORKSPACE_BYTES", "run_key"]
 
 MAX_REPLAYS = 64  # remembered run() shapes per plan (one per layer shape is typical)
 
 
-def tensor_meta(t: torch.Tensor) -> tuple:
-    """What a kernel launch depends on in a tensor besides its data: shape, strides, dtype, device and
-    16-byte alignment (run() memo keys)."""
-    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0
+_SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
 
 
-def run_key(*parts) -> Optional[tuple]:
-    """A run() memo key of tensors (by :func:`tensor_meta`), (k, v) tuples, None and plain scalars; None
-    when some part has no such key (a scale given as a tensor is read per call, so it is not memoised)."""
-    key = []
-    for p in parts:
-        kind = type(p)
-        if p is None or kind is float or kind is int or kind is bool or kind is str:
-            key.append(p)
-        elif kind is torch.Tensor:
-            key.append(tensor_meta(p))
-        elif (kind is tuple or kind is list) and len(p) == 2 and type(p[0]) is torch.Tensor \
-                and type(p[1]) is torch.Tensor:
-            key.append((tensor_meta(p[0]), tensor_meta(p[1])))
+def run_key(tensors: tuple, options: tuple) -> Optional[tuple]:
+    """A run() memo key: each of ``tensors`` (a tensor, a (k, v) pair of tensors, or None) by its launch
+    metadata (_core/memo.py's tensor_key), and ``options``, plain scalars, by value and type. None when
+    some part has no such key (a scale given as a tensor is read per call, so it is not memoised)."""
+    types = tuple(map(type, options))
+    if not _SCALAR_TYPES.issuperset(types):
+        return None
+    key = [options, types]
+    for t in tensors:
+        kind = type(t)
+        if kind is torch.Tensor:
+            key.append(tensor_key(t))
+        elif t is None:
+            key.append(None)
+        elif (kind is tuple or kind is list) and len(t) == 2 and type(t[0]) is torch.Tensor \
+                and type(t[1]) is torch.Tensor:
+            key.append((tensor_key(t[0]), tensor_key(t[1])))
         else:
             return None
     return tuple(key)
@@ -292,13 +294,14 @@ class PlanRunWrapper:
         """run() for inputs with the key of a recorded run: the kernel's K/V views of run()'s K/V argument
         (``derive_kv``), the outputs (the given ones or new ones), the replay."""
         lse_shape = shape[:2]
+        discarded_lse = discarded_output(lse_shape, device)
 
         def runner(q, kv, out, lse, return_lse):
             k, v = derive_kv(kv)
             if out is None:
                 out = new_output(shape, o_dtype, device)
             if lse is None:
-                lse = new_output(lse_shape, torch.float32, device)
+                lse = new_output(lse_shape, torch.float32, device) if return_lse else discarded_lse
             replay(q, k, v, out, lse)
             return (out, lse) if return_lse else out
 
