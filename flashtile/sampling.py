@@ -43,7 +43,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._core.buffers import new_output
+from ._core.buffers import discarded_output, new_output
 from ._core.checks import check_tensor, describe
 from ._core.dispatch import implementation
 from ._core.memo import CallMemo, eager, tensor_key
@@ -261,7 +261,7 @@ def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, or
     _check_nan("probs", probs, check_nan)
     seed, offset = _rng(generator, seed, offset, batch, device)
     ids = new_output(batch, id_dtype, device)  # an int size: faster than a shape tuple
-    valid = new_output(batch, torch.bool, device)
+    valid = new_output(batch, torch.bool, device) if return_valid else discarded_output((batch,), torch.bool, device)
     if batch > 0:
         run(probs, rows, ids, valid, seed, offset, order=order, launch_key=key, **filters)
     return _finish(ids, valid, return_valid)

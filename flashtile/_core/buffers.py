@@ -31,19 +31,30 @@ def new_output_like(x: torch.Tensor) -> torch.Tensor:
     return _poisoned_in_debug(torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
-_DISCARDED: dict = {}  # device -> float32 buffers, newest last; never freed (see discarded_output)
+_DISCARDED_BUFFERS: dict = {}  # (device, dtype) -> buffers, newest last; never freed (see discarded_output)
+_DISCARDED_VIEWS: dict = {}  # (shape, dtype, device) -> the view handed out
+MAX_DISCARDED_VIEWS = 4096
 
 
-def discarded_output(shape, device) -> torch.Tensor:
-    """A contiguous float32 tensor of ``shape`` for a result the caller did not ask for (an LSE without
-    ``return_lse``), so the call allocates nothing for it. It is a view of a per-device buffer that is
-    never freed: writes from several streams may race, but nobody reads it, and a CUDA graph that
-    captured a write into it stays valid. Replay runners take one when they are made."""
+def discarded_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` and ``dtype`` for a result the caller did not ask for (an LSE
+    without ``return_lse``, a sampler's ``valid`` flags without ``return_valid``), so the call allocates
+    nothing for it. It is a view of a per-device buffer that is never freed: writes from several streams
+    may race, but nobody reads it, and a CUDA graph that captured a write into it stays valid. The same
+    view comes back for the same arguments (one dict lookup)."""
+    key = (tuple(shape), dtype, device)
+    view = _DISCARDED_VIEWS.get(key)
+    if view is not None:
+        return view
     numel = 1
     for n in shape:
         numel *= n
-    buffers = _DISCARDED.setdefault(torch.device(device), [])
+    device = torch.device(device)
+    buffers = _DISCARDED_BUFFERS.setdefault((device, dtype), [])
     if not buffers or buffers[-1].numel() < numel:
-        buffers.append(torch.empty(max(numel, 2 * buffers[-1].numel() if buffers else 1024), dtype=torch.float32,
-                                   device=device))
-    return buffers[-1][:numel].view(shape)
+        size = max(numel, 2 * buffers[-1].numel() if buffers else 1024)
+        buffers.append(torch.empty(size, dtype=dtype, device=device))
+    if len(_DISCARDED_VIEWS) >= MAX_DISCARDED_VIEWS:
+        _DISCARDED_VIEWS.clear()
+    view = _DISCARDED_VIEWS[key] = buffers[-1][:numel].view(tuple(shape))
+    return view

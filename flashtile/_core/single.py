@@ -86,7 +86,7 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
                          args.k.data_ptr() != _nhd(k, kv_layout).data_ptr(),
                          args.v.data_ptr() != _nhd(v, kv_layout).data_ptr())
         out_dtype, device = args.out_dtype, q.device
-        discarded_lse = discarded_output(out_shape[:-1], device)
+        discarded_lse = discarded_output(out_shape[:-1], torch.float32, device)
 
         def runner(q, k, v, return_lse):
             if derive is not None:

@@ -294,7 +294,7 @@ class PlanRunWrapper:
         """run() for inputs with the key of a recorded run: the kernel's K/V views of run()'s K/V argument
         (``derive_kv``), the outputs (the given ones or new ones), the replay."""
         lse_shape = shape[:2]
-        discarded_lse = discarded_output(lse_shape, device)
+        discarded_lse = discarded_output(lse_shape, torch.float32, device)
 
         def runner(q, kv, out, lse, return_lse):
             k, v = derive_kv(kv)
