@@ -345,7 +345,7 @@ def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
         for a in tuple(args) + tuple(tail):
             position = next((j for j, d in enumerate(dynamic) if a is d), None)
             if position is not None:
-                values.append(("value", f"d{position}"))
+                values.append(("value", f"d{position}", a))
                 continue
             base = getattr(a, "base", None) if hasattr(a, "block_shape") else None
             if base is not None:
@@ -381,9 +381,10 @@ def _compile_replay(params: str, lines: list, namespace: dict):
 # - a descriptor over a dynamic tensor is encoded once per data pointer (a bounded cache per launch
 #   site): the encoding is a function of the pointer and of shape, strides, block and layout, which
 #   the replay's key fixes;
-# - a baked tensor (a plan's work list, a placeholder) is passed as its integer address, which the C
-#   launcher takes as is, without asking the driver what the pointer is (the tensor stays referenced
-#   by the replay, so the address stays valid).
+# - tensors are passed as integer addresses, which the C launcher takes as they are, without asking the
+#   driver about each pointer (``cuPointerGetAttribute``): a baked tensor (a plan's work list, a
+#   placeholder) as its address, computed once (the replay keeps the tensor referenced, so the address
+#   stays valid), a given tensor as ``t.data_ptr()``; the replay's key fixed each given tensor's device.
 # Kernels that need a global or profile scratch allocation, and other Triton releases, go through the
 # compiled kernel's ``run`` as Triton's own launch does.
 
@@ -446,9 +447,9 @@ def _descriptor_site(template, meta):
 
 def _launch_source(n: int, compiled, grid, values: list, namespace: dict) -> str:
     """The source line of launch ``n`` of a replay, its objects put in ``namespace``. ``values``: per
-    kernel argument (positional ones, then the tail), ``("value", expression)`` for a value the replay
-    is given, ``("descriptor", template, expression)`` for a descriptor rebased over a given tensor, or
-    ``("constant", object)``."""
+    kernel argument (positional ones, then the tail), ``("value", expression, recorded value)`` for a
+    value the replay is given, ``("descriptor", template, expression)`` for a descriptor rebased over a
+    given tensor, or ``("constant", object)``."""
     g = tuple(grid) + (1,) * (3 - len(grid))
     c_launch = _c_launch(compiled)
     descriptors = c_launch[3] if c_launch is not None else {}
@@ -456,7 +457,9 @@ def _launch_source(n: int, compiled, grid, values: list, namespace: dict) -> str
     for i, value in enumerate(values):
         name = f"a{n}_{i}"
         if value[0] == "value":
-            parts.append(value[1])
+            # given tensors by address on the C launch (see above); given floats and anything else as they are
+            by_address = c_launch is not None and len(value) > 2 and isinstance(value[2], torch.Tensor)
+            parts.append(f"{value[1]}.data_ptr()" if by_address else value[1])
         elif value[0] == "descriptor":
             if c_launch is None:
                 namespace[name] = value[1]
@@ -581,7 +584,7 @@ class LaunchMemo:
     def _make_replay(self, compiled, grid, args: tuple, tail: list):
         """A function of the dynamic values that launches the compiled kernel with the recorded grid and
         arguments (generated once per key: no per-argument work per call)."""
-        values = [("value", f"a{i}") if i in self.dynamic else ("constant", a) for i, a in enumerate(args)]
+        values = [("value", f"a{i}", a) if i in self.dynamic else ("constant", a) for i, a in enumerate(args)]
         values += [("constant", a) for a in tail]
         namespace: dict = {}
         line = _launch_source(0, compiled, grid, values, namespace)
