@@ -3,7 +3,7 @@
 Documents checked: README.md and every ``docs/*.md``. Fenced code blocks (```` ``` ````) are left out;
 inline code spans (text between single backticks, which may wrap over a line break) are read.
 
-A span is a *citation* when, after collapsing whitespace, it has one of two forms:
+A span is a *citation* when, after collapsing whitespace, it has one of three forms:
 
 1. A dotted name, optionally followed by a call's parentheses, which are ignored:
    ``IDENT(.IDENT)+`` then optionally ``(...)``, e.g. ``flashtile.utils.get_alibi_slopes``,
@@ -22,10 +22,10 @@ A span is a *citation* when, after collapsing whitespace, it has one of two form
    top level (a function, class or assignment; found by parsing, nothing is imported), and ATTR in
    NAME's class body when given.
 
-A span that is a relative path to a ``.py`` file (``flashtile/kernels/attention.py``,
-``kernels/smem.py``, ``benchmarks/run.py``) names a file that exists, relative to the repository
-root or to ``flashtile/``. Paths with wildcards or braces (``ops*.py``, ``{rope,norm}.py``) are
-skipped.
+3. A relative path to a ``.py`` file (``flashtile/kernels/attention.py``, ``kernels/smem.py``,
+   ``benchmarks/run.py``): the file exists, relative to the repository root or to ``flashtile/``.
+   A span ending in ``.py`` is always read as a path, never as a dotted name; a bare file name
+   (``softmax.py``) and paths with wildcards or braces (``ops*.py``, ``{rope,norm}.py``) are skipped.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ _FILE_NAME = re.compile(rf"([\w./-]+\.py)::({_IDENT}(?:\.{_IDENT})?)")
 _PY_PATH = re.compile(r"[\w.-]+(?:/[\w.-]+)*\.py")
 
 
-def code_spans(path: Path) -> list[str]:
-    """Inline code spans of a markdown file, fenced blocks left out, whitespace collapsed."""
-    text = _FENCE.sub("", path.read_text())
+def code_spans(text: str) -> list[str]:
+    """Inline code spans of markdown text, fenced blocks left out, whitespace collapsed."""
+    text = _FENCE.sub("", text)
     return [" ".join(span.split()) for span in _SPAN.findall(text)]
 
 
@@ -131,18 +131,23 @@ def file_name_exists(path: str, name: str) -> bool:
 def citations(path: Path) -> list[tuple[str, str]]:
     """``(kind, text)`` for every citation in one document (module doc): kind is "name", "file::name"
     or "file"."""
+    return citations_in(path.read_text())
+
+
+def citations_in(text: str) -> list[tuple[str, str]]:
     found = []
     first_parts = {m.rsplit(".", 1)[-1] for m in module_names()}
-    for span in code_spans(path):
+    for span in code_spans(text):
         if m := _FILE_NAME.fullmatch(span):
             found.append(("file::name", span))
+        elif _PY_PATH.fullmatch(span):
+            if "/" in span:  # a bare file name (`softmax.py`) is not resolved
+                found.append(("file", span))
         elif m := _DOTTED.fullmatch(span):
             name = m.group(1)
             first = name.split(".", 1)[0]
             if first in first_parts and first not in NOT_FLASHTILE:
                 found.append(("name", name))
-        elif _PY_PATH.fullmatch(span) and "/" in span:
-            found.append(("file", span))
     return found
 
 
@@ -164,6 +169,9 @@ def test_rules_on_examples():
     assert file_name_exists("scheduler/split_kv.py", "plan_kv_splits")
     assert not file_name_exists("scheduler/split_kv.py", "no_such_function")
     assert not file_name_exists("no/such/file.py", "x")
+    kinds = {text: kind for kind, text in citations_in("`softmax.py` `kernels/softmax.py` `torch.float16` "
+                                                       "`launch.direct_launch()` `x.py::f`")}
+    assert kinds == {"kernels/softmax.py": "file", "launch.direct_launch": "name", "x.py::f": "file::name"}
 
 
 @pytest.mark.parametrize("kind, text", list(_cases()))
