@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._core.checks import HALF_DTYPES, parse_dtype
 from .jit.env import triton_cache_dir
 
 __all__ = ["main", "ModelShape", "SHAPE_PRESETS", "check_close", "triton_cache_dir", "warmup_variants"]
@@ -70,13 +71,6 @@ DEMO_MODEL = ("Llama-3-8B", SHAPE_PRESETS["llama3-8b"])
 DEMO_PROMPT_LEN = {"cuda": 4096, "cpu": 256}  # default prompt length per device type
 DEMO_TOLERANCE = (2e-2, 2e-2)  # (atol, rtol) of a bf16/fp16 output against the float32 reference
 
-DTYPE_NAMES: Dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 ENV_KNOBS = {
@@ -95,13 +89,6 @@ ENV_KNOBS = {
 
 def _parse_list(text: str) -> List[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    key = name.strip().lower()
-    if key not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[key]
 
 
 def _parse_shape(text: str) -> Tuple[str, ModelShape]:
@@ -342,7 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         device = _resolve_device(args.device)
-        dtype = _parse_dtype(args.dtype)
+        dtype = parse_dtype("--dtype", args.dtype, HALF_DTYPES)
     except ValueError as e:
         print(f"flashtile demo: error: {e}", file=sys.stderr)
         return 2
@@ -531,7 +518,7 @@ def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]], d
     parsed = [_parse_shape(s) for s in shapes]
     if not parsed:
         raise ValueError("no shapes given")
-    types = [_parse_dtype(t) for t in dtypes]
+    types = [parse_dtype("dtypes", t, HALF_DTYPES) for t in dtypes]
     if not types:
         raise ValueError("no dtypes given")
     keys: Dict[Tuple[ModelShape, torch.dtype], List[str]] = {}

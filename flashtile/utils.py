@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._core.checks import FP8_DTYPES, InvalidOptionError, check_option, check_tensor, describe
+from ._core.checks import FP8_DTYPES, InvalidOptionError, check_option, check_tensor, describe, parse_dtype
 from .reference.positional import alibi_slopes
 
 __all__ = [
@@ -355,24 +355,17 @@ def canonicalize_torch_dtype(x: Union[torch.dtype, str]) -> torch.dtype:
 
     Args:
         x: a ``torch.dtype``, or a name such as ``"float16"``, ``"bfloat16"``, ``"half"``,
-            ``"float8_e4m3fn"`` (a leading ``"torch."`` is allowed).
+            ``"float8_e4m3fn"`` (a leading ``"torch."`` is allowed), or ``"bf16"``, ``"fp16"``,
+            ``"fp32"``.
 
     Returns:
         The ``torch.dtype``.
 
     Raises:
-        TypeError: ``x`` is neither a ``torch.dtype`` nor a string.
-        ValueError: ``x`` is a string that names no torch dtype.
+        InvalidDtypeError: ``x`` is neither a ``torch.dtype`` nor the name of one; it is both a
+            ``TypeError`` and a ``ValueError`` (``flashtile._core.checks.parse_dtype``).
     """
-    if isinstance(x, torch.dtype):
-        return x
-    if isinstance(x, str):
-        name = x[len("torch.") :] if x.startswith("torch.") else x
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"dtype: {x!r} is not the name of a torch dtype (e.g. 'float16', 'bfloat16')")
-        return dtype
-    raise TypeError(f"dtype: expected a torch.dtype or a dtype name string, got {describe(x)}")
+    return parse_dtype("dtype", x)
 
 
 def _same_device(actual: torch.device, expected: torch.device) -> bool:

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from flashtile import utils
+from flashtile import cli, utils
+from flashtile._core.checks import HALF_DTYPES, OUTPUT_DTYPES, InvalidDtypeError, parse_dtype
 from flashtile.utils import (
     LogLevel,
     MaskMode,
@@ -190,6 +191,45 @@ def test_canonicalize_torch_dtype_type_error(bad):
 def test_canonicalize_torch_dtype_bad_name(bad):
     with pytest.raises(ValueError, match="dtype"):
         canonicalize_torch_dtype(bad)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bf16", torch.bfloat16), ("BF16", torch.bfloat16), (" fp16 ", torch.float16), ("fp32", torch.float32),
+    ("Float16", torch.float16), ("torch.bfloat16", torch.bfloat16),
+])
+def test_parse_dtype_names(text, expected):
+    assert parse_dtype("x", text) is expected
+    assert canonicalize_torch_dtype(text) is expected
+
+
+@pytest.mark.parametrize("bad", ["float17", "tensor", "", 16, None])
+def test_parse_dtype_one_error_everywhere(bad):
+    """Every dtype parser (utils, the wrappers' plan(), the CLI) raises InvalidDtypeError, which is
+    both a TypeError and a ValueError, naming the argument."""
+    for name, call in (("dtype", lambda: canonicalize_torch_dtype(bad)), ("x", lambda: parse_dtype("x", bad)),
+                       ("dtypes", lambda: cli.warmup_variants(["llama3-8b"], None, [bad]))):
+        with pytest.raises(InvalidDtypeError, match=f"^{name}: expected"):
+            call()
+
+
+def test_parse_dtype_allowed():
+    assert parse_dtype("o_dtype", "float32", OUTPUT_DTYPES) is torch.float32
+    with pytest.raises(InvalidDtypeError, match="o_dtype: expected one of float16, bfloat16, float32, got str 'int32'"):
+        parse_dtype("o_dtype", "int32", OUTPUT_DTYPES)
+    with pytest.raises(InvalidDtypeError, match="expected one of float16, bfloat16"):
+        parse_dtype("o_dtype", torch.float8_e4m3fn, HALF_DTYPES)
+
+
+def test_wrapper_plan_names_the_dtype_argument():
+    from flashtile import BatchDecodeWithPagedKVCacheWrapper
+
+    w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8))
+    table = (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+             torch.tensor([1], dtype=torch.int32))
+    for kwargs, name in ((dict(q_data_type="bf17"), "q_data_type"), (dict(kv_data_type="nonsense"), "kv_data_type"),
+                         (dict(o_data_type="int8"), "o_data_type")):
+        with pytest.raises(InvalidDtypeError, match=f"^{name}: expected"):
+            w.plan(*table, 4, 2, 16, 4, **kwargs)
 
 
 def test_check_shape_dtype_device_ok():

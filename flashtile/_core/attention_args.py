@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_same_device, check_tensor, describe
+from .checks import (FP8_DTYPES, HALF_DTYPES, OUTPUT_DTYPES, check_option, check_same_device, check_tensor, describe,
+                     parse_dtype)
 from .dispatch import normalize_backend
 from .params import AttentionParams
 
@@ -193,10 +194,7 @@ def normalize_single_attention(
         logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
     params = resolve_attention_params(params, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
 
-    if out_dtype is None:
-        out_dtype = q.dtype
-    elif out_dtype not in HALF_DTYPES + (torch.float32,):
-        raise TypeError(f"o_dtype: expected float16, bfloat16 or float32, got {out_dtype}")
+    out_dtype = q.dtype if out_dtype is None else parse_dtype("o_dtype", out_dtype, OUTPUT_DTYPES)
 
     return SingleAttentionArgs(
         q=_unit_last_stride(q),

@@ -10,7 +10,9 @@ Error types (DESIGN.md §Errors):
 
 Unknown option strings (``kv_layout``, ``pos_encoding_mode``) raise :class:`InvalidOptionError`,
 which is both a ``ValueError`` (our contract) and a ``KeyError`` (what upstream FlashInfer raises),
-so callers written against either keep working.
+so callers written against either keep working. Every dtype given by name (the wrappers'
+``q_data_type``, ``utils.canonicalize_torch_dtype``, the CLI's ``--dtype``) goes through
+:func:`parse_dtype`, which raises :class:`InvalidDtypeError`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ import torch
 
 __all__ = [
     "InvalidOptionError",
+    "InvalidDtypeError",
+    "parse_dtype",
+    "DTYPE_ALIASES",
     "check_tensor",
     "check_same_device",
     "check_option",
     "describe",
     "FP8_DTYPES",
     "HALF_DTYPES",
+    "OUTPUT_DTYPES",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+OUTPUT_DTYPES = HALF_DTYPES + (torch.float32,)  # what an attention output may be
 FP8_DTYPES = tuple(
     dt for dt in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if dt is not None
 )
@@ -40,6 +47,39 @@ class InvalidOptionError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would quote the message; print it plainly.
         return str(self.args[0]) if self.args else ""
+
+
+class InvalidDtypeError(TypeError, ValueError):
+    """A dtype argument that is neither an accepted ``torch.dtype`` nor the name of one. A wrong dtype
+    is a ``TypeError`` (DESIGN.md §Errors); a bad name is also a bad value string, as a ``ValueError``
+    (what the CLI and ``canonicalize_torch_dtype`` always raised), so callers catching either work."""
+
+
+# Short names beside torch's own ("float16", "half", "bfloat16", "float8_e4m3fn", ...).
+DTYPE_ALIASES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str, value, allowed: Optional[Sequence[torch.dtype]] = None) -> torch.dtype:
+    """``value`` as a ``torch.dtype``; ``name`` is the argument's name for the error message.
+
+    ``value``: a ``torch.dtype``, or a string: a dtype name as torch spells it (``"float16"``,
+    ``"half"``, ``"bfloat16"``, ``"float8_e4m3fn"``, with or without a leading ``"torch."``) or one of
+    :data:`DTYPE_ALIASES` (``"bf16"``, ``"fp16"``, ``"fp32"``); case and surrounding spaces are
+    ignored. ``allowed``: the dtypes accepted (default: every torch dtype).
+    Raises :class:`InvalidDtypeError` for anything else."""
+    dtype = value if isinstance(value, torch.dtype) else None
+    if isinstance(value, str):
+        key = value.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        dtype = DTYPE_ALIASES.get(key)
+        if dtype is None and key:
+            found = getattr(torch, key, None)
+            dtype = found if isinstance(found, torch.dtype) else None
+    if dtype is not None and (allowed is None or dtype in allowed):
+        return dtype
+    expected = f"one of {_dtype_names(allowed)}" if allowed is not None else (
+        "a torch.dtype or a dtype name such as 'bfloat16' or 'bf16'")
+    raise InvalidDtypeError(f"{name}: expected {expected}, got {describe(value)}")
 
 
 def describe(x) -> str:

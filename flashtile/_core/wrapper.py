@@ -10,20 +10,20 @@ launches: it never synchronizes and never allocates except the output when none 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
 from . import tile_policy
 from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap, resolve_attention_params
 from .buffers import discarded_output, new_output
-from .checks import FP8_DTYPES, HALF_DTYPES, check_option, check_tensor, describe
+from .checks import FP8_DTYPES, HALF_DTYPES, OUTPUT_DTYPES, check_option, check_tensor, describe, parse_dtype
 from .dispatch import implementation, normalize_backend
 from .launch import make_replay, recording_launches
 from .memo import tensor_key
 from .params import AttentionParams
 
-__all__ = ["PlanRunWrapper", "PlanBase", "resolve_dtype", "check_common_options", "reject_kv_cache_sf",
+__all__ = ["PlanRunWrapper", "PlanBase", "check_common_options", "reject_kv_cache_sf",
            "INT_WORKSPACE_BYTES", "run_key"]
 
 MAX_REPLAYS = 64  # remembered run() shapes per plan (one per layer shape is typical)
@@ -96,17 +96,6 @@ class PlanBase:
         return self.params.rope_theta
 
 INT_WORKSPACE_BYTES = 8 * 1024 * 1024  # like upstream's internal int workspace
-
-
-def resolve_dtype(name: str, value: Union[str, torch.dtype, None], default: Optional[torch.dtype]) -> Optional[torch.dtype]:
-    """A dtype given as ``torch.dtype`` or by name ("float16", "bfloat16", "float8_e4m3fn", ...)."""
-    if value is None:
-        return default
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-        return getattr(torch, value)
-    raise TypeError(f"{name}: expected a torch.dtype or a dtype name such as 'bfloat16', got {describe(value)}")
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -224,12 +213,10 @@ class PlanRunWrapper:
 
     def _plan_dtypes(self, q_data_type, kv_data_type, o_data_type) -> tuple:
         """``(q, kv, o)`` dtypes of a plan (defaults: float16 q as upstream, kv and o like q), checked."""
-        q_dtype = resolve_dtype("q_data_type", q_data_type, torch.float16)
-        kv_dtype = resolve_dtype("kv_data_type", kv_data_type, q_dtype)
-        o_dtype = resolve_dtype("o_data_type", o_data_type, q_dtype)
-        if o_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"o_data_type: expected float16, bfloat16 or float32, got {o_dtype}")
-        self._check_q_kv_dtypes(q_dtype, kv_dtype)
+        q_dtype = torch.float16 if q_data_type is None else parse_dtype("q_data_type", q_data_type)
+        kv_dtype = q_dtype if kv_data_type is None else parse_dtype("kv_data_type", kv_data_type)
+        self._check_q_kv_dtypes(q_dtype, kv_dtype)  # q is float16 or bfloat16 from here on
+        o_dtype = q_dtype if o_data_type is None else parse_dtype("o_data_type", o_data_type, OUTPUT_DTYPES)
         return q_dtype, kv_dtype, o_dtype
 
     def _upload_worklist(self, host: torch.Tensor, non_blocking: bool) -> torch.Tensor:
