@@ -21,7 +21,6 @@ from flashtile._core import settings  # noqa: E402
 def run_case(qo_lens, kv_lens, hq, hk, d=128, page=None, layout="NHD", causal=True, split=None):
     dev = "cuda"
     torch.manual_seed(0)
-    b = len(qo_lens)
     qo_indptr = torch.tensor([0] + list(torch.tensor(qo_lens).cumsum(0)), dtype=torch.int32)
     q = torch.randn(int(qo_indptr[-1]), hq, d, device=dev, dtype=torch.bfloat16)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)

@@ -35,8 +35,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = [
     "Setting", "SETTINGS", "KINDS", "get", "env", "reload", "on_reload", "interpreting", "select_interpreter",
-    "select_interpreter_for_backend",
-    "markdown_table", "with_current_table", "INTERPRET_VARIABLE",
+    "select_interpreter_for_backend", "markdown_table", "with_current_table", "README_TABLE_BEGIN", "README_TABLE_END",
+    "INTERPRET_VARIABLE",
 ]
 
 USER_FEATURE = "user feature"
@@ -132,12 +132,11 @@ def _setting(name: str) -> Setting:
 def env(name: str, default: Optional[str] = None) -> Optional[str]:
     """The text of registered variable ``name`` as set, or ``default`` when unset (cached settings
     are read once: module doc)."""
-    if not _setting(name).cached:
+    value = _texts.get(name, _UNSET)
+    if value is _UNSET:
         value = os.environ.get(name)
-    else:
-        value = _texts.get(name, _UNSET)
-        if value is _UNSET:
-            value = _texts[name] = os.environ.get(name)
+        if _setting(name).cached:
+            _texts[name] = value
     return default if value is None else value
 
 
