@@ -97,9 +97,8 @@ _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
-def ragged_case(use_tma, qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None):
+def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None):
     """prefix_len: multi-item scoring with this shared prefix per request (item positions all 0 here)."""
-    os.environ["FLASHTILE_TMA"] = "1" if use_tma else "0"
     dvo = dvo or d
     q = torch.randn(sum(qo), hq, d, dtype=bf)
     group = hq // hk
@@ -133,27 +132,24 @@ def multi_item_inputs(prefix_len, kv):
     return dict(multi_item_requests=reqs, token_pos_in_items=torch.zeros(len(kv) * stride, dtype=torch.int32))
 
 
-ragged_case(False, [1024] * 16, [1024] * 16, label="ragged 16x1024 pointer")
-ragged_case(False, [1024] * 16, [1024] * 16, label="ragged 16x1024 multi-item", prefix_len=256)
-ragged_case(False, [1024] * 16, [1024] * 16, paged=True, label="paged p16 multi-item", prefix_len=256)
-ragged_case(True, [1024] * 16, [1024] * 16, label="ragged 16x1024 TMA")
-ragged_case(True, [4096] * 2, [8192] * 2, label="ragged long TMA")
-ragged_case(True, [64], [60000], label="ragged chunked TMA (split + merge)")
-ragged_case(True, [1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, label="ragged d192/128 (TMA off: padded)")
-ragged_case(False, [1024] * 16, [1024] * 16, paged=True, label="paged p16")
-ragged_case(False, [1024] * 16, [1024] * 16, paged=True, page=1, label="paged p1")
-ragged_case(False, [8192] * 4, [8192] * 4, paged=True, label="paged long p16")
-ragged_case(False, [1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, paged=True, label="paged d192/128 p16")
-ragged_case(False, [4] * 64, [4096] * 64, paged=True, label="paged append")
+ragged_case([1024] * 16, [1024] * 16, label="ragged 16x1024")
+ragged_case([1024] * 16, [1024] * 16, label="ragged 16x1024 multi-item", prefix_len=256)
+ragged_case([1024] * 16, [1024] * 16, paged=True, label="paged p16 multi-item", prefix_len=256)
+ragged_case([4096] * 2, [8192] * 2, label="ragged long")
+ragged_case([64], [60000], label="ragged chunked (split + merge)")
+ragged_case([1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, label="ragged d192/128 (padded)")
+ragged_case([1024] * 16, [1024] * 16, paged=True, label="paged p16")
+ragged_case([1024] * 16, [1024] * 16, paged=True, page=1, label="paged p1")
+ragged_case([8192] * 4, [8192] * 4, paged=True, label="paged long p16")
+ragged_case([1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, paged=True, label="paged d192/128 p16")
+ragged_case([4] * 64, [4096] * 64, paged=True, label="paged append")
 
-os.environ["FLASHTILE_TMA"] = "1"
 q = torch.randn(4096, 32, 128, dtype=bf)
 k = torch.randn(4096, 32, 128, dtype=bf)
 A.single_attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P,
                            packed_mask=None, kind="prefill")
-compile_all("single prefill 4096 TMA")
+compile_all("single prefill 4096")
 
-os.environ["FLASHTILE_TMA"] = "0"
 q = torch.randn(1, 32, 128, dtype=bf)
 k = torch.randn(32768, 8, 128, dtype=bf)
 A.single_attention_forward(q, k, k.clone(), torch.empty(1, 32, 128, dtype=bf), torch.empty(1, 32),
@@ -238,25 +234,20 @@ compile_all("sampling seg softmax bf16")
 for label, kw in [("top-k", dict(top_k=50)), ("top-p", dict(top_p=0.9)), ("top-k mask logits", dict(top_k=50, is_logits=True))]:
     S.threshold_filter(probs, torch.empty_like(probs), **kw)
     compile_all(f"sampling renorm/mask {label}")
-# Small ops: RoPE (both kernels, cos/sin cache and Llama 3.1 forms) and gated activations.
+# Small ops: RoPE (the cos/sin-cache form's token-major kernel, the Llama 3.1 form's head-block kernel) and gated
+# activations.
 from flashtile.kernels import activation as ACT  # noqa: E402
 from flashtile.kernels import rope as R  # noqa: E402
 
 from flashtile._core import device as DEV  # noqa: E402
-from flashtile._core import settings as _settings  # noqa: E402
 
 _interpreter_sms, DEV.INTERPRETER_SMS = DEV.INTERPRETER_SMS, 132  # RoPE launch sizes of the H100, not of the interpreter's small "GPU"
 qr, kr = torch.randn(8192, 32, 128, dtype=bf), torch.randn(8192, 8, 128, dtype=bf)
 pos = torch.arange(8192, dtype=torch.int64)
-for token_major in ("1", "0"):
-    os.environ["FLASHTILE_ROPE_FAST"] = token_major
-    _settings.reload()  # flashtile reads its settings once
-    R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, cos_sin_cache=torch.randn(8192, 128))
-    compile_all(f"rope cos_sin_cache FLASHTILE_ROPE_FAST={token_major}")
-    R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, smooth_a=0.1, smooth_b=-0.5)
-    compile_all(f"rope llama31 FLASHTILE_ROPE_FAST={token_major}")
-os.environ.pop("FLASHTILE_ROPE_FAST")
-_settings.reload()
+R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, cos_sin_cache=torch.randn(8192, 128))
+compile_all("rope cos_sin_cache")
+R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, smooth_a=0.1, smooth_b=-0.5)
+compile_all("rope llama31")
 DEV.INTERPRETER_SMS = _interpreter_sms
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")

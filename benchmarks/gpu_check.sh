@@ -12,8 +12,7 @@ for step in "$@"; do
     tests-decode) python3 -m pytest -q -p no:warnings -x tests/test_single_decode.py tests/test_attention_ops.py 2>&1 | tail -5 ;;
     tests) python3 -m pytest -q -p no:warnings -x tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     tune) python3 benchmarks/tune_attention.py --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|HOST" ;;
-    tune-decode) python3 benchmarks/tune_attention.py --only decode --out "$OUT/tune.json" --write-configs "$OUT/configs.json" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|HOST"
-           export FLASHTILE_CONFIGS=$OUT/configs.json ;;
+    tune-decode) python3 benchmarks/tune_attention.py --only decode --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -E "BEST|HOST" ;;
     bench) python3 benchmarks/run.py --suite single_decode --providers flashtile,torch_sdpa_flash,torch_sdpa_cudnn,flashinfer --out /tmp/bench 2>&1 | tail -30
            python3 benchmarks/run.py --suite single_prefill --out /tmp/bench 2>&1 | tail -40
            cp /tmp/bench/single_decode.md /tmp/bench/single_prefill.md "$OUT/"; tar czf "$OUT/bench.tgz" -C /tmp bench ;;
@@ -45,19 +44,7 @@ for step in "$@"; do
            cat /tmp/bench/merge_state.md /tmp/bench/cascade_decode.md > "$OUT/cascade.md" 2>/dev/null; cp /tmp/bench/cascade_decode.png "$OUT/" 2>/dev/null; cat "$OUT/cascade.md" ;;
     tune-merge) timeout 200 python3 -m pytest -q -p no:warnings tests/test_cascade_merge.py 2>&1 | tail -2
            timeout 200 python3 benchmarks/tune_merge.py 2>&1 | tee "$OUT/tune_merge.log" ;;
-    bench-tma) for t in 0 1; do FLASHTILE_TMA=$t timeout 280 python3 benchmarks/run.py --suite single_prefill,batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
-             cat /tmp/bench_tma$t/single_prefill.md /tmp/bench_tma$t/batch_prefill.md > "$OUT/tma$t.md"; done
-           grep -h "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
-    bench-rope-ab) : > "$OUT/rope_ab.md"  # rope kernels FLASHTILE_ROPE_FAST=0/1, eager (auto) and graph timing, then launches of the fast one
-           for f in 0 1; do for g in auto on; do FLASHTILE_ROPE_FAST=$f timeout 35 python3 benchmarks/run.py --suite rope --providers flashtile --cuda-graph $g --out /tmp/bench_rope$f$g 2>&1 | tail -1
-             { echo "### FLASHTILE_ROPE_FAST=$f, --cuda-graph $g"; cat /tmp/bench_rope$f$g/rope.md; } >> "$OUT/rope_ab.md"; done; done
-           for c in 1,4 2,4 4,8; do FLASHTILE_ROPE_FAST=1 FLASHTILE_ROPE_FAST_CONFIG=$c timeout 20 python3 benchmarks/run.py --suite rope --providers flashtile --cuda-graph on --filter "cos_sin_cache 8192" --out /tmp/bench_rope_c${c/,/x} 2>&1 | tail -1
-             { echo "### FLASHTILE_ROPE_FAST=1, FLASHTILE_ROPE_FAST_CONFIG=$c (BLOCK_T,num_warps), --cuda-graph on"; cat /tmp/bench_rope_c${c/,/x}/rope.md; } >> "$OUT/rope_ab.md"; done
-           grep -h -e "^###" -e "^| rope" "$OUT/rope_ab.md" ;;
     tune-small) timeout 200 python3 benchmarks/tune_small_ops.py 2>&1 | tee "$OUT/tune_small.log" | grep BEST ;;
-    bench-tma-batch) for t in 0 1; do FLASHTILE_TMA=$t timeout 200 python3 benchmarks/run.py --suite batch_prefill --providers flashtile --out /tmp/bench_tma$t 2>&1 | tail -1
-             { echo "### FLASHTILE_TMA=$t"; cat /tmp/bench_tma$t/batch_prefill.md; } > "$OUT/tma$t.md"; done
-           grep -h -e "^###" -e "^| " "$OUT/tma0.md" "$OUT/tma1.md" ;;
     tests-split) FLASHTILE_CHECK_LAUNCH=1 timeout 500 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py -k "split or wave" 2>&1 | tee "$OUT/tests_split.log" | tail -8 ;;
     bench-split) FLASHTILE_SAMPLING_SPLIT=0 timeout 120 python3 benchmarks/run.py --suite sampling --filter " b1 " --providers flashtile --out /tmp/bench_nosplit 2>&1 | tail -1
            grep "^| " /tmp/bench_nosplit/sampling.md | tee "$OUT/sampling_b1_nosplit.md"

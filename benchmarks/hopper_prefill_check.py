@@ -15,13 +15,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flashtile  # noqa: E402
+from flashtile._core import settings  # noqa: E402
 
 
-def run_case(qo_lens, kv_lens, hq, hk, d=128, page=None, layout="NHD", causal=True, split=None, gather=False):
+def run_case(qo_lens, kv_lens, hq, hk, d=128, page=None, layout="NHD", causal=True, split=None):
     dev = "cuda"
-    os.environ["FLASHTILE_HOPPER_GATHER"] = "1" if gather else ""
     torch.manual_seed(0)
-    b = len(qo_lens)
     qo_indptr = torch.tensor([0] + list(torch.tensor(qo_lens).cumsum(0)), dtype=torch.int32)
     q = torch.randn(int(qo_indptr[-1]), hq, d, device=dev, dtype=torch.bfloat16)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
@@ -49,6 +48,7 @@ def run_case(qo_lens, kv_lens, hq, hk, d=128, page=None, layout="NHD", causal=Tr
     res = {}
     for flag in ("0", "1"):
         os.environ["FLASHTILE_HOPPER_PREFILL"] = flag
+        settings.reload()  # flashtile reads its settings once
         out, lse = w.run(*args, return_lse=True)
         torch.cuda.synchronize()
         res[flag] = (out.float(), lse)
@@ -74,7 +74,7 @@ CASES = [
     ("paged p64 NHD", dict(qo_lens=[500, 129], kv_lens=[700, 4000], hq=16, hk=16, page=64)),
     ("ragged split", dict(qo_lens=[200, 300], kv_lens=[3000, 5000], hq=16, hk=4, split=1024)),
     ("paged split p16", dict(qo_lens=[300], kv_lens=[9000], hq=16, hk=4, page=16, split=64)),
-    # Gather mode (cp.async copies): pages TMA boxes cannot serve, and page 16 forced through it.
+    # Gather mode (cp.async copies): pages TMA boxes cannot serve.
     ("gather p1 NHD g4", dict(qo_lens=[1024] * 3, kv_lens=[1024] * 3, hq=32, hk=8, page=1)),
     ("gather p1 mixed", dict(qo_lens=[200, 129, 1000, 77], kv_lens=[200, 517, 1003, 300], hq=32, hk=8, page=1)),
     ("gather p5 HND noncausal", dict(qo_lens=[150, 300], kv_lens=[301, 77], hq=8, hk=2, page=5, causal=False,
@@ -82,8 +82,6 @@ CASES = [
     ("gather p3 d64 g1", dict(qo_lens=[300, 1000], kv_lens=[300, 1000], hq=4, hk=4, d=64, page=3)),
     ("gather p256 NHD", dict(qo_lens=[500, 129], kv_lens=[700, 4000], hq=16, hk=16, page=256)),
     ("gather split p1", dict(qo_lens=[300], kv_lens=[9000], hq=16, hk=4, page=1, split=1024)),
-    ("gather p16 forced", dict(qo_lens=[200, 129, 1000, 77], kv_lens=[200, 517, 1003, 300], hq=32, hk=8, page=16,
-                               gather=True)),
 ]
 
 if __name__ == "__main__":

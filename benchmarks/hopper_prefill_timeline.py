@@ -87,11 +87,8 @@ def summarize(rec: torch.Tensor) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="paged16", choices=sorted(CASES))
-    ap.add_argument("--gather", action="store_true", help="paged K/V through cp.async gathers (FLASHTILE_HOPPER_GATHER=1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.gather:
-        os.environ["FLASHTILE_HOPPER_GATHER"] = "1"
     w, inputs = build(**CASES[args.case])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rec = torch.zeros(sms, hopper.RECORD_TILES, hopper.RECORD_FIELDS, dtype=torch.int64, device="cuda")

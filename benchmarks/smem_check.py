@@ -32,7 +32,7 @@ def gpu_grid() -> list:
     """Per head dim and kernel (the tile shapes every launcher picks), the heaviest feature combinations."""
     heavy = [Features(), Features("ROPE_LLAMA", "custom", window_softcap=True),
              Features("ROPE_LLAMA", "causal", fp8_kv=True, half_vo=True, fp16=True),
-             Features("ALIBI", "custom", window_softcap=True, fp8_kv=True), Features("ROPE_LLAMA", "custom", tma=True)]
+             Features("ALIBI", "custom", window_softcap=True, fp8_kv=True)]
     decode = [Features("NONE", "none"), Features("ROPE_LLAMA", "none", window_softcap=True),
               Features("ROPE_LLAMA", "none", fp8_kv=True, fp16=True), Features("ALIBI", "none", window_softcap=True)]
     cases = []
@@ -123,7 +123,6 @@ def run_case(case: Case, device: str = "cuda") -> str:
     dtype, kv_dtype, options = _inputs(case)
     f = case.features
     hq, hk, d, dvo = case.num_qo_heads, case.num_kv_heads, case.head_dim, case.head_dim_vo
-    os.environ["FLASHTILE_TMA"] = "1" if f.tma else "0"
     if case.kernel in ("single_prefill", "single_decode"):
         qo, kv = case.qo_len, case.kv_len
         q = torch.randn(qo, hq, d, dtype=dtype, device=device)

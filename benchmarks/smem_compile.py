@@ -41,7 +41,6 @@ class Features:
     fp8_kv: bool = False  # float8_e4m3fn K/V, fp16/bf16 Q
     half_vo: bool = False  # head_dim_vo = head_dim_qk / 2
     fp16: bool = False  # fp16 instead of bf16
-    tma: bool = False  # FLASHTILE_TMA=1 (single request and ragged batch prefill only)
 
     def label(self) -> str:
         parts = [self.pos.lower(), self.mask] + [f.name for f in dataclasses.fields(self)
@@ -86,8 +85,6 @@ class Case:
         f = self.features
         if self.kernel == "merge":
             return f == Features(mask="none", fp16=f.fp16)
-        if f.tma and (self.kernel in ("batch_decode",) or (self.kernel == "batch_prefill" and self.page_size)):
-            return False  # TMA K/V only for contiguous (non-paged) caches
         if f.mask == "custom" and self.kernel in ("single_decode", "batch_decode"):
             return False
         if self.kernel in ("single_decode", "batch_decode") and f.mask == "causal":
@@ -102,14 +99,14 @@ BATCH_PREFILL_SHAPES = [(1024, 8192), (1024, 512), (None, 512), (16, 512)]
 
 def full_grid() -> list:
     """Per kernel and head dim, every combination of the features the model distinguishes (position
-    encoding, mask, fp8 K/V, head_dim_vo, TMA); window + soft cap and fp16 alternate over them, so
+    encoding, mask, fp8 K/V, head_dim_vo); window + soft cap and fp16 alternate over them, so
     each meets half of the others (the model says they change nothing; the grid checks it)."""
     cases = []
     for head_dim in (64, 128, 256):
         combos = itertools.product(("NONE", "ALIBI", "ROPE_LLAMA"), ("causal", "custom", "none"), (False, True),
-                                   (False, True), (False, True))
-        for index, (pos, mask, fp8, half_vo, tma) in enumerate(combos):
-            f = Features(pos, mask, index % 2 == 1, fp8, half_vo, index // 2 % 2 == 1, tma)
+                                   (False, True))
+        for index, (pos, mask, fp8, half_vo) in enumerate(combos):
+            f = Features(pos, mask, index % 2 == 1, fp8, half_vo, index // 2 % 2 == 1)
             kernels = [Case("single_prefill", head_dim, f), Case("single_decode", head_dim, f, qo_len=1),
                        Case("single_prefill", head_dim, f, qo_len=233, kv_len=233, num_qo_heads=4, num_kv_heads=4),
                        Case("batch_decode", head_dim, f, qo_len=1),
@@ -159,10 +156,8 @@ def tile_features(case: Case):
     from flashtile.kernels.smem import TileFeatures
 
     f = case.features
-    # As kernels.attention.tma_enabled: contiguous fp16/bf16 K/V (supported()), no in-kernel RoPE.
-    tma = f.tma and case.supported() and not f.fp8_kv and f.pos != "ROPE_LLAMA"
     return TileFeatures(dot_tile_dim(case.head_dim), dot_tile_dim(case.head_dim_vo), 2, 1 if f.fp8_kv else 2,
-                        f.pos == "ROPE_LLAMA", f.mask == "custom", tma)
+                        f.pos == "ROPE_LLAMA", f.mask == "custom")
 
 
 def run_launcher(case: Case) -> None:
@@ -181,7 +176,6 @@ def run_launcher(case: Case) -> None:
     hq, hk, d, dvo = case.num_qo_heads, case.num_kv_heads, case.head_dim, case.head_dim_vo
     params = AttentionParams(d ** -0.5, f.mask == "causal", 30.0 if f.window_softcap else 0.0,
                              63 if f.window_softcap else -1, f.pos)
-    os.environ["FLASHTILE_TMA"] = "1" if f.tma else "0"
     if case.kernel in ("single_prefill", "single_decode"):
         qo, kv = case.qo_len, case.kv_len
         mask = torch.zeros((qo * kv + 7) // 8, dtype=torch.uint8) if f.mask == "custom" else None

@@ -1,11 +1,11 @@
 """Sweep launch configs of the single-request attention kernel on the GPU and report the best per
 shape class, so flashtile/kernels/attention.py's _CONFIG_TABLE is set from measurements.
 
-    python benchmarks/tune_attention.py --out tune.json [--only decode|prefill] [--write-configs cfg.json]
+    python benchmarks/tune_attention.py --out tune.json [--only decode|prefill]
 
 Decode kernels run for a few microseconds, far less than one call's host time, so they are timed as
-CUDA-graph replays (20 calls per graph); prefill is timed directly. --write-configs writes the best
-config per shape class in the format FLASHTILE_CONFIGS reads.
+CUDA-graph replays (20 calls per graph); prefill is timed directly. Each candidate is tried by
+replacing the shape class's table entry in this process; the winners go into the table by hand.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--only", default=None)
-    ap.add_argument("--write-configs", default=None)
     args = ap.parse_args()
     results = []
     for kind, d, name, make in CASES:
@@ -101,11 +100,6 @@ def main():
                             all=[dict(cfg=c.__dict__, us=ms * 1e3) for ms, c, _ in rows]))
         torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(results, indent=1))
-    if args.write_configs:
-        best = {}
-        for r in results:  # first case of a class wins (the list puts the headline case first)
-            best.setdefault(f"{r['kind']},{r['d']}", [r["best"][k] for k in ("block_m", "block_n", "num_warps", "num_stages")])
-        Path(args.write_configs).write_text(json.dumps(best))
     # Host cost per call in the launch-bound regime (tiny KV), eager, no CUDA graph.
     for name, make in (("decode kv64 32/8 d128", lambda: decode_case(64, 32, 8, 128)),
                        ("prefill 16x16 32/8 d128", lambda: prefill_case(16, 32, 8, 128))):

@@ -6,14 +6,9 @@ compile on first use (or ahead of time with ``python -m flashtile warmup``).
 
 __version__ = "0.1.0"
 
-import os as _os  # noqa: E402
-
 from ._core import settings as _settings  # noqa: E402
 
-# FLASHTILE_BACKEND=triton on a machine without CUDA means "run the kernels in Triton's interpreter",
-# which has to be selected before triton is imported (cheap check; nothing is compiled here).
-if _os.environ.get("FLASHTILE_BACKEND", "").lower() == "triton":
-    _settings.select_interpreter(unless_set=True)
+_settings.select_interpreter_for_backend()  # before triton is imported (cheap; nothing is compiled here)
 
 from . import activation, cascade, decode, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402
 from . import autotuner, jit  # noqa: E402  (names engines import at start-up; no kernels)

@@ -3,8 +3,7 @@
 FlashInfer profiles several implementations ("tactics") of some operations (GEMMs, MoE, cuDNN plans)
 inside ``with autotune(True):`` and keeps the winners, optionally in a JSON file. flashtile has no
 tactics to choose between: each kernel's launch configuration is picked per device from its
-properties when the kernel is first launched (``FLASHTILE_AUTOTUNE=1`` makes Triton time candidate
-configs on that first launch instead). So :func:`autotune` tunes nothing and
+properties when the kernel is first launched. So :func:`autotune` tunes nothing and
 :class:`AutoTuner` holds nothing; both exist because engines call them at start-up. vLLM's kernel
 warm-up, for one, runs ``with autotune(tune_mode=True, cache=path, skip_ops=...)`` around a dummy
 forward pass, reads the file back if it exists, and calls ``AutoTuner.get().load_configs(path)``.

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._core import settings
 from ._core.checks import HALF_DTYPES, parse_dtype
 from .jit.env import triton_cache_dir
 
@@ -72,20 +73,6 @@ DEMO_PROMPT_LEN = {"cuda": 4096, "cpu": 256}  # default prompt length per device
 DEMO_TOLERANCE = (2e-2, 2e-2)  # (atol, rtol) of a bf16/fp16 output against the float32 reference
 
 SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-ENV_KNOBS = {
-    "FLASHTILE_BACKEND": "auto (default) | triton (kernels; Triton interpreter for CPU tensors) | reference",
-    "FLASHTILE_DEBUG": "1: NaN-fill new outputs before a kernel writes them; validate device index arrays on the host",
-    "FLASHTILE_AUTOTUNE": "1: autotune launch configs on the first call of a shape class (slower first call)",
-    "FLASHTILE_DIRECT_LAUNCH": "0: launch every kernel through Triton's JITFunction.run (no cached launches)",
-    "FLASHTILE_LAUNCH_MEMO": "0: no replayed launches for the small ops (norm, activation, RoPE)",
-    "FLASHTILE_CHECK_LAUNCH": "1: check every cached or replayed launch against Triton's choice (slow; for tests)",
-    "FLASHTILE_SAMPLING_SEG": "0: the rejection-loop samplers instead of the segmented ones (docs/sampling.md)",
-    "FLASHTILE_SAMPLING_SPLIT": "0: one program per row for every batch (no row split at small batches)",
-    "TRITON_INTERPRET": "1: run Triton kernels in Triton's interpreter (CPU); must be set before kernels load",
-    "TRITON_CACHE_DIR": "Triton's on-disk kernel cache (default: $TRITON_HOME/.triton/cache, TRITON_HOME=~)",
-}
-
 
 def _parse_list(text: str) -> List[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -213,11 +200,24 @@ def _info() -> dict:
         devices=devices,
         paths=paths,
         triton_cache=dict(dir=str(cache), exists=cache.is_dir(), files=files, bytes=size),
-        env={name: os.environ.get(name) for name in ENV_KNOBS},
+        env={s.name: dict(text=settings.env(s.name), value=_setting_value(s.name), kind=s.kind, doc=s.doc)
+             for s in settings.SETTINGS.values()},
     )
 
 
+def _setting_value(name: str):
+    """The value flashtile uses for setting ``name``, or the reason the text set is refused."""
+    try:
+        return settings.get(name)
+    except ValueError as e:
+        return f"invalid: {e}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.readme:
+        path = pathlib.Path(args.readme)
+        path.write_text(settings.with_current_table(path.read_text()))
+        return 0
     info = _info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -244,11 +244,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     state = f"{c['files']} files, {_format_bytes(c['bytes'])}" if c["exists"] else "does not exist yet"
     print(f"triton cache  {c['dir']}  ({state})")
     print()
-    print("environment")
-    for name, help_text in ENV_KNOBS.items():
-        value = info["env"][name]
-        shown = "(unset)" if value is None else repr(value)
-        print(f"  {name:<19} {shown:<10} {help_text}")
+    print("environment (flashtile/_core/settings.py; value: as set, else the default)")
+    width = max(len(name) for name in info["env"])
+    for name, e in info["env"].items():
+        if e["text"] is not None:
+            shown = repr(e["text"])
+        else:
+            shown = "unset" if e["value"] is None else f"unset: {e['value']}"
+        print(f"  {name:<{width}}  {shown:<13} {e['kind']:<20} {e['doc'].replace('`', '')}")
     return 0
 
 
@@ -734,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, device, dispatch paths, Triton cache, environment")
     p.add_argument("--json", action="store_true", help="print the information as JSON")
+    p.add_argument("--readme", metavar="PATH", default=None,
+                   help="instead, rewrite the table of environment variables in this README from the settings registry")
     p.set_defaults(func=cmd_info)
 
     model, shape = DEMO_MODEL
@@ -804,18 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _select_interpreter() -> None:
-    """Without CUDA, ``FLASHTILE_BACKEND=triton`` runs the kernels in Triton's interpreter, which must
-    be chosen before Triton is imported (torch imports it on the first custom-op call)."""
-    from ._core.settings import select_interpreter
-
-    if os.environ.get("FLASHTILE_BACKEND", "").strip().lower() == "triton":
-        select_interpreter(unless_set=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    _select_interpreter()
+    settings.select_interpreter_for_backend()  # before torch imports triton (first custom-op call)
     return args.func(args)
 
 

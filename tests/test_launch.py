@@ -522,7 +522,6 @@ def test_gpu_replayed_launches_compute_each_calls_inputs(monkeypatch):
 
     monkeypatch.delenv("FLASHTILE_CHECK_LAUNCH", raising=False)
     monkeypatch.delenv("FLASHTILE_DIRECT_LAUNCH", raising=False)
-    monkeypatch.delenv("FLASHTILE_ROPE_FAST", raising=False)
     launch.reset_launch_settings()
     try:
         dev, bf = "cuda", torch.bfloat16

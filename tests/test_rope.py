@@ -196,7 +196,7 @@ def test_rope_cuda_graph_replay():
 
 
 # ---------------------------------------------------------------------------------------------
-# Token-major kernel (FLASHTILE_ROPE_FAST=1), forced on the kernel path
+# Token-major kernel, forced on the kernel path (kernels.rope.use_token_major replaced)
 # ---------------------------------------------------------------------------------------------
 
 FAST_FORMS = ["apply_rope", "apply_rope_pos_ids", "apply_llama31_rope", "apply_llama31_rope_pos_ids", "cos_sin_cache"]
@@ -208,18 +208,19 @@ FAST_SHAPES = [(13, 5, 3, 48, 32, None), (67, 4, 1, 64, 64, None), (7, 5, 3, 80,
 
 @pytest.fixture
 def fast_kernel(monkeypatch):
-    """Kernel path with FLASHTILE_ROPE_FAST=1; returns the list of fast_config calls (proof that the
-    token-major kernel ran)."""
-    return _force_rope_kernel(monkeypatch, "1")
+    """Kernel path with the token-major kernel for every form; returns the list of fast_config calls
+    (proof that the token-major kernel ran)."""
+    return _force_rope_kernel(monkeypatch, True)
 
 
-def _force_rope_kernel(monkeypatch, flag):
-    """Kernel path with FLASHTILE_ROPE_FAST=flag; returns the list of fast_config calls."""
+def _force_rope_kernel(monkeypatch, token_major):
+    """Kernel path with the token-major kernel (True), the head-block kernel (False) or each form's
+    own (None) for every form; returns the list of fast_config calls."""
     from flashtile.kernels import rope as rope_kernels
 
-    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
-    monkeypatch.setenv("FLASHTILE_ROPE_FAST", flag)
-    monkeypatch.delenv("FLASHTILE_ROPE_FAST_CONFIG", raising=False)
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")  # (reloading the settings clears the launch memos)
+    if token_major is not None:
+        monkeypatch.setattr(rope_kernels, "use_token_major", lambda use_cache: token_major)
     calls = []
     config = rope_kernels.fast_config
 
@@ -237,13 +238,13 @@ def _force_rope_kernel(monkeypatch, flag):
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("shape", FAST_SHAPES, ids=["odd", "4tok", "head_loop"])
 def test_fast_kernel(monkeypatch, device, kernel, form, interleave, inplace, shape):
-    """Every form through each kernel (FLASHTILE_ROPE_FAST=1, =0, unset: the token-major kernel for
-    the cos/sin-cache form only) on strided views of one fused QKV buffer: rotated dims against the
+    """Every form through each kernel (forced token-major, forced head-block, default: the token-major
+    kernel for the cos/sin-cache form only) on strided views of one fused QKV buffer: rotated dims against the
     float64 oracle, tails copied (out of place) or untouched (in place), v and the inputs of the
     out-of-place forms unchanged."""
     from flashtile.kernels import rope as rope_kernels
 
-    fast_kernel = _force_rope_kernel(monkeypatch, {"token_major": "1", "head_blocks": "0", "default": ""}[kernel])
+    fast_kernel = _force_rope_kernel(monkeypatch, {"token_major": True, "head_blocks": False, "default": None}[kernel])
     token_major = kernel == "token_major" or (kernel == "default" and form == "cos_sin_cache")
 
     nnz, hq, hk, d, rd, tile = shape
@@ -292,18 +293,23 @@ def test_fast_kernel(monkeypatch, device, kernel, form, interleave, inplace, sha
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fast_kernel_dtypes_and_config(fast_kernel, monkeypatch, device, dtype):
-    """bf16/fp32 through the token-major kernel, with FLASHTILE_ROPE_FAST_CONFIG fixing 2 tokens per
-    program (odd nnz: the last program has one) and 2 warps; a bad value raises ValueError."""
-    monkeypatch.setenv("FLASHTILE_ROPE_FAST_CONFIG", "2,2")
+    """bf16/fp32 through the token-major kernel, with its launch config fixed at 2 tokens per program
+    (odd nnz: the last program has one) and 2 warps."""
+    from flashtile.kernels import rope as rope_kernels
+
+    spy = rope_kernels.fast_config  # the fixture's, recording the rule's configs
+
+    def fixed_config(*args):
+        _, block_hq, block_hk, _ = spy(*args)
+        return 2, block_hq, block_hk, 2
+
+    monkeypatch.setattr(rope_kernels, "fast_config", fixed_config)
     q, k = _qk(9, 3, 2, 64, dtype, device)
     pos = torch.randint(0, 60, (9,), device=device)  # float32 angles: error ~ position * 1e-7 rad
     q_out, k_out = rope.apply_rope_pos_ids(q, k, pos, rope_theta=5e5)
-    assert fast_kernel and fast_kernel[-1][0] == 2 and fast_kernel[-1][3] == 2
+    assert fast_kernel, "the token-major kernel did not run"
     _close(q_out, _expected(q, pos, None, False, None, 1.0, 5e5), dtype)
     _close(k_out, _expected(k, pos, None, False, None, 1.0, 5e5), dtype)
-    monkeypatch.setenv("FLASHTILE_ROPE_FAST_CONFIG", "3,4")
-    with pytest.raises(ValueError, match="FLASHTILE_ROPE_FAST_CONFIG"):
-        rope.apply_rope_pos_ids(q, k, pos)
 
 
 # ---------------------------------------------------------------------------------------------

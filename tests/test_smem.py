@@ -47,9 +47,9 @@ def gpu_tables(monkeypatch):
 
 def feature_sets(head_dim: int):
     """Every TileFeatures combination for a head dim: head_dim_vo equal or half, fp8 K/V, RoPE,
-    custom mask, TMA."""
-    for half_vo, fp8, rope, mask, tma in itertools.product((False, True), repeat=5):
-        yield TileFeatures(head_dim, head_dim // 2 if half_vo else head_dim, 2, 1 if fp8 else 2, rope, mask, tma)
+    custom mask."""
+    for half_vo, fp8, rope, mask in itertools.product((False, True), repeat=4):
+        yield TileFeatures(head_dim, head_dim // 2 if half_vo else head_dim, 2, 1 if fp8 else 2, rope, mask)
 
 
 def preferred_configs(head_dim: int) -> dict:
@@ -86,7 +86,7 @@ def test_every_chosen_config_fits_and_is_the_largest_that_does(gpu_tables, targe
                     assert estimate_shared_bytes(larger.block_m, larger.block_n, larger.num_stages,
                                                  larger.num_warps, features, capability) > limit
                 checked += 1
-    assert checked > 3 * 32 * 60
+    assert checked > 3 * 16 * 60
 
 
 def test_default_configs_unchanged_on_h100(gpu_tables):
@@ -116,7 +116,6 @@ MEASURED_SM90 = [
     ("single", 128, dict(kv_bytes=1), 128, 128, 8, 3, 131072),
     ("single", 128, dict(rope=True, kv_bytes=1), 128, 128, 8, 3, 163840),
     ("single", 128, dict(d_vo=64), 128, 128, 8, 3, 180224),
-    ("single", 128, dict(tma=True), 128, 128, 8, 3, 230400),
     ("batch prefill paged", 128, dict(rope=True), 128, 32, 4, 3, 98304),  # issue 22's batch prefill call
     ("batch prefill paged", 128, {}, 128, 128, 8, 3, 229376),
 ]

@@ -70,8 +70,7 @@ def normalize_backend(backend: str) -> str:
 
 
 def _env_backend() -> str:
-    value = settings.env("FLASHTILE_BACKEND", "auto").strip().lower() or "auto"
-    return check_option("FLASHTILE_BACKEND", value, ("auto", "triton", "reference"))
+    return settings.get("FLASHTILE_BACKEND")
 
 
 def choose_path(device: torch.device, backend: str = "auto") -> Decision:

@@ -615,16 +615,16 @@ def _active_driver():
 
 
 def _read_direct_enabled() -> bool:
-    return (settings.env_flag("FLASHTILE_DIRECT_LAUNCH", True) and not settings.interpreting()
+    return (settings.get("FLASHTILE_DIRECT_LAUNCH") and not settings.interpreting()
             and torch.cuda.is_available() and triton_version_tested())
 
 
 def _read_memo_enabled() -> bool:
-    return settings.env_flag("FLASHTILE_LAUNCH_MEMO", True)
+    return settings.get("FLASHTILE_LAUNCH_MEMO")
 
 
 def _read_check_enabled() -> bool:
-    return settings.env_flag("FLASHTILE_CHECK_LAUNCH", False)
+    return settings.get("FLASHTILE_CHECK_LAUNCH")
 
 
 def _driver():

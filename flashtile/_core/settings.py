@@ -1,49 +1,154 @@
-"""flashtile's environment settings: each variable is read once, on first use.
+"""flashtile's environment settings: one registry of every environment variable the package reads.
 
-Why: an eager call of a launch-bound op (a norm, RoPE, a merge, a sampler) has a host budget of a few
-microseconds, and one ``os.environ.get`` costs about one (it encodes the name and decodes the value).
-So the ``FLASHTILE_*`` knobs that calls consult (FLASHTILE_BACKEND, FLASHTILE_DEBUG, the launch and
-kernel-choice knobs) are read once and kept; :func:`reload` forgets them, and everything derived from
-them (the launch memos, the checked-call memos, the dispatch choices, which key on the settings
-implicitly), so that the next call reads the environment again. Tools and tests that change these
-variables at run time call :func:`reload` afterwards (tests/conftest.py does it for every
+Each variable is declared once in :data:`SETTINGS` (name, kind, default, how its text is parsed, one
+line of documentation), and every read in the package goes through :func:`get` (the parsed value)
+or :func:`env` (the text as set). ``python -m flashtile info`` lists the registry and the README's
+table of environment variables is generated from it (:func:`markdown_table`, written by
+``python -m flashtile info --readme README.md``); tests/test_settings.py
+checks both, and that no other module reads ``os.environ``.
+
+Kinds (:data:`KINDS`): user features, kill-switches (turn a fast path off when it misbehaves),
+test-only switches, developer diagnostics, and external variables (defined by other software;
+flashtile reads them).
+
+Why values are cached: an eager call of a launch-bound op (a norm, RoPE, a merge, a sampler) has a
+host budget of a few microseconds, and one ``os.environ.get`` costs about one (it encodes the name
+and decodes the value). So cached settings are read once, on first use, and kept; :func:`reload`
+forgets them and everything derived from them (the launch memos, the checked-call memos, the
+dispatch choices, which key on the settings implicitly; modules register with :func:`on_reload`),
+so that the next call reads the environment again. Tools and tests that change these variables at
+run time call :func:`reload` afterwards (tests/conftest.py does it for every
 ``monkeypatch.setenv``/``delenv``). Changing them in the environment of a running process has no
 effect otherwise; set them before the first call.
 
-``TRITON_INTERPRET`` is owned here too (:func:`interpreting`, :func:`select_interpreter`): Triton
-reads it itself when ``@triton.jit`` decorates a kernel, so flashtile must read it at the same times
-Triton does, not from a cache.
+Uncached settings are read at every use: ``TRITON_INTERPRET`` (:func:`interpreting`,
+:func:`select_interpreter`), which Triton reads itself when ``@triton.jit`` decorates a kernel, so
+flashtile must read it at the same times Triton does; and Triton's cache location, read rarely.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
-__all__ = ["env", "env_flag", "reload", "on_reload", "interpreting", "select_interpreter", "INTERPRET_VARIABLE"]
+__all__ = [
+    "Setting", "SETTINGS", "KINDS", "get", "env", "reload", "on_reload", "interpreting", "select_interpreter",
+    "select_interpreter_for_backend", "markdown_table", "with_current_table", "README_TABLE_BEGIN", "README_TABLE_END",
+    "INTERPRET_VARIABLE",
+]
+
+USER_FEATURE = "user feature"
+KILL_SWITCH = "kill-switch"
+TEST_ONLY = "test-only"
+DIAGNOSTIC = "developer diagnostic"
+EXTERNAL = "external"
+KINDS: Dict[str, str] = {
+    USER_FEATURE: "a choice offered to users",
+    KILL_SWITCH: "on by default; `0` turns a fast path off should it misbehave, which is worth a report",
+    TEST_ONLY: "for flashtile's own tests; slow",
+    DIAGNOSTIC: "for comparing implementations while developing flashtile",
+    EXTERNAL: "defined by other software; flashtile reads it",
+}
+
+_OFF_WORDS = ("", "0", "false", "off", "no")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable. ``type``: "flag" (unset gives ``default``; "", "0", "false", "off",
+    "no" in any case are off, anything else on), "choice" (one of ``choices``, case and surrounding
+    space ignored; "" is the default) or "text" (the text as set, ``default`` when unset).
+    ``cached``: read once until :func:`reload` (module doc)."""
+
+    name: str
+    kind: str
+    type: str
+    default: object
+    doc: str
+    choices: Tuple[str, ...] = ()
+    cached: bool = True
+
+    def parse(self, text: Optional[str]) -> object:
+        """The value of this setting when its variable holds ``text`` (None: unset)."""
+        if text is None:
+            return self.default
+        if self.type == "flag":
+            return text.strip().lower() not in _OFF_WORDS
+        if self.type == "choice":
+            from .checks import check_option
+
+            return check_option(self.name, text.strip().lower() or self.default, self.choices)
+        return text
+
 
 INTERPRET_VARIABLE = "TRITON_INTERPRET"
 
-_values: dict = {}
+SETTINGS: Dict[str, Setting] = {s.name: s for s in (
+    Setting("FLASHTILE_BACKEND", USER_FEATURE, "choice", "auto",
+            "`auto`: kernels for CUDA tensors, the PyTorch reference for CPU tensors; `triton`: the kernels "
+            "everywhere (Triton's interpreter for CPU tensors); `reference`: the PyTorch reference everywhere",
+            choices=("auto", "triton", "reference")),
+    Setting("FLASHTILE_DEBUG", USER_FEATURE, "flag", False,
+            "fill new outputs with NaN before a kernel writes them, and copy device page tables and index "
+            "arrays to the host to validate them"),
+    Setting("FLASHTILE_DIRECT_LAUNCH", KILL_SWITCH, "flag", True,
+            "`0`: launch every kernel through Triton's `JITFunction.run` (no cached launches)"),
+    Setting("FLASHTILE_LAUNCH_MEMO", KILL_SWITCH, "flag", True,
+            "`0`: no replayed launches for the small ops (norm, activation, RoPE)"),
+    Setting("FLASHTILE_HOPPER_PREFILL", KILL_SWITCH, "flag", True,
+            "`0`: batch prefill on an H100 runs the Triton kernel instead of the warp-specialized Gluon kernel"),
+    Setting("FLASHTILE_SAMPLING_SPLIT", KILL_SWITCH, "flag", True,
+            "`0`: one program per row for every batch (no row split over programs at small batches)"),
+    Setting("FLASHTILE_SAMPLING_SEG", DIAGNOSTIC, "flag", True,
+            "`0`: the rejection-loop samplers instead of the segmented ones"),
+    Setting("FLASHTILE_CHECK_LAUNCH", TEST_ONLY, "flag", False,
+            "check every cached or replayed launch against Triton's own choice"),
+    Setting(INTERPRET_VARIABLE, EXTERNAL, "text", None,
+            "Triton: `1` runs kernels in Triton's interpreter (CPU); must be set before the kernels load",
+            cached=False),
+    Setting("TRITON_CACHE_DIR", EXTERNAL, "text", None,
+            "Triton: where compiled kernels are kept (default `$TRITON_HOME/.triton/cache`)", cached=False),
+    Setting("TRITON_HOME", EXTERNAL, "text", None,
+            "Triton: the directory holding `.triton/` (default: the home directory)", cached=False),
+    Setting("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", EXTERNAL, "text", None,
+            "CUDA MPS: the share of the GPU's SMs this process may use (sizes the samplers' grids)"),
+)}
+
+_texts: Dict[str, Optional[str]] = {}
+_values: Dict[str, object] = {}
 _listeners: List[Callable[[], None]] = []
 _UNSET = object()
 
 
+def _setting(name: str) -> Setting:
+    setting = SETTINGS.get(name)
+    if setting is None:
+        raise KeyError(f"{name} is not a registered setting: declare it in flashtile/_core/settings.py")
+    return setting
+
+
 def env(name: str, default: Optional[str] = None) -> Optional[str]:
-    """``os.environ.get(name, default)``, read once (see the module doc)."""
-    value = _values.get(name, _UNSET)
+    """The text of registered variable ``name`` as set, or ``default`` when unset (cached settings
+    are read once: module doc)."""
+    value = _texts.get(name, _UNSET)
     if value is _UNSET:
-        value = _values[name] = os.environ.get(name)
+        value = os.environ.get(name)
+        if _setting(name).cached:
+            _texts[name] = value
     return default if value is None else value
 
 
-def env_flag(name: str, default: bool) -> bool:
-    """A boolean knob: unset gives ``default``; "", "0", "false", "False" are off, anything else on."""
-    value = env(name)
-    if value is None:
-        return default
-    return value.strip() not in ("", "0", "false", "False")
+def get(name: str) -> object:
+    """The parsed value of registered setting ``name`` (:meth:`Setting.parse`)."""
+    value = _values.get(name, _UNSET)
+    if value is _UNSET:
+        setting = _setting(name)
+        value = setting.parse(env(name))
+        if setting.cached:
+            _values[name] = value
+    return value
 
 
 def on_reload(listener: Callable[[], None]) -> None:
@@ -53,6 +158,7 @@ def on_reload(listener: Callable[[], None]) -> None:
 
 def reload() -> None:
     """Forget every setting read so far and everything derived from them (module doc)."""
+    _texts.clear()
     _values.clear()
     for listener in _listeners:
         listener()
@@ -61,7 +167,7 @@ def reload() -> None:
 def interpreting() -> bool:
     """Whether Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), as Triton sees it
     now (read at every call: :func:`select_interpreter` may set it)."""
-    return os.environ.get(INTERPRET_VARIABLE) == "1"
+    return env(INTERPRET_VARIABLE) == "1"
 
 
 def select_interpreter(*, unless_set: bool = False) -> None:
@@ -71,10 +177,50 @@ def select_interpreter(*, unless_set: bool = False) -> None:
     triton is imported (it must be chosen before triton is imported to cover triton's own library):
     the rule for ``FLASHTILE_BACKEND=triton`` at import time and in the CLI."""
     if unless_set:
-        if INTERPRET_VARIABLE in os.environ or "triton" in sys.modules:
+        if env(INTERPRET_VARIABLE) is not None or "triton" in sys.modules:
             return
         import torch
 
         if torch.cuda.is_available():
             return
     os.environ[INTERPRET_VARIABLE] = "1"
+
+
+def select_interpreter_for_backend() -> None:
+    """``FLASHTILE_BACKEND=triton`` on a machine without CUDA means "run the kernels in Triton's
+    interpreter", which has to be chosen before triton is imported (at import and in the CLI; a bad
+    value is left for the first call to report)."""
+    if (env("FLASHTILE_BACKEND") or "").strip().lower() == "triton":
+        select_interpreter(unless_set=True)
+
+
+def _default_text(setting: Setting) -> str:
+    if setting.default is None:
+        return "unset"
+    if setting.type == "flag":
+        return "`1`" if setting.default else "`0`"
+    return f"`{setting.default}`"
+
+
+README_TABLE_BEGIN = "<!-- generated from flashtile/_core/settings.py: python -m flashtile info --readme README.md -->"
+README_TABLE_END = "<!-- end of the generated table -->"
+
+
+def markdown_table() -> str:
+    """The README's table of environment variables, one row per setting, after the list of kinds."""
+    kinds = ", ".join(f"*{kind}* ({meaning})" for kind, meaning in KINDS.items())
+    lines = [f"Kinds: {kinds}.", "", "| variable | kind | default | effect |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS.values():
+        lines.append(f"| `{s.name}` | {s.kind} | {_default_text(s)} | {s.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def with_current_table(readme: str) -> str:
+    """``readme`` with the text between its table markers replaced by :func:`markdown_table`
+    (tests/test_settings.py checks the README is unchanged by it)."""
+    head, begin, rest = readme.partition(README_TABLE_BEGIN + "\n")
+    _, end, tail = rest.partition(README_TABLE_END)
+    if not begin or not end:
+        raise ValueError(f"the README has no {README_TABLE_BEGIN!r} ... {README_TABLE_END!r} section")
+    return head + begin + markdown_table() + end + tail
+

@@ -9,15 +9,17 @@ autotune cache after the last two parts of this path).
 import os
 import pathlib
 
+from .._core import settings
+
 __all__ = ["FLASHINFER_WORKSPACE_DIR", "triton_cache_dir"]
 
 
 def triton_cache_dir() -> pathlib.Path:
     """Where Triton keeps compiled kernels: ``TRITON_CACHE_DIR``, else ``$TRITON_HOME/.triton/cache``."""
-    explicit = os.environ.get("TRITON_CACHE_DIR")
+    explicit = settings.env("TRITON_CACHE_DIR")
     if explicit:
         return pathlib.Path(explicit).expanduser()
-    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+    home = settings.env("TRITON_HOME") or os.path.expanduser("~")
     return pathlib.Path(home) / ".triton" / "cache"
 
 

@@ -23,7 +23,6 @@ Pointer shapes (strides are passed, so NHD and HND views and strided q work with
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,14 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.device import compute_capability, num_sms, shared_memory_limit
+from .._core.device import num_sms
 from .._core.intmath import cdiv, dot_tile_dim
 from .._core.launch import direct_launch
-
-try:  # host-side tensor descriptors (TMA); absent in old Triton builds
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
 
 from .._core.params import AttentionParams
 from .._core import tile_policy
@@ -47,7 +41,7 @@ from ..reference.positional import alibi_slopes
 from ..scheduler.split_kv import plan_kv_splits
 from ..scheduler.worklist import DECODE_ITEM_FIELDS, decode_layout
 from .merge import merge_attention_states
-from .smem import TileFeatures, device_config, estimate_shared_bytes, launch_within_limit
+from .smem import TileFeatures, device_config, launch_within_limit
 from .tiles import attend_range, head_inputs, load_q, store_state, tile_ranges
 
 LOG2E = 1.4426950408889634
@@ -58,7 +52,7 @@ DECODE_ITEM_STRIDE = tl.constexpr(len(DECODE_ITEM_FIELDS))
 @direct_launch
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, MASK, SLOPES, K_DESC, V_DESC,
+    Q, K, V, O, LSE, MASK, SLOPES,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -71,7 +65,7 @@ def _attention_fwd_kernel(
     D_QK: tl.constexpr, D_VO: tl.constexpr,  # head dims padded to powers of two (>= 16) for tl.dot
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr, USE_TMA: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
@@ -102,8 +96,8 @@ def _attention_fwd_kernel(
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
         start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
-        rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head, 0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL,
-        HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL,
+        HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT)
     o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
     store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
@@ -167,8 +161,8 @@ def _batch_decode_kernel(
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp, K, slopes,
         positions, tokens, row_ok, start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, K, V, 0, 0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False,
-        HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, False, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False,
+        HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT)
     if single:
         store_state(O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh,
                     LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, False)
@@ -180,8 +174,7 @@ def _batch_decode_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations, declared as data. A config is chosen from a table keyed on the shape
-# class (decode vs prefill, padded head dim); FLASHTILE_AUTOTUNE=1 autotunes over the pruned list
-# instead (slower first call). Under the interpreter one small config keeps CPU tests fast.
+# class (decode vs prefill, padded head dim). Under the interpreter one small config keeps CPU tests fast.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -215,30 +208,7 @@ _CONFIG_TABLE = {
 }
 
 
-def load_config_overrides(path: str) -> None:
-    """Replace table entries from a JSON file ``{"decode,128": [block_m, block_n, warps, stages], ...}``
-    (what ``benchmarks/tune_attention.py --write-configs`` produces). Set FLASHTILE_CONFIGS=path."""
-    import json
-
-    with open(path) as f:
-        for key, (bm, bn, w, st) in json.load(f).items():
-            kind, d = key.split(",")
-            _CONFIG_TABLE[(kind, int(d))] = LaunchConfig(int(bm), int(bn), int(w), int(st))
-
-
-if os.environ.get("FLASHTILE_CONFIGS"):
-    load_config_overrides(os.environ["FLASHTILE_CONFIGS"])
 INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
-
-# Autotuning candidates: every combination, pruned by shared-memory and register footprint.
-AUTOTUNE_CANDIDATES = [
-    LaunchConfig(bm, bn, w, s)
-    for bm in (16, 64, 128)
-    for bn in (32, 64, 128)
-    for w in (4, 8)
-    for s in (2, 3, 4)
-]
-
 
 
 def check_fp8_head_dims(kv: torch.Tensor, head_dim_qk: int, head_dim_vo: int) -> None:
@@ -253,33 +223,6 @@ def check_fp8_head_dims(kv: torch.Tensor, head_dim_qk: int, head_dim_vo: int) ->
         "GPU kernels yet; pass float16/bfloat16 K/V for this head-dim pair")
 
 
-def tma_enabled(k: torch.Tensor, v: torch.Tensor, head_dim_qk: int, head_dim_vo: int, use_rope: bool) -> bool:
-    """Whether K/V tiles may come through tensor descriptors (TMA on Hopper): FLASHTILE_TMA=1 (off by
-    default until measured), fp16/bf16 K/V, power-of-two head dims (no padding), no in-kernel RoPE (it
-    reads partner columns through pointers), 16-byte aligned base and row/head strides. K and V are
-    ``[rows, heads, D]`` views."""
-    if os.environ.get("FLASHTILE_TMA") != "1" or use_rope or TensorDescriptor is None:
-        return False
-    if k.dtype not in (torch.float16, torch.bfloat16) or v.dtype != k.dtype:
-        return False
-    if head_dim_qk != dot_tile_dim(head_dim_qk) or head_dim_vo != dot_tile_dim(head_dim_vo):
-        return False
-    for x in (k, v):
-        if x.numel() == 0 or x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8 or x.stride(2) != 1:
-            return False
-    return True
-
-
-def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, use_tma: bool):
-    """Tensor descriptors over K and V seen as ``[heads, rows, D]`` with ``[1, block_n, D]`` blocks, or
-    the tensors themselves (unused placeholders) without TMA."""
-    if not use_tma:
-        return k, v
-    return tuple(TensorDescriptor(x, shape=[x.shape[1], x.shape[0], x.shape[2]],
-                                  strides=[x.stride(1), x.stride(0), 1], block_shape=[1, block_n, x.shape[2]])
-                 for x in (k, v))
-
-
 _slopes: dict = {}
 
 
@@ -292,45 +235,11 @@ def alibi_slopes_of(num_heads: int, device: torch.device) -> torch.Tensor:
     return slopes
 
 
-def _prune(candidates, kind: str, features: TileFeatures, num_rows: int, device: torch.device):
-    out = []
-    limit, capability = shared_memory_limit(device), compute_capability(device)
-    d_pad = max(features.d_qk, features.d_vo)
-    for c in candidates:
-        if kind == "decode" and c.block_m > dot_tile_dim(num_rows):
-            continue
-        if limit is not None and estimate_shared_bytes(c.block_m, c.block_n, c.num_stages, c.num_warps, features,
-                                                       capability) > limit:
-            continue
-        if c.block_m * d_pad > 128 * 256 or c.block_m * c.block_n > 128 * 128:
-            continue
-        out.append(c)
-    return out
-
-
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:
     """The table's config for a shape class (the launchers then fit it to the device: smem.py)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
     return _CONFIG_TABLE[(kind, d_pad)]
-
-
-_autotune_cache: dict = {}
-
-
-def _autotuned_config(key, candidates, launch) -> LaunchConfig:
-    """Time every candidate once for this shape class (FLASHTILE_AUTOTUNE=1) and remember the best."""
-    if key not in _autotune_cache:
-        best, best_ms = None, float("inf")
-        for c in candidates:
-            try:
-                ms = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
-            except Exception:  # a config that fails to compile (out of resources) is skipped
-                continue
-            if ms < best_ms:
-                best, best_ms = c, ms
-        _autotune_cache[key] = best
-    return _autotune_cache[key]
 
 
 def single_attention_forward(
@@ -372,7 +281,6 @@ def single_attention_forward(
     sm_scale, v_scale = params.sm_scale, params.v_scale
     dummy = out  # placeholder pointer for absent optional tensors (never dereferenced)
     alibi = alibi_slopes_of(num_qo_heads, device) if use_alibi else None
-    use_tma = tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
 
     def launch(cfg: LaunchConfig, splits: int, chunk: int, o_buf, lse_buf, partial: bool):
         num_m_blocks = cdiv(num_rows, cfg.block_m)
@@ -383,11 +291,10 @@ def single_attention_forward(
             o_strides = (0, o_buf.stride(0), o_buf.stride(1))
             l_strides = (0, lse_buf.stride(0), lse_buf.stride(1))
         grid = (num_m_blocks, num_kv_heads, splits)
-        k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
         _attention_fwd_kernel[grid](
             q, k, v, o_buf, lse_buf,
             packed_mask if packed_mask is not None else dummy,
-            alibi if alibi is not None else dummy, k_desc, v_desc,
+            alibi if alibi is not None else dummy,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             *o_strides, *l_strides,
             qo_len, kv_len, chunk, num_m_blocks,
@@ -396,17 +303,12 @@ def single_attention_forward(
             GROUP=group, HEAD_DIM_QK=head_dim_qk, HEAD_DIM_VO=head_dim_vo, D_QK=d_qk, D_VO=d_vo,
             CAUSAL=bool(causal) and packed_mask is None, HAS_WINDOW=window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=logits_soft_cap > 0,
-            USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial, USE_TMA=use_tma,
+            USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None,
-                            use_tma)
+    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
     preferred = choose_config(kind, max(d_qk, d_vo))
-    if os.environ.get("FLASHTILE_AUTOTUNE") == "1" and not INTERPRET:
-        candidates = _prune(AUTOTUNE_CANDIDATES, kind, features, num_rows, device)
-        key = (kind, features, group, causal, q.dtype, k.dtype, qo_len > 1)
-        preferred = _autotuned_config(key, candidates, lambda c: launch(c, 1, kv_len, out, lse, False)) or preferred
     vary_block_m = kind == "prefill"  # decode row tiles are 16 already
     cfg = device_config(preferred, features, device, vary_block_m=vary_block_m)
 

@@ -48,8 +48,6 @@ from .attention import (
     LaunchConfig,
     alibi_slopes_of,
     check_fp8_head_dims,
-    kv_descriptors,
-    tma_enabled,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
 from .prefill_plan import item_and_head, item_fields, request_of_item
@@ -75,7 +73,6 @@ def _item_first_keys(TOKEN_POS, token_pos_entry, prefix_len, positions, row_ok, 
 @triton.jit
 def _batch_prefill_kernel(
     Q, K, V, O, LSE, PART_O, PART_LSE, MASK, SLOPES, PAGE_INDICES, COUNTS, REQS, ITEMS, MULTI_ITEM_REQS, TOKEN_POS,
-    K_DESC, V_DESC,
     stride_qt, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
@@ -86,7 +83,7 @@ def _batch_prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr,
     D_VO: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -128,9 +125,9 @@ def _batch_prefill_kernel(
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, PAGE_SIZE, stride_kp, stride_vp,
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
-        sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale, K_DESC, V_DESC, kv_head,
-        kv_offset, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
-        USE_ROPE, PAGED, USE_TMA, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
+        sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
+        HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
+        USE_ROPE, PAGED, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
         MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key)
     if slot < 0:
         store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
@@ -238,16 +235,14 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
         v_strides = (0, v.stride(0), v.stride(1))
         page_size = 1
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
-    use_tma = not paged and tma_enabled(k, v, head_dim_qk, head_dim_vo, use_rope)
-    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None, use_tma)
+    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
 
     def launch(cfg: LaunchConfig) -> None:
-        k_desc, v_desc = kv_descriptors(k, v, cfg.block_n, use_tma)
         _batch_prefill_kernel[(num_items * num_kv_heads,)](
             q, k, v, out, lse, part_o, part_lse, packed_mask if packed_mask is not None else meta,
             alibi_slopes if alibi_slopes is not None else lse, page_indices if paged else meta, counts, reqs, items,
             multi_item_requests if multi_item_requests is not None else meta,
-            token_pos_in_items if token_pos_in_items is not None else meta, k_desc, v_desc,
+            token_pos_in_items if token_pos_in_items is not None else meta,
             q.stride(0), q.stride(1), *k_strides, *v_strides,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             num_kv_heads,
@@ -257,7 +252,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             D_VO=d_vo, CAUSAL=causal, HAS_WINDOW=params.window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=params.logits_soft_cap > 0,
             USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
-            PAGED=paged, USE_TMA=use_tma, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
+            PAGED=paged, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
             PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
             INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
             MULTI_ITEM=multi_item_requests is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

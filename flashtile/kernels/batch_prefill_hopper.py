@@ -25,9 +25,8 @@ states, so the merge kernel and CUDA-graph mode are shared.
 Scope (:func:`hopper_prefill_views` decides): fp16/bf16 Q/K/V with head dim 64 or 128 (both),
 causal or no mask, no window, soft cap, ALiBi, RoPE or custom mask; 128-row tiles; GQA groups of
 1..16 (powers of two); ragged K/V with heads adjacent in memory, or pages of any size in NHD or
-HND layout. Everything else runs the Triton kernel. Switches for A/B measurements:
-``FLASHTILE_HOPPER_PREFILL=0`` (the Triton kernel), ``FLASHTILE_HOPPER_GATHER=1`` (gather mode
-for every paged cache), ``FLASHTILE_HOPPER_O_TMA=0`` (outputs stored from registers).
+HND layout. Everything else runs the Triton kernel, as does every call with the kill-switch
+``FLASHTILE_HOPPER_PREFILL=0``.
 
 Only the GPU runs this module (the interpreter cannot run Gluon): the same request-by-request tests
 check it on the H100 (tests/test_batch_prefill.py).
@@ -36,11 +35,11 @@ check it on the H100 (tests/test_batch_prefill.py).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 
+from .._core import settings
 from .._core.launch import direct_launch
 
 try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hopper_prefill_views.
@@ -83,8 +82,9 @@ RECORD_FIELDS = 12
 
 
 def hopper_prefill_enabled() -> bool:
-    """``FLASHTILE_HOPPER_PREFILL=0`` turns the warp-specialized kernel off (the Triton kernel runs)."""
-    return os.environ.get("FLASHTILE_HOPPER_PREFILL", "1") != "0"
+    """``FLASHTILE_HOPPER_PREFILL=0`` turns the warp-specialized kernel off (the Triton kernel runs;
+    read once: _core/settings.py)."""
+    return settings.get("FLASHTILE_HOPPER_PREFILL")
 
 
 def _kv_rows(x: torch.Tensor, paged: bool) -> Optional[tuple]:
@@ -121,11 +121,9 @@ def _kv_rows(x: torch.Tensor, paged: bool) -> Optional[tuple]:
 
 def use_gather(page_size: Optional[int]) -> bool:
     """Paged K/V through cp.async gathers instead of TMA boxes: pages a box cannot serve (fewer than 8
-    keys, or not dividing BLOCK_N), or every paged cache with ``FLASHTILE_HOPPER_GATHER=1``."""
+    keys, or not dividing BLOCK_N)."""
     if page_size is None:
         return False
-    if os.environ.get("FLASHTILE_HOPPER_GATHER", "") == "1":
-        return True
     return page_size % 8 != 0 or page_size > BLOCK_N or BLOCK_N % page_size != 0
 
 
@@ -697,7 +695,7 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
     else:
         k_desc = _kv_descriptor(k, paged, head_dim, k_view_rows, *k_view[:2])
         v_desc = _kv_descriptor(v, paged, head_dim, v_view_rows, *v_view[:2])
-    o_tma = out_tma_ok(out, q) and os.environ.get("FLASHTILE_HOPPER_O_TMA", "1") != "0"
+    o_tma = out_tma_ok(out, q)
     # A consumer's 64 rows leave as one box per query head (or as half of one head's 128 tokens).
     o_desc = _token_descriptor(out, min(tokens, BLOCK_M // 2)) if o_tma else q_desc
     coords = (*k_view[2:], max(k_view_rows, v_view_rows))  # rows_per_page, head_row, head_col, a row past both views

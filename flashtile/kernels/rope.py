@@ -24,8 +24,9 @@ it resolves positions and cos/sin, and reads each token's cos/sin row once. ``_r
 (head blocks): a program takes a few tokens of one block of q or k heads. On the H100 the token-major
 kernel is faster with a cos/sin cache (8192 tokens, 32/8 heads: 64.2 against 66.9 us) and slower when
 it computes sin/cos (the Llama 3.1 form: 69.8 against 65.9 us: it evaluates them in two layouts), so
-the cache form takes it by default; FLASHTILE_ROPE_FAST=1 / 0 forces one kernel for every form
-(docs/small_ops.md, "Where the time goes").
+the cache form takes it and the other forms the head-block kernel (:func:`use_token_major`; both
+kernels handle every form, and the tests run each form through both; docs/small_ops.md, "Where the
+time goes").
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import triton.language as tl
 
 from .._core.device import num_sms
 from .._core.intmath import cdiv, next_power_of_2
-from .._core import settings
 from .._core.launch import LaunchMemo, direct_launch, tensor_key
 
 TILE = 4096  # elements (both halves of the rotated dims) per program
@@ -132,7 +132,7 @@ def _rope_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Token-major kernel (default with a cos/sin cache; FLASHTILE_ROPE_FAST=1 for every form)
+# Token-major kernel (the cos/sin-cache form's)
 # ---------------------------------------------------------------------------------------------
 
 FAST_TILE = 4096  # elements of one half (the a or the b elements) of a program's q tile
@@ -142,9 +142,8 @@ FAST_PROGRAMS_PER_SM = 4  # fewer tokens per program while the grid would give f
 
 def use_token_major(use_cache: bool) -> bool:
     """The token-major kernel for the cos/sin-cache form, the head-block kernel otherwise (the faster
-    one of each on the H100); FLASHTILE_ROPE_FAST=1 / 0 forces one (read once: _core/settings.py)."""
-    forced = settings.env("FLASHTILE_ROPE_FAST")
-    return use_cache if forced not in ("0", "1") else forced == "1"
+    one of each on the H100)."""
+    return use_cache
 
 
 @triton.jit
@@ -303,21 +302,6 @@ def _rope_tokens_kernel(
                             cos, sin, HEAD_DIM, ROTARY_DIM, HALF_PAD, TAIL_PAD, INTERLEAVE, COPY_TAIL, BLOCK_HK)
 
 
-def _config_override() -> Optional[tuple[int, int]]:
-    """FLASHTILE_ROPE_FAST_CONFIG="BLOCK_T,num_warps" (powers of two) fixes both, for the H100 sweep in
-    benchmarks/gpu_check.sh; unset: the rule in :func:`fast_config`."""
-    text = settings.env("FLASHTILE_ROPE_FAST_CONFIG")
-    if not text:
-        return None
-    try:
-        block_t, num_warps = (int(v) for v in text.split(","))
-    except ValueError:
-        block_t = num_warps = 0
-    if block_t < 1 or num_warps < 1 or block_t & (block_t - 1) or num_warps & (num_warps - 1):
-        raise ValueError(f"FLASHTILE_ROPE_FAST_CONFIG: expected 'BLOCK_T,num_warps' (powers of two), got {text!r}")
-    return block_t, num_warps
-
-
 def fast_config(nnz: int, num_q_heads: int, num_k_heads: int, half_pad: int, num_sms: int) -> tuple[int, int, int, int]:
     """``(BLOCK_T, BLOCK_HQ, BLOCK_HK, num_warps)`` of the token-major kernel: all heads of a token in
     one tile while a half-tile stays within FAST_TILE elements; then as many tokens (up to
@@ -328,9 +312,6 @@ def fast_config(nnz: int, num_q_heads: int, num_k_heads: int, half_pad: int, num
     block_hq = min(next_power_of_2(num_q_heads), max_heads)
     block_hk = min(next_power_of_2(num_k_heads), max_heads)
     widest = max(block_hq, block_hk) * half_pad
-    override = _config_override()
-    if override is not None:
-        return override[0], block_hq, block_hk, override[1]
     block_t = min(FAST_MAX_BLOCK_T, max(1, FAST_TILE // widest))
     while block_t > 1 and cdiv(nnz, block_t) < FAST_PROGRAMS_PER_SM * num_sms:
         block_t //= 2
@@ -389,8 +370,6 @@ def apply_rope(
         if head_size is not None:
             q, k, q_out, k_out = _heads_views(q, k, q_out, k_out, head_size)
             head_size = None
-        # The FLASHTILE_ROPE_FAST* knobs that pick the kernel are not in the key: the memos are cleared
-        # when settings are reloaded.
         key = (tensor_key(q), tensor_key(k),
                None if q_out is q else tensor_key(q_out), None if k_out is k else tensor_key(k_out),
                *(None if t is None else tensor_key(t) for t in optional), rotary_dim, interleave, rope_scale,

@@ -18,7 +18,7 @@ Two product paths allocate differently:
   the asynchronous products; a K/V tile the product reads straight from its copy has one buffer
   per stage, a tile that is transformed first (RoPE, fp8 upcast) one fewer plus the re-staged copy;
 - mma (sm_8x, sm_12x, and row tiles of 16 on sm_90): operands are read into registers, so loads
-  keep one buffer fewer than the stages (TMA copies: one per stage), and layout conversions (Q, the
+  keep one buffer fewer than the stages, and layout conversions (Q, the
   probabilities) need scratch.
 Other architectures get the larger of the two models.
 """
@@ -44,7 +44,6 @@ class TileFeatures(NamedTuple):
     d_qk, d_vo: head dims padded for ``tl.dot`` (powers of two, >= 16).
     q_bytes, kv_bytes: element sizes of Q and of K/V (1 for fp8 K/V, upcast in the kernel).
     rope: in-kernel RoPE (ROPE_LLAMA). custom_mask: a packed custom mask.
-    tma: K/V tiles through tensor descriptors (their barriers).
     Window, soft cap, ALiBi, causal masking and paging change no allocation (measured).
     A NamedTuple: launchers build one per call, and it keys the fitted-config memo (host time).
     """
@@ -55,7 +54,6 @@ class TileFeatures(NamedTuple):
     kv_bytes: int = 2
     rope: bool = False
     custom_mask: bool = False
-    tma: bool = False
 
 
 def _uses_wgmma(capability: tuple, block_m: int, num_warps: int) -> bool:
@@ -96,7 +94,7 @@ def _wgmma_bytes(block_m: int, block_n: int, stages: int, f: TileFeatures) -> in
 def _mma_bytes(block_m: int, block_n: int, stages: int, f: TileFeatures) -> int:
     k_tile = block_n * f.d_qk * f.kv_bytes
     v_tile = block_n * f.d_vo * f.kv_bytes
-    buffers = stages if f.tma else max(stages - 1, 1)  # descriptor copies land where the loop reads them
+    buffers = max(stages - 1, 1)
     total = buffers * (k_tile + v_tile + (k_tile if f.rope else 0))
     total += block_m * f.d_qk * f.q_bytes + block_m * block_n * f.q_bytes  # Q and P layout conversions
     total += _restaged(block_n, f)
@@ -109,13 +107,12 @@ def estimate_shared_bytes(block_m: int, block_n: int, num_stages: int, num_warps
                           capability: tuple = (9, 0)) -> int:
     """Bytes of shared memory the attention kernel needs at this configuration (an upper bound of
     what Triton allocates; see the module doc). ``capability``: the device's (major, minor)."""
-    extra = 1024 if features.tma else 0  # the copies' barriers
     if _uses_wgmma(capability, block_m, num_warps):
-        return _wgmma_bytes(block_m, block_n, num_stages, features) + extra
-    mma = _mma_bytes(block_m, block_n, num_stages, features) + extra
+        return _wgmma_bytes(block_m, block_n, num_stages, features)
+    mma = _mma_bytes(block_m, block_n, num_stages, features)
     if capability[0] in (7, 8, 9, 12):
         return mma
-    return max(mma, _wgmma_bytes(block_m, block_n, num_stages, features) + extra)
+    return max(mma, _wgmma_bytes(block_m, block_n, num_stages, features))
 
 
 def config_candidates(preferred, vary_block_m: bool) -> Iterator:

@@ -54,11 +54,10 @@ def attend_tiles(
     page_table, page_size, stride_kp, stride_vp,
     mask_ptr, slopes, positions, tokens, row_ok,
     start, end, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
-    k_desc, v_desc, desc_head, desc_row0,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    USE_TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
     MULTI_ITEM: tl.constexpr, prefix_len, item_first_key,
 ):
@@ -66,9 +65,6 @@ def attend_tiles(
 
     PAGED: key ``j`` of the request is slot ``j % page_size`` of page ``page_table[j // page_size]``
     (``page_table`` points at the request's first page id); otherwise keys are rows ``stride_kt`` apart.
-    USE_TMA (contiguous keys, unpadded head dims, no RoPE): K/V tiles come through tensor descriptors
-    ``[kv_heads, rows, D]`` at row ``desc_row0 + key`` of head ``desc_head``; rows past ``kv_len``
-    (the next request's, or zero fill) are masked like pointer loads are.
     MULTI_ITEM (batch prefill's multi-item scoring, with CAUSAL): in a masked tile a row also sees a key
     only inside the prefix (``< prefix_len``) or from its ``item_first_key`` on (batch_prefill.py).
     """
@@ -83,9 +79,7 @@ def attend_tiles(
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n  # [BLOCK_N] key positions
         col_ok = cols < kv_len
-        if USE_TMA:
-            k = k_desc.load([desc_head, desc_row0 + n0, 0]).reshape([BLOCK_N, D_QK])
-        elif PAGED:
+        if PAGED:
             if PREFETCH_PAGES:
                 # The page ids come from the previous iteration. Loaded in this one, they make the K/V
                 # copies "indirect" for Triton's pipeliner, which then waits for every copy at the top
@@ -105,17 +99,16 @@ def attend_tiles(
         else:
             k_rows = cols * stride_kt
             v_rows = cols * stride_vt
-        if not USE_TMA:
-            k_ptrs = k_base + k_rows[:, None] + offs_dqk[None, :]
-            if MASKED:
-                k_mask = col_ok[:, None] & dqk_ok[None, :]
-                k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [N, D_QK]
-            elif HEAD_DIM_QK == D_QK:  # interior tile, unpadded head dim: unpredicated loads
-                k_mask = dqk_ok[None, :]
-                k = tl.load(k_ptrs)
-            else:
-                k_mask = dqk_ok[None, :]
-                k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+        k_ptrs = k_base + k_rows[:, None] + offs_dqk[None, :]
+        if MASKED:
+            k_mask = col_ok[:, None] & dqk_ok[None, :]
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [N, D_QK]
+        elif HEAD_DIM_QK == D_QK:  # interior tile, unpadded head dim: unpredicated loads
+            k_mask = dqk_ok[None, :]
+            k = tl.load(k_ptrs)
+        else:
+            k_mask = dqk_ok[None, :]
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         if USE_ROPE:
             partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
             k_partner = tl.load(k_base + k_rows[:, None] + partner_d[None, :], mask=k_mask, other=0.0)
@@ -148,18 +141,13 @@ def attend_tiles(
             s = tl.where(visible, s, float("-inf"))
 
         m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
-        if USE_TMA:
-            v = v_desc.load([desc_head, desc_row0 + n0, 0]).reshape([BLOCK_N, D_VO])
-            if MASKED:  # rows past kv_len may hold anything (0 * NaN would poison the sum)
-                v = tl.where(col_ok[:, None], v, 0.0)
+        v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
+        elif HEAD_DIM_VO == D_VO:
+            v = tl.load(v_ptrs)
         else:
-            v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
-            if MASKED:
-                v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
-            elif HEAD_DIM_VO == D_VO:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
         acc += mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
 
@@ -227,11 +215,10 @@ def attend_range(
     mask_ptr, slopes, positions, tokens, row_ok,
     start, full_start, full_end, hi, kv_len,
     sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
-    k_desc, v_desc, desc_head, desc_row0,
     HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr = False, INT32_PAGE_OFFSETS: tl.constexpr = False,
     MULTI_ITEM: tl.constexpr = False, prefix_len=0, item_first_key=0,
 ):
@@ -255,28 +242,28 @@ def attend_range(
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, False, BLOCK_N, UPCAST_DOT,
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, False, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, skip_lo, kv_len, sm_scale, qk_scale_log2, soft_cap,
-        window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
-        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, USE_TMA, True, BLOCK_N, UPCAST_DOT,
+        window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
+        HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
     if MULTI_ITEM:  # the masked tiles after the skipped ones
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
             mask_ptr, slopes, positions, tokens, row_ok, skip_hi, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
-            window_left, rope_log2_theta, rope_inv_scale, k_desc, v_desc, desc_head, desc_row0, HEAD_DIM_QK,
+            window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK,
             HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED,
-            USE_TMA, True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
+            True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
             item_first_key)
     return finalize_state(m_i, l_i, acc)
 
