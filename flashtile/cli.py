@@ -86,7 +86,6 @@ ENV_KNOBS = {
     "FLASHTILE_DIRECT_LAUNCH": "0: launch every kernel through Triton's JITFunction.run (no cached launches)",
     "FLASHTILE_LAUNCH_MEMO": "0: no replayed launches for the small ops (norm, activation, RoPE)",
     "FLASHTILE_CHECK_LAUNCH": "1: check every cached or replayed launch against Triton's choice (slow; for tests)",
-    "FLASHTILE_SAMPLING_SEG": "0: the rejection-loop samplers instead of the segmented ones (docs/sampling.md)",
     "FLASHTILE_SAMPLING_SPLIT": "0: one program per row for every batch (no row split at small batches)",
     "TRITON_INTERPRET": "1: run Triton kernels in Triton's interpreter (CPU); must be set before kernels load",
     "TRITON_CACHE_DIR": "Triton's on-disk kernel cache (default: $TRITON_HOME/.triton/cache, TRITON_HOME=~)",

@@ -69,7 +69,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
 _PARAM_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ORDERS = ("top_k_first", "joint")
-DRAW_STRIDE = 64  # Philox counters per output row (kernels.sampling.DRAW_STRIDE)
+DRAW_STRIDE = 64  # Philox counters per output row (flashtile/kernels/sampling/common.py: DRAW_STRIDE)
 
 Param = Union[int, float, torch.Tensor]
 Samples = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
