@@ -405,8 +405,8 @@ def top_k_top_p_sampling_from_probs(
     """Top-k and top-p together.
 
     ``filter_apply_order="top_k_first"``: top-p applied to the top-k renormalized distribution (the
-    kernel finds the top-k set exactly, then runs the rejection loop inside it). ``"joint"``: a token
-    must pass both rules on the original distribution (one rejection loop).
+    kernel finds the top-k set exactly, then samples inside it). ``"joint"``: a token must pass both
+    rules on the original distribution (both checked in one sampling loop).
 
     Args:
         probs: ``[batch, vocab]`` float32/float16/bfloat16.

@@ -13,7 +13,7 @@ Randomness: the draws of output row ``i`` use Philox-4x32-10 with seed ``seed_i`
 ``offset_i`` on, ``offset_i = offset + i * DRAW_STRIDE`` when one (seed, offset) serves the batch.
 Seed and offset may be read from device tensors, so a captured CUDA graph replays with new values.
 
-The filters (flashtile/reference/sampling.py has the float64 definitions): for a value ``v`` write
+The filters (flashtile/reference/sampling.py computes the same sets with sorts): for a value ``v`` write
 ``cnt(v) = count{p > v}`` and ``mass(v) = sum{p : p > v}``; then ``v`` is kept when ``cnt(v) < k``
 (top-k), ``mass(v) < top_p * total or cnt(v) == 0`` (top-p) and ``v >= min_p * max`` (min-p). Every
 rule is monotone in ``v``, so a filter set is ``{p >= tau}`` with ``tau`` its smallest kept value, and

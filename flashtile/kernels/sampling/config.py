@@ -9,6 +9,8 @@ memos after a change). The values were chosen by sweeping them on an H100 over t
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 from ..._core import dispatch, settings
@@ -57,7 +59,7 @@ SEG_WAVE_COLS = 32
 SEG_WAVE_SUB_COLS = 16
 
 # Row split: while batch x chunks fits the SMs, a row's tokens are cut into chunks and every chunk gets its
-# own program (docs/sampling.md "Row split").
+# own program (docs/sampling.md "Launch layouts").
 SPLIT_CHUNK = 4096  # smallest chunk (tokens per program); a multiple of SEG_ROWS * SEG_COLS * SEG_UNROLL
 SPLIT_WARPS = 8
 SPLIT_MAX_CHUNK = 1 << 20  # largest chunk with one program per SM
@@ -144,30 +146,36 @@ def seg_config(vocab: int, interpreted: bool, *, filtered: bool, count: bool, un
     seg_len = cdiv(cdiv(vocab, nseg), w * unroll) * w * unroll
     sub_len = cdiv(cdiv(seg_len, nsub), cw) * cw
     grid = {}  # the kernel's default first-pass grid
+    # Candidates per draw and pivot lanes; with top-k or top-p the first NQ lanes measure the queued
+    # candidates (the kernel's NC).
     if not filtered:
-        nq, nc, np_ = 2, 0, 1  # plain sampling: one draw (two lanes: size-1 tiles spill), always kept
+        nq, np_ = 2, 1  # plain sampling: one draw (two lanes: size-1 tiles spill), always kept
     elif not count:
-        nq, nc, np_ = SEG_NQ, 0, SEG_PIVOTS_MIN_P  # min-p: no candidate is queued (judged at once by the threshold)
+        nq, np_ = SEG_NQ, SEG_PIVOTS_MIN_P  # min-p: no candidate is queued (judged at once by the threshold)
         assert np_ >= 1 and np_ & (np_ - 1) == 0, "SEG_PIVOTS_MIN_P: a power of 2"
     elif top_p_only:
-        nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS_TOP_P
+        nq, np_ = SEG_NQ, SEG_PIVOTS_TOP_P
         assert np_ >= nq and np_ & (np_ - 1) == 0, "SEG_PIVOTS_TOP_P: a power of 2 >= SEG_NQ"
         grid = dict(GRID_STEP=SEG_TOP_P_GRID_STEP, GRID_OFF=SEG_TOP_P_GRID_OFF)
     else:
-        nq, nc, np_ = SEG_NQ, SEG_NQ, SEG_PIVOTS
+        nq, np_ = SEG_NQ, SEG_PIVOTS
         assert np_ >= max(4, nq + 1) and np_ & (np_ - 1) == 0, "SEG_PIVOTS: a power of 2 >= max(4, SEG_NQ + 1)"
-    return dict(seg_len=seg_len, sub_len=sub_len, NQ=nq, NC=nc, NP=np_, NSEG=nseg, W=w, NSUB=nsub, CW=cw, C3=c3,
+    return dict(seg_len=seg_len, sub_len=sub_len, NQ=nq, NP=np_, NSEG=nseg, W=w, NSUB=nsub, CW=cw, C3=c3,
                 STAGES=stages, UNROLL=unroll, num_warps=warps, **grid, **extra)
 
 
-class SamplerLaunch:
+class SamplerLaunch(NamedTuple):
     """How ``filtered_sampling`` runs a batch: the grid, the segment sizes, the number of chunks per row
     (1: one program per row), the kernel's size constexprs and launch options (``kwargs``), and the sizes
     of the scratch tensors of a split row (None: not needed)."""
 
-    def __init__(self, grid, seg_len, sub_len, nchunks, kwargs, part_numel=None, counter_numel=None):
-        self.grid, self.seg_len, self.sub_len, self.nchunks = grid, seg_len, sub_len, nchunks
-        self.kwargs, self.part_numel, self.counter_numel = kwargs, part_numel, counter_numel
+    grid: tuple
+    seg_len: int
+    sub_len: int
+    nchunks: int
+    kwargs: dict
+    part_numel: Optional[int] = None
+    counter_numel: Optional[int] = None
 
 
 def sampler_launch(vocab: int, batch: int, device: torch.device, interpreted: bool, *, top_k, top_p, min_p,
@@ -211,7 +219,7 @@ def _split_launch(vocab, batch, device, interpreted, nchunks, chunk, *, filtered
                          f"({nseg_in * cfg['W'] * cfg['UNROLL']}) and of SEG_SUB_COLS, got {chunk}")
     nseg_pub = min(nseg_in, floor_power_of_2(chunk // (SPLIT_SEG_INTERPRETED if interpreted else SPLIT_SEG)))
     if top_k is not None or top_p is not None:
-        cfg.update(NQ=SPLIT_NQ, NC=SPLIT_NQ, NP=SPLIT_PIVOTS, GRID_STEP=SPLIT_GRID_STEP, GRID_OFF=SPLIT_GRID_OFF)
+        cfg.update(NQ=SPLIT_NQ, NP=SPLIT_PIVOTS, GRID_STEP=SPLIT_GRID_STEP, GRID_OFF=SPLIT_GRID_OFF)
         need = SPLIT_NQ + (1 if top_k is not None else 0)
         if SPLIT_PIVOTS < need or SPLIT_PIVOTS & (SPLIT_PIVOTS - 1):
             raise ValueError(f"SPLIT_PIVOTS: expected a power of 2 >= {need} (SPLIT_NQ = {SPLIT_NQ}), "

@@ -48,7 +48,7 @@ def _seg_filtered_sampling_kernel(
     SEED_IN_TENSOR: tl.constexpr, SEED_PER_ROW: tl.constexpr,
     USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, USE_MIN_P: tl.constexpr, TOP_K_FIRST: tl.constexpr,
     MAX_PASSES: tl.constexpr, MAX_STEPS: tl.constexpr, DRAW_STRIDE: tl.constexpr,
-    NQ: tl.constexpr, NC: tl.constexpr, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
+    NQ: tl.constexpr, NP: tl.constexpr, NSEG: tl.constexpr, W: tl.constexpr,
     NSUB: tl.constexpr, CW: tl.constexpr, C3: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
     BLOCK: tl.constexpr, NP_SEARCH: tl.constexpr,
     SPLIT: tl.constexpr = False, EXCHANGE: tl.constexpr = False, CHUNK: tl.constexpr = 1,
@@ -81,7 +81,10 @@ def _seg_filtered_sampling_kernel(
     VERIFY: tl.constexpr = USE_KP or USE_MIN_P
     WORDS: tl.constexpr = (NQ + 3) // 4  # Philox counters per draw
     tl.static_assert(WORDS * MAX_PASSES + 2 <= DRAW_STRIDE)
-    tl.static_assert(NC == 0 or (NC == NQ and NP >= NQ))  # every queued candidate is measured by the next pass
+    # Candidates measured by the next pass (top-k, top-p): NC lanes, one per queue slot; min-p judges its
+    # candidates against the threshold, plain sampling keeps every candidate.
+    NC: tl.constexpr = NQ if (USE_TOP_K or USE_TOP_P or TOP_K_FIRST) else 0
+    tl.static_assert(NP >= NC)
     lane = tl.arange(0, NP)
     q = tl.arange(0, NQ)
 
