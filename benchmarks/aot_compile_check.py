@@ -182,58 +182,58 @@ vs, ss = torch.randn(8192, 4, 32, 128, dtype=torch.float16), torch.randn(8192, 4
 M.merge_states_by_token(vs, ss, torch.empty(8192, 32, 128, dtype=torch.float16), torch.empty(8192, 32))
 compile_all("merge_states x4")
 from flashtile.kernels import sampling as S  # noqa: E402
+from flashtile.kernels.sampling import config as _SCFG  # noqa: E402
 
 # The sampling launchers pick tiny interpreter tiles for CPU tensors: compile the GPU configuration.
-S._interpreted = lambda t: False
+for _mod in vars(S).values():
+    if hasattr(_mod, "interpreted"):
+        _mod.interpreted = lambda t: False
 probs = torch.softmax(torch.randn(128, 128256), -1)
-for order in ("joint", "top_k_first"):
-    S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
-                        top_k=50, top_p=0.9, order=order, seg=False)
-    compile_all(f"sampling top-k/top-p {order} rejection loop")
-# max_rounds=0: straight to the exact fallback (the rounds loop has no trip).
-S.filtered_sampling(probs, None, torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool), 7, 0,
-                    top_p=0.5, order="joint", max_rounds=0, seg=False)
-compile_all("sampling top-p max_rounds=0 rejection loop")
-# Segmented sampler (the default): every specialization family.
+# Every specialization family of the probability sampler (one program per row at batch 128).
 out_i, out_v = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.bool)
 for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),
                   ("joint top-k/top-p", dict(top_k=50, top_p=0.9)),
                   ("top_k_first", dict(top_k=50, top_p=0.9, order="top_k_first")), ("plain", dict()),
                   ("top-p max_rounds=0", dict(top_p=0.5, max_rounds=0))]:
-    S.filtered_sampling(probs, None, out_i, out_v, 7, 0, seg=True, **kw)
+    S.filtered_sampling(probs, None, out_i, out_v, 7, 0, **kw)
     compile_all(f"sampling seg {label}")
-# Batch 512 (several rows per SM): the launcher's SEG_WAVE_* configuration (tiles, warps, register cap; AOT_WAVE_CONFIGS
+# Batch 512 (several rows per SM): the SEG_WAVE_* configuration (tiles, warps, register cap; AOT_WAVE_CONFIGS
 # adds warps x maxnreg variants).
 probs32k = torch.softmax(torch.randn(512, 32000), -1)
-_waves = [(S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG)] + [tuple(int(x) for x in w.split("x")) for w in
-                                                    os.environ.get("AOT_WAVE_CONFIGS", "").split(",") if w]
+_waves = [(_SCFG.SEG_WAVE_WARPS, _SCFG.SEG_WAVE_MAXNREG)] + [tuple(int(x) for x in w.split("x")) for w in
+                                                          os.environ.get("AOT_WAVE_CONFIGS", "").split(",") if w]
 for _w, _r in _waves:
-    S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG = _w, _r
+    _SCFG.SEG_WAVE_WARPS, _SCFG.SEG_WAVE_MAXNREG = _w, _r
     for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),
                       ("top_k_first", dict(top_k=50, top_p=0.9, order="top_k_first"))]:
         S.filtered_sampling(probs32k, None, torch.empty(512, dtype=torch.int32), torch.empty(512, dtype=torch.bool),
-                            7, 0, seg=True, **kw)
+                            7, 0, **kw)
         compile_all(f"sampling seg {label} batch 512 vocab 32000")
-S.SEG_WAVE_WARPS, S.SEG_WAVE_MAXNREG = _waves[0]
+_SCFG.SEG_WAVE_WARPS, _SCFG.SEG_WAVE_MAXNREG = _waves[0]
 # Row split (batch 1: 32 programs per row exchanging partials through a barrier).
 from flashtile._core import device as _DEV  # noqa: E402
 
 _sms, _DEV.INTERPRETER_SMS = _DEV.INTERPRETER_SMS, 132
 for label, kw in [("top-p", dict(top_p=0.9)), ("top-k", dict(top_k=50)), ("min-p", dict(min_p=0.05)),
                   ("joint top-k/top-p", dict(top_k=50, top_p=0.9)), ("plain", dict())]:
-    S.filtered_sampling(probs[:1], None, out_i[:1], out_v[:1], 7, 0, seg=True, split=True, **kw)
+    S.filtered_sampling(probs[:1], None, out_i[:1], out_v[:1], 7, 0, split=True, **kw)
     compile_all(f"sampling split {label}")
     # Batch 128: 2 chunks of 65536 per row, two programs per SM (registers capped).
-    S.filtered_sampling(probs, None, out_i, out_v, 7, 0, seg=True, split=65536, **kw)
+    S.filtered_sampling(probs, None, out_i, out_v, 7, 0, split=65536, **kw)
     compile_all(f"sampling split batch 128 {label}")
 _DEV.INTERPRETER_SMS = _sms
-S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out_i, out_v, 7, 0, seg=True)
+S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out_i, out_v, 7, 0)
 compile_all("sampling seg sampling_from_logits bf16")
-S.softmax(torch.randn(128, 128256, dtype=torch.bfloat16), torch.empty(128, 128256), None, seg=True)
+S.softmax(torch.randn(128, 128256, dtype=torch.bfloat16), torch.empty(128, 128256), None)
 compile_all("sampling seg softmax bf16")
 for label, kw in [("top-k", dict(top_k=50)), ("top-p", dict(top_p=0.9)), ("top-k mask logits", dict(top_k=50, is_logits=True))]:
     S.threshold_filter(probs, torch.empty_like(probs), **kw)
     compile_all(f"sampling renorm/mask {label}")
+_draft = torch.softmax(torch.randn(32, 5, 128256), -1)
+S.chain_speculative_sampling(_draft, torch.randint(0, 128256, (32, 5), dtype=torch.int32),
+                             torch.softmax(torch.randn(32, 6, 128256), -1), torch.empty(32, 6, dtype=torch.int32),
+                             torch.empty(32, dtype=torch.int32), torch.empty(32, dtype=torch.int32), 7, 0)
+compile_all("sampling chain speculative")
 # Small ops: RoPE (the cos/sin-cache form's token-major kernel, the Llama 3.1 form's head-block kernel) and gated
 # activations.
 from flashtile.kernels import activation as ACT  # noqa: E402

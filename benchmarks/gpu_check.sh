@@ -66,7 +66,6 @@ for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
 " 2>&1 | tee "$OUT/smoke_split_dense.log" | tail -6 ;;
     tune-split-dense) timeout 300 python3 benchmarks/tune_sampling.py --filter "b16 V128256,b64 V128256,b128 V128256" SPLIT_MAX_CHUNK=16384,1048576 SPLIT_PER_SM=1,2 2>&1 | tee "$OUT/tune_split_dense.log" | grep -v "^BEST" ;;
     tune-wave) timeout 300 python3 benchmarks/tune_sampling.py --filter "b512 V32000" SEG_WAVE_WARPS=4,8 SEG_WAVE_COLS=32,64 SEG_WAVE_SUB_COLS=16,32 2>&1 | tee "$OUT/tune_wave.log" | grep -v "^BEST" ;;
-    timeline-sampling) timeout 200 python3 benchmarks/sampling_timeline.py 2>&1 | tee "$OUT/sampling_timeline.log" ;;
     tune-topk-dense) F="top_k 50 b128 V128256,top_k 50 b64 V128256"
            timeout 200 python3 benchmarks/tune_sampling.py --filter "$F" SPLIT_WARPS=4,8 SPLIT_PER_SM=2,4 2>&1 | tee "$OUT/tune_topk_dense.log" | grep -v "^BEST"
            timeout 150 python3 benchmarks/tune_sampling.py --filter "$F" SPLIT_PIVOTS=8,16 SPLIT_NQ=4,8 2>&1 | tee -a "$OUT/tune_topk_dense.log" | grep -v "^BEST"
@@ -74,18 +73,13 @@ for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
     tune-split-seg) timeout 150 python3 benchmarks/tune_sampling.py --filter "top_k 50 b128 V128256,top_k 50 b64 V128256,top_k 50 b16 V128256" SPLIT_SEG=2048,4096,8192 2>&1 | tee "$OUT/tune_split_seg.log" | grep -v "^BEST" ;;
     tests-sampling-nosplit) timeout 570 python3 -m pytest -v -p no:warnings -rf --tb=short tests/test_sampling.py -k "not split and not wave" 2>&1 | tee "$OUT/tests_sampling_nosplit.log" | grep -v PASSED | tail -15 ;;
     bench-sampling-all) timeout 400 python3 benchmarks/run.py --suite sampling --out /tmp/bench 2>&1 | tail -1; cp /tmp/bench/sampling.md /tmp/bench/sampling.jsonl "$OUT/"; grep "^| " /tmp/bench/sampling.md ;;
-    tests-sampling-classic) timeout 170 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling_classic.log" | tail -4 ;;
     tune-top-p-grid) F="top_p 0.9 b512 V32000,top_p 0.9 b128 V128256,top_p 0.9 b128 V32000,top_p 0.9 b512 V128256"
            timeout 330 python3 benchmarks/tune_sampling.py --filter "$F" SEG_PIVOTS_TOP_P=4,8 SEG_TOP_P_GRID_STEP=1,2 SEG_TOP_P_GRID_OFF=1,3 2>&1 | tee "$OUT/tune_top_p_grid.log" | grep -v "^BEST"
            timeout 150 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b512 V32000" SEG_UNROLL=1,2 SEG_STAGES=4,7 2>&1 | tee -a "$OUT/tune_top_p_grid.log" | grep -v "^BEST" ;;
     tests-sampling-top-p) timeout 200 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py -k "top_p and not split and not wave" 2>&1 | tee "$OUT/tests_sampling_top_p.log" | tail -4 ;;
     tests-sampling-rest) timeout 400 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py \
                 -k "exchange or cuda_graph or spec or logits or softmax or errors or aliases or edge_rows or reproducible or layout" 2>&1 | tee "$OUT/tests_sampling_rest.log" | tail -6 ;;
-    tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py tests/test_sampling_classic.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
-    bench-sampling-seg) FLASHTILE_SAMPLING_SEG=0 timeout 120 python3 benchmarks/run.py --suite sampling --providers flashtile --out /tmp/bench_seg0 2>&1 | tail -1
-           FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/run.py --suite sampling --out /tmp/bench_seg1 2>&1 | tail -1
-           { echo "### FLASHTILE_SAMPLING_SEG=0 (flashtile only)"; cat /tmp/bench_seg0/sampling.md; echo; echo "### FLASHTILE_SAMPLING_SEG=1, all providers"; cat /tmp/bench_seg1/sampling.md; } > "$OUT/sampling_seg.md"
-           grep -h -e "^###" -e "^| " "$OUT/sampling_seg.md" ;;
+    tests-sampling) FLASHTILE_CHECK_LAUNCH=1 timeout 560 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_sampling.py 2>&1 | tee "$OUT/tests_sampling.log" | tail -8 ;;
     sanitize-merge-rope) FLASHTILE_BACKEND=triton timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
                 tests/test_cascade_merge.py tests/test_rope.py -k "kernel" 2>&1 | tail -4 | tee "$OUT/sanitize.log" ;;
     bench-merge) timeout 100 python3 benchmarks/run.py --suite merge_state --out /tmp/bench 2>&1 | tail -1; grep "^| merge" /tmp/bench/merge_state.md ;;
@@ -96,9 +90,6 @@ for kw in (dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict()):
     sanitize-sampling) timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
                 tests/test_sampling.py -k "seg and not distribution" 2>&1 | tail -4 | tee "$OUT/sanitize_sampling.log" ;;
     bench-activation) timeout 90 python3 benchmarks/run.py --suite activation --cuda-graph on --out /tmp/bench 2>&1 | tail -1; grep "^| " /tmp/bench/activation.md ;;
-    sampling-passes) FLASHTILE_SAMPLING_SEG=1 timeout 120 python3 benchmarks/sampling_passes.py 2>&1 | tee "$OUT/sampling_passes.log" | tail -8 ;;
-    tune-sampling-seg) FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "top_p 0.9 b1" SEG_STAGES=2,5 SEG_WARPS=4,16 2>&1 | grep -e BEST -e skip
-           FLASHTILE_SAMPLING_SEG=1 timeout 200 python3 benchmarks/tune_sampling.py --filter "b128 V128256" SEG_STAGES=3,5,7 SEG_COLS=32,64 2>&1 | grep -e BEST -e skip ;;
     host-profile) timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile.log" | grep "^|" ;;
     host-profile-old) [ -d old_tree ] && (cd old_tree && timeout 120 python3 benchmarks/host_profile.py 2>&1 | tee "$OUT/host_profile_old.log" | grep "^|") ;;  # an older checkout copied to old_tree/ (untracked), for a same-machine comparison
     tests-small-replay) timeout 300 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_norm.py tests/test_rope.py tests/test_activation.py tests/test_launch.py 2>&1 | tee "$OUT/tests_small_replay.log" | tail -4 ;;  # without check mode: launch memos replay

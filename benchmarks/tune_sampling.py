@@ -1,12 +1,12 @@
-"""Sweep module-level launch constants of flashtile.kernels.sampling on the sampling suite's cases
+"""Sweep the launch constants of flashtile/kernels/sampling/config.py on the sampling suite's cases
 (CUDA-graph replays) and print microseconds per setting, best first per case.
 
     python benchmarks/tune_sampling.py [--filter S[,S...]] NAME=v1,v2 [NAME=v1,v2 ...]
-    e.g. FLASHTILE_SAMPLING_SEG=1 python benchmarks/tune_sampling.py --filter b128 SEG_COLS=32,64,128 SEG_STAGES=3,5
+    e.g. python benchmarks/tune_sampling.py --filter b128 SEG_COLS=32,64,128 SEG_STAGES=3,5
          python benchmarks/tune_sampling.py --filter "b128 V128256,b1 V128256" SEG_UNROLL=1,2 SEG_WARPS=8,16
 
 Every combination of the given values is timed on every case whose name contains one of the
-comma-separated filter strings; names must be constants of the module.
+comma-separated filter strings; names must be constants of that module.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ def main() -> None:
     ap.add_argument("--filter", default="", help="comma-separated substrings of case names (any may match)")
     ap.add_argument("settings", nargs="+", help="NAME=v1,v2,...")
     args = ap.parse_args()
-    import flashtile.kernels.sampling as kernels
+    from flashtile.kernels.sampling import config as kernels
 
     names, choices = [], []
     for item in args.settings:
         name, values = item.split("=", 1)
         if not hasattr(kernels, name):
-            raise SystemExit(f"{name}: not a constant of flashtile.kernels.sampling")
+            raise SystemExit(f"{name}: not a constant of flashtile.kernels.sampling.config")
         names.append(name)
         choices.append([type(getattr(kernels, name))(v) for v in values.split(",")])
     default = {n: getattr(kernels, n) for n in names}

@@ -69,7 +69,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
 _PARAM_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _ORDERS = ("top_k_first", "joint")
-DRAW_STRIDE = 64  # Philox counters per output row (kernels.sampling.DRAW_STRIDE)
+DRAW_STRIDE = 64  # Philox counters per output row (flashtile/kernels/sampling/common.py: DRAW_STRIDE)
 
 Param = Union[int, float, torch.Tensor]
 Samples = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -405,8 +405,8 @@ def top_k_top_p_sampling_from_probs(
     """Top-k and top-p together.
 
     ``filter_apply_order="top_k_first"``: top-p applied to the top-k renormalized distribution (the
-    kernel finds the top-k set exactly, then runs the rejection loop inside it). ``"joint"``: a token
-    must pass both rules on the original distribution (one rejection loop).
+    kernel finds the top-k set exactly, then samples inside it). ``"joint"``: a token must pass both
+    rules on the original distribution (both checked in one sampling loop).
 
     Args:
         probs: ``[batch, vocab]`` float32/float16/bfloat16.

@@ -378,26 +378,26 @@ def _sampler_cases(B, V, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Segmented sampler (FLASHTILE_SAMPLING_SEG=1), whatever the environment of the test run
+# Segmented sampler, on the kernel path whatever the environment of the test run
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def seg_kernels(monkeypatch, device):
-    """The kernel path with FLASHTILE_SAMPLING_SEG=1; returns (kernel module,
-    launch counter of the segmented kernel), so a test fails if the variable stops selecting it."""
-    return _count_seg_launches(monkeypatch, device, "_seg_filtered_sampling_kernel")
+    """The kernel path; returns (kernel package, launch counter of the probability sampler's kernel), so
+    a test fails if the API stops reaching it."""
+    return _count_seg_launches(monkeypatch, device, "filtered", "_seg_filtered_sampling_kernel")
 
 
-def _count_seg_launches(monkeypatch, device, kernel_name):
-    """Kernel path with FLASHTILE_SAMPLING_SEG=1 and a launch counter wrapped around ``kernel_name``;
-    returns (kernel module, counter list)."""
+def _count_seg_launches(monkeypatch, device, module, kernel_name):
+    """Kernel path with a launch counter wrapped around ``kernel_name`` of the package's ``module``;
+    returns (kernel package, counter list)."""
     from flashtile._core.dispatch import choose_path, load_kernels
 
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
-    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
     kernels = load_kernels("sampling", choose_path(device).path)
-    real = getattr(kernels, kernel_name)
+    owner = getattr(kernels, module)
+    real = getattr(owner, kernel_name)
     launches = [0]
 
     class Counting:
@@ -405,7 +405,7 @@ def _count_seg_launches(monkeypatch, device, kernel_name):
             launches[0] += 1
             return real[grid]
 
-    monkeypatch.setattr(kernels, kernel_name, Counting())
+    monkeypatch.setattr(owner, kernel_name, Counting())
     return kernels, launches
 
 
@@ -422,7 +422,7 @@ def test_seg_sampler_filter_sets_and_edge_rows(seg_kernels, device, vocab, dtype
     for n, (call, filt) in enumerate(_sampler_cases(B, V, device)):
         before = launches[0]
         ids, valid = call(probs, seed=n, offset=0, return_valid=True)
-        assert launches[0] == before + 1, "FLASHTILE_SAMPLING_SEG=1 did not select the segmented kernel"
+        assert launches[0] == before + 1, "the API did not reach the segmented kernel"
         keep = sampling_keep_oracle(probs, **filt)
         ids, valid = ids.cpu().long(), valid.cpu()
         assert bool(((ids >= 0) & (ids < V)).all())
@@ -483,8 +483,9 @@ def test_seg_sampler_bounded_passes(seg_kernels, device, mode, passes):
         assert chi_square_pvalue(ids.cpu(), renorm_oracle(probs, keep[None])[0]) > P_FLOOR
 
 
-# Launch constants that change the segmented kernel's code or its pivot lanes (benchmarks/tune_sampling.py
-# sweeps them on the GPU): every variant must keep the filter sets and the distributions.
+# Launch constants (kernels/sampling/config.py) that change the segmented kernel's code or its pivot lanes
+# (benchmarks/tune_sampling.py sweeps them on the GPU): every variant must keep the filter sets and the
+# distributions.
 SEG_VARIANTS = [dict(SEG_UNROLL=1), dict(SEG_PIVOTS_TOP_P=8, SEG_PIVOTS_MIN_P=2),
                 dict(SEG_PIVOTS=4, SEG_PIVOTS_TOP_P=2, SEG_NQ=2)]
 
@@ -495,8 +496,8 @@ def test_seg_sampler_launch_constants(seg_kernels, device, monkeypatch, consts):
     constants than the defaults (the defaults run in the tests above)."""
     kernels, launches = seg_kernels
     for name, value in consts.items():
-        assert hasattr(kernels, name), name
-        monkeypatch.setattr(kernels, name, value)
+        assert hasattr(kernels.config, name), name
+        monkeypatch.setattr(kernels.config, name, value)
     test_seg_sampler_filter_sets_and_edge_rows(seg_kernels, device, 41, torch.float32)
     for kind in ("top_p", "top_k", "min_p", "joint"):
         launches[0] = 0
@@ -536,7 +537,7 @@ def test_seg_sampler_reproducible(seg_kernels, device):
 @pytest.fixture
 def split_kernels(seg_kernels, monkeypatch):
     """seg_kernels with every ``filtered_sampling`` call forced onto the row split (``split=True``;
-    top_k_first keeps one program per row). Under the interpreter a chunk is 8 tokens and every program
+    top_k_first keeps one program per row). Under the interpreter a chunk is 16 tokens and every program
     measures every chunk; on a GPU a chunk is SPLIT_CHUNK tokens and the programs exchange partials
     whenever the grid fits the SMs."""
     if HAS_CUDA:
@@ -582,33 +583,48 @@ def test_split_sampler_bounded_passes(split_kernels, device, mode, passes):
     assert split_launches[0] == 1
 
 
-def test_wave_config_sizes():
+def test_wave_config_sizes(monkeypatch):
     """The several-rows-per-SM configuration: its tiles, warps and register cap, and that the cap lets
     four programs share an SM's 64K registers (the one-wave design at batch 512, docs/sampling.md)."""
-    import flashtile.kernels.sampling as K
+    from flashtile.kernels.sampling import config as C
 
     for filters in (dict(filtered=True, count=True, top_p_only=True), dict(filtered=True, count=False),
                     dict(filtered=False, count=False)):
-        cfg = K._seg_config(32000, False, unroll=K.SEG_UNROLL, wave=True, **filters)
-        assert cfg["W"] == K.SEG_WAVE_COLS and cfg["CW"] == K.SEG_WAVE_SUB_COLS
-        assert cfg["num_warps"] == K.SEG_WAVE_WARPS and cfg["maxnreg"] == K.SEG_WAVE_MAXNREG
-        assert cfg["seg_len"] % (cfg["W"] * K.SEG_UNROLL) == 0 and cfg["sub_len"] % cfg["CW"] == 0
+        cfg = C.seg_config(32000, False, unroll=C.SEG_UNROLL, wave=True, **filters)
+        assert cfg["W"] == C.SEG_WAVE_COLS and cfg["CW"] == C.SEG_WAVE_SUB_COLS
+        assert cfg["num_warps"] == C.SEG_WAVE_WARPS and cfg["maxnreg"] == C.SEG_WAVE_MAXNREG
+        assert cfg["seg_len"] % (cfg["W"] * C.SEG_UNROLL) == 0 and cfg["sub_len"] % cfg["CW"] == 0
         assert cfg["seg_len"] * cfg["NSEG"] >= 32000 and cfg["sub_len"] * cfg["NSUB"] >= cfg["seg_len"]
         assert 4 * cfg["num_warps"] * 32 * cfg["maxnreg"] <= 65536
-        plain = K._seg_config(32000, False, unroll=K.SEG_UNROLL, **filters)
-        assert plain["W"] == K.SEG_COLS and plain["num_warps"] == K.SEG_WARPS and "maxnreg" not in plain
+        plain = C.seg_config(32000, False, unroll=C.SEG_UNROLL, **filters)
+        assert plain["W"] == C.SEG_COLS and plain["num_warps"] == C.SEG_WARPS and "maxnreg" not in plain
         # The interpreter keeps its tiny tiles whatever the batch.
-        assert "maxnreg" not in K._seg_config(32000, True, unroll=1, wave=True, **filters)
+        assert "maxnreg" not in C.seg_config(32000, True, unroll=1, wave=True, **filters)
+    # The launch of a batch: the wave configuration from SEG_WAVE_ROWS rows per SM at short rows, not for
+    # top_k_first (its top-k search spills under a register cap), not for long rows.
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(C, "num_sms", lambda d: 132)
+    batch = C.SEG_WAVE_ROWS * 132
+
+    def launch(vocab, batch, **filters):
+        filters = {"top_k": None, "top_p": None, "min_p": None, "order": "joint", **filters}
+        return C.sampler_launch(vocab, batch, cuda, False, **filters)
+
+    wave = launch(32000, batch, top_p=0.9)
+    assert wave.grid == (batch,) and wave.kwargs["num_warps"] == C.SEG_WAVE_WARPS
+    assert wave.kwargs["maxnreg"] == C.SEG_WAVE_MAXNREG and wave.part_numel is None
+    for one in (launch(32000, batch - 1, top_p=0.9), launch(C.SEG_WAVE_MAX_VOCAB + 1, batch, top_p=0.9),
+                launch(32000, batch, top_k=50, top_p=0.9, order="top_k_first")):
+        assert one.grid[1:] == () and one.kwargs["num_warps"] == C.SEG_WARPS and "maxnreg" not in one.kwargs
 
 
 def test_split_layout_rule(monkeypatch):
     """The default split: a GPU, the smallest SPLIT_CHUNK * 2^m chunk (at most SPLIT_MAX_CHUNK) with
     batch x chunks <= SMs, else <= SMs x SPLIT_PER_SM, at least 2 chunks, not top_k_first, not turned off."""
-    import flashtile.kernels.sampling as K
+    from flashtile.kernels.sampling import config as K
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(K, "num_sms", lambda d: 132)
-    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
     c = K.SPLIT_CHUNK
     assert K.split_layout(128256, 1, cuda) == (-(-128256 // c), c)
     for top_k in (None, 50):
@@ -642,9 +658,6 @@ def test_split_layout_rule(monkeypatch):
     monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "0")
     assert K.split_layout(128256, 1, cuda) == (0, 0)
-    monkeypatch.setenv("FLASHTILE_SAMPLING_SPLIT", "1")
-    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "0")  # the rejection-loop kernels never split
-    assert K.split_layout(128256, 1, cuda) == (0, 0)
 
 
 @pytest.mark.parametrize("consts", [dict(SPLIT_NQ=8, SPLIT_PIVOTS=16), dict(SPLIT_PIVOTS=4, SPLIT_NQ=2),
@@ -656,8 +669,8 @@ def test_split_sampler_launch_constants(split_kernels, device, monkeypatch, cons
     top-p and top-k."""
     kernels, launches, split_launches = split_kernels
     for name, value in consts.items():
-        assert hasattr(kernels, name), name
-        monkeypatch.setattr(kernels, name, value)
+        assert hasattr(kernels.config, name), name
+        monkeypatch.setattr(kernels.config, name, value)
     test_seg_sampler_filter_sets_and_edge_rows((kernels, launches), device, 41, torch.float32)
     for kind in ("top_p", "top_k"):
         launches[0] = 0
@@ -672,6 +685,7 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
     and 100 (the default layouts of these batches; 16 and up and the fallback at vocab 128256 only, to
     bound the compiles), per-request parameters and many seeds."""
     import flashtile.kernels.sampling as K
+    from flashtile.kernels.sampling import config as C
 
     g = torch.Generator().manual_seed(vocab)
     probs = torch.softmax(torch.randn(3, vocab, generator=g) * torch.tensor([[0.5], [2.0], [4.0]]), -1).cuda()
@@ -695,22 +709,21 @@ def test_split_exchange_matches_local(monkeypatch, vocab):
             for seed in range(8):
                 got = []
                 for exchange in (True, False):
-                    monkeypatch.setattr(K, "SPLIT_EXCHANGE", exchange)
+                    monkeypatch.setattr(C, "SPLIT_EXCHANGE", exchange)
                     out = torch.empty(batch, dtype=torch.int32, device="cuda")
                     valid = torch.empty(batch, dtype=torch.bool, device="cuda")
-                    passes = torch.zeros(batch, dtype=torch.int32, device="cuda")
-                    K.filtered_sampling(rows, None, out, valid, seed, 0, split=chunk, passes=passes, **kw)
-                    got.append((out.tolist(), valid.tolist(), passes.tolist()))
+                    K.filtered_sampling(rows, None, out, valid, seed, 0, split=chunk, **kw)
+                    got.append((out.tolist(), valid.tolist()))
                 assert got[0] == got[1], (batch, kw, seed)
     # The exact fallback after 0 or 1 passes, partials exchanged: the same bits, inside the filter set.
     for kw in params[1:] if vocab == 128256 else []:
         for max_rounds in (0, 1):
             got = []
             for exchange in (True, False):
-                monkeypatch.setattr(K, "SPLIT_EXCHANGE", exchange)
+                monkeypatch.setattr(C, "SPLIT_EXCHANGE", exchange)
                 out = torch.empty(3, dtype=torch.int32, device="cuda")
                 valid = torch.empty(3, dtype=torch.bool, device="cuda")
-                K.filtered_sampling(probs, None, out, valid, 5, 0, split=K.SPLIT_CHUNK, max_rounds=max_rounds, **kw)
+                K.filtered_sampling(probs, None, out, valid, 5, 0, split=C.SPLIT_CHUNK, max_rounds=max_rounds, **kw)
                 got.append((out.tolist(), valid.tolist()))
             assert got[0] == got[1], (kw, max_rounds)
             filt = {k: (v.cpu() if isinstance(v, torch.Tensor) else [v] * 3) for k, v in kw.items()}
@@ -727,15 +740,16 @@ def test_split_exchange_distribution(mode, batch):
     128 rows x 2 chunks of 16384 (4 published segments each; two programs per SM on the H100, forced for
     every filter)."""
     import flashtile.kernels.sampling as K
+    from flashtile.kernels.sampling import config as C
 
-    V = 4 * K.SPLIT_CHUNK + 3
+    V = 4 * C.SPLIT_CHUNK + 3
     probs = _dist("longtail", V, "cuda")
     params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
                   joint=dict(top_k=9, top_p=0.5))[mode]
     rows = torch.zeros(batch, dtype=torch.int32, device="cuda")
     nchunks, chunk = K.split_layout(V, batch, probs.device, top_k=1)  # forced below for every filter
     if batch == 16:
-        assert (nchunks, chunk) == (5, K.SPLIT_CHUNK)
+        assert (nchunks, chunk) == (5, C.SPLIT_CHUNK)
     elif nchunks != 2:
         pytest.skip(f"this GPU gives batch {batch} the layout {(nchunks, chunk)}")
     ids = []
@@ -757,13 +771,14 @@ def test_wave_config_distribution(mode):
     (top_k_first: the standard configuration): every id in the filter set and chi-square (2 x SMs + 8 rows
     per call, 100 calls)."""
     import flashtile.kernels.sampling as K
+    from flashtile.kernels.sampling import config as C
 
-    V = 4 * K.SPLIT_CHUNK + 3
+    V = 4 * C.SPLIT_CHUNK + 3
     probs = _dist("longtail", V, "cuda")
     params = dict(plain=dict(), top_p=dict(top_p=0.5), top_k=dict(top_k=6), min_p=dict(min_p=0.1),
                   joint=dict(top_k=9, top_p=0.5), top_k_first=dict(top_k=9, top_p=0.5))[mode]
     order = "top_k_first" if mode == "top_k_first" else "joint"
-    batch = K.SEG_WAVE_ROWS * K._usable_sms(probs.device) + 8
+    batch = C.SEG_WAVE_ROWS * C.usable_sms(probs.device) + 8
     assert K.split_layout(V, batch, probs.device) == (0, 0)
     rows = torch.zeros(batch, dtype=torch.int32, device="cuda")
     ids = []
@@ -780,9 +795,9 @@ def test_wave_config_distribution(mode):
 
 
 def test_seg_sampling_from_logits(monkeypatch, device):
-    """sampling_from_logits on the segmented kernel (FLASHTILE_SAMPLING_SEG=1): follows softmax(logits)
+    """sampling_from_logits on the segmented kernel: follows softmax(logits)
     with -inf and NaN entries (never drawn); a row without a finite logit is invalid (token 0)."""
-    kernels, launches = _count_seg_launches(monkeypatch, device, "_seg_logits_sampling_kernel")
+    kernels, launches = _count_seg_launches(monkeypatch, device, "logits", "_seg_logits_sampling_kernel")
     V = 41 if not HAS_CUDA else 128256
     n = 120 if not HAS_CUDA else 200_000
     g = torch.Generator().manual_seed(5)
@@ -806,11 +821,10 @@ def test_seg_sampling_from_logits(monkeypatch, device):
 
 @pytest.mark.parametrize("temperature", [None, "tensor"])
 def test_seg_softmax_and_logits_top_k_top_p(monkeypatch, device, temperature):
-    """softmax on segmented passes (FLASHTILE_SAMPLING_SEG=1) against the oracle (-inf entries, a dead
+    """softmax on segmented passes against the oracle (-inf entries, a dead
     row, per-row temperature), and top_k_top_p_sampling_from_logits (segmented softmax, then the
     segmented top_k_first sampler) inside the oracle's filter set."""
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
-    monkeypatch.setenv("FLASHTILE_SAMPLING_SEG", "1")
     V = 45 if not HAS_CUDA else 128256
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(3, V, generator=g) * 3

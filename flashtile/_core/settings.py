@@ -101,8 +101,6 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
             "`0`: batch prefill on an H100 runs the Triton kernel instead of the warp-specialized Gluon kernel"),
     Setting("FLASHTILE_SAMPLING_SPLIT", KILL_SWITCH, "flag", True,
             "`0`: one program per row for every batch (no row split over programs at small batches)"),
-    Setting("FLASHTILE_SAMPLING_SEG", DIAGNOSTIC, "flag", True,
-            "`0`: the rejection-loop samplers instead of the segmented ones"),
     Setting("FLASHTILE_CHECK_LAUNCH", TEST_ONLY, "flag", False,
             "check every cached or replayed launch against Triton's own choice"),
     Setting(INTERPRET_VARIABLE, EXTERNAL, "text", None,

@@ -3,7 +3,7 @@
 Every function here takes already-validated arguments (the API layer checks them). The spec
 functions return new tensors; per-request parameters arrive as 1-D tensors ``[batch_out]`` and
 ``rows`` (int64 ``[batch_out]``) maps each output row to its row of ``probs``/``logits``. The last
-section has the launchers' signatures (kernels/sampling.py: ``filtered_sampling``,
+section has the launchers' signatures (flashtile.kernels.sampling: ``filtered_sampling``,
 ``sampling_from_logits``, ``softmax``, ``threshold_filter``, ``chain_speculative_sampling``), which
 take what the API passes the kernels (scalars or tensors on the device, ``rows`` or None, outputs to
 write) and run the spec functions on the host.
@@ -51,7 +51,7 @@ __all__ = [
     "top_k_renorm_probs",
     "top_k_mask_logits",
     "speculative_draws",
-    # the launchers' signatures (kernels/sampling.py), writing into given outputs
+    # the launchers' signatures (flashtile.kernels.sampling), writing into given outputs
     "filtered_sampling",
     "sampling_from_logits",
     "softmax",
@@ -303,7 +303,7 @@ def speculative_draws(draft_probs, draft_token_ids, target_probs, seed, offset):
 
 
 # ---------------------------------------------------------------------------------------------
-# The launchers' signatures (kernels/sampling.py): the API calls either module the same way
+# The launchers' signatures (flashtile.kernels.sampling): the API calls either module the same way
 # ---------------------------------------------------------------------------------------------
 
 
@@ -330,10 +330,9 @@ def _per_row(value, batch: int) -> Optional[torch.Tensor]:
 
 
 def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_p=None, min_p=None, order="joint",
-                      max_rounds=None, seg=None, passes=None, split=None, launch_key=None):
-    """:func:`filtered_draws` into ``out`` (ids) and ``valid``. ``max_rounds``, ``seg``, ``passes``,
-    ``split`` (kernel tuning and instrumentation) and ``launch_key`` (the kernels' launch-memo key)
-    are ignored here."""
+                      max_rounds=None, split=None, launch_key=None):
+    """:func:`filtered_draws` into ``out`` (ids) and ``valid``. ``max_rounds`` and ``split`` (the kernels'
+    pass bound and row layout) and ``launch_key`` (the kernels' launch-memo key) are ignored here."""
     batch = out.shape[0]
     ids, ok = filtered_draws(probs.cpu(), _host_rows(rows, batch), *_host_rng(seed, offset),
                              top_k=_per_row(top_k, batch), top_p=_per_row(top_p, batch),
@@ -342,16 +341,15 @@ def filtered_sampling(probs, rows, out, valid, seed, offset, *, top_k=None, top_
     valid.copy_(ok)
 
 
-def sampling_from_logits(logits, rows, out, valid, seed, offset, *, seg=None):
-    """:func:`draws_from_logits` into ``out`` and ``valid`` (``seg`` is ignored)."""
+def sampling_from_logits(logits, rows, out, valid, seed, offset):
+    """:func:`draws_from_logits` into ``out`` and ``valid``."""
     ids, ok = draws_from_logits(logits.cpu(), _host_rows(rows, out.shape[0]), *_host_rng(seed, offset))
     out.copy_(ids)
     valid.copy_(ok)
 
 
-def softmax(logits, out, temperature, *, seg=None):
-    """:func:`softmax_of` into ``out``; ``temperature`` None, a scalar or a ``[batch]`` tensor (``seg``
-    is ignored)."""
+def softmax(logits, out, temperature):
+    """:func:`softmax_of` into ``out``; ``temperature`` None, a scalar or a ``[batch]`` tensor."""
     out.copy_(softmax_of(logits.cpu(), _per_row(temperature, logits.shape[0])))
 
 
