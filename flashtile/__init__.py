@@ -6,14 +6,13 @@ compile on first use (or ahead of time with ``python -m flashtile warmup``).
 
 __version__ = "0.1.0"
 
-from ._core import settings as _settings  # noqa: E402
+from ._core import settings as _settings
 
 _settings.select_interpreter_for_backend()  # before triton is imported (cheap; nothing is compiled here)
 
-from . import activation, cascade, decode, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402
-from . import autotuner, jit  # noqa: E402  (names engines import at start-up; no kernels)
-from .autotuner import autotune  # noqa: E402
+from . import activation, autotuner, cascade, decode, jit, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402  # noqa: E402  (names engines import at start-up; no kernels)
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
+from .autotuner import autotune  # noqa: E402
 from .cascade import (  # noqa: E402
     BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
     BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
@@ -29,7 +28,7 @@ from .decode import (  # noqa: E402
     single_decode_with_kv_cache,
 )
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
-from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402,E501
+from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402
 from .prefill import (  # noqa: E402
     BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper,

@@ -42,7 +42,7 @@ def _act_and_mul(input, out, activation: str) -> torch.Tensor:
     if eager():
         try:
             key = (tensor_key(input), None if out is None else tensor_key(out), activation)
-        except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checks say what is wrong
+        except Exception:
             key = None
     entry = _CALLS.get(key)
     if entry is None:
@@ -84,7 +84,8 @@ def _checked_act_and_mul(input, out, activation: str, key) -> torch.Tensor:
     return out
 
 
-def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
+                 enable_pdl: Optional[bool] = None) -> torch.Tensor:
     """``out = silu(input[..., :d]) * input[..., d:]`` with ``silu(x) = x * sigmoid(x)``.
 
     Args:
@@ -98,7 +99,8 @@ def silu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable
     return _act_and_mul(input, out, "silu")
 
 
-def gelu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def gelu_and_mul(input: torch.Tensor, out: Optional[torch.Tensor] = None,
+                 enable_pdl: Optional[bool] = None) -> torch.Tensor:
     """``out = gelu(input[..., :d]) * input[..., d:]`` with the exact GELU
     ``x / 2 * (1 + erf(x / sqrt(2)))``. Arguments as :func:`silu_and_mul`."""
     return _act_and_mul(input, out, "gelu")

@@ -42,7 +42,8 @@ def _read_config_file(path: PathLike) -> dict:
     with open(path, "r", encoding="utf-8") as f:
         configs = json.load(f)
     if not isinstance(configs, dict):
-        raise ValueError(f"{os.fspath(path)}: expected a JSON object of autotuner configs, got {type(configs).__name__}")
+        raise ValueError(f"{os.fspath(path)}: expected a JSON object of autotuner configs, "
+                         f"got {type(configs).__name__}")
     return configs
 
 
@@ -148,7 +149,8 @@ def autotune(
     if tuning_buckets is not None and len(tuple(tuning_buckets)) == 0:
         raise ValueError("tuning_buckets: expected at least one bucket or None, got an empty sequence")
     if cuda_graph_profile_replays is not None and cuda_graph_profile_replays < 1:
-        raise ValueError(f"cuda_graph_profile_replays: expected None or an integer >= 1, got {cuda_graph_profile_replays!r}")
+        raise ValueError("cuda_graph_profile_replays: expected None or an integer >= 1, "
+                         f"got {cuda_graph_profile_replays!r}")
     tuner = AutoTuner.get()
     if cache is not None and os.path.exists(cache):
         tuner.load_configs(cache)

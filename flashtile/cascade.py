@@ -71,7 +71,7 @@ def _memo_key(tag: str, v_a, s_a, v_b, s_b, mask=None) -> Optional[tuple]:
     try:
         return (tag, tensor_key(v_a), tensor_key(s_a), tensor_key(v_b), tensor_key(s_b),
                 None if mask is None else tensor_key(mask))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 

@@ -544,7 +544,8 @@ def fast_decode_plan(
 
 
 class CUDAGraphBatchDecodeWithPagedKVCacheWrapper(BatchDecodeWithPagedKVCacheWrapper):
-    """:class:`BatchDecodeWithPagedKVCacheWrapper` in CUDA-graph mode (fixed batch size = ``len(last_page_len_buffer)``).
+    """:class:`BatchDecodeWithPagedKVCacheWrapper` in CUDA-graph mode (fixed batch size =
+    ``len(last_page_len_buffer)``).
 
     Args:
         workspace_buffer: the float workspace (device tensor, any dtype).

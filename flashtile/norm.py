@@ -68,7 +68,7 @@ def _key(eps, a, b, c, d=None) -> Optional[tuple]:
     try:
         return (tensor_key(a), tensor_key(b), None if c is None else tensor_key(c),
                 None if d is None else tensor_key(d))
-    except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checked path decides
+    except Exception:
         return None
 
 

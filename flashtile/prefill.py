@@ -8,7 +8,6 @@ batch (prefill, chunked prefill, speculative-decoding verification) with plan/ru
 from __future__ import annotations
 
 import functools
-
 from typing import Optional, Union
 
 import torch
@@ -165,8 +164,9 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
                 self._check_graph_buffer(name, buf)
             if paged_kv_indptr_buf.numel() != self._fixed_batch_size + 1 or \
                     paged_kv_last_page_len_buf.numel() != self._fixed_batch_size:
-                raise ValueError(f"paged_kv_indptr_buf / paged_kv_last_page_len_buf: expected {self._fixed_batch_size + 1}"
-                                 f" / {self._fixed_batch_size} entries (batch size from qo_indptr_buf), got "
+                raise ValueError("paged_kv_indptr_buf / paged_kv_last_page_len_buf: expected "
+                                 f"{self._fixed_batch_size + 1} / {self._fixed_batch_size} entries (batch size from "
+                                 "qo_indptr_buf), got "
                                  f"{paged_kv_indptr_buf.numel()} / {paged_kv_last_page_len_buf.numel()}")
         self._paged_kv_indptr_buf = paged_kv_indptr_buf
         self._paged_kv_indices_buf = paged_kv_indices_buf
@@ -544,7 +544,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
         plan = self._require_plan()
         self._check_run_options(plan, args, sinks, window_left, None)
         rows = self._check_q(plan, q)
-        for name, x, dim in (("k", k, plan.head_dim_qk), ("v", v, plan.head_dim_vo)):
+        for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, ndim=3)
             if x.dtype != plan.kv_dtype:
                 raise ValueError(f"The dtype of {name} {x.dtype} does not match the kv_data_type {plan.kv_dtype} "

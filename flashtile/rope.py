@@ -384,7 +384,7 @@ def _cos_sin_cache_call(positions, query, key, head_size, cos_sin_cache, is_neox
         try:
             memo_key = ("cos_sin_cache", inplace, tensor_key(positions), tensor_key(query), tensor_key(key), head_size,
                         tensor_key(cos_sin_cache), is_neox)
-        except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checks say what is wrong
+        except Exception:
             memo_key = None
     call = _COS_SIN_CACHE_CALLS.get(memo_key)
     if call is None:

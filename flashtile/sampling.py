@@ -242,7 +242,7 @@ def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, or
         try:
             key = (tensor_key(probs), None if indices is None else tensor_key(indices), order,
                    *((name, _filter_key(value)) for name, value in filters.items()))
-        except Exception:  # noqa: BLE001 - not a tensor with strides and storage: the checks say what is wrong
+        except Exception:
             key = None
     call = _SAMPLER_CALLS.get(key)
     known = call is not None
@@ -423,7 +423,8 @@ def _check_order(order) -> None:
     if order not in _ORDERS:
         from ._core.checks import InvalidOptionError
 
-        raise InvalidOptionError(f"Invalid filter_apply_order: {order!r}; expected one of {', '.join(map(repr, _ORDERS))}")
+        raise InvalidOptionError(f"Invalid filter_apply_order: {order!r}; "
+                                 f"expected one of {', '.join(map(repr, _ORDERS))}")
 
 
 def top_k_top_p_sampling_from_logits(
@@ -463,7 +464,8 @@ def top_k_top_p_sampling_from_logits(
 # ---------------------------------------------------------------------------------------------
 
 
-def softmax(logits: torch.Tensor, temperature: Optional[Param] = None, enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def softmax(logits: torch.Tensor, temperature: Optional[Param] = None,
+            enable_pdl: Optional[bool] = None) -> torch.Tensor:
     """``softmax(logits / temperature)`` per row, float32 ``[batch, vocab]``.
 
     Args:

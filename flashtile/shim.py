@@ -220,7 +220,8 @@ def _foreign_flashinfer(target: pathlib.Path) -> Optional[str]:
             locations = [os.path.dirname(spec.origin)]
         foreign = [loc for loc in locations if not _is_shim_package(pathlib.Path(loc))]
         if foreign or not locations:
-            return f"`import flashinfer` finds a FlashInfer not written by flashtile ({', '.join(foreign) or spec.origin})"
+            return ("`import flashinfer` finds a FlashInfer not written by flashtile "
+                    f"({', '.join(foreign) or spec.origin})")
     for dist in importlib.metadata.distributions(name=DISTRIBUTION):
         if (dist.read_text("INSTALLER") or "").strip() != INSTALLER:
             return (f"the distribution {DISTRIBUTION} {dist.version} in {dist.locate_file('')} was not installed "
@@ -276,7 +277,8 @@ def _remove(target: pathlib.Path, paths: Sequence[pathlib.Path]) -> List[pathlib
     return removed
 
 
-def install_shim(target: Optional[os.PathLike] = None, version: str = ADVERTISED_FLASHINFER_VERSION) -> List[pathlib.Path]:
+def install_shim(target: Optional[os.PathLike] = None,
+                 version: str = ADVERTISED_FLASHINFER_VERSION) -> List[pathlib.Path]:
     """Write the ``flashinfer`` shim package and its metadata into ``target``; returns the files written.
 
     Args:

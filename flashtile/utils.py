@@ -447,7 +447,8 @@ class FP4Tensor:
             raise ValueError(f"data and scale: expected tensors of at least 1 dimension, got shapes "
                              f"{list(data.shape)} and {list(scale.shape)}")
         if scale.shape[0] % 128 != 0:
-            raise ValueError(f"scale: expected a first dimension that is a multiple of 128, got shape {list(scale.shape)}")
+            raise ValueError("scale: expected a first dimension that is a multiple of 128, "
+                             f"got shape {list(scale.shape)}")
         if not 0 <= scale_start_index < scale.shape[0] or scale_start_index + data.shape[0] > scale.shape[0]:
             raise ValueError(
                 f"scale_start_index: expected 0 <= scale_start_index and scale_start_index + data.shape[0] "

@@ -14,8 +14,16 @@ from typing import Optional
 
 import torch
 
-from .checks import (FP8_DTYPES, HALF_DTYPES, OUTPUT_DTYPES, check_option, check_same_device, check_tensor, describe,
-                     parse_dtype)
+from .checks import (
+    FP8_DTYPES,
+    HALF_DTYPES,
+    OUTPUT_DTYPES,
+    check_option,
+    check_same_device,
+    check_tensor,
+    describe,
+    parse_dtype,
+)
 from .dispatch import normalize_backend
 from .params import AttentionParams
 

@@ -16,7 +16,8 @@ to compute; sizes and strides take few values per call site), except parameters 
 specialize (``do_not_specialize``: seeds, offsets), which get the four properties. Two calls with one
 key therefore get the same compiled kernel from Triton too. A kernel keeps at most
 ``MAX_CACHED_CALLS`` keys (it starts over when full), so ints that change with every call (seeds,
-offsets) must be ``do_not_specialize`` parameters, as they should be for Triton anyway. ``FLASHTILE_CHECK_LAUNCH=1`` asks Triton
+offsets) must be ``do_not_specialize`` parameters, as they should be for Triton anyway.
+``FLASHTILE_CHECK_LAUNCH=1`` asks Triton
 for its kernel on every cached launch and raises if it differs (the GPU tests run with it).
 
 Arguments of any other type (or unhashable constexprs) take Triton's own path, as do the

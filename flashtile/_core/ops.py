@@ -85,7 +85,8 @@ single_attention = _define(
     "single_attention",
     "Tensor q, Tensor k, Tensor v, Tensor? packed_mask, Tensor(a!) out, Tensor(b!) lse, str kind",
     ("out", "lse"), _single_attention)
-single_attention.__doc__ = """Attention of one request: q ``[Lq, Hq, Dqk]``, k/v NHD views ``[Lk, Hk, D]``, packed_mask uint8
+single_attention.__doc__ = """Attention of one request: q ``[Lq, Hq, Dqk]``, k/v NHD views ``[Lk, Hk, D]``,
+packed_mask uint8
 bits of ``[Lq, Lk]`` or None; writes out ``[Lq, Hq, Dvo]`` and lse ``[Lq, Hq]`` float32 (base 2). ``kind``:
 "decode" or "prefill" (the launch-config family)."""
 
@@ -95,7 +96,8 @@ batch_decode = _define(
     "Tensor(a!) part_o, Tensor(b!) part_lse, Tensor(c!) out, Tensor(d!) lse, int batch_size, int num_programs, "
     "int max_states, bool merge",
     ("part_o", "part_lse", "out", "lse"), _batch_decode)
-batch_decode.__doc__ = """Batch decode over a paged cache with a planned work list (scheduler/worklist.py): q ``[B, Hq, D]``, K/V NHD
+batch_decode.__doc__ = """Batch decode over a paged cache with a planned work list (scheduler/worklist.py):
+q ``[B, Hq, D]``, K/V NHD
 page views; writes out ``[B, Hq, Dv]``, lse ``[B, Hq]`` (part_o / part_lse: split-KV scratch)."""
 
 batch_prefill = _define(

@@ -11,6 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..reference.packbits import segment_packbits
+from ..scheduler.prefill_work import pack_prefill_meta, plan_prefill_work, prefill_capacity
 from . import ops, tile_policy
 from .attention_args import resolve_attention_params
 from .checks import check_tensor, describe
@@ -18,8 +20,6 @@ from .host_arrays import host_int64
 from .multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
 from .paged_kv import as_index_tensor
 from .wrapper import PlanBase, PlanRunWrapper, check_heads
-from ..reference.packbits import segment_packbits
-from ..scheduler.prefill_work import pack_prefill_meta, plan_prefill_work, prefill_capacity
 
 __all__ = ["PrefillPlan", "BatchPrefillWrapper"]
 
@@ -76,7 +76,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
             raise ValueError(f"{name} should be a torch.Tensor in cudagraph mode, got {describe(buf)}")
         as_index_tensor(name, buf)
         if buf.dtype != torch.int32 or buf.device != self.device:
-            raise ValueError(f"{name}: expected an int32 tensor on {self.device} in cudagraph mode, got {describe(buf)}")
+            raise ValueError(f"{name}: expected an int32 tensor on {self.device} in cudagraph mode, "
+                             f"got {describe(buf)}")
 
     def _plan_batch(
         self, *, qo_indptr, kv_lens_h, kv_offsets_h, page_size, num_qo_heads, num_kv_heads, head_dim_qk,
@@ -271,7 +272,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
                              "in plan function.")
         if q.dim() != 3 or tuple(q.shape[1:]) != (plan.num_qo_heads, plan.head_dim_qk):
             raise ValueError(f"q: expected shape [qo_indptr[-1], num_qo_heads, head_dim_qk] = "
-                             f"[{plan.total_qo}, {plan.num_qo_heads}, {plan.head_dim_qk}] as planned, got {list(q.shape)}")
+                             f"[{plan.total_qo}, {plan.num_qo_heads}, {plan.head_dim_qk}] as planned, "
+                             f"got {list(q.shape)}")
         rows_ok = q.shape[0] >= plan.total_qo if self._use_cuda_graph else q.shape[0] == plan.total_qo
         if not rows_ok:
             raise ValueError(f"q: expected {plan.total_qo} rows (qo_indptr[-1] of the plan), got {q.shape[0]}")

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from .device import INTERPRETER_SMS, num_sms
-from .settings import interpreting
 from .intmath import dot_tile_dim
+from .settings import interpreting
 
 __all__ = ["KV_CHUNK_ALIGN", "SMALL_TILE", "SMALL_M_CONFIGS", "planning_facts", "prefill_tile_shape", "small_tiles"]
 

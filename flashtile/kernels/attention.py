@@ -30,12 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core import tile_policy
 from .._core.device import num_sms
 from .._core.intmath import cdiv, dot_tile_dim
 from .._core.launch import direct_launch
-
 from .._core.params import AttentionParams
-from .._core import tile_policy
 from .._core.settings import interpreting
 from ..reference.positional import alibi_slopes
 from ..scheduler.split_kv import plan_kv_splits
@@ -125,8 +124,8 @@ def _batch_decode_kernel(
     The work list (scheduler/worklist.py, decode layout) gives request r's items ITEM_INDPTR[r]:ITEM_INDPTR[r+1]
     (entry B: the planned count), its length KV_LENS[r], and per item (request, kv_start, kv_end) records of
     DECODE_ITEM_STRIDE values. A request with one item writes its final output; a split request writes
-    float32 partial states at its items' slots, which the merge kernel folds. Programs beyond the planned item count (the fixed
-    grid of CUDA-graph mode) store nothing. The plan lives in device memory, so a captured launch
+    float32 partial states at its items' slots, which the merge kernel folds. Programs beyond the planned item
+    count (the fixed grid of CUDA-graph mode) store nothing. The plan lives in device memory, so a captured launch
     serves any later plan of the same batch size.
       Q [B, Hq, D], K/V pages [pages, page_size, Hkv, D] (strides), O [B, Hq, Dv], LSE [B, Hq] f32,
       PART_O [items, Hq, Dv] f32, PART_LSE [items, Hq] f32; index arrays int32.
@@ -304,7 +303,8 @@ def single_attention_forward(
             CAUSAL=bool(causal) and packed_mask is None, HAS_WINDOW=window_left >= 0,
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=logits_soft_cap > 0,
             USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
 
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)

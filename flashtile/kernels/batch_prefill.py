@@ -35,15 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core import tile_policy
+from .._core.device import num_sms
 from .._core.intmath import dot_tile_dim
 from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
-from .._core import tile_policy
-from .._core.device import num_sms
 from .attention import (
-    INTERPRETER_CONFIG,
     INTERPRET,
+    INTERPRETER_CONFIG,
     LOG2E,
     LaunchConfig,
     alibi_slopes_of,

@@ -45,6 +45,7 @@ from .._core.launch import direct_launch
 try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hopper_prefill_views.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
@@ -52,7 +53,6 @@ try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hop
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 
     _HAVE_GLUON = True
@@ -600,7 +600,8 @@ if _HAVE_GLUON:
     @direct_launch  # launches skip Triton's binder (~150 us for this signature: launch.py)
     @gluon.jit
     def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, K, V, O, LSE, PART_O, PART_LSE, PAGE_INDICES, COUNTS,
-                               REQS, ITEMS, TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2,
+                               REQS, ITEMS, TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh,
+                               qk_scale_log2,
                                rows_per_page, head_row, head_col, oob_row, row_stride,
                                GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr,
@@ -702,7 +703,8 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
     grid = max(1, min(num_sms, num_items * num_kv_heads))
     _hopper_prefill_kernel[(grid,)](
         q_desc, k_desc, v_desc, o_desc, k, v, out, lse, part_o, part_lse, page_indices if paged else counts, counts,
-        reqs, items, record if record is not None else counts, num_kv_heads, out.stride(0), out.stride(1), lse.stride(0),
+        reqs, items, record if record is not None else counts, num_kv_heads, out.stride(0), out.stride(1),
+        lse.stride(0),
         lse.stride(1), qk_scale_log2, *coords, k_view[1],  # gather mode's row stride (V's is the same)
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
         GATHER=gather, O_TMA=o_tma, RECORD=record is not None, num_warps=4, maxnreg=MAX_REGS)

@@ -110,8 +110,10 @@ def _rope_kernel(
     # Row starts of this tile in q or k (input and output), int64 [T, H, 1].
     t3 = tokens[:, None, None]
     h3 = heads[None, :, None]
-    src = tl.where(is_q, Q, K) + t3 * tl.where(is_q, stride_q_t, stride_k_t) + h3 * tl.where(is_q, stride_q_h, stride_k_h)
-    dst = tl.where(is_q, QO, KO) + t3 * tl.where(is_q, stride_qo_t, stride_ko_t) + h3 * tl.where(is_q, stride_qo_h, stride_ko_h)
+    src = (tl.where(is_q, Q, K) + t3 * tl.where(is_q, stride_q_t, stride_k_t)
+           + h3 * tl.where(is_q, stride_q_h, stride_k_h))
+    dst = (tl.where(is_q, QO, KO) + t3 * tl.where(is_q, stride_qo_t, stride_ko_t)
+           + h3 * tl.where(is_q, stride_qo_h, stride_ko_h))
     ok = tok_ok[:, None, None] & head_ok[None, :, None] & pair_ok[None, None, :]  # [T, H, P]
     p3 = pair[None, None, :]
     if INTERLEAVE:

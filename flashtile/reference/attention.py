@@ -62,7 +62,8 @@ def single_attention(
     # [kv_heads, kv_len, D] -> repeat for each query head of the group (GQA: head h reads h // group).
     kf = kf.transpose(0, 1).repeat_interleave(group, dim=0)
     vf = vf.transpose(0, 1).repeat_interleave(group, dim=0)
-    slopes = alibi_slopes(num_qo_heads, device=device).to(compute_dtype) if params.pos_encoding_mode == "ALIBI" else None
+    alibi = params.pos_encoding_mode == "ALIBI"
+    slopes = alibi_slopes(num_qo_heads, device=device).to(compute_dtype) if alibi else None
     key_pos = torch.arange(kv_len, device=device)
 
     out = torch.zeros(qo_len, num_qo_heads, head_dim_vo, dtype=torch.float32, device=device)

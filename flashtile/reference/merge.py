@@ -32,10 +32,10 @@ def _values(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return v.float().masked_fill((s == NEG_INF).unsqueeze(-1), 0.0)
 
 
-def _finish(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor):
+def _finish(m: torch.Tensor, weight_sum: torch.Tensor, acc: torch.Tensor):
     """``(v, s)`` from the max, the weight sum and the weighted value sum; empty rows give 0, -inf."""
-    empty = l == 0
-    safe_l = torch.where(empty, torch.ones_like(l), l)
+    empty = weight_sum == 0
+    safe_l = torch.where(empty, torch.ones_like(weight_sum), weight_sum)
     v = torch.where(empty.unsqueeze(-1), torch.zeros_like(acc), acc / safe_l.unsqueeze(-1))
     s = torch.where(empty, torch.full_like(m, NEG_INF), m + torch.log2(safe_l))
     return v, s

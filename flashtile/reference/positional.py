@@ -99,7 +99,8 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((ra, rb), dim=-1)
 
 
-def rope_rotate_half_split(x: torch.Tensor, positions: torch.Tensor, rope_scale: float, rope_theta: float) -> torch.Tensor:
+def rope_rotate_half_split(x: torch.Tensor, positions: torch.Tensor, rope_scale: float,
+                           rope_theta: float) -> torch.Tensor:
     """Rotate the last dim of ``x [..., tokens, heads, D]`` by angle ``position * freq``.
 
     Half-split ("NeoX") pairing: dimension ``d`` pairs with ``d + D/2``. ``positions`` is ``[tokens]``.

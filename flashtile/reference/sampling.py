@@ -83,7 +83,8 @@ def _splitmix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _srl(x, 31)
 
 
-def uniforms(seed: torch.Tensor, offset: torch.Tensor, rows: int, n: int, row_stride: int = DRAW_STRIDE) -> torch.Tensor:
+def uniforms(seed: torch.Tensor, offset: torch.Tensor, rows: int, n: int,
+             row_stride: int = DRAW_STRIDE) -> torch.Tensor:
     """Uniforms in [0, 1), float64 ``[rows, n]``: row i, draw j = u(seed_i, offset_i + j).
 
     ``seed``/``offset``: int64 tensors of length ``rows`` (per-row values), or of length 1: one

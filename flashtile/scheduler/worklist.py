@@ -50,7 +50,7 @@ class WorkListLayout:
     def _section(self, name: str) -> Section:
         return next(s for s in self.sections if s.name == name)
 
-    def pack(self, records: Dict[str, Sequence[int]], pin: bool = False) -> torch.Tensor:  # noqa: C901
+    def pack(self, records: Dict[str, Sequence[int]], pin: bool = False) -> torch.Tensor:
         """The host int32 array: each section's flat record values (``rows * stride`` at most, fields in
         order) at its offset, zeros elsewhere. ``pin``: page-locked (an asynchronous copy source)."""
         flat = np.zeros(self.size, dtype=np.int32)

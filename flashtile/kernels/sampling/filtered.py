@@ -32,8 +32,21 @@ import triton.language as tl
 
 from ..._core.launch import MAX_CACHED_CALLS, LaunchMemo, direct_launch
 from . import config
-from .common import (DRAW_STRIDE, MAX_SEARCH_STEPS, NUM_PIVOTS, PER_CALL_INTS, input_row, interpreted,
-                     kept_by_filters, load_params, load_seed, param_args, seed_args, seed_key, uniform)
+from .common import (
+    DRAW_STRIDE,
+    MAX_SEARCH_STEPS,
+    NUM_PIVOTS,
+    PER_CALL_INTS,
+    input_row,
+    interpreted,
+    kept_by_filters,
+    load_params,
+    load_seed,
+    param_args,
+    seed_args,
+    seed_key,
+    uniform,
+)
 from .exact import exact_draw
 from .passes import lane_value, seg_draw_queue, seg_pass, seg_pivots, seg_top_k_set, split_pass
 

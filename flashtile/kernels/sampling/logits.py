@@ -10,8 +10,17 @@ import triton
 import triton.language as tl
 
 from ..._core.launch import direct_launch
-from .common import (DRAW_STRIDE, PER_CALL_INTS, input_row, interpreted, inverse_temperature, load_seed,
-                     param_args, seed_args, uniforms)
+from .common import (
+    DRAW_STRIDE,
+    PER_CALL_INTS,
+    input_row,
+    interpreted,
+    inverse_temperature,
+    load_seed,
+    param_args,
+    seed_args,
+    uniforms,
+)
 from .config import seg_config
 from .passes import seg_draw, seg_max_sum
 
