@@ -45,6 +45,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from flashtile._core.graphs import capture_graph
+
 __all__ = [
     "Case",
     "Provider",
@@ -180,19 +182,9 @@ def host_overhead_us(fn: Callable[[], Any], calls: int = 300) -> float:
 
 
 def cuda_graph_replay(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
-    """Capture ``calls`` back-to-back calls of ``fn`` in one CUDA graph; returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    torch.cuda.synchronize()
-    return graph.replay
+    """Capture ``calls`` back-to-back calls of ``fn`` in one CUDA graph (after 3 warm-up calls);
+    returns its replay."""
+    return capture_graph(fn, calls=calls, warmup=3)[0].replay
 
 
 def _quantiles_us(samples_s: Sequence[float]):

@@ -308,17 +308,10 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -
 def _graph_seconds(fn: Callable[[], object], device: torch.device, calls: int = 20, reps: int = 5) -> Optional[float]:
     """Seconds of one call as a CUDA-graph replay of ``calls`` back-to-back calls (GPU time without
     Python launch overhead), or None when the call cannot be captured."""
+    from ._core.graphs import capture_graph
+
     try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
-            fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        torch.cuda.synchronize(device)
+        graph, _ = capture_graph(fn, calls=calls, device=device)
     except Exception:
         torch.cuda.synchronize(device)
         return None
