@@ -719,8 +719,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(suites) != 1 or suites[0] == "all":
             parser.error("--tune takes exactly one --suite")
         grid_names = None if args.tune == "all" else [g for g in args.tune.split(",") if g]
-        print(run_tunes(suites[0], grid_names, args.out, smoke=args.smoke, filter=args.filter,
-                        cuda_graph=args.cuda_graph, graph_span_us=args.graph_span_us, rounds=args.rounds))
+        try:
+            print(run_tunes(suites[0], grid_names, args.out, smoke=args.smoke, filter=args.filter,
+                            cuda_graph=args.cuda_graph, graph_span_us=args.graph_span_us, rounds=args.rounds))
+        except ValueError as e:
+            parser.error(str(e))
         return 0
     print(run_suites(suites, args.out, smoke=args.smoke, filter=args.filter, providers=args.providers,
                      cuda_graph=args.cuda_graph, graph_span_us=args.graph_span_us))

@@ -305,10 +305,7 @@ def test_cuda_graph_replay():
 def test_small_ops_benchmark_smoke(tmp_path):
     """benchmarks/bench_small_ops.py runs end to end (--smoke) and flashtile agrees with torch."""
     import json
-    import pathlib
-    import sys
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from benchmarks import harness
 
     suites = ["norm", "qk_norm", "activation", "rope", "small_ops_launch"]

@@ -483,10 +483,6 @@ def test_torch_compile_fullgraph_append(device):
 
 def test_bench_page_smoke(tmp_path):
     """The page_append benchmark suite runs on CPU (--smoke) and every provider writes the same cache."""
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from benchmarks import harness
     from benchmarks.bench_page import append_cases
 
