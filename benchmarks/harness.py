@@ -25,8 +25,12 @@ few calls. A long span (e.g. 1000 us: hundreds of calls) measures the steady sta
 calls instead: launch and flush costs vanish, and inputs that fit in the 50 MB L2 stay there, as
 they do when an op runs in a loop over one buffer. Report which mode a table used.
 
-Run: ``python benchmarks/run.py --suite single_decode --out DIR [--smoke] [--filter S]
+Run: ``python -m benchmarks.run --suite single_decode --out DIR [--smoke] [--filter S]
 [--providers a,b]``, or ``benchmarks.harness.run_suites(...)`` from Python.
+
+Tuning. A suite may declare grids of launch constants (:class:`Tune`, :class:`Knob`);
+``python -m benchmarks.run --suite X --tune [GRIDS]`` times each setting under :func:`overridden`
+and prints each case's winner against the default (docs/benchmarks.md, "Tuning grids").
 """
 
 from __future__ import annotations

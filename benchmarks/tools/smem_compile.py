@@ -2,7 +2,7 @@
 
 For each case (a kernel, a head dim, a combination of features) the launcher runs on CPU tensors as if
 on a device with ``--limit`` bytes of shared memory and compute capability ``--arch``; its launches are
-captured and compiled for that target (benchmarks/aot.py), and each compiled kernel's shared memory is
+captured and compiled for that target (benchmarks/tools/aot.py), and each compiled kernel's shared memory is
 checked against the limit and against the model of flashtile/kernels/smem.py (which must never be
 below it). One JSON line per compiled kernel; exit code 1 on any failure.
 

@@ -22,7 +22,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         here = pathlib.Path(__file__).resolve().parents[2]
         print(f"flashtile bench: error: no benchmarks/ directory next to the flashtile package (in {here}). "
               "The benchmarks ship with the source tree, not the wheel: clone the repository and run "
-              "`pip install -e .` there, or `python benchmarks/run.py` from the checkout.", file=sys.stderr)
+              "`pip install -e .` there, or `python -m benchmarks.run` from the checkout.", file=sys.stderr)
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
