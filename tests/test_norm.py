@@ -7,6 +7,7 @@ import torch
 import flashtile.norm as norm
 from conftest import HAS_CUDA
 from flashtile._core import ops_small
+from flashtile._core.graphs import capture_graph
 from oracles import TOLERANCES, fused_add_rmsnorm_f64, layernorm_f64, rmsnorm_f64
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -282,15 +283,11 @@ def test_cuda_graph_replay():
     r = torch.randn_like(x)
     w = _weight(4096, torch.bfloat16, device)
     out = torch.empty_like(x)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        norm.rmsnorm(x, w, out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def step():
         norm.rmsnorm(x, w, out=out)
         norm.fused_add_rmsnorm(x, r, w)
+
+    graph, _ = capture_graph(step)
     x.copy_(torch.randn_like(x))
     r.copy_(torch.randn_like(r))
     x0, r0 = x.clone(), r.clone()

@@ -11,6 +11,7 @@ from flashtile import page
 from flashtile._core import ops_page
 from flashtile._core.paged_kv import read_page_table
 from flashtile._core.checks import InvalidOptionError
+from flashtile._core.graphs import capture_graph
 from oracles import (
     append_paged_kv_oracle,
     append_paged_mla_oracle,
@@ -541,14 +542,7 @@ def test_append_cuda_graph_replay():
         page.append_paged_kv_cache(key, value, bi, pos, cache, indices, indptr, last)
 
     key.normal_(), value.normal_()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
     for trial in range(2):
         new_indices, _, _ = page_table(lens_after, page_size, num_pages, device)
         indices.copy_(new_indices)
