@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Knob, Tune, grid, Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,53 @@ PROVIDERS = [
     Provider("flex_attention", _flex),
 ]
 
+# ---------------------------------------------------------------------------------------------
+# Tuning grids (--tune): the single-request kernels' config table (flashtile/kernels/attention.py)
+# and the split-KV planner's knobs (scheduler/split_kv.py, _core/tile_policy.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _padded_head_dim(case: Case) -> int:
+    return max(16, 1 << (case.params["head_dim"] - 1).bit_length())
+
+
+def _config_grid(kind: str, candidates):
+    """Settings that replace the config table's entry for the case's shape class."""
+    from flashtile.kernels.attention import LaunchConfig
+
+    def settings(case: Case):
+        knob = Knob("flashtile.kernels.attention", "_CONFIG_TABLE", (kind, _padded_head_dim(case)))
+        return [{knob: LaunchConfig(*c)} for c in candidates(_padded_head_dim(case))]
+
+    return settings
+
+
+def _decode_configs(d: int):
+    return [(16, g["bn"], g["warps"], g["stages"]) for g in grid(bn=(64, 128), warps=(4, 8), stages=(2, 3))]
+
+
+def _prefill_configs(d: int):
+    if d <= 64:
+        return [(128, g["bn"], g["warps"], g["stages"]) for g in grid(bn=(64, 128), warps=(4, 8), stages=(2, 3))]
+    if d == 128:
+        tiles = ((128, 64), (128, 128), (64, 64))
+        return [(bm, bn, 8, st) for bm, bn in tiles for st in (2, 3, 4)] + [(128, 64, 4, 3)]
+    return [(bm, bn, w, 2) for bm, bn in ((64, 32), (64, 64), (128, 32)) for w in (4, 8)]
+
+
+ALIGN = Knob("flashtile._core.tile_policy", "KV_CHUNK_ALIGN")
+PER_SM = Knob("flashtile.scheduler.split_kv", "PROGRAMS_PER_SM")
+MIN_TILES = Knob("flashtile.scheduler.split_kv", "MIN_CHUNK_TILES")
+SPLIT_GRID = [{ALIGN: g["align"], PER_SM: g["per_sm"], MIN_TILES: g["min_tiles"]}
+              for g in grid(align=(128, 256), per_sm=(2, 3, 4, 6, 8, 12), min_tiles=(1, 2))]
+
 register(Suite("single_decode", decode_cases, PROVIDERS, metric="gbps",
-               description="one request, one query token, NHD KV; bytes = K + V + q + o"))
+               description="one request, one query token, NHD KV; bytes = K + V + q + o",
+               tunes={"config": Tune(_config_grid("decode", _decode_configs), cuda_graph="on",
+                                     description="the decode kernel's BLOCK_N x warps x stages"),
+                      "splits": Tune(lambda case: SPLIT_GRID, cuda_graph="on",
+                                     description="split-KV chunk alignment x programs per SM x min tiles per split")}))
 register(Suite("single_prefill", prefill_cases, PROVIDERS, metric="tflops",
-               description="one request, qo_len = kv_len; causal flops = 4·h·d·(sq·skv − sq(sq−1)/2)"))
+               description="one request, qo_len = kv_len; causal flops = 4·h·d·(sq·skv − sq(sq−1)/2)",
+               tunes={"config": Tune(_config_grid("prefill", _prefill_configs),
+                                     description="the prefill kernel's tile x warps x stages per head dim")}))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Knob, Tune, grid, Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 COPY_CEILING_GBPS = 3006.0  # H100 device-to-device copy, ANCHORS.md
 
@@ -154,9 +154,23 @@ PROVIDERS = [
     Provider("torch_sdpa_cudnn", _sdpa("CUDNN_ATTENTION")),
 ]
 
+def _launch_grid(case: Case):
+    """The paged decode kernel's config for the case's head dim x the planner's programs-per-SM target
+    (flashtile/kernels/attention.py, scheduler/split_kv.py)."""
+    from flashtile.kernels.attention import LaunchConfig
+
+    d_pad = max(16, 1 << (case.params["head_dim"] - 1).bit_length())
+    config = Knob("flashtile.kernels.attention", "_CONFIG_TABLE", ("batch_decode", d_pad))
+    per_sm = Knob("flashtile.scheduler.split_kv", "BATCH_PROGRAMS_PER_SM")
+    return [{per_sm: g["per_sm"], config: LaunchConfig(16, g["bn"], g["warps"], g["stages"])}
+            for g in grid(per_sm=(1, 2, 4, 8), bn=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4))]
+
+
 register(Suite("batch_decode", batch_decode_cases, PROVIDERS, "gbps",
                "Batch decode over a paged cache (page 16, random page order), ANCHORS.md cases",
-               ceiling=COPY_CEILING_GBPS))
+               ceiling=COPY_CEILING_GBPS,
+               tunes={"launch": Tune(_launch_grid, cuda_graph="on",
+                                     description="programs per SM x BLOCK_N x warps x stages")}))
 register(Suite("batch_decode_sweep", sweep_cases, PROVIDERS[:3], "gbps",
                "Batch decode sweep: batch 1-512 x kv 512-16384, 32/8 heads, d128, page 16",
                ceiling=COPY_CEILING_GBPS))

@@ -11,12 +11,13 @@ FlexAttention gets the batch packed into one sequence with a document mask (caus
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Knob, Tune, grid, Case, Provider, Suite, Unavailable, device, import_flashinfer, register
 
 COPY_CEILING_GBPS = 3006.0  # H100 device-to-device copy, ANCHORS.md
 
@@ -266,11 +267,60 @@ PROVIDERS = [
     Provider("flex_attention", _flex),
 ]
 
+# ---------------------------------------------------------------------------------------------
+# Tuning grids (--tune): the tile shape and launch of the batch-prefill kernel (the tuning hooks of
+# flashtile/_core/tile_policy.py and kernels/batch_prefill.py), and two of its code switches
+# ---------------------------------------------------------------------------------------------
+
+TILE_SHAPE = Knob("flashtile._core.tile_policy", "prefill_tile_shape")
+CONFIG = Knob("flashtile._core.tile_policy", "CONFIG_OVERRIDE")  # (block_n, warps, stages), launched as given
+PREFETCH = Knob("flashtile.kernels.batch_prefill", "PREFETCH_OVERRIDE")
+INT32_OFFSETS = Knob("flashtile.kernels.batch_prefill", "INT32_OFFSETS_OVERRIDE")
+SHARED_MEMORY = 232448  # H100's per-block limit: settings whose K/V stages do not fit are left out
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTile:
+    """Stands in for tile_policy.prefill_tile_shape: every plan gets this (BLOCK_M, BLOCK_N)."""
+
+    block_m: int
+    block_n: int
+
+    def __call__(self, *args, **kwargs):
+        return self.block_m, self.block_n
+
+    def __repr__(self) -> str:
+        return f"{self.block_m}x{self.block_n}"
+
+
+def _tile_grid(case: Case):
+    prefetches = (False, True) if case.params["page_size"] else (None,)
+    settings = []
+    for g in grid(bm=(64, 128), bn=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4), prefetch=prefetches):
+        if (g["bn"] * 128 * 2 * 2) * g["stages"] + g["bm"] * 128 * 2 > SHARED_MEMORY:
+            continue
+        settings.append({TILE_SHAPE: FixedTile(g["bm"], g["bn"]), CONFIG: (g["bn"], g["warps"], g["stages"]),
+                         PREFETCH: g["prefetch"]})
+    return settings
+
+
+def _paged(case: Case) -> bool:
+    return bool(case.params["page_size"])
+
+
+BATCH_PREFILL_TUNES = {
+    "tiles": Tune(_tile_grid, description="BLOCK_M x BLOCK_N x warps x stages (x page-id prefetch when paged)"),
+    "prefetch": Tune(lambda case: [{PREFETCH: False}, {PREFETCH: True}], cases=_paged, rounds=3,
+                     description="default configs, page-id prefetch off / on"),
+    "offsets32": Tune(lambda case: [{INT32_OFFSETS: False}], cases=_paged, rounds=3,
+                      description="default (int32 paged row offsets where they fit) against int64"),
+}
+
 register(Suite("batch_prefill", prefill_cases, PROVIDERS, "tflops",
                "Batch prefill, causal, bf16: paged (page 16/1, random page order) and ragged; skewed batch "
-               "against its parts run separately"))
+               "against its parts run separately", tunes=BATCH_PREFILL_TUNES))
 register(Suite("batch_append", append_cases,
                [Provider("flashtile", _flashtile), Provider("flashtile_decode", _flashtile_decode),
                 Provider("flashinfer", _flashinfer("fa2"))], "gbps",
                "Append (speculative verification): 1-8 causal queries per request against a paged cache; "
-               "bytes = K + V + q + o", ceiling=COPY_CEILING_GBPS))
+               "bytes = K + V + q + o", ceiling=COPY_CEILING_GBPS, tunes=BATCH_PREFILL_TUNES))

@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Case, Knob, Provider, Suite, Tune, Unavailable, device, grid, import_flashinfer, register
 
 
 def _case(op: str, seq_len: int, num_heads: int, head_dim: int, num_states: int = 2, dtype: str = "float16") -> Case:
@@ -71,7 +71,7 @@ def _calls(case: Case, api=None, reference=None):
 
         return merge_states
     v_a, s_a, v_b, s_b = v[:, 0].contiguous(), s[:, 0].contiguous(), v[:, 1].contiguous(), s[:, 1].contiguous()
-    del v, s
+    v = s = None  # free the stacked states: the pair ops read their own copies
     if op == "merge_state":
         if api is not None:
             return lambda: api.merge_state(v_a, s_a, v_b, s_b)[0]
@@ -126,9 +126,16 @@ PROVIDERS = [
     Provider("torch_compile", _torch(compiled=True)),
 ]
 
+# The row-tiled merges' launch: elements per state tile x warps (flashtile/kernels/merge.py).
+MERGE_TILE, MERGE_WARPS = Knob("flashtile.kernels.merge", "ROW_TILE_ELEMS"), Knob("flashtile.kernels.merge", "PAIR_WARPS")
+MERGE_GRID = [{MERGE_TILE: g["elems"], MERGE_WARPS: g["warps"]}
+              for g in grid(elems=(2048, 4096, 8192, 16384), warps=(2, 4, 8))]
+
 register(Suite("merge_state", merge_cases, PROVIDERS, metric="gbps",
                description="merge attention states (base-2 LSE), float16 v / float32 s; bytes = every v and s "
-                           "read + merged v and s written"))
+                           "read + merged v and s written",
+               tunes={"launch": Tune(lambda case: MERGE_GRID, cuda_graph="on",
+                                     description="elements per state tile x warps of the row-tiled merges")}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Case, Knob, Provider, Suite, Tune, Unavailable, device, grid, import_flashinfer, register
 
 
 def _case(kind: str, batch: int, vocab: int, n: int = 0) -> Case:
@@ -147,5 +147,22 @@ PROVIDERS = [
     Provider("torch_multinomial", _multinomial),
 ]
 
+# Tuning grids (--tune): the launch constants of flashtile/kernels/sampling/config.py. "seg": the tile and
+# pipelining of the segmented passes (one program per row); "wave": the smaller tiles used when the batch
+# fills the GPU several times over; "split": rows split over several programs (batch below the SM count).
+_CONFIG = "flashtile.kernels.sampling.config"
+SEG_GRID = [{Knob(_CONFIG, "SEG_COLS"): g["cols"], Knob(_CONFIG, "SEG_STAGES"): g["stages"],
+             Knob(_CONFIG, "SEG_UNROLL"): g["unroll"]} for g in grid(cols=(32, 64), stages=(3, 5, 7), unroll=(1, 2))]
+WAVE_GRID = [{Knob(_CONFIG, "SEG_WAVE_WARPS"): g["warps"], Knob(_CONFIG, "SEG_WAVE_COLS"): g["cols"],
+              Knob(_CONFIG, "SEG_WAVE_SUB_COLS"): g["sub_cols"]}
+             for g in grid(warps=(4, 8), cols=(32, 64), sub_cols=(16, 32))]
+SPLIT_GRID = [{Knob(_CONFIG, "SPLIT_PER_SM"): g["per_sm"], Knob(_CONFIG, "SPLIT_WARPS"): g["warps"]}
+              for g in grid(per_sm=(1, 2, 4), warps=(4, 8))]
+
 register(Suite("sampling", sampling_cases, PROVIDERS, metric="gbps", cuda_graph="on",
-               description="float32 probs (softmax of randn); bytes = probabilities read once"))
+               description="float32 probs (softmax of randn); bytes = probabilities read once",
+               tunes={"seg": Tune(lambda case: SEG_GRID, description="segment columns x pipeline stages x unroll"),
+                      "wave": Tune(lambda case: WAVE_GRID, cases=lambda case: case.params.get("batch", 0) >= 512,
+                                   description="wave tiles (batch >= 2 x SMs, vocab <= 65536)"),
+                      "split": Tune(lambda case: SPLIT_GRID, cases=lambda case: case.params.get("batch", 0) <= 16,
+                                    description="split rows: programs per SM x warps")}))

@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Case, Knob, Provider, Suite, Tune, Unavailable, device, grid, import_flashinfer, register
 
 LAUNCH_CALLS = 100
 EPS = 1e-6
@@ -355,13 +355,25 @@ PROVIDERS = [
 
 # Steady-state timing (module doc): CUDA graphs of ~1 ms of back-to-back calls at every size.
 STEADY = dict(cuda_graph="on", graph_span_us=1000.0)
+# Warps per program (elements per warp) of the norm kernels; columns per program and warps of the
+# activation kernels (flashtile/kernels/norm.py, activation.py).
+NORM_WARPS = Knob("flashtile.kernels.norm", "ELEMS_PER_WARP")
+ACT_BLOCK_D, ACT_WARPS = Knob("flashtile.kernels.activation", "MAX_BLOCK_D"), Knob("flashtile.kernels.activation",
+                                                                                   "ELEMS_PER_WARP")
+NORM_GRID = [{NORM_WARPS: e} for e in (256, 512, 1024, 2048)]
+ACT_GRID = [{ACT_BLOCK_D: g["block_d"], ACT_WARPS: g["elems"]} for g in grid(block_d=(1024, 2048, 4096),
+                                                                             elems=(256, 512, 1024))]
+
 register(Suite("norm", norm_cases, PROVIDERS, metric="gbps",
                description="rmsnorm / fused_add_rmsnorm [rows, hidden]; bytes = inputs read + outputs written once",
-               **STEADY))
+               tunes={"warps": Tune(lambda case: NORM_GRID, description="elements per warp")}, **STEADY))
 register(Suite("qk_norm", qk_norm_cases, PROVIDERS, metric="gbps",
                description="per-head RMSNorm over [tokens, heads, head_dim] (flashtile takes the 3-D tensor)", **STEADY))
 register(Suite("activation", activation_cases, PROVIDERS, metric="gbps",
-               description="gated activations [rows, 2d] -> [rows, d]; bytes = 3 * rows * d elements", **STEADY))
+               description="gated activations [rows, 2d] -> [rows, d]; bytes = 3 * rows * d elements",
+               tunes={"launch": Tune(lambda case: ACT_GRID, cases=lambda case: case.params["op"] == "silu_and_mul",
+                                     description="columns per program x elements per warp (silu_and_mul)")},
+               **STEADY))
 register(Suite("rope", rope_cases, PROVIDERS, metric="gbps",
                description="in-place RoPE of q and k (cos/sin cache, or Llama 3.1 frequencies from pos_ids)", **STEADY))
 register(Suite("small_ops_launch", launch_cases,

@@ -25,38 +25,56 @@ few calls. A long span (e.g. 1000 us: hundreds of calls) measures the steady sta
 calls instead: launch and flush costs vanish, and inputs that fit in the 50 MB L2 stay there, as
 they do when an op runs in a loop over one buffer. Report which mode a table used.
 
-Run: ``python benchmarks/run.py --suite single_decode --out DIR [--smoke] [--filter S]
+Run: ``python -m benchmarks.run --suite single_decode --out DIR [--smoke] [--filter S]
 [--providers a,b]``, or ``benchmarks.harness.run_suites(...)`` from Python.
+
+Tuning. A suite may declare grids of launch constants (:class:`Tune`, :class:`Knob`);
+``python -m benchmarks.run --suite X --tune [GRIDS]`` times each setting under :func:`overridden`
+and prints each case's winner against the default (docs/benchmarks.md, "Tuning grids").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import importlib
+import itertools
 import json
 import math
 import pathlib
 import platform
-import sys
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from flashtile._core.graphs import capture_graph
 
 __all__ = [
     "Case",
     "Provider",
     "Suite",
+    "Knob",
+    "Tune",
+    "grid",
+    "overridden",
     "Unavailable",
     "register",
     "SUITES",
     "device",
     "first_call_seconds",
+    "host_overhead_us",
+    "wall_seconds",
+    "cuda_graph_replay",
     "measure",
     "run_suite",
     "run_suites",
+    "tune_suite",
+    "run_tunes",
     "main",
 ]
 
@@ -105,6 +123,98 @@ class Suite:
     ceiling: Optional[float] = None  # drawn as a line on the plot (e.g. the measured copy bandwidth)
     cuda_graph: Optional[str] = None  # the suite's timing mode when the caller gives none ("auto" otherwise)
     graph_span_us: Optional[float] = None  # likewise (GRAPH_TARGET_US otherwise)
+    tunes: Dict[str, "Tune"] = field(default_factory=dict)  # named grids that ``--tune`` times
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A launch constant that a tune setting replaces for the time of one measurement: the attribute
+    ``attr`` of module ``module``, or, with ``key``, the entry ``key`` of that dict attribute."""
+
+    module: str
+    attr: str
+    key: Any = None
+
+    def __str__(self) -> str:
+        return self.attr if self.key is None else f"{self.attr}[{self.key}]"
+
+
+Setting = Dict[Knob, Any]  # the knobs a setting leaves out keep their values
+
+
+@dataclass
+class Tune:
+    """A tuning grid of a suite. ``settings(case)`` lists the settings to time on a case (the harness
+    adds the default, no knob changed, in front); ``cases`` picks the suite's cases to tune (all when
+    None); ``rounds``: each setting is timed this many times, alternating with the others, and the
+    median kept (clock drift then hits every setting alike)."""
+
+    settings: Callable[[Case], List[Setting]]
+    cases: Optional[Callable[[Case], bool]] = None
+    provider: str = FLASHTILE
+    rounds: int = 1
+    description: str = ""
+    cuda_graph: Optional[str] = None  # the grid's timing mode when the caller gives none (else the suite's)
+    graph_span_us: Optional[float] = None  # likewise
+
+
+def grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Every combination of the axes' values, as dicts: ``grid(a=(1, 2), b=(3,))`` gives
+    ``[{"a": 1, "b": 3}, {"a": 2, "b": 3}]``."""
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def _clear_caches(modules: Sequence[Any]) -> None:
+    """Forget what was derived from launch constants: the launch memos and the modules' cached
+    config functions (functools caches)."""
+    from flashtile._core.launch import clear_launch_memos
+
+    clear_launch_memos()
+    for module in modules:
+        for value in vars(module).values():
+            if callable(getattr(value, "cache_clear", None)) and getattr(value, "__module__", None) == module.__name__:
+                value.cache_clear()
+
+
+@contextlib.contextmanager
+def overridden(setting: Setting):
+    """Set the setting's knobs, then restore them (and clear the caches derived from them) on exit.
+    This is the one way a benchmark changes flashtile's launch constants."""
+    saved = []
+    modules = []
+    try:
+        for knob, value in setting.items():
+            module = importlib.import_module(knob.module)
+            modules.append(module)
+            if knob.key is None:
+                saved.append((module, knob, getattr(module, knob.attr)))
+                setattr(module, knob.attr, value)
+            else:
+                table = getattr(module, knob.attr)
+                saved.append((table, knob, table[knob.key]))
+                table[knob.key] = value
+        _clear_caches(modules)
+        yield
+    finally:
+        for owner, knob, value in reversed(saved):
+            if knob.key is None:
+                setattr(owner, knob.attr, value)
+            else:
+                owner[knob.key] = value
+        _clear_caches(modules)
+
+
+def setting_label(setting: Setting) -> str:
+    if not setting:
+        return "default"
+
+    def text(value: Any) -> str:
+        if dataclasses.is_dataclass(value):
+            return "/".join(str(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return repr(value)
+
+    return " ".join(f"{knob}={text(value)}" for knob, value in setting.items())
 
 
 SUITES: Dict[str, Suite] = {}
@@ -166,10 +276,10 @@ def first_call_seconds(fn: Callable[[], Any]) -> float:
     return _first_call(fn)[0]
 
 
-def host_overhead_us(fn: Callable[[], Any], calls: int = 300) -> float:
-    """Wall microseconds per call of ``calls`` back-to-back eager calls (after 10 warm-up calls),
+def host_overhead_us(fn: Callable[[], Any], calls: int = 300, warmup: int = 10) -> float:
+    """Wall microseconds per call of ``calls`` back-to-back eager calls (after ``warmup`` calls),
     synchronized at both ends: the host cost when the GPU work is negligible (launch-bound)."""
-    for _ in range(10):
+    for _ in range(warmup):
         fn()
     _sync()
     t0 = time.perf_counter()
@@ -179,20 +289,20 @@ def host_overhead_us(fn: Callable[[], Any], calls: int = 300) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def wall_seconds(fn: Callable[[], Any], reps: int) -> List[float]:
+    """Host wall seconds (``time.perf_counter``) of each of ``reps`` calls, without synchronizing."""
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
 def cuda_graph_replay(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
-    """Capture ``calls`` back-to-back calls of ``fn`` in one CUDA graph; returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    torch.cuda.synchronize()
-    return graph.replay
+    """Capture ``calls`` back-to-back calls of ``fn`` in one CUDA graph (after 3 warm-up calls);
+    returns its replay."""
+    return capture_graph(fn, calls=calls, warmup=3)[0].replay
 
 
 def _quantiles_us(samples_s: Sequence[float]):
@@ -213,13 +323,7 @@ def measure(fn: Callable[[], Any], *, cuda_graph: str = "auto", smoke: bool = Fa
     ``graph_span_us``: the length of one graph replay, which sets the calls per graph."""
     if not torch.cuda.is_available():
         fn()  # warm
-        reps = 3 if smoke else 10
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        med, p20, p80 = _quantiles_us(samples)
+        med, p20, p80 = _quantiles_us(wall_seconds(fn, 3 if smoke else 10))
         return dict(median_us=med, p20_us=p20, p80_us=p80, timing="cpu_wall", graph_calls=0)
 
     from triton.testing import do_bench
@@ -330,6 +434,121 @@ def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None
             log(f"[{suite.name}] {case.name:<44} {prov.name:<18} {_cell(rec, suite.metric)}")
         del ref
     return records
+
+
+def _tune_case(suite: Suite, tune: Tune, case: Case, provider: Provider, *, cuda_graph: str, smoke: bool,
+               graph_span_us: float, rounds: int, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Time every setting of ``tune`` on ``case``; one record per setting, fastest first."""
+    settings = [{}] + list(tune.settings(case))
+    times: Dict[int, List[float]] = {i: [] for i in range(len(settings))}
+    failed: Dict[int, str] = {}
+    for _ in range(rounds):
+        for i, setting in enumerate(settings):
+            if i in failed:
+                continue
+            made = fn = None
+            try:
+                with overridden(setting):
+                    torch.manual_seed(0)
+                    made = provider.make(case)
+                    fn = made[0] if isinstance(made, tuple) else made
+                    fn()
+                    times[i].append(measure(fn, cuda_graph=cuda_graph, smoke=smoke,
+                                            graph_span_us=graph_span_us)["median_us"])
+            except Exception as e:  # e.g. a setting that needs more shared memory than the device has
+                failed[i] = f"{type(e).__name__}: {_short(e, 120)}"
+            finally:
+                del made, fn
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    records = []
+    for i, setting in enumerate(settings):
+        rec = dict(suite=suite.name, case=case.name, setting=setting_label(setting), provider=provider.name)
+        if i in failed:
+            rec.update(status="error", reason=failed[i])
+        else:
+            us = statistics.median(times[i])
+            work, unit = (case.bytes, 1e9) if suite.metric == "gbps" else (case.flops, 1e12)
+            rec.update(status="ok", median_us=us, rounds_us=times[i],
+                       **{suite.metric: work / (us * 1e-6) / unit if work else None})
+        records.append(rec)
+        log(f"[{suite.name} tune] {case.name:<40} {rec['setting']:<50} {_cell(rec, suite.metric)}")
+    return sorted(records, key=lambda r: (r["status"] != "ok", r.get("median_us", 0.0)))
+
+
+def tune_suite(suite: Suite, grid_names: Optional[Sequence[str]] = None, *, smoke: bool = False,
+               filter: Optional[str] = None, cuda_graph: Optional[str] = None, graph_span_us: Optional[float] = None,
+               rounds: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, List[Dict[str, Any]]]:
+    """Time the suite's tuning grids (``grid_names``; all when None) on their cases: per grid, the
+    records of every (case, setting), each case's fastest first. ``rounds`` overrides the grids'."""
+    if not suite.tunes:
+        raise ValueError(f"Suite {suite.name!r} declares no tuning grid")
+    names = list(suite.tunes) if not grid_names else list(grid_names)
+    unknown = [n for n in names if n not in suite.tunes]
+    if unknown:
+        raise ValueError(f"Suite {suite.name!r} has no tuning grid {unknown}; grids: {sorted(suite.tunes)}")
+    results = {}
+    for name in names:
+        tune = suite.tunes[name]
+        mode = cuda_graph or tune.cuda_graph or suite.cuda_graph or "auto"
+        span = graph_span_us or tune.graph_span_us or suite.graph_span_us or GRAPH_TARGET_US
+        provider = next(p for p in suite.providers if p.name == tune.provider)
+        records = []
+        for case in suite.cases(smoke):
+            if (filter and filter not in case.name) or (tune.cases and not tune.cases(case)):
+                continue
+            for rec in _tune_case(suite, tune, case, provider, cuda_graph=mode, smoke=smoke, graph_span_us=span,
+                                  rounds=rounds or tune.rounds, log=log):
+                records.append(dict(rec, grid=name))
+        results[name] = records
+    return results
+
+
+def tune_table(suite: Suite, name: str, records: List[Dict[str, Any]], top: int = 3) -> str:
+    """Per case: the winner, its time against the default's, then the runners-up."""
+    tune = suite.tunes[name]
+    env = environment()
+    lines = [f"## {suite.name} tune {name}" + (f": {tune.description}" if tune.description else ""), "",
+             f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}. Median time, {_METRIC[suite.metric]}; "
+             "default / best > 1: the winner is faster than today's default.", "",
+             "| case | best setting | best | default | default / best | runners-up |", "|---|---|---|---|---|---|"]
+    by_case: Dict[str, List[Dict[str, Any]]] = {}
+    for r in records:
+        by_case.setdefault(r["case"], []).append(r)
+    for case, recs in by_case.items():
+        ok = [r for r in recs if r["status"] == "ok"]
+        default = next((r for r in recs if r["setting"] == "default"), None)
+        if not ok:
+            lines.append(f"| {case} | — | — | — | — | |")
+            continue
+        best = ok[0]
+        ratio = f"{default['median_us'] / best['median_us']:.2f}×" if default and default["status"] == "ok" else "—"
+        others = "; ".join(f"{r['setting']} {_cell(r, suite.metric)}" for r in ok[1:top])
+        lines.append(f"| {case} | {best['setting']} | {_cell(best, suite.metric)} | "
+                     f"{_cell(default, suite.metric) if default else '—'} | {ratio} | {others} |")
+    failed = sorted({(r["setting"], r["reason"]) for r in records if r["status"] != "ok"})
+    if failed:
+        lines += ["", "Settings that did not run:", ""] + [f"- {setting}: {reason}" for setting, reason in failed]
+    return "\n".join(lines) + "\n"
+
+
+def run_tunes(name: str, grid_names: Optional[Sequence[str]], out_dir, **kwargs) -> str:
+    """``tune_suite`` for one suite, writing ``<suite>.tune.jsonl`` and ``<suite>.tune.md`` into
+    ``out_dir``; returns the markdown winner tables."""
+    load_case_files()
+    if name not in SUITES:
+        raise ValueError(f"Unknown suite {name!r}; registered: {sorted(SUITES)}")
+    suite = SUITES[name]
+    results = tune_suite(suite, grid_names, **kwargs)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.tune.jsonl", "w") as f:
+        for records in results.values():
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    markdown = "\n".join(tune_table(suite, grid_name, records) for grid_name, records in results.items())
+    (out_dir / f"{name}.tune.md").write_text(markdown)
+    return markdown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,23 +703,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--graph-span-us", type=float, default=None,
                         help=f"length of one graph replay, which sets the calls per graph (default: the suite's "
                              f"choice, else {GRAPH_TARGET_US:g}; 1000 times the steady state of back-to-back calls)")
-    parser.add_argument("--list", action="store_true", help="list suites, cases and providers, then exit")
+    parser.add_argument("--list", action="store_true", help="list suites, cases, providers and grids, then exit")
+    parser.add_argument("--tune", nargs="?", const="all", default=None, metavar="GRIDS",
+                        help="instead of comparing providers, time the suite's tuning grid(s) (comma-separated "
+                             "names; all when none is given) on flashtile and print each case's winner")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="--tune: time each setting this many times, alternating, and keep the median")
     args = parser.parse_args(argv)
     suites = [s for arg in (args.suite or ["all"]) for s in arg.split(",") if s]
     if args.list:
         for name in (list(SUITES) if "all" in suites else suites):
             suite = SUITES[name]
-            print(f"{name} ({suite.metric}): providers {', '.join(p.name for p in suite.providers)}")
+            print(f"{name} ({suite.metric}): providers {', '.join(p.name for p in suite.providers)}"
+                  + (f"; tuning grids {', '.join(suite.tunes)}" if suite.tunes else ""))
             for case in suite.cases(args.smoke):
                 print(f"  {case.name}")
+        return 0
+    if args.tune is not None:
+        if len(suites) != 1 or suites[0] == "all":
+            parser.error("--tune takes exactly one --suite")
+        grid_names = None if args.tune == "all" else [g for g in args.tune.split(",") if g]
+        try:
+            print(run_tunes(suites[0], grid_names, args.out, smoke=args.smoke, filter=args.filter,
+                            cuda_graph=args.cuda_graph, graph_span_us=args.graph_span_us, rounds=args.rounds))
+        except ValueError as e:
+            parser.error(str(e))
         return 0
     print(run_suites(suites, args.out, smoke=args.smoke, filter=args.filter, providers=args.providers,
                      cuda_graph=args.cuda_graph, graph_span_us=args.graph_span_us))
     return 0
-
-
-if __name__ == "__main__":  # run as benchmarks.harness, so that case files register into this module
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-    from benchmarks.harness import main as _main
-
-    sys.exit(_main())

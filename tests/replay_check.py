@@ -2,7 +2,7 @@
 in a subprocess: it needs Triton's compiled-kernel path, so no TRITON_INTERPRET, on CPU tensors).
 
 CPU tensors take the compiled-kernel path with a stand-in compiled kernel whose launcher records its
-arguments (as ``benchmarks/host_time.py --dry`` does). For each memoized op: a first call records the
+arguments (as ``benchmarks/tools/host_time.py --dry`` does). For each memoized op: a first call records the
 launch under the call's key; a second call with other tensors of the same metadata is replayed; the
 same second call with the memos off is launched from the launcher's own computation (through the
 direct-launch cache). The two recorded argument lists must agree: the inputs' addresses, every

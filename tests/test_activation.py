@@ -7,6 +7,7 @@ import torch
 import flashtile.activation as activation
 from conftest import HAS_CUDA
 from flashtile._core import ops_small
+from flashtile._core.graphs import capture_graph
 from oracles import TOLERANCES, act_and_mul_f64
 
 FUNCS = {"silu": activation.silu_and_mul, "gelu": activation.gelu_and_mul, "gelu_tanh": activation.gelu_tanh_and_mul}
@@ -109,14 +110,7 @@ def test_cuda_graph_replay():
     device = torch.device("cuda")
     x = torch.randn(16, 2 * 14336, dtype=torch.bfloat16, device=device)
     out = torch.empty(16, 14336, dtype=torch.bfloat16, device=device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        activation.silu_and_mul(x, out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        activation.silu_and_mul(x, out=out)
+    graph, _ = capture_graph(lambda: activation.silu_and_mul(x, out=out))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

@@ -7,6 +7,7 @@ import flashtile
 from attention_cases import assert_matches_oracle, make_qkv
 from conftest import HAS_CUDA
 from flashtile._core import ops
+from flashtile._core.graphs import capture_graph
 
 
 def _decode_args(device):
@@ -49,15 +50,7 @@ def test_single_decode_cuda_graph_replay(kv_len):
     device = torch.device("cuda")
     q, k, v = make_qkv(1, kv_len, 32, 8, 128, torch.bfloat16, device)
     q = q[0]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            flashtile.single_decode_with_kv_cache(q, k, v)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = flashtile.single_decode_with_kv_cache(q, k, v)
+    graph, out = capture_graph(lambda: flashtile.single_decode_with_kv_cache(q, k, v), warmup=2)
     for _ in range(2):
         q2, k2, v2 = make_qkv(1, kv_len, 32, 8, 128, torch.bfloat16, device)
         q.copy_(q2[0])

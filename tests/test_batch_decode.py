@@ -11,6 +11,7 @@ from conftest import HAS_CUDA
 from flashtile._core import ops
 from flashtile._core.checks import InvalidOptionError
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper
+from flashtile._core.graphs import capture_graph
 from attention_cases import scaled_copy, make_paged_batch, workspace
 from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
@@ -493,15 +494,7 @@ def test_cuda_graph_capture_replan_replay(page_size):
 
     first = table([100, 1, 2000, 0, 35000, 7, 512, 4096])
     w.plan(*first, hq, hk, d, page_size, q_data_type=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            w.run(q, pool, out=out, lse=lse)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, pool, out=out, lse=lse)
+    graph, _ = capture_graph(lambda: w.run(q, pool, out=out, lse=lse), warmup=2)
     for lens in ([3000, 30000, 1, 1, 0, 17, 9000, 64], [1] * 8, [38000] + [0] * 7):
         tbl = table(lens)
         w.plan(*tbl, hq, hk, d, page_size, q_data_type=torch.bfloat16)

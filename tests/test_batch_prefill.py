@@ -12,6 +12,7 @@ from flashtile._core import ops
 from flashtile._core.checks import InvalidOptionError
 from flashtile.prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
 from flashtile.quantization import segment_packbits
+from flashtile._core.graphs import capture_graph
 from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -648,15 +649,7 @@ def test_cuda_graph_capture_replan_replay(page_size):
     qo_first = [8] * b
     first = table([100, 8, 2000, 9, 35000, 17, 512, 4096])
     w.plan(indptr_of(qo_first), *first, hq, hk, d, page_size, causal=True, q_data_type=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            w.run(q, pool, out=out, lse=lse)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, pool, out=out, lse=lse)
+    graph, _ = capture_graph(lambda: w.run(q, pool, out=out, lse=lse), warmup=2)
     for qo_lens, kv_lens in (([1, 2, 3, 4, 5, 6, 7, 8], [3000, 30000, 2, 4, 5, 17, 9000, 64]),
                              ([1] * 8, [1] * 8), ([4] * 8, [38000] + [4] * 7)):
         tbl = table(kv_lens)
@@ -721,10 +714,7 @@ def test_hopper_kernel_graph_replays(device):
     q, k, v, qo_indptr, kv_indptr = make_ragged([300, 129, 200], [300, 400, 1000], 16, 4, 128, torch.bfloat16, device)
     out = torch.empty_like(q)
     w.plan(qo_indptr, kv_indptr, 16, 4, 128, causal=True, q_data_type=torch.bfloat16)
-    w.run(q, k, v, out=out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, k, v, out=out)
+    graph, _ = capture_graph(lambda: w.run(q, k, v, out=out))
     for qo_lens, kv_lens in (([300, 129, 200], [300, 400, 1000]), ([129, 300, 100], [1000, 300, 400])):
         qo_indptr, kv_indptr = indptr_of(qo_lens), indptr_of(kv_lens)
         w.plan(qo_indptr, kv_indptr, 16, 4, 128, causal=True, q_data_type=torch.bfloat16)

@@ -9,11 +9,10 @@ import sys
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
+from benchmarks.bench_attention import decode_cases, prefill_cases
 
-from benchmarks import harness  # noqa: E402
-from benchmarks.bench_attention import decode_cases, prefill_cases  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 HAS_CUDA = torch.cuda.is_available()
 # On a GPU, leave out flex_attention: compiling it for every smoke shape takes minutes.
@@ -99,3 +98,39 @@ def test_unavailable_and_errors_are_recorded(tmp_path):
     table = harness.write_outputs(suite, records, tmp_path)
     assert "| c | " in table and "| — |" in table  # no baseline ran: no speedup
     assert "gone (unavailable): not on this machine" in table
+
+
+def test_overridden_sets_and_restores_knobs():
+    import flashtile.kernels.merge as merge
+    from flashtile.kernels import attention
+
+    key = ("decode", 128)
+    tile, entry = merge.ROW_TILE_ELEMS, attention._CONFIG_TABLE[key]
+    setting = {harness.Knob("flashtile.kernels.merge", "ROW_TILE_ELEMS"): tile * 2,
+               harness.Knob("flashtile.kernels.attention", "_CONFIG_TABLE", key): "stand-in"}
+    try:
+        with harness.overridden(setting):
+            assert merge.ROW_TILE_ELEMS == tile * 2 and attention._CONFIG_TABLE[key] == "stand-in"
+            raise KeyboardInterrupt  # restored on any exit
+    except KeyboardInterrupt:
+        pass
+    assert merge.ROW_TILE_ELEMS == tile and attention._CONFIG_TABLE[key] is entry
+    assert harness.setting_label({}) == "default"
+    assert harness.setting_label(setting) == f"ROW_TILE_ELEMS={tile * 2} _CONFIG_TABLE[{key}]='stand-in'"
+
+
+def test_tune_mode(tmp_path):
+    from benchmarks.bench_cascade import MERGE_GRID
+
+    cmd = [sys.executable, "-m", "benchmarks.run", "--suite", "merge_state", "--smoke", "--tune",
+           "--filter", "merge_state 16", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    records = [json.loads(line) for line in (tmp_path / "merge_state.tune.jsonl").read_text().splitlines()]
+    assert len(records) == 1 + len(MERGE_GRID) and all(rec["status"] == "ok" for rec in records)
+    assert {rec["case"] for rec in records} == {"merge_state 16 x 4 heads x 64"}
+    assert records[0]["median_us"] == min(rec["median_us"] for rec in records)  # fastest first
+    assert "| merge_state 16 x 4 heads x 64 |" in r.stdout
+    assert (tmp_path / "merge_state.tune.md").read_text() in r.stdout
+    unknown = subprocess.run(cmd[:-4] + ["--tune", "nope", "--out", str(tmp_path)], capture_output=True, text=True,
+                             cwd=ROOT)
+    assert unknown.returncode != 0 and "no tuning grid ['nope']" in unknown.stderr

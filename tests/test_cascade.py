@@ -7,6 +7,7 @@ import torch
 import flashtile
 from attention_cases import workspace
 from conftest import HAS_CUDA
+from flashtile._core.graphs import capture_graph
 from flashtile.cascade import (
     BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
     BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
@@ -225,15 +226,7 @@ def test_multilevel_cuda_graph_replan_replay():
         return tables
 
     plan(4000, [100] * b)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            w.run(q, pool.cache)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = w.run(q, pool.cache)
+    graph, out = capture_graph(lambda: w.run(q, pool.cache), warmup=2)
     for prefix, unique in ((9000, [1, 50, 0, 700, 3, 3, 3, 3]), (17, [2000] * b)):
         pool.free = torch.randperm(pool.cache.shape[0], dtype=torch.int32).tolist()
         tables = plan(prefix, unique)

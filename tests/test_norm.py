@@ -7,6 +7,7 @@ import torch
 import flashtile.norm as norm
 from conftest import HAS_CUDA
 from flashtile._core import ops_small
+from flashtile._core.graphs import capture_graph
 from oracles import TOLERANCES, fused_add_rmsnorm_f64, layernorm_f64, rmsnorm_f64
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -282,15 +283,11 @@ def test_cuda_graph_replay():
     r = torch.randn_like(x)
     w = _weight(4096, torch.bfloat16, device)
     out = torch.empty_like(x)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        norm.rmsnorm(x, w, out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def step():
         norm.rmsnorm(x, w, out=out)
         norm.fused_add_rmsnorm(x, r, w)
+
+    graph, _ = capture_graph(step)
     x.copy_(torch.randn_like(x))
     r.copy_(torch.randn_like(r))
     x0, r0 = x.clone(), r.clone()
@@ -305,10 +302,7 @@ def test_cuda_graph_replay():
 def test_small_ops_benchmark_smoke(tmp_path):
     """benchmarks/bench_small_ops.py runs end to end (--smoke) and flashtile agrees with torch."""
     import json
-    import pathlib
-    import sys
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from benchmarks import harness
 
     suites = ["norm", "qk_norm", "activation", "rope", "small_ops_launch"]

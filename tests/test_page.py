@@ -11,6 +11,7 @@ from flashtile import page
 from flashtile._core import ops_page
 from flashtile._core.paged_kv import read_page_table
 from flashtile._core.checks import InvalidOptionError
+from flashtile._core.graphs import capture_graph
 from oracles import (
     append_paged_kv_oracle,
     append_paged_mla_oracle,
@@ -483,10 +484,6 @@ def test_torch_compile_fullgraph_append(device):
 
 def test_bench_page_smoke(tmp_path):
     """The page_append benchmark suite runs on CPU (--smoke) and every provider writes the same cache."""
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from benchmarks import harness
     from benchmarks.bench_page import append_cases
 
@@ -545,14 +542,7 @@ def test_append_cuda_graph_replay():
         page.append_paged_kv_cache(key, value, bi, pos, cache, indices, indptr, last)
 
     key.normal_(), value.normal_()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
     for trial in range(2):
         new_indices, _, _ = page_table(lens_after, page_size, num_pages, device)
         indices.copy_(new_indices)

@@ -10,6 +10,7 @@ import torch
 import flashtile.rope as rope
 from conftest import HAS_CUDA
 from flashtile._core import ops_small
+from flashtile._core.graphs import capture_graph
 from oracles import TOLERANCES, ragged_positions, rope_frequencies_f64, rope_general_f64
 
 LLAMA31_DEFAULTS = dict(rope_scale=8.0, rope_theta=5e5, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192)
@@ -175,14 +176,7 @@ def test_rope_cuda_graph_replay():
     pos = torch.randint(0, 8192, (nnz,), device=device)
     query = torch.randn(nnz, 32 * 128, dtype=torch.bfloat16, device=device)
     key = torch.randn(nnz, 8 * 128, dtype=torch.bfloat16, device=device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        rope.apply_rope_with_cos_sin_cache_inplace(pos, query, key, 128, cache)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        rope.apply_rope_with_cos_sin_cache_inplace(pos, query, key, 128, cache)
+    graph, _ = capture_graph(lambda: rope.apply_rope_with_cos_sin_cache_inplace(pos, query, key, 128, cache))
     query.copy_(torch.randn_like(query))
     key.copy_(torch.randn_like(key))
     pos.copy_(torch.randint(0, 8192, (nnz,), device=device))

@@ -484,7 +484,7 @@ def test_seg_sampler_bounded_passes(seg_kernels, device, mode, passes):
 
 
 # Launch constants (kernels/sampling/config.py) that change the segmented kernel's code or its pivot lanes
-# (benchmarks/tune_sampling.py sweeps them on the GPU): every variant must keep the filter sets and the
+# (the sampling suite's --tune grids sweep them on the GPU): every variant must keep the filter sets and the
 # distributions.
 SEG_VARIANTS = [dict(SEG_UNROLL=1), dict(SEG_PIVOTS_TOP_P=8, SEG_PIVOTS_MIN_P=2),
                 dict(SEG_PIVOTS=4, SEG_PIVOTS_TOP_P=2, SEG_NQ=2)]
@@ -664,7 +664,7 @@ def test_split_layout_rule(monkeypatch):
                                     dict(SPLIT_SEG_INTERPRETED=16), dict(SPLIT_SEG_INTERPRETED=4)],
                          ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_split_sampler_launch_constants(split_kernels, device, monkeypatch, consts):
-    """Other lane and candidate counts of the split (benchmarks/tune_sampling.py sweeps them), and 1 or 4
+    """Other lane and candidate counts of the split (the sampling suite's --tune grids sweep them), and 1 or 4
     published segments per chunk instead of 2: filter sets on edge rows (every filter) and chi-square of
     top-p and top-k."""
     kernels, launches, split_launches = split_kernels

@@ -2,7 +2,7 @@
 
 - On CPU, in milliseconds: the model (flashtile/kernels/smem.py) against sizes Triton reported for
   sm_90 compiles, and the chooser over every feature combination, head dim, kernel and device limit.
-- On CPU, compiled (slow): benchmarks/smem_compile.py compiles the chosen configs for sm_90 in a
+- On CPU, compiled (slow): benchmarks/tools/smem_compile.py compiles the chosen configs for sm_90 in a
   subprocess (Triton's interpreter off) and compares Triton's sizes with the limit and the model.
 - On the GPU: issue 22's crashing calls, against the float64 oracle.
 """
@@ -200,13 +200,13 @@ def test_launch_steps_down_when_triton_needs_more_than_estimated(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Compiled for sm_90 without a GPU (benchmarks/smem_compile.py in a subprocess)
+# Compiled for sm_90 without a GPU (benchmarks/tools/smem_compile.py in a subprocess)
 # ------------------------------------------------------------------------------------------------
 
 
 def _compile_check(*args: str) -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "smem_compile.py"), *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.tools.smem_compile", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if not records:
@@ -289,10 +289,9 @@ def test_issue_22_paged_batch_prefill_with_rope():
 
 
 def test_gpu_check_script_runs_its_cases():
-    """benchmarks/smem_check.py's runner, on tiny cases of each kernel and cache (kernels in the
+    """benchmarks/tools/smem_check.py's runner, on tiny cases of each kernel and cache (kernels in the
     interpreter on CPU), so that the GPU run does not fail on the script itself."""
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.smem_check import Case, Features, run_case
+    from benchmarks.tools.smem_check import Case, Features, run_case
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rope_mask = Features("ROPE_LLAMA", "custom", window_softcap=True, half_vo=True)

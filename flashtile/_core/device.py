@@ -10,8 +10,8 @@ __all__ = ["num_sms", "shared_memory_limit", "compute_capability"]
 
 INTERPRETER_SMS = 4  # CPU tensors run under Triton's interpreter: a small "GPU", so tests exercise splits
 # (shared-memory limit in bytes, (major, minor)) that every device is taken to have, for tools that
-# choose launch configs for another device than the one they run on: benchmarks/smem_compile.py compiles
-# sm_90 kernels on a CPU machine, benchmarks/smem_check.py runs a smaller card's configs on an H100.
+# choose launch configs for another device than the one they run on: benchmarks/tools/smem_compile.py compiles
+# sm_90 kernels on a CPU machine, benchmarks/tools/smem_check.py runs a smaller card's configs on an H100.
 # None: each device's own.
 TARGET_OVERRIDE: Optional[tuple] = None
 _sm_count: dict = {}

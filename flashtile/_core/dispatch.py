@@ -32,7 +32,7 @@ from .checks import check_option
 __all__ = ["Path", "Decision", "choose_path", "load_kernels", "implementation", "UPSTREAM_BACKENDS",
            "normalize_backend"]
 
-# Device types whose tensors run the compiled kernels. benchmarks/host_time.py --dry adds "cpu" to
+# Device types whose tensors run the compiled kernels. benchmarks/tools/host_time.py --dry adds "cpu" to
 # profile the launch path on a machine without a GPU (with launches stubbed out).
 KERNEL_DEVICE_TYPES = ("cuda",)
 

@@ -490,7 +490,7 @@ def _launch_source(n: int, compiled, grid, values: list, namespace: dict) -> str
 
 def _first_launch(fn, grid, args: tuple, kwargs: dict):
     """Triton's own launch of a call whose key is not cached yet; returns the compiled kernel.
-    (A module-level function so that benchmarks/host_time.py --dry can stand in a launcher-less kernel.)"""
+    (A module-level function so that benchmarks/tools/host_time.py --dry can stand in a launcher-less kernel.)"""
     return fn[grid](*args, **kwargs)
 
 
@@ -499,7 +499,7 @@ _ALL_MEMOS: list = []
 
 def clear_launch_memos() -> None:
     """Forget every recorded launch: for tools that change a kernel module's launch constants
-    (benchmarks/tune_small_ops.py), which launcher keys do not cover."""
+    (the benchmarks' tuning grids: benchmarks.harness.overridden), which launcher keys do not cover."""
     for memo in _ALL_MEMOS:
         memo.clear()
 

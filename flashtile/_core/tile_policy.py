@@ -38,7 +38,7 @@ def planning_facts(device: torch.device, compiled: bool) -> tuple:
     return KV_CHUNK_ALIGN, num_sms(device)
 
 
-# Launch configurations, measured on H100 (benchmarks/tune_batch_prefill.py, bf16, causal):
+# Launch configurations, measured on H100 (the batch_prefill tuning grids, bf16, causal):
 # - BLOCK_M follows the longest request: an append batch of 4 tokens x GQA 4 has 16 rows per KV head,
 #   a 128-row tile would be 7/8 padding. Small tiles use SMALL_M_CONFIGS[block_m][padded head dim].
 # - 128-row tiles: BLOCK_N 64, 8 warps, 3 stages won on 16 x 1024 (ragged 248 TFLOP/s vs 230 with
@@ -59,7 +59,7 @@ SHORT_KV = 1024  # up to this many keys, 128-row tiles (head dims <= 128) use BL
 LONG_KV = 4096  # from this many keys on, 128-row tiles use BLOCK_N 128
 
 
-# Set by benchmarks/tune_batch_prefill.py to time one configuration: (block_n, num_warps, num_stages).
+# Set by the batch_prefill suite's `tiles` tuning grid to time one configuration: (block_n, num_warps, num_stages).
 CONFIG_OVERRIDE: Optional[tuple] = None
 
 

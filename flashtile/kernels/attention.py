@@ -185,14 +185,14 @@ class LaunchConfig:
     num_stages: int
 
 
-# (kind, padded head_dim) -> config; measured on H100 with benchmarks/tune_attention.py.
+# (kind, padded head_dim) -> config; measured on H100 with the single_decode / single_prefill tuning grids (benchmarks/bench_attention.py).
 _CONFIG_TABLE = {
     ("decode", 16): LaunchConfig(16, 64, 8, 2),
     ("decode", 32): LaunchConfig(16, 64, 8, 2),
     ("decode", 64): LaunchConfig(16, 64, 8, 2),
     ("decode", 128): LaunchConfig(16, 64, 4, 2),
     ("decode", 256): LaunchConfig(16, 64, 8, 2),
-    # Paged batch decode (benchmarks/tune_batch_decode.py, H100, d128, page 16): BLOCK_N 32 won at
+    # Paged batch decode (the batch_decode tuning grid, H100, d128, page 16): BLOCK_N 32 won at
     # 1 x 32k, 16 x 4k and 64 x 4k (stages 2-4 within noise; 3 chosen); 128 won only at 256 x 2k.
     ("batch_decode", 16): LaunchConfig(16, 32, 4, 3),
     ("batch_decode", 32): LaunchConfig(16, 32, 4, 3),

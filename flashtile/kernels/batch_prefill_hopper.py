@@ -75,7 +75,7 @@ MAX_REGS = 168
 # Gather mode (pages a TMA box cannot serve, e.g. one key per page): a warpgroup of producer threads
 # issues cp.async copies row by row.
 GATHER_WARPS = 4
-# RECORD timelines (benchmarks/hopper_prefill_timeline.py): int64 records per tile, for the first
+# RECORD timelines (benchmarks/tools/hopper_prefill_timeline.py): int64 records per tile, for the first
 # RECORD_TILES tiles of every program.
 RECORD_TILES = 64
 RECORD_FIELDS = 12
@@ -682,7 +682,7 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
     """Launch the warp-specialized kernel over the plan's items (arguments as batch_prefill_forward;
     ``counts``/``reqs``/``items`` are the plan's sections; ``views`` from :func:`hopper_prefill_views`).
     ``record``: int64 ``[grid, RECORD_TILES, RECORD_FIELDS]`` for a per-tile timeline of the first
-    consumer (benchmarks/hopper_prefill_timeline.py), or None."""
+    consumer (benchmarks/tools/hopper_prefill_timeline.py), or None."""
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     paged = page_indices is not None
     num_kv_heads = k.shape[2] if paged else k.shape[1]

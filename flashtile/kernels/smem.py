@@ -7,7 +7,7 @@ and rotates K in registers, so the product reads a re-staged copy; fp8 K/V are u
 products, which then read re-staged fp16/bf16 copies; a custom mask needs a layout-conversion
 buffer. ``estimate_shared_bytes`` models what Triton allocates for the kernels of attention.py and
 batch_prefill.py: fitted to the sizes Triton 3.6 and 3.9 give sm_90 and sm_89 compiles of the
-launchers' configs over the feature grid of benchmarks/smem_compile.py, never below them (that
+launchers' configs over the feature grid of benchmarks/tools/smem_compile.py, never below them (that
 script checks it; tests/test_smem.py runs it), and exact for the plain configs that sit near the
 H100's limit. ``fit_config`` steps a preferred config down (pipeline stages first, then the KV tile,
 then the row tile where the caller allows) until the estimate fits the device's limit, and

@@ -25,12 +25,12 @@ __all__ = [
     "MIN_CHUNK_TILES",
 ]
 
-# Aim for this many programs per SM. Measured on H100 (benchmarks/sweep_splits.py, 32/8 heads,
+# Aim for this many programs per SM. Measured on H100 (the single_decode suite's `splits` tuning grid, 32/8 heads,
 # d128): 2 beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more,
 # shorter splits cost partial-state traffic and pipeline start-up more than they gain in balance.
 PROGRAMS_PER_SM = 2
 # The batch planner aims higher: with BLOCK_N 32 tiles, 4 programs per SM beat 1, 2 and 8 at 1 x 32k and
-# 16 x 4k (benchmarks/tune_batch_decode.py, H100, 32/8 heads, d128, page 16); 8 was 3% better on a
+# 16 x 4k (the batch_decode tuning grid, H100, 32/8 heads, d128, page 16); 8 was 3% better on a
 # skewed batch. Large uniform batches are not split at any of these targets.
 BATCH_PROGRAMS_PER_SM = 4
 # A split covers at least this many aligned tiles, so the partial-state traffic stays small.

@@ -128,7 +128,7 @@ def load_seed(i, SEED, OFFSET, seed_val, offset_val, draw_stride, SEED_IN_TENSOR
 
 def interpreted(t: torch.Tensor) -> bool:
     """Whether ``t``'s kernels run in Triton's interpreter: tensors of a device type without compiled
-    kernels (dispatch.KERNEL_DEVICE_TYPES: CUDA; benchmarks/host_time.py --dry adds the CPU)."""
+    kernels (dispatch.KERNEL_DEVICE_TYPES: CUDA; benchmarks.tools.host_time --dry adds the CPU)."""
     return t.device.type not in dispatch.KERNEL_DEVICE_TYPES
 
 

@@ -1,6 +1,6 @@
 """First-call (compile) time of each kernel: cold (empty Triton cache) and from the on-disk cache.
 
-    python benchmarks/compile_time.py            # runs both phases in fresh subprocesses
+    python -m benchmarks.tools.compile_time            # runs both phases in fresh subprocesses
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import tempfile
 import time
 
 PHASE = r"""
-import time, torch, json, flashtile
+import torch, json, flashtile
+from benchmarks.harness import first_call_seconds
 torch.zeros(1, device="cuda"); torch.cuda.synchronize()
 res = {}
 def first(name, fn):
-    torch.cuda.synchronize(); t = time.perf_counter(); fn(); torch.cuda.synchronize()
-    res[name] = time.perf_counter() - t
+    res[name] = first_call_seconds(fn)
 q = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
 k = torch.randn(8192, 8, 128, device="cuda", dtype=torch.bfloat16); v = torch.randn_like(k)
 first("single_decode (split-KV + merge), d128 bf16", lambda: flashtile.single_decode_with_kv_cache(q, k, v))

@@ -2,8 +2,8 @@
 the GPU is idle, ``time.perf_counter`` over 300 back-to-back calls, synchronized at both ends; the
 median of alternating rounds, so CPU clock changes hit every column alike).
 
-    python benchmarks/host_time.py [--rounds 7] [--calls 300] [--filter S] [--profile NAME] [--json PATH]
-    python benchmarks/host_time.py --dry [--profile NAME]
+    python -m benchmarks.tools.host_time [--rounds 7] [--calls 300] [--filter S] [--profile NAME] [--json PATH]
+    python -m benchmarks.tools.host_time --dry [--profile NAME]
 
 ``--dry`` runs on a machine without a GPU: CPU tensors take the compiled-kernel path with every
 kernel launch stubbed out (the first call of a kernel records a launcher that does nothing), so the
@@ -24,12 +24,12 @@ import pathlib
 import pstats
 import statistics
 import sys
-import time
 from typing import Callable, Dict, Optional
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
+
+from benchmarks.harness import host_overhead_us
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -208,15 +208,6 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def per_call_us(fn: Callable[[], object], calls: int, dev) -> float:
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync(dev)
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
 def _providers(dry: bool) -> Dict[str, object]:
     import flashtile
 
@@ -273,7 +264,7 @@ def main(argv: Optional[list] = None) -> int:
     samples = {key: [] for key in calls}
     for _ in range(args.rounds):
         for key, fn in calls.items():
-            samples[key].append(per_call_us(fn, args.calls, dev))
+            samples[key].append(host_overhead_us(fn, args.calls, warmup=0))
     names = list(libs)
     mode = "dry (launches stubbed, CPU)" if args.dry else torch.cuda.get_device_name()
     print(f"\nHost us per eager call, median of {args.rounds} rounds x {args.calls} calls; {mode}; "

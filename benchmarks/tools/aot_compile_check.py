@@ -5,7 +5,7 @@ instead of run, so the exact specializations (constexprs, dtypes, descriptors) a
 given Triton, e.g. the device machine's 3.6 while this machine has a newer one:
 
     pip install --no-deps --target /tmp/t36 triton==3.6.0
-    python benchmarks/aot_compile_check.py --triton-path /tmp/t36
+    python -m benchmarks.tools.aot_compile_check --triton-path /tmp/t36
 
 Prints per kernel: shared memory, registers and spills (from the package's ptxas), and a hash of the
 SASS opcode sequence (operands dropped). Run it in two checkouts to see whether a change altered the
@@ -30,13 +30,12 @@ _ap.add_argument("--prefill-config", default=None,
 _args = _ap.parse_args()
 if _args.triton_path:
     sys.path.insert(0, _args.triton_path)
-sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from benchmarks.aot import Launch, compile_source  # noqa: E402
+from benchmarks.tools.aot import Launch, compile_source  # noqa: E402
 
 captured = []
 failures = []

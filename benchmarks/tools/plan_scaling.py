@@ -2,7 +2,7 @@
 kernel path, launches stubbed): checks that the host planner stays cheap from one request to the
 thousands a large decode step holds.
 
-    python benchmarks/plan_scaling.py [--rounds 5] [--calls 50] [--filter S]
+    python -m benchmarks.tools.plan_scaling [--rounds 5] [--calls 50] [--filter S]
 
 Cases: uniform batches (decode: kv 256; prefill: 32 queries on 256 keys) and a skewed decode batch
 (one 32k request among 255-token ones: the long request is split).
@@ -15,16 +15,14 @@ would then measure the machine's load, not flashtile).
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import host_time  # noqa: E402
+from benchmarks.harness import host_overhead_us
+from benchmarks.tools import host_time
 
 
 def _skewed_decode(lib, dev, batch: int):
@@ -71,7 +69,7 @@ def main(argv=None) -> int:
             continue
         fn = make(flashtile, dev)
         fn()
-        us = statistics.median(host_time.per_call_us(fn, args.calls, dev) for _ in range(args.rounds))
+        us = statistics.median(host_overhead_us(fn, args.calls, warmup=0) for _ in range(args.rounds))
         print(f"| {name} | {us:.1f} |", flush=True)
     return 0
 

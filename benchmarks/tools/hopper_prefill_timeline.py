@@ -15,23 +15,20 @@ warpgroup of every program writes the SM cycle counter at six points of each til
   after; then ``wait_q`` is the producer's fault);
 - ``p_kv_lead``: how long before the consumer's loop ends the producer issued the tile's last V.
 
-    python benchmarks/hopper_prefill_timeline.py --case paged16 [--gather] [--out FILE.json]
+    python -m benchmarks.tools.hopper_prefill_timeline --case paged16 [--gather] [--out FILE.json]
 
 Needs an sm_90 GPU. The recorded variant is a separate compilation (the default kernel has none of
 this code); its stores add a little time of their own.
 """
 import argparse
 import json
-import os
-import sys
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import flashtile  # noqa: E402
-from flashtile.kernels import batch_prefill as bp  # noqa: E402
-from flashtile.kernels import batch_prefill_hopper as hopper  # noqa: E402
+import flashtile
+from flashtile.kernels import batch_prefill as bp
+from flashtile.kernels import batch_prefill_hopper as hopper
 
 CASES = {
     "paged16": dict(batch=16, length=1024, hq=32, hk=8, page=16),

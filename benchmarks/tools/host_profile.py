@@ -1,26 +1,23 @@
 """Host time of eager small-op calls at batch 1 (CUDA only): wall time per call, and the Python
 functions that take it (cProfile, by own time).
 
-    python benchmarks/host_profile.py [--profile] [--top N]
+    python -m benchmarks.tools.host_profile [--profile] [--top N]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import pathlib
 import pstats
 import statistics
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
-import flashtile  # noqa: E402
-from benchmarks.harness import host_overhead_us  # noqa: E402
+import flashtile
+from benchmarks.harness import host_overhead_us
 
 
 @triton.jit

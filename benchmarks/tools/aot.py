@@ -9,7 +9,7 @@ it the pipeliner cannot use asynchronous copies and the compile is not represent
 shared memory (what it checks against the device limit before a launch), skipping LLVM's
 optimization and ptxas: about a second per kernel.
 
-Used by benchmarks/aot_compile_check.py and benchmarks/smem_compile.py.
+Used by benchmarks/tools/aot_compile_check.py and benchmarks/tools/smem_compile.py.
 """
 
 from __future__ import annotations

@@ -1,22 +1,18 @@
 """Host cost of batch decode: plan() wall time for a batch of 256, and run()'s eager cost per call
 (no CUDA graph) on a shape whose GPU time is negligible, next to torch SDPA's eager call.
 
-Usage: python benchmarks/decode_host_cost.py  (prints a markdown table; CUDA only).
+Usage: python -m benchmarks.tools.decode_host_cost  (prints a markdown table; CUDA only).
 """
 
 from __future__ import annotations
 
-import pathlib
 import statistics
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-import flashtile  # noqa: E402
+import flashtile
+from benchmarks.harness import host_overhead_us, wall_seconds
 
 
 def _table(batch, n, page_size, device):
@@ -29,16 +25,9 @@ def _table(batch, n, page_size, device):
 
 
 def _per_call_us(fn, calls=300):
+    """Median of 5 rounds of ``calls`` back-to-back eager calls, after one warm-up call."""
     fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
+    return statistics.median(host_overhead_us(fn, calls, warmup=0) for _ in range(5))
 
 
 def main() -> None:
@@ -52,12 +41,7 @@ def main() -> None:
         w.plan(indptr, indices, last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
 
     plan()
-    times = []
-    for _ in range(50):
-        t0 = time.perf_counter()
-        plan()
-        times.append((time.perf_counter() - t0) * 1e6)
-    rows.append(("plan(), batch 256 x 2048, page 16, host index arrays", statistics.median(times)))
+    rows.append(("plan(), batch 256 x 2048, page 16, host index arrays", statistics.median(wall_seconds(plan, 50)) * 1e6))
 
     for batch in (1, 64):
         indptr, indices, last, cache = _table(batch, 16, 16, device)

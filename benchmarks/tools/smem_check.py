@@ -2,11 +2,11 @@
 device refuses for lack of shared memory (issue 22), any result that differs from the reference path,
 and any launch the shared-memory model underestimated (flashtile stepped down after Triton's refusal).
 
-    python benchmarks/smem_check.py                          # the GPU grid, this device's limit (~2 min on H100)
-    python benchmarks/smem_check.py --limit 101376 --arch 89 # the configs an sm_89 card would get, run here
-    python benchmarks/smem_check.py --grid quick|gpu|full --only batch_prefill --workers 16
+    python -m benchmarks.tools.smem_check                          # the GPU grid, this device's limit (~2 min on H100)
+    python -m benchmarks.tools.smem_check --limit 101376 --arch 89 # the configs an sm_89 card would get, run here
+    python -m benchmarks.tools.smem_check --grid quick|gpu|full --only batch_prefill --workers 16
 
-The cases are benchmarks/smem_compile.py's (which checks the same configs compiled, without a GPU),
+The cases are benchmarks/tools/smem_compile.py's (which checks the same configs compiled, without a GPU),
 called through the public API (single prefill/decode, ragged and paged batch prefill, batch decode).
 Workers share the GPU; compiling dominates. Exit code 1 on any problem.
 """
@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 import time
 import warnings
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.smem_compile import Case, Features, full_grid, quick_grid  # noqa: E402
+from benchmarks.tools.smem_compile import Case, Features, full_grid, quick_grid  # noqa: E402
 
 TOLERANCE = 0.05  # max |out - reference| for unit-scale fp16/bf16 attention outputs
 

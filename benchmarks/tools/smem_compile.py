@@ -2,18 +2,18 @@
 
 For each case (a kernel, a head dim, a combination of features) the launcher runs on CPU tensors as if
 on a device with ``--limit`` bytes of shared memory and compute capability ``--arch``; its launches are
-captured and compiled for that target (benchmarks/aot.py), and each compiled kernel's shared memory is
+captured and compiled for that target (benchmarks/tools/aot.py), and each compiled kernel's shared memory is
 checked against the limit and against the model of flashtile/kernels/smem.py (which must never be
 below it). One JSON line per compiled kernel; exit code 1 on any failure.
 
-    python benchmarks/smem_compile.py                          # the grid tests/test_smem.py runs
-    python benchmarks/smem_compile.py --full                   # every combination (~15 min on 2 cores)
-    python benchmarks/smem_compile.py --full --limit 101376 --arch 89
-    python benchmarks/smem_compile.py --issue                  # issue 22's crashing shapes, before/after
-    python benchmarks/smem_compile.py --triton-path /tmp/t36   # with the device machine's Triton 3.6
+    python -m benchmarks.tools.smem_compile                          # the grid tests/test_smem.py runs
+    python -m benchmarks.tools.smem_compile --full                   # every combination (~15 min on 2 cores)
+    python -m benchmarks.tools.smem_compile --full --limit 101376 --arch 89
+    python -m benchmarks.tools.smem_compile --issue                  # issue 22's crashing shapes, before/after
+    python -m benchmarks.tools.smem_compile --triton-path /tmp/t36   # with the device machine's Triton 3.6
 
 Triton's interpreter must be off (TRITON_INTERPRET is removed before triton is imported), so run this
-in its own process. The case grid is also what benchmarks/smem_check.py runs on a GPU.
+in its own process. The case grid is also what benchmarks/tools/smem_check.py runs on a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import dataclasses
 import itertools
 import json
 import os
-import pathlib
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -241,7 +240,7 @@ _PENDING: list = []  # compile_source() triples; read by index in forked workers
 
 
 def _compile(index: int):
-    from benchmarks.aot import shared_bytes
+    from benchmarks.tools.aot import shared_bytes
 
     try:
         return shared_bytes(_PENDING[index]), None
@@ -252,7 +251,7 @@ def _compile(index: int):
 def check(cases: list, limit: int, arch: int, workers: int = 0) -> list:
     """Compile every case's launches as chosen for a device with ``limit`` bytes and ``sm_<arch>``;
     one record per compiled kernel: case, kernel, config, shared (Triton), estimate (model), ok."""
-    from benchmarks.aot import capture_launches, compile_source
+    from benchmarks.tools.aot import capture_launches, compile_source
     from flashtile._core import device
     from flashtile.kernels.smem import estimate_shared_bytes
 
@@ -339,6 +338,5 @@ if __name__ == "__main__":
     _args = sys.argv[1:]
     if "--triton-path" in _args:
         sys.path.insert(0, _args[_args.index("--triton-path") + 1])
-    sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
     os.environ.pop("TRITON_INTERPRET", None)
     sys.exit(main())
