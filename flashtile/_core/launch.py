@@ -616,16 +616,16 @@ def _active_driver():
 
 
 def _read_direct_enabled() -> bool:
-    return (settings.get("FLASHTILE_DIRECT_LAUNCH") and not settings.interpreting()
+    return (settings.flag("FLASHTILE_DIRECT_LAUNCH") and not settings.interpreting()
             and torch.cuda.is_available() and triton_version_tested())
 
 
 def _read_memo_enabled() -> bool:
-    return settings.get("FLASHTILE_LAUNCH_MEMO")
+    return settings.flag("FLASHTILE_LAUNCH_MEMO")
 
 
 def _read_check_enabled() -> bool:
-    return settings.get("FLASHTILE_CHECK_LAUNCH")
+    return settings.flag("FLASHTILE_CHECK_LAUNCH")
 
 
 def _driver():
