@@ -455,8 +455,8 @@ class BatchPrefillWithSharedPrefixPagedKVCacheWrapper(_SharedPrefixWrapper):
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD") -> None:
         super().__init__(BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout), kv_layout)
-        self._plan_args = None
-        self._planned = None
+        self._plan_args: Optional[tuple] = None  # begin_forward()'s arguments
+        self._planned: Optional[tuple] = None  # the forward() options the inner wrapper was planned for
 
     def begin_forward(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor,
                       paged_kv_indices: torch.Tensor, paged_kv_last_page_len: torch.Tensor, num_qo_heads: int,

@@ -141,6 +141,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         jit_args: upstream C++ variants; raises NotImplementedError.
     """
 
+    _plan: Optional[_DecodePlan]
+
     def __init__(
         self,
         float_workspace_buffer: torch.Tensor,
@@ -166,6 +168,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                 if buf.dtype != torch.int32 or buf.device != self.device:
                     raise ValueError(f"{name}: expected an int32 tensor on {self.device} in cudagraph mode, "
                                      f"got {describe(buf)}")
+            assert paged_kv_indptr_buffer is not None and paged_kv_last_page_len_buffer is not None  # checked above
             self._fixed_batch_size = paged_kv_last_page_len_buffer.numel()
             if paged_kv_indptr_buffer.numel() != self._fixed_batch_size + 1:
                 raise ValueError(
@@ -323,6 +326,8 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         worklist = self._upload_worklist(host, non_blocking)
 
         if self._use_cuda_graph:
+            assert self._paged_kv_indptr_buf is not None and self._paged_kv_indices_buf is not None and \
+                self._paged_kv_last_page_len_buf is not None  # the constructor checked them in CUDA-graph mode
             if last - first > self._paged_kv_indices_buf.numel():
                 raise ValueError(
                     f"The size of indices should be less than or equal to the allocated buffer: need {last - first} "

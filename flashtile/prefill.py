@@ -162,6 +162,7 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
                               ("paged_kv_indices_buf", paged_kv_indices_buf),
                               ("paged_kv_last_page_len_buf", paged_kv_last_page_len_buf)):
                 self._check_graph_buffer(name, buf)
+            assert paged_kv_indptr_buf is not None and paged_kv_last_page_len_buf is not None  # checked above
             if paged_kv_indptr_buf.numel() != self._fixed_batch_size + 1 or \
                     paged_kv_last_page_len_buf.numel() != self._fixed_batch_size:
                 raise ValueError("paged_kv_indptr_buf / paged_kv_last_page_len_buf: expected "
@@ -277,6 +278,8 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
         batch, indptr_h, kv_lens = table.batch_size, table.indptr, table.kv_lens  # int64 numpy
         first, last = table.first, table.last
         if self._use_cuda_graph:
+            assert self._paged_kv_indptr_buf is not None and self._paged_kv_indices_buf is not None and \
+                self._paged_kv_last_page_len_buf is not None  # the constructor checked them in CUDA-graph mode
             if last - first > self._paged_kv_indices_buf.numel():
                 raise ValueError(
                     f"The size of indices should be less than or equal to the allocated buffer: need {last - first} "
@@ -412,6 +415,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
                          mask_indptr_buf, backend, jit_args, jit_kwargs)
         if self._use_cuda_graph:
             self._check_graph_buffer("kv_indptr_buf", kv_indptr_buf)
+            assert kv_indptr_buf is not None  # checked above
             if kv_indptr_buf.numel() != self._fixed_batch_size + 1:
                 raise ValueError(f"kv_indptr_buf: expected {self._fixed_batch_size + 1} entries (batch size from "
                                  f"qo_indptr_buf), got {kv_indptr_buf.numel()}")
@@ -489,6 +493,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
         if kv_h.size < 1 or kv_h[0] < 0 or (kv_h[1:] < kv_h[:-1]).any():
             raise ValueError(f"kv_indptr: must be non-negative and non-decreasing, got {kv_h.tolist()[:16]}")
         if self._use_cuda_graph:
+            assert self._kv_indptr_buf is not None  # the constructor checked it in CUDA-graph mode
             self._check_graph_batch(kv_h.size - 1)
             self._kv_indptr_buf.copy_(torch.from_numpy(kv_h), non_blocking=non_blocking)
         self._plan_batch(

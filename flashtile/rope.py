@@ -18,7 +18,7 @@ Positions: ragged (``indptr``, ``offsets``: token ``t`` of segment ``i`` sits at
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -369,7 +369,7 @@ _COS_SIN_CACHE_CALLS = CallMemo()
 class _CosSinCacheCall(NamedTuple):
     """What the checks of a cos/sin-cache call concluded, for later calls with the same key."""
 
-    run: object  # ops.eager_function(ops.rope): kernels/rope.py or reference/rope.py apply_rope
+    run: Callable[..., None]  # ops.eager_function(ops.rope): kernels/rope.py or reference/rope.py apply_rope
     rotary_dim: int
     move_positions: bool  # positions live on another device than query
     copy_cache: bool  # cos_sin_cache is not contiguous

@@ -39,7 +39,7 @@ always kept together).
 from __future__ import annotations
 
 import threading
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -168,7 +168,7 @@ def _rng(generator, seed, offset, batch: int, device: torch.device, counters_per
     if (seed is None) != (offset is None):
         raise ValueError("seed and offset must be given together (both or neither)")
     if seed is not None:
-        out = []
+        out: List[Union[torch.Tensor, int]] = []
         for name, v in (("seed", seed), ("offset", offset)):
             if isinstance(v, torch.Tensor):
                 check_tensor(name, v, ndim=1, dtypes=(torch.int32, torch.int64, torch.uint64)
@@ -181,11 +181,14 @@ def _rng(generator, seed, offset, batch: int, device: torch.device, counters_per
                 out.append(int(v))
             else:
                 raise TypeError(f"{name}: expected an int or a 1-D int64 tensor, got {describe(v)}")
-        if isinstance(out[0], torch.Tensor) != isinstance(out[1], torch.Tensor):
+        seed_value, offset_value = out
+        if isinstance(seed_value, torch.Tensor) and isinstance(offset_value, torch.Tensor):
+            if seed_value.shape != offset_value.shape:
+                raise ValueError(f"seed and offset: expected the same length, got {seed_value.shape[0]} and "
+                                 f"{offset_value.shape[0]}")
+        elif isinstance(seed_value, torch.Tensor) or isinstance(offset_value, torch.Tensor):
             raise ValueError("seed and offset must both be ints or both be tensors")
-        if isinstance(out[0], torch.Tensor) and out[0].shape != out[1].shape:
-            raise ValueError(f"seed and offset: expected the same length, got {out[0].shape[0]} and {out[1].shape[0]}")
-        return out[0], out[1]
+        return seed_value, offset_value
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
     gen_device = generator.device if generator is not None else device
@@ -212,7 +215,7 @@ def _finish(ids: torch.Tensor, valid: torch.Tensor, return_valid: bool) -> Sampl
 
 
 # The filter parameters of the probability samplers: name -> _param's rule.
-_FILTERS = {
+_FILTERS: Dict[str, Dict[str, Any]] = {
     "top_k": dict(integer=True, lo=1, hi=float("inf")),
     "top_p": dict(integer=False, lo=0.0, hi=1.0, lo_open=True),
     "min_p": dict(integer=False, lo=0.0, hi=1.0),
@@ -246,7 +249,7 @@ def _sample(probs, indices, generator, check_nan, seed, offset, return_valid, or
             key = None
     call = _SAMPLER_CALLS.get(key)
     known = call is not None
-    if not known:
+    if call is None:
         _check_rows("probs", probs)
         _check_order(order)
         batch, _, id_dtype = _output_rows(probs, indices)

@@ -36,7 +36,7 @@ import os
 import pathlib
 import sys
 import sysconfig
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 __all__ = [
     "ADVERTISED_FLASHINFER_VERSION",
@@ -259,7 +259,7 @@ def _remove(target: pathlib.Path, paths: Sequence[pathlib.Path]) -> List[pathlib
     """Delete ``paths`` (files in ``target``), the bytecode Python cached for the ``.py`` ones, and
     the directories under ``target`` that this leaves empty; returns the files deleted."""
     removed = []
-    directories = set()
+    directories: Set[pathlib.Path] = set()
     for path in paths:
         candidates = [path]
         if path.suffix == ".py":

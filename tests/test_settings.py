@@ -15,8 +15,8 @@ PACKAGE = ROOT / "flashtile"
 REGISTRY = PACKAGE / "_core" / "settings.py"
 # A read of the process environment: os.environ / os.getenv / os.putenv, or environ imported by name.
 ENVIRONMENT_ACCESS = re.compile(r"\benviron\b|\bgetenv\b|\bputenv\b")
-# A read through the registry with a literal name: settings.env("X"), settings.get("X"), env("X"), get("X").
-REGISTRY_READ = re.compile(r"\b(?:env|get)\(\s*\"([A-Z][A-Z0-9_]*)\"")
+# A read through the registry with a literal name: env("X"), get("X"), flag("X") or choice("X"), bare or as settings.*.
+REGISTRY_READ = re.compile(r"\b(?:env|get|flag|choice)\(\s*\"([A-Z][A-Z0-9_]*)\"")
 # Any flashtile variable named in the source, code or prose.
 FLASHTILE_NAME = re.compile(r"\bFLASHTILE_[A-Z0-9_]*[A-Z0-9]\b")
 

@@ -101,6 +101,7 @@ def resolve_attention_params(
     ``q_scale * k_scale`` multiply sm_scale; ``v_scale`` multiplies the output (floats or 1-element tensors).
     """
     if base is None:
+        assert head_dim is not None, "resolve_attention_params: head_dim is needed without base"
         mode = "NONE" if pos_encoding_mode is None else pos_encoding_mode
         check_option("pos_encoding_mode", mode, POS_ENCODING_MODES)
         window = -1 if window_left is None else window_left

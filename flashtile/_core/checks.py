@@ -120,8 +120,8 @@ def check_tensor(
         raise ValueError(f"{name}: the last dimension must have stride 1, got strides {tuple(x.stride())}")
 
 
-def check_same_device(**tensors: torch.Tensor) -> torch.device:
-    """All named tensors on one device; returns it."""
+def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    """All named tensors (None ones skipped) on one device; returns it."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = items[0]
     for n, t in items[1:]:

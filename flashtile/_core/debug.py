@@ -26,7 +26,7 @@ _poisoning: Optional[bool] = None  # the override, else FLASHTILE_DEBUG; None un
 
 
 def _debug_env() -> bool:
-    return settings.get("FLASHTILE_DEBUG")  # read once (settings.py)
+    return settings.flag("FLASHTILE_DEBUG")  # read once (settings.py)
 
 
 def set_output_poisoning(enabled: Optional[bool]) -> None:

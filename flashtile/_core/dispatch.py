@@ -70,7 +70,7 @@ def normalize_backend(backend: str) -> str:
 
 
 def _env_backend() -> str:
-    return settings.get("FLASHTILE_BACKEND")
+    return settings.choice("FLASHTILE_BACKEND")
 
 
 def choose_path(device: torch.device, backend: str = "auto") -> Decision:

@@ -48,7 +48,7 @@ The FLASHTILE_* knobs are read once (_core/settings.py; ``reset_launch_settings`
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -111,7 +111,7 @@ def _descriptor_key(desc) -> Any:
 
 
 
-def triton_version_tested(version: str = None) -> bool:
+def triton_version_tested(version: Optional[str] = None) -> bool:
     """Whether ``version`` (default: the installed Triton's) is one of TESTED_TRITON_VERSIONS."""
     if version is None:
         import triton
@@ -342,7 +342,7 @@ def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
         compiled, tail = entry
         if tail is None:
             tail = launcher._tail(args, kwargs)
-        values = []
+        values: list[tuple] = []
         for a in tuple(args) + tuple(tail):
             position = next((j for j, d in enumerate(dynamic) if a is d), None)
             if position is not None:
@@ -399,8 +399,9 @@ def _c_launch(compiled):
     if not _cached("c_launch", lambda: triton_version_tested() and _triton_minor() in C_LAUNCH_VERSIONS):
         return None
     run = compiled.run  # a property that loads the module on first access
-    if type(run).__name__ != "CudaLauncher" or getattr(run, "global_scratch_size", 1) or \
-            getattr(run, "profile_scratch_size", 1):
+    if type(run).__name__ != "CudaLauncher":
+        return None
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
         return None
     launch, descriptors = run.launch, {}
     code = getattr(launch, "__code__", None)
@@ -616,16 +617,16 @@ def _active_driver():
 
 
 def _read_direct_enabled() -> bool:
-    return (settings.get("FLASHTILE_DIRECT_LAUNCH") and not settings.interpreting()
+    return (settings.flag("FLASHTILE_DIRECT_LAUNCH") and not settings.interpreting()
             and torch.cuda.is_available() and triton_version_tested())
 
 
 def _read_memo_enabled() -> bool:
-    return settings.get("FLASHTILE_LAUNCH_MEMO")
+    return settings.flag("FLASHTILE_LAUNCH_MEMO")
 
 
 def _read_check_enabled() -> bool:
-    return settings.get("FLASHTILE_CHECK_LAUNCH")
+    return settings.flag("FLASHTILE_CHECK_LAUNCH")
 
 
 def _driver():

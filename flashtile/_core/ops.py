@@ -25,7 +25,8 @@ __all__ = ["single_attention", "batch_decode", "batch_prefill", "call", "PARAMS_
 
 _SCHEMA_TYPES = {"float": "float", "bool": "bool", "int": "int", "str": "str"}
 _PARAM_FIELDS = dataclasses.fields(AttentionParams)
-PARAMS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in _PARAM_FIELDS)
+# f.type is the annotation's text (params.py postpones annotations).
+PARAMS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in _PARAM_FIELDS)
 _IMPLS: dict = {}
 
 

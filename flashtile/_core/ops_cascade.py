@@ -9,7 +9,7 @@ torch.compile the op is traced. Arguments are already checked; every ``s`` is fl
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -72,7 +72,7 @@ def _(v, s, v_out, s_out) -> None:
 
 # Eager calls run the implementation directly (no dispatcher: the cascade wrapper merges once per
 # level and layer); under torch.compile the registered op is what gets traced.
-_IMPLS = {
+_IMPLS: Dict[object, Callable[..., None]] = {
     merge_state: _merge_state_impl,
     merge_state_in_place: _merge_state_in_place_impl,
     merge_states: _merge_states_impl,

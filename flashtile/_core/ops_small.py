@@ -8,7 +8,7 @@ Eager calls skip the custom-op dispatcher (``call``); under torch.compile the op
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -161,7 +161,7 @@ def _(q, k, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rop
 
 # Eager calls run the implementation directly (no dispatcher: microseconds of host time matter at
 # decode batch sizes); under torch.compile the registered op is what gets traced.
-_IMPLS = {
+_IMPLS: Dict[object, Callable[..., None]] = {
     rmsnorm: _rmsnorm_impl,
     fused_add_rmsnorm: _fused_add_rmsnorm_impl,
     layernorm: _layernorm_impl,

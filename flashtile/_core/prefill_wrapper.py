@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ class BatchPrefillWrapper(PlanRunWrapper):
     """Shared plan/run machinery of the paged and ragged batch prefill wrappers."""
 
     _paged: bool = True
+    _plan: Optional[PrefillPlan]
+    run: Callable[..., Any]  # the paged and ragged wrappers' own signatures; the aliases below call them
+    forward: Callable[..., Any]
 
     def __init__(self, float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, custom_mask_buf,
                  mask_indptr_buf, backend, jit_args, jit_kwargs) -> None:

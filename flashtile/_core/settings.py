@@ -1,11 +1,11 @@
 """flashtile's environment settings: one registry of every environment variable the package reads.
 
 Each variable is declared once in :data:`SETTINGS` (name, kind, default, how its text is parsed, one
-line of documentation), and every read in the package goes through :func:`get` (the parsed value)
-or :func:`env` (the text as set). ``python -m flashtile info`` lists the registry and the README's
-table of environment variables is generated from it (:func:`markdown_table`, written by
-``python -m flashtile info --readme README.md``); tests/test_settings.py
-checks both, and that no other module reads ``os.environ``.
+line of documentation), and every read in the package goes through :func:`get` (the parsed value;
+:func:`flag` and :func:`choice` give it typed) or :func:`env` (the text as set). ``python -m flashtile
+info`` lists the registry and the README's table of environment variables is generated from it
+(:func:`markdown_table`, written by ``python -m flashtile info --readme README.md``);
+tests/test_settings.py checks both, and that no other module reads ``os.environ``.
 
 Kinds (:data:`KINDS`): user features, kill-switches (turn a fast path off when it misbehaves),
 test-only switches, developer diagnostics, and external variables (defined by other software;
@@ -28,15 +28,16 @@ flashtile must read it at the same times Triton does; and Triton's cache locatio
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Final, List, Optional, Tuple, overload
 
 __all__ = [
-    "Setting", "SETTINGS", "KINDS", "get", "env", "reload", "on_reload", "interpreting", "select_interpreter",
-    "select_interpreter_for_backend", "markdown_table", "with_current_table", "README_TABLE_BEGIN", "README_TABLE_END",
-    "INTERPRET_VARIABLE",
+    "Setting", "SETTINGS", "KINDS", "get", "flag", "choice", "env", "reload", "on_reload", "interpreting",
+    "select_interpreter", "select_interpreter_for_backend", "markdown_table", "with_current_table",
+    "README_TABLE_BEGIN", "README_TABLE_END", "INTERPRET_VARIABLE",
 ]
 
 USER_FEATURE = "user feature"
@@ -117,7 +118,15 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
 _texts: Dict[str, Optional[str]] = {}
 _values: Dict[str, object] = {}
 _listeners: List[Callable[[], None]] = []
-_UNSET = object()
+
+
+class _Unread(enum.Enum):
+    """What the caches hold for a name not read yet (an enum member, so that ``is`` narrows its type)."""
+
+    UNREAD = enum.auto()
+
+
+_UNSET: Final = _Unread.UNREAD
 
 
 def _setting(name: str) -> Setting:
@@ -125,6 +134,14 @@ def _setting(name: str) -> Setting:
     if setting is None:
         raise KeyError(f"{name} is not a registered setting: declare it in flashtile/_core/settings.py")
     return setting
+
+
+@overload
+def env(name: str) -> Optional[str]: ...
+@overload
+def env(name: str, default: str) -> str: ...
+@overload
+def env(name: str, default: Optional[str]) -> Optional[str]: ...
 
 
 def env(name: str, default: Optional[str] = None) -> Optional[str]:
@@ -147,6 +164,16 @@ def get(name: str) -> object:
         if setting.cached:
             _values[name] = value
     return value
+
+
+def flag(name: str) -> bool:
+    """:func:`get` for a setting of type "flag": on or off."""
+    return bool(get(name))
+
+
+def choice(name: str) -> str:
+    """:func:`get` for a setting of type "choice": one of its ``choices``."""
+    return str(get(name))
 
 
 def on_reload(listener: Callable[[], None]) -> None:

@@ -39,7 +39,7 @@ def run_key(tensors: tuple, options: tuple) -> Optional[tuple]:
     types = tuple(map(type, options))
     if not _SCALAR_TYPES.issuperset(types):
         return None
-    key = [options, types]
+    key: list = [options, types]
     for t in tensors:
         kind = type(t)
         if kind is torch.Tensor:
@@ -131,6 +131,9 @@ class PlanRunWrapper:
     Subclasses implement ``plan`` and ``run``; this class keeps what every wrapper shares.
     """
 
+    plan: Callable[..., None]  # each subclass's own signature; _forward() calls it
+    _fixed_batch_size: int  # set by the subclasses' constructors in CUDA-graph mode
+
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool, backend: str,
                  jit_args) -> None:
         check_tensor("float_workspace_buffer", float_workspace_buffer)
@@ -147,7 +150,7 @@ class PlanRunWrapper:
         self._float_workspace_buffer = float_workspace_buffer
         self._int_workspace_buffer = torch.empty(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._flat_workspaces: dict = {}  # name -> (buffer, its flat uint8 view)
-        self._plan = None
+        self._plan: Optional[PlanBase] = None
 
     @property
     def is_cuda_graph_enabled(self) -> bool:

@@ -84,7 +84,7 @@ RECORD_FIELDS = 12
 def hopper_prefill_enabled() -> bool:
     """``FLASHTILE_HOPPER_PREFILL=0`` turns the warp-specialized kernel off (the Triton kernel runs;
     read once: _core/settings.py)."""
-    return settings.get("FLASHTILE_HOPPER_PREFILL")
+    return settings.flag("FLASHTILE_HOPPER_PREFILL")
 
 
 def _kv_rows(x: torch.Tensor, paged: bool) -> Optional[tuple]:

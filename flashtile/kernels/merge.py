@@ -238,7 +238,7 @@ def merge_state_pair(
             *v_a.stride(), *s_a.stride(),
             *v_b.stride(), *s_b.stride(),
             *v_out.stride(), *s_out.stride(),
-            mask_bytes.stride(0) if mask is not None else 0)
+            mask_bytes.stride(0) if mask_bytes is not None else 0)
     _PAIR_LAUNCHES.launch(launch_key, _merge_state_pair_kernel, (cdiv(num_rows, block_r),), args, dict(
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None, num_warps=PAIR_WARPS))
 

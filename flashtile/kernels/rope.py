@@ -395,7 +395,10 @@ def apply_rope(
         return cdiv(num_q_heads, bh) + cdiv(num_k_heads, bh)
 
     is_ragged = pos_ids is None
-    batch_size = indptr.shape[0] - 1 if is_ragged else 0
+    batch_size = 0
+    if is_ragged:
+        assert indptr is not None, "positions: pos_ids, or indptr and offsets"
+        batch_size = indptr.shape[0] - 1
     use_cache = cos_sin_cache is not None
     dummy = q
     common = (
@@ -407,10 +410,10 @@ def apply_rope(
     )
     head_counts = (nnz, num_q_heads, num_k_heads)  # the head-block kernel takes num_q_blocks after these
     scalars = (
-        batch_size, max(1, batch_size).bit_length(), cos_sin_cache.shape[0] if use_cache else 0,
+        batch_size, max(1, batch_size).bit_length(), cos_sin_cache.shape[0] if cos_sin_cache is not None else 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        cos_sin_cache.stride(0) if use_cache else 0,
+        cos_sin_cache.stride(0) if cos_sin_cache is not None else 0,
         math.log2(rope_theta), 1.0 / rope_scale, float(smooth_a), float(smooth_b),
     )
     constexprs = dict(HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, HALF_PAD=half_pad, TAIL_PAD=tail_pad,

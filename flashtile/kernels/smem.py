@@ -166,10 +166,10 @@ def _first_fitting(candidates, features, limit, capability, after=None):
 def device_config(preferred, features: TileFeatures, device: torch.device, *, vary_block_m: bool = False):
     """:func:`fit_config` for ``device`` (its limit and capability); ``preferred`` unchanged where the
     device has no limit (CPU tensors: the interpreter)."""
-    limit = shared_memory_limit(device)
-    if limit is None:
+    limit, capability = shared_memory_limit(device), compute_capability(device)
+    if limit is None or capability is None:  # both None together: CPU tensors
         return preferred
-    return fit_config(preferred, features, limit, compute_capability(device), vary_block_m=vary_block_m)
+    return fit_config(preferred, features, limit, capability, vary_block_m=vary_block_m)
 
 
 def launch_within_limit(launch: Callable, preferred, features: TileFeatures, device: torch.device, *,
@@ -191,7 +191,7 @@ def launch_within_limit(launch: Callable, preferred, features: TileFeatures, dev
             if err.name != "shared memory":
                 raise
             limit, capability = shared_memory_limit(device), compute_capability(device)
-            if limit is None:
+            if limit is None or capability is None:
                 raise
             shortfall = err.required - estimate_shared_bytes(cfg.block_m, cfg.block_n, cfg.num_stages,
                                                              cfg.num_warps, features, capability)

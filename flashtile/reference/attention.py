@@ -191,7 +191,9 @@ def batch_prefill(
         if packed_mask is not None:
             mask = unpack_mask(packed_mask[mask_offset: mask_offset + -(-qo_len * kv_len // 8)], qo_len, kv_len)
         if items is not None:
-            mask = multi_item_mask(qo_len, kv_len, *items[r], token_pos_in_items)
+            assert token_pos_in_items is not None, "multi_item_requests comes with token_pos_in_items"
+            prefix_len, token_base = items[r]
+            mask = multi_item_mask(qo_len, kv_len, prefix_len, token_base, token_pos_in_items)
         rows = slice(qo_start, qo_start + qo_len)
         out[rows], lse[rows] = single_attention(q[rows], kr, vr, params, custom_mask=mask)
     return out, lse

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 __all__ = ["Section", "WorkListLayout", "decode_layout", "DECODE_ITEM_FIELDS", "pack_decode_worklist"]
@@ -50,15 +51,15 @@ class WorkListLayout:
     def _section(self, name: str) -> Section:
         return next(s for s in self.sections if s.name == name)
 
-    def pack(self, records: Dict[str, Sequence[int]], pin: bool = False) -> torch.Tensor:
+    def pack(self, records: Dict[str, npt.ArrayLike], pin: bool = False) -> torch.Tensor:
         """The host int32 array: each section's flat record values (``rows * stride`` at most, fields in
         order) at its offset, zeros elsewhere. ``pin``: page-locked (an asynchronous copy source)."""
         flat = np.zeros(self.size, dtype=np.int32)
         for s in self.sections:
-            values = records.get(s.name)
-            if values is None:
+            given = records.get(s.name)
+            if given is None:
                 continue
-            values = np.asarray(values).reshape(-1)
+            values = np.asarray(given).reshape(-1)
             if values.size > s.rows * len(s.fields):
                 raise ValueError(f"work list section {s.name}: {values.size} values exceed its capacity "
                                  f"{s.rows} x {len(s.fields)}")
@@ -85,8 +86,8 @@ def decode_layout(batch_size: int, item_capacity: int) -> WorkListLayout:
                            Section("items", DECODE_ITEM_FIELDS, item_capacity)])
 
 
-def pack_decode_worklist(layout: WorkListLayout, item_indptr: Sequence[int], kv_lens: Sequence[int],
-                         item_request: Sequence[int], item_kv_start: Sequence[int], item_kv_end: Sequence[int],
+def pack_decode_worklist(layout: WorkListLayout, item_indptr: npt.ArrayLike, kv_lens: npt.ArrayLike,
+                         item_request: npt.ArrayLike, item_kv_start: npt.ArrayLike, item_kv_end: npt.ArrayLike,
                          pin: bool = False) -> torch.Tensor:
     """Batch decode's work list (host int32) from the split-KV plan (int sequences or numpy arrays)."""
     items = np.stack([np.asarray(item_request), np.asarray(item_kv_start), np.asarray(item_kv_end)], axis=1)

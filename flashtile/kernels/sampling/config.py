@@ -87,7 +87,7 @@ SPLIT_EXCHANGE = True  # False: every program measures every chunk itself (no ba
 def split_enabled() -> bool:
     """Whether small batches may split rows over programs: yes unless FLASHTILE_SAMPLING_SPLIT=0 (read
     once: _core/settings.py)."""
-    return settings.get("FLASHTILE_SAMPLING_SPLIT")
+    return settings.flag("FLASHTILE_SAMPLING_SPLIT")
 
 
 def usable_sms(device: torch.device) -> int:

@@ -26,6 +26,8 @@ With a ``launch_key`` the whole launch is remembered and later calls with that k
 
 from __future__ import annotations
 
+from typing import Dict, Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -246,10 +248,10 @@ def _seg_filtered_sampling_kernel(
 # allocates: the tensors, the float filter values, seed and offset are all that change under one key
 # (seed_val and offset_val are not specialized on their value: PER_CALL_INTS).
 _LAUNCHES = LaunchMemo(dynamic=(*range(11), 17, 18, 19, 20))
-_SCRATCH: dict = {}  # key -> (PART elements or None, COUNTER elements or None)
+_SCRATCH: Dict[tuple, Tuple[Optional[int], Optional[int]]] = {}  # key -> (PART elements, COUNTER elements)
 
 
-def _scratch(part_numel, counter_numel, dummy):
+def _scratch(part_numel: Optional[int], counter_numel: Optional[int], dummy: torch.Tensor):
     """The PART (float32, uninitialized) and COUNTER (int32 zeros) tensors of a split launch; ``dummy``
     where the launch needs none."""
     part = dummy if part_numel is None else torch.empty(part_numel, dtype=torch.float32, device=dummy.device)
