@@ -439,7 +439,7 @@ def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None
 def _tune_case(suite: Suite, tune: Tune, case: Case, provider: Provider, *, cuda_graph: str, smoke: bool,
                graph_span_us: float, rounds: int, log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Time every setting of ``tune`` on ``case``; one record per setting, fastest first."""
-    settings = [{}] + list(tune.settings(case))
+    settings: List[Setting] = [{}] + list(tune.settings(case))
     times: Dict[int, List[float]] = {i: [] for i in range(len(settings))}
     failed: Dict[int, str] = {}
     for _ in range(rounds):
@@ -463,7 +463,8 @@ def _tune_case(suite: Suite, tune: Tune, case: Case, provider: Provider, *, cuda
                     torch.cuda.empty_cache()
     records = []
     for i, setting in enumerate(settings):
-        rec = dict(suite=suite.name, case=case.name, setting=setting_label(setting), provider=provider.name)
+        rec: Dict[str, Any] = dict(suite=suite.name, case=case.name, setting=setting_label(setting),
+                                   provider=provider.name)
         if i in failed:
             rec.update(status="error", reason=failed[i])
         else:

@@ -8,7 +8,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -87,8 +87,8 @@ class DemoRun:
     path: str
     reason: str
     gen: torch.Generator
-    k_cache: Optional[torch.Tensor] = None
-    v_cache: Optional[torch.Tensor] = None
+    k_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # sized by _fill_prompt_cache
+    v_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @property
     def shape(self) -> ModelShape:
@@ -264,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     _print_header(run)
     _fill_prompt_cache(run)
-    failures = not _prefill_step(run)
+    failures = int(not _prefill_step(run))
     failures += _decode_steps(run)
     return _print_verdict(failures, 1 + run.steps)
 

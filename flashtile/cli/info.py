@@ -80,7 +80,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"flashtile {info['flashtile']}  ({info['flashtile_location']})")
-    print(f"torch     {info['torch']}" + (f" (CUDA {info['torch_cuda']})" if info["torch_cuda"] else " (no CUDA build)"))
+    cuda = f" (CUDA {info['torch_cuda']})" if info["torch_cuda"] else " (no CUDA build)"
+    print(f"torch     {info['torch']}{cuda}")
     print(f"triton    {info['triton']}")
     print(f"python    {info['python']}  ({info['platform']})")
     print()
@@ -109,6 +110,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             shown = "unset" if e["value"] is None else f"unset: {e['value']}"
         print(f"  {name:<{width}}  {shown:<13} {e['kind']:<20} {e['doc'].replace('`', '')}")
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

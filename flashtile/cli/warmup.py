@@ -13,9 +13,7 @@ import torch
 
 from .._core.checks import HALF_DTYPES, parse_dtype
 from ..jit.env import triton_cache_dir
-from .common import (SHAPE_PRESETS, SHORT_DTYPE, ModelShape, device_name, parse_list, parse_shape, resolve_device,
-                     sync)
-
+from .common import SHAPE_PRESETS, SHORT_DTYPE, ModelShape, device_name, parse_list, parse_shape, resolve_device, sync
 
 # Lengths of the warm-up calls. The calls use the model's real head counts: besides its constexprs
 # (head_dim, group size, dtype, causal, split or not), Triton specializes integer arguments (strides,
@@ -39,7 +37,8 @@ class WarmupVariant:
     models: Tuple[str, ...]
 
 
-def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]], dtypes: Sequence[str]) -> List[WarmupVariant]:
+def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]],
+                    dtypes: Sequence[str]) -> List[WarmupVariant]:
     """The kernel variants to compile for ``shapes`` (preset names or ``Hq/Hkv/D``) and ``dtypes``.
 
     Per (shape, dtype): causal and non-causal prefill, causal prefill with split-KV, decode,
@@ -98,30 +97,34 @@ def _run_variant(v: WarmupVariant, device: torch.device) -> None:
     import flashtile
 
     hq, hkv, d = v.shape.num_qo_heads, v.shape.num_kv_heads, v.shape.head_dim
-    kw = dict(dtype=v.dtype, device=device)
-    k = torch.randn(v.kv_len, hkv, d, **kw)
-    val = torch.randn(v.kv_len, hkv, d, **kw)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=v.dtype, device=device)
+
+    k = randn(v.kv_len, hkv, d)
+    val = randn(v.kv_len, hkv, d)
     if v.kind == "decode":
-        flashtile.single_decode_with_kv_cache(torch.randn(hq, d, **kw), k, val)
+        flashtile.single_decode_with_kv_cache(randn(hq, d), k, val)
     elif v.kind == "prefill":
-        flashtile.single_prefill_with_kv_cache(torch.randn(v.qo_len, hq, d, **kw), k, val, causal=v.causal)
+        flashtile.single_prefill_with_kv_cache(randn(v.qo_len, hq, d), k, val, causal=v.causal)
     else:  # batch wrappers over a paged cache (page 16) of two requests
         page_size, batch = 16, 2
         pages = -(-v.kv_len // page_size)
-        cache = torch.randn(batch * pages, 2, page_size, hkv, d, **kw)
+        cache = randn(batch * pages, 2, page_size, hkv, d)
         indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32, device="cpu")
         indices = torch.arange(batch * pages, dtype=torch.int32, device="cpu")
         last = torch.full((batch,), v.kv_len - (pages - 1) * page_size, dtype=torch.int32, device="cpu")
         ws = torch.empty(64 << 20, dtype=torch.uint8, device=device)
         if v.kind == "batch_decode":
-            w = flashtile.BatchDecodeWithPagedKVCacheWrapper(ws)
-            w.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=v.dtype)
-            w.run(torch.randn(batch, hq, d, **kw), cache)
+            decode = flashtile.BatchDecodeWithPagedKVCacheWrapper(ws)
+            decode.plan(indptr, indices, last, hq, hkv, d, page_size, q_data_type=v.dtype)
+            decode.run(randn(batch, hq, d), cache)
         else:
-            w = flashtile.BatchPrefillWithPagedKVCacheWrapper(ws)
+            prefill = flashtile.BatchPrefillWithPagedKVCacheWrapper(ws)
             qo_indptr = torch.arange(0, batch * v.qo_len + 1, v.qo_len, dtype=torch.int32, device="cpu")
-            w.plan(qo_indptr, indptr, indices, last, hq, hkv, d, page_size, causal=v.causal, q_data_type=v.dtype)
-            w.run(torch.randn(batch * v.qo_len, hq, d, **kw), cache)
+            prefill.plan(qo_indptr, indptr, indices, last, hq, hkv, d, page_size, causal=v.causal,
+                         q_data_type=v.dtype)
+            prefill.run(randn(batch * v.qo_len, hq, d), cache)
     sync(device)
 
 

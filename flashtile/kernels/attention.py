@@ -185,7 +185,8 @@ class LaunchConfig:
     num_stages: int
 
 
-# (kind, padded head_dim) -> config; measured on H100 with the single_decode / single_prefill tuning grids (benchmarks/bench_attention.py).
+# (kind, padded head_dim) -> config; measured on H100 with the single_decode / single_prefill tuning grids
+# (benchmarks/bench_attention.py).
 _CONFIG_TABLE = {
     ("decode", 16): LaunchConfig(16, 64, 8, 2),
     ("decode", 32): LaunchConfig(16, 64, 8, 2),

@@ -184,9 +184,9 @@ def _merge_tiles_kernel(
                 D_VO, False)
 
 
-# Set by the batch_prefill suite's tuning grids (benchmarks/bench_batch_prefill.py): the page-id prefetch (None: the default rule, prefetch_page_ids)
-# and 32-bit page offsets (False: int64 even where int32 would fit). The tile tables and the tile override
-# (CONFIG_OVERRIDE) are in _core/tile_policy.py.
+# Set by the batch_prefill suite's tuning grids (benchmarks/bench_batch_prefill.py): the page-id prefetch
+# (None: the default rule, prefetch_page_ids) and 32-bit page offsets (False: int64 even where int32 would
+# fit). The tile tables and the tile override (CONFIG_OVERRIDE) are in _core/tile_policy.py.
 PREFETCH_OVERRIDE: Optional[bool] = None
 INT32_OFFSETS_OVERRIDE: Optional[bool] = None  # False: int64 page offsets even where int32 would fit
 

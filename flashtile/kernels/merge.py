@@ -44,9 +44,10 @@ from .._core.launch import LaunchMemo, direct_launch, tensor_key
 from .softmax import finalize_state, softmax_update
 
 # Row-tiled merges: elements per state tile ([rows, head_dim]) and warps per program. Module constants
-# so that the merge_state suite's tuning grid (benchmarks/bench_cascade.py, --tune) can sweep them on a GPU. H100 sweep (8192 tokens x 32 heads x 128,
-# fp16): 2048-element tiles are best for both kernels, the pair kernel with 8 warps (74.6 us, 2741
-# GB/s; torch.add with the same traffic: 72.9 us), the state-loop kernel with 4 (4 states: 136 us).
+# so that the merge_state suite's tuning grid (benchmarks/bench_cascade.py, --tune) can sweep them on a
+# GPU. H100 sweep (8192 tokens x 32 heads x 128, fp16): 2048-element tiles are best for both kernels,
+# the pair kernel with 8 warps (74.6 us, 2741 GB/s; torch.add with the same traffic: 72.9 us), the
+# state-loop kernel with 4 (4 states: 136 us).
 # Cache hints (evict_first loads, .cs stores) measured no gain (74.4-75.6 us).
 ROW_TILE_ELEMS = 2048
 PAIR_WARPS = 8

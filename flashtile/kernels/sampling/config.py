@@ -2,9 +2,10 @@
 a call (one program per row, several rows per SM, or a row split over several programs).
 
 The sizes are module constants that the launchers read at every call, so the sampling suite's tuning
-grids (`python -m benchmarks.run --suite sampling --tune`) and tests can set them on this module (replayed launches keep what they recorded: clear the launch
-memos after a change). The values were chosen by sweeping them on an H100 over the sampling suite
-(benchmarks/bench_sampling.py); docs/sampling.md explains the layouts.
+grids (`python -m benchmarks.run --suite sampling --tune`) and tests can set them on this module
+(replayed launches keep what they recorded: clear the launch memos after a change). The values were
+chosen by sweeping them on an H100 over the sampling suite (benchmarks/bench_sampling.py);
+docs/sampling.md explains the layouts.
 """
 
 from __future__ import annotations
