@@ -18,6 +18,7 @@ from ._core.attention_args import normalize_single_attention, resolve_attention_
 from ._core.checks import describe
 from ._core.paged_kv import HostPageTable, as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.single import run_single_attention
+from ._core.variant_args import with_sinks
 from ._core.wrapper import PlanBase, PlanRunWrapper, check_heads, check_positive_int, run_key
 from .scheduler.split_kv import batch_item_capacity, plan_batch_kv_splits
 from .scheduler.worklist import decode_layout, pack_decode_worklist
@@ -49,6 +50,8 @@ def single_decode_with_kv_cache(
     rope_scale: Optional[float] = None,
     rope_theta: Optional[float] = None,
     return_lse: bool = False,
+    sinks: Optional[torch.Tensor] = None,
+    _variant=None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention of one query token (the newest position) over a whole KV sequence.
 
@@ -68,6 +71,8 @@ def single_decode_with_kv_cache(
         logits_soft_cap: ``cap * tanh(logits / cap)`` when > 0; None or 0 disables.
         sm_scale: default ``1 / sqrt(head_dim)``.
         rope_scale, rope_theta: RoPE parameters (defaults 1.0 and 1e4).
+        sinks: float ``[num_qo_heads]`` attention-sink logits (natural units; gpt-oss), each joining its
+            head's softmax denominator (flashtile/variants.py); the lse then includes them. None: no sinks.
         return_lse: also return the base-2 log-sum-exp of the scaled logits.
 
     Returns:
@@ -91,7 +96,8 @@ def single_decode_with_kv_cache(
             rope_theta=rope_theta, out_dtype=None, backend="auto",
         )
 
-    out, lse = run_single_attention("decode", q, k, v, kv_layout, options, normalize, return_lse)
+    variant = with_sinks(_variant, sinks)
+    out, lse = run_single_attention("decode", q, k, v, kv_layout, options, normalize, return_lse, variant)
     return (out, lse) if return_lse else out
 
 

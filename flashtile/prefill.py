@@ -19,6 +19,7 @@ from ._core.multi_item import MultiItemArgs
 from ._core.paged_kv import as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.prefill_wrapper import BatchPrefillWrapper
 from ._core.single import run_single_attention
+from ._core.variant_args import with_sinks
 from ._core.wrapper import check_positive_int, run_key
 from .trtllm import trtllm_batch_context_with_kv_cache
 
@@ -52,6 +53,8 @@ def single_prefill_with_kv_cache(
     rope_theta: Optional[float] = None,
     backend: str = "auto",
     return_lse: bool = False,
+    sinks: Optional[torch.Tensor] = None,
+    _variant=None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention of ``qo_len`` query tokens (the last ones of the sequence) over ``kv_len`` keys.
 
@@ -79,6 +82,8 @@ def single_prefill_with_kv_cache(
         backend: "auto", "fa2", "fa3" (all flashtile's kernel), "triton" (force the kernels, under
             the interpreter on CPU), "reference" (pure PyTorch); vendor names raise
             NotImplementedError.
+        sinks: float ``[num_qo_heads]`` attention-sink logits (natural units; gpt-oss), each joining its
+            head's softmax denominator (flashtile/variants.py); the lse then includes them. None: no sinks.
         return_lse: also return the base-2 log-sum-exp.
 
     Returns:
@@ -96,7 +101,8 @@ def single_prefill_with_kv_cache(
             rope_scale=rope_scale, rope_theta=rope_theta, out_dtype=o_dtype, backend=backend,
         )
 
-    out, lse = run_single_attention("prefill", q, k, v, kv_layout, options, normalize, return_lse)
+    variant = with_sinks(_variant, sinks)
+    out, lse = run_single_attention("prefill", q, k, v, kv_layout, options, normalize, return_lse, variant)
     return (out, lse) if return_lse else out
 
 
