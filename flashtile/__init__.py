@@ -36,6 +36,7 @@ from .prefill import (  # noqa: E402
     single_prefill_with_kv_cache_return_lse,
 )
 from .quantization import packbits, segment_packbits  # noqa: E402
+from .variants import AttentionVariant  # noqa: E402
 from .rope import (  # noqa: E402
     apply_llama31_rope,
     apply_llama31_rope_inplace,
@@ -65,6 +66,7 @@ from .sampling import (  # noqa: E402
 from .utils import next_positive_power_of_2  # noqa: E402
 
 __all__ = [
+    "AttentionVariant",
     "__version__",
     "autotuner",
     "autotune",
