@@ -36,7 +36,6 @@ from .prefill import (  # noqa: E402
     single_prefill_with_kv_cache_return_lse,
 )
 from .quantization import packbits, segment_packbits  # noqa: E402
-from .variants import AttentionVariant  # noqa: E402
 from .rope import (  # noqa: E402
     apply_llama31_rope,
     apply_llama31_rope_inplace,
@@ -64,6 +63,7 @@ from .sampling import (  # noqa: E402
     top_p_sampling_from_probs,
 )
 from .utils import next_positive_power_of_2  # noqa: E402
+from .variants import AttentionVariant  # noqa: E402
 
 __all__ = [
     "AttentionVariant",

@@ -8,20 +8,19 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
-import flashtile
 from attention_cases import assert_matches_oracle, make_paged_batch, make_qkv, workspace
 from conftest import HAS_CUDA
+from oracles import alibi_slopes_f64, sigmoid_attention_oracle, sink_attention_oracle
+
+import flashtile
 from flashtile import AttentionVariant
 from flashtile.decode import single_decode_with_kv_cache_with_jit_module
 from flashtile.jit.attention import (
-    gen_customize_batch_decode_module,
     gen_customize_batch_prefill_module,
     gen_customize_single_decode_module,
     gen_customize_single_prefill_module,
 )
 from flashtile.prefill import single_prefill_with_kv_cache_with_jit_module
-from oracles import alibi_slopes_f64, attention_oracle, sigmoid_attention_oracle, sink_attention_oracle
 
 TOL = dict(atol=2e-3, rtol=2e-3)  # fp16 inputs, normalized outputs
 SUM_TOL = dict(atol=2e-2, rtol=1e-2)  # fp16 inputs, unnormalized sums (sigmoid attention)

@@ -59,7 +59,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
                  mask_indptr_buf, backend, jit_args, jit_kwargs) -> None:
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args)
         if jit_kwargs is not None and not isinstance(jit_kwargs, dict):
-            raise TypeError(f"jit_kwargs: expected a dict (upstream's flags of the jit_args module), got {jit_kwargs!r}")
+            raise TypeError(f"jit_kwargs: expected a dict (upstream's flags of the jit_args module), "
+                            f"got {jit_kwargs!r}")
         self._qo_indptr_buf = qo_indptr_buf
         self._custom_mask_buf = custom_mask_buf
         self._mask_indptr_buf = mask_indptr_buf

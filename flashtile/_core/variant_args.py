@@ -72,7 +72,7 @@ def variant_from_jit_args(jit_args) -> Optional[AttentionVariant]:
         return jit_args
     if not isinstance(jit_args, (tuple, list)) or len(jit_args) != len(JIT_ARGS_FIELDS):
         raise TypeError(f"jit_args: expected upstream's tuple {JIT_ARGS_FIELDS} or an AttentionVariant, "
-                        f"got {type(jit_args).__name__} of length {len(jit_args) if hasattr(jit_args, '__len__') else '?'}")
+                        f"got {type(jit_args).__name__} {jit_args!r:.80}")
     fields = dict(zip(JIT_ARGS_FIELDS, jit_args))
     return variant_from_decl(fields["variant_decl"], fields["additional_tensor_names"],
                              fields["additional_tensor_dtypes"], fields["additional_scalar_names"],

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..variants import bind_variant
 from . import tile_policy
 from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap, resolve_attention_params
 from .buffers import discarded_output, new_output
@@ -23,7 +24,6 @@ from .launch import make_replay, recording_launches
 from .memo import tensor_key
 from .params import AttentionParams
 from .variant_args import variant_from_jit_args, with_sinks
-from ..variants import bind_variant
 
 __all__ = ["PlanRunWrapper", "PlanBase", "check_common_options", "reject_kv_cache_sf",
            "INT_WORKSPACE_BYTES", "run_key"]
