@@ -172,6 +172,31 @@ A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:,
                        num_programs=splits.num_items, max_states=1, merge=False)
 compile_all("batch decode 64 x 4096")
 
+# Attention variants (flashtile/variants.py): the example hooks of benchmarks/variant_examples.py.
+from benchmarks import variant_examples as VX  # noqa: E402
+from flashtile.variants import BoundVariant  # noqa: E402
+
+_slopes = torch.randn(32)
+for _name, _bound in [("softcap", BoundVariant(VX.SOFTCAP, (30.0,))), ("alibi", BoundVariant(VX.ALIBI, (_slopes,))),
+                      ("sigmoid", BoundVariant(VX.FLASH_SIGMOID, (0.1, -1.0)))]:
+    q = torch.randn(4096, 32, 128, dtype=bf)
+    k = torch.randn(4096, 32, 128, dtype=bf)
+    A.single_attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P,
+                               packed_mask=None, kind="prefill", variant=_bound)
+    compile_all(f"variant {_name} single prefill 4096")
+    A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1],
+                           i32(torch.arange(0, 64 * 256 + 1, 256)), torch.arange(64 * 256, dtype=torch.int32), worklist,
+                           torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
+                           torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
+                           batch_size=64, num_programs=splits.num_items, max_states=1, merge=False, variant=_bound)
+    compile_all(f"variant {_name} batch decode 64 x 4096")
+from flashtile._core.variant_args import sink_variant  # noqa: E402
+
+A.single_attention_forward(torch.randn(1, 32, 128, dtype=bf), k[:, :8], k[:, :8].clone(),
+                           torch.empty(1, 32, 128, dtype=bf), torch.empty(1, 32), AttentionParams(0.088),
+                           packed_mask=None, kind="decode", variant=BoundVariant(sink_variant(), (torch.randn(32),)))
+compile_all("variant sinks single decode")
+
 va, vb = torch.randn(8192, 32, 128, dtype=torch.float16), torch.randn(8192, 32, 128, dtype=torch.float16)
 sa, sb = torch.randn(8192, 32), torch.randn(8192, 32)
 M.merge_state_pair(va, sa, vb, sb, va.clone(), sa.clone())

@@ -322,9 +322,10 @@ def batch_prefill_forward(
             programs beyond the plan idle).
         multi_item_requests, token_pos_in_items: multi-item scoring (int32 ``[B, 2]`` and int32, module doc;
             ``params.causal`` is set and ``packed_mask`` None), or None. Only the Triton kernel takes it.
-        variant: a bound attention variant (flashtile/variants.py) or None. Only the Triton kernel takes it
-            (:func:`hopper_route` says why a call takes which kernel); one with ``whole_rows`` needs a plan
-            without splits (the wrapper plans so).
+        variant: a bound attention variant (flashtile/variants.py) or None. Only the Triton kernel takes it:
+            the warp-specialized Gluon kernel (batch_prefill_hopper.py) has no hook points, so variant calls
+            are not "plain" and run the Triton kernel. One with ``whole_rows`` needs a plan without splits (the
+            wrapper plans so).
     """
     paged = page_indices is not None
     alibi_slopes = alibi_slopes_of(q.shape[1], q.device) if params.pos_encoding_mode == "ALIBI" else None
