@@ -383,3 +383,21 @@ def test_variants_at_gpu_shapes(device):
                                                       _variant=(SOFTCAP, (30.0,)))
     assert_matches_oracle(out, lse, q, k, v, causal=True, logits_soft_cap=30.0)
     assert math.isfinite(float(lse.float().mean()))
+
+
+def test_cascade_with_variant(path, device):
+    """MultiLevelCascadeAttentionWrapper(jit_args=...): the variant runs at every level, states merge."""
+    from test_cascade import PagePool, cascade_oracle, check, indptr_of
+
+    from flashtile.cascade import MultiLevelCascadeAttentionWrapper
+
+    pool = PagePool(64, 4, 2, 64, torch.float16, device)
+    qo = [2, 1, 3]
+    qo_indptrs, tables = [indptr_of([sum(qo)]), indptr_of(qo)], [pool.table([11]), pool.table([5, 0, 9])]
+    q = torch.randn(sum(qo), 4, 64, dtype=torch.float16, device=device)
+    w = MultiLevelCascadeAttentionWrapper(2, workspace(device), jit_args=SOFTCAP)
+    w.plan(qo_indptrs, [t[0] for t in tables], [t[1] for t in tables], [t[2] for t in tables], 4, 2, 64, 4,
+           causal=True)
+    check(w.run(q, pool.cache, 2.0), q, cascade_oracle(q, pool, qo_indptrs, tables, True, logits_soft_cap=2.0))
+    with pytest.raises(NotImplementedError, match="merged"):
+        MultiLevelCascadeAttentionWrapper(2, workspace(device), jit_args=FLASH_SIGMOID_DECLARED)
