@@ -97,7 +97,7 @@ _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
-def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None):
+def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None, variant=None):
     """prefix_len: multi-item scoring with this shared prefix per request (item positions all 0 here)."""
     dvo = dvo or d
     q = torch.randn(sum(qo), hq, d, dtype=bf)
@@ -120,7 +120,7 @@ def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, labe
                              torch.empty(sum(qo), hq, dvo, dtype=bf), torch.empty(sum(qo), hq), P, batch_size=len(qo),
                              item_capacity=work.num_items, block_m=bm, block_n=bn,
                              num_items=work.num_items, num_merges=max(work.num_merges, 0),
-                             **multi_item_inputs(prefix_len, kv))
+                             **multi_item_inputs(prefix_len, kv), **({"variant": variant} if variant else {}))
     compile_all(label + f" (tile {bm}x{bn}, merges {work.num_merges})")
 
 
@@ -190,6 +190,14 @@ for _name, _bound in [("softcap", BoundVariant(VX.SOFTCAP, (30.0,))), ("alibi", 
                            torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
                            batch_size=64, num_programs=splits.num_items, max_states=1, merge=False, variant=_bound)
     compile_all(f"variant {_name} batch decode 64 x 4096")
+    ragged_case([1024] * 16, [1024] * 16, paged=True, label=f"variant {_name} batch prefill paged p16", variant=_bound)
+    q = torch.randn(4096, 32, 128, dtype=bf)
+    flag = {"softcap": AttentionParams(0.088, True, logits_soft_cap=30.0),
+            "alibi": AttentionParams(0.088, True, pos_encoding_mode="ALIBI")}.get(_name)
+    if flag is not None:  # the built-in flag version of the same feature, to compare
+        A.single_attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), flag,
+                                   packed_mask=None, kind="prefill")
+        compile_all(f"variant {_name} (as the flag) single prefill 4096")
 from flashtile._core.variant_args import sink_variant  # noqa: E402
 
 A.single_attention_forward(torch.randn(1, 32, 128, dtype=bf), k[:, :8], k[:, :8].clone(),
