@@ -208,8 +208,8 @@ def _as_spec(kind, field: str, spec):
 
 
 class BoundVariant(NamedTuple):
-    """A variant with the extra arguments of one call, checked: ``args`` holds the tensors (contiguous,
-    on the call's device, or None for an absent ``maybe_`` tensor) then the scalars (Python floats/ints)."""
+    """A variant with the extra arguments of one call, checked: ``args`` holds the tensors (contiguous, on
+    the call's device, or None for an absent ``maybe_`` tensor) then the scalars (Python floats/ints)."""
 
     variant: AttentionVariant
     args: tuple
@@ -254,7 +254,9 @@ def _check_extra_tensor(vname: str, spec: ExtraTensor, value, device, sizes: dic
         if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
             shown = [w if w is not None else "*" for w in want]
             raise ValueError(f"{where}: expected shape {shown} ({list(spec.shape)}), got {list(got)}")
-    return value.contiguous()
+    if not value.is_contiguous():  # hooks index it densely; a copy would hide the writes of an output tensor
+        raise ValueError(f"{where}: expected a contiguous tensor, got strides {tuple(value.stride())}")
+    return value
 
 
 def _check_extra_scalar(vname: str, spec: ExtraScalar, value):

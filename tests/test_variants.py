@@ -401,3 +401,14 @@ def test_cascade_with_variant(path, device):
     check(w.run(q, pool.cache, 2.0), q, cascade_oracle(q, pool, qo_indptrs, tables, True, logits_soft_cap=2.0))
     with pytest.raises(NotImplementedError, match="merged"):
         MultiLevelCascadeAttentionWrapper(2, workspace(device), jit_args=FLASH_SIGMOID_DECLARED)
+
+
+def test_logits_transform_excludes_softcap_and_alibi_flags(path, device):
+    q, k, v = make_qkv(3, 9, 4, 2, 64, torch.float16, device)
+    with pytest.raises(NotImplementedError, match="logits_soft_cap or ALiBi"):
+        flashtile.single_prefill_with_kv_cache(q, k, v, logits_soft_cap=5.0, _variant=(SOFTCAP, (2.0,)))
+    with pytest.raises(NotImplementedError, match="logits_soft_cap or ALiBi"):
+        flashtile.single_prefill_with_kv_cache(q, k, v, pos_encoding_mode="ALIBI", _variant=(SOFTCAP, (2.0,)))
+    logits = torch.zeros(4, 3, 18, device=device)[:, :, ::2]
+    with pytest.raises(ValueError, match="output_logits.*contiguous"):
+        single_prefill_with_kv_cache_with_jit_module(_prefill_module(DUMP_LOGITS), q, k, v, logits)

@@ -60,6 +60,10 @@ def call(op, *args, params: AttentionParams, backend: str, variant=None) -> None
 
 @torch.compiler.disable
 def _call_with_variant(impl, args, params, backend, variant) -> None:
+    if variant.variant.logits_transform is not None and (params.logits_soft_cap > 0 or
+                                                          params.pos_encoding_mode == "ALIBI"):
+        raise NotImplementedError(f"variant {variant.variant.name!r}: a logits_transform cannot be combined with "
+                                  "logits_soft_cap or ALiBi (the hook replaces them); express them in the hook")
     impl(*args, params, backend, variant=variant)
 
 

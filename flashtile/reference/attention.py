@@ -124,10 +124,6 @@ def _variant_attention(q, kf, vf, params: AttentionParams, custom_mask, compute_
                        lse):
     """:func:`single_attention` with a variant's twins (flashtile/variants.py gives their arguments' shapes).
     ``kf``, ``vf``: ``[Hq, kv_len, D]`` (GQA-expanded by ``group``, RoPE applied). Writes and returns ``(out, lse)``."""
-    if params.logits_soft_cap > 0 or params.pos_encoding_mode == "ALIBI":
-        if variant.variant.logits_transform is not None:
-            raise NotImplementedError("a variant with a logits_transform cannot be combined with logits_soft_cap or "
-                                      "ALiBi; express them in the hook")
     qo_len, num_qo_heads, _ = q.shape
     kv_len = kf.shape[1]
     device = q.device
