@@ -53,7 +53,12 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 
 __all__ = ["AttentionVariant", "Hook", "ExtraTensor", "ExtraScalar", "BoundVariant", "bind_variant", "parse_cdtype",
-           "HOOK_NAMES"]
+           "HOOK_NAMES",
+           "VARIANT_PREFILL_ROUTE"]
+
+# Why batch prefill with a variant runs the portable Triton kernel on Hopper (``flashtile info`` shows it).
+VARIANT_PREFILL_ROUTE = ("portable Triton batch-prefill kernel: the warp-specialized Hopper kernel "
+                         "(kernels/batch_prefill_hopper.py) has no variant hook points")
 
 HOOK_NAMES = ("logits_transform", "logits_mask", "query_transform", "output_transform", "sink_logit")
 
