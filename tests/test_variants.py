@@ -412,3 +412,16 @@ def test_logits_transform_excludes_softcap_and_alibi_flags(path, device):
     logits = torch.zeros(4, 3, 18, device=device)[:, :, ::2]
     with pytest.raises(ValueError, match="output_logits.*contiguous"):
         single_prefill_with_kv_cache_with_jit_module(_prefill_module(DUMP_LOGITS), q, k, v, logits)
+
+
+def test_variant_under_torch_compile(device, monkeypatch):
+    """A call with a variant runs eagerly inside a compiled function (a graph break), with the same result."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    q, k, v = make_qkv(5, 9, 4, 2, 64, torch.float16, device)
+    sinks = torch.randn(4, device=device)
+
+    def f(q, k, v, s):
+        return flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, sinks=s) * 2
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, backend="eager")(q, k, v, sinks), f(q, k, v, sinks))
