@@ -63,8 +63,10 @@ from .sampling import (  # noqa: E402
     top_p_sampling_from_probs,
 )
 from .utils import next_positive_power_of_2  # noqa: E402
+from .variants import AttentionVariant  # noqa: E402
 
 __all__ = [
+    "AttentionVariant",
     "__version__",
     "autotuner",
     "autotune",

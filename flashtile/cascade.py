@@ -20,6 +20,7 @@ from ._core.attention_args import resolve_scalar
 from ._core.buffers import new_output, new_output_like
 from ._core.checks import check_same_device, check_tensor, describe
 from ._core.memo import CallMemo, eager, tensor_key
+from ._core.variant_args import variant_from_jit_args
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 
 __all__ = [
@@ -247,6 +248,9 @@ class MultiLevelCascadeAttentionWrapper:
             buffer per level each, with the meaning of :class:`BatchPrefillWithPagedKVCacheWrapper`'s
             ``qo_indptr_buf``, ``paged_kv_indptr_buf``, ``paged_kv_indices_buf``,
             ``paged_kv_last_page_len_buf``.
+        jit_args: an attention variant (flashtile/variants.py; as the batch prefill wrapper's) run at every
+            level; its hooks see each level's own key indices (``kv_idx`` from 0 within the level). Variants
+            whose states cannot be merged (``use_softmax=False``, an output transform) raise NotImplementedError.
     """
 
     def __init__(
@@ -259,7 +263,12 @@ class MultiLevelCascadeAttentionWrapper:
         paged_kv_indptr_buf_arr: Optional[list] = None,
         paged_kv_indices_buf_arr: Optional[list] = None,
         paged_kv_last_page_len_buf_arr: Optional[list] = None,
+        jit_args=None,
     ) -> None:
+        variant = variant_from_jit_args(jit_args)
+        if variant is not None and variant.whole_rows:
+            raise NotImplementedError(f"jit_args: variant {variant.name!r} has use_softmax=False or an "
+                                      "output_transform, whose per-level states cannot be merged")
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
             raise ValueError(f"num_levels: expected an int >= 1, got {num_levels!r}")
         self._num_levels = num_levels
@@ -273,11 +282,12 @@ class MultiLevelCascadeAttentionWrapper:
                 BatchPrefillWithPagedKVCacheWrapper(
                     float_workspace_buffer, kv_layout, use_cuda_graph=True, qo_indptr_buf=bufs[0][i],
                     paged_kv_indptr_buf=bufs[1][i], paged_kv_indices_buf=bufs[2][i],
-                    paged_kv_last_page_len_buf=bufs[3][i])
+                    paged_kv_last_page_len_buf=bufs[3][i], jit_args=variant)
                 for i in range(num_levels)
             ]
         else:
-            self._batch_prefill_wrappers = [BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+            self._batch_prefill_wrappers = [BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout,
+                                                                                jit_args=variant)
                                             for _ in range(num_levels)]
         self._kv_layout = kv_layout
 
@@ -348,19 +358,24 @@ class MultiLevelCascadeAttentionWrapper:
 
     begin_forward = plan
 
-    def run(self, q: torch.Tensor, paged_kv_cache) -> torch.Tensor:
+    def run(self, q: torch.Tensor, paged_kv_cache, *args, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention of the planned levels.
 
         Args:
             q: ``[total_q, num_qo_heads, head_dim]`` in the planned q dtype.
             paged_kv_cache: the paged cache every level indexes (any form the batch wrappers take).
+            args: the extra arguments of the ``jit_args`` variant (tensors first, then scalars), for every level.
+            sinks: float ``[num_qo_heads]`` attention-sink logits, joined once (at level 0), or None.
 
         Returns:
             ``[total_q, num_qo_heads, head_dim]`` in q's dtype.
         """
-        out, lse = self._batch_prefill_wrappers[-1].run(q, paged_kv_cache, return_lse=True)
-        for w in reversed(self._batch_prefill_wrappers[:-1]):
-            o_level, lse_level = w.run(q, paged_kv_cache, return_lse=True)
+        last = len(self._batch_prefill_wrappers) - 1
+        out, lse = self._batch_prefill_wrappers[-1].run(q, paged_kv_cache, *args, return_lse=True,
+                                                        sinks=sinks if last == 0 else None)
+        for level in range(last - 1, -1, -1):
+            o_level, lse_level = self._batch_prefill_wrappers[level].run(
+                q, paged_kv_cache, *args, return_lse=True, sinks=sinks if level == 0 else None)
             merge_state_in_place(out, lse, o_level, lse_level)
         return out
 

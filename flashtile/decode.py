@@ -18,6 +18,7 @@ from ._core.attention_args import normalize_single_attention, resolve_attention_
 from ._core.checks import describe
 from ._core.paged_kv import HostPageTable, as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.single import run_single_attention
+from ._core.variant_args import with_sinks
 from ._core.wrapper import PlanBase, PlanRunWrapper, check_heads, check_positive_int, run_key
 from .scheduler.split_kv import batch_item_capacity, plan_batch_kv_splits
 from .scheduler.worklist import decode_layout, pack_decode_worklist
@@ -30,6 +31,7 @@ __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper",
     "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
     "fast_decode_plan",
+    "single_decode_with_kv_cache_with_jit_module",
 ]
 
 
@@ -49,6 +51,8 @@ def single_decode_with_kv_cache(
     rope_scale: Optional[float] = None,
     rope_theta: Optional[float] = None,
     return_lse: bool = False,
+    sinks: Optional[torch.Tensor] = None,
+    _variant=None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention of one query token (the newest position) over a whole KV sequence.
 
@@ -68,6 +72,8 @@ def single_decode_with_kv_cache(
         logits_soft_cap: ``cap * tanh(logits / cap)`` when > 0; None or 0 disables.
         sm_scale: default ``1 / sqrt(head_dim)``.
         rope_scale, rope_theta: RoPE parameters (defaults 1.0 and 1e4).
+        sinks: float ``[num_qo_heads]`` attention-sink logits (natural units; gpt-oss), each joining its
+            head's softmax denominator (flashtile/variants.py); the lse then includes them. None: no sinks.
         return_lse: also return the base-2 log-sum-exp of the scaled logits.
 
     Returns:
@@ -91,17 +97,28 @@ def single_decode_with_kv_cache(
             rope_theta=rope_theta, out_dtype=None, backend="auto",
         )
 
-    out, lse = run_single_attention("decode", q, k, v, kv_layout, options, normalize, return_lse)
+    variant = with_sinks(_variant, sinks)
+    out, lse = run_single_attention("decode", q, k, v, kv_layout, options, normalize, return_lse, variant)
     return (out, lse) if return_lse else out
 
+
+
+def single_decode_with_kv_cache_with_jit_module(jit_module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args,
+                                                kv_layout: str = "NHD", window_left: int = -1,
+                                                return_lse: bool = False):
+    """:func:`single_decode_with_kv_cache` with a variant module (flashtile.jit.attention
+    ``gen_customize_single_decode_module(...).build_and_load()``); ``*args``: the variant's extra arguments,
+    tensors first then scalars, in declaration order. Returns ``out`` or ``(out, lse)``."""
+    variant = getattr(jit_module, "variant", None)
+    if variant is None:
+        raise TypeError(f"jit_module: expected a module from flashtile.jit.attention, got {type(jit_module).__name__}")
+    return single_decode_with_kv_cache(q, k, v, kv_layout=kv_layout, window_left=window_left, return_lse=return_lse,
+                                       _variant=(variant, args))
 
 @dataclass
 class _DecodePlan(PlanBase):
     """What plan() decided; run() reads it and checks its inputs against it."""
 
-    batch_size: int = 0
-    num_qo_heads: int = 0
-    num_kv_heads: int = 0
     head_dim: int = 0
     page_size: int = 0
     page_indptr: Optional[torch.Tensor] = None  # int32 [B + 1], device
@@ -138,7 +155,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             int32 ``[B]`` (graph mode).
         backend: "auto", "fa2" or "fa3" (all flashtile's kernels), "triton" or "reference"; vendor
             backends raise NotImplementedError.
-        jit_args: upstream C++ variants; raises NotImplementedError.
+        jit_args: an attention variant: upstream's tuple (flashtile.jit.attention) with an
+            :class:`flashtile.AttentionVariant` as ``variant_decl``, or the AttentionVariant itself; its extra
+            arguments are passed to run() positionally. A C++ ``variant_decl`` raises NotImplementedError.
     """
 
     _plan: Optional[_DecodePlan]
@@ -389,7 +408,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             out: optional ``[B, num_qo_heads, head_dim]`` output (o_data_type), written and returned.
             lse: optional float32 ``[B, num_qo_heads]``. return_lse: also return the base-2 lse.
             enable_pdl: accepted and ignored (a CUDA launch attribute). window_left: must equal the plan's.
-            sinks, q_len_per_req > 1, extra ``*args``: not supported (NotImplementedError).
+            sinks: float ``[num_qo_heads]`` attention-sink logits (natural units), or None.
+            ``*args``: the extra arguments of the wrapper's ``jit_args`` variant, tensors first then scalars
+            (flashtile/variants.py). q_len_per_req > 1: not supported (NotImplementedError).
             kv_cache_sf: scale factors of an NVFP4 cache; only None (NotImplementedError otherwise).
 
         Returns:
@@ -408,7 +429,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                 if replay is not None:
                     return replay(q, paged_kv_cache, out, lse, return_lse)
         plan = self._require_plan()
-        self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
+        variant = self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
         if q_len_per_req != 1:
             raise NotImplementedError("q_len_per_req > 1: use BatchPrefillWithPagedKVCacheWrapper")
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
@@ -420,7 +441,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         def launch() -> None:
             ops.call(ops.batch_decode, q, cache.k, cache.v, plan.page_indptr, plan.page_indices, plan.worklist,
                      plan.part_o, plan.part_lse, o, s, plan.batch_size, plan.num_programs, plan.max_states, plan.merge,
-                     params=params, backend=self._backend)
+                     params=params, backend=self._backend, variant=variant)
 
         replay = self._launch_recorded(plan, key, (q, cache.k, cache.v, o, s), launch)
         if replay is not None:

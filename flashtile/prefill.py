@@ -19,6 +19,7 @@ from ._core.multi_item import MultiItemArgs
 from ._core.paged_kv import as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.prefill_wrapper import BatchPrefillWrapper
 from ._core.single import run_single_attention
+from ._core.variant_args import with_sinks
 from ._core.wrapper import check_positive_int, run_key
 from .trtllm import trtllm_batch_context_with_kv_cache
 
@@ -26,6 +27,7 @@ __all__ = [
     "trtllm_batch_context_with_kv_cache",
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",
+    "single_prefill_with_kv_cache_with_jit_module",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
 ]
@@ -52,6 +54,8 @@ def single_prefill_with_kv_cache(
     rope_theta: Optional[float] = None,
     backend: str = "auto",
     return_lse: bool = False,
+    sinks: Optional[torch.Tensor] = None,
+    _variant=None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention of ``qo_len`` query tokens (the last ones of the sequence) over ``kv_len`` keys.
 
@@ -79,6 +83,8 @@ def single_prefill_with_kv_cache(
         backend: "auto", "fa2", "fa3" (all flashtile's kernel), "triton" (force the kernels, under
             the interpreter on CPU), "reference" (pure PyTorch); vendor names raise
             NotImplementedError.
+        sinks: float ``[num_qo_heads]`` attention-sink logits (natural units; gpt-oss), each joining its
+            head's softmax denominator (flashtile/variants.py); the lse then includes them. None: no sinks.
         return_lse: also return the base-2 log-sum-exp.
 
     Returns:
@@ -96,9 +102,27 @@ def single_prefill_with_kv_cache(
             rope_scale=rope_scale, rope_theta=rope_theta, out_dtype=o_dtype, backend=backend,
         )
 
-    out, lse = run_single_attention("prefill", q, k, v, kv_layout, options, normalize, return_lse)
+    variant = with_sinks(_variant, sinks)
+    out, lse = run_single_attention("prefill", q, k, v, kv_layout, options, normalize, return_lse, variant)
     return (out, lse) if return_lse else out
 
+
+
+def single_prefill_with_kv_cache_with_jit_module(jit_module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args,
+                                                 kv_layout: str = "NHD", mask_mode: int = 0, window_left: int = -1,
+                                                 return_lse: bool = False):
+    """:func:`single_prefill_with_kv_cache` with a variant module (flashtile.jit.attention
+    ``gen_customize_single_prefill_module(...).build_and_load()``); ``*args``: the variant's extra arguments,
+    tensors first then scalars. ``mask_mode``: upstream's MaskMode value, 0 (non-causal) or 1 (causal); a
+    custom mask is a variant's ``logits_mask``. Returns ``out`` or ``(out, lse)``."""
+    variant = getattr(jit_module, "variant", None)
+    if variant is None:
+        raise TypeError(f"jit_module: expected a module from flashtile.jit.attention, got {type(jit_module).__name__}")
+    if mask_mode not in (0, 1):
+        raise NotImplementedError(f"mask_mode: {mask_mode!r}: only 0 (NON_CAUSAL) and 1 (CAUSAL) are supported with a "
+                                  "variant module; express a custom mask as the variant's logits_mask")
+    return single_prefill_with_kv_cache(q, k, v, causal=mask_mode == 1, kv_layout=kv_layout, window_left=window_left,
+                                        return_lse=return_lse, _variant=(variant, args))
 
 single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
 single_prefill_with_kv_cache_return_lse.__doc__ = "``single_prefill_with_kv_cache`` with ``return_lse=True``."
@@ -135,7 +159,9 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
         custom_mask_buf: uint8 ``[max_mask_bytes]``; mask_indptr_buf: int32 ``[B + 1]`` (graph mode with a
             custom mask).
         backend: "auto", "fa2", "fa3" (flashtile's kernels), "triton" or "reference"; vendor backends raise
-            NotImplementedError. jit_args, jit_kwargs: upstream C++ variants; raise NotImplementedError.
+            NotImplementedError. jit_args: an attention variant (upstream's tuple with an AttentionVariant as
+            ``variant_decl``, or the AttentionVariant; a C++ string raises NotImplementedError); jit_kwargs:
+            upstream's flags for it, accepted (flashtile takes them from plan()).
     """
 
     _paged = True
@@ -330,7 +356,8 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             out: optional ``[qo_indptr[-1], num_qo_heads, head_dim_vo]`` output (o_data_type), written and returned.
             lse: optional float32 ``[qo_indptr[-1], num_qo_heads]``. return_lse: also return the base-2 lse.
             enable_pdl: accepted and ignored. window_left: must equal the plan's.
-            sinks, extra ``*args``: not supported (NotImplementedError).
+            sinks: float ``[num_qo_heads]`` attention-sink logits (natural units), or None. ``*args``: the
+                extra arguments of the wrapper's ``jit_args`` variant, tensors first then scalars.
             kv_cache_sf: scale factors of an NVFP4 cache; only None (NotImplementedError otherwise).
 
         Returns:
@@ -346,7 +373,7 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
                 if replay is not None:
                     return replay(q, paged_kv_cache, out, lse, return_lse)
         plan = self._require_plan()
-        self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
+        variant = self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         rows = self._check_q(plan, q)
         if cache.dtype != plan.kv_dtype:
@@ -367,7 +394,7 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
                              f"{cache.num_pages} pages")
         layout = self._kv_layout
         return self._launch(plan, key, q, cache.k, cache.v, q_scale, k_scale, v_scale, out, lse, return_lse, rows,
-                            lambda cache_: kv_page_views(cache_, layout))
+                            lambda cache_: kv_page_views(cache_, layout), variant)
 
     def forward(self, q: torch.Tensor, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, k_scale: Optional[float] = None, v_scale: Optional[float] = None,
@@ -547,7 +574,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
                 if replay is not None:
                     return replay(q, (k, v), out, lse, return_lse)
         plan = self._require_plan()
-        self._check_run_options(plan, args, sinks, window_left, None)
+        variant = self._check_run_options(plan, args, sinks, window_left, None)
         rows = self._check_q(plan, q)
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, ndim=3)
@@ -566,7 +593,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
                 raise ValueError(f"{name}: expected at least {plan.kv_rows_needed} rows (kv_indptr[-1]) of "
                                  f"{plan.num_kv_heads} heads x {dim} as planned ({self._kv_layout}), got "
                                  f"{list(x.shape)} as NHD")
-        return self._launch(plan, key, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows, derive)
+        return self._launch(plan, key, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows, derive,
+                            variant)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                 pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,

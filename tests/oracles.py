@@ -430,3 +430,49 @@ def multi_item_mask_from_items(prompt_len, item_lens):
             elif not is_delim[p] and not is_delim[j] and group[j] == group[p]:
                 mask[p, j] = True
     return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention variants (flashtile/variants.py): sinks and sigmoid attention, float64, explicit loops
+# ---------------------------------------------------------------------------------------------
+
+
+def sink_attention_oracle(q, k, v, sinks, *, causal=False, sm_scale=None):
+    """One request with per-head sink logits (natural units) joining each row's softmax denominator.
+    Returns (out float64, lse base 2 float64, the sink included)."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    Lq, Hq, D = q.shape
+    Lk, Hk, Dv = v.shape
+    g = Hq // Hk
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
+    kpos = torch.arange(Lk, dtype=torch.float64)
+    allowed = kpos[None, :] <= qpos[:, None] if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    out = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
+    lse = torch.zeros(Lq, Hq, dtype=torch.float64)
+    for h in range(Hq):
+        s = (q[:, h] @ k[:, h // g].T) * sm_scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        sink = torch.full((Lq, 1), float(sinks[h]), dtype=torch.float64)
+        full = torch.cat([s, sink], dim=1)
+        w = torch.softmax(full, dim=1)[:, :Lk]
+        out[:, h] = w @ v[:, h // g]
+        lse[:, h] = torch.logsumexp(full, dim=1) / math.log(2.0)
+    return out, lse
+
+
+def sigmoid_attention_oracle(q, k, v, logits_scale, sigmoid_bias, *, causal=False):
+    """FlashSigmoid: ``out_i = sum_j sigmoid(q_i.k_j * logits_scale + sigmoid_bias) v_j`` over visible keys
+    (no normalization). Returns out float64."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    Lq, Hq, _ = q.shape
+    Lk, Hk, Dv = v.shape
+    g = Hq // Hk
+    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
+    kpos = torch.arange(Lk, dtype=torch.float64)
+    allowed = kpos[None, :] <= qpos[:, None] if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    out = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
+    for h in range(Hq):
+        w = torch.sigmoid((q[:, h] @ k[:, h // g].T) * logits_scale + sigmoid_bias) * allowed
+        out[:, h] = w @ v[:, h // g]
+    return out

@@ -236,8 +236,10 @@ def test_run_rejects_bad_out_and_options(device):
         w.run(q, cache, lse=torch.empty(2, 4, dtype=torch.float16, device=device))
     with pytest.raises(ValueError, match="window_left"):
         w.run(q, cache, window_left=5)
-    with pytest.raises(NotImplementedError):
-        w.run(q, cache, sinks=torch.zeros(4))
+    with pytest.raises(ValueError, match="sinks"):
+        w.run(q, cache, sinks=torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="extra positional"):
+        w.run(q, cache, torch.zeros(3, device=device))
     with pytest.raises(NotImplementedError):
         w.run(q, cache, q_len_per_req=2)
 
@@ -305,7 +307,8 @@ def test_plan_index_dtype_and_constructor_errors(device):
     with pytest.raises(InvalidOptionError):
         BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), kv_layout="NDH")
     with pytest.raises(NotImplementedError, match="C\\+\\+"):
-        BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=["x"])
+        BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=("u", None, None, None, None, 64, 64, [], [],
+                                                                          [], [], "v", "struct V {};"))
     with pytest.raises(NotImplementedError, match="vendor"):
         BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), backend="trtllm-gen")
     with pytest.raises(ValueError, match="cudagraph"):

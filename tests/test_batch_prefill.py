@@ -477,9 +477,9 @@ def test_run_rejects_bad_out_and_options(device):
         w.run(q, k, v, lse=torch.empty(8, 4, dtype=torch.float16, device=device))
     with pytest.raises(ValueError, match="window_left"):
         w.run(q, k, v, window_left=5)
-    with pytest.raises(NotImplementedError, match="sinks"):
-        w.run(q, k, v, sinks=torch.zeros(4))
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="sinks"):
+        w.run(q, k, v, sinks=torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="extra positional"):
         w.run(q, k, v, "extra")
 
 
@@ -531,7 +531,8 @@ def test_paged_plan_and_run_errors(device):
     with pytest.raises(ValueError, match="kv_data_type"):
         w.run(q, cache.to(torch.bfloat16))
     with pytest.raises(NotImplementedError, match="C\\+\\+"):
-        BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), jit_args=["x"])
+        BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), jit_args=("u", None, None, None, None, 64, 64, [], [],
+                                                                           [], [], "v", "struct V {};"))
     with pytest.raises(NotImplementedError, match="vendor"):
         BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), backend="cudnn")
     with pytest.raises(InvalidOptionError):

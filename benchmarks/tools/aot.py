@@ -68,6 +68,13 @@ def compile_source(launch: Launch, arch: int = 90):
             constexprs[p.name] = value
             continue
         signature[p.name] = mangle_type(value)
+        if isinstance(value, tuple):  # a tuple argument (attention variants' extra arguments): per element
+            for j, item in enumerate(value):
+                if isinstance(item, torch.Tensor) and item.data_ptr() % 16 == 0:
+                    attrs[(i, j)] = [["tt.divisibility", 16]]
+                elif item is None:
+                    constexprs[(i, j)] = None
+            continue
         aligned_ptr = isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0
         int16 = (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
                  and not p.do_not_specialize)

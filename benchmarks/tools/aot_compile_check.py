@@ -96,7 +96,7 @@ _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
-def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None):
+def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None, variant=None):
     """prefix_len: multi-item scoring with this shared prefix per request (item positions all 0 here)."""
     dvo = dvo or d
     q = torch.randn(sum(qo), hq, d, dtype=bf)
@@ -119,7 +119,7 @@ def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, labe
                              torch.empty(sum(qo), hq, dvo, dtype=bf), torch.empty(sum(qo), hq), P, batch_size=len(qo),
                              item_capacity=work.num_items, block_m=bm, block_n=bn,
                              num_items=work.num_items, num_merges=max(work.num_merges, 0),
-                             **multi_item_inputs(prefix_len, kv))
+                             **multi_item_inputs(prefix_len, kv), **({"variant": variant} if variant else {}))
     compile_all(label + f" (tile {bm}x{bn}, merges {work.num_merges})")
 
 
@@ -170,6 +170,39 @@ A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:,
                        torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
                        num_programs=splits.num_items, max_states=1, merge=False)
 compile_all("batch decode 64 x 4096")
+
+# Attention variants (flashtile/variants.py): the example hooks of benchmarks/variant_examples.py.
+from benchmarks import variant_examples as VX  # noqa: E402
+from flashtile.variants import BoundVariant  # noqa: E402
+
+_slopes = torch.randn(32)
+for _name, _bound in [("softcap", BoundVariant(VX.SOFTCAP, (30.0,))), ("alibi", BoundVariant(VX.ALIBI, (_slopes,))),
+                      ("sigmoid", BoundVariant(VX.FLASH_SIGMOID, (0.1, -1.0)))]:
+    q = torch.randn(4096, 32, 128, dtype=bf)
+    k = torch.randn(4096, 32, 128, dtype=bf)
+    A.single_attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P,
+                               packed_mask=None, kind="prefill", variant=_bound)
+    compile_all(f"variant {_name} single prefill 4096")
+    A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1],
+                           i32(torch.arange(0, 64 * 256 + 1, 256)), torch.arange(64 * 256, dtype=torch.int32), worklist,
+                           torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
+                           torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
+                           batch_size=64, num_programs=splits.num_items, max_states=1, merge=False, variant=_bound)
+    compile_all(f"variant {_name} batch decode 64 x 4096")
+    ragged_case([1024] * 16, [1024] * 16, paged=True, label=f"variant {_name} batch prefill paged p16", variant=_bound)
+    q = torch.randn(4096, 32, 128, dtype=bf)
+    flag = {"softcap": AttentionParams(0.088, True, logits_soft_cap=30.0),
+            "alibi": AttentionParams(0.088, True, pos_encoding_mode="ALIBI")}.get(_name)
+    if flag is not None:  # the built-in flag version of the same feature, to compare
+        A.single_attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), flag,
+                                   packed_mask=None, kind="prefill")
+        compile_all(f"variant {_name} (as the flag) single prefill 4096")
+from flashtile._core.variant_args import sink_variant  # noqa: E402
+
+A.single_attention_forward(torch.randn(1, 32, 128, dtype=bf), k[:, :8], k[:, :8].clone(),
+                           torch.empty(1, 32, 128, dtype=bf), torch.empty(1, 32), AttentionParams(0.088),
+                           packed_mask=None, kind="decode", variant=BoundVariant(sink_variant(), (torch.randn(32),)))
+compile_all("variant sinks single decode")
 
 va, vb = torch.randn(8192, 32, 128, dtype=torch.float16), torch.randn(8192, 32, 128, dtype=torch.float16)
 sa, sb = torch.randn(8192, 32), torch.randn(8192, 32)

@@ -46,40 +46,56 @@ def _define(name: str, arguments: str, mutates: tuple, impl):
     return op
 
 
-def call(op, *args, params: AttentionParams, backend: str) -> None:
+def call(op, *args, params: AttentionParams, backend: str, variant=None) -> None:
     """Run ``op`` (one of this module's ops) on ``args`` (its arguments before the parameters): its
-    implementation when eager, the registered op when torch.compile traces."""
-    if torch.compiler.is_compiling():
+    implementation when eager, the registered op when torch.compile traces. ``variant``: a bound attention
+    variant (flashtile/variants.py) or None; its Triton functions cannot be op arguments, so a call with one
+    always runs the implementation (under torch.compile: a graph break)."""
+    if variant is not None:
+        _call_with_variant(_IMPLS[op], args, params, backend, variant)
+    elif torch.compiler.is_compiling():
         op(*args, *dataclasses.astuple(params), backend)
     else:
         _IMPLS[op](*args, params, backend)
 
 
-def _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend) -> None:
+@torch.compiler.disable
+def _call_with_variant(impl, args, params, backend, variant) -> None:
+    if variant.variant.logits_transform is not None and (params.logits_soft_cap > 0 or
+                                                          params.pos_encoding_mode == "ALIBI"):
+        raise NotImplementedError(f"variant {variant.variant.name!r}: a logits_transform cannot be combined with "
+                                  "logits_soft_cap or ALiBi (the hook replaces them); express them in the hook")
+    impl(*args, params, backend, variant=variant)
+
+
+def _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend, variant=None) -> None:
     if q.shape[0] == 0:
         return
+    extra = {} if variant is None else {"variant": variant}
     dispatch.implementation("attention", q.device, backend).single_attention_forward(
-        q, k, v, out, lse, params, packed_mask=packed_mask, kind=kind)
+        q, k, v, out, lse, params, packed_mask=packed_mask, kind=kind, **extra)
 
 
 def _batch_decode(q, k_pages, v_pages, page_indptr, page_indices, worklist, part_o, part_lse, out, lse, batch_size,
-                  num_programs, max_states, merge, params, backend) -> None:
+                  num_programs, max_states, merge, params, backend, variant=None) -> None:
     if q.shape[0] == 0:
         return
+    extra = {} if variant is None else {"variant": variant}
     dispatch.implementation("attention", q.device, backend).batch_decode_forward(
         q, k_pages, v_pages, page_indptr, page_indices, worklist, part_o, part_lse, out, lse, params,
-        batch_size=batch_size, num_programs=num_programs, max_states=max_states, merge=merge)
+        batch_size=batch_size, num_programs=num_programs, max_states=max_states, merge=merge, **extra)
 
 
 def _batch_prefill(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, worklist, part_o,
                    part_lse, out, lse, batch_size, item_capacity, block_m, block_n, num_items, num_merges, params,
-                   backend) -> None:
+                   backend, variant=None) -> None:
     if q.shape[0] == 0:
         return
     dispatch.implementation("batch_prefill", q.device, backend).batch_prefill_forward(
         q, k, v, page_indices, packed_mask, worklist, part_o, part_lse, out, lse, params, batch_size=batch_size,
         item_capacity=item_capacity, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges,
-        multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items)
+        multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items,
+        **({} if variant is None else {"variant": variant}))
 
 
 single_attention = _define(

@@ -28,10 +28,7 @@ __all__ = ["PrefillPlan", "BatchPrefillWrapper"]
 class PrefillPlan(PlanBase):
     """What plan() decided; run() checks its inputs against it and launches with it."""
 
-    batch_size: int = 0
     total_qo: int = 0  # rows of q (qo_indptr[-1])
-    num_qo_heads: int = 0
-    num_kv_heads: int = 0
     head_dim_qk: int = 0
     head_dim_vo: int = 0
     page_size: Optional[int] = None  # None: ragged
@@ -61,8 +58,9 @@ class BatchPrefillWrapper(PlanRunWrapper):
     def __init__(self, float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, custom_mask_buf,
                  mask_indptr_buf, backend, jit_args, jit_kwargs) -> None:
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args)
-        if jit_kwargs is not None:
-            raise NotImplementedError("jit_kwargs: C++ attention variants cannot run in flashtile (Triton kernels)")
+        if jit_kwargs is not None and not isinstance(jit_kwargs, dict):
+            raise TypeError(f"jit_kwargs: expected a dict (upstream's flags of the jit_args module), "
+                            f"got {jit_kwargs!r}")
         self._qo_indptr_buf = qo_indptr_buf
         self._custom_mask_buf = custom_mask_buf
         self._mask_indptr_buf = mask_indptr_buf
@@ -247,7 +245,7 @@ class BatchPrefillWrapper(PlanRunWrapper):
         return self._custom_mask_buf.view(-1).view(torch.uint8)
 
     def _launch(self, plan: PrefillPlan, key, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows_out,
-                derive):
+                derive, variant=None):
         """Allocate or check the outputs and launch; with a memo ``key``, remember a replay for later runs
         whose inputs have the same key (``derive(q, kv...)``: the kernel's K/V views of run()'s inputs)."""
         params = self._run_params(plan, q_scale, k_scale, v_scale)
@@ -259,7 +257,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
             ops.call(ops.batch_prefill, q, k, v, plan.page_indices, plan.packed_mask,
                      multi.requests if multi is not None else None, multi.token_pos if multi is not None else None,
                      plan.meta, plan.part_o, plan.part_lse, o, s, plan.batch_size, plan.item_capacity, plan.block_m,
-                     plan.block_n, plan.num_items, plan.num_merges, params=params, backend=self._backend)
+                     plan.block_n, plan.num_items, plan.num_merges, params=params, backend=self._backend,
+                     variant=variant)
 
         replay = self._launch_recorded(plan, key, (q, k, v, o, s), launch)
         if replay is not None:

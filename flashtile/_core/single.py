@@ -18,6 +18,7 @@ from . import ops
 from .attention_args import SingleAttentionArgs
 from .buffers import discarded_output, new_output
 from .launch import make_replay, recording_launches
+from .variant_args import bind_single_variant
 from .wrapper import run_key
 
 __all__ = ["run_single_attention"]
@@ -52,14 +53,15 @@ def _derive(kind: str, kv_layout: str, q_copy: bool, k_copy: bool, v_copy: bool)
 
 
 def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normalize: Callable[[], SingleAttentionArgs],
-                         return_lse: bool):
+                         return_lse: bool, variant=None):
     """``(out, lse)`` of one request, lse None unless ``return_lse``. ``kind``: "decode" (q ``[Hq, D]``; out
     ``[Hq, Dvo]``, lse ``[Hq]``) or "prefill" (q ``[Lq, Hq, D]``; out ``[Lq, Hq, Dvo]``, lse ``[Lq, Hq]``);
     ``kv_layout``: the caller's; ``options``: the call's other arguments (their values key the replay;
     anything but a plain scalar among them turns the replay off); ``normalize()`` checks everything and
-    returns the normalized arguments (the slow path)."""
+    returns the normalized arguments (the slow path). ``variant``: ``(AttentionVariant, extra args)`` or None;
+    its arguments are checked here and its calls are never replayed (their extra tensors belong to one call)."""
     key = None
-    if not torch.compiler.is_compiling():
+    if variant is None and not torch.compiler.is_compiling():
         key = run_key((q, k, v), (kind, kv_layout, *options))
         if key is not None:
             runner = _REPLAYS.get(key)
@@ -72,9 +74,12 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
     out = new_output(out_shape, args.out_dtype, q.device)
     lse = new_output(out_shape[:-1], torch.float32, q.device)
     dynamic = (args.q, args.k, args.v) + ((out.unsqueeze(0), lse.unsqueeze(0)) if kind == "decode" else (out, lse))
+    bound = None
+    if variant is not None:
+        bound = bind_single_variant(variant, args)
     if key is None or args.packed_mask is not None:
         ops.call(ops.single_attention, *dynamic[:3], args.packed_mask, *dynamic[3:], kind, params=args.params,
-                 backend=args.backend)
+                 backend=args.backend, variant=bound)
         return out, lse if return_lse else None
     with recording_launches() as recording:
         ops.call(ops.single_attention, *dynamic[:3], None, *dynamic[3:], kind, params=args.params, backend=args.backend)

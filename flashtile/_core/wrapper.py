@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..variants import bind_variant
 from . import tile_policy
 from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and_cap, resolve_attention_params
 from .buffers import discarded_output, new_output
@@ -22,6 +23,7 @@ from .dispatch import implementation, normalize_backend
 from .launch import make_replay, recording_launches
 from .memo import tensor_key
 from .params import AttentionParams
+from .variant_args import variant_from_jit_args, with_sinks
 
 __all__ = ["PlanRunWrapper", "PlanBase", "check_common_options", "reject_kv_cache_sf",
            "INT_WORKSPACE_BYTES", "run_key"]
@@ -66,6 +68,9 @@ class PlanBase:
     plan_args: dict
     replays: dict = dataclasses.field(default_factory=dict)
     owned_storage: frozenset = frozenset()  # storages run()'s launches may bake in (work list, workspaces)
+    batch_size: int = 0
+    num_qo_heads: int = 0
+    num_kv_heads: int = 0
 
     @property
     def causal(self) -> bool:
@@ -138,11 +143,7 @@ class PlanRunWrapper:
                  jit_args) -> None:
         check_tensor("float_workspace_buffer", float_workspace_buffer)
         check_option("kv_layout", kv_layout, ("NHD", "HND"))
-        if jit_args is not None:
-            raise NotImplementedError(
-                "jit_args: C++ attention variants (FlashInfer's JIT strings) cannot run in flashtile, which "
-                "compiles Triton kernels; write the variant in Python instead (see docs/semantics.md)"
-            )
+        self._jit_variant = variant_from_jit_args(jit_args)
         self._backend = normalize_backend(backend)
         self._kv_layout = kv_layout
         self._use_cuda_graph = bool(use_cuda_graph)
@@ -200,9 +201,11 @@ class PlanRunWrapper:
         """``(KV-chunk granularity, SMs)`` the scheduler plans with (_core/tile_policy.py)."""
         return tile_policy.planning_facts(self.device, self._compiled())
 
-    @staticmethod
-    def _split_options(fixed_split_size, disable_split_kv) -> tuple:
-        """``(fixed_split_size or None, disable_split_kv)``; -1 and None both turn the fixed size off."""
+    def _split_options(self, fixed_split_size, disable_split_kv) -> tuple:
+        """``(fixed_split_size or None, disable_split_kv)``; -1 and None both turn the fixed size off. A
+        ``jit_args`` variant whose rows cannot be merged (variants.py ``whole_rows``) never splits."""
+        if self._jit_variant is not None and self._jit_variant.whole_rows:
+            return None, True
         if fixed_split_size is not None and fixed_split_size != -1:
             check_positive_int("fixed_split_size", fixed_split_size)
         else:
@@ -235,17 +238,25 @@ class PlanRunWrapper:
 
     # -- run() steps shared by the wrappers ---------------------------------------------------------
 
-    @staticmethod
-    def _check_run_options(plan: PlanBase, args, sinks, window_left, kv_cache_sf) -> None:
+    def _check_run_options(self, plan: PlanBase, args, sinks, window_left, kv_cache_sf):
+        """Checks run()'s options; returns the call's bound variant (the wrapper's ``jit_args`` variant with
+        run()'s extra positional arguments, or the built-in sink variant for ``sinks=``), or None."""
         reject_kv_cache_sf(kv_cache_sf)
-        if args:
-            raise NotImplementedError("run(): extra positional arguments feed upstream's JIT variants, which "
-                                      "flashtile does not support")
-        if sinks is not None:
-            raise NotImplementedError("sinks: attention sinks are not supported by flashtile yet")
+        variant = None
+        if self._jit_variant is not None:
+            variant = (self._jit_variant, args)
+        elif args:
+            raise ValueError(f"run(): got {len(args)} extra positional arguments, which feed an attention variant "
+                             "(jit_args=); this wrapper has none")
+        variant = with_sinks(variant, sinks)
+        if variant is not None:
+            sizes = dict(num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, batch_size=plan.batch_size,
+                         head_dim=getattr(plan, "head_dim", getattr(plan, "head_dim_qk", None)))
+            variant = bind_variant(variant[0], variant[1], self.device, sizes)
         if window_left is not None and window_left != plan.window_left:
             raise ValueError(f"window_left: run() got {window_left}, plan() was given {plan.window_left}; "
                              "re-plan to change it")
+        return variant
 
     @staticmethod
     def _run_params(plan: PlanBase, q_scale, k_scale, v_scale) -> AttentionParams:

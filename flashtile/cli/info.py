@@ -11,6 +11,7 @@ import torch
 
 from .._core import settings
 from ..jit.env import triton_cache_dir
+from ..variants import VARIANT_PREFILL_ROUTE
 from .common import dir_usage, format_bytes, path_of
 
 
@@ -43,6 +44,9 @@ def _info() -> dict:
         paths += [dict(api=api, tensors=dev, path=path, reason=reason) for api in attention_apis]
         paths += [dict(api=api, tensors=dev, path="pytorch", reason="vectorized PyTorch on the input's device")
                   for api in ("packbits", "segment_packbits")]
+        if path == "triton":  # attention variants (flashtile/variants.py) on the batch-prefill kernels
+            paths.append(dict(api="batch prefill with a variant", tensors=dev, path="triton",
+                              reason=VARIANT_PREFILL_ROUTE))
     cache = triton_cache_dir()
     files, size = dir_usage(cache) if cache.is_dir() else (0, 0)
     return dict(

@@ -66,6 +66,8 @@ def _attention_fwd_kernel(
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
+    OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
 ):
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     pid_m = num_m_blocks - 1 - tl.program_id(0)
@@ -90,13 +92,20 @@ def _attention_fwd_kernel(
 
     q = load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                HEAD_DIM_QK, D_QK, USE_ROPE)
+    batch = tokens * 0  # one request (variant hooks' batch index)
+    if QUERY_HOOK is not None:
+        q = QUERY_HOOK(q, batch, tokens, heads, qo_len, kv_len, vargs)
     slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
                                          BLOCK_M)
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
         start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
         rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL,
-        HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT,
+        LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
+        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=split == 0)
+    if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
+        o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
     o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
     store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
@@ -117,6 +126,8 @@ def _batch_decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM_QK: tl.constexpr, HEAD_DIM_VO: tl.constexpr, D_QK: tl.constexpr, D_VO: tl.constexpr,
     HAS_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
+    OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
 ):
     """Batch decode over a paged cache: program ``(item, kv_head)`` attends the GQA group of one KV
     head (rows = its query heads) over one work item's KV range (scheduler/split_kv.py).
@@ -155,13 +166,20 @@ def _batch_decode_kernel(
 
     q = load_q(Q, tokens, heads, row_ok, stride_qb, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                HEAD_DIM_QK, D_QK, USE_ROPE)
+    qo_idx = rows * 0  # a decode query is query 0 of its request (variant hooks)
+    if QUERY_HOOK is not None:
+        q = QUERY_HOOK(q, tokens, qo_idx, heads, 1, kv_len, vargs)
     slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
                                          BLOCK_M)
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp, K, slopes,
         positions, tokens, row_ok, start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False,
-        HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT)
+        HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT,
+        LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
+        v_batch=tokens, v_qo_idx=qo_idx, v_heads=heads, v_kv_head=kv_head, v_qo_len=1, v_first=lo == 0)
+    if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
+        o = OUTPUT_HOOK(o, lse, tokens, qo_idx, heads, 1, kv_len, vargs)
     if single:
         store_state(O + req.to(tl.int64) * stride_ob + heads[:, None] * stride_oh,
                     LSE + req * stride_lb + heads * stride_lh, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, False)
@@ -235,6 +253,22 @@ def alibi_slopes_of(num_heads: int, device: torch.device) -> torch.Tensor:
     return slopes
 
 
+def variant_kwargs(variant) -> dict:
+    """The kernel keywords of a bound attention variant (flashtile/variants.py's BoundVariant) or None:
+    its hooks as constexpr functions, ``use_softmax``, and its extra arguments as one tuple. Nothing
+    for None, so the default kernels compile exactly as without variants."""
+    if variant is None:
+        return {}
+    v = variant.variant
+
+    def fn(hook):
+        return hook.triton if hook is not None else None
+
+    return dict(LOGITS_HOOK=fn(v.logits_transform), MASK_HOOK=fn(v.logits_mask), QUERY_HOOK=fn(v.query_transform),
+                OUTPUT_HOOK=fn(v.output_transform), SINK_HOOK=fn(v.sink_logit), USE_SOFTMAX=v.use_softmax,
+                vargs=variant.args if variant.args else None)
+
+
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:
     """The table's config for a shape class (the launchers then fit it to the device: smem.py)."""
     if INTERPRET:
@@ -253,6 +287,7 @@ def single_attention_forward(
     packed_mask: Optional[torch.Tensor],
     kind: str,
     num_splits: Optional[int] = None,
+    variant=None,
 ) -> None:
     """Launch attention of one request, writing ``out`` and ``lse`` in place.
 
@@ -267,6 +302,8 @@ def single_attention_forward(
         packed_mask: uint8 bits of a ``[qo_len, kv_len]`` mask, row-major, LSB first; or None.
         kind: "decode" or "prefill": picks the launch-config table.
         num_splits: force the number of KV splits (None: the scheduler decides).
+        variant: a bound attention variant (flashtile/variants.py) or None; one whose rows cannot be merged
+            (``whole_rows``) runs without KV splits.
     """
     qo_len, num_qo_heads, head_dim_qk = q.shape
     kv_len, num_kv_heads, head_dim_vo = v.shape
@@ -305,9 +342,12 @@ def single_attention_forward(
             HAS_CUSTOM_MASK=packed_mask is not None, USE_SOFTCAP=logits_soft_cap > 0,
             USE_ALIBI=use_alibi, USE_ROPE=use_rope, WRITE_PARTIAL=partial,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            num_stages=cfg.num_stages, **extra,
         )
 
+    extra = variant_kwargs(variant)
+    if variant is not None and variant.variant.whole_rows:
+        num_splits = 1
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
     preferred = choose_config(kind, max(d_qk, d_vo))
     vary_block_m = kind == "prefill"  # decode row tiles are 16 already
@@ -362,6 +402,7 @@ def batch_decode_forward(
     num_programs: int,
     max_states: int,
     merge: bool,
+    variant=None,
 ) -> None:
     """Launch batch decode over a paged cache (+ the merge of split requests), in place.
 
@@ -378,7 +419,10 @@ def batch_decode_forward(
         num_programs: grid size along items (the planned count, or CUDA-graph mode's fixed capacity).
         max_states: a bound on the items of one request (merge fold width).
         merge: launch the merge (some request is split, or CUDA-graph mode where that is unknown).
+        variant: a bound attention variant (flashtile/variants.py) or None; one with ``whole_rows`` needs a plan
+            without splits (the wrapper plans so).
     """
+    extra = variant_kwargs(variant)
     layout = decode_layout(batch_size, num_programs)
     item_indptr = worklist[layout.offset("item_indptr"):]
     kv_lens = worklist[layout.offset("kv_lens"):]
@@ -406,7 +450,7 @@ def batch_decode_forward(
         HAS_WINDOW=params.window_left >= 0, USE_SOFTCAP=params.logits_soft_cap > 0,
         USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=use_rope,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **extra,
     ), preferred, features, q.device)
     if merge:
         merge_attention_states(part_o, part_lse, out, lse, v_scale=params.v_scale, state_indptr=item_indptr,

@@ -48,6 +48,7 @@ from .attention import (
     LaunchConfig,
     alibi_slopes_of,
     check_fp8_head_dims,
+    variant_kwargs,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
 from .prefill_plan import item_and_head, item_fields, request_of_item
@@ -85,6 +86,8 @@ def _batch_prefill_kernel(
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_ROPE: tl.constexpr, PAGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
+    LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
+    OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
 ):
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
@@ -109,6 +112,12 @@ def _batch_prefill_kernel(
     q_tokens = qo_start + tokens
     q = load_q(Q, q_tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                HEAD_DIM_QK, D_QK, USE_ROPE)
+    batch = tokens * 0
+    if LOGITS_HOOK is not None or MASK_HOOK is not None or QUERY_HOOK is not None or OUTPUT_HOOK is not None or \
+            SINK_HOOK is not None:
+        batch += request_of_item(ITEMS, item_c)  # the request index, for variant hooks
+    if QUERY_HOOK is not None:
+        q = QUERY_HOOK(q, batch, tokens, heads, qo_len, kv_len, vargs)
     slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
                                          BLOCK_M)
     prefix_len = 0
@@ -128,7 +137,11 @@ def _batch_prefill_kernel(
         sm_scale, qk_scale_log2, soft_cap, window_left, rope_log2_theta, rope_inv_scale,
         HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI,
         USE_ROPE, PAGED, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
-        MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key)
+        MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key,
+        LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
+        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0)
+    if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
+        o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
     if slot < 0:
         store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
                     LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
@@ -221,7 +234,7 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
 
 def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
                           reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n, num_items,
-                          paged, num_kv_heads, group, causal):
+                          paged, num_kv_heads, group, causal, variant=None):
     """The Triton kernel's launch (every case the Gluon kernel does not take)."""
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
@@ -256,7 +269,10 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
             INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
             MULTI_ITEM=multi_item_requests is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **extra,
         )
+
+    extra = variant_kwargs(variant)
 
     if num_items == 0:
         return
@@ -287,6 +303,7 @@ def batch_prefill_forward(
     num_merges: int,
     multi_item_requests: Optional[torch.Tensor] = None,
     token_pos_in_items: Optional[torch.Tensor] = None,
+    variant=None,
 ) -> None:
     """Launch batch prefill (+ the merge of split tiles), writing ``out`` and ``lse`` in place.
 
@@ -305,6 +322,10 @@ def batch_prefill_forward(
             programs beyond the plan idle).
         multi_item_requests, token_pos_in_items: multi-item scoring (int32 ``[B, 2]`` and int32, module doc;
             ``params.causal`` is set and ``packed_mask`` None), or None. Only the Triton kernel takes it.
+        variant: a bound attention variant (flashtile/variants.py) or None. Only the Triton kernel takes it:
+            the warp-specialized Gluon kernel (batch_prefill_hopper.py) has no hook points, so variant calls
+            are not "plain" and run the Triton kernel. One with ``whole_rows`` needs a plan without splits (the
+            wrapper plans so).
     """
     paged = page_indices is not None
     alibi_slopes = alibi_slopes_of(q.shape[1], q.device) if params.pos_encoding_mode == "ALIBI" else None
@@ -318,7 +339,8 @@ def batch_prefill_forward(
     causal = bool(params.causal) and packed_mask is None
     # The warp-specialized Hopper kernel has no multi-item mask: such plans take the Triton kernel.
     plain = (packed_mask is None and multi_item_requests is None and params.window_left < 0
-             and params.logits_soft_cap <= 0 and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0)
+             and params.logits_soft_cap <= 0 and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0
+             and variant is None)
     views = None if INTERPRET or num_items == 0 else hopper_prefill_views(q, k, v, paged, block_m, plain)
     if views is not None:
         hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
@@ -326,7 +348,7 @@ def batch_prefill_forward(
     else:
         _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
                               reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n,
-                              num_items, paged, num_kv_heads, group, causal)
+                              num_items, paged, num_kv_heads, group, causal, variant)
     if num_merges > 0:
         merges = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity:]
         _merge_tiles_kernel[(num_merges * num_kv_heads,)](

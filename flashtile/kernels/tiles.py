@@ -60,6 +60,8 @@ def attend_tiles(
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
     MULTI_ITEM: tl.constexpr, prefix_len, item_first_key,
+    LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True,
+    vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
@@ -67,6 +69,9 @@ def attend_tiles(
     (``page_table`` points at the request's first page id); otherwise keys are rows ``stride_kt`` apart.
     MULTI_ITEM (batch prefill's multi-item scoring, with CAUSAL): in a masked tile a row also sees a key
     only inside the prefix (``< prefix_len``) or from its ``item_first_key`` on (batch_prefill.py).
+    LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs: an attention variant's tile hooks and extra arguments
+    (flashtile/variants.py), called with the row vectors ``v_batch``, ``v_qo_idx``, ``v_heads`` ``[M]`` as
+    ``[M, 1]`` columns; None (the default kernels) compiles none of it.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
@@ -115,15 +120,22 @@ def attend_tiles(
             k = rope_rotate(k, k_partner, cols, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
         qk = mma(q, tl.trans(k.to(q.dtype)), UPCAST_DOT)  # [M, N] float32
 
-        if USE_SOFTCAP or USE_ALIBI:
+        if LOGITS_HOOK is not None:  # natural-unit logits from the variant; base 2 for the softmax
+            s = LOGITS_HOOK(qk, sm_scale, v_batch[:, None], v_qo_idx[:, None], cols[None, :], v_heads[:, None],
+                            v_kv_head, v_qo_len, kv_len, vargs)
+            if USE_SOFTMAX:
+                s = s * 1.4426950408889634
+        elif USE_SOFTCAP or USE_ALIBI:
             s = qk * sm_scale
             if USE_ALIBI:
                 s += slopes[:, None] * (cols[None, :] - positions[:, None]).to(tl.float32)
             if USE_SOFTCAP:
                 s = soft_cap * tanh(s / soft_cap)
             s = s * 1.4426950408889634
-        else:
+        elif USE_SOFTMAX:
             s = qk * qk_scale_log2
+        else:
+            s = qk * sm_scale
 
         if MASKED:
             visible = col_ok[None, :] & row_ok[:, None]
@@ -138,9 +150,25 @@ def attend_tiles(
                 visible = visible & ((cols[None, :] < prefix_len) | (cols[None, :] >= item_first_key[:, None]))
             if HAS_WINDOW:
                 visible = visible & (cols[None, :] >= positions[:, None] - window_left)
-            s = tl.where(visible, s, float("-inf"))
+            if MASK_HOOK is not None:
+                visible = visible & MASK_HOOK(v_batch[:, None], v_qo_idx[:, None], cols[None, :], v_heads[:, None],
+                                              v_kv_head, v_qo_len, kv_len, vargs)
+            if USE_SOFTMAX:
+                s = tl.where(visible, s, float("-inf"))
+            else:
+                s = tl.where(visible, s, 0.0)
+        elif MASK_HOOK is not None:
+            keep = MASK_HOOK(v_batch[:, None], v_qo_idx[:, None], cols[None, :], v_heads[:, None], v_kv_head,
+                             v_qo_len, kv_len, vargs)
+            if USE_SOFTMAX:
+                s = tl.where(keep, s, float("-inf"))
+            else:
+                s = tl.where(keep, s, 0.0)
 
-        m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
+        if USE_SOFTMAX:
+            m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
+        else:  # the variant's weights as they are (flashtile/variants.py: use_softmax=False)
+            p = s
         v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
         if MASKED:
             v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
@@ -221,14 +249,26 @@ def attend_range(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr = False, INT32_PAGE_OFFSETS: tl.constexpr = False,
     MULTI_ITEM: tl.constexpr = False, prefix_len=0, item_first_key=0,
+    LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None,
+    USE_SOFTMAX: tl.constexpr = True, vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0,
+    v_first=0,
 ):
     """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`tile_ranges`.
     Paged only: PREFETCH_PAGES loads each tile's page ids one iteration ahead (see attend_tiles);
     INT32_PAGE_OFFSETS computes K/V row offsets in int32 (the caller checked that every offset from
     the K/V base pointers fits). MULTI_ITEM (batch prefill's multi-item scoring, with CAUSAL): rows see
-    the prefix ``[0, prefix_len)`` and, after it, keys from their ``item_first_key`` (``[BLOCK_M]``) on."""
+    the prefix ``[0, prefix_len)`` and, after it, keys from their ``item_first_key`` (``[BLOCK_M]``) on.
+    Variant hooks (flashtile/variants.py; None: not compiled): LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX as in
+    :func:`attend_tiles`; SINK_HOOK's per-row logit starts the state (a key of value 0 seen once) in the
+    program whose range starts the request's keys (``v_first`` nonzero), so a split-KV merge counts it once.
+    With USE_SOFTMAX False the result is ``(sum of w * v, 0)``."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINK_HOOK is not None:
+        first = (l_i == 0.0) & (v_first != 0)
+        sink = SINK_HOOK(v_batch, v_heads, vargs) * 1.4426950408889634
+        m_i = tl.where(first, sink, m_i)
+        l_i = tl.where(first, 1.0, l_i)
     acc = tl.zeros([BLOCK_M, D_VO], dtype=tl.float32)
     skip_lo = hi  # KV tiles [skip_lo, skip_hi) are seen by no row (multi-item only)
     skip_hi = hi
@@ -244,19 +284,22 @@ def attend_range(
         mask_ptr, slopes, positions, tokens, row_ok, start, full_start, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, False, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, skip_lo, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
-        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key)
+        PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
     if MULTI_ITEM:  # the masked tiles after the skipped ones
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
@@ -264,7 +307,10 @@ def attend_range(
             window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK,
             HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED,
             True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
-            item_first_key)
+            item_first_key, LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head,
+            v_qo_len)
+    if not USE_SOFTMAX:
+        return acc, tl.zeros([BLOCK_M], dtype=tl.float32)
     return finalize_state(m_i, l_i, acc)
 
 

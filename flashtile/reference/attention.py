@@ -31,6 +31,8 @@ def single_attention(
     params: AttentionParams,
     custom_mask: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float32,
+    variant=None,
+    batch: int = 0,
 ):
     """Attention of one request.
 
@@ -43,6 +45,8 @@ def single_attention(
         params: sm_scale, causal (bottom-right aligned), soft cap, window, pos_encoding_mode ("ROPE_LLAMA"
             rotates q and k, the cache holding un-rotated keys), RoPE parameters, v_scale.
         custom_mask: bool ``[qo_len, kv_len]`` (True = attend) or None; replaces ``causal``.
+        variant: a bound attention variant (flashtile/variants.py) or None: its hooks' PyTorch twins run
+            at the points where the kernels call the hooks. batch: the request's index (for the hooks).
 
     Returns:
         ``(out [qo_len, num_qo_heads, head_dim_vo] float32, lse [qo_len, num_qo_heads] float32)``,
@@ -68,6 +72,8 @@ def single_attention(
 
     out = torch.zeros(qo_len, num_qo_heads, head_dim_vo, dtype=torch.float32, device=device)
     lse = torch.full((qo_len, num_qo_heads), float("-inf"), dtype=torch.float32, device=device)
+    if variant is not None:
+        return _variant_attention(q, kf, vf, params, custom_mask, compute_dtype, variant, batch, group, out, lse)
     if kv_len == 0:  # nothing to see: every row is empty
         return out, lse
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, num_qo_heads * kv_len))
@@ -102,6 +108,90 @@ def single_attention(
     return out, lse
 
 
+def _twin(variant, hook: str):
+    h = getattr(variant.variant, hook)
+    if h is None:
+        return None
+    if h.torch is None:
+        raise NotImplementedError(
+            f"variant {variant.variant.name!r}: {hook} has no PyTorch twin, so it cannot run on the reference path "
+            "(CPU tensors); give the hook as a (triton_function, torch_function) pair, or run the kernels "
+            "(CUDA tensors, or backend='triton' under TRITON_INTERPRET=1)")
+    return h.torch
+
+
+def _variant_attention(q, kf, vf, params: AttentionParams, custom_mask, compute_dtype, variant, batch, group, out,
+                       lse):
+    """:func:`single_attention` with a variant's twins (flashtile/variants.py gives their arguments' shapes).
+    ``kf``, ``vf``: ``[Hq, kv_len, D]`` (GQA-expanded by ``group``, RoPE applied). Writes and returns ``(out, lse)``."""
+    qo_len, num_qo_heads, _ = q.shape
+    kv_len = kf.shape[1]
+    device = q.device
+    args = variant.args
+    use_softmax = variant.variant.use_softmax
+    logits_fn, mask_fn = _twin(variant, "logits_transform"), _twin(variant, "logits_mask")
+    query_fn, output_fn = _twin(variant, "query_transform"), _twin(variant, "output_transform")
+    sink_fn = _twin(variant, "sink_logit")
+    heads = torch.arange(num_qo_heads, device=device)
+    kv_heads = heads // group
+    key_pos = torch.arange(kv_len, device=device)
+    rows = torch.arange(qo_len, device=device)
+    qpos = rows + (kv_len - qo_len)
+    qf = q.to(compute_dtype)
+    if params.pos_encoding_mode == "ROPE_LLAMA":
+        qf = rope_rotate_half_split(qf, qpos, params.rope_scale, params.rope_theta).to(compute_dtype)
+    if query_fn is not None:
+        qf = query_fn(qf, batch, rows[:, None], heads[None, :], qo_len, kv_len, args).to(compute_dtype)
+    qk = torch.einsum("qhd,hkd->hqk", qf, kf)  # [H, R, N]
+    if logits_fn is not None:
+        s = logits_fn(qk, params.sm_scale, batch, rows[None, :, None], key_pos[None, None, :],
+                      heads[:, None, None], kv_heads[:, None, None], qo_len, kv_len, args).to(compute_dtype)
+    else:
+        s = qk * params.sm_scale
+        if params.pos_encoding_mode == "ALIBI":
+            slopes = alibi_slopes(num_qo_heads, device=device).to(compute_dtype)
+            s = s + slopes[:, None, None] * (key_pos[None, None, :] - qpos[None, :, None]).to(compute_dtype)
+        if params.logits_soft_cap > 0:
+            s = params.logits_soft_cap * torch.tanh(s / params.logits_soft_cap)
+    visible = torch.ones(1, qo_len, kv_len, dtype=torch.bool, device=device)
+    if custom_mask is not None:
+        visible = visible & custom_mask.to(device=device, dtype=torch.bool)[None]
+    elif params.causal:
+        visible = visible & (key_pos[None, None, :] <= qpos[None, :, None])
+    if params.window_left >= 0:
+        visible = visible & (key_pos[None, None, :] >= qpos[None, :, None] - params.window_left)
+    if mask_fn is not None:
+        visible = visible & mask_fn(batch, rows[None, :, None], key_pos[None, None, :], heads[:, None, None],
+                                    kv_heads[:, None, None], qo_len, kv_len, args).to(torch.bool)
+    if not use_softmax:
+        p = torch.where(visible, s, torch.zeros((), dtype=compute_dtype, device=device))
+        o = torch.einsum("hqk,hkd->qhd", p, vf)
+        row_lse = torch.zeros(qo_len, num_qo_heads, dtype=compute_dtype, device=device)
+    else:
+        s = s.masked_fill(~visible, float("-inf"))
+        row_max = s.amax(dim=-1, keepdim=True) if kv_len > 0 else torch.full(
+            (num_qo_heads, qo_len, 1), float("-inf"), dtype=compute_dtype, device=device)
+        sink = None
+        if sink_fn is not None:
+            sink = torch.broadcast_to(sink_fn(batch, heads[None, :], args).to(compute_dtype),
+                                      (qo_len, num_qo_heads)).transpose(0, 1)[..., None]  # [H, R, 1]
+            row_max = torch.maximum(row_max, sink)
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        p = torch.exp(s - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        if sink is not None:
+            denom = denom + torch.exp(sink - row_max)
+        o = torch.einsum("hqk,hkd->qhd", p, vf) / denom.clamp_min(torch.finfo(compute_dtype).tiny).transpose(0, 1)
+        empty = (denom == 0).squeeze(-1).transpose(0, 1)  # [R, H]
+        o = o.masked_fill(empty[..., None], 0.0)
+        row_lse = ((row_max + denom.log()).squeeze(-1).transpose(0, 1) * LOG2E)
+    if output_fn is not None:
+        o = output_fn(o, row_lse.float(), batch, rows[:, None], heads[None, :], qo_len, kv_len, args)
+    out[:] = (o * params.v_scale).float()
+    lse[:] = row_lse.float()
+    return out, lse
+
+
 def gather_pages(pages: torch.Tensor, page_ids: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` tokens of a request whose pages are ``page_ids``, from an NHD page view
     ``[num_pages, page_size, heads, dim]``: ``[length, heads, dim]``."""
@@ -116,6 +206,7 @@ def batch_paged_decode(
     page_indices: torch.Tensor,
     kv_lens: torch.Tensor,
     params: AttentionParams,
+    variant=None,
 ):
     """Decode for a batch over a paged cache, request by request.
 
@@ -139,7 +230,7 @@ def batch_paged_decode(
         ids = page_indices[indptr[r]: indptr[r + 1]]
         k = gather_pages(k_pages, ids, lens[r])
         v = gather_pages(v_pages, ids, lens[r])
-        out[r: r + 1], lse[r: r + 1] = single_attention(q[r: r + 1], k, v, params)
+        out[r: r + 1], lse[r: r + 1] = single_attention(q[r: r + 1], k, v, params, variant=variant, batch=r)
     return out, lse
 
 
@@ -154,6 +245,7 @@ def batch_prefill(
     *,
     multi_item_requests: Optional[torch.Tensor] = None,
     token_pos_in_items: Optional[torch.Tensor] = None,
+    variant=None,
 ):
     """Prefill/append for a batch over a ragged or paged cache, request by request.
 
@@ -195,7 +287,7 @@ def batch_prefill(
             prefix_len, token_base = items[r]
             mask = multi_item_mask(qo_len, kv_len, prefix_len, token_base, token_pos_in_items)
         rows = slice(qo_start, qo_start + qo_len)
-        out[rows], lse[rows] = single_attention(q[rows], kr, vr, params, custom_mask=mask)
+        out[rows], lse[rows] = single_attention(q[rows], kr, vr, params, custom_mask=mask, variant=variant, batch=r)
     return out, lse
 
 
@@ -228,23 +320,23 @@ def multi_item_mask(qo_len: int, kv_len: int, prefix_len: int, token_base: int,
 
 
 def single_attention_forward(q, k, v, out, lse, params: AttentionParams, *, packed_mask: Optional[torch.Tensor],
-                             kind: str) -> None:
+                             kind: str, variant=None) -> None:
     """:func:`single_attention` written into ``out`` / ``lse`` (``packed_mask``: uint8 bits of the
     ``[qo_len, kv_len]`` mask, LSB first, or None; ``kind`` picks kernel configs, unused here)."""
     mask = unpack_mask(packed_mask, q.shape[0], k.shape[0]) if packed_mask is not None else None
-    o, s = single_attention(q, k, v, params, custom_mask=mask)
+    o, s = single_attention(q, k, v, params, custom_mask=mask, variant=variant)
     out.copy_(o)
     lse.copy_(s)
 
 
 def batch_decode_forward(q, k_pages, v_pages, page_indptr, page_indices, worklist, part_o, part_lse, out, lse,
                          params: AttentionParams, *, batch_size: int, num_programs: int, max_states: int,
-                         merge: bool) -> None:
+                         merge: bool, variant=None) -> None:
     """:func:`batch_paged_decode` written into ``out`` / ``lse``; the KV lengths come from the work list
     (scheduler/worklist.py), the split-KV items are not needed here."""
     from ..scheduler.worklist import decode_layout
 
     kv_lens = decode_layout(batch_size, 0).view(worklist, "kv_lens")[:, 0]
-    o, s = batch_paged_decode(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, params)
+    o, s = batch_paged_decode(q, k_pages, v_pages, page_indptr, page_indices, kv_lens, params, variant)
     out.copy_(o)
     lse.copy_(s)

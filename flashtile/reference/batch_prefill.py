@@ -18,10 +18,11 @@ def batch_prefill_forward(q, k, v, page_indices: Optional[torch.Tensor], packed_
                           worklist: torch.Tensor, part_o, part_lse, out, lse, params: AttentionParams, *,
                           batch_size: int, item_capacity: int, block_m: int, block_n: int, num_items: int,
                           num_merges: int, multi_item_requests: Optional[torch.Tensor] = None,
-                          token_pos_in_items: Optional[torch.Tensor] = None) -> None:
+                          token_pos_in_items: Optional[torch.Tensor] = None, variant=None) -> None:
     """:func:`flashtile.reference.attention.batch_prefill` over the work list's requests, written into
     ``out`` / ``lse`` (the tiling arguments are the kernels'; unused here)."""
     o, s = batch_prefill(q, k, v, page_indices, packed_mask, meta_requests(worklist, batch_size), params,
-                         multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items)
+                         multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items,
+                         variant=variant)
     out.copy_(o)
     lse.copy_(s)

@@ -1,0 +1,427 @@
+"""Attention variants (flashtile/variants.py, docs/variants.md): upstream's JIT examples ported to Python,
+ALiBi / soft cap / sinks written as user variants, and the built-in ``sinks=`` keyword, against float64
+oracles on the reference path and the kernels (interpreter on CPU, the GPU when there is one)."""
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from attention_cases import assert_matches_oracle, make_paged_batch, make_qkv, workspace
+from conftest import HAS_CUDA
+from oracles import alibi_slopes_f64, sigmoid_attention_oracle, sink_attention_oracle
+
+import flashtile
+from flashtile import AttentionVariant
+from flashtile.decode import single_decode_with_kv_cache_with_jit_module
+from flashtile.jit.attention import (
+    gen_customize_batch_prefill_module,
+    gen_customize_single_decode_module,
+    gen_customize_single_prefill_module,
+)
+from flashtile.prefill import single_prefill_with_kv_cache_with_jit_module
+
+TOL = dict(atol=2e-3, rtol=2e-3)  # fp16 inputs, normalized outputs
+SUM_TOL = dict(atol=2e-2, rtol=1e-2)  # fp16 inputs, unnormalized sums (sigmoid attention)
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants: each hook a @triton.jit function and its PyTorch twin (same arguments, torch tensors).
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def sigmoid_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return tl.sigmoid(qk * args[0] + args[1])  # args: logits_scale, sigmoid_bias
+
+
+def sigmoid_logits_torch(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return torch.sigmoid(qk * args[0] + args[1])
+
+
+# FlashSigmoid without declared arguments: the generators' name/dtype lists declare them (upstream style).
+FLASH_SIGMOID = AttentionVariant("FlashSigmoid", logits_transform=(sigmoid_logits, sigmoid_logits_torch),
+                                 use_softmax=False)
+FLASH_SIGMOID_DECLARED = AttentionVariant("FlashSigmoid", logits_transform=(sigmoid_logits, sigmoid_logits_torch),
+                                          use_softmax=False,
+                                          scalars=[("logits_scale", "float"), ("sigmoid_bias", "float")])
+
+
+@triton.jit
+def key_bit_mask(batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    byte = tl.load(args[0] + kv_idx // 8, mask=kv_idx < kv_len, other=0).to(tl.int32)
+    return ((byte >> (kv_idx % 8)) & 1) != 0
+
+
+def key_bit_mask_torch(batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return ((args[0][kv_idx // 8].to(torch.int32) >> (kv_idx % 8)) & 1) != 0
+
+
+@triton.jit
+def scaled_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return qk * args[1]  # args: custom_mask, sm_scale (upstream's decode mask example)
+
+
+def scaled_logits_torch(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return qk * args[1]
+
+
+KEY_MASK = AttentionVariant("SingleDecodeWithCustomMask", logits_mask=(key_bit_mask, key_bit_mask_torch),
+                            logits_transform=(scaled_logits, scaled_logits_torch))
+
+
+@triton.jit
+def dump_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    s = qk * sm_scale
+    inside = (qo_idx < qo_len) & (kv_idx < kv_len)
+    tl.store(args[0] + (qo_head * qo_len + qo_idx) * kv_len + kv_idx, s, mask=inside)
+    return s
+
+
+def dump_logits_torch(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    s = qk * sm_scale
+    args[0][qo_head, qo_idx, kv_idx] = s.float()
+    return s
+
+
+DUMP_LOGITS = AttentionVariant("DumpLogits", logits_transform=(dump_logits, dump_logits_torch),
+                               tensors=[("output_logits", torch.float32, ("num_qo_heads", "qo_len", "kv_len"))])
+
+
+@triton.jit
+def alibi_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    slope = tl.load(args[0] + qo_head)
+    return qk * sm_scale + slope * (kv_idx - (qo_idx + kv_len - qo_len)).to(tl.float32)
+
+
+def alibi_logits_torch(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return qk * sm_scale + args[0][qo_head] * (kv_idx - (qo_idx + kv_len - qo_len)).to(qk.dtype)
+
+
+ALIBI = AttentionVariant("alibi", logits_transform=(alibi_logits, alibi_logits_torch),
+                         tensors=[("alibi_slopes", torch.float32, ("num_qo_heads",))])
+
+
+@triton.jit
+def softcap_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    x = qk * sm_scale / args[0]
+    return args[0] * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # cap * tanh(x)
+
+
+def softcap_logits_torch(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return args[0] * torch.tanh(qk * sm_scale / args[0])
+
+
+SOFTCAP = AttentionVariant("softcap", logits_transform=(softcap_logits, softcap_logits_torch),
+                           scalars=[("cap", torch.float32)])
+
+
+@triton.jit
+def user_sink(batch, qo_head, args):
+    return tl.load(args[0] + qo_head)
+
+
+def user_sink_torch(batch, qo_head, args):
+    return args[0][qo_head]
+
+
+SINKS = AttentionVariant("user_sinks", sink_logit=(user_sink, user_sink_torch),
+                         tensors=[("sinks", torch.float32, ("num_qo_heads",))])
+
+
+def _prefill_module(variant, names=(), dtypes=()):
+    spec = gen_customize_single_prefill_module("fa2", variant.name, torch.float16, torch.float16, torch.float16, 64, 64,
+                                               [], [], list(names), list(dtypes), variant.name, variant)
+    return spec.build_and_load()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Single request
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_decode_key_bit_mask(path, device):
+    """Upstream test_single_decode_mask: a bit-packed per-key mask and an sm_scale scalar."""
+    q, k, v = make_qkv(1, 37, 4, 2, 64, torch.float16, device)
+    keep = torch.rand(37, device=device) > 0.3
+    keep[5] = True
+    packed = flashtile.packbits(keep, bitorder="little")
+    spec = gen_customize_single_decode_module("decode_mask", torch.float16, torch.float16, torch.float16, 64, 64,
+                                              ["custom_mask"], ["uint8_t"], ["sm_scale"], ["double"],
+                                              "SingleDecodeWithCustomMask", KEY_MASK)
+    out, lse = single_decode_with_kv_cache_with_jit_module(spec.build_and_load(), q[0], k, v, packed, 0.125,
+                                                           return_lse=True)
+    assert_matches_oracle(out[None], lse[None], q, k, v, custom_mask=keep[None].cpu(), sm_scale=0.125)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_sigmoid_single_prefill(path, device, causal):
+    """Upstream test_flash_sigmoid: use_softmax=False, sigmoid(q.k * logits_scale + bias) weights."""
+    q, k, v = make_qkv(9, 21, 4, 2, 64, torch.float16, device)
+    module = _prefill_module(FLASH_SIGMOID, ["logits_scale", "sigmoid_bias"], ["float", "float"])
+    out = single_prefill_with_kv_cache_with_jit_module(module, q, k, v, 0.125, -1.0, mask_mode=int(causal))
+    ref = sigmoid_attention_oracle(q, k, v, 0.125, -1.0, causal=causal)
+    torch.testing.assert_close(out.double().cpu(), ref, **SUM_TOL)
+
+
+def test_dump_logits(path, device):
+    """Upstream test_dump_logits: the hook writes the scaled logits into an extra tensor."""
+    q, k, v = make_qkv(7, 19, 2, 1, 64, torch.float16, device)
+    logits = torch.full((2, 7, 19), float("nan"), device=device)
+    out = single_prefill_with_kv_cache_with_jit_module(_prefill_module(DUMP_LOGITS), q, k, v, logits)
+    ref = torch.einsum("qhd,khd->hqk", q.double().cpu(), k.double().cpu().expand(19, 2, 64)) / 8.0
+    torch.testing.assert_close(logits.double().cpu(), ref, atol=2e-3, rtol=2e-3)
+    assert_matches_oracle(out, None, q, k, v)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_alibi_as_variant(path, device, kind):
+    qo_len = 1 if kind == "decode" else 11
+    q, k, v = make_qkv(qo_len, 27, 4, 2, 64, torch.float16, device)
+    slopes = torch.tensor(alibi_slopes_f64(4), dtype=torch.float32, device=device)
+    if kind == "decode":
+        out, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True, _variant=(ALIBI, (slopes,)))
+        out, lse = out[None], lse[None]
+    else:
+        out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True,
+                                                          _variant=(ALIBI, (slopes,)))
+    assert_matches_oracle(out, lse, q, k, v, causal=kind == "prefill", pos_encoding_mode="ALIBI")
+
+
+def test_softcap_and_window_as_variant(path, device):
+    q, k, v = make_qkv(13, 40, 4, 1, 64, torch.float16, device)
+    out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, window_left=6, return_lse=True,
+                                                      _variant=(SOFTCAP, (2.5,)))
+    assert_matches_oracle(out, lse, q, k, v, causal=True, window_left=6, logits_soft_cap=2.5)
+
+
+@pytest.mark.parametrize("builtin", [True, False], ids=["sinks=", "user"])
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_sinks(path, device, builtin, kind):
+    qo_len = 1 if kind == "decode" else 10
+    q, k, v = make_qkv(qo_len, 33, 4, 2, 64, torch.float16, device)
+    sinks = torch.randn(4, device=device) * 2
+    extra = dict(sinks=sinks) if builtin else dict(_variant=(SINKS, (sinks,)))
+    if kind == "decode":
+        out, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True, **extra)
+        out, lse = out[None], lse[None]
+    else:
+        out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True, **extra)
+    ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu(), causal=kind == "prefill")
+    torch.testing.assert_close(out.double().cpu(), ref_o, **TOL)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+def test_sinks_with_split_kv(device, monkeypatch):
+    """A sink is counted once when the KV range is split across programs (the kernels' split-KV merge)."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    from flashtile._core.attention_args import normalize_single_attention
+    from flashtile._core.variant_args import bind_single_variant, sink_variant
+    from flashtile.kernels.attention import single_attention_forward
+
+    q, k, v = make_qkv(1, 70, 4, 2, 64, torch.float16, device)
+    sinks = torch.randn(4, device=device)
+    args = normalize_single_attention(
+        q, k, v, kv_layout="NHD", pos_encoding_mode="NONE", causal=False, custom_mask=None, packed_custom_mask=None,
+        q_scale=None, k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None,
+        rope_theta=None, out_dtype=None, backend="triton")
+    out = torch.full((1, 4, 64), float("nan"), dtype=torch.float16, device=device)
+    lse = torch.full((1, 4), float("nan"), device=device)
+    single_attention_forward(args.q, args.k, args.v, out, lse, args.params, packed_mask=None, kind="decode",
+                             num_splits=3, variant=bind_single_variant((sink_variant(), (sinks,)), args))
+    ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu())
+    torch.testing.assert_close(out.double().cpu(), ref_o, **TOL)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch wrappers (jit_args=, extra run() arguments, sinks=)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _jit_args(variant, names=(), dtypes=()):
+    return (variant.name, torch.float16, torch.float16, torch.float16, torch.int32, 64, 64, [], [], list(names),
+            list(dtypes), variant.name, variant)
+
+
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+def test_batch_decode_flash_sigmoid(path, device, use_tensor_cores):
+    lens = [5, 40, 17]
+    cache, indptr, indices, last = make_paged_batch(lens, 4, 2, 64, torch.float16, device)
+    w = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), use_tensor_cores=use_tensor_cores,
+                                                     jit_args=_jit_args(FLASH_SIGMOID_DECLARED))
+    w.plan(indptr, indices, last, 4, 2, 64, 4)
+    q = torch.randn(3, 4, 64, dtype=torch.float16, device=device)
+    out = w.run(q, cache, 0.125, 0.5)
+    for r, n in enumerate(lens):
+        k, v = _request_kv(cache, indptr, indices, r, n, 4)
+        ref = sigmoid_attention_oracle(q[r:r + 1], k, v, 0.125, 0.5)
+        torch.testing.assert_close(out[r:r + 1].double().cpu(), ref, **SUM_TOL)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["ragged", "paged"])
+def test_batch_prefill_flash_sigmoid(path, device, paged):
+    qo, kv = [3, 9], [7, 30]
+    q = torch.randn(sum(qo), 4, 64, dtype=torch.float16, device=device)
+    qo_indptr = torch.tensor([0, 3, 12], dtype=torch.int32)
+    jit = _jit_args(FLASH_SIGMOID, ["logits_scale", "sigmoid_bias"], ["float", "float"])
+    if paged:
+        cache, indptr, indices, last = make_paged_batch(kv, 4, 2, 64, torch.float16, device)
+        w = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), backend="fa2", jit_args=jit)
+        w.plan(qo_indptr, indptr, indices, last, 4, 2, 64, 4, causal=True)
+        out = w.run(q, cache, 0.125, -0.5)
+        kvs = [_request_kv(cache, indptr, indices, r, n, 4) for r, n in enumerate(kv)]
+    else:
+        k = torch.randn(sum(kv), 2, 64, dtype=torch.float16, device=device)
+        v = torch.randn(sum(kv), 2, 64, dtype=torch.float16, device=device)
+        w = flashtile.BatchPrefillWithRaggedKVCacheWrapper(workspace(device, 1), backend="fa2", jit_args=jit)
+        w.plan(qo_indptr, torch.tensor([0, 7, 37], dtype=torch.int32), 4, 2, 64, causal=True)
+        out = w.run(q, k, v, 0.125, -0.5)
+        kvs = [(k[:7], v[:7]), (k[7:], v[7:])]
+    for r in range(2):
+        rows = slice(int(qo_indptr[r]), int(qo_indptr[r + 1]))
+        ref = sigmoid_attention_oracle(q[rows], *kvs[r], 0.125, -0.5, causal=True)
+        torch.testing.assert_close(out[rows].double().cpu(), ref, **SUM_TOL)
+
+
+@pytest.mark.parametrize("wrapper", ["decode", "paged_prefill"])
+def test_batch_sinks(path, device, wrapper):
+    lens = [6, 35]
+    cache, indptr, indices, last = make_paged_batch(lens, 4, 2, 64, torch.float16, device)
+    sinks = torch.randn(4, device=device)
+    if wrapper == "decode":
+        w = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1))
+        w.plan(indptr, indices, last, 4, 2, 64, 4)
+        q = torch.randn(2, 4, 64, dtype=torch.float16, device=device)
+        qo_indptr = [0, 1, 2]
+        out, lse = w.run(q, cache, sinks=sinks, return_lse=True)
+    else:
+        qo_indptr = [0, 4, 9]
+        w = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1))
+        w.plan(torch.tensor(qo_indptr, dtype=torch.int32), indptr, indices, last, 4, 2, 64, 4, causal=True)
+        q = torch.randn(9, 4, 64, dtype=torch.float16, device=device)
+        out, lse = w.run(q, cache, sinks=sinks, return_lse=True)
+    for r, n in enumerate(lens):
+        rows = slice(qo_indptr[r], qo_indptr[r + 1])
+        ref_o, ref_lse = sink_attention_oracle(q[rows], *_request_kv(cache, indptr, indices, r, n, 4), sinks.cpu(),
+                                               causal=wrapper != "decode")
+        torch.testing.assert_close(out[rows].double().cpu(), ref_o, **TOL)
+        torch.testing.assert_close(lse[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+def _request_kv(cache, indptr, indices, r, n, page_size):
+    ids = indices[int(indptr[r]):int(indptr[r + 1])].long().to(cache.device)
+    return cache[ids, 0].flatten(0, 1)[:n], cache[ids, 1].flatten(0, 1)[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_cpp_variant_raises_with_porting_advice(device):
+    with pytest.raises(NotImplementedError, match="Port it to flashtile.AttentionVariant"):
+        gen_customize_single_prefill_module("fa2", "u", torch.float16, torch.float16, torch.float16, 64, 64, [], [],
+                                            [], [], "V", "struct V : AttentionVariantBase {};")
+    with pytest.raises(NotImplementedError, match="C\\+\\+"):
+        AttentionVariant("v", logits_transform="return logits;")
+    with pytest.raises(ValueError, match="'auto'"):
+        gen_customize_batch_prefill_module("auto", "u", torch.float16, torch.float16, torch.float16, torch.int32, 64,
+                                           64, [], [], [], [], "V", FLASH_SIGMOID)
+    with pytest.raises(TypeError, match="@triton.jit"):
+        AttentionVariant("v", logits_transform=lambda *a: a[0])
+
+
+def test_extra_argument_errors(device):
+    q, k, v = make_qkv(1, 9, 4, 2, 64, torch.float16, device)
+    run = flashtile.single_decode_with_kv_cache
+    slopes = torch.ones(4, device=device)
+    with pytest.raises(TypeError, match="alibi_slopes.*float32"):
+        run(q[0], k, v, _variant=(ALIBI, (slopes.half(),)))
+    with pytest.raises(ValueError, match="alibi_slopes.*shape"):
+        run(q[0], k, v, _variant=(ALIBI, (torch.ones(3, device=device),)))
+    with pytest.raises(ValueError, match="expected 1 extra arguments"):
+        run(q[0], k, v, _variant=(ALIBI, ()))
+    with pytest.raises(TypeError, match="cap.*float"):
+        run(q[0], k, v, _variant=(SOFTCAP, ("2.0",)))
+    with pytest.raises(ValueError, match="sinks"):
+        run(q[0], k, v, sinks=torch.ones(3, device=device))
+    with pytest.raises(TypeError, match="sinks"):
+        run(q[0], k, v, sinks=torch.ones(4, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="names must be unique"):
+        AttentionVariant("v", tensors=[("a", torch.float32)], scalars=[("a", torch.float32)])
+    with pytest.raises(TypeError, match="scalars"):
+        AttentionVariant("v", scalars=[("a", torch.bool)])
+    with pytest.raises(NotImplementedError, match="mask_mode"):
+        single_prefill_with_kv_cache_with_jit_module(_prefill_module(SOFTCAP), q, k, v, 1.0, mask_mode=2)
+    w = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=_jit_args(SOFTCAP))
+    cache, indptr, indices, last = make_paged_batch([5], 4, 2, 64, torch.float16, device)
+    w.plan(indptr, indices, last, 4, 2, 64, 4)
+    with pytest.raises(ValueError, match="expected 1 extra arguments"):
+        w.run(q, cache)
+
+
+def test_variant_without_twin_on_reference(device, monkeypatch):
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    q, k, v = make_qkv(1, 9, 4, 2, 64, torch.float16, device)
+    bare = AttentionVariant("bare", logits_transform=softcap_logits, scalars=[("cap", torch.float32)])
+    with pytest.raises(NotImplementedError, match="no PyTorch twin"):
+        flashtile.single_decode_with_kv_cache(q[0], k, v, _variant=(bare, (1.0,)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_variants_at_gpu_shapes(device):
+    """Variants at real sizes on the GPU (the split-KV and Hopper-routing paths)."""
+    q, k, v = make_qkv(1, 8192, 32, 8, 128, torch.float16, device)
+    sinks = torch.randn(32, device=device)
+    out, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, sinks=sinks, return_lse=True)
+    ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu())
+    torch.testing.assert_close(out[None].double().cpu(), ref_o, **TOL)
+    q, k, v = make_qkv(1024, 1024, 8, 8, 128, torch.float16, device)
+    out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True,
+                                                      _variant=(SOFTCAP, (30.0,)))
+    assert_matches_oracle(out, lse, q, k, v, causal=True, logits_soft_cap=30.0)
+    assert math.isfinite(float(lse.float().mean()))
+
+
+def test_cascade_with_variant(path, device):
+    """MultiLevelCascadeAttentionWrapper(jit_args=...): the variant runs at every level, states merge."""
+    from test_cascade import PagePool, cascade_oracle, check, indptr_of
+
+    from flashtile.cascade import MultiLevelCascadeAttentionWrapper
+
+    pool = PagePool(64, 4, 2, 64, torch.float16, device)
+    qo = [2, 1, 3]
+    qo_indptrs, tables = [indptr_of([sum(qo)]), indptr_of(qo)], [pool.table([11]), pool.table([5, 0, 9])]
+    q = torch.randn(sum(qo), 4, 64, dtype=torch.float16, device=device)
+    w = MultiLevelCascadeAttentionWrapper(2, workspace(device), jit_args=SOFTCAP)
+    w.plan(qo_indptrs, [t[0] for t in tables], [t[1] for t in tables], [t[2] for t in tables], 4, 2, 64, 4,
+           causal=True)
+    check(w.run(q, pool.cache, 2.0), q, cascade_oracle(q, pool, qo_indptrs, tables, True, logits_soft_cap=2.0))
+    with pytest.raises(NotImplementedError, match="merged"):
+        MultiLevelCascadeAttentionWrapper(2, workspace(device), jit_args=FLASH_SIGMOID_DECLARED)
+
+
+def test_logits_transform_excludes_softcap_and_alibi_flags(path, device):
+    q, k, v = make_qkv(3, 9, 4, 2, 64, torch.float16, device)
+    with pytest.raises(NotImplementedError, match="logits_soft_cap or ALiBi"):
+        flashtile.single_prefill_with_kv_cache(q, k, v, logits_soft_cap=5.0, _variant=(SOFTCAP, (2.0,)))
+    with pytest.raises(NotImplementedError, match="logits_soft_cap or ALiBi"):
+        flashtile.single_prefill_with_kv_cache(q, k, v, pos_encoding_mode="ALIBI", _variant=(SOFTCAP, (2.0,)))
+    logits = torch.zeros(4, 3, 18, device=device)[:, :, ::2]
+    with pytest.raises(ValueError, match="output_logits.*contiguous"):
+        single_prefill_with_kv_cache_with_jit_module(_prefill_module(DUMP_LOGITS), q, k, v, logits)
+
+
+def test_variant_under_torch_compile(device, monkeypatch):
+    """A call with a variant runs eagerly inside a compiled function (a graph break), with the same result."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    q, k, v = make_qkv(5, 9, 4, 2, 64, torch.float16, device)
+    sinks = torch.randn(4, device=device)
+
+    def f(q, k, v, s):
+        return flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, sinks=s) * 2
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, backend="eager")(q, k, v, sinks), f(q, k, v, sinks))
