@@ -1,0 +1,39 @@
+"""Tile shapes of the MLA kernel (flashtile/kernels/mla.py), shared by its planner and launcher.
+
+A tile holds ``BLOCK_M`` (token, head) rows of one request against ``BLOCK_N`` latent rows; the
+accumulator is ``BLOCK_M x head_dim_ckv`` float32 (64 x 512: 128 KiB, 128 registers a thread at
+8 warps), so wide latents use 8 warps. KV chunks of a split are multiples of MLA_CHUNK_ALIGN tokens.
+The reference path and the interpreter plan 16-row, 16-key tiles on a 4-SM "GPU", so CPU tests split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .device import INTERPRETER_SMS, num_sms
+from .settings import interpreting
+
+__all__ = ["MlaConfig", "MLA_CHUNK_ALIGN", "mla_launch_facts"]
+
+MLA_CHUNK_ALIGN = 64
+_SMALL = 16
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def mla_launch_facts(device: torch.device, compiled: bool, max_rows: int, head_dim_ckv: int) -> tuple:
+    """``(block_m, config, chunk alignment, SMs)`` for a batch whose largest request has ``max_rows``
+    (token, head) rows; ``compiled``: the call runs the kernels (else the reference path)."""
+    if not compiled or interpreting():
+        return _SMALL, MlaConfig(_SMALL, _SMALL, 4, 1), _SMALL, INTERPRETER_SMS
+    block_m = 16 if max_rows <= 16 else (32 if max_rows <= 32 else 64)
+    warps = 8 if head_dim_ckv >= 256 else 4
+    return block_m, MlaConfig(block_m, 32, warps, 2), MLA_CHUNK_ALIGN, num_sms(device)
