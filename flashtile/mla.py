@@ -251,14 +251,21 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             d_idx = kv_indices.to(self.device, non_blocking=non_blocking)
             d_len = kv_len_arr.to(self.device, non_blocking=non_blocking)
 
-        rows = work.partial_rows
+        # Partial states in the float workspace at offsets that do not depend on the plan (a captured
+        # graph keeps the addresses): lse values first, for as many rows as the workspace can hold.
+        capacity = self._float_workspace_buffer.numel() * self._float_workspace_buffer.element_size() \
+            // (4 * (head_dim_ckv + 1))
+        if work.partial_rows > capacity:
+            raise ValueError(f"float_workspace_buffer: this plan needs {4 * work.partial_rows * (head_dim_ckv + 1)} "
+                             "bytes of split-KV partial state; pass a larger buffer (128 MiB is recommended)")
         part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer",
-                                    4 * rows * (head_dim_ckv + 1), torch.float32)
+                                    4 * capacity * (head_dim_ckv + 1), torch.float32)
+        part_lse, part_o = part[:capacity], part[capacity:].view(capacity, head_dim_ckv)
         meta = MlaMeta(
             qo_indptr=d_qo, kv_indptr=d_kvp, kv_indices=d_idx, kv_len=d_len, work=worklist,
             req_offset=work.req_offset, token_offset=work.token_offset, item_offset=work.item_offset,
             num_items=work.num_items, max_splits=work.max_splits,
-            part_o=part[: rows * head_dim_ckv].view(rows, head_dim_ckv), part_lse=part[rows * head_dim_ckv:],
+            part_o=part_o, part_lse=part_lse,
             config=config, graph=self._use_cuda_graph,
         )
         self._plan = _MlaPlan(q_dtype=q_dtype, kv_dtype=kv_dtype, num_heads=num_heads, head_dim_ckv=head_dim_ckv,
