@@ -275,3 +275,63 @@ def test_mla_cuda_graph_replan_replay(page_size, heads):
         torch.cuda.synchronize()
         check_mla(out, lse, q_nope, q_pe, ckv, kpe, qo_indptr, t[0], t[1], t[2], causal=True, sm_scale=0.07,
                   dtype=torch.bfloat16)
+
+
+# -- mla_rope_quantize_fp8 ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mla_rope_quantize_fp8(device, is_neox, dtype):
+    from oracles import rope_general_f64
+
+    nnz, heads, dr, dn = 7, 3, 16, 32
+    q_rope = torch.randn(nnz, heads, dr, device=device).to(dtype)
+    k_rope = torch.randn(nnz, dr, device=device).to(dtype)
+    q_nope = torch.randn(nnz, heads, dn, device=device).to(dtype) * 500  # saturates
+    k_nope = torch.randn(nnz, dn, device=device).to(dtype)
+    pos = torch.randint(0, 100, (nnz,), dtype=torch.int32)
+    ang = torch.arange(100, dtype=torch.float64)[:, None] * (1e4 ** (-torch.arange(dr // 2) * 2.0 / dr))[None, :]
+    cache = torch.cat([ang.cos(), ang.sin()], 1).float().to(device)
+    qs, ks = 0.5, 2.0
+    outs = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox,
+                                                quant_scale_q=qs, quant_scale_kv=ks)
+    assert all(o.dtype == FP8 for o in outs)
+    want = [rope_general_f64(q_rope, pos, interleave=not is_neox, cos_sin_cache=cache) * qs,
+            rope_general_f64(k_rope[:, None], pos, interleave=not is_neox, cos_sin_cache=cache)[:, 0] * ks,
+            q_nope.double().cpu() * qs, k_nope.double().cpu() * ks]
+    for got, ref in zip(outs, want):
+        ref = ref.clamp(-448, 448)
+        # one fp8 e4m3 rounding (3 mantissa bits: relative error <= 2**-4) plus the input's rounding
+        torch.testing.assert_close(got.double().cpu(), ref, atol=2e-2, rtol=7e-2)
+    # given outputs are filled and returned; their dtype selects the format
+    given = [torch.empty(o.shape, dtype=FP8, device=device) for o in outs]
+    again = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox, None, qs, ks,
+                                                 *given)
+    assert all(a is g for a, g in zip(again, given))
+    assert all(torch.equal(a.view(torch.uint8), o.view(torch.uint8)) for a, o in zip(again, outs))
+
+
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
+def test_mla_rope_quantize_fp8_errors(device):
+    q = torch.randn(4, 2, 16, device=device).half()
+    k = torch.randn(4, 16, device=device).half()
+    qn, kn = torch.randn(4, 2, 32, device=device).half(), torch.randn(4, 32, device=device).half()
+    cache = torch.randn(10, 16, device=device)
+    pos = torch.arange(4, dtype=torch.int32)
+    f = flashtile.rope.mla_rope_quantize_fp8
+    with pytest.raises(ValueError, match="float32"):
+        f(q, k, qn, kn, cache.half(), pos)
+    with pytest.raises(ValueError, match="k_rope"):
+        f(q, k[:3], qn, kn, cache, pos)
+    with pytest.raises(TypeError, match="k_nope"):
+        f(q, k, qn, kn.float(), cache, pos)
+    with pytest.raises(ValueError, match="cos_sin_cache"):
+        f(q, k, qn, kn, cache[:, :8], pos)
+    with pytest.raises(TypeError, match="quantize_dtype"):
+        f(q, k, qn, kn, cache, pos, quantize_dtype=torch.float16)
+    with pytest.raises(ValueError, match="positions"):
+        f(q, k, qn, kn, cache, pos + 8)
+    with pytest.raises(ValueError, match="q_nope_out"):
+        f(q, k, qn, kn, cache, pos, q_nope_out=torch.empty(4, 2, 8, device=device, dtype=FP8))
