@@ -62,6 +62,7 @@ class _MlaPlan:
     sm_scale: float
     batch_size: int
     nnz_q: int
+    max_page_id: int
     meta: MlaMeta
 
 
@@ -204,10 +205,12 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             b = int(np.argmax(lens > pages * page_size))
             raise ValueError(f"kv_len_arr: request {b} has {int(lens[b])} tokens but only {int(pages[b])} pages of "
                              f"{page_size}")
+        max_page_id = -1  # the largest page id used, when kv_indices is on the host (run() checks the cache)
         if kv_indices.device.type == "cpu" and batch:
             ids = host_int64(kv_indices)[int(kvp[0]):int(kvp[-1])]
             if ids.size and ids.min() < 0:
                 raise ValueError("kv_indices: page ids must be >= 0")
+            max_page_id = int(ids.max()) if ids.size else -1
         self._check_graph_batch(batch)
 
         nnz_q = int(qo[-1]) if batch else 0
@@ -270,7 +273,8 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         )
         self._plan = _MlaPlan(q_dtype=q_dtype, kv_dtype=kv_dtype, num_heads=num_heads, head_dim_ckv=head_dim_ckv,
                               head_dim_kpe=head_dim_kpe, page_size=page_size, causal=bool(causal),
-                              sm_scale=float(sm_scale), batch_size=batch, nnz_q=nnz_q, meta=meta)
+                              sm_scale=float(sm_scale), batch_size=batch, nnz_q=nnz_q,
+                              max_page_id=max_page_id, meta=meta)
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False,
@@ -316,6 +320,9 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         check_tensor("ckv_cache", ckv_cache, shape=(None, plan.page_size, dc))
         check_tensor("kpe_cache", kpe_cache, shape=(ckv_cache.shape[0], plan.page_size, dp), device=self.device,
                      last_dim_contiguous=True)
+        if plan.max_page_id >= ckv_cache.shape[0]:
+            raise ValueError(f"ckv_cache: the plan's page table uses page {plan.max_page_id}, the cache has "
+                             f"{ckv_cache.shape[0]} pages")
         for name, x in (("ckv_cache", ckv_cache), ("kpe_cache", kpe_cache)):
             if x.dtype != plan.kv_dtype:
                 raise TypeError(f"{name}: expected dtype {plan.kv_dtype} (plan's kv_data_type), got {x.dtype}")

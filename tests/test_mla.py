@@ -184,6 +184,7 @@ def test_mla_run_errors(device):
         ((q_nope[:, :1], q_pe, ckv, kpe), {}, ValueError, "q_nope"),
         ((q_nope, q_pe, ckv[:, :2], kpe), {}, ValueError, "ckv_cache"),
         ((q_nope, q_pe, ckv, kpe[:-1]), {}, ValueError, "kpe_cache"),
+        ((q_nope, q_pe, ckv[:1], kpe[:1]), {}, ValueError, "ckv_cache: the plan's page table uses page"),
         ((q_nope, q_pe, ckv.bfloat16(), kpe), {}, TypeError, "ckv_cache"),
         ((q_nope, q_pe, ckv, kpe.bfloat16()), {}, TypeError, "kpe_cache"),
         ((q_nope[:1], q_pe[:1], ckv, kpe), {}, ValueError, "q_nope"),
