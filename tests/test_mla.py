@@ -4,14 +4,18 @@ checks with typed errors; CUDA-graph capture, re-plan and replay on the GPU."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from attention_cases import random_page_table, workspace
 from conftest import HAS_CUDA
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oracles import LSE_TOLERANCES, TOLERANCES, mla_oracle
 
 import flashtile
 from flashtile.mla import BatchMLAPagedAttentionWrapper
+from flashtile.scheduler.mla_work import ITEM_FIELDS, REQ_FIELDS, plan_mla_work
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
@@ -336,3 +340,54 @@ def test_mla_rope_quantize_fp8_errors(device):
         f(q, k, qn, kn, cache, pos + 8)
     with pytest.raises(ValueError, match="q_nope_out"):
         f(q, k, qn, kn, cache, pos, q_nope_out=torch.empty(4, 2, 8, device=device, dtype=FP8))
+
+
+# -- the MLA work list (scheduler/mla_work.py) ----------------------------------------------------------
+
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3000)), min_size=1, max_size=12),
+    heads=st.integers(1, 40),
+    block_m=st.sampled_from([16, 32, 64]),
+    sms=st.integers(1, 140),
+    align=st.sampled_from([16, 64]),
+    extra_tokens=st.integers(0, 3),
+)
+def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align, extra_tokens):
+    """Every (request, row, kv token) is covered by exactly one item; partial-state rows of different
+    splits and requests never overlap; the token -> request table matches qo_indptr."""
+    qo_lens = [q for q, _ in reqs]
+    kv_lens = [k for _, k in reqs]
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
+    nnz = int(qo_indptr[-1])
+    work = plan_mla_work(qo_indptr, kv_lens, heads, block_m, sms, align, token_capacity=nnz + extra_tokens)
+    p = work.packed
+    assert p[0] == work.num_items
+    req = p[work.req_offset:work.token_offset].reshape(-1, REQ_FIELDS)
+    items = p[work.item_offset:].reshape(-1, ITEM_FIELDS)
+    assert items.shape[0] == work.num_items
+    assert list(p[work.token_offset:work.token_offset + nnz]) == [b for b, q in enumerate(qo_lens) for _ in range(q)]
+    used_partials = set()
+    for b, (q, k) in enumerate(reqs):
+        rows = q * heads
+        assert req[b, 0] == qo_indptr[b] and req[b, 3] == rows
+        mine = items[items[:, 0] == b]
+        if rows == 0:
+            assert mine.shape[0] == 0
+            continue
+        cover = np.zeros((rows, max(k, 1)), dtype=np.int64)
+        for _, row0, k0, k1, split in mine:
+            assert row0 % block_m == 0 and 0 <= k0 <= k1 <= k
+            cover[row0:row0 + block_m, k0:k1] += 1
+            assert (split == -1) == (req[b, 1] == 1)
+        if k:
+            assert (cover[:, :k] == 1).all()
+        else:  # an empty request still gets its rows written (zeros, -inf)
+            assert sorted(mine[:, 1].tolist()) == list(range(0, rows, block_m))
+        if req[b, 1] > 1:
+            span = set(range(int(req[b, 2]), int(req[b, 2]) + int(req[b, 1]) * rows))
+            assert not (span & used_partials)
+            used_partials |= span
+            assert max(span) < work.partial_rows
