@@ -252,9 +252,8 @@ DEV.INTERPRETER_SMS = _interpreter_sms
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")
 # MLA (DeepSeek latent 512 + rope 64): the row tiles of 16 (16 heads), 32 and 64 (128 heads), fp8 latent, graph-mode merge.
-from flashtile._core.mla_tiles import MLA_CHUNK_ALIGN, MlaConfig  # noqa: E402
+from flashtile._core.mla_tiles import MLA_CHUNK_ALIGN, MlaConfig, MlaMeta  # noqa: E402
 from flashtile.kernels import mla as MLA  # noqa: E402
-from flashtile.mla import MlaMeta  # noqa: E402
 from flashtile.scheduler.mla_work import plan_mla_work  # noqa: E402
 
 

@@ -14,40 +14,21 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ._core import ops_mla
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe, parse_dtype
 from ._core.dispatch import implementation
 from ._core.host_arrays import host_int64
-from ._core.mla_tiles import mla_launch_facts
+from ._core.mla_tiles import MlaMeta, mla_launch_facts
 from ._core.paged_kv import as_index_tensor
 from ._core.wrapper import PlanRunWrapper, check_positive_int
 from .scheduler.mla_work import plan_mla_work
 
-__all__ = ["BatchMLAPagedAttentionWrapper", "MLA_HEAD_DIMS_CKV", "MLA_HEAD_DIMS_KPE"]
+__all__ = ["BatchMLAPagedAttentionWrapper", "MLA_HEAD_DIMS_CKV", "MLA_HEAD_DIMS_KPE", "MlaMeta"]
 
 # What the kernel handles: each dim is a whole tensor-core tile dimension (a power of two).
 MLA_HEAD_DIMS_CKV = (16, 32, 64, 128, 256, 512)
 MLA_HEAD_DIMS_KPE = (16, 32, 64)
 _KV_DTYPES = HALF_DTYPES + tuple(d for d in FP8_DTYPES if d == getattr(torch, "float8_e4m3fn", None))
-
-
-@dataclass
-class MlaMeta:
-    """A plan as the MLA kernels and reference read it (device tensors, plus launch facts)."""
-
-    qo_indptr: torch.Tensor  # [B + 1] int32
-    kv_indptr: torch.Tensor  # [B + 1] int32, in pages
-    kv_indices: torch.Tensor  # page ids
-    kv_len: torch.Tensor  # [B] int32, tokens
-    work: torch.Tensor  # int32 packed work list (scheduler/mla_work.py)
-    req_offset: int
-    token_offset: int
-    item_offset: int
-    num_items: int
-    max_splits: int
-    part_o: torch.Tensor  # float32 [partial rows, head_dim_ckv]
-    part_lse: torch.Tensor  # float32 [partial rows]
-    config: object  # the kernel's launch config (None on the reference path)
-    graph: bool
 
 
 @dataclass
@@ -330,8 +311,7 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name}: expected a float, got {describe(value)}")
         out, lse_out = self._outputs((nnz, H, dc), plan.q_dtype, out, lse)
-        kernels = implementation("mla", self.device, self._backend)
-        kernels.mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, plan.meta, out, lse_out,
-                                  sm_scale=plan.sm_scale, ckv_scale=float(ckv_scale), kpe_scale=float(kpe_scale),
-                                  causal=plan.causal)
+        ops_mla.call_mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, plan.meta, out, lse_out, sm_scale=plan.sm_scale,
+                               ckv_scale=float(ckv_scale), kpe_scale=float(kpe_scale), causal=plan.causal,
+                               backend=self._backend)
         return (out, lse_out) if return_lse else out

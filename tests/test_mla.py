@@ -391,3 +391,20 @@ def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align,
             assert not (span & used_partials)
             used_partials |= span
             assert max(span) < work.partial_rows
+
+
+def test_mla_opcheck(path, device):
+    """The registered op's schema, mutation and fake implementation (torch.library.opcheck)."""
+    from flashtile._core import ops_mla
+
+    dc, dp = DIMS[0]
+    batch = make_mla_batch([1, 2], [20, 5], 4, 2, dc, dp, torch.float16, device)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, 2, dc, dp, 4, True, 0.2, torch.float16, torch.float16)
+    out = torch.empty_like(q_nope)
+    lse = torch.empty(q_nope.shape[:2], device=device)
+    args = ops_mla.op_args(q_nope, q_pe, ckv, kpe, w._plan.meta, out, lse, 0.2, 1.0, 1.0, True, "auto")
+    torch.library.opcheck(ops_mla.mla_paged, args, test_utils=("test_schema", "test_faketensor"))
+    ops_mla.mla_paged(*args)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.2, dtype=torch.float16)

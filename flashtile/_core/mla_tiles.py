@@ -15,7 +15,7 @@ import torch
 from .device import INTERPRETER_SMS, num_sms
 from .settings import interpreting
 
-__all__ = ["MlaConfig", "MLA_CHUNK_ALIGN", "mla_launch_facts"]
+__all__ = ["MlaConfig", "MlaMeta", "MLA_CHUNK_ALIGN", "mla_launch_facts"]
 
 MLA_CHUNK_ALIGN = 64
 _SMALL = 16
@@ -27,6 +27,26 @@ class MlaConfig:
     block_n: int
     num_warps: int
     num_stages: int
+
+
+@dataclass
+class MlaMeta:
+    """A plan as the MLA kernels and reference read it (device tensors, plus launch facts)."""
+
+    qo_indptr: torch.Tensor  # [B + 1] int32
+    kv_indptr: torch.Tensor  # [B + 1] int32, in pages
+    kv_indices: torch.Tensor  # page ids
+    kv_len: torch.Tensor  # [B] int32, tokens
+    work: torch.Tensor  # int32 packed work list (scheduler/mla_work.py)
+    req_offset: int
+    token_offset: int
+    item_offset: int
+    num_items: int
+    max_splits: int
+    part_o: torch.Tensor  # float32 [partial rows, head_dim_ckv]
+    part_lse: torch.Tensor  # float32 [partial rows]
+    config: MlaConfig  # the kernel's launch config (the reference path ignores it)
+    graph: bool
 
 
 def mla_launch_facts(device: torch.device, compiled: bool, max_rows: int, head_dim_ckv: int) -> tuple:
