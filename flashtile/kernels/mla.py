@@ -75,9 +75,10 @@ def _mla_kernel(
         row_ok = r < rows
         t = r // num_heads
         h = r % num_heads
-        qn = tl.load(qn_ptr + ((qo_start + t) * s_qn_t + h * s_qn_h)[:, None].to(tl.int64) + offs_c[None, :],
+        tok = (qo_start + t).to(tl.int64)  # int64 offsets: tokens x heads x 512 may pass 2**31
+        qn = tl.load(qn_ptr + (tok * s_qn_t + h * s_qn_h)[:, None] + offs_c[None, :],
                      mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D_CKV]
-        qp = tl.load(qp_ptr + ((qo_start + t) * s_qp_t + h * s_qp_h)[:, None].to(tl.int64) + offs_p[None, :],
+        qp = tl.load(qp_ptr + (tok * s_qp_t + h * s_qp_h)[:, None] + offs_p[None, :],
                      mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D_KPE]
         pos = kv_len - qo_len + t  # the query's position (causal: sees keys <= pos)
 
@@ -108,10 +109,10 @@ def _mla_kernel(
         o, lse = finalize_state(m_i, l_i, acc)
         o = o * v_scale
         if split < 0:
-            o_rows = (qo_start + t) * s_o_t + h * s_o_h
-            tl.store(out_ptr + o_rows[:, None].to(tl.int64) + offs_c[None, :], o.to(out_ptr.dtype.element_ty),
+            o_rows = tok * s_o_t + h * s_o_h
+            tl.store(out_ptr + o_rows[:, None] + offs_c[None, :], o.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
-            tl.store(lse_ptr + (qo_start + t) * s_lse_t + h, lse, mask=row_ok)
+            tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=row_ok)
         else:
             part = tl.load(req + 2) + split * rows + r  # [BLOCK_M] partial rows
             tl.store(part_o_ptr + part[:, None].to(tl.int64) * D_CKV + offs_c[None, :], o, mask=row_ok[:, None])
@@ -153,7 +154,7 @@ def _mla_merge_kernel(
             m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s_lse[:, None])
             acc += p * o_s
         o, lse = finalize_state(m_i, l_i, acc)
-        tl.store(out_ptr + (tok * s_o_t + h * s_o_h)[:, None].to(tl.int64) + offs_c[None, :],
+        tl.store(out_ptr + (tok.to(tl.int64) * s_o_t + h * s_o_h)[:, None] + offs_c[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
         tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=h_ok)
 
