@@ -3,7 +3,8 @@
 # included), memcheck on a few kernel cases, then the speed cases against FlashInfer's MLA
 # wrapper in the same process (DeepSeek prefill d192/128 listed beside them).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
-# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/mla.sh   (carry .fi-ref)
+# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/mla.sh [tune]   (carry .fi-ref)
+# "tune" adds the launch-config sweep of benchmarks/gpu/mla_tune.py (about 2 more minutes).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -67,3 +68,4 @@ text = "\n".join(lines)
 print(text)
 (out / "mla_table.md").write_text(text + "\n")
 PY
+if [ "${1:-}" = tune ]; then timeout 200 python3 benchmarks/gpu/mla_tune.py --out "$OUT" 2>&1 | tee "$OUT/mla_tune.log"; fi

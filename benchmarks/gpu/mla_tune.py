@@ -19,8 +19,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-import flashtile.mla as api  # noqa: E402
-from flashtile._core import mla_tiles  # noqa: E402
+import flashtile.mla as api
+from flashtile._core import mla_tiles
 
 CONFIGS = [(64, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 3), (32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
            (16, 32, 8, 2), (16, 64, 4, 2)]
