@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ._core import ops_mla
+from ._core.buffers import discarded_output
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe, parse_dtype
 from ._core.dispatch import implementation
 from ._core.host_arrays import host_int64
@@ -310,6 +311,8 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         for name, value in (("ckv_scale", ckv_scale), ("kpe_scale", kpe_scale)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name}: expected a float, got {describe(value)}")
+        if lse is None and not return_lse:  # an lse nobody reads: a reused scratch view, no allocation
+            lse = discarded_output((nnz, H), torch.float32, self.device)
         out, lse_out = self._outputs((nnz, H, dc), plan.q_dtype, out, lse)
         ops_mla.call_mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, plan.meta, out, lse_out, sm_scale=plan.sm_scale,
                                ckv_scale=float(ckv_scale), kpe_scale=float(kpe_scale), causal=plan.causal,
