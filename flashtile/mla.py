@@ -22,7 +22,7 @@ from ._core.host_arrays import host_int64
 from ._core.mla_tiles import MlaMeta, mla_launch_facts
 from ._core.paged_kv import as_index_tensor
 from ._core.wrapper import PlanRunWrapper, check_positive_int
-from .scheduler.mla_work import plan_mla_work
+from .scheduler.mla_work import min_mla_chunk, plan_mla_work
 
 __all__ = ["BatchMLAPagedAttentionWrapper", "MLA_HEAD_DIMS_CKV", "MLA_HEAD_DIMS_KPE", "MlaMeta"]
 
@@ -208,11 +208,11 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
 
         kernels = implementation("mla", self.device, self._backend)
         compiled = not kernels.__name__.startswith("flashtile.reference")
-        block_m, config, align, sms = mla_launch_facts(self.device, compiled, int((np.diff(qo) * num_heads).max())
-                                                       if batch else 1, head_dim_ckv)
-        fixed_chunk = fixed_split_size
+        max_rows = int((np.diff(qo) * num_heads).max()) if batch else 1
+        block_m, config, align, sms = mla_launch_facts(self.device, compiled, max_rows, head_dim_ckv)
+        min_chunk = min_mla_chunk(max_rows, head_dim_ckv, head_dim_kpe, kv_dtype.itemsize, align) if compiled else 0
         work = plan_mla_work(qo, lens, num_heads, block_m, sms, align, token_capacity=token_capacity,
-                             fixed_chunk=fixed_chunk, disable_split=disable_split_kv)
+                             fixed_chunk=fixed_split_size, disable_split=disable_split_kv, min_chunk=min_chunk)
         host = torch.from_numpy(work.packed)
         if self.device.type == "cuda":
             host = host.pin_memory()

@@ -355,15 +355,17 @@ def test_mla_rope_quantize_fp8_errors(device):
     sms=st.integers(1, 140),
     align=st.sampled_from([16, 64]),
     extra_tokens=st.integers(0, 3),
+    min_chunk=st.sampled_from([0, 64, 512]),
 )
-def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align, extra_tokens):
+def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align, extra_tokens, min_chunk):
     """Every (request, row, kv token) is covered by exactly one item; partial-state rows of different
     splits and requests never overlap; the token -> request table matches qo_indptr."""
     qo_lens = [q for q, _ in reqs]
     kv_lens = [k for _, k in reqs]
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
     nnz = int(qo_indptr[-1])
-    work = plan_mla_work(qo_indptr, kv_lens, heads, block_m, sms, align, token_capacity=nnz + extra_tokens)
+    work = plan_mla_work(qo_indptr, kv_lens, heads, block_m, sms, align, token_capacity=nnz + extra_tokens,
+                         min_chunk=min_chunk)
     p = work.packed
     assert p[0] == work.num_items
     req = p[work.req_offset:work.token_offset].reshape(-1, REQ_FIELDS)

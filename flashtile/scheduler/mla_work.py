@@ -25,7 +25,7 @@ import numpy as np
 
 from .split_kv import plan_batch_kv_splits
 
-__all__ = ["MlaWork", "plan_mla_work", "REQ_FIELDS", "ITEM_FIELDS"]
+__all__ = ["MlaWork", "plan_mla_work", "min_mla_chunk", "REQ_FIELDS", "ITEM_FIELDS"]
 
 REQ_FIELDS = 4
 ITEM_FIELDS = 5
@@ -42,8 +42,18 @@ class MlaWork:
     item_offset: int
 
 
+def min_mla_chunk(max_rows: int, head_dim_ckv: int, head_dim_kpe: int, kv_bytes: int, align: int) -> int:
+    """The shortest KV chunk (tokens, a multiple of ``align``) worth a split of a request with ``max_rows``
+    rows: a split writes (and the merge reads) ``rows x head_dim_ckv`` float32 of partial state, which
+    should stay under half of the latent bytes the split reads. With 128 heads this is 512 tokens;
+    without it, one request of 32k would be cut into 128-token chunks whose partial states outweigh
+    the cache twice over. (A model of the traffic, not yet a measurement.)"""
+    tokens = 2 * max_rows * head_dim_ckv * 4 / ((head_dim_ckv + head_dim_kpe) * kv_bytes)
+    return max(align, -(-int(tokens) // align) * align)
+
+
 def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int, align: int, *,
-                  token_capacity: int, fixed_chunk=None, disable_split: bool = False) -> MlaWork:
+                  token_capacity: int, fixed_chunk=None, disable_split: bool = False, min_chunk: int = 0) -> MlaWork:
     """The work list of one MLA batch.
 
     Args:
@@ -52,6 +62,7 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
             (a multiple of the kernel's BLOCK_N).
         token_capacity: query tokens the layout has room for (>= qo_indptr[-1]).
         fixed_chunk, disable_split: as :func:`plan_batch_kv_splits`.
+        min_chunk: the shortest chunk of an automatic split (:func:`min_mla_chunk`); 0: no floor.
     """
     qo_indptr = np.asarray(qo_indptr, dtype=np.int64)
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
@@ -62,6 +73,8 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
     per_item = max(1, int(tiles.max()) if batch else 1)
     splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=fixed_chunk,
                                   disable_split=disable_split)
+    if fixed_chunk is None and not disable_split and splits.chunk < min_chunk:
+        splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=min_chunk)
     counts = np.diff(splits.request_item_indptr)
     num_splits = np.where(rows > 0, counts, 0)
     multi = num_splits > 1
