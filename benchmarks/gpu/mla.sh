@@ -31,12 +31,12 @@ for kv_dt in (torch.bfloat16, torch.float8_e4m3fn):
 PY
 ) &
 WARM=$!
-timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_mla.py 2>&1 | tee "$OUT/mla_tests.log" | tail -12
-FLASHTILE_BACKEND=triton timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
+timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_mla.py 2>&1 | tee "$OUT/mla_tests.log" | tail -12
+FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
     tests/test_mla.py -k "kernel and (qo_lens1 or qo_lens2 or fp8 or split)" 2>&1 | tail -4 | tee "$OUT/mla_sanitize.log"
 wait $WARM; cat "$OUT/mla_fi_warm.log"
 timeout 150 python3 benchmarks/run.py --suite mla --out /tmp/mla_bench 2>&1 | tail -3
-timeout 60 python3 benchmarks/run.py --suite batch_prefill --filter d192 --out /tmp/mla_bench 2>&1 | tail -2
+timeout 45 python3 benchmarks/run.py --suite batch_prefill --filter d192 --out /tmp/mla_bench 2>&1 | tail -2
 cp /tmp/mla_bench/mla.jsonl /tmp/mla_bench/mla.md "$OUT/" 2>/dev/null
 cp /tmp/mla_bench/batch_prefill.md "$OUT/mla_deepseek_prefill.md" 2>/dev/null
 python3 - "$OUT" <<'PY'
