@@ -446,6 +446,7 @@ def mla_oracle(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indi
     qo, kvp, idx, lens = (t.tolist() for t in (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), kv_lens.cpu()))
     nnz, H, dc = q_nope.shape
     page_size = ckv_cache.shape[1]
+    ckv_cache, kpe_cache = ckv_cache.cpu(), kpe_cache.cpu()  # one copy, then host indexing
     out = torch.full((nnz, H, dc), float("nan"), dtype=torch.float64)
     lse = torch.full((nnz, H), float("nan"), dtype=torch.float64)
     for b, kv_len in enumerate(lens):
@@ -453,8 +454,8 @@ def mla_oracle(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indi
         rows_c, rows_p = [], []
         for j in range(kv_len):
             page = idx[kvp[b] + j // page_size]
-            rows_c.append(ckv_cache[page, j % page_size].double().cpu() * ckv_scale)
-            rows_p.append(kpe_cache[page, j % page_size].double().cpu() * kpe_scale)
+            rows_c.append(ckv_cache[page, j % page_size].double() * ckv_scale)
+            rows_p.append(kpe_cache[page, j % page_size].double() * kpe_scale)
         ckv = torch.stack(rows_c) if rows_c else torch.zeros(0, dc, dtype=torch.float64)
         kpe = torch.stack(rows_p) if rows_p else torch.zeros(0, kpe_cache.shape[-1], dtype=torch.float64)
         q = torch.cat([q_nope[q0:q1].double().cpu(), q_pe[q0:q1].double().cpu()], dim=-1)
