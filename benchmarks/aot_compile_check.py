@@ -251,8 +251,9 @@ compile_all("rope llama31")
 DEV.INTERPRETER_SMS = _interpreter_sms
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")
-# MLA (DeepSeek latent 512 + rope 64): the row tiles of 16 (16 heads), 32 and 64 (128 heads), fp8 latent, graph-mode merge.
-from flashtile._core.mla_tiles import MLA_CHUNK_ALIGN, MlaConfig, MlaMeta  # noqa: E402
+# MLA (DeepSeek latent 512 + rope 64): the default configs of the 16-, 32- and 64-row tiles (16, 32, 128 heads),
+# an fp8 latent, the graph-mode merge.
+from flashtile._core.mla_tiles import MlaMeta, mla_launch_facts  # noqa: E402
 from flashtile.kernels import mla as MLA  # noqa: E402
 from flashtile.scheduler.mla_work import plan_mla_work  # noqa: E402
 
@@ -260,9 +261,8 @@ from flashtile.scheduler.mla_work import plan_mla_work  # noqa: E402
 def mla_case(batch, kv, heads, qo=1, page=64, kv_dtype=bf, label=""):
     import numpy as np
     qo_indptr = np.arange(batch + 1) * qo
-    block_m = 16 if qo * heads <= 16 else (32 if qo * heads <= 32 else 64)
-    cfg = MlaConfig(block_m, 32, 8, 2)
-    work = plan_mla_work(qo_indptr, np.full(batch, kv), heads, block_m, 132, MLA_CHUNK_ALIGN, token_capacity=batch * qo)
+    block_m, cfg, align, _ = mla_launch_facts(torch.device("cpu"), True, qo * heads, 512)  # the GPU default (SMs: 132)
+    work = plan_mla_work(qo_indptr, np.full(batch, kv), heads, block_m, 132, align, token_capacity=batch * qo)
     pages = batch * (-(-kv // page))
     pool = torch.randn(pages, page, 576, dtype=bf).to(kv_dtype)
     i32 = lambda x: torch.as_tensor(x).to(torch.int32)  # noqa: E731
