@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Case, Provider, Suite, device, import_flashinfer, register
 
 D_CKV, D_KPE = 512, 64
 
@@ -73,8 +73,6 @@ def _flashtile(case: Case):
 def _flashinfer(case: Case):
     flashinfer = import_flashinfer("mla")
     p = case.params
-    if p["kv_dtype"] != "bfloat16" and not hasattr(flashinfer, "__version__"):
-        raise Unavailable("fp8 MLA needs a newer FlashInfer")
     q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens = _inputs(case)
     w = flashinfer.mla.BatchMLAPagedAttentionWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=device()))
     w.plan(qo_indptr, kv_indptr, kv_indices, kv_lens, p["heads"], D_CKV, D_KPE, p["page_size"], True,
