@@ -10,7 +10,7 @@ from ._core import settings as _settings
 
 _settings.select_interpreter_for_backend()  # before triton is imported (cheap; nothing is compiled here)
 
-from . import activation, autotuner, cascade, decode, jit, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402  # noqa: E402  (names engines import at start-up; no kernels)
+from . import activation, autotuner, cascade, decode, jit, mla, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402  # noqa: E402  (names engines import at start-up; no kernels)
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .autotuner import autotune  # noqa: E402
 from .cascade import (  # noqa: E402
@@ -27,6 +27,7 @@ from .decode import (  # noqa: E402
     fast_decode_plan,
     single_decode_with_kv_cache,
 )
+from .mla import BatchMLAPagedAttentionWrapper  # noqa: E402
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
 from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402
 from .prefill import (  # noqa: E402
@@ -132,4 +133,6 @@ __all__ = [
     "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
     "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
     "cascade",
+    "mla",
+    "BatchMLAPagedAttentionWrapper",
 ]

@@ -29,6 +29,7 @@ from ._core.checks import check_same_device, check_tensor, describe
 from ._core.debug import debug_checks_enabled, validate_device_indices
 from ._core.memo import CallMemo, eager, tensor_key
 from .reference.positional import llama31_smoothing
+from .reference.rope import mla_rope_quantize
 
 __all__ = [
     "apply_rope",
@@ -41,6 +42,7 @@ __all__ = [
     "apply_llama31_rope_pos_ids_inplace",
     "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace",
+    "mla_rope_quantize_fp8",
     "CacheDtypeError",
 ]
 
@@ -459,3 +461,91 @@ def apply_rope_with_cos_sin_cache_inplace(
     """:func:`apply_rope_with_cos_sin_cache` in place: overwrites the first ``rotary_dim`` dims of each
     head of query and key; returns None."""
     _cos_sin_cache_call(positions, query, key, head_size, cos_sin_cache, is_neox, inplace=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA: RoPE of the rope parts + fp8 quantization of q and the latent, in one call
+# ---------------------------------------------------------------------------------------------
+
+_FP8_OUT = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+
+
+def mla_rope_quantize_fp8(
+    q_rope: torch.Tensor,
+    k_rope: torch.Tensor,
+    q_nope: torch.Tensor,
+    k_nope: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    pos_ids: torch.Tensor,
+    is_neox: bool = True,
+    quantize_dtype: Optional[torch.dtype] = None,
+    quant_scale_q: float = 1.0,
+    quant_scale_kv: float = 1.0,
+    q_rope_out: Optional[torch.Tensor] = None,
+    k_rope_out: Optional[torch.Tensor] = None,
+    q_nope_out: Optional[torch.Tensor] = None,
+    k_nope_out: Optional[torch.Tensor] = None,
+    enable_pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek MLA's pre-attention step: RoPE on the rope parts of q and k, then every part of q and of
+    the new latent rows scaled and cast to fp8 (FlashInfer v0.3.1 semantics).
+
+    ``q_rope_out = fp8(rope(q_rope) * quant_scale_q)``, ``k_rope_out = fp8(rope(k_rope) * quant_scale_kv)``,
+    ``q_nope_out = fp8(q_nope * quant_scale_q)``, ``k_nope_out = fp8(k_nope * quant_scale_kv)``; the rotation
+    runs in float32, and values beyond the fp8 range saturate to its largest finite value.
+
+    Args:
+        q_rope: ``[nnz, num_heads, rope_dim]`` float16/bfloat16/float32, last dim contiguous.
+        k_rope: ``[nnz, rope_dim]`` (the one shared RoPE key per token), q_rope's dtype.
+        q_nope: ``[nnz, num_heads, nope_dim]`` (DeepSeek absorbed: 512), q_rope's dtype.
+        k_nope: ``[nnz, nope_dim]`` (the latent, 512), q_rope's dtype.
+        cos_sin_cache: float32 ``[max_position, rope_dim]``, cos in the first half, sin in the second;
+            its width is the rotary dim and must equal ``rope_dim``.
+        pos_ids: ``[nnz]`` int32/int64 positions (rows of cos_sin_cache).
+        is_neox: True pairs dims ``(m, m + rope_dim/2)``; False pairs ``(2m, 2m+1)`` (interleaved).
+        quantize_dtype: float8_e4m3fn (default) or float8_e5m2; when None, the dtype of the first
+            given output, else float8_e4m3fn.
+        quant_scale_q, quant_scale_kv: multipliers applied before the cast.
+        q_rope_out, k_rope_out, q_nope_out, k_nope_out: optional outputs, shaped like the inputs, of
+            ``quantize_dtype``; filled and returned.
+        enable_pdl: accepted and ignored (a CUDA launch attribute).
+
+    Returns:
+        ``(q_rope_out, k_rope_out, q_nope_out, k_nope_out)``.
+
+    Runs as PyTorch operations on every device (no fused Triton kernel yet).
+    """
+    check_tensor("q_rope", q_rope, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    nnz, heads, rope_dim = q_rope.shape
+    dev = q_rope.device
+    check_tensor("k_rope", k_rope, shape=(nnz, rope_dim), dtypes=(q_rope.dtype,), device=dev)
+    check_tensor("q_nope", q_nope, ndim=3, dtypes=(q_rope.dtype,), device=dev)
+    check_tensor("q_nope", q_nope, shape=(nnz, heads, None))
+    check_tensor("k_nope", k_nope, shape=(nnz, None), dtypes=(q_rope.dtype,), device=dev)
+    if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dtype != torch.float32:
+        raise CacheDtypeError(f"cos_sin_cache should be float32, got {describe(cos_sin_cache)}")
+    check_tensor("cos_sin_cache", cos_sin_cache, shape=(None, rope_dim), device=dev)
+    if rope_dim % 2:
+        raise ValueError(f"q_rope: rope_dim must be even, got {rope_dim}")
+    pos_ids = _check_pos_ids(pos_ids, q_rope)
+    _check_position_values(pos_ids, cos_sin_cache.shape[0])
+    outs = (("q_rope_out", q_rope_out, q_rope), ("k_rope_out", k_rope_out, k_rope), ("q_nope_out", q_nope_out, q_nope),
+            ("k_nope_out", k_nope_out, k_nope))
+    if quantize_dtype is None:
+        quantize_dtype = next((o.dtype for _, o, _ in outs if o is not None), _FP8_OUT[0] if _FP8_OUT else None)
+    if quantize_dtype is None or quantize_dtype not in _FP8_OUT:
+        raise TypeError(f"quantize_dtype: expected float8_e4m3fn or float8_e5m2, got {describe(quantize_dtype)}")
+    for name, value in (("quant_scale_q", quant_scale_q), ("quant_scale_kv", quant_scale_kv)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {describe(value)}")
+    results = []
+    for name, out, like in outs:
+        if out is None:
+            out = torch.empty(like.shape, dtype=quantize_dtype, device=dev)
+        else:
+            check_tensor(name, out, shape=tuple(like.shape), dtypes=(quantize_dtype,), device=dev)
+        results.append(out)
+    mla_rope_quantize(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, *results, interleave=not is_neox,
+                      quant_scale_q=float(quant_scale_q), quant_scale_kv=float(quant_scale_kv))
+    q_rope_out, k_rope_out, q_nope_out, k_nope_out = results
+    return q_rope_out, k_rope_out, q_nope_out, k_nope_out

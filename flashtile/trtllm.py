@@ -114,11 +114,12 @@ def trtllm_batch_decode_with_kv_cache_mla(
 ):
     """Multi-head latent attention (DeepSeek MLA) decode with TensorRT-LLM's kernels.
 
-    Not available in flashtile: always raises :class:`NotImplementedError` (flashtile has no MLA
-    attention yet; FlashInfer's ``BatchMLAPagedAttentionWrapper`` is planned).
+    Not available in flashtile: always raises :class:`NotImplementedError`; use
+    :class:`flashtile.mla.BatchMLAPagedAttentionWrapper` (FlashInfer's MLA wrapper) instead.
     """
     raise _vendor_kernel_unavailable(
-        "trtllm_batch_decode_with_kv_cache_mla", "a non-MLA attention backend (flashtile has no MLA attention yet)"
+        "trtllm_batch_decode_with_kv_cache_mla",
+        "flashtile.mla.BatchMLAPagedAttentionWrapper (FlashInfer's MLA wrapper)",
     )
 
 

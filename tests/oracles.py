@@ -476,3 +476,36 @@ def sigmoid_attention_oracle(q, k, v, logits_scale, sigmoid_bias, *, causal=Fals
         w = torch.sigmoid((q[:, h] @ k[:, h // g].T) * logits_scale + sigmoid_bias) * allowed
         out[:, h] = w @ v[:, h // g]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA (api_spec.md §5): plain MQA over the concatenated [latent | rope] keys
+# ---------------------------------------------------------------------------------------------
+
+
+def mla_oracle(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, kv_lens, *, causal, sm_scale,
+               ckv_scale=1.0, kpe_scale=1.0):
+    """Every request of an MLA batch as multi-query attention: q = [q_nope | q_pe] per head, one KV head
+    with k = [ckv * ckv_scale | kpe * kpe_scale] and v = ckv * ckv_scale, the token rows read page by
+    page. Returns (out float64 [nnz_q, H, D_ckv], lse base 2 [nnz_q, H]); rows of requests with no
+    visible key are 0 / -inf. Rows past qo_indptr[-1] are NaN (not part of any request)."""
+    qo, kvp, idx, lens = (t.tolist() for t in (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), kv_lens.cpu()))
+    nnz, H, dc = q_nope.shape
+    page_size = ckv_cache.shape[1]
+    ckv_cache, kpe_cache = ckv_cache.cpu(), kpe_cache.cpu()  # one copy, then host indexing
+    out = torch.full((nnz, H, dc), float("nan"), dtype=torch.float64)
+    lse = torch.full((nnz, H), float("nan"), dtype=torch.float64)
+    for b, kv_len in enumerate(lens):
+        q0, q1 = qo[b], qo[b + 1]
+        rows_c, rows_p = [], []
+        for j in range(kv_len):
+            page = idx[kvp[b] + j // page_size]
+            rows_c.append(ckv_cache[page, j % page_size].double() * ckv_scale)
+            rows_p.append(kpe_cache[page, j % page_size].double() * kpe_scale)
+        ckv = torch.stack(rows_c) if rows_c else torch.zeros(0, dc, dtype=torch.float64)
+        kpe = torch.stack(rows_p) if rows_p else torch.zeros(0, kpe_cache.shape[-1], dtype=torch.float64)
+        q = torch.cat([q_nope[q0:q1].double().cpu(), q_pe[q0:q1].double().cpu()], dim=-1)
+        k = torch.cat([ckv, kpe], dim=-1)[:, None]
+        o, s = attention_oracle(q, k, ckv[:, None], causal=causal, sm_scale=sm_scale)
+        out[q0:q1], lse[q0:q1] = o, s
+    return out, lse

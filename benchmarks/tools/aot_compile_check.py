@@ -283,4 +283,35 @@ compile_all("rope llama31")
 DEV.INTERPRETER_SMS = _interpreter_sms
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")
+# MLA (DeepSeek latent 512 + rope 64): the default configs of the 16-, 32- and 64-row tiles (16, 32, 128 heads),
+# an fp8 latent, the graph-mode merge.
+from flashtile._core.mla_tiles import MlaMeta, mla_launch_facts  # noqa: E402
+from flashtile.kernels import mla as MLA  # noqa: E402
+from flashtile.scheduler.mla_work import plan_mla_work  # noqa: E402
+
+
+def mla_case(batch, kv, heads, qo=1, page=64, kv_dtype=bf, label=""):
+    import numpy as np
+    qo_indptr = np.arange(batch + 1) * qo
+    block_m, cfg, align, _ = mla_launch_facts(torch.device("cpu"), True, qo * heads, 512)  # the GPU default (SMs: 132)
+    work = plan_mla_work(qo_indptr, np.full(batch, kv), heads, block_m, 132, align, token_capacity=batch * qo)
+    pages = batch * (-(-kv // page))
+    pool = torch.randn(pages, page, 576, dtype=bf).to(kv_dtype)
+    i32 = lambda x: torch.as_tensor(x).to(torch.int32)  # noqa: E731
+    rows = max(work.partial_rows, 1)
+    meta = MlaMeta(i32(qo_indptr), i32(np.arange(batch + 1) * (pages // batch)), torch.arange(pages, dtype=torch.int32),
+                   i32(np.full(batch, kv)), i32(work.packed), work.req_offset, work.token_offset, work.item_offset,
+                   work.num_items, work.max_splits, torch.empty(rows, 512), torch.empty(rows), cfg, True)
+    MLA.mla_paged_forward(torch.randn(batch * qo, heads, 512, dtype=bf), torch.randn(batch * qo, heads, 64, dtype=bf),
+                          pool[..., :512], pool[..., 512:], meta, torch.empty(batch * qo, heads, 512, dtype=bf),
+                          torch.empty(batch * qo, heads), sm_scale=0.072, ckv_scale=1.0, kpe_scale=1.0, causal=True)
+    compile_all(f"mla {label} (tile {block_m}x{cfg.block_n}, items {work.num_items}, splits {work.max_splits})")
+
+
+mla_case(64, 4096, 128, label="decode 64x4096 h128 p64")
+mla_case(128, 8192, 16, page=1, label="decode 128x8192 h16 p1")
+mla_case(32, 16384, 32, label="decode 32x16384 h32 p64")
+mla_case(64, 4096, 128, qo=4, label="append 4 x 64x4096 h128 p64")
+if hasattr(torch, "float8_e4m3fn"):
+    mla_case(64, 4096, 128, kv_dtype=torch.float8_e4m3fn, label="decode fp8 64x4096 h128 p64")
 sys.exit(1 if failures else 0)

@@ -1,0 +1,94 @@
+"""DeepSeek MLA over a paged latent cache (issue 26): suite ``mla``.
+
+Latent 512 + RoPE 64, sm_scale 1/sqrt(192), pages in random order. Bytes = the latent and RoPE rows
+of the actual lengths (read once) plus q and o; FLOPs = 2 x heads x query tokens x kv x (576 + 512)
+(causal append: the visible keys only). flashtile and FlashInfer's BatchMLAPagedAttentionWrapper
+read the same pool (one ``[pages, page_size, 576]`` tensor sliced into ckv and kpe).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .harness import Case, Knob, Provider, Suite, Tune, device, grid, import_flashinfer, register
+
+D_CKV, D_KPE = 512, 64
+
+
+def _case(batch: int, kv: int, heads: int, page: int, qo: int = 1, kv_dtype: str = "bfloat16") -> Case:
+    kv_es = torch.empty((), dtype=getattr(torch, kv_dtype)).element_size()
+    name = f"{batch}x{kv} h{heads} p{page}" + (f" q{qo}" if qo > 1 else "") + (" fp8" if kv_es == 1 else "")
+    visible = batch * sum(kv - qo + 1 + t for t in range(qo))  # (query, key) pairs (causal)
+    flops = 2.0 * heads * visible * (D_CKV + D_KPE + D_CKV)
+    bytes_ = batch * kv * (D_CKV + D_KPE) * kv_es + batch * qo * heads * (D_CKV + D_KPE + D_CKV) * 2
+    return Case(name, dict(batch=batch, kv=kv, heads=heads, page_size=page, qo=qo, kv_dtype=kv_dtype), flops=flops,
+                bytes=float(bytes_))
+
+
+def mla_cases(smoke: bool):
+    if smoke:
+        return [_case(2, 64, 4, 16), _case(2, 40, 4, 1, qo=2)]
+    cases = []
+    for page in (64, 1):
+        cases += [_case(64, 4096, 128, page), _case(128, 8192, 16, page), _case(32, 16384, 64, page),
+                  _case(1, 32768, 128, page)]
+    cases.append(_case(64, 4096, 128, 64, qo=4))
+    cases.append(_case(64, 4096, 128, 64, kv_dtype="float8_e4m3fn"))
+    return cases
+
+
+def _inputs(case: Case):
+    p = case.params
+    dev = device()
+    b, kv, ps, qo, h = p["batch"], p["kv"], p["page_size"], p["qo"], p["heads"]
+    per = -(-kv // ps)
+    total = b * per
+    pool = torch.randn(total, ps, D_CKV + D_KPE, device=dev, dtype=torch.bfloat16).to(getattr(torch, p["kv_dtype"]))
+    q_nope = torch.randn(b * qo, h, D_CKV, device=dev, dtype=torch.bfloat16)
+    q_pe = torch.randn(b * qo, h, D_KPE, device=dev, dtype=torch.bfloat16)
+    i32 = dict(dtype=torch.int32, device=dev)
+    qo_indptr = torch.arange(b + 1, **i32) * qo
+    kv_indptr = torch.arange(b + 1, **i32) * per
+    kv_indices = torch.randperm(total, device=dev).to(torch.int32)
+    kv_lens = torch.full((b,), kv, **i32)
+    return q_nope, q_pe, pool[..., :D_CKV], pool[..., D_CKV:], qo_indptr, kv_indptr, kv_indices, kv_lens
+
+
+def _flashtile(case: Case):
+    import flashtile
+
+    p = case.params
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens = _inputs(case)
+    w = flashtile.mla.BatchMLAPagedAttentionWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=device()))
+    w.plan(qo_indptr.cpu(), kv_indptr.cpu(), kv_indices, kv_lens.cpu(), p["heads"], D_CKV, D_KPE, p["page_size"],
+           True, 1 / math.sqrt(192), torch.bfloat16, ckv.dtype)
+    out = torch.empty_like(q_nope)
+    meta = w._plan.meta
+    note = f"{meta.num_items} items, splits<={meta.max_splits}, tile {meta.config.block_m}x{meta.config.block_n}"
+    return (lambda: w.run(q_nope, q_pe, ckv, kpe, out=out)), note
+
+
+def _flashinfer(case: Case):
+    flashinfer = import_flashinfer("mla")
+    p = case.params
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens = _inputs(case)
+    w = flashinfer.mla.BatchMLAPagedAttentionWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=device()))
+    w.plan(qo_indptr, kv_indptr, kv_indices, kv_lens, p["heads"], D_CKV, D_KPE, p["page_size"], True,
+           1 / math.sqrt(192), torch.bfloat16, ckv.dtype)
+    out = torch.empty_like(q_nope)
+    return lambda: w.run(q_nope, q_pe, ckv, kpe, out=out)
+
+
+_TILES = "flashtile._core.mla_tiles"
+# The launch constants of flashtile/_core/mla_tiles.py (4 warps only with BLOCK_M <= 32: a 64 x 512
+# float32 accumulator needs 8); configs that exceed shared memory are reported, not fatal.
+MLA_GRID = [{Knob(_TILES, "MLA_MAX_BLOCK_M"): g["m"], Knob(_TILES, "MLA_BLOCK_N"): g["n"],
+             Knob(_TILES, "MLA_WIDE_WARPS"): g["w"], Knob(_TILES, "MLA_STAGES"): g["st"]}
+            for g in grid(m=(16, 32, 64), n=(16, 32, 64), w=(4, 8), st=(2, 3)) if g["w"] == 8 or g["m"] <= 32]
+
+register(Suite("mla", mla_cases, [Provider("flashtile", _flashtile), Provider("flashinfer", _flashinfer)], "gbps",
+               "DeepSeek MLA decode/append (latent 512 + rope 64, bf16, random page order)",
+               tunes={"config": Tune(lambda case: MLA_GRID,
+                                     description="largest BLOCK_M x BLOCK_N x warps (wide latent) x stages")}))

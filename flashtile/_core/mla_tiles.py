@@ -1,0 +1,66 @@
+"""Tile shapes of the MLA kernel (flashtile/kernels/mla.py), shared by its planner and launcher.
+
+A tile holds ``BLOCK_M`` (token, head) rows of one request against ``BLOCK_N`` latent rows; the
+accumulator is ``BLOCK_M x head_dim_ckv`` float32 (64 x 512: 128 KiB, 128 registers a thread at
+8 warps), so wide latents use 8 warps. KV chunks of a split are multiples of MLA_CHUNK_ALIGN tokens.
+The reference path and the interpreter plan 16-row, 16-key tiles on a 4-SM "GPU", so CPU tests split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .device import INTERPRETER_SMS, num_sms
+from .settings import interpreting
+
+__all__ = ["MlaConfig", "MlaMeta", "MLA_CHUNK_ALIGN", "mla_launch_facts"]
+
+MLA_CHUNK_ALIGN = 64
+_SMALL = 16
+# The compiled kernel's launch constants (benchmarks/bench_mla.py's ``--tune`` grid times them): the
+# largest BLOCK_M (rows of small requests round up to a power of two, at least 16), BLOCK_N latent
+# rows per step, warps for latents of 256 and wider (4 below) and software-pipeline stages.
+MLA_MAX_BLOCK_M = 64
+MLA_BLOCK_N = 32
+MLA_WIDE_WARPS = 8
+MLA_STAGES = 2
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass
+class MlaMeta:
+    """A plan as the MLA kernels and reference read it (device tensors, plus launch facts)."""
+
+    qo_indptr: torch.Tensor  # [B + 1] int32
+    kv_indptr: torch.Tensor  # [B + 1] int32, in pages
+    kv_indices: torch.Tensor  # page ids
+    kv_len: torch.Tensor  # [B] int32, tokens
+    work: torch.Tensor  # int32 packed work list (scheduler/mla_work.py)
+    req_offset: int
+    token_offset: int
+    item_offset: int
+    num_items: int
+    max_splits: int
+    part_o: torch.Tensor  # float32 [partial rows, head_dim_ckv]
+    part_lse: torch.Tensor  # float32 [partial rows]
+    config: MlaConfig  # the kernel's launch config (the reference path ignores it)
+    graph: bool
+
+
+def mla_launch_facts(device: torch.device, compiled: bool, max_rows: int, head_dim_ckv: int) -> tuple:
+    """``(block_m, config, chunk alignment, SMs)`` for a batch whose largest request has ``max_rows``
+    (token, head) rows; ``compiled``: the call runs the kernels (else the reference path)."""
+    if not compiled or interpreting():
+        return _SMALL, MlaConfig(_SMALL, _SMALL, 4, 1), _SMALL, INTERPRETER_SMS
+    block_m = max(_SMALL, min(MLA_MAX_BLOCK_M, 1 << max(0, max_rows - 1).bit_length()))
+    warps = MLA_WIDE_WARPS if head_dim_ckv >= 256 else 4
+    return block_m, MlaConfig(block_m, MLA_BLOCK_N, warps, MLA_STAGES), MLA_CHUNK_ALIGN, num_sms(device)

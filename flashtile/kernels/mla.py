@@ -1,0 +1,200 @@
+"""DeepSeek MLA over a paged latent cache: the Triton kernels and their launcher (same function and
+arguments as flashtile/reference/mla.py, which states the math).
+
+With matrix absorption MLA is multi-query attention with keys ``[ckv | kpe]`` (D_CKV + D_KPE wide)
+and values ``ckv`` (D_CKV wide), one latent shared by every head. So a tile's M dimension holds query
+rows ``row = token * num_heads + head`` of one request (heads times query tokens), and each KV tile
+of BLOCK_N latent rows is read once for all of them: once as the keys of ``S = Qn Ckv^T + Qp Kpe^T``
+and once more, from the same registers/shared memory, as the values of ``O += P Ckv``.
+
+Work: the plan's work list (flashtile/scheduler/mla_work.py) holds (request, row tile, KV chunk)
+items. ``_mla_kernel`` runs a persistent grid (its size does not depend on the lengths, so a CUDA
+graph replays a re-plan correctly) over the items; a request cut into several KV chunks writes
+float32 partial states, merged by ``_mla_merge_kernel`` with the online-softmax helpers of softmax.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._core.device import num_sms
+from .._core.settings import interpreting
+from .smem import TileFeatures, launch_within_limit
+from .softmax import finalize_state, softmax_update
+from .tiles import mma
+
+__all__ = ["mla_paged_forward"]
+
+LOG2E = 1.4426950408889634
+INTERPRET = interpreting()  # Triton 3.9's interpreter computes bf16 tl.dot wrongly (tiles.mma)
+
+
+@triton.jit
+def _mla_kernel(
+    qn_ptr, qp_ptr,  # [nnz_q, H, D_CKV], [nnz_q, H, D_KPE]
+    ckv_ptr, kpe_ptr,  # [pages, page_size, D_CKV], [pages, page_size, D_KPE]
+    kv_indptr_ptr, kv_indices_ptr, kv_len_ptr,  # [B + 1] pages, page ids, [B] tokens
+    work_ptr,  # int32: [0] item count, then the tables of scheduler/mla_work.py
+    out_ptr, lse_ptr,  # [nnz_q, H, D_CKV], [nnz_q, H] float32
+    part_o_ptr, part_lse_ptr,  # [partial rows, D_CKV], [partial rows] float32
+    req_offset, item_offset,
+    s_qn_t, s_qn_h, s_qp_t, s_qp_h,
+    s_ckv_p, s_ckv_s, s_kpe_p, s_kpe_s,
+    s_o_t, s_o_h, s_lse_t,
+    num_heads, page_size,
+    qk_scale_ckv, qk_scale_kpe, v_scale,  # log2(e) * sm_scale * ckv_scale, ... * kpe_scale; ckv_scale
+    D_CKV: tl.constexpr, D_KPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_items = tl.load(work_ptr)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, D_CKV)
+    offs_p = tl.arange(0, D_KPE)
+    for w in range(pid, num_items, num_programs):
+        item = work_ptr + item_offset + w * 5
+        b = tl.load(item)
+        row0 = tl.load(item + 1)
+        kv_start = tl.load(item + 2)
+        kv_end = tl.load(item + 3)
+        split = tl.load(item + 4)
+        req = work_ptr + req_offset + b * 4
+        qo_start = tl.load(req)
+        rows = tl.load(req + 3)
+        kv_len = tl.load(kv_len_ptr + b)
+        page0 = tl.load(kv_indptr_ptr + b)
+        qo_len = rows // num_heads
+
+        r = row0 + offs_m  # [BLOCK_M] request-local rows
+        row_ok = r < rows
+        t = r // num_heads
+        h = r % num_heads
+        tok = (qo_start + t).to(tl.int64)  # int64 offsets: tokens x heads x 512 may pass 2**31
+        qn = tl.load(qn_ptr + (tok * s_qn_t + h * s_qn_h)[:, None] + offs_c[None, :],
+                     mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D_CKV]
+        qp = tl.load(qp_ptr + (tok * s_qp_t + h * s_qp_h)[:, None] + offs_p[None, :],
+                     mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D_KPE]
+        pos = kv_len - qo_len + t  # the query's position (causal: sees keys <= pos)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_CKV], tl.float32)
+        hi = kv_end
+        if CAUSAL:
+            hi = tl.minimum(hi, kv_len - qo_len + (tl.minimum(row0 + BLOCK_M, rows) - 1) // num_heads + 1)
+        for j0 in tl.range(kv_start, hi, BLOCK_N, num_stages=NUM_STAGES):
+            j = j0 + offs_n  # [BLOCK_N] token positions
+            kv_ok = j < hi
+            page = tl.load(kv_indices_ptr + page0 + j // page_size, mask=kv_ok, other=0).to(tl.int64)
+            slot = j % page_size
+            ckv = tl.load(ckv_ptr + (page * s_ckv_p + slot * s_ckv_s)[:, None] + offs_c[None, :],
+                          mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D_CKV]
+            kpe = tl.load(kpe_ptr + (page * s_kpe_p + slot * s_kpe_s)[:, None] + offs_p[None, :],
+                          mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D_KPE]
+            ckv = ckv.to(qn.dtype)
+            kpe = kpe.to(qn.dtype)
+            s = mma(qn, tl.trans(ckv), UPCAST_DOT) * qk_scale_ckv + mma(qp, tl.trans(kpe), UPCAST_DOT) * qk_scale_kpe
+            visible = kv_ok[None, :]
+            if CAUSAL:
+                visible = visible & (j[None, :] <= pos[:, None])
+            s = tl.where(visible, s, float("-inf"))  # [BLOCK_M, BLOCK_N], base-2 logits
+            m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
+            acc += mma(p.to(ckv.dtype), ckv, UPCAST_DOT)
+        o, lse = finalize_state(m_i, l_i, acc)
+        o = o * v_scale
+        if split < 0:
+            o_rows = tok * s_o_t + h * s_o_h
+            tl.store(out_ptr + o_rows[:, None] + offs_c[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+            tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=row_ok)
+        else:
+            part = tl.load(req + 2) + split * rows + r  # [BLOCK_M] partial rows
+            tl.store(part_o_ptr + part[:, None].to(tl.int64) * D_CKV + offs_c[None, :], o, mask=row_ok[:, None])
+            tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _mla_merge_kernel(
+    work_ptr, req_offset, token_offset,
+    out_ptr, lse_ptr,  # [nnz_q, H, D_CKV], [nnz_q, H] float32
+    part_o_ptr, part_lse_ptr,  # [partial rows, D_CKV], [partial rows]
+    s_o_t, s_o_h, s_lse_t,
+    num_heads,
+    D_CKV: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program per (query token, block of heads): merge the token's split states, if it has several."""
+    tok = tl.program_id(0)
+    b = tl.load(work_ptr + token_offset + tok)
+    req = work_ptr + req_offset + b * 4
+    num_splits = tl.load(req + 1)
+    qo_start = tl.load(req)
+    rows = tl.load(req + 3)
+    # Tokens past the planned ones (a q longer than qo_indptr[-1]) map to request 0: skip them.
+    if (num_splits > 1) & (tok >= qo_start) & ((tok - qo_start) * num_heads < rows):
+        base = tl.load(req + 2)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = h < num_heads
+        r = (tok - qo_start) * num_heads + h
+        offs_c = tl.arange(0, D_CKV)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D_CKV], tl.float32)
+        for s in range(num_splits):
+            part = base + s * rows + r
+            # A finished state is a "key" whose logit is its lse and whose value is its output.
+            s_lse = tl.load(part_lse_ptr + part, mask=h_ok, other=float("-inf"))
+            o_s = tl.load(part_o_ptr + part[:, None].to(tl.int64) * D_CKV + offs_c[None, :], mask=h_ok[:, None],
+                          other=0.0)
+            m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s_lse[:, None])
+            acc += p * o_s
+        o, lse = finalize_state(m_i, l_i, acc)
+        tl.store(out_ptr + (tok.to(tl.int64) * s_o_t + h * s_o_h)[:, None] + offs_c[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+        tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=h_ok)
+
+
+def _grid_programs(device: torch.device, num_items: int, graph: bool) -> int:
+    """Persistent programs: a fixed count in CUDA-graph mode (lengths may change between replays)."""
+    cap = 4 * num_sms(device) if device.type == "cuda" else 8
+    return cap if graph else max(1, min(cap, num_items))
+
+
+def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_scale: float, ckv_scale: float,
+                      kpe_scale: float, causal: bool) -> None:
+    """Launch the MLA kernels for the plan ``meta`` (flashtile._core.mla_plan.MlaMeta); arguments as
+    :func:`flashtile.reference.mla.mla_paged_forward`."""
+    num_heads, d_ckv, d_kpe = q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]
+    cfg = meta.config
+    programs = _grid_programs(q_nope.device, meta.num_items, meta.graph)
+    part_o, part_lse = meta.part_o, meta.part_lse
+
+    def launch(c):
+        _mla_kernel[(programs,)](
+            q_nope, q_pe, ckv_cache, kpe_cache, meta.kv_indptr, meta.kv_indices, meta.kv_len, meta.work,
+            out, lse, part_o, part_lse, meta.req_offset, meta.item_offset,
+            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+            ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            num_heads, ckv_cache.shape[1],
+            sm_scale * ckv_scale * LOG2E, sm_scale * kpe_scale * LOG2E, ckv_scale,
+            D_CKV=d_ckv, D_KPE=d_kpe, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=bool(causal),
+            NUM_STAGES=c.num_stages, UPCAST_DOT=INTERPRET, num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+
+    features = TileFeatures(d_qk=d_ckv + d_kpe, d_vo=d_ckv, q_bytes=q_nope.element_size(),
+                            kv_bytes=ckv_cache.element_size())
+    launch_within_limit(launch, cfg, features, q_nope.device, cfg=cfg)
+    nnz = q_nope.shape[0]
+    if nnz and (meta.graph or meta.max_splits > 1):
+        block_h = min(16, triton.next_power_of_2(num_heads))
+        _mla_merge_kernel[(nnz, triton.cdiv(num_heads, block_h))](
+            meta.work, meta.req_offset, meta.token_offset, out, lse, part_o, part_lse,
+            out.stride(0), out.stride(1), lse.stride(0), num_heads,
+            D_CKV=d_ckv, BLOCK_H=block_h, num_warps=4,
+        )

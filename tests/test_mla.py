@@ -1,0 +1,413 @@
+"""BatchMLAPagedAttentionWrapper (DeepSeek MLA): request by request against the float64 MQA oracle over
+[latent | rope] keys, on the reference path, the interpreted kernels (CPU) and the GPU; plan/run
+checks with typed errors; CUDA-graph capture, re-plan and replay on the GPU."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from attention_cases import random_page_table, workspace
+from conftest import HAS_CUDA
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import LSE_TOLERANCES, TOLERANCES, mla_oracle
+
+import flashtile
+from flashtile.mla import BatchMLAPagedAttentionWrapper
+from flashtile.scheduler.mla_work import ITEM_FIELDS, REQ_FIELDS, plan_mla_work
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+def make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, dtype, device, *, kv_dtype=None, spare=3,
+                   indptr_offset=0, scale=1.0):
+    """q_nope/q_pe, scattered page pools ckv [pages, page_size, dc] and kpe (one [.., dc + dp] tensor,
+    sliced, as engines pass it), and the int32 CPU index arrays."""
+    total = sum(-(-n // page_size) for n in kv_lens) + spare
+    kv_indptr, kv_indices, _ = random_page_table(kv_lens, page_size, total, indptr_offset=indptr_offset)
+    qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
+    nnz = int(qo_indptr[-1])
+    q_nope = torch.randn(nnz, heads, dc, device=device).to(dtype)
+    q_pe = torch.randn(nnz, heads, dp, device=device).to(dtype)
+    pool = (torch.randn(total, page_size, dc + dp, device=device) * scale).to(kv_dtype or dtype)
+    ckv, kpe = pool[..., :dc], pool[..., dc:]
+    return q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, torch.tensor(kv_lens, dtype=torch.int32)
+
+
+def check_mla(out, lse, q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens, *, causal, sm_scale,
+              dtype, ckv_scale=1.0, kpe_scale=1.0, rtol_scale=1.0):
+    ref_o, ref_lse = mla_oracle(q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens, causal=causal,
+                                sm_scale=sm_scale, ckv_scale=ckv_scale, kpe_scale=kpe_scale)
+    nnz = int(qo_indptr[-1])
+    atol, rtol = TOLERANCES[dtype]
+    latol, lrtol = LSE_TOLERANCES[dtype]
+    got_o, got_lse = out[:nnz].double().cpu(), lse[:nnz].double().cpu()
+    assert not got_o.isnan().any(), "output has NaN (unwritten element)"
+    torch.testing.assert_close(got_o, ref_o[:nnz], atol=atol * rtol_scale, rtol=rtol * rtol_scale)
+    assert torch.equal(torch.isinf(got_lse), torch.isinf(ref_lse[:nnz])), "rows without keys must give lse -inf"
+    finite = torch.isfinite(ref_lse[:nnz])
+    torch.testing.assert_close(got_lse[finite], ref_lse[:nnz][finite], atol=latol * rtol_scale, rtol=lrtol)
+    empty = ~torch.isfinite(ref_lse[:nnz])
+    assert torch.equal(got_o[empty], torch.zeros_like(got_o[empty])), "rows without keys must be 0"
+
+
+if HAS_CUDA:
+    DIMS = [(512, 64)]
+    # (qo_lens, kv_lens, page_size, heads)
+    CASES = [
+        ([1] * 6, [1, 64, 65, 0, 4096, 300], 64, 128),
+        ([1] * 5, [1, 17, 0, 2000, 33], 1, 16),
+        ([4, 2, 8, 3], [4, 100, 1025, 64], 16, 64),
+        ([1], [32768], 64, 128),
+        ([37, 5, 130], [37, 800, 4000], 16, 32),
+        ([1, 1, 3], [7, 90, 12], 3, 24),
+    ]
+else:
+    DIMS = [(32, 16)]
+    CASES = [
+        ([1] * 5, [1, 16, 17, 0, 40], 16, 4),
+        ([1, 1, 1], [1, 7, 33], 1, 2),
+        ([3, 2, 4], [3, 20, 9], 3, 2),
+        ([7, 1], [30, 0], 4, 3),
+        ([2, 1], [18, 40], 16, 16),
+    ]
+
+
+@pytest.mark.parametrize("qo_lens, kv_lens, page_size, heads", CASES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_mla_matches_oracle(path, device, qo_lens, kv_lens, page_size, heads, causal):
+    dc, dp = DIMS[0]
+    dtype = torch.bfloat16 if page_size % 2 else torch.float16
+    batch = make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, dtype, device, indptr_offset=page_size % 3)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    sm_scale = 1.0 / math.sqrt(dc // 4 + dp)
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, heads, dc, dp, page_size, causal, sm_scale, dtype, dtype)
+    out, lse = w.run(q_nope, q_pe, ckv, kpe, return_lse=True)
+    assert out.shape == q_nope.shape and out.dtype == dtype and lse.shape == q_nope.shape[:2]
+    check_mla(out, lse, *batch, causal=causal, sm_scale=sm_scale, dtype=dtype)
+    # out= / lse= are filled in place and returned; a second run on the same plan gives the same bits.
+    out2, lse2 = torch.full_like(out, float("nan")), torch.full_like(lse, float("nan"))
+    got = w.run(q_nope, q_pe, ckv, kpe, out=out2, lse=lse2, return_lse=True)
+    assert got[0] is out2 and got[1] is lse2
+    nnz = int(qo_indptr[-1])
+    assert torch.equal(out2[:nnz], out[:nnz])
+
+
+@pytest.mark.parametrize("split", ["fixed", "disabled"])
+def test_mla_split_options(path, device, split):
+    dc, dp = DIMS[0]
+    batch = make_mla_batch([1, 2], [70, 5], 16, 2, dc, dp, torch.float16, device)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    kw = {"fixed_split_size": 16} if split == "fixed" else {"disable_split_kv": True}
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, 2, dc, dp, 16, True, 0.2, torch.float16, torch.float16, **kw)
+    out, lse = w.run(q_nope, q_pe, ckv, kpe, return_lse=True)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.2, dtype=torch.float16)
+
+
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
+def test_mla_fp8_latent(path, device):
+    dc, dp = DIMS[0]
+    heads = 16 if HAS_CUDA else 2
+    kv_lens = [1, 300, 0, 64] if HAS_CUDA else [1, 20, 0, 9]
+    batch = make_mla_batch([1, 2, 1, 1], kv_lens, 16, heads, dc, dp, torch.bfloat16, device, kv_dtype=FP8, scale=4.0)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, heads, dc, dp, 16, True, 0.1, "bfloat16", FP8)
+    out, lse = w.run(q_nope, q_pe, ckv, kpe, return_lse=True, ckv_scale=0.25, kpe_scale=0.5)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.1, dtype=torch.bfloat16, ckv_scale=0.25, kpe_scale=0.5)
+
+
+def test_mla_empty_batch_rows_and_zero_length(path, device):
+    dc, dp = DIMS[0]
+    batch = make_mla_batch([1, 1], [0, 0], 16, 2, dc, dp, torch.float16, device)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, 2, dc, dp, 16, False, 0.3, torch.float16, torch.float16)
+    out, lse = w.run(q_nope, q_pe, ckv, kpe, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+
+
+def test_mla_exports():
+    assert flashtile.BatchMLAPagedAttentionWrapper is flashtile.mla.BatchMLAPagedAttentionWrapper
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+def _planned(device, dtype=torch.float16, **plan_kw):
+    dc, dp = DIMS[0]
+    batch = make_mla_batch([1, 1], [5, 9], 4, 2, dc, dp, dtype, device)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    args = dict(qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, kv_len_arr=lens, num_heads=2,
+                head_dim_ckv=dc, head_dim_kpe=dp, page_size=4, causal=False, sm_scale=0.2, q_data_type=dtype,
+                kv_data_type=dtype)
+    args.update(plan_kw)
+    return w, args, batch
+
+
+@pytest.mark.parametrize("change, error, text", [
+    ({"head_dim_ckv": 48}, NotImplementedError, "head_dim_ckv"),
+    ({"head_dim_kpe": 128}, NotImplementedError, "head_dim_kpe"),
+    ({"num_heads": 0}, ValueError, "num_heads"),
+    ({"page_size": 0}, ValueError, "page_size"),
+    ({"sm_scale": -1.0}, ValueError, "sm_scale"),
+    ({"q_data_type": torch.float32}, TypeError, "q_data_type"),
+    ({"kv_data_type": torch.bfloat16}, TypeError, "kv_data_type"),
+    ({"kv_data_type": "float8_e5m2"}, TypeError, "kv_data_type"),
+    ({"q_data_type": "nope"}, TypeError, "q_data_type"),
+    ({"use_profiler": True}, NotImplementedError, "use_profiler"),
+    ({"kv_len_arr": torch.tensor([5, 900], dtype=torch.int32)}, ValueError, "kv_len_arr"),
+    ({"kv_len_arr": torch.tensor([5, -1], dtype=torch.int32)}, ValueError, "kv_len_arr"),
+    ({"kv_len_arr": torch.tensor([5], dtype=torch.int32)}, ValueError, "kv_len_arr"),
+    ({"kv_len_arr": torch.tensor([5, 9], dtype=torch.int64)}, ValueError, "kv_len_arr.dtype"),
+    ({"qo_indptr": torch.tensor([0, 1, 2])}, ValueError, "qo_indptr.dtype"),
+    ({"qo_indptr": torch.tensor([0, 2, 1], dtype=torch.int32)}, ValueError, "qo_indptr"),
+    ({"kv_indptr": torch.tensor([0, 2], dtype=torch.int32)}, ValueError, "kv_indptr"),
+    ({"kv_indptr": torch.tensor([0, 2, 900], dtype=torch.int32)}, ValueError, "kv_indptr"),
+    ({"kv_indices": [0, 1]}, ValueError, "kv_indices"),
+])
+def test_mla_plan_errors(device, change, error, text):
+    w, args, _ = _planned(device, **change)
+    with pytest.raises(error, match=text):
+        w.plan(**args)
+
+
+def test_mla_run_errors(device):
+    w, args, batch = _planned(device)
+    q_nope, q_pe, ckv, kpe, *_ = batch
+    with pytest.raises(RuntimeError, match="before plan"):
+        w.run(q_nope, q_pe, ckv, kpe)
+    w.plan(**args)
+    bad = [
+        ((q_nope.bfloat16(), q_pe, ckv, kpe), {}, TypeError, "q_nope"),
+        ((q_nope, q_pe[:, :1], ckv, kpe), {}, ValueError, "q_pe"),
+        ((q_nope[:, :1], q_pe, ckv, kpe), {}, ValueError, "q_nope"),
+        ((q_nope, q_pe, ckv[:, :2], kpe), {}, ValueError, "ckv_cache"),
+        ((q_nope, q_pe, ckv, kpe[:-1]), {}, ValueError, "kpe_cache"),
+        ((q_nope, q_pe, ckv[:1], kpe[:1]), {}, ValueError, "ckv_cache: the plan's page table uses page"),
+        ((q_nope, q_pe, ckv.bfloat16(), kpe), {}, TypeError, "ckv_cache"),
+        ((q_nope, q_pe, ckv, kpe.bfloat16()), {}, TypeError, "kpe_cache"),
+        ((q_nope[:1], q_pe[:1], ckv, kpe), {}, ValueError, "q_nope"),
+        ((q_nope, q_pe, ckv, kpe), {"out": torch.empty(2, 2, 3, device=device)}, ValueError, "out"),
+        ((q_nope, q_pe, ckv, kpe), {"lse": torch.empty(2, 2, device=device, dtype=torch.float16)}, ValueError,
+         "lse"),
+        ((q_nope, q_pe, ckv, kpe), {"kv_len": torch.ones(2)}, NotImplementedError, "kv_len"),
+        ((q_nope, q_pe, ckv, kpe), {"ckv_scale": "x"}, TypeError, "ckv_scale"),
+        ((q_nope, q_pe, ckv, kpe), {"return_lse_base_on_e": True}, NotImplementedError, "base"),
+        (("q", q_pe, ckv, kpe), {}, TypeError, "q_nope"),
+    ]
+    for args_, kw, error, text in bad:
+        with pytest.raises(error, match=text):
+            w.run(*args_, **kw)
+
+
+def test_mla_constructor_errors(device):
+    with pytest.raises(NotImplementedError, match="cutlass"):
+        BatchMLAPagedAttentionWrapper(workspace(device), backend="cutlass")
+    with pytest.raises(ValueError, match="cudagraph"):
+        BatchMLAPagedAttentionWrapper(workspace(device), use_cuda_graph=True)
+    i32 = dict(dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="kv_indptr"):
+        BatchMLAPagedAttentionWrapper(workspace(device), True, torch.zeros(3, **i32), torch.zeros(4, **i32),
+                                      torch.zeros(8, **i32), torch.zeros(2, **i32))
+
+
+def test_mla_graph_mode_buffers_and_limits(path, device):
+    """Graph-mode plan writes into the constructor's buffers in place; batch size and token count are fixed."""
+    dc, dp = DIMS[0]
+    i32 = dict(dtype=torch.int32, device=device)
+    bufs = (torch.zeros(3, **i32), torch.zeros(3, **i32), torch.zeros(64, **i32), torch.zeros(2, **i32))
+    w = BatchMLAPagedAttentionWrapper(workspace(device), True, *bufs)
+    batch = make_mla_batch([1, 1], [5, 20], 4, 2, dc, dp, torch.float16, device)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, 2, dc, dp, 4, False, 0.2, torch.float16, torch.float16)
+    assert torch.equal(bufs[3].cpu(), lens)
+    out, lse = w.run(q_nope, q_pe, ckv, kpe, return_lse=True)
+    check_mla(out, lse, *batch, causal=False, sm_scale=0.2, dtype=torch.float16)
+    b3 = make_mla_batch([1, 1, 1], [5, 20, 3], 4, 2, dc, dp, torch.float16, device)
+    with pytest.raises(ValueError, match="batch size should be fixed"):
+        w.plan(*b3[4:], 2, dc, dp, 4, False, 0.2, torch.float16, torch.float16)
+    more = make_mla_batch([2, 1], [5, 20], 4, 2, dc, dp, torch.float16, device)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        w.plan(*more[4:], 2, dc, dp, 4, True, 0.2, torch.float16, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("page_size, heads", [(1, 16), (64, 128)])
+def test_mla_cuda_graph_replan_replay(page_size, heads):
+    device = torch.device("cuda")
+    dc, dp, B = 512, 64, 4
+    i32 = dict(dtype=torch.int32, device=device)
+    bufs = (torch.zeros(B + 1, **i32), torch.zeros(B + 1, **i32), torch.zeros(40000, **i32), torch.zeros(B, **i32))
+    w = BatchMLAPagedAttentionWrapper(workspace(device, 128), True, *bufs)
+    lens_a, lens_b = [10, 3000, 1, 700], [5000, 0, 129, 64]
+    pool_pages = 40000 // page_size + 16
+    pool = torch.randn(pool_pages, page_size, dc + dp, device=device).bfloat16()
+    ckv, kpe = pool[..., :dc], pool[..., dc:]
+    q_nope = torch.randn(B, heads, dc, device=device).bfloat16()
+    q_pe = torch.randn(B, heads, dp, device=device).bfloat16()
+    qo_indptr = torch.arange(B + 1, dtype=torch.int32)
+
+    def table(lens):
+        kv_indptr, kv_indices, _ = random_page_table(lens, page_size, pool_pages)
+        return kv_indptr, kv_indices, torch.tensor(lens, dtype=torch.int32)
+
+    def plan(t):
+        w.plan(qo_indptr, t[0], t[1], t[2], heads, dc, dp, page_size, True, 0.07, torch.bfloat16, torch.bfloat16)
+
+    ta, tb = table(lens_a), table(lens_b)
+    plan(ta)
+    out = torch.empty(B, heads, dc, device=device, dtype=torch.bfloat16)
+    lse = torch.empty(B, heads, device=device)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            w.run(q_nope, q_pe, ckv, kpe, out=out, lse=lse)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w.run(q_nope, q_pe, ckv, kpe, out=out, lse=lse)
+    for t in (tb, ta):
+        plan(t)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        check_mla(out, lse, q_nope, q_pe, ckv, kpe, qo_indptr, t[0], t[1], t[2], causal=True, sm_scale=0.07,
+                  dtype=torch.bfloat16)
+
+
+# -- mla_rope_quantize_fp8 ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mla_rope_quantize_fp8(device, is_neox, dtype):
+    from oracles import rope_general_f64
+
+    nnz, heads, dr, dn = 7, 3, 16, 32
+    q_rope = torch.randn(nnz, heads, dr, device=device).to(dtype)
+    k_rope = torch.randn(nnz, dr, device=device).to(dtype)
+    q_nope = torch.randn(nnz, heads, dn, device=device).to(dtype) * 500  # saturates
+    k_nope = torch.randn(nnz, dn, device=device).to(dtype)
+    pos = torch.randint(0, 100, (nnz,), dtype=torch.int32)
+    ang = torch.arange(100, dtype=torch.float64)[:, None] * (1e4 ** (-torch.arange(dr // 2) * 2.0 / dr))[None, :]
+    cache = torch.cat([ang.cos(), ang.sin()], 1).float().to(device)
+    qs, ks = 0.5, 2.0
+    outs = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox,
+                                                quant_scale_q=qs, quant_scale_kv=ks)
+    assert all(o.dtype == FP8 for o in outs)
+    want = [rope_general_f64(q_rope, pos, interleave=not is_neox, cos_sin_cache=cache) * qs,
+            rope_general_f64(k_rope[:, None], pos, interleave=not is_neox, cos_sin_cache=cache)[:, 0] * ks,
+            q_nope.double().cpu() * qs, k_nope.double().cpu() * ks]
+    for got, ref in zip(outs, want):
+        ref = ref.clamp(-448, 448)
+        # one fp8 e4m3 rounding (3 mantissa bits: relative error <= 2**-4) plus the input's rounding
+        torch.testing.assert_close(got.double().cpu(), ref, atol=2e-2, rtol=7e-2)
+    # given outputs are filled and returned; their dtype selects the format
+    given = [torch.empty(o.shape, dtype=FP8, device=device) for o in outs]
+    again = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox, None, qs, ks,
+                                                 *given)
+    assert all(a is g for a, g in zip(again, given))
+    assert all(torch.equal(a.view(torch.uint8), o.view(torch.uint8)) for a, o in zip(again, outs))
+
+
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
+def test_mla_rope_quantize_fp8_errors(device):
+    q = torch.randn(4, 2, 16, device=device).half()
+    k = torch.randn(4, 16, device=device).half()
+    qn, kn = torch.randn(4, 2, 32, device=device).half(), torch.randn(4, 32, device=device).half()
+    cache = torch.randn(10, 16, device=device)
+    pos = torch.arange(4, dtype=torch.int32)
+    f = flashtile.rope.mla_rope_quantize_fp8
+    with pytest.raises(ValueError, match="float32"):
+        f(q, k, qn, kn, cache.half(), pos)
+    with pytest.raises(ValueError, match="k_rope"):
+        f(q, k[:3], qn, kn, cache, pos)
+    with pytest.raises(TypeError, match="k_nope"):
+        f(q, k, qn, kn.float(), cache, pos)
+    with pytest.raises(ValueError, match="cos_sin_cache"):
+        f(q, k, qn, kn, cache[:, :8], pos)
+    with pytest.raises(TypeError, match="quantize_dtype"):
+        f(q, k, qn, kn, cache, pos, quantize_dtype=torch.float16)
+    with pytest.raises(ValueError, match="positions"):
+        f(q, k, qn, kn, cache, pos + 8)
+    with pytest.raises(ValueError, match="q_nope_out"):
+        f(q, k, qn, kn, cache, pos, q_nope_out=torch.empty(4, 2, 8, device=device, dtype=FP8))
+
+
+# -- the MLA work list (scheduler/mla_work.py) ----------------------------------------------------------
+
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3000)), min_size=1, max_size=12),
+    heads=st.integers(1, 40),
+    block_m=st.sampled_from([16, 32, 64]),
+    sms=st.integers(1, 140),
+    align=st.sampled_from([16, 64]),
+    extra_tokens=st.integers(0, 3),
+    min_chunk=st.sampled_from([0, 64, 512]),
+)
+def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align, extra_tokens, min_chunk):
+    """Every (request, row, kv token) is covered by exactly one item; partial-state rows of different
+    splits and requests never overlap; the token -> request table matches qo_indptr."""
+    qo_lens = [q for q, _ in reqs]
+    kv_lens = [k for _, k in reqs]
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
+    nnz = int(qo_indptr[-1])
+    work = plan_mla_work(qo_indptr, kv_lens, heads, block_m, sms, align, token_capacity=nnz + extra_tokens,
+                         min_chunk=min_chunk)
+    p = work.packed
+    assert p[0] == work.num_items
+    req = p[work.req_offset:work.token_offset].reshape(-1, REQ_FIELDS)
+    items = p[work.item_offset:].reshape(-1, ITEM_FIELDS)
+    assert items.shape[0] == work.num_items
+    assert list(p[work.token_offset:work.token_offset + nnz]) == [b for b, q in enumerate(qo_lens) for _ in range(q)]
+    used_partials = set()
+    for b, (q, k) in enumerate(reqs):
+        rows = q * heads
+        assert req[b, 0] == qo_indptr[b] and req[b, 3] == rows
+        mine = items[items[:, 0] == b]
+        if rows == 0:
+            assert mine.shape[0] == 0
+            continue
+        cover = np.zeros((rows, max(k, 1)), dtype=np.int64)
+        for _, row0, k0, k1, split in mine:
+            assert row0 % block_m == 0 and 0 <= k0 <= k1 <= k
+            cover[row0:row0 + block_m, k0:k1] += 1
+            assert (split == -1) == (req[b, 1] == 1)
+        if k:
+            assert (cover[:, :k] == 1).all()
+        else:  # an empty request still gets its rows written (zeros, -inf)
+            assert sorted(mine[:, 1].tolist()) == list(range(0, rows, block_m))
+        if req[b, 1] > 1:
+            span = set(range(int(req[b, 2]), int(req[b, 2]) + int(req[b, 1]) * rows))
+            assert not (span & used_partials)
+            used_partials |= span
+            assert max(span) < work.partial_rows
+
+
+def test_mla_opcheck(path, device):
+    """The registered op's schema, mutation and fake implementation (torch.library.opcheck)."""
+    from flashtile._core import ops_mla
+
+    dc, dp = DIMS[0]
+    batch = make_mla_batch([1, 2], [20, 5], 4, 2, dc, dp, torch.float16, device)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, 2, dc, dp, 4, True, 0.2, torch.float16, torch.float16)
+    out = torch.empty_like(q_nope)
+    lse = torch.empty(q_nope.shape[:2], device=device)
+    args = ops_mla.op_args(q_nope, q_pe, ckv, kpe, w._plan.meta, out, lse, 0.2, 1.0, 1.0, True, "auto")
+    torch.library.opcheck(ops_mla.mla_paged, args, test_utils=("test_schema", "test_faketensor"))
+    ops_mla.mla_paged(*args)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.2, dtype=torch.float16)
