@@ -326,126 +326,9 @@ def _graph_seconds(fn: Callable[[], object], device: torch.device, calls: int = 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import flashtile
-    from ._core.params import AttentionParams
-    from .reference import single_attention
+    from .examples import demo
 
-    try:
-        device = _resolve_device(args.device)
-        dtype = parse_dtype("--dtype", args.dtype, HALF_DTYPES)
-    except ValueError as e:
-        print(f"flashtile demo: error: {e}", file=sys.stderr)
-        return 2
-    model, shape = DEMO_MODEL
-    hq, hkv, d = shape.num_qo_heads, shape.num_kv_heads, shape.head_dim
-    on_gpu = device.type == "cuda"
-    prompt_len = DEMO_PROMPT_LEN[device.type] if args.prompt_len is None else args.prompt_len
-    steps = args.decode_steps
-    reps = (20 if on_gpu else 5) if args.reps is None else args.reps
-    if prompt_len < 1 or steps < 0 or reps < 1:
-        print("flashtile demo: error: --prompt-len and --reps must be >= 1, --decode-steps >= 0", file=sys.stderr)
-        return 2
-    atol, rtol = DEMO_TOLERANCE
-    sm_scale = 1.0 / math.sqrt(d)
-    es = dtype.itemsize
-    path, reason = _path_of(device)
-
-    print(f"flashtile {flashtile.__version__} demo: {model} attention ({hq} query heads, {hkv} KV heads, "
-          f"head_dim {d}), {SHORT_DTYPE[dtype]}")
-    print(f"device  {_device_name(device)}")
-    print(f"path    {path}: {reason}")
-    timing = "CUDA events, median" if on_gpu else "time.perf_counter, median"
-    print(f"timing  {timing} of {reps} calls after a first call"
-          + (" (which includes the Triton compile, or loading it from the on-disk cache)" if path == "triton" else ""))
-    print(f"check   max |out - ref| against the float32 reference (flashtile.reference) on the same inputs, "
-          f"atol {atol:g}, rtol {rtol:g}")
-    if path == "reference":
-        print(f"note    the reference path runs that same reference, so the check only sees the rounding to "
-              f"{SHORT_DTYPE[dtype]};\n        FLASHTILE_BACKEND=triton checks the Triton kernels "
-              "(in Triton's interpreter on CPU: use a small --prompt-len)")
-    print()
-
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-
-    def randn(*size):
-        return torch.randn(*size, generator=gen, dtype=torch.float32, device="cpu").to(device=device, dtype=dtype)
-
-    def reference(q, k, v, causal):
-        out, _ = single_attention(q, k, v, AttentionParams(sm_scale=sm_scale, causal=causal))
-        return out
-
-    failures = 0
-    first_label = "first call (compile)" if path == "triton" else "first call"
-
-    # KV cache with room for the decode steps; the prompt fills the first prompt_len tokens.
-    capacity = prompt_len + steps
-    k_cache = torch.empty(capacity, hkv, d, dtype=dtype, device=device)
-    v_cache = torch.empty(capacity, hkv, d, dtype=dtype, device=device)
-    k_cache[:prompt_len] = randn(prompt_len, hkv, d)
-    v_cache[:prompt_len] = randn(prompt_len, hkv, d)
-
-    # Prefill: causal attention of the prompt over itself.
-    q = randn(prompt_len, hq, d)
-    k, v = k_cache[:prompt_len], v_cache[:prompt_len]
-
-    def prefill():
-        return flashtile.single_prefill_with_kv_cache(q, k, v, causal=True)
-
-    first_s, out = _first_call(prefill, device)
-    seconds = _median_seconds(prefill, device, reps)
-    flops = 4.0 * hq * d * (prompt_len * (prompt_len + 1) // 2)  # causal: query i sees i + 1 keys
-    max_err, ok = check_close(out, reference(q, k, v, causal=True))
-    failures += not ok
-    print(f"prefill  causal, {prompt_len} tokens")
-    print(f"  {first_label:<22} {_format_time(first_s)}")
-    print(f"  {'time':<22} {_format_time(seconds)}  ({flops / seconds / 1e12:.3g} TFLOP/s)")
-    print(f"  {'check':<22} max abs err {max_err:.2e}  {'PASS' if ok else 'FAIL'}")
-    print()
-
-    # Decode: each step appends one token to K/V and attends one new query over the whole cache.
-    if steps:
-        print(f"decode   {steps} steps, one token appended to K/V per step")
-        rows = []
-        for step in range(steps):
-            kv_len = prompt_len + step + 1
-            k_cache[kv_len - 1] = randn(hkv, d)
-            v_cache[kv_len - 1] = randn(hkv, d)
-            q_tok = randn(hq, d)
-            k, v = k_cache[:kv_len], v_cache[:kv_len]
-
-            def decode():
-                return flashtile.single_decode_with_kv_cache(q_tok, k, v)
-
-            first_s, out = _first_call(decode, device)  # also absorbs a compile for a new specialization
-            if step == 0:
-                print(f"  {first_label:<22} {_format_time(first_s)}")
-            seconds = _median_seconds(decode, device, reps)
-            graph_s = _graph_seconds(decode, device) if on_gpu else None
-            nbytes = es * (2 * kv_len * hkv * d + 2 * hq * d)  # read K, V, q; write o
-            max_err, ok = check_close(out, reference(q_tok[None], k, v, causal=False)[0])
-            failures += not ok
-            rows.append((step + 1, kv_len, seconds, graph_s, nbytes, max_err, ok))
-        graph_col = on_gpu and any(r[3] is not None for r in rows)
-        header = f"  {'step':>4}  {'kv_len':>7}  {'time':>10}"
-        header += f"  {'graph replay':>12}" if graph_col else ""
-        print(header + f"  {'GB/s':>8}  {'max abs err':>11}  check")
-        for step, kv_len, seconds, graph_s, nbytes, max_err, ok in rows:
-            best = graph_s if graph_s is not None else seconds
-            line = f"  {step:>4}  {kv_len:>7}  {_format_time(seconds):>10}"
-            if graph_col:
-                line += f"  {_format_time(graph_s) if graph_s is not None else '-':>12}"
-            line += f"  {nbytes / best / 1e9:>8.1f}  {max_err:>11.2e}  {'PASS' if ok else 'FAIL'}"
-            print(line)
-        if graph_col:
-            print("  (time: one eager call incl. Python overhead; graph replay: kernel time, used for GB/s)")
-        print()
-
-    checks = 1 + steps
-    if failures:
-        print(f"FAIL: {failures} of {checks} results outside atol {atol:g} / rtol {rtol:g} of the reference")
-        return 1
-    print(f"PASS: {checks} of {checks} results match the reference")
-    return 0
+    return demo.run(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,19 +624,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead, rewrite the table of environment variables in this README from the settings registry")
     p.set_defaults(func=cmd_info)
 
-    model, shape = DEMO_MODEL
-    p = sub.add_parser("demo", help=f"{model} attention: prefill + decode, checked and timed",
-                       description=f"Causal prefill then decode steps with {model}'s attention shape "
-                                   f"({shape.num_qo_heads} query heads, {shape.num_kv_heads} KV heads, "
-                                   f"head_dim {shape.head_dim}), each result checked against the float32 "
-                                   "reference. Exit code 1 when a check fails.")
-    p.add_argument("--prompt-len", type=int, default=None,
-                   help=f"prompt tokens (default {DEMO_PROMPT_LEN['cuda']} on a GPU, {DEMO_PROMPT_LEN['cpu']} on CPU)")
-    p.add_argument("--decode-steps", type=int, default=8, help="decode steps after the prefill (default 8)")
-    p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="bf16", help="bf16 (default) or fp16")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default 20 on GPU, 5 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    from .examples import demo
+
+    p = sub.add_parser("demo", help="a small serving engine on flashtile's kernels, checked and timed",
+                       description="Serve random requests with a Llama-architecture model (random weights) on "
+                                   "flashtile's kernels (flashtile/examples/engine.py) and with a plain PyTorch "
+                                   "engine; print time to first token, decode tokens/s and a greedy-token check. "
+                                   "Exit code 1 when a divergence exceeds rounding noise.")
+    demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run benchmark suites (source checkout only)",
