@@ -2,8 +2,8 @@
 
 Commands:
   info         versions, device, which path each API takes here, Triton cache, environment knobs
-  demo         Llama-3-8B attention: causal prefill then decode steps, checked against the
-               float32 reference and timed (exit code 1 when a check fails)
+  demo         the example serving engine (flashtile/examples/) against a plain PyTorch engine,
+               timed and checked (exit code 1 when a greedy divergence exceeds rounding noise)
   bench        the benchmark harness (``benchmarks/``, present in a source checkout only)
   warmup       compile the Triton kernel variants that model shapes need, before the first request
   clear-cache  delete Triton's on-disk kernel cache (prints what it would delete; ``--yes`` deletes)
