@@ -1,4 +1,5 @@
-"""The example serving engine (flashtile/examples) and ``python -m flashtile demo`` on CPU at tiny size.
+"""The example serving engine (flashtile/examples) and ``python -m flashtile demo`` at tiny size (CPU, or the
+GPU with CUDA-graph decode when there is one).
 
 The paged engine (flashtile's wrappers, page ops, norm/RoPE/activation and sampler; the reference path
 on CPU, the Triton kernels in the interpreter on the ``kernel`` path) must emit the same greedy tokens
@@ -34,11 +35,11 @@ def _serve(weights, sizes, page_size=4, max_batch=2, chunk=16, system_len=10):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_greedy_tokens_match_reference_engine(path, dtype, capsys):
+def test_greedy_tokens_match_reference_engine(path, dtype, device, capsys):
     # The PyTorch engine, teacher-forced with the paged engine's tokens, agrees on every greedy token up to
     # near-ties within the measured rounding noise (demo._check: exit code 0).
     sizes = (3, (5, 30), (3, 6)) if path == "reference" else (2, (3, 9), (2, 3))
-    weights = init_weights(CFG, "cpu", dtype, seed=3)
+    weights = init_weights(CFG, device, dtype, seed=3)
     paged, prompts, system, max_new, res, forced = _serve(weights, sizes)
     assert forced.compared == sum(max_new)
     assert sorted(res.outputs) == list(range(len(prompts)))
@@ -47,12 +48,14 @@ def test_greedy_tokens_match_reference_engine(path, dtype, capsys):
     assert facts["first_token_logit_error"] < (0.01 if dtype == torch.float16 else 0.08)
     for rid, logits in res.first_logits.items():
         torch.testing.assert_close(logits, forced.first_logits[rid], atol=0.1, rtol=0)
+    if device.type == "cuda":
+        assert paged.graphs  # decode ran as CUDA-graph replays
     # every page went back to the pool except the shared system prompt's (page 0 is the graphs' scratch page)
     assert len(paged.allocator.free) + len(paged.shared_pages) == paged.cache.shape[1] - 1
 
 
-def test_continuous_batching_and_chunked_prefill():
-    weights = init_weights(CFG, "cpu", torch.bfloat16, seed=5)
+def test_continuous_batching_and_chunked_prefill(device):
+    weights = init_weights(CFG, device, torch.bfloat16, seed=5)
     prompts, max_new = [[1] * 40, [2] * 5, [3] * 7], [2, 6, 3]
     paged = PagedEngine(weights, page_size=3, max_batch=2, prefill_chunk=16)
     res = paged.run(prompts, max_new, system_prompt(7, CFG.vocab_size))
@@ -63,8 +66,8 @@ def test_continuous_batching_and_chunked_prefill():
     assert {r: len(o) for r, o in res.outputs.items()} == {0: 2, 1: 6, 2: 3}
 
 
-def test_sampling_mode_and_buckets():
-    weights = init_weights(CFG, "cpu", torch.bfloat16, seed=6)
+def test_sampling_mode_and_buckets(device):
+    weights = init_weights(CFG, device, torch.bfloat16, seed=6)
     prompts, max_new = make_requests(2, (4, 8), (4, 4), CFG.vocab_size)
     res = PagedEngine(weights, sampling=Sampling(greedy=False, top_k=5, top_p=0.8)).run(prompts, max_new)
     assert all(len(o) == 4 and all(0 <= t < CFG.vocab_size for t in o) for o in res.outputs.values())

@@ -1,4 +1,4 @@
-"""The Hugging Face transformers attention backend (flashtile/integrations/transformers.py) on CPU.
+"""The Hugging Face transformers attention backend (flashtile/integrations/transformers.py), on CPU (or the GPU).
 
 A tiny random Llama model runs with ``attn_implementation="flashtile"`` and with ``"sdpa"`` (transformers'
 own path over torch SDPA, the oracle here) on the same weights: logits of batched, left-padded prompts
@@ -12,6 +12,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from flashtile.integrations import transformers as ft_hf  # noqa: E402
 
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
 
 def _models(dtype=torch.bfloat16):
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -19,8 +21,8 @@ def _models(dtype=torch.bfloat16):
                                    pad_token_id=0)
     name = ft_hf.register()
     torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
-    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to(dtype).eval()
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(DEVICE, dtype).eval()
+    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to(DEVICE, dtype).eval()
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
@@ -33,7 +35,7 @@ def _batch():
     for i, n in enumerate(lens):  # left padding, as for generation
         ids[i, -n:] = torch.randint(1, 128, (n,), generator=g)
         mask[i, -n:] = 1
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def test_register_rejects_flash_names():

@@ -270,7 +270,7 @@ def _check(weights, prompts, system, max_batch, chunk, sampling, res: RunResult,
            ref_res: RunResult) -> Tuple[int, dict]:
     """The correctness lines (see the module docstring); returns (exit code, facts for the JSON)."""
     k = min(NOISE_REQUESTS, len(prompts))
-    ref32 = ReferenceEngine(weights.to(torch.float32), max_batch=max_batch, prefill_chunk=chunk, sampling=sampling)
+    ref32 = ReferenceEngine(weights.to(torch.float32), max_batch=k, prefill_chunk=chunk, sampling=sampling)
     exact = ref32.run(prompts[:k], [1] * k, system, keep_first_logits=True).first_logits
     noise = max(float((ref_res.first_logits[i] - exact[i]).abs().max()) for i in range(k))
     err = max(float((res.first_logits[i] - exact[i]).abs().max()) for i in range(k))
