@@ -66,6 +66,16 @@ def test_continuous_batching_and_chunked_prefill(device):
     assert {r: len(o) for r, o in res.outputs.items()} == {0: 2, 1: 6, 2: 3}
 
 
+def test_padded_decode_matches(device):
+    # Decode padded to a graph bucket (padding rows: one token on the scratch page) gives the same tokens.
+    weights = init_weights(CFG, device, torch.float16, seed=8)
+    prompts, max_new = make_requests(3, (4, 12), (3, 5), CFG.vocab_size)
+    plain = PagedEngine(weights, max_batch=5, cuda_graphs=False)
+    padded = PagedEngine(weights, max_batch=5, cuda_graphs=False)
+    padded.pad_eager = True
+    assert plain.run(prompts, max_new).outputs == padded.run(prompts, max_new).outputs
+
+
 def test_sampling_mode_and_buckets(device):
     weights = init_weights(CFG, device, torch.bfloat16, seed=6)
     prompts, max_new = make_requests(2, (4, 8), (4, 4), CFG.vocab_size)

@@ -285,6 +285,7 @@ class PagedEngine(EngineBase):
         self.decode_wrapper = kernels.BatchDecodeWithPagedKVCacheWrapper(self.workspace, **kw)
         self.gen = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
         self.graphs: Dict[int, tuple] = {}
+        self.pad_eager = False  # tests: pad eager decode to the graph buckets as graph replays do
         self.shared_pages: List[int] = []
 
     # set-up --------------------------------------------------------------------------------
@@ -414,26 +415,29 @@ class PagedEngine(EngineBase):
     # decode ------------------------------------------------------------------------------------
     def _decode_table(self, reqs: List[Request], rows: int):
         """Inputs of one decode step padded to ``rows``: the last token of each request, its position,
-        the page table after the append (padding rows: no pages), and the append's row -> request map."""
+        the page table after the append, and the append's row -> request map. A padding row is one token on
+        the scratch page 0 (its K/V is written there and its output ignored), which every kernel library
+        handles the same way."""
         lens = []
         for r in reqs:
             self._grow(r, r.kv_len + 1 - r.offset)
             lens.append(r.kv_len + 1)
-        pad = rows - len(reqs)
+        b, pad = len(reqs), rows - len(reqs)
         indptr, indices, last = self._table(reqs, lens, shared=True)
-        indptr = torch.cat([indptr, indptr[-1:].repeat(pad)])
-        last = torch.cat([last, torch.zeros(pad, dtype=torch.int32)])
+        indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
+        indices = torch.cat([indices, torch.zeros(pad, dtype=torch.int32, device=self.device)])
+        last = torch.cat([last, torch.ones(pad, dtype=torch.int32)])
         tokens = [r.output[-1] for r in reqs] + [0] * pad
         positions = [n - 1 for n in lens] + [0] * pad
-        batch = list(range(len(reqs))) + [-1] * pad  # -1: a padding row, not written
-        return tokens, positions, batch, indptr, indices, last
+        return tokens, positions, list(range(b + pad)), indptr, indices, last
 
     def decode(self, reqs: List[Request]) -> torch.Tensor:
         b = len(reqs)
         if self.cuda_graphs:
             bucket = next(s for s in graph_buckets(self.max_batch) if s >= b)
             return self._replay(bucket, reqs)[:b]
-        tokens, positions, batch, indptr, indices, last = self._decode_table(reqs, b)
+        rows = next(s for s in graph_buckets(self.max_batch) if s >= b) if self.pad_eager else b
+        tokens, positions, batch, indptr, indices, last = self._decode_table(reqs, rows)
         self.decode_wrapper.plan(indptr, indices, last, head_dim=self.c.head_dim, q_data_type=self.dtype,
                                  kv_data_type=self.dtype, **self._heads())
         dev = self.device
@@ -441,7 +445,7 @@ class PagedEngine(EngineBase):
         append = (torch.tensor(batch, dtype=torch.int32, device=dev), positions.to(torch.int32), indices,
                   indptr.to(dev), last.to(dev))
         return forward(self.w, self.ops, torch.tensor(tokens, device=dev), positions,
-                       self._attend(self.decode_wrapper, append))
+                       self._attend(self.decode_wrapper, append))[:b]
 
     def _graph(self, bucket: int):
         """The CUDA graph of one decode step of ``bucket`` rows, captured on first use: static input
@@ -453,13 +457,13 @@ class PagedEngine(EngineBase):
         max_pages = self.cache.shape[1] + bucket * len(self.shared_pages)
         bufs = dict(tokens=torch.zeros(bucket, dtype=torch.long, device=dev),
                     positions=torch.zeros(bucket, dtype=torch.long, device=dev),
-                    positions32=torch.zeros(bucket, **i32), batch=torch.full((bucket,), -1, **i32),
+                    positions32=torch.zeros(bucket, **i32), batch=torch.arange(bucket, **i32),
                     indptr=torch.zeros(bucket + 1, **i32), indices=torch.zeros(max_pages, **i32),
                     last=torch.zeros(bucket, **i32))
         wrapper = self.k.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=bufs["indptr"],
             paged_kv_indices_buffer=bufs["indices"], paged_kv_last_page_len_buffer=bufs["last"])
-        # A plan for the capture: every row one token on scratch page 0 (padding rows write nothing).
+        # A plan for the capture: every row one token on scratch page 0.
         wrapper.plan(torch.arange(bucket + 1, dtype=torch.int32), torch.zeros(bucket, **i32),
                      torch.ones(bucket, dtype=torch.int32), head_dim=self.c.head_dim, q_data_type=self.dtype,
                      kv_data_type=self.dtype, **self._heads())
