@@ -282,7 +282,8 @@ class PagedEngine(EngineBase):
         kw = dict(kv_layout="NHD")
         self.prefill_wrapper = kernels.BatchPrefillWithPagedKVCacheWrapper(self.workspace, **kw)
         self.cascade_wrapper = kernels.MultiLevelCascadeAttentionWrapper(2, self.workspace, **kw)
-        self.decode_wrapper = kernels.BatchDecodeWithPagedKVCacheWrapper(self.workspace, **kw)
+        # use_tensor_cores: FlashInfer's fastest decode for grouped heads (flashtile always uses tensor cores)
+        self.decode_wrapper = kernels.BatchDecodeWithPagedKVCacheWrapper(self.workspace, use_tensor_cores=True, **kw)
         self.gen = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
         self.graphs: Dict[int, tuple] = {}
         self.pad_eager = False  # tests: pad eager decode to the graph buckets as graph replays do
@@ -461,7 +462,7 @@ class PagedEngine(EngineBase):
                     indptr=torch.zeros(bucket + 1, **i32), indices=torch.zeros(max_pages, **i32),
                     last=torch.zeros(bucket, **i32))
         wrapper = self.k.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=bufs["indptr"],
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=bufs["indptr"],
             paged_kv_indices_buffer=bufs["indices"], paged_kv_last_page_len_buffer=bufs["last"])
         # A plan for the capture: every row one token on scratch page 0.
         wrapper.plan(torch.arange(bucket + 1, dtype=torch.int32), torch.zeros(bucket, **i32),
