@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU session for issue 28 (the example serving engine and the HF backend): ~4 minutes on an H100 with a warm
+# GPU session for issue 28 (the example serving engine and the HF backend), aimed at ~4 minutes on an H100 with a warm
 # FlashInfer JIT cache; every step has a timeout, worst case about 8.5 minutes:
 #   1. the demo and HF-backend tests on the GPU (CUDA-graph decode, kernels compiled);
 #   2. the demo at the issue's size: a 1B-class random model, 64 requests, prompts 128-2048, 256 new tokens,
