@@ -52,20 +52,20 @@ def test_info_json(tmp_path):
 
 
 def test_demo():
-    r = run_cli("demo", "--prompt-len", "48", "--decode-steps", "2")
+    # The serving-engine demo at its CPU defaults (tests/test_demo.py covers the engine itself).
+    r = run_cli("demo", "--requests", "2", "--new-tokens", "3")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "Llama-3-8B" in r.stdout and "TFLOP/s" in r.stdout and "GB/s" in r.stdout
-    assert r.stdout.count("PASS") == 4  # prefill, two decode steps, summary
+    assert "| flashtile (paged) |" in r.stdout and "decode tok/s" in r.stdout and "PASS" in r.stdout
     assert "FAIL" not in r.stdout
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the kernels run compiled on a GPU (test_demo)")
 def test_demo_kernels_in_interpreter():
     # Without TRITON_INTERPRET the CLI chooses the interpreter itself for FLASHTILE_BACKEND=triton.
-    r = run_cli("demo", "--prompt-len", "16", "--decode-steps", "1", "--reps", "1",
+    r = run_cli("demo", "--requests", "2", "--prompt-len", "3:9", "--new-tokens", "3", "--system-len", "5",
                 env={"FLASHTILE_BACKEND": "triton"}, drop=("TRITON_INTERPRET",))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "triton-interpreter" in r.stdout and "PASS: 2 of 2" in r.stdout
+    assert "greedy tokens:" in r.stdout and "PASS" in r.stdout
 
 
 def test_demo_bad_arguments():
@@ -74,17 +74,6 @@ def test_demo_bad_arguments():
     if not HAS_CUDA:
         r = run_cli("demo", "--device", "cuda")
         assert r.returncode == 2 and "no CUDA device" in r.stderr
-
-
-def test_check_close_detects_errors():
-    ref = torch.randn(4, 8)
-    assert cli.check_close(ref.bfloat16(), ref)[1]
-    bad = ref.clone()
-    bad[1, 3] += 0.5
-    err, ok = cli.check_close(bad, ref)
-    assert not ok and abs(err - 0.5) < 1e-6
-    bad[0, 0] = float("nan")
-    assert cli.check_close(bad, ref)[1] is False
 
 
 def test_bench_smoke(tmp_path):

@@ -88,14 +88,6 @@ def path_of(device: torch.device, backend: str = "auto") -> Tuple[str, str]:
     return decision.path.value, decision.reason
 
 
-def format_time(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    if seconds < 1.0:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
-
-
 def dir_usage(path: pathlib.Path) -> Tuple[int, int]:
     """(number of files, total bytes) under ``path``."""
     files = size = 0

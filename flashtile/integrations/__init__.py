@@ -1,0 +1,2 @@
+"""Integrations with other libraries: :mod:`flashtile.integrations.transformers` (a Hugging Face attention
+backend)."""

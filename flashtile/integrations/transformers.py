@@ -1,0 +1,129 @@
+"""A Hugging Face transformers attention backend on flashtile's kernels.
+
+    import flashtile.integrations.transformers as ft_hf
+    ft_hf.register()                                   # once; returns the name, "ftile"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ftile")
+    model.generate(**tokenizer(prompts, return_tensors="pt", padding=True))
+
+:func:`register` adds :func:`attention_forward` to transformers' ``AttentionInterface`` and transformers'
+own SDPA mask builder (``masking_utils.sdpa_mask``: a boolean ``[batch, 1, q_len, kv_len]`` mask, or None
+when the attention is plainly causal) to its ``AttentionMaskInterface``, both under one name. The name has
+no "flash" in it: transformers 5 treats such names as kernels to download from the Hub.
+
+How a call maps to flashtile: transformers' KV cache holds ``[batch, kv_heads, kv_len, head_dim]`` per
+layer, which is a paged cache in the HND layout with one page of ``kv_len`` tokens per sequence. Each call
+plans on that view (no copy of K/V) and runs:
+
+- no mask, one query token (decode without padding): ``BatchDecodeWithPagedKVCacheWrapper``;
+- otherwise ``BatchPrefillWithPagedKVCacheWrapper``: causal (bottom-right) without a mask, or the mask as a
+  custom mask (padding, any pattern). Query rows that the mask hides entirely give zeros (SDPA gives NaN
+  or a fully unmasked row there; transformers ignores those rows).
+
+The plan is cached: the layers of one forward pass share the mask tensor and the shapes, so only the
+first layer plans. Needs transformers >= 4.54 (``AttentionMaskInterface``); tested with 5.25.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+NAME = "ftile"  # flashtile; transformers reserves names containing "flash"
+_WORKSPACE_BYTES = 128 << 20
+_state: dict = {}  # device -> {"workspace", "decode", "prefill", "key", "mask", "wrapper"}
+
+
+def register(name: str = NAME) -> str:
+    """Register flashtile's attention (and transformers' SDPA mask builder) under ``name``; returns it.
+
+    Raises:
+        ValueError: ``name`` contains "flash" (transformers 5 would look it up on the Hub).
+        ImportError: transformers is not installed (``pip install flashtile[hf]``).
+    """
+    if "flash" in name.lower():
+        raise ValueError(f"name: transformers treats names containing 'flash' as Hub kernels, got {name!r}")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def _wrappers(device: torch.device) -> dict:
+    st = _state.get(device)
+    if st is None:
+        import flashtile
+
+        ws = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        st = _state[device] = dict(decode=flashtile.BatchDecodeWithPagedKVCacheWrapper(ws, "HND"),
+                                   prefill=flashtile.BatchPrefillWithPagedKVCacheWrapper(ws, "HND"),
+                                   key=None, mask=None, wrapper=None)
+    return st
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, None]:
+    """transformers' attention-function signature.
+
+    Args:
+        module: the attention module (its ``is_causal`` is the default of ``is_causal``).
+        query: ``[batch, num_qo_heads, q_len, head_dim]``; key, value: ``[batch, num_kv_heads, kv_len,
+            head_dim]`` (the layer's cache after this step's append), float16 or bfloat16.
+        attention_mask: None or boolean ``[batch, 1, q_len, kv_len]`` (True: attend), from ``sdpa_mask``.
+        dropout: must be 0 (inference only). scaling: softmax scale (default ``1/sqrt(head_dim)``).
+        is_causal: causal when no mask is given (default: ``module.is_causal``, else True).
+        kwargs: ``softcap`` (logit soft cap) is honoured; ``sliding_window`` raises NotImplementedError.
+
+    Returns:
+        ``(out, None)``, ``out`` ``[batch, q_len, num_qo_heads, head_dim]`` in query's dtype.
+    """
+    if dropout:
+        raise NotImplementedError("dropout: flashtile's attention is for inference (dropout must be 0)")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("sliding_window: not supported by the flashtile transformers backend yet")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise TypeError(f"attention_mask: expected a boolean mask (transformers' sdpa_mask), got "
+                        f"{attention_mask.dtype}")
+    batch, hq, q_len, d = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and 1 < q_len < kv_len:
+        # a static cache's empty tail (as transformers' SDPA path: the keys past the queries are unused)
+        key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    st = _wrappers(query.device)
+    plan_key = (batch, hq, hkv, q_len, kv_len, d, query.dtype, key.dtype, scaling, causal, kwargs.get("softcap"),
+                attention_mask is None)
+    if st["key"] != plan_key or st["mask"] is not attention_mask:
+        _plan(st, attention_mask, plan_key, causal, scaling, kwargs.get("softcap"))
+    q = query.transpose(1, 2).reshape(batch * q_len, hq, d)  # one copy: [batch * q_len, Hq, D]
+    out = st["wrapper"].run(q, (key, value))                 # key, value: HND pages of kv_len tokens
+    return out.view(batch, q_len, hq, -1), None
+
+
+def _plan(st: dict, mask, plan_key, causal: bool, scaling, softcap) -> None:
+    batch, hq, hkv, q_len, kv_len, d, q_dtype, kv_dtype = plan_key[:8]
+    i32 = torch.int32
+    indptr = torch.arange(batch + 1, dtype=i32)
+    indices = torch.arange(batch, dtype=i32)
+    last = torch.full((batch,), kv_len, dtype=i32)
+    common = dict(q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scaling, logits_soft_cap=softcap)
+    if mask is None and q_len == 1:
+        st["decode"].plan(indptr, indices, last, hq, hkv, d, kv_len, **common)
+        st["wrapper"] = st["decode"]
+    else:
+        extra = dict(causal=causal) if mask is None else dict(custom_mask=mask[:, 0].reshape(-1))
+        st["prefill"].plan(indptr * q_len, indptr, indices, last, hq, hkv, head_dim_qk=d, page_size=kv_len,
+                           **extra, **common)
+        st["wrapper"] = st["prefill"]
+    st["key"], st["mask"] = plan_key, mask
