@@ -9,7 +9,7 @@ is stated in flashtile/reference/mla.py; the kernels are flashtile/kernels/mla.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -73,6 +73,9 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         kv_len_arr: graph mode: int32 ``[B]`` device buffer for plan()'s kv_len_arr.
         backend: "auto", "fa2", "fa3" (flashtile's kernels), "triton" or "reference"; "cutlass" raises
             NotImplementedError.
+        jit_args: an attention variant (flashtile extension; docs/variants.md): a
+            :class:`flashtile.AttentionVariant` or upstream's jit_args tuple holding one. Its hooks see MLA
+            as one KV head with keys ``[ckv | kpe]``; run() takes its extra arguments as ``variant_args``.
     """
 
     # An MLA plan holds no AttentionParams (no RoPE, window or soft cap): it is not a PlanBase, and the
@@ -82,8 +85,11 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
     def __init__(self, float_workspace_buffer: torch.Tensor, use_cuda_graph: bool = False,
                  qo_indptr: Optional[torch.Tensor] = None, kv_indptr: Optional[torch.Tensor] = None,
                  kv_indices: Optional[torch.Tensor] = None, kv_len_arr: Optional[torch.Tensor] = None,
-                 backend: str = "auto") -> None:
-        super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, backend, None)
+                 backend: str = "auto", jit_args=None) -> None:
+        super().__init__(float_workspace_buffer, "NHD", use_cuda_graph, backend, jit_args)
+        if self._jit_variant is not None and self._jit_variant.query_transform is not None:
+            raise NotImplementedError(f"jit_args: variant {self._jit_variant.name!r} has a query_transform, which MLA "
+                                      "does not support (its query is two tiles); transform q_nope / q_pe before run()")
         self._token_capacity: Optional[int] = None
         if self._use_cuda_graph:
             for name, buf in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices),
@@ -269,7 +275,7 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False,
             profiler_buffer: Optional[torch.Tensor] = None, kv_len: Optional[torch.Tensor] = None,
             page_table: Optional[torch.Tensor] = None, *, ckv_scale: float = 1.0, kpe_scale: float = 1.0,
-            return_lse_base_on_e: bool = False):
+            return_lse_base_on_e: bool = False, variant_args: Sequence = (), sinks: Optional[torch.Tensor] = None):
         """Attention of the planned batch.
 
         Args:
@@ -286,6 +292,10 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             ckv_scale, kpe_scale: dequantization scales of a float8 cache (the stored value times the
                 scale is the latent); 1.0 for half-precision caches.
             return_lse_base_on_e: must be False (flashtile's LSE is base 2).
+            variant_args: the extra tensors and scalars of the ``jit_args`` variant, in its declaration
+                order (flashtile extension: upstream's run() has no place for them).
+            sinks: optional float ``[num_heads]`` per-head sink logits (natural units) joining each row's
+                softmax denominator (the built-in sink variant, as on the other wrappers).
 
         Rows of q past ``qo_indptr[-1]`` are left unwritten.
         """
@@ -318,10 +328,12 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         for name, scale in (("ckv_scale", ckv_scale), ("kpe_scale", kpe_scale)):
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
                 raise TypeError(f"{name}: expected a float, got {describe(scale)}")
+        variant = self._bound_variant(tuple(variant_args), sinks, dict(
+            num_qo_heads=H, num_kv_heads=1, batch_size=plan.batch_size, head_dim=dc + dp))
         if lse is None and not return_lse:  # an lse nobody reads: a reused scratch view, no allocation
             lse = discarded_output((nnz, H), torch.float32, self.device)
         out, lse_out = self._outputs((nnz, H, dc), plan.q_dtype, out, lse)
         ops_mla.call_mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, plan.meta, out, lse_out, sm_scale=plan.sm_scale,
                                ckv_scale=float(ckv_scale), kpe_scale=float(kpe_scale), causal=plan.causal,
-                               backend=self._backend)
+                               backend=self._backend, variant=variant)
         return (out, lse_out) if return_lse else out

@@ -78,6 +78,21 @@ def make_paged_batch(lens, page_size, num_kv_heads, head_dim, dtype, device, *, 
     return cache, indptr, indices, last
 
 
+def make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, dtype, device, *, kv_dtype=None, spare=3,
+                   indptr_offset=0, scale=1.0):
+    """q_nope/q_pe, scattered page pools ckv [pages, page_size, dc] and kpe (one [.., dc + dp] tensor,
+    sliced, as engines pass it), and the int32 CPU index arrays."""
+    total = sum(-(-n // page_size) for n in kv_lens) + spare
+    kv_indptr, kv_indices, _ = random_page_table(kv_lens, page_size, total, indptr_offset=indptr_offset)
+    qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
+    nnz = int(qo_indptr[-1])
+    q_nope = torch.randn(nnz, heads, dc, device=device).to(dtype)
+    q_pe = torch.randn(nnz, heads, dp, device=device).to(dtype)
+    pool = (torch.randn(total, page_size, dc + dp, device=device) * scale).to(kv_dtype or dtype)
+    ckv, kpe = pool[..., :dc], pool[..., dc:]
+    return q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, torch.tensor(kv_lens, dtype=torch.int32)
+
+
 def scaled_copy(x):
     """A tensor (or a (k, v) pair of them) with half of ``x``'s values, its shape, and its strides where ``x``
     is contiguous: new inputs for a second run() that replays the first one's launches."""

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from attention_cases import random_page_table, workspace
+from attention_cases import make_mla_batch, random_page_table, workspace
 from conftest import HAS_CUDA
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,21 +18,6 @@ from flashtile.mla import BatchMLAPagedAttentionWrapper
 from flashtile.scheduler.mla_work import ITEM_FIELDS, REQ_FIELDS, plan_mla_work
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
-
-
-def make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, dtype, device, *, kv_dtype=None, spare=3,
-                   indptr_offset=0, scale=1.0):
-    """q_nope/q_pe, scattered page pools ckv [pages, page_size, dc] and kpe (one [.., dc + dp] tensor,
-    sliced, as engines pass it), and the int32 CPU index arrays."""
-    total = sum(-(-n // page_size) for n in kv_lens) + spare
-    kv_indptr, kv_indices, _ = random_page_table(kv_lens, page_size, total, indptr_offset=indptr_offset)
-    qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
-    nnz = int(qo_indptr[-1])
-    q_nope = torch.randn(nnz, heads, dc, device=device).to(dtype)
-    q_pe = torch.randn(nnz, heads, dp, device=device).to(dtype)
-    pool = (torch.randn(total, page_size, dc + dp, device=device) * scale).to(kv_dtype or dtype)
-    ckv, kpe = pool[..., :dc], pool[..., dc:]
-    return q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, torch.tensor(kv_lens, dtype=torch.int32)
 
 
 def check_mla(out, lse, q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens, *, causal, sm_scale,

@@ -8,9 +8,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from attention_cases import assert_matches_oracle, make_paged_batch, make_qkv, workspace
+from attention_cases import assert_matches_oracle, make_mla_batch, make_paged_batch, make_qkv, workspace
 from conftest import HAS_CUDA
-from oracles import alibi_slopes_f64, sigmoid_attention_oracle, sink_attention_oracle
+from oracles import alibi_slopes_f64, attention_oracle, sigmoid_attention_oracle, sink_attention_oracle
 
 import flashtile
 from flashtile import AttentionVariant
@@ -312,6 +312,94 @@ def test_batch_sinks(path, device, wrapper):
 def _request_kv(cache, indptr, indices, r, n, page_size):
     ids = indices[int(indptr[r]):int(indptr[r + 1])].long().to(cache.device)
     return cache[ids, 0].flatten(0, 1)[:n], cache[ids, 1].flatten(0, 1)[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLA (flashtile.mla): the hooks see one KV head with keys [ckv | kpe] and values ckv
+# ----------------------------------------------------------------------------------------------------------
+
+MLA_DC, MLA_DP = (512, 64) if HAS_CUDA else (32, 16)
+
+
+def _mla_request(batch, r):
+    """Request ``r`` of an MLA batch as MQA: q ``[qo, H, Dc + Dp]``, k ``[kv, 1, Dc + Dp]``, v ``[kv, 1, Dc]``."""
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    rows = slice(int(qo_indptr[r]), int(qo_indptr[r + 1]))
+    ids = kv_indices[int(kv_indptr[r]):int(kv_indptr[r + 1])].long().to(ckv.device)
+    n = int(lens[r])
+    c, p = ckv[ids].flatten(0, 1)[:n], kpe[ids].flatten(0, 1)[:n]
+    return rows, torch.cat([q_nope[rows], q_pe[rows]], -1), torch.cat([c, p], -1)[:, None], c[:, None]
+
+
+def _mla_wrapper(device, batch, heads, page_size, causal, sm_scale, **kw):
+    plan_kw = {k: kw.pop(k) for k in ("fixed_split_size",) if k in kw}
+    w = flashtile.mla.BatchMLAPagedAttentionWrapper(workspace(device), **kw)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, heads, MLA_DC, MLA_DP, page_size, causal, sm_scale,
+           q_nope.dtype, ckv.dtype, **plan_kw)
+    return w
+
+
+@pytest.mark.parametrize("builtin", [True, False], ids=["sinks=", "user"])
+def test_mla_sinks_with_split_kv(path, device, builtin):
+    """Sinks on MLA, counted once per row when the KV is split (fixed 16-token chunks) and merged; a
+    request with no keys gets out 0 and lse = the sink."""
+    heads, page_size = 4, 16
+    batch = make_mla_batch([1, 3, 1], [70, 41, 0], page_size, heads, MLA_DC, MLA_DP, torch.float16, device)
+    sinks = torch.randn(heads, device=device) * 2
+    extra = {} if builtin else dict(jit_args=SINKS)
+    w = _mla_wrapper(device, batch, heads, page_size, True, 0.2, fixed_split_size=16, **extra)
+    run_kw = dict(sinks=sinks) if builtin else dict(variant_args=(sinks,))
+    out, lse = w.run(*batch[:4], return_lse=True, **run_kw)
+    for r in range(3):
+        rows, q, k, v = _mla_request(batch, r)
+        ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu(), causal=True, sm_scale=0.2)
+        torch.testing.assert_close(out[rows].double().cpu(), ref_o, **TOL)
+        torch.testing.assert_close(lse[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+def test_mla_flash_sigmoid_and_key_mask(path, device):
+    """A variant without softmax (whole rows: the plan does not split) on MLA, and a mask hook with a
+    softmax variant, both against float64 oracles."""
+    heads, page_size = 2, 4
+    batch = make_mla_batch([1, 5], [9, 30], page_size, heads, MLA_DC, MLA_DP, torch.float16, device)
+    w = _mla_wrapper(device, batch, heads, page_size, True, 0.2, jit_args=FLASH_SIGMOID_DECLARED)
+    out = w.run(*batch[:4], variant_args=(0.05, -0.5))
+    assert w._plan.meta.max_splits == 1
+    bits = torch.randint(0, 256, (8,), dtype=torch.uint8, device=device)
+    masked = AttentionVariant("key_bits", logits_mask=(key_bit_mask, key_bit_mask_torch),
+                              tensors=[("bits", torch.uint8)])
+    wm = _mla_wrapper(device, batch, heads, page_size, False, 0.2, jit_args=masked, fixed_split_size=16)
+    out_m, lse_m = wm.run(*batch[:4], variant_args=(bits,), return_lse=True)
+    for r in range(2):
+        rows, q, k, v = _mla_request(batch, r)
+        ref = sigmoid_attention_oracle(q, k, v, 0.05, -0.5, causal=True)
+        torch.testing.assert_close(out[rows].double().cpu(), ref, **SUM_TOL)
+        n = k.shape[0]
+        keep = ((bits.cpu()[torch.arange(n) // 8].int() >> (torch.arange(n) % 8)) & 1).bool()
+        ref_o, ref_lse = attention_oracle(q, k[keep], v[keep], causal=False, sm_scale=0.2)
+        torch.testing.assert_close(out_m[rows].double().cpu(), ref_o, **TOL)
+        torch.testing.assert_close(lse_m[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+@triton.jit
+def halve_query(q, batch, qo_idx, qo_head, qo_len, kv_len, args):
+    return q * 0.5
+
+
+def test_mla_variant_errors(device):
+    batch = make_mla_batch([1], [5], 4, 2, MLA_DC, MLA_DP, torch.float16, device)
+    scaled_q = AttentionVariant("scaled_q", query_transform=halve_query)
+    with pytest.raises(NotImplementedError, match="query_transform"):
+        flashtile.mla.BatchMLAPagedAttentionWrapper(workspace(device), jit_args=scaled_q)
+    w = _mla_wrapper(device, batch, 2, 4, True, 0.2, jit_args=FLASH_SIGMOID_DECLARED)
+    with pytest.raises(ValueError, match="expected 2 extra arguments"):
+        w.run(*batch[:4], variant_args=(0.05,))
+    w = _mla_wrapper(device, batch, 2, 4, True, 0.2)
+    with pytest.raises(ValueError, match="extra positional"):
+        w.run(*batch[:4], variant_args=(0.05,))
+    with pytest.raises(ValueError, match="sinks"):
+        w.run(*batch[:4], sinks=torch.zeros(3, device=device))
 
 
 # ----------------------------------------------------------------------------------------------------------

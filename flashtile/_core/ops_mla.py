@@ -18,12 +18,18 @@ _INTS = ("req_offset", "token_offset", "item_offset", "num_items", "max_splits")
 
 
 def _impl(q_nope, q_pe, ckv_cache, kpe_cache, meta: MlaMeta, out, lse, sm_scale, ckv_scale, kpe_scale, causal,
-          backend) -> None:
+          backend, variant=None) -> None:
     if q_nope.shape[0] == 0:
         return
+    extra = {} if variant is None else {"variant": variant}
     dispatch.implementation("mla", q_nope.device, backend).mla_paged_forward(
         q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale=sm_scale, ckv_scale=ckv_scale,
-        kpe_scale=kpe_scale, causal=causal)
+        kpe_scale=kpe_scale, causal=causal, **extra)
+
+
+# A call with an attention variant: its Triton functions cannot be op arguments, so it always runs the
+# implementation (under torch.compile: a graph break), as ops.call does for the other attention ops.
+_impl_with_variant = torch.compiler.disable(_impl)
 
 
 @torch.library.custom_op(
@@ -58,9 +64,13 @@ def op_args(q_nope, q_pe, ckv_cache, kpe_cache, meta: MlaMeta, out, lse, sm_scal
 
 
 def call_mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, meta: MlaMeta, out, lse, *, sm_scale, ckv_scale, kpe_scale,
-                   causal, backend) -> None:
-    """Run the op: its implementation when eager, the registered op when torch.compile traces."""
-    if torch.compiler.is_compiling():
+                   causal, backend, variant=None) -> None:
+    """Run the op: its implementation when eager, the registered op when torch.compile traces.
+    ``variant``: a bound attention variant (flashtile/variants.py) or None."""
+    if variant is not None:
+        _impl_with_variant(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale, ckv_scale, kpe_scale,
+                           causal, backend, variant=variant)
+    elif torch.compiler.is_compiling():
         mla_paged(*op_args(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale, ckv_scale, kpe_scale,
                            causal, backend))
     else:

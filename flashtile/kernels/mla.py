@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .._core.device import num_sms
 from .._core.settings import interpreting
+from .attention import variant_kwargs
 from .smem import TileFeatures, launch_within_limit
 from .softmax import finalize_state, softmax_update
 from .tiles import mma
@@ -49,7 +50,12 @@ def _mla_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     NUM_STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, OUTPUT_HOOK: tl.constexpr = None,
+    SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None, hook_sm_scale=None,
 ):
+    """Variant hooks (flashtile/variants.py; None: not compiled) see the MLA rows as MQA: kv_head 0, the
+    unscaled ``qk`` over ``[ckv | kpe]`` (the launcher then passes the caches' dequantization scales as
+    qk_scale_ckv / qk_scale_kpe and sm_scale as ``hook_sm_scale``)."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_items = tl.load(work_ptr)
@@ -84,6 +90,10 @@ def _mla_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        if SINK_HOOK is not None:  # the sink joins the state once per row: in the request's first chunk
+            first = (l_i == 0.0) & (kv_start == 0)
+            m_i = tl.where(first, SINK_HOOK(b, h, vargs) * LOG2E, m_i)
+            l_i = tl.where(first, 1.0, l_i)
         acc = tl.zeros([BLOCK_M, D_CKV], tl.float32)
         hi = kv_end
         if CAUSAL:
@@ -100,14 +110,28 @@ def _mla_kernel(
             ckv = ckv.to(qn.dtype)
             kpe = kpe.to(qn.dtype)
             s = mma(qn, tl.trans(ckv), UPCAST_DOT) * qk_scale_ckv + mma(qp, tl.trans(kpe), UPCAST_DOT) * qk_scale_kpe
+            if LOGITS_HOOK is not None:  # natural-unit logits from the variant; base 2 for the softmax
+                s = LOGITS_HOOK(s, hook_sm_scale, b, t[:, None], j[None, :], h[:, None], 0, qo_len, kv_len, vargs)
+                if USE_SOFTMAX:
+                    s = s * LOG2E
             visible = kv_ok[None, :]
             if CAUSAL:
                 visible = visible & (j[None, :] <= pos[:, None])
-            s = tl.where(visible, s, float("-inf"))  # [BLOCK_M, BLOCK_N], base-2 logits
-            m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
+            if MASK_HOOK is not None:
+                visible = visible & MASK_HOOK(b, t[:, None], j[None, :], h[:, None], 0, qo_len, kv_len, vargs)
+            if USE_SOFTMAX:
+                s = tl.where(visible, s, float("-inf"))  # [BLOCK_M, BLOCK_N], base-2 logits
+                m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
+            else:  # the variant's weights as they are (whole rows: the plan does not split)
+                p = tl.where(visible, s, 0.0)
             acc += mma(p.to(ckv.dtype), ckv, UPCAST_DOT)
-        o, lse = finalize_state(m_i, l_i, acc)
+        if USE_SOFTMAX:
+            o, lse = finalize_state(m_i, l_i, acc)
+        else:
+            o, lse = acc, tl.zeros([BLOCK_M], tl.float32)
         o = o * v_scale
+        if OUTPUT_HOOK is not None:  # whole rows only (the plan does not split)
+            o = OUTPUT_HOOK(o, lse, b, t, h, qo_len, kv_len, vargs)
         if split < 0:
             o_rows = tok * s_o_t + h * s_o_h
             tl.store(out_ptr + o_rows[:, None] + offs_c[None, :], o.to(out_ptr.dtype.element_ty),
@@ -165,14 +189,31 @@ def _grid_programs(device: torch.device, num_items: int, graph: bool) -> int:
     return cap if graph else max(1, min(cap, num_items))
 
 
+def _hook_kwargs(variant, sm_scale: float, ckv_scale: float, kpe_scale: float) -> tuple:
+    """``(qk_scale_ckv, qk_scale_kpe, kernel keywords)``: the default base-2 logit scales and no keywords
+    without a variant; with one, its hooks and arguments, and the scales its logits need (a logits hook
+    gets the unscaled qk and sm_scale; weights without softmax stay in natural units)."""
+    kwargs = variant_kwargs(variant)
+    if kwargs.pop("QUERY_HOOK", None) is not None:
+        raise NotImplementedError(f"variant {variant.variant.name!r}: query_transform is not supported by MLA, "
+                                  "whose query is two tiles (latent and RoPE part); transform q_nope / q_pe "
+                                  "before run()")
+    if variant is None or (kwargs["LOGITS_HOOK"] is None and kwargs["USE_SOFTMAX"]):
+        return sm_scale * ckv_scale * LOG2E, sm_scale * kpe_scale * LOG2E, kwargs
+    if kwargs["LOGITS_HOOK"] is not None:
+        return ckv_scale, kpe_scale, dict(kwargs, hook_sm_scale=sm_scale)
+    return sm_scale * ckv_scale, sm_scale * kpe_scale, kwargs
+
+
 def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_scale: float, ckv_scale: float,
-                      kpe_scale: float, causal: bool) -> None:
+                      kpe_scale: float, causal: bool, variant=None) -> None:
     """Launch the MLA kernels for the plan ``meta`` (flashtile._core.mla_plan.MlaMeta); arguments as
     :func:`flashtile.reference.mla.mla_paged_forward`."""
     num_heads, d_ckv, d_kpe = q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]
     cfg = meta.config
     programs = _grid_programs(q_nope.device, meta.num_items, meta.graph)
     part_o, part_lse = meta.part_o, meta.part_lse
+    qk_scale_ckv, qk_scale_kpe, hooks = _hook_kwargs(variant, sm_scale, ckv_scale, kpe_scale)
 
     def launch(c):
         _mla_kernel[(programs,)](
@@ -182,9 +223,10 @@ def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_
             ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
             num_heads, ckv_cache.shape[1],
-            sm_scale * ckv_scale * LOG2E, sm_scale * kpe_scale * LOG2E, ckv_scale,
+            qk_scale_ckv, qk_scale_kpe, ckv_scale,
             D_CKV=d_ckv, D_KPE=d_kpe, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=bool(causal),
             NUM_STAGES=c.num_stages, UPCAST_DOT=INTERPRET, num_warps=c.num_warps, num_stages=c.num_stages,
+            **hooks,
         )
 
     features = TileFeatures(d_qk=d_ckv + d_kpe, d_vo=d_ckv, q_bytes=q_nope.element_size(),

@@ -16,9 +16,10 @@ A row that sees no key gets ``out = 0`` and ``lse = -inf``.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .._core.params import AttentionParams
+from .attention import single_attention
 
 __all__ = ["mla_paged_forward"]
 
@@ -30,7 +31,7 @@ def _request_rows(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torc
 
 
 def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_scale: float, ckv_scale: float,
-                      kpe_scale: float, causal: bool) -> None:
+                      kpe_scale: float, causal: bool, variant=None) -> None:
     """Write MLA attention of every planned request into ``out`` / ``lse``.
 
     Args:
@@ -38,42 +39,33 @@ def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_
         q_pe: ``[nnz_q, num_heads, head_dim_kpe]``, q_nope's dtype, the RoPE part of the query.
         ckv_cache: ``[num_pages, page_size, head_dim_ckv]`` (q's dtype or float8), the latent cache.
         kpe_cache: ``[num_pages, page_size, head_dim_kpe]`` (ckv_cache's dtype), the RoPE keys.
-        meta: the plan's :class:`flashtile._core.mla_plan.MlaMeta` (this path reads its index arrays:
+        meta: the plan's :class:`flashtile._core.mla_tiles.MlaMeta` (this path reads its index arrays:
             ``qo_indptr`` [B+1], ``kv_indptr`` [B+1] in pages, ``kv_indices``, ``kv_len`` [B] tokens).
         out: ``[nnz_q, num_heads, head_dim_ckv]``, written. lse: ``[nnz_q, num_heads]`` float32, written.
         sm_scale, ckv_scale, kpe_scale, causal: see the module docstring.
+        variant: a bound attention variant (flashtile/variants.py) or None; its hooks see one KV head
+            (kv_head 0) with keys ``[ckv | kpe]`` (times their scales) and values ``ckv``.
     """
+    if variant is not None and variant.variant.query_transform is not None:
+        raise NotImplementedError(f"variant {variant.variant.name!r}: query_transform is not supported by MLA, "
+                                  "whose query is two tiles (latent and RoPE part); transform q_nope / q_pe "
+                                  "before run()")
     qo_indptr = meta.qo_indptr.tolist()
     kv_indptr = meta.kv_indptr.tolist()
     kv_lens = meta.kv_len.tolist()
     indices = meta.kv_indices
     page_size = ckv_cache.shape[1]
+    params = AttentionParams(sm_scale=sm_scale, causal=causal)
     for b, kv_len in enumerate(kv_lens):
         q0, q1 = qo_indptr[b], qo_indptr[b + 1]
         if q1 == q0:
             continue
-        qn = q_nope[q0:q1].float()  # [qo_len, H, Dc]
-        qp = q_pe[q0:q1].float()  # [qo_len, H, Dp]
-        if kv_len == 0:
-            out[q0:q1].zero_()
-            lse[q0:q1].fill_(float("-inf"))
-            continue
         pages = indices[kv_indptr[b]:kv_indptr[b] + (kv_len + page_size - 1) // page_size]
         ckv = _request_rows(ckv_cache, pages, kv_len) * ckv_scale  # [kv_len, Dc]
         kpe = _request_rows(kpe_cache, pages, kv_len) * kpe_scale  # [kv_len, Dp]
-        s = (torch.einsum("thd,kd->thk", qn, ckv) + torch.einsum("thd,kd->thk", qp, kpe)) * sm_scale
-        qo_len = q1 - q0
-        if causal:
-            pos = torch.arange(qo_len, device=s.device) + (kv_len - qo_len)
-            visible = torch.arange(kv_len, device=s.device)[None, :] <= pos[:, None]  # [qo_len, kv_len]
-            s = s.masked_fill(~visible[:, None, :], float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        seen = m > float("-inf")
-        p = torch.exp(s - torch.where(seen, m, torch.zeros_like(m)))
-        denom = p.sum(-1, keepdim=True)
-        o = torch.einsum("thk,kd->thd", p, ckv) / torch.where(seen, denom, torch.ones_like(denom))
-        row_lse = torch.where(seen[..., 0], (m[..., 0] + torch.log(denom[..., 0])) / math.log(2.0),
-                              torch.full_like(m[..., 0], float("-inf")))
+        q = torch.cat([q_nope[q0:q1], q_pe[q0:q1]], dim=-1).float()  # [qo_len, H, Dc + Dp]
+        k = torch.cat([ckv, kpe], dim=-1)[:, None]  # one KV head: [kv_len, 1, Dc + Dp]
+        o, row_lse = single_attention(q, k, ckv[:, None], params, variant=variant, batch=b)
         out[q0:q1] = o.to(out.dtype)
         lse[q0:q1] = row_lse
     # Rows after qo_indptr[-1] (no request) are left as they are, as on the kernel path.
