@@ -222,8 +222,12 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         max_rows = int((np.diff(qo) * num_heads).max()) if batch else 1
         block_m, config, align, sms = mla_launch_facts(self.device, compiled, max_rows, head_dim_ckv)
         min_chunk = min_mla_chunk(max_rows, head_dim_ckv, head_dim_kpe, kv_dtype.itemsize, align) if compiled else 0
+        # Partial states live in the float workspace: lse values first, for as many rows as it can hold.
+        capacity = self._float_workspace_buffer.numel() * self._float_workspace_buffer.element_size() \
+            // (4 * (head_dim_ckv + 1))
         work = plan_mla_work(qo, lens, num_heads, block_m, sms, align, token_capacity=token_capacity,
-                             fixed_chunk=fixed_split_size, disable_split=disable_split_kv, min_chunk=min_chunk)
+                             fixed_chunk=fixed_split_size, disable_split=disable_split_kv, min_chunk=min_chunk,
+                             max_partial_rows=capacity)
         host = torch.from_numpy(work.packed)
         if self.device.type == "cuda":
             host = host.pin_memory()
@@ -249,13 +253,11 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             d_idx = kv_indices.to(self.device, non_blocking=non_blocking)
             d_len = kv_len_arr.to(self.device, non_blocking=non_blocking)
 
-        # Partial states in the float workspace at offsets that do not depend on the plan (a captured
-        # graph keeps the addresses): lse values first, for as many rows as the workspace can hold.
-        capacity = self._float_workspace_buffer.numel() * self._float_workspace_buffer.element_size() \
-            // (4 * (head_dim_ckv + 1))
+        # The partial states' offsets do not depend on the plan (a captured graph keeps the addresses).
         if work.partial_rows > capacity:
-            raise ValueError(f"float_workspace_buffer: this plan needs {4 * work.partial_rows * (head_dim_ckv + 1)} "
-                             "bytes of split-KV partial state; pass a larger buffer (128 MiB is recommended)")
+            raise ValueError(f"float_workspace_buffer: fixed_split_size={fixed_split_size} needs "
+                             f"{4 * work.partial_rows * (head_dim_ckv + 1)} bytes of split-KV partial state; pass a "
+                             "larger buffer (128 MiB is recommended) or a larger fixed_split_size")
         part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer",
                                     4 * capacity * (head_dim_ckv + 1), torch.float32)
         part_lse, part_o = part[:capacity], part[capacity:].view(capacity, head_dim_ckv)

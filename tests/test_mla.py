@@ -105,6 +105,27 @@ def test_mla_fp8_latent(path, device):
     check_mla(out, lse, *batch, causal=True, sm_scale=0.1, dtype=torch.bfloat16, ckv_scale=0.25, kpe_scale=0.5)
 
 
+def test_mla_small_workspace_splits_less(path, device, monkeypatch):
+    """A long request on a workspace too small for the automatic split's partial states gets longer
+    chunks (at worst none) instead of an error; a fixed split that does not fit raises, naming it."""
+    import flashtile.mla as api
+
+    real = api.mla_launch_facts
+    monkeypatch.setattr(api, "mla_launch_facts", lambda *a: (*real(*a)[:3], 64))  # a 64-SM device: many splits
+    dc, dp = DIMS[0]
+    batch = make_mla_batch([1], [400], 16, 2, dc, dp, torch.float16, device)
+    q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, lens = batch
+    small = torch.empty(4 * (dc + 1) * 6, dtype=torch.uint8, device=device)  # room for 6 partial rows
+    w = BatchMLAPagedAttentionWrapper(small)
+    w.plan(qo_indptr, kv_indptr, kv_indices, lens, 2, dc, dp, 16, True, 0.2, torch.float16, torch.float16)
+    assert 1 < w._plan.meta.max_splits <= 3
+    out, lse = w.run(q_nope, q_pe, ckv, kpe, return_lse=True)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="fixed_split_size=16"):
+        w.plan(qo_indptr, kv_indptr, kv_indices, lens, 2, dc, dp, 16, True, 0.2, torch.float16, torch.float16,
+               fixed_split_size=16)
+
+
 def test_mla_empty_batch_rows_and_zero_length(path, device):
     dc, dp = DIMS[0]
     batch = make_mla_batch([1, 1], [0, 0], 16, 2, dc, dp, torch.float16, device)
@@ -305,7 +326,7 @@ def test_mla_rope_quantize_fp8(device, is_neox, dtype):
 
 
 @pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
-def test_mla_rope_quantize_fp8_errors(device):
+def test_mla_rope_quantize_fp8_errors(device, monkeypatch):
     q = torch.randn(4, 2, 16, device=device).half()
     k = torch.randn(4, 16, device=device).half()
     qn, kn = torch.randn(4, 2, 32, device=device).half(), torch.randn(4, 32, device=device).half()
@@ -322,6 +343,8 @@ def test_mla_rope_quantize_fp8_errors(device):
         f(q, k, qn, kn, cache[:, :8], pos)
     with pytest.raises(TypeError, match="quantize_dtype"):
         f(q, k, qn, kn, cache, pos, quantize_dtype=torch.float16)
+    # Position values are checked where they can be read without a device sync (host tensors, or FLASHTILE_DEBUG).
+    monkeypatch.setattr(flashtile.rope, "validate_device_indices", lambda *t: True)
     with pytest.raises(ValueError, match="positions"):
         f(q, k, qn, kn, cache, pos + 8)
     with pytest.raises(ValueError, match="q_nope_out"):
@@ -341,16 +364,21 @@ def test_mla_rope_quantize_fp8_errors(device):
     align=st.sampled_from([16, 64]),
     extra_tokens=st.integers(0, 3),
     min_chunk=st.sampled_from([0, 64, 512]),
+    max_partial_rows=st.sampled_from([None, 0, 100, 5000]),
 )
-def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align, extra_tokens, min_chunk):
+def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align, extra_tokens, min_chunk,
+                                               max_partial_rows):
     """Every (request, row, kv token) is covered by exactly one item; partial-state rows of different
-    splits and requests never overlap; the token -> request table matches qo_indptr."""
+    splits and requests never overlap and fit ``max_partial_rows``; the token -> request table matches
+    qo_indptr."""
     qo_lens = [q for q, _ in reqs]
     kv_lens = [k for _, k in reqs]
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
     nnz = int(qo_indptr[-1])
     work = plan_mla_work(qo_indptr, kv_lens, heads, block_m, sms, align, token_capacity=nnz + extra_tokens,
-                         min_chunk=min_chunk)
+                         min_chunk=min_chunk, max_partial_rows=max_partial_rows)
+    if max_partial_rows is not None:
+        assert work.partial_rows <= max_partial_rows
     p = work.packed
     assert p[0] == work.num_items
     req = p[work.req_offset:work.token_offset].reshape(-1, REQ_FIELDS)

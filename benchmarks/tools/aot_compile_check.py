@@ -290,7 +290,7 @@ from flashtile.kernels import mla as MLA  # noqa: E402
 from flashtile.scheduler.mla_work import plan_mla_work  # noqa: E402
 
 
-def mla_case(batch, kv, heads, qo=1, page=64, kv_dtype=bf, label=""):
+def mla_case(batch, kv, heads, qo=1, page=64, kv_dtype=bf, label="", variant=None):
     import numpy as np
     qo_indptr = np.arange(batch + 1) * qo
     block_m, cfg, align, _ = mla_launch_facts(torch.device("cpu"), True, qo * heads, 512)  # the GPU default (SMs: 132)
@@ -304,7 +304,8 @@ def mla_case(batch, kv, heads, qo=1, page=64, kv_dtype=bf, label=""):
                    work.num_items, work.max_splits, torch.empty(rows, 512), torch.empty(rows), cfg, True)
     MLA.mla_paged_forward(torch.randn(batch * qo, heads, 512, dtype=bf), torch.randn(batch * qo, heads, 64, dtype=bf),
                           pool[..., :512], pool[..., 512:], meta, torch.empty(batch * qo, heads, 512, dtype=bf),
-                          torch.empty(batch * qo, heads), sm_scale=0.072, ckv_scale=1.0, kpe_scale=1.0, causal=True)
+                          torch.empty(batch * qo, heads), sm_scale=0.072, ckv_scale=1.0, kpe_scale=1.0, causal=True,
+                          variant=variant)
     compile_all(f"mla {label} (tile {block_m}x{cfg.block_n}, items {work.num_items}, splits {work.max_splits})")
 
 
@@ -314,4 +315,10 @@ mla_case(32, 16384, 32, label="decode 32x16384 h32 p64")
 mla_case(64, 4096, 128, qo=4, label="append 4 x 64x4096 h128 p64")
 if hasattr(torch, "float8_e4m3fn"):
     mla_case(64, 4096, 128, kv_dtype=torch.float8_e4m3fn, label="decode fp8 64x4096 h128 p64")
+# MLA with variants: sinks (the sink hook), a logits transform (soft cap), no softmax (FlashSigmoid).
+mla_case(64, 4096, 128, label="variant sinks decode 64x4096 h128 p64",
+         variant=BoundVariant(sink_variant(), (torch.randn(128),)))
+mla_case(64, 4096, 128, label="variant softcap decode 64x4096 h128 p64", variant=BoundVariant(VX.SOFTCAP, (30.0,)))
+mla_case(64, 4096, 128, label="variant sigmoid decode 64x4096 h128 p64",
+         variant=BoundVariant(VX.FLASH_SIGMOID, (0.1, -1.0)))
 sys.exit(1 if failures else 0)

@@ -455,7 +455,8 @@ class PagedEngine(EngineBase):
         if bucket in self.graphs:
             return self.graphs[bucket]
         dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
-        max_pages = self.cache.shape[1] + bucket * len(self.shared_pages)
+        # own pages (at most the pool), each row's shared pages, and a scratch page per padding row
+        max_pages = self.cache.shape[1] + bucket * (len(self.shared_pages) + 1)
         bufs = dict(tokens=torch.zeros(bucket, dtype=torch.long, device=dev),
                     positions=torch.zeros(bucket, dtype=torch.long, device=dev),
                     positions32=torch.zeros(bucket, **i32), batch=torch.arange(bucket, **i32),

@@ -29,6 +29,7 @@ from .tiles import mma
 __all__ = ["mla_paged_forward"]
 
 LOG2E = 1.4426950408889634
+_LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # a global a @triton.jit function may read
 INTERPRET = interpreting()  # Triton 3.9's interpreter computes bf16 tl.dot wrongly (tiles.mma)
 
 
@@ -92,7 +93,7 @@ def _mla_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         if SINK_HOOK is not None:  # the sink joins the state once per row: in the request's first chunk
             first = (l_i == 0.0) & (kv_start == 0)
-            m_i = tl.where(first, SINK_HOOK(b, h, vargs) * LOG2E, m_i)
+            m_i = tl.where(first, SINK_HOOK(b, h, vargs) * _LOG2E_IN_KERNEL, m_i)
             l_i = tl.where(first, 1.0, l_i)
         acc = tl.zeros([BLOCK_M, D_CKV], tl.float32)
         hi = kv_end
@@ -113,7 +114,7 @@ def _mla_kernel(
             if LOGITS_HOOK is not None:  # natural-unit logits from the variant; base 2 for the softmax
                 s = LOGITS_HOOK(s, hook_sm_scale, b, t[:, None], j[None, :], h[:, None], 0, qo_len, kv_len, vargs)
                 if USE_SOFTMAX:
-                    s = s * LOG2E
+                    s = s * _LOG2E_IN_KERNEL
             visible = kv_ok[None, :]
             if CAUSAL:
                 visible = visible & (j[None, :] <= pos[:, None])

@@ -20,6 +20,7 @@ capacity, so a CUDA-graph replay reads a re-plan's work list at the same address
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -52,8 +53,15 @@ def min_mla_chunk(max_rows: int, head_dim_ckv: int, head_dim_kpe: int, kv_bytes:
     return max(align, -(-int(tokens) // align) * align)
 
 
+def _partial_rows(splits, rows: np.ndarray) -> int:
+    """Rows of partial state a split plan needs: every split of a request with several, times its rows."""
+    counts = np.diff(splits.request_item_indptr)
+    return int(np.where((rows > 0) & (counts > 1), counts * rows, 0).sum())
+
+
 def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int, align: int, *,
-                  token_capacity: int, fixed_chunk=None, disable_split: bool = False, min_chunk: int = 0) -> MlaWork:
+                  token_capacity: int, fixed_chunk=None, disable_split: bool = False, min_chunk: int = 0,
+                  max_partial_rows: Optional[int] = None) -> MlaWork:
     """The work list of one MLA batch.
 
     Args:
@@ -63,6 +71,9 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
         token_capacity: query tokens the layout has room for (>= qo_indptr[-1]).
         fixed_chunk, disable_split: as :func:`plan_batch_kv_splits`.
         min_chunk: the shortest chunk of an automatic split (:func:`min_mla_chunk`); 0: no floor.
+        max_partial_rows: rows of partial state the workspace holds (None: unbounded). An automatic split
+            whose partial states would not fit doubles its chunk until they do (at worst: no split); a
+            fixed chunk is kept (the caller reports the shortfall).
     """
     qo_indptr = np.asarray(qo_indptr, dtype=np.int64)
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
@@ -75,6 +86,14 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
                                   disable_split=disable_split)
     if fixed_chunk is None and not disable_split and splits.chunk < min_chunk:
         splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=min_chunk)
+    if fixed_chunk is None and not disable_split and max_partial_rows is not None:
+        chunk = splits.chunk
+        while _partial_rows(splits, rows) > max_partial_rows:
+            if batch == 0 or chunk >= int(kv_lens.max()):
+                splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, disable_split=True)
+                break
+            chunk *= 2
+            splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=chunk)
     counts = np.diff(splits.request_item_indptr)
     num_splits = np.where(rows > 0, counts, 0)
     multi = num_splits > 1
