@@ -404,3 +404,15 @@ def test_variable_block_sparse_gpu(causal):
     out, lse = w.run(q, k, v, return_lse=True)
     ref_o, ref_lse = variable_oracle(q, k, v, variable_dense_mask(block_mask, rows, cols, causal=causal))
     check(out, lse, ref_o, ref_lse, torch.float16)
+
+
+def test_bench_suite_smoke(tmp_path):
+    """benchmarks/bench_sparse.py runs end to end (--smoke) and its providers agree."""
+    import json
+
+    from benchmarks import harness
+
+    harness.run_suites(["sparse"], tmp_path, smoke=True, providers=["flashtile", "dense_ragged"])
+    records = [json.loads(line) for line in (tmp_path / "sparse.jsonl").read_text().splitlines()]
+    assert records and all(r["status"] == "ok" for r in records), records
+    assert all(r["max_abs_diff"] < 2e-2 for r in records if r["provider"] == "dense_ragged")
