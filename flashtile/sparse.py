@@ -62,9 +62,12 @@ class _SparseBase:
         self._plan_args: Optional[dict] = None
         self._rope: Optional[tuple] = None
         self._positions: tuple = ()  # (query positions, key positions) for RoPE, device int32
+        self._page_size = 1
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
-                               int_workspace_buffer: Optional[torch.Tensor] = None, *unused) -> None:
+                               int_workspace_buffer: Optional[torch.Tensor] = None,
+                               vector_sparse_indices_buffer: Optional[torch.Tensor] = None,
+                               vector_sparse_indptr_buffer: Optional[torch.Tensor] = None) -> None:
         """Swap the workspaces (re-plan afterwards); upstream's vector-sparse buffers are accepted, unused."""
         self._prefill.reset_workspace_buffer(float_workspace_buffer, int_workspace_buffer)
         self._plan_args = None
@@ -104,6 +107,7 @@ class _SparseBase:
             use_fp16_qk_reduction=use_fp16_qk_reduction, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
             rope_scale=rope_scale, rope_theta=rope_theta, q_data_type=q_data_type, kv_data_type=kv_data_type,
             o_data_type=o_data_type, non_blocking=non_blocking)
+        self._page_size = requests.page_size  # rows of K/V per page (C, or more where runs were merged)
         self._rope = _rope_params(rope_scale, rope_theta) if rope else None
         self._positions = tuple(torch.arange(n, dtype=torch.int32, device=self.device) for n in positions) \
             if rope else ()
@@ -282,7 +286,8 @@ class BlockSparseAttentionWrapper(_SparseBase):
             check_tensor("q", q, ndim=3, device=self.device, last_dim_contiguous=True)
             q = _rotate(q, self._positions[0], self._rope)
             k = _rotate(k, self._positions[1], self._rope)
-        pages = (k.unflatten(0, (self.N // self.C, self.C)), v.unflatten(0, (self.N // self.C, self.C)))
+        ps = self._page_size
+        pages = (k.unflatten(0, (self.N // ps, ps)), v.unflatten(0, (self.N // ps, ps)))
         return self._prefill.run(q, pages, *variant_args, q_scale=_scale("scale_q", scale_q),
                                  k_scale=_scale("scale_k", scale_k), v_scale=_scale("scale_v", scale_v), out=out,
                                  lse=lse, return_lse=return_lse, sinks=sinks)
@@ -418,7 +423,8 @@ class VariableBlockSparseAttentionWrapper(_SparseBase):
         group = hq // hk
         # Rows of the kernel's q: (KV head, query), the group's heads side by side.
         q_rows = q.unflatten(0, (hk, group)).transpose(1, 2).reshape(hk * qo_len, group, d)
-        pages = (k.reshape(hk * kv_len, 1, 1, d), v.reshape(hk * kv_len, 1, 1, d))
+        ps = self._page_size
+        pages = (k.reshape(hk * kv_len // ps, ps, 1, d), v.reshape(hk * kv_len // ps, ps, 1, d))
         o_rows, lse_rows = self._prefill.run(q_rows, pages, return_lse=True)
         o = o_rows.view(hk, qo_len, group, d).transpose(1, 2).reshape(hq, qo_len, d)
         s = lse_rows.view(hk, qo_len, group).transpose(1, 2).reshape(hq, qo_len)

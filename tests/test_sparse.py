@@ -73,6 +73,7 @@ CASES = [
     (32, 32, 4, 4, 4, 1, 64, 1.0, {"causal": True}),  # causal: the kernel's flag (blocks end on the diagonal)
     (17, 16, 1, 4, 2, 1, 64, 0.6, {"logits_soft_cap": 5.0, "sm_scale": 0.2}),
     (12, 16, 4, 1, 2, 1, 64, 0.5, {"pos_encoding_mode": "ROPE_LLAMA", "rope_theta": 500.0}),
+    (14, 32, 4, 1, 2, 1, 64, 1.0, {}),  # full rows of vector sparsity: runs merged into pages of 32 keys
 ]
 
 
@@ -117,6 +118,18 @@ def test_causal_kernel_flag_and_mask_agree(device, path):
         assert plan.params.causal == uses_flag and (plan.packed_mask is None) == uses_flag
         ref_o, ref_lse = masked_attention_oracle(q, k, v, bsr_dense_mask(indptr, indices, M, N, R, C, causal=True))
         check(out, lse, ref_o, ref_lse, torch.bfloat16)
+
+
+def test_dense_runs_become_larger_pages(device):
+    """Vector sparsity whose rows keep aligned runs of tokens reads them as pages of several keys."""
+    M, N = 8, 64
+    indptr = torch.tensor([0, 16, 48], dtype=torch.int32)
+    indices = torch.cat([torch.arange(16, 32), torch.arange(0, 32).flip(0)]).to(torch.int32)
+    q, k, v = (torch.randn(n, 2, 64, dtype=torch.float16, device=device) for n in (M, N, N))
+    w, (out, lse) = run_bsr(device, q, k, v, indptr, indices, M, N, 4, 1)
+    assert w._page_size == 16
+    ref_o, ref_lse = masked_attention_oracle(q, k, v, bsr_dense_mask(indptr, indices, M, N, 4, 1))
+    check(out, lse, ref_o, ref_lse, torch.float16)
 
 
 def test_packed_mask_equals_mask(device):

@@ -48,7 +48,7 @@ def test_bsr_requests_cover_the_pattern(pattern, mode, seed):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(indices.numel(), R, C, generator=gen) < 0.5 if mode == "mask" else None
     req = bsr_requests(indptr, indices, M, N, R, C, mask=mask, causal=mode == "causal")
-    assert req.page_size == C and req.batch_size == -(-M // R)
+    assert req.page_size % C == 0 and N % req.page_size == 0 and req.batch_size == -(-M // R)
     assert np.array_equal(req.qo_indptr, np.minimum(R * np.arange(req.batch_size + 1), M))
     _no_repeated_keys(req)
     off = int(indptr[0])
@@ -77,6 +77,18 @@ def test_causal_uses_the_kernel_flag_when_blocks_end_on_the_diagonal():
     assert req.causal and req.packed_mask is None
 
 
+def test_aligned_runs_are_merged_into_pages():
+    # Rows keeping whole aligned groups of 4 block columns: pages of 4 * C keys.
+    indptr = torch.tensor([0, 8, 8, 12], dtype=torch.int32)
+    indices = torch.tensor([7, 6, 5, 4, 0, 1, 2, 3, 8, 9, 10, 11], dtype=torch.int32)
+    req = bsr_requests(indptr, indices, 9, 24, 3, 2, causal=False)
+    assert req.page_size == 8 and req.kv_indices.tolist() == [0, 1, 2]
+    assert np.array_equal(expand_requests(req, 9, 24), bsr_dense_mask(indptr, indices, 9, 24, 3, 2).numpy())
+    # One unaligned run keeps the pages as given.
+    req = bsr_requests(indptr, torch.tensor([7, 6, 5, 4, 1, 2, 3, 8, 9, 10, 11, 0], dtype=torch.int32), 9, 24, 3, 2)
+    assert req.page_size == 2
+
+
 @st.composite
 def variable_patterns(draw):
     H = draw(st.integers(1, 3))
@@ -99,7 +111,7 @@ def test_variable_requests_cover_the_pattern(pattern, causal):
     bm, rows, cols = pattern
     H = bm.shape[0]
     req, qo_len, kv_len = variable_requests(bm, rows, cols, H, causal=causal)
-    assert req.page_size == 1 and req.batch_size == H * bm.shape[1]
+    assert (H * kv_len) % req.page_size == 0 and req.batch_size == H * bm.shape[1]
     _no_repeated_keys(req)
     dense = variable_dense_mask(bm, rows, cols, causal=causal).numpy()
     want = np.zeros((H * qo_len, H * kv_len), dtype=bool)  # kernel rows (h, i), keys (h, j)

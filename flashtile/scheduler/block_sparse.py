@@ -12,7 +12,8 @@ causal is). The paged kernel's causal flag gives exactly that when every request
 with the keys at its own rows' positions and the earlier ones are visible to all its rows (a block
 row that ends on its diagonal block with ``C`` equal to its row count, the usual causal pattern); the
 plan then uses it. Otherwise causal becomes a custom mask (bits packed per request), built here.
-Blocks no row of the request can see are dropped either way.
+Blocks no row of the request can see are dropped either way. Without a mask, page lists made of
+aligned runs of consecutive ids are read as larger pages (:func:`_coarsen`).
 
 Host-side arithmetic (numpy, as the other planners; _core/host_arrays.py); property-tested in
 tests/test_sparse_map.py against a dense expansion.
@@ -143,7 +144,7 @@ def bsr_requests(indptr, indices, M, N, R, C, *, mask=None, packed_mask=None, ca
                              f"LSB first from a byte boundary), got {packed_mask.numel()}")
         return SparseRequests(qo_indptr, local, cols, cols * C, row_start, C, False, packed_mask.cpu())
     requests = SparseRequests(qo_indptr, local, cols, cols * C, row_start, C, False, None)
-    return _with_causal(requests) if causal else requests
+    return _coarsen(_with_causal(requests) if causal else requests, N)
 
 
 def variable_requests(block_mask_map, block_row_sz, block_col_sz, num_kv_heads: int, *,
@@ -194,7 +195,7 @@ def variable_requests(block_mask_map, block_row_sz, block_col_sz, num_kv_heads: 
     qo_indptr = (np.arange(H)[:, None] * qo_len + row_off).reshape(-1)
     qo_indptr = np.append(qo_indptr, H * qo_len)
     requests = SparseRequests(qo_indptr, kv_indptr, kv_indices, key_start, row_off.reshape(-1), 1, False, None)
-    return (_with_causal(requests) if causal else requests), qo_len, kv_len
+    return _coarsen(_with_causal(requests) if causal else requests, H * kv_len), qo_len, kv_len
 
 
 def _pack_bsr_mask(mask: torch.Tensor, indptr: np.ndarray, rows: np.ndarray, C: int) -> torch.Tensor:
@@ -206,6 +207,30 @@ def _pack_bsr_mask(mask: torch.Tensor, indptr: np.ndarray, rows: np.ndarray, C: 
         blocks = m[indptr[b]:indptr[b + 1], : rows[b]]  # [nnz_b, rows_b, C]
         parts.append(np.packbits(blocks.transpose(1, 0, 2).reshape(-1), bitorder="little"))
     return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8))
+
+
+MAX_PAGE = 128  # largest page _coarsen makes (keys)
+
+
+def _coarsen(req: SparseRequests, num_keys: int) -> SparseRequests:
+    """``req`` over larger pages where its page lists allow: when every request's pages (sorted) form
+    aligned runs of ``k`` consecutive ids, each run becomes one page of ``k * page_size`` keys (a dense
+    stretch of a vector-sparse pattern reads whole tiles instead of gathering key by key). Only without
+    a mask (a mask's bits follow the given page order); ``num_keys``: rows of the kernel's K/V."""
+    if req.packed_mask is not None or req.kv_indices.size == 0:
+        return req
+    P, counts = req.page_size, np.diff(req.kv_indptr)
+    owner = _segments(req.kv_indptr)
+    order = np.lexsort((req.kv_indices, owner))
+    ids = req.kv_indices[order]
+    for k in (128, 64, 32, 16, 8, 4, 2):
+        if P * k > MAX_PAGE or num_keys % (P * k) or (counts % k).any():
+            continue
+        runs = ids.reshape(-1, k)
+        if (runs[:, 0] % k == 0).all() and (runs == runs[:, :1] + np.arange(k)).all():
+            return SparseRequests(req.qo_indptr, req.kv_indptr // k, runs[:, 0] // k, req.key_start[order][::k],
+                                  req.row_start, P * k, req.causal, None)
+    return req
 
 
 def _with_causal(req: SparseRequests) -> SparseRequests:
