@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from attention_cases import workspace
 from conftest import HAS_CUDA
 from oracles import (
@@ -20,6 +22,7 @@ from oracles import (
 import flashtile
 from flashtile.quantization import packbits
 from flashtile.sparse import BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper
+from flashtile.variants import AttentionVariant
 
 
 def random_bsr(M, N, R, C, density, *, empty_row=True, full_row=True, shuffle=True, gen=None):
@@ -183,6 +186,32 @@ def test_sinks_through_block_sparse(device):
     w.plan(indptr, indices, M, N, R, C, H, H, D)
     out, lse = w.run(q, k, v, return_lse=True, sinks=sinks)
     ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu())
+    check(out, lse, ref_o, ref_lse, torch.float16)
+
+
+@triton.jit
+def _softcap_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    x = qk * sm_scale / args[0]
+    return args[0] * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # cap * tanh(x)
+
+
+def _softcap_logits_torch(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return args[0] * torch.tanh(qk * sm_scale / args[0])
+
+
+SOFTCAP = AttentionVariant("softcap", logits_transform=(_softcap_logits, _softcap_logits_torch),
+                           scalars=[("cap", torch.float32)])
+
+
+def test_jit_args_variant(device, path):
+    """A wrapper built with jit_args runs that variant; its extra arguments come through variant_args."""
+    M, N, R, C = 11, 12, 4, 3
+    indptr, indices = random_bsr(M, N, R, C, 0.6)
+    q, k, v = (torch.randn(n, h, 64, dtype=torch.float16, device=device) for n, h in ((M, 4), (N, 2), (N, 2)))
+    w = BlockSparseAttentionWrapper(workspace(device), jit_args=SOFTCAP)
+    w.plan(indptr, indices, M, N, R, C, 4, 2, 64)
+    out, lse = w.run(q, k, v, return_lse=True, variant_args=(2.5,))
+    ref_o, ref_lse = masked_attention_oracle(q, k, v, bsr_dense_mask(indptr, indices, M, N, R, C), logits_soft_cap=2.5)
     check(out, lse, ref_o, ref_lse, torch.float16)
 
 
@@ -382,13 +411,18 @@ def test_exported():
 # ---------------------------------------------------------------------------------------------
 
 
+GPU_CASES = [  # (R, C, dtype, options): every block shape of the issue once, each feature on some
+    (1, 1, torch.bfloat16, {}), (16, 1, torch.float16, {}), (64, 64, torch.bfloat16, {}),
+    (64, 64, torch.float16, {"mask": True}), (2, 16, torch.bfloat16, {"mask": True}),
+    (16, 4, torch.bfloat16, {"causal": True}), (128, 128, torch.bfloat16, {"causal": True}),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("R,C", [(1, 1), (16, 1), (64, 64), (128, 128), (16, 4), (2, 16)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("options", [{}, {"mask": True}, {"causal": True}], ids=["plain", "mask", "causal"])
-def test_block_sparse_gpu(R, C, dtype, options):
-    device = torch.device("cuda")
+@pytest.mark.parametrize("R,C,dtype,options", GPU_CASES,
+                         ids=lambda x: str(x).replace("torch.", "") if not isinstance(x, dict) else "-".join(x) or "plain")
+def test_block_sparse_gpu(R, C, dtype, options, device):
     M, N, Hq, Hk, D = 520, 512, 8, 2, 128
     gen = torch.Generator().manual_seed(R * 1000 + C)
     indptr, indices = random_bsr(M, N, R, C, 0.3, gen=gen)
@@ -405,8 +439,7 @@ def test_block_sparse_gpu(R, C, dtype, options):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("causal", [False, True])
-def test_variable_block_sparse_gpu(causal):
-    device = torch.device("cuda")
+def test_variable_block_sparse_gpu(causal, device):
     Hq, Hk, L, D = 8, 4, 700, 128
     rows, cols = random_sizes(L, 10, Hk), random_sizes(L, 30, Hk)
     block_mask = torch.rand(Hk, 10, 30) < 0.4
