@@ -154,7 +154,8 @@ def variable_requests(block_mask_map, block_row_sz, block_col_sz, num_kv_heads: 
     Request ``h * MB + r`` is KV head ``h``'s block row ``r``: query rows ``h * qo_len + row_off`` of the
     kernel's q (``[num_kv_heads * qo_len, group, D]``, heads of a group side by side) and the tokens
     ``h * kv_len + j`` of the kernel's K/V (``[num_kv_heads * kv_len, 1, 1, D]``) for every column ``j`` of
-    the blocks it selects. Returns ``(requests, qo_len, kv_len)``.
+    the blocks it selects (aligned runs of tokens merged into larger pages where every request allows it).
+    Returns ``(requests, qo_len, kv_len)``.
 
     Args:
         block_mask_map: bool ``[num_kv_heads, MB, NB]``.
@@ -240,7 +241,7 @@ def _with_causal(req: SparseRequests) -> SparseRequests:
     rows = np.diff(req.qo_indptr)
     owner = _segments(req.kv_indptr)
     last_row = req.row_start + rows - 1
-    keep = req.key_start <= last_row[owner]
+    keep = (req.key_start <= last_row[owner]) & (rows[owner] > 0)  # a request without rows needs no keys
     order = np.lexsort((req.key_start, owner))
     order = order[keep[order]]
     owner, key_start, kv_indices = owner[order], req.key_start[order], req.kv_indices[order]
