@@ -35,13 +35,13 @@ PY
 WARM=$!
 # The gpu cases (each block shape and feature once, at 520 x 512; variable blocks at 700) and the mapping's
 # property tests; the tiny CPU-sized cases run under compute-sanitizer below.
-timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=short -m gpu tests/test_sparse.py 2>&1 \
+timeout 100 python3 -m pytest -q -p no:warnings -rf --tb=short -m gpu tests/test_sparse.py 2>&1 \
     | tee "$OUT/sparse_tests.log" | tail -12
 timeout 30 python3 -m pytest -q -p no:warnings tests/test_sparse_map.py 2>&1 | tail -2 | tee -a "$OUT/sparse_tests.log"
 FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings \
     -x tests/test_sparse.py -k "kernel and (R1C1 or R16C16 or mask or flag)" 2>&1 | tail -4 | tee "$OUT/sparse_sanitize.log"
 wait $WARM; cat "$OUT/sparse_fi_warm.log"
-timeout 150 python3 -m benchmarks.run --suite sparse --out /tmp/sparse_bench 2>&1 | tail -3
+timeout 200 python3 -m benchmarks.run --suite sparse --out /tmp/sparse_bench 2>&1 | tail -3
 cp /tmp/sparse_bench/sparse.jsonl /tmp/sparse_bench/sparse.md "$OUT/" 2>/dev/null
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
