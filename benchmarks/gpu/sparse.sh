@@ -66,7 +66,7 @@ for case, by in rows.items():
     for p in provs[1:]:
         r = by.get(p)
         if r and r.get("status") == "ok" and r.get("max_abs_diff") is not None:
-            notes.append(f"{p} max|diff| {r['max_abs_diff']:.3g}")
+            notes.append(f"{p} maxdiff {r['max_abs_diff']:.3g}")
         elif r and r.get("status") not in (None, "ok"):
             notes.append(f"{p}: {r.get('reason', '')[:60]}")
     lines.append(f"| {case} | " + " | ".join(cell(by.get(p)) for p in provs) + " | "
