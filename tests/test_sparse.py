@@ -415,6 +415,7 @@ GPU_CASES = [  # (R, C, dtype, options): every block shape of the issue once, ea
     (1, 1, torch.bfloat16, {}), (16, 1, torch.float16, {}), (64, 64, torch.bfloat16, {}),
     (64, 64, torch.float16, {"mask": True}), (2, 16, torch.bfloat16, {"mask": True}),
     (16, 4, torch.bfloat16, {"causal": True}), (128, 128, torch.bfloat16, {"causal": True}),
+    (16, 1, torch.bfloat16, {"dense": True}),  # full rows: read as pages of 128 keys
 ]
 
 
@@ -425,7 +426,7 @@ GPU_CASES = [  # (R, C, dtype, options): every block shape of the issue once, ea
 def test_block_sparse_gpu(R, C, dtype, options, device):
     M, N, Hq, Hk, D = 520, 512, 8, 2, 128
     gen = torch.Generator().manual_seed(R * 1000 + C)
-    indptr, indices = random_bsr(M, N, R, C, 0.3, gen=gen)
+    indptr, indices = random_bsr(M, N, R, C, 1.0 if options.get("dense") else 0.3, gen=gen)
     q, k, v = (torch.randn(n, h, D, dtype=dtype, device=device) for n, h in ((M, Hq), (N, Hk), (N, Hk)))
     mask = torch.rand(indices.numel(), R, C, generator=gen) < 0.5 if options.get("mask") else None
     causal = bool(options.get("causal"))
