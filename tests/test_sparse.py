@@ -419,10 +419,13 @@ GPU_CASES = [  # (R, C, dtype, options): every block shape of the issue once, ea
 ]
 
 
+def _gpu_id(x):
+    return "-".join(x) or "plain" if isinstance(x, dict) else str(x).replace("torch.", "")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("R,C,dtype,options", GPU_CASES,
-                         ids=lambda x: str(x).replace("torch.", "") if not isinstance(x, dict) else "-".join(x) or "plain")
+@pytest.mark.parametrize("R,C,dtype,options", GPU_CASES, ids=_gpu_id)
 def test_block_sparse_gpu(R, C, dtype, options, device):
     M, N, Hq, Hk, D = 520, 512, 8, 2, 128
     gen = torch.Generator().manual_seed(R * 1000 + C)
@@ -430,8 +433,9 @@ def test_block_sparse_gpu(R, C, dtype, options, device):
     q, k, v = (torch.randn(n, h, D, dtype=dtype, device=device) for n, h in ((M, Hq), (N, Hk), (N, Hk)))
     mask = torch.rand(indices.numel(), R, C, generator=gen) < 0.5 if options.get("mask") else None
     causal = bool(options.get("causal"))
-    _, (out, lse) = run_bsr(device, q, k, v, indptr, indices, M, N, R, C, causal=causal,
+    w, (out, lse) = run_bsr(device, q, k, v, indptr, indices, M, N, R, C, causal=causal,
                             mask=None if mask is None else mask.to(device))
+    assert w._page_size == (128 if options.get("dense") else C)
     ref_o, ref_lse = masked_attention_oracle(q, k, v, bsr_dense_mask(indptr, indices, M, N, R, C, mask=mask,
                                                                      causal=causal))
     check(out, lse, ref_o, ref_lse, dtype)
