@@ -10,7 +10,23 @@ from ._core import settings as _settings
 
 _settings.select_interpreter_for_backend()  # before triton is imported (cheap; nothing is compiled here)
 
-from . import activation, autotuner, cascade, decode, jit, mla, norm, page, prefill, quantization, rope, sampling, utils  # noqa: E402  # noqa: E402  (names engines import at start-up; no kernels)
+# names engines import at start-up; no kernels
+from . import (  # noqa: E402
+    activation,
+    autotuner,
+    cascade,
+    decode,
+    jit,
+    mla,
+    norm,
+    page,
+    prefill,
+    quantization,
+    rope,
+    sampling,
+    sparse,
+    utils,
+)
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from .autotuner import autotune  # noqa: E402
 from .cascade import (  # noqa: E402
@@ -63,6 +79,7 @@ from .sampling import (  # noqa: E402
     top_p_renorm_probs,
     top_p_sampling_from_probs,
 )
+from .sparse import BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper  # noqa: E402
 from .utils import next_positive_power_of_2  # noqa: E402
 from .variants import AttentionVariant  # noqa: E402
 
@@ -135,4 +152,7 @@ __all__ = [
     "cascade",
     "mla",
     "BatchMLAPagedAttentionWrapper",
+    "sparse",
+    "BlockSparseAttentionWrapper",
+    "VariableBlockSparseAttentionWrapper",
 ]

@@ -509,3 +509,57 @@ def mla_oracle(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indi
         o, s = attention_oracle(q, k, ckv[:, None], causal=causal, sm_scale=sm_scale)
         out[q0:q1], lse[q0:q1] = o, s
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-sparse attention (api_spec.md §6): the BSR pattern expanded to a dense mask, explicit loops
+# ---------------------------------------------------------------------------------------------
+
+
+def bsr_dense_mask(indptr, indices, M, N, R, C, mask=None, causal=False):
+    """``[M, N]`` bool: block row ``b`` (rows ``b*R`` up to ``M``) sees the columns of its listed blocks,
+    refined by ``mask [nnz, R, C]``; ``causal`` (only without a mask) keeps ``j <= i``."""
+    indptr, indices = [int(x) for x in indptr.cpu()], [int(x) for x in indices.cpu()]
+    dense = torch.zeros(M, N, dtype=torch.bool)
+    for b in range(len(indptr) - 1):
+        for p in range(indptr[b], indptr[b + 1]):
+            c = indices[p]
+            for r in range(R):
+                i = b * R + r
+                if i >= M:
+                    break
+                block = torch.ones(C, dtype=torch.bool) if mask is None else mask[p, r].cpu()
+                dense[i, c * C:(c + 1) * C] |= block
+    if causal and mask is None:
+        dense &= torch.arange(N)[None, :] <= torch.arange(M)[:, None]
+    return dense
+
+
+def variable_dense_mask(block_mask_map, block_row_sz, block_col_sz, causal=False):
+    """``[num_kv_heads, qo_len, kv_len]`` bool of per-head variable blocks, explicit loops."""
+    H, MB, NB = block_mask_map.shape
+    rows, cols = block_row_sz.cpu().tolist(), block_col_sz.cpu().tolist()
+    qo_len, kv_len = sum(rows[0]), sum(cols[0])
+    dense = torch.zeros(H, qo_len, kv_len, dtype=torch.bool)
+    for h in range(H):
+        r0 = 0
+        for r in range(MB):
+            c0 = 0
+            for c in range(NB):
+                if bool(block_mask_map[h, r, c]):
+                    dense[h, r0:r0 + rows[h][r], c0:c0 + cols[h][c]] = True
+                c0 += cols[h][c]
+            r0 += rows[h][r]
+    if causal:
+        dense &= torch.arange(kv_len)[None, None, :] <= torch.arange(qo_len)[None, :, None]
+    return dense
+
+
+def masked_attention_oracle(q, k, v, dense_mask, *, sm_scale=None, logits_soft_cap=0.0, rope=None):
+    """Attention of q ``[M, Hq, D]`` over k, v ``[N, Hk, D]`` under ``dense_mask [M, N]``; ``rope`` =
+    ``(rope_scale, rope_theta)`` rotates q and k by their row indices (global positions) first.
+    Returns (out float64, lse base 2 float64)."""
+    if rope is not None:
+        q = rope_f64(q.double().cpu(), torch.arange(q.shape[0]), *rope)
+        k = rope_f64(k.double().cpu(), torch.arange(k.shape[0]), *rope)
+    return attention_oracle(q, k, v, custom_mask=dense_mask, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)

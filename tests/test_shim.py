@@ -90,6 +90,8 @@ try:
 except ModuleNotFoundError:
     pass
 assert flashinfer.mla.BatchMLAPagedAttentionWrapper is flashtile.BatchMLAPagedAttentionWrapper
+import flashinfer.sparse
+assert flashinfer.sparse.VariableBlockSparseAttentionWrapper is flashtile.VariableBlockSparseAttentionWrapper
 try:
     flashinfer.PODWithPagedKVCacheWrapper  # not in flashtile yet
     raise SystemExit("missing attribute did not raise")
