@@ -91,7 +91,7 @@ except ModuleNotFoundError:
     pass
 assert flashinfer.mla.BatchMLAPagedAttentionWrapper is flashtile.BatchMLAPagedAttentionWrapper
 try:
-    flashinfer.PODWithPagedKVCacheWrapper  # not in flashtile yet
+    flashinfer.SegmentGEMMWrapper  # not in flashtile yet
     raise SystemExit("missing attribute did not raise")
 except AttributeError as e:
     assert "flashinfer" in str(e)

@@ -1,0 +1,179 @@
+"""One plan for any mix of query lengths over a paged cache: ``flashtile.attention.BatchAttention``
+(FlashInfer v0.3.1's ``flashinfer.attention.BatchAttention``; docs/pod.md).
+
+A serving step with chunked prefill mixes decodes (one query token), speculative verifications (a few)
+and prefill chunks (hundreds or thousands) in one batch. :class:`BatchAttention` plans them together
+with the batch-prefill scheduler (scheduler/prefill_work.py): one packed work list of (request, row
+tile, KV chunk) items, long KV ranges cut so that the grid fills the GPU, and run() launches one
+kernel over it (plus one merge launch when a range was cut). This module only translates the API:
+``kv_len_arr`` (tokens per request) into the page table's last-page lengths, and upstream's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from ._core.checks import check_tensor, describe, parse_dtype
+from ._core.host_arrays import host_int64
+from ._core.paged_kv import as_index_tensor
+from ._core.wrapper import check_positive_int
+from .prefill import BatchPrefillWithPagedKVCacheWrapper
+
+__all__ = ["BatchAttention", "last_page_lens"]
+
+FLOAT_WORKSPACE_BYTES = 128 * 1024 * 1024  # split-KV partial states (upstream allocates 256 MiB)
+
+
+def last_page_lens(kv_indptr, kv_len_arr, page_size: int) -> torch.Tensor:
+    """int32 CPU ``[B]``: tokens in each request's last page, from its page count and ``kv_len_arr``;
+    0 for a request without pages. Raises ValueError when a length does not fit its pages."""
+    pages = np.diff(host_int64(kv_indptr))
+    lens = host_int64(kv_len_arr)
+    if lens.size != pages.size:
+        raise ValueError(f"kv_len_arr: expected batch_size = len(kv_indptr) - 1 = {pages.size} entries, "
+                         f"got {lens.size}")
+    lo = np.maximum(pages - 1, 0) * page_size + (pages > 0)  # a request with p pages has (p-1)*ps+1 .. p*ps tokens
+    hi = pages * page_size
+    bad = (lens < lo) | (lens > hi)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"kv_len_arr: request {i} has {int(lens[i])} tokens but {int(pages[i])} pages of "
+                         f"page_size {page_size} (expected {int(lo[i])}..{int(hi[i])} tokens)")
+    last = np.where(pages > 0, lens - np.maximum(pages - 1, 0) * page_size, 0)
+    return torch.from_numpy(last.astype(np.int32))
+
+
+class BatchAttention:
+    """Attention of a batch whose requests have any number of query tokens, over a paged KV cache.
+
+    Request ``i`` owns query rows ``qo_indptr[i]:qo_indptr[i + 1]`` of q (its last tokens: with ``causal``
+    query ``t`` sits at position ``kv_len_i - qo_len_i + t``, bottom-right aligned) and the
+    ``kv_len_arr[i]`` tokens stored in pages ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``.
+
+    Args:
+        kv_layout: "NHD" or "HND", the layout of the cache given to run().
+        device: where the workspaces live (the tensors of run() must be there too).
+    """
+
+    def __init__(self, kv_layout: str = "NHD", device: Union[str, torch.device] = "cuda") -> None:
+        self.device = torch.device(device)
+        workspace = torch.empty(FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._wrapper = BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout)
+        self._kv_layout = kv_layout
+        self._planned_cap = 0.0
+
+    # Attributes serving engines read (upstream's names).
+    @property
+    def _causal(self) -> bool:
+        return self._wrapper._causal
+
+    @property
+    def _sm_scale(self) -> Optional[float]:
+        return self._wrapper._sm_scale
+
+    @property
+    def _logits_soft_cap(self) -> float:
+        return self._wrapper._logits_soft_cap
+
+    def plan(
+        self,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        kv_len_arr: torch.Tensor,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim_qk: int,
+        head_dim_vo: int,
+        page_size: int,
+        causal: bool = False,
+        sm_scale: Optional[float] = None,
+        logits_soft_cap: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = torch.bfloat16,
+        kv_data_type: Union[str, torch.dtype] = torch.bfloat16,
+        use_profiler: bool = False,
+    ) -> None:
+        """Plan a batch: validate, schedule, copy the work list to the device (may synchronize).
+
+        Args:
+            qo_indptr: int32 ``[B + 1]`` (CPU or device), from 0, non-decreasing: request ``i`` owns rows
+                ``qo_indptr[i]:qo_indptr[i + 1]`` of q (any number per request: 1 for a decode).
+            kv_indptr: int32 ``[B + 1]``, non-decreasing: request ``i`` owns pages
+                ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]`` (``kv_indptr[0]`` may be > 0).
+            kv_indices: int32 page ids into the cache given to run().
+            kv_len_arr: int32 ``[B]``: tokens of each request, ``(pages - 1) * page_size + 1 .. pages * page_size``
+                (0 for a request without pages); ValueError otherwise.
+            num_qo_heads, num_kv_heads: heads of q and of the cache (GQA: num_qo_heads a multiple).
+            head_dim_qk: head dim of q and k; head_dim_vo: of v and the output (multiples of 8 up to 256).
+            page_size: tokens per page (any >= 1).
+            causal: bottom-right aligned causal mask.
+            sm_scale: default ``1 / sqrt(head_dim_qk)``.
+            logits_soft_cap: ``cap * tanh(s / cap)`` when > 0 (None or 0: off).
+            q_data_type, kv_data_type: dtypes of q and of the cache (default bfloat16, as upstream; kv may be fp8).
+            use_profiler: upstream's in-kernel event profiler; only False (NotImplementedError otherwise).
+        """
+        if use_profiler:
+            raise NotImplementedError("use_profiler: flashtile's kernels record no in-kernel profile; time them with "
+                                      "CUDA events (benchmarks/harness.py)")
+        check_positive_int("page_size", page_size)
+        check_positive_int("head_dim_qk", head_dim_qk)
+        check_positive_int("head_dim_vo", head_dim_vo)
+        as_index_tensor("kv_indptr", kv_indptr)
+        as_index_tensor("kv_len_arr", kv_len_arr)
+        last = last_page_lens(kv_indptr, kv_len_arr, page_size)
+        self._wrapper.plan(
+            qo_indptr, kv_indptr, kv_indices, last, num_qo_heads, num_kv_heads, head_dim_qk=head_dim_qk,
+            page_size=page_size, head_dim_vo=head_dim_vo, causal=causal, sm_scale=sm_scale,
+            logits_soft_cap=logits_soft_cap, q_data_type=parse_dtype("q_data_type", q_data_type),
+            kv_data_type=parse_dtype("kv_data_type", kv_data_type),
+        )
+        self._planned_cap = self._wrapper._logits_soft_cap
+
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache,
+        out: Optional[torch.Tensor] = None,
+        lse: Optional[torch.Tensor] = None,
+        logits_soft_cap: Optional[float] = 0.0,
+        profiler_buffer: Optional[torch.Tensor] = None,
+        *,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        kv_cache_sf=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the planned batch.
+
+        Args:
+            q: ``[qo_indptr[-1], num_qo_heads, head_dim_qk]`` in the planned q dtype, unit last stride.
+            kv_cache: ``[pages, 2, page_size, num_kv_heads, head_dim]`` (NHD; HND swaps page_size and heads), or
+                a ``(k_cache, v_cache)`` tuple of ``[pages, page_size, heads, dim]`` views (head_dim_vo for v).
+            out: optional ``[qo_indptr[-1], num_qo_heads, head_dim_vo]`` in q's dtype, written and returned.
+            lse: optional float32 ``[qo_indptr[-1], num_qo_heads]``, written and returned.
+            logits_soft_cap: 0 (or None): the planned cap; > 0: must equal the planned cap (the cap is fixed at
+                plan time; ValueError when none was planned, as upstream, or a different one is given).
+            profiler_buffer: only None (plan() refuses the profiler).
+            k_scale, v_scale: fp8 calibration scales (k's folds into sm_scale; v's multiplies the output).
+            kv_cache_sf: NVFP4 scale factors; only None.
+
+        Returns:
+            ``(out, lse)``; lse is base 2 (``log2(sum(exp(s)))``); rows that see no key give 0 and -inf.
+        """
+        cap = 0.0 if logits_soft_cap is None else logits_soft_cap
+        if not isinstance(cap, (int, float)) or isinstance(cap, bool):
+            raise TypeError(f"logits_soft_cap: expected a float, got {describe(cap)}")
+        if cap > 0.0 and self._planned_cap <= 0.0:
+            raise ValueError("logits_soft_cap: used in run() but not provided in plan(); plan with "
+                             f"logits_soft_cap={cap}")
+        if cap > 0.0 and cap != self._planned_cap:
+            raise ValueError(f"logits_soft_cap: run() got {cap}, plan() was given {self._planned_cap}; re-plan to "
+                             "change it")
+        if profiler_buffer is not None:
+            check_tensor("profiler_buffer", profiler_buffer)
+            raise NotImplementedError("profiler_buffer: flashtile's kernels record no in-kernel profile")
+        result = self._wrapper.run(q, kv_cache, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale,
+                                   kv_cache_sf=kv_cache_sf)
+        return result[0], result[1]

@@ -1,0 +1,174 @@
+"""BatchAttention: mixed batches (decodes, speculative verifications, prefill chunks) against the float64
+oracle request by request, on the reference path, the interpreted kernels (CPU) and the GPU; errors."""
+
+import pytest
+import torch
+from attention_cases import make_paged_batch
+from conftest import HAS_CUDA
+from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
+
+import flashtile
+from flashtile.attention import BatchAttention
+
+
+def indptr_of(lens):
+    return torch.tensor([0] + torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def check_requests(out, lse, q, qo_lens, kv_requests, **kw):
+    atol, rtol = TOLERANCES[q.dtype]
+    latol, lrtol = LSE_TOLERANCES[q.dtype]
+    assert not out.isnan().any(), "output has NaN (unwritten element)"
+    ip = indptr_of(qo_lens).tolist()
+    for r, (k, v) in enumerate(kv_requests):
+        rows = slice(ip[r], ip[r + 1])
+        ref_o, ref_lse = attention_oracle(q[rows], k, v, **kw)
+        torch.testing.assert_close(out[rows].double().cpu(), ref_o, atol=atol, rtol=rtol, msg=f"request {r}")
+        got = lse[rows].double().cpu()
+        assert torch.equal(torch.isinf(got), torch.isinf(ref_lse)), f"request {r}: empty rows must give -inf"
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(got[finite], ref_lse[finite], atol=latol, rtol=lrtol, msg=f"request {r} lse")
+
+
+def requests_of(cache, indptr, indices, last, layout="NHD"):
+    k_pages, v_pages = paged_cache_f64(cache, layout)
+    return read_paged_kv_oracle(k_pages, v_pages, indices, indptr, last)
+
+
+def kv_lens_of(indptr, last, page_size):
+    pages = (indptr[1:] - indptr[:-1]).tolist()
+    return torch.tensor([(p - 1) * page_size + n if p else 0 for p, n in zip(pages, last.tolist())],
+                        dtype=torch.int32)
+
+
+if HAS_CUDA:
+    # (qo_lens, kv_lens): one prefill chunk, speculative verifications and decodes
+    MIXES = [
+        ([2048] + [1] * 64, [4096] + [4096] * 64),
+        ([300, 4, 8, 1, 1, 2], [1000, 30000, 9, 1, 17000, 2]),
+        ([1] * 16 + [4096], [100 * i + 1 for i in range(16)] + [4096]),
+    ]
+    HEADS, DIM = (32, 8), 128
+else:
+    MIXES = [
+        ([23, 1, 1, 1], [70, 33, 1, 130]),
+        ([4, 8, 1, 2], [5, 40, 17, 2]),
+        ([1, 1, 0, 3], [9, 0, 6, 3]),  # a request without keys, one without queries
+    ]
+    HEADS, DIM = (4, 2), 16
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+@pytest.mark.parametrize("mix", range(len(MIXES)))
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_batch_matches_oracle(path, device, page_size, mix, causal):
+    qo_lens, kv_lens = MIXES[mix]
+    hq, hk = HEADS
+    dtype = torch.bfloat16
+    cache, indptr, indices, last = make_paged_batch(kv_lens, page_size, hk, DIM, dtype, device)
+    w = BatchAttention(device=device)
+    w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), hq, hk, DIM, DIM, page_size,
+           causal=causal)
+    q = torch.randn(sum(qo_lens), hq, DIM, dtype=dtype, device=device)
+    out, lse = w.run(q, cache)
+    assert out.shape == (sum(qo_lens), hq, DIM) and lse.shape == (sum(qo_lens), hq) and lse.dtype == torch.float32
+    check_requests(out, lse, q, qo_lens, requests_of(cache, indptr, indices, last), causal=causal)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_soft_cap_gqa_fp16_layouts(path, device, layout):
+    qo_lens, kv_lens = ([7, 1, 3], [40, 12, 3]) if not HAS_CUDA else ([700, 1, 3], [4000, 1200, 3])
+    hq, hk, d, ps, cap = 6, 2, 32, 4, 5.0
+    cache, indptr, indices, last = make_paged_batch(kv_lens, ps, hk, d, torch.float16, device, layout=layout,
+                                                    form="tuple", scale=3.0)
+    w = BatchAttention(kv_layout=layout, device=device)
+    w.plan(indptr_of(qo_lens), indptr.to(device), indices.to(device), torch.tensor(kv_lens, dtype=torch.int32), hq,
+           hk, d, d, ps, causal=True, sm_scale=0.3, logits_soft_cap=cap, q_data_type=torch.float16,
+           kv_data_type=torch.float16)
+    assert w._logits_soft_cap == cap and w._causal
+    q = torch.randn(sum(qo_lens), hq, d, dtype=torch.float16, device=device) * 2
+    out = torch.empty(sum(qo_lens), hq, d, dtype=torch.float16, device=device)
+    lse = torch.empty(sum(qo_lens), hq, dtype=torch.float32, device=device)
+    got = w.run(q, cache, out=out, lse=lse, logits_soft_cap=cap)
+    assert got[0] is out and got[1] is lse
+    check_requests(out, lse, q, qo_lens, requests_of(cache, indptr, indices, last, layout), causal=True,
+                   sm_scale=0.3, logits_soft_cap=cap)
+    # The default run() cap (0.0) applies the planned one.
+    out2, _ = w.run(q, cache)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+def test_head_dim_vo_differs(path, device):
+    qo_lens, kv_lens = [3, 1], [20, 9]
+    cache, indptr, indices, last = make_paged_batch(kv_lens, 4, 2, 32, torch.bfloat16, device, head_dim_vo=16)
+    w = BatchAttention(device=device)
+    w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), 2, 2, 32, 16, 4,
+           causal=True)
+    q = torch.randn(4, 2, 32, dtype=torch.bfloat16, device=device)
+    out, lse = w.run(q, cache)
+    assert out.shape == (4, 2, 16)
+    check_requests(out, lse, q, qo_lens, requests_of(cache, indptr, indices, last), causal=True)
+
+
+def test_replan_other_mix(path, device):
+    """One wrapper, plans of other compositions in turn (a serving loop)."""
+    w = BatchAttention(device=device)
+    for qo_lens, kv_lens in (([5, 1], [30, 8]), ([1, 1, 1], [3, 60, 1]), ([12], [12])):
+        cache, indptr, indices, last = make_paged_batch(kv_lens, 16, 2, 16, torch.bfloat16, device)
+        w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), 4, 2, 16, 16, 16,
+               causal=True)
+        q = torch.randn(sum(qo_lens), 4, 16, dtype=torch.bfloat16, device=device)
+        out, lse = w.run(q, cache)
+        check_requests(out, lse, q, qo_lens, requests_of(cache, indptr, indices, last), causal=True)
+
+
+def test_errors(device):
+    kv_lens = [9, 4]
+    cache, indptr, indices, last = make_paged_batch(kv_lens, 4, 2, 16, torch.bfloat16, device)
+    qo = indptr_of([2, 1])
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    w = BatchAttention(device=device)
+    with pytest.raises(RuntimeError, match="plan"):
+        w.run(torch.randn(3, 4, 16, dtype=torch.bfloat16, device=device), cache)
+    with pytest.raises(ValueError, match="kv_len_arr"):  # 13 tokens do not fit 3 pages of 4
+        w.plan(qo, indptr, indices, torch.tensor([13, 4], dtype=torch.int32), 4, 2, 16, 16, 4)
+    with pytest.raises(ValueError, match="kv_len_arr"):
+        w.plan(qo, indptr, indices, torch.tensor([9], dtype=torch.int32), 4, 2, 16, 16, 4)
+    with pytest.raises(TypeError, match="kv_len_arr"):
+        w.plan(qo, indptr, indices, lens.float(), 4, 2, 16, 16, 4)
+    with pytest.raises(ValueError, match="qo_indptr"):
+        w.plan(indptr_of([2]), indptr, indices, lens, 4, 2, 16, 16, 4)
+    with pytest.raises(ValueError, match="num_qo_heads"):
+        w.plan(qo, indptr, indices, lens, 3, 2, 16, 16, 4)
+    with pytest.raises(ValueError, match="head_dim_vo"):
+        w.plan(qo, indptr, indices, lens, 4, 2, 16, 0, 4)
+    with pytest.raises(ValueError, match="page_size"):
+        w.plan(qo, indptr, indices, lens, 4, 2, 16, 16, 0)
+    with pytest.raises(NotImplementedError, match="use_profiler"):
+        w.plan(qo, indptr, indices, lens, 4, 2, 16, 16, 4, use_profiler=True)
+    w.plan(qo, indptr, indices, lens, 4, 2, 16, 16, 4, causal=True)
+    q = torch.randn(3, 4, 16, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        w.run(q, cache, logits_soft_cap=30.0)  # not planned (upstream's error)
+    with pytest.raises(ValueError, match="q_data_type"):
+        w.run(q.half(), cache.half())
+    with pytest.raises(ValueError, match="kv_data_type"):
+        w.run(q, cache.half())
+    with pytest.raises(ValueError, match="out"):
+        w.run(q, cache, out=torch.empty(3, 4, 8, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="lse"):
+        w.run(q, cache, lse=torch.empty(3, 4, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="q"):
+        w.run(q[:2], cache)
+    with pytest.raises(NotImplementedError, match="profiler_buffer"):
+        w.run(q, cache, profiler_buffer=torch.empty(16, dtype=torch.uint64, device=device))
+    w.plan(qo, indptr, indices, lens, 4, 2, 16, 16, 4, logits_soft_cap=10.0)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        w.run(q, cache, logits_soft_cap=20.0)  # the cap is fixed at plan time
+    with pytest.raises(ValueError, match="kv_layout"):
+        BatchAttention(kv_layout="NDH", device=device)
+
+
+def test_import_surface():
+    assert flashtile.BatchAttention is BatchAttention
+    assert flashtile.attention.BatchAttention is BatchAttention
