@@ -249,7 +249,7 @@ def test_prefill_meta_roundtrip():
 # verifications in one work list; every visible (request, row, key) exactly once, and balance
 # ------------------------------------------------------------------------------------------------
 
-from flashtile.scheduler.split_kv import MIN_CHUNK_TILES, _target_items  # noqa: E402
+from flashtile.scheduler.split_kv import _target_items  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)
@@ -287,7 +287,8 @@ def test_mixed_batch_covers_each_key_once_and_balances(prefill, decodes, group, 
     # Balance: one chunk size for prefill tiles and decode tiles alike, no longer than the average work of
     # the items that fill the GPU (rounded up to the alignment, at least MIN_CHUNK_TILES tiles).
     target = _target_items(heads, sms)
-    bound = max(MIN_CHUNK_TILES * align, -(-(-(-total // target)) // align) * align)
+    per_item = -(-total // target)
+    bound = max(MIN_CHUNK_TILES * align, -(-per_item // align) * align)
     lengths = work.item_kv_end - work.item_kv_start
     assert int(lengths.max()) <= bound
     cap_items, _, _ = prefill_capacity(qo.size, int(qo.sum()) * group, block_m, heads, sms)
