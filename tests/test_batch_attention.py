@@ -174,3 +174,36 @@ def test_errors(device):
 def test_import_surface():
     assert flashtile.BatchAttention is BatchAttention
     assert flashtile.attention.BatchAttention is BatchAttention
+
+
+def test_upstream_signature():
+    """Positional parameters of FlashInfer v0.3.1's BatchAttention, in order."""
+    import inspect
+
+    def names(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind == p.POSITIONAL_OR_KEYWORD][1:]
+
+    assert names(BatchAttention.__init__) == ["kv_layout", "device"]
+    assert names(BatchAttention.plan) == [
+        "qo_indptr", "kv_indptr", "kv_indices", "kv_len_arr", "num_qo_heads", "num_kv_heads", "head_dim_qk",
+        "head_dim_vo", "page_size", "causal", "sm_scale", "logits_soft_cap", "q_data_type", "kv_data_type",
+        "use_profiler"]
+    assert names(BatchAttention.run) == ["q", "kv_cache", "out", "lse", "logits_soft_cap", "profiler_buffer"]
+
+
+def test_torch_compile_run(path, device):
+    kv_lens, qo_lens = [20, 3], [4, 1]
+    cache, indptr, indices, last = make_paged_batch(kv_lens, 4, 2, 16, torch.bfloat16, device)
+    w = BatchAttention(device=device)
+    w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), 4, 2, 16, 16, 4,
+           causal=True)
+    q = torch.randn(5, 4, 16, dtype=torch.bfloat16, device=device)
+
+    def step(q, cache):
+        out, lse = w.run(q, cache)
+        return out.float() * 2, lse
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    for got, want in zip(compiled(q, cache), step(q, cache)):
+        torch.testing.assert_close(got, want)

@@ -206,3 +206,26 @@ def test_cuda_graph_capture_replan_replay(page_size):
         torch.cuda.synchronize()
         check(out_p, None, q_p, k_p, v_p, causal=True)
         check_decodes(out_d, None, q_d, pool, *tbl)
+
+
+def test_upstream_signature():
+    """Positional parameters of FlashInfer v0.3.1's PODWithPagedKVCacheWrapper, in order."""
+    import inspect
+
+    def names(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind == p.POSITIONAL_OR_KEYWORD][1:]
+
+    assert names(PODWithPagedKVCacheWrapper.__init__) == [
+        "float_workspace_buffer", "kv_layout", "use_cuda_graph", "paged_kv_indptr_buffer", "paged_kv_indices_buffer",
+        "paged_kv_last_page_len_buffer", "jit_args"]
+    assert names(PODWithPagedKVCacheWrapper.plan) == [
+        "indptr", "indices", "last_page_len", "num_qo_heads", "num_kv_heads", "head_dim", "page_size",
+        "pos_encoding_mode", "window_left", "q_data_type", "kv_data_type", "data_type", "sm_scale", "rope_scale",
+        "rope_theta", "non_blocking"]
+    assert names(PODWithPagedKVCacheWrapper.run) == [
+        "q_p", "k_p", "v_p", "q_d", "paged_kv_cache_d", "custom_mask_p", "packed_custom_mask_p", "causal_p",
+        "kv_layout_p", "pos_encoding_mode_p", "sm_scale_p", "window_left_p", "rope_scale_p", "rope_theta_p",
+        "return_lse_p", "custom_mask_d", "packed_custom_mask_d", "causal_d", "kv_layout_d", "pos_encoding_mode_d",
+        "sm_scale_d", "window_left_d", "rope_scale_d", "rope_theta_d", "q_scale", "k_scale", "v_scale",
+        "return_lse_d", "use_fp16_qk_reduction", "enable_pdl"]
