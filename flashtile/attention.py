@@ -56,14 +56,37 @@ class BatchAttention:
     Args:
         kv_layout: "NHD" or "HND", the layout of the cache given to run().
         device: where the workspaces live (the tensors of run() must be there too).
+        use_cuda_graph: (flashtile extension, keyword; upstream has no CUDA-graph mode here) fixed-size mode:
+            the batch size is ``len(qo_indptr_buf) - 1``, the first plan's ``qo_indptr[-1]`` is the most query
+            rows a later plan may have, plan() copies the page table into the buffers, and run() launches
+            grids that do not depend on the lengths, so a captured run() replays a later plan.
+        qo_indptr_buf, kv_indptr_buf: int32 ``[B + 1]``; kv_indices_buf: int32 ``[max_pages]`` (graph mode,
+            device tensors).
     """
 
-    def __init__(self, kv_layout: str = "NHD", device: Union[str, torch.device] = "cuda") -> None:
+    def __init__(self, kv_layout: str = "NHD", device: Union[str, torch.device] = "cuda", *,
+                 use_cuda_graph: bool = False, qo_indptr_buf: Optional[torch.Tensor] = None,
+                 kv_indptr_buf: Optional[torch.Tensor] = None, kv_indices_buf: Optional[torch.Tensor] = None) -> None:
         self.device = torch.device(device)
         workspace = torch.empty(FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._wrapper = BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout)
+        last_page_len_buf = None
+        if use_cuda_graph:
+            for name, buf in (("qo_indptr_buf", qo_indptr_buf), ("kv_indptr_buf", kv_indptr_buf),
+                              ("kv_indices_buf", kv_indices_buf)):
+                if not isinstance(buf, torch.Tensor):
+                    raise ValueError(f"{name} should be a torch.Tensor in cudagraph mode, got {describe(buf)}")
+            assert qo_indptr_buf is not None  # checked above
+            last_page_len_buf = torch.zeros(max(qo_indptr_buf.numel() - 1, 0), dtype=torch.int32, device=self.device)
+        self._wrapper = BatchPrefillWithPagedKVCacheWrapper(
+            workspace, kv_layout, use_cuda_graph, qo_indptr_buf=qo_indptr_buf, paged_kv_indptr_buf=kv_indptr_buf,
+            paged_kv_indices_buf=kv_indices_buf, paged_kv_last_page_len_buf=last_page_len_buf)
         self._kv_layout = kv_layout
+        self._kv_indices_buf = kv_indices_buf if use_cuda_graph else None
         self._planned_cap = 0.0
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._wrapper.is_cuda_graph_enabled
 
     # Attributes serving engines read (upstream's names).
     @property
@@ -124,6 +147,12 @@ class BatchAttention:
         as_index_tensor("kv_indptr", kv_indptr)
         as_index_tensor("kv_len_arr", kv_len_arr)
         last = last_page_lens(kv_indptr, kv_len_arr, page_size)
+        if self._kv_indices_buf is not None:
+            ends = host_int64(kv_indptr)
+            needed = int(ends[-1] - ends[0]) if ends.size else 0
+            if needed > self._kv_indices_buf.numel():
+                raise ValueError(f"The size of indices should be less than or equal to the allocated buffer: need "
+                                 f"{needed} page ids, kv_indices_buf has {self._kv_indices_buf.numel()}")
         self._wrapper.plan(
             qo_indptr, kv_indptr, kv_indices, last, num_qo_heads, num_kv_heads, head_dim_qk=head_dim_qk,
             page_size=page_size, head_dim_vo=head_dim_vo, causal=causal, sm_scale=sm_scale,

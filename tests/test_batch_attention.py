@@ -207,3 +207,92 @@ def test_torch_compile_run(path, device):
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
     for got, want in zip(compiled(q, cache), step(q, cache)):
         torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA-graph mode (flashtile extension): fixed buffers, re-plan, replay
+# ------------------------------------------------------------------------------------------------
+
+
+def _graph_wrapper(device, b, max_pages=64):
+    bufs = dict(qo_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=device),
+                kv_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=device),
+                kv_indices_buf=torch.zeros(max_pages, dtype=torch.int32, device=device))
+    return BatchAttention(device=device, use_cuda_graph=True, **bufs), bufs
+
+
+def test_graph_mode_replans_into_its_buffers(path, device):
+    b = 3
+    w, bufs = _graph_wrapper(device, b)
+    assert w.is_cuda_graph_enabled and not BatchAttention(device=device).is_cuda_graph_enabled
+    q = torch.randn(16, 4, 16, dtype=torch.bfloat16, device=device)
+    first = None
+    for qo_lens, kv_lens in (([8, 1, 7], [9, 8, 40]), ([1, 1, 3], [70, 2, 5]), ([5, 0, 4], [5, 3, 30])):
+        cache, indptr, indices, last = make_paged_batch(kv_lens, 4, 2, 16, torch.bfloat16, device)
+        w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), 4, 2, 16, 16, 4,
+               causal=True)
+        plan = w._wrapper._plan
+        assert plan.page_indices.data_ptr() == bufs["kv_indices_buf"].data_ptr()
+        first = first or (plan.meta.data_ptr(), plan.num_items)
+        assert (plan.meta.data_ptr(), plan.num_items) == first, "fixed grid and work-list storage"
+        out, lse = w.run(q, cache)
+        total = sum(qo_lens)
+        check_requests(out[:total], lse[:total], q[:total], qo_lens, requests_of(cache, indptr, indices, last),
+                       causal=True)
+
+
+def test_graph_mode_errors(device):
+    with pytest.raises(ValueError, match="kv_indptr_buf should be a torch.Tensor in cudagraph mode"):
+        BatchAttention(device=device, use_cuda_graph=True, qo_indptr_buf=torch.zeros(3, dtype=torch.int32))
+    w, _ = _graph_wrapper(device, 2)
+    cache, indptr, indices, last = make_paged_batch([5, 9, 3], 4, 2, 16, torch.bfloat16, device)
+    lens = torch.tensor([5, 9, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="batch size should be fixed"):
+        w.plan(indptr_of([1, 1, 1]), indptr, indices, lens, 4, 2, 16, 16, 4)
+    cache, indptr, indices, last = make_paged_batch([5, 9], 4, 2, 16, torch.bfloat16, device)
+    with pytest.raises(ValueError, match="less than or equal to the allocated buffer.*kv_indices_buf"):
+        _graph_wrapper(device, 2, max_pages=3)[0].plan(indptr_of([2, 3]), indptr, indices, lens[:2], 4, 2, 16, 16, 4)
+    w.plan(indptr_of([2, 3]), indptr, indices, lens[:2], 4, 2, 16, 16, 4, causal=True)
+    with pytest.raises(ValueError, match="total number of rows"):
+        w.plan(indptr_of([3, 3]), indptr, indices, lens[:2], 4, 2, 16, 16, 4, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_cuda_graph_capture_replan_replay(page_size):
+    """Capture run() once; re-plan other mixes (a prefill chunk, speculative verifications, decodes) of the
+    same batch size and no more query rows; replay; compare with the oracle."""
+    from flashtile._core.graphs import capture_graph
+
+    device = torch.device("cuda")
+    b, hq, hk, d = 8, 32, 8, 128
+    max_pages = 40000 // page_size + 64
+    w, _ = _graph_wrapper(device, b, max_pages=max_pages * 2)
+    pool = torch.randn(max_pages * 2, 2, page_size, hk, d, dtype=torch.bfloat16, device=device)
+    rows = 512 + 7
+    q = torch.randn(rows, hq, d, dtype=torch.bfloat16, device=device)
+    out = torch.empty(rows, hq, d, dtype=torch.bfloat16, device=device)
+    lse = torch.empty(rows, hq, dtype=torch.float32, device=device)
+
+    def table(lens):
+        pages = [-(-n // page_size) for n in lens]
+        perm = torch.randperm(pool.shape[0], dtype=torch.int32)[: sum(pages)]
+        last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)], dtype=torch.int32)
+        return indptr_of(pages), perm, last
+
+    def plan(qo_lens, kv_lens):
+        tbl = table(kv_lens)
+        w.plan(indptr_of(qo_lens), tbl[0], tbl[1], torch.tensor(kv_lens, dtype=torch.int32), hq, hk, d, d, page_size,
+               causal=True, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        return tbl
+
+    plan([512] + [1] * 7, [2048] + [4096] * 7)
+    graph, _ = capture_graph(lambda: w.run(q, pool, out=out, lse=lse), warmup=2)
+    for qo_lens, kv_lens in (([1, 2, 3, 4, 5, 6, 7, 8], [3000, 30000, 3, 4, 5, 17, 9000, 64]),
+                             ([1] * 8, [1] * 8), ([300, 1, 1, 1, 1, 1, 1, 8], [600, 38000, 1, 2, 3, 4, 5, 8])):
+        tbl = plan(qo_lens, kv_lens)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        total = sum(qo_lens)
+        check_requests(out[:total], lse[:total], q[:total], qo_lens, requests_of(pool, *tbl), causal=True)
