@@ -47,6 +47,7 @@ if HAS_CUDA:
         ([1024] + [1] * 64, [2048] + [4096] * 64),
         ([300, 4, 8, 1, 1, 2], [1000, 30000, 9, 1, 17000, 2]),
         ([1] * 16 + [777], [100 * i + 1 for i in range(16)] + [1500]),
+        ([235, 1353], [2, 1]),  # more queries than keys (upstream's "real workload" case)
     ]
     HEADS, DIM = (32, 8), 128
     PAGE_SIZES = [1, 16]  # odd page sizes run on the CPU (the oracle reads pages token by token)
@@ -55,6 +56,7 @@ else:
         ([23, 1, 1, 1], [70, 33, 1, 130]),
         ([4, 8, 1, 2], [5, 40, 17, 2]),
         ([1, 1, 0, 3], [9, 0, 6, 3]),  # a request without keys, one without queries
+        ([35, 13, 2], [2, 1, 70]),  # more queries than keys: the first rows see nothing (causal)
     ]
     HEADS, DIM = (4, 2), 16
     PAGE_SIZES = [1, 5, 16]
@@ -98,6 +100,17 @@ def test_soft_cap_gqa_fp16_layouts(path, device, layout):
     # The default run() cap (0.0) applies the planned one.
     out2, _ = w.run(q, cache)
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+def test_v_scale(path, device):
+    qo_lens, kv_lens = [3, 1], [20, 9]
+    cache, indptr, indices, last = make_paged_batch(kv_lens, 4, 2, 16, torch.bfloat16, device)
+    w = BatchAttention(device=device)
+    w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), 4, 2, 16, 16, 4,
+           causal=True)
+    q = torch.randn(4, 4, 16, dtype=torch.bfloat16, device=device)
+    out, lse = w.run(q, cache, v_scale=2.0)
+    check_requests(out, lse, q, qo_lens, requests_of(cache, indptr, indices, last), causal=True, v_scale=2.0)
 
 
 def test_head_dim_vo_differs(path, device):
