@@ -3,11 +3,12 @@
 One prefill chunk of ``chunk`` tokens on a ``prefix``-token prefix (causal, bottom-right aligned) and ``batch``
 decodes of ``kv`` tokens each, fp16, heads 32/8, head_dim 128, page 16 (pages in random order). Providers:
 flashtile's BatchAttention (everything paged, one plan, one launch: provider "flashtile", whose speedup
-column is over the best of the others), flashtile's POD wrapper (prefill K/V contiguous, decodes paged),
-flashtile's paged batch prefill followed by its batch decode (two wrappers, two plans), and FlashInfer's POD
-and BatchAttention. Every provider returns the decode outputs ``[batch, 32, 128]`` (compared
-with the first provider's). FLOPs: the visible (query, key) pairs of both parts x 4 x heads x head_dim;
-bytes: K/V read once (prefill + decodes) plus q and o.
+column is over the best of the others); flashtile's POD wrapper (prefill K/V contiguous, decodes paged), with
+its decode launch on a side stream (``flashtile_pod``) or both launches on one stream
+(``flashtile_pod_serial``); flashtile's paged batch prefill followed by its batch decode (two wrappers, two
+plans, ``flashtile_2launch``); FlashInfer's POD and BatchAttention. Every provider returns the decode outputs
+``[batch, 32, 128]`` (compared with the first provider's). FLOPs: the visible (query, key) pairs of both
+parts x 4 x heads x head_dim; bytes: K/V read once (prefill + decodes) plus q and o.
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ class _Step:
         return torch.empty(128 << 20, dtype=torch.uint8, device=self.q.device)
 
 
-def _flashtile_pod(case: Case):
+def _flashtile_pod(case: Case, overlap: bool = True):
     import flashtile
 
     s = _Step(case)
     w = flashtile.PODWithPagedKVCacheWrapper(s.workspace())
+    w.overlap_streams = overlap and w.overlap_streams
     w.plan(s.dec_indptr, s.dec_indices, s.dec_last, s.hq, s.hk, s.d, s.page, q_data_type=DTYPE)
     out_d = s.out[s.chunk:]
 
@@ -88,7 +90,8 @@ def _flashtile_pod(case: Case):
         w.run(s.q_p, s.k_p, s.v_p, s.q_d, s.pool, causal_p=True, out_d=out_d)
         return out_d
 
-    return run, "two launches (single prefill + batch decode)"
+    return run, "two launches (single prefill + batch decode)" + (", decode on a side stream" if w.overlap_streams
+                                                                   else "")
 
 
 def _flashtile_batch_attention(case: Case):
@@ -157,6 +160,7 @@ def _flashinfer_batch_attention(case: Case):
 register(Suite("pod", pod_cases, [
     Provider("flashtile", _flashtile_batch_attention),  # BatchAttention: the one-launch path
     Provider("flashtile_pod", _flashtile_pod),
+    Provider("flashtile_pod_serial", lambda case: _flashtile_pod(case, overlap=False)),
     Provider("flashtile_2launch", _flashtile_two_launches),
     Provider("flashinfer_pod", _flashinfer_pod),
     Provider("flashinfer_batch_attn", _flashinfer_batch_attention),

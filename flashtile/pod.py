@@ -2,11 +2,13 @@
 ``flashinfer.pod.PODWithPagedKVCacheWrapper``; docs/pod.md).
 
 One prefill request with its own contiguous K/V (the chunk being prefilled) and a batch of decodes over a
-paged cache. Upstream runs both halves in one launch (POD-Attention); flashtile runs them as two launches
-on the same stream: the prefill half with the single-request prefill path
-(:func:`flashtile.single_prefill_with_kv_cache`), the decode half with
-:class:`flashtile.BatchDecodeWithPagedKVCacheWrapper`. For one launch over a mixed batch whose prefill
-K/V is in the paged cache, use :class:`flashtile.BatchAttention`.
+paged cache. Upstream runs both halves in one launch (POD-Attention); flashtile runs them as two launches:
+the prefill half with the single-request prefill path (:func:`flashtile.single_prefill_with_kv_cache`), the
+decode half with :class:`flashtile.BatchDecodeWithPagedKVCacheWrapper`. On a GPU the decode launch goes to a
+side stream forked from (and joined back into) the caller's stream, so the GPU may run the memory-bound decode
+programs beside the compute-bound prefill programs (``overlap_streams``; CUDA-graph capture records the fork
+and the join). For one launch over a mixed batch whose prefill K/V is in the paged cache, use
+:class:`flashtile.BatchAttention`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Optional, Union
 
 import torch
 
+from ._core.buffers import new_output
 from ._core.checks import describe
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .prefill import single_prefill_with_kv_cache
@@ -57,6 +60,9 @@ class PODWithPagedKVCacheWrapper:
             paged_kv_last_page_len_buffer=paged_kv_last_page_len_buffer)
         self.device = self._decode.device
         self._kv_layout = kv_layout
+        # Run the decode half on a side stream (GPU only); False: both halves on the caller's stream, in order.
+        self.overlap_streams = self.device.type == "cuda"
+        self._side_stream = torch.cuda.Stream(self.device) if self.overlap_streams else None
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
@@ -222,14 +228,36 @@ class PODWithPagedKVCacheWrapper:
             raise TypeError(f"q_p: expected a torch.Tensor, got {describe(q_p)}")
         if q_p.device != self.device:
             raise ValueError(f"q_p must be on the wrapper's device {self.device}, got {q_p.device}")
-        prefill = single_prefill_with_kv_cache(
-            q_p, k_p, v_p, custom_mask=custom_mask_p, packed_custom_mask=packed_custom_mask_p, causal=causal_p,
-            kv_layout=kv_layout_p, pos_encoding_mode=pos_encoding_mode_p, sm_scale=sm_scale_p,
-            window_left=window_left_p, logits_soft_cap=logits_soft_cap_p, rope_scale=rope_scale_p,
-            rope_theta=rope_theta_p, return_lse=return_lse_p)
-        decode = self._decode.run(q_d, paged_kv_cache_d, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-                                  out=out_d, return_lse=return_lse_d)
-        return prefill, decode
+
+        def prefill():
+            return single_prefill_with_kv_cache(
+                q_p, k_p, v_p, custom_mask=custom_mask_p, packed_custom_mask=packed_custom_mask_p, causal=causal_p,
+                kv_layout=kv_layout_p, pos_encoding_mode=pos_encoding_mode_p, sm_scale=sm_scale_p,
+                window_left=window_left_p, logits_soft_cap=logits_soft_cap_p, rope_scale=rope_scale_p,
+                rope_theta=rope_theta_p, return_lse=return_lse_p)
+
+        def decode(out, lse):
+            return self._decode.run(q_d, paged_kv_cache_d, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                                    out=out, lse=lse, return_lse=return_lse_d)
+
+        if not self.overlap_streams or torch.compiler.is_compiling():
+            return prefill(), decode(out_d, None)
+        # The decode half's outputs are made on the caller's stream (the side stream never allocates), the side
+        # stream starts after everything queued so far and the caller's stream waits for it before returning.
+        shape = (plan.batch_size, plan.num_qo_heads, plan.head_dim)
+        if out_d is None:
+            out_d = new_output(shape, plan.o_dtype, self.device)
+        lse_d = new_output(shape[:2], torch.float32, self.device) if return_lse_d else None
+        main = torch.cuda.current_stream(self.device)
+        if self._side_stream is None:  # overlap_streams turned on after construction
+            self._side_stream = torch.cuda.Stream(self.device)
+        side = self._side_stream
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            decoded = decode(out_d, lse_d)
+        prefilled = prefill()
+        main.wait_stream(side)
+        return prefilled, decoded
 
     def _check_decode_overrides(self, pos_encoding_mode_d, sm_scale_d, window_left_d, rope_scale_d,
                                 rope_theta_d) -> None:
