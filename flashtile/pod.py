@@ -13,6 +13,7 @@ and the join). For one launch over a mixed batch whose prefill K/V is in the pag
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -271,6 +272,8 @@ class PODWithPagedKVCacheWrapper:
                  ("rope_scale_d", rope_scale_d, None, params.rope_scale),
                  ("rope_theta_d", rope_theta_d, None, params.rope_theta))
         for name, value, default, planned in given:
-            if value != default and value != planned:
+            same = value == planned or (isinstance(value, (int, float)) and isinstance(planned, (int, float))
+                                        and math.isclose(value, planned, rel_tol=1e-6))
+            if value != default and not same:
                 raise ValueError(f"{name}: run() got {value!r}, the decode half was planned with {planned!r}; "
                                  "pass it to plan() (the decode half uses plan()'s attention parameters)")

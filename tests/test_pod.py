@@ -77,7 +77,7 @@ def test_options_of_both_halves(path, device):
     (out_p, lse_p), (out_d, lse_d) = w.run(
         q_p, k_p, v_p, q_d, cache, causal_p=True, kv_layout_p="HND", pos_encoding_mode_p="ROPE_LLAMA",
         sm_scale_p=0.25, window_left_p=9, rope_scale_p=2.0, logits_soft_cap_p=4.0, return_lse_p=True,
-        return_lse_d=True, window_left_d=7, sm_scale_d=0.2)
+        return_lse_d=True, window_left_d=7, sm_scale_d=0.2 * (1 + 1e-9), rope_theta_d=500.0)
     check(out_p, lse_p, q_p, to_nhd(k_p, "HND"), to_nhd(v_p, "HND"), causal=True, pos_encoding_mode="ROPE_LLAMA",
           sm_scale=0.25, window_left=9, rope_scale=2.0, logits_soft_cap=4.0)
     check_decodes(out_d, lse_d, q_d, cache, indptr, indices, last, layout="HND", pos_encoding_mode="ROPE_LLAMA",
