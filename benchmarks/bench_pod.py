@@ -3,9 +3,10 @@
 One prefill chunk of ``chunk`` tokens on a ``prefix``-token prefix (causal, bottom-right aligned) and ``batch``
 decodes of ``kv`` tokens each, fp16, heads 32/8, head_dim 128, page 16 (pages in random order). Providers:
 flashtile's BatchAttention (everything paged, one plan, one launch: provider "flashtile", whose speedup
-column is over the best of the others); flashtile's POD wrapper (prefill K/V contiguous, decodes paged), with
-its decode launch on a side stream (``flashtile_pod``) or both launches on one stream
-(``flashtile_pod_serial``); flashtile's paged batch prefill followed by its batch decode (two wrappers, two
+column is over the best of the others), and the same with ``split_row_classes`` (``flashtile_ba_split``: the
+prefill chunk and the decodes as two plans with their own row tiles, two launches); flashtile's POD wrapper
+(prefill K/V contiguous, decodes paged), with its decode launch on a side stream (``flashtile_pod``) or both
+launches on one stream (``flashtile_pod_serial``); flashtile's paged batch prefill followed by its batch decode (two wrappers, two
 plans, ``flashtile_2launch``); FlashInfer's POD and BatchAttention. Every provider returns the decode outputs
 ``[batch, 32, 128]`` (compared with the first provider's). FLOPs: the visible (query, key) pairs of both
 parts x 4 x heads x head_dim; bytes: K/V read once (prefill + decodes) plus q and o.
@@ -94,11 +95,12 @@ def _flashtile_pod(case: Case, overlap: bool = True):
                                                                    else "")
 
 
-def _flashtile_batch_attention(case: Case):
+def _flashtile_batch_attention(case: Case, split: bool = False):
     import flashtile
 
     s = _Step(case)
     w = flashtile.BatchAttention(device=s.q.device)
+    w.split_row_classes = split
     w.plan(s.qo_indptr, s.kv_indptr, s.kv_indices, s.kv_lens, s.hq, s.hk, s.d, s.d, s.page, causal=True,
            q_data_type=DTYPE, kv_data_type=DTYPE)
     out_d = s.out[s.chunk:]
@@ -107,8 +109,8 @@ def _flashtile_batch_attention(case: Case):
         w.run(s.q, s.pool, out=s.out, lse=s.lse)
         return out_d
 
-    plan = w._wrapper._plan
-    return run, f"{plan.num_items} items, {plan.num_merges} merges, tile {plan.block_m}x{plan.block_n}"
+    plans = [w._wrapper._plan] + ([w._second._plan] if w._split_row is not None and w._second is not None else [])
+    return run, " + ".join(f"{p.num_items} items, {p.num_merges} merges, tile {p.block_m}x{p.block_n}" for p in plans)
 
 
 def _flashtile_two_launches(case: Case):
@@ -159,6 +161,7 @@ def _flashinfer_batch_attention(case: Case):
 
 register(Suite("pod", pod_cases, [
     Provider("flashtile", _flashtile_batch_attention),  # BatchAttention: the one-launch path
+    Provider("flashtile_ba_split", lambda case: _flashtile_batch_attention(case, split=True)),
     Provider("flashtile_pod", _flashtile_pod),
     Provider("flashtile_pod_serial", lambda case: _flashtile_pod(case, overlap=False)),
     Provider("flashtile_2launch", _flashtile_two_launches),

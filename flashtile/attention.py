@@ -11,7 +11,7 @@ kernel over it (plus one merge launch when a range was cut). This module only tr
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from .prefill import BatchPrefillWithPagedKVCacheWrapper
 __all__ = ["BatchAttention", "last_page_lens"]
 
 FLOAT_WORKSPACE_BYTES = 128 * 1024 * 1024  # split-KV partial states (upstream allocates 256 MiB)
+# GQA-packed rows (query tokens x query heads per KV head) up to which a request counts as "small" (a decode or
+# a speculative verification) for ``split_row_classes``: such requests get row tiles of at most this many rows.
+SMALL_ROWS = 64
 
 
 def last_page_lens(kv_indptr, kv_len_arr, page_size: int) -> torch.Tensor:
@@ -83,6 +86,15 @@ class BatchAttention:
         self._kv_layout = kv_layout
         self._kv_indices_buf = kv_indices_buf if use_cuda_graph else None
         self._planned_cap = 0.0
+        # One plan holds one row-tile shape, chosen for its longest request: in a batch that mixes prefill
+        # chunks with decodes, the decodes' tiles then have prefill-sized row blocks. With
+        # ``split_row_classes`` (not in CUDA-graph mode) a batch whose small-row requests (<= SMALL_ROWS
+        # GQA-packed rows) and large-row requests form two contiguous runs is planned as two parts, each with
+        # its own tile shape, and run() launches the two parts one after the other (two kernels, not one).
+        self.split_row_classes = False
+        self._workspace = workspace
+        self._second: Optional[BatchPrefillWithPagedKVCacheWrapper] = None
+        self._split_row: Optional[int] = None  # the first q row of the second part, when split
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
@@ -153,12 +165,28 @@ class BatchAttention:
             if needed > self._kv_indices_buf.numel():
                 raise ValueError(f"The size of indices should be less than or equal to the allocated buffer: need "
                                  f"{needed} page ids, kv_indices_buf has {self._kv_indices_buf.numel()}")
-        self._wrapper.plan(
-            qo_indptr, kv_indptr, kv_indices, last, num_qo_heads, num_kv_heads, head_dim_qk=head_dim_qk,
-            page_size=page_size, head_dim_vo=head_dim_vo, causal=causal, sm_scale=sm_scale,
+        options: dict[str, Any] = dict(
+            head_dim_qk=head_dim_qk, page_size=page_size, head_dim_vo=head_dim_vo, causal=causal, sm_scale=sm_scale,
             logits_soft_cap=logits_soft_cap, q_data_type=parse_dtype("q_data_type", q_data_type),
-            kv_data_type=parse_dtype("kv_data_type", kv_data_type),
-        )
+            kv_data_type=parse_dtype("kv_data_type", kv_data_type))
+        self._split_row = None
+        cut = None
+        if self.split_row_classes and self._kv_indices_buf is None and isinstance(num_qo_heads, int) \
+                and isinstance(num_kv_heads, int) and num_kv_heads > 0 and num_qo_heads % num_kv_heads == 0:
+            cut = _row_class_cut(qo_indptr, num_qo_heads // num_kv_heads)
+        if cut is None:
+            self._wrapper.plan(qo_indptr, kv_indptr, kv_indices, last, num_qo_heads, num_kv_heads, **options)
+        else:
+            qo_h, kv_h = host_int64(qo_indptr), host_int64(kv_indptr)
+            first_qo = torch.from_numpy(qo_h[: cut + 1].astype(np.int32))
+            second_qo = torch.from_numpy((qo_h[cut:] - qo_h[cut]).astype(np.int32))
+            first_kv = torch.from_numpy(kv_h[: cut + 1].astype(np.int32))
+            second_kv = torch.from_numpy(kv_h[cut:].astype(np.int32))  # kv_indptr[0] > 0 selects a window
+            if self._second is None:  # shares the float workspace: the two parts run in stream order
+                self._second = BatchPrefillWithPagedKVCacheWrapper(self._workspace, self._kv_layout)
+            self._wrapper.plan(first_qo, first_kv, kv_indices, last[:cut], num_qo_heads, num_kv_heads, **options)
+            self._second.plan(second_qo, second_kv, kv_indices, last[cut:], num_qo_heads, num_kv_heads, **options)
+            self._split_row = int(qo_h[cut])
         self._planned_cap = self._wrapper._logits_soft_cap
 
     def run(
@@ -203,6 +231,40 @@ class BatchAttention:
         if profiler_buffer is not None:
             check_tensor("profiler_buffer", profiler_buffer)
             raise NotImplementedError("profiler_buffer: flashtile's kernels record no in-kernel profile")
-        result = self._wrapper.run(q, kv_cache, out=out, lse=lse, return_lse=True, k_scale=k_scale, v_scale=v_scale,
-                                   kv_cache_sf=kv_cache_sf)
-        return result[0], result[1]
+        if self._split_row is None:
+            result = self._wrapper.run(q, kv_cache, out=out, lse=lse, return_lse=True, k_scale=k_scale,
+                                       v_scale=v_scale, kv_cache_sf=kv_cache_sf)
+            return result[0], result[1]
+        return self._run_parts(q, kv_cache, out, lse, k_scale, v_scale, kv_cache_sf)
+
+    def _run_parts(self, q, kv_cache, out, lse, k_scale, v_scale, kv_cache_sf) -> tuple[torch.Tensor, torch.Tensor]:
+        """run() of a plan split into two row classes: both parts write their rows of one ``out`` / ``lse``."""
+        assert self._second is not None and self._split_row is not None
+        first, second = self._wrapper._require_plan(), self._second._require_plan()
+        total = first.total_qo + second.total_qo
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q: expected a torch.Tensor, got {describe(q)}")
+        if q.dim() != 3 or q.shape[0] != total:
+            raise ValueError(f"q: expected shape [qo_indptr[-1], num_qo_heads, head_dim_qk] with qo_indptr[-1] = "
+                             f"{total} as planned, got {list(q.shape)}")
+        shape = (total, first.num_qo_heads, first.head_dim_vo)
+        out, lse = self._wrapper._outputs(shape, first.o_dtype, out, lse)
+        r = self._split_row
+        for wrapper, rows in ((self._wrapper, slice(0, r)), (self._second, slice(r, total))):
+            wrapper.run(q[rows], kv_cache, out=out[rows], lse=lse[rows], return_lse=True, k_scale=k_scale,
+                        v_scale=v_scale, kv_cache_sf=kv_cache_sf)
+        return out, lse
+
+
+def _row_class_cut(qo_indptr, group: int) -> Optional[int]:
+    """The request index where a batch's small-row requests (<= SMALL_ROWS GQA-packed rows) and large-row
+    requests meet, when each class is one contiguous run and both are present; else None."""
+    try:
+        qo = host_int64(as_index_tensor("qo_indptr", qo_indptr))
+    except (TypeError, ValueError):
+        return None  # the single plan reports it
+    if qo.size < 3 or qo[0] != 0 or (qo[1:] < qo[:-1]).any():
+        return None
+    small = (qo[1:] - qo[:-1]) * group <= SMALL_ROWS
+    changes = np.flatnonzero(small[1:] != small[:-1])
+    return int(changes[0]) + 1 if changes.size == 1 else None

@@ -102,6 +102,36 @@ def test_soft_cap_gqa_fp16_layouts(path, device, layout):
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("qo_lens,kv_lens,split", [
+    ([1, 1, 3, 40], [9, 70, 5, 60], True),  # decodes first, then a prefill chunk (engines' order)
+    ([40, 17, 2, 1], [40, 130, 2, 33], True),  # large-row requests first
+    ([1, 40, 1], [5, 50, 7], False),  # the classes interleave: one plan
+    ([1, 2, 1], [5, 50, 7], False),  # one class: one plan
+])
+def test_split_row_classes(path, device, qo_lens, kv_lens, split):
+    """``split_row_classes``: a mixed batch planned as two parts with their own row tiles gives the oracle's
+    results in one (out, lse); batches that cannot be cut keep one plan."""
+    if HAS_CUDA:
+        qo_lens = [q * 20 if q > 8 else q for q in qo_lens]
+        kv_lens = [max(k * 20, q) for k, q in zip(kv_lens, qo_lens)]
+    cache, indptr, indices, last = make_paged_batch(kv_lens, 16, 2, 16, torch.float16, device, indptr_offset=2)
+    w = BatchAttention(device=device)
+    w.split_row_classes = True
+    w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), 8, 2, 16, 16, 16,
+           causal=True, q_data_type=torch.float16, kv_data_type=torch.float16)
+    assert (w._split_row is not None) == split
+    q = torch.randn(sum(qo_lens), 8, 16, dtype=torch.float16, device=device)
+    out, lse = w.run(q, cache)
+    check_requests(out, lse, q, qo_lens, requests_of(cache, indptr, indices, last), causal=True)
+    given = (torch.empty_like(out), torch.empty_like(lse))
+    got = w.run(q, cache, *given)
+    assert got[0] is given[0] and got[1] is given[1] and torch.equal(given[0], out)
+    with pytest.raises(ValueError, match="q"):
+        w.run(q[1:], cache)
+    with pytest.raises(ValueError, match="out"):
+        w.run(q, cache, out=out[:, :, :8])
+
+
 def test_v_scale(path, device):
     qo_lens, kv_lens = [3, 1], [20, 9]
     cache, indptr, indices, last = make_paged_batch(kv_lens, 4, 2, 16, torch.bfloat16, device)
