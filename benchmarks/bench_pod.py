@@ -2,13 +2,13 @@
 
 One prefill chunk of ``chunk`` tokens on a ``prefix``-token prefix (causal, bottom-right aligned) and ``batch``
 decodes of ``kv`` tokens each, fp16, heads 32/8, head_dim 128, page 16 (pages in random order). Providers:
-flashtile's BatchAttention (everything paged, one plan, one launch: provider "flashtile", whose speedup
-column is over the best of the others), and the same with ``split_row_classes`` (``flashtile_ba_split``: the
-prefill chunk and the decodes as two plans with their own row tiles, two launches); flashtile's POD wrapper
-(prefill K/V contiguous, decodes paged), with its decode launch on a side stream (``flashtile_pod``) or both
-launches on one stream (``flashtile_pod_serial``); flashtile's paged batch prefill followed by its batch decode (two wrappers, two
-plans, ``flashtile_2launch``); FlashInfer's POD and BatchAttention. Every provider returns the decode outputs
-``[batch, 32, 128]`` (compared with the first provider's). FLOPs: the visible (query, key) pairs of both
+flashtile's BatchAttention (everything paged, one plan, one launch: provider "flashtile", whose speedup column
+is over the best of the others), and the same with ``split_row_classes`` (``flashtile_ba_split``: the prefill
+chunk and the decodes as two plans with their own row tiles, two launches); flashtile's POD wrapper (prefill K/V
+contiguous, decodes paged), with its decode launch on a side stream (``flashtile_pod``) or both launches on one
+stream (``flashtile_pod_serial``); flashtile's paged batch prefill followed by its batch decode (two wrappers,
+two plans, ``flashtile_2launch``); FlashInfer's POD and BatchAttention. Every provider returns the decode
+outputs ``[batch, 32, 128]`` (compared with the first provider's). FLOPs: the visible (query, key) pairs of both
 parts x 4 x heads x head_dim; bytes: K/V read once (prefill + decodes) plus q and o.
 """
 
