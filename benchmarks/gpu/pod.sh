@@ -42,10 +42,11 @@ PY
 ) &
 WARM=$!
 # The kernel path and the gpu-marked graph tests (the reference path is the CPU CI's).
-timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short -k "not reference" tests/test_pod.py \
+timeout 140 python3 -m pytest -q -p no:warnings -rf --tb=short -k "not reference" tests/test_pod.py \
     tests/test_batch_attention.py 2>&1 \
     | tee "$OUT/pod_tests.log" | tail -12
 wait $WARM; cat "$OUT/pod_fi_warm.log"
-timeout 100 python3 -m benchmarks.run --suite pod --out /tmp/pod_bench 2>&1 | tail -3
+# Per-provider lines go to pod_bench.log as they finish (the JSON and table are written at the end).
+timeout 120 python3 -m benchmarks.run --suite pod --out /tmp/pod_bench 2>&1 | tee "$OUT/pod_bench.log" | tail -3
 cp /tmp/pod_bench/pod.jsonl /tmp/pod_bench/pod.md "$OUT/" 2>/dev/null
 cat "$OUT/pod.md" 2>/dev/null
