@@ -254,10 +254,12 @@ class PODWithPagedKVCacheWrapper:
             self._side_stream = torch.cuda.Stream(self.device)
         side = self._side_stream
         side.wait_stream(main)
-        with torch.cuda.stream(side):
-            decoded = decode(out_d, lse_d)
-        prefilled = prefill()
-        main.wait_stream(side)
+        try:  # joined even when a launch raises, so no memory of the caller's stream is reused under the decode
+            with torch.cuda.stream(side):
+                decoded = decode(out_d, lse_d)
+            prefilled = prefill()
+        finally:
+            main.wait_stream(side)
         return prefilled, decoded
 
     def _check_decode_overrides(self, pos_encoding_mode_d, sm_scale_d, window_left_d, rope_scale_d,
