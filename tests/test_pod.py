@@ -229,3 +229,46 @@ def test_upstream_signature():
         "return_lse_p", "custom_mask_d", "packed_custom_mask_d", "causal_d", "kv_layout_d", "pos_encoding_mode_d",
         "sm_scale_d", "window_left_d", "rope_scale_d", "rope_theta_d", "q_scale", "k_scale", "v_scale",
         "return_lse_d", "use_fp16_qk_reduction", "enable_pdl"]
+
+
+def test_side_stream_fork_and_join(path, device, monkeypatch):
+    """The overlap path's stream protocol, with recording stand-ins for torch.cuda's streams (any device): the
+    side stream waits for the caller's stream, the decode launches inside it, the caller's stream waits for it
+    at the end (also when a launch raises), and the results are those of the serial path."""
+    import contextlib
+
+    events = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    main, side = FakeStream("main"), FakeStream("side")
+
+    @contextlib.contextmanager
+    def on(stream):
+        events.append(f"enter {stream.name}")
+        yield
+        events.append(f"exit {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    hq, hk, d = 4, 2, 16
+    q_p, k_p, v_p = make_qkv(5, 9, hq, hk, d, torch.float16, device)
+    cache, indptr, indices, last = make_paged_batch([3, 20], 4, hk, d, torch.float16, device)
+    q_d = torch.randn(2, hq, d, dtype=torch.float16, device=device)
+    w = PODWithPagedKVCacheWrapper(workspace(device))
+    w.plan(indptr, indices, last, hq, hk, d, 4)
+    w.overlap_streams, w._side_stream = True, side
+    (out_p, lse_p), (out_d, lse_d) = w.run(q_p, k_p, v_p, q_d, cache, causal_p=True, return_lse_p=True,
+                                           return_lse_d=True)
+    assert events == ["side waits main", "enter side", "exit side", "main waits side"]
+    check(out_p, lse_p, q_p, k_p, v_p, causal=True)
+    check_decodes(out_d, lse_d, q_d, cache, indptr, indices, last)
+    events.clear()
+    with pytest.raises(ValueError):
+        w.run(q_p, k_p[:, :1], v_p, q_d, cache)  # the prefill half raises after the decode was queued
+    assert events[-1] == "main waits side"
