@@ -10,9 +10,10 @@ from ._core import settings as _settings
 
 _settings.select_interpreter_for_backend()  # before triton is imported (cheap; nothing is compiled here)
 
-# names engines import at start-up; no kernels
+# Modules engines import at start-up (no kernels are compiled here).
 from . import (  # noqa: E402
     activation,
+    attention,
     autotuner,
     cascade,
     decode,
@@ -20,6 +21,7 @@ from . import (  # noqa: E402
     mla,
     norm,
     page,
+    pod,
     prefill,
     quantization,
     rope,
@@ -28,6 +30,7 @@ from . import (  # noqa: E402
     utils,
 )
 from .activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul  # noqa: E402
+from .attention import BatchAttention  # noqa: E402
 from .autotuner import autotune  # noqa: E402
 from .cascade import (  # noqa: E402
     BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
@@ -46,6 +49,7 @@ from .decode import (  # noqa: E402
 from .mla import BatchMLAPagedAttentionWrapper  # noqa: E402
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
 from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402
+from .pod import PODWithPagedKVCacheWrapper  # noqa: E402
 from .prefill import (  # noqa: E402
     BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper,
@@ -155,4 +159,8 @@ __all__ = [
     "sparse",
     "BlockSparseAttentionWrapper",
     "VariableBlockSparseAttentionWrapper",
+    "attention",
+    "BatchAttention",
+    "pod",
+    "PODWithPagedKVCacheWrapper",
 ]

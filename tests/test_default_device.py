@@ -121,6 +121,28 @@ def _batch_prefill_ragged(x: Inputs):
     return run
 
 
+def _batch_attention(x: Inputs):
+    (indptr, indices, _), cache, q = x.page_table(), x.paged_cache(), x.f16(5, 4, 16)
+    qo_indptr, kv_lens = x.i32([0, 3, 5]), x.i32([6, 3])
+
+    def run():
+        w = flashtile.BatchAttention(device=x.device)
+        w.plan(qo_indptr, indptr, indices, kv_lens, 4, 2, 16, 16, 4, causal=True, q_data_type=F16, kv_data_type=F16)
+        return w.run(q, cache)
+    return run
+
+
+def _pod(x: Inputs):
+    (indptr, indices, last), cache, q_d, ws = x.page_table(), x.paged_cache(), x.f16(2, 4, 16), x.workspace()
+    q_p, k_p, v_p = x.f16(5, 4, 16), x.f16(7, 2, 16), x.f16(7, 2, 16)
+
+    def run():
+        w = flashtile.PODWithPagedKVCacheWrapper(ws)
+        w.plan(indptr, indices, last, 4, 2, 16, 4, q_data_type=F16)
+        return w.run(q_p, k_p, v_p, q_d, cache, causal_p=True)
+    return run
+
+
 def _graph_mode_and_custom_mask(x: Inputs):
     """Wrappers with use_cuda_graph=True (plan writes into the constructor's buffers) and a custom mask."""
     (indptr, indices, last), cache, ws = x.page_table(), x.paged_cache(), x.workspace()
@@ -244,8 +266,8 @@ def _packbits(x: Inputs):
 
 
 CASES = {f.__name__.lstrip("_"): f for f in (
-    _single_decode, _single_prefill, _batch_decode, _batch_prefill_paged, _batch_prefill_ragged,
-    _graph_mode_and_custom_mask, _cascade, _merge, _sampling, _rope, _norm, _page, _packbits)}
+    _single_decode, _single_prefill, _batch_decode, _batch_prefill_paged, _batch_prefill_ragged, _batch_attention,
+    _pod, _graph_mode_and_custom_mask, _cascade, _merge, _sampling, _rope, _norm, _page, _packbits)}
 
 
 def _as_tuple(out):

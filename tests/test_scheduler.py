@@ -242,3 +242,54 @@ def test_prefill_meta_roundtrip():
     meta = pack_prefill_meta(work, requests, work.num_items + 3, work.num_merges + 1)
     assert meta[0] == work.num_items and meta[1] == work.num_merges and meta[2] == work.group_items
     assert torch.equal(meta_requests(meta, 3), requests.to(torch.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed batches (BatchAttention, chunked prefill): one prefill chunk with decodes and speculative
+# verifications in one work list; every visible (request, row, key) exactly once, and balance
+# ------------------------------------------------------------------------------------------------
+
+from flashtile.scheduler.split_kv import _target_items  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prefill=st.tuples(st.integers(1, 4096), st.integers(0, 4096)),  # (chunk tokens, prefix tokens)
+    decodes=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 32768)), min_size=1, max_size=256),
+    group=st.sampled_from([1, 4, 8]),
+    block_m=st.sampled_from([16, 64, 128]),
+    heads=st.sampled_from([1, 8]),
+    sms=st.sampled_from([1, 78, 132]),
+    align=st.sampled_from([16, 64]),
+)
+def test_mixed_batch_covers_each_key_once_and_balances(prefill, decodes, group, block_m, heads, sms, align):
+    chunk, prefix = prefill
+    qo = np.array([chunk] + [q for q, _ in decodes], dtype=np.int64)
+    kv = np.array([chunk + prefix] + [max(k, q) for q, k in decodes], dtype=np.int64)
+    work = plan_prefill_work(qo, kv, group=group, block_m=block_m, causal=True, window_left=-1,
+                             programs_per_item=heads, num_sms=sms, align=align)
+    pieces = {}
+    for w in range(work.num_items):
+        key = (int(work.item_request[w]), int(work.item_row_block[w]))
+        pieces.setdefault(key, []).append((int(work.item_kv_start[w]), int(work.item_kv_end[w])))
+    total = 0
+    for r in range(qo.size):
+        rows = int(qo[r]) * group
+        for b in range(-(-rows // block_m)):
+            # The tile's last row sees keys [0, its position]: the items tile exactly that range.
+            last_t = min(b * block_m + block_m - 1, rows - 1) // group
+            visible = int(kv[r] - qo[r]) + last_t + 1
+            got = sorted(pieces.pop((r, b)))
+            assert got[0][0] == 0 and got[-1][1] == visible, (r, b, got)
+            assert all(e0 == s1 for (_, e0), (s1, _) in zip(got, got[1:])), "contiguous, disjoint pieces"
+            total += visible
+    assert not pieces, "no item outside a tile"
+    # Balance: one chunk size for prefill tiles and decode tiles alike, no longer than the average work of
+    # the items that fill the GPU (rounded up to the alignment, at least MIN_CHUNK_TILES tiles).
+    target = _target_items(heads, sms)
+    per_item = -(-total // target)
+    bound = max(MIN_CHUNK_TILES * align, -(-per_item // align) * align)
+    lengths = work.item_kv_end - work.item_kv_start
+    assert int(lengths.max()) <= bound
+    cap_items, _, _ = prefill_capacity(qo.size, int(qo.sum()) * group, block_m, heads, sms)
+    assert work.num_items <= cap_items

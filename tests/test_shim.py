@@ -93,7 +93,7 @@ assert flashinfer.mla.BatchMLAPagedAttentionWrapper is flashtile.BatchMLAPagedAt
 import flashinfer.sparse
 assert flashinfer.sparse.VariableBlockSparseAttentionWrapper is flashtile.VariableBlockSparseAttentionWrapper
 try:
-    flashinfer.PODWithPagedKVCacheWrapper  # not in flashtile yet
+    flashinfer.SegmentGEMMWrapper  # not in flashtile yet
     raise SystemExit("missing attribute did not raise")
 except AttributeError as e:
     assert "flashinfer" in str(e)
