@@ -14,8 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .harness import Knob, Tune, grid, Case, Provider, Suite, Unavailable, device, import_flashinfer, register
-
+from .harness import Case, Knob, Provider, Suite, Tune, Unavailable, device, grid, import_flashinfer, register
 
 # ---------------------------------------------------------------------------------------------
 # Cases
@@ -146,14 +145,14 @@ def _sdpa(backend_name: str):
             call(k, v, gqa)
         except RuntimeError as e:
             if not gqa:
-                raise Unavailable(f"{backend_name}: {' '.join(str(e).split())[:200]}")
+                raise Unavailable(f"{backend_name}: {' '.join(str(e).split())[:200]}") from e
             group = p["num_qo_heads"] // p["num_kv_heads"]
             k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
             gqa, note = False, "GQA via repeat_interleave of K/V (enable_gqa unsupported by this backend)"
             try:
                 call(k, v, False)
             except RuntimeError as e2:
-                raise Unavailable(f"{backend_name}: {' '.join(str(e2).split())[:200]}")
+                raise Unavailable(f"{backend_name}: {' '.join(str(e2).split())[:200]}") from e2
         return (lambda: out(call(k, v, gqa))), note
 
     return make

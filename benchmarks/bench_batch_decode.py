@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Knob, Tune, grid, Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Case, Knob, Provider, Suite, Tune, Unavailable, device, grid, import_flashinfer, register
 
 COPY_CEILING_GBPS = 3006.0  # H100 device-to-device copy, ANCHORS.md
 
@@ -136,7 +136,7 @@ def _sdpa(backend_name: str):
             call(k, v, gqa)
         except RuntimeError as e:
             if not gqa:
-                raise Unavailable(f"{backend_name}: {' '.join(str(e).split())[:160]}")
+                raise Unavailable(f"{backend_name}: {' '.join(str(e).split())[:160]}") from e
             g = p["num_qo_heads"] // p["num_kv_heads"]
             k, v = (x.repeat_interleave(g, dim=1) for x in (k, v))
             gqa, note = False, "GQA via repeat_interleave of K/V (reads 4x the bytes counted)"

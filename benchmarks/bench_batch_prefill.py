@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .harness import Knob, Tune, grid, Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Case, Knob, Provider, Suite, Tune, Unavailable, device, grid, import_flashinfer, register
 
 COPY_CEILING_GBPS = 3006.0  # H100 device-to-device copy, ANCHORS.md
 
@@ -217,7 +217,7 @@ def _sdpa(backend_name: str):
         try:
             call()
         except RuntimeError as e:
-            raise Unavailable(f"{backend_name}: {' '.join(str(e).split())[:160]}")
+            raise Unavailable(f"{backend_name}: {' '.join(str(e).split())[:160]}") from e
         return call
 
     return make

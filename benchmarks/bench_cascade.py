@@ -127,7 +127,8 @@ PROVIDERS = [
 ]
 
 # The row-tiled merges' launch: elements per state tile x warps (flashtile/kernels/merge.py).
-MERGE_TILE, MERGE_WARPS = Knob("flashtile.kernels.merge", "ROW_TILE_ELEMS"), Knob("flashtile.kernels.merge", "PAIR_WARPS")
+MERGE_TILE = Knob("flashtile.kernels.merge", "ROW_TILE_ELEMS")
+MERGE_WARPS = Knob("flashtile.kernels.merge", "PAIR_WARPS")
 MERGE_GRID = [{MERGE_TILE: g["elems"], MERGE_WARPS: g["warps"]}
               for g in grid(elems=(2048, 4096, 8192, 16384), warps=(2, 4, 8))]
 

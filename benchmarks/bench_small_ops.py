@@ -57,7 +57,8 @@ def norm_cases(smoke: bool):
 
 def qk_norm_cases(smoke: bool):
     t, h, d = (8, 4, 128) if smoke else (4608, 48, 128)
-    return [Case(f"rmsnorm [{t}x{h}, {d}] bfloat16", dict(op="qk_norm", tokens=t, heads=h, head_dim=d, dtype="bfloat16"),
+    return [Case(f"rmsnorm [{t}x{h}, {d}] bfloat16",
+                 dict(op="qk_norm", tokens=t, heads=h, head_dim=d, dtype="bfloat16"),
                  bytes=float(2 * (2 * t * h * d + d)))]
 
 
@@ -115,7 +116,8 @@ def _inputs(case: Case) -> dict:
         return dict(x=torch.randn(p["rows"], p["hidden"], **kw), r=torch.randn(p["rows"], p["hidden"], **kw),
                     w=torch.rand(p["hidden"], **kw) + 0.5)
     if op == "qk_norm":
-        return dict(x=torch.randn(p["tokens"], p["heads"], p["head_dim"], **kw), w=torch.rand(p["head_dim"], **kw) + 0.5)
+        return dict(x=torch.randn(p["tokens"], p["heads"], p["head_dim"], **kw),
+                    w=torch.rand(p["head_dim"], **kw) + 0.5)
     if op in ("silu_and_mul", "gelu_tanh_and_mul"):
         return dict(x=torch.randn(p["rows"], 2 * p["d"], **kw))
     nnz, hq, hk, d = p["nnz"], p["num_q_heads"], p["num_k_heads"], p["head_dim"]
@@ -292,9 +294,9 @@ def _no_output(fn):
 
 def _flashtile(case: Case):
     import flashtile
-    import flashtile.activation  # noqa: F401  (submodules, in case flashtile/__init__ does not import them)
-    import flashtile.norm  # noqa: F401
-    import flashtile.rope  # noqa: F401
+    import flashtile.activation  # submodules, in case flashtile/__init__ does not import them
+    import flashtile.norm
+    import flashtile.rope
 
     fn = _library_fn(flashtile, case)
     return _repeat(_no_output(fn) if _in_place(case) else fn, case)
@@ -368,7 +370,8 @@ register(Suite("norm", norm_cases, PROVIDERS, metric="gbps",
                description="rmsnorm / fused_add_rmsnorm [rows, hidden]; bytes = inputs read + outputs written once",
                tunes={"warps": Tune(lambda case: NORM_GRID, description="elements per warp")}, **STEADY))
 register(Suite("qk_norm", qk_norm_cases, PROVIDERS, metric="gbps",
-               description="per-head RMSNorm over [tokens, heads, head_dim] (flashtile takes the 3-D tensor)", **STEADY))
+               description="per-head RMSNorm over [tokens, heads, head_dim] (flashtile takes the 3-D tensor)",
+               **STEADY))
 register(Suite("activation", activation_cases, PROVIDERS, metric="gbps",
                description="gated activations [rows, 2d] -> [rows, d]; bytes = 3 * rows * d elements",
                tunes={"launch": Tune(lambda case: ACT_GRID, cases=lambda case: case.params["op"] == "silu_and_mul",

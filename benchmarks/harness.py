@@ -243,7 +243,7 @@ def import_flashinfer(*submodules: str):
         for name in submodules:
             importlib.import_module(f"flashinfer.{name}")
     except Exception as e:
-        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})")
+        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})") from e
     if not torch.cuda.is_available():
         raise Unavailable("FlashInfer needs CUDA")
     return lib
@@ -693,7 +693,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load_case_files()
     parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", action="append",
-                        help=f"suite name(s), comma-separated or repeated, or 'all' (default); one of {', '.join(SUITES)}")
+                        help="suite name(s), comma-separated or repeated, or 'all' (default); "
+                             f"one of {', '.join(SUITES)}")
     parser.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions (runs on CPU in seconds)")
     parser.add_argument("--filter", default=None, help="only cases whose name contains this substring")

@@ -14,7 +14,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import main, run_suites  # noqa: E402
+from benchmarks.harness import main, run_suites
 
 __all__ = ["main", "run_suites"]
 

@@ -9,7 +9,8 @@ F16 = torch.float16
 
 
 def qkv(qo=3, kv=5, hq=4, hk=2, d=64, dtype=F16):
-    return (torch.randn(qo, hq, d, dtype=dtype), torch.randn(kv, hk, d, dtype=dtype), torch.randn(kv, hk, d, dtype=dtype))
+    return (torch.randn(qo, hq, d, dtype=dtype), torch.randn(kv, hk, d, dtype=dtype),
+            torch.randn(kv, hk, d, dtype=dtype))
 
 
 def prefill(q, k, v, **kw):

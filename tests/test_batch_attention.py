@@ -3,12 +3,12 @@ oracle request by request, on the reference path, the interpreted kernels (CPU) 
 
 import pytest
 import torch
-from attention_cases import make_paged_batch
-from conftest import HAS_CUDA
-from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 import flashtile
+from attention_cases import make_paged_batch
+from conftest import HAS_CUDA
 from flashtile.attention import BatchAttention
+from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 
 def indptr_of(lens):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import flashtile
+from attention_cases import make_paged_batch, scaled_copy, workspace
 from conftest import HAS_CUDA
 from flashtile._core import ops
 from flashtile._core.checks import InvalidOptionError
-from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper
 from flashtile._core.graphs import capture_graph
-from attention_cases import scaled_copy, make_paged_batch, workspace
+from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper, CUDAGraphBatchDecodeWithPagedKVCacheWrapper
 from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 FP8 = getattr(torch, "float8_e4m3fn", None)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import flashtile
-from attention_cases import scaled_copy, make_paged_batch, workspace
+from attention_cases import make_paged_batch, scaled_copy, workspace
 from conftest import HAS_CUDA
 from flashtile._core import ops
 from flashtile._core.checks import InvalidOptionError
+from flashtile._core.graphs import capture_graph
 from flashtile.prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
 from flashtile.quantization import segment_packbits
-from flashtile._core.graphs import capture_graph
 from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -251,7 +251,8 @@ def test_ragged_features(path, device, features, causal):
 @pytest.mark.parametrize("kind", ["ragged", "paged"])
 def test_custom_mask_flat_and_packed(path, device, packed, kind):
     """Per-request masks, flattened and concatenated (or packed by segment_packbits); causal is ignored."""
-    qo_lens, kv_lens = ([3, 1, 9, 0, 5], [7, 13, 9, 4, 21]) if not HAS_CUDA else ([3, 1, 90, 0, 57], [7, 13, 900, 4, 300])
+    qo_lens, kv_lens = (([3, 1, 9, 0, 5], [7, 13, 9, 4, 21]) if not HAS_CUDA
+                        else ([3, 1, 90, 0, 57], [7, 13, 900, 4, 300]))
     masks = random_masks(qo_lens, kv_lens)
     flat = torch.cat([m.reshape(-1) for m in masks])
     mask_kw = dict(custom_mask=flat.to(device))

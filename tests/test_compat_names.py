@@ -228,8 +228,10 @@ def test_triton_subpackage_does_not_shadow_triton(path, device):
     assert merge.triton is sys.modules["triton"] and hasattr(merge.triton, "jit")
     v = torch.randn(3, 2, 2, 64, device=device, dtype=torch.float16)
     s = torch.randn(3, 2, 2, device=device) * 3
-    out_v, out_s = tc.merge_state(v[:, 0].contiguous(), s[:, 0].contiguous(), v[:, 1].contiguous(), s[:, 1].contiguous())
+    out_v, out_s = tc.merge_state(v[:, 0].contiguous(), s[:, 0].contiguous(), v[:, 1].contiguous(),
+                                  s[:, 1].contiguous())
     ref_v, ref_s = merge_states_f64(v, s.double())
-    torch.testing.assert_close(out_v.double().cpu(), ref_v, atol=TOLERANCES[torch.float16][0], rtol=TOLERANCES[torch.float16][1])
+    torch.testing.assert_close(out_v.double().cpu(), ref_v, atol=TOLERANCES[torch.float16][0],
+                               rtol=TOLERANCES[torch.float16][1])
     torch.testing.assert_close(out_s.double().cpu(), ref_s, atol=LSE_TOLERANCES[torch.float32][0],
                                rtol=LSE_TOLERANCES[torch.float32][1])

@@ -282,7 +282,7 @@ def _check_unaffected(case, device, other_default):
     assert len(got) == len(expected)
     for i, (g, e) in enumerate(zip(got, expected)):
         assert g.device == e.device, f"output {i}: on {g.device}, expected {e.device}"
-        torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"output {i}: {m}")
+        torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True, msg=lambda m, i=i: f"output {i}: {m}")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -3,13 +3,12 @@ kernel's launcher, and (on a GPU) agreement with Triton's own choice of compiled
 
 import pytest
 import torch
-from conftest import HAS_CUDA
-from oracles import rmsnorm_f64
 
 import flashtile
+from conftest import HAS_CUDA
 from flashtile._core import launch
 from flashtile._core.launch import DirectLaunch, argument_key
-
+from oracles import rmsnorm_f64
 
 # ---------------------------------------------------------------------------------------------
 # The key: every property Triton specializes on changes it
@@ -50,7 +49,7 @@ def test_scalars_carry_no_value_and_other_types_are_uncacheable():
 # ---------------------------------------------------------------------------------------------
 
 
-def _probe_kernel(X, n, seed, scale, flag, opt, BLOCK):  # noqa: N803 - Triton's naming
+def _probe_kernel(X, n, seed, scale, flag, opt, BLOCK):  # Triton's naming
     """The signature the key is tested on (the body is never compiled): a pointer, a specialized int,
     a do_not_specialize int, a float, a bool, an optional argument and a constexpr."""
 
@@ -70,7 +69,7 @@ def _triton_binder():
     try:
         binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
         binder(torch.zeros(4), 3, 5, 0.5, True, None, 8)
-    except Exception as e:  # noqa: BLE001 - another binder signature or return form
+    except Exception as e:  # another binder signature or return form
         pytest.skip(f"this Triton's binder differs: {type(e).__name__}: {e}")
     return DirectLaunch(jit), binder
 
@@ -516,9 +515,8 @@ def test_gpu_cached_launches_match_triton(monkeypatch, rows, offset):
 def test_gpu_replayed_launches_compute_each_calls_inputs(monkeypatch):
     """Without check mode the launch memos replay: every call must use its own tensors and floats
     (fresh inputs, outputs and eps each time), for each memoized launcher."""
-    from oracles import act_and_mul_f64, fused_add_rmsnorm_f64, layernorm_f64, rope_general_f64
-
     from flashtile.kernels import activation, norm, rope
+    from oracles import act_and_mul_f64, fused_add_rmsnorm_f64, layernorm_f64, rope_general_f64
 
     monkeypatch.delenv("FLASHTILE_CHECK_LAUNCH", raising=False)
     monkeypatch.delenv("FLASHTILE_DIRECT_LAUNCH", raising=False)

@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from attention_cases import make_mla_batch, random_page_table, workspace
-from conftest import HAS_CUDA
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracles import LSE_TOLERANCES, TOLERANCES, mla_oracle
 
 import flashtile
+from attention_cases import make_mla_batch, random_page_table, workspace
+from conftest import HAS_CUDA
 from flashtile.mla import BatchMLAPagedAttentionWrapper
 from flashtile.scheduler.mla_work import ITEM_FIELDS, REQ_FIELDS, plan_mla_work
+from oracles import LSE_TOLERANCES, TOLERANCES, mla_oracle
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 

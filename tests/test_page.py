@@ -9,9 +9,9 @@ import torch
 from conftest import HAS_CUDA
 from flashtile import page
 from flashtile._core import ops_page
-from flashtile._core.paged_kv import read_page_table
 from flashtile._core.checks import InvalidOptionError
 from flashtile._core.graphs import capture_graph
+from flashtile._core.paged_kv import read_page_table
 from oracles import (
     append_paged_kv_oracle,
     append_paged_mla_oracle,
@@ -543,7 +543,7 @@ def test_append_cuda_graph_replay():
 
     key.normal_(), value.normal_()
     graph, _ = capture_graph(step)
-    for trial in range(2):
+    for _trial in range(2):
         new_indices, _, _ = page_table(lens_after, page_size, num_pages, device)
         indices.copy_(new_indices)
         key.copy_(torch.randn_like(key, dtype=torch.float32).to(dtype))

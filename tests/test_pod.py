@@ -4,12 +4,12 @@ CUDA-graph capture, re-plan and replay (GPU); errors."""
 
 import pytest
 import torch
-from attention_cases import make_paged_batch, make_qkv, to_nhd, workspace
-from conftest import HAS_CUDA
-from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 import flashtile
+from attention_cases import make_paged_batch, make_qkv, to_nhd, workspace
+from conftest import HAS_CUDA
 from flashtile.pod import PODWithPagedKVCacheWrapper
+from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle, paged_cache_f64, read_paged_kv_oracle
 
 
 def check(out, lse, q, k, v, **kw):

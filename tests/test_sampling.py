@@ -360,7 +360,10 @@ def _sampler_cases(B, V, device):
     top_p = torch.rand(B, generator=g) * 0.9 + 0.05
     top_p[2] = 1.0
     min_p = torch.rand(B, generator=g) * 0.6
-    d = (lambda t: t.to(device))
+
+    def d(t):
+        return t.to(device)
+
     return [
         (lambda p, **kw: S.sampling_from_probs(p, **kw), {}),
         (lambda p, **kw: S.top_p_sampling_from_probs(p, d(top_p), **kw), dict(top_p=top_p)),
@@ -512,7 +515,8 @@ def test_seg_sampler_reproducible(seg_kernels, device):
     probs = torch.softmax(torch.randn(B, V) * 2, -1).to(device)
     a = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=7, offset=100)
     b = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=7, offset=100)
-    c = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint", seed=torch.tensor([7], device=device),
+    c = S.top_k_top_p_sampling_from_probs(probs, 5, 0.8, filter_apply_order="joint",
+                                          seed=torch.tensor([7], device=device),
                                           offset=torch.tensor([100], device=device))
     assert torch.equal(a, b) and torch.equal(a, c)
     many = torch.zeros(16 if not HAS_CUDA else 256, dtype=torch.int32, device=device)

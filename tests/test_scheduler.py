@@ -19,7 +19,7 @@ def test_splits_cover_every_token_once(kv_len, base, sms, align):
     covered = [(s * chunk, min((s + 1) * chunk, kv_len)) for s in range(splits)]
     # Contiguous, disjoint, in order, exactly [0, kv_len); no split is empty unless kv_len == 0.
     assert covered[0][0] == 0 and covered[-1][1] == kv_len
-    for (a0, a1), (b0, _) in zip(covered, covered[1:]):
+    for (_a0, a1), (b0, _) in zip(covered, covered[1:]):
         assert a1 == b0
     if kv_len > 0:
         assert all(b > a for a, b in covered)

@@ -24,8 +24,7 @@ import flashtile
 from attention_cases import assert_matches_oracle, make_paged_batch, make_qkv, workspace
 from flashtile._core import device as device_facts
 from flashtile._core import tile_policy
-from flashtile.kernels import attention, batch_prefill
-from flashtile.kernels import smem
+from flashtile.kernels import attention, batch_prefill, smem
 from flashtile.kernels.attention import LaunchConfig
 from flashtile.kernels.smem import TileFeatures, config_candidates, estimate_shared_bytes, fit_config
 
@@ -234,7 +233,7 @@ def test_issue_22_compiled_before_and_after():
     mask = "single_prefill group 1 d128/128 none+custom"
     rope = "single_prefill group 8 d128/128 rope_llama+causal"
     assert before[mask] > H100[0] and before[rope] > H100[0]
-    for case, record in after.items():
+    for _case, record in after.items():
         assert record["ok"], record
         assert record["shared"] <= H100[0]
 

@@ -8,8 +8,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
+import flashtile
 from attention_cases import workspace
 from conftest import HAS_CUDA
+from flashtile.quantization import packbits
+from flashtile.sparse import BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper
+from flashtile.variants import AttentionVariant
 from oracles import (
     LSE_TOLERANCES,
     TOLERANCES,
@@ -18,11 +23,6 @@ from oracles import (
     sink_attention_oracle,
     variable_dense_mask,
 )
-
-import flashtile
-from flashtile.quantization import packbits
-from flashtile.sparse import BlockSparseAttentionWrapper, VariableBlockSparseAttentionWrapper
-from flashtile.variants import AttentionVariant
 
 
 def random_bsr(M, N, R, C, density, *, empty_row=True, full_row=True, shuffle=True, gen=None):

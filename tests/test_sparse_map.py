@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracles import bsr_dense_mask, variable_dense_mask
 
 from flashtile.scheduler.block_sparse import bsr_requests, expand_requests, variable_requests
+from oracles import bsr_dense_mask, variable_dense_mask
 
 
 def _no_repeated_keys(req):

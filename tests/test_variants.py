@@ -8,11 +8,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from attention_cases import assert_matches_oracle, make_mla_batch, make_paged_batch, make_qkv, workspace
-from conftest import HAS_CUDA
-from oracles import alibi_slopes_f64, attention_oracle, sigmoid_attention_oracle, sink_attention_oracle
 
 import flashtile
+from attention_cases import assert_matches_oracle, make_mla_batch, make_paged_batch, make_qkv, workspace
+from conftest import HAS_CUDA
 from flashtile import AttentionVariant
 from flashtile.decode import single_decode_with_kv_cache_with_jit_module
 from flashtile.jit.attention import (
@@ -21,6 +20,7 @@ from flashtile.jit.attention import (
     gen_customize_single_prefill_module,
 )
 from flashtile.prefill import single_prefill_with_kv_cache_with_jit_module
+from oracles import alibi_slopes_f64, attention_oracle, sigmoid_attention_oracle, sink_attention_oracle
 
 TOL = dict(atol=2e-3, rtol=2e-3)  # fp16 inputs, normalized outputs
 SUM_TOL = dict(atol=2e-2, rtol=1e-2)  # fp16 inputs, unnormalized sums (sigmoid attention)
@@ -475,9 +475,8 @@ def test_variants_at_gpu_shapes(device):
 
 def test_cascade_with_variant(path, device):
     """MultiLevelCascadeAttentionWrapper(jit_args=...): the variant runs at every level, states merge."""
-    from test_cascade import PagePool, cascade_oracle, check, indptr_of
-
     from flashtile.cascade import MultiLevelCascadeAttentionWrapper
+    from test_cascade import PagePool, cascade_oracle, check, indptr_of
 
     pool = PagePool(64, 4, 2, 64, torch.float16, device)
     qo = [2, 1, 3]

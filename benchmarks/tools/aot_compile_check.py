@@ -1,4 +1,5 @@
-"""Compile flashtile's attention, merge, sampling, RoPE and activation kernels ahead of time for sm_90a (H100) without a GPU.
+"""Compile flashtile's attention, merge, sampling, RoPE and activation kernels ahead of time for sm_90a (H100)
+without a GPU.
 
 The launchers run on CPU tensors; their kernel launches are captured and compiled for the target
 instead of run, so the exact specializations (constexprs, dtypes, descriptors) are checked against a
@@ -79,14 +80,15 @@ def compile_all(label):
         except Exception as e:
             status = f"FAILED {type(e).__name__}: {str(e)[:400]}"
             failures.append(label)
-        print(f"[triton {triton.__version__}] {label}: {launch.name} warps={nw} stages={ns}{f' maxnreg={maxnreg}' if maxnreg else ''}: {status}", flush=True)
+        reg = f" maxnreg={maxnreg}" if maxnreg else ""
+        print(f"[triton {triton.__version__}] {label}: {launch.name} warps={nw} stages={ns}{reg}: {status}", flush=True)
 
 
 from flashtile._core import device as _device  # noqa: E402
+from flashtile._core import tile_policy as TP  # noqa: E402
 from flashtile._core.params import AttentionParams  # noqa: E402
 from flashtile.kernels import attention as A  # noqa: E402
 from flashtile.kernels import batch_prefill as BP  # noqa: E402
-from flashtile._core import tile_policy as TP  # noqa: E402
 from flashtile.kernels import merge as M  # noqa: E402
 from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_work  # noqa: E402
 
@@ -167,7 +169,8 @@ cache = torch.randn(64 * 256, 2, 16, 8, 128, dtype=bf)
 i32 = lambda x: torch.as_tensor(x).to(torch.int32)  # noqa: E731
 worklist = pack_decode_worklist(decode_layout(64, splits.num_items), splits.request_item_indptr, lens,
                                 splits.item_request, splits.item_kv_start, splits.item_kv_end)
-A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1], i32(torch.arange(0, 64 * 256 + 1, 256)),
+A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1],
+                       i32(torch.arange(0, 64 * 256 + 1, 256)),
                        torch.arange(64 * 256, dtype=torch.int32), worklist,
                        torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
                        torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
@@ -261,7 +264,8 @@ S.sampling_from_logits(torch.randn(128, 128256, dtype=torch.bfloat16), None, out
 compile_all("sampling seg sampling_from_logits bf16")
 S.softmax(torch.randn(128, 128256, dtype=torch.bfloat16), torch.empty(128, 128256), None)
 compile_all("sampling seg softmax bf16")
-for label, kw in [("top-k", dict(top_k=50)), ("top-p", dict(top_p=0.9)), ("top-k mask logits", dict(top_k=50, is_logits=True))]:
+for label, kw in [("top-k", dict(top_k=50)), ("top-p", dict(top_p=0.9)),
+                  ("top-k mask logits", dict(top_k=50, is_logits=True))]:
     S.threshold_filter(probs, torch.empty_like(probs), **kw)
     compile_all(f"sampling renorm/mask {label}")
 _draft = torch.softmax(torch.randn(32, 5, 128256), -1)
@@ -271,12 +275,12 @@ S.chain_speculative_sampling(_draft, torch.randint(0, 128256, (32, 5), dtype=tor
 compile_all("sampling chain speculative")
 # Small ops: RoPE (the cos/sin-cache form's token-major kernel, the Llama 3.1 form's head-block kernel) and gated
 # activations.
+from flashtile._core import device as DEV  # noqa: E402
 from flashtile.kernels import activation as ACT  # noqa: E402
 from flashtile.kernels import rope as R  # noqa: E402
 
-from flashtile._core import device as DEV  # noqa: E402
-
-_interpreter_sms, DEV.INTERPRETER_SMS = DEV.INTERPRETER_SMS, 132  # RoPE launch sizes of the H100, not of the interpreter's small "GPU"
+# RoPE launch sizes of the H100, not of the interpreter's small "GPU"
+_interpreter_sms, DEV.INTERPRETER_SMS = DEV.INTERPRETER_SMS, 132
 qr, kr = torch.randn(8192, 32, 128, dtype=bf), torch.randn(8192, 8, 128, dtype=bf)
 pos = torch.arange(8192, dtype=torch.int64)
 R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, cos_sin_cache=torch.randn(8192, 128))

@@ -23,7 +23,8 @@ q = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
 k = torch.randn(8192, 8, 128, device="cuda", dtype=torch.bfloat16); v = torch.randn_like(k)
 first("single_decode (split-KV + merge), d128 bf16", lambda: flashtile.single_decode_with_kv_cache(q, k, v))
 qp = torch.randn(2048, 32, 128, device="cuda", dtype=torch.bfloat16)
-first("single_prefill causal, d128 bf16", lambda: flashtile.single_prefill_with_kv_cache(qp, k[:2048], v[:2048], causal=True))
+first("single_prefill causal, d128 bf16",
+      lambda: flashtile.single_prefill_with_kv_cache(qp, k[:2048], v[:2048], causal=True))
 first("single_prefill non-causal, d128 bf16", lambda: flashtile.single_prefill_with_kv_cache(qp, k[:2048], v[:2048]))
 print("JSON" + json.dumps(res))
 """

@@ -41,18 +41,20 @@ def main() -> None:
         w.plan(indptr, indices, last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
 
     plan()
-    rows.append(("plan(), batch 256 x 2048, page 16, host index arrays", statistics.median(wall_seconds(plan, 50)) * 1e6))
+    rows.append(("plan(), batch 256 x 2048, page 16, host index arrays",
+                 statistics.median(wall_seconds(plan, 50)) * 1e6))
 
     for batch in (1, 64):
         indptr, indices, last, cache = _table(batch, 16, 16, device)
         w.plan(indptr, indices, last, 32, 8, 128, 16, q_data_type=torch.bfloat16)
         q = torch.randn(batch, 32, 128, dtype=torch.bfloat16, device=device)
         out = torch.empty_like(q)
-        rows.append((f"run() eager per call, batch {batch} x 16 tokens", _per_call_us(lambda: w.run(q, cache, out=out))))
+        rows.append((f"run() eager per call, batch {batch} x 16 tokens",
+                     _per_call_us(lambda q=q, cache=cache, out=out: w.run(q, cache, out=out))))
         qs = q[:, :, None]
         ks = torch.randn(batch, 8, 16, 128, dtype=torch.bfloat16, device=device)
         rows.append((f"torch SDPA eager per call, batch {batch} x 16 tokens (enable_gqa)",
-                     _per_call_us(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True))))
+                     _per_call_us(lambda qs=qs, ks=ks: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True))))
     print("| what | µs (host wall, median) |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")

@@ -11,7 +11,6 @@ import cProfile
 import pstats
 import statistics
 
-
 import torch
 import triton
 import triton.language as tl

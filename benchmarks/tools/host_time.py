@@ -26,7 +26,6 @@ import statistics
 import sys
 from typing import Callable, Dict, Optional
 
-
 import torch
 
 from benchmarks.harness import host_overhead_us
@@ -215,14 +214,14 @@ def _providers(dry: bool) -> Dict[str, object]:
     if not dry:
         try:
             import flashinfer
-            import flashinfer.activation  # noqa: F401
-            import flashinfer.cascade  # noqa: F401
-            import flashinfer.norm  # noqa: F401
-            import flashinfer.rope  # noqa: F401
-            import flashinfer.sampling  # noqa: F401
+            import flashinfer.activation
+            import flashinfer.cascade
+            import flashinfer.norm
+            import flashinfer.rope
+            import flashinfer.sampling
 
             libs["FlashInfer"] = flashinfer
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             print(f"(FlashInfer not importable: {type(e).__name__}: {e})")
     return libs
 
@@ -233,7 +232,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--filter", default="")
-    ap.add_argument("--profile", default=None, help="print a cProfile table for cases containing one of these comma-separated texts")
+    ap.add_argument("--profile", default=None,
+                    help="print a cProfile table for cases containing one of these comma-separated texts")
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
     ap.add_argument("--warm", action="store_true",
@@ -257,7 +257,7 @@ def main(argv: Optional[list] = None) -> int:
                 fn()
                 _sync(dev)
                 calls[(name, lib_name)] = fn
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"{name} / {lib_name}: {type(e).__name__}: {str(e)[:200]}")
     if args.warm:
         return 0

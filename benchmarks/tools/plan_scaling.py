@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 
-
 import torch
 
 from benchmarks.harness import host_overhead_us

@@ -20,8 +20,7 @@ import sys
 import time
 import warnings
 
-
-from benchmarks.tools.smem_compile import Case, Features, full_grid, quick_grid  # noqa: E402
+from benchmarks.tools.smem_compile import Case, Features, full_grid, quick_grid
 
 TOLERANCE = 0.05  # max |out - reference| for unit-scale fp16/bf16 attention outputs
 

@@ -163,10 +163,10 @@ def run_launcher(case: Case) -> None:
     """Call the case's launcher on CPU tensors (its launches are captured by the caller)."""
     import torch
 
+    from flashtile._core import tile_policy
     from flashtile._core.params import AttentionParams
     from flashtile.kernels import attention, batch_prefill
     from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_work
-    from flashtile._core import tile_policy
     from flashtile.scheduler.worklist import decode_layout, pack_decode_worklist
 
     f = case.features

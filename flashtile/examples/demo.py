@@ -25,7 +25,7 @@ import json
 import statistics
 import sys
 import time
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -34,7 +34,7 @@ from .model import MODELS, init_weights, make_requests, system_prompt
 from .reference import ReferenceEngine
 
 # (model, requests, prompt lengths, new tokens, system prompt, page size, prefill chunk) per device type
-DEFAULTS = {
+DEFAULTS: Dict[str, Dict[str, Any]] = {
     "cpu": dict(model="tiny", requests=4, prompt_len="8:48", new_tokens="4:16", system_len=18, page_size=4,
                 prefill_chunk=32),
     "cuda": dict(model="1b", requests=16, prompt_len="128:1024", new_tokens="32:64", system_len=256,
@@ -77,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _range(name: str, text: str) -> Tuple[int, int]:
     try:
-        lo, _, hi = text.partition(":")
-        lo, hi = int(lo), int(hi or lo)
+        lo_text, _, hi_text = text.partition(":")
+        lo, hi = int(lo_text), int(hi_text or lo_text)
     except ValueError:
         raise ValueError(f"{name}: expected N or LO:HI, got {text!r}") from None
     if lo < 1 or hi < lo:
@@ -150,7 +150,7 @@ def _plot(path: str, runs: List[Tuple[str, RunResult]]) -> None:
         ax.plot(xs, [1e3 * s.seconds for s in r.steps], label=name, linewidth=1)
         pre = [(i, 1e3 * s.seconds) for i, s in enumerate(r.steps) if s.kind == "prefill"]
         if pre:
-            ax.scatter(*zip(*pre), s=12, marker="^")
+            ax.scatter([i for i, _ in pre], [ms for _, ms in pre], s=12, marker="^")
     ax.set_xlabel("engine step (triangles: prefill steps)")
     ax.set_ylabel("step latency (ms)")
     ax.set_yscale("log")
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
                          sampling=sampling, cuda_graphs=not args.no_cuda_graphs)
     engine.reserve(prompts, max_new, system)
     total_new = sum(max_new)
-    runs = []
+    runs: List[Tuple[str, RunResult]] = []
     if device.type == "cuda":  # compile the kernels and capture the decode graphs before timing
         t0 = time.perf_counter()
         engine.capture_graphs()
@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
           "the time of decode steps; prefilled: tokens the engine computed, the shared system prompt once for the "
           "paged engine)")
     print()
-    code, check = 0, {}
+    code = 0
+    check: Dict[str, Any] = {}
     if ref_res is not None:
         code, check = _check(weights, prompts, system, max_batch, chunk, sampling, res, ref_res)
     if args.plot:

@@ -186,14 +186,19 @@ class EngineBase:
             else:
                 done, rows = items, len(items)
                 logits = self.decode(items)
-            tokens = self.sample(logits).tolist() if done else []
-            if forced is not None and done:
-                self._compare(result, done, logits, forced)
+            tokens: List[int] = []
+            if done:
+                # prefill returns None only when no request finished its prompt (no logit row to compute)
+                assert logits is not None
+                tokens = self.sample(logits).tolist()
+                if forced is not None:
+                    self._compare(result, done, logits, forced)
             now = _now(self.device)
             for i, (r, tok) in enumerate(zip(done, tokens)):
                 if not r.output:
                     r.first_token_s = now - t0
                     if keep_first_logits:
+                        assert logits is not None  # r is done: the step computed its logit row
                         result.first_logits[r.rid] = logits[i].cpu()
                 r.output.append(forced[r.rid][len(r.output)] if forced is not None else int(tok))
                 if len(r.output) == r.max_new:
@@ -204,6 +209,7 @@ class EngineBase:
                 progress(len(done))
         result.total_s = _now(self.device) - t0
         for r in reqs:
+            assert r.first_token_s is not None  # the loop ends when every request has its max_new >= 1 tokens
             result.outputs[r.rid], result.ttft_s[r.rid] = r.output, r.first_token_s
         return result
 
@@ -352,15 +358,17 @@ class PagedEngine(EngineBase):
             indices += pages
             indptr.append(len(indices))
             last.append((n - 1) % p + 1 if n else 0)
-        i32 = dict(dtype=torch.int32)
-        return torch.tensor(indptr, **i32), torch.tensor(indices, **i32).to(self.device), torch.tensor(last, **i32)
+        return (torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32).to(self.device),
+                torch.tensor(last, dtype=torch.int32))
 
     # prefill -----------------------------------------------------------------------------------
     def prefill(self, items) -> Optional[torch.Tensor]:
         return self._prefill_plain(items) if not self.shared_pages else self._prefill_cascade(items)
 
     def _prefill_inputs(self, items):
-        tokens, positions, qo, rows = [], [], [0], []
+        tokens: List[int] = []
+        positions: List[int] = []
+        qo, rows = [0], []
         for r, start, end in items:
             self._grow(r, end)
             tokens += r.prompt[start:end]
@@ -394,9 +402,10 @@ class PagedEngine(EngineBase):
     def _prefill_cascade(self, items) -> Optional[torch.Tensor]:
         tokens, positions, qo, rows = self._prefill_inputs(items)
         reqs = [r for r, _, _ in items]
-        i32 = dict(dtype=torch.int32)
-        shared = (torch.tensor([0, int(qo[-1])], **i32), torch.tensor([0, len(self.shared_pages)], **i32),
-                  torch.tensor(self.shared_pages, **i32).to(self.device), torch.tensor([self.page_size], **i32))
+        i32 = torch.int32
+        shared = (torch.tensor([0, int(qo[-1])], dtype=i32), torch.tensor([0, len(self.shared_pages)], dtype=i32),
+                  torch.tensor(self.shared_pages, dtype=i32).to(self.device),
+                  torch.tensor([self.page_size], dtype=i32))
         own = self._table(reqs, [end for _, _, end in items], shared=False)
         self.cascade_wrapper.plan([shared[0], qo], [shared[1], own[0]], [shared[2], own[1]], [shared[3], own[2]],
                                   head_dim=self.c.head_dim, causal=True, q_data_type=self.dtype,
@@ -408,6 +417,7 @@ class PagedEngine(EngineBase):
         batch, pos, indices, indptr, last = append
 
         def attend(layer, q, k, v):
+            assert self.cache is not None  # allocated by _ensure_cache (begin, reserve or capture_graphs)
             kv = self.cache[layer]
             self.k.append_paged_kv_cache(k, v, batch, pos, kv, indices, indptr, last)
             return wrapper.run(q, kv)
@@ -454,19 +464,22 @@ class PagedEngine(EngineBase):
         logits buffer the graph writes."""
         if bucket in self.graphs:
             return self.graphs[bucket]
-        dev, i32 = self.device, dict(dtype=torch.int32, device=self.device)
+        dev, i32 = self.device, torch.int32
+        assert self.cache is not None  # allocated by _ensure_cache (capture_graphs, or begin before a replay)
         # own pages (at most the pool), each row's shared pages, and a scratch page per padding row
         max_pages = self.cache.shape[1] + bucket * (len(self.shared_pages) + 1)
         bufs = dict(tokens=torch.zeros(bucket, dtype=torch.long, device=dev),
                     positions=torch.zeros(bucket, dtype=torch.long, device=dev),
-                    positions32=torch.zeros(bucket, **i32), batch=torch.arange(bucket, **i32),
-                    indptr=torch.zeros(bucket + 1, **i32), indices=torch.zeros(max_pages, **i32),
-                    last=torch.zeros(bucket, **i32))
+                    positions32=torch.zeros(bucket, dtype=i32, device=dev),
+                    batch=torch.arange(bucket, dtype=i32, device=dev),
+                    indptr=torch.zeros(bucket + 1, dtype=i32, device=dev),
+                    indices=torch.zeros(max_pages, dtype=i32, device=dev),
+                    last=torch.zeros(bucket, dtype=i32, device=dev))
         wrapper = self.k.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=bufs["indptr"],
             paged_kv_indices_buffer=bufs["indices"], paged_kv_last_page_len_buffer=bufs["last"])
         # A plan for the capture: every row one token on scratch page 0.
-        wrapper.plan(torch.arange(bucket + 1, dtype=torch.int32), torch.zeros(bucket, **i32),
+        wrapper.plan(torch.arange(bucket + 1, dtype=torch.int32), torch.zeros(bucket, dtype=i32, device=dev),
                      torch.ones(bucket, dtype=torch.int32), head_dim=self.c.head_dim, q_data_type=self.dtype,
                      kv_data_type=self.dtype, **self._heads())
         attend = self._attend(wrapper, (bufs["batch"], bufs["positions32"], bufs["indices"], bufs["indptr"],

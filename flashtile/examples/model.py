@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,16 @@ class TorchOps:
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@overload
+def forward(w: Weights, ops, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend,
+            logit_rows: None = None) -> torch.Tensor: ...
+
+
+@overload
+def forward(w: Weights, ops, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend,
+            logit_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]: ...
+
+
 def forward(w: Weights, ops, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend,
             logit_rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """One pass over a flat batch of ``T`` tokens (all requests' rows concatenated).
@@ -193,6 +203,7 @@ def forward(w: Weights, ops, tokens: torch.Tensor, positions: torch.Tensor, atte
         x = o.reshape(t, hq * d) @ lw.wo.T
         ops.add_rmsnorm(x, residual, lw.mlp_norm, c.eps)
         x = ops.silu_and_mul(x @ lw.w_gate_up.T) @ lw.w_down.T
+    assert residual is not None  # set by the first layer; a model has at least one
     if logit_rows is not None:
         if logit_rows.numel() == 0:
             return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,10 @@ class ReferenceEngine(EngineBase):
         self.free_slots.append(r.slot)
 
     def prefill(self, items) -> Optional[torch.Tensor]:
-        tokens, positions, rows, spans = [], [], [], []
+        tokens: List[int] = []
+        positions: List[int] = []
+        rows: List[int] = []
+        spans: List[Tuple[int, int, int, int]] = []
         for r, start, end in items:
             if r.slot < 0:
                 r.slot = self.free_slots.pop()
@@ -58,6 +61,7 @@ class ReferenceEngine(EngineBase):
         dev = self.device
 
         def attend(layer, q, k, v):
+            assert self.cache is not None  # allocated by begin
             out = torch.empty_like(q)
             for slot, start, end, row in spans:
                 n = end - start
@@ -83,6 +87,7 @@ class ReferenceEngine(EngineBase):
         mask = (torch.arange(width, device=dev)[None] < torch.tensor(lens, device=dev)[:, None])[:, None, None]
 
         def attend(layer, q, k, v):
+            assert self.cache is not None  # allocated by begin
             kc, vc = self.cache[layer, 0], self.cache[layer, 1]  # [slots, Hkv, max_len, D]
             kc[slots, :, pos] = k
             vc[slots, :, pos] = v

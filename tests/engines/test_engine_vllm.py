@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import flashtile
-from attention_cases import random_page_table
-from conftest import HAS_CUDA
 from engine_cases import (
     MIB,
     MODEL,
@@ -32,6 +28,10 @@ from engine_cases import (
     production_mode,  # noqa: F401  (fixture used through pytestmark)
     request_kv_f64,
 )
+
+import flashtile
+from attention_cases import random_page_table
+from conftest import HAS_CUDA
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashtile.prefill import BatchPrefillWithPagedKVCacheWrapper
 
