@@ -78,7 +78,13 @@ def _flashinfer(case: Case):
     w.plan(qo_indptr, kv_indptr, kv_indices, kv_lens, p["heads"], D_CKV, D_KPE, p["page_size"], True,
            1 / math.sqrt(192), torch.bfloat16, ckv.dtype)
     out = torch.empty_like(q_nope)
-    return lambda: w.run(q_nope, q_pe, ckv, kpe, out=out)
+    scales = {}
+    if ckv.element_size() == 1:  # newer FlashInfer requires the fp8 scales by keyword
+        import inspect
+
+        params = inspect.signature(w.run).parameters
+        scales = {name: 1.0 for name in ("ckv_scale", "kpe_scale") if name in params}
+    return lambda: w.run(q_nope, q_pe, ckv, kpe, out=out, **scales)
 
 
 _TILES = "flashtile._core.mla_tiles"
