@@ -15,6 +15,7 @@ registered op is traced, and only there are the parameters flattened into the op
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -52,14 +53,21 @@ def call(op, *args, params: AttentionParams, backend: str, variant=None) -> None
     variant (flashtile/variants.py) or None; its Triton functions cannot be op arguments, so a call with one
     always runs the implementation (under torch.compile: a graph break)."""
     if variant is not None:
-        _call_with_variant(_IMPLS[op], args, params, backend, variant)
+        eager_only(_call_with_variant)(_IMPLS[op], args, params, backend, variant)
     elif torch.compiler.is_compiling():
         op(*args, *dataclasses.astuple(params), backend)
     else:
         _IMPLS[op](*args, params, backend)
 
 
-@torch.compiler.disable
+@functools.lru_cache(maxsize=None)
+def eager_only(fn):
+    """``fn`` wrapped so that torch.compile runs it eagerly (a graph break), made on first use:
+    ``torch.compiler.disable`` imports torch._dynamo, which imports Triton, and importing flashtile
+    must not (tests/test_utils.py)."""
+    return torch.compiler.disable(fn)
+
+
 def _call_with_variant(impl, args, params, backend, variant) -> None:
     if variant.variant.logits_transform is not None and (params.logits_soft_cap > 0 or
                                                           params.pos_encoding_mode == "ALIBI"):

@@ -10,6 +10,7 @@ import torch
 
 from . import dispatch
 from .mla_tiles import MlaConfig, MlaMeta
+from .ops import eager_only
 
 __all__ = ["mla_paged", "call_mla_paged"]
 
@@ -27,9 +28,6 @@ def _impl(q_nope, q_pe, ckv_cache, kpe_cache, meta: MlaMeta, out, lse, sm_scale,
         kpe_scale=kpe_scale, causal=causal, **extra)
 
 
-# A call with an attention variant: its Triton functions cannot be op arguments, so it always runs the
-# implementation (under torch.compile: a graph break), as ops.call does for the other attention ops.
-_impl_with_variant = torch.compiler.disable(_impl)
 
 
 @torch.library.custom_op(
@@ -67,8 +65,8 @@ def call_mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, meta: MlaMeta, out, lse, 
                    causal, backend, variant=None) -> None:
     """Run the op: its implementation when eager, the registered op when torch.compile traces.
     ``variant``: a bound attention variant (flashtile/variants.py) or None."""
-    if variant is not None:
-        _impl_with_variant(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale, ckv_scale, kpe_scale,
+    if variant is not None:  # Triton functions cannot be op arguments: always the implementation (as ops.call)
+        eager_only(_impl)(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale, ckv_scale, kpe_scale,
                            causal, backend, variant=variant)
     elif torch.compiler.is_compiling():
         mla_paged(*op_args(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale, ckv_scale, kpe_scale,
