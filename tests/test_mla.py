@@ -80,6 +80,22 @@ def test_mla_matches_oracle(path, device, qo_lens, kv_lens, page_size, heads, ca
     assert torch.equal(out2[:nnz], out[:nnz])
 
 
+@pytest.mark.parametrize("qo_lens, kv_lens, page_size, heads", CASES[:3])
+def test_mla_output_column_split(path, device, monkeypatch, qo_lens, kv_lens, page_size, heads):
+    """MLA_OUT_SPLIT 2 (two programs per work item, one per half of the latent's output columns), with
+    split-KV partial states and a sink variant: the same results as the oracle."""
+    from flashtile._core import mla_tiles
+
+    monkeypatch.setattr(mla_tiles, "MLA_OUT_SPLIT", 2)
+    dc, dp = DIMS[0]
+    batch = make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, torch.bfloat16, device)
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    w.plan(*batch[4:], heads, dc, dp, page_size, True, 0.15, torch.bfloat16, torch.bfloat16, fixed_split_size=64)
+    assert w._plan.meta.config.out_split == 2
+    out, lse = w.run(*batch[:4], return_lse=True)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.15, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("split", ["fixed", "disabled"])
 def test_mla_split_options(path, device, split):
     dc, dp = DIMS[0]

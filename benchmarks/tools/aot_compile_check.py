@@ -322,6 +322,15 @@ mla_case(32, 16384, 32, label="decode 32x16384 h32 p64")
 mla_case(64, 4096, 128, qo=4, label="append 4 x 64x4096 h128 p64")
 if hasattr(torch, "float8_e4m3fn"):
     mla_case(64, 4096, 128, kv_dtype=torch.float8_e4m3fn, label="decode fp8 64x4096 h128 p64")
+# MLA with two programs per work item (MLA_OUT_SPLIT 2: half the accumulator each), BLOCK_N 32 and 64.
+from flashtile._core import mla_tiles as _MT  # noqa: E402
+
+_MT.MLA_OUT_SPLIT = 2
+mla_case(64, 4096, 128, label="out-split 2 decode 64x4096 h128 p64")
+_MT.MLA_BLOCK_N = 64
+mla_case(64, 4096, 128, label="out-split 2 block_n 64 decode 64x4096 h128 p64")
+mla_case(128, 8192, 16, label="out-split 2 block_n 64 decode 128x8192 h16 p64")
+_MT.MLA_OUT_SPLIT, _MT.MLA_BLOCK_N = 1, 32
 # MLA with variants: sinks (the sink hook), a logits transform (soft cap), no softmax (FlashSigmoid).
 mla_case(64, 4096, 128, label="variant sinks decode 64x4096 h128 p64",
          variant=BoundVariant(sink_variant(), (torch.randn(128),)))

@@ -26,6 +26,8 @@ MLA_MAX_BLOCK_M = 64
 MLA_BLOCK_N = 32
 MLA_WIDE_WARPS = 8
 MLA_STAGES = 2
+# Programs per work item, each owning a slice of the output columns (1 or 2; kernels/mla.py OUT_SPLIT).
+MLA_OUT_SPLIT = 1
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class MlaConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    out_split: int = 1  # programs per work item, one per slice of the output columns
 
 
 @dataclass
@@ -60,7 +63,13 @@ def mla_launch_facts(device: torch.device, compiled: bool, max_rows: int, head_d
     """``(block_m, config, chunk alignment, SMs)`` for a batch whose largest request has ``max_rows``
     (token, head) rows; ``compiled``: the call runs the kernels (else the reference path)."""
     if not compiled or interpreting():
-        return _SMALL, MlaConfig(_SMALL, _SMALL, 4, 1), _SMALL, INTERPRETER_SMS
+        return _SMALL, MlaConfig(_SMALL, _SMALL, 4, 1, _out_split(head_dim_ckv)), _SMALL, INTERPRETER_SMS
     block_m = max(_SMALL, min(MLA_MAX_BLOCK_M, 1 << max(0, max_rows - 1).bit_length()))
     warps = MLA_WIDE_WARPS if head_dim_ckv >= 256 else 4
-    return block_m, MlaConfig(block_m, MLA_BLOCK_N, warps, MLA_STAGES), MLA_CHUNK_ALIGN, num_sms(device)
+    return (block_m, MlaConfig(block_m, MLA_BLOCK_N, warps, MLA_STAGES, _out_split(head_dim_ckv)), MLA_CHUNK_ALIGN,
+            num_sms(device))
+
+
+def _out_split(head_dim_ckv: int) -> int:
+    """MLA_OUT_SPLIT where each slice stays a tensor-core tile dimension (at least 16 columns)."""
+    return MLA_OUT_SPLIT if head_dim_ckv // MLA_OUT_SPLIT >= 16 else 1

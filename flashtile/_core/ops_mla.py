@@ -35,16 +35,16 @@ def _impl(q_nope, q_pe, ckv_cache, kpe_cache, meta: MlaMeta, out, lse, sm_scale,
     schema="(Tensor q_nope, Tensor q_pe, Tensor ckv_cache, Tensor kpe_cache, Tensor qo_indptr, Tensor kv_indptr, "
            "Tensor kv_indices, Tensor kv_len, Tensor work, Tensor(a!) part_o, Tensor(b!) part_lse, Tensor(c!) out, "
            "Tensor(d!) lse, int req_offset, int token_offset, int item_offset, int num_items, int max_splits, "
-           "int block_m, int block_n, int num_warps, int num_stages, bool graph, float sm_scale, float ckv_scale, "
-           "float kpe_scale, bool causal, str backend) -> ()")
+           "int block_m, int block_n, int num_warps, int num_stages, int out_split, bool graph, float sm_scale, "
+           "float ckv_scale, float kpe_scale, bool causal, str backend) -> ()")
 def mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, qo_indptr, kv_indptr, kv_indices, kv_len, work, part_o, part_lse,
               out, lse, req_offset, token_offset, item_offset, num_items, max_splits, block_m, block_n, num_warps,
-              num_stages, graph, sm_scale, ckv_scale, kpe_scale, causal, backend) -> None:
+              num_stages, out_split, graph, sm_scale, ckv_scale, kpe_scale, causal, backend) -> None:
     """MLA attention of a planned batch (flashtile/kernels/mla.py): q_nope ``[nnz, H, Dc]``, q_pe
     ``[nnz, H, Dp]``, caches ``[pages, page_size, D]``; writes out ``[nnz, H, Dc]`` and lse ``[nnz, H]``
     (part_o / part_lse: split-KV scratch); the ints are the plan's work-list layout and launch config."""
     meta = MlaMeta(qo_indptr, kv_indptr, kv_indices, kv_len, work, req_offset, token_offset, item_offset, num_items,
-                   max_splits, part_o, part_lse, MlaConfig(block_m, block_n, num_warps, num_stages), graph)
+                   max_splits, part_o, part_lse, MlaConfig(block_m, block_n, num_warps, num_stages, out_split), graph)
     _impl(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale, ckv_scale, kpe_scale, causal, backend)
 
 

@@ -53,19 +53,32 @@ def _mla_kernel(
     NUM_STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, OUTPUT_HOOK: tl.constexpr = None,
     SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None, hook_sm_scale=None,
+    OUT_SPLIT: tl.constexpr = 1,
 ):
     """Variant hooks (flashtile/variants.py; None: not compiled) see the MLA rows as MQA: kv_head 0, the
     unscaled ``qk`` over ``[ckv | kpe]`` (the launcher then passes the caches' dequantization scales as
-    qk_scale_ckv / qk_scale_kpe and sm_scale as ``hook_sm_scale``)."""
+    qk_scale_ckv / qk_scale_kpe and sm_scale as ``hook_sm_scale``).
+
+    OUT_SPLIT 2: each work item runs as two programs, one per half of the output columns. Both compute
+    the full logits (the latent in two halves: "mine", whose columns this program outputs, and the other)
+    and accumulate only their half of ``P @ ckv``: half the accumulator registers, the logits twice."""
+    D_OUT: tl.constexpr = D_CKV // OUT_SPLIT
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_items = tl.load(work_ptr)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, D_CKV)
+    offs_c = tl.arange(0, D_OUT)
     offs_p = tl.arange(0, D_KPE)
-    for w in range(pid, num_items, num_programs):
-        item = work_ptr + item_offset + w * 5
+    for w in range(pid, num_items * OUT_SPLIT, num_programs):
+        if OUT_SPLIT == 1:
+            item = work_ptr + item_offset + w * 5
+            col0 = 0  # the first output column of this program
+        else:
+            item = work_ptr + item_offset + (w // OUT_SPLIT) * 5
+            col0 = (w % OUT_SPLIT) * D_OUT
+            col1 = D_OUT - col0  # the other half of the latent
+        offs_mine = col0 + offs_c
         b = tl.load(item)
         row0 = tl.load(item + 1)
         kv_start = tl.load(item + 2)
@@ -83,8 +96,10 @@ def _mla_kernel(
         t = r // num_heads
         h = r % num_heads
         tok = (qo_start + t).to(tl.int64)  # int64 offsets: tokens x heads x 512 may pass 2**31
-        qn = tl.load(qn_ptr + (tok * s_qn_t + h * s_qn_h)[:, None] + offs_c[None, :],
-                     mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D_CKV]
+        qn_rows = qn_ptr + (tok * s_qn_t + h * s_qn_h)[:, None]
+        qn = tl.load(qn_rows + offs_mine[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D_OUT]
+        if OUT_SPLIT != 1:
+            qn_other = tl.load(qn_rows + (col1 + offs_c)[None, :], mask=row_ok[:, None], other=0.0)
         qp = tl.load(qp_ptr + (tok * s_qp_t + h * s_qp_h)[:, None] + offs_p[None, :],
                      mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D_KPE]
         pos = kv_len - qo_len + t  # the query's position (causal: sees keys <= pos)
@@ -95,7 +110,7 @@ def _mla_kernel(
             first = (l_i == 0.0) & (kv_start == 0)
             m_i = tl.where(first, SINK_HOOK(b, h, vargs) * _LOG2E_IN_KERNEL, m_i)
             l_i = tl.where(first, 1.0, l_i)
-        acc = tl.zeros([BLOCK_M, D_CKV], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_OUT], tl.float32)
         hi = kv_end
         if CAUSAL:
             hi = tl.minimum(hi, kv_len - qo_len + (tl.minimum(row0 + BLOCK_M, rows) - 1) // num_heads + 1)
@@ -104,13 +119,17 @@ def _mla_kernel(
             kv_ok = j < hi
             page = tl.load(kv_indices_ptr + page0 + j // page_size, mask=kv_ok, other=0).to(tl.int64)
             slot = j % page_size
-            ckv = tl.load(ckv_ptr + (page * s_ckv_p + slot * s_ckv_s)[:, None] + offs_c[None, :],
-                          mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D_CKV]
+            ckv_rows = ckv_ptr + (page * s_ckv_p + slot * s_ckv_s)[:, None]
+            ckv = tl.load(ckv_rows + offs_mine[None, :], mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D_OUT]
             kpe = tl.load(kpe_ptr + (page * s_kpe_p + slot * s_kpe_s)[:, None] + offs_p[None, :],
                           mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D_KPE]
             ckv = ckv.to(qn.dtype)
             kpe = kpe.to(qn.dtype)
-            s = mma(qn, tl.trans(ckv), UPCAST_DOT) * qk_scale_ckv + mma(qp, tl.trans(kpe), UPCAST_DOT) * qk_scale_kpe
+            qk_ckv = mma(qn, tl.trans(ckv), UPCAST_DOT)
+            if OUT_SPLIT != 1:
+                ckv_other = tl.load(ckv_rows + (col1 + offs_c)[None, :], mask=kv_ok[:, None], other=0.0)
+                qk_ckv += mma(qn_other, tl.trans(ckv_other.to(qn.dtype)), UPCAST_DOT)
+            s = qk_ckv * qk_scale_ckv + mma(qp, tl.trans(kpe), UPCAST_DOT) * qk_scale_kpe
             if LOGITS_HOOK is not None:  # natural-unit logits from the variant; base 2 for the softmax
                 s = LOGITS_HOOK(s, hook_sm_scale, b, t[:, None], j[None, :], h[:, None], 0, qo_len, kv_len, vargs)
                 if USE_SOFTMAX:
@@ -131,17 +150,20 @@ def _mla_kernel(
         else:
             o, lse = acc, tl.zeros([BLOCK_M], tl.float32)
         o = o * v_scale
-        if OUTPUT_HOOK is not None:  # whole rows only (the plan does not split)
+        if OUTPUT_HOOK is not None:  # whole rows only (the plan does not split; OUT_SPLIT is 1)
             o = OUTPUT_HOOK(o, lse, b, t, h, qo_len, kv_len, vargs)
+        lse_ok = row_ok
+        if OUT_SPLIT != 1:  # both halves computed the same lse: one stores it
+            lse_ok = row_ok & ((offs_m * 0 + col0) == 0)
         if split < 0:
             o_rows = tok * s_o_t + h * s_o_h
-            tl.store(out_ptr + o_rows[:, None] + offs_c[None, :], o.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + o_rows[:, None] + offs_mine[None, :], o.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
-            tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=row_ok)
+            tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=lse_ok)
         else:
             part = tl.load(req + 2) + split * rows + r  # [BLOCK_M] partial rows
-            tl.store(part_o_ptr + part[:, None].to(tl.int64) * D_CKV + offs_c[None, :], o, mask=row_ok[:, None])
-            tl.store(part_lse_ptr + part, lse, mask=row_ok)
+            tl.store(part_o_ptr + part[:, None].to(tl.int64) * D_CKV + offs_mine[None, :], o, mask=row_ok[:, None])
+            tl.store(part_lse_ptr + part, lse, mask=lse_ok)
 
 
 @triton.jit
@@ -206,13 +228,19 @@ def _hook_kwargs(variant, sm_scale: float, ckv_scale: float, kpe_scale: float) -
     return sm_scale * ckv_scale, sm_scale * kpe_scale, kwargs
 
 
+def hooks_need_whole_output(variant) -> bool:
+    """An output_transform sees whole output rows: such a variant runs with OUT_SPLIT 1."""
+    return variant is not None and variant.variant.output_transform is not None
+
+
 def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_scale: float, ckv_scale: float,
                       kpe_scale: float, causal: bool, variant=None) -> None:
     """Launch the MLA kernels for the plan ``meta`` (flashtile._core.mla_plan.MlaMeta); arguments as
     :func:`flashtile.reference.mla.mla_paged_forward`."""
     num_heads, d_ckv, d_kpe = q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]
     cfg = meta.config
-    programs = _grid_programs(q_nope.device, meta.num_items, meta.graph)
+    out_split = 1 if hooks_need_whole_output(variant) else cfg.out_split
+    programs = _grid_programs(q_nope.device, meta.num_items * out_split, meta.graph)
     part_o, part_lse = meta.part_o, meta.part_lse
     qk_scale_ckv, qk_scale_kpe, hooks = _hook_kwargs(variant, sm_scale, ckv_scale, kpe_scale)
 
@@ -227,7 +255,7 @@ def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_
             qk_scale_ckv, qk_scale_kpe, ckv_scale,
             D_CKV=d_ckv, D_KPE=d_kpe, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=bool(causal),
             NUM_STAGES=c.num_stages, UPCAST_DOT=INTERPRET, num_warps=c.num_warps, num_stages=c.num_stages,
-            **hooks,
+            **hooks, **({} if out_split == 1 else {"OUT_SPLIT": out_split}),
         )
 
     features = TileFeatures(d_qk=d_ckv + d_kpe, d_vo=d_ckv, q_bytes=q_nope.element_size(),
