@@ -20,6 +20,11 @@ keys a constexpr function by its source):
 ``sink_logit(batch, qo_head, args)``
     A per-row logit (natural units) of a virtual key whose value is zero: it joins the softmax
     denominator once per row and nothing else (attention sinks, gpt-oss). The returned lse includes it.
+``kv_range(batch, qo_first, qo_last, qo_len, kv_len, args)``
+    Optional, for speed only: ``(lo, hi)``, scalars, such that every query ``qo_first..qo_last`` of request
+    ``batch`` sees no key outside ``[lo, hi)`` under ``logits_mask``. Kernels skip the key tiles outside
+    (a sliding window as a mask then costs what the built-in window costs). A range that cuts a visible
+    key gives wrong results; the reference path ignores the hook (the mask alone defines the result).
 
 Index arguments, in a kernel (a tile of M query rows of one KV head and N keys): ``qk`` / logits
 ``[M, N]``; ``batch``, ``qo_idx``, ``qo_head`` ``[M, 1]``; ``kv_idx`` ``[1, N]``; ``kv_head`` a scalar;
@@ -60,7 +65,7 @@ __all__ = ["AttentionVariant", "Hook", "ExtraTensor", "ExtraScalar", "BoundVaria
 VARIANT_PREFILL_ROUTE = ("portable Triton batch-prefill kernel: the warp-specialized Hopper kernel "
                          "(kernels/batch_prefill_hopper.py) has no variant hook points")
 
-HOOK_NAMES = ("logits_transform", "logits_mask", "query_transform", "output_transform", "sink_logit")
+HOOK_NAMES = ("logits_transform", "logits_mask", "query_transform", "output_transform", "sink_logit", "kv_range")
 
 # Upstream's C type strings for additional tensors and scalars, and the torch dtypes they mean.
 _C_DTYPES = {
@@ -149,6 +154,8 @@ class AttentionVariant:
         name: a label (error messages, ``flashtile info``, the jit module's uri).
         logits_transform, logits_mask, query_transform, output_transform, sink_logit: hooks, each a
             ``@triton.jit`` function or a ``(function, torch_twin)`` pair, or None (the default behaviour).
+        kv_range: an optional ``@triton.jit`` hook that lets the kernels skip key tiles (module doc); it
+            needs no twin, because it only skips keys that ``logits_mask`` hides anyway.
         use_softmax: False skips the softmax: the output is ``sum_j w_ij v_j`` with ``w`` what the logits
             transform returns (masked keys weigh 0); the returned lse is then 0 for every row.
         tensors: additional tensors, as :class:`ExtraTensor` or ``(name, dtype)`` / ``(name, dtype, shape)``.
@@ -164,6 +171,7 @@ class AttentionVariant:
     output_transform: Any = None
     sink_logit: Any = None
     use_softmax: bool = True
+    kv_range: Any = None
     tensors: Sequence = ()
     scalars: Sequence = ()
 

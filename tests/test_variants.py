@@ -195,6 +195,73 @@ def test_softcap_and_window_as_variant(path, device):
     assert_matches_oracle(out, lse, q, k, v, causal=True, window_left=6, logits_soft_cap=2.5)
 
 
+@triton.jit
+def window_mask(batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return kv_idx >= qo_idx + kv_len - qo_len - args[0]
+
+
+def window_mask_torch(batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+    return kv_idx >= qo_idx + kv_len - qo_len - args[0]
+
+
+@triton.jit
+def window_range(batch, qo_first, qo_last, qo_len, kv_len, args):
+    return tl.maximum(qo_first + kv_len - qo_len - args[0], 0), kv_len
+
+
+@triton.jit
+def cut_range(batch, qo_first, qo_last, qo_len, kv_len, args):
+    return 0, 1  # excludes the window's tiles: only the kernels, which skip tiles, see the cut
+
+
+WINDOW = AttentionVariant("window", logits_mask=(window_mask, window_mask_torch), kv_range=window_range,
+                          scalars=[("window_left", torch.int32)])
+WINDOW_CUT = AttentionVariant("window_cut", logits_mask=(window_mask, window_mask_torch), kv_range=cut_range,
+                              scalars=[("window_left", torch.int32)])
+
+
+@pytest.mark.parametrize("kind", ["single_prefill", "single_decode", "batch_decode", "paged_prefill"])
+def test_window_mask_with_kv_range(path, device, kind):
+    """A sliding window as a mask hook with a kv_range hook (the kernels skip the tiles before the window)
+    matches the oracle of the built-in window; a range that cuts visible keys changes the kernels' result
+    only, so the hook is really used there (the reference path ignores it)."""
+    w = 9
+    if kind.startswith("single"):
+        q, k, v = make_qkv(1 if kind == "single_decode" else 21, 75, 4, 2, 64, torch.float16, device)
+    else:
+        lens = [70, 5, 33]
+        cache, indptr, indices, last = make_paged_batch(lens, 4, 2, 64, torch.float16, device)
+        qo_indptr = [0, 1, 2, 3] if kind == "batch_decode" else [0, 12, 17, 18]
+        q = torch.randn(qo_indptr[-1], 4, 64, dtype=torch.float16, device=device)
+
+    def run(variant):
+        """``[(out, lse, q, k, v)]`` per request."""
+        if kind == "single_decode":
+            out, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True, _variant=(variant, (w,)))
+            return [(out[None], lse[None], q, k, v)]
+        if kind == "single_prefill":
+            out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True,
+                                                              _variant=(variant, (w,)))
+            return [(out, lse, q, k, v)]
+        if kind == "batch_decode":
+            wr = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=variant)
+            wr.plan(indptr, indices, last, 4, 2, 64, 4, fixed_split_size=16)
+        else:
+            wr = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), jit_args=variant)
+            wr.plan(torch.tensor(qo_indptr, dtype=torch.int32), indptr, indices, last, 4, 2, 64, 4, causal=True,
+                    fixed_split_size=16)
+        out, lse = wr.run(q, cache, w, return_lse=True)
+        rows = [slice(qo_indptr[r], qo_indptr[r + 1]) for r in range(len(lens))]
+        return [(out[s], lse[s], q[s], *_request_kv(cache, indptr, indices, r, n, 4))
+                for r, (s, n) in enumerate(zip(rows, lens))]
+
+    windowed, cut = run(WINDOW), run(WINDOW_CUT)
+    for o, s, qr, kr, vr in windowed:
+        assert_matches_oracle(o, s, qr, kr, vr, causal=True, window_left=w)
+    cut_changes = any(not torch.equal(a[0], b[0]) for a, b in zip(windowed, cut))
+    assert cut_changes == (path == "kernel")
+
+
 @pytest.mark.parametrize("builtin", [True, False], ids=["sinks=", "user"])
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_sinks(path, device, builtin, kind):
@@ -380,6 +447,19 @@ def test_mla_flash_sigmoid_and_key_mask(path, device):
         ref_o, ref_lse = attention_oracle(q, k[keep], v[keep], causal=False, sm_scale=0.2)
         torch.testing.assert_close(out_m[rows].double().cpu(), ref_o, **TOL)
         torch.testing.assert_close(lse_m[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+def test_mla_window_with_kv_range(path, device):
+    """MLA with the window mask and its kv_range (tiles before the window skipped) against the oracle."""
+    heads, page_size, w = 2, 4, 7
+    batch = make_mla_batch([1, 6], [70, 40], page_size, heads, MLA_DC, MLA_DP, torch.float16, device)
+    wr = _mla_wrapper(device, batch, heads, page_size, True, 0.2, jit_args=WINDOW, fixed_split_size=16)
+    out, lse = wr.run(*batch[:4], variant_args=(w,), return_lse=True)
+    for r in range(2):
+        rows, q, k, v = _mla_request(batch, r)
+        ref_o, ref_lse = attention_oracle(q, k, v, causal=True, window_left=w, sm_scale=0.2)
+        torch.testing.assert_close(out[rows].double().cpu(), ref_o, **TOL)
+        torch.testing.assert_close(lse[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
 
 
 @triton.jit

@@ -183,7 +183,8 @@ from flashtile.variants import BoundVariant  # noqa: E402
 
 _slopes = torch.randn(32)
 for _name, _bound in [("softcap", BoundVariant(VX.SOFTCAP, (30.0,))), ("alibi", BoundVariant(VX.ALIBI, (_slopes,))),
-                      ("sigmoid", BoundVariant(VX.FLASH_SIGMOID, (0.1, -1.0)))]:
+                      ("sigmoid", BoundVariant(VX.FLASH_SIGMOID, (0.1, -1.0))),
+                      ("window", BoundVariant(VX.WINDOW, (1023,)))]:
     q = torch.randn(4096, 32, 128, dtype=bf)
     k = torch.randn(4096, 32, 128, dtype=bf)
     A.single_attention_forward(q, k, k.clone(), torch.empty(4096, 32, 128, dtype=bf), torch.empty(4096, 32), P,
@@ -337,4 +338,5 @@ mla_case(64, 4096, 128, label="variant sinks decode 64x4096 h128 p64",
 mla_case(64, 4096, 128, label="variant softcap decode 64x4096 h128 p64", variant=BoundVariant(VX.SOFTCAP, (30.0,)))
 mla_case(64, 4096, 128, label="variant sigmoid decode 64x4096 h128 p64",
          variant=BoundVariant(VX.FLASH_SIGMOID, (0.1, -1.0)))
+mla_case(64, 4096, 128, label="variant window decode 64x4096 h128 p64", variant=BoundVariant(VX.WINDOW, (1023,)))
 sys.exit(1 if failures else 0)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..variants import AttentionVariant, BoundVariant, bind_variant
+from ..variants import HOOK_NAMES, AttentionVariant, BoundVariant, bind_variant
 from .checks import check_tensor
 
 __all__ = ["bind_single_variant", "sink_variant", "with_sinks", "variant_from_jit_args", "JIT_ARGS_FIELDS"]
@@ -100,8 +100,7 @@ def variant_from_decl(decl, tensor_names, tensor_dtypes, scalar_names, scalar_dt
     if not decl.tensors and not decl.scalars and (tensors or scalars):
         import dataclasses
 
-        hooks = {h: getattr(decl, h) for h in ("logits_transform", "logits_mask", "query_transform",
-                                                "output_transform", "sink_logit")}
+        hooks = {h: getattr(decl, h) for h in HOOK_NAMES}
         return dataclasses.replace(decl, **hooks, tensors=tensors, scalars=scalars)
     if (tensors or scalars) and ([t[0] for t in tensors], [s[0] for s in scalars]) != (
             [t.name for t in decl.tensors], [s.name for s in decl.scalars]):

@@ -68,6 +68,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
+    RANGE_HOOK: tl.constexpr = None,
 ):
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     pid_m = num_m_blocks - 1 - tl.program_id(0)
@@ -88,7 +89,7 @@ def _attention_fwd_kernel(
     lo = split * kv_chunk
     start, full_start, full_end, hi = tile_ranges(
         lo, tl.minimum(kv_len, lo + kv_chunk), t_first, t_last, delta, kv_len, window_left,
-        CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
+        CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N, RANGE_HOOK, 0, qo_len, vargs)
 
     q = load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                HEAD_DIM_QK, D_QK, USE_ROPE)
@@ -128,6 +129,7 @@ def _batch_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
+    RANGE_HOOK: tl.constexpr = None,
 ):
     """Batch decode over a paged cache: program ``(item, kv_head)`` attends the GQA group of one KV
     head (rows = its query heads) over one work item's KV range (scheduler/split_kv.py).
@@ -162,7 +164,7 @@ def _batch_decode_kernel(
     tokens = tl.zeros([BLOCK_M], dtype=tl.int32) + req
     positions = tl.zeros([BLOCK_M], dtype=tl.int32) + (kv_len - 1)  # the query is the newest token
     start, full_start, full_end, hi = tile_ranges(
-        lo, hi, 0, 0, kv_len - 1, kv_len, window_left, False, HAS_WINDOW, False, BLOCK_N)
+        lo, hi, 0, 0, kv_len - 1, kv_len, window_left, False, HAS_WINDOW, False, BLOCK_N, RANGE_HOOK, req, 1, vargs)
 
     q = load_q(Q, tokens, heads, row_ok, stride_qb, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                HEAD_DIM_QK, D_QK, USE_ROPE)
@@ -264,9 +266,12 @@ def variant_kwargs(variant) -> dict:
     def fn(hook):
         return hook.triton if hook is not None else None
 
-    return dict(LOGITS_HOOK=fn(v.logits_transform), MASK_HOOK=fn(v.logits_mask), QUERY_HOOK=fn(v.query_transform),
-                OUTPUT_HOOK=fn(v.output_transform), SINK_HOOK=fn(v.sink_logit), USE_SOFTMAX=v.use_softmax,
-                vargs=variant.args if variant.args else None)
+    kwargs = dict(LOGITS_HOOK=fn(v.logits_transform), MASK_HOOK=fn(v.logits_mask), QUERY_HOOK=fn(v.query_transform),
+                  OUTPUT_HOOK=fn(v.output_transform), SINK_HOOK=fn(v.sink_logit), USE_SOFTMAX=v.use_softmax,
+                  vargs=variant.args if variant.args else None)
+    if v.kv_range is not None:  # only then: variants without one keep their compiled kernels
+        kwargs["RANGE_HOOK"] = fn(v.kv_range)
+    return kwargs
 
 
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:

@@ -88,6 +88,7 @@ def _batch_prefill_kernel(
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
+    RANGE_HOOK: tl.constexpr = None,
 ):
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
@@ -106,8 +107,13 @@ def _batch_prefill_kernel(
     positions = tokens + delta
     t_first = (row_block * BLOCK_M) // GROUP
     t_last = tl.minimum(row_block * BLOCK_M + BLOCK_M - 1, num_rows - 1) // GROUP
-    start, full_start, full_end, hi = tile_ranges(
-        lo, hi, t_first, t_last, delta, kv_len, window_left, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
+    if RANGE_HOOK is not None:
+        start, full_start, full_end, hi = tile_ranges(
+            lo, hi, t_first, t_last, delta, kv_len, window_left, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N,
+            RANGE_HOOK, request_of_item(ITEMS, item_c), qo_len, vargs)
+    else:
+        start, full_start, full_end, hi = tile_ranges(
+            lo, hi, t_first, t_last, delta, kv_len, window_left, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
 
     q_tokens = qo_start + tokens
     q = load_q(Q, q_tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,

@@ -53,7 +53,7 @@ def _mla_kernel(
     NUM_STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, OUTPUT_HOOK: tl.constexpr = None,
     SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None, hook_sm_scale=None,
-    OUT_SPLIT: tl.constexpr = 1,
+    OUT_SPLIT: tl.constexpr = 1, RANGE_HOOK: tl.constexpr = None,
 ):
     """Variant hooks (flashtile/variants.py; None: not compiled) see the MLA rows as MQA: kv_head 0, the
     unscaled ``qk`` over ``[ckv | kpe]`` (the launcher then passes the caches' dequantization scales as
@@ -111,10 +111,16 @@ def _mla_kernel(
             m_i = tl.where(first, SINK_HOOK(b, h, vargs) * _LOG2E_IN_KERNEL, m_i)
             l_i = tl.where(first, 1.0, l_i)
         acc = tl.zeros([BLOCK_M, D_OUT], tl.float32)
+        lo = kv_start
         hi = kv_end
         if CAUSAL:
             hi = tl.minimum(hi, kv_len - qo_len + (tl.minimum(row0 + BLOCK_M, rows) - 1) // num_heads + 1)
-        for j0 in tl.range(kv_start, hi, BLOCK_N, num_stages=NUM_STAGES):
+        if RANGE_HOOK is not None:  # the variant's kv_range: keys its mask lets these rows see
+            r_lo, r_hi = RANGE_HOOK(b, row0 // num_heads, (tl.minimum(row0 + BLOCK_M, rows) - 1) // num_heads,
+                                    qo_len, kv_len, vargs)
+            lo = tl.maximum(lo, (r_lo // BLOCK_N) * BLOCK_N)
+            hi = tl.minimum(hi, r_hi)
+        for j0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
             j = j0 + offs_n  # [BLOCK_N] token positions
             kv_ok = j < hi
             page = tl.load(kv_indices_ptr + page0 + j // page_size, mask=kv_ok, other=0).to(tl.int64)

@@ -184,11 +184,17 @@ def attend_tiles(
 def tile_ranges(
     lo, hi, t_first, t_last, delta, kv_len, window_left,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+    RANGE_HOOK: tl.constexpr = None, v_batch=0, v_qo_len=0, vargs=None,
 ):
     """Cut a program's KV range ``[lo, hi)`` (``lo`` a multiple of BLOCK_N) for query tokens
     ``t_first..t_last`` (absolute positions ``t + delta``) into ``[start, full_start)`` (masked: window
     edge), ``[full_start, full_end)`` (seen by every row: no mask) and ``[full_end, hi)`` (masked:
-    causal diagonal, ragged end). Tiles no row can see are dropped."""
+    causal diagonal, ragged end). Tiles no row can see are dropped. RANGE_HOOK (a variant's ``kv_range``,
+    flashtile/variants.py) narrows ``[lo, hi)`` to the keys its mask lets these rows see."""
+    if RANGE_HOOK is not None:
+        r_lo, r_hi = RANGE_HOOK(v_batch, t_first, t_last, v_qo_len, kv_len, vargs)
+        lo = tl.maximum(lo, r_lo)
+        hi = tl.minimum(hi, r_hi)
     if CAUSAL:
         hi = tl.minimum(hi, t_last + delta + 1)
     if HAS_WINDOW:
