@@ -20,7 +20,7 @@ from flashtile.quantization import (
     nvfp4_quantize,
 )
 from flashtile.reference import quant_fp4 as ref4
-from tests.oracles import (
+from oracles import (
     fp4_block_quantize_f64,
     fp8_dynamic_scale_f64,
     fp8_quantize_f64,
@@ -387,3 +387,14 @@ def test_top_level_names():
                  "e2m1_and_ufp8sf_scale_to_float", "block_scale_interleave", "nvfp4_block_scale_interleave",
                  "SfLayout"):
         assert getattr(flashtile, name) is getattr(flashtile.quantization, name)
+
+
+def test_info_names_the_fp4_matmul_route():
+    from flashtile.cli.info import _info
+
+    rows = [p for p in _info()["paths"] if p["api"] == "FP4 matmul"]
+    assert rows and all(p["path"] == "not provided" and "FP4 tensor cores" in p["reason"]
+                        and "dequantize" in p["reason"] for p in rows)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 10:
+        assert all("Blackwell" in p["reason"] and "Hopper" in p["reason"] for p in rows)
+    assert any(p["api"].startswith("fp4_quantize") for p in _info()["paths"])
