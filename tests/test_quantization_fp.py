@@ -398,3 +398,43 @@ def test_info_names_the_fp4_matmul_route():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 10:
         assert all("Blackwell" in p["reason"] and "Hopper" in p["reason"] for p in rows)
     assert any(p["api"].startswith("fp4_quantize") for p in _info()["paths"])
+
+
+@pytest.mark.parametrize("layout", list(SfLayout))
+def test_empty_inputs(layout):
+    tile = {SfLayout.layout_128x4: 128, SfLayout.layout_8x4: 8, SfLayout.layout_linear: 0}[layout]
+    swz = layout != SfLayout.layout_linear
+    q, sf = nvfp4_quantize(torch.zeros(0, 32), 1.0, sfLayout=layout)
+    assert q.shape == (0, 16) and sf.shape == (0, 4 if swz else 2)
+    assert e2m1_and_ufp8sf_scale_to_float(q, sf, None, 16, 1, swz, layout == SfLayout.layout_8x4).shape == (0, 32)
+    q, sf = mxfp4_quantize(torch.zeros(3, 0), sfLayout=layout)
+    assert q.shape == (3, 0) and sf.shape == ((tile, 0) if swz else (3, 0))
+    assert mxfp4_dequantize(q, sf, layout).shape == (3, 0)
+    assert fp8_quantize(torch.zeros(0, 4))[1].item() == 1.0
+    assert fp8_quantize(torch.zeros(0, 4), per_token=True)[0].shape == (0, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mx", [False, True])
+def test_cuda_matches_cpu_bitwise(mx):
+    """The same PyTorch ops on a CUDA device give the CPU's bytes (float8 casts, the e2m1 rounding)."""
+    vec = 32 if mx else 16
+    x = _randn((300, 8 * vec), torch.bfloat16, seed=21)
+    x[0, 3], x[1, 5] = float("nan"), float("inf")
+    gs = torch.tensor([448 * 6 / 40.0])
+    for layout in SfLayout:
+        if mx:
+            cpu, gpu = mxfp4_quantize(x, sfLayout=layout), mxfp4_quantize(x.cuda(), sfLayout=layout)
+        else:
+            cpu, gpu = nvfp4_quantize(x, gs, sfLayout=layout), nvfp4_quantize(x.cuda(), gs.cuda(), sfLayout=layout)
+        assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+        swz = layout != SfLayout.layout_linear
+        args = (None if mx else 1 / gs, vec, 0 if mx else 1, swz, layout == SfLayout.layout_8x4)
+        _same(e2m1_and_ufp8sf_scale_to_float(gpu[0], gpu[1], *args).cpu(),
+              e2m1_and_ufp8sf_scale_to_float(cpu[0], cpu[1], *args))
+    for fmt in FP8.values():
+        for per_token in (False, True):
+            qc, sc = fp8_quantize(x, fmt, per_token=per_token)
+            qg, sg = fp8_quantize(x.cuda(), fmt, per_token=per_token)
+            _same(qg.cpu().double(), qc.double())
+            _same(sg.cpu(), sc)

@@ -87,7 +87,7 @@ def fp4_quantize(
     Args:
         input: ``[M, K]`` (or ``[..., K]``, leading dims flattened into M), float16, bfloat16,
             float8_e4m3fn, or float32 (a flashtile extension); ``K % sf_vec_size == 0``. As
-            upstream, a column-major 2-D input (``stride(-2) == 1``) is quantized along its first
+            upstream, a column-major 2-D input (``stride(-2) == 1 != stride(-1)``) is quantized along its first
             dimension: the result is that of ``input.t()``, transposed back.
         global_scale: float32 tensor ``[1]`` (NVFP4 only; ``None`` means 1.0). The encode scale,
             usually ``448 * 6 / amax(input)`` so that the largest block scale lands on e4m3's max;
@@ -119,7 +119,7 @@ def fp4_quantize(
         raise ValueError(f"input: expected a tensor [M, K] (at least 2-D), got shape {list(input.shape)}")
     if is_sf_8x4_layout and not is_sf_swizzled_layout:
         raise ValueError("is_sf_8x4_layout: the 8x4 layout is a swizzled layout; it needs is_sf_swizzled_layout=True")
-    column_major = input.dim() == 2 and input.stride(-2) == 1 and input.shape[-1] > 1
+    column_major = input.dim() == 2 and input.stride(-2) == 1 and input.stride(-1) != 1
     x = input.t() if column_major else input
     k = x.shape[-1]
     if k % sf_vec_size != 0:
@@ -130,7 +130,7 @@ def fp4_quantize(
         if is_global_scale_inversed:
             gs = 1.0 / gs
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(lead.numel(), k)
     packed, sf = _ref.fp4_quantize(x2, gs, sf_vec_size, sf_use_ue8m0)
     if is_sf_swizzled_layout:
         sf = _ref.swizzle_sf(sf, 8 if is_sf_8x4_layout else 128)

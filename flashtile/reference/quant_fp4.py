@@ -169,12 +169,12 @@ def fp4_dequantize(
 ) -> torch.Tensor:
     """``packed uint8 [M, K/2]``, linear scale bytes ``[M, K/sf_vec_size]`` -> float32 ``[M, K]``:
     ``e2m1 * scale * global_dequant_scale`` (scale: e4m3 value, or ``2^(byte - 127)`` for e8m0)."""
-    m = packed.shape[0]
-    vals = e2m1_decode(unpack_e2m1(packed)).view(m, -1, sf_vec_size)
+    m, k = packed.shape[0], packed.shape[1] * 2
+    vals = e2m1_decode(unpack_e2m1(packed)).view(m, k // sf_vec_size, sf_vec_size)
     if ue8m0:
         scale = torch.exp2(sf.float() - 127.0)
         scale = torch.where(sf == 255, torch.full_like(scale, float("nan")), scale)
     else:
         scale = sf.view(torch.float8_e4m3fn).float()
     g = torch.as_tensor(global_dequant_scale, dtype=torch.float32, device=packed.device).reshape(())
-    return (vals * scale.unsqueeze(-1) * g).reshape(m, -1)
+    return (vals * scale.unsqueeze(-1) * g).reshape(m, k)
