@@ -171,6 +171,14 @@ def test_e2m1_rounding_table():
     assert codes[-2].item() == 7 and codes[-1].item() == 8  # NaN -> +6; -0 keeps its sign bit
 
 
+def test_e8m0_ceil():
+    tiny = torch.finfo(torch.float32).tiny  # 2^-126
+    v = torch.tensor([0.0, 1.0, 1.5, 0.75, 2.0 ** -127, 2.0 ** -127 * 1.5, 2.0 ** -140, tiny, tiny * 1.01,
+                      2.0 ** 127, 2.0 ** 127 * 1.5, float("inf"), float("nan"), 3e38], dtype=torch.float32)
+    want = [0, 127, 128, 127, 0, 1, 0, 1, 2, 254, 254, 254, 255, 254]
+    assert ref4.e8m0_ceil(v).tolist() == want
+
+
 def test_nibble_order_and_codes():
     # Block of 16 with amax 6 and global scale 256: e4m3 scale 256 (0x78), values encode unscaled.
     x = torch.tensor([[0.5, 1.0, -6.0, 3.0] + [0.0] * 12])
@@ -438,3 +446,12 @@ def test_cuda_matches_cpu_bitwise(mx):
             qg, sg = fp8_quantize(x.cuda(), fmt, per_token=per_token)
             _same(qg.cpu().double(), qc.double())
             _same(sg.cpu(), sc)
+
+
+def test_mxfp4_tiny_blocks_match_oracle():
+    # Block maxima near float32's subnormal range: the e8m0 scale bottoms out at 2^-127 (byte 0).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 64, generator=g) * torch.exp2(torch.randint(-140, -118, (8, 1), generator=g).float())
+    q, sf = mxfp4_quantize(x, sfLayout=SfLayout.layout_linear)
+    assert (sf == 0).any() and (sf > 0).any()
+    _check_fp4_against_oracle(x, q, sf, 32, True)

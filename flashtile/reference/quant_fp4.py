@@ -96,8 +96,10 @@ def e8m0_ceil(v: torch.Tensor) -> torch.Tensor:
     bits = v.contiguous().view(torch.int32)
     exp = (bits >> 23) & 0xFF
     mant = bits & 0x7FFFFF
-    e = exp + ((mant != 0) & (exp != 0xFF)).to(torch.int32)  # a float32 subnormal rounds up to 2^-126
-    e = e.clamp(max=254)
+    # Round up when not a power of two. A float32 subnormal is mant * 2^-149: at most 2^-127 (byte 0)
+    # when mant <= 2^22, else it rounds up to 2^-126 (byte 1).
+    up = torch.where(exp == 0, mant > 0x400000, (mant != 0) & (exp != 0xFF))
+    e = (exp + up.to(torch.int32)).clamp(max=254)
     e = torch.where(torch.isnan(v), torch.full_like(e, 255), e)
     return e.to(torch.uint8)
 
