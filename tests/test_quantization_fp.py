@@ -195,8 +195,8 @@ def _check_fp4_against_oracle(x, q, sf_linear, sf_vec_size, mx, gs=1.0):
     codes = ref4.unpack_e2m1(q)
     _same(ref4.e2m1_decode(codes), vals)
     if mx:
-        _same(torch.where(sf_linear == 0, 0.0, torch.exp2(sf_linear.double() - 127)),
-              torch.where(scales == 0, 0.0, scales))
+        # A zero block stores byte 0 (2^-127), like a block whose scale is 2^-127.
+        _same(torch.exp2(sf_linear.double() - 127), torch.where(scales == 0, 2.0 ** -127, scales))
     else:
         _same(sf_linear.view(torch.float8_e4m3fn).double(), scales)
     deq = e2m1_and_ufp8sf_scale_to_float(q, sf_linear, None if mx else torch.tensor([1.0 / gs]),
