@@ -56,7 +56,18 @@ from .prefill import (  # noqa: E402
     single_prefill_with_kv_cache,
     single_prefill_with_kv_cache_return_lse,
 )
-from .quantization import packbits, segment_packbits  # noqa: E402
+from .quantization import (  # noqa: E402
+    SfLayout,
+    block_scale_interleave,
+    e2m1_and_ufp8sf_scale_to_float,
+    fp4_quantize,
+    mxfp4_dequantize,
+    mxfp4_quantize,
+    nvfp4_block_scale_interleave,
+    nvfp4_quantize,
+    packbits,
+    segment_packbits,
+)
 from .rope import (  # noqa: E402
     apply_llama31_rope,
     apply_llama31_rope_inplace,
@@ -138,6 +149,14 @@ __all__ = [
     "utils",
     "packbits",
     "segment_packbits",
+    "SfLayout",
+    "fp4_quantize",
+    "nvfp4_quantize",
+    "mxfp4_quantize",
+    "mxfp4_dequantize",
+    "e2m1_and_ufp8sf_scale_to_float",
+    "block_scale_interleave",
+    "nvfp4_block_scale_interleave",
     "next_positive_power_of_2",
     "single_decode_with_kv_cache",
     "BatchDecodeWithPagedKVCacheWrapper",

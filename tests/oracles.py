@@ -563,3 +563,88 @@ def masked_attention_oracle(q, k, v, dense_mask, *, sm_scale=None, logits_soft_c
         q = rope_f64(q.double().cpu(), torch.arange(q.shape[0]), *rope)
         k = rope_f64(k.double().cpu(), torch.arange(k.shape[0]), *rope)
     return attention_oracle(q, k, v, custom_mask=dense_mask, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
+
+
+# --------------------------------------------------------------------------------------------------
+# FP8 / FP4 quantization (flashtile.quantization): float64, written from the format definitions
+# --------------------------------------------------------------------------------------------------
+
+# (mantissa bits, smallest normal exponent, largest finite value) of each minifloat format.
+MINIFLOAT_FORMATS = {
+    "e4m3": (3, -6, 448.0),
+    "e5m2": (2, -14, 57344.0),
+    "e2m1": (1, 0, 6.0),
+}
+
+
+def minifloat_round_f64(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Round float64 ``v`` to the nearest value of a minifloat format, ties to even, saturating
+    (|v| > max and +-inf give +-max); NaN stays NaN. Normals are 2^e (1 + m / 2^mbits) for
+    e >= emin, subnormals multiples of 2^(emin - mbits)."""
+    mbits, emin, vmax = MINIFLOAT_FORMATS[fmt]
+    v = v.double()
+    a = v.abs()
+    _, big_e = torch.frexp(torch.where(torch.isfinite(a), a, torch.ones_like(a)))  # a = f 2^E, f in [0.5, 1)
+    e = (big_e - 1).clamp(min=emin).double()
+    step = torch.pow(2.0, e - mbits)
+    q = torch.round(a / step) * step  # torch.round: half to even
+    q = torch.where(torch.isinf(a), torch.full_like(q, vmax), q).clamp(max=vmax)
+    return torch.where(torch.isnan(v), v, torch.copysign(q, v))
+
+
+def fp8_dynamic_scale_f64(x: torch.Tensor, fmt: str, per_token: bool) -> torch.Tensor:
+    a = x.double().abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    amax = a.amax(dim=-1, keepdim=True) if per_token else a.amax().reshape(1)
+    vmax = MINIFLOAT_FORMATS[fmt][2]
+    return torch.where(amax > 0, amax / vmax, torch.ones_like(amax))
+
+
+def fp8_quantize_f64(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The FP8 values (as float64) of x / scale, RNE, saturating."""
+    return minifloat_round_f64(x.double() / scale.double(), fmt)
+
+
+def fp4_block_quantize_f64(x: torch.Tensor, sf_vec_size: int, mx: bool, global_scale: float = 1.0):
+    """FP4 block quantization of ``x [M, K]`` in float64. Returns ``(values, scales)``: the e2m1
+    values ``[M, K]`` (on the grid, signed) and each block's scale ``[M, K / sf_vec_size]`` as
+    float64 (NVFP4: the e4m3 value of global_scale * amax / 6; MXFP4: 2^ceil(log2(amax / 6)),
+    exponent clamped to [-127, 127]). NaN elements are ignored by the amax and encode as +6."""
+    m, k = x.shape
+    xb = x.double().reshape(m, k // sf_vec_size, sf_vec_size)
+    a = xb.abs()
+    amax = torch.where(torch.isnan(a), torch.zeros_like(a), a).amax(dim=-1)
+    if mx:
+        t = amax / 6.0
+        f, big_e = torch.frexp(torch.where(torch.isfinite(t) & (t > 0), t, torch.ones_like(t)))
+        e = torch.where(f == 0.5, big_e - 1, big_e).double()  # ceil(log2(t))
+        e = torch.where(torch.isinf(t), torch.full_like(e, 127.0), e).clamp(-127, 127)
+        scale = torch.where(amax > 0, torch.pow(2.0, e), torch.zeros_like(e))
+        enc = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    else:
+        scale = minifloat_round_f64(global_scale * amax / 6.0, "e4m3")
+        # Upstream's encode multiplier is a float32 value, 1 / (scale * (1 / global_scale)), each
+        # step rounded to float32, and x times it is a float32 product (so a value can land on or
+        # leave an e2m1 midpoint): modelled step by step as such; the e2m1 rounding is float64.
+        f32 = torch.float32
+        inv_gs = torch.tensor(1.0 / global_scale, dtype=torch.float64).to(f32)
+        enc = (1.0 / (scale.to(f32) * inv_gs)).double()
+        enc = torch.where(scale > 0, enc, torch.zeros_like(scale))
+    v = (xb.float() * enc.unsqueeze(-1).float()).double()  # exact for MXFP4 (a power of two)
+    vals = minifloat_round_f64(v, "e2m1")
+    vals = torch.where(torch.isnan(vals), torch.full_like(vals, 6.0), vals)
+    vals = torch.where((scale > 0).unsqueeze(-1), vals, torch.zeros_like(vals))
+    return vals.reshape(m, k), scale
+
+
+def sf_swizzled_offset_128x4(row: int, col: int, num_block_cols: int) -> int:
+    """Byte offset of scale (row, block column) in the 128x4 swizzled layout: tiles of 128 rows x 4
+    columns (512 bytes), row-major over tiles; inside a tile, (row % 32) * 16 + (row % 128 // 32) * 4
+    + col % 4."""
+    k_tiles = (num_block_cols + 3) // 4
+    return ((row // 128) * k_tiles + col // 4) * 512 + (row % 32) * 16 + (row % 128 // 32) * 4 + col % 4
+
+
+def sf_swizzled_offset_8x4(row: int, col: int, num_block_cols: int) -> int:
+    k_tiles = (num_block_cols + 3) // 4
+    return ((row // 8) * k_tiles + col // 4) * 32 + (row % 8) * 4 + col % 4

@@ -14,6 +14,17 @@ from ..jit.env import triton_cache_dir
 from ..variants import VARIANT_PREFILL_ROUTE
 from .common import dir_usage, format_bytes, path_of
 
+# FP4 (e2m1) MMA is a Blackwell (SM100+) tensor-core instruction; Hopper and older have none.
+_FP4_MATMUL = ("needs Blackwell (SM100+) FP4 tensor cores; on Hopper dequantize with "
+               "e2m1_and_ufp8sf_scale_to_float / mxfp4_dequantize, then a bf16/fp16 GEMM")
+
+
+def _fp4_matmul_reason(dev: str) -> str:
+    if dev == "cuda" and torch.cuda.get_device_capability()[0] >= 10:
+        return ("this GPU has FP4 tensor cores, but flashtile has no FP4 GEMM yet: dequantize with "
+                "e2m1_and_ufp8sf_scale_to_float / mxfp4_dequantize, then a bf16/fp16 GEMM")
+    return _FP4_MATMUL
+
 
 def _info() -> dict:
     import flashtile
@@ -43,7 +54,8 @@ def _info() -> dict:
         path, reason = path_of(torch.device(dev))
         paths += [dict(api=api, tensors=dev, path=path, reason=reason) for api in attention_apis]
         paths += [dict(api=api, tensors=dev, path="pytorch", reason="vectorized PyTorch on the input's device")
-                  for api in ("packbits", "segment_packbits")]
+                  for api in ("packbits", "segment_packbits", "fp8_quantize", "fp4_quantize (NVFP4, MXFP4)")]
+        paths.append(dict(api="FP4 matmul", tensors=dev, path="not provided", reason=_fp4_matmul_reason(dev)))
         if path == "triton":  # attention variants (flashtile/variants.py) on the batch-prefill kernels
             paths.append(dict(api="batch prefill with a variant", tensors=dev, path="triton",
                               reason=VARIANT_PREFILL_ROUTE))

@@ -15,9 +15,9 @@ from typing import Tuple
 
 import torch
 
-from ._core.checks import check_option, check_tensor, describe
-from .reference.packbits import packbits as _packbits_ref
-from .reference.packbits import segment_packbits as _segment_packbits_ref
+from .._core.checks import check_option, check_tensor, describe
+from ..reference.packbits import packbits as _packbits_ref
+from ..reference.packbits import segment_packbits as _segment_packbits_ref
 
 __all__ = ["packbits", "segment_packbits"]
 
