@@ -258,6 +258,22 @@ def launch(nprocs: int, fn: Callable, args: Sequence[Any] = (), timeout: float =
             raise TimeoutError(f"tensor-parallel processes still running after {timeout:g} s")
 
 
+def run_to_file(path: str, model: str, dtype: torch.dtype, seed: int, prompts: List[List[int]], max_new: List[int],
+                system: List[int], engine_kw: Dict[str, Any]) -> int:
+    """One rank of a tensor-parallel run (e.g. under :func:`launch`): the engine on CPU (gloo) serves
+    ``prompts`` with the model ``MODELS[model]`` drawn from ``seed``; every rank saves its ``RunResult``
+    (first-token logits kept) to ``path.format(rank=rank)`` with ``torch.save``."""
+    from .model import MODELS, init_weights
+
+    group, device = init("cpu")
+    weights = init_weights(MODELS[model], device, dtype, seed)
+    engine = TensorParallelEngine(weights, group, **engine_kw)
+    res = engine.run(prompts, max_new, system, keep_first_logits=True)
+    torch.save(dict(outputs=res.outputs, first_logits=res.first_logits, info=engine.rank_info(),
+                    all_reduces=group.all_reduces), path.format(rank=group.rank))
+    return finish(0)
+
+
 def _demo(argv: List[str]) -> int:
     from ..cli import main
     return main(["demo", *argv])
