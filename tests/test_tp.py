@@ -121,3 +121,12 @@ def test_demo_under_torchrun(tmp_path):
         assert text in r.stdout
     assert r.stdout.count("flashtile 0.") == 1  # rank 0 prints, rank 1 does not
     assert '"tp": 2' in out.read_text()
+
+
+def test_python_entry_spawns_ranks(capfd, monkeypatch):
+    # python -m flashtile.examples.parallel --nproc 2: the demo in 2 spawned processes, without torchrun
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    assert parallel.main(["--nproc", "2", "--device", "cpu", "--requests", "2", "--new-tokens", "2",
+                          "--no-reference", "--timeout", "120"]) == 0
+    out = capfd.readouterr().out
+    assert "| flashtile (paged, TP 2) |" in out and "| 1 | cpu (CPU) |" in out

@@ -3,7 +3,10 @@
 Serves the same requests with :class:`~flashtile.examples.engine.PagedEngine` (the kernel library) and
 the plain PyTorch :class:`~flashtile.examples.reference.ReferenceEngine`, prints a table (time to first
 token, decode tokens/s) and a correctness line, and exits 1 when a greedy divergence exceeds the model's
-rounding noise.
+rounding noise. With ``--tp N`` under ``torchrun --nproc-per-node N`` (or ``python -m
+flashtile.examples.parallel --nproc N``) the paged engine runs tensor-parallel over N ranks
+(:mod:`flashtile.examples.parallel`); rank 0 prints, runs the PyTorch engine and the check, and adds a
+per-rank table with the share of step time spent in collectives.
 
 The check: the PyTorch engine runs teacher-forced with the tokens the kernel engine chose, so both see
 the same sequences; at every generated token it records whether its own greedy choice differs and by how
