@@ -81,6 +81,9 @@ def test_tp_greedy_tokens_match_single_device(tmp_path, monkeypatch):
     prompts, max_new, system, kw, ranks = _tp_run(tmp_path, (3, (5, 30), (3, 6)), Sampling())
     tp = ranks[0]
     assert ranks[1]["outputs"] == tp["outputs"]  # every rank has rank 0's tokens
+    for key in ("steps", "free_pages", "shared_pages"):  # the same schedule and page decisions on every rank
+        assert ranks[1][key] == tp[key], key
+    assert tp["shared_pages"]
     assert [r["info"]["kv_heads"] for r in ranks] == [1, 1]
     assert tp["all_reduces"] > 0
     weights = init_weights(CFG, "cpu", torch.bfloat16, seed=3)

@@ -235,6 +235,8 @@ def free_port() -> int:
 def _entry(rank: int, nprocs: int, port: int, fn: Callable, args: Sequence[Any]) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: the ranks share the CPU cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     code = fn(*args)
     if code:
         sys.exit(code)
@@ -270,7 +272,9 @@ def run_to_file(path: str, model: str, dtype: torch.dtype, seed: int, prompts: L
     engine = TensorParallelEngine(weights, group, **engine_kw)
     res = engine.run(prompts, max_new, system, keep_first_logits=True)
     torch.save(dict(outputs=res.outputs, first_logits=res.first_logits, info=engine.rank_info(),
-                    all_reduces=group.all_reduces), path.format(rank=group.rank))
+                    all_reduces=group.all_reduces, steps=[(s.kind, s.tokens) for s in res.steps],
+                    free_pages=list(engine.allocator.free), shared_pages=engine.shared_pages),
+               path.format(rank=group.rank))
     return finish(0)
 
 
