@@ -119,8 +119,8 @@ def test_demo_under_torchrun(tmp_path):
            "-m", "flashtile", "demo", "--tp", "2", "--device", "cpu", "--requests", "3", "--json", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
-    for text in ("tensor parallel over 2 ranks (gloo)", "| flashtile (paged, TP 2) |", "| 1 | cpu (CPU) | 2 | 1 |",
-                 "share of step time", "PASS"):
+    for text in ("tensor parallel over 2 ranks (gloo, cpu on rank 0)", "| flashtile (paged, TP 2) |",
+                 "| 1 | cpu (CPU) | 2 | 1 |", "share of step time", "PASS"):
         assert text in r.stdout
     assert r.stdout.count("flashtile 0.") == 1  # rank 0 prints, rank 1 does not
     assert '"tp": 2' in out.read_text()

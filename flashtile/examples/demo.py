@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the requests")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (run under torchrun --nproc-per-node N, or python -m "
-                        "flashtile.examples.parallel --nproc N; NCCL on GPUs, gloo on CPU)")
+                        "flashtile.examples.parallel --nproc N; NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPU)")
 
 
 def _range(name: str, text: str) -> Tuple[int, int]:
@@ -240,8 +240,8 @@ def _serve(args, device, group, model, num, prompt_lens, new_tokens, system_len,
     print(f"flashtile {flashtile.__version__} demo: a {size}-parameter Llama-architecture "
           f"model ({model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_qo_heads}/{cfg.num_kv_heads} "
           f"heads of {cfg.head_dim}, vocab {cfg.vocab_size}), random weights (seed {args.seed}), {args.dtype}")
-    print(f"device   {gpu}; kernels: {kernels.__name__}" + (f"; tensor parallel over {group.size} ranks "
-                                                           f"({dist_backend()})" if group else ""))
+    tp = f"; tensor parallel over {group.size} ranks ({group.backend}, {device} on rank 0)" if group else ""
+    print(f"device   {gpu}; kernels: {kernels.__name__}{tp}")
     print(f"requests {num}, prompts {prompt_lens[0]}-{prompt_lens[1]} tokens after a shared {system_len}-token "
           f"system prompt, {new_tokens[0]}-{new_tokens[1]} new tokens each; at most {max_batch} at once, "
           f"page size {page_size}, prefill chunk {chunk}; {'greedy' if sampling.greedy else 'top-k/top-p'} sampling")
@@ -309,11 +309,6 @@ def _serve(args, device, group, model, num, prompt_lens, new_tokens, system_len,
                            max_batch=max_batch, engines=dict(summaries), check=check, tp=args.tp, ranks=ranks), f,
                       indent=1)
     return code
-
-
-def dist_backend() -> str:
-    import torch.distributed as dist
-    return str(dist.get_backend())
 
 
 def _check(weights, prompts, system, max_batch, chunk, sampling, res: RunResult,

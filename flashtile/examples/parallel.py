@@ -88,6 +88,7 @@ class TPGroup:
 
     def __init__(self, device: torch.device) -> None:
         self.rank, self.size, self.device = dist.get_rank(), dist.get_world_size(), device
+        self.backend = str(dist.get_backend())
         self.all_reduces = 0
         self._host_s = 0.0
         self._events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
