@@ -3,7 +3,10 @@
 Serves the same requests with :class:`~flashtile.examples.engine.PagedEngine` (the kernel library) and
 the plain PyTorch :class:`~flashtile.examples.reference.ReferenceEngine`, prints a table (time to first
 token, decode tokens/s) and a correctness line, and exits 1 when a greedy divergence exceeds the model's
-rounding noise.
+rounding noise. With ``--tp N`` under ``torchrun --nproc-per-node N`` (or ``python -m
+flashtile.examples.parallel --nproc N``) the paged engine runs tensor-parallel over N ranks
+(:mod:`flashtile.examples.parallel`); rank 0 prints, runs the PyTorch engine and the check, and adds a
+per-rank table with the share of step time spent in collectives.
 
 The check: the PyTorch engine runs teacher-forced with the tokens the kernel engine chose, so both see
 the same sequences; at every generated token it records whether its own greedy choice differs and by how
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,6 +33,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from . import parallel
 from .engine import PagedEngine, RunResult, Sampling
 from .model import MODELS, init_weights, make_requests, system_prompt
 from .reference import ReferenceEngine
@@ -73,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PNG", default=None, help="write a plot of per-step latency (needs matplotlib)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the requests")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (run under torchrun --nproc-per-node N, or python -m "
+                        "flashtile.examples.parallel --nproc N; NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPU)")
 
 
 def _range(name: str, text: str) -> Tuple[int, int]:
@@ -200,9 +208,27 @@ def run(args: argparse.Namespace) -> int:
             except ImportError:
                 raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
         kernels = _kernels(args.kernels)
+        parallel.check_divisible(MODELS[model], args.tp)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.tp != world:
+            raise ValueError(f"--tp {args.tp}: {world} process(es) here; run torchrun --nproc-per-node {args.tp} "
+                             f"-m flashtile demo --tp {args.tp} (or python -m flashtile.examples.parallel "
+                             f"--nproc {args.tp})")
     except (ValueError, ImportError) as e:
         print(f"flashtile demo: error: {e}", file=sys.stderr)
         return 2
+    group = None
+    if args.tp > 1:
+        group, device = parallel.init(device.type)
+    with parallel.rank0_output(group):
+        code = _serve(args, device, group, model, num, prompt_lens, new_tokens, system_len, page_size, chunk,
+                      max_batch, kernels)
+    return parallel.finish(code) if group is not None else code
+
+
+def _serve(args, device, group, model, num, prompt_lens, new_tokens, system_len, page_size, chunk, max_batch,
+           kernels) -> int:
+    """The demo after argument checks (on every rank; only rank 0 prints and runs the PyTorch engine)."""
     dtype, cfg = DTYPES[args.dtype], MODELS[model]
     sampling = Sampling(greedy=not args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed)
@@ -214,14 +240,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"flashtile {flashtile.__version__} demo: a {size}-parameter Llama-architecture "
           f"model ({model}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_qo_heads}/{cfg.num_kv_heads} "
           f"heads of {cfg.head_dim}, vocab {cfg.vocab_size}), random weights (seed {args.seed}), {args.dtype}")
-    print(f"device   {gpu}; kernels: {kernels.__name__}")
+    tp = f"; tensor parallel over {group.size} ranks ({group.backend}, {device} on rank 0)" if group else ""
+    print(f"device   {gpu}; kernels: {kernels.__name__}{tp}")
     print(f"requests {num}, prompts {prompt_lens[0]}-{prompt_lens[1]} tokens after a shared {system_len}-token "
           f"system prompt, {new_tokens[0]}-{new_tokens[1]} new tokens each; at most {max_batch} at once, "
           f"page size {page_size}, prefill chunk {chunk}; {'greedy' if sampling.greedy else 'top-k/top-p'} sampling")
 
     weights = init_weights(cfg, device, dtype, args.seed, max_position=system_len + prompt_lens[1] + new_tokens[1] + 1)
-    engine = PagedEngine(weights, kernels, page_size=page_size, max_batch=max_batch, prefill_chunk=chunk,
-                         sampling=sampling, cuda_graphs=not args.no_cuda_graphs)
+    kw = dict(page_size=page_size, max_batch=max_batch, prefill_chunk=chunk, sampling=sampling,
+              cuda_graphs=not args.no_cuda_graphs)
+    engine: PagedEngine
+    if group is None:
+        engine = PagedEngine(weights, kernels, **kw)
+    else:
+        engine = parallel.TensorParallelEngine(weights, group, kernels, **kw)
     engine.reserve(prompts, max_new, system)
     total_new = sum(max_new)
     runs: List[Tuple[str, RunResult]] = []
@@ -232,11 +264,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"warm-up  {time.perf_counter() - t0:.1f} s (Triton compile or cache load, {len(engine.graphs)} "
               "decode CUDA graphs captured)")
     bar = Progress(f"{engine.name} engine", total_new)
+    if group is not None:
+        group.reset()
     res = engine.run(prompts, max_new, system, keep_first_logits=True, progress=bar)
     bar.close()
-    runs.append((f"{engine.name} (paged)", res))
+    runs.append((f"{engine.name} (paged{f', TP {group.size}' if group else ''})", res))
+    tp_lines, ranks = (parallel.report(engine, sum(s.seconds for s in res.steps))
+                       if isinstance(engine, parallel.TensorParallelEngine) else ([], []))
     ref_res = None
-    if not args.no_reference:
+    if not args.no_reference and (group is None or group.rank == 0):
         ref = ReferenceEngine(weights, max_batch=max_batch, prefill_chunk=chunk, sampling=sampling)
         if device.type == "cuda":
             ref.run(prompts, [min(n, 2) for n in max_new], system)
@@ -252,10 +288,17 @@ def run(args: argparse.Namespace) -> int:
           "the time of decode steps; prefilled: tokens the engine computed, the shared system prompt once for the "
           "paged engine)")
     print()
+    if tp_lines:
+        print("\n".join(tp_lines))
+        print("(collectives: the all-reduces after attention and the MLP and the sampled tokens' broadcast; timed "
+              "with perf_counter on CPU, CUDA events on GPU, where decode CUDA-graph replays are not timed)")
+        print()
     code = 0
     check: Dict[str, Any] = {}
     if ref_res is not None:
         code, check = _check(weights, prompts, system, max_batch, chunk, sampling, res, ref_res)
+    if group is not None and group.rank != 0:
+        return code
     if args.plot:
         _plot(args.plot, runs)
         print(f"plot     {args.plot}")
@@ -263,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(device=gpu, model=model, dtype=args.dtype, kernels=kernels.__name__,
                            requests=num, prompt_len=prompt_lens, new_tokens=new_tokens, system_len=system_len,
-                           max_batch=max_batch, engines=dict(summaries), check=check), f, indent=1)
+                           max_batch=max_batch, engines=dict(summaries), check=check, tp=args.tp, ranks=ranks), f,
+                      indent=1)
     return code
 
 

@@ -22,8 +22,8 @@ The kernel library is an argument: ``PagedEngine(..., kernels=flashtile)`` or, w
 installed, ``kernels=flashinfer`` (the same calls, FlashInfer's kernels). The model is in
 :mod:`flashtile.examples.model`; :mod:`flashtile.examples.reference` serves the same requests with plain
 PyTorch (one contiguous KV buffer per request, ``scaled_dot_product_attention``, torch sampling) and no
-prefix sharing (it prefills the system prompt with every request), to check this engine against.
-Only torch is needed.
+prefix sharing (it prefills the system prompt with every request), to check this engine against;
+:mod:`flashtile.examples.parallel` runs this engine tensor-parallel over several GPUs. Only torch is needed.
 """
 
 from __future__ import annotations

@@ -132,6 +132,11 @@ class KernelOps:
     def silu_and_mul(self, x):
         return self.k.silu_and_mul(x)
 
+    @staticmethod
+    def all_reduce(x):
+        """Sum of the row-parallel partial outputs over the ranks: one device holds the whole sum."""
+        return x
+
 
 class TorchOps:
     """The same three ops in plain PyTorch (float32 math, rounded to the activations' dtype)."""
@@ -160,6 +165,10 @@ class TorchOps:
         gate, up = x.chunk(2, dim=-1)
         return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
+    @staticmethod
+    def all_reduce(x):
+        return x
+
 
 # attend(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> o [T, Hq, D]: stores k, v and attends.
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -178,6 +187,10 @@ def forward(w: Weights, ops, tokens: torch.Tensor, positions: torch.Tensor, atte
 def forward(w: Weights, ops, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend,
             logit_rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """One pass over a flat batch of ``T`` tokens (all requests' rows concatenated).
+
+    Tensor-parallel ranks run it on their shard (:mod:`flashtile.examples.parallel`): ``w.config`` then
+    counts the rank's heads and MLP columns, and ``ops.all_reduce`` sums the output and down projections'
+    partial results over the ranks (on one device it returns its argument).
 
     Args:
         tokens: int64 ``[T]``; positions: int64 ``[T]``, each token's position in its sequence.
@@ -200,9 +213,9 @@ def forward(w: Weights, ops, tokens: torch.Tensor, positions: torch.Tensor, atte
         q, k, v = qkv[:, :hq * d], qkv[:, hq * d:(hq + hkv) * d], qkv[:, (hq + hkv) * d:]
         ops.rope(positions, q, k, w.cos_sin, d)
         o = attend(i, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))
-        x = o.reshape(t, hq * d) @ lw.wo.T
+        x = ops.all_reduce(o.reshape(t, hq * d) @ lw.wo.T)
         ops.add_rmsnorm(x, residual, lw.mlp_norm, c.eps)
-        x = ops.silu_and_mul(x @ lw.w_gate_up.T) @ lw.w_down.T
+        x = ops.all_reduce(ops.silu_and_mul(x @ lw.w_gate_up.T) @ lw.w_down.T)
     assert residual is not None  # set by the first layer; a model has at least one
     if logit_rows is not None:
         if logit_rows.numel() == 0:
