@@ -113,6 +113,13 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
             "Triton: the directory holding `.triton/` (default: the home directory)", cached=False),
     Setting("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", EXTERNAL, "text", None,
             "CUDA MPS: the share of the GPU's SMs this process may use (sizes the samplers' grids)"),
+    Setting("WORLD_SIZE", EXTERNAL, "text", None,
+            "torchrun: the number of processes (the example engine's `demo --tp N` checks it)", cached=False),
+    Setting("LOCAL_RANK", EXTERNAL, "text", None,
+            "torchrun: this process's GPU on its node (the example engine's tensor-parallel ranks)", cached=False),
+    Setting("OMP_NUM_THREADS", EXTERNAL, "text", None,
+            "OpenMP threads per process; when unset, spawned tensor-parallel ranks split the CPU cores",
+            cached=False),
 )}
 
 _texts: Dict[str, Optional[str]] = {}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -209,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
         kernels = _kernels(args.kernels)
         parallel.check_divisible(MODELS[model], args.tp)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = parallel.world_size()
         if args.tp != world:
             raise ValueError(f"--tp {args.tp}: {world} process(es) here; run torchrun --nproc-per-node {args.tp} "
                              f"-m flashtile demo --tp {args.tp} (or python -m flashtile.examples.parallel "

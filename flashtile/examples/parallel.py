@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .._core import settings
 from .engine import PagedEngine, Sampling
 from .model import KernelOps, LayerWeights, ModelConfig, Weights
 
@@ -180,15 +181,27 @@ class TensorParallelEngine(PagedEngine):
 def init(device_type: str) -> Tuple[TPGroup, torch.device]:
     """Join the process group that torchrun (or :func:`launch`) describes in the environment: NCCL and
     ``cuda:LOCAL_RANK`` for ``device_type == "cuda"``, gloo and the CPU otherwise."""
+    spawned = _SPAWNED.get("rank") is not None
     if device_type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = _SPAWNED["rank"] if spawned else int(settings.env("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", device_id=device
-                                if device_type == "cuda" else None)
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        device_id = device if device_type == "cuda" else None
+        if spawned:  # launch(): a local TCP rendezvous instead of torchrun's environment
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_SPAWNED['port']}",
+                                    rank=_SPAWNED["rank"], world_size=_SPAWNED["world"], device_id=device_id)
+        else:
+            dist.init_process_group(backend, device_id=device_id)
     return TPGroup(device), device
+
+
+def world_size() -> int:
+    """Processes in this run: :func:`launch`'s count, else torchrun's ``WORLD_SIZE`` (1 without either)."""
+    return _SPAWNED["world"] if _SPAWNED.get("world") is not None else int(settings.env("WORLD_SIZE", "1"))
 
 
 def finish(code: int) -> int:
@@ -233,10 +246,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A process started by launch(): its rank, the number of processes and the rendezvous port (init() reads them).
+_SPAWNED: Dict[str, Any] = {}
+
+
 def _entry(rank: int, nprocs: int, port: int, fn: Callable, args: Sequence[Any]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: the ranks share the CPU cores
+    _SPAWNED.update(rank=rank, world=nprocs, port=port)
+    if settings.env("OMP_NUM_THREADS") is None:  # as torchrun does: the ranks share the CPU cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     code = fn(*args)
     if code:
@@ -244,8 +260,9 @@ def _entry(rank: int, nprocs: int, port: int, fn: Callable, args: Sequence[Any])
 
 
 def launch(nprocs: int, fn: Callable, args: Sequence[Any] = (), timeout: float = 300.0) -> None:
-    """Run ``fn(*args)`` in ``nprocs`` spawned processes with torchrun's environment variables (rank, world
-    size, a free local port); a non-zero return is the process's exit code. Raises on a failed process
+    """Run ``fn(*args)`` in ``nprocs`` spawned processes that join one group (rank, world size and a free
+    local port for :func:`init`, in place of torchrun's environment); a non-zero return is the process's
+    exit code. Raises on a failed process
     (``torch.multiprocessing.ProcessRaisedException`` / ``ProcessExitedException``) or after ``timeout``
     seconds (``TimeoutError``, the processes killed). ``fn`` must be importable (a module-level function)."""
     import torch.multiprocessing as mp
