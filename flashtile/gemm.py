@@ -160,7 +160,7 @@ def bmm_fp8(
     """Batched fp8 matmul with per-tensor scales: ``out[b] = (A[b] * A_scale) @ (B[b] * B_scale)``.
 
     Args:
-        A: ``[batch, m, k]`` fp8 (``float8_e4m3fn`` or ``float8_e5m2``), k contiguous (row-major).
+        A: ``[batch, m, k]`` fp8 (``float8_e4m3fn`` or ``float8_e5m2``), any strides (row-major is fastest).
         B: ``[batch, k, n]`` fp8 (either fp8 dtype, mixing with A's allowed), column-major: ``B.stride(1) == 1``,
             i.e. a ``.transpose(-2, -1)`` view of a contiguous ``[batch, n, k]`` tensor, as upstream requires.
         A_scale, B_scale: float32 tensors of one element: dequantization multipliers (e.g. ``1 / quant_scale``).
@@ -183,8 +183,6 @@ def bmm_fp8(
     if B.stride(1) != 1 and k > 1:
         raise ValueError(f"B: expected a column-major [batch, k, n] tensor (stride 1 along k, a transposed view "
                          f"of a contiguous [batch, n, k] tensor), got strides {tuple(B.stride())}")
-    if A.stride(2) != 1 and k > 1:
-        raise ValueError(f"A: expected a row-major [batch, m, k] tensor (stride 1 along k), got strides {tuple(A.stride())}")
     for name, scale in (("A_scale", A_scale), ("B_scale", B_scale)):
         check_tensor(name, scale, dtypes=(torch.float32,), device=device)
         if scale.numel() != 1:
