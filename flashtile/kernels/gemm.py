@@ -1,0 +1,172 @@
+"""Segment GEMM and fp8 batched GEMM kernels + launchers (same functions as ``reference/gemm.py``).
+
+Segment GEMM: one launch over the row tiles of every segment (scheduler/segment_tiles.py): program
+``(t, j)`` finds its segment by a binary search over ``TILE_INDPTR`` on the device (no host sync, so
+``run`` is capturable in a CUDA graph), then computes a ``[BLOCK_M, BLOCK_N]`` output tile with
+``tl.dot`` over ``BLOCK_K`` slices of ``d_in`` in float32. The weight layout (row-major
+``[d_in, d_out]`` or column-major ``[d_out, d_in]``) is only a choice of strides.
+
+Pointer shapes (strides passed, any layout):
+  X [rows, d_in]            segment rows (fp16/bf16)
+  W [num_weights, d_in, d_out] as strides (b, k, n) whatever the stored layout
+  Y [rows, d_out]           output; rows outside every segment are not written
+  SEG_INDPTR [B + 1] int64, TILE_INDPTR [B + 1] int32, WEIGHT_INDICES [B] int32/int64 (optional)
+
+bmm_fp8: grid (m tiles x n tiles, batch); fp8 ``tl.dot`` (Hopper's fp8 tensor cores) in float32,
+scaled by ``A_scale * B_scale`` read on the device, rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .._core.intmath import cdiv, next_power_of_2
+from .._core.settings import interpreting
+from ..scheduler.segment_tiles import search_steps, segment_tile_indptr, tile_slots
+from .tiles import mma
+
+__all__ = ["segment_gemm", "bmm_fp8", "segment_gemm_config", "bmm_fp8_config"]
+
+INTERPRET = interpreting()  # Triton 3.9's interpreter computes bf16 tl.dot wrongly (tiles.mma)
+
+
+@triton.jit
+def _segment_gemm_kernel(
+    X, W, Y, SEG_INDPTR, TILE_INDPTR, WEIGHT_INDICES,
+    num_segments, steps, d_in, d_out,
+    stride_xm, stride_xk, stride_wb, stride_wk, stride_wn, stride_ym, stride_yn,
+    HAS_WEIGHT_INDICES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if t >= tl.load(TILE_INDPTR + num_segments):
+        return
+    # the largest segment s with TILE_INDPTR[s] <= t (empty segments own no tile)
+    lo = tl.full((), 0, tl.int32)
+    hi = tl.full((), 0, tl.int32) + num_segments
+    for _ in range(steps):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(TILE_INDPTR + mid) <= t
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    seg = lo
+    row_end = tl.load(SEG_INDPTR + seg + 1)
+    rows = tl.load(SEG_INDPTR + seg) + (t - tl.load(TILE_INDPTR + seg)) * BLOCK_M + tl.arange(0, BLOCK_M)  # [M]
+    if HAS_WEIGHT_INDICES:
+        w_index = tl.load(WEIGHT_INDICES + seg).to(tl.int64)
+    else:
+        w_index = seg.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [N]
+    offs_k = tl.arange(0, BLOCK_K)  # [K]
+    row_ok = rows < row_end
+    col_ok = cols < d_out
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [M, K]
+    w_ptrs = W + w_index * stride_wb + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # [K, N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        k_ok = offs_k < d_in - k0
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += mma(x, w, UPCAST_DOT)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    y_ptrs = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def segment_gemm_config(d_in: int, d_out: int) -> dict:
+    """Tile sizes and launch options: small tiles under the interpreter; on a GPU 64-row tiles, columns
+    up to 128 (narrow for LoRA ranks), 64-wide k slices."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    block_n = min(128, max(16, next_power_of_2(d_out)))
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def segment_gemm(x, weights, seg_indptr, weight_indices, weight_column_major: bool, out) -> None:
+    """See ``reference/gemm.py``: the same arguments (seg_indptr int64 on x's device)."""
+    num_segments = seg_indptr.shape[0] - 1
+    d_in, d_out = x.shape[1], out.shape[1]
+    cfg = segment_gemm_config(d_in, d_out)
+    tile_indptr = segment_tile_indptr(seg_indptr, cfg["BLOCK_M"])
+    if weight_column_major:  # stored [b, d_out, d_in]
+        stride_wk, stride_wn = weights.stride(2), weights.stride(1)
+    else:
+        stride_wk, stride_wn = weights.stride(1), weights.stride(2)
+    grid = (tile_slots(x.shape[0], num_segments, cfg["BLOCK_M"]), cdiv(d_out, cfg["BLOCK_N"]))
+    _segment_gemm_kernel[grid](
+        x, weights, out, seg_indptr, tile_indptr, weight_indices if weight_indices is not None else seg_indptr,
+        num_segments, search_steps(num_segments), d_in, d_out,
+        x.stride(0), x.stride(1), weights.stride(0), stride_wk, stride_wn, out.stride(0), out.stride(1),
+        HAS_WEIGHT_INDICES=weight_indices is not None, UPCAST_DOT=INTERPRET, **cfg,
+    )
+
+
+@triton.jit
+def _bmm_fp8_kernel(
+    A, B, C, A_SCALE, B_SCALE,
+    m, n, k,
+    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn, stride_cb, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MIXED_FP8: tl.constexpr, UPCAST_DOT: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # A [batch, m, k], B [batch, k, n] fp8; C [batch, m, n]. Tiles grouped GROUP_M rows at a time so
+    # programs running together share B columns in L2.
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    tiles_m = tl.cdiv(m, BLOCK_M)
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [M]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [N]
+    offs_k = tl.arange(0, BLOCK_K)  # [K]
+    row_ok = rows < m
+    col_ok = cols < n
+    a_ptrs = A + batch * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [M, K]
+    b_ptrs = B + batch * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn  # [K, N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        k_ok = offs_k < k - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT:  # the interpreter: float32 products of the exact fp8 values
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+        elif MIXED_FP8:  # e4m3 x e5m2: both are exact in fp16
+            acc += tl.dot(a.to(tl.float16), b.to(tl.float16))
+        else:
+            acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    acc = acc * (tl.load(A_SCALE) * tl.load(B_SCALE))
+    c_ptrs = C + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def bmm_fp8_config(m: int, n: int) -> dict:
+    """Tile sizes: 128x128x64 fp8 tiles on a GPU (narrower for small m), small ones under the interpreter."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    block_m = 64 if m <= 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4 if block_m == 64 else 8,
+                num_stages=4)
+
+
+def bmm_fp8(A, B, A_scale, B_scale, out) -> None:
+    """See ``reference/gemm.py``: the same arguments."""
+    batch, m, k = A.shape
+    n = B.shape[2]
+    cfg = bmm_fp8_config(m, n)
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), batch)
+    _bmm_fp8_kernel[grid](
+        A, B, out, A_scale, B_scale, m, n, k,
+        A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        MIXED_FP8=A.dtype != B.dtype, UPCAST_DOT=INTERPRET, **cfg,
+    )
+
