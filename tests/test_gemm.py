@@ -115,6 +115,27 @@ def test_out_and_views(path, device):
     _close(_wrapper(device).run(x, w, 2, False, seg_indptr=indptr), ref, dtype)
 
 
+def test_strided_layouts(path, device):
+    """x, weights and out with a non-unit innermost stride (transposed views) give the same result."""
+    dtype = torch.float16
+    seg_lens = [5, 0, 12]
+    for column_major in (False, True):
+        x, w = _inputs(seg_lens, 20, 12, 3, dtype, device, column_major)
+        ref = segment_gemm_f64(x, w, seg_lens, None, column_major)
+        x_t = x.t().contiguous().t()
+        w_t = w.transpose(1, 2).contiguous().transpose(1, 2)
+        out = torch.full((12, 17), float("nan"), dtype=dtype, device=device).t()
+        got = _wrapper(device).run(x_t, w_t, 3, column_major, out=out, seg_lens=torch.tensor(seg_lens))
+        assert got is out
+        _close(out, ref, dtype)
+    A, a_scale = _fp8((2, 9, 40), E4M3, device, 2.0)
+    B, b_scale = _fp8((2, 11, 40), E4M3, device, 1.0)
+    A_t = A.float().transpose(1, 2).contiguous().to(E4M3).transpose(1, 2)  # [2, 9, 40], stride 1 along m
+    out = torch.full((2, 11, 9), float("nan"), dtype=torch.bfloat16, device=device).transpose(1, 2)
+    bmm_fp8(A_t, B.transpose(1, 2), a_scale, b_scale, torch.bfloat16, out=out)
+    _close(out, bmm_fp8_f64(A, B.transpose(1, 2), a_scale, b_scale), torch.bfloat16)
+
+
 def test_empty_batch(path, device):
     x, w = _inputs([0], 8, 8, 1, torch.float16, device, False)
     y = _wrapper(device).run(x, w, 0, False, seg_lens=torch.zeros(0, dtype=torch.int64, device=device))

@@ -35,15 +35,15 @@ INTERPRET = interpreting()  # Triton 3.9's interpreter computes bf16 tl.dot wron
 def _segment_gemm_kernel(
     X, W, Y, SEG_INDPTR, TILE_INDPTR, WEIGHT_INDICES,
     num_segments, steps, d_in, d_out,
-    stride_xm, stride_xk, stride_wb, stride_wk, stride_wn, stride_ym, stride_yn,
-    HAS_WEIGHT_INDICES: tl.constexpr,
+    stride_xm, stride_wb, stride_w_row, stride_ym,
+    HAS_WEIGHT_INDICES: tl.constexpr, W_COLUMN_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if t >= tl.load(TILE_INDPTR + num_segments):
-        return
-    # the largest segment s with TILE_INDPTR[s] <= t (empty segments own no tile)
+    # the largest segment s with TILE_INDPTR[s] <= t (empty segments own no tile). Programs past the last
+    # tile get s = num_segments; they are turned into no-ops below (no early return: keeps the k loop
+    # software-pipelined).
     lo = tl.full((), 0, tl.int32)
     hi = tl.full((), 0, tl.int32) + num_segments
     for _ in range(steps):
@@ -51,8 +51,9 @@ def _segment_gemm_kernel(
         go = tl.load(TILE_INDPTR + mid) <= t
         lo = tl.where(go, mid, lo)
         hi = tl.where(go, hi, mid - 1)
-    seg = lo
-    row_end = tl.load(SEG_INDPTR + seg + 1)
+    active = lo < num_segments
+    seg = tl.minimum(lo, num_segments - 1)
+    row_end = tl.where(active, tl.load(SEG_INDPTR + seg + 1), 0)
     rows = tl.load(SEG_INDPTR + seg) + (t - tl.load(TILE_INDPTR + seg)) * BLOCK_M + tl.arange(0, BLOCK_M)  # [M]
     if HAS_WEIGHT_INDICES:
         w_index = tl.load(WEIGHT_INDICES + seg).to(tl.int64)
@@ -62,17 +63,23 @@ def _segment_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [K]
     row_ok = rows < row_end
     col_ok = cols < d_out
-    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [M, K]
-    w_ptrs = W + w_index * stride_wb + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # [K, N]
+    x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [M, K]
+    if W_COLUMN_MAJOR:  # stored [d_out, d_in]: k contiguous
+        w_ptrs = W + w_index * stride_wb + offs_k[:, None] + cols[None, :] * stride_w_row  # [K, N]
+        w_step = BLOCK_K
+    else:  # stored [d_in, d_out]: n contiguous
+        w_ptrs = W + w_index * stride_wb + offs_k[:, None] * stride_w_row + cols[None, :]  # [K, N]
+        w_step = BLOCK_K * stride_w_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
+    k_end = tl.where(active, d_in, 0)
+    for k0 in range(0, k_end, BLOCK_K):
         k_ok = offs_k < d_in - k0
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += mma(x, w, UPCAST_DOT)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    y_ptrs = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        x_ptrs += BLOCK_K
+        w_ptrs += w_step
+    y_ptrs = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -91,28 +98,39 @@ def segment_gemm(x, weights, seg_indptr, weight_indices, weight_column_major: bo
     d_in, d_out = x.shape[1], out.shape[1]
     cfg = segment_gemm_config(d_in, d_out)
     tile_indptr = segment_tile_indptr(seg_indptr, cfg["BLOCK_M"])
-    if weight_column_major:  # stored [b, d_out, d_in]
-        stride_wk, stride_wn = weights.stride(2), weights.stride(1)
-    else:
-        stride_wk, stride_wn = weights.stride(1), weights.stride(2)
+    # The kernel takes each matrix's innermost stride as 1 (a literal, so loads vectorize and pipeline).
+    x = _unit_inner_stride(x)
+    weights = _unit_inner_stride(weights)
+    y = out if out.stride(-1) == 1 or out.shape[1] == 1 else out.new_empty(out.shape)
+    if y is not out:
+        y.copy_(out)  # rows outside every segment keep their values
     grid = (tile_slots(x.shape[0], num_segments, cfg["BLOCK_M"]), cdiv(d_out, cfg["BLOCK_N"]))
     _segment_gemm_kernel[grid](
-        x, weights, out, seg_indptr, tile_indptr, weight_indices if weight_indices is not None else seg_indptr,
+        x, weights, y, seg_indptr, tile_indptr, weight_indices if weight_indices is not None else seg_indptr,
         num_segments, search_steps(num_segments), d_in, d_out,
-        x.stride(0), x.stride(1), weights.stride(0), stride_wk, stride_wn, out.stride(0), out.stride(1),
-        HAS_WEIGHT_INDICES=weight_indices is not None, UPCAST_DOT=INTERPRET, **cfg,
+        x.stride(0), weights.stride(0), weights.stride(1), y.stride(0),
+        HAS_WEIGHT_INDICES=weight_indices is not None, W_COLUMN_MAJOR=weight_column_major, UPCAST_DOT=INTERPRET,
+        **cfg,
     )
+    if y is not out:
+        out.copy_(y)
+
+
+def _unit_inner_stride(t):
+    """``t`` itself when its last dim has stride 1 (or size 1), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 @triton.jit
 def _bmm_fp8_kernel(
     A, B, C, A_SCALE, B_SCALE,
     m, n, k,
-    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn, stride_cb, stride_cm, stride_cn,
+    stride_ab, stride_am, stride_bb, stride_bn, stride_cb, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIXED_FP8: tl.constexpr, UPCAST_DOT: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # A [batch, m, k], B [batch, k, n] fp8; C [batch, m, n]. Tiles grouped GROUP_M rows at a time so
+    # A [batch, m, k] fp8, k contiguous; B [batch, k, n] fp8, k contiguous (column-major); C [batch, m, n],
+    # n contiguous. Tiles grouped GROUP_M rows at a time so
     # programs running together share B columns in L2.
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -128,8 +146,8 @@ def _bmm_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [K]
     row_ok = rows < m
     col_ok = cols < n
-    a_ptrs = A + batch * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [M, K]
-    b_ptrs = B + batch * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn  # [K, N]
+    a_ptrs = A + batch * stride_ab + rows[:, None] * stride_am + offs_k[None, :]  # [M, K]
+    b_ptrs = B + batch * stride_bb + offs_k[:, None] + cols[None, :] * stride_bn  # [K, N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         k_ok = offs_k < k - k0
@@ -141,10 +159,10 @@ def _bmm_fp8_kernel(
             acc += tl.dot(a.to(tl.float16), b.to(tl.float16))
         else:
             acc += tl.dot(a, b)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     acc = acc * (tl.load(A_SCALE) * tl.load(B_SCALE))
-    c_ptrs = C + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    c_ptrs = C + batch * stride_cb + rows[:, None] * stride_cm + cols[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -162,11 +180,16 @@ def bmm_fp8(A, B, A_scale, B_scale, out) -> None:
     batch, m, k = A.shape
     n = B.shape[2]
     cfg = bmm_fp8_config(m, n)
+    A = _unit_inner_stride(A)
+    if B.stride(1) != 1 and k > 1:  # the API requires column-major B; keep the kernel's contract anyway
+        B = B.transpose(1, 2).contiguous().transpose(1, 2)
+    c = _unit_inner_stride(out)
     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), batch)
     _bmm_fp8_kernel[grid](
-        A, B, out, A_scale, B_scale, m, n, k,
-        A.stride(0), A.stride(1), A.stride(2), B.stride(0), B.stride(1), B.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        A, B, c, A_scale, B_scale, m, n, k,
+        A.stride(0), A.stride(1), B.stride(0), B.stride(2), c.stride(0), c.stride(1),
         MIXED_FP8=A.dtype != B.dtype, UPCAST_DOT=INTERPRET, **cfg,
     )
+    if c is not out:
+        out.copy_(c)
 
