@@ -575,8 +575,7 @@ def segment_gemm_f64(x, weights, seg_lens, weight_indices=None, weight_column_ma
     for s, n in enumerate(seg_lens):
         w = w64[s if weight_indices is None else weight_indices[s]]
         w = w.t() if weight_column_major else w
-        for r in range(start, start + n):
-            y[r] = x64[r] @ w
+        y[start:start + n] = x64[start:start + n] @ w
         start += n
     return y
 

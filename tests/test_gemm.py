@@ -22,7 +22,7 @@ SEG_LENS = [[1], [0], [3, 0, 5], [0, 0, 2], [17, 1, 0, 33], [40, 7]]
 DIMS = [(16, 16), (33, 7), (64, 40)]
 if HAS_CUDA:
     SEG_LENS += [[3] * 77, [99] * 3 + [0] + [200], [1000, 1, 513]]
-    DIMS += [(128, 1024), (4096, 16), (1024, 4096)]
+    DIMS += [(128, 1024), (4096, 16), (16, 4096)]
 
 
 def _close(out, ref, dtype):
@@ -134,6 +134,26 @@ def test_strided_layouts(path, device):
     out = torch.full((2, 11, 9), float("nan"), dtype=torch.bfloat16, device=device).transpose(1, 2)
     bmm_fp8(A_t, B.transpose(1, 2), a_scale, b_scale, torch.bfloat16, out=out)
     _close(out, bmm_fp8_f64(A, B.transpose(1, 2), a_scale, b_scale), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_new_segments():
+    """run() does not synchronize: captured once with device index tensors, a replay after the lengths and
+    weight choices change in place (same total rows, segments emptied and grown) is correct."""
+    from flashtile._core.graphs import capture_graph
+
+    dev = torch.device("cuda")
+    x, w = _inputs([40, 24], 64, 48, 4, torch.bfloat16, dev, True)
+    lens = torch.tensor([40, 24, 0], device=dev)
+    idx = torch.tensor([0, 1, 1], device=dev)
+    out = torch.zeros(64, 48, dtype=torch.bfloat16, device=dev)
+    wrapper = _wrapper(dev)
+    graph, _ = capture_graph(lambda: wrapper.run(x, w, 3, True, out=out, seg_lens=lens, weight_indices=idx))
+    for new_lens, new_idx in (([0, 63, 1], [3, 3, 0]), ([64, 0, 0], [2, 0, 1]), ([40, 24, 0], [0, 1, 1])):
+        lens.copy_(torch.tensor(new_lens))
+        idx.copy_(torch.tensor(new_idx))
+        graph.replay()
+        _close(out, segment_gemm_f64(x, w, new_lens, new_idx, True), torch.bfloat16)
 
 
 def test_empty_batch(path, device):
