@@ -156,6 +156,28 @@ def test_cuda_graph_replay_new_segments():
         _close(out, segment_gemm_f64(x, w, new_lens, new_idx, True), torch.bfloat16)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs these configs in every test")
+def test_gpu_tile_configs_under_interpreter(monkeypatch):
+    """The GPU launch configs (64-row segment tiles, 128-wide fp8 tiles, 64-wide k slices) run under the
+    interpreter on lengths that straddle them: the masks and the tile search of the real tile sizes."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    from flashtile.kernels import gemm as kernels
+
+    seg_cfg, bmm_cfg = kernels.segment_gemm_config, kernels.bmm_fp8_config
+    monkeypatch.setattr(kernels, "segment_gemm_config", lambda d_in, d_out: seg_cfg(d_in, d_out, interpret=False))
+    monkeypatch.setattr(kernels, "bmm_fp8_config", lambda m, n: bmm_cfg(m, n, interpret=False))
+    cpu = torch.device("cpu")
+    seg_lens = [65, 0, 1, 64, 130]
+    for column_major in (False, True):
+        x, w = _inputs(seg_lens, 70, 130, 5, torch.bfloat16, cpu, column_major)
+        y = _wrapper(cpu).run(x, w, 5, column_major, seg_lens=torch.tensor(seg_lens))
+        _close(y, segment_gemm_f64(x, w, seg_lens, None, column_major), torch.bfloat16)
+    A, a_scale = _fp8((1, 130, 70), E4M3, cpu, 2.0)
+    B, b_scale = _fp8((1, 129, 70), E5M2, cpu, 1.0)
+    out = bmm_fp8(A, B.transpose(1, 2), a_scale, b_scale, torch.float16)
+    _close(out, bmm_fp8_f64(A, B.transpose(1, 2), a_scale, b_scale), torch.float16)
+
+
 def test_empty_batch(path, device):
     x, w = _inputs([0], 8, 8, 1, torch.float16, device, False)
     y = _wrapper(device).run(x, w, 0, False, seg_lens=torch.zeros(0, dtype=torch.int64, device=device))

@@ -83,10 +83,10 @@ def _segment_gemm_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def segment_gemm_config(d_in: int, d_out: int) -> dict:
+def segment_gemm_config(d_in: int, d_out: int, interpret: bool = INTERPRET) -> dict:
     """Tile sizes and launch options: small tiles under the interpreter; on a GPU 64-row tiles, columns
     up to 128 (narrow for LoRA ranks), 64-wide k slices."""
-    if INTERPRET:
+    if interpret:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     block_n = min(128, max(16, next_power_of_2(d_out)))
     return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -166,9 +166,9 @@ def _bmm_fp8_kernel(
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def bmm_fp8_config(m: int, n: int) -> dict:
+def bmm_fp8_config(m: int, n: int, interpret: bool = INTERPRET) -> dict:
     """Tile sizes: 128x128x64 fp8 tiles on a GPU (narrower for small m), small ones under the interpreter."""
-    if INTERPRET:
+    if interpret:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     block_m = 64 if m <= 64 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4 if block_m == 64 else 8,
