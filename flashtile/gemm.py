@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ._core.checks import FP8_DTYPES, check_option, check_tensor, describe, parse_dtype
-from ._core.dispatch import implementation
+from ._core.ops_gemm import call_bmm_fp8, call_segment_gemm
 
 __all__ = ["SegmentGEMMWrapper", "bmm_fp8"]
 
@@ -118,8 +118,7 @@ class SegmentGEMMWrapper:
             check_tensor("out", out, shape=(x.shape[0], d_out), dtypes=(x.dtype,), device=device)
         if batch_size == 0 or out.numel() == 0:
             return out
-        implementation("gemm", device, self._backend).segment_gemm(
-            x, weights, seg_indptr, weight_indices, bool(weight_column_major), out)
+        call_segment_gemm(x, weights, seg_indptr, weight_indices, bool(weight_column_major), out, self._backend)
         return out
 
     forward = run
@@ -198,5 +197,5 @@ def bmm_fp8(
     if k == 0:
         out.zero_()
         return out
-    implementation("gemm", device, _our_backend(backend)).bmm_fp8(A, B, A_scale, B_scale, out)
+    call_bmm_fp8(A, B, A_scale, B_scale, out, _our_backend(backend))
     return out

@@ -281,6 +281,24 @@ def test_bmm_fp8_errors(device):
         bmm_fp8(A, B, s, s, torch.bfloat16, backend="magic")
 
 
+def test_opcheck(path, device):
+    """The registered ops' schemas, mutation and fake implementations (torch.library.opcheck)."""
+    from flashtile._core import ops_gemm
+
+    backend = "reference" if path == "reference" else "triton"
+    x, w = _inputs([3, 0, 5], 16, 24, 3, torch.float16, device, True)
+    indptr = torch.tensor([0, 3, 3, 8], device=device)
+    out = torch.zeros(8, 24, dtype=torch.float16, device=device)
+    for idx in (torch.tensor([1, 0, 1], device=device), None):
+        torch.library.opcheck(ops_gemm.segment_gemm, (x, w, indptr, idx, True, out, backend),
+                              test_utils=("test_schema", "test_faketensor"))
+    A, s = _fp8((2, 5, 32), E4M3, device, 1.0)
+    B = _fp8((2, 7, 32), E5M2, device, 1.0)[0].transpose(1, 2)
+    out8 = torch.empty(2, 5, 7, dtype=torch.bfloat16, device=device)
+    # opcheck's test_schema multiplies the inputs, which torch does not implement for fp8 tensors
+    torch.library.opcheck(ops_gemm.bmm_fp8, (A, B, s, s, out8, backend), test_utils=("test_faketensor",))
+
+
 def test_exports():
     assert flashtile.gemm.SegmentGEMMWrapper is flashtile.SegmentGEMMWrapper
     assert flashtile.gemm.bmm_fp8 is flashtile.bmm_fp8
