@@ -295,7 +295,7 @@ def test_opcheck(path, device):
     A, s = _fp8((2, 5, 32), E4M3, device, 1.0)
     B = _fp8((2, 7, 32), E5M2, device, 1.0)[0].transpose(1, 2)
     out8 = torch.empty(2, 5, 7, dtype=torch.bfloat16, device=device)
-    # opcheck's test_schema multiplies the inputs, which torch does not implement for fp8 tensors
+    # opcheck's test_schema fails inside torch on fp8 inputs (an arithmetic op torch lacks for fp8)
     torch.library.opcheck(ops_gemm.bmm_fp8, (A, B, s, s, out8, backend), test_utils=("test_faketensor",))
 
 

@@ -345,4 +345,7 @@ compile_all("gemm bmm_fp8 e4m3 256x512x1024")
 G.bmm_fp8(torch.randn(4, 48, 1024).to(_e4), torch.randn(4, 512, 1024).to(_e5).transpose(-2, -1), _one, _one,
           torch.empty(4, 48, 512, dtype=torch.float16))
 compile_all("gemm bmm_fp8 e4m3 x e5m2 48x512x1024")
+G.bmm_fp8(torch.randn(16, 1024, 1024).to(_e5), torch.randn(16, 1024, 1024).to(_e5).transpose(-2, -1), _one, _one,
+          torch.empty(16, 1024, 1024, dtype=bf))
+compile_all("gemm bmm_fp8 e5m2 16x1024x1024x1024")
 sys.exit(1 if failures else 0)
