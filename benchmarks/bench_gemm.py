@@ -17,7 +17,7 @@ from typing import List
 
 import torch
 
-from .harness import Case, Provider, Suite, Unavailable, device, import_flashinfer, register
+from .harness import Case, Knob, Provider, Suite, Tune, Unavailable, device, grid, import_flashinfer, register
 
 
 def _lengths(kind: str, segments: int, tokens: int) -> List[int]:
@@ -148,11 +148,20 @@ def _bmm_flashinfer(case: Case):
     return lambda: flashinfer.bmm_fp8(A, B, s, s, torch.bfloat16, out=out)
 
 
+_K = "flashtile.kernels.gemm"
+# The GPU launch constants of flashtile/kernels/gemm.py; configs that exceed shared memory are reported, not fatal.
+SEGMENT_GRID = [{Knob(_K, "SEG_BLOCK_M"): g["m"], Knob(_K, "SEG_BLOCK_K"): g["k"], Knob(_K, "SEG_WARPS"): g["w"],
+                 Knob(_K, "SEG_STAGES"): g["st"]} for g in grid(m=(64, 128), k=(32, 64), w=(4, 8), st=(3, 4))]
+FP8_GRID = [{Knob(_K, "FP8_BLOCK_N"): g["n"], Knob(_K, "FP8_BLOCK_K"): g["k"], Knob(_K, "FP8_WARPS"): g["w"],
+             Knob(_K, "FP8_STAGES"): g["st"]} for g in grid(n=(128, 256), k=(64, 128), w=(4, 8), st=(3, 4))]
+
 register(Suite("segment_gemm", segment_cases,
                [Provider("flashtile", _seg_flashtile), Provider("torch_loop", _seg_torch_loop),
                 Provider("torch_grouped_mm", _seg_grouped_mm), Provider("flashinfer", _seg_flashinfer)],
-               "tflops", "Segment (grouped) GEMM, bf16, LoRA shrink/expand and MoE shapes"))
+               "tflops", "Segment (grouped) GEMM, bf16, LoRA shrink/expand and MoE shapes",
+               tunes={"config": Tune(lambda case: SEGMENT_GRID, description="BLOCK_M x BLOCK_K x warps x stages")}))
 register(Suite("bmm_fp8", bmm_cases,
                [Provider("flashtile", _bmm_flashtile), Provider("torch_scaled_mm", _bmm_scaled_mm),
                 Provider("flashinfer", _bmm_flashinfer)],
-               "tflops", "Batched fp8 e4m3 GEMM with per-tensor scales, bf16 out"))
+               "tflops", "Batched fp8 e4m3 GEMM with per-tensor scales, bf16 out",
+               tunes={"config": Tune(lambda case: FP8_GRID, description="BLOCK_N x BLOCK_K x warps x stages")}))

@@ -3,7 +3,8 @@
 # included), memcheck on a few kernel cases, the Triton 3.6 compile check of the GEMM kernels, then the
 # segment_gemm (LoRA / MoE) and bmm_fp8 suites against torch and FlashInfer in the same process.
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
-# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/gemm.sh   (carry .fi-ref)
+# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/gemm.sh [tune]   (carry .fi-ref)
+# "tune" adds the launch-constant grids of both suites (python -m benchmarks.run --suite X --tune), ~3 more minutes.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -81,3 +82,7 @@ for suite in ("segment_gemm", "bmm_fp8"):
 print("\n".join(text))
 (out / "gemm_table.md").write_text("\n".join(text) + "\n")
 PY
+if [ "${1:-}" = tune ]; then
+  timeout 100 python3 -m benchmarks.run --suite segment_gemm --tune --filter moe --out "$OUT" 2>&1 | tail -12 | tee "$OUT/gemm_tune.log"
+  timeout 100 python3 -m benchmarks.run --suite bmm_fp8 --tune --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/gemm_tune.log"
+fi

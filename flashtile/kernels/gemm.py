@@ -83,13 +83,26 @@ def _segment_gemm_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+# GPU launch constants (module attributes so that benchmarks/bench_gemm.py's tuning grids can replace them).
+SEG_BLOCK_M = 64  # rows per tile
+SEG_MAX_BLOCK_N = 128  # output columns per tile (fewer for narrow outputs such as LoRA ranks)
+SEG_BLOCK_K = 64  # d_in slice per tl.dot
+SEG_WARPS = 4
+SEG_STAGES = 3
+FP8_BLOCK_M = 128  # 64 when m <= 64
+FP8_BLOCK_N = 128
+FP8_BLOCK_K = 128  # fp8: 128 bytes of k per row
+FP8_WARPS = 8  # 4 with 64-row tiles
+FP8_STAGES = 4
+
+
 def segment_gemm_config(d_in: int, d_out: int, interpret: bool = INTERPRET) -> dict:
-    """Tile sizes and launch options: small tiles under the interpreter; on a GPU 64-row tiles, columns
-    up to 128 (narrow for LoRA ranks), 64-wide k slices."""
+    """Tile sizes and launch options: small tiles under the interpreter; on a GPU the SEG_* constants,
+    with BLOCK_N narrowed to the next power of two of ``d_out`` (at least 16)."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    block_n = min(128, max(16, next_power_of_2(d_out)))
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
+    block_n = min(SEG_MAX_BLOCK_N, max(16, next_power_of_2(d_out)))
+    return dict(BLOCK_M=SEG_BLOCK_M, BLOCK_N=block_n, BLOCK_K=SEG_BLOCK_K, num_warps=SEG_WARPS, num_stages=SEG_STAGES)
 
 
 def segment_gemm(x, weights, seg_indptr, weight_indices, weight_column_major: bool, out) -> None:
@@ -167,12 +180,13 @@ def _bmm_fp8_kernel(
 
 
 def bmm_fp8_config(m: int, n: int, interpret: bool = INTERPRET) -> dict:
-    """Tile sizes: 128x128x64 fp8 tiles on a GPU (narrower for small m), small ones under the interpreter."""
+    """Tile sizes: the FP8_* constants on a GPU (64-row tiles and 4 warps when m <= 64), small tiles
+    under the interpreter."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    block_m = 64 if m <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4 if block_m == 64 else 8,
-                num_stages=4)
+    small = m <= 64 and FP8_BLOCK_M > 64
+    return dict(BLOCK_M=64 if small else FP8_BLOCK_M, BLOCK_N=FP8_BLOCK_N, BLOCK_K=FP8_BLOCK_K, GROUP_M=8,
+                num_warps=4 if small else FP8_WARPS, num_stages=FP8_STAGES)
 
 
 def bmm_fp8(A, B, A_scale, B_scale, out) -> None:
