@@ -93,7 +93,7 @@ def test_lora_and_moe_shapes(path, device, shape):
     else:
         seg_lens = [0, 9, 0, 0, 1, 30, 0, 0]
         x, w = _inputs(seg_lens, 32, 56, 8, dtype, device, True)
-        y = _wrapper(device).run(x, w, 8, True, seg_lens=torch.tensor(seg_lens, device=device))
+        y = _wrapper(device).run(x, w, 8, True, seg_lens=torch.tensor(seg_lens, dtype=torch.int32, device=device))
         _close(y, segment_gemm_f64(x, w, seg_lens, None, True), dtype)
 
 
