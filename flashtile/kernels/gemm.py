@@ -3,17 +3,21 @@
 Segment GEMM: one launch over the row tiles of every segment (scheduler/segment_tiles.py): program
 ``(t, j)`` finds its segment by a binary search over ``TILE_INDPTR`` on the device (no host sync, so
 ``run`` is capturable in a CUDA graph), then computes a ``[BLOCK_M, BLOCK_N]`` output tile with
-``tl.dot`` over ``BLOCK_K`` slices of ``d_in`` in float32. The weight layout (row-major
-``[d_in, d_out]`` or column-major ``[d_out, d_in]``) is only a choice of strides.
+``tl.dot`` over ``BLOCK_K`` slices of ``d_in`` in float32. Programs past the last tile run no k
+iteration and store nothing.
 
-Pointer shapes (strides passed, any layout):
-  X [rows, d_in]            segment rows (fp16/bf16)
-  W [num_weights, d_in, d_out] as strides (b, k, n) whatever the stored layout
-  Y [rows, d_out]           output; rows outside every segment are not written
+Every matrix's innermost stride is 1, written as a literal in the kernels (Triton 3.6 does not
+specialize a stride argument equal to 1, and without it loads neither vectorize nor pipeline); the
+launchers copy an input whose last dim is strided. Pointer shapes:
+  X [rows, d_in]                 segment rows (fp16/bf16), stride_xm
+  W [num_weights, d_in, d_out]   row-major (n contiguous, stride_w_row between k rows), or
+    [num_weights, d_out, d_in]   column-major, W_COLUMN_MAJOR (k contiguous, stride_w_row between n rows)
+  Y [rows, d_out]                output, stride_ym; rows outside every segment are not written
   SEG_INDPTR [B + 1] int64, TILE_INDPTR [B + 1] int32, WEIGHT_INDICES [B] int32/int64 (optional)
 
-bmm_fp8: grid (m tiles x n tiles, batch); fp8 ``tl.dot`` (Hopper's fp8 tensor cores) in float32,
-scaled by ``A_scale * B_scale`` read on the device, rounded once to the output dtype.
+bmm_fp8: A [b, m, k] and B [b, k, n] fp8, both k contiguous; C [b, m, n]. Grid (m tiles x n tiles,
+batch); fp8 ``tl.dot`` (Hopper's fp8 tensor cores) in float32, scaled by ``A_scale * B_scale`` read on
+the device, rounded once to the output dtype.
 """
 
 from __future__ import annotations
