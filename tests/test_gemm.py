@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashtile
-from conftest import HAS_CUDA
+from conftest import DEVICE, HAS_CUDA
 from flashtile.gemm import SegmentGEMMWrapper, bmm_fp8
 from flashtile.scheduler.segment_tiles import locate_tile, segment_tile_indptr, tile_slots
 from oracles import TOLERANCES, bmm_fp8_f64, segment_gemm_f64
@@ -235,6 +235,22 @@ def test_tile_schedule_covers_every_tile_once(seg_lens, block_m, lead, tail):
     got = sorted(s for s in seen if s is not None)
     want = [(s, i) for s, n in enumerate(seg_lens) for i in range(-(-n // block_m))]
     assert got == want
+
+
+@settings(max_examples=25, deadline=None)
+@given(seg_lens=st.lists(st.integers(0, 40), min_size=1, max_size=6), num_weights=st.integers(1, 4),
+       column_major=st.booleans(), d_in=st.integers(1, 40), d_out=st.integers(1, 40), data=st.data())
+def test_random_segments_on_both_paths(seg_lens, num_weights, column_major, d_in, d_out, data):
+    """Random lengths, weight choices (repeats, unused weights), layouts and odd sizes: the kernel
+    (forced; the interpreter on CPU) and the reference both match the oracle."""
+    idx = data.draw(st.lists(st.integers(0, num_weights - 1), min_size=len(seg_lens), max_size=len(seg_lens)))
+    x, w = _inputs(seg_lens, d_in, d_out, num_weights, torch.bfloat16, DEVICE, column_major)
+    ref = segment_gemm_f64(x, w, seg_lens, idx, column_major)
+    for backend in ("triton", "reference"):
+        wrapper = SegmentGEMMWrapper(torch.empty(8, device=DEVICE), backend=backend)
+        y = wrapper.run(x, w, len(seg_lens), column_major, seg_lens=torch.tensor(seg_lens),
+                        weight_indices=torch.tensor(idx))
+        _close(y, ref, torch.bfloat16)
 
 
 def _fp8(shape, dtype, device, scale):
