@@ -15,8 +15,8 @@ launchers copy an input whose last dim is strided. Pointer shapes:
   Y [rows, d_out]                output, stride_ym; rows outside every segment are not written
   SEG_INDPTR [B + 1] int64, TILE_INDPTR [B + 1] int32, WEIGHT_INDICES [B] int32/int64 (optional)
 
-bmm_fp8: A [b, m, k] and B [b, k, n] fp8, both k contiguous; C [b, m, n]. Grid (m tiles x n tiles,
-batch); fp8 ``tl.dot`` (Hopper's fp8 tensor cores) in float32, scaled by ``A_scale * B_scale`` read on
+bmm_fp8: A [b, m, k] and B [b, k, n] fp8, both k contiguous; C [b, m, n]. Grid: batch x m tiles x
+n tiles on one axis; fp8 ``tl.dot`` (Hopper's fp8 tensor cores) in float32, scaled by ``A_scale * B_scale`` read on
 the device, rounded once to the output dtype.
 """
 
@@ -149,10 +149,11 @@ def _bmm_fp8_kernel(
     # A [batch, m, k] fp8, k contiguous; B [batch, k, n] fp8, k contiguous (column-major); C [batch, m, n],
     # n contiguous. Tiles grouped GROUP_M rows at a time so
     # programs running together share B columns in L2.
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
+    # one flat grid axis (batch-major): grid axes past the first hold at most 65535 programs
+    batch = (tl.program_id(0) // (tiles_m * tiles_n)).to(tl.int64)
+    pid = tl.program_id(0) % (tiles_m * tiles_n)
     group = pid // (GROUP_M * tiles_n)
     first_m = group * GROUP_M
     group_rows = min(tiles_m - first_m, GROUP_M)
@@ -202,7 +203,7 @@ def bmm_fp8(A, B, A_scale, B_scale, out) -> None:
     if B.stride(1) != 1 and k > 1:  # the API requires column-major B; keep the kernel's contract anyway
         B = B.transpose(1, 2).contiguous().transpose(1, 2)
     c = _unit_inner_stride(out)
-    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), batch)
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]) * batch,)
     _bmm_fp8_kernel[grid](
         A, B, c, A_scale, B_scale, m, n, k,
         A.stride(0), A.stride(1), B.stride(0), B.stride(2), c.stride(0), c.stride(1),
