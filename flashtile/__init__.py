@@ -17,6 +17,7 @@ from . import (  # noqa: E402
     autotuner,
     cascade,
     decode,
+    gemm,
     jit,
     mla,
     norm,
@@ -46,6 +47,7 @@ from .decode import (  # noqa: E402
     fast_decode_plan,
     single_decode_with_kv_cache,
 )
+from .gemm import SegmentGEMMWrapper, bmm_fp8  # noqa: E402
 from .mla import BatchMLAPagedAttentionWrapper  # noqa: E402
 from .norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, layernorm, rmsnorm  # noqa: E402
 from .page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions, get_seq_lens  # noqa: E402
@@ -144,6 +146,9 @@ __all__ = [
     "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace",
     "decode",
+    "gemm",
+    "SegmentGEMMWrapper",
+    "bmm_fp8",
     "prefill",
     "quantization",
     "utils",

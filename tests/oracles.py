@@ -648,3 +648,23 @@ def sf_swizzled_offset_128x4(row: int, col: int, num_block_cols: int) -> int:
 def sf_swizzled_offset_8x4(row: int, col: int, num_block_cols: int) -> int:
     k_tiles = (num_block_cols + 3) // 4
     return ((row // 8) * k_tiles + col // 4) * 32 + (row % 8) * 4 + col % 4
+
+
+def segment_gemm_f64(x, weights, seg_lens, weight_indices=None, weight_column_major=False):
+    """``[rows, d_out]`` float64: segment s (``seg_lens[s]`` consecutive rows from 0) times its weight,
+    ``weights[weight_indices[s]]`` (or ``weights[s]``), transposed when column-major; other rows 0."""
+    x64, w64 = x.double().cpu(), weights.double().cpu()
+    d_out = w64.shape[1] if weight_column_major else w64.shape[2]
+    y = torch.zeros(x64.shape[0], d_out, dtype=torch.float64)
+    start = 0
+    for s, n in enumerate(seg_lens):
+        w = w64[s if weight_indices is None else weight_indices[s]]
+        w = w.t() if weight_column_major else w
+        y[start:start + n] = x64[start:start + n] @ w
+        start += n
+    return y
+
+
+def bmm_fp8_f64(A, B, A_scale, B_scale):
+    """``(A * A_scale) @ (B * B_scale)`` in float64 on the fp8 values."""
+    return torch.bmm(A.double().cpu() * float(A_scale), B.double().cpu() * float(B_scale))

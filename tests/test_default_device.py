@@ -265,9 +265,26 @@ def _packbits(x: Inputs):
     return lambda: (flashtile.packbits(bits, "little"), *flashtile.segment_packbits(bits, indptr))
 
 
+def _gemm(x: Inputs):
+    """Segment GEMM from seg_lens (host and device) and seg_indptr, then an fp8 bmm."""
+    xs, ws = x.f16(7, 16), x.f16(3, 8, 16)
+    lens, idx = torch.tensor([3, 0, 4]), x.i32([2, 2, 0])
+    a = x.randn(2, 3, 32).to(torch.float8_e4m3fn)
+    b = x.randn(2, 5, 32).to(torch.float8_e5m2).transpose(1, 2)
+    scale = x.randn(1).abs()
+
+    def run():
+        w = flashtile.SegmentGEMMWrapper(x.workspace())
+        return (w.run(xs, ws, 3, True, seg_lens=lens), w.run(xs, ws, 3, True, seg_lens=lens.to(x.device),
+                                                              weight_indices=idx),
+                w.run(xs, ws, 2, True, seg_indptr=x.i32([1, 3, 6])),
+                flashtile.bmm_fp8(a, b, scale, scale, torch.bfloat16))
+    return run
+
+
 CASES = {f.__name__.lstrip("_"): f for f in (
     _single_decode, _single_prefill, _batch_decode, _batch_prefill_paged, _batch_prefill_ragged, _batch_attention,
-    _pod, _graph_mode_and_custom_mask, _cascade, _merge, _sampling, _rope, _norm, _page, _packbits)}
+    _pod, _graph_mode_and_custom_mask, _cascade, _merge, _sampling, _rope, _norm, _page, _packbits, _gemm)}
 
 
 def _as_tuple(out):

@@ -339,4 +339,24 @@ mla_case(64, 4096, 128, label="variant softcap decode 64x4096 h128 p64", variant
 mla_case(64, 4096, 128, label="variant sigmoid decode 64x4096 h128 p64",
          variant=BoundVariant(VX.FLASH_SIGMOID, (0.1, -1.0)))
 mla_case(64, 4096, 128, label="variant window decode 64x4096 h128 p64", variant=BoundVariant(VX.WINDOW, (1023,)))
+# GEMM: segment GEMM (MoE-like column-major experts, LoRA-like rank-16 row-major) and fp8 bmm (e4m3, mixed).
+from flashtile.kernels import gemm as G  # noqa: E402
+
+_seg = torch.tensor([0, 1000, 1000, 2024], dtype=torch.int64)
+G.segment_gemm(torch.randn(2024, 4096, dtype=bf), torch.randn(3, 1024, 4096, dtype=bf), _seg,
+               torch.tensor([2, 0, 1]), True, torch.empty(2024, 1024, dtype=bf))
+compile_all("gemm segment column-major bf16 4096->1024")
+G.segment_gemm(torch.randn(2024, 4096, dtype=torch.float16), torch.randn(3, 4096, 16, dtype=torch.float16), _seg,
+               None, False, torch.empty(2024, 16, dtype=torch.float16))
+compile_all("gemm segment row-major fp16 lora 4096->16")
+_e4, _e5, _one = torch.float8_e4m3fn, torch.float8_e5m2, torch.ones((), dtype=torch.float32)
+G.bmm_fp8(torch.randn(4, 256, 1024).to(_e4), torch.randn(4, 512, 1024).to(_e4).transpose(-2, -1), _one, _one,
+          torch.empty(4, 256, 512, dtype=bf))
+compile_all("gemm bmm_fp8 e4m3 256x512x1024")
+G.bmm_fp8(torch.randn(4, 48, 1024).to(_e4), torch.randn(4, 512, 1024).to(_e5).transpose(-2, -1), _one, _one,
+          torch.empty(4, 48, 512, dtype=torch.float16))
+compile_all("gemm bmm_fp8 e4m3 x e5m2 48x512x1024")
+G.bmm_fp8(torch.randn(16, 1024, 1024).to(_e5), torch.randn(16, 1024, 1024).to(_e5).transpose(-2, -1), _one, _one,
+          torch.empty(16, 1024, 1024, dtype=bf))
+compile_all("gemm bmm_fp8 e5m2 16x1024x1024x1024")
 sys.exit(1 if failures else 0)
