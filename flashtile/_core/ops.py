@@ -15,7 +15,6 @@ registered op is traced, and only there are the parameters flattened into the op
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -60,12 +59,17 @@ def call(op, *args, params: AttentionParams, backend: str, variant=None) -> None
         _IMPLS[op](*args, params, backend)
 
 
-@functools.lru_cache(maxsize=None)
+_EAGER_ONLY: dict = {}
+
+
 def eager_only(fn):
     """``fn`` wrapped so that torch.compile runs it eagerly (a graph break), made on first use:
     ``torch.compiler.disable`` imports torch._dynamo, which imports Triton, and importing flashtile
-    must not (tests/test_utils.py)."""
-    return torch.compiler.disable(fn)
+    must not (tests/test_utils.py). A plain dict memo: Dynamo warns about tracing through lru_cache."""
+    wrapped = _EAGER_ONLY.get(fn)
+    if wrapped is None:
+        wrapped = _EAGER_ONLY[fn] = torch.compiler.disable(fn)
+    return wrapped
 
 
 def _call_with_variant(impl, args, params, backend, variant) -> None:
