@@ -330,7 +330,7 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         for name, scale in (("ckv_scale", ckv_scale), ("kpe_scale", kpe_scale)):
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
                 raise TypeError(f"{name}: expected a float, got {describe(scale)}")
-        variant = self._bound_variant(tuple(variant_args), sinks, dict(
+        variant = self._bound_variant(tuple(variant_args), sinks, lambda: dict(
             num_qo_heads=H, num_kv_heads=1, batch_size=plan.batch_size, head_dim=dc + dp))
         if lse is None and not return_lse:  # an lse nobody reads: a reused scratch view, no allocation
             lse = discarded_output((nnz, H), torch.float32, self.device)

@@ -238,9 +238,10 @@ class PlanRunWrapper:
 
     # -- run() steps shared by the wrappers ---------------------------------------------------------
 
-    def _bound_variant(self, args, sinks, sizes: dict):
+    def _bound_variant(self, args, sinks, sizes: Callable[[], dict]):
         """The call's bound variant: the wrapper's ``jit_args`` variant with run()'s extra arguments, or the
-        built-in sink variant for ``sinks=``, checked against the plan's ``sizes``; or None."""
+        built-in sink variant for ``sinks=``, checked against the plan's sizes (``sizes()``, called only
+        when there is a variant: run() without one builds nothing); or None."""
         variant = None
         if self._jit_variant is not None:
             variant = (self._jit_variant, args)
@@ -249,16 +250,16 @@ class PlanRunWrapper:
                              "(jit_args=); this wrapper has none")
         variant = with_sinks(variant, sinks)
         if variant is not None:
-            variant = bind_variant(variant[0], variant[1], self.device, sizes)
+            variant = bind_variant(variant[0], variant[1], self.device, sizes())
         return variant
 
     def _check_run_options(self, plan: PlanBase, args, sinks, window_left, kv_cache_sf):
         """Checks run()'s options; returns the call's bound variant (the wrapper's ``jit_args`` variant with
         run()'s extra positional arguments, or the built-in sink variant for ``sinks=``), or None."""
         reject_kv_cache_sf(kv_cache_sf)
-        sizes = dict(num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, batch_size=plan.batch_size,
-                     head_dim=getattr(plan, "head_dim", getattr(plan, "head_dim_qk", None)))
-        variant = self._bound_variant(args, sinks, sizes)
+        variant = self._bound_variant(args, sinks, lambda: dict(
+            num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, batch_size=plan.batch_size,
+            head_dim=getattr(plan, "head_dim", getattr(plan, "head_dim_qk", None))))
         if window_left is not None and window_left != plan.window_left:
             raise ValueError(f"window_left: run() got {window_left}, plan() was given {plan.window_left}; "
                              "re-plan to change it")

@@ -223,10 +223,7 @@ def _hook_kwargs(variant, sm_scale: float, ckv_scale: float, kpe_scale: float) -
     without a variant; with one, its hooks and arguments, and the scales its logits need (a logits hook
     gets the unscaled qk and sm_scale; weights without softmax stay in natural units)."""
     kwargs = variant_kwargs(variant)
-    if kwargs.pop("QUERY_HOOK", None) is not None:
-        raise NotImplementedError(f"variant {variant.variant.name!r}: query_transform is not supported by MLA, "
-                                  "whose query is two tiles (latent and RoPE part); transform q_nope / q_pe "
-                                  "before run()")
+    kwargs.pop("QUERY_HOOK", None)  # None: the wrapper rejects a query_transform (MLA's query is two tiles)
     if variant is None or (kwargs["LOGITS_HOOK"] is None and kwargs["USE_SOFTMAX"]):
         return sm_scale * ckv_scale * LOG2E, sm_scale * kpe_scale * LOG2E, kwargs
     if kwargs["LOGITS_HOOK"] is not None:

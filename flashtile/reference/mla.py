@@ -46,10 +46,6 @@ def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_
         variant: a bound attention variant (flashtile/variants.py) or None; its hooks see one KV head
             (kv_head 0) with keys ``[ckv | kpe]`` (times their scales) and values ``ckv``.
     """
-    if variant is not None and variant.variant.query_transform is not None:
-        raise NotImplementedError(f"variant {variant.variant.name!r}: query_transform is not supported by MLA, "
-                                  "whose query is two tiles (latent and RoPE part); transform q_nope / q_pe "
-                                  "before run()")
     qo_indptr = meta.qo_indptr.tolist()
     kv_indptr = meta.kv_indptr.tolist()
     kv_lens = meta.kv_len.tolist()
