@@ -455,3 +455,21 @@ def test_mxfp4_tiny_blocks_match_oracle():
     q, sf = mxfp4_quantize(x, sfLayout=SfLayout.layout_linear)
     assert (sf == 0).any() and (sf > 0).any()
     _check_fp4_against_oracle(x, q, sf, 32, True)
+
+
+@pytest.mark.parametrize("fmt", list(FP8.values()))
+def test_fp8_grid_rounding_is_exact_rne(fmt):
+    """The rounding the quantizers use is exact round-to-nearest-even on every device: on the CPU it gives
+    PyTorch's (exact) cast, and it is not the double rounding through float16 that some CUDA casts do."""
+    from flashtile.reference.quant_fp8 import FP8_MAX, round_to_fp8_grid
+
+    gen = torch.Generator().manual_seed(5)
+    fmax = FP8_MAX[fmt]
+    y = (torch.randn(400_000, generator=gen) * torch.exp(4 * torch.randn(400_000, generator=gen))).clamp(-fmax, fmax)
+    grid = torch.arange(256, dtype=torch.uint8).view(fmt).float()
+    grid = grid[grid.isfinite()].unique()
+    ties = (grid[1:] + grid[:-1]) / 2  # exact midpoints: even mantissa wins
+    y = torch.cat([y, ties, -ties, torch.tensor([0.0, -0.0, float("nan"), 2.0**-30])])
+    got = round_to_fp8_grid(y, fmt)
+    _same(got.float(), y.to(fmt).float())
+    assert not torch.equal(got.float(), y.half().to(fmt).float())

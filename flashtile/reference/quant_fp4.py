@@ -35,6 +35,8 @@ from typing import Tuple
 
 import torch
 
+from .quant_fp8 import round_to_fp8_grid
+
 __all__ = [
     "E2M1_VALUES",
     "e2m1_round_codes",
@@ -155,7 +157,7 @@ def fp4_quantize(
     else:
         gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(())
         sf_val = gs * (amax * inv6)
-        sf8 = sf_val.clamp(max=448.0).to(torch.float8_e4m3fn)  # RNE, saturated (sf_val >= 0)
+        sf8 = round_to_fp8_grid(sf_val.clamp(max=448.0), torch.float8_e4m3fn)  # RNE, saturated (sf_val >= 0)
         sf = sf8.view(torch.uint8)
         sff = sf8.float()
         nonzero = nonzero & (sff > 0)
