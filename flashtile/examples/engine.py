@@ -252,6 +252,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _graph_capturable(kernels, device: torch.device) -> bool:
+    """Whether decode can be captured in a CUDA graph: on a GPU, unless the attention runs flashtile's
+    reference path (FLASHTILE_BACKEND=reference), whose PyTorch ops synchronize with the host."""
+    if device.type != "cuda":
+        return False
+    if kernels.__name__ != "flashtile":
+        return True
+    from flashtile._core.dispatch import Path, choose_path
+
+    return choose_path(device).path is not Path.REFERENCE
+
+
 def graph_buckets(max_batch: int) -> List[int]:
     """Decode batch sizes that get a CUDA graph (a batch runs in the smallest bucket that holds it)."""
     sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
@@ -267,7 +279,8 @@ class PagedEngine(EngineBase):
         page_size: tokens per KV page. max_batch: requests served at once. prefill_chunk: most prefill
             tokens per step. sampling: :class:`Sampling`.
         num_pages: size of the page pool (sized by :meth:`begin` from the requests when None).
-        cuda_graphs: capture decode in CUDA graphs (GPU only; default: on a GPU).
+        cuda_graphs: capture decode in CUDA graphs (default: wherever it can: on a GPU, with kernels, not
+            flashtile's reference path, whose ops synchronize with the host; off elsewhere whatever is asked).
     """
 
     name = "flashtile"
@@ -280,8 +293,8 @@ class PagedEngine(EngineBase):
             import flashtile as kernels
         self.k, self.ops = kernels, KernelOps(kernels)
         self.name = kernels.__name__
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and
-                                                                                       self.device.type == "cuda")
+        capturable = _graph_capturable(kernels, self.device)
+        self.cuda_graphs = capturable if cuda_graphs is None else bool(cuda_graphs) and capturable
         self.num_pages = num_pages
         self.cache: Optional[torch.Tensor] = None
         self.workspace = torch.empty(128 << 20, dtype=torch.uint8, device=self.device)
