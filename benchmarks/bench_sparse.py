@@ -146,9 +146,12 @@ def _flex(case: Case):
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         flex, note = flex_attention, "eager (uncompiled) on CPU"
     qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    # Flex's own tiles must divide the mask's blocks (its Hopper default is 128 x 128)
+    options = {"BLOCK_M": R, "BLOCK_N": C} if q.device.type == "cuda" and R < 128 else None
 
     def call():
-        return flex(qb, kb, vb, block_mask=mask, enable_gqa=p["hq"] != p["hk"])[0].transpose(0, 1)
+        return flex(qb, kb, vb, block_mask=mask, enable_gqa=p["hq"] != p["hk"],
+                    kernel_options=options)[0].transpose(0, 1)
 
     return call, note
 
