@@ -586,8 +586,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
         derive = _ragged_kv_views(self._kv_layout)
         k_given, v_given = k, v
         k, v = derive((k, v))
-        if k.data_ptr() == k_given.data_ptr() and v.data_ptr() == v_given.data_ptr():
-            derive = _as_given  # views, no copies: a replay passes only data pointers, which views share
+        # views, no copies: a replay passes only data pointers, which views share. (Not while torch.compile
+        # traces: no replay is recorded then, and torch 2.11's Dynamo cannot read a fake tensor's data_ptr.)
+        if key is not None and k.data_ptr() == k_given.data_ptr() and v.data_ptr() == v_given.data_ptr():
+            derive = _as_given
         for name, x, dim in (("k", k, plan.head_dim_qk), ("v", v, plan.head_dim_vo)):
             if x.shape[1] != plan.num_kv_heads or x.shape[2] != dim or x.shape[0] < plan.kv_rows_needed:
                 raise ValueError(f"{name}: expected at least {plan.kv_rows_needed} rows (kv_indptr[-1]) of "
