@@ -83,6 +83,9 @@ class BatchAttention:
         self._wrapper = BatchPrefillWithPagedKVCacheWrapper(
             workspace, kv_layout, use_cuda_graph, qo_indptr_buf=qo_indptr_buf, paged_kv_indptr_buf=kv_indptr_buf,
             paged_kv_indices_buf=kv_indices_buf, paged_kv_last_page_len_buf=last_page_len_buf)
+        # decodes and prefill tiles interleaved in launch order: bandwidth- and tensor-core-bound programs
+        # run side by side instead of one after the other (scheduler/prefill_work.py)
+        self._wrapper._interleave_rows = SMALL_ROWS
         self._kv_layout = kv_layout
         self._kv_indices_buf = kv_indices_buf if use_cuda_graph else None
         self._planned_cap = 0.0

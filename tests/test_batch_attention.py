@@ -79,6 +79,26 @@ def test_mixed_batch_matches_oracle(path, device, page_size, mix, causal):
     check_requests(out, lse, q, qo_lens, requests_of(cache, indptr, indices, last), causal=causal)
 
 
+def test_plan_interleaves_decodes_with_prefill_tiles(device, monkeypatch):
+    """The work list interleaves the small requests' items with the prefill's (test_scheduler.py checks the
+    order itself), so that one launch runs bandwidth- and tensor-core-bound programs side by side."""
+    from flashtile._core import prefill_wrapper
+    from flashtile.attention import SMALL_ROWS
+
+    seen = []
+    real = prefill_wrapper.plan_prefill_work
+    monkeypatch.setattr(prefill_wrapper, "plan_prefill_work", lambda *a, **k: seen.append(k) or real(*a, **k))
+    qo_lens, kv_lens = MIXES[0]
+    cache, indptr, indices, last = make_paged_batch(kv_lens, 16, HEADS[1], DIM, torch.bfloat16, device)
+    w = BatchAttention(device=device)
+    w.plan(indptr_of(qo_lens), indptr, indices, torch.tensor(kv_lens, dtype=torch.int32), *HEADS, DIM, DIM, 16)
+    assert seen and all(k["interleave_rows"] == SMALL_ROWS for k in seen)
+    prefill = flashtile.BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
+    seen.clear()
+    prefill.plan(indptr_of(qo_lens), indptr, indices, last, *HEADS, DIM, 16)
+    assert seen and all(k["interleave_rows"] is None for k in seen)
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_soft_cap_gqa_fp16_layouts(path, device, layout):
     qo_lens, kv_lens = ([7, 1, 3], [40, 12, 3]) if not HAS_CUDA else ([700, 1, 3], [4000, 1200, 3])

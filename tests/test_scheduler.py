@@ -293,3 +293,54 @@ def test_mixed_batch_covers_each_key_once_and_balances(prefill, decodes, group, 
     assert int(lengths.max()) <= bound
     cap_items, _, _ = prefill_capacity(qo.size, int(qo.sum()) * group, block_m, heads, sms)
     assert work.num_items <= cap_items
+
+
+def _item_tuples(work, positions):
+    return [(int(work.item_request[w]), int(work.item_row_block[w]), int(work.item_kv_start[w]),
+             int(work.item_kv_end[w]), int(work.item_slot[w])) for w in positions]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 5000)), min_size=1, max_size=12),
+    group=st.sampled_from([1, 4, 8]),
+    small_rows=st.sampled_from([1, 8, 64]),
+    sms=st.integers(1, 160),
+)
+def test_prefill_interleave_is_a_class_preserving_permutation(reqs, group, small_rows, sms):
+    """BatchAttention's interleaved order has the same items (so the same coverage and slots) as the plain
+    order, and keeps each class (small / large requests) in its plain relative order."""
+    qo = torch.tensor([min(a, b) for a, b in reqs])
+    kv = torch.tensor([b for _, b in reqs])
+    kwargs = dict(group=group, block_m=64, causal=True, window_left=-1, programs_per_item=8, num_sms=sms, align=64)
+    plain = plan_prefill_work(qo, kv, **kwargs)
+    mixed = plan_prefill_work(qo, kv, interleave_rows=small_rows, **kwargs)
+    assert mixed.group_items == plain.group_items and mixed.chunk == plain.chunk
+    assert sorted(_item_tuples(mixed, range(mixed.num_items))) == sorted(_item_tuples(plain, range(plain.num_items)))
+    small_req = {r for r in range(len(reqs)) if int(qo[r]) * group <= small_rows}
+    for want_small in (True, False):
+        keep = [w for w in range(plain.num_items) if (int(plain.item_request[w]) in small_req) == want_small]
+        got = [w for w in range(mixed.num_items) if (int(mixed.item_request[w]) in small_req) == want_small]
+        assert _item_tuples(mixed, got) == _item_tuples(plain, keep)
+
+
+def test_prefill_interleave_mixes_a_chunked_prefill_step():
+    """One 2048-token chunk on a 2048-token prefix plus 64 decodes of 4096 (GQA 4, 128-row tiles): the plain
+    order runs the prefill's 64 tiles first; interleaved, each half of the launch order holds about half of
+    the prefill's work (rows x keys) and half of the decodes' (keys)."""
+    qo = torch.tensor([2048] + [1] * 64)
+    kv = torch.tensor([4096] + [4096] * 64)
+    kwargs = dict(group=4, block_m=128, causal=True, window_left=-1, programs_per_item=8, num_sms=132, align=128)
+    plain = plan_prefill_work(qo, kv, **kwargs)
+    assert plain.item_request[:64].tolist() == [0] * 64
+    mixed = plan_prefill_work(qo, kv, interleave_rows=64, **kwargs)
+    n = mixed.num_items
+    span = mixed.item_kv_end - mixed.item_kv_start
+    prefill = mixed.item_request == 0
+    work = np.where(prefill, np.minimum(8192 - mixed.item_row_block * 128, 128) * span, span)
+    for cls in (prefill, ~prefill):
+        first_half = work[: n // 2][cls[: n // 2]].sum() / work[cls].sum()
+        assert 0.4 < first_half < 0.6
+    # no run of more than a few items of one class
+    runs = np.diff(np.flatnonzero(np.diff(prefill.astype(np.int8)) != 0))
+    assert runs.size > 20 and runs.max() <= 4

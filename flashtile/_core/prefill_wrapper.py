@@ -65,6 +65,9 @@ class BatchPrefillWrapper(PlanRunWrapper):
         self._custom_mask_buf = custom_mask_buf
         self._mask_indptr_buf = mask_indptr_buf
         self._graph_shape: Optional[tuple] = None  # (block_m, total_qo, capacities) fixed by the first plan
+        # Set by BatchAttention: interleave the items of requests with at most this many GQA-packed rows
+        # with the others' (scheduler/prefill_work.py, interleave_rows). None: the plain launch order.
+        self._interleave_rows: Optional[int] = None
         if self._use_cuda_graph:
             self._check_graph_buffer("qo_indptr_buf", qo_indptr_buf)
             self._fixed_batch_size = qo_indptr_buf.numel() - 1
@@ -152,7 +155,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
         slot_bytes = 4 * num_kv_heads * block_m * (head_dim_vo + 1)
         room = self._float_workspace_buffer.numel() * self._float_workspace_buffer.element_size() // slot_bytes
         work_kwargs = dict(group=group, block_m=block_m, causal=bool(causal) and not has_mask,
-                           window_left=window_left, programs_per_item=num_kv_heads, num_sms=sms, align=align)
+                           window_left=window_left, programs_per_item=num_kv_heads, num_sms=sms, align=align,
+                           interleave_rows=self._interleave_rows)
         fixed_chunk = fixed_split_size * (page_size or 1) if fixed_split_size is not None else None
         work = plan_prefill_work(qo_lens, kv_lens_h, fixed_chunk=fixed_chunk, disable_split=disable_split_kv,
                                  **work_kwargs)

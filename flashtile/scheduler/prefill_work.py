@@ -120,6 +120,7 @@ def plan_prefill_work(
     align: int,
     fixed_chunk: Optional[int] = None,
     disable_split: bool = False,
+    interleave_rows: Optional[int] = None,
 ) -> PrefillWork:
     """Plan the items of a batch.
 
@@ -134,6 +135,10 @@ def plan_prefill_work(
         align: KV chunk granularity in tokens (a multiple of the kernel's BLOCK_N).
         fixed_chunk: deterministic chunk (tokens; the plan of a request does not depend on the batch).
         disable_split: one item per tile.
+        interleave_rows: mixed batches (BatchAttention): the items of requests with at most this many
+            GQA-packed rows (decodes, speculative verifications: bandwidth-bound) are interleaved with the
+            other requests' items (tensor-core-bound) by :func:`_interleave_by_cost`, so that the programs
+            running at one time use both. None: the launch order of the module doc.
     """
     qo, kv = host_int64(qo_lens), host_int64(kv_lens)
     batch = qo.size
@@ -181,6 +186,12 @@ def plan_prefill_work(
 
     item_request = tile_request[item_tile]
     order, group_items = _launch_order(item_request, item_kv_end - item_kv_start, batch)
+    if interleave_rows is not None:
+        item_rows = np.minimum(rows[item_request] - tile_block[item_tile] * block_m, block_m)
+        small = rows[item_request] <= interleave_rows
+        span_items = item_kv_end - item_kv_start
+        # time of an item within its class: keys read (bandwidth-bound) or rows x keys (tensor-core-bound)
+        order = _interleave_by_cost(order, small, np.where(small, span_items, item_rows * span_items))
     return PrefillWork(
         chunk=splits.chunk,
         group_items=group_items,
@@ -208,6 +219,23 @@ def _launch_order(item_request: np.ndarray, item_length: np.ndarray, batch_size:
     order = np.lexsort((-item_length, item_request, -request_max[item_request]))
     group_items = int(np.bincount(item_request, minlength=batch_size).max())
     return order, group_items
+
+
+def _interleave_by_cost(order: np.ndarray, small: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """``order`` (a permutation of the items) with its small-class and large-class items merged so that
+    the two classes progress together: each item is placed by the midpoint of its share of its own
+    class's total cost, so that at every point of the launch order both classes have done about the same
+    fraction of their work. Each class keeps its relative order. ``small``: bool per item; ``cost``: int
+    per item (>= 0)."""
+    small_seq, large_seq = order[small[order]], order[~small[order]]
+    if small_seq.size == 0 or large_seq.size == 0:
+        return order
+    keys = []
+    for seq in (large_seq, small_seq):
+        c = cost[seq].astype(np.float64) + 1.0  # an empty item still takes a program
+        keys.append((np.cumsum(c) - 0.5 * c) / c.sum())
+    merged = np.concatenate([large_seq, small_seq])
+    return merged[np.argsort(np.concatenate(keys), kind="stable")]
 
 
 def meta_size(batch_size: int, item_capacity: int, merge_capacity: int) -> int:
