@@ -106,6 +106,24 @@ def test_batch_decode_fp8_kv(path, device, kv_name):
     check_batch(out, lse, q, cache, indptr, indices, last, "NHD", kv_scales=(0.5, 1.5))
 
 
+@pytest.mark.skipif(FP8 is None, reason="torch without float8")
+def test_batch_decode_fp8_kv_query_beyond_fp16_range(path, device):
+    """fp8 K/V run their dots in fp16 (kernels/tiles.py): a bf16 query far outside fp16's range is scaled by
+    a power of two into it, and the scores back, so the result is the oracle's."""
+    lens = [5, 40] if not HAS_CUDA else [5, 700]
+    cache, indptr, indices, last = make_paged_batch(lens, 8, 2, 32, FP8, device)
+    q = torch.randn(len(lens), 4, 32, device=device)
+    q[0] *= 3e6  # amax ~1e7: past fp16's 65504
+    q[1, :2] *= 1e-3
+    q = q.bfloat16()
+    sm_scale = 1.0 / (3e6 * 32 ** 0.5)
+    w = BatchDecodeWithPagedKVCacheWrapper(workspace(device))
+    w.plan(indptr, indices, last, 4, 2, 32, 8, q_data_type=torch.bfloat16, kv_data_type=FP8, sm_scale=sm_scale)
+    out, lse = w.run(q, cache, return_lse=True)
+    assert out.isfinite().all()
+    check_batch(out, lse, q, cache, indptr, indices, last, "NHD", sm_scale=sm_scale)
+
+
 def test_batch_decode_empty_requests_and_indptr_offset(path, device):
     """Zero-page requests give 0 and -inf; indptr may start above 0 (a window of a larger indices array)."""
     lens = [0, 5, 0, 0, 12]

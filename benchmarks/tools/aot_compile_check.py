@@ -176,6 +176,16 @@ A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:,
                        torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
                        num_programs=splits.num_items, max_states=1, merge=False)
 compile_all("batch decode 64 x 4096")
+if hasattr(torch, "float8_e4m3fn"):  # fp8 K/V: fp16 dots (kernels/tiles.py)
+    for _fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        _cache8 = cache.to(_fp8)
+        A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), _cache8[:, 0], _cache8[:, 1],
+                               i32(torch.arange(0, 64 * 256 + 1, 256)),
+                               torch.arange(64 * 256, dtype=torch.int32), worklist,
+                               torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
+                               torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
+                               batch_size=64, num_programs=splits.num_items, max_states=1, merge=False)
+        compile_all(f"batch decode {str(_fp8).split('_')[-1]} 64 x 4096")
 
 # Attention variants (flashtile/variants.py): the example hooks of benchmarks/variant_examples.py.
 from benchmarks import variant_examples as VX  # noqa: E402

@@ -73,6 +73,22 @@ def attend_tiles(
     (flashtile/variants.py), called with the row vectors ``v_batch``, ``v_qo_idx``, ``v_heads`` ``[M]`` as
     ``[M, 1]`` columns; None (the default kernels) compiles none of it.
     """
+    KV_FP8: tl.constexpr = k_base.dtype.element_ty.is_fp8()
+    if KV_FP8:
+        # fp8 K/V: both dots run in float16, because fp8 -> fp16 is one conversion per pair of values and
+        # fp8 -> bf16 takes a second one per value (cvt.bf16.f16 on sm_90), which set fp8 decode's speed.
+        # q goes to fp16 scaled by a power of two into its range (2^15; no scaling while |q| <= 32768) and
+        # the scores are scaled back in float32: exact for bf16 q, whose 8-bit mantissas fp16 holds, down
+        # to values 2^-29 of the tile's largest.
+        q_exponent = tl.maximum(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))) - 15.0, 0.0)
+        q_dot = (q.to(tl.float32) * tl.exp2(-q_exponent)).to(tl.float16)
+        q_unscale = tl.exp2(q_exponent)
+    else:
+        q_dot = q
+        q_unscale = 1.0
+    # P's dtype in the second dot: fp16 too when its values are probabilities (a variant without softmax
+    # may produce weights beyond fp16's range)
+    PV_FP16: tl.constexpr = KV_FP8 and USE_SOFTMAX
     offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
     offs_dvo = tl.arange(0, D_VO)
@@ -118,7 +134,9 @@ def attend_tiles(
             partner_d = (offs_dqk + HEAD_DIM_QK // 2) % HEAD_DIM_QK
             k_partner = tl.load(k_base + k_rows[:, None] + partner_d[None, :], mask=k_mask, other=0.0)
             k = rope_rotate(k, k_partner, cols, offs_dqk, HEAD_DIM_QK, rope_log2_theta, rope_inv_scale)
-        qk = mma(q, tl.trans(k.to(q.dtype)), UPCAST_DOT)  # [M, N] float32
+        qk = mma(q_dot, tl.trans(k.to(q_dot.dtype)), UPCAST_DOT)  # [M, N] float32
+        if KV_FP8:
+            qk = qk * q_unscale
 
         if LOGITS_HOOK is not None:  # natural-unit logits from the variant; base 2 for the softmax
             s = LOGITS_HOOK(qk, sm_scale, v_batch[:, None], v_qo_idx[:, None], cols[None, :], v_heads[:, None],
@@ -176,7 +194,10 @@ def attend_tiles(
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
-        acc += mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
+        if PV_FP16:
+            acc += mma(p.to(tl.float16), v.to(tl.float16), UPCAST_DOT)
+        else:
+            acc += mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
 
 
