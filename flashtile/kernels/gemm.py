@@ -181,10 +181,10 @@ def _segment_gemm_reduce_kernel(
 
 @dataclass(frozen=True)
 class SegTile:
-    """A segment-GEMM launch shape: ``block_m`` rows x ``block_n`` output columns per tile (0: the next
-    power of two of d_out, at least 16), ``block_k`` of d_in per ``tl.dot`` (0: the next power of two of
-    d_in, at least 16), ``group_m`` row tiles per sweep of the column tiles, warps, pipeline stages
-    (lowered on the host until the stages fit the device's shared memory)."""
+    """A segment-GEMM launch shape: ``block_m`` rows x ``block_n`` output columns per tile and ``block_k``
+    of d_in per ``tl.dot`` (``block_n`` and ``block_k`` are bounds: the next power of two of d_out / d_in,
+    at least 16, when smaller; 0 = no bound), ``group_m`` row tiles per sweep of the column tiles, warps,
+    pipeline stages (lowered on the host until the stages fit the device's shared memory)."""
 
     block_m: int
     block_n: int
@@ -243,8 +243,8 @@ def segment_gemm_config(rows: int, num_segments: int, d_in: int, d_out: int, ite
     if cls in ("shrink", "expand") and not interpret:
         mean = -(-rows // max(num_segments, 1))
         block_m = min(block_m, max(16, next_power_of_2(mean)))
-    block_n = tile.block_n or max(16, next_power_of_2(d_out))
-    block_k = tile.block_k or max(16, next_power_of_2(d_in))
+    block_n = min(tile.block_n or 1 << 30, max(16, next_power_of_2(d_out)))
+    block_k = min(tile.block_k or 1 << 30, max(16, next_power_of_2(d_in)))
     stages = tile.stages
     while smem is not None and stages > 1 and stages * (block_m + block_n) * block_k * itemsize > smem:
         stages -= 1
