@@ -227,6 +227,43 @@ def test_split_k(path, device, monkeypatch, split, column_major):
         kernels.segment_gemm_config.cache_clear()
 
 
+@pytest.mark.parametrize("column_major", [False, True])
+def test_tma_kernel(monkeypatch, column_major):
+    """SEG_TMA (the wide classes' TMA-loaded kernel): long and short segments, empty ones, repeated weight
+    indices, d_in and d_out not multiples of the tile (TMA's zero fill), a tile's last rows reaching into
+    the next segment (read, not stored), rows outside the segments left alone; a row stride TMA cannot
+    take falls back to the pointer kernel. On CPU under the interpreter with the GPU configs."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    from flashtile.kernels import gemm as kernels
+
+    monkeypatch.setattr(kernels, "SEG_TMA", True)
+    seg_cfg = kernels.segment_gemm_config
+    seg_cfg.cache_clear()
+    if not HAS_CUDA:
+        monkeypatch.setattr(kernels, "segment_gemm_config", lambda *a: seg_cfg(*a[:6], 132, 232448, interpret=False))
+    used = []
+    launch = kernels._launch_tma
+    monkeypatch.setattr(kernels, "_launch_tma", lambda *a: used.append(1) or launch(*a))
+    try:
+        for seg_lens, idx in (([300, 0, 130, 2], [1, 0, 1, 2]), ([65, 0, 1, 64, 70], [0, 0, 2, 1, 2])):
+            x, w = _inputs(seg_lens, 136, 264, 3, torch.bfloat16, DEVICE, column_major)
+            x = torch.cat([x, x[:5]])  # 5 rows past the last segment
+            out = torch.full((x.shape[0], 264), float("nan"), dtype=x.dtype, device=DEVICE)
+            wrapper = SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=DEVICE))
+            wrapper.run(x, w, len(seg_lens), column_major, out=out, seg_lens=torch.tensor(seg_lens, device=DEVICE),
+                        weight_indices=torch.tensor(idx, device=DEVICE))
+            assert out[-5:].isnan().all()
+            _close(out[:-5], segment_gemm_f64(x[:-5], w, seg_lens, idx, column_major), torch.bfloat16)
+        assert len(used) == 2
+        wide = torch.randn(sum(seg_lens), 140, device=DEVICE).to(torch.bfloat16)
+        y = wrapper.run(wide[:, :136], w, len(seg_lens), column_major, seg_lens=torch.tensor(seg_lens),
+                        weight_indices=torch.tensor(idx))  # row stride 280 bytes: not TMA's
+        assert len(used) == 2
+        _close(y, segment_gemm_f64(wide[:, :136], w, seg_lens, idx, column_major), torch.bfloat16)
+    finally:
+        seg_cfg.cache_clear()
+
+
 def test_split_k_config():
     """The automatic split: LoRA shrink shapes split d_in until the programs fill two waves, within the
     workspace; wide outputs (MoE) and short d_in (expand) do not split; the stages fit shared memory."""

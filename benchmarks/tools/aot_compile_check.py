@@ -366,6 +366,16 @@ for _e in (8, 64):
     G.segment_gemm(torch.empty(4096, 4096, dtype=bf), torch.empty(1, 14336, 4096, dtype=bf).expand(_e, -1, -1),
                    torch.full((_e,), 4096 // _e), True, None, True, torch.empty(4096, 14336, dtype=bf), _scratch)
     compile_all(f"gemm segment moe {_e} experts 4096->14336")
+G.SEG_TMA = True  # the wide classes' TMA kernel (off by default)
+G.segment_gemm_config.cache_clear()
+for _e in (8, 64):
+    for _cm in (True, False):
+        _w = torch.empty(1, 14336, 4096, dtype=bf) if _cm else torch.empty(1, 4096, 14336, dtype=bf)
+        G.segment_gemm(torch.empty(4096, 4096, dtype=bf), _w.expand(_e, -1, -1), torch.full((_e,), 4096 // _e), True,
+                       None, _cm, torch.empty(4096, 14336, dtype=bf), _scratch)
+        compile_all(f"gemm segment moe {_e} experts 4096->14336 tma {'column' if _cm else 'row'}-major")
+G.SEG_TMA = False
+G.segment_gemm_config.cache_clear()
 _e4, _e5, _one = torch.float8_e4m3fn, torch.float8_e5m2, torch.ones((), dtype=torch.float32)
 G.bmm_fp8(torch.randn(4, 256, 1024).to(_e4), torch.randn(4, 512, 1024).to(_e4).transpose(-2, -1), _one, _one,
           torch.empty(4, 256, 512, dtype=bf))

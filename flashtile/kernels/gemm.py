@@ -151,6 +151,49 @@ def _segment_gemm_kernel(
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_ok)
 
 
+@triton.jit
+def _segment_gemm_tma_kernel(
+    X_DESC, W_DESC, Y, SEGS, WEIGHT_INDICES,
+    num_segments, row_slots, d_in, d_out, stride_ym,
+    SEGS_ARE_LENS: tl.constexpr, HAS_WEIGHT_INDICES: tl.constexpr, W_COLUMN_MAJOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCAN: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # _segment_gemm_kernel without split-K, its tiles loaded by TMA (Hopper's tensor memory accelerator):
+    # X_DESC [rows, d_in] in [BLOCK_M, BLOCK_K] blocks; W_DESC [num_weights, d_out, d_in] (W_COLUMN_MAJOR) in
+    # [1, BLOCK_N, BLOCK_K] blocks, or [num_weights, d_in, d_out] in [1, BLOCK_K, BLOCK_N] blocks. Blocks past
+    # d_in, d_out or x's last row read zeros; rows of the next segment in a tile's last rows are read but
+    # not stored.
+    tiles_n = tl.cdiv(d_out, BLOCK_N)
+    pid = tl.program_id(0)
+    per_group = GROUP_M * tiles_n
+    first_t = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(row_slots - first_t, GROUP_M)
+    t = first_t + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    seg, row0, row_end = _locate_tile(SEGS, num_segments, t, SEGS_ARE_LENS, BLOCK_M, SCAN)
+    active = seg >= 0
+    seg = tl.maximum(seg, 0)
+    if HAS_WEIGHT_INDICES:
+        w_index = tl.load(WEIGHT_INDICES + seg).to(tl.int32)
+    else:
+        w_index = seg
+    n0 = pid_n * BLOCK_N
+    row0_i32 = row0.to(tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.where(active, d_in, 0), BLOCK_K):
+        x = X_DESC.load([row0_i32, k0])  # [M, K]
+        if W_COLUMN_MAJOR:
+            w = tl.trans(W_DESC.load([w_index, n0, k0]).reshape(BLOCK_N, BLOCK_K))  # [K, N]
+        else:
+            w = W_DESC.load([w_index, k0, n0]).reshape(BLOCK_K, BLOCK_N)  # [K, N]
+        acc += mma(x, w, UPCAST_DOT)
+    rows = row0 + tl.arange(0, BLOCK_M)  # [M] int64
+    cols = n0 + tl.arange(0, BLOCK_N)  # [N]
+    out_ok = (rows < row_end)[:, None] & (cols < d_out)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=out_ok)
+
+
 @direct_launch
 @triton.jit
 def _segment_gemm_reduce_kernel(
@@ -214,6 +257,9 @@ SEG_SPLIT_WAVES = 2  # automatic: split until the programs fill this many waves 
 SEG_SPLIT_MIN_K = 512  # ...but each split keeps at least this much of d_in
 SEG_MAX_SPLIT = 16
 SEG_REDUCE_ROWS = 32  # rows per program of the split-K reduction
+# The wide classes ("long", "short") load their tiles by TMA (_segment_gemm_tma_kernel) when True and the
+# tensors allow it (16-byte aligned base and row strides; never with split-K). Off by default until measured.
+SEG_TMA = False
 
 
 def _shape_class(rows: int, num_segments: int, d_in: int, d_out: int) -> str:
@@ -261,7 +307,8 @@ def segment_gemm_config(rows: int, num_segments: int, d_in: int, d_out: int, ite
     k_per_split = cdiv(cdiv(d_in, split), block_k) * block_k
     split = cdiv(d_in, k_per_split)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=tile.group_m, num_warps=tile.warps,
-                num_stages=stages, SPLIT=split, K_PER_SPLIT=k_per_split, ROW_SLOTS=row_slots)
+                num_stages=stages, SPLIT=split, K_PER_SPLIT=k_per_split, ROW_SLOTS=row_slots,
+                TMA=SEG_TMA and cls in ("long", "short") and split == 1)
 
 
 def segment_gemm(x, weights, segs, segs_are_lens: bool, weight_indices, weight_column_major: bool, out,
@@ -281,6 +328,11 @@ def segment_gemm(x, weights, segs, segs_are_lens: bool, weight_indices, weight_c
         y.copy_(out)  # rows outside every segment keep their values
     split = cfg["SPLIT"]
     scan = min(128, max(16, next_power_of_2(num_segments)))
+    if cfg["TMA"] and split == 1 and _tma_ready(x, weights):
+        _launch_tma(x, weights, y, segs, segs_are_lens, weight_indices, weight_column_major, cfg, scan)
+        if y is not out:
+            out.copy_(y)
+        return
     grid = (cfg["ROW_SLOTS"] * cdiv(d_out, cfg["BLOCK_N"]), split)
     _segment_gemm_kernel[grid](
         x, weights, y, scratch, segs, weight_indices if weight_indices is not None else segs,
@@ -299,6 +351,31 @@ def segment_gemm(x, weights, segs, segs_are_lens: bool, weight_indices, weight_c
         )
     if y is not out:
         out.copy_(y)
+
+
+def _tma_ready(x, weights) -> bool:
+    """TMA's constraints: 16-byte aligned bases and strides (other than the innermost, which is 1)."""
+    size = x.element_size()
+    return (x.data_ptr() % 16 == 0 and weights.data_ptr() % 16 == 0 and (x.stride(0) * size) % 16 == 0
+            and (weights.stride(0) * size) % 16 == 0 and (weights.stride(1) * size) % 16 == 0)
+
+
+def _launch_tma(x, weights, y, segs, segs_are_lens, weight_indices, weight_column_major, cfg, scan) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [bm, bk])
+    w_block = [1, bn, bk] if weight_column_major else [1, bk, bn]
+    w_desc = TensorDescriptor(weights, list(weights.shape), [weights.stride(0), weights.stride(1), 1], w_block)
+    d_in, d_out = x.shape[1], y.shape[1]
+    num_segments = segs.shape[0] - (0 if segs_are_lens else 1)
+    _segment_gemm_tma_kernel[(cfg["ROW_SLOTS"] * cdiv(d_out, bn),)](
+        x_desc, w_desc, y, segs, weight_indices if weight_indices is not None else segs,
+        num_segments, cfg["ROW_SLOTS"], d_in, d_out, y.stride(0),
+        SEGS_ARE_LENS=segs_are_lens, HAS_WEIGHT_INDICES=weight_indices is not None,
+        W_COLUMN_MAJOR=weight_column_major, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        SCAN=scan, UPCAST_DOT=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def _unit_inner_stride(t):
