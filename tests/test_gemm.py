@@ -40,7 +40,8 @@ def _inputs(seg_lens, d_in, d_out, num_weights, dtype, device, column_major):
 
 
 def _wrapper(device):
-    return SegmentGEMMWrapper(torch.empty(1024, dtype=torch.int8, device=device))
+    # 1 MiB of float workspace: room for split-K's partial sums on the GPU shapes (shrink: d_in 4096 -> 16)
+    return SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,17 +138,19 @@ def test_strided_layouts(path, device):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_new_segments():
+@pytest.mark.parametrize("d_in,d_out", [(64, 48), (2048, 16)], ids=["one-launch", "split-k"])
+def test_cuda_graph_replay_new_segments(d_in, d_out):
     """run() does not synchronize: captured once with device index tensors, a replay after the lengths and
-    weight choices change in place (same total rows, segments emptied and grown) is correct."""
+    weight choices change in place (same total rows, segments emptied and grown) is correct; with split-K
+    (a shrink shape and a workspace for the partial sums) too."""
     from flashtile._core.graphs import capture_graph
 
     dev = torch.device("cuda")
-    x, w = _inputs([40, 24], 64, 48, 4, torch.bfloat16, dev, True)
+    x, w = _inputs([40, 24], d_in, d_out, 4, torch.bfloat16, dev, True)
     lens = torch.tensor([40, 24, 0], device=dev)
     idx = torch.tensor([0, 1, 1], device=dev)
-    out = torch.zeros(64, 48, dtype=torch.bfloat16, device=dev)
-    wrapper = _wrapper(dev)
+    out = torch.zeros(64, d_out, dtype=torch.bfloat16, device=dev)
+    wrapper = SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=dev))
     graph, _ = capture_graph(lambda: wrapper.run(x, w, 3, True, out=out, seg_lens=lens, weight_indices=idx))
     for new_lens, new_idx in (([0, 63, 1], [3, 3, 0]), ([64, 0, 0], [2, 0, 1]), ([40, 24, 0], [0, 1, 1])):
         lens.copy_(torch.tensor(new_lens))
