@@ -64,7 +64,8 @@ def _seg_flashtile(case: Case):
     import flashtile
 
     lens, x, w, seg_lens, out = _seg_inputs(case)
-    wrapper = flashtile.gemm.SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=device()))
+    # the workspace FlashInfer's provider gets too (128 MiB); flashtile keeps split-K partial sums there
+    wrapper = flashtile.gemm.SegmentGEMMWrapper(torch.empty(128 << 20, dtype=torch.int8, device=device()))
     return lambda: wrapper.run(x, w, len(lens), True, out=out, seg_lens=seg_lens)
 
 
@@ -150,8 +151,48 @@ def _bmm_flashinfer(case: Case):
 
 _K = "flashtile.kernels.gemm"
 # The GPU launch constants of flashtile/kernels/gemm.py; configs that exceed shared memory are reported, not fatal.
-SEGMENT_GRID = [{Knob(_K, "SEG_BLOCK_M"): g["m"], Knob(_K, "SEG_BLOCK_K"): g["k"], Knob(_K, "SEG_WARPS"): g["w"],
-                 Knob(_K, "SEG_STAGES"): g["st"]} for g in grid(m=(64, 128), k=(32, 64), w=(4, 8), st=(3, 4))]
+_T = "SEG_TILES"
+
+
+def _tiles(cls: str, rows: List[tuple]):
+    from flashtile.kernels.gemm import SegTile
+
+    return [{Knob(_K, _T, cls): SegTile(*row)} for row in rows]
+
+
+# Segment GEMM tuning grids, one per shape class (SegTile fields: block_m, block_n (0: d_out's power of two),
+# block_k (0: d_in's), group_m, warps, stages); the default (no knob changed) is timed first.
+def _shrink_grid(case: Case) -> List[dict]:
+    # tile shape x split count (SEG_SPLIT_K 0 = automatic)
+    tiles = [(m, 0, k, 1, w, st) for m, k, w, st in
+             [(64, 128, 4, 4), (64, 64, 4, 6), (64, 256, 4, 3), (64, 128, 8, 4), (32, 128, 4, 5), (16, 256, 4, 4)]]
+    return [{**t, Knob(_K, "SEG_SPLIT_K"): sk} for t in _tiles("shrink", tiles) for sk in (0, 1, 4, 8, 16)]
+
+
+def _expand_grid(case: Case) -> List[dict]:
+    return _tiles("expand", [(m, n, 0, g, w, st) for m, n, w in [(64, 128, 4), (64, 256, 8), (32, 128, 4),
+                                                                 (32, 256, 4), (128, 128, 8), (16, 256, 4)]
+                             for g, st in ((8, 1), (8, 2), (1, 2))])
+
+
+_WIDE = [(128, 256, 64, 8, 8, 4), (128, 256, 64, 16, 8, 3), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 5),
+         (256, 128, 64, 8, 8, 3), (128, 256, 32, 8, 8, 5), (64, 256, 64, 8, 8, 4), (64, 128, 64, 8, 4, 5)]
+_WIDE_TMA = [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (64, 256, 64, 8, 8, 4),
+             (128, 128, 128, 8, 8, 3)]
+
+
+def _moe_grid(case: Case) -> List[dict]:
+    # the class the launcher picks for this case (bench_gemm's MoE: 8 experts "long", 64 "short")
+    cls = "long" if sum(case.params["seg_lens"]) >= 96 * len(case.params["seg_lens"]) else "short"
+    return _tiles(cls, _WIDE) + [{**t, Knob(_K, "SEG_TMA"): True} for t in _tiles(cls, _WIDE_TMA)]
+
+
+SEGMENT_TUNES = {
+    "shrink": Tune(_shrink_grid, cases=lambda c: "shrink" in c.name, description="LoRA shrink: tile x split-K"),
+    "expand": Tune(_expand_grid, cases=lambda c: "expand" in c.name, description="LoRA expand: tile x stages"),
+    "moe": Tune(_moe_grid, cases=lambda c: c.name.startswith("moe"),
+                description="MoE: tile, group, warps, stages; pointer loads, then TMA (SEG_TMA)"),
+}
 FP8_GRID = [{Knob(_K, "FP8_BLOCK_N"): g["n"], Knob(_K, "FP8_BLOCK_K"): g["k"], Knob(_K, "FP8_WARPS"): g["w"],
              Knob(_K, "FP8_STAGES"): g["st"]} for g in grid(n=(128, 256), k=(64, 128), w=(4, 8), st=(3, 4))]
 
@@ -159,7 +200,7 @@ register(Suite("segment_gemm", segment_cases,
                [Provider("flashtile", _seg_flashtile), Provider("torch_loop", _seg_torch_loop),
                 Provider("torch_grouped_mm", _seg_grouped_mm), Provider("flashinfer", _seg_flashinfer)],
                "tflops", "Segment (grouped) GEMM, bf16, LoRA shrink/expand and MoE shapes",
-               tunes={"config": Tune(lambda case: SEGMENT_GRID, description="BLOCK_M x BLOCK_K x warps x stages")}))
+               tunes=SEGMENT_TUNES))
 register(Suite("bmm_fp8", bmm_cases,
                [Provider("flashtile", _bmm_flashtile), Provider("torch_scaled_mm", _bmm_scaled_mm),
                 Provider("flashinfer", _bmm_flashinfer)],

@@ -36,8 +36,9 @@ class SegmentGEMMWrapper:
     """Segment GEMM: ``y[rows of segment i] = x[rows of segment i] @ W[weight_indices[i]]``.
 
     Args:
-        float_workspace_buffer: a device tensor (kept for API compatibility; the kernel needs no
-            workspace). Its device is where the int workspace is allocated.
+        float_workspace_buffer: a contiguous device tensor of any dtype; its bytes hold the float32
+            partial sums of split-K (``splits x rows x d_out x 4`` bytes: a smaller buffer means fewer
+            splits, down to none; 128 MiB is ample). Its device is where the int workspace is allocated.
         backend: ``"auto"``, ``"sm80"`` or ``"sm90"`` (upstream's CUTLASS choices; all run flashtile's
             Triton kernel on CUDA tensors and the reference on CPU tensors), or ``"triton"`` /
             ``"reference"`` to force a path. Anything else raises ``ValueError``.
@@ -49,14 +50,17 @@ class SegmentGEMMWrapper:
         check_tensor("float_workspace_buffer", float_workspace_buffer)
         self._backend = _our_backend(backend)
         self._float_workspace_buffer = float_workspace_buffer
+        self._scratch = _float32_scratch(float_workspace_buffer)
         self._int_workspace_buffer = torch.empty(
             1024 * 1024, dtype=torch.int8, device=float_workspace_buffer.device)
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer: torch.Tensor) -> None:
-        """Replace the workspace buffers (kept; the kernel does not read them)."""
+        """Replace the workspace buffers (the float one holds split-K partial sums; the int one is kept
+        for API compatibility)."""
         check_tensor("float_workspace_buffer", float_workspace_buffer)
         check_tensor("int_workspace_buffer", int_workspace_buffer)
         self._float_workspace_buffer = float_workspace_buffer
+        self._scratch = _float32_scratch(float_workspace_buffer)
         self._int_workspace_buffer = int_workspace_buffer
 
     def run(
@@ -101,7 +105,7 @@ class SegmentGEMMWrapper:
             layout = "[num_weights, d_out, d_in]" if weight_column_major else "[num_weights, d_in, d_out]"
             raise ValueError(f"weights: expected {layout} with d_in = x.shape[1] = {x.shape[1]}, "
                              f"got shape {list(weights.shape)} (weight_column_major={bool(weight_column_major)})")
-        seg_indptr = self._indptr(seg_lens, seg_indptr, batch_size, x.shape[0], device)
+        segs, segs_are_lens = self._segments(seg_lens, seg_indptr, batch_size, x.shape[0], device)
         if weight_indices is not None:
             check_tensor("weight_indices", weight_indices, shape=(batch_size,), dtypes=INDEX_DTYPES)
             if weight_indices.device.type == "cpu" and batch_size > 0:
@@ -118,33 +122,51 @@ class SegmentGEMMWrapper:
             check_tensor("out", out, shape=(x.shape[0], d_out), dtypes=(x.dtype,), device=device)
         if batch_size == 0 or out.numel() == 0:
             return out
-        call_segment_gemm(x, weights, seg_indptr, weight_indices, bool(weight_column_major), out, self._backend)
+        scratch = self._scratch if self._scratch.device == device else _float32_scratch(None, device)
+        call_segment_gemm(x, weights, segs, segs_are_lens, weight_indices, bool(weight_column_major), out, scratch,
+                          self._backend)
         return out
 
     forward = run
 
     @staticmethod
-    def _indptr(seg_lens, seg_indptr, batch_size: int, total_rows: int, device: torch.device) -> torch.Tensor:
-        """The segments' row offsets, int64 ``[B + 1]`` on ``device``."""
+    def _segments(seg_lens, seg_indptr, batch_size: int, total_rows: int, device: torch.device):
+        """``(segs, segs_are_lens)``: ``seg_indptr`` (``[B + 1]``) when given, else ``seg_lens`` (``[B]``), on
+        ``device`` in its own integer dtype (the kernel reads either form: no prefix-sum launch here)."""
         if seg_indptr is not None:
             check_tensor("seg_indptr", seg_indptr, shape=(batch_size + 1,), dtypes=INDEX_DTYPES)
-            name, host = "seg_indptr", seg_indptr
+            name, segs = "seg_indptr", seg_indptr
         elif seg_lens is not None:
             check_tensor("seg_lens", seg_lens, shape=(batch_size,), dtypes=INDEX_DTYPES)
-            name, host = "seg_lens", seg_lens
-            seg_indptr = torch.zeros(batch_size + 1, dtype=torch.int64, device=seg_lens.device)
-            torch.cumsum(seg_lens, 0, out=seg_indptr[1:])
+            name, segs = "seg_lens", seg_lens
         else:
             raise ValueError("Either seg_lens or seg_indptr should be provided.")
-        if host.device.type == "cpu":
-            values = host.tolist()
-            if name == "seg_lens" and any(v < 0 for v in values):
-                raise ValueError(f"seg_lens: expected lengths >= 0, got min {min(values)}")
-            if name == "seg_indptr" and (values[0] < 0 or any(b < a for a, b in zip(values, values[1:]))):
-                raise ValueError("seg_indptr: expected non-decreasing offsets >= 0")
-            if int(seg_indptr[-1]) > total_rows:
-                raise ValueError(f"{name}: the segments cover {int(seg_indptr[-1])} rows, but x has {total_rows}")
-        return seg_indptr.to(device=device, dtype=torch.int64, non_blocking=True)
+        if segs.device.type == "cpu":
+            values = segs.tolist()
+            if name == "seg_lens":
+                if any(v < 0 for v in values):
+                    raise ValueError(f"seg_lens: expected lengths >= 0, got min {min(values)}")
+                end = sum(values)
+            else:
+                if values[0] < 0 or any(b < a for a, b in zip(values, values[1:])):
+                    raise ValueError("seg_indptr: expected non-decreasing offsets >= 0")
+                end = values[-1]
+            if end > total_rows:
+                raise ValueError(f"{name}: the segments cover {end} rows, but x has {total_rows}")
+        if segs.device != device:
+            segs = segs.to(device, non_blocking=True)
+        return segs, name == "seg_lens"
+
+
+def _float32_scratch(buffer: Optional[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
+    """The bytes of ``buffer`` as a 1-D float32 tensor (split-K partial sums), or an empty one when the
+    buffer is absent, not contiguous or not 16-byte aligned."""
+    if buffer is not None:
+        device = buffer.device
+        if buffer.is_contiguous() and buffer.numel() > 0 and buffer.data_ptr() % 16 == 0:
+            flat = buffer.reshape(-1).view(torch.uint8)
+            return flat[: flat.numel() // 4 * 4].view(torch.float32)
+    return torch.empty(0, dtype=torch.float32, device=device)
 
 
 def bmm_fp8(

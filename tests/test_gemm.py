@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import flashtile
 from conftest import DEVICE, HAS_CUDA
 from flashtile.gemm import SegmentGEMMWrapper, bmm_fp8
-from flashtile.scheduler.segment_tiles import locate_tile, segment_tile_indptr, tile_slots
+from flashtile.scheduler.segment_tiles import locate_tile, tile_slots
 from oracles import TOLERANCES, bmm_fp8_f64, segment_gemm_f64
 
 DTYPES = [torch.float16, torch.bfloat16]
@@ -22,7 +22,7 @@ SEG_LENS = [[1], [0], [3, 0, 5], [0, 0, 2], [17, 1, 0, 33], [40, 7]]
 DIMS = [(16, 16), (33, 7), (64, 40)]
 if HAS_CUDA:
     SEG_LENS += [[3] * 77, [99] * 3 + [0] + [200], [1000, 1, 513]]
-    DIMS += [(128, 1024), (4096, 16), (16, 4096)]
+    DIMS += [(128, 1024), (4096, 16), (16, 4096), (264, 520)]  # expand, shrink (split-K), expand, wide
 
 
 def _close(out, ref, dtype):
@@ -40,7 +40,8 @@ def _inputs(seg_lens, d_in, d_out, num_weights, dtype, device, column_major):
 
 
 def _wrapper(device):
-    return SegmentGEMMWrapper(torch.empty(1024, dtype=torch.int8, device=device))
+    # 1 MiB of float workspace: room for split-K's partial sums on the GPU shapes (shrink: d_in 4096 -> 16)
+    return SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,17 +138,19 @@ def test_strided_layouts(path, device):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_new_segments():
+@pytest.mark.parametrize("d_in,d_out", [(64, 48), (2048, 16)], ids=["one-launch", "split-k"])
+def test_cuda_graph_replay_new_segments(d_in, d_out):
     """run() does not synchronize: captured once with device index tensors, a replay after the lengths and
-    weight choices change in place (same total rows, segments emptied and grown) is correct."""
+    weight choices change in place (same total rows, segments emptied and grown) is correct; with split-K
+    (a shrink shape and a workspace for the partial sums) too."""
     from flashtile._core.graphs import capture_graph
 
     dev = torch.device("cuda")
-    x, w = _inputs([40, 24], 64, 48, 4, torch.bfloat16, dev, True)
+    x, w = _inputs([40, 24], d_in, d_out, 4, torch.bfloat16, dev, True)
     lens = torch.tensor([40, 24, 0], device=dev)
     idx = torch.tensor([0, 1, 1], device=dev)
-    out = torch.zeros(64, 48, dtype=torch.bfloat16, device=dev)
-    wrapper = _wrapper(dev)
+    out = torch.zeros(64, d_out, dtype=torch.bfloat16, device=dev)
+    wrapper = SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=dev))
     graph, _ = capture_graph(lambda: wrapper.run(x, w, 3, True, out=out, seg_lens=lens, weight_indices=idx))
     for new_lens, new_idx in (([0, 63, 1], [3, 3, 0]), ([64, 0, 0], [2, 0, 1]), ([40, 24, 0], [0, 1, 1])):
         lens.copy_(torch.tensor(new_lens))
@@ -158,24 +161,130 @@ def test_cuda_graph_replay_new_segments():
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU runs these configs in every test")
 def test_gpu_tile_configs_under_interpreter(monkeypatch):
-    """The GPU launch configs (64-row segment tiles, 128-wide fp8 tiles, 64-wide k slices) run under the
-    interpreter on lengths that straddle them: the masks and the tile search of the real tile sizes."""
+    """The GPU launch configs (every segment shape class: 64/128-row tiles, narrow and 256-wide column
+    tiles, split-K; 128-wide fp8 tiles) run under the interpreter on lengths that straddle them: the
+    masks, the tile search and the split-K reduction of the real tile sizes."""
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
     from flashtile.kernels import gemm as kernels
 
     seg_cfg, bmm_cfg = kernels.segment_gemm_config, kernels.bmm_fp8_config
-    monkeypatch.setattr(kernels, "segment_gemm_config", lambda d_in, d_out: seg_cfg(d_in, d_out, interpret=False))
+    configs = []
+
+    def gpu_config(*args):
+        cfg = seg_cfg(*args[:6], 132, 232448, interpret=False)
+        configs.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(kernels, "segment_gemm_config", gpu_config)
     monkeypatch.setattr(kernels, "bmm_fp8_config", lambda m, n: bmm_cfg(m, n, interpret=False))
     cpu = torch.device("cpu")
-    seg_lens = [65, 0, 1, 64, 130]
-    for column_major in (False, True):
-        x, w = _inputs(seg_lens, 70, 130, 5, torch.bfloat16, cpu, column_major)
-        y = _wrapper(cpu).run(x, w, 5, column_major, seg_lens=torch.tensor(seg_lens))
-        _close(y, segment_gemm_f64(x, w, seg_lens, None, column_major), torch.bfloat16)
+    wrapper = SegmentGEMMWrapper(torch.empty(1 << 22, dtype=torch.int8))
+    # (seg_lens, d_in, d_out): expand (d_in <= 128), shrink with split-K (d_out <= 128 < d_in, d_in % 128 != 0),
+    # short and long segments with both dims wide
+    for seg_lens, d_in, d_out in (([65, 0, 1, 64, 130], 70, 130), ([33, 0, 7], 1100, 24),
+                                  ([65, 0, 1, 64, 130], 136, 260), ([300, 0, 130], 136, 260)):
+        for column_major in (False, True):
+            x, w = _inputs(seg_lens, d_in, d_out, len(seg_lens), torch.bfloat16, cpu, column_major)
+            y = wrapper.run(x, w, len(seg_lens), column_major, seg_lens=torch.tensor(seg_lens))
+            _close(y, segment_gemm_f64(x, w, seg_lens, None, column_major), torch.bfloat16)
+    assert {c["SPLIT"] for c in configs} >= {1, 2}, configs
+    assert {c["BLOCK_M"] for c in configs} >= {64, 128} and 256 in {c["BLOCK_N"] for c in configs}
     A, a_scale = _fp8((1, 130, 70), E4M3, cpu, 2.0)
     B, b_scale = _fp8((1, 129, 70), E5M2, cpu, 1.0)
     out = bmm_fp8(A, B.transpose(1, 2), a_scale, b_scale, torch.float16)
     _close(out, bmm_fp8_f64(A, B.transpose(1, 2), a_scale, b_scale), torch.float16)
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_split_k(path, device, monkeypatch, split, column_major):
+    """Split-K (d_in cut into SEG_SPLIT_K parts, partial sums in the float workspace, added in a second
+    launch): d_in not a multiple of the split or of BLOCK_K, empty segments, repeated weight indices,
+    seg_indptr starting above 0 with rows outside the segments left alone in out=; a workspace too small
+    for the splits falls back to fewer (none)."""
+    from flashtile.kernels import gemm as kernels
+
+    monkeypatch.setattr(kernels, "SEG_SPLIT_K", split)
+    kernels.segment_gemm_config.cache_clear()
+    try:
+        seg_lens, idx, d_in, d_out = [9, 0, 17, 1, 0], [1, 1, 0, 2, 1], 83, 20
+        x, w = _inputs(seg_lens, d_in, d_out, 3, torch.float16, device, column_major)
+        # rows 0, 1 and the last 3 belong to no segment
+        x = torch.cat([torch.randn(2, d_in, device=device).to(x.dtype), x, x[:3]])
+        indptr = torch.tensor([2] + [2 + v for v in torch.tensor(seg_lens).cumsum(0).tolist()], device=device)
+        ref = segment_gemm_f64(x[2:-3], w, seg_lens, idx, column_major)
+        for ws_bytes in (1 << 20, 2 * x.shape[0] * d_out * 4, 0):  # room for every split, for two, for none
+            out = torch.full((x.shape[0], d_out), float("nan"), dtype=x.dtype, device=device)
+            wrapper = SegmentGEMMWrapper(torch.empty(ws_bytes, dtype=torch.int8, device=device))
+            got = wrapper.run(x, w, 5, column_major, out=out, seg_indptr=indptr,
+                              weight_indices=torch.tensor(idx, device=device))
+            assert got is out
+            assert out[:2].isnan().all() and out[-3:].isnan().all()
+            _close(out[2:-3], ref, torch.float16)
+        # seg_lens form (the segments start at row 0)
+        y = SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=device)).run(
+            x[2:-3], w, 5, column_major, seg_lens=torch.tensor(seg_lens, device=device),
+            weight_indices=torch.tensor(idx, device=device))
+        _close(y, ref, torch.float16)
+    finally:
+        kernels.segment_gemm_config.cache_clear()
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_tma_kernel(monkeypatch, column_major):
+    """SEG_TMA (the wide classes' TMA-loaded kernel): long and short segments, empty ones, repeated weight
+    indices, d_in and d_out not multiples of the tile (TMA's zero fill), a tile's last rows reaching into
+    the next segment (read, not stored), rows outside the segments left alone; a row stride TMA cannot
+    take falls back to the pointer kernel. On CPU under the interpreter with the GPU configs."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    from flashtile.kernels import gemm as kernels
+
+    monkeypatch.setattr(kernels, "SEG_TMA", True)
+    seg_cfg = kernels.segment_gemm_config
+    seg_cfg.cache_clear()
+    if not HAS_CUDA:
+        monkeypatch.setattr(kernels, "segment_gemm_config", lambda *a: seg_cfg(*a[:6], 132, 232448, interpret=False))
+    used = []
+    launch = kernels._launch_tma
+    monkeypatch.setattr(kernels, "_launch_tma", lambda *a: used.append(1) or launch(*a))
+    try:
+        for seg_lens, idx in (([300, 0, 130, 2], [1, 0, 1, 2]), ([65, 0, 1, 64, 70], [0, 0, 2, 1, 2])):
+            x, w = _inputs(seg_lens, 136, 264, 3, torch.bfloat16, DEVICE, column_major)
+            x = torch.cat([x, x[:5]])  # 5 rows past the last segment
+            out = torch.full((x.shape[0], 264), float("nan"), dtype=x.dtype, device=DEVICE)
+            wrapper = SegmentGEMMWrapper(torch.empty(1 << 20, dtype=torch.int8, device=DEVICE))
+            wrapper.run(x, w, len(seg_lens), column_major, out=out, seg_lens=torch.tensor(seg_lens, device=DEVICE),
+                        weight_indices=torch.tensor(idx, device=DEVICE))
+            assert out[-5:].isnan().all()
+            _close(out[:-5], segment_gemm_f64(x[:-5], w, seg_lens, idx, column_major), torch.bfloat16)
+        assert len(used) == 2
+        wide = torch.randn(sum(seg_lens), 140, device=DEVICE).to(torch.bfloat16)
+        y = wrapper.run(wide[:, :136], w, len(seg_lens), column_major, seg_lens=torch.tensor(seg_lens),
+                        weight_indices=torch.tensor(idx))  # row stride 280 bytes: not TMA's
+        assert len(used) == 2
+        _close(y, segment_gemm_f64(wide[:, :136], w, seg_lens, idx, column_major), torch.bfloat16)
+    finally:
+        seg_cfg.cache_clear()
+
+
+def test_split_k_config():
+    """The automatic split: LoRA shrink shapes split d_in until the programs fill two waves, within the
+    workspace; wide outputs (MoE) and short d_in (expand) do not split; the stages fit shared memory."""
+    from flashtile.kernels.gemm import segment_gemm_config
+
+    big = 1 << 30
+    shrink = segment_gemm_config(2080, 64, 4096, 16, 2, big, 132, 232448, interpret=False)
+    assert shrink["SPLIT"] > 1 and shrink["SPLIT"] * shrink["K_PER_SPLIT"] >= 4096
+    assert (shrink["SPLIT"] - 1) * shrink["K_PER_SPLIT"] < 4096 and shrink["K_PER_SPLIT"] % shrink["BLOCK_K"] == 0
+    assert segment_gemm_config(2080, 64, 4096, 16, 2, 2080 * 16 * 2, 132, 232448, interpret=False)["SPLIT"] == 2
+    assert segment_gemm_config(2080, 64, 4096, 16, 2, 0, 132, 232448, interpret=False)["SPLIT"] == 1
+    for args in ((2080, 64, 16, 4096), (4096, 8, 4096, 14336), (4096, 64, 4096, 14336)):
+        cfg = segment_gemm_config(*args, 2, big, 132, 232448, interpret=False)
+        assert cfg["SPLIT"] == 1
+        tile = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2
+        assert tile <= 232448
+    small = segment_gemm_config(4096, 8, 4096, 14336, 2, big, 132, 64 * 1024, interpret=False)
+    assert small["num_stages"] * (small["BLOCK_M"] + small["BLOCK_N"]) * small["BLOCK_K"] * 2 <= 64 * 1024
 
 
 def test_empty_batch(path, device):
@@ -224,16 +333,19 @@ def test_segment_gemm_errors(device):
 
 @settings(max_examples=200, deadline=None)
 @given(seg_lens=st.lists(st.integers(0, 150), min_size=1, max_size=40),
-       block_m=st.sampled_from([16, 32, 64, 128]), lead=st.integers(0, 5), tail=st.integers(0, 5))
-def test_tile_schedule_covers_every_tile_once(seg_lens, block_m, lead, tail):
-    """Every (segment, row tile) is computed by exactly one program of the launch, and the launch is
-    large enough, whatever the lengths (empty segments, a first offset above 0, spare rows in x)."""
-    indptr = torch.tensor([lead] + [lead + v for v in torch.tensor(seg_lens).cumsum(0).tolist()])
+       block_m=st.sampled_from([16, 32, 64, 128]), lead=st.integers(0, 5), tail=st.integers(0, 5),
+       scan=st.sampled_from([1, 4, 16]))
+def test_tile_schedule_covers_every_tile_once(seg_lens, block_m, lead, tail, scan):
+    """Every (segment, row tile) is computed by exactly one program of the launch, with the right rows,
+    and the launch is large enough, whatever the lengths (empty segments, a first offset above 0, spare
+    rows in x) and the scan's chunk."""
     total_rows = lead + sum(seg_lens) + tail
-    tiles = segment_tile_indptr(indptr, block_m).tolist()
-    seen = [locate_tile(tiles, t) for t in range(tile_slots(total_rows, len(seg_lens), block_m))]
+    slots = tile_slots(total_rows, len(seg_lens), block_m)
+    seen = [locate_tile(seg_lens, lead, block_m, t, scan) for t in range(slots)]
     got = sorted(s for s in seen if s is not None)
-    want = [(s, i) for s, n in enumerate(seg_lens) for i in range(-(-n // block_m))]
+    starts = [lead + sum(seg_lens[:s]) for s in range(len(seg_lens))]
+    want = [(s, starts[s] + i * block_m, starts[s] + n)
+            for s, n in enumerate(seg_lens) for i in range(-(-n // block_m))]
     assert got == want
 
 
@@ -304,10 +416,13 @@ def test_opcheck(path, device):
     backend = "reference" if path == "reference" else "triton"
     x, w = _inputs([3, 0, 5], 16, 24, 3, torch.float16, device, True)
     indptr = torch.tensor([0, 3, 3, 8], device=device)
+    lens = torch.tensor([3, 0, 5], dtype=torch.int32, device=device)
     out = torch.zeros(8, 24, dtype=torch.float16, device=device)
+    scratch = torch.zeros(1024, dtype=torch.float32, device=device)
     for idx in (torch.tensor([1, 0, 1], device=device), None):
-        torch.library.opcheck(ops_gemm.segment_gemm, (x, w, indptr, idx, True, out, backend),
-                              test_utils=("test_schema", "test_faketensor"))
+        for segs, are_lens in ((indptr, False), (lens, True)):
+            torch.library.opcheck(ops_gemm.segment_gemm, (x, w, segs, are_lens, idx, True, out, scratch, backend),
+                                  test_utils=("test_schema", "test_faketensor"))
     A, s = _fp8((2, 5, 32), E4M3, device, 1.0)
     B = _fp8((2, 7, 32), E5M2, device, 1.0)[0].transpose(1, 2)
     out8 = torch.empty(2, 5, 7, dtype=torch.bfloat16, device=device)

@@ -352,13 +352,40 @@ mla_case(64, 4096, 128, label="variant window decode 64x4096 h128 p64", variant=
 # GEMM: segment GEMM (MoE-like column-major experts, LoRA-like rank-16 row-major) and fp8 bmm (e4m3, mixed).
 from flashtile.kernels import gemm as G  # noqa: E402
 
+G.num_sms = lambda device: 132  # the launcher's split-K choice for an H100 (CPU tensors would say 4)
+_scratch = torch.empty(32 << 20, dtype=torch.float32)  # a 128 MiB float workspace
 _seg = torch.tensor([0, 1000, 1000, 2024], dtype=torch.int64)
-G.segment_gemm(torch.randn(2024, 4096, dtype=bf), torch.randn(3, 1024, 4096, dtype=bf), _seg,
-               torch.tensor([2, 0, 1]), True, torch.empty(2024, 1024, dtype=bf))
+G.segment_gemm(torch.randn(2024, 4096, dtype=bf), torch.randn(3, 1024, 4096, dtype=bf), _seg, False,
+               torch.tensor([2, 0, 1]), True, torch.empty(2024, 1024, dtype=bf), _scratch)
 compile_all("gemm segment column-major bf16 4096->1024")
 G.segment_gemm(torch.randn(2024, 4096, dtype=torch.float16), torch.randn(3, 4096, 16, dtype=torch.float16), _seg,
-               None, False, torch.empty(2024, 16, dtype=torch.float16))
+               False, None, False, torch.empty(2024, 16, dtype=torch.float16), _scratch)
 compile_all("gemm segment row-major fp16 lora 4096->16")
+# The benchmark's shapes (bench_gemm.py): LoRA 64 segments x 1-64 rows (2080 rows), shrink and expand at
+# ranks 16 and 64 (nn.Linear layout, seg_lens); MoE 4096 rows over 8 and 64 experts, 4096 -> 14336.
+_lora = torch.randint(1, 65, (64,), generator=torch.Generator().manual_seed(1))
+for _r in (16, 64):
+    G.segment_gemm(torch.randn(int(_lora.sum()), 4096, dtype=bf), torch.empty(64, _r, 4096, dtype=bf), _lora, True,
+                   None, True, torch.empty(int(_lora.sum()), _r, dtype=bf), _scratch)
+    compile_all(f"gemm segment lora shrink r{_r} 4096->{_r}")
+    G.segment_gemm(torch.randn(int(_lora.sum()), _r, dtype=bf), torch.empty(64, 4096, _r, dtype=bf), _lora, True,
+                   None, True, torch.empty(int(_lora.sum()), 4096, dtype=bf), _scratch)
+    compile_all(f"gemm segment lora expand r{_r} {_r}->4096")
+for _e in (8, 64):
+    # one expert's weights seen _e times (stride 0: specialized like the real stride, a multiple of 16)
+    G.segment_gemm(torch.empty(4096, 4096, dtype=bf), torch.empty(1, 14336, 4096, dtype=bf).expand(_e, -1, -1),
+                   torch.full((_e,), 4096 // _e), True, None, True, torch.empty(4096, 14336, dtype=bf), _scratch)
+    compile_all(f"gemm segment moe {_e} experts 4096->14336")
+G.SEG_TMA = True  # the wide classes' TMA kernel (off by default)
+G.segment_gemm_config.cache_clear()
+for _e in (8, 64):
+    for _cm in (True, False):
+        _w = torch.empty(1, 14336, 4096, dtype=bf) if _cm else torch.empty(1, 4096, 14336, dtype=bf)
+        G.segment_gemm(torch.empty(4096, 4096, dtype=bf), _w.expand(_e, -1, -1), torch.full((_e,), 4096 // _e), True,
+                       None, _cm, torch.empty(4096, 14336, dtype=bf), _scratch)
+        compile_all(f"gemm segment moe {_e} experts 4096->14336 tma {'column' if _cm else 'row'}-major")
+G.SEG_TMA = False
+G.segment_gemm_config.cache_clear()
 _e4, _e5, _one = torch.float8_e4m3fn, torch.float8_e5m2, torch.ones((), dtype=torch.float32)
 G.bmm_fp8(torch.randn(4, 256, 1024).to(_e4), torch.randn(4, 512, 1024).to(_e4).transpose(-2, -1), _one, _one,
           torch.empty(4, 256, 512, dtype=bf))

@@ -16,18 +16,26 @@ __all__ = ["segment_gemm", "bmm_fp8"]
 def segment_gemm(
     x: torch.Tensor,
     weights: torch.Tensor,
-    seg_indptr: torch.Tensor,
+    segs: torch.Tensor,
+    segs_are_lens: bool,
     weight_indices: Optional[torch.Tensor],
     weight_column_major: bool,
     out: torch.Tensor,
+    scratch: torch.Tensor,
 ) -> None:
     """``out[rows of s] = x[rows of s] @ W[weight_indices[s] or s]`` (``W`` transposed when
     ``weight_column_major``), for each segment ``s``; rows outside every segment are left as they are.
 
     x ``[rows, d_in]``; weights ``[num_weights, d_in, d_out]`` (or ``[num_weights, d_out, d_in]`` when
-    column-major); seg_indptr integer ``[B + 1]``; weight_indices integer ``[B]`` or None; out
-    ``[rows, d_out]``, written in place."""
-    bounds = seg_indptr.tolist()
+    column-major); segs integer: ``[B]`` lengths (the segments start at row 0) when ``segs_are_lens``,
+    else ``[B + 1]`` row offsets; weight_indices integer ``[B]`` or None; out ``[rows, d_out]``, written in
+    place; scratch: float32 workspace of the kernels' split-K (unused here)."""
+    if segs_are_lens:
+        bounds = [0]
+        for n in segs.tolist():
+            bounds.append(bounds[-1] + n)
+    else:
+        bounds = segs.tolist()
     which = weight_indices.tolist() if weight_indices is not None else range(len(bounds) - 1)
     for s, w in enumerate(which):
         start, end = bounds[s], bounds[s + 1]
