@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from . import debug
 from .debug import output_poisoning_enabled
 
 
@@ -28,7 +29,14 @@ def new_output_as(x: torch.Tensor, shape) -> torch.Tensor:
 def new_output_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous output with ``x``'s shape, dtype and device. ``torch.empty_like`` takes under half
     the host time of ``torch.empty(shape, dtype=..., device=...)``, which matters for launch-bound ops."""
-    return _poisoned_in_debug(torch.empty_like(x, memory_format=torch.contiguous_format))
+    out = _empty_like(x, memory_format=_CONTIGUOUS)
+    if debug._poisoning is not False:  # on, or not decided yet (it runs on every call of the small ops)
+        _poisoned_in_debug(out)
+    return out
+
+
+_empty_like = torch.empty_like
+_CONTIGUOUS = torch.contiguous_format
 
 
 _DISCARDED_BUFFERS: dict = {}  # (device, dtype) -> buffers, newest last; never freed (see discarded_output)
