@@ -1,0 +1,60 @@
+"""Single-request split planning sits in the op layer (_core/ops.py, over scheduler/split_kv.py); the launcher
+launches the plan it is given: any valid plan gives the oracle's result, and the API's calls pass the planner's."""
+
+import pytest
+import torch
+
+from attention_cases import assert_matches_oracle, make_qkv
+from flashtile._core.attention_args import normalize_single_attention
+from flashtile.scheduler.split_kv import SingleKVSplits, plan_single_kv_splits
+
+
+def _normalized(q, k, v, causal=False):
+    return normalize_single_attention(
+        q, k, v, kv_layout="NHD", pos_encoding_mode="NONE", causal=causal, custom_mask=None, packed_custom_mask=None,
+        q_scale=None, k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None,
+        rope_theta=None, out_dtype=None, backend="triton")
+
+
+@pytest.mark.parametrize("kind, qo_len, causal", [("decode", 1, False), ("prefill", 5, True)])
+@pytest.mark.parametrize("num_splits, chunk", [(1, 77), (2, 48), (3, 32), (5, 16)])
+def test_launcher_runs_the_plan_it_is_given(device, monkeypatch, kind, qo_len, causal, num_splits, chunk):
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    from flashtile.kernels.attention import single_attention_forward
+
+    q, k, v = make_qkv(qo_len, 77, 4, 2, 64, torch.float16, device)
+    args = _normalized(q, k, v, causal)
+    out = torch.full((qo_len, 4, 64), float("nan"), dtype=torch.float16, device=device)
+    lse = torch.full((qo_len, 4), float("nan"), device=device)
+    splits = SingleKVSplits(77, num_splits, chunk)
+    assert splits.ranges()[-1][1] == 77
+    single_attention_forward(args.q, args.k, args.v, out, lse, args.params, packed_mask=None, kind=kind,
+                             splits=splits)
+    assert_matches_oracle(out, lse, q, k, v, causal=causal)
+
+
+def test_api_calls_pass_the_planners_plan(device, monkeypatch):
+    """single_decode_with_kv_cache on the kernel path: the op layer plans with scheduler/split_kv.py over the
+    launcher's launch shape and the launcher receives that plan (split here: 4 SMs under the interpreter)."""
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    from flashtile._core import single
+    from flashtile.kernels import attention as kernels
+
+    monkeypatch.setattr(single, "_REPLAYS", {})  # no replay of an earlier test's call: the first call plans
+    seen = []
+    launch = kernels.single_attention_forward
+
+    def spy(*args, splits=None, **kwargs):
+        seen.append(splits)
+        return launch(*args, splits=splits, **kwargs)
+
+    monkeypatch.setattr(kernels, "single_attention_forward", spy)
+    import flashtile
+
+    q, k, v = make_qkv(1, 300, 4, 2, 64, torch.float16, device)
+    out = flashtile.single_decode_with_kv_cache(q[0], k, v, window_left=299)
+    args = _normalized(q, k, v)
+    want = plan_single_kv_splits(300, kernels.single_launch_shape(args.q, args.k, args.v, args.params,
+                                                                   packed_mask=None, kind="decode"))
+    assert seen == [want] and want.partial
+    assert_matches_oracle(out[None], None, q, k, v, window_left=299)
