@@ -40,7 +40,8 @@ tensors and floats of this call. The launcher's key must fix every other argumen
 recomputes every launch through the launcher and raises if it differs from the recorded one.
 ``FLASHTILE_LAUNCH_MEMO=0`` turns the memos off (direct launches stay on). A launcher may be handed
 its key by its caller (``launch_key``: the API layer's key of the same tensors, _core/memo.py), which
-then must fix the launch just as the launcher's own key does.
+then must fix the launch just as the launcher's own key does. A caller that keeps a per-key entry anyway
+(the API memos) can hold a ``ReplayCell`` of the key instead, and skip the memo's own lookup.
 
 The FLASHTILE_* knobs are read once (_core/settings.py; ``reset_launch_settings`` re-reads them).
 """
