@@ -18,8 +18,9 @@ from oracles import rmsnorm_f64
     (dict(weight=torch.ones(63)), ValueError),
     (dict(out=torch.empty(3, 64, dtype=torch.float32)), TypeError),
 ])
-def test_rmsnorm_after_a_remembered_call(path, bad, error):
-    x, w = torch.randn(3, 64, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
+def test_rmsnorm_after_a_remembered_call(path, device, bad, error):
+    x, w = torch.randn(3, 64, dtype=torch.float16, device=device), torch.randn(64, dtype=torch.float16, device=device)
+    bad = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in bad.items()}
     flashtile.rmsnorm(x, w, 1e-6)
     flashtile.rmsnorm(x, w, 1e-6)  # remembered (and replayed on the kernel path)
     kwargs = dict(weight=w, eps=1e-6)
@@ -33,9 +34,10 @@ def test_rmsnorm_after_a_remembered_call(path, bad, error):
     (dict(residual=torch.randn(3, 64, dtype=torch.float32)), TypeError),
     (dict(weight=torch.ones(32, dtype=torch.float16)), ValueError),
 ])
-def test_fused_add_rmsnorm_after_a_remembered_call(path, bad, error):
-    x, r, w = (torch.randn(3, 64, dtype=torch.float16), torch.randn(3, 64, dtype=torch.float16),
-               torch.randn(64, dtype=torch.float16))
+def test_fused_add_rmsnorm_after_a_remembered_call(path, device, bad, error):
+    x, r = (torch.randn(3, 64, dtype=torch.float16, device=device) for _ in range(2))
+    w = torch.randn(64, dtype=torch.float16, device=device)
+    bad = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in bad.items()}
     flashtile.fused_add_rmsnorm(x, r, w, 1e-6)
     flashtile.fused_add_rmsnorm(x, r, w, 1e-6)
     kwargs = dict(residual=r, weight=w, eps=1e-6)
@@ -44,13 +46,13 @@ def test_fused_add_rmsnorm_after_a_remembered_call(path, bad, error):
         flashtile.fused_add_rmsnorm(x, **kwargs)
 
 
-def test_merge_state_after_a_remembered_call(path):
-    va, vb = torch.randn(5, 4, 32, dtype=torch.float16), torch.randn(5, 4, 32, dtype=torch.float16)
-    sa, sb = torch.randn(5, 4), torch.randn(5, 4)
+def test_merge_state_after_a_remembered_call(path, device):
+    va, vb = (torch.randn(5, 4, 32, dtype=torch.float16, device=device) for _ in range(2))
+    sa, sb = torch.randn(5, 4, device=device), torch.randn(5, 4, device=device)
     flashtile.merge_state(va, sa, vb, sb)
     flashtile.merge_state(va, sa, vb, sb)
     with pytest.raises(ValueError, match="s_b"):
-        flashtile.merge_state(va, sa, vb, torch.randn(5, 3))
+        flashtile.merge_state(va, sa, vb, torch.randn(5, 3, device=device))
     with pytest.raises(TypeError, match="v_b"):
         flashtile.merge_state(va, sa, vb.float(), sb)
 
@@ -61,8 +63,8 @@ def test_merge_state_after_a_remembered_call(path):
     (dict(q_scale=True), TypeError),
     (dict(pos_encoding_mode="ROPE"), ValueError),
 ])
-def test_single_decode_after_a_replayed_call(path, bad, error):
-    q, k, v = make_qkv(1, 33, 4, 2, 64, torch.float16, "cpu")
+def test_single_decode_after_a_replayed_call(path, device, bad, error):
+    q, k, v = make_qkv(1, 33, 4, 2, 64, torch.float16, device)
     good = dict(window_left=-1, q_scale=1.0, pos_encoding_mode="NONE")
     flashtile.single_decode_with_kv_cache(q[0], k, v, **good)
     flashtile.single_decode_with_kv_cache(q[0], k, v, **good)  # replayed on the kernel path
@@ -71,13 +73,14 @@ def test_single_decode_after_a_replayed_call(path, bad, error):
         flashtile.single_decode_with_kv_cache(q[0], k, v, **good)
 
 
-def test_replayed_calls_compute_this_calls_inputs(path):
+def test_replayed_calls_compute_this_calls_inputs(path, device):
     """Second and third calls with new tensors of the same metadata (replayed on the kernel path)."""
     for _ in range(3):
-        x, w = torch.randn(3, 64, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
+        x = torch.randn(3, 64, dtype=torch.float16, device=device)
+        w = torch.randn(64, dtype=torch.float16, device=device)
         out = flashtile.rmsnorm(x, w, 1e-6)
-        torch.testing.assert_close(out.double(), rmsnorm_f64(x, w, 1e-6), atol=2e-3, rtol=2e-3)
-        q, k, v = make_qkv(1, 70, 4, 2, 64, torch.float16, "cpu")
+        torch.testing.assert_close(out.double().cpu(), rmsnorm_f64(x, w, 1e-6).cpu(), atol=2e-3, rtol=2e-3)
+        q, k, v = make_qkv(1, 70, 4, 2, 64, torch.float16, device)
         o, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True)
         assert_matches_oracle(o[None], lse[None], q, k, v)
         o = flashtile.single_decode_with_kv_cache(q[0], k, v)

@@ -17,17 +17,22 @@ def _normalized(q, k, v, causal=False):
 
 
 @pytest.mark.parametrize("kind, qo_len, causal", [("decode", 1, False), ("prefill", 5, True)])
-@pytest.mark.parametrize("num_splits, chunk", [(1, 77), (2, 48), (3, 32), (5, 16)])
-def test_launcher_runs_the_plan_it_is_given(device, monkeypatch, kind, qo_len, causal, num_splits, chunk):
+@pytest.mark.parametrize("chunks", [0, 1, 2, 3])
+def test_launcher_runs_the_plan_it_is_given(device, monkeypatch, kind, qo_len, causal, chunks):
+    """Plans of 1, 2 and 3 splits (chunks of ``chunks`` x the launch's granularity; 0: unsplit)."""
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
-    from flashtile.kernels.attention import single_attention_forward
+    from flashtile.kernels.attention import single_attention_forward, single_launch_shape
 
-    q, k, v = make_qkv(qo_len, 77, 4, 2, 64, torch.float16, device)
+    probe = make_qkv(qo_len, 1, 4, 2, 64, torch.float16, device)
+    align = single_launch_shape(*probe, _normalized(*probe).params, packed_mask=None, kind=kind).align
+    kv_len = 2 * align + 13
+    q, k, v = make_qkv(qo_len, kv_len, 4, 2, 64, torch.float16, device)
     args = _normalized(q, k, v, causal)
     out = torch.full((qo_len, 4, 64), float("nan"), dtype=torch.float16, device=device)
     lse = torch.full((qo_len, 4), float("nan"), device=device)
-    splits = SingleKVSplits(77, num_splits, chunk)
-    assert splits.ranges()[-1][1] == 77
+    chunk = chunks * align if chunks else kv_len
+    splits = SingleKVSplits(kv_len, -(-kv_len // chunk), chunk)
+    assert splits.ranges()[-1][1] == kv_len and splits.num_splits == (1, 3, 2, 1)[chunks]
     single_attention_forward(args.q, args.k, args.v, out, lse, args.params, packed_mask=None, kind=kind,
                              splits=splits)
     assert_matches_oracle(out, lse, q, k, v, causal=causal)
