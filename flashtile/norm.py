@@ -78,23 +78,11 @@ def _key(eps, a, b, c, d=None) -> Optional[tuple]:
 
 
 # Keys whose checks passed -> the function that runs such a call: for rmsnorm and fused_add_rmsnorm
-# ops.eager_runner's (on the kernel path it replays the key's recorded launch), wrapped by _with_output
-# for rmsnorm; ops.eager_function's for layernorm.
+# ops.eager_runner's (on the kernel path it replays the key's recorded launch); ops.eager_function's for
+# layernorm.
 _RMSNORM_CALLS = CallMemo()
 _FUSED_ADD_RMSNORM_CALLS = CallMemo()
 _LAYERNORM_CALLS = CallMemo()
-
-
-def _with_output(run):
-    """``run(input, weight, out, eps, weight_offset)`` that allocates ``out`` when it is None and returns it."""
-
-    def run_with_output(input, weight, out, eps, weight_offset):
-        if out is None:
-            out = new_output_like(input)
-        run(input, weight, out, eps, weight_offset)
-        return out
-
-    return run_with_output
 
 
 def _rmsnorm(input, weight, eps, out, weight_offset: float) -> torch.Tensor:
@@ -110,7 +98,10 @@ def _rmsnorm(input, weight, eps, out, weight_offset: float) -> torch.Tensor:
         else:
             run = _RMSNORM_CALLS.get(key)
             if run is not None and eps >= 0.0:
-                return run(input, weight, out, eps, weight_offset)
+                if out is None:
+                    out = new_output_like(input)
+                run(input, weight, out, eps, weight_offset)
+                return out
     _check_rows("input", input)
     _check_vector("weight", weight, input)
     eps = _check_eps(eps)
@@ -120,9 +111,12 @@ def _rmsnorm(input, weight, eps, out, weight_offset: float) -> torch.Tensor:
         return out
     if out is not None:
         _check_like("out", out, input)
-    run = _with_output(ops.eager_runner(ops.rmsnorm, input.device, key))
+    run = ops.eager_runner(ops.rmsnorm, input.device, key)
     _RMSNORM_CALLS.remember(key, run)
-    return run(input, weight, out, eps, weight_offset)
+    if out is None:
+        out = new_output_like(input)
+    run(input, weight, out, eps, weight_offset)
+    return out
 
 
 def rmsnorm(
