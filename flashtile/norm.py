@@ -18,7 +18,7 @@ import torch
 from ._core import ops_small as ops
 from ._core.buffers import new_output_like
 from ._core.checks import check_tensor, describe
-from ._core.memo import CallMemo, eager, tensor_key
+from ._core.memo import CallMemo, tensor_key
 
 __all__ = ["rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm", "layernorm"]
 
@@ -59,43 +59,63 @@ def _output(input: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 def _key(eps, a, b, c, d=None) -> Optional[tuple]:
-    """The memo key of an eager call: its tensors' metadata (an absent ``out`` as None), or None when
-    the call cannot use the memos: traced by torch.compile, an ``eps`` that is not a float, an argument
-    that is not a plain tensor (the checks then say what is wrong)."""
-    if type(eps) is not float or not eager():
+    """The memo key of an eager call: its tensors' metadata (memo.tensor_key's fields, written out flat for
+    the first two: this runs on every call; an absent ``out`` as None), or None when the call cannot use the
+    memos: traced by torch.compile, an ``eps`` that is not a float, an argument that is not a plain tensor
+    (the checks then say what is wrong)."""
+    if type(eps) is not float or _is_compiling():
         return None
     try:
-        return (tensor_key(a), tensor_key(b), None if c is None else tensor_key(c),
-                None if d is None else tensor_key(d))
+        return (a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
+                b.shape, b.stride(), b.dtype, b.device, b.data_ptr() % 16 == 0,
+                None if c is None else tensor_key(c), None if d is None else tensor_key(d))
     except Exception:
         return None
 
 
-# Keys whose checks passed -> the eager implementation function (ops.eager_function).
+# Keys whose checks passed -> the function that runs such a call: for rmsnorm and fused_add_rmsnorm
+# ops.eager_runner's (on the kernel path it replays the key's recorded launch); ops.eager_function's for
+# layernorm.
 _RMSNORM_CALLS = CallMemo()
 _FUSED_ADD_RMSNORM_CALLS = CallMemo()
 _LAYERNORM_CALLS = CallMemo()
 
 
 def _rmsnorm(input, weight, eps, out, weight_offset: float) -> torch.Tensor:
-    key = _key(eps, input, weight, out)
-    run = _RMSNORM_CALLS.get(key)
-    if run is None or not eps >= 0.0:
-        _check_rows("input", input)
-        _check_vector("weight", weight, input)
-        eps = _check_eps(eps)
-        if key is None:
-            out = _output(input, out)
-            ops.call(ops.rmsnorm, input, weight, out, eps, weight_offset)
-            return out
-        if out is not None:
-            _check_like("out", out, input)
-        run = ops.eager_function(ops.rmsnorm, input.device)
-        _RMSNORM_CALLS.remember(key, run)
+    # The remembered call first, with its key written out here (host time is most of a batch-1 norm).
+    key = None
+    if type(eps) is float and not _is_compiling():
+        try:
+            key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16 == 0,
+                   weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16 == 0,
+                   None if out is None else tensor_key(out), None)  # the layout of _key's
+        except Exception:
+            key = None
+        else:
+            run = _RMSNORM_CALLS.get(key)
+            if run is not None and eps >= 0.0:
+                if out is None:
+                    out = new_output_like(input)
+                run(input, weight, out, eps, weight_offset)
+                return out
+    _check_rows("input", input)
+    _check_vector("weight", weight, input)
+    eps = _check_eps(eps)
+    if key is None:
+        out = _output(input, out)
+        ops.call(ops.rmsnorm, input, weight, out, eps, weight_offset)
+        return out
+    if out is not None:
+        _check_like("out", out, input)
+    run = ops.eager_runner(ops.rmsnorm, input.device, key)
+    _RMSNORM_CALLS.remember(key, run)
     if out is None:
         out = new_output_like(input)
-    run(input, weight, out, eps, weight_offset, key)
+    run(input, weight, out, eps, weight_offset)
     return out
 
 
@@ -137,19 +157,29 @@ def gemma_rmsnorm(
 
 
 def _fused_add(input, residual, weight, eps, weight_offset: float) -> None:
-    key = _key(eps, input, residual, weight)
-    run = _FUSED_ADD_RMSNORM_CALLS.get(key)
-    if run is None or not eps >= 0.0:
-        _check_rows("input", input)
-        _check_like("residual", residual, input)
-        _check_vector("weight", weight, input)
-        eps = _check_eps(eps)
-        if key is None:
-            ops.call(ops.fused_add_rmsnorm, input, residual, weight, eps, weight_offset)
-            return
-        run = ops.eager_function(ops.fused_add_rmsnorm, input.device)
-        _FUSED_ADD_RMSNORM_CALLS.remember(key, run)
-    run(input, residual, weight, eps, weight_offset, key)
+    key = None
+    if type(eps) is float and not _is_compiling():
+        try:
+            key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16 == 0,
+                   residual.shape, residual.stride(), residual.dtype, residual.device,
+                   residual.data_ptr() % 16 == 0, tensor_key(weight), None)  # the layout of _key's
+        except Exception:
+            key = None
+        else:
+            run = _FUSED_ADD_RMSNORM_CALLS.get(key)
+            if run is not None and eps >= 0.0:
+                run(input, residual, weight, eps, weight_offset)
+                return
+    _check_rows("input", input)
+    _check_like("residual", residual, input)
+    _check_vector("weight", weight, input)
+    eps = _check_eps(eps)
+    if key is None:
+        ops.call(ops.fused_add_rmsnorm, input, residual, weight, eps, weight_offset)
+        return
+    run = ops.eager_runner(ops.fused_add_rmsnorm, input.device, key)
+    _FUSED_ADD_RMSNORM_CALLS.remember(key, run)
+    run(input, residual, weight, eps, weight_offset)
 
 
 def fused_add_rmsnorm(

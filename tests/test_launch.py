@@ -573,3 +573,37 @@ def test_memo_knob_and_clear_launch_memos(memo_launcher, monkeypatch):
     launcher(x, 0.5)
     launcher(x, 0.5)
     assert len(computed) == 4
+
+
+def test_replay_cell_replays_what_the_memo_would(memo_launcher, monkeypatch):
+    """A ReplayCell (held by an API memo entry) gives the memo's replay for its key, and None wherever
+    LaunchMemo.get gives None: nothing recorded yet, hooks installed, check mode, direct launches or memos off,
+    another current device; after clear_launch_memos it looks the key up again."""
+    jit, memo, launcher, computed = memo_launcher
+    x = torch.zeros(32)
+    key = (launch.tensor_key(x),)
+    cell = memo.cell(key)
+    assert cell.get() is None  # nothing recorded
+    launcher(x, 0.5)
+    replay = cell.get()
+    assert replay is not None and replay is memo.get(key)
+    replay(torch.ones(32), 1.5)
+    (compiled,) = jit.compiled.values()
+    assert compiled.launches[-1][-4] == 32 and compiled.launches[-1][-3] == 1.5
+    monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs(enter=_HookChain(print)))
+    assert cell.get() is None
+    monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs())
+    for name, value in (("check", True), ("enabled", False), ("memo", False)):
+        previous = launch._state.get(name)
+        monkeypatch.setitem(launch._state, name, value)
+        assert cell.get() is None, name
+        monkeypatch.setitem(launch._state, name, previous if previous is not None else name != "check")
+    assert cell.get() is replay
+    monkeypatch.setitem(launch._state, "current_device", lambda: 1)  # recorded on device 0
+    assert cell.get() is None
+    monkeypatch.setitem(launch._state, "current_device", lambda: 0)
+    assert cell.get() is replay
+    launch.clear_launch_memos()
+    assert cell.get() is None and computed == [(32,)]
+    launcher(x, 0.5)  # recorded again
+    assert cell.get() is not None and cell.get() is not replay

@@ -344,3 +344,60 @@ def test_prefill_interleave_mixes_a_chunked_prefill_step():
     # no run of more than a few items of one class
     runs = np.diff(np.flatnonzero(np.diff(prefill.astype(np.int8)) != 0))
     assert runs.size > 20 and runs.max() <= 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Single-request plan (the op layer plans, the launcher launches): every key position in exactly one
+# split, balanced splits, forced split counts, unsplittable launches
+# ------------------------------------------------------------------------------------------------
+
+from flashtile.scheduler.split_kv import SingleKVSplits, SingleLaunchShape, plan_single_kv_splits  # noqa: E402
+
+
+def _check_single_plan(plan: SingleKVSplits, kv_len: int, align: int) -> None:
+    assert plan.kv_len == kv_len and plan.num_splits >= 1 and plan.chunk >= 1
+    ranges = plan.ranges()
+    assert len(ranges) == plan.num_splits
+    # Every key position in exactly one split: contiguous, in order, exactly [0, kv_len).
+    seen = [0] * kv_len
+    for start, end in ranges:
+        for position in range(start, end):
+            seen[position] += 1
+    assert seen == [1] * kv_len
+    assert ranges[0][0] == 0 and ranges[-1][1] == kv_len
+    if plan.partial:
+        # Balanced: every split but the last is one aligned chunk; the last is non-empty and no longer.
+        assert plan.chunk % align == 0
+        assert all(end - start == plan.chunk for start, end in ranges[:-1])
+        assert 0 < ranges[-1][1] - ranges[-1][0] <= plan.chunk
+    else:
+        assert plan.chunk == max(kv_len, 1), "unsplit: the kernel's chunk is the whole sequence"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kv_len=st.integers(0, 20000),
+    programs=st.integers(1, 600),
+    sms=st.integers(1, 160),
+    align=st.sampled_from([16, 64, 128]),
+    forced=st.one_of(st.none(), st.integers(1, 64)),
+    can_split=st.booleans(),
+)
+def test_single_plan_covers_every_key_once_in_balanced_splits(kv_len, programs, sms, align, forced, can_split):
+    shape = SingleLaunchShape(programs, align, sms, can_split=can_split)
+    plan = plan_single_kv_splits(kv_len, shape, num_splits=forced)
+    _check_single_plan(plan, kv_len, align)
+    if not can_split:
+        assert plan.num_splits == 1
+    elif forced is None:
+        # The planner's choice is plan_kv_splits' (the arithmetic property-tested above).
+        assert plan.num_splits == plan_kv_splits(kv_len, programs, sms, align)[0]
+    else:
+        assert plan.num_splits <= forced
+
+
+@given(kv_len=st.integers(1, 1 << 17), sms=st.integers(16, 160))
+def test_single_plan_fills_the_gpu_for_one_long_request(kv_len, sms):
+    plan = plan_single_kv_splits(kv_len, SingleLaunchShape(8, 256, sms))
+    if kv_len >= 2 * 256 * PROGRAMS_PER_SM * sms:
+        assert plan.num_splits * 8 >= PROGRAMS_PER_SM * sms

@@ -4,12 +4,19 @@ median of alternating rounds, so CPU clock changes hit every column alike).
 
     python -m benchmarks.tools.host_time [--rounds 7] [--calls 300] [--filter S] [--profile NAME] [--json PATH]
     python -m benchmarks.tools.host_time --dry [--profile NAME]
+    python -m benchmarks.tools.host_time --dry --baseline DIR [--repeat 3] [--filter S]
 
 ``--dry`` runs on a machine without a GPU: CPU tensors take the compiled-kernel path with every
 kernel launch stubbed out (the first call of a kernel records a launcher that does nothing), so the
 numbers are flashtile's own Python work per call, without Triton's C launcher and the driver
 (a few microseconds per launch on the real machine). ``--profile NAME`` prints cProfile's table for
 the cases whose name contains NAME (own time), to see where the host time goes.
+
+``--baseline DIR`` (with ``--dry``) compares this checkout with another one (e.g. the fork point, from
+``git archive``): it runs this file's harness on DIR's flashtile and on this one, alternately,
+``--repeat`` times each (separate processes), and prints per case the lowest of each side's medians,
+before (DIR) and after (here). Alternating and taking the lowest keeps other load on a shared machine
+out of the comparison.
 
 FlashInfer (a baseline column) is imported when available (``. .fi-ref/device_env.sh`` first); its
 kernels compile on the first call of each case, outside the timed rounds.
@@ -226,12 +233,46 @@ def _providers(dry: bool) -> Dict[str, object]:
     return libs
 
 
+def compare_with_baseline(baseline: str, args) -> int:
+    """Run the dry table in ``baseline`` and in this checkout alternately; print before/after (module doc)."""
+    import os
+    import subprocess
+    import tempfile
+
+    here = pathlib.Path(__file__).resolve().parents[2]
+    runs: Dict[str, list] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeat):
+            for side, root in (("before", pathlib.Path(baseline).resolve()), ("after", here)):
+                out = pathlib.Path(tmp, f"{side}{i}.json")
+                # This file measures both sides (the same harness), each importing its own flashtile.
+                cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--dry", "--rounds", str(args.rounds),
+                       "--calls", str(args.calls), "--filter", args.filter, "--json", str(out)]
+                env = dict(os.environ, PYTHONPATH=str(root))
+                subprocess.run(cmd, cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
+                runs[side].append(json.loads(out.read_text())["table"])
+    names = [n for n in runs["after"][0] if n in runs["before"][0]]
+    table = {}
+    print(f"\nHost us per eager call, dry (launches stubbed, CPU), {args.calls} calls x {args.rounds} rounds, "
+          f"lowest median of {args.repeat} alternating runs; before = {baseline}")
+    print("| call | before | after | after / before |\n|---|---|---|---|")
+    for name in names:
+        before = min(r[name]["flashtile"] for r in runs["before"])
+        after = min(r[name]["flashtile"] for r in runs["after"])
+        table[name] = {"before": before, "after": after}
+        print(f"| {name} | {before:.2f} | {after:.2f} | {after / before:.2f} |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"device": "dry", "baseline": baseline, "table": table},
+                                                      indent=1))
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry", action="store_true", help="CPU: flashtile's Python work with launches stubbed out")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--filter", default="")
+    ap.add_argument("--filter", default="", help="only cases whose name contains one of these comma-separated texts")
     ap.add_argument("--profile", default=None,
                     help="print a cProfile table for cases containing one of these comma-separated texts")
     ap.add_argument("--top", type=int, default=18)
@@ -239,7 +280,14 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--warm", action="store_true",
                     help="only call each matching case once per provider (compiles FlashInfer's kernels)")
     ap.add_argument("--providers", default=None, help="comma-separated subset of flashtile,FlashInfer")
+    ap.add_argument("--baseline", default=None,
+                    help="with --dry: a checkout to compare with (before), run alternately with this one (after)")
+    ap.add_argument("--repeat", type=int, default=3, help="with --baseline: runs per side")
     args = ap.parse_args(argv)
+    if args.baseline is not None:
+        if not args.dry:
+            ap.error("--baseline needs --dry")
+        return compare_with_baseline(args.baseline, args)
     if args.dry:
         enter_dry_mode()
         dev = torch.device("cpu")
@@ -248,7 +296,7 @@ def main(argv: Optional[list] = None) -> int:
     libs = _providers(args.dry)
     if args.providers:
         libs = {n: lib for n, lib in libs.items() if n in args.providers.split(",")}
-    cases = {n: c for n, c in CASES.items() if args.filter in n}
+    cases = {n: c for n, c in CASES.items() if any(f in n for f in args.filter.split(","))}
     calls = {}
     for name, make in cases.items():
         for lib_name, lib in libs.items():

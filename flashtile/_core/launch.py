@@ -40,7 +40,8 @@ tensors and floats of this call. The launcher's key must fix every other argumen
 recomputes every launch through the launcher and raises if it differs from the recorded one.
 ``FLASHTILE_LAUNCH_MEMO=0`` turns the memos off (direct launches stay on). A launcher may be handed
 its key by its caller (``launch_key``: the API layer's key of the same tensors, _core/memo.py), which
-then must fix the launch just as the launcher's own key does.
+then must fix the launch just as the launcher's own key does. A caller that keeps a per-key entry anyway
+(the API memos) can hold a ``ReplayCell`` of the key instead, and skip the memo's own lookup.
 
 The FLASHTILE_* knobs are read once (_core/settings.py; ``reset_launch_settings`` re-reads them).
 """
@@ -57,7 +58,7 @@ from .memo import tensor_key
 
 __all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "clear_launch_memos",
            "reset_launch_settings", "TESTED_TRITON_VERSIONS", "triton_version_tested", "recording_launches",
-           "make_replay", "Recording"]
+           "make_replay", "Recording", "ReplayCell"]
 
 # Triton releases (major.minor) whose private launch interface and specialization rules this module
 # was tested against: 3.6 on the GPU machine, 3.9 on the CPU one (tests/test_launch.py).
@@ -527,11 +528,17 @@ class LaunchMemo:
         self.dynamic = tuple(dynamic)
         self._replays: dict = {}
         self._recorded: dict = {}
+        self.generation = 0  # counts clear()s: a ReplayCell holding an older replay looks it up again
         _ALL_MEMOS.append(self)
 
     def clear(self) -> None:
         self._replays.clear()
         self._recorded.clear()
+        self.generation += 1
+
+    def cell(self, key) -> "ReplayCell":
+        """A :class:`ReplayCell` of ``key``, for a caller that keeps it per key (an API memo entry)."""
+        return ReplayCell(self, key)
 
     def get(self, key):
         """The replay for ``key`` on the current device, or None (unknown key, check mode, hooks
@@ -591,6 +598,49 @@ class LaunchMemo:
         namespace: dict = {}
         line = _launch_source(0, compiled, grid, values, namespace)
         return _compile_replay(", ".join(f"a{i}" for i in self.dynamic), [line], namespace)
+
+
+class ReplayCell:
+    """One key's replay of a :class:`LaunchMemo`, held by a caller that already looked the key up in its
+    own memo (the API layer's per-key entry, _core/memo.py), so that a call costs one key lookup, not two.
+
+    :meth:`get` returns the replay while LaunchMemo.get would return the same one: it holds the replay
+    found for the current device and the memo's generation (clear() makes it look again), and re-checks
+    per call only what can change without clearing the memos: the current device, the settings flags
+    (tests set them directly) and Triton's launch hooks (a profiler may install them at any time)."""
+
+    __slots__ = ("memo", "key", "replay", "device", "generation")
+
+    def __init__(self, memo: LaunchMemo, key) -> None:
+        self.memo = memo
+        self.key = key
+        self.replay = None
+        self.device = None
+        self.generation = -1
+
+    def get(self):
+        """The replay for the key on the current device, or None (then launch through the launcher)."""
+        replay = self.replay
+        state = _state
+        try:
+            if replay is None or self.generation != self.memo.generation or \
+                    state["current_device"]() != self.device or not state["enabled"] or not state["memo"] or \
+                    state["check"]:
+                return self._refresh()
+            runtime = state["knobs_runtime"]
+        except KeyError:  # a setting forgotten (settings.reload) or not read yet: LaunchMemo.get reads it
+            return self._refresh()
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook  # installed hooks: see _has_calls
+        if (enter is not None and getattr(enter, "calls", True)) or (
+                leave is not None and getattr(leave, "calls", True)):
+            return None
+        return replay
+
+    def _refresh(self):
+        replay = self.replay = self.memo.get(self.key)
+        if replay is not None:
+            self.device, self.generation = _state["current_device"](), self.memo.generation
+        return replay
 
 
 _state: dict = {}

@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from ..scheduler.split_kv import plan_single_kv_splits
 from . import dispatch
 from .params import AttentionParams
 
@@ -81,11 +82,15 @@ def _call_with_variant(impl, args, params, backend, variant) -> None:
 
 
 def _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend, variant=None) -> None:
+    """Plan the request's KV splits (scheduler/split_kv.py, over the implementation's launch shape), then
+    launch them: single-request planning happens here, as batch planning happens in the wrappers' plan()."""
     if q.shape[0] == 0:
         return
     extra = {} if variant is None else {"variant": variant}
-    dispatch.implementation("attention", q.device, backend).single_attention_forward(
-        q, k, v, out, lse, params, packed_mask=packed_mask, kind=kind, **extra)
+    impl = dispatch.implementation("attention", q.device, backend)
+    shape = impl.single_launch_shape(q, k, v, params, packed_mask=packed_mask, kind=kind, **extra)
+    impl.single_attention_forward(q, k, v, out, lse, params, packed_mask=packed_mask, kind=kind,
+                                  splits=plan_single_kv_splits(k.shape[0], shape), **extra)
 
 
 def _batch_decode(q, k_pages, v_pages, page_indptr, page_indices, worklist, part_o, part_lse, out, lse, batch_size,

@@ -15,7 +15,7 @@ import torch
 
 from .dispatch import implementation
 
-__all__ = ["merge_state", "merge_state_in_place", "merge_states", "call", "eager_function"]
+__all__ = ["merge_state", "merge_state_in_place", "merge_states", "call", "eager_function", "eager_runner"]
 
 
 # The implementations: kernels/merge.py or reference/merge.py (same functions), chosen per call by
@@ -91,3 +91,11 @@ def eager_function(op, device: torch.device):
     if op is merge_states:
         return implementation("merge", device).merge_states_by_token
     return implementation("merge", device).merge_state_pair
+
+
+def eager_runner(op, device: torch.device, key):
+    """The function that runs a pair merge (``merge_state`` or ``merge_state_in_place``) eagerly for tensors on
+    ``device`` whose metadata is ``key``, made once per key by callers that keep it in their memo
+    (_core/memo.py): ``run(v_a, s_a, v_b, s_b, v_out, s_out, mask)``. On the kernel path it replays the
+    recorded launch (kernels/merge.py's runner)."""
+    return implementation("merge", device).merge_state_pair_runner(key)

@@ -14,7 +14,8 @@ import torch
 
 from .dispatch import implementation
 
-__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "call", "eager_function"]
+__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "call", "eager_function",
+           "eager_runner"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,3 +198,19 @@ def eager_function(op, device: torch.device):
     pos_ids, indptr, offsets, cos_sin_cache, rope_scale, rope_theta, smooth_a, smooth_b, launch_key)``."""
     family, name = _EAGER_FUNCTIONS[op]
     return getattr(implementation(family, device), name)
+
+
+# op -> name of the runner factory (same name in kernels/norm.py and reference/norm.py).
+_RUNNERS = {
+    rmsnorm: "rmsnorm_runner",
+    fused_add_rmsnorm: "fused_add_rmsnorm_runner",
+}
+
+
+def eager_runner(op, device: torch.device, key):
+    """The function that runs ``op`` eagerly for tensors on ``device`` whose metadata is ``key``, made once
+    per key by callers that keep it in their memo (_core/memo.py): ``rmsnorm``: ``run(input, weight, out,
+    eps, weight_offset)``; ``fused_add_rmsnorm``: ``run(input, residual, weight, eps, weight_offset)``. On the
+    kernel path it replays the recorded launch (kernels/norm.py's runners)."""
+    family, _ = _EAGER_FUNCTIONS[op]
+    return getattr(implementation(family, device), _RUNNERS[op])(key)

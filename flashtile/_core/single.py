@@ -10,21 +10,51 @@ buffers, masks, ALiBi slopes: tensors that belong to one call) always take the s
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from . import ops
 from .attention_args import SingleAttentionArgs
-from .buffers import discarded_output, new_output
+from .buffers import discarded_output, new_output, new_output_like
 from .launch import make_replay, recording_launches
 from .variant_args import bind_single_variant
-from .wrapper import run_key
 
-__all__ = ["run_single_attention"]
+__all__ = ["run_single_attention", "replay_single_attention", "single_key"]
 
 MAX_REPLAYS = 256
 _REPLAYS: dict = {}
+_SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
+_is_compiling = torch.compiler.is_compiling
+
+
+def single_key(kind: str, q, k, v, kv_layout, options: tuple) -> Optional[tuple]:
+    """The replay key of a call: ``kind``, the layout, ``options`` by value and type (1, 1.0 and True are
+    equal keys otherwise), and q, k, v by their launch metadata (memo.tensor_key's fields, written out: this
+    runs on every call). None when some part has no such key: an option that is not a plain scalar (a scale
+    given as a tensor is read per call), an argument that is not a tensor (the checks then say what is wrong)."""
+    types = tuple(map(type, options))
+    if not _SCALAR_TYPES.issuperset(types):
+        return None
+    try:
+        return (kind, kv_layout, options, types,
+                q.shape, q.stride(), q.dtype, q.device, q.data_ptr() % 16 == 0,
+                k.shape, k.stride(), k.dtype, k.device, k.data_ptr() % 16 == 0,
+                v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16 == 0)
+    except Exception:
+        return None
+
+
+def replay_single_attention(kind: str, q, k, v, kv_layout, options: tuple, return_lse: bool) -> Optional[tuple]:
+    """``(out, lse)`` of an eager call whose key (:func:`single_key`) has a recorded replay, else None (then
+    call :func:`run_single_attention`). For the API functions' first lines: it needs no normalized arguments."""
+    if _is_compiling():
+        return None
+    try:
+        runner = _REPLAYS.get(single_key(kind, q, k, v, kv_layout, options))
+    except TypeError:  # an unhashable option or layout: the slow path's checks reject it
+        return None
+    return None if runner is None else runner(q, k, v, return_lse)
 
 
 def _derive(kind: str, kv_layout: str, q_copy: bool, k_copy: bool, v_copy: bool):
@@ -61,12 +91,14 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
     returns the normalized arguments (the slow path). ``variant``: ``(AttentionVariant, extra args)`` or None;
     its arguments are checked here and its calls are never replayed (their extra tensors belong to one call)."""
     key = None
-    if variant is None and not torch.compiler.is_compiling():
-        key = run_key((q, k, v), (kind, kv_layout, *options))
-        if key is not None:
+    if variant is None and not _is_compiling():
+        try:
+            key = single_key(kind, q, k, v, kv_layout, options)
             runner = _REPLAYS.get(key)
-            if runner is not None:
-                return runner(q, k, v, return_lse)
+        except TypeError:  # unhashable: the checks below reject it
+            key = runner = None
+        if runner is not None:
+            return runner(q, k, v, return_lse)
     args = normalize()
     qo_len, num_qo_heads, _ = args.q.shape
     shape = (qo_len, num_qo_heads, args.v.shape[2])  # the op's
@@ -92,11 +124,13 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
                          args.v.data_ptr() != _nhd(v, kv_layout).data_ptr())
         out_dtype, device = args.out_dtype, q.device
         discarded_lse = discarded_output(out_shape[:-1], torch.float32, device)
+        # The output has q's shape and dtype in the common case: torch.empty_like then (less host time)
+        like_q = tuple(q.shape) == tuple(out_shape) and q.dtype == out_dtype
 
         def runner(q, k, v, return_lse):
+            o = new_output_like(q) if like_q else new_output(out_shape, out_dtype, device)
             if derive is not None:
                 q, k, v = derive(q, k, v)
-            o = new_output(out_shape, out_dtype, device)
             s = new_output(out_shape[:-1], torch.float32, device) if return_lse else discarded_lse
             replay(q, k, v, o, s)
             return o, s if return_lse else None

@@ -37,7 +37,7 @@ from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from .._core.settings import interpreting
 from ..reference.positional import alibi_slopes
-from ..scheduler.split_kv import plan_kv_splits
+from ..scheduler.split_kv import SingleKVSplits, SingleLaunchShape, plan_single_kv_splits
 from ..scheduler.worklist import DECODE_ITEM_FIELDS, decode_layout
 from .merge import merge_attention_states
 from .smem import TileFeatures, device_config, launch_within_limit
@@ -281,6 +281,35 @@ def choose_config(kind: str, d_pad: int) -> LaunchConfig:
     return _CONFIG_TABLE[(kind, d_pad)]
 
 
+def _single_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams,
+                   packed_mask: Optional[torch.Tensor], kind: str):
+    """``(preferred config, features, config fitted to the device, whether the row tile may shrink)`` of a
+    single-request launch (the kernel's own choice: the config table and the device's shared memory)."""
+    head_dim_qk, head_dim_vo = q.shape[2], v.shape[2]
+    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
+    use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
+    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
+    preferred = choose_config(kind, max(d_qk, d_vo))
+    vary_block_m = kind == "prefill"  # decode row tiles are 16 already
+    return preferred, features, device_config(preferred, features, q.device, vary_block_m=vary_block_m), vary_block_m
+
+
+def single_launch_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams, *,
+                        packed_mask: Optional[torch.Tensor], kind: str, variant=None) -> SingleLaunchShape:
+    """What the split planner (scheduler/split_kv.py) needs to know of :func:`single_attention_forward`'s
+    launch for these arguments (same meanings): its programs per KV split (row blocks of the fitted config x
+    KV heads), the KV chunk granularity, the SM count, and whether rows may be split (not for a variant
+    whose rows cannot be merged, ``whole_rows``)."""
+    check_fp8_head_dims(k, q.shape[2], v.shape[2])
+    qo_len, num_qo_heads, _ = q.shape
+    num_kv_heads = v.shape[1]
+    cfg = _single_config(q, k, v, params, packed_mask, kind)[2]
+    num_m_blocks = cdiv(qo_len * (num_qo_heads // num_kv_heads), cfg.block_m)
+    align = tile_policy.KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
+    return SingleLaunchShape(num_m_blocks * num_kv_heads, align, num_sms(q.device),
+                             can_split=variant is None or not variant.variant.whole_rows)
+
+
 def single_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -291,10 +320,11 @@ def single_attention_forward(
     *,
     packed_mask: Optional[torch.Tensor],
     kind: str,
+    splits: Optional[SingleKVSplits] = None,
     num_splits: Optional[int] = None,
     variant=None,
 ) -> None:
-    """Launch attention of one request, writing ``out`` and ``lse`` in place.
+    """Launch attention of one request as planned by ``splits``, writing ``out`` and ``lse`` in place.
 
     Args:
         q: ``[qo_len, num_qo_heads, head_dim_qk]``, fp16/bf16, last dim contiguous (any other strides).
@@ -306,10 +336,14 @@ def single_attention_forward(
         params: the resolved attention parameters (sm_scale with k_scale folded in, mask, RoPE, ...).
         packed_mask: uint8 bits of a ``[qo_len, kv_len]`` mask, row-major, LSB first; or None.
         kind: "decode" or "prefill": picks the launch-config table.
-        num_splits: force the number of KV splits (None: the scheduler decides).
-        variant: a bound attention variant (flashtile/variants.py) or None; one whose rows cannot be merged
-            (``whole_rows``) runs without KV splits.
+        splits: the KV splits (scheduler/split_kv.py's plan_single_kv_splits over :func:`single_launch_shape`;
+            the op layer plans them, _core/ops.py). None: planned here the same way, with ``num_splits``
+            forcing about that many splits (for tools and tests that call the launcher directly).
+        variant: a bound attention variant (flashtile/variants.py) or None.
     """
+    if splits is None:
+        shape = single_launch_shape(q, k, v, params, packed_mask=packed_mask, kind=kind, variant=variant)
+        splits = plan_single_kv_splits(k.shape[0], shape, num_splits=num_splits)
     qo_len, num_qo_heads, head_dim_qk = q.shape
     kv_len, num_kv_heads, head_dim_vo = v.shape
     check_fp8_head_dims(k, head_dim_qk, head_dim_vo)
@@ -351,27 +385,15 @@ def single_attention_forward(
         )
 
     extra = variant_kwargs(variant)
-    if variant is not None and variant.variant.whole_rows:
-        num_splits = 1
-    features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
-    preferred = choose_config(kind, max(d_qk, d_vo))
-    vary_block_m = kind == "prefill"  # decode row tiles are 16 already
-    cfg = device_config(preferred, features, device, vary_block_m=vary_block_m)
-
-    num_m_blocks = cdiv(num_rows, cfg.block_m)
-    align = tile_policy.KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
-    if num_splits is None:
-        splits, chunk = plan_kv_splits(kv_len, num_m_blocks * num_kv_heads, num_sms(device), align)
-    else:
-        chunk = max(align, cdiv(cdiv(max(kv_len, 1), num_splits), align) * align)
-        splits = max(1, cdiv(kv_len, chunk))
-    if splits == 1:
-        launch_within_limit(lambda c: launch(c, 1, max(kv_len, 1), out, lse, False), preferred, features, device,
+    preferred, features, cfg, vary_block_m = _single_config(q, k, v, params, packed_mask, kind)
+    if not splits.partial:
+        launch_within_limit(lambda c: launch(c, 1, splits.chunk, out, lse, False), preferred, features, device,
                             vary_block_m=vary_block_m, cfg=cfg)
         return
-    partial_o = torch.empty((splits, qo_len, num_qo_heads, head_dim_vo), dtype=torch.float32, device=device)
-    partial_lse = torch.empty((splits, qo_len, num_qo_heads), dtype=torch.float32, device=device)
-    launch_within_limit(lambda c: launch(c, splits, chunk, partial_o, partial_lse, True), preferred, features, device,
+    count, chunk = splits.num_splits, splits.chunk
+    partial_o = torch.empty((count, qo_len, num_qo_heads, head_dim_vo), dtype=torch.float32, device=device)
+    partial_lse = torch.empty((count, qo_len, num_qo_heads), dtype=torch.float32, device=device)
+    launch_within_limit(lambda c: launch(c, count, chunk, partial_o, partial_lse, True), preferred, features, device,
                         vary_block_m=vary_block_m, cfg=cfg)
     merge_attention_states(partial_o, partial_lse, out, lse, v_scale=v_scale)
 

@@ -244,6 +244,22 @@ def merge_state_pair(
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_R=block_r, HAS_MASK=mask is not None, num_warps=PAIR_WARPS))
 
 
+def merge_state_pair_runner(launch_key):
+    """``run(v_a, s_a, v_b, s_b, v_out, s_out, mask)``: :func:`merge_state_pair` for tensors of
+    ``launch_key``, made once per key by a caller that keeps it in its own memo (the API layer): once the
+    launch is recorded, a call replays it without looking the key up again (_core/launch.py's ReplayCell)."""
+    cell = _PAIR_LAUNCHES.cell(launch_key)
+
+    def run(v_a, s_a, v_b, s_b, v_out, s_out, mask):
+        replay = cell.get()
+        if replay is None:
+            merge_state_pair(v_a, s_a, v_b, s_b, v_out, s_out, mask, launch_key)
+        else:
+            replay(v_a, s_a, v_b, s_b, v_out, s_out, s_a if mask is None else mask.view(torch.uint8))
+
+    return run
+
+
 def _row_block(d_pad: int) -> int:
     """Rows per program of the row-tiled merges: ROW_TILE_ELEMS per state tile (16 rows of head_dim 128)."""
     return max(1, min(128, ROW_TILE_ELEMS // d_pad))

@@ -225,6 +225,38 @@ def rmsnorm(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: f
     _launch_rmsnorm(_RMSNORM_LAUNCHES, launch_key, input, None, weight, out, eps, weight_offset)
 
 
+def rmsnorm_runner(launch_key):
+    """``run(input, weight, out, eps, weight_offset)``: :func:`rmsnorm` for tensors of ``launch_key``, made
+    once per key by a caller that keeps it in its own memo (the API layer): once the launch is recorded,
+    a call replays it without looking the key up again (_core/launch.py's ReplayCell)."""
+    cell = _RMSNORM_LAUNCHES.cell(launch_key)
+
+    def run(input, weight, out, eps, weight_offset):
+        replay = cell.get()
+        if replay is None:
+            _launch_rmsnorm(_RMSNORM_LAUNCHES, launch_key, input, None, weight, out, eps, weight_offset)
+        else:
+            replay(input, input, weight, out, eps, weight_offset)
+
+    return run
+
+
+def fused_add_rmsnorm_runner(launch_key):
+    """``run(input, residual, weight, eps, weight_offset)``: :func:`fused_add_rmsnorm` for tensors of
+    ``launch_key``, as :func:`rmsnorm_runner`."""
+    cell = _FUSED_ADD_RMSNORM_LAUNCHES.cell(launch_key)
+
+    def run(input, residual, weight, eps, weight_offset):
+        replay = cell.get()
+        if replay is None:
+            _launch_rmsnorm(_FUSED_ADD_RMSNORM_LAUNCHES, launch_key, input, residual, weight, input, eps,
+                            weight_offset)
+        else:
+            replay(input, residual, weight, input, eps, weight_offset)
+
+    return run
+
+
 def fused_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                       weight_offset: float, launch_key=None) -> None:
     """In place: ``residual += input``; ``input = rmsnorm(input + residual) * (weight + weight_offset)``.

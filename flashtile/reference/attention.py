@@ -12,11 +12,12 @@ from typing import Optional
 import torch
 
 from .._core.params import AttentionParams
+from ..scheduler.split_kv import SingleLaunchShape
 from .packbits import unpack_mask
 from .positional import alibi_slopes, rope_rotate_half_split
 
 __all__ = ["single_attention", "gather_pages", "batch_paged_decode", "batch_prefill", "multi_item_mask",
-           "single_attention_forward", "batch_decode_forward"]
+           "single_launch_shape", "single_attention_forward", "batch_decode_forward"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -319,10 +320,17 @@ def multi_item_mask(qo_len: int, kv_len: int, prefix_len: int, token_base: int,
 # -- the op layer's entry points (the same names and arguments as flashtile/kernels/attention.py) -----------
 
 
+def single_launch_shape(q, k, v, params: AttentionParams, *, packed_mask: Optional[torch.Tensor], kind: str,
+                        variant=None) -> SingleLaunchShape:
+    """The reference computes whole rows: a shape that the split planner never splits."""
+    return SingleLaunchShape(1, 1, 1, can_split=False)
+
+
 def single_attention_forward(q, k, v, out, lse, params: AttentionParams, *, packed_mask: Optional[torch.Tensor],
-                             kind: str, variant=None) -> None:
+                             kind: str, splits=None, variant=None) -> None:
     """:func:`single_attention` written into ``out`` / ``lse`` (``packed_mask``: uint8 bits of the
-    ``[qo_len, kv_len]`` mask, LSB first, or None; ``kind`` picks kernel configs, unused here)."""
+    ``[qo_len, kv_len]`` mask, LSB first, or None; ``kind`` picks kernel configs and ``splits`` cuts the KV
+    on the kernel path, both unused here)."""
     mask = unpack_mask(packed_mask, q.shape[0], k.shape[0]) if packed_mask is not None else None
     o, s = single_attention(q, k, v, params, custom_mask=mask, variant=variant)
     out.copy_(o)

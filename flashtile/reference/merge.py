@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["merge_state_pair", "merge_states_by_token"]
+__all__ = ["merge_state_pair", "merge_state_pair_runner", "merge_states_by_token"]
 
 NEG_INF = float("-inf")
 
@@ -80,3 +80,8 @@ def merge_states_by_token(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor,
     out, lse = _finish(m, w.sum(dim=1), acc)
     v_out.copy_(out)
     s_out.copy_(lse)
+
+
+def merge_state_pair_runner(launch_key):
+    """``run(v_a, s_a, v_b, s_b, v_out, s_out, mask)`` (kernels/merge.py's runner signature)."""
+    return merge_state_pair

@@ -2,14 +2,15 @@
 
 Every function computes in float32 on upcast inputs and writes its result into the given tensors
 (rounded to their dtype), like the kernels. Rows are the last dimension. Signatures are the kernels'
-(``launch_key``, the kernels' launch-memo key, is accepted and unused).
+(``launch_key``, the kernels' launch-memo key, is accepted and unused; the ``*_runner`` factories return
+the function itself with the kernels' runner signature).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm"]
+__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "rmsnorm_runner", "fused_add_rmsnorm_runner"]
 
 
 def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,3 +42,13 @@ def layernorm(input: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out:
     mean = x.mean(dim=-1, keepdim=True)
     var = (x - mean).square().mean(dim=-1, keepdim=True)
     out.copy_((x - mean) * torch.rsqrt(var + eps) * gamma.float() + beta.float())
+
+
+def rmsnorm_runner(launch_key):
+    """``run(input, weight, out, eps, weight_offset)`` (kernels/norm.py's runner signature)."""
+    return rmsnorm
+
+
+def fused_add_rmsnorm_runner(launch_key):
+    """``run(input, residual, weight, eps, weight_offset)`` (kernels/norm.py's runner signature)."""
+    return fused_add_rmsnorm

@@ -1,8 +1,10 @@
 """Split-KV planning: how many KV chunks per request so the grid fills the GPU.
 
 Host-side arithmetic (Python ints, numpy arrays for the batch planner: see _core/host_arrays.py; no
-Triton), property-tested in tests/test_scheduler.py. :func:`plan_kv_splits` serves one request (single decode/prefill);
-:func:`plan_batch_kv_splits` serves a batch (the batch decode wrapper).
+Triton), property-tested in tests/test_scheduler.py. :func:`plan_single_kv_splits` serves one request (single
+decode/prefill: the op layer plans, _core/ops.py, and the launcher launches the :class:`SingleKVSplits` it is
+given); :func:`plan_kv_splits` is its arithmetic; :func:`plan_batch_kv_splits` serves a batch (the batch
+decode wrapper).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from .._core.intmath import cdiv
 
 __all__ = [
     "plan_kv_splits",
+    "plan_single_kv_splits",
+    "SingleKVSplits",
+    "SingleLaunchShape",
     "plan_batch_kv_splits",
     "batch_item_capacity",
     "BatchKVSplits",
@@ -64,6 +69,55 @@ def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) ->
     # this overshoots ``wanted`` by at most a factor 1.5 (rounded up).
     chunk = max(1, tiles // wanted) * align
     return cdiv(kv_len, chunk), chunk
+
+
+@dataclass(frozen=True)
+class SingleLaunchShape:
+    """What the single-request planner needs to know of a launch: ``programs`` (query row blocks x KV
+    heads: what one KV split launches), the KV chunk granularity ``align`` in tokens (a multiple of every
+    BLOCK_N the launch may use), the device's ``num_sms``, and ``can_split`` (False for a kernel whose
+    rows cannot be merged from partial states: a whole-row attention variant)."""
+
+    programs: int
+    align: int
+    num_sms: int
+    can_split: bool = True
+
+
+@dataclass(frozen=True)
+class SingleKVSplits:
+    """How one request's KV of ``kv_len`` tokens is cut: split ``s`` covers
+    ``[s * chunk, min((s + 1) * chunk, kv_len))`` for ``s < num_splits``. Unsplit (``num_splits == 1``), the
+    chunk is the whole sequence, ``max(kv_len, 1)``; split, it is a multiple of the launch's ``align`` and
+    no split is empty. With more than one split the kernel writes float32 partial states that are merged."""
+
+    kv_len: int
+    num_splits: int
+    chunk: int
+
+    @property
+    def partial(self) -> bool:
+        return self.num_splits > 1
+
+    def ranges(self) -> list:
+        """``[(start, end)]`` of the splits, in KV order."""
+        return [(s * self.chunk, min((s + 1) * self.chunk, self.kv_len)) for s in range(self.num_splits)]
+
+
+def plan_single_kv_splits(kv_len: int, shape: SingleLaunchShape, *, num_splits: Optional[int] = None) -> SingleKVSplits:
+    """The KV splits of one request of ``kv_len`` tokens launched as ``shape``: :func:`plan_kv_splits`'s
+    choice, or with ``num_splits`` about that many splits of an aligned chunk (fewer when the chunks would be
+    empty); one split when ``shape.can_split`` is False or the sequence is too short to split."""
+    if not shape.can_split:
+        splits, chunk = 1, 0
+    elif num_splits is None:
+        splits, chunk = plan_kv_splits(kv_len, shape.programs, shape.num_sms, shape.align)
+    else:
+        chunk = max(shape.align, cdiv(cdiv(max(kv_len, 1), num_splits), shape.align) * shape.align)
+        splits = max(1, cdiv(kv_len, chunk))
+    if splits == 1:
+        chunk = max(kv_len, 1)
+    return SingleKVSplits(kv_len, splits, chunk)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""The eager fast paths (remembered checks per key, per-key runners, single-request replays) still catch every
+bad input: a bad call whose key differs from a remembered good one only in what makes it bad raises the
+documented error, on the kernel path (interpreter) and the reference path. And a replayed call computes
+this call's inputs."""
+
+import pytest
+import torch
+
+import flashtile
+from attention_cases import assert_matches_oracle, make_qkv
+from oracles import rmsnorm_f64
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(eps=-1.0), ValueError),
+    (dict(eps=float("nan")), ValueError),
+    (dict(weight=torch.ones(64, dtype=torch.int32)), TypeError),
+    (dict(weight=torch.ones(63)), ValueError),
+    (dict(out=torch.empty(3, 64, dtype=torch.float32)), TypeError),
+])
+def test_rmsnorm_after_a_remembered_call(path, device, bad, error):
+    x, w = torch.randn(3, 64, dtype=torch.float16, device=device), torch.randn(64, dtype=torch.float16, device=device)
+    bad = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in bad.items()}
+    flashtile.rmsnorm(x, w, 1e-6)
+    flashtile.rmsnorm(x, w, 1e-6)  # remembered (and replayed on the kernel path)
+    kwargs = dict(weight=w, eps=1e-6)
+    kwargs.update(bad)
+    with pytest.raises(error):
+        flashtile.rmsnorm(x, **kwargs)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(eps=-1.0), ValueError),
+    (dict(residual=torch.randn(3, 64, dtype=torch.float32)), TypeError),
+    (dict(weight=torch.ones(32, dtype=torch.float16)), ValueError),
+])
+def test_fused_add_rmsnorm_after_a_remembered_call(path, device, bad, error):
+    x, r = (torch.randn(3, 64, dtype=torch.float16, device=device) for _ in range(2))
+    w = torch.randn(64, dtype=torch.float16, device=device)
+    bad = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in bad.items()}
+    flashtile.fused_add_rmsnorm(x, r, w, 1e-6)
+    flashtile.fused_add_rmsnorm(x, r, w, 1e-6)
+    kwargs = dict(residual=r, weight=w, eps=1e-6)
+    kwargs.update(bad)
+    with pytest.raises(error):
+        flashtile.fused_add_rmsnorm(x, **kwargs)
+
+
+def test_merge_state_after_a_remembered_call(path, device):
+    va, vb = (torch.randn(5, 4, 32, dtype=torch.float16, device=device) for _ in range(2))
+    sa, sb = torch.randn(5, 4, device=device), torch.randn(5, 4, device=device)
+    flashtile.merge_state(va, sa, vb, sb)
+    flashtile.merge_state(va, sa, vb, sb)
+    with pytest.raises(ValueError, match="s_b"):
+        flashtile.merge_state(va, sa, vb, torch.randn(5, 3, device=device))
+    with pytest.raises(TypeError, match="v_b"):
+        flashtile.merge_state(va, sa, vb.float(), sb)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(window_left=-1.0), ValueError),  # equal to -1 as a key value: the key also holds the type
+    (dict(window_left=True), ValueError),
+    (dict(q_scale=True), TypeError),
+    (dict(pos_encoding_mode="ROPE"), ValueError),
+])
+def test_single_decode_after_a_replayed_call(path, device, bad, error):
+    q, k, v = make_qkv(1, 33, 4, 2, 64, torch.float16, device)
+    good = dict(window_left=-1, q_scale=1.0, pos_encoding_mode="NONE")
+    flashtile.single_decode_with_kv_cache(q[0], k, v, **good)
+    flashtile.single_decode_with_kv_cache(q[0], k, v, **good)  # replayed on the kernel path
+    good.update(bad)
+    with pytest.raises(error):
+        flashtile.single_decode_with_kv_cache(q[0], k, v, **good)
+
+
+def test_replayed_calls_compute_this_calls_inputs(path, device):
+    """Second and third calls with new tensors of the same metadata (replayed on the kernel path)."""
+    for _ in range(3):
+        x = torch.randn(3, 64, dtype=torch.float16, device=device)
+        w = torch.randn(64, dtype=torch.float16, device=device)
+        out = flashtile.rmsnorm(x, w, 1e-6)
+        torch.testing.assert_close(out.double().cpu(), rmsnorm_f64(x, w, 1e-6).cpu(), atol=2e-3, rtol=2e-3)
+        q, k, v = make_qkv(1, 70, 4, 2, 64, torch.float16, device)
+        o, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True)
+        assert_matches_oracle(o[None], lse[None], q, k, v)
+        o = flashtile.single_decode_with_kv_cache(q[0], k, v)
+        assert_matches_oracle(o[None], None, q, k, v)
