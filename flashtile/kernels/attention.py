@@ -41,7 +41,7 @@ from ..scheduler.split_kv import plan_kv_splits
 from ..scheduler.worklist import DECODE_ITEM_FIELDS, decode_layout
 from .merge import merge_attention_states
 from .smem import TileFeatures, device_config, launch_within_limit
-from .tiles import attend_range, head_inputs, load_q, store_state, tile_ranges
+from .tiles import attend_range, fp8_row_scales, fp8_v_scale, head_inputs, load_q, store_state, tile_ranges
 
 LOG2E = 1.4426950408889634
 INTERPRET = interpreting()
@@ -68,8 +68,9 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
-    RANGE_HOOK: tl.constexpr = None,
+    RANGE_HOOK: tl.constexpr = None, FP8_SCALES=None,
 ):
+    # FP8_SCALES: FP8 attention's per-head scales (tiles.fp8_row_scales); None (fp16/bf16 q) compiles none of it.
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     pid_m = num_m_blocks - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -98,6 +99,8 @@ def _attention_fwd_kernel(
         q = QUERY_HOOK(q, batch, tokens, heads, qo_len, kv_len, vargs)
     slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
                                          BLOCK_M)
+    if FP8_SCALES is not None:  # per-row logit scales: [M, 1] columns in place of the scalars
+        sm_scale, qk_scale_log2 = fp8_row_scales(FP8_SCALES, heads, row_ok, kv_head, sm_scale)
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
         start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
@@ -107,6 +110,8 @@ def _attention_fwd_kernel(
         v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=split == 0)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
+    if FP8_SCALES is not None:  # before a split partial too: the merge is linear in o
+        o = o * fp8_v_scale(FP8_SCALES, kv_head)
     o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
     store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
@@ -274,6 +279,15 @@ def variant_kwargs(variant) -> dict:
     return kwargs
 
 
+def fp8_kwargs(fp8_scales: Optional[tuple]) -> dict:
+    """The kernel keyword of FP8 attention's scales ``(scale_q, scale_k, scale_v)`` (tiles.fp8_row_scales);
+    nothing for None, so the fp16/bf16 kernels compile exactly as without it."""
+    if fp8_scales is None:
+        return {}
+    sq, sk, sv = fp8_scales
+    return {"FP8_SCALES": (sq, sk, sv, sq.stride(0), sk.stride(0), sv.stride(0))}
+
+
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:
     """The table's config for a shape class (the launchers then fit it to the device: smem.py)."""
     if INTERPRET:
@@ -293,13 +307,15 @@ def single_attention_forward(
     kind: str,
     num_splits: Optional[int] = None,
     variant=None,
+    fp8_scales: Optional[tuple] = None,
 ) -> None:
     """Launch attention of one request, writing ``out`` and ``lse`` in place.
 
     Args:
-        q: ``[qo_len, num_qo_heads, head_dim_qk]``, fp16/bf16, last dim contiguous (any other strides).
+        q: ``[qo_len, num_qo_heads, head_dim_qk]``, fp16/bf16 (or fp8 with ``fp8_scales``), last dim contiguous
+            (any other strides).
         k: ``[kv_len, num_kv_heads, head_dim_qk]`` view (an HND tensor is passed transposed), last dim
-            contiguous; fp16/bf16 or fp8 (its scale already folded into ``sm_scale``).
+            contiguous; fp16/bf16 or fp8 (its calibration scale already folded into ``sm_scale``).
         v: ``[kv_len, num_kv_heads, head_dim_vo]`` view, like ``k``.
         out: ``[qo_len, num_qo_heads, head_dim_vo]`` in the output dtype, last dim contiguous.
         lse: float32 ``[qo_len, num_qo_heads]``, base 2.
@@ -309,6 +325,8 @@ def single_attention_forward(
         num_splits: force the number of KV splits (None: the scheduler decides).
         variant: a bound attention variant (flashtile/variants.py) or None; one whose rows cannot be merged
             (``whole_rows``) runs without KV splits.
+        fp8_scales: FP8 attention (q, k, v of one fp8 dtype): ``(scale_q [num_qo_heads], scale_k [num_kv_heads],
+            scale_v [num_kv_heads])`` float32 views (stride 0 for a per-tensor scale); None otherwise.
     """
     qo_len, num_qo_heads, head_dim_qk = q.shape
     kv_len, num_kv_heads, head_dim_vo = v.shape
@@ -350,7 +368,7 @@ def single_attention_forward(
             num_stages=cfg.num_stages, **extra,
         )
 
-    extra = variant_kwargs(variant)
+    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales)
     if variant is not None and variant.variant.whole_rows:
         num_splits = 1
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)

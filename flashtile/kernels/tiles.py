@@ -176,8 +176,54 @@ def attend_tiles(
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
-        acc += mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
+        acc += mma(weights_operand(p, q, UPCAST_DOT), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
+
+
+@triton.jit
+def fp8_round(p, E4M3: tl.constexpr):
+    """Non-negative float32 ``p`` rounded to the nearest float8 value (e4m3fn: 3 mantissa bits, normal from
+    2**-6; e5m2: 2 bits, normal from 2**-14; ties away from zero), still in float32."""
+    e = tl.floor(tl.log2(tl.maximum(p, 1e-30)))  # the binade of p (p = 0: below every fp8 value)
+    if E4M3:
+        ulp = tl.exp2(tl.maximum(e, -6.0) - 3.0)
+    else:
+        ulp = tl.exp2(tl.maximum(e, -14.0) - 2.0)
+    return tl.floor(p / ulp + 0.5) * ulp
+
+
+@triton.jit
+def weights_operand(p, q, UPCAST: tl.constexpr):
+    """The softmax weights ``p`` (float32) as the A operand of the P.V product: in q's dtype (FP8 attention:
+    q's fp8 dtype, FA3's choice, so both products run on fp8 tensor cores). Under the interpreter (UPCAST)
+    an fp8 cast is emulated by :func:`fp8_round`: the interpreter's own float -> fp8 conversion does not
+    round to nearest (Triton 3.9: 0.1219 became 0.0625), the GPU's (cvt.rn.satfinite) does."""
+    if UPCAST:
+        if q.dtype.is_fp8():
+            w = fp8_round(p, q.dtype == tl.float8e4nv)
+        else:
+            w = p.to(q.dtype)
+    else:
+        w = p.to(q.dtype)
+    return w
+
+
+@triton.jit
+def fp8_row_scales(FP8_SCALES, heads, row_ok, kv_head, sm_scale):
+    """FP8 attention: the logit scale of each row, ``sm_scale * scale_q[head] * scale_k[kv_head]``, as a
+    ``[BLOCK_M, 1]`` column, and the same times log2(e) (the one multiplier of the fp8 q.k product for
+    the base-2 softmax). ``FP8_SCALES``: ``(SCALE_Q [Hq], SCALE_K [Hkv], SCALE_V [Hkv], stride_q,
+    stride_k, stride_v)``, float32 (a per-tensor scale has stride 0)."""
+    sq = tl.load(FP8_SCALES[0] + heads * FP8_SCALES[3], mask=row_ok, other=0.0)  # [M]
+    sk = tl.load(FP8_SCALES[1] + kv_head * FP8_SCALES[4])
+    scale = sq * (sk * sm_scale)
+    return scale[:, None], (scale * 1.4426950408889634)[:, None]
+
+
+@triton.jit
+def fp8_v_scale(FP8_SCALES, kv_head):
+    """FP8 attention: ``scale_v`` of the program's KV head (multiplies its output rows, partial or final)."""
+    return tl.load(FP8_SCALES[2] + kv_head * FP8_SCALES[5])
 
 
 @triton.jit
