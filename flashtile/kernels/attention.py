@@ -68,9 +68,11 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
-    RANGE_HOOK: tl.constexpr = None, FP8_SCALES=None,
+    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None, V_T: tl.constexpr = False,
+    stride_vd=1,
 ):
-    # FP8_SCALES: FP8 attention's per-head scales (tiles.fp8_row_scales); None (fp16/bf16 q) compiles none of it.
+    # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
+    # compiles none of it. V_T: V transposed in memory (keys contiguous, head dim stride stride_vd; tiles.attend_tiles).
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     pid_m = num_m_blocks - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -99,7 +101,7 @@ def _attention_fwd_kernel(
         q = QUERY_HOOK(q, batch, tokens, heads, qo_len, kv_len, vargs)
     slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
                                          BLOCK_M)
-    if FP8_SCALES is not None:  # per-row logit scales: [M, 1] columns in place of the scalars
+    if FP8:  # per-row logit scales: [M, 1] columns in place of the scalars
         sm_scale, qk_scale_log2 = fp8_row_scales(FP8_SCALES, heads, row_ok, kv_head, sm_scale)
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
@@ -107,10 +109,11 @@ def _attention_fwd_kernel(
         rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL,
         HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
-        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=split == 0)
+        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=split == 0,
+        V_T=V_T, stride_vd=stride_vd)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
-    if FP8_SCALES is not None:  # before a split partial too: the merge is linear in o
+    if FP8:  # before a split partial too: the merge is linear in o
         o = o * fp8_v_scale(FP8_SCALES, kv_head)
     o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
@@ -285,7 +288,32 @@ def fp8_kwargs(fp8_scales: Optional[tuple]) -> dict:
     if fp8_scales is None:
         return {}
     sq, sk, sv = fp8_scales
-    return {"FP8_SCALES": (sq, sk, sv, sq.stride(0), sk.stride(0), sv.stride(0))}
+    return {"FP8": True, "FP8_SCALES": (sq, sk, sv, sq.stride(0), sk.stride(0), sv.stride(0))}
+
+
+# FP8 attention: hand the kernel a transposed copy of V (keys contiguous) instead of V as given. Triton 3.6's
+# fp8 wgmma needs its B operand K-major; for P.V that is V with its keys contiguous. With V as given
+# (head dim contiguous) Triton loads each V tile into registers and writes it back to shared memory transposed,
+# outside its cp.async pipeline (sm_90a TTGIR, benchmarks/tools/aot_compile_check.py); with the copy the
+# V tiles are pipelined like K's. The copy costs one pass over V per call (its key rows padded to 16 so
+# every row starts 16-byte aligned). False: V as given (what paged caches always use).
+# benchmarks/bench_fp8_prefill.py measures both.
+FP8_TRANSPOSE_V = True
+V_T_ALIGN = 16
+
+
+def fp8_v_layout(v: torch.Tensor, fp8_scales: Optional[tuple]) -> tuple:
+    """``(v, kernel keywords)``: for FP8 attention with FP8_TRANSPOSE_V, a ``[rows, heads, dim]`` view of a
+    transposed copy of ``v`` (memory ``[heads, dim, rows padded to V_T_ALIGN]``) and ``V_T``/``stride_vd``;
+    else ``v`` itself and no keywords."""
+    if fp8_scales is None or not FP8_TRANSPOSE_V or v.shape[0] == 0:
+        return v, {}
+    rows, heads, dim = v.shape
+    padded = -(-rows // V_T_ALIGN) * V_T_ALIGN
+    vt = torch.empty(heads, dim, padded, dtype=v.dtype, device=v.device)
+    vt[:, :, :rows].copy_(v.permute(1, 2, 0))
+    view = vt[:, :, :rows].permute(2, 0, 1)  # [rows, heads, dim], strides (1, dim * padded, padded)
+    return view, {"V_T": True, "stride_vd": view.stride(2)}
 
 
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:
@@ -331,6 +359,7 @@ def single_attention_forward(
     qo_len, num_qo_heads, head_dim_qk = q.shape
     kv_len, num_kv_heads, head_dim_vo = v.shape
     check_fp8_head_dims(k, head_dim_qk, head_dim_vo)
+    v, v_kwargs = fp8_v_layout(v, fp8_scales)
     group = num_qo_heads // num_kv_heads
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
     num_rows = qo_len * group
@@ -368,7 +397,7 @@ def single_attention_forward(
             num_stages=cfg.num_stages, **extra,
         )
 
-    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales)
+    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales) | v_kwargs
     if variant is not None and variant.variant.whole_rows:
         num_splits = 1
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)

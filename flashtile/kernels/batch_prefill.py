@@ -49,6 +49,7 @@ from .attention import (
     alibi_slopes_of,
     check_fp8_head_dims,
     fp8_kwargs,
+    fp8_v_layout,
     variant_kwargs,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
@@ -89,9 +90,11 @@ def _batch_prefill_kernel(
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
-    RANGE_HOOK: tl.constexpr = None, FP8_SCALES=None,
+    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None, V_T: tl.constexpr = False,
+    stride_vd=1,
 ):
-    # FP8_SCALES: FP8 attention's per-head scales (tiles.fp8_row_scales); None (fp16/bf16 q) compiles none of it.
+    # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
+    # compiles none of it. V_T: V transposed in memory (keys contiguous, head dim stride stride_vd; tiles.attend_tiles).
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
     item, kv_head, active = item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
@@ -135,7 +138,7 @@ def _batch_prefill_kernel(
         prefix_len = tl.load(item_request)
         item_first_key = _item_first_keys(TOKEN_POS, tl.load(item_request + 1), prefix_len, positions, row_ok,
                                           kv_len)
-    if FP8_SCALES is not None:  # per-row logit scales: [M, 1] columns in place of the scalars
+    if FP8:  # per-row logit scales: [M, 1] columns in place of the scalars
         sm_scale, qk_scale_log2 = fp8_row_scales(FP8_SCALES, heads, row_ok, kv_head, sm_scale)
     page_table = PAGE_INDICES + kv_offset
     if not PAGED:
@@ -149,10 +152,11 @@ def _batch_prefill_kernel(
         USE_ROPE, PAGED, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
         MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
-        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0)
+        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0,
+        V_T=V_T, stride_vd=stride_vd)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
-    if FP8_SCALES is not None:  # before a split partial too: the merge is linear in o
+    if FP8:  # before a split partial too: the merge is linear in o
         o = o * fp8_v_scale(FP8_SCALES, kv_head)
     if slot < 0:
         store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
@@ -248,6 +252,9 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
                           reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n, num_items,
                           paged, num_kv_heads, group, causal, variant=None, fp8_scales=None):
     """The Triton kernel's launch (every case the Gluon kernel does not take)."""
+    v_kwargs: dict = {}
+    if not paged and num_items > 0:  # a paged cache keeps its layout (fp8: V tiles transposed on chip)
+        v, v_kwargs = fp8_v_layout(v, fp8_scales)
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
     preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
@@ -284,7 +291,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             **extra,
         )
 
-    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales)
+    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales) | v_kwargs
 
     if num_items == 0:
         return

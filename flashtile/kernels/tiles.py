@@ -61,7 +61,7 @@ def attend_tiles(
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
     MULTI_ITEM: tl.constexpr, prefix_len, item_first_key,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True,
-    vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0,
+    vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0, V_T: tl.constexpr = False, stride_vd=1,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
@@ -72,6 +72,8 @@ def attend_tiles(
     LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs: an attention variant's tile hooks and extra arguments
     (flashtile/variants.py), called with the row vectors ``v_batch``, ``v_qo_idx``, ``v_heads`` ``[M]`` as
     ``[M, 1]`` columns; None (the default kernels) compiles none of it.
+    V_T (not PAGED): V's head dim has stride ``stride_vd`` and its keys are contiguous (``stride_vt`` is 1): the
+    P.V operand is then K-major in memory, which fp8 wgmma needs (FP8 attention; kernels/attention.py).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
@@ -169,7 +171,10 @@ def attend_tiles(
             m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
         else:  # the variant's weights as they are (flashtile/variants.py: use_softmax=False)
             p = s
-        v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
+        if V_T:  # keys contiguous: offsets from `cols` itself, so the compiler sees the contiguity
+            v_ptrs = v_base + cols[:, None] + offs_dvo[None, :] * stride_vd
+        else:
+            v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
         if MASKED:
             v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
         elif HEAD_DIM_VO == D_VO:
@@ -303,7 +308,7 @@ def attend_range(
     MULTI_ITEM: tl.constexpr = False, prefix_len=0, item_first_key=0,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None,
     USE_SOFTMAX: tl.constexpr = True, vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0,
-    v_first=0,
+    v_first=0, V_T: tl.constexpr = False, stride_vd=1,
 ):
     """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`tile_ranges`.
     Paged only: PREFETCH_PAGES loads each tile's page ids one iteration ahead (see attend_tiles);
@@ -313,7 +318,7 @@ def attend_range(
     Variant hooks (flashtile/variants.py; None: not compiled): LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX as in
     :func:`attend_tiles`; SINK_HOOK's per-row logit starts the state (a key of value 0 seen once) in the
     program whose range starts the request's keys (``v_first`` nonzero), so a split-KV merge counts it once.
-    With USE_SOFTMAX False the result is ``(sum of w * v, 0)``."""
+    With USE_SOFTMAX False the result is ``(sum of w * v, 0)``. V_T, stride_vd: V stored transposed (attend_tiles)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if SINK_HOOK is not None:
@@ -337,21 +342,21 @@ def attend_range(
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, False, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, skip_lo, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
     if MULTI_ITEM:  # the masked tiles after the skipped ones
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
@@ -360,7 +365,7 @@ def attend_range(
             HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED,
             True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
             item_first_key, LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head,
-            v_qo_len)
+            v_qo_len, V_T, stride_vd)
     if not USE_SOFTMAX:
         return acc, tl.zeros([BLOCK_M], dtype=tl.float32)
     return finalize_state(m_i, l_i, acc)
