@@ -234,6 +234,9 @@ _CONFIG_TABLE = {
     ("prefill", 128): LaunchConfig(128, 128, 8, 3),
     ("prefill", 256): LaunchConfig(64, 32, 4, 2),
 }
+# FP8 attention's prefill (fp8 q, k, v): its own entries, so tuning them (benchmarks/bench_fp8_prefill.py's
+# "config" grid) leaves the fp16/bf16 kernels alone. Not tuned yet: the fp16/bf16 configs.
+_CONFIG_TABLE.update({("prefill_fp8", d): cfg for (kind, d), cfg in list(_CONFIG_TABLE.items()) if kind == "prefill"})
 
 
 INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
@@ -401,7 +404,7 @@ def single_attention_forward(
     if variant is not None and variant.variant.whole_rows:
         num_splits = 1
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
-    preferred = choose_config(kind, max(d_qk, d_vo))
+    preferred = choose_config(kind + "_fp8" if fp8_scales is not None and kind == "prefill" else kind, max(d_qk, d_vo))
     vary_block_m = kind == "prefill"  # decode row tiles are 16 already
     cfg = device_config(preferred, features, device, vary_block_m=vary_block_m)
 
