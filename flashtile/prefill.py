@@ -268,7 +268,9 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             sm_scale: default ``1 / sqrt(head_dim_qk)``. window_left: sliding window (-1 disables).
             logits_soft_cap: ``cap * tanh(s / cap)`` when > 0. rope_scale, rope_theta: defaults 1 and 1e4.
             q_data_type: dtype of q (default float16 as upstream); kv_data_type: of the cache (default q's;
-                fp8 e4m3fn/e5m2 allowed). non_blocking: asynchronous host->device copies.
+                fp8 e4m3fn/e5m2 allowed). An fp8 q_data_type is FP8 attention (docs/fp8_attention.md): the
+                cache has q's fp8 dtype, o_data_type must be given (bfloat16, float16 or float32), run() takes
+                the scales in ``*args``; no RoPE/ALiBi, variants or sinks. non_blocking: asynchronous host->device copies.
             prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr: multi-item scoring
                 (many candidate items scored against one prompt in one sequence; docs/semantics.md).
                 ``prefix_len_ptr`` ``[B]`` (uint32, int32 or int64): request ``b``'s shared prefix is keys
@@ -363,7 +365,10 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             lse: optional float32 ``[qo_indptr[-1], num_qo_heads]``. return_lse: also return the base-2 lse.
             enable_pdl: accepted and ignored. window_left: must equal the plan's.
             sinks: float ``[num_qo_heads]`` attention-sink logits (natural units), or None. ``*args``: the
-                extra arguments of the wrapper's ``jit_args`` variant, tensors first then scalars.
+                extra arguments of the wrapper's ``jit_args`` variant, tensors first then scalars; with an fp8
+                q_data_type plan (FP8 attention, docs/fp8_attention.md): ``scale_q, scale_k, scale_v``, float32
+                ``[num_qo_heads]`` / ``[num_kv_heads]`` / ``[num_kv_heads]`` (or ``[1]``) dequantization
+                scales of q, k and v (fewer, or none: 1.0).
             kv_cache_sf: scale factors of an NVFP4 cache; only None (NotImplementedError otherwise).
 
         Returns:
@@ -566,6 +571,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
             k: ``[rows, num_kv_heads, head_dim_qk]`` (NHD; HND: ``[num_kv_heads, rows, head_dim_qk]``) with
                 ``rows >= kv_indptr[-1]``, the planned kv dtype (fp8 allowed; scales below); unit last stride.
             v: like k with ``head_dim_vo``.
+            *args: a ``jit_args`` variant's extra arguments, or with an fp8 q_data_type plan ``scale_q, scale_k,
+                scale_v`` (as the paged wrapper's run(); FP8 attention: V is handed to the kernel as a
+                transposed copy, docs/fp8_attention.md).
             q_scale, k_scale: calibration scales multiplied into sm_scale; v_scale multiplies the output.
             out, lse, return_lse, enable_pdl, window_left, sinks: as the paged wrapper's run().
 
