@@ -270,7 +270,8 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             q_data_type: dtype of q (default float16 as upstream); kv_data_type: of the cache (default q's;
                 fp8 e4m3fn/e5m2 allowed). An fp8 q_data_type is FP8 attention (docs/fp8_attention.md): the
                 cache has q's fp8 dtype, o_data_type must be given (bfloat16, float16 or float32), run() takes
-                the scales in ``*args``; no RoPE/ALiBi, variants or sinks. non_blocking: asynchronous host->device copies.
+                the scales in ``*args``; no RoPE/ALiBi, variants or sinks.
+                non_blocking: asynchronous host->device copies.
             prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr: multi-item scoring
                 (many candidate items scored against one prompt in one sequence; docs/semantics.md).
                 ``prefix_len_ptr`` ``[B]`` (uint32, int32 or int64): request ``b``'s shared prefix is keys
