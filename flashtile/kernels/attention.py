@@ -285,6 +285,12 @@ def variant_kwargs(variant) -> dict:
     return kwargs
 
 
+def qk_tile_dim(head_dim_qk: int, fp8: bool) -> int:
+    """The padded q/k head dim of the kernels' tiles: at least 32 for FP8 attention (an fp8 ``tl.dot`` on
+    sm_90 needs a reduction of 32 or more: Triton 3.6 does not compile head dim 16), else ``dot_tile_dim``."""
+    return max(32, dot_tile_dim(head_dim_qk)) if fp8 else dot_tile_dim(head_dim_qk)
+
+
 def fp8_kwargs(fp8_scales: Optional[tuple]) -> dict:
     """The kernel keyword of FP8 attention's scales ``(scale_q, scale_k, scale_v)`` (tiles.fp8_row_scales);
     nothing for None, so the fp16/bf16 kernels compile exactly as without it."""
@@ -364,7 +370,7 @@ def single_attention_forward(
     check_fp8_head_dims(k, head_dim_qk, head_dim_vo)
     v, v_kwargs = fp8_v_layout(v, fp8_scales)
     group = num_qo_heads // num_kv_heads
-    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
+    d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
     num_rows = qo_len * group
     device = q.device
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"

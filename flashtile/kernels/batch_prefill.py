@@ -50,6 +50,7 @@ from .attention import (
     check_fp8_head_dims,
     fp8_kwargs,
     fp8_v_layout,
+    qk_tile_dim,
     variant_kwargs,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
@@ -256,7 +257,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
     if not paged and num_items > 0:  # a paged cache keeps its layout (fp8: V tiles transposed on chip)
         v, v_kwargs = fp8_v_layout(v, fp8_scales)
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
-    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
+    d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
     preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
     if paged:
         k_strides = (k.stride(0), k.stride(1), k.stride(2))
