@@ -70,6 +70,7 @@ SINGLE_CASES = [
     (1, 130, 4, 4, 128, False, False, E4M3, "NHD"),
     (33, 33, 6, 2, 40, True, True, E5M2, "HND"),  # odd head dim (a multiple of 8)
     (12, 7, 2, 1, 64, True, True, E4M3, "NHD"),  # qo_len > kv_len: the first rows see nothing
+    (3, 20, 2, 1, 8, False, True, E4M3, "NHD"),  # head dim 8: q/k tiles padded to 32 (fp8 dot)
 ]
 
 
