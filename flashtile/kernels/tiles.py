@@ -181,7 +181,10 @@ def attend_tiles(
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
-        acc += mma(weights_operand(p, q, UPCAST_DOT), v.to(q.dtype), UPCAST_DOT)
+        if UPCAST_DOT:  # the interpreter (fp8 q: weights rounded by fp8_round)
+            acc += mma(weights_operand(p, q), v.to(q.dtype), UPCAST_DOT)
+        else:  # compiled: the weights in q's dtype (fp8 q: FA3's fp8 weights, both products on fp8 tensor cores)
+            acc += mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
 
 
@@ -198,16 +201,13 @@ def fp8_round(p, E4M3: tl.constexpr):
 
 
 @triton.jit
-def weights_operand(p, q, UPCAST: tl.constexpr):
-    """The softmax weights ``p`` (float32) as the A operand of the P.V product: in q's dtype (FP8 attention:
-    q's fp8 dtype, FA3's choice, so both products run on fp8 tensor cores). Under the interpreter (UPCAST)
-    an fp8 cast is emulated by :func:`fp8_round`: the interpreter's own float -> fp8 conversion does not
-    round to nearest (Triton 3.9: 0.1219 became 0.0625), the GPU's (cvt.rn.satfinite) does."""
-    if UPCAST:
-        if q.dtype.is_fp8():
-            w = fp8_round(p, q.dtype == tl.float8e4nv)
-        else:
-            w = p.to(q.dtype)
+def weights_operand(p, q):
+    """Under the interpreter: the softmax weights ``p`` (float32) as the A operand of the P.V product, in
+    q's dtype. For fp8 q the cast is emulated by :func:`fp8_round`: the interpreter's own float -> fp8
+    conversion does not round to nearest (Triton 3.9: 0.1219 became 0.0625), the GPU's (cvt.rn.satfinite)
+    does. (Compiled kernels cast in place: a helper call there changes the default kernels' machine code.)"""
+    if q.dtype.is_fp8():
+        w = fp8_round(p, q.dtype == tl.float8e4nv)
     else:
         w = p.to(q.dtype)
     return w
