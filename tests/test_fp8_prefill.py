@@ -13,7 +13,6 @@ import torch
 
 import flashtile
 from attention_cases import random_page_table, workspace
-from conftest import HAS_CUDA
 from flashtile._core import ops
 from oracles import attention_oracle, fp8_weights_error_bound
 
@@ -105,6 +104,14 @@ def test_single_prefill_fp8_default_scales(path, device):
     one = torch.ones(1, device=device)
     out = flashtile.single_prefill_with_kv_cache(q8, k8, v8, o_dtype=torch.bfloat16, causal=True)
     check(out, None, q8, k8, v8, one, one, one, torch.bfloat16, causal=True)
+
+
+def test_single_prefill_fp8_scalar_scales(path, device):
+    """0-d scale tensors are per-tensor scales too."""
+    q8, k8, v8, sq, sk, sv = fp8_inputs(6, 19, 4, 2, 32, E4M3, device, per_head=False)
+    out = flashtile.single_prefill_with_kv_cache(q8, k8, v8, sq.reshape(()), sk.reshape(()), sv.reshape(()),
+                                                 o_dtype=torch.bfloat16, causal=True)
+    check(out, None, q8, k8, v8, sq, sk, sv, torch.bfloat16, causal=True)
 
 
 def ragged_batch(qo_lens, kv_lens, hq, hk, d, dtype, device, per_head):
@@ -274,7 +281,6 @@ def test_ragged_prefill_fp8_gpu(monkeypatch, transpose_v):
                    True)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_fp8_close_to_bf16_gpu():
     """Upstream's check (test_hopper_fp8_attention): fp8 output near the bf16 attention of the unquantized
