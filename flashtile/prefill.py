@@ -573,8 +573,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
                 ``rows >= kv_indptr[-1]``, the planned kv dtype (fp8 allowed; scales below); unit last stride.
             v: like k with ``head_dim_vo``.
             *args: a ``jit_args`` variant's extra arguments, or with an fp8 q_data_type plan ``scale_q, scale_k,
-                scale_v`` (as the paged wrapper's run(); FP8 attention: V is handed to the kernel as a
-                transposed copy, docs/fp8_attention.md).
+                scale_v`` (as the paged wrapper's run(); FP8 attention, docs/fp8_attention.md).
             q_scale, k_scale: calibration scales multiplied into sm_scale; v_scale multiplies the output.
             out, lse, return_lse, enable_pdl, window_left, sinks: as the paged wrapper's run().
 

@@ -304,22 +304,27 @@ def fp8_kwargs(fp8_scales: Optional[tuple]) -> dict:
 # fp8 wgmma needs its B operand K-major; for P.V that is V with its keys contiguous. With V as given
 # (head dim contiguous) Triton loads each V tile into registers and writes it back to shared memory transposed,
 # outside its cp.async pipeline (sm_90a TTGIR, benchmarks/tools/aot_compile_check.py); with the copy the
-# V tiles are pipelined like K's. The copy costs one pass over V per call (its key rows padded to 16 so
-# every row starts 16-byte aligned). False: V as given (what paged caches always use).
-# benchmarks/bench_fp8_prefill.py measures both.
+# V tiles are pipelined like K's. Single prefill only: in the batch kernel a request's keys start at any row
+# of the copy, so its key-contiguous V tiles have no known alignment and load byte by byte (worse than the
+# on-chip transpose); batches read V as given. The copy costs one pass over V per call. Its key rows are padded to a
+# multiple of 16 (every row starts 16-byte aligned) plus V_T_TAIL zero keys: a tile may then read up to a
+# tile past the last key without a key mask (the weights of those keys are 0), so its loads stay
+# vectorized. False: V as given (what paged caches always use). benchmarks/bench_fp8_prefill.py measures both.
 FP8_TRANSPOSE_V = True
 V_T_ALIGN = 16
+V_T_TAIL = 128  # >= the largest BLOCK_N
 
 
 def fp8_v_layout(v: torch.Tensor, fp8_scales: Optional[tuple]) -> tuple:
     """``(v, kernel keywords)``: for FP8 attention with FP8_TRANSPOSE_V, a ``[rows, heads, dim]`` view of a
-    transposed copy of ``v`` (memory ``[heads, dim, rows padded to V_T_ALIGN]``) and ``V_T``/``stride_vd``;
-    else ``v`` itself and no keywords."""
+    transposed copy of ``v`` (memory ``[heads, dim, padded]``: the rows rounded up to V_T_ALIGN plus V_T_TAIL
+    zero keys) and ``V_T``/``stride_vd``; else ``v`` itself and no keywords."""
     if fp8_scales is None or not FP8_TRANSPOSE_V or v.shape[0] == 0:
         return v, {}
     rows, heads, dim = v.shape
-    padded = -(-rows // V_T_ALIGN) * V_T_ALIGN
+    padded = -(-rows // V_T_ALIGN) * V_T_ALIGN + V_T_TAIL
     vt = torch.empty(heads, dim, padded, dtype=v.dtype, device=v.device)
+    vt[:, :, rows:].zero_()
     vt[:, :, :rows].copy_(v.permute(1, 2, 0))
     view = vt[:, :, :rows].permute(2, 0, 1)  # [rows, heads, dim], strides (1, dim * padded, padded)
     return view, {"V_T": True, "stride_vd": view.stride(2)}

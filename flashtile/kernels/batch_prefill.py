@@ -49,7 +49,6 @@ from .attention import (
     alibi_slopes_of,
     check_fp8_head_dims,
     fp8_kwargs,
-    fp8_v_layout,
     qk_tile_dim,
     variant_kwargs,
 )
@@ -91,11 +90,10 @@ def _batch_prefill_kernel(
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
-    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None, V_T: tl.constexpr = False,
-    stride_vd=1,
+    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None,
 ):
     # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
-    # compiles none of it. V_T: V transposed in memory (keys contiguous, head dim stride stride_vd; tiles.attend_tiles).
+    # compiles none of it. V is read as given (fp8: its tiles transposed on chip, docs/fp8_attention.md).
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
     item, kv_head, active = item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
@@ -153,8 +151,7 @@ def _batch_prefill_kernel(
         USE_ROPE, PAGED, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
         MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
-        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0,
-        V_T=V_T, stride_vd=stride_vd)
+        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
     if FP8:  # before a split partial too: the merge is linear in o
@@ -253,9 +250,6 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
                           reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n, num_items,
                           paged, num_kv_heads, group, causal, variant=None, fp8_scales=None):
     """The Triton kernel's launch (every case the Gluon kernel does not take)."""
-    v_kwargs: dict = {}
-    if not paged and num_items > 0:  # a paged cache keeps its layout (fp8: V tiles transposed on chip)
-        v, v_kwargs = fp8_v_layout(v, fp8_scales)
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
     d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
     preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
@@ -292,7 +286,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             **extra,
         )
 
-    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales) | v_kwargs
+    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales)
 
     if num_items == 0:
         return

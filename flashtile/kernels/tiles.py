@@ -176,7 +176,10 @@ def attend_tiles(
         else:
             v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
         if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
+            if V_T:  # rows past the keys are in bounds and finite (fp8_v_layout's zero tail); their weights are 0
+                v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)  # [N, D_VO]
+            else:
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
         elif HEAD_DIM_VO == D_VO:
             v = tl.load(v_ptrs)
         else:
