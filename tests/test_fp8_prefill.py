@@ -184,6 +184,21 @@ def test_opcheck_single_attention_fp8(path, device):
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_opcheck_batch_prefill_fp8(path, device):
+    """The batch op's schema with the scales (opcheck without "test_schema", as above)."""
+    q8, k8, v8, sq, sk, sv, qo_indptr, kv_indptr = ragged_batch([3, 5], [30, 5], 4, 2, 16, E4M3, device, True)
+    w = flashtile.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, 4, 2, 16, causal=True, fixed_split_size=16, q_data_type=E4M3,
+           o_data_type=torch.bfloat16)
+    p = w._plan
+    args = (q8, k8, v8, None, None, None, None, p.meta, p.part_o.clone(), p.part_lse.clone(),
+            torch.empty(8, 4, 16, dtype=torch.bfloat16, device=device), torch.empty(8, 4, device=device),
+            p.batch_size, p.item_capacity, p.block_m, p.block_n, p.num_items, p.num_merges, sq, sk, sv, 0.25, True, 0.0,
+            -1, "NONE", 1.0, 1e4, 1.0, "auto")
+    torch.library.opcheck(ops.batch_prefill_fp8, args,
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors: typed, naming the argument
 # ------------------------------------------------------------------------------------------------
