@@ -4,7 +4,7 @@
 # on the kernel cases, then the fp8_prefill suite (flashtile fp8 vs flashtile bf16 vs FlashInfer fa3 fp8).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/fp8_prefill.sh [tune]   (carry .fi-ref)
-# "tune" adds the fp8 single-prefill launch-config grid (python -m benchmarks.run --suite fp8_prefill --tune).
+# "tune" adds the launch-config grids of fp8 single prefill and of the batch kernel's fp8 tiles (~5 more minutes).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -50,6 +50,8 @@ timeout 150 python3 -m benchmarks.run --suite fp8_prefill --out /tmp/fp8_prefill
 cp /tmp/fp8_prefill_bench/fp8_prefill.jsonl /tmp/fp8_prefill_bench/fp8_prefill.md "$OUT/" 2>/dev/null
 cat "$OUT/fp8_prefill.md" 2>/dev/null || echo "fp8_prefill: no results"
 if [ "${1:-}" = tune ]; then
-  timeout 200 python3 -m benchmarks.run --suite fp8_prefill --tune --filter 8192 --out "$OUT" 2>&1 | tail -14 \
-      | tee "$OUT/fp8_prefill_tune.log"
+  timeout 200 python3 -m benchmarks.run --suite fp8_prefill --tune config --filter 8192 --out "$OUT" 2>&1 \
+      | tail -14 | tee "$OUT/fp8_prefill_tune.log"
+  timeout 120 python3 -m benchmarks.run --suite fp8_prefill --tune batch_tiles --out "$OUT" 2>&1 | tail -10 \
+      | tee -a "$OUT/fp8_prefill_tune.log"
 fi
