@@ -60,13 +60,18 @@ def single_prefill_with_kv_cache(
     """Attention of ``qo_len`` query tokens (the last ones of the sequence) over ``kv_len`` keys.
 
     Args:
-        q: ``[qo_len, num_qo_heads, head_dim_qk]``, float16/bfloat16, unit last stride.
+        q: ``[qo_len, num_qo_heads, head_dim_qk]``, float16/bfloat16, or float8 (e4m3fn/e5m2: FP8
+            attention, below); unit last stride.
         k: ``[kv_len, num_kv_heads, head_dim_qk]`` (NHD) or ``[num_kv_heads, kv_len, head_dim_qk]``
-            (HND); dtype of q, or float8 (its scale folded in through ``sm_scale``).
+            (HND); dtype of q, or float8 with fp16/bf16 q (K/V quantized, q not).
         v: like k with ``head_dim_vo`` (may differ from head_dim_qk, e.g. 192/128).
-        scale_q, scale_k, scale_v: per-head scales of upstream's fp8-q path; accepted and unused
-            (flashtile takes fp16/bf16 q).
-        o_dtype: output dtype (float16, bfloat16 or float32); default q's dtype.
+        scale_q, scale_k, scale_v: FP8 attention (q, k and v all of one float8 dtype): float32 dequantization
+            scales, per head (``[num_qo_heads]`` for q, ``[num_kv_heads]`` for k and v) or per tensor (``[1]``
+            or 0-d), on q's device; None means 1.0. The attention is that of ``q * scale_q``,
+            ``k * scale_k``, ``v * scale_v`` (docs/fp8_attention.md: both products run on fp8 tensor cores,
+            the softmax weights rounded to q's fp8 dtype for the second). Ignored for fp16/bf16 q (as upstream).
+        o_dtype: output dtype (float16, bfloat16 or float32); default q's dtype. Required with fp8 q
+            (an fp8 output raises NotImplementedError).
         custom_mask: bool ``[qo_len, kv_len]``, True = attend; replaces ``causal``.
         packed_custom_mask: the same mask bit-packed row-major, LSB first
             (``packbits(mask.flatten(), "little")``), uint8; takes precedence over custom_mask.
@@ -92,8 +97,9 @@ def single_prefill_with_kv_cache(
         ``lse [qo_len, num_qo_heads]`` float32.
     """
     options = (o_dtype, custom_mask, packed_custom_mask, causal, pos_encoding_mode, sm_scale, window_left,
-               logits_soft_cap, rope_scale, rope_theta, backend)
-    if _variant is None and sinks is None:  # a call like an earlier one replays its launches
+               logits_soft_cap, rope_scale, rope_theta, backend, scale_q, scale_k, scale_v)
+    # a call like an earlier one replays its launches (not FP8 attention: its scale views are made per call)
+    if _variant is None and sinks is None and isinstance(q, torch.Tensor) and q.element_size() != 1:
         done = replay_single_attention("prefill", q, k, v, kv_layout, options, return_lse)
         if done is not None:
             return done if return_lse else done[0]
@@ -104,6 +110,7 @@ def single_prefill_with_kv_cache(
             custom_mask=custom_mask, packed_custom_mask=packed_custom_mask, q_scale=None, k_scale=None,
             v_scale=None, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
             rope_scale=rope_scale, rope_theta=rope_theta, out_dtype=o_dtype, backend=backend,
+            scales=(scale_q, scale_k, scale_v), has_variant=_variant is not None or sinks is not None,
         )
 
     variant = with_sinks(_variant, sinks)
@@ -266,7 +273,10 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             sm_scale: default ``1 / sqrt(head_dim_qk)``. window_left: sliding window (-1 disables).
             logits_soft_cap: ``cap * tanh(s / cap)`` when > 0. rope_scale, rope_theta: defaults 1 and 1e4.
             q_data_type: dtype of q (default float16 as upstream); kv_data_type: of the cache (default q's;
-                fp8 e4m3fn/e5m2 allowed). non_blocking: asynchronous host->device copies.
+                fp8 e4m3fn/e5m2 allowed). An fp8 q_data_type is FP8 attention (docs/fp8_attention.md): the
+                cache has q's fp8 dtype, o_data_type must be given (bfloat16, float16 or float32), run() takes
+                the scales in ``*args``; no RoPE/ALiBi, variants or sinks.
+                non_blocking: asynchronous host->device copies.
             prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr: multi-item scoring
                 (many candidate items scored against one prompt in one sequence; docs/semantics.md).
                 ``prefix_len_ptr`` ``[B]`` (uint32, int32 or int64): request ``b``'s shared prefix is keys
@@ -361,7 +371,10 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             lse: optional float32 ``[qo_indptr[-1], num_qo_heads]``. return_lse: also return the base-2 lse.
             enable_pdl: accepted and ignored. window_left: must equal the plan's.
             sinks: float ``[num_qo_heads]`` attention-sink logits (natural units), or None. ``*args``: the
-                extra arguments of the wrapper's ``jit_args`` variant, tensors first then scalars.
+                extra arguments of the wrapper's ``jit_args`` variant, tensors first then scalars; with an fp8
+                q_data_type plan (FP8 attention, docs/fp8_attention.md): ``scale_q, scale_k, scale_v``, float32
+                ``[num_qo_heads]`` / ``[num_kv_heads]`` / ``[num_kv_heads]`` (or ``[1]``) dequantization
+                scales of q, k and v (fewer, or none: 1.0).
             kv_cache_sf: scale factors of an NVFP4 cache; only None (NotImplementedError otherwise).
 
         Returns:
@@ -377,7 +390,8 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
                 if replay is not None:
                     return replay(q, paged_kv_cache, out, lse, return_lse)
         plan = self._require_plan()
-        variant = self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
+        fp8 = self._fp8_scales(plan, args, sinks)
+        variant = self._check_run_options(plan, () if fp8 is not None else args, sinks, window_left, kv_cache_sf)
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         rows = self._check_q(plan, q)
         if cache.dtype != plan.kv_dtype:
@@ -398,7 +412,7 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
                              f"{cache.num_pages} pages")
         layout = self._kv_layout
         return self._launch(plan, key, q, cache.k, cache.v, q_scale, k_scale, v_scale, out, lse, return_lse, rows,
-                            lambda cache_: kv_page_views(cache_, layout), variant)
+                            lambda cache_: kv_page_views(cache_, layout), variant, fp8)
 
     def forward(self, q: torch.Tensor, paged_kv_cache, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, k_scale: Optional[float] = None, v_scale: Optional[float] = None,
@@ -563,6 +577,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
             k: ``[rows, num_kv_heads, head_dim_qk]`` (NHD; HND: ``[num_kv_heads, rows, head_dim_qk]``) with
                 ``rows >= kv_indptr[-1]``, the planned kv dtype (fp8 allowed; scales below); unit last stride.
             v: like k with ``head_dim_vo``.
+            *args: a ``jit_args`` variant's extra arguments, or with an fp8 q_data_type plan ``scale_q, scale_k,
+                scale_v`` (as the paged wrapper's run(); FP8 attention, docs/fp8_attention.md).
             q_scale, k_scale: calibration scales multiplied into sm_scale; v_scale multiplies the output.
             out, lse, return_lse, enable_pdl, window_left, sinks: as the paged wrapper's run().
 
@@ -578,7 +594,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
                 if replay is not None:
                     return replay(q, (k, v), out, lse, return_lse)
         plan = self._require_plan()
-        variant = self._check_run_options(plan, args, sinks, window_left, None)
+        fp8 = self._fp8_scales(plan, args, sinks)
+        variant = self._check_run_options(plan, () if fp8 is not None else args, sinks, window_left, None)
         rows = self._check_q(plan, q)
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, ndim=3)
@@ -600,7 +617,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
                                  f"{plan.num_kv_heads} heads x {dim} as planned ({self._kv_layout}), got "
                                  f"{list(x.shape)} as NHD")
         return self._launch(plan, key, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows, derive,
-                            variant)
+                            variant, fp8)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                 pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,

@@ -89,6 +89,51 @@ def attention_oracle(
     return out, lse
 
 
+# (fp8 dtype) -> (relative rounding error of a normal value, absolute rounding error below the normal range):
+# half an ulp of the mantissa (3 bits e4m3fn, 2 bits e5m2) and half the subnormal step (2**-9, 2**-16).
+FP8_ROUNDING = {torch.float8_e4m3fn: (2.0**-4, 2.0**-10), torch.float8_e5m2: (2.0**-3, 2.0**-17)}
+
+
+def fp8_weights_error_bound(q, k, v, fp8_dtype, *, causal=False, custom_mask=None, sm_scale=None,
+                            logits_soft_cap=0.0, window_left=-1):
+    """Elementwise bound ``[Lq, Hq, Dv]`` (float64) on how far an FP8 attention that rounds its softmax
+    weights to ``fp8_dtype`` before the P.V product (FA3's scheme) may be from :func:`attention_oracle` of
+    the same (dequantized) q, k, v. The row's normalizer is the sum of the unrounded weights, so
+    ``out - exact = sum_j (w~_j - w_j) v_j / sum_j w_j`` with ``w_j = exp(s_j - max)``. A weight rounded
+    at a running max ``m' <= max`` has its error scaled by ``exp(m' - max) <= 1`` afterwards, so
+    ``|w~_j - w_j| <= max(rel * w_j, abs)`` (:data:`FP8_ROUNDING`) holds in the final scale too."""
+    rel, absolute = FP8_ROUNDING[fp8_dtype]
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    Lq, Hq, D = q.shape
+    Lk, Hk, Dv = v.shape
+    g = Hq // Hk
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
+    kpos = torch.arange(Lk, dtype=torch.float64)
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
+    if custom_mask is not None:
+        allowed = custom_mask.cpu().bool().clone()
+    elif causal:
+        allowed = kpos[None, :] <= qpos[:, None]
+    if window_left >= 0:
+        allowed = allowed & (kpos[None, :] >= qpos[:, None] - window_left)
+    bound = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
+    for h in range(Hq):
+        s = (q[:, h] @ k[:, h // g].T) * sm_scale
+        if logits_soft_cap and logits_soft_cap > 0:
+            s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
+        s = s.masked_fill(~allowed, float("-inf"))
+        seen = allowed.any(dim=1)
+        if Lk == 0:
+            continue
+        mx = torch.where(seen, s.max(dim=1).values, torch.zeros(Lq, dtype=torch.float64))
+        w = torch.exp(s - mx[:, None])
+        err = torch.where(allowed, torch.clamp(rel * w, min=absolute), torch.zeros_like(w))
+        denom = w.sum(dim=1).clamp_min(1.0)  # >= 1 where a key is seen (the max's weight is 1)
+        bound[:, h] = (err @ v[:, h // g].abs()) / denom[:, None]
+    return bound
+
+
 # ---------------------------------------------------------------------------------------------
 # Paged KV cache (api_spec.md §1.2, §8): explicit loops over rows and heads
 # ---------------------------------------------------------------------------------------------

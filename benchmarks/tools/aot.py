@@ -72,8 +72,8 @@ def compile_source(launch: Launch, arch: int = 90):
             for j, item in enumerate(value):
                 if isinstance(item, torch.Tensor) and item.data_ptr() % 16 == 0:
                     attrs[(i, j)] = [["tt.divisibility", 16]]
-                elif item is None:
-                    constexprs[(i, j)] = None
+                elif item is None or (type(item) is int and item == 1):  # Triton specializes both as constexprs
+                    constexprs[(i, j)] = item
             continue
         aligned_ptr = isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0
         int16 = (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0

@@ -98,8 +98,10 @@ _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
-def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None, variant=None):
-    """prefix_len: multi-item scoring with this shared prefix per request (item positions all 0 here)."""
+def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None, variant=None,
+                fp8=False):
+    """prefix_len: multi-item scoring with this shared prefix per request (item positions all 0 here).
+    fp8: FP8 attention (e4m3 q, k, v with per-head scales)."""
     dvo = dvo or d
     q = torch.randn(sum(qo), hq, d, dtype=bf)
     group = hq // hk
@@ -117,11 +119,15 @@ def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, labe
     else:
         k, v, idx = torch.randn(sum(kv), hk, d, dtype=bf), torch.randn(sum(kv), hk, dvo, dtype=bf), None
     slots = max(work.num_slots, 1)
+    extra = {"variant": variant} if variant else {}
+    if fp8:
+        q, k, v = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+        extra["fp8_scales"] = (torch.rand(hq), torch.rand(hk), torch.rand(hk))
     BP.batch_prefill_forward(q, k, v, idx, None, meta, torch.empty(slots, hk, bm, dvo), torch.empty(slots, hk, bm),
                              torch.empty(sum(qo), hq, dvo, dtype=bf), torch.empty(sum(qo), hq), P, batch_size=len(qo),
                              item_capacity=work.num_items, block_m=bm, block_n=bn,
                              num_items=work.num_items, num_merges=max(work.num_merges, 0),
-                             **multi_item_inputs(prefix_len, kv), **({"variant": variant} if variant else {}))
+                             **multi_item_inputs(prefix_len, kv), **extra)
     compile_all(label + f" (tile {bm}x{bn}, merges {work.num_merges})")
 
 
@@ -396,4 +402,14 @@ compile_all("gemm bmm_fp8 e4m3 x e5m2 48x512x1024")
 G.bmm_fp8(torch.randn(16, 1024, 1024).to(_e5), torch.randn(16, 1024, 1024).to(_e5).transpose(-2, -1), _one, _one,
           torch.empty(16, 1024, 1024, dtype=bf))
 compile_all("gemm bmm_fp8 e5m2 16x1024x1024x1024")
+# FP8 attention (e4m3 q, k, v with per-head scales; benchmarks/bench_fp8_prefill.py): single prefill causal
+# 8192 at 32/8 heads, d128, and the batch kernel, ragged and paged.
+_e4s = (torch.rand(32), torch.rand(8), torch.rand(8))
+_q8, _k8 = torch.randn(8192, 32, 128).to(_e4), torch.randn(8192, 8, 128).to(_e4)
+A.single_attention_forward(_q8, _k8, _k8.clone(), torch.empty(8192, 32, 128, dtype=bf), torch.empty(8192, 32), P,
+                           packed_mask=None, kind="prefill", fp8_scales=_e4s)
+compile_all("fp8 single prefill 8192 h32/8")
+ragged_case([1024] * 16, [1024] * 16, label="fp8 ragged 16x1024", fp8=True)
+ragged_case([8192] * 2, [8192] * 2, label="fp8 ragged long", fp8=True)
+ragged_case([1024] * 16, [1024] * 16, paged=True, label="fp8 paged p16", fp8=True)
 sys.exit(1 if failures else 0)

@@ -25,6 +25,7 @@ from .checks import (
     parse_dtype,
 )
 from .dispatch import normalize_backend
+from .fp8_attention import Fp8Scales, check_fp8_qkv_dtypes, fp8_output_dtype, fp8_scales, reject_fp8_features
 from .params import AttentionParams
 
 KV_LAYOUTS = ("NHD", "HND")
@@ -41,6 +42,7 @@ class SingleAttentionArgs:
     params: AttentionParams  # sm_scale includes q_scale * k_scale
     out_dtype: torch.dtype
     backend: str
+    fp8_scales: Optional[Fp8Scales] = None  # fp8 q, k, v: their per-head dequantization scales
 
 
 def check_head_dim(name: str, head_dim: int) -> None:
@@ -143,17 +145,26 @@ def normalize_single_attention(
     rope_theta: Optional[float],
     out_dtype: Optional[torch.dtype],
     backend: str,
+    scales: Optional[tuple] = None,
+    has_variant: bool = False,
 ) -> SingleAttentionArgs:
-    """Check and normalize; ``q`` is ``[qo_len, num_qo_heads, head_dim_qk]`` here (decode adds the axis)."""
+    """Check and normalize; ``q`` is ``[qo_len, num_qo_heads, head_dim_qk]`` here (decode adds the axis).
+    ``scales``: ``(scale_q, scale_k, scale_v)`` of an fp8-q call (single prefill), used when q is fp8;
+    None: fp8 q is refused (decode). ``has_variant``: the call has an attention variant or sinks."""
     check_option("kv_layout", kv_layout, KV_LAYOUTS)
     check_option("pos_encoding_mode", pos_encoding_mode, POS_ENCODING_MODES)
     backend = normalize_backend(backend)
     check_tensor("q", q, ndim=3)
     check_tensor("k", k, ndim=3)
     check_tensor("v", v, ndim=3)
-    if q.dtype in FP8_DTYPES:
-        raise NotImplementedError("q: fp8 queries are not supported yet; pass fp16/bf16 q (fp8 K/V are supported)")
-    check_tensor("q", q, dtypes=HALF_DTYPES)
+    fp8_q = q.dtype in FP8_DTYPES
+    if fp8_q and scales is None:
+        raise NotImplementedError("q: fp8 queries are not supported here; pass fp16/bf16 q (fp8 K/V are supported)")
+    if fp8_q:
+        check_fp8_qkv_dtypes(q.dtype, k.dtype, v.dtype)
+        reject_fp8_features(pos_encoding_mode, has_variant)
+    else:
+        check_tensor("q", q, dtypes=HALF_DTYPES)
     check_tensor("k", k, dtypes=HALF_DTYPES + FP8_DTYPES)
     check_tensor("v", v, dtypes=(k.dtype,))
     if k.dtype not in FP8_DTYPES and k.dtype != q.dtype:
@@ -203,7 +214,14 @@ def normalize_single_attention(
         logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
     params = resolve_attention_params(params, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
 
-    out_dtype = q.dtype if out_dtype is None else parse_dtype("o_dtype", out_dtype, OUTPUT_DTYPES)
+    if fp8_q:
+        assert scales is not None
+        out_dtype = fp8_output_dtype("o_dtype", out_dtype)
+        scale_q, scale_k, scale_v = scales
+        fp8 = fp8_scales(scale_q, scale_k, scale_v, num_qo_heads, num_kv_heads, q.device)
+    else:
+        out_dtype = q.dtype if out_dtype is None else parse_dtype("o_dtype", out_dtype, OUTPUT_DTYPES)
+        fp8 = None
 
     return SingleAttentionArgs(
         q=_unit_last_stride(q),
@@ -213,4 +231,5 @@ def normalize_single_attention(
         params=params,
         out_dtype=out_dtype,
         backend=backend,
+        fp8_scales=fp8,
     )

@@ -22,7 +22,8 @@ from ..scheduler.split_kv import plan_single_kv_splits
 from . import dispatch
 from .params import AttentionParams
 
-__all__ = ["single_attention", "batch_decode", "batch_prefill", "call", "PARAMS_SCHEMA"]
+__all__ = ["single_attention", "single_attention_fp8", "batch_decode", "batch_prefill", "batch_prefill_fp8", "call",
+           "PARAMS_SCHEMA"]
 
 _SCHEMA_TYPES = {"float": "float", "bool": "bool", "int": "int", "str": "str"}
 _PARAM_FIELDS = dataclasses.fields(AttentionParams)
@@ -93,6 +94,13 @@ def _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend, var
                                   splits=plan_single_kv_splits(k.shape[0], shape), **extra)
 
 
+def _single_attention_fp8(q, k, v, packed_mask, out, lse, kind, scale_q, scale_k, scale_v, params, backend) -> None:
+    if q.shape[0] == 0:
+        return
+    dispatch.implementation("attention", q.device, backend).single_attention_forward(
+        q, k, v, out, lse, params, packed_mask=packed_mask, kind=kind, fp8_scales=(scale_q, scale_k, scale_v))
+
+
 def _batch_decode(q, k_pages, v_pages, page_indptr, page_indices, worklist, part_o, part_lse, out, lse, batch_size,
                   num_programs, max_states, merge, params, backend, variant=None) -> None:
     if q.shape[0] == 0:
@@ -113,6 +121,18 @@ def _batch_prefill(q, k, v, page_indices, packed_mask, multi_item_requests, toke
         item_capacity=item_capacity, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges,
         multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items,
         **({} if variant is None else {"variant": variant}))
+
+
+def _batch_prefill_fp8(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, worklist, part_o,
+                       part_lse, out, lse, batch_size, item_capacity, block_m, block_n, num_items, num_merges, scale_q,
+                       scale_k, scale_v, params, backend) -> None:
+    if q.shape[0] == 0:
+        return
+    dispatch.implementation("batch_prefill", q.device, backend).batch_prefill_forward(
+        q, k, v, page_indices, packed_mask, worklist, part_o, part_lse, out, lse, params, batch_size=batch_size,
+        item_capacity=item_capacity, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges,
+        multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items,
+        fp8_scales=(scale_q, scale_k, scale_v))
 
 
 single_attention = _define(
@@ -144,3 +164,21 @@ batch_prefill.__doc__ = """Batch prefill over a ragged (``page_indices`` None) o
 (scheduler/prefill_work.py): q ``[total_qo, Hq, Dqk]``; writes out ``[total_qo, Hq, Dvo]``, lse ``[total_qo, Hq]``.
 Multi-item scoring: ``multi_item_requests`` int32 ``[B, 2]`` and ``token_pos_in_items`` int32
 (flashtile/_core/multi_item.py), else both None."""
+
+# FP8 attention (q, k, v all float8): the ops above plus the per-head float32 dequantization scales (views
+# ``[num_qo_heads]`` for q, ``[num_kv_heads]`` for k and v; _core/fp8_attention.py).
+single_attention_fp8 = _define(
+    "single_attention_fp8",
+    "Tensor q, Tensor k, Tensor v, Tensor? packed_mask, Tensor(a!) out, Tensor(b!) lse, str kind, Tensor scale_q, "
+    "Tensor scale_k, Tensor scale_v",
+    ("out", "lse"), _single_attention_fp8)
+single_attention_fp8.__doc__ = """:data:`single_attention` of fp8 q, k, v with their per-head scales."""
+
+batch_prefill_fp8 = _define(
+    "batch_prefill_fp8",
+    "Tensor q, Tensor k, Tensor v, Tensor? page_indices, Tensor? packed_mask, Tensor? multi_item_requests, "
+    "Tensor? token_pos_in_items, Tensor worklist, Tensor(a!) part_o, Tensor(b!) part_lse, Tensor(c!) out, "
+    "Tensor(d!) lse, int batch_size, int item_capacity, int block_m, int block_n, int num_items, int num_merges, "
+    "Tensor scale_q, Tensor scale_k, Tensor scale_v",
+    ("part_o", "part_lse", "out", "lse"), _batch_prefill_fp8)
+batch_prefill_fp8.__doc__ = """:data:`batch_prefill` of fp8 q, k, v with their per-head scales."""

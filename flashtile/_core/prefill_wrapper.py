@@ -15,7 +15,8 @@ from ..reference.packbits import segment_packbits
 from ..scheduler.prefill_work import pack_prefill_meta, plan_prefill_work, prefill_capacity
 from . import ops, tile_policy
 from .attention_args import resolve_attention_params
-from .checks import check_tensor, describe
+from .checks import FP8_DTYPES, check_tensor, describe
+from .fp8_attention import Fp8Scales, fp8_scales, reject_fp8_features
 from .host_arrays import host_int64
 from .multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
 from .paged_kv import as_index_tensor
@@ -99,7 +100,9 @@ class BatchPrefillWrapper(PlanRunWrapper):
         params = resolve_attention_params(
             None, head_dim=head_dim_qk, causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
             logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, rope_scale=rope_scale, rope_theta=rope_theta)
-        q_dtype, kv_dtype, o_dtype = self._plan_dtypes(q_data_type, kv_data_type, o_data_type)
+        q_dtype, kv_dtype, o_dtype = self._plan_dtypes(q_data_type, kv_data_type, o_data_type, allow_fp8_q=True)
+        if q_dtype in FP8_DTYPES:
+            reject_fp8_features(pos_encoding_mode, self._jit_variant is not None)
         fixed_split_size, disable_split_kv = self._split_options(fixed_split_size, disable_split_kv)
 
         as_index_tensor("qo_indptr", qo_indptr)
@@ -248,21 +251,41 @@ class BatchPrefillWrapper(PlanRunWrapper):
             self._mask_indptr_buf[: indptr.numel()].copy_(indptr, non_blocking=non_blocking)
         return self._custom_mask_buf.view(-1).view(torch.uint8)
 
+    def _fp8_scales(self, plan: PrefillPlan, args: tuple, sinks) -> Optional[Fp8Scales]:
+        """FP8 attention (an fp8 q_data_type plan): run()'s positional ``scale_q, scale_k, scale_v`` (upstream
+        passes them in ``*args``), checked; None for an fp16/bf16 plan (``args`` then feed a variant)."""
+        if plan.q_dtype not in FP8_DTYPES:
+            return None
+        if len(args) > 3:
+            raise TypeError(f"run(): with fp8 q the extra positional arguments are scale_q, scale_k, scale_v; got "
+                            f"{len(args)}")
+        if sinks is not None:
+            raise NotImplementedError("sinks: attention sinks with fp8 q are not supported")
+        scale_q, scale_k, scale_v = tuple(args) + (None,) * (3 - len(args))
+        return fp8_scales(scale_q, scale_k, scale_v, plan.num_qo_heads, plan.num_kv_heads, self.device)
+
     def _launch(self, plan: PrefillPlan, key, q, k, v, q_scale, k_scale, v_scale, out, lse, return_lse, rows_out,
-                derive, variant=None):
+                derive, variant=None, fp8: Optional[Fp8Scales] = None):
         """Allocate or check the outputs and launch; with a memo ``key``, remember a replay for later runs
-        whose inputs have the same key (``derive(q, kv...)``: the kernel's K/V views of run()'s inputs)."""
+        whose inputs have the same key (``derive(q, kv...)``: the kernel's K/V views of run()'s inputs).
+        ``fp8``: FP8 attention's scales (then never replayed: they are tensors of one call)."""
         params = self._run_params(plan, q_scale, k_scale, v_scale)
         shape = (rows_out, plan.num_qo_heads, plan.head_dim_vo)
         o, s = self._outputs(shape, plan.o_dtype, out, lse)
         multi = plan.multi_item
 
         def launch() -> None:
-            ops.call(ops.batch_prefill, q, k, v, plan.page_indices, plan.packed_mask,
-                     multi.requests if multi is not None else None, multi.token_pos if multi is not None else None,
-                     plan.meta, plan.part_o, plan.part_lse, o, s, plan.batch_size, plan.item_capacity, plan.block_m,
-                     plan.block_n, plan.num_items, plan.num_merges, params=params, backend=self._backend,
-                     variant=variant)
+            op_args = (q, k, v, plan.page_indices, plan.packed_mask,
+                       multi.requests if multi is not None else None, multi.token_pos if multi is not None else None,
+                       plan.meta, plan.part_o, plan.part_lse, o, s, plan.batch_size, plan.item_capacity, plan.block_m,
+                       plan.block_n, plan.num_items, plan.num_merges)
+            if fp8 is not None:
+                ops.call(ops.batch_prefill_fp8, *op_args, *fp8.as_tuple(), params=params, backend=self._backend)
+            else:
+                ops.call(ops.batch_prefill, *op_args, params=params, backend=self._backend, variant=variant)
+
+        if fp8 is not None:
+            key = None
 
         replay = self._launch_recorded(plan, key, (q, k, v, o, s), launch)
         if replay is not None:

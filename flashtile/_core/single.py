@@ -109,6 +109,10 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
     bound = None
     if variant is not None:
         bound = bind_single_variant(variant, args)
+    if args.fp8_scales is not None:  # scales are tensors of one call: never replayed
+        ops.call(ops.single_attention_fp8, *dynamic[:3], args.packed_mask, *dynamic[3:], kind,
+                 *args.fp8_scales.as_tuple(), params=args.params, backend=args.backend)
+        return out, lse if return_lse else None
     if key is None or args.packed_mask is not None:
         ops.call(ops.single_attention, *dynamic[:3], args.packed_mask, *dynamic[3:], kind, params=args.params,
                  backend=args.backend, variant=bound)

@@ -20,6 +20,7 @@ from .attention_args import POS_ENCODING_MODES, check_head_dim, check_window_and
 from .buffers import discarded_output, new_output
 from .checks import FP8_DTYPES, HALF_DTYPES, OUTPUT_DTYPES, check_option, check_tensor, describe, parse_dtype
 from .dispatch import implementation, normalize_backend
+from .fp8_attention import check_fp8_qkv_dtypes, fp8_output_dtype
 from .launch import make_replay, recording_launches
 from .memo import tensor_key
 from .params import AttentionParams
@@ -217,10 +218,14 @@ class PlanRunWrapper:
             raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
                              f"mismatches the batch size set during initialization {self._fixed_batch_size}")
 
-    def _plan_dtypes(self, q_data_type, kv_data_type, o_data_type) -> tuple:
-        """``(q, kv, o)`` dtypes of a plan (defaults: float16 q as upstream, kv and o like q), checked."""
+    def _plan_dtypes(self, q_data_type, kv_data_type, o_data_type, allow_fp8_q: bool = False) -> tuple:
+        """``(q, kv, o)`` dtypes of a plan (defaults: float16 q as upstream, kv and o like q), checked.
+        ``allow_fp8_q``: the wrapper runs FP8 attention (fp8 q, k and v of one dtype; o_data_type required)."""
         q_dtype = torch.float16 if q_data_type is None else parse_dtype("q_data_type", q_data_type)
         kv_dtype = q_dtype if kv_data_type is None else parse_dtype("kv_data_type", kv_data_type)
+        if allow_fp8_q and q_dtype in FP8_DTYPES:
+            check_fp8_qkv_dtypes(q_dtype, kv_dtype, kv_dtype, names=("q_data_type", "kv_data_type", "kv_data_type"))
+            return q_dtype, kv_dtype, fp8_output_dtype("o_data_type", o_data_type)
         self._check_q_kv_dtypes(q_dtype, kv_dtype)  # q is float16 or bfloat16 from here on
         o_dtype = q_dtype if o_data_type is None else parse_dtype("o_data_type", o_data_type, OUTPUT_DTYPES)
         return q_dtype, kv_dtype, o_dtype

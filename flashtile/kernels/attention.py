@@ -41,7 +41,7 @@ from ..scheduler.split_kv import SingleKVSplits, SingleLaunchShape, plan_single_
 from ..scheduler.worklist import DECODE_ITEM_FIELDS, decode_layout
 from .merge import merge_attention_states
 from .smem import TileFeatures, device_config, launch_within_limit
-from .tiles import attend_range, head_inputs, load_q, store_state, tile_ranges
+from .tiles import attend_range, fp8_row_scales, fp8_v_scale, head_inputs, load_q, store_state, tile_ranges
 
 LOG2E = 1.4426950408889634
 INTERPRET = interpreting()
@@ -68,8 +68,11 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
-    RANGE_HOOK: tl.constexpr = None,
+    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None, V_T: tl.constexpr = False,
+    stride_vd=1,
 ):
+    # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
+    # compiles none of it. V_T: V transposed in memory (keys contiguous, head dim stride stride_vd; tiles.attend_tiles).
     # Heaviest causal blocks (the last query rows) first, so the tail of the grid is short work.
     pid_m = num_m_blocks - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -98,15 +101,20 @@ def _attention_fwd_kernel(
         q = QUERY_HOOK(q, batch, tokens, heads, qo_len, kv_len, vargs)
     slopes, k_base, v_base = head_inputs(SLOPES, K, V, heads, row_ok, kv_head, stride_kh, stride_vh, USE_ALIBI,
                                          BLOCK_M)
+    if FP8:  # per-row logit scales: [M, 1] columns in place of the scalars
+        sm_scale, qk_scale_log2 = fp8_row_scales(FP8_SCALES, heads, row_ok, kv_head, sm_scale)
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, K, 1, 0, 0, MASK, slopes, positions, tokens, row_ok,
         start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap, window_left,
         rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL,
         HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
-        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=split == 0)
+        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=split == 0,
+        V_T=V_T, stride_vd=stride_vd)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
+    if FP8:  # before a split partial too: the merge is linear in o
+        o = o * fp8_v_scale(FP8_SCALES, kv_head)
     o_row = O + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
     lse_ptrs = LSE + split * stride_ls + tokens * stride_lt + heads * stride_lh
     store_state(o_row, lse_ptrs, o, lse, row_ok, v_scale, HEAD_DIM_VO, D_VO, WRITE_PARTIAL)
@@ -226,6 +234,9 @@ _CONFIG_TABLE = {
     ("prefill", 128): LaunchConfig(128, 128, 8, 3),
     ("prefill", 256): LaunchConfig(64, 32, 4, 2),
 }
+# FP8 attention's prefill (fp8 q, k, v): its own entries, so tuning them (benchmarks/bench_fp8_prefill.py's
+# "config" grid) leaves the fp16/bf16 kernels alone. Not tuned yet: the fp16/bf16 configs.
+_CONFIG_TABLE.update({("prefill_fp8", d): cfg for (kind, d), cfg in list(_CONFIG_TABLE.items()) if kind == "prefill"})
 
 
 INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)
@@ -274,6 +285,51 @@ def variant_kwargs(variant) -> dict:
     return kwargs
 
 
+def qk_tile_dim(head_dim_qk: int, fp8: bool) -> int:
+    """The padded q/k head dim of the kernels' tiles: at least 32 for FP8 attention (an fp8 ``tl.dot`` on
+    sm_90 needs a reduction of 32 or more: Triton 3.6 does not compile head dim 16), else ``dot_tile_dim``."""
+    return max(32, dot_tile_dim(head_dim_qk)) if fp8 else dot_tile_dim(head_dim_qk)
+
+
+def fp8_kwargs(fp8_scales: Optional[tuple]) -> dict:
+    """The kernel keyword of FP8 attention's scales ``(scale_q, scale_k, scale_v)`` (tiles.fp8_row_scales);
+    nothing for None, so the fp16/bf16 kernels compile exactly as without it."""
+    if fp8_scales is None:
+        return {}
+    sq, sk, sv = fp8_scales
+    return {"FP8": True, "FP8_SCALES": (sq, sk, sv, sq.stride(0), sk.stride(0), sv.stride(0))}
+
+
+# FP8 attention: hand the kernel a transposed copy of V (keys contiguous) instead of V as given. Triton 3.6's
+# fp8 wgmma needs its B operand K-major; for P.V that is V with its keys contiguous. With V as given
+# (head dim contiguous) Triton loads each V tile into registers and writes it back to shared memory transposed,
+# outside its cp.async pipeline (sm_90a TTGIR, benchmarks/tools/aot_compile_check.py); with the copy the
+# V tiles are pipelined like K's. Single prefill only: in the batch kernel a request's keys start at any row
+# of the copy, so its key-contiguous V tiles have no known alignment and load byte by byte (worse than the
+# on-chip transpose); batches read V as given. The copy costs one pass over V per call. Its key rows are padded to a
+# multiple of 16 (every row starts 16-byte aligned) plus V_T_TAIL zero keys: a tile may then read up to a
+# tile past the last key without a key mask (the weights of those keys are 0), so its loads stay
+# vectorized. False: V as given (what paged caches always use). benchmarks/bench_fp8_prefill.py measures both.
+FP8_TRANSPOSE_V = True
+V_T_ALIGN = 16
+V_T_TAIL = 128  # >= the largest BLOCK_N
+
+
+def fp8_v_layout(v: torch.Tensor, fp8_scales: Optional[tuple]) -> tuple:
+    """``(v, kernel keywords)``: for FP8 attention with FP8_TRANSPOSE_V, a ``[rows, heads, dim]`` view of a
+    transposed copy of ``v`` (memory ``[heads, dim, padded]``: the rows rounded up to V_T_ALIGN plus V_T_TAIL
+    zero keys) and ``V_T``/``stride_vd``; else ``v`` itself and no keywords."""
+    if fp8_scales is None or not FP8_TRANSPOSE_V or v.shape[0] == 0:
+        return v, {}
+    rows, heads, dim = v.shape
+    padded = -(-rows // V_T_ALIGN) * V_T_ALIGN + V_T_TAIL
+    vt = torch.empty(heads, dim, padded, dtype=v.dtype, device=v.device)
+    vt[:, :, rows:].zero_()
+    vt[:, :, :rows].copy_(v.permute(1, 2, 0))
+    view = vt[:, :, :rows].permute(2, 0, 1)  # [rows, heads, dim], strides (1, dim * padded, padded)
+    return view, {"V_T": True, "stride_vd": view.stride(2)}
+
+
 def choose_config(kind: str, d_pad: int) -> LaunchConfig:
     """The table's config for a shape class (the launchers then fit it to the device: smem.py)."""
     if INTERPRET:
@@ -286,10 +342,11 @@ def _single_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: At
     """``(preferred config, features, config fitted to the device, whether the row tile may shrink)`` of a
     single-request launch (the kernel's own choice: the config table and the device's shared memory)."""
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[2]
-    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
+    fp8 = q.element_size() == 1  # FP8 attention: fp8 q, k and v
+    d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8), dot_tile_dim(head_dim_vo)
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
-    preferred = choose_config(kind, max(d_qk, d_vo))
+    preferred = choose_config(kind + "_fp8" if fp8 and kind == "prefill" else kind, max(d_qk, d_vo))
     vary_block_m = kind == "prefill"  # decode row tiles are 16 already
     return preferred, features, device_config(preferred, features, q.device, vary_block_m=vary_block_m), vary_block_m
 
@@ -323,13 +380,15 @@ def single_attention_forward(
     splits: Optional[SingleKVSplits] = None,
     num_splits: Optional[int] = None,
     variant=None,
+    fp8_scales: Optional[tuple] = None,
 ) -> None:
     """Launch attention of one request as planned by ``splits``, writing ``out`` and ``lse`` in place.
 
     Args:
-        q: ``[qo_len, num_qo_heads, head_dim_qk]``, fp16/bf16, last dim contiguous (any other strides).
+        q: ``[qo_len, num_qo_heads, head_dim_qk]``, fp16/bf16 (or fp8 with ``fp8_scales``), last dim contiguous
+            (any other strides).
         k: ``[kv_len, num_kv_heads, head_dim_qk]`` view (an HND tensor is passed transposed), last dim
-            contiguous; fp16/bf16 or fp8 (its scale already folded into ``sm_scale``).
+            contiguous; fp16/bf16 or fp8 (its calibration scale already folded into ``sm_scale``).
         v: ``[kv_len, num_kv_heads, head_dim_vo]`` view, like ``k``.
         out: ``[qo_len, num_qo_heads, head_dim_vo]`` in the output dtype, last dim contiguous.
         lse: float32 ``[qo_len, num_qo_heads]``, base 2.
@@ -340,6 +399,8 @@ def single_attention_forward(
             the op layer plans them, _core/ops.py). None: planned here the same way, with ``num_splits``
             forcing about that many splits (for tools and tests that call the launcher directly).
         variant: a bound attention variant (flashtile/variants.py) or None.
+        fp8_scales: FP8 attention (q, k, v of one fp8 dtype): ``(scale_q [num_qo_heads], scale_k [num_kv_heads],
+            scale_v [num_kv_heads])`` float32 views (stride 0 for a per-tensor scale); None otherwise.
     """
     if splits is None:
         shape = single_launch_shape(q, k, v, params, packed_mask=packed_mask, kind=kind, variant=variant)
@@ -347,8 +408,9 @@ def single_attention_forward(
     qo_len, num_qo_heads, head_dim_qk = q.shape
     kv_len, num_kv_heads, head_dim_vo = v.shape
     check_fp8_head_dims(k, head_dim_qk, head_dim_vo)
+    v, v_kwargs = fp8_v_layout(v, fp8_scales)
     group = num_qo_heads // num_kv_heads
-    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
+    d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
     num_rows = qo_len * group
     device = q.device
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
@@ -384,7 +446,7 @@ def single_attention_forward(
             num_stages=cfg.num_stages, **extra,
         )
 
-    extra = variant_kwargs(variant)
+    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales) | v_kwargs
     preferred, features, cfg, vary_block_m = _single_config(q, k, v, params, packed_mask, kind)
     if not splits.partial:
         launch_within_limit(lambda c: launch(c, 1, splits.chunk, out, lse, False), preferred, features, device,

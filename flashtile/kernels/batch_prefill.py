@@ -48,13 +48,15 @@ from .attention import (
     LaunchConfig,
     alibi_slopes_of,
     check_fp8_head_dims,
+    fp8_kwargs,
+    qk_tile_dim,
     variant_kwargs,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
 from .prefill_plan import item_and_head, item_fields, request_of_item
 from .smem import TileFeatures, launch_within_limit
 from .softmax import finalize_state, softmax_update
-from .tiles import attend_range, head_inputs, load_q, store_state, tile_ranges
+from .tiles import attend_range, fp8_row_scales, fp8_v_scale, head_inputs, load_q, store_state, tile_ranges
 
 
 @triton.jit
@@ -88,8 +90,10 @@ def _batch_prefill_kernel(
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
-    RANGE_HOOK: tl.constexpr = None,
+    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None,
 ):
+    # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
+    # compiles none of it. V is read as given (fp8: its tiles transposed on chip, docs/fp8_attention.md).
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
     item, kv_head, active = item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
@@ -133,6 +137,8 @@ def _batch_prefill_kernel(
         prefix_len = tl.load(item_request)
         item_first_key = _item_first_keys(TOKEN_POS, tl.load(item_request + 1), prefix_len, positions, row_ok,
                                           kv_len)
+    if FP8:  # per-row logit scales: [M, 1] columns in place of the scalars
+        sm_scale, qk_scale_log2 = fp8_row_scales(FP8_SCALES, heads, row_ok, kv_head, sm_scale)
     page_table = PAGE_INDICES + kv_offset
     if not PAGED:
         k_base += kv_offset.to(tl.int64) * stride_kt
@@ -148,6 +154,8 @@ def _batch_prefill_kernel(
         v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
+    if FP8:  # before a split partial too: the merge is linear in o
+        o = o * fp8_v_scale(FP8_SCALES, kv_head)
     if slot < 0:
         store_state(O + q_tokens[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh,
                     LSE + q_tokens.to(tl.int64) * stride_lt + heads * stride_lh, o, lse, row_ok, v_scale,
@@ -240,10 +248,10 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
 
 def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
                           reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n, num_items,
-                          paged, num_kv_heads, group, causal, variant=None):
+                          paged, num_kv_heads, group, causal, variant=None, fp8_scales=None):
     """The Triton kernel's launch (every case the Gluon kernel does not take)."""
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
-    d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
+    d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
     preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
     if paged:
         k_strides = (k.stride(0), k.stride(1), k.stride(2))
@@ -278,7 +286,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             **extra,
         )
 
-    extra = variant_kwargs(variant)
+    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales)
 
     if num_items == 0:
         return
@@ -310,11 +318,12 @@ def batch_prefill_forward(
     multi_item_requests: Optional[torch.Tensor] = None,
     token_pos_in_items: Optional[torch.Tensor] = None,
     variant=None,
+    fp8_scales: Optional[tuple] = None,
 ) -> None:
     """Launch batch prefill (+ the merge of split tiles), writing ``out`` and ``lse`` in place.
 
     Args:
-        q: ``[total_qo, Hq, Dqk]`` fp16/bf16, unit last stride.
+        q: ``[total_qo, Hq, Dqk]`` fp16/bf16 (or fp8 with ``fp8_scales``), unit last stride.
         k, v: ragged ``[total_kv, Hkv, D]`` (``page_indices`` None) or NHD page views
             ``[num_pages, page_size, Hkv, D]`` (strides passed); fp16/bf16 or fp8 (scales folded into
             ``params``).
@@ -332,6 +341,8 @@ def batch_prefill_forward(
             the warp-specialized Gluon kernel (batch_prefill_hopper.py) has no hook points, so variant calls
             are not "plain" and run the Triton kernel. One with ``whole_rows`` needs a plan without splits (the
             wrapper plans so).
+        fp8_scales: FP8 attention (q, k, v of one fp8 dtype): ``(scale_q [Hq], scale_k [Hkv], scale_v [Hkv])``
+            float32 views, or None. Only the Triton kernel takes it (the Gluon kernel is fp16/bf16 only).
     """
     paged = page_indices is not None
     alibi_slopes = alibi_slopes_of(q.shape[1], q.device) if params.pos_encoding_mode == "ALIBI" else None
@@ -346,7 +357,7 @@ def batch_prefill_forward(
     # The warp-specialized Hopper kernel has no multi-item mask: such plans take the Triton kernel.
     plain = (packed_mask is None and multi_item_requests is None and params.window_left < 0
              and params.logits_soft_cap <= 0 and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0
-             and variant is None)
+             and variant is None and fp8_scales is None)
     views = None if INTERPRET or num_items == 0 else hopper_prefill_views(q, k, v, paged, block_m, plain)
     if views is not None:
         hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
@@ -354,7 +365,7 @@ def batch_prefill_forward(
     else:
         _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
                               reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n,
-                              num_items, paged, num_kv_heads, group, causal, variant)
+                              num_items, paged, num_kv_heads, group, causal, variant, fp8_scales)
     if num_merges > 0:
         merges = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity:]
         _merge_tiles_kernel[(num_merges * num_kv_heads,)](

@@ -61,7 +61,7 @@ def attend_tiles(
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr,
     MULTI_ITEM: tl.constexpr, prefix_len, item_first_key,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True,
-    vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0,
+    vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0, V_T: tl.constexpr = False, stride_vd=1,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
@@ -72,8 +72,11 @@ def attend_tiles(
     LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs: an attention variant's tile hooks and extra arguments
     (flashtile/variants.py), called with the row vectors ``v_batch``, ``v_qo_idx``, ``v_heads`` ``[M]`` as
     ``[M, 1]`` columns; None (the default kernels) compiles none of it.
+    V_T (not PAGED): V's head dim has stride ``stride_vd`` and its keys are contiguous (``stride_vt`` is 1): the
+    P.V operand is then K-major in memory, which fp8 wgmma needs (FP8 attention; kernels/attention.py).
     """
-    KV_FP8: tl.constexpr = k_base.dtype.element_ty.is_fp8()
+    # fp8 K/V under a 16-bit q (fp8 q is FP8 attention: fp8 products, kernels/attention.py)
+    KV_FP8: tl.constexpr = k_base.dtype.element_ty.is_fp8() and not q.dtype.is_fp8()
     if KV_FP8:
         # fp8 K/V: both dots run in float16, because fp8 -> fp16 is one conversion per pair of values and
         # fp8 -> bf16 takes a second one per value (cvt.bf16.f16 on sm_90), which set fp8 decode's speed.
@@ -187,18 +190,69 @@ def attend_tiles(
             m_i, l_i, acc, p = softmax_update(m_i, l_i, acc, s)
         else:  # the variant's weights as they are (flashtile/variants.py: use_softmax=False)
             p = s
-        v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
+        if V_T:  # keys contiguous: offsets from `cols` itself, so the compiler sees the contiguity
+            v_ptrs = v_base + cols[:, None] + offs_dvo[None, :] * stride_vd
+        else:
+            v_ptrs = v_base + v_rows[:, None] + offs_dvo[None, :]
         if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
+            if V_T:  # rows past the keys are in bounds and finite (fp8_v_layout's zero tail); their weights are 0
+                v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)  # [N, D_VO]
+            else:
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & dvo_ok[None, :], other=0.0)  # [N, D_VO]
         elif HEAD_DIM_VO == D_VO:
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=dvo_ok[None, :], other=0.0)
         if PV_FP16:
             acc += mma(p.to(tl.float16), v.to(tl.float16), UPCAST_DOT)
-        else:
+        elif UPCAST_DOT:  # the interpreter (fp8 q: weights rounded by fp8_round)
+            acc += mma(weights_operand(p, q), v.to(q.dtype), UPCAST_DOT)
+        else:  # compiled: the weights in q's dtype (fp8 q: FA3's fp8 weights, both products on fp8 tensor cores)
             acc += mma(p.to(q.dtype), v.to(q.dtype), UPCAST_DOT)
     return acc, m_i, l_i
+
+
+@triton.jit
+def fp8_round(p, E4M3: tl.constexpr):
+    """Non-negative float32 ``p`` rounded to the nearest float8 value (e4m3fn: 3 mantissa bits, normal from
+    2**-6; e5m2: 2 bits, normal from 2**-14; ties away from zero), still in float32."""
+    e = tl.floor(tl.log2(tl.maximum(p, 1e-30)))  # the binade of p (p = 0: below every fp8 value)
+    if E4M3:
+        ulp = tl.exp2(tl.maximum(e, -6.0) - 3.0)
+    else:
+        ulp = tl.exp2(tl.maximum(e, -14.0) - 2.0)
+    return tl.floor(p / ulp + 0.5) * ulp
+
+
+@triton.jit
+def weights_operand(p, q):
+    """Under the interpreter: the softmax weights ``p`` (float32) as the A operand of the P.V product, in
+    q's dtype. For fp8 q the cast is emulated by :func:`fp8_round`: the interpreter's own float -> fp8
+    conversion does not round to nearest (Triton 3.9: 0.1219 became 0.0625), the GPU's (cvt.rn.satfinite)
+    does. (Compiled kernels cast in place: a helper call there changes the default kernels' machine code.)"""
+    if q.dtype.is_fp8():
+        w = fp8_round(p, q.dtype == tl.float8e4nv)
+    else:
+        w = p.to(q.dtype)
+    return w
+
+
+@triton.jit
+def fp8_row_scales(FP8_SCALES, heads, row_ok, kv_head, sm_scale):
+    """FP8 attention: the logit scale of each row, ``sm_scale * scale_q[head] * scale_k[kv_head]``, as a
+    ``[BLOCK_M, 1]`` column, and the same times log2(e) (the one multiplier of the fp8 q.k product for
+    the base-2 softmax). ``FP8_SCALES``: ``(SCALE_Q [Hq], SCALE_K [Hkv], SCALE_V [Hkv], stride_q,
+    stride_k, stride_v)``, float32 (a per-tensor scale has stride 0)."""
+    sq = tl.load(FP8_SCALES[0] + heads * FP8_SCALES[3], mask=row_ok, other=0.0)  # [M]
+    sk = tl.load(FP8_SCALES[1] + kv_head * FP8_SCALES[4])
+    scale = sq * (sk * sm_scale)
+    return scale[:, None], (scale * 1.4426950408889634)[:, None]
+
+
+@triton.jit
+def fp8_v_scale(FP8_SCALES, kv_head):
+    """FP8 attention: ``scale_v`` of the program's KV head (multiplies its output rows, partial or final)."""
+    return tl.load(FP8_SCALES[2] + kv_head * FP8_SCALES[5])
 
 
 @triton.jit
@@ -278,7 +332,7 @@ def attend_range(
     MULTI_ITEM: tl.constexpr = False, prefix_len=0, item_first_key=0,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None,
     USE_SOFTMAX: tl.constexpr = True, vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0,
-    v_first=0,
+    v_first=0, V_T: tl.constexpr = False, stride_vd=1,
 ):
     """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`tile_ranges`.
     Paged only: PREFETCH_PAGES loads each tile's page ids one iteration ahead (see attend_tiles);
@@ -288,7 +342,7 @@ def attend_range(
     Variant hooks (flashtile/variants.py; None: not compiled): LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX as in
     :func:`attend_tiles`; SINK_HOOK's per-row logit starts the state (a key of value 0 seen once) in the
     program whose range starts the request's keys (``v_first`` nonzero), so a split-KV merge counts it once.
-    With USE_SOFTMAX False the result is ``(sum of w * v, 0)``."""
+    With USE_SOFTMAX False the result is ``(sum of w * v, 0)``. V_T, stride_vd: V stored transposed (attend_tiles)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if SINK_HOOK is not None:
@@ -312,21 +366,21 @@ def attend_range(
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, False, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, skip_lo, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
     if MULTI_ITEM:  # the masked tiles after the skipped ones
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
@@ -335,7 +389,7 @@ def attend_range(
             HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED,
             True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
             item_first_key, LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head,
-            v_qo_len)
+            v_qo_len, V_T, stride_vd)
     if not USE_SOFTMAX:
         return acc, tl.zeros([BLOCK_M], dtype=tl.float32)
     return finalize_state(m_i, l_i, acc)

@@ -17,7 +17,7 @@ from .packbits import unpack_mask
 from .positional import alibi_slopes, rope_rotate_half_split
 
 __all__ = ["single_attention", "gather_pages", "batch_paged_decode", "batch_prefill", "multi_item_mask",
-           "single_launch_shape", "single_attention_forward", "batch_decode_forward"]
+           "single_launch_shape", "single_attention_forward", "batch_decode_forward", "dequantize_heads"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -326,11 +326,19 @@ def single_launch_shape(q, k, v, params: AttentionParams, *, packed_mask: Option
     return SingleLaunchShape(1, 1, 1, can_split=False)
 
 
+def dequantize_heads(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``x * scale`` with one scale per head: ``x [..., heads, dim]`` (fp8), ``scale`` float32 ``[heads]``."""
+    return x.to(torch.float32) * scale.to(device=x.device, dtype=torch.float32)[:, None]
+
+
 def single_attention_forward(q, k, v, out, lse, params: AttentionParams, *, packed_mask: Optional[torch.Tensor],
-                             kind: str, splits=None, variant=None) -> None:
+                             kind: str, splits=None, variant=None, fp8_scales=None) -> None:
     """:func:`single_attention` written into ``out`` / ``lse`` (``packed_mask``: uint8 bits of the
     ``[qo_len, kv_len]`` mask, LSB first, or None; ``kind`` picks kernel configs and ``splits`` cuts the KV
-    on the kernel path, both unused here)."""
+    on the kernel path, both unused here). ``fp8_scales``: ``(scale_q, scale_k, scale_v)`` float32 per-head
+    scales of fp8 q, k, v (FP8 attention: the attention of the dequantized tensors), or None."""
+    if fp8_scales is not None:
+        q, k, v = (dequantize_heads(x, s) for x, s in zip((q, k, v), fp8_scales))
     mask = unpack_mask(packed_mask, q.shape[0], k.shape[0]) if packed_mask is not None else None
     o, s = single_attention(q, k, v, params, custom_mask=mask, variant=variant)
     out.copy_(o)
