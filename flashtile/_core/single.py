@@ -14,10 +14,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import ops
+from . import ops, settings
 from .attention_args import SingleAttentionArgs
 from .buffers import discarded_output, new_output, new_output_like
 from .launch import make_replay, recording_launches
+from .single_batch import owned_storage
 from .variant_args import bind_single_variant
 
 __all__ = ["run_single_attention", "replay_single_attention", "single_key"]
@@ -25,6 +26,7 @@ __all__ = ["run_single_attention", "replay_single_attention", "single_key"]
 MAX_REPLAYS = 256
 _REPLAYS: dict = {}
 _SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
+settings.on_reload(_REPLAYS.clear)  # a replay holds the launches of the route the settings chose
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -115,7 +117,7 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
         return out, lse if return_lse else None
     with recording_launches() as recording:
         ops.call(ops.single_attention, *dynamic[:3], None, *dynamic[3:], kind, params=args.params, backend=args.backend)
-    replay = make_replay(recording, dynamic, frozenset())
+    replay = make_replay(recording, dynamic, owned_storage())  # a batch of one launches with its plan's tensors
     if replay is not None:
         if len(_REPLAYS) >= MAX_REPLAYS:
             _REPLAYS.clear()
