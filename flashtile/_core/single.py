@@ -14,11 +14,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import ops, settings
+from . import ops
 from .attention_args import SingleAttentionArgs
 from .buffers import discarded_output, new_output, new_output_like
 from .launch import make_replay, recording_launches
-from .single_batch import owned_storage
+from .single_batch import on_route_change, owned_storage
 from .variant_args import bind_single_variant
 
 __all__ = ["run_single_attention", "replay_single_attention", "single_key"]
@@ -26,7 +26,7 @@ __all__ = ["run_single_attention", "replay_single_attention", "single_key"]
 MAX_REPLAYS = 256
 _REPLAYS: dict = {}
 _SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
-settings.on_reload(_REPLAYS.clear)  # a replay holds the launches of the route the settings chose
+on_route_change(_REPLAYS.clear)  # a replay holds the launches of the route chosen when it was recorded
 _is_compiling = torch.compiler.is_compiling
 
 

@@ -38,7 +38,7 @@ from .params import AttentionParams
 if TYPE_CHECKING:  # imported on first use: prefill_wrapper imports ops, which imports this module
     from .prefill_wrapper import BatchPrefillWrapper, PrefillPlan
 
-__all__ = ["run_as_batch", "owned_storage", "set_route_override", "route_override", "MAX_PLANS",
+__all__ = ["run_as_batch", "owned_storage", "set_route_override", "route_override", "on_route_change", "MAX_PLANS",
            "WORKSPACE_BYTES"]
 
 SETTING = "FLASHTILE_SINGLE_PREFILL_AS_BATCH"
@@ -52,13 +52,24 @@ _OVERRIDE: dict = {"route": None}
 _NO_MULTI_ITEM = MultiItemArgs()
 
 
+_ROUTE_LISTENERS: list = []
+
+
+def on_route_change(listener) -> None:
+    """Call ``listener()`` whenever :func:`set_route_override` changes the route (and on settings.reload):
+    the single-request replays (_core/single.py) hold the launches of the route they were recorded with."""
+    _ROUTE_LISTENERS.append(listener)
+    settings.on_reload(listener)
+
+
 def set_route_override(route: Optional[bool]) -> None:
     """Force the route: True (every prefill call without a custom mask or variant runs as a batch of one),
-    False (none does) or None (the setting and the Hopper kernel's scope decide). Clears the replays of
-    single-request calls (settings.reload), which were recorded with the other route."""
+    False (none does) or None (the setting and the Hopper kernel's scope decide). The remembered plans
+    stay; the replays recorded with the other route are forgotten."""
     if _OVERRIDE["route"] is not route:
         _OVERRIDE["route"] = route
-        settings.reload()
+        for listener in _ROUTE_LISTENERS:
+            listener()
 
 
 def route_override() -> Optional[bool]:
