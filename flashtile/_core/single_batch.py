@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # imported on first use: prefill_wrapper imports ops, which i
 __all__ = ["run_as_batch", "owned_storage", "set_route_override", "route_override", "on_route_change", "MAX_PLANS",
            "WORKSPACE_BYTES"]
 
-SETTING = "FLASHTILE_SINGLE_PREFILL_AS_BATCH"
 MAX_PLANS = 64  # remembered plans (one per prompt shape and layer shape); cleared when full
 WORKSPACE_BYTES = 32 * 1024 * 1024  # per device: split tiles' partial states (the planner lengthens chunks to fit)
 
@@ -131,7 +130,7 @@ def run_as_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
     one when the route applies (module doc); returns whether it did (False: the caller runs the
     single-request kernel)."""
     route = _OVERRIDE["route"]
-    if route is False or (route is None and not settings.flag(SETTING)):
+    if route is False or (route is None and not settings.flag("FLASHTILE_SINGLE_PREFILL_AS_BATCH")):
         return False
     impl = dispatch.implementation("batch_prefill", q.device, backend)
     serves = getattr(impl, "hopper_serves_single", None)
