@@ -14,6 +14,7 @@ from attention_cases import assert_matches_oracle, make_qkv
 from conftest import HAS_CUDA
 from flashtile._core import single_batch
 from flashtile.quantization import packbits
+from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle
 
 SETTING = "FLASHTILE_SINGLE_PREFILL_AS_BATCH"
 
@@ -221,8 +222,8 @@ def test_batch_of_one_empty_rows_exact(device, kernels):
 
 # -- on the GPU: both routes at real shapes --------------------------------------------------------------
 
-GPU_SHAPES = [(4096, 4096, 32, 32, 128), (2048, 2048, 32, 8, 128), (1500, 3000, 16, 4, 64),
-              (777, 777, 8, 8, 128), (200, 4000, 32, 8, 128)]
+GPU_SHAPES = [(1024, 1024, 32, 8, 128), (1500, 1500, 8, 8, 64), (777, 777, 8, 8, 128), (200, 3000, 16, 4, 128),
+              (2048, 2048, 4, 4, 128)]
 
 
 @pytest.mark.gpu
@@ -241,8 +242,13 @@ def test_gpu_routes_match_oracle(calls, device, monkeypatch, shape, causal, dtyp
             results[route] = flashtile.single_prefill_with_kv_cache(q, k, v, causal=causal, return_lse=True)
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
     assert (calls["batch"] > 0) == hopper and calls["single"] > 0
+    ref_o, ref_lse = attention_oracle(q, k, v, causal=causal)  # once (float64 on the CPU)
+    atol, rtol = TOLERANCES[dtype]
+    latol, lrtol = LSE_TOLERANCES[dtype]
     for out, lse in results.values():
-        assert_matches_oracle(out, lse, q, k, v, causal=causal)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double().cpu(), ref_o, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=latol, rtol=lrtol)
 
 
 @pytest.mark.gpu
