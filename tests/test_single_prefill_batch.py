@@ -6,13 +6,16 @@ oracle. On a GPU (``gpu`` marker): both routes against the oracle at real shapes
 runs the warp-specialized kernel on an sm_90 card.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 import flashtile
 from attention_cases import assert_matches_oracle, make_qkv
 from conftest import HAS_CUDA
-from flashtile._core import single_batch
+from flashtile._core import ops, single_batch
+from flashtile._core.params import AttentionParams
 from flashtile.quantization import packbits
 from oracles import LSE_TOLERANCES, TOLERANCES, attention_oracle
 
@@ -92,7 +95,7 @@ def test_hopper_scope_is_false_without_gpu(kernels, device):
     if HAS_CUDA:
         pytest.skip("CPU check")
     q, k, v = make_qkv(256, 256, 4, 4, 128, torch.bfloat16, device)
-    params = flashtile._core.params.AttentionParams(sm_scale=0.1, causal=True)
+    params = AttentionParams(sm_scale=0.1, causal=True)
     assert not kernels[1].hopper_serves_single(q, k, v, params, 128)
 
 
@@ -268,3 +271,25 @@ def test_gpu_route_under_cuda_graph(device, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert_matches_oracle(out, None, q, k, v, causal=True)
+
+
+def test_batch_of_one_under_torch_compile(calls, device):
+    """torch.compile(fullgraph=True) traces the public function; the op routes when it runs."""
+    single_batch.set_route_override(True)
+    backend = "inductor" if HAS_CUDA else "aot_eager"
+    q, k, v = make_qkv(6, 11, 4, 2, 64, torch.float16, device)
+    compiled = torch.compile(lambda q, k, v: flashtile.single_prefill_with_kv_cache(q, k, v, causal=True),
+                             fullgraph=True, backend=backend)
+    assert_matches_oracle(compiled(q, k, v), None, q, k, v, causal=True)
+    assert calls["batch"] >= 1 and calls["single"] == 0
+
+
+def test_batch_of_one_opcheck(calls, device):
+    single_batch.set_route_override(True)
+    q, k, v = make_qkv(5, 9, 4, 2, 64, torch.float16, device)
+    out = torch.empty(5, 4, 64, dtype=torch.float16, device=device)
+    lse = torch.empty(5, 4, dtype=torch.float32, device=device)
+    params = AttentionParams(sm_scale=0.125, causal=True)
+    torch.library.opcheck(ops.single_attention, (q, k, v, None, out, lse, "prefill", *dataclasses.astuple(params),
+                                                 "triton"))
+    assert calls["batch"] >= 1 and calls["single"] == 0
