@@ -151,6 +151,7 @@ ragged_case([8192] * 4, [8192] * 4, paged=True, label="paged long p16")
 ragged_case([1024] * 4, [1024] * 4, hq=16, hk=16, d=192, dvo=128, paged=True, label="paged d192/128 p16")
 ragged_case([4] * 64, [4096] * 64, paged=True, label="paged append")
 # flashtile.sparse (benchmarks/bench_sparse.py): vector sparsity is page size 1, 64x64 blocks page size 64.
+ragged_case([8192], [8192], hq=32, hk=32, d=256, label="single prefill d256 as a batch of one (forced route)")
 ragged_case([64] * 128, [4096] * 128, paged=True, page=1, label="sparse vector p1")
 ragged_case([64] * 128, [4096] * 128, paged=True, page=64, label="sparse block p64")
 

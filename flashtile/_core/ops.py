@@ -21,6 +21,7 @@ import torch
 from ..scheduler.split_kv import plan_single_kv_splits
 from . import dispatch
 from .params import AttentionParams
+from .single_batch import run_as_batch
 
 __all__ = ["single_attention", "single_attention_fp8", "batch_decode", "batch_prefill", "batch_prefill_fp8", "call",
            "PARAMS_SCHEMA"]
@@ -84,8 +85,13 @@ def _call_with_variant(impl, args, params, backend, variant) -> None:
 
 def _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend, variant=None) -> None:
     """Plan the request's KV splits (scheduler/split_kv.py, over the implementation's launch shape), then
-    launch them: single-request planning happens here, as batch planning happens in the wrappers' plan()."""
+    launch them: single-request planning happens here, as batch planning happens in the wrappers' plan().
+    A prefill call the batch prefill kernels serve better runs as a ragged batch of one instead, with a
+    remembered plan (_core/single_batch.py)."""
     if q.shape[0] == 0:
+        return
+    if kind == "prefill" and packed_mask is None and variant is None and \
+            run_as_batch(q, k, v, out, lse, params, backend):  # a batch of one (_core/single_batch.py)
         return
     extra = {} if variant is None else {"variant": variant}
     impl = dispatch.implementation("attention", q.device, backend)

@@ -100,6 +100,9 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
             "`0`: no replayed launches for the small ops (norm, activation, RoPE)"),
     Setting("FLASHTILE_HOPPER_PREFILL", KILL_SWITCH, "flag", True,
             "`0`: batch prefill on an H100 runs the Triton kernel instead of the warp-specialized Gluon kernel"),
+    Setting("FLASHTILE_SINGLE_PREFILL_AS_BATCH", DIAGNOSTIC, "flag", False,
+            "`1`: single prefill calls that the warp-specialized Hopper batch prefill kernel serves run as a ragged "
+            "batch of one through it (off until the single_prefill benchmark shows it never slower)"),
     Setting("FLASHTILE_SAMPLING_SPLIT", KILL_SWITCH, "flag", True,
             "`0`: one program per row for every batch (no row split over programs at small batches)"),
     Setting("FLASHTILE_CHECK_LAUNCH", TEST_ONLY, "flag", False,

@@ -18,6 +18,7 @@ from . import ops
 from .attention_args import SingleAttentionArgs
 from .buffers import discarded_output, new_output, new_output_like
 from .launch import make_replay, recording_launches
+from .single_batch import on_route_change, owned_storage
 from .variant_args import bind_single_variant
 
 __all__ = ["run_single_attention", "replay_single_attention", "single_key"]
@@ -25,6 +26,7 @@ __all__ = ["run_single_attention", "replay_single_attention", "single_key"]
 MAX_REPLAYS = 256
 _REPLAYS: dict = {}
 _SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
+on_route_change(_REPLAYS.clear)  # a replay holds the launches of the route chosen when it was recorded
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -119,7 +121,7 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
         return out, lse if return_lse else None
     with recording_launches() as recording:
         ops.call(ops.single_attention, *dynamic[:3], None, *dynamic[3:], kind, params=args.params, backend=args.backend)
-    replay = make_replay(recording, dynamic, frozenset())
+    replay = make_replay(recording, dynamic, owned_storage())  # a batch of one launches with its plan's tensors
     if replay is not None:
         if len(_REPLAYS) >= MAX_REPLAYS:
             _REPLAYS.clear()

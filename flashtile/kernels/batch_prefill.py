@@ -355,9 +355,8 @@ def batch_prefill_forward(
     items = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size:]
     causal = bool(params.causal) and packed_mask is None
     # The warp-specialized Hopper kernel has no multi-item mask: such plans take the Triton kernel.
-    plain = (packed_mask is None and multi_item_requests is None and params.window_left < 0
-             and params.logits_soft_cap <= 0 and params.pos_encoding_mode == "NONE" and params.v_scale == 1.0
-             and variant is None and fp8_scales is None)
+    plain = (packed_mask is None and multi_item_requests is None and variant is None and fp8_scales is None
+             and _plain_params(params))
     views = None if INTERPRET or num_items == 0 else hopper_prefill_views(q, k, v, paged, block_m, plain)
     if views is not None:
         hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
@@ -375,3 +374,18 @@ def batch_prefill_forward(
             # 4 warps for a [128, 128] float32 tile spill (sm_90a, aot_compile_check.py); 8 do not.
             num_warps=8 if block_m * d_vo >= 128 * 128 else 4,
         )
+
+
+def _plain_params(params: AttentionParams) -> bool:
+    """Parameters the warp-specialized Hopper kernel serves: no window, soft cap, ALiBi, RoPE or ``v_scale``."""
+    return (params.window_left < 0 and params.logits_soft_cap <= 0 and params.pos_encoding_mode == "NONE"
+            and params.v_scale == 1.0)
+
+
+def hopper_serves_single(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams,
+                         block_m: int) -> bool:
+    """Whether :func:`batch_prefill_forward` would run one request without a custom mask or variant (q
+    ``[qo_len, Hq, D]``, ragged k/v ``[kv_len, Hkv, D]`` NHD views) through the warp-specialized Hopper
+    kernel with a plan of ``block_m``-row tiles: the test single prefill routes by (_core/single_batch.py)."""
+    return (not INTERPRET and _plain_params(params)
+            and hopper_prefill_views(q, k, v, False, block_m, True) is not None)
