@@ -73,7 +73,7 @@ def compile_all(label):
             cc = triton.compile(source, target=target, options=options)
             status = f"ok shared={cc.metadata.shared}" + _sass_summary(cc.asm["ptx"])
             if _args.dump:
-                stem = pathlib.Path(_args.dump, re.sub(r"[^A-Za-z0-9_.-]+", "_", label))
+                stem = pathlib.Path(_args.dump, re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label} {launch.name}"))
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 for ext in ("ttgir", "ptx"):
                     stem.with_suffix(f".{ext}").write_text(cc.asm[ext])
