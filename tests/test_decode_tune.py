@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from attention_cases import make_paged_batch, workspace
-from flashtile._core import decode_tune, device as device_mod, tile_policy
+from flashtile._core import decode_tune, tile_policy
+from flashtile._core import device as device_mod
 from flashtile._core.decode_tune import TUNE_TABLE, DecodeTile, batch_decode_tile, card_entry, split_targets
 from flashtile._core.device import H100_FACTS, DeviceFacts, device_facts, normalize_device_name
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper

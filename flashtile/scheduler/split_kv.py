@@ -30,10 +30,11 @@ __all__ = [
     "MIN_CHUNK_TILES",
 ]
 
-# Aim for this many programs per SM (the H100's targets: the callers pass each card's from _core/decode_tune.py,
-# whose H100 entry holds these numbers; these are the defaults for callers that pass none). Measured on H100 (the single_decode suite's `splits` tuning grid, 32/8 heads,
-# d128): 2 beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more,
-# shorter splits cost partial-state traffic and pipeline start-up more than they gain in balance.
+# Aim for this many programs per SM. These are the H100's targets and the defaults for callers that pass
+# none; the decode launchers and wrappers pass their card's (_core/decode_tune.py, whose H100 entry holds
+# these numbers). Measured on H100 (the single_decode suite's `splits` tuning grid, 32/8 heads, d128): 2
+# beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more, shorter splits
+# cost partial-state traffic and pipeline start-up more than they gain in balance.
 PROGRAMS_PER_SM = 2
 # The batch planner aims higher: with BLOCK_N 32 tiles, 4 programs per SM beat 1, 2 and 8 at 1 x 32k and
 # 16 x 4k (the batch_decode tuning grid, H100, 32/8 heads, d128, page 16); 8 was 3% better on a
