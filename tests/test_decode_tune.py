@@ -159,6 +159,8 @@ def test_batch_decode_page_id_options_match_oracle(device, monkeypatch, lens, pa
     monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
     tile = DecodeTile(16 if device.type == "cpu" else 32, 4, 3, prefetch, int32_offsets)
     monkeypatch.setattr(decode_tune, "BATCH_DECODE_OVERRIDE", tile)
+    if device.type == "cuda":  # long enough that 128-token chunks split them
+        lens = [n * 40 for n in lens]
     cache, indptr, indices, last = make_paged_batch(lens, page_size, 2, 32, torch.bfloat16, device)
     q = torch.randn(len(lens), 8, 32, dtype=torch.bfloat16, device=device)
     w = BatchDecodeWithPagedKVCacheWrapper(workspace(device), kv_layout="NHD")
