@@ -427,7 +427,8 @@ def batch_decode_config(group: int, d_pad: int, page_size: int = 16, kv_bytes: i
 
 
 def _fits_int32(pages: torch.Tensor) -> bool:
-    """Whether every element offset of a page view (from its first element) fits in int32."""
+    """Whether every element offset of a page view (from its first element) fits in int32 (the check of
+    batch_prefill.py's paged launch too)."""
     return sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) < 2**31
 
 
