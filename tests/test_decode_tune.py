@@ -168,3 +168,54 @@ def test_batch_decode_page_id_options_match_oracle(device, monkeypatch, lens, pa
            fixed_split_size=max(1, 32 // page_size))
     out, lse = w.run(q, cache, return_lse=True)
     check_batch(out, lse, q, cache, indptr, indices, last, "NHD")
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the keywords instead of running."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(kwargs)
+
+
+@pytest.mark.parametrize("card", ["H100", "H200"])
+@pytest.mark.parametrize("head_dim, page_size, kv_dtype", [
+    (128, 16, torch.bfloat16), (64, 16, torch.bfloat16), (128, 1, torch.bfloat16), (256, 16, torch.bfloat16),
+    (128, 16, getattr(torch, "float8_e4m3fn", torch.bfloat16)),
+])
+def test_batch_decode_launch_takes_the_cards_tile(gpu_tables, facts, monkeypatch, card, head_dim, page_size,
+                                                  kv_dtype):
+    """What batch_decode_forward passes the kernel on each card: the table's tile, prefetch only for pages
+    of more than one token, and nothing new on an H100."""
+    from flashtile._core.params import AttentionParams
+    from flashtile.scheduler.worklist import decode_layout, pack_decode_worklist
+
+    facts(H200_FACTS if card == "H200" else H100_FACTS)
+    monkeypatch.setattr(device_mod, "TARGET_OVERRIDE", (232448, (9, 0)))
+    recorder = _Recorder()
+    monkeypatch.setattr(attention, "_batch_decode_kernel", recorder)
+    lens = torch.tensor([64, 64])
+    plan = split_kv.plan_batch_kv_splits(lens, 2, 132, 128)
+    worklist = pack_decode_worklist(decode_layout(2, plan.num_items), plan.request_item_indptr, lens,
+                                    plan.item_request, plan.item_kv_start, plan.item_kv_end)
+    pages = 2 * 64 // page_size
+    cache = torch.zeros(pages, 2, page_size, 2, head_dim, dtype=kv_dtype)
+    attention.batch_decode_forward(
+        torch.zeros(2, 8, head_dim, dtype=torch.bfloat16), cache[:, 0], cache[:, 1],
+        torch.tensor([0, pages // 2, pages], dtype=torch.int32), torch.arange(pages, dtype=torch.int32), worklist,
+        torch.empty(plan.num_items, 8, head_dim), torch.empty(plan.num_items, 8), torch.empty(2, 8, head_dim),
+        torch.empty(2, 8), AttentionParams(0.1), batch_size=2, num_programs=plan.num_items, max_states=1,
+        merge=False)
+    (kw,) = recorder.calls
+    kv_bytes = cache.element_size()
+    tile = batch_decode_tile(H200_FACTS if card == "H200" else H100_FACTS, head_dim, page_size, kv_bytes)
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == (16, *tile[:3])
+    assert kw["PREFETCH_PAGES"] == (tile.prefetch_pages and page_size > 1)
+    assert kw["INT32_PAGE_OFFSETS"] is False
+    if card == "H100":
+        assert (kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == OLD_BATCH_DECODE[head_dim][1:]
+        assert kw["PREFETCH_PAGES"] is False
+    elif page_size == 16 and kv_bytes == 2 and head_dim in (64, 128):
+        assert kw["PREFETCH_PAGES"] is True and kw["BLOCK_N"] * head_dim == 64 * 128
