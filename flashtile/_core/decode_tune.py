@@ -88,19 +88,21 @@ _H100 = CardTune(
 #   page ids loaded one iteration ahead, since a page-id load in the same iteration makes Triton's pipeliner
 #   wait for every K/V copy at the top of the iteration (kernels/tiles.py), leaving no tile in flight during
 #   the math. Shared memory (mma path, 2 buffers): 2 x 32 KB + Q + P ~= 70 KB of 227.
-# - single decode d64: 32 KB tiles (BLOCK_N 128); d128 (already 32 KB tiles): one more stage (3).
+# - single decode (contiguous K/V, so its copies are pipelined already): one more stage (3) at d64 and d128,
+#   two tiles in flight per program instead of one.
 # - d16/d32/d256, page size 1, fp8 and the programs-per-SM targets: as on the H100 (d256 already saturates).
 _H200 = CardTune(
     batch_decode={16: DecodeTile(32, 4, 3), 32: DecodeTile(32, 4, 3), 64: DecodeTile(128, 4, 3, True),
                   128: DecodeTile(64, 4, 3, True), 256: DecodeTile(32, 4, 2)},
     batch_decode_special={(64, "page1"): DecodeTile(32, 4, 3), (128, "page1"): DecodeTile(32, 4, 3),
                           (64, "fp8"): DecodeTile(32, 4, 3), (128, "fp8"): DecodeTile(32, 4, 3)},
-    single_decode={16: DecodeTile(64, 8, 2), 32: DecodeTile(64, 8, 2), 64: DecodeTile(128, 8, 2),
+    single_decode={16: DecodeTile(64, 8, 2), 32: DecodeTile(64, 8, 2), 64: DecodeTile(64, 8, 3),
                    128: DecodeTile(64, 4, 3), 256: DecodeTile(64, 8, 2)},
     batch_programs_per_sm=4,
     programs_per_sm=2,
     status="predicted",
-    notes="H100's, with d64/d128 tiles widened to 32 KB and page ids prefetched (Little's law, see above)",
+    notes="H100's, with d64/d128 batch tiles widened to 32 KB and page ids prefetched, one more single-decode "
+          "stage at d64/d128 (Little's law, see above)",
 )
 
 # Normalized card name -> entry. Paste a sweep's winners here (benchmarks/gpu/decode_tune.sh prints them).
