@@ -76,7 +76,7 @@ json.dump(dict(gpu=torch.cuda.get_device_name(), facts=facts._asdict(), entry=ke
 PY
 
 # 2. Decode GPU tests.
-timeout 120 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_decode_tune.py tests/test_batch_decode.py \
+timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_decode_tune.py tests/test_batch_decode.py \
     tests/test_single_decode.py 2>&1 | tee "$OUT/decode_tests.log" | tail -8
 
 # 3. The batch_decode suite with the card's entry, against FlashInfer (both paths); single decode beside it.
