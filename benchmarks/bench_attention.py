@@ -234,8 +234,8 @@ PROVIDERS = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Tuning grids (--tune): the single-request kernels' config table (flashtile/kernels/attention.py)
-# and the split-KV planner's knobs (scheduler/split_kv.py, _core/tile_policy.py)
+# Tuning grids (--tune): the single-prefill config table (flashtile/kernels/attention.py), the single decode
+# tile and the split-KV planner's knobs (_core/decode_tune.py, scheduler/split_kv.py, _core/tile_policy.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -254,8 +254,14 @@ def _config_grid(kind: str, candidates):
     return settings
 
 
-def _decode_configs(d: int):
-    return [(16, g["bn"], g["warps"], g["stages"]) for g in grid(bn=(64, 128), warps=(4, 8), stages=(2, 3))]
+def _decode_grid(case: Case):
+    """The single decode kernel's tile (flashtile/_core/decode_tune.py's DecodeTile, the card's table entry
+    for the case's padded head dim)."""
+    from flashtile._core.decode_tune import DecodeTile
+
+    knob = Knob("flashtile._core.decode_tune", "SINGLE_DECODE_OVERRIDE")
+    return [{knob: DecodeTile(g["bn"], g["warps"], g["stages"])}
+            for g in grid(bn=(64, 128), warps=(4, 8), stages=(2, 3, 4))]
 
 
 def _prefill_configs(d: int):
@@ -268,14 +274,14 @@ def _prefill_configs(d: int):
 
 
 ALIGN = Knob("flashtile._core.tile_policy", "KV_CHUNK_ALIGN")
-PER_SM = Knob("flashtile.scheduler.split_kv", "PROGRAMS_PER_SM")
+PER_SM = Knob("flashtile._core.decode_tune", "PROGRAMS_PER_SM_OVERRIDE")  # the card's target otherwise
 MIN_TILES = Knob("flashtile.scheduler.split_kv", "MIN_CHUNK_TILES")
 SPLIT_GRID = [{ALIGN: g["align"], PER_SM: g["per_sm"], MIN_TILES: g["min_tiles"]}
               for g in grid(align=(128, 256), per_sm=(2, 3, 4, 6, 8, 12), min_tiles=(1, 2))]
 
 register(Suite("single_decode", decode_cases, PROVIDERS, metric="gbps",
                description="one request, one query token, NHD KV; bytes = K + V + q + o",
-               tunes={"config": Tune(_config_grid("decode", _decode_configs), cuda_graph="on",
+               tunes={"config": Tune(_decode_grid, cuda_graph="on",
                                      description="the decode kernel's BLOCK_N x warps x stages"),
                       "splits": Tune(lambda case: SPLIT_GRID, cuda_graph="on",
                                      description="split-KV chunk alignment x programs per SM x min tiles per split")}))

@@ -154,23 +154,56 @@ PROVIDERS = [
     Provider("torch_sdpa_cudnn", _sdpa("CUDNN_ATTENTION")),
 ]
 
-def _launch_grid(case: Case):
-    """The paged decode kernel's config for the case's head dim x the planner's programs-per-SM target
-    (flashtile/kernels/attention.py, scheduler/split_kv.py)."""
-    from flashtile.kernels.attention import LaunchConfig
+TILE = Knob("flashtile._core.decode_tune", "BATCH_DECODE_OVERRIDE")
+PER_SM = Knob("flashtile._core.decode_tune", "BATCH_PROGRAMS_PER_SM_OVERRIDE")
 
-    d_pad = max(16, 1 << (case.params["head_dim"] - 1).bit_length())
-    config = Knob("flashtile.kernels.attention", "_CONFIG_TABLE", ("batch_decode", d_pad))
-    per_sm = Knob("flashtile.scheduler.split_kv", "BATCH_PROGRAMS_PER_SM")
-    return [{per_sm: g["per_sm"], config: LaunchConfig(16, g["bn"], g["warps"], g["stages"])}
-            for g in grid(per_sm=(1, 2, 4, 8), bn=(32, 64, 128), warps=(4, 8), stages=(2, 3, 4))]
+
+def _launch_grid(case: Case):
+    """The paged decode kernel's tile for the case (flashtile/_core/decode_tune.py's DecodeTile): BLOCK_N x
+    stages x page-id prefetch at 4 warps (the H100's), and 8 warps at BLOCK_N 128; at the card's programs-per-SM
+    target. The winner per case is the
+    table entry for the case's padded head dim (page size 1 and fp8 cases: the ``batch_decode_special``
+    entries)."""
+    from flashtile._core.decode_tune import DecodeTile
+
+    tiles = [DecodeTile(g["bn"], 4, g["stages"], g["prefetch"])
+             for g in grid(bn=(32, 64, 128), stages=(2, 3, 4), prefetch=(False, True))]
+    tiles += [DecodeTile(128, 8, g["stages"], g["prefetch"]) for g in grid(stages=(2, 3, 4), prefetch=(False, True))]
+    return [{TILE: tile} for tile in tiles]
+
+
+def _tuned_case(case: Case) -> bool:
+    """The grids run on the uniform page-16 16-bit cases (one per head dim and batch shape): 24 tiles x 3 head
+    dims of compiles keep a sweep within a few minutes."""
+    p = case.params
+    return p["page_size"] == 16 and p["kv_dtype"] == p["dtype"] and len(set(p["lens"])) == 1
+
+
+def _table_tile(case: Case):
+    """The tile the card's table entry gives this case (flashtile/_core/decode_tune.py)."""
+    from flashtile._core import decode_tune
+    from flashtile._core.device import device_facts
+
+    p = case.params
+    d_pad = max(16, 1 << (p["head_dim"] - 1).bit_length())
+    kv_bytes = torch.empty((), dtype=getattr(torch, p["kv_dtype"])).element_size()
+    return decode_tune.batch_decode_tile(device_facts(device()), d_pad, p["page_size"], kv_bytes)
+
+
+def _split_grid(case: Case):
+    """The batch split planner's programs-per-SM target (1, 2, 4, 8), then the card's tile with 32-bit
+    paged row offsets."""
+    return ([{PER_SM: per_sm} for per_sm in (1, 2, 4, 8)]
+            + [{TILE: _table_tile(case)._replace(int32_offsets=True)}])
 
 
 register(Suite("batch_decode", batch_decode_cases, PROVIDERS, "gbps",
                "Batch decode over a paged cache (page 16, random page order), ANCHORS.md cases",
                ceiling=COPY_CEILING_GBPS,
-               tunes={"launch": Tune(_launch_grid, cuda_graph="on",
-                                     description="programs per SM x BLOCK_N x warps x stages")}))
+               tunes={"launch": Tune(_launch_grid, cases=_tuned_case, cuda_graph="on",
+                                     description="BLOCK_N x stages x page-id prefetch x warps (DecodeTile)"),
+                      "splits": Tune(_split_grid, cases=_tuned_case, cuda_graph="on",
+                                     description="batch programs per SM; 32-bit paged offsets (decode_tune)")}))
 register(Suite("batch_decode_sweep", sweep_cases, PROVIDERS[:3], "gbps",
                "Batch decode sweep: batch 1-512 x kv 512-16384, 32/8 heads, d128, page 16",
                ceiling=COPY_CEILING_GBPS))

@@ -16,6 +16,8 @@ import torch
 from ._core import ops
 from ._core.attention_args import normalize_single_attention, resolve_attention_params
 from ._core.checks import describe
+from ._core.decode_tune import split_targets
+from ._core.device import device_facts
 from ._core.paged_kv import HostPageTable, as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.single import replay_single_attention, run_single_attention
 from ._core.variant_args import with_sinks
@@ -320,14 +322,15 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         first, last = table.first, table.last
 
         align, sms = self._planning_facts()
+        per_sm = split_targets(device_facts(self.device))[1]  # the card's target (_core/decode_tune.py)
         programs_per_item = num_kv_heads
         fixed_chunk = fixed_split_size * page_size if fixed_split_size is not None else None
         splits = plan_batch_kv_splits(kv_lens, programs_per_item, sms, align, fixed_chunk=fixed_chunk,
-                                      disable_split=disable_split_kv)
+                                      disable_split=disable_split_kv, programs_per_sm=per_sm)
         item_indptr = splits.request_item_indptr  # int64 numpy [B + 1]
         num_items = int(item_indptr[-1])
         if self._use_cuda_graph:
-            capacity = batch_item_capacity(batch, programs_per_item, sms)
+            capacity = batch_item_capacity(batch, programs_per_item, sms, per_sm)
             if self._graph_capacity is None:
                 self._graph_capacity = capacity
             capacity = self._graph_capacity

@@ -104,7 +104,7 @@ def test_overridden_sets_and_restores_knobs():
     import flashtile.kernels.merge as merge
     from flashtile.kernels import attention
 
-    key = ("decode", 128)
+    key = ("prefill", 128)
     tile, entry = merge.ROW_TILE_ELEMS, attention._CONFIG_TABLE[key]
     setting = {harness.Knob("flashtile.kernels.merge", "ROW_TILE_ELEMS"): tile * 2,
                harness.Knob("flashtile.kernels.attention", "_CONFIG_TABLE", key): "stand-in"}

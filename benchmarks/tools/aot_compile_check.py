@@ -28,6 +28,8 @@ _ap.add_argument("--dump", default=None, help="write each compiled kernel's TTGI
 _ap.add_argument("--only", default="", help="compile only the cases whose label contains this text (e.g. sampling)")
 _ap.add_argument("--prefill-config", default=None,
                  help="block_n,num_warps,num_stages for the 128-row batch-prefill cases (default: the launcher's)")
+_ap.add_argument("--card", default="H100",
+                 help="choose the decode configs of this card's tune table entry (flashtile/_core/decode_tune.py)")
 _args = _ap.parse_args()
 if _args.triton_path:
     sys.path.insert(0, _args.triton_path)
@@ -95,6 +97,7 @@ from flashtile.scheduler.prefill_work import pack_prefill_meta, plan_prefill_wor
 bf = torch.bfloat16
 P = AttentionParams(0.088, True)
 _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to an H100's shared memory
+_device.FACTS_OVERRIDE = _device.H100_FACTS._replace(name=_args.card)  # H100 and H200: same SMs, shared memory
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 
@@ -193,6 +196,22 @@ if hasattr(torch, "float8_e4m3fn"):  # fp8 K/V: fp16 dots (kernels/tiles.py)
                                torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
                                batch_size=64, num_programs=splits.num_items, max_states=1, merge=False)
         compile_all(f"batch decode {str(_fp8).split('_')[-1]} 64 x 4096")
+for _d in (64, 256):  # other head dims (the tune table has one entry per padded head dim)
+    _cache = torch.empty(16 * 256, 2, 16, 8, _d, dtype=bf)  # launches are captured, not run
+    _splits = plan_batch_kv_splits(torch.tensor([4096] * 16), 8, 132, 128)
+    _wl = pack_decode_worklist(decode_layout(16, _splits.num_items), _splits.request_item_indptr,
+                               torch.tensor([4096] * 16), _splits.item_request, _splits.item_kv_start,
+                               _splits.item_kv_end)
+    A.batch_decode_forward(torch.randn(16, 32, _d, dtype=bf), _cache[:, 0], _cache[:, 1],
+                           i32(torch.arange(0, 16 * 256 + 1, 256)), torch.arange(16 * 256, dtype=torch.int32), _wl,
+                           torch.empty(_splits.num_items, 32, _d), torch.empty(_splits.num_items, 32),
+                           torch.empty(16, 32, _d, dtype=bf), torch.empty(16, 32), AttentionParams(0.088),
+                           batch_size=16, num_programs=_splits.num_items, max_states=1, merge=False)
+    compile_all(f"batch decode d{_d} 16 x 4096")
+    _k = torch.empty(32768, 8, _d, dtype=bf)
+    A.single_attention_forward(torch.randn(1, 32, _d, dtype=bf), _k, _k.clone(), torch.empty(1, 32, _d, dtype=bf),
+                               torch.empty(1, 32), AttentionParams(0.088), packed_mask=None, kind="decode")
+    compile_all(f"single decode d{_d} 32k")
 
 # Attention variants (flashtile/variants.py): the example hooks of benchmarks/variant_examples.py.
 from benchmarks import variant_examples as VX  # noqa: E402

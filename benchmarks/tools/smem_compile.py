@@ -11,6 +11,7 @@ below it). One JSON line per compiled kernel; exit code 1 on any failure.
     python -m benchmarks.tools.smem_compile --full --limit 101376 --arch 89
     python -m benchmarks.tools.smem_compile --issue                  # issue 22's crashing shapes, before/after
     python -m benchmarks.tools.smem_compile --triton-path /tmp/t36   # with the device machine's Triton 3.6
+    python -m benchmarks.tools.smem_compile --full --only decode --card H200   # the H200 tune entry's tiles
 
 Triton's interpreter must be off (TRITON_INTERPRET is removed before triton is imported), so run this
 in its own process. The case grid is also what benchmarks/tools/smem_check.py runs on a GPU.
@@ -318,8 +319,14 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability as major*10+minor")
     ap.add_argument("--only", default="", help="only the cases whose label contains this text")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--card", default=None,
+                    help="choose the decode tiles of this card's tune table entry (flashtile/_core/decode_tune.py)")
     ap.add_argument("--triton-path", default=None, help="a directory holding the triton package to compile with")
     args = ap.parse_args(argv)
+    if args.card:
+        from flashtile._core import device
+
+        device.FACTS_OVERRIDE = device.H100_FACTS._replace(name=args.card)
     cases = issue_cases() if args.issue else full_grid() if args.full else quick_grid()
     cases = [c for c in cases if args.only in c.label()]
     failures = 0

@@ -82,13 +82,15 @@ def _planned_splits(v: WarmupVariant, device: torch.device) -> Optional[int]:
     """KV splits the launcher will choose for a variant (best effort: None when unknown)."""
     try:
         from .._core import tile_policy
-        from .._core.device import num_sms
+        from .._core.decode_tune import split_targets
+        from .._core.device import device_facts, num_sms
         from ..kernels import attention as kernels
         from ..scheduler.split_kv import plan_kv_splits
 
-        cfg = kernels.choose_config(v.kind, max(16, 1 << (v.shape.head_dim - 1).bit_length()))
+        cfg = kernels.choose_config(v.kind, max(16, 1 << (v.shape.head_dim - 1).bit_length()), device)
         base_programs = -(-v.qo_len * v.shape.group // cfg.block_m) * v.shape.num_kv_heads
-        return plan_kv_splits(v.kv_len, base_programs, num_sms(device), tile_policy.KV_CHUNK_ALIGN)[0]
+        return plan_kv_splits(v.kv_len, base_programs, num_sms(device), tile_policy.KV_CHUNK_ALIGN,
+                              split_targets(device_facts(device))[0])[0]
     except Exception:
         return None
 

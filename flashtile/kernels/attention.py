@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core import tile_policy
-from .._core.device import num_sms
+from .._core import decode_tune, tile_policy
+from .._core.device import device_facts, num_sms
 from .._core.intmath import cdiv, dot_tile_dim
 from .._core.launch import direct_launch
 from .._core.params import AttentionParams
@@ -138,6 +138,8 @@ def _batch_decode_kernel(
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
     RANGE_HOOK: tl.constexpr = None,
+    PREFETCH_PAGES: tl.constexpr = False,  # page ids one KV tile ahead (tiles.py attend_tiles)
+    INT32_PAGE_OFFSETS: tl.constexpr = False,  # 32-bit paged row offsets (the launcher checked they fit)
 ):
     """Batch decode over a paged cache: program ``(item, kv_head)`` attends the GQA group of one KV
     head (rows = its query heads) over one work item's KV range (scheduler/split_kv.py).
@@ -186,6 +188,7 @@ def _batch_decode_kernel(
         positions, tokens, row_ok, start, full_start, full_end, hi, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, False,
         HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT,
+        PREFETCH_PAGES=PREFETCH_PAGES, INT32_PAGE_OFFSETS=INT32_PAGE_OFFSETS,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
         v_batch=tokens, v_qo_idx=qo_idx, v_heads=heads, v_kv_head=kv_head, v_qo_len=1, v_first=lo == 0)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
@@ -213,21 +216,10 @@ class LaunchConfig:
     num_stages: int
 
 
-# (kind, padded head_dim) -> config; measured on H100 with the single_decode / single_prefill tuning grids
-# (benchmarks/bench_attention.py).
+# ("prefill", padded head_dim) -> config; measured on H100 with the single_prefill tuning grid
+# (benchmarks/bench_attention.py). Decode ("decode", "batch_decode") comes from the per-card tune table,
+# _core/decode_tune.py, by the device's facts.
 _CONFIG_TABLE = {
-    ("decode", 16): LaunchConfig(16, 64, 8, 2),
-    ("decode", 32): LaunchConfig(16, 64, 8, 2),
-    ("decode", 64): LaunchConfig(16, 64, 8, 2),
-    ("decode", 128): LaunchConfig(16, 64, 4, 2),
-    ("decode", 256): LaunchConfig(16, 64, 8, 2),
-    # Paged batch decode (the batch_decode tuning grid, H100, d128, page 16): BLOCK_N 32 won at
-    # 1 x 32k, 16 x 4k and 64 x 4k (stages 2-4 within noise; 3 chosen); 128 won only at 256 x 2k.
-    ("batch_decode", 16): LaunchConfig(16, 32, 4, 3),
-    ("batch_decode", 32): LaunchConfig(16, 32, 4, 3),
-    ("batch_decode", 64): LaunchConfig(16, 32, 4, 3),
-    ("batch_decode", 128): LaunchConfig(16, 32, 4, 3),
-    ("batch_decode", 256): LaunchConfig(16, 32, 4, 2),
     ("prefill", 16): LaunchConfig(128, 64, 4, 3),
     ("prefill", 32): LaunchConfig(128, 64, 4, 3),
     ("prefill", 64): LaunchConfig(128, 64, 4, 3),
@@ -330,11 +322,19 @@ def fp8_v_layout(v: torch.Tensor, fp8_scales: Optional[tuple]) -> tuple:
     return view, {"V_T": True, "stride_vd": view.stride(2)}
 
 
-def choose_config(kind: str, d_pad: int) -> LaunchConfig:
-    """The table's config for a shape class (the launchers then fit it to the device: smem.py)."""
+def choose_config(kind: str, d_pad: int, device: Optional[torch.device] = None) -> LaunchConfig:
+    """The preferred config of a shape class (the launchers then fit it to the device: smem.py): "prefill"
+    and "prefill_fp8" from ``_CONFIG_TABLE``; "decode" and "batch_decode" (16-row tiles, page size 16,
+    16-bit K/V) from the tune table entry of ``device``'s card (_core/decode_tune.py; None: the CPU facts,
+    an H100's)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
-    return _CONFIG_TABLE[(kind, d_pad)]
+    if kind in ("prefill", "prefill_fp8"):
+        return _CONFIG_TABLE[(kind, d_pad)]
+    facts = device_facts(device if device is not None else torch.device("cpu"))
+    tile = (decode_tune.single_decode_tile(facts, d_pad) if kind == "decode"
+            else decode_tune.batch_decode_tile(facts, d_pad))
+    return LaunchConfig(16, tile.block_n, tile.num_warps, tile.num_stages)
 
 
 def _single_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams,
@@ -346,7 +346,7 @@ def _single_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: At
     d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8), dot_tile_dim(head_dim_vo)
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
-    preferred = choose_config(kind + "_fp8" if fp8 and kind == "prefill" else kind, max(d_qk, d_vo))
+    preferred = choose_config(kind + "_fp8" if fp8 and kind == "prefill" else kind, max(d_qk, d_vo), q.device)
     vary_block_m = kind == "prefill"  # decode row tiles are 16 already
     return preferred, features, device_config(preferred, features, q.device, vary_block_m=vary_block_m), vary_block_m
 
@@ -364,7 +364,8 @@ def single_launch_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     num_m_blocks = cdiv(qo_len * (num_qo_heads // num_kv_heads), cfg.block_m)
     align = tile_policy.KV_CHUNK_ALIGN if not INTERPRET else cfg.block_n
     return SingleLaunchShape(num_m_blocks * num_kv_heads, align, num_sms(q.device),
-                             can_split=variant is None or not variant.variant.whole_rows)
+                             can_split=variant is None or not variant.variant.whole_rows,
+                             programs_per_sm=decode_tune.split_targets(device_facts(q.device))[0])
 
 
 def single_attention_forward(
@@ -465,13 +466,33 @@ def decode_block_m(group: int) -> int:
     return dot_tile_dim(group)
 
 
-def batch_decode_config(group: int, d_pad: int) -> LaunchConfig:
-    """Batch decode's preferred config: the table's KV tile and pipeline for padded head dim ``d_pad``,
-    a row tile holding the GQA group (8 warps from 32 rows on)."""
-    table = choose_config("batch_decode", d_pad)
+def batch_decode_tile(group: int, d_pad: int, page_size: int = 16, kv_bytes: int = 2,
+                      device: Optional[torch.device] = None) -> tuple:
+    """``(preferred config, DecodeTile)`` of batch decode: the card's tile (_core/decode_tune.py) for padded
+    head dim ``d_pad``, ``page_size`` and K/V element size ``kv_bytes``, with a row tile holding the GQA
+    ``group`` (at least the entry's ``wide_rows_warps`` warps from 32 rows on). ``device`` None: the CPU
+    facts (an H100's)."""
+    if INTERPRET:  # one small config; a tuning override's page-id options still apply (tests run them)
+        forced = decode_tune.BATCH_DECODE_OVERRIDE
+        flags = (forced.prefetch_pages, forced.int32_offsets) if forced is not None else (False, False)
+        return INTERPRETER_CONFIG, decode_tune.DecodeTile(16, 1, 1, *flags)
+    facts = device_facts(device if device is not None else torch.device("cpu"))
+    tile = decode_tune.batch_decode_tile(facts, d_pad, page_size, kv_bytes)
     block_m = decode_block_m(group)
-    return LaunchConfig(block_m, table.block_n, table.num_warps if block_m <= 16 else max(table.num_warps, 8),
-                        table.num_stages)
+    warps = tile.num_warps if block_m <= 16 else max(tile.num_warps, decode_tune.card_entry(facts)[1].wide_rows_warps)
+    return LaunchConfig(block_m, tile.block_n, warps, tile.num_stages), tile
+
+
+def batch_decode_config(group: int, d_pad: int, page_size: int = 16, kv_bytes: int = 2,
+                        device: Optional[torch.device] = None) -> LaunchConfig:
+    """Batch decode's preferred config (:func:`batch_decode_tile`'s first value)."""
+    return batch_decode_tile(group, d_pad, page_size, kv_bytes, device)[0]
+
+
+def _fits_int32(pages: torch.Tensor) -> bool:
+    """Whether every element offset of a page view (from its first element) fits in int32 (the check of
+    batch_prefill.py's paged launch too)."""
+    return sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) < 2**31
 
 
 def batch_decode_forward(
@@ -521,7 +542,10 @@ def batch_decode_forward(
     num_kv_heads, head_dim_vo = v_pages.shape[2], v_pages.shape[3]
     group = num_qo_heads // num_kv_heads
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
-    preferred = batch_decode_config(group, max(d_qk, d_vo))
+    page_size = k_pages.shape[1]
+    preferred, tile = batch_decode_tile(group, max(d_qk, d_vo), page_size, k_pages.element_size(), q.device)
+    prefetch = tile.prefetch_pages and page_size > 1
+    int32_offsets = tile.int32_offsets and _fits_int32(k_pages) and _fits_int32(v_pages)
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     features = TileFeatures(d_qk, d_vo, q.element_size(), k_pages.element_size(), use_rope)
     launch_within_limit(lambda cfg: _batch_decode_kernel[(num_programs, num_kv_heads)](
@@ -539,7 +563,7 @@ def batch_decode_forward(
         HAS_WINDOW=params.window_left >= 0, USE_SOFTCAP=params.logits_soft_cap > 0,
         USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=use_rope,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **extra,
+        num_stages=cfg.num_stages, PREFETCH_PAGES=prefetch, INT32_PAGE_OFFSETS=int32_offsets, **extra,
     ), preferred, features, q.device)
     if merge:
         merge_attention_states(part_o, part_lse, out, lse, v_scale=params.v_scale, state_indptr=item_indptr,

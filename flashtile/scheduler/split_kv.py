@@ -30,9 +30,11 @@ __all__ = [
     "MIN_CHUNK_TILES",
 ]
 
-# Aim for this many programs per SM. Measured on H100 (the single_decode suite's `splits` tuning grid, 32/8 heads,
-# d128): 2 beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more,
-# shorter splits cost partial-state traffic and pipeline start-up more than they gain in balance.
+# Aim for this many programs per SM. These are the H100's targets and the defaults for callers that pass
+# none; the decode launchers and wrappers pass their card's (_core/decode_tune.py, whose H100 entry holds
+# these numbers). Measured on H100 (the single_decode suite's `splits` tuning grid, 32/8 heads, d128): 2
+# beats 3, 4, 6, 8 and 12 at kv 4k, 32k and 128k (128k: 179 us vs 210 us at 4); more, shorter splits
+# cost partial-state traffic and pipeline start-up more than they gain in balance.
 PROGRAMS_PER_SM = 2
 # The batch planner aims higher: with BLOCK_N 32 tiles, 4 programs per SM beat 1, 2 and 8 at 1 x 32k and
 # 16 x 4k (the batch_decode tuning grid, H100, 32/8 heads, d128, page 16); 8 was 3% better on a
@@ -42,7 +44,8 @@ BATCH_PROGRAMS_PER_SM = 4
 MIN_CHUNK_TILES = 2
 
 
-def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) -> tuple[int, int]:
+def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int,
+                   programs_per_sm: Optional[int] = None) -> tuple[int, int]:
     """Choose ``(num_splits, chunk)`` for a KV sequence of ``kv_len`` tokens.
 
     Args:
@@ -50,6 +53,7 @@ def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) ->
         base_programs: programs the launch has without splitting (query blocks x KV heads).
         num_sms: streaming multiprocessors of the device.
         align: chunk granularity in tokens (a multiple of every BLOCK_N used).
+        programs_per_sm: programs per SM to aim for (None: ``PROGRAMS_PER_SM``).
 
     Returns:
         ``chunk`` is a positive multiple of ``align``; split ``s`` covers
@@ -59,7 +63,7 @@ def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) ->
     if kv_len <= 0:
         return 1, align
     tiles = cdiv(kv_len, align)
-    target = PROGRAMS_PER_SM * num_sms
+    target = (PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm) * num_sms
     if base_programs >= target:
         wanted = 1
     else:
@@ -75,13 +79,15 @@ def plan_kv_splits(kv_len: int, base_programs: int, num_sms: int, align: int) ->
 class SingleLaunchShape:
     """What the single-request planner needs to know of a launch: ``programs`` (query row blocks x KV
     heads: what one KV split launches), the KV chunk granularity ``align`` in tokens (a multiple of every
-    BLOCK_N the launch may use), the device's ``num_sms``, and ``can_split`` (False for a kernel whose
-    rows cannot be merged from partial states: a whole-row attention variant)."""
+    BLOCK_N the launch may use), the device's ``num_sms``, ``can_split`` (False for a kernel whose
+    rows cannot be merged from partial states: a whole-row attention variant), and the card's
+    ``programs_per_sm`` target (None: ``PROGRAMS_PER_SM``)."""
 
     programs: int
     align: int
     num_sms: int
     can_split: bool = True
+    programs_per_sm: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,8 @@ def plan_single_kv_splits(kv_len: int, shape: SingleLaunchShape, *, num_splits: 
     if not shape.can_split:
         splits, chunk = 1, 0
     elif num_splits is None:
-        splits, chunk = plan_kv_splits(kv_len, shape.programs, shape.num_sms, shape.align)
+        splits, chunk = plan_kv_splits(kv_len, shape.programs, shape.num_sms, shape.align,
+                                       shape.programs_per_sm)
     else:
         chunk = max(shape.align, cdiv(cdiv(max(kv_len, 1), num_splits), shape.align) * shape.align)
         splits = max(1, cdiv(kv_len, chunk))
@@ -139,15 +146,18 @@ class BatchKVSplits:
         return self.item_request.size
 
 
-def batch_item_capacity(batch_size: int, programs_per_item: int, num_sms: int) -> int:
+def batch_item_capacity(batch_size: int, programs_per_item: int, num_sms: int,
+                        programs_per_sm: Optional[int] = None) -> int:
     """Most items :func:`plan_batch_kv_splits` creates for ``batch_size`` requests (without a fixed
     split size): ``sum(cdiv(len, chunk)) <= total / chunk + batch <= target_items + batch``. CUDA-graph
-    mode sizes its grid and partial-state buffers with this."""
-    return _target_items(programs_per_item, num_sms) + batch_size
+    mode sizes its grid and partial-state buffers with this. ``programs_per_sm``: as for
+    :func:`plan_batch_kv_splits`."""
+    return _target_items(programs_per_item, num_sms, programs_per_sm) + batch_size
 
 
-def _target_items(programs_per_item: int, num_sms: int) -> int:
-    return max(1, (BATCH_PROGRAMS_PER_SM * num_sms) // max(1, programs_per_item))
+def _target_items(programs_per_item: int, num_sms: int, programs_per_sm: Optional[int] = None) -> int:
+    per_sm = BATCH_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    return max(1, (per_sm * num_sms) // max(1, programs_per_item))
 
 
 def plan_batch_kv_splits(
@@ -158,10 +168,11 @@ def plan_batch_kv_splits(
     *,
     fixed_chunk: Optional[int] = None,
     disable_split: bool = False,
+    programs_per_sm: Optional[int] = None,
 ) -> BatchKVSplits:
     """Cut every request's KV into chunks of one common size so the grid fills the GPU.
 
-    The chunk is the total KV length over the number of items that fill ``BATCH_PROGRAMS_PER_SM`` programs
+    The chunk is the total KV length over the number of items that fill ``programs_per_sm`` programs
     per SM (each item launches ``programs_per_item`` programs, e.g. one per KV head), rounded up to
     ``align`` and at least ``MIN_CHUNK_TILES * align``. A large uniform batch therefore is not split,
     one long request is cut into about ``target`` pieces, and in a skewed batch only the long
@@ -177,6 +188,7 @@ def plan_batch_kv_splits(
             batch, so a request's split points, and so its output bits, do not depend on the other
             requests of the batch.
         disable_split: one item per request (also batch-invariant).
+        programs_per_sm: the card's target (_core/decode_tune.py); None: ``BATCH_PROGRAMS_PER_SM``.
     """
     lens = host_int64(kv_lens)
     batch = lens.size
@@ -187,7 +199,7 @@ def plan_batch_kv_splits(
         chunk = max(align, cdiv(int(fixed_chunk), align) * align)
     else:
         total = int(lens.sum()) if batch else 0
-        per_item = cdiv(max(total, 1), _target_items(programs_per_item, num_sms))
+        per_item = cdiv(max(total, 1), _target_items(programs_per_item, num_sms, programs_per_sm))
         chunk = max(MIN_CHUNK_TILES * align, cdiv(per_item, align) * align)
     if longest <= chunk:  # one item per request (a large uniform batch)
         return BatchKVSplits(chunk, np.arange(batch + 1, dtype=np.int64), np.arange(batch, dtype=np.int64),
