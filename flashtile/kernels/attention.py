@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .._core import decode_tune, tile_policy
 from .._core.device import device_facts, num_sms
-from .._core.intmath import cdiv, dot_tile_dim
+from .._core.intmath import cdiv, dot_tile_dim, offsets_fit_int32
 from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from .._core.settings import interpreting
@@ -489,12 +489,6 @@ def batch_decode_config(group: int, d_pad: int, page_size: int = 16, kv_bytes: i
     return batch_decode_tile(group, d_pad, page_size, kv_bytes, device)[0]
 
 
-def _fits_int32(pages: torch.Tensor) -> bool:
-    """Whether every element offset of a page view (from its first element) fits in int32 (the check of
-    batch_prefill.py's paged launch too)."""
-    return sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) < 2**31
-
-
 def batch_decode_forward(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -545,7 +539,8 @@ def batch_decode_forward(
     page_size = k_pages.shape[1]
     preferred, tile = batch_decode_tile(group, max(d_qk, d_vo), page_size, k_pages.element_size(), q.device)
     prefetch = tile.prefetch_pages and page_size > 1
-    int32_offsets = tile.int32_offsets and _fits_int32(k_pages) and _fits_int32(v_pages)
+    int32_offsets = (tile.int32_offsets and offsets_fit_int32(k_pages.shape, k_pages.stride())
+                     and offsets_fit_int32(v_pages.shape, v_pages.stride()))
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     features = TileFeatures(d_qk, d_vo, q.element_size(), k_pages.element_size(), use_rope)
     launch_within_limit(lambda cfg: _batch_decode_kernel[(num_programs, num_kv_heads)](

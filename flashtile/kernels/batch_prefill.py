@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .._core import tile_policy
 from .._core.device import num_sms
-from .._core.intmath import dot_tile_dim
+from .._core.intmath import dot_tile_dim, offsets_fit_int32
 from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
@@ -218,12 +218,6 @@ PREFETCH_OVERRIDE: Optional[bool] = None
 INT32_OFFSETS_OVERRIDE: Optional[bool] = None  # False: int64 page offsets even where int32 would fit
 
 
-def _fits_int32(pages: torch.Tensor) -> bool:
-    """Whether every element offset of a page view (from its first element) fits in int32: the
-    kernel then computes paged row offsets in 32 bits (paged 16 x 1024: 276 vs 254 TFLOP/s)."""
-    return sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) < 2**31
-
-
 def prefetch_page_ids(page_size: Optional[int]) -> bool:
     """Whether the paged kernel loads each tile's page ids one iteration ahead (attend_tiles): for
     page sizes above 1 (see the launch-configuration notes)."""
@@ -281,7 +275,8 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             USE_ALIBI=params.pos_encoding_mode == "ALIBI", USE_ROPE=params.pos_encoding_mode == "ROPE_LLAMA",
             PAGED=paged, BLOCK_M=block_m, BLOCK_N=cfg.block_n, UPCAST_DOT=INTERPRET,
             PREFETCH_PAGES=prefetch_page_ids(page_size if paged else None),
-            INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and _fits_int32(k) and _fits_int32(v),
+            INT32_PAGE_OFFSETS=paged and INT32_OFFSETS_OVERRIDE is not False and offsets_fit_int32(k.shape, k.stride())
+            and offsets_fit_int32(v.shape, v.stride()),
             MULTI_ITEM=multi_item_requests is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **extra,
         )
