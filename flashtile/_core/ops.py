@@ -83,28 +83,27 @@ def _call_with_variant(impl, args, params, backend, variant) -> None:
     impl(*args, params, backend, variant=variant)
 
 
-def _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend, variant=None) -> None:
+def _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend, variant=None, fp8_scales=None) -> None:
     """Plan the request's KV splits (scheduler/split_kv.py, over the implementation's launch shape), then
     launch them: single-request planning happens here, as batch planning happens in the wrappers' plan().
     A prefill call the batch prefill kernels serve better runs as a ragged batch of one instead, with a
-    remembered plan (_core/single_batch.py)."""
+    remembered plan (_core/single_batch.py). ``fp8_scales``: FP8 attention's ``(scale_q, scale_k, scale_v)``."""
     if q.shape[0] == 0:
         return
-    if kind == "prefill" and packed_mask is None and variant is None and \
+    if kind == "prefill" and packed_mask is None and variant is None and fp8_scales is None and \
             run_as_batch(q, k, v, out, lse, params, backend):  # a batch of one (_core/single_batch.py)
         return
     extra = {} if variant is None else {"variant": variant}
     impl = dispatch.implementation("attention", q.device, backend)
     shape = impl.single_launch_shape(q, k, v, params, packed_mask=packed_mask, kind=kind, **extra)
+    if fp8_scales is not None:
+        extra["fp8_scales"] = fp8_scales
     impl.single_attention_forward(q, k, v, out, lse, params, packed_mask=packed_mask, kind=kind,
                                   splits=plan_single_kv_splits(k.shape[0], shape), **extra)
 
 
 def _single_attention_fp8(q, k, v, packed_mask, out, lse, kind, scale_q, scale_k, scale_v, params, backend) -> None:
-    if q.shape[0] == 0:
-        return
-    dispatch.implementation("attention", q.device, backend).single_attention_forward(
-        q, k, v, out, lse, params, packed_mask=packed_mask, kind=kind, fp8_scales=(scale_q, scale_k, scale_v))
+    _single_attention(q, k, v, packed_mask, out, lse, kind, params, backend, fp8_scales=(scale_q, scale_k, scale_v))
 
 
 def _batch_decode(q, k_pages, v_pages, page_indptr, page_indices, worklist, part_o, part_lse, out, lse, batch_size,
@@ -119,26 +118,24 @@ def _batch_decode(q, k_pages, v_pages, page_indptr, page_indices, worklist, part
 
 def _batch_prefill(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, worklist, part_o,
                    part_lse, out, lse, batch_size, item_capacity, block_m, block_n, num_items, num_merges, params,
-                   backend, variant=None) -> None:
+                   backend, variant=None, fp8_scales=None) -> None:
     if q.shape[0] == 0:
         return
+    extra = {} if variant is None else {"variant": variant}
+    if fp8_scales is not None:
+        extra["fp8_scales"] = fp8_scales
     dispatch.implementation("batch_prefill", q.device, backend).batch_prefill_forward(
         q, k, v, page_indices, packed_mask, worklist, part_o, part_lse, out, lse, params, batch_size=batch_size,
         item_capacity=item_capacity, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges,
-        multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items,
-        **({} if variant is None else {"variant": variant}))
+        multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items, **extra)
 
 
 def _batch_prefill_fp8(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, worklist, part_o,
                        part_lse, out, lse, batch_size, item_capacity, block_m, block_n, num_items, num_merges, scale_q,
                        scale_k, scale_v, params, backend) -> None:
-    if q.shape[0] == 0:
-        return
-    dispatch.implementation("batch_prefill", q.device, backend).batch_prefill_forward(
-        q, k, v, page_indices, packed_mask, worklist, part_o, part_lse, out, lse, params, batch_size=batch_size,
-        item_capacity=item_capacity, block_m=block_m, block_n=block_n, num_items=num_items, num_merges=num_merges,
-        multi_item_requests=multi_item_requests, token_pos_in_items=token_pos_in_items,
-        fp8_scales=(scale_q, scale_k, scale_v))
+    _batch_prefill(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, worklist, part_o,
+                   part_lse, out, lse, batch_size, item_capacity, block_m, block_n, num_items, num_merges, params,
+                   backend, fp8_scales=(scale_q, scale_k, scale_v))
 
 
 single_attention = _define(
