@@ -54,7 +54,7 @@ INTERPRET = interpreting()  # Triton 3.9's interpreter computes bf16 tl.dot wron
 @triton.jit
 def _locate_tile(SEGS, num_segments, t, SEGS_ARE_LENS: tl.constexpr, BLOCK_M: tl.constexpr, SCAN: tl.constexpr):
     """Row tile ``t`` of the launch: ``(segment, first row of the tile, end row of the segment)``, or
-    ``(num_segments, 0, 0)`` when ``t`` is past the last tile. Segment ``s`` owns ``cdiv(len_s, BLOCK_M)``
+    ``(-1, 0, 0)`` when ``t`` is past the last tile. Segment ``s`` owns ``cdiv(len_s, BLOCK_M)``
     row tiles, numbered after those of segments ``0..s-1``; the segments are scanned SCAN at a time
     (their tile counts and row counts, running sums in registers), and exactly one non-empty segment's
     tile range holds ``t``. scheduler/segment_tiles.py::locate_tile is the host mirror."""
@@ -87,6 +87,23 @@ def _locate_tile(SEGS, num_segments, t, SEGS_ARE_LENS: tl.constexpr, BLOCK_M: tl
     return found - 1, row0, row_end
 
 
+@triton.jit
+def _program_tile(SEGS, num_segments, row_slots, d_out, SEGS_ARE_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SCAN: tl.constexpr):
+    """``(segment, first row, end row, column tile)`` of program ``program_id(0)``. Grouped order: GROUP_M
+    consecutive row tiles (mostly one segment's) sweep the column tiles together, so the programs running at
+    one time share each weight tile and each row tile through L2. ``segment`` is -1 past the last tile."""
+    tiles_n = tl.cdiv(d_out, BLOCK_N)
+    pid = tl.program_id(0)
+    per_group = GROUP_M * tiles_n
+    first_t = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(row_slots - first_t, GROUP_M)
+    t = first_t + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    seg, row0, row_end = _locate_tile(SEGS, num_segments, t, SEGS_ARE_LENS, BLOCK_M, SCAN)
+    return seg, row0, row_end, pid_n
+
+
 @direct_launch
 @triton.jit
 def _segment_gemm_kernel(
@@ -98,18 +115,10 @@ def _segment_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCAN: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    # program (pid, split): output tile (row tile t, column tile pid_n), d_in range [split * k_per_split, +k_per_split).
-    # Grouped order: GROUP_M consecutive row tiles (mostly one segment's) sweep the column tiles together, so
-    # the programs running at one time share each weight tile and each row tile through L2.
-    tiles_n = tl.cdiv(d_out, BLOCK_N)
-    pid = tl.program_id(0)
+    # program (pid, split): output tile (_program_tile), d_in range [split * k_per_split, +k_per_split).
     split = tl.program_id(1)
-    per_group = GROUP_M * tiles_n
-    first_t = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(row_slots - first_t, GROUP_M)
-    t = first_t + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    seg, row0, row_end = _locate_tile(SEGS, num_segments, t, SEGS_ARE_LENS, BLOCK_M, SCAN)
+    seg, row0, row_end, pid_n = _program_tile(SEGS, num_segments, row_slots, d_out, SEGS_ARE_LENS, BLOCK_M, BLOCK_N,
+                                              GROUP_M, SCAN)
     active = seg >= 0  # programs past the last tile run no k iteration and store nothing (no early return:
     seg = tl.maximum(seg, 0)  # it would keep the k loop from being software-pipelined)
     if HAS_WEIGHT_INDICES:
@@ -164,14 +173,8 @@ def _segment_gemm_tma_kernel(
     # [1, BLOCK_N, BLOCK_K] blocks, or [num_weights, d_in, d_out] in [1, BLOCK_K, BLOCK_N] blocks. Blocks past
     # d_in, d_out or x's last row read zeros; rows of the next segment in a tile's last rows are read but
     # not stored.
-    tiles_n = tl.cdiv(d_out, BLOCK_N)
-    pid = tl.program_id(0)
-    per_group = GROUP_M * tiles_n
-    first_t = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(row_slots - first_t, GROUP_M)
-    t = first_t + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    seg, row0, row_end = _locate_tile(SEGS, num_segments, t, SEGS_ARE_LENS, BLOCK_M, SCAN)
+    seg, row0, row_end, pid_n = _program_tile(SEGS, num_segments, row_slots, d_out, SEGS_ARE_LENS, BLOCK_M, BLOCK_N,
+                                              GROUP_M, SCAN)
     active = seg >= 0
     seg = tl.maximum(seg, 0)
     if HAS_WEIGHT_INDICES:
