@@ -41,6 +41,22 @@ def rope_f64(x: torch.Tensor, positions: torch.Tensor, rope_scale: float, rope_t
     return out
 
 
+def visible_keys(Lq, Lk, *, causal=False, custom_mask=None, window_left=-1):
+    """``(qpos, kpos, allowed)`` of one request: float64 positions of its queries (bottom-right aligned:
+    the last query sits at the last key) and keys, and the bool ``[Lq, Lk]`` mask of the keys each query
+    sees (a custom mask replaces causal; a window applies on top)."""
+    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
+    kpos = torch.arange(Lk, dtype=torch.float64)
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
+    if custom_mask is not None:
+        allowed = custom_mask.cpu().bool().clone()
+    elif causal:
+        allowed = kpos[None, :] <= qpos[:, None]
+    if window_left >= 0:
+        allowed = allowed & (kpos[None, :] >= qpos[:, None] - window_left)
+    return qpos, kpos, allowed
+
+
 def attention_oracle(
     q, k, v, *, causal=False, custom_mask=None, sm_scale=None, logits_soft_cap=0.0, window_left=-1,
     pos_encoding_mode="NONE", rope_scale=1.0, rope_theta=1e4, k_scale=1.0, v_scale=1.0, q_scale=1.0,
@@ -55,18 +71,10 @@ def attention_oracle(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     q = q * q_scale
-    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
-    kpos = torch.arange(Lk, dtype=torch.float64)
+    qpos, kpos, allowed = visible_keys(Lq, Lk, causal=causal, custom_mask=custom_mask, window_left=window_left)
     if pos_encoding_mode == "ROPE_LLAMA":
         q = rope_f64(q, qpos, rope_scale, rope_theta)
         k = rope_f64(k, kpos, rope_scale, rope_theta)
-    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
-    if custom_mask is not None:
-        allowed = custom_mask.cpu().bool().clone()
-    elif causal:
-        allowed = kpos[None, :] <= qpos[:, None]
-    if window_left >= 0:
-        allowed = allowed & (kpos[None, :] >= qpos[:, None] - window_left)
     slopes = alibi_slopes_f64(Hq)
     out = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
     lse = torch.full((Lq, Hq), float("-inf"), dtype=torch.float64)
@@ -108,15 +116,7 @@ def fp8_weights_error_bound(q, k, v, fp8_dtype, *, causal=False, custom_mask=Non
     Lk, Hk, Dv = v.shape
     g = Hq // Hk
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
-    kpos = torch.arange(Lk, dtype=torch.float64)
-    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
-    if custom_mask is not None:
-        allowed = custom_mask.cpu().bool().clone()
-    elif causal:
-        allowed = kpos[None, :] <= qpos[:, None]
-    if window_left >= 0:
-        allowed = allowed & (kpos[None, :] >= qpos[:, None] - window_left)
+    _, _, allowed = visible_keys(Lq, Lk, causal=causal, custom_mask=custom_mask, window_left=window_left)
     bound = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
     for h in range(Hq):
         s = (q[:, h] @ k[:, h // g].T) * sm_scale
@@ -490,9 +490,7 @@ def sink_attention_oracle(q, k, v, sinks, *, causal=False, sm_scale=None):
     Lk, Hk, Dv = v.shape
     g = Hq // Hk
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
-    kpos = torch.arange(Lk, dtype=torch.float64)
-    allowed = kpos[None, :] <= qpos[:, None] if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    _, _, allowed = visible_keys(Lq, Lk, causal=causal)
     out = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
     lse = torch.zeros(Lq, Hq, dtype=torch.float64)
     for h in range(Hq):
@@ -513,9 +511,7 @@ def sigmoid_attention_oracle(q, k, v, logits_scale, sigmoid_bias, *, causal=Fals
     Lq, Hq, _ = q.shape
     Lk, Hk, Dv = v.shape
     g = Hq // Hk
-    qpos = torch.arange(Lq, dtype=torch.float64) + (Lk - Lq)
-    kpos = torch.arange(Lk, dtype=torch.float64)
-    allowed = kpos[None, :] <= qpos[:, None] if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    _, _, allowed = visible_keys(Lq, Lk, causal=causal)
     out = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
     for h in range(Hq):
         w = torch.sigmoid((q[:, h] @ k[:, h // g].T) * logits_scale + sigmoid_bias) * allowed
