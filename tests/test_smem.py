@@ -58,7 +58,7 @@ def preferred_configs(head_dim: int) -> dict:
     configs = {"single prefill": (attention.choose_config("prefill", head_dim), True),
                "single decode": (attention.choose_config("decode", head_dim), False)}
     for group in (1, 4, 8, 16, 32, 64):
-        configs[f"batch decode group {group}"] = (attention.batch_decode_config(group, head_dim), False)
+        configs[f"batch decode group {group}"] = (attention.batch_decode_tile(group, head_dim)[0], False)
     for rows, kv_len, page_size in itertools.product((16, 32, 64, 1024, None), (512, 2048, 8192), (None, 1, 5, 16)):
         block_m, block_n = tile_policy.prefill_tile_shape(rows, kv_len, head_dim, head_dim, page_size)
         cfg = batch_prefill._launch_config(block_m, block_n, head_dim, head_dim, page_size)

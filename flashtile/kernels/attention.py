@@ -483,12 +483,6 @@ def batch_decode_tile(group: int, d_pad: int, page_size: int = 16, kv_bytes: int
     return LaunchConfig(block_m, tile.block_n, warps, tile.num_stages), tile
 
 
-def batch_decode_config(group: int, d_pad: int, page_size: int = 16, kv_bytes: int = 2,
-                        device: Optional[torch.device] = None) -> LaunchConfig:
-    """Batch decode's preferred config (:func:`batch_decode_tile`'s first value)."""
-    return batch_decode_tile(group, d_pad, page_size, kv_bytes, device)[0]
-
-
 def batch_decode_forward(
     q: torch.Tensor,
     k_pages: torch.Tensor,
