@@ -13,6 +13,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/decode_gpu.txt"
 # FlashInfer compiles each decode variant with nvcc on first use (10-20 s each): warm them in the background now.
@@ -76,7 +77,7 @@ json.dump(dict(gpu=torch.cuda.get_device_name(), facts=facts._asdict(), entry=ke
 PY
 
 # 2. Decode GPU tests.
-timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_decode_tune.py tests/test_batch_decode.py \
+run_tests timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_decode_tune.py tests/test_batch_decode.py \
     tests/test_single_decode.py 2>&1 | tee "$OUT/decode_tests.log" | tail -8
 
 # 3. The batch_decode suite with the card's entry, against FlashInfer (both paths); single decode beside it.

@@ -12,6 +12,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/demo_gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/demo_gpu.txt"
 python3 -c "import transformers" 2>/dev/null || python3 -m pip install -q "transformers>=5.25,<6" 2>&1 | tail -1
@@ -28,7 +29,7 @@ if [ "$HAVE_FI" = 1 ]; then  # warm FlashInfer's JIT cache in the background: sa
   WARM=$!
 fi
 
-timeout 100 python3 -m pytest -q -p no:warnings -rf tests/test_demo.py tests/test_hf_backend.py 2>&1 | tail -6 | tee "$OUT/demo_tests.log"
+run_tests timeout 100 python3 -m pytest -q -p no:warnings -rf tests/test_demo.py tests/test_hf_backend.py 2>&1 | tail -6 | tee "$OUT/demo_tests.log"
 
 PLOT=""; python3 -c "import matplotlib" 2>/dev/null && PLOT="--plot $OUT/demo_steps.png"
 timeout 170 python3 -m flashtile demo $SIZE --json "$OUT/demo_flashtile.json" $PLOT 2>&1 \

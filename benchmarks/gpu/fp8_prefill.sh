@@ -8,6 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/fp8_prefill_gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
@@ -40,9 +41,9 @@ PY
 ) &
 WARM=$!
 # The kernel path and the gpu-marked cases (the reference path is the CPU CI's).
-timeout 180 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_fp8_prefill.py -k "kernel or gpu" 2>&1 \
+run_tests timeout 180 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_fp8_prefill.py -k "kernel or gpu" 2>&1 \
     | tee "$OUT/fp8_prefill_tests.log" | tail -12
-FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
+run_tests env FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
     -p no:warnings -x tests/test_fp8_prefill.py -k "kernel and (single_prefill_fp8 or ragged or paged) and not gpu" \
     2>&1 | tail -4 | tee "$OUT/fp8_prefill_sanitize.log"
 wait $WARM; cat "$OUT/fp8_prefill_fi_warm.log"

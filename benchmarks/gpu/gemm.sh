@@ -12,6 +12,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ "${1:-}" = tune ]; then
   nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gemm_gpu.txt"
   for g in $(echo "${2:-shrink,expand,moe,fp8}" | tr , ' '); do
@@ -55,8 +56,8 @@ except Exception as e:
 PY
 ) &
 WARM=$!
-timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_gemm.py 2>&1 | tee "$OUT/gemm_tests.log" | tail -12
-FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
+run_tests timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_gemm.py 2>&1 | tee "$OUT/gemm_tests.log" | tail -12
+run_tests env FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
     tests/test_gemm.py -k "kernel and (lora or weight_indices or out_and_views or strided or 33-48-17 or split_k)" 2>&1 | tail -4 \
     | tee "$OUT/gemm_sanitize.log"
 wait $WARM; cat "$OUT/gemm_fi_warm.log"

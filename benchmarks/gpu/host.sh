@@ -11,6 +11,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/host_gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/host_gpu.txt"
@@ -25,7 +26,7 @@ done
 ( timeout 180 python3 -m benchmarks.tools.host_time --warm --providers flashtile > "$OUT/host_ft_warm.log" 2>&1 ) &
 WARMS+=($!)
 # The kernel path of the changed ops on the GPU (the reference path is the CPU CI's).
-FLASHTILE_CHECK_LAUNCH=1 timeout 140 python3 -m pytest -q -p no:warnings -rf --tb=short -k "not reference" \
+run_tests env FLASHTILE_CHECK_LAUNCH=1 timeout 140 python3 -m pytest -q -p no:warnings -rf --tb=short -k "not reference" \
     tests/test_norm.py tests/test_cascade_merge.py tests/test_single_decode.py tests/test_single_plan.py \
     tests/test_host_path.py tests/test_launch.py 2>&1 | tee "$OUT/host_tests.log" | tail -8
 for pid in "${WARMS[@]}"; do wait "$pid"; done

@@ -8,6 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/mla_gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/mla_gpu.txt"
@@ -31,8 +32,8 @@ for kv_dt in (torch.bfloat16, torch.float8_e4m3fn):
 PY
 ) &
 WARM=$!
-timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_mla.py 2>&1 | tee "$OUT/mla_tests.log" | tail -12
-FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
+run_tests timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_mla.py 2>&1 | tee "$OUT/mla_tests.log" | tail -12
+run_tests env FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
     tests/test_mla.py -k "kernel and (qo_lens1 or qo_lens2 or fp8 or split)" 2>&1 | tail -4 | tee "$OUT/mla_sanitize.log"
 wait $WARM; cat "$OUT/mla_fi_warm.log"
 timeout 150 python3 -m benchmarks.run --suite mla --out /tmp/mla_bench 2>&1 | tail -3

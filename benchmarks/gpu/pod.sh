@@ -8,6 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/pod_gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/pod_gpu.txt"
@@ -42,7 +43,7 @@ PY
 ) &
 WARM=$!
 # The kernel path and the gpu-marked graph tests (the reference path is the CPU CI's).
-timeout 140 python3 -m pytest -q -p no:warnings -rf --tb=short -k "not reference" tests/test_pod.py \
+run_tests timeout 140 python3 -m pytest -q -p no:warnings -rf --tb=short -k "not reference" tests/test_pod.py \
     tests/test_batch_attention.py 2>&1 \
     | tee "$OUT/pod_tests.log" | tail -12
 wait $WARM; cat "$OUT/pod_fi_warm.log"

@@ -13,6 +13,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/single_prefill_gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
@@ -43,9 +44,9 @@ PY
     WARMS+=($!)
 done
 # The change's tests on the GPU (gpu-marked route comparisons included) and the single-prefill kernel path.
-timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_single_prefill_batch.py \
+run_tests timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_single_prefill_batch.py \
     2>&1 | tee "$OUT/single_prefill_tests.log" | tail -6
-FLASHTILE_SINGLE_PREFILL_AS_BATCH=1 timeout 90 python3 -m pytest -q -p no:warnings -rf --tb=short \
+run_tests env FLASHTILE_SINGLE_PREFILL_AS_BATCH=1 timeout 90 python3 -m pytest -q -p no:warnings -rf --tb=short \
     -k "kernel and (matches_oracle or layouts or empty_rows)" tests/test_single_prefill.py 2>&1 | tee -a "$OUT/single_prefill_tests.log" | tail -4
 for pid in "${WARMS[@]}"; do wait "$pid"; done
 tail -q -n 2 "$OUT"/single_prefill_fi_warm_*.log

@@ -8,6 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/sparse_gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/sparse_gpu.txt"
@@ -35,10 +36,10 @@ PY
 WARM=$!
 # The gpu cases (each block shape and feature once, at 520 x 512; variable blocks at 700) and the mapping's
 # property tests; the tiny CPU-sized cases run under compute-sanitizer below.
-timeout 100 python3 -m pytest -q -p no:warnings -rf --tb=short -m gpu tests/test_sparse.py 2>&1 \
+run_tests timeout 100 python3 -m pytest -q -p no:warnings -rf --tb=short -m gpu tests/test_sparse.py 2>&1 \
     | tee "$OUT/sparse_tests.log" | tail -12
-timeout 30 python3 -m pytest -q -p no:warnings tests/test_sparse_map.py 2>&1 | tail -2 | tee -a "$OUT/sparse_tests.log"
-FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings \
+run_tests timeout 30 python3 -m pytest -q -p no:warnings tests/test_sparse_map.py 2>&1 | tail -2 | tee -a "$OUT/sparse_tests.log"
+run_tests env FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings \
     -x tests/test_sparse.py -k "kernel and (R1C1 or R16C16 or mask or flag)" 2>&1 | tail -4 | tee "$OUT/sparse_sanitize.log"
 wait $WARM; cat "$OUT/sparse_fi_warm.log"
 timeout 200 python3 -m benchmarks.run --suite sparse --out /tmp/sparse_bench 2>&1 | tail -3

@@ -11,11 +11,12 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/tp_gpu.txt"
 SIZE="--model 1b --requests 32 --prompt-len 128:1024 --new-tokens 64 --max-batch 32 --system-len 256"
 
-timeout 120 python3 -m pytest -q -p no:warnings -rf tests/test_tp.py tests/test_demo.py 2>&1 | tail -4 \
+run_tests timeout 120 python3 -m pytest -q -p no:warnings -rf tests/test_tp.py tests/test_demo.py 2>&1 | tail -4 \
   | tee "$OUT/tp_tests.log"
 
 SIZES=""

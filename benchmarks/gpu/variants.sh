@@ -9,11 +9,12 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [ -f .fi-ref/device_env.sh ] && . .fi-ref/device_env.sh || true   # FlashInfer (optional; not needed here)
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
-FLASHTILE_CHECK_LAUNCH=1 timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_variants.py \
+run_tests env FLASHTILE_CHECK_LAUNCH=1 timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_variants.py \
   2>&1 | tee "$OUT/variants_tests.log" | tail -15
 
 timeout 240 python3 -m benchmarks.run --suite variants_decode,variants_prefill,variants_flex --out /tmp/variants_bench \
