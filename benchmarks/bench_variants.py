@@ -8,8 +8,9 @@ variant / flag (1.00 = same speed; the goal is >= 0.97). Decode: batch decode 64
 h32/8 d128 bf16); prefill: single prefill 4096 causal (h32/32 d128 bf16).
 
 ``variants_flex``: soft cap, ALiBi and FlashSigmoid as variants against FlexAttention (compiled) with the
-same ``score_mod`` on prefill 4096 causal and decode 1 x 32768 (FlashSigmoid has no softmax, which Flex
-cannot express: reported unavailable there).
+same ``score_mod`` on prefill 4096 and 16384 causal, decode 1 x 32768, and batch decode 64 x 4096 (flashtile
+paged with page 16, Flex on a dense cache, since it has no paged KV). FlashSigmoid has no softmax, which Flex
+cannot express: reported unavailable there.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def flex_cases(smoke: bool):
     cases = []
     for f in ("softcap", "alibi", "sigmoid"):
         cases.append(_prefill_case(f, n=n_p, hq=hq, hk=hq, d=d))
+        if not smoke:
+            cases.append(_prefill_case(f, n=4 * n_p, hq=hq, hk=hq, d=d))
         cases.append(_prefill_case(f, n=n_d, hq=hq, hk=hk, d=d, kind="decode"))
+        # Flex has no paged KV: its side of the batch decode reads a dense [batch, heads, kv, dim] cache
+        cases.append(_decode_case(f, batch=2, kv=64, hq=hq, hk=hq, d=d) if smoke else _decode_case(f))
     return cases
 
 
@@ -145,8 +150,9 @@ def _flex(case: Case):
         raise Unavailable("FlashSigmoid skips the softmax, which FlexAttention always applies")
     dev, bf = device(), torch.bfloat16
     lq = p["qo_len"] if p["kind"] == "prefill" else 1
-    q = torch.randn(1, p["num_qo_heads"], lq, p["head_dim"], dtype=bf, device=dev)
-    k = torch.randn(1, p["num_kv_heads"], p["kv_len"], p["head_dim"], dtype=bf, device=dev)
+    batch = p.get("batch", 1)
+    q = torch.randn(batch, p["num_qo_heads"], lq, p["head_dim"], dtype=bf, device=dev)
+    k = torch.randn(batch, p["num_kv_heads"], p["kv_len"], p["head_dim"], dtype=bf, device=dev)
     v = torch.randn_like(k)
     delta = p["kv_len"] - lq
     if p["feature"] == "softcap":
@@ -163,10 +169,14 @@ def _flex(case: Case):
                                  device=dev)
     flex = torch.compile(flex_attention, dynamic=False)
     gqa = p["num_qo_heads"] != p["num_kv_heads"]
+    if p["kind"] == "batch_decode":
+        return lambda: flex(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=gqa)[:, :, 0]
     return lambda: flex(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=gqa)[0].transpose(0, 1)
 
 
 def _flashtile_flex_case(case: Case):
+    if case.params["kind"] == "batch_decode":
+        return _batch_decode(True)(case)
     fn = _single(True)(case)
     if case.params["kind"] == "decode":
         return lambda: fn()[None]
@@ -180,4 +190,5 @@ register(Suite("variants_prefill", prefill_cases, [Provider("flashtile", _single
                                                    Provider("flag", _single(False))], metric="tflops",
                description="single prefill 4096 causal: built-in flag (baseline) vs the same feature as a variant"))
 register(Suite("variants_flex", flex_cases, [Provider("flashtile", _flashtile_flex_case), Provider("flex", _flex)],
-               metric="tflops", description="variants vs FlexAttention (compiled) with the same score_mod"))
+               metric="tflops", description="variants vs FlexAttention (compiled) with the same score_mod; "
+               "batch decode: flashtile paged (page 16), Flex on a dense cache"))
