@@ -47,7 +47,9 @@ def fp8_dynamic_scale(x: torch.Tensor, dtype: torch.dtype, per_token: bool) -> t
         amax = a.amax(dim=-1, keepdim=True) if a.numel() else a.new_zeros(a.shape[:-1] + (1,))
     else:
         amax = (a.amax() if a.numel() else a.new_zeros(())).reshape(1)
-    scale = amax / FP8_MAX[dtype]
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its rounded reciprocal, the CPU
+    # divides exactly, and the bytes must not depend on the device
+    scale = amax / amax.new_full((), FP8_MAX[dtype])
     return torch.where(amax > 0, scale, torch.ones((), dtype=scale.dtype, device=scale.device))
 
 
