@@ -50,8 +50,11 @@ print(first, (time.perf_counter() - t0) / 3)
 def run(kind: str, cache: str, salt: int) -> tuple:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_CACHE_DIR=cache)
-    out = subprocess.run([sys.executable, "-c", CHILD.format(root=root, kind=kind, salt=salt)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    # a file, not ``python -c``: triton.jit reads the hook's source from its file
+    script = os.path.join(cache, f"variant_probe_{kind}.py")
+    with open(script, "w") as f:
+        f.write(CHILD.format(root=root, kind=kind, salt=salt))
+    out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     first, steady = map(float, out.stdout.split()[-2:])
