@@ -32,13 +32,18 @@ def window_range(batch, qo_first, qo_last, qo_len, kv_len, args):
 
 
 @triton.jit
+def window_full_range(batch, qo_first, qo_last, qo_len, kv_len, args):
+    return tl.maximum(qo_last + kv_len - qo_len - args[0], 0), kv_len  # the keys every query sees
+
+
+@triton.jit
 def sigmoid_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
     return tl.sigmoid(qk * args[0] + args[1])
 
 
 SOFTCAP = AttentionVariant("softcap", logits_transform=softcap_logits, scalars=[("cap", torch.float32)])
 ALIBI = AttentionVariant("alibi", logits_transform=alibi_logits, tensors=[("alibi_slopes", torch.float32)])
-WINDOW = AttentionVariant("window", logits_mask=window_mask, kv_range=window_range,
+WINDOW = AttentionVariant("window", logits_mask=window_mask, kv_range=window_range, kv_full_range=window_full_range,
                           scalars=[("window_left", torch.int32)])
 FLASH_SIGMOID = AttentionVariant("flash_sigmoid", logits_transform=sigmoid_logits, use_softmax=False,
                                  scalars=[("logits_scale", torch.float32), ("sigmoid_bias", torch.float32)])

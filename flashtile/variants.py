@@ -25,6 +25,12 @@ keys a constexpr function by its source):
     ``batch`` sees no key outside ``[lo, hi)`` under ``logits_mask``. Kernels skip the key tiles outside
     (a sliding window as a mask then costs what the built-in window costs). A range that cuts a visible
     key gives wrong results; the reference path ignores the hook (the mask alone defines the result).
+``kv_full_range(batch, qo_first, qo_last, qo_len, kv_len, args)``
+    Optional, for speed only, with ``logits_mask``: ``(lo, hi)``, scalars, such that every query
+    ``qo_first..qo_last`` sees every key in ``[lo, hi)`` under ``logits_mask``. Key tiles wholly inside it
+    skip the mask hook (the call's causal, window and custom masks still apply), so a window-like mask is
+    evaluated only on the tiles that cross its edges. A range that holds a hidden key gives wrong results;
+    the reference path ignores the hook.
 
 Index arguments, in a kernel (a tile of M query rows of one KV head and N keys): ``qk`` / logits
 ``[M, N]``; ``batch``, ``qo_idx``, ``qo_head`` ``[M, 1]``; ``kv_idx`` ``[1, N]``; ``kv_head`` a scalar;
@@ -65,7 +71,8 @@ __all__ = ["AttentionVariant", "Hook", "ExtraTensor", "ExtraScalar", "BoundVaria
 VARIANT_PREFILL_ROUTE = ("portable Triton batch-prefill kernel: the warp-specialized Hopper kernel "
                          "(kernels/batch_prefill_hopper.py) has no variant hook points")
 
-HOOK_NAMES = ("logits_transform", "logits_mask", "query_transform", "output_transform", "sink_logit", "kv_range")
+HOOK_NAMES = ("logits_transform", "logits_mask", "query_transform", "output_transform", "sink_logit", "kv_range",
+              "kv_full_range")
 
 # Upstream's C type strings for additional tensors and scalars, and the torch dtypes they mean.
 _C_DTYPES = {
@@ -156,6 +163,8 @@ class AttentionVariant:
             ``@triton.jit`` function or a ``(function, torch_twin)`` pair, or None (the default behaviour).
         kv_range: an optional ``@triton.jit`` hook that lets the kernels skip key tiles (module doc); it
             needs no twin, because it only skips keys that ``logits_mask`` hides anyway.
+        kv_full_range: an optional ``@triton.jit`` hook naming keys that ``logits_mask`` shows to every query
+            of a program (module doc), whose tiles then skip the mask hook; no twin, as for ``kv_range``.
         use_softmax: False skips the softmax: the output is ``sum_j w_ij v_j`` with ``w`` what the logits
             transform returns (masked keys weigh 0); the returned lse is then 0 for every row.
         tensors: additional tensors, as :class:`ExtraTensor` or ``(name, dtype)`` / ``(name, dtype, shape)``.
@@ -174,12 +183,16 @@ class AttentionVariant:
     kv_range: Any = None
     tensors: Sequence = ()
     scalars: Sequence = ()
+    kv_full_range: Any = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"name: expected a non-empty str, got {self.name!r}")
         for hook in HOOK_NAMES:
             object.__setattr__(self, hook, _as_hook(hook, getattr(self, hook)))
+        if self.kv_full_range is not None and self.logits_mask is None:
+            raise ValueError("kv_full_range: names keys that logits_mask shows to every query, so it needs a "
+                             "logits_mask hook; got none")
         if not isinstance(self.use_softmax, bool):
             raise TypeError(f"use_softmax: expected a bool, got {self.use_softmax!r}")
         tensors = tuple(_as_spec(ExtraTensor, "tensors", t) for t in self.tensors)

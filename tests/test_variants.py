@@ -214,17 +214,32 @@ def cut_range(batch, qo_first, qo_last, qo_len, kv_len, args):
     return 0, 1  # excludes the window's tiles: only the kernels, which skip tiles, see the cut
 
 
+@triton.jit
+def window_full_range(batch, qo_first, qo_last, qo_len, kv_len, args):
+    return tl.maximum(qo_last + kv_len - qo_len - args[0], 0), kv_len  # keys every query of the program sees
+
+
+@triton.jit
+def all_full_range(batch, qo_first, qo_last, qo_len, kv_len, args):
+    return 0, kv_len  # wrong on purpose: claims the window hides nothing
+
+
 WINDOW = AttentionVariant("window", logits_mask=(window_mask, window_mask_torch), kv_range=window_range,
                           scalars=[("window_left", torch.int32)])
 WINDOW_CUT = AttentionVariant("window_cut", logits_mask=(window_mask, window_mask_torch), kv_range=cut_range,
                               scalars=[("window_left", torch.int32)])
+WINDOW_FULL = AttentionVariant("window_full", logits_mask=(window_mask, window_mask_torch), kv_range=window_range,
+                               kv_full_range=window_full_range, scalars=[("window_left", torch.int32)])
+WINDOW_ALL_FULL = AttentionVariant("window_all_full", logits_mask=(window_mask, window_mask_torch),
+                                   kv_full_range=all_full_range, scalars=[("window_left", torch.int32)])
 
 
 @pytest.mark.parametrize("kind", ["single_prefill", "single_decode", "batch_decode", "paged_prefill"])
 def test_window_mask_with_kv_range(path, device, kind):
-    """A sliding window as a mask hook with a kv_range hook (the kernels skip the tiles before the window)
-    matches the oracle of the built-in window; a range that cuts visible keys changes the kernels' result
-    only, so the hook is really used there (the reference path ignores it)."""
+    """A sliding window as a mask hook with a kv_range hook (the kernels skip the tiles before the window),
+    and with a kv_full_range hook too (the tiles inside the window skip the mask), matches the oracle of the
+    built-in window; a range that cuts visible keys, or a full range that holds hidden ones, changes the
+    kernels' result only, so each hook is really used there (the reference path ignores both)."""
     w = 9
     if kind.startswith("single"):
         q, k, v = make_qkv(1 if kind == "single_decode" else 21, 75, 4, 2, 64, torch.float16, device)
@@ -255,11 +270,17 @@ def test_window_mask_with_kv_range(path, device, kind):
         return [(out[s], lse[s], q[s], *_request_kv(cache, indptr, indices, r, n, 4))
                 for r, (s, n) in enumerate(zip(rows, lens))]
 
-    windowed, cut = run(WINDOW), run(WINDOW_CUT)
-    for o, s, qr, kr, vr in windowed:
+    windowed, cut, full, all_full = run(WINDOW), run(WINDOW_CUT), run(WINDOW_FULL), run(WINDOW_ALL_FULL)
+    for o, s, qr, kr, vr in windowed + full:
         assert_matches_oracle(o, s, qr, kr, vr, causal=True, window_left=w)
-    cut_changes = any(not torch.equal(a[0], b[0]) for a, b in zip(windowed, cut))
-    assert cut_changes == (path == "kernel")
+    for wrong in (cut, all_full):
+        changes = any(not torch.equal(a[0], b[0]) for a, b in zip(windowed, wrong))
+        assert changes == (path == "kernel")
+
+
+def test_kv_full_range_needs_a_mask():
+    with pytest.raises(ValueError, match="kv_full_range"):
+        AttentionVariant("no_mask", kv_full_range=window_full_range)
 
 
 @pytest.mark.parametrize("builtin", [True, False], ids=["sinks=", "user"])

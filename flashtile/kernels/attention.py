@@ -69,7 +69,7 @@ def _attention_fwd_kernel(
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
     RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None, V_T: tl.constexpr = False,
-    stride_vd=1,
+    stride_vd=1, FULL_HOOK: tl.constexpr = None,
 ):
     # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
     # compiles none of it. V_T: V transposed in memory (keys contiguous, head dim stride stride_vd; tiles.attend_tiles).
@@ -92,7 +92,7 @@ def _attention_fwd_kernel(
     lo = split * kv_chunk
     start, full_start, full_end, hi = tile_ranges(
         lo, tl.minimum(kv_len, lo + kv_chunk), t_first, t_last, delta, kv_len, window_left,
-        CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N, RANGE_HOOK, 0, qo_len, vargs)
+        CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N, RANGE_HOOK, 0, qo_len, vargs, FULL_HOOK)
 
     q = load_q(Q, tokens, heads, row_ok, stride_qt, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                HEAD_DIM_QK, D_QK, USE_ROPE)
@@ -110,7 +110,7 @@ def _attention_fwd_kernel(
         HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, False, BLOCK_M, BLOCK_N, UPCAST_DOT,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
         v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=split == 0,
-        V_T=V_T, stride_vd=stride_vd)
+        V_T=V_T, stride_vd=stride_vd, FULL_HOOK=FULL_HOOK)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
     if FP8:  # before a split partial too: the merge is linear in o
@@ -139,6 +139,7 @@ def _batch_decode_kernel(
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
     RANGE_HOOK: tl.constexpr = None,
     PREFETCH_PAGES: tl.constexpr = False,  # page ids one KV tile ahead (tiles.py attend_tiles)
+    FULL_HOOK: tl.constexpr = None,
     INT32_PAGE_OFFSETS: tl.constexpr = False,  # 32-bit paged row offsets (the launcher checked they fit)
 ):
     """Batch decode over a paged cache: program ``(item, kv_head)`` attends the GQA group of one KV
@@ -174,7 +175,8 @@ def _batch_decode_kernel(
     tokens = tl.zeros([BLOCK_M], dtype=tl.int32) + req
     positions = tl.zeros([BLOCK_M], dtype=tl.int32) + (kv_len - 1)  # the query is the newest token
     start, full_start, full_end, hi = tile_ranges(
-        lo, hi, 0, 0, kv_len - 1, kv_len, window_left, False, HAS_WINDOW, False, BLOCK_N, RANGE_HOOK, req, 1, vargs)
+        lo, hi, 0, 0, kv_len - 1, kv_len, window_left, False, HAS_WINDOW, False, BLOCK_N, RANGE_HOOK, req, 1, vargs,
+        FULL_HOOK)
 
     q = load_q(Q, tokens, heads, row_ok, stride_qb, stride_qh, positions, rope_log2_theta, rope_inv_scale,
                HEAD_DIM_QK, D_QK, USE_ROPE)
@@ -190,7 +192,8 @@ def _batch_decode_kernel(
         HAS_WINDOW, False, USE_SOFTCAP, USE_ALIBI, USE_ROPE, True, BLOCK_M, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES=PREFETCH_PAGES, INT32_PAGE_OFFSETS=INT32_PAGE_OFFSETS,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
-        v_batch=tokens, v_qo_idx=qo_idx, v_heads=heads, v_kv_head=kv_head, v_qo_len=1, v_first=lo == 0)
+        v_batch=tokens, v_qo_idx=qo_idx, v_heads=heads, v_kv_head=kv_head, v_qo_len=1, v_first=lo == 0,
+        FULL_HOOK=FULL_HOOK)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, tokens, qo_idx, heads, 1, kv_len, vargs)
     if single:
@@ -274,6 +277,8 @@ def variant_kwargs(variant) -> dict:
                   vargs=variant.args if variant.args else None)
     if v.kv_range is not None:  # only then: variants without one keep their compiled kernels
         kwargs["RANGE_HOOK"] = fn(v.kv_range)
+    if v.kv_full_range is not None:  # likewise
+        kwargs["FULL_HOOK"] = fn(v.kv_full_range)
     return kwargs
 
 

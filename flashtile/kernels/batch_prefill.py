@@ -90,7 +90,7 @@ def _batch_prefill_kernel(
     PREFETCH_PAGES: tl.constexpr, INT32_PAGE_OFFSETS: tl.constexpr, MULTI_ITEM: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
-    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None,
+    RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None, FULL_HOOK: tl.constexpr = None,
 ):
     # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
     # compiles none of it. V is read as given (fp8: its tiles transposed on chip, docs/fp8_attention.md).
@@ -111,10 +111,10 @@ def _batch_prefill_kernel(
     positions = tokens + delta
     t_first = (row_block * BLOCK_M) // GROUP
     t_last = tl.minimum(row_block * BLOCK_M + BLOCK_M - 1, num_rows - 1) // GROUP
-    if RANGE_HOOK is not None:
+    if RANGE_HOOK is not None or FULL_HOOK is not None:
         start, full_start, full_end, hi = tile_ranges(
             lo, hi, t_first, t_last, delta, kv_len, window_left, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N,
-            RANGE_HOOK, request_of_item(ITEMS, item_c), qo_len, vargs)
+            RANGE_HOOK, request_of_item(ITEMS, item_c), qo_len, vargs, FULL_HOOK)
     else:
         start, full_start, full_end, hi = tile_ranges(
             lo, hi, t_first, t_last, delta, kv_len, window_left, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, BLOCK_N)
@@ -151,7 +151,8 @@ def _batch_prefill_kernel(
         USE_ROPE, PAGED, BLOCK_M, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS,
         MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
-        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0)
+        v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0,
+        FULL_HOOK=FULL_HOOK)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
     if FP8:  # before a split partial too: the merge is linear in o

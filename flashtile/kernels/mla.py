@@ -224,6 +224,7 @@ def _hook_kwargs(variant, sm_scale: float, ckv_scale: float, kpe_scale: float) -
     gets the unscaled qk and sm_scale; weights without softmax stay in natural units)."""
     kwargs = variant_kwargs(variant)
     kwargs.pop("QUERY_HOOK", None)  # None: the wrapper rejects a query_transform (MLA's query is two tiles)
+    kwargs.pop("FULL_HOOK", None)  # the MLA kernel evaluates the mask on every tile (kv_full_range: speed only)
     if variant is None or (kwargs["LOGITS_HOOK"] is None and kwargs["USE_SOFTMAX"]):
         return sm_scale * ckv_scale * LOG2E, sm_scale * kpe_scale * LOG2E, kwargs
     if kwargs["LOGITS_HOOK"] is not None:

@@ -62,6 +62,7 @@ def attend_tiles(
     MULTI_ITEM: tl.constexpr, prefix_len, item_first_key,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True,
     vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0, V_T: tl.constexpr = False, stride_vd=1,
+    MASK_HOOK_UNMASKED: tl.constexpr = True,
 ):
     """Visit KV tiles ``[start, end)`` (a multiple of BLOCK_N apart unless MASKED).
 
@@ -71,7 +72,8 @@ def attend_tiles(
     only inside the prefix (``< prefix_len``) or from its ``item_first_key`` on (batch_prefill.py).
     LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs: an attention variant's tile hooks and extra arguments
     (flashtile/variants.py), called with the row vectors ``v_batch``, ``v_qo_idx``, ``v_heads`` ``[M]`` as
-    ``[M, 1]`` columns; None (the default kernels) compiles none of it.
+    ``[M, 1]`` columns; None (the default kernels) compiles none of it. MASK_HOOK_UNMASKED False: the
+    unmasked tiles skip MASK_HOOK too (the variant's ``kv_full_range`` says every row sees them).
     V_T (not PAGED): V's head dim has stride ``stride_vd`` and its keys are contiguous (``stride_vt`` is 1): the
     P.V operand is then K-major in memory, which fp8 wgmma needs (FP8 attention; kernels/attention.py).
     """
@@ -178,7 +180,7 @@ def attend_tiles(
                 s = tl.where(visible, s, float("-inf"))
             else:
                 s = tl.where(visible, s, 0.0)
-        elif MASK_HOOK is not None:
+        elif MASK_HOOK is not None and MASK_HOOK_UNMASKED:
             keep = MASK_HOOK(v_batch[:, None], v_qo_idx[:, None], cols[None, :], v_heads[:, None], v_kv_head,
                              v_qo_len, kv_len, vargs)
             if USE_SOFTMAX:
@@ -259,13 +261,15 @@ def fp8_v_scale(FP8_SCALES, kv_head):
 def tile_ranges(
     lo, hi, t_first, t_last, delta, kv_len, window_left,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-    RANGE_HOOK: tl.constexpr = None, v_batch=0, v_qo_len=0, vargs=None,
+    RANGE_HOOK: tl.constexpr = None, v_batch=0, v_qo_len=0, vargs=None, FULL_HOOK: tl.constexpr = None,
 ):
     """Cut a program's KV range ``[lo, hi)`` (``lo`` a multiple of BLOCK_N) for query tokens
     ``t_first..t_last`` (absolute positions ``t + delta``) into ``[start, full_start)`` (masked: window
     edge), ``[full_start, full_end)`` (seen by every row: no mask) and ``[full_end, hi)`` (masked:
     causal diagonal, ragged end). Tiles no row can see are dropped. RANGE_HOOK (a variant's ``kv_range``,
-    flashtile/variants.py) narrows ``[lo, hi)`` to the keys its mask lets these rows see."""
+    flashtile/variants.py) narrows ``[lo, hi)`` to the keys its mask lets these rows see; FULL_HOOK (its
+    ``kv_full_range``) narrows the unmasked tiles to the keys its mask shows every row, whose tiles then
+    skip the mask hook (attend_range)."""
     if RANGE_HOOK is not None:
         r_lo, r_hi = RANGE_HOOK(v_batch, t_first, t_last, v_qo_len, kv_len, vargs)
         lo = tl.maximum(lo, r_lo)
@@ -281,6 +285,10 @@ def tile_ranges(
         full_hi = tl.maximum(tl.minimum(full_hi, t_first + delta + 1), 0)
     if HAS_WINDOW:
         full_lo = tl.maximum(t_last + delta - window_left, 0)
+    if FULL_HOOK is not None:
+        f_lo, f_hi = FULL_HOOK(v_batch, t_first, t_last, v_qo_len, kv_len, vargs)
+        full_lo = tl.maximum(full_lo, f_lo)
+        full_hi = tl.minimum(full_hi, f_hi)
     full_start = tl.maximum(start, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
     full_end = tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi)
     if HAS_CUSTOM_MASK:
@@ -332,7 +340,7 @@ def attend_range(
     MULTI_ITEM: tl.constexpr = False, prefix_len=0, item_first_key=0,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None,
     USE_SOFTMAX: tl.constexpr = True, vargs=None, v_batch=0, v_qo_idx=0, v_heads=0, v_kv_head=0, v_qo_len=0,
-    v_first=0, V_T: tl.constexpr = False, stride_vd=1,
+    v_first=0, V_T: tl.constexpr = False, stride_vd=1, FULL_HOOK: tl.constexpr = None,
 ):
     """Attention state ``(o, lse)`` of a row tile over the ranges from :func:`tile_ranges`.
     Paged only: PREFETCH_PAGES loads each tile's page ids one iteration ahead (see attend_tiles);
@@ -342,7 +350,8 @@ def attend_range(
     Variant hooks (flashtile/variants.py; None: not compiled): LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX as in
     :func:`attend_tiles`; SINK_HOOK's per-row logit starts the state (a key of value 0 seen once) in the
     program whose range starts the request's keys (``v_first`` nonzero), so a split-KV merge counts it once.
-    With USE_SOFTMAX False the result is ``(sum of w * v, 0)``. V_T, stride_vd: V stored transposed (attend_tiles)."""
+    With USE_SOFTMAX False the result is ``(sum of w * v, 0)``. V_T, stride_vd: V stored transposed (attend_tiles).
+    FULL_HOOK: the variant's ``kv_full_range``, applied by tile_ranges: the unmasked tiles skip MASK_HOOK."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if SINK_HOOK is not None:
@@ -366,21 +375,24 @@ def attend_range(
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd,
+        MASK_HOOK_UNMASKED=FULL_HOOK is None)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_start, full_end, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, False, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd,
+        MASK_HOOK_UNMASKED=FULL_HOOK is None)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
         mask_ptr, slopes, positions, tokens, row_ok, full_end, skip_lo, kv_len, sm_scale, qk_scale_log2, soft_cap,
         window_left, rope_log2_theta, rope_inv_scale, HEAD_DIM_QK, HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW,
         HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED, True, BLOCK_N, UPCAST_DOT,
         PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len, item_first_key,
-        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd)
+        LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head, v_qo_len, V_T, stride_vd,
+        MASK_HOOK_UNMASKED=FULL_HOOK is None)
     if MULTI_ITEM:  # the masked tiles after the skipped ones
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, page_table, page_size, stride_kp, stride_vp,
@@ -389,7 +401,8 @@ def attend_range(
             HEAD_DIM_VO, D_QK, D_VO, CAUSAL, HAS_WINDOW, HAS_CUSTOM_MASK, USE_SOFTCAP, USE_ALIBI, USE_ROPE, PAGED,
             True, BLOCK_N, UPCAST_DOT, PREFETCH_PAGES, INT32_PAGE_OFFSETS, MULTI_ITEM, prefix_len,
             item_first_key, LOGITS_HOOK, MASK_HOOK, USE_SOFTMAX, vargs, v_batch, v_qo_idx, v_heads, v_kv_head,
-            v_qo_len, V_T, stride_vd)
+            v_qo_len, V_T, stride_vd,
+        MASK_HOOK_UNMASKED=FULL_HOOK is None)
     if not USE_SOFTMAX:
         return acc, tl.zeros([BLOCK_M], dtype=tl.float32)
     return finalize_state(m_i, l_i, acc)
