@@ -36,13 +36,15 @@ if [ -n "$WARM_LIST" ] && [ -f .fi-ref/device_env.sh ] && command -v nvidia-smi 
 "
   done
   mkdir -p /tmp/warm
-  setsid nohup bash -c ". .fi-ref/device_env.sh; $cmds wait; echo ALL DONE >> /tmp/warm/progress" \
+  # MAX_JOBS=4: nvcc shares the CPUs with the tests' Triton compiles (16 cores; with device_env's 16 jobs
+  # plus 14 pytest workers a 1-second test took a minute)
+  setsid nohup bash -c ". .fi-ref/device_env.sh; export MAX_JOBS=4; $cmds wait; echo ALL DONE >> /tmp/warm/progress" \
     > /tmp/warm/driver.log 2>&1 < /dev/null &
   disown
 fi
 
 if [ -n "${TESTS:-}" ]; then
-  timeout -s INT -k 20 "${TEST_LIMIT:-300}" python3 -m pytest -n "${JOBS:-14}" -v -p no:warnings -p no:cacheprovider \
+  timeout -s INT -k 20 "${TEST_LIMIT:-300}" python3 -m pytest -n "${JOBS:-12}" -v -p no:warnings -p no:cacheprovider \
     -rfE --tb=short --durations=40 $TESTS > "$R/tests.log" 2>&1
   echo "pytest rc=$? after $(( $(date +%s) - T0 )) s"
   grep -E "^(FAILED|ERROR)" "$R/tests.log" | head -40
