@@ -470,11 +470,13 @@ def test_mla_flash_sigmoid_and_key_mask(path, device):
         torch.testing.assert_close(lse_m[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
 
 
-def test_mla_window_with_kv_range(path, device):
-    """MLA with the window mask and its kv_range (tiles before the window skipped) against the oracle."""
+@pytest.mark.parametrize("variant", [WINDOW, WINDOW_FULL], ids=["kv_range", "kv_full_range"])
+def test_mla_window_with_kv_range(path, device, variant):
+    """MLA with the window mask and its kv_range (tiles before the window skipped) against the oracle; a
+    kv_full_range hook too (the MLA kernel takes it and masks every tile as before)."""
     heads, page_size, w = 2, 4, 7
     batch = make_mla_batch([1, 6], [70, 40], page_size, heads, MLA_DC, MLA_DP, torch.float16, device)
-    wr = _mla_wrapper(device, batch, heads, page_size, True, 0.2, jit_args=WINDOW, fixed_split_size=16)
+    wr = _mla_wrapper(device, batch, heads, page_size, True, 0.2, jit_args=variant, fixed_split_size=16)
     out, lse = wr.run(*batch[:4], variant_args=(w,), return_lse=True)
     for r in range(2):
         rows, q, k, v = _mla_request(batch, r)
