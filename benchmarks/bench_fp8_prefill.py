@@ -7,10 +7,10 @@ providers, as bfloat16 for the bf16 ones; outputs bfloat16, so ``max_abs_diff`` 
 against the first provider (flashtile fp8). FLOPs count the visible (causal) query-key pairs.
 
 Providers:
-- ``flashtile``: fp8 q, k, v (single prefill: V handed to the kernel transposed, kernels/attention.py
-  FP8_TRANSPOSE_V);
-- ``flashtile_fp8_v_as_given``: the same with FP8_TRANSPOSE_V off (V tiles transposed on chip; the batch
-  kernel always reads V so, so for the ragged case it equals ``flashtile``); a variant of ours, not a baseline;
+- ``flashtile``: fp8 q, k, v (V handed to the kernel transposed: kernels/attention.py FP8_TRANSPOSE_V, and
+  kernels/batch_prefill.py ragged_fp8_v_layout for the ragged batch);
+- ``flashtile_fp8_v_as_given``: the same with FP8_TRANSPOSE_V off (V tiles transposed on chip); a variant of
+  ours, not a baseline;
 - ``flashtile_bf16``: flashtile's bf16 prefill of the unquantized inputs (single: the Triton kernel;
   ragged: the wrapper, i.e. the Gluon kernel on an H100);
 - ``flashinfer_fa3_fp8``: FlashInfer's fp8 path (backend "fa3": single_prefill_with_kv_cache with

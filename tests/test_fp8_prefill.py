@@ -149,6 +149,50 @@ def test_ragged_prefill_fp8(path, device, causal, per_head, split):
                    causal)
 
 
+def test_ragged_fp8_keys_offset_and_v_layouts(device, monkeypatch):
+    """Ragged FP8 on the kernels with rows of k/v outside every request (kv_indptr[0] = 3, rows after
+    kv_indptr[-1]) matches the oracle, and the key-contiguous V copy gives V-as-given's output exactly."""
+    from flashtile.kernels import attention as A
+
+    monkeypatch.setenv("FLASHTILE_BACKEND", "triton")
+    q8, k8, v8, sq, sk, sv, qo_indptr, kv_indptr = ragged_batch(QO_LENS, KV_LENS, 4, 2, 32, E4M3, device, True)
+    pad = lambda x: torch.cat([x[:3], x, x[:5]])  # noqa: E731  (3 rows before the requests, 5 after)
+    k8, v8, kv_indptr = pad(k8), pad(v8), kv_indptr + 3
+    w = flashtile.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, 4, 2, 32, causal=True, q_data_type=E4M3, kv_data_type=E4M3,
+           o_data_type=torch.bfloat16, fixed_split_size=16)
+    out, lse = w.run(q8, k8, v8, sq, sk, sv, return_lse=True)
+    kv = kv_indptr.tolist()
+    check_requests(out, lse, q8, lambda i: k8[kv[i]:kv[i + 1]], lambda i: v8[kv[i]:kv[i + 1]], sq, sk, sv, QO_LENS,
+                   True)
+    monkeypatch.setattr(A, "FP8_TRANSPOSE_V", False)
+    as_given, _ = w.run(q8, k8, v8, sq, sk, sv, return_lse=True)
+    torch.testing.assert_close(out, as_given, rtol=0, atol=0)
+
+
+def test_ragged_fp8_v_layout(device):
+    """The copy: request r's keys at ragged_v_t_start (16-aligned), zeros elsewhere, and at least 128 zero
+    keys after each request, so an unmasked tile read never reaches the next request's values."""
+    from flashtile.kernels.batch_prefill import V_T_GAP, ragged_fp8_v_layout
+    from flashtile.scheduler.prefill_work import REQUEST_FIELDS
+
+    kv_offset, kv_len = [3, 12, 12, 40], [9, 0, 28, 1]
+    v = (torch.randn(47, 2, 8, device=device) + 4).to(E4M3)  # no zeros among the values
+    reqs = torch.zeros(4, REQUEST_FIELDS, dtype=torch.int32, device=device)
+    reqs[:, 2], reqs[:, 3] = torch.tensor(kv_offset), torch.tensor(kv_len)
+    vt, kwargs = ragged_fp8_v_layout(v, reqs.flatten(), 4)
+    assert kwargs["V_T"] and vt.shape == (2, 8, kwargs["stride_vd"]) and vt.dtype == E4M3
+    expected = torch.zeros(vt.shape, dtype=torch.uint8)
+    ends = []
+    for r, (o, n) in enumerate(zip(kv_offset, kv_len)):
+        start = -(-o // 16) * 16 + r * V_T_GAP
+        expected[:, :, start:start + n] = v[o:o + n].view(torch.uint8).permute(1, 2, 0).cpu()
+        ends.append(start + n)
+    assert torch.equal(vt.view(torch.uint8).cpu(), expected)
+    starts = [-(-o // 16) * 16 + r * V_T_GAP for r, o in enumerate(kv_offset)]
+    assert all(b - e >= 128 for e, b in zip(ends, starts[1:] + [vt.shape[2]]))
+
+
 @pytest.mark.parametrize("page_size, form", [(4, "tuple"), (1, "5d"), (16, "tuple")])
 def test_paged_prefill_fp8(path, device, page_size, form):
     hq, hk, d = 8, 2, 32

@@ -301,12 +301,12 @@ def fp8_kwargs(fp8_scales: Optional[tuple]) -> dict:
 # fp8 wgmma needs its B operand K-major; for P.V that is V with its keys contiguous. With V as given
 # (head dim contiguous) Triton loads each V tile into registers and writes it back to shared memory transposed,
 # outside its cp.async pipeline (sm_90a TTGIR, benchmarks/tools/aot_compile_check.py); with the copy the
-# V tiles are pipelined like K's. Single prefill only: in the batch kernel a request's keys start at any row
-# of the copy, so its key-contiguous V tiles have no known alignment and load byte by byte (worse than the
-# on-chip transpose); batches read V as given. The copy costs one pass over V per call. Its key rows are padded to a
+# V tiles are pipelined like K's. The copy costs one pass over V per call. Its key rows are padded to a
 # multiple of 16 (every row starts 16-byte aligned) plus V_T_TAIL zero keys: a tile may then read up to a
 # tile past the last key without a key mask (the weights of those keys are 0), so its loads stay
-# vectorized. False: V as given (what paged caches always use). benchmarks/bench_fp8_prefill.py measures both.
+# vectorized. Ragged batches: the same with each request's keys 16-aligned in the copy
+# (batch_prefill.ragged_fp8_v_layout). False: V as given (what paged caches always use).
+# benchmarks/bench_fp8_prefill.py measures both.
 FP8_TRANSPOSE_V = True
 V_T_ALIGN = 16
 V_T_TAIL = 128  # >= the largest BLOCK_N

@@ -41,10 +41,13 @@ from .._core.intmath import dot_tile_dim, offsets_fit_int32
 from .._core.launch import direct_launch
 from .._core.params import AttentionParams
 from ..scheduler.prefill_work import COUNT_FIELDS, ITEM_FIELDS, REQUEST_FIELDS
+from . import attention as _attention
 from .attention import (
     INTERPRET,
     INTERPRETER_CONFIG,
     LOG2E,
+    V_T_ALIGN,
+    V_T_TAIL,
     LaunchConfig,
     alibi_slopes_of,
     check_fp8_head_dims,
@@ -57,6 +60,46 @@ from .prefill_plan import item_and_head, item_fields, request_of_item
 from .smem import TileFeatures, launch_within_limit
 from .softmax import finalize_state, softmax_update
 from .tiles import attend_range, fp8_row_scales, fp8_v_scale, head_inputs, load_q, store_state, tile_ranges
+
+# Ragged FP8 batches: a key-contiguous copy of V (why: kernels/attention.py FP8_TRANSPOSE_V). Request r's keys
+# start at ragged_v_t_start(kv_offset, r), a multiple of V_T_ALIGN, and are followed by at least
+# V_T_GAP - V_T_ALIGN + 1 zero keys, so a tile may read up to BLOCK_N (<= V_T_TAIL) keys past the request's
+# last one without a key mask, never into the next request (whose values could be anything).
+V_T_GAP = V_T_TAIL + V_T_ALIGN
+_ALIGN = tl.constexpr(V_T_ALIGN)  # kernels may read only constexpr globals
+_GAP = tl.constexpr(V_T_GAP)
+
+
+@triton.jit
+def ragged_v_t_start(kv_offset, request):
+    """Where request ``request``'s keys start in the transposed copy (its ragged start rounded up to
+    V_T_ALIGN, plus V_T_GAP per earlier request)."""
+    return (kv_offset + _ALIGN - 1) // _ALIGN * _ALIGN + request * _GAP
+
+
+def ragged_fp8_v_layout(v: torch.Tensor, reqs: torch.Tensor, batch_size: int) -> tuple:
+    """``(v, kernel keywords)`` for a ragged FP8 batch: with FP8_TRANSPOSE_V, a ``[heads, dim, keys]``
+    copy of ``v [rows, heads, dim]`` with each request's keys at :func:`ragged_v_t_start` and zeros between
+    (the plan's request fields ``reqs`` give the offsets and lengths; device ops only, no sync), and
+    ``V_T``/``stride_vd``; else ``v`` itself and no keywords."""
+    rows, heads, dim = v.shape
+    if not _attention.FP8_TRANSPOSE_V or rows == 0 or batch_size == 0:
+        return v, {}
+    fields = reqs[:REQUEST_FIELDS * batch_size].view(batch_size, REQUEST_FIELDS).long()
+    kv_offset, kv_len = fields[:, 2], fields[:, 3]
+    # A gather (each column of the copy reads its row, or is zero), not a scatter: deterministic, and rows of
+    # v outside every request (before kv_indptr[0], after kv_indptr[-1]) are never read.
+    starts = (kv_offset + V_T_ALIGN - 1) // V_T_ALIGN * V_T_ALIGN + torch.arange(batch_size, device=v.device) * V_T_GAP
+    size = -(-rows // V_T_ALIGN) * V_T_ALIGN + batch_size * V_T_GAP
+    cols = torch.arange(size, device=v.device)
+    request = torch.searchsorted(starts, cols, right=True) - 1
+    owner = request.clamp(min=0)
+    key = cols - starts[owner]
+    valid = (request >= 0) & (key < kv_len[owner])
+    source = torch.where(valid, kv_offset[owner] + key, 0)
+    vt = v.view(torch.uint8).permute(1, 2, 0).index_select(2, source)  # as bytes: float8 has few kernels
+    vt.masked_fill_(~valid, 0)
+    return vt.view(v.dtype), {"V_T": True, "stride_vd": size}
 
 
 @triton.jit
@@ -91,9 +134,11 @@ def _batch_prefill_kernel(
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, QUERY_HOOK: tl.constexpr = None,
     OUTPUT_HOOK: tl.constexpr = None, SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None,
     RANGE_HOOK: tl.constexpr = None, FP8: tl.constexpr = False, FP8_SCALES=None, FULL_HOOK: tl.constexpr = None,
+    V_T: tl.constexpr = False, stride_vd=1,
 ):
     # FP8 (q, k, v float8): FP8_SCALES holds the per-head scales (tiles.fp8_row_scales); False (fp16/bf16 q)
-    # compiles none of it. V is read as given (fp8: its tiles transposed on chip, docs/fp8_attention.md).
+    # compiles none of it. V_T (ragged FP8): V is ragged_fp8_v_layout's transposed copy, keys contiguous
+    # (head dim stride stride_vd), request r's keys from ragged_v_t_start(kv_offset, r); else V as given.
     pid = tl.program_id(0)
     num_items = tl.load(COUNTS)
     item, kv_head, active = item_and_head(pid, num_items, tl.load(COUNTS + 2), num_kv_heads)
@@ -142,7 +187,11 @@ def _batch_prefill_kernel(
     page_table = PAGE_INDICES + kv_offset
     if not PAGED:
         k_base += kv_offset.to(tl.int64) * stride_kt
-        v_base += kv_offset.to(tl.int64) * stride_vt
+        if V_T:
+            v_base += tl.multiple_of(ragged_v_t_start(kv_offset, request_of_item(ITEMS, item_c)).to(tl.int64),
+                                     _ALIGN)
+        else:
+            v_base += kv_offset.to(tl.int64) * stride_vt
     o, lse = attend_range(
         q, k_base, v_base, stride_kt, stride_vt, page_table, PAGE_SIZE, stride_kp, stride_vp,
         MASK + mask_offset.to(tl.int64), slopes, positions, tokens, row_ok, start, full_start, full_end, hi, kv_len,
@@ -152,7 +201,7 @@ def _batch_prefill_kernel(
         MULTI_ITEM=MULTI_ITEM, prefix_len=prefix_len, item_first_key=item_first_key,
         LOGITS_HOOK=LOGITS_HOOK, MASK_HOOK=MASK_HOOK, SINK_HOOK=SINK_HOOK, USE_SOFTMAX=USE_SOFTMAX, vargs=vargs,
         v_batch=batch, v_qo_idx=tokens, v_heads=heads, v_kv_head=kv_head, v_qo_len=qo_len, v_first=lo == 0,
-        FULL_HOOK=FULL_HOOK)
+        V_T=V_T, stride_vd=stride_vd, FULL_HOOK=FULL_HOOK)
     if OUTPUT_HOOK is not None:  # whole rows only (no split: flashtile/variants.py)
         o = OUTPUT_HOOK(o, lse, batch, tokens, heads, qo_len, kv_len, vargs)
     if FP8:  # before a split partial too: the merge is linear in o
@@ -243,9 +292,12 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
 
 def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
                           reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n, num_items,
-                          paged, num_kv_heads, group, causal, variant=None, fp8_scales=None):
+                          paged, num_kv_heads, group, causal, variant=None, fp8_scales=None, batch_size=0):
     """The Triton kernel's launch (every case the Gluon kernel does not take)."""
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
+    v_kwargs = {}
+    if fp8_scales is not None and not paged and num_items > 0:
+        vt, v_kwargs = ragged_fp8_v_layout(v, reqs, batch_size)
     d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
     preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
     if paged:
@@ -255,6 +307,8 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
     else:
         k_strides = (0, k.stride(0), k.stride(1))
         v_strides = (0, v.stride(0), v.stride(1))
+        if v_kwargs:  # the copy [heads, dim, keys]: keys contiguous
+            v, v_strides = vt, (0, 1, vt.stride(0))
         page_size = 1
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
@@ -282,7 +336,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
             **extra,
         )
 
-    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales)
+    extra = variant_kwargs(variant) | fp8_kwargs(fp8_scales) | v_kwargs
 
     if num_items == 0:
         return
@@ -360,7 +414,7 @@ def batch_prefill_forward(
     else:
         _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
                               reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n,
-                              num_items, paged, num_kv_heads, group, causal, variant, fp8_scales)
+                              num_items, paged, num_kv_heads, group, causal, variant, fp8_scales, batch_size)
     if num_merges > 0:
         merges = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size + ITEM_FIELDS * item_capacity:]
         _merge_tiles_kernel[(num_merges * num_kv_heads,)](
