@@ -14,8 +14,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/decode_gpu.txt"
+gpu_header decode
 # FlashInfer compiles each decode variant with nvcc on first use (10-20 s each): warm them in the background now.
 ( timeout 240 nice -n 10 python3 - > "$OUT/decode_fi_warm.log" 2>&1 <<'PY'
 import torch

@@ -9,10 +9,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/fp8_prefill_gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$OUT/fp8_prefill_gpu.txt"
+gpu_header fp8_prefill
 # FlashInfer's fa3 fp8 modules (single, ragged batch) JIT-compile with nvcc on first use (~75 s each): start now.
 ( timeout 230 python3 - > "$OUT/fp8_prefill_fi_warm.log" 2>&1 <<'PY'
 import torch

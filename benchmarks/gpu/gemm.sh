@@ -27,9 +27,7 @@ if [ "${1:-}" = tune ]; then
   done
   exit 0
 fi
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gemm_gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gemm_gpu.txt"
+gpu_header gemm
 # FlashInfer's first segment-GEMM / bmm_fp8 call may JIT-compile (nvcc): start it in the background now.
 ( timeout 200 python3 - > "$OUT/gemm_fi_warm.log" 2>&1 <<'PY'
 import torch

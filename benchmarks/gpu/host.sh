@@ -12,9 +12,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/host_gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/host_gpu.txt"
+gpu_header host
 # FlashInfer's first call of each case compiles with nvcc (10-90 s each): four warm-up processes, now; and
 # one that compiles flashtile's kernels of every case (Triton, a few seconds each) into Triton's cache.
 WARMS=()

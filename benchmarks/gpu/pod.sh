@@ -9,9 +9,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/pod_gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/pod_gpu.txt"
+gpu_header pod
 # FlashInfer's first POD / BatchAttention calls compile with nvcc: start them in the background now.
 ( timeout 200 python3 - > "$OUT/pod_fi_warm.log" 2>&1 <<'PY'
 import torch

@@ -7,7 +7,6 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/quant_gpu.txt"
+gpu_header quant
 run_tests timeout 120 python3 -m pytest -q -m gpu tests/test_quantization_fp.py 2>&1 | tail -5 | tee "$OUT/quant_tests.txt"
 timeout 180 python3 -m benchmarks.gpu.quant 2>&1 | tee "$OUT/quant_bench.txt"

@@ -14,10 +14,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/single_prefill_gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$OUT/single_prefill_gpu.txt"
+gpu_header single_prefill
 # FlashInfer's variants of the benchmark's cases (head dim x dtype x backend; causal), one process each.
 WARMS=()
 for variant in "fa2 128 bfloat16" "fa3 128 bfloat16" "fa2 64 bfloat16" "fa3 64 bfloat16" "fa2 256 bfloat16" \

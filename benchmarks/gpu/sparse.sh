@@ -9,9 +9,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -f .fi-ref/device_env.sh ]; then . .fi-ref/device_env.sh || echo "FlashInfer setup failed: baseline skipped"; fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/sparse_gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/sparse_gpu.txt"
+gpu_header sparse
 # FlashInfer's first block-sparse call compiles its prefill kernel with nvcc (up to ~75 s): start it now.
 ( timeout 200 python3 - > "$OUT/sparse_fi_warm.log" 2>&1 <<'PY'
 import torch
