@@ -297,7 +297,7 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
     head_dim_qk, head_dim_vo = q.shape[2], v.shape[-1]
     v_kwargs = {}
     if fp8_scales is not None and not paged and num_items > 0:
-        vt, v_kwargs = ragged_fp8_v_layout(v, reqs, batch_size)
+        v, v_kwargs = ragged_fp8_v_layout(v, reqs, batch_size)
     d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
     preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
     if paged:
@@ -306,9 +306,8 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
         page_size = k.shape[1]
     else:
         k_strides = (0, k.stride(0), k.stride(1))
-        v_strides = (0, v.stride(0), v.stride(1))
-        if v_kwargs:  # the copy [heads, dim, keys]: keys contiguous
-            v, v_strides = vt, (0, 1, vt.stride(0))
+        # the FP8 copy is [heads, dim, keys] (keys contiguous); else V as given, [rows, heads, dim]
+        v_strides = (0, 1, v.stride(0)) if v_kwargs else (0, v.stride(0), v.stride(1))
         page_size = 1
     use_rope = params.pos_encoding_mode == "ROPE_LLAMA"
     features = TileFeatures(d_qk, d_vo, q.element_size(), k.element_size(), use_rope, packed_mask is not None)
