@@ -25,14 +25,18 @@ declare -A FI_PROVIDERS=(
   [pod]="pod flashinfer_pod,flashinfer_batch_attn" [sparse]="sparse flashinfer,flex_attention"
   [mla]="mla flashinfer" [fp8_prefill]="fp8_prefill flashinfer_fa3_fp8" [gemm]="segment_gemm flashinfer"
   [variants]="variants_flex flex" [decode_tune]="batch_decode flashinfer,flashinfer_tc"
-  [single_prefill]="single_prefill flashinfer,flashinfer_fa3")
+  [single_prefill]="single_prefill flashinfer,flashinfer_fa3"
+  [host]="cmd python3 -m benchmarks.tools.host_time --warm --providers FlashInfer"
+  [demo]="cmd python3 -m flashtile demo --kernels flashinfer --model 1b --requests 3 --prompt-len 40:70 --new-tokens 3 --system-len 32 --page-size 16 --no-reference")
 WARM_LIST=${WARM-$*}
 if [ -n "$WARM_LIST" ] && [ -f .fi-ref/device_env.sh ] && command -v nvidia-smi > /dev/null; then
   cmds=""
   for s in $WARM_LIST; do
     [ -n "${FI_PROVIDERS[$s]:-}" ] || continue
     read -r suite providers <<< "${FI_PROVIDERS[$s]}"
-    cmds+="timeout 400 nice -n 10 python3 -m benchmarks.run --suite $suite --providers $providers --out /tmp/warm/$s > /tmp/warm/$s.log 2>&1; echo \"\$(date +%T) warm $s rc=\$?\" >> /tmp/warm/progress &
+    if [ "$suite" = cmd ]; then run="$providers"  # a script's own warm-up command (host, demo)
+    else run="python3 -m benchmarks.run --suite $suite --providers $providers --out /tmp/warm/$s"; fi
+    cmds+="timeout 400 nice -n 10 $run > /tmp/warm/$s.log 2>&1; echo \"\$(date +%T) warm $s rc=\$?\" >> /tmp/warm/progress &
 "
   done
   mkdir -p /tmp/warm
