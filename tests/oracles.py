@@ -102,6 +102,28 @@ def attention_oracle(
 FP8_ROUNDING = {torch.float8_e4m3fn: (2.0**-4, 2.0**-10), torch.float8_e5m2: (2.0**-3, 2.0**-17)}
 
 
+# Hopper's fp8 tensor cores (wgmma) add each k32 step's products into an accumulator that keeps about 13
+# mantissa bits, truncating (DeepSeek-V3 report, §3.3.2, "around 14 bits"); Triton leaves fp8 dots so on sm_90
+# (its max_num_imprecise_acc default), as FA3 does. Two ulps of that accumulator per step:
+FP8_MMA_STEP_ERROR = 2.0**-12
+
+
+def fp8_mma_logit_error_bound(q, k, *, sm_scale=None):
+    """``[Lq, Hq]`` (float64) bound on the error of any one logit ``sm_scale * q.k`` (natural units) that a
+    Hopper fp8 tensor-core product adds: :data:`FP8_MMA_STEP_ERROR` per k32 step (plus one for the steps'
+    own sums) of the largest sum of absolute products ``sum_i |q_i k_i|`` over the row's keys. The lse
+    (a smooth max of the logits) moves by at most the largest logit error."""
+    q, k = q.double().cpu(), k.double().cpu()
+    Lq, Hq, D = q.shape
+    g = Hq // k.shape[1]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    bound = torch.zeros(Lq, Hq, dtype=torch.float64)
+    for h in range(Hq):
+        if k.shape[0]:
+            bound[:, h] = (q[:, h].abs() @ k[:, h // g].abs().T).max(dim=1).values * sm_scale
+    return bound * FP8_MMA_STEP_ERROR * (math.ceil(D / 32) + 1)
+
+
 def fp8_weights_error_bound(q, k, v, fp8_dtype, *, causal=False, custom_mask=None, sm_scale=None,
                             logits_soft_cap=0.0, window_left=-1):
     """Elementwise bound ``[Lq, Hq, Dv]`` (float64) on how far an FP8 attention that rounds its softmax

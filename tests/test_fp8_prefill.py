@@ -5,8 +5,12 @@ the dequantized tensors, on the reference and kernel paths (docs/fp8_attention.m
 Tolerance: the kernels round the softmax weights to the fp8 dtype before the P.V product (FA3's scheme),
 the output is rounded to its dtype, everything else is float32. The first is bounded elementwise by
 oracles.fp8_weights_error_bound (computed from the exact weights); the output rounding by half an ulp of
-the output dtype (2**-8 relative for bfloat16, 2**-11 for float16) with a little float32 slack.
+the output dtype (2**-8 relative for bfloat16, 2**-11 for float16) with a little float32 slack. On a GPU
+the q.k products run on fp8 tensor cores, whose accumulator keeps about 13 bits: the lse is allowed
+oracles.fp8_mma_logit_error_bound on top (measured on an H100: up to 0.009 in log2 units at d128).
 """
+
+import math
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ import torch
 import flashtile
 from attention_cases import random_page_table, workspace
 from flashtile._core import ops
-from oracles import attention_oracle, fp8_weights_error_bound
+from oracles import attention_oracle, fp8_mma_logit_error_bound, fp8_weights_error_bound
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
@@ -61,7 +65,12 @@ def check(out, lse, q8, k8, v8, sq, sk, sv, out_dtype, **mask):
         lse = lse.double().cpu()
         assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "empty rows must give lse -inf exactly"
         finite = torch.isfinite(ref_lse)
-        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
+        lse_tol = 1e-3 + 1e-4 * ref_lse.abs()
+        if out.is_cuda:  # the compiled kernels' q.k runs on fp8 tensor cores (oracles.FP8_MMA_STEP_ERROR)
+            lse_tol = lse_tol + fp8_mma_logit_error_bound(qd, kd) / math.log(2.0)
+        lse_err = (lse - ref_lse).abs()
+        assert (lse_err[finite] <= lse_tol[finite]).all(), \
+            f"lse error {lse_err[finite].max():.4g}; worst excess {(lse_err - lse_tol)[finite].max():.4g}"
 
 
 # (qo_len, kv_len, num_qo_heads, num_kv_heads, head_dim, causal, per_head, fp8 dtype, kv_layout)
@@ -133,16 +142,20 @@ def check_requests(out, lse, q8, k8_rows, v8_rows, sq, sk, sv, qo_lens, causal):
 
 
 QO_LENS, KV_LENS = [5, 17, 0, 1], [9, 40, 3, 1]
+# the split case: a request longer than two KV chunks of the GPU's planner (tile_policy.KV_CHUNK_ALIGN, 128), so
+# that it is cut on the GPU as well as under the interpreter (16-key chunks)
+SPLIT_KV_LENS = [9, 300, 3, 1]
 
 
 @pytest.mark.parametrize("causal, per_head, split", [(True, True, False), (False, False, False), (True, True, True)])
 def test_ragged_prefill_fp8(path, device, causal, per_head, split):
-    q8, k8, v8, sq, sk, sv, qo_indptr, kv_indptr = ragged_batch(QO_LENS, KV_LENS, 4, 2, 32, E4M3, device, per_head)
+    kv_lens = SPLIT_KV_LENS if split else KV_LENS
+    q8, k8, v8, sq, sk, sv, qo_indptr, kv_indptr = ragged_batch(QO_LENS, kv_lens, 4, 2, 32, E4M3, device, per_head)
     w = flashtile.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
     w.plan(qo_indptr, kv_indptr, 4, 2, 32, causal=causal, q_data_type=E4M3, kv_data_type=E4M3,
            o_data_type=torch.bfloat16, fixed_split_size=16 if split else None)
     if split and path == "kernel":
-        assert w._plan.num_merges > 0  # the 40-key request is cut: partial states (pre-scaled by scale_v) merged
+        assert w._plan.num_merges > 0  # the 300-key request is cut: partial states (pre-scaled by scale_v) merged
     out, lse = w.run(q8, k8, v8, sq, sk, sv, return_lse=True)
     kv = kv_indptr.tolist()
     check_requests(out, lse, q8, lambda i: k8[kv[i]:kv[i + 1]], lambda i: v8[kv[i]:kv[i + 1]], sq, sk, sv, QO_LENS,
