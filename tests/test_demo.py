@@ -76,6 +76,20 @@ def test_padded_decode_matches(device):
     assert plain.run(prompts, max_new).outputs == padded.run(prompts, max_new).outputs
 
 
+def test_graphs_captured_before_a_system_prompt(device):
+    # The demo captures its decode graphs in the warm-up, before the run's system prompt exists: each graph's
+    # page-table buffer must hold every row's shared pages too (15 here, for two rows, in a 24-page pool).
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    weights = init_weights(CFG, device, torch.bfloat16, seed=9)
+    prompts, max_new = make_requests(2, (3, 9), (2, 3), CFG.vocab_size)
+    paged = PagedEngine(weights, page_size=4, max_batch=2, num_pages=24)
+    paged.capture_graphs()
+    res = paged.run(prompts, max_new, system_prompt(60, CFG.vocab_size))
+    assert 2 in paged.graphs and len(paged.shared_pages) == 15
+    assert {r: len(o) for r, o in res.outputs.items()} == dict(enumerate(max_new))
+
+
 def test_sampling_mode_and_buckets(device):
     weights = init_weights(CFG, device, torch.bfloat16, seed=6)
     prompts, max_new = make_requests(2, (4, 8), (4, 4), CFG.vocab_size)

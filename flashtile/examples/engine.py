@@ -479,8 +479,10 @@ class PagedEngine(EngineBase):
             return self.graphs[bucket]
         dev, i32 = self.device, torch.int32
         assert self.cache is not None  # allocated by _ensure_cache (capture_graphs, or begin before a replay)
-        # own pages (at most the pool), each row's shared pages, and a scratch page per padding row
-        max_pages = self.cache.shape[1] + bucket * (len(self.shared_pages) + 1)
+        # Each row lists the shared pages, then its own: at most the pool in all, so bucket x pool bounds a
+        # step (rows of padding read one scratch page). The graph outlives this run's system prompt: the
+        # bound must not depend on it (capture_graphs runs before the prompt exists).
+        max_pages = bucket * max(self.cache.shape[1], 1)
         bufs = dict(tokens=torch.zeros(bucket, dtype=torch.long, device=dev),
                     positions=torch.zeros(bucket, dtype=torch.long, device=dev),
                     positions32=torch.zeros(bucket, dtype=i32, device=dev),
