@@ -3,6 +3,10 @@ ALiBi / soft cap / sinks written as user variants, and the built-in ``sinks=`` k
 oracles on the reference path and the kernels (interpreter on CPU, the GPU when there is one)."""
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -604,6 +608,19 @@ def test_logits_transform_excludes_softcap_and_alibi_flags(path, device):
     logits = torch.zeros(4, 3, 18, device=device)[:, :, ::2]
     with pytest.raises(ValueError, match="output_logits.*contiguous"):
         single_prefill_with_kv_cache_with_jit_module(_prefill_module(DUMP_LOGITS), q, k, v, logits)
+
+
+def test_variant_call_does_not_import_dynamo():
+    """A call with a variant needs no graph-break wrapper until torch._dynamo is loaded; importing it
+    (about 1.5 s) was most of a variant's first call from Triton's cache."""
+    code = ("import sys, torch, flashtile\n"
+            "q, k = torch.randn(5, 4, 64, dtype=torch.float16), torch.randn(9, 2, 64, dtype=torch.float16)\n"
+            "flashtile.single_prefill_with_kv_cache(q, k, k, causal=True, sinks=torch.zeros(4))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'a variant call imported torch._dynamo'\n")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, FLASHTILE_BACKEND="reference", PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_variant_under_torch_compile(device, monkeypatch):

@@ -15,6 +15,7 @@ registered op is traced, and only there are the parameters flattened into the op
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -66,11 +67,15 @@ _EAGER_ONLY: dict = {}
 
 
 def eager_only(fn):
-    """``fn`` wrapped so that torch.compile runs it eagerly (a graph break), made on first use:
-    ``torch.compiler.disable`` imports torch._dynamo, which imports Triton, and importing flashtile
-    must not (tests/test_utils.py). A plain dict memo: Dynamo warns about tracing through lru_cache."""
+    """``fn`` wrapped so that torch.compile runs it eagerly (a graph break), made on first use while
+    torch._dynamo is loaded: ``torch.compiler.disable`` imports it (about 1.5 s, which was most of a
+    variant's first call from the cache), and until something imports it nothing can be tracing, so
+    ``fn`` itself is returned. Importing flashtile must not import Triton (tests/test_utils.py). A plain
+    dict memo: Dynamo warns about tracing through lru_cache."""
     wrapped = _EAGER_ONLY.get(fn)
     if wrapped is None:
+        if "torch._dynamo" not in sys.modules:
+            return fn
         wrapped = _EAGER_ONLY[fn] = torch.compiler.disable(fn)
     return wrapped
 
