@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["host_view", "host_int64"]
+__all__ = ["host_view", "host_int64", "host_int64_view"]
 
 
 def host_view(values) -> np.ndarray:
@@ -29,3 +29,9 @@ def host_int64(values) -> np.ndarray:
     """``values`` as a fresh int64 numpy array (never aliases ``values``, so a caller may keep it while
     the engine overwrites its buffers)."""
     return np.array(host_view(values), dtype=np.int64)
+
+
+def host_int64_view(values) -> np.ndarray:
+    """``values`` as an int64 numpy array for reading only: no copy when they already are one (the
+    scheduler's inputs from a wrapper's plan), so the result may alias ``values``."""
+    return host_view(values).astype(np.int64, copy=False)

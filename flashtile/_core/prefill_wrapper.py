@@ -113,9 +113,9 @@ class BatchPrefillWrapper(PlanRunWrapper):
                              f"description), got {qo_h.size}")
         if qo_h[0] != 0:
             raise ValueError(f"qo_indptr: must start at 0 (rows of q are numbered from 0), got {int(qo_h[0])}")
-        if (qo_h[1:] < qo_h[:-1]).any():
-            raise ValueError(f"qo_indptr: must be non-decreasing, got {qo_h.tolist()[:16]}")
         qo_lens = qo_h[1:] - qo_h[:-1]
+        if (qo_lens < 0).any():
+            raise ValueError(f"qo_indptr: must be non-decreasing, got {qo_h.tolist()[:16]}")
         total_qo = int(qo_h[-1])
         self._check_graph_batch(batch)
 
@@ -181,8 +181,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
             num_items, num_merges, num_slots = work.num_items, work.num_merges, work.num_slots
 
         # One host->device copy of the plan into the int workspace the wrapper owns.
-        requests = np.stack([qo_h[:-1], qo_lens, kv_offsets_h, kv_lens_h, mask_offsets], axis=1)
-        meta_h = pack_prefill_meta(work, requests, item_cap, merge_cap)
+        meta_h = pack_prefill_meta(work, (qo_h[:-1], qo_lens, kv_offsets_h, kv_lens_h, mask_offsets), item_cap,
+                                   merge_cap)
         if self.device.type == "cuda":
             meta_h = meta_h.pin_memory()
         meta = self._upload_worklist(meta_h, non_blocking)

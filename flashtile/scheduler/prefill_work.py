@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._core.host_arrays import host_int64, host_view
+from .._core.host_arrays import host_int64_view, host_view
 from .._core.intmath import cdiv
 from .split_kv import _target_items, plan_batch_kv_splits
 
@@ -140,54 +140,56 @@ def plan_prefill_work(
             other requests' items (tensor-core-bound) by :func:`_interleave_by_cost`, so that the programs
             running at one time use both. None: the launch order of the module doc.
     """
-    qo, kv = host_int64(qo_lens), host_int64(kv_lens)
+    qo, kv = host_int64_view(qo_lens), host_int64_view(kv_lens)  # only read
     batch = qo.size
     rows = qo * group
     tiles_per_req = (rows + (block_m - 1)) // block_m
-    tile_start = np.zeros(batch + 1, dtype=np.int64)
-    tiles_per_req.cumsum(out=tile_start[1:])
     tile_request = np.arange(batch, dtype=np.int64).repeat(tiles_per_req)
-    tile_block = np.arange(tile_request.size, dtype=np.int64) - tile_start[tile_request]
+    num_tiles = tile_request.size
+    tile_block = np.arange(num_tiles, dtype=np.int64) - (tiles_per_req.cumsum() - tiles_per_req)[tile_request]
 
     # KV range each tile can see: tokens t_first..t_last sit at positions t + (kv_len - qo_len).
-    delta = (kv - qo)[tile_request]
-    t_kv = kv[tile_request]
     first_row = tile_block * block_m
-    hi = t_kv
+    hi = kv[tile_request]
     if causal:
         t_last = np.minimum(first_row + (block_m - 1), rows[tile_request] - 1) // group
-        hi = np.maximum(np.minimum(t_kv, t_last + delta + 1), 0)
+        hi = np.maximum(np.minimum(hi, t_last + (kv - qo)[tile_request] + 1), 0)
+    lo = None  # no window: every range starts at key 0
     if window_left >= 0:
-        lo = np.maximum(first_row // group + delta - window_left, 0)
+        lo = np.maximum(first_row // group + (kv - qo)[tile_request] - window_left, 0)
         lo = np.minimum(lo, hi)
         lo = (lo // align) * align  # the kernel's tile loop starts on an aligned key
-    else:
-        lo = np.zeros_like(hi)
-    span = hi - lo
 
-    splits = plan_batch_kv_splits(span, programs_per_item, num_sms, align, fixed_chunk=fixed_chunk,
-                                  disable_split=disable_split)
-    item_tile = splits.item_request
-    item_kv_start = splits.item_kv_start + lo[item_tile]
-    item_kv_end = splits.item_kv_end + lo[item_tile]
-    counts = splits.request_item_indptr[1:] - splits.request_item_indptr[:-1]
-    split_tile = counts > 1
-    merge_tiles = split_tile.nonzero()[0]
-    if merge_tiles.size:
+    splits = plan_batch_kv_splits(hi if lo is None else hi - lo, programs_per_item, num_sms, align,
+                                  fixed_chunk=fixed_chunk, disable_split=disable_split)
+    item_kv_start, item_kv_end = splits.item_kv_start, splits.item_kv_end
+    if splits.num_items == num_tiles:
+        # Every tile is one item (each tile has at least one), in tile order: no tile is split, so
+        # every item writes the output directly and there is nothing to merge.
+        item_tile = None
+        item_request, item_row_block = tile_request, tile_block
+        item_slot = np.full(num_tiles, -1, dtype=np.int64)
+        merge_tiles = np.zeros(0, dtype=np.int64)
+        merge_slot_start = merge_num_slots = merge_tiles
+    else:
+        item_tile = splits.item_request
+        item_request, item_row_block = tile_request[item_tile], tile_block[item_tile]
+        counts = splits.request_item_indptr[1:] - splits.request_item_indptr[:-1]
+        split_tile = counts > 1
+        merge_tiles = split_tile.nonzero()[0]
         # Partial-state slots: consecutive for the items of one split tile.
         slot_counts = np.where(split_tile, counts, 0)
         slot_base = slot_counts.cumsum() - slot_counts
         within = np.arange(item_tile.size, dtype=np.int64) - splits.request_item_indptr[item_tile]
         item_slot = np.where(split_tile[item_tile], slot_base[item_tile] + within, -1)
-        merge_slot_start = slot_base[merge_tiles]
-    else:  # every tile is one item, written to the output directly
-        item_slot = np.full(item_tile.size, -1, dtype=np.int64)
-        merge_slot_start = merge_tiles
+        merge_slot_start, merge_num_slots = slot_base[merge_tiles], counts[merge_tiles]
+    if lo is not None:
+        item_lo = lo if item_tile is None else lo[item_tile]
+        item_kv_start, item_kv_end = item_kv_start + item_lo, item_kv_end + item_lo
 
-    item_request = tile_request[item_tile]
     order, group_items = _launch_order(item_request, item_kv_end - item_kv_start, batch)
     if interleave_rows is not None:
-        item_rows = np.minimum(rows[item_request] - tile_block[item_tile] * block_m, block_m)
+        item_rows = np.minimum(rows[item_request] - item_row_block * block_m, block_m)
         small = rows[item_request] <= interleave_rows
         span_items = item_kv_end - item_kv_start
         # time of an item within its class: keys read (bandwidth-bound) or rows x keys (tensor-core-bound)
@@ -196,14 +198,14 @@ def plan_prefill_work(
         chunk=splits.chunk,
         group_items=group_items,
         item_request=item_request[order],
-        item_row_block=tile_block[item_tile][order],
+        item_row_block=item_row_block[order],
         item_kv_start=item_kv_start[order],
         item_kv_end=item_kv_end[order],
         item_slot=item_slot[order],
         merge_request=tile_request[merge_tiles],
         merge_row_block=tile_block[merge_tiles],
         merge_slot_start=merge_slot_start,
-        merge_num_slots=counts[merge_tiles],
+        merge_num_slots=merge_num_slots,
     )
 
 
@@ -213,11 +215,16 @@ def _launch_order(item_request: np.ndarray, item_length: np.ndarray, batch_size:
     Arguments: int64 numpy arrays ``[num_items]``."""
     if item_request.size == 0:
         return np.zeros(0, dtype=np.int64), 1
-    request_max = np.zeros(batch_size, dtype=np.int64)
-    np.maximum.at(request_max, item_request, item_length)
-    # One stable sort: by request_max descending, then request, then length descending, then position.
-    order = np.lexsort((-item_length, item_request, -request_max[item_request]))
     group_items = int(np.bincount(item_request, minlength=batch_size).max())
+    if group_items == 1:  # every request has one item: its own length is its longest
+        longest = item_length
+    else:
+        request_max = np.zeros(batch_size, dtype=np.int64)
+        np.maximum.at(request_max, item_request, item_length)
+        longest = request_max[item_request]
+    # One stable sort: by the request's longest item descending, then request, then length descending,
+    # then position.
+    order = np.lexsort((-item_length, item_request, -longest))
     return order, group_items
 
 
@@ -244,25 +251,29 @@ def meta_size(batch_size: int, item_capacity: int, merge_capacity: int) -> int:
 
 
 def pack_prefill_meta(work: PrefillWork, requests, item_capacity: int, merge_capacity: int) -> torch.Tensor:
-    """The plan as one int32 CPU tensor: counts, ``requests`` (int ``[B, REQUEST_FIELDS]``: a tensor, a
-    numpy array or nested lists), the items and the merge entries, each section padded with zeros to its
-    capacity."""
-    requests = host_view(requests)
-    batch = requests.shape[0]
+    """The plan as one int32 CPU tensor: counts, ``requests``, the items and the merge entries, each section
+    padded with zeros to its capacity. ``requests``: int ``[B, REQUEST_FIELDS]`` rows (a tensor, a numpy
+    array or nested lists), or a tuple of the REQUEST_FIELDS columns ``[B]`` (numpy arrays; the wrappers'
+    form, which saves stacking them)."""
+    columns = isinstance(requests, tuple)
+    if not columns:
+        requests = host_view(requests)
+    batch = requests[0].size if columns else requests.shape[0]
     meta = np.zeros(meta_size(batch, item_capacity, merge_capacity), dtype=np.int32)
     meta[0], meta[1], meta[2] = work.num_items, work.num_merges, work.group_items
     o = COUNT_FIELDS
-    meta[o: o + REQUEST_FIELDS * batch] = requests.reshape(-1)
+    # The sections are written field by field through their transposes: one assignment of a tuple of
+    # columns, cheaper than stacking them first.
+    if columns:
+        meta[o: o + REQUEST_FIELDS * batch].reshape(batch, REQUEST_FIELDS).T[:] = requests
+    else:
+        meta[o: o + REQUEST_FIELDS * batch] = requests.reshape(-1)
     o += REQUEST_FIELDS * batch
     items = meta[o: o + ITEM_FIELDS * work.num_items].reshape(work.num_items, ITEM_FIELDS)
-    for field, values in enumerate((work.item_request, work.item_row_block, work.item_kv_start, work.item_kv_end,
-                                    work.item_slot)):
-        items[:, field] = values
+    items.T[:] = (work.item_request, work.item_row_block, work.item_kv_start, work.item_kv_end, work.item_slot)
     o += ITEM_FIELDS * item_capacity
     merges = meta[o: o + MERGE_FIELDS * work.num_merges].reshape(work.num_merges, MERGE_FIELDS)
-    for field, values in enumerate((work.merge_request, work.merge_row_block, work.merge_slot_start,
-                                    work.merge_num_slots)):
-        merges[:, field] = values
+    merges.T[:] = (work.merge_request, work.merge_row_block, work.merge_slot_start, work.merge_num_slots)
     return torch.from_numpy(meta)
 
 
