@@ -370,10 +370,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
 
         # Split-KV partial states live in the float workspace (float32 [rows, heads, head_dim] + lse).
         part_rows = num_programs if merge else 0
-        part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer",
-                                    4 * part_rows * num_qo_heads * (head_dim + 1), torch.float32)
-        part_o = part[: part_rows * num_qo_heads * head_dim].view(part_rows, num_qo_heads, head_dim)
-        part_lse = part[part_rows * num_qo_heads * head_dim:].view(part_rows, num_qo_heads)
+        part_o, part_lse = self._workspace_tensors(self._float_workspace_buffer, "float_workspace_buffer",
+                                                   torch.float32, (part_rows, num_qo_heads, head_dim),
+                                                   (part_rows, num_qo_heads))
 
         self._plan = _DecodePlan(
             q_dtype=q_dtype, kv_dtype=kv_dtype, o_dtype=o_dtype, params=params,

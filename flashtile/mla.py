@@ -258,9 +258,8 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             raise ValueError(f"float_workspace_buffer: fixed_split_size={fixed_split_size} needs "
                              f"{4 * work.partial_rows * (head_dim_ckv + 1)} bytes of split-KV partial state; pass a "
                              "larger buffer (128 MiB is recommended) or a larger fixed_split_size")
-        part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer",
-                                    4 * capacity * (head_dim_ckv + 1), torch.float32)
-        part_lse, part_o = part[:capacity], part[capacity:].view(capacity, head_dim_ckv)
+        part_lse, part_o = self._workspace_tensors(self._float_workspace_buffer, "float_workspace_buffer",
+                                                   torch.float32, (capacity,), (capacity, head_dim_ckv))
         meta = MlaMeta(
             qo_indptr=d_qo, kv_indptr=d_kvp, kv_indices=d_idx, kv_len=d_len, work=worklist,
             req_offset=work.req_offset, token_offset=work.token_offset, item_offset=work.item_offset,

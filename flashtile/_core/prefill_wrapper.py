@@ -190,11 +190,9 @@ class BatchPrefillWrapper(PlanRunWrapper):
         if self._use_cuda_graph:
             self._qo_indptr_buf.copy_(torch.from_numpy(qo_h), non_blocking=non_blocking)
 
-        part = self._workspace_view(self._float_workspace_buffer, "float_workspace_buffer", slot_bytes * num_slots,
-                                    torch.float32)
-        per_slot = num_kv_heads * block_m
-        part_o = part[: num_slots * per_slot * head_dim_vo].view(num_slots, num_kv_heads, block_m, head_dim_vo)
-        part_lse = part[num_slots * per_slot * head_dim_vo:].view(num_slots, num_kv_heads, block_m)
+        part_o, part_lse = self._workspace_tensors(
+            self._float_workspace_buffer, "float_workspace_buffer", torch.float32,
+            (num_slots, num_kv_heads, block_m, head_dim_vo), (num_slots, num_kv_heads, block_m))
 
         if has_mask:
             params = dataclasses.replace(params, causal=False)  # a custom mask replaces causal

@@ -10,6 +10,8 @@ launches: it never synchronizes and never allocates except the output when none 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +32,7 @@ __all__ = ["PlanRunWrapper", "PlanBase", "check_common_options", "reject_kv_cach
            "INT_WORKSPACE_BYTES", "run_key"]
 
 MAX_REPLAYS = 64  # remembered run() shapes per plan (one per layer shape is typical)
+MAX_WORKSPACE_VIEWS = 64  # remembered workspace layouts per buffer (plans of recurring sizes)
 
 
 _SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
@@ -151,7 +154,7 @@ class PlanRunWrapper:
         self.device = float_workspace_buffer.device
         self._float_workspace_buffer = float_workspace_buffer
         self._int_workspace_buffer = torch.empty(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._flat_workspaces: dict = {}  # name -> (buffer, its flat uint8 view)
+        self._flat_workspaces: dict = {}  # name -> (buffer, its flat uint8 view, {(dtype, shapes): views})
         self._plan: Optional[PlanBase] = None
 
     @property
@@ -232,8 +235,8 @@ class PlanRunWrapper:
 
     def _upload_worklist(self, host: torch.Tensor, non_blocking: bool) -> torch.Tensor:
         """Copy a packed host work list into the int workspace (one transfer); returns the device view."""
-        worklist = self._workspace_view(self._int_workspace_buffer, "int_workspace_buffer", 4 * host.numel(),
-                                        torch.int32)
+        (worklist,) = self._workspace_tensors(self._int_workspace_buffer, "int_workspace_buffer", torch.int32,
+                                              (host.numel(),))
         worklist.copy_(host, non_blocking=non_blocking)
         return worklist
 
@@ -334,21 +337,35 @@ class PlanRunWrapper:
 
     # -- helpers for subclasses ---------------------------------------------------------------------
 
-    def _workspace_view(self, buffer: torch.Tensor, name: str, num_bytes: int, dtype: torch.dtype) -> torch.Tensor:
-        """The first ``num_bytes`` of a workspace as a flat tensor of ``dtype`` (no copy). The buffer's flat
-        byte view is made (and its layout checked) once per buffer, not per plan."""
-        flat = self._flat_workspaces.get(name)
-        if flat is None or flat[0] is not buffer:
+    def _workspace_tensors(self, buffer: torch.Tensor, name: str, dtype: torch.dtype, *shapes: tuple) -> tuple:
+        """The start of a workspace as consecutive tensors of ``dtype`` and these shapes (views, no copy).
+
+        The buffer's flat byte view is made (and its layout checked) once per buffer, and the views once
+        per (dtype, shapes): a plan with the sizes of an earlier one gets the same view objects (they are
+        only read), without the torch slicing and viewing that cost microseconds per tensor."""
+        entry = self._flat_workspaces.get(name)
+        if entry is None or entry[0] is not buffer:
             if not buffer.is_contiguous():
                 raise ValueError(f"{name}: must be contiguous")
-            flat = self._flat_workspaces[name] = (buffer, buffer.reshape(-1).view(torch.uint8))
-        have = flat[1].numel()
-        if have < num_bytes:
-            raise ValueError(
-                f"{name}: this plan needs {num_bytes} bytes of workspace, the buffer has {have}; allocate a larger "
-                "one (128 MiB is recommended) and pass it to the constructor or reset_workspace_buffer"
-            )
-        return flat[1][:num_bytes].view(dtype)
+            entry = self._flat_workspaces[name] = (buffer, buffer.reshape(-1).view(torch.uint8), {})
+        _, flat, views = entry
+        key = (dtype, shapes)
+        tensors = views.get(key)
+        if tensors is None:
+            sizes = [math.prod(shape) for shape in shapes]
+            num_bytes = sum(sizes) * dtype.itemsize
+            if flat.numel() < num_bytes:
+                raise ValueError(
+                    f"{name}: this plan needs {num_bytes} bytes of workspace, the buffer has {flat.numel()}; allocate "
+                    "a larger one (128 MiB is recommended) and pass it to the constructor or reset_workspace_buffer"
+                )
+            typed = flat[:num_bytes].view(dtype)
+            starts = itertools.accumulate(sizes, initial=0)
+            tensors = tuple(typed[start: start + size].view(shape) for start, size, shape in zip(starts, sizes, shapes))
+            if len(views) >= MAX_WORKSPACE_VIEWS:
+                views.clear()
+            views[key] = tensors
+        return tensors
 
     def _require_plan(self):
         if self._plan is None:
