@@ -276,9 +276,12 @@ def prefetch_page_ids(page_size: Optional[int]) -> bool:
     return page_size is not None and page_size > 1
 
 
-def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: Optional[int]) -> LaunchConfig:
+def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: Optional[int],
+                   fp8: bool = False) -> LaunchConfig:
     """The preferred config of a planned tile (measured on H100: see the notes above); the launch fits
-    it to the device's shared memory (smem.py)."""
+    it to the device's shared memory (smem.py). ``fp8``: FP8 attention, whose 128-row tiles take 8 warps
+    (with 4, the sm_90a compile spills about 1 KiB a thread at BLOCK_N 32, and ragged 16 x 1024 ran at
+    0.37x its bf16 time on an H100; 8 warps compile without spill: benchmarks/tools/aot_compile_check)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
     if tile_policy.CONFIG_OVERRIDE is not None:
@@ -286,7 +289,7 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
     if block_m in tile_policy.SMALL_M_CONFIGS:
         _, warps, stages = tile_policy.SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
         return LaunchConfig(block_m, block_n, warps, stages)
-    warps = 4 if block_n == 32 or (page_size == 1 and block_n == 64) else 8
+    warps = 4 if not fp8 and (block_n == 32 or (page_size == 1 and block_n == 64)) else 8
     return LaunchConfig(block_m, block_n, warps, 3)
 
 
@@ -299,7 +302,8 @@ def _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_request
     if fp8_scales is not None and not paged and num_items > 0:
         v, v_kwargs = ragged_fp8_v_layout(v, reqs, batch_size)
     d_qk, d_vo = qk_tile_dim(head_dim_qk, fp8_scales is not None), dot_tile_dim(head_dim_vo)
-    preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None)  # k: [P, page_size, ..]
+    preferred = _launch_config(block_m, block_n, d_qk, d_vo, k.shape[1] if paged else None,  # k: [P, page_size, ..]
+                               fp8_scales is not None)
     if paged:
         k_strides = (k.stride(0), k.stride(1), k.stride(2))
         v_strides = (v.stride(0), v.stride(1), v.stride(2))
