@@ -63,7 +63,7 @@ def validate_device_indices(*tensors: torch.Tensor) -> bool:
     CUDA graph is captured (the values are unknown then and a sync would break the capture)."""
     if torch.compiler.is_compiling():
         return False
-    if all(t.device.type == "cpu" for t in tensors):
+    if all(t.is_cpu for t in tensors):
         return True
     if not _debug_env():
         return False

@@ -21,7 +21,7 @@ import torch
 from ..reference.page import seq_lens
 from .checks import check_option, describe
 from .debug import validate_device_indices
-from .host_arrays import host_int64, host_view
+from .host_arrays import host_int64, host_int64_view, host_view
 
 __all__ = [
     "kv_page_views",
@@ -157,11 +157,11 @@ def check_page_table(
     request with pages (a request without pages has length 0; its ``last_page_len`` is not read).
     Each array: a 1-D int tensor (any device: copied to the host) or numpy array.
     """
-    ip = host_int64(indptr)  # arrays may sit on different devices: check on the host
+    ip = host_int64_view(indptr)  # arrays may sit on different devices: check on the host
     if ip.size < 1:
         raise ValueError("indptr: expected batch_size + 1 >= 1 entries, got 0")
     pages = ip[1:] - ip[:-1]
-    if (pages < 0).any():
+    if pages.size and pages.min() < 0:
         raise ValueError(f"indptr: must be non-decreasing, got {ip[:16].tolist()}")
     num_indices = indices.numel() if isinstance(indices, torch.Tensor) else len(indices)
     first, last = int(ip[0]), int(ip[-1])
@@ -175,13 +175,16 @@ def check_page_table(
         if lo < 0 or hi >= num_pages:
             raise ValueError(f"indices: page ids must lie in [0, {num_pages}) (pages of the cache), got [{lo}, {hi}]")
     lp = host_view(last_page_len)
-    bad = (pages > 0) & ((lp < 1) | (lp > page_size))  # a request without pages has length 0: lp unused
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"last_page_len: request {i} has {int(pages[i])} pages and last_page_len {int(lp[i])}; expected "
-            f"1..{page_size} (page_size) for a request with pages"
-        )
+    # An entry out of range is an error only for a request with pages (one without has length 0 and its
+    # last_page_len is not read); most tables have none, which the smallest and largest entry show.
+    if lp.size and (lp.min() < 1 or lp.max() > page_size):
+        bad = np.flatnonzero(((lp < 1) | (lp > page_size)) & (pages > 0))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"last_page_len: request {i} has {int(pages[i])} pages and last_page_len {int(lp[i])}; expected "
+                f"1..{page_size} (page_size) for a request with pages"
+            )
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def read_page_table(indptr, indices, last_page_len, page_size: int,
         raise ValueError(f"{names[0]}: expected batch_size + 1 = {batch + 1} entries (batch size from "
                          f"{names[2]}), got {indptr.numel()}")
     indptr_h = host_int64(indptr)
-    last_h = np.ones(batch, dtype=np.int64) if last_page_len_is_one else host_int64(last_page_len)
+    last_h = np.ones(batch, dtype=np.int64) if last_page_len_is_one else host_int64_view(last_page_len)
     first, last = int(indptr_h[0]), int(indptr_h[-1])
     if last > indices.numel() and batch > 0:
         raise ValueError(f"{names[0]}: its last entry {last} exceeds len({names[1]})={indices.numel()}")

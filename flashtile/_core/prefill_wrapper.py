@@ -138,12 +138,13 @@ class BatchPrefillWrapper(PlanRunWrapper):
             plan_args = {**plan_args, **multi_item.as_kwargs()}
         group = num_qo_heads // num_kv_heads
 
-        align, sms = self._planning_facts()
+        small = tile_policy.plans_small_tiles(self._compiled())
+        align, sms = tile_policy.planning_facts(self.device, small)
         deterministic = fixed_split_size is not None or disable_split_kv
         max_rows = None if deterministic else (int(qo_lens.max()) * group if batch else 0)
         max_kv = int(kv_lens_h.max()) if batch else 0
         block_m, block_n = tile_policy.prefill_tile_shape(max_rows, max_kv, head_dim_qk, head_dim_vo, page_size,
-                                                          compiled=self._compiled())
+                                                          small=small)
         if self._use_cuda_graph:
             if self._graph_shape is None:
                 caps = prefill_capacity(batch, total_qo * group, block_m, num_kv_heads, sms)

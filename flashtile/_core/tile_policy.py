@@ -16,7 +16,8 @@ from .device import INTERPRETER_SMS, num_sms
 from .intmath import dot_tile_dim
 from .settings import interpreting
 
-__all__ = ["KV_CHUNK_ALIGN", "SMALL_TILE", "SMALL_M_CONFIGS", "planning_facts", "prefill_tile_shape", "small_tiles"]
+__all__ = ["KV_CHUNK_ALIGN", "SMALL_TILE", "SMALL_M_CONFIGS", "plans_small_tiles", "planning_facts", "prefill_tile_shape",
+           "small_tiles"]
 
 # KV splits are multiples of this many tokens so every BLOCK_N of the kernels divides a chunk
 # (128 beat 256 at kv 4k and 128k on H100: finer chunks fit the grid to the GPU better).
@@ -30,10 +31,18 @@ def small_tiles() -> bool:
     return interpreting()
 
 
-def planning_facts(device: torch.device, compiled: bool) -> tuple:
-    """``(KV-chunk granularity in tokens, SMs)`` to plan for on ``device``; ``compiled``: the call runs
-    the compiled kernels (else the reference path)."""
-    if not compiled or small_tiles():
+def plans_small_tiles(compiled: bool) -> bool:
+    """Whether a plan uses the small tile on a 4-SM "GPU" (module doc): on the reference path (``compiled``
+    False: the call does not run the compiled kernels) and under Triton's interpreter. A plan asks once and
+    passes the answer to :func:`planning_facts` and :func:`prefill_tile_shape`: TRITON_INTERPRET is read at
+    every use (_core/settings.py), which costs microseconds."""
+    return not compiled or small_tiles()
+
+
+def planning_facts(device: torch.device, small: bool) -> tuple:
+    """``(KV-chunk granularity in tokens, SMs)`` to plan for on ``device``; ``small``: the plan uses the
+    small tile (:func:`plans_small_tiles`)."""
+    if small:
         return SMALL_TILE, INTERPRETER_SMS
     return KV_CHUNK_ALIGN, num_sms(device)
 
@@ -64,12 +73,13 @@ CONFIG_OVERRIDE: Optional[tuple] = None
 
 
 def prefill_tile_shape(max_rows: Optional[int], max_kv_len: int, head_dim_qk: int,
-                       head_dim_vo: int, page_size: Optional[int] = None, compiled: bool = True) -> tuple:
+                       head_dim_vo: int, page_size: Optional[int] = None, small: Optional[bool] = None) -> tuple:
     """``(BLOCK_M, BLOCK_N)`` for a batch whose longest request has ``max_rows`` GQA-packed rows and
     whose longest KV has ``max_kv_len`` keys, over a cache of ``page_size`` (None: ragged).
     ``max_rows=None``: the batch-independent shape (deterministic mode: a request's tiles, and so its
-    bits, do not depend on the other requests). ``compiled=False``: the reference path's small tile."""
-    if not compiled or small_tiles():
+    bits, do not depend on the other requests). ``small``: the plan uses the small tile
+    (:func:`plans_small_tiles`; None: the compiled kernels' tiles unless under Triton's interpreter)."""
+    if small_tiles() if small is None else small:
         return SMALL_TILE, SMALL_TILE
     d_qk, d_vo = dot_tile_dim(head_dim_qk), dot_tile_dim(head_dim_vo)
     full = 128 if d_vo <= 128 else 64

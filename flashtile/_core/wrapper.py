@@ -203,7 +203,7 @@ class PlanRunWrapper:
 
     def _planning_facts(self) -> tuple:
         """``(KV-chunk granularity, SMs)`` the scheduler plans with (_core/tile_policy.py)."""
-        return tile_policy.planning_facts(self.device, self._compiled())
+        return tile_policy.planning_facts(self.device, tile_policy.plans_small_tiles(self._compiled()))
 
     def _split_options(self, fixed_split_size, disable_split_kv) -> tuple:
         """``(fixed_split_size or None, disable_split_kv)``; -1 and None both turn the fixed size off. A

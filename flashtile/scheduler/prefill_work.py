@@ -152,8 +152,10 @@ def plan_prefill_work(
     first_row = tile_block * block_m
     hi = kv[tile_request]
     if causal:
-        t_last = np.minimum(first_row + (block_m - 1), rows[tile_request] - 1) // group
-        hi = np.maximum(np.minimum(hi, t_last + (kv - qo)[tile_request] + 1), 0)
+        # Keys up to the position of the tile's last row's token; a last tile's padding rows (past the
+        # request's last token) give a bound past kv_len, which the minimum clips.
+        last_visible = (first_row + (block_m - 1)) // group + (kv - qo)[tile_request]
+        hi = np.maximum(np.minimum(hi, last_visible + 1), 0)
     lo = None  # no window: every range starts at key 0
     if window_left >= 0:
         lo = np.maximum(first_row // group + (kv - qo)[tile_request] - window_left, 0)
@@ -168,7 +170,8 @@ def plan_prefill_work(
         # every item writes the output directly and there is nothing to merge.
         item_tile = None
         item_request, item_row_block = tile_request, tile_block
-        item_slot = np.full(num_tiles, -1, dtype=np.int64)
+        item_slot = np.empty(num_tiles, dtype=np.int64)
+        item_slot.fill(-1)  # (np.full's Python wrapper costs a microsecond more)
         merge_tiles = np.zeros(0, dtype=np.int64)
         merge_slot_start = merge_num_slots = merge_tiles
     else:
@@ -216,16 +219,13 @@ def _launch_order(item_request: np.ndarray, item_length: np.ndarray, batch_size:
     if item_request.size == 0:
         return np.zeros(0, dtype=np.int64), 1
     group_items = int(np.bincount(item_request, minlength=batch_size).max())
-    if group_items == 1:  # every request has one item: its own length is its longest
-        longest = item_length
-    else:
-        request_max = np.zeros(batch_size, dtype=np.int64)
-        np.maximum.at(request_max, item_request, item_length)
-        longest = request_max[item_request]
+    if group_items == 1:  # every request has one item: by its length descending, then request, then position
+        return np.lexsort((item_request, -item_length)), 1
+    request_max = np.zeros(batch_size, dtype=np.int64)
+    np.maximum.at(request_max, item_request, item_length)
     # One stable sort: by the request's longest item descending, then request, then length descending,
     # then position.
-    order = np.lexsort((-item_length, item_request, -longest))
-    return order, group_items
+    return np.lexsort((-item_length, item_request, -request_max[item_request])), group_items
 
 
 def _interleave_by_cost(order: np.ndarray, small: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -272,8 +272,9 @@ def pack_prefill_meta(work: PrefillWork, requests, item_capacity: int, merge_cap
     items = meta[o: o + ITEM_FIELDS * work.num_items].reshape(work.num_items, ITEM_FIELDS)
     items.T[:] = (work.item_request, work.item_row_block, work.item_kv_start, work.item_kv_end, work.item_slot)
     o += ITEM_FIELDS * item_capacity
-    merges = meta[o: o + MERGE_FIELDS * work.num_merges].reshape(work.num_merges, MERGE_FIELDS)
-    merges.T[:] = (work.merge_request, work.merge_row_block, work.merge_slot_start, work.merge_num_slots)
+    if work.num_merges:  # (most plans split no tile)
+        merges = meta[o: o + MERGE_FIELDS * work.num_merges].reshape(work.num_merges, MERGE_FIELDS)
+        merges.T[:] = (work.merge_request, work.merge_row_block, work.merge_slot_start, work.merge_num_slots)
     return torch.from_numpy(meta)
 
 
