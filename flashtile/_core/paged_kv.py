@@ -21,7 +21,7 @@ import torch
 from ..reference.page import seq_lens
 from .checks import check_option, describe
 from .debug import validate_device_indices
-from .host_arrays import host_int64, host_int64_view, host_view
+from .host_arrays import host_int64, host_int64_view, host_max, host_min, host_view
 
 __all__ = [
     "kv_page_views",
@@ -161,7 +161,7 @@ def check_page_table(
     if ip.size < 1:
         raise ValueError("indptr: expected batch_size + 1 >= 1 entries, got 0")
     pages = ip[1:] - ip[:-1]
-    if pages.size and pages.min() < 0:
+    if pages.size and host_min(pages) < 0:
         raise ValueError(f"indptr: must be non-decreasing, got {ip[:16].tolist()}")
     num_indices = indices.numel() if isinstance(indices, torch.Tensor) else len(indices)
     first, last = int(ip[0]), int(ip[-1])
@@ -177,7 +177,7 @@ def check_page_table(
     lp = host_view(last_page_len)
     # An entry out of range is an error only for a request with pages (one without has length 0 and its
     # last_page_len is not read); most tables have none, which the smallest and largest entry show.
-    if lp.size and (lp.min() < 1 or lp.max() > page_size):
+    if lp.size and (host_min(lp) < 1 or host_max(lp) > page_size):
         bad = np.flatnonzero(((lp < 1) | (lp > page_size)) & (pages > 0))
         if bad.size:
             i = int(bad[0])
@@ -234,7 +234,7 @@ def read_page_table(indptr, indices, last_page_len, page_size: int,
     if validate_device_indices(indices):
         check_page_table(indptr_h, indices, last_h, page_size)
         if last > first:
-            max_page_id = int(host_view(indices[first:last]).max())
+            max_page_id = host_max(host_view(indices[first:last]))
     elif first < 0 or (indptr_h[1:] < indptr_h[:-1]).any():
         raise ValueError(f"{names[0]}: must be non-negative and non-decreasing, got {indptr_h[:16].tolist()}")
     return HostPageTable(indptr=indptr_h, kv_lens=seq_lens(indptr_h, last_h, page_size), max_page_id=max_page_id)

@@ -17,7 +17,7 @@ from . import ops, tile_policy
 from .attention_args import resolve_attention_params
 from .checks import FP8_DTYPES, check_tensor, describe
 from .fp8_attention import Fp8Scales, fp8_scales, reject_fp8_features
-from .host_arrays import host_int64
+from .host_arrays import host_int64, host_max
 from .multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
 from .paged_kv import as_index_tensor
 from .wrapper import PlanBase, PlanRunWrapper, check_heads
@@ -141,8 +141,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
         small = tile_policy.plans_small_tiles(self._compiled())
         align, sms = tile_policy.planning_facts(self.device, small)
         deterministic = fixed_split_size is not None or disable_split_kv
-        max_rows = None if deterministic else (int(qo_lens.max()) * group if batch else 0)
-        max_kv = int(kv_lens_h.max()) if batch else 0
+        max_rows = None if deterministic else (host_max(qo_lens) * group if batch else 0)
+        max_kv = host_max(kv_lens_h) if batch else 0
         block_m, block_n = tile_policy.prefill_tile_shape(max_rows, max_kv, head_dim_qk, head_dim_vo, page_size,
                                                           small=small)
         if self._use_cuda_graph:

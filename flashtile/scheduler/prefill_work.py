@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._core.host_arrays import host_int64_view, host_view
+from .._core.host_arrays import host_int64_view, host_max, host_view
 from .._core.intmath import cdiv
 from .split_kv import _target_items, plan_batch_kv_splits
 
@@ -218,7 +218,7 @@ def _launch_order(item_request: np.ndarray, item_length: np.ndarray, batch_size:
     Arguments: int64 numpy arrays ``[num_items]``."""
     if item_request.size == 0:
         return np.zeros(0, dtype=np.int64), 1
-    group_items = int(np.bincount(item_request, minlength=batch_size).max())
+    group_items = host_max(np.bincount(item_request, minlength=batch_size))
     if group_items == 1:  # every request has one item: by its length descending, then request, then position
         return np.lexsort((item_request, -item_length)), 1
     request_max = np.zeros(batch_size, dtype=np.int64)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._core.host_arrays import host_int64
+from .._core.host_arrays import host_int64, host_max, host_sum
 from .._core.intmath import cdiv
 
 __all__ = [
@@ -192,13 +192,13 @@ def plan_batch_kv_splits(
     """
     lens = host_int64(kv_lens)
     batch = lens.size
-    longest = int(lens.max()) if batch else 0
+    longest = host_max(lens) if batch else 0
     if disable_split:
         chunk = max(align, cdiv(max(longest, 1), align) * align)
     elif fixed_chunk is not None:
         chunk = max(align, cdiv(int(fixed_chunk), align) * align)
     else:
-        total = int(lens.sum()) if batch else 0
+        total = host_sum(lens)
         per_item = cdiv(max(total, 1), _target_items(programs_per_item, num_sms, programs_per_sm))
         chunk = max(MIN_CHUNK_TILES * align, cdiv(per_item, align) * align)
     if longest <= chunk:  # one item per request (a large uniform batch)
