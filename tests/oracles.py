@@ -230,22 +230,16 @@ def batch_indices_positions_oracle(append_indptr, seq_lens, nnz):
 
 
 def read_paged_kv_oracle(k_pages, v_pages, kv_indices, kv_indptr, kv_last_page_len):
-    """Per request, its tokens ``(k [len, H, D], v [len, H, D])`` read token by token from float64
-    ``[pages, page_size, H, D]`` page tensors."""
+    """Per request, its tokens ``(k [len, H, D], v [len, H, D])`` from float64 ``[pages, page_size, H, D]``
+    page tensors: its pages in table order, laid end to end, cut at ``(num_pages - 1) * page_size + last``."""
     page_size = k_pages.shape[1]
     indices, indptr, last = kv_indices.tolist(), kv_indptr.tolist(), kv_last_page_len.tolist()
     out = []
     for b in range(len(last)):
-        num_pages = indptr[b + 1] - indptr[b]
-        length = (num_pages - 1) * page_size + last[b] if num_pages > 0 else 0  # no pages: no KV
-        ks, vs = [], []
-        for t in range(length):
-            page = indices[indptr[b] + t // page_size]
-            ks.append(k_pages[page, t % page_size])
-            vs.append(v_pages[page, t % page_size])
-        shape = (0,) + tuple(k_pages.shape[2:])
-        out.append((torch.stack(ks) if ks else torch.zeros(shape, dtype=torch.float64),
-                    torch.stack(vs) if vs else torch.zeros((0,) + tuple(v_pages.shape[2:]), dtype=torch.float64)))
+        pages = indices[indptr[b]:indptr[b + 1]]
+        length = (len(pages) - 1) * page_size + last[b] if pages else 0  # no pages: no KV
+        rows = torch.tensor(pages, dtype=torch.long)
+        out.append(tuple(x[rows].reshape((-1,) + tuple(x.shape[2:]))[:length] for x in (k_pages, v_pages)))
     return out
 
 
