@@ -16,8 +16,8 @@ from .device import INTERPRETER_SMS, num_sms
 from .intmath import dot_tile_dim
 from .settings import interpreting
 
-__all__ = ["KV_CHUNK_ALIGN", "SMALL_TILE", "SMALL_M_CONFIGS", "plans_small_tiles", "planning_facts", "prefill_tile_shape",
-           "small_tiles"]
+__all__ = ["KV_CHUNK_ALIGN", "SMALL_TILE", "SMALL_M_CONFIGS", "plans_small_tiles", "planning_facts",
+           "prefill_tile_shape", "small_tiles"]
 
 # KV splits are multiples of this many tokens so every BLOCK_N of the kernels divides a chunk
 # (128 beat 256 at kv 4k and 128k on H100: finer chunks fit the grid to the GPU better).

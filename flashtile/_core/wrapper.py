@@ -348,7 +348,8 @@ class PlanRunWrapper:
             if not buffer.is_contiguous():
                 raise ValueError(f"{name}: must be contiguous")
             entry = self._flat_workspaces[name] = (buffer, buffer.reshape(-1).view(torch.uint8), {})
-        _, flat, views = entry
+        flat: torch.Tensor = entry[1]
+        views: dict = entry[2]
         key = (dtype, shapes)
         tensors = views.get(key)
         if tensors is None:
