@@ -341,8 +341,9 @@ class PlanRunWrapper:
         """The start of a workspace as consecutive tensors of ``dtype`` and these shapes (views, no copy).
 
         The buffer's flat byte view is made (and its layout checked) once per buffer, and the views once
-        per (dtype, shapes): a plan with the sizes of an earlier one gets the same view objects (they are
-        only read), without the torch slicing and viewing that cost microseconds per tensor."""
+        per (dtype, shapes): a plan with the sizes of an earlier one gets the same view objects (the same
+        bytes that fresh views would cover; callers write through them, never reshape them), without the
+        torch slicing and viewing that cost microseconds per tensor."""
         entry = self._flat_workspaces.get(name)
         if entry is None or entry[0] is not buffer:
             if not buffer.is_contiguous():
