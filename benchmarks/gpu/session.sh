@@ -8,7 +8,9 @@
 #   OUT=dir TOTAL=560 TEST_LIMIT=300 TESTS="tests/test_sparse.py ..." WARM="pod sparse" \
 #     bash benchmarks/gpu/session.sh pod sparse gemm
 # TESTS: test files or node ids (default: none); WARM: suites whose FlashInfer/Flex providers warm up
-# (default: the named scripts'); a later call on the same warm machine reuses the warm caches.
+# (default: the named scripts'); a later call on the same warm machine reuses the warm caches. Each warm-up
+# may run WARM_LIMIT seconds (default 900: it outlives the call, and FlashInfer's demo modules took longer
+# than one call's tests on a shared CPU).
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -36,7 +38,7 @@ if [ -n "$WARM_LIST" ] && [ -f .fi-ref/device_env.sh ] && command -v nvidia-smi 
     read -r suite providers <<< "${FI_PROVIDERS[$s]}"
     if [ "$suite" = cmd ]; then run="$providers"  # a script's own warm-up command (host, demo)
     else run="python3 -m benchmarks.run --suite $suite --providers $providers --out /tmp/warm/$s"; fi
-    cmds+="timeout 400 nice -n 10 $run > /tmp/warm/$s.log 2>&1; echo \"\$(date +%T) warm $s rc=\$?\" >> /tmp/warm/progress &
+    cmds+="timeout ${WARM_LIMIT:-900} nice -n 10 $run > /tmp/warm/$s.log 2>&1; echo \"\$(date +%T) warm $s rc=\$?\" >> /tmp/warm/progress &
 "
   done
   mkdir -p /tmp/warm
