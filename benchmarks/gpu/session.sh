@@ -46,6 +46,7 @@ if [ -n "$WARM_LIST" ] && [ -f .fi-ref/device_env.sh ] && command -v nvidia-smi 
   # plus 14 pytest workers a 1-second test took a minute)
   setsid nohup bash -c ". .fi-ref/device_env.sh; export MAX_JOBS=4; $cmds wait; echo ALL DONE >> /tmp/warm/progress" \
     > /tmp/warm/driver.log 2>&1 < /dev/null &
+  echo $! > /tmp/warm/pgid  # setsid made it a process-group leader: its group is every warm-up process
   disown
 fi
 
@@ -68,10 +69,12 @@ if [ -n "${SANITIZE:-}" ]; then  # "file::-k expression" items, run in parallel 
   wait
 fi
 
-# the warm-up must not share the GPU with the timings: wait for it a while, then stop what is left of it
-if [ ${#SCRIPTS[@]} -gt 0 ] && [ -f /tmp/warm/driver.log ]; then
+# the warm-up must not share the GPU (or, for host timings, the CPUs) with the timings: wait for it a
+# while, then stop what is left of it, this call's or an earlier call's (a call without scripts leaves it
+# running for the next call)
+if [ ${#SCRIPTS[@]} -gt 0 ] && [ -f /tmp/warm/pgid ]; then
   for _ in $(seq "${WARM_WAIT:-60}"); do grep -q "ALL DONE" /tmp/warm/progress 2>/dev/null && break; sleep 1; done
-  pkill -f "out /tmp/warm/" 2>/dev/null; sleep 1
+  kill -- -"$(cat /tmp/warm/pgid)" 2>/dev/null; sleep 1
 fi
 for s in "${SCRIPTS[@]}"; do
   [ "$(left)" -lt 40 ] && { echo "== $s: skipped, $(left) s left"; continue; }
