@@ -576,34 +576,48 @@ def test_memo_knob_and_clear_launch_memos(memo_launcher, monkeypatch):
 
 
 def test_replay_cell_replays_what_the_memo_would(memo_launcher, monkeypatch):
-    """A ReplayCell (held by an API memo entry) gives the memo's replay for its key, and None wherever
-    LaunchMemo.get gives None: nothing recorded yet, hooks installed, check mode, direct launches or memos off,
-    another current device; after clear_launch_memos it looks the key up again."""
+    """A ReplayCell (held by an API memo entry) replays the memo's launch for its key, and launches nothing
+    (returns False) wherever LaunchMemo.get gives None: nothing recorded yet, hooks installed, check mode,
+    direct launches or memos off, another current device; after clear_launch_memos until it is refreshed."""
     jit, memo, launcher, computed = memo_launcher
     x = torch.zeros(32)
     key = (launch.tensor_key(x),)
     cell = memo.cell(key)
-    assert cell.get() is None  # nothing recorded
+    cell.refresh()
+    assert cell.replay(x, 0.5) is False  # nothing recorded
     launcher(x, 0.5)
-    replay = cell.get()
-    assert replay is not None and replay is memo.get(key)
-    replay(torch.ones(32), 1.5)
     (compiled,) = jit.compiled.values()
+    launched = len(compiled.launches)
+    cell.refresh()
+    assert cell.replay(torch.ones(32), 1.5) is True
+    assert len(compiled.launches) == launched + 1
     assert compiled.launches[-1][-4] == 32 and compiled.launches[-1][-3] == 1.5
+
+    def replays() -> bool:
+        before = len(compiled.launches)
+        done = cell.replay(x, 0.5)
+        assert len(compiled.launches) == before + done  # launched exactly when it says so
+        return done
+
     monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs(enter=_HookChain(print)))
-    assert cell.get() is None
+    assert not replays()
     monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs())
     for name, value in (("check", True), ("enabled", False), ("memo", False)):
         previous = launch._state.get(name)
         monkeypatch.setitem(launch._state, name, value)
-        assert cell.get() is None, name
+        assert not replays(), name
         monkeypatch.setitem(launch._state, name, previous if previous is not None else name != "check")
-    assert cell.get() is replay
+    assert replays()
     monkeypatch.setitem(launch._state, "current_device", lambda: 1)  # recorded on device 0
-    assert cell.get() is None
+    assert not replays()
+    cell.refresh()  # nothing recorded on device 1
+    assert not replays()
     monkeypatch.setitem(launch._state, "current_device", lambda: 0)
-    assert cell.get() is replay
+    cell.refresh()
+    assert replays()
     launch.clear_launch_memos()
-    assert cell.get() is None and computed == [(32,)]
+    assert not replays() and computed == [(32,)]
     launcher(x, 0.5)  # recorded again
-    assert cell.get() is not None and cell.get() is not replay
+    assert not replays()  # the cell still holds the cleared memo's replay
+    cell.refresh()
+    assert replays()

@@ -366,10 +366,37 @@ def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
     return _compile_replay(params, lines, namespace)
 
 
-def _compile_replay(params: str, lines: list, namespace: dict):
-    """``def replay(<params>)``: the current stream, then the launch lines."""
+# The checks of a guarded replay (ReplayCell), generated into it so that a call reads the current device once
+# (for the checks and the stream) through one Python frame: what LaunchMemo.get checks before handing out a
+# replay (the settings flags, Triton's launch hooks; a missing setting means "not read yet"), plus the device
+# and the memo generation the replay was recorded under. On any of them it returns False without launching.
+_GUARD_SOURCE = """\
+    try:
+        device = state["current_device"]()
+        if device != recorded_device or memo.generation != recorded_generation or not state["enabled"] or \\
+                not state["memo"] or state["check"]:
+            return False
+        runtime = state["knobs_runtime"]
+    except KeyError:
+        return False
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook  # installed hooks: see _has_calls
+    if (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True)):
+        return False
+    stream = current_stream(device)
+"""
+
+
+def _compile_replay(params: str, lines: list, namespace: dict, guard: Optional[tuple] = None):
+    """``def replay(<params>)``: the current stream, then the launch lines. With ``guard``, ``(memo, device)``
+    of the recording, the replay checks first (_GUARD_SOURCE) and returns whether it launched."""
     namespace.update(current_stream=_driver().get_current_stream, current_device=_current_device_function())
-    source = f"def replay({params}):\n    stream = current_stream(current_device())\n" + "\n".join(lines) + "\n"
+    if guard is None:
+        head, tail = "    stream = current_stream(current_device())\n", ""
+    else:
+        namespace.update(state=_state, memo=guard[0], recorded_generation=guard[0].generation,
+                         recorded_device=guard[1])
+        head, tail = _GUARD_SOURCE, "    return True\n"
+    source = f"def replay({params}):\n{head}" + "\n".join(lines) + "\n" + tail
     exec(source, namespace)
     return namespace["replay"]
 
@@ -527,12 +554,14 @@ class LaunchMemo:
     def __init__(self, dynamic):
         self.dynamic = tuple(dynamic)
         self._replays: dict = {}
+        self._guarded: dict = {}  # the same launches as _replays, guarded (ReplayCell)
         self._recorded: dict = {}
         self.generation = 0  # counts clear()s: a ReplayCell holding an older replay looks it up again
         _ALL_MEMOS.append(self)
 
     def clear(self) -> None:
         self._replays.clear()
+        self._guarded.clear()
         self._recorded.clear()
         self.generation += 1
 
@@ -587,60 +616,59 @@ class LaunchMemo:
         except _Uncacheable:
             return compiled
         self._recorded[full_key] = record
-        self._replays[full_key] = self._make_replay(compiled, grid, args, tail)
+        self._replays[full_key], self._guarded[full_key] = self._make_replays(full_key[0], compiled, grid, args, tail)
         return compiled
 
-    def _make_replay(self, compiled, grid, args: tuple, tail: list):
-        """A function of the dynamic values that launches the compiled kernel with the recorded grid and
-        arguments (generated once per key: no per-argument work per call)."""
+    def guarded(self, key):
+        """The guarded replay (ReplayCell) of ``key`` on the current device where :meth:`get` gives a replay,
+        else None."""
+        if self.get(key) is None:
+            return None
+        return self._guarded.get((_current_device(), key))
+
+    def _make_replays(self, device: int, compiled, grid, args: tuple, tail: list) -> tuple:
+        """Two functions of the dynamic values that launch the compiled kernel with the recorded grid and
+        arguments (generated once per key: no per-argument work per call): the replay :meth:`get` gives, and
+        the guarded one a ReplayCell holds."""
         values = [("value", f"a{i}", a) if i in self.dynamic else ("constant", a) for i, a in enumerate(args)]
         values += [("constant", a) for a in tail]
-        namespace: dict = {}
-        line = _launch_source(0, compiled, grid, values, namespace)
-        return _compile_replay(", ".join(f"a{i}" for i in self.dynamic), [line], namespace)
+        params = ", ".join(f"a{i}" for i in self.dynamic)
+        replays = []
+        for guard in (None, (self, device)):
+            namespace: dict = {}
+            line = _launch_source(0, compiled, grid, values, namespace)
+            replays.append(_compile_replay(params, [line], namespace, guard))
+        return tuple(replays)
+
+
+def _not_recorded(*values) -> bool:
+    """A ReplayCell's replay while it has none: launches nothing."""
+    return False
 
 
 class ReplayCell:
     """One key's replay of a :class:`LaunchMemo`, held by a caller that already looked the key up in its
     own memo (the API layer's per-key entry, _core/memo.py), so that a call costs one key lookup, not two.
 
-    :meth:`get` returns the replay while LaunchMemo.get would return the same one: it holds the replay
-    found for the current device and the memo's generation (clear() makes it look again), and re-checks
-    per call only what can change without clearing the memos: the current device, the settings flags
-    (tests set them directly) and Triton's launch hooks (a profiler may install them at any time)."""
+    ``cell.replay(*dynamic_values)`` launches and returns True where LaunchMemo.get would hand out a replay for
+    the key, else returns False without launching: nothing recorded, another current device or a cleared memo
+    (the replay is the guarded one recorded with the memo's, which checks per call what can change without
+    clearing the memos: the current device, the settings flags, which tests set directly, and Triton's launch
+    hooks, which a profiler may install at any time). After False the caller launches through its launcher,
+    then calls :meth:`refresh`."""
 
-    __slots__ = ("memo", "key", "replay", "device", "generation")
+    __slots__ = ("memo", "key", "replay")
 
     def __init__(self, memo: LaunchMemo, key) -> None:
         self.memo = memo
         self.key = key
-        self.replay = None
-        self.device = None
-        self.generation = -1
+        self.replay = _not_recorded
 
-    def get(self):
-        """The replay for the key on the current device, or None (then launch through the launcher)."""
-        replay = self.replay
-        state = _state
-        try:
-            if replay is None or self.generation != self.memo.generation or \
-                    state["current_device"]() != self.device or not state["enabled"] or not state["memo"] or \
-                    state["check"]:
-                return self._refresh()
-            runtime = state["knobs_runtime"]
-        except KeyError:  # a setting forgotten (settings.reload) or not read yet: LaunchMemo.get reads it
-            return self._refresh()
-        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook  # installed hooks: see _has_calls
-        if (enter is not None and getattr(enter, "calls", True)) or (
-                leave is not None and getattr(leave, "calls", True)):
-            return None
-        return replay
-
-    def _refresh(self):
-        replay = self.replay = self.memo.get(self.key)
-        if replay is not None:
-            self.device, self.generation = _state["current_device"](), self.memo.generation
-        return replay
+    def refresh(self) -> None:
+        """Take the memo's guarded replay of the key for the current device (after a launch that may have
+        recorded it)."""
+        replay = self.memo.guarded(self.key)
+        self.replay = _not_recorded if replay is None else replay
 
 
 _state: dict = {}

@@ -251,11 +251,9 @@ def merge_state_pair_runner(launch_key):
     cell = _PAIR_LAUNCHES.cell(launch_key)
 
     def run(v_a, s_a, v_b, s_b, v_out, s_out, mask):
-        replay = cell.get()
-        if replay is None:
+        if not cell.replay(v_a, s_a, v_b, s_b, v_out, s_out, s_a if mask is None else mask.view(torch.uint8)):
             merge_state_pair(v_a, s_a, v_b, s_b, v_out, s_out, mask, launch_key)
-        else:
-            replay(v_a, s_a, v_b, s_b, v_out, s_out, s_a if mask is None else mask.view(torch.uint8))
+            cell.refresh()
 
     return run
 

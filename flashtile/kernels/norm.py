@@ -232,11 +232,9 @@ def rmsnorm_runner(launch_key):
     cell = _RMSNORM_LAUNCHES.cell(launch_key)
 
     def run(input, weight, out, eps, weight_offset):
-        replay = cell.get()
-        if replay is None:
+        if not cell.replay(input, input, weight, out, eps, weight_offset):
             _launch_rmsnorm(_RMSNORM_LAUNCHES, launch_key, input, None, weight, out, eps, weight_offset)
-        else:
-            replay(input, input, weight, out, eps, weight_offset)
+            cell.refresh()
 
     return run
 
@@ -247,12 +245,10 @@ def fused_add_rmsnorm_runner(launch_key):
     cell = _FUSED_ADD_RMSNORM_LAUNCHES.cell(launch_key)
 
     def run(input, residual, weight, eps, weight_offset):
-        replay = cell.get()
-        if replay is None:
+        if not cell.replay(input, residual, weight, input, eps, weight_offset):
             _launch_rmsnorm(_FUSED_ADD_RMSNORM_LAUNCHES, launch_key, input, residual, weight, input, eps,
                             weight_offset)
-        else:
-            replay(input, residual, weight, input, eps, weight_offset)
+            cell.refresh()
 
     return run
 
