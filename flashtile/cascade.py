@@ -17,7 +17,7 @@ import torch
 
 from ._core import ops_cascade as ops
 from ._core.attention_args import resolve_scalar
-from ._core.buffers import new_output, new_output_like
+from ._core.buffers import new_output, output_maker
 from ._core.checks import check_same_device, check_tensor, describe
 from ._core.memo import CallMemo, eager, tensor_key
 from ._core.variant_args import variant_from_jit_args
@@ -76,29 +76,13 @@ def _memo_key(tag: str, v_a, s_a, v_b, s_b, mask=None) -> Optional[tuple]:
         return None
 
 
-# Keys whose checks passed -> for merge_state: the function that runs such a call (_merge_runner); for
-# merge_state_in_place: (the eager merge_state_pair function, whether s_other needs the float32 cast). A known
-# key proves the checks pass: they depend only on the tensors' shapes, dtypes and devices.
+# Keys whose checks passed -> for merge_state: (ops.eager_runner's function, whether s_a and whether s_b need
+# the float32 cast, the makers of the v and s outputs: buffers.output_maker); for merge_state_in_place: (the
+# eager merge_state_pair function, whether s_other needs the float32 cast). A known key proves the checks pass:
+# they depend only on the tensors' shapes, dtypes and devices.
 _MERGE_STATE_CALLS = CallMemo()
 _MERGE_STATE_IN_PLACE_CALLS = CallMemo()
 _is_compiling = torch.compiler.is_compiling
-
-
-def _merge_runner(run, cast_a: bool, cast_b: bool):
-    """``merge(v_a, s_a, v_b, s_b) -> (v, s)`` for calls of one key: ``run`` is ops.eager_runner's function,
-    ``cast_a``/``cast_b`` whether that key's s_a/s_b need the float32 cast."""
-
-    def merge(v_a, s_a, v_b, s_b):
-        if cast_a:
-            s_a = s_a.to(torch.float32)
-        if cast_b:
-            s_b = s_b.to(torch.float32)
-        v = new_output_like(v_a)  # contiguous [seq_len, num_heads, head_dim] in v_a's dtype
-        s = new_output_like(s_a)  # contiguous float32 [seq_len, num_heads]
-        run(v_a, s_a, v_b, s_b, v, s, None)
-        return v, s
-
-    return merge
 
 
 def merge_state(
@@ -127,7 +111,7 @@ def merge_state(
         ``(v, s)``: ``v [seq_len, num_heads, head_dim]`` in v_a's dtype, ``s [seq_len, num_heads]``
         float32 (base 2), new contiguous tensors.
     """
-    key = None
+    key = call = None
     if not _is_compiling():  # the remembered call first, its key (memo.tensor_key's fields) written out here
         try:
             key = (v_a.shape, v_a.stride(), v_a.dtype, v_a.device, v_a.data_ptr() % 16 == 0,
@@ -137,24 +121,31 @@ def merge_state(
         except Exception:
             key = None
         else:
-            merge = _MERGE_STATE_CALLS.get(key)
-            if merge is not None:
-                return merge(v_a, s_a, v_b, s_b)
-    _check_v("v_a", v_a, 3, "[seq_len, num_heads, head_dim]")
-    seq_len, num_heads, head_dim = v_a.shape
-    _check_s("s_a", s_a, (seq_len, num_heads))
-    _check_like_v("v_b", v_b, "v_a", v_a)
-    _check_s("s_b", s_b, (seq_len, num_heads))
-    device = check_same_device(v_a=v_a, s_a=s_a, v_b=v_b, s_b=s_b)
-    if key is None:
-        v = new_output((seq_len, num_heads, head_dim), v_a.dtype, device)
-        s = new_output((seq_len, num_heads), torch.float32, device)
-        ops.call(ops.merge_state, v_a, s_a.to(torch.float32), v_b, s_b.to(torch.float32), v, s)
-        return v, s
-    merge = _merge_runner(ops.eager_runner(ops.merge_state, device, key), s_a.dtype != torch.float32,
-                          s_b.dtype != torch.float32)
-    _MERGE_STATE_CALLS.remember(key, merge)
-    return merge(v_a, s_a, v_b, s_b)
+            call = _MERGE_STATE_CALLS.get(key)
+    if call is None:
+        _check_v("v_a", v_a, 3, "[seq_len, num_heads, head_dim]")
+        seq_len, num_heads, head_dim = v_a.shape
+        _check_s("s_a", s_a, (seq_len, num_heads))
+        _check_like_v("v_b", v_b, "v_a", v_a)
+        _check_s("s_b", s_b, (seq_len, num_heads))
+        device = check_same_device(v_a=v_a, s_a=s_a, v_b=v_b, s_b=s_b)
+        if key is None:
+            v = new_output((seq_len, num_heads, head_dim), v_a.dtype, device)
+            s = new_output((seq_len, num_heads), torch.float32, device)
+            ops.call(ops.merge_state, v_a, s_a.to(torch.float32), v_b, s_b.to(torch.float32), v, s)
+            return v, s
+        call = (ops.eager_runner(ops.merge_state, device, key), s_a.dtype != torch.float32,
+                s_b.dtype != torch.float32, output_maker(v_a), output_maker(s_a))
+        _MERGE_STATE_CALLS.remember(key, call)
+    run, cast_a, cast_b, make_v, make_s = call
+    if cast_a:
+        s_a = s_a.to(torch.float32)  # as it is (strides kept), so its output maker still applies
+    if cast_b:
+        s_b = s_b.to(torch.float32)
+    v = make_v(v_a)  # contiguous [seq_len, num_heads, head_dim] in v_a's dtype
+    s = make_s(s_a)  # contiguous float32 [seq_len, num_heads]
+    run(v_a, s_a, v_b, s_b, v, s, None)
+    return v, s
 
 
 def merge_state_in_place(

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ._core import ops_small as ops
-from ._core.buffers import new_output_like
+from ._core.buffers import new_output_like, output_maker
 from ._core.checks import check_tensor, describe
 from ._core.memo import CallMemo, tensor_key
 
@@ -77,29 +77,31 @@ def _key(eps, a, b, c, d=None) -> Optional[tuple]:
         return None
 
 
-# Keys whose checks passed -> the function that runs such a call: for rmsnorm and fused_add_rmsnorm
-# ops.eager_runner's (on the kernel path it replays the key's recorded launch); ops.eager_function's for
-# layernorm.
+# Keys whose checks passed -> what runs such a call: for rmsnorm (ops.eager_runner's function, the maker of its
+# output: buffers.output_maker), for fused_add_rmsnorm ops.eager_runner's function (on the kernel path they
+# replay the key's recorded launch), for layernorm ops.eager_function's.
 _RMSNORM_CALLS = CallMemo()
 _FUSED_ADD_RMSNORM_CALLS = CallMemo()
 _LAYERNORM_CALLS = CallMemo()
 
 
 def _rmsnorm(input, weight, eps, out, weight_offset: float) -> torch.Tensor:
-    # The remembered call first, with its key written out here (host time is most of a batch-1 norm).
+    # The remembered call first, with its key (memo.tensor_key's fields) written out here: host time is most
+    # of a batch-1 norm.
     key = None
     if type(eps) is float and not _is_compiling():
         try:
             key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16 == 0,
                    weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16 == 0,
-                   None if out is None else tensor_key(out), None)  # the layout of _key's
+                   None if out is None else tensor_key(out))
         except Exception:
             key = None
         else:
-            run = _RMSNORM_CALLS.get(key)
-            if run is not None and eps >= 0.0:
+            call = _RMSNORM_CALLS.get(key)
+            if call is not None and eps >= 0.0:
+                run, make_output = call
                 if out is None:
-                    out = new_output_like(input)
+                    out = make_output(input)
                 run(input, weight, out, eps, weight_offset)
                 return out
     _check_rows("input", input)
@@ -111,10 +113,10 @@ def _rmsnorm(input, weight, eps, out, weight_offset: float) -> torch.Tensor:
         return out
     if out is not None:
         _check_like("out", out, input)
-    run = ops.eager_runner(ops.rmsnorm, input.device, key)
-    _RMSNORM_CALLS.remember(key, run)
+    run, make_output = ops.eager_runner(ops.rmsnorm, input.device, key), output_maker(input)
+    _RMSNORM_CALLS.remember(key, (run, make_output))
     if out is None:
-        out = new_output_like(input)
+        out = make_output(input)  # as the later calls make it: the recorded launch holds its strides
     run(input, weight, out, eps, weight_offset)
     return out
 
@@ -157,12 +159,15 @@ def gemma_rmsnorm(
 
 
 def _fused_add(input, residual, weight, eps, weight_offset: float) -> None:
+    # As _rmsnorm: the remembered call first; every tensor's fields flat in the key (no tuple per tensor to
+    # build and hash).
     key = None
     if type(eps) is float and not _is_compiling():
         try:
             key = (input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16 == 0,
                    residual.shape, residual.stride(), residual.dtype, residual.device,
-                   residual.data_ptr() % 16 == 0, tensor_key(weight), None)  # the layout of _key's
+                   residual.data_ptr() % 16 == 0,
+                   weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16 == 0)
         except Exception:
             key = None
         else:

@@ -32,18 +32,44 @@ def test_rmsnorm_after_a_remembered_call(path, device, bad, error):
 @pytest.mark.parametrize("bad, error", [
     (dict(eps=-1.0), ValueError),
     (dict(residual=torch.randn(3, 64, dtype=torch.float32)), TypeError),
+    (dict(residual=torch.randn(1, 3, 64, dtype=torch.float16)), ValueError),
+    (dict(residual=torch.randn(3, 64, dtype=torch.float16, device="meta")), ValueError),
     (dict(weight=torch.ones(32, dtype=torch.float16)), ValueError),
+    (dict(weight=torch.ones(64, dtype=torch.int32)), TypeError),
+    (dict(weight=torch.ones(64, dtype=torch.float16, device="meta")), ValueError),
 ])
 def test_fused_add_rmsnorm_after_a_remembered_call(path, device, bad, error):
     x, r = (torch.randn(3, 64, dtype=torch.float16, device=device) for _ in range(2))
     w = torch.randn(64, dtype=torch.float16, device=device)
-    bad = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in bad.items()}
+    bad = {name: value.to(device) if isinstance(value, torch.Tensor) and not value.is_meta else value
+           for name, value in bad.items()}
     flashtile.fused_add_rmsnorm(x, r, w, 1e-6)
     flashtile.fused_add_rmsnorm(x, r, w, 1e-6)
     kwargs = dict(residual=r, weight=w, eps=1e-6)
     kwargs.update(bad)
     with pytest.raises(error):
         flashtile.fused_add_rmsnorm(x, **kwargs)
+
+
+def test_outputs_stay_contiguous_and_correct_for_strided_inputs(path, device):
+    """Outputs are made per key (buffers.output_maker): contiguous for every input layout, also a contiguous
+    input whose size-1 dim has an odd stride (its output keeps that stride) and a strided one."""
+    wide = torch.randn(3, 128, dtype=torch.float16, device=device)
+    w = torch.randn(64, dtype=torch.float16, device=device)
+    for x in (wide[:1, :64], wide[:, :64], wide[:, ::2]):  # contiguous with stride (128, 1); strided twice
+        for _ in range(2):
+            out = flashtile.rmsnorm(x, w, 1e-6)
+            assert out.is_contiguous() and out.shape == x.shape
+            torch.testing.assert_close(out.double().cpu(), rmsnorm_f64(x, w, 1e-6).cpu(), atol=2e-3, rtol=2e-3)
+    va, vb = (torch.randn(5, 4, 32, dtype=torch.float16, device=device) for _ in range(2))
+    for sa in (torch.randn(5, 4, device=device, dtype=torch.float16), torch.randn(4, 5, device=device).t()):
+        sb = torch.randn(5, 4, device=device)
+        expected = [t.cpu() for t in flashtile.merge_state(va, sa.float().contiguous(), vb, sb)]
+        for _ in range(2):
+            v, s = flashtile.merge_state(va, sa, vb, sb)
+            assert v.is_contiguous() and s.is_contiguous() and s.dtype == torch.float32
+            torch.testing.assert_close(v.cpu(), expected[0])
+            torch.testing.assert_close(s.cpu(), expected[1])
 
 
 def test_merge_state_after_a_remembered_call(path, device):

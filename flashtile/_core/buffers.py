@@ -66,6 +66,22 @@ def new_output_like(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def new_output_like_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """:func:`new_output_like` of an ``x`` known to be contiguous (by a memo key holding its shape and strides):
+    ``torch.empty_like``'s default (``preserve_format``) then gives a contiguous output with x's strides,
+    without parsing a ``memory_format`` keyword (a fifth less host time)."""
+    out = _empty_like(x)
+    if debug._poisoning is not False:
+        _poisoned_in_debug(out)
+    return out
+
+
+def output_maker(x: torch.Tensor):
+    """The function that makes the contiguous outputs like ``x`` for calls whose memo key holds x's shape
+    and strides: :func:`new_output_like_contiguous` for a contiguous ``x``, else :func:`new_output_like`."""
+    return new_output_like_contiguous if x.is_contiguous() else new_output_like
+
+
 
 _DISCARDED_BUFFERS: dict = {}  # (device, dtype) -> buffers, newest last; never freed (see discarded_output)
 _DISCARDED_VIEWS: dict = {}  # (shape, dtype, device) -> the view handed out
