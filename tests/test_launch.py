@@ -599,8 +599,12 @@ def test_replay_cell_replays_what_the_memo_would(memo_launcher, monkeypatch):
         assert len(compiled.launches) == before + done  # launched exactly when it says so
         return done
 
-    monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs(enter=_HookChain(print)))
-    assert not replays()
+    unhooked = _FakeKnobs()
+    unhooked.launch_enter_hook = unhooked.launch_exit_hook = None  # older Triton: no hook installed
+    for knobs, hooked in ((_FakeKnobs(enter=_HookChain(print)), True), (_FakeKnobs(leave=_HookChain(print)), True),
+                          (_FakeKnobs(leave=print), True), (_FakeKnobs(enter=print), True), (unhooked, False)):
+        monkeypatch.setitem(launch._state, "knobs_runtime", knobs)
+        assert replays() is not hooked
     monkeypatch.setitem(launch._state, "knobs_runtime", _FakeKnobs())
     for name, value in (("check", True), ("enabled", False), ("memo", False)):
         previous = launch._state.get(name)

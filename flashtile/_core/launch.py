@@ -379,9 +379,12 @@ _GUARD_SOURCE = """\
         runtime = state["knobs_runtime"]
     except KeyError:
         return False
-    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook  # installed hooks: see _has_calls
-    if (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True)):
-        return False
+    try:  # installed hooks (see _has_calls): HookChains with calls; read directly, getattr costs twice as much
+        if runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
+            return False
+    except AttributeError:  # a hook that is None or a plain function (older Triton, or assigned one)
+        if runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+            return False
     stream = current_stream(device)
 """
 
