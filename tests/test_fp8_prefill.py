@@ -142,20 +142,20 @@ def check_requests(out, lse, q8, k8_rows, v8_rows, sq, sk, sv, qo_lens, causal):
 
 
 QO_LENS, KV_LENS = [5, 17, 0, 1], [9, 40, 3, 1]
-# the split case: a request longer than two KV chunks of the GPU's planner (tile_policy.KV_CHUNK_ALIGN, 128), so
-# that it is cut on the GPU as well as under the interpreter (16-key chunks)
-SPLIT_KV_LENS = [9, 300, 3, 1]
+# the split case: a request longer than two KV chunks of the planner (tile_policy: 16 keys under the
+# interpreter, KV_CHUNK_ALIGN = 128 on the GPU), so that it is cut on both
+SPLIT_KV_LENS = {"cpu": [9, 40, 3, 1], "cuda": [9, 300, 3, 1]}
 
 
 @pytest.mark.parametrize("causal, per_head, split", [(True, True, False), (False, False, False), (True, True, True)])
 def test_ragged_prefill_fp8(path, device, causal, per_head, split):
-    kv_lens = SPLIT_KV_LENS if split else KV_LENS
+    kv_lens = SPLIT_KV_LENS[device.type] if split else KV_LENS
     q8, k8, v8, sq, sk, sv, qo_indptr, kv_indptr = ragged_batch(QO_LENS, kv_lens, 4, 2, 32, E4M3, device, per_head)
     w = flashtile.BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
     w.plan(qo_indptr, kv_indptr, 4, 2, 32, causal=causal, q_data_type=E4M3, kv_data_type=E4M3,
            o_data_type=torch.bfloat16, fixed_split_size=16 if split else None)
     if split and path == "kernel":
-        assert w._plan.num_merges > 0  # the 300-key request is cut: partial states (pre-scaled by scale_v) merged
+        assert w._plan.num_merges > 0  # the long request is cut: partial states (pre-scaled by scale_v) merged
     out, lse = w.run(q8, k8, v8, sq, sk, sv, return_lse=True)
     kv = kv_indptr.tolist()
     check_requests(out, lse, q8, lambda i: k8[kv[i]:kv[i + 1]], lambda i: v8[kv[i]:kv[i + 1]], sq, sk, sv, QO_LENS,

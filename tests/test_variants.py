@@ -245,12 +245,14 @@ def test_window_mask_with_kv_range(path, device, kind):
     built-in window; a range that cuts visible keys, or a full range that holds hidden ones, changes the
     kernels' result only, so each hook is really used there (the reference path ignores both)."""
     w = 9
-    # 200 keys: with the GPU's tiles (up to 128 rows x 128 keys) too, a prefill has key tiles that no causal
-    # mask touches (the loop where kv_full_range applies), some of them outside the window
+    # keys enough that a prefill has key tiles no causal mask touches (the loop where kv_full_range applies),
+    # some of them outside the window: 75 with the interpreter's 16 x 16 tiles, 200 with the GPU's (up to
+    # 128 rows x 128 keys)
+    n = 200 if device.type == "cuda" else 75
     if kind.startswith("single"):
-        q, k, v = make_qkv(1 if kind == "single_decode" else 21, 200, 4, 2, 64, torch.float16, device)
+        q, k, v = make_qkv(1 if kind == "single_decode" else 21, n, 4, 2, 64, torch.float16, device)
     else:
-        lens = [200, 5, 33]
+        lens = [n, 5, 33]
         cache, indptr, indices, last = make_paged_batch(lens, 4, 2, 64, torch.float16, device)
         qo_indptr = [0, 1, 2, 3] if kind == "batch_decode" else [0, 12, 17, 18]
         q = torch.randn(qo_indptr[-1], 4, 64, dtype=torch.float16, device=device)
