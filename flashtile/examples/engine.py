@@ -540,8 +540,10 @@ class PagedEngine(EngineBase):
     # sampling ----------------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.sampling
-        if s.greedy:  # top-k with k = 1: the most likely token
-            return self.k.sampling.top_k_top_p_sampling_from_logits(logits, 1, 1.0, generator=self.gen)
+        if s.greedy:  # top-k with k = 1: the most likely token. "joint": one sampling pass, the same token as
+            # "top_k_first" at k = 1 (FlashInfer's top_k_first path JIT-compiles its top-k module for minutes)
+            return self.k.sampling.top_k_top_p_sampling_from_logits(logits, 1, 1.0, filter_apply_order="joint",
+                                                                    generator=self.gen)
         if s.temperature != 1.0:
             logits = logits / s.temperature
         return self.k.sampling.top_k_top_p_sampling_from_logits(logits, s.top_k, s.top_p, generator=self.gen)
