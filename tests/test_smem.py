@@ -63,7 +63,24 @@ def preferred_configs(head_dim: int) -> dict:
         block_m, block_n = tile_policy.prefill_tile_shape(rows, kv_len, head_dim, head_dim, page_size)
         cfg = batch_prefill._launch_config(block_m, block_n, head_dim, head_dim, page_size)
         configs[f"batch prefill rows {rows} kv {kv_len} page {page_size}"] = (cfg, False)
+        cfg = batch_prefill._launch_config(block_m, block_n, head_dim, head_dim, page_size, fp8=True)
+        configs[f"fp8 batch prefill rows {rows} kv {kv_len} page {page_size}"] = (cfg, False)
     return configs
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv_len", [512, 8192])
+def test_fp8_full_row_tiles_take_the_single_prefill_fp8_tile(gpu_tables, head_dim, kv_len):
+    # FP8's full row tiles use FP8 single prefill's key tile, warps and stages whatever the plan's BLOCK_N
+    # (short prompts plan 32 keys, fp8's slowest shape); smaller row tiles keep their own configs.
+    single = attention.choose_config("prefill_fp8", head_dim)
+    block_m, block_n = tile_policy.prefill_tile_shape(1024, kv_len, head_dim, head_dim, None)
+    assert block_m == single.block_m
+    assert batch_prefill._launch_config(block_m, block_n, head_dim, head_dim, None, fp8=True) == single
+    assert batch_prefill._launch_config(block_m, block_n, head_dim, head_dim, 16, fp8=True) == single
+    small = tile_policy.prefill_tile_shape(16, kv_len, head_dim, head_dim, None)
+    assert (batch_prefill._launch_config(*small, head_dim, head_dim, None, fp8=True)
+            == batch_prefill._launch_config(*small, head_dim, head_dim, None))
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -51,6 +51,7 @@ from .attention import (
     LaunchConfig,
     alibi_slopes_of,
     check_fp8_head_dims,
+    choose_config,
     fp8_kwargs,
     qk_tile_dim,
     variant_kwargs,
@@ -279,9 +280,11 @@ def prefetch_page_ids(page_size: Optional[int]) -> bool:
 def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: Optional[int],
                    fp8: bool = False) -> LaunchConfig:
     """The preferred config of a planned tile (measured on H100: see the notes above); the launch fits
-    it to the device's shared memory (smem.py). ``fp8``: FP8 attention, whose 128-row tiles take 8 warps
-    (with 4, the sm_90a compile spills about 1 KiB a thread at BLOCK_N 32, and ragged 16 x 1024 ran at
-    0.37x its bf16 time on an H100; 8 warps compile without spill: benchmarks/tools/aot_compile_check)."""
+    it to the device's shared memory (smem.py). ``fp8``: FP8 attention, whose full row tiles take the
+    key tile, warps and stages of FP8 single prefill (kernels/attention.py's "prefill_fp8" entry; d128:
+    BLOCK_N 128, 8 warps). The planned BLOCK_N 32 of short prompts ran ragged 16 x 1024 at 0.37x its bf16
+    time with 4 warps (about 1 KiB of spill) and 0.48x with 8 on an H100: its fp8 logits are 32-key
+    m64n32k32 wgmmas and its P.V one k32 step per tile (sm_90a PTX)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
     if tile_policy.CONFIG_OVERRIDE is not None:
@@ -289,6 +292,10 @@ def _launch_config(block_m: int, block_n: int, d_qk: int, d_vo: int, page_size: 
     if block_m in tile_policy.SMALL_M_CONFIGS:
         _, warps, stages = tile_policy.SMALL_M_CONFIGS[block_m][max(d_qk, d_vo)]
         return LaunchConfig(block_m, block_n, warps, stages)
+    if fp8:
+        single = choose_config("prefill_fp8", max(d_qk, d_vo))
+        if single.block_m == block_m:
+            return LaunchConfig(block_m, single.block_n, single.num_warps, single.num_stages)
     warps = 4 if not fp8 and (block_n == 32 or (page_size == 1 and block_n == 64)) else 8
     return LaunchConfig(block_m, block_n, warps, 3)
 
