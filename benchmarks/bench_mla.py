@@ -97,8 +97,33 @@ MLA_GRID = [{Knob(_TILES, "MLA_MAX_BLOCK_M"): g["m"], Knob(_TILES, "MLA_BLOCK_N"
             for g in grid(m=(16, 32, 64), n=(16, 32, 64), w=(4, 8), st=(2, 3), o=(1, 2))
             if g["w"] == 8 or g["m"] <= 32 or g["o"] == 2]
 
+
+
+def _setting(m, n, w, st, o):
+    return {Knob(_TILES, "MLA_MAX_BLOCK_M"): m, Knob(_TILES, "MLA_BLOCK_N"): n, Knob(_TILES, "MLA_WIDE_WARPS"): w,
+            Knob(_TILES, "MLA_STAGES"): st, Knob(_TILES, "MLA_OUT_SPLIT"): o}
+
+
+def _focus_settings(case: Case) -> list:
+    """A few minutes' worth of the grid, by what limits the case (docs/mla.md). Up to 32 heads the tile has
+    16-32 rows, the work is memory-bound, and one 8-warp program fills an SM's registers (155 a thread at
+    16 rows): fewer warps, deeper pipelines, longer key tiles keep more latent bytes in flight. From 64 heads
+    the logits' 32-key wgmmas reread Q from shared memory: longer key tiles, and one warp group owning the
+    logits (4 warps, output split 2)."""
+    if case.params["heads"] * case.params["qo"] <= 32:
+        shapes = [(64, 32, 4, 3, 1), (64, 32, 4, 4, 1), (64, 64, 4, 3, 1), (64, 32, 8, 3, 1), (64, 32, 8, 4, 1),
+                  (64, 64, 8, 3, 1), (64, 64, 4, 3, 2)]
+    else:
+        shapes = [(64, 64, 8, 2, 1), (64, 64, 8, 2, 2), (64, 32, 8, 2, 2), (64, 32, 4, 2, 2), (64, 64, 4, 2, 2),
+                  (64, 32, 8, 3, 1), (64, 32, 4, 3, 2)]
+    return [_setting(*shape) for shape in shapes]
+
+
 register(Suite("mla", mla_cases, [Provider("flashtile", _flashtile), Provider("flashinfer", _flashinfer)], "gbps",
                "DeepSeek MLA decode/append (latent 512 + rope 64, bf16, random page order)",
                tunes={"config": Tune(lambda case: MLA_GRID,
                                      description="largest BLOCK_M x BLOCK_N x warps (wide latent) x stages x "
-                                                 "output-column split")}))
+                                                 "output-column split"),
+                      "focus": Tune(_focus_settings, cases=lambda case: case.params["page_size"] == 64,
+                                    description="7 shapes per page-64 case, chosen by what limits it (memory "
+                                                "below 64 heads, the logits' wgmma width above)")}))

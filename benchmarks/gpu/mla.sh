@@ -4,7 +4,8 @@
 # wrapper in the same process (DeepSeek prefill d192/128 listed beside them).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/mla.sh [tune]   (carry .fi-ref)
-# "tune" adds the launch-config grid of the mla suite (python -m benchmarks.run --suite mla --tune).
+# "tune" adds the launch-config grid of the mla suite (python -m benchmarks.run --suite mla --tune); "focus" its
+# 7-shape grid per page-64 case (--tune focus, about 3 minutes).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -68,4 +69,6 @@ print(text)
 (out / "mla_table.md").write_text(text + "\n")
 PY
 if [ "${1:-}" = tune ]; then timeout 300 python3 -m benchmarks.run --suite mla --tune --filter h128 --out "$OUT" 2>&1 \
+  | tail -40 | tee "$OUT/mla_tune.log"; fi
+if [ "${1:-}" = focus ]; then timeout 300 python3 -m benchmarks.run --suite mla --tune focus --out "$OUT" 2>&1 \
   | tail -40 | tee "$OUT/mla_tune.log"; fi
