@@ -56,7 +56,7 @@ if [ -n "${TESTS:-}" ]; then
   echo "pytest rc=$? after $(( $(date +%s) - T0 )) s"
   grep -E "^(FAILED|ERROR)" "$R/tests.log" | head -40
   tail -n 1 "$R/tests.log"
-  grep -oE "PASSED tests/[a-z_/]+\.py" "$R/tests.log" | sort | uniq -c | tee "$R/passed_per_file.txt"
+  grep -oE "PASSED tests/[a-z0-9_/]+\.py" "$R/tests.log" | sort | uniq -c | tee "$R/passed_per_file.txt"
 fi
 if [ -n "${SANITIZE:-}" ]; then  # "file::-k expression" items, run in parallel under memcheck
   i=0
