@@ -108,14 +108,16 @@ def _focus_settings(case: Case) -> list:
     """A few minutes' worth of the grid, by what limits the case (docs/mla.md). Up to 32 heads the tile has
     16-32 rows, the work is memory-bound, and one 8-warp program fills an SM's registers (155 a thread at
     16 rows): fewer warps, deeper pipelines, longer key tiles keep more latent bytes in flight. From 64 heads
-    the logits' 32-key wgmmas reread Q from shared memory: longer key tiles, and one warp group owning the
-    logits (4 warps, output split 2)."""
+    the logits' 32-key wgmmas reread Q from shared memory, and with 64 rows Triton splits the two warp groups
+    of 8 warps along the keys (row maxima and P cross between them through shared memory): longer key tiles,
+    one warp group owning the logits (4 warps, output split 2), or 128-row tiles (128 heads), whose warp
+    groups own 64 rows each (sm_90a: 216 KiB of shared memory, 255 registers, no spill)."""
     if case.params["heads"] * case.params["qo"] <= 32:
         shapes = [(64, 32, 4, 3, 1), (64, 32, 4, 4, 1), (64, 64, 4, 3, 1), (64, 32, 8, 3, 1), (64, 32, 8, 4, 1),
                   (64, 64, 8, 3, 1), (64, 64, 4, 3, 2)]
     else:
         shapes = [(64, 64, 8, 2, 1), (64, 64, 8, 2, 2), (64, 32, 8, 2, 2), (64, 32, 4, 2, 2), (64, 64, 4, 2, 2),
-                  (64, 32, 8, 3, 1), (64, 32, 4, 3, 2)]
+                  (64, 32, 8, 3, 1), (128, 32, 8, 2, 2)]
     return [_setting(*shape) for shape in shapes]
 
 

@@ -28,6 +28,8 @@ _ap.add_argument("--dump", default=None, help="write each compiled kernel's TTGI
 _ap.add_argument("--only", default="", help="compile only the cases whose label contains this text (e.g. sampling)")
 _ap.add_argument("--prefill-config", default=None,
                  help="block_n,num_warps,num_stages for the 128-row batch-prefill cases (default: the launcher's)")
+_ap.add_argument("--mla-config", default=None,
+                 help="max_block_m,block_n,warps,stages,out_split for the MLA cases (default: _core/mla_tiles.py's)")
 _ap.add_argument("--card", default="H100",
                  help="choose the decode configs of this card's tune table entry (flashtile/_core/decode_tune.py)")
 _args = _ap.parse_args()
@@ -332,6 +334,12 @@ compile_all("activation silu 8192 x 2*14336")
 from flashtile._core.mla_tiles import MlaMeta, mla_launch_facts  # noqa: E402
 from flashtile.kernels import mla as MLA  # noqa: E402
 from flashtile.scheduler.mla_work import plan_mla_work  # noqa: E402
+
+if _args.mla_config:
+    from flashtile._core import mla_tiles as _MT
+
+    (_MT.MLA_MAX_BLOCK_M, _MT.MLA_BLOCK_N, _MT.MLA_WIDE_WARPS, _MT.MLA_STAGES,
+     _MT.MLA_OUT_SPLIT) = (int(x) for x in _args.mla_config.split(","))
 
 
 def mla_case(batch, kv, heads, qo=1, page=64, kv_dtype=bf, label="", variant=None):
