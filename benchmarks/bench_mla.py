@@ -99,25 +99,26 @@ MLA_GRID = [{Knob(_TILES, "MLA_MAX_BLOCK_M"): g["m"], Knob(_TILES, "MLA_BLOCK_N"
 
 
 
-def _setting(m, n, w, st, o):
+def _setting(m, n, w, st, o, prefetch=True):
     return {Knob(_TILES, "MLA_MAX_BLOCK_M"): m, Knob(_TILES, "MLA_BLOCK_N"): n, Knob(_TILES, "MLA_WIDE_WARPS"): w,
-            Knob(_TILES, "MLA_STAGES"): st, Knob(_TILES, "MLA_OUT_SPLIT"): o}
+            Knob(_TILES, "MLA_STAGES"): st, Knob(_TILES, "MLA_OUT_SPLIT"): o,
+            Knob(_TILES, "MLA_PREFETCH_PAGES"): prefetch}
 
 
 def _focus_settings(case: Case) -> list:
-    """A few minutes' worth of the grid, by what limits the case (docs/mla.md). Up to 32 heads the tile has
-    16-32 rows, the work is memory-bound, and one 8-warp program fills an SM's registers (155 a thread at
-    16 rows): fewer warps, deeper pipelines, longer key tiles keep more latent bytes in flight. From 64 heads
-    the logits' 32-key wgmmas reread Q from shared memory, and with 64 rows Triton splits the two warp groups
-    of 8 warps along the keys (row maxima and P cross between them through shared memory): longer key tiles,
-    one warp group owning the logits (4 warps, output split 2), or 128-row tiles (128 heads), whose warp
-    groups own 64 rows each (sm_90a: 216 KiB of shared memory, 255 registers, no spill)."""
+    """A few minutes' worth of the grid, by what limits the case (docs/mla.md). The first is the shape
+    before the page-id prefetch (2 stages, page ids loaded in the iteration: one latent buffer, no copy in
+    flight during the math). Up to 32 heads the tile has 16-32 rows and the work is memory-bound: deeper
+    pipelines, 4 warps, longer key tiles. From 64 heads the logits' 32-key wgmmas reread Q from shared
+    memory, and with 64 rows Triton splits the two warp groups of 8 warps along the keys (row maxima and P
+    cross between them through shared memory): longer key tiles, the output split, or 128-row tiles (128
+    heads), whose warp groups own 64 rows each."""
     if case.params["heads"] * case.params["qo"] <= 32:
-        shapes = [(64, 32, 4, 3, 1), (64, 32, 4, 4, 1), (64, 64, 4, 3, 1), (64, 32, 8, 3, 1), (64, 32, 8, 4, 1),
-                  (64, 64, 8, 3, 1), (64, 64, 4, 3, 2)]
+        shapes = [(64, 32, 8, 2, 1, False), (64, 32, 8, 4, 1), (64, 32, 4, 3, 1), (64, 32, 4, 4, 1),
+                  (64, 64, 8, 3, 1), (64, 64, 4, 3, 1), (64, 32, 8, 3, 1, False)]
     else:
-        shapes = [(64, 64, 8, 2, 1), (64, 64, 8, 2, 2), (64, 32, 8, 2, 2), (64, 32, 4, 2, 2), (64, 64, 4, 2, 2),
-                  (64, 32, 8, 3, 1), (128, 32, 8, 2, 2)]
+        shapes = [(64, 32, 8, 2, 1, False), (64, 32, 8, 4, 1), (64, 64, 8, 3, 1), (64, 32, 8, 3, 2),
+                  (64, 64, 4, 3, 2), (128, 32, 8, 2, 2), (128, 16, 8, 3, 2)]
     return [_setting(*shape) for shape in shapes]
 
 

@@ -97,6 +97,23 @@ def test_mla_output_column_split(path, device, monkeypatch, qo_lens, kv_lens, pa
     check_mla(out, lse, *batch, causal=True, sm_scale=0.15, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("qo_lens, kv_lens, page_size, heads", [CASES[0], CASES[1], CASES[2]])
+def test_mla_page_id_prefetch_either_way(path, device, monkeypatch, prefetch, qo_lens, kv_lens, page_size, heads):
+    """MLA_PREFETCH_PAGES (each key tile's page ids loaded one tile ahead, masked at the chunk's end) and
+    its absence give the oracle's result, over split chunks (fixed_split_size) whose ends are not tile
+    multiples of the request's pages, page size 1 and a page size that does not divide the tile."""
+    from flashtile._core import mla_tiles
+
+    monkeypatch.setattr(mla_tiles, "MLA_PREFETCH_PAGES", prefetch)
+    dc, dp = DIMS[0]
+    batch = make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, torch.bfloat16, device, indptr_offset=1)
+    w = BatchMLAPagedAttentionWrapper(workspace(device, mib=128))
+    w.plan(*batch[4:], heads, dc, dp, page_size, True, 0.15, torch.bfloat16, torch.bfloat16, fixed_split_size=64)
+    out, lse = w.run(*batch[:4], return_lse=True)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.15, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("split", ["fixed", "disabled"])
 def test_mla_split_options(path, device, split):
     dc, dp = DIMS[0]

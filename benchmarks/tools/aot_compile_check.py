@@ -372,10 +372,10 @@ from flashtile._core import mla_tiles as _MT  # noqa: E402
 
 _MT.MLA_OUT_SPLIT = 2
 mla_case(64, 4096, 128, label="out-split 2 decode 64x4096 h128 p64")
-_MT.MLA_BLOCK_N = 64
+_stages, _MT.MLA_BLOCK_N, _MT.MLA_STAGES = _MT.MLA_STAGES, 64, 2  # 64 x 576 latent tiles: two stages fit
 mla_case(64, 4096, 128, label="out-split 2 block_n 64 decode 64x4096 h128 p64")
 mla_case(128, 8192, 16, label="out-split 2 block_n 64 decode 128x8192 h16 p64")
-_MT.MLA_OUT_SPLIT, _MT.MLA_BLOCK_N = 1, 32
+_MT.MLA_OUT_SPLIT, _MT.MLA_BLOCK_N, _MT.MLA_STAGES = 1, 32, _stages
 # MLA with variants: sinks (the sink hook), a logits transform (soft cap), no softmax (FlashSigmoid).
 mla_case(64, 4096, 128, label="variant sinks decode 64x4096 h128 p64",
          variant=BoundVariant(sink_variant(), (torch.randn(128),)))

@@ -25,9 +25,12 @@ _SMALL = 16
 MLA_MAX_BLOCK_M = 64
 MLA_BLOCK_N = 32
 MLA_WIDE_WARPS = 8
-MLA_STAGES = 2
+MLA_STAGES = 3
 # Programs per work item, each owning a slice of the output columns (1 or 2; kernels/mla.py OUT_SPLIT).
 MLA_OUT_SPLIT = 1
+# Page ids one key tile ahead, so that Triton's pipeliner keeps latent tiles in flight (kernels/mla.py
+# PREFETCH_PAGES); read at each launch.
+MLA_PREFETCH_PAGES = True
 
 
 @dataclass(frozen=True)

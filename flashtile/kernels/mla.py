@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core import mla_tiles
 from .._core.device import num_sms
 from .._core.settings import interpreting
 from .attention import variant_kwargs
@@ -53,7 +54,7 @@ def _mla_kernel(
     NUM_STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
     LOGITS_HOOK: tl.constexpr = None, MASK_HOOK: tl.constexpr = None, OUTPUT_HOOK: tl.constexpr = None,
     SINK_HOOK: tl.constexpr = None, USE_SOFTMAX: tl.constexpr = True, vargs=None, hook_sm_scale=None,
-    OUT_SPLIT: tl.constexpr = 1, RANGE_HOOK: tl.constexpr = None,
+    OUT_SPLIT: tl.constexpr = 1, RANGE_HOOK: tl.constexpr = None, PREFETCH_PAGES: tl.constexpr = False,
 ):
     """Variant hooks (flashtile/variants.py; None: not compiled) see the MLA rows as MQA: kv_head 0, the
     unscaled ``qk`` over ``[ckv | kpe]`` (the launcher then passes the caches' dequantization scales as
@@ -61,7 +62,12 @@ def _mla_kernel(
 
     OUT_SPLIT 2: each work item runs as two programs, one per half of the output columns. Both compute
     the full logits (the latent in two halves: "mine", whose columns this program outputs, and the other)
-    and accumulate only their half of ``P @ ckv``: half the accumulator registers, the logits twice."""
+    and accumulate only their half of ``P @ ckv``: half the accumulator registers, the logits twice.
+
+    PREFETCH_PAGES: each tile's page ids are loaded one iteration ahead. Loaded in the iteration that uses
+    them, they make the latent copies "indirect" for Triton's pipeliner, which then keeps one latent
+    buffer and waits for every copy at the top of each iteration (sm_90a TTGIR, Triton 3.6): no tile in
+    flight during the math, whatever NUM_STAGES says (kernels/tiles.py's attend_tiles does the same)."""
     D_OUT: tl.constexpr = D_CKV // OUT_SPLIT
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -120,10 +126,17 @@ def _mla_kernel(
                                     qo_len, kv_len, vargs)
             lo = tl.maximum(lo, (r_lo // BLOCK_N) * BLOCK_N)
             hi = tl.minimum(hi, r_hi)
+        if PREFETCH_PAGES:
+            next_page = tl.load(kv_indices_ptr + page0 + (lo + offs_n) // page_size, mask=lo + offs_n < hi, other=0)
         for j0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
             j = j0 + offs_n  # [BLOCK_N] token positions
             kv_ok = j < hi
-            page = tl.load(kv_indices_ptr + page0 + j // page_size, mask=kv_ok, other=0).to(tl.int64)
+            if PREFETCH_PAGES:
+                page = next_page.to(tl.int64)
+                ahead = j + BLOCK_N
+                next_page = tl.load(kv_indices_ptr + page0 + ahead // page_size, mask=ahead < hi, other=0)
+            else:
+                page = tl.load(kv_indices_ptr + page0 + j // page_size, mask=kv_ok, other=0).to(tl.int64)
             slot = j % page_size
             ckv_rows = ckv_ptr + (page * s_ckv_p + slot * s_ckv_s)[:, None]
             ckv = tl.load(ckv_rows + offs_mine[None, :], mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D_OUT]
@@ -259,6 +272,7 @@ def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_
             qk_scale_ckv, qk_scale_kpe, ckv_scale,
             D_CKV=d_ckv, D_KPE=d_kpe, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=bool(causal),
             NUM_STAGES=c.num_stages, UPCAST_DOT=INTERPRET, num_warps=c.num_warps, num_stages=c.num_stages,
+            PREFETCH_PAGES=mla_tiles.MLA_PREFETCH_PAGES,
             **hooks, **({} if out_split == 1 else {"OUT_SPLIT": out_split}),
         )
 
