@@ -188,6 +188,14 @@ A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:,
                        torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
                        num_programs=splits.num_items, max_states=1, merge=False)
 compile_all("batch decode 64 x 4096")
+_cache1 = cache.view(64 * 256 * 16, 2, 1, 8, 128)  # page size 1 (SGLang's token-granular cache)
+A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), _cache1[:, 0], _cache1[:, 1],
+                       i32(torch.arange(0, 64 * 4096 + 1, 4096)),
+                       torch.arange(64 * 4096, dtype=torch.int32), worklist,
+                       torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
+                       torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
+                       num_programs=splits.num_items, max_states=1, merge=False)
+compile_all("batch decode page 1 64 x 4096")
 if hasattr(torch, "float8_e4m3fn"):  # fp8 K/V: fp16 dots (kernels/tiles.py)
     for _fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
         _cache8 = cache.to(_fp8)
