@@ -181,31 +181,26 @@ cache = torch.randn(64 * 256, 2, 16, 8, 128, dtype=bf)
 i32 = lambda x: torch.as_tensor(x).to(torch.int32)  # noqa: E731
 worklist = pack_decode_worklist(decode_layout(64, splits.num_items), splits.request_item_indptr, lens,
                                 splits.item_request, splits.item_kv_start, splits.item_kv_end)
-A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1],
-                       i32(torch.arange(0, 64 * 256 + 1, 256)),
-                       torch.arange(64 * 256, dtype=torch.int32), worklist,
-                       torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
-                       torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
-                       num_programs=splits.num_items, max_states=1, merge=False)
-compile_all("batch decode 64 x 4096")
-_cache1 = cache.view(64 * 256 * 16, 2, 1, 8, 128)  # page size 1 (SGLang's token-granular cache)
-A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), _cache1[:, 0], _cache1[:, 1],
-                       i32(torch.arange(0, 64 * 4096 + 1, 4096)),
-                       torch.arange(64 * 4096, dtype=torch.int32), worklist,
-                       torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
-                       torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088), batch_size=64,
-                       num_programs=splits.num_items, max_states=1, merge=False)
-compile_all("batch decode page 1 64 x 4096")
+
+
+def batch_decode_case(k_cache, v_cache, page_size, label):
+    """The 64 x 4096 batch decode (32/8 heads, d128) over pages of ``page_size`` tokens."""
+    pages = 4096 // page_size
+    A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), k_cache, v_cache,
+                           i32(torch.arange(0, 64 * pages + 1, pages)), torch.arange(64 * pages, dtype=torch.int32),
+                           worklist, torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
+                           torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
+                           batch_size=64, num_programs=splits.num_items, max_states=1, merge=False)
+    compile_all(label)
+
+
+batch_decode_case(cache[:, 0], cache[:, 1], 16, "batch decode 64 x 4096")
+_cache1 = cache.view(64 * 4096, 2, 1, 8, 128)  # page size 1 (SGLang's token-granular cache)
+batch_decode_case(_cache1[:, 0], _cache1[:, 1], 1, "batch decode page 1 64 x 4096")
 if hasattr(torch, "float8_e4m3fn"):  # fp8 K/V: fp16 dots (kernels/tiles.py)
     for _fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
         _cache8 = cache.to(_fp8)
-        A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), _cache8[:, 0], _cache8[:, 1],
-                               i32(torch.arange(0, 64 * 256 + 1, 256)),
-                               torch.arange(64 * 256, dtype=torch.int32), worklist,
-                               torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
-                               torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
-                               batch_size=64, num_programs=splits.num_items, max_states=1, merge=False)
-        compile_all(f"batch decode {str(_fp8).split('_')[-1]} 64 x 4096")
+        batch_decode_case(_cache8[:, 0], _cache8[:, 1], 16, f"batch decode {str(_fp8).split('_')[-1]} 64 x 4096")
 for _d in (64, 256):  # other head dims (the tune table has one entry per padded head dim)
     _cache = torch.empty(16 * 256, 2, 16, 8, _d, dtype=bf)  # launches are captured, not run
     _splits = plan_batch_kv_splits(torch.tensor([4096] * 16), 8, 132, 128)
