@@ -111,3 +111,22 @@ def test_replayed_calls_compute_this_calls_inputs(path, device):
         assert_matches_oracle(o[None], lse[None], q, k, v)
         o = flashtile.single_decode_with_kv_cache(q[0], k, v)
         assert_matches_oracle(o[None], None, q, k, v)
+
+
+def test_zeroed_int32_hands_out_fresh_aligned_zeros(monkeypatch):
+    """The split sampler's barrier counters come from pools of zeros (buffers.zeroed_int32): every slice
+    is zeros when handed out although every earlier one was written (a slice is never handed out twice,
+    across pool refills too), 16-byte aligned, of the asked length."""
+    from flashtile._core import buffers
+
+    monkeypatch.setattr(buffers, "ZEROED_POOL_USES", 3)
+    monkeypatch.setattr(buffers, "_ZEROED_POOLS", {})
+    handed = []
+    for numel in (1, 5, 4, 7, 2, 3, 9, 1, 1, 1, 16):
+        z = buffers.zeroed_int32(numel, torch.device("cpu"))
+        assert z.shape == (numel,) and z.dtype == torch.int32 and z.is_contiguous()
+        assert z.data_ptr() % 16 == 0
+        assert not z.any()
+        z.fill_(numel)  # as a launch writes its barrier counts
+        handed.append(z)
+    assert all(bool((z == z.numel()).all()) for z in handed)

@@ -4,6 +4,8 @@ integers) so an element a kernel forgets to write fails a test instead of passin
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import debug
@@ -110,3 +112,38 @@ def discarded_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
         _DISCARDED_VIEWS.clear()
     view = _DISCARDED_VIEWS[key] = buffers[-1][:numel].view(tuple(shape))
     return view
+
+
+# Zeroed int32 scratch handed out in slices of pools: one torch.zeros per ZEROED_POOL_USES slices of a size
+# instead of one per call (on a GPU a zero fill is a kernel launch: a few µs of host time). Each slice is handed
+# out once. Pools are kept per device and CUDA stream: the pool's zeros are written on the stream that then uses
+# its slices, and a finished pool returns to PyTorch's allocator on that stream, which orders its reuse after
+# them. A stream capturing a CUDA graph gets a torch.zeros of its own (the graph replays that fill).
+ZEROED_POOL_USES = 256
+MAX_ZEROED_POOLS = 64
+_ZEROED_POOLS: dict = {}  # (device, stream) -> [pool, next free element]
+_ZEROED_LOCK = threading.Lock()
+_ZERO_ALIGN = 4  # int32 elements per 16 bytes: slices keep the pool's 16-byte alignment (Triton specializes on it)
+
+
+def zeroed_int32(numel: int, device: torch.device) -> torch.Tensor:
+    """``numel`` int32 zeros on ``device``, 16-byte aligned, for one kernel launch that may write them (the
+    sampler's row barriers): a fresh slice of a pool of zeros, never handed out again."""
+    key: tuple
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(numel, dtype=torch.int32, device=device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = (device, None)
+    size = -(-max(numel, 1) // _ZERO_ALIGN) * _ZERO_ALIGN
+    with _ZEROED_LOCK:
+        entry = _ZEROED_POOLS.get(key)
+        if entry is None or entry[1] + size > entry[0].numel():
+            if entry is None and len(_ZEROED_POOLS) >= MAX_ZEROED_POOLS:
+                _ZEROED_POOLS.clear()
+            entry = _ZEROED_POOLS[key] = [torch.zeros(size * ZEROED_POOL_USES, dtype=torch.int32, device=device), 0]
+        start = entry[1]
+        entry[1] = start + size
+    return entry[0][start:start + numel]

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._core.buffers import zeroed_int32
 from ..._core.launch import MAX_CACHED_CALLS, LaunchMemo, direct_launch
 from . import config
 from .common import (
@@ -253,9 +254,15 @@ _SCRATCH: Dict[tuple, Tuple[Optional[int], Optional[int]]] = {}  # key -> (PART 
 
 def _scratch(part_numel: Optional[int], counter_numel: Optional[int], dummy: torch.Tensor):
     """The PART (float32, uninitialized) and COUNTER (int32 zeros) tensors of a split launch; ``dummy``
-    where the launch needs none."""
+    where the launch needs none. On a GPU COUNTER is a fresh slice of a pool of zeros (buffers.zeroed_int32):
+    a zero fill per call would be one more kernel launch (on a CPU torch.zeros costs less than the slice)."""
     part = dummy if part_numel is None else torch.empty(part_numel, dtype=torch.float32, device=dummy.device)
-    counter = dummy if counter_numel is None else torch.zeros(counter_numel, dtype=torch.int32, device=dummy.device)
+    if counter_numel is None:
+        counter = dummy
+    elif dummy.is_cuda:
+        counter = zeroed_int32(counter_numel, dummy.device)
+    else:
+        counter = torch.zeros(counter_numel, dtype=torch.int32, device=dummy.device)
     return part, counter
 
 
