@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Provider, Suite, device, import_flashinfer, register
+from .harness import Case, Knob, Provider, Suite, Tune, device, grid, import_flashinfer, register
 
 DTYPE = torch.float16
 
@@ -159,6 +159,50 @@ def _flashinfer_batch_attention(case: Case):
     return run
 
 
+# ---------------------------------------------------------------------------------------------
+# Tuning grids (--tune): whether the two halves can share SMs. A program of the single-prefill kernel's d128
+# config (128 x 128 tile, 8 warps, 3 stages) takes ~224 KiB of shared memory and the whole register file, so
+# no decode program runs beside it: the side stream only fills SMs the prefill has left. The "pod" grid gives
+# the prefill half smaller programs (4 warps, 2 stages) and the decode half fewer programs per SM, so that a
+# prefill program and a decode program fit one SM together. The "ba" grid times BatchAttention's row tile:
+# its decodes share the prefill's tile rows (a 128-row tile holds 4 rows of one decode).
+# ---------------------------------------------------------------------------------------------
+
+PREFILL_CONFIG = Knob("flashtile.kernels.attention", "_CONFIG_TABLE", ("prefill", 128))
+DECODE_PER_SM = Knob("flashtile._core.decode_tune", "BATCH_PROGRAMS_PER_SM_OVERRIDE")
+TILE_SHAPE = Knob("flashtile._core.tile_policy", "prefill_tile_shape")
+TILE_CONFIG = Knob("flashtile._core.tile_policy", "CONFIG_OVERRIDE")  # (block_n, warps, stages)
+
+
+def _pod_grid(case: Case):
+    from flashtile.kernels.attention import LaunchConfig
+
+    configs = [None, LaunchConfig(128, 64, 4, 2), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 64, 4, 3)]
+    settings = []
+    for g in grid(cfg=configs, per_sm=(None, 1, 2)):
+        setting = {}
+        if g["cfg"] is not None:
+            setting[PREFILL_CONFIG] = g["cfg"]
+        if g["per_sm"] is not None:
+            setting[DECODE_PER_SM] = g["per_sm"]
+        if setting:
+            settings.append(setting)
+    return settings
+
+
+def _batch_attention_grid(case: Case):
+    from .bench_batch_prefill import FixedTile
+
+    return [{TILE_SHAPE: FixedTile(g["bm"], g["bn"]), TILE_CONFIG: (g["bn"], g["warps"], 2)}
+            for g in grid(bm=(64, 128), bn=(64, 128), warps=(4, 8))]
+
+
+POD_TUNES = {
+    "pod": Tune(_pod_grid, provider="flashtile_pod",
+                description="POD: prefill half's d128 config (LaunchConfig) x decode half's programs per SM"),
+    "ba": Tune(_batch_attention_grid, description="BatchAttention: row tile x BLOCK_N x warps (2 stages)"),
+}
+
 register(Suite("pod", pod_cases, [
     Provider("flashtile", _flashtile_batch_attention),  # BatchAttention: the one-launch path
     Provider("flashtile_ba_split", lambda case: _flashtile_batch_attention(case, split=True)),
@@ -167,4 +211,5 @@ register(Suite("pod", pod_cases, [
     Provider("flashtile_2launch", _flashtile_two_launches),
     Provider("flashinfer_pod", _flashinfer_pod),
     Provider("flashinfer_batch_attn", _flashinfer_batch_attention),
-], "tflops", "chunked-prefill step: one prefill chunk + a decode batch (fp16, random page order)"))
+], "tflops", "chunked-prefill step: one prefill chunk + a decode batch (fp16, random page order)",
+    tunes=POD_TUNES))
