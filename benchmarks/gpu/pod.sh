@@ -4,7 +4,8 @@
 # BatchAttention in the same process (suite pod: BatchAttention = provider "flashtile", POD, prefill-then-
 # decode, FlashInfer POD, FlashInfer BatchAttention).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
-# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/pod.sh   (carry .fi-ref)
+# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/pod.sh [tune]   (carry .fi-ref)
+# "tune" adds the suite's tuning grids (pod: the POD halves' launch shapes; ba: BatchAttention's tile), ~2 minutes.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -49,3 +50,8 @@ wait $WARM; cat "$OUT/pod_fi_warm.log"
 timeout 120 python3 -m benchmarks.run --suite pod --out /tmp/pod_bench 2>&1 | tee "$OUT/pod_bench.log" | tail -3
 cp /tmp/pod_bench/pod.jsonl /tmp/pod_bench/pod.md "$OUT/" 2>/dev/null
 cat "$OUT/pod.md" 2>/dev/null
+if [ "${1:-}" = tune ]; then
+  timeout 240 python3 -m benchmarks.run --suite pod --tune pod,ba --out /tmp/pod_bench 2>&1 | tail -n 2
+  cp /tmp/pod_bench/pod.tune.jsonl /tmp/pod_bench/pod.tune.md "$OUT/" 2>/dev/null
+  cat "$OUT/pod.tune.md" 2>/dev/null
+fi

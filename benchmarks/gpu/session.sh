@@ -6,7 +6,7 @@
 #
 # Usage, from the repo root (carry .fi-ref):
 #   OUT=dir TOTAL=560 TEST_LIMIT=300 TESTS="tests/test_sparse.py ..." WARM="pod sparse" \
-#     bash benchmarks/gpu/session.sh pod sparse gemm
+#     bash benchmarks/gpu/session.sh pod sparse gemm   (a script's argument after a colon: pod:tune, mla:focus)
 # TESTS: test files or node ids (default: none); WARM: suites whose FlashInfer/Flex providers warm up
 # (default: the named scripts'); a later call on the same warm machine reuses the warm caches. Each warm-up
 # may run WARM_LIMIT seconds (default 900: it outlives the call, and FlashInfer's demo modules took longer
@@ -34,6 +34,7 @@ WARM_LIST=${WARM-$*}
 if [ -n "$WARM_LIST" ] && [ -f .fi-ref/device_env.sh ] && command -v nvidia-smi > /dev/null; then
   cmds=""
   for s in $WARM_LIST; do
+    s=${s%%:*}
     [ -n "${FI_PROVIDERS[$s]:-}" ] || continue
     read -r suite providers <<< "${FI_PROVIDERS[$s]}"
     if [ "$suite" = cmd ]; then run="$providers"  # a script's own warm-up command (host, demo)
@@ -79,10 +80,11 @@ fi
 for s in "${SCRIPTS[@]}"; do
   [ "$(left)" -lt 40 ] && { echo "== $s: skipped, $(left) s left"; continue; }
   echo "== $s ($(left) s left)"
-  mkdir -p "$R/$s"
-  SKIP_TESTS=1 OUT="$R/$s" timeout -k 10 "$(left)" bash "benchmarks/gpu/$s.sh" > "$R/$s.log" 2>&1
+  name=${s%%:*}; arg=""; [ "$name" != "$s" ] && arg=${s#*:}  # "pod:tune" runs pod.sh tune
+  mkdir -p "$R/$name"
+  SKIP_TESTS=1 OUT="$R/$name" timeout -k 10 "$(left)" bash "benchmarks/gpu/$name.sh" $arg > "$R/$name.log" 2>&1
   echo "== $s rc=$? after $(( $(date +%s) - T0 )) s"
-  tail -n 30 "$R/$s.log"
+  tail -n 30 "$R/$name.log"
 done
 cat /tmp/warm/progress 2>/dev/null
 tar czf "$OUT/session.tgz" -C "$R" .
