@@ -163,28 +163,33 @@ def _flashinfer_batch_attention(case: Case):
 # Tuning grids (--tune): whether the two halves can share SMs. A program of the single-prefill kernel's d128
 # config (128 x 128 tile, 8 warps, 3 stages) takes ~224 KiB of shared memory and the whole register file, so
 # no decode program runs beside it: the side stream only fills SMs the prefill has left. The "pod" grid gives
-# the prefill half smaller programs (4 warps, 2 stages) and the decode half fewer programs per SM, so that a
-# prefill program and a decode program fit one SM together. The "ba" grid times BatchAttention's row tile:
-# its decodes share the prefill's tile rows (a 128-row tile holds 4 rows of one decode).
+# the prefill half smaller programs (4 warps), so that a prefill program and a decode program fit one SM
+# together, and varies which half is launched first and the decode stream's priority. The "ba" grid times
+# BatchAttention's row tile: its decodes share the prefill's tile rows (a 128-row tile holds 4 rows of one decode).
 # ---------------------------------------------------------------------------------------------
 
 PREFILL_CONFIG = Knob("flashtile.kernels.attention", "_CONFIG_TABLE", ("prefill", 128))
-DECODE_PER_SM = Knob("flashtile._core.decode_tune", "BATCH_PROGRAMS_PER_SM_OVERRIDE")
+DECODE_FIRST = Knob("flashtile.pod", "DECODE_FIRST")
+SIDE_PRIORITY = Knob("flashtile.pod", "SIDE_STREAM_PRIORITY")
 TILE_SHAPE = Knob("flashtile._core.tile_policy", "prefill_tile_shape")
 TILE_CONFIG = Knob("flashtile._core.tile_policy", "CONFIG_OVERRIDE")  # (block_n, warps, stages)
 
 
 def _pod_grid(case: Case):
+    """Prefill configs whose programs leave room for decode programs (128 x 64 at 3 stages: ~128 KiB, one per
+    SM; at 2 stages ~96 KiB; 64 x 64: ~112 KiB), x launch order x the decode stream's priority."""
     from flashtile.kernels.attention import LaunchConfig
 
-    configs = [None, LaunchConfig(128, 64, 4, 2), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 64, 4, 3)]
+    configs = [None, LaunchConfig(128, 64, 4, 3), LaunchConfig(128, 64, 4, 2), LaunchConfig(64, 64, 4, 3)]
     settings = []
-    for g in grid(cfg=configs, per_sm=(None, 1, 2)):
+    for g in grid(cfg=configs, decode_first=(True, False), priority=(0, -1)):
         setting = {}
         if g["cfg"] is not None:
             setting[PREFILL_CONFIG] = g["cfg"]
-        if g["per_sm"] is not None:
-            setting[DECODE_PER_SM] = g["per_sm"]
+        if not g["decode_first"]:
+            setting[DECODE_FIRST] = False
+        if g["priority"]:
+            setting[SIDE_PRIORITY] = g["priority"]
         if setting:
             settings.append(setting)
     return settings
@@ -199,7 +204,7 @@ def _batch_attention_grid(case: Case):
 
 POD_TUNES = {
     "pod": Tune(_pod_grid, provider="flashtile_pod",
-                description="POD: prefill half's d128 config (LaunchConfig) x decode half's programs per SM"),
+                description="POD: prefill half's d128 config (LaunchConfig) x launch order x decode stream priority"),
     "ba": Tune(_batch_attention_grid, description="BatchAttention: row tile x BLOCK_N x warps (2 stages)"),
 }
 
