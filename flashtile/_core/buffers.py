@@ -85,6 +85,13 @@ def output_maker(x: torch.Tensor):
 
 
 
+def persistent_tensors():
+    """The context in which to make a tensor the library keeps between calls (scratch, pools, plans): outside
+    inference mode even when the call that makes it runs inside, so that a later call outside inference mode
+    may write it in place (an inference tensor rejects that). A normal tensor is written freely in both modes."""
+    return torch.inference_mode(False)
+
+
 _DISCARDED_BUFFERS: dict = {}  # (device, dtype) -> buffers, newest last; never freed (see discarded_output)
 _DISCARDED_VIEWS: dict = {}  # (shape, dtype, device) -> the view handed out
 MAX_DISCARDED_VIEWS = 4096
@@ -107,7 +114,8 @@ def discarded_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     buffers = _DISCARDED_BUFFERS.setdefault((device, dtype), [])
     if not buffers or buffers[-1].numel() < numel:
         size = max(numel, 2 * buffers[-1].numel() if buffers else 1024)
-        buffers.append(torch.empty(size, dtype=dtype, device=device))
+        with persistent_tensors():
+            buffers.append(torch.empty(size, dtype=dtype, device=device))
     if len(_DISCARDED_VIEWS) >= MAX_DISCARDED_VIEWS:
         _DISCARDED_VIEWS.clear()
     view = _DISCARDED_VIEWS[key] = buffers[-1][:numel].view(tuple(shape))
@@ -143,7 +151,9 @@ def zeroed_int32(numel: int, device: torch.device) -> torch.Tensor:
         if entry is None or entry[1] + size > entry[0].numel():
             if entry is None and len(_ZEROED_POOLS) >= MAX_ZEROED_POOLS:
                 _ZEROED_POOLS.clear()
-            entry = _ZEROED_POOLS[key] = [torch.zeros(size * ZEROED_POOL_USES, dtype=torch.int32, device=device), 0]
+            with persistent_tensors():
+                pool = torch.zeros(size * ZEROED_POOL_USES, dtype=torch.int32, device=device)
+            entry = _ZEROED_POOLS[key] = [pool, 0]
         start = entry[1]
         entry[1] = start + size
     return entry[0][start:start + numel]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import dispatch, settings, tile_policy
+from .buffers import persistent_tensors
 from .multi_item import MultiItemArgs
 from .params import AttentionParams
 
@@ -95,29 +96,33 @@ def _planner(device: torch.device, backend: str) -> BatchPrefillWrapper:
     if planner is None:
         from .prefill_wrapper import BatchPrefillWrapper
 
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        planner = _PLANNERS[(device, backend)] = BatchPrefillWrapper(workspace, "NHD", False, None, None, None,
-                                                                     backend, None, None)
+        with persistent_tensors():  # written by every later plan, in or outside inference mode
+            workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+            planner = _PLANNERS[(device, backend)] = BatchPrefillWrapper(workspace, "NHD", False, None, None, None,
+                                                                         backend, None, None)
         _OWNED["storage"] = _OWNED["storage"] | {workspace.untyped_storage().data_ptr()}
     return planner
 
 
 def _make_plan(q, k, v, out, params: AttentionParams, backend: str) -> PrefillPlan:
-    """The batch-of-one plan of this call (the ragged batch wrapper's plan step), owning its work list."""
+    """The batch-of-one plan of this call (the ragged batch wrapper's plan step), owning its work list (made
+    outside inference mode: the plan lives on, and later launches write its work counter)."""
     qo_len, kv_len = q.shape[0], k.shape[0]
     planner = _planner(q.device, backend)
-    planner._plan_batch(
-        qo_indptr=torch.tensor([0, qo_len], dtype=torch.int32), kv_lens_h=np.array([kv_len], dtype=np.int64),
-        kv_offsets_h=np.zeros(1, dtype=np.int64), page_size=None, num_qo_heads=q.shape[1],
-        num_kv_heads=k.shape[1], head_dim_qk=q.shape[2], head_dim_vo=v.shape[2], custom_mask=None,
-        packed_custom_mask=None, causal=params.causal, pos_encoding_mode=params.pos_encoding_mode,
-        window_left=params.window_left, logits_soft_cap=params.logits_soft_cap or None, sm_scale=params.sm_scale,
-        rope_scale=params.rope_scale, rope_theta=params.rope_theta, q_data_type=q.dtype, kv_data_type=k.dtype,
-        o_data_type=out.dtype, non_blocking=True, fixed_split_size=None, disable_split_kv=False,
-        page_indices=None, kv_rows_needed=kv_len, max_page_id=None, plan_args={}, multi_item=_NO_MULTI_ITEM)
-    plan = planner._plan
-    assert plan is not None and plan.meta is not None  # _plan_batch just set it
-    meta = plan.meta.clone()  # the planner's int workspace holds the next plan's work list
+    with persistent_tensors():
+        planner._plan_batch(
+            qo_indptr=torch.tensor([0, qo_len], dtype=torch.int32), kv_lens_h=np.array([kv_len], dtype=np.int64),
+            kv_offsets_h=np.zeros(1, dtype=np.int64), page_size=None, num_qo_heads=q.shape[1],
+            num_kv_heads=k.shape[1], head_dim_qk=q.shape[2], head_dim_vo=v.shape[2], custom_mask=None,
+            packed_custom_mask=None, causal=params.causal, pos_encoding_mode=params.pos_encoding_mode,
+            window_left=params.window_left, logits_soft_cap=params.logits_soft_cap or None,
+            sm_scale=params.sm_scale, rope_scale=params.rope_scale, rope_theta=params.rope_theta,
+            q_data_type=q.dtype, kv_data_type=k.dtype, o_data_type=out.dtype, non_blocking=True,
+            fixed_split_size=None, disable_split_kv=False, page_indices=None, kv_rows_needed=kv_len,
+            max_page_id=None, plan_args={}, multi_item=_NO_MULTI_ITEM)
+        plan = planner._plan
+        assert plan is not None and plan.meta is not None  # _plan_batch just set it
+        meta = plan.meta.clone()  # the planner's int workspace holds the next plan's work list
     owned = frozenset(t.untyped_storage().data_ptr() for t in (meta, plan.part_o) if t is not None)
     planner._plan = None
     return dataclasses.replace(plan, meta=meta, owned_storage=owned, plan_args={})
