@@ -332,6 +332,13 @@ compile_all("rope llama31")
 DEV.INTERPRETER_SMS = _interpreter_sms
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")
+from flashtile.kernels import norm as NORM  # noqa: E402
+
+_x, _w = torch.randn(1, 4096, dtype=bf), torch.randn(4096, dtype=bf)
+NORM.rmsnorm(_x, _w, torch.empty_like(_x), 1e-6, 0.0)
+compile_all("rmsnorm 1 x 4096")
+NORM.fused_add_rmsnorm(_x, torch.randn(1, 4096, dtype=bf), _w, 1e-6, 0.0)
+compile_all("fused_add_rmsnorm 1 x 4096")
 # MLA (DeepSeek latent 512 + rope 64): the default configs of the 16-, 32- and 64-row tiles (16, 32, 128 heads),
 # an fp8 latent, the graph-mode merge.
 from flashtile._core.mla_tiles import MlaMeta, mla_launch_facts  # noqa: E402
