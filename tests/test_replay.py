@@ -223,3 +223,14 @@ def test_launch_memo_replay_uses_the_c_launch(c_launch_kernel, monkeypatch):
     (args,) = c.calls
     assert args[:3] == (4, 1, 1) and args[13:15] == (b.data_ptr(), a.data_ptr())
     assert args[15] == placeholder.data_ptr() and args[16:] == (64, 0.5, 32)
+
+
+def test_clearing_launch_memos_forgets_single_request_replays():
+    """A tuning grid changes a launch constant (the single-prefill config table), then clears the launch memos
+    (benchmarks.harness.overridden): the single-request replays hold launches recorded with the old constant
+    and must go with them, or every setting after the first replays the first one's launch."""
+    from flashtile._core import single
+
+    single._REPLAYS[("a key",)] = lambda *args: None
+    launch.clear_launch_memos()
+    assert not single._REPLAYS

@@ -57,6 +57,7 @@ from . import settings
 from .memo import tensor_key
 
 __all__ = ["direct_launch", "DirectLaunch", "LaunchMemo", "tensor_key", "argument_key", "clear_launch_memos",
+           "on_clear_launch_memos",
            "reset_launch_settings", "TESTED_TRITON_VERSIONS", "triton_version_tested", "recording_launches",
            "make_replay", "Recording", "ReplayCell"]
 
@@ -527,6 +528,13 @@ def _first_launch(fn, grid, args: tuple, kwargs: dict):
 
 
 _ALL_MEMOS: list = []
+_CLEAR_LISTENERS: list = []
+
+
+def on_clear_launch_memos(listener) -> None:
+    """Call ``listener()`` from :func:`clear_launch_memos`: for other holders of recorded launches (the
+    single-request replays, _core/single.py), which must be forgotten with them."""
+    _CLEAR_LISTENERS.append(listener)
 
 
 def clear_launch_memos() -> None:
@@ -534,6 +542,8 @@ def clear_launch_memos() -> None:
     (the benchmarks' tuning grids: benchmarks.harness.overridden), which launcher keys do not cover."""
     for memo in _ALL_MEMOS:
         memo.clear()
+    for listener in _CLEAR_LISTENERS:
+        listener()
 
 
 settings.on_reload(clear_launch_memos)  # launcher keys may cover settings implicitly (kernel choice knobs)

@@ -17,7 +17,7 @@ import torch
 from . import ops
 from .attention_args import SingleAttentionArgs
 from .buffers import discarded_output, new_output, new_output_like
-from .launch import make_replay, recording_launches
+from .launch import make_replay, on_clear_launch_memos, recording_launches
 from .single_batch import on_route_change, owned_storage
 from .variant_args import bind_single_variant
 
@@ -27,6 +27,8 @@ MAX_REPLAYS = 256
 _REPLAYS: dict = {}
 _SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
 on_route_change(_REPLAYS.clear)  # a replay holds the launches of the route chosen when it was recorded
+# and the launch configs chosen when it was recorded (a tuning grid changes them, then clears the launch memos)
+on_clear_launch_memos(_REPLAYS.clear)
 _is_compiling = torch.compiler.is_compiling
 
 
