@@ -49,6 +49,7 @@ def batch_decode_cases(smoke: bool):
     cases.append(_case("1x32768+63x512 h32/8", [32768] + [512] * 63, 32, 8))
     cases.append(_case("zipf 64 mean1024 h32/8", _zipf_lens(64, 1024), 32, 8))
     cases.append(_case("1 x 32768 h32/8 d64", [32768], 32, 8, d=64))
+    cases.append(_case("64 x 2048 h32/8 d64", [2048] * 64, 32, 8, d=64))  # the demo's 1b model at full batch
     cases.append(_case("1 x 32768 h32/8 d256", [32768], 32, 8, d=256))
     return cases
 
