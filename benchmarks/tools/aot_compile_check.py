@@ -30,6 +30,8 @@ _ap.add_argument("--prefill-config", default=None,
                  help="block_n,num_warps,num_stages for the 128-row batch-prefill cases (default: the launcher's)")
 _ap.add_argument("--mla-config", default=None,
                  help="max_block_m,block_n,warps,stages,out_split for the MLA cases (default: _core/mla_tiles.py's)")
+_ap.add_argument("--decode-tile", default=None,
+                 help="block_n,num_warps,num_stages,prefetch(0/1) for the batch decode cases (default: the card's)")
 _ap.add_argument("--card", default="H100",
                  help="choose the decode configs of this card's tune table entry (flashtile/_core/decode_tune.py)")
 _args = _ap.parse_args()
@@ -102,6 +104,11 @@ _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to
 _device.FACTS_OVERRIDE = _device.H100_FACTS._replace(name=_args.card)  # H100 and H200: same SMs, shared memory
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
+if _args.decode_tile:
+    from flashtile._core import decode_tune as _DT
+
+    _bn, _warps, _stages, _prefetch = (int(x) for x in _args.decode_tile.split(","))
+    _DT.BATCH_DECODE_OVERRIDE = _DT.DecodeTile(_bn, _warps, _stages, bool(_prefetch))
 
 def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None, variant=None,
                 fp8=False):
