@@ -236,11 +236,17 @@ def test_upstream_signature():
         "return_lse_d", "use_fp16_qk_reduction", "enable_pdl"]
 
 
-def test_side_stream_fork_and_join(path, device, monkeypatch):
+@pytest.mark.parametrize("decode_first", [True, False])
+def test_side_stream_fork_and_join(path, device, monkeypatch, decode_first):
     """The overlap path's stream protocol, with recording stand-ins for torch.cuda's streams (any device): the
     side stream waits for the caller's stream, the decode launches inside it, the caller's stream waits for it
-    at the end (also when a launch raises), and the results are those of the serial path."""
+    at the end (also when a launch raises), and the results are those of the serial path; in either launch
+    order (flashtile.pod.DECODE_FIRST)."""
     import contextlib
+
+    import flashtile.pod
+
+    monkeypatch.setattr(flashtile.pod, "DECODE_FIRST", decode_first)
 
     events = []
 
