@@ -59,8 +59,7 @@ def _rmsnorm_kernel(
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_N)
     x_row = X + _row_start(rows, inner, stride_x_outer, stride_x_inner)[:, None]  # [BLOCK_M, 1]
-    if HAS_RESIDUAL:  # R is None otherwise (one launcher argument less)
-        r_row = R + _row_start(rows, inner, stride_r_outer, stride_r_inner)[:, None]
+    r_row = R + _row_start(rows, inner, stride_r_outer, stride_r_inner)[:, None]
     y_row = Y + _row_start(rows, inner, stride_y_outer, stride_y_inner)[:, None]
     if ONE_PASS:
         ok = row_ok[:, None] & (cols < n_cols)[None, :]  # [BLOCK_M, BLOCK_N]
@@ -186,10 +185,10 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:
     return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
 
 
-# Launches replayed per (shapes, strides, dtypes, alignment): only X, R (fused only), W, Y, eps and the weight
+# Launches replayed per (shapes, strides, dtypes, alignment): only X, R, W, Y, eps and the weight
 # offset change between calls with one key (host time is most of a batch-1 norm's cost). The plain
 # and the fused norm keep apart memos: their callers' keys (launch_key) have different layouts.
-_RMSNORM_LAUNCHES = LaunchMemo(dynamic=(0, 2, 3, 17, 18))  # R is None
+_RMSNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 17, 18))
 _FUSED_ADD_RMSNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 17, 18))
 _LAYERNORM_LAUNCHES = LaunchMemo(dynamic=(0, 1, 2, 3, 15))
 
@@ -198,12 +197,10 @@ def _launch_rmsnorm(memo, key, x, residual, weight, y, eps: float, weight_offset
     """RMSNorm of ``x`` (plus ``residual``) into ``y``, replayed from ``memo`` when ``key`` (which
     must fix everything but the tensors' addresses, eps and the weight offset) is known."""
     has_residual = residual is not None
+    r = residual if has_residual else x
     replay = memo.get(key)
     if replay is not None:
-        if has_residual:
-            replay(x, residual, weight, y, float(eps), float(weight_offset))
-        else:
-            replay(x, weight, y, float(eps), float(weight_offset))
+        replay(x, r, weight, y, float(eps), float(weight_offset))
         return
     n_cols = x.shape[-1]
     n_rows = x.numel() // max(n_cols, 1)
@@ -212,8 +209,8 @@ def _launch_rmsnorm(memo, key, x, residual, weight, y, eps: float, weight_offset
     block_m, block_n, one_pass, num_warps = norm_config(n_rows, n_cols, num_sms(x.device))
     inner, sxo, sxi, sxc = _rows(x)
     _, syo, syi, syc = _rows(y)
-    _, sro, sri, src = _rows(residual) if has_residual else (0, 0, 0, 0)
-    args = (x, residual, weight, y, n_rows, n_cols, inner, sxo, sxi, sxc, sro, sri, src, syo, syi, syc,
+    _, sro, sri, src = _rows(r)
+    args = (x, r, weight, y, n_rows, n_cols, inner, sxo, sxi, sxc, sro, sri, src, syo, syi, syc,
             weight.stride(0), float(eps), float(weight_offset))
     memo.launch(key, _rmsnorm_kernel, (cdiv(n_rows, block_m),), args, dict(
         HAS_RESIDUAL=has_residual, ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps))
@@ -235,7 +232,7 @@ def rmsnorm_runner(launch_key):
     cell = _RMSNORM_LAUNCHES.cell(launch_key)
 
     def run(input, weight, out, eps, weight_offset):
-        if not cell.replay(input, weight, out, eps, weight_offset):
+        if not cell.replay(input, input, weight, out, eps, weight_offset):
             _launch_rmsnorm(_RMSNORM_LAUNCHES, launch_key, input, None, weight, out, eps, weight_offset)
             cell.refresh()
 
