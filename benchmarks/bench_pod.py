@@ -171,8 +171,6 @@ def _flashinfer_batch_attention(case: Case):
 PREFILL_CONFIG = Knob("flashtile.kernels.attention", "_CONFIG_TABLE", ("prefill", 128))
 DECODE_FIRST = Knob("flashtile.pod", "DECODE_FIRST")
 SIDE_PRIORITY = Knob("flashtile.pod", "SIDE_STREAM_PRIORITY")
-TILE_SHAPE = Knob("flashtile._core.tile_policy", "prefill_tile_shape")
-TILE_CONFIG = Knob("flashtile._core.tile_policy", "CONFIG_OVERRIDE")  # (block_n, warps, stages)
 
 
 def _pod_grid(case: Case):
@@ -196,9 +194,10 @@ def _pod_grid(case: Case):
 
 
 def _batch_attention_grid(case: Case):
-    from .bench_batch_prefill import FixedTile
+    """The batch-prefill suite's tile knobs (BatchAttention runs the batch prefill kernel)."""
+    from .bench_batch_prefill import CONFIG, TILE_SHAPE, FixedTile
 
-    return [{TILE_SHAPE: FixedTile(g["bm"], g["bn"]), TILE_CONFIG: (g["bn"], g["warps"], 2)}
+    return [{TILE_SHAPE: FixedTile(g["bm"], g["bn"]), CONFIG: (g["bn"], g["warps"], 2)}
             for g in grid(bm=(64, 128), bn=(64, 128), warps=(4, 8))]
 
 
