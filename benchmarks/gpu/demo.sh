@@ -9,6 +9,8 @@
 #      JIT-compiled in the background from the start (on an H100 machine its modules took more than 4 minutes
 #      from a cold cache: a session's earlier call on the same machine can warm them, session.sh's WARM=demo).
 # Writes $OUT/demo_*.json, $OUT/demo_*.log, $OUT/demo_steps.png. Usage: bash benchmarks/gpu/demo.sh
+# `demo.sh profile` instead runs benchmarks/tools/demo_profile.py (both libraries' engines at the issue's size,
+# timed and profiled by kernel; FlashInfer's JIT modules must be warm: session.sh WARM=demo on an earlier call).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -22,6 +24,12 @@ SIZE="--model 1b --requests 64 --prompt-len 128:2048 --new-tokens 256 --max-batc
 HAVE_FI=0
 if [ -f .fi-ref/device_env.sh ]; then
   (. .fi-ref/device_env.sh && python3 -c "import flashinfer" 2>/dev/null) && HAVE_FI=1
+fi
+if [ "${1:-}" = profile ]; then
+  K=flashtile; [ "$HAVE_FI" = 1 ] && K=flashtile,flashinfer
+  (. .fi-ref/device_env.sh 2>/dev/null; timeout 400 python3 -m benchmarks.tools.demo_profile --kernels $K \
+     --json "$OUT/demo_profile.json" 2>&1 | grep -v USDT | tee "$OUT/demo_profile.log")
+  exit 0
 fi
 if [ "$HAVE_FI" = 1 ]; then  # warm FlashInfer's JIT cache in the background: same head dims, page size, dtype
   (. .fi-ref/device_env.sh && setsid nice -n 19 timeout 400 python3 -m flashtile demo --kernels flashinfer --model 1b \
