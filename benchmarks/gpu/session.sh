@@ -7,7 +7,7 @@
 # Usage, from the repo root (carry .fi-ref):
 #   OUT=dir TOTAL=560 TEST_LIMIT=300 TESTS="tests/test_sparse.py ..." WARM="pod sparse" \
 #     bash benchmarks/gpu/session.sh pod sparse gemm   (a script's argument after a colon: pod:tune, mla:focus)
-# TESTS: test files or node ids (default: none); WARM: suites whose FlashInfer/Flex providers warm up
+# TESTS: test files or node ids (default: none); KEEP_WARM=1: see below; WARM: suites whose FlashInfer/Flex providers warm up
 # (default: the named scripts'); a later call on the same warm machine reuses the warm caches. Each warm-up
 # may run WARM_LIMIT seconds (default 900: it outlives the call, and FlashInfer's demo modules took longer
 # than one call's tests on a shared CPU).
@@ -73,7 +73,9 @@ fi
 # the warm-up must not share the GPU (or, for host timings, the CPUs) with the timings: wait for it a
 # while, then stop what is left of it, this call's or an earlier call's (a call without scripts leaves it
 # running for the next call)
-if [ ${#SCRIPTS[@]} -gt 0 ] && [ -f /tmp/warm/pgid ]; then
+# KEEP_WARM=1 leaves it running: for scripts whose timings are GPU-only (CUDA events, graph replays), which
+# the warm-up's nvcc jobs on the CPUs do not disturb
+if [ ${#SCRIPTS[@]} -gt 0 ] && [ -f /tmp/warm/pgid ] && [ "${KEEP_WARM:-0}" != 1 ]; then
   for _ in $(seq "${WARM_WAIT:-60}"); do grep -q "ALL DONE" /tmp/warm/progress 2>/dev/null && break; sleep 1; done
   kill -- -"$(cat /tmp/warm/pgid)" 2>/dev/null; sleep 1
 fi
