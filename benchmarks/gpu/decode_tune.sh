@@ -9,7 +9,8 @@
 #  4. the tune sweep (batch_decode --tune launch,splits): the best tile per case and per padded head dim, printed
 #     as a DecodeTile line to paste into TUNE_TABLE for this card.
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
-# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/decode_tune.sh [notune]   (carry .fi-ref)
+# Run from the repo root: OUT=/some/dir bash benchmarks/gpu/decode_tune.sh [notune | demo]   (carry .fi-ref)
+# demo: only the d64 cases and the demo case's sweep; its best tile goes to /tmp/decode_best_d64.txt.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -80,16 +81,21 @@ run_tests timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/t
     tests/test_single_decode.py 2>&1 | tee "$OUT/decode_tests.log" | tail -8
 
 # 3. The batch_decode suite with the card's entry, against FlashInfer (both paths); single decode beside it.
+# "demo": the d64 cases only (the demo's model, issue 28), and the sweep of the demo's case.
+FILTER=(); TUNE_CASES=("64 x 2048 h32/8 d64" "64 x 4096 h32/8" "1 x 32768 h32/8" "16 x 4096" "256 x 2048" "128 x 8192"
+                      "64 x 4096 h32/32")
+[ "${1:-}" = demo ] && { FILTER=(--filter d64); TUNE_CASES=("64 x 2048 h32/8 d64"); }
 wait $WARM; cat "$OUT/decode_fi_warm.log"
 timeout 150 python3 -m benchmarks.run --suite batch_decode --providers flashtile,flashinfer,flashinfer_tc \
+    "${FILTER[@]}" --out "$OUT" 2>&1 | tail -3
+[ "${1:-}" != demo ] && timeout 90 python3 -m benchmarks.run --suite single_decode --providers flashtile,flashinfer \
     --out "$OUT" 2>&1 | tail -3
-timeout 90 python3 -m benchmarks.run --suite single_decode --providers flashtile,flashinfer --out "$OUT" 2>&1 | tail -3
 
 # 4. The tune sweep, one case group per run (each run writes its results when it ends), while time is left:
 # the demo's d64 case first (issue 28), then d128, then d64 / d256 at 1 x 32k; later groups reuse the compiled kernels.
 if [ "${1:-}" != notune ]; then
   : > "$OUT/batch_decode.tune.jsonl"; : > "$OUT/batch_decode.tune.md"
-  for f in "64 x 2048 h32/8 d64" "64 x 4096 h32/8" "1 x 32768 h32/8" "16 x 4096" "256 x 2048" "128 x 8192" "64 x 4096 h32/32"; do
+  for f in "${TUNE_CASES[@]}"; do
     left=$(( 470 - SECONDS ))
     if [ $left -lt 30 ]; then echo "tune: no time left for '$f'" | tee -a "$OUT/decode_tune.log"; continue; fi
     rm -rf /tmp/decode_tune_part
@@ -98,6 +104,19 @@ if [ "${1:-}" != notune ]; then
     cat /tmp/decode_tune_part/batch_decode.tune.jsonl >> "$OUT/batch_decode.tune.jsonl" 2>/dev/null
     cat /tmp/decode_tune_part/batch_decode.tune.md >> "$OUT/batch_decode.tune.md" 2>/dev/null
   done
+  # the demo case's fastest tile as "block_n,warps,stages,prefetch" in /tmp/decode_best_d64.txt, for a later
+  # script of the same call (demo.sh profile times the demo with it)
+  python3 - "$OUT/batch_decode.tune.jsonl" <<'PY'
+import json, re, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+ok = [r for r in recs if r["case"] == "64 x 2048 h32/8 d64" and r.get("status") == "ok" and "DecodeTile(" in r["setting"]]
+if ok:
+    best = min(ok, key=lambda r: r["median_us"])
+    v = dict(re.findall(r"(\w+)=(\w+)", best["setting"].split("DecodeTile(", 1)[1]))
+    spec = f"{v['block_n']},{v['num_warps']},{v['num_stages']},{int(v['prefetch_pages'] == 'True')}"
+    open("/tmp/decode_best_d64.txt", "w").write(spec)
+    print(f"demo case: best tile {spec} ({best['median_us']:.1f} us)")
+PY
 fi
 
 python3 - "$OUT" <<'PY'

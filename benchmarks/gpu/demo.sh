@@ -27,7 +27,8 @@ if [ -f .fi-ref/device_env.sh ]; then
 fi
 if [ "${1:-}" = profile ]; then
   K=flashtile; [ "$HAVE_FI" = 1 ] && K=flashtile,flashinfer
-  (. .fi-ref/device_env.sh 2>/dev/null; timeout 400 python3 -m benchmarks.tools.demo_profile --kernels $K \
+  TILE=(); [ -s /tmp/decode_best_d64.txt ] && TILE=(--decode-tile "$(cat /tmp/decode_best_d64.txt)")  # decode_tune.sh demo
+  (. .fi-ref/device_env.sh 2>/dev/null; timeout 400 python3 -m benchmarks.tools.demo_profile --kernels $K "${TILE[@]}" \
      --json "$OUT/demo_profile.json" 2>&1 | grep -v USDT | tee "$OUT/demo_profile.log")
   exit 0
 fi

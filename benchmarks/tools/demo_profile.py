@@ -3,7 +3,12 @@ demo's issue size, timed twice per library (alternating, so that drift shows), t
 torch.profiler: the GPU kernels by total time, grouped by what they do, beside the wall time of the prefill
 and decode steps. The engines differ only in the library's kernels, so the rows that differ are the gap.
 
-    python -m benchmarks.tools.demo_profile [--kernels flashtile,flashinfer] [--json PATH] [--top 25]
+    python -m benchmarks.tools.demo_profile [--kernels flashtile,flashinfer] [--decode-tile BN,WARPS,STAGES,PREFETCH]
+        [--json PATH] [--top 25]
+
+--decode-tile adds an engine "flashtile[tile]": flashtile with that batch decode tile
+(flashtile/_core/decode_tune.py's DecodeTile, set through the benchmark harness's override for every call
+of that engine: graph capture, planning and replay alike).
 
 CUDA only; FlashInfer where it imports (benchmarks/gpu/*.sh source .fi-ref/device_env.sh first).
 """
@@ -11,6 +16,7 @@ CUDA only; FlashInfer where it imports (benchmarks/gpu/*.sh source .fi-ref/devic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import statistics
@@ -48,6 +54,16 @@ def _phases(res) -> dict:
                 decode_tok_s=sum(s.tokens for s in dec) / max(sum(s.seconds for s in dec), 1e-9))
 
 
+def _tile_setting(tile):
+    """A context factory that runs under the batch decode tile ``tile`` (none: the card's table)."""
+    if tile is None:
+        return contextlib.nullcontext
+    from benchmarks.bench_batch_decode import TILE
+    from benchmarks.harness import overridden
+
+    return lambda: overridden({TILE: tile})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", default="flashtile,flashinfer")
@@ -57,6 +73,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", default=None)
     ap.add_argument("--model", default="1b", choices=sorted(MODELS))
+    ap.add_argument("--decode-tile", default=None, help="BN,WARPS,STAGES,PREFETCH(0/1): add flashtile with it")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (operators instead of kernels)")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -65,19 +82,27 @@ def main() -> None:
     prompts, max_new = make_requests(args.requests, (lo, hi), (args.new_tokens, args.new_tokens), cfg.vocab_size)
     system = system_prompt(256, cfg.vocab_size)
     weights = init_weights(cfg, dev, torch.bfloat16, max_position=256 + hi + args.new_tokens + 1)
-    engines = {}
-    for name in args.kernels.split(","):
+    libs = [(name, name, None) for name in args.kernels.split(",")]
+    if args.decode_tile:
+        from flashtile._core.decode_tune import DecodeTile
+
+        bn, warps, stages, prefetch = (int(v) for v in args.decode_tile.split(","))
+        libs.append((f"flashtile[{args.decode_tile}]", "flashtile", DecodeTile(bn, warps, stages, bool(prefetch))))
+    engines, settings = {}, {}
+    for name, module, tile in libs:
         try:
-            lib = importlib.import_module(name)
+            lib = importlib.import_module(module)
         except ImportError as e:
             print(f"{name}: not importable ({e}); skipped")
             continue
-        eng = PagedEngine(weights, lib, page_size=16, max_batch=args.requests, prefill_chunk=2048,
-                          sampling=Sampling())
-        eng.reserve(prompts, max_new, system)
-        t0 = time.perf_counter()
-        eng.capture_graphs()
-        eng.run(prompts, [min(n, 2) for n in max_new], system)
+        settings[name] = _tile_setting(tile)
+        with settings[name]():
+            eng = PagedEngine(weights, lib, page_size=16, max_batch=args.requests, prefill_chunk=2048,
+                              sampling=Sampling())
+            eng.reserve(prompts, max_new, system)
+            t0 = time.perf_counter()
+            eng.capture_graphs()
+            eng.run(prompts, [min(n, 2) for n in max_new], system)
         print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         engines[name] = eng
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -86,7 +111,8 @@ def main() -> None:
     for _ in range(2):
         for name, eng in engines.items():
             sync()
-            report["runs"][name].append(_phases(eng.run(prompts, max_new, system)))
+            with settings[name]():
+                report["runs"][name].append(_phases(eng.run(prompts, max_new, system)))
     print(f"\n{report['gpu']}; {args.requests} requests, prompts {lo}-{hi} after 256 shared, {args.new_tokens} new")
     print("| kernels | run | total s | TTFT median ms | prefill steps / s | decode steps / s | decode tok/s |")
     print("|---|---|---|---|---|---|---|")
@@ -98,7 +124,8 @@ def main() -> None:
 
     for name, eng in engines.items():
         sync()
-        with profile(activities=[ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU]) as prof:
+        activity = ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU
+        with settings[name](), profile(activities=[activity]) as prof:
             res = eng.run(prompts, max_new, system)
             sync()
         kernels = defaultdict(lambda: [0, 0.0])
