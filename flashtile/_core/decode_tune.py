@@ -65,11 +65,15 @@ class CardTune:
 # H100 SXM (132 SMs, 3.35 TB/s HBM3, 227 KiB shared memory per block), measured:
 # - batch decode (the batch_decode `launch` grid, d128, page 16): BLOCK_N 32 won at 1 x 32k, 16 x 4k and
 #   64 x 4k (stages 2-4 within noise; 3 chosen); 128 won only at 256 x 2k. d256 keeps 2 stages.
+# - batch decode d64 (the same grid on the demo's 64 x 2048, 32/8 heads, page 16): BLOCK_N 32 with the page ids
+#   prefetched, 108.3 us against 124.7 without (the prefetch keeps two K/V buffers in flight instead of one;
+#   FlashInfer's tensor-core decode 111 us). Page size 1 and fp8 K/V keep the tile without it (not swept).
 # - single decode (the single_decode `config` grid): BLOCK_N 64, 2 stages; 4 warps at d128, 8 elsewhere.
 # - programs per SM: single 2 (beat 3-12 at kv 4k, 32k, 128k), batch 4 (beat 1, 2 and 8 at 1 x 32k, 16 x 4k).
 _H100 = CardTune(
-    batch_decode={16: DecodeTile(32, 4, 3), 32: DecodeTile(32, 4, 3), 64: DecodeTile(32, 4, 3),
+    batch_decode={16: DecodeTile(32, 4, 3), 32: DecodeTile(32, 4, 3), 64: DecodeTile(32, 4, 3, True),
                   128: DecodeTile(32, 4, 3), 256: DecodeTile(32, 4, 2)},
+    batch_decode_special={(64, "page1"): DecodeTile(32, 4, 3), (64, "fp8"): DecodeTile(32, 4, 3)},
     single_decode={16: DecodeTile(64, 8, 2), 32: DecodeTile(64, 8, 2), 64: DecodeTile(64, 8, 2),
                    128: DecodeTile(64, 4, 2), 256: DecodeTile(64, 8, 2)},
     batch_programs_per_sm=4,
