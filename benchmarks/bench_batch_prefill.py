@@ -52,6 +52,9 @@ def prefill_cases(smoke: bool):
     lens = [16384] + [128] * 100
     cases.append(_case("skewed 16384 + 100 x 128 h32/8", lens, lens, 32, 8, skewed=(1, 100)))
     cases.append(_case("ragged 16 x 1024 h16/16 d192/128", [1024] * 16, [1024] * 16, 16, 16, 192))
+    # head dim 64: the demo model's (a 2048-token prefill chunk after earlier chunks of the same requests)
+    cases.append(_case("paged 16 x 1024 h32/8 p16 d64", [1024] * 16, [1024] * 16, 32, 8, 64, page_size=16))
+    cases.append(_case("paged 2 x 1024 vs 2048 h32/8 p16 d64", [1024] * 2, [2048] * 2, 32, 8, 64, page_size=16))
     return cases
 
 
