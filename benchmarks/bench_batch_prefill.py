@@ -279,6 +279,7 @@ TILE_SHAPE = Knob("flashtile._core.tile_policy", "prefill_tile_shape")
 CONFIG = Knob("flashtile._core.tile_policy", "CONFIG_OVERRIDE")  # (block_n, warps, stages), launched as given
 PREFETCH = Knob("flashtile.kernels.batch_prefill", "PREFETCH_OVERRIDE")
 INT32_OFFSETS = Knob("flashtile.kernels.batch_prefill", "INT32_OFFSETS_OVERRIDE")
+HOPPER_STAGES = Knob("flashtile.kernels.batch_prefill_hopper", "STAGES_OVERRIDE")  # the Hopper kernel's K/V ring
 SHARED_MEMORY = 232448  # H100's per-block limit: settings whose K/V stages do not fit are left out
 
 
@@ -317,6 +318,10 @@ BATCH_PREFILL_TUNES = {
                      description="default configs, page-id prefetch off / on"),
     "offsets32": Tune(lambda case: [{INT32_OFFSETS: False}], cases=_paged, rounds=3,
                       description="default (int32 paged row offsets where they fit) against int64"),
+    # d64 only: at d128 a third K/V stage does not fit beside the two Q buffers (kernels/batch_prefill_hopper.py)
+    "hopper_stages": Tune(lambda case: [{HOPPER_STAGES: n} for n in (2, 3, 4)], rounds=3,
+                          cases=lambda case: case.params["head_dim"] == 64,
+                          description="the warp-specialized Hopper kernel's K/V ring depth, head dim 64"),
 }
 
 register(Suite("batch_prefill", prefill_cases, PROVIDERS, "tflops",

@@ -736,3 +736,29 @@ def test_hopper_kernel_graph_replays(device):
             for r, (kr, vr) in enumerate(reqs):
                 ref_o, _ = attention_oracle(q[ip[r]: ip[r + 1]], kr, vr, causal=True)
                 torch.testing.assert_close(out[ip[r]: ip[r + 1]].double().cpu(), ref_o, atol=atol, rtol=rtol)
+
+
+def test_hopper_ring_depth_follows_the_table_and_the_override(monkeypatch):
+    from flashtile.kernels import batch_prefill_hopper as hopper
+    assert [hopper.hopper_stages(d) for d in (64, 128)] == [hopper.STAGES_BY_HEAD_DIM[d] for d in (64, 128)]
+    monkeypatch.setattr(hopper, "STAGES_OVERRIDE", 4)
+    assert hopper.hopper_stages(64) == 4
+
+
+@pytest.mark.skipif(not _hopper_kernel_available(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_hopper_kernel_ring_depths_match_oracle(device, monkeypatch, stages):
+    """Head dim 64 with a K/V ring of 2-4 stages (the batch_prefill suite's hopper_stages grid): every
+    ring slot and phase is used over requests of several key blocks."""
+    from flashtile.kernels import batch_prefill_hopper as hopper
+    monkeypatch.setattr(hopper, "STAGES_OVERRIDE", stages)
+    qo_lens, kv_lens = [300, 129, 200], [300, 700, 1000]
+    q, k, v, qo_indptr, kv_indptr = make_ragged(qo_lens, kv_lens, 16, 4, 64, torch.bfloat16, device)
+    w = BatchPrefillWithRaggedKVCacheWrapper(workspace(device))
+    w.plan(qo_indptr, kv_indptr, 16, 4, 64, causal=True, q_data_type=torch.bfloat16)
+    out = w.run(q, k, v)
+    atol, rtol = TOLERANCES[q.dtype]
+    ip = qo_indptr.tolist()
+    for r, (kr, vr) in enumerate(ragged_requests(k, v, kv_indptr)):
+        ref_o, _ = attention_oracle(q[ip[r]: ip[r + 1]], kr, vr, causal=True)
+        torch.testing.assert_close(out[ip[r]: ip[r + 1]].double().cpu(), ref_o, atol=atol, rtol=rtol)

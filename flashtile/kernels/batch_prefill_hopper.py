@@ -65,7 +65,12 @@ from .tiles import tile_ranges
 
 BLOCK_M = 128
 BLOCK_N = 128
-STAGES = 2
+# K/V ring depth per head dim (the kernel's STAGES): 2 at both, the depth it was measured with. Shared memory
+# (sm_90a, Triton 3.6): 98,840 bytes at d64 and 197,144 at d128 with 2 stages; a stage adds 2 x BLOCK_N x D x 2
+# bytes (32 KiB at d64), so d64 fits 4 stages and d128 only 2. The batch_prefill suite's `hopper_stages` grid
+# times STAGES_OVERRIDE on the head-dim-64 cases.
+STAGES_BY_HEAD_DIM = {64: 2, 128: 2}
+STAGES_OVERRIDE: Optional[int] = None
 # Registers per thread: two 4-warp consumers and a producer warp (a warpgroup for the register file):
 # 12 warps x 32 threads x MAX_REGS = 64512 <= 65536. The second consumer asks for CONSUMER_REGS and the
 # producer for PRODUCER_REGS; the default partition (the first consumer) gets what is left (240).
@@ -162,7 +167,6 @@ if _HAVE_GLUON:
     # The tile constants as the kernels see them.
     _BLOCK_M = gl.constexpr(BLOCK_M)
     _BLOCK_N = gl.constexpr(BLOCK_N)
-    _STAGES = gl.constexpr(STAGES)
     _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
     _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
     _GATHER_WARPS = gl.constexpr(GATHER_WARPS)
@@ -323,6 +327,7 @@ if _HAVE_GLUON:
                   PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr, RECORD: gl.constexpr,
                   num_warps: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+        STAGES: gl.constexpr = k_bufs.shape[0]  # the K/V ring depth (the kernel's STAGES)
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         kv_bytes: gl.constexpr = _BLOCK_N * HEAD_DIM * 2
         total = gl.load(COUNTS) * num_kv_heads
@@ -353,8 +358,8 @@ if _HAVE_GLUON:
                     gl.store(rec + tile * _RECORD_FIELDS + 9, _clock(w))
             for j in range(num_blocks):
                 n0 = start + j * _BLOCK_N
-                s = block % _STAGES
-                phase = ((block // _STAGES) & 1) ^ 1
+                s = block % STAGES
+                phase = ((block // STAGES) & 1) ^ 1
                 if GATHER:
                     offsets = key_offsets.index(block % 2)
                     _gather_rows(offsets, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row,
@@ -436,6 +441,7 @@ if _HAVE_GLUON:
         once the next tile's first product is issued (by then the store has read it). Partial tiles,
         split tiles' partial states and outputs TMA cannot address are stored from registers."""
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
+        STAGES: gl.constexpr = k_bufs.shape[0]  # the K/V ring depth (the kernel's STAGES)
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         # Both products accumulate in one wgmma layout (instruction N = the head dim, at most BLOCK_N), so
         # the softmax's row statistics broadcast onto the output; a warpgroup owns 64 rows.
@@ -486,8 +492,8 @@ if _HAVE_GLUON:
                 # Block j's softmax runs while the tensor cores do block j-1's P @ V: per iteration,
                 # issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait for S_j only, release K_j, do the
                 # softmax, then wait for the product, release V_{j-1} and rescale O.
-                s = block % _STAGES
-                phase = (block // _STAGES) & 1
+                s = block % STAGES
+                phase = (block // STAGES) & 1
                 _wait_kv(k_ready.index(s), phase, GATHER)
                 if RECORDS:
                     if tile < _RECORD_TILES:
@@ -508,8 +514,8 @@ if _HAVE_GLUON:
                 block += 1
                 for j in range(1, num_blocks):
                     n0 = start + j * _BLOCK_N
-                    s = block % _STAGES
-                    phase = (block // _STAGES) & 1
+                    s = block % STAGES
+                    phase = (block // STAGES) & 1
                     if RECORDS:
                         c0 = _clock(s)
                     _wait_kv(k_ready.index(s), phase, GATHER)
@@ -605,21 +611,22 @@ if _HAVE_GLUON:
                                rows_per_page, head_row, head_col, oob_row, row_stride,
                                GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr,
-                               O_TMA: gl.constexpr, RECORD: gl.constexpr, num_warps: gl.constexpr):
+                               O_TMA: gl.constexpr, RECORD: gl.constexpr, STAGES: gl.constexpr,
+                               num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, HEAD_DIM], dtype)
         q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M, HEAD_DIM], tile_layout)
-        k_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [_STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
         plain_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         unit_info = gl.allocate_shared_memory(gl.int32, [2, _INFO], plain_layout)
         key_offsets = gl.allocate_shared_memory(gl.int64, [2, _BLOCK_N], plain_layout)  # gather mode (_gather_rows)
         q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [_STAGES, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         # TMA copies complete a ready barrier with one arrival (plus the bytes); gather mode's cp.async
         # copies with one arrival per producer thread.
         PRODUCER_WARPS: gl.constexpr = _GATHER_WARPS if GATHER else 1
@@ -627,7 +634,7 @@ if _HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)
-        for i in gl.static_range(_STAGES):
+        for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=KV_ARRIVALS)
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_ready.index(i), count=KV_ARRIVALS)
@@ -707,4 +714,10 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
         lse.stride(0),
         lse.stride(1), qk_scale_log2, *coords, k_view[1],  # gather mode's row stride (V's is the same)
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
-        GATHER=gather, O_TMA=o_tma, RECORD=record is not None, num_warps=4, maxnreg=MAX_REGS)
+        GATHER=gather, O_TMA=o_tma, RECORD=record is not None, STAGES=hopper_stages(head_dim), num_warps=4,
+        maxnreg=MAX_REGS)
+
+
+def hopper_stages(head_dim: int) -> int:
+    """The K/V ring depth for ``head_dim`` (STAGES_BY_HEAD_DIM, or the tuning grid's STAGES_OVERRIDE)."""
+    return STAGES_OVERRIDE if STAGES_OVERRIDE is not None else STAGES_BY_HEAD_DIM[head_dim]
