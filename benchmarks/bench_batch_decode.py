@@ -95,6 +95,23 @@ def _flashtile(case: Case):
     return (lambda: w.run(q, cache, out=out)), note
 
 
+def _flashtile_graph(case: Case):
+    """The wrapper in CUDA-graph mode (as engines capture decode): a fixed grid, and the split-KV merge launched
+    whatever the plan."""
+    import flashtile
+
+    p = case.params
+    q, cache, indptr, indices, last = _paged_inputs(case)
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=device())
+    w = flashtile.BatchDecodeWithPagedKVCacheWrapper(
+        ws, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=torch.empty_like(indptr),
+        paged_kv_indices_buffer=torch.empty_like(indices), paged_kv_last_page_len_buffer=torch.empty_like(last))
+    w.plan(indptr.cpu(), indices, last.cpu(), p["num_qo_heads"], p["num_kv_heads"], p["head_dim"],
+           p["page_size"], q_data_type=q.dtype, kv_data_type=cache.dtype)
+    out = torch.empty_like(q)
+    return (lambda: w.run(q, cache, out=out)), f"{w._plan.num_programs} programs (graph mode)"
+
+
 def _flashinfer(use_tensor_cores: bool):
     def make(case: Case):
         flashinfer = import_flashinfer()
@@ -153,10 +170,12 @@ PROVIDERS = [
     Provider("flashinfer_tc", _flashinfer(True)),
     Provider("torch_sdpa_flash", _sdpa("FLASH_ATTENTION")),
     Provider("torch_sdpa_cudnn", _sdpa("CUDNN_ATTENTION")),
+    Provider("flashtile_graph", _flashtile_graph),
 ]
 
 TILE = Knob("flashtile._core.decode_tune", "BATCH_DECODE_OVERRIDE")
 PER_SM = Knob("flashtile._core.decode_tune", "BATCH_PROGRAMS_PER_SM_OVERRIDE")
+MERGE_SKIP = Knob("flashtile.kernels.merge", "MERGE_SKIP_SINGLE_STATE")
 
 
 def _launch_grid(case: Case):
@@ -204,7 +223,10 @@ register(Suite("batch_decode", batch_decode_cases, PROVIDERS, "gbps",
                tunes={"launch": Tune(_launch_grid, cases=_tuned_case, cuda_graph="on",
                                      description="BLOCK_N x stages x page-id prefetch x warps (DecodeTile)"),
                       "splits": Tune(_split_grid, cases=_tuned_case, cuda_graph="on",
-                                     description="batch programs per SM; 32-bit paged offsets (decode_tune)")}))
+                                     description="batch programs per SM; 32-bit paged offsets (decode_tune)"),
+                      "merge": Tune(lambda case: [{MERGE_SKIP: True}], cases=_tuned_case, cuda_graph="on",
+                                    provider="flashtile_graph", rounds=3,
+                                    description="graph mode: the merge skipping single-state tokens")}))
 register(Suite("batch_decode_sweep", sweep_cases, PROVIDERS[:3], "gbps",
                "Batch decode sweep: batch 1-512 x kv 512-16384, 32/8 heads, d128, page 16",
                ceiling=COPY_CEILING_GBPS))

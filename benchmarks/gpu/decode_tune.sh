@@ -6,7 +6,7 @@
 #  2. the decode GPU tests (batch decode, single decode, the tune table);
 #  3. the batch_decode suite against FlashInfer (use_tensor_cores False and True) with the card's entry, and the
 #     single_decode suite against FlashInfer;
-#  4. the tune sweep (batch_decode --tune launch,splits): the best tile per case and per padded head dim, printed
+#  4. the tune sweep (batch_decode --tune launch,splits,merge): the best tile per case and per padded head dim, printed
 #     as a DecodeTile line to paste into TUNE_TABLE for this card.
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/decode_tune.sh [notune | demo]   (carry .fi-ref)
@@ -101,7 +101,7 @@ if [ "${1:-}" != notune ]; then
     left=$(( 470 - SECONDS ))
     if [ $left -lt 30 ]; then echo "tune: no time left for '$f'" | tee -a "$OUT/decode_tune.log"; continue; fi
     rm -rf /tmp/decode_tune_part
-    timeout $left python3 -m benchmarks.run --suite batch_decode --tune launch,splits --filter "$f" \
+    timeout $left python3 -m benchmarks.run --suite batch_decode --tune launch,splits,merge --filter "$f" \
       --out /tmp/decode_tune_part 2>&1 | tail -2 | tee -a "$OUT/decode_tune.log"
     cat /tmp/decode_tune_part/batch_decode.tune.jsonl >> "$OUT/batch_decode.tune.jsonl" 2>/dev/null
     cat /tmp/decode_tune_part/batch_decode.tune.md >> "$OUT/batch_decode.tune.md" 2>/dev/null
