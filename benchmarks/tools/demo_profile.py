@@ -4,11 +4,12 @@ torch.profiler: the GPU kernels by total time, grouped by what they do, beside t
 and decode steps. The engines differ only in the library's kernels, so the rows that differ are the gap.
 
     python -m benchmarks.tools.demo_profile [--kernels flashtile,flashinfer] [--decode-tile BN,WARPS,STAGES,PREFETCH]
-        [--json PATH] [--top 25]
+        [--merge-skip] [--hopper-stages N] [--json PATH] [--top 25]
 
---decode-tile adds an engine "flashtile[tile]": flashtile with that batch decode tile
-(flashtile/_core/decode_tune.py's DecodeTile, set through the benchmark harness's override for every call
-of that engine: graph capture, planning and replay alike).
+Each of --decode-tile (flashtile/_core/decode_tune.py's DecodeTile), --merge-skip (kernels/merge.py's
+MERGE_SKIP_SINGLE_STATE) and --hopper-stages (kernels/batch_prefill_hopper.py's K/V ring depth) adds one more
+flashtile engine with that launch setting, set through the benchmark harness's override around every call of
+that engine: graph capture, planning and replay alike.
 
 CUDA only; FlashInfer where it imports (benchmarks/gpu/*.sh source .fi-ref/device_env.sh first).
 """
@@ -55,14 +56,32 @@ def _phases(res) -> dict:
                 decode_tok_s=sum(s.tokens for s in dec) / max(sum(s.seconds for s in dec), 1e-9))
 
 
-def _tile_setting(tile):
-    """A context factory that runs under the batch decode tile ``tile`` (none: the card's table)."""
-    if tile is None:
+def _setting_engines(args) -> list:
+    """``(name, module, harness setting)`` of the extra flashtile engines the options ask for."""
+    from benchmarks.bench_batch_decode import MERGE_SKIP, TILE
+    from benchmarks.bench_batch_prefill import HOPPER_STAGES
+    from flashtile._core.decode_tune import DecodeTile
+
+    extra = []
+    if args.decode_tile:
+        bn, warps, stages, prefetch = (int(v) for v in args.decode_tile.split(","))
+        extra.append((f"flashtile[tile {args.decode_tile}]", "flashtile",
+                      {TILE: DecodeTile(bn, warps, stages, bool(prefetch))}))
+    if args.merge_skip:
+        extra.append(("flashtile[merge skip]", "flashtile", {MERGE_SKIP: True}))
+    if args.hopper_stages:
+        extra.append((f"flashtile[hopper stages {args.hopper_stages}]", "flashtile",
+                      {HOPPER_STAGES: args.hopper_stages}))
+    return extra
+
+
+def _in_setting(setting):
+    """A context factory that runs under the harness setting ``setting`` (None: flashtile's defaults)."""
+    if setting is None:
         return contextlib.nullcontext
-    from benchmarks.bench_batch_decode import TILE
     from benchmarks.harness import overridden
 
-    return lambda: overridden({TILE: tile})
+    return lambda: overridden(setting)
 
 
 def _profiled_run(eng, prompts, max_new, system, dev, sync):
@@ -114,6 +133,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--model", default="1b", choices=sorted(MODELS))
     ap.add_argument("--decode-tile", default=None, help="BN,WARPS,STAGES,PREFETCH(0/1): add flashtile with it")
+    ap.add_argument("--merge-skip", action="store_true", help="add flashtile with MERGE_SKIP_SINGLE_STATE")
+    ap.add_argument("--hopper-stages", type=int, default=None, help="add flashtile with this Hopper K/V ring")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (operators instead of kernels)")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -122,20 +143,15 @@ def main() -> None:
     prompts, max_new = make_requests(args.requests, (lo, hi), (args.new_tokens, args.new_tokens), cfg.vocab_size)
     system = system_prompt(256, cfg.vocab_size)
     weights = init_weights(cfg, dev, torch.bfloat16, max_position=256 + hi + args.new_tokens + 1)
-    libs = [(name, name, None) for name in args.kernels.split(",")]
-    if args.decode_tile:
-        from flashtile._core.decode_tune import DecodeTile
-
-        bn, warps, stages, prefetch = (int(v) for v in args.decode_tile.split(","))
-        libs.append((f"flashtile[{args.decode_tile}]", "flashtile", DecodeTile(bn, warps, stages, bool(prefetch))))
+    libs = [(name, name, None) for name in args.kernels.split(",")] + _setting_engines(args)
     engines, settings = {}, {}
-    for name, module, tile in libs:
+    for name, module, setting in libs:
         try:
             lib = importlib.import_module(module)
         except ImportError as e:
             print(f"{name}: not importable ({e}); skipped")
             continue
-        settings[name] = _tile_setting(tile)
+        settings[name] = _in_setting(setting)
         with settings[name]():
             eng = PagedEngine(weights, lib, page_size=16, max_batch=args.requests, prefill_chunk=2048,
                               sampling=Sampling())
