@@ -15,6 +15,11 @@ Used by benchmarks/tools/aot_compile_check.py and benchmarks/tools/smem_compile.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import pathlib
+import re
+import subprocess
+import tempfile
 from typing import Iterator
 
 import torch
@@ -22,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction, mangle_type
 
-__all__ = ["Launch", "capture_launches", "compile_source", "shared_bytes"]
+__all__ = ["Launch", "capture_launches", "compile_source", "sass_summary", "shared_bytes"]
 
 
 class Launch:
@@ -60,6 +65,8 @@ def compile_source(launch: Launch, arch: int = 90):
     fn = launch.fn
     bound = dict(zip(fn.arg_names, launch.args))
     bound.update(kwargs)
+    # a launch option the kernel also declares as a constexpr parameter (Gluon kernels take num_warps)
+    bound.update({key: value for key, value in launch_options.items() if key in fn.arg_names})
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         value = bound[p.name] if p.name in bound else p.default  # an omitted constexpr takes its default
@@ -82,8 +89,32 @@ def compile_source(launch: Launch, arch: int = 90):
             attrs[(i,)] = [["tt.divisibility", 16]]
     target = GPUTarget("cuda", arch, 32)
     options = triton.compiler.make_backend(target).parse_options(launch_options)
-    source = triton.compiler.ASTSource(fn=fn, constexprs=constexprs, signature=signature, attrs=attrs)
+    source_type = triton.compiler.ASTSource
+    if type(fn).__name__ == "GluonJITFunction":  # @gluon.jit (kernels/batch_prefill_hopper.py)
+        from triton.experimental.gluon._runtime import GluonASTSource as source_type
+    source = source_type(fn=fn, constexprs=constexprs, signature=signature, attrs=attrs)
     return source, target, options.__dict__
+
+
+def sass_summary(ptx: str) -> str:
+    """Registers, spill bytes and the opcode-sequence hash of the assembled kernel (needs ptxas and
+    cuobjdump from the Triton package; empty when they are missing). Two checkouts whose kernel prints the
+    same hash compiled to the same instructions (operands dropped)."""
+    tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists():
+        return ""
+    with tempfile.TemporaryDirectory() as d:
+        pathlib.Path(d, "k.ptx").write_text(ptx)
+        info = subprocess.run([str(tools / "ptxas"), "-v", "--gpu-name=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f"{d}/k.cubin"], capture_output=True,
+                              text=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    digest = hashlib.sha1(" ".join(ops).encode()).hexdigest()[:12]
+    return (f" regs={regs.group(1) if regs else '?'} spill_bytes={spills.group(1) if spills else '?'}"
+            f" sass_ops={len(ops)} opseq={digest}")
 
 
 def shared_bytes(compiled_source) -> int:

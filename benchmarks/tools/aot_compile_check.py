@@ -14,13 +14,10 @@ machine code of the default paths (same hash: GPU measurements of one apply to t
 compile failure gives exit code 1.
 """
 import argparse
-import hashlib
 import os
 import pathlib
 import re
-import subprocess
 import sys
-import tempfile
 
 _ap = argparse.ArgumentParser()
 _ap.add_argument("--triton-path", default=None, help="a directory holding the triton package to compile with")
@@ -44,30 +41,11 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from benchmarks.tools.aot import Launch, compile_source  # noqa: E402
+from benchmarks.tools.aot import Launch, compile_source, sass_summary  # noqa: E402
 
 captured = []
 failures = []
 JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: captured.append(Launch(self, a, dict(k))))
-_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
-
-def _sass_summary(ptx: str) -> str:
-    """Registers, spill bytes and the opcode-sequence hash of the assembled kernel (needs ptxas and
-    cuobjdump from the Triton package; empty when they are missing)."""
-    if not (_BIN / "ptxas").exists():
-        return ""
-    with tempfile.TemporaryDirectory() as d:
-        pathlib.Path(d, "k.ptx").write_text(ptx)
-        info = subprocess.run([str(_BIN / "ptxas"), "-v", "--gpu-name=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                              capture_output=True, text=True).stderr
-        sass = subprocess.run([str(_BIN / "cuobjdump"), "-sass", f"{d}/k.cubin"], capture_output=True, text=True).stdout
-    regs = re.search(r"Used (\d+) registers", info)
-    spills = re.search(r"(\d+) bytes spill stores", info)
-    ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
-    digest = hashlib.sha1(" ".join(ops).encode()).hexdigest()[:12]
-    return (f" regs={regs.group(1) if regs else '?'} spill_bytes={spills.group(1) if spills else '?'}"
-            f" sass_ops={len(ops)} opseq={digest}")
 
 
 def compile_all(label):
@@ -79,7 +57,7 @@ def compile_all(label):
         nw, ns, maxnreg = options["num_warps"], options["num_stages"], launch.kwargs.get("maxnreg")
         try:
             cc = triton.compile(source, target=target, options=options)
-            status = f"ok shared={cc.metadata.shared}" + _sass_summary(cc.asm["ptx"])
+            status = f"ok shared={cc.metadata.shared}" + sass_summary(cc.asm["ptx"])
             if _args.dump:
                 stem = pathlib.Path(_args.dump, re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label} {launch.name}"))
                 stem.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ from .tiles import tile_ranges
 BLOCK_M = 128
 BLOCK_N = 128
 # K/V ring depth per head dim (the kernel's STAGES): 2 at both, the depth it was measured with. Shared memory
-# (sm_90a, Triton 3.6): 98,840 bytes at d64 and 197,144 at d128 with 2 stages; a stage adds 2 x BLOCK_N x D x 2
+# (sm_90a, Triton 3.6): 98,856 bytes at d64 and 197,160 at d128 with 2 stages; a stage adds 2 x BLOCK_N x D x 2
 # bytes (32 KiB at d64), so d64 fits 4 stages and d128 only 2. The batch_prefill suite's `hopper_stages` grid
 # times STAGES_OVERRIDE on the head-dim-64 cases.
 STAGES_BY_HEAD_DIM = {64: 2, 128: 2}
