@@ -87,6 +87,9 @@ run_tests timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/t
 FILTER=(); TUNE_CASES=("64 x 2048 h32/8 d64" "64 x 4096 h32/8" "1 x 32768 h32/8" "16 x 4096" "256 x 2048" "128 x 8192"
                       "64 x 4096 h32/32")
 [ "${1:-}" = demo ] && { FILTER=(--filter d64); TUNE_CASES=("64 x 2048 h32/8 d64"); }
+# DECODE_TUNE_CASES="case|case|...": sweep these case groups instead, in this order (e.g. on a card whose d64 entry
+# is already measured)
+[ -n "${DECODE_TUNE_CASES:-}" ] && IFS='|' read -r -a TUNE_CASES <<< "$DECODE_TUNE_CASES"
 wait $WARM; cat "$OUT/decode_fi_warm.log"
 timeout 150 python3 -m benchmarks.run --suite batch_decode --providers flashtile,flashinfer,flashinfer_tc \
     "${FILTER[@]}" --out "$OUT" 2>&1 | tail -3
