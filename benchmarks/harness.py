@@ -384,6 +384,14 @@ def _max_abs_diff(out: Any, ref: Any) -> Optional[float]:
     return (out.float() - ref.float()).abs().max().item()
 
 
+def case_selected(name: str, filter: Optional[str]) -> bool:
+    """Whether a case named ``name`` passes ``--filter``: any of its ``|``-separated alternatives is a substring of
+    the name; an alternative ending in ``$`` must end it ("64 x 4096 h32/8$" leaves out "64 x 4096 h32/8 page1")."""
+    if not filter:
+        return True
+    return any(name.endswith(alt[:-1]) if alt.endswith("$") else alt in name for alt in filter.split("|"))
+
+
 def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None,
               providers: Optional[Sequence[str]] = None, cuda_graph: Optional[str] = None,
               graph_span_us: Optional[float] = None, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
@@ -396,7 +404,7 @@ def run_suite(suite: Suite, *, smoke: bool = False, filter: Optional[str] = None
     chosen = [p for p in suite.providers if providers is None or p.name in providers]
     records = []
     for case in suite.cases(smoke):
-        if filter and filter not in case.name:
+        if not case_selected(case.name, filter):
             continue
         ref = ref_name = None
         for prov in chosen:
@@ -496,7 +504,7 @@ def tune_suite(suite: Suite, grid_names: Optional[Sequence[str]] = None, *, smok
         provider = next(p for p in suite.providers if p.name == tune.provider)
         records = []
         for case in suite.cases(smoke):
-            if (filter and filter not in case.name) or (tune.cases and not tune.cases(case)):
+            if not case_selected(case.name, filter) or (tune.cases and not tune.cases(case)):
                 continue
             for rec in _tune_case(suite, tune, case, provider, cuda_graph=mode, smoke=smoke, graph_span_us=span,
                                   rounds=rounds or tune.rounds, log=log):
@@ -697,7 +705,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"one of {', '.join(SUITES)}")
     parser.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions (runs on CPU in seconds)")
-    parser.add_argument("--filter", default=None, help="only cases whose name contains this substring")
+    parser.add_argument("--filter", default=None,
+                        help="only cases whose name contains this substring (alternatives separated by '|'; one "
+                             "ending in '$' must end the name)")
     parser.add_argument("--providers", default=None, help="comma-separated provider names (default: all)")
     parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default=None,
                         help=f"time CUDA-graph replays: auto = for kernels under {GRAPH_BELOW_US:.0f} us "
@@ -711,7 +721,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "names; all when none is given) on flashtile and print each case's winner")
     parser.add_argument("--rounds", type=int, default=None,
                         help="--tune: time each setting this many times, alternating, and keep the median")
+    parser.add_argument("--decode-tile", default=None, metavar="BN,WARPS,STAGES,PREFETCH",
+                        help="batch decode runs this tile (flashtile/_core/decode_tune.py's DecodeTile; PREFETCH 0 "
+                             "or 1) instead of the card's table entry: to time a sweep's winner before it lands")
     args = parser.parse_args(argv)
+    if args.decode_tile is not None:
+        from flashtile._core import decode_tune
+
+        try:
+            bn, warps, stages, prefetch = (int(v) for v in args.decode_tile.split(","))
+        except ValueError:
+            parser.error(f"--decode-tile: expected four integers BN,WARPS,STAGES,PREFETCH, got {args.decode_tile!r}")
+        decode_tune.BATCH_DECODE_OVERRIDE = decode_tune.DecodeTile(bn, warps, stages, bool(prefetch))
     suites = [s for arg in (args.suite or ["all"]) for s in arg.split(",") if s]
     if args.list:
         for name in (list(SUITES) if "all" in suites else suites):

@@ -134,3 +134,23 @@ def test_tune_mode(tmp_path):
     unknown = subprocess.run(cmd[:-4] + ["--tune", "nope", "--out", str(tmp_path)], capture_output=True, text=True,
                              cwd=ROOT)
     assert unknown.returncode != 0 and "no tuning grid ['nope']" in unknown.stderr
+
+
+def test_decode_tile_option_sets_the_batch_decode_override(tmp_path, monkeypatch):
+    from flashtile._core import decode_tune
+
+    monkeypatch.setattr(decode_tune, "BATCH_DECODE_OVERRIDE", None)
+    assert harness.main(["--suite", "batch_decode", "--list", "--decode-tile", "64,8,2,1"]) == 0
+    assert decode_tune.BATCH_DECODE_OVERRIDE == decode_tune.DecodeTile(64, 8, 2, True)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "batch_decode", "--list",
+                          "--decode-tile", "64,8"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "--decode-tile: expected four integers" in bad.stderr
+
+
+def test_case_filter_alternatives_and_name_ends():
+    assert harness.case_selected("64 x 4096 h32/8 page1", None)
+    assert harness.case_selected("64 x 4096 h32/8 page1", "4096")
+    assert not harness.case_selected("64 x 4096 h32/8 page1", "64 x 4096 h32/8$")
+    assert harness.case_selected("64 x 4096 h32/8", "1 x 32768$|64 x 4096 h32/8$")
+    assert harness.case_selected("1x32768+63x512 h32/8", "1x32768+63x512")  # no regex: '+' is a character
+    assert not harness.case_selected("16 x 4096 h32/8", "1 x 32768$|64 x 4096 h32/8$")
