@@ -18,7 +18,7 @@ CASE="64 x 4096 h32/8"
 D128="1 x 32768 h32/8$|16 x 4096 h32/8$|64 x 4096 h32/8$|256 x 2048 h32/8$|128 x 8192 h32/8$|64 x 4096 h32/32$"
 # FlashInfer's d128 bf16 batch decode variants compile in the background (nvcc) for step 3.
 ( timeout 300 nice -n 10 python3 -m benchmarks.run --suite batch_decode --providers flashinfer,flashinfer_tc \
-    --filter "1 x 32768 h32/8" --out /tmp/decode_d128_warm > "$OUT/decode_d128_fi_warm.log" 2>&1 ) &
+    --filter "1 x 32768 h32/8$" --out /tmp/decode_d128_warm > "$OUT/decode_d128_fi_warm.log" 2>&1 ) &
 WARM=$!
 
 timeout 200 python3 -m benchmarks.run --suite batch_decode --tune launch,merge --filter "$CASE$" --out "$OUT/tune" \
