@@ -37,7 +37,7 @@ PY
 TILE=$(cat "$OUT/decode_best_d128.txt"); echo "best d128 tile: ${TILE:-none}"
 T=(); [ -n "$TILE" ] && T=(--decode-tile "$TILE")
 
-timeout 200 python3 -m benchmarks.run --suite variants_decode,variants_flex --filter "decode 64 x 4096" "${T[@]}" \
+timeout 200 python3 -m benchmarks.run --suite variants_flex,variants_decode --filter "decode 64 x 4096" "${T[@]}" \
     --out "$OUT/variants" 2>&1 | tail -2
 cat "$OUT"/variants/variants_*.md 2>/dev/null
 
