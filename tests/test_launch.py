@@ -625,3 +625,55 @@ def test_replay_cell_replays_what_the_memo_would(memo_launcher, monkeypatch):
     assert not replays()  # the cell still holds the cleared memo's replay
     cell.refresh()
     assert replays()
+
+
+def _probe_tuple_kernel(X, extra, BLOCK):
+    """A kernel taking a tuple argument, as the attention kernels take a variant's extra arguments."""
+
+
+TUPLES = [(), (3,), (1,), (16,), (2**40,), (0.5,), (True,), (None,), (3, 0.5), (1, 0.5), (16, 2.0),
+          (TENSORS[0],), (TENSORS[1],), (TENSORS[2],), (TENSORS[0], 7), (TENSORS[7], 1), (TENSORS[8], 0.25, 32)]
+
+
+def test_tuple_arguments_are_keyed_like_triton():
+    """A variant's extra arguments reach the kernels as one tuple: Triton specializes it element by element,
+    and one key never covers two of its specializations (positional and keyword)."""
+    try:
+        import triton.language as tl
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as e:
+        pytest.skip(f"this Triton's specialization internals differ: {e}")
+    _probe_tuple_kernel.__annotations__["BLOCK"] = tl.constexpr
+    jit = JITFunction(_probe_tuple_kernel)
+    try:
+        binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+        binder(TENSORS[0], (3, 0.5), 8)
+    except Exception as e:
+        pytest.skip(f"this Triton's binder differs: {type(e).__name__}: {e}")
+    kernel = DirectLaunch(jit)
+    keyer = kernel._positional_keyer(3)
+    spec_of_key, specs = {}, set()
+    for extra in TUPLES:
+        for key in (keyer(TENSORS[0], extra, 8), kernel._key(0, (TENSORS[0],), {"extra": extra, "BLOCK": 8})):
+            spec = binder(TENSORS[0], extra, 8)[1]
+            known = spec_of_key.setdefault(key, spec)
+            assert known == spec, f"key {key} covers two Triton specializations: {known} and {spec} ({extra})"
+            specs.add(str(spec))
+    assert len(specs) > 8  # the candidates do make Triton specialize differently
+    with pytest.raises(launch._Uncacheable):
+        argument_key((3, "text"))
+
+
+def test_tuple_arguments_are_launched_directly_but_never_baked_into_a_replay(fake_cuda):
+    """A tuple (a variant's extra arguments) takes the direct launch with this call's values; a recording that
+    holds one gives no replay, which would bake one call's values in."""
+    jit, kernel = fake_cuda
+    x = torch.zeros(32)
+    with launch.recording_launches() as recording:
+        kernel[(1,)](x, 20, (7, 0.5), BLOCK=64)
+    kernel[(1,)](x, 20, (9, 1.5), BLOCK=64)  # same key: direct launch with the new values
+    assert len(jit.triton_launches) == 1
+    (compiled,) = jit.compiled.values()
+    assert compiled.launches[-1][9:12] == (x, 20, (9, 1.5))
+    assert recording.complete and launch.make_replay(recording, (x,), frozenset()) is None

@@ -10,7 +10,8 @@ to the compiled kernel's launcher, with the same arguments Triton would pass it.
 Why the cached kernel is the one Triton would pick: Triton specializes a call on the device, the
 options and constexprs, and per runtime argument on its type plus a few properties: for tensors the
 dtype and whether the pointer is 16-byte aligned, for ints whether the value is 1 (compiled in as a
-constant), divisible by 16, and its width (i32 / i64 / u64); floats, bools and None carry no value.
+constant), divisible by 16, and its width (i32 / i64 / u64); floats, bools and None carry no value; a
+tuple (an attention variant's extra arguments) is specialized element by element, and so keyed.
 The key records each of these or something finer: positional ints are keyed by their value (free
 to compute; sizes and strides take few values per call site), except parameters Triton does not
 specialize (``do_not_specialize``: seeds, offsets), which get the four properties. Two calls with one
@@ -91,6 +92,8 @@ def argument_key(value: Any) -> Any:
         return bool
     if value is None:
         return None
+    if kind is tuple:  # a variant's extra arguments: Triton specializes each element as it would alone
+        return (tuple, *(argument_key(v) for v in value))
     if hasattr(value, "block_shape") and hasattr(value, "base"):  # a (Gluon) tensor descriptor
         return _descriptor_key(value)
     raise _Uncacheable(kind.__name__)
@@ -346,6 +349,8 @@ def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
             tail = launcher._tail(args, kwargs)
         values: list[tuple] = []
         for a in tuple(args) + tuple(tail):
+            if type(a) is tuple:  # a variant's extra arguments hold one call's values: never baked
+                return None
             position = next((j for j, d in enumerate(dynamic) if a is d), None)
             if position is not None:
                 values.append(("value", f"d{position}", a))
