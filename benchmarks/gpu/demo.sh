@@ -30,7 +30,7 @@ if [ "${1:-}" = profile ]; then
   TILE=(); [ -s /tmp/decode_best_d64.txt ] && TILE=(--decode-tile "$(cat /tmp/decode_best_d64.txt)")  # decode_tune.sh demo
   # PROFILE_ARGS: more flashtile engines with candidate launch settings (demo_profile's options)
   (. .fi-ref/device_env.sh 2>/dev/null; timeout 400 python3 -m benchmarks.tools.demo_profile --kernels $K "${TILE[@]}" \
-     ${PROFILE_ARGS---merge-skip --hopper-stages 3} \
+     ${PROFILE_ARGS---hopper-stages 3} \
      --json "$OUT/demo_profile.json" 2>&1 | grep -v USDT | tee "$OUT/demo_profile.log")
   exit 0
 fi

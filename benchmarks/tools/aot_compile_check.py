@@ -29,8 +29,6 @@ _ap.add_argument("--mla-config", default=None,
                  help="max_block_m,block_n,warps,stages,out_split for the MLA cases (default: _core/mla_tiles.py's)")
 _ap.add_argument("--decode-tile", default=None,
                  help="block_n,num_warps,num_stages,prefetch(0/1) for the batch decode cases (default: the card's)")
-_ap.add_argument("--merge-skip-single", action="store_true",
-                 help="also compile the graph-mode decode merge with MERGE_SKIP_SINGLE_STATE (kernels/merge.py)")
 _ap.add_argument("--card", default="H100",
                  help="choose the decode configs of this card's tune table entry (flashtile/_core/decode_tune.py)")
 _args = _ap.parse_args()
@@ -189,15 +187,6 @@ A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:,
                        torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
                        batch_size=64, num_programs=splits.num_items, max_states=64, merge=True)
 compile_all("batch decode graph mode 64 x 4096")
-if _args.merge_skip_single:
-    from flashtile.kernels import merge as _merge
-    _merge.MERGE_SKIP_SINGLE_STATE = True
-    A.batch_decode_forward(torch.randn(64, 32, 128, dtype=bf), cache[:, 0], cache[:, 1],
-                           i32(torch.arange(0, 64 * 256 + 1, 256)), torch.arange(64 * 256, dtype=torch.int32),
-                           worklist, torch.empty(splits.num_items, 32, 128), torch.empty(splits.num_items, 32),
-                           torch.empty(64, 32, 128, dtype=bf), torch.empty(64, 32), AttentionParams(0.088),
-                           batch_size=64, num_programs=splits.num_items, max_states=64, merge=True)
-    compile_all("batch decode graph mode 64 x 4096, merge skipping single states")
 _cache1 = cache.view(64 * 4096, 2, 1, 8, 128)  # page size 1 (SGLang's token-granular cache)
 batch_decode_case(_cache1[:, 0], _cache1[:, 1], 1, "batch decode page 1 64 x 4096")
 if hasattr(torch, "float8_e4m3fn"):  # fp8 K/V: fp16 dots (kernels/tiles.py)

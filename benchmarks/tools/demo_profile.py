@@ -4,12 +4,11 @@ torch.profiler: the GPU kernels by total time, grouped by what they do, beside t
 and decode steps. The engines differ only in the library's kernels, so the rows that differ are the gap.
 
     python -m benchmarks.tools.demo_profile [--kernels flashtile,flashinfer] [--decode-tile BN,WARPS,STAGES,PREFETCH]
-        [--merge-skip] [--hopper-stages N] [--json PATH] [--top 25]
+        [--hopper-stages N] [--json PATH] [--top 25]
 
-Each of --decode-tile (flashtile/_core/decode_tune.py's DecodeTile), --merge-skip (kernels/merge.py's
-MERGE_SKIP_SINGLE_STATE) and --hopper-stages (kernels/batch_prefill_hopper.py's K/V ring depth) adds one more
-flashtile engine with that launch setting, set through the benchmark harness's override around every call of
-that engine: graph capture, planning and replay alike.
+Each of --decode-tile (flashtile/_core/decode_tune.py's DecodeTile) and --hopper-stages
+(kernels/batch_prefill_hopper.py's K/V ring depth) adds one more flashtile engine with that launch setting, set
+through the benchmark harness's override around every call of that engine: graph capture, planning and replay alike.
 
 CUDA only; FlashInfer where it imports (benchmarks/gpu/*.sh source .fi-ref/device_env.sh first).
 """
@@ -58,7 +57,7 @@ def _phases(res) -> dict:
 
 def _setting_engines(args) -> list:
     """``(name, module, harness setting)`` of the extra flashtile engines the options ask for."""
-    from benchmarks.bench_batch_decode import MERGE_SKIP, TILE
+    from benchmarks.bench_batch_decode import TILE
     from benchmarks.bench_batch_prefill import HOPPER_STAGES
     from flashtile._core.decode_tune import DecodeTile
 
@@ -67,8 +66,6 @@ def _setting_engines(args) -> list:
         bn, warps, stages, prefetch = (int(v) for v in args.decode_tile.split(","))
         extra.append((f"flashtile[tile {args.decode_tile}]", "flashtile",
                       {TILE: DecodeTile(bn, warps, stages, bool(prefetch))}))
-    if args.merge_skip:
-        extra.append(("flashtile[merge skip]", "flashtile", {MERGE_SKIP: True}))
     if args.hopper_stages:
         extra.append((f"flashtile[hopper stages {args.hopper_stages}]", "flashtile",
                       {HOPPER_STAGES: args.hopper_stages}))
@@ -133,7 +130,6 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--model", default="1b", choices=sorted(MODELS))
     ap.add_argument("--decode-tile", default=None, help="BN,WARPS,STAGES,PREFETCH(0/1): add flashtile with it")
-    ap.add_argument("--merge-skip", action="store_true", help="add flashtile with MERGE_SKIP_SINGLE_STATE")
     ap.add_argument("--hopper-stages", type=int, default=None, help="add flashtile with this Hopper K/V ring")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (operators instead of kernels)")
     args = ap.parse_args()

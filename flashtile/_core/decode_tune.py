@@ -64,7 +64,8 @@ class CardTune:
 
 # H100 SXM (132 SMs, 3.35 TB/s HBM3, 227 KiB shared memory per block), measured:
 # - batch decode (the batch_decode `launch` grid, d128, page 16): BLOCK_N 32 won at 1 x 32k, 16 x 4k and
-#   64 x 4k (stages 2-4 within noise; 3 chosen); 128 won only at 256 x 2k. d256 keeps 2 stages.
+#   64 x 4k (stages 2-4 within noise; 3 chosen); 128 won only at 256 x 2k. d256 keeps 2 stages. The page-id
+#   prefetch gains nothing at d128 (64 x 4k: 363.0 us against 362.5, 2.97 TB/s, about the read ceiling).
 # - batch decode d64 (the same grid on the demo's 64 x 2048, 32/8 heads, page 16): BLOCK_N 32 with the page ids
 #   prefetched, 108.3 us against 124.7 without (the prefetch keeps two K/V buffers in flight instead of one;
 #   FlashInfer's tensor-core decode 111 us). Page size 1 and fp8 K/V keep the tile without it (not swept).
