@@ -175,7 +175,6 @@ PROVIDERS = [
 
 TILE = Knob("flashtile._core.decode_tune", "BATCH_DECODE_OVERRIDE")
 PER_SM = Knob("flashtile._core.decode_tune", "BATCH_PROGRAMS_PER_SM_OVERRIDE")
-MERGE_SKIP = Knob("flashtile.kernels.merge", "MERGE_SKIP_SINGLE_STATE")
 
 
 def _launch_grid(case: Case):
@@ -223,10 +222,7 @@ register(Suite("batch_decode", batch_decode_cases, PROVIDERS, "gbps",
                tunes={"launch": Tune(_launch_grid, cases=_tuned_case, cuda_graph="on",
                                      description="BLOCK_N x stages x page-id prefetch x warps (DecodeTile)"),
                       "splits": Tune(_split_grid, cases=_tuned_case, cuda_graph="on",
-                                     description="batch programs per SM; 32-bit paged offsets (decode_tune)"),
-                      "merge": Tune(lambda case: [{MERGE_SKIP: True}], cases=_tuned_case, cuda_graph="on",
-                                    provider="flashtile_graph", rounds=3,
-                                    description="graph mode: the merge skipping single-state tokens")}))
+                                     description="batch programs per SM; 32-bit paged offsets (decode_tune)")}))
 register(Suite("batch_decode_sweep", sweep_cases, PROVIDERS[:3], "gbps",
                "Batch decode sweep: batch 1-512 x kv 512-16384, 32/8 heads, d128, page 16",
                ceiling=COPY_CEILING_GBPS))

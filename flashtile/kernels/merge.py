@@ -53,11 +53,6 @@ ROW_TILE_ELEMS = 2048
 PAIR_WARPS = 8
 STATE_LOOP_WARPS = 4
 MAX_UNROLLED_STATES = 8  # merge_states unrolls its state loop (one compile per count) up to this many
-# CUDA-graph batch decode launches the split-KV merge whatever the plan (its grid is fixed), and most tokens then
-# have a single state, which the attention kernel wrote directly. With MERGE_SKIP_SINGLE_STATE such a token's program
-# skips the state loop instead of folding a masked BLOCK_S-state tile and discarding it. H100 (the batch_decode
-# suite's `merge` grid, provider flashtile_graph, 64 x 4096 d128): decode plus merge 370.8 us against 381.9 folding.
-MERGE_SKIP_SINGLE_STATE = True
 
 
 @direct_launch
@@ -71,7 +66,6 @@ def _merge_states_kernel(
     stride_lse_t, stride_lse_h,
     v_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_INDPTR: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr = False,
 ):
     """One program per (token, head). Merging states is online softmax over the states: state ``s``
     is a "key" with logit ``lse_s`` and value ``o_s``; BLOCK_S states are folded per step, so the loads
@@ -88,8 +82,9 @@ def _merge_states_kernel(
     if HAS_INDPTR:
         s_begin = tl.load(STATE_INDPTR + token)
         s_end = tl.load(STATE_INDPTR + token + 1)
-        if SKIP_SINGLE:  # a token of one state: no fold (its store below is masked off anyway)
-            s_end = tl.where(s_end - s_begin > 1, s_end, s_begin)
+        # A token of one state folds nothing (CUDA-graph decode launches the merge for every token; on an H100,
+        # 64 x 4096 d128, decode plus merge took 370.8 us this way against 381.9 folding a masked tile)
+        s_end = tl.where(s_end - s_begin > 1, s_end, s_begin)
     # Vector form (the interpreter rejects block masks combined with scalar bools). Without an indptr
     # every token is merged; with one, a token whose single state was written directly is skipped.
     write = (tl.zeros([1], dtype=tl.int32) + (s_end - s_begin)) > (1 if HAS_INDPTR else 0)
@@ -148,7 +143,6 @@ def merge_attention_states(
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         float(v_scale),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_S=block_s, HAS_INDPTR=state_indptr is not None, num_warps=4,
-        **({"SKIP_SINGLE": True} if MERGE_SKIP_SINGLE_STATE and state_indptr is not None else {}),
     )
 
 
