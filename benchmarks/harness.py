@@ -726,13 +726,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "or 1) instead of the card's table entry: to time a sweep's winner before it lands")
     args = parser.parse_args(argv)
     if args.decode_tile is not None:
+        from benchmarks.tools import decode_tile
         from flashtile._core import decode_tune
 
         try:
-            bn, warps, stages, prefetch = (int(v) for v in args.decode_tile.split(","))
-        except ValueError:
-            parser.error(f"--decode-tile: expected four integers BN,WARPS,STAGES,PREFETCH, got {args.decode_tile!r}")
-        decode_tune.BATCH_DECODE_OVERRIDE = decode_tune.DecodeTile(bn, warps, stages, bool(prefetch))
+            decode_tune.BATCH_DECODE_OVERRIDE = decode_tile.parse(args.decode_tile)
+        except ValueError as e:
+            parser.error(f"--decode-tile: {e}")
     suites = [s for arg in (args.suite or ["all"]) for s in arg.split(",") if s]
     if args.list:
         for name in (list(SUITES) if "all" in suites else suites):

@@ -154,3 +154,30 @@ def test_case_filter_alternatives_and_name_ends():
     assert harness.case_selected("64 x 4096 h32/8", "1 x 32768$|64 x 4096 h32/8$")
     assert harness.case_selected("1x32768+63x512 h32/8", "1x32768+63x512")  # no regex: '+' is a character
     assert not harness.case_selected("16 x 4096 h32/8", "1 x 32768$|64 x 4096 h32/8$")
+
+
+def test_decode_tile_specs_and_the_sweeps_winner(tmp_path):
+    import pytest
+
+    from benchmarks.tools import decode_tile
+    from flashtile._core.decode_tune import DecodeTile
+
+    assert decode_tile.parse("64,8,2,1") == DecodeTile(64, 8, 2, True)
+    assert decode_tile.spec_of(DecodeTile(32, 4, 3, False)) == "32,4,3,0"
+    with pytest.raises(ValueError, match="four integers"):
+        decode_tile.parse("64,8,x,1")
+    path = tmp_path / "batch_decode.tune.jsonl"
+
+    def write(default_us):
+        rows = [("default", default_us, "launch"),
+                (f"BATCH_DECODE_OVERRIDE={DecodeTile(64, 4, 3, True)!r}", 100.0, "launch"),
+                (f"BATCH_DECODE_OVERRIDE={DecodeTile(128, 8, 2)!r}", 120.0, "launch"),
+                ("BATCH_PROGRAMS_PER_SM_OVERRIDE=2", 50.0, "splits")]  # another grid: not a tile
+        path.write_text("".join(json.dumps(dict(case="c", setting=s, status="ok", median_us=t, grid=g)) + "\n"
+                                for s, t, g in rows))
+
+    write(110.0)
+    assert decode_tile.best_spec(str(path), "c") == "64,4,3,1"
+    write(90.0)  # the table's tile won: no override
+    assert decode_tile.best_spec(str(path), "c") is None
+    assert decode_tile.best_spec(str(path), "other case") is None

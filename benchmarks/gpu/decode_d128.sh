@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The head-dim-128 batch decode tile on one GPU, swept and then timed where it decides an issue, in ~7 minutes:
-#  1. the `launch` and `merge` grids of suite batch_decode on 64 x 4096 (32/8 heads, page 16): BLOCK_N x stages x
-#     page-id prefetch x warps; the winner goes to $OUT/decode_best_d128.txt as BN,WARPS,STAGES,PREFETCH (empty: the table's tile won);
+#  1. the `launch` grid of suite batch_decode on 64 x 4096 (32/8 heads, page 16): BLOCK_N x stages x
+#     page-id prefetch x warps; the winner goes to $OUT/decode_best_d128.txt as BN,WARPS,STAGES,PREFETCH
+#     (empty: the table's tile won; benchmarks/tools/decode_tile.py);
 #  2. with that tile (benchmarks.run --decode-tile): the variant suites' 64 x 4096 paged decode cases against the
 #     built-in flags and compiled FlexAttention (issue 25's last row);
 #  3. suite batch_decode's d128 cases with that tile and with the card's table entry, against FlashInfer (both
@@ -21,19 +22,10 @@ D128="1 x 32768 h32/8$|16 x 4096 h32/8$|64 x 4096 h32/8$|256 x 2048 h32/8$|128 x
     --filter "1 x 32768 h32/8$" --out /tmp/decode_d128_warm > "$OUT/decode_d128_fi_warm.log" 2>&1 ) &
 WARM=$!
 
-timeout 200 python3 -m benchmarks.run --suite batch_decode --tune launch,merge --filter "$CASE$" --out "$OUT/tune" \
+timeout 200 python3 -m benchmarks.run --suite batch_decode --tune launch --filter "$CASE$" --out "$OUT/tune" \
     2>&1 | tail -2
 cat "$OUT/tune/batch_decode.tune.md" 2>/dev/null
-python3 - "$OUT/tune/batch_decode.tune.jsonl" "$CASE" > "$OUT/decode_best_d128.txt" <<'PY'
-import json, re, sys
-recs = [json.loads(l) for l in open(sys.argv[1])]
-ok = [r for r in recs if r["case"] == sys.argv[2] and r.get("status") == "ok" and r.get("grid") == "launch"]
-best = min(ok, key=lambda r: r["median_us"])
-if "DecodeTile(" not in best["setting"]:  # the table's own tile won: no override
-    raise SystemExit(0)
-v = dict(re.findall(r"(\w+)=(\w+)", best["setting"].split("DecodeTile(", 1)[1]))
-print(f"{v['block_n']},{v['num_warps']},{v['num_stages']},{int(v['prefetch_pages'] == 'True')}")
-PY
+python3 -m benchmarks.tools.decode_tile best "$OUT/tune/batch_decode.tune.jsonl" "$CASE" > "$OUT/decode_best_d128.txt"
 TILE=$(cat "$OUT/decode_best_d128.txt"); echo "best d128 tile: ${TILE:-none}"
 T=(); [ -n "$TILE" ] && T=(--decode-tile "$TILE")
 

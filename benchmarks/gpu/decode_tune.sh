@@ -6,7 +6,7 @@
 #  2. the decode GPU tests (batch decode, single decode, the tune table);
 #  3. the batch_decode suite against FlashInfer (use_tensor_cores False and True) with the card's entry, and the
 #     single_decode suite against FlashInfer;
-#  4. the tune sweep (batch_decode --tune launch,splits,merge): the best tile per case and per padded head dim, printed
+#  4. the tune sweep (batch_decode --tune launch,splits): the best tile per case and per padded head dim, printed
 #     as a DecodeTile line to paste into TUNE_TABLE for this card.
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/decode_tune.sh [notune | demo]   (carry .fi-ref)
@@ -104,24 +104,15 @@ if [ "${1:-}" != notune ]; then
     left=$(( 470 - SECONDS ))
     if [ $left -lt 30 ]; then echo "tune: no time left for '$f'" | tee -a "$OUT/decode_tune.log"; continue; fi
     rm -rf /tmp/decode_tune_part
-    timeout $left python3 -m benchmarks.run --suite batch_decode --tune launch,splits,merge --filter "$f" \
+    timeout $left python3 -m benchmarks.run --suite batch_decode --tune launch,splits --filter "$f" \
       --out /tmp/decode_tune_part 2>&1 | tail -2 | tee -a "$OUT/decode_tune.log"
     cat /tmp/decode_tune_part/batch_decode.tune.jsonl >> "$OUT/batch_decode.tune.jsonl" 2>/dev/null
     cat /tmp/decode_tune_part/batch_decode.tune.md >> "$OUT/batch_decode.tune.md" 2>/dev/null
   done
-  # the demo case's fastest tile as "block_n,warps,stages,prefetch" in /tmp/decode_best_d64.txt, for a later
-  # script of the same call (demo.sh profile times the demo with it)
-  python3 - "$OUT/batch_decode.tune.jsonl" <<'PY'
-import json, re, sys
-recs = [json.loads(l) for l in open(sys.argv[1])]
-ok = [r for r in recs if r["case"] == "64 x 2048 h32/8 d64" and r.get("status") == "ok" and "DecodeTile(" in r["setting"]]
-if ok:
-    best = min(ok, key=lambda r: r["median_us"])
-    v = dict(re.findall(r"(\w+)=(\w+)", best["setting"].split("DecodeTile(", 1)[1]))
-    spec = f"{v['block_n']},{v['num_warps']},{v['num_stages']},{int(v['prefetch_pages'] == 'True')}"
-    open("/tmp/decode_best_d64.txt", "w").write(spec)
-    print(f"demo case: best tile {spec} ({best['median_us']:.1f} us)")
-PY
+  # the demo case's fastest tile as "block_n,warps,stages,prefetch" in /tmp/decode_best_d64.txt (empty: the table's
+  # tile won), for a later script of the same call (demo.sh profile times the demo with it)
+  python3 -m benchmarks.tools.decode_tile best "$OUT/batch_decode.tune.jsonl" "64 x 2048 h32/8 d64" \
+    > /tmp/decode_best_d64.txt 2>/dev/null && echo "demo case: best tile $(cat /tmp/decode_best_d64.txt)"
 fi
 
 python3 - "$OUT" <<'PY'

@@ -83,10 +83,10 @@ _device.FACTS_OVERRIDE = _device.H100_FACTS._replace(name=_args.card)  # H100 an
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
 if _args.decode_tile:
+    from benchmarks.tools import decode_tile as _tile
     from flashtile._core import decode_tune as _DT
 
-    _bn, _warps, _stages, _prefetch = (int(x) for x in _args.decode_tile.split(","))
-    _DT.BATCH_DECODE_OVERRIDE = _DT.DecodeTile(_bn, _warps, _stages, bool(_prefetch))
+    _DT.BATCH_DECODE_OVERRIDE = _tile.parse(_args.decode_tile)
 
 def ragged_case(qo, kv, hq=32, hk=8, d=128, dvo=None, paged=False, page=16, label="", prefix_len=None, variant=None,
                 fp8=False):

@@ -59,13 +59,11 @@ def _setting_engines(args) -> list:
     """``(name, module, harness setting)`` of the extra flashtile engines the options ask for."""
     from benchmarks.bench_batch_decode import TILE
     from benchmarks.bench_batch_prefill import HOPPER_STAGES
-    from flashtile._core.decode_tune import DecodeTile
+    from benchmarks.tools import decode_tile
 
     extra = []
     if args.decode_tile:
-        bn, warps, stages, prefetch = (int(v) for v in args.decode_tile.split(","))
-        extra.append((f"flashtile[tile {args.decode_tile}]", "flashtile",
-                      {TILE: DecodeTile(bn, warps, stages, bool(prefetch))}))
+        extra.append((f"flashtile[tile {args.decode_tile}]", "flashtile", {TILE: decode_tile.parse(args.decode_tile)}))
     if args.hopper_stages:
         extra.append((f"flashtile[hopper stages {args.hopper_stages}]", "flashtile",
                       {HOPPER_STAGES: args.hopper_stages}))
