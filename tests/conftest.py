@@ -25,6 +25,58 @@ if not HAS_CUDA:
 DEVICE = torch.device("cuda") if HAS_CUDA else torch.device("cpu")
 
 
+class _NoPatches:
+    """The patch scope of a nested call that patched nothing."""
+
+    @staticmethod
+    def restore() -> None:
+        pass
+
+
+def _patch_language_once_per_launch() -> bool:
+    """Make Triton's interpreter patch ``triton.language`` once per kernel launch instead of once per call.
+
+    The interpreter patches the language modules (an ``inspect.getmembers`` walk over them, about a
+    millisecond) at the start of a launch, restores them when it ends, and patches them again on every call
+    of a nested ``@triton.jit`` function inside it. The nested patches find the launch's patches in place
+    and change nothing, but they were most of the interpreted sampling tests' time. Here a nested call whose
+    language modules the running launch has patched skips that walk; every other call patches as before.
+    Returns whether the interpreter has the structure this relies on (else nothing is changed)."""
+    try:
+        from triton.runtime import interpreter
+        patch_lang, grid_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
+        languages = (interpreter.tl, interpreter.tl.core)
+    except (ImportError, AttributeError):
+        return False
+    patched: list = []  # per running launch: the ids of the language modules it patched
+
+    def modules_of(fn) -> set:
+        return {id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages)}
+
+    def patch_lang_once(fn):
+        modules = modules_of(fn)
+        if patched and patched[-1] and modules <= patched[-1]:
+            return _NoPatches
+        scope = patch_lang(fn)
+        if patched:
+            patched[-1] |= modules
+        return scope
+
+    def launch(self, *args, **kwargs):
+        patched.append(set())
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    interpreter._patch_lang = patch_lang_once
+    interpreter.GridExecutor.__call__ = launch
+    return True
+
+
+INTERPRETER_PATCHES_ONCE = not HAS_CUDA and _patch_language_once_per_launch()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
