@@ -74,7 +74,37 @@ def _patch_language_once_per_launch() -> bool:
     return True
 
 
+def _round_to_nearest_bf16() -> bool:
+    """Make Triton's interpreter round float32 to bfloat16 to nearest-even, as the GPU's ``x.to(tl.bfloat16)``
+    does (cvt.rn.bf16.f32). The interpreter keeps bfloat16 as its upper 16 bits and drops the lower ones: a
+    truncation toward zero, up to one unit in the last place and biased, where the GPU errs by at most half a
+    unit. Interpreted kernels then erred more than on the GPU wherever they round a float32 tile to bfloat16
+    (rotated RoPE queries and keys, probabilities, outputs). Returns whether the installed interpreter has the
+    cast this replaces (else nothing is changed)."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+
+        builder, cast = interpreter.InterpreterBuilder, interpreter.InterpreterBuilder.cast_impl
+        handle, bfloat16, float32 = interpreter.TensorHandle, interpreter.tl.bfloat16, interpreter.tl.float32
+    except (ImportError, AttributeError):
+        return False
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != float32 or dst_type.scalar != bfloat16:
+            return cast(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # ties to even; overflow rounds to inf
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)  # NaN stays a (quiet) NaN
+        return handle(out.reshape(np.shape(src.data)), bfloat16)
+
+    builder.cast_impl = cast_impl
+    return True
+
+
 INTERPRETER_PATCHES_ONCE = not HAS_CUDA and _patch_language_once_per_launch()
+INTERPRETER_ROUNDS_BF16 = not HAS_CUDA and _round_to_nearest_bf16()
 
 
 def pytest_configure(config):
