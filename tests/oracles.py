@@ -60,8 +60,11 @@ def visible_keys(Lq, Lk, *, causal=False, custom_mask=None, window_left=-1):
 def attention_oracle(
     q, k, v, *, causal=False, custom_mask=None, sm_scale=None, logits_soft_cap=0.0, window_left=-1,
     pos_encoding_mode="NONE", rope_scale=1.0, rope_theta=1e4, k_scale=1.0, v_scale=1.0, q_scale=1.0,
+    rotated_dtype=None,
 ):
-    """One request. q [Lq, Hq, D]; k, v [Lk, Hk, D] (NHD). Returns (out float64, lse base 2 float64)."""
+    """One request. q [Lq, Hq, D]; k, v [Lk, Hk, D] (NHD). Returns (out float64, lse base 2 float64).
+    ``rotated_dtype``: with RoPE, round the rotated q and k to this dtype, as the kernels do before their dot
+    product (docs/semantics.md; the reference path keeps them exact)."""
     q = q.double().cpu()
     k = k.double().cpu() * k_scale
     v = v.double().cpu() * v_scale
@@ -75,6 +78,8 @@ def attention_oracle(
     if pos_encoding_mode == "ROPE_LLAMA":
         q = rope_f64(q, qpos, rope_scale, rope_theta)
         k = rope_f64(k, kpos, rope_scale, rope_theta)
+        if rotated_dtype is not None:
+            q, k = q.to(rotated_dtype).double(), k.to(rotated_dtype).double()
     slopes = alibi_slopes_f64(Hq)
     out = torch.zeros(Lq, Hq, Dv, dtype=torch.float64)
     lse = torch.full((Lq, Hq), float("-inf"), dtype=torch.float64)
