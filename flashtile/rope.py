@@ -123,7 +123,10 @@ def _llama31_coefficients(rope_scale, rope_theta, low_freq_factor, high_freq_fac
 # ---------------------------------------------------------------------------------------------
 
 
-def _rope(q, k, *, inplace, pos_ids=None, indptr=None, offsets=None, rotary_dim=None, interleave=False,
+_RAGGED = object()  # _rope's pos_ids when positions come from indptr and offsets (a given pos_ids may be None)
+
+
+def _rope(q, k, *, inplace, pos_ids=_RAGGED, indptr=None, offsets=None, rotary_dim=None, interleave=False,
           rope_scale=1.0, rope_theta=1e4, smooth=(0.0, 0.0)):
     _check_qk(q, k)
     rotary_dim = _check_rotary_dim(rotary_dim, q.shape[2])
@@ -131,10 +134,11 @@ def _rope(q, k, *, inplace, pos_ids=None, indptr=None, offsets=None, rotary_dim=
         raise TypeError(f"interleave: expected a bool, got {describe(interleave)}")
     rope_scale = _check_positive("rope_scale", rope_scale)
     rope_theta = _check_positive("rope_theta", rope_theta)
-    if pos_ids is not None:
-        pos_ids = _check_pos_ids(pos_ids, q)
-    else:
+    if pos_ids is _RAGGED:
+        pos_ids = None
         indptr, offsets = _check_ragged(indptr, offsets, q)
+    else:
+        pos_ids = _check_pos_ids(pos_ids, q)
     extra = (pos_ids, indptr, offsets, None, rotary_dim, interleave, rope_scale, rope_theta, smooth[0], smooth[1])
     if inplace:
         ops.call(ops.rope_inplace, q, k, *extra)

@@ -338,6 +338,8 @@ CACHE = _cos_sin_cache(16, 64)
         (lambda: rope.apply_rope_pos_ids(_q().transpose(1, 2), _q(), POS5), ValueError, "q"),
         (lambda: rope.apply_rope_pos_ids(_q(), _q(), torch.arange(4)), ValueError, "pos_ids"),
         (lambda: rope.apply_rope_pos_ids(_q(), _q(), POS5.float()), TypeError, "pos_ids"),
+        (lambda: rope.apply_rope_pos_ids(_q(), _q(), None), TypeError, "pos_ids: expected a torch.Tensor"),
+        (lambda: rope.apply_llama31_rope_pos_ids_inplace(_q(), _q(), None), TypeError, "pos_ids"),
         (lambda: rope.apply_rope_pos_ids(_q(), _q(), POS5, interleave=1), TypeError, "interleave"),
         (lambda: rope.apply_rope_pos_ids(_q(), _q(), POS5, rope_theta=0.0), ValueError, "rope_theta"),
         (lambda: rope.apply_rope_pos_ids(_q(), _q(), POS5, rope_scale=-1.0), ValueError, "rope_scale"),
