@@ -9,6 +9,7 @@ the one it drew. With RoPE the kernels round the rotated q and k to the input dt
 (docs/semantics.md), so their oracle does too (``rotated_dtype``); the reference path keeps them exact."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -18,14 +19,21 @@ from hypothesis import strategies as st
 import flashtile
 from attention_cases import assert_matches_oracle, make_mla_batch, make_paged_batch, make_qkv, workspace
 from conftest import HAS_CUDA
+from flashtile.cascade import MultiLevelCascadeAttentionWrapper
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashtile.mla import BatchMLAPagedAttentionWrapper
 from flashtile.prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
+from oracles import bsr_dense_mask, masked_attention_oracle
 from test_batch_decode import check_batch
 from test_batch_prefill import check_requests, indptr_of, make_ragged, paged_requests, ragged_requests
+from test_cascade import PagePool, cascade_oracle, check
 from test_mla import check_mla
+from test_sparse import check as check_sparse
+from test_sparse import random_bsr, run_bsr
 
-CASES = settings(max_examples=15 if HAS_CUDA else 25, deadline=None, derandomize=True, database=None,
+# RANDOM_CONFIG_EXAMPLES=N draws N cases per entry point and path instead (a longer search, by hand)
+EXAMPLES = int(os.environ.get("RANDOM_CONFIG_EXAMPLES", 15 if HAS_CUDA else 25))
+CASES = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 MAX_LEN = 3000 if HAS_CUDA else 70  # KV lengths: past several tiles and KV splits on either device
 HEAD_DIMS = [40, 64, 128, 256] if HAS_CUDA else [16, 32, 40, 64]
@@ -176,6 +184,78 @@ def test_mla(path, device, data):
            **_split_option(draw))
     out, lse = w.run(q_nope, q_pe, ckv, kpe, return_lse=True)
     check_mla(out, lse, *batch, causal=causal, sm_scale=sm_scale, dtype=dtype)
+
+
+@CASES
+@given(data=st.data())
+def test_multilevel_cascade(path, device, data):
+    """2 or 3 levels: one shared prefix for the batch, optionally a level whose groups are runs of requests,
+    then each request's own pages."""
+    draw = data.draw
+    batch = draw(st.integers(1, 5))
+    qo = [draw(st.integers(1, 6)) for _ in range(batch)]
+    unique = [draw(st.one_of(st.integers(0, 2), st.integers(0, MAX_LEN))) for _ in range(batch)]
+    groups = [[batch]]  # per level above the last: group sizes, in requests
+    if draw(st.booleans()):
+        cuts = sorted(set(draw(st.lists(st.integers(1, batch - 1), max_size=3)))) if batch > 1 else []
+        groups.append([b - a for a, b in zip([0] + cuts, cuts + [batch])])
+    page_size = draw(st.sampled_from([1, 3, 16]))
+    (hq, hk), d, dtype = _heads(draw), draw(st.sampled_from(HEAD_DIMS)), draw(DTYPES)
+    causal = draw(st.booleans())
+    features = {}
+    if draw(st.booleans()):
+        features["logits_soft_cap"] = draw(st.sampled_from([5.0, 30.0]))
+    if draw(st.booleans()):
+        features["sm_scale"] = draw(st.sampled_from([0.05, 0.3]))
+    pages = sum(-(-n // page_size) for n in unique) + len(groups[-1]) * (-(-MAX_LEN // page_size)) + 1
+    pool = PagePool(pages + -(-MAX_LEN // page_size), page_size, hk, d, dtype, device)
+    qo_indptrs, tables = [], []
+    for sizes in groups:
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        qo_indptrs.append(indptr_of([sum(qo[a:b]) for a, b in zip(bounds, bounds[1:])]))
+        tables.append(pool.table([draw(st.integers(0, MAX_LEN)) for _ in sizes]))
+    qo_indptrs.append(indptr_of(qo))
+    tables.append(pool.table(unique))
+    q = torch.randn(sum(qo), hq, d, dtype=dtype, device=device)
+    w = MultiLevelCascadeAttentionWrapper(len(tables), workspace(device))
+    w.plan(qo_indptrs, [t[0] for t in tables], [t[1] for t in tables], [t[2] for t in tables], hq, hk, d, page_size,
+           causal=causal, q_data_type=dtype, **features)
+    check(w.run(q, pool.cache), q, cascade_oracle(q, pool, qo_indptrs, tables, causal, **features))
+
+
+@CASES
+@given(data=st.data())
+def test_block_sparse(path, device, data):
+    """BSR patterns of random block shapes and densities (empty and full block rows), with an element mask,
+    causal, soft cap and sm_scale drawn independently."""
+    draw = data.draw
+    R, C = draw(st.sampled_from([1, 2, 4, 16])), draw(st.sampled_from([1, 2, 4, 16]))
+    M = draw(st.integers(1, 70 if not HAS_CUDA else 700))
+    N = C * draw(st.integers(1, max(1, (70 if not HAS_CUDA else 700) // C)))
+    (hq, hk), d, dtype = _heads(draw), draw(st.sampled_from(HEAD_DIMS)), draw(DTYPES)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    indptr, indices = random_bsr(M, N, R, C, draw(st.sampled_from([0.2, 0.5, 1.0])), gen=gen)
+    options, mask = {}, None
+    if draw(st.booleans()):
+        mask = torch.rand(indices.numel(), R, C, generator=gen) < 0.6
+        options["mask"] = mask.to(device)
+    causal = draw(st.booleans())
+    if causal:
+        options["causal"] = True
+    if draw(st.booleans()):
+        options["logits_soft_cap"] = draw(st.sampled_from([5.0, 30.0]))
+    if draw(st.booleans()):
+        options["sm_scale"] = draw(st.sampled_from([0.05, 0.3]))
+    q = torch.randn(M, hq, d, dtype=dtype, device=device)
+    k = torch.randn(N, hk, d, dtype=dtype, device=device)
+    v = torch.randn(N, hk, d, dtype=dtype, device=device)
+    _, (out, lse) = run_bsr(device, q, k, v, indptr, indices, M, N, R, C, **options)
+    dense = bsr_dense_mask(indptr, indices, M, N, R, C, mask=mask, causal=causal)
+    ref_o, ref_lse = masked_attention_oracle(q, k, v, dense, sm_scale=options.get("sm_scale"),
+                                             logits_soft_cap=options.get("logits_soft_cap", 0.0))
+    check_sparse(out, lse, ref_o, ref_lse, dtype)
 
 
 def test_settings_fix_the_cases():
