@@ -22,12 +22,14 @@ from conftest import HAS_CUDA
 from flashtile.cascade import MultiLevelCascadeAttentionWrapper
 from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashtile.mla import BatchMLAPagedAttentionWrapper
+from flashtile.pod import PODWithPagedKVCacheWrapper
 from flashtile.prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
 from oracles import bsr_dense_mask, masked_attention_oracle
 from test_batch_decode import check_batch
 from test_batch_prefill import check_requests, indptr_of, make_ragged, paged_requests, ragged_requests
 from test_cascade import PagePool, cascade_oracle, check
 from test_mla import check_mla
+from test_pod import check_decodes
 from test_sparse import check as check_sparse
 from test_sparse import random_bsr, run_bsr
 
@@ -256,6 +258,33 @@ def test_block_sparse(path, device, data):
     ref_o, ref_lse = masked_attention_oracle(q, k, v, dense, sm_scale=options.get("sm_scale"),
                                              logits_soft_cap=options.get("logits_soft_cap", 0.0))
     check_sparse(out, lse, ref_o, ref_lse, dtype)
+
+
+@CASES
+@given(data=st.data())
+def test_pod(path, device, data):
+    """One prefill request and a decode batch in one call, each half with its own drawn features."""
+    draw = data.draw
+    (hq, hk), d, dtype = _heads(draw), draw(st.sampled_from(HEAD_DIMS)), draw(DTYPES)
+    lens = draw(st.lists(st.one_of(st.integers(0, 2), st.integers(0, MAX_LEN)), min_size=1, max_size=5))
+    page_size = draw(st.sampled_from([1, 5, 16]))
+    layout, layout_p = draw(st.sampled_from(["NHD", "HND"])), draw(st.sampled_from(["NHD", "HND"]))
+    features_d, features_p = _features(draw), _features(draw)
+    cache, indptr, indices, last = make_paged_batch(lens, page_size, hk, d, dtype, device, layout=layout)
+    q_d = torch.randn(len(lens), hq, d, dtype=dtype, device=device)
+    causal = draw(st.booleans())
+    qo_p = draw(st.integers(1, 40))
+    kv_p = draw(st.integers(qo_p if causal else 1, MAX_LEN + 40))
+    q_p, k_p, v_p = make_qkv(qo_p, kv_p, hq, hk, d, dtype, device, layout=layout_p)
+    mask = torch.rand(qo_p, kv_p, device=device) > 0.4 if not causal and draw(st.booleans()) else None
+    w = PODWithPagedKVCacheWrapper(workspace(device), kv_layout=layout)
+    w.plan(indptr, indices, last, hq, hk, d, page_size, q_data_type=dtype, **features_d, **_split_option(draw))
+    (out_p, lse_p), (out_d, lse_d) = w.run(
+        q_p, k_p, v_p, q_d, cache, custom_mask_p=mask, causal_p=causal, kv_layout_p=layout_p, return_lse_p=True,
+        return_lse_d=True, **{f"{name}_p": value for name, value in features_p.items()})
+    assert_matches_oracle(out_p, lse_p, q_p, k_p, v_p, layout=layout_p, causal=causal, custom_mask=mask,
+                          **_oracle_kw(path, features_p, dtype))
+    check_decodes(out_d, lse_d, q_d, cache, indptr, indices, last, layout=layout, **_oracle_kw(path, features_d, dtype))
 
 
 def test_settings_fix_the_cases():
