@@ -93,8 +93,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
         """The part of plan() both wrappers share; the KV description is already reduced to per-request
         lengths and offsets (host int64 numpy arrays)."""
         check_heads(num_qo_heads, num_kv_heads)
-        head_dim_qk = self._check_head_dim(head_dim_qk)
-        head_dim_vo = head_dim_qk if head_dim_vo is None else self._check_head_dim(head_dim_vo)
+        head_dim_qk = self._check_head_dim(head_dim_qk, "head_dim_qk")
+        head_dim_vo = head_dim_qk if head_dim_vo is None else self._check_head_dim(head_dim_vo, "head_dim_vo")
         if pos_encoding_mode == "ROPE_LLAMA" and head_dim_qk % 2:
             raise ValueError(f"head_dim_qk: RoPE needs an even head_dim, got {head_dim_qk}")
         params = resolve_attention_params(

@@ -375,9 +375,10 @@ class PlanRunWrapper:
         return self._plan
 
     @staticmethod
-    def _check_head_dim(head_dim) -> int:
-        check_positive_int("head_dim", head_dim)
-        check_head_dim("head_dim", head_dim)
+    def _check_head_dim(head_dim, name: str = "head_dim") -> int:
+        """``head_dim`` checked; ``name``: the plan() argument it came from (errors name it)."""
+        check_positive_int(name, head_dim)
+        check_head_dim(name, head_dim)
         return head_dim
 
     @staticmethod
