@@ -24,7 +24,7 @@ from flashtile.decode import BatchDecodeWithPagedKVCacheWrapper
 from flashtile.mla import BatchMLAPagedAttentionWrapper
 from flashtile.pod import PODWithPagedKVCacheWrapper
 from flashtile.prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
-from oracles import bsr_dense_mask, masked_attention_oracle
+from oracles import alibi_slopes_f64, attention_oracle, bsr_dense_mask, masked_attention_oracle, sink_attention_oracle
 from test_batch_decode import check_batch
 from test_batch_prefill import check_requests, indptr_of, make_ragged, paged_requests, ragged_requests
 from test_cascade import PagePool, cascade_oracle, check
@@ -32,6 +32,7 @@ from test_mla import check_mla
 from test_pod import check_decodes
 from test_sparse import check as check_sparse
 from test_sparse import random_bsr, run_bsr
+from test_variants import ALIBI, SINKS, SOFTCAP, TOL, WINDOW
 
 # RANDOM_CONFIG_EXAMPLES=N draws N cases per entry point and path instead (a longer search, by hand)
 EXAMPLES = int(os.environ.get("RANDOM_CONFIG_EXAMPLES", 15 if HAS_CUDA else 25))
@@ -285,6 +286,86 @@ def test_pod(path, device, data):
     assert_matches_oracle(out_p, lse_p, q_p, k_p, v_p, layout=layout_p, causal=causal, custom_mask=mask,
                           **_oracle_kw(path, features_p, dtype))
     check_decodes(out_d, lse_d, q_d, cache, indptr, indices, last, layout=layout, **_oracle_kw(path, features_d, dtype))
+
+
+def _variant_case(draw, hq, device):
+    """A user variant of test_variants.py, its run() arguments, and the oracle keywords of the built-in feature
+    it restates (sinks: None, sink_attention_oracle)."""
+    name = draw(st.sampled_from(["softcap", "alibi", "window", "sinks"]))
+    if name == "softcap":
+        cap = draw(st.sampled_from([2.5, 30.0]))
+        return SOFTCAP, (cap,), dict(logits_soft_cap=cap)
+    if name == "alibi":
+        return ALIBI, (torch.tensor(alibi_slopes_f64(hq), dtype=torch.float32, device=device),), \
+            dict(pos_encoding_mode="ALIBI")
+    if name == "window":
+        left = draw(st.sampled_from([0, 3, 20]))
+        return WINDOW, (left,), dict(window_left=left)
+    return SINKS, (torch.randn(hq, device=device) * 2,), None
+
+
+@CASES
+@given(data=st.data())
+def test_user_variants(path, device, data):
+    """Soft cap, ALiBi, a sliding window (with its kv_range hook) and sinks written as user variants, on every
+    entry point that takes one, against the oracle of the feature each restates."""
+    draw = data.draw
+    kind = draw(st.sampled_from(["single_decode", "single_prefill", "batch_decode", "paged_prefill",
+                                 "ragged_prefill"]))
+    (hq, hk), d = _heads(draw), draw(st.sampled_from([16, 64] if not HAS_CUDA else [64, 128]))
+    dtype = torch.float16  # test_variants.TOL: fp16 tolerances for the hooks' float32 math
+    variant, args, feature = _variant_case(draw, hq, device)
+    causal = kind != "batch_decode" and kind != "single_decode" and draw(st.booleans())
+    if kind.startswith("single"):
+        qo_len = 1 if kind == "single_decode" else draw(st.integers(1, 30))
+        kv_len = draw(st.integers(max(qo_len if causal else 1, 1), MAX_LEN + 1))
+        q, k, v = make_qkv(qo_len, kv_len, hq, hk, d, dtype, device)
+        if kind == "single_decode":
+            out, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True, _variant=(variant, args))
+        else:
+            out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=causal, return_lse=True,
+                                                              _variant=(variant, args))
+        requests = [(out.reshape(qo_len, hq, d), lse.reshape(qo_len, hq), q, k, v)]
+    else:
+        kv_lens = draw(st.lists(st.one_of(st.integers(0, 2), st.integers(0, MAX_LEN)), min_size=1, max_size=4))
+        if kind == "batch_decode":
+            qo_lens = [1] * len(kv_lens)
+        else:
+            qo_lens = [draw(st.integers(1 if k else 0, max(min(k, 20), 1))) if causal else draw(st.integers(0, 20))
+                       for k in kv_lens]
+        qo_indptr = indptr_of(qo_lens)
+        q = torch.randn(sum(qo_lens), hq, d, dtype=dtype, device=device)
+        split = _split_option(draw)
+        if kind == "ragged_prefill":
+            _, k, v, _, kv_indptr = make_ragged(qo_lens, kv_lens, hq, hk, d, dtype, device)
+            w = BatchPrefillWithRaggedKVCacheWrapper(workspace(device), jit_args=variant)
+            w.plan(qo_indptr, kv_indptr, hq, hk, d, causal=causal, q_data_type=dtype, **split)
+            out, lse = w.run(q, k, v, *args, return_lse=True)
+            kvs = ragged_requests(k, v, kv_indptr)
+        else:
+            page_size = draw(st.sampled_from([1, 4, 16]))
+            cache, indptr, indices, last = make_paged_batch(kv_lens, page_size, hk, d, dtype, device)
+            if kind == "batch_decode":
+                w = BatchDecodeWithPagedKVCacheWrapper(workspace(device), jit_args=variant)
+                w.plan(indptr, indices, last, hq, hk, d, page_size, q_data_type=dtype, **split)
+            else:
+                w = BatchPrefillWithPagedKVCacheWrapper(workspace(device), jit_args=variant)
+                w.plan(qo_indptr, indptr, indices, last, hq, hk, d, page_size, causal=causal, q_data_type=dtype,
+                       **split)
+            out, lse = w.run(q, cache, *args, return_lse=True)
+            kvs = paged_requests(cache, indptr, indices, last)
+        ip = qo_indptr.tolist()
+        requests = [(out[ip[r]:ip[r + 1]], lse[ip[r]:ip[r + 1]], q[ip[r]:ip[r + 1]], *kvs[r]) for r in range(len(kvs))]
+    for o, s, qr, kr, vr in requests:
+        if feature is None:
+            ref_o, ref_lse = sink_attention_oracle(qr, kr, vr, args[0].cpu(), causal=causal)
+        else:
+            ref_o, ref_lse = attention_oracle(qr, kr, vr, causal=causal, **feature)
+        assert not o.isnan().any(), "output has NaN (unwritten element)"
+        torch.testing.assert_close(o.double().cpu(), ref_o, **TOL)
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isinf(s.double().cpu()), ~finite), "rows without keys give lse -inf"
+        torch.testing.assert_close(s.double().cpu()[finite], ref_lse[finite], **TOL)
 
 
 def test_settings_fix_the_cases():
