@@ -55,7 +55,7 @@ def _patch_language_once_per_launch() -> bool:
 
     def patch_lang_once(fn):
         modules = modules_of(fn)
-        if patched and patched[-1] and modules <= patched[-1]:
+        if patched and modules and modules <= patched[-1]:  # (no modules: the interpreter's own error stands)
             return _NoPatches
         scope = patch_lang(fn)
         if patched:
