@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 
 from ._core.buffers import new_output
-from ._core.checks import describe
+from ._core.checks import describe, in_callers_terms
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .prefill import single_prefill_with_kv_cache
 
@@ -31,6 +31,13 @@ __all__ = ["PODWithPagedKVCacheWrapper"]
 # they fit on, so the second launch gets only the room beside the first one's programs.
 DECODE_FIRST = True
 SIDE_STREAM_PRIORITY = 0
+
+# run()'s argument names for those of the calls it makes, so that their errors name what the caller passed
+_PREFILL_NAMES = {"q": "q_p", "k": "k_p", "v": "v_p", "custom_mask": "custom_mask_p",
+                  "packed_custom_mask": "packed_custom_mask_p", "kv_layout": "kv_layout_p",
+                  "pos_encoding_mode": "pos_encoding_mode_p", "sm_scale": "sm_scale_p", "window_left": "window_left_p",
+                  "logits_soft_cap": "logits_soft_cap_p", "rope_scale": "rope_scale_p", "rope_theta": "rope_theta_p"}
+_DECODE_NAMES = {"q": "q_d", "paged_kv_cache": "paged_kv_cache_d", "out": "out_d"}
 
 
 class PODWithPagedKVCacheWrapper:
@@ -241,15 +248,17 @@ class PODWithPagedKVCacheWrapper:
             raise ValueError(f"q_p must be on the wrapper's device {self.device}, got {q_p.device}")
 
         def prefill():
-            return single_prefill_with_kv_cache(
-                q_p, k_p, v_p, custom_mask=custom_mask_p, packed_custom_mask=packed_custom_mask_p, causal=causal_p,
-                kv_layout=kv_layout_p, pos_encoding_mode=pos_encoding_mode_p, sm_scale=sm_scale_p,
-                window_left=window_left_p, logits_soft_cap=logits_soft_cap_p, rope_scale=rope_scale_p,
-                rope_theta=rope_theta_p, return_lse=return_lse_p)
+            with in_callers_terms(_PREFILL_NAMES, "prefill half"):
+                return single_prefill_with_kv_cache(
+                    q_p, k_p, v_p, custom_mask=custom_mask_p, packed_custom_mask=packed_custom_mask_p,
+                    causal=causal_p, kv_layout=kv_layout_p, pos_encoding_mode=pos_encoding_mode_p, sm_scale=sm_scale_p,
+                    window_left=window_left_p, logits_soft_cap=logits_soft_cap_p, rope_scale=rope_scale_p,
+                    rope_theta=rope_theta_p, return_lse=return_lse_p)
 
         def decode(out, lse):
-            return self._decode.run(q_d, paged_kv_cache_d, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-                                    out=out, lse=lse, return_lse=return_lse_d)
+            with in_callers_terms(_DECODE_NAMES, "decode half"):
+                return self._decode.run(q_d, paged_kv_cache_d, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                                        out=out, lse=lse, return_lse=return_lse_d)
 
         if not self.overlap_streams or torch.compiler.is_compiling():
             return prefill(), decode(out_d, None)

@@ -161,10 +161,24 @@ def test_errors(device):
     with pytest.raises(ValueError, match="extra positional"):
         w.run(q_p, k_p, v_p, q_d, cache, None, None, False, "NHD", "NONE", None, -1, None, None, False, None, None,
               False, "NHD", "NONE", None, -1, None, None, None, None, None, False, False, None, "extra")
-    with pytest.raises(ValueError, match="k"):  # prefill half: k_p of other heads
+    # the halves' errors name run()'s arguments (q_p, k_p, ..., q_d, paged_kv_cache_d), not the inner calls'
+    with pytest.raises(ValueError, match="v_p: expected 5 tokens and 1 heads like k_p"):  # k_p of other heads
         w.run(q_p, k_p[:, :1], v_p, q_d, cache)
-    with pytest.raises(ValueError, match="kv_layout"):
+    with pytest.raises(TypeError, match="^k_p: expected dtype"):
+        w.run(q_p, k_p.float(), v_p, q_d, cache)
+    with pytest.raises(ValueError, match="from q_p.*from k_p"):
+        w.run(q_p.transpose(0, 1), k_p, v_p, q_d, cache)
+    with pytest.raises(ValueError, match="paged_kv_cache_d"):
+        w.run(q_p, k_p, v_p, q_d, cache.float())
+    with pytest.raises(ValueError, match="^decode half: indices: .*3 pages"):
+        w.run(q_p, k_p, v_p, q_d, cache[:3])
+    with pytest.raises(ValueError, match="^q_d: expected shape"):
+        w.run(q_p, k_p, v_p, q_d[..., :8], cache)
+    with pytest.raises(ValueError, match="^window_left_p: expected"):
+        w.run(q_p, k_p, v_p, q_d, cache, window_left_p=-5)
+    with pytest.raises(ValueError, match="kv_layout_p") as info:
         w.run(q_p, k_p, v_p, q_d, cache, kv_layout_p="NDH")
+    assert isinstance(info.value, KeyError)  # still upstream's KeyError too (InvalidOptionError)
 
 
 def test_import_surface():

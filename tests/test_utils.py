@@ -465,3 +465,25 @@ def test_import_does_not_load_triton():
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_errors_in_callers_terms():
+    """checks.in_callers_terms: standalone names renamed (not inside longer names), a context where none is left,
+    the error's own type (subclasses included) with the original as its cause, other errors untouched."""
+    from flashtile._core.checks import InvalidOptionError, in_callers_terms
+
+    names = {"q": "q_p", "k": "k_p"}
+    with pytest.raises(ValueError, match=r"^k_p: expected the head_dim of q_p, q_data_type unchanged$") as info:
+        with in_callers_terms(names, "prefill half"):
+            raise ValueError("k: expected the head_dim of q, q_data_type unchanged")
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(TypeError, match=r"^prefill half: indices: bad$"):
+        with in_callers_terms(names, "prefill half"):
+            raise TypeError("indices: bad")
+    with pytest.raises(InvalidOptionError, match=r"^Invalid k_p") as option:
+        with in_callers_terms(names, "prefill half"):
+            raise InvalidOptionError("Invalid k 'x'")
+    assert isinstance(option.value, KeyError)
+    with pytest.raises(RuntimeError, match=r"^k: kept$"):
+        with in_callers_terms(names, "prefill half"):
+            raise RuntimeError("k: kept")

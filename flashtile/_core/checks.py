@@ -17,7 +17,9 @@ so callers written against either keep working. Every dtype given by name (the w
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import contextlib
+import re
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -30,6 +32,7 @@ __all__ = [
     "check_same_device",
     "check_option",
     "describe",
+    "in_callers_terms",
     "FP8_DTYPES",
     "HALF_DTYPES",
     "OUTPUT_DTYPES",
@@ -47,6 +50,26 @@ class InvalidOptionError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would quote the message; print it plainly.
         return str(self.args[0]) if self.args else ""
+
+
+@contextlib.contextmanager
+def in_callers_terms(names: Mapping[str, str], context: str) -> Iterator[None]:
+    """Typed errors (ValueError, TypeError, NotImplementedError) of a call made on a caller's behalf, raised
+    again with the caller's argument names: every standalone ``name`` of ``names`` in the message becomes
+    ``names[name]`` (``k`` -> ``k_p``); a message that then names none of them gets ``context`` in front. Same
+    error type (its subclasses included), the original error as the cause."""
+    try:
+        yield
+    except (TypeError, ValueError, NotImplementedError) as error:
+        pattern = r"\b(" + "|".join(re.escape(name) for name in names) + r")\b"
+        message = re.sub(pattern, lambda match: names[match.group(1)], str(error))
+        if not any(re.search(r"\b" + re.escape(new) + r"\b", message) for new in names.values()):
+            message = f"{context}: {message}"
+        try:
+            renamed = type(error)(message)
+        except Exception:  # an error type whose constructor takes other arguments: leave it as it is
+            raise error from None
+        raise renamed from error
 
 
 class InvalidDtypeError(TypeError, ValueError):
