@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 
 from ._core.buffers import new_output
-from ._core.checks import describe, in_callers_terms
+from ._core.checks import CHECK_ERRORS, describe, in_callers_terms
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .prefill import single_prefill_with_kv_cache
 
@@ -248,17 +248,21 @@ class PODWithPagedKVCacheWrapper:
             raise ValueError(f"q_p must be on the wrapper's device {self.device}, got {q_p.device}")
 
         def prefill():
-            with in_callers_terms(_PREFILL_NAMES, "prefill half"):
+            try:
                 return single_prefill_with_kv_cache(
                     q_p, k_p, v_p, custom_mask=custom_mask_p, packed_custom_mask=packed_custom_mask_p,
                     causal=causal_p, kv_layout=kv_layout_p, pos_encoding_mode=pos_encoding_mode_p, sm_scale=sm_scale_p,
                     window_left=window_left_p, logits_soft_cap=logits_soft_cap_p, rope_scale=rope_scale_p,
                     rope_theta=rope_theta_p, return_lse=return_lse_p)
+            except CHECK_ERRORS as error:
+                raise in_callers_terms(error, _PREFILL_NAMES, "prefill half") from error
 
         def decode(out, lse):
-            with in_callers_terms(_DECODE_NAMES, "decode half"):
+            try:
                 return self._decode.run(q_d, paged_kv_cache_d, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
                                         out=out, lse=lse, return_lse=return_lse_d)
+            except CHECK_ERRORS as error:
+                raise in_callers_terms(error, _DECODE_NAMES, "decode half") from error
 
         if not self.overlap_streams or torch.compiler.is_compiling():
             return prefill(), decode(out_d, None)

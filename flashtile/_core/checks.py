@@ -17,9 +17,8 @@ so callers written against either keep working. Every dtype given by name (the w
 
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -33,6 +32,7 @@ __all__ = [
     "check_option",
     "describe",
     "in_callers_terms",
+    "CHECK_ERRORS",
     "FP8_DTYPES",
     "HALF_DTYPES",
     "OUTPUT_DTYPES",
@@ -52,24 +52,23 @@ class InvalidOptionError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-@contextlib.contextmanager
-def in_callers_terms(names: Mapping[str, str], context: str) -> Iterator[None]:
-    """Typed errors (ValueError, TypeError, NotImplementedError) of a call made on a caller's behalf, raised
-    again with the caller's argument names: every standalone ``name`` of ``names`` in the message becomes
-    ``names[name]`` (``k`` -> ``k_p``); a message that then names none of them gets ``context`` in front. Same
-    error type (its subclasses included), the original error as the cause."""
+CHECK_ERRORS = (TypeError, ValueError, NotImplementedError)  # the typed errors of bad input (DESIGN.md §Errors)
+
+
+def in_callers_terms(error: Exception, names: Mapping[str, str], context: str) -> Exception:
+    """A typed error (CHECK_ERRORS) of a call made on a caller's behalf, in the caller's argument names: every
+    standalone ``name`` of ``names`` in its message becomes ``names[name]`` (``k`` -> ``k_p``), and a message that
+    then names none of them gets ``context`` in front. The same error type (its subclasses included) where it takes
+    a message alone, else its nearest CHECK_ERRORS base. Use: ``except CHECK_ERRORS as e: raise
+    in_callers_terms(e, ...) from e`` (a try block costs nothing when nothing is raised)."""
+    pattern = r"\b(" + "|".join(re.escape(name) for name in names) + r")\b"
+    message = re.sub(pattern, lambda match: names[match.group(1)], str(error))
+    if not any(re.search(r"\b" + re.escape(new) + r"\b", message) for new in names.values()):
+        message = f"{context}: {message}"
     try:
-        yield
-    except (TypeError, ValueError, NotImplementedError) as error:
-        pattern = r"\b(" + "|".join(re.escape(name) for name in names) + r")\b"
-        message = re.sub(pattern, lambda match: names[match.group(1)], str(error))
-        if not any(re.search(r"\b" + re.escape(new) + r"\b", message) for new in names.values()):
-            message = f"{context}: {message}"
-        try:
-            renamed = type(error)(message)
-        except Exception:  # an error type whose constructor takes other arguments: leave it as it is
-            raise error from None
-        raise renamed from error
+        return type(error)(message)
+    except Exception:  # an error type whose constructor takes other arguments
+        return next(base for base in type(error).__mro__ if base in CHECK_ERRORS)(message)
 
 
 class InvalidDtypeError(TypeError, ValueError):
