@@ -1,4 +1,4 @@
-"""Small memory-bound ops: suites ``norm``, ``qk_norm``, ``activation``, ``rope`` (GB/s) and
+"""Small memory-bound ops: suites ``norm``, ``qk_norm``, ``activation``, ``rope``, ``mla_rope_quant`` (GB/s) and
 ``small_ops_launch`` (host cost of eager batch-1 calls).
 
 Cases follow ANCHORS.md (small-ops table) and issue 6. Providers: flashtile, FlashInfer (when
@@ -89,6 +89,24 @@ def rope_cases(smoke: bool):
             _rope_case("llama31_pos_ids", 8192, 32, 8, 128)]
 
 
+MLA_ROPE_DIM, MLA_NOPE_DIM = 64, 512  # DeepSeek's RoPE key and latent widths
+
+
+def _mla_quant_case(nnz: int, heads: int) -> Case:
+    width = MLA_ROPE_DIM + MLA_NOPE_DIM
+    moved = nnz * (heads + 1) * width * (2 + 1)  # bf16 q and latent row read, fp8 written
+    return Case(f"mla_rope_quantize_fp8 {nnz} tok h{heads}", dict(op="mla_quantize", nnz=nnz, heads=heads,
+                                                                   dtype="bfloat16"),
+                bytes=float(moved + nnz * (MLA_ROPE_DIM * 4 + 8)))  # + float32 cache rows and positions
+
+
+def mla_quant_cases(smoke: bool):
+    if smoke:
+        return [_mla_quant_case(3, 4)]
+    return [_mla_quant_case(64, 128), _mla_quant_case(128, 16), _mla_quant_case(4096, 128),
+            _mla_quant_case(8192, 16)]
+
+
 def launch_cases(smoke: bool):
     n = f"batch 1, {LAUNCH_CALLS} eager calls"
     return [
@@ -120,6 +138,15 @@ def _inputs(case: Case) -> dict:
                     w=torch.rand(p["head_dim"], **kw) + 0.5)
     if op in ("silu_and_mul", "gelu_tanh_and_mul"):
         return dict(x=torch.randn(p["rows"], 2 * p["d"], **kw))
+    if op == "mla_quantize":  # q and the new latent rows as SGLang holds them: nope part first, then rope
+        q = torch.randn(p["nnz"], p["heads"], MLA_NOPE_DIM + MLA_ROPE_DIM, **kw)
+        kv = torch.randn(p["nnz"], MLA_NOPE_DIM + MLA_ROPE_DIM, **kw)
+        dims = torch.arange(0, MLA_ROPE_DIM, 2, dtype=torch.float32, device=device())
+        inv_freq = 1.0 / (1e4 ** (dims / MLA_ROPE_DIM))
+        angle = torch.arange(8192, dtype=torch.float32, device=device())[:, None] * inv_freq[None, :]
+        return dict(args=(q[..., MLA_NOPE_DIM:], kv[:, MLA_NOPE_DIM:], q[..., :MLA_NOPE_DIM], kv[:, :MLA_NOPE_DIM],
+                          torch.cat([angle.cos(), angle.sin()], dim=-1),
+                          torch.randint(0, 8192, (p["nnz"],), device=device(), dtype=torch.int32)))
     nnz, hq, hk, d = p["nnz"], p["num_q_heads"], p["num_k_heads"], p["head_dim"]
     max_pos = 8192
     inv_freq = 1.0 / (1e4 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device()) / d))
@@ -216,6 +243,13 @@ def _torch_fn(case: Case, compiled: bool):
         f = wrap(functools.partial(_torch_act, op=op))
         x = t["x"]
         return lambda: f(x)
+    if op == "mla_quantize":  # flashtile's PyTorch path (its CPU path), eager or compiled
+        from flashtile.reference.rope import mla_rope_quantize
+
+        args = t["args"]
+        outs = [torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) for x in args[:4]]
+        f = wrap(functools.partial(mla_rope_quantize, interleave=False, quant_scale_q=0.5, quant_scale_kv=0.5))
+        return lambda: (f(*args, *outs), outs[0])[1]
     if op == "cos_sin_cache":
         f = wrap(_torch_rope_)
         a = (t["positions"], t["query"], t["key"], t["head_size"], t["cache"])
@@ -272,6 +306,10 @@ def _library_fn(lib, case: Case):
         out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
         fn = getattr(lib.activation, op)
         return lambda: fn(x, out=out)
+    if op == "mla_quantize":
+        args = t["args"]
+        outs = [torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) for x in args[:4]]
+        return lambda: lib.rope.mla_rope_quantize_fp8(*args, True, None, 0.5, 0.5, *outs)[0]  # q_rope_out compared
     if op == "cos_sin_cache":
         a = (t["positions"], t["query"], t["key"], t["head_size"], t["cache"])
         return lambda: lib.rope.apply_rope_with_cos_sin_cache_inplace(*a, is_neox=True)
@@ -379,6 +417,9 @@ register(Suite("activation", activation_cases, PROVIDERS, metric="gbps",
                **STEADY))
 register(Suite("rope", rope_cases, PROVIDERS, metric="gbps",
                description="in-place RoPE of q and k (cos/sin cache, or Llama 3.1 frequencies from pos_ids)", **STEADY))
+register(Suite("mla_rope_quant", mla_quant_cases, PROVIDERS, metric="gbps",
+               description="DeepSeek MLA: RoPE of q's and the new latent row's rope parts and fp8 e4m3 quantization "
+                           "of all four parts (mla_rope_quantize_fp8; rope 64, latent 512, bf16 in)", **STEADY))
 register(Suite("small_ops_launch", launch_cases,
                PROVIDERS + [Provider("flashtile_triton_launch", _flashtile_triton_launch)], metric="gbps",
                description=f"host cost: each time is {LAUNCH_CALLS} back-to-back eager calls at batch 1 "

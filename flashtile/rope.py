@@ -29,7 +29,6 @@ from ._core.checks import check_same_device, check_tensor, describe
 from ._core.debug import debug_checks_enabled, validate_device_indices
 from ._core.memo import CallMemo, eager, tensor_key
 from .reference.positional import llama31_smoothing
-from .reference.rope import mla_rope_quantize
 
 __all__ = [
     "apply_rope",
@@ -499,7 +498,8 @@ def mla_rope_quantize_fp8(
     runs in float32, and values beyond the fp8 range saturate to its largest finite value.
 
     Args:
-        q_rope: ``[nnz, num_heads, rope_dim]`` float16/bfloat16/float32, last dim contiguous.
+        q_rope: ``[nnz, num_heads, rope_dim]`` float16/bfloat16/float32. Every tensor argument and
+            output has a contiguous last dim (other strides are free), as upstream requires.
         k_rope: ``[nnz, rope_dim]`` (the one shared RoPE key per token), q_rope's dtype.
         q_nope: ``[nnz, num_heads, nope_dim]`` (DeepSeek absorbed: 512), q_rope's dtype.
         k_nope: ``[nnz, nope_dim]`` (the latent, 512), q_rope's dtype.
@@ -517,15 +517,17 @@ def mla_rope_quantize_fp8(
     Returns:
         ``(q_rope_out, k_rope_out, q_nope_out, k_nope_out)``.
 
-    Runs as PyTorch operations on every device (no fused Triton kernel yet).
+    On a GPU one Triton kernel does all of it (one program per token and block of heads, plus one for the
+    token's k); on a CPU it runs as PyTorch operations.
     """
     check_tensor("q_rope", q_rope, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     nnz, heads, rope_dim = q_rope.shape
     dev = q_rope.device
-    check_tensor("k_rope", k_rope, shape=(nnz, rope_dim), dtypes=(q_rope.dtype,), device=dev)
-    check_tensor("q_nope", q_nope, ndim=3, dtypes=(q_rope.dtype,), device=dev)
+    check_tensor("k_rope", k_rope, shape=(nnz, rope_dim), dtypes=(q_rope.dtype,), device=dev, last_dim_contiguous=True)
+    check_tensor("q_nope", q_nope, ndim=3, dtypes=(q_rope.dtype,), device=dev, last_dim_contiguous=True)
     check_tensor("q_nope", q_nope, shape=(nnz, heads, None))
-    check_tensor("k_nope", k_nope, shape=(nnz, None), dtypes=(q_rope.dtype,), device=dev)
+    check_tensor("k_nope", k_nope, shape=(nnz, q_nope.shape[2]), dtypes=(q_rope.dtype,), device=dev,
+                 last_dim_contiguous=True)
     if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dtype != torch.float32:
         raise CacheDtypeError(f"cos_sin_cache should be float32, got {describe(cos_sin_cache)}")
     check_tensor("cos_sin_cache", cos_sin_cache, shape=(None, rope_dim), device=dev)
@@ -547,9 +549,10 @@ def mla_rope_quantize_fp8(
         if out is None:
             out = torch.empty(like.shape, dtype=quantize_dtype, device=dev)
         else:
-            check_tensor(name, out, shape=tuple(like.shape), dtypes=(quantize_dtype,), device=dev)
+            check_tensor(name, out, shape=tuple(like.shape), dtypes=(quantize_dtype,), device=dev,
+                         last_dim_contiguous=True)
         results.append(out)
-    mla_rope_quantize(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, *results, interleave=not is_neox,
-                      quant_scale_q=float(quant_scale_q), quant_scale_kv=float(quant_scale_kv))
+    ops.call(ops.mla_rope_quantize, q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, *results, not is_neox,
+             float(quant_scale_q), float(quant_scale_kv))
     q_rope_out, k_rope_out, q_nope_out, k_nope_out = results
     return q_rope_out, k_rope_out, q_nope_out, k_nope_out

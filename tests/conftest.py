@@ -74,21 +74,38 @@ def _patch_language_once_per_launch() -> bool:
     return True
 
 
-def _round_to_nearest_bf16() -> bool:
+def _round_casts_to_nearest() -> bool:
     """Make Triton's interpreter round float32 to bfloat16 to nearest-even, as the GPU's ``x.to(tl.bfloat16)``
     does (cvt.rn.bf16.f32). The interpreter keeps bfloat16 as its upper 16 bits and drops the lower ones: a
     truncation toward zero, up to one unit in the last place and biased, where the GPU errs by at most half a
     unit. Interpreted kernels then erred more than on the GPU wherever they round a float32 tile to bfloat16
-    (rotated RoPE queries and keys, probabilities, outputs). Returns whether the installed interpreter has the
-    cast this replaces (else nothing is changed)."""
+    (rotated RoPE queries and keys, probabilities, outputs).
+
+    float32 to float8 (e4m3fn, e5m2) likewise, as the GPU's cvt.rn.satfinite does: nearest-even, beyond the
+    largest finite value that value, NaN stays NaN. The interpreter's own cast rounds the dropped bits half
+    up without carrying into the exponent (Triton 3.9: -0.1235 became -0.0625, not -0.125), and misrounds
+    subnormals. Returns whether the installed interpreter has the cast this replaces (else nothing is
+    changed)."""
     try:
         import numpy as np
         from triton.runtime import interpreter
 
         builder, cast = interpreter.InterpreterBuilder, interpreter.InterpreterBuilder.cast_impl
+        to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
         handle, bfloat16, float32 = interpreter.TensorHandle, interpreter.tl.bfloat16, interpreter.tl.float32
+        fp8_types = {interpreter.tl.float8e4nv: torch.float8_e4m3fn, interpreter.tl.float8e5: torch.float8_e5m2}
     except (ImportError, AttributeError):
         return False
+
+    def fp_to_fp(self, src, dst_type, rounding_mode):
+        fp8 = fp8_types.get(dst_type.scalar)
+        if src.dtype.scalar != float32 or fp8 is None:
+            return to_fp(self, src, dst_type, rounding_mode)
+        # through torch's cast (ties to even), after the GPU's saturation
+        x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        bound = torch.finfo(fp8).max
+        x = torch.where(x.isnan(), x, x.clamp(-bound, bound))
+        return handle(x.to(fp8).view(torch.uint8).numpy().reshape(np.shape(src.data)), dst_type.scalar)
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar != float32 or dst_type.scalar != bfloat16:
@@ -100,11 +117,12 @@ def _round_to_nearest_bf16() -> bool:
         return handle(out.reshape(np.shape(src.data)), bfloat16)
 
     builder.cast_impl = cast_impl
+    builder.create_fp_to_fp = fp_to_fp
     return True
 
 
 INTERPRETER_PATCHES_ONCE = not HAS_CUDA and _patch_language_once_per_launch()
-INTERPRETER_ROUNDS_BF16 = not HAS_CUDA and _round_to_nearest_bf16()
+INTERPRETER_ROUNDS_CASTS = not HAS_CUDA and _round_casts_to_nearest()
 
 
 def pytest_configure(config):

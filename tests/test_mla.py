@@ -326,37 +326,95 @@ def test_mla_cuda_graph_replan_replay(page_size, heads):
 # -- mla_rope_quantize_fp8 ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
+def _rope_quant_inputs(device, dtype, nnz, heads, dr, dn, max_pos=100):
+    """q and the new latent row as SGLang holds them: q ``[nnz, heads, dn + dr]`` and kv ``[nnz, dn + dr]``,
+    nope part first; the four inputs are their slices (strided, last dim contiguous)."""
+    q = torch.randn(nnz, heads, dn + dr, device=device).to(dtype)
+    kv = torch.randn(nnz, dn + dr, device=device).to(dtype)
+    pos = torch.randint(0, max_pos, (nnz,), dtype=torch.int32)
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * (1e4 ** (-torch.arange(dr // 2) * 2.0 / dr))[None, :]
+    cache = torch.cat([ang.cos(), ang.sin()], 1).float().to(device)
+    return q[..., dn:], kv[:, dn:], q[..., :dn], kv[:, :dn], cache, pos
+
+
+FP8_FORMATS = [pytest.param(getattr(torch, name, None), id=name,
+                            marks=pytest.mark.skipif(not hasattr(torch, name), reason=f"no {name} in this torch"))
+               for name in ("float8_e4m3fn", "float8_e5m2")]
+
+
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mla_rope_quantize_fp8(device, is_neox, dtype):
+@pytest.mark.parametrize("fp8", FP8_FORMATS)
+@pytest.mark.parametrize("nnz,heads,dr,dn", [(7, 3, 16, 32), (5, 5, 12, 40), (2, 16, 64, 512)])
+def test_mla_rope_quantize_fp8(path, device, is_neox, dtype, fp8, nnz, heads, dr, dn):
     from oracles import rope_general_f64
 
-    nnz, heads, dr, dn = 7, 3, 16, 32
-    q_rope = torch.randn(nnz, heads, dr, device=device).to(dtype)
-    k_rope = torch.randn(nnz, dr, device=device).to(dtype)
-    q_nope = torch.randn(nnz, heads, dn, device=device).to(dtype) * 500  # saturates
-    k_nope = torch.randn(nnz, dn, device=device).to(dtype)
-    pos = torch.randint(0, 100, (nnz,), dtype=torch.int32)
-    ang = torch.arange(100, dtype=torch.float64)[:, None] * (1e4 ** (-torch.arange(dr // 2) * 2.0 / dr))[None, :]
-    cache = torch.cat([ang.cos(), ang.sin()], 1).float().to(device)
+    q_rope, k_rope, q_nope, k_nope, cache, pos = _rope_quant_inputs(device, dtype, nnz, heads, dr, dn)
+    q_nope[:, 0] *= 4 * torch.finfo(fp8).max  # the first head saturates (in fp16 partly as inf)
+    k_rope[0, 0] = float("inf")  # saturates too, as every format's values beyond its range do
     qs, ks = 0.5, 2.0
-    outs = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox,
+    outs = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox, fp8,
                                                 quant_scale_q=qs, quant_scale_kv=ks)
-    assert all(o.dtype == FP8 for o in outs)
+    assert all(o.dtype == fp8 and o.shape == x.shape for o, x in zip(outs, (q_rope, k_rope, q_nope, k_nope)))
     want = [rope_general_f64(q_rope, pos, interleave=not is_neox, cos_sin_cache=cache) * qs,
             rope_general_f64(k_rope[:, None], pos, interleave=not is_neox, cos_sin_cache=cache)[:, 0] * ks,
             q_nope.double().cpu() * qs, k_nope.double().cpu() * ks]
+    info = torch.finfo(fp8)
+    bound = info.max
     for got, ref in zip(outs, want):
-        ref = ref.clamp(-448, 448)
-        # one fp8 e4m3 rounding (3 mantissa bits: relative error <= 2**-4) plus the input's rounding
-        torch.testing.assert_close(got.double().cpu(), ref, atol=2e-2, rtol=7e-2)
+        ref = ref.nan_to_num(nan=0.0).clamp(-bound, bound)  # inf times a cos and a sin: NaN where one is 0
+        got = got.double().cpu()
+        finite = ref.abs() < bound
+        # one fp8 rounding to nearest: half a step, relative eps / 2 (one subnormal step covers the float32
+        # rotation's error near zero)
+        torch.testing.assert_close(got[finite], ref[finite], atol=info.tiny * info.eps, rtol=info.eps / 2)
+        assert bool((got[~finite].abs() == bound).all() | got[~finite].isnan().all())
+    assert bool((outs[2].double().abs() == bound).any())  # the saturation was exercised
     # given outputs are filled and returned; their dtype selects the format
-    given = [torch.empty(o.shape, dtype=FP8, device=device) for o in outs]
+    given = [torch.empty(o.shape, dtype=fp8, device=device) for o in outs]
     again = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox, None, qs, ks,
                                                  *given)
     assert all(a is g for a, g in zip(again, given))
     assert all(torch.equal(a.view(torch.uint8), o.view(torch.uint8)) for a, o in zip(again, outs))
+
+
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_mla_rope_quantize_fp8_kernel_matches_reference(device, monkeypatch, is_neox):
+    """The fused kernel against the PyTorch path, bit for bit where both compute the same float32 values:
+    the nope parts (one product, one cast), NaN, infinities and saturation; the rope parts within one fp8
+    step (the GPU may contract ``a cos - b sin`` into an FMA)."""
+    q_rope, k_rope, q_nope, k_nope, cache, pos = _rope_quant_inputs(device, torch.bfloat16, 9, 6, 16, 48)
+    q_nope[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e4])
+    k_nope[1, :2] = torch.tensor([float("nan"), -3e3])
+    q_rope[2, 1, 0] = float("nan")  # a NaN in one element of a pair makes both rotated elements NaN
+    # the outputs strided too: slices of one [nnz, heads, dn + dr] fp8 tensor, as q is
+    q_out = torch.zeros(9, 6, 64, dtype=FP8, device=device)
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FLASHTILE_BACKEND", backend)
+        q_out.zero_()
+        outs = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, is_neox, None, 0.7,
+                                                    1.3, q_out[..., 48:], None, q_out[..., :48], None)
+        results[backend] = [o.view(torch.uint8).cpu().clone() for o in outs]
+    for i, (ref, got) in enumerate(zip(results["reference"], results["triton"])):
+        if i in (1, 3) or device == "cpu":  # nope parts; and on the interpreter everything
+            assert torch.equal(ref, got), i
+        else:
+            ref_f, got_f = (x.view(FP8).double() for x in (ref, got))
+            assert torch.equal(ref_f.isnan(), got_f.isnan())
+            close = (ref_f - got_f).abs() <= ref_f.abs() * 2.0 ** -3 + 2.0 ** -9
+            assert bool(close[~ref_f.isnan()].all()), i
+    nan_pair = results["reference"][0].view(FP8)[2, 1].double()
+    assert bool(nan_pair[0].isnan()) and bool(nan_pair[8 if is_neox else 1].isnan())
+
+
+def test_mla_rope_quantize_fp8_empty(path, device):
+    if FP8 is None:
+        pytest.skip("no float8_e4m3fn in this torch")
+    q_rope, k_rope, q_nope, k_nope, cache, pos = _rope_quant_inputs(device, torch.float16, 0, 4, 16, 32)
+    outs = flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos)
+    assert [tuple(o.shape) for o in outs] == [(0, 4, 16), (0, 16), (0, 4, 32), (0, 32)]
 
 
 @pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
@@ -383,6 +441,13 @@ def test_mla_rope_quantize_fp8_errors(device, monkeypatch):
         f(q, k, qn, kn, cache, pos + 8)
     with pytest.raises(ValueError, match="q_nope_out"):
         f(q, k, qn, kn, cache, pos, q_nope_out=torch.empty(4, 2, 8, device=device, dtype=FP8))
+    # every last dim contiguous, as upstream requires (the kernel reads rows as vectors)
+    with pytest.raises(ValueError, match="q_nope"):
+        f(q, k, torch.randn(4, 32, 2, device=device).half().transpose(1, 2), kn, cache, pos)
+    with pytest.raises(ValueError, match="k_rope_out"):
+        f(q, k, qn, kn, cache, pos, k_rope_out=torch.empty(16, 4, device=device, dtype=FP8).t())
+    with pytest.raises(ValueError, match="k_nope"):
+        f(q, k, qn, kn[:, :16], cache, pos)
 
 
 # -- the MLA work list (scheduler/mla_work.py) ----------------------------------------------------------

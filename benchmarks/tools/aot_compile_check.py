@@ -322,6 +322,12 @@ compile_all("rope cos_sin_cache")
 R.apply_rope(qr, kr, qr, kr, rotary_dim=128, interleave=False, pos_ids=pos, smooth_a=0.1, smooth_b=-0.5)
 compile_all("rope llama31")
 DEV.INTERPRETER_SMS = _interpreter_sms
+_q, _kv = torch.randn(4, 128, 576, dtype=bf), torch.randn(4, 576, dtype=bf)  # MLA: latent 512 | rope 64
+R.mla_rope_quantize(_q[..., 512:], _kv[:, 512:], _q[..., :512], _kv[:, :512], torch.randn(8192, 64),
+                    torch.arange(4, dtype=torch.int32), *(torch.empty(s, dtype=torch.float8_e4m3fn)
+                                                          for s in ((4, 128, 64), (4, 64), (4, 128, 512), (4, 512))),
+                    interleave=False, quant_scale_q=1.0, quant_scale_kv=1.0)
+compile_all("mla_rope_quantize_fp8 h128")
 ACT.act_and_mul(torch.randn(8192, 2 * 14336, dtype=bf), torch.empty(8192, 14336, dtype=bf), "silu")
 compile_all("activation silu 8192 x 2*14336")
 from flashtile.kernels import norm as NORM  # noqa: E402

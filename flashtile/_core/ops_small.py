@@ -14,7 +14,8 @@ import torch
 
 from .dispatch import implementation
 
-__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "call", "eager_function",
+__all__ = ["rmsnorm", "fused_add_rmsnorm", "layernorm", "act_and_mul", "rope", "rope_inplace", "mla_rope_quantize",
+           "call", "eager_function",
            "eager_runner"]
 
 
@@ -160,6 +161,41 @@ def _(q, k, pos_ids, indptr, offsets, cos_sin_cache, rotary_dim, interleave, rop
     return None
 
 
+def _mla_rope_quantize_impl(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_rope_out, k_rope_out,
+                            q_nope_out, k_nope_out, interleave, quant_scale_q, quant_scale_kv) -> None:
+    implementation("rope", q_rope.device).mla_rope_quantize(
+        q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_rope_out, k_rope_out, q_nope_out, k_nope_out,
+        interleave=interleave, quant_scale_q=quant_scale_q, quant_scale_kv=quant_scale_kv)
+
+
+@torch.library.custom_op("flashtile::mla_rope_quantize",
+                         mutates_args=("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out"))
+def mla_rope_quantize(
+    q_rope: torch.Tensor,
+    k_rope: torch.Tensor,
+    q_nope: torch.Tensor,
+    k_nope: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    pos_ids: torch.Tensor,
+    q_rope_out: torch.Tensor,
+    k_rope_out: torch.Tensor,
+    q_nope_out: torch.Tensor,
+    k_nope_out: torch.Tensor,
+    interleave: bool,
+    quant_scale_q: float,
+    quant_scale_kv: float,
+) -> None:
+    """MLA's RoPE of the rope parts and fp8 quantization of all four parts (see reference/rope.py)."""
+    _mla_rope_quantize_impl(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_rope_out, k_rope_out,
+                            q_nope_out, k_nope_out, interleave, quant_scale_q, quant_scale_kv)
+
+
+@mla_rope_quantize.register_fake
+def _(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_rope_out, k_rope_out, q_nope_out, k_nope_out,
+      interleave, quant_scale_q, quant_scale_kv) -> None:
+    return None
+
+
 # Eager calls run the implementation directly (no dispatcher: microseconds of host time matter at
 # decode batch sizes); under torch.compile the registered op is what gets traced.
 _IMPLS: Dict[object, Callable[..., None]] = {
@@ -169,6 +205,7 @@ _IMPLS: Dict[object, Callable[..., None]] = {
     act_and_mul: _act_and_mul_impl,
     rope: _rope_impl,
     rope_inplace: _rope_inplace_impl,
+    mla_rope_quantize: _mla_rope_quantize_impl,
 }
 
 

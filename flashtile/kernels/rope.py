@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .._core.device import num_sms
-from .._core.intmath import cdiv, next_power_of_2
+from .._core.intmath import cdiv, floor_power_of_2, next_power_of_2
 from .._core.launch import LaunchMemo, direct_launch, tensor_key
 
 TILE = 4096  # elements (both halves of the rotated dims) per program
@@ -177,10 +177,15 @@ def _store_rotated(dst, ok, a, b, cos, sin, ROTARY_DIM: tl.constexpr, HALF_PAD: 
                    INTERLEAVE: tl.constexpr):
     """Write ``(a cos - b sin, b cos + a sin)`` to the pairs of the rows at ``dst`` [T, H, 1];
     cos/sin [T, 1, HALF_PAD] broadcast over the heads."""
+    _store_pairs(dst, ok, a * cos - b * sin, b * cos + a * sin, ROTARY_DIM, HALF_PAD, INTERLEAVE)
+
+
+@triton.jit
+def _store_pairs(dst, ok, oa, ob, ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """Write the pairs ``(oa, ob)`` [T, H, HALF_PAD] to the rows at ``dst`` [T, H, 1], cast to its dtype
+    (the layout of :func:`_load_pairs`)."""
     HALF: tl.constexpr = ROTARY_DIM // 2
     out_ty = dst.dtype.element_ty
-    oa = a * cos - b * sin
-    ob = b * cos + a * sin
     if INTERLEAVE:
         r = tl.arange(0, 2 * HALF_PAD)[None, None, :]
         y = tl.reshape(tl.join(oa, ob), (oa.shape[0], oa.shape[1], 2 * HALF_PAD))
@@ -430,7 +435,101 @@ def apply_rope(
         constexprs, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4))
 
 
+@triton.jit
+def _scaled_saturated(x, scale, BOUND: tl.constexpr):
+    """``x * scale`` clamped to ``[-BOUND, BOUND]`` (NaN stays NaN): the saturating fp8 cast's input."""
+    return tl.clamp(x * scale, -BOUND, BOUND, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _rope_quantize_rows(R, N, RO, NO, token, heads, ok, s_r_t, s_r_h, s_n_t, s_n_h, s_ro_t, s_ro_h, s_no_t, s_no_h,
+                        cos, sin, scale, ROPE_DIM: tl.constexpr, HALF_PAD: tl.constexpr, NOPE_DIM: tl.constexpr,
+                        NOPE_PAD: tl.constexpr, INTERLEAVE: tl.constexpr, BOUND: tl.constexpr):
+    """One token's rows ``heads`` [1, H, 1] of a rope part R (rotated) and a nope part N, scaled,
+    saturated and cast into RO / NO."""
+    tokens = token + tl.arange(0, 1)  # [1]
+    n = tl.arange(0, NOPE_PAD)[None, None, :]
+    n_ok = ok & (n < NOPE_DIM)
+    nope = tl.load(_row_starts(N, tokens, heads, s_n_t, s_n_h) + n, mask=n_ok, other=0.0).to(tl.float32)
+    a, b = _load_pairs(_row_starts(R, tokens, heads, s_r_t, s_r_h), ok, ROPE_DIM, HALF_PAD, INTERLEAVE)
+    nope = _scaled_saturated(nope, scale, BOUND)
+    tl.store(_row_starts(NO, tokens, heads, s_no_t, s_no_h) + n, nope.to(NO.dtype.element_ty), mask=n_ok)
+    oa = _scaled_saturated(a * cos - b * sin, scale, BOUND)
+    ob = _scaled_saturated(b * cos + a * sin, scale, BOUND)
+    _store_pairs(_row_starts(RO, tokens, heads, s_ro_t, s_ro_h), ok, oa, ob, ROPE_DIM, HALF_PAD, INTERLEAVE)
+
+
+@direct_launch
+@triton.jit
+def _mla_rope_quantize_kernel(
+    QR, KR, QN, KN, QRO, KRO, QNO, KNO, POS, CACHE,
+    num_heads, max_pos,
+    s_qr_t, s_qr_h, s_kr_t, s_qn_t, s_qn_h, s_kn_t,
+    s_qro_t, s_qro_h, s_kro_t, s_qno_t, s_qno_h, s_kno_t, s_cache,
+    scale_q, scale_kv,
+    ROPE_DIM: tl.constexpr, HALF_PAD: tl.constexpr, NOPE_DIM: tl.constexpr, NOPE_PAD: tl.constexpr,
+    INTERLEAVE: tl.constexpr, BOUND: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """MLA's RoPE + fp8 quantization (contract of reference/rope.py's mla_rope_quantize): program
+    (token, j) does q heads ``[j * BLOCK_H, (j + 1) * BLOCK_H)`` of the token, rope part and nope part;
+    the last j of the grid does the token's k (one row: k_rope [nnz, ROPE_DIM], k_nope [nnz, NOPE_DIM]).
+    Every last dim is contiguous; positions are in range (the API checks what it can read)."""
+    token = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    tok_ok = tl.full([1], 1, tl.int1)
+    pos = tl.load(POS + token + tl.arange(0, 1))
+    cos, sin = _cos_sin(pos, tok_ok, CACHE, s_cache, max_pos, 0.0, 1.0, 0.0, 0.0, ROPE_DIM, HALF_PAD, True)
+    if j < tl.num_programs(1) - 1:
+        heads = j * BLOCK_H + tl.arange(0, BLOCK_H)
+        ok = (heads < num_heads)[None, :, None]
+        _rope_quantize_rows(QR, QN, QRO, QNO, token, heads, ok, s_qr_t, s_qr_h, s_qn_t, s_qn_h, s_qro_t, s_qro_h,
+                            s_qno_t, s_qno_h, cos, sin, scale_q, ROPE_DIM, HALF_PAD, NOPE_DIM, NOPE_PAD, INTERLEAVE,
+                            BOUND)
+    else:
+        row = tl.arange(0, 1)  # k's single row: head strides 0
+        row_ok = (row >= 0)[None, :, None]
+        _rope_quantize_rows(KR, KN, KRO, KNO, token, row, row_ok, s_kr_t, 0, s_kn_t, 0, s_kro_t, 0, s_kno_t, 0, cos, sin,
+                            scale_kv, ROPE_DIM, HALF_PAD, NOPE_DIM, NOPE_PAD, INTERLEAVE, BOUND)
+
+
+MLA_QUANT_TILE = 8192  # elements (rope + nope) of one program's q heads
+
+
+def mla_rope_quantize(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_rope_out, k_rope_out, q_nope_out,
+                      k_nope_out, *, interleave: bool, quant_scale_q: float, quant_scale_kv: float) -> None:
+    """RoPE of the rope parts and fp8 quantization of all four MLA inputs in one launch (arguments and
+    math: flashtile/reference/rope.py). q parts ``[nnz, heads, dim]``, k parts ``[nnz, dim]``, every last
+    dim contiguous; the outputs are all of one fp8 dtype."""
+    key = (tensor_key(q_rope), tensor_key(k_rope), tensor_key(q_nope), tensor_key(k_nope), tensor_key(q_rope_out),
+           tensor_key(k_rope_out), tensor_key(q_nope_out), tensor_key(k_nope_out), tensor_key(pos_ids),
+           tensor_key(cos_sin_cache), interleave)
+    replay = _MLA_QUANT_LAUNCHES.get(key)
+    if replay is not None:
+        replay(q_rope, k_rope, q_nope, k_nope, q_rope_out, k_rope_out, q_nope_out, k_nope_out, pos_ids, cos_sin_cache,
+               quant_scale_q, quant_scale_kv)
+        return
+    nnz, num_heads, rope_dim = q_rope.shape
+    nope_dim = q_nope.shape[2]
+    if nnz == 0:
+        return
+    half_pad = next_power_of_2(max(rope_dim // 2, 1))
+    nope_pad = next_power_of_2(nope_dim)
+    block_h = min(next_power_of_2(num_heads), floor_power_of_2(max(1, MLA_QUANT_TILE // (nope_pad + 2 * half_pad))))
+    grid = (nnz, cdiv(num_heads, block_h) + 1)
+    args = (q_rope, k_rope, q_nope, k_nope, q_rope_out, k_rope_out, q_nope_out, k_nope_out, pos_ids, cos_sin_cache,
+            num_heads, cos_sin_cache.shape[0],
+            q_rope.stride(0), q_rope.stride(1), k_rope.stride(0), q_nope.stride(0), q_nope.stride(1), k_nope.stride(0),
+            q_rope_out.stride(0), q_rope_out.stride(1), k_rope_out.stride(0), q_nope_out.stride(0),
+            q_nope_out.stride(1), k_nope_out.stride(0), cos_sin_cache.stride(0),
+            quant_scale_q, quant_scale_kv)
+    width = block_h * (nope_pad + 2 * half_pad)
+    _MLA_QUANT_LAUNCHES.launch(key, _mla_rope_quantize_kernel, grid, args, dict(
+        ROPE_DIM=rope_dim, HALF_PAD=half_pad, NOPE_DIM=nope_dim, NOPE_PAD=nope_pad, INTERLEAVE=bool(interleave),
+        BOUND=torch.finfo(q_rope_out.dtype).max, BLOCK_H=block_h, num_warps=min(8, max(1, width // 1024))))
+
+
 # Launches replayed per key (shapes, strides, dtypes, alignment, options; the env knobs that pick the
 # kernel are read once and clear the memo when reloaded): the eight tensor arguments, first in both
 # kernels, are all that change.
 _LAUNCHES = LaunchMemo(dynamic=range(8))
+_MLA_QUANT_LAUNCHES = LaunchMemo(dynamic=(*range(10), 25, 26))  # the tensors and the two scales
