@@ -488,8 +488,8 @@ def _mla_rope_quantize_kernel(
     else:
         row = tl.arange(0, 1)  # k's single row: head strides 0
         row_ok = (row >= 0)[None, :, None]
-        _rope_quantize_rows(KR, KN, KRO, KNO, token, row, row_ok, s_kr_t, 0, s_kn_t, 0, s_kro_t, 0, s_kno_t, 0, cos, sin,
-                            scale_kv, ROPE_DIM, HALF_PAD, NOPE_DIM, NOPE_PAD, INTERLEAVE, BOUND)
+        _rope_quantize_rows(KR, KN, KRO, KNO, token, row, row_ok, s_kr_t, 0, s_kn_t, 0, s_kro_t, 0, s_kno_t, 0, cos,
+                            sin, scale_kv, ROPE_DIM, HALF_PAD, NOPE_DIM, NOPE_PAD, INTERLEAVE, BOUND)
 
 
 MLA_QUANT_TILE = 8192  # elements (rope + nope) of one program's q heads
