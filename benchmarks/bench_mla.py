@@ -56,14 +56,14 @@ def _inputs(case: Case):
     return q_nope, q_pe, pool[..., :D_CKV], pool[..., D_CKV:], qo_indptr, kv_indptr, kv_indices, kv_lens
 
 
-def _flashtile(case: Case):
+def _flashtile(case: Case, **plan_options):
     import flashtile
 
     p = case.params
     q_nope, q_pe, ckv, kpe, qo_indptr, kv_indptr, kv_indices, kv_lens = _inputs(case)
     w = flashtile.mla.BatchMLAPagedAttentionWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=device()))
     w.plan(qo_indptr.cpu(), kv_indptr.cpu(), kv_indices, kv_lens.cpu(), p["heads"], D_CKV, D_KPE, p["page_size"],
-           True, 1 / math.sqrt(192), torch.bfloat16, ckv.dtype)
+           True, 1 / math.sqrt(192), torch.bfloat16, ckv.dtype, **plan_options)
     out = torch.empty_like(q_nope)
     meta = w._plan.meta
     note = f"{meta.num_items} items, splits<={meta.max_splits}, tile {meta.config.block_m}x{meta.config.block_n}"
@@ -122,7 +122,14 @@ def _focus_settings(case: Case) -> list:
     return [_setting(*shape) for shape in shapes]
 
 
-register(Suite("mla", mla_cases, [Provider("flashtile", _flashtile), Provider("flashinfer", _flashinfer)], "gbps",
+def _flashtile_no_split(case: Case):
+    """flashtile planned without KV splits (one work item per request and row tile, no partial states and no
+    merge): what the splits of the default plan cost or gain."""
+    return _flashtile(case, disable_split_kv=True)
+
+
+register(Suite("mla", mla_cases, [Provider("flashtile", _flashtile), Provider("flashinfer", _flashinfer),
+                                  Provider("flashtile_no_split", _flashtile_no_split, baseline=False)], "gbps",
                "DeepSeek MLA decode/append (latent 512 + rope 64, bf16, random page order)",
                tunes={"config": Tune(lambda case: MLA_GRID,
                                      description="largest BLOCK_M x BLOCK_N x warps (wide latent) x stages x "
