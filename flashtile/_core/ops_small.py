@@ -170,21 +170,10 @@ def _mla_rope_quantize_impl(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_i
 
 @torch.library.custom_op("flashtile::mla_rope_quantize",
                          mutates_args=("q_rope_out", "k_rope_out", "q_nope_out", "k_nope_out"))
-def mla_rope_quantize(
-    q_rope: torch.Tensor,
-    k_rope: torch.Tensor,
-    q_nope: torch.Tensor,
-    k_nope: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    pos_ids: torch.Tensor,
-    q_rope_out: torch.Tensor,
-    k_rope_out: torch.Tensor,
-    q_nope_out: torch.Tensor,
-    k_nope_out: torch.Tensor,
-    interleave: bool,
-    quant_scale_q: float,
-    quant_scale_kv: float,
-) -> None:
+def mla_rope_quantize(q_rope: torch.Tensor, k_rope: torch.Tensor, q_nope: torch.Tensor, k_nope: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, pos_ids: torch.Tensor, q_rope_out: torch.Tensor,
+                      k_rope_out: torch.Tensor, q_nope_out: torch.Tensor, k_nope_out: torch.Tensor, interleave: bool,
+                      quant_scale_q: float, quant_scale_kv: float) -> None:
     """MLA's RoPE of the rope parts and fp8 quantization of all four parts (see reference/rope.py)."""
     _mla_rope_quantize_impl(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_rope_out, k_rope_out,
                             q_nope_out, k_nope_out, interleave, quant_scale_q, quant_scale_kv)
