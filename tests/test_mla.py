@@ -409,6 +409,28 @@ def test_mla_rope_quantize_fp8_kernel_matches_reference(device, monkeypatch, is_
     assert bool(nan_pair[0].isnan()) and bool(nan_pair[8 if is_neox else 1].isnan())
 
 
+def test_mla_rope_quantize_fp8_op(path, device):
+    """The registered op (what torch.compile traces): opcheck, and a compiled graph that calls the public
+    function gives the eager bits."""
+    if FP8 is None:
+        pytest.skip("no float8_e4m3fn in this torch")
+    from flashtile._core import ops_small
+
+    args = _rope_quant_inputs(device, torch.bfloat16, 5, 3, 16, 32)
+    outs = [torch.empty(x.shape, dtype=FP8, device=device) for x in args[:4]]
+    # test_schema and test_aot_dispatch compare outputs with arithmetic torch lacks for float8 on CPU
+    torch.library.opcheck(ops_small.mla_rope_quantize, (*args, *outs, True, 0.5, 2.0),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+    def step(q_rope, k_rope, q_nope, k_nope, cache, pos):
+        return flashtile.rope.mla_rope_quantize_fp8(q_rope, k_rope, q_nope, k_nope, cache, pos, False,
+                                                    quant_scale_q=0.5, quant_scale_kv=2.0)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(*args), step(*args)):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_mla_rope_quantize_fp8_empty(path, device):
     if FP8 is None:
         pytest.skip("no float8_e4m3fn in this torch")
