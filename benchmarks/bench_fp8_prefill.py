@@ -131,11 +131,17 @@ def _config_grid(case: Case):
 
 # The batch kernel's tile for the ragged case (tile_policy.CONFIG_OVERRIDE: block_n, warps, stages; plan() takes
 # it, and the harness builds the provider under the setting): its fp8 compile spills at 128 x 32 with 4 warps.
-_BATCH_GRID = [(32, 4, 3), (32, 8, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 2)]
+# With 128-row tiles of 255 registers one program fills an SM, and a short prompt's tile (16 x 1024 GQA 4: about
+# 576 keys, under five 128-key steps) pays its pipeline fill and epilogue with nothing to overlap them; 64-row
+# tiles of 4 warps (a 64 x 128 float32 accumulator) leave room for two or three programs per SM.
+_BATCH_GRID = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+               (128, 128, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 4, 3)]
 
 
 def _batch_grid(case: Case):
-    return [{Knob("flashtile._core.tile_policy", "CONFIG_OVERRIDE"): c} for c in _BATCH_GRID]
+    from .bench_batch_prefill import CONFIG, TILE_SHAPE, FixedTile
+
+    return [{TILE_SHAPE: FixedTile(m, n), CONFIG: (n, w, st)} for m, n, w, st in _BATCH_GRID]
 
 
 register(Suite("fp8_prefill", cases,
@@ -146,4 +152,4 @@ register(Suite("fp8_prefill", cases,
                tunes={"config": Tune(_config_grid, cases=lambda case: len(case.params["qo_lens"]) == 1,
                                      description="fp8 single prefill BLOCK_M x BLOCK_N x warps x stages"),
                       "batch_tiles": Tune(_batch_grid, cases=lambda case: len(case.params["qo_lens"]) > 1,
-                                          description="fp8 batch prefill BLOCK_N x warps x stages (128-row tiles)")}))
+                                          description="fp8 batch prefill BLOCK_M x BLOCK_N x warps x stages")}))

@@ -24,7 +24,9 @@ _ap.add_argument("--triton-path", default=None, help="a directory holding the tr
 _ap.add_argument("--dump", default=None, help="write each compiled kernel's TTGIR and PTX into this directory")
 _ap.add_argument("--only", default="", help="compile only the cases whose label contains this text (e.g. sampling)")
 _ap.add_argument("--prefill-config", default=None,
-                 help="block_n,num_warps,num_stages for the 128-row batch-prefill cases (default: the launcher's)")
+                 help="block_n,num_warps,num_stages for the batch-prefill cases (default: the launcher's)")
+_ap.add_argument("--prefill-block-m", type=int, default=None,
+                 help="rows of the batch-prefill cases' tiles (default: tile_policy.prefill_tile_shape's)")
 _ap.add_argument("--mla-config", default=None,
                  help="max_block_m,block_n,warps,stages,out_split for the MLA cases (default: _core/mla_tiles.py's)")
 _ap.add_argument("--decode-tile", default=None,
@@ -82,6 +84,9 @@ _device.TARGET_OVERRIDE = (232448, (9, 0))  # the launchers fit their configs to
 _device.FACTS_OVERRIDE = _device.H100_FACTS._replace(name=_args.card)  # H100 and H200: same SMs, shared memory
 if _args.prefill_config:
     TP.CONFIG_OVERRIDE = tuple(int(x) for x in _args.prefill_config.split(","))
+if _args.prefill_block_m:
+    _tile_shape = TP.prefill_tile_shape
+    TP.prefill_tile_shape = lambda *a, **k: (_args.prefill_block_m, _tile_shape(*a, **k)[1])
 if _args.decode_tile:
     from benchmarks.tools import decode_tile as _tile
     from flashtile._core import decode_tune as _DT
