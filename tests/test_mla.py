@@ -416,7 +416,8 @@ def test_mla_rope_quantize_fp8_op(path, device):
         pytest.skip("no float8_e4m3fn in this torch")
     from flashtile._core import ops_small
 
-    args = _rope_quant_inputs(device, torch.bfloat16, 5, 3, 16, 32)
+    *tensors, pos = _rope_quant_inputs(device, torch.bfloat16, 5, 3, 16, 32)
+    args = (*tensors, pos.to(device))  # the op takes device tensors (the public function moves host positions)
     outs = [torch.empty(x.shape, dtype=FP8, device=device) for x in args[:4]]
     # test_schema and test_aot_dispatch compare outputs with arithmetic torch lacks for float8 on CPU
     torch.library.opcheck(ops_small.mla_rope_quantize, (*args, *outs, True, 0.5, 2.0),
