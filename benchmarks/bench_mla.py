@@ -92,7 +92,8 @@ _TILES = "flashtile._core.mla_tiles"
 # in two: a 64 x 512 float32 accumulator needs 8 warps, a 64 x 256 one fits 4); configs that exceed shared
 # memory are reported, not fatal.
 MLA_GRID = [{Knob(_TILES, "MLA_MAX_BLOCK_M"): g["m"], Knob(_TILES, "MLA_BLOCK_N"): g["n"],
-             Knob(_TILES, "MLA_WIDE_WARPS"): g["w"], Knob(_TILES, "MLA_STAGES"): g["st"],
+             Knob(_TILES, "MLA_WIDE_WARPS"): g["w"], Knob(_TILES, "MLA_NARROW_WARPS"): g["w"],
+             Knob(_TILES, "MLA_STAGES"): g["st"],
              Knob(_TILES, "MLA_OUT_SPLIT"): g["o"]}
             for g in grid(m=(16, 32, 64), n=(16, 32, 64), w=(4, 8), st=(2, 3), o=(1, 2))
             if g["w"] == 8 or g["m"] <= 32 or g["o"] == 2]
@@ -101,6 +102,7 @@ MLA_GRID = [{Knob(_TILES, "MLA_MAX_BLOCK_M"): g["m"], Knob(_TILES, "MLA_BLOCK_N"
 
 def _setting(m, n, w, st, o, prefetch=True):
     return {Knob(_TILES, "MLA_MAX_BLOCK_M"): m, Knob(_TILES, "MLA_BLOCK_N"): n, Knob(_TILES, "MLA_WIDE_WARPS"): w,
+            Knob(_TILES, "MLA_NARROW_WARPS"): w,
             Knob(_TILES, "MLA_STAGES"): st, Knob(_TILES, "MLA_OUT_SPLIT"): o,
             Knob(_TILES, "MLA_PREFETCH_PAGES"): prefetch}
 

@@ -353,6 +353,7 @@ if _args.mla_config:
 
     (_MT.MLA_MAX_BLOCK_M, _MT.MLA_BLOCK_N, _MT.MLA_WIDE_WARPS, _MT.MLA_STAGES,
      _MT.MLA_OUT_SPLIT) = (int(x) for x in _args.mla_config.split(","))
+    _MT.MLA_NARROW_WARPS = _MT.MLA_WIDE_WARPS  # the given warps for every tile
 
 
 def mla_case(batch, kv, heads, qo=1, page=64, kv_dtype=bf, label="", variant=None):
@@ -380,6 +381,7 @@ mla_case(32, 16384, 32, label="decode 32x16384 h32 p64")
 mla_case(64, 4096, 128, qo=4, label="append 4 x 64x4096 h128 p64")
 if hasattr(torch, "float8_e4m3fn"):
     mla_case(64, 4096, 128, kv_dtype=torch.float8_e4m3fn, label="decode fp8 64x4096 h128 p64")
+    mla_case(128, 8192, 16, kv_dtype=torch.float8_e4m3fn, label="decode fp8 128x8192 h16 p64")
 # MLA with two programs per work item (MLA_OUT_SPLIT 2: half the accumulator each), BLOCK_N 32 and 64.
 from flashtile._core import mla_tiles as _MT  # noqa: E402
 

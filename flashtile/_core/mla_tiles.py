@@ -2,7 +2,8 @@
 
 A tile holds ``BLOCK_M`` (token, head) rows of one request against ``BLOCK_N`` latent rows; the
 accumulator is ``BLOCK_M x head_dim_ckv`` float32 (64 x 512: 128 KiB, 128 registers a thread at
-8 warps), so wide latents use 8 warps. KV chunks of a split are multiples of MLA_CHUNK_ALIGN tokens.
+8 warps), so wide latents use 8 warps for 64-row tiles and 4 for tiles of up to 32 rows. KV chunks of
+a split are multiples of MLA_CHUNK_ALIGN tokens.
 The reference path and the interpreter plan 16-row, 16-key tiles on a 4-SM "GPU", so CPU tests split.
 """
 
@@ -25,6 +26,13 @@ _SMALL = 16
 MLA_MAX_BLOCK_M = 64
 MLA_BLOCK_N = 32
 MLA_WIDE_WARPS = 8
+# Tiles of up to MLA_NARROW_ROWS rows (16-32 heads at one query token: memory-bound) launch
+# MLA_NARROW_WARPS warps. On an H100 4 warps beat 8 there: 128 x 8192 with 16 heads 516.7 against 716.4 µs
+# at page 64 and 449.0 against 550.0 at page 1, 64 x 8192 with 32 heads 487.5 / 525.5 (page 64) and
+# 320.1 / 417.1 (page 1), 128 x 4096 with 16 heads at page 16 284.5 / 388.3 (a smaller program leaves
+# room for more latent tiles in flight per SM).
+MLA_NARROW_ROWS = 32
+MLA_NARROW_WARPS = 4
 MLA_STAGES = 3
 # Programs per work item, each owning a slice of the output columns (1 or 2; kernels/mla.py OUT_SPLIT).
 MLA_OUT_SPLIT = 1
@@ -68,7 +76,10 @@ def mla_launch_facts(device: torch.device, compiled: bool, max_rows: int, head_d
     if not compiled or interpreting():
         return _SMALL, MlaConfig(_SMALL, _SMALL, 4, 1, _out_split(head_dim_ckv)), _SMALL, INTERPRETER_SMS
     block_m = max(_SMALL, min(MLA_MAX_BLOCK_M, 1 << max(0, max_rows - 1).bit_length()))
-    warps = MLA_WIDE_WARPS if head_dim_ckv >= 256 else 4
+    if head_dim_ckv < 256:
+        warps = 4
+    else:
+        warps = MLA_NARROW_WARPS if block_m <= MLA_NARROW_ROWS else MLA_WIDE_WARPS
     return (block_m, MlaConfig(block_m, MLA_BLOCK_N, warps, MLA_STAGES, _out_split(head_dim_ckv)), MLA_CHUNK_ALIGN,
             num_sms(device))
 
