@@ -126,6 +126,18 @@ def test_mla_split_options(path, device, split):
     check_mla(out, lse, *batch, causal=True, sm_scale=0.2, dtype=torch.float16)
 
 
+def test_mla_merge_many_splits_wide_latent(path, device):
+    """DeepSeek's 512-wide latent (four merge column blocks) over more splits than a merge step takes (8),
+    with a head count that leaves a merge head block partly empty: the oracle's result."""
+    heads = 5
+    batch = make_mla_batch([1, 2], [300, 45], 16, heads, 512, 64, torch.bfloat16, device)
+    w = BatchMLAPagedAttentionWrapper(workspace(device, mib=64))
+    w.plan(*batch[4:], heads, 512, 64, 16, True, 0.05, torch.bfloat16, torch.bfloat16, fixed_split_size=16)
+    assert w._plan.meta.max_splits > 8
+    out, lse = w.run(*batch[:4], return_lse=True)
+    check_mla(out, lse, *batch, causal=True, sm_scale=0.05, dtype=torch.bfloat16)
+
+
 @pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn in this torch")
 def test_mla_fp8_latent(path, device):
     dc, dp = DIMS[0]
