@@ -183,18 +183,30 @@ def test_ragged_fp8_keys_offset_and_v_layouts(device, monkeypatch):
     torch.testing.assert_close(out, as_given, rtol=0, atol=0)
 
 
-def test_ragged_fp8_v_layout(device):
+@pytest.mark.parametrize("layout", ["few", "many"])
+def test_ragged_fp8_v_layout(device, layout):
     """The copy: request r's keys at ragged_v_t_start (16-aligned), zeros elsewhere, and at least 128 zero
-    keys after each request, so an unmasked tile read never reaches the next request's values."""
+    keys after each request, so an unmasked tile read never reaches the next request's values. "many": 37
+    requests (six steps of the copy kernel's binary search), empty ones and rows outside every request, a
+    head dim that is no power of two, and V a strided view."""
     from flashtile.kernels.batch_prefill import V_T_GAP, ragged_fp8_v_layout
     from flashtile.scheduler.prefill_work import REQUEST_FIELDS
 
-    kv_offset, kv_len = [3, 12, 12, 40], [9, 0, 28, 1]
-    v = (torch.randn(47, 2, 8, device=device) + 4).to(E4M3)  # no zeros among the values
-    reqs = torch.zeros(4, REQUEST_FIELDS, dtype=torch.int32, device=device)
+    if layout == "few":
+        kv_offset, kv_len = [3, 12, 12, 40], [9, 0, 28, 1]
+        v = (torch.randn(47, 2, 8, device=device) + 4).to(E4M3)  # no zeros among the values
+    else:
+        gen = torch.Generator().manual_seed(5)
+        kv_len = torch.randint(0, 40, (37,), generator=gen).tolist()
+        gaps = torch.randint(0, 3, (37,), generator=gen).tolist()
+        kv_offset = [sum(kv_len[:r]) + sum(gaps[:r + 1]) for r in range(37)]
+        rows = kv_offset[-1] + kv_len[-1] + 5
+        v = (torch.randn(rows, 3, 40, device=device) + 4).to(E4M3)[:, :, :24]  # head stride 40, dim 24
+    batch = len(kv_len)
+    reqs = torch.zeros(batch, REQUEST_FIELDS, dtype=torch.int32, device=device)
     reqs[:, 2], reqs[:, 3] = torch.tensor(kv_offset), torch.tensor(kv_len)
-    vt, kwargs = ragged_fp8_v_layout(v, reqs.flatten(), 4)
-    assert kwargs["V_T"] and vt.shape == (2, 8, kwargs["stride_vd"]) and vt.dtype == E4M3
+    vt, kwargs = ragged_fp8_v_layout(v, reqs.flatten(), batch)
+    assert kwargs["V_T"] and vt.shape == (v.shape[1], v.shape[2], kwargs["stride_vd"]) and vt.dtype == E4M3
     expected = torch.zeros(vt.shape, dtype=torch.uint8)
     ends = []
     for r, (o, n) in enumerate(zip(kv_offset, kv_len)):

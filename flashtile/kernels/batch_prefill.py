@@ -78,28 +78,57 @@ def ragged_v_t_start(kv_offset, request):
     return (kv_offset + _ALIGN - 1) // _ALIGN * _ALIGN + request * _GAP
 
 
+@direct_launch
+@triton.jit
+def _ragged_v_t_kernel(V, VT, REQS, batch_size, search_steps, size, stride_vt, stride_vh,
+                       DIM: tl.constexpr, DIM_PAD: tl.constexpr, FIELDS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns ``[pid0 * BLOCK_K, +BLOCK_K)`` of head ``pid1`` of the transposed copy (bytes): each column's
+    request by a binary search over the requests' copy starts (the last one at or before the column), then
+    its key of V, or 0 where the column is no request's key. Rows are read whole (V's last dim is
+    contiguous, as the kernels require) and written transposed."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    head = tl.program_id(1)
+    col_ok = cols < size
+    lo = tl.zeros_like(cols)
+    hi = lo + batch_size - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        go_right = ragged_v_t_start(tl.load(REQS + mid * FIELDS + 2), mid) <= cols
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    kv_offset = tl.load(REQS + lo * FIELDS + 2)
+    key = cols - ragged_v_t_start(kv_offset, lo)
+    valid = col_ok & (key >= 0) & (key < tl.load(REQS + lo * FIELDS + 3))
+    d = tl.arange(0, DIM_PAD)
+    src = V + (kv_offset + key).to(tl.int64)[:, None] * stride_vt + head * stride_vh + d[None, :]
+    if DIM == DIM_PAD:  # a mask constant along the row: the row loads stay vectorized
+        row_mask = valid[:, None]
+    else:
+        row_mask = valid[:, None] & (d[None, :] < DIM)
+    x = tl.load(src, mask=row_mask, other=0)  # [BLOCK_K, DIM_PAD]
+    # [BLOCK_K, DIM_PAD] pointers into the [heads, dim, size] copy: the store's own layout runs along the
+    # columns, the load's along the rows (one layout conversion through shared memory between them)
+    dst = VT + (head * DIM + d).to(tl.int64)[None, :] * size + cols[:, None]
+    tl.store(dst, x, mask=col_ok[:, None] & (d[None, :] < DIM))
+
+
+V_T_BLOCK_K = 64  # copy columns per program
+
+
 def ragged_fp8_v_layout(v: torch.Tensor, reqs: torch.Tensor, batch_size: int) -> tuple:
     """``(v, kernel keywords)`` for a ragged FP8 batch: with FP8_TRANSPOSE_V, a ``[heads, dim, keys]``
     copy of ``v [rows, heads, dim]`` with each request's keys at :func:`ragged_v_t_start` and zeros between
-    (the plan's request fields ``reqs`` give the offsets and lengths; device ops only, no sync), and
-    ``V_T``/``stride_vd``; else ``v`` itself and no keywords."""
+    (the plan's request fields ``reqs`` give the offsets and lengths; one launch, no sync; rows of v outside
+    every request are never read), and ``V_T``/``stride_vd``; else ``v`` itself and no keywords."""
     rows, heads, dim = v.shape
     if not _attention.FP8_TRANSPOSE_V or rows == 0 or batch_size == 0:
         return v, {}
-    fields = reqs[:REQUEST_FIELDS * batch_size].view(batch_size, REQUEST_FIELDS).long()
-    kv_offset, kv_len = fields[:, 2], fields[:, 3]
-    # A gather (each column of the copy reads its row, or is zero), not a scatter: deterministic, and rows of
-    # v outside every request (before kv_indptr[0], after kv_indptr[-1]) are never read.
-    starts = (kv_offset + V_T_ALIGN - 1) // V_T_ALIGN * V_T_ALIGN + torch.arange(batch_size, device=v.device) * V_T_GAP
     size = -(-rows // V_T_ALIGN) * V_T_ALIGN + batch_size * V_T_GAP
-    cols = torch.arange(size, device=v.device)
-    request = torch.searchsorted(starts, cols, right=True) - 1
-    owner = request.clamp(min=0)
-    key = cols - starts[owner]
-    valid = (request >= 0) & (key < kv_len[owner])
-    source = torch.where(valid, kv_offset[owner] + key, 0)
-    vt = v.view(torch.uint8).permute(1, 2, 0).index_select(2, source)  # as bytes: float8 has few kernels
-    vt.masked_fill_(~valid, 0)
+    vt = torch.empty(heads, dim, size, dtype=torch.uint8, device=v.device)
+    source = v.view(torch.uint8)  # as bytes: the copy moves them unchanged
+    _ragged_v_t_kernel[(triton.cdiv(size, V_T_BLOCK_K), heads)](
+        source, vt, reqs, batch_size, max(1, batch_size).bit_length(), size, source.stride(0), source.stride(1),
+        DIM=dim, DIM_PAD=triton.next_power_of_2(dim), FIELDS=REQUEST_FIELDS, BLOCK_K=V_T_BLOCK_K, num_warps=4)
     return vt.view(v.dtype), {"V_T": True, "stride_vd": size}
 
 
