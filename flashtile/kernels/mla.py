@@ -228,7 +228,8 @@ def _mla_merge_kernel(
         o, lse = finalize_state(m_i, l_i, acc)
         tl.store(out_ptr + (tok.to(tl.int64) * s_o_t + h * s_o_h)[:, None] + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
-        tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=h_ok & ((h * 0 + tl.program_id(2)) == 0))  # one column block
+        if tl.program_id(2) == 0:  # the lse once per head, by the first column block
+            tl.store(lse_ptr + tok * s_lse_t + h, lse, mask=h_ok)
 
 
 MERGE_TILE = 4096  # float32 partial-output elements a merge program loads per step (BLOCK_H x BLOCK_S x BLOCK_D)

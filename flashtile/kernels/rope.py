@@ -463,10 +463,10 @@ def _rope_quantize_rows(R, N, RO, NO, token, heads, ok, s_r_t, s_r_h, s_n_t, s_n
 @triton.jit
 def _mla_rope_quantize_kernel(
     QR, KR, QN, KN, QRO, KRO, QNO, KNO, POS, CACHE,
+    scale_q, scale_kv,
     num_heads, max_pos,
     s_qr_t, s_qr_h, s_kr_t, s_qn_t, s_qn_h, s_kn_t,
     s_qro_t, s_qro_h, s_kro_t, s_qno_t, s_qno_h, s_kno_t, s_cache,
-    scale_q, scale_kv,
     ROPE_DIM: tl.constexpr, HALF_PAD: tl.constexpr, NOPE_DIM: tl.constexpr, NOPE_PAD: tl.constexpr,
     INTERLEAVE: tl.constexpr, BOUND: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -517,11 +517,10 @@ def mla_rope_quantize(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_
     block_h = min(next_power_of_2(num_heads), floor_power_of_2(max(1, MLA_QUANT_TILE // (nope_pad + 2 * half_pad))))
     grid = (nnz, cdiv(num_heads, block_h) + 1)
     args = (q_rope, k_rope, q_nope, k_nope, q_rope_out, k_rope_out, q_nope_out, k_nope_out, pos_ids, cos_sin_cache,
-            num_heads, cos_sin_cache.shape[0],
+            quant_scale_q, quant_scale_kv, num_heads, cos_sin_cache.shape[0],
             q_rope.stride(0), q_rope.stride(1), k_rope.stride(0), q_nope.stride(0), q_nope.stride(1), k_nope.stride(0),
             q_rope_out.stride(0), q_rope_out.stride(1), k_rope_out.stride(0), q_nope_out.stride(0),
-            q_nope_out.stride(1), k_nope_out.stride(0), cos_sin_cache.stride(0),
-            quant_scale_q, quant_scale_kv)
+            q_nope_out.stride(1), k_nope_out.stride(0), cos_sin_cache.stride(0))
     width = block_h * (nope_pad + 2 * half_pad)
     _MLA_QUANT_LAUNCHES.launch(key, _mla_rope_quantize_kernel, grid, args, dict(
         ROPE_DIM=rope_dim, HALF_PAD=half_pad, NOPE_DIM=nope_dim, NOPE_PAD=nope_pad, INTERLEAVE=bool(interleave),
@@ -532,4 +531,4 @@ def mla_rope_quantize(q_rope, k_rope, q_nope, k_nope, cos_sin_cache, pos_ids, q_
 # kernel are read once and clear the memo when reloaded): the eight tensor arguments, first in both
 # kernels, are all that change.
 _LAUNCHES = LaunchMemo(dynamic=range(8))
-_MLA_QUANT_LAUNCHES = LaunchMemo(dynamic=(*range(10), 25, 26))  # the tensors and the two scales
+_MLA_QUANT_LAUNCHES = LaunchMemo(dynamic=range(12))  # the ten tensors and the two scales, first in the kernel
