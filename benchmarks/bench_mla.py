@@ -138,4 +138,7 @@ register(Suite("mla", mla_cases, [Provider("flashtile", _flashtile), Provider("f
                                                  "output-column split"),
                       "focus": Tune(_focus_settings, cases=lambda case: case.params["page_size"] == 64,
                                     description="7 shapes per page-64 case, chosen by what limits it (memory "
-                                                "below 64 heads, the logits' wgmma width above)")}))
+                                                "below 64 heads, the logits' wgmma width above)"),
+                      "split": Tune(lambda case: [{Knob(_TILES, "MLA_PROGRAMS_PER_SM"): n} for n in (1, 2, 4, 8)],
+                                    description="programs per SM the KV-split planner aims to fill (the default "
+                                                "None is batch decode's target)")}))

@@ -19,6 +19,7 @@ from ._core.buffers import discarded_output
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe, parse_dtype
 from ._core.dispatch import implementation
 from ._core.host_arrays import host_int64
+from ._core import mla_tiles
 from ._core.mla_tiles import MlaMeta, mla_launch_facts
 from ._core.paged_kv import as_index_tensor
 from ._core.wrapper import PlanRunWrapper, check_positive_int
@@ -227,7 +228,8 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             // (4 * (head_dim_ckv + 1))
         work = plan_mla_work(qo, lens, num_heads, block_m, sms, align, token_capacity=token_capacity,
                              fixed_chunk=fixed_split_size, disable_split=disable_split_kv, min_chunk=min_chunk,
-                             max_partial_rows=capacity)
+                             max_partial_rows=capacity,
+                             programs_per_sm=mla_tiles.MLA_PROGRAMS_PER_SM if compiled else None)
         host = torch.from_numpy(work.packed)
         if self.device.type == "cuda":
             host = host.pin_memory()

@@ -5,7 +5,9 @@
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/mla.sh [tune]   (carry .fi-ref)
 # "tune" adds the launch-config grid of the mla suite (python -m benchmarks.run --suite mla --tune); "focus" its
-# 7-shape grid per page-64 case (--tune focus, about 3 minutes).
+# 7-shape grid per page-64 case (--tune focus, about 3 minutes); "split" the split planner's programs-per-SM
+# target on every case (--tune split, about 2 minutes) and the kernels of one call of two h128 cases with and
+# without splits (benchmarks/tools/kernel_breakdown.py).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -31,7 +33,7 @@ for kv_dt in (torch.bfloat16, torch.float8_e4m3fn):
 PY
 ) &
 WARM=$!
-run_tests timeout 150 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_mla.py 2>&1 | tee "$OUT/mla_tests.log" | tail -12
+run_tests env FLASHTILE_CHECK_LAUNCH=1 timeout 150 python3 -m pytest -q -n 8 -p no:warnings -rf --tb=short tests/test_mla.py 2>&1 | tee "$OUT/mla_tests.log" | tail -12
 run_tests env FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
     tests/test_mla.py -k "kernel and (qo_lens1 or qo_lens2 or fp8 or split)" 2>&1 | tail -4 | tee "$OUT/mla_sanitize.log"
 wait $WARM; cat "$OUT/mla_fi_warm.log"
@@ -72,3 +74,9 @@ if [ "${1:-}" = tune ]; then timeout 300 python3 -m benchmarks.run --suite mla -
   | tail -40 | tee "$OUT/mla_tune.log"; fi
 if [ "${1:-}" = focus ]; then timeout 300 python3 -m benchmarks.run --suite mla --tune focus --out "$OUT" 2>&1 \
   | tail -40 | tee "$OUT/mla_tune.log"; fi
+if [ "${1:-}" = split ]; then
+  timeout 200 python3 -m benchmarks.run --suite mla --tune split --providers flashtile --out "$OUT" 2>&1 \
+    | tail -24 | tee "$OUT/mla_split.log"
+  timeout 90 python3 -m benchmarks.tools.kernel_breakdown --suite mla --filter '64x4096 h128 p64$|1x32768 h128 p64$' \
+    --providers flashtile,flashtile_no_split 2>&1 | tail -40 | tee "$OUT/mla_breakdown.log"
+fi

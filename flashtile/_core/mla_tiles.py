@@ -34,6 +34,10 @@ MLA_WIDE_WARPS = 8
 MLA_NARROW_ROWS = 32
 MLA_NARROW_WARPS = 4
 MLA_STAGES = 3
+# Programs per SM the split planner aims to fill (scheduler/split_kv.py; None: batch decode's target). A
+# 64-row MLA program holds a 64 x 512 float32 accumulator, so fewer of them fit an SM than decode programs:
+# benchmarks/bench_mla.py's ``split`` tune times the choices.
+MLA_PROGRAMS_PER_SM = None
 # Programs per work item, each owning a slice of the output columns (1 or 2; kernels/mla.py OUT_SPLIT).
 MLA_OUT_SPLIT = 1
 # Page ids one key tile ahead, so that Triton's pipeliner keeps latent tiles in flight (kernels/mla.py

@@ -61,7 +61,7 @@ def _partial_rows(splits, rows: np.ndarray) -> int:
 
 def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int, align: int, *,
                   token_capacity: int, fixed_chunk=None, disable_split: bool = False, min_chunk: int = 0,
-                  max_partial_rows: Optional[int] = None) -> MlaWork:
+                  max_partial_rows: Optional[int] = None, programs_per_sm: Optional[int] = None) -> MlaWork:
     """The work list of one MLA batch.
 
     Args:
@@ -74,6 +74,7 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
         max_partial_rows: rows of partial state the workspace holds (None: unbounded). An automatic split
             whose partial states would not fit doubles its chunk until they do (at worst: no split); a
             fixed chunk is kept (the caller reports the shortfall).
+        programs_per_sm: programs per SM an automatic split aims for (None: batch decode's target).
     """
     qo_indptr = np.asarray(qo_indptr, dtype=np.int64)
     kv_lens = np.asarray(kv_lens, dtype=np.int64)
@@ -83,7 +84,7 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
     tiles = (rows + block_m - 1) // block_m
     per_item = max(1, int(tiles.max()) if batch else 1)
     splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=fixed_chunk,
-                                  disable_split=disable_split)
+                                  disable_split=disable_split, programs_per_sm=programs_per_sm)
     if fixed_chunk is None and not disable_split and splits.chunk < min_chunk:
         splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=min_chunk)
     if fixed_chunk is None and not disable_split and max_partial_rows is not None:
