@@ -21,7 +21,7 @@ from ._core.device import device_facts
 from ._core.paged_kv import HostPageTable, as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.single import replay_single_attention, run_single_attention
 from ._core.variant_args import with_sinks
-from ._core.wrapper import PlanBase, PlanRunWrapper, check_heads, check_positive_int, run_key
+from ._core.wrapper import PlanBase, PlanRunWrapper, check_heads, check_positive_int, variant_replay_args
 from .scheduler.split_kv import batch_item_capacity, plan_batch_kv_splits
 from .scheduler.worklist import decode_layout, pack_decode_worklist
 from .trtllm import trtllm_batch_decode_with_kv_cache, trtllm_batch_decode_with_kv_cache_mla
@@ -426,16 +426,17 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         plan replays that run's launches (its checks passed for exactly those properties).
         """
         plan = self._plan
-        key = None
-        if plan is not None and not args and sinks is None and kv_cache_sf is None and q_len_per_req == 1 \
-                and not torch.compiler.is_compiling():
-            key = run_key((q, paged_kv_cache, out, lse), (q_scale, k_scale, v_scale, window_left))
+        key = variant = None
+        if plan is not None and kv_cache_sf is None and q_len_per_req == 1:
+            key, variant = self._run_memo_key(plan, (q, paged_kv_cache, out, lse),
+                                              (q_scale, k_scale, v_scale, window_left), args, sinks, window_left)
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
-                    return replay(q, paged_kv_cache, out, lse, return_lse)
+                    return replay(q, paged_kv_cache, out, lse, return_lse, variant)
         plan = self._require_plan()
-        variant = self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
+        if variant is None:
+            variant = self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
         if q_len_per_req != 1:
             raise NotImplementedError("q_len_per_req > 1: use BatchPrefillWithPagedKVCacheWrapper")
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
@@ -449,7 +450,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
                      plan.part_o, plan.part_lse, o, s, plan.batch_size, plan.num_programs, plan.max_states, plan.merge,
                      params=params, backend=self._backend, variant=variant)
 
-        replay = self._launch_recorded(plan, key, (q, cache.k, cache.v, o, s), launch)
+        replay = self._launch_recorded(plan, key, (q, cache.k, cache.v, o, s, *variant_replay_args(variant)), launch)
         if replay is not None:
             layout = self._kv_layout
             plan.replays[key] = self._replay_runner(replay, lambda cache_: kv_page_views(cache_, layout), shape,

@@ -14,12 +14,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._core import ops_mla
+from ._core import mla_tiles, ops_mla
 from ._core.buffers import discarded_output
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe, parse_dtype
 from ._core.dispatch import implementation
 from ._core.host_arrays import host_int64
-from ._core import mla_tiles
 from ._core.mla_tiles import MlaMeta, mla_launch_facts
 from ._core.paged_kv import as_index_tensor
 from ._core.wrapper import PlanRunWrapper, check_positive_int

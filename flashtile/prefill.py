@@ -13,14 +13,14 @@ from typing import Optional, Union
 import torch
 
 from ._core.attention_args import _unit_last_stride, normalize_single_attention
-from ._core.checks import check_tensor
+from ._core.checks import FP8_DTYPES, check_tensor
 from ._core.host_arrays import host_int64
 from ._core.multi_item import MultiItemArgs
 from ._core.paged_kv import as_index_tensor, kv_page_views, read_page_table, unpack_paged_kv_cache
 from ._core.prefill_wrapper import BatchPrefillWrapper
 from ._core.single import replay_single_attention, run_single_attention
 from ._core.variant_args import with_sinks
-from ._core.wrapper import check_positive_int, run_key
+from ._core.wrapper import check_positive_int
 from .trtllm import trtllm_batch_context_with_kv_cache
 
 __all__ = [
@@ -381,17 +381,19 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             ``out`` or ``(out, lse)``; rows that see no key give zeros and lse -inf.
         """
         plan = self._plan
-        key = None
-        if plan is not None and not args and sinks is None and kv_cache_sf is None \
-                and not torch.compiler.is_compiling():
-            key = run_key((q, paged_kv_cache, out, lse), (q_scale, k_scale, v_scale, window_left))
+        key = variant = None
+        if plan is not None and kv_cache_sf is None and plan.q_dtype not in FP8_DTYPES:  # fp8: args are scales
+            key, variant = self._run_memo_key(plan, (q, paged_kv_cache, out, lse),
+                                              (q_scale, k_scale, v_scale, window_left), args, sinks, window_left)
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
-                    return replay(q, paged_kv_cache, out, lse, return_lse)
+                    return replay(q, paged_kv_cache, out, lse, return_lse, variant)
         plan = self._require_plan()
         fp8 = self._fp8_scales(plan, args, sinks)
-        variant = self._check_run_options(plan, () if fp8 is not None else args, sinks, window_left, kv_cache_sf)
+        if variant is None:
+            variant = self._check_run_options(plan, () if fp8 is not None else args, sinks, window_left,
+                                              kv_cache_sf)
         cache = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         rows = self._check_q(plan, q)
         if cache.dtype != plan.kv_dtype:
@@ -586,16 +588,18 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
             ``out [qo_indptr[-1], num_qo_heads, head_dim_vo]`` or ``(out, lse)``.
         """
         plan = self._plan
-        key = None
-        if plan is not None and not args and sinks is None and not torch.compiler.is_compiling():
-            key = run_key((q, k, v, out, lse), (q_scale, k_scale, v_scale, window_left))
+        key = variant = None
+        if plan is not None and plan.q_dtype not in FP8_DTYPES:  # fp8: args are scales
+            key, variant = self._run_memo_key(plan, (q, k, v, out, lse), (q_scale, k_scale, v_scale, window_left),
+                                              args, sinks, window_left)
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
-                    return replay(q, (k, v), out, lse, return_lse)
+                    return replay(q, (k, v), out, lse, return_lse, variant)
         plan = self._require_plan()
         fp8 = self._fp8_scales(plan, args, sinks)
-        variant = self._check_run_options(plan, () if fp8 is not None else args, sinks, window_left, None)
+        if variant is None:
+            variant = self._check_run_options(plan, () if fp8 is not None else args, sinks, window_left, None)
         rows = self._check_q(plan, q)
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, ndim=3)

@@ -50,26 +50,40 @@ def _enter_compiled_cpu_mode() -> None:
 
 
 def _normalized(args, inputs) -> list:
-    """Tensors given as inputs by address; tensors allocated by the call by metadata."""
+    """Tensors given as inputs by address; tensors allocated by the call by metadata; tuples (a variant's
+    extra arguments) element by element."""
     known = {t.data_ptr() for t in inputs}
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
             out.append(("input", a.data_ptr()) if a.data_ptr() in known else
                        ("new", tuple(a.shape), a.stride(), a.dtype))
+        elif type(a) is tuple:
+            out.append(tuple(_normalized(a, inputs)))
         else:
             out.append(a)
     return out
 
 
-def _check(name, make_inputs, call) -> None:
+def _check(name, make_inputs, call, wrapper=None) -> None:
+    """``wrapper``: ``call`` runs this batch wrapper, whose run() memo must replay the second call (counted),
+    and is emptied for the third, which is then computed; None: the launch memos are turned off for it."""
     first, second = make_inputs(), make_inputs()
     call(*first)
     RECORDS.clear()
+    hits = []
+    if wrapper is not None:
+        replays = wrapper._plan.replays
+        assert len(replays) == 1, f"{name}: the first run() recorded {len(replays)} replays"
+        ((key, runner),) = replays.items()
+        replays[key] = lambda *a, **k: (hits.append(1), runner(*a, **k))[1]
     call(*second)
+    assert wrapper is None or hits, f"{name}: the second run() was not replayed"
     replayed = list(RECORDS)
     RECORDS.clear()
-    launch._state["memo"] = False
+    launch._state["memo"] = wrapper is not None
+    if wrapper is not None:
+        wrapper._plan.replays.clear()
     try:
         call(*second)
     finally:
@@ -127,7 +141,57 @@ def main() -> int:
                                                                             seed=s, offset=o))
     _check("min_p indices", lambda: (*probs(2, 300), torch.tensor([0, 1, 1, 0], dtype=torch.int32)),
            lambda p, i: flashtile.min_p_sampling_from_probs(p, 0.1, indices=i, seed=3, offset=0))
+    _check_wrappers()
     return 0
+
+
+def _check_wrappers() -> None:
+    """Batch attention run()s with an attention variant's extra arguments or ``sinks=``: the replay passes this
+    call's tensors and scalars (one float differs between the calls, as does the extra tensor)."""
+    import triton
+    import triton.language as tl
+
+    import flashtile
+
+    @triton.jit
+    def scaled_logits(qk, sm_scale, batch, qo_idx, kv_idx, qo_head, kv_head, qo_len, kv_len, args):
+        return qk * sm_scale * tl.load(args[0] + qo_head) + args[1] + args[2]
+
+    variant = flashtile.AttentionVariant("scaled", logits_transform=scaled_logits,
+                                         tensors=[("head_scale", torch.float32)],
+                                         scalars=[("bias", torch.float32), ("shift", torch.int32)])
+    bf, hq, hk, d, page = torch.bfloat16, 4, 2, 64, 16
+    lens = [5, 40, 17]
+    ws = torch.empty(32 << 20, dtype=torch.uint8)
+    pages = [-(-n // page) for n in lens]
+    indptr = torch.tensor([0] + list(torch.tensor(pages).cumsum(0)), dtype=torch.int32)
+    indices = torch.randperm(sum(pages), dtype=torch.int32)
+    last = torch.tensor([n - (p - 1) * page for n, p in zip(lens, pages)], dtype=torch.int32)
+
+    def decode_inputs():
+        return (torch.randn(len(lens), hq, d, dtype=bf), torch.randn(sum(pages), 2, page, hk, d, dtype=bf),
+                torch.rand(hq), float(torch.rand(())), torch.randn(hq))
+
+    for name, jit, run in (
+        ("batch decode variant", variant, lambda w, q, c, s, b, sinks: w.run(q, c, s, b, 7)),
+        ("batch decode sinks", None, lambda w, q, c, s, b, sinks: w.run(q, c, sinks=sinks)),
+    ):
+        w = flashtile.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", jit_args=jit)
+        w.plan(indptr, indices, last, hq, hk, d, page, q_data_type=bf)
+        _check(name, decode_inputs, lambda *a, w=w, run=run: run(w, *a), wrapper=w)
+
+    qo_lens = [3, 1, 9]
+    qo_indptr = torch.tensor([0] + list(torch.tensor(qo_lens).cumsum(0)), dtype=torch.int32)
+    kv_indptr = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+
+    def ragged_inputs():
+        return (torch.randn(sum(qo_lens), hq, d, dtype=bf), torch.randn(sum(lens), hk, d, dtype=bf),
+                torch.randn(sum(lens), hk, d, dtype=bf), torch.rand(hq), float(torch.rand(())))
+
+    w = flashtile.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", jit_args=variant)
+    w.plan(qo_indptr, kv_indptr, hq, hk, d, causal=True, q_data_type=bf)
+    _check("batch prefill ragged variant", ragged_inputs, lambda q, k, v, s, b: w.run(q, k, v, s, b, 7),
+           wrapper=w)
 
 
 if __name__ == "__main__":

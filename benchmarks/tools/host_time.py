@@ -97,15 +97,29 @@ def _page_table(batch: int, kv_len: int, dev):
 
 
 def _decode(lib, dev, batch: int, kv_len: int, what: str):
+    """``what``: "plan", "run", "sinks" (run() with attention-sink logits) or "variant" (run() of a
+    flashtile.AttentionVariant with one extra scalar: flashtile only)."""
     indptr, indices, last, cache = _page_table(batch, kv_len, dev)
     ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
-    w = lib.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    jit = {}
+    if what == "variant":
+        if lib.__name__ != "flashtile":
+            raise NotImplementedError("a Python attention variant is flashtile's")
+        from benchmarks.variant_examples import WINDOW
+
+        jit = dict(jit_args=WINDOW)
+    w = lib.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", **jit)
     args = (indptr, indices, last, HQ, HKV, D, PAGE)
     kw = dict(q_data_type=DTYPE, kv_data_type=DTYPE)
     w.plan(*args, **kw)
     if what == "plan":
         return lambda: w.plan(*args, **kw)
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device=dev)
+    if what == "sinks":
+        sinks = torch.randn(HQ, device=dev)
+        return lambda: w.run(q, cache, sinks=sinks)
+    if what == "variant":
+        return lambda: w.run(q, cache, 127)
     return lambda: w.run(q, cache)
 
 
@@ -192,6 +206,8 @@ def _merge_state(lib, dev):
 
 CASES: Dict[str, Callable] = {
     "batch decode run() 8 x 256": lambda lib, dev: _decode(lib, dev, 8, 256, "run"),
+    "batch decode run() sinks 8 x 256": lambda lib, dev: _decode(lib, dev, 8, 256, "sinks"),
+    "batch decode run() window variant 8 x 256": lambda lib, dev: _decode(lib, dev, 8, 256, "variant"),
     "batch decode plan() 8 x 256": lambda lib, dev: _decode(lib, dev, 8, 256, "plan"),
     "batch decode plan() 256 x 256": lambda lib, dev: _decode(lib, dev, 256, 256, "plan"),
     "paged prefill run() 8 x 32 on 256": lambda lib, dev: _paged_prefill(lib, dev, "run"),

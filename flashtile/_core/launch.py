@@ -327,9 +327,10 @@ def _rebase(template, base):
 
 
 def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
-    """A function of ``len(dynamic)`` tensors that repeats the recorded launches with those tensors in
-    place of ``dynamic`` (matched by identity, also as the base of a tensor descriptor), or None when
-    the recording cannot be replayed: incomplete, or a launch took a tensor that is neither one of
+    """A function of ``len(dynamic)`` arguments that repeats the recorded launches with those in place of
+    ``dynamic`` (tensors, or a variant's extra-argument tuple, matched by identity; a tensor also as the base
+    of a tensor descriptor), or None when the recording cannot be replayed: incomplete, a launch took a
+    tuple that is not one of ``dynamic``, or a launch took a tensor that is neither one of
     ``dynamic`` nor a view of a storage in ``owned_storage`` (data pointers of storages the caller keeps
     alive and unchanged while the replay is in use, e.g. a plan's work list).
 
@@ -349,12 +350,12 @@ def make_replay(recording: Recording, dynamic: tuple, owned_storage: frozenset):
             tail = launcher._tail(args, kwargs)
         values: list[tuple] = []
         for a in tuple(args) + tuple(tail):
-            if type(a) is tuple:  # a variant's extra arguments hold one call's values: never baked
-                return None
             position = next((j for j, d in enumerate(dynamic) if a is d), None)
             if position is not None:
                 values.append(("value", f"d{position}", a))
                 continue
+            if type(a) is tuple:  # a variant's extra arguments not given as dynamic: one call's values, never baked
+                return None
             base = getattr(a, "base", None) if hasattr(a, "block_shape") else None
             if base is not None:
                 position = next((j for j, d in enumerate(dynamic) if base is d), None)

@@ -20,7 +20,7 @@ from .fp8_attention import Fp8Scales, fp8_scales, reject_fp8_features
 from .host_arrays import host_int64, host_max, host_min
 from .multi_item import MultiItemArgs, MultiItemPlan, plan_multi_item
 from .paged_kv import as_index_tensor
-from .wrapper import PlanBase, PlanRunWrapper, check_heads
+from .wrapper import PlanBase, PlanRunWrapper, check_heads, variant_replay_args
 
 __all__ = ["PrefillPlan", "BatchPrefillWrapper"]
 
@@ -286,7 +286,7 @@ class BatchPrefillWrapper(PlanRunWrapper):
         if fp8 is not None:
             key = None
 
-        replay = self._launch_recorded(plan, key, (q, k, v, o, s), launch)
+        replay = self._launch_recorded(plan, key, (q, k, v, o, s, *variant_replay_args(variant)), launch)
         if replay is not None:
             plan.replays[key] = self._replay_runner(replay, derive, shape, plan.o_dtype, self.device)
         return (o, s) if return_lse else o

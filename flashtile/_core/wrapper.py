@@ -23,13 +23,13 @@ from .buffers import discarded_output, new_output
 from .checks import FP8_DTYPES, HALF_DTYPES, OUTPUT_DTYPES, check_option, check_tensor, describe, parse_dtype
 from .dispatch import implementation, normalize_backend
 from .fp8_attention import check_fp8_qkv_dtypes, fp8_output_dtype
-from .launch import make_replay, recording_launches
+from .launch import argument_key, make_replay, recording_launches
 from .memo import tensor_key
 from .params import AttentionParams
 from .variant_args import variant_from_jit_args, with_sinks
 
 __all__ = ["PlanRunWrapper", "PlanBase", "check_common_options", "reject_kv_cache_sf",
-           "INT_WORKSPACE_BYTES", "run_key"]
+           "INT_WORKSPACE_BYTES", "run_key", "variant_replay_args"]
 
 MAX_REPLAYS = 64  # remembered run() shapes per plan (one per layer shape is typical)
 MAX_WORKSPACE_VIEWS = 64  # remembered workspace layouts per buffer (plans of recurring sizes)
@@ -38,14 +38,18 @@ MAX_WORKSPACE_VIEWS = 64  # remembered workspace layouts per buffer (plans of re
 _SCALAR_TYPES = frozenset((float, int, bool, str, type(None)))
 
 
-def run_key(tensors: tuple, options: tuple) -> Optional[tuple]:
+def run_key(tensors: tuple, options: tuple, variant=None) -> Optional[tuple]:
     """A run() memo key: each of ``tensors`` (a tensor, a (k, v) pair of tensors, or None) by its launch
-    metadata (_core/memo.py's tensor_key), and ``options``, plain scalars, by value and type. None when
-    some part has no such key (a scale given as a tensor is read per call, so it is not memoised)."""
+    metadata (_core/memo.py's tensor_key), ``options``, plain scalars, by value and type, and a bound
+    attention variant (flashtile/variants.py's BoundVariant, or None) by identity and its extra arguments by
+    what Triton specializes on (the replay passes this call's values: variant_replay_args). None when some
+    part has no such key (a scale given as a tensor is read per call, so it is not memoised)."""
     types = tuple(map(type, options))
     if not _SCALAR_TYPES.issuperset(types):
         return None
     key: list = [options, types]
+    if variant is not None:
+        key.append((id(variant.variant), argument_key(variant.args)))
     for t in tensors:
         kind = type(t)
         if kind is torch.Tensor:
@@ -58,6 +62,12 @@ def run_key(tensors: tuple, options: tuple) -> Optional[tuple]:
         else:
             return None
     return tuple(key)
+
+
+def variant_replay_args(variant) -> tuple:
+    """The dynamic launch arguments a bound variant adds to a run()'s replay: its extra-argument tuple, the
+    object the kernels receive (kernels/attention.py variant_kwargs), or nothing."""
+    return (variant.args,) if variant is not None and variant.args else ()
 
 
 @dataclasses.dataclass
@@ -261,6 +271,17 @@ class PlanRunWrapper:
             variant = bind_variant(variant[0], variant[1], self.device, sizes())
         return variant
 
+    def _run_memo_key(self, plan: PlanBase, tensors: tuple, options: tuple, args, sinks, window_left) -> tuple:
+        """``(key, variant)``: run()'s memo key (None: not memoised, as while torch.compile traces) and, when
+        the call has extra arguments or ``sinks``, its bound variant, checked here (binding costs a few
+        microseconds, against the tens the checked path costs), else None."""
+        if torch.compiler.is_compiling():
+            return None, None
+        variant = None
+        if args or sinks is not None:
+            variant = self._check_run_options(plan, args, sinks, window_left, None)
+        return run_key(tensors, options, variant), variant
+
     def _check_run_options(self, plan: PlanBase, args, sinks, window_left, kv_cache_sf):
         """Checks run()'s options; returns the call's bound variant (the wrapper's ``jit_args`` variant with
         run()'s extra positional arguments, or the built-in sink variant for ``sinks=``), or None."""
@@ -292,8 +313,8 @@ class PlanRunWrapper:
 
     def _launch_recorded(self, plan: PlanBase, key, dynamic: tuple, launch: Callable[[], None]):
         """Run ``launch()`` and, with a memo ``key``, record its kernel launches into a replay over the
-        ``dynamic`` tensors (the inputs and outputs; the plan's own tensors are baked in). Returns the
-        replay or None."""
+        ``dynamic`` arguments (the inputs and outputs, then variant_replay_args; the plan's own tensors are
+        baked in). Returns the replay or None."""
         if key is None or torch.compiler.is_compiling():
             launch()
             return None
@@ -308,17 +329,18 @@ class PlanRunWrapper:
     @staticmethod
     def _replay_runner(replay, derive_kv: Callable, shape: tuple, o_dtype: torch.dtype, device: torch.device):
         """run() for inputs with the key of a recorded run: the kernel's K/V views of run()'s K/V argument
-        (``derive_kv``), the outputs (the given ones or new ones), the replay."""
+        (``derive_kv``), the outputs (the given ones or new ones), the replay (with the call's bound variant's
+        arguments, when the key has one)."""
         lse_shape = shape[:2]
         discarded_lse = discarded_output(lse_shape, torch.float32, device)
 
-        def runner(q, kv, out, lse, return_lse):
+        def runner(q, kv, out, lse, return_lse, variant=None):
             k, v = derive_kv(kv)
             if out is None:
                 out = new_output(shape, o_dtype, device)
             if lse is None:
                 lse = new_output(lse_shape, torch.float32, device) if return_lse else discarded_lse
-            replay(q, k, v, out, lse)
+            replay(q, k, v, out, lse, *variant_replay_args(variant))
             return (out, lse) if return_lse else out
 
         return runner
