@@ -14,7 +14,7 @@ import flashtile
 from attention_cases import make_mla_batch, random_page_table, workspace
 from conftest import HAS_CUDA
 from flashtile.mla import BatchMLAPagedAttentionWrapper
-from flashtile.scheduler.mla_work import ITEM_FIELDS, REQ_FIELDS, plan_mla_work
+from flashtile.scheduler.mla_work import ITEM_FIELDS, REQ_FIELDS, balanced_chunk, plan_mla_work
 from oracles import LSE_TOLERANCES, TOLERANCES, mla_oracle
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -541,6 +541,33 @@ def test_mla_work_covers_each_row_and_key_once(reqs, heads, block_m, sms, align,
             assert not (span & used_partials)
             used_partials |= span
             assert max(span) < work.partial_rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunk_tiles=st.integers(1, 200), longest=st.integers(0, 40000), align=st.sampled_from([16, 64]),
+       min_chunk=st.sampled_from([0, 512, 2048]))
+def test_balanced_chunk_keeps_the_piece_count_and_evens_the_pieces(chunk_tiles, longest, align, min_chunk):
+    chunk = chunk_tiles * align
+    even = balanced_chunk(chunk, longest, align, min_chunk)
+    assert even <= chunk
+    if even == chunk:
+        return
+    pieces = -(-longest // chunk)
+    assert even % align == 0 and even >= min_chunk
+    assert -(-longest // even) == pieces  # as many pieces, the last one at most `align` shorter per piece
+    assert longest - (pieces - 1) * even > even - pieces * align
+
+
+@pytest.mark.parametrize("kv", [4096, 8192, 16384, 3000])
+@pytest.mark.parametrize("programs_per_sm", [None, 1, 2, 8])
+def test_mla_work_splits_uniform_batches_into_even_chunks(kv, programs_per_sm):
+    """A uniform batch's automatic split gives every item the same KV length within one alignment step."""
+    batch, heads = 64, 16
+    work = plan_mla_work(np.arange(batch + 1), np.full(batch, kv), heads, 16, 132, 64, token_capacity=batch,
+                         min_chunk=64, programs_per_sm=programs_per_sm)
+    items = work.packed[work.item_offset:].reshape(-1, ITEM_FIELDS)
+    lengths = items[:, 3] - items[:, 2]
+    assert lengths.max() - lengths.min() < 64 * work.max_splits
 
 
 def test_mla_opcheck(path, device):

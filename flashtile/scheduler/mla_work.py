@@ -24,9 +24,10 @@ from typing import Optional
 
 import numpy as np
 
+from .._core.intmath import cdiv
 from .split_kv import plan_batch_kv_splits
 
-__all__ = ["MlaWork", "plan_mla_work", "min_mla_chunk", "REQ_FIELDS", "ITEM_FIELDS"]
+__all__ = ["MlaWork", "plan_mla_work", "min_mla_chunk", "balanced_chunk", "REQ_FIELDS", "ITEM_FIELDS"]
 
 REQ_FIELDS = 4
 ITEM_FIELDS = 5
@@ -51,6 +52,18 @@ def min_mla_chunk(max_rows: int, head_dim_ckv: int, head_dim_kpe: int, kv_bytes:
     the cache twice over. (A model of the traffic, not yet a measurement.)"""
     tokens = 2 * max_rows * head_dim_ckv * 4 / ((head_dim_ckv + head_dim_kpe) * kv_bytes)
     return max(align, -(-int(tokens) // align) * align)
+
+
+def balanced_chunk(chunk: int, longest: int, align: int, min_chunk: int = 0) -> int:
+    """The chunk that cuts a request of ``longest`` tokens into as many pieces as ``chunk`` does, but of
+    equal length (rounded up to ``align``, at least ``min_chunk``): 4096 tokens with a chunk of 4032 give
+    two pieces of 2048, not 4032 and 64. A persistent grid ends when its longest item does, and every
+    piece of a split adds its partial state to the merge, so a sliver of a chunk costs nearly a whole one."""
+    if longest <= chunk:
+        return chunk
+    pieces = cdiv(longest, chunk)
+    even = cdiv(cdiv(longest, pieces), align) * align
+    return even if even >= min_chunk else chunk
 
 
 def _partial_rows(splits, rows: np.ndarray) -> int:
@@ -85,8 +98,10 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
     per_item = max(1, int(tiles.max()) if batch else 1)
     splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=fixed_chunk,
                                   disable_split=disable_split, programs_per_sm=programs_per_sm)
-    if fixed_chunk is None and not disable_split and splits.chunk < min_chunk:
-        splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=min_chunk)
+    if fixed_chunk is None and not disable_split:
+        chunk = balanced_chunk(max(splits.chunk, min_chunk), int(kv_lens.max()) if batch else 0, align, min_chunk)
+        if chunk != splits.chunk:
+            splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=chunk)
     if fixed_chunk is None and not disable_split and max_partial_rows is not None:
         chunk = splits.chunk
         while _partial_rows(splits, rows) > max_partial_rows:
