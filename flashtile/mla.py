@@ -8,20 +8,20 @@ is stated in flashtile/reference/mla.py; the kernels are flashtile/kernels/mla.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ._core import mla_tiles, ops_mla
-from ._core.buffers import discarded_output
+from ._core.buffers import discarded_output, new_output
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe, parse_dtype
 from ._core.dispatch import implementation
 from ._core.host_arrays import host_int64
 from ._core.mla_tiles import MlaMeta, mla_launch_facts
 from ._core.paged_kv import as_index_tensor
-from ._core.wrapper import PlanRunWrapper, check_positive_int
+from ._core.wrapper import PlanRunWrapper, check_positive_int, run_key, variant_replay_args
 from .scheduler.mla_work import min_mla_chunk, plan_mla_work
 
 __all__ = ["BatchMLAPagedAttentionWrapper", "MLA_HEAD_DIMS_CKV", "MLA_HEAD_DIMS_KPE", "MlaMeta"]
@@ -46,6 +46,8 @@ class _MlaPlan:
     nnz_q: int
     max_page_id: int
     meta: MlaMeta
+    owned_storage: frozenset = frozenset()  # the plan's device tensors, which run()'s replays bake in
+    replays: dict = field(default_factory=dict)  # run()'s memo: input key -> runner
 
 
 def _int32_host(name: str, x, length: Optional[int] = None) -> np.ndarray:
@@ -271,7 +273,8 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         self._plan = _MlaPlan(q_dtype=q_dtype, kv_dtype=kv_dtype, num_heads=num_heads, head_dim_ckv=head_dim_ckv,
                               head_dim_kpe=head_dim_kpe, page_size=page_size, causal=bool(causal),
                               sm_scale=float(sm_scale), batch_size=batch, nnz_q=nnz_q,
-                              max_page_id=max_page_id, meta=meta)
+                              max_page_id=max_page_id, meta=meta,
+                              owned_storage=self._owned_storage(d_qo, d_kvp, d_idx, d_len, worklist, part_o, part_lse))
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
             out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False,
@@ -300,7 +303,22 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
                 softmax denominator (the built-in sink variant, as on the other wrappers).
 
         Rows of q past ``qo_indptr[-1]`` are left unwritten.
+
+        A run() whose inputs have the shapes, strides, dtypes and alignment (and scales and options) of an
+        earlier run() of the same plan replays that run's launches (its checks passed for exactly those).
         """
+        plan = self._plan
+        key = variant = None
+        if plan is not None and not torch.compiler.is_compiling():
+            if variant_args or sinks is not None:
+                variant = self._mla_variant(plan, variant_args, sinks)
+            key = run_key((q_nope, q_pe, ckv_cache, kpe_cache, out, lse),
+                          (return_lse, ckv_scale, kpe_scale, return_lse_base_on_e, profiler_buffer, kv_len,
+                           page_table), variant)
+            if key is not None:
+                replay = plan.replays.get(key)
+                if replay is not None:
+                    return replay(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, variant)
         plan = self._require_plan()
         for name, value in (("profiler_buffer", profiler_buffer), ("kv_len", kv_len), ("page_table", page_table)):
             if value is not None:
@@ -330,12 +348,44 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         for name, scale in (("ckv_scale", ckv_scale), ("kpe_scale", kpe_scale)):
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
                 raise TypeError(f"{name}: expected a float, got {describe(scale)}")
-        variant = self._bound_variant(tuple(variant_args), sinks, lambda: dict(
-            num_qo_heads=H, num_kv_heads=1, batch_size=plan.batch_size, head_dim=dc + dp))
+        if variant is None:
+            variant = self._mla_variant(plan, variant_args, sinks)
         if lse is None and not return_lse:  # an lse nobody reads: a reused scratch view, no allocation
             lse = discarded_output((nnz, H), torch.float32, self.device)
         out, lse_out = self._outputs((nnz, H, dc), plan.q_dtype, out, lse)
-        ops_mla.call_mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, plan.meta, out, lse_out, sm_scale=plan.sm_scale,
-                               ckv_scale=float(ckv_scale), kpe_scale=float(kpe_scale), causal=plan.causal,
-                               backend=self._backend, variant=variant)
+
+        def launch() -> None:
+            ops_mla.call_mla_paged(q_nope, q_pe, ckv_cache, kpe_cache, plan.meta, out, lse_out,
+                                   sm_scale=plan.sm_scale, ckv_scale=float(ckv_scale), kpe_scale=float(kpe_scale),
+                                   causal=plan.causal, backend=self._backend, variant=variant)
+
+        replay = self._launch_recorded(plan, key, (q_nope, q_pe, ckv_cache, kpe_cache, out, lse_out,
+                                                   *variant_replay_args(variant)), launch)
+        if replay is not None:
+            plan.replays[key] = _mla_replay_runner(replay, (nnz, H, dc), plan.q_dtype, self.device, return_lse)
         return (out, lse_out) if return_lse else out
+
+    def _mla_variant(self, plan: _MlaPlan, variant_args: Sequence, sinks):
+        """The call's bound variant (the ``jit_args`` variant with ``variant_args``, or the sink variant), or
+        None; MLA rows are MQA rows over one latent head of ``ckv + kpe`` columns."""
+        return self._bound_variant(tuple(variant_args), sinks, lambda: dict(
+            num_qo_heads=plan.num_heads, num_kv_heads=1, batch_size=plan.batch_size,
+            head_dim=plan.head_dim_ckv + plan.head_dim_kpe))
+
+
+def _mla_replay_runner(replay, shape: tuple, dtype: torch.dtype, device: torch.device, return_lse: bool):
+    """run() for inputs with the key of a recorded run (which fixes ``return_lse`` and whether ``out`` and
+    ``lse`` were given): the outputs (the given ones, or new ones; an lse nobody reads: the scratch view),
+    then the replay."""
+    lse_shape = shape[:2]
+
+    def runner(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, variant):
+        if out is None:
+            out = new_output(shape, dtype, device)
+        if lse is None:
+            lse = new_output(lse_shape, torch.float32, device) if return_lse else \
+                discarded_output(lse_shape, torch.float32, device)
+        replay(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, *variant_replay_args(variant))
+        return (out, lse) if return_lse else out
+
+    return runner

@@ -193,6 +193,29 @@ def _check_wrappers() -> None:
     _check("batch prefill ragged variant", ragged_inputs, lambda q, k, v, s, b: w.run(q, k, v, s, b, 7),
            wrapper=w)
 
+    # MLA (latent 64 + rope 16 here): two requests of one and two query tokens, one of them split
+    heads, dc, dp, mla_page = 4, 64, 16, 16
+    mla_lens = [40, 300]
+    mla_pages = [-(-n // mla_page) for n in mla_lens]
+    mla_qo = torch.tensor([0, 1, 3], dtype=torch.int32)
+    mla_kvp = torch.tensor([0] + list(torch.tensor(mla_pages).cumsum(0)), dtype=torch.int32)
+    mla_idx = torch.randperm(sum(mla_pages), dtype=torch.int32)
+
+    def mla_inputs():
+        pool = torch.randn(sum(mla_pages), mla_page, dc + dp, dtype=bf)
+        return (torch.randn(3, heads, dc, dtype=bf), torch.randn(3, heads, dp, dtype=bf), pool[..., :dc],
+                pool[..., dc:], torch.empty(3, heads, dc, dtype=bf), torch.randn(heads))
+
+    for name, run in (
+        ("mla", lambda w, qn, qp, c, k, o, s: w.run(qn, qp, c, k)),
+        ("mla out= return_lse", lambda w, qn, qp, c, k, o, s: w.run(qn, qp, c, k, out=o, return_lse=True)),
+        ("mla sinks", lambda w, qn, qp, c, k, o, s: w.run(qn, qp, c, k, sinks=s)),
+    ):
+        w = flashtile.mla.BatchMLAPagedAttentionWrapper(ws)
+        w.plan(mla_qo, mla_kvp, mla_idx, torch.tensor(mla_lens, dtype=torch.int32), heads, dc, dp, mla_page, True,
+               0.1, bf, bf, fixed_split_size=128)
+        _check(name, mla_inputs, lambda *a, w=w, run=run: run(w, *a), wrapper=w)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -153,6 +153,27 @@ def _ragged_prefill(lib, dev, what: str, batch: int = 8, qo_len: int = 32, kv_le
     return lambda: w.run(q, k, v)
 
 
+def _mla(lib, dev, what: str, batch: int = 8, kv_len: int = 256, heads: int = 16, page: int = 64):
+    """DeepSeek MLA decode (latent 512 + rope 64, one query token per request, page 64)."""
+    pages = -(-kv_len // page)
+    qo_indptr = torch.arange(batch + 1, dtype=torch.int32)
+    kv_indptr = torch.arange(batch + 1, dtype=torch.int32) * pages
+    indices = torch.arange(batch * pages, dtype=torch.int32)
+    lens = torch.full((batch,), kv_len, dtype=torch.int32)
+    if dev.type == "cuda":
+        qo_indptr, kv_indptr, indices, lens = (x.to(dev) for x in (qo_indptr, kv_indptr, indices, lens))
+    w = lib.mla.BatchMLAPagedAttentionWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=dev))
+    args = (qo_indptr, kv_indptr, indices, lens, heads, 512, 64, page, False, 0.07, DTYPE, DTYPE)
+    w.plan(*args)
+    if what == "plan":
+        return lambda: w.plan(*args)
+    q_nope = torch.randn(batch, heads, 512, dtype=DTYPE, device=dev)
+    q_pe = torch.randn(batch, heads, 64, dtype=DTYPE, device=dev)
+    pool = torch.randn(batch * pages, page, 576, dtype=DTYPE, device=dev)
+    ckv, kpe = pool[..., :512], pool[..., 512:]
+    return lambda: w.run(q_nope, q_pe, ckv, kpe)
+
+
 def _single_decode(lib, dev):
     q = torch.randn(HQ, D, dtype=DTYPE, device=dev)
     k = torch.randn(256, HKV, D, dtype=DTYPE, device=dev)
@@ -214,6 +235,8 @@ CASES: Dict[str, Callable] = {
     "paged prefill plan() 8 x 32 on 256": lambda lib, dev: _paged_prefill(lib, dev, "plan"),
     "ragged prefill run() 8 x 32 on 256": lambda lib, dev: _ragged_prefill(lib, dev, "run"),
     "ragged prefill plan() 8 x 32 on 256": lambda lib, dev: _ragged_prefill(lib, dev, "plan"),
+    "mla run() 8 x 256 h16": lambda lib, dev: _mla(lib, dev, "run"),
+    "mla plan() 8 x 256 h16": lambda lib, dev: _mla(lib, dev, "plan"),
     "single_decode_with_kv_cache 256": _single_decode,
     "single_prefill_with_kv_cache 32 on 256": _single_prefill,
     "top_p_sampling_from_probs 1 x 32000": _top_p,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -29,7 +29,7 @@ from .params import AttentionParams
 from .variant_args import variant_from_jit_args, with_sinks
 
 __all__ = ["PlanRunWrapper", "PlanBase", "check_common_options", "reject_kv_cache_sf",
-           "INT_WORKSPACE_BYTES", "run_key", "variant_replay_args"]
+           "INT_WORKSPACE_BYTES", "run_key", "variant_replay_args", "ReplayingPlan"]
 
 MAX_REPLAYS = 64  # remembered run() shapes per plan (one per layer shape is typical)
 MAX_WORKSPACE_VIEWS = 64  # remembered workspace layouts per buffer (plans of recurring sizes)
@@ -68,6 +68,13 @@ def variant_replay_args(variant) -> tuple:
     """The dynamic launch arguments a bound variant adds to a run()'s replay: its extra-argument tuple, the
     object the kernels receive (kernels/attention.py variant_kwargs), or nothing."""
     return (variant.args,) if variant is not None and variant.args else ()
+
+
+class ReplayingPlan(Protocol):
+    """What run()'s replays need of a plan: its memo, and the storages its launches may bake in."""
+
+    replays: dict
+    owned_storage: frozenset
 
 
 @dataclasses.dataclass
@@ -311,7 +318,7 @@ class PlanRunWrapper:
             lse = new_output(shape[:2], torch.float32, self.device)
         return out, lse
 
-    def _launch_recorded(self, plan: PlanBase, key, dynamic: tuple, launch: Callable[[], None]):
+    def _launch_recorded(self, plan: "ReplayingPlan", key, dynamic: tuple, launch: Callable[[], None]):
         """Run ``launch()`` and, with a memo ``key``, record its kernel launches into a replay over the
         ``dynamic`` arguments (the inputs and outputs, then variant_replay_args; the plan's own tensors are
         baked in). Returns the replay or None."""

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .._core import mla_tiles
 from .._core.device import num_sms
+from .._core.launch import direct_launch
 from .._core.settings import interpreting
 from .attention import variant_kwargs
 from .smem import TileFeatures, launch_within_limit
@@ -34,6 +35,7 @@ _LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # a global a @triton.jit function may re
 INTERPRET = interpreting()  # Triton 3.9's interpreter computes bf16 tl.dot wrongly (tiles.mma)
 
 
+@direct_launch
 @triton.jit
 def _mla_kernel(
     qn_ptr, qp_ptr,  # [nnz_q, H, D_CKV], [nnz_q, H, D_KPE]
@@ -185,6 +187,7 @@ def _mla_kernel(
             tl.store(part_lse_ptr + part, lse, mask=lse_ok)
 
 
+@direct_launch
 @triton.jit
 def _mla_merge_kernel(
     work_ptr, req_offset, token_offset,
