@@ -677,3 +677,18 @@ def test_tuple_arguments_are_launched_directly_but_never_baked_into_a_replay(fak
     (compiled,) = jit.compiled.values()
     assert compiled.launches[-1][9:12] == (x, 20, (9, 1.5))
     assert recording.complete and launch.make_replay(recording, (x,), frozenset()) is None
+
+
+def test_a_dynamic_tuple_is_passed_by_the_replay(fake_cuda):
+    """A tuple given among the dynamic arguments (a variant's extra arguments, matched by identity) is a
+    replay argument: the replay passes the tuple of its call, not the recorded one."""
+    jit, kernel = fake_cuda
+    x, extra = torch.zeros(32), (7, 0.5)
+    with launch.recording_launches() as recording:
+        kernel[(1,)](x, 20, extra, BLOCK=64)
+    replay = launch.make_replay(recording, (x, extra), frozenset())
+    assert replay is not None
+    y = torch.zeros(32)
+    replay(y, (9, 1.5))
+    (compiled,) = jit.compiled.values()
+    assert compiled.launches[-1][9:12] == (y, 20, (9, 1.5))

@@ -126,6 +126,27 @@ def test_mla_split_options(path, device, split):
     check_mla(out, lse, *batch, causal=True, sm_scale=0.2, dtype=torch.float16)
 
 
+def test_mla_runs_with_new_inputs(path, device):
+    """run() after run() on one plan with new queries and caches of the same metadata, with and without
+    ``out=`` and ``return_lse`` (on the GPU the later calls of a key replay the first one's launches): each
+    call computes its own inputs, into the given ``out`` when there is one."""
+    dc, dp = DIMS[0]
+    batch = make_mla_batch([1, 2], [70, 5], 16, 2, dc, dp, torch.float16, device)
+    w = BatchMLAPagedAttentionWrapper(workspace(device))
+    w.plan(*batch[4:], 2, dc, dp, 16, True, 0.2, torch.float16, torch.float16, fixed_split_size=16)
+    given = torch.empty_like(batch[0])
+    for step in range(6):
+        batch = (torch.randn_like(batch[0]), torch.randn_like(batch[1]), torch.randn_like(batch[2]),
+                 torch.randn_like(batch[3]), *batch[4:])
+        if step % 2:
+            out, lse = w.run(*batch[:4], out=given, return_lse=True)
+            assert out is given
+        else:
+            out = w.run(*batch[:4])
+            lse = w.run(*batch[:4], return_lse=True)[1]
+        check_mla(out, lse, *batch, causal=True, sm_scale=0.2, dtype=torch.float16)
+
+
 def test_mla_merge_many_splits_wide_latent(path, device):
     """DeepSeek's 512-wide latent (four merge column blocks) over more splits than a merge step takes (8),
     with a head count that leaves a merge head block partly empty: the oracle's result."""

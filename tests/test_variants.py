@@ -286,6 +286,32 @@ def test_window_mask_with_kv_range(path, device, kind):
         assert changes == (path == "kernel")
 
 
+@pytest.mark.parametrize("kind", ["batch_decode", "paged_prefill"])
+def test_batch_variant_runs_with_new_arguments(path, device, kind):
+    """run() after run() with new queries and a new window scalar: each call computes with its own arguments
+    (on the GPU the later calls replay the first one's launches, passing this call's extra-argument tuple; 16
+    is a multiple of 16, which Triton specializes on: that call records anew)."""
+    lens = [70, 5, 33]
+    cache, indptr, indices, last = make_paged_batch(lens, 4, 2, 64, torch.float16, device)
+    qo_indptr = [0, 1, 2, 3] if kind == "batch_decode" else [0, 12, 17, 18]
+    if kind == "batch_decode":
+        wr = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=WINDOW_FULL)
+        wr.plan(indptr, indices, last, 4, 2, 64, 4, fixed_split_size=16)
+    else:
+        wr = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), jit_args=WINDOW_FULL)
+        wr.plan(torch.tensor(qo_indptr, dtype=torch.int32), indptr, indices, last, 4, 2, 64, 4, causal=True,
+                fixed_split_size=16)
+    out = torch.empty(qo_indptr[-1], 4, 64, dtype=torch.float16, device=device)
+    for w in (9, 5, 9, 16, 16):
+        q = torch.randn(qo_indptr[-1], 4, 64, dtype=torch.float16, device=device)
+        got, lse = wr.run(q, cache, w, out=out, return_lse=True)
+        assert got is out
+        for r, n in enumerate(lens):
+            rows = slice(qo_indptr[r], qo_indptr[r + 1])
+            assert_matches_oracle(out[rows], lse[rows], q[rows], *_request_kv(cache, indptr, indices, r, n, 4),
+                                  causal=True, window_left=w)
+
+
 def test_kv_full_range_needs_a_mask():
     with pytest.raises(ValueError, match="kv_full_range"):
         AttentionVariant("no_mask", kv_full_range=window_full_range)
@@ -382,27 +408,28 @@ def test_batch_prefill_flash_sigmoid(path, device, paged):
 
 @pytest.mark.parametrize("wrapper", ["decode", "paged_prefill"])
 def test_batch_sinks(path, device, wrapper):
+    """Sinks on the batch wrappers, over three run()s with new queries and sinks (on the GPU the later ones
+    replay the first one's launches with this call's sinks)."""
     lens = [6, 35]
     cache, indptr, indices, last = make_paged_batch(lens, 4, 2, 64, torch.float16, device)
-    sinks = torch.randn(4, device=device)
     if wrapper == "decode":
         w = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1))
         w.plan(indptr, indices, last, 4, 2, 64, 4)
-        q = torch.randn(2, 4, 64, dtype=torch.float16, device=device)
         qo_indptr = [0, 1, 2]
-        out, lse = w.run(q, cache, sinks=sinks, return_lse=True)
     else:
         qo_indptr = [0, 4, 9]
         w = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1))
         w.plan(torch.tensor(qo_indptr, dtype=torch.int32), indptr, indices, last, 4, 2, 64, 4, causal=True)
-        q = torch.randn(9, 4, 64, dtype=torch.float16, device=device)
+    for _ in range(3):
+        sinks = torch.randn(4, device=device)
+        q = torch.randn(qo_indptr[-1], 4, 64, dtype=torch.float16, device=device)
         out, lse = w.run(q, cache, sinks=sinks, return_lse=True)
-    for r, n in enumerate(lens):
-        rows = slice(qo_indptr[r], qo_indptr[r + 1])
-        ref_o, ref_lse = sink_attention_oracle(q[rows], *_request_kv(cache, indptr, indices, r, n, 4), sinks.cpu(),
-                                               causal=wrapper != "decode")
-        torch.testing.assert_close(out[rows].double().cpu(), ref_o, **TOL)
-        torch.testing.assert_close(lse[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+        for r, n in enumerate(lens):
+            rows = slice(qo_indptr[r], qo_indptr[r + 1])
+            ref_o, ref_lse = sink_attention_oracle(q[rows], *_request_kv(cache, indptr, indices, r, n, 4),
+                                                   sinks.cpu(), causal=wrapper != "decode")
+            torch.testing.assert_close(out[rows].double().cpu(), ref_o, **TOL)
+            torch.testing.assert_close(lse[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
 
 
 def _request_kv(cache, indptr, indices, r, n, page_size):
@@ -445,13 +472,17 @@ def test_mla_sinks_with_split_kv(path, device, builtin):
     sinks = torch.randn(heads, device=device) * 2
     extra = {} if builtin else dict(jit_args=SINKS)
     w = _mla_wrapper(device, batch, heads, page_size, True, 0.2, fixed_split_size=16, **extra)
-    run_kw = dict(sinks=sinks) if builtin else dict(variant_args=(sinks,))
-    out, lse = w.run(*batch[:4], return_lse=True, **run_kw)
-    for r in range(3):
-        rows, q, k, v = _mla_request(batch, r)
-        ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu(), causal=True, sm_scale=0.2)
-        torch.testing.assert_close(out[rows].double().cpu(), ref_o, **TOL)
-        torch.testing.assert_close(lse[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+    for step in range(3):  # new sinks and queries each time (on the GPU, later run()s replay the first one's launches)
+        if step:
+            sinks = torch.randn(heads, device=device) * 2
+            batch = (torch.randn_like(batch[0]), torch.randn_like(batch[1]), *batch[2:])
+        run_kw = dict(sinks=sinks) if builtin else dict(variant_args=(sinks,))
+        out, lse = w.run(*batch[:4], return_lse=True, **run_kw)
+        for r in range(3):
+            rows, q, k, v = _mla_request(batch, r)
+            ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu(), causal=True, sm_scale=0.2)
+            torch.testing.assert_close(out[rows].double().cpu(), ref_o, **TOL)
+            torch.testing.assert_close(lse[rows].double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
 
 
 def test_mla_flash_sigmoid_and_key_mask(path, device):
