@@ -238,6 +238,19 @@ WINDOW_ALL_FULL = AttentionVariant("window_all_full", logits_mask=(window_mask, 
                                    kv_full_range=all_full_range, scalars=[("window_left", torch.int32)])
 
 
+def _planned_window_wrapper(kind, variant, device, indptr, indices, last, qo_indptr):
+    """A batch decode (``kind`` "batch_decode") or paged prefill wrapper with ``variant``, planned over the
+    4/2-head, d64, page-4 batch of the window tests in 16-token chunks."""
+    if kind == "batch_decode":
+        wr = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=variant)
+        wr.plan(indptr, indices, last, 4, 2, 64, 4, fixed_split_size=16)
+    else:
+        wr = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), jit_args=variant)
+        wr.plan(torch.tensor(qo_indptr, dtype=torch.int32), indptr, indices, last, 4, 2, 64, 4, causal=True,
+                fixed_split_size=16)
+    return wr
+
+
 @pytest.mark.parametrize("kind", ["single_prefill", "single_decode", "batch_decode", "paged_prefill"])
 def test_window_mask_with_kv_range(path, device, kind):
     """A sliding window as a mask hook with a kv_range hook (the kernels skip the tiles before the window),
@@ -266,13 +279,7 @@ def test_window_mask_with_kv_range(path, device, kind):
             out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True,
                                                               _variant=(variant, (w,)))
             return [(out, lse, q, k, v)]
-        if kind == "batch_decode":
-            wr = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=variant)
-            wr.plan(indptr, indices, last, 4, 2, 64, 4, fixed_split_size=16)
-        else:
-            wr = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), jit_args=variant)
-            wr.plan(torch.tensor(qo_indptr, dtype=torch.int32), indptr, indices, last, 4, 2, 64, 4, causal=True,
-                    fixed_split_size=16)
+        wr = _planned_window_wrapper(kind, variant, device, indptr, indices, last, qo_indptr)
         out, lse = wr.run(q, cache, w, return_lse=True)
         rows = [slice(qo_indptr[r], qo_indptr[r + 1]) for r in range(len(lens))]
         return [(out[s], lse[s], q[s], *_request_kv(cache, indptr, indices, r, n, 4))
@@ -294,13 +301,7 @@ def test_batch_variant_runs_with_new_arguments(path, device, kind):
     lens = [70, 5, 33]
     cache, indptr, indices, last = make_paged_batch(lens, 4, 2, 64, torch.float16, device)
     qo_indptr = [0, 1, 2, 3] if kind == "batch_decode" else [0, 12, 17, 18]
-    if kind == "batch_decode":
-        wr = flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace(device, 1), jit_args=WINDOW_FULL)
-        wr.plan(indptr, indices, last, 4, 2, 64, 4, fixed_split_size=16)
-    else:
-        wr = flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace(device, 1), jit_args=WINDOW_FULL)
-        wr.plan(torch.tensor(qo_indptr, dtype=torch.int32), indptr, indices, last, 4, 2, 64, 4, causal=True,
-                fixed_split_size=16)
+    wr = _planned_window_wrapper(kind, WINDOW_FULL, device, indptr, indices, last, qo_indptr)
     out = torch.empty(qo_indptr[-1], 4, 64, dtype=torch.float16, device=device)
     for w in (9, 5, 9, 16, 16):
         q = torch.randn(qo_indptr[-1], 4, 64, dtype=torch.float16, device=device)
