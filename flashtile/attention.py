@@ -11,7 +11,7 @@ kernel over it (plus one merge launch when a range was cut). This module only tr
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -65,11 +65,15 @@ class BatchAttention:
             grids that do not depend on the lengths, so a captured run() replays a later plan.
         qo_indptr_buf, kv_indptr_buf: int32 ``[B + 1]``; kv_indices_buf: int32 ``[max_pages]`` (graph mode,
             device tensors).
+        jit_args: (flashtile extension, keyword; upstream's BatchAttention takes no variant) an attention
+            variant (flashtile/variants.py: a :class:`flashtile.AttentionVariant` or upstream's ``jit_args``
+            tuple with one as its ``variant_decl``); run()'s ``variant_args`` are its extra arguments.
     """
 
     def __init__(self, kv_layout: str = "NHD", device: Union[str, torch.device] = "cuda", *,
                  use_cuda_graph: bool = False, qo_indptr_buf: Optional[torch.Tensor] = None,
-                 kv_indptr_buf: Optional[torch.Tensor] = None, kv_indices_buf: Optional[torch.Tensor] = None) -> None:
+                 kv_indptr_buf: Optional[torch.Tensor] = None, kv_indices_buf: Optional[torch.Tensor] = None,
+                 jit_args=None) -> None:
         self.device = torch.device(device)
         workspace = torch.empty(FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         last_page_len_buf = None
@@ -82,7 +86,8 @@ class BatchAttention:
             last_page_len_buf = torch.zeros(max(qo_indptr_buf.numel() - 1, 0), dtype=torch.int32, device=self.device)
         self._wrapper = BatchPrefillWithPagedKVCacheWrapper(
             workspace, kv_layout, use_cuda_graph, qo_indptr_buf=qo_indptr_buf, paged_kv_indptr_buf=kv_indptr_buf,
-            paged_kv_indices_buf=kv_indices_buf, paged_kv_last_page_len_buf=last_page_len_buf)
+            paged_kv_indices_buf=kv_indices_buf, paged_kv_last_page_len_buf=last_page_len_buf, jit_args=jit_args)
+        self._jit_args = jit_args
         # decodes and prefill tiles interleaved in launch order: bandwidth- and tensor-core-bound programs
         # run side by side instead of one after the other (scheduler/prefill_work.py)
         self._wrapper._interleave_rows = SMALL_ROWS
@@ -186,7 +191,8 @@ class BatchAttention:
             first_kv = torch.from_numpy(kv_h[: cut + 1].astype(np.int32))
             second_kv = torch.from_numpy(kv_h[cut:].astype(np.int32))  # kv_indptr[0] > 0 selects a window
             if self._second is None:  # shares the float workspace: the two parts run in stream order
-                self._second = BatchPrefillWithPagedKVCacheWrapper(self._workspace, self._kv_layout)
+                self._second = BatchPrefillWithPagedKVCacheWrapper(self._workspace, self._kv_layout,
+                                                                   jit_args=self._jit_args)
             self._wrapper.plan(first_qo, first_kv, kv_indices, last[:cut], num_qo_heads, num_kv_heads, **options)
             self._second.plan(second_qo, second_kv, kv_indices, last[cut:], num_qo_heads, num_kv_heads, **options)
             self._split_row = int(qo_h[cut])
@@ -204,6 +210,7 @@ class BatchAttention:
         k_scale: Optional[float] = None,
         v_scale: Optional[float] = None,
         kv_cache_sf=None,
+        variant_args: Sequence = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of the planned batch.
 
@@ -218,6 +225,8 @@ class BatchAttention:
             profiler_buffer: only None (plan() refuses the profiler).
             k_scale, v_scale: fp8 calibration scales (k's folds into sm_scale; v's multiplies the output).
             kv_cache_sf: NVFP4 scale factors; only None.
+            variant_args: (flashtile extension, keyword) the extra arguments of the ``jit_args`` variant,
+                tensors first then scalars, in its declaration order.
 
         Returns:
             ``(out, lse)``; lse is base 2 (``log2(sum(exp(s)))``); rows that see no key give 0 and -inf.
@@ -235,12 +244,13 @@ class BatchAttention:
             check_tensor("profiler_buffer", profiler_buffer)
             raise NotImplementedError("profiler_buffer: flashtile's kernels record no in-kernel profile")
         if self._split_row is None:
-            result = self._wrapper.run(q, kv_cache, out=out, lse=lse, return_lse=True, k_scale=k_scale,
-                                       v_scale=v_scale, kv_cache_sf=kv_cache_sf)
+            result = self._wrapper.run(q, kv_cache, *variant_args, out=out, lse=lse, return_lse=True,
+                                       k_scale=k_scale, v_scale=v_scale, kv_cache_sf=kv_cache_sf)
             return result[0], result[1]
-        return self._run_parts(q, kv_cache, out, lse, k_scale, v_scale, kv_cache_sf)
+        return self._run_parts(q, kv_cache, out, lse, k_scale, v_scale, kv_cache_sf, tuple(variant_args))
 
-    def _run_parts(self, q, kv_cache, out, lse, k_scale, v_scale, kv_cache_sf) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_parts(self, q, kv_cache, out, lse, k_scale, v_scale, kv_cache_sf,
+                   variant_args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """run() of a plan split into two row classes: both parts write their rows of one ``out`` / ``lse``."""
         assert self._second is not None and self._split_row is not None
         first, second = self._wrapper._require_plan(), self._second._require_plan()
@@ -254,8 +264,8 @@ class BatchAttention:
         out, lse = self._wrapper._outputs(shape, first.o_dtype, out, lse)
         r = self._split_row
         for wrapper, rows in ((self._wrapper, slice(0, r)), (self._second, slice(r, total))):
-            wrapper.run(q[rows], kv_cache, out=out[rows], lse=lse[rows], return_lse=True, k_scale=k_scale,
-                        v_scale=v_scale, kv_cache_sf=kv_cache_sf)
+            wrapper.run(q[rows], kv_cache, *variant_args, out=out[rows], lse=lse[rows], return_lse=True,
+                        k_scale=k_scale, v_scale=v_scale, kv_cache_sf=kv_cache_sf)
         return out, lse
 
 

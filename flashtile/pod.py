@@ -20,6 +20,7 @@ import torch
 
 from ._core.buffers import new_output
 from ._core.checks import CHECK_ERRORS, describe, in_callers_terms
+from ._core.variant_args import variant_from_jit_args
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .prefill import single_prefill_with_kv_cache
 
@@ -53,7 +54,10 @@ class PODWithPagedKVCacheWrapper:
             the captured run.
         paged_kv_indptr_buffer: int32 ``[B + 1]``; paged_kv_indices_buffer: int32 ``[max_pages]``;
             paged_kv_last_page_len_buffer: int32 ``[B]`` (graph mode; device tensors).
-        jit_args: upstream's custom-attention module; only None (NotImplementedError otherwise).
+        jit_args: an attention variant for both halves (flashtile/variants.py): a
+            :class:`flashtile.AttentionVariant`, or upstream's ``jit_args`` tuple with one as its
+            ``variant_decl`` (a C++ ``variant_decl`` raises NotImplementedError); run()'s ``*args`` are its
+            extra arguments, passed to both halves.
     """
 
     def __init__(
@@ -66,13 +70,11 @@ class PODWithPagedKVCacheWrapper:
         paged_kv_last_page_len_buffer: Optional[torch.Tensor] = None,
         jit_args=None,
     ) -> None:
-        if jit_args is not None:
-            raise NotImplementedError("jit_args: POD takes no attention variant in flashtile; run the variant with "
-                                      "BatchPrefillWithPagedKVCacheWrapper / BatchDecodeWithPagedKVCacheWrapper")
+        self._variant = variant_from_jit_args(jit_args)
         self._decode = BatchDecodeWithPagedKVCacheWrapper(
             float_workspace_buffer, kv_layout, use_cuda_graph, paged_kv_indptr_buffer=paged_kv_indptr_buffer,
             paged_kv_indices_buffer=paged_kv_indices_buffer,
-            paged_kv_last_page_len_buffer=paged_kv_last_page_len_buffer)
+            paged_kv_last_page_len_buffer=paged_kv_last_page_len_buffer, jit_args=self._variant)
         self.device = self._decode.device
         self._kv_layout = kv_layout
         # Run the decode half on a side stream (GPU only); False: both halves on the caller's stream, in order.
@@ -223,15 +225,19 @@ class PODWithPagedKVCacheWrapper:
                 (one query per request; the layout is the wrapper's). pos_encoding_mode_d, sm_scale_d,
                 window_left_d, rope_scale_d, rope_theta_d: ignored at their defaults, as upstream (the decode
                 half uses plan()'s values); another value that differs from the plan raises ValueError.
-        Both: use_fp16_qk_reduction, enable_pdl: accepted and ignored. ``*args``: only empty.
+        Both: use_fp16_qk_reduction, enable_pdl: accepted and ignored. ``*args``: the extra arguments of the
+        ``jit_args`` variant (tensors first, then scalars, in its declaration order), given to both halves;
+        without a variant, only empty.
 
         Returns:
             ``(out_p, out_d)`` as upstream. With ``return_lse_p`` the first element is ``(out_p, lse_p)``, with
             ``return_lse_d`` the second is ``(out_d, lse_d)`` (base-2 lse; upstream computes them but returns
             only the outputs).
         """
-        if args:
-            raise ValueError(f"run(): got {len(args)} extra positional arguments; POD takes no attention variant")
+        if args and self._variant is None:
+            raise ValueError(f"run(): got {len(args)} extra positional arguments, which feed an attention variant "
+                             "(jit_args=); this wrapper has none")
+        variant_p = None if self._variant is None else (self._variant, args)
         if custom_mask_d is not None or packed_custom_mask_d is not None:
             name = "custom_mask_d" if custom_mask_d is not None else "packed_custom_mask_d"
             raise NotImplementedError(f"{name}: the decode half takes no custom mask (one query per request)")
@@ -253,14 +259,14 @@ class PODWithPagedKVCacheWrapper:
                     q_p, k_p, v_p, custom_mask=custom_mask_p, packed_custom_mask=packed_custom_mask_p,
                     causal=causal_p, kv_layout=kv_layout_p, pos_encoding_mode=pos_encoding_mode_p, sm_scale=sm_scale_p,
                     window_left=window_left_p, logits_soft_cap=logits_soft_cap_p, rope_scale=rope_scale_p,
-                    rope_theta=rope_theta_p, return_lse=return_lse_p)
+                    rope_theta=rope_theta_p, return_lse=return_lse_p, _variant=variant_p)
             except CHECK_ERRORS as error:
                 raise in_callers_terms(error, _PREFILL_NAMES, "prefill half") from error
 
         def decode(out, lse):
             try:
-                return self._decode.run(q_d, paged_kv_cache_d, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-                                        out=out, lse=lse, return_lse=return_lse_d)
+                return self._decode.run(q_d, paged_kv_cache_d, *args, q_scale=q_scale, k_scale=k_scale,
+                                        v_scale=v_scale, out=out, lse=lse, return_lse=return_lse_d)
             except CHECK_ERRORS as error:
                 raise in_callers_terms(error, _DECODE_NAMES, "decode half") from error
 

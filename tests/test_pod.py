@@ -130,7 +130,7 @@ def test_errors(device):
     q_d = torch.randn(2, hq, d, dtype=torch.float16, device=device)
     with pytest.raises(ValueError, match="cudagraph"):
         PODWithPagedKVCacheWrapper(workspace(device, 1), use_cuda_graph=True)
-    with pytest.raises(NotImplementedError, match="jit_args"):
+    with pytest.raises(TypeError, match="jit_args"):
         PODWithPagedKVCacheWrapper(workspace(device, 1), jit_args=["my_variant"])
     with pytest.raises(ValueError, match="kv_layout"):
         PODWithPagedKVCacheWrapper(workspace(device, 1), kv_layout="NDH")

@@ -313,6 +313,70 @@ def test_batch_variant_runs_with_new_arguments(path, device, kind):
                                   causal=True, window_left=w)
 
 
+# POD (prefill half and decode half) and BatchAttention take a variant through jit_args too
+
+# run()'s positional parameters between paged_kv_cache_d and *args, at their defaults, with causal_p,
+# return_lse_p and return_lse_d on (upstream puts the variant's extra arguments after enable_pdl)
+_POD_POSITIONAL = [None, None, True, "NHD", "NONE", None, -1, None, None, True, None, None, False, "NHD", "NONE",
+                   None, -1, None, None, None, None, None, True, False, None]
+
+
+@pytest.mark.parametrize("variant", ["softcap", "window"])
+def test_pod_with_variant(path, device, variant):
+    """POD's jit_args variant runs on both halves with run()'s extra arguments (after enable_pdl, as upstream),
+    and each half matches the oracle of the same feature as a built-in flag."""
+    hq, hk, d, ps = 4, 2, 64, 4
+    q_p, k_p, v_p = make_qkv(13, 40, hq, hk, d, torch.float16, device)
+    lens = [30, 1, 12]
+    cache, indptr, indices, last = make_paged_batch(lens, ps, hk, d, torch.float16, device)
+    q_d = torch.randn(len(lens), hq, d, dtype=torch.float16, device=device)
+    var, extra, flag = (SOFTCAP, 2.5, dict(logits_soft_cap=2.5)) if variant == "softcap" else \
+        (WINDOW_FULL, 6, dict(window_left=6))
+    w = flashtile.PODWithPagedKVCacheWrapper(workspace(device, 1), jit_args=var)
+    w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.float16)
+    (out_p, lse_p), (out_d, lse_d) = w.run(q_p, k_p, v_p, q_d, cache, *_POD_POSITIONAL, extra)
+    assert_matches_oracle(out_p, lse_p, q_p, k_p, v_p, causal=True, **flag)
+    for r, n in enumerate(lens):
+        assert_matches_oracle(out_d[r:r + 1], lse_d[r:r + 1], q_d[r:r + 1],
+                              *_request_kv(cache, indptr, indices, r, n, ps), causal=True, **flag)
+    with pytest.raises(ValueError, match="expected 1 extra arguments"):
+        w.run(q_p, k_p, v_p, q_d, cache)
+
+
+def test_pod_variant_errors(device):
+    with pytest.raises(NotImplementedError, match="C\\+\\+ variant"):
+        flashtile.PODWithPagedKVCacheWrapper(workspace(device, 1), jit_args=(
+            "uri", torch.float16, torch.float16, torch.float16, torch.int32, 64, 64, [], [], [], [], "V",
+            "struct V {};"))
+    w = flashtile.PODWithPagedKVCacheWrapper(workspace(device, 1))
+    cache, indptr, indices, last = make_paged_batch([5], 4, 2, 64, torch.float16, device)
+    w.plan(indptr, indices, last, 4, 2, 64, 4, q_data_type=torch.float16)
+    q_p, k_p, v_p = make_qkv(3, 5, 4, 2, 64, torch.float16, device)
+    with pytest.raises(ValueError, match="this wrapper has none"):
+        w.run(q_p, k_p, v_p, torch.randn(1, 4, 64, dtype=torch.float16, device=device), cache, *_POD_POSITIONAL, 2.5)
+
+
+@pytest.mark.parametrize("split_row_classes", [False, True])
+def test_batch_attention_with_variant(path, device, split_row_classes):
+    """BatchAttention's jit_args variant (a flashtile extension) over a mixed batch, one plan or two row
+    classes, with its extra arguments in run()'s ``variant_args``."""
+    lens, qo_lens = [40, 50, 30, 1], [40, 35, 1, 1]  # two row classes: 80 and 70 rows, then 2 and 2
+    hq, hk, d, ps = 4, 2, 64, 4
+    cache, indptr, indices, last = make_paged_batch(lens, ps, hk, d, torch.float16, device)
+    qo_indptr = torch.tensor([0] + list(torch.tensor(qo_lens).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(qo_indptr[-1]), hq, d, dtype=torch.float16, device=device)
+    w = flashtile.BatchAttention("NHD", device, jit_args=SOFTCAP)
+    w.split_row_classes = split_row_classes
+    w.plan(qo_indptr, indptr, indices, torch.tensor(lens, dtype=torch.int32), hq, hk, d, d, ps, causal=True,
+           q_data_type=torch.float16, kv_data_type=torch.float16)
+    assert (w._split_row is not None) == split_row_classes
+    out, lse = w.run(q, cache, variant_args=(2.5,))
+    for r, n in enumerate(lens):
+        rows = slice(int(qo_indptr[r]), int(qo_indptr[r + 1]))
+        assert_matches_oracle(out[rows], lse[rows], q[rows], *_request_kv(cache, indptr, indices, r, n, ps),
+                              causal=True, logits_soft_cap=2.5)
+
+
 def test_kv_full_range_needs_a_mask():
     with pytest.raises(ValueError, match="kv_full_range"):
         AttentionVariant("no_mask", kv_full_range=window_full_range)
