@@ -309,6 +309,7 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         """
         plan = self._plan
         key = variant = None
+        variant_args = tuple(variant_args)
         if plan is not None and not torch.compiler.is_compiling():
             if variant_args or sinks is not None:
                 variant = self._mla_variant(plan, variant_args, sinks)
@@ -365,10 +366,10 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             plan.replays[key] = _mla_replay_runner(replay, (nnz, H, dc), plan.q_dtype, self.device, return_lse)
         return (out, lse_out) if return_lse else out
 
-    def _mla_variant(self, plan: _MlaPlan, variant_args: Sequence, sinks):
+    def _mla_variant(self, plan: _MlaPlan, variant_args: tuple, sinks):
         """The call's bound variant (the ``jit_args`` variant with ``variant_args``, or the sink variant), or
         None; MLA rows are MQA rows over one latent head of ``ckv + kpe`` columns."""
-        return self._bound_variant(tuple(variant_args), sinks, lambda: dict(
+        return self._bound_variant(variant_args, sinks, lambda: dict(
             num_qo_heads=plan.num_heads, num_kv_heads=1, batch_size=plan.batch_size,
             head_dim=plan.head_dim_ckv + plan.head_dim_kpe))
 
