@@ -174,6 +174,32 @@ def _mla(lib, dev, what: str, batch: int = 8, kv_len: int = 256, heads: int = 16
     return lambda: w.run(q_nope, q_pe, ckv, kpe)
 
 
+def _pod(lib, dev, batch: int = 8, kv_len: int = 256, qo_len: int = 32):
+    """POD: a 32-token prefill chunk on 256 tokens (contiguous K/V) and 8 decodes of 256 (paged)."""
+    indptr, indices, last, cache = _page_table(batch, kv_len, dev)
+    w = lib.PODWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=dev), "NHD")
+    w.plan(indptr, indices, last, HQ, HKV, D, PAGE, q_data_type=DTYPE, kv_data_type=DTYPE)
+    q_p = torch.randn(qo_len, HQ, D, dtype=DTYPE, device=dev)
+    k_p = torch.randn(kv_len, HKV, D, dtype=DTYPE, device=dev)
+    v_p = torch.randn(kv_len, HKV, D, dtype=DTYPE, device=dev)
+    q_d = torch.randn(batch, HQ, D, dtype=DTYPE, device=dev)
+    return lambda: w.run(q_p, k_p, v_p, q_d, cache, causal_p=True)
+
+
+def _batch_attention(lib, dev, batch: int = 8, kv_len: int = 256):
+    """BatchAttention: one 32-token chunk and 7 decodes, each on 256 tokens."""
+    indptr, indices, _, cache = _page_table(batch, kv_len, dev)
+    qo_indptr = torch.tensor([0, 32] + [33 + i for i in range(batch - 1)], dtype=torch.int32)
+    lens = torch.full((batch,), kv_len, dtype=torch.int32)
+    if dev.type == "cuda":
+        qo_indptr, indptr, indices, lens = (x.to(dev) for x in (qo_indptr, indptr, indices, lens))
+    w = lib.BatchAttention("NHD", dev)
+    w.plan(qo_indptr, indptr, indices, lens, HQ, HKV, D, D, PAGE, causal=True, q_data_type=DTYPE,
+           kv_data_type=DTYPE)
+    q = torch.randn(32 + batch - 1, HQ, D, dtype=DTYPE, device=dev)
+    return lambda: w.run(q, cache)
+
+
 def _single_decode(lib, dev):
     q = torch.randn(HQ, D, dtype=DTYPE, device=dev)
     k = torch.randn(256, HKV, D, dtype=DTYPE, device=dev)
@@ -236,6 +262,8 @@ CASES: Dict[str, Callable] = {
     "ragged prefill run() 8 x 32 on 256": lambda lib, dev: _ragged_prefill(lib, dev, "run"),
     "ragged prefill plan() 8 x 32 on 256": lambda lib, dev: _ragged_prefill(lib, dev, "plan"),
     "mla run() 8 x 256 h16": lambda lib, dev: _mla(lib, dev, "run"),
+    "POD run() 32 on 256 + 8 x 256": _pod,
+    "BatchAttention run() 32 + 7 x 256": _batch_attention,
     "mla plan() 8 x 256 h16": lambda lib, dev: _mla(lib, dev, "plan"),
     "single_decode_with_kv_cache 256": _single_decode,
     "single_prefill_with_kv_cache 32 on 256": _single_prefill,
