@@ -5,6 +5,8 @@ own path over torch SDPA, the oracle here) on the same weights: logits of batche
 match within bf16 noise and greedy ``generate()`` emits the same tokens.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -19,11 +21,23 @@ def _models(dtype=torch.bfloat16):
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    pad_token_id=0)
+    return _model_pair(cfg, "sdpa", dtype)
+
+
+def _model_pair(cfg, oracle: str, dtype, adjust=None):
+    """The model of ``cfg`` with transformers' ``oracle`` attention and with flashtile's, the same weights
+    (``adjust(ref)`` may change the oracle's first). Each gets its own copy of the config: from_config writes
+    the attention implementation into the config it is given, so a shared one would run both on flashtile."""
     name = ft_hf.register()
     torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(DEVICE, dtype).eval()
-    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to(DEVICE, dtype).eval()
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=oracle)
+    ref = ref.to(DEVICE, dtype).eval()
+    if adjust is not None:
+        adjust(ref)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name)
+    ours = ours.to(DEVICE, dtype).eval()
     ours.load_state_dict(ref.state_dict())
+    assert (ref.config._attn_implementation, ours.config._attn_implementation) == (oracle, name)
     return ref, ours
 
 
@@ -72,6 +86,60 @@ def test_greedy_generate_matches_sdpa(path):
     assert torch.equal(got1, want1)
 
 
+def _gpt_oss_models(dtype):
+    """A tiny random gpt-oss (attention sinks on every layer, a sliding window of 8 on every other layer) with
+    flashtile's attention and with transformers' eager attention (the oracle: gpt-oss's sinks have no SDPA
+    path), the same weights, nonzero sinks."""
+    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
+                                    pad_token_id=0)
+    assert cfg.layer_types == ["sliding_attention", "full_attention"]
+
+    def nonzero_sinks(ref):
+        with torch.no_grad():
+            for layer in ref.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn(4) * 2)
+
+    return _model_pair(cfg, "eager", dtype, nonzero_sinks)
+
+
+def test_gpt_oss_sinks_and_sliding_window(path):
+    """gpt-oss through the backend: its ``s_aux`` sinks and its sliding window (prompts of up to 13 tokens
+    and 4 more generated, past the window of 8) give eager attention's logits and greedy tokens."""
+    ref, ours = _gpt_oss_models(torch.float16)
+    ids, mask = _batch()
+    ft_hf._state.clear()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits.float()
+        got = ours(input_ids=ids, attention_mask=mask).logits.float()
+        want1 = ref(input_ids=ids[2:]).logits.float()  # no padding: the window comes from plan(), not a mask
+        got1 = ours(input_ids=ids[2:]).logits.float()
+    assert ft_hf._state
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got1, want1, atol=1e-2, rtol=1e-2)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("q_len", [1, 12])
+def test_sliding_window_without_a_mask(path, q_len):
+    """A call without a mask whose window is shorter than the keys (transformers then builds a mask, a direct
+    caller need not): the window, ``sliding_window`` keys including the query's own, comes from the plan."""
+    from oracles import TOLERANCES, attention_oracle
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g).to(DEVICE, torch.float16)
+               for h, n in ((4, q_len), (2, 12), (2, 12)))
+    out, _ = ft_hf.attention_forward(torch.nn.Module(), q, k, v, None, sliding_window=4, is_causal=True)
+    want, _ = attention_oracle(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), causal=True,
+                               window_left=3)
+    atol, rtol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(out[0].double().cpu(), want, atol=atol, rtol=rtol)
+
+
 def test_rejects_unsupported():
     q = torch.randn(1, 4, 3, 16, dtype=torch.bfloat16)
     k = torch.randn(1, 2, 3, 16, dtype=torch.bfloat16)
@@ -79,3 +147,5 @@ def test_rejects_unsupported():
         ft_hf.attention_forward(torch.nn.Module(), q, k, k, None, dropout=0.1)
     with pytest.raises(TypeError, match="attention_mask"):
         ft_hf.attention_forward(torch.nn.Module(), q, k, k, torch.zeros(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="sliding_window"):
+        ft_hf.attention_forward(torch.nn.Module(), q, k, k, None, sliding_window=0)

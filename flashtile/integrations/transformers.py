@@ -19,6 +19,11 @@ plans on that view (no copy of K/V) and runs:
   custom mask (padding, any pattern). Query rows that the mask hides entirely give zeros (SDPA gives NaN
   or a fully unmasked row there; transformers ignores those rows).
 
+Both honour the keywords models pass to their attention function: ``softcap`` (Gemma 2's logit soft cap),
+``sliding_window`` (a query sees its last ``sliding_window`` keys, itself included: the wrappers'
+``window_left = sliding_window - 1``; transformers puts the window into the mask too once it bites) and
+``s_aux`` (gpt-oss's per-head attention sinks: the wrappers' ``sinks=``).
+
 The plan is cached: the layers of one forward pass share the mask tensor and the shapes, so only the
 first layer plans. Needs transformers >= 4.54 (``AttentionMaskInterface``); tested with 5.25.
 """
@@ -83,15 +88,15 @@ def attention_forward(
         attention_mask: None or boolean ``[batch, 1, q_len, kv_len]`` (True: attend), from ``sdpa_mask``.
         dropout: must be 0 (inference only). scaling: softmax scale (default ``1/sqrt(head_dim)``).
         is_causal: causal when no mask is given (default: ``module.is_causal``, else True).
-        kwargs: ``softcap`` (logit soft cap) is honoured; ``sliding_window`` raises NotImplementedError.
+        kwargs: ``softcap`` (logit soft cap), ``sliding_window`` (keys within the last ``sliding_window``
+            positions, the query's own included) and ``s_aux`` (float ``[num_qo_heads]`` attention-sink logits,
+            gpt-oss) are honoured; other keywords carry nothing attention needs.
 
     Returns:
         ``(out, None)``, ``out`` ``[batch, q_len, num_qo_heads, head_dim]`` in query's dtype.
     """
     if dropout:
         raise NotImplementedError("dropout: flashtile's attention is for inference (dropout must be 0)")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("sliding_window: not supported by the flashtile transformers backend yet")
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise TypeError(f"attention_mask: expected a boolean mask (transformers' sdpa_mask), got "
                         f"{attention_mask.dtype}")
@@ -102,22 +107,27 @@ def attention_forward(
         # a static cache's empty tail (as transformers' SDPA path: the keys past the queries are unused)
         key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
     st = _wrappers(query.device)
+    window = kwargs.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding_window: expected None or an int >= 1, got {window!r}")
+    window_left = -1 if window is None else window - 1
     plan_key = (batch, hq, hkv, q_len, kv_len, d, query.dtype, key.dtype, scaling, causal, kwargs.get("softcap"),
-                attention_mask is None)
+                attention_mask is None, window_left)
     if st["key"] != plan_key or st["mask"] is not attention_mask:
-        _plan(st, attention_mask, plan_key, causal, scaling, kwargs.get("softcap"))
+        _plan(st, attention_mask, plan_key, causal, scaling, kwargs.get("softcap"), window_left)
     q = query.transpose(1, 2).reshape(batch * q_len, hq, d)  # one copy: [batch * q_len, Hq, D]
-    out = st["wrapper"].run(q, (key, value))                 # key, value: HND pages of kv_len tokens
+    out = st["wrapper"].run(q, (key, value), sinks=kwargs.get("s_aux"))  # key, value: HND pages of kv_len tokens
     return out.view(batch, q_len, hq, -1), None
 
 
-def _plan(st: dict, mask, plan_key, causal: bool, scaling, softcap) -> None:
+def _plan(st: dict, mask, plan_key, causal: bool, scaling, softcap, window_left: int) -> None:
     batch, hq, hkv, q_len, kv_len, d, q_dtype, kv_dtype = plan_key[:8]
     i32 = torch.int32
     indptr = torch.arange(batch + 1, dtype=i32)
     indices = torch.arange(batch, dtype=i32)
     last = torch.full((batch,), kv_len, dtype=i32)
-    common = dict(q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scaling, logits_soft_cap=softcap)
+    common = dict(q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scaling, logits_soft_cap=softcap,
+                  window_left=window_left)
     if mask is None and q_len == 1:
         st["decode"].plan(indptr, indices, last, hq, hkv, d, kv_len, **common)
         st["wrapper"] = st["decode"]
