@@ -5,6 +5,7 @@ markdown table and writes JSON. Usage: python3 benchmarks/gpu/hf_generate.py [--
 """
 
 import argparse
+import copy
 import json
 import time
 
@@ -27,12 +28,15 @@ def main() -> None:
                                    rope_theta=500000.0, pad_token_id=0)
     name = ft_hf.register()
     torch.manual_seed(0)
+    # each model its own config: from_config writes the attention implementation into the config it is given
     with torch.device("cuda"):
-        ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch.bfloat16)
-    ref.eval()
-    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to("cuda", torch.bfloat16)
+        ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
+    ref = ref.to(torch.bfloat16).eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name)
+    ours = ours.to("cuda", torch.bfloat16)
     ours.load_state_dict(ref.state_dict())
     ours.eval()
+    assert (ref.config._attn_implementation, ours.config._attn_implementation) == ("sdpa", name)
     g = torch.Generator().manual_seed(1)
     lens = torch.randint(lo, hi + 1, (args.batch,), generator=g).tolist()
     ids = torch.zeros(args.batch, max(lens), dtype=torch.long)
