@@ -244,6 +244,11 @@ def import_flashinfer(*submodules: str):
             importlib.import_module(f"flashinfer.{name}")
     except Exception as e:
         raise Unavailable(f"flashinfer is not importable ({type(e).__name__})") from e
+    from flashtile.shim import is_flashtile_shim
+
+    if is_flashtile_shim(lib):
+        raise Unavailable("`import flashinfer` finds flashtile's shim (python -m flashtile install-shim), not "
+                          "FlashInfer")
     if not torch.cuda.is_available():
         raise Unavailable("FlashInfer needs CUDA")
     return lib
@@ -372,7 +377,9 @@ def environment() -> Dict[str, Any]:
     try:
         import flashinfer
 
-        env["flashinfer"] = getattr(flashinfer, "__version__", "unknown")
+        from flashtile.shim import is_flashtile_shim
+
+        env["flashinfer"] = None if is_flashtile_shim(flashinfer) else getattr(flashinfer, "__version__", "unknown")
     except Exception:
         env["flashinfer"] = None
     return env

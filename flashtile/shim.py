@@ -43,6 +43,7 @@ __all__ = [
     "ShimError",
     "activate",
     "default_target",
+    "is_flashtile_shim",
     "install_shim",
     "uninstall_shim",
 ]
@@ -190,6 +191,16 @@ def _is_shim_package(package_dir: pathlib.Path) -> bool:
         return json.loads(text).get("writer") == INSTALLER
     except (ValueError, AttributeError):
         return False
+
+
+def is_flashtile_shim(module) -> bool:
+    """Whether an imported ``flashinfer`` module is flashtile itself: the shim this module writes (its package
+    has the marker) or flashtile imported under that name. Benchmarks and the demo check this before they call
+    something FlashInfer: a shim on the path would make the baseline flashtile."""
+    if getattr(module, "__name__", None) == TARGET_PACKAGE:
+        return True
+    file = getattr(module, "__file__", None)
+    return file is not None and _is_shim_package(pathlib.Path(file).parent)
 
 
 def _is_shim_dist_info(dist_info: pathlib.Path) -> bool:

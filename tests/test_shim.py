@@ -78,6 +78,14 @@ assert flashinfer.decode is flashtile.decode and flashinfer.sampling is flashtil
 assert trtllm_batch_decode_with_kv_cache is flashtile.decode.trtllm_batch_decode_with_kv_cache
 assert FP4Tensor is flashtile.utils.FP4Tensor and logger is flashtile.jit.core.logger
 assert flashinfer.triton.cascade.merge_state is flashtile.merge_state
+from flashtile.shim import is_flashtile_shim
+assert is_flashtile_shim(flashinfer) and is_flashtile_shim(flashtile) and not is_flashtile_shim(importlib)
+from benchmarks.harness import Unavailable, import_flashinfer
+try:
+    import_flashinfer()
+    raise SystemExit("the benchmarks took the shim for FlashInfer")
+except Unavailable as e:
+    assert "shim" in str(e), e
 if hasattr(flashtile.decode, "fast_decode_plan"):
     assert flashinfer.decode.fast_decode_plan is flashtile.decode.fast_decode_plan
     assert flashinfer.fast_decode_plan is flashtile.decode.fast_decode_plan
@@ -143,6 +151,15 @@ except importlib.metadata.PackageNotFoundError:
     pass
 print("ok")
 """
+
+
+def test_a_real_flashinfer_is_not_the_shim(tmp_path):
+    """is_flashtile_shim: False for a flashinfer package without flashtile's marker."""
+    package = _fake_flashinfer(tmp_path)
+    r = run_python("import flashinfer\nfrom flashtile.shim import is_flashtile_shim\n"
+                   "assert not is_flashtile_shim(flashinfer), flashinfer.__file__\nprint('ok')", tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+    assert package.is_dir()
 
 
 def test_refuses_real_flashinfer_on_path(tmp_path):

@@ -294,6 +294,10 @@ def _providers(dry: bool) -> Dict[str, object]:
             import flashinfer.rope
             import flashinfer.sampling
 
+            from flashtile.shim import is_flashtile_shim
+
+            if is_flashtile_shim(flashinfer):
+                raise ImportError("`import flashinfer` finds flashtile's shim, not FlashInfer")
             libs["FlashInfer"] = flashinfer
         except Exception as e:
             print(f"(FlashInfer not importable: {type(e).__name__}: {e})")

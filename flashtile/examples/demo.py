@@ -180,6 +180,12 @@ def _device(name: str) -> torch.device:
 def _kernels(name: str):
     if name == "flashinfer":
         import flashinfer
+
+        from ..shim import is_flashtile_shim
+
+        if is_flashtile_shim(flashinfer):
+            raise SystemExit("--kernels flashinfer: `import flashinfer` finds flashtile's shim (python -m flashtile "
+                             "install-shim), not FlashInfer; the comparison would be flashtile with itself")
         return flashinfer
     import flashtile
     return flashtile
