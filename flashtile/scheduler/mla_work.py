@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from .._core.intmath import cdiv
-from .split_kv import plan_batch_kv_splits
+from .split_kv import MIN_CHUNK_TILES, batch_split_chunk, plan_batch_kv_splits
 
 __all__ = ["MlaWork", "plan_mla_work", "min_mla_chunk", "balanced_chunk", "REQ_FIELDS", "ITEM_FIELDS"]
 
@@ -96,12 +96,14 @@ def plan_mla_work(qo_indptr, kv_lens, num_heads: int, block_m: int, num_sms: int
     rows = qo_lens * num_heads
     tiles = (rows + block_m - 1) // block_m
     per_item = max(1, int(tiles.max()) if batch else 1)
-    splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=fixed_chunk,
-                                  disable_split=disable_split, programs_per_sm=programs_per_sm)
-    if fixed_chunk is None and not disable_split:
-        chunk = balanced_chunk(max(splits.chunk, min_chunk), int(kv_lens.max()) if batch else 0, align, min_chunk)
-        if chunk != splits.chunk:
-            splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=chunk)
+    if fixed_chunk is None and not disable_split:  # the automatic chunk, floored and evened, planned once
+        floor = max(min_chunk, MIN_CHUNK_TILES * align)
+        chunk = max(batch_split_chunk(kv_lens, per_item, num_sms, align, programs_per_sm), min_chunk)
+        chunk = balanced_chunk(chunk, int(kv_lens.max()) if batch else 0, align, floor)
+        splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=chunk)
+    else:
+        splits = plan_batch_kv_splits(kv_lens, per_item, num_sms, align, fixed_chunk=fixed_chunk,
+                                      disable_split=disable_split)
     if fixed_chunk is None and not disable_split and max_partial_rows is not None:
         chunk = splits.chunk
         while _partial_rows(splits, rows) > max_partial_rows:

@@ -23,6 +23,7 @@ __all__ = [
     "SingleKVSplits",
     "SingleLaunchShape",
     "plan_batch_kv_splits",
+    "batch_split_chunk",
     "batch_item_capacity",
     "BatchKVSplits",
     "PROGRAMS_PER_SM",
@@ -160,6 +161,15 @@ def _target_items(programs_per_item: int, num_sms: int, programs_per_sm: Optiona
     return max(1, (per_sm * num_sms) // max(1, programs_per_item))
 
 
+def batch_split_chunk(kv_lens, programs_per_item: int, num_sms: int, align: int,
+                      programs_per_sm: Optional[int] = None) -> int:
+    """The chunk of :func:`plan_batch_kv_splits`'s automatic split (arguments as there): the total KV length
+    over the items that fill the target, rounded up to ``align``, at least ``MIN_CHUNK_TILES * align``."""
+    total = host_sum(host_int64(kv_lens))
+    per_item = cdiv(max(total, 1), _target_items(programs_per_item, num_sms, programs_per_sm))
+    return max(MIN_CHUNK_TILES * align, cdiv(per_item, align) * align)
+
+
 def plan_batch_kv_splits(
     kv_lens,
     programs_per_item: int,
@@ -198,9 +208,7 @@ def plan_batch_kv_splits(
     elif fixed_chunk is not None:
         chunk = max(align, cdiv(int(fixed_chunk), align) * align)
     else:
-        total = host_sum(lens)
-        per_item = cdiv(max(total, 1), _target_items(programs_per_item, num_sms, programs_per_sm))
-        chunk = max(MIN_CHUNK_TILES * align, cdiv(per_item, align) * align)
+        chunk = batch_split_chunk(lens, programs_per_item, num_sms, align, programs_per_sm)
     if longest <= chunk:  # one item per request (a large uniform batch)
         return BatchKVSplits(chunk, np.arange(batch + 1, dtype=np.int64), np.arange(batch, dtype=np.int64),
                              np.zeros(batch, dtype=np.int64), lens)
