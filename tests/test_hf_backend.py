@@ -124,6 +124,25 @@ def test_gpt_oss_sinks_and_sliding_window(path):
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+def test_alternating_layer_kinds_plan_once_each(monkeypatch):
+    """Layers that alternate between two kinds of calls (a window with a mask, full attention without one, as
+    gpt-oss and Gemma 3 do) plan once per kind and mask, not once per layer; a new mask re-plans its kind."""
+    planned = []
+    plan = ft_hf._plan
+    monkeypatch.setattr(ft_hf, "_plan", lambda *a: planned.append(a[3]) or plan(*a))
+    ft_hf._state.clear()
+    q = torch.randn(1, 4, 6, 16, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(1, 2, 6, 16, dtype=torch.float16, device=DEVICE)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool, device=DEVICE).tril()
+    for _ in range(3):  # three "layer pairs" of one forward pass
+        ft_hf.attention_forward(torch.nn.Module(), q, k, k, mask, sliding_window=4)
+        ft_hf.attention_forward(torch.nn.Module(), q, k, k, None)
+    assert len(planned) == 2
+    ft_hf.attention_forward(torch.nn.Module(), q, k, k, mask.clone(), sliding_window=4)  # the next forward's mask
+    ft_hf.attention_forward(torch.nn.Module(), q, k, k, None)
+    assert len(planned) == 3
+
+
 @pytest.mark.parametrize("q_len", [1, 12])
 def test_sliding_window_without_a_mask(path, q_len):
     """A call without a mask whose window is shorter than the keys (transformers then builds a mask, a direct

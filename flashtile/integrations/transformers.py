@@ -24,19 +24,23 @@ Both honour the keywords models pass to their attention function: ``softcap`` (G
 ``window_left = sliding_window - 1``; transformers puts the window into the mask too once it bites) and
 ``s_aux`` (gpt-oss's per-head attention sinks: the wrappers' ``sinks=``).
 
-The plan is cached: the layers of one forward pass share the mask tensor and the shapes, so only the
-first layer plans. Needs transformers >= 4.54 (``AttentionMaskInterface``); tested with 5.25.
+Plans are cached per plan key (shapes, dtypes, scale, soft cap, window, whether there is a mask), each on a
+wrapper of its own: the layers of one forward pass share the mask tensors and the shapes, so each kind of
+layer plans once per forward pass, also in models whose layers alternate (gpt-oss and Gemma 2/3: sliding
+and full attention). Needs transformers >= 4.54 (``AttentionMaskInterface``); tested with 5.25.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
 
 NAME = "ftile"  # flashtile; transformers reserves names containing "flash"
 _WORKSPACE_BYTES = 128 << 20
-_state: dict = {}  # device -> {"workspace", "decode", "prefill", "key", "mask", "wrapper"}
+_MAX_PLANS = 8  # planned wrappers kept per device (a model has a few kinds of layers)
+_state: dict = {}  # device -> {"workspace": float workspace, "plans": {plan key: (wrapper, mask or a weakref)}}
 
 
 def register(name: str = NAME) -> str:
@@ -56,16 +60,23 @@ def register(name: str = NAME) -> str:
     return name
 
 
-def _wrappers(device: torch.device) -> dict:
+def _planned_wrapper(device: torch.device, plan_key: tuple, mask, causal: bool, scaling, softcap,
+                     window_left: int):
+    """The wrapper planned for ``plan_key`` and this ``mask`` tensor: the cached one, else one planned now
+    (the wrappers share one float workspace: their runs are ordered on the stream)."""
     st = _state.get(device)
     if st is None:
-        import flashtile
-
-        ws = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        st = _state[device] = dict(decode=flashtile.BatchDecodeWithPagedKVCacheWrapper(ws, "HND"),
-                                   prefill=flashtile.BatchPrefillWithPagedKVCacheWrapper(ws, "HND"),
-                                   key=None, mask=None, wrapper=None)
-    return st
+        st = _state[device] = dict(workspace=torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device),
+                                   plans={})
+    entry = st["plans"].get(plan_key)
+    if entry is None or (mask is not None and entry[1]() is not mask):  # the key says whether there is a mask
+        if entry is None and len(st["plans"]) >= _MAX_PLANS:
+            st["plans"].clear()
+        wrapper = _plan(st["workspace"], None if entry is None else entry[0], mask, plan_key, causal, scaling,
+                        softcap, window_left)
+        # the mask by weak reference: a cached plan does not keep a forward pass's mask alive
+        entry = st["plans"][plan_key] = (wrapper, None if mask is None else weakref.ref(mask))
+    return entry[0]
 
 
 def attention_forward(
@@ -106,21 +117,24 @@ def attention_forward(
     if attention_mask is None and causal and 1 < q_len < kv_len:
         # a static cache's empty tail (as transformers' SDPA path: the keys past the queries are unused)
         key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
-    st = _wrappers(query.device)
     window = kwargs.get("sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {window!r}")
     window_left = -1 if window is None else window - 1
     plan_key = (batch, hq, hkv, q_len, kv_len, d, query.dtype, key.dtype, scaling, causal, kwargs.get("softcap"),
                 attention_mask is None, window_left)
-    if st["key"] != plan_key or st["mask"] is not attention_mask:
-        _plan(st, attention_mask, plan_key, causal, scaling, kwargs.get("softcap"), window_left)
+    wrapper = _planned_wrapper(query.device, plan_key, attention_mask, causal, scaling, kwargs.get("softcap"),
+                               window_left)
     q = query.transpose(1, 2).reshape(batch * q_len, hq, d)  # one copy: [batch * q_len, Hq, D]
-    out = st["wrapper"].run(q, (key, value), sinks=kwargs.get("s_aux"))  # key, value: HND pages of kv_len tokens
+    out = wrapper.run(q, (key, value), sinks=kwargs.get("s_aux"))  # key, value: HND pages of kv_len tokens
     return out.view(batch, q_len, hq, -1), None
 
 
-def _plan(st: dict, mask, plan_key, causal: bool, scaling, softcap, window_left: int) -> None:
+def _plan(workspace: torch.Tensor, wrapper, mask, plan_key, causal: bool, scaling, softcap, window_left: int):
+    """Plan ``wrapper`` (None: a new one of the kind the call needs) for one call's batch; returns it. The decode
+    wrapper serves one query token without a mask, the paged prefill wrapper everything else."""
+    import flashtile
+
     batch, hq, hkv, q_len, kv_len, d, q_dtype, kv_dtype = plan_key[:8]
     i32 = torch.int32
     indptr = torch.arange(batch + 1, dtype=i32)
@@ -129,11 +143,11 @@ def _plan(st: dict, mask, plan_key, causal: bool, scaling, softcap, window_left:
     common = dict(q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=scaling, logits_soft_cap=softcap,
                   window_left=window_left)
     if mask is None and q_len == 1:
-        st["decode"].plan(indptr, indices, last, hq, hkv, d, kv_len, **common)
-        st["wrapper"] = st["decode"]
+        wrapper = wrapper or flashtile.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND")
+        wrapper.plan(indptr, indices, last, hq, hkv, d, kv_len, **common)
     else:
+        wrapper = wrapper or flashtile.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND")
         extra = dict(causal=causal) if mask is None else dict(custom_mask=mask[:, 0].reshape(-1))
-        st["prefill"].plan(indptr * q_len, indptr, indices, last, hq, hkv, head_dim_qk=d, page_size=kv_len,
-                           **extra, **common)
-        st["wrapper"] = st["prefill"]
-    st["key"], st["mask"] = plan_key, mask
+        wrapper.plan(indptr * q_len, indptr, indices, last, hq, hkv, head_dim_qk=d, page_size=kv_len,
+                     **extra, **common)
+    return wrapper
