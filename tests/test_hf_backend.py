@@ -124,6 +124,37 @@ def test_gpt_oss_sinks_and_sliding_window(path):
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_soft_cap_and_sliding_window(path, family):
+    """Gemma 2 (logit soft cap, sliding and full layers alternating) and Gemma 3 (sliding and full layers, QK
+    norm), tiny and random, against transformers' eager attention: logits of a left-padded batch and greedy
+    ``generate()`` past the window of 8. Gemma 2's soft cap is 0.2 here, on logits made large enough for it
+    to bite (the model ships 50)."""
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=256, pad_token_id=0)
+    if family == "gemma2":
+        cfg = transformers.Gemma2Config(attn_logit_softcapping=0.2, **common)
+    else:
+        cfg = transformers.Gemma3TextConfig(layer_types=["sliding_attention", "full_attention"] * 2, **common)
+    assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+
+    def larger_logits(ref):  # random init gives logits near 0, where a cap of 0.2 changes nothing
+        with torch.no_grad():
+            for layer in ref.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8)
+                layer.self_attn.k_proj.weight.mul_(8)
+
+    ref, ours = _model_pair(cfg, "eager", torch.float16, larger_logits if family == "gemma2" else None)
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits.float()
+        got = ours(input_ids=ids, attention_mask=mask).logits.float()
+        kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-2, rtol=1e-2)
+
+
 def test_alternating_layer_kinds_plan_once_each(monkeypatch):
     """Layers that alternate between two kinds of calls (a window with a mask, full attention without one, as
     gpt-oss and Gemma 3 do) plan once per kind and mask, not once per layer; a new mask re-plans its kind."""
