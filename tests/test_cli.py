@@ -98,9 +98,9 @@ def test_bench_errors(tmp_path):
 
 def test_warmup():
     if HAS_CUDA:
-        r = run_cli("warmup", "--shapes", "llama3-8b", "--dtypes", "bf16")
+        r = run_cli("warmup", "--shapes", "llama3-8b", "--dtypes", "bf16", "--mla", "16")
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "8/8" in r.stdout and "8 of 8 variants ready" in r.stdout
+        assert "11/11" in r.stdout and "11 of 11 variants ready" in r.stdout
     else:
         r = run_cli("warmup", "--shapes", "llama3-8b,gemma2-9b")
         assert r.returncode == 0, r.stderr
@@ -126,6 +126,29 @@ def test_warmup_variants_and_errors(capsys):
     assert "unknown shape" in capsys.readouterr().err
     assert cli.main(["warmup", "--list", "--shapes", "qwen2-7b", "--dtypes", "bf16"]) == 0
     assert "28/4/128 bf16 decode, split-KV" in capsys.readouterr().out
+
+
+def test_warmup_mla_variants(capsys):
+    """--mla: per head count and dtype, MLA decode (split + merge) at pages 1 and 64 and a causal 4-token append
+    at page 64; repeated counts once; shapes may be empty then; bad counts are errors. One variant runs on the
+    CPU through the reference path (what the GPU run calls, minus the compile)."""
+    variants = cli.warmup_variants([], None, ["bf16", "fp16"], [16, 128, 16])
+    assert len(variants) == 2 * 2 * 3 and {v.kind for v in variants} == {"mla"}
+    assert {(v.qo_len, v.page_size, v.causal) for v in variants} == {(1, 1, False), (1, 64, False), (4, 64, True)}
+    assert {(v.shape.num_qo_heads, v.shape.num_kv_heads, v.shape.head_dim) for v in variants} == {(16, 1, 576),
+                                                                                                   (128, 1, 576)}
+    assert len(cli.warmup_variants(["llama3-8b"], None, ["bf16"], [16])) == 8 + 3
+    for heads in ([0], [-2], [True]):
+        with pytest.raises(ValueError, match="--mla"):
+            cli.warmup_variants([], None, ["bf16"], heads)
+    with pytest.raises(ValueError, match="no shapes"):
+        cli.warmup_variants([], None, ["bf16"])
+    assert cli.main(["warmup", "--list", "--shapes", "", "--mla", "16", "--dtypes", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "MLA 16 heads bf16 decode, split-KV + merge, page 1" in out and out.count("\n") == 3
+    from flashtile.cli import warmup
+
+    warmup._run_variant(variants[0], torch.device("cpu"))
 
 
 def test_clear_cache(tmp_path, monkeypatch, capsys):

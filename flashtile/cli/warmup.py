@@ -28,26 +28,38 @@ _WARMUP_DECODE_SPLIT = 1999  # split-KV decode (flash-decoding) and the merge ke
 @dataclass
 class WarmupVariant:
     label: str
-    shape: ModelShape
+    shape: ModelShape  # MLA: (heads, 1, 512 + 64)
     dtype: torch.dtype
-    kind: str  # "prefill", "decode", "batch_decode", "batch_prefill" or "batch_append"
+    kind: str  # "prefill", "decode", "batch_decode", "batch_prefill", "batch_append" or "mla"
     causal: bool
     qo_len: int
     kv_len: int
     models: Tuple[str, ...]
+    page_size: int = 16
+
+
+# DeepSeek MLA (flashtile.mla): latent and rope widths, and the page sizes engines use (SGLang 1, FlashMLA 64)
+_MLA_DIMS = (512, 64)
+_MLA_PAGES = (1, 64)
 
 
 def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]],
-                    dtypes: Sequence[str]) -> List[WarmupVariant]:
+                    dtypes: Sequence[str], mla_heads: Sequence[int] = ()) -> List[WarmupVariant]:
     """The kernel variants to compile for ``shapes`` (preset names or ``Hq/Hkv/D``) and ``dtypes``.
 
     Per (shape, dtype): causal and non-causal prefill, causal prefill with split-KV, decode,
     decode with split-KV (which also runs the merge kernel), and the batch wrappers over a paged
     cache of page size 16: decode, causal prefill and a 4-token append. ``head_dims`` replaces the shapes' own
     head dims (each is combined with every shape's head counts). Identical shapes are compiled once.
+    ``mla_heads``: query heads of DeepSeek MLA models (e.g. 16 at tensor parallelism 8, 128 at 1); per count and
+    dtype, the MLA wrapper's decode with split-KV (and its merge) at page sizes 1 and 64, and a causal 4-token
+    append at page 64. ``shapes`` may be empty when ``mla_heads`` is not.
     """
     parsed = [parse_shape(s) for s in shapes]
-    if not parsed:
+    for heads in mla_heads:
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"--mla: expected positive head counts, got {heads!r}")
+    if not parsed and not mla_heads:
         raise ValueError("no shapes given")
     types = [parse_dtype("dtypes", t, HALF_DTYPES) for t in dtypes]
     if not types:
@@ -75,6 +87,14 @@ def warmup_variants(shapes: Sequence[str], head_dims: Optional[Sequence[int]],
         ):
             label = f"{shape} {SHORT_DTYPE[dtype]} {what}"
             variants.append(WarmupVariant(label, shape, dtype, kind, causal, qo_len, kv_len, tuple(models)))
+    for heads in dict.fromkeys(mla_heads):
+        shape = ModelShape(heads, 1, sum(_MLA_DIMS))
+        for dtype in types:
+            for qo_len, page in [(1, p) for p in _MLA_PAGES] + [(4, _MLA_PAGES[-1])]:
+                what = "decode, split-KV + merge" if qo_len == 1 else f"append {qo_len} tokens"
+                variants.append(WarmupVariant(f"MLA {heads} heads {SHORT_DTYPE[dtype]} {what}, page {page}", shape,
+                                              dtype, "mla", qo_len > 1, qo_len, _WARMUP_DECODE_SPLIT, ("mla",),
+                                              page_size=page))
     return variants
 
 
@@ -103,6 +123,9 @@ def _run_variant(v: WarmupVariant, device: torch.device) -> None:
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=v.dtype, device=device)
 
+    if v.kind == "mla":
+        _run_mla_variant(v, device, randn)
+        return
     k = randn(v.kv_len, hkv, d)
     val = randn(v.kv_len, hkv, d)
     if v.kind == "decode":
@@ -130,6 +153,23 @@ def _run_variant(v: WarmupVariant, device: torch.device) -> None:
     sync(device)
 
 
+def _run_mla_variant(v: WarmupVariant, device: torch.device, randn) -> None:
+    """One MLA plan and run: two requests of ``v.kv_len`` latent tokens in pages of ``v.page_size``."""
+    import flashtile
+
+    heads, (d_ckv, d_kpe), batch = v.shape.num_qo_heads, _MLA_DIMS, 2
+    pages = -(-v.kv_len // v.page_size)
+    i32 = torch.int32
+    pool = randn(batch * pages, v.page_size, d_ckv + d_kpe)
+    w = flashtile.mla.BatchMLAPagedAttentionWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
+    qo_indptr = torch.arange(0, batch * v.qo_len + 1, v.qo_len, dtype=i32)
+    kv_indptr = torch.arange(0, batch * pages + 1, pages, dtype=i32)
+    w.plan(qo_indptr, kv_indptr, torch.arange(batch * pages, dtype=i32), torch.full((batch,), v.kv_len, dtype=i32),
+           heads, d_ckv, d_kpe, v.page_size, v.causal, 1.0 / (d_ckv + d_kpe) ** 0.5, v.dtype, v.dtype)
+    w.run(randn(batch * v.qo_len, heads, d_ckv), randn(batch * v.qo_len, heads, d_kpe), pool[..., :d_ckv],
+          pool[..., d_ckv:])
+
+
 def _bar(done: int, total: int, width: int = 24) -> str:
     filled = round(width * done / max(total, 1))
     return "[" + "#" * filled + "." * (width - filled) + f"] {done:>{len(str(total))}}/{total}"
@@ -138,7 +178,8 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 def cmd_warmup(args: argparse.Namespace) -> int:
     try:
         head_dims = [int(x) for x in parse_list(args.head_dims)] if args.head_dims else None
-        variants = warmup_variants(parse_list(args.shapes), head_dims, parse_list(args.dtypes))
+        mla_heads = [int(x) for x in parse_list(args.mla)] if args.mla else []
+        variants = warmup_variants(parse_list(args.shapes), head_dims, parse_list(args.dtypes), mla_heads)
     except ValueError as e:
         print(f"flashtile warmup: error: {e}", file=sys.stderr)
         return 2
@@ -198,6 +239,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-dims", default=None,
                    help="comma-separated head dims to compile instead of the shapes' own (e.g. 64,128)")
     p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16 (default: bf16,fp16)")
+    p.add_argument("--mla", default=None,
+                   help="comma-separated query-head counts of DeepSeek MLA models to compile the MLA wrapper's "
+                        "kernels for (e.g. 16,128); with --shapes '' only those")
     p.add_argument("--device", default="auto", help="auto (default), cuda or cuda:N")
     p.add_argument("--list", action="store_true", help="list the variants and exit (compiles nothing)")
     p.set_defaults(func=cmd_warmup)
