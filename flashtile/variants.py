@@ -63,7 +63,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-__all__ = ["AttentionVariant", "Hook", "ExtraTensor", "ExtraScalar", "BoundVariant", "bind_variant", "parse_cdtype",
+__all__ = ["AttentionVariant", "Hook", "ExtraTensor", "ExtraScalar", "BoundVariant", "bind_variant", "rebind_variant",
+           "parse_cdtype",
            "HOOK_NAMES",
            "VARIANT_PREFILL_ROUTE"]
 
@@ -292,7 +293,21 @@ def _check_extra_scalar(vname: str, spec: ExtraScalar, value):
     if spec.dtype in _FLOAT_SCALARS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where}: expected a float ({spec.dtype}), got {type(value).__name__}")
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{where}: expected an int ({spec.dtype}), got {type(value).__name__}")
-    return int(value)
+    return _scalar_value(spec, value)
+
+
+def _scalar_value(spec: ExtraScalar, value):
+    """A checked Python scalar as the kernels receive it: float for a float scalar, else int."""
+    return float(value) if spec.dtype in _FLOAT_SCALARS else int(value)
+
+
+def rebind_variant(variant: AttentionVariant, args: Sequence) -> BoundVariant:
+    """:func:`bind_variant` without the checks, for ``args`` whose every property the checks read (count,
+    type, tensor dtype, device, shape and strides; scalars as Python ints and floats) equals those of
+    arguments :func:`bind_variant` accepted for this variant and call sizes: a replayed call's (_core/single.py
+    keys its replays on exactly these properties)."""
+    n = len(variant.tensors)
+    return BoundVariant(variant, tuple(args[:n]) + tuple(_scalar_value(spec, value)
+                                                          for spec, value in zip(variant.scalars, args[n:])))

@@ -473,7 +473,7 @@ def test_replayed_launches_pass_what_computed_launches_pass():
     result = subprocess.run([sys.executable, str(root / "tests" / "replay_check.py")], env=env, cwd=root,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("ok ") == 20
+    assert result.stdout.count("ok ") == 23
 
 
 # ---------------------------------------------------------------------------------------------

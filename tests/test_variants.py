@@ -193,10 +193,13 @@ def test_alibi_as_variant(path, device, kind):
 
 
 def test_softcap_and_window_as_variant(path, device):
-    q, k, v = make_qkv(13, 40, 4, 1, 64, torch.float16, device)
-    out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, window_left=6, return_lse=True,
-                                                      _variant=(SOFTCAP, (2.5,)))
-    assert_matches_oracle(out, lse, q, k, v, causal=True, window_left=6, logits_soft_cap=2.5)
+    """A soft cap variant with the window flag, three calls with new inputs and caps (the second and third
+    replay the first one's launches on the GPU; the cap 3 is an int: one more key, the same kernel)."""
+    for cap in (2.5, 1.5, 3):
+        q, k, v = make_qkv(13, 40, 4, 1, 64, torch.float16, device)
+        out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, window_left=6, return_lse=True,
+                                                          _variant=(SOFTCAP, (cap,)))
+        assert_matches_oracle(out, lse, q, k, v, causal=True, window_left=6, logits_soft_cap=cap)
 
 
 @triton.jit
@@ -385,18 +388,21 @@ def test_kv_full_range_needs_a_mask():
 @pytest.mark.parametrize("builtin", [True, False], ids=["sinks=", "user"])
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_sinks(path, device, builtin, kind):
+    """Sinks on the single-request functions, three calls with new inputs and sinks (on the GPU the later ones
+    replay the first one's launches with this call's sinks)."""
     qo_len = 1 if kind == "decode" else 10
-    q, k, v = make_qkv(qo_len, 33, 4, 2, 64, torch.float16, device)
-    sinks = torch.randn(4, device=device) * 2
-    extra = dict(sinks=sinks) if builtin else dict(_variant=(SINKS, (sinks,)))
-    if kind == "decode":
-        out, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True, **extra)
-        out, lse = out[None], lse[None]
-    else:
-        out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True, **extra)
-    ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu(), causal=kind == "prefill")
-    torch.testing.assert_close(out.double().cpu(), ref_o, **TOL)
-    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+    for _ in range(3):
+        q, k, v = make_qkv(qo_len, 33, 4, 2, 64, torch.float16, device)
+        sinks = torch.randn(4, device=device) * 2
+        extra = dict(sinks=sinks) if builtin else dict(_variant=(SINKS, (sinks,)))
+        if kind == "decode":
+            out, lse = flashtile.single_decode_with_kv_cache(q[0], k, v, return_lse=True, **extra)
+            out, lse = out[None], lse[None]
+        else:
+            out, lse = flashtile.single_prefill_with_kv_cache(q, k, v, causal=True, return_lse=True, **extra)
+        ref_o, ref_lse = sink_attention_oracle(q, k, v, sinks.cpu(), causal=kind == "prefill")
+        torch.testing.assert_close(out.double().cpu(), ref_o, **TOL)
+        torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
 
 
 def test_sinks_with_split_kv(device, monkeypatch):

@@ -200,10 +200,13 @@ def _batch_attention(lib, dev, batch: int = 8, kv_len: int = 256):
     return lambda: w.run(q, cache)
 
 
-def _single_decode(lib, dev):
+def _single_decode(lib, dev, sinks: bool = False):
     q = torch.randn(HQ, D, dtype=DTYPE, device=dev)
     k = torch.randn(256, HKV, D, dtype=DTYPE, device=dev)
     v = torch.randn(256, HKV, D, dtype=DTYPE, device=dev)
+    if sinks:
+        s = torch.randn(HQ, device=dev)
+        return lambda: lib.single_decode_with_kv_cache(q, k, v, sinks=s)
     return lambda: lib.single_decode_with_kv_cache(q, k, v)
 
 
@@ -266,6 +269,7 @@ CASES: Dict[str, Callable] = {
     "BatchAttention run() 32 + 7 x 256": _batch_attention,
     "mla plan() 8 x 256 h16": lambda lib, dev: _mla(lib, dev, "plan"),
     "single_decode_with_kv_cache 256": _single_decode,
+    "single_decode_with_kv_cache sinks 256": lambda lib, dev: _single_decode(lib, dev, sinks=True),
     "single_prefill_with_kv_cache 32 on 256": _single_prefill,
     "top_p_sampling_from_probs 1 x 32000": _top_p,
     "rmsnorm 1 x 4096": _rmsnorm,

@@ -4,8 +4,10 @@ The first call with given input shapes, strides, dtypes, alignment and options c
 its arguments, allocates the outputs and launches through the op layer while recording the kernel
 launches (_core/launch.py); later calls with the same key replay them with the new tensors. The key
 fixes every outcome of the checks and every launch argument besides the tensors, so a replayed call
-is the call the slow path would have made. Calls whose launches cannot be replayed (split-KV partial
-buffers, masks, ALiBi slopes: tensors that belong to one call) always take the slow path.
+is the call the slow path would have made. An attention variant's extra arguments (or ``sinks=``) join the
+key by the properties their checks read (_variant_key), and a replay passes this call's argument tuple. Calls
+whose launches cannot be replayed (split-KV partial buffers, masks, ALiBi slopes: tensors that belong to one
+call) always take the slow path.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..variants import rebind_variant
 from . import ops
 from .attention_args import SingleAttentionArgs
 from .buffers import discarded_output, new_output, new_output_like
-from .launch import make_replay, on_clear_launch_memos, recording_launches
+from .launch import argument_key, make_replay, on_clear_launch_memos, recording_launches
+from .memo import tensor_key
 from .single_batch import on_route_change, owned_storage
 from .variant_args import bind_single_variant
 
@@ -47,6 +51,26 @@ def single_key(kind: str, q, k, v, kv_layout, options: tuple) -> Optional[tuple]
                 v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16 == 0)
     except Exception:
         return None
+
+
+def _variant_key(variant) -> Optional[tuple]:
+    """The part of a replay key that ``variant = (AttentionVariant, extra args)`` adds: the variant by identity,
+    each extra tensor by its metadata (every property binding checks, and the alignment Triton specializes on),
+    each scalar by type (ints also by what Triton specializes on); None (not replayed) for an argument of any
+    other kind, e.g. a scalar given as a tensor (read per call)."""
+    var, extra = variant
+    key: list = [id(var)]
+    for a in extra:
+        kind = type(a)
+        if kind is torch.Tensor:
+            key.append(tensor_key(a))
+        elif kind is int:
+            key.append(argument_key(a))
+        elif kind is float or a is None:
+            key.append(kind)
+        else:
+            return None
+    return tuple(key)
 
 
 def replay_single_attention(kind: str, q, k, v, kv_layout, options: tuple, return_lse: bool) -> Optional[tuple]:
@@ -93,16 +117,22 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
     ``kv_layout``: the caller's; ``options``: the call's other arguments (their values key the replay;
     anything but a plain scalar among them turns the replay off); ``normalize()`` checks everything and
     returns the normalized arguments (the slow path). ``variant``: ``(AttentionVariant, extra args)`` or None;
-    its arguments are checked here and its calls are never replayed (their extra tensors belong to one call)."""
+    its arguments are checked on the first call of a key; a later call with the same key (which holds the extra
+    arguments' properties: _variant_key) replays with this call's extra arguments."""
     key = None
-    if variant is None and not _is_compiling():
+    if not _is_compiling():
         try:
             key = single_key(kind, q, k, v, kv_layout, options)
-            runner = _REPLAYS.get(key)
+            if key is not None and variant is not None:
+                extra_key = _variant_key(variant)
+                key = None if extra_key is None else key + (extra_key,)
+            runner = _REPLAYS.get(key) if key is not None else None
         except TypeError:  # unhashable: the checks below reject it
             key = runner = None
         if runner is not None:
-            return runner(q, k, v, return_lse)
+            if variant is None:
+                return runner(q, k, v, return_lse)
+            return runner(q, k, v, return_lse, rebind_variant(variant[0], variant[1]).args)
     args = normalize()
     qo_len, num_qo_heads, _ = args.q.shape
     shape = (qo_len, num_qo_heads, args.v.shape[2])  # the op's
@@ -122,8 +152,11 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
                  backend=args.backend, variant=bound)
         return out, lse if return_lse else None
     with recording_launches() as recording:
-        ops.call(ops.single_attention, *dynamic[:3], None, *dynamic[3:], kind, params=args.params, backend=args.backend)
-    replay = make_replay(recording, dynamic, owned_storage())  # a batch of one launches with its plan's tensors
+        ops.call(ops.single_attention, *dynamic[:3], None, *dynamic[3:], kind, params=args.params, backend=args.backend,
+                 variant=bound)
+    # a batch of one launches with its plan's tensors; a variant's extra arguments are one dynamic tuple
+    replay = make_replay(recording, dynamic + ((bound.args,) if bound is not None and bound.args else ()),
+                         owned_storage())
     if replay is not None:
         if len(_REPLAYS) >= MAX_REPLAYS:
             _REPLAYS.clear()
@@ -135,12 +168,15 @@ def run_single_attention(kind: str, q, k, v, kv_layout, options: tuple, normaliz
         # The output has q's shape and dtype in the common case: torch.empty_like then (less host time)
         like_q = tuple(q.shape) == tuple(out_shape) and q.dtype == out_dtype
 
-        def runner(q, k, v, return_lse):
+        def runner(q, k, v, return_lse, extra=()):
             o = new_output_like(q) if like_q else new_output(out_shape, out_dtype, device)
             if derive is not None:
                 q, k, v = derive(q, k, v)
             s = new_output(out_shape[:-1], torch.float32, device) if return_lse else discarded_lse
-            replay(q, k, v, o, s)
+            if extra:
+                replay(q, k, v, o, s, extra)
+            else:
+                replay(q, k, v, o, s)
             return o, s if return_lse else None
 
         _REPLAYS[key] = runner
