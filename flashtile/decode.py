@@ -433,7 +433,7 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
-                    return replay(q, paged_kv_cache, out, lse, return_lse, variant)
+                    return replay((q, paged_kv_cache), out, lse, return_lse, variant)
         plan = self._require_plan()
         if variant is None:
             variant = self._check_run_options(plan, args, sinks, window_left, kv_cache_sf)
@@ -453,8 +453,9 @@ class BatchDecodeWithPagedKVCacheWrapper(PlanRunWrapper):
         replay = self._launch_recorded(plan, key, (q, cache.k, cache.v, o, s, *variant_replay_args(variant)), launch)
         if replay is not None:
             layout = self._kv_layout
-            plan.replays[key] = self._replay_runner(replay, lambda cache_: kv_page_views(cache_, layout), shape,
-                                                    plan.o_dtype, self.device)
+            plan.replays[key] = self._replay_runner(
+                replay, lambda inputs: (inputs[0], *kv_page_views(inputs[1], layout)), shape, plan.o_dtype,
+                self.device)
         return (o, s) if return_lse else o
 
     def run_return_lse(self, q: torch.Tensor, paged_kv_cache, *args, **kwargs):

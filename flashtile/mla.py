@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from ._core import mla_tiles, ops_mla
-from ._core.buffers import discarded_output, new_output
+from ._core.buffers import discarded_output
 from ._core.checks import FP8_DTYPES, HALF_DTYPES, check_tensor, describe, parse_dtype
 from ._core.dispatch import implementation
 from ._core.host_arrays import host_int64
 from ._core.mla_tiles import MlaMeta, mla_launch_facts
 from ._core.paged_kv import as_index_tensor
-from ._core.wrapper import PlanRunWrapper, check_positive_int, run_key, variant_replay_args
+from ._core.wrapper import PlanRunWrapper, as_given, check_positive_int, run_key, variant_replay_args
 from .scheduler.mla_work import min_mla_chunk, plan_mla_work
 
 __all__ = ["BatchMLAPagedAttentionWrapper", "MLA_HEAD_DIMS_CKV", "MLA_HEAD_DIMS_KPE", "MlaMeta"]
@@ -319,7 +319,7 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
-                    return replay(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, variant)
+                    return replay((q_nope, q_pe, ckv_cache, kpe_cache), out, lse, return_lse, variant)
         plan = self._require_plan()
         for name, value in (("profiler_buffer", profiler_buffer), ("kv_len", kv_len), ("page_table", page_table)):
             if value is not None:
@@ -363,7 +363,7 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
         replay = self._launch_recorded(plan, key, (q_nope, q_pe, ckv_cache, kpe_cache, out, lse_out,
                                                    *variant_replay_args(variant)), launch)
         if replay is not None:
-            plan.replays[key] = _mla_replay_runner(replay, (nnz, H, dc), plan.q_dtype, self.device, return_lse)
+            plan.replays[key] = self._replay_runner(replay, as_given, (nnz, H, dc), plan.q_dtype, self.device)
         return (out, lse_out) if return_lse else out
 
     def _mla_variant(self, plan: _MlaPlan, variant_args: tuple, sinks):
@@ -373,20 +373,3 @@ class BatchMLAPagedAttentionWrapper(PlanRunWrapper):
             num_qo_heads=plan.num_heads, num_kv_heads=1, batch_size=plan.batch_size,
             head_dim=plan.head_dim_ckv + plan.head_dim_kpe))
 
-
-def _mla_replay_runner(replay, shape: tuple, dtype: torch.dtype, device: torch.device, return_lse: bool):
-    """run() for inputs with the key of a recorded run (which fixes ``return_lse`` and whether ``out`` and
-    ``lse`` were given): the outputs (the given ones, or new ones; an lse nobody reads: the scratch view),
-    then the replay."""
-    lse_shape = shape[:2]
-
-    def runner(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, variant):
-        if out is None:
-            out = new_output(shape, dtype, device)
-        if lse is None:
-            lse = new_output(lse_shape, torch.float32, device) if return_lse else \
-                discarded_output(lse_shape, torch.float32, device)
-        replay(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, *variant_replay_args(variant))
-        return (out, lse) if return_lse else out
-
-    return runner

@@ -20,7 +20,7 @@ from ._core.paged_kv import as_index_tensor, kv_page_views, read_page_table, unp
 from ._core.prefill_wrapper import BatchPrefillWrapper
 from ._core.single import replay_single_attention, run_single_attention
 from ._core.variant_args import with_sinks
-from ._core.wrapper import check_positive_int
+from ._core.wrapper import as_given, check_positive_int
 from .trtllm import trtllm_batch_context_with_kv_cache
 
 __all__ = [
@@ -388,7 +388,7 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchPrefillWrapper):
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
-                    return replay(q, paged_kv_cache, out, lse, return_lse, variant)
+                    return replay((q, paged_kv_cache), out, lse, return_lse, variant)
         plan = self._require_plan()
         fp8 = self._fp8_scales(plan, args, sinks)
         if variant is None:
@@ -595,7 +595,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
             if key is not None:
                 replay = plan.replays.get(key)
                 if replay is not None:
-                    return replay(q, (k, v), out, lse, return_lse, variant)
+                    return replay((q, (k, v)), out, lse, return_lse, variant)
         plan = self._require_plan()
         fp8 = self._fp8_scales(plan, args, sinks)
         if variant is None:
@@ -614,7 +614,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchPrefillWrapper):
         # views, no copies: a replay passes only data pointers, which views share. (Not while torch.compile
         # traces: no replay is recorded then, and torch 2.11's Dynamo cannot read a fake tensor's data_ptr.)
         if key is not None and k.data_ptr() == k_given.data_ptr() and v.data_ptr() == v_given.data_ptr():
-            derive = _as_given
+            derive = as_given
         for name, x, dim in (("k", k, plan.head_dim_qk), ("v", v, plan.head_dim_vo)):
             if x.shape[1] != plan.num_kv_heads or x.shape[2] != dim or x.shape[0] < plan.kv_rows_needed:
                 raise ValueError(f"{name}: expected at least {plan.kv_rows_needed} rows (kv_indptr[-1]) of "
@@ -659,6 +659,3 @@ def _ragged_kv_views(kv_layout: str):
 
     return views
 
-
-def _as_given(kv):
-    return kv

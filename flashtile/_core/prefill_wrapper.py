@@ -288,7 +288,8 @@ class BatchPrefillWrapper(PlanRunWrapper):
 
         replay = self._launch_recorded(plan, key, (q, k, v, o, s, *variant_replay_args(variant)), launch)
         if replay is not None:
-            plan.replays[key] = self._replay_runner(replay, derive, shape, plan.o_dtype, self.device)
+            plan.replays[key] = self._replay_runner(replay, lambda inputs: (inputs[0], *derive(inputs[1])), shape,
+                                                    plan.o_dtype, self.device)
         return (o, s) if return_lse else o
 
     def _check_q(self, plan: PrefillPlan, q) -> int:

@@ -29,7 +29,7 @@ from .params import AttentionParams
 from .variant_args import variant_from_jit_args, with_sinks
 
 __all__ = ["PlanRunWrapper", "PlanBase", "check_common_options", "reject_kv_cache_sf",
-           "INT_WORKSPACE_BYTES", "run_key", "variant_replay_args", "ReplayingPlan"]
+           "INT_WORKSPACE_BYTES", "run_key", "variant_replay_args", "ReplayingPlan", "as_given"]
 
 MAX_REPLAYS = 64  # remembered run() shapes per plan (one per layer shape is typical)
 MAX_WORKSPACE_VIEWS = 64  # remembered workspace layouts per buffer (plans of recurring sizes)
@@ -68,6 +68,11 @@ def variant_replay_args(variant) -> tuple:
     """The dynamic launch arguments a bound variant adds to a run()'s replay: its extra-argument tuple, the
     object the kernels receive (kernels/attention.py variant_kwargs), or nothing."""
     return (variant.args,) if variant is not None and variant.args else ()
+
+
+def as_given(inputs):
+    """run()'s inputs as the kernels take them (a replay's ``derive_inputs`` when there are no views to make)."""
+    return inputs
 
 
 class ReplayingPlan(Protocol):
@@ -334,20 +339,20 @@ class PlanRunWrapper:
         return replay
 
     @staticmethod
-    def _replay_runner(replay, derive_kv: Callable, shape: tuple, o_dtype: torch.dtype, device: torch.device):
-        """run() for inputs with the key of a recorded run: the kernel's K/V views of run()'s K/V argument
-        (``derive_kv``), the outputs (the given ones or new ones), the replay (with the call's bound variant's
-        arguments, when the key has one)."""
+    def _replay_runner(replay, derive_inputs: Callable, shape: tuple, o_dtype: torch.dtype, device: torch.device):
+        """run() for inputs with the key of a recorded run, as ``runner(inputs, out, lse, return_lse, variant)``:
+        the kernels' input tensors of run()'s ``inputs`` tuple (``derive_inputs``: e.g. q and the K/V views of
+        the cache), the outputs (the given ones or new ones; an lse nobody reads: the scratch view), the
+        replay (with the call's bound variant's arguments, when the key has one)."""
         lse_shape = shape[:2]
         discarded_lse = discarded_output(lse_shape, torch.float32, device)
 
-        def runner(q, kv, out, lse, return_lse, variant=None):
-            k, v = derive_kv(kv)
+        def runner(inputs, out, lse, return_lse, variant=None):
             if out is None:
                 out = new_output(shape, o_dtype, device)
             if lse is None:
                 lse = new_output(lse_shape, torch.float32, device) if return_lse else discarded_lse
-            replay(q, k, v, out, lse, *variant_replay_args(variant))
+            replay(*derive_inputs(inputs), out, lse, *variant_replay_args(variant))
             return (out, lse) if return_lse else out
 
         return runner
