@@ -236,19 +236,12 @@ def load_case_files() -> None:
 def import_flashinfer(*submodules: str):
     """FlashInfer (and its ``submodules``, e.g. "sampling") for a baseline provider, or
     :class:`Unavailable` when it is not importable or there is no CUDA device."""
-    import importlib
+    from flashtile.shim import import_real_flashinfer
 
     try:
-        lib = importlib.import_module("flashinfer")
-        for name in submodules:
-            importlib.import_module(f"flashinfer.{name}")
+        lib = import_real_flashinfer(*submodules)
     except Exception as e:
-        raise Unavailable(f"flashinfer is not importable ({type(e).__name__})") from e
-    from flashtile.shim import is_flashtile_shim
-
-    if is_flashtile_shim(lib):
-        raise Unavailable("`import flashinfer` finds flashtile's shim (python -m flashtile install-shim), not "
-                          "FlashInfer")
+        raise Unavailable(f"flashinfer is not importable ({type(e).__name__}: {e})") from e
     if not torch.cuda.is_available():
         raise Unavailable("FlashInfer needs CUDA")
     return lib

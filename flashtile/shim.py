@@ -44,6 +44,7 @@ __all__ = [
     "activate",
     "default_target",
     "is_flashtile_shim",
+    "import_real_flashinfer",
     "install_shim",
     "uninstall_shim",
 ]
@@ -201,6 +202,21 @@ def is_flashtile_shim(module) -> bool:
         return True
     file = getattr(module, "__file__", None)
     return file is not None and _is_shim_package(pathlib.Path(file).parent)
+
+
+def import_real_flashinfer(*submodules: str):
+    """``import flashinfer`` (and ``flashinfer.<name>`` for each of ``submodules``) for a comparison with
+    FlashInfer. Raises ImportError when it is not importable, or when it is flashtile (:func:`is_flashtile_shim`):
+    the comparison would be flashtile against itself."""
+    import importlib
+
+    module = importlib.import_module(PACKAGE)
+    if is_flashtile_shim(module):
+        raise ImportError("`import flashinfer` finds flashtile's shim (python -m flashtile install-shim), "
+                          "not FlashInfer")
+    for name in submodules:
+        importlib.import_module(f"{PACKAGE}.{name}")
+    return module
 
 
 def _is_shim_dist_info(dist_info: pathlib.Path) -> bool:

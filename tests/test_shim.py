@@ -86,6 +86,12 @@ try:
     raise SystemExit("the benchmarks took the shim for FlashInfer")
 except Unavailable as e:
     assert "shim" in str(e), e
+from flashtile.shim import import_real_flashinfer
+try:
+    import_real_flashinfer("decode")
+    raise SystemExit("import_real_flashinfer returned the shim")
+except ImportError as e:
+    assert "shim" in str(e), e
 if hasattr(flashtile.decode, "fast_decode_plan"):
     assert flashinfer.decode.fast_decode_plan is flashtile.decode.fast_decode_plan
     assert flashinfer.fast_decode_plan is flashtile.decode.fast_decode_plan

@@ -28,7 +28,7 @@ import torch
 
 from flashtile.examples.engine import PagedEngine, Sampling
 from flashtile.examples.model import MODELS, init_weights, make_requests, system_prompt
-from flashtile.shim import is_flashtile_shim
+from flashtile.shim import import_real_flashinfer
 
 # what a kernel does, by words in its name (first match wins); the rest is "other"
 GROUPS = (("attention decode", ("decode",)), ("attention prefill", ("prefill", "attention", "attn", "cascade",
@@ -142,12 +142,9 @@ def main() -> None:
     engines, settings = {}, {}
     for name, module, setting in libs:
         try:
-            lib = importlib.import_module(module)
+            lib = import_real_flashinfer() if module == "flashinfer" else importlib.import_module(module)
         except ImportError as e:
             print(f"{name}: not importable ({e}); skipped")
-            continue
-        if module == "flashinfer" and is_flashtile_shim(lib):
-            print(f"{name}: `import flashinfer` finds flashtile's shim, not FlashInfer; skipped")
             continue
         settings[name] = _in_setting(setting)
         with settings[name]():

@@ -291,18 +291,9 @@ def _providers(dry: bool) -> Dict[str, object]:
     libs = {"flashtile": flashtile}
     if not dry:
         try:
-            import flashinfer
-            import flashinfer.activation
-            import flashinfer.cascade
-            import flashinfer.norm
-            import flashinfer.rope
-            import flashinfer.sampling
+            from flashtile.shim import import_real_flashinfer
 
-            from flashtile.shim import is_flashtile_shim
-
-            if is_flashtile_shim(flashinfer):
-                raise ImportError("`import flashinfer` finds flashtile's shim, not FlashInfer")
-            libs["FlashInfer"] = flashinfer
+            libs["FlashInfer"] = import_real_flashinfer("activation", "cascade", "norm", "rope", "sampling")
         except Exception as e:
             print(f"(FlashInfer not importable: {type(e).__name__}: {e})")
     return libs

@@ -179,14 +179,12 @@ def _device(name: str) -> torch.device:
 
 def _kernels(name: str):
     if name == "flashinfer":
-        import flashinfer
+        from ..shim import import_real_flashinfer
 
-        from ..shim import is_flashtile_shim
-
-        if is_flashtile_shim(flashinfer):
-            raise SystemExit("--kernels flashinfer: `import flashinfer` finds flashtile's shim (python -m flashtile "
-                             "install-shim), not FlashInfer; the comparison would be flashtile with itself")
-        return flashinfer
+        try:
+            return import_real_flashinfer()
+        except ImportError as e:
+            raise SystemExit(f"--kernels flashinfer: {e}") from e
     import flashtile
     return flashtile
 
