@@ -314,6 +314,12 @@ def test_mla_graph_mode_buffers_and_limits(path, device):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("page_size, heads", [(1, 16), (64, 128)])
 def test_mla_cuda_graph_replan_replay(page_size, heads):
+    graph_replan_replay(page_size, heads)
+
+
+def graph_replan_replay(page_size: int, heads: int) -> None:
+    """Capture run() in a CUDA graph, then re-plan with other lengths and replay, twice, against the oracle
+    (also tests/test_mla_hopper.py's, with the Gluon kernel)."""
     device = torch.device("cuda")
     dc, dp, B = 512, 64, 4
     i32 = dict(dtype=torch.int32, device=device)

@@ -100,6 +100,10 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
             "`0`: no replayed launches for the small ops (norm, activation, RoPE)"),
     Setting("FLASHTILE_HOPPER_PREFILL", KILL_SWITCH, "flag", True,
             "`0`: batch prefill on an H100 runs the Triton kernel instead of the warp-specialized Gluon kernel"),
+    Setting("FLASHTILE_HOPPER_MLA", DIAGNOSTIC, "flag", False,
+            "`1`: MLA batches with 64-row tiles (64 or more heads, or appends) on an H100/H200 run the "
+            "warp-specialized Gluon kernel (kernels/mla_hopper.py; off until its GPU tests and the mla benchmark "
+            "have run)"),
     Setting("FLASHTILE_SINGLE_PREFILL_AS_BATCH", DIAGNOSTIC, "flag", False,
             "`1`: single prefill calls that the warp-specialized Hopper batch prefill kernel serves run as a ragged "
             "batch of one through it (off until the single_prefill benchmark shows it never slower)"),

@@ -41,23 +41,24 @@ import torch
 
 from .._core import settings
 from .._core.launch import direct_launch
+from .gluon_api import HAVE_GLUON as _HAVE_GLUON
 
-try:  # Gluon (Triton >= 3.5). Imported only where a Hopper GPU runs it: see hopper_prefill_views.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (
+if _HAVE_GLUON:  # Gluon (Triton >= 3.5). Used only where a Hopper GPU runs it.
+    from .gluon_api import (
+        GluonTensorDescriptor,
+        async_copy,
+        cp_async_load,
+        cta_barrier,
         fence_async_shared,
+        gl,
+        gluon,
         mbarrier,
         tma,
+        tma_load,
+        tma_store,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
-
-    _HAVE_GLUON = True
-except Exception:  # pragma: no cover - older or newer Triton without this API
-    _HAVE_GLUON = False
 
 from .prefill_plan import item_and_head, item_fields
 from .softmax import finalize_state, softmax_step
@@ -273,10 +274,10 @@ if _HAVE_GLUON:
         if PAGED:
             for j in gl.static_range(_BLOCK_N // PAGE_SIZE):
                 row = gl.sum(gl.where(offs_p == j, rows, 0), 0)
-                tma.async_copy_global_to_shared(desc, [row, kv_head * head_col], bar,
+                tma_load(desc, [row, kv_head * head_col], bar,
                                                 buf.slice(j * PAGE_SIZE, PAGE_SIZE))
         else:
-            tma.async_copy_global_to_shared(desc, [kv_offset + n0, kv_head * head_col], bar, buf)
+            tma_load(desc, [kv_offset + n0, kv_head * head_col], bar, buf)
 
     @gluon.jit
     def _gather_rows(offs_buf, n0, kv_len, kv_offset, kv_head, PAGE_INDICES, rows_per_page, head_row, row_stride,
@@ -291,7 +292,7 @@ if _HAVE_GLUON:
         rows = pages * rows_per_page + kv_head * head_row + keys % PAGE_SIZE
         # Past the keys: -8, negative (masked off) yet as aligned as a key's offset.
         offs_buf.store(gl.where(ok, rows.to(gl.int64) * row_stride + col, -8))
-        gl.thread_barrier()
+        cta_barrier()
 
     @gluon.jit
     def _gather_block(base, buf, offs_buf, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
@@ -305,7 +306,7 @@ if _HAVE_GLUON:
         for r in gl.static_range(_BLOCK_N // SUB):
             # Multiples of 8 elements (16 bytes): the host checks the strides and the column.
             offs = gl.multiple_of(offs_buf.slice(r * SUB, SUB).load(gl.SliceLayout(1, copy_layout)), 8)
-            async_copy.async_copy_global_to_shared(buf.slice(r * SUB, SUB), base + offs[:, None] + offs_d[None, :],
+            cp_async_load(buf.slice(r * SUB, SUB), base + offs[:, None] + offs_d[None, :],
                                                    mask=(offs >= 0)[:, None])
 
     @gluon.jit
@@ -351,7 +352,7 @@ if _HAVE_GLUON:
             mbarrier.expect(q_ready.index(qi), _BLOCK_M * HEAD_DIM * 2)
             q_buf = q_bufs.index(qi)
             for g in gl.static_range(GROUP):
-                tma.async_copy_global_to_shared(q_desc, [qo_start + t_first, (kv_head * GROUP + g) * HEAD_DIM],
+                tma_load(q_desc, [qo_start + t_first, (kv_head * GROUP + g) * HEAD_DIM],
                                                 q_ready.index(qi), q_buf.slice(g * TOKENS, TOKENS))
             if RECORD:
                 if tile < _RECORD_TILES:
@@ -416,7 +417,7 @@ if _HAVE_GLUON:
                 v_tile = v_buf.load(fix_layout)
                 v_buf.store(gl.where(rows[:, None] < kv_len, v_tile, 0.0).to(dtype))
                 fence_async_shared()
-                gl.thread_barrier()
+                cta_barrier()
         return v_buf
 
     @gluon.jit
@@ -575,9 +576,9 @@ if _HAVE_GLUON:
                 if via_tma:
                     q_buf.store(o.to(dtype))
                     fence_async_shared()
-                    gl.thread_barrier()  # every thread's rows in shared memory before the copies start
+                    cta_barrier()  # every thread's rows in shared memory before the copies start
                     for b in gl.static_range(ROWS // O_BOX):  # one box per query head: rows are head-major
-                        tma.async_copy_shared_to_global(
+                        tma_store(
                             o_desc, [qo_start + t_first + (ROW0 + b * O_BOX) % TOKENS,
                                      (kv_head * GROUP + (ROW0 + b * O_BOX) // TOKENS) * HEAD_DIM],
                             q_buf.slice(b * O_BOX, O_BOX))

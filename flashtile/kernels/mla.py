@@ -11,6 +11,9 @@ Work: the plan's work list (flashtile/scheduler/mla_work.py) holds (request, row
 items. ``_mla_kernel`` runs a persistent grid (its size does not depend on the lengths, so a CUDA
 graph replays a re-plan correctly) over the items; a request cut into several KV chunks writes
 float32 partial states, merged by ``_mla_merge_kernel`` with the online-softmax helpers of softmax.py.
+
+On an H100/H200 with ``FLASHTILE_HOPPER_MLA=1``, plain bf16/fp16 batches with 64-row tiles run the
+warp-specialized Gluon kernel of mla_hopper.py instead of ``_mla_kernel`` (same plan, outputs and merge).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .._core.device import num_sms
 from .._core.launch import direct_launch
 from .._core.settings import interpreting
 from .attention import variant_kwargs
+from .mla_hopper import hopper_mla_forward, hopper_mla_usable
 from .smem import TileFeatures, launch_within_limit
 from .softmax import finalize_state, softmax_update
 from .tiles import mma
@@ -299,9 +303,14 @@ def mla_paged_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_
             **hooks, **({} if out_split == 1 else {"OUT_SPLIT": out_split}),
         )
 
-    features = TileFeatures(d_qk=d_ckv + d_kpe, d_vo=d_ckv, q_bytes=q_nope.element_size(),
-                            kv_bytes=ckv_cache.element_size())
-    launch_within_limit(launch, cfg, features, q_nope.device, cfg=cfg)
+    plain = variant is None and ckv_scale == 1.0 and kpe_scale == 1.0
+    if hopper_mla_usable(q_nope, q_pe, ckv_cache, kpe_cache, cfg.block_m, plain):
+        hopper_mla_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, sm_scale=sm_scale, causal=causal,
+                           num_sms=num_sms(q_nope.device))
+    else:
+        features = TileFeatures(d_qk=d_ckv + d_kpe, d_vo=d_ckv, q_bytes=q_nope.element_size(),
+                                kv_bytes=ckv_cache.element_size())
+        launch_within_limit(launch, cfg, features, q_nope.device, cfg=cfg)
     nnz = q_nope.shape[0]
     if nnz and (meta.graph or meta.max_splits > 1):
         block_h, block_s, block_d = merge_launch(num_heads, d_ckv, meta.max_splits)
