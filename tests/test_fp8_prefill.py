@@ -362,6 +362,56 @@ def test_ragged_prefill_fp8_gpu():
                    True)
 
 
+def _hopper_gpu() -> bool:
+    from flashtile.kernels import batch_prefill_hopper as hopper
+
+    return torch.cuda.is_available() and hopper._HAVE_GLUON and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_gpu(), reason="the warp-specialized prefill kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("d, dtype, per_head, causal, split, offset", [
+    (128, E4M3, True, True, False, 0),
+    (128, E4M3, False, False, False, 3),
+    (128, E4M3, True, True, True, 0),
+    (64, E4M3, True, True, False, 5),
+    (128, E5M2, True, True, True, 0),
+])
+def test_ragged_prefill_fp8_gluon_gpu(monkeypatch, d, dtype, per_head, causal, split, offset):
+    """Ragged FP8 batches through the warp-specialized Gluon kernel (FLASHTILE_HOPPER_FP8=1; V from the
+    transposed copy): every request against the oracle, with split-KV merges, per-tensor scales, e5m2, keys
+    that start ``offset`` rows into k/v; the launch count fails the test if the Triton kernel ran instead."""
+    from flashtile.kernels import batch_prefill as BP
+
+    monkeypatch.setenv("FLASHTILE_HOPPER_FP8", "1")
+    launches = []
+    launch = BP.hopper_prefill_forward
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs.get("fp8_scales") is not None)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(BP, "hopper_prefill_forward", counted)
+    device = torch.device("cuda")
+    qo_lens, kv_lens = [128, 300, 200, 777], [128, 1000, 264, 777]
+    q8, k8, v8, sq, sk, sv, qo_indptr, kv_indptr = ragged_batch(qo_lens, kv_lens, 8, 2, d, dtype, device, per_head)
+    if offset:  # rows of k/v before and after the requests
+        pad = lambda x: torch.cat([x[:offset], x, x[:7]])  # noqa: E731
+        k8, v8, kv_indptr = pad(k8), pad(v8), kv_indptr + offset
+    w = flashtile.BatchPrefillWithRaggedKVCacheWrapper(workspace(device, mib=128))
+    w.plan(qo_indptr, kv_indptr, 8, 2, d, causal=causal, q_data_type=dtype, kv_data_type=dtype,
+           o_data_type=torch.bfloat16, fixed_split_size=256 if split else None)
+    if split:
+        assert w._plan.num_merges > 0
+    out, lse = w.run(q8, k8, v8, sq, sk, sv, return_lse=True)
+    assert launches and all(launches), "the Gluon kernel did not run the FP8 batch"
+    again, lse_again = w.run(q8, k8, v8, sq, sk, sv, return_lse=True)  # a replay of the first call's launches
+    assert torch.equal(again, out) and torch.equal(lse_again, lse)
+    kv = kv_indptr.tolist()
+    check_requests(out, lse, q8, lambda i: k8[kv[i]:kv[i + 1]], lambda i: v8[kv[i]:kv[i + 1]], sq, sk, sv, qo_lens,
+                   causal)
+
+
 @pytest.mark.gpu
 def test_fp8_close_to_bf16_gpu():
     """Upstream's check (test_hopper_fp8_attention): fp8 output near the bf16 attention of the unquantized

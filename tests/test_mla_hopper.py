@@ -178,10 +178,10 @@ def test_gluon_kernel_cuda_graph_replan_replay(gluon_launches, page_size):
 
 
 @pytest.mark.skipif(not mla_hopper._HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
-@pytest.mark.parametrize("args", [["--mla", "--qo", "2"], ["--mla", "--page-size", "1"], []],
-                         ids=["mla", "mla-gather", "prefill"])
+@pytest.mark.parametrize("args", [["--mla", "--qo", "2"], ["--mla", "--page-size", "1"], [], ["--fp8"]],
+                         ids=["mla", "mla-gather", "prefill", "prefill-fp8"])
 def test_gluon_kernels_compile_for_sm90_with_this_triton(args):
-    """Both Gluon kernels (the MLA kernel, TMA and gather; the batch prefill) compile for sm_90a with the
+    """Both Gluon kernels (the MLA kernel, TMA and gather; the batch prefill, bf16 and FP8) compile for sm_90a with the
     installed Triton, within an H100's shared memory: the GPU runs Triton 3.6, and this catches Gluon's
     renamed APIs (kernels/gluon_api.py) in newer releases. In a subprocess: compiling needs the kernels
     defined without the interpreter these tests run under."""

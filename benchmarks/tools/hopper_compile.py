@@ -1,6 +1,7 @@
 """Compile the warp-specialized Hopper kernels (Gluon: the batch prefill of
 flashtile/kernels/batch_prefill_hopper.py, and with ``--mla`` the MLA kernel of kernels/mla_hopper.py) for
-sm_90a without a GPU, and print shared memory, registers, spill and a hash of the SASS opcode sequence.
+sm_90a without a GPU, and print shared memory, registers, spill and a hash of the SASS opcode sequence
+(``--fp8``: the prefill kernel on a ragged FP8 batch).
 
 The launcher runs on CPU tensors (prefill: a paged cache, causal, 32/8 heads; MLA: 64 requests x 4096 keys,
 128 heads, decode or ``--qo`` query tokens) with its launch captured instead of run, and the captured call is
@@ -8,7 +9,7 @@ compiled as aot_compile_check.py compiles the Triton kernels (benchmarks/tools/a
 the same hash have the same machine code.
 
     python -m benchmarks.tools.hopper_compile --triton-path /tmp/t36 [--head-dim 64] [--page-size 16]
-        [--stages N] [--mla [--qo 4]] [--dump DIR]
+        [--stages N] [--fp8] [--mla [--qo 4]] [--dump DIR]
 """
 
 import argparse
@@ -21,6 +22,7 @@ _ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
 _ap.add_argument("--page-size", type=int, default=None, help="1: gather mode (default: 16, MLA 64)")
 _ap.add_argument("--stages", type=int, default=None, help="the K/V ring depth (default: the kernel's table)")
 _ap.add_argument("--mla", action="store_true", help="the MLA kernel instead")
+_ap.add_argument("--fp8", action="store_true", help="prefill: a ragged FP8 (e4m3) batch, V from its transposed copy")
 _ap.add_argument("--qo", type=int, default=1, help="MLA: query tokens per request (causal)")
 _ap.add_argument("--dump", default=None, help="write the TTGIR and PTX into this directory")
 if __name__ == "__main__":  # (imported by tests/test_mla_hopper.py: no arguments, the installed Triton)
@@ -51,6 +53,27 @@ def captured_launch(head_dim: int, page_size: int):
     with capture_launches() as calls:
         hopper.hopper_prefill_forward(q, k, v, views, ints, ints, ints, ints, part_o, part_lse, out, lse, 0.1, True,
                                       64, 132)
+    (launch,) = calls
+    return launch
+
+
+def captured_fp8_launch(head_dim: int):
+    """The recorded launch of one hopper_prefill_forward call of a ragged FP8 (e4m3) batch on CPU tensors
+    (16 requests x 1024 tokens, causal, 32/8 heads), V from a transposed copy of the layout
+    batch_prefill.ragged_fp8_v_layout makes (zeros here: only the shapes matter)."""
+    fp8 = torch.float8_e4m3fn
+    tokens, qo_heads, kv_heads, requests = 16 * 1024, 32, 8, 16
+    q = torch.zeros(tokens, qo_heads, head_dim, dtype=fp8)
+    k, v = torch.zeros(tokens, kv_heads, head_dim, dtype=fp8), torch.zeros(tokens, kv_heads, head_dim, dtype=fp8)
+    views = (hopper._kv_rows(k, False), hopper._kv_rows(v, False))
+    v_t = torch.zeros(kv_heads, head_dim, tokens + requests * 144, dtype=fp8)
+    ints = torch.zeros(4096, dtype=torch.int32)
+    out, lse = torch.zeros(tokens, qo_heads, head_dim, dtype=torch.bfloat16), torch.zeros(tokens, qo_heads)
+    part_o, part_lse = torch.zeros(64, qo_heads, head_dim), torch.zeros(64, qo_heads)
+    scales = (torch.ones(qo_heads), torch.ones(kv_heads), torch.ones(kv_heads))
+    with capture_launches() as calls:
+        hopper.hopper_prefill_forward(q, k, v, views, None, ints, ints, ints, part_o, part_lse, out, lse, 0.1, True,
+                                      64, 132, fp8_scales=scales, v_t=v_t)
     (launch,) = calls
     return launch
 
@@ -98,6 +121,9 @@ def main() -> None:
         page_size = 64 if _args.page_size is None else _args.page_size
         launch = captured_mla_launch(page_size, _args.qo)
         label = f"hopper mla page {page_size} qo {_args.qo}{' (gather)' if mla_hopper.use_gather(page_size) else ''}"
+    elif _args.fp8:
+        launch = captured_fp8_launch(_args.head_dim)
+        label = f"hopper prefill fp8 ragged d{_args.head_dim} stages {launch.constexpr('STAGES')}"
     else:
         page_size = 16 if _args.page_size is None else _args.page_size
         launch = captured_launch(_args.head_dim, page_size)

@@ -100,6 +100,9 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
             "`0`: no replayed launches for the small ops (norm, activation, RoPE)"),
     Setting("FLASHTILE_HOPPER_PREFILL", KILL_SWITCH, "flag", True,
             "`0`: batch prefill on an H100 runs the Triton kernel instead of the warp-specialized Gluon kernel"),
+    Setting("FLASHTILE_HOPPER_FP8", DIAGNOSTIC, "flag", False,
+            "`1`: ragged FP8 prefill batches on an H100/H200 run the warp-specialized Gluon kernel "
+            "(kernels/batch_prefill_hopper.py; off until its GPU tests and the fp8_prefill benchmark have run)"),
     Setting("FLASHTILE_HOPPER_MLA", DIAGNOSTIC, "flag", False,
             "`1`: MLA batches with 64-row tiles (64 or more heads, or appends) on an H100/H200 run the "
             "warp-specialized Gluon kernel (kernels/mla_hopper.py; off until its GPU tests and the mla benchmark "

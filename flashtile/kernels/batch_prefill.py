@@ -47,7 +47,6 @@ from .attention import (
     INTERPRETER_CONFIG,
     LOG2E,
     V_T_ALIGN,
-    V_T_TAIL,
     LaunchConfig,
     alibi_slopes_of,
     check_fp8_head_dims,
@@ -57,25 +56,17 @@ from .attention import (
     variant_kwargs,
 )
 from .batch_prefill_hopper import hopper_prefill_forward, hopper_prefill_views
-from .prefill_plan import item_and_head, item_fields, request_of_item
+from .prefill_plan import (
+    V_T_ALIGN_KEYS,
+    V_T_GAP,
+    item_and_head,
+    item_fields,
+    ragged_v_t_start,
+    request_of_item,
+)
 from .smem import TileFeatures, launch_within_limit
 from .softmax import finalize_state, softmax_update
 from .tiles import attend_range, fp8_row_scales, fp8_v_scale, head_inputs, load_q, store_state, tile_ranges
-
-# Ragged FP8 batches: a key-contiguous copy of V (why: kernels/attention.py FP8_TRANSPOSE_V). Request r's keys
-# start at ragged_v_t_start(kv_offset, r), a multiple of V_T_ALIGN, and are followed by at least
-# V_T_GAP - V_T_ALIGN + 1 zero keys, so a tile may read up to BLOCK_N (<= V_T_TAIL) keys past the request's
-# last one without a key mask, never into the next request (whose values could be anything).
-V_T_GAP = V_T_TAIL + V_T_ALIGN
-_ALIGN = tl.constexpr(V_T_ALIGN)  # kernels may read only constexpr globals
-_GAP = tl.constexpr(V_T_GAP)
-
-
-@triton.jit
-def ragged_v_t_start(kv_offset, request):
-    """Where request ``request``'s keys start in the transposed copy (its ragged start rounded up to
-    V_T_ALIGN, plus V_T_GAP per earlier request)."""
-    return (kv_offset + _ALIGN - 1) // _ALIGN * _ALIGN + request * _GAP
 
 
 @direct_launch
@@ -219,7 +210,7 @@ def _batch_prefill_kernel(
         k_base += kv_offset.to(tl.int64) * stride_kt
         if V_T:
             v_base += tl.multiple_of(ragged_v_t_start(kv_offset, request_of_item(ITEMS, item_c)).to(tl.int64),
-                                     _ALIGN)
+                                     V_T_ALIGN_KEYS)
         else:
             v_base += kv_offset.to(tl.int64) * stride_vt
     o, lse = attend_range(
@@ -431,7 +422,8 @@ def batch_prefill_forward(
             are not "plain" and run the Triton kernel. One with ``whole_rows`` needs a plan without splits (the
             wrapper plans so).
         fp8_scales: FP8 attention (q, k, v of one fp8 dtype): ``(scale_q [Hq], scale_k [Hkv], scale_v [Hkv])``
-            float32 views, or None. Only the Triton kernel takes it (the Gluon kernel is fp16/bf16 only).
+            float32 views, or None. Paged FP8 batches run the Triton kernel; ragged ones the Gluon kernel where
+            FLASHTILE_HOPPER_FP8=1 (batch_prefill_hopper.py).
     """
     paged = page_indices is not None
     alibi_slopes = alibi_slopes_of(q.shape[1], q.device) if params.pos_encoding_mode == "ALIBI" else None
@@ -444,12 +436,17 @@ def batch_prefill_forward(
     items = meta[COUNT_FIELDS + REQUEST_FIELDS * batch_size:]
     causal = bool(params.causal) and packed_mask is None
     # The warp-specialized Hopper kernel has no multi-item mask: such plans take the Triton kernel.
-    plain = (packed_mask is None and multi_item_requests is None and variant is None and fp8_scales is None
-             and _plain_params(params))
-    views = None if INTERPRET or num_items == 0 else hopper_prefill_views(q, k, v, paged, block_m, plain)
+    plain = packed_mask is None and multi_item_requests is None and variant is None and _plain_params(params)
+    fp8 = fp8_scales is not None
+    views = None if INTERPRET or num_items == 0 else hopper_prefill_views(q, k, v, paged, block_m, plain, fp8)
+    v_t = None
+    if views is not None and fp8:  # the Gluon kernel reads V from the transposed copy
+        v_t, copied = ragged_fp8_v_layout(v, reqs, batch_size)
+        views = views if copied else None
     if views is not None:
         hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
-                               params.sm_scale * LOG2E, causal, num_items, num_sms(q.device))
+                               params.sm_scale * LOG2E, causal, num_items, num_sms(q.device), fp8_scales=fp8_scales,
+                               v_t=v_t)
     else:
         _batch_prefill_triton(q, k, v, page_indices, packed_mask, multi_item_requests, token_pos_in_items, meta, counts,
                               reqs, items, part_o, part_lse, out, lse, params, alibi_slopes, block_m, block_n,

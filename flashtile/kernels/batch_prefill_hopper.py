@@ -28,8 +28,17 @@ causal or no mask, no window, soft cap, ALiBi, RoPE or custom mask; 128-row tile
 HND layout. Everything else runs the Triton kernel, as does every call with the kill-switch
 ``FLASHTILE_HOPPER_PREFILL=0``.
 
+FP8 attention (q, k, v of one fp8 dtype with per-head scales), ragged batches only, with
+``FLASHTILE_HOPPER_FP8=1``: the products run on the fp8 tensor cores (m64n128k32), each row's logits take
+``sm_scale * scale_q[head] * scale_k[kv_head]``, the weights are rounded to the fp8 dtype for ``P @ V``
+(the Triton kernel's scheme, docs/fp8_attention.md) and the output rows are multiplied by
+``scale_v[kv_head]``. An fp8 B operand must be K-major, so ``V`` comes from the key-contiguous copy
+that the Triton kernel reads too (batch_prefill.ragged_fp8_v_layout), in ``[HEAD_DIM, BLOCK_N]`` boxes; the
+copy's zeros past each request replace the zeroing of rows past the keys. Outputs leave from registers
+(their dtype is not q's). This path is off by default: it has not yet run on a GPU.
+
 Only the GPU runs this module (the interpreter cannot run Gluon): the same request-by-request tests
-check it on the H100 (tests/test_batch_prefill.py).
+check it on the H100 (tests/test_batch_prefill.py; the FP8 path: tests/test_fp8_prefill.py).
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ import torch
 
 from .._core import settings
 from .._core.launch import direct_launch
+from . import attention as _attention
+from .attention import fp8_kwargs
 from .gluon_api import HAVE_GLUON as _HAVE_GLUON
 
 if _HAVE_GLUON:  # Gluon (Triton >= 3.5). Used only where a Hopper GPU runs it.
@@ -60,7 +71,7 @@ if _HAVE_GLUON:  # Gluon (Triton >= 3.5). Used only where a Hopper GPU runs it.
         warpgroup_mma_wait,
     )
 
-from .prefill_plan import item_and_head, item_fields
+from .prefill_plan import item_and_head, item_fields, ragged_v_t_start, request_of_item
 from .softmax import finalize_state, softmax_step
 from .tiles import tile_ranges
 
@@ -72,6 +83,10 @@ BLOCK_N = 128
 # times STAGES_OVERRIDE on the head-dim-64 cases.
 STAGES_BY_HEAD_DIM = {64: 2, 128: 2}
 STAGES_OVERRIDE: Optional[int] = None
+# Benchmarks set this to True or False to choose the kernel for ragged FP8 batches whatever FLASHTILE_HOPPER_FP8
+# says (None: the setting).
+FP8_OVERRIDE: Optional[bool] = None
+_FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 # Registers per thread: two 4-warp consumers and a producer warp (a warpgroup for the register file):
 # 12 warps x 32 threads x MAX_REGS = 64512 <= 65536. The second consumer asks for CONSUMER_REGS and the
 # producer for PRODUCER_REGS; the default partition (the first consumer) gets what is left (240).
@@ -85,6 +100,12 @@ GATHER_WARPS = 4
 # RECORD_TILES tiles of every program.
 RECORD_TILES = 64
 RECORD_FIELDS = 12
+
+
+def hopper_fp8_enabled() -> bool:
+    """``FLASHTILE_HOPPER_FP8=1`` lets ragged FP8 batches run this kernel (settings.py; off by default: not
+    yet run on a GPU), unless FP8_OVERRIDE says otherwise."""
+    return settings.flag("FLASHTILE_HOPPER_FP8") if FP8_OVERRIDE is None else FP8_OVERRIDE
 
 
 def hopper_prefill_enabled() -> bool:
@@ -134,20 +155,25 @@ def use_gather(page_size: Optional[int]) -> bool:
 
 
 def hopper_prefill_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool, block_m: int,
-                         plain: bool) -> Optional[tuple]:
+                         plain: bool, fp8: bool = False) -> Optional[tuple]:
     """The TMA views of K and V (:func:`_kv_rows`) when :func:`hopper_prefill_forward` handles this
     call (module doc: scope), else None. ``plain``: no window, soft cap, ALiBi, RoPE, custom or multi-item
-    mask, or ``v_scale``."""
+    mask, or ``v_scale``. ``fp8``: FP8 attention (q, k, v of one fp8 dtype, scales given apart)."""
     if not (_HAVE_GLUON and hopper_prefill_enabled() and plain and q.is_cuda and block_m == BLOCK_M):
         return None
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return None
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    dtypes = _FP8_DTYPES if fp8 else (torch.float16, torch.bfloat16)
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    # FP8: ragged batches only, whose V the kernel reads from the transposed copy (FP8_TRANSPOSE_V)
+    if fp8 and (paged or not hopper_fp8_enabled() or not _attention.FP8_TRANSPOSE_V):
         return None
     d = q.shape[2]
     if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d or q.stride(2) != 1 or q.stride(1) != d:
         return None
-    if (q.stride(0) * 2) % 16 or q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16:
+    element = q.element_size()
+    if (q.stride(0) * element) % 16 or q.data_ptr() % 16 or k.data_ptr() % 16 or v.data_ptr() % 16:
         return None
     num_kv_heads = k.shape[2] if paged else k.shape[1]
     group = q.shape[1] // num_kv_heads
@@ -159,7 +185,7 @@ def hopper_prefill_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page
     # Gather mode: one offset list serves K and V, and every key's offset is a multiple of 16 bytes.
     if paged and use_gather(k.shape[1]) and (k_rows[2] != v_rows[2] or k_rows[5] % 8):
         return None
-    if not all(r[0] < 2**31 and r[1] < 2**31 and (r[2] * 2) % 16 == 0 for r in (k_rows, v_rows)):
+    if not all(r[0] < 2**31 and r[1] < 2**31 and (r[2] * element) % 16 == 0 for r in (k_rows, v_rows)):
         return None
     return k_rows, v_rows
 
@@ -202,7 +228,7 @@ if _HAVE_GLUON:
                                              _BLOCK_N)
         num_blocks = gl.maximum(hi - start + _BLOCK_N - 1, 0) // _BLOCK_N
         return (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
-                num_blocks)
+                num_blocks, item)
 
     @gluon.jit
     def _publish_unit(info_buf, w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start, full_end,
@@ -326,11 +352,12 @@ if _HAVE_GLUON:
                   ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row, row_stride,
                   TIMES, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                   PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr, RECORD: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  V_T: gl.constexpr, num_warps: gl.constexpr):
         q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bars
         STAGES: gl.constexpr = k_bufs.shape[0]  # the K/V ring depth (the kernel's STAGES)
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
-        kv_bytes: gl.constexpr = _BLOCK_N * HEAD_DIM * 2
+        ELEMENT: gl.constexpr = q_bufs.dtype.primitive_bitwidth // 8  # bytes
+        kv_bytes: gl.constexpr = _BLOCK_N * HEAD_DIM * ELEMENT
         total = gl.load(COUNTS) * num_kv_heads
         tile = 0
         block = 0
@@ -344,16 +371,18 @@ if _HAVE_GLUON:
                 if tile < _RECORD_TILES:
                     gl.store(rec + tile * _RECORD_FIELDS + 8, _clock(w))
             (kv_head, slot, qo_start, qo_len, kv_offset, kv_len, delta, t_first, start, full_end,
-             num_blocks) = _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP, CAUSAL)
+             num_blocks, item) = _work_unit(w, COUNTS, REQS, ITEMS, num_kv_heads, GROUP, CAUSAL)
             qi = tile % 2
             mbarrier.wait(q_empty.index(qi), ((tile // 2) & 1) ^ 1)
             _publish_unit(unit_info.index(qi), w, kv_head, slot, qo_start, qo_len, kv_len, delta, t_first, start,
                           full_end, num_blocks, num_warps)
-            mbarrier.expect(q_ready.index(qi), _BLOCK_M * HEAD_DIM * 2)
+            mbarrier.expect(q_ready.index(qi), _BLOCK_M * HEAD_DIM * ELEMENT)
             q_buf = q_bufs.index(qi)
             for g in gl.static_range(GROUP):
-                tma_load(q_desc, [qo_start + t_first, (kv_head * GROUP + g) * HEAD_DIM],
-                                                q_ready.index(qi), q_buf.slice(g * TOKENS, TOKENS))
+                tma_load(q_desc, [qo_start + t_first, (kv_head * GROUP + g) * HEAD_DIM], q_ready.index(qi),
+                         q_buf.slice(g * TOKENS, TOKENS))
+            if V_T:  # the request's first key in the transposed copy of V (ragged FP8)
+                v_t_start = ragged_v_t_start(kv_offset, request_of_item(ITEMS, item))
             if RECORD:
                 if tile < _RECORD_TILES:
                     gl.store(rec + tile * _RECORD_FIELDS + 9, _clock(w))
@@ -380,8 +409,11 @@ if _HAVE_GLUON:
                                    head_col, PAGED, PAGE_SIZE)
                     mbarrier.wait(v_empty.index(s), phase)
                     mbarrier.expect(v_ready.index(s), kv_bytes)
-                    _load_kv_block(v_desc, v_bufs.index(s), v_ready.index(s), n0, kv_offset, kv_head, offs_p, rows,
-                                   head_col, PAGED, PAGE_SIZE)
+                    if V_T:  # the head's [HEAD_DIM, BLOCK_N] box of the copy: keys contiguous, zeros past the request
+                        tma_load(v_desc, [kv_head * HEAD_DIM, v_t_start + n0], v_ready.index(s), v_bufs.index(s))
+                    else:
+                        _load_kv_block(v_desc, v_bufs.index(s), v_ready.index(s), n0, kv_offset, kv_head, offs_p,
+                                       rows, head_col, PAGED, PAGE_SIZE)
                 block += 1
             if RECORD:
                 if tile < _RECORD_TILES:
@@ -406,19 +438,23 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _ready_values(v_buf, v_bar, phase, n0, kv_len, fix_layout: gl.constexpr, dtype: gl.constexpr,
-                      GATHER: gl.constexpr):
-        """Wait for a V block. TMA copies: rows past the keys are zeroed in shared memory first (another
-        request's rows or a page's unwritten slots: 0 * NaN would poison the product); gather mode
-        zero-fills them in the copy."""
+                      GATHER: gl.constexpr, V_T: gl.constexpr):
+        """Wait for a V block and return it as the B operand of ``P @ V``. TMA copies: rows past the keys are
+        zeroed in shared memory first (another request's rows or a page's unwritten slots: 0 * NaN would
+        poison the product); gather mode zero-fills them in the copy, and the transposed copy of V (V_T:
+        a ``[HEAD_DIM, BLOCK_N]`` buffer, keys contiguous as an fp8 B operand must be) holds zeros there."""
         _wait_kv(v_bar, phase, GATHER)
-        if not GATHER:
+        operand = v_buf
+        if V_T:
+            operand = v_buf.permute((1, 0))
+        elif not GATHER:
             if n0 + _BLOCK_N > kv_len:
                 rows = n0 + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, fix_layout))
                 v_tile = v_buf.load(fix_layout)
                 v_buf.store(gl.where(rows[:, None] < kv_len, v_tile, 0.0).to(dtype))
                 fence_async_shared()
                 cta_barrier()
-        return v_buf
+        return operand
 
     @gluon.jit
     def _release_staged(q_empty, staged, O_TMA: gl.constexpr):
@@ -431,9 +467,10 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES, num_kv_heads,
-                  stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP: gl.constexpr,
+                  stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES, GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, GATHER: gl.constexpr, O_TMA: gl.constexpr,
-                  RECORD: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr):
+                  RECORD: gl.constexpr, V_T: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr,
+                  num_warps: gl.constexpr):
         """Rows ``ROW0 .. ROW0 + ROWS`` of every tile.
 
         The output of a tile whose rows are all in its request leaves through the tile's own Q buffer
@@ -445,15 +482,17 @@ if _HAVE_GLUON:
         STAGES: gl.constexpr = k_bufs.shape[0]  # the K/V ring depth (the kernel's STAGES)
         TOKENS: gl.constexpr = _BLOCK_M // GROUP
         # Both products accumulate in one wgmma layout (instruction N = the head dim, at most BLOCK_N), so
-        # the softmax's row statistics broadcast onto the output; a warpgroup owns 64 rows.
+        # the softmax's row statistics broadcast onto the output; a warpgroup owns 64 rows. An instruction's K
+        # and a register operand's width are 32 bytes and 4 bytes: 16 and 2 elements of 16 bits, 32 and 4 of fp8.
+        dtype: gl.constexpr = q_bufs.dtype
+        BITS: gl.constexpr = dtype.primitive_bitwidth
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+                                                           instr_shape=[16, HEAD_DIM, 256 // BITS])
         o_layout: gl.constexpr = s_layout
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=32 // BITS)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         fix_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        dtype: gl.constexpr = q_bufs.dtype
         RECORDS: gl.constexpr = RECORD and ROW0 == 0
         O_BOX: gl.constexpr = o_desc.block_shape[0]  # rows of one TMA store: one head's tokens (or ROWS)
         offs_m = ROW0 + gl.arange(0, ROWS, layout=row_layout)
@@ -484,6 +523,11 @@ if _HAVE_GLUON:
             if RECORDS:
                 kv_stall = (t_first * 0).to(gl.int64)  # cycles spent waiting for K/V inside the loop
             positions = t_first + token_of_row + _field(v, f, _F_DELTA)  # the rows' key positions
+            logit_scale = qk_scale_log2
+            if FP8_SCALES is not None:  # FP8: each row's sm_scale * scale_q[head] * scale_k[kv_head] * log2(e)
+                kv_head_scale = gl.load(FP8_SCALES[1] + _field(v, f, _F_KV_HEAD) * FP8_SCALES[4]) * qk_scale_log2
+                row_heads = _field(v, f, _F_KV_HEAD) * GROUP + head_of_row
+                logit_scale = (gl.load(FP8_SCALES[0] + row_heads * FP8_SCALES[3]) * kv_head_scale)[:, None]
             q_buf = q_bufs.index(qi).slice(ROW0, ROWS)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
             l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
@@ -503,7 +547,7 @@ if _HAVE_GLUON:
                 staged = _release_staged(q_empty, staged, O_TMA)
                 qk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(qk, q_buf, k_bufs.index(s)))
                 mbarrier.arrive(k_empty.index(s), count=1)
-                x = _mask_logits(qk * qk_scale_log2, start, full_end, kv_len, offs_n, positions, CAUSAL)
+                x = _mask_logits(qk * logit_scale, start, full_end, kv_len, offs_n, positions, CAUSAL)
                 m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 if RECORDS:
@@ -526,15 +570,15 @@ if _HAVE_GLUON:
                     if RECORDS:
                         c0 = _clock(s)
                     v_prev = _ready_values(v_bufs.index(prev_s), v_ready.index(prev_s), prev_phase, prev_n0, kv_len,
-                                           fix_layout, dtype, GATHER)
+                                           fix_layout, dtype, GATHER, V_T)
                     if RECORDS:
                         kv_stall += _clock(s) - c0
                     acc = warpgroup_mma(p_op, v_prev, acc, is_async=True)
                     qk, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(qk, q_buf, k_bufs.index(s)))
                     mbarrier.arrive(k_empty.index(s), count=1)
-                    x = _mask_logits(qk * qk_scale_log2, n0, full_end, kv_len, offs_n, positions, CAUSAL)
+                    x = _mask_logits(qk * logit_scale, n0, full_end, kv_len, offs_n, positions, CAUSAL)
                     m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
-                    acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))[0]
                     mbarrier.arrive(v_empty.index(prev_s), count=1)
                     acc = acc * alpha[:, None]
                     p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -543,9 +587,9 @@ if _HAVE_GLUON:
                     prev_n0 = n0
                     block += 1
                 v_prev = _ready_values(v_bufs.index(prev_s), v_ready.index(prev_s), prev_phase, prev_n0, kv_len,
-                                       fix_layout, dtype, GATHER)
+                                       fix_layout, dtype, GATHER, V_T)
                 acc = warpgroup_mma(p_op, v_prev, acc, is_async=True)
-                acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))[0]
                 mbarrier.arrive(v_empty.index(prev_s), count=1)
             else:
                 staged = _release_staged(q_empty, staged, O_TMA)
@@ -568,6 +612,8 @@ if _HAVE_GLUON:
                     gl.store(rec + tile * _RECORD_FIELDS + 7, kv_stall)
 
             o, lse = finalize_state(m_i, l_i, acc)
+            if FP8_SCALES is not None:  # scale_v of the KV head, also before a split's partial state (linear merge)
+                o = o * gl.load(FP8_SCALES[2] + kv_head * FP8_SCALES[5])
             offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
             o_tokens = t_first + gl.convert_layout(token_of_row, gl.SliceLayout(1, o_layout))
             o_heads = kv_head * GROUP + gl.convert_layout(head_of_row, gl.SliceLayout(1, o_layout))
@@ -613,12 +659,19 @@ if _HAVE_GLUON:
                                GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr,
                                O_TMA: gl.constexpr, RECORD: gl.constexpr, STAGES: gl.constexpr,
-                               num_warps: gl.constexpr):
+                               num_warps: gl.constexpr, FP8_SCALES=None, V_T: gl.constexpr = False):
+        """FP8_SCALES (FP8 q, k and v): ``(SCALE_Q [Hq], SCALE_K [Hkv], SCALE_V [Hkv], stride_q, stride_k,
+        stride_v)`` as the Triton kernels take them (tiles.fp8_row_scales), or None. V_T: ``v_desc`` views
+        ragged_fp8_v_layout's transposed copy of V, ``[heads * HEAD_DIM, keys]``."""
         dtype: gl.constexpr = q_desc.dtype
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, HEAD_DIM], dtype)
         q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M, HEAD_DIM], tile_layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
+        if V_T:  # [HEAD_DIM, BLOCK_N] boxes of the transposed copy
+            v_bufs = gl.allocate_shared_memory(dtype, [STAGES, HEAD_DIM, _BLOCK_N],
+                                               gl.NVMMASharedLayout.get_default_for([HEAD_DIM, _BLOCK_N], dtype))
+        else:
+            v_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
         plain_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         unit_info = gl.allocate_shared_memory(gl.int32, [2, _INFO], plain_layout)
         key_offsets = gl.allocate_shared_memory(gl.int64, [2, _BLOCK_N], plain_layout)  # gather mode (_gather_rows)
@@ -644,15 +697,15 @@ if _HAVE_GLUON:
         # Two 4-warp consumers of 64 rows each, free to drift (one's softmax under the other's products).
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
-                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP, HEAD_DIM,
-                         CAUSAL, GATHER, O_TMA, RECORD, 0, _BLOCK_M // 2, num_warps)),
+                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES, GROUP,
+                         HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, 0, _BLOCK_M // 2, num_warps)),
             (_consumer, (q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
-                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, GROUP, HEAD_DIM,
-                         CAUSAL, GATHER, O_TMA, RECORD, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
+                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES, GROUP,
+                         HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
             (_producer, (q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, key_offsets, unit_info, bars, COUNTS,
                          REQS, ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row,
                          row_stride, TIMES, GROUP, HEAD_DIM, CAUSAL, PAGED, PAGE_SIZE, GATHER,
-                         RECORD, PRODUCER_WARPS)),
+                         RECORD, V_T, PRODUCER_WARPS)),
         ], [num_warps, PRODUCER_WARPS], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -664,9 +717,10 @@ def out_tma_ok(out: torch.Tensor, q: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)  # ~6 us of host time per layout otherwise, 4 per launch
-def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype):
-    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
+def _tile_layout(rows: int, cols: int, dtype: torch.dtype):
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv,
+                torch.float8_e5m2: gl.float8e5}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
 
 
 def _kv_descriptor(x: torch.Tensor, paged: bool, head_dim: int, rows: int, cols: int, row_stride: int):
@@ -686,11 +740,13 @@ def _token_descriptor(x: torch.Tensor, box_rows: int):
 
 def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
                            qk_scale_log2: float, causal: bool, num_items: int, num_sms: int,
-                           record: Optional[torch.Tensor] = None) -> None:
+                           record: Optional[torch.Tensor] = None, fp8_scales: Optional[tuple] = None,
+                           v_t: Optional[torch.Tensor] = None) -> None:
     """Launch the warp-specialized kernel over the plan's items (arguments as batch_prefill_forward;
     ``counts``/``reqs``/``items`` are the plan's sections; ``views`` from :func:`hopper_prefill_views`).
     ``record``: int64 ``[grid, RECORD_TILES, RECORD_FIELDS]`` for a per-tile timeline of the first
-    consumer (benchmarks/tools/hopper_prefill_timeline.py), or None."""
+    consumer (benchmarks/tools/hopper_prefill_timeline.py), or None. FP8 attention: ``fp8_scales`` as
+    batch_prefill_forward's, and ``v_t`` the transposed copy of V ``[heads, dim, keys]`` (ragged_fp8_v_layout)."""
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     paged = page_indices is not None
     num_kv_heads = k.shape[2] if paged else k.shape[1]
@@ -704,6 +760,14 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
     else:
         k_desc = _kv_descriptor(k, paged, head_dim, k_view_rows, *k_view[:2])
         v_desc = _kv_descriptor(v, paged, head_dim, v_view_rows, *v_view[:2])
+    fp8 = {}
+    if fp8_scales is not None and v_t is None:
+        raise ValueError("v_t: FP8 attention reads V from its transposed copy (ragged_fp8_v_layout); got None")
+    if fp8_scales is not None and v_t is not None:
+        heads, dim, size = v_t.shape
+        v_desc = GluonTensorDescriptor(v_t, [heads * dim, size], [size, 1], [dim, BLOCK_N],
+                                       _tile_layout(dim, BLOCK_N, v_t.dtype))
+        fp8 = {"FP8_SCALES": fp8_kwargs(fp8_scales)["FP8_SCALES"], "V_T": True}
     o_tma = out_tma_ok(out, q)
     # A consumer's 64 rows leave as one box per query head (or as half of one head's 128 tokens).
     o_desc = _token_descriptor(out, min(tokens, BLOCK_M // 2)) if o_tma else q_desc
@@ -716,7 +780,7 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
         lse.stride(1), qk_scale_log2, *coords, k_view[1],  # gather mode's row stride (V's is the same)
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
         GATHER=gather, O_TMA=o_tma, RECORD=record is not None, STAGES=hopper_stages(head_dim), num_warps=4,
-        maxnreg=MAX_REGS)
+        maxnreg=MAX_REGS, **fp8)
 
 
 def hopper_stages(head_dim: int) -> int:

@@ -9,10 +9,27 @@ import triton
 import triton.language as tl
 
 from ..scheduler.prefill_work import ITEM_FIELDS, REQUEST_FIELDS
+from .attention import V_T_ALIGN, V_T_TAIL
 
 # Record widths of the plan's item and request sections, as the scheduler packs them.
 ITEM_STRIDE = tl.constexpr(ITEM_FIELDS)
 REQUEST_STRIDE = tl.constexpr(REQUEST_FIELDS)
+
+# Ragged FP8 batches: a key-contiguous copy of V (why: kernels/attention.py FP8_TRANSPOSE_V; made by
+# batch_prefill.ragged_fp8_v_layout). Request r's keys start at ragged_v_t_start(kv_offset, r), a multiple of
+# V_T_ALIGN, and are followed by at least V_T_GAP - V_T_ALIGN + 1 zero keys, so a tile may read up to BLOCK_N
+# (<= V_T_TAIL) keys past the request's last one without a key mask, never into the next request (whose values
+# could be anything).
+V_T_GAP = V_T_TAIL + V_T_ALIGN
+V_T_ALIGN_KEYS = tl.constexpr(V_T_ALIGN)  # kernels may read only constexpr globals
+_GAP = tl.constexpr(V_T_GAP)
+
+
+@triton.jit
+def ragged_v_t_start(kv_offset, request):
+    """Where request ``request``'s keys start in the transposed copy (its ragged start rounded up to
+    V_T_ALIGN, plus V_T_GAP per earlier request)."""
+    return (kv_offset + V_T_ALIGN_KEYS - 1) // V_T_ALIGN_KEYS * V_T_ALIGN_KEYS + request * _GAP
 
 
 @triton.jit
