@@ -8,11 +8,12 @@ against the first provider (flashtile fp8). FLOPs count the visible (causal) que
 
 Providers:
 - ``flashtile``: fp8 q, k, v (V handed to the kernel transposed: kernels/attention.py FP8_TRANSPOSE_V, and
-  kernels/batch_prefill.py ragged_fp8_v_layout for the ragged batch);
+  kernels/batch_prefill.py ragged_fp8_v_layout for the ragged batch, which runs the warp-specialized Gluon
+  kernel on Hopper);
 - ``flashtile_fp8_v_as_given``: the same with FP8_TRANSPOSE_V off (V tiles transposed on chip); a variant of
   ours, not a baseline;
-- ``flashtile_fp8_gluon``: the ragged batch in fp8 on the warp-specialized Gluon kernel (FLASHTILE_HOPPER_FP8's
-  path, V from the same transposed copy); a variant of ours, not a baseline;
+- ``flashtile_fp8_triton``: the ragged batch in fp8 on the Triton kernel (FLASHTILE_HOPPER_FP8=0's path, V from
+  the same transposed copy); a variant of ours, not a baseline;
 - ``flashtile_bf16``: flashtile's bf16 prefill of the unquantized inputs (single: the Triton kernel;
   ragged: the wrapper, i.e. the Gluon kernel on an H100);
 - ``flashinfer_fa3_fp8``: FlashInfer's fp8 path (backend "fa3": single_prefill_with_kv_cache with
@@ -105,23 +106,23 @@ def _flashtile(fp8: bool, transpose_v: bool = True):
     return make
 
 
-def _flashtile_fp8_gluon(case: Case):
-    """flashtile fp8 with the ragged batch on the warp-specialized Gluon kernel (kernels/batch_prefill_hopper.py),
-    chosen whatever FLASHTILE_HOPPER_FP8 says; single prefill has no Gluon path."""
+def _flashtile_fp8_triton(case: Case):
+    """flashtile fp8 with the ragged batch on the Triton kernel, not on the warp-specialized Gluon kernel
+    (kernels/batch_prefill_hopper.py, the default on Hopper); single prefill always runs the Triton kernel."""
     from flashtile.kernels import batch_prefill_hopper as hopper
 
     if len(case.params["qo_lens"]) == 1:
-        raise Unavailable("single prefill runs the Triton kernel")
+        raise Unavailable("single prefill runs the Triton kernel: the flashtile column")
     call = _flashtile(True)(case)
 
-    def gluon():
-        saved, hopper.FP8_OVERRIDE = hopper.FP8_OVERRIDE, True
+    def triton_kernel():
+        saved, hopper.FP8_OVERRIDE = hopper.FP8_OVERRIDE, False
         try:
             return call()
         finally:
             hopper.FP8_OVERRIDE = saved
 
-    return gluon
+    return triton_kernel
 
 
 def _flashinfer_fp8(case: Case):
@@ -168,7 +169,7 @@ def _batch_grid(case: Case):
 register(Suite("fp8_prefill", cases,
                [Provider("flashtile", _flashtile(True)),
                 Provider("flashtile_fp8_v_as_given", _flashtile(True, transpose_v=False), baseline=False),
-                Provider("flashtile_fp8_gluon", _flashtile_fp8_gluon, baseline=False),
+                Provider("flashtile_fp8_triton", _flashtile_fp8_triton, baseline=False),
                 Provider("flashtile_bf16", _flashtile(False)), Provider("flashinfer_fa3_fp8", _flashinfer_fp8)],
                "tflops", "FP8 prefill attention (e4m3 q/k/v, per-head scales, bf16 out), causal, 32/8 heads, d128",
                tunes={"config": Tune(_config_grid, cases=lambda case: len(case.params["qo_lens"]) == 1,

@@ -378,7 +378,7 @@ def _hopper_gpu() -> bool:
     (128, E5M2, True, True, True, 0),
 ])
 def test_ragged_prefill_fp8_gluon_gpu(monkeypatch, d, dtype, per_head, causal, split, offset):
-    """Ragged FP8 batches through the warp-specialized Gluon kernel (FLASHTILE_HOPPER_FP8=1; V from the
+    """Ragged FP8 batches through the warp-specialized Gluon kernel (FLASHTILE_HOPPER_FP8 on; V from the
     transposed copy): every request against the oracle, with split-KV merges, per-tensor scales, e5m2, keys
     that start ``offset`` rows into k/v; the launch count fails the test if the Triton kernel ran instead."""
     from flashtile.kernels import batch_prefill as BP

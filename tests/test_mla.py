@@ -86,6 +86,7 @@ def test_mla_output_column_split(path, device, monkeypatch, qo_lens, kv_lens, pa
     split-KV partial states and a sink variant: the same results as the oracle."""
     from flashtile._core import mla_tiles
 
+    monkeypatch.setenv("FLASHTILE_HOPPER_MLA", "0")  # a knob of the Triton kernel: keep it on the 64-row tiles
     monkeypatch.setattr(mla_tiles, "MLA_OUT_SPLIT", 2)
     dc, dp = DIMS[0]
     batch = make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, torch.bfloat16, device)
@@ -105,6 +106,7 @@ def test_mla_page_id_prefetch_either_way(path, device, monkeypatch, prefetch, qo
     multiples of the request's pages, page size 1 and a page size that does not divide the tile."""
     from flashtile._core import mla_tiles
 
+    monkeypatch.setenv("FLASHTILE_HOPPER_MLA", "0")  # a knob of the Triton kernel: keep it on the 64-row tiles
     monkeypatch.setattr(mla_tiles, "MLA_PREFETCH_PAGES", prefetch)
     dc, dp = DIMS[0]
     batch = make_mla_batch(qo_lens, kv_lens, page_size, heads, dc, dp, torch.bfloat16, device, indptr_offset=1)
@@ -151,7 +153,8 @@ def test_mla_merge_many_splits_wide_latent(path, device):
     """DeepSeek's 512-wide latent (four merge column blocks) over more splits than a merge step takes (8),
     with a head count that leaves a merge head block partly empty: the oracle's result."""
     heads = 5
-    batch = make_mla_batch([1, 2], [300, 45], 16, heads, 512, 64, torch.bfloat16, device)
+    # 16-key chunks on CPU; on the GPU chunks are multiples of 64 keys, so the long request is longer there
+    batch = make_mla_batch([1, 2], [1000 if HAS_CUDA else 300, 45], 16, heads, 512, 64, torch.bfloat16, device)
     w = BatchMLAPagedAttentionWrapper(workspace(device, mib=64))
     w.plan(*batch[4:], heads, 512, 64, 16, True, 0.05, torch.bfloat16, torch.bfloat16, fixed_split_size=16)
     assert w._plan.meta.max_splits > 8

@@ -2,7 +2,7 @@
 # FP8 prefill attention (issue 31, item 4) on one GPU, under ~4 minutes: the fp8 attention tests on CUDA
 # (tests/test_fp8_prefill.py: the kernel path, the gpu-marked upstream-sized cases with both V layouts), memcheck
 # on the kernel cases, then the fp8_prefill suite (flashtile fp8 vs flashtile bf16 vs FlashInfer fa3 fp8; the ragged
-# batch also on the Gluon kernel, provider flashtile_fp8_gluon).
+# batch on the Gluon kernel by default and on the Triton kernel as provider flashtile_fp8_triton).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/fp8_prefill.sh [tune]   (carry .fi-ref)
 # "tune" adds the launch-config grids of fp8 single prefill and of the batch kernel's fp8 tiles (~5 more minutes).
@@ -41,7 +41,7 @@ WARM=$!
 # The kernel path and the gpu-marked cases (the reference path is the CPU CI's).
 run_tests timeout 180 python3 -m pytest -q -p no:warnings -rf --tb=short tests/test_fp8_prefill.py \
     -k "(kernel or gpu) and not gluon" 2>&1 | tee "$OUT/fp8_prefill_tests.log" | tail -12
-# The Gluon kernel's FP8 path (FLASHTILE_HOPPER_FP8=1) under its own limit: a hang costs 90 s, not the run.
+# The Gluon kernel's FP8 path under its own limit: a hang costs 90 s, not the run.
 run_tests env FLASHTILE_CHECK_LAUNCH=1 timeout -k 10 90 python3 -m pytest -q -x -p no:warnings -rf --tb=short \
     tests/test_fp8_prefill.py -k gluon 2>&1 | tee "$OUT/fp8_prefill_gluon_tests.log" | tail -12
 run_tests env FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # MLA (issue 26) on one GPU, under ~6 minutes: the MLA tests (CUDA-graph capture / re-plan / replay
 # included), the Gluon kernel's tests, memcheck on a few kernel cases, then the issue's speed cases against
-# FlashInfer's MLA wrapper in the same process (the Gluon kernel as provider flashtile_gluon; DeepSeek prefill
-# d192/128 listed beside them).
+# FlashInfer's MLA wrapper in the same process (flashtile's default, the Gluon kernel on Hopper where it applies,
+# and the Triton kernel as provider flashtile_triton; DeepSeek prefill d192/128 listed beside them).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/mla.sh [tune]   (carry .fi-ref)
 # "tune" adds the launch-config grid of the mla suite (python -m benchmarks.run --suite mla --tune); "focus" its
@@ -35,7 +35,7 @@ PY
 ) &
 WARM=$!
 run_tests env FLASHTILE_CHECK_LAUNCH=1 timeout 150 python3 -m pytest -q -n 8 -p no:warnings -rf --tb=short tests/test_mla.py 2>&1 | tee "$OUT/mla_tests.log" | tail -12
-# The Gluon kernel (FLASHTILE_HOPPER_MLA=1) on its own, under its own limit: a hang costs 120 s, not the run.
+# The Gluon kernel's own tests, under their own limit: a hang costs 120 s, not the run.
 run_tests env FLASHTILE_CHECK_LAUNCH=1 timeout -k 10 120 python3 -m pytest -q -x -p no:warnings -rf --tb=short \
     tests/test_mla_hopper.py 2>&1 | tee "$OUT/mla_hopper_tests.log" | tail -12
 run_tests env FLASHTILE_BACKEND=triton timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:warnings -x \
@@ -54,8 +54,8 @@ rows = {}
 for r in recs:
     rows.setdefault(r["case"], {})[r["provider"]] = r
 lines = [f"MLA on {gpu} (median, cold L2)", "",
-         "| case | flashtile us | TB/s | TFLOP/s | flashinfer us | TB/s | TFLOP/s | speedup | gluon us | TFLOP/s "
-         "| gluon speedup | note |",
+         "| case | flashtile us | TB/s | TFLOP/s | flashinfer us | TB/s | TFLOP/s | speedup | triton kernel us | TFLOP/s "
+         "| triton speedup | note |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 def cells(r):
     if not r or r.get("status") != "ok":
@@ -70,11 +70,11 @@ for case, by in rows.items():
         note += f"; flashinfer: {fi.get('reason', '')[:80]}"
     if ft and fi and "max_abs_diff" in fi:
         note += f"; max|diff| {fi['max_abs_diff']:.3g}"
-    gl = by.get("flashtile_gluon")
+    gl = by.get("flashtile_triton")
     gsp = (f"{fi['median_us'] / gl['median_us']:.2f}" if gl and fi and gl.get("status") == "ok"
            and fi.get("status") == "ok" else "—")
     if gl and "max_abs_diff" in gl:
-        note += f"; gluon max|diff| {gl['max_abs_diff']:.3g}"
+        note += f"; triton max|diff| {gl['max_abs_diff']:.3g}"
     lines.append(f"| {case} | " + " | ".join(cells(ft) + cells(fi)) + f" | {sp} | "
                  + " | ".join([cells(gl)[0], cells(gl)[2]]) + f" | {gsp} | {note} |")
 text = "\n".join(lines)

@@ -100,13 +100,12 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
             "`0`: no replayed launches for the small ops (norm, activation, RoPE)"),
     Setting("FLASHTILE_HOPPER_PREFILL", KILL_SWITCH, "flag", True,
             "`0`: batch prefill on an H100 runs the Triton kernel instead of the warp-specialized Gluon kernel"),
-    Setting("FLASHTILE_HOPPER_FP8", DIAGNOSTIC, "flag", False,
-            "`1`: ragged FP8 prefill batches on an H100/H200 run the warp-specialized Gluon kernel "
-            "(kernels/batch_prefill_hopper.py; off until its GPU tests and the fp8_prefill benchmark have run)"),
-    Setting("FLASHTILE_HOPPER_MLA", DIAGNOSTIC, "flag", False,
-            "`1`: MLA batches with 64-row tiles (64 or more heads, or appends) on an H100/H200 run the "
-            "warp-specialized Gluon kernel (kernels/mla_hopper.py; off until its GPU tests and the mla benchmark "
-            "have run)"),
+    Setting("FLASHTILE_HOPPER_FP8", KILL_SWITCH, "flag", True,
+            "`0`: ragged FP8 prefill batches on an H100/H200 run the Triton kernel instead of the warp-specialized "
+            "Gluon kernel (kernels/batch_prefill_hopper.py)"),
+    Setting("FLASHTILE_HOPPER_MLA", KILL_SWITCH, "flag", True,
+            "`0`: MLA batches with 64-row tiles (64 or more heads, or appends) on an H100/H200 run the Triton kernel "
+            "instead of the warp-specialized Gluon kernel (kernels/mla_hopper.py)"),
     Setting("FLASHTILE_SINGLE_PREFILL_AS_BATCH", DIAGNOSTIC, "flag", False,
             "`1`: single prefill calls that the warp-specialized Hopper batch prefill kernel serves run as a ragged "
             "batch of one through it (off until the single_prefill benchmark shows it never slower)"),

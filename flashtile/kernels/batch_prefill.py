@@ -422,8 +422,8 @@ def batch_prefill_forward(
             are not "plain" and run the Triton kernel. One with ``whole_rows`` needs a plan without splits (the
             wrapper plans so).
         fp8_scales: FP8 attention (q, k, v of one fp8 dtype): ``(scale_q [Hq], scale_k [Hkv], scale_v [Hkv])``
-            float32 views, or None. Paged FP8 batches run the Triton kernel; ragged ones the Gluon kernel where
-            FLASHTILE_HOPPER_FP8=1 (batch_prefill_hopper.py).
+            float32 views, or None. Paged FP8 batches run the Triton kernel; ragged ones the Gluon kernel on an
+            H100/H200 (batch_prefill_hopper.py; FLASHTILE_HOPPER_FP8=0: the Triton kernel).
     """
     paged = page_indices is not None
     alibi_slopes = alibi_slopes_of(q.shape[1], q.device) if params.pos_encoding_mode == "ALIBI" else None

@@ -28,14 +28,14 @@ causal or no mask, no window, soft cap, ALiBi, RoPE or custom mask; 128-row tile
 HND layout. Everything else runs the Triton kernel, as does every call with the kill-switch
 ``FLASHTILE_HOPPER_PREFILL=0``.
 
-FP8 attention (q, k, v of one fp8 dtype with per-head scales), ragged batches only, with
-``FLASHTILE_HOPPER_FP8=1``: the products run on the fp8 tensor cores (m64n128k32), each row's logits take
+FP8 attention (q, k, v of one fp8 dtype with per-head scales), ragged batches only (``FLASHTILE_HOPPER_FP8=0``
+turns it off): the products run on the fp8 tensor cores (m64n128k32), each row's logits take
 ``sm_scale * scale_q[head] * scale_k[kv_head]``, the weights are rounded to the fp8 dtype for ``P @ V``
 (the Triton kernel's scheme, docs/fp8_attention.md) and the output rows are multiplied by
 ``scale_v[kv_head]``. An fp8 B operand must be K-major, so ``V`` comes from the key-contiguous copy
 that the Triton kernel reads too (batch_prefill.ragged_fp8_v_layout), in ``[HEAD_DIM, BLOCK_N]`` boxes; the
 copy's zeros past each request replace the zeroing of rows past the keys. Outputs leave from registers
-(their dtype is not q's). This path is off by default: it has not yet run on a GPU.
+(their dtype is not q's).
 
 Only the GPU runs this module (the interpreter cannot run Gluon): the same request-by-request tests
 check it on the H100 (tests/test_batch_prefill.py; the FP8 path: tests/test_fp8_prefill.py).
@@ -103,8 +103,8 @@ RECORD_FIELDS = 12
 
 
 def hopper_fp8_enabled() -> bool:
-    """``FLASHTILE_HOPPER_FP8=1`` lets ragged FP8 batches run this kernel (settings.py; off by default: not
-    yet run on a GPU), unless FP8_OVERRIDE says otherwise."""
+    """Whether ragged FP8 batches may run this kernel: the kill-switch ``FLASHTILE_HOPPER_FP8`` (settings.py; on
+    by default), unless FP8_OVERRIDE says otherwise."""
     return settings.flag("FLASHTILE_HOPPER_FP8") if FP8_OVERRIDE is None else FP8_OVERRIDE
 
 

@@ -12,8 +12,8 @@ items. ``_mla_kernel`` runs a persistent grid (its size does not depend on the l
 graph replays a re-plan correctly) over the items; a request cut into several KV chunks writes
 float32 partial states, merged by ``_mla_merge_kernel`` with the online-softmax helpers of softmax.py.
 
-On an H100/H200 with ``FLASHTILE_HOPPER_MLA=1``, plain bf16/fp16 batches with 64-row tiles run the
-warp-specialized Gluon kernel of mla_hopper.py instead of ``_mla_kernel`` (same plan, outputs and merge).
+On an H100/H200, plain bf16/fp16 batches with 64-row tiles run the warp-specialized Gluon kernel of
+mla_hopper.py instead of ``_mla_kernel`` (same plan, outputs and merge; ``FLASHTILE_HOPPER_MLA=0`` turns it off).
 """
 
 from __future__ import annotations

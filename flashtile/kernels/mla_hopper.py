@@ -31,11 +31,11 @@ Scope (:func:`hopper_mla_layout` decides): bf16 or fp16 queries and latent cache
 latent runs the Triton kernel), latent 512 and rope 64 wide, 64-row tiles (the plan's ``block_m``: 33
 or more rows per request, e.g. 64 or 128 heads, or 16 heads with 4 query tokens), no attention variant
 or sinks; queries whose heads are rows of one 2-D view (``stride(0) == heads * stride(1)``), caches
-whose slots are rows of one (``stride(0) == page_size * stride(1)``). The kernel is off unless
-``FLASHTILE_HOPPER_MLA=1`` (settings.py): it is new and has not yet run on a GPU.
+whose slots are rows of one (``stride(0) == page_size * stride(1)``). ``FLASHTILE_HOPPER_MLA=0``
+(settings.py) turns it off: the Triton kernel then runs every batch.
 
 Only the GPU runs this module (the interpreter cannot run Gluon): tests/test_mla.py's GPU tests
-check it against the float64 oracle with the setting on.
+check it against the float64 oracle.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ ENABLED_OVERRIDE: Optional[bool] = None
 
 
 def hopper_mla_enabled() -> bool:
-    """``FLASHTILE_HOPPER_MLA=1`` turns the warp-specialized kernel on (settings.py; off by default), unless
-    ENABLED_OVERRIDE says otherwise."""
+    """Whether the warp-specialized kernel may run: the kill-switch ``FLASHTILE_HOPPER_MLA`` (settings.py; on by
+    default), unless ENABLED_OVERRIDE says otherwise."""
     return settings.flag("FLASHTILE_HOPPER_MLA") if ENABLED_OVERRIDE is None else ENABLED_OVERRIDE
 
 
@@ -116,7 +116,7 @@ def hopper_mla_layout(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch
 
 def hopper_mla_usable(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
                       block_m: int, plain: bool) -> bool:
-    """:func:`hopper_mla_layout` on an sm_90 GPU with Gluon and the setting on."""
+    """:func:`hopper_mla_layout` on an sm_90 GPU with Gluon, the kernel not switched off."""
     if not (_HAVE_GLUON and hopper_mla_enabled() and q_nope.is_cuda):
         return False
     return (torch.cuda.get_device_capability(q_nope.device) == (9, 0)
