@@ -88,6 +88,7 @@ def _flashinfer(case: Case):
 
 
 _TILES = "flashtile._core.mla_tiles"
+_GLUON = "flashtile.kernels.mla_hopper"
 # The launch constants of flashtile/_core/mla_tiles.py (4 warps with BLOCK_M 64 only when the output is split
 # in two: a 64 x 512 float32 accumulator needs 8 warps, a 64 x 256 one fits 4); configs that exceed shared
 # memory are reported, not fatal.
@@ -156,4 +157,11 @@ register(Suite("mla", mla_cases, [Provider("flashtile", _flashtile), Provider("f
                                                 "below 64 heads, the logits' wgmma width above)"),
                       "split": Tune(lambda case: [{Knob(_TILES, "MLA_PROGRAMS_PER_SM"): n} for n in (1, 2, 4, 8)],
                                     description="programs per SM the KV-split planner aims to fill (the default "
-                                                "None is batch decode's target)")}))
+                                                "None is batch decode's target)"),
+                      "gluon": Tune(lambda case: [{Knob(_GLUON, "OVERLAP_LOGITS"): True}]
+                                    + [{Knob(_TILES, "MLA_PROGRAMS_PER_SM"): n} for n in (1, 2)],
+                                    cases=lambda case: case.params["heads"] * case.params["qo"] > 32
+                                    and case.params["kv_dtype"] == "bfloat16",
+                                    description="the Gluon kernel's cases: the logits of block j+1 issued before "
+                                                "block j's product (OVERLAP_LOGITS), and a split plan for one or two "
+                                                "programs per SM")}))

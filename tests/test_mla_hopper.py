@@ -146,6 +146,24 @@ def test_gluon_kernel_matches_oracle(gluon_launches, qo_lens, kv_lens, page_size
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("qo_lens, kv_lens, page_size, heads, dtype", [GPU_CASES[i] for i in (0, 1, 4, 6)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_kernel_overlapped_logits(gluon_launches, monkeypatch, qo_lens, kv_lens, page_size, heads, dtype,
+                                        causal):
+    """OVERLAP_LOGITS (block j+1's logits issued before block j's product): the oracle's result, with a split
+    plan (partial states) so that items of one and of several blocks both occur."""
+    monkeypatch.setattr(mla_hopper, "OVERLAP_LOGITS", True)
+    device = torch.device("cuda")
+    batch = make_mla_batch(qo_lens, kv_lens, page_size, heads, 512, 64, dtype, device, indptr_offset=1)
+    w = BatchMLAPagedAttentionWrapper(workspace(device, mib=256))
+    w.plan(*batch[4:], heads, 512, 64, page_size, causal, 0.07, dtype, dtype, fixed_split_size=256)
+    out, lse = w.run(*batch[:4], return_lse=True)
+    assert gluon_launches
+    check_mla(out, lse, *batch, causal=causal, sm_scale=0.07, dtype=dtype)
+
+
+@gpu
+@pytest.mark.gpu
 def test_gluon_kernel_leaves_variants_to_the_triton_kernel(gluon_launches):
     """sinks= (a variant) runs the Triton kernel, and is right."""
     device, heads, sm_scale = torch.device("cuda"), 128, 0.07
@@ -178,8 +196,8 @@ def test_gluon_kernel_cuda_graph_replan_replay(gluon_launches, page_size):
 
 
 @pytest.mark.skipif(not mla_hopper._HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
-@pytest.mark.parametrize("args", [["--mla", "--qo", "2"], ["--mla", "--page-size", "1"], [], ["--fp8"]],
-                         ids=["mla", "mla-gather", "prefill", "prefill-fp8"])
+@pytest.mark.parametrize("args", [["--mla", "--qo", "2"], ["--mla", "--page-size", "1", "--overlap"], [], ["--fp8"]],
+                         ids=["mla", "mla-gather-overlap", "prefill", "prefill-fp8"])
 def test_gluon_kernels_compile_for_sm90_with_this_triton(args):
     """Both Gluon kernels (the MLA kernel, TMA and gather; the batch prefill, bf16 and FP8) compile for sm_90a with the
     installed Triton, within an H100's shared memory: the GPU runs Triton 3.6, and this catches Gluon's

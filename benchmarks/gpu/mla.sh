@@ -5,6 +5,7 @@
 # and the Triton kernel as provider flashtile_triton; DeepSeek prefill d192/128 listed beside them).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/mla.sh [tune]   (carry .fi-ref)
+# "gluon" times the Gluon kernel's OVERLAP_LOGITS and a one- or two-programs-per-SM split plan on its cases;
 # "tune" adds the launch-config grid of the mla suite (python -m benchmarks.run --suite mla --tune); "focus" its
 # 7-shape grid per page-64 case (--tune focus, about 3 minutes); "split" the split planner's programs-per-SM
 # target on every case (--tune split, about 2 minutes) and the kernels of one call of two h128 cases with and
@@ -85,6 +86,8 @@ if [ "${1:-}" = tune ]; then timeout 300 python3 -m benchmarks.run --suite mla -
   | tail -40 | tee "$OUT/mla_tune.log"; fi
 if [ "${1:-}" = focus ]; then timeout 300 python3 -m benchmarks.run --suite mla --tune focus --out "$OUT" 2>&1 \
   | tail -40 | tee "$OUT/mla_tune.log"; fi
+if [ "${1:-}" = gluon ]; then timeout 300 python3 -m benchmarks.run --suite mla --tune gluon --providers flashtile \
+  --out "$OUT" 2>&1 | tail -30 | tee "$OUT/mla_tune.log"; fi
 if [ "${1:-}" = split ]; then
   timeout 200 python3 -m benchmarks.run --suite mla --tune split --providers flashtile --out "$OUT" 2>&1 \
     | tail -24 | tee "$OUT/mla_split.log"

@@ -9,7 +9,7 @@ compiled as aot_compile_check.py compiles the Triton kernels (benchmarks/tools/a
 the same hash have the same machine code.
 
     python -m benchmarks.tools.hopper_compile --triton-path /tmp/t36 [--head-dim 64] [--page-size 16]
-        [--stages N] [--fp8] [--mla [--qo 4]] [--dump DIR]
+        [--stages N] [--fp8] [--mla [--qo 4] [--overlap]] [--dump DIR]
 """
 
 import argparse
@@ -24,6 +24,7 @@ _ap.add_argument("--stages", type=int, default=None, help="the K/V ring depth (d
 _ap.add_argument("--mla", action="store_true", help="the MLA kernel instead")
 _ap.add_argument("--fp8", action="store_true", help="prefill: a ragged FP8 (e4m3) batch, V from its transposed copy")
 _ap.add_argument("--qo", type=int, default=1, help="MLA: query tokens per request (causal)")
+_ap.add_argument("--overlap", action="store_true", help="MLA: with OVERLAP_LOGITS (kernels/mla_hopper.py)")
 _ap.add_argument("--dump", default=None, help="write the TTGIR and PTX into this directory")
 if __name__ == "__main__":  # (imported by tests/test_mla_hopper.py: no arguments, the installed Triton)
     _args = _ap.parse_args()
@@ -118,9 +119,11 @@ def main() -> None:
     if _args.stages is not None:
         hopper.STAGES_OVERRIDE = _args.stages
     if _args.mla:
+        mla_hopper.OVERLAP_LOGITS = _args.overlap
         page_size = 64 if _args.page_size is None else _args.page_size
         launch = captured_mla_launch(page_size, _args.qo)
-        label = f"hopper mla page {page_size} qo {_args.qo}{' (gather)' if mla_hopper.use_gather(page_size) else ''}"
+        label = (f"hopper mla page {page_size} qo {_args.qo}{' (gather)' if mla_hopper.use_gather(page_size) else ''}"
+                 f"{' overlap' if _args.overlap else ''}")
     elif _args.fp8:
         launch = captured_fp8_launch(_args.head_dim)
         label = f"hopper prefill fp8 ragged d{_args.head_dim} stages {launch.constexpr('STAGES')}"

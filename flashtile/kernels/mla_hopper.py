@@ -79,6 +79,9 @@ PRODUCER_REGS = 24
 CONSUMER_REGS = 240
 MAX_REGS = 168
 GATHER_WARPS = 4  # producer warps in gather mode
+# Issue each block's logits before the previous block's left product (_overlapped_blocks). Off until timed: the
+# mla suite's ``gluon`` tune times both.
+OVERLAP_LOGITS = False
 # Benchmarks set this to True or False to choose the kernel whatever the setting says (None: the setting).
 ENABLED_OVERRIDE: Optional[bool] = None
 
@@ -264,10 +267,99 @@ if _HAVE_GLUON:
             gl.store(PART_LSE + part_base + split * rows + r, lse, mask=ok)
 
     @gluon.jit
+    def _wait_block(ready, phase, GATHER: gl.constexpr):
+        """Wait for a latent block."""
+        mbarrier.wait(ready, phase)
+        if GATHER:  # cp.async wrote through the generic proxy; the wgmma reads through the async one
+            fence_async_shared()
+
+    @gluon.jit
+    def _issue_logits(qn_buf, qp_buf, ckv, kpe, s_zero):
+        """Issue a block's logits ``Qn Ckv^T + Qp Kpe^T`` (two asynchronous wgmmas)."""
+        qk = warpgroup_mma(qn_buf, ckv.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        return warpgroup_mma(qp_buf, kpe.permute((1, 0)), qk, is_async=True)
+
+    @gluon.jit
+    def _block_softmax(qk, n0, hi, positions, offs_n, m_i, l_i, qk_scale_log2, CAUSAL: gl.constexpr):
+        """A block's logits masked (keys from ``hi`` on, and past each row's position when causal) and folded
+        into the row statistics: ``(m, l, alpha, p)`` as softmax.py's softmax_step."""
+        keys = n0 + offs_n
+        visible = keys[None, :] < hi
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= positions[:, None])
+        x = gl.where(visible, qk * qk_scale_log2, float("-inf"))
+        return softmax_step(m_i, l_i, x)
+
+    @gluon.jit
+    def _publish(p, alpha, p_buf, alpha_buf, p_empty, p_ready, message):
+        """Hand a block's weights ``P`` and factor to the output warpgroup (and to this one's product, which
+        reads ``P`` from shared memory too), once the previous message is consumed."""
+        mbarrier.wait(p_empty, (message & 1) ^ 1)
+        p_buf.store(p.to(p_buf.dtype))
+        alpha_buf.store(alpha)
+        fence_async_shared()
+        cta_barrier()  # every thread's P and factor in shared memory before the arrival
+        mbarrier.arrive(p_ready, count=1)
+
+    @gluon.jit
+    def _overlapped_blocks(qn_buf, qp_buf, ckv_bufs, kpe_bufs, p_buf, alpha_buf, bars, acc, m_i, l_i, block, message,
+                           num_blocks, kv_start, hi, kv_len, positions, offs_n, s_zero, qk_scale_log2,
+                           o_row_layout: gl.constexpr, CAUSAL: gl.constexpr, GATHER: gl.constexpr,
+                           num_warps: gl.constexpr):
+        """The softmax warpgroup's blocks (at least one) with block j+1's logits issued before block j's left
+        product, so that block j+1's softmax runs while both warpgroups' products of block j are on the tensor
+        cores (without it, nothing runs on them during the softmax once the output warpgroup's product is
+        done). Returns ``(acc, m_i, l_i, block, message)``. The same messages and releases, in the same order,
+        as the plain loop in :func:`_softmax_partition`."""
+        q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty = bars
+        s = block % _STAGES
+        _wait_block(kv_ready.index(s), (block // _STAGES) & 1, GATHER)
+        ckv = ckv_bufs.index(s)
+        kpe = kpe_bufs.index(s)
+        qk = _issue_logits(qn_buf, qp_buf, ckv, kpe, s_zero)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, qn_buf, qp_buf, ckv, kpe))[0]
+        if num_blocks == 1:
+            mbarrier.arrive(q_empty, count=1)
+        m_i, l_i, alpha, p = _block_softmax(qk, kv_start, hi, positions, offs_n, m_i, l_i, qk_scale_log2, CAUSAL)
+        if not GATHER:
+            _zero_past_keys(ckv, kv_start, kv_len, num_warps)
+        _publish(p, alpha, p_buf, alpha_buf, p_empty, p_ready, message)
+        message += 1
+        acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
+        for j in range(1, num_blocks):  # block j's logits and softmax under block j-1's products
+            n0 = kv_start + j * _BLOCK_N
+            s_next = (block + 1) % _STAGES
+            _wait_block(kv_ready.index(s_next), ((block + 1) // _STAGES) & 1, GATHER)
+            ckv_next = ckv_bufs.index(s_next)
+            kpe_next = kpe_bufs.index(s_next)
+            qk = _issue_logits(qn_buf, qp_buf, ckv_next, kpe_next, s_zero)
+            acc = warpgroup_mma(p_buf, ckv.slice(0, _HALF, dim=1), acc, is_async=True)
+            # the logits' two wgmmas were issued first: waiting for all but the last group leaves the product
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, qn_buf, qp_buf, ckv_next, kpe_next))[0]
+            if j == num_blocks - 1:  # the item's queries are read: the producer may load the next ones
+                mbarrier.arrive(q_empty, count=1)
+            m_i, l_i, alpha, p = _block_softmax(qk, n0, hi, positions, offs_n, m_i, l_i, qk_scale_log2, CAUSAL)
+            if not GATHER:
+                _zero_past_keys(ckv_next, n0, kv_len, num_warps)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_buf, ckv))[0]
+            mbarrier.arrive(kv_empty.index(s), count=1)
+            _publish(p, alpha, p_buf, alpha_buf, p_empty, p_ready, message)
+            message += 1
+            acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
+            block += 1
+            s = s_next
+            ckv = ckv_next
+        acc = warpgroup_mma(p_buf, ckv.slice(0, _HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_buf, ckv))[0]
+        mbarrier.arrive(kv_empty.index(s), count=1)
+        return acc, m_i, l_i, block + 1, message
+
+    @gluon.jit
     def _softmax_partition(qn_buf, qp_buf, ckv_bufs, kpe_bufs, p_buf, alpha_buf, bars, WORK, KV_LEN, O, LSE, PART_O,
                            PART_LSE, req_offset, item_offset, num_heads, s_o_t, s_o_h, s_lse_t, qk_scale_log2,
-                           CAUSAL: gl.constexpr, GATHER: gl.constexpr, num_warps: gl.constexpr):
-        """Logits, softmax and the left output half (module doc)."""
+                           CAUSAL: gl.constexpr, GATHER: gl.constexpr, OVERLAP: gl.constexpr,
+                           num_warps: gl.constexpr):
+        """Logits, softmax and the left output half (module doc); OVERLAP: :func:`_overlapped_blocks`."""
         q_ready, q_empty, kv_ready, kv_empty, p_ready, p_empty = bars
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, _BLOCK_N, 16])
@@ -293,34 +385,25 @@ if _HAVE_GLUON:
             mbarrier.wait(q_ready, count & 1)
             if num_blocks == 0:
                 mbarrier.arrive(q_empty, count=1)
-            for j in range(num_blocks):
+            if OVERLAP and num_blocks > 0:
+                acc, m_i, l_i, block, message = _overlapped_blocks(
+                    qn_buf, qp_buf, ckv_bufs, kpe_bufs, p_buf, alpha_buf, bars, acc, m_i, l_i, block, message,
+                    num_blocks, kv_start, hi, kv_len, positions, offs_n, s_zero, qk_scale_log2, o_row_layout, CAUSAL,
+                    GATHER, num_warps)
+            for j in range(0 if OVERLAP else num_blocks):
                 n0 = kv_start + j * _BLOCK_N
                 s = block % _STAGES
-                mbarrier.wait(kv_ready.index(s), (block // _STAGES) & 1)
-                if GATHER:  # cp.async wrote through the generic proxy; the wgmma reads through the async one
-                    fence_async_shared()
+                _wait_block(kv_ready.index(s), (block // _STAGES) & 1, GATHER)
                 ckv = ckv_bufs.index(s)
                 kpe = kpe_bufs.index(s)
-                qk = warpgroup_mma(qn_buf, ckv.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                qk = warpgroup_mma(qp_buf, kpe.permute((1, 0)), qk, is_async=True)
+                qk = _issue_logits(qn_buf, qp_buf, ckv, kpe, s_zero)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, qn_buf, qp_buf, ckv, kpe))[0]
                 if j == num_blocks - 1:  # the item's queries are read: the producer may load the next ones
                     mbarrier.arrive(q_empty, count=1)
-                keys = n0 + offs_n
-                visible = keys[None, :] < hi
-                if CAUSAL:
-                    visible = visible & (keys[None, :] <= positions[:, None])
-                x = gl.where(visible, qk * qk_scale_log2, float("-inf"))
-                m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
+                m_i, l_i, alpha, p = _block_softmax(qk, n0, hi, positions, offs_n, m_i, l_i, qk_scale_log2, CAUSAL)
                 if not GATHER:
                     _zero_past_keys(ckv, n0, kv_len, num_warps)
-                # Hand P and the factor to the output warpgroup (and to this one's product, from shared memory).
-                mbarrier.wait(p_empty, (message & 1) ^ 1)
-                p_buf.store(p.to(p_buf.dtype))
-                alpha_buf.store(alpha)
-                fence_async_shared()
-                cta_barrier()  # every thread's P and factor in shared memory before the arrival
-                mbarrier.arrive(p_ready, count=1)
+                _publish(p, alpha, p_buf, alpha_buf, p_empty, p_ready, message)
                 message += 1
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
                 acc = warpgroup_mma(p_buf, ckv.slice(0, _HALF, dim=1), acc, is_async=True)
@@ -386,7 +469,8 @@ if _HAVE_GLUON:
     def _hopper_mla_kernel(qn_desc, qp_desc, ckv_desc, kpe_desc, CKV, KPE, KV_INDPTR, KV_INDICES, KV_LEN, WORK, O, LSE,
                            PART_O, PART_LSE, req_offset, item_offset, num_heads, page_size, oob_row, ckv_row_stride,
                            kpe_row_stride, s_o_t, s_o_h, s_lse_t, qk_scale_log2, CAUSAL: gl.constexpr,
-                           BOX: gl.constexpr, GATHER: gl.constexpr, num_warps: gl.constexpr):
+                           BOX: gl.constexpr, GATHER: gl.constexpr, num_warps: gl.constexpr,
+                           OVERLAP: gl.constexpr = False):
         dtype: gl.constexpr = qn_desc.dtype
         wide: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, _D_CKV], dtype)
         narrow: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, _D_KPE], dtype)
@@ -419,7 +503,7 @@ if _HAVE_GLUON:
         gl.warp_specialize([
             (_softmax_partition, (qn_buf, qp_buf, ckv_bufs, kpe_bufs, p_buf, alpha_buf, bars, WORK, KV_LEN, O, LSE,
                                   PART_O, PART_LSE, req_offset, item_offset, num_heads, s_o_t, s_o_h, s_lse_t,
-                                  qk_scale_log2, CAUSAL, GATHER, num_warps)),
+                                  qk_scale_log2, CAUSAL, GATHER, OVERLAP, num_warps)),
             (_output_partition, (ckv_bufs, p_buf, alpha_buf, bars, WORK, KV_LEN, O, LSE, PART_O, PART_LSE, req_offset,
                                  item_offset, num_heads, s_o_t, s_o_h, s_lse_t, CAUSAL, GATHER, num_warps)),
             (_producer, (qn_desc, qp_desc, ckv_desc, kpe_desc, CKV, KPE, qn_buf, qp_buf, ckv_bufs, kpe_bufs, keys_rows,
@@ -458,5 +542,6 @@ def hopper_mla_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm
         meta.work, out, lse, meta.part_o, meta.part_lse, meta.req_offset, meta.item_offset, num_heads, page_size,
         ckv_cache.shape[0] * page_size, ckv_cache.stride(1), kpe_cache.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), sm_scale * 1.4426950408889634,
-        CAUSAL=bool(causal), BOX=box, GATHER=gather, num_warps=4, maxnreg=MAX_REGS)
+        CAUSAL=bool(causal), BOX=box, GATHER=gather, num_warps=4, maxnreg=MAX_REGS,
+        **({"OVERLAP": True} if OVERLAP_LOGITS else {}))
 
