@@ -302,6 +302,23 @@ if _HAVE_GLUON:
         mbarrier.arrive(p_ready, count=1)
 
     @gluon.jit
+    def _block_weights(qn_buf, qp_buf, ckv, kpe, p_buf, alpha_buf, q_empty, p_empty, p_ready, last, n0, hi, kv_len,
+                       positions, offs_n, s_zero, m_i, l_i, message, qk_scale_log2, CAUSAL: gl.constexpr,
+                       GATHER: gl.constexpr, num_warps: gl.constexpr):
+        """One block of the softmax warpgroup up to its product, all waits in it: the logits, the queries'
+        release after the item's ``last`` block, the softmax, the zeroing of rows past the keys, and ``P`` and
+        the factor handed on. Returns ``(m_i, l_i, alpha)``."""
+        qk = _issue_logits(qn_buf, qp_buf, ckv, kpe, s_zero)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, qn_buf, qp_buf, ckv, kpe))[0]
+        if last:  # the item's queries are read: the producer may load the next ones
+            mbarrier.arrive(q_empty, count=1)
+        m_i, l_i, alpha, p = _block_softmax(qk, n0, hi, positions, offs_n, m_i, l_i, qk_scale_log2, CAUSAL)
+        if not GATHER:
+            _zero_past_keys(ckv, n0, kv_len, num_warps)
+        _publish(p, alpha, p_buf, alpha_buf, p_empty, p_ready, message)
+        return m_i, l_i, alpha
+
+    @gluon.jit
     def _overlapped_blocks(qn_buf, qp_buf, ckv_bufs, kpe_bufs, p_buf, alpha_buf, bars, acc, m_i, l_i, block, message,
                            num_blocks, kv_start, hi, kv_len, positions, offs_n, s_zero, qk_scale_log2,
                            o_row_layout: gl.constexpr, CAUSAL: gl.constexpr, GATHER: gl.constexpr,
@@ -316,14 +333,9 @@ if _HAVE_GLUON:
         _wait_block(kv_ready.index(s), (block // _STAGES) & 1, GATHER)
         ckv = ckv_bufs.index(s)
         kpe = kpe_bufs.index(s)
-        qk = _issue_logits(qn_buf, qp_buf, ckv, kpe, s_zero)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, qn_buf, qp_buf, ckv, kpe))[0]
-        if num_blocks == 1:
-            mbarrier.arrive(q_empty, count=1)
-        m_i, l_i, alpha, p = _block_softmax(qk, kv_start, hi, positions, offs_n, m_i, l_i, qk_scale_log2, CAUSAL)
-        if not GATHER:
-            _zero_past_keys(ckv, kv_start, kv_len, num_warps)
-        _publish(p, alpha, p_buf, alpha_buf, p_empty, p_ready, message)
+        m_i, l_i, alpha = _block_weights(qn_buf, qp_buf, ckv, kpe, p_buf, alpha_buf, q_empty, p_empty, p_ready,
+                                         num_blocks == 1, kv_start, hi, kv_len, positions, offs_n, s_zero, m_i, l_i,
+                                         message, qk_scale_log2, CAUSAL, GATHER, num_warps)
         message += 1
         acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
         for j in range(1, num_blocks):  # block j's logits and softmax under block j-1's products
@@ -396,14 +408,9 @@ if _HAVE_GLUON:
                 _wait_block(kv_ready.index(s), (block // _STAGES) & 1, GATHER)
                 ckv = ckv_bufs.index(s)
                 kpe = kpe_bufs.index(s)
-                qk = _issue_logits(qn_buf, qp_buf, ckv, kpe, s_zero)
-                qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, qn_buf, qp_buf, ckv, kpe))[0]
-                if j == num_blocks - 1:  # the item's queries are read: the producer may load the next ones
-                    mbarrier.arrive(q_empty, count=1)
-                m_i, l_i, alpha, p = _block_softmax(qk, n0, hi, positions, offs_n, m_i, l_i, qk_scale_log2, CAUSAL)
-                if not GATHER:
-                    _zero_past_keys(ckv, n0, kv_len, num_warps)
-                _publish(p, alpha, p_buf, alpha_buf, p_empty, p_ready, message)
+                m_i, l_i, alpha = _block_weights(qn_buf, qp_buf, ckv, kpe, p_buf, alpha_buf, q_empty, p_empty, p_ready,
+                                                 j == num_blocks - 1, n0, hi, kv_len, positions, offs_n, s_zero, m_i,
+                                                 l_i, message, qk_scale_log2, CAUSAL, GATHER, num_warps)
                 message += 1
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
                 acc = warpgroup_mma(p_buf, ckv.slice(0, _HALF, dim=1), acc, is_async=True)
