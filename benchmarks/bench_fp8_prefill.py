@@ -175,4 +175,9 @@ register(Suite("fp8_prefill", cases,
                tunes={"config": Tune(_config_grid, cases=lambda case: len(case.params["qo_lens"]) == 1,
                                      description="fp8 single prefill BLOCK_M x BLOCK_N x warps x stages"),
                       "batch_tiles": Tune(_batch_grid, cases=lambda case: len(case.params["qo_lens"]) > 1,
-                                          description="fp8 batch prefill BLOCK_M x BLOCK_N x warps x stages")}))
+                                          description="fp8 batch prefill BLOCK_M x BLOCK_N x warps x stages"),
+                      "gluon": Tune(lambda case: [{Knob("flashtile.kernels.batch_prefill_hopper",
+                                                        "FP8_P_IN_SHARED"): True}],
+                                    cases=lambda case: len(case.params["qo_lens"]) > 1, rounds=3,
+                                    description="the Gluon kernel's fp8 weights through shared memory "
+                                                "(FP8_P_IN_SHARED) against registers")}))

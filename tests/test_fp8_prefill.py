@@ -377,13 +377,16 @@ def _hopper_gpu() -> bool:
     (64, E4M3, True, True, False, 5),
     (128, E5M2, True, True, True, 0),
 ])
-def test_ragged_prefill_fp8_gluon_gpu(monkeypatch, d, dtype, per_head, causal, split, offset):
+@pytest.mark.parametrize("p_shared", [False, True], ids=["p_registers", "p_shared"])
+def test_ragged_prefill_fp8_gluon_gpu(monkeypatch, d, dtype, per_head, causal, split, offset, p_shared):
     """Ragged FP8 batches through the warp-specialized Gluon kernel (FLASHTILE_HOPPER_FP8 on; V from the
     transposed copy): every request against the oracle, with split-KV merges, per-tensor scales, e5m2, keys
     that start ``offset`` rows into k/v; the launch count fails the test if the Triton kernel ran instead."""
     from flashtile.kernels import batch_prefill as BP
+    from flashtile.kernels import batch_prefill_hopper as hopper
 
     monkeypatch.setenv("FLASHTILE_HOPPER_FP8", "1")
+    monkeypatch.setattr(hopper, "FP8_P_IN_SHARED", p_shared)  # the weights through registers or shared memory
     launches = []
     launch = BP.hopper_prefill_forward
 

@@ -5,7 +5,8 @@
 # batch on the Gluon kernel by default and on the Triton kernel as provider flashtile_fp8_triton).
 # Setup (once per checkout): cp -r ../shared/flashinfer-ref .fi-ref && echo /.fi-ref/ >> .git/info/exclude
 # Run from the repo root: OUT=/some/dir bash benchmarks/gpu/fp8_prefill.sh [tune]   (carry .fi-ref)
-# "tune" adds the launch-config grids of fp8 single prefill and of the batch kernel's fp8 tiles (~5 more minutes).
+# "gluon" times the Gluon kernel's FP8_P_IN_SHARED on the ragged batch; "tune" adds the launch-config grids of fp8
+# single prefill and of the batch kernel's fp8 tiles (~5 more minutes).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -51,6 +52,8 @@ wait $WARM; cat "$OUT/fp8_prefill_fi_warm.log"
 timeout 150 python3 -m benchmarks.run --suite fp8_prefill --out /tmp/fp8_prefill_bench 2>&1 | tail -3
 cp /tmp/fp8_prefill_bench/fp8_prefill.jsonl /tmp/fp8_prefill_bench/fp8_prefill.md "$OUT/" 2>/dev/null
 cat "$OUT/fp8_prefill.md" 2>/dev/null || echo "fp8_prefill: no results"
+if [ "${1:-}" = gluon ]; then timeout 120 python3 -m benchmarks.run --suite fp8_prefill --tune gluon --out "$OUT" 2>&1 \
+  | tail -10 | tee "$OUT/fp8_prefill_tune.log"; fi
 if [ "${1:-}" = tune ]; then
   timeout 200 python3 -m benchmarks.run --suite fp8_prefill --tune config --filter 8192 --out "$OUT" 2>&1 \
       | tail -14 | tee "$OUT/fp8_prefill_tune.log"

@@ -9,7 +9,7 @@ compiled as aot_compile_check.py compiles the Triton kernels (benchmarks/tools/a
 the same hash have the same machine code.
 
     python -m benchmarks.tools.hopper_compile --triton-path /tmp/t36 [--head-dim 64] [--page-size 16]
-        [--stages N] [--fp8] [--mla [--qo 4] [--overlap]] [--dump DIR]
+        [--stages N] [--fp8 [--p-shared]] [--mla [--qo 4] [--overlap]] [--dump DIR]
 """
 
 import argparse
@@ -23,6 +23,7 @@ _ap.add_argument("--page-size", type=int, default=None, help="1: gather mode (de
 _ap.add_argument("--stages", type=int, default=None, help="the K/V ring depth (default: the kernel's table)")
 _ap.add_argument("--mla", action="store_true", help="the MLA kernel instead")
 _ap.add_argument("--fp8", action="store_true", help="prefill: a ragged FP8 (e4m3) batch, V from its transposed copy")
+_ap.add_argument("--p-shared", action="store_true", help="with --fp8: FP8_P_IN_SHARED (batch_prefill_hopper.py)")
 _ap.add_argument("--qo", type=int, default=1, help="MLA: query tokens per request (causal)")
 _ap.add_argument("--overlap", action="store_true", help="MLA: with OVERLAP_LOGITS (kernels/mla_hopper.py)")
 _ap.add_argument("--dump", default=None, help="write the TTGIR and PTX into this directory")
@@ -125,8 +126,10 @@ def main() -> None:
         label = (f"hopper mla page {page_size} qo {_args.qo}{' (gather)' if mla_hopper.use_gather(page_size) else ''}"
                  f"{' overlap' if _args.overlap else ''}")
     elif _args.fp8:
+        hopper.FP8_P_IN_SHARED = _args.p_shared
         launch = captured_fp8_launch(_args.head_dim)
-        label = f"hopper prefill fp8 ragged d{_args.head_dim} stages {launch.constexpr('STAGES')}"
+        label = (f"hopper prefill fp8 ragged d{_args.head_dim} stages {launch.constexpr('STAGES')}"
+                 f"{' p-shared' if _args.p_shared else ''}")
     else:
         page_size = 16 if _args.page_size is None else _args.page_size
         launch = captured_launch(_args.head_dim, page_size)

@@ -83,6 +83,11 @@ BLOCK_N = 128
 # times STAGES_OVERRIDE on the head-dim-64 cases.
 STAGES_BY_HEAD_DIM = {64: 2, 128: 2}
 STAGES_OVERRIDE: Optional[int] = None
+# FP8: the weights reach P @ V through shared memory instead of registers. In registers, fp8 weights need the
+# 8-bit operand layout: 256 byte permutes (prmt) and more shuffles per conversion site and thread in the sm_90a
+# PTX (Triton 3.6), CUDA-core work on the path that bounds fp8, whose products run at twice the bf16 rate. Off
+# until timed: the fp8_prefill suite's ``gluon`` tune times both.
+FP8_P_IN_SHARED = False
 # Benchmarks set this to True or False to choose the kernel for ragged FP8 batches whatever FLASHTILE_HOPPER_FP8
 # says (None: the setting).
 FP8_OVERRIDE: Optional[bool] = None
@@ -466,11 +471,25 @@ if _HAVE_GLUON:
         return -1
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES, num_kv_heads,
-                  stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES, GROUP: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, GATHER: gl.constexpr, O_TMA: gl.constexpr,
-                  RECORD: gl.constexpr, V_T: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr,
-                  num_warps: gl.constexpr):
+    def _weights_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, p_buf, P_SMEM: gl.constexpr):
+        """The softmax weights ``p`` (float32) as the A operand of ``P @ V``, in the operand's dtype: in
+        registers (``p_layout``), or with P_SMEM written to ``p_buf`` in shared memory (a single buffer: the
+        caller has waited for the product that read the previous weights)."""
+        if P_SMEM:
+            p_buf.store(p.to(dtype))
+            fence_async_shared()
+            cta_barrier()  # the warpgroup's rows all written before its wgmma reads them
+            operand = p_buf
+        else:
+            operand = gl.convert_layout(p.to(dtype), p_layout)
+        return operand
+
+    @gluon.jit
+    def _consumer(q_bufs, k_bufs, v_bufs, p_buf, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
+                  num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES,
+                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, GATHER: gl.constexpr,
+                  O_TMA: gl.constexpr, RECORD: gl.constexpr, V_T: gl.constexpr, P_SMEM: gl.constexpr,
+                  ROW0: gl.constexpr, ROWS: gl.constexpr, num_warps: gl.constexpr):
         """Rows ``ROW0 .. ROW0 + ROWS`` of every tile.
 
         The output of a tile whose rows are all in its request leaves through the tile's own Q buffer
@@ -549,7 +568,7 @@ if _HAVE_GLUON:
                 mbarrier.arrive(k_empty.index(s), count=1)
                 x = _mask_logits(qk * logit_scale, start, full_end, kv_len, offs_n, positions, CAUSAL)
                 m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                p_op = _weights_operand(p, dtype, p_layout, p_buf, P_SMEM)
                 if RECORDS:
                     if tile < _RECORD_TILES:
                         gl.store(rec + tile * _RECORD_FIELDS + 3, _clock(s))
@@ -581,7 +600,7 @@ if _HAVE_GLUON:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))[0]
                     mbarrier.arrive(v_empty.index(prev_s), count=1)
                     acc = acc * alpha[:, None]
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                    p_op = _weights_operand(p, dtype, p_layout, p_buf, P_SMEM)
                     prev_s = s
                     prev_phase = phase
                     prev_n0 = n0
@@ -659,14 +678,21 @@ if _HAVE_GLUON:
                                GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
                                PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, GATHER: gl.constexpr,
                                O_TMA: gl.constexpr, RECORD: gl.constexpr, STAGES: gl.constexpr,
-                               num_warps: gl.constexpr, FP8_SCALES=None, V_T: gl.constexpr = False):
+                               num_warps: gl.constexpr, FP8_SCALES=None, V_T: gl.constexpr = False,
+                               P_SMEM: gl.constexpr = False):
         """FP8_SCALES (FP8 q, k and v): ``(SCALE_Q [Hq], SCALE_K [Hkv], SCALE_V [Hkv], stride_q, stride_k,
         stride_v)`` as the Triton kernels take them (tiles.fp8_row_scales), or None. V_T: ``v_desc`` views
-        ragged_fp8_v_layout's transposed copy of V, ``[heads * HEAD_DIM, keys]``."""
+        ragged_fp8_v_layout's transposed copy of V, ``[heads * HEAD_DIM, keys]``. P_SMEM: the weights reach
+        ``P @ V`` through shared memory (FP8_P_IN_SHARED)."""
         dtype: gl.constexpr = q_desc.dtype
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_M, HEAD_DIM], dtype)
         q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M, HEAD_DIM], tile_layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK_N, HEAD_DIM], tile_layout)
+        if P_SMEM:  # each consumer's weights, [64 rows, BLOCK_N]
+            p_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M // 2, _BLOCK_N],
+                                               gl.NVMMASharedLayout.get_default_for([_BLOCK_M // 2, _BLOCK_N], dtype))
+        else:  # (not read: the weights stay in registers)
+            p_bufs = q_bufs
         if V_T:  # [HEAD_DIM, BLOCK_N] boxes of the transposed copy
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES, HEAD_DIM, _BLOCK_N],
                                                gl.NVMMASharedLayout.get_default_for([HEAD_DIM, _BLOCK_N], dtype))
@@ -696,12 +722,13 @@ if _HAVE_GLUON:
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         # Two 4-warp consumers of 64 rows each, free to drift (one's softmax under the other's products).
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
-                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES, GROUP,
-                         HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, 0, _BLOCK_M // 2, num_warps)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
-                         num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES, GROUP,
-                         HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, _BLOCK_M // 2, _BLOCK_M // 2, num_warps)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs.index(0), unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE,
+                         TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES,
+                         GROUP, HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, P_SMEM, 0, _BLOCK_M // 2, num_warps)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs.index(1), unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE,
+                         TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES,
+                         GROUP, HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, P_SMEM, _BLOCK_M // 2, _BLOCK_M // 2,
+                         num_warps)),
             (_producer, (q_desc, k_desc, v_desc, K, V, q_bufs, k_bufs, v_bufs, key_offsets, unit_info, bars, COUNTS,
                          REQS, ITEMS, PAGE_INDICES, num_kv_heads, rows_per_page, head_row, head_col, oob_row,
                          row_stride, TIMES, GROUP, HEAD_DIM, CAUSAL, PAGED, PAGE_SIZE, GATHER,
@@ -768,6 +795,8 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
         v_desc = GluonTensorDescriptor(v_t, [heads * dim, size], [size, 1], [dim, BLOCK_N],
                                        _tile_layout(dim, BLOCK_N, v_t.dtype))
         fp8 = {"FP8_SCALES": fp8_kwargs(fp8_scales)["FP8_SCALES"], "V_T": True}
+        if FP8_P_IN_SHARED:
+            fp8["P_SMEM"] = True
     o_tma = out_tma_ok(out, q)
     # A consumer's 64 rows leave as one box per query head (or as half of one head's 128 tokens).
     o_desc = _token_descriptor(out, min(tokens, BLOCK_M // 2)) if o_tma else q_desc
