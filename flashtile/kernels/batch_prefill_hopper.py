@@ -43,7 +43,6 @@ check it on the H100 (tests/test_batch_prefill.py; the FP8 path: tests/test_fp8_
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -64,6 +63,7 @@ if _HAVE_GLUON:  # Gluon (Triton >= 3.5). Used only where a Hopper GPU runs it.
         gl,
         gluon,
         mbarrier,
+        nvmma_layout,
         tma,
         tma_load,
         tma_store,
@@ -471,18 +471,15 @@ if _HAVE_GLUON:
         return -1
 
     @gluon.jit
-    def _weights_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, p_buf, P_SMEM: gl.constexpr):
-        """The softmax weights ``p`` (float32) as the A operand of ``P @ V``, in the operand's dtype: in
-        registers (``p_layout``), or with P_SMEM written to ``p_buf`` in shared memory (a single buffer: the
-        caller has waited for the product that read the previous weights)."""
-        if P_SMEM:
-            p_buf.store(p.to(dtype))
-            fence_async_shared()
-            cta_barrier()  # the warpgroup's rows all written before its wgmma reads them
-            operand = p_buf
-        else:
-            operand = gl.convert_layout(p.to(dtype), p_layout)
-        return operand
+    def _weights_in_shared(p, dtype: gl.constexpr, p_buf):
+        """P_SMEM: the softmax weights ``p`` (float32) written to ``p_buf`` in ``dtype`` as the A operand of
+        ``P @ V`` (a single buffer: the caller has waited for the product that read the previous weights). The
+        default keeps them in registers (a ``gl.convert_layout`` at the call site: routed through a helper,
+        gather mode's SASS changes)."""
+        p_buf.store(p.to(dtype))
+        fence_async_shared()
+        cta_barrier()  # the warpgroup's rows all written before its wgmma reads them
+        return p_buf
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, p_buf, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE, TIMES,
@@ -568,7 +565,10 @@ if _HAVE_GLUON:
                 mbarrier.arrive(k_empty.index(s), count=1)
                 x = _mask_logits(qk * logit_scale, start, full_end, kv_len, offs_n, positions, CAUSAL)
                 m_i, l_i, alpha, p = softmax_step(m_i, l_i, x)
-                p_op = _weights_operand(p, dtype, p_layout, p_buf, P_SMEM)
+                if P_SMEM:
+                    p_op = _weights_in_shared(p, dtype, p_buf)
+                else:
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
                 if RECORDS:
                     if tile < _RECORD_TILES:
                         gl.store(rec + tile * _RECORD_FIELDS + 3, _clock(s))
@@ -600,7 +600,10 @@ if _HAVE_GLUON:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, v_prev))[0]
                     mbarrier.arrive(v_empty.index(prev_s), count=1)
                     acc = acc * alpha[:, None]
-                    p_op = _weights_operand(p, dtype, p_layout, p_buf, P_SMEM)
+                    if P_SMEM:
+                        p_op = _weights_in_shared(p, dtype, p_buf)
+                    else:
+                        p_op = gl.convert_layout(p.to(dtype), p_layout)
                     prev_s = s
                     prev_phase = phase
                     prev_n0 = n0
@@ -691,8 +694,11 @@ if _HAVE_GLUON:
         if P_SMEM:  # each consumer's weights, [64 rows, BLOCK_N]
             p_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK_M // 2, _BLOCK_N],
                                                gl.NVMMASharedLayout.get_default_for([_BLOCK_M // 2, _BLOCK_N], dtype))
-        else:  # (not read: the weights stay in registers)
-            p_bufs = q_bufs
+            p_buf0 = p_bufs.index(0)
+            p_buf1 = p_bufs.index(1)
+        else:  # the weights stay in registers; the partitions already take q_bufs, so passing it adds no capture
+            p_buf0 = q_bufs
+            p_buf1 = q_bufs
         if V_T:  # [HEAD_DIM, BLOCK_N] boxes of the transposed copy
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES, HEAD_DIM, _BLOCK_N],
                                                gl.NVMMASharedLayout.get_default_for([HEAD_DIM, _BLOCK_N], dtype))
@@ -722,10 +728,10 @@ if _HAVE_GLUON:
         bars = (q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
         # Two 4-warp consumers of 64 rows each, free to drift (one's softmax under the other's products).
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs.index(0), unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE,
+            (_consumer, (q_bufs, k_bufs, v_bufs, p_buf0, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE,
                          TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES,
                          GROUP, HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, P_SMEM, 0, _BLOCK_M // 2, num_warps)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, p_bufs.index(1), unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE,
+            (_consumer, (q_bufs, k_bufs, v_bufs, p_buf1, unit_info, bars, o_desc, O, LSE, PART_O, PART_LSE,
                          TIMES, num_kv_heads, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale_log2, FP8_SCALES,
                          GROUP, HEAD_DIM, CAUSAL, GATHER, O_TMA, RECORD, V_T, P_SMEM, _BLOCK_M // 2, _BLOCK_M // 2,
                          num_warps)),
@@ -743,26 +749,19 @@ def out_tma_ok(out: torch.Tensor, q: torch.Tensor) -> bool:
             and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
 
 
-@functools.lru_cache(maxsize=None)  # ~6 us of host time per layout otherwise, 4 per launch
-def _tile_layout(rows: int, cols: int, dtype: torch.dtype):
-    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv,
-                torch.float8_e5m2: gl.float8e5}[dtype]
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
-
-
 def _kv_descriptor(x: torch.Tensor, paged: bool, head_dim: int, rows: int, cols: int, row_stride: int):
     """The TMA view of K or V (:func:`_kv_rows`) with boxes of one page of one head (paged) or BLOCK_N
     keys of one head (ragged)."""
     box_rows = x.shape[1] if paged else BLOCK_N
     return GluonTensorDescriptor(x, [rows, cols], [row_stride, 1], [box_rows, head_dim],
-                                 _tile_layout(box_rows, head_dim, x.dtype))
+                                 nvmma_layout(box_rows, head_dim, x.dtype))
 
 
 def _token_descriptor(x: torch.Tensor, box_rows: int):
     """The TMA view of Q or O ``[T, H, D]`` as ``[T, H * D]`` with boxes of ``box_rows`` tokens of one head."""
     head_dim = x.shape[2]
     return GluonTensorDescriptor(x, [x.shape[0], x.shape[1] * head_dim], [x.stride(0), 1], [box_rows, head_dim],
-                                 _tile_layout(box_rows, head_dim, x.dtype))
+                                 nvmma_layout(box_rows, head_dim, x.dtype))
 
 
 def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, part_o, part_lse, out, lse,
@@ -793,7 +792,7 @@ def hopper_prefill_forward(q, k, v, views, page_indices, counts, reqs, items, pa
     if fp8_scales is not None and v_t is not None:
         heads, dim, size = v_t.shape
         v_desc = GluonTensorDescriptor(v_t, [heads * dim, size], [size, 1], [dim, BLOCK_N],
-                                       _tile_layout(dim, BLOCK_N, v_t.dtype))
+                                       nvmma_layout(dim, BLOCK_N, v_t.dtype))
         fp8 = {"FP8_SCALES": fp8_kwargs(fp8_scales)["FP8_SCALES"], "V_T": True}
         if FP8_P_IN_SHARED:
             fp8["P_SMEM"] = True

@@ -8,6 +8,10 @@ no Gluon Hopper API at all; the kernel modules then define no kernels and their 
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 try:  # Gluon (Triton >= 3.5)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -33,6 +37,15 @@ try:  # Gluon (Triton >= 3.5)
 except Exception:  # pragma: no cover - older or newer Triton without this API
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "gluon", "gl", "async_copy", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma",
-           "warpgroup_mma_wait", "GluonTensorDescriptor", "cta_barrier", "tma_load", "tma_store",
+
+@functools.lru_cache(maxsize=None)  # ~6 us of host time per layout otherwise, several per launch
+def nvmma_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The wgmma/TMA shared-memory layout of a ``[rows, cols]`` tile of torch ``dtype`` (fp16, bf16, fp8)."""
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv,
+                torch.float8_e5m2: gl.float8e5}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
+
+
+__all__ = ["HAVE_GLUON", "nvmma_layout", "gluon", "gl", "async_copy", "fence_async_shared", "mbarrier", "tma",
+           "warpgroup_mma", "warpgroup_mma_wait", "GluonTensorDescriptor", "cta_barrier", "tma_load", "tma_store",
            "cp_async_load"]

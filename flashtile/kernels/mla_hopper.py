@@ -40,7 +40,6 @@ check it against the float64 oracle.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -59,6 +58,7 @@ if _HAVE_GLUON:  # Gluon (Triton >= 3.5). Used only where a Hopper GPU runs it.
         gl,
         gluon,
         mbarrier,
+        nvmma_layout,
         tma_load,
         warpgroup_mma,
         warpgroup_mma_wait,
@@ -519,16 +519,11 @@ if _HAVE_GLUON:
         ], [num_warps, PRODUCER_WARPS], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_layout(rows: int, cols: int, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
-
-
 def _rows_descriptor(x: torch.Tensor, box_rows: int):
     """The TMA view ``[A * B, D]`` of ``x`` ``[A, B, D]`` (:func:`_rows_view`) with boxes of ``box_rows`` rows."""
     rows, width = x.shape[0] * x.shape[1], x.shape[2]
     return GluonTensorDescriptor(x, [rows, width], [x.stride(1), 1], [box_rows, width],
-                                 _shared_layout(box_rows, width, x.dtype))
+                                 nvmma_layout(box_rows, width, x.dtype))
 
 
 def hopper_mla_forward(q_nope, q_pe, ckv_cache, kpe_cache, meta, out, lse, *, sm_scale: float, causal: bool,
